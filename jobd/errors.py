@@ -1,0 +1,99 @@
+"""The error tree: every error jobd reports has a stable wire code and a message naming what was wrong."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class JobdError(Exception):
+    """Base of every error jobd reports to a client or an administrator.
+
+    `code` is the stable token clients match on (JSON-RPC `error.data.code`); `rpc_code` is the JSON-RPC numeric
+    code. `details` travel to the client as extra members of `error.data`.
+    """
+
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    rpc_code: ClassVar[int] = -32603
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ParseError(JobdError):
+    code = "PARSE_ERROR"
+    rpc_code = -32700
+
+
+class InvalidRequest(JobdError):
+    code = "INVALID_REQUEST"
+    rpc_code = -32600
+
+
+class FrameTooLarge(JobdError):
+    code = "FRAME_TOO_LARGE"
+    rpc_code = -32600
+
+
+class MethodNotFound(JobdError):
+    code = "METHOD_NOT_FOUND"
+    rpc_code = -32601
+
+
+class InvalidParams(JobdError):
+    code = "INVALID_PARAMS"
+    rpc_code = -32602
+
+
+class UnknownQueue(JobdError):
+    code = "UNKNOWN_QUEUE"
+    rpc_code = -32001
+
+
+class UnknownTask(JobdError):
+    code = "UNKNOWN_TASK"
+    rpc_code = -32002
+
+
+class UnknownJob(JobdError):
+    code = "UNKNOWN_JOB"
+    rpc_code = -32003
+
+
+class QueueClosed(JobdError):
+    """The queue was removed from the configuration: it drains what it has and takes nothing new."""
+
+    code = "QUEUE_CLOSED"
+    rpc_code = -32004
+
+
+class JobFinished(JobdError):
+    """The request needs a job that has not finished yet (cancel)."""
+
+    code = "JOB_FINISHED"
+    rpc_code = -32005
+
+
+class InsufficientRights(JobdError):
+    code = "INSUFFICIENT_RIGHTS"
+    rpc_code = -32006
+
+
+class ShuttingDown(JobdError):
+    code = "SHUTTING_DOWN"
+    rpc_code = -32007
+
+
+class ConfigError(JobdError):
+    """A configuration file is unreadable or invalid; the message names file, line, key and allowed values."""
+
+    code = "CONFIG_INVALID"
+    rpc_code = -32008
+
+
+class InvalidTransition(JobdError):
+    """A programming error: a state change the transition table does not allow."""
+
+    code = "INTERNAL_ERROR"
+    rpc_code = -32603

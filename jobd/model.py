@@ -1,0 +1,290 @@
+"""Plain values jobd reasons about: definitions from the config, jobs, attempts, and the job state machine.
+
+Everything here is a frozen dataclass or a StrEnum; nothing does I/O. Every change of a job's state goes through
+`transition()`, which enforces the table below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from jobd.errors import InvalidTransition
+
+DEFAULT_PRIORITY = 1024
+MAX_PRIORITY = 2**32 - 1
+DEFAULT_KILL_GRACE = 10.0
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+
+
+class JobState(StrEnum):
+    DELAYED = "delayed"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED})
+
+# Which state may follow which. A retry moves a running job back to delayed (with a back-off) or queued;
+# crash recovery does the same from the `running` rows it finds.
+TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.DELAYED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset(
+        {
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.TIMED_OUT,
+            JobState.CANCELLED,
+            JobState.DELAYED,
+            JobState.QUEUED,
+        }
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.TIMED_OUT: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class Outcome(StrEnum):
+    """How one attempt ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # non-zero exit code, or killed by a signal nobody sent
+    TIMED_OUT = "timed_out"
+    KILLED = "killed"  # ended by a cancel or by jobd's shutdown
+    LOST = "lost"  # jobd died while it ran
+    SPAWN_ERROR = "spawn_error"  # the program could not be started (missing, not executable, bad cwd)
+
+
+# A failure of these kinds may be retried; a cancel or a program that cannot be started is final.
+RETRYABLE_OUTCOMES = frozenset({Outcome.FAILED, Outcome.TIMED_OUT, Outcome.LOST})
+
+
+class Scheduler(StrEnum):
+    PRIORITY = "priority"  # priority (lower first), then submission order
+    FIFO = "fifo"  # submission order only
+
+
+class ParameterMode(StrEnum):
+    ARGS = "args"  # appended to argv
+    ENV = "env"  # exported as environment variables
+
+
+class Durability(StrEnum):
+    CRASH = "crash"  # WAL, synchronous=NORMAL: a commit survives any crash of jobd
+    FSYNC = "fsync"  # the reply waits for an fsync shared by every request waiting (group commit)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    times: int = 0
+    delay: float = 1.0
+    backoff: float = 2.0
+    on_exit_codes: tuple[int, ...] = ()  # empty: any failure is retried
+
+    def next_delay(self, attempt: int) -> float:
+        """Delay before the try that follows attempt number `attempt` (1-based)."""
+        return float(self.delay * self.backoff ** (attempt - 1))
+
+    def allows(self, attempt: int, outcome: Outcome, exit_code: int | None) -> bool:
+        if attempt > self.times or outcome not in RETRYABLE_OUTCOMES:
+            return False
+        if outcome is Outcome.FAILED and self.on_exit_codes:
+            return exit_code in self.on_exit_codes
+        return True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "times": self.times,
+            "delay": self.delay,
+            "backoff": self.backoff,
+            "on_exit_codes": list(self.on_exit_codes),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RetryPolicy:
+        return cls(
+            times=int(data["times"]),
+            delay=float(data["delay"]),
+            backoff=float(data["backoff"]),
+            on_exit_codes=tuple(int(c) for c in data["on_exit_codes"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDef:
+    name: str
+    concurrency: int = 1
+    scheduler: Scheduler = Scheduler.PRIORITY
+    paused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDef:
+    name: str
+    command: tuple[str, ...]
+    queue: str = "default"
+    parameters: ParameterMode = ParameterMode.ARGS
+    working_dir: str | None = None
+    environment: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+    kill_grace: float = DEFAULT_KILL_GRACE
+    retry: RetryPolicy = RetryPolicy()
+    max_output: int = DEFAULT_MAX_OUTPUT
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    keep_days: float | None = 30.0
+    keep_last: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonDef:
+    socket: str = "/run/jobd/jobd.sock"
+    state_dir: str = "/var/lib/jobd"
+    durability: Durability = Durability.CRASH
+    history: History = History()
+    kill_grace: float = DEFAULT_KILL_GRACE
+    max_output: int = DEFAULT_MAX_OUTPUT
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    daemon: DaemonDef = DaemonDef()
+    queues: Mapping[str, QueueDef] = field(default_factory=dict)
+    tasks: Mapping[str, TaskDef] = field(default_factory=dict)
+    files: tuple[str, ...] = ()  # the files it was read from, in the order they applied
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """Everything needed to run a job, resolved at submission so a later reload cannot change accepted work."""
+
+    command: tuple[str, ...]
+    queue: str
+    task: str | None = None
+    priority: int = DEFAULT_PRIORITY
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdin: bytes | None = None
+    working_dir: str | None = None
+    timeout: float | None = None
+    kill_grace: float = DEFAULT_KILL_GRACE
+    retry: RetryPolicy = RetryPolicy()
+    max_output: int = DEFAULT_MAX_OUTPUT
+    context: str | None = None
+    key: str | None = None
+    submitted_by: int | None = None  # uid of the peer
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    spec: JobSpec
+    state: JobState
+    created_at: float
+    run_at: float  # when a delayed job becomes ready (wall clock)
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    exit_code: int | None = None
+    signal: int | None = None
+    progress: int = 0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "id": self.id,
+            "task": spec.task,
+            "command": list(spec.command),
+            "queue": spec.queue,
+            "priority": spec.priority,
+            "state": str(self.state),
+            "context": spec.context,
+            "key": spec.key,
+            "created_at": iso(self.created_at),
+            "run_at": iso(self.run_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "attempts": self.attempts,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "progress": self.progress,
+            "error": self.error,
+            "timeout": spec.timeout,
+            "retry": spec.retry.to_json(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    job_id: int
+    number: int  # 1-based
+    started_at: float
+    outcome: Outcome | None = None  # None while it runs
+    finished_at: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    pid: int | None = None
+    cpu_user: float | None = None
+    cpu_system: float | None = None
+    max_rss_kib: int | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    truncated: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        wall = None if self.finished_at is None else round(self.finished_at - self.started_at, 6)
+        return {
+            "job_id": self.job_id,
+            "number": self.number,
+            "outcome": None if self.outcome is None else str(self.outcome),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "wall_seconds": wall,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "pid": self.pid,
+            "cpu_user": self.cpu_user,
+            "cpu_system": self.cpu_system,
+            "max_rss_kib": self.max_rss_kib,
+            "stdout_bytes": self.stdout_bytes,
+            "stderr_bytes": self.stderr_bytes,
+            "truncated": self.truncated,
+            "error": self.error,
+        }
+
+
+def transition(job: Job, new_state: JobState, **changes: Any) -> Job:
+    """The only way a job changes state: checks the table, returns the new value."""
+    if new_state not in TRANSITIONS[job.state]:
+        raise InvalidTransition(f"job {job.id}: {job.state} -> {new_state} is not a valid transition")
+    return dataclasses.replace(job, state=new_state, **changes)
+
+
+def iso(timestamp: float | None) -> str | None:
+    """ISO 8601 UTC with microseconds, as every API reply spells times."""
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def is_finite_non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
