@@ -242,6 +242,7 @@ class Attempt:
     exit_code: int | None = None
     signal: int | None = None
     pid: int | None = None
+    pid_start: int | None = None  # start time of `pid` in clock ticks after boot (/proc/PID/stat field 22)
     cpu_user: float | None = None
     cpu_system: float | None = None
     max_rss_kib: int | None = None

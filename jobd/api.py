@@ -1,0 +1,417 @@
+"""The API's methods: named, validated parameters in, engine calls, JSON-ready results out.
+
+Protocol-neutral: the JSON-RPC connection (and later the XML one) decode bytes into a method name and a params
+object, and call `Api.call`. Every parameter is checked here, and a bad one is refused naming what was wrong and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from jobd import __version__
+from jobd.engine.core import STREAMS, Engine
+from jobd.engine.queues import QueueRuntime
+from jobd.engine.submit import Peer, SubmitRequest, resolve
+from jobd.errors import InvalidParams, MethodNotFound, UnknownJob
+from jobd.model import MAX_PRIORITY, JobState, RetryPolicy, iso
+from jobd.store import JobFilter
+
+MAX_OUTPUT_CHUNK = 1024 * 1024
+MAX_BATCH = 10_000
+
+
+class DaemonControl(Protocol):
+    """What the API needs from the daemon around the engine."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def reload(self) -> dict[str, Any]: ...
+
+
+class Session(Protocol):
+    """What the API needs from the connection a call came on."""
+
+    peer: Peer
+
+    def subscribe(self, jobs: frozenset[int], queues: frozenset[str], types: frozenset[str]) -> int: ...
+
+
+class Params:
+    """Reads a params object key by key; `done()` refuses any key nobody asked for."""
+
+    def __init__(self, method: str, raw: Mapping[str, Any]) -> None:
+        self.method = method
+        self.raw = raw
+        self.seen: set[str] = set()
+
+    def _get(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.raw.get(name)
+
+    def bad(self, name: str, allowed: str) -> InvalidParams:
+        value = json_repr(self.raw.get(name))
+        return InvalidParams(f"{self.method}: {name} = {value} is not allowed; expected {allowed}", param=name)
+
+    def int(self, name: str, default: int | None = None, *, low: int = 0, high: int = 2**63 - 1) -> int | None:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.bad(name, f"an integer from {low} to {high}")
+        return value
+
+    def required_int(self, name: str, *, low: int = 0, high: int = 2**63 - 1) -> int:
+        value = self.int(name, low=low, high=high)
+        if value is None:
+            raise InvalidParams(f"{self.method}: missing parameter {name!r} (an integer)", param=name)
+        return value
+
+    def number(self, name: str, *, low: float = 0.0, positive: bool = False) -> float | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low or (positive and value <= 0):
+            raise self.bad(name, "a number > 0" if positive else f"a number >= {low:g}")
+        return float(value)
+
+    def str(self, name: str, *, choices: tuple[str, ...] = ()) -> str | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or "\0" in value or (choices and value not in choices):
+            raise self.bad(name, " | ".join(f'"{c}"' for c in choices) if choices else "a string without NUL")
+        return value
+
+    def required_str(self, name: str) -> str:
+        value = self.str(name)
+        if value is None:
+            raise InvalidParams(f"{self.method}: missing parameter {name!r} (a string)", param=name)
+        return value
+
+    def bool(self, name: str, default: bool = False) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.bad(name, "true or false")
+        return value
+
+    def str_list(self, name: str) -> tuple[str, ...] | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v for v in value):
+            raise self.bad(name, "a list of strings without NUL")
+        return tuple(value)
+
+    def str_map(self, name: str) -> dict[str, str]:
+        value = self._get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(v, str) and "\0" not in v for v in value.values()):
+            raise self.bad(name, "an object whose values are strings without NUL")
+        return dict(value)
+
+    def object(self, name: str) -> dict[str, Any] | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.bad(name, "an object")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.seen)
+        if unknown:
+            raise InvalidParams(
+                f"{self.method}: unknown parameter {unknown[0]!r}; allowed: {', '.join(sorted(self.seen))}",
+                param=unknown[0],
+                allowed=sorted(self.seen),
+            )
+
+
+def json_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+Handler = Callable[["Api", Session, Params], Awaitable[Any]]
+
+
+@dataclass
+class Api:
+    engine: Engine
+    daemon: DaemonControl
+
+    async def call(self, session: Session, method: str, raw_params: Mapping[str, Any]) -> Any:
+        handler = METHODS.get(method)
+        if handler is None:
+            raise MethodNotFound(f"no method {method!r}; methods: {', '.join(sorted(METHODS))}", allowed=sorted(METHODS))
+        return await handler(self, session, Params(method, raw_params))
+
+
+# -- methods ----------------------------------------------------------------------------------------------------
+
+
+async def ping(api: Api, session: Session, p: Params) -> Any:
+    p.done()
+    return {"pong": True, "version": __version__}
+
+
+def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
+    stdin_text, stdin_b64 = p.str("stdin"), p.str("stdin_base64")
+    if stdin_text is not None and stdin_b64 is not None:
+        raise InvalidParams(f"{p.method}: give 'stdin' or 'stdin_base64', not both")
+    stdin = stdin_text.encode() if stdin_text is not None else _b64(p, "stdin_base64", stdin_b64)
+    command = p.str_list("command")
+    if command is not None and (not command or not command[0]):
+        raise p.bad("command", "a non-empty list of strings whose first is the program")
+    retry_raw = p.object("retry")
+    request = SubmitRequest(
+        task=p.str("task"),
+        command=command,
+        queue=p.str("queue"),
+        priority=p.int("priority", 1024, high=MAX_PRIORITY) or 0,
+        timeout=p.number("timeout", positive=True),
+        args=p.str_list("args") or (),
+        params=p.str_map("params"),
+        env=p.str_map("env"),
+        stdin=stdin,
+        context=p.str("context"),
+        key=p.str("key"),
+        working_dir=p.str("working_dir"),
+        retry=None if retry_raw is None else _retry(p, retry_raw),
+        kill_grace=p.number("kill_grace"),
+        max_output=p.int("max_output"),
+    )
+    delay = p.number("delay") or 0.0
+    return request, delay
+
+
+def _b64(p: Params, name: str, value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise p.bad(name, "base64 text") from None
+
+
+def _retry(p: Params, raw: Mapping[str, Any]) -> RetryPolicy:
+    sub = Params(f"{p.method}: retry", raw)
+    default = RetryPolicy()
+    codes = sub._get("on_exit_codes") or []
+    if not isinstance(codes, list) or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in codes):
+        raise sub.bad("on_exit_codes", "a list of exit codes 0-255")
+    backoff = sub.number("backoff", low=1.0)
+    delay = sub.number("delay")
+    policy = RetryPolicy(
+        times=sub.int("times", 0, high=1000) or 0,
+        delay=default.delay if delay is None else delay,
+        backoff=default.backoff if backoff is None else backoff,
+        on_exit_codes=tuple(codes),
+    )
+    sub.done()
+    return policy
+
+
+async def job_submit(api: Api, session: Session, p: Params) -> Any:
+    batch = p._get("jobs")
+    if batch is not None:
+        if not isinstance(batch, list) or not batch or len(batch) > MAX_BATCH or not all(isinstance(j, dict) for j in batch):
+            raise p.bad("jobs", f"a list of 1 to {MAX_BATCH} job objects")
+        p.done()
+        members = [Params(f"{p.method}: jobs[{i}]", raw) for i, raw in enumerate(batch)]
+    else:
+        members = [p]
+    specs, delays = [], []
+    for member in members:
+        request, delay = _submit_request(member)
+        member.done()
+        specs.append(resolve(api.engine.config, request, session.peer))
+        delays.append(delay)
+    jobs = await api.engine.submit(specs, delays)
+    if batch is not None:
+        return {"jobs": [job.to_json() for job in jobs]}
+    return jobs[0].to_json()
+
+
+def _job_id(p: Params) -> int:
+    return p.required_int("id", low=1)
+
+
+async def job_get(api: Api, session: Session, p: Params) -> Any:
+    job_id = _job_id(p)
+    p.done()
+    job = api.engine.get(job_id)
+    return {**job.to_json(), "tries": [attempt.to_json() for attempt in api.engine.store.attempts(job_id)]}
+
+
+async def job_list(api: Api, session: Session, p: Params) -> Any:
+    states = p.str_list("state") or ()
+    allowed_states = tuple(str(s) for s in JobState)
+    for state in states:
+        if state not in allowed_states:
+            raise p.bad("state", " | ".join(allowed_states))
+    limit = p.int("limit", 100, low=1, high=1000) or 100
+    where = JobFilter(
+        states=tuple(JobState(s) for s in states),
+        queue=p.str("queue"),
+        task=p.str("task"),
+        context=p.str("context"),
+        before_id=p.int("before", low=1),
+        limit=limit,
+    )
+    p.done()
+    jobs = api.engine.store.list_jobs(where)
+    live = api.engine.jobs
+    next_before = jobs[-1].id if len(jobs) == limit else None
+    return {"jobs": [live.get(job.id, job).to_json() for job in jobs], "next_before": next_before}
+
+
+async def job_output(api: Api, session: Session, p: Params) -> Any:
+    job_id = _job_id(p)
+    stream = p.str("stream", choices=STREAMS) or "stdout"
+    attempt = p.int("attempt", low=1)
+    offset = p.int("offset", 0) or 0
+    limit = p.int("limit", 65536, low=1, high=MAX_OUTPUT_CHUNK) or 65536
+    encoding = p.str("encoding", choices=("utf-8", "base64")) or "utf-8"
+    wait = p.bool("wait")
+    p.done()
+    engine = api.engine
+    job = engine.get(job_id)
+    if attempt is None:
+        attempt = job.attempts
+    if attempt == 0 or attempt > job.attempts:
+        raise UnknownJob(f"job {job_id} has no attempt {attempt} (it has {job.attempts})", id=job_id)
+    path = engine.output_path(job_id, attempt, stream)
+    data, size = _read_at(path, offset, limit)
+    while wait and not data and engine.attempt_running(job_id, attempt):
+        await engine.wait_output(job_id)
+        data, size = _read_at(path, offset, limit)
+    running = engine.attempt_running(job_id, attempt)
+    truncated = any(a.truncated for a in engine.store.attempts(job_id) if a.number == attempt)
+    return {
+        "data": base64.b64encode(data).decode() if encoding == "base64" else data.decode("utf-8", "replace"),
+        "offset": offset,
+        "next_offset": offset + len(data),
+        "size": size,
+        "complete": not running and offset + len(data) >= size,
+        "truncated": truncated,
+        "attempt": attempt,
+    }
+
+
+def _read_at(path: os.PathLike[str], offset: int, limit: int) -> tuple[bytes, int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b"", 0
+    try:
+        return os.pread(fd, limit, offset), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+async def job_wait(api: Api, session: Session, p: Params) -> Any:
+    job_id = _job_id(p)
+    timeout = p.number("timeout")
+    p.done()
+    return (await api.engine.wait(job_id, timeout)).to_json()
+
+
+async def job_cancel(api: Api, session: Session, p: Params) -> Any:
+    job_id = _job_id(p)
+    p.done()
+    return (await api.engine.cancel(job_id)).to_json()
+
+
+def queue_json(engine: Engine, queue: QueueRuntime) -> dict[str, Any]:
+    return {
+        "name": queue.name,
+        "concurrency": queue.definition.concurrency,
+        "scheduler": str(queue.definition.scheduler),
+        "paused": queue.paused,
+        "closed": queue.closed,
+        "queued": queue.ready_count(),
+        "delayed": engine.delayed_count(queue.name),
+        "running": len(queue.running),
+    }
+
+
+async def queue_list(api: Api, session: Session, p: Params) -> Any:
+    p.done()
+    engine = api.engine
+    return {"queues": [queue_json(engine, engine.queues[name]) for name in sorted(engine.queues)]}
+
+
+async def queue_pause(api: Api, session: Session, p: Params) -> Any:
+    name = p.required_str("name")
+    p.done()
+    return queue_json(api.engine, api.engine.set_paused(name, True))
+
+
+async def queue_resume(api: Api, session: Session, p: Params) -> Any:
+    name = p.required_str("name")
+    p.done()
+    return queue_json(api.engine, api.engine.set_paused(name, False))
+
+
+async def daemon_status(api: Api, session: Session, p: Params) -> Any:
+    p.done()
+    engine = api.engine
+    return {
+        **api.daemon.status(),
+        "jobs": engine.store.count_by_state(),
+        "queues": [queue_json(engine, engine.queues[name]) for name in sorted(engine.queues)],
+    }
+
+
+async def daemon_reload(api: Api, session: Session, p: Params) -> Any:
+    p.done()
+    return api.daemon.reload()
+
+
+EVENT_TYPES = ("job.state", "job.progress", "job.log")
+
+
+async def events_subscribe(api: Api, session: Session, p: Params) -> Any:
+    jobs = p._get("jobs") or []
+    if not isinstance(jobs, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in jobs):
+        raise p.bad("jobs", "a list of job ids")
+    queues = p.str_list("queues") or ()
+    types = p.str_list("types") or EVENT_TYPES
+    for kind in types:
+        if kind not in EVENT_TYPES:
+            raise p.bad("types", " | ".join(EVENT_TYPES))
+    p.done()
+    return {"subscription": session.subscribe(frozenset(jobs), frozenset(queues), frozenset(types))}
+
+
+METHODS: dict[str, Handler] = {
+    "ping": ping,
+    "job.submit": job_submit,
+    "job.get": job_get,
+    "job.list": job_list,
+    "job.output": job_output,
+    "job.wait": job_wait,
+    "job.cancel": job_cancel,
+    "queue.list": queue_list,
+    "queue.pause": queue_pause,
+    "queue.resume": queue_resume,
+    "daemon.status": daemon_status,
+    "daemon.reload": daemon_reload,
+    "events.subscribe": events_subscribe,
+}
+
+__all__ = ["METHODS", "Api", "DaemonControl", "Params", "Session", "iso"]

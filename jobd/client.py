@@ -1,0 +1,346 @@
+"""A small synchronous JSON-RPC 2.0 client for jobd's API socket, used by jobctl and by the tests.
+
+It owns one AF_UNIX stream connection and its framing (one JSON text per line). Replies are matched to requests
+by `id`; `event` notifications that arrive while a reply is awaited are queued for `next_event()`. Everything
+blocks on the socket itself (with socket timeouts for deadlines): the client never polls.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+DEFAULT_SOCKET = "/run/jobd/jobd.sock"
+RECV_SIZE = 256 * 1024
+
+# Fallback tokens for error replies without `data.code` (a JSON-RPC server that is not jobd, or a bug).
+_STANDARD_CODES = {
+    -32700: "PARSE_ERROR",
+    -32600: "INVALID_REQUEST",
+    -32601: "METHOD_NOT_FOUND",
+    -32602: "INVALID_PARAMS",
+    -32603: "INTERNAL_ERROR",
+}
+
+
+def default_socket_path() -> str:
+    """The socket jobctl and the tests talk to unless told otherwise: $JOBD_SOCKET, else jobd's default."""
+    return os.environ.get("JOBD_SOCKET") or DEFAULT_SOCKET
+
+
+class ConnectError(OSError):
+    """The socket could not be connected to; the message names the path and the OS error."""
+
+    def __init__(self, path: str, cause: OSError) -> None:
+        super().__init__(f"cannot connect to {path}: {cause}")
+        self.path = path
+        self.cause = cause
+        self.errno = cause.errno
+
+
+class ConnectionClosed(ConnectionError):
+    """jobd closed the connection (or it broke) before the awaited reply or event arrived."""
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not JSON-RPC 2.0 as jobd speaks it."""
+
+
+class EncodeError(ValueError):
+    """A request cannot be encoded, e.g. it holds text that is not valid Unicode (undecodable argv bytes)."""
+
+
+class RemoteError(Exception):
+    """An error reply. `code` is the stable token (`error.data.code`); match on it, not on the message."""
+
+    def __init__(self, code: str, message: str, data: dict[str, Any] | None = None, rpc_code: int = -32603):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data: dict[str, Any] = data if data is not None else {}
+        self.rpc_code = rpc_code
+
+    @classmethod
+    def from_error(cls, error: Any) -> RemoteError:
+        """Builds the exception from a reply's `error` member."""
+        if not isinstance(error, dict):
+            raise ProtocolError(f"malformed error member: {error!r}")
+        rpc_code = error.get("code")
+        rpc_code = rpc_code if isinstance(rpc_code, int) else -32603
+        data = error.get("data")
+        data = data if isinstance(data, dict) else {}
+        code = data.get("code")
+        if not isinstance(code, str):
+            code = _STANDARD_CODES.get(rpc_code, "UNKNOWN_ERROR")
+        return cls(code, str(error.get("message", "")), data, rpc_code)
+
+
+def encode_message(message: Any) -> bytes:
+    """One frame: compact JSON, UTF-8, newline-terminated (JSON escapes any newline inside strings)."""
+    try:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    except UnicodeEncodeError as exc:
+        # Surrogates come from argv or file names that are not valid UTF-8 (Python's surrogateescape).
+        bad = exc.object[exc.start : exc.end]
+        raise EncodeError(f"request holds text that is not valid UTF-8 ({bad!r})") from None
+
+
+def is_event(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("method") == "event" and "id" not in message
+
+
+def result_of(reply: dict[str, Any]) -> Any:
+    """The `result` of a reply, or its error raised as RemoteError."""
+    if "error" in reply:
+        raise RemoteError.from_error(reply["error"])
+    if "result" not in reply:
+        raise ProtocolError(f"reply has neither result nor error: {reply!r}")
+    return reply["result"]
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+class Client:
+    """One connection to jobd. Not thread-safe; one caller at a time (pipelining is the daemon's business)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path if path is not None else default_socket_path()
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._next_id = 1
+        self._events: collections.deque[dict[str, Any]] = collections.deque()
+        # Messages read while waiting for something else and claimed by nobody yet; read_line() returns them.
+        self._set_aside: collections.deque[Any] = collections.deque()
+        # Ids of requests whose caller gave up (timeout): their late replies are dropped.
+        self._abandoned: set[int] = set()
+
+    # -- connection -------------------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(self.path, exc) from exc
+        self._sock = sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer.clear()
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def call(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        """Sends one request and returns its result; raises RemoteError for an error reply.
+
+        `timeout` bounds the whole call (TimeoutError); None waits as long as the daemon takes (job.wait does).
+        """
+        deadline = _deadline(timeout)
+        request_id = self._new_id()
+        self._send(encode_message(self._request(request_id, method, params)), deadline)
+        try:
+            reply = self._await(lambda m: isinstance(m, dict) and m.get("id") == request_id, deadline)
+        except TimeoutError:
+            self._abandoned.add(request_id)
+            raise
+        return result_of(reply)
+
+    def batch(
+        self, calls: list[tuple[str, dict[str, Any] | None]], timeout: float | None = None
+    ) -> list[Any | RemoteError]:
+        """Sends the calls as one JSON-RPC batch; returns their results in order, errors as RemoteError values."""
+        if not calls:
+            return []  # an empty batch is an invalid request; nothing to ask
+        deadline = _deadline(timeout)
+        ids = [self._new_id() for _ in calls]
+        requests = [self._request(i, method, params) for i, (method, params) in zip(ids, calls, strict=True)]
+        self._send(encode_message(requests), deadline)
+        wanted = set(ids)
+        try:
+            replies = self._await(lambda m: isinstance(m, list) and _reply_ids(m) == wanted, deadline)
+        except TimeoutError:
+            self._abandoned.update(ids)
+            raise
+        by_id = {reply["id"]: reply for reply in replies}
+        return [_result_or_error(by_id[i]) for i in ids]
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        """Sends a notification (no id, no reply)."""
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        self._send(encode_message(message), None)
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        """The `params` of the next `event` notification (queued ones first); TimeoutError after `timeout`."""
+        if self._events:
+            return self._events.popleft()
+        deadline = _deadline(timeout)
+        while not self._events:
+            self._route(self._read_message(deadline), lambda m: False)
+        return self._events.popleft()
+
+    # -- raw access for protocol tests ------------------------------------------------------------------------
+
+    def send_raw(self, data: bytes) -> None:
+        """Writes bytes as they are, no framing added (tests of the daemon's parser)."""
+        self._send(data, None)
+
+    def read_raw_line(self, timeout: float | None = None) -> bytes:
+        """The next line as it came off the socket, without its newline; bypasses queues and id matching."""
+        return self._read_frame(_deadline(timeout))
+
+    def read_line(self, timeout: float | None = None) -> Any:
+        """The next JSON message: a dict (reply or notification) or a list (batch reply).
+
+        Messages that call()/batch()/next_event() read but did not claim come first; queued events do not.
+        """
+        if self._set_aside:
+            return self._set_aside.popleft()
+        return self._read_message(_deadline(timeout))
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        return request_id
+
+    @staticmethod
+    def _request(request_id: int, method: str, params: dict[str, Any] | None) -> dict[str, Any]:
+        request: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            request["params"] = params
+        return request
+
+    def _connected(self) -> socket.socket:
+        self.connect()
+        assert self._sock is not None
+        return self._sock
+
+    def _send(self, data: bytes, deadline: float | None) -> None:
+        sock = self._connected()
+        sock.settimeout(_remaining(deadline))
+        try:
+            sock.sendall(data)
+        except TimeoutError:
+            # Part of a frame may be out: the stream cannot be resynchronised, so this connection is done.
+            self.close()
+            raise
+        except OSError as exc:
+            self.close()
+            raise ConnectionClosed(f"connection to {self.path} broke while sending: {exc}") from exc
+
+    def _await(self, is_wanted: Callable[[Any], bool], deadline: float | None) -> Any:
+        """Reads until a message satisfies `is_wanted`; routes everything else on the way."""
+        for index, message in enumerate(self._set_aside):
+            if is_wanted(message):
+                del self._set_aside[index]
+                return message
+        while True:
+            message = self._read_message(deadline)
+            if self._route(message, is_wanted):
+                return message
+
+    def _route(self, message: Any, is_wanted: Callable[[Any], bool]) -> bool:
+        """True if `message` is the awaited one; otherwise queues, drops or sets it aside."""
+        if is_event(message):
+            self._events.append(message.get("params") or {})
+            return False
+        if is_wanted(message):
+            return True
+        if self._is_abandoned(message):
+            return False
+        if isinstance(message, dict) and message.get("id") is None and "error" in message:
+            # jobd could not read our request far enough to learn its id (bad frame, frame too large); this
+            # client has one request outstanding, so the error is about it.
+            raise RemoteError.from_error(message["error"])
+        self._set_aside.append(message)
+        return False
+
+    def _is_abandoned(self, message: Any) -> bool:
+        ids = _reply_ids(message) if isinstance(message, list) else {message.get("id")}
+        if ids and ids <= self._abandoned:
+            self._abandoned -= ids
+            return True
+        return False
+
+    def _read_message(self, deadline: float | None) -> Any:
+        frame = self._read_frame(deadline)
+        try:
+            message = json.loads(frame)
+        except ValueError as exc:
+            raise ProtocolError(f"invalid JSON from {self.path}: {exc}: {frame[:200]!r}") from None
+        if not isinstance(message, dict | list):
+            raise ProtocolError(f"unexpected JSON value from {self.path}: {frame[:200]!r}")
+        return message
+
+    def _read_frame(self, deadline: float | None) -> bytes:
+        """One line without its newline; a partial line stays buffered across timeouts."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                frame = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                return frame
+            self._fill(deadline)
+
+    def _fill(self, deadline: float | None) -> None:
+        sock = self._connected()
+        sock.settimeout(_remaining(deadline))
+        try:
+            chunk = sock.recv(RECV_SIZE)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            self.close()
+            raise ConnectionClosed(f"connection to {self.path} broke: {exc}") from exc
+        if not chunk:
+            pending = len(self._buffer)
+            self.close()
+            detail = f" ({pending} bytes of an unfinished line)" if pending else ""
+            raise ConnectionClosed(f"jobd closed the connection{detail}")
+        self._buffer += chunk
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Socket timeout left until `deadline`; TimeoutError once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out waiting for jobd")
+    return left
+
+
+def _reply_ids(replies: list[Any]) -> set[Any]:
+    return {reply.get("id") for reply in replies if isinstance(reply, dict)}
+
+
+def _result_or_error(reply: dict[str, Any]) -> Any:
+    try:
+        return result_of(reply)
+    except RemoteError as exc:
+        return exc

@@ -1,0 +1,810 @@
+"""TOML files + drop-ins → frozen Config; validation; watcher.
+
+Files follow systemd's drop-in rules (`find_files`); `load` reads, merges and validates them into a frozen
+`jobd.model.Config`, raising `ConfigError` that names file, line, dotted key and what is allowed. `ConfigWatcher`
+only says "something changed" through inotify; the daemon reloads and decides whether to apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import enum
+import json
+import math
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import inotify_simple
+
+from jobd.errors import ConfigError
+from jobd.model import (
+    Config,
+    DaemonDef,
+    Durability,
+    History,
+    ParameterMode,
+    QueueDef,
+    RetryPolicy,
+    Scheduler,
+    TaskDef,
+)
+
+DEFAULT_SEARCH_PATH = ("/usr/lib/jobd", "/run/jobd", "/etc/jobd")  # lowest to highest priority
+MAIN_FILE = "jobd.toml"
+DROP_IN_DIR = "jobd.d"
+DEFAULT_QUEUE = "default"
+
+# The keys each kind of table accepts, in the order the documentation lists them.
+SECTIONS = ("daemon", "queue", "task")
+DAEMON_KEYS = ("socket", "state_dir", "durability", "history", "kill_grace", "max_output")
+HISTORY_KEYS = ("keep_days", "keep_last")
+QUEUE_KEYS = ("concurrency", "scheduler", "paused")
+TASK_KEYS = (
+    "command",
+    "queue",
+    "parameters",
+    "working_dir",
+    "environment",
+    "timeout",
+    "kill_grace",
+    "retry",
+    "max_output",
+)
+RETRY_KEYS = ("times", "delay", "backoff", "on_exit_codes")
+
+MAX_CONCURRENCY = 10_000
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . -, not starting with . or -"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
+
+
+# --- finding files ------------------------------------------------------------------------------------------
+
+
+def find_files(dirs: Sequence[str]) -> list[Path]:
+    """The files that make up the configuration, in the order they apply (systemd's drop-in rules).
+
+    `dirs` go from lowest to highest priority. Of `jobd.toml`, only the highest-priority one counts; of the
+    drop-ins `jobd.d/*.toml`, the highest-priority file of each name counts, and the winners apply in lexical
+    order of their names after `jobd.toml`. A winner that is a symlink to /dev/null masks the name.
+    """
+    files: list[Path] = []
+    main = _highest_priority(Path(d) / MAIN_FILE for d in dirs)
+    if main is not None:
+        files.append(main)
+    files.extend(_drop_ins(dirs))
+    return [path for path in files if not _is_masked(path)]
+
+
+def is_config_name(name: str) -> bool:
+    """Whether a drop-in directory entry is a config file rather than an editor's temporary or lock file."""
+    # Hidden names are skipped as systemd does; Emacs's `.#10-x.toml` lock symlinks end in .toml too.
+    return name.endswith(".toml") and not name.startswith(".")
+
+
+def _highest_priority(candidates: Iterable[Path]) -> Path | None:
+    found = None
+    for path in candidates:
+        # lexists: a dangling symlink still hides lower files, and reading it then reports the problem.
+        if os.path.lexists(path):
+            found = path
+    return found
+
+
+def _drop_ins(dirs: Sequence[str]) -> list[Path]:
+    winners: dict[str, Path] = {}
+    for directory in dirs:  # lowest priority first, so a higher-priority file of the same name replaces it
+        drop_in_dir = Path(directory) / DROP_IN_DIR
+        for name in _drop_in_names(drop_in_dir):
+            winners[name] = drop_in_dir / name
+    return [winners[name] for name in sorted(winners)]
+
+
+def _drop_in_names(directory: Path) -> list[str]:
+    try:
+        with os.scandir(directory) as entries:
+            return [entry.name for entry in entries if is_config_name(entry.name) and not entry.is_dir()]
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise ConfigError(
+            f"{directory}: cannot list: {error.strerror}", file=str(directory), line=None, key=None
+        ) from None
+
+
+def _is_masked(path: Path) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False  # not a mask; reading it reports why it is unusable
+    return stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(1, 3)
+
+
+# --- reading and locating keys ------------------------------------------------------------------------------
+
+
+class _Source:
+    """One file's text, kept so that an error found after merging can point at the line of a key."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+        self._key_lines: dict[tuple[str, ...], int] | None = None
+
+    def line_of(self, key: tuple[str, ...]) -> int | None:
+        """The line that defines `key`, or the nearest line that explains it.
+
+        A key inside an inline table (`retry = { times = -1 }`) has no line of its own: it gets its outer key's.
+        A table declared only through deeper headers (`[task.x.retry]`) gets the first line below it.
+        """
+        if self._key_lines is None:
+            self._key_lines = _key_lines(self.text)
+        lines = self._key_lines
+        if key in lines:
+            return lines[key]
+        below = [line for known, line in lines.items() if known[: len(key)] == key]
+        if below:
+            return min(below)
+        for size in range(len(key) - 1, 0, -1):
+            if key[:size] in lines:
+                return lines[key[:size]]
+        return None
+
+
+def _read(path: Path) -> _Source:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}", file=str(path), line=None, key=None) from None
+    try:
+        return _Source(path, data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        byte = data[error.start]
+        raise ConfigError(
+            f"{path}:{line}: invalid UTF-8 (byte 0x{byte:02x} at column {column}); files must be UTF-8",
+            file=str(path),
+            line=line,
+            key=None,
+        ) from None
+
+
+def _parse(source: _Source) -> dict[str, Any]:
+    try:
+        return tomllib.loads(source.text)
+    except tomllib.TOMLDecodeError as error:
+        message = str(error)
+        position = _TOML_POSITION.search(message)
+        if position:
+            line: int | None = int(position[1])
+            message = f"{message[: position.start()]} (column {position[2]})"
+        else:  # "(at end of document)"
+            line = source.text.count("\n") + 1
+        raise ConfigError(
+            f"{source.path}:{line}: invalid TOML: {message}", file=str(source.path), line=line, key=None
+        ) from None
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map every key path the text defines (`[table]` headers and `key =` lines) to its 1-based line.
+
+    Only called on files tomllib accepted, so it can assume valid TOML; it follows brackets and multi-line
+    strings so that a line inside a multi-line array or string is never taken for a key.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    value = _ValueScanner()
+    for number, line in enumerate(text.split("\n"), 1):
+        if value.open:
+            value.feed(line)
+            continue
+        stripped = line.strip()
+        if stripped.startswith("["):
+            header = _parse_key(stripped, 2 if stripped.startswith("[[") else 1)
+            if header is not None:
+                table = header[0]
+                lines.setdefault(table, number)
+            continue
+        parsed = _parse_key(stripped, 0)
+        if parsed is None:  # blank line or comment
+            continue
+        key, end = parsed
+        lines.setdefault(table + key, number)
+        value.feed(stripped[end + 1 :])  # past the "="
+    return lines
+
+
+def _parse_key(text: str, start: int) -> tuple[tuple[str, ...], int] | None:
+    """Read a dotted key (bare or quoted parts) at `start`; return its parts and the index after it."""
+    parts: list[str] = []
+    position = start
+    while True:
+        position = _skip_blanks(text, position)
+        part, position = _parse_key_part(text, position)
+        if part is None:
+            return None
+        parts.append(part)
+        position = _skip_blanks(text, position)
+        if not text.startswith(".", position):
+            return tuple(parts), position
+        position += 1
+
+
+def _parse_key_part(text: str, position: int) -> tuple[str | None, int]:
+    bare = _BARE_KEY.match(text, position)
+    if bare:
+        return bare[0], bare.end()
+    if text.startswith(('"', "'"), position):
+        end = _end_of_string(text, position)
+        # Let tomllib undo the escapes of a quoted key rather than re-implementing them.
+        return tomllib.loads(f"k = {text[position:end]}")["k"], end
+    return None, position
+
+
+def _skip_blanks(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t":
+        position += 1
+    return position
+
+
+def _end_of_string(text: str, start: int) -> int:
+    """Index just past the single-line string that opens at `start`."""
+    quote = text[start]
+    position = start + 1
+    while position < len(text):
+        if quote == '"' and text[position] == "\\":
+            position += 2
+            continue
+        if text[position] == quote:
+            return position + 1
+        position += 1
+    return position
+
+
+class _ValueScanner:
+    """Follows a value across lines: open arrays or inline tables, and multi-line strings."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.string: str | None = None  # '"""' or "'''" while inside a multi-line string
+
+    @property
+    def open(self) -> bool:
+        return self.depth > 0 or self.string is not None
+
+    def feed(self, text: str) -> None:
+        position = 0
+        while position < len(text):
+            if self.string is not None:
+                position = self._close_multiline(text, position)
+                continue
+            char = text[position]
+            if char == "#":
+                return
+            if text.startswith(('"""', "'''"), position):
+                self.string = text[position : position + 3]
+                position += 3
+            elif char in "\"'":
+                position = _end_of_string(text, position)
+            else:
+                self.depth += (char in "[{") - (char in "]}")
+                position += 1
+
+    def _close_multiline(self, text: str, position: int) -> int:
+        assert self.string is not None
+        while position < len(text):
+            if self.string == '"""' and text[position] == "\\":
+                position += 2
+            elif text.startswith(self.string, position):
+                position += 3
+                # Up to two quotes right before the delimiter belong to the string: `"""a""""`.
+                while position < len(text) and text[position] == self.string[0]:
+                    position += 1
+                self.string = None
+                return position
+            else:
+                position += 1
+        return position
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+
+
+def _dotted(key: Sequence[str]) -> str:
+    return ".".join(part if _BARE_KEY.fullmatch(part) else json.dumps(part) for part in key)
+
+
+def _error(source: _Source, key: tuple[str, ...], problem: str) -> ConfigError:
+    line = source.line_of(key)
+    where = f"{source.path}:{line}" if line is not None else str(source.path)
+    return ConfigError(f"{where}: {problem}", file=str(source.path), line=line, key=_dotted(key))
+
+
+def _unknown_key(source: _Source, key: tuple[str, ...], allowed: Sequence[str], what: str = "key") -> ConfigError:
+    close = difflib.get_close_matches(key[-1], allowed, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return _error(source, key, f"unknown {what} {_dotted(key)}{hint}; allowed {what}s: {', '.join(allowed)}")
+
+
+def _show(value: object) -> str:
+    """A value as the TOML file spelled it, plus its type where the type is the problem."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"{json.dumps(value)} (a string)"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"  # dates and times
+
+
+# --- merging --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Setting:
+    """One value after merging, with the file whose value won."""
+
+    key: tuple[str, ...]
+    value: object
+    source: _Source
+
+    def invalid(self, problem: str) -> ConfigError:
+        return _error(self.source, self.key, f"{_dotted(self.key)}: {problem}")
+
+    def expected(self, allowed: str) -> ConfigError:
+        return self.invalid(f"expected {allowed}, got {_show(self.value)}")
+
+
+@dataclass(slots=True)
+class _Table:
+    """`[daemon]`, `[queue.NAME]`, `[task.NAME]` or an inline table, key by key."""
+
+    key: tuple[str, ...]
+    source: _Source | None  # the file that first declared it; None for an absent [daemon]
+    settings: dict[str, _Setting]
+
+    @classmethod
+    def inline(cls, setting: _Setting) -> _Table:
+        if not isinstance(setting.value, dict):
+            raise setting.expected("a table")
+        children = {
+            name: _Setting((*setting.key, name), value, setting.source) for name, value in setting.value.items()
+        }
+        return cls(setting.key, setting.source, children)
+
+    def reject_unknown(self, allowed: Sequence[str]) -> None:
+        for name, setting in self.settings.items():
+            if name not in allowed:
+                raise _unknown_key(setting.source, setting.key, allowed)
+
+    def read(self, name: str, parse: Callable[[_Setting], T], default: T) -> T:
+        setting = self.settings.get(name)
+        return default if setting is None else parse(setting)
+
+    def require(self, name: str, parse: Callable[[_Setting], T], allowed: str) -> T:
+        setting = self.settings.get(name)
+        if setting is None:
+            assert self.source is not None  # only named tables have required keys, and they come from a file
+            raise _error(self.source, self.key, f"{_dotted(self.key)}: missing required key {name} ({allowed})")
+        return parse(setting)
+
+
+@dataclass(slots=True)
+class _Merged:
+    daemon: _Table
+    queues: dict[str, _Table]
+    tasks: dict[str, _Table]
+
+
+def _merge(sources: Sequence[_Source]) -> _Merged:
+    """Apply the files in order: a later file's key overrides an earlier one's, table by table.
+
+    Values below a table's keys (inline tables such as `retry = {...}`) are replaced whole.
+    """
+    merged = _Merged(daemon=_Table(("daemon",), None, {}), queues={}, tasks={})
+    for source in sources:
+        for section, body in _parse(source).items():
+            if section == "daemon":
+                _merge_table(merged.daemon, source, body)
+            elif section in ("queue", "task"):
+                named = merged.queues if section == "queue" else merged.tasks
+                _merge_named_tables(named, section, source, body)
+            else:
+                raise _unknown_key(source, (section,), SECTIONS, what="section")
+    return merged
+
+
+def _merge_named_tables(tables: dict[str, _Table], section: str, source: _Source, body: object) -> None:
+    if not isinstance(body, dict):
+        setting = _Setting((section,), body, source)
+        raise setting.expected(f"a table of {section}s such as [{section}.NAME]")
+    for name, table_body in body.items():
+        key = (section, name)
+        if name not in tables:
+            tables[name] = _Table(key, source, {})
+        _merge_table(tables[name], source, table_body)
+
+
+def _merge_table(table: _Table, source: _Source, body: object) -> None:
+    if not isinstance(body, dict):
+        raise _Setting(table.key, body, source).expected(f"a table [{_dotted(table.key)}]")
+    if table.source is None:
+        table.source = source
+    for name, value in body.items():
+        table.settings[name] = _Setting((*table.key, name), value, source)
+
+
+# --- value checks -----------------------------------------------------------------------------------------------
+# Each returns a parser: a function from a setting to a checked value, raising ConfigError otherwise.
+
+
+def _string(setting: _Setting) -> str:
+    value = setting.value
+    if not isinstance(value, str) or not value:
+        raise setting.expected("a non-empty string")
+    if "\0" in value:
+        raise setting.invalid("contains a NUL character")
+    return value
+
+
+def _absolute_path(setting: _Setting) -> str:
+    value = _string(setting)
+    if not value.startswith("/"):
+        raise setting.expected("an absolute path (starting with /)")
+    return value
+
+
+def _boolean(setting: _Setting) -> bool:
+    if not isinstance(setting.value, bool):
+        raise setting.expected("true or false")
+    return setting.value
+
+
+def _choice(kind: type[E]) -> Callable[[_Setting], E]:
+    def parse(setting: _Setting) -> E:
+        allowed = [member.value for member in kind]
+        if not isinstance(setting.value, str) or setting.value not in allowed:
+            shown = json.dumps(setting.value) if isinstance(setting.value, str) else _show(setting.value)
+            raise setting.invalid(f"{shown} is not allowed; allowed: {', '.join(json.dumps(a) for a in allowed)}")
+        return kind(setting.value)
+
+    return parse
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[_Setting], int]:
+    allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+
+    def parse(setting: _Setting) -> int:
+        value = setting.value
+        # bool is a subclass of int in Python, but `true` is not a number in TOML.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise setting.expected(allowed)
+        if value < low or (high is not None and value > high):
+            raise setting.expected(allowed)
+        return value
+
+    return parse
+
+
+def _number(minimum: float, *, exclusive: bool = False) -> Callable[[_Setting], float]:
+    allowed = f"a number {'>' if exclusive else '>='} {minimum:g}"
+
+    def parse(setting: _Setting) -> float:
+        value = setting.value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise setting.expected(allowed)
+        if not math.isfinite(value):
+            raise setting.invalid(f"expected {allowed}, got {value!r} (numbers must be finite)")
+        if value < minimum or (exclusive and value == minimum):
+            raise setting.expected(allowed)
+        return float(value)
+
+    return parse
+
+
+def _command(setting: _Setting) -> tuple[str, ...]:
+    allowed = "a non-empty array of strings, the first one the program"
+    value = setting.value
+    if not isinstance(value, list) or not value or not all(isinstance(arg, str) for arg in value):
+        raise setting.expected(allowed)
+    if not value[0]:
+        raise setting.invalid("the program (first element) is an empty string")
+    for index, arg in enumerate(value):
+        if "\0" in arg:
+            raise setting.invalid(f"element {index} contains a NUL character")
+    return tuple(value)
+
+
+def _exit_codes(setting: _Setting) -> tuple[int, ...]:
+    allowed = "an array of integers from 0 to 255"
+    value = setting.value
+    if not isinstance(value, list):
+        raise setting.expected(allowed)
+    for code in value:
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 255:
+            raise setting.invalid(f"expected {allowed}, found {_show(code)}")
+    return tuple(value)
+
+
+def _environment(setting: _Setting) -> Mapping[str, str]:
+    table = _Table.inline(setting)
+    environment: dict[str, str] = {}
+    for name, variable in table.settings.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise variable.invalid("invalid variable name; allowed: A-Z a-z 0-9 _, not starting with a digit")
+        if not isinstance(variable.value, str):
+            raise variable.expected("a string")
+        if "\0" in variable.value:
+            raise variable.invalid("contains a NUL character")
+        environment[name] = variable.value
+    return MappingProxyType(environment)
+
+
+# --- building the model -------------------------------------------------------------------------------------------
+
+
+def _daemon(table: _Table) -> DaemonDef:
+    table.reject_unknown(DAEMON_KEYS)
+    default = DaemonDef()
+    return DaemonDef(
+        socket=table.read("socket", _string, default.socket),
+        state_dir=table.read("state_dir", _string, default.state_dir),
+        durability=table.read("durability", _choice(Durability), default.durability),
+        history=table.read("history", _history, default.history),
+        kill_grace=table.read("kill_grace", _number(0), default.kill_grace),
+        max_output=table.read("max_output", _integer(0), default.max_output),
+    )
+
+
+def _history(setting: _Setting) -> History:
+    table = _Table.inline(setting)
+    table.reject_unknown(HISTORY_KEYS)
+    default = History()
+    return History(
+        keep_days=table.read("keep_days", _number(0), default.keep_days),
+        keep_last=table.read("keep_last", _integer(0), default.keep_last),
+    )
+
+
+def _queue(table: _Table) -> QueueDef:
+    table.reject_unknown(QUEUE_KEYS)
+    default = QueueDef(table.key[-1])
+    return QueueDef(
+        name=table.key[-1],
+        concurrency=table.read("concurrency", _integer(1, MAX_CONCURRENCY), default.concurrency),
+        scheduler=table.read("scheduler", _choice(Scheduler), default.scheduler),
+        paused=table.read("paused", _boolean, default.paused),
+    )
+
+
+def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> TaskDef:
+    table.reject_unknown(TASK_KEYS)
+    return TaskDef(
+        name=table.key[-1],
+        command=table.require("command", _command, "a non-empty array of strings"),
+        queue=table.read("queue", _defined_queue(queues), DEFAULT_QUEUE),
+        parameters=table.read("parameters", _choice(ParameterMode), ParameterMode.ARGS),
+        working_dir=table.read("working_dir", _absolute_path, None),
+        environment=table.read("environment", _environment, MappingProxyType({})),
+        timeout=table.read("timeout", _number(0, exclusive=True), None),
+        kill_grace=table.read("kill_grace", _number(0), daemon.kill_grace),
+        retry=table.read("retry", _retry, RetryPolicy()),
+        max_output=table.read("max_output", _integer(0), daemon.max_output),
+    )
+
+
+def _defined_queue(queues: Mapping[str, QueueDef]) -> Callable[[_Setting], str]:
+    def parse(setting: _Setting) -> str:
+        name = _string(setting)
+        if name not in queues:
+            raise setting.invalid(
+                f"queue {json.dumps(name)} is not defined; defined queues: {', '.join(sorted(queues))}"
+            )
+        return name
+
+    return parse
+
+
+def _retry(setting: _Setting) -> RetryPolicy:
+    table = _Table.inline(setting)
+    table.reject_unknown(RETRY_KEYS)
+    default = RetryPolicy()
+    return RetryPolicy(
+        times=table.read("times", _integer(0), default.times),
+        delay=table.read("delay", _number(0), default.delay),
+        backoff=table.read("backoff", _number(1), default.backoff),
+        on_exit_codes=table.read("on_exit_codes", _exit_codes, default.on_exit_codes),
+    )
+
+
+def _check_name(table: _Table) -> None:
+    name = table.key[-1]
+    if not _NAME.fullmatch(name):
+        assert table.source is not None
+        raise _error(
+            table.source, table.key, f"{_dotted(table.key)}: invalid name {json.dumps(name)}; allowed: {_NAME_RULE}"
+        )
+
+
+def _build(merged: _Merged, files: Sequence[Path]) -> Config:
+    daemon = _daemon(merged.daemon)
+    queues: dict[str, QueueDef] = {}
+    if DEFAULT_QUEUE not in merged.queues:
+        queues[DEFAULT_QUEUE] = QueueDef(DEFAULT_QUEUE)
+    for name, table in merged.queues.items():
+        _check_name(table)
+        queues[name] = _queue(table)
+    tasks: dict[str, TaskDef] = {}
+    for name, table in merged.tasks.items():
+        _check_name(table)
+        tasks[name] = _task(table, daemon, queues)
+    return Config(
+        daemon=daemon,
+        queues=MappingProxyType(queues),
+        tasks=MappingProxyType(tasks),
+        files=tuple(str(path) for path in files),
+    )
+
+
+def load(dirs: Sequence[str]) -> Config:
+    """Find, read, merge and validate the configuration; no file at all gives the defaults."""
+    files = find_files(dirs)
+    sources = [_read(path) for path in files]
+    return _build(_merge(sources), files)
+
+
+def load_dir(path: str) -> Config:
+    """`jobd --config-dir DIR`: DIR alone is the search path."""
+    return load([path])
+
+
+# --- watching -------------------------------------------------------------------------------------------------
+
+_flags = inotify_simple.flags
+_WATCH_MASK = (
+    _flags.CLOSE_WRITE
+    | _flags.MOVED_TO
+    | _flags.MOVED_FROM
+    | _flags.DELETE
+    | _flags.CREATE
+    | _flags.DELETE_SELF
+    | _flags.MOVE_SELF
+    | _flags.ONLYDIR
+)
+# The watch no longer shows the directory it was added for: removed, moved away (the watch follows the inode),
+# unmounted, or events were dropped.
+_WATCH_LOST = _flags.DELETE_SELF | _flags.MOVE_SELF | _flags.IGNORED | _flags.UNMOUNT
+
+
+class _Effect(enum.IntEnum):
+    NONE = 0
+    CHANGE = 1  # a config file may have changed
+    REWATCH = 2  # a watched directory appeared or went away: watches must be placed again, then reload
+
+
+class ConfigWatcher:
+    """Calls `on_change()` (from the event loop, once per batch of events) when a config file may have changed.
+
+    Watches each search directory and its `jobd.d`. A directory that does not exist yet is awaited by watching
+    its nearest existing ancestor, so creating `/etc/jobd` or `/etc/jobd/jobd.d` later is noticed. The watcher
+    never reads config files: the daemon reloads and keeps the running config if the new one is broken.
+    """
+
+    def __init__(self, dirs: Sequence[str], on_change: Callable[[], None]) -> None:
+        self._dirs = tuple(os.path.abspath(d) for d in dirs)
+        self._drop_in_dirs = tuple(os.path.join(d, DROP_IN_DIR) for d in self._dirs)
+        self._on_change = on_change
+        self._inotify = inotify_simple.INotify(nonblocking=True)
+        self._fd: int = self._inotify.fileno()
+        self._watches: dict[int, set[str]] = {}  # two wanted paths can share an ancestor, hence one wd
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: asyncio.Handle | None = None
+        self._closed = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._watch_all()
+        loop.add_reader(self._fd, self._on_readable)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        self._inotify.close()
+
+    def _watch_all(self) -> None:
+        for path in (*self._dirs, *self._drop_in_dirs):
+            self._watch_nearest(path)
+
+    def _watch_nearest(self, path: str) -> None:
+        """Watch `path`, or its nearest existing ancestor so that its creation is seen."""
+        while True:
+            try:
+                wd: int = self._inotify.add_watch(path, _WATCH_MASK)
+            except (FileNotFoundError, NotADirectoryError):
+                parent = os.path.dirname(path)
+                if parent == path:
+                    raise
+                path = parent
+                continue
+            self._watches.setdefault(wd, set()).add(path)
+            return
+
+    def _rewatch(self) -> None:
+        # Starting over is simpler than patching single watches, and there are at most two per search dir.
+        for wd in self._watches:
+            with contextlib.suppress(OSError):  # the kernel already dropped it: the directory was deleted
+                self._inotify.rm_watch(wd)
+        self._watches.clear()
+        self._watch_all()
+
+    def _on_readable(self) -> None:
+        effect = _Effect.NONE
+        for event in self._inotify.read(timeout=0):
+            if event.mask & _flags.Q_OVERFLOW:
+                effect = _Effect.REWATCH  # events were lost: anything may have changed
+                continue
+            # An unknown wd belongs to a watch _rewatch removed; its late IN_IGNORED means nothing.
+            for directory in self._watches.get(event.wd, ()):
+                effect = max(effect, self._effect(directory, event.name, event.mask))
+        if effect is _Effect.REWATCH:
+            # Files may have been written into a new directory before its watch existed: the caller's reload
+            # after this rescans everything, so nothing is missed.
+            self._rewatch()
+        if effect is not _Effect.NONE:
+            self._schedule_on_change()
+
+    def _effect(self, directory: str, name: str, mask: int) -> _Effect:
+        if mask & _WATCH_LOST:
+            return _Effect.REWATCH
+        path = os.path.join(directory, name)
+        if mask & _flags.ISDIR:
+            return _Effect.REWATCH if self._leads_to_wanted_dir(path) else _Effect.NONE
+        if not self._is_config_file(path):
+            return _Effect.NONE
+        # A new regular file is still empty at IN_CREATE: wait for its IN_CLOSE_WRITE. A new symlink (such as a
+        # mask to /dev/null) gets no IN_CLOSE_WRITE, so it counts at once.
+        if mask & _flags.CREATE and not os.path.islink(path):
+            return _Effect.NONE
+        return _Effect.CHANGE
+
+    def _leads_to_wanted_dir(self, path: str) -> bool:
+        return any(wanted == path or wanted.startswith(path + os.sep) for wanted in (*self._dirs, *self._drop_in_dirs))
+
+    def _is_config_file(self, path: str) -> bool:
+        directory, name = os.path.split(path)
+        if directory in self._dirs:
+            return name == MAIN_FILE
+        return directory in self._drop_in_dirs and is_config_name(name)
+
+    def _schedule_on_change(self) -> None:
+        if self._pending is None and self._loop is not None:
+            self._pending = self._loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        self._pending = None
+        self._on_change()

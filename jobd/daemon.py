@@ -1,0 +1,187 @@
+"""jobd's main(): wiring, signals, systemd readiness and status, crash recovery at start, live reload, shutdown.
+
+Start-up order matters: recovery runs before the socket listens, and READY=1 is sent only once both are done, so a
+client that systemd lets in finds every accepted job already back in its queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import sdnotify
+
+from jobd import __version__, config, proc
+from jobd.api import Api
+from jobd.engine.core import Engine
+from jobd.errors import ConfigError
+from jobd.model import Config, iso
+from jobd.server import Server
+from jobd.store import Store
+
+log = logging.getLogger("jobd")
+
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuration error"
+
+
+class _JournalFormatter(logging.Formatter):
+    """`<N>message`: journald reads the syslog priority from the prefix on a service's stderr."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+class Daemon:
+    def __init__(self, dirs: Sequence[str], initial: Config) -> None:
+        self.dirs = list(dirs)
+        self.config = initial
+        self.started_at = time.time()
+        self.notifier = sdnotify.SystemdNotifier()
+        self.last_reload: dict[str, Any] = {"at": iso(self.started_at), "ok": True, "error": None}
+        self.stop_requested = asyncio.Event()
+        state_dir = initial.daemon.state_dir
+        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
+        self.store.open()
+        self.engine = Engine(initial, self.store)
+        self.server = Server(Api(self.engine, self), initial.daemon.socket)
+        self.watcher: config.ConfigWatcher | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.engine.recover()
+        await self.server.start()
+        self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
+        self.watcher.start(loop)
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_from_event)
+        self.engine.on_counts_changed = self._notify_status
+        log.info("jobd %s ready: socket %s, state %s", __version__, self.config.daemon.socket, self.config.daemon.state_dir)
+        self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
+        await self.stop_requested.wait()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        log.info("stopping: no new work; running jobs get SIGTERM, then SIGKILL after their kill_grace")
+        self.notifier.notify("STOPPING=1\nSTATUS=stopping")
+        if self.watcher is not None:
+            self.watcher.close()
+        await self.server.stop_listening()
+        await self.engine.shutdown()
+        await self.server.close_connections()
+        self.store.close()
+        log.info("stopped")
+
+    def _status_line(self) -> str:
+        counts = self.engine.counts()
+        line = f"{counts['running']} running, {counts['queued']} queued, {counts['delayed']} delayed"
+        if not self.last_reload["ok"]:
+            line += f"; reload failed: {self.last_reload['error']}"
+        return line
+
+    def _notify_status(self) -> None:
+        self.notifier.notify(f"STATUS={self._status_line()}")
+
+    # -- DaemonControl ---------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": iso(self.started_at),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "durability": str(self.config.daemon.durability),
+            "config_files": list(self.config.files),
+            "last_reload": self.last_reload,
+            **self.engine.counts(),
+        }
+
+    def reload(self) -> dict[str, Any]:
+        """Read the configuration again; all or nothing. Raises ConfigError and keeps the running one if broken."""
+        self.notifier.notify("RELOADING=1")
+        try:
+            new = config.load(self.dirs)
+        except ConfigError as error:
+            self.last_reload = {"at": iso(time.time()), "ok": False, "error": error.message}
+            log.error("reload failed, keeping the running configuration: %s", error.message)
+            self._notify_status()
+            raise
+        finally:
+            self.notifier.notify("READY=1")
+        for key in ("socket", "state_dir"):
+            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
+                log.warning("[daemon] %s changed; it takes effect at the next restart", key)
+        self.config = new
+        self.engine.reload(new)
+        self.last_reload = {"at": iso(time.time()), "ok": True, "error": None}
+        log.info("configuration reloaded from %d files", len(new.files))
+        self._notify_status()
+        return {"ok": True, "files": list(new.files)}
+
+    def _reload_from_event(self) -> None:
+        try:
+            self.reload()
+        except ConfigError:
+            pass  # reported by reload(): log, STATUS=, and daemon.status's last_reload
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="jobd", description="jobd: a Linux-native job daemon")
+    parser.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="read jobd.toml and jobd.d/*.toml from DIR alone "
+        f"(default: the search path {', '.join(config.DEFAULT_SEARCH_PATH)})",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version=f"jobd {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    proc.reserve_progress_fd()  # first, before anything else can be given fd 3
+    args = parse_args(argv)
+    _setup_logging(args.log_level)
+    dirs = [args.config_dir] if args.config_dir else list(config.DEFAULT_SEARCH_PATH)
+    try:
+        initial = config.load(dirs)
+    except ConfigError as error:
+        log.error("%s", error.message)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"configuration OK: {', '.join(initial.files) or '(no files, defaults)'}")
+        return 0
+
+    async def run() -> None:
+        await Daemon(dirs, initial).run()
+
+    try:
+        asyncio.run(run())
+    except RuntimeError as error:  # refusing to start (another jobd on the socket, a newer database, …)
+        log.error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,514 @@
+"""The Engine: owns every job's state, starts jobs when their queue has room, applies timeouts, retries, cancels.
+
+It runs entirely on the asyncio loop. Waiting is done by the loop: pidfds for exits (through proc.Child), loop
+timers for delays, timeouts and retry back-offs, futures for clients waiting on a job. Each state change is
+committed to the store before anyone is told about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobd.engine.decisions import after_attempt, outcome_of
+from jobd.engine.queues import QueueRuntime
+from jobd.errors import JobFinished, QueueClosed, ShuttingDown, UnknownJob, UnknownQueue
+from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
+from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
+from jobd.store import Store
+
+log = logging.getLogger("jobd.engine")
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STREAMS = ("stdout", "stderr", "log")
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """What subscribers hear: a state change (`job` set), a progress change or a log line."""
+
+    type: str  # "job.state" | "job.progress" | "job.log"
+    job: Job
+    line: str | None = None
+
+
+@dataclass
+class _Running:
+    child: Child | None
+    attempt: Attempt
+    timeout_timer: asyncio.TimerHandle | None = None
+    ended: asyncio.Future[None] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    timed_out: bool = False
+    cancelled: bool = False
+    stopped: bool = False
+
+
+class Engine:
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.output_dir = Path(config.daemon.state_dir) / "output"
+        self.stopping = False
+        self.jobs: dict[int, Job] = {}  # every unfinished job
+        self.queues: dict[str, QueueRuntime] = {}
+        self._running: dict[int, _Running] = {}
+        self._delay_timers: dict[int, asyncio.TimerHandle] = {}
+        self._finish_waiters: dict[int, list[asyncio.Future[Job]]] = {}
+        self._output_waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._listeners: list[Callable[[JobEvent], None]] = []
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self.on_counts_changed: Callable[[], None] = lambda: None
+        self._counts_notice_pending = False
+        self._apply_queue_definitions(config, store.queue_pauses())
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    # -- start-up ----------------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Resume what the database says was accepted: after a clean stop or after `kill -9` alike."""
+        now = self.clock()
+        for job in self.store.unfinished_jobs():
+            self._queue_for_recovered(job.spec.queue)
+            if job.state is JobState.RUNNING:
+                self._recover_lost_attempt(job, now)
+            else:
+                self.jobs[job.id] = job
+                self._admit(job)
+        self._arm_expiry()
+
+    def _queue_for_recovered(self, name: str) -> None:
+        if name not in self.queues:  # the queue was removed while jobd was down: drain it, take nothing new
+            self.queues[name] = QueueRuntime(QueueDef(name=name), closed=True)
+
+    def _recover_lost_attempt(self, job: Job, now: float) -> None:
+        attempt = self.store.running_attempt(job.id) or Attempt(job_id=job.id, number=job.attempts, started_at=now)
+        if (
+            attempt.pid is not None
+            and attempt.pid_start is not None
+            and kill_orphan_group(attempt.pid, attempt.pid_start)
+        ):
+            log.warning(
+                "job=%d attempt=%d: killed process group %d left by the previous jobd",
+                job.id,
+                attempt.number,
+                attempt.pid,
+            )
+        attempt = dataclasses.replace(
+            attempt, outcome=Outcome.LOST, finished_at=now, error="jobd stopped while the attempt ran"
+        )
+        self.jobs[job.id] = job
+        self._settle(job, attempt, cancelled=False)
+
+    # -- submit ------------------------------------------------------------------------------------------------
+
+    async def submit(self, specs: Sequence[JobSpec], delays: Sequence[float]) -> list[Job]:
+        """Commit jobs (all or none) and queue them; returns once they are as durable as configured."""
+        if self.stopping:
+            raise ShuttingDown("jobd is stopping and takes no new jobs")
+        for spec in specs:
+            self._check_queue_open(spec.queue)
+        now = self.clock()
+        states = [JobState.DELAYED if delay > 0 else JobState.QUEUED for delay in delays]
+        results = self.store.insert_jobs(specs, states, now, [now + delay for delay in delays])
+        if self.config.daemon.durability is Durability.FSYNC:
+            await self.store.flush()
+        for job, created in results:
+            if created:
+                log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
+                self.jobs[job.id] = job
+                self._emit(JobEvent("job.state", job))
+                self._admit(job)
+        return [self.jobs.get(job.id, job) for job, _ in results]
+
+    def _check_queue_open(self, name: str) -> None:
+        queue = self.queues.get(name)
+        if queue is None:
+            raise UnknownQueue(f"unknown queue {name!r}; defined queues: {', '.join(sorted(self.config.queues))}")
+        if queue.closed:
+            raise QueueClosed(f"queue {name!r} was removed from the configuration; it drains and takes no new jobs")
+
+    def _admit(self, job: Job) -> None:
+        """Put an unfinished, not running job where it waits: a delay timer or its queue's ready set."""
+        if job.state is JobState.DELAYED:
+            wait = max(0.0, job.run_at - self.clock())
+            self._delay_timers[job.id] = self.loop.call_later(wait, self._delay_over, job.id)
+        elif job.state is JobState.QUEUED:
+            self.queues[job.spec.queue].push(job)
+            self._dispatch(job.spec.queue)
+        self._counts_changed()
+
+    def _delay_over(self, job_id: int) -> None:
+        del self._delay_timers[job_id]
+        job = self._change(self.jobs[job_id], JobState.QUEUED)
+        self._admit(job)
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    def _dispatch(self, queue_name: str) -> None:
+        queue = self.queues[queue_name]
+        while not self.stopping and queue.free_slots() > 0:
+            job = queue.pop_next()
+            if job is None:
+                break
+            self._start(queue, job)
+
+    def _start(self, queue: QueueRuntime, job: Job) -> None:
+        number = job.attempts + 1
+        now = self.clock()
+        paths = self._output_paths(job.id, number)
+        launch = LaunchSpec(
+            argv=job.spec.command,
+            env=self._environment(job, number),
+            cwd=job.spec.working_dir,
+            stdin=job.spec.stdin,
+            stdout_path=str(paths["stdout"]),
+            stderr_path=str(paths["stderr"]),
+            log_path=str(paths["log"]),
+            max_output=job.spec.max_output,
+        )
+        job = transition(
+            job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
+        )
+        self.jobs[job.id] = job
+        queue.running.add(job.id)
+        try:
+            child = Child.spawn(
+                launch,
+                self.loop,
+                on_exit=lambda info: self._exited(job.id, info),
+                on_progress=lambda value: self._progress(job.id, value),
+                on_log=lambda line: self._log_line(job.id, line),
+                on_output=lambda: self._wake_output_waiters(job.id),
+            )
+        except SpawnError as error:
+            log.warning("job=%d cannot start: %s", job.id, error)
+            attempt = Attempt(job.id, number, now, outcome=Outcome.SPAWN_ERROR, finished_at=now, error=str(error))
+            self.store.start_attempt(job, attempt)
+            queue.running.discard(job.id)
+            self._settle(job, attempt, cancelled=False)
+            return
+        attempt = Attempt(job.id, number, now, pid=child.pid, pid_start=child.start_time)
+        self.store.start_attempt(job, attempt)
+        running = _Running(child, attempt)
+        if job.spec.timeout is not None:
+            running.timeout_timer = self.loop.call_later(job.spec.timeout, self._time_out, job.id)
+        self._running[job.id] = running
+        log.info("job=%d running (attempt %d, pid %d)", job.id, number, child.pid)
+        self._emit(JobEvent("job.state", job))
+        self._counts_changed()
+
+    def _output_paths(self, job_id: int, attempt: int) -> dict[str, Path]:
+        directory = self.output_dir / str(job_id)
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        return {stream: directory / f"{attempt}.{stream}" for stream in STREAMS}
+
+    def _environment(self, job: Job, attempt: int) -> dict[str, str]:
+        env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}
+        for name in ("LANG", "LC_ALL", "TZ"):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        env.update(job.spec.env)
+        env.update(JOBD_JOB_ID=str(job.id), JOBD_QUEUE=job.spec.queue, JOBD_ATTEMPT=str(attempt))
+        return env
+
+    def _time_out(self, job_id: int) -> None:
+        running = self._running[job_id]
+        running.timeout_timer = None
+        running.timed_out = True
+        log.warning("job=%d timed out after %ss", job_id, self.jobs[job_id].spec.timeout)
+        self._stop(job_id)
+
+    def _stop(self, job_id: int) -> None:
+        running = self._running[job_id]
+        running.stopped = True
+        assert running.child is not None
+        running.child.stop(self.jobs[job_id].spec.kill_grace)
+
+    def _exited(self, job_id: int, info: ExitInfo) -> None:
+        running = self._running.pop(job_id)
+        if running.timeout_timer is not None:
+            running.timeout_timer.cancel()
+        job = self.jobs[job_id]
+        self.queues[job.spec.queue].running.discard(job_id)
+        outcome = outcome_of(info.exit_code, timed_out=running.timed_out, stopped=running.stopped)
+        attempt = dataclasses.replace(
+            running.attempt,
+            outcome=outcome,
+            finished_at=self.clock(),
+            exit_code=info.exit_code,
+            signal=info.signal,
+            cpu_user=info.cpu_user,
+            cpu_system=info.cpu_system,
+            max_rss_kib=info.max_rss_kib,
+            stdout_bytes=info.stdout_bytes,
+            stderr_bytes=info.stderr_bytes,
+            truncated=info.truncated,
+        )
+        self._settle(job, attempt, cancelled=running.cancelled)
+        running.ended.set_result(None)
+        self._wake_output_waiters(job_id)
+        self._dispatch(job.spec.queue)
+
+    def _settle(self, job: Job, attempt: Attempt, *, cancelled: bool) -> None:
+        """Record an ended attempt and move the job on: final state, or back to wait for a retry."""
+        now = self.clock()
+        step = after_attempt(job, attempt, now, cancelled=cancelled, shutting_down=self.stopping)
+        finished_at = now if step.state.finished else None
+        job = transition(
+            job,
+            step.state,
+            run_at=step.run_at,
+            finished_at=finished_at,
+            exit_code=attempt.exit_code,
+            signal=attempt.signal,
+            error=step.error,
+        )
+        self.store.finish_attempt(job, attempt)
+        self._log_settled(job, attempt)
+        if step.state.finished:
+            del self.jobs[job.id]
+            self._emit(JobEvent("job.state", job))
+            self._release_finish_waiters(job)
+            self._retire(job)
+        else:
+            self.jobs[job.id] = job
+            self._emit(JobEvent("job.state", job))
+            if not self.stopping:
+                self._admit(job)
+        self._counts_changed()
+
+    def _log_settled(self, job: Job, attempt: Attempt) -> None:
+        how = f"exit code {attempt.exit_code}" if attempt.exit_code is not None else f"signal {attempt.signal}"
+        if attempt.outcome is Outcome.SPAWN_ERROR or attempt.outcome is Outcome.LOST:
+            how = attempt.error or ""
+        level = logging.INFO if job.state is JobState.SUCCEEDED else logging.WARNING
+        log.log(level, "job=%d %s (attempt %d %s, %s)", job.id, job.state, attempt.number, attempt.outcome, how)
+
+    def _progress(self, job_id: int, value: int) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.progress != value:
+            job = dataclasses.replace(job, progress=value)  # progress is not a state; persisted at the end
+            self.jobs[job_id] = job
+            self._emit(JobEvent("job.progress", job))
+
+    def _log_line(self, job_id: int, line: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self._emit(JobEvent("job.log", job, line))
+            self._wake_output_waiters(job_id)
+
+    # -- queries and commands --------------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job:
+        job = self.jobs.get(job_id) or self.store.get_job(job_id)
+        if job is None:
+            raise UnknownJob(f"no job {job_id} (never submitted, or expired from the history)", id=job_id)
+        return job
+
+    async def wait(self, job_id: int, timeout: float | None) -> Job:
+        job = self.get(job_id)
+        if job.state.finished:
+            return job
+        waiter: asyncio.Future[Job] = self.loop.create_future()
+        self._finish_waiters.setdefault(job_id, []).append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            return self.get(job_id)
+        finally:
+            waiters = self._finish_waiters.get(job_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+
+    def _release_finish_waiters(self, job: Job) -> None:
+        for waiter in self._finish_waiters.pop(job.id, []):
+            if not waiter.done():
+                waiter.set_result(job)
+
+    async def cancel(self, job_id: int) -> Job:
+        job = self.get(job_id)
+        if job.state.finished:
+            raise JobFinished(f"job {job_id} has already finished ({job.state})", id=job_id, state=str(job.state))
+        if job.state is JobState.RUNNING:
+            running = self._running[job_id]
+            if not running.cancelled:
+                running.cancelled = True
+                log.info("job=%d cancel requested: stopping its process group", job_id)
+                self._stop(job_id)
+            return await self.wait(job_id, None)
+        if job.state is JobState.DELAYED:
+            self._delay_timers.pop(job_id).cancel()
+        else:
+            self.queues[job.spec.queue].remove(job_id)
+        job = self._change(job, JobState.CANCELLED, finished_at=self.clock(), error="cancelled before it ran")
+        del self.jobs[job_id]
+        self._release_finish_waiters(job)
+        self._retire(job)
+        self._counts_changed()
+        return job
+
+    def _change(self, job: Job, state: JobState, **changes: object) -> Job:
+        """A state change outside an attempt's end: commit, remember, tell."""
+        job = transition(job, state, **changes)
+        self.store.update_job(job)
+        if not state.finished:
+            self.jobs[job.id] = job
+        log.info("job=%d %s", job.id, state)
+        self._emit(JobEvent("job.state", job))
+        return job
+
+    def set_paused(self, name: str, paused: bool) -> QueueRuntime:
+        queue = self.queues.get(name)
+        if queue is None:
+            raise UnknownQueue(f"unknown queue {name!r}; defined queues: {', '.join(sorted(self.queues))}", queue=name)
+        self.store.set_queue_pause(name, paused)
+        queue.paused = paused
+        log.info("queue %s %s", name, "paused" if paused else "resumed")
+        self._dispatch(name)
+        self._counts_changed()
+        return queue
+
+    def delayed_count(self, queue_name: str) -> int:
+        return sum(1 for job_id in self._delay_timers if self.jobs[job_id].spec.queue == queue_name)
+
+    # -- output ------------------------------------------------------------------------------------------------
+
+    def output_path(self, job_id: int, attempt: int, stream: str) -> Path:
+        return self.output_dir / str(job_id) / f"{attempt}.{stream}"
+
+    def attempt_running(self, job_id: int, attempt: int) -> bool:
+        running = self._running.get(job_id)
+        return running is not None and running.attempt.number == attempt
+
+    async def wait_output(self, job_id: int) -> None:
+        """Until the running job writes more output or its attempt ends."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._output_waiters.setdefault(job_id, []).append(waiter)
+        await waiter
+
+    def _wake_output_waiters(self, job_id: int) -> None:
+        for waiter in self._output_waiters.pop(job_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[JobEvent], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _emit(self, event: JobEvent) -> None:
+        for listener in list(self._listeners):
+            listener(event)
+
+    def _counts_changed(self) -> None:
+        # Coalesced: a burst of transitions in one loop iteration is one notice (one sd_notify STATUS=).
+        if not self._counts_notice_pending:
+            self._counts_notice_pending = True
+            self.loop.call_soon(self._notify_counts)
+
+    def _notify_counts(self) -> None:
+        self._counts_notice_pending = False
+        self.on_counts_changed()
+
+    def counts(self) -> dict[str, int]:
+        running = len(self._running)
+        delayed = len(self._delay_timers)
+        queued = sum(queue.ready_count() for queue in self.queues.values())
+        return {"running": running, "queued": queued, "delayed": delayed}
+
+    # -- configuration -----------------------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> None:
+        """Apply a new configuration: queues change at once; accepted jobs keep the spec they were given."""
+        self.config = config
+        self._apply_queue_definitions(config, self.store.queue_pauses(), reloading=True)
+        for name in list(self.queues):
+            self._dispatch(name)
+        self._arm_expiry()
+        self._counts_changed()
+
+    def _apply_queue_definitions(self, config: Config, pauses: dict[str, bool], *, reloading: bool = False) -> None:
+        for name, definition in config.queues.items():
+            queue = self.queues.get(name)
+            if queue is None:
+                self.queues[name] = QueueRuntime(definition, paused=pauses.get(name, definition.paused))
+                continue
+            if reloading and definition.paused != queue.definition.paused and name in pauses:
+                # The administrator changed `paused` in the file: that newer word overrides an API pause.
+                self.store.set_queue_pause(name, None)
+                pauses.pop(name)
+            queue.redefine(definition)
+            queue.closed = False
+            queue.paused = pauses.get(name, definition.paused)
+        for name, queue in list(self.queues.items()):
+            if name not in config.queues:
+                if queue.is_idle() and not self._has_delayed(name):
+                    del self.queues[name]
+                elif not queue.closed:
+                    log.info("queue %s removed from the configuration: draining %d jobs", name, queue.ready_count())
+                    queue.closed = True
+
+    def _has_delayed(self, queue_name: str) -> bool:
+        return self.delayed_count(queue_name) > 0
+
+    # -- history -----------------------------------------------------------------------------------------------
+
+    def _retire(self, job: Job) -> None:
+        """A job reached its final state: apply `keep_last`, and make sure an expiry time is armed."""
+        history = self.config.daemon.history
+        if history.keep_last is not None:
+            self._expire()
+        elif self._expiry_timer is None:
+            self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        """Sleep until the oldest finished job expires: history is trimmed then, not by a periodic sweep."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        keep_days = self.config.daemon.history.keep_days
+        oldest = self.store.oldest_finished_at()
+        if keep_days is None or oldest is None:
+            return
+        due = oldest + keep_days * 86400
+        self._expiry_timer = self.loop.call_later(max(0.0, due - self.clock()), self._expiry_due)
+
+    def _expiry_due(self) -> None:
+        self._expiry_timer = None
+        self._expire()
+        self._arm_expiry()
+
+    def _expire(self) -> None:
+        history = self.config.daemon.history
+        before = None if history.keep_days is None else self.clock() - history.keep_days * 86400
+        for job_id in self.store.expire(before, history.keep_last):
+            shutil.rmtree(self.output_dir / str(job_id), ignore_errors=True)
+
+    # -- shutdown ----------------------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop taking work, end running jobs by their grace rules, and leave every job recoverable."""
+        self.stopping = True
+        for timer in self._delay_timers.values():
+            timer.cancel()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        ended = []
+        for job_id, running in self._running.items():
+            log.info("job=%d stopping for shutdown", job_id)
+            ended.append(running.ended)
+            self._stop(job_id)
+        # A job stopped by shutdown goes back to `queued`, not to a final state: wait for its attempt to end.
+        await asyncio.gather(*ended)

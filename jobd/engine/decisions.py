@@ -1,0 +1,45 @@
+"""Pure decisions about jobs: what follows an attempt. They take `now` and return what to do; no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobd.model import Attempt, Job, JobState, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    state: JobState
+    run_at: float  # for DELAYED: when the job becomes ready again
+    error: str | None = None
+
+
+def after_attempt(job: Job, attempt: Attempt, now: float, *, cancelled: bool, shutting_down: bool) -> NextStep:
+    """Where a job goes once an attempt has ended."""
+    outcome = attempt.outcome
+    assert outcome is not None
+    if outcome is Outcome.SUCCEEDED:
+        return NextStep(JobState.SUCCEEDED, job.run_at)
+    if cancelled:
+        return NextStep(JobState.CANCELLED, job.run_at, "cancelled while running")
+    if shutting_down and outcome is Outcome.KILLED:
+        # Stopped by jobd's own shutdown, not by a fault of the job: it runs again at the next start.
+        return NextStep(JobState.QUEUED, now)
+    if job.spec.retry.allows(attempt.number, outcome, attempt.exit_code):
+        delay = job.spec.retry.next_delay(attempt.number)
+        if delay > 0:
+            return NextStep(JobState.DELAYED, now + delay)
+        return NextStep(JobState.QUEUED, now)
+    final = JobState.TIMED_OUT if outcome is Outcome.TIMED_OUT else JobState.FAILED
+    return NextStep(final, job.run_at, attempt.error)
+
+
+def outcome_of(exit_code: int | None, *, timed_out: bool, stopped: bool) -> Outcome:
+    """Classify an ended process: jobd's own reasons for ending it come before what the process reported."""
+    if timed_out:
+        return Outcome.TIMED_OUT
+    if stopped:
+        return Outcome.KILLED
+    if exit_code == 0:
+        return Outcome.SUCCEEDED
+    return Outcome.FAILED

@@ -1,0 +1,141 @@
+"""Turning a submit request into a JobSpec: task lookup, parameters, defaults, who may run ad-hoc commands.
+
+Pure: the configuration and the peer come in, a self-contained JobSpec comes out, so a later reload cannot change
+work that was already accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from jobd.errors import InsufficientRights, InvalidParams, UnknownQueue, UnknownTask
+from jobd.model import DEFAULT_PRIORITY, Config, JobSpec, ParameterMode, RetryPolicy
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+RESERVED_ENV_PREFIX = "JOBD_"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    task: str | None = None
+    command: tuple[str, ...] | None = None
+    queue: str | None = None
+    priority: int = DEFAULT_PRIORITY
+    delay: float = 0.0
+    timeout: float | None = None
+    args: tuple[str, ...] = ()
+    params: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdin: bytes | None = None
+    context: str | None = None
+    key: str | None = None
+    # ad-hoc commands only: tasks take these from the configuration
+    working_dir: str | None = None
+    retry: RetryPolicy | None = None
+    kill_grace: float | None = None
+    max_output: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    uid: int
+    gid: int
+    pid: int
+    is_admin: bool
+
+
+_AD_HOC_ONLY = ("working_dir", "retry", "kill_grace", "max_output")
+
+
+def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
+    if (request.task is None) == (request.command is None):
+        raise InvalidParams("give exactly one of 'task' (a configured task) or 'command' (an argv list)")
+    if request.args and request.params:
+        raise InvalidParams("give 'args' (a list) or 'params' (an object), not both")
+    _check_env_names(request.env, "env")
+    _check_env_names(request.params, "params")
+    if request.task is not None:
+        spec = _resolve_task(config, request, peer)
+    else:
+        spec = _resolve_ad_hoc(config, request, peer)
+    if spec.queue not in config.queues:
+        raise UnknownQueue(
+            f"unknown queue {spec.queue!r}; defined queues: {', '.join(sorted(config.queues))}",
+            queue=spec.queue,
+            allowed=sorted(config.queues),
+        )
+    return spec
+
+
+def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
+    assert request.task is not None
+    task = config.tasks.get(request.task)
+    if task is None:
+        raise UnknownTask(
+            f"unknown task {request.task!r}; defined tasks: {', '.join(sorted(config.tasks)) or '(none)'}",
+            task=request.task,
+            allowed=sorted(config.tasks),
+        )
+    for name in _AD_HOC_ONLY:
+        if getattr(request, name) is not None:
+            raise InvalidParams(f"'{name}' is set by the task's configuration; it is allowed for ad-hoc commands only")
+    argv = task.command + request.args
+    env = dict(task.environment)
+    if task.parameters is ParameterMode.ENV:
+        env.update(request.params)
+    else:
+        argv += tuple(request.params.values())
+    env.update(request.env)
+    return JobSpec(
+        command=argv,
+        queue=request.queue or task.queue,
+        task=task.name,
+        priority=request.priority,
+        env=env,
+        stdin=request.stdin,
+        working_dir=task.working_dir,
+        timeout=request.timeout if request.timeout is not None else task.timeout,
+        kill_grace=task.kill_grace,
+        retry=task.retry,
+        max_output=task.max_output,
+        context=request.context,
+        key=request.key,
+        submitted_by=peer.uid,
+    )
+
+
+def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
+    assert request.command is not None
+    if not peer.is_admin:
+        raise InsufficientRights(
+            f"uid {peer.uid} may not run ad-hoc commands: they are for uid 0 and the daemon's own uid; "
+            "submit a configured task instead",
+            missing="admin",
+        )
+    return JobSpec(
+        command=request.command + request.args,
+        queue=request.queue or "default",
+        priority=request.priority,
+        env={**request.params, **request.env},
+        stdin=request.stdin,
+        working_dir=request.working_dir,
+        timeout=request.timeout,
+        kill_grace=request.kill_grace if request.kill_grace is not None else config.daemon.kill_grace,
+        retry=request.retry or RetryPolicy(),
+        max_output=request.max_output if request.max_output is not None else config.daemon.max_output,
+        context=request.context,
+        key=request.key,
+        submitted_by=peer.uid,
+    )
+
+
+def _check_env_names(variables: Mapping[str, str], what: str) -> None:
+    for name in variables:
+        if not ENV_NAME.fullmatch(name):
+            raise InvalidParams(
+                f"{what}: {name!r} is not a valid environment variable name; allowed: [A-Za-z_][A-Za-z0-9_]*"
+            )
+        if name.startswith(RESERVED_ENV_PREFIX):
+            raise InvalidParams(f"{what}: {name!r}: names starting with JOBD_ are set by jobd itself")

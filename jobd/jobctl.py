@@ -1,0 +1,903 @@
+"""jobctl, jobd's command line: turns subcommands into JSON-RPC calls and replies into tables or JSON.
+
+The formatting helpers at the top are pure (they take `now` and widths as arguments) so they can be tested
+without a daemon; the commands below them only call the API and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TextIO
+
+from jobd import __version__
+from jobd.client import (
+    Client,
+    ConnectError,
+    ConnectionClosed,
+    EncodeError,
+    ProtocolError,
+    RemoteError,
+    default_socket_path,
+)
+from jobd.model import FINISHED_STATES, JobState, RetryPolicy
+
+EXIT_OK = 0
+EXIT_REMOTE_ERROR = 1  # the daemon answered with an error
+EXIT_USAGE = 2
+EXIT_CANNOT_CONNECT = 3  # also: the connection broke, or the peer does not speak jobd's JSON-RPC
+EXIT_STILL_RUNNING = 4  # wait --timeout elapsed before the job finished
+EXIT_JOB_FAILED = 1  # a failure with neither exit code nor signal (spawn error, lost)
+EXIT_JOB_TIMED_OUT = 124  # as timeout(1)
+EXIT_JOB_CANCELLED = 125
+EXIT_SIGNAL_BASE = 128  # killed by signal N: 128+N, as shells report it
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_BROKEN_PIPE = 141  # stdout closed early (`jobctl log 4 | head`): what SIGPIPE would have made of us
+
+OUTPUT_CHUNK = 64 * 1024
+COLUMN_GAP = "  "
+ELLIPSIS = "…"
+
+Job = dict[str, Any]
+
+
+class UsageError(Exception):
+    """A command line argparse accepted but that makes no sense (exit 2)."""
+
+
+# -- pure formatting ------------------------------------------------------------------------------------------
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """An API time (ISO 8601 UTC, `Z` suffix) as an aware datetime; None stays None."""
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value)
+
+
+def format_time(value: str | None, now: dt.datetime) -> str:
+    """Short local time for tables: "17:03:12" if it is on `now`'s day, else the date."""
+    moment = parse_time(value)
+    if moment is None:
+        return "-"
+    local = moment.astimezone(now.tzinfo)
+    if local.date() == now.date():
+        return local.strftime("%H:%M:%S")
+    return local.strftime("%Y-%m-%d")
+
+
+def format_timestamp(value: str | None, tz: dt.tzinfo | None = None) -> str:
+    """Full local time for detail views, to the second."""
+    moment = parse_time(value)
+    if moment is None:
+        return "-"
+    return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_duration(seconds: float | None) -> str:
+    """ "45ms", "1.5s", "2m03s", "1h02m", "3d04h"; "-" for unknown."""
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 0.1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 59.95:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    minutes, secs = divmod(whole, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def duration_between(start: str | None, end: str | None) -> float | None:
+    begin, finish = parse_time(start), parse_time(end)
+    if begin is None or finish is None:
+        return None
+    return (finish - begin).total_seconds()
+
+
+def format_kib(kib: int | None) -> str:
+    if kib is None:
+        return "-"
+    if kib < 1024:
+        return f"{kib}KiB"
+    if kib < 1024 * 1024:
+        return f"{kib / 1024:.1f}MiB"
+    return f"{kib / (1024 * 1024):.1f}GiB"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def format_exit(exit_code: int | None, signum: int | None) -> str:
+    """What ended a process: its exit code, or the signal that killed it."""
+    if exit_code is not None:
+        return str(exit_code)
+    if signum is not None:
+        return signal_name(signum)
+    return "-"
+
+
+def format_command(argv: Sequence[str]) -> str:
+    return shlex.join(argv)
+
+
+def job_label(job: Job) -> str:
+    """The task's name, or the ad-hoc command line."""
+    task = job.get("task")
+    if task:
+        return str(task)
+    return format_command(job.get("command") or [])
+
+
+def format_progress(job: Job) -> str:
+    progress = job.get("progress") or 0
+    if job.get("state") == JobState.RUNNING or progress:
+        return f"{progress}%"
+    return "-"
+
+
+def truncate(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    if width <= len(ELLIPSIS):
+        return text[:width]
+    return text[: width - len(ELLIPSIS)] + ELLIPSIS
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def render_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    right: Collection[int] = (),
+    width: int | None = None,
+    flex: int | None = None,
+) -> list[str]:
+    """Aligned columns separated by two spaces. If `width` is given, column `flex` is cut to make rows fit."""
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    if width is not None and flex is not None:
+        others = sum(w for i, w in enumerate(widths) if i != flex) + len(COLUMN_GAP) * (len(widths) - 1)
+        widths[flex] = max(len(headers[flex]), min(widths[flex], width - others))
+        rows = [[truncate(cell, widths[flex]) if i == flex else cell for i, cell in enumerate(row)] for row in rows]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return COLUMN_GAP.join(padded).rstrip()
+
+    return [line(headers)] + [line(row) for row in rows]
+
+
+def render_fields(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """`key: value` lines with the values aligned."""
+    width = max((len(key) for key, _ in pairs), default=0) + 1
+    return [f"{key + ':':<{width}} {value}" for key, value in pairs]
+
+
+def render_progress_bar(job_id: int, state: str, progress: int, width: int, note: str = "") -> str:
+    """One terminal line: `job 42 [########------------]  40% running  last log line`, at most width-1 wide."""
+    bar_width = 20 if width >= 60 else 10
+    filled = max(0, min(bar_width, round(bar_width * progress / 100)))
+    text = f"job {job_id} [{'#' * filled}{'-' * (bar_width - filled)}] {progress:>3}% {state}"
+    if note:
+        text += f"  {note}"
+    # One column short of the edge: writing the last column makes some terminals wrap, breaking the \r redraw.
+    return truncate(text, max(1, width - 1))
+
+
+def is_finished(job: Job) -> bool:
+    return job.get("state") in FINISHED_STATES
+
+
+def exit_code_for(job: Job) -> int:
+    """What `jobctl wait` exits with for this job (see docs/jobctl.md, "Exit codes")."""
+    state = job.get("state")
+    if not is_finished(job):
+        return EXIT_STILL_RUNNING
+    if state == JobState.SUCCEEDED:
+        return EXIT_OK
+    if state == JobState.TIMED_OUT:
+        return EXIT_JOB_TIMED_OUT
+    if state == JobState.CANCELLED:
+        return EXIT_JOB_CANCELLED
+    exit_code, signum = job.get("exit_code"), job.get("signal")
+    if isinstance(exit_code, int) and 0 < exit_code <= 255:
+        return exit_code
+    if isinstance(signum, int) and signum > 0:
+        return min(EXIT_SIGNAL_BASE + signum, 255)
+    return EXIT_JOB_FAILED
+
+
+def describe_end(job: Job) -> str:
+    """The line `wait` prints for people once a job has finished."""
+    state = job.get("state")
+    head = f"job {job.get('id')}"
+    took = duration_between(job.get("started_at"), job.get("finished_at"))
+    if state == JobState.SUCCEEDED:
+        text = f"{head} succeeded in {format_duration(took)}"
+    elif state == JobState.TIMED_OUT:
+        text = f"{head} timed out after {format_duration(job.get('timeout') or took)}"
+    elif state == JobState.CANCELLED:
+        text = f"{head} cancelled"
+    else:
+        text = f"{head} {state}: {failure_reason(job)}"
+    attempts = job.get("attempts") or 0
+    return f"{text} ({plural(attempts, 'attempt')})" if attempts > 1 else text
+
+
+def failure_reason(job: Job) -> str:
+    if job.get("exit_code") is not None:
+        return f"exit code {job['exit_code']}"
+    if job.get("signal") is not None:
+        return f"killed by {signal_name(job['signal'])}"
+    return str(job.get("error") or "no exit code")
+
+
+def describe_submitted(job: Job, now: dt.datetime) -> str:
+    text = f"job {job.get('id')} {job.get('state')} in {job.get('queue')}"
+    if job.get("state") == JobState.DELAYED:
+        text += f" until {format_time(job.get('run_at'), now)}"
+    return text
+
+
+def format_retry(retry: Any) -> str:
+    if not isinstance(retry, dict) or not retry.get("times"):
+        return "no"
+    text = f"{plural(retry['times'], 'time')}, delay {format_duration(retry.get('delay'))}"
+    text += f", backoff x{retry.get('backoff')}"
+    if retry.get("on_exit_codes"):
+        text += ", on exit codes " + ",".join(str(c) for c in retry["on_exit_codes"])
+    return text
+
+
+def job_fields(job: Job, tz: dt.tzinfo | None = None) -> list[tuple[str, str]]:
+    def text(value: Any) -> str:
+        return "-" if value is None or value == "" else str(value)
+
+    return [
+        ("id", text(job.get("id"))),
+        ("state", text(job.get("state"))),
+        ("progress", format_progress(job)),
+        ("task", text(job.get("task"))),
+        ("command", format_command(job.get("command") or [])),
+        ("queue", text(job.get("queue"))),
+        ("priority", text(job.get("priority"))),
+        ("context", text(job.get("context"))),
+        ("key", text(job.get("key"))),
+        ("attempts", text(job.get("attempts"))),
+        ("exit", format_exit(job.get("exit_code"), job.get("signal"))),
+        ("error", text(job.get("error"))),
+        ("timeout", format_duration(job.get("timeout"))),
+        ("retry", format_retry(job.get("retry"))),
+        ("created", format_timestamp(job.get("created_at"), tz)),
+        ("run at", format_timestamp(job.get("run_at"), tz)),
+        ("started", format_timestamp(job.get("started_at"), tz)),
+        ("finished", format_timestamp(job.get("finished_at"), tz)),
+    ]
+
+
+def render_tries(tries: Sequence[dict[str, Any]], now: dt.datetime) -> list[str]:
+    headers = ["#", "OUTCOME", "EXIT", "WALL", "CPU", "MAX RSS", "STARTED"]
+    rows = [
+        [
+            str(t.get("number")),
+            t.get("outcome") or "running",
+            format_exit(t.get("exit_code"), t.get("signal")),
+            format_duration(t.get("wall_seconds")),
+            format_duration(cpu_seconds(t)),
+            format_kib(t.get("max_rss_kib")),
+            format_time(t.get("started_at"), now),
+        ]
+        for t in tries
+    ]
+    return render_table(headers, rows, right={0, 2, 3, 4, 5})
+
+
+def cpu_seconds(attempt: dict[str, Any]) -> float | None:
+    user, system = attempt.get("cpu_user"), attempt.get("cpu_system")
+    if user is None and system is None:
+        return None
+    return float(user or 0) + float(system or 0)
+
+
+def render_jobs(jobs: Sequence[Job], now: dt.datetime, width: int | None) -> list[str]:
+    headers = ["ID", "STATE", "QUEUE", "TASK/COMMAND", "PRIO", "PROGRESS", "CREATED"]
+    rows = [
+        [
+            str(job.get("id")),
+            str(job.get("state")),
+            str(job.get("queue")),
+            job_label(job),
+            str(job.get("priority")),
+            format_progress(job),
+            format_time(job.get("created_at"), now),
+        ]
+        for job in jobs
+    ]
+    return render_table(headers, rows, right={0, 4, 5}, width=width, flex=3)
+
+
+def queue_status(queue: dict[str, Any]) -> str:
+    flags = [name for name in ("paused", "closed") if queue.get(name)]
+    return ",".join(flags) if flags else "-"
+
+
+def render_queues(queues: Sequence[dict[str, Any]]) -> list[str]:
+    headers = ["NAME", "CONCURRENCY", "SCHEDULER", "RUNNING", "QUEUED", "DELAYED", "PAUSED/CLOSED"]
+    keys = ["name", "concurrency", "scheduler", "running", "queued", "delayed"]
+    rows = [[str(q.get(key, "-")) for key in keys] + [queue_status(q)] for q in queues]
+    return render_table(headers, rows, right={1, 3, 4, 5})
+
+
+def format_job_counts(counts: dict[str, int]) -> str:
+    """Counts in the order of the job's life (delayed … cancelled), then any state this jobctl does not know."""
+    order = [str(state) for state in JobState] + sorted(set(counts) - {str(s) for s in JobState})
+    parts = [f"{counts[state]} {state}" for state in order if counts.get(state)]
+    return ", ".join(parts) if parts else "none"
+
+
+def render_daemon_status(status: dict[str, Any], now: dt.datetime) -> list[str]:
+    uptime = duration_between(status.get("started_at"), now.isoformat())
+    lines = render_fields(
+        [
+            ("jobd", f"{status.get('version')}, pid {status.get('pid')}"),
+            ("up", f"{format_duration(uptime)} (since {format_timestamp(status.get('started_at'), now.tzinfo)})"),
+            ("durability", str(status.get("durability"))),
+            ("last reload", format_last_reload(status.get("last_reload"), now)),
+            ("jobs", format_job_counts(status.get("jobs") or {})),
+        ]
+    )
+    lines += ["config files:"] + [f"  {name}" for name in status.get("config_files") or []]
+    queues = status.get("queues") or []
+    if queues:
+        lines += ["queues:"] + ["  " + line for line in render_queues(queues)]
+    return lines
+
+
+def format_last_reload(reload: Any, now: dt.datetime) -> str:
+    if not isinstance(reload, dict) or not reload.get("at"):
+        return "never"
+    when = format_time(reload.get("at"), now)
+    return f"{when}, ok" if reload.get("ok") else f"{when}, failed: {reload.get('error')}"
+
+
+def stdin_params(data: bytes) -> dict[str, str]:
+    """`stdin` when the bytes are UTF-8 text (readable in job.get dumps), else `stdin_base64`."""
+    try:
+        return {"stdin": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"stdin_base64": base64.b64encode(data).decode("ascii")}
+
+
+# -- argument types -------------------------------------------------------------------------------------------
+
+
+def assignment(text: str) -> tuple[str, str]:
+    """NAME=VALUE (the value may be empty or hold further `=`)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def job_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a job id is a positive integer, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a job id is a positive integer, not {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds ≥ 0, got {text!r}")
+    return value
+
+
+# -- talking to jobd ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Session:
+    """What every command needs: the connection and the output mode."""
+
+    client: Client
+    json: bool
+
+    def emit_json(self, value: Any) -> None:
+        print(json.dumps(value))
+
+    def emit(self, value: Any, lines: Callable[[], Sequence[str]]) -> None:
+        """Prints `value` as JSON with --json, else the lines made for people."""
+        if self.json:
+            self.emit_json(value)
+        else:
+            for line in lines():
+                print(line)
+
+
+def local_now() -> dt.datetime:
+    return dt.datetime.now().astimezone()
+
+
+def stdout_width() -> int | None:
+    """Columns to fit tables to: the terminal's (or $COLUMNS); None when piped, so nothing is cut."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def stderr_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return 80
+
+
+def read_stdin_file(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read --stdin-file {path}: {exc.strerror}") from None
+
+
+def common_submit_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `run` and `submit` share, as job.submit parameters."""
+    params: dict[str, Any] = {}
+    for name in ("queue", "priority", "delay", "timeout", "context", "key"):
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value
+    if args.env:
+        params["env"] = dict(args.env)
+    if args.stdin_file is not None:
+        params.update(stdin_params(read_stdin_file(args.stdin_file)))
+    return params
+
+
+def run_params(args: argparse.Namespace) -> dict[str, Any]:
+    argv = list(args.argv)
+    if argv[:1] == ["--"]:  # argparse.REMAINDER keeps the separator
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("run: a command is required: jobctl run [OPTIONS] -- CMD [ARG...]")
+    params = {"command": argv, **common_submit_params(args)}
+    working_dir = args.cwd if args.cwd is not None else current_dir()
+    if working_dir is not None:
+        # Relative to jobctl's directory, not the daemon's.
+        params["working_dir"] = os.path.abspath(working_dir)
+    if args.retry is not None:
+        params["retry"] = RetryPolicy(times=args.retry).to_json()
+    return params
+
+
+def current_dir() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # removed under us: let the daemon use its default
+        return None
+
+
+def submit_params(args: argparse.Namespace) -> dict[str, Any]:
+    if args.args and args.param:
+        raise UsageError("submit: give either ARGs or -P/--param NAME=VALUE, not both")
+    params = {"task": args.task, **common_submit_params(args)}
+    if args.args:
+        params["args"] = list(args.args)
+    if args.param:
+        params["params"] = dict(args.param)
+    return params
+
+
+# -- commands -------------------------------------------------------------------------------------------------
+
+
+def cmd_run(session: Session, args: argparse.Namespace) -> int:
+    return submit_and_report(session, run_params(args), args.wait)
+
+
+def cmd_submit(session: Session, args: argparse.Namespace) -> int:
+    return submit_and_report(session, submit_params(args), args.wait)
+
+
+def submit_and_report(session: Session, params: dict[str, Any], wait: bool) -> int:
+    job: Job = session.client.call("job.submit", params)
+    if wait:
+        if not session.json:
+            print(describe_submitted(job, local_now()), flush=True)
+        return wait_for(session, int(job["id"]), None)
+    session.emit(job, lambda: [describe_submitted(job, local_now())])
+    return EXIT_OK
+
+
+def cmd_status(session: Session, args: argparse.Namespace) -> int:
+    if args.id is None:
+        status = session.client.call("daemon.status")
+        session.emit(status, lambda: render_daemon_status(status, local_now()))
+    else:
+        job = session.client.call("job.get", {"id": args.id})
+        session.emit(job, lambda: render_job_details(job, local_now()))
+    return EXIT_OK
+
+
+def render_job_details(job: Job, now: dt.datetime) -> list[str]:
+    lines = render_fields(job_fields(job, now.tzinfo))
+    tries = job.get("tries") or []
+    if tries:
+        lines += ["", "tries:"] + ["  " + line for line in render_tries(tries, now)]
+    return lines
+
+
+def cmd_ls(session: Session, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.state:
+        params["state"] = list(args.state)
+    for name in ("queue", "task", "context", "before"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    result = session.client.call("job.list", params)
+    if session.json:
+        session.emit_json(result)
+        return EXIT_OK
+    jobs = result.get("jobs") or []
+    if not jobs:
+        print("no jobs", file=sys.stderr)
+        return EXIT_OK
+    for line in render_jobs(jobs, local_now(), stdout_width()):
+        print(line)
+    if result.get("next_before") is not None:
+        print(f"(more: jobctl ls --before {result['next_before']})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_log(session: Session, args: argparse.Namespace) -> int:
+    """Copies a stream's bytes to stdout; with --follow, keeps asking until the attempt has ended."""
+    params: dict[str, Any] = {"id": args.id, "stream": args.stream, "offset": 0, "limit": OUTPUT_CHUNK}
+    params |= {"encoding": "base64", "wait": args.follow}
+    if args.attempt is not None:
+        params["attempt"] = args.attempt
+    out = sys.stdout.buffer
+    while True:
+        chunk = session.client.call("job.output", params)
+        data = base64.b64decode(chunk["data"])
+        out.write(data)
+        out.flush()
+        # Pin the attempt the first reply chose, so a retry starting meanwhile cannot splice two streams.
+        params["attempt"] = chunk["attempt"]
+        params["offset"] = chunk["next_offset"]
+        if chunk["complete"] or (not args.follow and (not data or chunk["next_offset"] >= chunk["size"])):
+            break
+    if chunk.get("truncated"):
+        print(f"jobctl: job {args.id}'s {args.stream} was cut at its max_output limit", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_wait(session: Session, args: argparse.Namespace) -> int:
+    return wait_for(session, args.id, args.timeout)
+
+
+def wait_for(session: Session, job_ident: int, timeout: float | None) -> int:
+    if sys.stderr.isatty():
+        job = wait_with_progress(session.client, job_ident, timeout)
+    else:
+        job = wait_quietly(session.client, job_ident, timeout)
+    return report_end(session, job, timeout)
+
+
+def wait_quietly(client: Client, job_ident: int, timeout: float | None) -> Job:
+    params: dict[str, Any] = {"id": job_ident}
+    if timeout is not None:
+        params["timeout"] = timeout
+    job: Job = client.call("job.wait", params)
+    return job
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitView:
+    """What the progress bar shows: the job as last reported, and its last log line."""
+
+    job: Job
+    last_log: str = ""
+
+
+def apply_event(view: WaitView, event: dict[str, Any]) -> WaitView:
+    """The view after one `event` notification; events about other jobs leave it as it is."""
+    job_ident = view.job.get("id")
+    kind = event.get("type")
+    if kind == "job.state" and isinstance(event.get("job"), dict) and event["job"].get("id") == job_ident:
+        return dataclasses.replace(view, job=event["job"])
+    if event.get("id") != job_ident:
+        return view
+    if kind == "job.progress":
+        return dataclasses.replace(view, job={**view.job, "progress": event.get("progress", 0)})
+    if kind == "job.log":
+        return dataclasses.replace(view, last_log=str(event.get("line", "")).strip())
+    return view
+
+
+def wait_with_progress(client: Client, job_ident: int, timeout: float | None) -> Job:
+    """Follows the job through events, drawing a bar on stderr; returns it finished, or as it is at `timeout`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    # Subscribe before reading the job: a change between the two then arrives as an event and is not missed.
+    client.call("events.subscribe", {"jobs": [job_ident]})
+    view = WaitView(client.call("job.get", {"id": job_ident}))
+    bar = ProgressBar(sys.stderr)
+    try:
+        while not is_finished(view.job):
+            job = view.job
+            bar.draw(
+                render_progress_bar(job_ident, job["state"], job.get("progress") or 0, stderr_width(), view.last_log)
+            )
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                view = apply_event(view, client.next_event(left))
+            except TimeoutError:
+                break
+    finally:
+        bar.clear()
+    return view.job
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn in place with a carriage return."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.shown = ""
+
+    def draw(self, text: str) -> None:
+        if text != self.shown:
+            self.stream.write("\r" + text + "\x1b[K")
+            self.stream.flush()
+            self.shown = text
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = ""
+
+
+def report_end(session: Session, job: Job, timeout: float | None) -> int:
+    code = exit_code_for(job)
+    if session.json:
+        session.emit_json(job)
+    if code == EXIT_STILL_RUNNING:
+        waited = "" if timeout is None else f" after {format_duration(timeout)}"
+        print(f"jobctl: job {job.get('id')} is still {job.get('state')}{waited}", file=sys.stderr)
+    elif not session.json:
+        print(describe_end(job), file=sys.stderr)
+    return code
+
+
+def cmd_cancel(session: Session, args: argparse.Namespace) -> int:
+    job = session.client.call("job.cancel", {"id": args.id})
+    session.emit(job, lambda: [f"job {job.get('id')} {job.get('state')}"])
+    return EXIT_OK
+
+
+def cmd_queues(session: Session, args: argparse.Namespace) -> int:
+    result = session.client.call("queue.list")
+    session.emit(result, lambda: render_queues(result.get("queues") or []))
+    return EXIT_OK
+
+
+def cmd_pause(session: Session, args: argparse.Namespace) -> int:
+    queue = session.client.call("queue.pause", {"name": args.queue})
+    session.emit(queue, lambda: [f"queue {queue.get('name')} paused"])
+    return EXIT_OK
+
+
+def cmd_resume(session: Session, args: argparse.Namespace) -> int:
+    queue = session.client.call("queue.resume", {"name": args.queue})
+    session.emit(queue, lambda: [f"queue {queue.get('name')} resumed"])
+    return EXIT_OK
+
+
+def cmd_reload(session: Session, args: argparse.Namespace) -> int:
+    result = session.client.call("daemon.reload")
+    session.emit(result, lambda: [f"reloaded: {plural(len(result.get('files') or []), 'file')}"])
+    return EXIT_OK
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+
+Handler = Callable[[Session, argparse.Namespace], int]
+
+
+def add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    # Accepted before and after the subcommand; SUPPRESS keeps a subcommand's absent option from resetting
+    # a value given before it.
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS if in_subcommand else None,
+        help="jobd's API socket (default: $JOBD_SOCKET, else /run/jobd/jobd.sock)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if in_subcommand else False,
+        help="print the API's JSON result instead of text for people",
+    )
+
+
+def add_submit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--queue", help="queue (default: the task's queue, else default)")
+    parser.add_argument("-p", "--priority", type=non_negative_int, help="0-4294967295, lower runs first (1024)")
+    parser.add_argument("--delay", type=seconds, metavar="S", help="seconds before the job becomes ready")
+    parser.add_argument("--timeout", type=seconds, metavar="S", help="seconds the job may run")
+    parser.add_argument(
+        "-e", "--env", type=assignment, action="append", metavar="NAME=VALUE", help="environment variable (repeat)"
+    )
+    parser.add_argument("--context", help="a free label, filterable with ls --context")
+    parser.add_argument("--key", help="idempotency key: resubmitting the same key returns the first job")
+    parser.add_argument("--stdin-file", metavar="PATH", help="feed this file to the job's stdin (- = jobctl's stdin)")
+    parser.add_argument("--wait", action="store_true", help="then wait for the job, as `jobctl wait`")
+
+
+def add_command(subparsers: Any, name: str, handler: Handler, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help_text, description=help_text, **kwargs)
+    add_global_options(parser, in_subcommand=True)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jobctl", description="Command line for jobd, the job daemon.")
+    parser.add_argument("--version", action="version", version=f"jobctl {__version__}")
+    add_global_options(parser, in_subcommand=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = add_command(sub, "run", cmd_run, "run an ad-hoc command (admins only)")
+    add_submit_options(run)
+    run.add_argument("--cwd", metavar="DIR", help="working directory (default: the current one)")
+    run.add_argument("--retry", type=non_negative_int, metavar="N", help="retry a failure up to N times")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    submit = add_command(sub, "submit", cmd_submit, "submit a job of a configured task")
+    add_submit_options(submit)
+    submit.add_argument(
+        "-P", "--param", type=assignment, action="append", metavar="NAME=VALUE", help="named parameter (repeat)"
+    )
+    submit.add_argument("task", metavar="TASK")
+    submit.add_argument("args", nargs="*", metavar="ARG", help="arguments appended to the task's command")
+
+    status = add_command(sub, "status", cmd_status, "show the daemon's status, or one job's")
+    status.add_argument("id", type=job_id, nargs="?", metavar="ID")
+
+    ls = add_command(sub, "ls", cmd_ls, "list jobs, newest first")
+    ls.add_argument("--state", action="append", choices=[str(s) for s in JobState], help="(repeat)")
+    ls.add_argument("--queue")
+    ls.add_argument("--task")
+    ls.add_argument("--context")
+    ls.add_argument("-n", "--limit", type=int, default=20, help="at most this many (1-1000, default 20)")
+    ls.add_argument("--before", type=job_id, metavar="ID", help="only jobs older than ID (paging)")
+
+    log = add_command(sub, "log", cmd_log, "print a job's output")
+    log.add_argument("id", type=job_id, metavar="ID")
+    stream = log.add_mutually_exclusive_group()
+    stream.add_argument("--stderr", dest="stream", action="store_const", const="stderr", help="standard error")
+    stream.add_argument("--log", dest="stream", action="store_const", const="log", help="the fd 3 log")
+    log.set_defaults(stream="stdout")
+    log.add_argument("--attempt", type=job_id, metavar="N", help="that attempt (default: the latest)")
+    log.add_argument("-f", "--follow", action="store_true", help="keep printing until the attempt ends")
+
+    wait = add_command(sub, "wait", cmd_wait, "wait for a job; exit with its code")
+    wait.add_argument("id", type=job_id, metavar="ID")
+    wait.add_argument("--timeout", type=seconds, metavar="S", help="give up after S seconds (exit 4)")
+
+    cancel = add_command(sub, "cancel", cmd_cancel, "cancel a job")
+    cancel.add_argument("id", type=job_id, metavar="ID")
+
+    add_command(sub, "queues", cmd_queues, "list queues")
+    pause = add_command(sub, "pause", cmd_pause, "stop starting jobs from a queue")
+    pause.add_argument("queue", metavar="QUEUE")
+    resume = add_command(sub, "resume", cmd_resume, "start jobs from a paused queue again")
+    resume.add_argument("queue", metavar="QUEUE")
+    add_command(sub, "reload", cmd_reload, "reload the configuration files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error or --help: return the code instead of leaving the interpreter
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    tolerate_unencodable_output()
+    client = Client(args.socket or default_socket_path())
+    handler: Handler = args.handler
+    try:
+        return handler(Session(client, args.json), args)
+    except (UsageError, EncodeError) as exc:
+        return fail(f"{exc}", EXIT_USAGE)
+    except ConnectError as exc:
+        return fail(f"{exc}; {connect_hint(exc)}", EXIT_CANNOT_CONNECT)
+    except (ConnectionClosed, ProtocolError) as exc:
+        return fail(f"{exc}", EXIT_CANNOT_CONNECT)
+    except RemoteError as exc:
+        return fail(f"{exc.code}: {exc.message}", EXIT_REMOTE_ERROR)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    finally:
+        client.close()
+
+
+def fail(message: str, code: int) -> int:
+    print(f"jobctl: {message}", file=sys.stderr)
+    return code
+
+
+def connect_hint(exc: ConnectError) -> str:
+    if isinstance(exc.cause, PermissionError):
+        return "is your user in jobd's group? (set --socket or JOBD_SOCKET)"
+    return "is jobd running? (set --socket or JOBD_SOCKET)"
+
+
+def tolerate_unencodable_output() -> None:
+    # Job data may hold characters the terminal's encoding lacks; show them escaped rather than crash.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def silence_stdout() -> None:
+    # The reader is gone; point stdout at /dev/null so the interpreter's final flush does not complain.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""One child process's life as the kernel sees it: spawn, output capture, fd 3 progress, signals, reaping.
+
+Each child is the leader of its own process group (`process_group=0`), so a timeout or a cancel reaches everything
+it started. Its exit is observed through a pidfd registered with the asyncio (epoll) loop — no SIGCHLD handler, no
+thread per child, no polling — and reaped with wait4() for its resource usage.
+
+stdout and stderr are pipes the daemon drains into files with splice(2) (no copy through user space) up to
+`max_output` bytes; beyond that bytes are read and dropped, so memory stays flat however much a job prints. The
+job is complete when its leader exits: whatever is still in the pipes is drained and the pipes are closed, so a
+grandchild that keeps stdout open cannot delay completion.
+
+fd 3 carries evQueue's progress/log protocol: a line `%NN` sets progress, `%%text` logs `%text`, `\\close` stops
+parsing, any other line is a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+PROGRESS_FD = 3
+MAX_LOG_LINE = 64 * 1024
+_SPLICE_CHUNK = 1 << 20
+_DISCARD_CHUNK = 1 << 16
+
+_slot_devnull: int | None = None
+
+
+def reserve_progress_fd() -> None:
+    """Keep fd 3 of the daemon permanently open on /dev/null, as the slot children's fd 3 is put in.
+
+    subprocess can pass an fd to a child only under its own number. So before each spawn the progress pipe is
+    dup2()ed onto fd 3 and afterwards /dev/null is dup2()ed back. dup2 replaces atomically, so no other open() in
+    the daemon can ever be given fd 3. Call once at start-up, before anything else opens files (whatever fd 3 held
+    then was inherited by accident and is not used by jobd).
+    """
+    global _slot_devnull
+    if _slot_devnull is None:
+        _slot_devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        if _slot_devnull == PROGRESS_FD:  # fd 3 was free: keep /dev/null there and another copy to restore from
+            _slot_devnull = os.dup(PROGRESS_FD)
+        os.dup2(_slot_devnull, PROGRESS_FD, inheritable=False)
+
+
+class SpawnError(Exception):
+    """The program could not be started (not found, not executable, bad working directory, …)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: str | None
+    stdin: bytes | None
+    stdout_path: str
+    stderr_path: str
+    log_path: str
+    max_output: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    exit_code: int | None  # 0–255 when the leader exited
+    signal: int | None  # the signal that killed the leader
+    cpu_user: float
+    cpu_system: float
+    max_rss_kib: int
+    stdout_bytes: int
+    stderr_bytes: int
+    truncated: bool
+
+
+class _OutputSink:
+    """Drains one pipe into a file, keeping at most `cap` bytes and counting the rest."""
+
+    def __init__(self, read_fd: int, path: str, cap: int, on_data: Callable[[], None]) -> None:
+        self.read_fd = read_fd
+        self.file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        self.cap = cap
+        self.kept = 0
+        self.dropped = 0
+        self.eof = False
+        self._on_data = on_data
+
+    def drain_once(self) -> bool:
+        """Move one chunk; False once the pipe is empty (EAGAIN) or closed (EOF)."""
+        try:
+            if self.kept < self.cap:
+                n = os.splice(self.read_fd, self.file_fd, min(self.cap - self.kept, _SPLICE_CHUNK))
+                self.kept += n
+            else:
+                n = len(os.read(self.read_fd, _DISCARD_CHUNK))
+                self.dropped += n
+        except BlockingIOError:
+            return False
+        if n == 0:
+            self.eof = True
+            return False
+        self._on_data()
+        return True
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.file_fd)
+
+
+class _ProgressReader:
+    """Parses evQueue's fd 3 protocol from a pipe; log lines go to a capped file and to a callback."""
+
+    def __init__(
+        self,
+        read_fd: int,
+        path: str,
+        cap: int,
+        on_progress: Callable[[int], None],
+        on_log: Callable[[str], None],
+    ) -> None:
+        self.read_fd = read_fd
+        self.file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        self.cap = cap
+        self.kept = 0
+        self.eof = False
+        self._partial = b""
+        self._closed_by_job = False
+        self._on_progress = on_progress
+        self._on_log = on_log
+
+    def drain_once(self) -> bool:
+        try:
+            data = os.read(self.read_fd, _DISCARD_CHUNK)
+        except BlockingIOError:
+            return False
+        if not data:
+            self.eof = True
+            self._flush_partial()
+            return False
+        if not self._closed_by_job:
+            self._feed(data)
+        return True
+
+    def _feed(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_LOG_LINE:  # an endless line: cut it rather than buffer it all
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._line(line)
+            if self._closed_by_job:
+                break
+
+    def _flush_partial(self) -> None:
+        if self._partial and not self._closed_by_job:
+            self._line(self._partial)
+        self._partial = b""
+
+    def _line(self, raw: bytes) -> None:
+        if raw == b"\\close":
+            self._closed_by_job = True
+            return
+        if raw.startswith(b"%") and not raw.startswith(b"%%"):
+            digits = raw[1:].strip()
+            if digits.isdigit():
+                self._on_progress(max(0, min(100, int(digits))))
+                return
+        if raw.startswith(b"%%"):
+            raw = raw[1:]
+        self._write_log(raw)
+        self._on_log(raw.decode("utf-8", "replace"))
+
+    def _write_log(self, raw: bytes) -> None:
+        room = self.cap - self.kept
+        if room > 0:
+            chunk = (raw + b"\n")[:room]
+            self.kept += os.write(self.file_fd, chunk)
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.file_fd)
+
+
+class Child:
+    """A spawned job process; `on_exit` is called once, from the loop, after it has been reaped."""
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        loop: asyncio.AbstractEventLoop,
+        sinks: tuple[_OutputSink, _OutputSink],
+        progress: _ProgressReader,
+        on_exit: Callable[[ExitInfo], None],
+    ) -> None:
+        self.pid = popen.pid
+        self.start_time = process_start_time(popen.pid)
+        self._popen = popen
+        self._loop = loop
+        self._stdout, self._stderr = sinks
+        self._progress = progress
+        self._on_exit = on_exit
+        self._reaped = False
+        self._stopping = False
+        self._kill_timer: asyncio.TimerHandle | None = None
+        self._pidfd = os.pidfd_open(popen.pid)
+        loop.add_reader(self._pidfd, self._leader_exited)
+        for reader in (self._stdout, self._stderr, progress):
+            loop.add_reader(reader.read_fd, self._drain, reader)
+
+    @classmethod
+    def spawn(
+        cls,
+        spec: LaunchSpec,
+        loop: asyncio.AbstractEventLoop,
+        on_exit: Callable[[ExitInfo], None],
+        on_progress: Callable[[int], None],
+        on_log: Callable[[str], None],
+        on_output: Callable[[], None],
+    ) -> Child:
+        if _slot_devnull is None:
+            raise RuntimeError("proc.reserve_progress_fd() must be called before spawning")
+        parent_ends: list[int] = []  # ours; closed again if the spawn fails
+        child_ends: list[int] = []  # the child's copies; always closed here once it has them
+        opened: list[_OutputSink | _ProgressReader] = []
+        try:
+            child_ends.append(_stdin_fd(spec.stdin))
+            for _ in range(3):
+                read_end, write_end = _pipe()
+                parent_ends.append(read_end)
+                child_ends.append(write_end)
+            out_r, err_r, log_r = parent_ends
+            opened.append(_OutputSink(out_r, spec.stdout_path, spec.max_output, on_output))
+            opened.append(_OutputSink(err_r, spec.stderr_path, spec.max_output, on_output))
+            opened.append(_ProgressReader(log_r, spec.log_path, spec.max_output, on_progress, on_log))
+            popen = _popen_with_fd3(spec, *child_ends)
+        except OSError as exc:
+            for reader in opened:
+                reader.close()
+            for fd in parent_ends[len(opened) :]:
+                os.close(fd)
+            raise SpawnError(_describe_spawn_error(spec, exc)) from exc
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+        stdout, stderr, progress = opened
+        assert isinstance(stdout, _OutputSink) and isinstance(stderr, _OutputSink)
+        assert isinstance(progress, _ProgressReader)
+        return cls(popen, loop, (stdout, stderr), progress, on_exit)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM to the whole process group, SIGKILL after `grace` seconds if the leader still lives."""
+        if self._reaped or self._stopping:
+            return
+        self._stopping = True
+        self._signal_group(signal.SIGTERM)
+        self._kill_timer = self._loop.call_later(grace, self._signal_group, signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        # Safe only while the leader is not reaped: until then its pid, and so the group id, cannot be reused.
+        if not self._reaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
+
+    def _drain(self, reader: _OutputSink | _ProgressReader) -> None:
+        reader.drain_once()
+        if reader.eof:
+            self._loop.remove_reader(reader.read_fd)
+
+    def _leader_exited(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        if self._stopping:
+            # The leader is gone but not reaped, so the group id is still ours: take the rest of the group too.
+            self._signal_group(signal.SIGKILL)
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        # Nothing ever reaps our children but this line (no SIGCHLD handler, no asyncio child watcher).
+        _, status, usage = os.wait4(self.pid, 0)
+        self._reaped = True
+        code = os.waitstatus_to_exitcode(status)
+        self._popen.returncode = code  # tell the Popen object its child is reaped
+        for reader in (self._stdout, self._stderr, self._progress):
+            if not reader.eof:
+                self._loop.remove_reader(reader.read_fd)
+                while reader.drain_once():
+                    pass
+            reader.close()
+        info = ExitInfo(
+            exit_code=code if code >= 0 else None,
+            signal=-code if code < 0 else None,
+            cpu_user=usage.ru_utime,
+            cpu_system=usage.ru_stime,
+            max_rss_kib=usage.ru_maxrss,
+            stdout_bytes=self._stdout.kept,
+            stderr_bytes=self._stderr.kept,
+            truncated=bool(self._stdout.dropped or self._stderr.dropped),
+        )
+        self._on_exit(info)
+
+
+def _pipe() -> tuple[int, int]:
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_fd, False)
+    return read_fd, write_fd
+
+
+def _stdin_fd(data: bytes | None) -> int:
+    if data is None:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    # An anonymous memory file: no pipe to feed (a job that never reads stdin cannot block us) and nothing on disk.
+    fd = os.memfd_create("jobd-stdin", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _popen_with_fd3(spec: LaunchSpec, stdin_fd: int, out_w: int, err_w: int, log_w: int) -> subprocess.Popen[bytes]:
+    assert _slot_devnull is not None
+    os.dup2(log_w, PROGRESS_FD)
+    try:
+        return subprocess.Popen(
+            list(spec.argv),
+            stdin=stdin_fd,
+            stdout=out_w,
+            stderr=err_w,
+            pass_fds=(PROGRESS_FD,),
+            cwd=spec.cwd,
+            env=dict(spec.env),
+            process_group=0,
+        )
+    finally:
+        os.dup2(_slot_devnull, PROGRESS_FD, inheritable=False)
+
+
+def _describe_spawn_error(spec: LaunchSpec, exc: OSError) -> str:
+    program = spec.argv[0] if spec.argv else "?"
+    if isinstance(exc, NotADirectoryError | FileNotFoundError) and exc.filename == spec.cwd and spec.cwd:
+        return f"cannot change to working directory {spec.cwd!r}: {exc.strerror}"
+    return f"cannot start {program!r}: {exc.strerror or exc}"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks after boot, or None if there is no such process.
+
+    A pid is reused once its process is reaped; (pid, start time) names one process for the life of the machine.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses; fields after its last ')' are plain.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return int(fields[19])  # field 22 of stat(5), counted from field 3
+
+
+def kill_orphan_group(pid: int, start_time: int) -> bool:
+    """SIGKILL the process group a previous jobd started, if its leader is still that very process."""
+    if process_start_time(pid) != start_time:
+        return False
+    # Checked and signalled in two steps: the window is microseconds, and the leader is not ours to reap.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return True

@@ -1,0 +1,97 @@
+"""JSON-RPC 2.0 framing: one JSON text per line, batches, size and depth limits, errors that never leak a traceback."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jobd.errors import InvalidRequest, JobdError, ParseError
+
+MAX_FRAME = 1024 * 1024  # bytes in one line, newline excluded
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    params: dict[str, Any]
+    id: Any  # None for a notification
+    is_notification: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A member that could not be made into a request; it is answered with `error`."""
+
+    id: Any
+    error: JobdError
+
+
+Member = Request | Invalid
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    members: list[Member]
+    is_batch: bool
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode(line: bytes) -> Frame:
+    """Parse one line. A line that is not JSON at all raises ParseError; bad members become Invalid."""
+    try:
+        text = line.decode("utf-8")
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except UnicodeDecodeError as error:
+        raise ParseError(f"request is not valid UTF-8 (byte {error.start})") from None
+    except RecursionError:
+        raise ParseError("request is nested too deeply") from None
+    except ValueError as error:
+        raise ParseError(f"request is not valid JSON: {error}") from None
+    if isinstance(data, list):
+        if not data:
+            raise InvalidRequest("an empty batch is not a valid request")
+        return Frame([_member(item) for item in data], is_batch=True)
+    return Frame([_member(data)], is_batch=False)
+
+
+def _member(data: Any) -> Member:
+    if not isinstance(data, dict):
+        return Invalid(None, InvalidRequest("a request must be a JSON object"))
+    request_id = data.get("id")
+    if data.get("jsonrpc") != "2.0":
+        return Invalid(request_id, InvalidRequest('"jsonrpc" must be "2.0"'))
+    if request_id is not None and not isinstance(request_id, str | int) or isinstance(request_id, bool):
+        return Invalid(None, InvalidRequest('"id" must be a string, a number or null'))
+    method = data.get("method")
+    if not isinstance(method, str):
+        return Invalid(request_id, InvalidRequest('"method" must be a string'))
+    params = data.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return Invalid(request_id, InvalidRequest('"params" must be an object (by-name parameters)'))
+    unknown = set(data) - {"jsonrpc", "id", "method", "params"}
+    if unknown:
+        return Invalid(request_id, InvalidRequest(f"unknown members {sorted(unknown)}; allowed: jsonrpc, id, method, params"))
+    return Request(method, params, request_id, is_notification="id" not in data)
+
+
+def result(request_id: Any, value: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "result": value}
+
+
+def error(request_id: Any, failure: JobdError) -> dict[str, Any]:
+    data = {"code": failure.code, **failure.details}
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": failure.rpc_code, "message": failure.message, "data": data}}
+
+
+def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": method, "params": params}
+
+
+def encode(message: Any) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"

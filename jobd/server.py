@@ -1,0 +1,206 @@
+"""The API socket: listening, one task per connection, protocol sniffing, request dispatch and subscriptions.
+
+The first byte a client sends picks the protocol: `{` or `[` is JSON-RPC 2.0, `<` is evQueue's XML protocol (not
+served yet: such a client gets an XML error and the connection closes). Requests on one connection run
+concurrently, so a `job.wait` does not hold up a `ping` sent after it; each answer carries the request's id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from typing import Any
+
+from jobd.api import Api
+from jobd.engine.core import JobEvent
+from jobd.engine.submit import Peer
+from jobd.errors import FrameTooLarge, InvalidRequest, JobdError
+from jobd.linux import peer_credentials
+from jobd.protocol import jsonrpc
+
+log = logging.getLogger("jobd.server")
+
+MAX_UNSENT = 4 * 1024 * 1024  # a client that lets this much pile up unread is cut off
+
+
+class Server:
+    def __init__(self, api: Api, path: str) -> None:
+        self.api = api
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[Connection] = set()
+
+    async def start(self) -> None:
+        _remove_stale_socket(self.path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        old_umask = os.umask(0o117)  # the socket is born 0660: no window in which others could connect
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, self.path, limit=jsonrpc.MAX_FRAME + 1)
+        finally:
+            os.umask(old_umask)
+
+    async def stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    async def close_connections(self) -> None:
+        for connection in list(self._connections):
+            connection.abort()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        credentials = peer_credentials(writer.get_extra_info("socket"))
+        admin = credentials.uid in (0, os.getuid())
+        peer = Peer(uid=credentials.uid, gid=credentials.gid, pid=credentials.pid, is_admin=admin)
+        connection = Connection(self.api, peer, reader, writer)
+        self._connections.add(connection)
+        try:
+            await connection.serve()
+        except Exception:  # the connection boundary: one client's trouble never reaches the daemon
+            log.exception("connection from pid %d failed", peer.pid)
+        finally:
+            self._connections.discard(connection)
+            connection.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead jobd; refuse to start beside a live one."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise RuntimeError(f"{path} exists and is not a socket; not touching it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    else:
+        raise RuntimeError(f"another jobd is already listening on {path}")
+    finally:
+        probe.close()
+
+
+class Connection:
+    def __init__(self, api: Api, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.api = api
+        self.peer = peer
+        self.reader = reader
+        self.writer = writer
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribe: list[Any] = []
+        self._next_subscription = 1
+
+    async def serve(self) -> None:
+        first = await self.reader.read(1)
+        if not first:
+            return
+        if first == b"<":
+            self.writer.write(b'<response status="KO" error="The XML protocol is not served yet" error-code="UNKNOWN_COMMAND"/>\n')
+            await self.writer.drain()
+            return
+        if first not in b"{[ \t\r\n":
+            self._send(jsonrpc.error(None, InvalidRequest("expected a JSON-RPC 2.0 request, starting with { or [")))
+            await self.writer.drain()
+            return
+        pending = first
+        while True:
+            try:
+                line = pending + await self.reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as eof:
+                line = pending + eof.partial
+                if line.strip():
+                    self._dispatch(line)
+                break
+            except asyncio.LimitOverrunError:
+                self._send(jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes")))
+                await self.writer.drain()
+                return
+            pending = b""
+            if len(line) > jsonrpc.MAX_FRAME + 1:
+                self._send(jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes")))
+                await self.writer.drain()
+                return
+            if line.strip():
+                self._dispatch(line)
+        if self._tasks:  # the client closed its side: answer what it asked before going
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _dispatch(self, line: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(line))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, line: bytes) -> None:
+        try:
+            frame = jsonrpc.decode(line)
+        except JobdError as failure:
+            self._send(jsonrpc.error(None, failure))
+            return
+        replies = await asyncio.gather(*(self._member(member) for member in frame.members))
+        answered = [reply for reply in replies if reply is not None]
+        if frame.is_batch and answered:
+            self._send(answered)
+        elif answered:
+            self._send(answered[0])
+
+    async def _member(self, member: jsonrpc.Member) -> dict[str, Any] | None:
+        if isinstance(member, jsonrpc.Invalid):
+            return jsonrpc.error(member.id, member.error)
+        try:
+            value = await self.api.call(self, member.method, member.params)
+        except JobdError as failure:
+            reply = jsonrpc.error(member.id, failure)
+        except Exception as failure:  # the request boundary: a bug is logged and answered, never fatal
+            log.exception("internal error in %s", member.method)
+            reply = jsonrpc.error(member.id, JobdError(f"internal error: {type(failure).__name__}: {failure}"))
+        else:
+            reply = jsonrpc.result(member.id, value)
+        return None if member.is_notification else reply
+
+    def _send(self, message: Any) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.write(jsonrpc.encode(message))
+        if self.writer.transport.get_write_buffer_size() > MAX_UNSENT:
+            log.warning("pid %d does not read its replies: %d bytes unsent; closing", self.peer.pid, MAX_UNSENT)
+            self.abort()
+
+    # -- Session -------------------------------------------------------------------------------------------------
+
+    def subscribe(self, jobs: frozenset[int], queues: frozenset[str], types: frozenset[str]) -> int:
+        number = self._next_subscription
+        self._next_subscription += 1
+
+        def deliver(event: JobEvent) -> None:
+            job = event.job
+            if event.type not in types or (jobs and job.id not in jobs) or (queues and job.spec.queue not in queues):
+                return
+            params: dict[str, Any] = {"subscription": number, "type": event.type}
+            if event.type == "job.state":
+                params["job"] = job.to_json()
+            elif event.type == "job.progress":
+                params.update(id=job.id, progress=job.progress)
+            else:
+                params.update(id=job.id, line=event.line)
+            self._send(jsonrpc.notification("event", params))
+
+        self._unsubscribe.append(self.api.engine.subscribe(deliver))
+        return number
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+    def close(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        for task in self._tasks:
+            task.cancel()
+        self.writer.close()

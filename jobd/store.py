@@ -1,0 +1,427 @@
+"""The durable history: SQLite through peewee, schema migrations, transactions and group commit.
+
+Only model values (jobd.model) leave this module; peewee rows never do. The database runs in WAL mode with
+synchronous=NORMAL: a committed transaction is in the WAL file once COMMIT returns, so it survives any crash of the
+jobd process. For `durability = "fsync"` callers also await `flush()`, which fsyncs the WAL; every caller waiting
+at that moment shares one fsync (group commit), so many concurrent clients cost one flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import peewee
+
+from jobd.model import Attempt, Job, JobSpec, JobState, Outcome, RetryPolicy
+
+_db = peewee.DatabaseProxy()
+
+
+class _Base(peewee.Model):  # type: ignore[misc]
+    class Meta:
+        database = _db
+        legacy_table_names = False
+
+
+class JobRow(_Base):
+    id = peewee.AutoField()
+    task = peewee.TextField(null=True)
+    command = peewee.TextField()  # JSON list
+    queue = peewee.TextField()
+    priority = peewee.BigIntegerField()
+    state = peewee.TextField()
+    context = peewee.TextField(null=True)
+    key = peewee.TextField(null=True, unique=True)
+    created_at = peewee.DoubleField()
+    run_at = peewee.DoubleField()
+    started_at = peewee.DoubleField(null=True)
+    finished_at = peewee.DoubleField(null=True)
+    attempts = peewee.IntegerField(default=0)
+    exit_code = peewee.IntegerField(null=True)
+    signal = peewee.IntegerField(null=True)
+    progress = peewee.IntegerField(default=0)
+    error = peewee.TextField(null=True)
+    env = peewee.TextField()  # JSON object
+    stdin = peewee.BlobField(null=True)
+    working_dir = peewee.TextField(null=True)
+    timeout = peewee.DoubleField(null=True)
+    kill_grace = peewee.DoubleField()
+    retry = peewee.TextField()  # JSON object
+    max_output = peewee.BigIntegerField()
+    submitted_by = peewee.IntegerField(null=True)
+
+    class Meta:
+        table_name = "job"
+        indexes = ((("state", "queue"), False), (("context",), False), (("task",), False))
+
+
+class AttemptRow(_Base):
+    job = peewee.ForeignKeyField(JobRow, on_delete="CASCADE", column_name="job_id")
+    number = peewee.IntegerField()
+    started_at = peewee.DoubleField()
+    finished_at = peewee.DoubleField(null=True)
+    outcome = peewee.TextField(null=True)
+    exit_code = peewee.IntegerField(null=True)
+    signal = peewee.IntegerField(null=True)
+    pid = peewee.IntegerField(null=True)
+    pid_start = peewee.BigIntegerField(null=True)  # the process's start time in clock ticks: tells pid reuse apart
+    cpu_user = peewee.DoubleField(null=True)
+    cpu_system = peewee.DoubleField(null=True)
+    max_rss_kib = peewee.IntegerField(null=True)
+    stdout_bytes = peewee.BigIntegerField(default=0)
+    stderr_bytes = peewee.BigIntegerField(default=0)
+    truncated = peewee.BooleanField(default=False)
+    error = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "attempt"
+        indexes = ((("job", "number"), True),)
+
+
+class QueueStateRow(_Base):
+    name = peewee.TextField(primary_key=True)
+    paused = peewee.BooleanField()
+
+    class Meta:
+        table_name = "queue_state"
+
+
+def _migration_1(db: peewee.SqliteDatabase) -> None:
+    db.create_tables([JobRow, AttemptRow, QueueStateRow])
+
+
+# Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
+MIGRATIONS = (_migration_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    states: tuple[JobState, ...] = ()
+    queue: str | None = None
+    task: str | None = None
+    context: str | None = None
+    before_id: int | None = None
+    limit: int = 100
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = peewee.SqliteDatabase(
+            path,
+            pragmas={"journal_mode": "wal", "synchronous": "normal", "foreign_keys": 1, "busy_timeout": 5000},
+            autoconnect=False,
+        )
+        self._flusher: _GroupFlusher | None = None
+
+    def open(self) -> None:
+        _db.initialize(self.db)
+        self.db.connect()
+        self._migrate()
+        # The directory entry of a new database and WAL must be durable too; once is enough.
+        dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._flusher = _GroupFlusher(self.path + "-wal")
+
+    def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.close()
+        if not self.db.is_closed():
+            self.db.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute_sql("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than this jobd understands ({SCHEMA_VERSION})"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            with self.db.atomic():
+                MIGRATIONS[step](self.db)
+                self.db.execute_sql(f"PRAGMA user_version = {step + 1}")
+
+    async def flush(self) -> None:
+        """Make every transaction committed so far survive a power cut (one fsync shared by all waiters)."""
+        assert self._flusher is not None
+        await self._flusher.flush()
+
+    # -- jobs ------------------------------------------------------------------------------------------------
+
+    def insert_jobs(
+        self, specs: Sequence[JobSpec], states: Sequence[JobState], now: float, run_ats: Sequence[float]
+    ) -> list[tuple[Job, bool]]:
+        """Insert jobs in one transaction; a spec whose idempotency key exists yields (existing job, False)."""
+        jobs: list[tuple[Job, bool]] = []
+        with self.db.atomic():
+            for spec, state, run_at in zip(specs, states, run_ats, strict=True):
+                existing = self._job_by_key(spec.key) if spec.key is not None else None
+                if existing is not None:
+                    jobs.append((existing, False))
+                    continue
+                row_id = JobRow.insert(**_spec_columns(spec), state=str(state), created_at=now, run_at=run_at).execute()
+                jobs.append((Job(id=row_id, spec=spec, state=state, created_at=now, run_at=run_at), True))
+        return jobs
+
+    def _job_by_key(self, key: str) -> Job | None:
+        row = JobRow.get_or_none(JobRow.key == key)
+        return None if row is None else _job_from_row(row)
+
+    def update_job(self, job: Job) -> None:
+        with self.db.atomic():
+            self._write_job(job)
+
+    def _write_job(self, job: Job) -> None:
+        JobRow.update(**_job_state_columns(job)).where(JobRow.id == job.id).execute()
+
+    def start_attempt(self, job: Job, attempt: Attempt) -> None:
+        with self.db.atomic():
+            self._write_job(job)
+            AttemptRow.insert(**_attempt_columns(attempt)).execute()
+
+    def finish_attempt(self, job: Job, attempt: Attempt) -> None:
+        with self.db.atomic():
+            self._write_job(job)
+            AttemptRow.update(**_attempt_columns(attempt)).where(
+                (AttemptRow.job == attempt.job_id) & (AttemptRow.number == attempt.number)
+            ).execute()
+
+    def get_job(self, job_id: int) -> Job | None:
+        row = JobRow.get_or_none(JobRow.id == job_id)
+        return None if row is None else _job_from_row(row)
+
+    def attempts(self, job_id: int) -> list[Attempt]:
+        query = AttemptRow.select().where(AttemptRow.job == job_id).order_by(AttemptRow.number)
+        return [_attempt_from_row(row) for row in query]
+
+    def list_jobs(self, where: JobFilter) -> list[Job]:
+        query = JobRow.select()
+        if where.states:
+            query = query.where(JobRow.state.in_([str(s) for s in where.states]))
+        if where.queue is not None:
+            query = query.where(JobRow.queue == where.queue)
+        if where.task is not None:
+            query = query.where(JobRow.task == where.task)
+        if where.context is not None:
+            query = query.where(JobRow.context == where.context)
+        if where.before_id is not None:
+            query = query.where(JobRow.id < where.before_id)
+        return [_job_from_row(row) for row in query.order_by(JobRow.id.desc()).limit(where.limit)]
+
+    def unfinished_jobs(self) -> list[Job]:
+        """Every job that has not reached a final state, in submission order: what a start-up must resume."""
+        unfinished = [str(JobState.DELAYED), str(JobState.QUEUED), str(JobState.RUNNING)]
+        query = JobRow.select().where(JobRow.state.in_(unfinished)).order_by(JobRow.id)
+        return [_job_from_row(row) for row in query]
+
+    def running_attempt(self, job_id: int) -> Attempt | None:
+        row = (
+            AttemptRow.select()
+            .where((AttemptRow.job == job_id) & (AttemptRow.outcome.is_null()))
+            .order_by(AttemptRow.number.desc())
+            .first()
+        )
+        return None if row is None else _attempt_from_row(row)
+
+    def count_by_state(self) -> dict[str, int]:
+        query = JobRow.select(JobRow.state, peewee.fn.COUNT(JobRow.id).alias("n")).group_by(JobRow.state)
+        return {row.state: row.n for row in query}
+
+    # -- history retention -----------------------------------------------------------------------------------
+
+    def expire(self, finished_before: float | None, keep_last: int | None) -> list[int]:
+        """Delete finished jobs older than `finished_before` or beyond the newest `keep_last`; return their ids."""
+        finished = JobRow.state.in_(
+            [str(s) for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED)]
+        )
+        doomed: set[int] = set()
+        if finished_before is not None:
+            query = JobRow.select(JobRow.id).where(finished & (JobRow.finished_at < finished_before))
+            doomed.update(row.id for row in query)
+        if keep_last is not None:
+            query = JobRow.select(JobRow.id).where(finished).order_by(JobRow.id.desc()).offset(keep_last)
+            doomed.update(row.id for row in query)
+        if doomed:
+            with self.db.atomic():
+                ids = sorted(doomed)
+                for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
+                    JobRow.delete().where(JobRow.id.in_(ids[start : start + 500])).execute()
+        return sorted(doomed)
+
+    def oldest_finished_at(self) -> float | None:
+        value = JobRow.select(peewee.fn.MIN(JobRow.finished_at)).where(JobRow.finished_at.is_null(False)).scalar()
+        return None if value is None else float(value)
+
+    # -- queues ----------------------------------------------------------------------------------------------
+
+    def queue_pauses(self) -> dict[str, bool]:
+        return {row.name: row.paused for row in QueueStateRow.select()}
+
+    def set_queue_pause(self, name: str, paused: bool | None) -> None:
+        """Record a pause or resume from the API; None forgets it (the configuration's `paused` applies)."""
+        with self.db.atomic():
+            if paused is None:
+                QueueStateRow.delete().where(QueueStateRow.name == name).execute()
+            else:
+                QueueStateRow.insert(name=name, paused=paused).on_conflict_replace().execute()
+
+
+class _GroupFlusher:
+    """fsync()s the WAL in a worker thread; callers that arrive during a flush share the next one."""
+
+    def __init__(self, wal_path: str) -> None:
+        self._wal_path = wal_path
+        self._fd: int | None = None
+        self._in_flight = False
+        self._next: asyncio.Future[None] | None = None
+
+    async def flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._next is None:
+            self._next = loop.create_future()
+            if not self._in_flight:
+                self._start(loop)
+        await asyncio.shield(self._next)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Everything committed before this point is in the WAL file's page cache; this fsync makes it durable.
+        waiters, self._next = self._next, None
+        assert waiters is not None
+        self._in_flight = True
+        if self._fd is None:
+            self._fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+        done = loop.run_in_executor(None, os.fsync, self._fd)
+        done.add_done_callback(lambda f: self._finished(loop, waiters, f))
+
+    def _finished(
+        self, loop: asyncio.AbstractEventLoop, waiters: asyncio.Future[None], done: asyncio.Future[None]
+    ) -> None:
+        self._in_flight = False
+        error = done.exception()
+        if error is not None:
+            waiters.set_exception(error)
+        else:
+            waiters.set_result(None)
+        if self._next is not None:
+            self._start(loop)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _spec_columns(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "task": spec.task,
+        "command": json.dumps(list(spec.command)),
+        "queue": spec.queue,
+        "priority": spec.priority,
+        "context": spec.context,
+        "key": spec.key,
+        "env": json.dumps(dict(spec.env)),
+        "stdin": spec.stdin,
+        "working_dir": spec.working_dir,
+        "timeout": spec.timeout,
+        "kill_grace": spec.kill_grace,
+        "retry": json.dumps(spec.retry.to_json()),
+        "max_output": spec.max_output,
+        "submitted_by": spec.submitted_by,
+    }
+
+
+def _job_state_columns(job: Job) -> dict[str, Any]:
+    return {
+        "state": str(job.state),
+        "run_at": job.run_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "attempts": job.attempts,
+        "exit_code": job.exit_code,
+        "signal": job.signal,
+        "progress": job.progress,
+        "error": job.error,
+    }
+
+
+def _job_from_row(row: JobRow) -> Job:
+    spec = JobSpec(
+        command=tuple(json.loads(row.command)),
+        queue=row.queue,
+        task=row.task,
+        priority=row.priority,
+        env=json.loads(row.env),
+        stdin=None if row.stdin is None else bytes(row.stdin),
+        working_dir=row.working_dir,
+        timeout=row.timeout,
+        kill_grace=row.kill_grace,
+        retry=RetryPolicy.from_json(json.loads(row.retry)),
+        max_output=row.max_output,
+        context=row.context,
+        key=row.key,
+        submitted_by=row.submitted_by,
+    )
+    return Job(
+        id=row.id,
+        spec=spec,
+        state=JobState(row.state),
+        created_at=row.created_at,
+        run_at=row.run_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        attempts=row.attempts,
+        exit_code=row.exit_code,
+        signal=row.signal,
+        progress=row.progress,
+        error=row.error,
+    )
+
+
+def _attempt_columns(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "job": attempt.job_id,
+        "number": attempt.number,
+        "started_at": attempt.started_at,
+        "finished_at": attempt.finished_at,
+        "outcome": None if attempt.outcome is None else str(attempt.outcome),
+        "exit_code": attempt.exit_code,
+        "signal": attempt.signal,
+        "pid": attempt.pid,
+        "pid_start": attempt.pid_start,
+        "cpu_user": attempt.cpu_user,
+        "cpu_system": attempt.cpu_system,
+        "max_rss_kib": attempt.max_rss_kib,
+        "stdout_bytes": attempt.stdout_bytes,
+        "stderr_bytes": attempt.stderr_bytes,
+        "truncated": attempt.truncated,
+        "error": attempt.error,
+    }
+
+
+def _attempt_from_row(row: AttemptRow) -> Attempt:
+    return Attempt(
+        job_id=row.job_id,
+        number=row.number,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        outcome=None if row.outcome is None else Outcome(row.outcome),
+        exit_code=row.exit_code,
+        signal=row.signal,
+        pid=row.pid,
+        pid_start=row.pid_start,
+        cpu_user=row.cpu_user,
+        cpu_system=row.cpu_system,
+        max_rss_kib=row.max_rss_kib,
+        stdout_bytes=row.stdout_bytes,
+        stderr_bytes=row.stderr_bytes,
+        truncated=row.truncated,
+        error=row.error,
+    )

@@ -1,0 +1,665 @@
+"""jobd.config against real files: search path and drop-ins, merging, validation messages, the inotify watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from jobd import config
+from jobd.config import ConfigWatcher, find_files, load, load_dir
+from jobd.errors import ConfigError
+from jobd.model import DEFAULT_KILL_GRACE, DEFAULT_MAX_OUTPUT, Durability, ParameterMode, RetryPolicy, Scheduler
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def search(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Three search directories, lowest to highest priority, as /usr/lib/jobd, /run/jobd, /etc/jobd."""
+    dirs = (tmp_path / "usr", tmp_path / "run", tmp_path / "etc")
+    for directory in dirs:
+        directory.mkdir()
+    return dirs
+
+
+def strs(*dirs: Path) -> list[str]:
+    return [str(d) for d in dirs]
+
+
+def load_error(*dirs: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(strs(*dirs))
+    return info.value
+
+
+# --- finding files ----------------------------------------------------------------------------------------------
+
+
+def test_main_file_of_the_highest_priority_dir_hides_the_others(search: tuple[Path, Path, Path]) -> None:
+    usr, run, etc = search
+    write(usr / "jobd.toml", "[queue.a]\n")
+    chosen = write(run / "jobd.toml", "[queue.b]\n")
+    assert find_files(strs(*search)) == [chosen]
+    loaded = load(strs(*search))
+    assert set(loaded.queues) == {"default", "b"}  # usr's file does not apply at all: hidden, not merged
+    assert loaded.files == (str(chosen),)
+
+
+def test_drop_ins_apply_by_name_across_dirs_after_the_main_file(search: tuple[Path, Path, Path]) -> None:
+    usr, run, etc = search
+    main = write(usr / "jobd.toml", '[daemon]\nstate_dir = "/main"\n')
+    write(usr / "jobd.d/10-a.toml", '[daemon]\nstate_dir = "/usr-10"\n')  # hidden by etc's 10-a.toml
+    etc_10 = write(etc / "jobd.d/10-a.toml", '[daemon]\nstate_dir = "/etc-10"\n')
+    run_20 = write(run / "jobd.d/20-b.toml", '[daemon]\nstate_dir = "/run-20"\n')
+    usr_30 = write(usr / "jobd.d/30-c.toml", '[daemon]\nsocket = "/usr-30.sock"\n')
+    assert find_files(strs(*search)) == [main, etc_10, run_20, usr_30]
+    loaded = load(strs(*search))
+    assert loaded.daemon.state_dir == "/run-20"  # 20-b comes after 10-a whatever the directory
+    assert loaded.daemon.socket == "/usr-30.sock"
+    assert loaded.files == tuple(map(str, [main, etc_10, run_20, usr_30]))
+
+
+def test_a_symlink_to_dev_null_masks_a_drop_in(search: tuple[Path, Path, Path]) -> None:
+    usr, run, etc = search
+    write(usr / "jobd.d/10-a.toml", "[queue.a]\n")
+    (etc / "jobd.d").mkdir()
+    (etc / "jobd.d/10-a.toml").symlink_to("/dev/null")
+    assert find_files(strs(*search)) == []
+    assert set(load(strs(*search)).queues) == {"default"}
+
+
+def test_an_empty_file_hides_lower_files_and_contributes_nothing(search: tuple[Path, Path, Path]) -> None:
+    usr, run, etc = search
+    write(usr / "jobd.toml", "[queue.a]\n")
+    empty = write(etc / "jobd.toml", "")
+    assert find_files(strs(*search)) == [empty]
+    assert set(load(strs(*search)).queues) == {"default"}
+
+
+def test_hidden_editor_and_non_toml_files_are_not_config(search: tuple[Path, Path, Path]) -> None:
+    usr, run, etc = search
+    for name in (".10-a.toml", ".jobd.toml.swp", "4913", "10-a.toml~", "README"):
+        write(etc / "jobd.d" / name, "this is not TOML = = =")
+    (etc / "jobd.d/.#10-a.toml").symlink_to("nobody@host.1234")  # Emacs lock: a dangling symlink
+    (etc / "jobd.d/sub.toml").mkdir()
+    assert find_files(strs(*search)) == []
+
+
+def test_missing_dirs_are_fine_and_load_dir_uses_one_dir(tmp_path: Path) -> None:
+    assert find_files([str(tmp_path / "nope")]) == []
+    write(tmp_path / "dev/jobd.toml", "[queue.dev]\n")
+    assert set(load_dir(str(tmp_path / "dev")).queues) == {"default", "dev"}
+
+
+def test_default_search_path_is_lowest_to_highest_priority() -> None:
+    assert config.DEFAULT_SEARCH_PATH == ("/usr/lib/jobd", "/run/jobd", "/etc/jobd")
+
+
+# --- merging and defaults ---------------------------------------------------------------------------------------
+
+
+def test_no_file_gives_the_defaults(tmp_path: Path) -> None:
+    loaded = load([str(tmp_path)])
+    assert loaded.daemon.socket == "/run/jobd/jobd.sock"
+    assert loaded.daemon.state_dir == "/var/lib/jobd"
+    assert loaded.daemon.durability is Durability.CRASH
+    assert loaded.daemon.history.keep_days == 30
+    assert loaded.daemon.history.keep_last is None
+    assert loaded.daemon.kill_grace == DEFAULT_KILL_GRACE
+    assert loaded.daemon.max_output == 16 * 1024 * 1024
+    assert dict(loaded.queues) == {"default": config.QueueDef("default", concurrency=1)}
+    assert dict(loaded.tasks) == {}
+    assert loaded.files == ()
+
+
+def test_a_config_may_redefine_the_default_queue(tmp_path: Path) -> None:
+    write(tmp_path / "jobd.toml", '[queue.default]\nconcurrency = 8\nscheduler = "fifo"\n')
+    queue = load([str(tmp_path)]).queues["default"]
+    assert (queue.concurrency, queue.scheduler) == (8, Scheduler.FIFO)
+
+
+def test_task_defaults_come_from_the_daemon_section(tmp_path: Path) -> None:
+    write(
+        tmp_path / "jobd.toml",
+        '[daemon]\nkill_grace = 3\nmax_output = 1024\n[task.t]\ncommand = ["/bin/true"]\n',
+    )
+    task = load([str(tmp_path)]).tasks["t"]
+    assert task.queue == "default"
+    assert task.parameters is ParameterMode.ARGS
+    assert (task.kill_grace, task.max_output, task.timeout, task.working_dir) == (3.0, 1024, None, None)
+    assert task.retry == RetryPolicy(times=0, delay=1.0, backoff=2.0, on_exit_codes=())
+    assert dict(task.environment) == {}
+
+
+def test_a_drop_in_changes_one_key_of_a_task(search: tuple[Path, Path, Path]) -> None:
+    usr, run, etc = search
+    write(
+        usr / "jobd.toml",
+        '[queue.photo]\nconcurrency = 2\n\n[task.resize]\ncommand = ["/usr/bin/convert", "-resize", "50%"]\n'
+        'queue = "photo"\ntimeout = 60\nenvironment = { A = "1" }\n',
+    )
+    write(etc / "jobd.d/50-local.toml", "[task.resize]\ntimeout = 120\n\n[queue.photo]\nconcurrency = 6\n")
+    loaded = load(strs(*search))
+    task = loaded.tasks["resize"]
+    assert task.timeout == 120.0
+    assert task.command == ("/usr/bin/convert", "-resize", "50%")
+    assert task.queue == "photo"
+    assert dict(task.environment) == {"A": "1"}
+    assert loaded.queues["photo"].concurrency == 6
+
+
+def test_an_inline_table_is_replaced_whole(search: tuple[Path, Path, Path]) -> None:
+    usr, run, etc = search
+    write(
+        usr / "jobd.toml",
+        '[daemon]\nhistory = { keep_days = 7, keep_last = 100 }\n'
+        '[task.t]\ncommand = ["/bin/true"]\nretry = { times = 3, delay = 10, on_exit_codes = [75] }\n',
+    )
+    write(etc / "jobd.d/10.toml", "[daemon]\nhistory = { keep_last = 5 }\n[task.t]\nretry = { times = 5 }\n")
+    loaded = load(strs(*search))
+    assert loaded.tasks["t"].retry == RetryPolicy(times=5)  # delay and codes back to their defaults
+    assert (loaded.daemon.history.keep_days, loaded.daemon.history.keep_last) == (30, 5)
+
+
+def test_every_key_is_read(tmp_path: Path) -> None:
+    write(
+        tmp_path / "jobd.toml",
+        """
+[daemon]
+socket = "/tmp/j.sock"
+state_dir = "/tmp/state"
+durability = "fsync"
+history = { keep_days = 1.5, keep_last = 10 }
+kill_grace = 2
+max_output = 0
+
+[queue.q]
+concurrency = 10000
+scheduler = "fifo"
+paused = true
+
+[task.t]
+command = ["/bin/echo", ""]
+queue = "q"
+parameters = "env"
+working_dir = "/srv"
+timeout = 0.5
+kill_grace = 0
+max_output = 99
+[task.t.environment]
+LANG = "C.UTF-8"
+_x1 = ""
+[task.t.retry]
+times = 2
+delay = 0
+backoff = 1
+on_exit_codes = [0, 255]
+""",
+    )
+    loaded = load([str(tmp_path)])
+    daemon = loaded.daemon
+    assert (daemon.socket, daemon.state_dir, daemon.durability) == ("/tmp/j.sock", "/tmp/state", Durability.FSYNC)
+    assert (daemon.history.keep_days, daemon.history.keep_last, daemon.kill_grace, daemon.max_output) == (
+        1.5,
+        10,
+        2.0,
+        0,
+    )
+    queue = loaded.queues["q"]
+    assert (queue.concurrency, queue.scheduler, queue.paused) == (10000, Scheduler.FIFO, True)
+    task = loaded.tasks["t"]
+    assert task.command == ("/bin/echo", "")
+    assert (task.queue, task.parameters, task.working_dir) == ("q", ParameterMode.ENV, "/srv")
+    assert (task.timeout, task.kill_grace, task.max_output) == (0.5, 0.0, 99)
+    assert dict(task.environment) == {"LANG": "C.UTF-8", "_x1": ""}
+    assert task.retry == RetryPolicy(times=2, delay=0.0, backoff=1.0, on_exit_codes=(0, 255))
+
+
+def test_the_config_is_frozen(tmp_path: Path) -> None:
+    write(tmp_path / "jobd.toml", '[task.t]\ncommand = ["/bin/true"]\nenvironment = { A = "1" }\n')
+    loaded = load([str(tmp_path)])
+    with pytest.raises(TypeError):
+        loaded.queues["x"] = loaded.queues["default"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        loaded.tasks["t"].environment["B"] = "2"  # type: ignore[index]
+
+
+# --- errors: file, line, key and what is allowed ---------------------------------------------------------------
+
+
+def test_the_documented_example_message(tmp_path: Path) -> None:
+    drop_in = write(
+        tmp_path / "jobd.d/10-photo.toml",
+        '# photo tasks\n\n[queue.photo]\nconcurrency = 2\n\n[task.resize]\nparameters = "argv"\n',
+    )
+    error = load_error(tmp_path)
+    assert error.message == f'{drop_in}:7: task.resize.parameters: "argv" is not allowed; allowed: "args", "env"'
+    assert error.details == {"file": str(drop_in), "line": 7, "key": "task.resize.parameters"}
+    assert error.code == "CONFIG_INVALID"
+
+
+def test_unknown_key_lists_the_allowed_keys_and_suggests_one(tmp_path: Path) -> None:
+    path = write(tmp_path / "jobd.toml", '[task.resize]\ncomand = ["/bin/true"]\n')
+    error = load_error(tmp_path)
+    assert error.message == (
+        f"{path}:2: unknown key task.resize.comand (did you mean command?); allowed keys: command, queue, "
+        "parameters, working_dir, environment, timeout, kill_grace, retry, max_output"
+    )
+    assert error.details["key"] == "task.resize.comand"
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    path = write(tmp_path / "jobd.toml", '[queue.a]\n\n[tasks.resize]\ncommand = ["/bin/true"]\n')
+    error = load_error(tmp_path)
+    assert error.message == (
+        f"{path}:3: unknown section tasks (did you mean task?); allowed sections: daemon, queue, task"
+    )
+
+
+def test_unknown_key_inside_an_inline_table_points_at_its_outer_key(tmp_path: Path) -> None:
+    path = write(tmp_path / "jobd.toml", '[task.t]\ncommand = ["/bin/true"]\nretry = { tmes = 3 }\n')
+    error = load_error(tmp_path)
+    assert error.message.startswith(f"{path}:3: unknown key task.t.retry.tmes (did you mean times?); allowed keys:")
+    assert "times, delay, backoff, on_exit_codes" in error.message
+
+
+# Each case: file text, the line and key the error must name, and a fragment saying what is allowed.
+BAD_VALUES = {
+    "wrong type": (
+        '[task.t]\ncommand = ["/bin/true"]\ntimeout = "10"\n',
+        3,
+        "task.t.timeout",
+        'expected a number > 0, got "10" (a string)',
+    ),
+    "bool is not an int": (
+        "[queue.q]\nconcurrency = true\n",
+        2,
+        "queue.q.concurrency",
+        "expected an integer from 1 to 10000, got true (a boolean)",
+    ),
+    "out of range": (
+        "[queue.q]\nconcurrency = 0\n",
+        2,
+        "queue.q.concurrency",
+        "expected an integer from 1 to 10000, got 0",
+    ),
+    "bad enum in daemon": (
+        '[daemon]\ndurability = "sync"\n',
+        2,
+        "daemon.durability",
+        '"sync" is not allowed; allowed: "crash", "fsync"',
+    ),
+    "enum of the wrong type": (
+        "[queue.q]\nscheduler = 1\n",
+        2,
+        "queue.q.scheduler",
+        '1 is not allowed; allowed: "priority", "fifo"',
+    ),
+    "infinite number": (
+        "[daemon]\nkill_grace = inf\n",
+        2,
+        "daemon.kill_grace",
+        "expected a number >= 0, got inf (numbers must be finite)",
+    ),
+    "not a number": (
+        '[task.t]\ncommand = ["/bin/true"]\ntimeout = nan\n',
+        3,
+        "task.t.timeout",
+        "got nan (numbers must be finite)",
+    ),
+    "zero timeout": (
+        '[task.t]\ncommand = ["/bin/true"]\ntimeout = 0\n',
+        3,
+        "task.t.timeout",
+        "expected a number > 0, got 0",
+    ),
+    "float where an int is needed": (
+        "[daemon]\nmax_output = 1.5\n",
+        2,
+        "daemon.max_output",
+        "expected an integer >= 0, got 1.5",
+    ),
+    "inside an inline table": (
+        '[task.t]\ncommand = ["/bin/true"]\n\nretry = { times = 3, backoff = 0.5 }\n',
+        4,
+        "task.t.retry.backoff",
+        "expected a number >= 1, got 0.5",
+    ),
+    "exit code out of range": (
+        '[task.t]\ncommand = ["/bin/true"]\nretry = { on_exit_codes = [1, 256] }\n',
+        3,
+        "task.t.retry.on_exit_codes",
+        "expected an array of integers from 0 to 255, found 256",
+    ),
+    "history keep_last negative": (
+        "[daemon]\nhistory = { keep_last = -1 }\n",
+        2,
+        "daemon.history.keep_last",
+        "expected an integer >= 0, got -1",
+    ),
+    "history not a table": (
+        "[daemon]\nhistory = 30\n",
+        2,
+        "daemon.history",
+        "expected a table, got 30",
+    ),
+    "empty command": (
+        "[task.t]\ncommand = []\n",
+        2,
+        "task.t.command",
+        "expected a non-empty array of strings, the first one the program, got an array",
+    ),
+    "empty program": (
+        '[task.t]\ncommand = ["", "x"]\n',
+        2,
+        "task.t.command",
+        "the program (first element) is an empty string",
+    ),
+    "NUL in the command": (
+        '[task.t]\ncommand = ["/bin/echo", "a\\u0000b"]\n',
+        2,
+        "task.t.command",
+        "element 1 contains a NUL character",
+    ),
+    "missing command": (
+        '\n[task.t]\nqueue = "default"\n',
+        2,
+        "task.t",
+        "task.t: missing required key command (a non-empty array of strings)",
+    ),
+    "relative working_dir": (
+        '[task.t]\ncommand = ["/bin/true"]\nworking_dir = "srv"\n',
+        3,
+        "task.t.working_dir",
+        'expected an absolute path (starting with /), got "srv" (a string)',
+    ),
+    "bad environment name in a table": (
+        '[task.t]\ncommand = ["/bin/true"]\n[task.t.environment]\nOK = "1"\n"BAD-NAME" = "2"\n',
+        5,
+        'task.t.environment."BAD-NAME"',
+        "invalid variable name; allowed: A-Z a-z 0-9 _, not starting with a digit",
+    ),
+    "environment value not a string": (
+        '[task.t]\ncommand = ["/bin/true"]\nenvironment = { N = 1 }\n',
+        3,
+        "task.t.environment.N",
+        "expected a string, got 1",
+    ),
+    "undefined queue": (
+        '[queue.video]\n[queue.photo]\n[task.resize]\ncommand = ["/bin/true"]\nqueue = "fotos"\n',
+        5,
+        "task.resize.queue",
+        'queue "fotos" is not defined; defined queues: default, photo, video',
+    ),
+    "bad queue name": (
+        '[daemon]\n\n[queue."a/b"]\nconcurrency = 2\n',
+        3,
+        'queue."a/b"',
+        'invalid name "a/b"; allowed: 1 to 64 characters from A-Z a-z 0-9 _ . -, not starting with . or -',
+    ),
+    "bad task name": (
+        '[task.-x]\ncommand = ["/bin/true"]\n',
+        1,
+        "task.-x",
+        'invalid name "-x"',
+    ),
+    "too long a name": (
+        f"[queue.{'q' * 65}]\n",
+        1,
+        f"queue.{'q' * 65}",
+        "invalid name",
+    ),
+    "queue section not a table of tables": (
+        "[queue]\nconcurrency = 4\n",
+        2,
+        "queue.concurrency",
+        "expected a table [queue.concurrency], got 4",
+    ),
+}
+
+
+@pytest.mark.parametrize("text, line, key, allowed", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_bad_values_name_file_line_key_and_what_is_allowed(
+    tmp_path: Path, text: str, line: int, key: str, allowed: str
+) -> None:
+    path = write(tmp_path / "jobd.toml", text)
+    error = load_error(tmp_path)
+    assert error.message.startswith(f"{path}:{line}: ")
+    assert key in error.message
+    assert allowed in error.message
+    assert error.details == {"file": str(path), "line": line, "key": key}
+
+
+def test_a_merged_key_is_reported_in_the_file_whose_value_won(search: tuple[Path, Path, Path]) -> None:
+    usr, run, etc = search
+    write(usr / "jobd.toml", "[queue.q]\nconcurrency = 2\n")
+    drop_in = write(run / "jobd.d/10-q.toml", "# raise the limit\n\n[queue.q]\nconcurrency = -4\n")
+    error = load_error(*search)
+    assert error.message == f"{drop_in}:4: queue.q.concurrency: expected an integer from 1 to 10000, got -4"
+
+
+def test_lines_inside_multi_line_values_are_not_taken_for_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "jobd.toml",
+        '[task.t]\ncommand = [\n  "/bin/sh",\n  "-c",\n  """\ntimeout = 5\n""",\n]\n'
+        "environment = { A = 'x = [' }\ntimeout = -5\n",
+    )
+    error = load_error(tmp_path)
+    assert error.message.startswith(f"{path}:10: task.t.timeout:")
+
+
+def test_a_dotted_key_line_is_found(tmp_path: Path) -> None:
+    path = write(tmp_path / "jobd.toml", '[task.t]\ncommand = ["/bin/true"]\nretry.times = 1\nretry.delay = -1\n')
+    assert load_error(tmp_path).message.startswith(f"{path}:4: task.t.retry.delay:")
+
+
+def test_a_toml_syntax_error_names_the_parsers_line(tmp_path: Path) -> None:
+    write(tmp_path / "jobd.toml", "[queue.ok]\n")
+    path = write(tmp_path / "jobd.d/20-x.toml", "[queue.a]\nconcurrency = 2\nscheduler fifo\n")
+    error = load_error(tmp_path)
+    assert re.fullmatch(rf"{re.escape(str(path))}:3: invalid TOML: .* \(column \d+\)", error.message)
+    assert error.details == {"file": str(path), "line": 3, "key": None}
+
+
+def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.toml"
+    path.write_bytes(b'[daemon]\n\nsocket = "/run/\xffjobd.sock"\n')
+    error = load_error(tmp_path)
+    assert error.message == f"{path}:3: invalid UTF-8 (byte 0xff at column 16); files must be UTF-8"
+    assert error.details["line"] == 3
+
+
+def test_an_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "jobd.d").mkdir()
+    dangling = tmp_path / "jobd.d/10-gone.toml"
+    dangling.symlink_to(tmp_path / "nowhere.toml")
+    error = load_error(tmp_path)
+    assert error.message == f"{dangling}: cannot read: No such file or directory"
+    assert error.details == {"file": str(dangling), "line": None, "key": None}
+
+
+# --- the documentation stays in sync ---------------------------------------------------------------------------
+
+
+def test_docs_describe_every_key() -> None:
+    text = DOCS.read_text()
+    keys = (
+        config.DAEMON_KEYS
+        + config.HISTORY_KEYS
+        + config.QUEUE_KEYS
+        + config.TASK_KEYS
+        + config.RETRY_KEYS
+    )
+    missing = [key for key in keys if f"`{key}`" not in text]
+    assert missing == []
+
+
+def test_the_docs_example_is_valid(tmp_path: Path) -> None:
+    example = re.search(r"```toml\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    assert example is not None
+    write(tmp_path / "jobd.toml", example[1])
+    loaded = load([str(tmp_path)])
+    assert loaded.tasks and len(loaded.queues) > 1
+
+
+# --- the watcher ----------------------------------------------------------------------------------------------
+
+
+class Changes:
+    """The on_change callback: counts calls and wakes a waiting test."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.event.set()
+
+    async def next(self) -> None:
+        await asyncio.wait_for(self.event.wait(), timeout=5)
+        self.event.clear()
+
+
+async def let_the_loop_run() -> None:
+    # inotify queues an event inside the write's system call, so after a few loop iterations the watcher has
+    # read it and scheduled (or not) its callback. These are yields, not timed sleeps.
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def watching(dirs: list[Path], body: Callable[[Changes], Awaitable[None]]) -> None:
+    async def main() -> None:
+        changes = Changes()
+        watcher = ConfigWatcher(strs(*dirs), changes)
+        watcher.start(asyncio.get_running_loop())
+        try:
+            await body(changes)
+        finally:
+            watcher.close()
+
+    asyncio.run(main())
+
+
+def test_watcher_sees_a_written_main_file(search: tuple[Path, Path, Path]) -> None:
+    async def body(changes: Changes) -> None:
+        write(search[2] / "jobd.toml", "[queue.a]\n")
+        await changes.next()
+
+    watching(list(search), body)
+
+
+def test_watcher_sees_a_drop_in_renamed_into_place(search: tuple[Path, Path, Path]) -> None:
+    drop_ins = search[0] / "jobd.d"
+    drop_ins.mkdir()
+
+    async def body(changes: Changes) -> None:
+        temporary = write(drop_ins / ".10-a.toml.tmp", "[queue.a]\n")
+        await let_the_loop_run()
+        assert changes.calls == 0
+        temporary.rename(drop_ins / "10-a.toml")
+        await changes.next()
+        (drop_ins / "10-a.toml").unlink()
+        await changes.next()
+
+    watching(list(search), body)
+
+
+def test_watcher_ignores_editor_files(search: tuple[Path, Path, Path]) -> None:
+    async def body(changes: Changes) -> None:
+        write(search[2] / ".jobd.toml.swp", "x")
+        write(search[2] / "4913", "x")
+        (search[2] / "4913").unlink()
+        write(search[2] / "jobd.toml~", "x")
+        await let_the_loop_run()
+        assert changes.calls == 0
+        write(search[2] / "jobd.toml", "")  # and the watcher is alive
+        await changes.next()
+        assert changes.calls == 1
+
+    watching(list(search), body)
+
+
+def test_watcher_coalesces_a_batch_into_one_call(search: tuple[Path, Path, Path]) -> None:
+    async def body(changes: Changes) -> None:
+        for name in ("10-a.toml", "20-b.toml", "30-c.toml"):
+            write(search[1] / "jobd.d" / name, "")
+        write(search[1] / "jobd.toml", "")
+        await changes.next()
+        await let_the_loop_run()
+        assert changes.calls == 1
+
+    (search[1] / "jobd.d").mkdir()
+    watching(list(search), body)
+
+
+def test_watcher_follows_a_jobd_d_created_after_start(search: tuple[Path, Path, Path]) -> None:
+    async def body(changes: Changes) -> None:
+        (search[2] / "jobd.d").mkdir()
+        await changes.next()  # files may already be in it: the daemon must rescan
+        write(search[2] / "jobd.d/10-a.toml", "[queue.a]\n")
+        await changes.next()
+        (search[2] / "jobd.d/20-b.toml").symlink_to("/dev/null")  # a mask gets no IN_CLOSE_WRITE
+        await changes.next()
+
+    watching(list(search), body)
+
+
+def test_watcher_follows_a_search_dir_created_after_start(tmp_path: Path) -> None:
+    later = tmp_path / "etc/jobd"
+
+    async def body(changes: Changes) -> None:
+        later.mkdir(parents=True)
+        await changes.next()
+        write(later / "jobd.toml", "")
+        await changes.next()
+        (later / "jobd.d").mkdir()
+        await changes.next()
+        write(later / "jobd.d/10-a.toml", "")
+        await changes.next()
+
+    watching([tmp_path / "usr", later], body)
+
+
+def test_watcher_notices_a_removed_and_recreated_drop_in_dir(search: tuple[Path, Path, Path]) -> None:
+    drop_ins = search[0] / "jobd.d"
+    write(drop_ins / "10-a.toml", "")
+
+    async def body(changes: Changes) -> None:
+        (drop_ins / "10-a.toml").unlink()
+        drop_ins.rmdir()
+        await changes.next()
+        write(drop_ins / "10-a.toml", "")
+        await changes.next()
+        await let_the_loop_run()
+        changes.event.clear()
+        write(drop_ins / "20-b.toml", "")
+        await changes.next()
+
+    watching(list(search), body)
+
+
+def test_watcher_close_stops_calls(search: tuple[Path, Path, Path]) -> None:
+    async def main() -> None:
+        changes = Changes()
+        watcher = ConfigWatcher(strs(*search), changes)
+        watcher.start(asyncio.get_running_loop())
+        write(search[0] / "jobd.toml", "")
+        watcher.close()
+        watcher.close()
+        await let_the_loop_run()
+        assert changes.calls == 0
+
+    asyncio.run(main())
+    assert os.path.exists(search[0] / "jobd.toml")
