@@ -321,7 +321,7 @@ class Client:
             pending = len(self._buffer)
             self.close()
             detail = f" ({pending} bytes of an unfinished line)" if pending else ""
-            raise ConnectionClosed(f"jobd closed the connection{detail}")
+            raise ConnectionClosed(f"jobd closed the connection on {self.path}{detail}")
         self._buffer += chunk
 
 

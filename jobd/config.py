@@ -454,7 +454,8 @@ def _merge_table(table: _Table, source: _Source, body: object) -> None:
 
 
 # --- value checks -----------------------------------------------------------------------------------------------
-# Each returns a parser: a function from a setting to a checked value, raising ConfigError otherwise.
+# Parsers: functions from a setting to a checked value that raise ConfigError otherwise. `_choice`, `_integer`
+# and `_number` build one from their allowed values.
 
 
 def _string(setting: _Setting) -> str:

@@ -463,16 +463,18 @@ def stdout_width() -> int | None:
     if os.environ.get("COLUMNS", "").isdigit():
         return int(os.environ["COLUMNS"])
     try:
-        return os.get_terminal_size(sys.stdout.fileno()).columns
+        columns = os.get_terminal_size(sys.stdout.fileno()).columns
     except (OSError, ValueError, io.UnsupportedOperation):
         return None
+    return columns or None
 
 
 def stderr_width() -> int:
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError, io.UnsupportedOperation):
-        return 80
+        columns = 0
+    return columns or 80  # a fresh pty (no TIOCSWINSZ yet) reports 0 columns
 
 
 def read_stdin_file(path: str) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from jobd import config
 from jobd.config import ConfigWatcher, find_files, load, load_dir
 from jobd.errors import ConfigError
-from jobd.model import DEFAULT_KILL_GRACE, DEFAULT_MAX_OUTPUT, Durability, ParameterMode, RetryPolicy, Scheduler
+from jobd.model import DEFAULT_KILL_GRACE, Durability, ParameterMode, QueueDef, RetryPolicy, Scheduler
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -47,7 +46,7 @@ def load_error(*dirs: Path) -> ConfigError:
 
 
 def test_main_file_of_the_highest_priority_dir_hides_the_others(search: tuple[Path, Path, Path]) -> None:
-    usr, run, etc = search
+    usr, run, _etc = search
     write(usr / "jobd.toml", "[queue.a]\n")
     chosen = write(run / "jobd.toml", "[queue.b]\n")
     assert find_files(strs(*search)) == [chosen]
@@ -71,7 +70,7 @@ def test_drop_ins_apply_by_name_across_dirs_after_the_main_file(search: tuple[Pa
 
 
 def test_a_symlink_to_dev_null_masks_a_drop_in(search: tuple[Path, Path, Path]) -> None:
-    usr, run, etc = search
+    usr, _run, etc = search
     write(usr / "jobd.d/10-a.toml", "[queue.a]\n")
     (etc / "jobd.d").mkdir()
     (etc / "jobd.d/10-a.toml").symlink_to("/dev/null")
@@ -80,7 +79,7 @@ def test_a_symlink_to_dev_null_masks_a_drop_in(search: tuple[Path, Path, Path]) 
 
 
 def test_an_empty_file_hides_lower_files_and_contributes_nothing(search: tuple[Path, Path, Path]) -> None:
-    usr, run, etc = search
+    usr, _run, etc = search
     write(usr / "jobd.toml", "[queue.a]\n")
     empty = write(etc / "jobd.toml", "")
     assert find_files(strs(*search)) == [empty]
@@ -88,7 +87,7 @@ def test_an_empty_file_hides_lower_files_and_contributes_nothing(search: tuple[P
 
 
 def test_hidden_editor_and_non_toml_files_are_not_config(search: tuple[Path, Path, Path]) -> None:
-    usr, run, etc = search
+    etc = search[2]
     for name in (".10-a.toml", ".jobd.toml.swp", "4913", "10-a.toml~", "README"):
         write(etc / "jobd.d" / name, "this is not TOML = = =")
     (etc / "jobd.d/.#10-a.toml").symlink_to("nobody@host.1234")  # Emacs lock: a dangling symlink
@@ -118,7 +117,7 @@ def test_no_file_gives_the_defaults(tmp_path: Path) -> None:
     assert loaded.daemon.history.keep_last is None
     assert loaded.daemon.kill_grace == DEFAULT_KILL_GRACE
     assert loaded.daemon.max_output == 16 * 1024 * 1024
-    assert dict(loaded.queues) == {"default": config.QueueDef("default", concurrency=1)}
+    assert dict(loaded.queues) == {"default": QueueDef("default", concurrency=1)}
     assert dict(loaded.tasks) == {}
     assert loaded.files == ()
 
@@ -143,7 +142,7 @@ def test_task_defaults_come_from_the_daemon_section(tmp_path: Path) -> None:
 
 
 def test_a_drop_in_changes_one_key_of_a_task(search: tuple[Path, Path, Path]) -> None:
-    usr, run, etc = search
+    usr, _run, etc = search
     write(
         usr / "jobd.toml",
         '[queue.photo]\nconcurrency = 2\n\n[task.resize]\ncommand = ["/usr/bin/convert", "-resize", "50%"]\n'
@@ -160,10 +159,10 @@ def test_a_drop_in_changes_one_key_of_a_task(search: tuple[Path, Path, Path]) ->
 
 
 def test_an_inline_table_is_replaced_whole(search: tuple[Path, Path, Path]) -> None:
-    usr, run, etc = search
+    usr, _run, etc = search
     write(
         usr / "jobd.toml",
-        '[daemon]\nhistory = { keep_days = 7, keep_last = 100 }\n'
+        "[daemon]\nhistory = { keep_days = 7, keep_last = 100 }\n"
         '[task.t]\ncommand = ["/bin/true"]\nretry = { times = 3, delay = 10, on_exit_codes = [75] }\n',
     )
     write(etc / "jobd.d/10.toml", "[daemon]\nhistory = { keep_last = 5 }\n[task.t]\nretry = { times = 5 }\n")
@@ -239,6 +238,7 @@ def test_the_config_is_frozen(tmp_path: Path) -> None:
 
 
 def test_the_documented_example_message(tmp_path: Path) -> None:
+    write(tmp_path / "jobd.toml", '[task.resize]\ncommand = ["/usr/bin/convert"]\n')
     drop_in = write(
         tmp_path / "jobd.d/10-photo.toml",
         '# photo tasks\n\n[queue.photo]\nconcurrency = 2\n\n[task.resize]\nparameters = "argv"\n',
@@ -385,9 +385,9 @@ BAD_VALUES = {
         'expected an absolute path (starting with /), got "srv" (a string)',
     ),
     "bad environment name in a table": (
-        '[task.t]\ncommand = ["/bin/true"]\n[task.t.environment]\nOK = "1"\n"BAD-NAME" = "2"\n',
+        '[task.t]\ncommand = ["/bin/true"]\n[task.t.environment]\nOK = "1"\n"BAD NAME" = "2"\n',
         5,
-        'task.t.environment."BAD-NAME"',
+        'task.t.environment."BAD NAME"',
         "invalid variable name; allowed: A-Z a-z 0-9 _, not starting with a digit",
     ),
     "environment value not a string": (
@@ -442,7 +442,7 @@ def test_bad_values_name_file_line_key_and_what_is_allowed(
 
 
 def test_a_merged_key_is_reported_in_the_file_whose_value_won(search: tuple[Path, Path, Path]) -> None:
-    usr, run, etc = search
+    usr, run, _etc = search
     write(usr / "jobd.toml", "[queue.q]\nconcurrency = 2\n")
     drop_in = write(run / "jobd.d/10-q.toml", "# raise the limit\n\n[queue.q]\nconcurrency = -4\n")
     error = load_error(*search)
@@ -494,13 +494,7 @@ def test_an_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_docs_describe_every_key() -> None:
     text = DOCS.read_text()
-    keys = (
-        config.DAEMON_KEYS
-        + config.HISTORY_KEYS
-        + config.QUEUE_KEYS
-        + config.TASK_KEYS
-        + config.RETRY_KEYS
-    )
+    keys = config.DAEMON_KEYS + config.HISTORY_KEYS + config.QUEUE_KEYS + config.TASK_KEYS + config.RETRY_KEYS
     missing = [key for key in keys if f"`{key}`" not in text]
     assert missing == []
 
@@ -662,4 +656,3 @@ def test_watcher_close_stops_calls(search: tuple[Path, Path, Path]) -> None:
         assert changes.calls == 0
 
     asyncio.run(main())
-    assert os.path.exists(search[0] / "jobd.toml")

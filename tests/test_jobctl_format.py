@@ -1,0 +1,244 @@
+"""jobctl's pure parts: formatting, tables, the progress bar, exit codes and turning options into parameters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobd import jobctl
+from jobd.client import RemoteError, encode_message
+from jobd.jobctl import (
+    WaitView,
+    apply_event,
+    describe_end,
+    exit_code_for,
+    format_duration,
+    format_job_counts,
+    format_kib,
+    format_time,
+    format_timestamp,
+    render_progress_bar,
+    render_table,
+    truncate,
+)
+
+CET = dt.timezone(dt.timedelta(hours=1))
+NOW = dt.datetime(2026, 11, 29, 17, 30, 0, tzinfo=CET)
+
+
+def job(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"id": 42, "state": "succeeded", "exit_code": None, "signal": None, "attempts": 1}
+    return base | fields
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "-"),
+        (0, "0ms"),
+        (0.045, "45ms"),
+        (1.5, "1.5s"),
+        (59.9, "59.9s"),
+        (59.97, "1m00s"),
+        (123, "2m03s"),
+        (3720, "1h02m"),
+        (3 * 86400 + 4 * 3600, "3d04h"),
+        (-2, "0ms"),
+    ],
+)
+def test_format_duration(seconds: float | None, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+def test_format_time_shows_the_clock_today_and_the_date_otherwise() -> None:
+    assert format_time("2026-11-29T16:03:12.5Z", NOW) == "17:03:12"
+    assert format_time("2026-11-28T16:03:12Z", NOW) == "2026-11-28"
+    # 23:30 UTC is already tomorrow in CET: the local date counts.
+    assert format_time("2026-11-29T23:30:00Z", NOW) == "2026-11-30"
+    assert format_time(None, NOW) == "-"
+
+
+def test_format_timestamp_is_local_to_the_second() -> None:
+    assert format_timestamp("2026-11-29T16:03:12.999Z", CET) == "2026-11-29 17:03:12"
+    assert format_timestamp(None) == "-"
+
+
+@pytest.mark.parametrize(("kib", "text"), [(None, "-"), (512, "512KiB"), (20480, "20.0MiB"), (3 * 1024**2, "3.0GiB")])
+def test_format_kib(kib: int | None, text: str) -> None:
+    assert format_kib(kib) == text
+
+
+def test_truncate_marks_the_cut() -> None:
+    assert truncate("abcdef", 10) == "abcdef"
+    assert truncate("abcdef", 4) == "abc…"
+    assert truncate("abcdef", 1) == "a"
+
+
+def test_render_table_aligns_and_right_aligns_numbers() -> None:
+    lines = render_table(["ID", "NAME"], [["1", "alpha"], ["100", "b"]], right={0})
+    assert lines == [" ID  NAME", "  1  alpha", "100  b"]
+
+
+def test_render_table_cuts_the_flexible_column_to_the_width() -> None:
+    rows = [["1", "a very long command line indeed", "x"]]
+    lines = render_table(["ID", "COMMAND", "Z"], rows, width=20, flex=1)
+    assert all(len(line) <= 20 for line in lines)
+    assert lines[1] == "1   a very long …  x"
+
+
+def test_render_table_never_cuts_below_the_header() -> None:
+    lines = render_table(["ID", "COMMAND"], [["1", "abcdefghijkl"]], width=5, flex=1)
+    assert lines[1] == "1   abcdef…"
+
+
+def test_render_table_without_width_cuts_nothing() -> None:
+    assert render_table(["A"], [["x" * 300]], flex=0)[1] == "x" * 300
+
+
+def test_progress_bar() -> None:
+    line = render_progress_bar(42, "running", 40, 80, "resized 10 files")
+    assert line == "job 42 [########------------]  40% running  resized 10 files"
+    assert render_progress_bar(42, "queued", 0, 80).startswith("job 42 [--------------------]   0% queued")
+    assert render_progress_bar(42, "running", 100, 40) == "job 42 [##########] 100% running"
+
+
+def test_progress_bar_stays_off_the_last_column() -> None:
+    line = render_progress_bar(42, "running", 50, 50, "x" * 100)
+    assert len(line) == 49
+    assert line.endswith("…")
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"state": "succeeded", "exit_code": 0}, 0),
+        ({"state": "failed", "exit_code": 3}, 3),
+        ({"state": "failed", "exit_code": 255}, 255),
+        ({"state": "failed", "signal": 9}, 137),
+        ({"state": "failed", "signal": 11}, 139),
+        ({"state": "timed_out", "signal": 15}, 124),
+        ({"state": "cancelled", "signal": 15}, 125),
+        ({"state": "failed", "error": "spawn error: No such file or directory"}, 1),
+        ({"state": "failed", "error": "lost"}, 1),
+        ({"state": "running"}, 4),
+        ({"state": "queued"}, 4),
+        ({"state": "delayed"}, 4),
+    ],
+)
+def test_exit_code_for(fields: dict[str, Any], code: int) -> None:
+    assert exit_code_for(job(**fields)) == code
+
+
+def test_describe_end() -> None:
+    started, finished = "2026-11-29T16:00:00Z", "2026-11-29T16:00:01.5Z"
+    done = job(state="succeeded", exit_code=0, started_at=started, finished_at=finished)
+    assert describe_end(done) == "job 42 succeeded in 1.5s"
+    assert describe_end(job(state="failed", exit_code=3, attempts=3)) == "job 42 failed: exit code 3 (3 attempts)"
+    assert describe_end(job(state="failed", signal=9)) == "job 42 failed: killed by SIGKILL"
+    assert describe_end(job(state="failed", error="cannot run /nope")) == "job 42 failed: cannot run /nope"
+    assert describe_end(job(state="timed_out", timeout=3600.0)) == "job 42 timed out after 1h00m"
+    assert describe_end(job(state="cancelled")) == "job 42 cancelled"
+
+
+def test_apply_event_follows_state_progress_and_log_of_its_job_only() -> None:
+    view = WaitView(job(state="queued", progress=0))
+    view = apply_event(view, {"type": "job.state", "job": job(state="running", progress=0)})
+    view = apply_event(view, {"type": "job.progress", "id": 42, "progress": 40})
+    view = apply_event(view, {"type": "job.log", "id": 42, "line": "resized 10 files\n"})
+    view = apply_event(view, {"type": "job.progress", "id": 7, "progress": 99})
+    view = apply_event(view, {"type": "job.state", "job": job(id=7, state="failed")})
+    assert (view.job["state"], view.job["progress"], view.last_log) == ("running", 40, "resized 10 files")
+
+
+def test_format_job_counts_in_life_order() -> None:
+    counts = {"succeeded": 7, "queued": 2, "failed": 0, "running": 1, "reserved": 1}
+    assert format_job_counts(counts) == "2 queued, 1 running, 7 succeeded, 1 reserved"
+    assert format_job_counts({}) == "none"
+
+
+def test_queue_status() -> None:
+    assert jobctl.queue_status({"paused": False, "closed": False}) == "-"
+    assert jobctl.queue_status({"paused": True, "closed": True}) == "paused,closed"
+
+
+def test_stdin_is_text_when_it_is_utf8_else_base64() -> None:
+    assert jobctl.stdin_params("héllo\n".encode()) == {"stdin": "héllo\n"}
+    assert jobctl.stdin_params(b"\xff\x00") == {"stdin_base64": "/wA="}
+
+
+def parse(*argv: str) -> Any:
+    return jobctl.build_parser().parse_args(list(argv))
+
+
+def test_run_params(tmp_path: Path) -> None:
+    args = parse(
+        "run", "-q", "photo", "-p", "5", "-e", "A=1=2", "--cwd", str(tmp_path), "--retry", "2", "--", "ls", "-l"
+    )
+    params = jobctl.run_params(args)
+    assert params["command"] == ["ls", "-l"]
+    assert params["queue"] == "photo" and params["priority"] == 5
+    assert params["env"] == {"A": "1=2"}
+    assert params["working_dir"] == str(tmp_path)
+    assert params["retry"]["times"] == 2
+
+
+def test_run_defaults_to_the_current_directory_made_absolute() -> None:
+    assert jobctl.run_params(parse("run", "true"))["working_dir"] == os.getcwd()
+    assert jobctl.run_params(parse("run", "--cwd", "sub", "true"))["working_dir"] == os.path.join(os.getcwd(), "sub")
+
+
+def test_run_without_a_command_is_a_usage_error() -> None:
+    with pytest.raises(jobctl.UsageError):
+        jobctl.run_params(parse("run", "--"))
+
+
+def test_submit_params() -> None:
+    assert jobctl.submit_params(parse("submit", "resize", "a.png", "b.png"))["args"] == ["a.png", "b.png"]
+    params = jobctl.submit_params(parse("submit", "-P", "width=50", "-P", "src=a.png", "resize"))
+    assert params == {"task": "resize", "params": {"width": "50", "src": "a.png"}}
+    with pytest.raises(jobctl.UsageError):
+        jobctl.submit_params(parse("submit", "-P", "width=50", "resize", "a.png"))
+
+
+def test_global_options_work_after_the_command_too() -> None:
+    args = parse("--socket", "/a", "ls", "--json")
+    assert (args.socket, args.json) == ("/a", True)
+    args = parse("--json", "ls")
+    assert (args.socket, args.json) == (None, True)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert jobctl.main(["ls", "--state", "bogus"]) == 2
+    assert jobctl.main(["run", "-e", "NOEQUALS", "--", "true"]) == 2
+    assert jobctl.main(["submit", "-P", "a=1", "resize", "x", "--socket", "/nonexistent"]) == 2
+    assert jobctl.main([]) == 2
+    assert "jobctl: submit: give either ARGs or -P/--param" in capsys.readouterr().err
+
+
+def test_no_daemon_exits_3_naming_the_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "jobd.sock")
+    assert jobctl.main(["--socket", path, "queues"]) == 3
+    assert capsys.readouterr().err == (
+        f"jobctl: cannot connect to {path}: [Errno 2] No such file or directory; "
+        "is jobd running? (set --socket or JOBD_SOCKET)\n"
+    )
+
+
+def test_remote_error_takes_the_stable_token_from_data() -> None:
+    error = {"code": -32001, "message": "unknown queue 'x'", "data": {"code": "UNKNOWN_QUEUE", "queue": "x"}}
+    exc = RemoteError.from_error(error)
+    assert (exc.code, exc.rpc_code, exc.message, exc.data["queue"]) == (
+        "UNKNOWN_QUEUE",
+        -32001,
+        "unknown queue 'x'",
+        "x",
+    )
+    assert RemoteError.from_error({"code": -32601, "message": "no"}).code == "METHOD_NOT_FOUND"
+
+
+def test_requests_are_one_line_of_utf8() -> None:
+    assert encode_message({"a": "é\nb"}) == '{"a":"é\\nb"}\n'.encode()
