@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -114,6 +114,8 @@ class Client:
     def __init__(self, path: str | None = None) -> None:
         self.path = path if path is not None else default_socket_path()
         self._sock: socket.socket | None = None
+        # Set when the connection ended under us; I/O then fails instead of silently reconnecting.
+        self._ended: str | None = None
         self._buffer = bytearray()
         self._next_id = 1
         self._events: collections.deque[dict[str, Any]] = collections.deque()
@@ -125,8 +127,13 @@ class Client:
     # -- connection -------------------------------------------------------------------------------------------
 
     def connect(self) -> None:
+        """Opens the connection; the first request does it if nobody did. After close() or a lost connection
+        it opens a new one (a lost one is not reopened behind the caller's back)."""
         if self._sock is not None:
             return
+        self._ended = None
+        self._buffer.clear()
+        self._abandoned.clear()  # their replies would have come on the old connection
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
@@ -139,6 +146,7 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._ended = None
         self._buffer.clear()
 
     def __enter__(self) -> Client:
@@ -159,7 +167,7 @@ class Client:
         """
         deadline = _deadline(timeout)
         request_id = self._new_id()
-        self._send(encode_message(self._request(request_id, method, params)), deadline)
+        self._send(encode_message(self._request(request_id, method, params)), deadline, {request_id})
         try:
             reply = self._await(lambda m: isinstance(m, dict) and m.get("id") == request_id, deadline)
         except TimeoutError:
@@ -168,7 +176,7 @@ class Client:
         return result_of(reply)
 
     def batch(
-        self, calls: list[tuple[str, dict[str, Any] | None]], timeout: float | None = None
+        self, calls: Sequence[tuple[str, dict[str, Any] | None]], timeout: float | None = None
     ) -> list[Any | RemoteError]:
         """Sends the calls as one JSON-RPC batch; returns their results in order, errors as RemoteError values."""
         if not calls:
@@ -176,7 +184,7 @@ class Client:
         deadline = _deadline(timeout)
         ids = [self._new_id() for _ in calls]
         requests = [self._request(i, method, params) for i, (method, params) in zip(ids, calls, strict=True)]
-        self._send(encode_message(requests), deadline)
+        self._send(encode_message(requests), deadline, set(ids))
         wanted = set(ids)
         try:
             replies = self._await(lambda m: isinstance(m, list) and _reply_ids(m) == wanted, deadline)
@@ -236,22 +244,60 @@ class Client:
         return request
 
     def _connected(self) -> socket.socket:
+        if self._ended is not None:
+            raise ConnectionClosed(self._ended)
         self.connect()
         assert self._sock is not None
         return self._sock
 
-    def _send(self, data: bytes, deadline: float | None) -> None:
+    def _end(self, reason: str) -> None:
+        """The connection is over (peer closed, broke, or a frame was cut): keep the buffer, refuse more I/O."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._ended = reason
+
+    def _send(self, data: bytes, deadline: float | None, ids: Collection[int] = ()) -> None:
+        """Writes a frame. If jobd closed the connection while we wrote and left an error reply about `ids` (or
+        about an unreadable request), that reply is raised as RemoteError rather than the broken pipe."""
         sock = self._connected()
         sock.settimeout(_remaining(deadline))
         try:
             sock.sendall(data)
         except TimeoutError:
             # Part of a frame may be out: the stream cannot be resynchronised, so this connection is done.
-            self.close()
+            self._end(f"connection to {self.path} abandoned: a request was cut off by a timeout")
             raise
         except OSError as exc:
-            self.close()
-            raise ConnectionClosed(f"connection to {self.path} broke while sending: {exc}") from exc
+            self._drain_readable(sock)
+            self._end(f"connection to {self.path} broke while sending: {exc}")
+            if ids:
+                self._raise_buffered_error(ids)
+            raise ConnectionClosed(self._ended) from exc
+
+    def _drain_readable(self, sock: socket.socket) -> None:
+        """Buffers what jobd sent before it closed: a refusal (FRAME_TOO_LARGE) precedes the close that broke
+        our send, so it is already in the receive queue and a non-blocking read finds it."""
+        sock.setblocking(False)
+        try:
+            while chunk := sock.recv(RECV_SIZE):
+                self._buffer += chunk
+        except OSError:
+            pass
+
+    def _raise_buffered_error(self, ids: Collection[int]) -> None:
+        """Raises the error reply about one of `ids` (or about an unreadable request) found in the buffer."""
+        for line in bytes(self._buffer).split(b"\n"):
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if (
+                isinstance(message, dict)
+                and "error" in message
+                and (message.get("id") is None or message.get("id") in ids)
+            ):
+                raise RemoteError.from_error(message["error"])
 
     def _await(self, is_wanted: Callable[[Any], bool], deadline: float | None) -> Any:
         """Reads until a message satisfies `is_wanted`; routes everything else on the way."""
@@ -315,13 +361,13 @@ class Client:
         except TimeoutError:
             raise
         except OSError as exc:
-            self.close()
-            raise ConnectionClosed(f"connection to {self.path} broke: {exc}") from exc
+            self._end(f"connection to {self.path} broke: {exc}")
+            raise ConnectionClosed(self._ended) from exc
         if not chunk:
             pending = len(self._buffer)
-            self.close()
             detail = f" ({pending} bytes of an unfinished line)" if pending else ""
-            raise ConnectionClosed(f"jobd closed the connection on {self.path}{detail}")
+            self._end(f"jobd closed the connection on {self.path}{detail}")
+            raise ConnectionClosed(self._ended)
         self._buffer += chunk
 
 

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from jobd import __version__
 from jobd.client import (
@@ -205,6 +205,17 @@ def render_progress_bar(job_id: int, state: str, progress: int, width: int, note
         text += f"  {note}"
     # One column short of the edge: writing the last column makes some terminals wrap, breaking the \r redraw.
     return truncate(text, max(1, width - 1))
+
+
+def wait_label(job: Job) -> str:
+    """The state as the progress bar names it, with the attempt once retries are involved."""
+    state = str(job.get("state"))
+    attempts = job.get("attempts") or 0
+    if state == JobState.RUNNING and attempts > 1:
+        return f"running (attempt {attempts})"
+    if state in (JobState.DELAYED, JobState.QUEUED) and attempts >= 1:
+        return f"{state} for attempt {attempts + 1}"
+    return state
 
 
 def is_finished(job: Job) -> bool:
@@ -402,24 +413,23 @@ def assignment(text: str) -> tuple[str, str]:
     return name, value
 
 
-def job_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a job id is a positive integer, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a job id is a positive integer, not {text!r}")
-    return value
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type for integers >= low."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return convert
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
-    return value
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def seconds(text: str) -> float:
@@ -428,7 +438,7 @@ def seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value >= 0 or value == float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number of seconds ≥ 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
     return value
 
 
@@ -592,30 +602,55 @@ def cmd_ls(session: Session, args: argparse.Namespace) -> int:
     for line in render_jobs(jobs, local_now(), stdout_width()):
         print(line)
     if result.get("next_before") is not None:
-        print(f"(more: jobctl ls --before {result['next_before']})", file=sys.stderr)
+        print(f"(older jobs: repeat with --before {result['next_before']})", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_log(session: Session, args: argparse.Namespace) -> int:
     """Copies a stream's bytes to stdout; with --follow, keeps asking until the attempt has ended."""
+    if args.attempt is None:
+        client = session.client
+        job = wait_for_first_attempt(client, args.id) if args.follow else client.call("job.get", {"id": args.id})
+        if not job.get("attempts"):
+            print(f"jobctl: job {args.id} has no output: it has not run ({job.get('state')})", file=sys.stderr)
+            return EXIT_OK
     params: dict[str, Any] = {"id": args.id, "stream": args.stream, "offset": 0, "limit": OUTPUT_CHUNK}
     params |= {"encoding": "base64", "wait": args.follow}
     if args.attempt is not None:
         params["attempt"] = args.attempt
-    out = sys.stdout.buffer
+    if copy_output(session.client, params, sys.stdout.buffer):
+        print(f"jobctl: job {args.id}'s {args.stream} was cut at its max_output limit", file=sys.stderr)
+    return EXIT_OK
+
+
+def wait_for_first_attempt(client: Client, job_ident: int) -> Job:
+    """The job once it has started an attempt, or has finished without one (cancelled while it waited)."""
+    # Subscribe before reading the job, so a start between the two arrives as an event.
+    client.call("events.subscribe", {"jobs": [job_ident], "types": ["job.state"]})
+    job: Job = client.call("job.get", {"id": job_ident})
+    while not (job.get("attempts") or is_finished(job)):
+        event = client.next_event()
+        if event.get("type") == "job.state" and isinstance(event.get("job"), dict):
+            job = event["job"] if event["job"].get("id") == job_ident else job
+    return job
+
+
+def copy_output(client: Client, params: dict[str, Any], out: BinaryIO) -> bool:
+    """Writes job.output chunks to `out` until caught up (or, with `wait`, until the attempt has ended).
+
+    Returns whether the stream was truncated by the job's max_output.
+    """
     while True:
-        chunk = session.client.call("job.output", params)
+        chunk = client.call("job.output", params)
         data = base64.b64decode(chunk["data"])
         out.write(data)
         out.flush()
         # Pin the attempt the first reply chose, so a retry starting meanwhile cannot splice two streams.
         params["attempt"] = chunk["attempt"]
         params["offset"] = chunk["next_offset"]
-        if chunk["complete"] or (not args.follow and (not data or chunk["next_offset"] >= chunk["size"])):
-            break
-    if chunk.get("truncated"):
-        print(f"jobctl: job {args.id}'s {args.stream} was cut at its max_output limit", file=sys.stderr)
-    return EXIT_OK
+        caught_up = not data or chunk["next_offset"] >= chunk["size"]
+        if chunk["complete"] or (caught_up and not params["wait"]):
+            return bool(chunk.get("truncated"))
 
 
 def cmd_wait(session: Session, args: argparse.Namespace) -> int:
@@ -666,13 +701,15 @@ def wait_with_progress(client: Client, job_ident: int, timeout: float | None) ->
     deadline = None if timeout is None else time.monotonic() + timeout
     # Subscribe before reading the job: a change between the two then arrives as an event and is not missed.
     client.call("events.subscribe", {"jobs": [job_ident]})
-    view = WaitView(client.call("job.get", {"id": job_ident}))
+    # Without `tries`, so --json prints the same object as job.wait gives when stderr is not a terminal.
+    job = {k: v for k, v in client.call("job.get", {"id": job_ident}).items() if k != "tries"}
+    view = WaitView(job)
     bar = ProgressBar(sys.stderr)
     try:
         while not is_finished(view.job):
             job = view.job
             bar.draw(
-                render_progress_bar(job_ident, job["state"], job.get("progress") or 0, stderr_width(), view.last_log)
+                render_progress_bar(job_ident, wait_label(job), job.get("progress") or 0, stderr_width(), view.last_log)
             )
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -810,31 +847,31 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("args", nargs="*", metavar="ARG", help="arguments appended to the task's command")
 
     status = add_command(sub, "status", cmd_status, "show the daemon's status, or one job's")
-    status.add_argument("id", type=job_id, nargs="?", metavar="ID")
+    status.add_argument("id", type=positive_int, nargs="?", metavar="ID")
 
     ls = add_command(sub, "ls", cmd_ls, "list jobs, newest first")
     ls.add_argument("--state", action="append", choices=[str(s) for s in JobState], help="(repeat)")
     ls.add_argument("--queue")
     ls.add_argument("--task")
     ls.add_argument("--context")
-    ls.add_argument("-n", "--limit", type=int, default=20, help="at most this many (1-1000, default 20)")
-    ls.add_argument("--before", type=job_id, metavar="ID", help="only jobs older than ID (paging)")
+    ls.add_argument("-n", "--limit", type=positive_int, default=20, help="at most this many (1-1000, default 20)")
+    ls.add_argument("--before", type=positive_int, metavar="ID", help="only jobs older than ID (paging)")
 
     log = add_command(sub, "log", cmd_log, "print a job's output")
-    log.add_argument("id", type=job_id, metavar="ID")
+    log.add_argument("id", type=positive_int, metavar="ID")
     stream = log.add_mutually_exclusive_group()
     stream.add_argument("--stderr", dest="stream", action="store_const", const="stderr", help="standard error")
     stream.add_argument("--log", dest="stream", action="store_const", const="log", help="the fd 3 log")
     log.set_defaults(stream="stdout")
-    log.add_argument("--attempt", type=job_id, metavar="N", help="that attempt (default: the latest)")
+    log.add_argument("--attempt", type=positive_int, metavar="N", help="that attempt (default: the latest)")
     log.add_argument("-f", "--follow", action="store_true", help="keep printing until the attempt ends")
 
     wait = add_command(sub, "wait", cmd_wait, "wait for a job; exit with its code")
-    wait.add_argument("id", type=job_id, metavar="ID")
+    wait.add_argument("id", type=positive_int, metavar="ID")
     wait.add_argument("--timeout", type=seconds, metavar="S", help="give up after S seconds (exit 4)")
 
     cancel = add_command(sub, "cancel", cmd_cancel, "cancel a job")
-    cancel.add_argument("id", type=job_id, metavar="ID")
+    cancel.add_argument("id", type=positive_int, metavar="ID")
 
     add_command(sub, "queues", cmd_queues, "list queues")
     pause = add_command(sub, "pause", cmd_pause, "stop starting jobs from a queue")

@@ -112,6 +112,13 @@ def test_progress_bar_stays_off_the_last_column() -> None:
     assert line.endswith("…")
 
 
+def test_wait_label_names_the_attempt_once_retries_are_involved() -> None:
+    assert jobctl.wait_label(job(state="queued", attempts=0)) == "queued"
+    assert jobctl.wait_label(job(state="running", attempts=1)) == "running"
+    assert jobctl.wait_label(job(state="delayed", attempts=1)) == "delayed for attempt 2"
+    assert jobctl.wait_label(job(state="running", attempts=2)) == "running (attempt 2)"
+
+
 @pytest.mark.parametrize(
     ("fields", "code"),
     [
