@@ -47,6 +47,7 @@ def _setup_logging(level: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.getLogger("peewee").setLevel(logging.INFO)  # its DEBUG is every SQL statement
 
 
 class Daemon:
