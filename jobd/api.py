@@ -51,7 +51,7 @@ class Params:
         self.raw = raw
         self.seen: set[str] = set()
 
-    def _get(self, name: str) -> Any:
+    def take(self, name: str) -> Any:
         self.seen.add(name)
         return self.raw.get(name)
 
@@ -59,22 +59,22 @@ class Params:
         value = json_repr(self.raw.get(name))
         return InvalidParams(f"{self.method}: {name} = {value} is not allowed; expected {allowed}", param=name)
 
-    def int(self, name: str, default: int | None = None, *, low: int = 0, high: int = 2**63 - 1) -> int | None:
-        value = self._get(name)
+    def integer(self, name: str, default: int | None = None, *, low: int = 0, high: int = 2**63 - 1) -> int | None:
+        value = self.take(name)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise self.bad(name, f"an integer from {low} to {high}")
         return value
 
-    def required_int(self, name: str, *, low: int = 0, high: int = 2**63 - 1) -> int:
-        value = self.int(name, low=low, high=high)
+    def required_integer(self, name: str, *, low: int = 0, high: int = 2**63 - 1) -> int:
+        value = self.integer(name, low=low, high=high)
         if value is None:
             raise InvalidParams(f"{self.method}: missing parameter {name!r} (an integer)", param=name)
         return value
 
     def number(self, name: str, *, low: float = 0.0, positive: bool = False) -> float | None:
-        value = self._get(name)
+        value = self.take(name)
         if value is None:
             return None
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
@@ -82,30 +82,30 @@ class Params:
             raise self.bad(name, "a number > 0" if positive else f"a number >= {low:g}")
         return float(value)
 
-    def str(self, name: str, *, choices: tuple[str, ...] = ()) -> str | None:
-        value = self._get(name)
+    def text(self, name: str, *, choices: tuple[str, ...] = ()) -> str | None:
+        value = self.take(name)
         if value is None:
             return None
         if not isinstance(value, str) or "\0" in value or (choices and value not in choices):
             raise self.bad(name, " | ".join(f'"{c}"' for c in choices) if choices else "a string without NUL")
         return value
 
-    def required_str(self, name: str) -> str:
-        value = self.str(name)
+    def required_text(self, name: str) -> str:
+        value = self.text(name)
         if value is None:
             raise InvalidParams(f"{self.method}: missing parameter {name!r} (a string)", param=name)
         return value
 
-    def bool(self, name: str, default: bool = False) -> bool:
-        value = self._get(name)
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self.take(name)
         if value is None:
             return default
         if not isinstance(value, bool):
             raise self.bad(name, "true or false")
         return value
 
-    def str_list(self, name: str) -> tuple[str, ...] | None:
-        value = self._get(name)
+    def texts(self, name: str) -> tuple[str, ...] | None:
+        value = self.take(name)
         if value is None:
             return None
         if isinstance(value, str):
@@ -114,16 +114,16 @@ class Params:
             raise self.bad(name, "a list of strings without NUL")
         return tuple(value)
 
-    def str_map(self, name: str) -> dict[str, str]:
-        value = self._get(name)
+    def text_map(self, name: str) -> dict[str, str]:
+        value = self.take(name)
         if value is None:
             return {}
         if not isinstance(value, dict) or not all(isinstance(v, str) and "\0" not in v for v in value.values()):
             raise self.bad(name, "an object whose values are strings without NUL")
         return dict(value)
 
-    def object(self, name: str) -> dict[str, Any] | None:
-        value = self._get(name)
+    def mapping(self, name: str) -> dict[str, Any] | None:
+        value = self.take(name)
         if value is None:
             return None
         if not isinstance(value, dict):
@@ -156,7 +156,9 @@ class Api:
     async def call(self, session: Session, method: str, raw_params: Mapping[str, Any]) -> Any:
         handler = METHODS.get(method)
         if handler is None:
-            raise MethodNotFound(f"no method {method!r}; methods: {', '.join(sorted(METHODS))}", allowed=sorted(METHODS))
+            raise MethodNotFound(
+                f"no method {method!r}; methods: {', '.join(sorted(METHODS))}", allowed=sorted(METHODS)
+            )
         return await handler(self, session, Params(method, raw_params))
 
 
@@ -169,30 +171,30 @@ async def ping(api: Api, session: Session, p: Params) -> Any:
 
 
 def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
-    stdin_text, stdin_b64 = p.str("stdin"), p.str("stdin_base64")
+    stdin_text, stdin_b64 = p.text("stdin"), p.text("stdin_base64")
     if stdin_text is not None and stdin_b64 is not None:
         raise InvalidParams(f"{p.method}: give 'stdin' or 'stdin_base64', not both")
     stdin = stdin_text.encode() if stdin_text is not None else _b64(p, "stdin_base64", stdin_b64)
-    command = p.str_list("command")
+    command = p.texts("command")
     if command is not None and (not command or not command[0]):
         raise p.bad("command", "a non-empty list of strings whose first is the program")
-    retry_raw = p.object("retry")
+    retry_raw = p.mapping("retry")
     request = SubmitRequest(
-        task=p.str("task"),
+        task=p.text("task"),
         command=command,
-        queue=p.str("queue"),
-        priority=p.int("priority", 1024, high=MAX_PRIORITY) or 0,
+        queue=p.text("queue"),
+        priority=p.integer("priority", 1024, high=MAX_PRIORITY) or 0,
         timeout=p.number("timeout", positive=True),
-        args=p.str_list("args") or (),
-        params=p.str_map("params"),
-        env=p.str_map("env"),
+        args=p.texts("args") or (),
+        params=p.text_map("params"),
+        env=p.text_map("env"),
         stdin=stdin,
-        context=p.str("context"),
-        key=p.str("key"),
-        working_dir=p.str("working_dir"),
+        context=p.text("context"),
+        key=p.text("key"),
+        working_dir=p.text("working_dir"),
         retry=None if retry_raw is None else _retry(p, retry_raw),
         kill_grace=p.number("kill_grace"),
-        max_output=p.int("max_output"),
+        max_output=p.integer("max_output"),
     )
     delay = p.number("delay") or 0.0
     return request, delay
@@ -210,13 +212,15 @@ def _b64(p: Params, name: str, value: str | None) -> bytes | None:
 def _retry(p: Params, raw: Mapping[str, Any]) -> RetryPolicy:
     sub = Params(f"{p.method}: retry", raw)
     default = RetryPolicy()
-    codes = sub._get("on_exit_codes") or []
-    if not isinstance(codes, list) or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in codes):
+    codes = sub.take("on_exit_codes") or []
+    if not isinstance(codes, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in codes
+    ):
         raise sub.bad("on_exit_codes", "a list of exit codes 0-255")
     backoff = sub.number("backoff", low=1.0)
     delay = sub.number("delay")
     policy = RetryPolicy(
-        times=sub.int("times", 0, high=1000) or 0,
+        times=sub.integer("times", 0, high=1000) or 0,
         delay=default.delay if delay is None else delay,
         backoff=default.backoff if backoff is None else backoff,
         on_exit_codes=tuple(codes),
@@ -226,9 +230,14 @@ def _retry(p: Params, raw: Mapping[str, Any]) -> RetryPolicy:
 
 
 async def job_submit(api: Api, session: Session, p: Params) -> Any:
-    batch = p._get("jobs")
+    batch = p.take("jobs")
     if batch is not None:
-        if not isinstance(batch, list) or not batch or len(batch) > MAX_BATCH or not all(isinstance(j, dict) for j in batch):
+        if (
+            not isinstance(batch, list)
+            or not batch
+            or len(batch) > MAX_BATCH
+            or not all(isinstance(j, dict) for j in batch)
+        ):
             raise p.bad("jobs", f"a list of 1 to {MAX_BATCH} job objects")
         p.done()
         members = [Params(f"{p.method}: jobs[{i}]", raw) for i, raw in enumerate(batch)]
@@ -247,7 +256,7 @@ async def job_submit(api: Api, session: Session, p: Params) -> Any:
 
 
 def _job_id(p: Params) -> int:
-    return p.required_int("id", low=1)
+    return p.required_integer("id", low=1)
 
 
 async def job_get(api: Api, session: Session, p: Params) -> Any:
@@ -258,18 +267,18 @@ async def job_get(api: Api, session: Session, p: Params) -> Any:
 
 
 async def job_list(api: Api, session: Session, p: Params) -> Any:
-    states = p.str_list("state") or ()
+    states = p.texts("state") or ()
     allowed_states = tuple(str(s) for s in JobState)
     for state in states:
         if state not in allowed_states:
             raise p.bad("state", " | ".join(allowed_states))
-    limit = p.int("limit", 100, low=1, high=1000) or 100
+    limit = p.integer("limit", 100, low=1, high=1000) or 100
     where = JobFilter(
         states=tuple(JobState(s) for s in states),
-        queue=p.str("queue"),
-        task=p.str("task"),
-        context=p.str("context"),
-        before_id=p.int("before", low=1),
+        queue=p.text("queue"),
+        task=p.text("task"),
+        context=p.text("context"),
+        before_id=p.integer("before", low=1),
         limit=limit,
     )
     p.done()
@@ -281,12 +290,12 @@ async def job_list(api: Api, session: Session, p: Params) -> Any:
 
 async def job_output(api: Api, session: Session, p: Params) -> Any:
     job_id = _job_id(p)
-    stream = p.str("stream", choices=STREAMS) or "stdout"
-    attempt = p.int("attempt", low=1)
-    offset = p.int("offset", 0) or 0
-    limit = p.int("limit", 65536, low=1, high=MAX_OUTPUT_CHUNK) or 65536
-    encoding = p.str("encoding", choices=("utf-8", "base64")) or "utf-8"
-    wait = p.bool("wait")
+    stream = p.text("stream", choices=STREAMS) or "stdout"
+    attempt = p.integer("attempt", low=1)
+    offset = p.integer("offset", 0) or 0
+    limit = p.integer("limit", 65536, low=1, high=MAX_OUTPUT_CHUNK) or 65536
+    encoding = p.text("encoding", choices=("utf-8", "base64")) or "utf-8"
+    wait = p.flag("wait")
     p.done()
     engine = api.engine
     job = engine.get(job_id)
@@ -356,13 +365,13 @@ async def queue_list(api: Api, session: Session, p: Params) -> Any:
 
 
 async def queue_pause(api: Api, session: Session, p: Params) -> Any:
-    name = p.required_str("name")
+    name = p.required_text("name")
     p.done()
     return queue_json(api.engine, api.engine.set_paused(name, True))
 
 
 async def queue_resume(api: Api, session: Session, p: Params) -> Any:
-    name = p.required_str("name")
+    name = p.required_text("name")
     p.done()
     return queue_json(api.engine, api.engine.set_paused(name, False))
 
@@ -386,11 +395,11 @@ EVENT_TYPES = ("job.state", "job.progress", "job.log")
 
 
 async def events_subscribe(api: Api, session: Session, p: Params) -> Any:
-    jobs = p._get("jobs") or []
+    jobs = p.take("jobs") or []
     if not isinstance(jobs, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in jobs):
         raise p.bad("jobs", "a list of job ids")
-    queues = p.str_list("queues") or ()
-    types = p.str_list("types") or EVENT_TYPES
+    queues = p.texts("queues") or ()
+    types = p.texts("types") or EVENT_TYPES
     for kind in types:
         if kind not in EVENT_TYPES:
             raise p.bad("types", " | ".join(EVENT_TYPES))

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import sdnotify
 
@@ -34,7 +35,13 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuratio
 class _JournalFormatter(logging.Formatter):
     """`<N>message`: journald reads the syslog priority from the prefix on a service's stderr."""
 
-    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+    PRIORITIES: ClassVar[dict[int, int]] = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
@@ -76,7 +83,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_from_event)
         self.engine.on_counts_changed = self._notify_status
-        log.info("jobd %s ready: socket %s, state %s", __version__, self.config.daemon.socket, self.config.daemon.state_dir)
+        daemon = self.config.daemon
+        log.info("jobd %s ready: socket %s, state %s", __version__, daemon.socket, daemon.state_dir)
         self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
         await self.stop_requested.wait()
         await self._shutdown()
@@ -139,10 +147,8 @@ class Daemon:
         return {"ok": True, "files": list(new.files)}
 
     def _reload_from_event(self) -> None:
-        try:
+        with contextlib.suppress(ConfigError):  # reported by reload(): log, STATUS= and daemon.status
             self.reload()
-        except ConfigError:
-            pass  # reported by reload(): log, STATUS=, and daemon.status's last_reload
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

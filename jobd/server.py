@@ -102,7 +102,9 @@ class Connection:
         if not first:
             return
         if first == b"<":
-            self.writer.write(b'<response status="KO" error="The XML protocol is not served yet" error-code="UNKNOWN_COMMAND"/>\n')
+            self.writer.write(
+                b'<response status="KO" error="The XML protocol is not served yet" error-code="UNKNOWN_COMMAND"/>\n'
+            )
             await self.writer.drain()
             return
         if first not in b"{[ \t\r\n":
@@ -119,12 +121,16 @@ class Connection:
                     self._dispatch(line)
                 break
             except asyncio.LimitOverrunError:
-                self._send(jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes")))
+                self._send(
+                    jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes"))
+                )
                 await self.writer.drain()
                 return
             pending = b""
             if len(line) > jsonrpc.MAX_FRAME + 1:
-                self._send(jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes")))
+                self._send(
+                    jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes"))
+                )
                 await self.writer.drain()
                 return
             if line.strip():

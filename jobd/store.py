@@ -17,12 +17,12 @@ from typing import Any
 
 import peewee
 
-from jobd.model import Attempt, Job, JobSpec, JobState, Outcome, RetryPolicy
+from jobd.model import FINISHED_STATES, Attempt, Job, JobSpec, JobState, Outcome, RetryPolicy
 
 _db = peewee.DatabaseProxy()
 
 
-class _Base(peewee.Model):  # type: ignore[misc]
+class _Base(peewee.Model):
     class Meta:
         database = _db
         legacy_table_names = False
@@ -62,6 +62,7 @@ class JobRow(_Base):
 
 class AttemptRow(_Base):
     job = peewee.ForeignKeyField(JobRow, on_delete="CASCADE", column_name="job_id")
+    job_id: int  # peewee's accessor for the raw foreign key value
     number = peewee.IntegerField()
     started_at = peewee.DoubleField()
     finished_at = peewee.DoubleField(null=True)
@@ -139,7 +140,7 @@ class Store:
             self.db.close()
 
     def _migrate(self) -> None:
-        version = self.db.execute_sql("PRAGMA user_version").fetchone()[0]
+        version = self.db.pragma("user_version")
         if version > SCHEMA_VERSION:
             raise RuntimeError(
                 f"{self.path} has schema version {version}, newer than this jobd understands ({SCHEMA_VERSION})"
@@ -147,7 +148,7 @@ class Store:
         for step in range(version, SCHEMA_VERSION):
             with self.db.atomic():
                 MIGRATIONS[step](self.db)
-                self.db.execute_sql(f"PRAGMA user_version = {step + 1}")
+                self.db.pragma("user_version", step + 1)
 
     async def flush(self) -> None:
         """Make every transaction committed so far survive a power cut (one fsync shared by all waiters)."""
@@ -232,16 +233,14 @@ class Store:
         return None if row is None else _attempt_from_row(row)
 
     def count_by_state(self) -> dict[str, int]:
-        query = JobRow.select(JobRow.state, peewee.fn.COUNT(JobRow.id).alias("n")).group_by(JobRow.state)
-        return {row.state: row.n for row in query}
+        query = JobRow.select(JobRow.state, peewee.fn.COUNT(JobRow.id)).group_by(JobRow.state).tuples()
+        return {str(state): int(count) for state, count in query.iterator()}
 
     # -- history retention -----------------------------------------------------------------------------------
 
     def expire(self, finished_before: float | None, keep_last: int | None) -> list[int]:
         """Delete finished jobs older than `finished_before` or beyond the newest `keep_last`; return their ids."""
-        finished = JobRow.state.in_(
-            [str(s) for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED)]
-        )
+        finished = JobRow.state.in_([str(state) for state in FINISHED_STATES])
         doomed: set[int] = set()
         if finished_before is not None:
             query = JobRow.select(JobRow.id).where(finished & (JobRow.finished_at < finished_before))

@@ -56,10 +56,8 @@ def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
         raise InvalidParams("give 'args' (a list) or 'params' (an object), not both")
     _check_env_names(request.env, "env")
     _check_env_names(request.params, "params")
-    if request.task is not None:
-        spec = _resolve_task(config, request, peer)
-    else:
-        spec = _resolve_ad_hoc(config, request, peer)
+    resolved = _resolve_task if request.task is not None else _resolve_ad_hoc
+    spec = resolved(config, request, peer)
     if spec.queue not in config.queues:
         raise UnknownQueue(
             f"unknown queue {spec.queue!r}; defined queues: {', '.join(sorted(config.queues))}",

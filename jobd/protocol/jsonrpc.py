@@ -64,7 +64,7 @@ def _member(data: Any) -> Member:
     request_id = data.get("id")
     if data.get("jsonrpc") != "2.0":
         return Invalid(request_id, InvalidRequest('"jsonrpc" must be "2.0"'))
-    if request_id is not None and not isinstance(request_id, str | int) or isinstance(request_id, bool):
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int | None):
         return Invalid(None, InvalidRequest('"id" must be a string, a number or null'))
     method = data.get("method")
     if not isinstance(method, str):
@@ -76,7 +76,9 @@ def _member(data: Any) -> Member:
         return Invalid(request_id, InvalidRequest('"params" must be an object (by-name parameters)'))
     unknown = set(data) - {"jsonrpc", "id", "method", "params"}
     if unknown:
-        return Invalid(request_id, InvalidRequest(f"unknown members {sorted(unknown)}; allowed: jsonrpc, id, method, params"))
+        return Invalid(
+            request_id, InvalidRequest(f"unknown members {sorted(unknown)}; allowed: jsonrpc, id, method, params")
+        )
     return Request(method, params, request_id, is_notification="id" not in data)
 
 
@@ -86,7 +88,11 @@ def result(request_id: Any, value: Any) -> dict[str, Any]:
 
 def error(request_id: Any, failure: JobdError) -> dict[str, Any]:
     data = {"code": failure.code, **failure.details}
-    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": failure.rpc_code, "message": failure.message, "data": data}}
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "error": {"code": failure.rpc_code, "message": failure.message, "data": data},
+    }
 
 
 def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
