@@ -1,0 +1,165 @@
+"""A real jobd under test or benchmark: temporary directories, NOTIFY_SOCKET pointing here, the real socket.
+
+A caller waits for the daemon's READY=1 datagram (never sleep-and-poll), talks to it through its real Unix socket,
+and can SIGTERM, SIGHUP or SIGKILL it and start it again on the same state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from jobd.client import Client
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 20.0
+
+BASE_CONFIG = """
+[daemon]
+socket = "{socket}"
+state_dir = "{state}"
+kill_grace = 2
+"""
+
+
+class Notifications:
+    """The NOTIFY_SOCKET end: what the daemon tells systemd, datagram by datagram."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, prefix: str, timeout: float = READY_TIMEOUT) -> str:
+        """Block (in recv, with a deadline) until a datagram holds a line starting with `prefix`."""
+        self.sock.settimeout(timeout)
+        while True:
+            message = self.sock.recv(65536).decode()
+            self.messages.append(message)
+            for line in message.splitlines():
+                if line.startswith(prefix):
+                    return line
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    """One jobd under test. `config` is TOML appended after the [daemon] section."""
+
+    def __init__(self, root: Path, config: str = "", daemon_extra: str = "") -> None:
+        self.root = root
+        self.config_dir = root / "etc"
+        (self.config_dir / "jobd.d").mkdir(parents=True, exist_ok=True)
+        self.state_dir = root / "state"
+        self.socket_path = root / "jobd.sock"
+        self.log_path = root / "jobd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.notify: Notifications | None = None
+        self.write_config(config, daemon_extra)
+
+    def write_config(self, config: str, daemon_extra: str = "") -> None:
+        text = BASE_CONFIG.format(socket=self.socket_path, state=self.state_dir) + daemon_extra + "\n"
+        text += textwrap.dedent(config)
+        path = self.config_dir / "jobd.toml"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic, as an administrator's tools should do it
+
+    def start(self) -> None:
+        notify_path = self.root / f"notify.{os.getpid()}.{id(self)}"
+        notify_path.unlink(missing_ok=True)
+        self.notify = Notifications(notify_path)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO)}
+        env.pop("JOURNAL_STREAM", None)
+        env.pop("INVOCATION_ID", None)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the daemon owns it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(self.config_dir), "--log-level", "debug"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=self.root,
+        )
+        log.close()
+        try:
+            self.notify.wait_for("READY=1")
+        except TimeoutError:
+            raise AssertionError(f"jobd did not become ready; its log:\n{self.log()}") from None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def client(self) -> Client:
+        client = Client(str(self.socket_path))
+        client.connect()
+        return client
+
+    def call(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = 30) -> Any:
+        with self.client() as client:
+            return client.call(method, params, timeout=timeout)
+
+    def submit(self, **params: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("job.submit", params)
+        return result
+
+    def wait(self, job_id: int, timeout: float = 30) -> dict[str, Any]:
+        job: dict[str, Any] = self.call("job.wait", {"id": job_id, "timeout": timeout}, timeout=timeout + 5)
+        assert job["state"] in ("succeeded", "failed", "timed_out", "cancelled"), job
+        return job
+
+    def output(self, job_id: int, stream: str = "stdout", attempt: int | None = None) -> str:
+        params: dict[str, Any] = {"id": job_id, "stream": stream, "limit": 1024 * 1024}
+        if attempt is not None:
+            params["attempt"] = attempt
+        data: str = self.call("job.output", params)["data"]
+        return data
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def children(self) -> list[tuple[int, str]]:
+        """(pid, state letter) of the daemon's direct children, read from /proc."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) == self.pid:
+                found.append((int(entry.name), fields[0]))
+        return found
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._closed()
+        return code
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
