@@ -57,12 +57,26 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("peewee").setLevel(logging.INFO)  # its DEBUG is every SQL statement
 
 
+class _Notifier:
+    """sd_notify through sdnotify, made non-blocking: if nobody reads NOTIFY_SOCKET, a message is dropped rather than
+    stalling the event loop (a blocking send to a full datagram queue waits for the reader forever)."""
+
+    def __init__(self) -> None:
+        self._notifier = sdnotify.SystemdNotifier()
+        if self._notifier.socket is not None:
+            self._notifier.socket.setblocking(False)
+
+    def notify(self, text: str) -> None:
+        # sdnotify encodes as Latin-1 and drops what does not fit; keep every message deliverable.
+        self._notifier.notify(text.encode("ascii", "backslashreplace").decode("ascii"))
+
+
 class Daemon:
     def __init__(self, dirs: Sequence[str], initial: Config) -> None:
         self.dirs = list(dirs)
         self.config = initial
         self.started_at = time.time()
-        self.notifier = sdnotify.SystemdNotifier()
+        self.notifier = _Notifier()
         self.last_reload: dict[str, Any] = {"at": iso(self.started_at), "ok": True, "error": None}
         self.stop_requested = asyncio.Event()
         state_dir = initial.daemon.state_dir

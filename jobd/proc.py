@@ -91,7 +91,9 @@ class _OutputSink:
         """Move one chunk; False once the pipe is empty (EAGAIN) or closed (EOF)."""
         try:
             if self.kept < self.cap:
-                n = os.splice(self.read_fd, self.file_fd, min(self.cap - self.kept, _SPLICE_CHUNK))
+                # SPLICE_F_NONBLOCK is needed although the pipe is O_NONBLOCK: splice() ignores that flag.
+                room = min(self.cap - self.kept, _SPLICE_CHUNK)
+                n = os.splice(self.read_fd, self.file_fd, room, flags=os.SPLICE_F_NONBLOCK)
                 self.kept += n
             else:
                 n = len(os.read(self.read_fd, _DISCARD_CHUNK))

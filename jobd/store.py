@@ -188,6 +188,13 @@ class Store:
             self._write_job(job)
             AttemptRow.insert(**_attempt_columns(attempt)).execute()
 
+    def record_process(self, attempt: Attempt) -> None:
+        """Remember which process runs an attempt, so a restart after a crash can find and stop it."""
+        with self.db.atomic():
+            AttemptRow.update(pid=attempt.pid, pid_start=attempt.pid_start).where(
+                (AttemptRow.job == attempt.job_id) & (AttemptRow.number == attempt.number)
+            ).execute()
+
     def finish_attempt(self, job: Job, attempt: Attempt) -> None:
         with self.db.atomic():
             self._write_job(job)
@@ -286,9 +293,10 @@ class _GroupFlusher:
         loop = asyncio.get_running_loop()
         if self._next is None:
             self._next = loop.create_future()
-            if not self._in_flight:
-                self._start(loop)
-        await asyncio.shield(self._next)
+        waiters = self._next  # the flush that starts after this commit; _start() hands it on
+        if not self._in_flight:
+            self._start(loop)
+        await asyncio.shield(waiters)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         # Everything committed before this point is in the WAL file's page cache; this fsync makes it durable.

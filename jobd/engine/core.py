@@ -134,7 +134,10 @@ class Engine:
     def _check_queue_open(self, name: str) -> None:
         queue = self.queues.get(name)
         if queue is None:
-            raise UnknownQueue(f"unknown queue {name!r}; defined queues: {', '.join(sorted(self.config.queues))}")
+            defined = sorted(self.config.queues)
+            raise UnknownQueue(
+                f"unknown queue {name!r}; defined queues: {', '.join(defined)}", queue=name, allowed=defined
+            )
         if queue.closed:
             raise QueueClosed(f"queue {name!r} was removed from the configuration; it drains and takes no new jobs")
 
@@ -182,6 +185,10 @@ class Engine:
         )
         self.jobs[job.id] = job
         queue.running.add(job.id)
+        # Committed before the spawn: after a crash at any point, an attempt that may have run is on record
+        # (and recovered as `lost`), never silently run a second time under the same number.
+        attempt = Attempt(job.id, number, now)
+        self.store.start_attempt(job, attempt)
         try:
             child = Child.spawn(
                 launch,
@@ -193,13 +200,12 @@ class Engine:
             )
         except SpawnError as error:
             log.warning("job=%d cannot start: %s", job.id, error)
-            attempt = Attempt(job.id, number, now, outcome=Outcome.SPAWN_ERROR, finished_at=now, error=str(error))
-            self.store.start_attempt(job, attempt)
+            attempt = dataclasses.replace(attempt, outcome=Outcome.SPAWN_ERROR, finished_at=now, error=str(error))
             queue.running.discard(job.id)
             self._settle(job, attempt, cancelled=False)
             return
-        attempt = Attempt(job.id, number, now, pid=child.pid, pid_start=child.start_time)
-        self.store.start_attempt(job, attempt)
+        attempt = dataclasses.replace(attempt, pid=child.pid, pid_start=child.start_time)
+        self.store.record_process(attempt)
         running = _Running(child, attempt)
         if job.spec.timeout is not None:
             running.timeout_timer = self.loop.call_later(job.spec.timeout, self._time_out, job.id)
@@ -259,6 +265,7 @@ class Engine:
         running.ended.set_result(None)
         self._wake_output_waiters(job_id)
         self._dispatch(job.spec.queue)
+        self._forget_if_drained(job.spec.queue)
 
     def _settle(self, job: Job, attempt: Attempt, *, cancelled: bool) -> None:
         """Record an ended attempt and move the job on: final state, or back to wait for a retry."""
@@ -355,6 +362,7 @@ class Engine:
         del self.jobs[job_id]
         self._release_finish_waiters(job)
         self._retire(job)
+        self._forget_if_drained(job.spec.queue)
         self._counts_changed()
         return job
 
@@ -459,6 +467,13 @@ class Engine:
                 elif not queue.closed:
                     log.info("queue %s removed from the configuration: draining %d jobs", name, queue.ready_count())
                     queue.closed = True
+
+    def _forget_if_drained(self, name: str) -> None:
+        """A queue removed from the configuration disappears once its last job has ended."""
+        queue = self.queues.get(name)
+        if queue is not None and queue.closed and queue.is_idle() and not self._has_delayed(name):
+            del self.queues[name]
+            log.info("queue %s drained and removed", name)
 
     def _has_delayed(self, queue_name: str) -> bool:
         return self.delayed_count(queue_name) > 0

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from jobd.errors import InsufficientRights, InvalidParams, UnknownQueue, UnknownTask
+from jobd.errors import InsufficientRights, InvalidParams, UnknownTask
 from jobd.model import DEFAULT_PRIORITY, Config, JobSpec, ParameterMode, RetryPolicy
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -57,14 +57,7 @@ def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
     _check_env_names(request.env, "env")
     _check_env_names(request.params, "params")
     resolved = _resolve_task if request.task is not None else _resolve_ad_hoc
-    spec = resolved(config, request, peer)
-    if spec.queue not in config.queues:
-        raise UnknownQueue(
-            f"unknown queue {spec.queue!r}; defined queues: {', '.join(sorted(config.queues))}",
-            queue=spec.queue,
-            allowed=sorted(config.queues),
-        )
-    return spec
+    return resolved(config, request, peer)  # the engine checks the queue: it knows which ones are draining
 
 
 def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:

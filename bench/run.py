@@ -1,0 +1,227 @@
+"""jobd benchmarks: figures for docs/BENCHMARKS.md, each measured against a reference run in the same process tree.
+
+    python bench/run.py [--jobs 5000] [--only NAME ...]
+
+The machine is shared and noisy, so speed is reported as a ratio to a reference measured in the same run:
+- throughput: N `/bin/true` jobs through one queue of concurrency 2, against a bare posix_spawn + pidfd loop
+  (also concurrency 2) that does nothing but start and reap the same processes;
+- submit rates: serial (one request at a time), batch (`jobs: [...]`, 100 per request), and for `fsync` also 32
+  concurrent clients; for each durability level;
+- submit-to-start latency p50/p99 (the daemon's `started_at` minus the client's clock before sending);
+- system calls made by an idle daemon over 30 s (strace -c -f).
+
+This is a script, not a test: nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import Daemon
+
+QUEUES = """
+[queue.bench]
+concurrency = 2
+
+[queue.parked]
+concurrency = 1
+paused = true
+"""
+
+
+def start_daemon(root: Path, durability: str = "crash") -> Daemon:
+    daemon = Daemon(root, QUEUES, daemon_extra=f'durability = "{durability}"\nhistory = {{ keep_days = 1 }}')
+    daemon.start()
+    return daemon
+
+
+def bare_spawn_loop(count: int, concurrency: int) -> float:
+    """The reference: spawn /bin/true with posix_spawn, wait on pidfds with epoll-backed select, reap."""
+    env = {"PATH": "/usr/bin:/bin"}
+    started = time.perf_counter()
+    running: dict[int, int] = {}  # pidfd -> pid
+    launched = 0
+    while launched < count or running:
+        while launched < count and len(running) < concurrency:
+            pid = os.posix_spawn("/bin/true", ["/bin/true"], env, setpgroup=0)
+            running[os.pidfd_open(pid)] = pid
+            launched += 1
+        ready, _, _ = select.select(list(running), [], [])
+        for fd in ready:
+            os.waitpid(running.pop(fd), 0)
+            os.close(fd)
+    return time.perf_counter() - started
+
+
+def jobd_throughput(daemon: Daemon, count: int) -> float:
+    """Submit `count` jobs into a paused queue, resume it, and time until the last one has finished."""
+    with daemon.client() as client:
+        client.call("queue.pause", {"name": "bench"})
+        ids: list[int] = []
+        for start in range(0, count, 500):
+            batch = [{"command": ["/bin/true"], "queue": "bench"} for _ in range(min(500, count - start))]
+            ids += [job["id"] for job in client.call("job.submit", {"jobs": batch})["jobs"]]
+        started = time.perf_counter()
+        client.call("queue.resume", {"name": "bench"})
+        for job_id in ids:
+            job = client.call("job.wait", {"id": job_id}, timeout=600)
+            if job["state"] != "succeeded":
+                raise RuntimeError(f"job {job_id} ended {job['state']}")
+        return time.perf_counter() - started
+
+
+def serial_submits(daemon: Daemon, count: int) -> float:
+    with daemon.client() as client:
+        started = time.perf_counter()
+        for _ in range(count):
+            client.call("job.submit", {"command": ["/bin/true"], "queue": "parked"})
+        return count / (time.perf_counter() - started)
+
+
+def batch_submits(daemon: Daemon, count: int, per_request: int = 100) -> float:
+    with daemon.client() as client:
+        started = time.perf_counter()
+        for _ in range(count // per_request):
+            jobs = [{"command": ["/bin/true"], "queue": "parked"} for _ in range(per_request)]
+            client.call("job.submit", {"jobs": jobs})
+        return (count // per_request * per_request) / (time.perf_counter() - started)
+
+
+def concurrent_submits(daemon: Daemon, clients: int, per_client: int) -> float:
+    barrier = threading.Barrier(clients + 1)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with daemon.client() as client:
+                barrier.wait()
+                for _ in range(per_client):
+                    client.call("job.submit", {"command": ["/bin/true"], "queue": "parked"})
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return clients * per_client / elapsed
+
+
+def start_latency(daemon: Daemon, samples: int) -> tuple[float, float]:
+    latencies = []
+    with daemon.client() as client:
+        for _ in range(samples):
+            before = time.time()
+            job = client.call("job.submit", {"command": ["/bin/true"], "queue": "bench"})
+            job = client.call("job.wait", {"id": job["id"]})
+            started_at = dt.datetime.fromisoformat(job["started_at"].replace("Z", "+00:00")).timestamp()
+            latencies.append(started_at - before)
+    latencies.sort()
+    return statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
+
+
+def idle_syscalls(daemon: Daemon, seconds: int) -> tuple[int, str]:
+    with daemon.client() as client:  # make sure it is idle: nothing queued, nothing running
+        client.call("ping")
+    trace = subprocess.run(
+        ["timeout", "-s", "INT", str(seconds), "strace", "-c", "-f", "-p", str(daemon.pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = trace.stderr
+    total = 0
+    for line in report.splitlines():
+        fields = line.split()
+        if fields and fields[-1] == "total":
+            total = int(fields[3])  # % time, seconds, usecs/call, calls, [errors], total
+    return total, report
+
+
+def timed(label: str, action: Callable[[], Any]) -> Any:
+    print(f"  {label} ...", file=sys.stderr, flush=True)
+    return action()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--submits", type=int, default=5000)
+    parser.add_argument("--idle-seconds", type=int, default=30)
+    parser.add_argument("--only", nargs="*", default=["throughput", "submit", "latency", "idle"])
+    args = parser.parse_args()
+    results: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="jobd-bench.") as tmp:
+        root = Path(tmp)
+        if "throughput" in args.only:
+            daemon = start_daemon(root / "throughput")
+            try:
+                bare = timed("bare posix_spawn + pidfd loop", lambda: bare_spawn_loop(args.jobs, 2))
+                ours = timed("jobd", lambda: jobd_throughput(daemon, args.jobs))
+            finally:
+                daemon.stop()
+            results.append(
+                f"throughput, {args.jobs} /bin/true, concurrency 2: jobd {args.jobs / ours:.0f} jobs/s, "
+                f"bare loop {args.jobs / bare:.0f} jobs/s, ratio {bare / ours:.2f}"
+            )
+        if "submit" in args.only:
+            for durability in ("crash", "fsync"):
+                daemon = start_daemon(root / f"submit-{durability}", durability)
+                try:
+                    serial = timed(f"serial submits ({durability})", lambda d=daemon: serial_submits(d, args.submits))
+                    batch = timed(f"batch submits ({durability})", lambda d=daemon: batch_submits(d, args.submits * 4))
+                    line = f"submit, durability {durability}: serial {serial:.0f}/s, batch of 100 {batch:.0f} jobs/s"
+                    if durability == "fsync":
+                        parallel = timed(
+                            "32 concurrent clients", lambda d=daemon: concurrent_submits(d, 32, args.submits // 32)
+                        )
+                        line += f", 32 concurrent clients {parallel:.0f}/s"
+                    results.append(line)
+                finally:
+                    daemon.stop()
+        if "latency" in args.only:
+            daemon = start_daemon(root / "latency")
+            try:
+                p50, p99 = timed("submit-to-start latency", lambda: start_latency(daemon, 500))
+            finally:
+                daemon.stop()
+            results.append(f"submit-to-start latency over 500 jobs: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")
+        if "idle" in args.only:
+            daemon = start_daemon(root / "idle")
+            try:
+                calls, report = timed(
+                    f"idle daemon, {args.idle_seconds} s", lambda: idle_syscalls(daemon, args.idle_seconds)
+                )
+            finally:
+                daemon.stop()
+            results.append(f"system calls by an idle daemon over {args.idle_seconds} s: {calls}")
+            if calls:
+                results.append(report)
+    for line in results:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

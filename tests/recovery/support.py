@@ -1,0 +1,195 @@
+"""Helpers shared by test_reload.py and test_recovery.py: a NOTIFY_SOCKET reader thread, lock-file gates, pidfds.
+
+Why a reader thread: jobd sends a `STATUS=` datagram whenever its job counts change, and a sender on a connected
+AF_UNIX datagram socket blocks once the receiver has `net.unix.max_dgram_qlen` (often 10) datagrams unread. A test
+that only reads the notify socket when it wants something would freeze the daemon after a handful of jobs, so
+every daemon these tests start gets a `Pump` that drains the socket as datagrams arrive and lets the test wait for
+a line with a deadline (a blocking wait on a condition, never a sleep).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from harness import Daemon
+
+WAIT = 20.0
+
+
+class Pump:
+    """Reads every datagram of one daemon's NOTIFY_SOCKET; `wait_for` consumes lines in arrival order."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        assert daemon.notify is not None, "the daemon is not running"
+        self._sock: socket.socket = daemon.notify.sock
+        self._sock.settimeout(None)  # the thread owns the socket now; stop() wakes it with shutdown()
+        self._cond = threading.Condition()
+        self._lines: list[str] = []
+        self._cursor = 0
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, name=f"notify-{daemon.pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            with self._cond:
+                if not data:  # shut down by stop() (jobd never sends an empty datagram)
+                    self._ended = True
+                    self._cond.notify_all()
+                    return
+                self._lines.extend(data.decode(errors="replace").splitlines())
+                self._cond.notify_all()
+
+    def skip(self) -> None:
+        """Forget what arrived so far: the next wait_for looks only at later lines."""
+        with self._cond:
+            self._cursor = len(self._lines)
+
+    def wait_for(self, match: str | Callable[[str], bool], timeout: float = WAIT) -> str:
+        """The next line (after the last one returned) that starts with `match` or satisfies it."""
+        test = match if callable(match) else (lambda line: line.startswith(match))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._cursor < len(self._lines):
+                    line = self._lines[self._cursor]
+                    self._cursor += 1
+                    if test(line):
+                        return line
+                left = deadline - time.monotonic()
+                if self._ended or left <= 0:
+                    raise AssertionError(f"no notify line matching {match!r}; last lines: {self._lines[-15:]}")
+                self._cond.wait(left)
+
+    def stop(self) -> None:
+        # shutdown() wakes the blocked recv (close() would not); jobd's later sends then fail with EPIPE at once.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(10)
+
+
+def attach(daemon: Daemon) -> Pump:
+    pump = Pump(daemon)
+    daemon.pump = pump  # type: ignore[attr-defined]
+    return pump
+
+
+def pump_of(daemon: Daemon) -> Pump:
+    pump: Pump = daemon.pump  # type: ignore[attr-defined]
+    return pump
+
+
+def start(daemon: Daemon) -> Pump:
+    """Start (again, on the same state) and drain its notify socket from READY=1 on."""
+    daemon.start()
+    return attach(daemon)
+
+
+def kill9(daemon: Daemon) -> None:
+    pump_of(daemon).stop()
+    daemon.kill9()
+
+
+def terminate(daemon: Daemon, timeout: float = 30) -> int:
+    """SIGTERM; checks STOPPING=1 arrives; returns jobd's exit code."""
+    pump = pump_of(daemon)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    pump.wait_for("STOPPING=1")
+    code = daemon.process.wait(timeout)
+    pump.stop()
+    daemon.stop()  # already exited: only closes the harness's end of the notify socket
+    return code
+
+
+def stop_pumps(daemons: Iterable[Daemon]) -> None:
+    for daemon in daemons:
+        pump = getattr(daemon, "pump", None)
+        if pump is not None:
+            pump.stop()
+
+
+class Gate:
+    """A lock file the test holds; a job running `flock PATH true` blocks until `release()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def gated(gate: Gate, *then: str) -> list[str]:
+    """An ad-hoc argv that waits for `gate`, then runs `then` (if any)."""
+    script = 'flock "$0" true && exec "$@"' if then else 'exec flock "$0" true'
+    return ["/bin/sh", "-c", script, str(gate.path), *then]
+
+
+def wait_events(client: Any, want: Callable[[dict[str, Any]], bool], count: int, timeout: float = WAIT) -> list[Any]:
+    """Reads events from a subscribed client until `count` of them satisfy `want`."""
+    deadline = time.monotonic() + timeout
+    found: list[Any] = []
+    while len(found) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"only {len(found)} of {count} awaited events arrived: {found}")
+        event = client.next_event(timeout=left)
+        if want(event):
+            found.append(event)
+    return found
+
+
+class Pidfds:
+    """pidfds opened while the processes are known to be alive, so a reused pid can never be mistaken for them."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def watch(self, name: str, pid: int) -> None:
+        self.fds[name] = os.pidfd_open(pid)
+
+    def alive(self) -> list[str]:
+        """Those not exited yet, checked without waiting."""
+        if not self.fds:
+            return []
+        ready, _, _ = select.select(list(self.fds.values()), [], [], 0)
+        return sorted(name for name, fd in self.fds.items() if fd not in ready)
+
+    def wait_exited(self, timeout: float = WAIT) -> list[str]:
+        """Blocks until all have exited or the deadline passes; returns those still alive."""
+        pending = dict(self.fds)
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select(list(pending.values()), [], [], left)
+            for name in [name for name, fd in pending.items() if fd in ready]:
+                del pending[name]
+        return sorted(pending)
+
+    def close(self, kill_survivors: bool = True) -> None:
+        for name in self.alive() if kill_survivors else []:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.fds[name], signal.SIGKILL)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()

@@ -1,0 +1,482 @@
+"""Crash recovery and shutdown of a real jobd: kill -9 with jobs in every state, kill -9 under load, durability
+"fsync", SIGTERM with running jobs, READY=1 after recovery, history retention.
+
+The daemon really dies (SIGKILL) and a new one starts on the same state directory and SQLite file. Processes a
+dead jobd left behind are watched through pidfds opened while they were known to be alive.
+"""
+
+from __future__ import annotations
+
+import queue as queues
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Daemon
+from recovery.support import Pidfds, attach, kill9, start, stop_pumps, terminate, wait_events
+
+from jobd.client import RemoteError
+
+# A job that blocks on its first attempt (after recording its pid and saying "ready" on fd 3) and succeeds at once
+# on any later attempt. $0 is a path prefix the test reads the pid from.
+HOLD = (
+    'if [ "$JOBD_ATTEMPT" -gt 1 ]; then echo "attempt $JOBD_ATTEMPT"; exit 0; fi; '
+    'echo $$ > "$0.pid"; echo ready >&3; exec sleep 600'
+)
+# A process group of two: the leader waits for a background sleep.
+GROUP = 'sleep 600 & echo $! > "$0.child"; echo $$ > "$0.pid"; echo ready >&3; wait'
+# Appends "JOB_ID ATTEMPT" to the file $0: a record of every run that got as far as its command.
+APPEND = 'echo "$JOBD_JOB_ID $JOBD_ATTEMPT" >> "$0"'
+
+
+@pytest.fixture
+def jobd(make_daemon: Any) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(config: str = "", daemon_extra: str = "") -> Daemon:
+        daemon: Daemon = make_daemon(config, daemon_extra=daemon_extra)
+        attach(daemon)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    stop_pumps(made)
+
+
+@pytest.fixture
+def pidfds() -> Iterator[Pidfds]:
+    watched = Pidfds()
+    yield watched
+    watched.close(kill_survivors=True)  # never leave a `sleep 600` behind, whatever the outcome
+
+
+def all_jobs(daemon: Daemon) -> list[dict[str, Any]]:
+    jobs: list[dict[str, Any]] = daemon.call("job.list", {"limit": 1000})["jobs"]
+    assert len(jobs) < 1000
+    return jobs
+
+
+def tries(daemon: Daemon, job_id: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = daemon.call("job.get", {"id": job_id})["tries"]
+    return found
+
+
+def queue_info(daemon: Daemon, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(q for q in daemon.call("queue.list")["queues"] if q["name"] == name)
+    return found
+
+
+def subscribe(daemon: Daemon, types: list[str]) -> Any:
+    client = daemon.client()
+    client.call("events.subscribe", {"types": types}, timeout=10)
+    return client
+
+
+def wait_ready_lines(client: Any, count: int) -> list[int]:
+    """Ids of the jobs whose "ready" line on fd 3 arrived as a job.log event."""
+    events = wait_events(client, lambda e: e["type"] == "job.log" and e["line"] == "ready", count)
+    return [event["id"] for event in events]
+
+
+def read_pid(path: Path) -> int:
+    return int(path.read_text().strip())
+
+
+# --- kill -9 with jobs in every state -----------------------------------------------------------------------
+
+
+def test_kill9_with_jobs_in_every_state(jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path) -> None:
+    daemon = jobd(
+        """
+        [queue.run]
+        concurrency = 3
+
+        [queue.held]
+        paused = true
+        """
+    )
+    # finished: succeeded, failed, cancelled
+    finished = [daemon.submit(command=["/bin/true"])["id"], daemon.submit(command=["/bin/false"])["id"]]
+    for job_id in finished:
+        daemon.wait(job_id)
+    cancelled = daemon.submit(command=["/bin/true"], delay=3600)["id"]
+    daemon.call("job.cancel", {"id": cancelled})
+    finished.append(cancelled)
+    # queued in a paused queue, with priorities that reorder them
+    order_file = tmp_path / "order"
+    priorities = [10, 5, 10, 1, 5]
+    held = [
+        daemon.submit(
+            command=["/bin/sh", "-c", 'echo "$JOBD_JOB_ID" >> "$0"', str(order_file)], queue="held", priority=p
+        )["id"]
+        for p in priorities
+    ]
+    expected_order = [job_id for _, job_id in sorted(zip(priorities, held, strict=True))]
+    # delayed far into the future
+    delayed = daemon.submit(command=["/bin/true"], delay=3600)
+    # running: one allowed a retry, one not, one a process group with a background child
+    events = subscribe(daemon, ["job.log"])
+    base = {name: tmp_path / name for name in ("retry", "once", "group")}
+    retried = daemon.submit(
+        command=["/bin/sh", "-c", HOLD, str(base["retry"])], queue="run", retry={"times": 1, "delay": 0}
+    )["id"]
+    once = daemon.submit(command=["/bin/sh", "-c", HOLD, str(base["once"])], queue="run")["id"]
+    group = daemon.submit(command=["/bin/sh", "-c", GROUP, str(base["group"])], queue="run")["id"]
+    assert sorted(wait_ready_lines(events, 3)) == [retried, once, group]
+    events.close()
+    for name, prefix in base.items():
+        pidfds.watch(name, read_pid(Path(f"{prefix}.pid")))
+    pidfds.watch("group child", read_pid(Path(f"{base['group']}.child")))
+
+    before = {job["id"]: job for job in all_jobs(daemon)}
+    assert len(before) == len(finished) + len(held) + 1 + 3
+    kill9(daemon)
+    assert pidfds.alive() == ["group", "group child", "once", "retry"]  # orphans of the dead daemon, still there
+
+    start(daemon)
+    after = {job["id"]: job for job in all_jobs(daemon)}
+    assert sorted(after) == sorted(before)  # job.list lists each id once: nothing lost, nothing duplicated
+    # The new daemon killed the process groups the dead one left behind.
+    assert pidfds.wait_exited() == []
+
+    job = after[delayed["id"]]
+    assert (job["state"], job["run_at"]) == ("delayed", delayed["run_at"])
+    for job_id in finished:
+        assert {k: after[job_id][k] for k in ("state", "finished_at", "attempts", "exit_code")} == {
+            k: before[job_id][k] for k in ("state", "finished_at", "attempts", "exit_code")
+        }
+    assert [after[job_id]["state"] for job_id in held] == ["queued"] * 5
+    info = queue_info(daemon, "held")
+    assert (info["paused"], info["queued"], info["running"]) == (True, 5, 0), info
+
+    # The running ones: a `lost` attempt each; retried if the policy allows it, else failed.
+    for job_id in (once, group):
+        job = daemon.wait(job_id)
+        assert (job["state"], job["attempts"]) == ("failed", 1), job
+        assert job["error"], job
+        assert [t["outcome"] for t in tries(daemon, job_id)] == ["lost"]
+    job = daemon.wait(retried)
+    assert (job["state"], job["attempts"]) == ("succeeded", 2), job
+    assert [t["outcome"] for t in tries(daemon, retried)] == ["lost", "succeeded"]
+    assert daemon.output(retried, attempt=2) == "attempt 2\n"
+
+    # The queued ones run once each, in priority then submission order.
+    daemon.call("queue.resume", {"name": "held"})
+    for job_id in held:
+        assert daemon.wait(job_id)["state"] == "succeeded"
+    assert [int(line) for line in order_file.read_text().split()] == expected_order
+    assert len(all_jobs(daemon)) == len(before)
+
+
+def test_ready_only_after_recovery(jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path) -> None:
+    daemon = jobd("[queue.held]\npaused = true\n[queue.run]\nconcurrency = 1\n")
+    held = [daemon.submit(command=["/bin/true"], queue="held")["id"] for _ in range(3)]
+    delayed = daemon.submit(command=["/bin/true"], delay=3600)["id"]
+    events = subscribe(daemon, ["job.log"])
+    running = daemon.submit(
+        command=["/bin/sh", "-c", HOLD, str(tmp_path / "run")], queue="run", retry={"times": 1, "delay": 0}
+    )["id"]
+    wait_ready_lines(events, 1)
+    events.close()
+    pidfds.watch("run", read_pid(tmp_path / "run.pid"))
+    kill9(daemon)
+
+    start(daemon)  # returns when READY=1 has arrived: the very first request must see everything recovered
+    info = queue_info(daemon, "held")
+    assert (info["queued"], info["running"]) == (3, 0), info
+    assert daemon.call("daemon.status")["delayed"] == 1
+    states = {job["id"]: job["state"] for job in all_jobs(daemon)}
+    assert {job_id: states[job_id] for job_id in [*held, delayed]} == {
+        **{job_id: "queued" for job_id in held},
+        delayed: "delayed",
+    }
+    assert states[running] in ("queued", "running", "succeeded")  # requeued by the recovery, then run again
+    assert tries(daemon, running)[0]["outcome"] == "lost"
+    assert daemon.wait(running)["state"] == "succeeded"
+    assert pidfds.wait_exited() == []
+
+
+# --- kill -9 under load -------------------------------------------------------------------------------------
+
+
+class Workload:
+    """Submits jobs over several connections; a kill of the daemon ends a round, the rest is sent again later
+    under the same idempotency keys (as a client that got no reply must do)."""
+
+    CONNECTIONS = 4
+
+    def __init__(self, specs: list[dict[str, Any]]) -> None:
+        self.specs = specs
+        self.ids: dict[str, int] = {}  # key -> id, from every submit reply
+        self.replies = 0
+        self.errors: list[str] = []
+        self._cond = threading.Condition()
+
+    def round(self, daemon: Daemon, pending: list[int], kill_after: int | None) -> list[int]:
+        """Submits `pending` (indexes into specs); kill -9s the daemon once `kill_after` more replies arrived.
+        Returns the indexes that got no reply."""
+        work: queues.SimpleQueue[int] = queues.SimpleQueue()
+        for index in pending:
+            work.put(index)
+        unanswered: list[int] = []
+        done = [0]
+        target = self.replies + (kill_after or 0)
+
+        def worker() -> None:
+            try:
+                client = daemon.client()
+            except OSError:
+                return
+            try:
+                while True:
+                    try:
+                        index = work.get_nowait()
+                    except queues.Empty:
+                        return
+                    try:
+                        job = client.call("job.submit", self.specs[index], timeout=30)
+                    except OSError:  # the daemon died under us: no reply, maybe committed
+                        with self._cond:
+                            unanswered.append(index)
+                        return
+                    except RemoteError as error:
+                        with self._cond:
+                            self.errors.append(f"{self.specs[index]['key']}: {error}")
+                        return
+                    self._record(self.specs[index]["key"], job["id"])
+            finally:
+                client.close()
+                with self._cond:
+                    done[0] += 1
+                    self._cond.notify_all()
+
+        threads = [threading.Thread(target=worker) for _ in range(self.CONNECTIONS)]
+        for thread in threads:
+            thread.start()
+        if kill_after is not None:
+            with self._cond:
+                self._cond.wait_for(lambda: self.replies >= target or done[0] == len(threads), timeout=30)
+            kill9(daemon)
+        for thread in threads:
+            thread.join(30)
+        while True:
+            try:
+                unanswered.append(work.get_nowait())
+            except queues.Empty:
+                break
+        return sorted(unanswered)
+
+    def _record(self, key: str, job_id: int) -> None:
+        with self._cond:
+            if key in self.ids and self.ids[key] != job_id:
+                self.errors.append(f"{key}: submitted again, got job {job_id} instead of {self.ids[key]}")
+            self.ids[key] = job_id
+            self.replies += 1
+            self._cond.notify_all()
+
+
+def kill_while_busy(daemon: Daemon) -> bool:
+    """Resumes the queue and kill -9s once a few jobs ended, with many still queued; False (and no kill) if too
+    few were queued."""
+    events = subscribe(daemon, ["job.state"])
+    queued = daemon.call("queue.resume", {"name": "default"})["queued"]
+    if queued < 20:
+        events.close()
+        return False
+    # Every job queued now ends with a state event in this daemon's life, so this many will come.
+    wait_events(events, lambda e: e["job"]["state"] == "succeeded", min(10, queued // 2))
+    kill9(daemon)
+    events.close()
+    return True
+
+
+def test_kill9_at_several_points_of_a_workload(jobd: Callable[..., Daemon], tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    specs: list[dict[str, Any]] = [
+        {
+            "command": ["/bin/sh", "-c", APPEND, str(runs)],
+            "key": f"w{i}",
+            **({"retry": {"times": 2, "delay": 0}} if i % 2 else {}),
+        }
+        for i in range(200)
+    ]
+    daemon = jobd("[queue.default]\nconcurrency = 4\n")
+    load = Workload(specs)
+
+    pending = list(range(len(specs)))
+    # Right after the first reply (three times: jobs are being started while submits still arrive), then midway.
+    for kill_after in (1, 1, 1, 60):
+        left = len(pending)
+        pending = load.round(daemon, pending, kill_after=kill_after)
+        assert 0 < len(pending) < left, "the kill did not come in the middle of the submits"
+        start(daemon)
+    daemon.call("queue.pause", {"name": "default"})  # let a queue build up, to kill while it is busy
+    assert load.round(daemon, pending, kill_after=None) == []
+    busy_kills = 0
+    for _ in range(3):  # while the queue is busy: jobs are started and reaped all the time
+        if not kill_while_busy(daemon):
+            break
+        busy_kills += 1
+        start(daemon)
+    assert busy_kills > 0, "the queue had drained before the first kill while busy"
+    daemon.call("queue.resume", {"name": "default"})
+
+    assert load.errors == []
+    assert len(load.ids) == len(specs)
+    jobs = all_jobs(daemon)
+    ids = [job["id"] for job in jobs]
+    assert len(ids) == len(set(ids)) == len(specs), "a job was lost or created twice"
+    assert {job["key"]: job["id"] for job in jobs} == load.ids
+
+    lines = Counter(tuple(map(int, line.split())) for line in runs.read_text().splitlines())
+    lost = 0
+    for i, spec in enumerate(specs):
+        job_id = load.ids[spec["key"]]
+        job = daemon.wait(job_id)
+        attempts = tries(daemon, job_id)
+        outcomes = [t["outcome"] for t in attempts]
+        assert [t["number"] for t in attempts] == list(range(1, job["attempts"] + 1)), attempts
+        assert set(outcomes[:-1]) <= {"lost"}, (job, outcomes)  # nothing but a crash ends an attempt early
+        lost += outcomes.count("lost")
+        times = 2 if i % 2 else 0
+        if job["state"] == "succeeded":
+            assert outcomes[-1] == "succeeded"
+            assert lines[(job_id, job["attempts"])] == 1, (
+                f"job {job_id}'s successful attempt ran {lines[(job_id, job['attempts'])]} times"
+            )
+        else:
+            assert (job["state"], outcomes[-1]) == ("failed", "lost"), (job, outcomes)
+            assert len(outcomes) == times + 1, f"job {job_id} was not retried as its policy allows: {outcomes}"
+        # A command runs at most once per attempt, and never for an attempt jobd does not know of.
+        for (line_id, number), count in lines.items():
+            if line_id == job_id:
+                assert count == 1 and 1 <= number <= job["attempts"], (job_id, number, count, outcomes)
+    assert lost > 0, "no kill hit a running job: the test did not exercise recovery"
+
+
+def test_fsync_durability_concurrent_submits_survive_kill9(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd("[queue.held]\npaused = true\n", daemon_extra='durability = "fsync"')
+    assert daemon.call("daemon.status")["durability"] == "fsync"
+    threads, per_thread = 32, 4
+    barrier = threading.Barrier(threads)
+    ids: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def submitter(n: int) -> None:
+        try:
+            with daemon.client() as client:
+                barrier.wait(30)
+                for i in range(per_thread):
+                    job = client.call("job.submit", {"command": ["/bin/echo", f"{n}.{i}"], "queue": "held"}, timeout=30)
+                    with lock:
+                        ids.append(job["id"])
+        except BaseException as error:  # reported below, in the test's thread
+            with lock:
+                errors.append(error)
+
+    workers = [threading.Thread(target=submitter, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert errors == []
+    assert len(ids) == len(set(ids)) == threads * per_thread
+
+    kill9(daemon)
+    start(daemon)
+    jobs = all_jobs(daemon)
+    assert sorted(job["id"] for job in jobs) == sorted(ids)
+    assert {job["state"] for job in jobs} == {"queued"}
+    assert queue_info(daemon, "held")["queued"] == threads * per_thread
+
+
+# --- SIGTERM ------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_running_job_and_requeues_it(jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path) -> None:
+    record = tmp_path / "record"
+    trap = (
+        'if [ "$JOBD_ATTEMPT" -gt 1 ]; then echo "attempt $JOBD_ATTEMPT" >> "$0"; exit 0; fi; '
+        'trap \'echo "got TERM" >> "$0"; exit 0\' TERM; '
+        'sleep 600 & echo $! > "$0.child"; echo ready >&3; wait'
+    )
+    daemon = jobd()
+    events = subscribe(daemon, ["job.log"])
+    job_id = daemon.submit(command=["/bin/sh", "-c", trap, str(record)])["id"]
+    wait_ready_lines(events, 1)
+    events.close()
+    pidfds.watch("background sleep", read_pid(Path(f"{record}.child")))
+
+    assert terminate(daemon) == 0  # waits for STOPPING=1, then for the exit
+    assert record.read_text() == "got TERM\n"
+    assert pidfds.wait_exited() == []  # the SIGTERM went to the whole process group
+
+    start(daemon)
+    job = daemon.wait(job_id)
+    assert (job["state"], job["attempts"]) == ("succeeded", 2), job
+    assert [t["outcome"] for t in tries(daemon, job_id)] == ["killed", "succeeded"]
+    assert record.read_text() == "got TERM\nattempt 2\n"
+
+
+def test_sigterm_kills_a_leader_ignoring_it_after_kill_grace(jobd: Callable[..., Daemon], pidfds: Pidfds) -> None:
+    stubborn = 'if [ "$JOBD_ATTEMPT" -gt 1 ]; then exit 0; fi; trap "" TERM; echo ready >&3; exec sleep 600'
+    daemon = jobd()
+    events = subscribe(daemon, ["job.log"])
+    job_id = daemon.submit(command=["/bin/sh", "-c", stubborn])["id"]
+    wait_ready_lines(events, 1)
+    events.close()
+    pidfds.watch("leader", tries(daemon, job_id)[0]["pid"])
+
+    assert terminate(daemon, timeout=20) == 0  # kill_grace is 2 s in the harness
+    assert pidfds.alive() == []
+
+    start(daemon)
+    first = tries(daemon, job_id)[0]
+    assert (first["outcome"], first["signal"], first["exit_code"]) == ("killed", 9, None), first
+    job = daemon.wait(job_id)
+    assert (job["state"], job["attempts"]) == ("succeeded", 2), job
+
+
+# --- history retention --------------------------------------------------------------------------------------
+
+
+def test_history_keep_last(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(daemon_extra="history = { keep_last = 5 }")
+    ids = []
+    for i in range(10):
+        job_id = daemon.submit(command=["/bin/echo", f"job {i}"])["id"]
+        assert daemon.wait(job_id)["state"] == "succeeded"
+        ids.append(job_id)
+    output = daemon.state_dir / "output"
+
+    assert sorted(job["id"] for job in all_jobs(daemon)) == ids[5:]
+    for job_id in ids[:5]:
+        with pytest.raises(RemoteError) as info:
+            daemon.call("job.get", {"id": job_id})
+        assert info.value.code == "UNKNOWN_JOB"
+        assert not (output / str(job_id)).exists(), f"output of expired job {job_id} is still there"
+    for i, job_id in enumerate(ids[5:], start=5):
+        assert (output / str(job_id)).is_dir()
+        assert daemon.output(job_id) == f"job {i}\n"
+
+
+def test_history_keep_days_expires_by_itself(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(daemon_extra="history = { keep_days = 0.00002 }")  # 1.728 s
+    old = daemon.submit(command=["/bin/echo", "old"])["id"]
+    assert daemon.wait(old)["state"] == "succeeded"
+    assert daemon.call("job.get", {"id": old})["state"] == "succeeded"
+    output = daemon.state_dir / "output" / str(old)
+    assert output.is_dir()
+
+    # No event says "expired": let a job of the daemon's own measure out 3 s, then look.
+    clock = daemon.submit(command=["/bin/sleep", "3"])["id"]
+    assert daemon.wait(clock)["state"] == "succeeded"
+    with pytest.raises(RemoteError) as info:
+        daemon.call("job.get", {"id": old})
+    assert info.value.code == "UNKNOWN_JOB"
+    assert not output.exists()
+    assert daemon.call("job.get", {"id": clock})["state"] == "succeeded"  # younger than keep_days: still there

@@ -1,0 +1,349 @@
+"""Live reload of a real jobd: daemon.reload, inotify, SIGHUP; broken files; queue changes; running jobs untouched.
+
+Jobs that must stay running are held by lock files the test owns (`flock`), so the test decides when they end.
+Reloads are awaited through the daemon's own signals: the reply to daemon.reload, or the RELOADING=1 / READY=1 pair
+it sends over NOTIFY_SOCKET.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Daemon
+from recovery.support import Gate, attach, gated, pump_of, start, stop_pumps, terminate
+
+from jobd.client import RemoteError
+
+TASKS = """
+[task.echo]
+command = ["/bin/echo"]
+"""
+
+
+@pytest.fixture
+def jobd(make_daemon: Any) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(config: str = "", daemon_extra: str = "") -> Daemon:
+        daemon: Daemon = make_daemon(config, daemon_extra=daemon_extra)
+        attach(daemon)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    stop_pumps(made)
+
+
+@pytest.fixture
+def gates(tmp_path: Path) -> Iterator[Callable[[str], Gate]]:
+    made: list[Gate] = []
+
+    def make(name: str) -> Gate:
+        gate = Gate(tmp_path / f"{name}.lock")
+        made.append(gate)
+        return gate
+
+    yield make
+    for gate in made:
+        gate.release()
+
+
+def remote_error(daemon: Daemon, method: str, params: dict[str, Any] | None = None) -> RemoteError:
+    with pytest.raises(RemoteError) as info:
+        daemon.call(method, params)
+    return info.value
+
+
+def queue(daemon: Daemon, name: str) -> dict[str, Any]:
+    queues = {q["name"]: q for q in daemon.call("queue.list")["queues"]}
+    assert name in queues, f"queue {name!r} not listed: {sorted(queues)}"
+    found: dict[str, Any] = queues[name]
+    return found
+
+
+def queue_names(daemon: Daemon) -> set[str]:
+    return {q["name"] for q in daemon.call("queue.list")["queues"]}
+
+
+def states(daemon: Daemon, ids: list[int]) -> list[str]:
+    return [daemon.call("job.get", {"id": job_id})["state"] for job_id in ids]
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """As editors and config tools do: a hidden temporary file renamed over the real one."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- daemon.reload ------------------------------------------------------------------------------------------
+
+
+def test_reload_makes_a_new_task_submittable(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(TASKS)
+    assert remote_error(daemon, "job.submit", {"task": "hello"}).code == "UNKNOWN_TASK"
+
+    daemon.write_config(TASKS + '\n[task.hello]\ncommand = ["/bin/echo", "hello from the new task"]\n')
+    reply = daemon.call("daemon.reload")
+    assert reply["ok"] is True
+    assert str(daemon.config_dir / "jobd.toml") in reply["files"]
+
+    job = daemon.wait(daemon.submit(task="hello")["id"])
+    assert job["state"] == "succeeded", job
+    assert daemon.output(job["id"]) == "hello from the new task\n"
+    status = daemon.call("daemon.status")
+    assert status["last_reload"]["ok"] is True and status["last_reload"]["error"] is None
+
+
+def test_concurrency_change_applies_at_once(jobd: Callable[..., Daemon], gates: Callable[[str], Gate]) -> None:
+    config = "[queue.work]\nconcurrency = {n}\n"
+    daemon = jobd(config.format(n=1))
+    held = [gates(f"job{i}") for i in range(5)]
+    ids = [
+        daemon.submit(command=gated(gate, "/bin/echo", f"done {i}"), queue="work")["id"] for i, gate in enumerate(held)
+    ]
+    assert states(daemon, ids) == ["running"] + ["queued"] * 4
+
+    # Raised: waiting jobs start as part of the reload itself.
+    daemon.write_config(config.format(n=3))
+    assert daemon.call("daemon.reload")["ok"] is True
+    work = queue(daemon, "work")
+    assert (work["concurrency"], work["running"], work["queued"]) == (3, 3, 2), work
+    running = daemon.call("job.list", {"state": "running", "queue": "work"})["jobs"]
+    assert sorted(job["id"] for job in running) == ids[:3]
+
+    # Lowered: the three running jobs go on, untouched; nothing starts until the queue is under the new limit.
+    daemon.write_config(config.format(n=1))
+    assert daemon.call("daemon.reload")["ok"] is True
+    work = queue(daemon, "work")
+    assert (work["concurrency"], work["running"], work["queued"]) == (1, 3, 2), work
+    for job_id in ids[:3]:
+        job = daemon.call("job.get", {"id": job_id})
+        assert (job["state"], job["attempts"]) == ("running", 1), job
+
+    for finished, expected in ((0, ["running", "running", "queued", "queued"]), (1, ["running", "queued", "queued"])):
+        held[finished].release()
+        assert daemon.wait(ids[finished])["state"] == "succeeded"
+        # The end of a job is when its queue starts the next one, so this is already the settled picture.
+        assert states(daemon, ids[finished + 1 :]) == expected, f"after job {finished + 1} ended"
+        assert queue(daemon, "work")["running"] == 3 - (finished + 1)
+
+    held[2].release()
+    assert daemon.wait(ids[2])["state"] == "succeeded"
+    assert states(daemon, ids[3:]) == ["running", "queued"]  # now under the limit: exactly one starts
+    held[3].release()
+    held[4].release()
+    for i, job_id in enumerate(ids):
+        assert daemon.wait(job_id)["state"] == "succeeded"
+        assert daemon.output(job_id) == f"done {i}\n"
+
+
+# --- broken files -------------------------------------------------------------------------------------------
+
+
+def wait_status(daemon: Daemon, match: Callable[[str], bool]) -> str:
+    return pump_of(daemon).wait_for(lambda line: line.startswith("STATUS=") and match(line))
+
+
+def test_broken_drop_in_keeps_the_running_config(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(TASKS)
+    drop_ins = daemon.config_dir / "jobd.d"
+    bad = drop_ins / "50-bad.toml"
+    # Written first, so that no reload can ever see 40-new.toml without the broken file beside it.
+    atomic_write(bad, "[queue.default]\nconcurrency = 2\nscheduler = \n")
+    atomic_write(drop_ins / "40-new.toml", '[task.fresh]\ncommand = ["/bin/echo", "fresh"]\n')
+
+    # 1. TOML syntax error
+    error = remote_error(daemon, "daemon.reload")
+    assert error.code == "CONFIG_INVALID", error
+    assert error.data["file"] == str(bad)
+    assert error.data["line"] == 3
+    assert f"{bad}:3" in error.message
+
+    def old_config_works() -> None:
+        job = daemon.wait(daemon.submit(task="echo", args=["still", "here"])["id"])
+        assert job["state"] == "succeeded" and daemon.output(job["id"]) == "still here\n"
+        # All or nothing: the valid new file next to the broken one did not apply either.
+        assert remote_error(daemon, "job.submit", {"task": "fresh"}).code == "UNKNOWN_TASK"
+        assert queue(daemon, "default")["concurrency"] == 1
+
+    old_config_works()
+    last = daemon.call("daemon.status")["last_reload"]
+    assert last["ok"] is False and str(bad) in last["error"], last
+    line = wait_status(daemon, lambda line: "reload failed" in line)
+    assert str(bad) in line, line
+
+    # 2. A semantic error: an unknown key, named with file, line and dotted key.
+    atomic_write(bad, "[queue.default]\nconcurrency = 2\nconcurency = 3\n")
+    error = remote_error(daemon, "daemon.reload")
+    assert error.code == "CONFIG_INVALID", error
+    assert (error.data["file"], error.data["line"], error.data["key"]) == (str(bad), 3, "queue.default.concurency")
+    assert f"{bad}:3" in error.message and "concurency" in error.message and "concurrency" in error.message
+    old_config_works()
+    last = daemon.call("daemon.status")["last_reload"]
+    assert last["ok"] is False and "queue.default.concurency" in last["error"], last
+    wait_status(daemon, lambda line: "reload failed" in line and "concurency" in line)
+
+    # 3. Fixed: the next reload applies everything.
+    atomic_write(bad, "[queue.default]\nconcurrency = 2\n")
+    reply = daemon.call("daemon.reload")
+    assert reply["ok"] is True and str(bad) in reply["files"] and str(drop_ins / "40-new.toml") in reply["files"]
+    job = daemon.wait(daemon.submit(task="fresh")["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "fresh\n"
+    assert queue(daemon, "default")["concurrency"] == 2
+    last = daemon.call("daemon.status")["last_reload"]
+    assert last["ok"] is True and last["error"] is None, last
+    wait_status(daemon, lambda line: "reload failed" not in line)
+
+
+# --- reload triggers ----------------------------------------------------------------------------------------
+
+
+def test_inotify_reloads_on_a_new_drop_in(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(TASKS)
+    assert remote_error(daemon, "job.submit", {"task": "watched"}).code == "UNKNOWN_TASK"
+    pump = pump_of(daemon)
+    pump.skip()
+    drop_in = daemon.config_dir / "jobd.d" / "60-watched.toml"
+    atomic_write(drop_in, '[task.watched]\ncommand = ["/bin/echo", "seen by inotify"]\n')
+
+    # No command was sent: only the watcher can have started this reload.
+    pump.wait_for("RELOADING=1")
+    pump.wait_for("READY=1")
+    assert str(drop_in) in daemon.call("daemon.status")["config_files"]
+    job = daemon.wait(daemon.submit(task="watched")["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "seen by inotify\n"
+
+
+def test_sighup_reloads(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(TASKS)
+    pump = pump_of(daemon)
+    # The drop-in is a symlink to a file outside the watched directories: editing that file is invisible to
+    # inotify, so only the SIGHUP can make the daemon see the edit.
+    outside = daemon.root / "outside.toml"
+    outside.write_text("# nothing yet\n")
+    link = daemon.config_dir / "jobd.d" / "70-linked.toml"
+    pump.skip()
+    link.symlink_to(outside)
+    pump.wait_for("RELOADING=1")
+    pump.wait_for("READY=1")
+    assert str(link) in daemon.call("daemon.status")["config_files"]
+
+    outside.write_text('[task.hupped]\ncommand = ["/bin/echo", "after SIGHUP"]\n')
+    assert remote_error(daemon, "job.submit", {"task": "hupped"}).code == "UNKNOWN_TASK"
+    os.kill(daemon.pid, signal.SIGHUP)
+    pump.wait_for("RELOADING=1")
+    pump.wait_for("READY=1")
+    job = daemon.wait(daemon.submit(task="hupped")["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "after SIGHUP\n"
+
+
+# --- what a reload does to queues and jobs ------------------------------------------------------------------
+
+
+def test_removed_queue_drains_and_takes_nothing_new(jobd: Callable[..., Daemon], gates: Callable[[str], Gate]) -> None:
+    daemon = jobd(TASKS + "\n[queue.extra]\nconcurrency = 1\n")
+    first, second = gates("first"), gates("second")
+    a = daemon.submit(command=gated(first, "/bin/echo", "a"), queue="extra")["id"]
+    b = daemon.submit(command=gated(second, "/bin/echo", "b"), queue="extra")["id"]
+    assert states(daemon, [a, b]) == ["running", "queued"]
+
+    daemon.write_config(TASKS)
+    assert daemon.call("daemon.reload")["ok"] is True
+    extra = queue(daemon, "extra")
+    assert (extra["closed"], extra["running"], extra["queued"]) == (True, 1, 1), extra
+    error = remote_error(daemon, "job.submit", {"command": ["/bin/true"], "queue": "extra"})
+    assert error.code == "QUEUE_CLOSED", error
+
+    first.release()
+    assert daemon.wait(a)["state"] == "succeeded"
+    assert states(daemon, [b]) == ["running"]  # the queued one still runs
+    extra = queue(daemon, "extra")
+    assert (extra["closed"], extra["running"], extra["queued"]) == (True, 1, 0), extra
+    assert remote_error(daemon, "job.submit", {"command": ["/bin/true"], "queue": "extra"}).code == "QUEUE_CLOSED"
+
+    second.release()
+    assert daemon.wait(b)["state"] == "succeeded"
+    assert [daemon.output(a), daemon.output(b)] == ["a\n", "b\n"]
+    # Drained: "then it disappears" (docs/config.md).
+    assert "extra" not in queue_names(daemon)
+
+
+def test_running_job_keeps_its_command_and_timeout(jobd: Callable[..., Daemon], gates: Callable[[str], Gate]) -> None:
+    task = """
+    [queue.default]
+    concurrency = 2
+
+    [queue.parked]
+    paused = true
+
+    [task.step]
+    command = ["/bin/sh", "-c", 'flock "$0" true && echo {version}']
+    timeout = {timeout}
+    """
+    daemon = jobd(task.format(version="v1", timeout=60))
+    gate1, gate2 = gates("one"), gates("two")
+    one = daemon.submit(task="step", args=[str(gate1.path)])
+    assert one["state"] == "running"
+
+    daemon.write_config(task.format(version="v2", timeout=0.3))
+    assert daemon.call("daemon.reload")["ok"] is True
+    # New jobs get the new definition ...
+    parked = daemon.submit(task="step", args=[str(gate2.path)], queue="parked")
+    assert parked["command"][2].endswith("echo v2") and parked["timeout"] == 0.3, parked
+    daemon.call("job.cancel", {"id": parked["id"]})
+    # ... and one of them, blocked on its gate, is timed out by the daemon: time enough for the new 0.3 s limit
+    # to have ended job one too, had the reload touched it.
+    two = daemon.submit(task="step", args=[str(gate2.path)], timeout=1.5)
+    assert daemon.wait(two["id"])["state"] == "timed_out"
+
+    job = daemon.call("job.get", {"id": one["id"]})
+    assert (job["state"], job["attempts"], job["timeout"]) == ("running", 1, 60.0), job
+    assert job["command"] == one["command"] and job["command"][2].endswith("echo v1")
+    gate1.release()
+    job = daemon.wait(one["id"])
+    assert job["state"] == "succeeded", job
+    assert daemon.output(one["id"]) == "v1\n"
+
+
+def test_paused_queue_from_config_and_api_pause_across_restart(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(
+        """
+        [queue.held]
+        paused = true
+
+        [queue.open]
+        concurrency = 1
+        """
+    )
+    held = queue(daemon, "held")
+    assert held["paused"] is True
+    first = daemon.submit(command=["/bin/echo", "first"], queue="held")
+    assert first["state"] == "queued"  # the queue would have started it before replying
+    held = queue(daemon, "held")
+    assert (held["running"], held["queued"]) == (0, 1), held
+
+    assert daemon.call("queue.resume", {"name": "held"})["paused"] is False
+    assert daemon.wait(first["id"])["state"] == "succeeded"
+
+    assert daemon.call("queue.pause", {"name": "open"})["paused"] is True
+    waiting = daemon.submit(command=["/bin/echo", "waiting"], queue="open")
+    assert waiting["state"] == "queued"
+
+    assert terminate(daemon) == 0
+    start(daemon)
+    # The API's word survives the restart in both directions: `open` stays paused, `held` stays resumed.
+    assert queue(daemon, "open")["paused"] is True
+    assert daemon.call("job.get", {"id": waiting["id"]})["state"] == "queued"
+    assert queue(daemon, "held")["paused"] is False
+    again = daemon.submit(command=["/bin/echo", "again"], queue="held")
+    assert daemon.wait(again["id"])["state"] == "succeeded"
+
+    daemon.call("queue.resume", {"name": "open"})
+    assert daemon.wait(waiting["id"])["state"] == "succeeded"
+    assert daemon.output(waiting["id"]) == "waiting\n"
