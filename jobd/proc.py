@@ -75,12 +75,39 @@ class ExitInfo:
     truncated: bool
 
 
+class _LazyFile:
+    """An output file created (with its directory) on the first byte: a silent job costs no file at all."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def fd(self) -> int:
+        if self._fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            try:
+                self._fd = os.open(self.path, flags, 0o640)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+                self._fd = os.open(self.path, flags, 0o640)
+        return self._fd
+
+    @property
+    def opened(self) -> bool:
+        return self._fd is not None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class _OutputSink:
     """Drains one pipe into a file, keeping at most `cap` bytes and counting the rest."""
 
     def __init__(self, read_fd: int, path: str, cap: int, on_data: Callable[[], None]) -> None:
         self.read_fd = read_fd
-        self.file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        self.file = _LazyFile(path)
         self.cap = cap
         self.kept = 0
         self.dropped = 0
@@ -90,10 +117,16 @@ class _OutputSink:
     def drain_once(self) -> bool:
         """Move one chunk; False once the pipe is empty (EAGAIN) or closed (EOF)."""
         try:
-            if self.kept < self.cap:
+            if self.kept < self.cap and not self.file.opened:
+                # The first chunk is read, not spliced, so that a pipe that only reports EOF creates no file.
+                data = os.read(self.read_fd, min(self.cap - self.kept, _DISCARD_CHUNK))
+                n = len(data)
+                if n:
+                    self.kept += os.write(self.file.fd(), data)
+            elif self.kept < self.cap:
                 # SPLICE_F_NONBLOCK is needed although the pipe is O_NONBLOCK: splice() ignores that flag.
                 room = min(self.cap - self.kept, _SPLICE_CHUNK)
-                n = os.splice(self.read_fd, self.file_fd, room, flags=os.SPLICE_F_NONBLOCK)
+                n = os.splice(self.read_fd, self.file.fd(), room, flags=os.SPLICE_F_NONBLOCK)
                 self.kept += n
             else:
                 n = len(os.read(self.read_fd, _DISCARD_CHUNK))
@@ -108,7 +141,7 @@ class _OutputSink:
 
     def close(self) -> None:
         os.close(self.read_fd)
-        os.close(self.file_fd)
+        self.file.close()
 
 
 class _ProgressReader:
@@ -123,7 +156,7 @@ class _ProgressReader:
         on_log: Callable[[str], None],
     ) -> None:
         self.read_fd = read_fd
-        self.file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        self.file = _LazyFile(path)
         self.cap = cap
         self.kept = 0
         self.eof = False
@@ -179,11 +212,11 @@ class _ProgressReader:
         room = self.cap - self.kept
         if room > 0:
             chunk = (raw + b"\n")[:room]
-            self.kept += os.write(self.file_fd, chunk)
+            self.kept += os.write(self.file.fd(), chunk)
 
     def close(self) -> None:
         os.close(self.read_fd)
-        os.close(self.file_fd)
+        self.file.close()
 
 
 class Child:

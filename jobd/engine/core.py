@@ -215,9 +215,7 @@ class Engine:
         self._counts_changed()
 
     def _output_paths(self, job_id: int, attempt: int) -> dict[str, Path]:
-        directory = self.output_dir / str(job_id)
-        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-        return {stream: directory / f"{attempt}.{stream}" for stream in STREAMS}
+        return {stream: self.output_path(job_id, attempt, stream) for stream in STREAMS}
 
     def _environment(self, job: Job, attempt: int) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}
