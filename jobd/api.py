@@ -24,6 +24,7 @@ from jobd.model import MAX_PRIORITY, JobState, RetryPolicy, iso
 from jobd.store import JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
+MAX_SECONDS = 100 * 366 * 86400  # delays, timeouts, graces: a century keeps every date representable
 MAX_BATCH = 10_000
 
 
@@ -73,13 +74,14 @@ class Params:
             raise InvalidParams(f"{self.method}: missing parameter {name!r} (an integer)", param=name)
         return value
 
-    def number(self, name: str, *, low: float = 0.0, positive: bool = False) -> float | None:
+    def number(self, name: str, *, low: float = 0.0, positive: bool = False, high: float = MAX_SECONDS) -> float | None:
         value = self.take(name)
         if value is None:
             return None
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or value < low or (positive and value <= 0):
-            raise self.bad(name, "a number > 0" if positive else f"a number >= {low:g}")
+        if not ok or value < low or (positive and value <= 0) or value > high:
+            floor = "> 0" if positive else f">= {low:g}"
+            raise self.bad(name, f"a number {floor} and <= {high:g}")
         return float(value)
 
     def text(self, name: str, *, choices: tuple[str, ...] = ()) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,25 @@ class Frame:
     is_batch: bool
 
 
+# JSON may spell a surrogate half as an escape; paired halves make a character, a lone one makes a string that
+# cannot be stored or sent back. Only requests that contain such an escape pay for the walk below.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _is_unicode(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_is_unicode(key) and _is_unicode(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_is_unicode(item) for item in value)
+    return True
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -51,6 +71,8 @@ def decode(line: bytes) -> Frame:
         raise ParseError("request is nested too deeply") from None
     except ValueError as error:
         raise ParseError(f"request is not valid JSON: {error}") from None
+    if _SURROGATE_ESCAPE.search(text) and not _is_unicode(data):
+        raise ParseError("request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not Unicode text")
     if isinstance(data, list):
         if not data:
             raise InvalidRequest("an empty batch is not a valid request")
@@ -65,7 +87,7 @@ def _member(data: Any) -> Member:
     if data.get("jsonrpc") != "2.0":
         return Invalid(request_id, InvalidRequest('"jsonrpc" must be "2.0"'))
     if isinstance(request_id, bool) or not isinstance(request_id, str | int | None):
-        return Invalid(None, InvalidRequest('"id" must be a string, a number or null'))
+        return Invalid(None, InvalidRequest('"id" must be a string, an integer or null'))
     method = data.get("method")
     if not isinstance(method, str):
         return Invalid(request_id, InvalidRequest('"method" must be a string'))

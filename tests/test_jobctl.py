@@ -1,0 +1,659 @@
+"""jobctl, the real command line, run as a subprocess against a real daemon: output, exit codes, options.
+
+Every call is `python -m jobd.jobctl --socket SOCK ...` with stdout and stderr captured (so stderr is not a
+terminal and `wait` makes one blocking job.wait call). The tests check jobctl's results against the daemon's own
+view through the API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parent.parent
+DEADLINE = 30.0
+SUBMITTED = re.compile(r"^job (\d+) (delayed|queued|running) in (\S+)")
+
+
+class Result:
+    def __init__(self, process: subprocess.CompletedProcess[bytes]) -> None:
+        self.code = process.returncode
+        self.stdout = process.stdout
+        self.stderr = process.stderr
+        self.out = process.stdout.decode(errors="replace")
+        self.err = process.stderr.decode(errors="replace")
+
+    def __repr__(self) -> str:
+        return f"<jobctl exit {self.code}\nstdout: {self.out!r}\nstderr: {self.err!r}>"
+
+
+def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("JOBD_SOCKET", "COLUMNS")}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra or {})
+    return env
+
+
+def jobctl_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jobd.jobctl", *args]
+
+
+def run_jobctl(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"") -> Result:
+    process = subprocess.run(
+        jobctl_argv(*args), input=stdin, capture_output=True, env=environment(env), timeout=DEADLINE
+    )
+    result = Result(process)
+    assert "Traceback" not in result.err, result
+    return result
+
+
+def ctl(daemon: Any, *args: str, **kwargs: Any) -> Result:
+    """jobctl --socket DAEMON'S SOCKET ARGS..."""
+    return run_jobctl("--socket", str(daemon.socket_path), *args, **kwargs)
+
+
+def submitted_id(result: Result) -> int:
+    match = SUBMITTED.match(result.out)
+    assert match, result
+    return int(match.group(1))
+
+
+def job_count(daemon: Any) -> int:
+    return len(daemon.call("job.list", {"limit": 1000})["jobs"])
+
+
+def read_until(stream: Any, wanted: bytes, timeout: float = DEADLINE) -> bytes:
+    """Reads a pipe until `wanted` has been seen (select with a deadline: blocks, never polls)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    fd = stream.fileno()
+    while wanted not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, f"never saw {wanted!r}; got {data!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"pipe closed before {wanted!r}; got {data!r}"
+            data += chunk
+    return data
+
+
+# -- run and submit ---------------------------------------------------------------------------------------------
+
+
+def test_run_prints_the_job_id(daemon: Any) -> None:
+    result = ctl(daemon, "run", "--", "/bin/echo", "hi")
+    assert result.code == 0, result
+    assert result.out.count("\n") == 1, result
+    match = SUBMITTED.match(result.out)
+    assert match and match.group(3) == "default", result
+    job_id = int(match.group(1))
+    job = daemon.wait(job_id)
+    assert job["command"] == ["/bin/echo", "hi"]
+    assert job["state"] == "succeeded"
+    assert daemon.output(job_id) == "hi\n"
+
+
+def test_run_without_separator_and_options_before_the_command(daemon: Any) -> None:
+    result = ctl(
+        daemon, "run", "-q", "serial", "-p", "7", "--context", "ctx-1", "-e", "X=1", "/bin/sh", "-c", "echo $X"
+    )
+    assert result.code == 0, result
+    job = daemon.wait(submitted_id(result))
+    assert job["command"] == ["/bin/sh", "-c", "echo $X"]
+    assert (job["queue"], job["priority"], job["context"]) == ("serial", 7, "ctx-1")
+    assert daemon.output(job["id"]) == "1\n"
+
+
+def test_run_json_gives_the_job_object(daemon: Any) -> None:
+    for args in (("--json", "run", "--", "/bin/echo", "hi"), ("run", "--json", "--", "/bin/echo", "hi")):
+        result = ctl(daemon, *args)
+        assert result.code == 0, result
+        assert result.out.endswith("\n") and result.out.count("\n") == 1, result
+        result.stdout.decode("ascii")  # one line, ASCII
+        job = json.loads(result.out)
+        assert isinstance(job["id"], int)
+        assert job["command"] == ["/bin/echo", "hi"]
+        assert job["queue"] == "default"
+        assert job["state"] in ("queued", "running", "succeeded")
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+
+
+def test_run_wait_exits_with_the_job_code(daemon: Any) -> None:
+    result = ctl(daemon, "run", "--wait", "--", "sh", "-c", "exit 5")
+    assert result.code == 5, result
+    job_id = submitted_id(result)  # the submit line comes first
+    assert f"job {job_id} failed: exit code 5" in result.err, result
+    job = daemon.call("job.get", {"id": job_id})
+    assert (job["state"], job["exit_code"]) == ("failed", 5)
+
+    result = ctl(daemon, "run", "--wait", "--", "/bin/true")
+    assert result.code == 0, result
+    assert "succeeded" in result.err
+
+
+def test_run_with_stdin_file_feeds_the_job(daemon: Any, tmp_path: Path) -> None:
+    data = b"binary \xff\xfe\x00 input\n"
+    source = tmp_path / "input.bin"
+    source.write_bytes(data)
+    result = ctl(daemon, "run", "--wait", "--stdin-file", str(source), "--", "/bin/cat")
+    assert result.code == 0, result
+    assert ctl(daemon, "log", str(submitted_id(result))).stdout == data
+
+    result = ctl(daemon, "run", "--wait", "--stdin-file", "-", "--", "/bin/cat", stdin=b"from jobctl's stdin\n")
+    assert result.code == 0, result
+    assert daemon.output(submitted_id(result)) == "from jobctl's stdin\n"
+
+
+def test_submit_a_task_with_args(daemon: Any) -> None:
+    result = ctl(daemon, "submit", "echo", "hello", "world")
+    assert result.code == 0, result
+    job = daemon.wait(submitted_id(result))
+    assert job["task"] == "echo"
+    assert job["command"] == ["/bin/echo", "hello", "world"]
+    assert daemon.output(job["id"]) == "hello world\n"
+
+
+def test_submit_an_env_task_with_params(daemon: Any) -> None:
+    result = ctl(daemon, "submit", "-P", "A=1", "--param", "B=two words", "envtask")
+    assert result.code == 0, result
+    job = daemon.wait(submitted_id(result))
+    assert daemon.output(job["id"]) == "A=1 B=two words\n"
+
+    result = ctl(daemon, "submit", "envtask", "-P", "A=x=y")  # options may follow TASK; a value may hold '='
+    assert result.code == 0, result
+    assert daemon.output(daemon.wait(submitted_id(result))["id"]) == "A=x=y B=\n"
+
+
+def test_submit_args_and_params_together_is_a_usage_error(daemon: Any) -> None:
+    before = job_count(daemon)
+    result = ctl(daemon, "submit", "echo", "x", "-P", "A=1")
+    assert result.code == 2, result
+    assert result.out == ""
+    assert result.err.startswith("jobctl: "), result
+    assert job_count(daemon) == before
+
+
+def test_submit_an_unknown_task_is_a_daemon_error(daemon: Any) -> None:
+    result = ctl(daemon, "submit", "nope")
+    assert result.code == 1, result
+    assert result.err.startswith("jobctl: UNKNOWN_TASK: "), result
+    assert "nope" in result.err
+
+
+# -- wait -------------------------------------------------------------------------------------------------------
+
+
+def test_wait_exits_with_the_job_exit_code(daemon: Any) -> None:
+    for code in (0, 3, 77, 255):
+        job = daemon.submit(command=["/bin/sh", "-c", f"exit {code}"])
+        result = ctl(daemon, "wait", str(job["id"]))
+        assert result.code == code, result
+        expected = f"job {job['id']} succeeded" if code == 0 else f"job {job['id']} failed: exit code {code}"
+        assert expected in result.err, result
+        assert result.out == ""
+
+
+def test_wait_exits_128_plus_the_signal(daemon: Any) -> None:
+    for name, number in (("TERM", 15), ("KILL", 9), ("SEGV", 11)):
+        job = daemon.submit(command=["/bin/sh", "-c", f"kill -{name} $$"])
+        result = ctl(daemon, "wait", str(job["id"]))
+        assert result.code == 128 + number, result
+        assert f"killed by SIG{name}" in result.err, result
+
+
+def test_wait_exits_124_for_a_timed_out_job(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sleep", "30"], timeout=0.2)
+    result = ctl(daemon, "wait", str(job["id"]))
+    assert result.code == 124, result
+    assert "timed out" in result.err
+    assert daemon.call("job.get", {"id": job["id"]})["state"] == "timed_out"
+
+
+def test_wait_exits_125_for_a_cancelled_job(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sleep", "30"])
+    waiter = subprocess.Popen(
+        jobctl_argv("--socket", str(daemon.socket_path), "wait", str(job["id"])),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment(),
+    )
+    try:
+        daemon.call("job.cancel", {"id": job["id"]})
+        out, err = waiter.communicate(timeout=DEADLINE)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 125, (out, err)
+    assert f"job {job['id']} cancelled" in err.decode()
+
+
+def test_wait_json_prints_the_final_job(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sh", "-c", "exit 3"])
+    result = ctl(daemon, "--json", "wait", str(job["id"]))
+    assert result.code == 3, result
+    final = json.loads(result.out)
+    assert (final["id"], final["state"], final["exit_code"]) == (job["id"], "failed", 3)
+    assert "exit code 3" not in result.err  # the outcome line is left out with --json
+
+
+def test_wait_timeout_exits_4_and_leaves_the_job_alone(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sleep", "30"])
+    result = ctl(daemon, "wait", "--timeout", "0.2", str(job["id"]))
+    assert result.code == 4, result
+    assert f"job {job['id']} is still running" in result.err, result
+    assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"
+    daemon.call("job.cancel", {"id": job["id"]})
+
+
+def test_wait_for_a_spawn_error_exits_1(daemon: Any) -> None:
+    job = daemon.submit(command=["/nonexistent/program"])
+    result = ctl(daemon, "wait", str(job["id"]))
+    assert result.code == 1, result
+    assert "/nonexistent/program" in result.err
+
+
+# -- status, ls -------------------------------------------------------------------------------------------------
+
+
+def test_status_of_the_daemon(daemon: Any) -> None:
+    result = ctl(daemon, "status")
+    assert result.code == 0, result
+    assert re.search(rf"^jobd:\s+\S+, pid {daemon.pid}$", result.out, re.M), result
+    assert str(daemon.config_dir / "jobd.toml") in result.out
+    assert re.search(r"^\s+default\s+2\s+priority\s", result.out, re.M), result
+    assert re.search(r"^\s+serial\s+1\s+priority\s", result.out, re.M), result
+
+    status = json.loads(ctl(daemon, "--json", "status").out)
+    assert status["pid"] == daemon.pid
+    assert {q["name"] for q in status["queues"]} == {"default", "serial"}
+
+
+def test_status_of_a_job(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sh", "-c", "exit 4"], context="who-17")
+    daemon.wait(job["id"])
+    result = ctl(daemon, "status", str(job["id"]))
+    assert result.code == 0, result
+    fields = dict(re.findall(r"^(\w[\w ]*):\s+(.*)$", result.out, re.M))
+    assert fields["id"] == str(job["id"])
+    assert fields["state"] == "failed"
+    assert fields["command"] == "/bin/sh -c 'exit 4'"
+    assert fields["queue"] == "default"
+    assert fields["context"] == "who-17"
+    assert fields["exit"] == "4"
+    assert "tries:" in result.out
+    assert re.search(r"^\s+1\s+failed\s+4\s", result.out, re.M), result
+
+    detail = json.loads(ctl(daemon, "--json", "status", str(job["id"])).out)
+    assert detail["id"] == job["id"] and detail["state"] == "failed"
+    assert [t["outcome"] for t in detail["tries"]] == ["failed"]
+
+
+def ls_ids(result: Result) -> list[int]:
+    lines = result.out.splitlines()
+    assert lines and lines[0].split()[:2] == ["ID", "STATE"], result
+    return [int(line.split()[0]) for line in lines[1:]]
+
+
+def test_ls_lists_newest_first_and_filters_by_state(daemon: Any) -> None:
+    done = daemon.submit(command=["/bin/true"])
+    daemon.wait(done["id"])
+    delayed = [daemon.submit(command=["/bin/true"], delay=3600)["id"] for _ in range(3)]
+    cancelled = daemon.submit(command=["/bin/true"], delay=3600)["id"]
+    daemon.call("job.cancel", {"id": cancelled})
+
+    result = ctl(daemon, "ls")
+    assert result.code == 0, result
+    assert ls_ids(result) == [cancelled, *reversed(delayed), done["id"]]
+    rows = {int(line.split()[0]): line.split()[1] for line in result.out.splitlines()[1:]}
+    assert rows[done["id"]] == "succeeded" and rows[cancelled] == "cancelled"
+
+    assert ls_ids(ctl(daemon, "ls", "--state", "cancelled")) == [cancelled]
+    assert ls_ids(ctl(daemon, "ls", "--state", "delayed", "--state", "succeeded")) == [*reversed(delayed), done["id"]]
+
+    page = ctl(daemon, "ls", "-n", "2")
+    assert ls_ids(page) == [cancelled, delayed[2]]
+    assert f"--before {delayed[2]}" in page.err, page
+    assert ls_ids(ctl(daemon, "ls", "-n", "2", "--before", str(delayed[2]))) == [delayed[1], delayed[0]]
+
+    listing = json.loads(ctl(daemon, "ls", "--json").out)
+    assert [j["id"] for j in listing["jobs"]] == ls_ids(result)
+    assert listing == json.loads(ctl(daemon, "--json", "ls").out)
+
+    empty = ctl(daemon, "ls", "--state", "timed_out")
+    assert empty.code == 0 and empty.out == ""
+    assert "no jobs" in empty.err
+
+    assert ctl(daemon, "ls", "--state", "bogus").code == 2
+
+
+# -- log --------------------------------------------------------------------------------------------------------
+
+
+def test_log_prints_raw_bytes_exactly(daemon: Any) -> None:
+    job = daemon.submit(command=["/usr/bin/printf", r"\xff\xfe\x00A\x80\n"])
+    daemon.wait(job["id"])
+    result = ctl(daemon, "log", str(job["id"]))
+    assert result.code == 0, result
+    assert result.stdout == b"\xff\xfe\x00A\x80\n"
+    # --json does not change log's output.
+    assert ctl(daemon, "--json", "log", str(job["id"])).stdout == b"\xff\xfe\x00A\x80\n"
+
+
+def test_log_stderr(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sh", "-c", r"echo out; printf 'err\377\n' >&2"])
+    daemon.wait(job["id"])
+    assert ctl(daemon, "log", str(job["id"])).stdout == b"out\n"
+    result = ctl(daemon, "log", str(job["id"]), "--stderr")
+    assert result.code == 0, result
+    assert result.stdout == b"err\xff\n"
+
+
+def test_log_of_a_large_output_is_complete(daemon: Any) -> None:
+    # Several job.output chunks: jobctl must stitch them without loss or repetition.
+    job = daemon.submit(command=["/bin/sh", "-c", "seq 1 60000"])
+    daemon.wait(job["id"])
+    result = ctl(daemon, "log", str(job["id"]))
+    assert result.stdout == "".join(f"{n}\n" for n in range(1, 60001)).encode()
+
+
+def test_log_follow_prints_a_running_job_to_its_end(daemon: Any, tmp_path: Path) -> None:
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    # O_RDWR never blocks on a FIFO, and keeps the pipe alive until the job has read from it.
+    gate = os.open(fifo, os.O_RDWR)
+    try:
+        script = 'echo one; read line < "$1"; echo "$line"; printf "three\\377"'
+        job = daemon.submit(command=["/bin/sh", "-c", script, "sh", str(fifo)])
+        follower = subprocess.Popen(
+            jobctl_argv("--socket", str(daemon.socket_path), "log", "-f", str(job["id"])),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment(),
+        )
+        try:
+            assert follower.stdout is not None
+            first = read_until(follower.stdout, b"one\n")  # printed while the job still runs (it waits for us)
+            assert first == b"one\n"
+            assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"
+            os.write(gate, b"two\n")
+            rest, err = follower.communicate(timeout=DEADLINE)
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+    finally:
+        os.close(gate)
+    assert follower.returncode == 0, err
+    assert first + rest == b"one\ntwo\nthree\xff"
+    assert daemon.call("job.get", {"id": job["id"]})["state"] == "succeeded"
+
+
+def test_log_follow_waits_for_a_queued_job_to_start(daemon: Any) -> None:
+    daemon.call("queue.pause", {"name": "serial"})
+    job = daemon.submit(command=["/bin/echo", "late"], queue="serial")
+    follower = subprocess.Popen(
+        jobctl_argv("--socket", str(daemon.socket_path), "log", "-f", str(job["id"])),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment(),
+    )
+    try:
+        daemon.call("queue.resume", {"name": "serial"})
+        out, err = follower.communicate(timeout=DEADLINE)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0, err
+    assert out == b"late\n"
+
+
+def test_log_of_a_job_that_has_not_run(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/true"], delay=3600)
+    result = ctl(daemon, "log", str(job["id"]))
+    assert result.code == 0, result
+    assert result.stdout == b""
+    assert f"job {job['id']} has no output: it has not run (delayed)" in result.err
+
+
+# -- cancel, queues, pause, resume, reload ----------------------------------------------------------------------
+
+
+def test_cancel(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sleep", "30"])
+    result = ctl(daemon, "cancel", str(job["id"]))
+    assert result.code == 0, result
+    assert result.out == f"job {job['id']} cancelled\n"
+    assert daemon.call("job.get", {"id": job["id"]})["state"] == "cancelled"
+
+    again = ctl(daemon, "cancel", str(job["id"]))
+    assert again.code == 1, again
+    assert again.err.startswith("jobctl: JOB_FINISHED: "), again
+
+    queued = daemon.submit(command=["/bin/true"], delay=3600)
+    cancelled = json.loads(ctl(daemon, "--json", "cancel", str(queued["id"])).out)
+    assert (cancelled["id"], cancelled["state"]) == (queued["id"], "cancelled")
+
+
+def queue_rows(result: Result) -> dict[str, list[str]]:
+    lines = result.out.splitlines()
+    assert lines[0].split()[0] == "NAME", result
+    return {line.split()[0]: line.split() for line in lines[1:]}
+
+
+def test_queues(daemon: Any) -> None:
+    result = ctl(daemon, "queues")
+    assert result.code == 0, result
+    rows = queue_rows(result)
+    assert set(rows) == {"default", "serial"}
+    assert rows["default"][1:3] == ["2", "priority"]
+    assert rows["serial"][-1] == "-"
+    listing = json.loads(ctl(daemon, "--json", "queues").out)
+    assert {q["name"]: q["concurrency"] for q in listing["queues"]} == {"default": 2, "serial": 1}
+
+
+def test_pause_keeps_jobs_queued_and_resume_runs_them(daemon: Any) -> None:
+    result = ctl(daemon, "pause", "serial")
+    assert result.code == 0, result
+    assert result.out == "queue serial paused\n"
+    assert queue_rows(ctl(daemon, "queues"))["serial"][-1] == "paused"
+
+    job = daemon.submit(command=["/bin/true"], queue="serial")
+    # job.wait's own timeout bounds the look: the job is still queued when it ends.
+    still = daemon.call("job.wait", {"id": job["id"], "timeout": 0.3})
+    assert still["state"] == "queued"
+    assert daemon.call("job.get", {"id": job["id"]})["attempts"] == 0
+
+    result = ctl(daemon, "resume", "serial")
+    assert result.code == 0, result
+    assert result.out == "queue serial resumed\n"
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert queue_rows(ctl(daemon, "queues"))["serial"][-1] == "-"
+
+    assert json.loads(ctl(daemon, "--json", "pause", "default").out)["paused"] is True
+    assert json.loads(ctl(daemon, "--json", "resume", "default").out)["paused"] is False
+
+    unknown = ctl(daemon, "pause", "nope")
+    assert unknown.code == 1, unknown
+    assert unknown.err.startswith("jobctl: UNKNOWN_QUEUE: "), unknown
+
+
+def drain_notifications(daemon: Any) -> list[str]:
+    """Reads what jobd has told systemd so far, as systemd would.
+
+    The harness reads NOTIFY_SOCKET only until READY=1. Once ten datagrams wait unread (net.unix.max_dgram_qlen)
+    jobd drops further ones; every reload sends several (RELOADING=1, STATUS=, READY=1), and so does the config
+    watcher reacting to the test's file changes. Draining keeps room for the messages a test looks at.
+    """
+    messages: list[str] = []
+    sock = daemon.notify.sock
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                message = sock.recv(65536).decode()
+            except BlockingIOError:
+                return messages
+            messages.append(message)
+            daemon.notify.messages.append(message)
+    finally:
+        sock.settimeout(timeout)
+
+
+def test_reload(daemon: Any) -> None:
+    dropin = daemon.config_dir / "jobd.d" / "20-extra.toml"
+    drain_notifications(daemon)
+    dropin.write_text("[queue.extra]\nconcurrency = 3\n")
+    result = ctl(daemon, "reload")
+    assert result.code == 0, result
+    assert result.out == "reloaded: 2 files\n"
+    drain_notifications(daemon)
+    reloaded = json.loads(ctl(daemon, "--json", "reload").out)
+    assert reloaded["ok"] is True
+    assert str(dropin) in reloaded["files"] and str(daemon.config_dir / "jobd.toml") in reloaded["files"]
+    assert "extra" in queue_rows(ctl(daemon, "queues"))
+    drain_notifications(daemon)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[queue.broken\nconcurrency = \n", []),  # not TOML at all
+        ('[queue.broken]\nconcurrency = "many"\n', ["concurrency"]),  # TOML, but a bad value
+        ("[queue.broken]\nconcurency = 2\n", ["concurency"]),  # an unknown key
+    ],
+    ids=["syntax", "bad-value", "unknown-key"],
+)
+def test_reload_with_a_broken_file_reports_it_and_keeps_the_config(daemon: Any, text: str, words: list[str]) -> None:
+    broken = daemon.config_dir / "jobd.d" / "50-broken.toml"
+    drain_notifications(daemon)
+    broken.write_text(text)
+    try:
+        result = ctl(daemon, "reload")
+        assert result.code == 1, result
+        assert result.out == ""
+        assert result.err.startswith("jobctl: CONFIG_INVALID: "), result
+        assert "50-broken.toml" in result.err, result
+        for word in words:
+            assert word in result.err, result
+        # systemd hears of it too (the watcher may have tried the file first: the same failure).
+        status = daemon.notify.wait_for("STATUS=")
+        assert "reload failed" in status and "50-broken.toml" in status, status
+        # The running configuration is untouched.
+        assert set(queue_rows(ctl(daemon, "queues"))) == {"default", "serial"}
+        daemon_status = json.loads(ctl(daemon, "--json", "status").out)
+        assert daemon_status["last_reload"]["ok"] is False
+        assert "50-broken.toml" in daemon_status["last_reload"]["error"]
+    finally:
+        drain_notifications(daemon)
+        broken.unlink()
+    assert ctl(daemon, "reload").code == 0
+    drain_notifications(daemon)
+
+
+# -- exit codes, socket selection, usage ------------------------------------------------------------------------
+
+
+def test_a_daemon_error_exits_1(daemon: Any) -> None:
+    for args in (("status", "999999"), ("wait", "999999"), ("log", "999999"), ("cancel", "999999")):
+        result = ctl(daemon, *args)
+        assert result.code == 1, (args, result)
+        assert result.err.startswith("jobctl: UNKNOWN_JOB: "), (args, result)
+        assert result.out == ""
+
+
+USAGE_ERRORS = [
+    ["frobnicate"],
+    [],
+    ["wait"],
+    ["wait", "abc"],
+    ["wait", "0"],
+    ["wait", "1", "--timeout", "-1"],
+    ["status", "-5"],
+    ["log"],
+    ["log", "1", "--stderr", "--log"],
+    ["cancel"],
+    ["pause"],
+    ["submit"],
+    ["run"],
+    ["run", "--"],
+    ["run", "--priority", "-1", "--", "/bin/true"],
+    ["run", "--delay", "soon", "--", "/bin/true"],
+    ["run", "-e", "NOEQUALS", "--", "/bin/true"],
+    ["ls", "-n", "0"],
+    ["--bogus-option", "status"],
+]
+
+
+def test_usage_errors_exit_2(daemon: Any) -> None:
+    before = job_count(daemon)
+    failures = []
+    for args in USAGE_ERRORS:
+        result = ctl(daemon, *args)
+        if result.code != 2 or result.out != "" or not result.err.strip():
+            failures.append(f"{args}: {result!r}")
+    assert not failures, "\n".join(failures)
+    assert job_count(daemon) == before
+
+
+def test_an_unreadable_stdin_file_is_a_usage_error(daemon: Any, tmp_path: Path) -> None:
+    result = ctl(daemon, "run", "--stdin-file", str(tmp_path / "missing"), "--", "/bin/cat")
+    assert result.code == 2, result
+    assert "missing" in result.err
+
+
+def test_cannot_connect_exits_3(tmp_path: Path) -> None:
+    result = run_jobctl("--socket", "/nonexistent/jobd.sock", "status")
+    assert result.code == 3, result
+    assert result.err.startswith("jobctl: cannot connect to /nonexistent/jobd.sock"), result
+    assert result.out == ""
+    # A path that exists but where nobody listens.
+    dead = tmp_path / "dead.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(dead))
+    listener.close()
+    result = run_jobctl("--socket", str(dead), "ls")
+    assert result.code == 3, result
+    assert str(dead) in result.err
+
+
+def test_jobd_socket_is_honoured(daemon: Any) -> None:
+    result = run_jobctl("status", env={"JOBD_SOCKET": str(daemon.socket_path)})
+    assert result.code == 0, result
+    assert f"pid {daemon.pid}" in result.out
+
+    result = run_jobctl("status", env={"JOBD_SOCKET": "/nonexistent/from-env.sock"})
+    assert result.code == 3, result
+    assert "/nonexistent/from-env.sock" in result.err
+
+    # --socket wins over the environment, before or after the command.
+    for args in (("--socket", str(daemon.socket_path), "queues"), ("queues", "--socket", str(daemon.socket_path))):
+        result = run_jobctl(*args, env={"JOBD_SOCKET": "/nonexistent/from-env.sock"})
+        assert result.code == 0, (args, result)
+        assert "default" in result.out
+
+
+def test_version_and_help(daemon: Any) -> None:
+    version = run_jobctl("--version")
+    assert version.code == 0, version
+    assert re.fullmatch(r"jobctl \d+\.\d+\.\d+\S*\n", version.out), version
+    assert daemon.call("ping")["version"] in version.out
+    helped = run_jobctl("--help")
+    assert helped.code == 0
+    for command in ("run", "submit", "status", "ls", "log", "wait", "cancel", "queues", "pause", "resume", "reload"):
+        assert command in helped.out

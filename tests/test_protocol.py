@@ -1,0 +1,937 @@
+"""The JSON-RPC 2.0 socket as a client sees it: framing, errors, batches, pipelining, notifications and events.
+
+Everything goes through the daemon's real Unix socket. Where the bytes on the wire matter (framing, malformed
+input, several requests in one write) the tests use a raw AF_UNIX socket; every read blocks on the socket with a
+deadline, so a missing answer fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from jobd.protocol.jsonrpc import MAX_FRAME
+
+pytestmark = pytest.mark.timeout(60)
+
+DEADLINE = 10.0  # seconds a single expected answer may take before the test fails
+
+# The methods docs/protocol.md documents; METHOD_NOT_FOUND's data.allowed must offer them all.
+DOCUMENTED_METHODS = {
+    "ping",
+    "job.submit",
+    "job.get",
+    "job.list",
+    "job.output",
+    "job.wait",
+    "job.cancel",
+    "queue.list",
+    "queue.pause",
+    "queue.resume",
+    "daemon.status",
+    "daemon.reload",
+    "events.subscribe",
+}
+
+STATE_ORDER = ["delayed", "queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
+FINISHED = {"succeeded", "failed", "timed_out", "cancelled"}
+
+
+class Closed(Exception):
+    """The daemon closed the connection before a full line arrived."""
+
+
+class Raw:
+    """A raw connection: bytes out as given, lines in as they come, each read bounded by a deadline."""
+
+    def __init__(self, path: Any) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.buffer = bytearray()
+        self.received = bytearray()  # everything the daemon ever sent on this connection
+        self.eof = False
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(DEADLINE)
+        self.sock.sendall(data)
+
+    def send_json(self, message: Any) -> None:
+        self.send(json.dumps(message).encode() + b"\n")
+
+    def request(self, method: str, params: Any = None, request_id: Any = 1) -> None:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send_json(message)
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete line from jobd; got so far: {bytes(self.buffer[:300])!r}")
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            raise Closed(f"jobd closed the connection; unfinished: {bytes(self.buffer[:300])!r}")
+        self.buffer += chunk
+        self.received += chunk
+        assert b"Traceback" not in self.received, bytes(self.received[-2000:])
+
+    def line(self, timeout: float = DEADLINE) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[: end + 1]
+                return line
+            self._fill(deadline)
+
+    def message(self, timeout: float = DEADLINE) -> Any:
+        return json.loads(self.line(timeout))
+
+    def reply(self, request_id: Any, timeout: float = DEADLINE) -> tuple[dict[str, Any], list[Any]]:
+        """The reply with `request_id`, and the messages that came before it."""
+        deadline = time.monotonic() + timeout
+        before: list[Any] = []
+        while True:
+            message = self.message(max(0.0, deadline - time.monotonic()))
+            if isinstance(message, dict) and message.get("id") == request_id and "method" not in message:
+                return message, before
+            before.append(message)
+
+    def event(self, timeout: float = DEADLINE) -> dict[str, Any]:
+        """The params of the next `event` notification; replies in between are an error."""
+        message = self.message(timeout)
+        assert message.get("method") == "event" and "id" not in message, message
+        params: dict[str, Any] = message["params"]
+        return params
+
+    def read_to_eof(self, timeout: float = DEADLINE) -> bytes:
+        """Everything until the daemon closes the connection (fails if it does not within the deadline)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                self._fill(deadline)
+        except Closed:
+            pass
+        rest = bytes(self.buffer)
+        self.buffer.clear()
+        return rest
+
+
+def ping_line(request_id: Any = "after") -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "ping"}).encode() + b"\n"
+
+
+def assert_pong(reply: dict[str, Any], request_id: Any) -> None:
+    assert reply.get("jsonrpc") == "2.0", reply
+    assert reply.get("id") == request_id, reply
+    assert reply.get("result", {}).get("pong") is True, reply
+
+
+def assert_alive(daemon: Any) -> None:
+    """The daemon process still runs and answers a ping on a new connection."""
+    assert daemon.running(), daemon.log()
+    with Raw(daemon.socket_path) as raw:
+        raw.send(ping_line("alive"))
+        reply, before = raw.reply("alive")
+        assert_pong(reply, "alive")
+        assert before == []
+
+
+def error_of(reply: dict[str, Any]) -> dict[str, Any]:
+    assert "result" not in reply, reply
+    error: dict[str, Any] = reply["error"]
+    assert isinstance(error.get("code"), int) and isinstance(error.get("message"), str), reply
+    assert isinstance(error.get("data"), dict), reply
+    return error
+
+
+def exchange(daemon: Any, line: bytes) -> dict[str, Any] | None:
+    """Sends `line`, then a ping, then closes the write side; returns the answer to `line` (None if there was
+    none) after checking that the ping on the same connection was answered too.
+
+    jobd answers everything a client asked before it closed its side, then closes the connection: reading to
+    the end collects every answer, whatever their order, without guessing how long a missing one might take.
+    """
+    with Raw(daemon.socket_path) as raw:
+        raw.send(line + b"\n" + ping_line("after"))
+        raw.sock.shutdown(socket.SHUT_WR)
+        answers = []
+        while True:
+            try:
+                answers.append(raw.message())
+            except Closed:
+                assert raw.buffer == b"", bytes(raw.buffer[:300])
+                break
+    pongs = [a for a in answers if isinstance(a, dict) and a.get("id") == "after" and "result" in a]
+    assert len(pongs) == 1, answers
+    assert_pong(pongs[0], "after")
+    others = [a for a in answers if a is not pongs[0]]
+    assert len(others) <= 1, others
+    return others[0] if others else None
+
+
+def check_cases(daemon: Any, cases: list[tuple[bytes, str]], expected_id: Any = None) -> None:
+    """Each line gets an error with its data.code and the connection answers a ping after it; all the cases
+    are tried and every failing one is reported."""
+    failures = []
+    for line, code in cases:
+        try:
+            answer = exchange(daemon, line)
+            assert answer is not None, "no answer"
+            assert error_of(answer)["data"]["code"] == code, answer
+            if expected_id != "any":
+                assert answer["id"] == expected_id, answer
+        except AssertionError as failure:
+            failures.append(f"{line[:120]!r}: {failure}")
+    assert not failures, "\n".join(failures)
+
+
+def job_count(daemon: Any) -> int:
+    return len(daemon.call("job.list", {"limit": 1000})["jobs"])
+
+
+def no_traceback_in_log(daemon: Any) -> None:
+    log = daemon.log()
+    assert "Traceback" not in log, log[-4000:]
+
+
+# -- malformed input --------------------------------------------------------------------------------------------
+
+
+MALFORMED_JSON = [
+    b'{"jsonrpc": "2.0", "id": 1, "method": "ping"',  # cut short
+    b"{not json at all}",
+    b'{"jsonrpc":"2.0","id":1,"method":"ping"} trailing',
+    b'{"jsonrpc":"2.0","id":1,"method":"ping",}',
+    b"{'jsonrpc':'2.0','id':1,'method':'ping'}",
+    b'{"jsonrpc":"2.0","id":1,"method":"ping"}{"jsonrpc":"2.0","id":2,"method":"ping"}',
+]
+
+INVALID_UTF8 = [
+    b'{"jsonrpc":"2.0","id":1,"method":"p\xffing"}',  # a byte that never occurs in UTF-8
+    b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"\xc3"}}',  # a sequence cut short
+    b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"\xc0\xaf"}}',  # overlong encoding of '/'
+    b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"\xed\xa0\x80"}}',  # a UTF-16 surrogate, raw
+    b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"\xf4\x90\x80\x80"}}',  # beyond U+10FFFF
+]
+
+NUMBER_CONSTANTS = [
+    b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":' + constant + b"}}"
+    for constant in (b"NaN", b"Infinity", b"-Infinity")
+]
+
+
+def test_malformed_json_is_a_parse_error_and_the_connection_goes_on(daemon: Any) -> None:
+    check_cases(daemon, [(line, "PARSE_ERROR") for line in MALFORMED_JSON])
+    assert_alive(daemon)
+
+
+def test_invalid_utf8_is_a_parse_error(daemon: Any) -> None:
+    check_cases(daemon, [(line, "PARSE_ERROR") for line in INVALID_UTF8])
+    assert_alive(daemon)
+
+
+def test_non_json_number_constants_are_parse_errors(daemon: Any) -> None:
+    check_cases(daemon, [(line, "PARSE_ERROR") for line in NUMBER_CONSTANTS])
+
+
+def test_parse_errors_have_the_json_rpc_code(daemon: Any) -> None:
+    answer = exchange(daemon, b"{nope")
+    assert answer is not None
+    assert error_of(answer)["code"] == -32700
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    ],
+    ids=["arrays", "objects"],
+)
+def test_deep_nesting_is_a_parse_error_and_the_daemon_survives(daemon: Any, line: bytes) -> None:
+    check_cases(daemon, [(line, "PARSE_ERROR")])
+    assert_alive(daemon)
+    no_traceback_in_log(daemon)
+
+
+NOT_REQUESTS = [
+    '{"id":1,"method":"ping"}',  # no "jsonrpc"
+    '{"jsonrpc":"1.0","id":1,"method":"ping"}',
+    '{"jsonrpc":2.0,"id":1,"method":"ping"}',
+    '{"jsonrpc":"2.0","id":1}',  # no method
+    '{"jsonrpc":"2.0","id":1,"method":5}',
+    '{"jsonrpc":"2.0","id":1,"method":null}',
+    '{"jsonrpc":"2.0","id":{"a":1},"method":"ping"}',
+    '{"jsonrpc":"2.0","id":[1],"method":"ping"}',
+    '{"jsonrpc":"2.0","id":true,"method":"ping"}',
+    '{"jsonrpc":"2.0","id":1,"method":"ping","params":[]}',
+    '{"jsonrpc":"2.0","id":1,"method":"ping","params":[1,2]}',
+    '{"jsonrpc":"2.0","id":1,"method":"ping","params":"x"}',
+    '{"jsonrpc":"2.0","id":1,"method":"ping","params":7}',
+    '{"jsonrpc":"2.0","id":1,"method":"ping","extra":1}',
+    '{"jsonrpc":"2.0","id":1,"method":"ping","result":1}',
+]
+
+
+def test_json_that_is_not_a_request_is_an_invalid_request(daemon: Any) -> None:
+    # The id is echoed when it could be read as a valid id, and null otherwise.
+    check_cases(daemon, [(text.encode(), "INVALID_REQUEST") for text in NOT_REQUESTS], expected_id="any")
+    for text in NOT_REQUESTS:
+        answer = exchange(daemon, text.encode())
+        assert answer is not None and answer["id"] in (1, None), answer
+        assert error_of(answer)["code"] == -32600
+
+
+def test_a_json_value_that_is_not_an_object_is_an_invalid_request(daemon: Any) -> None:
+    # Sent after a first request, so the connection is already speaking JSON-RPC (the first byte picks it).
+    for value in (b'"hello"', b"42", b"null", b"true", b"1.5"):
+        with Raw(daemon.socket_path) as raw:
+            raw.send(ping_line(1) + value + b"\n" + ping_line(2))
+            raw.sock.shutdown(socket.SHUT_WR)
+            answers = [raw.message() for _ in range(3)]
+            assert raw.read_to_eof() == b""
+        errors = [a for a in answers if a["id"] not in (1, 2)]
+        assert len(errors) == 1, (value, answers)
+        assert errors[0]["id"] is None
+        assert error_of(errors[0])["data"]["code"] == "INVALID_REQUEST", (value, errors)
+        assert {a["id"] for a in answers if "result" in a} == {1, 2}
+
+
+def test_an_empty_batch_is_an_invalid_request(daemon: Any) -> None:
+    answer = exchange(daemon, b"[]")
+    assert isinstance(answer, dict), answer  # one error object, not an array
+    assert answer["id"] is None
+    assert error_of(answer)["data"]["code"] == "INVALID_REQUEST"
+
+
+def test_a_batch_of_non_requests_gets_one_error_each(daemon: Any) -> None:
+    answer: Any = exchange(daemon, b'[1, "x", {"jsonrpc":"2.0"}]')
+    assert isinstance(answer, list) and len(answer) == 3, answer
+    for member in answer:
+        assert member["id"] is None
+        assert error_of(member)["data"]["code"] == "INVALID_REQUEST"
+
+
+def test_unknown_method_lists_the_methods(daemon: Any) -> None:
+    answer = exchange(daemon, b'{"jsonrpc":"2.0","id":"m","method":"job.explode","params":{}}')
+    assert answer is not None and answer["id"] == "m"
+    error = error_of(answer)
+    assert error["data"]["code"] == "METHOD_NOT_FOUND"
+    assert error["code"] == -32601
+    assert "job.explode" in error["message"]
+    allowed = error["data"]["allowed"]
+    assert isinstance(allowed, list)
+    assert set(allowed) >= DOCUMENTED_METHODS, DOCUMENTED_METHODS - set(allowed)
+
+
+BAD_PARAMS: list[tuple[str, Any, str]] = [
+    ("job.get", {}, "id"),
+    ("job.get", {"id": "7"}, "id"),
+    ("job.get", {"id": 0}, "id"),
+    ("job.get", {"id": 1.5}, "id"),
+    ("job.get", {"id": True}, "id"),
+    ("job.get", {"id": 1, "verbose": True}, "verbose"),
+    ("ping", {"bogus": 1}, "bogus"),
+    ("job.submit", {"command": ["/bin/true"], "priority": 2**32}, "priority"),
+    ("job.submit", {"command": ["/bin/true"], "priority": -1}, "priority"),
+    ("job.submit", {"command": ["/bin/true"], "priority": "high"}, "priority"),
+    ("job.submit", {"command": ["/bin/true"], "delay": -1}, "delay"),
+    ("job.submit", {"command": ["/bin/true"], "timeout": 0}, "timeout"),
+    ("job.submit", {"command": [1, 2]}, "command"),
+    ("job.submit", {"command": []}, "command"),
+    ("job.submit", {"command": ["/bin/true"], "env": {"A": 1}}, "env"),
+    ("job.submit", {"command": ["/bin/true"], "args": "x y", "params": {"a": "b"}}, "params"),
+    ("job.submit", {"command": ["/bin/true"], "stdin_base64": "***"}, "stdin_base64"),
+    ("job.submit", {"command": ["/bin/true"], "retry": {"times": -1}}, "times"),
+    ("job.submit", {"command": ["/bin/true"], "colour": "red"}, "colour"),
+    ("job.submit", {"jobs": []}, "jobs"),
+    ("job.submit", {"jobs": "x"}, "jobs"),
+    ("job.submit", {"jobs": [{"command": ["/bin/true"], "nice": 5}]}, "nice"),
+    ("job.list", {"state": "nope"}, "state"),
+    ("job.list", {"limit": 0}, "limit"),
+    ("job.list", {"limit": 1001}, "limit"),
+    ("job.output", {"id": 1, "stream": "stdmiddle"}, "stream"),
+    ("job.output", {"id": 1, "encoding": "latin-1"}, "encoding"),
+    ("job.output", {"id": 1, "limit": 2 * 1024 * 1024}, "limit"),
+    ("job.wait", {"id": 1, "timeout": -1}, "timeout"),
+    ("job.cancel", {"id": -3}, "id"),
+    ("queue.pause", {}, "name"),
+    ("queue.resume", {"name": 5}, "name"),
+    ("events.subscribe", {"types": ["job.nope"]}, "types"),
+    ("events.subscribe", {"jobs": ["a"]}, "jobs"),
+]
+
+
+def test_bad_params_are_invalid_params_naming_the_parameter(daemon: Any) -> None:
+    before = job_count(daemon)
+    failures = []
+    for method, params, name in BAD_PARAMS:
+        line = json.dumps({"jsonrpc": "2.0", "id": 9, "method": method, "params": params}).encode()
+        answer = exchange(daemon, line)
+        try:
+            assert answer is not None and answer["id"] == 9, answer
+            error = error_of(answer)
+            assert error["data"]["code"] == "INVALID_PARAMS", answer
+            assert error["code"] == -32602
+            assert name in error["message"], answer
+        except AssertionError as failure:
+            failures.append(f"{method} {params}: {failure}")
+    assert not failures, "\n".join(failures)
+    assert job_count(daemon) == before  # a refused submit creates nothing
+
+
+def test_an_invalid_state_filter_names_the_allowed_states(daemon: Any) -> None:
+    answer = exchange(daemon, b'{"jsonrpc":"2.0","id":1,"method":"job.list","params":{"state":"nope"}}')
+    assert answer is not None
+    message = error_of(answer)["message"]
+    for state in STATE_ORDER:
+        assert state in message, message
+
+
+@pytest.mark.parametrize("delay", [1e12, 1e300])
+def test_a_delay_beyond_any_date_is_refused_and_creates_no_job(daemon: Any, delay: float) -> None:
+    before = job_count(daemon)
+    line = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "job.submit", "params": {"command": ["/bin/true"], "delay": delay}}
+    )
+    answer = exchange(daemon, line.encode())
+    assert answer is not None
+    error = error_of(answer)
+    assert error["data"]["code"] == "INVALID_PARAMS", answer
+    assert "delay" in error["message"]
+    # Nothing half-accepted: the job list still works and holds no new job.
+    assert job_count(daemon) == before
+    no_traceback_in_log(daemon)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"jsonrpc":"2.0","id":"\\ud800","method":"ping"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"\\udfff":1}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"job.submit","params":{"command":["/bin/true"],"context":"a\\ud800b"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"job.submit","params":{"command":["/bin/echo","\\ud83d"]}}',
+    ],
+    ids=["id", "param-name", "context", "argv"],
+)
+def test_lone_surrogate_escapes_get_a_clear_error(daemon: Any, line: bytes) -> None:
+    """`\\ud800` is valid JSON syntax but no Unicode text: it cannot be stored or sent back as UTF-8."""
+    before = job_count(daemon)
+    answer = exchange(daemon, line)
+    assert answer is not None, "the request got no answer at all"
+    error = error_of(answer)
+    assert error["data"]["code"] in ("PARSE_ERROR", "INVALID_REQUEST", "INVALID_PARAMS"), answer
+    assert job_count(daemon) == before
+    no_traceback_in_log(daemon)
+
+
+def test_domain_errors_carry_their_stable_codes(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        raw.request("job.submit", {"command": ["/bin/true"], "queue": "nope"}, 1)
+        error = error_of(raw.reply(1)[0])
+        assert error["data"]["code"] == "UNKNOWN_QUEUE"
+        assert error["data"]["queue"] == "nope"
+        assert set(error["data"]["allowed"]) == {"default", "serial"}
+        assert "nope" in error["message"]
+
+        raw.request("job.submit", {"task": "nope"}, 2)
+        error = error_of(raw.reply(2)[0])
+        assert error["data"]["code"] == "UNKNOWN_TASK"
+        assert {"echo", "envtask"} <= set(error["data"]["allowed"])
+
+        raw.request("job.get", {"id": 999_999}, 3)
+        assert error_of(raw.reply(3)[0])["data"]["code"] == "UNKNOWN_JOB"
+
+        raw.request("job.submit", {}, 4)
+        error = error_of(raw.reply(4)[0])
+        assert error["data"]["code"] == "INVALID_PARAMS"
+        assert "task" in error["message"] and "command" in error["message"]
+
+
+# -- framing ---------------------------------------------------------------------------------------------------
+
+
+def ping_of_size(size: int, request_id: Any = 1) -> bytes:
+    """A ping with an unknown parameter `x`, padded to exactly `size` bytes (newline excluded)."""
+    head = b'{"jsonrpc":"2.0","id":' + json.dumps(request_id).encode() + b',"method":"ping","params":{"x":"'
+    tail = b'"}}'
+    line = head + b"a" * (size - len(head) - len(tail)) + tail
+    assert len(line) == size
+    return line
+
+
+def send_oversized(raw: Raw, data: bytes) -> None:
+    """jobd may close the connection before it has read all we send: that is the point."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        raw.send(data)
+
+
+def assert_frame_too_large_then_closed(raw: Raw) -> None:
+    answer = raw.message()
+    assert answer["id"] is None, answer
+    error = error_of(answer)
+    assert error["data"]["code"] == "FRAME_TOO_LARGE", answer
+    assert raw.read_to_eof() == b""  # and nothing else: the connection is closed
+
+
+def test_a_line_over_one_mebibyte_is_refused_and_the_connection_closed(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        send_oversized(raw, ping_of_size(MAX_FRAME + 1) + b"\n" + ping_line(2))
+        assert_frame_too_large_then_closed(raw)
+    assert_alive(daemon)
+
+
+def test_an_oversized_line_after_a_good_one_is_refused(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        raw.send(ping_line(1))
+        assert_pong(raw.reply(1)[0], 1)
+        send_oversized(raw, ping_of_size(MAX_FRAME + 1, 2) + b"\n")
+        assert_frame_too_large_then_closed(raw)
+    assert_alive(daemon)
+
+
+def test_an_endless_line_without_newline_is_refused(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        send_oversized(raw, b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"' + b"a" * (3 * MAX_FRAME))
+        assert_frame_too_large_then_closed(raw)
+    assert_alive(daemon)
+
+
+def test_a_line_of_exactly_one_mebibyte_is_processed(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        # First on the connection, then again later: both positions in the stream take the full size.
+        raw.send(ping_of_size(MAX_FRAME, 1) + b"\n")
+        error = error_of(raw.reply(1)[0])
+        assert error["data"]["code"] == "INVALID_PARAMS" and "x" in error["message"]
+        raw.send(ping_of_size(MAX_FRAME - 100, 2) + b"\n" + ping_of_size(MAX_FRAME, 3) + b"\n" + ping_line(4))
+        for request_id in (2, 3):
+            assert error_of(raw.reply(request_id)[0])["data"]["code"] == "INVALID_PARAMS"
+        assert_pong(raw.reply(4)[0], 4)
+
+
+def test_a_submit_of_almost_one_mebibyte_is_accepted(daemon: Any) -> None:
+    context = "c" * 1_000_000
+    with Raw(daemon.socket_path) as raw:
+        raw.request("job.submit", {"command": ["/bin/true"], "context": context, "delay": 3600}, 1)
+        reply, _ = raw.reply(1)
+        job = reply["result"]
+        assert job["context"] == context
+        assert job["state"] == "delayed"
+    assert daemon.call("job.get", {"id": job["id"]})["context"] == context
+
+
+def test_many_requests_in_one_write_are_all_answered(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        raw.send(b"".join(ping_line(i) for i in range(1, 51)))
+        seen = set()
+        for _ in range(50):
+            reply = raw.message()
+            assert_pong(reply, reply.get("id"))
+            seen.add(reply["id"])
+        assert seen == set(range(1, 51))
+
+
+def test_a_request_split_byte_by_byte_is_answered(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        for byte in ping_line(7):
+            raw.send(bytes([byte]))
+        assert_pong(raw.reply(7)[0], 7)
+        # And a line whose end comes with the start of the next one.
+        first, second = ping_line(8), ping_line(9)
+        raw.send(first[:-5])
+        raw.send(first[-5:] + second[:10])
+        raw.send(second[10:])
+        replies = {raw.message()["id"], raw.message()["id"]}
+        assert replies == {8, 9}
+
+
+def test_a_request_followed_by_shutdown_of_the_write_side_is_still_answered(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sh", "-c", "exit 3"])
+    with Raw(daemon.socket_path) as raw:
+        raw.request("job.wait", {"id": job["id"], "timeout": 20}, 1)
+        raw.sock.shutdown(socket.SHUT_WR)
+        reply, _ = raw.reply(1)
+        assert reply["result"]["state"] == "failed"
+        assert reply["result"]["exit_code"] == 3
+
+
+# -- batches -----------------------------------------------------------------------------------------------------
+
+
+def test_a_batch_with_a_notification_gets_an_array_of_the_other_answers(daemon: Any) -> None:
+    batch = [
+        {"jsonrpc": "2.0", "id": "a", "method": "ping"},
+        {"jsonrpc": "2.0", "method": "ping"},
+        {"jsonrpc": "2.0", "id": "b", "method": "queue.list"},
+    ]
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json(batch)
+        answer = raw.message()
+        assert isinstance(answer, list), answer
+        by_id = {reply["id"]: reply for reply in answer}
+        assert set(by_id) == {"a", "b"}
+        assert_pong(by_id["a"], "a")
+        assert {q["name"] for q in by_id["b"]["result"]["queues"]} == {"default", "serial"}
+
+
+def test_a_batch_mixes_results_and_errors(daemon: Any) -> None:
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 2, "method": "job.get", "params": {"id": 999_999}},
+        {"jsonrpc": "2.0", "id": 3, "method": "no.such"},
+        {"jsonrpc": "2.0", "id": 4},
+    ]
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json(batch)
+        answer = raw.message()
+        by_id = {reply["id"]: reply for reply in answer}
+        assert set(by_id) == {1, 2, 3, 4}
+        assert_pong(by_id[1], 1)
+        assert error_of(by_id[2])["data"]["code"] == "UNKNOWN_JOB"
+        assert error_of(by_id[3])["data"]["code"] == "METHOD_NOT_FOUND"
+        assert error_of(by_id[4])["data"]["code"] == "INVALID_REQUEST"
+
+
+def test_a_batch_of_notifications_gets_no_answer_at_all(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json([{"jsonrpc": "2.0", "method": "ping"}, {"jsonrpc": "2.0", "method": "queue.list"}])
+        raw.send(ping_line("after"))
+        assert_pong(raw.message(), "after")  # the first line back: no (empty) array for the batch
+
+
+def test_a_batch_of_submits(daemon: Any) -> None:
+    batch = [
+        {"jsonrpc": "2.0", "id": n, "method": "job.submit", "params": {"command": ["/bin/echo", f"job {n}"]}}
+        for n in range(1, 4)
+    ]
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json(batch)
+        answer = raw.message()
+    by_id = {reply["id"]: reply["result"] for reply in answer}
+    assert set(by_id) == {1, 2, 3}
+    assert len({job["id"] for job in by_id.values()}) == 3
+    for n, job in by_id.items():
+        assert job["command"] == ["/bin/echo", f"job {n}"]
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+        assert daemon.output(job["id"]) == f"job {n}\n"
+
+
+def test_a_batch_is_answered_once_all_members_are_done(daemon: Any) -> None:
+    sleeper = daemon.submit(command=["/bin/sleep", "30"])
+    batch = [
+        {"jsonrpc": "2.0", "id": "wait", "method": "job.wait", "params": {"id": sleeper["id"]}},
+        {"jsonrpc": "2.0", "id": "ping", "method": "ping"},
+    ]
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json(batch)
+        raw.send(ping_line("solo"))
+        # The batch waits for job.wait; the request sent after it is not held up by it.
+        assert_pong(raw.message(), "solo")
+        daemon.call("job.cancel", {"id": sleeper["id"]})
+        answer = raw.message()
+        by_id = {reply["id"]: reply for reply in answer}
+        assert by_id["wait"]["result"]["state"] == "cancelled"
+        assert_pong(by_id["ping"], "ping")
+
+
+def test_job_submit_with_jobs_creates_all_of_them(daemon: Any) -> None:
+    before = job_count(daemon)
+    members = [{"command": ["/bin/true"], "delay": 3600, "context": f"b{n}"} for n in range(100)]
+    with Raw(daemon.socket_path) as raw:
+        raw.request("job.submit", {"jobs": members}, 1)
+        jobs = raw.reply(1)[0]["result"]["jobs"]
+    assert len(jobs) == 100
+    assert [job["context"] for job in jobs] == [f"b{n}" for n in range(100)]  # in the order given
+    assert len({job["id"] for job in jobs}) == 100
+    assert all(job["state"] == "delayed" for job in jobs)
+    assert job_count(daemon) == before + 100
+
+
+def test_job_submit_with_jobs_is_all_or_nothing(daemon: Any) -> None:
+    daemon.submit(command=["/bin/true"], delay=3600)
+    before = job_count(daemon)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"command": ["/bin/true"], "queue": "nope"}, "UNKNOWN_QUEUE"),
+        ({"task": "nope"}, "UNKNOWN_TASK"),
+        ({"command": ["/bin/true"], "priority": -5}, "INVALID_PARAMS"),
+        ({"command": ["/bin/true"], "env": {"BAD=NAME": "x"}}, "INVALID_PARAMS"),
+    ]
+    for bad, code in cases:
+        members: list[dict[str, Any]] = [{"command": ["/bin/true"], "delay": 3600} for _ in range(5)]
+        members.insert(3, bad)
+        with Raw(daemon.socket_path) as raw:
+            raw.request("job.submit", {"jobs": members}, 1)
+            error = error_of(raw.reply(1)[0])
+        assert error["data"]["code"] == code, (bad, error)
+        assert job_count(daemon) == before, bad
+
+
+# -- pipelining and notifications -------------------------------------------------------------------------------
+
+
+def test_a_waiting_request_does_not_hold_up_the_next_one(daemon: Any) -> None:
+    sleeper = daemon.submit(command=["/bin/sleep", "30"])
+    with Raw(daemon.socket_path) as raw:
+        raw.request("job.wait", {"id": sleeper["id"]}, 1)
+        raw.send(ping_line(2))
+        assert_pong(raw.message(), 2)  # the first answer on the connection is the ping's
+        daemon.call("job.cancel", {"id": sleeper["id"]})
+        reply = raw.message()
+        assert reply["id"] == 1
+        assert reply["result"]["state"] == "cancelled"
+
+
+def test_notifications_get_no_answer(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json({"jsonrpc": "2.0", "method": "ping"})
+        raw.send_json({"jsonrpc": "2.0", "method": "no.such.method"})
+        raw.send_json({"jsonrpc": "2.0", "method": "job.get", "params": {"id": 999_999}})
+        raw.send(ping_line("after"))
+        assert_pong(raw.message(), "after")
+
+
+def test_a_notification_still_does_its_work(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/true"], delay=3600)
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json({"jsonrpc": "2.0", "method": "job.cancel", "params": {"id": job["id"]}})
+        raw.request("job.wait", {"id": job["id"], "timeout": 20}, "w")
+        reply, before = raw.reply("w")
+        assert before == []
+        assert reply["result"]["state"] == "cancelled"
+
+
+def test_a_null_id_is_a_request_not_a_notification(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        raw.send(b'{"jsonrpc":"2.0","id":null,"method":"ping"}\n')
+        assert_pong(raw.message(), None)
+
+
+def test_string_ids_are_echoed_exactly(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        for request_id in ("abc", "", "ü-1", 0, -7, 2**53):
+            raw.send(ping_line(request_id))
+            assert_pong(raw.message(), request_id)
+
+
+# -- events ------------------------------------------------------------------------------------------------------
+
+
+def subscribe(raw: Raw, params: dict[str, Any]) -> int:
+    raw.request("events.subscribe", params, "sub")
+    reply, before = raw.reply("sub")
+    assert before == []
+    number: int = reply["result"]["subscription"]
+    return number
+
+
+def states_until_finished(raw: Raw, job_id: int, subscription: int) -> list[str]:
+    states = []
+    while True:
+        event = raw.event()
+        assert event["subscription"] == subscription
+        if event["type"] == "job.state" and event["job"]["id"] == job_id:
+            states.append(event["job"]["state"])
+            if event["job"]["state"] in FINISHED:
+                return states
+
+
+def assert_forward(states: list[str]) -> None:
+    ranks = [STATE_ORDER.index(state) for state in states]
+    assert ranks == sorted(ranks), states
+
+
+def test_state_events_follow_a_job_in_order(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        number = subscribe(raw, {})
+        job = daemon.submit(command=["/bin/true"])
+        states = states_until_finished(raw, job["id"], number)
+    assert states[-1] == "succeeded"
+    assert "running" in states
+    assert_forward(states)
+    assert len(states) == len(set(states)), states
+
+
+def test_state_events_of_a_delayed_then_queued_job(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        number = subscribe(raw, {"queues": ["serial"]})
+        blocker = daemon.submit(command=["/bin/sleep", "30"], queue="serial")
+        job = daemon.submit(command=["/bin/true"], queue="serial", delay=0.05)
+        # The job waits for its delay, then for the busy queue: the blocker is cancelled only once it is queued.
+        states: list[str] = []
+        while not states or states[-1] not in FINISHED:
+            event = raw.event()
+            assert event["subscription"] == number and event["type"] == "job.state"
+            if event["job"]["id"] != job["id"]:
+                continue
+            states.append(event["job"]["state"])
+            if states[-1] == "queued":
+                daemon.call("job.cancel", {"id": blocker["id"]})
+    assert states == ["delayed", "queued", "running", "succeeded"]
+
+
+def test_a_queue_filter_keeps_other_queues_out(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        subscribe(raw, {"queues": ["serial"]})
+        other = daemon.submit(command=["/bin/true"])
+        daemon.wait(other["id"])  # all its events were sent before the next job's
+        mine = daemon.submit(command=["/bin/true"], queue="serial")
+        while True:
+            event = raw.event()
+            assert event["job"]["id"] == mine["id"], event
+            assert event["job"]["queue"] == "serial"
+            if event["job"]["state"] in FINISHED:
+                break
+
+
+def test_a_job_filter_keeps_other_jobs_out(daemon: Any) -> None:
+    watched = daemon.submit(command=["/bin/true"], delay=3600)
+    with Raw(daemon.socket_path) as raw:
+        subscribe(raw, {"jobs": [watched["id"]]})
+        other = daemon.submit(command=["/bin/true"])
+        daemon.wait(other["id"])
+        daemon.call("job.cancel", {"id": watched["id"]})
+        event = raw.event()  # the first event is about the watched job: the other one's were filtered out
+        assert event["type"] == "job.state"
+        assert event["job"]["id"] == watched["id"]
+        assert event["job"]["state"] == "cancelled"
+
+
+def test_a_type_filter_keeps_other_types_out(daemon: Any) -> None:
+    script = "echo starting >&3; echo '%50' >&3; echo halfway >&3; echo '%100' >&3"
+    with Raw(daemon.socket_path) as raw:
+        subscribe(raw, {"types": ["job.progress"]})
+        job = daemon.submit(command=["/bin/sh", "-c", script])
+        seen: list[int] = []
+        while 100 not in seen:
+            event = raw.event()
+            assert event["type"] == "job.progress", event  # no job.state (it started before %50), no job.log
+            assert event["id"] == job["id"]
+            seen.append(event["progress"])
+        assert seen in ([50, 100], [100]), seen  # a burst may be reported by its latest value
+
+
+def test_log_events_carry_the_lines(daemon: Any) -> None:
+    script = "echo one >&3; echo '%30' >&3; echo two >&3"
+    with Raw(daemon.socket_path) as raw:
+        number = subscribe(raw, {"types": ["job.log", "job.state"]})
+        job = daemon.submit(command=["/bin/sh", "-c", script])
+        lines: list[str] = []
+        finished = False
+        while len(lines) < 2 or not finished:
+            event = raw.event()
+            assert event["subscription"] == number
+            assert event["type"] in ("job.log", "job.state"), event  # the %30 progress line is no job.log
+            if event["type"] == "job.log":
+                assert event["id"] == job["id"]
+                lines.append(event["line"])
+            else:
+                finished = event["job"]["state"] in FINISHED
+    assert lines == ["one", "two"]
+
+
+def test_events_go_only_to_the_subscribed_connection(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as quiet, Raw(daemon.socket_path) as listener:
+        quiet.send(ping_line(1))
+        assert_pong(quiet.message(), 1)
+        subscribe(listener, {})
+        job = daemon.submit(command=["/bin/true"])
+        daemon.wait(job["id"])
+        quiet.send(ping_line(2))
+        assert_pong(quiet.message(), 2)  # no event came before it
+        assert listener.event()["job"]["id"] == job["id"]
+
+
+# -- misbehaving clients -----------------------------------------------------------------------------------------
+
+
+def test_a_stalled_client_does_not_block_others(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as stalled, Raw(daemon.socket_path) as other:
+        request = ping_line("late")
+        stalled.send(request[:20])
+        other.send(ping_line("now"))
+        assert_pong(other.message(), "now")
+        job = daemon.submit(command=["/bin/true"])
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+        stalled.send(request[20:])  # it can still finish its request
+        assert_pong(stalled.message(), "late")
+
+
+def test_a_client_that_connects_and_leaves_at_once(daemon: Any) -> None:
+    for _ in range(20):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(daemon.socket_path))
+        sock.close()
+    assert_alive(daemon)
+
+
+def test_clients_that_leave_mid_conversation(daemon: Any) -> None:
+    sleeper = daemon.submit(command=["/bin/sleep", "30"])
+    pending = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "job.wait", "params": {"id": sleeper["id"]}})
+    for data in (
+        b"{",
+        pending.encode() + b"\n",
+        b"[" * 1000,
+        b'{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}\n',
+    ):
+        with Raw(daemon.socket_path) as raw:
+            raw.send(data)
+        assert_alive(daemon)
+    # The subscription of a client that left is gone with it: events for it do not trouble the daemon.
+    daemon.call("job.cancel", {"id": sleeper["id"]})
+    assert_alive(daemon)
+    no_traceback_in_log(daemon)
+
+
+def test_xml_first_byte_gets_an_xml_refusal(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        raw.send(b'<status type="scheduler" />\n')
+        reply = raw.read_to_eof()
+    assert reply.startswith(b"<response"), reply
+    assert b'status="KO"' in reply
+    assert b"Traceback" not in reply
+    assert_alive(daemon)
+
+
+def test_an_unknown_first_byte_is_refused_and_the_daemon_stays_up(daemon: Any) -> None:
+    for data in (
+        b"x",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"\x00\xff\xfe",
+        b"\x16\x03\x01\x02\x00",
+        b'"ping"\n',
+        b"\xef\xbb\xbf{}\n",
+    ):
+        with Raw(daemon.socket_path) as raw:
+            raw.send(data)
+            reply = raw.read_to_eof()  # refused, and the connection closed
+        assert b"Traceback" not in reply
+        for line in reply.splitlines():
+            assert error_of(json.loads(line))["data"]["code"] == "INVALID_REQUEST", (data, reply)
+        assert_alive(daemon)
+
+
+def test_leading_whitespace_before_json_is_accepted(daemon: Any) -> None:
+    with Raw(daemon.socket_path) as raw:
+        raw.send(b"\n  \t" + ping_line(1))
+        assert_pong(raw.message(), 1)
