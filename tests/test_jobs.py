@@ -1,0 +1,757 @@
+"""Jobs end to end against a real jobd: real children, real signals, real pipes and FIFOs, real uids.
+
+Nothing here sleeps and polls. A test waits on the daemon (`job.wait`, event subscriptions), on the kernel (a pidfd
+in select() with a deadline) or on a FIFO it holds. Timings are asserted only as lower bounds, and only where a
+delay is the very behaviour under test (a job's delay, a retry back-off, a kill grace).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobd.client import Client, RemoteError, encode_message
+
+CONFIG = """
+[queue.default]
+concurrency = 2
+
+[queue.serial]
+concurrency = 1
+
+[queue.fifo]
+concurrency = 1
+scheduler = "fifo"
+
+[task.echo]
+command = ["/bin/echo"]
+
+[task.envtask]
+command = ["/bin/sh", "-c", 'echo "A=$A B=$B C=$C"']
+parameters = "env"
+
+[task.argtask]
+command = ["/bin/sh", "-c", 'for a in "$@"; do echo "<$a>"; done', "argtask"]
+"""
+
+EVENT_TIMEOUT = 20.0
+FINISHED = ("succeeded", "failed", "timed_out", "cancelled")
+KILL_GRACE = 2.0  # what the harness's BASE_CONFIG sets (tests/harness.py)
+MAX_PRIORITY = 2**32 - 1
+
+
+@pytest.fixture
+def server(make_daemon: Any) -> Any:
+    # Nobody reads the daemon's NOTIFY_SOCKET after READY=1: the datagram queue fills after ~10 STATUS= updates,
+    # and jobd must go on regardless (several tests here make far more than 10 state changes).
+    return make_daemon(CONFIG)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+
+def sh(script: str, *args: str) -> list[str]:
+    """An ad-hoc argv running `script` with /bin/sh; `args` become $1, $2, …"""
+    return ["/bin/sh", "-c", script, "sh", *args]
+
+
+def ts(value: str) -> float:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def get(server: Any, job_id: int) -> dict[str, Any]:
+    job: dict[str, Any] = server.call("job.get", {"id": job_id})
+    return job
+
+
+def run(server: Any, **params: Any) -> dict[str, Any]:
+    """Submit (`params` are job.submit's), wait for the end, return the job with its `tries`."""
+    job = server.submit(**params)
+    server.wait(job["id"])
+    return get(server, job["id"])
+
+
+def remote_error(server: Any, method: str, params: dict[str, Any]) -> RemoteError:
+    with pytest.raises(RemoteError) as info:
+        server.call(method, params)
+    return info.value
+
+
+def next_matching(client: Client, wanted: Callable[[dict[str, Any]], bool], timeout: float = EVENT_TIMEOUT) -> dict:
+    """The next event satisfying `wanted`, read with a deadline; the others on the way are skipped."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        try:
+            event = client.next_event(timeout=max(0.001, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AssertionError(f"no matching event within {timeout}s; saw: {seen}") from None
+        if wanted(event):
+            return event
+        seen.append(event)
+
+
+def is_state(job_id: int, state: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e.get("type") == "job.state" and e["job"]["id"] == job_id and e["job"]["state"] == state
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie. An orphaned grandchild is reaped by init, not by jobd, so a
+    zombie left for init counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def wait_exit(pid: int, timeout: float = 10.0) -> None:
+    """Block on a pidfd (with a deadline) until `pid` has exited; fail if it still runs by then."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        assert readable, f"process {pid} still runs {timeout}s later"
+    finally:
+        os.close(fd)
+    assert not alive(pid)
+
+
+@contextlib.contextmanager
+def held_fifo(path: Path) -> Iterator[Callable[[], None]]:
+    """A FIFO the test holds open for writing: a job's `read < FIFO` blocks until release() is called.
+
+    Opened O_RDWR so opening never blocks; closing it at the end gives a still-blocked job EOF, so a failing test
+    never leaves a job hanging.
+    """
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDWR)
+
+    def release() -> None:
+        os.write(fd, b"go\n")
+
+    try:
+        yield release
+    finally:
+        os.close(fd)
+
+
+def read_pid(path: Path) -> int:
+    text = path.read_text().strip()
+    assert text.isdigit(), f"{path} holds {text!r}, not a pid"
+    return int(text)
+
+
+# -- 1. a job that succeeds --------------------------------------------------------------------------------------
+
+
+def test_task_job_succeeds_with_output_and_a_complete_attempt_record(server: Any) -> None:
+    job = server.submit(task="echo", args=["hello", "world"], context="user-17")
+    assert job["state"] in ("queued", "running")
+    assert job["task"] == "echo"
+    assert job["command"] == ["/bin/echo", "hello", "world"]  # args are appended to the task's argv
+    assert job["queue"] == "default" and job["priority"] == 1024 and job["context"] == "user-17"
+    server.wait(job["id"])
+    job = get(server, job["id"])
+    assert job["state"] == "succeeded"
+    assert job["exit_code"] == 0 and job["signal"] is None and job["attempts"] == 1
+    assert job["started_at"] is not None and job["finished_at"] is not None
+    assert ts(job["created_at"]) <= ts(job["started_at"]) <= ts(job["finished_at"])
+    assert server.output(job["id"]) == "hello world\n"
+    assert server.output(job["id"], "stderr") == ""
+    [attempt] = job["tries"]
+    assert attempt["number"] == 1 and attempt["job_id"] == job["id"]
+    assert attempt["outcome"] == "succeeded" and attempt["exit_code"] == 0 and attempt["signal"] is None
+    assert isinstance(attempt["pid"], int) and attempt["pid"] > 0
+    assert isinstance(attempt["cpu_user"], float) and attempt["cpu_user"] >= 0
+    assert isinstance(attempt["cpu_system"], float) and attempt["cpu_system"] >= 0
+    assert isinstance(attempt["max_rss_kib"], int) and attempt["max_rss_kib"] > 0
+    assert isinstance(attempt["wall_seconds"], float) and attempt["wall_seconds"] >= 0
+    assert attempt["wall_seconds"] == pytest.approx(ts(attempt["finished_at"]) - ts(attempt["started_at"]), abs=1e-5)
+    assert attempt["stdout_bytes"] == len("hello world\n") and attempt["stderr_bytes"] == 0
+    assert attempt["truncated"] is False and attempt["error"] is None
+
+
+def test_params_are_exported_as_environment_for_an_env_task(server: Any) -> None:
+    job = run(server, task="envtask", params={"A": "1", "B": "two words"}, env={"C": "see"})
+    assert job["state"] == "succeeded"
+    assert job["command"] == ["/bin/sh", "-c", 'echo "A=$A B=$B C=$C"']  # nothing appended to argv
+    assert server.output(job["id"]) == "A=1 B=two words C=see\n"
+
+
+def test_params_are_appended_in_order_for_an_args_task(server: Any) -> None:
+    job = run(server, task="argtask", params={"z": "last letter", "a": "first letter"})
+    assert job["state"] == "succeeded"
+    assert server.output(job["id"]) == "<last letter>\n<first letter>\n"
+
+
+def test_env_option_reaches_an_ad_hoc_command(server: Any) -> None:
+    job = run(server, command=sh('printf "%s|" "$FOO" "$EMPTY"'), env={"FOO": "bar baz", "EMPTY": ""})
+    assert job["state"] == "succeeded"
+    assert server.output(job["id"]) == "bar baz||"
+
+
+def test_stdin_text_is_fed_to_the_job(server: Any) -> None:
+    text = "héllo wörld\nsecond line\n"
+    job = run(server, command=["/bin/cat"], stdin=text)
+    assert job["state"] == "succeeded"
+    assert server.output(job["id"]) == text
+    assert job["tries"][0]["stdout_bytes"] == len(text.encode())
+
+
+def test_stdin_base64_feeds_binary_input(server: Any) -> None:
+    data = bytes(range(256)) * 4
+    job = run(server, command=["/bin/cat"], stdin_base64=base64.b64encode(data).decode())
+    assert job["state"] == "succeeded"
+    reply = server.call("job.output", {"id": job["id"], "encoding": "base64", "limit": 65536})
+    assert base64.b64decode(reply["data"]) == data
+    assert reply["size"] == len(data) and reply["complete"] is True
+
+
+def test_without_stdin_a_job_reads_end_of_file_at_once(server: Any) -> None:
+    job = run(server, command=["/bin/cat"], timeout=10)
+    assert job["state"] == "succeeded"
+    assert server.output(job["id"]) == ""
+
+
+def test_jobd_variables_are_in_the_environment_and_the_daemons_are_not(server: Any) -> None:
+    job = run(server, command=["/usr/bin/env"], queue="serial")
+    assert job["state"] == "succeeded"
+    env = dict(line.split("=", 1) for line in server.output(job["id"]).splitlines())
+    assert env["JOBD_JOB_ID"] == str(job["id"])
+    assert env["JOBD_QUEUE"] == "serial"
+    assert env["JOBD_ATTEMPT"] == "1"
+    assert "PATH" in env
+    # jobd's own systemd notification socket must not leak: a job could speak to systemd in jobd's name.
+    assert "NOTIFY_SOCKET" not in env
+
+
+def test_working_dir_of_an_ad_hoc_command(server: Any, tmp_path: Path) -> None:
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
+    job = run(server, command=sh("pwd -P"), working_dir=str(workdir))
+    assert job["state"] == "succeeded"
+    assert server.output(job["id"]) == f"{os.path.realpath(workdir)}\n"
+
+
+def test_a_program_that_cannot_be_started_is_a_spawn_error(server: Any) -> None:
+    job = run(server, command=["/nonexistent/program"])
+    assert job["state"] == "failed"
+    [attempt] = job["tries"]
+    assert attempt["outcome"] == "spawn_error"
+    assert "/nonexistent/program" in attempt["error"]
+
+
+# -- 2. exit codes and signals -----------------------------------------------------------------------------------
+
+
+def test_exit_codes_are_reported_exactly(server: Any) -> None:
+    codes = (0, 1, 77, 254, 255)
+    jobs = {code: server.submit(command=sh(f"exit {code}")) for code in codes}
+    for code, job in jobs.items():
+        server.wait(job["id"])
+        job = get(server, job["id"])
+        assert job["exit_code"] == code, job
+        assert job["signal"] is None
+        assert job["state"] == ("succeeded" if code == 0 else "failed")
+        [attempt] = job["tries"]
+        assert attempt["exit_code"] == code and attempt["signal"] is None
+        assert attempt["outcome"] == ("succeeded" if code == 0 else "failed")
+
+
+def test_a_job_killed_by_its_own_signal_fails_with_that_signal(server: Any) -> None:
+    job = run(server, command=sh("kill -9 $$"))
+    assert job["state"] == "failed"
+    assert job["signal"] == 9 and job["exit_code"] is None
+    [attempt] = job["tries"]
+    assert attempt["outcome"] == "failed" and attempt["signal"] == 9 and attempt["exit_code"] is None
+
+
+# -- 3. priority and fifo order ----------------------------------------------------------------------------------
+
+
+def _start_order(server: Any, tmp_path: Path, queue: str, priorities: list[int | None]) -> tuple[list[int], list[int]]:
+    """Submit one job per priority to a paused queue, resume it; returns (ids in submission order, start order)."""
+    order_file = tmp_path / f"{queue}.order"
+    order_file.touch()
+    assert server.call("queue.pause", {"name": queue})["paused"] is True
+    ids = []
+    for priority in priorities:
+        params: dict[str, Any] = {"command": sh('echo "$JOBD_JOB_ID" >> "$1"', str(order_file)), "queue": queue}
+        if priority is not None:
+            params["priority"] = priority
+        job = server.submit(**params)
+        assert job["state"] == "queued"
+        assert job["priority"] == (1024 if priority is None else priority)
+        ids.append(job["id"])
+    assert server.call("queue.resume", {"name": queue})["paused"] is False
+    for job_id in ids:
+        assert server.wait(job_id)["state"] == "succeeded"
+    started = [int(line) for line in order_file.read_text().split()]
+    return ids, started
+
+
+def test_priority_queue_starts_lower_priority_values_first_then_in_submission_order(
+    server: Any, tmp_path: Path
+) -> None:
+    priorities: list[int | None] = [500, 10, None, 10, 0, MAX_PRIORITY, 500, 1024, 1023]
+    ids, started = _start_order(server, tmp_path, "serial", priorities)
+    effective = [1024 if p is None else p for p in priorities]
+    expected = [job_id for _, _, job_id in sorted(zip(effective, range(len(ids)), ids, strict=True))]
+    assert started == expected
+
+
+def test_fifo_queue_ignores_priority(server: Any, tmp_path: Path) -> None:
+    ids, started = _start_order(server, tmp_path, "fifo", [5000, 1, 3000, 0, None, MAX_PRIORITY])
+    assert started == ids
+
+
+# -- 4. concurrency ----------------------------------------------------------------------------------------------
+
+COUNTING_JOB = """
+exec 9>>"$1/lock"
+flock 9; n=$(( $(cat "$1/count") + 1 )); echo $n > "$1/count"; echo $n >> "$1/seen"; flock -u 9
+sleep 0.3
+flock 9; n=$(( $(cat "$1/count") - 1 )); echo $n > "$1/count"; flock -u 9
+"""
+
+
+def test_a_queue_never_runs_more_than_its_concurrency(server: Any, tmp_path: Path) -> None:
+    (tmp_path / "count").write_text("0\n")
+    ids = [server.submit(command=sh(COUNTING_JOB, str(tmp_path)))["id"] for _ in range(6)]
+    intervals = []
+    for job_id in ids:
+        assert server.wait(job_id)["state"] == "succeeded"
+        [attempt] = get(server, job_id)["tries"]
+        intervals.append((ts(attempt["started_at"]), ts(attempt["finished_at"])))
+    # Seen by the jobs themselves, under a lock:
+    assert max(int(n) for n in (tmp_path / "seen").read_text().split()) == 2
+    # Seen in the attempt records: sweep the intervals, an end before a start at the same instant.
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2
+
+
+# -- 5. delay ----------------------------------------------------------------------------------------------------
+
+
+def test_a_delayed_job_waits_its_delay_then_runs(server: Any) -> None:
+    with server.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        job = client.call("job.submit", {"command": ["/bin/true"], "delay": 1}, timeout=10)
+        assert job["state"] == "delayed"
+        assert ts(job["run_at"]) - ts(job["created_at"]) == pytest.approx(1.0, abs=1e-3)
+        assert client.call("job.get", {"id": job["id"]}, timeout=10)["state"] == "delayed"
+        [default] = [q for q in client.call("queue.list", timeout=10)["queues"] if q["name"] == "default"]
+        assert default["delayed"] == 1
+        states = []
+        while not states or states[-1] not in FINISHED:
+            event = next_matching(client, lambda e: e["type"] == "job.state" and e["job"]["id"] == job["id"])
+            states.append(event["job"]["state"])
+    assert states == ["delayed", "queued", "running", "succeeded"]
+    job = get(server, job["id"])
+    assert ts(job["started_at"]) - ts(job["created_at"]) >= 1.0
+
+
+# -- 6. timeouts -------------------------------------------------------------------------------------------------
+
+
+def test_timeout_kills_the_whole_process_group(server: Any, tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    job = run(server, command=sh('sleep 1000 & echo $! > "$1"; sleep 1000', str(pid_file)), timeout=0.5)
+    assert job["state"] == "timed_out"
+    [attempt] = job["tries"]
+    assert attempt["outcome"] == "timed_out"
+    assert attempt["signal"] == signal.SIGTERM and attempt["exit_code"] is None
+    assert ts(attempt["finished_at"]) - ts(attempt["started_at"]) >= 0.5
+    wait_exit(read_pid(pid_file))
+
+
+def test_a_leader_ignoring_sigterm_is_killed_after_the_grace(server: Any, tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    script = """trap '' TERM; sleep 1000 & echo $! > "$1"; wait $!"""
+    job = run(server, command=sh(script, str(pid_file)), timeout=0.5)
+    assert job["state"] == "timed_out"
+    [attempt] = job["tries"]
+    assert attempt["outcome"] == "timed_out"
+    assert attempt["signal"] == signal.SIGKILL and attempt["exit_code"] is None
+    assert ts(attempt["finished_at"]) - ts(attempt["started_at"]) >= 0.5 + KILL_GRACE
+    wait_exit(read_pid(pid_file))  # it ignored SIGTERM too: only the SIGKILL to the group ended it
+
+
+# -- 7. a grandchild holding stdout -------------------------------------------------------------------------------
+
+
+def test_a_grandchild_keeping_stdout_open_does_not_delay_completion(server: Any, tmp_path: Path) -> None:
+    pid_file = tmp_path / "sleeper.pid"
+    try:
+        # Every call has a deadline well under the sleeper's 30 s: a jobd that waited for the end of stdout,
+        # whether in the job's completion or by blocking its loop, misses one of them.
+        with server.client() as client:
+            job = client.call(
+                "job.submit", {"command": sh('sleep 30 & echo $! > "$1"; echo done', str(pid_file))}, timeout=10
+            )
+            finished = client.call("job.wait", {"id": job["id"], "timeout": 10}, timeout=15)
+            assert finished["state"] == "succeeded", "the job did not complete while its grandchild held stdout"
+            assert finished["exit_code"] == 0
+            assert client.call("job.output", {"id": job["id"]}, timeout=10)["data"] == "done\n"
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+# -- 8. output limits --------------------------------------------------------------------------------------------
+
+
+def test_output_beyond_max_output_is_dropped_and_marked_truncated(server: Any) -> None:
+    job = run(server, command=sh("yes 0123456789 | head -c 5000000"), max_output=1000)
+    assert job["state"] == "succeeded"
+    [attempt] = job["tries"]
+    assert attempt["stdout_bytes"] == 1000
+    assert attempt["truncated"] is True
+    reply = server.call("job.output", {"id": job["id"], "limit": 1024 * 1024})
+    assert reply["size"] == 1000 and len(reply["data"]) == 1000
+    assert reply["data"] == ("0123456789\n" * 100)[:1000]
+    assert reply["truncated"] is True and reply["complete"] is True
+
+
+def test_a_huge_output_keeps_the_daemons_memory_flat(server: Any) -> None:
+    job = run(server, command=["/usr/bin/head", "-c", "200000000", "/dev/zero"], max_output=1024 * 1024)
+    assert job["state"] == "succeeded"
+    [attempt] = job["tries"]
+    assert attempt["stdout_bytes"] == 1024 * 1024 and attempt["truncated"] is True
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{server.pid}/status").read_text().splitlines() if ":" in line
+    )
+    peak_kib = int(status["VmHWM"].split()[0])  # the high-water mark: the peak over the daemon's life
+    assert peak_kib < 150 * 1024, f"jobd's resident memory peaked at {peak_kib} KiB"
+
+
+# -- 9. retries --------------------------------------------------------------------------------------------------
+
+
+def test_retries_back_off_exponentially_then_fail(server: Any) -> None:
+    retry = {"times": 2, "delay": 0.2, "backoff": 2}
+    job = run(server, command=sh("echo attempt $JOBD_ATTEMPT; exit 5"), retry=retry)
+    assert job["state"] == "failed" and job["attempts"] == 3 and job["exit_code"] == 5
+    tries = job["tries"]
+    assert [t["number"] for t in tries] == [1, 2, 3]
+    assert [t["outcome"] for t in tries] == ["failed"] * 3
+    assert [t["exit_code"] for t in tries] == [5] * 3
+    starts = [ts(t["started_at"]) for t in tries]
+    ends = [ts(t["finished_at"]) for t in tries]
+    # The back-off counts from the end of the failed attempt; 1 µs for the timestamps' rounding.
+    assert starts[1] - ends[0] >= 0.2 - 1e-6
+    assert starts[2] - ends[1] >= 0.4 - 1e-6
+    assert starts[1] - starts[0] >= 0.2 and starts[2] - starts[1] >= 0.4
+    for number in (1, 2, 3):
+        assert server.output(job["id"], attempt=number) == f"attempt {number}\n"
+
+
+def test_on_exit_codes_limits_which_failures_are_retried(server: Any) -> None:
+    retry = {"times": 2, "delay": 0.05, "on_exit_codes": [75]}
+    other = server.submit(command=sh("exit 3"), retry=retry)
+    listed = server.submit(command=sh("exit 75"), retry=retry)
+    other = server.wait(other["id"])
+    assert other["state"] == "failed" and other["attempts"] == 1 and other["exit_code"] == 3
+    listed = server.wait(listed["id"])
+    assert listed["state"] == "failed" and listed["attempts"] == 3 and listed["exit_code"] == 75
+
+
+def test_a_retry_that_succeeds_keeps_each_attempts_output_apart(server: Any) -> None:
+    script = 'echo "out $JOBD_ATTEMPT"; echo "err $JOBD_ATTEMPT" >&2; [ "$JOBD_ATTEMPT" -ge 2 ]'
+    job = run(server, command=sh(script), retry={"times": 3, "delay": 0.05})
+    assert job["state"] == "succeeded" and job["attempts"] == 2 and job["exit_code"] == 0
+    assert [t["outcome"] for t in job["tries"]] == ["failed", "succeeded"]
+    assert [t["exit_code"] for t in job["tries"]] == [1, 0]
+    assert server.output(job["id"], attempt=1) == "out 1\n"
+    assert server.output(job["id"], attempt=2) == "out 2\n"
+    assert server.output(job["id"], "stderr", attempt=1) == "err 1\n"
+    assert server.output(job["id"], "stderr", attempt=2) == "err 2\n"
+    assert server.output(job["id"]) == "out 2\n"  # the latest attempt by default
+    error = remote_error(server, "job.output", {"id": job["id"], "attempt": 3})
+    assert error.data["code"] == "UNKNOWN_JOB"
+
+
+# -- 10. cancel --------------------------------------------------------------------------------------------------
+
+
+def test_cancel_a_queued_job_at_once(server: Any) -> None:
+    server.call("queue.pause", {"name": "serial"})
+    job = server.submit(command=["/bin/true"], queue="serial")
+    assert job["state"] == "queued"
+    cancelled = server.call("job.cancel", {"id": job["id"]}, timeout=10)
+    assert cancelled["state"] == "cancelled" and cancelled["finished_at"] is not None
+    server.call("queue.resume", {"name": "serial"})
+    after = server.submit(command=["/bin/true"], queue="serial")
+    assert server.wait(after["id"])["state"] == "succeeded"
+    job = get(server, job["id"])
+    assert job["state"] == "cancelled" and job["attempts"] == 0 and job["tries"] == []
+
+
+def test_cancel_a_delayed_job_at_once(server: Any) -> None:
+    job = server.submit(command=["/bin/true"], delay=600)
+    assert job["state"] == "delayed"
+    cancelled = server.call("job.cancel", {"id": job["id"]}, timeout=10)
+    assert cancelled["state"] == "cancelled" and cancelled["attempts"] == 0
+    [default] = [q for q in server.call("queue.list")["queues"] if q["name"] == "default"]
+    assert default["delayed"] == 0 and default["queued"] == 0
+
+
+def test_cancel_a_running_job_ends_its_process(server: Any) -> None:
+    with server.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        job = client.call("job.submit", {"command": ["/bin/sleep", "100"]}, timeout=10)
+        next_matching(client, is_state(job["id"], "running"))
+        pid = client.call("job.get", {"id": job["id"]}, timeout=10)["tries"][0]["pid"]
+        pidfd = os.pidfd_open(pid)
+        try:
+            cancelled = client.call("job.cancel", {"id": job["id"]}, timeout=10)
+            assert cancelled["state"] == "cancelled"
+            readable, _, _ = select.select([pidfd], [], [], 10)
+            assert readable, "the job's process still runs after the cancel"
+        finally:
+            os.close(pidfd)
+    assert not Path(f"/proc/{pid}").exists(), "jobd did not reap the cancelled job's process"
+    [attempt] = get(server, job["id"])["tries"]
+    assert attempt["outcome"] == "killed" and attempt["signal"] == signal.SIGTERM
+
+
+def test_cancel_a_job_ignoring_sigterm_kills_it_after_the_grace(server: Any) -> None:
+    with server.client() as client:
+        client.call("events.subscribe", {"types": ["job.progress"]}, timeout=10)
+        job = client.call("job.submit", {"command": sh("trap '' TERM; echo %1 >&3; exec sleep 100")}, timeout=10)
+        next_matching(client, lambda e: e["id"] == job["id"] and e["progress"] == 1)  # TERM is ignored now
+        begun = time.monotonic()
+        cancelled = client.call("job.cancel", {"id": job["id"]}, timeout=KILL_GRACE + 10)
+        elapsed = time.monotonic() - begun
+    assert cancelled["state"] == "cancelled"
+    assert elapsed >= KILL_GRACE - 0.01
+    [attempt] = get(server, job["id"])["tries"]
+    assert attempt["outcome"] == "killed"
+    assert attempt["signal"] == signal.SIGKILL and attempt["exit_code"] is None
+
+
+def test_cancel_a_finished_job_is_refused(server: Any) -> None:
+    job = run(server, command=["/bin/true"])
+    error = remote_error(server, "job.cancel", {"id": job["id"]})
+    assert error.data["code"] == "JOB_FINISHED"
+    assert get(server, job["id"])["state"] == "succeeded"
+
+
+def test_cancel_an_unknown_job_is_refused(server: Any) -> None:
+    error = remote_error(server, "job.cancel", {"id": 987654})
+    assert error.data["code"] == "UNKNOWN_JOB"
+    assert "987654" in error.message
+
+
+# -- 11. fd 3: progress and log ----------------------------------------------------------------------------------
+
+
+def test_progress_and_log_lines_arrive_while_the_job_runs(server: Any, tmp_path: Path) -> None:
+    fifo = tmp_path / "gate"
+    script = 'echo %30 >&3; echo "halfway there" >&3; echo "%%x" >&3; read line < "$1"; echo "got $line"'
+    with held_fifo(fifo) as release, server.client() as client:
+        client.call("events.subscribe", {"types": ["job.progress", "job.log"]}, timeout=10)
+        job = client.call("job.submit", {"command": sh(script, str(fifo))}, timeout=10)
+        ours = lambda e: e["id"] == job["id"]  # noqa: E731
+        progress = next_matching(client, lambda e: ours(e) and e["type"] == "job.progress")
+        assert progress["progress"] == 30
+        first = next_matching(client, lambda e: ours(e) and e["type"] == "job.log")
+        second = next_matching(client, lambda e: ours(e) and e["type"] == "job.log")
+        assert (first["line"], second["line"]) == ("halfway there", "%x")
+        live = client.call("job.get", {"id": job["id"]}, timeout=10)
+        assert live["state"] == "running" and live["progress"] == 30  # still blocked on the FIFO
+        release()
+        assert server.wait(job["id"])["state"] == "succeeded"
+    job = get(server, job["id"])
+    assert job["progress"] == 30
+    assert server.output(job["id"], "log") == "halfway there\n%x\n"
+    assert server.output(job["id"]) == "got go\n"
+
+
+# -- 12. following output ----------------------------------------------------------------------------------------
+
+
+def test_job_output_wait_returns_new_data_while_the_job_runs(server: Any, tmp_path: Path) -> None:
+    fifo = tmp_path / "gate"
+    with held_fifo(fifo) as release:
+        job = server.submit(command=sh('echo first; read x < "$1"; echo second', str(fifo)))
+        first = server.call("job.output", {"id": job["id"], "offset": 0, "wait": True}, timeout=20)
+        assert first["data"] == "first\n" and first["next_offset"] == 6 and first["complete"] is False
+        with server.client() as follower:
+            # Pipelined on one connection: the ping is answered first only if job.output is really waiting.
+            follower.send_raw(
+                encode_message(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "job.output",
+                        "params": {"id": job["id"], "offset": 6, "wait": True},
+                    }
+                )
+            )
+            follower.send_raw(encode_message({"jsonrpc": "2.0", "id": 2, "method": "ping"}))
+            assert follower.read_line(timeout=10)["id"] == 2
+            release()
+            reply = follower.read_line(timeout=20)
+        assert reply["id"] == 1, reply
+        assert reply["result"]["data"] == "second\n"
+        assert reply["result"]["offset"] == 6 and reply["result"]["next_offset"] == 13
+        assert server.wait(job["id"])["state"] == "succeeded"
+    # At the end of a finished attempt, wait=true answers at once: complete, nothing more.
+    end = server.call("job.output", {"id": job["id"], "offset": 13, "wait": True}, timeout=10)
+    assert end["data"] == "" and end["complete"] is True and end["size"] == 13
+
+
+# -- 13. idempotency ---------------------------------------------------------------------------------------------
+
+
+def test_a_second_submit_with_the_same_key_returns_the_first_job(server: Any) -> None:
+    first = server.submit(task="echo", args=["one"], key="order-17")
+    again = server.submit(task="echo", args=["two"], key="order-17")
+    assert again["id"] == first["id"]
+    assert again["command"] == ["/bin/echo", "one"] and again["key"] == "order-17"
+    other = server.submit(task="echo", args=["three"], key="order-18")
+    assert other["id"] != first["id"]
+    server.wait(first["id"])
+    assert server.output(first["id"]) == "one\n"
+    assert server.submit(task="echo", key="order-17")["id"] == first["id"]  # also once it has finished
+
+
+# -- 14. refusals ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_queue_is_refused_naming_it(server: Any) -> None:
+    error = remote_error(server, "job.submit", {"task": "echo", "queue": "nope"})
+    assert error.data["code"] == "UNKNOWN_QUEUE"
+    assert "nope" in error.message
+    assert error.data.get("queue") == "nope"
+
+
+def test_unknown_task_is_refused_naming_it(server: Any) -> None:
+    error = remote_error(server, "job.submit", {"task": "no_such_task"})
+    assert error.data["code"] == "UNKNOWN_TASK"
+    assert "no_such_task" in error.message
+    assert "echo" in error.data.get("allowed", [])
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"task": "echo", "priority": -1}, ["priority", "-1"]),
+        ({"task": "echo", "priority": 2**32}, ["priority", str(2**32)]),
+        ({"task": "echo", "priority": "high"}, ["priority", "high"]),
+        ({"task": "echo", "colour": "blue"}, ["colour"]),
+        ({"task": "echo", "command": ["/bin/true"]}, ["task", "command"]),
+        ({"task": "echo", "delay": -5}, ["delay", "-5"]),
+        ({"task": "echo", "timeout": 0}, ["timeout"]),
+        ({"command": ["/bin/true"], "env": {"JOBD_QUEUE": "x"}}, ["JOBD_QUEUE"]),
+    ],
+    ids=[
+        "priority-negative",
+        "priority-2**32",
+        "priority-string",
+        "unknown-param",
+        "task-and-command",
+        "delay-negative",
+        "timeout-zero",
+        "reserved-env",
+    ],
+)
+def test_invalid_submit_params_are_refused_naming_the_bad_value(
+    server: Any, params: dict[str, Any], named: list[str]
+) -> None:
+    error = remote_error(server, "job.submit", params)
+    assert error.data["code"] == "INVALID_PARAMS"
+    assert error.rpc_code == -32602
+    for word in named:
+        assert word in error.message, f"{word!r} not in {error.message!r}"
+    assert server.call("job.list", {})["jobs"] == []  # nothing was accepted
+
+
+# -- 15. rights --------------------------------------------------------------------------------------------------
+
+NOBODY = 65534
+NOBODY_CLIENT = """
+import json, os
+from jobd.client import Client, RemoteError
+result = {"uid": os.getuid()}
+with Client("jobd.sock") as client:
+    try:
+        client.call("job.submit", {"command": ["/bin/true"]}, timeout=20)
+        result["ad_hoc"] = None
+    except RemoteError as error:
+        result["ad_hoc"] = {"code": error.data.get("code"), "message": error.message}
+    result["task_job"] = client.call("job.submit", {"task": "echo", "args": ["from nobody"]}, timeout=20)
+print(json.dumps(result))
+"""
+
+
+def test_ad_hoc_commands_are_refused_to_a_non_admin_but_tasks_are_not(server: Any) -> None:
+    os.chmod(server.socket_path, 0o666)
+    # tmp_path is 0700; the daemon's own directory is not, so the client starts there and uses a relative path.
+    assert os.stat(server.root).st_mode & 0o001
+    proc = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            NOBODY_CLIENT,
+        ],
+        cwd=server.root,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["uid"] == NOBODY
+    assert result["ad_hoc"] is not None, "uid 65534 was allowed to run an ad-hoc command"
+    assert result["ad_hoc"]["code"] == "INSUFFICIENT_RIGHTS"
+    assert server.call("job.list", {})["jobs"][0]["task"] == "echo"  # the refused command was not recorded
+    job = server.wait(result["task_job"]["id"])
+    assert job["state"] == "succeeded"
+    assert server.output(job["id"]) == "from nobody\n"
+
+
+# -- 16. no zombies, no leaks ------------------------------------------------------------------------------------
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_many_quick_jobs_leave_no_children_and_no_open_files(server: Any) -> None:
+    with server.client() as client:
+        warm_up = client.call("job.submit", {"command": ["/bin/true"]}, timeout=10)
+        client.call("job.wait", {"id": warm_up["id"], "timeout": 30}, timeout=40)
+        fds_before = _open_fds(server.pid)
+        ids = [client.call("job.submit", {"command": sh("echo $JOBD_JOB_ID >&3")}, timeout=10)["id"] for _ in range(50)]
+        for job_id in ids:
+            job = client.call("job.wait", {"id": job_id, "timeout": 30}, timeout=40)
+            assert job["state"] == "succeeded", job
+        assert server.children() == [], "jobd still has child processes after all its jobs ended"
+        assert _open_fds(server.pid) == fds_before, "jobd holds more files than before the jobs ran"
