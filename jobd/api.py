@@ -323,7 +323,7 @@ async def job_output(api: Api, session: Session, p: Params) -> Any:
     }
 
 
-def _read_at(path: os.PathLike[str], offset: int, limit: int) -> tuple[bytes, int]:
+def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -29,6 +29,7 @@ from jobd.store import Store
 
 log = logging.getLogger("jobd")
 
+STATUS_INTERVAL = 0.1  # seconds between two STATUS= updates at most
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuration error"
 
 
@@ -86,6 +87,7 @@ class Daemon:
         self.engine = Engine(initial, self.store)
         self.server = Server(Api(self.engine, self), initial.daemon.socket)
         self.watcher: config.ConfigWatcher | None = None
+        self._status_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,7 +98,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_from_event)
-        self.engine.on_counts_changed = self._notify_status
+        self.engine.on_counts_changed = self._counts_changed
         daemon = self.config.daemon
         log.info("jobd %s ready: socket %s, state %s", __version__, daemon.socket, daemon.state_dir)
         self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
@@ -121,7 +123,16 @@ class Daemon:
             line += f"; reload failed: {self.last_reload['error']}"
         return line
 
+    def _counts_changed(self) -> None:
+        # Under load counts change thousands of times a second; systemd needs a current line, not every step.
+        # So one STATUS= at most every STATUS_INTERVAL, armed only by a change (no periodic wake-up when idle).
+        if self._status_timer is None:
+            self._status_timer = asyncio.get_running_loop().call_later(STATUS_INTERVAL, self._notify_status)
+
     def _notify_status(self) -> None:
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+            self._status_timer = None
         self.notifier.notify(f"STATUS={self._status_line()}")
 
     # -- DaemonControl ---------------------------------------------------------------------------------------

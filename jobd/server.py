@@ -149,12 +149,15 @@ class Connection:
         except JobdError as failure:
             self._send(jsonrpc.error(None, failure))
             return
+        if not frame.is_batch:  # the common case, without gather's extra task and future
+            reply = await self._member(frame.members[0])
+            if reply is not None:
+                self._send(reply)
+            return
         replies = await asyncio.gather(*(self._member(member) for member in frame.members))
         answered = [reply for reply in replies if reply is not None]
-        if frame.is_batch and answered:
+        if answered:
             self._send(answered)
-        elif answered:
-            self._send(answered[0])
 
     async def _member(self, member: jsonrpc.Member) -> dict[str, Any] | None:
         if isinstance(member, jsonrpc.Invalid):

@@ -15,7 +15,6 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from jobd.engine.decisions import after_attempt, outcome_of
 from jobd.engine.queues import QueueRuntime
@@ -55,7 +54,7 @@ class Engine:
         self.config = config
         self.store = store
         self.clock = clock
-        self.output_dir = Path(config.daemon.state_dir) / "output"
+        self.output_dir = os.path.join(config.daemon.state_dir, "output")
         self.stopping = False
         self.jobs: dict[int, Job] = {}  # every unfinished job
         self.queues: dict[str, QueueRuntime] = {}
@@ -66,7 +65,6 @@ class Engine:
         self._listeners: list[Callable[[JobEvent], None]] = []
         self._expiry_timer: asyncio.TimerHandle | None = None
         self.on_counts_changed: Callable[[], None] = lambda: None
-        self._counts_notice_pending = False
         self._apply_queue_definitions(config, store.queue_pauses())
 
     @property
@@ -169,15 +167,14 @@ class Engine:
     def _start(self, queue: QueueRuntime, job: Job) -> None:
         number = job.attempts + 1
         now = self.clock()
-        paths = self._output_paths(job.id, number)
         launch = LaunchSpec(
             argv=job.spec.command,
             env=self._environment(job, number),
             cwd=job.spec.working_dir,
             stdin=job.spec.stdin,
-            stdout_path=str(paths["stdout"]),
-            stderr_path=str(paths["stderr"]),
-            log_path=str(paths["log"]),
+            stdout_path=self.output_path(job.id, number, "stdout"),
+            stderr_path=self.output_path(job.id, number, "stderr"),
+            log_path=self.output_path(job.id, number, "log"),
             max_output=job.spec.max_output,
         )
         job = transition(
@@ -213,9 +210,6 @@ class Engine:
         log.info("job=%d running (attempt %d, pid %d)", job.id, number, child.pid)
         self._emit(JobEvent("job.state", job))
         self._counts_changed()
-
-    def _output_paths(self, job_id: int, attempt: int) -> dict[str, Path]:
-        return {stream: self.output_path(job_id, attempt, stream) for stream in STREAMS}
 
     def _environment(self, job: Job, attempt: int) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}
@@ -390,8 +384,8 @@ class Engine:
 
     # -- output ------------------------------------------------------------------------------------------------
 
-    def output_path(self, job_id: int, attempt: int, stream: str) -> Path:
-        return self.output_dir / str(job_id) / f"{attempt}.{stream}"
+    def output_path(self, job_id: int, attempt: int, stream: str) -> str:
+        return f"{self.output_dir}/{job_id}/{attempt}.{stream}"
 
     def attempt_running(self, job_id: int, attempt: int) -> bool:
         running = self._running.get(job_id)
@@ -419,14 +413,7 @@ class Engine:
             listener(event)
 
     def _counts_changed(self) -> None:
-        # Coalesced: a burst of transitions in one loop iteration is one notice (one sd_notify STATUS=).
-        if not self._counts_notice_pending:
-            self._counts_notice_pending = True
-            self.loop.call_soon(self._notify_counts)
-
-    def _notify_counts(self) -> None:
-        self._counts_notice_pending = False
-        self.on_counts_changed()
+        self.on_counts_changed()  # the daemon rate-limits what it tells systemd
 
     def counts(self) -> dict[str, int]:
         running = len(self._running)
@@ -507,7 +494,7 @@ class Engine:
         history = self.config.daemon.history
         before = None if history.keep_days is None else self.clock() - history.keep_days * 86400
         for job_id in self.store.expire(before, history.keep_last):
-            shutil.rmtree(self.output_dir / str(job_id), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.output_dir, str(job_id)), ignore_errors=True)
 
     # -- shutdown ----------------------------------------------------------------------------------------------
 
