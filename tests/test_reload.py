@@ -347,3 +347,19 @@ def test_paused_queue_from_config_and_api_pause_across_restart(jobd: Callable[..
     daemon.call("queue.resume", {"name": "open"})
     assert daemon.wait(waiting["id"])["state"] == "succeeded"
     assert daemon.output(waiting["id"]) == "waiting\n"
+
+
+def test_status_line_shows_queue_counts_as_they_change(jobd: Callable[..., Daemon]) -> None:
+    """systemd's STATUS= carries the running/queued/delayed counts and follows every change (rate-limited)."""
+    daemon = jobd("[queue.default]\npaused = true\n")
+
+    def status_with(text: str) -> str:
+        return pump_of(daemon).wait_for(lambda line: line.startswith("STATUS=") and text in line)
+
+    ids = [daemon.submit(command=["/bin/true"])["id"] for _ in range(3)]
+    assert status_with("3 queued") == "STATUS=0 running, 3 queued, 0 delayed"
+    delayed = daemon.submit(command=["/bin/true"], delay=3600)["id"]
+    assert status_with("1 delayed") == "STATUS=0 running, 3 queued, 1 delayed"
+    for job_id in [*ids, delayed]:
+        daemon.call("job.cancel", {"id": job_id})
+    assert status_with("0 queued, 0 delayed") == "STATUS=0 running, 0 queued, 0 delayed"
