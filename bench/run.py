@@ -16,7 +16,10 @@ This is a script, not a test: nothing here asserts on timings.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
+import json
+import multiprocessing
 import os
 import select
 import statistics
@@ -34,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Daemon
 
+from jobd.client import Client
+
 QUEUES = """
 [queue.bench]
 concurrency = 2
@@ -46,6 +51,7 @@ paused = true
 
 def start_daemon(root: Path, durability: str = "crash") -> Daemon:
     daemon = Daemon(root, QUEUES, daemon_extra=f'durability = "{durability}"\nhistory = {{ keep_days = 1 }}')
+    daemon.log_level = "info"  # what a production jobd logs: every job transition
     daemon.start()
     return daemon
 
@@ -78,11 +84,15 @@ def jobd_throughput(daemon: Daemon, count: int) -> float:
             ids += [job["id"] for job in client.call("job.submit", {"jobs": batch})["jobs"]]
         started = time.perf_counter()
         client.call("queue.resume", {"name": "bench"})
-        for job_id in ids:
-            job = client.call("job.wait", {"id": job_id}, timeout=600)
-            if job["state"] != "succeeded":
-                raise RuntimeError(f"job {job_id} ended {job['state']}")
-        return time.perf_counter() - started
+        # Jobs start in id order two at a time, so when the last one started only the one before it could still
+        # run: once both have ended, all have. (Waiting on each of them would measure the client's RPCs.)
+        for job_id in ids[-2:]:
+            client.call("job.wait", {"id": job_id}, timeout=600)
+        elapsed = time.perf_counter() - started
+        counts = client.call("daemon.status")["jobs"]
+        if counts.get("succeeded") != count:
+            raise RuntimeError(f"not every job succeeded: {counts}")
+        return elapsed
 
 
 def serial_submits(daemon: Daemon, count: int) -> float:
@@ -91,6 +101,61 @@ def serial_submits(daemon: Daemon, count: int) -> float:
         for _ in range(count):
             client.call("job.submit", {"command": ["/bin/true"], "queue": "parked"})
         return count / (time.perf_counter() - started)
+
+
+def pipelined_submits(daemon: Daemon, count: int, window: int = 64) -> float:
+    """One job per request on one connection, up to `window` requests in flight (pipelining, as the API allows)."""
+    request = b'{"jsonrpc":"2.0","id":1,"method":"job.submit","params":{"command":["/bin/true"],"queue":"parked"}}\n'
+    with daemon.client() as client:
+        client.call("ping")
+        sent = received = 0
+        started = time.perf_counter()
+        while received < count:
+            burst = min(window - (sent - received), count - sent)
+            if burst:
+                client.send_raw(request * burst)
+                sent += burst
+            reply = client.read_line(timeout=60)
+            if "error" in reply:
+                raise RuntimeError(reply["error"])
+            received += 1
+        return count / (time.perf_counter() - started)
+
+
+def echo_floor(root: Path, count: int) -> float:
+    """Reference for request rates: a bare asyncio JSON-lines server answering `ping`, no work behind it."""
+    path = str(root / "echo.sock")
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+
+    def serve() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while line := await reader.readline():
+                request = json.loads(line)
+                writer.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": {"pong": True}}).encode())
+                writer.write(b"\n")
+
+        async def main() -> None:
+            server = await asyncio.start_unix_server(handle, path)
+            ready.set()
+            async with server:
+                await asyncio.sleep(3600)
+
+        asyncio.run(main())
+
+    # A separate process, as jobd is one: the client must not share its interpreter lock.
+    child = context.Process(target=serve, daemon=True)
+    child.start()
+    try:
+        if not ready.wait(10):
+            raise RuntimeError("the reference server did not start")
+        with Client(path) as client:
+            started = time.perf_counter()
+            for _ in range(count):
+                client.call("ping")
+            return count / (time.perf_counter() - started)
+    finally:
+        child.kill()
 
 
 def batch_submits(daemon: Daemon, count: int, per_request: int = 100) -> float:
@@ -186,12 +251,20 @@ def main() -> int:
                 f"bare loop {args.jobs / bare:.0f} jobs/s, ratio {bare / ours:.2f}"
             )
         if "submit" in args.only:
+            floor = timed("asyncio echo server (reference)", lambda: echo_floor(root, args.submits))
+            results.append(f"reference: a bare asyncio JSON-lines ping server answers {floor:.0f} serial requests/s")
             for durability in ("crash", "fsync"):
                 daemon = start_daemon(root / f"submit-{durability}", durability)
                 try:
                     serial = timed(f"serial submits ({durability})", lambda d=daemon: serial_submits(d, args.submits))
+                    piped = timed(
+                        f"pipelined submits ({durability})", lambda d=daemon: pipelined_submits(d, args.submits)
+                    )
                     batch = timed(f"batch submits ({durability})", lambda d=daemon: batch_submits(d, args.submits * 4))
-                    line = f"submit, durability {durability}: serial {serial:.0f}/s, batch of 100 {batch:.0f} jobs/s"
+                    line = (
+                        f"submit, durability {durability}: serial {serial:.0f}/s, pipelined {piped:.0f}/s, "
+                        f"batch of 100 {batch:.0f} jobs/s"
+                    )
                     if durability == "fsync":
                         parallel = timed(
                             "32 concurrent clients", lambda d=daemon: concurrent_submits(d, 32, args.submits // 32)

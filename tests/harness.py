@@ -62,6 +62,7 @@ class Daemon:
         self.socket_path = root / "jobd.sock"
         self.log_path = root / "jobd.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_level = "debug"
         self.notify: Notifications | None = None
         self.write_config(config, daemon_extra)
 
@@ -82,7 +83,7 @@ class Daemon:
         env.pop("INVOCATION_ID", None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the daemon owns it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(self.config_dir), "--log-level", "debug"],
+            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(self.config_dir), "--log-level", self.log_level],
             env=env,
             stdout=log,
             stderr=log,
