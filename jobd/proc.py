@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+log = logging.getLogger("jobd.proc")
 
 PROGRESS_FD = 3
 MAX_LOG_LINE = 64 * 1024
@@ -112,25 +116,14 @@ class _OutputSink:
         self.kept = 0
         self.dropped = 0
         self.eof = False
+        self.write_error: str | None = None
+        self._splice = True
         self._on_data = on_data
 
     def drain_once(self) -> bool:
         """Move one chunk; False once the pipe is empty (EAGAIN) or closed (EOF)."""
         try:
-            if self.kept < self.cap and not self.file.opened:
-                # The first chunk is read, not spliced, so that a pipe that only reports EOF creates no file.
-                data = os.read(self.read_fd, min(self.cap - self.kept, _DISCARD_CHUNK))
-                n = len(data)
-                if n:
-                    self.kept += os.write(self.file.fd(), data)
-            elif self.kept < self.cap:
-                # SPLICE_F_NONBLOCK is needed although the pipe is O_NONBLOCK: splice() ignores that flag.
-                room = min(self.cap - self.kept, _SPLICE_CHUNK)
-                n = os.splice(self.read_fd, self.file.fd(), room, flags=os.SPLICE_F_NONBLOCK)
-                self.kept += n
-            else:
-                n = len(os.read(self.read_fd, _DISCARD_CHUNK))
-                self.dropped += n
+            n = self._keep() if self.kept < self.cap and self.write_error is None else self._drop()
         except BlockingIOError:
             return False
         if n == 0:
@@ -138,6 +131,38 @@ class _OutputSink:
             return False
         self._on_data()
         return True
+
+    def _keep(self) -> int:
+        read = 0  # bytes taken from the pipe by read() and not yet in the file
+        try:
+            if self.file.opened and self._splice:
+                # SPLICE_F_NONBLOCK is needed although the pipe is O_NONBLOCK: splice() ignores that flag.
+                room = min(self.cap - self.kept, _SPLICE_CHUNK)
+                n = os.splice(self.read_fd, self.file.fd(), room, flags=os.SPLICE_F_NONBLOCK)
+            else:
+                # The first chunk is read, not spliced, so that a pipe that only reports EOF creates no file.
+                data = os.read(self.read_fd, min(self.cap - self.kept, _DISCARD_CHUNK))
+                n = read = len(data)
+                if n:
+                    os.write(self.file.fd(), data)
+        except BlockingIOError:
+            raise
+        except OSError as error:
+            if error.errno == errno.EINVAL and self._splice:  # a file system without splice: copy instead
+                self._splice = False
+                return self._keep()
+            # Disk full, state directory gone…: keep the job running, drop its output, say so once.
+            self.write_error = f"cannot write {self.file.path}: {error.strerror}"
+            log.error("%s; further output of this stream is dropped", self.write_error)
+            self.dropped += read
+            return read or self._drop()
+        self.kept += n
+        return n
+
+    def _drop(self) -> int:
+        n = len(os.read(self.read_fd, _DISCARD_CHUNK))
+        self.dropped += n
+        return n
 
     def close(self) -> None:
         os.close(self.read_fd)
@@ -160,6 +185,7 @@ class _ProgressReader:
         self.cap = cap
         self.kept = 0
         self.eof = False
+        self.write_error: str | None = None
         self._partial = b""
         self._closed_by_job = False
         self._on_progress = on_progress
@@ -210,9 +236,13 @@ class _ProgressReader:
 
     def _write_log(self, raw: bytes) -> None:
         room = self.cap - self.kept
-        if room > 0:
+        if room > 0 and self.write_error is None:
             chunk = (raw + b"\n")[:room]
-            self.kept += os.write(self.file.fd(), chunk)
+            try:
+                self.kept += os.write(self.file.fd(), chunk)
+            except OSError as error:
+                self.write_error = f"cannot write {self.file.path}: {error.strerror}"
+                log.error("%s; further log lines of this job are not kept", self.write_error)
 
     def close(self) -> None:
         os.close(self.read_fd)
@@ -331,7 +361,7 @@ class Child:
             max_rss_kib=usage.ru_maxrss,
             stdout_bytes=self._stdout.kept,
             stderr_bytes=self._stderr.kept,
-            truncated=bool(self._stdout.dropped or self._stderr.dropped),
+            truncated=any(sink.dropped or sink.write_error for sink in (self._stdout, self._stderr)),
         )
         self._on_exit(info)
 

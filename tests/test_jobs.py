@@ -755,3 +755,27 @@ def test_many_quick_jobs_leave_no_children_and_no_open_files(server: Any) -> Non
             assert job["state"] == "succeeded", job
         assert server.children() == [], "jobd still has child processes after all its jobs ended"
         assert _open_fds(server.pid) == fds_before, "jobd holds more files than before the jobs ran"
+
+
+@pytest.fixture
+def full_output_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs to hold job output: a disk that fills up while a job prints."""
+    mount = tmp_path / "d0" / "state" / "output"
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_drops_output_but_not_the_job(make_daemon: Any, full_output_disk: Path) -> None:
+    """ENOSPC on an output file: the job runs to its end, the attempt says its output is truncated, jobd lives."""
+    daemon = make_daemon("[queue.default]\nconcurrency = 1\n")
+    assert daemon.state_dir / "output" == full_output_disk
+    job = daemon.submit(command=["/bin/sh", "-c", "head -c 1000000 /dev/zero; echo done >&2; exit 7"])
+    finished = daemon.wait(job["id"])
+    assert (finished["state"], finished["exit_code"]) == ("failed", 7)
+    attempt = daemon.call("job.get", {"id": job["id"]})["tries"][0]
+    assert attempt["truncated"] is True
+    assert 0 < attempt["stdout_bytes"] <= 64 * 1024
+    assert "cannot write" in daemon.log() and "No space left on device" in daemon.log()
+    assert daemon.call("ping")["pong"] is True
