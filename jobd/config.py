@@ -27,6 +27,7 @@ import inotify_simple
 
 from jobd.errors import ConfigError
 from jobd.model import (
+    ENV_NAME,
     Config,
     DaemonDef,
     Durability,
@@ -64,7 +65,6 @@ RETRY_KEYS = ("times", "delay", "backoff", "on_exit_codes")
 MAX_CONCURRENCY = 10_000
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . -, not starting with . or -"
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
@@ -550,7 +550,7 @@ def _environment(setting: _Setting) -> Mapping[str, str]:
     table = _Table.inline(setting)
     environment: dict[str, str] = {}
     for name, variable in table.settings.items():
-        if not _ENV_NAME.fullmatch(name):
+        if not ENV_NAME.fullmatch(name):
             raise variable.invalid("invalid variable name; allowed: A-Z a-z 0-9 _, not starting with a digit")
         if not isinstance(variable.value, str):
             raise variable.expected("a string")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ import sdnotify
 from jobd import __version__, config, proc
 from jobd.api import Api
 from jobd.engine.core import Engine
-from jobd.errors import ConfigError
+from jobd.errors import ConfigError, StartupError
 from jobd.model import Config, iso
 from jobd.server import Server
 from jobd.store import Store
@@ -72,6 +73,22 @@ class _Notifier:
         self._notifier.notify(text.encode("ascii", "backslashreplace").decode("ascii"))
 
 
+def _lock_state_dir(state_dir: str) -> int:
+    """Hold an exclusive lock on the state directory for the life of the process: a second jobd on the same state
+    would recover (and kill) the first one's running jobs. The kernel drops the lock when the process dies."""
+    path = os.path.join(state_dir, "jobd.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(f"another jobd (pid {holder}) is using the state directory {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Daemon:
     def __init__(self, dirs: Sequence[str], initial: Config) -> None:
         self.dirs = list(dirs)
@@ -82,6 +99,7 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         state_dir = initial.daemon.state_dir
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
         self.engine = Engine(initial, self.store)
@@ -91,8 +109,9 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         self.engine.recover()
-        await self.server.start()
+        await self.server.start_serving()
         self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
         self.watcher.start(loop)
         loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
@@ -209,8 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         asyncio.run(run())
-    except RuntimeError as error:  # refusing to start (another jobd on the socket, a newer database, …)
-        log.error("%s", error)
+    except StartupError as error:
+        log.error("not starting: %s", error)
+        return 1
+    except OSError as error:  # the socket or state directory cannot be made: a message, not a traceback
+        log.error("not starting: %s", error)
         return 1
     return 0
 

@@ -97,3 +97,10 @@ class InvalidTransition(JobdError):
 
     code = "INTERNAL_ERROR"
     rpc_code = -32603
+
+
+class StartupError(Exception):
+    """jobd refuses to start: another jobd owns the state or the socket, the database is from a newer jobd, …
+
+    Not a wire error: it ends the process with a message, before any client is served.
+    """

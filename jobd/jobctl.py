@@ -745,7 +745,7 @@ def report_end(session: Session, job: Job, timeout: float | None) -> int:
     code = exit_code_for(job)
     if session.json:
         session.emit_json(job)
-    if code == EXIT_STILL_RUNNING:
+    if not is_finished(job):  # decided by the state: a job may itself exit with the same number
         waited = "" if timeout is None else f" after {format_duration(timeout)}"
         print(f"jobctl: job {job.get('id')} is still {job.get('state')}{waited}", file=sys.stderr)
     elif not session.json:

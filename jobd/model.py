@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,6 +16,7 @@ from typing import Any
 
 from jobd.errors import InvalidTransition
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what an environment variable may be called, everywhere
 DEFAULT_PRIORITY = 1024
 MAX_PRIORITY = 2**32 - 1
 DEFAULT_KILL_GRACE = 10.0
@@ -285,7 +286,3 @@ def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def is_finite_non_negative(value: float) -> bool:
-    return math.isfinite(value) and value >= 0

@@ -52,7 +52,14 @@ def reserve_progress_fd() -> None:
 
 
 class SpawnError(Exception):
-    """The program could not be started (not found, not executable, bad working directory, …)."""
+    """The program could not be started (not found, not executable, bad working directory, …).
+
+    `transient` marks a shortage on jobd's side (out of file descriptors, processes, memory): not the job's fault,
+    so worth trying again shortly."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +87,20 @@ class ExitInfo:
 
 
 class _LazyFile:
-    """An output file created (with its directory) on the first byte: a silent job costs no file at all."""
+    """An output file created (with its directory) on the first byte: a silent job costs no file at all.
+
+    A write that fails (disk full, state directory gone) is reported once and the file takes nothing more: the job
+    keeps running, and what it prints after that is counted as dropped.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.error: str | None = None
         self._fd: int | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._fd is not None
 
     def fd(self) -> int:
         if self._fd is None:
@@ -96,9 +112,23 @@ class _LazyFile:
                 self._fd = os.open(self.path, flags, 0o640)
         return self._fd
 
-    @property
-    def opened(self) -> bool:
-        return self._fd is not None
+    def write(self, data: bytes) -> int:
+        """Bytes written (fewer than given if the disk filled up)."""
+        if self.error is not None:
+            return 0
+        try:
+            written = os.write(self.fd(), data)
+        except OSError as error:
+            self.failed(error)
+            return 0
+        if written < len(data):
+            self.failed(OSError(errno.ENOSPC, "short write (no space left on device?)"))
+        return written
+
+    def failed(self, error: OSError) -> None:
+        if self.error is None:
+            self.error = f"cannot write {self.path}: {error.strerror}"
+            log.error("%s; what the job writes there from now on is dropped", self.error)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -116,14 +146,13 @@ class _OutputSink:
         self.kept = 0
         self.dropped = 0
         self.eof = False
-        self.write_error: str | None = None
         self._splice = True
         self._on_data = on_data
 
     def drain_once(self) -> bool:
         """Move one chunk; False once the pipe is empty (EAGAIN) or closed (EOF)."""
         try:
-            n = self._keep() if self.kept < self.cap and self.write_error is None else self._drop()
+            n = self._keep() if self.kept < self.cap and self.file.error is None else self._drop()
         except BlockingIOError:
             return False
         if n == 0:
@@ -133,31 +162,27 @@ class _OutputSink:
         return True
 
     def _keep(self) -> int:
-        read = 0  # bytes taken from the pipe by read() and not yet in the file
-        try:
-            if self.file.opened and self._splice:
+        room = self.cap - self.kept
+        if self.file.opened and self._splice:
+            try:
                 # SPLICE_F_NONBLOCK is needed although the pipe is O_NONBLOCK: splice() ignores that flag.
-                room = min(self.cap - self.kept, _SPLICE_CHUNK)
-                n = os.splice(self.read_fd, self.file.fd(), room, flags=os.SPLICE_F_NONBLOCK)
-            else:
-                # The first chunk is read, not spliced, so that a pipe that only reports EOF creates no file.
-                data = os.read(self.read_fd, min(self.cap - self.kept, _DISCARD_CHUNK))
-                n = read = len(data)
-                if n:
-                    os.write(self.file.fd(), data)
-        except BlockingIOError:
-            raise
-        except OSError as error:
-            if error.errno == errno.EINVAL and self._splice:  # a file system without splice: copy instead
-                self._splice = False
+                n = os.splice(self.read_fd, self.file.fd(), min(room, _SPLICE_CHUNK), flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                raise
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    self.file.failed(error)
+                    return self._drop()
+                self._splice = False  # a file system without splice: copy through user space instead
                 return self._keep()
-            # Disk full, state directory gone…: keep the job running, drop its output, say so once.
-            self.write_error = f"cannot write {self.file.path}: {error.strerror}"
-            log.error("%s; further output of this stream is dropped", self.write_error)
-            self.dropped += read
-            return read or self._drop()
-        self.kept += n
-        return n
+            self.kept += n
+            return n
+        # The first chunk is read, not spliced, so that a pipe that only reports EOF creates no file.
+        data = os.read(self.read_fd, min(room, _DISCARD_CHUNK))
+        written = self.file.write(data) if data else 0
+        self.kept += written
+        self.dropped += len(data) - written
+        return len(data)
 
     def _drop(self) -> int:
         n = len(os.read(self.read_fd, _DISCARD_CHUNK))
@@ -185,7 +210,6 @@ class _ProgressReader:
         self.cap = cap
         self.kept = 0
         self.eof = False
-        self.write_error: str | None = None
         self._partial = b""
         self._closed_by_job = False
         self._on_progress = on_progress
@@ -236,13 +260,8 @@ class _ProgressReader:
 
     def _write_log(self, raw: bytes) -> None:
         room = self.cap - self.kept
-        if room > 0 and self.write_error is None:
-            chunk = (raw + b"\n")[:room]
-            try:
-                self.kept += os.write(self.file.fd(), chunk)
-            except OSError as error:
-                self.write_error = f"cannot write {self.file.path}: {error.strerror}"
-                log.error("%s; further log lines of this job are not kept", self.write_error)
+        if room > 0:
+            self.kept += self.file.write((raw + b"\n")[:room])
 
     def close(self) -> None:
         os.close(self.read_fd)
@@ -306,7 +325,8 @@ class Child:
                 reader.close()
             for fd in parent_ends[len(opened) :]:
                 os.close(fd)
-            raise SpawnError(_describe_spawn_error(spec, exc)) from exc
+            transient = exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)
+            raise SpawnError(_describe_spawn_error(spec, exc), transient=transient) from exc
         finally:
             for fd in child_ends:
                 os.close(fd)
@@ -361,7 +381,7 @@ class Child:
             max_rss_kib=usage.ru_maxrss,
             stdout_bytes=self._stdout.kept,
             stderr_bytes=self._stderr.kept,
-            truncated=any(sink.dropped or sink.write_error for sink in (self._stdout, self._stderr)),
+            truncated=any(sink.dropped or sink.file.error for sink in (self._stdout, self._stderr)),
         )
         self._on_exit(info)
 

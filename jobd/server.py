@@ -18,13 +18,13 @@ from typing import Any
 from jobd.api import Api
 from jobd.engine.core import JobEvent
 from jobd.engine.submit import Peer
-from jobd.errors import FrameTooLarge, InvalidRequest, JobdError
+from jobd.errors import FrameTooLarge, InvalidRequest, JobdError, StartupError
 from jobd.linux import peer_credentials
 from jobd.protocol import jsonrpc
 
 log = logging.getLogger("jobd.server")
 
-MAX_UNSENT = 4 * 1024 * 1024  # a client that lets this much pile up unread is cut off
+MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; events: cut the subscriber off
 
 
 class Server:
@@ -34,14 +34,21 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[Connection] = set()
 
-    async def start(self) -> None:
+    async def bind(self) -> None:
+        """Create the listening socket; clients are taken only from `start_serving()` on."""
         _remove_stale_socket(self.path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         old_umask = os.umask(0o117)  # the socket is born 0660: no window in which others could connect
         try:
-            self._server = await asyncio.start_unix_server(self._accept, self.path, limit=jsonrpc.MAX_FRAME + 1)
+            self._server = await asyncio.start_unix_server(
+                self._accept, self.path, limit=jsonrpc.MAX_FRAME + 1, start_serving=False
+            )
         finally:
             os.umask(old_umask)
+
+    async def start_serving(self) -> None:
+        assert self._server is not None
+        await self._server.start_serving()
 
     async def stop_listening(self) -> None:
         if self._server is not None:
@@ -61,6 +68,8 @@ class Server:
         self._connections.add(connection)
         try:
             await connection.serve()
+        except ConnectionError as error:  # the client went away mid-request: its business, not an error of ours
+            log.debug("connection from pid %d ended: %s", peer.pid, error)
         except Exception:  # the connection boundary: one client's trouble never reaches the daemon
             log.exception("connection from pid %d failed", peer.pid)
         finally:
@@ -75,14 +84,14 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise RuntimeError(f"{path} exists and is not a socket; not touching it")
+        raise StartupError(f"{path} exists and is not a socket; not touching it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)
     else:
-        raise RuntimeError(f"another jobd is already listening on {path}")
+        raise StartupError(f"another jobd is already listening on {path}")
     finally:
         probe.close()
 
@@ -113,30 +122,28 @@ class Connection:
             return
         pending = first
         while True:
+            if self.writer.transport.get_write_buffer_size() > MAX_UNSENT:
+                await self.writer.drain()  # a client that does not read its replies is not read from either
             try:
                 line = pending + await self.reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError as eof:
-                line = pending + eof.partial
-                if line.strip():
-                    self._dispatch(line)
+            except asyncio.IncompleteReadError as eof:  # the client closed its side; a last line may lack "\n"
+                if (pending + eof.partial).strip():
+                    self._dispatch(pending + eof.partial)
                 break
             except asyncio.LimitOverrunError:
-                self._send(
-                    jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes"))
-                )
-                await self.writer.drain()
-                return
+                line = b""  # the buffer holds an unfinished line over the limit
             pending = b""
-            if len(line) > jsonrpc.MAX_FRAME + 1:
+            if not line or len(line) > jsonrpc.MAX_FRAME + 1:
+                # The rest of an oversized line cannot be told from the next request: answer, then end.
                 self._send(
                     jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes"))
                 )
-                await self.writer.drain()
-                return
+                break
             if line.strip():
                 self._dispatch(line)
-        if self._tasks:  # the client closed its side: answer what it asked before going
+        if self._tasks:  # answer what was asked before the end
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.writer.drain()
 
     def _dispatch(self, line: bytes) -> None:
         task = asyncio.get_running_loop().create_task(self._answer(line))
@@ -174,12 +181,17 @@ class Connection:
         return None if member.is_notification else reply
 
     def _send(self, message: Any) -> None:
-        if self.writer.is_closing():
-            return
-        self.writer.write(jsonrpc.encode(message))
+        if not self.writer.is_closing():
+            self.writer.write(jsonrpc.encode(message))
+
+    def _send_event(self, message: Any) -> None:
+        # Events cannot wait for a slow reader (they come from the engine, not from its requests): a subscriber
+        # that lets MAX_UNSENT bytes pile up is cut off rather than grow jobd's memory.
         if self.writer.transport.get_write_buffer_size() > MAX_UNSENT:
-            log.warning("pid %d does not read its replies: %d bytes unsent; closing", self.peer.pid, MAX_UNSENT)
+            log.warning("pid %d does not read its events: over %d bytes unsent; closing", self.peer.pid, MAX_UNSENT)
             self.abort()
+            return
+        self._send(message)
 
     # -- Session -------------------------------------------------------------------------------------------------
 
@@ -198,7 +210,7 @@ class Connection:
                 params.update(id=job.id, progress=job.progress)
             else:
                 params.update(id=job.id, line=event.line)
-            self._send(jsonrpc.notification("event", params))
+            self._send_event(jsonrpc.notification("event", params))
 
         self._unsubscribe.append(self.api.engine.subscribe(deliver))
         return number

@@ -19,6 +19,7 @@ from typing import Any
 
 import peewee
 
+from jobd.errors import StartupError
 from jobd.model import FINISHED_STATES, Attempt, Job, JobSpec, JobState, Outcome, RetryPolicy
 
 _db = peewee.DatabaseProxy()
@@ -145,7 +146,7 @@ class Store:
     def _migrate(self) -> None:
         version = self.db.pragma("user_version")
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise StartupError(
                 f"{self.path} has schema version {version}, newer than this jobd understands ({SCHEMA_VERSION})"
             )
         for step in range(version, SCHEMA_VERSION):

@@ -777,5 +777,6 @@ def test_a_full_disk_drops_output_but_not_the_job(make_daemon: Any, full_output_
     attempt = daemon.call("job.get", {"id": job["id"]})["tries"][0]
     assert attempt["truncated"] is True
     assert 0 < attempt["stdout_bytes"] <= 64 * 1024
+    assert attempt["stdout_bytes"] == (full_output_disk / str(job["id"]) / "1.stdout").stat().st_size
     assert "cannot write" in daemon.log() and "No space left on device" in daemon.log()
     assert daemon.call("ping")["pong"] is True

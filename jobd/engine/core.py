@@ -56,6 +56,7 @@ class Engine:
         self.clock = clock
         self.output_dir = os.path.join(config.daemon.state_dir, "output")
         self.stopping = False
+        self._recovering = False
         self.jobs: dict[int, Job] = {}  # every unfinished job
         self.queues: dict[str, QueueRuntime] = {}
         self._running: dict[int, _Running] = {}
@@ -76,13 +77,19 @@ class Engine:
     def recover(self) -> None:
         """Resume what the database says was accepted: after a clean stop or after `kill -9` alike."""
         now = self.clock()
-        for job in self.store.unfinished_jobs():
-            self._queue_for_recovered(job.spec.queue)
-            if job.state is JobState.RUNNING:
-                self._recover_lost_attempt(job, now)
-            else:
-                self.jobs[job.id] = job
-                self._admit(job)
+        self._recovering = True  # nothing starts before every job is back: the first free slot is the best job's
+        try:
+            for job in self.store.unfinished_jobs():
+                self._queue_for_recovered(job.spec.queue)
+                if job.state is JobState.RUNNING:
+                    self._recover_lost_attempt(job, now)
+                else:
+                    self.jobs[job.id] = job
+                    self._admit(job)
+        finally:
+            self._recovering = False
+        for name in list(self.queues):
+            self._dispatch(name)
         self._arm_expiry()
 
     def _queue_for_recovered(self, name: str) -> None:
@@ -119,15 +126,18 @@ class Engine:
         now = self.clock()
         states = [JobState.DELAYED if delay > 0 else JobState.QUEUED for delay in delays]
         results = self.store.insert_jobs(specs, states, now, [now + delay for delay in delays])
-        if self.config.daemon.durability is Durability.FSYNC:
-            await self.store.flush()
+        # Admitted at once, before any await: a committed job is the engine's even if the client goes away
+        # while its reply waits for the fsync below (and a cancel in that window finds it).
         for job, created in results:
             if created:
                 log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
                 self.jobs[job.id] = job
                 self._emit(JobEvent("job.state", job))
                 self._admit(job)
-        return [self.jobs.get(job.id, job) for job, _ in results]
+        replies = [self.jobs.get(job.id, job) for job, _ in results]
+        if self.config.daemon.durability is Durability.FSYNC:
+            await self.store.flush()
+        return replies
 
     def _check_queue_open(self, name: str) -> None:
         queue = self.queues.get(name)
@@ -158,7 +168,7 @@ class Engine:
 
     def _dispatch(self, queue_name: str) -> None:
         queue = self.queues[queue_name]
-        while not self.stopping and queue.free_slots() > 0:
+        while not self.stopping and not self._recovering and queue.free_slots() > 0:
             job = queue.pop_next()
             if job is None:
                 break
@@ -199,7 +209,7 @@ class Engine:
             log.warning("job=%d cannot start: %s", job.id, error)
             attempt = dataclasses.replace(attempt, outcome=Outcome.SPAWN_ERROR, finished_at=now, error=str(error))
             queue.running.discard(job.id)
-            self._settle(job, attempt, cancelled=False)
+            self._settle(job, attempt, cancelled=False, jobd_short_of_resources=error.transient)
             return
         attempt = dataclasses.replace(attempt, pid=child.pid, pid_start=child.start_time)
         self.store.record_process(attempt)
@@ -259,10 +269,23 @@ class Engine:
         self._dispatch(job.spec.queue)
         self._forget_if_drained(job.spec.queue)
 
-    def _settle(self, job: Job, attempt: Attempt, *, cancelled: bool) -> None:
+    def _settle(self, job: Job, attempt: Attempt, *, cancelled: bool, jobd_short_of_resources: bool = False) -> None:
         """Record an ended attempt and move the job on: final state, or back to wait for a retry."""
         now = self.clock()
-        step = after_attempt(job, attempt, now, cancelled=cancelled, shutting_down=self.stopping)
+        tries = attempt.number
+        if attempt.outcome is not Outcome.SUCCEEDED and attempt.number > 1:
+            earlier = self.store.attempts(job.id)
+            not_counted = (Outcome.KILLED, Outcome.SPAWN_ERROR)
+            tries = 1 + sum(1 for a in earlier if a.number < attempt.number and a.outcome not in not_counted)
+        step = after_attempt(
+            job,
+            attempt,
+            now,
+            tries=tries,
+            cancelled=cancelled,
+            shutting_down=self.stopping,
+            jobd_short_of_resources=jobd_short_of_resources,
+        )
         finished_at = now if step.state.finished else None
         job = transition(
             job,
@@ -467,10 +490,9 @@ class Engine:
 
     def _retire(self, job: Job) -> None:
         """A job reached its final state: apply `keep_last`, and make sure an expiry time is armed."""
-        history = self.config.daemon.history
-        if history.keep_last is not None:
+        if self.config.daemon.history.keep_last is not None:
             self._expire()
-        elif self._expiry_timer is None:
+        if self._expiry_timer is None:
             self._arm_expiry()
 
     def _arm_expiry(self) -> None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from jobd.model import Attempt, Job, JobState, Outcome
 
+RESOURCE_RETRY_DELAY = 1.0  # seconds before trying again a job that jobd itself could not start
+
 
 @dataclass(frozen=True, slots=True)
 class NextStep:
@@ -14,10 +16,23 @@ class NextStep:
     error: str | None = None
 
 
-def after_attempt(job: Job, attempt: Attempt, now: float, *, cancelled: bool, shutting_down: bool) -> NextStep:
-    """Where a job goes once an attempt has ended."""
+def after_attempt(
+    job: Job,
+    attempt: Attempt,
+    now: float,
+    *,
+    tries: int,
+    cancelled: bool,
+    shutting_down: bool,
+    jobd_short_of_resources: bool = False,
+) -> NextStep:
+    """Where a job goes once an attempt has ended. `tries` counts the attempts that ran their course, this one
+    included: attempts stopped by jobd's shutdown, or never started for want of resources, do not use up the
+    retry budget."""
     outcome = attempt.outcome
     assert outcome is not None
+    if jobd_short_of_resources and not cancelled:
+        return NextStep(JobState.DELAYED, now + RESOURCE_RETRY_DELAY)
     if outcome is Outcome.SUCCEEDED:
         return NextStep(JobState.SUCCEEDED, job.run_at)
     if cancelled:
@@ -25,8 +40,8 @@ def after_attempt(job: Job, attempt: Attempt, now: float, *, cancelled: bool, sh
     if shutting_down and outcome is Outcome.KILLED:
         # Stopped by jobd's own shutdown, not by a fault of the job: it runs again at the next start.
         return NextStep(JobState.QUEUED, now)
-    if job.spec.retry.allows(attempt.number, outcome, attempt.exit_code):
-        delay = job.spec.retry.next_delay(attempt.number)
+    if job.spec.retry.allows(tries, outcome, attempt.exit_code):
+        delay = job.spec.retry.next_delay(tries)
         if delay > 0:
             return NextStep(JobState.DELAYED, now + delay)
         return NextStep(JobState.QUEUED, now)

@@ -34,7 +34,14 @@ class QueueRuntime:
 
     def remove(self, job_id: int) -> bool:
         """Take a job out of the ready set (cancel); its heap entry is skipped when it surfaces."""
-        return self._ready.pop(job_id, None) is not None
+        removed = self._ready.pop(job_id, None) is not None
+        if len(self._heap) > 2 * len(self._ready) + 64:  # a paused queue with many cancels: keep memory bounded
+            self._rebuild()
+        return removed
+
+    def _rebuild(self) -> None:
+        self._heap = [(order_key(self.definition.scheduler, job), job.id) for job in self._ready.values()]
+        heapq.heapify(self._heap)
 
     def ready_count(self) -> int:
         return len(self._ready)
@@ -57,8 +64,7 @@ class QueueRuntime:
         old_scheduler = self.definition.scheduler
         self.definition = definition
         if definition.scheduler is not old_scheduler:
-            self._heap = [(order_key(definition.scheduler, job), job.id) for job in self._ready.values()]
-            heapq.heapify(self._heap)
+            self._rebuild()
 
     def is_idle(self) -> bool:
         return not self._ready and not self.running

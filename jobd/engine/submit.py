@@ -6,15 +6,24 @@ work that was already accepted.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from jobd.errors import InsufficientRights, InvalidParams, UnknownTask
-from jobd.model import DEFAULT_PRIORITY, Config, JobSpec, ParameterMode, RetryPolicy
+from jobd.model import DEFAULT_PRIORITY, ENV_NAME, Config, JobSpec, ParameterMode, RetryPolicy
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RESERVED_ENV_PREFIX = "JOBD_"
+
+# Variables that change how the loader, the C library, shells or interpreters behave: set by someone else, they
+# run that person's code inside the job (LD_PRELOAD, PATH, BASH_ENV, PYTHONPATH…). Only admins may set them.
+_PROTECTED_ENV = frozenset(
+    {
+        "PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "PS4", "HOME", "SHELL", "TMPDIR", "CDPATH",
+        "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS", "NLSPATH", "LOCPATH", "GCONV_PATH", "GLIBC_TUNABLES",
+        "MALLOC_CHECK_", "MALLOC_TRACE", "TZDIR", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "LUA_PATH", "LUA_CPATH",
+    }
+)  # fmt: skip
+_PROTECTED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "NODE_", "BASH_FUNC_", "GIT_", "SSL_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,8 @@ def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
         raise InvalidParams("give 'args' (a list) or 'params' (an object), not both")
     _check_env_names(request.env, "env")
     _check_env_names(request.params, "params")
+    if not peer.is_admin:
+        _check_unprivileged_env(request, peer)
     resolved = _resolve_task if request.task is not None else _resolve_ad_hoc
     return resolved(config, request, peer)  # the engine checks the queue: it knows which ones are draining
 
@@ -120,6 +131,23 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
         key=request.key,
         submitted_by=peer.uid,
     )
+
+
+def _check_unprivileged_env(request: SubmitRequest, peer: Peer) -> None:
+    if request.env:
+        raise InsufficientRights(
+            f"uid {peer.uid} may not set 'env': extra environment variables are for admins; "
+            "pass values as the task's 'params' instead",
+            missing="admin",
+        )
+    for name in request.params:
+        if name in _PROTECTED_ENV or name.startswith(_PROTECTED_ENV_PREFIXES):
+            raise InsufficientRights(
+                f"params: uid {peer.uid} may not set {name!r}: it changes how programs are loaded or run "
+                f"(PATH, LD_*, PYTHON*, BASH_ENV, …); only admins may",
+                missing="admin",
+                param=name,
+            )
 
 
 def _check_env_names(variables: Mapping[str, str], what: str) -> None:

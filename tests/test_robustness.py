@@ -1,0 +1,212 @@
+"""What a production jobd must survive: a second jobd on the same state, clients that vanish mid-request, large
+replies, recovery order, shutdowns that must not eat retries, fd exhaustion, and unprivileged environment tricks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import REPO, Daemon
+
+from jobd.client import Client, RemoteError
+
+QUEUE = "[queue.default]\nconcurrency = 1\n"
+
+
+def raw_lines(daemon: Daemon, payload: bytes, count: int) -> list[bytes]:
+    """Send `payload` in one write and read `count` reply lines (with a deadline)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(daemon.socket_path))
+        sock.sendall(payload)
+        buffer = b""
+        while buffer.count(b"\n") < count:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"connection closed after {len(buffer.splitlines())} of {count} replies"
+            buffer += chunk
+        return buffer.splitlines()
+
+
+def request(method: str, params: dict[str, Any], request_id: int) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}).encode() + b"\n"
+
+
+def test_a_second_jobd_on_the_same_state_refuses_to_start_and_touches_nothing(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon(QUEUE)
+    job = daemon.submit(command=["/bin/sleep", "30"])
+    second = subprocess.run(
+        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert second.returncode == 1
+    assert "another jobd" in second.stderr and str(daemon.state_dir) in second.stderr
+    assert "Traceback" not in second.stderr
+    assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"  # its process was not killed
+    assert daemon.call("job.cancel", {"id": job["id"]})["state"] == "cancelled"
+
+
+def test_jobs_of_a_client_that_vanishes_while_its_fsync_is_pending_still_run(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon(QUEUE, daemon_extra='durability = "fsync"')
+    payload = b"".join(request("job.submit", {"command": ["/bin/true"], "key": f"k{i}"}, i) for i in range(50))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(daemon.socket_path))
+        sock.sendall(payload)
+        sock.settimeout(30)
+        assert sock.recv(1)  # the first reply is on its way: the others are committed or being committed
+    # Gone without reading: jobd's next replies fail to send, and the requests still waiting for the fsync end.
+    # Whatever was committed before the client left must run; resubmitting the keys finds every job once.
+    jobs = [daemon.submit(command=["/bin/true"], key=f"k{i}") for i in range(50)]
+    for job in jobs:
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+
+
+def test_submits_ahead_of_an_oversized_frame_are_answered_and_run(make_daemon: Any) -> None:
+    """The connection ends at the oversized frame; the requests before it in the same write still count."""
+    daemon: Daemon = make_daemon(QUEUE, daemon_extra='durability = "fsync"')
+    submits = b"".join(request("job.submit", {"command": ["/bin/true"], "key": f"k{i}"}, i) for i in range(20))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(daemon.socket_path))
+        # jobd stops reading at the oversized frame, so the send may break; its replies are still there to read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(submits + b"[" * (2 << 20) + b"\n")
+        replies = b""
+        while chunk := sock.recv(1 << 16):
+            replies += chunk
+    answers = [json.loads(line) for line in replies.splitlines()]
+    assert sorted(a["id"] for a in answers if "result" in a) == list(range(20))
+    assert [a["error"]["data"]["code"] for a in answers if "error" in a] == ["FRAME_TOO_LARGE"]
+    for i in range(20):
+        job = daemon.submit(command=["/bin/true"], key=f"k{i}")  # the same job again, by its key
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+
+
+def test_a_cancel_right_behind_its_submit_in_one_write_cancels_it(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon(QUEUE + "paused = true\n", daemon_extra='durability = "fsync"')
+    lines = raw_lines(
+        daemon, request("job.submit", {"command": ["/bin/true"]}, 1) + request("job.cancel", {"id": 1}, 2), 2
+    )
+    assert all("result" in json.loads(line) for line in lines), lines
+    assert daemon.call("job.get", {"id": 1})["state"] == "cancelled"
+    daemon.call("queue.resume", {"name": "default"})
+    assert daemon.wait(1)["state"] == "cancelled"
+
+
+def test_a_reply_larger_than_the_unsent_limit_reaches_a_reading_client(make_daemon: Any) -> None:
+    """1 MiB of NUL bytes is ~6 MiB of escaped JSON: more than the 4 MiB after which a silent subscriber is cut."""
+    daemon: Daemon = make_daemon(QUEUE)
+    job = daemon.submit(command=["/usr/bin/head", "-c", str(1 << 20), "/dev/zero"])
+    daemon.wait(job["id"])
+    with daemon.client() as client:
+        reply = client.call("job.output", {"id": job["id"], "limit": 1 << 20}, timeout=30)
+        assert reply["data"] == "\0" * (1 << 20)
+        assert client.call("ping")["pong"] is True
+
+
+def test_recovery_starts_the_best_job_first(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon(QUEUE + "paused = true\n")
+    late = daemon.submit(command=["/bin/true"], priority=2000)
+    urgent = daemon.submit(command=["/bin/true"], priority=10)
+    daemon.kill9()
+    daemon.write_config(QUEUE)  # unpaused from the start
+    daemon.start()
+    daemon.wait(late["id"])
+    first, second = (daemon.call("job.get", {"id": job["id"]}) for job in (urgent, late))
+    assert first["started_at"] < second["started_at"]
+
+
+def test_keep_last_does_not_stop_keep_days_expiry(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon(QUEUE, daemon_extra="history = { keep_days = 0.00002, keep_last = 1000 }")
+    old = daemon.submit(command=["/bin/true"])
+    daemon.wait(old["id"])
+    # keep_days is 1.7 s. While nothing else finishes (so no later job's end trims the history), the first job
+    # must expire on the daemon's own timer: wait 3 s on a job that keeps running.
+    later = daemon.submit(command=["/bin/sleep", "30"])
+    assert daemon.call("job.wait", {"id": later["id"], "timeout": 3})["state"] == "running"
+    with pytest.raises(RemoteError) as error:
+        daemon.call("job.get", {"id": old["id"]})
+    assert error.value.code == "UNKNOWN_JOB"
+    daemon.call("job.cancel", {"id": later["id"]})
+
+
+def test_an_attempt_stopped_by_shutdown_does_not_use_up_a_retry(make_daemon: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    daemon: Daemon = make_daemon(QUEUE)
+    script = f'if [ "$JOBD_ATTEMPT" = 1 ]; then touch {marker}; exec sleep 30; fi; exit 3'
+    with Client(str(daemon.socket_path)) as client:
+        client.call("events.subscribe", {"types": ["job.state"]})
+        job = client.call("job.submit", {"command": ["/bin/sh", "-c", script], "retry": {"times": 1, "delay": 0}})
+        while client.next_event(timeout=10)["job"]["state"] != "running":
+            pass
+    assert daemon.stop() == 0
+    daemon.start()
+    finished = daemon.wait(job["id"])
+    outcomes = [t["outcome"] for t in daemon.call("job.get", {"id": job["id"]})["tries"]]
+    # killed by shutdown, then a real failure, then the one retry its policy allows
+    assert outcomes == ["killed", "failed", "failed"], outcomes
+    assert finished["state"] == "failed"
+
+
+def test_running_out_of_file_descriptors_delays_jobs_instead_of_failing_them(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 20\n")
+    with daemon.client() as client:  # the connection is made before the limit falls
+        open_now = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+        # Room for a few jobs (each holds a pidfd and three pipe ends while it runs), not for twenty.
+        limit = open_now + 12
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)  # the soft limit
+        jobs = client.call("job.submit", {"jobs": [{"command": ["/bin/sleep", "0.3"]} for _ in range(20)]})["jobs"]
+        states = [client.call("job.wait", {"id": job["id"], "timeout": 60}, timeout=70)["state"] for job in jobs]
+        tries = [client.call("job.get", {"id": job["id"]})["tries"] for job in jobs]
+    subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile=1024:"], check=True)
+    assert states == ["succeeded"] * 20
+    assert any(t["outcome"] == "spawn_error" for job_tries in tries for t in job_tries), "the limit was never hit"
+    assert "Too many open files" in daemon.log()
+
+
+def test_unprivileged_clients_cannot_set_loader_or_shell_variables(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon(QUEUE + '[task.envtask]\ncommand = ["/usr/bin/env"]\nparameters = "env"\n')
+    os.chmod(daemon.socket_path, 0o666)
+    program = (
+        "import json, sys\n"
+        "from jobd.client import Client, RemoteError\n"
+        "out = []\n"
+        "with Client(sys.argv[1]) as c:\n"
+        "    for params in json.loads(sys.argv[2]):\n"
+        "        try:\n"
+        "            out.append(c.call('job.submit', params)['id'])\n"
+        "        except RemoteError as e:\n"
+        "            out.append(e.code)\n"
+        "print(json.dumps(out))\n"
+    )
+    attempts = [
+        {"task": "envtask", "params": {"LD_PRELOAD": "/tmp/evil.so"}},
+        {"task": "envtask", "params": {"PATH": "/tmp"}},
+        {"task": "envtask", "params": {"PYTHONPATH": "/tmp"}},
+        {"task": "envtask", "env": {"COLOUR": "blue"}},
+        {"task": "envtask", "params": {"COLOUR": "blue"}},
+    ]
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", program,
+         "jobd.sock", json.dumps(attempts)],
+        cwd=daemon.root,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )  # fmt: skip
+    codes = json.loads(result.stdout)
+    assert codes[:4] == ["INSUFFICIENT_RIGHTS"] * 4, codes
+    assert isinstance(codes[4], int)
+    assert "COLOUR=blue" in daemon.output(daemon.wait(codes[4])["id"])
