@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,8 +18,8 @@ from jobd import __version__
 from jobd.engine.core import STREAMS, Engine
 from jobd.engine.queues import QueueRuntime
 from jobd.engine.submit import Peer, SubmitRequest, resolve
-from jobd.errors import InvalidParams, MethodNotFound, UnknownJob
-from jobd.model import MAX_PRIORITY, JobState, RetryPolicy, iso
+from jobd.errors import InvalidParams, MethodNotFound
+from jobd.model import MAX_PRIORITY, JobState, RetryPolicy
 from jobd.store import JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
@@ -265,7 +264,7 @@ async def job_get(api: Api, session: Session, p: Params) -> Any:
     job_id = _job_id(p)
     p.done()
     job = api.engine.get(job_id)
-    return {**job.to_json(), "tries": [attempt.to_json() for attempt in api.engine.store.attempts(job_id)]}
+    return {**job.to_json(), "tries": [attempt.to_json() for attempt in api.engine.attempts(job_id)]}
 
 
 async def job_list(api: Api, session: Session, p: Params) -> Any:
@@ -284,10 +283,9 @@ async def job_list(api: Api, session: Session, p: Params) -> Any:
         limit=limit,
     )
     p.done()
-    jobs = api.engine.store.list_jobs(where)
-    live = api.engine.jobs
+    jobs = api.engine.list_jobs(where)
     next_before = jobs[-1].id if len(jobs) == limit else None
-    return {"jobs": [live.get(job.id, job).to_json() for job in jobs], "next_before": next_before}
+    return {"jobs": [job.to_json() for job in jobs], "next_before": next_before}
 
 
 async def job_output(api: Api, session: Session, p: Params) -> Any:
@@ -299,39 +297,17 @@ async def job_output(api: Api, session: Session, p: Params) -> Any:
     encoding = p.text("encoding", choices=("utf-8", "base64")) or "utf-8"
     wait = p.flag("wait")
     p.done()
-    engine = api.engine
-    job = engine.get(job_id)
-    if attempt is None:
-        attempt = job.attempts
-    if attempt == 0 or attempt > job.attempts:
-        raise UnknownJob(f"job {job_id} has no attempt {attempt} (it has {job.attempts})", id=job_id)
-    path = engine.output_path(job_id, attempt, stream)
-    data, size = _read_at(path, offset, limit)
-    while wait and not data and engine.attempt_running(job_id, attempt):
-        await engine.wait_output(job_id)
-        data, size = _read_at(path, offset, limit)
-    running = engine.attempt_running(job_id, attempt)
-    truncated = any(a.truncated for a in engine.store.attempts(job_id) if a.number == attempt)
+    chunk = await api.engine.read_output(job_id, attempt, stream, offset, limit, wait=wait)
+    data = chunk.data
     return {
         "data": base64.b64encode(data).decode() if encoding == "base64" else data.decode("utf-8", "replace"),
         "offset": offset,
         "next_offset": offset + len(data),
-        "size": size,
-        "complete": not running and offset + len(data) >= size,
-        "truncated": truncated,
-        "attempt": attempt,
+        "size": chunk.size,
+        "complete": chunk.complete,
+        "truncated": chunk.truncated,
+        "attempt": chunk.attempt,
     }
-
-
-def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return b"", 0
-    try:
-        return os.pread(fd, limit, offset), os.fstat(fd).st_size
-    finally:
-        os.close(fd)
 
 
 async def job_wait(api: Api, session: Session, p: Params) -> Any:
@@ -363,7 +339,7 @@ def queue_json(engine: Engine, queue: QueueRuntime) -> dict[str, Any]:
 async def queue_list(api: Api, session: Session, p: Params) -> Any:
     p.done()
     engine = api.engine
-    return {"queues": [queue_json(engine, engine.queues[name]) for name in sorted(engine.queues)]}
+    return {"queues": [queue_json(engine, queue) for queue in engine.queue_list()]}
 
 
 async def queue_pause(api: Api, session: Session, p: Params) -> Any:
@@ -383,8 +359,8 @@ async def daemon_status(api: Api, session: Session, p: Params) -> Any:
     engine = api.engine
     return {
         **api.daemon.status(),
-        "jobs": engine.store.count_by_state(),
-        "queues": [queue_json(engine, engine.queues[name]) for name in sorted(engine.queues)],
+        "jobs": engine.history_counts(),
+        "queues": [queue_json(engine, queue) for queue in engine.queue_list()],
     }
 
 
@@ -424,5 +400,3 @@ METHODS: dict[str, Handler] = {
     "daemon.reload": daemon_reload,
     "events.subscribe": events_subscribe,
 }
-
-__all__ = ["METHODS", "Api", "DaemonControl", "Params", "Session", "iso"]

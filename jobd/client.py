@@ -216,10 +216,6 @@ class Client:
         """Writes bytes as they are, no framing added (tests of the daemon's parser)."""
         self._send(data, None)
 
-    def read_raw_line(self, timeout: float | None = None) -> bytes:
-        """The next line as it came off the socket, without its newline; bypasses queues and id matching."""
-        return self._read_frame(_deadline(timeout))
-
     def read_line(self, timeout: float | None = None) -> Any:
         """The next JSON message: a dict (reply or notification) or a list (batch reply).
 

@@ -17,13 +17,14 @@ from typing import Any
 
 from jobd.api import Api
 from jobd.engine.core import JobEvent
-from jobd.engine.submit import Peer
+from jobd.engine.submit import Peer, peer
 from jobd.errors import FrameTooLarge, InvalidRequest, JobdError, StartupError
 from jobd.linux import peer_credentials
 from jobd.protocol import jsonrpc
 
 log = logging.getLogger("jobd.server")
 
+LINGER_SECONDS = 5.0  # how long a connection ended by an oversized frame keeps swallowing its input
 MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; events: cut the subscriber off
 
 
@@ -62,16 +63,15 @@ class Server:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         credentials = peer_credentials(writer.get_extra_info("socket"))
-        admin = credentials.uid in (0, os.getuid())
-        peer = Peer(uid=credentials.uid, gid=credentials.gid, pid=credentials.pid, is_admin=admin)
-        connection = Connection(self.api, peer, reader, writer)
+        client = peer(credentials.pid, credentials.uid, credentials.gid)
+        connection = Connection(self.api, client, reader, writer)
         self._connections.add(connection)
         try:
             await connection.serve()
         except ConnectionError as error:  # the client went away mid-request: its business, not an error of ours
-            log.debug("connection from pid %d ended: %s", peer.pid, error)
+            log.debug("connection from pid %d ended: %s", client.pid, error)
         except Exception:  # the connection boundary: one client's trouble never reaches the daemon
-            log.exception("connection from pid %d failed", peer.pid)
+            log.exception("connection from pid %d failed", client.pid)
         finally:
             self._connections.discard(connection)
             connection.close()
@@ -121,6 +121,7 @@ class Connection:
             await self.writer.drain()
             return
         pending = first
+        too_large = False
         while True:
             if self.writer.transport.get_write_buffer_size() > MAX_UNSENT:
                 await self.writer.drain()  # a client that does not read its replies is not read from either
@@ -135,15 +136,30 @@ class Connection:
             pending = b""
             if not line or len(line) > jsonrpc.MAX_FRAME + 1:
                 # The rest of an oversized line cannot be told from the next request: answer, then end.
-                self._send(
-                    jsonrpc.error(None, FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes"))
-                )
+                error = FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes")
+                self._send(jsonrpc.error(None, error))
+                too_large = True
                 break
             if line.strip():
                 self._dispatch(line)
         if self._tasks:  # answer what was asked before the end
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.writer.drain()
+        if too_large:
+            await self._lingering_close()
+
+    async def _lingering_close(self) -> None:
+        """End a connection whose input we stopped reading without losing our replies.
+
+        Closing a Unix socket with unread input resets it, and the client may then never read the replies already
+        sent. So: end our side (the client sees EOF after the replies), and swallow its input for a little while.
+        """
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await self.reader.read(1 << 16):
+                    pass
 
     def _dispatch(self, line: bytes) -> None:
         task = asyncio.get_running_loop().create_task(self._answer(line))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import Daemon
+from recovery.support import attach, stop_pumps
 
 
 @pytest.fixture
@@ -51,3 +52,19 @@ def daemon(make_daemon: Any) -> Daemon:
         """
     )
     return d
+
+
+@pytest.fixture
+def jobd(make_daemon: Any) -> Iterator[Callable[..., Daemon]]:
+    """Factory like make_daemon, plus a thread draining each daemon's NOTIFY_SOCKET so tests can wait on what
+    jobd tells systemd (tests/recovery/support.py: pump_of(daemon).wait_for(...))."""
+    made: list[Daemon] = []
+
+    def make(config: str = "", daemon_extra: str = "") -> Daemon:
+        daemon: Daemon = make_daemon(config, daemon_extra=daemon_extra)
+        attach(daemon)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    stop_pumps(made)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon
-from recovery.support import Pidfds, attach, kill9, start, stop_pumps, terminate, wait_events
+from recovery.support import Pidfds, kill9, start, terminate, wait_events
 
 from jobd.client import RemoteError
 
@@ -30,20 +30,6 @@ HOLD = (
 GROUP = 'sleep 600 & echo $! > "$0.child"; echo $$ > "$0.pid"; echo ready >&3; wait'
 # Appends "JOB_ID ATTEMPT" to the file $0: a record of every run that got as far as its command.
 APPEND = 'echo "$JOBD_JOB_ID $JOBD_ATTEMPT" >> "$0"'
-
-
-@pytest.fixture
-def jobd(make_daemon: Any) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make(config: str = "", daemon_extra: str = "") -> Daemon:
-        daemon: Daemon = make_daemon(config, daemon_extra=daemon_extra)
-        attach(daemon)
-        made.append(daemon)
-        return daemon
-
-    yield make
-    stop_pumps(made)
 
 
 @pytest.fixture

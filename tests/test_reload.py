@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon
-from recovery.support import Gate, attach, gated, pump_of, start, stop_pumps, terminate
+from recovery.support import Gate, gated, pump_of, start, terminate
 
 from jobd.client import RemoteError
 
@@ -23,20 +23,6 @@ TASKS = """
 [task.echo]
 command = ["/bin/echo"]
 """
-
-
-@pytest.fixture
-def jobd(make_daemon: Any) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make(config: str = "", daemon_extra: str = "") -> Daemon:
-        daemon: Daemon = make_daemon(config, daemon_extra=daemon_extra)
-        attach(daemon)
-        made.append(daemon)
-        return daemon
-
-    yield make
-    stop_pumps(made)
 
 
 @pytest.fixture

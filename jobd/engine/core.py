@@ -21,7 +21,7 @@ from jobd.engine.queues import QueueRuntime
 from jobd.errors import JobFinished, QueueClosed, ShuttingDown, UnknownJob, UnknownQueue
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
-from jobd.store import Store
+from jobd.store import JobFilter, Store
 
 log = logging.getLogger("jobd.engine")
 
@@ -38,9 +38,29 @@ class JobEvent:
     line: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    data: bytes
+    size: int  # of the whole stream so far
+    complete: bool  # the attempt has ended and `data` reaches the end
+    truncated: bool
+    attempt: int
+
+
+def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # nothing written yet: output files are created on the first byte
+        return b"", 0
+    try:
+        return os.pread(fd, limit, offset), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class _Running:
-    child: Child | None
+    child: Child
     attempt: Attempt
     timeout_timer: asyncio.TimerHandle | None = None
     ended: asyncio.Future[None] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -240,7 +260,6 @@ class Engine:
     def _stop(self, job_id: int) -> None:
         running = self._running[job_id]
         running.stopped = True
-        assert running.child is not None
         running.child.stop(self.jobs[job_id].spec.kill_grace)
 
     def _exited(self, job_id: int, info: ExitInfo) -> None:
@@ -405,7 +424,39 @@ class Engine:
     def delayed_count(self, queue_name: str) -> int:
         return sum(1 for job_id in self._delay_timers if self.jobs[job_id].spec.queue == queue_name)
 
+    def attempts(self, job_id: int) -> list[Attempt]:
+        self.get(job_id)  # UNKNOWN_JOB for a job that does not exist
+        return self.store.attempts(job_id)
+
+    def list_jobs(self, where: JobFilter) -> list[Job]:
+        return [self.jobs.get(job.id, job) for job in self.store.list_jobs(where)]  # live progress wins
+
+    def history_counts(self) -> dict[str, int]:
+        return self.store.count_by_state()
+
+    def queue_list(self) -> list[QueueRuntime]:
+        return [self.queues[name] for name in sorted(self.queues)]
+
     # -- output ------------------------------------------------------------------------------------------------
+
+    async def read_output(
+        self, job_id: int, attempt: int | None, stream: str, offset: int, limit: int, *, wait: bool
+    ) -> OutputChunk:
+        """Up to `limit` bytes of an attempt's stream from `offset`; with `wait`, blocks until there are some or
+        the attempt ends (the daemon waits, not the client)."""
+        job = self.get(job_id)
+        number = job.attempts if attempt is None else attempt
+        if number == 0 or number > job.attempts:
+            raise UnknownJob(f"job {job_id} has no attempt {number} (it has {job.attempts})", id=job_id)
+        path = self.output_path(job_id, number, stream)
+        data, size = _read_at(path, offset, limit)
+        while wait and not data and self.attempt_running(job_id, number):
+            await self.wait_output(job_id)
+            data, size = _read_at(path, offset, limit)
+        running = self.attempt_running(job_id, number)
+        truncated = any(a.truncated for a in self.store.attempts(job_id) if a.number == number)
+        complete = not running and offset + len(data) >= size
+        return OutputChunk(data=data, size=size, complete=complete, truncated=truncated, attempt=number)
 
     def output_path(self, job_id: int, attempt: int, stream: str) -> str:
         return f"{self.output_dir}/{job_id}/{attempt}.{stream}"

@@ -6,6 +6,7 @@ work that was already accepted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -53,6 +54,11 @@ class Peer:
     gid: int
     pid: int
     is_admin: bool
+
+
+def peer(pid: int, uid: int, gid: int) -> Peer:
+    """Who a local client is, and whether it is an admin: for now uid 0 and the uid jobd runs as."""
+    return Peer(uid=uid, gid=gid, pid=pid, is_admin=uid in (0, os.getuid()))
 
 
 _AD_HOC_ONLY = ("working_dir", "retry", "kill_grace", "max_output")
