@@ -900,6 +900,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionClosed, ProtocolError) as exc:
         return fail(f"{exc}", EXIT_CANNOT_CONNECT)
     except RemoteError as exc:
+        if args.json:  # scripts get the error as the daemon sent it: match on error.code, not on the text
+            error = {"code": exc.code, "message": exc.message, "data": exc.data}
+            print(json.dumps({"error": error}, ensure_ascii=True), file=sys.stderr)
+            return EXIT_REMOTE_ERROR
         return fail(f"{exc.code}: {exc.message}", EXIT_REMOTE_ERROR)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -657,3 +657,18 @@ def test_version_and_help(daemon: Any) -> None:
     assert helped.code == 0
     for command in ("run", "submit", "status", "ls", "log", "wait", "cancel", "queues", "pause", "resume", "reload"):
         assert command in helped.out
+
+
+def test_json_mode_reports_daemon_errors_as_json(daemon: Any) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobd.jobctl", "--socket", str(daemon.socket_path), "--json", "status", "999999"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "UNKNOWN_JOB" and "999999" in error["message"]
