@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from jobd.engine.decisions import after_attempt, outcome_of
+from jobd.engine.history import HistoryKeeper
 from jobd.engine.queues import QueueRuntime
 from jobd.errors import JobFinished, QueueClosed, ShuttingDown, UnknownJob, UnknownQueue
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
@@ -84,7 +85,7 @@ class Engine:
         self._finish_waiters: dict[int, list[asyncio.Future[Job]]] = {}
         self._output_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._listeners: list[Callable[[JobEvent], None]] = []
-        self._expiry_timer: asyncio.TimerHandle | None = None
+        self.history = HistoryKeeper(store, config.daemon.history, clock, self._remove_output)
         self.on_counts_changed: Callable[[], None] = lambda: None
         self._apply_queue_definitions(config, store.queue_pauses())
 
@@ -110,7 +111,7 @@ class Engine:
             self._recovering = False
         for name in list(self.queues):
             self._dispatch(name)
-        self._arm_expiry()
+        self.history.rearm()
 
     def _queue_for_recovered(self, name: str) -> None:
         if name not in self.queues:  # the queue was removed while jobd was down: drain it, take nothing new
@@ -321,7 +322,7 @@ class Engine:
             del self.jobs[job.id]
             self._emit(JobEvent("job.state", job))
             self._release_finish_waiters(job)
-            self._retire(job)
+            self.history.job_finished()
         else:
             self.jobs[job.id] = job
             self._emit(JobEvent("job.state", job))
@@ -395,7 +396,7 @@ class Engine:
         job = self._change(job, JobState.CANCELLED, finished_at=self.clock(), error="cancelled before it ran")
         del self.jobs[job_id]
         self._release_finish_waiters(job)
-        self._retire(job)
+        self.history.job_finished()
         self._forget_if_drained(job.spec.queue)
         self._counts_changed()
         return job
@@ -503,7 +504,7 @@ class Engine:
         self._apply_queue_definitions(config, self.store.queue_pauses(), reloading=True)
         for name in list(self.queues):
             self._dispatch(name)
-        self._arm_expiry()
+        self.history.configure(config.daemon.history)
         self._counts_changed()
 
     def _apply_queue_definitions(self, config: Config, pauses: dict[str, bool], *, reloading: bool = False) -> None:
@@ -537,37 +538,8 @@ class Engine:
     def _has_delayed(self, queue_name: str) -> bool:
         return self.delayed_count(queue_name) > 0
 
-    # -- history -----------------------------------------------------------------------------------------------
-
-    def _retire(self, job: Job) -> None:
-        """A job reached its final state: apply `keep_last`, and make sure an expiry time is armed."""
-        if self.config.daemon.history.keep_last is not None:
-            self._expire()
-        if self._expiry_timer is None:
-            self._arm_expiry()
-
-    def _arm_expiry(self) -> None:
-        """Sleep until the oldest finished job expires: history is trimmed then, not by a periodic sweep."""
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
-        keep_days = self.config.daemon.history.keep_days
-        oldest = self.store.oldest_finished_at()
-        if keep_days is None or oldest is None:
-            return
-        due = oldest + keep_days * 86400
-        self._expiry_timer = self.loop.call_later(max(0.0, due - self.clock()), self._expiry_due)
-
-    def _expiry_due(self) -> None:
-        self._expiry_timer = None
-        self._expire()
-        self._arm_expiry()
-
-    def _expire(self) -> None:
-        history = self.config.daemon.history
-        before = None if history.keep_days is None else self.clock() - history.keep_days * 86400
-        for job_id in self.store.expire(before, history.keep_last):
-            shutil.rmtree(os.path.join(self.output_dir, str(job_id)), ignore_errors=True)
+    def _remove_output(self, job_id: int) -> None:
+        shutil.rmtree(os.path.join(self.output_dir, str(job_id)), ignore_errors=True)
 
     # -- shutdown ----------------------------------------------------------------------------------------------
 
@@ -576,8 +548,7 @@ class Engine:
         self.stopping = True
         for timer in self._delay_timers.values():
             timer.cancel()
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
+        self.history.stop()
         ended = []
         for job_id, running in self._running.items():
             log.info("job=%d stopping for shutdown", job_id)
