@@ -576,12 +576,21 @@ def _daemon(table: _Table) -> DaemonDef:
     )
 
 
+def _days_or_forever(setting: _Setting) -> float | None:
+    """`keep_days = false` keeps finished jobs however old they are (TOML has no null to say "no limit")."""
+    if setting.value is False:
+        return None
+    if setting.value is True:
+        raise setting.expected("a number >= 0, or false for no age limit")
+    return _number(0)(setting)
+
+
 def _history(setting: _Setting) -> History:
     table = _Table.inline(setting)
     table.reject_unknown(HISTORY_KEYS)
     default = History()
     return History(
-        keep_days=table.read("keep_days", _number(0), default.keep_days),
+        keep_days=table.read("keep_days", _days_or_forever, default.keep_days),
         keep_last=table.read("keep_last", _integer(0), default.keep_last),
     )
 

@@ -656,3 +656,13 @@ def test_watcher_close_stops_calls(search: tuple[Path, Path, Path]) -> None:
         assert changes.calls == 0
 
     asyncio.run(main())
+
+
+def test_keep_days_false_means_no_age_limit(tmp_path: Path) -> None:
+    (tmp_path / "jobd.toml").write_text("[daemon]\nhistory = { keep_days = false, keep_last = 10 }\n")
+    history = config.load([str(tmp_path)]).daemon.history
+    assert (history.keep_days, history.keep_last) == (None, 10)
+    (tmp_path / "jobd.toml").write_text("[daemon]\nhistory = { keep_days = true }\n")
+    with pytest.raises(ConfigError) as error:
+        config.load([str(tmp_path)])
+    assert "daemon.history.keep_days" in error.value.message and "false for no age limit" in error.value.message
