@@ -138,6 +138,13 @@ class Daemon:
     def _status_line(self) -> str:
         counts = self.engine.counts()
         line = f"{counts['running']} running, {counts['queued']} queued, {counts['delayed']} delayed"
+        busy = [
+            f"{queue.name} {len(queue.running)}/{queue.definition.concurrency} running, {queue.ready_count()} queued"
+            for queue in self.engine.queue_list()
+            if queue.running or queue.ready_count()
+        ]
+        if busy:
+            line += f" ({'; '.join(busy)})"
         if not self.last_reload["ok"]:
             line += f"; reload failed: {self.last_reload['error']}"
         return line

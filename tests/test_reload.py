@@ -343,9 +343,9 @@ def test_status_line_shows_queue_counts_as_they_change(jobd: Callable[..., Daemo
         return pump_of(daemon).wait_for(lambda line: line.startswith("STATUS=") and text in line)
 
     ids = [daemon.submit(command=["/bin/true"])["id"] for _ in range(3)]
-    assert status_with("3 queued") == "STATUS=0 running, 3 queued, 0 delayed"
+    assert status_with("3 queued") == "STATUS=0 running, 3 queued, 0 delayed (default 0/1 running, 3 queued)"
     delayed = daemon.submit(command=["/bin/true"], delay=3600)["id"]
-    assert status_with("1 delayed") == "STATUS=0 running, 3 queued, 1 delayed"
+    assert status_with("1 delayed") == "STATUS=0 running, 3 queued, 1 delayed (default 0/1 running, 3 queued)"
     for job_id in [*ids, delayed]:
         daemon.call("job.cancel", {"id": job_id})
     assert status_with("0 queued, 0 delayed") == "STATUS=0 running, 0 queued, 0 delayed"
