@@ -349,3 +349,13 @@ def test_status_line_shows_queue_counts_as_they_change(jobd: Callable[..., Daemo
     for job_id in [*ids, delayed]:
         daemon.call("job.cancel", {"id": job_id})
     assert status_with("0 queued, 0 delayed") == "STATUS=0 running, 0 queued, 0 delayed"
+
+
+def test_a_removed_queue_paused_through_the_api_still_drains(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(TASKS + "\n[queue.extra]\nconcurrency = 1\n")
+    daemon.call("queue.pause", {"name": "extra"})
+    job = daemon.submit(command=["/bin/echo", "left"], queue="extra")["id"]
+    daemon.write_config(TASKS)
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert daemon.wait(job)["state"] == "succeeded"
+    assert "extra" not in queue_names(daemon)

@@ -522,6 +522,9 @@ class Engine:
             queue.paused = pauses.get(name, definition.paused)
         for name, queue in list(self.queues.items()):
             if name not in config.queues:
+                if name in pauses:  # an API pause belongs to the queue it paused; a removed queue drains
+                    self.store.set_queue_pause(name, None)
+                queue.paused = False
                 if queue.is_idle() and not self._has_delayed(name):
                     del self.queues[name]
                 elif not queue.closed:
