@@ -38,6 +38,7 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 bench: $(STAMP)
+	@command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace; }
 	$(PY) bench/run.py
 
 clean:
