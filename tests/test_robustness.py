@@ -162,13 +162,17 @@ def test_running_out_of_file_descriptors_delays_jobs_instead_of_failing_them(mak
     daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 20\n")
     with daemon.client() as client:  # the connection is made before the limit falls
         open_now = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+        soft_before = next(
+            line.split()[3] for line in Path(f"/proc/{daemon.pid}/limits").read_text().splitlines()
+            if line.startswith("Max open files")
+        )  # fmt: skip
         # Room for a few jobs (each holds a pidfd and three pipe ends while it runs), not for twenty.
         limit = open_now + 12
         subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)  # the soft limit
         jobs = client.call("job.submit", {"jobs": [{"command": ["/bin/sleep", "0.3"]} for _ in range(20)]})["jobs"]
         states = [client.call("job.wait", {"id": job["id"], "timeout": 60}, timeout=70)["state"] for job in jobs]
         tries = [client.call("job.get", {"id": job["id"]})["tries"] for job in jobs]
-    subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile=1024:"], check=True)
+    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
     assert states == ["succeeded"] * 20
     assert any(t["outcome"] == "spawn_error" for job_tries in tries for t in job_tries), "the limit was never hit"
     assert "Too many open files" in daemon.log()
