@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ DEFAULT_PRIORITY = 1024
 MAX_PRIORITY = 2**32 - 1
 DEFAULT_KILL_GRACE = 10.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+MAX_RETRY_DELAY = 366 * 86400.0  # a retry back-off never waits longer than a year
 
 
 class JobState(StrEnum):
@@ -99,8 +101,12 @@ class RetryPolicy:
     on_exit_codes: tuple[int, ...] = ()  # empty: any failure is retried
 
     def next_delay(self, attempt: int) -> float:
-        """Delay before the try that follows attempt number `attempt` (1-based)."""
-        return float(self.delay * self.backoff ** (attempt - 1))
+        """Delay before the try that follows attempt number `attempt` (1-based), at most MAX_RETRY_DELAY."""
+        try:
+            delay = self.delay * self.backoff ** (attempt - 1)
+        except OverflowError:  # a steep back-off over many tries: beyond any date
+            delay = math.inf
+        return float(min(delay, MAX_RETRY_DELAY))
 
     def allows(self, attempt: int, outcome: Outcome, exit_code: int | None) -> bool:
         if attempt > self.times or outcome not in RETRYABLE_OUTCOMES:
