@@ -15,6 +15,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import peewee
@@ -408,7 +409,7 @@ def _job_from_row(row: JobRow) -> Job:
         queue=row.queue,
         task=row.task,
         priority=row.priority,
-        env=json.loads(row.env),
+        env=MappingProxyType(json.loads(row.env)),  # a JobSpec is a value: read-only all the way down
         stdin=None if row.stdin is None else bytes(row.stdin),
         working_dir=row.working_dir,
         timeout=row.timeout,

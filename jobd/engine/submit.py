@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from jobd.errors import InsufficientRights, InvalidParams, UnknownTask
 from jobd.model import DEFAULT_PRIORITY, ENV_NAME, Config, JobSpec, ParameterMode, RetryPolicy
@@ -101,7 +102,7 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
         queue=request.queue or task.queue,
         task=task.name,
         priority=request.priority,
-        env=env,
+        env=MappingProxyType(env),
         stdin=request.stdin,
         working_dir=task.working_dir,
         timeout=request.timeout if request.timeout is not None else task.timeout,
@@ -126,7 +127,7 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
         command=request.command + request.args,
         queue=request.queue or "default",
         priority=request.priority,
-        env={**request.params, **request.env},
+        env=MappingProxyType({**request.params, **request.env}),
         stdin=request.stdin,
         working_dir=request.working_dir,
         timeout=request.timeout,
