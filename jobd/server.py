@@ -17,7 +17,7 @@ from typing import Any
 
 from jobd.api import Api
 from jobd.engine.core import JobEvent
-from jobd.engine.submit import Peer, peer
+from jobd.engine.submit import Peer, identify_peer
 from jobd.errors import FrameTooLarge, InvalidRequest, JobdError, StartupError
 from jobd.linux import peer_credentials
 from jobd.protocol import jsonrpc
@@ -63,7 +63,7 @@ class Server:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         credentials = peer_credentials(writer.get_extra_info("socket"))
-        client = peer(credentials.pid, credentials.uid, credentials.gid)
+        client = identify_peer(credentials.pid, credentials.uid, credentials.gid)
         connection = Connection(self.api, client, reader, writer)
         self._connections.add(connection)
         try:

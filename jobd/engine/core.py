@@ -153,7 +153,7 @@ class Engine:
             if created:
                 log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
                 self.jobs[job.id] = job
-                self._emit(JobEvent("job.state", job))
+                self._emit("job.state", job)
                 self._admit(job)
         replies = [self.jobs.get(job.id, job) for job, _ in results]
         if self.config.daemon.durability is Durability.FSYNC:
@@ -239,7 +239,7 @@ class Engine:
             running.timeout_timer = self.loop.call_later(job.spec.timeout, self._time_out, job.id)
         self._running[job.id] = running
         log.info("job=%d running (attempt %d, pid %d)", job.id, number, child.pid)
-        self._emit(JobEvent("job.state", job))
+        self._emit("job.state", job)
         self._counts_changed()
 
     def _environment(self, job: Job, attempt: int) -> dict[str, str]:
@@ -320,12 +320,12 @@ class Engine:
         self._log_settled(job, attempt)
         if step.state.finished:
             del self.jobs[job.id]
-            self._emit(JobEvent("job.state", job))
+            self._emit("job.state", job)
             self._release_finish_waiters(job)
             self.history.job_finished()
         else:
             self.jobs[job.id] = job
-            self._emit(JobEvent("job.state", job))
+            self._emit("job.state", job)
             if not self.stopping:
                 self._admit(job)
         self._counts_changed()
@@ -342,12 +342,12 @@ class Engine:
         if job is not None and job.progress != value:
             job = dataclasses.replace(job, progress=value)  # progress is not a state; persisted at the end
             self.jobs[job_id] = job
-            self._emit(JobEvent("job.progress", job))
+            self._emit("job.progress", job)
 
     def _log_line(self, job_id: int, line: str) -> None:
         job = self.jobs.get(job_id)
         if job is not None:
-            self._emit(JobEvent("job.log", job, line))
+            self._emit("job.log", job, line)
             self._wake_output_waiters(job_id)
 
     # -- queries and commands --------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ class Engine:
         if not state.finished:
             self.jobs[job.id] = job
         log.info("job=%d %s", job.id, state)
-        self._emit(JobEvent("job.state", job))
+        self._emit("job.state", job)
         return job
 
     def set_paused(self, name: str, paused: bool) -> QueueRuntime:
@@ -483,9 +483,11 @@ class Engine:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
-    def _emit(self, event: JobEvent) -> None:
-        for listener in list(self._listeners):
-            listener(event)
+    def _emit(self, kind: str, job: Job, line: str | None = None) -> None:
+        if self._listeners:  # on the spawn/reap path: build nothing when nobody listens
+            event = JobEvent(kind, job, line)
+            for listener in list(self._listeners):
+                listener(event)
 
     def _counts_changed(self) -> None:
         self.on_counts_changed()  # the daemon rate-limits what it tells systemd

@@ -57,7 +57,7 @@ class Peer:
     is_admin: bool
 
 
-def peer(pid: int, uid: int, gid: int) -> Peer:
+def identify_peer(pid: int, uid: int, gid: int) -> Peer:
     """Who a local client is, and whether it is an admin: for now uid 0 and the uid jobd runs as."""
     return Peer(uid=uid, gid=gid, pid=pid, is_admin=uid in (0, os.getuid()))
 
