@@ -99,6 +99,42 @@ class InvalidTransition(JobdError):
     rpc_code = -32603
 
 
+class UnknownWorkflow(JobdError):
+    code = "UNKNOWN_WORKFLOW"
+    rpc_code = -32009
+
+
+class UnknownInstance(JobdError):
+    code = "UNKNOWN_INSTANCE"
+    rpc_code = -32010
+
+
+class InvalidWorkflowParameters(JobdError):
+    """A launch passed parameters the workflow does not declare, or left declared ones out."""
+
+    code = "INVALID_WORKFLOW_PARAMETERS"
+    rpc_code = -32011
+
+
+class InvalidXml(JobdError):
+    """An XML request or document is ill-formed, or uses what jobd refuses (DTDs, entities)."""
+
+    code = "INVALID_XML"
+    rpc_code = -32700
+
+
+class UnknownCommand(JobdError):
+    """evQueue's protocol: no such group/action pair (JSON-RPC's equivalent is METHOD_NOT_FOUND)."""
+
+    code = "UNKNOWN_COMMAND"
+    rpc_code = -32601
+
+
+class TimedOut(JobdError):
+    code = "TIMED_OUT"
+    rpc_code = -32012
+
+
 class StartupError(Exception):
     """jobd refuses to start: another jobd owns the state or the socket, the database is from a newer jobd, …
 

@@ -172,10 +172,42 @@ class DaemonDef:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryLevel:
+    """One level of a named retry schedule: `times` more tries, each `delay` seconds after the last failure."""
+
+    delay: float
+    times: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySchedule:
+    """`[retry_schedule.NAME] levels = [...]`: evQueue's multi-level retry policy, used by workflow tasks."""
+
+    name: str
+    levels: tuple[RetryLevel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDef:
+    """A workflow definition from `workflows/NAME.xml`, already validated.
+
+    `source` is the file's bytes (an evQueue 3 `<workflow>` document); each instance is built from a fresh parse of
+    it, so no XML tree is shared between instances or with the config.
+    """
+
+    name: str
+    path: str
+    source: bytes
+    parameters: tuple[str, ...] = ()  # names of <parameters><parameter name>, in document order
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonDef = DaemonDef()
     queues: Mapping[str, QueueDef] = field(default_factory=dict)
     tasks: Mapping[str, TaskDef] = field(default_factory=dict)
+    retry_schedules: Mapping[str, RetrySchedule] = field(default_factory=dict)
+    workflows: Mapping[str, WorkflowDef] = field(default_factory=dict)
     files: tuple[str, ...] = ()  # the files it was read from, in the order they applied
 
 
