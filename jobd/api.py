@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -146,7 +146,7 @@ def json_repr(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-Handler = Callable[["Api", Session, Params], Awaitable[Any]]
+Handler = Callable[["Api", Session, Params], Any]  # a result, or a coroutine (see Api.call)
 
 
 @dataclass
@@ -154,19 +154,23 @@ class Api:
     engine: Engine
     daemon: DaemonControl
 
-    async def call(self, session: Session, method: str, raw_params: Mapping[str, Any]) -> Any:
+    def call(self, session: Session, method: str, raw_params: Mapping[str, Any]) -> Any:
+        """The method's result, or a coroutine producing it for a method that has to wait (job.wait, ...).
+
+        Most methods answer at once, so they are plain functions and the connection replies without a task.
+        """
         handler = METHODS.get(method)
         if handler is None:
             raise MethodNotFound(
                 f"no method {method!r}; methods: {', '.join(sorted(METHODS))}", allowed=sorted(METHODS)
             )
-        return await handler(self, session, Params(method, raw_params))
+        return handler(self, session, Params(method, raw_params))
 
 
 # -- methods ----------------------------------------------------------------------------------------------------
 
 
-async def ping(api: Api, session: Session, p: Params) -> Any:
+def ping(api: Api, session: Session, p: Params) -> Any:
     p.done()
     return {"pong": True, "version": __version__}
 
@@ -230,7 +234,7 @@ def _retry(p: Params, raw: Mapping[str, Any]) -> RetryPolicy:
     return policy
 
 
-async def job_submit(api: Api, session: Session, p: Params) -> Any:
+def job_submit(api: Api, session: Session, p: Params) -> Any:
     batch = p.take("jobs")
     if batch is not None:
         if (
@@ -250,24 +254,30 @@ async def job_submit(api: Api, session: Session, p: Params) -> Any:
         member.done()
         specs.append(resolve(api.engine.config, request, session.peer))
         delays.append(delay)
-    jobs = await api.engine.submit(specs, delays)
-    if batch is not None:
-        return {"jobs": [job.to_json() for job in jobs]}
-    return jobs[0].to_json()
+    jobs = api.engine.submit(specs, delays)
+    result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
+    if api.engine.replies_wait_for_fsync:
+        return _when_durable(api.engine, result)
+    return result
+
+
+async def _when_durable(engine: Engine, result: Any) -> Any:
+    await engine.made_durable()
+    return result
 
 
 def _job_id(p: Params) -> int:
     return p.required_integer("id", low=1)
 
 
-async def job_get(api: Api, session: Session, p: Params) -> Any:
+def job_get(api: Api, session: Session, p: Params) -> Any:
     job_id = _job_id(p)
     p.done()
     job = api.engine.get(job_id)
     return {**job.to_json(), "tries": [attempt.to_json() for attempt in api.engine.attempts(job_id)]}
 
 
-async def job_list(api: Api, session: Session, p: Params) -> Any:
+def job_list(api: Api, session: Session, p: Params) -> Any:
     states = p.texts("state") or ()
     allowed_states = tuple(str(s) for s in JobState)
     for state in states:
@@ -336,25 +346,25 @@ def queue_json(engine: Engine, queue: QueueRuntime) -> dict[str, Any]:
     }
 
 
-async def queue_list(api: Api, session: Session, p: Params) -> Any:
+def queue_list(api: Api, session: Session, p: Params) -> Any:
     p.done()
     engine = api.engine
     return {"queues": [queue_json(engine, queue) for queue in engine.queue_list()]}
 
 
-async def queue_pause(api: Api, session: Session, p: Params) -> Any:
+def queue_pause(api: Api, session: Session, p: Params) -> Any:
     name = p.required_text("name")
     p.done()
     return queue_json(api.engine, api.engine.set_paused(name, True))
 
 
-async def queue_resume(api: Api, session: Session, p: Params) -> Any:
+def queue_resume(api: Api, session: Session, p: Params) -> Any:
     name = p.required_text("name")
     p.done()
     return queue_json(api.engine, api.engine.set_paused(name, False))
 
 
-async def daemon_status(api: Api, session: Session, p: Params) -> Any:
+def daemon_status(api: Api, session: Session, p: Params) -> Any:
     p.done()
     engine = api.engine
     return {
@@ -364,7 +374,7 @@ async def daemon_status(api: Api, session: Session, p: Params) -> Any:
     }
 
 
-async def daemon_reload(api: Api, session: Session, p: Params) -> Any:
+def daemon_reload(api: Api, session: Session, p: Params) -> Any:
     p.done()
     return api.daemon.reload()
 
@@ -372,7 +382,7 @@ async def daemon_reload(api: Api, session: Session, p: Params) -> Any:
 EVENT_TYPES = ("job.state", "job.progress", "job.log")
 
 
-async def events_subscribe(api: Api, session: Session, p: Params) -> Any:
+def events_subscribe(api: Api, session: Session, p: Params) -> Any:
     jobs = p.take("jobs") or []
     if not isinstance(jobs, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in jobs):
         raise p.bad("jobs", "a list of job ids")

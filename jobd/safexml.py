@@ -34,7 +34,8 @@ _PARSER = etree.XMLParser(**parser_options())
 def refuse_dtd(tree: etree._ElementTree) -> None:
     """Raise InvalidXml if a parsed document had a DOCTYPE (the parser never acted on it, but nobody should)."""
     info = tree.docinfo
-    if info.internalDTD is not None or info.externalDTD is not None or info.public_id or info.system_id:
+    system_url = info.system_url  # type: ignore[attr-defined]  # lxml's name; its type stubs say system_id
+    if info.internalDTD is not None or info.externalDTD is not None or info.public_id or system_url:
         raise InvalidXml(DTD_REFUSED)
 
 

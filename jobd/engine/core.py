@@ -138,8 +138,9 @@ class Engine:
 
     # -- submit ------------------------------------------------------------------------------------------------
 
-    async def submit(self, specs: Sequence[JobSpec], delays: Sequence[float]) -> list[Job]:
-        """Commit jobs (all or none) and queue them; returns once they are as durable as configured."""
+    def submit(self, specs: Sequence[JobSpec], delays: Sequence[float]) -> list[Job]:
+        """Commit jobs (all or none) and queue them. They survive a crash of jobd from here on; with durability
+        `fsync` the reply must also wait for `made_durable()`."""
         if self.stopping:
             raise ShuttingDown("jobd is stopping and takes no new jobs")
         for spec in specs:
@@ -147,18 +148,23 @@ class Engine:
         now = self.clock()
         states = [JobState.DELAYED if delay > 0 else JobState.QUEUED for delay in delays]
         results = self.store.insert_jobs(specs, states, now, [now + delay for delay in delays])
-        # Admitted at once, before any await: a committed job is the engine's even if the client goes away
-        # while its reply waits for the fsync below (and a cancel in that window finds it).
+        # Admitted at once: a committed job is the engine's even if the client goes away while its reply waits
+        # for the fsync (and a cancel in that window finds it).
         for job, created in results:
             if created:
                 log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
                 self.jobs[job.id] = job
                 self._emit("job.state", job)
                 self._admit(job)
-        replies = [self.jobs.get(job.id, job) for job, _ in results]
-        if self.config.daemon.durability is Durability.FSYNC:
-            await self.store.flush()
-        return replies
+        return [self.jobs.get(job.id, job) for job, _ in results]
+
+    @property
+    def replies_wait_for_fsync(self) -> bool:
+        return self.config.daemon.durability is Durability.FSYNC
+
+    async def made_durable(self) -> None:
+        """Return once every commit so far survives a power cut (one fsync shared by all who wait)."""
+        await self.store.flush()
 
     def _check_queue_open(self, name: str) -> None:
         queue = self.queues.get(name)
