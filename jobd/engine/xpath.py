@@ -1,0 +1,602 @@
+"""XPath for workflows: real XPath 1.0 (lxml/libxml2) plus evQueue's evq* functions, with evQueue's context rules.
+
+evQueue writes its functions as path steps (`evqGetParentJob()/evqGetOutput('list')/files/file`). XPath 1.0 cannot
+parse that: a function call may start a path but is never a step. `rewrite()` turns every `LEFT/evqF(args)` into
+`evq-step:evqF(LEFT, args)`, the same function in a second namespace whose first argument is the explicit left
+context (`LEFT//evqF(args)` becomes `evq-step:evqF(LEFT/descendant-or-self::node(), args)`; a leading `/evqF()`
+gets `/` as its left context). It works on tokens (XPath 1.0's own lexical rules, §3.7), so strings containing `/`
+or parentheses, predicates, `//` and nesting are handled; each pass rewrites the leftmost step and the result is
+tokenized again, so `a()/b()/c()` becomes `evq-step:c(evq-step:b(a()))`.
+
+Context rules (evQueue's `register_job_functions`): an expression is evaluated for a job or a task. The *current
+job* is that job (a task's own job; in a loop, the clone being decided). The *parent job* is the current job's
+parent job, or the `<workflow>` root for a top-level job. Without an explicit left context, evqGetOutput,
+evqGetInput, evqGetContext and evqGetParentJob start from the parent job, as in evQueue. With an explicit left
+context they start from every node of it (evQueue took the first node and ignored it for evqGetParentJob; jobd
+applies them like XPath steps: results of all left nodes, in document order).
+
+Results: comparisons are real XPath 1.0 (`@size > 10` works). Where evQueue insisted on nodes (`{xpath}` in
+host/user, `<value select>`, custom-attribute `select`) strings, numbers and booleans are accepted too and give
+their XPath string value.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from lxml import etree
+
+STEP_NAMESPACE = "urn:jobd:workflow:evq-step"
+STEP_PREFIX = "evq-step"
+NAMESPACES = {STEP_PREFIX: STEP_NAMESPACE}
+
+# name -> (fewest, most) arguments, not counting the explicit left context of the step form.
+EVQ_FUNCTIONS: dict[str, tuple[int, int]] = {
+    "evqGetWorkflowParameter": (1, 1),
+    "evqGetCurrentJob": (0, 0),
+    "evqGetParentJob": (0, 1),
+    "evqGetOutput": (1, 1),
+    "evqGetInput": (2, 2),
+    "evqGetContext": (0, 0),
+    "evqGetJob": (1, 1),
+    "evqWait": (1, 1),
+}
+XPATH_FUNCTIONS = frozenset(
+    [
+        "last",
+        "position",
+        "count",
+        "id",
+        "local-name",
+        "namespace-uri",
+        "name",
+        "string",
+        "concat",
+        "starts-with",
+        "contains",
+        "substring-before",
+        "substring-after",
+        "substring",
+        "string-length",
+        "normalize-space",
+        "translate",
+        "boolean",
+        "not",
+        "true",
+        "false",
+        "lang",
+        "number",
+        "sum",
+        "floor",
+        "ceiling",
+        "round",
+    ]
+)
+# evQueue's dialect had these (XSLT's current(), XPath 2's min/max/string-join); jobd keeps workflows using them.
+COMPAT_FUNCTIONS: dict[str, tuple[int, int]] = {"current": (0, 0), "min": (1, 1), "max": (1, 1), "string-join": (2, 2)}
+NODE_TYPES = frozenset({"node", "text", "comment", "processing-instruction"})
+
+XPathValue = bool | float | str | list[Any]
+
+
+class XPathError(ValueError):
+    """An expression is invalid, or failed while evaluated (the message says which and why)."""
+
+
+class WaitRequested(Exception):
+    """evqWait(expr) found expr false: the node must wait and be decided again after the next task end."""
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    kind: str  # literal number name function axis variable operator slash ( ) [ ] , @ . ..
+    text: str
+    start: int
+    end: int
+
+
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+)
+  | (?P<literal>"[^"]*"|'[^']*')
+  | (?P<number>\d+(?:\.\d*)?|\.\d+)
+  | (?P<dotdot>\.\.)
+  | (?P<dot>\.)
+  | (?P<slash>//?)
+  | (?P<punct>::|[()\[\],@|+=*-]|!=|<=|>=|<|>)
+  | (?P<variable>\$(?:[^\W\d][\w.\-]*:)?[^\W\d][\w.\-]*)
+  | (?P<name>[^\W\d][\w.\-]*(?::(?:[^\W\d][\w.\-]*|\*))?)
+    """,
+    re.VERBOSE,
+)
+_OPERATOR_NAMES = frozenset({"and", "or", "mod", "div"})
+# After these, `*` is a name test and an NCName is a name (XPath 1.0 §3.7); after anything else they are operators.
+_BEFORE_NAME_TEST = frozenset({"@", "::", "(", "[", ",", "operator", "slash"})
+
+
+def tokenize(expression: str) -> list[Token]:
+    """Split an expression into tokens, classifying names and `*` as XPath 1.0's lexical rules say."""
+    tokens: list[Token] = []
+    position = 0
+    while position < len(expression):
+        match = _TOKEN.match(expression, position)
+        if match is None:
+            char = expression[position]
+            if char in "\"'":
+                raise XPathError(f"unterminated string literal at character {position + 1}")
+            raise XPathError(f"unexpected character {char!r} at character {position + 1}")
+        position = match.end()
+        group = match.lastgroup
+        text = match.group()
+        if group == "space":
+            continue
+        assert group is not None
+        previous = tokens[-1] if tokens else None
+        name_expected = previous is None or previous.kind in _BEFORE_NAME_TEST
+        rest = expression[position:].lstrip()
+        if group == "punct":
+            if text == "*":
+                kind = "name" if name_expected else "operator"
+            elif text in "|+=-<>" or text in ("!=", "<=", ">="):
+                kind = "operator"
+            else:
+                kind = text
+        elif group == "name":
+            if not name_expected and text in _OPERATOR_NAMES:
+                kind = "operator"
+            elif rest.startswith("::"):
+                kind = "axis"
+            elif rest.startswith("("):
+                kind = "function"
+            else:
+                kind = "name"
+        else:
+            kind = group
+        tokens.append(Token(kind, text, match.start(), match.end()))
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------------------- rewrite
+
+
+@functools.lru_cache(maxsize=4096)
+def rewrite(expression: str) -> str:
+    """evQueue's step-form calls (`LEFT/evqF(args)`) made into XPath 1.0 calls with an explicit left context."""
+    while True:
+        tokens = tokenize(expression)
+        step = _first_evq_step(tokens)
+        if step is None:
+            return expression
+        slash_index = step
+        call = tokens[slash_index + 1]
+        close = _matching(tokens, slash_index + 2)
+        left_start = _left_operand_start(tokens, slash_index)
+        if left_start == slash_index:  # nothing before the slash: an absolute path
+            left = "/" if tokens[slash_index].text == "/" else "/descendant-or-self::node()"
+            start = tokens[slash_index].start
+        else:
+            start = tokens[left_start].start
+            left = expression[start : tokens[slash_index].start].strip()
+            if tokens[slash_index].text == "//":
+                left += "/descendant-or-self::node()"
+        arguments = expression[tokens[slash_index + 2].end : tokens[close].start].strip()
+        replacement = f"{STEP_PREFIX}:{call.text}({left}{', ' + arguments if arguments else ''})"
+        expression = expression[:start] + replacement + expression[tokens[close].end :]
+
+
+def _first_evq_step(tokens: Sequence[Token]) -> int | None:
+    for index in range(len(tokens) - 2):
+        token = tokens[index]
+        following = tokens[index + 1]
+        if token.kind == "slash" and following.kind == "function" and following.text in EVQ_FUNCTIONS:
+            return index
+    return None
+
+
+def _matching(tokens: Sequence[Token], open_index: int) -> int:
+    """Index of the `)` or `]` closing the bracket at open_index."""
+    opening = tokens[open_index].kind
+    closing = ")" if opening == "(" else "]"
+    depth = 0
+    for index in range(open_index, len(tokens)):
+        kind = tokens[index].kind
+        if kind == opening:
+            depth += 1
+        elif kind == closing:
+            depth -= 1
+            if depth == 0:
+                return index
+    raise XPathError(f"unbalanced {opening!r} at character {tokens[open_index].start + 1}")
+
+
+def _matching_backwards(tokens: Sequence[Token], close_index: int) -> int:
+    closing = tokens[close_index].kind
+    opening = "(" if closing == ")" else "["
+    depth = 0
+    for index in range(close_index, -1, -1):
+        kind = tokens[index].kind
+        if kind == closing:
+            depth += 1
+        elif kind == opening:
+            depth -= 1
+            if depth == 0:
+                return index
+    raise XPathError(f"unbalanced {closing!r} at character {tokens[close_index].start + 1}")
+
+
+_PATH_TOKENS = frozenset({"name", "axis", "variable", "@", "::", ".", "..", "slash"})
+
+
+def _left_operand_start(tokens: Sequence[Token], slash_index: int) -> int:
+    """Index of the first token of the path expression that ends just before tokens[slash_index]."""
+    index = slash_index - 1
+    start = slash_index
+    while index >= 0:
+        token = tokens[index]
+        if token.kind in (")", "]"):
+            index = _matching_backwards(tokens, index)
+            if token.kind == ")" and index > 0 and tokens[index - 1].kind == "function":
+                index -= 1
+        elif token.kind not in _PATH_TOKENS:
+            break
+        start = index
+        index -= 1
+    return start
+
+
+# ------------------------------------------------------------------------------------------------ compile check
+
+
+def compile_check(expression: str) -> None:
+    """Raise ValueError (XPathError) saying why `expression` is not a valid workflow XPath expression."""
+    if not expression.strip():
+        raise XPathError(f"invalid XPath expression {expression!r}: empty")
+    try:
+        tokens = tokenize(expression)
+        for index, token in enumerate(tokens):
+            if token.kind in ("(", "["):
+                _matching(tokens, index)
+            elif token.kind in (")", "]"):
+                _matching_backwards(tokens, index)
+            elif token.kind == "function":
+                _check_function(tokens, index)
+        rewritten = rewrite(expression)
+        etree.XPath(rewritten, namespaces=NAMESPACES)
+    except XPathError as error:
+        raise XPathError(f"invalid XPath expression {expression!r}: {error}") from None
+    except etree.XPathSyntaxError as error:
+        raise XPathError(f"invalid XPath expression {expression!r}: {error}") from None
+
+
+def _check_function(tokens: Sequence[Token], index: int) -> None:
+    name = tokens[index].text
+    if name in XPATH_FUNCTIONS or name in NODE_TYPES:
+        return
+    arity = EVQ_FUNCTIONS.get(name) or COMPAT_FUNCTIONS.get(name)
+    if arity is None:
+        raise XPathError(f"unknown function {name}() at character {tokens[index].start + 1}")
+    close = _matching(tokens, index + 1)
+    count = _argument_count(tokens, index + 1, close)
+    fewest, most = arity
+    if not fewest <= count <= most:
+        expected = str(fewest) if fewest == most else f"{fewest} to {most}"
+        raise XPathError(f"{name}() takes {expected} argument(s), {count} given")
+
+
+def _argument_count(tokens: Sequence[Token], open_index: int, close_index: int) -> int:
+    if close_index == open_index + 1:
+        return 0
+    count = 1
+    depth = 0
+    for token in tokens[open_index + 1 : close_index]:
+        if token.kind in ("(", "["):
+            depth += 1
+        elif token.kind in (")", "]"):
+            depth -= 1
+        elif token.kind == "," and depth == 0:
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------- evaluation context
+
+
+@dataclass(frozen=True, slots=True)
+class EvalContext:
+    """What the evq* functions see: the instance, the job the expression is evaluated for, and what is allowed."""
+
+    root: etree._Element  # the instance's <workflow>
+    current_job: etree._Element  # evqGetCurrentJob()
+    parent_job: etree._Element  # where evqGetParentJob/evqGetOutput/evqGetInput/evqGetContext start by default
+    summary: bool = False  # custom attributes and automatic tags: evqGetJob() is available
+
+    @classmethod
+    def for_node(cls, node: etree._Element, root: etree._Element) -> EvalContext:
+        """Context for a condition, loop or value of `node` (a <job> or a <task>), as evQueue registers it."""
+        job = job_of(node)
+        return cls(root=root, current_job=job, parent_job=parent_job_of(job))
+
+    @classmethod
+    def for_summary(cls, root: etree._Element) -> EvalContext:
+        return cls(root=root, current_job=root, parent_job=root, summary=True)
+
+
+def job_of(node: etree._Element) -> etree._Element:
+    """The <job> a node belongs to (a task's job; a job itself); the <workflow> root outside any job."""
+    current: etree._Element | None = node
+    while current is not None:
+        if current.tag in ("job", "workflow"):
+            return current
+        current = current.getparent()
+    return node
+
+
+def parent_job_of(job: etree._Element) -> etree._Element:
+    """The job above a job (`job/../..`), or the <workflow> root for a top-level job; the root is its own parent."""
+    subjobs = job.getparent()
+    above = subjobs.getparent() if subjobs is not None else None
+    return above if above is not None else job
+
+
+# ------------------------------------------------------------------------------------------------------ results
+
+
+def string_value(value: XPathValue) -> str:
+    """XPath's string(): of a node-set its first node, of a number XPath's spelling, of a boolean true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _number_string(value)
+    if isinstance(value, str):
+        return str(value)
+    if not value:
+        return ""
+    return node_string(value[0])
+
+
+def node_string(node: Any) -> str:
+    if isinstance(node, etree._Element):
+        return "".join(str(text) for text in node.itertext())
+    return str(node)
+
+
+def _number_string(number: float) -> str:
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "Infinity" if number > 0 else "-Infinity"
+    if number == int(number):
+        return str(int(number))
+    text = format(Decimal(repr(number)), "f")  # XPath never uses exponents
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def boolean_value(value: XPathValue) -> bool:
+    if isinstance(value, float):
+        return not (value == 0 or math.isnan(value))
+    return bool(value)
+
+
+def number_value(value: XPathValue) -> float:
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, float):
+        return value
+    try:
+        return float(string_value(value).strip())
+    except ValueError:
+        return math.nan
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(expression: str, node: etree._Element, context: EvalContext) -> XPathValue:
+    """Evaluate with `node` as context node; XPathError says what went wrong; WaitRequested from evqWait()."""
+    rewritten = rewrite(expression)
+    try:
+        result = node.xpath(rewritten, namespaces=NAMESPACES, extensions=_extensions(context, node))
+    except (WaitRequested, XPathError):
+        raise
+    except etree.XPathError as error:
+        raise XPathError(f"XPath expression error in '{expression}': {error}") from None
+    except (ValueError, TypeError) as error:  # what an evq function raised about its arguments
+        raise XPathError(f"XPath expression error in '{expression}': {error}") from None
+    if isinstance(result, int) and not isinstance(result, bool):
+        return float(result)
+    if isinstance(result, (bool, float, str, list)):
+        return result
+    raise XPathError(f"XPath expression '{expression}' gave an unexpected result")
+
+
+def evaluate_boolean(expression: str, node: etree._Element, context: EvalContext) -> bool:
+    return boolean_value(evaluate(expression, node, context))
+
+
+def evaluate_nodes(expression: str, node: etree._Element, context: EvalContext) -> list[Any]:
+    """A node-set (loops, <copy select>): anything else is an error, as a loop over a number means nothing."""
+    result = evaluate(expression, node, context)
+    if not isinstance(result, list):
+        raise XPathError(f"XPath expression '{expression}' does not select nodes")
+    return result
+
+
+def evaluate_string(expression: str, node: etree._Element, context: EvalContext) -> str:
+    """`<value select>`: the string value of the first node, or of a string/number/boolean result."""
+    return string_value(evaluate(expression, node, context))
+
+
+def evaluate_strings(expression: str, node: etree._Element, context: EvalContext) -> list[str]:
+    """Custom attributes: the text of every selected node, or the one string value of a scalar result."""
+    result = evaluate(expression, node, context)
+    if isinstance(result, list):
+        return [node_string(item) for item in result]
+    return [string_value(result)]
+
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(template: str, node: etree._Element, context: EvalContext) -> str:
+    """`host="{xpath}"`: each {…} replaced by the string value of its result."""
+    return _BRACES.sub(lambda match: evaluate_string(match.group(1), node, context), template)
+
+
+# ------------------------------------------------------------------------------------------------ evq functions
+
+Extension = Callable[..., Any]
+
+
+def _extensions(context: EvalContext, start: etree._Element) -> dict[tuple[str | None, str], Extension]:
+    """The functions of one evaluation, bound to its context (lxml calls each with its own context first)."""
+
+    def implicit(function: Callable[..., Any]) -> Extension:
+        return lambda _lxml, *args: function(None, *args)
+
+    def explicit(function: Callable[..., Any]) -> Extension:
+        return lambda _lxml, left, *args: function(_nodes(left), *args)
+
+    def starts(left: list[etree._Element] | None) -> list[etree._Element]:
+        return [context.parent_job] if left is None else left
+
+    def get_workflow_parameter(_left: Any, name: Any = None, *extra: Any) -> str:
+        _arity("evqGetWorkflowParameter", 1, name, extra)
+        for parameter in context.root.iterfind("parameters/parameter"):
+            if parameter.get("name") == _as_string(name):
+                return "".join(str(text) for text in parameter.itertext())
+        return ""
+
+    def get_current_job(left: list[etree._Element] | None, *extra: Any) -> list[etree._Element]:
+        _arity("evqGetCurrentJob", 0, None, extra, none_expected=True)
+        return [context.current_job] if left is None else _unique(job_of(item) for item in left)
+
+    def get_parent_job(left: list[etree._Element] | None, which: Any = None, *extra: Any) -> list[etree._Element]:
+        if extra:
+            raise XPathError("evqGetParentJob() takes 0 or 1 argument")
+        firsts = [context.parent_job] if left is None else [parent_job_of(job_of(item)) for item in left]
+        return _unique(_walk_up(first, which) for first in firsts)
+
+    def get_output(left: list[etree._Element] | None, task: Any = None, *extra: Any) -> list[etree._Element]:
+        _arity("evqGetOutput", 1, task, extra)
+        name = _as_string(task)
+        found: list[etree._Element] = []
+        for job in starts(left):
+            for element in job.iterfind("tasks/task"):
+                if element.get("path") == name or element.get("name") == name:
+                    found.extend(element.iterfind("output"))
+        return found
+
+    def get_input(left: list[etree._Element] | None, task: Any = None, name: Any = None, *extra: Any) -> list[Any]:
+        if task is None or name is None or extra:
+            raise XPathError("evqGetInput() takes 2 arguments")
+        path, input_name = _as_string(task), _as_string(name)
+        found: list[etree._Element] = []
+        for job in starts(left):
+            for element in job.iterfind("tasks/task"):
+                if element.get("path") == path:  # evQueue matches the path only, never the name
+                    found.extend(item for item in element.iterfind("input") if item.get("name") == input_name)
+        return found
+
+    def get_context(left: list[etree._Element] | None, *extra: Any) -> list[etree._Element]:
+        _arity("evqGetContext", 0, None, extra, none_expected=True)
+        found = []
+        for item in starts(left):
+            wanted = item.get("context-id")
+            if wanted is not None:
+                found.extend(node_by_evqid(context.root, wanted))
+        return _unique(found)
+
+    def get_job(_left: Any, name: Any = None, *extra: Any) -> list[etree._Element]:
+        _arity("evqGetJob", 1, name, extra)
+        if not context.summary:
+            raise XPathError("evqGetJob() is only available in custom-attributes and automatic-tags")
+        wanted = _as_string(name)
+        return [job for job in context.root.iter("job") if job.get("name") == wanted]
+
+    def wait(_left: Any, condition: Any = None, *extra: Any) -> bool:
+        _arity("evqWait", 1, condition, extra)
+        if boolean_value(condition):
+            return True
+        raise WaitRequested()
+
+    functions: dict[str, Callable[..., Any]] = {
+        "evqGetWorkflowParameter": get_workflow_parameter,
+        "evqGetCurrentJob": get_current_job,
+        "evqGetParentJob": get_parent_job,
+        "evqGetOutput": get_output,
+        "evqGetInput": get_input,
+        "evqGetContext": get_context,
+        "evqGetJob": get_job,
+        "evqWait": wait,
+    }
+    extensions: dict[tuple[str | None, str], Extension] = {}
+    for name, function in functions.items():
+        extensions[(None, name)] = implicit(function)
+        extensions[(STEP_NAMESPACE, name)] = explicit(function)
+    extensions[(None, "current")] = lambda _lxml: [start]
+    extensions[(None, "min")] = lambda _lxml, nodes: min((number_value([n]) for n in _nodes(nodes)), default=math.nan)
+    extensions[(None, "max")] = lambda _lxml, nodes: max((number_value([n]) for n in _nodes(nodes)), default=math.nan)
+    extensions[(None, "string-join")] = lambda _lxml, nodes, separator: _as_string(separator).join(
+        node_string(n) for n in _nodes(nodes)
+    )
+    return extensions
+
+
+def _nodes(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise XPathError("the left side of an evq function step must select nodes")
+    return value
+
+
+def _as_string(value: Any) -> str:
+    return string_value(value) if isinstance(value, (bool, float, str, list)) else str(value)
+
+
+def _arity(name: str, count: int, first: Any, extra: Sequence[Any], *, none_expected: bool = False) -> None:
+    if extra or (first is None and not none_expected):
+        raise XPathError(f"{name}() takes {count} argument(s)")
+
+
+def _walk_up(job: etree._Element, which: Any) -> etree._Element:
+    """evqGetParentJob(n) climbs n more jobs; evqGetParentJob('name') climbs to the nearest job with that name."""
+    if which is None:
+        return job
+    if isinstance(which, float):
+        for _ in range(int(number_value(which))):
+            above = parent_job_of(job)
+            if above is job:
+                raise XPathError("evqGetParentJob(): not enough parents")
+            job = above
+        return job
+    name = _as_string(which)
+    while job.get("name") != name:
+        above = parent_job_of(job)
+        if above is job:
+            raise XPathError(f"evqGetParentJob(): could not find job '{name}' in parents")
+        job = above
+    return job
+
+
+def _unique(nodes: Iterable[etree._Element]) -> list[etree._Element]:
+    seen: set[int] = set()
+    result = []
+    for node in nodes:
+        if id(node) not in seen:
+            seen.add(id(node))
+            result.append(node)
+    return result
+
+
+def node_by_evqid(root: etree._Element, evqid: str) -> list[etree._Element]:
+    if root.get("evqid") == evqid:
+        return [root]
+    return [element for element in root.iter() if isinstance(element.tag, str) and element.get("evqid") == evqid][:1]

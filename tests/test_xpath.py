@@ -1,0 +1,299 @@
+"""Workflow XPath: the step-form rewrite, compile_check, and every evq* function with evQueue's context rules."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from jobd.engine.xpath import (
+    EvalContext,
+    WaitRequested,
+    XPathError,
+    compile_check,
+    evaluate,
+    evaluate_boolean,
+    evaluate_nodes,
+    evaluate_string,
+    evaluate_strings,
+    expand_braces,
+    rewrite,
+    string_value,
+)
+
+# An instance as the machine leaves it after list.sh ran and the loop over its files started (reference §2.7).
+INSTANCE = b"""\
+<workflow name="loopdemo" evqid="1" status="EXECUTING">
+  <parameters><parameter name="count">3</parameter><parameter name="h">example.org</parameter></parameters>
+  <subjobs>
+    <job name="list" evqid="2" context-id="1">
+      <tasks>
+        <task name="list" path="list.sh" evqid="3" context-id="1" status="TERMINATED" retval="0">
+          <input name="n" mode="text">3</input>
+          <output method="xml" retval="0"><files>
+            <file name="f1.txt" size="10" evqid="5"/><file name="f2.txt" size="20" evqid="6"/>
+            <file name="f3.txt" size="30" evqid="9"/>
+          </files></output>
+        </task>
+        <task name="other" path="other.sh" evqid="12" context-id="1" status="TERMINATED" retval="0">
+          <input name="n" mode="text">from other</input>
+          <output method="text" retval="0">other output</output>
+        </task>
+      </tasks>
+      <subjobs>
+        <job name="process" evqid="7" context-id="6">
+          <tasks><task name="show" path="show.sh" evqid="8" context-id="6" status="QUEUED"/></tasks>
+          <subjobs>
+            <job name="deep" evqid="10" context-id="7">
+              <tasks><task name="leaf" path="leaf.sh" evqid="11" context-id="7"/></tasks>
+            </job>
+          </subjobs>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+@pytest.fixture()
+def root() -> etree._Element:
+    return etree.fromstring(INSTANCE)
+
+
+def node(root: etree._Element, evqid: int) -> etree._Element:
+    found = root.xpath(f"//*[@evqid='{evqid}']")
+    assert isinstance(found, list)
+    element = found[0]
+    assert isinstance(element, etree._Element)
+    return element
+
+
+def names(result: object) -> list[str | None]:
+    assert isinstance(result, list)
+    return [item.get("name") for item in result]
+
+
+# ------------------------------------------------------------------------------------------------------ rewrite
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        (
+            "evqGetParentJob()/evqGetOutput('list')/files/file",
+            "evq-step:evqGetOutput(evqGetParentJob(), 'list')/files/file",
+        ),
+        (
+            "evqGetParentJob()/evqGetParentJob()/evqGetOutput('x')",
+            "evq-step:evqGetOutput(evq-step:evqGetParentJob(evqGetParentJob()), 'x')",
+        ),
+        # a literal holding '/', '(' or a step-looking text is not touched
+        ("evqGetOutput('a/evqGetOutput(b)')", "evqGetOutput('a/evqGetOutput(b)')"),
+        ('evqGetCurrentJob()/evqGetOutput("a(b")[1]/x', 'evq-step:evqGetOutput(evqGetCurrentJob(), "a(b")[1]/x'),
+        # predicates and parentheses belong to the left operand
+        ("//job[@name='a/b']/evqGetOutput('t')", "evq-step:evqGetOutput(//job[@name='a/b'], 't')"),
+        ("(a | b)/evqGetContext()", "evq-step:evqGetContext((a | b))"),
+        # `//` before the step keeps its meaning; a leading step gets the root as its left context
+        ("subjobs//evqGetOutput('t')", "evq-step:evqGetOutput(subjobs/descendant-or-self::node(), 't')"),
+        ("/evqGetContext()", "evq-step:evqGetContext(/)"),
+        ("//evqGetOutput('t')", "evq-step:evqGetOutput(/descendant-or-self::node(), 't')"),
+        # operators end the left operand: a path binds tighter than them
+        ("x div evqGetParentJob()/evqGetOutput('a')", "x div evq-step:evqGetOutput(evqGetParentJob(), 'a')"),
+        ("2 * $j/evqGetOutput('a')", "2 * evq-step:evqGetOutput($j, 'a')"),
+        ("a | b/evqGetOutput('a')", "a | evq-step:evqGetOutput(b, 'a')"),
+        ("*/evqGetOutput('a')", "evq-step:evqGetOutput(*, 'a')"),
+        # nested inside arguments and predicates
+        (
+            "count(evqGetParentJob()/evqGetOutput('l')/files/file[@size > 10])",
+            "count(evq-step:evqGetOutput(evqGetParentJob(), 'l')/files/file[@size > 10])",
+        ),
+        (
+            "a[evqGetCurrentJob()/evqGetOutput('q') = 'x']/b",
+            "a[evq-step:evqGetOutput(evqGetCurrentJob(), 'q') = 'x']/b",
+        ),
+        (
+            "evqGetOutput(string(evqGetParentJob()/evqGetInput('t', 'i')))",
+            "evqGetOutput(string(evq-step:evqGetInput(evqGetParentJob(), 't', 'i')))",
+        ),
+        # no step form: unchanged
+        ("@size > 10", "@size > 10"),
+        ("evqGetOutput('list')/files/file", "evqGetOutput('list')/files/file"),
+        ("child::and/or", "child::and/or"),
+    ],
+)
+def test_rewrite(expression: str, expected: str) -> None:
+    assert rewrite(expression) == expected
+    compile_check(expression)
+
+
+# ------------------------------------------------------------------------------------------------ compile_check
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "@size > 10",
+        "concat(@name, '-', string(@size))",
+        "starts-with(normalize-space(.), 'x') and number(@size) >= sum(../file/@size) div 3",
+        "evqGetParentJob()/evqGetOutput('list')/files/file",
+        "evqGetParentJob(1)/evqGetParentJob('a')",
+        "evqWait(count(evqGetParentJob()/tasks/task[@status = 'TERMINATED']) = 2)",
+        "text() | comment() | node() | processing-instruction()",
+        "string-join(file/@name, ',') != '' and min(file/@size) < max(file/@size)",
+        "current()/@name",
+    ],
+)
+def test_compile_check_accepts(expression: str) -> None:
+    compile_check(expression)
+
+
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [
+        ("", "empty"),
+        ("a[", "unbalanced '['"),
+        ("a)", "unbalanced ')'"),
+        ("'abc", "unterminated string literal"),
+        ("a ! b", "unexpected character '!'"),
+        ("foo(1)", "unknown function foo()"),
+        ("evqGetOutput()", "evqGetOutput() takes 1 argument(s), 0 given"),
+        ("evqGetParentJob(1, 2)", "evqGetParentJob() takes 0 to 1 argument(s), 2 given"),
+        ("evqGetInput('a')", "evqGetInput() takes 2 argument(s), 1 given"),
+        ("a/", "Invalid expression"),
+        ("@size >", "Invalid expression"),
+    ],
+)
+def test_compile_check_rejects(expression: str, reason: str) -> None:
+    with pytest.raises(ValueError, match="invalid XPath expression") as raised:
+        compile_check(expression)
+    assert reason in str(raised.value)
+
+
+# -------------------------------------------------------------------------------------------- the evq functions
+
+
+def test_workflow_parameter(root: etree._Element) -> None:
+    context = EvalContext.for_node(node(root, 8), root)
+    assert evaluate("evqGetWorkflowParameter('count')", root, context) == "3"
+    assert evaluate("evqGetWorkflowParameter('missing')", root, context) == ""
+    assert evaluate_boolean("evqGetWorkflowParameter('count') + 1 = 4", root, context)
+
+
+def test_current_job_of_a_task_and_of_a_job(root: etree._Element) -> None:
+    assert names(evaluate("evqGetCurrentJob()", root, EvalContext.for_node(node(root, 8), root))) == ["process"]
+    assert names(evaluate("evqGetCurrentJob()", root, EvalContext.for_node(node(root, 7), root))) == ["process"]
+    # with a left context: the job each node belongs to
+    deep = EvalContext.for_node(node(root, 11), root)
+    assert names(evaluate("//task[@name='leaf' or @name='list']/evqGetCurrentJob()", root, deep)) == ["list", "deep"]
+
+
+def test_parent_job_rules(root: etree._Element) -> None:
+    leaf = EvalContext.for_node(node(root, 11), root)  # a task of job deep, under process, under list
+    assert names(evaluate("evqGetParentJob()", root, leaf)) == ["process"]
+    assert names(evaluate("evqGetParentJob(0)", root, leaf)) == ["process"]
+    assert names(evaluate("evqGetParentJob(1)", root, leaf)) == ["list"]
+    assert names(evaluate("evqGetParentJob(2)", root, leaf)) == ["loopdemo"]  # the <workflow> root
+    assert names(evaluate("evqGetParentJob('list')", root, leaf)) == ["list"]
+    assert names(evaluate("evqGetParentJob('process')", root, leaf)) == ["process"]
+    with pytest.raises(XPathError, match="not enough parents"):
+        evaluate("evqGetParentJob(3)", root, leaf)
+    with pytest.raises(XPathError, match="could not find job 'nope'"):
+        evaluate("evqGetParentJob('nope')", root, leaf)
+    # a top-level job's parent is the workflow root; a job decides with its own parent, not itself
+    assert names(evaluate("evqGetParentJob()", root, EvalContext.for_node(node(root, 2), root))) == ["loopdemo"]
+    assert names(evaluate("evqGetParentJob()", root, EvalContext.for_node(node(root, 7), root))) == ["list"]
+    # step form: climbs from the left node instead
+    assert names(evaluate("evqGetParentJob()/evqGetParentJob()", root, leaf)) == ["list"]
+
+
+def test_get_output_alone_and_as_a_step(root: etree._Element) -> None:
+    process = EvalContext.for_node(node(root, 7), root)
+    job = node(root, 2)  # the loop of job process is evaluated on its parent job
+    files = evaluate("evqGetParentJob()/evqGetOutput('list')/files/file", job, process)
+    assert names(files) == ["f1.txt", "f2.txt", "f3.txt"]
+    # alone: the parent job's tasks; by name or by path
+    assert names(evaluate("evqGetOutput('list')/files/file", job, process)) == ["f1.txt", "f2.txt", "f3.txt"]
+    assert evaluate_string("evqGetOutput('other.sh')", job, process) == "other output"
+    assert evaluate("evqGetOutput('nothing')", job, process) == []
+    assert evaluate_boolean("count(evqGetOutput('list')/files/file[@size > 10]) = 2", job, process)
+
+
+def test_get_input_matches_the_path_only(root: etree._Element) -> None:
+    process = EvalContext.for_node(node(root, 8), root)
+    assert evaluate_string("evqGetInput('other.sh', 'n')", root, process) == "from other"
+    assert evaluate("evqGetInput('other', 'n')", root, process) == []  # evQueue matches @path, never @name
+    assert evaluate_string("evqGetParentJob()/evqGetInput('list.sh', 'n')", root, process) == "3"
+
+
+def test_get_context(root: etree._Element) -> None:
+    leaf = EvalContext.for_node(node(root, 11), root)
+    # alone: the context of the parent job (process was launched on file f2)
+    assert names(evaluate("evqGetContext()", root, leaf)) == ["f2.txt"]
+    # as a step: the context of the left node (deep was launched on job process)
+    assert names(evaluate("evqGetCurrentJob()/evqGetContext()", root, leaf)) == ["process"]
+    assert evaluate_string("evqGetContext()/@size", root, leaf) == "20"
+
+
+def test_get_job_only_in_summaries(root: etree._Element) -> None:
+    summary = EvalContext.for_summary(root)
+    assert names(evaluate("evqGetJob('process')", root, summary)) == ["process"]
+    assert evaluate("count(evqGetJob('list')/tasks/task/output/files/file)", root, summary) == 3.0
+    with pytest.raises(XPathError, match="only available in custom-attributes and automatic-tags"):
+        evaluate("evqGetJob('list')", root, EvalContext.for_node(node(root, 8), root))
+
+
+def test_wait(root: etree._Element) -> None:
+    context = EvalContext.for_node(node(root, 7), root)
+    assert evaluate_boolean("evqWait(evqGetWorkflowParameter('count') = '3')", root, context)
+    with pytest.raises(WaitRequested):
+        evaluate_boolean("evqWait(count(//task[@status='QUEUED']) = 0)", root, context)
+
+
+def test_compat_functions(root: etree._Element) -> None:
+    context = EvalContext.for_node(node(root, 8), root)
+    files = node(root, 3).find("output/files")
+    assert files is not None
+    assert evaluate_string("string-join(file/@name, ',')", files, context) == "f1.txt,f2.txt,f3.txt"
+    assert evaluate("max(file/@size) - min(file/@size)", files, context) == 20.0
+    assert names(evaluate("file[@size > current()/file[1]/@size]", files, context)) == ["f2.txt", "f3.txt"]
+
+
+# -------------------------------------------------------------------------------------------------- result types
+
+
+def test_relational_operators_on_a_single_attribute(root: etree._Element) -> None:
+    """evQueue 3.3 failed on `@size > 10` (Type Cast); XPath 1.0 compares numbers."""
+    context = EvalContext.for_node(node(root, 7), root)
+    f1, f2 = node(root, 5), node(root, 6)
+    assert not evaluate_boolean("@size > 10", f1, context)
+    assert evaluate_boolean("@size > 10", f2, context)
+    assert evaluate_boolean("@size >= 20 and @size <= 20 and @size < 21", f2, context)
+
+
+def test_values_accept_strings_numbers_and_booleans(root: etree._Element) -> None:
+    context = EvalContext.for_node(node(root, 8), root)
+    f2 = node(root, 6)
+    assert evaluate_string("@name", f2, context) == "f2.txt"
+    assert evaluate_string("concat('file=', @name)", f2, context) == "file=f2.txt"
+    assert evaluate_string("@size * 2", f2, context) == "40"
+    assert evaluate_string("@size div 8", f2, context) == "2.5"
+    assert evaluate_string("@size > 1", f2, context) == "true"
+    assert evaluate_string("@missing", f2, context) == ""
+    assert evaluate_string("0 div 0", f2, context) == "NaN"
+    assert string_value(1e21) == "1000000000000000000000"
+    assert expand_braces("{evqGetWorkflowParameter('h')}", root, context) == "example.org"
+    assert (
+        expand_braces("user@{/workflow/parameters/parameter[@name='h']}:{1+1}", root, context) == "user@example.org:2"
+    )
+    assert evaluate_strings("//file/@name", root, context) == ["f1.txt", "f2.txt", "f3.txt"]
+    assert evaluate_strings("count(//file)", root, context) == ["3"]
+
+
+def test_evaluation_errors_name_the_expression(root: etree._Element) -> None:
+    context = EvalContext.for_node(node(root, 8), root)
+    with pytest.raises(XPathError, match="nosuch"):
+        evaluate("nosuch()", root, context)
+    with pytest.raises(XPathError, match="does not select nodes"):
+        evaluate_nodes("1 + 1", root, context)
+    with pytest.raises(XPathError, match="must select nodes"):
+        evaluate("evqGetWorkflowParameter('count')/evqGetOutput('list')", root, context)
