@@ -1,14 +1,16 @@
-"""TOML files + drop-ins → frozen Config; validation; watcher.
+"""TOML files + drop-ins + workflow files → frozen Config; validation; watcher.
 
-Files follow systemd's drop-in rules (`find_files`); `load` reads, merges and validates them into a frozen
-`jobd.model.Config`, raising `ConfigError` that names file, line, dotted key and what is allowed. `ConfigWatcher`
-only says "something changed" through inotify; the daemon reloads and decides whether to apply.
+Files follow systemd's drop-in rules (`find_files`, `find_workflow_files`); `load` reads, merges and validates them
+into a frozen `jobd.model.Config`, raising `ConfigError` that names file, line, dotted key (or XML element and
+attribute) and what is allowed. Workflow files are checked by `jobd.workflowdef` against the TOML part they name.
+`ConfigWatcher` only says "something changed" through inotify; the daemon reloads and decides whether to apply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import difflib
 import enum
 import json
@@ -25,6 +27,7 @@ from typing import Any, TypeVar
 
 import inotify_simple
 
+from jobd import workflowdef
 from jobd.errors import ConfigError
 from jobd.model import (
     ENV_NAME,
@@ -34,19 +37,32 @@ from jobd.model import (
     History,
     ParameterMode,
     QueueDef,
+    RetryLevel,
     RetryPolicy,
+    RetrySchedule,
     Scheduler,
     TaskDef,
+    WorkflowDef,
 )
 
 DEFAULT_SEARCH_PATH = ("/usr/lib/jobd", "/run/jobd", "/etc/jobd")  # lowest to highest priority
 MAIN_FILE = "jobd.toml"
 DROP_IN_DIR = "jobd.d"
+WORKFLOWS_DIR = "workflows"
 DEFAULT_QUEUE = "default"
 
 # The keys each kind of table accepts, in the order the documentation lists them.
-SECTIONS = ("daemon", "queue", "task")
-DAEMON_KEYS = ("socket", "state_dir", "durability", "history", "kill_grace", "max_output")
+SECTIONS = ("daemon", "queue", "task", "retry_schedule")
+DAEMON_KEYS = (
+    "socket",
+    "evqueue_socket",
+    "state_dir",
+    "tasks_directory",
+    "durability",
+    "history",
+    "kill_grace",
+    "max_output",
+)
 HISTORY_KEYS = ("keep_days", "keep_last")
 QUEUE_KEYS = ("concurrency", "scheduler", "paused")
 TASK_KEYS = (
@@ -61,11 +77,14 @@ TASK_KEYS = (
     "max_output",
 )
 RETRY_KEYS = ("times", "delay", "backoff", "on_exit_codes")
+RETRY_SCHEDULE_KEYS = ("levels",)
+RETRY_LEVEL_KEYS = ("delay", "times")
 
 MAX_CONCURRENCY = 10_000
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . -, not starting with . or -"
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_INDEX = re.compile(r"\[[0-9]+\]")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
 T = TypeVar("T")
@@ -109,21 +128,39 @@ def _drop_ins(dirs: Sequence[str]) -> list[Path]:
     winners: dict[str, Path] = {}
     for directory in dirs:  # lowest priority first, so a higher-priority file of the same name replaces it
         drop_in_dir = Path(directory) / DROP_IN_DIR
-        for name in _drop_in_names(drop_in_dir):
+        for name in _drop_in_names(drop_in_dir, is_config_name):
             winners[name] = drop_in_dir / name
     return [winners[name] for name in sorted(winners)]
 
 
-def _drop_in_names(directory: Path) -> list[str]:
+def _drop_in_names(directory: Path, wanted: Callable[[str], bool]) -> list[str]:
     try:
         with os.scandir(directory) as entries:
-            return [entry.name for entry in entries if is_config_name(entry.name) and not entry.is_dir()]
+            return [entry.name for entry in entries if wanted(entry.name) and not entry.is_dir()]
     except FileNotFoundError:
         return []
     except OSError as error:
         raise ConfigError(
             f"{directory}: cannot list: {error.strerror}", file=str(directory), line=None, key=None
         ) from None
+
+
+def find_workflow_files(dirs: Sequence[str]) -> list[Path]:
+    """The workflow files `workflows/NAME.xml`, one per name, in order of their names.
+
+    As for drop-ins, the highest-priority directory's file of a name wins and a symlink to /dev/null masks it.
+    """
+    winners: dict[str, Path] = {}
+    for directory in dirs:
+        workflow_dir = Path(directory) / WORKFLOWS_DIR
+        for name in _drop_in_names(workflow_dir, is_workflow_name):
+            winners[name] = workflow_dir / name
+    return [winners[name] for name in sorted(winners) if not _is_masked(winners[name])]
+
+
+def is_workflow_name(name: str) -> bool:
+    """Whether a `workflows/` entry is a workflow file rather than an editor's temporary or lock file."""
+    return name.endswith(workflowdef.SUFFIX) and not name.startswith(".")
 
 
 def _is_masked(path: Path) -> bool:
@@ -326,7 +363,18 @@ class _ValueScanner:
 
 
 def _dotted(key: Sequence[str]) -> str:
-    return ".".join(part if _BARE_KEY.fullmatch(part) else json.dumps(part) for part in key)
+    text = ""
+    for part in key:
+        if _INDEX.fullmatch(part):  # an element of an array, as `_index` spells it: `levels[2]`
+            text += part
+            continue
+        text += ("." if text else "") + (part if _BARE_KEY.fullmatch(part) else json.dumps(part))
+    return text
+
+
+def _index(number: int) -> str:
+    """The key part for the `number`-th (1-based) element of an array."""
+    return f"[{number}]"
 
 
 def _error(source: _Source, key: tuple[str, ...], problem: str) -> ConfigError:
@@ -413,6 +461,7 @@ class _Merged:
     daemon: _Table
     queues: dict[str, _Table]
     tasks: dict[str, _Table]
+    retry_schedules: dict[str, _Table]
 
 
 def _merge(sources: Sequence[_Source]) -> _Merged:
@@ -420,14 +469,14 @@ def _merge(sources: Sequence[_Source]) -> _Merged:
 
     Values below a table's keys (inline tables such as `retry = {...}`) are replaced whole.
     """
-    merged = _Merged(daemon=_Table(("daemon",), None, {}), queues={}, tasks={})
+    merged = _Merged(daemon=_Table(("daemon",), None, {}), queues={}, tasks={}, retry_schedules={})
+    named = {"queue": merged.queues, "task": merged.tasks, "retry_schedule": merged.retry_schedules}
     for source in sources:
         for section, body in _parse(source).items():
             if section == "daemon":
                 _merge_table(merged.daemon, source, body)
-            elif section in ("queue", "task"):
-                named = merged.queues if section == "queue" else merged.tasks
-                _merge_named_tables(named, section, source, body)
+            elif section in named:
+                _merge_named_tables(named[section], section, source, body)
             else:
                 raise _unknown_key(source, (section,), SECTIONS, what="section")
     return merged
@@ -568,12 +617,23 @@ def _daemon(table: _Table) -> DaemonDef:
     default = DaemonDef()
     return DaemonDef(
         socket=table.read("socket", _string, default.socket),
+        evqueue_socket=table.read("evqueue_socket", _string_or_off, default.evqueue_socket),
         state_dir=table.read("state_dir", _string, default.state_dir),
+        tasks_directory=table.read("tasks_directory", _string, default.tasks_directory),
         durability=table.read("durability", _choice(Durability), default.durability),
         history=table.read("history", _history, default.history),
         kill_grace=table.read("kill_grace", _number(0), default.kill_grace),
         max_output=table.read("max_output", _integer(0), default.max_output),
     )
+
+
+def _string_or_off(setting: _Setting) -> str | None:
+    """`evqueue_socket = false` turns the listener off (TOML has no null)."""
+    if setting.value is False:
+        return None
+    if not isinstance(setting.value, str):
+        raise setting.expected("a non-empty string, or false to turn it off")
+    return _string(setting)
 
 
 def _days_or_forever(setting: _Setting) -> float | None:
@@ -646,6 +706,31 @@ def _retry(setting: _Setting) -> RetryPolicy:
     )
 
 
+def _retry_schedule(table: _Table) -> RetrySchedule:
+    table.reject_unknown(RETRY_SCHEDULE_KEYS)
+    return RetrySchedule(
+        name=table.key[-1],
+        levels=table.require("levels", _levels, "a non-empty array of tables such as { delay = 10, times = 3 }"),
+    )
+
+
+def _levels(setting: _Setting) -> tuple[RetryLevel, ...]:
+    allowed = "a non-empty array of tables such as { delay = 10, times = 3 }"
+    if not isinstance(setting.value, list) or not setting.value:
+        raise setting.expected(allowed)
+    levels = []
+    for number, item in enumerate(setting.value, 1):
+        level = _Table.inline(_Setting((*setting.key, _index(number)), item, setting.source))
+        level.reject_unknown(RETRY_LEVEL_KEYS)
+        levels.append(
+            RetryLevel(
+                delay=level.require("delay", _number(0, exclusive=True), "seconds before each try, a number > 0"),
+                times=level.require("times", _integer(1), "how many tries at this level, an integer >= 1"),
+            )
+        )
+    return tuple(levels)
+
+
 def _check_name(table: _Table) -> None:
     name = table.key[-1]
     if not _NAME.fullmatch(name):
@@ -667,19 +752,47 @@ def _build(merged: _Merged, files: Sequence[Path]) -> Config:
     for name, table in merged.tasks.items():
         _check_name(table)
         tasks[name] = _task(table, daemon, queues)
+    retry_schedules: dict[str, RetrySchedule] = {}
+    for name, table in merged.retry_schedules.items():
+        _check_name(table)
+        retry_schedules[name] = _retry_schedule(table)
     return Config(
         daemon=daemon,
         queues=MappingProxyType(queues),
         tasks=MappingProxyType(tasks),
+        retry_schedules=MappingProxyType(retry_schedules),
         files=tuple(str(path) for path in files),
     )
 
 
+def _with_workflows(base: Config, paths: Sequence[Path]) -> Config:
+    """Add the workflows, checked against the TOML part; every broken file is reported, not just the first."""
+    workflows: dict[str, WorkflowDef] = {}
+    errors: list[ConfigError] = []
+    for path in paths:
+        try:
+            workflow = workflowdef.load_workflow(path, base)
+        except ConfigError as error:
+            errors.append(error)
+            continue
+        workflows[workflow.name] = workflow
+    if errors:
+        first = errors[0]
+        raise ConfigError("\n".join(error.message for error in errors), **first.details)
+    return dataclasses.replace(
+        base, workflows=MappingProxyType(workflows), files=base.files + tuple(str(path) for path in paths)
+    )
+
+
 def load(dirs: Sequence[str]) -> Config:
-    """Find, read, merge and validate the configuration; no file at all gives the defaults."""
+    """Find, read, merge and validate the configuration; no file at all gives the defaults.
+
+    Workflow files are part of it: one broken workflow makes the whole load fail, so a reload stays all or nothing.
+    """
     files = find_files(dirs)
     sources = [_read(path) for path in files]
-    return _build(_merge(sources), files)
+    base = _build(_merge(sources), files)
+    return _with_workflows(base, find_workflow_files(dirs))
 
 
 def load_dir(path: str) -> Config:
@@ -714,14 +827,17 @@ class _Effect(enum.IntEnum):
 class ConfigWatcher:
     """Calls `on_change()` (from the event loop, once per batch of events) when a config file may have changed.
 
-    Watches each search directory and its `jobd.d`. A directory that does not exist yet is awaited by watching
-    its nearest existing ancestor, so creating `/etc/jobd` or `/etc/jobd/jobd.d` later is noticed. The watcher
-    never reads config files: the daemon reloads and keeps the running config if the new one is broken.
+    Watches each search directory, its `jobd.d` and its `workflows`. A directory that does not exist yet is awaited
+    by watching its nearest existing ancestor, so creating `/etc/jobd`, `/etc/jobd/jobd.d` or
+    `/etc/jobd/workflows` later is noticed. The watcher never reads config files: the daemon reloads and keeps the
+    running config if the new one is broken.
     """
 
     def __init__(self, dirs: Sequence[str], on_change: Callable[[], None]) -> None:
         self._dirs = tuple(os.path.abspath(d) for d in dirs)
         self._drop_in_dirs = tuple(os.path.join(d, DROP_IN_DIR) for d in self._dirs)
+        self._workflow_dirs = tuple(os.path.join(d, WORKFLOWS_DIR) for d in self._dirs)
+        self._wanted_dirs = (*self._dirs, *self._drop_in_dirs, *self._workflow_dirs)
         self._on_change = on_change
         self._inotify = inotify_simple.INotify(nonblocking=True)
         self._fd: int = self._inotify.fileno()
@@ -747,7 +863,7 @@ class ConfigWatcher:
         self._inotify.close()
 
     def _watch_all(self) -> None:
-        for path in (*self._dirs, *self._drop_in_dirs):
+        for path in self._wanted_dirs:
             self._watch_nearest(path)
 
     def _watch_nearest(self, path: str) -> None:
@@ -765,7 +881,7 @@ class ConfigWatcher:
             return
 
     def _rewatch(self) -> None:
-        # Starting over is simpler than patching single watches, and there are at most two per search dir.
+        # Starting over is simpler than patching single watches, and there are at most three per search dir.
         for wd in self._watches:
             with contextlib.suppress(OSError):  # the kernel already dropped it: the directory was deleted
                 self._inotify.rm_watch(wd)
@@ -803,12 +919,14 @@ class ConfigWatcher:
         return _Effect.CHANGE
 
     def _leads_to_wanted_dir(self, path: str) -> bool:
-        return any(wanted == path or wanted.startswith(path + os.sep) for wanted in (*self._dirs, *self._drop_in_dirs))
+        return any(wanted == path or wanted.startswith(path + os.sep) for wanted in self._wanted_dirs)
 
     def _is_config_file(self, path: str) -> bool:
         directory, name = os.path.split(path)
         if directory in self._dirs:
             return name == MAIN_FILE
+        if directory in self._workflow_dirs:
+            return is_workflow_name(name)
         return directory in self._drop_in_dirs and is_config_name(name)
 
     def _schedule_on_change(self) -> None:

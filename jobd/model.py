@@ -164,6 +164,8 @@ class History:
 @dataclass(frozen=True, slots=True)
 class DaemonDef:
     socket: str = "/run/jobd/jobd.sock"
+    evqueue_socket: str | None = "/run/jobd/evqueue.sock"
+    tasks_directory: str = "/usr/lib/jobd/tasks"
     state_dir: str = "/var/lib/jobd"
     durability: Durability = Durability.CRASH
     history: History = History()

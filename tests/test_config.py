@@ -12,7 +12,16 @@ import pytest
 from jobd import config
 from jobd.config import ConfigWatcher, find_files, load, load_dir
 from jobd.errors import ConfigError
-from jobd.model import DEFAULT_KILL_GRACE, Durability, ParameterMode, QueueDef, RetryPolicy, Scheduler
+from jobd.model import (
+    DEFAULT_KILL_GRACE,
+    Durability,
+    ParameterMode,
+    QueueDef,
+    RetryLevel,
+    RetryPolicy,
+    RetrySchedule,
+    Scheduler,
+)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -263,7 +272,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     path = write(tmp_path / "jobd.toml", '[queue.a]\n\n[tasks.resize]\ncommand = ["/bin/true"]\n')
     error = load_error(tmp_path)
     assert error.message == (
-        f"{path}:3: unknown section tasks (did you mean task?); allowed sections: daemon, queue, task"
+        f"{path}:3: unknown section tasks (did you mean task?); allowed sections: daemon, queue, task, retry_schedule"
     )
 
 
@@ -666,3 +675,181 @@ def test_keep_days_false_means_no_age_limit(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         config.load([str(tmp_path)])
     assert "daemon.history.keep_days" in error.value.message and "false for no age limit" in error.value.message
+
+
+# --- evQueue's pieces: retry schedules, the evQueue socket, the tasks directory ------------------------------------
+
+
+def test_retry_schedules_are_read_in_both_toml_spellings(tmp_path: Path) -> None:
+    write(
+        tmp_path / "jobd.toml",
+        "[retry_schedule.fast_then_slow]\nlevels = [{ delay = 1, times = 2 }, { delay = 5, times = 1 }]\n\n"
+        "[[retry_schedule.patient.levels]]\ndelay = 0.5\ntimes = 10\n[[retry_schedule.patient.levels]]\n"
+        "delay = 3600\ntimes = 24\n",
+    )
+    schedules = load([str(tmp_path)]).retry_schedules
+    assert dict(schedules) == {
+        "fast_then_slow": RetrySchedule("fast_then_slow", (RetryLevel(1.0, 2), RetryLevel(5.0, 1))),
+        "patient": RetrySchedule("patient", (RetryLevel(0.5, 10), RetryLevel(3600.0, 24))),
+    }
+    with pytest.raises(TypeError):
+        schedules["x"] = schedules["patient"]  # type: ignore[index]
+
+
+def test_a_drop_in_replaces_the_levels_of_a_schedule_whole(search: tuple[Path, Path, Path]) -> None:
+    usr, _run, etc = search
+    write(usr / "jobd.toml", "[retry_schedule.s]\nlevels = [{ delay = 1, times = 2 }, { delay = 5, times = 1 }]\n")
+    write(etc / "jobd.d/10.toml", "[retry_schedule.s]\nlevels = [{ delay = 60, times = 3 }]\n")
+    assert load(strs(*search)).retry_schedules["s"].levels == (RetryLevel(60.0, 3),)
+
+
+BAD_SCHEDULES = {
+    "no levels": ("[retry_schedule.s]\n", 1, "retry_schedule.s", "missing required key levels"),
+    "empty levels": (
+        "[retry_schedule.s]\nlevels = []\n",
+        2,
+        "retry_schedule.s.levels",
+        "expected a non-empty array of tables such as { delay = 10, times = 3 }, got an array",
+    ),
+    "levels not an array": (
+        "[retry_schedule.s]\nlevels = 3\n",
+        2,
+        "retry_schedule.s.levels",
+        "expected a non-empty array of tables",
+    ),
+    "a level not a table": (
+        "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1 }, 5]\n",
+        2,
+        "retry_schedule.s.levels[2]",
+        "retry_schedule.s.levels[2]: expected a table, got 5",
+    ),
+    "zero delay": (
+        "[retry_schedule.s]\n\nlevels = [{ delay = 0, times = 1 }]\n",
+        3,
+        "retry_schedule.s.levels[1].delay",
+        "retry_schedule.s.levels[1].delay: expected a number > 0, got 0",
+    ),
+    "zero times": (
+        "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1 }, { delay = 2, times = 0 }]\n",
+        2,
+        "retry_schedule.s.levels[2].times",
+        "expected an integer >= 1, got 0",
+    ),
+    "fractional times": (
+        "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1.5 }]\n",
+        2,
+        "retry_schedule.s.levels[1].times",
+        "expected an integer >= 1, got 1.5",
+    ),
+    "boolean delay": (
+        "[retry_schedule.s]\nlevels = [{ delay = true, times = 1 }]\n",
+        2,
+        "retry_schedule.s.levels[1].delay",
+        "expected a number > 0, got true (a boolean)",
+    ),
+    "missing times": (
+        "[retry_schedule.s]\nlevels = [{ delay = 1 }]\n",
+        2,
+        "retry_schedule.s.levels[1]",
+        "retry_schedule.s.levels[1]: missing required key times (how many tries at this level, an integer >= 1)",
+    ),
+    "unknown level key": (
+        "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1, backoff = 2 }]\n",
+        2,
+        "retry_schedule.s.levels[1].backoff",
+        "unknown key retry_schedule.s.levels[1].backoff; allowed keys: delay, times",
+    ),
+    "unknown schedule key": (
+        "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1 }]\nlevel = 2\n",
+        3,
+        "retry_schedule.s.level",
+        "unknown key retry_schedule.s.level (did you mean levels?); allowed keys: levels",
+    ),
+    "bad schedule name": (
+        '[retry_schedule."a b"]\nlevels = [{ delay = 1, times = 1 }]\n',
+        1,
+        'retry_schedule."a b"',
+        'invalid name "a b"',
+    ),
+    "schedule section not a table of tables": (
+        "[retry_schedule]\nlevels = [{ delay = 1, times = 1 }]\n",
+        2,
+        "retry_schedule.levels",
+        "expected a table [retry_schedule.levels], got an array",
+    ),
+}
+
+
+@pytest.mark.parametrize("text, line, key, allowed", BAD_SCHEDULES.values(), ids=BAD_SCHEDULES.keys())
+def test_bad_retry_schedules_name_file_line_key_and_what_is_allowed(
+    tmp_path: Path, text: str, line: int, key: str, allowed: str
+) -> None:
+    path = write(tmp_path / "jobd.toml", text)
+    error = load_error(tmp_path)
+    assert error.message.startswith(f"{path}:{line}: "), error.message
+    assert allowed in error.message
+    assert error.details == {"file": str(path), "line": line, "key": key}
+
+
+def test_evqueue_socket_and_tasks_directory(tmp_path: Path) -> None:
+    defaults = load([str(tmp_path)]).daemon
+    assert (defaults.evqueue_socket, defaults.tasks_directory) == ("/run/jobd/evqueue.sock", "/usr/lib/jobd/tasks")
+    write(tmp_path / "jobd.toml", '[daemon]\nevqueue_socket = "/tmp/evq.sock"\ntasks_directory = "tasks"\n')
+    daemon = load([str(tmp_path)]).daemon
+    assert (daemon.evqueue_socket, daemon.tasks_directory) == ("/tmp/evq.sock", "tasks")
+    write(tmp_path / "jobd.toml", "[daemon]\nevqueue_socket = false\n")
+    assert load([str(tmp_path)]).daemon.evqueue_socket is None
+    for bad in ("true", '""', "1"):
+        path = write(tmp_path / "jobd.toml", f"[daemon]\nevqueue_socket = {bad}\n")
+        error = load_error(tmp_path)
+        assert error.message.startswith(f"{path}:2: daemon.evqueue_socket: expected a non-empty string"), error.message
+    path = write(tmp_path / "jobd.toml", '[daemon]\ntasks_directory = ""\n')
+    assert load_error(tmp_path).message == (
+        f'{path}:2: daemon.tasks_directory: expected a non-empty string, got "" (a string)'
+    )
+
+
+def test_docs_describe_retry_schedules() -> None:
+    text = DOCS.read_text()
+    keys = config.RETRY_SCHEDULE_KEYS + config.RETRY_LEVEL_KEYS + ("[retry_schedule.NAME]", "workflows/NAME.xml")
+    assert [key for key in keys if f"`{key}`" not in text] == []
+
+
+# --- the watcher and workflows/ ---------------------------------------------------------------------------------
+
+
+def test_watcher_sees_workflow_files_and_ignores_editor_files(search: tuple[Path, Path, Path]) -> None:
+    workflows = search[1] / "workflows"
+    workflows.mkdir()
+
+    async def body(changes: Changes) -> None:
+        for name in (".w.xml.swp", "w.xml~", "4913", "notes.txt"):
+            write(workflows / name, "x")
+        temporary = write(workflows / ".w.xml.tmp", "<workflow/>")
+        await let_the_loop_run()
+        assert changes.calls == 0
+        temporary.rename(workflows / "w.xml")
+        await changes.next()
+        write(workflows / "w.xml", "<workflow/>")  # edited in place
+        await changes.next()
+        (workflows / "w.xml").unlink()
+        await changes.next()
+        (workflows / "m.xml").symlink_to("/dev/null")
+        await changes.next()
+
+    watching(list(search), body)
+
+
+def test_watcher_follows_a_workflows_dir_created_after_start(search: tuple[Path, Path, Path]) -> None:
+    async def body(changes: Changes) -> None:
+        (search[2] / "workflows").mkdir()
+        await changes.next()  # files may already be in it: the daemon must rescan
+        write(search[2] / "workflows/w.xml", "<workflow/>")
+        await changes.next()
+        (search[2] / "workflows/w.xml").unlink()
+        (search[2] / "workflows").rmdir()
+        await changes.next()
+        write(search[2] / "workflows/x.xml", "<workflow/>")
+        await changes.next()
+
+    watching(list(search), body)
