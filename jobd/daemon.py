@@ -153,7 +153,9 @@ class Daemon:
         if busy:
             line += f" ({'; '.join(busy)})"
         if not self.last_reload["ok"]:
-            line += f"; reload failed: {self.last_reload['error']}"
+            # STATUS= is one line (a newline would start another assignment); the log has every problem.
+            first, *more = str(self.last_reload["error"]).splitlines() or [""]
+            line += f"; reload failed: {first}" + (f" (and {len(more)} more lines in the log)" if more else "")
         return line
 
     def _counts_changed(self) -> None:

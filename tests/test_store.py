@@ -1,0 +1,100 @@
+"""The SQLite store on real files: schema migrations and exclusive ownership of the database."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from jobd.errors import StartupError
+from jobd.model import JobSpec, JobState
+from jobd.store import MIGRATIONS, SCHEMA_VERSION, Store, _db
+
+
+def _version_1_database(path: Path) -> None:
+    """A database as the first jobd release left it: migration 1 only, one job with a key in it."""
+    store = Store(str(path))
+    db = store.db
+    _db.initialize(db)
+    db.connect()
+    with db.atomic():
+        MIGRATIONS[0](db)
+        db.pragma("user_version", 1)
+    db.close()
+    raw = sqlite3.connect(path)
+    retry = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
+    raw.execute(
+        "INSERT INTO job (command, queue, priority, state, key, created_at, run_at, env, kill_grace, retry, "
+        "max_output, attempts, progress) VALUES (?, 'q', 1, 'queued', 'k1', 1.0, 1.0, '{}', 10, ?, 1, 0, 0)",
+        ('["/bin/true"]', retry),
+    )
+    raw.commit()
+    raw.close()
+
+
+def _indexes(path: Path) -> dict[str, str]:
+    raw = sqlite3.connect(path)
+    try:
+        rows = raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").fetchall()
+    finally:
+        raw.close()
+    return dict(rows)
+
+
+def test_a_version_1_database_is_migrated_in_place_and_keeps_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.sqlite3"
+    _version_1_database(path)
+    store = Store(str(path))
+    store.open()
+    try:
+        assert store.db.pragma("user_version") == SCHEMA_VERSION
+        [job] = store.unfinished_jobs()
+        assert job.spec.key == "k1" and job.state is JobState.QUEUED
+        # The key still deduplicates through the partial unique index.
+        [(again, created)] = store.insert_jobs(
+            [JobSpec(command=("/bin/true",), queue="q", key="k1")], [JobState.QUEUED], 2.0, [2.0]
+        )
+        assert not created and again.id == job.id
+    finally:
+        store.close()
+    indexes = _indexes(path)
+    assert "WHERE" in indexes["job_key"] and "WHERE" in indexes["job_context"] and "WHERE" in indexes["job_task"]
+    assert "attempt_job_id" not in indexes
+
+
+def test_a_fresh_database_gets_the_same_schema_as_a_migrated_one(tmp_path: Path) -> None:
+    migrated, fresh = tmp_path / "migrated.sqlite3", tmp_path / "fresh.sqlite3"
+    _version_1_database(migrated)
+    for path in (migrated, fresh):
+        store = Store(str(path))
+        store.open()
+        store.close()
+    assert _indexes(migrated) == _indexes(fresh)
+
+
+def test_the_database_is_held_exclusively_while_jobd_has_it_open(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.sqlite3"
+    store = Store(str(path))
+    store.open()
+    try:
+        store.insert_jobs([JobSpec(command=("/bin/true",), queue="q")], [JobState.QUEUED], 1.0, [1.0])
+        other = sqlite3.connect(path, timeout=0)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("SELECT count(*) FROM job").fetchall()
+        other.close()
+    finally:
+        store.close()
+    other = sqlite3.connect(path)  # once jobd let go, anybody may read it
+    assert other.execute("SELECT count(*) FROM job").fetchone() == (1,)
+    other.close()
+
+
+def test_a_database_from_a_newer_jobd_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    store = Store(str(path))
+    with pytest.raises(StartupError, match="newer than this jobd"):
+        store.open()
