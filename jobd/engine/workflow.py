@@ -1,0 +1,986 @@
+"""A workflow instance: evQueue's instance document, driven as a pure state machine.
+
+The instance *is* its lxml document, with evQueue's element and attribute names (reference/evqueue.md §2.6), so
+`to_xml()` is what `instance query` returns and what is saved for crash recovery. Nothing here does I/O: the engine
+calls `launch`, `task_started`, `task_progress`, `task_ended`, `retry_due`, `cancel` with the time, and applies the
+actions they return (RunTask: submit a jobd job; RetryLater: call `retry_due` after the delay; DequeueTask: cancel
+the job of a task still queued; InstanceFinished).
+
+Decisions that differ from evQueue, and why:
+* retval is the exit code 0–255 exactly (evQueue stored it in a signed char); a task killed by a signal, or lost
+  with a crash of jobd, ends with retval -1 (evQueue's value for a killed task) and its <output> gets `signal="N"`.
+* Task output is bytes; it is made safe for XML once, when stored: invalid UTF-8 becomes U+FFFD, and each control
+  character other than tab, LF and CR becomes its Unicode "control picture" (NUL → U+2400 ␀, ESC → U+241B ␛, …),
+  which shows what the byte was and is valid XML. Nothing is logged per byte.
+* `value select` / `{xpath}` attributes accept string, number and boolean results, not only nodes.
+* An error evaluating one node aborts that node (counted as one error) and its siblings still run; a task whose
+  retval does not match retry_retval counts as an error (evQueue forgot to count it).
+* Nodes copied into an input by <copy>, and XML imported from a task's output, lose any `evqid`: evqids stay
+  unique, so `task_ended(evqid)` and `evqGetContext()` always mean one node.
+* Remote execution (host, user, queue_host, use-agent) is not supported yet: such a task is ABORTED at enqueue.
+* The root carries `cancelling="yes"` after `cancel()`, so a restored instance still refuses new tasks.
+
+Counters (running_tasks, queued_tasks, retrying_tasks, error_tasks, waiting_conditions) are recounted from the
+node statuses after each event instead of being adjusted one by one: the pass costs what serialising the document
+for the savepoint costs anyway, and a restored document cannot disagree with its counters.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Mapping, Set
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from lxml import etree
+
+from jobd import safexml
+from jobd.engine.xpath import (
+    EvalContext,
+    WaitRequested,
+    XPathError,
+    evaluate_boolean,
+    evaluate_nodes,
+    evaluate_string,
+    evaluate_strings,
+    expand_braces,
+    node_string,
+)
+from jobd.errors import ConfigError, InvalidWorkflowParameters, InvalidXml
+from jobd.model import ENV_NAME, Outcome, ParameterMode, RetryPolicy, RetrySchedule, TaskDef, WorkflowDef
+from jobd.workflowdef import split_command
+
+LOCAL_TIME = "%Y-%m-%d %H:%M:%S"  # evQueue's timestamps: local time, whole seconds
+KILLED_RETVAL = -1  # retval of a task killed by a signal or lost: evQueue's value, outside 0–255 on purpose
+COUNTERS = ("running_tasks", "queued_tasks", "retrying_tasks", "error_tasks", "waiting_conditions")
+COMPAT_ENV = {"EVQUEUE_ENV": "true", "EVQUEUE_IPC_QID": "0"}  # what evQueue gives every task; scripts test it
+
+ABORTED_BY_USER = "Aborted on user request"
+NO_RETRY_CANCELLING = "Won't retry because workflow is cancelling"
+INVALID_XML = "Invalid XML returned"
+UNKNOWN_QUEUE = "Unknown queue name"
+REMOTE_UNSUPPORTED = "remote execution is not supported"
+
+
+class InstanceStatus(StrEnum):
+    EXECUTING = "EXECUTING"
+    TERMINATED = "TERMINATED"
+
+
+class NodeStatus(StrEnum):
+    """The `status` attribute of a <task> (all of them) or a <job> (SKIPPED, ABORTED, WAITING)."""
+
+    QUEUED = "QUEUED"
+    EXECUTING = "EXECUTING"
+    TERMINATED = "TERMINATED"
+    ABORTED = "ABORTED"
+    SKIPPED = "SKIPPED"
+    WAITING = "WAITING"
+
+
+# ------------------------------------------------------------------------------------------------------ values
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """How the job running a task ended, as the engine saw it.
+
+    `retval` is the exit code (0–255), or KILLED_RETVAL (-1) when the process was killed by a signal (`signal`
+    says which) or lost (jobd crashed while it ran: `outcome` is Outcome.LOST).
+    """
+
+    retval: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    log: str = ""  # the fd 3 lines that were not progress, joined with their newlines
+    started_at: float | None = None
+    ended_at: float | None = None
+    signal: int | None = None
+    outcome: Outcome | None = None
+
+    @classmethod
+    def exited(cls, exit_code: int, **streams: Any) -> TaskResult:
+        if not 0 <= exit_code <= 255:
+            raise ValueError(f"an exit code is 0–255, not {exit_code}")
+        return cls(exit_code, **streams)
+
+    @classmethod
+    def killed(cls, signal: int, **streams: Any) -> TaskResult:
+        return cls(KILLED_RETVAL, signal=signal, outcome=Outcome.FAILED, **streams)
+
+    @classmethod
+    def lost(cls, **streams: Any) -> TaskResult:
+        return cls(KILLED_RETVAL, outcome=Outcome.LOST, **streams)
+
+
+@dataclass(frozen=True, slots=True)
+class RunTask:
+    """Submit a jobd job for task `evqid` in `queue`.
+
+    `argv` is the whole command (program first) for a binary or TOML task. For a SCRIPT task (`script` is not
+    None) the engine writes `script` to an executable file and runs `[that file, *argv]`: argv holds only the
+    arguments. A relative program is the engine's to resolve (evQueue: against its tasks directory).
+    `stdin` None means an empty stdin. `retry` is the jobd retry policy of a TOML task (the job retries inside one
+    workflow try); the workflow's own retry_* attributes act on the final result.
+    """
+
+    evqid: int
+    name: str
+    queue: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdin: bytes | None = None
+    working_dir: str | None = None
+    script: str | None = None
+    merge_stderr: bool = False
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    task: str | None = None  # the TOML [task.NAME] it runs, if any
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """Call `retry_due(evqid, now)` once `delay` seconds have passed (at `due`, wall clock)."""
+
+    evqid: int
+    delay: float
+    due: float
+
+
+@dataclass(frozen=True, slots=True)
+class DequeueTask:
+    """The instance is cancelled: drop the queued job of this task (it is already ABORTED in the document)."""
+
+    evqid: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceFinished:
+    status: InstanceStatus
+    errors: int
+    custom_attributes: tuple[tuple[str, str], ...] = ()  # (name, value), one pair per selected node
+    tags: tuple[str, ...] = ()  # automatic tags whose condition held
+
+
+Action = RunTask | RetryLater | DequeueTask | InstanceFinished
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredTask:
+    """A task a restored instance was waiting for: the engine reconciles it with its jobs.
+
+    QUEUED or EXECUTING: `tid` is the job id if one was recorded; if that job is gone, call `resubmit(evqid)`
+    (QUEUED, with `now`) or `task_ended(evqid, TaskResult.lost(), now)` (EXECUTING). Retrying (status TERMINATED): call
+    `retry_due(evqid, now)` at `retry_at`.
+    """
+
+    evqid: int
+    status: NodeStatus
+    tid: int | None = None
+    retry_at: float | None = None
+
+
+class _NodeAborted(Exception):
+    """Evaluating something of a node failed: the node becomes ABORTED with this message as its error."""
+
+
+# ---------------------------------------------------------------------------------------------------- instance
+
+
+class Instance:
+    """One workflow instance. Every public method takes the time it happens at and returns what to do."""
+
+    def __init__(
+        self,
+        root: etree._Element,
+        *,
+        queues: Set[str],
+        tasks: Mapping[str, TaskDef],
+        retry_schedules: Mapping[str, RetrySchedule],
+    ) -> None:
+        self.root = root
+        self._queues = queues
+        self._tasks = tasks
+        self._retry_schedules = retry_schedules
+        self._next_evqid = 1 + max((int(e.get("evqid", "0")) for e in _elements(root) if e.get("evqid")), default=0)
+        self._index: dict[int, etree._Element] = {}
+        self._actions: list[Action] = []
+
+    # ------------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def launch(
+        cls,
+        definition: WorkflowDef,
+        parameters: Mapping[str, str],
+        *,
+        instance_id: int,
+        now: float,
+        queues: Set[str],
+        tasks: Mapping[str, TaskDef] | None = None,
+        retry_schedules: Mapping[str, RetrySchedule] | None = None,
+        comment: str | None = None,
+        host: str | None = None,
+        user: str | None = None,
+    ) -> tuple[Instance, list[Action]]:
+        """Start an instance of `definition`. Raises InvalidWorkflowParameters (evQueue's messages) or ConfigError
+        (a retry_schedule that is not defined)."""
+        root = safexml.parse(definition.source, f"workflow {definition.name}")
+        _fill_parameters(root, parameters)
+        root.set("name", definition.name)
+        if host:
+            root.set("host", host)
+            if user:
+                root.set("user", user)
+        if comment:
+            root.set("comment", comment)
+        root.set("id", str(instance_id))
+        instance = cls(root, queues=queues, tasks=tasks or {}, retry_schedules=retry_schedules or {})
+        instance._copy_retry_schedules(definition.name)
+        root.set("status", InstanceStatus.EXECUTING)
+        root.set("start_time", local_time(now))
+        instance._run_subjobs(root)
+        return instance, instance._settle(now)
+
+    @classmethod
+    def restore(
+        cls,
+        xml: bytes,
+        *,
+        queues: Set[str],
+        tasks: Mapping[str, TaskDef] | None = None,
+        retry_schedules: Mapping[str, RetrySchedule] | None = None,
+    ) -> tuple[Instance, list[RestoredTask]]:
+        """Rebuild an instance from `to_xml()` after a restart; the tasks it waits for are returned to reconcile."""
+        root = safexml.parse(xml, "saved workflow instance")
+        instance = cls(root, queues=queues, tasks=tasks or {}, retry_schedules=retry_schedules or {})
+        instance._refresh_counters()
+        pending: list[RestoredTask] = []
+        if instance.status is InstanceStatus.EXECUTING:
+            for task in instance._all_tasks():
+                status = task.get("status")
+                tid = task.get("tid")
+                if status in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
+                    pending.append(RestoredTask(_evqid(task), NodeStatus(status), int(tid) if tid else None))
+                elif _is_retrying(task):
+                    due = time.mktime(time.strptime(task.get("retry_at", ""), LOCAL_TIME))
+                    pending.append(RestoredTask(_evqid(task), NodeStatus.TERMINATED, retry_at=due))
+        return instance, pending
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    @property
+    def status(self) -> InstanceStatus:
+        return InstanceStatus(self.root.get("status", InstanceStatus.EXECUTING))
+
+    @property
+    def errors(self) -> int:
+        return int(self.root.get("error_tasks", "0"))
+
+    @property
+    def cancelling(self) -> bool:
+        return self.root.get("cancelling") == "yes"
+
+    def counters(self) -> dict[str, int]:
+        return {name: int(self.root.get(name, "0")) for name in COUNTERS}
+
+    def task(self, evqid: int) -> etree._Element | None:
+        """The <task> element with that evqid (read it, do not change it)."""
+        node = self._find(evqid)
+        return node if node is not None and node.tag == "task" else None
+
+    def to_xml(self) -> bytes:
+        return etree.tostring(self.root, encoding="utf-8")
+
+    def custom_attributes(self) -> tuple[tuple[str, str], ...]:
+        """(name, value) for each node a custom-attribute selects (a string or number result: one value).
+        An expression that fails gives nothing, as evQueue only logged it."""
+        values: list[tuple[str, str]] = []
+        context = EvalContext.for_summary(self.root)
+        for attribute in self.root.iterfind("custom-attributes/custom-attribute"):
+            name, select = attribute.get("name", ""), attribute.get("select", "")
+            try:
+                values.extend((name, value) for value in evaluate_strings(select, self.root, context))
+            except (XPathError, WaitRequested):
+                continue
+        return tuple(values)
+
+    def automatic_tags(self) -> tuple[str, ...]:
+        tags: list[str] = []
+        context = EvalContext.for_summary(self.root)
+        for tag in self.root.iterfind("automatic-tags/automatic-tag"):
+            try:
+                if evaluate_boolean(tag.get("condition", "false()"), self.root, context):
+                    tags.append(tag.get("name", ""))
+            except (XPathError, WaitRequested):
+                continue
+        return tuple(tags)
+
+    # --------------------------------------------------------------------------------------------- events
+
+    def job_assigned(self, evqid: int, job_id: int) -> None:
+        """The engine submitted the job running a QUEUED task: recorded in `tid` so a restart can find it."""
+        task = self.task(evqid)
+        if task is not None and task.get("status") == NodeStatus.QUEUED:
+            task.set("tid", str(job_id))
+
+    def task_started(self, evqid: int, job_id: int, now: float) -> list[Action]:
+        task = self.task(evqid)
+        if task is None or task.get("status") != NodeStatus.QUEUED:
+            return []  # a task aborted by a cancel while its job was starting: its end will be ignored too
+        task.set("status", NodeStatus.EXECUTING)
+        task.set("tid", str(job_id))
+        task.set("execution_time", local_time(now))
+        return self._settle(now)
+
+    def task_progress(self, evqid: int, percent: int) -> None:
+        """A `%NN` line on the task's fd 3."""
+        task = self.task(evqid)
+        if task is not None and task.get("status") in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
+            task.set("progression", str(min(100, max(0, percent))))
+
+    def task_ended(self, evqid: int, result: TaskResult, now: float) -> list[Action]:
+        task = self.task(evqid)
+        if task is None or task.get("status") not in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
+            return []
+        retval = result.retval
+        task.set("status", NodeStatus.TERMINATED)
+        task.set("retval", str(retval))
+        for name in ("tid", "pid", "retry_at"):
+            _drop(task, name)
+        task.set("progression", "100")
+        started = result.started_at if result.started_at is not None else now
+        if task.get("execution_time") is None:
+            task.set("execution_time", local_time(started))
+        output = etree.SubElement(task, "output")
+        output.set("retval", str(retval))
+        output.set("execution_time", task.get("execution_time", local_time(started)))
+        output.set("exit_time", local_time(result.ended_at if result.ended_at is not None else now))
+        if result.signal is not None:
+            output.set("signal", str(result.signal))
+        if retval == 0 and task.get("output-method") == "XML":
+            self._store_xml_output(task, output, result.stdout)
+        else:
+            output.set("method", "text")
+            output.text = xml_safe_text(result.stdout) or None
+        if retval != 0:
+            if self.cancelling:
+                task.set("error", NO_RETRY_CANCELLING)
+            else:
+                self._retry_or_fail(task, retval, now)
+        etree.SubElement(task, "stderr").text = xml_safe_text(result.stderr) or None
+        etree.SubElement(task, "log").text = xml_safe_text(result.log) or None
+        self._after_task_settled(_job_of_task(task))
+        self._reevaluate_waiting()
+        return self._settle(now)
+
+    def retry_due(self, evqid: int, now: float) -> list[Action]:
+        task = self.task(evqid)
+        if task is None or not _is_retrying(task):
+            return []  # cancelled meanwhile, or a timer fired twice
+        self._enqueue(task)
+        return self._settle(now)
+
+    def resubmit(self, evqid: int, now: float) -> list[Action]:
+        """RunTask again for a QUEUED task whose job was lost before it was recorded (crash recovery)."""
+        task = self.task(evqid)
+        if task is None or task.get("status") != NodeStatus.QUEUED:
+            return []
+        _drop(task, "tid")
+        try:
+            return [self._run_task_action(task)]
+        except _NodeAborted as error:
+            self._abort(task, str(error))
+            return self._settle(now)
+
+    def cancel(self, now: float) -> list[Action]:
+        """evQueue's cancel: queue nothing more, dequeue what is queued, retry nothing; running tasks finish."""
+        if self.cancelling or self.status is InstanceStatus.TERMINATED:
+            return []
+        self.root.set("cancelling", "yes")
+        for task in self._all_tasks():
+            if task.get("status") == NodeStatus.QUEUED:
+                _drop(task, "tid")
+                self._abort(task, ABORTED_BY_USER)
+                self._actions.append(DequeueTask(_evqid(task)))
+            elif _is_retrying(task):
+                _drop(task, "retry_at")
+                self._abort(task, ABORTED_BY_USER)
+        return self._settle(now)
+
+    # ---------------------------------------------------------------------------------------- running jobs
+
+    def _run_subjobs(self, parent: etree._Element) -> None:
+        for job in parent.findall("subjobs/job"):
+            if job.get("evqid") is None:  # a job runs once: later calls find it (or its clones) numbered
+                self._run_subjob(job, parent)
+
+    def _run_subjob(self, job: etree._Element, context_node: etree._Element) -> None:
+        job.set("context-id", str(self._evqid_of(context_node)))
+        self._evqid_of(job)
+        if not self._condition_holds(job, context_node):
+            return
+        try:
+            iterations = self._expand_loop(job, context_node)
+        except _NodeAborted as error:
+            self._abort(job, f"Error evaluating loop : {error}")
+            return
+        for clone, item in iterations:
+            if clone is not job:
+                clone.set("context-id", str(self._evqid_of(item)))
+                if clone is not iterations[0][0]:
+                    self._renumber(clone)
+            if self._condition_holds(clone, item):
+                self._run_tasks(clone, item)
+
+    def _run_tasks(self, job: etree._Element, context_node: etree._Element) -> None:
+        for task in job.findall("tasks/task"):
+            self._run_task(task, context_node)
+        self._after_task_settled(job)
+
+    def _after_task_settled(self, job: etree._Element) -> None:
+        """A job's subjobs start once every task of it ended with retval 0 or was skipped."""
+        tasks = job.findall("tasks/task")
+        if all(_succeeded(task) for task in tasks):
+            self._run_subjobs(job)
+
+    def _run_task(self, task: etree._Element, context_node: etree._Element) -> None:
+        if task.get("status") == NodeStatus.TERMINATED:
+            return
+        task.set("context-id", str(self._evqid_of(context_node)))
+        self._evqid_of(task)
+        if not self._condition_holds(task, context_node):
+            return
+        try:
+            iterations = self._expand_loop(task, context_node)
+        except _NodeAborted as error:
+            self._abort(task, f"Error evaluating loop : {error}")
+            return
+        for clone, item in iterations:
+            if clone is not task:
+                clone.set("context-id", str(self._evqid_of(item)))
+                if clone is not iterations[0][0]:
+                    self._renumber(clone)
+            if not self._condition_holds(clone, item):
+                continue
+            try:
+                self._evaluate_values(clone, item)
+            except _NodeAborted as error:
+                self._abort(clone, str(error))
+                continue
+            self._enqueue(clone)
+
+    def _condition_holds(self, node: etree._Element, context_node: etree._Element, *, can_wait: bool = True) -> bool:
+        """Decide `condition`: True to go on; False when the node was SKIPPED, put WAITING or ABORTED."""
+        condition = node.get("condition")
+        if condition is None:
+            return True
+        try:
+            holds = evaluate_boolean(condition, context_node, self._context_for(node))
+        except WaitRequested:
+            if not can_wait:
+                raise _NodeAborted("evqWait() cannot be used here") from None
+            node.set("status", NodeStatus.WAITING)
+            node.set("details", "Waiting for condition to become true")
+            return False
+        except XPathError as error:
+            if not can_wait:  # an input: its task is aborted by the caller
+                raise _NodeAborted(f"Error computing condition : {error}") from None
+            self._abort(node, f"Error evaluating condition : {error}")
+            return False
+        if not holds:
+            node.set("status", NodeStatus.SKIPPED)
+            node.set("details", "Condition evaluates to false")
+            return False
+        del node.attrib["condition"]
+        node.set("details", "Condition evaluates to true")
+        return True
+
+    def _expand_loop(
+        self, node: etree._Element, context_node: etree._Element
+    ) -> list[tuple[etree._Element, etree._Element]]:
+        """(node, context) pairs to run: the node itself, or one clone per node the loop selects (in its place)."""
+        loop = node.get("loop")
+        if loop is None:
+            return [(node, context_node)]
+        del node.attrib["loop"]
+        iteration_condition = node.get("iteration-condition")
+        _drop(node, "iteration-condition")
+        try:
+            items = evaluate_nodes(loop, context_node, self._context_for(node))
+        except (XPathError, WaitRequested) as error:
+            raise _NodeAborted(str(error) or "evqWait() cannot be used in a loop") from None
+        if any(not isinstance(item, etree._Element) for item in items):
+            raise _NodeAborted(f"loop '{loop}' must select elements, to give each iteration its context")
+        clones: list[tuple[etree._Element, etree._Element]] = []
+        anchor = node
+        for item in items:
+            clone = copy.deepcopy(node)
+            if iteration_condition is not None:
+                clone.set("condition", iteration_condition)
+            anchor.addnext(clone)
+            anchor = clone
+            clones.append((clone, item))
+        if clones:
+            node.tail = None  # the clones carry it
+        _remove(node)
+        if clones:
+            # The first clone takes the original's place and number, as evQueue's do.
+            self._index[_evqid(clones[0][0])] = clones[0][0]
+        return clones
+
+    def _renumber(self, clone: etree._Element) -> None:
+        clone.set("evqid", str(self._new_evqid()))
+        self._index[_evqid(clone)] = clone
+
+    def _context_for(self, node: etree._Element) -> EvalContext:
+        return EvalContext.for_node(node, self.root)
+
+    # --------------------------------------------------------------------------------------- input values
+
+    def _evaluate_values(self, task: etree._Element, context_node: etree._Element) -> None:
+        """Compute what a task is given, when it is enqueued: {xpath} attributes, inputs, stdin, script."""
+        context = self._context_for(task)
+        for attribute, what in (("host", "dynamic host"), ("queue_host", "dynamic queue host"), ("user", "user")):
+            value = task.get(attribute)
+            if value is not None:
+                try:
+                    task.set(attribute, expand_braces(value, context_node, context))
+                except (XPathError, WaitRequested) as error:
+                    raise _NodeAborted(f"Error computing {what} : {error}") from None
+        for name in ("input", "stdin", "script"):
+            for element in task.findall(name):
+                self._evaluate_value(element, context_node)
+
+    def _evaluate_value(self, element: etree._Element, context_node: etree._Element) -> None:
+        if not self._condition_holds(element, context_node, can_wait=False):
+            return
+        try:
+            iterations = self._expand_loop(element, context_node)
+        except _NodeAborted as error:
+            raise _NodeAborted(f"Error evaluating loop : {error}") from None
+        context = self._context_for(element)
+        for clone, item in iterations:
+            clone.set("mode", "text")
+            try:
+                for value in list(clone.iter("value")):
+                    _replace_with_text(value, evaluate_string(value.get("select", ""), item, context))
+                for copy_element in list(clone.iter("copy")):
+                    clone.set("mode", "xml")
+                    for selected in evaluate_nodes(copy_element.get("select", ""), item, context):
+                        _insert_copy_before(copy_element, selected)
+                    _remove(copy_element)
+            except (XPathError, WaitRequested) as error:
+                raise _NodeAborted(f"Error computing input value : {error}") from None
+
+    # -------------------------------------------------------------------------------------------- enqueue
+
+    def _enqueue(self, task: etree._Element) -> None:
+        if self.cancelling:
+            self._abort(task, ABORTED_BY_USER)
+            return
+        try:
+            action = self._run_task_action(task)
+        except _NodeAborted as error:
+            self._abort(task, str(error))
+            return
+        task.set("status", NodeStatus.QUEUED)
+        self._actions.append(action)
+
+    def _run_task_action(self, task: etree._Element) -> RunTask:
+        """The job that runs a task, from the task's element alone (so a restored instance builds the same)."""
+        if any(task.get(name) for name in ("host", "user", "queue_host")) or task.get("use-agent") == "yes":
+            raise _NodeAborted(REMOTE_UNSUPPORTED)
+        if self.root.get("host"):
+            raise _NodeAborted(REMOTE_UNSUPPORTED)
+        toml_name = task.get("task")
+        definition = None
+        if toml_name is not None:
+            definition = self._tasks.get(toml_name)
+            if definition is None:
+                raise _NodeAborted(f"Unknown task name '{toml_name}'")
+        queue = task.get("queue") or (definition.queue if definition else "")
+        if queue not in self._queues:
+            raise _NodeAborted(UNKNOWN_QUEUE)
+        mode = task.get("parameters-mode")
+        if mode is None:
+            mode = "ENV" if definition is not None and definition.parameters is ParameterMode.ENV else "CMDLINE"
+        inputs = [
+            (item.get("name", ""), node_string(item))
+            for item in task.findall("input")
+            if item.get("status") not in (NodeStatus.SKIPPED, NodeStatus.ABORTED)
+        ]
+        env = dict(COMPAT_ENV)
+        if definition is not None:
+            env.update(definition.environment)
+        arguments: list[str] = []
+        if mode == "ENV":
+            for name, value in inputs:
+                if not ENV_NAME.fullmatch(name):
+                    raise _NodeAborted(f"input name '{name}' is not an environment variable name")
+                env[name] = value
+        else:
+            arguments = [value for _name, value in inputs]
+        script = None
+        if definition is not None:
+            argv = (*definition.command, *arguments)
+        elif task.get("type") == "SCRIPT":
+            script_element = task.find("script")
+            script = node_string(script_element) if script_element is not None else ""
+            argv = tuple(arguments)
+        else:
+            try:
+                argv = (*split_command(task.get("path", "")), *arguments)
+            except ValueError as error:
+                raise _NodeAborted(f"Error expanding task command line : {error}") from None
+            if not argv:
+                raise _NodeAborted("Error expanding task command line : empty path")
+        return RunTask(
+            evqid=_evqid(task),
+            name=task.get("name") or task.get("path") or toml_name or "",
+            queue=queue,
+            argv=argv,
+            env=env,
+            stdin=_stdin_of(task),
+            working_dir=task.get("wd") or (definition.working_dir if definition else None),
+            script=script,
+            merge_stderr=task.get("merge-stderr") == "yes",
+            timeout=definition.timeout if definition else None,
+            retry=definition.retry if definition else None,
+            task=toml_name,
+        )
+
+    # ---------------------------------------------------------------------------------------- task results
+
+    def _store_xml_output(self, task: etree._Element, output: etree._Element, stdout: bytes) -> None:
+        try:
+            document = safexml.parse(stdout, "task output")
+        except InvalidXml:
+            # The task succeeded but later tasks may need its XML: the workflow cannot go on past it.
+            output.set("method", "text")
+            output.text = xml_safe_text(stdout) or None
+            task.set("status", NodeStatus.ABORTED)
+            task.set("error", INVALID_XML)
+            return
+        output.set("method", "xml")
+        for element in document.iter():
+            if isinstance(element.tag, str):
+                _drop(element, "evqid")
+        output.append(document)
+
+    def _retry_or_fail(self, task: etree._Element, retval: int, now: float) -> None:
+        """evQueue's retry rules (§5.2): a named schedule walked level by level, else retry_delay × retry_times."""
+        schedule = task.get("retry_schedule")
+        level = int(task.get("retry_schedule_level", "0"))
+        if schedule and level == 0:
+            delay, times = self._next_schedule_level(task, schedule)
+        else:
+            if task.get("retry_delay") is None or task.get("retry_times") is None:
+                return  # no retry policy: the task failed
+            delay, times = int(task.get("retry_delay", "0")), int(task.get("retry_times", "0"))
+        if schedule and times == 0:
+            delay, times = self._next_schedule_level(task, schedule)
+        if delay <= 0 or times <= 0:
+            return
+        wanted = task.get("retry_retval")
+        if wanted is not None and wanted.strip() != str(retval):
+            return
+        task.set("retry_at", local_time(now + delay))
+        task.set("retry_times", str(times - 1))
+        self._actions.append(RetryLater(_evqid(task), float(delay), now + delay))
+
+    def _next_schedule_level(self, task: etree._Element, schedule: str) -> tuple[int, int]:
+        level = int(task.get("retry_schedule_level", "0")) + 1
+        task.set("retry_schedule_level", str(level))
+        levels = self.root.findall(f"schedules/schedule[@name={_xpath_literal(schedule)}]/level")
+        if level > len(levels):
+            return 0, 0
+        chosen = levels[level - 1]
+        task.set("retry_delay", chosen.get("retry_delay", "0"))
+        task.set("retry_times", chosen.get("retry_times", "0"))
+        return int(chosen.get("retry_delay", "0")), int(chosen.get("retry_times", "0"))
+
+    def _copy_retry_schedules(self, workflow: str) -> None:
+        """Each named retry schedule used is copied into the instance, so a reload cannot change a running one."""
+        wanted: list[str] = []
+        for task in self.root.iter("task"):
+            name = task.get("retry_schedule")
+            if name and name not in wanted:
+                wanted.append(name)
+        if not wanted:
+            return
+        schedules = self.root.find("schedules")
+        if schedules is None:
+            schedules = etree.SubElement(self.root, "schedules")
+        for name in wanted:
+            definition = self._retry_schedules.get(name)
+            if definition is None:
+                defined = ", ".join(sorted(self._retry_schedules)) or "none"
+                raise ConfigError(
+                    f"workflow {workflow}: retry_schedule '{name}' is not a defined [retry_schedule.NAME] "
+                    f"(defined: {defined})"
+                )
+            element = etree.SubElement(schedules, "schedule", name=name)
+            for level in definition.levels:
+                etree.SubElement(element, "level", retry_delay=_whole(level.delay), retry_times=str(level.times))
+
+    # ----------------------------------------------------------------------------------------- waiting nodes
+
+    def _reevaluate_waiting(self) -> None:
+        """evqWait(): every WAITING job and task is decided again after each task end, in document order."""
+        for node in [*self._structural_nodes()]:
+            if node.get("status") != NodeStatus.WAITING:
+                continue
+            del node.attrib["status"]
+            _drop(node, "details")
+            found = self._find(int(node.get("context-id", "0")))
+            context_node = found if found is not None else self.root
+            if node.tag == "task":
+                self._run_task(node, context_node)
+                self._after_task_settled(_job_of_task(node))
+            else:
+                self._run_subjob(node, context_node)
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+
+    def _abort(self, node: etree._Element, error: str) -> None:
+        node.set("status", NodeStatus.ABORTED)
+        node.set("error", error)
+
+    def _settle(self, now: float) -> list[Action]:
+        """End of an event: recount, finish the instance if nothing runs or waits to retry, hand over actions."""
+        self._refresh_counters()
+        counters = self.counters()
+        if (
+            self.status is InstanceStatus.EXECUTING
+            and counters["running_tasks"] == 0
+            and counters["retrying_tasks"] == 0
+        ):
+            self.root.set("status", InstanceStatus.TERMINATED)
+            self.root.set("end_time", local_time(now))
+            self.root.set("errors", str(counters["error_tasks"]))
+            self._actions.append(
+                InstanceFinished(
+                    InstanceStatus.TERMINATED,
+                    counters["error_tasks"],
+                    self.custom_attributes(),
+                    self.automatic_tags(),
+                )
+            )
+        actions, self._actions = self._actions, []
+        return actions
+
+    def _refresh_counters(self) -> None:
+        totals: dict[int, dict[str, int]] = {}
+        jobs: list[etree._Element] = [self.root]
+
+        def add(node: etree._Element, counter: str) -> None:
+            current: etree._Element | None = node
+            while current is not None:
+                if current.tag in ("job", "workflow"):
+                    bucket = totals.setdefault(id(current), dict.fromkeys(COUNTERS, 0))
+                    bucket[counter] += 1
+                current = current.getparent()
+
+        for node in self._structural_nodes():
+            status = node.get("status")
+            if node.tag == "job":
+                jobs.append(node)
+            if status == NodeStatus.WAITING:
+                add(node, "waiting_conditions")
+            elif status == NodeStatus.ABORTED:
+                add(node, "error_tasks")
+            elif node.tag != "task":
+                continue
+            elif status in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
+                add(node, "running_tasks")
+                if status == NodeStatus.QUEUED:
+                    add(node, "queued_tasks")
+            elif _is_retrying(node):
+                add(node, "retrying_tasks")
+            elif status == NodeStatus.TERMINATED and node.get("retval") != "0":
+                add(node, "error_tasks")
+        for job in jobs:
+            if job is not self.root and (job.get("evqid") is None or job.get("status") == NodeStatus.SKIPPED):
+                for counter in COUNTERS:  # a job skipped after it waited keeps no stale counters
+                    _drop(job, counter)
+                continue
+            bucket = totals.get(id(job), dict.fromkeys(COUNTERS, 0))
+            for counter in COUNTERS:
+                job.set(counter, str(bucket[counter]))
+        self.root.set("errors", self.root.get("error_tasks", "0"))
+
+    def _structural_nodes(self) -> Iterator[etree._Element]:
+        """Jobs and tasks of the workflow in document order, not those copied into inputs or outputs."""
+
+        def walk(parent: etree._Element) -> Iterator[etree._Element]:
+            for job in parent.iterfind("subjobs/job"):
+                yield job
+                yield from job.iterfind("tasks/task")
+                yield from walk(job)
+
+        return walk(self.root)
+
+    def _all_tasks(self) -> Iterator[etree._Element]:
+        return (node for node in self._structural_nodes() if node.tag == "task")
+
+    def _evqid_of(self, node: etree._Element) -> int:
+        """A node's evqid, numbering it first if it has none (evQueue numbers nodes as they are first used)."""
+        existing = node.get("evqid")
+        if existing is not None:
+            return int(existing)
+        number = self._new_evqid()
+        node.set("evqid", str(number))
+        self._index[number] = node
+        return number
+
+    def _new_evqid(self) -> int:
+        number = self._next_evqid
+        self._next_evqid += 1
+        return number
+
+    def _find(self, evqid: int) -> etree._Element | None:
+        node = self._index.get(evqid)
+        if node is not None and node.get("evqid") == str(evqid) and _within(node, self.root):
+            return node
+        wanted = str(evqid)
+        for element in _elements(self.root):
+            if element.get("evqid") == wanted:
+                self._index[evqid] = element
+                return element
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def local_time(timestamp: float) -> str:
+    return time.strftime(LOCAL_TIME, time.localtime(timestamp))
+
+
+# Control characters XML 1.0 cannot hold become their Unicode control pictures (U+2400 + code); the two
+# non-characters U+FFFE/U+FFFF become the replacement character. One translate() pass, whatever the size.
+_XML_SAFE = {code: 0x2400 + code for code in range(0x20) if code not in (0x09, 0x0A, 0x0D)}
+_XML_SAFE.update({0xFFFE: 0xFFFD, 0xFFFF: 0xFFFD})
+
+
+def xml_safe_text(data: bytes | str) -> str:
+    """Task output as text an XML document can hold: invalid UTF-8 → U+FFFD, control characters → ␀…␟."""
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    return text.translate(_XML_SAFE)
+
+
+def _fill_parameters(root: etree._Element, given: Mapping[str, str]) -> None:
+    declared = {element.get("name", ""): element for element in root.iterfind("parameters/parameter")}
+    for name, value in given.items():
+        element = declared.get(name)
+        if element is None:
+            raise InvalidWorkflowParameters(f"Unknown parameter : {name}", parameter=name, expected=list(declared))
+        for child in list(element):
+            element.remove(child)
+        element.text = xml_safe_text(value)
+    if len(given) != len(declared):
+        raise InvalidWorkflowParameters(
+            f"Invalid number of parameters passed to workflow (passed {len(given)}, expected {len(declared)})",
+            expected=list(declared),
+        )
+
+
+def _drop(element: etree._Element, *names: str) -> None:
+    for name in names:
+        if name in element.attrib:
+            del element.attrib[name]
+
+
+def _elements(root: etree._Element) -> Iterator[etree._Element]:
+    return (element for element in root.iter() if isinstance(element.tag, str))
+
+
+def _evqid(node: etree._Element) -> int:
+    return int(node.get("evqid", "0"))
+
+
+def _within(node: etree._Element, root: etree._Element) -> bool:
+    top = node
+    for ancestor in node.iterancestors():
+        top = ancestor
+    return top is root
+
+
+def _job_of_task(task: etree._Element) -> etree._Element:
+    tasks = task.getparent()
+    job = tasks.getparent() if tasks is not None else None
+    assert job is not None, "a task is always inside job/tasks"
+    return job
+
+
+def _succeeded(task: etree._Element) -> bool:
+    status = task.get("status")
+    return status == NodeStatus.SKIPPED or (status == NodeStatus.TERMINATED and task.get("retval") == "0")
+
+
+def _is_retrying(task: etree._Element) -> bool:
+    return task.get("status") == NodeStatus.TERMINATED and task.get("retry_at") is not None
+
+
+def _stdin_of(task: etree._Element) -> bytes | None:
+    element = task.find("stdin")
+    if element is None:
+        return None
+    if element.get("mode") == "xml":
+        return etree.tostring(element, encoding="utf-8", with_tail=False)
+    return node_string(element).encode("utf-8")
+
+
+def _remove(element: etree._Element) -> None:
+    """Remove an element but keep the text that followed it (lxml's remove() drops the tail with it)."""
+    parent = element.getparent()
+    if parent is None:
+        return
+    _append_text_before(element, element.tail or "")
+    parent.remove(element)
+
+
+def _replace_with_text(element: etree._Element, text: str) -> None:
+    _append_text_before(element, text + (element.tail or ""))
+    parent = element.getparent()
+    if parent is not None:
+        parent.remove(element)
+
+
+def _append_text_before(element: etree._Element, text: str) -> None:
+    if not text:
+        return
+    previous = element.getprevious()
+    if previous is not None:
+        previous.tail = (previous.tail or "") + text
+    else:
+        parent = element.getparent()
+        if parent is not None:
+            parent.text = (parent.text or "") + text
+
+
+def _insert_copy_before(anchor: etree._Element, selected: Any) -> None:
+    """<copy select>: a deep copy of an element (without evqids, which must stay unique), else its text."""
+    if isinstance(selected, etree._Element):
+        duplicate = copy.deepcopy(selected)
+        duplicate.tail = None
+        for element in _elements(duplicate):
+            _drop(element, "evqid")
+        anchor.addprevious(duplicate)
+    else:
+        _append_text_before(anchor, str(selected))
+
+
+def _xpath_literal(value: str) -> str:
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return "concat('" + "', \"'\", '".join(value.split("'")) + "')"
+
+
+def _whole(number: float) -> str:
+    return str(int(number)) if number == int(number) else str(number)
