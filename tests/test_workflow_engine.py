@@ -33,23 +33,6 @@ COUNTERS = ("running_tasks", "queued_tasks", "retrying_tasks", "error_tasks", "w
 FAST_THEN_SLOW = RetrySchedule("fast_then_slow", (RetryLevel(1, 2), RetryLevel(5, 1)))
 
 
-@pytest.fixture(autouse=True)
-def _safexml_on_lxml6(monkeypatch: pytest.MonkeyPatch) -> None:
-    """jobd.safexml.refuse_dtd reads DocInfo.system_id, which lxml has never had (it is system_url), so every
-    parse raised AttributeError when this was written. Until safexml is fixed, check the same things correctly;
-    once it parses, this does nothing."""
-    try:
-        safexml.parse(b"<ok/>")
-    except AttributeError:
-
-        def refuse_dtd(tree: Any) -> None:
-            info = tree.docinfo
-            if info.internalDTD is not None or info.externalDTD is not None or info.public_id or info.system_url:
-                raise safexml.InvalidXml(safexml.DTD_REFUSED)
-
-        monkeypatch.setattr(safexml, "refuse_dtd", refuse_dtd)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
@@ -778,3 +761,32 @@ def test_task_result_constructors() -> None:
     assert TaskResult.lost().outcome is Outcome.LOST and TaskResult.lost().retval == -1
     assert TaskResult.killed(15).signal == 15 and TaskResult.killed(15).retval == -1
     assert TaskResult.exited(255).retval == 255
+
+
+def test_copied_nodes_lose_their_evqids_and_are_not_counted() -> None:
+    source = workflow(
+        job("a", task("/bin/a"), job("b", task("/bin/b", '<stdin><copy select="evqGetParentJob()"/></stdin>')))
+    )
+    instance, actions = launch(source)
+    [run] = runs(finish(instance, actions[0].evqid))
+    copied = task_of(instance, run.evqid).find("stdin/job")
+    assert copied is not None and copied.get("name") == "a"
+    assert all(element.get("evqid") is None for element in copied.iter())
+    assert b"<task " in (run.stdin or b"")
+    assert instance.counters()["running_tasks"] == 1  # the copied, TERMINATED task of job a is not a task here
+    numbers = [e.get("evqid") for e in instance.root.iter() if isinstance(e.tag, str) and e.get("evqid")]
+    assert len(numbers) == len(set(numbers))
+
+
+def test_progress_is_clamped_and_100_at_the_end() -> None:
+    instance, actions = launch(workflow(job("a", task("/bin/a"))))
+    evq = actions[0].evqid
+    instance.task_started(evq, 1, NOW)
+    instance.task_progress(evq, 250)
+    assert task_of(instance, evq).get("progression") == "100"
+    instance.task_progress(evq, -3)
+    assert task_of(instance, evq).get("progression") == "0"
+    instance.task_ended(evq, TaskResult.exited(0), NOW)
+    assert task_of(instance, evq).get("progression") == "100" and task_of(instance, evq).get("tid") is None
+    instance.task_progress(evq, 10)  # late progress of an ended task changes nothing
+    assert task_of(instance, evq).get("progression") == "100"
