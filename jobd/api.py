@@ -14,13 +14,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from jobd import __version__
+from lxml import etree
+
+from jobd import __version__, safexml
 from jobd.engine.core import STREAMS, Engine
+from jobd.engine.instances import Instances
 from jobd.engine.queues import QueueRuntime
 from jobd.engine.submit import Peer, SubmitRequest, resolve
-from jobd.errors import InvalidParams, MethodNotFound
-from jobd.model import MAX_PRIORITY, JobState, RetryPolicy
-from jobd.store import JobFilter
+from jobd.errors import InvalidParams, MethodNotFound, UnknownWorkflow
+from jobd.model import MAX_PRIORITY, JobState, RetryPolicy, WorkflowDef
+from jobd.store import InstanceFilter, JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
 MAX_SECONDS = 100 * 366 * 86400  # delays, timeouts, graces: a century keeps every date representable
@@ -153,6 +156,7 @@ Handler = Callable[["Api", Session, Params], Any]  # a result, or a coroutine (s
 class Api:
     engine: Engine
     daemon: DaemonControl
+    instances: Instances
 
     def call(self, session: Session, method: str, raw_params: Mapping[str, Any]) -> Any:
         """The method's result, or a coroutine producing it for a method that has to wait (job.wait, ...).
@@ -395,6 +399,126 @@ def events_subscribe(api: Api, session: Session, p: Params) -> Any:
     return {"subscription": session.subscribe(frozenset(jobs), frozenset(queues), frozenset(types))}
 
 
+# -- workflows and instances ------------------------------------------------------------------------------------
+
+
+def _workflow_json(definition: WorkflowDef) -> dict[str, Any]:
+    return {"name": definition.name, "parameters": list(definition.parameters), "path": definition.path}
+
+
+def workflow_list(api: Api, session: Session, p: Params) -> Any:
+    p.done()
+    workflows = api.engine.config.workflows
+    return {"workflows": [_workflow_json(workflows[name]) for name in sorted(workflows)]}
+
+
+def _workflow(api: Api, p: Params) -> WorkflowDef:
+    name = p.required_text("name")
+    definition = api.engine.config.workflows.get(name)
+    if definition is None:
+        known = sorted(api.engine.config.workflows)
+        raise UnknownWorkflow(f"no workflow {name!r}; workflows: {', '.join(known) or 'none'}", allowed=known)
+    return definition
+
+
+def workflow_get(api: Api, session: Session, p: Params) -> Any:
+    definition = _workflow(api, p)
+    p.done()
+    return {**_workflow_json(definition), "xml": definition.source.decode("utf-8", "replace")}
+
+
+def instance_launch(api: Api, session: Session, p: Params) -> Any:
+    name = p.required_text("workflow")
+    parameters = p.text_map("parameters")
+    comment, host, user = p.text("comment"), p.text("host"), p.text("user")
+    p.done()
+    instance_id = api.instances.launch(
+        name, parameters, comment=comment, host=host, user=user, launched_by=session.peer.uid
+    )
+    result = api.instances.summary(instance_id).to_json()
+    if api.engine.replies_wait_for_fsync:
+        return _when_durable(api.engine, result)
+    return result
+
+
+def instance_get(api: Api, session: Session, p: Params) -> Any:
+    instance_id = p.required_integer("id", low=1)
+    form = p.text("format", choices=("json", "xml")) or "json"
+    p.done()
+    summary = api.instances.summary(instance_id).to_json()
+    document = api.instances.document(instance_id)
+    if form == "xml":
+        return {**summary, "xml": document.decode("utf-8")}
+    return {**summary, "jobs": instance_tree(document)}
+
+
+def instance_tree(document: bytes) -> list[dict[str, Any]]:
+    """The instance document as nested jobs and tasks: what `jobctl instance` draws."""
+    root = safexml.parse(document, "instance document")
+
+    def task_json(task: etree._Element) -> dict[str, Any]:
+        retval = task.get("retval")
+        return {
+            "evqid": int(task.get("evqid", "0")),
+            "name": task.get("name") or task.get("task") or task.get("path"),
+            "status": task.get("status"),
+            "retval": None if retval is None else int(retval),
+            "progression": int(task.get("progression", "0")),
+            "error": task.get("error"),
+            "job_id": int(tid) if (tid := task.get("tid")) else None,
+            "tries": len(task.findall("output")),
+        }
+
+    def job_json(job: etree._Element) -> dict[str, Any]:
+        return {
+            "evqid": int(job.get("evqid", "0")),
+            "name": job.get("name"),
+            "status": job.get("status"),
+            "details": job.get("details"),
+            "error": job.get("error"),
+            "tasks": [task_json(task) for task in job.findall("tasks/task")],
+            "subjobs": [job_json(sub) for sub in job.findall("subjobs/job")],
+        }
+
+    return [job_json(job) for job in root.findall("subjobs/job")]
+
+
+async def instance_wait(api: Api, session: Session, p: Params) -> Any:
+    instance_id = p.required_integer("id", low=1)
+    timeout = p.number("timeout")
+    p.done()
+    return (await api.instances.wait(instance_id, timeout)).to_json()
+
+
+def instance_cancel(api: Api, session: Session, p: Params) -> Any:
+    instance_id = p.required_integer("id", low=1)
+    p.done()
+    return api.instances.cancel(instance_id).to_json()
+
+
+INSTANCE_STATUSES = ("EXECUTING", "TERMINATED")
+
+
+def instance_list(api: Api, session: Session, p: Params) -> Any:
+    limit = p.integer("limit", 100, low=1, high=1000) or 100
+    where = InstanceFilter(
+        workflow=p.text("workflow"),
+        status=p.text("status", choices=INSTANCE_STATUSES),
+        error=p.take("errors") if isinstance(p.raw.get("errors"), bool) else None,
+        before_id=p.integer("before", low=1),
+        limit=limit,
+    )
+    if "errors" in p.raw and where.error is None:
+        raise p.bad("errors", "true (only instances with errors) or false (only those without)")
+    p.done()
+    rows, total = api.instances.list_instances(where)
+    return {
+        "instances": [row.to_json() for row in rows],
+        "total": total,
+        "next_before": rows[-1].id if len(rows) == limit else None,
+    }
+
+
 METHODS: dict[str, Handler] = {
     "ping": ping,
     "job.submit": job_submit,
@@ -409,4 +533,11 @@ METHODS: dict[str, Handler] = {
     "daemon.status": daemon_status,
     "daemon.reload": daemon_reload,
     "events.subscribe": events_subscribe,
+    "workflow.list": workflow_list,
+    "workflow.get": workflow_get,
+    "instance.launch": instance_launch,
+    "instance.get": instance_get,
+    "instance.wait": instance_wait,
+    "instance.cancel": instance_cancel,
+    "instance.list": instance_list,
 }

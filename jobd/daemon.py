@@ -23,6 +23,7 @@ import sdnotify
 from jobd import __version__, config, proc
 from jobd.api import Api
 from jobd.engine.core import Engine
+from jobd.engine.instances import Instances
 from jobd.errors import ConfigError, StartupError
 from jobd.model import Config, iso
 from jobd.server import Server
@@ -110,7 +111,8 @@ class Daemon:
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
         self.engine = Engine(initial, self.store)
-        self.server = Server(Api(self.engine, self), initial.daemon.socket)
+        self.instances = Instances(self.engine, self.store)
+        self.server = Server(Api(self.engine, self, self.instances), initial.daemon.socket)
         self.watcher: config.ConfigWatcher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
 
@@ -118,6 +120,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         self.engine.recover()
+        self.instances.recover()
         await self.server.start_serving()
         self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
         self.watcher.start(loop)

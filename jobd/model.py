@@ -326,3 +326,38 @@ def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSummary:
+    """A workflow instance as lists and waits report it; the whole document is `Instances.document()`."""
+
+    id: int
+    workflow: str
+    status: str  # evQueue's: EXECUTING | TERMINATED
+    errors: int
+    started_at: float
+    ended_at: float | None = None
+    comment: str | None = None
+    host: str | None = None
+    user: str | None = None
+    launched_by: int | None = None  # uid of the peer
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    counters: Mapping[str, int] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "workflow": self.workflow,
+            "status": self.status,
+            "errors": self.errors,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "comment": self.comment,
+            "host": self.host,
+            "user": self.user,
+            "parameters": dict(self.parameters),
+            "counters": dict(self.counters),
+            "tags": list(self.tags),
+        }

@@ -21,7 +21,7 @@ from typing import Any
 import peewee
 
 from jobd.errors import StartupError
-from jobd.model import FINISHED_STATES, Attempt, Job, JobSpec, JobState, Outcome, RetryPolicy
+from jobd.model import FINISHED_STATES, Attempt, InstanceSummary, Job, JobSpec, JobState, Outcome, RetryPolicy
 
 _db = peewee.DatabaseProxy()
 
@@ -117,8 +117,32 @@ def _migration_2(db: peewee.SqliteDatabase) -> None:
         db.execute_sql(statement)  # type: ignore[no-untyped-call]
 
 
+class InstanceRow(_Base):
+    id = peewee.AutoField()
+    workflow = peewee.TextField()
+    status = peewee.TextField()
+    errors = peewee.IntegerField(default=0)
+    started_at = peewee.DoubleField()
+    ended_at = peewee.DoubleField(null=True)
+    comment = peewee.TextField(null=True)
+    host = peewee.TextField(null=True)
+    user = peewee.TextField(null=True)
+    launched_by = peewee.IntegerField(null=True)
+    parameters = peewee.TextField()  # JSON object
+    tags = peewee.TextField(default="[]")  # JSON list
+    document = peewee.BlobField()  # the evQueue instance document, saved after every change
+
+    class Meta:
+        table_name = "instance"
+        indexes = ((("status",), False), (("workflow",), False))
+
+
+def _migration_3(db: peewee.SqliteDatabase) -> None:
+    db.create_tables([InstanceRow])
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
-MIGRATIONS = (_migration_1, _migration_2)
+MIGRATIONS = (_migration_1, _migration_2, _migration_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -313,6 +337,73 @@ class Store:
         value = JobRow.select(peewee.fn.MIN(JobRow.finished_at)).where(JobRow.finished_at.is_null(False)).scalar()
         return None if value is None else float(value)
 
+    # -- workflow instances ----------------------------------------------------------------------------------
+
+    def insert_instance(self, summary: InstanceSummary, document: bytes) -> int:
+        with self.db.atomic():
+            row = InstanceRow.create(
+                workflow=summary.workflow,
+                status=summary.status,
+                errors=summary.errors,
+                started_at=summary.started_at,
+                comment=summary.comment,
+                host=summary.host,
+                user=summary.user,
+                launched_by=summary.launched_by,
+                parameters=json.dumps(dict(summary.parameters)),
+                document=document,
+            )
+        return int(row.id)
+
+    def save_instance(
+        self, instance_id: int, status: str, errors: int, ended_at: float | None, tags: Sequence[str], document: bytes
+    ) -> None:
+        with self._transaction() as sql:
+            sql.execute(
+                "UPDATE instance SET status = ?, errors = ?, ended_at = ?, tags = ?, document = ? WHERE id = ?",
+                (status, errors, ended_at, json.dumps(list(tags)), document, instance_id),
+            )
+
+    def instance(self, instance_id: int) -> tuple[InstanceSummary, bytes] | None:
+        row = InstanceRow.get_or_none(InstanceRow.id == instance_id)
+        return None if row is None else (_instance_from_row(row), bytes(row.document))
+
+    def executing_instances(self) -> list[tuple[InstanceSummary, bytes]]:
+        query = InstanceRow.select().where(InstanceRow.status == "EXECUTING").order_by(InstanceRow.id)
+        return [(_instance_from_row(row), bytes(row.document)) for row in query]
+
+    def list_instances(self, where: InstanceFilter) -> tuple[list[InstanceSummary], int]:
+        """Newest first, with the number of instances matching regardless of limit and offset."""
+        query = InstanceRow.select(*(f for f in InstanceRow._meta.sorted_fields if f.name != "document"))
+        conditions = []
+        if where.ids:
+            conditions.append(InstanceRow.id.in_(list(where.ids)))
+        if where.workflow is not None:
+            conditions.append(InstanceRow.workflow == where.workflow)
+        if where.status is not None:
+            conditions.append(InstanceRow.status == where.status)
+        if where.launched_from is not None:
+            conditions.append(InstanceRow.started_at >= where.launched_from)
+        if where.launched_until is not None:
+            conditions.append(InstanceRow.started_at <= where.launched_until)
+        if where.ended_from is not None:
+            conditions.append(InstanceRow.ended_at >= where.ended_from)
+        if where.ended_until is not None:
+            conditions.append(InstanceRow.ended_at <= where.ended_until)
+        if where.error is not None:
+            conditions.append(InstanceRow.errors > 0 if where.error else InstanceRow.errors == 0)
+        if where.before_id is not None:
+            conditions.append(InstanceRow.id < where.before_id)
+        for condition in conditions:
+            query = query.where(condition)
+        total = query.count()
+        page = query.order_by(InstanceRow.id.desc()).limit(where.limit).offset(where.offset)
+        return [_instance_from_row(row) for row in page], int(total)
+
+    def delete_instance(self, instance_id: int) -> None:
+        with self.db.atomic():
+            InstanceRow.delete().where(InstanceRow.id == instance_id).execute()
+
     # -- queues ----------------------------------------------------------------------------------------------
 
     def queue_pauses(self) -> dict[str, bool]:
@@ -325,6 +416,21 @@ class Store:
                 QueueStateRow.delete().where(QueueStateRow.name == name).execute()
             else:
                 QueueStateRow.insert(name=name, paused=paused).on_conflict_replace().execute()
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceFilter:
+    ids: tuple[int, ...] = ()
+    workflow: str | None = None
+    status: str | None = None
+    launched_from: float | None = None
+    launched_until: float | None = None
+    ended_from: float | None = None
+    ended_until: float | None = None
+    error: bool | None = None  # True: with errors; False: without
+    before_id: int | None = None
+    limit: int = 30
+    offset: int = 0
 
 
 class _GroupFlusher:
@@ -423,6 +529,23 @@ def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
         _NO_RETRY_JSON if spec.retry == _NO_RETRY else json.dumps(spec.retry.to_json()),
         spec.max_output,
         spec.submitted_by,
+    )
+
+
+def _instance_from_row(row: InstanceRow) -> InstanceSummary:
+    return InstanceSummary(
+        id=int(row.id),
+        workflow=row.workflow,
+        status=row.status,
+        errors=int(row.errors),
+        started_at=float(row.started_at),
+        ended_at=None if row.ended_at is None else float(row.ended_at),
+        comment=row.comment,
+        host=row.host,
+        user=row.user,
+        launched_by=row.launched_by,
+        parameters=json.loads(row.parameters),
+        tags=tuple(json.loads(row.tags)),
     )
 
 

@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from jobd.engine.decisions import after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
@@ -37,6 +38,16 @@ class JobEvent:
     type: str  # "job.state" | "job.progress" | "job.log"
     job: Job
     line: str | None = None
+
+
+class JobWatcher(Protocol):
+    """Who runs a job and wants to hear how it goes (a workflow instance for its tasks)."""
+
+    def job_started(self, job: Job, pid: int) -> None: ...
+
+    def job_progress(self, job: Job) -> None: ...
+
+    def job_finished(self, job: Job) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +96,7 @@ class Engine:
         self._finish_waiters: dict[int, list[asyncio.Future[Job]]] = {}
         self._output_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._listeners: list[Callable[[JobEvent], None]] = []
+        self._watchers: dict[int, JobWatcher] = {}  # job id -> who runs it (a workflow instance's task)
         self.history = HistoryKeeper(store, config.daemon.history, clock, self._remove_output)
         self.on_counts_changed: Callable[[], None] = lambda: None
         self._apply_queue_definitions(config, store.queue_pauses())
@@ -246,6 +258,9 @@ class Engine:
         self._running[job.id] = running
         log.info("job=%d running (attempt %d, pid %d)", job.id, number, child.pid)
         self._emit("job.state", job)
+        watcher = self._watchers.get(job.id)
+        if watcher is not None:
+            watcher.job_started(job, child.pid)
         self._counts_changed()
 
     def _environment(self, job: Job, attempt: int) -> dict[str, str]:
@@ -349,6 +364,9 @@ class Engine:
             job = dataclasses.replace(job, progress=value)  # progress is not a state; persisted at the end
             self.jobs[job_id] = job
             self._emit("job.progress", job)
+            watcher = self._watchers.get(job_id)
+            if watcher is not None:
+                watcher.job_progress(job)
 
     def _log_line(self, job_id: int, line: str) -> None:
         job = self.jobs.get(job_id)
@@ -383,6 +401,18 @@ class Engine:
         for waiter in self._finish_waiters.pop(job.id, []):
             if not waiter.done():
                 waiter.set_result(job)
+        watcher = self._watchers.pop(job.id, None)
+        if watcher is not None:
+            # Soon, not now: the watcher may submit jobs, and the engine is in the middle of settling this one.
+            self.loop.call_soon(watcher.job_finished, job)
+
+    def watch(self, job_id: int, watcher: JobWatcher) -> None:
+        """Tell `watcher` when this unfinished job starts, progresses and finishes."""
+        self._watchers[job_id] = watcher
+
+    def running_pid(self, job_id: int) -> int | None:
+        running = self._running.get(job_id)
+        return None if running is None else running.child.pid
 
     async def cancel(self, job_id: int) -> Job:
         job = self.get(job_id)

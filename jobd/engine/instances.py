@@ -1,0 +1,426 @@
+"""Workflow instances at run time: each task runs as a jobd job in its queue; the pure machine decides the rest.
+
+`jobd.engine.workflow.Instance` holds the evQueue instance document and decides what happens when a task starts,
+progresses or ends. This module applies its actions — submit the job of a task, arm a retry timer, drop a queued
+job on cancel — feeds it what the engine's jobs do, and saves the document to the store after every change, so a
+restart (even after `kill -9`) resumes each executing instance from its last saved state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+from jobd.engine.core import Engine
+from jobd.engine.workflow import (
+    Action,
+    DequeueTask,
+    Instance,
+    InstanceFinished,
+    InstanceStatus,
+    NodeStatus,
+    RetryLater,
+    RunTask,
+    TaskResult,
+)
+from jobd.errors import InvalidParams, JobdError, JobFinished, UnknownInstance, UnknownJob, UnknownWorkflow
+from jobd.model import DEFAULT_MAX_OUTPUT, InstanceSummary, Job, JobSpec, JobState, RetryPolicy
+from jobd.store import InstanceFilter, Store
+
+log = logging.getLogger("jobd.instances")
+
+MAX_DOCUMENT_OUTPUT = 1024 * 1024  # bytes of each stream of a task copied into the instance document
+TRUNCATED_MARK = b"\n...TRUNCATED...\n"
+
+
+@dataclass
+class _Live:
+    """An executing instance and what the engine does for it."""
+
+    summary: InstanceSummary
+    machine: Instance
+    jobs: dict[int, int] = field(default_factory=dict)  # evqid -> id of the job running it
+    retry_timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # evqid -> timer
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+class Instances:
+    def __init__(self, engine: Engine, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.store = store
+        self.clock = clock
+        self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")
+        self._live: dict[int, _Live] = {}
+        self._task_of_job: dict[int, tuple[int, int]] = {}  # job id -> (instance id, evqid)
+
+    # -- launching -----------------------------------------------------------------------------------------------
+
+    def launch(
+        self,
+        workflow: str,
+        parameters: Mapping[str, str],
+        *,
+        comment: str | None = None,
+        host: str | None = None,
+        user: str | None = None,
+        launched_by: int | None = None,
+    ) -> int:
+        config = self.engine.config
+        definition = config.workflows.get(workflow)
+        if definition is None:
+            known = sorted(config.workflows)
+            raise UnknownWorkflow(
+                f"Unknown workflow name : {workflow}; defined workflows: {', '.join(known) or 'none'}",
+                workflow=workflow,
+                allowed=known,
+            )
+        now = self.clock()
+        summary = InstanceSummary(
+            id=0,
+            workflow=workflow,
+            status=str(InstanceStatus.EXECUTING),
+            errors=0,
+            started_at=now,
+            comment=comment,
+            host=host,
+            user=user,
+            launched_by=launched_by,
+            parameters=dict(parameters),
+        )
+        # The id must exist before the document (its root carries it): the row is inserted first, and removed
+        # again if the machine refuses the parameters.
+        instance_id = self.store.insert_instance(summary, b"")
+        try:
+            machine, actions = Instance.launch(
+                definition,
+                parameters,
+                instance_id=instance_id,
+                now=now,
+                queues=set(config.queues),
+                tasks=config.tasks,
+                retry_schedules=config.retry_schedules,
+                comment=comment,
+                host=host,
+                user=user,
+            )
+        except BaseException:
+            self.store.delete_instance(instance_id)
+            raise
+        live = _Live(replace(summary, id=instance_id), machine)
+        self._live[instance_id] = live
+        log.info("instance=%d of workflow %s launched", instance_id, workflow)
+        self._apply(live, actions)
+        return instance_id
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def summary(self, instance_id: int) -> InstanceSummary:
+        live = self._live.get(instance_id)
+        if live is not None:
+            return self._live_summary(live)
+        return self._stored(instance_id)[0]
+
+    def document(self, instance_id: int) -> bytes:
+        live = self._live.get(instance_id)
+        if live is not None:
+            return live.machine.to_xml()
+        return self._stored(instance_id)[1]
+
+    def _stored(self, instance_id: int) -> tuple[InstanceSummary, bytes]:
+        found = self.store.instance(instance_id)
+        if found is None:
+            raise UnknownInstance(f"Unknown workflow instance {instance_id}", id=instance_id)
+        return found
+
+    def list_instances(self, where: InstanceFilter) -> tuple[list[InstanceSummary], int]:
+        rows, total = self.store.list_instances(where)
+        return [self.summary(row.id) if row.id in self._live else row for row in rows], total
+
+    def running(self) -> list[InstanceSummary]:
+        return [self._live_summary(live) for live in self._live.values()]
+
+    def _live_summary(self, live: _Live) -> InstanceSummary:
+        machine = live.machine
+        return replace(live.summary, status=str(machine.status), errors=machine.errors, counters=machine.counters())
+
+    async def wait(self, instance_id: int, timeout: float | None) -> InstanceSummary:
+        """The instance once it has ended, or as it is when `timeout` seconds have passed."""
+        live = self._live.get(instance_id)
+        if live is None:
+            return self.summary(instance_id)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        live.waiters.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        finally:
+            if waiter in live.waiters:
+                live.waiters.remove(waiter)
+        return self.summary(instance_id)
+
+    # -- commands --------------------------------------------------------------------------------------------
+
+    def cancel(self, instance_id: int) -> InstanceSummary:
+        live = self._live.get(instance_id)
+        if live is None:
+            summary = self.summary(instance_id)  # raises for an unknown id
+            raise InvalidParams(f"instance {instance_id} has already ended ({summary.status})", id=instance_id)
+        log.info("instance=%d cancel requested", instance_id)
+        self._apply(live, live.machine.cancel(self.clock()))
+        return self.summary(instance_id)
+
+    def kill_task(self, instance_id: int, pid: int) -> None:
+        """Stop the running task whose process is `pid` (evQueue's killtask): its job is cancelled."""
+        live = self._live.get(instance_id)
+        if live is None:
+            self.summary(instance_id)
+            raise InvalidParams(f"instance {instance_id} has ended: no task runs", id=instance_id)
+        for job_id in live.jobs.values():
+            if self.engine.running_pid(job_id) == pid:
+                log.info("instance=%d killtask: stopping job=%d (pid %d)", instance_id, job_id, pid)
+                self._cancel_job(job_id)
+                return
+        raise InvalidParams(f"no task of instance {instance_id} runs as pid {pid}", id=instance_id, pid=pid)
+
+    def delete(self, instance_id: int) -> None:
+        if instance_id in self._live:
+            raise InvalidParams(f"instance {instance_id} is still executing; only ended instances can be deleted")
+        self._stored(instance_id)
+        self.store.delete_instance(instance_id)
+
+    # -- applying the machine's decisions --------------------------------------------------------------------
+
+    def _apply(self, live: _Live, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, RunTask):
+                self._run_task(live, action)
+            elif isinstance(action, RetryLater):
+                loop = asyncio.get_running_loop()
+                live.retry_timers[action.evqid] = loop.call_later(
+                    max(0.0, action.delay), self._retry_due, live.summary.id, action.evqid
+                )
+            elif isinstance(action, DequeueTask):
+                job_id = live.jobs.pop(action.evqid, None)
+                if job_id is not None:
+                    self._task_of_job.pop(job_id, None)
+                    self._cancel_job(job_id)
+            elif isinstance(action, InstanceFinished):
+                self._finished(live, action)
+                return
+        self._save(live)
+
+    def _run_task(self, live: _Live, action: RunTask) -> None:
+        instance_id = live.summary.id
+        try:
+            spec = self._job_spec(live, action)
+            [job] = self.engine.submit([spec], [0.0])
+        except JobdError as error:
+            # The queue vanished in a reload, jobd is stopping, ...: the task ends as a failure to start.
+            log.warning("instance=%d task %d cannot be submitted: %s", instance_id, action.evqid, error.message)
+            result = TaskResult.lost(stderr=f"jobd could not submit the task: {error.message}\n".encode())
+            self._apply(live, live.machine.task_ended(action.evqid, result, self.clock()))
+            return
+        live.jobs[action.evqid] = job.id
+        self._task_of_job[job.id] = (instance_id, action.evqid)
+        live.machine.job_assigned(action.evqid, job.id)
+        self.engine.watch(job.id, self)
+
+    def _job_spec(self, live: _Live, action: RunTask) -> JobSpec:
+        config = self.engine.config
+        argv = list(action.argv)
+        if action.script is not None:
+            argv.insert(0, self._write_script(live.summary.id, action.evqid, action.script))
+        elif argv and not os.path.isabs(argv[0]) and action.task is None:
+            argv[0] = os.path.join(config.daemon.tasks_directory, argv[0])  # evQueue's tasks directory
+        defined = config.tasks.get(action.task) if action.task is not None else None
+        return JobSpec(
+            command=tuple(argv),
+            queue=action.queue,
+            task=action.task,
+            env=dict(action.env),
+            stdin=action.stdin,
+            working_dir=action.working_dir,
+            timeout=action.timeout,
+            kill_grace=defined.kill_grace if defined is not None else config.daemon.kill_grace,
+            retry=action.retry or RetryPolicy(),
+            max_output=defined.max_output if defined is not None else DEFAULT_MAX_OUTPUT,
+            context=f"instance:{live.summary.id}",
+            submitted_by=live.summary.launched_by,
+        )
+
+    def _write_script(self, instance_id: int, evqid: int, script: str) -> str:
+        os.makedirs(self.scripts_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.scripts_dir, f"{instance_id}-{evqid}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o700)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(script)
+        return path
+
+    def _retry_due(self, instance_id: int, evqid: int) -> None:
+        live = self._live.get(instance_id)
+        if live is not None:
+            live.retry_timers.pop(evqid, None)
+            self._apply(live, live.machine.retry_due(evqid, self.clock()))
+
+    def _cancel_job(self, job_id: int) -> None:
+        async def cancel() -> None:
+            with contextlib.suppress(JobFinished, UnknownJob):
+                await self.engine.cancel(job_id)
+
+        asyncio.get_running_loop().create_task(cancel())
+
+    def _finished(self, live: _Live, finished: InstanceFinished) -> None:
+        instance_id = live.summary.id
+        now = self.clock()
+        for timer in live.retry_timers.values():
+            timer.cancel()
+        for job_id in live.jobs.values():
+            self._task_of_job.pop(job_id, None)
+        del self._live[instance_id]
+        self.store.save_instance(
+            instance_id, str(finished.status), finished.errors, now, finished.tags, live.machine.to_xml()
+        )
+        level = logging.INFO if finished.errors == 0 else logging.WARNING
+        log.log(
+            level,
+            "instance=%d of workflow %s ended with %d errors",
+            instance_id,
+            live.summary.workflow,
+            finished.errors,
+        )
+        for waiter in live.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._remove_scripts(instance_id)
+
+    def _remove_scripts(self, instance_id: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.scripts_dir):
+                if name.startswith(f"{instance_id}-"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.scripts_dir, name))
+
+    def _save(self, live: _Live) -> None:
+        if live.summary.id not in self._live:  # ended while these actions were applied: saved by _finished
+            return
+        machine = live.machine
+        self.store.save_instance(live.summary.id, str(machine.status), machine.errors, None, (), machine.to_xml())
+
+    # -- what the engine tells about the jobs (JobWatcher) ---------------------------------------------------
+
+    def job_started(self, job: Job, pid: int) -> None:
+        found = self._task(job.id)
+        if found is None:
+            return
+        live, evqid = found
+        actions = live.machine.task_started(evqid, job.id, self.clock())
+        task = live.machine.task(evqid)
+        if task is not None and task.get("status") == NodeStatus.EXECUTING:
+            task.set("pid", str(pid))  # what evQueue clients pass to killtask
+        self._apply(live, actions)
+
+    def job_progress(self, job: Job) -> None:
+        found = self._task(job.id)
+        if found is not None:
+            live, evqid = found
+            live.machine.task_progress(evqid, job.progress)
+
+    def job_finished(self, job: Job) -> None:
+        found = self._task(job.id)
+        if found is None:
+            return
+        live, evqid = found
+        del self._task_of_job[job.id]
+        live.jobs.pop(evqid, None)
+        self._apply(live, live.machine.task_ended(evqid, self._result(job), self.clock()))
+
+    def _task(self, job_id: int) -> tuple[_Live, int] | None:
+        owner = self._task_of_job.get(job_id)
+        if owner is None:
+            return None
+        live = self._live.get(owner[0])
+        return None if live is None else (live, owner[1])
+
+    def _result(self, job: Job) -> TaskResult:
+        streams = {
+            "stdout": self._read_stream(job, "stdout"),
+            "stderr": self._read_stream(job, "stderr"),
+            "log": self._read_stream(job, "log").decode("utf-8", "replace"),
+            "started_at": job.started_at,
+            "ended_at": job.finished_at,
+        }
+        if job.exit_code is not None:
+            return TaskResult.exited(job.exit_code, **streams)
+        if job.signal is not None:
+            return TaskResult.killed(job.signal, **streams)
+        # Never ran to an exit: cannot be started, cancelled while queued, or lost in a crash of jobd.
+        why = f"{job.error or job.state}\n".encode()
+        streams["stderr"] = bytes(streams["stderr"]) + why  # type: ignore[arg-type]
+        return TaskResult.lost(**streams)
+
+    def _read_stream(self, job: Job, stream: str) -> bytes:
+        if job.attempts == 0:
+            return b""
+        path = self.engine.output_path(job.id, job.attempts, stream)
+        try:
+            with open(path, "rb") as file:
+                data = file.read(MAX_DOCUMENT_OUTPUT + 1)
+        except FileNotFoundError:  # output files are created on the first byte
+            return b""
+        if len(data) > MAX_DOCUMENT_OUTPUT:
+            return data[:MAX_DOCUMENT_OUTPUT] + TRUNCATED_MARK
+        return data
+
+    # -- start-up --------------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Resume every instance that was executing when jobd stopped (after the engine has recovered its jobs)."""
+        config = self.engine.config
+        now = self.clock()
+        for summary, document in self.store.executing_instances():
+            try:
+                machine, pending = Instance.restore(
+                    document, queues=set(config.queues), tasks=config.tasks, retry_schedules=config.retry_schedules
+                )
+            except JobdError as error:
+                log.error("instance=%d cannot be resumed: %s", summary.id, error.message)
+                self.store.save_instance(
+                    summary.id, str(InstanceStatus.TERMINATED), summary.errors + 1, now, (), document
+                )
+                continue
+            live = _Live(summary, machine)
+            self._live[summary.id] = live
+            actions: list[Action] = []
+            for task in pending:
+                if task.status is NodeStatus.TERMINATED:  # waiting for a retry
+                    actions.append(RetryLater(task.evqid, max(0.0, (task.retry_at or now) - now), task.retry_at or now))
+                    continue
+                job = self._job_or_none(task.tid)
+                if job is None:
+                    if task.status is NodeStatus.QUEUED:
+                        actions += machine.resubmit(task.evqid, now)
+                    else:
+                        actions += machine.task_ended(task.evqid, TaskResult.lost(), now)
+                elif job.state.finished:
+                    actions += machine.task_ended(task.evqid, self._result(job), now)
+                else:
+                    live.jobs[task.evqid] = job.id
+                    self._task_of_job[job.id] = (summary.id, task.evqid)
+                    self.engine.watch(job.id, self)
+                    if job.state is JobState.RUNNING and task.status is NodeStatus.QUEUED:
+                        actions += machine.task_started(task.evqid, job.id, now)
+            log.info("instance=%d of workflow %s resumed", summary.id, summary.workflow)
+            self._apply(live, actions)
+
+    def _job_or_none(self, job_id: int | None) -> Job | None:
+        if job_id is None:
+            return None
+        try:
+            return self.engine.get(job_id)
+        except UnknownJob:
+            return None

@@ -1,0 +1,150 @@
+"""Workflow instances run by a real daemon: tasks as real jobs, the instance document, cancel, crash recovery.
+
+The corpus (tests/workflows/) is installed as the daemon's workflows/ directory with corpus.toml as its queues and
+tasks; its relative programs (list.sh, show.sh, fail.sh) are found in tasks_directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Daemon
+from lxml import etree
+from recovery.support import attach, kill9, start
+from test_workflow_engine import assert_same_instance, normalised
+
+from jobd import safexml
+from jobd.client import RemoteError
+
+CORPUS = Path(__file__).parent / "workflows"
+EXPECTED = Path(__file__).parent / "workflow_corpus"
+
+SLOW_WORKFLOW = """<workflow>
+  <parameters><parameter name="seconds"/></parameters>
+  <subjobs>
+    <job name="first">
+      <tasks><task name="sleeper" path="/bin/sleep" queue="default">
+        <input name="s"><value select="evqGetWorkflowParameter('seconds')"/></input>
+      </task></tasks>
+      <subjobs>
+        <job name="after"><tasks><task name="done" path="/bin/echo after" queue="default"/></tasks></job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def _install_corpus(daemon: Daemon) -> None:
+    workflows = daemon.config_dir / "workflows"
+    workflows.mkdir()
+    for source in CORPUS.glob("*.xml"):
+        shutil.copy(source, workflows / source.name)
+    (workflows / "slow.xml").write_text(SLOW_WORKFLOW)
+
+
+def _corpus_daemon(make_daemon: Any) -> Daemon:
+    daemon: Daemon = make_daemon(
+        (CORPUS / "corpus.toml").read_text(),
+        start=False,
+        daemon_extra=f'tasks_directory = "{CORPUS / "tasks"}"',
+    )
+    _install_corpus(daemon)
+    daemon.start()
+    return daemon
+
+
+@pytest.fixture
+def wf(make_daemon: Any) -> Daemon:
+    return _corpus_daemon(make_daemon)
+
+
+def _document(daemon: Daemon, instance_id: int) -> etree._Element:
+    reply = daemon.call("instance.get", {"id": instance_id, "format": "xml"})
+    return safexml.parse(reply["xml"].encode())
+
+
+def test_the_trivial_example_runs_and_gives_evqueues_instance_document(wf: Daemon) -> None:
+    launched = wf.call("instance.launch", {"workflow": "trivial", "comment": "async one"})
+    assert launched["status"] == "EXECUTING" and launched["workflow"] == "trivial"
+    done = wf.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert done["status"] == "TERMINATED" and done["errors"] == 0
+    expected = etree.fromstring((EXPECTED / "hello_instance.xml").read_bytes())
+    assert_same_instance(normalised(_document(wf, launched["id"])), normalised(expected))
+
+
+def test_the_loopdemo_example_runs_real_scripts_and_gives_evqueues_instance_document(wf: Daemon) -> None:
+    launched = wf.call("instance.launch", {"workflow": "loopdemo", "parameters": {"count": "3"}})
+    done = wf.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert done["status"] == "TERMINATED" and done["errors"] == 0, _document(wf, launched["id"])
+    assert done["tags"] == ["big"]  # automatic-tag big: count(//file) > 2
+    expected = etree.fromstring((EXPECTED / "loopdemo_instance.xml").read_bytes())
+    assert_same_instance(normalised(_document(wf, launched["id"])), normalised(expected))
+    # Every task ran as a jobd job in its queue, under the instance's context.
+    jobs = wf.call("job.list", {"context": f"instance:{launched['id']}"})["jobs"]
+    assert sorted(job["state"] for job in jobs) == ["succeeded"] * 3
+
+
+def test_the_json_tree_shows_jobs_tasks_and_their_job_ids(wf: Daemon) -> None:
+    launched = wf.call("instance.launch", {"workflow": "trivial"})
+    wf.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    tree = wf.call("instance.get", {"id": launched["id"]})
+    [job] = tree["jobs"]
+    [task] = job["tasks"]
+    assert job["name"] == "hello" and task["status"] == "TERMINATED" and task["retval"] == 0
+    assert task["progression"] == 100 and task["tries"] == 1
+
+
+def test_launch_errors_name_the_workflow_and_the_parameters(wf: Daemon) -> None:
+    with pytest.raises(RemoteError) as unknown:
+        wf.call("instance.launch", {"workflow": "nosuch"})
+    assert unknown.value.code == "UNKNOWN_WORKFLOW" and "nosuch" in str(unknown.value)
+    with pytest.raises(RemoteError) as missing:
+        wf.call("instance.launch", {"workflow": "loopdemo"})
+    assert missing.value.code == "INVALID_WORKFLOW_PARAMETERS" and "passed 0, expected 1" in str(missing.value)
+    assert wf.call("instance.list", {})["total"] == 0  # refused launches leave nothing behind
+
+
+def test_workflow_list_and_get(wf: Daemon) -> None:
+    names = [w["name"] for w in wf.call("workflow.list")["workflows"]]
+    assert "loopdemo" in names and "trivial" in names and "slow" in names
+    got = wf.call("workflow.get", {"name": "loopdemo"})
+    assert got["parameters"] == ["count"] and "<workflow>" in got["xml"]
+
+
+def test_cancel_stops_queueing_and_the_instance_ends_once_its_running_task_ends(wf: Daemon) -> None:
+    launched = wf.call("instance.launch", {"workflow": "slow", "parameters": {"seconds": "1"}})
+    cancelled = wf.call("instance.cancel", {"id": launched["id"]})
+    assert cancelled["id"] == launched["id"]
+    done = wf.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert done["status"] == "TERMINATED"
+    document = _document(wf, launched["id"])
+    # The subjob never ran: nothing is queued after a cancel.
+    assert document.find(".//job[@name='after']/tasks/task[@status='TERMINATED']") is None
+
+
+def test_an_executing_instance_resumes_after_kill_9_and_finishes(make_daemon: Any) -> None:
+    daemon = _corpus_daemon(make_daemon)
+    attach(daemon)  # kill9 and start drain the notify socket through it
+    launched = daemon.call("instance.launch", {"workflow": "slow", "parameters": {"seconds": "0.5"}})
+    first = daemon.call("instance.get", {"id": launched["id"]})["jobs"][0]["tasks"][0]
+    daemon.call("job.wait", {"id": first["job_id"], "timeout": 30})  # the sleeper ended ...
+    kill9(daemon)  # ... and jobd dies, maybe before, maybe after it recorded that in the document
+    start(daemon)
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert done["status"] == "TERMINATED", _document(daemon, launched["id"])
+    document = _document(daemon, launched["id"])
+    tasks = document.findall(".//task")
+    assert [t.get("status") for t in tasks] == ["TERMINATED", "TERMINATED"]
+    assert document.find(".//job[@name='after']/tasks/task/output").text == "after\n"
+
+
+def test_instance_list_filters_by_workflow_and_errors(wf: Daemon) -> None:
+    ok = wf.call("instance.launch", {"workflow": "trivial"})
+    wf.call("instance.wait", {"id": ok["id"], "timeout": 30})
+    listed = wf.call("instance.list", {"workflow": "trivial"})
+    assert [i["id"] for i in listed["instances"]] == [ok["id"]] and listed["total"] == 1
+    assert wf.call("instance.list", {"errors": True})["total"] == 0
