@@ -8,7 +8,10 @@ The machine is shared and noisy, so speed is reported as a ratio to a reference 
 - submit rates: serial (one request at a time), batch (`jobs: [...]`, 100 per request), and for `fsync` also 32
   concurrent clients; for each durability level;
 - submit-to-start latency p50/p99 (the daemon's `started_at` minus the client's clock before sending);
-- system calls made by an idle daemon over 30 s (strace -c -f).
+- system calls made by an idle daemon over 30 s (strace -c -f);
+- workflows: N instances of a workflow of three `/bin/true` tasks (one, then a subjob of two in parallel) through a
+  queue of concurrency 2, against the same 3N tasks submitted as plain jobs to the same kind of queue; instances/s
+  and the daemon's CPU time per task for both.
 
 This is a script, not a test: nothing here asserts on timings.
 """
@@ -49,9 +52,33 @@ paused = true
 """
 
 
-def start_daemon(root: Path, durability: str = "crash") -> Daemon:
+# One task, then a subjob whose two tasks run in parallel: three jobs per instance, all in the `bench` queue.
+WORKFLOW = """<workflow>
+  <subjobs>
+    <job name="first">
+      <tasks><task name="one" path="/bin/true" queue="bench"/></tasks>
+      <subjobs>
+        <job name="then">
+          <tasks>
+            <task name="two" path="/bin/true" queue="bench"/>
+            <task name="three" path="/bin/true" queue="bench"/>
+          </tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+TASKS_PER_INSTANCE = 3
+
+
+def start_daemon(root: Path, durability: str = "crash", workflows: dict[str, str] | None = None) -> Daemon:
     daemon = Daemon(root, QUEUES, daemon_extra=f'durability = "{durability}"\nhistory = {{ keep_days = 1 }}')
     daemon.log_level = "info"  # what a production jobd logs: every job transition
+    if workflows:
+        (daemon.config_dir / "workflows").mkdir()
+        for name, text in workflows.items():
+            (daemon.config_dir / "workflows" / f"{name}.xml").write_text(text)
     daemon.start()
     return daemon
 
@@ -206,6 +233,82 @@ def start_latency(daemon: Daemon, samples: int) -> tuple[float, float]:
     return statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads, not its reaped children), from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # fields from the 3rd (state) on: utime and stime are 14th, 15th
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pipelined_calls(client: Client, method: str, params: list[dict[str, Any]], window: int = 64) -> list[Any]:
+    """One request per item on one connection, up to `window` in flight; the results, in the order of `params`."""
+    results: list[Any] = [None] * len(params)
+    sent = received = 0
+    while received < len(params):
+        burst = min(window - (sent - received), len(params) - sent)
+        if burst:
+            requests = [
+                json.dumps({"jsonrpc": "2.0", "id": index, "method": method, "params": params[index]}) + "\n"
+                for index in range(sent, sent + burst)
+            ]
+            client.send_raw("".join(requests).encode())
+            sent += burst
+        reply = client.read_line(timeout=60)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        results[reply["id"]] = reply["result"]
+        received += 1
+    return results
+
+
+def plain_tasks(daemon: Daemon, count: int) -> tuple[float, float]:
+    """The reference for workflows: `count` jobs submitted one per request (pipelined) into the running queue.
+
+    Returns the seconds from the first submit until the last job ended, and the daemon's CPU seconds meanwhile.
+    """
+    with daemon.client() as client:
+        client.call("ping")
+        cpu = cpu_seconds(daemon.pid)
+        started = time.perf_counter()
+        jobs = pipelined_calls(client, "job.submit", [{"command": ["/bin/true"], "queue": "bench"}] * count)
+        for job in jobs[-2:]:  # jobs start in id order two at a time: once the last two have ended, all have
+            client.call("job.wait", {"id": job["id"]}, timeout=600)
+        elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(daemon.pid) - cpu
+        counts = client.call("daemon.status")["jobs"]
+        if counts.get("succeeded") != count:
+            raise RuntimeError(f"not every job succeeded: {counts}")
+        return elapsed, cpu
+
+
+def workflow_instances(daemon: Daemon, count: int) -> tuple[float, float]:
+    """Launch `count` instances of WORKFLOW (pipelined) into the running queue; time until all are TERMINATED.
+
+    Returns the seconds from the first launch until the last instance ended, and the daemon's CPU seconds meanwhile.
+    """
+    with daemon.client() as client:
+        client.call("ping")
+        cpu = cpu_seconds(daemon.pid)
+        started = time.perf_counter()
+        launched = pipelined_calls(client, "instance.launch", [{"workflow": "bench"}] * count)
+        # Unlike plain jobs, instances need not end in launch order: the subjob of an instance is queued when its
+        # first task ends, and of two first tasks running side by side either may end first. So wait on the last
+        # one launched (nearly all others have ended by then), then on whatever is still executing, until nothing
+        # is. Waiting on each of the 1,000 would put 1,000 RPCs in the daemon's CPU time being measured.
+        client.call("instance.wait", {"id": launched[-1]["id"]}, timeout=600)
+        while executing := client.call("instance.list", {"status": "EXECUTING", "limit": 1000})["instances"]:
+            for instance in executing:
+                client.call("instance.wait", {"id": instance["id"]}, timeout=600)
+        elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(daemon.pid) - cpu
+        total = client.call("instance.list", {"status": "TERMINATED", "limit": 1})["total"]
+        failed = client.call("instance.list", {"errors": True, "limit": 1})["total"]
+        counts = client.call("daemon.status")["jobs"]
+        if total != count or failed or counts.get("succeeded") != count * TASKS_PER_INSTANCE:
+            raise RuntimeError(f"{total} instances terminated, {failed} with errors; jobs: {counts}")
+        return elapsed, cpu
+
+
 def idle_syscalls(daemon: Daemon, seconds: int) -> tuple[int, str]:
     with daemon.client() as client:  # make sure it is idle: nothing queued, nothing running
         client.call("ping")
@@ -234,7 +337,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--submits", type=int, default=5000)
     parser.add_argument("--idle-seconds", type=int, default=30)
-    parser.add_argument("--only", nargs="*", default=["throughput", "submit", "latency", "idle"])
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3, help="workflow benchmark: alternated rounds, best of each")
+    parser.add_argument("--only", nargs="*", default=["throughput", "submit", "latency", "idle", "workflow"])
     args = parser.parse_args()
     results: list[str] = []
     with tempfile.TemporaryDirectory(prefix="jobd-bench.") as tmp:
@@ -291,6 +396,28 @@ def main() -> int:
             results.append(f"system calls by an idle daemon over {args.idle_seconds} s: {calls}")
             if calls:
                 results.append(report)
+        if "workflow" in args.only:
+            tasks = args.instances * TASKS_PER_INSTANCE
+            measured: dict[str, list[tuple[float, float]]] = {"plain": [], "workflow": []}
+            # Alternated rounds, best of each: on a shared machine one run of either can be slowed by a neighbour.
+            for round_ in range(args.rounds):
+                for kind, run in (("plain", plain_tasks), ("workflow", workflow_instances)):
+                    # A fresh daemon each, with the same configuration (the workflow installed in both).
+                    daemon = start_daemon(root / f"{kind}-{round_}", workflows={"bench": WORKFLOW})
+                    try:
+                        count = tasks if kind == "plain" else args.instances
+                        measured[kind].append(timed(f"{kind}, {count}", lambda d=daemon, r=run, n=count: r(d, n)))
+                    finally:
+                        daemon.stop()
+            flow, flow_cpu = (min(values) for values in zip(*measured["workflow"], strict=True))
+            plain, plain_cpu = (min(values) for values in zip(*measured["plain"], strict=True))
+            results.append(
+                f"workflow, {args.instances} instances of 1 task + a subjob of 2 parallel tasks ({tasks} /bin/true), "
+                f"concurrency 2, best of {args.rounds}: {args.instances / flow:.0f} instances/s = "
+                f"{tasks / flow:.0f} tasks/s, daemon CPU {flow_cpu / tasks * 1000:.2f} ms/task; plain jobs (reference) "
+                f"{tasks / plain:.0f} jobs/s, daemon CPU {plain_cpu / tasks * 1000:.2f} ms/job; ratio (tasks/s over "
+                f"jobs/s) {plain / flow:.2f}, CPU per task over per job {flow_cpu / plain_cpu:.2f}"
+            )
     for line in results:
         print(line)
     return 0
