@@ -29,6 +29,9 @@ from jobd.client import (
     ProtocolError,
     RemoteError,
     default_socket_path,
+    encode_message,
+    is_event,
+    result_of,
 )
 from jobd.model import FINISHED_STATES, JobState, RetryPolicy
 
@@ -36,7 +39,8 @@ EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1  # the daemon answered with an error
 EXIT_USAGE = 2
 EXIT_CANNOT_CONNECT = 3  # also: the connection broke, or the peer does not speak jobd's JSON-RPC
-EXIT_STILL_RUNNING = 4  # wait --timeout elapsed before the job finished
+EXIT_STILL_RUNNING = 4  # wait --timeout elapsed before the job (or launch --wait: the instance) finished
+EXIT_INSTANCE_ERRORS = 1  # launch --wait: the instance ended with errors
 EXIT_JOB_FAILED = 1  # a failure with neither exit code nor signal (spawn error, lost)
 EXIT_JOB_TIMED_OUT = 124  # as timeout(1)
 EXIT_JOB_CANCELLED = 125
@@ -400,6 +404,157 @@ def stdin_params(data: bytes) -> dict[str, str]:
         return {"stdin": data.decode("utf-8")}
     except UnicodeDecodeError:
         return {"stdin_base64": base64.b64encode(data).decode("ascii")}
+
+
+# -- workflows and instances (pure) ---------------------------------------------------------------------------
+
+Instance = dict[str, Any]
+INSTANCE_EXECUTING = "EXECUTING"
+INSTANCE_TERMINATED = "TERMINATED"
+
+
+def instance_exit_code(instance: Instance) -> int:
+    """What `launch --wait` exits with: 0 ended without errors, 1 ended with errors, 4 still executing."""
+    if instance.get("status") != INSTANCE_TERMINATED:
+        return EXIT_STILL_RUNNING
+    return EXIT_OK if not instance.get("errors") else EXIT_INSTANCE_ERRORS
+
+
+def describe_launched(instance: Instance) -> str:
+    return f"instance {instance.get('id')} launched: {instance.get('workflow')}"
+
+
+def describe_instance_end(instance: Instance) -> str:
+    """The line `launch --wait` prints for people once the instance has ended."""
+    took = format_duration(duration_between(instance.get("started_at"), instance.get("ended_at")))
+    head = f"instance {instance.get('id')} ({instance.get('workflow')})"
+    errors = instance.get("errors") or 0
+    if errors:
+        return f"{head} ended with {plural(errors, 'error')} in {took}"
+    return f"{head} succeeded in {took}"
+
+
+def format_parameters(parameters: Any) -> str:
+    if not isinstance(parameters, dict) or not parameters:
+        return "-"
+    return " ".join(shlex.quote(f"{name}={value}") for name, value in parameters.items())
+
+
+def instance_fields(instance: Instance, tz: dt.tzinfo | None = None) -> list[tuple[str, str]]:
+    def text(value: Any) -> str:
+        return "-" if value is None or value == "" else str(value)
+
+    took = duration_between(instance.get("started_at"), instance.get("ended_at"))
+    return [
+        ("id", text(instance.get("id"))),
+        ("workflow", text(instance.get("workflow"))),
+        ("status", text(instance.get("status"))),
+        ("errors", text(instance.get("errors"))),
+        ("parameters", format_parameters(instance.get("parameters"))),
+        ("comment", text(instance.get("comment"))),
+        ("tags", ", ".join(str(tag) for tag in instance.get("tags") or []) or "-"),
+        ("started", format_timestamp(instance.get("started_at"), tz)),
+        ("ended", format_timestamp(instance.get("ended_at"), tz)),
+        ("took", format_duration(took)),
+    ]
+
+
+TREE_INDENT = "  "
+
+
+def tree_rows(jobs: Sequence[dict[str, Any]], depth: int = 0) -> list[list[str]]:
+    """Rows of the instance tree: a job, its tasks one level in, then its subjobs (as deep as they nest)."""
+
+    def text(value: Any) -> str:
+        return "-" if value is None or value == "" else str(value)
+
+    rows: list[list[str]] = []
+    for job in jobs:
+        note = "; ".join(str(part) for part in (job.get("error"), job.get("details")) if part)
+        rows.append(
+            [TREE_INDENT * depth + f"job {job.get('name') or '-'}", text(job.get("status"))] + [""] * 4 + [note]
+        )
+        for task in job.get("tasks") or []:
+            started = task.get("status") is not None
+            rows.append(
+                [
+                    TREE_INDENT * (depth + 1) + f"task {task.get('name') or '-'}",
+                    text(task.get("status")),
+                    f"{task.get('progression') or 0}%" if started else "-",
+                    text(task.get("retval")),
+                    str(task.get("tries") or 0) if task.get("tries") else "-",
+                    text(task.get("job_id")),
+                    str(task.get("error") or ""),
+                ]
+            )
+        rows += tree_rows(job.get("subjobs") or [], depth + 1)
+    return rows
+
+
+def render_instance_tree(jobs: Sequence[dict[str, Any]], width: int | None = None) -> list[str]:
+    headers = ["JOB/TASK", "STATUS", "PROGRESS", "RETVAL", "TRIES", "JOBD JOB", "ERROR"]
+    return render_table(headers, tree_rows(jobs), right={2, 3, 4, 5}, width=width, flex=6)
+
+
+def render_instance(instance: Instance, now: dt.datetime, width: int | None = None) -> list[str]:
+    lines = render_fields(instance_fields(instance, now.tzinfo))
+    jobs = instance.get("jobs") or []
+    if jobs:
+        lines += ["", *render_instance_tree(jobs, width)]
+    return lines
+
+
+def tree_tasks(jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    tasks: list[dict[str, Any]] = []
+    for job in jobs:
+        tasks += job.get("tasks") or []
+        tasks += tree_tasks(job.get("subjobs") or [])
+    return tasks
+
+
+def render_instance_progress(instance: Instance, width: int) -> str:
+    """One terminal line: `instance 7 [######--------------]  30% EXECUTING  1/3 tasks ended, 1 running`.
+
+    The percentage is the mean progression of the tasks the document holds so far (loops may add more).
+    """
+    tasks = tree_tasks(instance.get("jobs") or [])
+    ended = sum(1 for task in tasks if task.get("status") == INSTANCE_TERMINATED)
+    running = sum(1 for task in tasks if task.get("status") == INSTANCE_EXECUTING)
+    progress = round(sum(int(task.get("progression") or 0) for task in tasks) / len(tasks)) if tasks else 0
+    progress = max(0, min(100, progress))
+    bar_width = 20 if width >= 60 else 10
+    filled = round(bar_width * progress / 100)
+    text = f"instance {instance.get('id')} [{'#' * filled}{'-' * (bar_width - filled)}] {progress:>3}%"
+    text += f" {instance.get('status')}  {ended}/{plural(len(tasks), 'task')} ended"
+    if running:
+        text += f", {running} running"
+    errors = instance.get("errors") or 0
+    if errors:
+        text += f", {plural(errors, 'error')}"
+    return truncate(text, max(1, width - 1))
+
+
+def render_instances(instances: Sequence[Instance], now: dt.datetime, width: int | None) -> list[str]:
+    headers = ["ID", "WORKFLOW", "STATUS", "ERRORS", "STARTED", "TOOK", "PARAMETERS", "COMMENT"]
+    rows = [
+        [
+            str(instance.get("id")),
+            str(instance.get("workflow")),
+            str(instance.get("status")),
+            str(instance.get("errors") or 0),
+            format_time(instance.get("started_at"), now),
+            format_duration(duration_between(instance.get("started_at"), instance.get("ended_at"))),
+            format_parameters(instance.get("parameters")),
+            str(instance.get("comment") or "-"),
+        ]
+        for instance in instances
+    ]
+    return render_table(headers, rows, right={0, 3, 5}, width=width, flex=7)
+
+
+def render_workflows(workflows: Sequence[dict[str, Any]]) -> list[str]:
+    rows = [[str(w.get("name")), " ".join(str(p) for p in w.get("parameters") or []) or "-"] for w in workflows]
+    return render_table(["NAME", "PARAMETERS"], rows)
 
 
 # -- argument types -------------------------------------------------------------------------------------------
@@ -783,6 +938,153 @@ def cmd_reload(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_workflows(session: Session, args: argparse.Namespace) -> int:
+    result = session.client.call("workflow.list")
+    if session.json:
+        session.emit_json(result)
+        return EXIT_OK
+    workflows = result.get("workflows") or []
+    if not workflows:
+        print("no workflows", file=sys.stderr)
+        return EXIT_OK
+    for line in render_workflows(workflows):
+        print(line)
+    return EXIT_OK
+
+
+def launch_params(args: argparse.Namespace) -> dict[str, Any]:
+    if args.timeout is not None and not args.wait:
+        raise UsageError("launch: --timeout only applies with --wait")
+    params: dict[str, Any] = {"workflow": args.workflow}
+    if args.param:
+        params["parameters"] = dict(args.param)
+    if args.comment is not None:
+        params["comment"] = args.comment
+    return params
+
+
+def cmd_launch(session: Session, args: argparse.Namespace) -> int:
+    instance: Instance = session.client.call("instance.launch", launch_params(args))
+    if not args.wait:
+        session.emit(instance, lambda: [describe_launched(instance)])
+        return EXIT_OK
+    if not session.json:
+        print(describe_launched(instance), flush=True)
+    instance_ident = int(instance["id"])
+    if sys.stderr.isatty():
+        instance = wait_instance_with_progress(session.client, instance_ident, args.timeout)
+    else:
+        instance = wait_instance_quietly(session.client, instance_ident, args.timeout)
+    return report_instance_end(session, instance, args.timeout)
+
+
+def instance_wait_params(instance_ident: int, timeout: float | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"id": instance_ident}
+    if timeout is not None:
+        params["timeout"] = timeout
+    return params
+
+
+def wait_instance_quietly(client: Client, instance_ident: int, timeout: float | None) -> Instance:
+    instance: Instance = client.call("instance.wait", instance_wait_params(instance_ident, timeout))
+    return instance
+
+
+WAIT_REQUEST_ID = "instance.wait"
+
+
+def concerns_instance(event: dict[str, Any], context: str, job_ids: Collection[int]) -> bool:
+    """Whether a job event may change what the progress line shows for the instance whose jobs have `context`."""
+    job = event.get("job")
+    if isinstance(job, dict):
+        return job.get("context") == context or job.get("id") in job_ids
+    return event.get("id") in job_ids
+
+
+def wait_instance_with_progress(client: Client, instance_ident: int, timeout: float | None) -> Instance:
+    """Waits in the daemon (instance.wait) while drawing a progress line on stderr from the tasks' job events.
+
+    Two connections: `events` carries the subscription and, pipelined after it, the instance.wait request whose
+    reply ends the loop; `client` re-reads the instance tree whenever an event concerns one of its tasks.
+    """
+    events = Client(client.path)
+    bar = ProgressBar(sys.stderr)
+    try:
+        # Subscribe before reading the tree: a change between the two then arrives as an event and is not missed.
+        events.call("events.subscribe", {"types": ["job.state", "job.progress"]})
+        context = f"instance:{instance_ident}"
+        shown: Instance = client.call("instance.get", {"id": instance_ident})
+        request = {
+            "jsonrpc": "2.0",
+            "id": WAIT_REQUEST_ID,
+            "method": "instance.wait",
+            "params": instance_wait_params(instance_ident, timeout),
+        }
+        events.send_raw(encode_message(request))
+        while True:
+            bar.draw(render_instance_progress(shown, stderr_width()))
+            message = events.read_line()
+            if is_event(message):
+                job_ids = {int(task["job_id"]) for task in tree_tasks(shown.get("jobs") or []) if task.get("job_id")}
+                if concerns_instance(message.get("params") or {}, context, job_ids):
+                    shown = client.call("instance.get", {"id": instance_ident})
+            elif isinstance(message, dict) and message.get("id") == WAIT_REQUEST_ID:
+                instance: Instance = result_of(message)
+                return instance
+    finally:
+        bar.clear()
+        events.close()
+
+
+def report_instance_end(session: Session, instance: Instance, timeout: float | None) -> int:
+    if session.json:
+        session.emit_json(instance)
+    if instance.get("status") != INSTANCE_TERMINATED:
+        waited = "" if timeout is None else f" after {format_duration(timeout)}"
+        print(f"jobctl: instance {instance.get('id')} is still {instance.get('status')}{waited}", file=sys.stderr)
+    elif not session.json:
+        print(describe_instance_end(instance), file=sys.stderr)
+    return instance_exit_code(instance)
+
+
+def cmd_instance(session: Session, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"id": args.id, "format": "xml" if args.xml else "json"}
+    instance: Instance = session.client.call("instance.get", params)
+    if session.json:
+        session.emit_json(instance)
+    elif args.xml:
+        document = str(instance.get("xml") or "")
+        sys.stdout.write(document if document.endswith("\n") else document + "\n")
+    else:
+        for line in render_instance(instance, local_now(), stdout_width()):
+            print(line)
+    return EXIT_OK
+
+
+def cmd_instances(session: Session, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": args.limit}
+    for name in ("workflow", "status", "errors", "before"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    result = session.client.call("instance.list", params)
+    if session.json:
+        session.emit_json(result)
+        return EXIT_OK
+    instances = result.get("instances") or []
+    if not instances:
+        print("no instances", file=sys.stderr)
+        return EXIT_OK
+    for line in render_instances(instances, local_now(), stdout_width()):
+        print(line)
+    if result.get("next_before") is not None:
+        print(
+            f"({len(instances)} of {result.get('total')}; older instances: repeat with --before "
+            f"{result['next_before']})",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
 # -- command line ---------------------------------------------------------------------------------------------
 
 Handler = Callable[[Session, argparse.Namespace], int]
@@ -879,6 +1181,35 @@ def build_parser() -> argparse.ArgumentParser:
     resume = add_command(sub, "resume", cmd_resume, "start jobs from a paused queue again")
     resume.add_argument("queue", metavar="QUEUE")
     add_command(sub, "reload", cmd_reload, "reload the configuration files")
+
+    add_command(sub, "workflows", cmd_workflows, "list workflows and their parameters")
+    launch = add_command(sub, "launch", cmd_launch, "launch an instance of a workflow")
+    launch.add_argument(
+        "-p", "--param", type=assignment, action="append", metavar="NAME=VALUE", help="workflow parameter (repeat)"
+    )
+    launch.add_argument("--comment", metavar="TEXT", help="a free comment stored with the instance")
+    launch.add_argument(
+        "--wait", action="store_true", help="then wait for the instance: exit 0 without errors, 1 with errors"
+    )
+    launch.add_argument("--timeout", type=seconds, metavar="S", help="with --wait: give up after S seconds (exit 4)")
+    launch.add_argument("workflow", metavar="WORKFLOW")
+
+    instance = add_command(sub, "instance", cmd_instance, "show a workflow instance: its jobs and tasks")
+    instance.add_argument("id", type=positive_int, metavar="ID")
+    instance.add_argument("--xml", action="store_true", help="print evQueue's instance document")
+
+    instances = add_command(sub, "instances", cmd_instances, "list workflow instances, newest first")
+    instances.add_argument("--workflow", metavar="WORKFLOW")
+    instances.add_argument("--status", choices=[INSTANCE_EXECUTING, INSTANCE_TERMINATED])
+    errors = instances.add_mutually_exclusive_group()
+    errors.add_argument("--errors", dest="errors", action="store_const", const=True, help="only those with errors")
+    errors.add_argument(
+        "--no-errors", dest="errors", action="store_const", const=False, help="only those without errors"
+    )
+    instances.add_argument(
+        "-n", "--limit", type=positive_int, default=20, help="at most this many (1-1000, default 20)"
+    )
+    instances.add_argument("--before", type=positive_int, metavar="ID", help="only instances older than ID (paging)")
     return parser
 
 

@@ -249,3 +249,78 @@ def test_remote_error_takes_the_stable_token_from_data() -> None:
 
 def test_requests_are_one_line_of_utf8() -> None:
     assert encode_message({"a": "é\nb"}) == '{"a":"é\\nb"}\n'.encode()
+
+
+# -- workflows and instances ------------------------------------------------------------------------------------
+
+
+def instance(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"id": 7, "workflow": "nightly", "status": "TERMINATED", "errors": 0}
+    base |= {"started_at": "2026-11-29T16:00:00Z", "ended_at": "2026-11-29T16:03:10Z"}
+    return base | fields
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [({}, 0), ({"errors": 2}, 1), ({"status": "EXECUTING"}, 4), ({"status": "EXECUTING", "errors": 1}, 4)],
+)
+def test_instance_exit_code(fields: dict[str, Any], code: int) -> None:
+    assert jobctl.instance_exit_code(instance(**fields)) == code
+
+
+def test_describe_instance_end() -> None:
+    assert jobctl.describe_instance_end(instance()) == "instance 7 (nightly) succeeded in 3m10s"
+    assert jobctl.describe_instance_end(instance(errors=1)) == "instance 7 (nightly) ended with 1 error in 3m10s"
+
+
+TREE = [
+    {
+        "name": "first",
+        "status": None,
+        "tasks": [
+            {"name": "a", "status": "TERMINATED", "retval": 0, "progression": 100, "tries": 1, "job_id": None},
+            {"name": "b", "status": "EXECUTING", "retval": None, "progression": 40, "tries": 2, "job_id": 12},
+        ],
+        "subjobs": [
+            {
+                "name": "after",
+                "status": "SKIPPED",
+                "details": "Condition evaluates to false",
+                "tasks": [{"name": "c", "status": None, "progression": 0, "tries": 0}],
+                "subjobs": [],
+            }
+        ],
+    }
+]
+
+
+def test_tree_rows_indent_tasks_and_subjobs() -> None:
+    rows = jobctl.tree_rows(TREE)
+    assert rows == [
+        ["job first", "-", "", "", "", "", ""],
+        ["  task a", "TERMINATED", "100%", "0", "1", "-", ""],
+        ["  task b", "EXECUTING", "40%", "-", "2", "12", ""],
+        ["  job after", "SKIPPED", "", "", "", "", "Condition evaluates to false"],
+        ["    task c", "-", "-", "-", "-", "-", ""],
+    ]
+
+
+def test_instance_progress_line() -> None:
+    line = jobctl.render_instance_progress(instance(status="EXECUTING", errors=1, jobs=TREE), 100)
+    assert line == "instance 7 [#########-----------]  47% EXECUTING  1/3 tasks ended, 1 running, 1 error"
+    assert len(jobctl.render_instance_progress(instance(jobs=TREE), 30)) == 29
+
+
+def test_launch_params() -> None:
+    args = parse("launch", "-p", "a=1", "-p", "b=x=y", "-p", "a=2", "--comment", "c", "wf")
+    assert jobctl.launch_params(args) == {"workflow": "wf", "parameters": {"a": "2", "b": "x=y"}, "comment": "c"}
+    assert jobctl.launch_params(parse("launch", "wf")) == {"workflow": "wf"}
+    with pytest.raises(jobctl.UsageError):
+        jobctl.launch_params(parse("launch", "--timeout", "3", "wf"))
+
+
+def test_every_command_is_in_the_documentation_table() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "jobctl.md").read_text()
+    commands = jobctl.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in commands:
+        assert f"| `{name}" in text or f"`, `{name}" in text, name

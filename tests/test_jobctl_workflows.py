@@ -1,0 +1,325 @@
+"""jobctl's workflow commands (workflows, launch, instance, instances), the real command line run as a subprocess
+against a real daemon that has the workflow corpus of tests/workflows/ (installed as in tests/test_workflows.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+from typing import Any
+
+import pytest
+from harness import Daemon
+from lxml import etree
+from test_jobctl import Result, ctl, environment, jobctl_argv
+from test_workflows import CORPUS, _install_corpus
+
+pytestmark = pytest.mark.timeout(60)
+
+LAUNCHED = re.compile(r"^instance (\d+) launched: (\S+)$")
+
+# One task fails (fail.sh exits 3, no retry), its sibling succeeds: the instance ends with errors.
+BROKEN_WORKFLOW = """<workflow>
+  <subjobs>
+    <job name="mixed">
+      <tasks>
+        <task name="breaks" path="fail.sh 3" queue="default"/>
+        <task name="works" path="/bin/echo fine" queue="default"/>
+      </tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+# Waits until the test writes a line into the FIFO named by its parameter: an instance that stays EXECUTING for
+# as long as the test wants, without sleeping.
+GATED_WORKFLOW = """<workflow>
+  <parameters><parameter name="gate"/></parameters>
+  <subjobs>
+    <job name="gated">
+      <tasks><task name="read-gate" path="/usr/bin/head -n 1" queue="default">
+        <input name="gate"><value select="evqGetWorkflowParameter('gate')"/></input>
+      </task></tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+@pytest.fixture
+def wf(make_daemon: Any) -> Daemon:
+    daemon: Daemon = make_daemon(
+        (CORPUS / "corpus.toml").read_text(),
+        start=False,
+        daemon_extra=f'tasks_directory = "{CORPUS / "tasks"}"',
+    )
+    _install_corpus(daemon)
+    (daemon.config_dir / "workflows" / "broken.xml").write_text(BROKEN_WORKFLOW)
+    (daemon.config_dir / "workflows" / "gated.xml").write_text(GATED_WORKFLOW)
+    daemon.start()
+    return daemon
+
+
+def launched_id(result: Result) -> int:
+    match = LAUNCHED.match(result.out.splitlines()[0] if result.out else "")
+    assert match, result
+    return int(match.group(1))
+
+
+# -- workflows --------------------------------------------------------------------------------------------------
+
+
+def test_workflows_lists_names_and_parameters(wf: Daemon) -> None:
+    result = ctl(wf, "workflows")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["NAME", "PARAMETERS"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["loopdemo"] == ["count"]
+    assert rows["parameters"] == ["greeting", "who", "verbose"]
+    assert rows["trivial"] == ["-"]
+
+    as_json = json.loads(ctl(wf, "--json", "workflows").out)
+    assert {w["name"] for w in as_json["workflows"]} == set(rows)
+
+
+# -- launch -----------------------------------------------------------------------------------------------------
+
+
+def test_launch_prints_the_instance_id(wf: Daemon) -> None:
+    result = ctl(wf, "launch", "trivial", "--comment", "from jobctl")
+    assert result.code == 0, result
+    assert result.out.count("\n") == 1, result
+    instance_id = launched_id(result)
+    done = wf.call("instance.wait", {"id": instance_id, "timeout": 30})
+    assert done["workflow"] == "trivial" and done["comment"] == "from jobctl" and done["errors"] == 0
+
+
+def test_launch_with_parameters_and_wait_exits_0(wf: Daemon) -> None:
+    result = ctl(wf, "launch", "parameters", "-p", "greeting=hello", "-p", "who=you=me", "-p", "verbose=", "--wait")
+    assert result.code == 0, result
+    instance_id = launched_id(result)
+    assert f"instance {instance_id} (parameters) succeeded in " in result.err, result
+    instance = wf.call("instance.get", {"id": instance_id})
+    assert instance["status"] == "TERMINATED" and instance["errors"] == 0
+    assert instance["parameters"] == {"greeting": "hello", "who": "you=me", "verbose": ""}
+    # The task's output, from evQueue's document as `instance --xml` prints it.
+    document = etree.fromstring(ctl(wf, "instance", "--xml", str(instance_id)).stdout)
+    assert document.findtext(".//task[@name='say']/output") == "hello dear you=me\n"
+
+
+def test_launch_wait_exits_1_when_the_instance_ends_with_errors(wf: Daemon) -> None:
+    result = ctl(wf, "launch", "broken", "--wait")
+    assert result.code == 1, result
+    instance_id = launched_id(result)
+    assert f"instance {instance_id} (broken) ended with 1 error in " in result.err, result
+    assert wf.call("instance.get", {"id": instance_id})["errors"] == 1
+
+
+def test_launch_wait_json_prints_only_the_final_instance(wf: Daemon) -> None:
+    result = ctl(wf, "--json", "launch", "broken", "--wait")
+    assert result.code == 1, result
+    instance = json.loads(result.out)
+    assert instance["status"] == "TERMINATED" and instance["errors"] == 1 and instance["workflow"] == "broken"
+    assert result.err == ""
+
+
+def test_launch_wait_timeout_exits_4_and_the_instance_goes_on(wf: Daemon, tmp_path: Any) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    result = ctl(wf, "launch", "gated", "-p", f"gate={gate}", "--wait", "--timeout", "0.2")
+    assert result.code == 4, result
+    instance_id = launched_id(result)
+    assert f"jobctl: instance {instance_id} is still EXECUTING after 0.2s" in result.err, result
+    with open(gate, "w") as writer:  # blocks until the task has opened the FIFO: it is running
+        writer.write("go\n")
+    done = wf.call("instance.wait", {"id": instance_id, "timeout": 30})
+    assert done["status"] == "TERMINATED" and done["errors"] == 0
+
+
+def test_launch_json_gives_the_instance(wf: Daemon) -> None:
+    result = ctl(wf, "launch", "--json", "trivial")
+    assert result.code == 0, result
+    instance = json.loads(result.out)
+    assert instance["workflow"] == "trivial" and instance["status"] in ("EXECUTING", "TERMINATED")
+    wf.call("instance.wait", {"id": instance["id"], "timeout": 30})
+
+
+def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon) -> None:
+    master, slave = os.openpty()
+    try:
+        process = subprocess.run(
+            jobctl_argv("--socket", str(wf.socket_path), "launch", "loopdemo", "-p", "count=3", "--wait"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=environment(),
+            timeout=30,
+        )
+        os.close(slave)
+        slave = -1
+        terminal = read_all(master).decode(errors="replace")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert process.returncode == 0, terminal
+    instance_id = int(process.stdout.split()[1])
+    assert f"\rinstance {instance_id} [" in terminal, terminal
+    assert "% EXECUTING" in terminal, terminal
+    assert f"instance {instance_id} (loopdemo) succeeded in " in terminal, terminal
+    assert "Traceback" not in terminal
+
+
+def read_all(master: int) -> bytes:
+    """Everything written to a pty whose slave side is closed (Linux then reports EIO)."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return data
+            raise
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_launch_an_unknown_workflow_exits_1_with_the_code(wf: Daemon) -> None:
+    result = ctl(wf, "launch", "nosuch")
+    assert result.code == 1, result
+    assert result.err.startswith("jobctl: UNKNOWN_WORKFLOW: ") and "nosuch" in result.err, result
+    assert result.out == ""
+    as_json = ctl(wf, "--json", "launch", "nosuch", "--wait")
+    assert as_json.code == 1 and json.loads(as_json.err)["error"]["code"] == "UNKNOWN_WORKFLOW", as_json
+    missing = ctl(wf, "launch", "loopdemo")
+    assert missing.code == 1 and "INVALID_WORKFLOW_PARAMETERS" in missing.err, missing
+    assert wf.call("instance.list", {})["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["launch", "loopdemo", "-p", "count"],  # no =
+        ["launch", "loopdemo", "-p", "=3"],  # no name
+        ["launch"],  # no workflow
+        ["launch", "trivial", "--timeout", "5"],  # --timeout without --wait
+        ["launch", "trivial", "--wait", "--timeout", "-1"],
+        ["instance"],
+        ["instance", "0"],
+        ["instances", "--status", "RUNNING"],
+        ["instances", "--errors", "--no-errors"],
+        ["instances", "--limit", "0"],
+    ],
+)
+def test_bad_command_lines_exit_2(wf: Daemon, args: list[str]) -> None:
+    result = ctl(wf, *args)
+    assert result.code == 2, result
+    assert result.out == ""
+    assert wf.call("instance.list", {})["total"] == 0
+
+
+# -- instance ---------------------------------------------------------------------------------------------------
+
+
+def test_instance_shows_the_tree_of_jobs_and_tasks(wf: Daemon) -> None:
+    instance_id = launched_id(ctl(wf, "launch", "parameters", "-p", "greeting=hi", "-p", "who=x", "-p", "verbose=no"))
+    wf.call("instance.wait", {"id": instance_id, "timeout": 30})
+    result = ctl(wf, "instance", str(instance_id))
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    fields = dict(line.split(":", 1) for line in lines[: lines.index("")])
+    assert fields["workflow"].strip() == "parameters" and fields["status"].strip() == "TERMINATED"
+    assert fields["errors"].strip() == "0" and fields["parameters"].strip() == "greeting=hi who=x verbose=no"
+    table = lines[lines.index("") + 1 :]
+    assert table[0].split() == ["JOB/TASK", "STATUS", "PROGRESS", "RETVAL", "TRIES", "JOBD", "JOB", "ERROR"]
+    # Jobs, their tasks one level in, subjobs one level in under their parent, in document order.
+    names = [(len(row) - len(row.lstrip()), " ".join(row.split()[:2])) for row in table[1:]]
+    assert names == [
+        (0, "job greet"),
+        (2, "task say"),
+        (2, "task list"),
+        (2, "job each"),
+        (4, "task names"),
+    ], result.out
+    say = table[2].split()
+    # An ended task no longer names a jobd job (evQueue keeps `tid` only while the task runs).
+    assert say[2:] == ["TERMINATED", "100%", "0", "1", "-"], result.out
+
+
+def test_instance_shows_retvals_and_errors_of_failed_tasks(wf: Daemon) -> None:
+    instance_id = launched_id(ctl(wf, "launch", "broken", "--wait"))
+    result = ctl(wf, "instance", str(instance_id))
+    assert result.code == 0, result
+    [breaks] = [line for line in result.out.splitlines() if "task breaks" in line]
+    assert breaks.split()[2:5] == ["TERMINATED", "100%", "3"], result.out
+    [works] = [line for line in result.out.splitlines() if "task works" in line]
+    assert works.split()[4] == "0", result.out
+    assert re.search(r"^errors:\s+1$", result.out, re.M), result.out
+
+
+def test_instance_json_and_xml(wf: Daemon) -> None:
+    instance_id = launched_id(ctl(wf, "launch", "trivial", "--wait"))
+    as_json = ctl(wf, "--json", "instance", str(instance_id))
+    assert as_json.code == 0, as_json
+    assert json.loads(as_json.out) == wf.call("instance.get", {"id": instance_id})
+    as_xml = ctl(wf, "instance", str(instance_id), "--xml")
+    assert as_xml.code == 0, as_xml
+    document = etree.fromstring(as_xml.stdout)
+    assert document.tag == "workflow" and document.find(".//task[@status='TERMINATED']") is not None
+    xml_json = json.loads(ctl(wf, "instance", "--xml", "--json", str(instance_id)).out)
+    assert xml_json["xml"] == wf.call("instance.get", {"id": instance_id, "format": "xml"})["xml"]
+
+
+def test_an_unknown_instance_exits_1(wf: Daemon) -> None:
+    result = ctl(wf, "instance", "999")
+    assert result.code == 1, result
+    assert re.match(r"jobctl: [A-Z_]+: ", result.err), result
+
+
+# -- instances --------------------------------------------------------------------------------------------------
+
+
+def test_instances_lists_and_filters(wf: Daemon, tmp_path: Any) -> None:
+    empty = ctl(wf, "instances")
+    assert empty.code == 0 and empty.out == "" and "no instances" in empty.err, empty
+    ok = launched_id(ctl(wf, "launch", "trivial", "--wait", "--comment", "the good one"))
+    bad = launched_id(ctl(wf, "launch", "broken", "--wait"))
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    running = launched_id(ctl(wf, "launch", "gated", "-p", f"gate={gate}"))
+    try:
+        result = ctl(wf, "instances")
+        assert result.code == 0, result
+        lines = result.out.splitlines()
+        assert lines[0].split() == ["ID", "WORKFLOW", "STATUS", "ERRORS", "STARTED", "TOOK", "PARAMETERS", "COMMENT"]
+        rows = [line.split() for line in lines[1:]]
+        assert [int(row[0]) for row in rows] == [running, bad, ok]  # newest first
+        assert rows[0][1:4] == ["gated", "EXECUTING", "0"]
+        assert rows[1][1:4] == ["broken", "TERMINATED", "1"]
+        assert rows[2][1:4] == ["trivial", "TERMINATED", "0"] and lines[3].endswith("the good one")
+
+        def ids(*args: str) -> list[int]:
+            listed = ctl(wf, "--json", "instances", *args)
+            assert listed.code == 0, listed
+            return [instance["id"] for instance in json.loads(listed.out)["instances"]]
+
+        assert ids("--workflow", "trivial") == [ok]
+        assert ids("--errors") == [bad]
+        assert ids("--no-errors") == [running, ok]
+        assert ids("--status", "EXECUTING") == [running]
+        assert ids("--status", "TERMINATED", "--no-errors") == [ok]
+        assert ids("--workflow", "nosuch") == []
+
+        paged = ctl(wf, "instances", "--limit", "2")
+        assert [int(line.split()[0]) for line in paged.out.splitlines()[1:]] == [running, bad]
+        assert f"repeat with --before {bad}" in paged.err, paged
+        assert ids("--before", str(bad)) == [ok]
+    finally:
+        with open(gate, "w") as writer:
+            writer.write("go\n")
+        wf.call("instance.wait", {"id": running, "timeout": 30})
