@@ -199,7 +199,7 @@ class Daemon:
             raise
         finally:
             self.notifier.notify("READY=1")
-        for key in ("socket", "state_dir"):
+        for key in ("socket", "evqueue_socket", "state_dir"):
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("[daemon] %s changed; it takes effect at the next restart", key)
         self.config = new

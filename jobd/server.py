@@ -1,8 +1,10 @@
 """The API socket: listening, one task per connection, protocol sniffing, request dispatch and subscriptions.
 
-The first byte a client sends picks the protocol: `{` or `[` is JSON-RPC 2.0, `<` is evQueue's XML protocol (not
-served yet: such a client gets an XML error and the connection closes). Requests on one connection run
-concurrently, so a `job.wait` does not hold up a `ping` sent after it; each answer carries the request's id.
+The first byte a client sends picks the protocol: `{` or `[` is JSON-RPC 2.0 (`Connection`), `<` is evQueue's XML
+protocol (the connection hands itself over to an `XmlConnection`). JSON requests on one connection run concurrently,
+so a `job.wait` does not hold up a `ping` sent after it; each answer carries the request's id. XML requests are
+answered strictly in order, as evQueue's clients expect. A second listener, `[daemon] evqueue_socket`, speaks XML
+from the start and greets every connection with `<ready …/>`.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Coroutine
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
 
 from jobd.api import Api
+from jobd.api_evqueue import EvQueue
 from jobd.engine.core import JobEvent
 from jobd.engine.submit import Peer, identify_peer
-from jobd.errors import FrameTooLarge, InvalidRequest, JobdError, StartupError
+from jobd.errors import FrameTooLarge, InvalidRequest, InvalidXml, JobdError, StartupError
 from jobd.linux import peer_credentials
-from jobd.protocol import jsonrpc
+from jobd.protocol import evqueue, jsonrpc
 
 log = logging.getLogger("jobd.server")
 
@@ -29,37 +33,63 @@ LINGER_SECONDS = 5.0  # how long a connection ended by an oversized frame keeps 
 MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; events: cut the subscriber off
 
 
+def _keepalive_interval() -> float:
+    # JOBD_EVQUEUE_KEEPALIVE_INTERVAL is for tests only (docs/evqueue-protocol.md): they cannot wait 10 s per ping.
+    text = os.environ.get("JOBD_EVQUEUE_KEEPALIVE_INTERVAL", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return 10.0
+    return value if value > 0 else 10.0
+
+
+# Seconds between two `<ping />` written to an XML client while its request waits (evQueue's dpd.interval).
+EVQUEUE_KEEPALIVE_INTERVAL: Final = _keepalive_interval()
+
+
 class Server:
     def __init__(self, api: Api, path: str) -> None:
         self.api = api
         self.path = path
+        self.evqueue_path = api.engine.config.daemon.evqueue_socket  # None: no evQueue listener
+        self.evqueue = EvQueue(api)
         self._server: asyncio.AbstractServer | None = None
-        self.connections: set[Connection] = set()
+        self._evqueue_server: asyncio.AbstractServer | None = None
+        self.connections: set[Connection | XmlConnection] = set()
 
     async def bind(self) -> None:
-        """Create the listening socket; clients are taken only from `start_serving()` on."""
-        _remove_stale_socket(self.path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        old_umask = os.umask(0o117)  # the socket is born 0660: no window in which others could connect
-        try:
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_unix_server(lambda: Connection(self), self.path, start_serving=False)
-        finally:
-            os.umask(old_umask)
+        """Create the listening sockets; clients are taken only from `start_serving()` on."""
+        self._server = await _bind_unix(self.path, lambda: Connection(self))
+        if self.evqueue_path is not None:
+            self._evqueue_server = await _bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True))
 
     async def start_serving(self) -> None:
         assert self._server is not None
         await self._server.start_serving()
+        if self._evqueue_server is not None:
+            await self._evqueue_server.start_serving()
 
     async def stop_listening(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        for server, path in ((self._server, self.path), (self._evqueue_server, self.evqueue_path)):
+            if server is not None and path is not None:
+                server.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     async def close_connections(self) -> None:
         for connection in list(self.connections):
             connection.abort()
+
+
+async def _bind_unix(path: str, factory: Callable[[], asyncio.Protocol]) -> asyncio.AbstractServer:
+    _remove_stale_socket(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    old_umask = os.umask(0o117)  # the socket is born 0660: no window in which others could connect
+    try:
+        loop = asyncio.get_running_loop()
+        return await loop.create_unix_server(factory, path, start_serving=False)
+    finally:
+        os.umask(old_umask)
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -114,7 +144,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refusing:
             return  # lingering: swallowed until the client closes or LINGER_SECONDS pass
-        if self._mode is None and not self._choose_protocol(data[:1]):
+        if self._mode is None and not self._choose_protocol(data):
             return
         buffer = self._buffer
         scanned = len(buffer)  # the bytes held before this call contain no newline
@@ -165,12 +195,14 @@ class Connection(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------------------------------------------
 
-    def _choose_protocol(self, first: bytes) -> bool:
-        if first == b"<":
-            self.transport.write(
-                b'<response status="KO" error="The XML protocol is not served yet" error-code="UNKNOWN_COMMAND"/>\n'
-            )
-            self.transport.close()
+    def _choose_protocol(self, data: bytes) -> bool:
+        first = data[:1]
+        if first == b"<":  # evQueue's XML: from now on the transport talks to an XmlConnection
+            xml = XmlConnection(self.server, greet=False)
+            self.server.connections.discard(self)
+            self.transport.set_protocol(xml)
+            xml.adopt(self.transport, self.peer)
+            xml.data_received(data)
             return False
         if first not in b"{[ \t\r\n":
             self._send(jsonrpc.error(None, InvalidRequest("expected a JSON-RPC 2.0 request, starting with { or [")))
@@ -323,3 +355,183 @@ async def _await_reply(member: jsonrpc.Request, value: Coroutine[Any, Any, Any])
     except Exception as failure:
         return _failure_reply(member, failure)
     return None if member.is_notification else jsonrpc.result(member.id, result)
+
+
+class XmlConnection(asyncio.Protocol):
+    """An evQueue client: one XML document per request, answered strictly in the order sent.
+
+    evQueue's clients send a request and read its answer before the next, and the protocol has no request ids, so
+    a request that waits (a synchronous launch, `instance wait`) holds back the requests sent after it on the same
+    connection: they stay in `_backlog`, unparsed, until its answer is written. Requests that need no waiting are
+    answered in `data_received`, like JSON ones. While a request waits, `<ping />` goes out every
+    EVQUEUE_KEEPALIVE_INTERVAL seconds (one timer, re-armed only while the wait lasts).
+    """
+
+    def __init__(self, server: Server, *, greet: bool) -> None:
+        self.server = server
+        self.evqueue = server.evqueue
+        self.greet = greet
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made or adopt
+        self.peer = Peer(uid=-1, gid=-1, pid=0, is_admin=False)
+        self._framer = evqueue.XmlFramer()
+        # Requests not answered yet, in order; a JobdError is a framing error, answered last before closing.
+        self._backlog: deque[bytes | JobdError] = deque()
+        self._backlog_bytes = 0
+        self._waiting: asyncio.Task[bytes] | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._input_ended = False
+        self._refusing = False  # a framing error or <quit/>: the rest of the input is not read as requests
+        self._write_paused = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        credentials = peer_credentials(transport.get_extra_info("socket"))
+        transport.set_write_buffer_limits(high=MAX_UNSENT)
+        self.adopt(transport, identify_peer(credentials.pid, credentials.uid, credentials.gid))
+        if self.greet:
+            transport.write(self.evqueue.greeting(self.peer))
+
+    def adopt(self, transport: asyncio.Transport, peer: Peer) -> None:
+        """Take over a connection (from connection_made, or from a Connection whose first byte was `<`)."""
+        self.transport = transport
+        self.peer = peer
+        self.server.connections.add(self)
+        self.evqueue.connected()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusing:
+            return  # swallowed until the client closes or LINGER_SECONDS pass
+        try:
+            documents = self._framer.feed(data)
+        except JobdError as failure:
+            self._refuse(failure)
+        else:
+            for document in documents:
+                self._backlog.append(document)
+                self._backlog_bytes += len(document)
+            if self._framer.failed:  # documents came before the bad bytes: they are answered first
+                try:
+                    self._framer.feed(b"")
+                except JobdError as failure:
+                    self._refuse(failure)
+        self._answer_backlog()
+
+    def eof_received(self) -> bool:
+        self._input_ended = True
+        if not self._refusing and self._framer.buffered:
+            self._refuse(InvalidXml("the connection was shut down in the middle of a request"))
+        self._answer_backlog()
+        return True  # keep our side open for the answers still to come
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.debug("evQueue connection from pid %d ended: %s", self.peer.pid, exc)
+        self.server.connections.discard(self)
+        self.evqueue.disconnected()
+        for timer in (self._keepalive, self._linger):
+            if timer is not None:
+                timer.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()
+        self._backlog.clear()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # -- requests ------------------------------------------------------------------------------------------------
+
+    def _refuse(self, failure: JobdError) -> None:
+        self._backlog.append(failure)
+        self._refusing = True
+
+    def _answer_backlog(self) -> None:
+        """Answer queued requests in order until one has to wait, or none is left."""
+        while self._waiting is None and self._backlog and not self.transport.is_closing():
+            item = self._backlog.popleft()
+            if isinstance(item, JobdError):  # a framing error: the stream cannot be followed any further
+                self._send(self.evqueue.error(item))
+                self._backlog.clear()
+                self._lingering_close()
+                return
+            self._backlog_bytes -= len(item)
+            answer = self.evqueue.answer(self.peer, item)
+            if answer is None:  # <quit/>
+                self._backlog.clear()
+                self._refusing = True
+                self._lingering_close()
+                return
+            if isinstance(answer, bytes):
+                self._send(answer)
+            else:
+                self._wait_for(answer)
+        self._update_reading()
+        if self._input_ended and self._waiting is None and not self._backlog:
+            self.transport.close()
+
+    def _wait_for(self, answer: Coroutine[Any, Any, bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiting = loop.create_task(answer)
+        self._waiting.add_done_callback(self._answered)
+        self._keepalive = loop.call_later(EVQUEUE_KEEPALIVE_INTERVAL, self._ping)
+
+    def _ping(self) -> None:
+        # A client that lets MAX_UNSENT bytes pile up while it waits is gone or stuck: cut it off (its wait ends).
+        if self.transport.get_write_buffer_size() > MAX_UNSENT:
+            log.warning("pid %d does not read its evQueue answers; closing", self.peer.pid)
+            self.transport.abort()
+            return
+        self._send(evqueue.KEEPALIVE)
+        self._keepalive = asyncio.get_running_loop().call_later(EVQUEUE_KEEPALIVE_INTERVAL, self._ping)
+
+    def _answered(self, task: asyncio.Task[bytes]) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        self._waiting = None
+        if task.cancelled():
+            return
+        failure = task.exception()
+        if failure is not None:  # EvQueue.answer's coroutines answer every error; this is a bug
+            log.error("evQueue connection from pid %d: answer failed", self.peer.pid, exc_info=failure)
+            self.transport.abort()
+            return
+        self._send(task.result())
+        self._answer_backlog()
+
+    def _update_reading(self) -> None:
+        """Read while answers flow and the backlog is small; a client that pipelines faster than its requests are
+        answered, or does not read its answers, is not read from either."""
+        if self.transport.is_closing() or self._input_ended:
+            return
+        if self._write_paused or self._backlog_bytes > MAX_UNSENT:
+            self.transport.pause_reading()
+        elif not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def _lingering_close(self) -> None:
+        """Close after the answers already written reach the client: end our side, swallow its input a while
+        (closing a Unix socket with unread input resets it and the client may lose the answers)."""
+        if self._linger is not None or self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self._input_ended:
+            self.transport.close()
+            return
+        self.transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
+
+    def _send(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self.transport.abort()

@@ -23,6 +23,7 @@ READY_TIMEOUT = 20.0
 BASE_CONFIG = """
 [daemon]
 socket = "{socket}"
+evqueue_socket = "{evqueue_socket}"
 state_dir = "{state}"
 kill_grace = 2
 """
@@ -60,6 +61,8 @@ class Daemon:
         (self.config_dir / "jobd.d").mkdir(parents=True, exist_ok=True)
         self.state_dir = root / "state"
         self.socket_path = root / "jobd.sock"
+        self.evqueue_socket = root / "evqueue.sock"  # evQueue's XML protocol, greeting first
+        self.env: dict[str, str] = {}  # extra environment for the daemon (e.g. JOBD_EVQUEUE_KEEPALIVE_INTERVAL)
         self.log_path = root / "jobd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.log_level = "debug"
@@ -67,7 +70,8 @@ class Daemon:
         self.write_config(config, daemon_extra)
 
     def write_config(self, config: str, daemon_extra: str = "") -> None:
-        text = BASE_CONFIG.format(socket=self.socket_path, state=self.state_dir) + daemon_extra + "\n"
+        text = BASE_CONFIG.format(socket=self.socket_path, evqueue_socket=self.evqueue_socket, state=self.state_dir)
+        text += daemon_extra + "\n"
         text += textwrap.dedent(config)
         path = self.config_dir / "jobd.toml"
         tmp = path.with_suffix(".tmp")
@@ -78,7 +82,7 @@ class Daemon:
         notify_path = self.root / f"notify.{os.getpid()}.{id(self)}"
         notify_path.unlink(missing_ok=True)
         self.notify = Notifications(notify_path)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO)}
         env.pop("JOURNAL_STREAM", None)
         env.pop("INVOCATION_ID", None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the daemon owns it

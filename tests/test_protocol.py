@@ -903,13 +903,18 @@ def test_clients_that_leave_mid_conversation(daemon: Any) -> None:
     no_traceback_in_log(daemon)
 
 
-def test_xml_first_byte_gets_an_xml_refusal(daemon: Any) -> None:
+def test_xml_first_byte_switches_to_evqueues_xml_protocol(daemon: Any) -> None:
+    # No greeting on this socket (the client spoke first); tests/test_evqueue_protocol.py covers the XML protocol.
     with Raw(daemon.socket_path) as raw:
         raw.send(b'<status type="scheduler" />\n')
-        reply = raw.read_to_eof()
-    assert reply.startswith(b"<response"), reply
-    assert b'status="KO"' in reply
-    assert b"Traceback" not in reply
+        reply = raw.line()
+        assert reply.startswith(b"<response"), reply
+        assert b'status="KO"' in reply and b'error-code="UNKNOWN_COMMAND"' in reply
+        raw.send(b'<status action="query" type="scheduler" />\n')
+        assert raw.line().startswith(b'<response node="'), raw.received
+        raw.sock.shutdown(socket.SHUT_WR)
+        assert raw.read_to_eof() == b""
+    assert b"Traceback" not in raw.received
     assert_alive(daemon)
 
 

@@ -1,0 +1,495 @@
+"""evQueue's XML commands, answered by the same engine as the JSON-RPC methods.
+
+A connection hands `EvQueue.answer` one framed request document and gets back the bytes to send, a coroutine that
+produces them for a command that waits (a synchronous `instance launch`, `instance wait`), or `None` for `<quit/>`
+(close without an answer). Decoding and the response format are `jobd.protocol.evqueue`'s; who may do what is
+`check_rights`, in one place until the rights model comes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from datetime import datetime
+from typing import Any, Final
+
+from lxml import etree
+
+from jobd import __version__, safexml
+from jobd.api import Api
+from jobd.engine.submit import Peer
+from jobd.errors import InsufficientRights, InvalidParams, JobdError, TimedOut, UnknownCommand, UnknownWorkflow
+from jobd.model import InstanceSummary, Scheduler, WorkflowDef
+from jobd.protocol import evqueue as xml
+from jobd.store import InstanceFilter
+
+log = logging.getLogger("jobd.evqueue")
+
+MAX_GROUPED_INSTANCES: Final = 100_000  # instances read to count `instances list groupby=…` rows
+
+TERMINATED: Final = "TERMINATED"
+
+
+class _QuitSentinel:
+    """What the `quit` handler returns: close the connection, answer nothing."""
+
+
+QUIT: Final = _QuitSentinel()
+
+Result = etree._Element | Coroutine[Any, Any, etree._Element] | _QuitSentinel
+Answer = bytes | Coroutine[Any, Any, bytes] | None
+
+
+@dataclasses.dataclass
+class Statistics:
+    """evQueue's `statistics query type="global"` counters that mean something in jobd (since it started)."""
+
+    accepted_api_connections: int = 0
+    current_api_connections: int = 0
+    api_queries: int = 0
+    api_exceptions: int = 0
+    workflow_queries: int = 0
+    workflow_status_queries: int = 0
+    workflow_cancel_queries: int = 0
+    statistics_queries: int = 0
+    workflow_instance_launched: int = 0
+    waiting_threads: int = 0  # requests waiting right now (synchronous launches, instance waits)
+
+
+class EvQueue:
+    """The XML protocol's side of the API: one per server, shared by its XML connections."""
+
+    def __init__(self, api: Api, node: str | None = None) -> None:
+        self.api = api
+        self.node = node or socket.gethostname()
+        self.statistics = Statistics()
+
+    def greeting(self, peer: Peer) -> bytes:
+        """The `<ready …>` an evQueue client waits for before it sends anything."""
+        profile = "ADMIN" if peer.is_admin else "USER"
+        return xml.greeting(self.node, profile, __version__, datetime.now())
+
+    def connected(self) -> None:
+        self.statistics.accepted_api_connections += 1
+        self.statistics.current_api_connections += 1
+
+    def disconnected(self) -> None:
+        self.statistics.current_api_connections -= 1
+
+    def error(self, failure: JobdError) -> bytes:
+        self.statistics.api_exceptions += 1
+        return xml.response_error(self.node, failure)
+
+    def answer(self, peer: Peer, document: bytes) -> Answer:
+        """The answer to one request document (see the module docstring)."""
+        self.statistics.api_queries += 1
+        xpathfilter: str | None = None
+        try:
+            request = xml.parse_request(document)
+            xpathfilter = request.xpathfilter
+            command = xml.decode_command(request)
+            check_rights(peer, command)
+            result = HANDLERS[type(command)](self, peer, command)
+            if isinstance(result, _QuitSentinel):
+                return None
+            if isinstance(result, Coroutine):
+                return self._answer_later(result, xpathfilter)
+            return self._serialize(result, xpathfilter)
+        except JobdError as failure:
+            return self.error(failure)
+        except Exception as failure:  # the request boundary: a bug is logged and answered, never fatal
+            return self._internal_error(failure)
+
+    def _serialize(self, root: etree._Element, xpathfilter: str | None) -> bytes:
+        if xpathfilter is not None:
+            root = xml.apply_xpathfilter(root, xpathfilter)
+        return xml.serialize(root)
+
+    async def _answer_later(self, result: Coroutine[Any, Any, etree._Element], xpathfilter: str | None) -> bytes:
+        self.statistics.waiting_threads += 1
+        try:
+            return self._serialize(await result, xpathfilter)
+        except JobdError as failure:
+            return self.error(failure)
+        except Exception as failure:
+            return self._internal_error(failure)
+        finally:
+            self.statistics.waiting_threads -= 1
+
+    def _internal_error(self, failure: Exception) -> bytes:
+        log.error("internal error answering an evQueue request", exc_info=failure)
+        return self.error(JobdError(f"internal error: {type(failure).__name__}: {failure}"))
+
+    def ok(
+        self,
+        attrs: Mapping[str, xml.AttributeValue] | None = None,
+        children: Iterable[etree._Element] = (),
+        text: str | None = None,
+    ) -> etree._Element:
+        return xml.response_element(self.node, attrs or {}, children, text)
+
+
+# -- rights ------------------------------------------------------------------------------------------------------
+
+# Admin-only commands of evQueue (reference/evqueue.md §1.6, rights "A").
+_ADMIN_ONLY: Final = (
+    xml.InstanceDelete,
+    xml.StatusScheduler,
+    xml.StatusConfiguration,
+    xml.WorkflowSchedulesList,
+    xml.ControlReload,
+)
+
+
+def check_rights(peer: Peer, command: xml.Command) -> None:
+    """Refuse what `peer` may not do. For now: admins (uid 0 and jobd's own uid) may do everything, other local
+    users everything but evQueue's admin-only commands. Per-workflow rights come with the rights model."""
+    if not peer.is_admin and isinstance(command, _ADMIN_ONLY):
+        raise InsufficientRights("insufficient rights", uid=peer.uid)
+
+
+# -- formatting --------------------------------------------------------------------------------------------------
+
+
+def local_time(timestamp: float | None) -> str:
+    """evQueue's timestamps: local time `YYYY-MM-DD HH:MM:SS`; empty for a time not reached yet."""
+    if timestamp is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _summary_attrs(summary: InstanceSummary) -> dict[str, xml.AttributeValue]:
+    return {
+        "id": summary.id,
+        "name": summary.workflow,
+        "status": summary.status,
+        "start_time": local_time(summary.started_at),
+        "end_time": local_time(summary.ended_at),
+        "errors": summary.errors,
+        "comment": summary.comment or "",
+        "host": summary.host or "",
+    }
+
+
+def _workflows(api: Api) -> list[WorkflowDef]:
+    """The workflows in the order their ids number them: by name (evQueue's ids are database ids; jobd's
+    workflows are files, so an id is the position by name, and changes when workflows are added or removed)."""
+    return [api.engine.config.workflows[name] for name in sorted(api.engine.config.workflows)]
+
+
+def _workflow_attrs(workflow_id: int, workflow: WorkflowDef) -> dict[str, xml.AttributeValue]:
+    return {"id": workflow_id, "name": workflow.name, "group": "", "comment": "", "lastcommit": ""}
+
+
+def _definition(workflow: WorkflowDef) -> etree._Element:
+    return safexml.parse(workflow.source, workflow.path)
+
+
+# -- handlers ----------------------------------------------------------------------------------------------------
+
+
+def ping(service: EvQueue, peer: Peer, command: xml.Ping) -> Result:
+    uptime = service.api.daemon.status().get("uptime_seconds", 0)
+    return service.ok({"version": __version__, "git-support": "disabled", "uptime": int(uptime)})
+
+
+def quit_(service: EvQueue, peer: Peer, command: xml.Quit) -> Result:
+    return QUIT
+
+
+def instance_launch(service: EvQueue, peer: Peer, command: xml.InstanceLaunch) -> Result:
+    instance_id = service.api.instances.launch(
+        command.name,
+        command.parameters,
+        comment=command.comment,
+        host=command.host,
+        user=command.user,
+        launched_by=peer.uid,
+    )
+    service.statistics.workflow_instance_launched += 1
+    if not command.synchronous:
+        return service.ok({"workflow-instance-id": instance_id})
+    return _launched_and_ended(service, instance_id, command.timeout)
+
+
+async def _launched_and_ended(service: EvQueue, instance_id: int, timeout: int | None) -> etree._Element:
+    summary = await service.api.instances.wait(instance_id, timeout)
+    attrs: dict[str, xml.AttributeValue] = {"workflow-instance-id": instance_id}
+    if summary.status != TERMINATED:
+        attrs["wait"] = "timedout"
+    return service.ok(attrs)
+
+
+def instance_query(service: EvQueue, peer: Peer, command: xml.InstanceQuery) -> Result:
+    service.statistics.workflow_status_queries += 1
+    document = service.api.instances.document(command.instance_id)
+    return service.ok(children=[safexml.parse(document, f"instance {command.instance_id}")])
+
+
+def instance_wait(service: EvQueue, peer: Peer, command: xml.InstanceWait) -> Result:
+    # evQueue answers UNKNOWN_INSTANCE for an instance that has already ended, so a client that launches and then
+    # waits races the instance; jobd answers at once that it has ended.
+    if service.api.instances.summary(command.instance_id).status == TERMINATED:
+        return service.ok()
+    return _ended(service, command.instance_id, command.timeout)
+
+
+async def _ended(service: EvQueue, instance_id: int, timeout: int | None) -> etree._Element:
+    summary = await service.api.instances.wait(instance_id, timeout)
+    if summary.status != TERMINATED:
+        raise TimedOut(f"Instance {instance_id} did not end within {timeout} seconds", id=instance_id)
+    return service.ok()
+
+
+def instance_cancel(service: EvQueue, peer: Peer, command: xml.InstanceCancel) -> Result:
+    service.statistics.workflow_cancel_queries += 1
+    service.api.instances.cancel(command.instance_id)
+    return service.ok()
+
+
+def instance_killtask(service: EvQueue, peer: Peer, command: xml.InstanceKillTask) -> Result:
+    service.api.instances.kill_task(command.instance_id, command.pid)
+    return service.ok()
+
+
+def instance_delete(service: EvQueue, peer: Peer, command: xml.InstanceDelete) -> Result:
+    service.api.instances.delete(command.instance_id)
+    return service.ok()
+
+
+def instance_debugresume(service: EvQueue, peer: Peer, command: xml.InstanceDebugResume) -> Result:
+    resume: Callable[[int], int] | None = getattr(service.api.instances, "debug_resume", None)
+    if resume is None:
+        raise UnknownCommand("instance debugresume is not supported yet", group="instance", action="debugresume")
+    return service.ok({"workflow-instance-id": resume(command.instance_id)})
+
+
+def _timestamp(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()  # a naive datetime is local time, as evQueue sends it
+
+
+def instances_list(service: EvQueue, peer: Peer, command: xml.InstancesList) -> Result:
+    if command.parameters or command.custom_attributes:
+        raise InvalidParams(
+            "instances list: filtering on launch parameters or custom attributes is not supported yet",
+            parameter=next(iter(command.parameters or command.custom_attributes)),
+        )
+    if command.filter_schedule_id is not None:  # jobd has no workflow schedules yet: no instance came from one
+        return service.ok({"rows": 0})
+    where = InstanceFilter(
+        ids=() if command.filter_id is None else (command.filter_id,),
+        workflow=command.filter_workflow,
+        status=None if command.filter_status is None else command.filter_status.value,
+        launched_from=_timestamp(command.filter_launched_from),
+        launched_until=_timestamp(command.filter_launched_until),
+        ended_from=_timestamp(command.filter_ended_from),
+        ended_until=_timestamp(command.filter_ended_until),
+        error=command.filter_error,
+        limit=command.limit,
+        offset=command.offset,
+    )
+    if command.groupby is not None:
+        return _grouped(service, where, command.groupby)
+    summaries, total = service.api.instances.list_instances(where)
+    rows = []
+    for summary in summaries:
+        row = xml.element("workflow", {**_summary_attrs(summary), "node_name": service.node, "schedule_id": ""})
+        tags = etree.SubElement(row, "tags")
+        tags.extend(xml.element("tag", {"label": label}) for label in summary.tags)
+        rows.append(row)
+    return service.ok({"rows": total}, rows)
+
+
+_STRUCT_TIME: Final = {"year": "tm_year", "month": "tm_mon", "day": "tm_mday", "hour": "tm_hour"}
+_GROUP_FIELDS: Final = {
+    xml.GroupBy.YEAR: ("year",),
+    xml.GroupBy.MONTH: ("year", "month"),
+    xml.GroupBy.DAY: ("year", "month", "day"),
+    xml.GroupBy.HOUR: ("year", "month", "day", "hour"),
+}
+
+
+def _grouped(service: EvQueue, where: InstanceFilter, groupby: xml.GroupBy) -> etree._Element:
+    """Instances counted per workflow and start hour/day/month/year (local time); `limit`/`offset` page groups."""
+    summaries, _ = service.api.instances.list_instances(
+        dataclasses.replace(where, limit=MAX_GROUPED_INSTANCES, offset=0)
+    )
+    fields = _GROUP_FIELDS[groupby]
+    counts: dict[tuple[str, tuple[int, ...]], int] = {}
+    for summary in summaries:
+        start = time.localtime(summary.started_at)
+        period = tuple(getattr(start, _STRUCT_TIME[name]) for name in fields)
+        key = (summary.workflow, period)
+        counts[key] = counts.get(key, 0) + 1
+    groups = sorted(counts.items(), key=lambda item: (item[0][1], item[0][0]), reverse=True)
+    page = groups[where.offset : where.offset + where.limit]
+    rows = [
+        xml.element(
+            "workflow",
+            {"name": name, "node_name": service.node, "count": count, **dict(zip(fields, period, strict=True))},
+        )
+        for (name, period), count in page
+    ]
+    return service.ok({"rows": len(groups)}, rows)
+
+
+def status_workflows(service: EvQueue, peer: Peer, command: xml.StatusWorkflows) -> Result:
+    running = sorted(service.api.instances.running(), key=lambda summary: summary.id)
+    shown = running if command.limit is None else running[: command.limit]
+    rows = [
+        xml.element("workflow", {**_summary_attrs(summary), "end_time": None, **summary.counters}) for summary in shown
+    ]
+    return service.ok({"count": len(running)}, rows)
+
+
+def status_scheduler(service: EvQueue, peer: Peer, command: xml.StatusScheduler) -> Result:
+    return service.ok(children=[xml.element("status")])  # no workflow schedules yet
+
+
+def status_configuration(service: EvQueue, peer: Peer, command: xml.StatusConfiguration) -> Result:
+    """The running configuration as evQueue's name/value entries: the [daemon] settings and the queues. Tasks are
+    left out: their environments may hold secrets."""
+    config = service.api.engine.config
+    entries: list[tuple[str, object]] = []
+    for setting in dataclasses.fields(config.daemon):
+        value = getattr(config.daemon, setting.name)
+        if dataclasses.is_dataclass(value):
+            entries += [
+                (f"daemon.{setting.name}.{sub.name}", getattr(value, sub.name)) for sub in dataclasses.fields(value)
+            ]
+        else:
+            entries.append((f"daemon.{setting.name}", value))
+    for name, queue in config.queues.items():
+        entries += [(f"queue.{name}.concurrency", queue.concurrency), (f"queue.{name}.scheduler", queue.scheduler)]
+    configuration = xml.element("configuration")
+    configuration.extend(
+        xml.element("entry", {"name": name, "value": "" if value is None else str(value)}) for name, value in entries
+    )
+    return service.ok(children=[configuration])
+
+
+def statistics_global(service: EvQueue, peer: Peer, command: xml.StatisticsGlobal) -> Result:
+    service.statistics.statistics_queries += 1
+    counters: dict[str, xml.AttributeValue] = dict(dataclasses.asdict(service.statistics))
+    counters.update(
+        accepted_ws_connections=0,
+        current_ws_connections=0,
+        ws_queries=0,
+        ws_events=0,
+        ws_subscriptions=0,
+        workflow_exceptions=0,
+        workflow_instance_executing=len(service.api.instances.running()),
+        workflow_instance_errors=sum(1 for summary in service.api.instances.running() if summary.errors),
+    )
+    return service.ok(children=[xml.element("statistics", counters)])
+
+
+def _evqueue_scheduler(scheduler: Scheduler) -> str:
+    return "fifo" if scheduler is Scheduler.FIFO else "prio"
+
+
+def statistics_queues(service: EvQueue, peer: Peer, command: xml.StatisticsQueues) -> Result:
+    service.statistics.statistics_queries += 1
+    statistics = xml.element("statistics")
+    statistics.extend(
+        xml.element(
+            "queue",
+            {
+                "name": queue.name,
+                "concurrency": queue.definition.concurrency,
+                "size": queue.ready_count(),
+                "running_tasks": len(queue.running),
+                "scheduler": _evqueue_scheduler(queue.definition.scheduler),
+            },
+        )
+        for queue in service.api.engine.queue_list()
+    )
+    return service.ok(children=[statistics])
+
+
+def queuepool_list(service: EvQueue, peer: Peer, command: xml.QueuePoolList) -> Result:
+    # Queue ids number the configured queues by name (queues are TOML, not database rows).
+    queues = service.api.engine.config.queues
+    return service.ok(
+        children=[
+            xml.element(
+                "queue",
+                {
+                    "id": number,
+                    "name": name,
+                    "concurrency": queues[name].concurrency,
+                    "scheduler": _evqueue_scheduler(queues[name].scheduler),
+                    "dynamic": "no",
+                },
+            )
+            for number, name in enumerate(sorted(queues), start=1)
+        ]
+    )
+
+
+def workflows_list(service: EvQueue, peer: Peer, command: xml.WorkflowsList) -> Result:
+    rows = []
+    for number, workflow in enumerate(_workflows(service.api), start=1):
+        attrs = _workflow_attrs(number, workflow)
+        if command.full:
+            row = _definition(workflow)
+            for name, value in attrs.items():
+                row.set(name, str(value))
+        else:
+            row = xml.element("workflow", attrs)
+        rows.append(row)
+    return service.ok(children=rows)
+
+
+def workflow_get(service: EvQueue, peer: Peer, command: xml.WorkflowGet) -> Result:
+    workflows = _workflows(service.api)
+    for number, workflow in enumerate(workflows, start=1):
+        if number == command.workflow_id or workflow.name == command.name:
+            wrapper = xml.element(
+                "workflow", {k: v for k, v in _workflow_attrs(number, workflow).items() if k != "lastcommit"}
+            )
+            wrapper.append(_definition(workflow))
+            return service.ok(children=[wrapper])
+    wanted = f"id {command.workflow_id}" if command.name is None else f"name : {command.name}"
+    raise UnknownWorkflow(
+        f"Unknown workflow {wanted}; defined workflows: {', '.join(w.name for w in workflows) or 'none'}",
+        allowed=[w.name for w in workflows],
+    )
+
+
+def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowSchedulesList) -> Result:
+    return service.ok()  # no workflow schedules yet
+
+
+def control_reload(service: EvQueue, peer: Peer, command: xml.ControlReload) -> Result:
+    service.api.daemon.reload()  # every module: the configuration and workflows are one all-or-nothing set
+    return service.ok()
+
+
+Handler = Callable[[EvQueue, Peer, Any], Result]
+
+HANDLERS: Final[Mapping[type, Handler]] = {
+    xml.Ping: ping,
+    xml.Quit: quit_,
+    xml.InstanceLaunch: instance_launch,
+    xml.InstanceQuery: instance_query,
+    xml.InstanceWait: instance_wait,
+    xml.InstanceCancel: instance_cancel,
+    xml.InstanceKillTask: instance_killtask,
+    xml.InstanceDelete: instance_delete,
+    xml.InstanceDebugResume: instance_debugresume,
+    xml.InstancesList: instances_list,
+    xml.StatusWorkflows: status_workflows,
+    xml.StatusScheduler: status_scheduler,
+    xml.StatusConfiguration: status_configuration,
+    xml.StatisticsGlobal: statistics_global,
+    xml.StatisticsQueues: statistics_queues,
+    xml.QueuePoolList: queuepool_list,
+    xml.WorkflowsList: workflows_list,
+    xml.WorkflowGet: workflow_get,
+    xml.WorkflowSchedulesList: workflow_schedules_list,
+    xml.ControlReload: control_reload,
+}
