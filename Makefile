@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEV_SOCKET := $(CURDIR)/.jobd/jobd.sock
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit php bench clean
 
 # Debian's system Python needs python3-venv for `python3 -m venv`; install it only when missing.
 $(PY):
@@ -32,7 +32,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict jobd
 
-unit: $(STAMP)
+# tests/test_php_client.py runs an evQueue-style PHP client: php-cli with DOM (php-xml), installed only when missing.
+php:
+	@php -r 'exit(class_exists("DOMDocument") ? 0 : 1);' 2>/dev/null || { \
+	  echo "installing php-cli and php-xml with apt-get"; apt-get update -qq && apt-get install -y -qq php-cli php-xml; }
+
+unit: $(STAMP) php
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
