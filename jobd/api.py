@@ -204,6 +204,7 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
         retry=None if retry_raw is None else _retry(p, retry_raw),
         kill_grace=p.number("kill_grace"),
         max_output=p.integer("max_output"),
+        merge_stderr=p.flag("merge_stderr"),
     )
     delay = p.number("delay") or 0.0
     return request, delay

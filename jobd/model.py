@@ -231,6 +231,7 @@ class JobSpec:
     context: str | None = None
     key: str | None = None
     submitted_by: int | None = None  # uid of the peer
+    merge_stderr: bool = False  # stderr goes to the stdout stream (2>&1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,7 @@ class LaunchSpec:
     stderr_path: str
     log_path: str
     max_output: int
+    merge_stderr: bool = False  # the child's stderr is its stdout (2>&1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +317,10 @@ class Child:
                 parent_ends.append(read_end)
                 child_ends.append(write_end)
             out_r, err_r, log_r = parent_ends
+            if spec.merge_stderr:
+                # fd 2 shares stdout's pipe; the stderr pipe is closed at once and its reader sees EOF.
+                os.close(child_ends[2])
+                child_ends[2] = os.dup(child_ends[1])
             opened.append(_OutputSink(out_r, spec.stdout_path, spec.max_output, on_output))
             opened.append(_OutputSink(err_r, spec.stderr_path, spec.max_output, on_output))
             opened.append(_ProgressReader(log_r, spec.log_path, spec.max_output, on_progress, on_log))

@@ -58,6 +58,7 @@ class JobRow(_Base):
     retry = peewee.TextField()  # JSON object
     max_output = peewee.BigIntegerField()
     submitted_by = peewee.IntegerField(null=True)
+    merge_stderr = peewee.BooleanField(default=False)  # since schema version 4
 
     class Meta:
         table_name = "job"
@@ -97,7 +98,23 @@ class QueueStateRow(_Base):
 
 
 def _migration_1(db: peewee.SqliteDatabase) -> None:
-    db.create_tables([JobRow, AttemptRow, QueueStateRow])
+    # The tables as the first release made them: later columns are added by their own migrations.
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        'CREATE TABLE IF NOT EXISTS "job" ("id" INTEGER NOT NULL PRIMARY KEY, "task" TEXT, "command" TEXT NOT NULL, '
+        '"queue" TEXT NOT NULL, "priority" INTEGER NOT NULL, "state" TEXT NOT NULL, "context" TEXT, "key" TEXT, '
+        '"created_at" REAL NOT NULL, "run_at" REAL NOT NULL, "started_at" REAL, "finished_at" REAL, '
+        '"attempts" INTEGER NOT NULL, "exit_code" INTEGER, "signal" INTEGER, "progress" INTEGER NOT NULL, '
+        '"error" TEXT, "env" TEXT NOT NULL, "stdin" BLOB, "working_dir" TEXT, "timeout" REAL, '
+        '"kill_grace" REAL NOT NULL, "retry" TEXT NOT NULL, "max_output" INTEGER NOT NULL, "submitted_by" INTEGER)'
+    )
+    for statement in (
+        'CREATE UNIQUE INDEX IF NOT EXISTS "job_key" ON "job" ("key")',
+        'CREATE INDEX IF NOT EXISTS "job_state_queue" ON "job" ("state", "queue")',
+        'CREATE INDEX IF NOT EXISTS "job_context" ON "job" ("context")',
+        'CREATE INDEX IF NOT EXISTS "job_task" ON "job" ("task")',
+    ):
+        db.execute_sql(statement)  # type: ignore[no-untyped-call]
+    db.create_tables([AttemptRow, QueueStateRow])
 
 
 def _migration_2(db: peewee.SqliteDatabase) -> None:
@@ -141,8 +158,12 @@ def _migration_3(db: peewee.SqliteDatabase) -> None:
     db.create_tables([InstanceRow])
 
 
+def _migration_4(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql('ALTER TABLE "job" ADD COLUMN "merge_stderr" INTEGER NOT NULL DEFAULT 0')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
-MIGRATIONS = (_migration_1, _migration_2, _migration_3)
+MIGRATIONS = (_migration_1, _migration_2, _migration_3, _migration_4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -481,7 +502,7 @@ class _GroupFlusher:
 
 _SPEC_COLUMNS = (
     "task", "command", "queue", "priority", "context", "key", "env", "stdin", "working_dir", "timeout", "kill_grace",
-    "retry", "max_output", "submitted_by",
+    "retry", "max_output", "submitted_by", "merge_stderr",
 )  # fmt: skip
 _JOB_STATE_COLUMNS = (
     "state", "run_at", "started_at", "finished_at", "attempts", "exit_code", "signal", "progress", "error",
@@ -529,6 +550,7 @@ def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
         _NO_RETRY_JSON if spec.retry == _NO_RETRY else json.dumps(spec.retry.to_json()),
         spec.max_output,
         spec.submitted_by,
+        spec.merge_stderr,
     )
 
 
@@ -579,6 +601,7 @@ def _job_from_row(row: JobRow) -> Job:
         context=row.context,
         key=row.key,
         submitted_by=row.submitted_by,
+        merge_stderr=bool(row.merge_stderr),
     )
     return Job(
         id=row.id,

@@ -418,6 +418,16 @@ def test_a_grandchild_keeping_stdout_open_does_not_delay_completion(server: Any,
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
+def test_merge_stderr_puts_both_streams_into_stdout_in_the_order_written(server: Any) -> None:
+    job = run(server, command=sh("echo one; echo two >&2; echo three"), merge_stderr=True)
+    assert job["state"] == "succeeded"
+    assert server.call("job.output", {"id": job["id"]})["data"] == "one\ntwo\nthree\n"
+    assert server.call("job.output", {"id": job["id"], "stream": "stderr"})["data"] == ""
+    separate = run(server, command=sh("echo one; echo two >&2"))
+    assert server.call("job.output", {"id": separate["id"]})["data"] == "one\n"
+    assert server.call("job.output", {"id": separate["id"], "stream": "stderr"})["data"] == "two\n"
+
+
 # -- 8. output limits --------------------------------------------------------------------------------------------
 
 

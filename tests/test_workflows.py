@@ -38,12 +38,29 @@ SLOW_WORKFLOW = """<workflow>
 """
 
 
+EDGES_WORKFLOW = """<workflow>
+  <subjobs>
+    <job name="edges">
+      <tasks>
+        <task name="big" path="/bin/sh -c 'exit 200'" queue="default"/>
+        <task name="merged" path="/bin/sh -c 'echo out; echo err >&amp;2'" merge-stderr="yes" queue="default"/>
+        <task name="binary" path="/usr/bin/printf 'a\\001b\\377c'" queue="default"/>
+        <task name="badxml" path="/bin/echo '&lt;unclosed&gt;'" output-method="XML" queue="default"/>
+        <task name="far" path="/bin/true" host="example.org" queue="default"/>
+      </tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
 def _install_corpus(daemon: Daemon) -> None:
     workflows = daemon.config_dir / "workflows"
     workflows.mkdir()
     for source in CORPUS.glob("*.xml"):
         shutil.copy(source, workflows / source.name)
     (workflows / "slow.xml").write_text(SLOW_WORKFLOW)
+    (workflows / "edges.xml").write_text(EDGES_WORKFLOW)
 
 
 def _corpus_daemon(make_daemon: Any) -> Daemon:
@@ -148,3 +165,18 @@ def test_instance_list_filters_by_workflow_and_errors(wf: Daemon) -> None:
     listed = wf.call("instance.list", {"workflow": "trivial"})
     assert [i["id"] for i in listed["instances"]] == [ok["id"]] and listed["total"] == 1
     assert wf.call("instance.list", {"errors": True})["total"] == 0
+
+
+def test_exit_codes_merged_stderr_binary_output_bad_xml_and_remote_tasks(wf: Daemon) -> None:
+    launched = wf.call("instance.launch", {"workflow": "edges"})
+    done = wf.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    document = _document(wf, launched["id"])
+    tasks = {task.get("name"): task for task in document.iter("task")}
+    assert tasks["big"].get("retval") == "200"  # 0-255 exactly (evQueue stored -56)
+    assert tasks["merged"].findtext("output") == "out\nerr\n" and not tasks["merged"].findtext("stderr")
+    # Control characters and invalid UTF-8 are kept, made safe once: U+2401 for \x01, U+FFFD for \xff.
+    assert tasks["binary"].findtext("output") == "a\u2401b\ufffdc"
+    assert tasks["badxml"].get("status") == "ABORTED" and tasks["badxml"].get("error") == "Invalid XML returned"
+    assert tasks["far"].get("status") == "ABORTED" and "remote execution is not supported" in tasks["far"].get("error")
+    assert done["status"] == "TERMINATED" and done["errors"] == 3
+    assert wf.log().count("\n") < 200  # a handful of lines, not one per odd byte

@@ -225,6 +225,7 @@ class Engine:
             stderr_path=self.output_path(job.id, number, "stderr"),
             log_path=self.output_path(job.id, number, "log"),
             max_output=job.spec.max_output,
+            merge_stderr=job.spec.merge_stderr,
         )
         job = transition(
             job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None

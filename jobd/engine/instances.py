@@ -29,7 +29,7 @@ from jobd.engine.workflow import (
     TaskResult,
 )
 from jobd.errors import InvalidParams, JobdError, JobFinished, UnknownInstance, UnknownJob, UnknownWorkflow
-from jobd.model import DEFAULT_MAX_OUTPUT, InstanceSummary, Job, JobSpec, JobState, RetryPolicy
+from jobd.model import InstanceSummary, Job, JobSpec, JobState, RetryPolicy
 from jobd.store import InstanceFilter, Store
 
 log = logging.getLogger("jobd.instances")
@@ -57,6 +57,7 @@ class Instances:
         self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")
         self._live: dict[int, _Live] = {}
         self._task_of_job: dict[int, tuple[int, int]] = {}  # job id -> (instance id, evqid)
+        self._unsaved: set[int] = set()  # instances changed since the last save
 
     # -- launching -----------------------------------------------------------------------------------------------
 
@@ -115,6 +116,7 @@ class Instances:
         self._live[instance_id] = live
         log.info("instance=%d of workflow %s launched", instance_id, workflow)
         self._apply(live, actions)
+        self._save_changed()  # at once: the row must never be left without its document
         return instance_id
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -228,7 +230,10 @@ class Instances:
         live.jobs[action.evqid] = job.id
         self._task_of_job[job.id] = (instance_id, action.evqid)
         live.machine.job_assigned(action.evqid, job.id)
-        self.engine.watch(job.id, self)
+        if job.state.finished:  # the key found this try's job from before a crash, and it has ended already
+            asyncio.get_running_loop().call_soon(self.job_finished, job)
+        else:
+            self.engine.watch(job.id, self)
 
     def _job_spec(self, live: _Live, action: RunTask) -> JobSpec:
         config = self.engine.config
@@ -248,10 +253,19 @@ class Instances:
             timeout=action.timeout,
             kill_grace=defined.kill_grace if defined is not None else config.daemon.kill_grace,
             retry=action.retry or RetryPolicy(),
-            max_output=defined.max_output if defined is not None else DEFAULT_MAX_OUTPUT,
+            max_output=defined.max_output if defined is not None else config.daemon.max_output,
+            merge_stderr=action.merge_stderr,
             context=f"instance:{live.summary.id}",
+            # The key makes the submit idempotent: after a crash between this commit and the next save of the
+            # document (which records the job id in `tid`), resubmitting the task finds this job, not a twin.
+            key=f"instance:{live.summary.id}:task:{action.evqid}:try:{self._tries(live, action.evqid) + 1}",
             submitted_by=live.summary.launched_by,
         )
+
+    @staticmethod
+    def _tries(live: _Live, evqid: int) -> int:
+        task = live.machine.task(evqid)
+        return 0 if task is None else len(task.findall("output"))  # one <output> per ended try
 
     def _write_script(self, instance_id: int, evqid: int, script: str) -> str:
         os.makedirs(self.scripts_dir, mode=0o700, exist_ok=True)
@@ -306,10 +320,22 @@ class Instances:
                         os.unlink(os.path.join(self.scripts_dir, name))
 
     def _save(self, live: _Live) -> None:
-        if live.summary.id not in self._live:  # ended while these actions were applied: saved by _finished
-            return
-        machine = live.machine
-        self.store.save_instance(live.summary.id, str(machine.status), machine.errors, None, (), machine.to_xml())
+        """Save the document once this pass of the event loop is over, however many events changed it.
+
+        Losing the last pass's changes to a crash is safe: a restart reconciles every task with its job (a task
+        whose job has ended meanwhile is ended from the job's record), so the saved document may lag a little.
+        """
+        if not self._unsaved:
+            asyncio.get_running_loop().call_soon(self._save_changed)
+        self._unsaved.add(live.summary.id)
+
+    def _save_changed(self) -> None:
+        for instance_id in sorted(self._unsaved):
+            live = self._live.get(instance_id)
+            if live is not None:  # an instance that ended was saved by _finished
+                machine = live.machine
+                self.store.save_instance(instance_id, str(machine.status), machine.errors, None, (), machine.to_xml())
+        self._unsaved.clear()
 
     # -- what the engine tells about the jobs (JobWatcher) ---------------------------------------------------
 

@@ -42,6 +42,7 @@ class SubmitRequest:
     stdin: bytes | None = None
     context: str | None = None
     key: str | None = None
+    merge_stderr: bool = False
     # ad-hoc commands only: tasks take these from the configuration
     working_dir: str | None = None
     retry: RetryPolicy | None = None
@@ -112,6 +113,7 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
         context=request.context,
         key=request.key,
         submitted_by=peer.uid,
+        merge_stderr=request.merge_stderr,
     )
 
 
@@ -137,6 +139,7 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
         context=request.context,
         key=request.key,
         submitted_by=peer.uid,
+        merge_stderr=request.merge_stderr,
     )
 
 
