@@ -431,11 +431,6 @@ def test_a_synchronous_launch_that_times_out_says_so(corpus_daemon: Any) -> None
         ko(client.ask(b'<instance action="cancel" id="9999"/>'), "UNKNOWN_INSTANCE")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/instances.py: a task whose job starts inside engine.submit() (a free queue) is watched only "
-    "after it started, so its document keeps status QUEUED and never gets its pid",
-)
 def test_killtask_stops_the_task_of_a_running_instance(corpus_daemon: Any) -> None:
     with EvqClient(corpus_daemon.evqueue_socket) as client:
         launched = ok(

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import select
 import subprocess
 from typing import Any
 
@@ -148,30 +149,46 @@ def test_launch_json_gives_the_instance(wf: Daemon) -> None:
     wf.call("instance.wait", {"id": instance["id"], "timeout": 30})
 
 
-def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon) -> None:
+def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon, tmp_path: Any) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # the instance stays EXECUTING until the test writes into it: no race with a fast workflow
     master, slave = os.openpty()
     try:
-        process = subprocess.run(
-            jobctl_argv("--socket", str(wf.socket_path), "launch", "loopdemo", "-p", "count=3", "--wait"),
+        process = subprocess.Popen(
+            jobctl_argv("--socket", str(wf.socket_path), "launch", "gated", "-p", f"gate={gate}", "--wait"),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=slave,
             env=environment(),
-            timeout=30,
         )
         os.close(slave)
         slave = -1
-        terminal = read_all(master).decode(errors="replace")
+        terminal = read_until(master, b"% EXECUTING", timeout=20)
+        with open(gate, "w") as writer:
+            writer.write("go\n")
+        out, _ = process.communicate(timeout=30)
+        terminal += read_all(master)
     finally:
         os.close(master)
         if slave >= 0:
             os.close(slave)
-    assert process.returncode == 0, terminal
-    instance_id = int(process.stdout.split()[1])
-    assert f"\rinstance {instance_id} [" in terminal, terminal
-    assert "% EXECUTING" in terminal, terminal
-    assert f"instance {instance_id} (loopdemo) succeeded in " in terminal, terminal
-    assert "Traceback" not in terminal
+    text = terminal.decode(errors="replace")
+    assert process.returncode == 0, text
+    instance_id = int(out.split()[1])
+    assert f"\rinstance {instance_id} [" in text, text
+    assert "% EXECUTING" in text, text
+    assert f"instance {instance_id} (gated) succeeded in " in text, text
+    assert "Traceback" not in text
+
+
+def read_until(master: int, wanted: bytes, timeout: float) -> bytes:
+    """What a pty shows until `wanted` appears (the kernel wakes us on each write; no polling)."""
+    data = b""
+    while wanted not in data:
+        ready, _, _ = select.select([master], [], [], timeout)
+        assert ready, f"{wanted!r} did not appear within {timeout}s: {data!r}"
+        data += os.read(master, 65536)
+    return data
 
 
 def read_all(master: int) -> bytes:

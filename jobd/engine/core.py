@@ -150,9 +150,10 @@ class Engine:
 
     # -- submit ------------------------------------------------------------------------------------------------
 
-    def submit(self, specs: Sequence[JobSpec], delays: Sequence[float]) -> list[Job]:
+    def submit(self, specs: Sequence[JobSpec], delays: Sequence[float], watcher: JobWatcher | None = None) -> list[Job]:
         """Commit jobs (all or none) and queue them. They survive a crash of jobd from here on; with durability
-        `fsync` the reply must also wait for `made_durable()`."""
+        `fsync` the reply must also wait for `made_durable()`. `watcher` hears about the jobs this call creates
+        from the start (a job may even start before this returns, when its queue has a free slot)."""
         if self.stopping:
             raise ShuttingDown("jobd is stopping and takes no new jobs")
         for spec in specs:
@@ -166,6 +167,8 @@ class Engine:
             if created:
                 log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
                 self.jobs[job.id] = job
+                if watcher is not None:
+                    self._watchers[job.id] = watcher
                 self._emit("job.state", job)
                 self._admit(job)
         return [self.jobs.get(job.id, job) for job, _ in results]

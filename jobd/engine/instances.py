@@ -56,7 +56,6 @@ class Instances:
         self.clock = clock
         self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")
         self._live: dict[int, _Live] = {}
-        self._task_of_job: dict[int, tuple[int, int]] = {}  # job id -> (instance id, evqid)
         self._unsaved: set[int] = set()  # instances changed since the last save
 
     # -- launching -----------------------------------------------------------------------------------------------
@@ -209,7 +208,6 @@ class Instances:
             elif isinstance(action, DequeueTask):
                 job_id = live.jobs.pop(action.evqid, None)
                 if job_id is not None:
-                    self._task_of_job.pop(job_id, None)
                     self._cancel_job(job_id)
             elif isinstance(action, InstanceFinished):
                 self._finished(live, action)
@@ -220,7 +218,8 @@ class Instances:
         instance_id = live.summary.id
         try:
             spec = self._job_spec(live, action)
-            [job] = self.engine.submit([spec], [0.0])
+            watcher = _TaskWatcher(self, instance_id, action.evqid)
+            [job] = self.engine.submit([spec], [0.0], watcher)
         except JobdError as error:
             # The queue vanished in a reload, jobd is stopping, ...: the task ends as a failure to start.
             log.warning("instance=%d task %d cannot be submitted: %s", instance_id, action.evqid, error.message)
@@ -228,12 +227,12 @@ class Instances:
             self._apply(live, live.machine.task_ended(action.evqid, result, self.clock()))
             return
         live.jobs[action.evqid] = job.id
-        self._task_of_job[job.id] = (instance_id, action.evqid)
         live.machine.job_assigned(action.evqid, job.id)
         if job.state.finished:  # the key found this try's job from before a crash, and it has ended already
-            asyncio.get_running_loop().call_soon(self.job_finished, job)
-        else:
-            self.engine.watch(job.id, self)
+            asyncio.get_running_loop().call_soon(self._task_finished, instance_id, action.evqid, job)
+        elif job.state is JobState.RUNNING and watcher.started is None:  # found by its key, already running
+            self._task_started(instance_id, action.evqid, job, self.engine.running_pid(job.id) or 0)
+            self.engine.watch(job.id, watcher)
 
     def _job_spec(self, live: _Live, action: RunTask) -> JobSpec:
         config = self.engine.config
@@ -293,8 +292,6 @@ class Instances:
         now = self.clock()
         for timer in live.retry_timers.values():
             timer.cancel()
-        for job_id in live.jobs.values():
-            self._task_of_job.pop(job_id, None)
         del self._live[instance_id]
         self.store.save_instance(
             instance_id, str(finished.status), finished.errors, now, finished.tags, live.machine.to_xml()
@@ -337,40 +334,29 @@ class Instances:
                 self.store.save_instance(instance_id, str(machine.status), machine.errors, None, (), machine.to_xml())
         self._unsaved.clear()
 
-    # -- what the engine tells about the jobs (JobWatcher) ---------------------------------------------------
+    # -- what the engine tells about the jobs of tasks (through _TaskWatcher) ------------------------------
 
-    def job_started(self, job: Job, pid: int) -> None:
-        found = self._task(job.id)
-        if found is None:
+    def _task_started(self, instance_id: int, evqid: int, job: Job, pid: int) -> None:
+        live = self._live.get(instance_id)
+        if live is None:
             return
-        live, evqid = found
         actions = live.machine.task_started(evqid, job.id, self.clock())
         task = live.machine.task(evqid)
         if task is not None and task.get("status") == NodeStatus.EXECUTING:
             task.set("pid", str(pid))  # what evQueue clients pass to killtask
         self._apply(live, actions)
 
-    def job_progress(self, job: Job) -> None:
-        found = self._task(job.id)
-        if found is not None:
-            live, evqid = found
+    def _task_progress(self, instance_id: int, evqid: int, job: Job) -> None:
+        live = self._live.get(instance_id)
+        if live is not None:
             live.machine.task_progress(evqid, job.progress)
 
-    def job_finished(self, job: Job) -> None:
-        found = self._task(job.id)
-        if found is None:
+    def _task_finished(self, instance_id: int, evqid: int, job: Job) -> None:
+        live = self._live.get(instance_id)
+        if live is None or live.jobs.get(evqid) != job.id:  # the instance ended, or a cancel dropped the task
             return
-        live, evqid = found
-        del self._task_of_job[job.id]
-        live.jobs.pop(evqid, None)
+        del live.jobs[evqid]
         self._apply(live, live.machine.task_ended(evqid, self._result(job), self.clock()))
-
-    def _task(self, job_id: int) -> tuple[_Live, int] | None:
-        owner = self._task_of_job.get(job_id)
-        if owner is None:
-            return None
-        live = self._live.get(owner[0])
-        return None if live is None else (live, owner[1])
 
     def _result(self, job: Job) -> TaskResult:
         streams = {
@@ -436,8 +422,7 @@ class Instances:
                     actions += machine.task_ended(task.evqid, self._result(job), now)
                 else:
                     live.jobs[task.evqid] = job.id
-                    self._task_of_job[job.id] = (summary.id, task.evqid)
-                    self.engine.watch(job.id, self)
+                    self.engine.watch(job.id, _TaskWatcher(self, summary.id, task.evqid))
                     if job.state is JobState.RUNNING and task.status is NodeStatus.QUEUED:
                         actions += machine.task_started(task.evqid, job.id, now)
             log.info("instance=%d of workflow %s resumed", summary.id, summary.workflow)
@@ -450,3 +435,23 @@ class Instances:
             return self.engine.get(job_id)
         except UnknownJob:
             return None
+
+
+@dataclass
+class _TaskWatcher:
+    """The engine's JobWatcher for the job of one task: knows which instance and task the job runs."""
+
+    instances: Instances
+    instance_id: int
+    evqid: int
+    started: int | None = None  # pid, once the job has started
+
+    def job_started(self, job: Job, pid: int) -> None:
+        self.started = pid
+        self.instances._task_started(self.instance_id, self.evqid, job, pid)
+
+    def job_progress(self, job: Job) -> None:
+        self.instances._task_progress(self.instance_id, self.evqid, job)
+
+    def job_finished(self, job: Job) -> None:
+        self.instances._task_finished(self.instance_id, self.evqid, job)
