@@ -346,6 +346,7 @@ class InstanceSummary:
     parameters: Mapping[str, str] = field(default_factory=dict)
     counters: Mapping[str, int] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    custom_attributes: tuple[tuple[str, str], ...] = ()  # (name, value) pairs computed when it ended
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -361,4 +362,18 @@ class InstanceSummary:
             "parameters": dict(self.parameters),
             "counters": dict(self.counters),
             "tags": list(self.tags),
+            "custom_attributes": [list(pair) for pair in self.custom_attributes],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """What jobd remembers of a `[schedule.NAME]` across restarts (the definition itself is in the config)."""
+
+    name: str
+    last_run: float | None = None  # when it last fired (wall clock)
+    last_result: str | None = None  # e.g. "succeeded", "failed", "skipped": set when that run ended
+    last_run_id: int | None = None  # the job or instance it started
+    next_run: float | None = None  # the due time computed last
+    suspended: bool = False  # on_failure = "suspend" stopped it after a failure
+    enabled: bool | None = None  # schedule.enable/disable from the API; None: the config's `enabled` applies

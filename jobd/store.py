@@ -21,7 +21,17 @@ from typing import Any
 import peewee
 
 from jobd.errors import StartupError
-from jobd.model import FINISHED_STATES, Attempt, InstanceSummary, Job, JobSpec, JobState, Outcome, RetryPolicy
+from jobd.model import (
+    FINISHED_STATES,
+    Attempt,
+    InstanceSummary,
+    Job,
+    JobSpec,
+    JobState,
+    Outcome,
+    RetryPolicy,
+    ScheduleState,
+)
 
 _db = peewee.DatabaseProxy()
 
@@ -148,6 +158,7 @@ class InstanceRow(_Base):
     parameters = peewee.TextField()  # JSON object
     tags = peewee.TextField(default="[]")  # JSON list
     document = peewee.BlobField()  # the evQueue instance document, saved after every change
+    custom_attributes = peewee.TextField(default="[]")  # JSON list of [name, value]; since schema version 5
 
     class Meta:
         table_name = "instance"
@@ -155,15 +166,44 @@ class InstanceRow(_Base):
 
 
 def _migration_3(db: peewee.SqliteDatabase) -> None:
-    db.create_tables([InstanceRow])
+    # The table as schema version 3 had it: later columns come with their own migrations.
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        'CREATE TABLE IF NOT EXISTS "instance" ("id" INTEGER NOT NULL PRIMARY KEY, "workflow" TEXT NOT NULL, '
+        '"status" TEXT NOT NULL, "errors" INTEGER NOT NULL, "started_at" REAL NOT NULL, "ended_at" REAL, '
+        '"comment" TEXT, "host" TEXT, "user" TEXT, "launched_by" INTEGER, "parameters" TEXT NOT NULL, '
+        '"tags" TEXT NOT NULL, "document" BLOB NOT NULL)'
+    )
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "instance_status" ON "instance" ("status")')  # type: ignore[no-untyped-call]
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "instance_workflow" ON "instance" ("workflow")')  # type: ignore[no-untyped-call]
 
 
 def _migration_4(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('ALTER TABLE "job" ADD COLUMN "merge_stderr" INTEGER NOT NULL DEFAULT 0')  # type: ignore[no-untyped-call]
 
 
+def _migration_5(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql("""ALTER TABLE "instance" ADD COLUMN "custom_attributes" TEXT NOT NULL DEFAULT '[]'""")  # type: ignore[no-untyped-call]
+
+
+class ScheduleRow(_Base):
+    name = peewee.TextField(primary_key=True)
+    last_run = peewee.DoubleField(null=True)
+    last_result = peewee.TextField(null=True)
+    last_run_id = peewee.IntegerField(null=True)
+    next_run = peewee.DoubleField(null=True)
+    suspended = peewee.BooleanField(default=False)
+    enabled = peewee.BooleanField(null=True)
+
+    class Meta:
+        table_name = "schedule"
+
+
+def _migration_6(db: peewee.SqliteDatabase) -> None:
+    db.create_tables([ScheduleRow])
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
-MIGRATIONS = (_migration_1, _migration_2, _migration_3, _migration_4)
+MIGRATIONS = (_migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -377,12 +417,28 @@ class Store:
         return int(row.id)
 
     def save_instance(
-        self, instance_id: int, status: str, errors: int, ended_at: float | None, tags: Sequence[str], document: bytes
+        self,
+        instance_id: int,
+        status: str,
+        errors: int,
+        ended_at: float | None,
+        tags: Sequence[str],
+        document: bytes,
+        custom_attributes: Sequence[tuple[str, str]] = (),
     ) -> None:
         with self._transaction() as sql:
             sql.execute(
-                "UPDATE instance SET status = ?, errors = ?, ended_at = ?, tags = ?, document = ? WHERE id = ?",
-                (status, errors, ended_at, json.dumps(list(tags)), document, instance_id),
+                "UPDATE instance SET status = ?, errors = ?, ended_at = ?, tags = ?, document = ?, "
+                "custom_attributes = ? WHERE id = ?",
+                (
+                    status,
+                    errors,
+                    ended_at,
+                    json.dumps(list(tags)),
+                    document,
+                    json.dumps([list(pair) for pair in custom_attributes]),
+                    instance_id,
+                ),
             )
 
     def instance(self, instance_id: int) -> tuple[InstanceSummary, bytes] | None:
@@ -424,6 +480,38 @@ class Store:
     def delete_instance(self, instance_id: int) -> None:
         with self.db.atomic():
             InstanceRow.delete().where(InstanceRow.id == instance_id).execute()
+
+    # -- schedules -------------------------------------------------------------------------------------------
+
+    def schedule_states(self) -> dict[str, ScheduleState]:
+        return {
+            row.name: ScheduleState(
+                name=row.name,
+                last_run=row.last_run,
+                last_result=row.last_result,
+                last_run_id=row.last_run_id,
+                next_run=row.next_run,
+                suspended=bool(row.suspended),
+                enabled=None if row.enabled is None else bool(row.enabled),
+            )
+            for row in ScheduleRow.select()
+        }
+
+    def save_schedule_state(self, state: ScheduleState) -> None:
+        with self.db.atomic():
+            ScheduleRow.insert(
+                name=state.name,
+                last_run=state.last_run,
+                last_result=state.last_result,
+                last_run_id=state.last_run_id,
+                next_run=state.next_run,
+                suspended=state.suspended,
+                enabled=state.enabled,
+            ).on_conflict_replace().execute()
+
+    def forget_schedule(self, name: str) -> None:
+        with self.db.atomic():
+            ScheduleRow.delete().where(ScheduleRow.name == name).execute()
 
     # -- queues ----------------------------------------------------------------------------------------------
 
@@ -568,6 +656,7 @@ def _instance_from_row(row: InstanceRow) -> InstanceSummary:
         launched_by=row.launched_by,
         parameters=json.loads(row.parameters),
         tags=tuple(json.loads(row.tags)),
+        custom_attributes=tuple((str(name), str(value)) for name, value in json.loads(row.custom_attributes)),
     )
 
 

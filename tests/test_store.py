@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobd.errors import StartupError
-from jobd.model import JobSpec, JobState
+from jobd.model import JobSpec, JobState, ScheduleState
 from jobd.store import MIGRATIONS, SCHEMA_VERSION, Store, _db
 
 
@@ -98,3 +98,22 @@ def test_a_database_from_a_newer_jobd_is_refused(tmp_path: Path) -> None:
     store = Store(str(path))
     with pytest.raises(StartupError, match="newer than this jobd"):
         store.open()
+
+
+def test_schedule_state_survives_reopening_and_can_be_forgotten(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.sqlite3"
+    state = ScheduleState("nightly", last_run=10.0, last_result="failed", last_run_id=7, next_run=20.0, suspended=True)
+    store = Store(str(path))
+    store.open()
+    store.save_schedule_state(state)
+    store.save_schedule_state(ScheduleState("hourly", enabled=False))
+    store.close()
+    store = Store(str(path))
+    store.open()
+    try:
+        states = store.schedule_states()
+        assert states["nightly"] == state and states["hourly"].enabled is False
+        store.forget_schedule("hourly")
+        assert set(store.schedule_states()) == {"nightly"}
+    finally:
+        store.close()
