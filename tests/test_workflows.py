@@ -6,6 +6,7 @@ tasks; its relative programs (list.sh, show.sh, fail.sh) are found in tasks_dire
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,25 @@ SLOW_WORKFLOW = """<workflow>
 """
 
 
+# Its second task blocks reading the FIFO named by `gate` until the test writes a line: a task that is running for
+# as long as the test needs, without sleeping. It may be retried once.
+RESUMABLE_WORKFLOW = """<workflow>
+  <parameters><parameter name="gate"/></parameters>
+  <subjobs>
+    <job name="one">
+      <tasks><task name="first" path="/bin/echo first" queue="default"/></tasks>
+      <subjobs>
+        <job name="two">
+          <tasks><task name="read-gate" path="/usr/bin/head -n 1" queue="default" retry_times="1" retry_delay="1">
+            <input name="gate"><value select="evqGetWorkflowParameter('gate')"/></input>
+          </task></tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
 EDGES_WORKFLOW = """<workflow>
   <subjobs>
     <job name="edges">
@@ -61,6 +81,7 @@ def _install_corpus(daemon: Daemon) -> None:
         shutil.copy(source, workflows / source.name)
     (workflows / "slow.xml").write_text(SLOW_WORKFLOW)
     (workflows / "edges.xml").write_text(EDGES_WORKFLOW)
+    (workflows / "resumable.xml").write_text(RESUMABLE_WORKFLOW)
 
 
 def _corpus_daemon(make_daemon: Any) -> Daemon:
@@ -143,20 +164,31 @@ def test_cancel_stops_queueing_and_the_instance_ends_once_its_running_task_ends(
     assert document.find(".//job[@name='after']/tasks/task[@status='TERMINATED']") is None
 
 
-def test_an_executing_instance_resumes_after_kill_9_and_finishes(make_daemon: Any) -> None:
+def test_after_kill_9_finished_tasks_keep_their_results_and_a_running_one_follows_its_retry_rules(
+    make_daemon: Any, tmp_path: Path
+) -> None:
     daemon = _corpus_daemon(make_daemon)
     attach(daemon)  # kill9 and start drain the notify socket through it
-    launched = daemon.call("instance.launch", {"workflow": "slow", "parameters": {"seconds": "0.5"}})
-    first = daemon.call("instance.get", {"id": launched["id"]})["jobs"][0]["tasks"][0]
-    daemon.call("job.wait", {"id": first["job_id"], "timeout": 30})  # the sleeper ended ...
-    kill9(daemon)  # ... and jobd dies, maybe before, maybe after it recorded that in the document
-    start(daemon)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    launched = daemon.call("instance.launch", {"workflow": "resumable", "parameters": {"gate": str(gate)}})
+    # Opening the FIFO for writing returns once a reader opened it: the second task is running (the first ended).
+    with open(gate, "w"):
+        kill9(daemon)
+    start(daemon)  # recovery kills the orphaned reader; the task is lost and retried after retry_delay
+    with open(gate, "w") as writer:  # the retry's reader
+        writer.write("go\n")
     done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
-    assert done["status"] == "TERMINATED", _document(daemon, launched["id"])
     document = _document(daemon, launched["id"])
-    tasks = document.findall(".//task")
-    assert [t.get("status") for t in tasks] == ["TERMINATED", "TERMINATED"]
-    assert document.find(".//job[@name='after']/tasks/task/output").text == "after\n"
+    assert done["status"] == "TERMINATED" and done["errors"] == 0, etree.tostring(document)
+    first = document.find(".//task[@name='first']")
+    assert first is not None and first.get("retval") == "0" and first.findtext("output") == "first\n"
+    assert len(first.findall("output")) == 1  # it ran once: its result was kept, not redone
+    gated = document.find(".//task[@name='read-gate']")
+    assert gated is not None and gated.get("retval") == "0"
+    outputs = gated.findall("output")
+    assert [o.get("retval") for o in outputs] == ["-1", "0"]  # the lost try, then the retry
+    assert outputs[1].text == "go\n"
 
 
 def test_instance_list_filters_by_workflow_and_errors(wf: Daemon) -> None:
