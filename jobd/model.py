@@ -210,6 +210,7 @@ class Config:
     tasks: Mapping[str, TaskDef] = field(default_factory=dict)
     retry_schedules: Mapping[str, RetrySchedule] = field(default_factory=dict)
     workflows: Mapping[str, WorkflowDef] = field(default_factory=dict)
+    schedules: Mapping[str, ScheduleDef] = field(default_factory=dict)
     files: tuple[str, ...] = ()  # the files it was read from, in the order they applied
 
 
@@ -377,3 +378,37 @@ class ScheduleState:
     next_run: float | None = None  # the due time computed last
     suspended: bool = False  # on_failure = "suspend" stopped it after a failure
     enabled: bool | None = None  # schedule.enable/disable from the API; None: the config's `enabled` applies
+
+
+class Overlap(StrEnum):
+    """What a schedule does when its time comes while its previous run is still going."""
+
+    SKIP = "skip"  # evQueue's rule: the next time is computed when the running one ends
+    QUEUE_ONE = "queue_one"  # remember one due time and start it when the running one ends
+    ALLOW = "allow"  # start another run regardless
+
+
+class OnFailure(StrEnum):
+    CONTINUE = "continue"  # keep firing after a failed run
+    SUSPEND = "suspend"  # a failed run stops the schedule until it is enabled again
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleDef:
+    """`[schedule.NAME]`: when to start a workflow or a task, checked against the rest of the config.
+
+    `calendar` is the text as written (cron, `@daily`-style macro or evQueue's `sec;min;hour;day;month;wday`);
+    `jobd.engine.schedule.Calendar.parse` turns it into something that computes due times.
+    """
+
+    name: str
+    calendar: str
+    target_kind: str  # "workflow" | "task"
+    target: str
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    timezone: str | None = None  # an IANA name; None: the machine's local time
+    overlap: Overlap = Overlap.SKIP
+    on_failure: OnFailure = OnFailure.CONTINUE
+    catch_up: bool = False  # systemd's Persistent=: one run at start-up when a due time was missed while down
+    jitter: float = 0.0  # seconds: each due time is delayed by a random amount up to this
+    enabled: bool = True
