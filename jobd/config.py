@@ -19,6 +19,7 @@ import os
 import re
 import stat
 import tomllib
+import zoneinfo
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 import inotify_simple
 
 from jobd import workflowdef
+from jobd.engine.schedule import Calendar
 from jobd.errors import ConfigError
 from jobd.model import (
     ENV_NAME,
@@ -35,11 +37,14 @@ from jobd.model import (
     DaemonDef,
     Durability,
     History,
+    OnFailure,
+    Overlap,
     ParameterMode,
     QueueDef,
     RetryLevel,
     RetryPolicy,
     RetrySchedule,
+    ScheduleDef,
     Scheduler,
     TaskDef,
     WorkflowDef,
@@ -52,7 +57,7 @@ WORKFLOWS_DIR = "workflows"
 DEFAULT_QUEUE = "default"
 
 # The keys each kind of table accepts, in the order the documentation lists them.
-SECTIONS = ("daemon", "queue", "task", "retry_schedule")
+SECTIONS = ("daemon", "queue", "task", "retry_schedule", "schedule")
 DAEMON_KEYS = (
     "socket",
     "evqueue_socket",
@@ -79,6 +84,18 @@ TASK_KEYS = (
 RETRY_KEYS = ("times", "delay", "backoff", "on_exit_codes")
 RETRY_SCHEDULE_KEYS = ("levels",)
 RETRY_LEVEL_KEYS = ("delay", "times")
+SCHEDULE_KEYS = (
+    "workflow",
+    "task",
+    "parameters",
+    "calendar",
+    "timezone",
+    "overlap",
+    "on_failure",
+    "catch_up",
+    "jitter",
+    "enabled",
+)
 
 MAX_CONCURRENCY = 10_000
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -462,6 +479,7 @@ class _Merged:
     queues: dict[str, _Table]
     tasks: dict[str, _Table]
     retry_schedules: dict[str, _Table]
+    schedules: dict[str, _Table]
 
 
 def _merge(sources: Sequence[_Source]) -> _Merged:
@@ -469,8 +487,13 @@ def _merge(sources: Sequence[_Source]) -> _Merged:
 
     Values below a table's keys (inline tables such as `retry = {...}`) are replaced whole.
     """
-    merged = _Merged(daemon=_Table(("daemon",), None, {}), queues={}, tasks={}, retry_schedules={})
-    named = {"queue": merged.queues, "task": merged.tasks, "retry_schedule": merged.retry_schedules}
+    merged = _Merged(daemon=_Table(("daemon",), None, {}), queues={}, tasks={}, retry_schedules={}, schedules={})
+    named = {
+        "queue": merged.queues,
+        "task": merged.tasks,
+        "retry_schedule": merged.retry_schedules,
+        "schedule": merged.schedules,
+    }
     for source in sources:
         for section, body in _parse(source).items():
             if section == "daemon":
@@ -731,6 +754,104 @@ def _levels(setting: _Setting) -> tuple[RetryLevel, ...]:
     return tuple(levels)
 
 
+def _schedule(table: _Table, config: Config) -> ScheduleDef:
+    """`[schedule.NAME]`, checked against the tasks and the workflows it may start (so after workflows load)."""
+    table.reject_unknown(SCHEDULE_KEYS)
+    targets = [name for name in ("workflow", "task") if name in table.settings]
+    if len(targets) != 1:
+        assert table.source is not None
+        problem = "both workflow and task are set" if targets else "missing required key workflow or task"
+        raise _error(
+            table.source,
+            table.key,
+            f'{_dotted(table.key)}: {problem}; give exactly one: workflow = "NAME" or task = "NAME"',
+        )
+    kind = targets[0]
+    known = config.workflows if kind == "workflow" else config.tasks
+    target_setting = table.settings[kind]
+    target = _string(target_setting)
+    if target not in known:
+        raise target_setting.invalid(
+            f"{kind} {json.dumps(target)} is not defined; defined {kind}s: {', '.join(sorted(known)) or '(none)'}"
+        )
+    empty: Mapping[str, str] = MappingProxyType({})
+    parameters = table.read("parameters", _schedule_parameters(kind, config, target), empty)
+    if kind == "workflow":
+        declared = config.workflows[target].parameters
+        missing = [name for name in declared if name not in parameters]
+        if missing:
+            where = table.settings.get("parameters") or target_setting
+            raise where.invalid(
+                f"workflow {json.dumps(target)} needs parameters {', '.join(declared)}; missing: {', '.join(missing)}"
+            )
+    return ScheduleDef(
+        name=table.key[-1],
+        calendar=table.require("calendar", _calendar, CALENDAR_RULE),
+        target_kind=kind,
+        target=target,
+        parameters=parameters,
+        timezone=table.read("timezone", _timezone, None),
+        overlap=table.read("overlap", _choice(Overlap), Overlap.SKIP),
+        on_failure=table.read("on_failure", _choice(OnFailure), OnFailure.CONTINUE),
+        catch_up=table.read("catch_up", _boolean, False),
+        jitter=table.read("jitter", _number(0), 0.0),
+        enabled=table.read("enabled", _boolean, True),
+    )
+
+
+CALENDAR_RULE = (
+    'cron ("MIN HOUR DAY MONTH WDAY", or 6 fields with seconds first), @hourly, @daily, @weekly, @monthly, '
+    '@yearly, or evQueue\'s "SEC;MIN;HOUR;DAY;MONTH;WDAY"'
+)
+
+
+def _calendar(setting: _Setting) -> str:
+    if not isinstance(setting.value, str):
+        raise setting.expected(f"a string: {CALENDAR_RULE}")
+    try:
+        Calendar.parse(setting.value)
+    except ValueError as error:
+        raise setting.invalid(f"{json.dumps(setting.value)}: {error}; allowed: {CALENDAR_RULE}") from None
+    return setting.value
+
+
+def _timezone(setting: _Setting) -> str:
+    name = _string(setting)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise setting.invalid(
+            f'unknown time zone {json.dumps(name)}; allowed: an IANA name such as "Europe/Paris" or "UTC" '
+            "(omit the key for the machine's local time)"
+        ) from None
+    return name
+
+
+def _schedule_parameters(kind: str, config: Config, target: str) -> Callable[[_Setting], Mapping[str, str]]:
+    """A workflow takes exactly its declared parameters; a task takes params as `job.submit` does (env names)."""
+
+    def parse(setting: _Setting) -> Mapping[str, str]:
+        table = _Table.inline(setting)
+        declared = config.workflows[target].parameters if kind == "workflow" else None
+        parameters: dict[str, str] = {}
+        for name, value in table.settings.items():
+            if declared is not None and name not in declared:
+                raise value.invalid(
+                    f"workflow {json.dumps(target)} has no parameter {json.dumps(name)}; "
+                    f"its parameters: {', '.join(declared) or '(none)'}"
+                )
+            if declared is None and not ENV_NAME.fullmatch(name):
+                raise value.invalid("invalid parameter name; allowed: A-Z a-z 0-9 _, not starting with a digit")
+            if not isinstance(value.value, str):
+                raise value.expected("a string")
+            if "\0" in value.value:
+                raise value.invalid("contains a NUL character")
+            parameters[name] = value.value
+        return MappingProxyType(parameters)
+
+    return parse
+
+
 def _check_name(table: _Table) -> None:
     name = table.key[-1]
     if not _NAME.fullmatch(name):
@@ -791,8 +912,18 @@ def load(dirs: Sequence[str]) -> Config:
     """
     files = find_files(dirs)
     sources = [_read(path) for path in files]
-    base = _build(_merge(sources), files)
-    return _with_workflows(base, find_workflow_files(dirs))
+    merged = _merge(sources)
+    config = _with_workflows(_build(merged, files), find_workflow_files(dirs))
+    return _with_schedules(config, merged.schedules)
+
+
+def _with_schedules(config: Config, tables: Mapping[str, _Table]) -> Config:
+    """Schedules come last: they may name any task or workflow."""
+    schedules: dict[str, ScheduleDef] = {}
+    for name, table in tables.items():
+        _check_name(table)
+        schedules[name] = _schedule(table, config)
+    return dataclasses.replace(config, schedules=MappingProxyType(schedules))
 
 
 def load_dir(path: str) -> Config:

@@ -272,7 +272,8 @@ def test_unknown_section(tmp_path: Path) -> None:
     path = write(tmp_path / "jobd.toml", '[queue.a]\n\n[tasks.resize]\ncommand = ["/bin/true"]\n')
     error = load_error(tmp_path)
     assert error.message == (
-        f"{path}:3: unknown section tasks (did you mean task?); allowed sections: daemon, queue, task, retry_schedule"
+        f"{path}:3: unknown section tasks (did you mean task?); "
+        "allowed sections: daemon, queue, task, retry_schedule, schedule"
     )
 
 

@@ -1,0 +1,250 @@
+"""Schedule calendars and the pure decisions built on them: when a `[schedule.NAME]` is next due, and whether a
+due time was missed while jobd was down.
+
+No asyncio and no clock reads: every function takes the time it reasons about (`now`, `after`) as Unix seconds, so
+the runtime (`jobd.engine.scheduler`) decides when to ask and tests can ask about any date. Calendar arithmetic,
+time zones and DST come from croniter and zoneinfo; this module only translates syntaxes and states the rules.
+
+Accepted calendar syntaxes (`Calendar.parse`):
+
+- cron, 5 fields `min hour day month wday`, with everything croniter accepts in a field (lists, ranges, steps,
+  month and day names). As in every cron, when both day and weekday are restricted a day matching EITHER counts.
+- cron with 6 fields, SECONDS FIRST (`sec min hour day month wday`), as Quartz and systemd users expect; croniter's
+  own default puts seconds last, hence `second_at_beginning`.
+- `@yearly @annually @monthly @weekly @daily @midnight @hourly`, spelled out as their usual 5-field meaning.
+- evQueue's `sec;min;hour;day;month;wday`: comma lists of plain integers, an empty level means every value,
+  day 0–30 is the 1st–31st, month 0–11 is January–December, wday 0–6 with Sunday 0. Unlike cron, day and weekday
+  are ANDed (evQueue's rule), which croniter does with `day_or=False`. Errors carry evQueue's exact messages.
+
+DST, for a calendar evaluated in a zone that has it (the rules are croniter's, plus one filter of ours):
+
+- a wall-clock time skipped by a spring-forward jump fires at the jump (02:30 on the day Paris goes from 02:00 to
+  03:00 fires at 03:00), as Vixie cron does: a daily job is not lost;
+- a wall-clock time repeated by a fall-back fires at both occurrences only when the calendar runs every hour (the
+  hour field is `*` or an empty evQueue level), so an hourly or every-second schedule keeps its rhythm through the
+  repeated hour; a calendar naming its hours fires once, at the first occurrence, so a daily 02:30 job runs once.
+  This is Vixie cron's rule for "wildcard" versus "fixed-time" jobs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import math
+import os
+import re
+import zoneinfo
+from dataclasses import dataclass
+
+from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
+
+from jobd.model import ScheduleDef, ScheduleState
+
+# evQueue's messages, word for word: clients and the UI show them as they are.
+EMPTY = "Empty schedule"
+NON_NUMERIC = "Non numeric data in schedule offset"
+OUT_OF_RANGE = "Out of range schedule offset"
+GARBAGE = "Garbage at end of schedule"
+IMPOSSIBLE = "Schedule constraints are impossible to satisfy"
+
+MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+# evQueue's levels: (size, offset added to turn its 0-based value into cron's value).
+_EVQUEUE_LEVELS = ((60, 0), (60, 0), (24, 0), (31, 1), (12, 1), (7, 0))
+_DAY, _MONTH, _HOUR = 3, 4, 2
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February may have a 29th: leap years
+_INTEGER = re.compile(r"-?[0-9]+")
+
+# A day-and-weekday AND such as "29 February that is a Monday" can be decades away (28 years, more across a
+# century that is not a leap year); croniter gives up after this many years without a match.
+_MAX_YEARS_BETWEEN_MATCHES = 100
+# Skipping the second pass of a repeated hour never needs more steps than the seconds of an hour, with room.
+_MAX_STEPS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Calendar:
+    """A parsed calendar: the croniter expression and the options that give it the meaning of its source text."""
+
+    text: str  # as written in the config
+    expression: str  # what croniter is given
+    seconds_first: bool  # 6 fields, seconds in the first one
+    day_or: bool  # cron's OR of day and weekday; False: evQueue's AND
+    every_hour: bool  # the hour field is unrestricted: fire in both passes of a repeated hour
+
+    @classmethod
+    def parse(cls, text: str) -> Calendar:
+        """Parse any accepted syntax (see the module docstring); ValueError says what is wrong.
+
+        A `;` anywhere makes it evQueue's format, so its messages apply; anything else is cron or a macro.
+        Impossible cron expressions (`0 0 30 2 *`) are refused here too, with evQueue's message, by asking for one
+        due time: a schedule that can never fire is a configuration mistake.
+        """
+        stripped = text.strip()
+        if not stripped:
+            raise ValueError(EMPTY)
+        calendar = _parse_evqueue(text) if ";" in stripped else _parse_cron(text, stripped)
+        try:
+            calendar.next_after(0.0, "UTC")
+        except CroniterBadDateError:
+            raise ValueError(IMPOSSIBLE) from None
+        return calendar
+
+    def next_after(self, after: float, timezone: str | None) -> float:
+        """The first matching second strictly after `after` (Unix time), wall-clock times read in `timezone`.
+
+        `timezone` is an IANA name; None is the machine's local zone (`local_zone()`). A fractional `after` counts
+        from its whole second: the answer is always a whole second, and always > `after`.
+        """
+        zone = local_zone() if timezone is None else zoneinfo.ZoneInfo(timezone)
+        start = dt.datetime.fromtimestamp(math.floor(after), zone)
+        times = croniter(
+            self.expression,
+            start,
+            day_or=self.day_or,
+            second_at_beginning=self.seconds_first,
+            max_years_between_matches=_MAX_YEARS_BETWEEN_MATCHES,
+        )
+        for _ in range(_MAX_STEPS):
+            due = times.get_next(float)
+            if due <= after:  # never go back in time, whatever a library does around a transition
+                continue
+            if not self.every_hour and dt.datetime.fromtimestamp(due, zone).fold == 1:
+                continue  # second pass of a repeated hour: a fixed-time calendar already fired in the first
+            return due
+        raise CroniterBadDateError(f"no due time found after {_MAX_STEPS} steps")  # pragma: no cover
+
+
+def _parse_cron(text: str, stripped: str) -> Calendar:
+    if stripped.startswith("@"):
+        expression = MACROS.get(stripped.lower())
+        if expression is None:
+            raise ValueError(f"unknown macro {stripped}; allowed: {', '.join(MACROS)}")
+    else:
+        expression = " ".join(stripped.split())
+    fields = expression.split(" ")
+    if len(fields) not in (5, 6):
+        raise ValueError(
+            f"expected 5 cron fields (min hour day month wday) or 6 with seconds first, found {len(fields)}"
+        )
+    seconds_first = len(fields) == 6
+    try:
+        croniter(expression, 0.0, second_at_beginning=seconds_first)
+    except (CroniterBadCronError, CroniterError) as error:
+        raise ValueError(f"invalid cron expression: {error}") from None
+    hour = fields[2 if seconds_first else 1]
+    return Calendar(stripped, expression, seconds_first, day_or=True, every_hour=hour == "*")
+
+
+def _parse_evqueue(text: str) -> Calendar:
+    """evQueue's format, checked as evQueue does, level by level.
+
+    Fewer than 6 levels is accepted (the missing ones mean every value, as evQueue's parser reads them); a 7th is
+    garbage. Values are plain decimal integers: no `*`, ranges or steps (evQueue refuses them as non-numeric).
+    """
+    levels = text.split(";")
+    if len(levels) > len(_EVQUEUE_LEVELS):
+        raise ValueError(GARBAGE)
+    levels += [""] * (len(_EVQUEUE_LEVELS) - len(levels))
+    values: list[list[int]] = []
+    for level, (size, _) in zip(levels, _EVQUEUE_LEVELS, strict=True):
+        numbers: list[int] = []
+        if level.strip():
+            for item in level.split(","):
+                if not _INTEGER.fullmatch(item.strip()):
+                    raise ValueError(NON_NUMERIC)
+                number = int(item)
+                if not 0 <= number < size:
+                    raise ValueError(OUT_OF_RANGE)
+                numbers.append(number)
+        values.append(sorted(set(numbers)))
+    # Only a day that no chosen month has can never happen (29th–31st); any date falls on every weekday in time.
+    months = values[_MONTH] or list(range(12))
+    days = values[_DAY] or [0]
+    if not any(day < _DAYS_IN_MONTH[month] for day in days for month in months):
+        raise ValueError(IMPOSSIBLE)
+    fields = [
+        ",".join(str(number + shift) for number in numbers) if numbers else "*"
+        for numbers, (_, shift) in zip(values, _EVQUEUE_LEVELS, strict=True)
+    ]
+    return Calendar(text.strip(), " ".join(fields), seconds_first=True, day_or=False, every_hour=not values[_HOUR])
+
+
+@functools.lru_cache(maxsize=1)
+def local_zone() -> dt.tzinfo:
+    """The machine's zone with its DST rules: $TZ if it names a zone, else /etc/localtime, else UTC.
+
+    Cached: read once per process (call `local_zone.cache_clear()` after changing the machine's zone). A fixed
+    offset such as `datetime.now().astimezone().tzinfo` would not do: it ignores the next DST change.
+    """
+    name = os.environ.get("TZ", "").removeprefix(":")
+    if name:
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            pass
+    try:
+        with open("/etc/localtime", "rb") as file:
+            return zoneinfo.ZoneInfo.from_file(file, key="localtime")
+    except (OSError, ValueError):
+        return dt.UTC
+
+
+def _active(definition: ScheduleDef, state: ScheduleState) -> bool:
+    """The API's enable/disable (kept in the state) wins over the config's `enabled`; a suspension stops it."""
+    enabled = definition.enabled if state.enabled is None else state.enabled
+    return enabled and not state.suspended
+
+
+def next_run(
+    definition: ScheduleDef, calendar: Calendar, state: ScheduleState, now: float, jitter_fraction: float
+) -> float | None:
+    """When the schedule is next due after `now`, or None when it is disabled or suspended.
+
+    The due time is the calendar's first second strictly after `now` (evQueue computes it from "now" when the
+    previous run ends, so missed slots are not replayed; `catch_up_due` covers downtime). `jitter_fraction` in
+    [0, 1) comes from the caller's random source and delays it by that share of `definition.jitter`, like systemd's
+    RandomizedDelaySec= drawn afresh each time; the calendar time itself stays the reference for the next one.
+    """
+    if not _active(definition, state):
+        return None
+    return calendar.next_after(now, definition.timezone) + jitter_fraction * definition.jitter
+
+
+def catch_up_due(definition: ScheduleDef, calendar: Calendar, state: ScheduleState, now: float) -> bool:
+    """At start-up: should the schedule run once now because a due time passed while jobd was down?
+
+    systemd's Persistent=: only with `catch_up = true`, only when active, and at most one run whatever the number
+    of missed times. Missed means: a calendar time after `state.last_run` (the last start) is at or before `now`;
+    with no run yet, the remembered `state.next_run` is at or before `now`. A schedule with neither has never been
+    armed (new in the config): nothing was missed, as systemd does not fire a timer that has no stamp yet.
+    """
+    if not definition.catch_up or not _active(definition, state):
+        return False
+    if state.last_run is not None:
+        return calendar.next_after(state.last_run, definition.timezone) <= now
+    if state.next_run is not None:
+        return state.next_run <= now
+    return False
+
+
+__all__ = [
+    "EMPTY",
+    "GARBAGE",
+    "IMPOSSIBLE",
+    "MACROS",
+    "NON_NUMERIC",
+    "OUT_OF_RANGE",
+    "Calendar",
+    "catch_up_due",
+    "local_zone",
+    "next_run",
+]
