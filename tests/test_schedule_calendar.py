@@ -1,0 +1,246 @@
+"""Calendar parsing and due times (jobd.engine.schedule): cron, seconds-first, macros, evQueue's format, DST,
+and the pure next-run and catch-up decisions. Every time is given: nothing reads the clock."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import itertools
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from jobd.engine.schedule import Calendar, catch_up_due, next_run
+from jobd.model import ScheduleDef, ScheduleState
+
+PARIS = ZoneInfo("Europe/Paris")
+
+
+def paris(*args: int, fold: int = 0) -> float:
+    return dt.datetime(*args, tzinfo=PARIS, fold=fold).timestamp()  # type: ignore[misc]
+
+
+def walls(text: str, start: float, count: int, zone: str = "Europe/Paris") -> list[str]:
+    """The next `count` due times after `start`, as ISO times with their offset."""
+    calendar = Calendar.parse(text)
+    out = []
+    for _ in range(count):
+        start = calendar.next_after(start, zone)
+        out.append(dt.datetime.fromtimestamp(start, ZoneInfo(zone)).isoformat())
+    return out
+
+
+# --- parsing ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("*/15 * * * *", ["2024-01-01T00:15:00+01:00", "2024-01-01T00:30:00+01:00"]),
+        ("0 3 * * mon-fri", ["2024-01-01T03:00:00+01:00", "2024-01-02T03:00:00+01:00"]),
+        ("*/20 * * * * *", ["2024-01-01T00:00:20+01:00", "2024-01-01T00:00:40+01:00"]),  # seconds first
+        ("5 0 0 * * *", ["2024-01-01T00:00:05+01:00", "2024-01-02T00:00:05+01:00"]),
+        ("@hourly", ["2024-01-01T01:00:00+01:00", "2024-01-01T02:00:00+01:00"]),
+        ("@daily", ["2024-01-02T00:00:00+01:00", "2024-01-03T00:00:00+01:00"]),
+        ("@midnight", ["2024-01-02T00:00:00+01:00", "2024-01-03T00:00:00+01:00"]),
+        ("@weekly", ["2024-01-07T00:00:00+01:00", "2024-01-14T00:00:00+01:00"]),  # Sundays
+        ("@monthly", ["2024-02-01T00:00:00+01:00", "2024-03-01T00:00:00+01:00"]),
+        ("@yearly", ["2025-01-01T00:00:00+01:00", "2026-01-01T00:00:00+01:00"]),
+        ("@annually", ["2025-01-01T00:00:00+01:00", "2026-01-01T00:00:00+01:00"]),
+        # evQueue: 0-based day and month, Sunday = 0
+        ("0;0;3;;;1,2,3,4,5", ["2024-01-01T03:00:00+01:00", "2024-01-02T03:00:00+01:00"]),
+        ("0,30;;;;;", ["2024-01-01T00:00:30+01:00", "2024-01-01T00:01:00+01:00"]),
+        (";;;;;", ["2024-01-01T00:00:01+01:00", "2024-01-01T00:00:02+01:00"]),
+        ("0;0;12;0;1;", ["2024-02-01T12:00:00+01:00", "2025-02-01T12:00:00+01:00"]),  # 1st of February
+        ("0;30;8;30;;", ["2024-01-31T08:30:00+01:00", "2024-03-31T08:30:00+02:00"]),  # the 31st, where it exists
+        ("0;0;0", ["2024-01-02T00:00:00+01:00", "2024-01-03T00:00:00+01:00"]),  # missing levels: every value
+    ],
+)
+def test_due_times(text: str, expected: list[str]) -> None:
+    assert walls(text, paris(2024, 1, 1, 0, 0, 0), 2) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "Empty schedule"),
+        ("   ", "Empty schedule"),
+        ("0;*;;;;", "Non numeric data in schedule offset"),
+        ("0;1-5;;;;", "Non numeric data in schedule offset"),
+        ("0;*/5;;;;", "Non numeric data in schedule offset"),
+        ("0;a;;;;", "Non numeric data in schedule offset"),
+        ("0;1,,2;;;;", "Non numeric data in schedule offset"),
+        ("60;;;;;", "Out of range schedule offset"),
+        (";60;;;;", "Out of range schedule offset"),
+        (";;24;;;", "Out of range schedule offset"),
+        (";;;31;;", "Out of range schedule offset"),  # day 31 would be the 32nd
+        (";;;;12;", "Out of range schedule offset"),
+        (";;;;;7", "Out of range schedule offset"),
+        (";;;-1;;", "Out of range schedule offset"),
+        (";;;;;;", "Garbage at end of schedule"),
+        ("0;0;0;0;0;0;0", "Garbage at end of schedule"),
+        (";;;30;1;", "Schedule constraints are impossible to satisfy"),  # 31 February
+        (";;;29;1;", "Schedule constraints are impossible to satisfy"),  # 30 February
+        (";;;30;1,3,5,8,10;", "Schedule constraints are impossible to satisfy"),  # months without a 31st
+        ("0 0 30 2 *", "Schedule constraints are impossible to satisfy"),  # cron too
+    ],
+)
+def test_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        Calendar.parse(text)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1 2 3", "* * * * * * *", "@sometimes", "a b c d e", "61 * * * *", "* 25 * * *"],
+)
+def test_bad_cron(text: str) -> None:
+    with pytest.raises(ValueError):
+        Calendar.parse(text)
+
+
+def test_feb_29_is_possible() -> None:
+    """The 29th of February exists in leap years: evQueue's day 28 in month 1 is accepted."""
+    assert walls("0;0;0;28;1;", paris(2025, 1, 1, 0, 0, 0), 1) == ["2028-02-29T00:00:00+01:00"]
+
+
+def test_next_after_is_strictly_after() -> None:
+    calendar = Calendar.parse("*/10 * * * * *")
+    at = paris(2024, 1, 1, 0, 0, 10)
+    assert calendar.next_after(at, "Europe/Paris") == at + 10
+    assert calendar.next_after(at - 0.5, "Europe/Paris") == at
+    assert calendar.next_after(at + 0.5, "Europe/Paris") == at + 10
+
+
+def test_timezone_changes_the_instant() -> None:
+    calendar = Calendar.parse("0 9 * * *")
+    start = paris(2024, 6, 1, 0, 0, 0)
+    assert calendar.next_after(start, "Europe/Paris") == paris(2024, 6, 1, 9, 0, 0)
+    assert calendar.next_after(start, "UTC") == dt.datetime(2024, 6, 1, 9, tzinfo=dt.UTC).timestamp()
+    assert calendar.next_after(start, "America/New_York") == paris(2024, 6, 1, 15, 0, 0)
+
+
+# --- day and weekday: evQueue ANDs, cron ORs ---------------------------------------------------------------------
+
+
+def test_evqueue_ands_day_and_weekday() -> None:
+    # The 13th (day 12) that is a Friday (5): 13 September and 13 December 2024.
+    assert walls("0;0;0;12;;5", paris(2024, 1, 1, 0, 0, 0), 2) == [
+        "2024-09-13T00:00:00+02:00",
+        "2024-12-13T00:00:00+01:00",
+    ]
+
+
+def test_cron_ors_day_and_weekday() -> None:
+    # The 13th OR any Friday.
+    assert walls("0 0 13 * 5", paris(2024, 9, 1, 0, 0, 0), 3) == [
+        "2024-09-06T00:00:00+02:00",
+        "2024-09-13T00:00:00+02:00",
+        "2024-09-20T00:00:00+02:00",
+    ]
+
+
+def test_evqueue_and_over_decades() -> None:
+    """29 February that is a Monday: possible, decades apart."""
+    assert walls("0;0;0;28;1;1", paris(2024, 3, 1, 0, 0, 0), 1) == ["2044-02-29T00:00:00+01:00"]
+
+
+# --- DST (Europe/Paris: 31 March 2024 02:00 → 03:00, 27 October 2024 03:00 → 02:00) -------------------------------
+
+
+def test_spring_forward_fixed_time_runs_at_the_jump() -> None:
+    assert walls("30 2 * * *", paris(2024, 3, 30, 12, 0, 0), 2) == [
+        "2024-03-31T03:00:00+02:00",
+        "2024-04-01T02:30:00+02:00",
+    ]
+
+
+def test_spring_forward_every_second_has_no_gap_or_repeat() -> None:
+    start = paris(2024, 3, 31, 1, 59, 58)
+    calendar = Calendar.parse(";;;;;")
+    times = [start]
+    for _ in range(4):
+        times.append(calendar.next_after(times[-1], "Europe/Paris"))
+    assert [b - a for a, b in itertools.pairwise(times)] == [1, 1, 1, 1]
+    assert dt.datetime.fromtimestamp(times[2], PARIS).isoformat() == "2024-03-31T03:00:00+02:00"
+
+
+def test_spring_forward_hourly() -> None:
+    assert walls("@hourly", paris(2024, 3, 31, 0, 30, 0), 3) == [
+        "2024-03-31T01:00:00+01:00",
+        "2024-03-31T03:00:00+02:00",
+        "2024-03-31T04:00:00+02:00",
+    ]
+
+
+def test_fall_back_fixed_time_runs_once() -> None:
+    assert walls("30 2 * * *", paris(2024, 10, 26, 12, 0, 0), 2) == [
+        "2024-10-27T02:30:00+02:00",
+        "2024-10-28T02:30:00+01:00",
+    ]
+    assert walls("0;30;2;;;", paris(2024, 10, 26, 12, 0, 0), 2) == [
+        "2024-10-27T02:30:00+02:00",
+        "2024-10-28T02:30:00+01:00",
+    ]
+
+
+def test_fall_back_hourly_runs_in_both_passes() -> None:
+    assert walls("0 * * * *", paris(2024, 10, 27, 1, 30, 0), 4) == [
+        "2024-10-27T02:00:00+02:00",
+        "2024-10-27T02:00:00+01:00",
+        "2024-10-27T03:00:00+01:00",
+        "2024-10-27T04:00:00+01:00",
+    ]
+
+
+def test_fall_back_every_second_has_no_gap() -> None:
+    start = paris(2024, 10, 27, 2, 59, 58)
+    calendar = Calendar.parse("* * * * * *")
+    times = [start]
+    for _ in range(4):
+        times.append(calendar.next_after(times[-1], "Europe/Paris"))
+    assert [b - a for a, b in itertools.pairwise(times)] == [1, 1, 1, 1]
+    # From inside the second pass, it continues there.
+    second_pass = paris(2024, 10, 27, 2, 10, 0, fold=1)
+    assert calendar.next_after(second_pass, "Europe/Paris") == second_pass + 1
+
+
+# --- decisions ----------------------------------------------------------------------------------------------------
+
+DEFINITION = ScheduleDef(name="s", calendar="0 * * * *", target_kind="task", target="t", jitter=60.0)
+HOURLY = Calendar.parse(DEFINITION.calendar)
+T0 = paris(2024, 1, 1, 10, 0, 0)
+
+
+def test_next_run_with_jitter() -> None:
+    state = ScheduleState("s")
+    assert next_run(DEFINITION, HOURLY, state, T0, 0.0) == T0 + 3600
+    assert next_run(DEFINITION, HOURLY, state, T0, 0.5) == T0 + 3600 + 30
+    assert next_run(DEFINITION, HOURLY, state, T0 + 1, 0.25) == T0 + 3600 + 15
+    no_jitter = dataclasses.replace(DEFINITION, jitter=0.0)
+    assert next_run(no_jitter, HOURLY, state, T0, 0.9) == T0 + 3600
+
+
+def test_next_run_disabled_or_suspended() -> None:
+    state = ScheduleState("s")
+    disabled = dataclasses.replace(DEFINITION, enabled=False)
+    assert next_run(disabled, HOURLY, state, T0, 0.0) is None
+    assert next_run(disabled, HOURLY, dataclasses.replace(state, enabled=True), T0, 0.0) == T0 + 3600  # API wins
+    assert next_run(DEFINITION, HOURLY, dataclasses.replace(state, enabled=False), T0, 0.0) is None
+    assert next_run(DEFINITION, HOURLY, dataclasses.replace(state, suspended=True), T0, 0.0) is None
+
+
+def test_catch_up() -> None:
+    on = dataclasses.replace(DEFINITION, catch_up=True)
+    ran = ScheduleState("s", last_run=T0 + 5)
+    assert catch_up_due(on, HOURLY, ran, T0 + 3000) is False  # next due (11:00) not reached
+    assert catch_up_due(on, HOURLY, ran, T0 + 3600) is True  # 11:00 is now: the timer would miss it
+    assert catch_up_due(on, HOURLY, ran, T0 + 86400 * 3) is True  # many missed: still one run (a bool)
+    assert catch_up_due(DEFINITION, HOURLY, ran, T0 + 86400) is False  # catch_up off
+    assert catch_up_due(on, HOURLY, dataclasses.replace(ran, suspended=True), T0 + 86400) is False
+    assert catch_up_due(on, HOURLY, dataclasses.replace(ran, enabled=False), T0 + 86400) is False
+    # Never ran: the remembered next run decides; never armed: nothing missed.
+    assert catch_up_due(on, HOURLY, ScheduleState("s", next_run=T0 + 3600), T0 + 7200) is True
+    assert catch_up_due(on, HOURLY, ScheduleState("s", next_run=T0 + 3600), T0 + 60) is False
+    assert catch_up_due(on, HOURLY, ScheduleState("s"), T0 + 86400) is False
