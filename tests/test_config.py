@@ -15,11 +15,14 @@ from jobd.errors import ConfigError
 from jobd.model import (
     DEFAULT_KILL_GRACE,
     Durability,
+    OnFailure,
+    Overlap,
     ParameterMode,
     QueueDef,
     RetryLevel,
     RetryPolicy,
     RetrySchedule,
+    ScheduleDef,
     Scheduler,
 )
 
@@ -854,3 +857,160 @@ def test_watcher_follows_a_workflows_dir_created_after_start(search: tuple[Path,
         await changes.next()
 
     watching(list(search), body)
+
+
+# --- schedules --------------------------------------------------------------------------------------------------
+
+WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+SCHEDULE_BASE = '[task.t]\ncommand = ["/bin/true"]\nparameters = "env"\n\n'
+
+
+def schedule_dir(tmp_path: Path, schedule: str) -> Path:
+    """A config dir with task `t`, workflow `parameters` (greeting, who, verbose) and the given schedule table."""
+    write(tmp_path / "jobd.toml", SCHEDULE_BASE + schedule)
+    write(tmp_path / "workflows" / "parameters.xml", (WORKFLOWS / "parameters.xml").read_text())
+    return tmp_path
+
+
+def test_schedule_valid(tmp_path: Path) -> None:
+    loaded = load_dir(
+        str(
+            schedule_dir(
+                tmp_path,
+                "[schedule.every_30s]\n"
+                'task = "t"\n'
+                'parameters = { WHO = "world" }\n'
+                'calendar = "0,30;;;;;"\n'
+                'timezone = "Europe/Paris"\n'
+                'overlap = "queue_one"\n'
+                'on_failure = "suspend"\n'
+                "catch_up = true\n"
+                "jitter = 2.5\n"
+                "enabled = false\n"
+                "\n[schedule.nightly]\n"
+                'workflow = "parameters"\n'
+                'parameters = { greeting = "hi", who = "you", verbose = "no" }\n'
+                'calendar = "@daily"\n',
+            )
+        )
+    )
+    fast = loaded.schedules["every_30s"]
+    assert (fast.target_kind, fast.target, dict(fast.parameters)) == ("task", "t", {"WHO": "world"})
+    assert (fast.calendar, fast.timezone, fast.overlap, fast.on_failure) == (
+        "0,30;;;;;",
+        "Europe/Paris",
+        Overlap.QUEUE_ONE,
+        OnFailure.SUSPEND,
+    )
+    assert (fast.catch_up, fast.jitter, fast.enabled) == (True, 2.5, False)
+    nightly = loaded.schedules["nightly"]
+    assert nightly == ScheduleDef(
+        name="nightly",
+        calendar="@daily",
+        target_kind="workflow",
+        target="parameters",
+        parameters={"greeting": "hi", "who": "you", "verbose": "no"},
+    )
+
+
+def test_no_schedules_by_default(tmp_path: Path) -> None:
+    assert load_dir(str(schedule_dir(tmp_path, ""))).schedules == {}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            'calendar = "0;*;;;;"',
+            'schedule.s.calendar: "0;*;;;;": Non numeric data in schedule offset; allowed: cron',
+        ),
+        ('calendar = ";;;30;1;"', "Schedule constraints are impossible to satisfy; allowed: cron"),
+        ('calendar = ";;;;;;"', "Garbage at end of schedule"),
+        ('calendar = "60;;;;;"', "Out of range schedule offset"),
+        ('calendar = ""', "Empty schedule"),
+        ('calendar = "1 2 3"', "expected 5 cron fields"),
+        ("calendar = 5", "schedule.s.calendar: expected a string: cron"),
+        ('calendar = "* * * * *"\ntimezone = "Mars/Olympus"', 'schedule.s.timezone: unknown time zone "Mars/Olympus"'),
+        ('calendar = "* * * * *"\noverlap = "queue"', 'schedule.s.overlap: "queue" is not allowed; allowed: "skip"'),
+        (
+            'calendar = "* * * * *"\non_failure = "stop"',
+            'schedule.s.on_failure: "stop" is not allowed; allowed: "continue", "suspend"',
+        ),
+        ('calendar = "* * * * *"\ncatch_up = "yes"', "schedule.s.catch_up: expected true or false"),
+        ('calendar = "* * * * *"\njitter = -1', "schedule.s.jitter: expected a number >= 0, got -1"),
+        ('calendar = "* * * * *"\nenabled = 1', "schedule.s.enabled: expected true or false"),
+        ('calendar = "* * * * *"\ncalender = "x"', "unknown key schedule.s.calender (did you mean calendar?)"),
+    ],
+)
+def test_schedule_bad_values(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "jobd.toml"
+    error = load_error(schedule_dir(tmp_path, f'[schedule.s]\ntask = "t"\n{line}\n'))
+    assert message in error.message
+    assert error.message.startswith(f"{path}:")
+    assert error.details["line"] >= 6  # the line of the key (the table starts on line 5)
+
+
+def test_schedule_error_names_file_line_and_key(tmp_path: Path) -> None:
+    error = load_error(schedule_dir(tmp_path, '[schedule.s]\ntask = "t"\ncalendar = "0;*;;;;"\n'))
+    assert error.message == (
+        f'{tmp_path / "jobd.toml"}:7: schedule.s.calendar: "0;*;;;;": Non numeric data in schedule offset; '
+        f"allowed: {config.CALENDAR_RULE}"
+    )
+    assert (error.details["line"], error.details["key"]) == (7, "schedule.s.calendar")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('calendar = "@daily"', "schedule.s: missing required key workflow or task"),
+        ('task = "t"\nworkflow = "parameters"\ncalendar = "@daily"', "schedule.s: both workflow and task are set"),
+        ('task = "t"', "schedule.s: missing required key calendar"),
+        ('task = "nope"\ncalendar = "@daily"', 'schedule.s.task: task "nope" is not defined; defined tasks: t'),
+        (
+            'workflow = "nope"\ncalendar = "@daily"',
+            'schedule.s.workflow: workflow "nope" is not defined; defined workflows: parameters',
+        ),
+        ('task = ""\ncalendar = "@daily"', "schedule.s.task: expected a non-empty string"),
+    ],
+)
+def test_schedule_bad_target(tmp_path: Path, body: str, message: str) -> None:
+    error = load_error(schedule_dir(tmp_path, f"[schedule.s]\n{body}\n"))
+    assert message in error.message
+
+
+@pytest.mark.parametrize(
+    ("target", "parameters", "message"),
+    [
+        (
+            'workflow = "parameters"',
+            '{ greeting = "hi", who = "you", verbose = "no", extra = "x" }',
+            'schedule.s.parameters.extra: workflow "parameters" has no parameter "extra"; '
+            "its parameters: greeting, who, verbose",
+        ),
+        (
+            'workflow = "parameters"',
+            '{ greeting = "hi" }',
+            'schedule.s.parameters: workflow "parameters" needs parameters greeting, who, verbose; '
+            "missing: who, verbose",
+        ),
+        ('workflow = "parameters"', "", "missing: greeting, who, verbose"),
+        ('workflow = "parameters"', '{ greeting = 1, who = "a", verbose = "b" }', "greeting: expected a string"),
+        ('task = "t"', '{ "1X" = "a" }', "invalid parameter name"),
+        ('task = "t"', "{ X = true }", "schedule.s.parameters.X: expected a string"),
+        ('task = "t"', '"X=1"', "schedule.s.parameters: expected a table"),
+    ],
+)
+def test_schedule_bad_parameters(tmp_path: Path, target: str, parameters: str, message: str) -> None:
+    line = f"parameters = {parameters}\n" if parameters else ""
+    error = load_error(schedule_dir(tmp_path, f'[schedule.s]\n{target}\n{line}calendar = "@daily"\n'))
+    assert message in error.message
+
+
+def test_schedule_bad_name(tmp_path: Path) -> None:
+    error = load_error(schedule_dir(tmp_path, '[schedule.".x"]\ntask = "t"\ncalendar = "@daily"\n'))
+    assert 'invalid name ".x"' in error.message
+
+
+def test_docs_describe_every_schedule_key() -> None:
+    text = DOCS.read_text()
+    assert [key for key in config.SCHEDULE_KEYS if f"`{key}`" not in text] == []
