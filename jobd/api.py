@@ -497,6 +497,16 @@ def instance_cancel(api: Api, session: Session, p: Params) -> Any:
     return api.instances.cancel(instance_id).to_json()
 
 
+def instance_debug_resume(api: Api, session: Session, p: Params) -> Any:
+    instance_id = p.required_integer("id", low=1)
+    p.done()
+    resumed = api.instances.debug_resume(instance_id, launched_by=session.peer.uid)
+    result = api.instances.summary(resumed).to_json()
+    if api.engine.replies_wait_for_fsync:
+        return _when_durable(api.engine, result)
+    return result
+
+
 INSTANCE_STATUSES = ("EXECUTING", "TERMINATED")
 
 
@@ -507,6 +517,8 @@ def instance_list(api: Api, session: Session, p: Params) -> Any:
         status=p.text("status", choices=INSTANCE_STATUSES),
         error=p.take("errors") if isinstance(p.raw.get("errors"), bool) else None,
         before_id=p.integer("before", low=1),
+        parameters=p.text_map("parameters"),
+        custom_attributes=p.text_map("custom_attributes"),
         limit=limit,
     )
     if "errors" in p.raw and where.error is None:
@@ -540,5 +552,6 @@ METHODS: dict[str, Handler] = {
     "instance.get": instance_get,
     "instance.wait": instance_wait,
     "instance.cancel": instance_cancel,
+    "instance.debug_resume": instance_debug_resume,
     "instance.list": instance_list,
 }

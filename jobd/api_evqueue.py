@@ -21,7 +21,7 @@ from lxml import etree
 from jobd import __version__, safexml
 from jobd.api import Api
 from jobd.engine.submit import Peer
-from jobd.errors import InsufficientRights, InvalidParams, JobdError, TimedOut, UnknownCommand, UnknownWorkflow
+from jobd.errors import InsufficientRights, JobdError, TimedOut, UnknownWorkflow
 from jobd.model import InstanceSummary, Scheduler, WorkflowDef
 from jobd.protocol import evqueue as xml
 from jobd.store import InstanceFilter
@@ -261,10 +261,10 @@ def instance_delete(service: EvQueue, peer: Peer, command: xml.InstanceDelete) -
 
 
 def instance_debugresume(service: EvQueue, peer: Peer, command: xml.InstanceDebugResume) -> Result:
-    resume: Callable[[int], int] | None = getattr(service.api.instances, "debug_resume", None)
-    if resume is None:
-        raise UnknownCommand("instance debugresume is not supported yet", group="instance", action="debugresume")
-    return service.ok({"workflow-instance-id": resume(command.instance_id)})
+    # evQueue wants read and exec rights on the workflow: until per-workflow rights come, whoever may launch.
+    instance_id = service.api.instances.debug_resume(command.instance_id, launched_by=peer.uid)
+    service.statistics.workflow_instance_launched += 1
+    return service.ok({"workflow-instance-id": instance_id})
 
 
 def _timestamp(moment: datetime | None) -> float | None:
@@ -272,11 +272,6 @@ def _timestamp(moment: datetime | None) -> float | None:
 
 
 def instances_list(service: EvQueue, peer: Peer, command: xml.InstancesList) -> Result:
-    if command.parameters or command.custom_attributes:
-        raise InvalidParams(
-            "instances list: filtering on launch parameters or custom attributes is not supported yet",
-            parameter=next(iter(command.parameters or command.custom_attributes)),
-        )
     if command.filter_schedule_id is not None:  # jobd has no workflow schedules yet: no instance came from one
         return service.ok({"rows": 0})
     where = InstanceFilter(
@@ -288,6 +283,8 @@ def instances_list(service: EvQueue, peer: Peer, command: xml.InstancesList) -> 
         ended_from=_timestamp(command.filter_ended_from),
         ended_until=_timestamp(command.filter_ended_until),
         error=command.filter_error,
+        parameters=command.parameters,
+        custom_attributes=command.custom_attributes,
         limit=command.limit,
         offset=command.offset,
     )

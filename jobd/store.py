@@ -13,8 +13,8 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -471,6 +471,23 @@ class Store:
             conditions.append(InstanceRow.errors > 0 if where.error else InstanceRow.errors == 0)
         if where.before_id is not None:
             conditions.append(InstanceRow.id < where.before_id)
+        # Exact string matches inside the JSON columns: parameters is an object (name -> value), custom_attributes a
+        # list of [name, value] pairs, one of which must match. No index: this scans the instances listed.
+        for name, value in where.parameters.items():
+            conditions.append(
+                _json_exists(
+                    InstanceRow.parameters, "pair.key = ? AND pair.type = 'text' AND pair.value = ?", name, value
+                )
+            )
+        for name, value in where.custom_attributes.items():
+            conditions.append(
+                _json_exists(
+                    InstanceRow.custom_attributes,
+                    "json_extract(pair.value, '$[0]') = ? AND json_extract(pair.value, '$[1]') = ?",
+                    name,
+                    value,
+                )
+            )
         for condition in conditions:
             query = query.where(condition)
         total = query.count()
@@ -538,6 +555,8 @@ class InstanceFilter:
     ended_until: float | None = None
     error: bool | None = None  # True: with errors; False: without
     before_id: int | None = None
+    parameters: Mapping[str, str] = field(default_factory=dict)  # launch parameter values, exact match
+    custom_attributes: Mapping[str, str] = field(default_factory=dict)  # a custom attribute with that value
     limit: int = 30
     offset: int = 0
 
@@ -640,6 +659,15 @@ def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
         spec.submitted_by,
         spec.merge_stderr,
     )
+
+
+def _json_exists(column: peewee.Field, condition: str, *params: str) -> peewee.Expression:
+    """`EXISTS (SELECT 1 FROM json_each(column) AS pair WHERE condition)`, with `params` bound to its `?`s."""
+    exists = peewee.NodeList(
+        (peewee.SQL("EXISTS (SELECT 1 FROM json_each("), column, peewee.SQL(f") AS pair WHERE {condition})", params)),
+        glue="",
+    )
+    return exists  # type: ignore[return-value]  # peewee's where() takes any node; its stubs want an Expression
 
 
 def _instance_from_row(row: InstanceRow) -> InstanceSummary:

@@ -40,6 +40,28 @@ SLOW_WORKFLOW = b"""<workflow>
 </workflow>
 """
 
+# Its middle task succeeds once the file named by `flag` exists; `checks` counts the runs of that task.
+FLAGGED_WORKFLOW = b"""<workflow>
+  <parameters><parameter name="flag"/></parameters>
+  <custom-attributes><custom-attribute name="checks" select="count(//task[@name='check']/output)"/></custom-attributes>
+  <subjobs>
+    <job name="one">
+      <tasks><task name="first" path="/bin/echo first" queue="default"/></tasks>
+      <subjobs>
+        <job name="two">
+          <tasks><task name="check" path="/usr/bin/test -e" queue="default">
+            <input name="flag"><value select="evqGetWorkflowParameter('flag')"/></input>
+          </task></tasks>
+          <subjobs>
+            <job name="three"><tasks><task name="last" path="/bin/echo last" queue="default"/></tasks></job>
+          </subjobs>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
 
 class Closed(Exception):
     """The daemon closed the connection."""
@@ -135,6 +157,7 @@ def corpus_daemon(make_daemon: Any) -> Any:
     for path in CORPUS.glob("*.xml"):
         shutil.copy(path, workflows / path.name)
     (workflows / "slow.xml").write_bytes(SLOW_WORKFLOW)
+    (workflows / "flagged.xml").write_bytes(FLAGGED_WORKFLOW)
     daemon.env["JOBD_EVQUEUE_KEEPALIVE_INTERVAL"] = str(KEEPALIVE_INTERVAL)
     daemon.start()
     return daemon
@@ -465,3 +488,50 @@ def test_launch_with_parameters_then_wait(corpus_daemon: Any) -> None:
     assert document.get("status") == "TERMINATED" and document.get("errors") == "0"
     outputs = [output.text for output in document.iter("output")]
     assert "hi dear you (verbose)\n" in outputs, outputs
+
+
+def test_debugresume_runs_the_failed_task_again_and_lists_filter_on_parameters_and_custom_attributes(
+    corpus_daemon: Any, tmp_path: Path
+) -> None:
+    flag = str(tmp_path / "flag").encode()
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        failed = ok(
+            client.ask(
+                b'<instance action="launch" name="flagged" mode="synchronous" timeout="20">'
+                b'<parameter name="flag" value="%s"/></instance>' % flag
+            )
+        ).get("workflow-instance-id", "")
+        assert ok(client.ask(b'<instance action="query" id="%s"/>' % failed.encode()))[0].get("errors") == "1"
+        Path(flag.decode()).touch()
+        resumed = ok(client.ask(b'<instance action="debugresume" id="%s"/>' % failed.encode()))
+        resumed_id = resumed.get("workflow-instance-id", "")
+        assert resumed_id and resumed_id != failed
+        ok(client.ask(b'<instance action="wait" id="%s" timeout="20"/>' % resumed_id.encode()))
+        document = ok(client.ask(b'<instance action="query" id="%s"/>' % resumed_id.encode()))[0]
+        assert (document.get("status"), document.get("errors")) == ("TERMINATED", "0"), etree.tostring(document)
+        assert [o.get("retval") for o in document.iterfind(".//task[@name='check']/output")] == ["1", "0"]
+        assert len(document.findall(".//task[@name='first']/output")) == 1
+        assert document.find(".//task[@name='last']").get("retval") == "0"
+
+        def listed(request: bytes) -> list[str]:
+            answer = ok(client.ask(request))
+            assert answer.get("rows") == str(len(answer)), etree.tostring(answer)
+            return [row.get("id", "") for row in answer]
+
+        assert listed(b'<instances action="list" parameter_flag="%s"/>' % flag) == [resumed_id, failed]
+        assert listed(b'<instances action="list"><parameter name="flag" value="%s"/></instances>' % flag) == [
+            resumed_id,
+            failed,
+        ]
+        assert listed(b'<instances action="list" parameter_flag="/nosuch"/>') == []
+        assert listed(b'<instances action="list" customattribute_checks="2"/>') == [resumed_id]
+        assert listed(b'<instances action="list" customattribute_checks="1" filter_workflow="flagged"/>') == [failed]
+        assert listed(b'<instances action="list" customattribute_checks="1" parameter_flag="/nosuch"/>') == []
+
+        ko(client.ask(b'<instance action="debugresume" id="9999"/>'), "UNKNOWN_INSTANCE")
+        running = ok(
+            client.ask(b'<instance action="launch" name="slow"><parameter name="seconds" value="30"/></instance>')
+        ).get("workflow-instance-id", "")
+        refused = ko(client.ask(b'<instance action="debugresume" id="%s"/>' % running.encode()), "INVALID_PARAMETER")
+        assert "still executing" in refused.get("error", "")
+        ok(client.ask(b'<instance action="cancel" id="%s"/>' % running.encode()))

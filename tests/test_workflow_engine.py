@@ -757,6 +757,95 @@ def test_restored_instance_stays_cancelled_and_a_finished_one_waits_for_nothing(
     assert nothing == [] and again.status is InstanceStatus.TERMINATED
 
 
+# ------------------------------------------------------------------------------------------------ debug resume
+
+
+def resume(instance: Instance, *, instance_id: int = 2, now: float = NOW + 100) -> tuple[Instance, list[Any]]:
+    queues = frozenset({"default", "other"})
+    return Instance.debug_resume(instance.to_xml(), instance_id=instance_id, now=now, queues=queues)
+
+
+def test_debug_resume_runs_only_the_failed_task_then_its_subjobs_and_keeps_outputs() -> None:
+    second = task(
+        "/bin/second", '<input name="from-first"><value select="evqGetParentJob()/evqGetOutput(\'one\')"/></input>'
+    )
+    source = workflow(
+        job("first", task("/bin/first", name="one"), job("second", second, job("third", task("/bin/third"))))
+        + job("side", task("/bin/side"))
+    )
+    instance, actions = launch(source)
+    first, side = runs(actions)
+    [two] = runs(finish(instance, first.evqid, TaskResult.exited(0, stdout=b"kept")))
+    assert two.argv == ("/bin/second", "kept")
+    finish(instance, side.evqid)
+    [end] = finish(instance, two.evqid, TaskResult.exited(3, stdout=b"bad", stderr=b"oops\n"))
+    assert end == InstanceFinished(InstanceStatus.TERMINATED, 1)
+    before = instance.to_xml()
+
+    resumed, actions = resume(instance)
+    assert instance.to_xml() == before  # the old instance is not touched
+    # Only the failed task runs again, with the input computed the first time (from the kept output).
+    assert actions == [two]
+    root = resumed.root
+    assert (root.get("id"), root.get("status"), root.get("start_time")) == ("2", "EXECUTING", local_time(NOW + 100))
+    assert root.get("end_time") is None and root.get("errors") == "0" and resumed.counters()["queued_tasks"] == 1
+    again = task_of(resumed, two.evqid)
+    assert again.get("status") == "QUEUED" and again.get("retval") is None and again.get("execution_time") is None
+    assert [o.text for o in again.findall("output")] == ["bad"]  # the failed try's triplet is kept
+    kept = task_of(resumed, first.evqid)
+    assert (kept.get("status"), kept.get("retval"), kept.findtext("output")) == ("TERMINATED", "0", "kept")
+    assert len(task_of(resumed, side.evqid).findall("output")) == 1
+
+    [third] = runs(finish(resumed, two.evqid, TaskResult.exited(0, stdout=b"good"), now=NOW + 101))
+    assert third.argv == ("/bin/third",)
+    assert [(o.get("retval"), o.text) for o in again.findall("output")] == [("3", "bad"), ("0", "good")]
+    assert len(again.findall("stderr")) == 2 and again.get("retval") == "0"
+    [end] = finish(resumed, third.evqid, now=NOW + 102)
+    assert end == InstanceFinished(InstanceStatus.TERMINATED, 0)
+    assert resumed.root.get("end_time") == local_time(NOW + 102) and resumed.root.get("errors") == "0"
+    assert len(task_of(resumed, first.evqid).findall("output")) == 1  # never ran again
+
+
+def test_debug_resume_reruns_cancelled_and_aborted_at_run_tasks_not_those_whose_values_failed() -> None:
+    source = workflow(
+        job("run", task("/bin/run"), job("next", task("/bin/next")))
+        + job("queued", task("/bin/queued"))
+        + job("bad-input", task("/bin/x", '<input name="i"><value select="1 div"/></input>'))
+        + job("bad-condition", task("/bin/y", condition="nosuch("))
+        + job("xml", task("/bin/xml", output_method="XML"))
+    )
+    instance, actions = launch(source)
+    run, queued, xml = runs(actions)
+    instance.task_started(run.evqid, 1, NOW)
+    finish(instance, xml.evqid, TaskResult.exited(0, stdout=b"<unclosed>"))
+    instance.cancel(NOW + 1)
+    [end] = instance.task_ended(run.evqid, TaskResult.exited(0), NOW + 2)
+    assert end == InstanceFinished(InstanceStatus.TERMINATED, 5)  # queued, next, xml, bad input, bad condition
+
+    resumed, actions = resume(instance)
+    assert resumed.root.get("cancelling") is None
+    rerun = runs(actions)
+    assert [r.argv for r in rerun] == [("/bin/next",), ("/bin/queued",), ("/bin/xml",)]
+    assert task_of(instance, queued.evqid).get("error") == "Aborted on user request"
+    assert task_of(resumed, queued.evqid).get("error") is None and rerun[1].evqid == queued.evqid
+    assert task_of(resumed, run.evqid).get("retval") == "0"  # succeeded: left alone
+    assert one_task(resumed, "bad-input").get("status") == "ABORTED"
+    assert one_task(resumed, "bad-condition").get("status") == "ABORTED"
+    for action in rerun:
+        finish(resumed, action.evqid, TaskResult.exited(0, stdout=b"<ok/>"), now=NOW + 101)
+    assert resumed.status is InstanceStatus.TERMINATED and resumed.errors == 2
+
+
+def test_debug_resume_of_a_successful_instance_ends_at_once_and_an_executing_one_is_refused() -> None:
+    instance, actions = launch(workflow(job("a", task("/bin/a"))))
+    with pytest.raises(ValueError, match="TERMINATED"):
+        resume(instance)
+    finish(instance, actions[0].evqid)
+    resumed, actions = resume(instance)
+    assert actions == [InstanceFinished(InstanceStatus.TERMINATED, 0)]
+    assert resumed.root.get("id") == "2" and resumed.root.get("end_time") == local_time(NOW + 100)
+
+
 def test_task_result_constructors() -> None:
     assert TaskResult.lost().outcome is Outcome.LOST and TaskResult.lost().retval == -1
     assert TaskResult.killed(15).signal == 15 and TaskResult.killed(15).retval == -1

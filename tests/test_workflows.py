@@ -74,6 +74,28 @@ EDGES_WORKFLOW = """<workflow>
 """
 
 
+# Its middle task succeeds once the file named by `flag` exists: the test decides when it would succeed.
+FLAGGED_WORKFLOW = """<workflow>
+  <parameters><parameter name="flag"/></parameters>
+  <subjobs>
+    <job name="one">
+      <tasks><task name="first" path="/bin/echo first" queue="default"/></tasks>
+      <subjobs>
+        <job name="two">
+          <tasks><task name="check" path="/usr/bin/test -e" queue="default">
+            <input name="flag"><value select="evqGetWorkflowParameter('flag')"/></input>
+          </task></tasks>
+          <subjobs>
+            <job name="three"><tasks><task name="last" path="/bin/echo last" queue="default"/></tasks></job>
+          </subjobs>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
 def _install_corpus(daemon: Daemon) -> None:
     workflows = daemon.config_dir / "workflows"
     workflows.mkdir()
@@ -82,6 +104,7 @@ def _install_corpus(daemon: Daemon) -> None:
     (workflows / "slow.xml").write_text(SLOW_WORKFLOW)
     (workflows / "edges.xml").write_text(EDGES_WORKFLOW)
     (workflows / "resumable.xml").write_text(RESUMABLE_WORKFLOW)
+    (workflows / "flagged.xml").write_text(FLAGGED_WORKFLOW)
 
 
 def _corpus_daemon(make_daemon: Any) -> Daemon:
@@ -212,3 +235,68 @@ def test_exit_codes_merged_stderr_binary_output_bad_xml_and_remote_tasks(wf: Dae
     assert tasks["far"].get("status") == "ABORTED" and "remote execution is not supported" in tasks["far"].get("error")
     assert done["status"] == "TERMINATED" and done["errors"] == 3
     assert wf.log().count("\n") < 200  # a handful of lines, not one per odd byte
+
+
+def test_debug_resume_runs_the_failed_task_again_and_what_follows_it(wf: Daemon, tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    launched = wf.call("instance.launch", {"workflow": "flagged", "parameters": {"flag": str(flag)}, "comment": "c"})
+    failed = wf.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert failed["status"] == "TERMINATED" and failed["errors"] == 1
+    flag.touch()  # nothing fixed in the workflow: the same task succeeds on its second run
+    resumed = wf.call("instance.debug_resume", {"id": launched["id"]})
+    assert resumed["id"] != launched["id"] and resumed["workflow"] == "flagged"
+    assert resumed["parameters"] == {"flag": str(flag)} and resumed["comment"] == "c"
+    done = wf.call("instance.wait", {"id": resumed["id"], "timeout": 30})
+    document = _document(wf, resumed["id"])
+    assert done["status"] == "TERMINATED" and done["errors"] == 0, etree.tostring(document)
+    assert document.get("id") == str(resumed["id"])
+    first = document.find(".//task[@name='first']")
+    assert first is not None and len(first.findall("output")) == 1 and first.findtext("output") == "first\n"
+    check = document.find(".//task[@name='check']")
+    assert check is not None and [o.get("retval") for o in check.findall("output")] == ["1", "0"]
+    last = document.find(".//task[@name='last']")
+    assert last is not None and last.get("retval") == "0" and last.findtext("output") == "last\n"
+    # Only the two tasks that ran again are jobs of the new instance.
+    jobs = wf.call("job.list", {"context": f"instance:{resumed['id']}"})["jobs"]
+    assert sorted(job["command"][0] for job in jobs) == ["/bin/echo", "/usr/bin/test"]
+    # The old instance is left as it ended.
+    old = wf.call("instance.get", {"id": launched["id"]})
+    assert old["errors"] == 1 and old["status"] == "TERMINATED"
+
+
+def test_debug_resume_refuses_an_executing_instance_and_an_unknown_one(wf: Daemon) -> None:
+    launched = wf.call("instance.launch", {"workflow": "slow", "parameters": {"seconds": "30"}})
+    with pytest.raises(RemoteError) as executing:
+        wf.call("instance.debug_resume", {"id": launched["id"]})
+    assert executing.value.code == "INVALID_PARAMS" and "still executing" in str(executing.value)
+    with pytest.raises(RemoteError) as unknown:
+        wf.call("instance.debug_resume", {"id": 9999})
+    assert unknown.value.code == "UNKNOWN_INSTANCE"
+    wf.call("instance.cancel", {"id": launched["id"]})
+    [job] = wf.call("job.list", {"context": f"instance:{launched['id']}"})["jobs"]
+    wf.call("job.cancel", {"id": job["id"]})
+    assert wf.call("instance.wait", {"id": launched["id"], "timeout": 30})["status"] == "TERMINATED"
+
+
+def test_custom_attributes_are_stored_and_instances_filter_on_them_and_on_parameters(wf: Daemon) -> None:
+    three = wf.call("instance.launch", {"workflow": "loopdemo", "parameters": {"count": "3"}})
+    two = wf.call("instance.launch", {"workflow": "loopdemo", "parameters": {"count": "2"}})
+    wf.call("instance.wait", {"id": three["id"], "timeout": 30})
+    done = wf.call("instance.wait", {"id": two["id"], "timeout": 30})
+    assert done["custom_attributes"] == [["nfiles", "2"]]
+    assert wf.call("instance.get", {"id": three["id"]})["custom_attributes"] == [["nfiles", "3"]]
+
+    def ids(**where: Any) -> list[int]:
+        return [i["id"] for i in wf.call("instance.list", where)["instances"]]
+
+    assert ids(custom_attributes={"nfiles": "3"}) == [three["id"]]
+    assert ids(custom_attributes={"nfiles": "2"}) == [two["id"]]
+    assert ids(custom_attributes={"nfiles": "4"}) == []
+    assert ids(parameters={"count": "2"}) == [two["id"]]
+    assert ids(parameters={"count": "3"}, custom_attributes={"nfiles": "3"}) == [three["id"]]
+    assert ids(parameters={"count": "3"}, custom_attributes={"nfiles": "2"}) == []
+    assert ids(parameters={"nosuch": "3"}) == []
+    assert ids(workflow="loopdemo") == [two["id"], three["id"]]
+    with pytest.raises(RemoteError) as bad:
+        wf.call("instance.list", {"parameters": {"count": 3}})
+    assert bad.value.code == "INVALID_PARAMS"

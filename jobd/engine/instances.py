@@ -118,6 +118,57 @@ class Instances:
         self._save_changed()  # at once: the row must never be left without its document
         return instance_id
 
+    def debug_resume(self, instance_id: int, *, launched_by: int | None = None) -> int:
+        """evQueue's `instance debugresume`: a new instance cloned from an ended one, whose failed tasks run again
+        (see `Instance.debug_resume`); the old instance is left as it is. Returns the new instance's id."""
+        if instance_id in self._live:
+            raise InvalidParams(
+                f"instance {instance_id} is still executing; only a TERMINATED instance can be debug-resumed",
+                id=instance_id,
+            )
+        old, document = self._stored(instance_id)
+        if old.status != str(InstanceStatus.TERMINATED) or not document:
+            raise InvalidParams(
+                f"instance {instance_id} is {old.status}; only a TERMINATED instance can be debug-resumed",
+                id=instance_id,
+            )
+        config = self.engine.config
+        now = self.clock()
+        summary = InstanceSummary(
+            id=0,
+            workflow=old.workflow,
+            status=str(InstanceStatus.EXECUTING),
+            errors=0,
+            started_at=now,
+            comment=old.comment,
+            host=old.host,
+            user=old.user,
+            launched_by=launched_by,
+            parameters=dict(old.parameters),
+        )
+        new_id = self.store.insert_instance(summary, b"")
+        try:
+            machine, actions = Instance.debug_resume(
+                document,
+                instance_id=new_id,
+                now=now,
+                queues=set(config.queues),
+                tasks=config.tasks,
+                retry_schedules=config.retry_schedules,
+            )
+        except ValueError as error:
+            self.store.delete_instance(new_id)
+            raise InvalidParams(f"instance {instance_id} cannot be debug-resumed: {error}", id=instance_id) from None
+        except BaseException:
+            self.store.delete_instance(new_id)
+            raise
+        live = _Live(replace(summary, id=new_id), machine)
+        self._live[new_id] = live
+        log.info("instance=%d debug-resumed from instance=%d (workflow %s)", new_id, instance_id, old.workflow)
+        self._apply(live, actions)
+        self._save_changed()
+        return new_id
+
     # -- reading ---------------------------------------------------------------------------------------------
 
     def summary(self, instance_id: int) -> InstanceSummary:
@@ -294,7 +345,13 @@ class Instances:
             timer.cancel()
         del self._live[instance_id]
         self.store.save_instance(
-            instance_id, str(finished.status), finished.errors, now, finished.tags, live.machine.to_xml()
+            instance_id,
+            str(finished.status),
+            finished.errors,
+            now,
+            finished.tags,
+            live.machine.to_xml(),
+            custom_attributes=finished.custom_attributes,
         )
         level = logging.INFO if finished.errors == 0 else logging.WARNING
         log.log(

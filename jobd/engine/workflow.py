@@ -269,6 +269,46 @@ class Instance:
                     pending.append(RestoredTask(_evqid(task), NodeStatus.TERMINATED, retry_at=due))
         return instance, pending
 
+    @classmethod
+    def debug_resume(
+        cls,
+        document: bytes,
+        *,
+        instance_id: int,
+        now: float,
+        queues: Set[str],
+        tasks: Mapping[str, TaskDef] | None = None,
+        retry_schedules: Mapping[str, RetrySchedule] | None = None,
+    ) -> tuple[Instance, list[Action]]:
+        """evQueue's `instance debugresume`: a new instance from the document of a TERMINATED one.
+
+        What succeeded stays as it is: tasks that ended with retval 0, skipped jobs and tasks, and their outputs
+        (later tasks read them). Tasks that failed (retval != 0, killed, lost) or were ABORTED when they were
+        enqueued or ran (cancel, invalid XML output, unknown queue, ...) run again, and QUEUED ones are enqueued;
+        each keeps its earlier <output>/<stderr>/<log> triplets, the new try appends one, as a retry does. Once a
+        job's tasks all succeed, its subjobs start as usual. Left as they are: ABORTED jobs, and tasks ABORTED
+        while their condition, loop or inputs were evaluated (the loop is already expanded and the inputs half
+        computed, so running them again would not mean what the workflow says); they count as errors again.
+        A resumed task keeps its retry state: retries it used up are not given back. Raises ValueError for a
+        document that is not a TERMINATED instance.
+        """
+        root = safexml.parse(document, "workflow instance to resume")
+        if root.tag != "workflow" or root.get("status") != InstanceStatus.TERMINATED:
+            raise ValueError("only a TERMINATED workflow instance can be resumed")
+        for name in ("end_time", "cancelling", "errors", *COUNTERS):
+            _drop(root, name)
+        root.set("id", str(instance_id))
+        root.set("status", InstanceStatus.EXECUTING)
+        root.set("start_time", local_time(now))
+        instance = cls(root, queues=queues, tasks=tasks or {}, retry_schedules=retry_schedules or {})
+        for task in list(instance._all_tasks()):
+            status = task.get("status")
+            if status == NodeStatus.QUEUED or _resumable_failure(task):
+                for name in ("status", "retval", "error", "retry_at", "tid", "pid", "progression", "execution_time"):
+                    _drop(task, name)
+                instance._enqueue(task)
+        return instance, instance._settle(now)
+
     # ------------------------------------------------------------------------------------------------ state
 
     @property
@@ -919,6 +959,18 @@ def _job_of_task(task: etree._Element) -> etree._Element:
 def _succeeded(task: etree._Element) -> bool:
     status = task.get("status")
     return status == NodeStatus.SKIPPED or (status == NodeStatus.TERMINATED and task.get("retval") == "0")
+
+
+# What a task aborted before it was enqueued says (see debug_resume): its condition, loop or inputs failed.
+_ABORTED_BEFORE_ENQUEUE = ("Error evaluating", "Error computing", "evqWait()")
+
+
+def _resumable_failure(task: etree._Element) -> bool:
+    """A task debug_resume runs again: it failed, or was aborted once its values were computed."""
+    status = task.get("status")
+    if status == NodeStatus.TERMINATED:
+        return task.get("retval") != "0" and task.get("retry_at") is None
+    return status == NodeStatus.ABORTED and not task.get("error", "").startswith(_ABORTED_BEFORE_ENQUEUE)
 
 
 def _is_retrying(task: etree._Element) -> bool:
