@@ -20,8 +20,9 @@ from jobd import __version__, safexml
 from jobd.engine.core import STREAMS, Engine
 from jobd.engine.instances import Instances
 from jobd.engine.queues import QueueRuntime
+from jobd.engine.scheduler import Scheduler
 from jobd.engine.submit import Peer, SubmitRequest, resolve
-from jobd.errors import InvalidParams, MethodNotFound, UnknownWorkflow
+from jobd.errors import InsufficientRights, InvalidParams, MethodNotFound, UnknownWorkflow
 from jobd.model import MAX_PRIORITY, JobState, RetryPolicy, WorkflowDef
 from jobd.store import InstanceFilter, JobFilter
 
@@ -157,6 +158,7 @@ class Api:
     engine: Engine
     daemon: DaemonControl
     instances: Instances
+    scheduler: Scheduler
 
     def call(self, session: Session, method: str, raw_params: Mapping[str, Any]) -> Any:
         """The method's result, or a coroutine producing it for a method that has to wait (job.wait, ...).
@@ -532,6 +534,46 @@ def instance_list(api: Api, session: Session, p: Params) -> Any:
     }
 
 
+# -- schedules ---------------------------------------------------------------------------------------------------
+
+
+def schedule_list(api: Api, session: Session, p: Params) -> Any:
+    p.done()
+    return {"schedules": api.scheduler.list()}
+
+
+def _schedule_name(session: Session, p: Params) -> str:
+    name = p.required_text("name")
+    p.done()
+    if not session.peer.is_admin:
+        raise InsufficientRights(
+            f"{p.method}: uid {session.peer.uid} may not change schedules: that is for uid 0 and the daemon's own uid",
+            missing="admin",
+        )
+    return name
+
+
+def schedule_enable(api: Api, session: Session, p: Params) -> Any:
+    name = _schedule_name(session, p)
+    return api.scheduler.enable(name)
+
+
+def schedule_disable(api: Api, session: Session, p: Params) -> Any:
+    name = _schedule_name(session, p)
+    return api.scheduler.disable(name)
+
+
+def schedule_trigger(api: Api, session: Session, p: Params) -> Any:
+    name = _schedule_name(session, p)
+    triggered = api.scheduler.trigger(name)
+    return {
+        "schedule": api.scheduler.describe(name),
+        "started": triggered.started,
+        "run_id": triggered.run_id,
+        "queued": triggered.queued,
+    }
+
+
 METHODS: dict[str, Handler] = {
     "ping": ping,
     "job.submit": job_submit,
@@ -554,4 +596,8 @@ METHODS: dict[str, Handler] = {
     "instance.cancel": instance_cancel,
     "instance.debug_resume": instance_debug_resume,
     "instance.list": instance_list,
+    "schedule.list": schedule_list,
+    "schedule.enable": schedule_enable,
+    "schedule.disable": schedule_disable,
+    "schedule.trigger": schedule_trigger,
 }

@@ -342,8 +342,30 @@ def status_workflows(service: EvQueue, peer: Peer, command: xml.StatusWorkflows)
     return service.ok({"count": len(running)}, rows)
 
 
+def _workflow_schedules(api: Api) -> list[dict[str, Any]]:
+    """The schedules of workflows (evQueue has no task schedules) in the order their ids number them: by name, as
+    for workflows (a `[schedule.NAME]` is a config section, not a database row)."""
+    return [schedule for schedule in api.scheduler.list() if schedule["target"]["kind"] == "workflow"]
+
+
+def _timestamp_of(text: str | None) -> float | None:
+    return None if text is None else datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def status_scheduler(service: EvQueue, peer: Peer, command: xml.StatusScheduler) -> Result:
-    return service.ok(children=[xml.element("status")])  # no workflow schedules yet
+    """What evQueue's scheduler holds: each active workflow schedule with its next time, or `running` and the
+    instance while its run goes."""
+    status = xml.element("status")
+    for number, schedule in enumerate(_workflow_schedules(service.api), start=1):
+        attrs: dict[str, xml.AttributeValue] = {"workflow_schedule_id": number, "name": schedule["target"]["name"]}
+        if schedule["running"]:
+            attrs.update(scheduled_at="running", workflow_instance_id=max(schedule["running"]))
+        elif schedule["next_run"] is not None:
+            attrs["scheduled_at"] = local_time(_timestamp_of(schedule["next_run"]))
+        else:
+            continue  # disabled or suspended: not in the scheduler
+        status.append(xml.element("workflow", attrs))
+    return service.ok(children=[status])
 
 
 def status_configuration(service: EvQueue, peer: Peer, command: xml.StatusConfiguration) -> Result:
@@ -458,7 +480,33 @@ def workflow_get(service: EvQueue, peer: Peer, command: xml.WorkflowGet) -> Resu
 
 
 def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowSchedulesList) -> Result:
-    return service.ok()  # no workflow schedules yet
+    workflow_ids = {workflow.name: number for number, workflow in enumerate(_workflows(service.api), start=1)}
+    rows = []
+    for number, schedule in enumerate(_workflow_schedules(service.api), start=1):
+        target = schedule["target"]
+        row = xml.element(
+            "workflow_schedule",
+            {
+                "id": number,
+                "node": "any",
+                "workflow_id": workflow_ids.get(target["name"], ""),
+                "schedule": schedule["calendar"],
+                "onfailure": str(schedule["on_failure"]).upper(),
+                "user": "",
+                "host": "",
+                "active": 1 if schedule["enabled"] and not schedule["suspended"] else 0,
+                "comment": schedule["name"],  # jobd's schedules are named; evQueue's only have a comment
+                "workflow_name": target["name"],
+                "workflow_group": "",
+            },
+        )
+        if command.display_parameters:
+            row.extend(
+                xml.element("parameter", {"name": name, "value": value})
+                for name, value in target["parameters"].items()
+            )
+        rows.append(row)
+    return service.ok(children=rows)
 
 
 def control_reload(service: EvQueue, peer: Peer, command: xml.ControlReload) -> Result:

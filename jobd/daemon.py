@@ -24,6 +24,7 @@ from jobd import __version__, config, proc
 from jobd.api import Api
 from jobd.engine.core import Engine
 from jobd.engine.instances import Instances
+from jobd.engine.scheduler import Scheduler
 from jobd.errors import ConfigError, StartupError
 from jobd.model import Config, iso
 from jobd.server import Server
@@ -112,7 +113,8 @@ class Daemon:
         self.store.open()
         self.engine = Engine(initial, self.store)
         self.instances = Instances(self.engine, self.store)
-        self.server = Server(Api(self.engine, self, self.instances), initial.daemon.socket)
+        self.scheduler = Scheduler(self.engine, self.instances, self.store)
+        self.server = Server(Api(self.engine, self, self.instances, self.scheduler), initial.daemon.socket)
         self.watcher: config.ConfigWatcher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
 
@@ -121,6 +123,7 @@ class Daemon:
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         self.engine.recover()
         self.instances.recover()
+        self.scheduler.start()  # after recovery: a run that was going is found by its job or instance
         await self.server.start_serving()
         self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
         self.watcher.start(loop)
@@ -137,6 +140,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         log.info("stopping: no new work; running jobs get SIGTERM, then SIGKILL after their kill_grace")
         self.notifier.notify("STOPPING=1\nSTATUS=stopping")
+        self.scheduler.stop()
         if self.watcher is not None:
             self.watcher.close()
         await self.server.stop_listening()
@@ -204,6 +208,7 @@ class Daemon:
                 log.warning("[daemon] %s changed; it takes effect at the next restart", key)
         self.config = new
         self.engine.reload(new)
+        self.scheduler.reload(new)
         self.last_reload = {"at": iso(time.time()), "ok": True, "error": None}
         log.info("configuration reloaded from %d files", len(new.files))
         self._notify_status()

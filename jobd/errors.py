@@ -135,6 +135,11 @@ class TimedOut(JobdError):
     rpc_code = -32012
 
 
+class UnknownSchedule(JobdError):
+    code = "UNKNOWN_SCHEDULE"
+    rpc_code = -32013
+
+
 class StartupError(Exception):
     """jobd refuses to start: another jobd owns the state or the socket, the database is from a newer jobd, …
 

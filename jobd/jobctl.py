@@ -557,6 +557,50 @@ def render_workflows(workflows: Sequence[dict[str, Any]]) -> list[str]:
     return render_table(["NAME", "PARAMETERS"], rows)
 
 
+def schedule_target(schedule: dict[str, Any]) -> str:
+    target = schedule.get("target") or {}
+    return f"{target.get('kind', '?')} {target.get('name', '?')}"
+
+
+def schedule_last(schedule: dict[str, Any], now: dt.datetime) -> str:
+    """When it last ran and how that run ended (`running` while it goes)."""
+    if not schedule.get("last_run"):
+        return "-"
+    result = schedule.get("last_result") or "running"
+    return f"{format_time(schedule.get('last_run'), now)} {result}"
+
+
+def render_schedules(schedules: Sequence[dict[str, Any]], now: dt.datetime, width: int | None) -> list[str]:
+    headers = ["NAME", "TARGET", "CALENDAR", "STATE", "NEXT", "LAST", "OVERLAP"]
+    rows = [
+        [
+            str(schedule.get("name")),
+            schedule_target(schedule),
+            str(schedule.get("calendar")),
+            str(schedule.get("state")),
+            format_time(schedule.get("next_run"), now),
+            schedule_last(schedule, now),
+            str(schedule.get("overlap")),
+        ]
+        for schedule in schedules
+    ]
+    return render_table(headers, rows, width=width, flex=2)
+
+
+def describe_triggered(result: dict[str, Any]) -> str:
+    name = (result.get("schedule") or {}).get("name")
+    if result.get("started"):
+        kind = (result.get("schedule") or {}).get("target", {}).get("kind")
+        what = "instance" if kind == "workflow" else "job"
+        return f"schedule {name} triggered: {what} {result.get('run_id')}"
+    if result.get("queued"):
+        return f"schedule {name}: queued behind its running run (overlap queue_one)"
+    schedule = result.get("schedule") or {}
+    if schedule.get("last_result") == "error":
+        return f"schedule {name}: its run could not be started (see jobd's log)"
+    return f"schedule {name}: not started, its previous run is still going (overlap skip)"
+
+
 # -- argument types -------------------------------------------------------------------------------------------
 
 
@@ -952,6 +996,29 @@ def cmd_workflows(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schedules(session: Session, args: argparse.Namespace) -> int:
+    result = session.client.call("schedule.list")
+    if session.json:
+        session.emit_json(result)
+        return EXIT_OK
+    schedules = result.get("schedules") or []
+    if not schedules:
+        print("no schedules", file=sys.stderr)
+        return EXIT_OK
+    for line in render_schedules(schedules, local_now(), stdout_width()):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_schedule(session: Session, args: argparse.Namespace) -> int:
+    result = session.client.call(f"schedule.{args.action}", {"name": args.name})
+    if args.action == "trigger":
+        session.emit(result, lambda: [describe_triggered(result)])
+    else:
+        session.emit(result, lambda: [f"schedule {result.get('name')} {args.action}d"])
+    return EXIT_OK
+
+
 def launch_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.timeout is not None and not args.wait:
         raise UsageError("launch: --timeout only applies with --wait")
@@ -1210,6 +1277,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--limit", type=positive_int, default=20, help="at most this many (1-1000, default 20)"
     )
     instances.add_argument("--before", type=positive_int, metavar="ID", help="only instances older than ID (paging)")
+
+    add_command(sub, "schedules", cmd_schedules, "list schedules: state, next and last run")
+    schedule = add_command(sub, "schedule", cmd_schedule, "enable, disable or trigger (run now) a schedule")
+    schedule.add_argument("action", choices=["enable", "disable", "trigger"])
+    schedule.add_argument("name", metavar="NAME")
     return parser
 
 

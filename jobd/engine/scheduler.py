@@ -1,0 +1,486 @@
+"""Wall-clock schedules at run time: one timerfd, the runs they start, and their durable state.
+
+`jobd.engine.schedule` decides (the calendar's next time, jitter, catch-up); this module applies: it keeps one
+timerfd on CLOCK_REALTIME armed (absolute, TFD_TIMER_CANCEL_ON_SET) at the nearest due time of all schedules, and
+when it expires fires every schedule that is due — a workflow target launches an instance, a task target submits a
+job — following each schedule's overlap and on_failure rules. Between due times it makes no system call: the loop
+sleeps in epoll until the timerfd is readable. When someone sets the clock (settimeofday, an NTP step) the kernel
+cancels the timer (the read fails with ECANCELED); every due time is then recomputed and the timer re-armed.
+
+What must survive a restart (last run, its result and id, the next time, suspended, the API's enable/disable) is
+saved through the store on every change and loaded at start, after the engine and the instances have recovered, so
+a run that was going when jobd stopped is found again (and followed to its end) by its job or instance id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from jobd import linux
+from jobd.engine.core import Engine
+from jobd.engine.instances import Instances
+from jobd.engine.schedule import Calendar, catch_up_due, next_run
+from jobd.engine.submit import Peer, SubmitRequest, resolve
+from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
+from jobd.model import Config, Job, OnFailure, Overlap, ScheduleDef, ScheduleState, iso
+from jobd.store import Store
+
+log = logging.getLogger("jobd.scheduler")
+
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+ERROR = "error"  # the run could not be started
+LOST = "lost"  # its job or instance is no longer known
+
+# The timer is armed at the due time itself and the kernel fires it at or after that instant, on the same clock
+# time.time() reads; the margin only absorbs the float <-> timespec rounding of the armed value.
+DUE_MARGIN = 0.001
+
+
+@dataclass
+class _Schedule:
+    """One configured schedule at run time."""
+
+    definition: ScheduleDef
+    calendar: Calendar | None  # None: the calendar could not be parsed (logged); it never fires by itself
+    state: ScheduleState
+    runs: dict[int, str] = field(default_factory=dict)  # id of each run still going -> "job" | "instance"
+    pending: float | None = None  # overlap queue_one: due time of the one run waiting for the running one
+
+    @property
+    def enabled(self) -> bool:
+        return self.definition.enabled if self.state.enabled is None else self.state.enabled
+
+    @property
+    def waiting(self) -> bool:
+        """Does it fire by itself when its time comes?"""
+        return self.enabled and not self.state.suspended and self.calendar is not None
+
+    @property
+    def status(self) -> str:
+        if self.runs:
+            return "running"
+        if not self.enabled:
+            return "disabled"
+        if self.state.suspended:
+            return "suspended"
+        return "waiting"
+
+
+@dataclass(frozen=True, slots=True)
+class Triggered:
+    """What `Scheduler.trigger` did."""
+
+    started: bool
+    run_id: int | None
+    queued: bool
+
+
+@dataclass
+class _RunWatcher:
+    """The engine's JobWatcher for the job of one run of a task schedule."""
+
+    scheduler: Scheduler
+    name: str
+
+    def job_started(self, job: Job, pid: int) -> None:
+        pass
+
+    def job_progress(self, job: Job) -> None:
+        pass
+
+    def job_finished(self, job: Job) -> None:
+        self.scheduler._run_ended(self.name, job.id, _job_result(job))
+
+
+def _job_result(job: Job) -> str:
+    return str(job.state)  # succeeded | failed | timed_out | cancelled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        instances: Instances,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        jitter_fraction: Callable[[], float] = random.random,
+    ) -> None:
+        self.engine = engine
+        self.instances = instances
+        self.store = store
+        self.clock = clock
+        self.jitter_fraction = jitter_fraction
+        self._schedules: dict[str, _Schedule] = {}
+        self._fd: int | None = None
+        self._armed: float | None = None  # the absolute time the timerfd is armed at, None: disarmed
+        self._followers: set[asyncio.Task[None]] = set()
+        self._stopped = False
+        self._peer = Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), is_admin=True)
+
+    # -- start and stop ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the saved state, find runs that were going, catch up what was missed, arm the timer. Call it after
+        the engine and the instances have recovered."""
+        loop = asyncio.get_running_loop()
+        self._fd = linux.timerfd_create(linux.CLOCK_REALTIME, linux.TFD_CLOEXEC | linux.TFD_NONBLOCK)
+        loop.add_reader(self._fd, self._expired)
+        saved = self.store.schedule_states()
+        definitions = self.engine.config.schedules
+        for name in sorted(set(saved) - set(definitions)):
+            log.info("schedule %s was removed from the configuration while jobd was down: its state is forgotten", name)
+            self.store.forget_schedule(name)
+        now = self.clock()
+        for name in sorted(definitions):
+            schedule = self._make(definitions[name], saved.get(name) or ScheduleState(name=name))
+            self._schedules[name] = schedule
+            self._recover_run(schedule)
+            self._start_up(schedule, now)
+        self._rearm()
+
+    def stop(self) -> None:
+        """Fire no more (at shutdown). Runs in progress are the engine's and the instances' to stop or resume;
+        one that ends from here on is recorded by the next start-up, from its job or instance."""
+        self._stopped = True
+        if self._fd is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        for follower in self._followers:
+            follower.cancel()
+
+    def _make(self, definition: ScheduleDef, state: ScheduleState) -> _Schedule:
+        try:
+            calendar: Calendar | None = Calendar.parse(definition.calendar)
+        except (JobdError, ValueError) as error:  # the config validates calendars: this is a safety net
+            log.error(
+                "schedule %s: calendar %r is invalid, it will not fire: %s", definition.name, definition.calendar, error
+            )
+            calendar = None
+        return _Schedule(definition, calendar, state)
+
+    def _recover_run(self, schedule: _Schedule) -> None:
+        """A run that had not ended when jobd stopped: follow it if it is still going, else record its result."""
+        state = schedule.state
+        if state.last_run_id is None or state.last_result is not None:
+            return
+        run_id = state.last_run_id
+        name = schedule.definition.name
+        if schedule.definition.target_kind == "workflow":
+            try:
+                summary = self.instances.summary(run_id)
+            except UnknownInstance:
+                self._set(schedule, last_result=LOST)
+                return
+            if summary.ended_at is None:
+                log.info("schedule %s: its instance=%d is still executing; followed to its end", name, run_id)
+                schedule.runs[run_id] = "instance"
+                self._follow_instance(name, run_id)
+            else:
+                self._set(schedule, last_result=SUCCEEDED if summary.errors == 0 else FAILED)
+            return
+        try:
+            job = self.engine.get(run_id)
+        except UnknownJob:
+            self._set(schedule, last_result=LOST)
+            return
+        if job.state.finished:
+            self._set(schedule, last_result=_job_result(job))
+        else:
+            log.info("schedule %s: its job=%d is still %s; followed to its end", name, run_id, job.state)
+            schedule.runs[run_id] = "job"
+            self.engine.watch(run_id, _RunWatcher(self, name))
+
+    def _start_up(self, schedule: _Schedule, now: float) -> None:
+        definition = schedule.definition
+        if not schedule.waiting:
+            self._set(schedule, next_run=None)
+            return
+        if schedule.runs and definition.overlap is Overlap.SKIP:
+            self._set(schedule, next_run=None)  # computed when the run ends
+            return
+        assert schedule.calendar is not None
+        if not schedule.runs and catch_up_due(definition, schedule.calendar, schedule.state, now):
+            missed = schedule.state.next_run
+            due = missed if missed is not None and missed <= now else now
+            log.info("schedule %s: a due time was missed while jobd was down; catching up once now", definition.name)
+            self._fire(schedule, due, now)
+            self._after_firing(schedule, now)
+            return
+        self._set(schedule, next_run=self._next(schedule, now))
+
+    # -- the timer -----------------------------------------------------------------------------------------------
+
+    def _expired(self) -> None:
+        assert self._fd is not None
+        self._armed = None  # an absolute one-shot timer is disarmed once it has expired or been cancelled
+        clock_set = linux.read_expirations(self._fd) is None
+        now = self.clock()
+        for name in sorted(self._schedules):
+            schedule = self._schedules[name]
+            due = schedule.state.next_run
+            if not schedule.waiting or due is None:
+                continue
+            if due <= now + DUE_MARGIN:
+                self._fire(schedule, due, now)
+                self._after_firing(schedule, now)
+            elif clock_set:  # set back: the next time from the new "now" may be sooner than the one computed
+                self._set(schedule, next_run=self._next(schedule, now))
+        if clock_set:
+            log.info("the system clock was set: due times recomputed, timer re-armed")
+        self._rearm()
+
+    def _rearm(self) -> None:
+        if self._fd is None:
+            return
+        times = [s.state.next_run for s in self._schedules.values() if s.waiting and s.state.next_run is not None]
+        nearest = min(times, default=None)
+        if nearest == self._armed:
+            return
+        if nearest is None:
+            linux.timerfd_settime(self._fd, 0, 0.0)
+        else:
+            # Zero would disarm the timer; any time in the past makes it expire at once, as it should.
+            linux.timerfd_settime(self._fd, linux.TFD_TIMER_ABSTIME | linux.TFD_TIMER_CANCEL_ON_SET, max(nearest, 1e-9))
+        self._armed = nearest
+
+    def _next(self, schedule: _Schedule, now: float) -> float | None:
+        assert schedule.calendar is not None
+        return next_run(schedule.definition, schedule.calendar, schedule.state, now, self.jitter_fraction())
+
+    def _after_firing(self, schedule: _Schedule, now: float) -> None:
+        """The next due time once a due time has fired (whether or not a run started)."""
+        if not schedule.waiting:
+            self._set(schedule, next_run=None)
+        elif schedule.runs and schedule.definition.overlap is Overlap.SKIP:
+            self._set(schedule, next_run=None)  # evQueue's rule: computed when the run ends
+        else:
+            self._set(schedule, next_run=self._next(schedule, now))
+
+    # -- runs ----------------------------------------------------------------------------------------------------
+
+    def _fire(self, schedule: _Schedule, due: float, now: float, *, key: bool = True) -> Triggered:
+        """A due time (or a trigger) came: start a run, unless its overlap rule says otherwise."""
+        name = schedule.definition.name
+        if schedule.runs:
+            overlap = schedule.definition.overlap
+            going = ", ".join(str(run_id) for run_id in schedule.runs)
+            if overlap is Overlap.SKIP:
+                log.info("schedule %s: not started, its run %s is still going (overlap skip)", name, going)
+                return Triggered(started=False, run_id=None, queued=False)
+            if overlap is Overlap.QUEUE_ONE:
+                if schedule.pending is None:
+                    schedule.pending = due
+                    log.info("schedule %s: queued behind its run %s (overlap queue_one)", name, going)
+                else:
+                    log.info(
+                        "schedule %s: not started, one run already waits behind %s (overlap queue_one)", name, going
+                    )
+                return Triggered(started=False, run_id=None, queued=True)
+        run_id = self._start_run(schedule, due, now, key=key)
+        return Triggered(started=run_id is not None, run_id=run_id, queued=False)
+
+    def _start_run(self, schedule: _Schedule, due: float, now: float, *, key: bool = True) -> int | None:
+        definition = schedule.definition
+        name = definition.name
+        try:
+            if definition.target_kind == "workflow":
+                run_id = self.instances.launch(definition.target, definition.parameters, comment=f"schedule:{name}")
+                kind = "instance"
+            else:
+                request = SubmitRequest(
+                    task=definition.target,
+                    params=dict(definition.parameters),
+                    context=f"schedule:{name}",
+                    # The same due time never runs twice, even if jobd crashed between this commit and the state's.
+                    key=f"schedule:{name}:{due:.3f}" if key else None,
+                )
+                spec = resolve(self.engine.config, request, self._peer)
+                [job] = self.engine.submit([spec], [0.0], _RunWatcher(self, name))
+                run_id, kind = job.id, "job"
+        except JobdError as error:
+            log.error(
+                "schedule %s: cannot start its %s %s: %s",
+                name,
+                definition.target_kind,
+                definition.target,
+                error.message,
+            )
+            self._set(schedule, last_run=now, last_result=ERROR, last_run_id=None)
+            self._failed(schedule)
+            return None
+        log.info("schedule %s fired: %s=%d", name, kind, run_id)
+        schedule.runs[run_id] = kind
+        self._set(schedule, last_run=now, last_result=None, last_run_id=run_id)
+        if kind == "instance":
+            self._follow_instance(name, run_id)
+        elif job.state.finished:  # its key found the job of this due time, from before a crash
+            asyncio.get_running_loop().call_soon(self._run_ended, name, run_id, _job_result(job))
+        return run_id
+
+    def _follow_instance(self, name: str, instance_id: int) -> None:
+        async def follow() -> None:
+            summary = await self.instances.wait(instance_id, None)
+            self._run_ended(name, instance_id, SUCCEEDED if summary.errors == 0 else FAILED)
+
+        task = asyncio.get_running_loop().create_task(follow())
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    def _run_ended(self, name: str, run_id: int, result: str) -> None:
+        if self._stopped:
+            return  # shutting down: no queued run may start (nor fail to, and suspend the schedule)
+        schedule = self._schedules.get(name)
+        if schedule is None or schedule.runs.pop(run_id, None) is None:
+            return  # removed from the configuration meanwhile: its run was left alone
+        log.log(
+            logging.INFO if result == SUCCEEDED else logging.WARNING,
+            "schedule %s: run %d ended: %s",
+            name,
+            run_id,
+            result,
+        )
+        now = self.clock()
+        if run_id == schedule.state.last_run_id:
+            self._set(schedule, last_result=result)
+        if result != SUCCEEDED:
+            self._failed(schedule)
+        if schedule.pending is not None and not schedule.runs:
+            due, schedule.pending = schedule.pending, None
+            self._start_run(schedule, due, now)
+        if schedule.definition.overlap is Overlap.SKIP and not schedule.runs:
+            self._after_firing(schedule, now)  # strictly after this end
+        self._rearm()
+
+    def _failed(self, schedule: _Schedule) -> None:
+        if schedule.definition.on_failure is OnFailure.SUSPEND and not schedule.state.suspended:
+            log.warning("schedule %s suspended after a failed run (on_failure = suspend)", schedule.definition.name)
+            schedule.pending = None
+            self._set(schedule, suspended=True, next_run=None)
+
+    def _set(self, schedule: _Schedule, **changes: Any) -> None:
+        """Change a schedule's state and save it (only when something changed)."""
+        state = replace(schedule.state, **changes)
+        if state != schedule.state:
+            schedule.state = state
+            self.store.save_schedule_state(state)
+
+    # -- commands ------------------------------------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Schedule:
+        schedule = self._schedules.get(name)
+        if schedule is None:
+            known = sorted(self._schedules)
+            raise UnknownSchedule(
+                f"unknown schedule {name!r}; defined schedules: {', '.join(known) or '(none)'}",
+                schedule=name,
+                allowed=known,
+            )
+        return schedule
+
+    def enable(self, name: str) -> dict[str, Any]:
+        schedule = self._get(name)
+        self._set(schedule, enabled=True, suspended=False)
+        log.info("schedule %s enabled", name)
+        skipping = schedule.runs and schedule.definition.overlap is Overlap.SKIP
+        if schedule.state.next_run is None and schedule.waiting and not skipping:
+            self._set(schedule, next_run=self._next(schedule, self.clock()))
+        self._rearm()
+        return self.describe(name)
+
+    def disable(self, name: str) -> dict[str, Any]:
+        schedule = self._get(name)
+        schedule.pending = None
+        self._set(schedule, enabled=False, next_run=None)
+        log.info("schedule %s disabled", name)
+        self._rearm()
+        return self.describe(name)
+
+    def trigger(self, name: str) -> Triggered:
+        """Run it now, as if it were due (obeying its overlap rule); its calendar is left as it is."""
+        schedule = self._get(name)
+        now = self.clock()
+        log.info("schedule %s triggered", name)
+        triggered = self._fire(schedule, now, now, key=False)
+        if triggered.started and schedule.definition.overlap is Overlap.SKIP:
+            self._set(schedule, next_run=None)  # nothing is due while its run goes
+        self._rearm()
+        return triggered
+
+    def describe(self, name: str) -> dict[str, Any]:
+        return _describe(self._get(name))
+
+    def list(self) -> list[dict[str, Any]]:
+        return [_describe(self._schedules[name]) for name in sorted(self._schedules)]
+
+    # -- configuration -------------------------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> None:
+        """An edited schedule's next time is recomputed at once; a removed one fires no more (its run is left
+        alone and its state forgotten); a new one starts waiting for its first time."""
+        now = self.clock()
+        for name in sorted(set(self._schedules) - set(config.schedules)):
+            removed = self._schedules.pop(name)
+            log.info("schedule %s removed from the configuration%s", name, " (its run goes on)" if removed.runs else "")
+            self.store.forget_schedule(name)
+        for name in sorted(config.schedules):
+            definition = config.schedules[name]
+            schedule = self._schedules.get(name)
+            if schedule is None:
+                schedule = self._make(definition, ScheduleState(name=name))
+                self._schedules[name] = schedule
+                log.info("schedule %s added", name)
+            elif schedule.definition != definition:
+                if definition.enabled != schedule.definition.enabled and schedule.state.enabled is not None:
+                    # The administrator changed `enabled` in the file: that newer word overrides the API's.
+                    self._set(schedule, enabled=None)
+                calendar = self._make(definition, schedule.state).calendar
+                schedule.definition, schedule.calendar = definition, calendar
+                log.info("schedule %s changed: its next time is recomputed", name)
+            else:
+                continue
+            if not schedule.waiting:
+                schedule.pending = None
+                self._set(schedule, next_run=None)
+            elif schedule.runs and definition.overlap is Overlap.SKIP:
+                self._set(schedule, next_run=None)
+            else:
+                self._set(schedule, next_run=self._next(schedule, now))
+        self._rearm()
+
+
+def _describe(schedule: _Schedule) -> dict[str, Any]:
+    definition, state = schedule.definition, schedule.state
+    return {
+        "name": definition.name,
+        "target": {
+            "kind": str(definition.target_kind),
+            "name": definition.target,
+            "parameters": dict(definition.parameters),
+        },
+        "calendar": definition.calendar,
+        "timezone": definition.timezone,
+        "overlap": str(definition.overlap),
+        "on_failure": str(definition.on_failure),
+        "catch_up": definition.catch_up,
+        "jitter": definition.jitter,
+        "enabled": schedule.enabled,
+        "suspended": state.suspended,
+        "state": schedule.status,
+        "next_run": iso(state.next_run),
+        "last_run": iso(state.last_run),
+        "last_result": state.last_result,
+        "last_run_id": state.last_run_id,
+        "running": sorted(schedule.runs),
+        "pending": schedule.pending is not None,
+    }

@@ -1,0 +1,498 @@
+"""Schedules run by a real daemon: firings each second, overlap policies, suspend on failure, catch-up, durable
+state, reload, the clock-change re-arm, the schedule.* API, jobctl and evQueue's XML commands.
+
+Firings are observed as they happen, through `events.subscribe` (job.state notifications) read with a deadline;
+a run that must last is a task blocked on a lock file the test holds (tests/recovery/support.py's Gate). Where a
+test must let wall-clock time pass (to show that nothing fires), it waits for an event with a deadline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Daemon
+from lxml import etree
+from recovery.support import Gate, start, stop_pumps, terminate
+from test_evqueue_protocol import EvqClient, ok
+from test_jobctl import run_jobctl
+
+from jobd.client import Client, RemoteError
+
+pytestmark = pytest.mark.timeout(120)
+
+WAIT = 20.0
+
+BASE = """
+[queue.default]
+concurrency = 4
+
+[task.true]
+command = ["/bin/true"]
+
+[task.fail]
+command = ["/bin/false"]
+
+# Blocks until the test releases the lock file passed as its parameter (a run that lasts as long as needed).
+[task.gated]
+command = ["/bin/sh", "-c", 'exec flock "$0" true']
+"""
+
+HELLO = """<workflow>
+  <subjobs><job name="one"><tasks><task name="t" path="/bin/true" queue="default"/></tasks></job></subjobs>
+</workflow>
+"""
+
+BROKEN = """<workflow>
+  <subjobs><job name="one"><tasks><task name="t" path="/bin/false" queue="default"/></tasks></job></subjobs>
+</workflow>
+"""
+
+
+def schedule(name: str, target: str, calendar: str, **keys: Any) -> str:
+    kind, _, what = target.partition(":")
+    lines = [f"[schedule.{name}]", f'{kind} = "{what}"', f'calendar = "{calendar}"']
+    for key, value in keys.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, dict):
+            inner = ", ".join(f'{k} = "{v}"' for k, v in value.items())
+            lines.append(f"{key} = {{ {inner} }}")
+        elif isinstance(value, int | float):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f'{key} = "{value}"')
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def sched(make_daemon: Any) -> Iterator[Any]:
+    """make(schedules_toml) -> a started daemon with BASE's queue and tasks, the workflows `hello` and `broken`,
+    and its notify socket drained (a schedule runs many jobs, each one a STATUS= datagram)."""
+    made: list[Daemon] = []
+
+    def make(schedules: str = "") -> Daemon:
+        daemon: Daemon = make_daemon(BASE + schedules, start=False)
+        workflows = daemon.config_dir / "workflows"
+        workflows.mkdir()
+        (workflows / "hello.xml").write_text(HELLO)
+        (workflows / "broken.xml").write_text(BROKEN)
+        start(daemon)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    stop_pumps(made)
+
+
+def rewrite(daemon: Daemon, schedules: str) -> None:
+    daemon.write_config(BASE + schedules)
+
+
+def subscribe(daemon: Daemon) -> Client:
+    client = daemon.client()
+    client.call("events.subscribe", {"types": ["job.state"]}, timeout=WAIT)
+    return client
+
+
+def next_state(client: Client, state: str, context: str, timeout: float = WAIT) -> dict[str, Any]:
+    """The next job of `context` (ending with `*`: a prefix) reaching `state`, as the event carried it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no job of {context} became {state} within {timeout}s")
+        event = client.next_event(timeout=left)
+        job = event.get("job") or {}
+        found = str(job.get("context"))
+        if job.get("state") == state and (
+            found == context or (context.endswith("*") and found.startswith(context[:-1]))
+        ):
+            return job
+
+
+def nothing_for(client: Client, seconds: float, context: str) -> None:
+    """No job of `context` changes state for `seconds` (a wait with a deadline, not a sleep-and-poll)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event = client.next_event(timeout=left)
+        except TimeoutError:
+            return
+        assert (event.get("job") or {}).get("context") != context, event
+
+
+def epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def listed(daemon: Daemon, name: str) -> dict[str, Any]:
+    [found] = [s for s in daemon.call("schedule.list")["schedules"] if s["name"] == name]
+    return found
+
+
+def jobs_of(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    jobs: list[dict[str, Any]] = daemon.call("job.list", {"context": f"schedule:{name}", "limit": 1000})["jobs"]
+    return jobs
+
+
+# -- firing ------------------------------------------------------------------------------------------------------
+
+
+def test_an_every_second_schedule_fires_each_second_at_the_whole_second(sched: Any) -> None:
+    daemon = sched(schedule("tick", "task:true", "* * * * * *"))
+    with subscribe(daemon) as client:
+        started = [epoch(next_state(client, "running", "schedule:tick")["started_at"]) for _ in range(4)]
+    seconds = [math.floor(moment) for moment in started]
+    assert seconds == list(range(seconds[0], seconds[0] + 4)), started  # one run each second, none missed
+    assert all(moment - second < 0.5 for moment, second in zip(started, seconds, strict=True)), started
+    tick = listed(daemon, "tick")
+    assert tick["state"] in ("waiting", "running") and tick["enabled"] and not tick["suspended"]
+    assert tick["next_run"] is not None and tick["last_run"] is not None
+    assert tick["target"] == {"kind": "task", "name": "true", "parameters": {}}
+
+
+def test_a_workflow_schedule_launches_instances_with_its_parameters_and_follows_them(sched: Any) -> None:
+    daemon = sched(schedule("wf", "workflow:hello", ";;;;;"))
+    with subscribe(daemon) as client:
+        job = next_state(client, "succeeded", "instance:*")
+    instance_id = int(job["context"].split(":")[1])
+    done = daemon.call("instance.wait", {"id": instance_id, "timeout": WAIT})
+    assert done["status"] == "TERMINATED" and done["errors"] == 0 and done["comment"] == "schedule:wf"
+    daemon.call("schedule.disable", {"name": "wf"})
+    last = listed(daemon, "wf")
+    assert last["last_run_id"] >= instance_id and last["target"]["kind"] == "workflow"
+
+
+# -- overlap -----------------------------------------------------------------------------------------------------
+
+
+def test_overlap_skip_waits_for_the_run_to_end_then_the_next_second_after_its_end(sched: Any, tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("slow", "task:gated", "* * * * * *", parameters={"lock": gate.path}))
+    with subscribe(daemon) as client:
+        first = next_state(client, "running", "schedule:slow")
+        nothing_for(client, 2.5, "schedule:slow")  # two due times pass while it runs: nothing else starts
+        slow = listed(daemon, "slow")
+        assert slow["state"] == "running" and slow["running"] == [first["id"]] and slow["next_run"] is None
+        gate.release()
+        ended = next_state(client, "succeeded", "schedule:slow")
+        second = next_state(client, "running", "schedule:slow")
+    assert ended["id"] == first["id"] and second["id"] != first["id"]
+    end, begin = epoch(ended["finished_at"]), epoch(second["started_at"])
+    assert math.floor(begin) == math.floor(end) + 1, (end, begin)  # the first second strictly after the end
+    assert len(jobs_of(daemon, "slow")) >= 2
+    assert listed(daemon, "slow")["last_result"] in (None, "succeeded")
+
+
+def test_overlap_queue_one_keeps_one_pending_run_and_starts_it_when_the_running_one_ends(
+    sched: Any, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("q1", "task:gated", "* * * * * *", parameters={"lock": gate.path}, overlap="queue_one"))
+    with subscribe(daemon) as client:
+        first = next_state(client, "running", "schedule:q1")
+        nothing_for(client, 2.5, "schedule:q1")  # two due times: one queued, the other dropped
+        q1 = listed(daemon, "q1")
+        assert q1["pending"] and q1["running"] == [first["id"]] and q1["next_run"] is not None
+        assert len(jobs_of(daemon, "q1")) == 1
+        gate.release()
+        ended = next_state(client, "succeeded", "schedule:q1")
+        queued = next_state(client, "running", "schedule:q1")
+    assert ended["id"] == first["id"]
+    assert epoch(queued["started_at"]) - epoch(ended["finished_at"]) < 0.5  # at once, not at the next due time
+    assert "one run already waits" in daemon.log()
+
+
+def test_overlap_allow_starts_runs_while_the_previous_one_goes(sched: Any, tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("many", "task:gated", "* * * * * *", parameters={"lock": gate.path}, overlap="allow"))
+    with subscribe(daemon) as client:
+        first = next_state(client, "running", "schedule:many")
+        second = next_state(client, "running", "schedule:many")
+        many = listed(daemon, "many")
+        assert {first["id"], second["id"]} <= set(many["running"]) and many["state"] == "running"
+        daemon.call("schedule.disable", {"name": "many"})
+        gate.release()
+        ended: set[int] = set()
+        while not {first["id"], second["id"]} <= ended:
+            ended.add(next_state(client, "succeeded", "schedule:many")["id"])
+
+
+# -- failure, suspend --------------------------------------------------------------------------------------------
+
+
+def test_on_failure_suspend_stops_the_schedule_until_it_is_enabled_again(sched: Any) -> None:
+    daemon = sched(schedule("flaky", "task:fail", "* * * * * *", on_failure="suspend"))
+    with subscribe(daemon) as client:
+        failed = next_state(client, "failed", "schedule:flaky")
+        nothing_for(client, 2.0, "schedule:flaky")
+        flaky = listed(daemon, "flaky")
+        assert flaky["state"] == "suspended" and flaky["suspended"] and flaky["next_run"] is None
+        assert flaky["last_result"] == "failed" and flaky["last_run_id"] == failed["id"]
+        enabled = daemon.call("schedule.enable", {"name": "flaky"})
+        assert (
+            not enabled["suspended"] and enabled["next_run"] is not None and enabled["state"] in ("waiting", "running")
+        )
+        again = next_state(client, "failed", "schedule:flaky")
+    assert again["id"] != failed["id"]
+    assert "suspended after a failed run" in daemon.log()
+
+
+def test_a_workflow_that_ends_with_errors_suspends_its_schedule(sched: Any) -> None:
+    daemon = sched(schedule("bad", "workflow:broken", ";;;;;", on_failure="suspend"))
+    with subscribe(daemon) as client:
+        next_state(client, "failed", "instance:*")
+        nothing_for(client, 1.5, "none")
+    bad = listed(daemon, "bad")
+    assert bad["suspended"] and bad["last_result"] == "failed"
+    assert daemon.call("instance.list", {})["total"] == 1
+
+
+# -- restarts ----------------------------------------------------------------------------------------------------
+
+
+def test_catch_up_runs_once_at_start_up_when_a_due_time_passed_while_jobd_was_down(sched: Any) -> None:
+    due_second = (int(time.time()) + 5) % 60
+    daemon = sched(
+        schedule("late", "task:true", f"{due_second} * * * * *", catch_up=True)
+        + schedule("plain", "task:true", f"{due_second} * * * * *")
+    )
+    triggered = {name: daemon.call("schedule.trigger", {"name": name}) for name in ("late", "plain")}
+    for result in triggered.values():
+        assert result["started"] and result["run_id"], result
+        daemon.wait(result["run_id"])
+    due = epoch(listed(daemon, "late")["next_run"])
+    assert terminate(daemon) == 0
+    assert time.time() < due, "jobd took too long to stop: the due time passed while it was running"
+    time.sleep(due - time.time() + 0.2)  # jobd is down across its due time
+    start(daemon)
+    late = listed(daemon, "late")
+    assert late["last_run_id"] != triggered["late"]["run_id"]  # caught up at once, not waiting a minute
+    assert epoch(late["last_run"]) > due
+    assert daemon.wait(late["last_run_id"])["state"] == "succeeded"
+    assert len(jobs_of(daemon, "late")) == 2 and len(jobs_of(daemon, "plain")) == 1  # no catch_up: no run
+    assert epoch(listed(daemon, "plain")["next_run"]) > time.time()
+    assert "catching up once now" in daemon.log()
+
+
+def test_state_survives_a_restart(sched: Any) -> None:
+    daemon = sched(
+        schedule("kept", "task:true", "0 0 1 1 *")
+        + schedule("off", "task:true", "0 0 1 1 *")
+        + schedule("broke", "task:fail", "0 0 1 1 *", on_failure="suspend")
+    )
+    run = daemon.call("schedule.trigger", {"name": "kept"})["run_id"]
+    daemon.wait(run)
+    daemon.call("schedule.disable", {"name": "off"})
+    failing = daemon.call("schedule.trigger", {"name": "broke"})["run_id"]
+    daemon.wait(failing)
+    before = {s["name"]: s for s in daemon.call("schedule.list")["schedules"]}
+    assert before["kept"]["last_result"] == "succeeded" and before["broke"]["suspended"]
+    assert terminate(daemon) == 0
+    start(daemon)
+    after = {s["name"]: s for s in daemon.call("schedule.list")["schedules"]}
+    for name in ("kept", "off", "broke"):
+        for key in ("last_run", "last_result", "last_run_id", "enabled", "suspended", "state", "next_run"):
+            assert after[name][key] == before[name][key], (name, key)
+    assert after["off"]["state"] == "disabled" and after["broke"]["state"] == "suspended"
+
+
+def test_a_run_going_at_shutdown_is_followed_after_the_restart(sched: Any, tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("long", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}))
+    run = daemon.call("schedule.trigger", {"name": "long"})["run_id"]
+    assert terminate(daemon) == 0  # the job goes back to queued, the schedule's last_result stays open
+    start(daemon)
+    long = listed(daemon, "long")
+    assert long["state"] == "running" and long["running"] == [run] and long["last_result"] is None
+    gate.release()
+    assert daemon.wait(run)["state"] == "succeeded"
+    assert listed(daemon, "long")["last_result"] == "succeeded"
+    assert "followed to its end" in daemon.log()
+
+
+# -- reload ------------------------------------------------------------------------------------------------------
+
+
+def test_reload_recomputes_an_edited_schedule_forgets_a_removed_one_and_starts_a_new_one(
+    sched: Any, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path / "gate")
+    yearly = schedule("edit", "task:true", "0 0 1 1 *")
+    busy = schedule("gone", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path})
+    daemon = sched(yearly + busy)
+    assert epoch(listed(daemon, "edit")["next_run"]) > time.time() + 60
+    running = daemon.call("schedule.trigger", {"name": "gone"})["run_id"]
+    rewrite(daemon, schedule("edit", "task:true", "* * * * * *") + schedule("new", "task:true", "* * * * * *"))
+    daemon.call("daemon.reload")
+    names = [s["name"] for s in daemon.call("schedule.list")["schedules"]]
+    assert names == ["edit", "new"]
+    assert epoch(listed(daemon, "edit")["next_run"]) <= time.time() + 1.5  # recomputed at once
+    with subscribe(daemon) as client:
+        next_state(client, "running", "schedule:edit")
+        next_state(client, "running", "schedule:new")
+        assert daemon.call("job.get", {"id": running})["state"] == "running"  # left alone
+        gate.release()
+        assert next_state(client, "succeeded", "schedule:gone")["id"] == running
+        nothing_for(client, 1.5, "schedule:gone")  # fires no more
+    assert len(jobs_of(daemon, "gone")) == 1
+    with pytest.raises(RemoteError) as gone:
+        daemon.call("schedule.trigger", {"name": "gone"})
+    assert gone.value.code == "UNKNOWN_SCHEDULE"
+
+
+def test_an_edit_of_enabled_in_the_file_overrides_the_apis_word(sched: Any) -> None:
+    daemon = sched(schedule("s", "task:true", "0 0 1 1 *"))
+    daemon.call("schedule.disable", {"name": "s"})
+    rewrite(daemon, schedule("s", "task:true", "0 0 1 1 *", jitter=0))  # same meaning: the API's word stays
+    daemon.call("daemon.reload")
+    assert listed(daemon, "s")["state"] == "disabled"
+    rewrite(daemon, schedule("s", "task:true", "0 0 1 1 *", enabled=False))
+    daemon.call("daemon.reload")
+    rewrite(daemon, schedule("s", "task:true", "0 0 1 1 *", enabled=True))
+    daemon.call("daemon.reload")
+    assert listed(daemon, "s")["state"] == "waiting"
+
+
+# -- clock changes -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting CLOCK_REALTIME needs root")
+def test_a_clock_change_re_arms_the_timer_and_the_schedule_fires_at_its_time(sched: Any) -> None:
+    due_second = (int(time.time()) + 4) % 60
+    daemon = sched(schedule("at", "task:true", f"{due_second} * * * * *"))
+    due = epoch(listed(daemon, "at")["next_run"])
+    with subscribe(daemon) as client:
+        # Setting the clock to its own value moves it by microseconds, but the kernel cancels every
+        # TFD_TIMER_CANCEL_ON_SET timer all the same: without the re-arm this schedule would never fire.
+        time.clock_settime(time.CLOCK_REALTIME, time.clock_gettime(time.CLOCK_REALTIME))
+        job = next_state(client, "running", "schedule:at", timeout=due - time.time() + WAIT)
+    assert 0 <= epoch(job["started_at"]) - due < 0.5, (job["started_at"], due)
+    assert "the system clock was set: due times recomputed, timer re-armed" in daemon.log()
+
+
+# -- API, jobctl, evQueue ----------------------------------------------------------------------------------------
+
+
+def test_schedule_methods_refuse_unknown_names_and_bad_parameters(sched: Any) -> None:
+    assert sched().call("schedule.list") == {"schedules": []}
+    daemon = sched(schedule("one", "task:true", "0 0 1 1 *"))
+    for method in ("schedule.enable", "schedule.disable", "schedule.trigger"):
+        with pytest.raises(RemoteError) as unknown:
+            daemon.call(method, {"name": "nope"})
+        assert unknown.value.code == "UNKNOWN_SCHEDULE" and unknown.value.rpc_code == -32013
+        assert unknown.value.data["allowed"] == ["one"] and "nope" in unknown.value.message
+        with pytest.raises(RemoteError) as missing:
+            daemon.call(method, {})
+        assert missing.value.code == "INVALID_PARAMS"
+    with pytest.raises(RemoteError) as extra:
+        daemon.call("schedule.list", {"name": "one"})
+    assert extra.value.code == "INVALID_PARAMS"
+    disabled = daemon.call("schedule.disable", {"name": "one"})
+    assert disabled["state"] == "disabled" and not disabled["enabled"] and disabled["next_run"] is None
+    enabled = daemon.call("schedule.enable", {"name": "one"})
+    assert enabled["state"] == "waiting" and enabled["enabled"] and enabled["next_run"] is not None
+    keys = set(enabled)
+    assert {"name", "target", "calendar", "timezone", "overlap", "on_failure", "enabled", "suspended"} <= keys
+    assert {"next_run", "last_run", "last_result", "last_run_id", "state"} <= keys
+
+
+def test_trigger_obeys_overlap_skip(sched: Any, tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("s", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}))
+    first = daemon.call("schedule.trigger", {"name": "s"})
+    assert first["started"] and not first["queued"] and first["schedule"]["state"] == "running"
+    second = daemon.call("schedule.trigger", {"name": "s"})
+    assert not second["started"] and second["run_id"] is None
+    gate.release()
+    assert daemon.wait(first["run_id"])["state"] == "succeeded"
+
+
+def test_jobctl_schedules_and_schedule_commands(sched: Any) -> None:
+    daemon = sched(schedule("nightly", "task:true", "0 3 * * *") + schedule("wf", "workflow:hello", "0;0;3;;;"))
+    sock = ["--socket", str(daemon.socket_path)]
+    table = run_jobctl(*sock, "schedules")
+    assert table.code == 0, table
+    header, *rows = table.out.splitlines()
+    assert header.split() == ["NAME", "TARGET", "CALENDAR", "STATE", "NEXT", "LAST", "OVERLAP"]
+    assert rows[0].split()[:3] == ["nightly", "task", "true"] and "waiting" in rows[0]
+    assert rows[1].startswith("wf") and "workflow hello" in rows[1] and "0;0;3;;;" in rows[1]
+    disabled = run_jobctl(*sock, "schedule", "disable", "nightly")
+    assert disabled.code == 0 and disabled.out.strip() == "schedule nightly disabled", disabled
+    assert listed(daemon, "nightly")["state"] == "disabled"
+    enabled = run_jobctl(*sock, "schedule", "enable", "nightly")
+    assert enabled.code == 0 and enabled.out.strip() == "schedule nightly enabled", enabled
+    triggered = run_jobctl(*sock, "schedule", "trigger", "nightly")
+    assert triggered.code == 0 and triggered.out.startswith("schedule nightly triggered: job "), triggered
+    job_id = int(triggered.out.split()[-1])
+    assert daemon.wait(job_id)["context"] == "schedule:nightly"
+    as_json = run_jobctl(*sock, "--json", "schedules")
+    assert as_json.code == 0 and '"schedules"' in as_json.out
+    unknown = run_jobctl(*sock, "schedule", "trigger", "nope")
+    assert unknown.code == 1 and "UNKNOWN_SCHEDULE" in unknown.err
+    usage = run_jobctl(*sock, "schedule", "pause", "nightly")
+    assert usage.code == 2
+
+
+def test_evqueue_status_scheduler_and_workflow_schedules_list(sched: Any, tmp_path: Path) -> None:
+    daemon = sched(
+        schedule("b_daily", "workflow:hello", "0;0;3;;;", on_failure="suspend")
+        + schedule("a_param", "workflow:hello", "0 4 * * *", enabled=False)
+        + schedule("c_task", "task:true", "0 5 * * *")
+    )
+    running = daemon.call("schedule.trigger", {"name": "b_daily"})["run_id"]
+    with EvqClient(daemon.evqueue_socket) as client:
+        status = ok(client.ask(b'<status action="query" type="scheduler"/>'))[0]
+        listed_xml = ok(client.ask(b'<workflow_schedules action="list" display_parameters="yes"/>'))
+        workflows = ok(client.ask(b'<workflows action="list"/>'))
+    assert status.tag == "status"
+    [entry] = list(status)  # a_param is disabled, c_task is not a workflow
+    assert entry.get("workflow_schedule_id") == "2" and entry.get("name") == "hello"
+    scheduled = entry.get("scheduled_at")
+    if scheduled == "running":
+        assert entry.get("workflow_instance_id") == str(running)
+    else:
+        assert len(scheduled or "") == 19 and scheduled.endswith("03:00:00")  # type: ignore[union-attr]
+    hello_id = next(w.get("id") for w in workflows if w.get("name") == "hello")
+    rows = [dict(row.attrib) for row in listed_xml]
+    assert rows == [
+        {
+            "id": "1",
+            "node": "any",
+            "workflow_id": hello_id,
+            "schedule": "0 4 * * *",
+            "onfailure": "CONTINUE",
+            "user": "",
+            "host": "",
+            "active": "0",
+            "comment": "a_param",
+            "workflow_name": "hello",
+            "workflow_group": "",
+        },
+        {
+            "id": "2",
+            "node": "any",
+            "workflow_id": hello_id,
+            "schedule": "0;0;3;;;",
+            "onfailure": "SUSPEND",
+            "user": "",
+            "host": "",
+            "active": "1",
+            "comment": "b_daily",
+            "workflow_name": "hello",
+            "workflow_group": "",
+        },
+    ]
+    assert etree.tostring(listed_xml[0]).count(b"<parameter") == 0
+    daemon.call("instance.wait", {"id": running, "timeout": WAIT})
+    with EvqClient(daemon.evqueue_socket) as client:
+        entry = ok(client.ask(b'<status action="query" type="scheduler"/>'))[0][0]
+    assert entry.get("scheduled_at", "").endswith("03:00:00") and entry.get("workflow_instance_id") is None
