@@ -11,7 +11,11 @@ The machine is shared and noisy, so speed is reported as a ratio to a reference 
 - system calls made by an idle daemon over 30 s (strace -c -f);
 - workflows: N instances of a workflow of three `/bin/true` tasks (one, then a subjob of two in parallel) through a
   queue of concurrency 2, against the same 3N tasks submitted as plain jobs to the same kind of queue; instances/s
-  and the daemon's CPU time per task for both.
+  and the daemon's CPU time per task for both;
+- schedules: an every-second schedule of a `/bin/true` task, 60 firings: the delay from the due time (the whole
+  second) to the job's `started_at` (p50/p99), and system calls between firings (strace -c -f in windows that
+  open after one firing has settled and close before the next is due). Reference: the submit-to-start latency of
+  the same job submitted by a client (the part of a firing that is not the timer's).
 
 This is a script, not a test: nothing here asserts on timings.
 """
@@ -22,6 +26,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
 import multiprocessing
 import os
 import select
@@ -327,6 +332,83 @@ def idle_syscalls(daemon: Daemon, seconds: int) -> tuple[int, str]:
     return total, report
 
 
+SCHEDULE = """
+[task.true]
+command = ["/bin/true"]
+queue = "bench"
+
+[schedule.tick]
+task = "true"
+calendar = "* * * * * *"
+"""
+
+
+def schedule_firings(daemon: Daemon, firings: int) -> list[float]:
+    """Delays (s) from each due time to its job's start, read from the job.state events of `firings` firings.
+
+    The due time is the whole second the start falls in (the calendar's times are whole seconds, and a delay of a
+    second or more would show as a missing firing: the test suite checks there is none)."""
+    delays = []
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]})
+        while len(delays) < firings:
+            job = client.next_event(timeout=10).get("job") or {}
+            if job.get("state") == "running" and job.get("context") == "schedule:tick":
+                started_at = dt.datetime.fromisoformat(job["started_at"].replace("Z", "+00:00")).timestamp()
+                delays.append(started_at - math.floor(started_at))
+    return delays
+
+
+def bare_timer_wakeups(count: int) -> list[float]:
+    """Reference: the delay from a whole second to the wake-up of a process sleeping in select() on a timerfd armed
+    at it (the same shim, flags and clock as jobd's) — what the kernel and the machine cost before jobd does
+    anything. On a VM the idle vCPU's wake-up is most of it."""
+    from jobd import linux
+
+    fd = linux.timerfd_create(linux.CLOCK_REALTIME, linux.TFD_CLOEXEC | linux.TFD_NONBLOCK)
+    delays = []
+    try:
+        for _ in range(count):
+            due = float(math.floor(time.time()) + 1)
+            linux.timerfd_settime(fd, linux.TFD_TIMER_ABSTIME | linux.TFD_TIMER_CANCEL_ON_SET, due)
+            select.select([fd], [], [])
+            delays.append(time.time() - due)
+            linux.read_expirations(fd)
+    finally:
+        os.close(fd)
+    return delays
+
+
+def syscalls_between_firings(daemon: Daemon, windows: int, start: float = 0.4, end: float = 0.9) -> list[int]:
+    """strace -c -f on the daemon from `start` to `end` s after a whole second, once per second, `windows` times.
+
+    A firing (timer read, submit, spawn, reap, SQLite commits, log lines) is over within ~10 ms of the whole second,
+    and the STATUS= update that follows a change of the job counts goes out 0.1 s later: from 0.4 s on, nothing but
+    the timer is due until the next whole second."""
+    counts = []
+    for _ in range(windows):
+        now = time.time()
+        time.sleep(math.floor(now) + 1 + start - now)
+        trace = subprocess.run(
+            ["timeout", "-s", "INT", str(end - start), "strace", "-c", "-f", "-p", str(daemon.pid)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        total = 0
+        for line in trace.stderr.splitlines():
+            fields = line.split()
+            if fields and fields[-1] == "total":
+                total = int(fields[3])
+        counts.append(total)
+    return counts
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * fraction) - 1)]
+
+
 def timed(label: str, action: Callable[[], Any]) -> Any:
     print(f"  {label} ...", file=sys.stderr, flush=True)
     return action()
@@ -339,7 +421,10 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=int, default=30)
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3, help="workflow benchmark: alternated rounds, best of each")
-    parser.add_argument("--only", nargs="*", default=["throughput", "submit", "latency", "idle", "workflow"])
+    parser.add_argument("--firings", type=int, default=60, help="schedule benchmark: firings measured")
+    parser.add_argument(
+        "--only", nargs="*", default=["throughput", "submit", "latency", "idle", "workflow", "schedule"]
+    )
     args = parser.parse_args()
     results: list[str] = []
     with tempfile.TemporaryDirectory(prefix="jobd-bench.") as tmp:
@@ -417,6 +502,26 @@ def main() -> int:
                 f"{tasks / flow:.0f} tasks/s, daemon CPU {flow_cpu / tasks * 1000:.2f} ms/task; plain jobs (reference) "
                 f"{tasks / plain:.0f} jobs/s, daemon CPU {plain_cpu / tasks * 1000:.2f} ms/job; ratio (tasks/s over "
                 f"jobs/s) {plain / flow:.2f}, CPU per task over per job {flow_cpu / plain_cpu:.2f}"
+            )
+        if "schedule" in args.only:
+            daemon = Daemon(root / "schedule", QUEUES + SCHEDULE, daemon_extra="history = { keep_days = 1 }")
+            daemon.log_level = "info"
+            daemon.start()
+            try:
+                delays = timed(f"schedule, {args.firings} firings", lambda: schedule_firings(daemon, args.firings))
+                windows = timed("system calls between firings", lambda: syscalls_between_firings(daemon, 10))
+                daemon.call("schedule.disable", {"name": "tick"})
+                reference = timed("submit-to-start of the same job", lambda: start_latency(daemon, 200))
+            finally:
+                daemon.stop()
+            wakeups = timed("bare timerfd wake-ups, 30", lambda: bare_timer_wakeups(30))
+            results.append(
+                f"schedule, every second, {args.firings} firings: due time to started_at p50 "
+                f"{statistics.median(delays) * 1000:.2f} ms, p99 {percentile(delays, 0.99) * 1000:.2f} ms, max "
+                f"{max(delays) * 1000:.2f} ms; reference submit-to-start p50 {reference[0] * 1000:.2f} ms, p99 "
+                f"{reference[1] * 1000:.2f} ms; bare timerfd wake-up (reference, 30) p50 "
+                f"{statistics.median(wakeups) * 1000:.2f} ms, max {max(wakeups) * 1000:.2f} ms; "
+                f"system calls in 10 windows 0.4-0.9 s after a firing: {windows}"
             )
     for line in results:
         print(line)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from harness import Daemon
 from lxml import etree
-from recovery.support import Gate, start, stop_pumps, terminate
+from recovery.support import Gate, kill9, start, stop_pumps, terminate
 from test_evqueue_protocol import EvqClient, ok
 from test_jobctl import run_jobctl
 
@@ -138,6 +138,14 @@ def listed(daemon: Daemon, name: str) -> dict[str, Any]:
     return found
 
 
+def quiesce(daemon: Daemon, *names: str) -> None:
+    """Disable the schedules and wait for their runs to end: an every-second schedule left firing would have a
+    child exiting (a zombie for an instant) whenever the teardown looks."""
+    for name in names:
+        for run in daemon.call("schedule.disable", {"name": name})["running"]:
+            daemon.wait(run)
+
+
 def jobs_of(daemon: Daemon, name: str) -> list[dict[str, Any]]:
     jobs: list[dict[str, Any]] = daemon.call("job.list", {"context": f"schedule:{name}", "limit": 1000})["jobs"]
     return jobs
@@ -157,6 +165,7 @@ def test_an_every_second_schedule_fires_each_second_at_the_whole_second(sched: A
     assert tick["state"] in ("waiting", "running") and tick["enabled"] and not tick["suspended"]
     assert tick["next_run"] is not None and tick["last_run"] is not None
     assert tick["target"] == {"kind": "task", "name": "true", "parameters": {}}
+    quiesce(daemon, "tick")
 
 
 def test_a_workflow_schedule_launches_instances_with_its_parameters_and_follows_them(sched: Any) -> None:
@@ -189,6 +198,7 @@ def test_overlap_skip_waits_for_the_run_to_end_then_the_next_second_after_its_en
     end, begin = epoch(ended["finished_at"]), epoch(second["started_at"])
     assert math.floor(begin) == math.floor(end) + 1, (end, begin)  # the first second strictly after the end
     assert len(jobs_of(daemon, "slow")) >= 2
+    quiesce(daemon, "slow")
     assert listed(daemon, "slow")["last_result"] in (None, "succeeded")
 
 
@@ -209,6 +219,7 @@ def test_overlap_queue_one_keeps_one_pending_run_and_starts_it_when_the_running_
     assert ended["id"] == first["id"]
     assert epoch(queued["started_at"]) - epoch(ended["finished_at"]) < 0.5  # at once, not at the next due time
     assert "one run already waits" in daemon.log()
+    quiesce(daemon, "q1")
 
 
 def test_overlap_allow_starts_runs_while_the_previous_one_goes(sched: Any, tmp_path: Path) -> None:
@@ -224,6 +235,7 @@ def test_overlap_allow_starts_runs_while_the_previous_one_goes(sched: Any, tmp_p
         ended: set[int] = set()
         while not {first["id"], second["id"]} <= ended:
             ended.add(next_state(client, "succeeded", "schedule:many")["id"])
+    quiesce(daemon, "many")
 
 
 # -- failure, suspend --------------------------------------------------------------------------------------------
@@ -319,6 +331,18 @@ def test_a_run_going_at_shutdown_is_followed_after_the_restart(sched: Any, tmp_p
     assert "followed to its end" in daemon.log()
 
 
+def test_a_run_going_at_kill_9_gets_its_result_from_the_recovered_job(sched: Any, tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("crash", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}))
+    run = daemon.call("schedule.trigger", {"name": "crash"})["run_id"]
+    kill9(daemon)
+    gate.release()
+    start(daemon)
+    job = daemon.wait(run)  # recovered as a lost attempt; no retry policy: it has ended
+    crash = listed(daemon, "crash")
+    assert crash["last_run_id"] == run and crash["last_result"] == job["state"] and crash["state"] == "waiting"
+
+
 # -- reload ------------------------------------------------------------------------------------------------------
 
 
@@ -344,6 +368,7 @@ def test_reload_recomputes_an_edited_schedule_forgets_a_removed_one_and_starts_a
         assert next_state(client, "succeeded", "schedule:gone")["id"] == running
         nothing_for(client, 1.5, "schedule:gone")  # fires no more
     assert len(jobs_of(daemon, "gone")) == 1
+    quiesce(daemon, "edit", "new")
     with pytest.raises(RemoteError) as gone:
         daemon.call("schedule.trigger", {"name": "gone"})
     assert gone.value.code == "UNKNOWN_SCHEDULE"

@@ -31,7 +31,7 @@ from jobd.engine.schedule import Calendar, catch_up_due, next_run
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
 from jobd.model import Config, Job, OnFailure, Overlap, ScheduleDef, ScheduleState, iso
-from jobd.store import Store
+from jobd.store import JobFilter, Store
 
 log = logging.getLogger("jobd.scheduler")
 
@@ -169,8 +169,25 @@ class Scheduler:
             calendar = None
         return _Schedule(definition, calendar, state)
 
+    def _adopt_unsaved_run(self, schedule: _Schedule) -> None:
+        """A crash between a firing's job commit and its state save leaves a job the state does not name: make it
+        the last run, so that a catch-up does not run the same due time a second time.
+
+        Only task targets: their jobs carry the schedule in `context`. (Asking this at start-up, once, costs less than
+        an idempotency key on every firing: the key's lookup is most of a firing's time.)"""
+        state = schedule.state
+        if schedule.definition.target_kind != "task" or state.next_run is None:
+            return
+        newest = self.engine.list_jobs(JobFilter(context=f"schedule:{schedule.definition.name}", limit=1))
+        if newest and newest[0].id > (state.last_run_id or 0) and newest[0].created_at >= state.next_run:
+            job = newest[0]
+            name = schedule.definition.name
+            log.warning("schedule %s: job=%d was started for it before jobd stopped; it is its last run", name, job.id)
+            self._set(schedule, last_run=job.created_at, last_result=None, last_run_id=job.id)
+
     def _recover_run(self, schedule: _Schedule) -> None:
         """A run that had not ended when jobd stopped: follow it if it is still going, else record its result."""
+        self._adopt_unsaved_run(schedule)
         state = schedule.state
         if state.last_run_id is None or state.last_result is not None:
             return
@@ -269,7 +286,7 @@ class Scheduler:
 
     # -- runs ----------------------------------------------------------------------------------------------------
 
-    def _fire(self, schedule: _Schedule, due: float, now: float, *, key: bool = True) -> Triggered:
+    def _fire(self, schedule: _Schedule, due: float, now: float) -> Triggered:
         """A due time (or a trigger) came: start a run, unless its overlap rule says otherwise."""
         name = schedule.definition.name
         if schedule.runs:
@@ -287,10 +304,10 @@ class Scheduler:
                         "schedule %s: not started, one run already waits behind %s (overlap queue_one)", name, going
                     )
                 return Triggered(started=False, run_id=None, queued=True)
-        run_id = self._start_run(schedule, due, now, key=key)
+        run_id = self._start_run(schedule, now)
         return Triggered(started=run_id is not None, run_id=run_id, queued=False)
 
-    def _start_run(self, schedule: _Schedule, due: float, now: float, *, key: bool = True) -> int | None:
+    def _start_run(self, schedule: _Schedule, now: float) -> int | None:
         definition = schedule.definition
         name = definition.name
         try:
@@ -301,9 +318,7 @@ class Scheduler:
                 request = SubmitRequest(
                     task=definition.target,
                     params=dict(definition.parameters),
-                    context=f"schedule:{name}",
-                    # The same due time never runs twice, even if jobd crashed between this commit and the state's.
-                    key=f"schedule:{name}:{due:.3f}" if key else None,
+                    context=f"schedule:{name}",  # also how _adopt_unsaved_run finds it after a crash
                 )
                 spec = resolve(self.engine.config, request, self._peer)
                 [job] = self.engine.submit([spec], [0.0], _RunWatcher(self, name))
@@ -324,8 +339,6 @@ class Scheduler:
         self._set(schedule, last_run=now, last_result=None, last_run_id=run_id)
         if kind == "instance":
             self._follow_instance(name, run_id)
-        elif job.state.finished:  # its key found the job of this due time, from before a crash
-            asyncio.get_running_loop().call_soon(self._run_ended, name, run_id, _job_result(job))
         return run_id
 
     def _follow_instance(self, name: str, instance_id: int) -> None:
@@ -356,8 +369,8 @@ class Scheduler:
         if result != SUCCEEDED:
             self._failed(schedule)
         if schedule.pending is not None and not schedule.runs:
-            due, schedule.pending = schedule.pending, None
-            self._start_run(schedule, due, now)
+            schedule.pending = None
+            self._start_run(schedule, now)
         if schedule.definition.overlap is Overlap.SKIP and not schedule.runs:
             self._after_firing(schedule, now)  # strictly after this end
         self._rearm()
@@ -411,7 +424,7 @@ class Scheduler:
         schedule = self._get(name)
         now = self.clock()
         log.info("schedule %s triggered", name)
-        triggered = self._fire(schedule, now, now, key=False)
+        triggered = self._fire(schedule, now, now)
         if triggered.started and schedule.definition.overlap is Overlap.SKIP:
             self._set(schedule, next_run=None)  # nothing is due while its run goes
         self._rearm()
