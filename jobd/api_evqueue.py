@@ -502,8 +502,7 @@ def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowS
         )
         if command.display_parameters:
             row.extend(
-                xml.element("parameter", {"name": name, "value": value})
-                for name, value in target["parameters"].items()
+                xml.element("parameter", {"name": name, "value": value}) for name, value in target["parameters"].items()
             )
         rows.append(row)
     return service.ok(children=rows)
