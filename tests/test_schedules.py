@@ -163,7 +163,9 @@ def test_an_every_second_schedule_fires_each_second_at_the_whole_second(sched: A
     assert all(moment - second < 0.5 for moment, second in zip(started, seconds, strict=True)), started
     tick = listed(daemon, "tick")
     assert tick["state"] in ("waiting", "running") and tick["enabled"] and not tick["suspended"]
-    assert tick["next_run"] is not None and tick["last_run"] is not None
+    assert tick["last_run"] is not None
+    # overlap "skip": while a run goes there is no next time yet; it is computed when the run ends
+    assert (tick["next_run"] is None) == (tick["state"] == "running"), tick
     assert tick["target"] == {"kind": "task", "name": "true", "parameters": {}}
     quiesce(daemon, "tick")
 
