@@ -233,6 +233,8 @@ class JobSpec:
     key: str | None = None
     submitted_by: int | None = None  # uid of the peer
     merge_stderr: bool = False  # stderr goes to the stdout stream (2>&1)
+    run_as_uid: int | None = None  # None: jobd's own user
+    run_as_gid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

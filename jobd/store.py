@@ -69,6 +69,8 @@ class JobRow(_Base):
     max_output = peewee.BigIntegerField()
     submitted_by = peewee.IntegerField(null=True)
     merge_stderr = peewee.BooleanField(default=False)  # since schema version 4
+    run_as_uid = peewee.IntegerField(null=True)  # since schema version 8
+    run_as_gid = peewee.IntegerField(null=True)  # since schema version 8
 
     class Meta:
         table_name = "job"
@@ -202,8 +204,41 @@ def _migration_6(db: peewee.SqliteDatabase) -> None:
     db.create_tables([ScheduleRow])
 
 
+class AuditRow(_Base):
+    id = peewee.AutoField()
+    at = peewee.DoubleField()
+    uid = peewee.IntegerField(null=True)  # None for a remote login
+    user = peewee.TextField()
+    command = peewee.TextField()  # the method or evQueue command, e.g. "job.cancel", "instance launch"
+    target = peewee.TextField(null=True)  # what it acted on, e.g. "job 42", "queue photo"
+    result = peewee.TextField()  # "ok" or the error code
+    message = peewee.TextField(null=True)  # the error message, if any
+
+    class Meta:
+        table_name = "audit"
+        indexes = ((("at",), False),)
+
+
+def _migration_7(db: peewee.SqliteDatabase) -> None:
+    db.create_tables([AuditRow])
+
+
+def _migration_8(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql('ALTER TABLE "job" ADD COLUMN "run_as_uid" INTEGER')  # type: ignore[no-untyped-call]
+    db.execute_sql('ALTER TABLE "job" ADD COLUMN "run_as_gid" INTEGER')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
-MIGRATIONS = (_migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6)
+MIGRATIONS = (
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+    _migration_6,
+    _migration_7,
+    _migration_8,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -610,7 +645,7 @@ class _GroupFlusher:
 
 _SPEC_COLUMNS = (
     "task", "command", "queue", "priority", "context", "key", "env", "stdin", "working_dir", "timeout", "kill_grace",
-    "retry", "max_output", "submitted_by", "merge_stderr",
+    "retry", "max_output", "submitted_by", "merge_stderr", "run_as_uid", "run_as_gid",
 )  # fmt: skip
 _JOB_STATE_COLUMNS = (
     "state", "run_at", "started_at", "finished_at", "attempts", "exit_code", "signal", "progress", "error",
@@ -659,6 +694,8 @@ def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
         spec.max_output,
         spec.submitted_by,
         spec.merge_stderr,
+        spec.run_as_uid,
+        spec.run_as_gid,
     )
 
 
@@ -720,6 +757,8 @@ def _job_from_row(row: JobRow) -> Job:
         key=row.key,
         submitted_by=row.submitted_by,
         merge_stderr=bool(row.merge_stderr),
+        run_as_uid=row.run_as_uid,
+        run_as_gid=row.run_as_gid,
     )
     return Job(
         id=row.id,

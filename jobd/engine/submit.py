@@ -52,10 +52,14 @@ class SubmitRequest:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
+    """Who is asking: a local process known by SO_PEERCRED, or a remote login (uid -1, `user` its login)."""
+
     uid: int
     gid: int
     pid: int
     is_admin: bool
+    user: str = ""  # the user name (of the uid, or the login of a remote client)
+    groups: frozenset[str] = frozenset()  # names of the primary and supplementary groups
 
 
 def identify_peer(pid: int, uid: int, gid: int) -> Peer:
