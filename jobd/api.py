@@ -12,11 +12,12 @@ import binascii
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from lxml import etree
 
-from jobd import __version__, safexml
+from jobd import __version__, audit, safexml
 from jobd.engine.core import STREAMS, Engine
 from jobd.engine.instances import Instances
 from jobd.engine.queues import QueueRuntime
@@ -24,7 +25,7 @@ from jobd.engine.scheduler import Scheduler
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import InsufficientRights, InvalidParams, MethodNotFound, UnknownWorkflow
 from jobd.model import MAX_PRIORITY, JobState, RetryPolicy, WorkflowDef
-from jobd.store import InstanceFilter, JobFilter
+from jobd.store import AuditFilter, InstanceFilter, JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
 MAX_SECONDS = 100 * 366 * 86400  # delays, timeouts, graces: a century keeps every date representable
@@ -170,7 +171,14 @@ class Api:
             raise MethodNotFound(
                 f"no method {method!r}; methods: {', '.join(sorted(METHODS))}", allowed=sorted(METHODS)
             )
-        return handler(self, session, Params(method, raw_params))
+        params = Params(method, raw_params)
+        target = audit.JSONRPC_MUTATING.get(method)
+        if target is None:  # read-only: not audited
+            return handler(self, session, params)
+        # The one place every mutating method is audited, refusals and failures included.
+        return audit.call_jsonrpc(
+            self.engine.store, session.peer, method, target, raw_params, lambda: handler(self, session, params)
+        )
 
 
 # -- methods ----------------------------------------------------------------------------------------------------
@@ -574,6 +582,40 @@ def schedule_trigger(api: Api, session: Session, p: Params) -> Any:
     }
 
 
+# -- audit ------------------------------------------------------------------------------------------------------
+
+
+def audit_list(api: Api, session: Session, p: Params) -> Any:
+    limit = p.integer("limit", 100, low=1, high=1000) or 100
+    since_text = p.text("since")
+    where = AuditFilter(
+        uid=p.integer("uid", low=-1),
+        user=p.text("user"),
+        command=p.text("command"),
+        since=None if since_text is None else _instant(p, "since", since_text),
+        before_id=p.integer("before", low=1),
+        limit=limit,
+    )
+    p.done()
+    if not session.peer.is_admin:
+        raise InsufficientRights(
+            f"{p.method}: uid {session.peer.uid} may not read the audit log: that is for admins", missing="admin"
+        )
+    entries = api.engine.store.audit_entries(where)
+    return {
+        "entries": [entry.to_json() for entry in entries],
+        "next_before": entries[-1].id if len(entries) == limit else None,
+    }
+
+
+def _instant(p: Params, name: str, text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise p.bad(name, "an ISO 8601 time, e.g. 2026-01-31T12:00:00Z") from None
+    return (moment if moment.tzinfo is not None else moment.astimezone()).timestamp()
+
+
 METHODS: dict[str, Handler] = {
     "ping": ping,
     "job.submit": job_submit,
@@ -600,4 +642,5 @@ METHODS: dict[str, Handler] = {
     "schedule.enable": schedule_enable,
     "schedule.disable": schedule_disable,
     "schedule.trigger": schedule_trigger,
+    "audit.list": audit_list,
 }

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from lxml import etree
 
-from jobd import __version__, safexml
+from jobd import __version__, audit, safexml
 from jobd.api import Api
 from jobd.engine.submit import Peer
 from jobd.errors import InsufficientRights, JobdError, TimedOut, UnknownWorkflow
@@ -90,9 +90,18 @@ class EvQueue:
         try:
             request = xml.parse_request(document)
             xpathfilter = request.xpathfilter
-            command = xml.decode_command(request)
-            check_rights(peer, command)
-            result = HANDLERS[type(command)](self, peer, command)
+            target = audit.XML_MUTATING.get((request.group, request.action))
+            if target is None:  # read-only: not audited
+                result = self._execute(peer, request)
+            else:  # the one place every mutating command is audited, refusals and bad attributes included
+                result = audit.call_xml(
+                    self.api.engine.store,
+                    peer,
+                    f"{request.group} {request.action}",
+                    target,
+                    request.attributes,
+                    lambda: self._execute(peer, request),
+                )
             if isinstance(result, _QuitSentinel):
                 return None
             if isinstance(result, Coroutine):
@@ -102,6 +111,11 @@ class EvQueue:
             return self.error(failure)
         except Exception as failure:  # the request boundary: a bug is logged and answered, never fatal
             return self._internal_error(failure)
+
+    def _execute(self, peer: Peer, request: xml.Request) -> Result:
+        command = xml.decode_command(request)
+        check_rights(peer, command)
+        return HANDLERS[type(command)](self, peer, command)
 
     def _serialize(self, root: etree._Element, xpathfilter: str | None) -> bytes:
         if xpathfilter is not None:

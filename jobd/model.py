@@ -414,3 +414,29 @@ class ScheduleDef:
     catch_up: bool = False  # systemd's Persistent=: one run at start-up when a due time was missed while down
     jitter: float = 0.0  # seconds: each due time is delayed by a random amount up to this
     enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One mutating command as the audit log keeps it: who, what, when, and how it ended."""
+
+    at: float  # when its result was known (wall clock)
+    uid: int | None  # the peer's uid; None for a remote login
+    user: str  # the user name (or a remote client's login)
+    command: str  # the JSON-RPC method or evQueue command, e.g. "job.cancel", "instance launch"
+    target: str | None  # what it acted on, e.g. "job 42", "workflow loopdemo"
+    result: str  # "ok" or the error code, e.g. "INSUFFICIENT_RIGHTS"
+    message: str | None = None  # the error message; for a successful launch, the instance started
+    id: int | None = None  # set once stored
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": iso(self.at),
+            "uid": self.uid,
+            "user": self.user,
+            "command": self.command,
+            "target": self.target,
+            "result": self.result,
+            "message": self.message,
+        }

@@ -24,6 +24,7 @@ from jobd.errors import StartupError
 from jobd.model import (
     FINISHED_STATES,
     Attempt,
+    AuditEntry,
     InstanceSummary,
     Job,
     JobSpec,
@@ -566,6 +567,44 @@ class Store:
         with self.db.atomic():
             ScheduleRow.delete().where(ScheduleRow.name == name).execute()
 
+    # -- audit -----------------------------------------------------------------------------------------------
+
+    def record_audit(self, entry: AuditEntry) -> int:
+        """Append one entry: a single prepared INSERT, its own transaction (it runs for every mutating request)."""
+        cursor = self._connection.execute(
+            _INSERT_AUDIT,
+            (entry.at, entry.uid, entry.user, entry.command, entry.target, entry.result, entry.message),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def audit_entries(self, where: AuditFilter) -> list[AuditEntry]:
+        """Newest first."""
+        query = AuditRow.select()
+        if where.before_id is not None:
+            query = query.where(AuditRow.id < where.before_id)
+        if where.uid is not None:
+            query = query.where(AuditRow.uid == where.uid)
+        if where.user is not None:
+            query = query.where(AuditRow.user == where.user)
+        if where.command is not None:
+            query = query.where(AuditRow.command == where.command)
+        if where.since is not None:
+            query = query.where(AuditRow.at >= where.since)
+        return [
+            AuditEntry(
+                id=int(row.id),
+                at=float(row.at),
+                uid=row.uid,
+                user=row.user,
+                command=row.command,
+                target=row.target,
+                result=row.result,
+                message=row.message,
+            )
+            for row in query.order_by(AuditRow.id.desc()).limit(where.limit)
+        ]
+
     # -- queues ----------------------------------------------------------------------------------------------
 
     def queue_pauses(self) -> dict[str, bool]:
@@ -595,6 +634,16 @@ class InstanceFilter:
     custom_attributes: Mapping[str, str] = field(default_factory=dict)  # a custom attribute with that value
     limit: int = 30
     offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    uid: int | None = None
+    user: str | None = None
+    command: str | None = None
+    since: float | None = None  # entries at or after this time
+    before_id: int | None = None  # entries older than this one (paging)
+    limit: int = 100
 
 
 class _GroupFlusher:
@@ -671,6 +720,7 @@ _UPDATE_JOB = _update_sql("job", _JOB_STATE_COLUMNS, ("id",))
 _INSERT_ATTEMPT = _insert_sql("attempt", _ATTEMPT_COLUMNS)
 _UPDATE_ATTEMPT = _update_sql("attempt", _ATTEMPT_COLUMNS, ("job_id", "number"))
 _UPDATE_ATTEMPT_PROCESS = _update_sql("attempt", ("pid", "pid_start"), ("job_id", "number"))
+_INSERT_AUDIT = _insert_sql("audit", ("at", "uid", "user", "command", "target", "result", "message"))
 
 
 _NO_RETRY = RetryPolicy()
