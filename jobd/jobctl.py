@@ -601,6 +601,32 @@ def describe_triggered(result: dict[str, Any]) -> str:
     return f"schedule {name}: not started, its previous run is still going (overlap skip)"
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped: audit entries carry what clients sent, which must not drive the
+    terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def render_audit(entries: Sequence[dict[str, Any]], width: int | None, tz: dt.tzinfo | None = None) -> list[str]:
+    headers = ["ID", "TIME", "USER", "UID", "COMMAND", "TARGET", "RESULT", "MESSAGE"]
+    rows = [
+        [
+            str(entry.get("id")),
+            format_timestamp(entry.get("at"), tz),
+            printable(str(entry.get("user"))),
+            "-" if entry.get("uid") is None else str(entry.get("uid")),
+            printable(str(entry.get("command"))),
+            printable(str(entry.get("target") or "-")),
+            str(entry.get("result")),
+            printable(str(entry.get("message") or "")),
+        ]
+        for entry in entries
+    ]
+    return render_table(headers, rows, right={0, 3}, width=width, flex=7)
+
+
 # -- argument types -------------------------------------------------------------------------------------------
 
 
@@ -1152,6 +1178,27 @@ def cmd_instances(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(session: Session, args: argparse.Namespace) -> int:
+    # --command's value is args.command_filter: args.command is the subcommand's name
+    params: dict[str, Any] = {"limit": args.limit}
+    for name, value in (("user", args.user), ("command", args.command_filter), ("before", args.before)):
+        if value is not None:
+            params[name] = value
+    result = session.client.call("audit.list", params)
+    if session.json:
+        session.emit_json(result)
+        return EXIT_OK
+    entries = result.get("entries") or []
+    if not entries:
+        print("no audit entries", file=sys.stderr)
+        return EXIT_OK
+    for line in render_audit(entries, stdout_width()):
+        print(line)
+    if result.get("next_before") is not None:
+        print(f"(older entries: repeat with --before {result['next_before']})", file=sys.stderr)
+    return EXIT_OK
+
+
 # -- command line ---------------------------------------------------------------------------------------------
 
 Handler = Callable[[Session, argparse.Namespace], int]
@@ -1282,6 +1329,17 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = add_command(sub, "schedule", cmd_schedule, "enable, disable or trigger (run now) a schedule")
     schedule.add_argument("action", choices=["enable", "disable", "trigger"])
     schedule.add_argument("name", metavar="NAME")
+
+    audit = add_command(sub, "audit", cmd_audit, "show the audit log of mutating commands, newest first (admins only)")
+    audit.add_argument("--user", metavar="USER", help="only commands of this user")
+    audit.add_argument(
+        "--command",
+        dest="command_filter",
+        metavar="COMMAND",
+        help='only this command, e.g. job.cancel or "instance launch"',
+    )
+    audit.add_argument("-n", "--limit", type=positive_int, default=20, help="at most this many (1-1000, default 20)")
+    audit.add_argument("--before", type=positive_int, metavar="ID", help="only entries older than ID (paging)")
     return parser
 
 
