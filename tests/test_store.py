@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from jobd.errors import StartupError
-from jobd.model import JobSpec, JobState, ScheduleState
-from jobd.store import MIGRATIONS, SCHEMA_VERSION, Store, _db
+from jobd.model import AuditEntry, JobSpec, JobState, ScheduleState
+from jobd.store import MIGRATIONS, SCHEMA_VERSION, AuditFilter, Store, _db
 
 
 def _version_1_database(path: Path) -> None:
@@ -115,5 +115,35 @@ def test_schedule_state_survives_reopening_and_can_be_forgotten(tmp_path: Path) 
         assert states["nightly"] == state and states["hourly"].enabled is False
         store.forget_schedule("hourly")
         assert set(store.schedule_states()) == {"nightly"}
+    finally:
+        store.close()
+
+
+def test_audit_entries_are_kept_across_a_reopen_and_filtered_newest_first(tmp_path: Path) -> None:
+    path = str(tmp_path / "jobd.db")
+    store = Store(path)
+    store.open()
+    made = [
+        AuditEntry(at=100.0, uid=0, user="root", command="queue.pause", target="queue q", result="ok"),
+        AuditEntry(at=200.0, uid=1000, user="alice", command="job.submit", target="command /bin/sh",
+                   result="INSUFFICIENT_RIGHTS", message="for admins"),
+        AuditEntry(at=300.0, uid=None, user="remote", command="instance launch", target="workflow w", result="ok"),
+    ]  # fmt: skip
+    ids = [store.record_audit(entry) for entry in made]
+    store.close()
+    store = Store(path)
+    store.open()
+    try:
+        everything = store.audit_entries(AuditFilter())
+        assert [entry.id for entry in everything] == ids[::-1]
+        assert everything[1] == AuditEntry(
+            id=ids[1], at=200.0, uid=1000, user="alice", command="job.submit", target="command /bin/sh",
+            result="INSUFFICIENT_RIGHTS", message="for admins",
+        )  # fmt: skip
+        assert [e.user for e in store.audit_entries(AuditFilter(uid=1000))] == ["alice"]
+        assert [e.user for e in store.audit_entries(AuditFilter(user="remote"))] == ["remote"]
+        assert [e.command for e in store.audit_entries(AuditFilter(command="queue.pause"))] == ["queue.pause"]
+        assert [e.at for e in store.audit_entries(AuditFilter(since=200.0))] == [300.0, 200.0]
+        assert [e.id for e in store.audit_entries(AuditFilter(before_id=ids[2], limit=1))] == [ids[1]]
     finally:
         store.close()
