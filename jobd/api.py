@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from typing import Any, Protocol
 from lxml import etree
 
 from jobd import __version__, audit, safexml
+from jobd.engine import access
 from jobd.engine.core import STREAMS, Engine
 from jobd.engine.instances import Instances
 from jobd.engine.queues import QueueRuntime
 from jobd.engine.scheduler import Scheduler
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import InsufficientRights, InvalidParams, MethodNotFound, UnknownWorkflow
-from jobd.model import MAX_PRIORITY, JobState, RetryPolicy, WorkflowDef
+from jobd.model import MAX_PRIORITY, Job, JobState, ObjectKind, RetryPolicy, Right, WorkflowDef
 from jobd.store import AuditFilter, InstanceFilter, JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
@@ -285,10 +287,17 @@ def _job_id(p: Params) -> int:
     return p.required_integer("id", low=1)
 
 
+def _checked_job(api: Api, session: Session, right: Right, job_id: int) -> Job:
+    """The job, if the peer has `right` on it (on its task or its queue)."""
+    job = api.engine.get(job_id)
+    access.require_job(api.engine.config.access, session.peer, right, job.id, job.spec.task, job.spec.queue)
+    return job
+
+
 def job_get(api: Api, session: Session, p: Params) -> Any:
     job_id = _job_id(p)
     p.done()
-    job = api.engine.get(job_id)
+    job = _checked_job(api, session, Right.READ, job_id)
     return {**job.to_json(), "tries": [attempt.to_json() for attempt in api.engine.attempts(job_id)]}
 
 
@@ -308,6 +317,11 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
         limit=limit,
     )
     p.done()
+    where = dataclasses.replace(
+        where,
+        visible_tasks=_visible(api, session, ObjectKind.TASK),
+        visible_queues=_visible(api, session, ObjectKind.QUEUE),
+    )
     jobs = api.engine.list_jobs(where)
     next_before = jobs[-1].id if len(jobs) == limit else None
     return {"jobs": [job.to_json() for job in jobs], "next_before": next_before}
@@ -322,6 +336,7 @@ async def job_output(api: Api, session: Session, p: Params) -> Any:
     encoding = p.text("encoding", choices=("utf-8", "base64")) or "utf-8"
     wait = p.flag("wait")
     p.done()
+    _checked_job(api, session, Right.READ, job_id)
     chunk = await api.engine.read_output(job_id, attempt, stream, offset, limit, wait=wait)
     data = chunk.data
     return {
@@ -339,12 +354,14 @@ async def job_wait(api: Api, session: Session, p: Params) -> Any:
     job_id = _job_id(p)
     timeout = p.number("timeout")
     p.done()
+    _checked_job(api, session, Right.READ, job_id)
     return (await api.engine.wait(job_id, timeout)).to_json()
 
 
 async def job_cancel(api: Api, session: Session, p: Params) -> Any:
     job_id = _job_id(p)
     p.done()
+    _checked_job(api, session, Right.KILL, job_id)
     return (await api.engine.cancel(job_id)).to_json()
 
 
@@ -361,36 +378,54 @@ def queue_json(engine: Engine, queue: QueueRuntime) -> dict[str, Any]:
     }
 
 
+def readable_queues(api: Api, peer: Peer) -> list[QueueRuntime]:
+    rules = api.engine.config.access
+    return [
+        queue for queue in api.engine.queue_list() if access.may(rules, peer, Right.READ, ObjectKind.QUEUE, queue.name)
+    ]
+
+
 def queue_list(api: Api, session: Session, p: Params) -> Any:
     p.done()
     engine = api.engine
-    return {"queues": [queue_json(engine, queue) for queue in engine.queue_list()]}
+    return {"queues": [queue_json(engine, queue) for queue in readable_queues(api, session.peer)]}
+
+
+def _visible(api: Api, session: Session, kind: ObjectKind) -> tuple[str, ...] | None:
+    """Name patterns (SQLite GLOB) of what the peer may read; None for all of it."""
+    return access.glob_patterns(api.engine.config.access, session.peer, Right.READ, kind)
 
 
 def queue_pause(api: Api, session: Session, p: Params) -> Any:
     name = p.required_text("name")
     p.done()
+    access.require(api.engine.config.access, session.peer, Right.EDIT, ObjectKind.QUEUE, name)
     return queue_json(api.engine, api.engine.set_paused(name, True))
 
 
 def queue_resume(api: Api, session: Session, p: Params) -> Any:
     name = p.required_text("name")
     p.done()
+    access.require(api.engine.config.access, session.peer, Right.EDIT, ObjectKind.QUEUE, name)
     return queue_json(api.engine, api.engine.set_paused(name, False))
 
 
 def daemon_status(api: Api, session: Session, p: Params) -> Any:
     p.done()
     engine = api.engine
-    return {
+    status = {
         **api.daemon.status(),
         "jobs": engine.history_counts(),
-        "queues": [queue_json(engine, queue) for queue in engine.queue_list()],
+        "queues": [queue_json(engine, queue) for queue in readable_queues(api, session.peer)],
     }
+    if not session.peer.is_admin:  # which files configure jobd is the admins' business
+        status.pop("config_files", None)
+    return status
 
 
 def daemon_reload(api: Api, session: Session, p: Params) -> Any:
     p.done()
+    access.require_admin(session.peer, "reload the configuration")
     return api.daemon.reload()
 
 
@@ -420,11 +455,19 @@ def _workflow_json(definition: WorkflowDef) -> dict[str, Any]:
 def workflow_list(api: Api, session: Session, p: Params) -> Any:
     p.done()
     workflows = api.engine.config.workflows
-    return {"workflows": [_workflow_json(workflows[name]) for name in sorted(workflows)]}
+    rules, peer = api.engine.config.access, session.peer
+    return {
+        "workflows": [
+            _workflow_json(workflows[name])
+            for name in sorted(workflows)
+            if access.may(rules, peer, Right.READ, ObjectKind.WORKFLOW, name)
+        ]
+    }
 
 
-def _workflow(api: Api, p: Params) -> WorkflowDef:
+def _workflow(api: Api, session: Session, p: Params) -> WorkflowDef:
     name = p.required_text("name")
+    access.require(api.engine.config.access, session.peer, Right.READ, ObjectKind.WORKFLOW, name)
     definition = api.engine.config.workflows.get(name)
     if definition is None:
         known = sorted(api.engine.config.workflows)
@@ -433,7 +476,7 @@ def _workflow(api: Api, p: Params) -> WorkflowDef:
 
 
 def workflow_get(api: Api, session: Session, p: Params) -> Any:
-    definition = _workflow(api, p)
+    definition = _workflow(api, session, p)
     p.done()
     return {**_workflow_json(definition), "xml": definition.source.decode("utf-8", "replace")}
 
@@ -443,6 +486,7 @@ def instance_launch(api: Api, session: Session, p: Params) -> Any:
     parameters = p.text_map("parameters")
     comment, host, user = p.text("comment"), p.text("host"), p.text("user")
     p.done()
+    check_launch(api, session.peer, name, host, user)
     instance_id = api.instances.launch(
         name, parameters, comment=comment, host=host, user=user, launched_by=session.peer.uid
     )
@@ -452,10 +496,31 @@ def instance_launch(api: Api, session: Session, p: Params) -> Any:
     return result
 
 
+def check_launch(api: Api, peer: Peer, workflow: str, host: str | None, user: str | None) -> None:
+    """`exec` on the workflow; choosing where (`host`) or as whom (`user`) its tasks run is for admins."""
+    access.require(api.engine.config.access, peer, Right.EXEC, ObjectKind.WORKFLOW, workflow)
+    if host is not None or user is not None:
+        access.require_admin(peer, "choose the host or user an instance's tasks run on")
+
+
+def check_instance(api: Api, peer: Peer, right: Right, instance_id: int) -> None:
+    """Refuse unless `peer` has `right` on the workflow the instance runs."""
+    workflow = api.instances.summary(instance_id).workflow
+    if not access.may(api.engine.config.access, peer, right, ObjectKind.WORKFLOW, workflow):
+        raise InsufficientRights(
+            f"{access.who(peer)} may not {right} instance {instance_id}: "
+            f"the {right} right is missing on workflow {workflow}",
+            missing=str(right),
+            kind="instance",
+            name=str(instance_id),
+        )
+
+
 def instance_get(api: Api, session: Session, p: Params) -> Any:
     instance_id = p.required_integer("id", low=1)
     form = p.text("format", choices=("json", "xml")) or "json"
     p.done()
+    check_instance(api, session.peer, Right.READ, instance_id)
     summary = api.instances.summary(instance_id).to_json()
     document = api.instances.document(instance_id)
     if form == "xml":
@@ -498,18 +563,22 @@ async def instance_wait(api: Api, session: Session, p: Params) -> Any:
     instance_id = p.required_integer("id", low=1)
     timeout = p.number("timeout")
     p.done()
+    check_instance(api, session.peer, Right.READ, instance_id)
     return (await api.instances.wait(instance_id, timeout)).to_json()
 
 
 def instance_cancel(api: Api, session: Session, p: Params) -> Any:
     instance_id = p.required_integer("id", low=1)
     p.done()
+    check_instance(api, session.peer, Right.KILL, instance_id)
     return api.instances.cancel(instance_id).to_json()
 
 
 def instance_debug_resume(api: Api, session: Session, p: Params) -> Any:
     instance_id = p.required_integer("id", low=1)
     p.done()
+    check_instance(api, session.peer, Right.READ, instance_id)
+    check_instance(api, session.peer, Right.EXEC, instance_id)
     resumed = api.instances.debug_resume(instance_id, launched_by=session.peer.uid)
     result = api.instances.summary(resumed).to_json()
     if api.engine.replies_wait_for_fsync:
@@ -534,6 +603,7 @@ def instance_list(api: Api, session: Session, p: Params) -> Any:
     if "errors" in p.raw and where.error is None:
         raise p.bad("errors", "true (only instances with errors) or false (only those without)")
     p.done()
+    where = dataclasses.replace(where, visible_workflows=_visible(api, session, ObjectKind.WORKFLOW))
     rows, total = api.instances.list_instances(where)
     return {
         "instances": [row.to_json() for row in rows],
@@ -545,34 +615,48 @@ def instance_list(api: Api, session: Session, p: Params) -> Any:
 # -- schedules ---------------------------------------------------------------------------------------------------
 
 
+def may_schedule(api: Api, peer: Peer, right: Right, schedule: Mapping[str, Any]) -> bool:
+    """A schedule has the rights of what it starts: a workflow, or a task."""
+    target = schedule["target"]
+    kind = ObjectKind.WORKFLOW if target["kind"] == "workflow" else ObjectKind.TASK
+    return access.may(api.engine.config.access, peer, right, kind, target["name"])
+
+
 def schedule_list(api: Api, session: Session, p: Params) -> Any:
     p.done()
-    return {"schedules": api.scheduler.list()}
+    return {"schedules": [s for s in api.scheduler.list() if may_schedule(api, session.peer, Right.READ, s)]}
 
 
-def _schedule_name(session: Session, p: Params) -> str:
+def _schedule_name(api: Api, session: Session, p: Params, right: Right) -> str:
     name = p.required_text("name")
     p.done()
-    if not session.peer.is_admin:
+    if session.peer.is_admin:
+        return name
+    schedule = api.scheduler.describe(name)  # UNKNOWN_SCHEDULE for a name that is not one
+    if not may_schedule(api, session.peer, right, schedule):
+        target = schedule["target"]
         raise InsufficientRights(
-            f"{p.method}: uid {session.peer.uid} may not change schedules: that is for uid 0 and the daemon's own uid",
-            missing="admin",
+            f"{access.who(session.peer)} may not {right} schedule {name}: "
+            f"the {right} right is missing on {target['kind']} {target['name']}",
+            missing=str(right),
+            kind="schedule",
+            name=name,
         )
     return name
 
 
 def schedule_enable(api: Api, session: Session, p: Params) -> Any:
-    name = _schedule_name(session, p)
+    name = _schedule_name(api, session, p, Right.EDIT)
     return api.scheduler.enable(name)
 
 
 def schedule_disable(api: Api, session: Session, p: Params) -> Any:
-    name = _schedule_name(session, p)
+    name = _schedule_name(api, session, p, Right.EDIT)
     return api.scheduler.disable(name)
 
 
 def schedule_trigger(api: Api, session: Session, p: Params) -> Any:
-    name = _schedule_name(session, p)
+    name = _schedule_name(api, session, p, Right.EXEC)
     triggered = api.scheduler.trigger(name)
     return {
         "schedule": api.scheduler.describe(name),

@@ -2,8 +2,9 @@
 
 A connection hands `EvQueue.answer` one framed request document and gets back the bytes to send, a coroutine that
 produces them for a command that waits (a synchronous `instance launch`, `instance wait`), or `None` for `<quit/>`
-(close without an answer). Decoding and the response format are `jobd.protocol.evqueue`'s; who may do what is
-`check_rights`, in one place until the rights model comes.
+(close without an answer). Decoding and the response format are `jobd.protocol.evqueue`'s. Who may do what is
+`check_rights` (before a command runs: `RIGHTS` names the check of every command, and a command it does not name is
+for admins only), plus the handlers of lists, which show non-admins only what they may read (`jobd.engine.access`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any, Final
 from lxml import etree
 
 from jobd import __version__, audit, safexml
-from jobd.api import Api
+from jobd.api import Api, check_instance, check_launch
+from jobd.engine import access
 from jobd.engine.submit import Peer
-from jobd.errors import InsufficientRights, JobdError, TimedOut, UnknownWorkflow
-from jobd.model import InstanceSummary, Scheduler, WorkflowDef
+from jobd.errors import JobdError, TimedOut, UnknownWorkflow
+from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
 from jobd.protocol import evqueue as xml
 from jobd.store import InstanceFilter
 
@@ -114,7 +116,7 @@ class EvQueue:
 
     def _execute(self, peer: Peer, request: xml.Request) -> Result:
         command = xml.decode_command(request)
-        check_rights(peer, command)
+        check_rights(self.api, peer, command)
         return HANDLERS[type(command)](self, peer, command)
 
     def _serialize(self, root: etree._Element, xpathfilter: str | None) -> bytes:
@@ -148,21 +150,76 @@ class EvQueue:
 
 # -- rights ------------------------------------------------------------------------------------------------------
 
-# Admin-only commands of evQueue (reference/evqueue.md §1.6, rights "A").
-_ADMIN_ONLY: Final = (
-    xml.InstanceDelete,
-    xml.StatusScheduler,
-    xml.StatusConfiguration,
-    xml.WorkflowSchedulesList,
-    xml.ControlReload,
-)
+Check = Callable[[Api, Peer, Any], None]
 
 
-def check_rights(peer: Peer, command: xml.Command) -> None:
-    """Refuse what `peer` may not do. For now: admins (uid 0 and jobd's own uid) may do everything, other local
-    users everything but evQueue's admin-only commands. Per-workflow rights come with the rights model."""
-    if not peer.is_admin and isinstance(command, _ADMIN_ONLY):
-        raise InsufficientRights("insufficient rights", uid=peer.uid)
+def _anyone(api: Api, peer: Peer, command: xml.Command) -> None:
+    """Commands about no object (ping, quit, global counters), and lists filtered by their handlers."""
+
+
+def _launch(api: Api, peer: Peer, command: xml.InstanceLaunch) -> None:
+    check_launch(api, peer, command.name, command.host, command.user)
+
+
+def _on_instance(*rights: Right) -> Check:
+    def check(api: Api, peer: Peer, command: Any) -> None:
+        for right in rights:
+            check_instance(api, peer, right, command.instance_id)
+
+    return check
+
+
+def _workflow_get(api: Api, peer: Peer, command: xml.WorkflowGet) -> None:
+    name = command.name
+    if name is None and command.workflow_id is not None:
+        workflows = _workflows(api)
+        if not 1 <= command.workflow_id <= len(workflows):
+            return  # an unknown id: the handler answers UNKNOWN_WORKFLOW
+        name = workflows[command.workflow_id - 1].name
+    if name is not None:
+        access.require(api.engine.config.access, peer, Right.READ, ObjectKind.WORKFLOW, name)
+
+
+# The check of every command (evQueue's rights, reference/evqueue.md §1.6 and §6). Not listed: admins only.
+RIGHTS: Final[Mapping[type, Check]] = {
+    xml.Ping: _anyone,
+    xml.Quit: _anyone,
+    xml.InstanceLaunch: _launch,
+    xml.InstanceQuery: _on_instance(Right.READ),
+    xml.InstanceWait: _on_instance(Right.READ),
+    xml.InstanceCancel: _on_instance(Right.KILL),
+    xml.InstanceKillTask: _on_instance(Right.KILL),
+    xml.InstanceDebugResume: _on_instance(Right.READ, Right.EXEC),
+    xml.InstancesList: _anyone,  # filtered: instances of workflows the peer may read
+    xml.StatusWorkflows: _anyone,  # filtered, as instances list
+    xml.StatisticsGlobal: _anyone,
+    xml.StatisticsQueues: _anyone,  # filtered: queues the peer may read
+    xml.QueuePoolList: _anyone,  # filtered, as statistics queue
+    xml.WorkflowsList: _anyone,  # filtered: workflows the peer may read
+    xml.WorkflowGet: _workflow_get,
+}
+
+_ADMIN_ONLY_WHAT: Final[Mapping[type, str]] = {
+    xml.InstanceDelete: "delete instances",
+    xml.StatusScheduler: "see the scheduler's state",
+    xml.StatusConfiguration: "see the configuration",
+    xml.WorkflowSchedulesList: "list workflow schedules",
+    xml.ControlReload: "reload the configuration",
+}
+
+
+def check_rights(api: Api, peer: Peer, command: xml.Command) -> None:
+    """Refuse what `peer` may not do, before the command runs; admins may do everything."""
+    check = RIGHTS.get(type(command))
+    if check is not None:
+        check(api, peer, command)
+        return
+    what = _ADMIN_ONLY_WHAT.get(type(command), f"use the command {type(command).__name__}")
+    access.require_admin(peer, what)
+
+
+def _may_read(service: EvQueue, peer: Peer, kind: ObjectKind, name: str) -> bool:
+    return access.may(service.api.engine.config.access, peer, Right.READ, kind, name)
 
 
 # -- formatting --------------------------------------------------------------------------------------------------
@@ -275,7 +332,6 @@ def instance_delete(service: EvQueue, peer: Peer, command: xml.InstanceDelete) -
 
 
 def instance_debugresume(service: EvQueue, peer: Peer, command: xml.InstanceDebugResume) -> Result:
-    # evQueue wants read and exec rights on the workflow: until per-workflow rights come, whoever may launch.
     instance_id = service.api.instances.debug_resume(command.instance_id, launched_by=peer.uid)
     service.statistics.workflow_instance_launched += 1
     return service.ok({"workflow-instance-id": instance_id})
@@ -301,6 +357,7 @@ def instances_list(service: EvQueue, peer: Peer, command: xml.InstancesList) -> 
         custom_attributes=command.custom_attributes,
         limit=command.limit,
         offset=command.offset,
+        visible_workflows=access.glob_patterns(service.api.engine.config.access, peer, Right.READ, ObjectKind.WORKFLOW),
     )
     if command.groupby is not None:
         return _grouped(service, where, command.groupby)
@@ -348,7 +405,10 @@ def _grouped(service: EvQueue, where: InstanceFilter, groupby: xml.GroupBy) -> e
 
 
 def status_workflows(service: EvQueue, peer: Peer, command: xml.StatusWorkflows) -> Result:
-    running = sorted(service.api.instances.running(), key=lambda summary: summary.id)
+    running = sorted(
+        (s for s in service.api.instances.running() if _may_read(service, peer, ObjectKind.WORKFLOW, s.workflow)),
+        key=lambda summary: summary.id,
+    )
     shown = running if command.limit is None else running[: command.limit]
     rows = [
         xml.element("workflow", {**_summary_attrs(summary), "end_time": None, **summary.counters}) for summary in shown
@@ -439,6 +499,7 @@ def statistics_queues(service: EvQueue, peer: Peer, command: xml.StatisticsQueue
             },
         )
         for queue in service.api.engine.queue_list()
+        if _may_read(service, peer, ObjectKind.QUEUE, queue.name)
     )
     return service.ok(children=[statistics])
 
@@ -459,6 +520,7 @@ def queuepool_list(service: EvQueue, peer: Peer, command: xml.QueuePoolList) -> 
                 },
             )
             for number, name in enumerate(sorted(queues), start=1)
+            if _may_read(service, peer, ObjectKind.QUEUE, name)
         ]
     )
 
@@ -466,6 +528,8 @@ def queuepool_list(service: EvQueue, peer: Peer, command: xml.QueuePoolList) -> 
 def workflows_list(service: EvQueue, peer: Peer, command: xml.WorkflowsList) -> Result:
     rows = []
     for number, workflow in enumerate(_workflows(service.api), start=1):
+        if not _may_read(service, peer, ObjectKind.WORKFLOW, workflow.name):
+            continue  # ids stay the positions among all workflows, so that `workflow get id=…` finds the same one
         attrs = _workflow_attrs(number, workflow)
         if command.full:
             row = _definition(workflow)

@@ -33,9 +33,11 @@ from jobd.engine.schedule import Calendar
 from jobd.errors import ConfigError
 from jobd.model import (
     ENV_NAME,
+    AccessDef,
     Config,
     DaemonDef,
     Durability,
+    Grant,
     History,
     OnFailure,
     Overlap,
@@ -44,6 +46,7 @@ from jobd.model import (
     RetryLevel,
     RetryPolicy,
     RetrySchedule,
+    Right,
     ScheduleDef,
     Scheduler,
     TaskDef,
@@ -57,7 +60,7 @@ WORKFLOWS_DIR = "workflows"
 DEFAULT_QUEUE = "default"
 
 # The keys each kind of table accepts, in the order the documentation lists them.
-SECTIONS = ("daemon", "queue", "task", "retry_schedule", "schedule")
+SECTIONS = ("daemon", "queue", "task", "retry_schedule", "schedule", "access")
 DAEMON_KEYS = (
     "socket",
     "evqueue_socket",
@@ -69,6 +72,9 @@ DAEMON_KEYS = (
     "max_output",
 )
 HISTORY_KEYS = ("keep_days", "keep_last")
+ACCESS_KEYS = ("admins", "grant")
+ADMINS_KEYS = ("users", "groups")
+GRANT_KEYS = ("users", "groups", "rights", "workflows", "tasks", "queues")
 QUEUE_KEYS = ("concurrency", "scheduler", "paused")
 TASK_KEYS = (
     "command",
@@ -261,6 +267,7 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     strings so that a line inside a multi-line array or string is never taken for a key.
     """
     lines: dict[tuple[str, ...], int] = {}
+    arrays: dict[tuple[str, ...], int] = {}  # how many [[x]] headers of each x so far
     table: tuple[str, ...] = ()
     value = _ValueScanner()
     for number, line in enumerate(text.split("\n"), 1):
@@ -269,10 +276,15 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
             continue
         stripped = line.strip()
         if stripped.startswith("["):
-            header = _parse_key(stripped, 2 if stripped.startswith("[[") else 1)
+            array = stripped.startswith("[[")
+            header = _parse_key(stripped, 2 if array else 1)
             if header is not None:
                 table = header[0]
                 lines.setdefault(table, number)
+                if array:  # the n-th [[x]] is x[n], as `_index` spells it, so each element's keys have their line
+                    arrays[table] = arrays.get(table, 0) + 1
+                    table = (*table, _index(arrays[table]))
+                    lines.setdefault(table, number)
             continue
         parsed = _parse_key(stripped, 0)
         if parsed is None:  # blank line or comment
@@ -480,6 +492,8 @@ class _Merged:
     tasks: dict[str, _Table]
     retry_schedules: dict[str, _Table]
     schedules: dict[str, _Table]
+    access: _Table = dataclasses.field(default_factory=lambda: _Table(("access",), None, {}))
+    grants: list[_Setting] = dataclasses.field(default_factory=list)  # [[access.grant]] of every file, in order
 
 
 def _merge(sources: Sequence[_Source]) -> _Merged:
@@ -498,11 +512,27 @@ def _merge(sources: Sequence[_Source]) -> _Merged:
         for section, body in _parse(source).items():
             if section == "daemon":
                 _merge_table(merged.daemon, source, body)
+            elif section == "access":
+                _merge_access(merged, source, body)
             elif section in named:
                 _merge_named_tables(named[section], section, source, body)
             else:
                 raise _unknown_key(source, (section,), SECTIONS, what="section")
     return merged
+
+
+def _merge_access(merged: _Merged, source: _Source, body: object) -> None:
+    """`[access]` key by key, except its grants: every file's `[[access.grant]]` tables add up (a drop-in per
+    application or team), where any other key of a later file replaces the earlier one."""
+    if isinstance(body, dict) and "grant" in body:
+        body = dict(body)
+        grants = body.pop("grant")
+        if not isinstance(grants, list):
+            raise _Setting(("access", "grant"), grants, source).expected("an array of tables [[access.grant]]")
+        merged.grants.extend(
+            _Setting(("access", "grant", _index(number)), grant, source) for number, grant in enumerate(grants, 1)
+        )
+    _merge_table(merged.access, source, body)
 
 
 def _merge_named_tables(tables: dict[str, _Table], section: str, source: _Source, body: object) -> None:
@@ -648,6 +678,76 @@ def _daemon(table: _Table) -> DaemonDef:
         kill_grace=table.read("kill_grace", _number(0), default.kill_grace),
         max_output=table.read("max_output", _integer(0), default.max_output),
     )
+
+
+_PRINCIPAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@$-]{0,63}")
+_PRINCIPAL_RULE = "user or group names (1 to 64 characters from A-Z a-z 0-9 _ . @ $ -, not starting with . @ $ -)"
+_PATTERN = re.compile(r"[A-Za-z0-9_.*?-]{1,64}")
+_PATTERN_RULE = "names of 1 to 64 characters from A-Z a-z 0-9 _ . -, with the wildcards * (any run) and ? (one)"
+
+
+def _access(table: _Table, grants: Sequence[_Setting]) -> AccessDef:
+    table.reject_unknown(ACCESS_KEYS)
+    default = AccessDef()
+    admins = table.settings.get("admins")
+    admin_users, admin_groups = default.admin_users, default.admin_groups
+    if admins is not None:
+        inline = _Table.inline(admins)
+        inline.reject_unknown(ADMINS_KEYS)
+        admin_users = inline.read("users", _principals, admin_users)
+        admin_groups = inline.read("groups", _principals, admin_groups)
+    return AccessDef(admin_users=admin_users, admin_groups=admin_groups, grants=tuple(_grant(g) for g in grants))
+
+
+def _principals(setting: _Setting) -> frozenset[str]:
+    value = setting.value
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise setting.expected(f"an array of {_PRINCIPAL_RULE}")
+    for name in value:
+        if not _PRINCIPAL.fullmatch(name):
+            raise setting.invalid(f"invalid name {json.dumps(name)}; allowed: {_PRINCIPAL_RULE}")
+    return frozenset(value)
+
+
+def _rights(setting: _Setting) -> frozenset[Right]:
+    allowed = ", ".join(json.dumps(str(right)) for right in Right)
+    value = setting.value
+    if not isinstance(value, list) or not value or not all(isinstance(right, str) for right in value):
+        raise setting.expected(f"a non-empty array of rights: {allowed}")
+    for right in value:
+        if right not in set(Right):
+            raise setting.invalid(f"unknown right {json.dumps(right)}; allowed: {allowed}")
+    return frozenset(Right(right) for right in value)
+
+
+def _patterns(setting: _Setting) -> tuple[str, ...]:
+    value = setting.value
+    if not isinstance(value, list) or not all(isinstance(pattern, str) for pattern in value):
+        raise setting.expected(f"an array of {_PATTERN_RULE}")
+    for pattern in value:
+        if not _PATTERN.fullmatch(pattern):
+            raise setting.invalid(f"invalid name {json.dumps(pattern)}; allowed: {_PATTERN_RULE}")
+    return tuple(value)
+
+
+def _grant(setting: _Setting) -> Grant:
+    """One `[[access.grant]]`: who (users, groups), which rights, on what (workflows, tasks, queues)."""
+    table = _Table.inline(setting)
+    table.reject_unknown(GRANT_KEYS)
+    where = f"{_dotted(setting.key)}"
+    nobody: frozenset[str] = frozenset()
+    users = table.read("users", _principals, nobody)
+    groups = table.read("groups", _principals, nobody)
+    if not users and not groups:
+        raise _error(setting.source, setting.key, f"{where}: give users = [...] or groups = [...] (or both)")
+    rights = table.require("rights", _rights, 'an array such as ["read", "exec"]')
+    nothing: tuple[str, ...] = ()
+    objects = {kind: table.read(kind, _patterns, nothing) for kind in ("workflows", "tasks", "queues")}
+    if not any(objects.values()):
+        raise _error(
+            setting.source, setting.key, f"{where}: name what it grants rights on: workflows, tasks or queues = [...]"
+        )
+    return Grant(rights=rights, users=users, groups=groups, **objects)
 
 
 def _string_or_off(setting: _Setting) -> str | None:
@@ -882,6 +982,7 @@ def _build(merged: _Merged, files: Sequence[Path]) -> Config:
         queues=MappingProxyType(queues),
         tasks=MappingProxyType(tasks),
         retry_schedules=MappingProxyType(retry_schedules),
+        access=_access(merged.access, merged.grants),
         files=tuple(str(path) for path in files),
     )
 

@@ -203,6 +203,49 @@ class WorkflowDef:
     parameters: tuple[str, ...] = ()  # names of <parameters><parameter name>, in document order
 
 
+class Right(StrEnum):
+    """What a grant allows on a workflow, task or queue (evQueue's per-workflow rights, docs/config.md)."""
+
+    READ = "read"  # see it: get, list, output, wait
+    EXEC = "exec"  # start it: submit a task, launch a workflow, trigger a schedule
+    KILL = "kill"  # stop it: cancel a job or an instance, kill an instance's task
+    EDIT = "edit"  # change its state: pause/resume a queue, enable/disable a schedule
+
+
+class ObjectKind(StrEnum):
+    """What a grant names: `workflows`, `tasks` or `queues` of `[[access.grant]]`."""
+
+    WORKFLOW = "workflow"
+    TASK = "task"
+    QUEUE = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One `[[access.grant]]`: `rights` on the named objects (shell-style wildcards) for these users and groups."""
+
+    rights: frozenset[Right]
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    workflows: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
+
+    def patterns(self, kind: ObjectKind) -> tuple[str, ...]:
+        if kind is ObjectKind.WORKFLOW:
+            return self.workflows
+        return self.tasks if kind is ObjectKind.TASK else self.queues
+
+
+@dataclass(frozen=True, slots=True)
+class AccessDef:
+    """`[access]`: who is an admin (may do everything), and the grants of everybody else."""
+
+    admin_users: frozenset[str] = frozenset({"root"})
+    admin_groups: frozenset[str] = frozenset({"jobd-admin"})
+    grants: tuple[Grant, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonDef = DaemonDef()
@@ -211,6 +254,7 @@ class Config:
     retry_schedules: Mapping[str, RetrySchedule] = field(default_factory=dict)
     workflows: Mapping[str, WorkflowDef] = field(default_factory=dict)
     schedules: Mapping[str, ScheduleDef] = field(default_factory=dict)
+    access: AccessDef = AccessDef()
     files: tuple[str, ...] = ()  # the files it was read from, in the order they applied
 
 

@@ -21,10 +21,12 @@ from typing import Any, Final
 
 from jobd.api import Api
 from jobd.api_evqueue import EvQueue
+from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.submit import Peer, identify_peer
 from jobd.errors import FrameTooLarge, InvalidRequest, InvalidXml, JobdError, StartupError
 from jobd.linux import peer_credentials
+from jobd.model import Right
 from jobd.protocol import evqueue, jsonrpc
 
 log = logging.getLogger("jobd.server")
@@ -135,7 +137,7 @@ class Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         credentials = peer_credentials(transport.get_extra_info("socket"))
-        self.peer = identify_peer(credentials.pid, credentials.uid, credentials.gid)
+        self.peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, self.api.engine.config.access)
         # Past this many unsent bytes asyncio calls pause_writing(): a client that does not read its replies is
         # not read from either.
         transport.set_write_buffer_limits(high=MAX_UNSENT)
@@ -321,6 +323,8 @@ class Connection(asyncio.Protocol):
             job = event.job
             if event.type not in types or (jobs and job.id not in jobs) or (queues and job.spec.queue not in queues):
                 return
+            if not access.may_job(self.api.engine.config.access, self.peer, Right.READ, job.spec.task, job.spec.queue):
+                return
             params: dict[str, Any] = {"subscription": number, "type": event.type}
             if event.type == "job.state":
                 params["job"] = job.to_json()
@@ -390,7 +394,8 @@ class XmlConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         credentials = peer_credentials(transport.get_extra_info("socket"))
         transport.set_write_buffer_limits(high=MAX_UNSENT)
-        self.adopt(transport, identify_peer(credentials.pid, credentials.uid, credentials.gid))
+        peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, self.server.api.engine.config.access)
+        self.adopt(transport, peer)
         if self.greet:
             transport.write(self.evqueue.greeting(self.peer))
 

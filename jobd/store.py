@@ -251,6 +251,9 @@ class JobFilter:
     context: str | None = None
     before_id: int | None = None
     limit: int = 100
+    # What a non-admin may read: jobs whose task or queue matches one of these GLOB patterns (None: no limit).
+    visible_tasks: tuple[str, ...] | None = None
+    visible_queues: tuple[str, ...] | None = None
 
 
 class Store:
@@ -391,6 +394,10 @@ class Store:
             query = query.where(JobRow.context == where.context)
         if where.before_id is not None:
             query = query.where(JobRow.id < where.before_id)
+        if where.visible_tasks is not None or where.visible_queues is not None:
+            query = query.where(
+                _glob_any(JobRow.task, where.visible_tasks or ()) | _glob_any(JobRow.queue, where.visible_queues or ())
+            )
         return [_job_from_row(row) for row in query.order_by(JobRow.id.desc()).limit(where.limit)]
 
     def unfinished_jobs(self) -> list[Job]:
@@ -508,6 +515,8 @@ class Store:
             conditions.append(InstanceRow.errors > 0 if where.error else InstanceRow.errors == 0)
         if where.before_id is not None:
             conditions.append(InstanceRow.id < where.before_id)
+        if where.visible_workflows is not None:
+            conditions.append(_glob_any(InstanceRow.workflow, where.visible_workflows))
         # Exact string matches inside the JSON columns: parameters is an object (name -> value), custom_attributes a
         # list of [name, value] pairs, one of which must match. No index: this scans the instances listed.
         for name, value in where.parameters.items():
@@ -634,6 +643,7 @@ class InstanceFilter:
     custom_attributes: Mapping[str, str] = field(default_factory=dict)  # a custom attribute with that value
     limit: int = 30
     offset: int = 0
+    visible_workflows: tuple[str, ...] | None = None  # GLOB patterns of what a non-admin may read; None: all
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,6 +654,14 @@ class AuditFilter:
     since: float | None = None  # entries at or after this time
     before_id: int | None = None  # entries older than this one (paging)
     limit: int = 100
+
+
+def _glob_any(column: peewee.Field, patterns: Sequence[str]) -> peewee.Expression:
+    """`column` matches one of the shell-style patterns (GLOB: `*`, `?`, case-sensitive); no pattern, no row."""
+    condition = peewee.Expression(peewee.SQL("1"), "=", 0)
+    for pattern in patterns:
+        condition = peewee.Expression(condition, "OR", peewee.Expression(column, "GLOB", pattern))
+    return condition
 
 
 class _GroupFlusher:

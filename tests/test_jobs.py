@@ -716,7 +716,12 @@ print(json.dumps(result))
 """
 
 
-def test_ad_hoc_commands_are_refused_to_a_non_admin_but_tasks_are_not(server: Any) -> None:
+# Non-admins may submit only the tasks they are granted (docs/config.md, [access]).
+NOBODY_GRANT = '\n[[access.grant]]\nusers = ["nobody"]\nrights = ["read", "exec"]\ntasks = ["echo"]\n'
+
+
+def test_ad_hoc_commands_are_refused_to_a_non_admin_but_tasks_are_not(make_daemon: Any) -> None:
+    server = make_daemon(CONFIG + NOBODY_GRANT)
     os.chmod(server.socket_path, 0o666)
     # tmp_path is 0700; the daemon's own directory is not, so the client starts there and uses a relative path.
     assert os.stat(server.root).st_mode & 0o001

@@ -179,7 +179,8 @@ def test_running_out_of_file_descriptors_delays_jobs_instead_of_failing_them(mak
 
 
 def test_unprivileged_clients_cannot_set_loader_or_shell_variables(make_daemon: Any) -> None:
-    daemon: Daemon = make_daemon(QUEUE + '[task.envtask]\ncommand = ["/usr/bin/env"]\nparameters = "env"\n')
+    grant = '[[access.grant]]\nusers = ["nobody"]\nrights = ["read", "exec"]\ntasks = ["envtask"]\n'
+    daemon: Daemon = make_daemon(QUEUE + '[task.envtask]\ncommand = ["/usr/bin/env"]\nparameters = "env"\n' + grant)
     os.chmod(daemon.socket_path, 0o666)
     program = (
         "import json, sys\n"

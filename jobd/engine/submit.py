@@ -6,13 +6,26 @@ work that was already accepted.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from jobd.engine import access as access_rules
 from jobd.errors import InsufficientRights, InvalidParams, UnknownTask
-from jobd.model import DEFAULT_PRIORITY, ENV_NAME, Config, JobSpec, ParameterMode, RetryPolicy
+from jobd.model import (
+    DEFAULT_PRIORITY,
+    ENV_NAME,
+    AccessDef,
+    Config,
+    JobSpec,
+    ObjectKind,
+    ParameterMode,
+    RetryPolicy,
+    Right,
+)
 
 RESERVED_ENV_PREFIX = "JOBD_"
 
@@ -62,9 +75,63 @@ class Peer:
     groups: frozenset[str] = frozenset()  # names of the primary and supplementary groups
 
 
-def identify_peer(pid: int, uid: int, gid: int) -> Peer:
-    """Who a local client is, and whether it is an admin: for now uid 0 and the uid jobd runs as."""
-    return Peer(uid=uid, gid=gid, pid=pid, is_admin=uid in (0, os.getuid()))
+def identify_peer(pid: int, uid: int, gid: int, access: AccessDef | None = None) -> Peer:
+    """Who a local client is (SO_PEERCRED's pid, uid and gid), its groups, and whether it is an admin: jobd's own
+    uid always is, other users when `[access] admins` names them or one of their groups.
+
+    The groups are those of the process (`Groups:` of /proc/PID/status: what `setgroups` left it, which may be
+    fewer than the user's), read only while that pid is still a process of `uid`; otherwise (the client is gone,
+    or its pid is in another pid namespace) the user's groups from the group database.
+    """
+    user = _user_name(uid)
+    gids = _process_groups(pid, uid)
+    if gids is None:
+        gids = _database_groups(user, uid, gid)
+    groups = frozenset(_group_name(number) for number in {gid, *gids})
+    admin = uid == os.getuid() or access_rules.is_admin(access or AccessDef(), user, groups)
+    return Peer(uid=uid, gid=gid, pid=pid, is_admin=admin, user=user, groups=groups)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _process_groups(pid: int, uid: int) -> list[int] | None:
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+    except OSError:
+        return None
+    # The pid may have been reused since connect(): trust it only while it still runs as the peer's uid (the
+    # effective uid, which SO_PEERCRED reports, is the second of Uid:'s four).
+    uids = fields.get("Uid", "").split()
+    if len(uids) < 2 or uids[1] != str(uid):
+        return None
+    try:
+        return [int(number) for number in fields.get("Groups", "").split()]
+    except ValueError:
+        return None
+
+
+def _database_groups(user: str, uid: int, gid: int) -> list[int]:
+    if user == str(uid):  # no passwd entry: only the primary group is known
+        return [gid]
+    try:
+        return os.getgrouplist(user, gid)
+    except OSError:
+        return [gid]
 
 
 _AD_HOC_ONLY = ("working_dir", "retry", "kill_grace", "max_output")
@@ -85,6 +152,8 @@ def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
 
 def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
     assert request.task is not None
+    # Rights first: a peer without them learns nothing about which tasks exist.
+    access_rules.require(config.access, peer, Right.EXEC, ObjectKind.TASK, request.task)
     task = config.tasks.get(request.task)
     if task is None:
         raise UnknownTask(
@@ -95,6 +164,8 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
     for name in _AD_HOC_ONLY:
         if getattr(request, name) is not None:
             raise InvalidParams(f"'{name}' is set by the task's configuration; it is allowed for ad-hoc commands only")
+    if request.queue is not None and request.queue != task.queue:
+        access_rules.require(config.access, peer, Right.EXEC, ObjectKind.QUEUE, request.queue)
     argv = task.command + request.args
     env = dict(task.environment)
     if task.parameters is ParameterMode.ENV:
@@ -123,12 +194,7 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
 
 def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
     assert request.command is not None
-    if not peer.is_admin:
-        raise InsufficientRights(
-            f"uid {peer.uid} may not run ad-hoc commands: they are for uid 0 and the daemon's own uid; "
-            "submit a configured task instead",
-            missing="admin",
-        )
+    access_rules.require_admin(peer, "run ad-hoc commands (submit a configured task instead)")
     return JobSpec(
         command=request.command + request.args,
         queue=request.queue or "default",

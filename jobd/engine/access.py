@@ -1,0 +1,111 @@
+"""Who may do what: admins, and the grants of `[access]` (docs/config.md), evaluated for one peer.
+
+Pure: the running `AccessDef` and the peer come in, a yes or no (or an `InsufficientRights` naming the missing right)
+comes out. evQueue's model (reference/evqueue.md §6): admins may do everything; everybody else has `read`, `exec`,
+`kill` and `edit` rights on the workflows, tasks and queues their grants name. What an object's right covers:
+
+- a workflow: its definition, and its instances (read: get/list/wait; exec: launch, debug-resume; kill: cancel,
+  kill a task);
+- a task: submitting it (exec), and its jobs (read: get/list/output/wait/events; kill: cancel);
+- a queue: its state (read: list; edit: pause/resume), and every job in it, ad-hoc ones included (read, kill);
+- a schedule has the rights of what it starts (read: list; exec: trigger; edit: enable/disable).
+
+So a right on a job is a right on its task OR on its queue. Submitting needs `exec` on the task, and on the queue
+too when the submit names a queue other than the task's own. Ad-hoc commands, extra environment variables and
+everything about the daemon itself (reload, its configuration, the audit log) are for admins only.
+
+Names in grants may hold the wildcards `*` and `?` (shell-style, matched case-sensitively by `fnmatchcase`);
+`glob_patterns` hands the same patterns to SQLite's GLOB, which reads `*` and `?` the same way, so lists can be
+filtered in the query and still page correctly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
+
+from jobd.errors import InsufficientRights
+from jobd.model import AccessDef, Grant, ObjectKind, Right
+
+if TYPE_CHECKING:  # submit.py asks this module who is an admin
+    from jobd.engine.submit import Peer
+
+
+def is_admin(access: AccessDef, user: str, groups: Iterable[str]) -> bool:
+    """Whether a user (by name, with the names of its groups) is one of `[access] admins`."""
+    return user in access.admin_users or not access.admin_groups.isdisjoint(groups)
+
+
+def _applies(grant: Grant, peer: Peer) -> bool:
+    return peer.user in grant.users or not grant.groups.isdisjoint(peer.groups)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def may(access: AccessDef, peer: Peer, right: Right, kind: ObjectKind, name: str) -> bool:
+    """Whether `peer` has `right` on the `kind` called `name`."""
+    if peer.is_admin:
+        return True
+    return any(
+        right in grant.rights and _applies(grant, peer) and _matches(name, grant.patterns(kind))
+        for grant in access.grants
+    )
+
+
+def who(peer: Peer) -> str:
+    if peer.uid < 0:
+        return f"user {peer.user or '?'} (remote login)"
+    return f"user {peer.user or peer.uid} (uid {peer.uid})"
+
+
+def require(access: AccessDef, peer: Peer, right: Right, kind: ObjectKind, name: str) -> None:
+    """Raise InsufficientRights (naming the missing right) unless `peer` has `right` on the `kind` `name`."""
+    if not may(access, peer, right, kind, name):
+        raise InsufficientRights(
+            f"{who(peer)} may not {right} {kind} {name}: the {right} right is missing",
+            missing=str(right),
+            kind=str(kind),
+            name=name,
+        )
+
+
+def may_job(access: AccessDef, peer: Peer, right: Right, task: str | None, queue: str) -> bool:
+    """A right on a job is a right on its task or on its queue (an ad-hoc job has only its queue)."""
+    return (task is not None and may(access, peer, right, ObjectKind.TASK, task)) or may(
+        access, peer, right, ObjectKind.QUEUE, queue
+    )
+
+
+def require_job(access: AccessDef, peer: Peer, right: Right, job_id: int, task: str | None, queue: str) -> None:
+    if not may_job(access, peer, right, task, queue):
+        on = f"task {task} or on queue {queue}" if task is not None else f"queue {queue} (an ad-hoc job)"
+        raise InsufficientRights(
+            f"{who(peer)} may not {right} job {job_id}: the {right} right is missing on {on}",
+            missing=str(right),
+            kind="job",
+            name=str(job_id),
+        )
+
+
+def require_admin(peer: Peer, what: str) -> None:
+    """Refuse what only admins may do; `what` completes "may not …" (e.g. "reload the configuration")."""
+    if not peer.is_admin:
+        raise InsufficientRights(
+            f"{who(peer)} may not {what}: that is for admins ([access] admins, and jobd's own user); "
+            "the admin right is missing",
+            missing="admin",
+        )
+
+
+def glob_patterns(access: AccessDef, peer: Peer, right: Right, kind: ObjectKind) -> tuple[str, ...] | None:
+    """The name patterns of `kind` on which `peer` has `right`, for filtering a query; None means all (admins)."""
+    if peer.is_admin:
+        return None
+    found: list[str] = []
+    for grant in access.grants:
+        if right in grant.rights and _applies(grant, peer):
+            found.extend(pattern for pattern in grant.patterns(kind) if pattern not in found)
+    return tuple(found)
