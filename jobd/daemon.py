@@ -133,6 +133,8 @@ class Daemon:
         self.engine.on_counts_changed = self._counts_changed
         daemon = self.config.daemon
         log.info("jobd %s ready: socket %s, state %s", __version__, daemon.socket, daemon.state_dir)
+        if self.server.tcp_address is not None:
+            log.info("listening for evQueue clients on TCP %s", self._tcp_listening())
         self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
         await self.stop_requested.wait()
         await self._shutdown()
@@ -188,8 +190,16 @@ class Daemon:
             "durability": str(self.config.daemon.durability),
             "config_files": list(self.config.files),
             "last_reload": self.last_reload,
+            "tcp_listen": self._tcp_listening(),
             **self.engine.counts(),
         }
+
+    def _tcp_listening(self) -> str | None:
+        """Where the evQueue TCP listener is bound ("127.0.0.1:5000", "[::1]:5000"), the port resolved; or None."""
+        if self.server.tcp_address is None:
+            return None
+        host, port = self.server.tcp_address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def reload(self) -> dict[str, Any]:
         """Read the configuration again; all or nothing. Raises ConfigError and keeps the running one if broken."""
@@ -206,6 +216,11 @@ class Daemon:
         for key in ("socket", "evqueue_socket", "state_dir"):
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("[daemon] %s changed; it takes effect at the next restart", key)
+        if new.tcp.listen != self.config.tcp.listen:
+            log.warning(
+                "[tcp] listen changed to %s; it takes effect at the next restart (logins follow the new [tcp.users])",
+                new.tcp.listen_text or "off",
+            )
         self.config = new
         self.engine.reload(new)
         self.scheduler.reload(new)

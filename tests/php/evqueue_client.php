@@ -4,6 +4,9 @@
 // <ping /> keep-alives sent while a request waits, and check status="OK".
 //
 // Usage: php evqueue_client.php SOCKET WORKFLOW [--synchronous] [NAME=VALUE ...]
+// SOCKET is a Unix socket path, or tcp://HOST:PORT for jobd's TCP listener: there the client answers evQueue's
+// <auth challenge> as evQueue's class does, hash_hmac("sha1", hex2bin($challenge), sha1($password, true)), with
+// the login and password from the environment variables EVQUEUE_USER and EVQUEUE_PASSWORD.
 // Launches WORKFLOW with the parameters (asynchronously, then `instance wait`; or in one synchronous launch, which
 // jobd answers when the instance has ended), queries the instance and prints one JSON object: the greeting's
 // profile, the instance id, its status and errors, the output of each task, and the keep-alives skipped.
@@ -25,13 +28,25 @@ final class EvQueueClient
 
     public function __construct(string $path, float $timeout = 30.0)
     {
-        $socket = @stream_socket_client('unix://' . $path, $errno, $errstr, $timeout);
+        $address = str_starts_with($path, 'tcp://') ? $path : 'unix://' . $path;
+        $socket = @stream_socket_client($address, $errno, $errstr, $timeout);
         if ($socket === false) {
             throw new EvQueueError("cannot connect to $path: $errstr");
         }
         stream_set_timeout($socket, (int) $timeout);
         $this->socket = $socket;
         $this->greeting = $this->readDocument();
+        if ($this->greeting->tagName === 'auth') {
+            $this->authenticate($this->greeting->getAttribute('challenge'));
+            $this->greeting = $this->readDocument();
+        }
+        if ($this->greeting->getAttribute('status') === 'KO') {
+            throw new EvQueueError(sprintf(
+                'login: %s (%s)',
+                $this->greeting->getAttribute('error'),
+                $this->greeting->getAttribute('error-code')
+            ));
+        }
         if ($this->greeting->tagName !== 'ready' || $this->greeting->getAttribute('status') !== 'OK') {
             throw new EvQueueError('expected a <ready> greeting, got <' . $this->greeting->tagName . '>');
         }
@@ -70,6 +85,19 @@ final class EvQueueClient
             ));
         }
         return $answer;
+    }
+
+    /** evQueue's challenge / response: HMAC-SHA1 keyed with SHA1(password), over the challenge's 20 bytes. */
+    private function authenticate(string $challenge): void
+    {
+        $user = (string) getenv('EVQUEUE_USER');
+        $response = hash_hmac('sha1', hex2bin($challenge), sha1((string) getenv('EVQUEUE_PASSWORD'), true));
+        $auth = new DOMDocument('1.0', 'utf-8');
+        $root = $auth->createElement('auth');
+        $root->setAttribute('response', $response);
+        $root->setAttribute('user', $user);
+        $auth->appendChild($root);
+        $this->write($auth->saveXML());
     }
 
     /** <quit/>: jobd closes the connection without an answer. */

@@ -1,0 +1,459 @@
+"""The TCP listener for evQueue clients, on a real daemon bound to 127.0.0.1: evQueue's challenge / HMAC-SHA1 login
+(computed here as evQueue's PHP class does, and by tests/php/evqueue_client.php itself), its refusals, the slow-down
+of failed logins, reload, bind failure and the listener being off by default.
+
+`listen = "127.0.0.1:0"` binds a free port, which daemon.status reports as `tcp_listen`. Every read blocks on the
+socket with a deadline; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import REPO, Daemon
+from lxml import etree
+
+from jobd import config
+from jobd.errors import ConfigError
+from jobd.protocol.evqueue import XmlFramer
+from jobd.protocol.evqueue_auth import LoginThrottle, expected_response, verify
+
+pytestmark = pytest.mark.timeout(120)
+
+DEADLINE = 10.0
+PHP = shutil.which("php")
+CLIENT = Path(__file__).resolve().parent / "php" / "evqueue_client.php"
+
+
+def sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+USERS = f"""
+[tcp.users.admin]
+password_sha1 = "{sha1("admin").upper()}"
+admin = true
+
+[tcp.users.alice]
+password_sha1 = "{sha1("wonderland")}"
+groups = ["ops"]
+"""
+
+HELLO_WORKFLOW = b"""<workflow>
+  <parameters><parameter name="word"/></parameters>
+  <subjobs>
+    <job name="say">
+      <tasks>
+        <task name="say" path="/bin/echo" queue="default">
+          <input name="word"><value select="evqGetWorkflowParameter('word')"/></input>
+        </task>
+      </tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+class Closed(Exception):
+    """The daemon closed the connection."""
+
+
+class TcpClient:
+    """A raw evQueue TCP connection: bytes out as given, answers in as whole documents."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=DEADLINE)
+        self.framer = XmlFramer()
+        self.documents: list[bytes] = []
+        self.challenge = self.document()
+
+    def __enter__(self) -> TcpClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(DEADLINE)
+        self.sock.sendall(data)
+
+    def document(self, timeout: float = DEADLINE) -> etree._Element:
+        deadline = time.monotonic() + timeout
+        while not self.documents:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no complete answer")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise Closed("jobd closed the connection")
+            self.documents += self.framer.feed(chunk)
+        return etree.fromstring(self.documents.pop(0))
+
+    def ask(self, request: bytes) -> etree._Element:
+        self.send(request)
+        return self.document()
+
+    def closed(self) -> bool:
+        """Whether jobd ends the connection now that it has answered (EOF within the deadline)."""
+        try:
+            self.document()
+        except Closed:
+            return True
+        return False
+
+    def login(self, user: str, password: str) -> etree._Element:
+        response = expected_response(sha1(password), self.challenge.get("challenge", ""))
+        return self.ask(f"<auth response='{response}' user='{user}' />".encode())
+
+
+def tcp_address(daemon: Daemon) -> tuple[str, int]:
+    listen = daemon.call("daemon.status")["tcp_listen"]
+    host, port = listen.rsplit(":", 1)
+    return host, int(port)
+
+
+def listening_tcp_sockets(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket the process holds, read from /proc."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with_target = os.readlink(f"/proc/{pid}/fd/{fd}") if os.path.islink(f"/proc/{pid}/fd/{fd}") else ""
+        found = re.fullmatch(r"socket:\[(\d+)\]", with_target)
+        if found:
+            inodes.add(found[1])
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in inodes:  # TCP_LISTEN
+                    address, port = local.split(":")
+                    raw = bytes.fromhex(address)
+                    # /proc prints addresses as host-order 32-bit words
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                    host = socket.inet_ntop(socket.AF_INET if len(words) == 4 else socket.AF_INET6, words)
+                    listening.add((host, int(port, 16)))
+    return listening
+
+
+@pytest.fixture
+def tcp_daemon(make_daemon: Any) -> Daemon:
+    daemon: Daemon = make_daemon(
+        '[tcp]\nlisten = "127.0.0.1:0"\nlogin_delay = 0.05\nlogin_delay_max = 0.2\n' + USERS, start=False
+    )
+    workflows = daemon.config_dir / "workflows"
+    workflows.mkdir()
+    (workflows / "hello.xml").write_bytes(HELLO_WORKFLOW)
+    daemon.start()
+    return daemon
+
+
+# -- the handshake ---------------------------------------------------------------------------------------------------
+
+
+def test_the_response_is_evqueues_hmac() -> None:
+    # The handshake observed on evQueue 3.3 (reference/evqueue.md §1.3), user admin, password admin.
+    assert expected_response(sha1("admin"), "809d7b5098524e622b6854b28ee36b9bad3fe116") == (
+        "7cc06704e4b1ebbc56d667a8594d42e9192fba6e"
+    )
+
+
+def test_an_admin_logs_in_and_is_served(tcp_daemon: Daemon) -> None:
+    with TcpClient(tcp_address(tcp_daemon)) as client:
+        challenge = client.challenge
+        assert challenge.tag == "auth" and challenge.get("status") == "OK" and challenge.get("node")
+        assert re.fullmatch("[0-9a-f]{40}", challenge.get("challenge", ""))
+        # computed exactly as evQueue's PHP class: hash_hmac("sha1", hex2bin($challenge), sha1($pwd, true))
+        key = hashlib.sha1(b"admin").digest()
+        response = hmac.new(key, bytes.fromhex(challenge.get("challenge", "")), hashlib.sha1).hexdigest()
+        ready = client.ask(f'<?xml version="1.0"?>\n<auth response="{response}" user="admin"/>'.encode())
+        assert (ready.tag, ready.get("status"), ready.get("profile")) == ("ready", "OK", "ADMIN")
+        assert ready.find("modules") is not None
+        pong = client.ask(b"<ping/>")
+        assert pong.get("status") == "OK", etree.tostring(pong)
+        assert client.ask(b"<control action='reload'/>").get("status") == "OK"
+
+
+def test_every_connection_gets_a_new_challenge(tcp_daemon: Daemon) -> None:
+    address = tcp_address(tcp_daemon)
+    with TcpClient(address) as one, TcpClient(address) as two:
+        assert one.challenge.get("challenge") != two.challenge.get("challenge")
+
+
+def test_a_user_gets_the_user_profile_and_no_admin_commands(tcp_daemon: Daemon) -> None:
+    with TcpClient(tcp_address(tcp_daemon)) as client:
+        ready = client.login("alice", "wonderland")
+        assert (ready.tag, ready.get("profile")) == ("ready", "USER")
+        refused = client.ask(b"<control action='reload'/>")
+        assert (refused.get("status"), refused.get("error-code")) == ("KO", "INSUFFICIENT_RIGHTS")
+        assert client.ask(b"<ping/>").get("status") == "OK"
+
+
+def test_requests_sent_with_the_auth_are_answered_after_the_greeting(tcp_daemon: Daemon) -> None:
+    with TcpClient(tcp_address(tcp_daemon)) as client:
+        response = expected_response(sha1("wonderland"), client.challenge.get("challenge", ""))
+        client.send(f"<auth response='{response}' user='alice'/><ping/>".encode())
+        assert client.document().tag == "ready"
+        assert client.document().get("status") == "OK"
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        pytest.param(lambda c: f"<auth response='{expected_response(sha1('nope'), c)}' user='admin'/>", id="wrong"),
+        pytest.param(lambda c: f"<auth response='{expected_response(sha1('admin'), c)}' user='nobody'/>", id="user"),
+        pytest.param(lambda c: "<auth response='hmac' user='admin'/>", id="hmac-bypass"),
+        pytest.param(lambda c: f"<auth response='{'zz' * 20}' user='admin'/>", id="not-hex"),
+        pytest.param(lambda c: f"<auth response=' {expected_response(sha1('admin'), c)}' user='admin'/>", id="space"),
+        pytest.param(lambda c: "<auth response='' user='admin'/>", id="empty"),
+        pytest.param(lambda c: "<auth user='admin'/>", id="no-response"),
+        pytest.param(lambda c: f"<auth response='{expected_response(sha1('admin'), c)}'/>", id="no-user"),
+        pytest.param(
+            lambda c: f"<auth response='{expected_response(sha1('admin'), 'ab' * 20)}' user='admin'/>", id="old"
+        ),
+    ],
+)
+def test_failed_logins_are_refused_and_closed(tcp_daemon: Daemon, auth: Any) -> None:
+    with TcpClient(tcp_address(tcp_daemon)) as client:
+        answer = client.ask(auth(client.challenge.get("challenge", "")).encode())
+        assert answer.tag == "response"
+        assert dict(answer.attrib) == {
+            "error": "Invalid authentication",
+            "error-code": "AUTH_ERROR",
+            "node": client.challenge.get("node"),
+            "status": "KO",
+        }
+        assert client.closed()
+
+
+@pytest.mark.parametrize("request_", [b"<ping/>", b"<control action='reload'/>", b"<ready/>"])
+def test_a_command_before_the_login_is_refused_and_closed(tcp_daemon: Daemon, request_: bytes) -> None:
+    started = tcp_daemon.call("daemon.status")
+    with TcpClient(tcp_address(tcp_daemon)) as client:
+        answer = client.ask(request_)
+        assert (answer.get("error"), answer.get("error-code"), answer.get("status")) == (
+            "Expected 'auth' node",
+            "AUTH_ERROR",
+            "KO",
+        )
+        assert client.closed()
+    assert tcp_daemon.call("daemon.status")["last_reload"]["at"] == started["last_reload"]["at"]
+
+
+def test_ill_formed_xml_before_the_login_is_refused_and_closed(tcp_daemon: Daemon) -> None:
+    with TcpClient(tcp_address(tcp_daemon)) as client:
+        answer = client.ask(b"<auth response='x' user='admin'></wrong>")
+        assert answer.get("status") == "KO"
+        assert client.closed()
+
+
+# -- the slow-down ------------------------------------------------------------------------------------------------
+
+
+def test_failed_logins_are_slowed_down_per_address_and_a_success_resets(make_daemon: Any) -> None:
+    daemon = make_daemon('[tcp]\nlisten = "127.0.0.1:0"\nlogin_delay = 0.3\nlogin_delay_max = 1\n' + USERS)
+    address = tcp_address(daemon)
+    took = []
+    for _ in range(2):
+        with TcpClient(address) as client:
+            started = time.monotonic()
+            answer = client.ask(b"<auth response='hmac' user='admin'/>")
+            took.append(time.monotonic() - started)
+            assert answer.get("error-code") == "AUTH_ERROR" and client.closed()
+    assert took[0] >= 0.3 and took[1] >= 0.6, took
+    with TcpClient(address) as client:  # an unknown login costs what a wrong password does
+        started = time.monotonic()
+        assert client.login("nobody", "admin").get("error-code") == "AUTH_ERROR"
+        assert time.monotonic() - started >= 1.0  # 1.2, capped at login_delay_max
+    with TcpClient(address) as client:
+        assert client.login("admin", "admin").tag == "ready"
+    with TcpClient(address) as client:
+        assert client.login("admin", "wrong").get("error-code") == "AUTH_ERROR"
+    delays = re.findall(r"failed evQueue login as '(\w*)' from 127\.0\.0\.1; answered in ([0-9.]+) s", daemon.log())
+    assert delays == [("admin", "0.3"), ("admin", "0.6"), ("nobody", "1"), ("admin", "0.3")], daemon.log()[-2000:]
+
+
+def test_the_throttle_doubles_caps_forgets_and_groups_ipv6_by_64() -> None:
+    throttle = LoginThrottle()
+    assert [throttle.failed("192.0.2.1", float(n), 1, 30) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert throttle.failed("192.0.2.2", 7.0, 1, 30) == 1  # per address
+    assert throttle.failed("192.0.2.1", 7.0 + 901, 1, 30) == 1  # forgotten after FORGET_AFTER without a failure
+    throttle.succeeded("192.0.2.1")
+    assert throttle.failures("192.0.2.1") == 0
+    throttle.failed("2001:db8::1", 0.0, 1, 30)
+    assert throttle.failures("2001:db8::ffff:2") == 1 and throttle.failures("2001:db8:0:1::1") == 0
+    assert throttle.failures("::ffff:192.0.2.2") == 1
+
+
+def test_verify_accepts_only_the_hmac() -> None:
+    from jobd.model import RemoteUser
+
+    user = RemoteUser("admin", sha1("admin"))
+    challenge = "ab" * 20
+    good = expected_response(sha1("admin"), challenge)
+    assert verify(user, challenge, good) and verify(user, challenge, good.upper())
+    for bad in ("hmac", "", good[:-1], good + "0", "zz" * 20, good.replace(good[0], "g"), "é" * 40):
+        assert not verify(user, challenge, bad), bad
+    assert not verify(None, challenge, good)
+
+
+# -- PHP ---------------------------------------------------------------------------------------------------------------
+
+
+def run_php(daemon: Daemon, user: str, password: str, *args: str) -> subprocess.CompletedProcess[str]:
+    if PHP is None:
+        pytest.fail("php is not installed: `make test` installs php-cli and php-xml")
+    host, port = tcp_address(daemon)
+    env = {**os.environ, "EVQUEUE_USER": user, "EVQUEUE_PASSWORD": password}
+    return subprocess.run(
+        [PHP, str(CLIENT), f"tcp://{host}:{port}", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_php_client_logs_in_over_tcp_and_launches(tcp_daemon: Daemon) -> None:
+    import json
+
+    done = run_php(tcp_daemon, "admin", "admin", "hello", "word=tcp")
+    assert done.returncode == 0, f"{done.stderr}\n{tcp_daemon.log()[-3000:]}"
+    result = json.loads(done.stdout)
+    assert (result["profile"], result["status"], result["errors"]) == ("ADMIN", "TERMINATED", 0)
+    assert [task["output"] for task in result["tasks"]] == ["tcp\n"]
+
+
+def test_php_client_with_a_wrong_password_is_refused(tcp_daemon: Daemon) -> None:
+    done = run_php(tcp_daemon, "admin", "nimda", "hello", "word=tcp")
+    assert done.returncode == 1 and "Invalid authentication (AUTH_ERROR)" in done.stderr, done.stderr
+
+
+# -- configuration and life cycle ----------------------------------------------------------------------------------
+
+
+def test_the_listener_is_off_by_default(daemon: Daemon) -> None:
+    assert daemon.call("daemon.status")["tcp_listen"] is None
+    assert listening_tcp_sockets(daemon.pid) == set()
+
+
+def test_the_listener_binds_loopback_only(tcp_daemon: Daemon) -> None:
+    host, port = tcp_address(tcp_daemon)
+    assert host == "127.0.0.1" and port > 0
+    assert listening_tcp_sockets(tcp_daemon.pid) == {("127.0.0.1", port)}
+
+
+def test_a_reload_changes_the_users_for_new_connections(tcp_daemon: Daemon) -> None:
+    address = tcp_address(tcp_daemon)
+    with TcpClient(address) as before:
+        assert before.login("alice", "wonderland").get("profile") == "USER"
+        text = (tcp_daemon.config_dir / "jobd.toml").read_text()
+        text = text.replace(
+            f'password_sha1 = "{sha1("wonderland")}"\n', f'password_sha1 = "{sha1("new")}"\nadmin = true\n'
+        )
+        text = text.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"')
+        (tcp_daemon.config_dir / "jobd.toml").write_text(text)
+        tcp_daemon.call("daemon.reload")
+        assert before.ask(b"<ping/>").get("status") == "OK"  # a session keeps its login
+    assert tcp_address(tcp_daemon) == address  # listen changes at the next restart
+    assert "[tcp] listen changed to 127.0.0.1:1; it takes effect at the next restart" in tcp_daemon.log()
+    with TcpClient(address) as old:
+        assert old.login("alice", "wonderland").get("error-code") == "AUTH_ERROR"
+    with TcpClient(address) as new:
+        assert new.login("alice", "new").get("profile") == "ADMIN"
+
+
+def test_a_port_in_use_stops_start_up_with_a_clear_error(make_daemon: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = make_daemon(f'[tcp]\nlisten = "127.0.0.1:{port}"\n', start=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=daemon.root,
+        )
+    assert done.returncode == 1
+    assert f"not starting: cannot listen for evQueue clients on TCP 127.0.0.1:{port} ([tcp] listen)" in done.stderr
+    assert "Address already in use" in done.stderr
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "jobd.toml").write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "listen"),
+    [
+        ("", None),
+        ("[tcp]\nlisten = 5000", ("127.0.0.1", 5000)),
+        ('[tcp]\nlisten = "5000"', ("127.0.0.1", 5000)),
+        ('[tcp]\nlisten = "0.0.0.0:5000"', ("0.0.0.0", 5000)),
+        ('[tcp]\nlisten = "[::]:5000"', ("::", 5000)),
+        ('[tcp]\nlisten = "[::1]:0"', ("::1", 0)),
+        ("[tcp]\nlisten = false", None),
+    ],
+)
+def test_listen_values(tmp_path: Path, text: str, listen: Any) -> None:
+    assert config.load([str(write(tmp_path, text))]).tcp.listen == listen
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "says"),
+    [
+        ('[tcp]\nlisten = "localhost:5000"', "tcp.listen", "is not allowed"),
+        ('[tcp]\nlisten = "999.0.0.1:5000"', "tcp.listen", "is not an IP address"),
+        ('[tcp]\nlisten = "::1:5000"', "tcp.listen", "is not allowed"),
+        ('[tcp]\nlisten = "[127.0.0.1]:5000"', "tcp.listen", "IPv6 addresses go in brackets"),
+        ('[tcp]\nlisten = "127.0.0.1:65536"', "tcp.listen", "out of range"),
+        ("[tcp]\nlisten = true", "tcp.listen", "expected a port"),
+        ("[tcp]\nport = 5000", "tcp.port", "unknown key"),
+        ('[tcp.users.bob]\npassword_sha1 = "abc"', "tcp.users.bob.password_sha1", "40 hexadecimal digits"),
+        (f'[tcp.users.bob]\npassword_sha1 = "{"g" * 40}"', "tcp.users.bob.password_sha1", "sha1sum"),
+        ("[tcp.users.bob]\nadmin = true", "tcp.users.bob", "missing required key password_sha1"),
+        (f'[tcp.users."b/b"]\npassword_sha1 = "{sha1("x")}"', 'tcp.users."b/b"', "invalid name"),
+        (f'[tcp.users.bob]\npassword_sha1 = "{sha1("x")}"\nadmin = "yes"', "tcp.users.bob.admin", "true or false"),
+        (f'[tcp.users.bob]\npassword_sha1 = "{sha1("x")}"\ngroups = "ops"', "tcp.users.bob.groups", "array"),
+        (f'[tcp.users.bob]\npassword_sha1 = "{sha1("x")}"\ngroups = ["../x"]', "tcp.users.bob.groups", "group"),
+        (f'[tcp.users.bob]\npassword_sha1 = "{sha1("x")}"\nuid = 0', "tcp.users.bob.uid", "unknown key"),
+        ("[tcp]\nusers = 1", "tcp.users", "a table of logins"),
+        ("[tcp]\nlogin_delay = -1", "tcp.login_delay", "a number >= 0"),
+        ("[tcp]\nlogin_delay = 60", "tcp.login_delay", "more than login_delay_max"),
+    ],
+)
+def test_bad_tcp_settings_are_named(tmp_path: Path, text: str, key: str, says: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config.load([str(write(tmp_path, text))])
+    assert raised.value.details["key"] == key and says in raised.value.message, raised.value.message
+    assert raised.value.details["line"] is not None
+
+
+def test_users_merge_across_drop_ins(tmp_path: Path) -> None:
+    write(tmp_path, f'[tcp]\nlisten = 5000\n[tcp.users.bob]\npassword_sha1 = "{sha1("x")}"\n')
+    (tmp_path / "jobd.d").mkdir()
+    (tmp_path / "jobd.d" / "10-bob.toml").write_text("[tcp.users.bob]\nadmin = true\ngroups = ['ops']\n")
+    bob = config.load([str(tmp_path)]).tcp.users["bob"]
+    assert (bob.password_sha1, bob.admin, bob.groups) == (sha1("x"), True, frozenset({"ops"}))
+
+
+def test_docs_describe_every_tcp_key() -> None:
+    text = (REPO / "docs" / "config.md").read_text()
+    missing = [key for key in config.TCP_KEYS + config.TCP_USER_KEYS if f"`{key}`" not in text]
+    assert missing == [] and "printf %s 'secret' \\| sha1sum" in text
