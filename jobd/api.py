@@ -26,7 +26,17 @@ from jobd.engine.queues import QueueRuntime
 from jobd.engine.scheduler import Scheduler
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import InsufficientRights, InvalidParams, MethodNotFound, UnknownWorkflow
-from jobd.model import MAX_PRIORITY, Job, JobState, ObjectKind, RetryPolicy, Right, WorkflowDef
+from jobd.model import (
+    MAX_PRIORITY,
+    OBJECT_NAME,
+    OBJECT_NAME_RULE,
+    Job,
+    JobState,
+    ObjectKind,
+    RetryPolicy,
+    Right,
+    WorkflowDef,
+)
 from jobd.store import AuditFilter, InstanceFilter, JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
@@ -97,6 +107,27 @@ class Params:
         if not isinstance(value, str) or "\0" in value or (choices and value not in choices):
             raise self.bad(name, " | ".join(f'"{c}"' for c in choices) if choices else "a string without NUL")
         return value
+
+    def name(self, name: str) -> str | None:
+        """The name of a queue, task, workflow or schedule: only what the configuration could have named."""
+        value = self.take(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not OBJECT_NAME.fullmatch(value):
+            raise self.bad(name, f"a name: {OBJECT_NAME_RULE}")
+        return value
+
+    def required_name(self, name: str) -> str:
+        self.required_text(name)
+        value = self.name(name)
+        assert value is not None
+        return value
+
+    def names(self, name: str) -> tuple[str, ...] | None:
+        values = self.texts(name)
+        if values is not None and not all(OBJECT_NAME.fullmatch(value) for value in values):  # NUL: texts() said
+            raise self.bad(name, f"a list of names: {OBJECT_NAME_RULE}")
+        return values
 
     def required_text(self, name: str) -> str:
         value = self.text(name)
@@ -201,9 +232,9 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
         raise p.bad("command", "a non-empty list of strings whose first is the program")
     retry_raw = p.mapping("retry")
     request = SubmitRequest(
-        task=p.text("task"),
+        task=p.name("task"),
         command=command,
-        queue=p.text("queue"),
+        queue=p.name("queue"),
         priority=p.integer("priority", 1024, high=MAX_PRIORITY) or 0,
         timeout=p.number("timeout", positive=True),
         args=p.texts("args") or (),
@@ -310,8 +341,8 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
     limit = p.integer("limit", 100, low=1, high=1000) or 100
     where = JobFilter(
         states=tuple(JobState(s) for s in states),
-        queue=p.text("queue"),
-        task=p.text("task"),
+        queue=p.name("queue"),
+        task=p.name("task"),
         context=p.text("context"),
         before_id=p.integer("before", low=1),
         limit=limit,
@@ -397,14 +428,14 @@ def _visible(api: Api, session: Session, kind: ObjectKind) -> tuple[str, ...] | 
 
 
 def queue_pause(api: Api, session: Session, p: Params) -> Any:
-    name = p.required_text("name")
+    name = p.required_name("name")
     p.done()
     access.require(api.engine.config.access, session.peer, Right.EDIT, ObjectKind.QUEUE, name)
     return queue_json(api.engine, api.engine.set_paused(name, True))
 
 
 def queue_resume(api: Api, session: Session, p: Params) -> Any:
-    name = p.required_text("name")
+    name = p.required_name("name")
     p.done()
     access.require(api.engine.config.access, session.peer, Right.EDIT, ObjectKind.QUEUE, name)
     return queue_json(api.engine, api.engine.set_paused(name, False))
@@ -436,7 +467,7 @@ def events_subscribe(api: Api, session: Session, p: Params) -> Any:
     jobs = p.take("jobs") or []
     if not isinstance(jobs, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in jobs):
         raise p.bad("jobs", "a list of job ids")
-    queues = p.texts("queues") or ()
+    queues = p.names("queues") or ()
     types = p.texts("types") or EVENT_TYPES
     for kind in types:
         if kind not in EVENT_TYPES:
@@ -466,7 +497,7 @@ def workflow_list(api: Api, session: Session, p: Params) -> Any:
 
 
 def _workflow(api: Api, session: Session, p: Params) -> WorkflowDef:
-    name = p.required_text("name")
+    name = p.required_name("name")
     access.require(api.engine.config.access, session.peer, Right.READ, ObjectKind.WORKFLOW, name)
     definition = api.engine.config.workflows.get(name)
     if definition is None:
@@ -482,7 +513,7 @@ def workflow_get(api: Api, session: Session, p: Params) -> Any:
 
 
 def instance_launch(api: Api, session: Session, p: Params) -> Any:
-    name = p.required_text("workflow")
+    name = p.required_name("workflow")
     parameters = p.text_map("parameters")
     comment, host, user = p.text("comment"), p.text("host"), p.text("user")
     p.done()
@@ -592,7 +623,7 @@ INSTANCE_STATUSES = ("EXECUTING", "TERMINATED")
 def instance_list(api: Api, session: Session, p: Params) -> Any:
     limit = p.integer("limit", 100, low=1, high=1000) or 100
     where = InstanceFilter(
-        workflow=p.text("workflow"),
+        workflow=p.name("workflow"),
         status=p.text("status", choices=INSTANCE_STATUSES),
         error=p.take("errors") if isinstance(p.raw.get("errors"), bool) else None,
         before_id=p.integer("before", low=1),
@@ -628,7 +659,7 @@ def schedule_list(api: Api, session: Session, p: Params) -> Any:
 
 
 def _schedule_name(api: Api, session: Session, p: Params, right: Right) -> str:
-    name = p.required_text("name")
+    name = p.required_name("name")
     p.done()
     if session.peer.is_admin:
         return name

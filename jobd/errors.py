@@ -140,6 +140,13 @@ class UnknownSchedule(JobdError):
     rpc_code = -32013
 
 
+class TooManyConnections(JobdError):
+    """`[daemon] max_connections` clients are connected already: a new one is told so and closed."""
+
+    code = "TOO_MANY_CONNECTIONS"
+    rpc_code = -32014
+
+
 class StartupError(Exception):
     """jobd refuses to start: another jobd owns the state or the socket, the database is from a newer jobd, …
 

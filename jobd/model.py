@@ -18,6 +18,10 @@ from typing import Any
 from jobd.errors import InvalidTransition
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what an environment variable may be called, everywhere
+# What a client may give as the name of a queue, task, workflow or schedule: every name the configuration allows
+# (config.py, workflowdef.py) and nothing else, so no NUL, no "/", no ".." ever reaches a lookup, a log or a path.
+OBJECT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+OBJECT_NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . -, not starting with ."
 DEFAULT_PRIORITY = 1024
 MAX_PRIORITY = 2**32 - 1
 DEFAULT_KILL_GRACE = 10.0
@@ -165,39 +169,13 @@ class History:
 class DaemonDef:
     socket: str = "/run/jobd/jobd.sock"
     evqueue_socket: str | None = "/run/jobd/evqueue.sock"
+    max_connections: int = 256  # clients connected at once, both sockets together; more are refused
     tasks_directory: str = "/usr/lib/jobd/tasks"
     state_dir: str = "/var/lib/jobd"
     durability: Durability = Durability.CRASH
     history: History = History()
     kill_grace: float = DEFAULT_KILL_GRACE
     max_output: int = DEFAULT_MAX_OUTPUT
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteUser:
-    """`[tcp.users.NAME]`: a login for evQueue clients on the TCP listener (docs/config.md)."""
-
-    name: str
-    password_sha1: str  # SHA1(password) as 40 lowercase hex digits: evQueue's stored form, the handshake's HMAC key
-    groups: frozenset[str] = frozenset()  # for grants, as a local user's groups
-    admin: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class TcpDef:
-    """`[tcp]`: the optional TCP listener for evQueue clients, with evQueue's challenge/HMAC-SHA1 login."""
-
-    listen: tuple[str, int] | None = None  # (IP address, port); None: no TCP listener (the default)
-    login_delay: float = 1.0  # seconds before the first failed login of an address is answered; doubles each time
-    login_delay_max: float = 30.0  # the cap of that delay
-    users: Mapping[str, RemoteUser] = field(default_factory=dict)
-
-    @property
-    def listen_text(self) -> str | None:
-        if self.listen is None:
-            return None
-        host, port = self.listen
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +254,6 @@ class AccessDef:
 @dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonDef = DaemonDef()
-    tcp: TcpDef = TcpDef()
     queues: Mapping[str, QueueDef] = field(default_factory=dict)
     tasks: Mapping[str, TaskDef] = field(default_factory=dict)
     retry_schedules: Mapping[str, RetrySchedule] = field(default_factory=dict)

@@ -4,8 +4,7 @@ The first byte a client sends picks the protocol: `{` or `[` is JSON-RPC 2.0 (`C
 protocol (the connection hands itself over to an `XmlConnection`). JSON requests on one connection run concurrently,
 so a `job.wait` does not hold up a `ping` sent after it; each answer carries the request's id. XML requests are
 answered strictly in order, as evQueue's clients expect. A second listener, `[daemon] evqueue_socket`, speaks XML
-from the start and greets every connection with `<ready …/>`. The optional TCP listener, `[tcp] listen`, speaks XML
-too, after evQueue's challenge / HMAC-SHA1 login (`TcpXmlConnection`, `jobd.protocol.evqueue_auth`).
+from the start and greets every connection with `<ready …/>`.
 """
 
 from __future__ import annotations
@@ -25,10 +24,10 @@ from jobd.api_evqueue import EvQueue
 from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.submit import Peer, identify_peer
-from jobd.errors import FrameTooLarge, InvalidRequest, InvalidXml, JobdError, StartupError
+from jobd.errors import FrameTooLarge, InvalidRequest, InvalidXml, JobdError, StartupError, TooManyConnections
 from jobd.linux import peer_credentials
 from jobd.model import Right
-from jobd.protocol import evqueue, evqueue_auth, jsonrpc
+from jobd.protocol import evqueue, jsonrpc
 
 log = logging.getLogger("jobd.server")
 
@@ -49,9 +48,6 @@ def _keepalive_interval() -> float:
 # Seconds between two `<ping />` written to an XML client while its request waits (evQueue's dpd.interval).
 EVQUEUE_KEEPALIVE_INTERVAL: Final = _keepalive_interval()
 
-# Seconds a TCP client has to log in after the challenge (evQueue's network.rcv.timeout); then it is disconnected.
-LOGIN_TIMEOUT: Final = 30.0
-
 
 class Server:
     def __init__(self, api: Api, path: str) -> None:
@@ -61,10 +57,6 @@ class Server:
         self.evqueue = EvQueue(api)
         self._server: asyncio.AbstractServer | None = None
         self._evqueue_server: asyncio.AbstractServer | None = None
-        self.tcp_listen = api.engine.config.tcp.listen  # None: no TCP listener; a change needs a restart
-        self.tcp_address: tuple[str, int] | None = None  # where the TCP listener is bound (port 0 resolved)
-        self._tcp_server: asyncio.AbstractServer | None = None
-        self.login_throttle = evqueue_auth.LoginThrottle()
         self.connections: set[Connection | XmlConnection] = set()
 
     async def bind(self) -> None:
@@ -72,28 +64,12 @@ class Server:
         self._server = await _bind_unix(self.path, lambda: Connection(self))
         if self.evqueue_path is not None:
             self._evqueue_server = await _bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True))
-        if self.tcp_listen is not None:
-            await self._bind_tcp(*self.tcp_listen)
-
-    async def _bind_tcp(self, host: str, port: int) -> None:
-        try:
-            self._tcp_server = await asyncio.get_running_loop().create_server(
-                lambda: TcpXmlConnection(self), host, port, start_serving=False, reuse_address=True
-            )
-        except OSError as error:
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            reason = os.strerror(error.errno) if error.errno else str(error)
-            raise StartupError(f"cannot listen for evQueue clients on TCP {where} ([tcp] listen): {reason}") from None
-        bound = self._tcp_server.sockets[0].getsockname()
-        self.tcp_address = (str(bound[0]), int(bound[1]))
 
     async def start_serving(self) -> None:
         assert self._server is not None
         await self._server.start_serving()
         if self._evqueue_server is not None:
             await self._evqueue_server.start_serving()
-        if self._tcp_server is not None:
-            await self._tcp_server.start_serving()
 
     async def stop_listening(self) -> None:
         for server, path in ((self._server, self.path), (self._evqueue_server, self.evqueue_path)):
@@ -101,12 +77,20 @@ class Server:
                 server.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-        if self._tcp_server is not None:
-            self._tcp_server.close()
 
     async def close_connections(self) -> None:
         for connection in list(self.connections):
             connection.abort()
+
+    def refusal(self) -> TooManyConnections | None:
+        """The error for a new client when `[daemon] max_connections` are connected (both sockets together)."""
+        limit = self.api.engine.config.daemon.max_connections
+        if len(self.connections) < limit:
+            return None
+        return TooManyConnections(
+            f"too many connections: {limit} clients are connected ([daemon] max_connections); try again later",
+            limit=limit,
+        )
 
 
 async def _bind_unix(path: str, factory: Callable[[], asyncio.Protocol]) -> asyncio.AbstractServer:
@@ -149,7 +133,12 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.peer = Peer(uid=-1, gid=-1, pid=0, is_admin=False)  # until connection_made
         self._buffer = bytearray()
+        self._scanned = 0  # the first bytes of _buffer known to hold no newline
         self._mode: str | None = None  # "json" once the first byte chose it
+        # Cleared while the client does not read its replies: no request is read, started or answered meanwhile, so
+        # a client that only writes cannot make jobd hold more than MAX_UNSENT bytes and one reply for it.
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
@@ -167,6 +156,12 @@ class Connection(asyncio.Protocol):
         # Past this many unsent bytes asyncio calls pause_writing(): a client that does not read its replies is
         # not read from either.
         transport.set_write_buffer_limits(high=MAX_UNSENT)
+        refusal = self.server.refusal()
+        if refusal is not None:  # said at once, as a JSON-RPC error with a null id, whatever the client speaks
+            self._send(jsonrpc.error(None, refusal))
+            self._refusing = True
+            self._lingering_close()
+            return
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -174,11 +169,14 @@ class Connection(asyncio.Protocol):
             return  # lingering: swallowed until the client closes or LINGER_SECONDS pass
         if self._mode is None and not self._choose_protocol(data):
             return
+        self._buffer += data
+        self._take_lines()
+
+    def _take_lines(self) -> None:
+        """Dispatch the whole lines buffered, until there are none or the client stops reading its replies."""
         buffer = self._buffer
-        scanned = len(buffer)  # the bytes held before this call contain no newline
-        buffer += data
         start = 0
-        while (end := buffer.find(b"\n", max(start, scanned))) >= 0:
+        while self._writable.is_set() and (end := buffer.find(b"\n", max(start, self._scanned))) >= 0:
             line = bytes(buffer[start : end + 1])
             start = end + 1
             if len(line) > jsonrpc.MAX_FRAME + 1:
@@ -190,16 +188,25 @@ class Connection(asyncio.Protocol):
             if self._refusing or self.transport.is_closing():
                 return
         del buffer[:start]
+        if not self._writable.is_set():  # lines may be left: resume_writing() goes on with them
+            self._scanned = 0
+            return
+        self._scanned = len(buffer)
         if len(buffer) > jsonrpc.MAX_FRAME:
             # The rest of an oversized line cannot be told from the next request: answer, then end.
             self._frame_too_large()
+        elif self._input_ended:
+            if not self._refusing and bytes(buffer).strip():  # the client closed its side; a last line may lack "\n"
+                self._dispatch(bytes(buffer))
+            buffer.clear()
+            self._close_when_answered()
 
     def eof_received(self) -> bool:
         self._input_ended = True
-        if not self._refusing and bytes(self._buffer).strip():  # the client closed its side; a last line may lack "\n"
-            self._dispatch(bytes(self._buffer))
-        self._buffer.clear()
-        self._close_when_answered()
+        if not self._refusing:
+            self._take_lines()
+        else:
+            self._close_when_answered()
         return True  # keep our side open for the answers still to come
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -215,10 +222,14 @@ class Connection(asyncio.Protocol):
             self._linger.cancel()
 
     def pause_writing(self) -> None:
+        self._writable.clear()
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if not self._input_ended:
+        self._writable.set()
+        if not self._refusing:
+            self._take_lines()
+        if not self._input_ended and self._writable.is_set() and not self.transport.is_closing():
             self.transport.resume_reading()
 
     # -- requests ------------------------------------------------------------------------------------------------
@@ -272,12 +283,24 @@ class Connection(asyncio.Protocol):
             return _await_reply(member, value)
         return None if member.is_notification else jsonrpc.result(member.id, value)
 
+    async def _until_writable(self, replies: list[Any]) -> None:
+        """Wait while the client does not read; the methods have not run yet and start once it reads again."""
+        try:
+            await self._writable.wait()
+        except asyncio.CancelledError:  # the connection is gone: the methods never run
+            for reply in replies:
+                if isinstance(reply, Coroutine):
+                    reply.close()
+            raise
+
     async def _answer_later(self, reply: Coroutine[Any, Any, Reply]) -> None:
+        await self._until_writable([reply])
         message = await reply
         if message is not None:
             self._send(message)
 
     async def _answer_batch_later(self, replies: list[Reply | Coroutine[Any, Any, Reply]]) -> None:
+        await self._until_writable(replies)
         done = [await reply if isinstance(reply, Coroutine) else reply for reply in replies]
         answered = [reply for reply in done if reply is not None]
         if answered:
@@ -296,8 +319,8 @@ class Connection(asyncio.Protocol):
             self._close_when_answered()
 
     def _close_when_answered(self) -> None:
-        if self._tasks or self.transport.is_closing():
-            return
+        if self._tasks or self.transport.is_closing() or (self._buffer and not self._refusing):
+            return  # answers, or requests held while the client did not read, are still to come
         if self._refusing:
             self._lingering_close()
         else:
@@ -317,6 +340,8 @@ class Connection(asyncio.Protocol):
         sent. So: end our side (the client sees EOF after the replies), and swallow its input for a little while.
         """
         if self._linger is not None:
+            if self._input_ended:  # the client closed its side while we lingered: nothing is left to swallow
+                self.transport.close()
             return
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -413,6 +438,7 @@ class XmlConnection(asyncio.Protocol):
         self._refusing = False  # a framing error or <quit/>: the rest of the input is not read as requests
         self._write_paused = False
         self._linger: asyncio.TimerHandle | None = None
+        self._counted = False  # adopted: in the server's connections and the statistics (refused ones are not)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------------------
 
@@ -420,6 +446,13 @@ class XmlConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         credentials = peer_credentials(transport.get_extra_info("socket"))
         transport.set_write_buffer_limits(high=MAX_UNSENT)
+        refusal = self.server.refusal()
+        if refusal is not None:  # a KO response where the greeting would be, then the end
+            self.transport = transport
+            transport.write(evqueue.response_error(self.evqueue.node, refusal))
+            self._refusing = True
+            self._lingering_close()
+            return
         peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, self.server.api.engine.config.access)
         self.adopt(transport, peer)
         if self.greet:
@@ -431,6 +464,7 @@ class XmlConnection(asyncio.Protocol):
         self.peer = peer
         self.server.connections.add(self)
         self.evqueue.connected()
+        self._counted = True
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:
@@ -461,7 +495,8 @@ class XmlConnection(asyncio.Protocol):
         if exc is not None:
             log.debug("evQueue connection from pid %d ended: %s", self.peer.pid, exc)
         self.server.connections.discard(self)
-        self.evqueue.disconnected()
+        if self._counted:
+            self.evqueue.disconnected()
         for timer in (self._keepalive, self._linger):
             if timer is not None:
                 timer.cancel()
@@ -475,7 +510,7 @@ class XmlConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self._answer_backlog()  # what was held while the client did not read; then reading resumes
 
     # -- requests ------------------------------------------------------------------------------------------------
 
@@ -485,7 +520,7 @@ class XmlConnection(asyncio.Protocol):
 
     def _answer_backlog(self) -> None:
         """Answer queued requests in order until one has to wait, or none is left."""
-        while self._waiting is None and self._backlog and not self.transport.is_closing():
+        while self._waiting is None and self._backlog and not self._write_paused and not self.transport.is_closing():
             item = self._backlog.popleft()
             if isinstance(item, JobdError):  # a framing error: the stream cannot be followed any further
                 self._send(self.evqueue.error(item))
@@ -566,103 +601,3 @@ class XmlConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.transport.abort()
-
-
-class TcpXmlConnection(XmlConnection):
-    """An evQueue client on the TCP listener: challenge, `<auth>`, then an XmlConnection as the login's Peer.
-
-    Until the login succeeds the peer is nobody (uid -1, no rights) and the only request read is the first: an
-    `<auth response user/>` checked against `[tcp.users]`, or anything else, answered "Expected 'auth' node"
-    before closing. A failed login is answered "Invalid authentication" only after the source address's current
-    delay (a timer; `LoginThrottle`), then the connection closes. Logins apply the `[tcp]` of the running
-    configuration, so a reload changes who may log in from the next connection on.
-    """
-
-    def __init__(self, server: Server) -> None:
-        super().__init__(server, greet=False)
-        self._challenge = evqueue_auth.new_challenge()
-        self._logged_in = False
-        self._failing = False  # a failed login waits for its delay: nothing more is read
-        self._address = "?"
-        self._timer: asyncio.TimerHandle | None = None  # the login deadline, then a failed login's delay
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.set_write_buffer_limits(high=MAX_UNSENT)
-        peer_name = transport.get_extra_info("peername")
-        self._address = str(peer_name[0]) if peer_name else "?"
-        self.adopt(transport, self.peer)
-        self._send(evqueue_auth.challenge_document(self.evqueue.node, self._challenge))
-        self._timer = asyncio.get_running_loop().call_later(LOGIN_TIMEOUT, self._login_timed_out)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        super().connection_lost(exc)
-
-    def _answer_backlog(self) -> None:
-        if self._logged_in:
-            super()._answer_backlog()
-            return
-        if self._failing or self.transport.is_closing():
-            return
-        if not self._backlog:
-            if self._input_ended:
-                self.transport.close()
-            return
-        item = self._backlog.popleft()
-        if isinstance(item, JobdError):  # a framing error: answered at once, like any request that is no <auth>
-            self._refuse_login(item)
-            return
-        self._backlog_bytes -= len(item)
-        self._log_in(item)
-
-    def _log_in(self, document: bytes) -> None:
-        try:
-            request = evqueue.parse_request(document)
-        except JobdError as failure:
-            self._refuse_login(failure)
-            return
-        if request.group != "auth":
-            self._refuse_login(evqueue_auth.AuthError(evqueue_auth.EXPECTED_AUTH))
-            return
-        tcp = self.server.api.engine.config.tcp
-        login = request.attributes.get("user", "")
-        user = tcp.users.get(login)
-        if evqueue_auth.verify(user, self._challenge, request.attributes.get("response", "")):
-            assert user is not None
-            self._logged_in = True
-            self._cancel_timer()
-            self.server.login_throttle.succeeded(self._address)
-            self.peer = Peer(uid=-1, gid=-1, pid=0, is_admin=user.admin, user=user.name, groups=user.groups)
-            log.info("evQueue login as %s from %s (%s)", user.name, self._address, "ADMIN" if user.admin else "USER")
-            self._send(self.evqueue.greeting(self.peer))
-            super()._answer_backlog()  # requests sent right after the <auth>, if any
-            return
-        loop = asyncio.get_running_loop()
-        delay = self.server.login_throttle.failed(self._address, loop.time(), tcp.login_delay, tcp.login_delay_max)
-        log.warning("failed evQueue login as %r from %s; answered in %g s", login[:64], self._address, delay)
-        self._failing = True
-        self._refusing = True  # what the client sends meanwhile is not read as requests
-        self._backlog.clear()
-        self.transport.pause_reading()
-        self._cancel_timer()
-        error = evqueue_auth.AuthError(evqueue_auth.INVALID_AUTHENTICATION)
-        self._timer = loop.call_later(delay, self._refuse_login, error)
-
-    def _refuse_login(self, failure: JobdError) -> None:
-        """Answer the error and close: evQueue ends a connection whose login failed."""
-        self._cancel_timer()
-        self._refusing = True
-        self._backlog.clear()
-        self._send(self.evqueue.error(failure))
-        self._lingering_close()
-
-    def _login_timed_out(self) -> None:
-        self._timer = None
-        log.debug("evQueue client at %s did not log in within %g s; disconnecting", self._address, LOGIN_TIMEOUT)
-        self.transport.close()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None

@@ -22,6 +22,7 @@ from lxml import etree
 
 from jobd import safexml
 from jobd.errors import FrameTooLarge, InvalidParams, InvalidXml, JobdError, UnknownCommand
+from jobd.model import OBJECT_NAME, OBJECT_NAME_RULE
 
 MAX_FRAME: Final = 1024 * 1024  # bytes in one request document, from its first `<` to the `>` closing its root
 MAX_DEPTH: Final = 64  # elements nested in a request; evQueue's requests use two levels
@@ -369,6 +370,13 @@ class Request:
             raise InvalidParams(f"Parameter '{name}' must be at least {minimum}, not {value}", parameter=name)
         return value
 
+    def object_name(self, name: str) -> str:
+        """A workflow's name: what a workflow file could be called, nothing else (no NUL, `/` or `..`)."""
+        value = self.string(name)
+        if not OBJECT_NAME.fullmatch(value):
+            raise InvalidParams(f"Parameter '{name}' must be {OBJECT_NAME_RULE}, not '{value}'", parameter=name)
+        return value
+
     def integer(self, name: str, minimum: int | None = None) -> int:
         self.string(name)
         value = self.optional_integer(name, minimum=minimum)
@@ -663,7 +671,7 @@ def _instance_id(request: Request) -> int:
 def _instance_launch(request: Request) -> InstanceLaunch:
     mode = request.choice("mode", ("asynchronous", "synchronous"), default="asynchronous")
     return InstanceLaunch(
-        name=request.string("name"),
+        name=request.object_name("name"),
         synchronous=mode == "synchronous",
         timeout=_timeout(request),
         user=request.optional_string("user") or None,
@@ -719,7 +727,7 @@ def _workflow_get(request: Request) -> WorkflowGet:
     if "id" in request.attributes and "name" in request.attributes:
         raise InvalidParams("Give parameter 'id' or 'name', not both", parameter="id")
     if "name" in request.attributes:
-        return WorkflowGet(name=request.string("name"))
+        return WorkflowGet(name=request.object_name("name"))
     if "id" not in request.attributes:
         raise MissingParameter("Missing parameter 'id' (or 'name')", parameter="id")
     return WorkflowGet(workflow_id=request.integer("id", minimum=1))

@@ -10,6 +10,7 @@ from typing import Any
 from jobd.errors import InvalidRequest, JobdError, ParseError
 
 MAX_FRAME = 1024 * 1024  # bytes in one line, newline excluded
+MAX_DEPTH = 64  # arrays and objects nested in one request; jobd's requests use three or four levels
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +57,39 @@ def _is_unicode(value: Any) -> bool:
     return True
 
 
+_BRACKETS_AND_QUOTES = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKET_OR_QUOTE = bytes(byte for byte in range(256) if byte not in b'[]{}"')
+
+
+def _too_deep(line: bytes) -> bool:
+    """Whether `line` nests arrays and objects more than MAX_DEPTH deep, found without parsing.
+
+    Only a line with more than MAX_DEPTH opening brackets can be too deep, so the common request pays for two
+    `count`s. The others lose their escaped backslashes and quotes, then everything but brackets and quotes, then
+    the strings (every other piece between quotes): what is left is the nesting. Each pass of `replace` removes the
+    innermost pairs, one level: a structure whose pairs are not all gone after MAX_DEPTH passes is deeper than
+    that (as is one left with more than MAX_DEPTH brackets that never close). All of it runs at C speed.
+    """
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False
+    unescaped = line.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(unescaped.translate(_BRACKETS_AND_QUOTES, _NOT_BRACKET_OR_QUOTE).split(b'"')[::2])
+    for _ in range(MAX_DEPTH):
+        shallower = brackets.replace(b"()", b"")
+        if len(shallower) == len(brackets):
+            break
+        brackets = shallower
+    return b"()" in brackets or brackets.count(b"(") > MAX_DEPTH
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
 def decode(line: bytes) -> Frame:
     """Parse one line. A line that is not JSON at all raises ParseError; bad members become Invalid."""
+    if _too_deep(line):  # refused before the decoder recurses into it
+        raise ParseError(f"request nests arrays and objects more than {MAX_DEPTH} deep")
     try:
         text = line.decode("utf-8")
         data = json.loads(text, parse_constant=_refuse_constant)

@@ -1,0 +1,479 @@
+"""Hostile clients against a real daemon, on both sockets: the attack corpus of tests/attacks/, the connection limit,
+clients that stall or never read, names that try to leave their directory, parameters that try to reach a shell.
+
+Every corpus file (tests/attacks/generate.py says how they are named and made) is sent as it is to the API socket and
+to the evQueue socket; each must get a clear error with the code its name carries, read no file (a canary's content
+never comes back), reach no network (a local HTTP server counts its requests), and leave the daemon answering with
+every job accepted before the attacks intact. Reads block on the socket with a deadline: nothing polls or sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from lxml import etree
+
+from jobd.client import Client, RemoteError
+from jobd.protocol import jsonrpc
+from jobd.protocol.evqueue import XmlFramer
+
+pytestmark = pytest.mark.timeout(120)
+
+ATTACKS = Path(__file__).resolve().parent / "attacks"
+DEADLINE = 10.0  # seconds any one expected answer may take
+CONFIG = """
+[queue.default]
+concurrency = 4
+
+[task.echo]
+command = ["/bin/echo"]
+
+[task.envtask]
+command = ["/bin/sh", "-c", 'echo "A=$A"']
+parameters = "env"
+"""
+
+
+# -- raw connections ---------------------------------------------------------------------------------------------
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(DEADLINE)
+    sock.connect(str(path))
+    return sock
+
+
+def _send_all_then_close_writing(sock: socket.socket, data: bytes) -> None:
+    # jobd may stop reading at a framing error and close: the rest of the send may break, its answer is still there.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    deadline = time.monotonic() + DEADLINE
+    received = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"jobd did not close the connection; received: {bytes(received[-300:])!r}")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
+def _xml_documents(data: bytes) -> list[etree._Element]:
+    return [etree.fromstring(document) for document in XmlFramer().feed(data)]
+
+
+def _greeted(path: Path) -> tuple[socket.socket, XmlFramer]:
+    """An evQueue connection whose `<ready>` greeting has been read."""
+    sock = _connect(path)
+    framer = XmlFramer()
+    documents: list[bytes] = []
+    while not documents:
+        chunk = sock.recv(1 << 16)
+        assert chunk, "closed before the greeting"
+        documents += framer.feed(chunk)
+    assert etree.fromstring(documents[0]).tag == "ready", documents
+    assert len(documents) == 1
+    return sock, framer
+
+
+def _json_answers(data: bytes) -> list[Any]:
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def _ping_json(path: Path) -> dict[str, Any]:
+    with _connect(path) as sock:
+        sock.sendall(b'{"jsonrpc":"2.0","id":"alive","method":"ping"}\n')
+        sock.shutdown(socket.SHUT_WR)
+        answers = _json_answers(_read_to_eof(sock))
+    assert len(answers) == 1 and answers[0]["result"]["pong"] is True, answers
+    return answers[0]
+
+
+def _ping_xml(path: Path) -> None:
+    sock, _ = _greeted(path)
+    with sock:
+        _send_all_then_close_writing(sock, b"<ping/>")
+        answers = _xml_documents(_read_to_eof(sock))
+    assert [(a.tag, a.get("status")) for a in answers] == [("response", "OK")], answers
+
+
+def _error_codes_json(answer: Any) -> list[str]:
+    members = answer if isinstance(answer, list) else [answer]
+    assert all("error" in member and "result" not in member for member in members), answer
+    return sorted({member["error"]["data"]["code"] for member in members})
+
+
+# -- the canary file and the HTTP server no request may reach --------------------------------------------------
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _Recorder.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"<!ENTITY x 'REMOTE-CANARY'>")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[tuple[str, list[str]]]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    _Recorder.hits = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", _Recorder.hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _corpus(kind: str) -> list[tuple[str, str, Path]]:
+    """(name, expected code, path) of each file of tests/attacks/<kind>/."""
+    files = []
+    for path in sorted((ATTACKS / kind).glob(f"*.{kind}")):
+        name, code = path.name.removesuffix(f".{kind}").rsplit(".", 1)
+        files.append((name, code, path))
+    assert files, f"no attack files under {ATTACKS / kind}"
+    return files
+
+
+def test_the_corpus_is_what_generate_py_writes() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", ATTACKS / "generate.py")
+    assert spec is not None and spec.loader is not None
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    for kind, files in (("json", generate.JSON), ("xml", generate.XML)):
+        on_disk = {path.name.removesuffix(f".{kind}"): path.read_bytes() for path in (ATTACKS / kind).iterdir()}
+        assert on_disk == files, f"tests/attacks/{kind} is stale: run tests/attacks/generate.py"
+
+
+# -- the attack corpus -----------------------------------------------------------------------------------------
+
+
+def _attack_api_socket(daemon: Any, data: bytes, kind: str, code: str) -> bytes:
+    """Send one attack to the API socket; check the answer; return everything jobd sent."""
+    with _connect(daemon.socket_path) as sock:
+        _send_all_then_close_writing(sock, data + (b"\n" if kind == "json" else b""))
+        received = _read_to_eof(sock)
+    if data.startswith(b"<"):  # the first byte picks evQueue's protocol
+        answers = _xml_documents(received)
+        assert answers, "no answer"
+        _check_xml_answer(answers[0], code)
+    else:
+        answers = _json_answers(received)
+        assert answers, "no answer"
+        expected = code if kind == "json" else "INVALID_REQUEST"  # an XML file that does not start with <
+        assert _error_codes_json(answers[0]) == [expected], answers[0]
+    return received
+
+
+def _attack_evqueue_socket(daemon: Any, data: bytes, kind: str, code: str) -> bytes:
+    sock, _ = _greeted(daemon.evqueue_socket)
+    with sock:
+        _send_all_then_close_writing(sock, data)
+        received = _read_to_eof(sock)
+    answers = _xml_documents(received)
+    assert answers, "no answer"
+    _check_xml_answer(answers[0], code if kind == "xml" else "INVALID_XML")  # JSON is text outside an element
+    return received
+
+
+def _check_xml_answer(answer: etree._Element, code: str) -> None:
+    text = etree.tostring(answer)
+    assert answer.tag == "response", text
+    if code == "OK":
+        assert answer.get("status") == "OK", text
+    else:
+        assert answer.get("status") == "KO" and answer.get("error-code") == code and answer.get("error"), text
+
+
+def _jobs_before(daemon: Any) -> dict[str, dict[str, Any]]:
+    """A finished job, a running one and a delayed one, accepted before any attack."""
+    done = daemon.submit(task="echo", args=["before the attacks"])
+    daemon.wait(done["id"])
+    running = daemon.submit(command=["/bin/sleep", "300"])
+    delayed = daemon.submit(command=["/bin/true"], delay=3600)
+    return {name: daemon.call("job.get", {"id": job["id"]}) for name, job in
+            (("done", done), ("running", running), ("delayed", delayed))}  # fmt: skip
+
+
+def _check_jobs_intact(daemon: Any, before: dict[str, dict[str, Any]]) -> None:
+    for name, job in before.items():
+        now = daemon.call("job.get", {"id": job["id"]})
+        assert now == job, (name, job, now)
+    assert daemon.output(before["done"]["id"]) == "before the attacks\n"
+    fresh = daemon.submit(task="echo", args=["after"])
+    assert daemon.wait(fresh["id"])["state"] == "succeeded"
+    for name in ("running", "delayed"):
+        assert daemon.call("job.cancel", {"id": before[name]["id"]})["state"] == "cancelled"
+
+
+def test_every_attack_is_refused_clearly_on_both_sockets_and_reads_nothing(
+    make_daemon: Any, tmp_path: Path, http_server: tuple[str, list[str]]
+) -> None:
+    address, hits = http_server
+    canary = tmp_path / "canary"
+    secret = "CANARY-7f3b9c1e-never-to-be-read"
+    canary.write_text(secret + "\n")
+    daemon = make_daemon(CONFIG)
+    before = _jobs_before(daemon)
+    failures = []
+    for kind in ("json", "xml"):
+        for _name, code, path in _corpus(kind):
+            data = path.read_bytes().replace(b"@CANARY@", str(canary).encode()).replace(b"@HTTP@", address.encode())
+            for attack in (_attack_api_socket, _attack_evqueue_socket):
+                try:
+                    received = attack(daemon, data, kind, code)
+                    assert secret.encode() not in received and b"REMOTE-CANARY" not in received, received[:500]
+                    assert b"Traceback" not in received, received[:2000]
+                except (AssertionError, OSError, ValueError, etree.XMLSyntaxError) as failure:
+                    failures.append(f"{kind}/{path.name} on {attack.__name__}: {failure!r}"[:800])
+    assert not failures, "\n".join(failures)
+    assert hits == [], f"jobd fetched {hits} from the network"
+    assert daemon.running(), daemon.log()
+    _ping_json(daemon.socket_path)
+    _ping_xml(daemon.evqueue_socket)
+    _check_jobs_intact(daemon, before)
+    log = daemon.log()
+    assert "Traceback" not in log and secret not in log, log[-4000:]
+
+
+@pytest.mark.parametrize("socket_name", ["socket_path", "evqueue_socket"])
+def test_a_request_one_byte_over_a_mebibyte_is_refused_on_both_sockets(make_daemon: Any, socket_name: str) -> None:
+    daemon = make_daemon(CONFIG)
+    path = getattr(daemon, socket_name)
+    if socket_name == "socket_path":
+        padding = jsonrpc.MAX_FRAME + 1 - len(b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":""}}')
+        line = b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"' + b"x" * padding + b'"}}'
+        assert len(line) == jsonrpc.MAX_FRAME + 1
+        with _connect(path) as sock:
+            _send_all_then_close_writing(sock, line + b"\n")
+            answers = _json_answers(_read_to_eof(sock))
+        assert [_error_codes_json(answer) for answer in answers] == [["FRAME_TOO_LARGE"]]
+    else:
+        document = b'<ping comment="' + b"x" * (1024 * 1024 + 1 - len(b'<ping comment=""/>')) + b'"/>'
+        assert len(document) == 1024 * 1024 + 1
+        sock, _ = _greeted(path)
+        with sock:
+            _send_all_then_close_writing(sock, document)
+            answers = _xml_documents(_read_to_eof(sock))
+        assert len(answers) == 1
+        _check_xml_answer(answers[0], "FRAME_TOO_LARGE")
+    _ping_json(daemon.socket_path)
+    _ping_xml(daemon.evqueue_socket)
+
+
+def test_json_nesting_up_to_the_limit_is_read_and_beyond_it_refused(daemon: Any) -> None:
+    # The request object is one level; params another; 62 arrays inside make 64.
+    def line(arrays: int) -> bytes:
+        return b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":' + b"[" * arrays + b"]" * arrays + b"}}\n"
+
+    with _connect(daemon.socket_path) as sock:
+        _send_all_then_close_writing(sock, line(jsonrpc.MAX_DEPTH - 2) + line(jsonrpc.MAX_DEPTH - 1))
+        first, second = _json_answers(_read_to_eof(sock))
+    assert _error_codes_json(first) == ["INVALID_PARAMS"]  # read, then refused by ping: no parameter x
+    assert _error_codes_json(second) == ["PARSE_ERROR"]
+    assert f"more than {jsonrpc.MAX_DEPTH} deep" in second["error"]["message"]
+
+
+# -- names and parameters ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "parameter"),
+    [
+        ("job.submit", {"command": ["/bin/true"], "queue": "../default"}, "queue"),
+        ("job.submit", {"task": "echo/../echo"}, "task"),
+        ("job.submit", {"task": ".."}, "task"),
+        ("job.list", {"queue": "a/b"}, "queue"),
+        ("job.list", {"task": "x\u0000"}, "task"),
+        ("queue.pause", {"name": "."}, "name"),
+        ("queue.resume", {"name": "default\n"}, "name"),
+        ("workflow.get", {"name": "../../etc/passwd"}, "name"),
+        ("instance.launch", {"workflow": "/etc/passwd"}, "workflow"),
+        ("instance.list", {"workflow": "x" * 65}, "workflow"),
+        ("schedule.enable", {"name": "a b"}, "name"),
+        ("schedule.trigger", {"name": "../s"}, "name"),
+        ("events.subscribe", {"queues": ["default", "../x"]}, "queues"),
+    ],
+)
+def test_names_from_clients_are_checked_and_the_error_says_what_is_allowed(
+    daemon: Any, method: str, params: dict[str, Any], parameter: str
+) -> None:
+    with daemon.client() as client, pytest.raises(RemoteError) as raised:
+        client.call(method, params, timeout=DEADLINE)
+    error = raised.value
+    assert error.code == "INVALID_PARAMS", error
+    assert error.data.get("param") == parameter, error.data
+    assert "1 to 64 characters from A-Z a-z 0-9 _ . -" in str(error), error
+
+
+def test_valid_unusual_names_still_reach_the_lookup(daemon: Any) -> None:
+    """A well-formed name that names nothing is an unknown object, not a refused name."""
+    with daemon.client() as client:
+        for method, params, code in (
+            ("job.submit", {"task": "no-such.task_1"}, "UNKNOWN_TASK"),
+            ("workflow.get", {"name": "-dash-first"}, "UNKNOWN_WORKFLOW"),
+        ):
+            with pytest.raises(RemoteError) as raised:
+                client.call(method, params, timeout=DEADLINE)
+            assert raised.value.code == code, raised.value
+
+
+def test_parameters_reach_the_program_verbatim_never_a_shell(daemon: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "shell-ran"
+    hostile = [
+        f"$(touch {marker}); rm -rf /",
+        f"`touch {marker}`",
+        f"; touch {marker}",
+        f"| touch {marker}",
+        "&& echo pwned",
+        "'\"\\",
+        "*",
+        "-n",
+        "--version",
+        "a\nb",
+        "",
+    ]
+    # An argv-mode task and an ad-hoc command: both exec() the argv as given.
+    job = daemon.submit(command=["/usr/bin/printf", "%s\\0", *hostile])
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert daemon.output(job["id"]).split("\0")[:-1] == hostile
+    job = daemon.submit(task="echo", args=hostile)
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert daemon.output(job["id"]) == " ".join(hostile) + "\n"
+    # An env-mode task receives the value as the variable's value; its own script quotes it.
+    job = daemon.submit(task="envtask", params={"A": hostile[0]})
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert daemon.output(job["id"]) == f"A={hostile[0]} B=\n"  # the fixture's envtask prints A and B
+    assert not marker.exists()
+
+
+# -- the connection limit -------------------------------------------------------------------------------------------
+
+
+def test_clients_over_max_connections_are_refused_clearly_on_both_sockets(make_daemon: Any) -> None:
+    daemon = make_daemon(CONFIG, daemon_extra="max_connections = 4")
+    with contextlib.ExitStack() as held:
+        # Four clients, two per socket, each known to the daemon (it answered them).
+        for _ in range(2):
+            sock = held.enter_context(_connect(daemon.socket_path))
+            sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+            assert json.loads(sock.recv(1 << 16))["result"]["pong"] is True
+            evq, _ = _greeted(daemon.evqueue_socket)
+            held.enter_context(evq)
+        # The fifth, on the API socket: a JSON-RPC error at once, before it says anything, then the end.
+        with _connect(daemon.socket_path) as sock:
+            answers = _json_answers(_read_to_eof(sock))
+        assert len(answers) == 1 and _error_codes_json(answers[0]) == ["TOO_MANY_CONNECTIONS"], answers
+        assert answers[0]["id"] is None and answers[0]["error"]["data"]["limit"] == 4
+        assert "max_connections" in answers[0]["error"]["message"]
+        # On the evQueue socket: a KO response where the greeting would be, then the end.
+        with _connect(daemon.evqueue_socket) as sock:
+            answers_xml = _xml_documents(_read_to_eof(sock))
+        assert len(answers_xml) == 1
+        _check_xml_answer(answers_xml[0], "TOO_MANY_CONNECTIONS")
+        # A client that spoke before reading is refused the same way (its request is not served).
+        with _connect(daemon.socket_path) as sock:
+            _send_all_then_close_writing(sock, b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+            answers = _json_answers(_read_to_eof(sock))
+        assert [_error_codes_json(answer) for answer in answers] == [["TOO_MANY_CONNECTIONS"]]
+        # jobd's own client reports it as an error naming the limit.
+        with Client(str(daemon.socket_path)) as client, pytest.raises(RemoteError) as raised:
+            client.call("ping", timeout=DEADLINE)
+        assert raised.value.code == "TOO_MANY_CONNECTIONS"
+        held.close()  # (leaving the block would do it too): the four leave
+    # Their slots are free again: the connections that count are the ones jobd still has.
+    _ping_json(daemon.socket_path)
+    _ping_xml(daemon.evqueue_socket)
+
+
+# -- slow clients ----------------------------------------------------------------------------------------------------
+
+
+def test_stalled_and_non_reading_clients_slow_nobody_down(make_daemon: Any) -> None:
+    daemon = make_daemon(CONFIG)
+    big = daemon.submit(command=["/usr/bin/head", "-c", str(1 << 20), "/dev/zero"])
+    assert daemon.wait(big["id"])["state"] == "succeeded"
+    with contextlib.ExitStack() as held:
+        # 50 clients that sent half a request and stall, on both sockets.
+        stalled_json: list[socket.socket] = []
+        stalled_xml: list[socket.socket] = []
+        for number in range(50):
+            if number % 2:
+                sock = held.enter_context(_connect(daemon.socket_path))
+                sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"pi')
+                stalled_json.append(sock)
+            else:
+                sock, _ = _greeted(daemon.evqueue_socket)
+                held.enter_context(sock)
+                sock.sendall(b'<status action="query" type="sched')
+                stalled_xml.append(sock)
+        # A client that asks for 1 MiB answers (about 6 MiB each as JSON) and reads none: jobd stops reading it
+        # once MAX_UNSENT bytes wait for it, so its requests fill the socket and the send blocks.
+        hog = held.enter_context(_connect(daemon.socket_path))
+        hog.settimeout(2.0)
+        request = json.dumps(
+            {"jsonrpc": "2.0", "id": "x" * 4000, "method": "job.output", "params": {"id": big["id"], "limit": 1 << 20}}
+        ).encode()
+        sent = 0
+        with pytest.raises(TimeoutError):
+            while sent < 1 << 30:  # a bound, so a jobd that never stops reading fails the test instead of hanging
+                hog.sendall(request + b"\n")
+                sent += 1
+        # An XML client that pipelines requests and reads no answer.
+        xml_hog, _ = _greeted(daemon.evqueue_socket)
+        held.enter_context(xml_hog)
+        xml_hog.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                xml_hog.send(b'<status action="query" type="configuration"/>' * 100)
+        # Everybody else is served at once.
+        started = time.monotonic()
+        _ping_json(daemon.socket_path)
+        _ping_xml(daemon.evqueue_socket)
+        job = daemon.submit(task="echo", args=["served"])
+        assert daemon.wait(job["id"], timeout=DEADLINE)["state"] == "succeeded"
+        assert daemon.output(job["id"]) == "served\n"
+        assert time.monotonic() - started < DEADLINE
+        # jobd holds a bounded amount for the hog: MAX_UNSENT and about one answer, not one per request it sent.
+        rss_kib = next(
+            int(line.split()[1]) for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )  # fmt: skip
+        assert rss_kib < 400 * 1024, f"jobd holds {rss_kib} KiB for {sent} unread requests"
+        # The stalled ones can still finish their requests.
+        _send_all_then_close_writing(stalled_json[0], b'ng"}\n')
+        assert _json_answers(_read_to_eof(stalled_json[0]))[0]["result"]["pong"] is True
+        _send_all_then_close_writing(stalled_xml[0], b'uler"/>')
+        answers = _xml_documents(_read_to_eof(stalled_xml[0]))
+        assert [answer.get("status") for answer in answers] == ["OK"], answers
+    _ping_json(daemon.socket_path)
+    assert daemon.running()
