@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import difflib
 import enum
+import ipaddress
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from jobd.model import (
     Overlap,
     ParameterMode,
     QueueDef,
+    RemoteUser,
     RetryLevel,
     RetryPolicy,
     RetrySchedule,
@@ -50,6 +52,7 @@ from jobd.model import (
     ScheduleDef,
     Scheduler,
     TaskDef,
+    TcpDef,
     WorkflowDef,
 )
 
@@ -60,7 +63,7 @@ WORKFLOWS_DIR = "workflows"
 DEFAULT_QUEUE = "default"
 
 # The keys each kind of table accepts, in the order the documentation lists them.
-SECTIONS = ("daemon", "queue", "task", "retry_schedule", "schedule", "access")
+SECTIONS = ("daemon", "queue", "task", "retry_schedule", "schedule", "tcp", "access")
 DAEMON_KEYS = (
     "socket",
     "evqueue_socket",
@@ -73,6 +76,8 @@ DAEMON_KEYS = (
     "max_connections",
 )
 HISTORY_KEYS = ("keep_days", "keep_last")
+TCP_KEYS = ("listen", "login_delay", "login_delay_max", "users")
+TCP_USER_KEYS = ("password_sha1", "groups", "admin")
 ACCESS_KEYS = ("admins", "grant")
 ADMINS_KEYS = ("users", "groups")
 GRANT_KEYS = ("users", "groups", "rights", "workflows", "tasks", "queues")
@@ -494,6 +499,8 @@ class _Merged:
     tasks: dict[str, _Table]
     retry_schedules: dict[str, _Table]
     schedules: dict[str, _Table]
+    tcp: _Table = dataclasses.field(default_factory=lambda: _Table(("tcp",), None, {}))
+    tcp_users: dict[str, _Table] = dataclasses.field(default_factory=dict)  # [tcp.users.NAME], merged key by key
     access: _Table = dataclasses.field(default_factory=lambda: _Table(("access",), None, {}))
     grants: list[_Setting] = dataclasses.field(default_factory=list)  # [[access.grant]] of every file, in order
 
@@ -514,6 +521,8 @@ def _merge(sources: Sequence[_Source]) -> _Merged:
         for section, body in _parse(source).items():
             if section == "daemon":
                 _merge_table(merged.daemon, source, body)
+            elif section == "tcp":
+                _merge_tcp(merged, source, body)
             elif section == "access":
                 _merge_access(merged, source, body)
             elif section in named:
@@ -535,6 +544,21 @@ def _merge_access(merged: _Merged, source: _Source, body: object) -> None:
             _Setting(("access", "grant", _index(number)), grant, source) for number, grant in enumerate(grants, 1)
         )
     _merge_table(merged.access, source, body)
+
+
+def _merge_tcp(merged: _Merged, source: _Source, body: object) -> None:
+    """`[tcp]` key by key; its `users` table user by user, so a drop-in can add or change one login."""
+    if isinstance(body, dict) and "users" in body:
+        body = dict(body)
+        users = body.pop("users")
+        if not isinstance(users, dict):
+            raise _Setting(("tcp", "users"), users, source).expected("a table of logins such as [tcp.users.NAME]")
+        for name, user_body in users.items():
+            key = ("tcp", "users", name)
+            if name not in merged.tcp_users:
+                merged.tcp_users[name] = _Table(key, source, {})
+            _merge_table(merged.tcp_users[name], source, user_body)
+    _merge_table(merged.tcp, source, body)
 
 
 def _merge_named_tables(tables: dict[str, _Table], section: str, source: _Source, body: object) -> None:
@@ -751,6 +775,86 @@ def _grant(setting: _Setting) -> Grant:
             setting.source, setting.key, f"{where}: name what it grants rights on: workflows, tasks or queues = [...]"
         )
     return Grant(rights=rights, users=users, groups=groups, **objects)
+
+
+LISTEN_RULE = (
+    'a port ("5000", bound on 127.0.0.1), "IP:PORT" or "[IPv6]:PORT" such as "127.0.0.1:5000" or "[::1]:5000" '
+    "(0 picks a free port), or false for no TCP listener"
+)
+_LISTEN = re.compile(r"(?:(?P<v4>[0-9.]+)|\[(?P<v6>[0-9A-Fa-f:.]+)\]):(?P<port>[0-9]{1,5})")
+_SHA1_HEX = re.compile(r"[0-9a-fA-F]{40}")
+
+
+def _listen(setting: _Setting) -> tuple[str, int] | None:
+    """`[tcp] listen`: where evQueue clients connect; loopback unless an address is given."""
+    value = setting.value
+    if value is False:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise setting.expected(LISTEN_RULE)
+    if value.isdigit() and len(value) <= 5:
+        host, port_text = "127.0.0.1", value
+    else:
+        found = _LISTEN.fullmatch(value)
+        if found is None:
+            raise setting.invalid(f"{json.dumps(value)} is not allowed; allowed: {LISTEN_RULE}")
+        host, port_text = found["v4"] or found["v6"], found["port"]
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise setting.invalid(f"{json.dumps(host)} is not an IP address; allowed: {LISTEN_RULE}") from None
+        if (address.version == 6) != (found["v6"] is not None):
+            raise setting.invalid(f"{json.dumps(value)}: IPv6 addresses go in brackets; allowed: {LISTEN_RULE}")
+        host = str(address)
+    port = int(port_text)
+    if port > 65535:
+        raise setting.invalid(f"port {port} is out of range; allowed: 0 to 65535")
+    return host, port
+
+
+def _password_sha1(setting: _Setting) -> str:
+    if not isinstance(setting.value, str) or not _SHA1_HEX.fullmatch(setting.value):
+        raise setting.expected("the SHA-1 of the password as 40 hexadecimal digits (printf %s 'secret' | sha1sum)")
+    return setting.value.lower()
+
+
+def _group_names(setting: _Setting) -> frozenset[str]:
+    value = setting.value
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise setting.expected("an array of group names")
+    for name in value:
+        if not _NAME.fullmatch(name):
+            raise setting.invalid(f"invalid group name {json.dumps(name)}; allowed: {_NAME_RULE}")
+    return frozenset(value)
+
+
+def _tcp(table: _Table, users: Mapping[str, _Table]) -> TcpDef:
+    table.reject_unknown(TCP_KEYS)
+    default = TcpDef()
+    remote: dict[str, RemoteUser] = {}
+    for name, user in users.items():
+        _check_name(user)
+        user.reject_unknown(TCP_USER_KEYS)
+        remote[name] = RemoteUser(
+            name=name,
+            password_sha1=user.require("password_sha1", _password_sha1, "40 hexadecimal digits, SHA1(password)"),
+            groups=user.read("groups", _group_names, frozenset()),
+            admin=user.read("admin", _boolean, False),
+        )
+    login_delay = table.read("login_delay", _number(0), default.login_delay)
+    login_delay_max = table.read("login_delay_max", _number(0), default.login_delay_max)
+    if login_delay > login_delay_max:
+        raise table.settings["login_delay"].invalid(
+            f"{login_delay:g} is more than login_delay_max ({login_delay_max:g}); the delay doubles up to that cap"
+        )
+    return TcpDef(
+        listen=table.read("listen", _listen, default.listen),
+        login_delay=login_delay,
+        login_delay_max=login_delay_max,
+        users=MappingProxyType(remote),
+    )
 
 
 def _string_or_off(setting: _Setting) -> str | None:
@@ -985,6 +1089,7 @@ def _build(merged: _Merged, files: Sequence[Path]) -> Config:
         queues=MappingProxyType(queues),
         tasks=MappingProxyType(tasks),
         retry_schedules=MappingProxyType(retry_schedules),
+        tcp=_tcp(merged.tcp, merged.tcp_users),
         access=_access(merged.access, merged.grants),
         files=tuple(str(path) for path in files),
     )

@@ -179,6 +179,33 @@ class DaemonDef:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteUser:
+    """`[tcp.users.NAME]`: a login for evQueue clients on the TCP listener (docs/config.md)."""
+
+    name: str
+    password_sha1: str  # SHA1(password) as 40 lowercase hex digits: evQueue's stored form, the handshake's HMAC key
+    groups: frozenset[str] = frozenset()  # for grants, as a local user's groups
+    admin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TcpDef:
+    """`[tcp]`: the optional TCP listener for evQueue clients, with evQueue's challenge/HMAC-SHA1 login."""
+
+    listen: tuple[str, int] | None = None  # (IP address, port); None: no TCP listener (the default)
+    login_delay: float = 1.0  # seconds before the first failed login of an address is answered; doubles each time
+    login_delay_max: float = 30.0  # the cap of that delay
+    users: Mapping[str, RemoteUser] = field(default_factory=dict)
+
+    @property
+    def listen_text(self) -> str | None:
+        if self.listen is None:
+            return None
+        host, port = self.listen
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
 class RetryLevel:
     """One level of a named retry schedule: `times` more tries, each `delay` seconds after the last failure."""
 
@@ -254,6 +281,7 @@ class AccessDef:
 @dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonDef = DaemonDef()
+    tcp: TcpDef = TcpDef()
     queues: Mapping[str, QueueDef] = field(default_factory=dict)
     tasks: Mapping[str, TaskDef] = field(default_factory=dict)
     retry_schedules: Mapping[str, RetrySchedule] = field(default_factory=dict)

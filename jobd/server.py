@@ -4,7 +4,8 @@ The first byte a client sends picks the protocol: `{` or `[` is JSON-RPC 2.0 (`C
 protocol (the connection hands itself over to an `XmlConnection`). JSON requests on one connection run concurrently,
 so a `job.wait` does not hold up a `ping` sent after it; each answer carries the request's id. XML requests are
 answered strictly in order, as evQueue's clients expect. A second listener, `[daemon] evqueue_socket`, speaks XML
-from the start and greets every connection with `<ready …/>`.
+from the start and greets every connection with `<ready …/>`. The optional TCP listener, `[tcp] listen`, speaks XML
+too, after evQueue's challenge / HMAC-SHA1 login (`TcpXmlConnection`, `jobd.protocol.evqueue_auth`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jobd.engine.submit import Peer, identify_peer
 from jobd.errors import FrameTooLarge, InvalidRequest, InvalidXml, JobdError, StartupError, TooManyConnections
 from jobd.linux import peer_credentials
 from jobd.model import Right
-from jobd.protocol import evqueue, jsonrpc
+from jobd.protocol import evqueue, evqueue_auth, jsonrpc
 
 log = logging.getLogger("jobd.server")
 
@@ -48,6 +49,9 @@ def _keepalive_interval() -> float:
 # Seconds between two `<ping />` written to an XML client while its request waits (evQueue's dpd.interval).
 EVQUEUE_KEEPALIVE_INTERVAL: Final = _keepalive_interval()
 
+# Seconds a TCP client has to log in after the challenge (evQueue's network.rcv.timeout); then it is disconnected.
+LOGIN_TIMEOUT: Final = 30.0
+
 
 class Server:
     def __init__(self, api: Api, path: str) -> None:
@@ -57,6 +61,10 @@ class Server:
         self.evqueue = EvQueue(api)
         self._server: asyncio.AbstractServer | None = None
         self._evqueue_server: asyncio.AbstractServer | None = None
+        self.tcp_listen = api.engine.config.tcp.listen  # None: no TCP listener; a change needs a restart
+        self.tcp_address: tuple[str, int] | None = None  # where the TCP listener is bound (port 0 resolved)
+        self._tcp_server: asyncio.AbstractServer | None = None
+        self.login_throttle = evqueue_auth.LoginThrottle()
         self.connections: set[Connection | XmlConnection] = set()
 
     async def bind(self) -> None:
@@ -64,12 +72,28 @@ class Server:
         self._server = await _bind_unix(self.path, lambda: Connection(self))
         if self.evqueue_path is not None:
             self._evqueue_server = await _bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True))
+        if self.tcp_listen is not None:
+            await self._bind_tcp(*self.tcp_listen)
+
+    async def _bind_tcp(self, host: str, port: int) -> None:
+        try:
+            self._tcp_server = await asyncio.get_running_loop().create_server(
+                lambda: TcpXmlConnection(self), host, port, start_serving=False, reuse_address=True
+            )
+        except OSError as error:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise StartupError(f"cannot listen for evQueue clients on TCP {where} ([tcp] listen): {reason}") from None
+        bound = self._tcp_server.sockets[0].getsockname()
+        self.tcp_address = (str(bound[0]), int(bound[1]))
 
     async def start_serving(self) -> None:
         assert self._server is not None
         await self._server.start_serving()
         if self._evqueue_server is not None:
             await self._evqueue_server.start_serving()
+        if self._tcp_server is not None:
+            await self._tcp_server.start_serving()
 
     async def stop_listening(self) -> None:
         for server, path in ((self._server, self.path), (self._evqueue_server, self.evqueue_path)):
@@ -77,6 +101,8 @@ class Server:
                 server.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+        if self._tcp_server is not None:
+            self._tcp_server.close()
 
     async def close_connections(self) -> None:
         for connection in list(self.connections):
@@ -601,3 +627,103 @@ class XmlConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.transport.abort()
+
+
+class TcpXmlConnection(XmlConnection):
+    """An evQueue client on the TCP listener: challenge, `<auth>`, then an XmlConnection as the login's Peer.
+
+    Until the login succeeds the peer is nobody (uid -1, no rights) and the only request read is the first: an
+    `<auth response user/>` checked against `[tcp.users]`, or anything else, answered "Expected 'auth' node"
+    before closing. A failed login is answered "Invalid authentication" only after the source address's current
+    delay (a timer; `LoginThrottle`), then the connection closes. Logins apply the `[tcp]` of the running
+    configuration, so a reload changes who may log in from the next connection on.
+    """
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server, greet=False)
+        self._challenge = evqueue_auth.new_challenge()
+        self._logged_in = False
+        self._failing = False  # a failed login waits for its delay: nothing more is read
+        self._address = "?"
+        self._timer: asyncio.TimerHandle | None = None  # the login deadline, then a failed login's delay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.set_write_buffer_limits(high=MAX_UNSENT)
+        peer_name = transport.get_extra_info("peername")
+        self._address = str(peer_name[0]) if peer_name else "?"
+        self.adopt(transport, self.peer)
+        self._send(evqueue_auth.challenge_document(self.evqueue.node, self._challenge))
+        self._timer = asyncio.get_running_loop().call_later(LOGIN_TIMEOUT, self._login_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def _answer_backlog(self) -> None:
+        if self._logged_in:
+            super()._answer_backlog()
+            return
+        if self._failing or self.transport.is_closing():
+            return
+        if not self._backlog:
+            if self._input_ended:
+                self.transport.close()
+            return
+        item = self._backlog.popleft()
+        if isinstance(item, JobdError):  # a framing error: answered at once, like any request that is no <auth>
+            self._refuse_login(item)
+            return
+        self._backlog_bytes -= len(item)
+        self._log_in(item)
+
+    def _log_in(self, document: bytes) -> None:
+        try:
+            request = evqueue.parse_request(document)
+        except JobdError as failure:
+            self._refuse_login(failure)
+            return
+        if request.group != "auth":
+            self._refuse_login(evqueue_auth.AuthError(evqueue_auth.EXPECTED_AUTH))
+            return
+        tcp = self.server.api.engine.config.tcp
+        login = request.attributes.get("user", "")
+        user = tcp.users.get(login)
+        if evqueue_auth.verify(user, self._challenge, request.attributes.get("response", "")):
+            assert user is not None
+            self._logged_in = True
+            self._cancel_timer()
+            self.server.login_throttle.succeeded(self._address)
+            self.peer = Peer(uid=-1, gid=-1, pid=0, is_admin=user.admin, user=user.name, groups=user.groups)
+            log.info("evQueue login as %s from %s (%s)", user.name, self._address, "ADMIN" if user.admin else "USER")
+            self._send(self.evqueue.greeting(self.peer))
+            super()._answer_backlog()  # requests sent right after the <auth>, if any
+            return
+        loop = asyncio.get_running_loop()
+        delay = self.server.login_throttle.failed(self._address, loop.time(), tcp.login_delay, tcp.login_delay_max)
+        log.warning("failed evQueue login as %r from %s; answered in %g s", login[:64], self._address, delay)
+        self._failing = True
+        self._refusing = True  # what the client sends meanwhile is not read as requests
+        self._backlog.clear()
+        self.transport.pause_reading()
+        self._cancel_timer()
+        error = evqueue_auth.AuthError(evqueue_auth.INVALID_AUTHENTICATION)
+        self._timer = loop.call_later(delay, self._refuse_login, error)
+
+    def _refuse_login(self, failure: JobdError) -> None:
+        """Answer the error and close: evQueue ends a connection whose login failed."""
+        self._cancel_timer()
+        self._refusing = True
+        self._backlog.clear()
+        self._send(self.evqueue.error(failure))
+        self._lingering_close()
+
+    def _login_timed_out(self) -> None:
+        self._timer = None
+        log.debug("evQueue client at %s did not log in within %g s; disconnecting", self._address, LOGIN_TIMEOUT)
+        self.transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
