@@ -712,10 +712,7 @@ def audit_list(api: Api, session: Session, p: Params) -> Any:
         limit=limit,
     )
     p.done()
-    if not session.peer.is_admin:
-        raise InsufficientRights(
-            f"{p.method}: uid {session.peer.uid} may not read the audit log: that is for admins", missing="admin"
-        )
+    access.require_admin(session.peer, "read the audit log")
     entries = api.engine.store.audit_entries(where)
     return {
         "entries": [entry.to_json() for entry in entries],

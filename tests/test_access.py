@@ -231,3 +231,9 @@ def test_identify_peer_admins_by_name_and_group() -> None:
     group = grp.getgrgid(nobody.pw_gid).gr_name
     assert identify_peer(0, nobody.pw_uid, nobody.pw_gid, AccessDef(admin_users=frozenset({"nobody"}))).is_admin
     assert identify_peer(0, nobody.pw_uid, nobody.pw_gid, AccessDef(admin_groups=frozenset({group}))).is_admin
+
+
+def test_docs_describe_every_access_key() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    keys = config.ACCESS_KEYS + config.ADMINS_KEYS + config.GRANT_KEYS + tuple(str(right) for right in Right)
+    assert [key for key in keys if f"`{key}`" not in text and f'`"{key}"`' not in text] == []

@@ -1,0 +1,387 @@
+"""Rights for real: unprivileged users created for the session (useradd), connecting to a real jobd through its real
+sockets as themselves (setpriv), in both protocols; and jobctl run as them.
+
+The users: alice (read and exec on task `report` and workflows `wf-*`), bob (no grant of his own; his supplementary
+group jobdtest-ops has read, kill and edit on queue `ops`), carol (nothing), and dave (an admin through his
+supplementary group jobdtest-admins).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from harness import REPO, Daemon
+from lxml import etree
+
+from jobd.protocol.evqueue import XmlFramer
+
+PREFIX = "jobdtest-"
+USERS = ("alice", "bob", "carol", "dave")
+GROUPS = {"ops": ("bob",), "admins": ("dave",)}
+DEADLINE = 60
+PYTHON = (sys.executable, "-c")
+
+WORKFLOW = b"""<workflow>
+  <subjobs><job name="one"><tasks><task task="report" name="report"/></tasks></job></subjobs>
+</workflow>
+"""
+SLOW_WORKFLOW = b"""<workflow>
+  <subjobs><job name="one"><tasks><task task="slow" name="slow"/></tasks></job></subjobs>
+</workflow>
+"""
+
+CONFIG = f"""
+[queue.default]
+concurrency = 4
+
+[queue.ops]
+concurrency = 4
+
+[task.report]
+command = ["/bin/echo", "report"]
+
+[task.secret]
+command = ["/bin/echo", "secret"]
+
+[task.slow]
+command = ["/bin/sleep", "60"]
+queue = "ops"
+
+[access]
+admins = {{ users = ["root"], groups = ["{PREFIX}admins"] }}
+
+[[access.grant]]
+users = ["{PREFIX}alice"]
+rights = ["read", "exec"]
+tasks = ["report"]
+workflows = ["wf-*"]
+
+[[access.grant]]
+groups = ["{PREFIX}ops"]
+rights = ["read", "kill", "edit"]
+queues = ["ops"]
+"""
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=DEADLINE)
+
+
+def _remove() -> None:
+    for user in USERS:
+        subprocess.run(["userdel", PREFIX + user], capture_output=True, timeout=DEADLINE)
+    for group in (*GROUPS, *USERS):
+        subprocess.run(["groupdel", PREFIX + group], capture_output=True, timeout=DEADLINE)
+
+
+@pytest.fixture(scope="session")
+def users() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """The test users and groups, created for the session and removed at its end (the suite runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating users needs root")
+    _remove()  # left over by an interrupted run
+    for group in GROUPS:
+        _run("groupadd", PREFIX + group)
+    for user in USERS:
+        supplementary = [PREFIX + group for group, members in GROUPS.items() if user in members]
+        extra = ["-G", ",".join(supplementary)] if supplementary else []
+        _run("useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", *extra, PREFIX + user)
+    try:
+        yield {user: pwd.getpwnam(PREFIX + user) for user in USERS}
+    finally:
+        _remove()
+
+
+@pytest.fixture
+def jobd(make_daemon: Any, users: dict[str, pwd.struct_passwd]) -> Daemon:
+    daemon: Daemon = make_daemon(CONFIG, start=False)
+    workflows = daemon.config_dir / "workflows"
+    workflows.mkdir()
+    (workflows / "wf-a.xml").write_bytes(WORKFLOW)
+    (workflows / "wf-slow.xml").write_bytes(SLOW_WORKFLOW)
+    (workflows / "other.xml").write_bytes(WORKFLOW)
+    daemon.start()
+    # tmp_path is 0700: clients start in the daemon's directory (a+x) and use relative paths; both sockets open.
+    daemon.root.chmod(0o755)
+    for path in (daemon.socket_path, daemon.evqueue_socket):
+        path.chmod(0o666)
+    return daemon
+
+
+def as_user(daemon: Daemon, account: pwd.struct_passwd, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run argv as the user, with the supplementary groups of the group database (--init-groups)."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups", *argv],
+        cwd=daemon.root,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+
+
+JSON_CLIENT = """
+import json, sys
+from jobd.client import Client, RemoteError
+out = []
+with Client("jobd.sock") as client:
+    for method, params in json.loads(sys.argv[1]):
+        try:
+            out.append({"result": client.call(method, params, timeout=30)})
+        except RemoteError as error:
+            out.append({"code": error.data.get("code"), "missing": error.data.get("missing"), "message": error.message})
+print(json.dumps(out))
+"""
+
+XML_CLIENT = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect("evqueue.sock")
+sock.sendall(sys.argv[1].encode() + b"<quit/>")
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+sys.stdout.buffer.write(data)
+"""
+
+
+def calls(daemon: Daemon, account: pwd.struct_passwd, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    done = as_user(daemon, account, [sys.executable, "-c", JSON_CLIENT, json.dumps(requests)])
+    assert done.returncode == 0, done.stderr
+    answers: list[Any] = json.loads(done.stdout)
+    return answers
+
+
+def xml_session(daemon: Daemon, account: pwd.struct_passwd, requests: str) -> list[etree._Element]:
+    """The greeting, then one answer per request, as `account` on the evQueue socket."""
+    done = as_user(daemon, account, [sys.executable, "-c", XML_CLIENT, requests])
+    assert done.returncode == 0, done.stderr
+    return [etree.fromstring(document) for document in XmlFramer().feed(done.stdout.encode())]
+
+
+def outcome(answer: dict[str, Any]) -> str:
+    """ "ok", or the right an INSUFFICIENT_RIGHTS refusal names as missing (any other error fails the test)."""
+    if "result" in answer:
+        return "ok"
+    assert answer["code"] == "INSUFFICIENT_RIGHTS", answer
+    assert f"the {answer['missing']} right is missing" in answer["message"], answer
+    return str(answer["missing"])
+
+
+def test_the_peer_is_identified_with_its_supplementary_groups(jobd: Daemon, users: dict[str, Any]) -> None:
+    # bob's only grant comes through jobdtest-ops, a supplementary group: he sees queue ops, alice does not.
+    assert grp.getgrnam(PREFIX + "ops").gr_mem == [PREFIX + "bob"]
+    assert users["bob"].pw_gid != grp.getgrnam(PREFIX + "ops").gr_gid
+    queues = {user: calls(jobd, users[user], [("queue.list", {})])[0]["result"]["queues"] for user in USERS}
+    assert [q["name"] for q in queues["bob"]] == ["ops"]
+    assert queues["alice"] == [] and queues["carol"] == []
+    assert sorted(q["name"] for q in queues["dave"]) == ["default", "ops"]  # admin through a supplementary group
+
+
+def test_json_rpc_matrix_of_users_rights_and_methods(jobd: Daemon, users: dict[str, Any]) -> None:
+    report = jobd.submit(task="report")
+    secret = jobd.submit(task="secret")
+    slow = jobd.submit(task="slow")
+    jobd.wait(report["id"])
+    instance = jobd.call("instance.launch", {"workflow": "wf-a"})
+    # Each request, then what alice, bob and carol get: "ok" or the right INSUFFICIENT_RIGHTS names as missing.
+    matrix: list[tuple[str, dict[str, Any], str, str, str]] = [
+        ("job.submit", {"task": "report"}, "ok", "exec", "exec"),
+        ("job.submit", {"task": "secret"}, "exec", "exec", "exec"),
+        ("job.submit", {"task": "report", "queue": "ops"}, "exec", "exec", "exec"),  # another queue: exec on it
+        ("job.submit", {"command": ["/bin/true"]}, "admin", "admin", "admin"),
+        ("job.submit", {"task": "report", "env": {"X": "1"}}, "admin", "admin", "admin"),
+        ("job.get", {"id": report["id"]}, "ok", "read", "read"),
+        ("job.output", {"id": report["id"]}, "ok", "read", "read"),
+        ("job.wait", {"id": report["id"], "timeout": 0}, "ok", "read", "read"),
+        ("job.get", {"id": secret["id"]}, "read", "read", "read"),
+        ("job.get", {"id": slow["id"]}, "read", "ok", "read"),  # bob: his supplementary group's queue
+        ("job.cancel", {"id": report["id"]}, "kill", "kill", "kill"),  # refused before JOB_FINISHED
+        ("queue.pause", {"name": "ops"}, "edit", "ok", "edit"),
+        ("queue.resume", {"name": "ops"}, "edit", "ok", "edit"),
+        ("queue.pause", {"name": "default"}, "edit", "edit", "edit"),
+        ("daemon.reload", {}, "admin", "admin", "admin"),
+        ("workflow.get", {"name": "wf-a"}, "ok", "read", "read"),
+        ("workflow.get", {"name": "other"}, "read", "read", "read"),
+        ("workflow.get", {"name": "no-such"}, "read", "read", "read"),  # rights before names
+        ("instance.get", {"id": instance["id"]}, "ok", "read", "read"),
+        ("instance.wait", {"id": instance["id"], "timeout": 0}, "ok", "read", "read"),
+        ("instance.cancel", {"id": instance["id"]}, "kill", "kill", "kill"),
+        ("instance.debug_resume", {"id": instance["id"]}, "ok", "read", "read"),
+        ("instance.launch", {"workflow": "wf-a"}, "ok", "exec", "exec"),
+        ("instance.launch", {"workflow": "other"}, "exec", "exec", "exec"),
+        ("instance.launch", {"workflow": "wf-a", "user": "root"}, "admin", "exec", "exec"),
+        ("audit.list", {}, "admin", "admin", "admin"),
+        ("ping", {}, "ok", "ok", "ok"),
+    ]
+    requests = [(method, params) for method, params, *_ in matrix]
+    for column, user in enumerate(("alice", "bob", "carol"), start=2):
+        got = [outcome(answer) for answer in calls(jobd, users[user], requests)]
+        wanted = [row[column] for row in matrix]
+        assert got == wanted, (user, [(r[0], g, w) for r, g, w in zip(matrix, got, wanted, strict=True) if g != w])
+    # The admin (through a supplementary group) passes every check: what is left are the engine's own answers.
+    admin_answers = calls(jobd, users["dave"], requests)
+    errors = {
+        method: answer["code"] for (method, _), answer in zip(requests, admin_answers, strict=True) if "code" in answer
+    }
+    assert errors == {
+        "job.cancel": "JOB_FINISHED",
+        "workflow.get": "UNKNOWN_WORKFLOW",
+        "instance.cancel": "INVALID_PARAMS",
+    }
+    # bob, through his group's kill right on queue ops, cancels the slow job.
+    assert calls(jobd, users["bob"], [("job.cancel", {"id": slow["id"]})])[0]["result"]["state"] == "cancelled"
+
+
+def test_lists_show_only_what_a_user_may_read(jobd: Daemon, users: dict[str, Any]) -> None:
+    report = jobd.submit(task="report")
+    jobd.submit(task="secret")
+    slow = jobd.submit(task="slow")
+    ad_hoc = jobd.submit(command=["/bin/true"], queue="ops")  # an ad-hoc job: readable through its queue
+    jobd.call("instance.launch", {"workflow": "wf-a"})
+    jobd.call("instance.launch", {"workflow": "other"})
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("job.list", {}),
+        ("instance.list", {}),
+        ("workflow.list", {}),
+        ("schedule.list", {}),
+        ("daemon.status", {}),
+    ]
+    seen = {user: [a["result"] for a in calls(jobd, users[user], requests)] for user in ("alice", "bob", "carol")}
+    alice, bob, carol = seen["alice"], seen["bob"], seen["carol"]
+    assert {job["task"] for job in alice[0]["jobs"]} == {"report"}  # its own submits and the workflow's tasks
+    assert report["id"] in {job["id"] for job in alice[0]["jobs"]}
+    assert {job["id"] for job in bob[0]["jobs"]} == {slow["id"], ad_hoc["id"]}
+    assert carol[0]["jobs"] == []
+    assert {i["workflow"] for i in alice[1]["instances"]} == {"wf-a"} and alice[1]["total"] == 1
+    assert bob[1] == {"instances": [], "total": 0, "next_before": None}
+    assert [w["name"] for w in alice[2]["workflows"]] == ["wf-a", "wf-slow"]
+    assert bob[2]["workflows"] == [] and carol[2]["workflows"] == []
+    assert [q["name"] for q in bob[4]["queues"]] == ["ops"] and alice[4]["queues"] == []
+    assert "config_files" not in alice[4]
+    assert {job["task"] for job in jobd.call("job.list", {})["jobs"]} == {"report", "secret", "slow", None}
+
+
+def test_events_reach_only_subscribers_who_may_read_the_job(jobd: Daemon, users: dict[str, Any]) -> None:
+    program = """
+import json, sys
+from jobd.client import Client
+with Client("jobd.sock") as client:
+    client.call("events.subscribe", {"types": ["job.state"]})
+    print("subscribed", flush=True)
+    sys.stdin.readline()  # the test submits its jobs, then tells us to look
+    seen = []
+    while True:
+        event = client.next_event(timeout=30)
+        seen.append([event["job"]["task"], event["job"]["state"]])
+        if event["job"]["task"] == "report" and event["job"]["state"] == "succeeded":
+            break
+print(json.dumps(seen))
+"""
+    account = users["alice"]
+    process = subprocess.Popen(
+        [*("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups"), *PYTHON, program],
+        cwd=jobd.root,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline().strip() == "subscribed"
+        jobd.wait(jobd.submit(task="secret")["id"])  # before the report job: alice must not see it
+        jobd.wait(jobd.submit(task="report")["id"])
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        out, err = process.communicate(timeout=DEADLINE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    seen = json.loads(out)
+    assert {task for task, _ in seen} == {"report"}, seen
+
+
+def test_evqueue_protocol_matrix(jobd: Daemon, users: dict[str, Any]) -> None:
+    instance = jobd.call("instance.launch", {"workflow": "wf-a"})
+    jobd.call("instance.wait", {"id": instance["id"], "timeout": 30}, timeout=40)
+    running = jobd.call("instance.launch", {"workflow": "wf-slow"})
+    requests = [
+        '<instance action="launch" name="wf-a"/>',
+        '<instance action="launch" name="other"/>',
+        f'<instance action="query" id="{instance["id"]}"/>',
+        f'<instance action="cancel" id="{running["id"]}"/>',
+        f'<instance action="delete" id="{instance["id"]}"/>',
+        '<workflow action="get" name="wf-a"/>',
+        '<workflow action="get" name="other"/>',
+        '<control action="reload"/>',
+        '<status action="query" type="configuration"/>',
+        '<statistics action="query" type="global"/>',
+        "<ping/>",
+    ]
+    expected = {
+        "alice": "OK exec OK kill admin OK read admin admin OK OK",
+        "carol": "exec exec read kill admin read read admin admin OK OK",
+        "dave": "OK OK OK OK OK OK OK OK OK OK OK",
+    }
+    for user, wanted in expected.items():
+        greeting, *answers = xml_session(jobd, users[user], "".join(requests[:-4] + requests[-3:]))
+        assert greeting.tag == "ready" and greeting.get("profile") == ("ADMIN" if user == "dave" else "USER")
+        got = []
+        for answer in answers:
+            if answer.get("status") == "OK":
+                got.append("OK")
+                continue
+            assert answer.get("error-code") == "INSUFFICIENT_RIGHTS", etree.tostring(answer)
+            error = answer.get("error") or ""
+            got.append(error.split("the ")[-1].split(" right is missing")[0])
+        wanted_list = wanted.split()
+        assert got == wanted_list[:-4] + wanted_list[-3:], (user, got)
+
+
+def test_evqueue_lists_are_filtered(jobd: Daemon, users: dict[str, Any]) -> None:
+    jobd.call("instance.launch", {"workflow": "wf-a"})
+    jobd.call("instance.launch", {"workflow": "other"})
+    requests = (
+        '<workflows action="list"/><instances action="list"/><queuepool action="list"/>'
+        '<statistics action="query" type="queue"/><status action="query" type="workflows"/>'
+    )
+    _, workflows, instances, pool, statistics, status = xml_session(jobd, users["alice"], requests)
+    assert [w.get("name") for w in workflows] == ["wf-a", "wf-slow"]
+    assert {i.get("name") for i in instances} == {"wf-a"} and instances.get("rows") == "1"
+    assert len(pool) == 0 and len(statistics[0]) == 0
+    assert {w.get("name") for w in status} <= {"wf-a"}
+    _, workflows, instances, pool, statistics, _ = xml_session(jobd, users["bob"], requests)
+    assert len(workflows) == 0 and instances.get("rows") == "0"
+    assert [q.get("name") for q in pool] == ["ops"] and [q.get("name") for q in statistics[0]] == ["ops"]
+
+
+def test_jobctl_as_users(jobd: Daemon, users: dict[str, Any]) -> None:
+    def jobctl(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return as_user(jobd, users[user], [sys.executable, "-m", "jobd.jobctl", "--socket", "jobd.sock", *args])
+
+    refused = jobctl("alice", "run", "--", "/bin/true")
+    assert refused.returncode == 1, refused
+    assert "INSUFFICIENT_RIGHTS" in refused.stderr or "may not run ad-hoc commands" in refused.stderr, refused
+    submitted = jobctl("alice", "--json", "submit", "report")
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert jobctl("alice", "wait", str(job["id"])).returncode == 0
+    carol = jobctl("carol", "status", str(job["id"]))
+    assert carol.returncode == 1 and "read right is missing" in carol.stderr, carol
+    assert jobctl("carol", "reload").returncode == 1
+    assert jobctl("bob", "pause", "ops").returncode == 0
+    paused = jobctl("alice", "pause", "ops")
+    assert paused.returncode == 1 and "edit right is missing" in paused.stderr, paused
+    assert jobctl("dave", "resume", "ops").returncode == 0
