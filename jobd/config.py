@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import inotify_simple
 
-from jobd import workflowdef
+from jobd import users, workflowdef
 from jobd.engine.schedule import Calendar
 from jobd.errors import ConfigError
 from jobd.model import (
@@ -73,6 +73,9 @@ DAEMON_KEYS = (
     "history",
     "kill_grace",
     "max_output",
+    "default_user",
+    "socket_group",
+    "socket_mode",
     "max_connections",
 )
 HISTORY_KEYS = ("keep_days", "keep_last")
@@ -92,6 +95,9 @@ TASK_KEYS = (
     "kill_grace",
     "retry",
     "max_output",
+    "user",
+    "group",
+    "run_as",
 )
 RETRY_KEYS = ("times", "delay", "backoff", "on_exit_codes")
 RETRY_SCHEDULE_KEYS = ("levels",)
@@ -1068,8 +1074,100 @@ def _check_name(table: _Table) -> None:
         )
 
 
+# --- run as: users and groups, which must exist when the configuration loads -----------------------------------
+
+RUN_AS_CALLER = "caller"
+
+
+def _user(setting: _Setting) -> tuple[str, int, int]:
+    name = _string(setting)
+    try:
+        uid, gid = users.user_ids(name)
+    except KeyError:
+        raise setting.invalid(
+            f"there is no user {json.dumps(name)} on this system; allowed: an existing user"
+        ) from None
+    return name, uid, gid
+
+
+def _group(setting: _Setting) -> tuple[str, int]:
+    name = _string(setting)
+    try:
+        return name, users.group_id(name)
+    except KeyError:
+        raise setting.invalid(
+            f"there is no group {json.dumps(name)} on this system; allowed: an existing group"
+        ) from None
+
+
+def _socket_mode(setting: _Setting) -> int:
+    value = setting.value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise setting.expected("permission bits from 0 to 0o777, written in octal such as 0o660")
+    return value
+
+
+def _daemon_run_as(table: _Table, daemon: DaemonDef) -> DaemonDef:
+    """`default_user` (tasks that name no user run as it), `socket_group` and `socket_mode`."""
+    setting = table.settings.get("default_user")
+    if setting is not None:
+        name, uid, gid = _user(setting)
+        default: tuple[str | None, int | None, int | None] = (name, uid, gid)
+    elif os.geteuid() == 0:  # never root unless configured so
+        try:
+            uid, gid = users.user_ids(users.NOBODY)
+        except KeyError:
+            where = table.source.path if table.source is not None else "[daemon]"
+            raise ConfigError(
+                f"{where}: daemon.default_user is not set and there is no user {users.NOBODY} to run tasks as; "
+                "set default_user to an existing unprivileged user",
+                file=str(table.source.path) if table.source is not None else None,
+                line=None,
+                key="daemon.default_user",
+            ) from None
+        default = (users.NOBODY, uid, gid)
+    else:  # an unprivileged jobd can run jobs only as itself
+        default = (None, None, None)
+    return dataclasses.replace(
+        daemon,
+        default_user=default[0],
+        default_uid=default[1],
+        default_gid=default[2],
+        socket_group=table.read("socket_group", _string, daemon.socket_group),
+        socket_mode=table.read("socket_mode", _socket_mode, daemon.socket_mode),
+    )
+
+
+def _task_run_as(table: _Table, daemon: DaemonDef, task: TaskDef) -> TaskDef:
+    """`user`, `group` and `run_as` of a task, resolved to the uid and gid its jobs run as."""
+    run_as = table.settings.get("run_as")
+    if run_as is not None:
+        if run_as.value != RUN_AS_CALLER:
+            raise run_as.invalid(f"{_show(run_as.value)} is not allowed; allowed: {json.dumps(RUN_AS_CALLER)}")
+        for name in ("user", "group"):
+            if name in table.settings:
+                raise run_as.invalid(
+                    f'run_as = "caller" runs the task as whoever submits it: it cannot be combined with {name}'
+                )
+        return dataclasses.replace(task, run_as_caller=True)
+    user = table.read("user", _user, None)
+    group = table.read("group", _group, None)
+    uid, gid = (user[1], user[2]) if user is not None else (daemon.default_uid, daemon.default_gid)
+    if group is not None:
+        gid = group[1]
+        if uid is None:  # jobd's own user, with another group
+            uid = os.geteuid()
+    return dataclasses.replace(
+        task,
+        user=user[0] if user is not None else daemon.default_user,
+        group=group[0] if group is not None else None,
+        uid=uid,
+        gid=gid,
+    )
+
+
 def _build(merged: _Merged, files: Sequence[Path]) -> Config:
-    daemon = _daemon(merged.daemon)
+    daemon = _daemon_run_as(merged.daemon, _daemon(merged.daemon))
     queues: dict[str, QueueDef] = {}
     if DEFAULT_QUEUE not in merged.queues:
         queues[DEFAULT_QUEUE] = QueueDef(DEFAULT_QUEUE)
@@ -1079,7 +1177,7 @@ def _build(merged: _Merged, files: Sequence[Path]) -> Config:
     tasks: dict[str, TaskDef] = {}
     for name, table in merged.tasks.items():
         _check_name(table)
-        tasks[name] = _task(table, daemon, queues)
+        tasks[name] = _task_run_as(table, daemon, _task(table, daemon, queues))
     retry_schedules: dict[str, RetrySchedule] = {}
     for name, table in merged.retry_schedules.items():
         _check_name(table)

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -98,6 +99,35 @@ def _lock_state_dir(state_dir: str) -> int:
     return fd
 
 
+# What may be at most allowed on the state directory's entries (docs/config.md, "Files and sockets"): nobody but
+# jobd's user (and, for directories and output, its group) may read job output, scripts or the database.
+STATE_MODES = {".": 0o750, "output": 0o750, "scripts": 0o700}
+DATABASE_MODE = 0o600
+DATABASE = "jobd.sqlite3"
+
+
+def _secure_state_dir(state_dir: str) -> None:
+    """Tighten what an older jobd, or an administrator's umask, left more open; create the database file 0600 (its
+    WAL and shared-memory files take its mode from SQLite)."""
+    for name, most in STATE_MODES.items():
+        _tighten(os.path.join(state_dir, name), most)
+    database = os.path.join(state_dir, DATABASE)
+    os.close(os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, DATABASE_MODE))
+    for suffix in ("", "-wal", "-shm"):
+        _tighten(database + suffix, DATABASE_MODE)
+
+
+def _tighten(path: str, most: int) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & ~most and not stat.S_ISLNK(info.st_mode):
+        log.warning("%s was mode %04o; tightening it to %04o", path, mode, mode & most)
+        os.chmod(path, mode & most)
+
+
 class Daemon:
     def __init__(self, dirs: Sequence[str], initial: Config) -> None:
         self.dirs = list(dirs)
@@ -108,6 +138,7 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         state_dir = initial.daemon.state_dir
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        _secure_state_dir(state_dir)
         self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()

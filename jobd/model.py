@@ -157,6 +157,13 @@ class TaskDef:
     kill_grace: float = DEFAULT_KILL_GRACE
     retry: RetryPolicy = RetryPolicy()
     max_output: int = DEFAULT_MAX_OUTPUT
+    # Who the process runs as (docs/config.md, "Run as"): the names as configured, and the ids they resolved to when
+    # the configuration loaded (the [daemon] default_user already applied). uid None: jobd's own user.
+    user: str | None = None
+    group: str | None = None
+    run_as_caller: bool = False  # run_as = "caller": the uid and gid of whoever submits the job
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +183,13 @@ class DaemonDef:
     history: History = History()
     kill_grace: float = DEFAULT_KILL_GRACE
     max_output: int = DEFAULT_MAX_OUTPUT
+    # Whom tasks run as when they name no user: the name as configured (None: not set, so "nobody" when jobd runs
+    # as root and jobd's own user otherwise) and the ids it resolved to (None: jobd's own user).
+    default_user: str | None = None
+    default_uid: int | None = None
+    default_gid: int | None = None
+    socket_group: str = "jobd"  # group of the API sockets; jobd's own group (and a warning) if it does not exist
+    socket_mode: int = 0o660
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,13 @@ class LaunchSpec:
     log_path: str
     max_output: int
     merge_stderr: bool = False  # the child's stderr is its stdout (2>&1)
+    # Another user than jobd's to run as (None: jobd's own): uid, gid and supplementary groups (initgroups' list).
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+    # argv[0] lies in jobd's state directory, which the user cannot enter: jobd opens it, gives the file to the
+    # user (chown, mode 0500) and the child executes it through /proc/self/fd (a script's interpreter reads it there).
+    program_by_fd: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +314,12 @@ class Child:
     ) -> Child:
         if _slot_devnull is None:
             raise RuntimeError("proc.reserve_progress_fd() must be called before spawning")
+        if spec.uid is not None and os.geteuid() != 0:
+            raise SpawnError(
+                f"jobd runs as uid {os.geteuid()}, not as root, so it can run jobs only as itself, "
+                f"not as uid {spec.uid} gid {spec.gid}; run jobd as root or set the task's user to jobd's",
+                transient=False,
+            )
         parent_ends: list[int] = []  # ours; closed again if the spawn fails
         child_ends: list[int] = []  # the child's copies; always closed here once it has them
         opened: list[_OutputSink | _ProgressReader] = []
@@ -409,20 +422,44 @@ def _stdin_fd(data: bytes | None) -> int:
 
 def _popen_with_fd3(spec: LaunchSpec, stdin_fd: int, out_w: int, err_w: int, log_w: int) -> subprocess.Popen[bytes]:
     assert _slot_devnull is not None
+    argv = list(spec.argv)
+    pass_fds = [PROGRESS_FD]
+    program_fd = _open_program_for(spec) if spec.program_by_fd else None
+    if program_fd is not None:
+        argv[0] = f"/proc/self/fd/{program_fd}"
+        pass_fds.append(program_fd)
     os.dup2(log_w, PROGRESS_FD)
     try:
         return subprocess.Popen(
-            list(spec.argv),
+            argv,
             stdin=stdin_fd,
             stdout=out_w,
             stderr=err_w,
-            pass_fds=(PROGRESS_FD,),
+            pass_fds=pass_fds,
             cwd=spec.cwd,
             env=dict(spec.env),
             process_group=0,
+            # setgroups, setregid, setreuid in the child, in that order, after the fork and before the exec
+            user=spec.uid,
+            group=spec.gid,
+            extra_groups=list(spec.groups) if spec.uid is not None else None,
         )
     finally:
         os.dup2(_slot_devnull, PROGRESS_FD, inheritable=False)
+        if program_fd is not None:
+            os.close(program_fd)
+
+
+def _open_program_for(spec: LaunchSpec) -> int:
+    fd = os.open(spec.argv[0], os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        if spec.uid is not None:
+            os.fchown(fd, spec.uid, spec.gid if spec.gid is not None else -1)
+        os.fchmod(fd, 0o500)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _describe_spawn_error(spec: LaunchSpec, exc: OSError) -> str:

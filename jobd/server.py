@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+from jobd import users
 from jobd.api import Api
 from jobd.api_evqueue import EvQueue
 from jobd.engine import access
@@ -69,11 +70,27 @@ class Server:
 
     async def bind(self) -> None:
         """Create the listening sockets; clients are taken only from `start_serving()` on."""
-        self._server = await _bind_unix(self.path, lambda: Connection(self))
+        access = self._socket_access()
+        self._server = await _bind_unix(self.path, lambda: Connection(self), *access)
         if self.evqueue_path is not None:
-            self._evqueue_server = await _bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True))
+            self._evqueue_server = await _bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True), *access)
         if self.tcp_listen is not None:
             await self._bind_tcp(*self.tcp_listen)
+
+    def _socket_access(self) -> tuple[int, int | None]:
+        """The sockets' mode and group: `[daemon] socket_mode` and `socket_group` (None: jobd's own group)."""
+        daemon = self.api.engine.config.daemon
+        try:
+            gid: int | None = users.group_id(daemon.socket_group)
+        except KeyError:
+            log.warning(
+                "[daemon] socket_group: there is no group %s; the sockets keep jobd's own group (gid %d), "
+                "so only its members can connect (create the group, or set socket_group)",
+                daemon.socket_group,
+                os.getegid(),
+            )
+            gid = None
+        return daemon.socket_mode, gid
 
     async def _bind_tcp(self, host: str, port: int) -> None:
         try:
@@ -119,15 +136,24 @@ class Server:
         )
 
 
-async def _bind_unix(path: str, factory: Callable[[], asyncio.Protocol]) -> asyncio.AbstractServer:
+async def _bind_unix(
+    path: str, factory: Callable[[], asyncio.Protocol], mode: int, gid: int | None
+) -> asyncio.AbstractServer:
     _remove_stale_socket(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    old_umask = os.umask(0o117)  # the socket is born 0660: no window in which others could connect
+    old_umask = os.umask(0o777 & ~mode)  # the socket is born with its mode: no window in which others could connect
     try:
         loop = asyncio.get_running_loop()
-        return await loop.create_unix_server(factory, path, start_serving=False)
+        server = await loop.create_unix_server(factory, path, start_serving=False)
     finally:
         os.umask(old_umask)
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid)
+        except OSError:
+            server.close()
+            raise
+    return server
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -26,6 +26,9 @@ socket = "{socket}"
 evqueue_socket = "{evqueue_socket}"
 state_dir = "{state}"
 kill_grace = 2
+# Tests run as root and their tasks write temporary files, read FIFOs…: they run as root, which must be said
+# ("never root unless configured so"). tests/test_run_as.py checks the real default.
+default_user = "root"
 """
 
 

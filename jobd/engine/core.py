@@ -24,6 +24,7 @@ from jobd.errors import JobFinished, QueueClosed, ShuttingDown, UnknownJob, Unkn
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
 from jobd.store import JobFilter, Store
+from jobd.users import Account, account
 
 log = logging.getLogger("jobd.engine")
 
@@ -59,6 +60,27 @@ class OutputChunk:
     attempt: int
 
 
+_own: Account | None = None
+
+
+def _own_account() -> Account:
+    """jobd's own user, looked up once: what a job that runs as jobd gets as HOME, USER and LOGNAME."""
+    global _own
+    if _own is None:
+        _own = account(os.geteuid(), os.getegid())
+    return _own
+
+
+def _run_as(spec: JobSpec) -> Account | None:
+    """The user a job runs as, looked up as it starts (None: jobd's own user)."""
+    if spec.run_as_uid is None:
+        return None
+    gid = spec.run_as_gid if spec.run_as_gid is not None else spec.run_as_uid
+    if (spec.run_as_uid, gid) == (os.geteuid(), os.getegid()):
+        return None
+    return account(spec.run_as_uid, gid)
+
+
 def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -86,6 +108,7 @@ class Engine:
         self.config = config
         self.store = store
         self.clock = clock
+        self.state_dir = config.daemon.state_dir
         self.output_dir = os.path.join(config.daemon.state_dir, "output")
         self.stopping = False
         self._recovering = False
@@ -219,16 +242,26 @@ class Engine:
     def _start(self, queue: QueueRuntime, job: Job) -> None:
         number = job.attempts + 1
         now = self.clock()
+        user = _run_as(job.spec)  # None: jobd's own user
+        # Another user cannot enter the state directory: its own home (or /) is its default working directory,
+        # and a program written there (a workflow's SCRIPT task) is handed over by file descriptor.
+        cwd = job.spec.working_dir
+        if cwd is None and user is not None:
+            cwd = user.home if os.path.isdir(user.home) else "/"
         launch = LaunchSpec(
             argv=job.spec.command,
-            env=self._environment(job, number),
-            cwd=job.spec.working_dir,
+            env=self._environment(job, number, user),
+            cwd=cwd,
             stdin=job.spec.stdin,
             stdout_path=self.output_path(job.id, number, "stdout"),
             stderr_path=self.output_path(job.id, number, "stderr"),
             log_path=self.output_path(job.id, number, "log"),
             max_output=job.spec.max_output,
             merge_stderr=job.spec.merge_stderr,
+            uid=user.uid if user is not None else None,
+            gid=user.gid if user is not None else None,
+            groups=user.groups if user is not None else (),
+            program_by_fd=user is not None and job.spec.command[0].startswith(self.state_dir.rstrip("/") + "/"),
         )
         job = transition(
             job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
@@ -267,11 +300,15 @@ class Engine:
             watcher.job_started(job, child.pid)
         self._counts_changed()
 
-    def _environment(self, job: Job, attempt: int) -> dict[str, str]:
+    def _environment(self, job: Job, attempt: int, user: Account | None) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}
         for name in ("LANG", "LC_ALL", "TZ"):
             if name in os.environ:
                 env[name] = os.environ[name]
+        who = user or _own_account()
+        env["HOME"] = who.home
+        if who.name is not None:
+            env["USER"] = env["LOGNAME"] = who.name
         env.update(job.spec.env)
         env.update(JOBD_JOB_ID=str(job.id), JOBD_QUEUE=job.spec.queue, JOBD_ATTEMPT=str(attempt))
         return env

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from jobd import users
 from jobd.engine.core import Engine
 from jobd.engine.workflow import (
     Action,
@@ -28,7 +29,15 @@ from jobd.engine.workflow import (
     RunTask,
     TaskResult,
 )
-from jobd.errors import InvalidParams, JobdError, JobFinished, UnknownInstance, UnknownJob, UnknownWorkflow
+from jobd.errors import (
+    InsufficientRights,
+    InvalidParams,
+    JobdError,
+    JobFinished,
+    UnknownInstance,
+    UnknownJob,
+    UnknownWorkflow,
+)
 from jobd.model import InstanceSummary, Job, JobSpec, JobState, RetryPolicy
 from jobd.store import InstanceFilter, Store
 
@@ -293,6 +302,7 @@ class Instances:
         elif argv and not os.path.isabs(argv[0]) and action.task is None:
             argv[0] = os.path.join(config.daemon.tasks_directory, argv[0])  # evQueue's tasks directory
         defined = config.tasks.get(action.task) if action.task is not None else None
+        run_as = self._run_as(live, action)
         return JobSpec(
             command=tuple(argv),
             queue=action.queue,
@@ -310,7 +320,30 @@ class Instances:
             # document (which records the job id in `tid`), resubmitting the task finds this job, not a twin.
             key=f"instance:{live.summary.id}:task:{action.evqid}:try:{self._tries(live, action.evqid) + 1}",
             submitted_by=live.summary.launched_by,
+            run_as_uid=run_as[0],
+            run_as_gid=run_as[1],
         )
+
+    def _run_as(self, live: _Live, action: RunTask) -> tuple[int | None, int | None]:
+        """A TOML task (task="NAME") runs as that task's user; a BINARY or SCRIPT task as the default user."""
+        daemon = self.engine.config.daemon
+        defined = self.engine.config.tasks.get(action.task) if action.task is not None else None
+        if defined is None:
+            return daemon.default_uid, daemon.default_gid
+        if not defined.run_as_caller:
+            return defined.uid, defined.gid
+        launcher = live.summary.launched_by
+        if launcher is None:  # launched by jobd itself (a schedule): there is no caller
+            return daemon.default_uid, daemon.default_gid
+        try:
+            gid = users.primary_gid(launcher)
+        except KeyError:
+            raise InsufficientRights(
+                f'task {defined.name!r} runs as the user who launched the instance (run_as = "caller"), '
+                f"and uid {launcher} has no passwd entry to give its group",
+                missing="local user",
+            ) from None
+        return launcher, gid
 
     @staticmethod
     def _tries(live: _Live, evqid: int) -> int:

@@ -25,6 +25,7 @@ from jobd.model import (
     ParameterMode,
     RetryPolicy,
     Right,
+    TaskDef,
 )
 
 RESERVED_ENV_PREFIX = "JOBD_"
@@ -173,6 +174,7 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
     else:
         argv += tuple(request.params.values())
     env.update(request.env)
+    uid, gid = _task_identity(config, task, peer)
     return JobSpec(
         command=argv,
         queue=request.queue or task.queue,
@@ -189,12 +191,36 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
         key=request.key,
         submitted_by=peer.uid,
         merge_stderr=request.merge_stderr,
+        run_as_uid=uid,
+        run_as_gid=gid,
     )
+
+
+def _task_identity(config: Config, task: TaskDef, peer: Peer) -> tuple[int | None, int | None]:
+    """Who a task's job runs as: its configured user (the default user applied at load), or its caller."""
+    if not task.run_as_caller:
+        return task.uid, task.gid
+    if peer.pid == os.getpid():  # jobd itself submits (a schedule): there is no caller to run as
+        return config.daemon.default_uid, config.daemon.default_gid
+    if peer.uid < 0:
+        raise InsufficientRights(
+            f'task {task.name!r} runs as the user who submits it (run_as = "caller"), '
+            "and a remote client has no local user to run it as",
+            missing="local user",
+            task=task.name,
+        )
+    return peer.uid, peer.gid
 
 
 def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
     assert request.command is not None
     access_rules.require_admin(peer, "run ad-hoc commands (submit a configured task instead)")
+    if peer.uid < 0:
+        raise InsufficientRights(
+            "ad-hoc commands run as the admin who submits them, and a remote client has no local user; "
+            "submit a configured task instead",
+            missing="local user",
+        )
     return JobSpec(
         command=request.command + request.args,
         queue=request.queue or "default",
@@ -210,21 +236,23 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
         key=request.key,
         submitted_by=peer.uid,
         merge_stderr=request.merge_stderr,
+        run_as_uid=peer.uid,  # the calling admin
+        run_as_gid=peer.gid,
     )
 
 
 def _check_unprivileged_env(request: SubmitRequest, peer: Peer) -> None:
     if request.env:
         raise InsufficientRights(
-            f"{access_rules.who(peer)} may not set 'env': extra environment variables are for admins, "
-            "the admin right is missing; pass values as the task's 'params' instead",
+            f"uid {peer.uid} may not set 'env': extra environment variables are for admins; "
+            "pass values as the task's 'params' instead",
             missing="admin",
         )
     for name in request.params:
         if name in _PROTECTED_ENV or name.startswith(_PROTECTED_ENV_PREFIXES):
             raise InsufficientRights(
-                f"params: {access_rules.who(peer)} may not set {name!r}: it changes how programs are loaded or run "
-                f"(PATH, LD_*, PYTHON*, BASH_ENV, …); only admins may: the admin right is missing",
+                f"params: uid {peer.uid} may not set {name!r}: it changes how programs are loaded or run "
+                f"(PATH, LD_*, PYTHON*, BASH_ENV, …); only admins may",
                 missing="admin",
                 param=name,
             )

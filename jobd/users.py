@@ -1,0 +1,58 @@
+"""Local users and groups: the names the configuration gives, and the identity a job's process takes.
+
+A job runs as a uid and a gid fixed when it was submitted (`JobSpec.run_as_uid/gid`). What else the process gets
+— supplementary groups as initgroups(3) sets them, HOME, USER and LOGNAME — is looked up when it starts, from the
+passwd and group databases of that moment.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+NOBODY = "nobody"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """Who a job's process becomes."""
+
+    uid: int
+    gid: int
+    name: str | None  # None: the uid has no passwd entry
+    home: str
+    groups: tuple[int, ...]  # supplementary groups, the primary gid included (initgroups' list)
+
+
+def user_ids(name: str) -> tuple[int, int]:
+    """(uid, primary gid) of a user; KeyError if there is no such user."""
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+def primary_gid(uid: int) -> int:
+    """The primary group of a uid; KeyError if it has no passwd entry."""
+    return pwd.getpwuid(uid).pw_gid
+
+
+def group_id(name: str) -> int:
+    """The gid of a group; KeyError if there is no such group."""
+    return grp.getgrnam(name).gr_gid
+
+
+def account(uid: int, gid: int) -> Account:
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return Account(uid=uid, gid=gid, name=None, home="/", groups=(gid,))
+    groups = tuple(os.getgrouplist(entry.pw_name, gid))
+    return Account(uid=uid, gid=gid, name=entry.pw_name, home=entry.pw_dir or "/", groups=groups)
+
+
+def describe(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"

@@ -1,0 +1,302 @@
+"""Run as, sockets and files (docs/config.md "Run as", "Files and sockets"), on a real daemon running as root.
+
+A test user (with an extra supplementary group) and the group `jobd` are created for the module and removed after.
+What a job runs as is what the job itself reports (`id`, `$HOME`, `pwd`). A non-root client connects through the
+real socket under setpriv, with the system Python (the test venv's may live where that user cannot go).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Daemon
+
+from jobd import config
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="run-as needs root (useradd, setuid)")
+
+USER = "jobdrt1"
+EXTRA_GROUP = "jobdrtx"
+SOCKET_GROUP = "jobd"
+REPORT = 'id -u; id -g; id -G; echo "$HOME|$USER|$LOGNAME"; pwd'
+SYSTEM_PYTHON = "/usr/bin/python3"
+COMMAND = f'command = ["/bin/sh", "-c", \'{REPORT}\']\n'  # a TOML literal string: no escapes
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def test_user() -> Iterator[pwd.struct_passwd]:
+    created_jobd = not _group_exists(SOCKET_GROUP)
+    if created_jobd:
+        _run("groupadd", SOCKET_GROUP)
+    for stale in (USER,):
+        subprocess.run(["userdel", "-r", stale], capture_output=True)
+    subprocess.run(["groupdel", EXTRA_GROUP], capture_output=True)
+    _run("groupadd", EXTRA_GROUP)
+    _run("useradd", "-m", "-U", "-G", f"{EXTRA_GROUP},{SOCKET_GROUP}", "-s", "/bin/sh", USER)
+    try:
+        yield pwd.getpwnam(USER)
+    finally:
+        subprocess.run(["userdel", "-r", USER], capture_output=True)
+        subprocess.run(["groupdel", EXTRA_GROUP], capture_output=True)
+        if created_jobd:
+            subprocess.run(["groupdel", SOCKET_GROUP], capture_output=True)
+
+
+def _real_defaults(daemon: Daemon) -> None:
+    """Take the harness's `default_user = "root"` out again: the daemon gets jobd's real default."""
+    path = daemon.config_dir / "jobd.toml"
+    text = path.read_text()
+    assert 'default_user = "root"\n' in text
+    path.write_text(text.replace('default_user = "root"\n', ""))
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory other users can enter (pytest's tmp_path is root's alone), for a socket they connect to."""
+    directory = Path(tempfile.mkdtemp(prefix="jobd-run-as-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _start(make_daemon: Any, toml: str, *, real_defaults: bool = True, socket_dir: Path | None = None) -> Daemon:
+    daemon: Daemon = make_daemon(toml, start=False)
+    if socket_dir is not None:
+        daemon.socket_path = socket_dir / "jobd.sock"
+        daemon.write_config(toml)
+    if real_defaults:
+        _real_defaults(daemon)
+    daemon.start()
+    return daemon
+
+
+def _report(daemon: Daemon, **submit: Any) -> list[str]:
+    job = daemon.submit(**submit)
+    done = daemon.wait(job["id"])
+    assert done["state"] == "succeeded", (done, daemon.output(job["id"], "stderr"))
+    return daemon.output(job["id"]).splitlines()
+
+
+def test_a_task_runs_as_its_user_with_supplementary_groups_home_and_environment(
+    make_daemon: Any, test_user: pwd.struct_passwd
+) -> None:
+    daemon = _start(make_daemon, f'[task.whoami]\n{COMMAND}user = "{USER}"\n')
+    uid, gid, groups, env, cwd = _report(daemon, task="whoami")
+    assert int(uid) == test_user.pw_uid
+    assert int(gid) == test_user.pw_gid
+    expected = {test_user.pw_gid, grp.getgrnam(EXTRA_GROUP).gr_gid, grp.getgrnam(SOCKET_GROUP).gr_gid}
+    assert set(map(int, groups.split())) == expected  # initgroups: the group database's list, nothing of root's
+    assert env == f"{test_user.pw_dir}|{USER}|{USER}"
+    assert cwd == test_user.pw_dir  # no working_dir: the user's home
+
+
+def test_a_task_group_replaces_the_primary_group(make_daemon: Any, test_user: pwd.struct_passwd) -> None:
+    daemon = _start(
+        make_daemon,
+        f'[task.whoami]\n{COMMAND}user = "{USER}"\ngroup = "{EXTRA_GROUP}"\nworking_dir = "/tmp"\n',
+    )
+    uid, gid, groups, _, cwd = _report(daemon, task="whoami")
+    assert int(uid) == test_user.pw_uid
+    assert int(gid) == grp.getgrnam(EXTRA_GROUP).gr_gid
+    assert grp.getgrnam(EXTRA_GROUP).gr_gid in set(map(int, groups.split()))
+    assert cwd == "/tmp"
+
+
+def test_tasks_that_name_no_user_run_as_nobody_never_as_root(make_daemon: Any) -> None:
+    nobody = pwd.getpwnam("nobody")
+    daemon = _start(
+        make_daemon,
+        f'[task.plain]\n{COMMAND}[task.root]\n{COMMAND}user = "root"\n',
+    )
+    uid, gid, groups, env, cwd = _report(daemon, task="plain")
+    assert (int(uid), int(gid)) == (nobody.pw_uid, nobody.pw_gid)
+    assert 0 not in set(map(int, groups.split()))
+    assert env == f"{nobody.pw_dir}|nobody|nobody"
+    assert cwd == (nobody.pw_dir if os.path.isdir(nobody.pw_dir) else "/")
+    assert _report(daemon, task="root")[0] == "0"  # root only when a task says so
+    # An ad-hoc command runs as the admin who submits it: root here.
+    assert _report(daemon, command=["/bin/sh", "-c", "id -u"]) == ["0"]
+
+
+def test_default_user_applies_to_tasks_without_a_user(make_daemon: Any, test_user: pwd.struct_passwd) -> None:
+    daemon = _start(make_daemon, f"[task.whoami]\n{COMMAND}")
+    (daemon.config_dir / "jobd.d" / "50-user.toml").write_text(f'[daemon]\ndefault_user = "{USER}"\n')
+    daemon.call("daemon.reload")
+    assert int(_report(daemon, task="whoami")[0]) == test_user.pw_uid
+
+
+def test_unknown_user_or_group_is_refused_at_load_naming_the_key(tmp_path: Path) -> None:
+    cases = {
+        '[task.t]\ncommand = ["/bin/true"]\nuser = "no-such-user-x"\n': "task.t.user",
+        '[task.t]\ncommand = ["/bin/true"]\ngroup = "no-such-group-x"\n': "task.t.group",
+        '[daemon]\ndefault_user = "no-such-user-x"\n': "daemon.default_user",
+        '[task.t]\ncommand = ["/bin/true"]\nrun_as = "caller"\nuser = "root"\n': "task.t.run_as",
+        '[task.t]\ncommand = ["/bin/true"]\nrun_as = "me"\n': "task.t.run_as",
+        "[daemon]\nsocket_mode = 0o1777\n": "daemon.socket_mode",
+    }
+    for text, key in cases.items():
+        (tmp_path / "jobd.toml").write_text(text)
+        with pytest.raises(config.ConfigError) as raised:
+            config.load_dir(str(tmp_path))
+        assert raised.value.details["key"] == key, raised.value.message
+        assert f"{tmp_path}/jobd.toml:" in raised.value.message
+
+
+def _submit_as(user: pwd.struct_passwd, socket_path: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """job.submit sent by a process of `user` (setpriv, its own groups) through the real socket."""
+    request = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "job.submit", "params": params})
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect({str(socket_path)!r})\n"
+        f"s.sendall({request!r}.encode() + b'\\n')\n"
+        "data = b''\n"
+        "while not data.endswith(b'\\n'):\n"
+        "    chunk = s.recv(65536)\n"
+        "    if not chunk: break\n"
+        "    data += chunk\n"
+        "sys.stdout.write(data.decode())\n"
+    )
+    done = subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", SYSTEM_PYTHON, "-c", script],
+        capture_output=True,
+        check=True,
+        timeout=30,
+        cwd="/",
+    )
+    reply: dict[str, Any] = json.loads(done.stdout)
+    return reply
+
+
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs the system python3 for the client")
+def test_run_as_caller_runs_as_the_uid_that_submitted(
+    make_daemon: Any, test_user: pwd.struct_passwd, public_dir: Path
+) -> None:
+    grant = ""
+    if "access" in config.SECTIONS:  # the rights model: the test user may run the task
+        grant = f'[[access.grant]]\nusers = ["{USER}"]\nrights = ["read", "exec"]\ntasks = ["whoami"]\n'
+    daemon = _start(
+        make_daemon,
+        f'[task.whoami]\n{COMMAND}run_as = "caller"\n' + grant,
+        socket_dir=public_dir,
+    )
+    reply = _submit_as(test_user, daemon.socket_path, {"task": "whoami"})
+    assert "result" in reply, reply
+    uid, gid, groups, env, _ = _report_of(daemon, reply["result"]["id"])
+    assert (int(uid), int(gid)) == (test_user.pw_uid, test_user.pw_gid)
+    assert grp.getgrnam(EXTRA_GROUP).gr_gid in set(map(int, groups.split()))
+    assert env == f"{test_user.pw_dir}|{USER}|{USER}"
+    # The same task submitted by root runs as root: the caller.
+    assert _report(daemon, task="whoami")[0] == "0"
+
+
+def _report_of(daemon: Daemon, job_id: int) -> list[str]:
+    done = daemon.wait(job_id)
+    assert done["state"] == "succeeded", (done, daemon.output(job_id, "stderr"))
+    return daemon.output(job_id).splitlines()
+
+
+def test_sockets_are_0660_root_and_group_jobd(make_daemon: Any, test_user: pwd.struct_passwd) -> None:
+    daemon = _start(make_daemon, "")
+    jobd_gid = grp.getgrnam(SOCKET_GROUP).gr_gid
+    for path in (daemon.socket_path, daemon.evqueue_socket):
+        info = os.stat(path)
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o660, oct(info.st_mode)
+        assert (info.st_uid, info.st_gid) == (0, jobd_gid)
+
+
+def test_socket_mode_and_group_are_configurable_and_a_missing_group_is_a_warning(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon("", start=False, daemon_extra='socket_group = "no-such-group-x"\nsocket_mode = 0o600')
+    daemon.start()
+    info = os.stat(daemon.socket_path)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert info.st_gid == os.getegid()
+    assert "socket_group: there is no group no-such-group-x" in daemon.log()
+    assert daemon.call("ping") is not None
+
+
+def test_state_directory_is_0750_tightened_at_start_and_the_database_0600(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon("", start=False)
+    daemon.state_dir.mkdir()
+    daemon.state_dir.chmod(0o777)
+    (daemon.state_dir / "output").mkdir()
+    (daemon.state_dir / "output").chmod(0o755)
+    daemon.start()
+    assert stat.S_IMODE(daemon.state_dir.stat().st_mode) == 0o750
+    assert stat.S_IMODE((daemon.state_dir / "output").stat().st_mode) == 0o750
+    for name in ("jobd.sqlite3", "jobd.sqlite3-wal"):
+        path = daemon.state_dir / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (name, oct(path.stat().st_mode))
+    assert "tightening it to 0750" in daemon.log()
+
+
+def test_output_files_cannot_be_read_by_another_user(make_daemon: Any, test_user: pwd.struct_passwd) -> None:
+    daemon = _start(make_daemon, f'[task.talk]\ncommand = ["/bin/echo", "secret"]\nuser = "{USER}"\n')
+    job = daemon.submit(task="talk")
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert daemon.output(job["id"]) == "secret\n"  # written through jobd's pipes although the job is not root
+    path = daemon.state_dir / "output" / str(job["id"]) / "1.stdout"
+    assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o007 == 0
+    for who in (test_user, pwd.getpwnam("nobody")):
+        read = subprocess.run(
+            ["setpriv", f"--reuid={who.pw_uid}", f"--regid={who.pw_gid}", "--init-groups", "cat", str(path)],
+            capture_output=True,
+        )
+        assert read.returncode != 0 and b"secret" not in read.stdout
+
+
+SCRIPT_WORKFLOW = """<?xml version="1.0" encoding="UTF-8"?>
+<workflow>
+  <subjobs>
+    <job name="scripted">
+      <tasks>
+        <task type="SCRIPT" name="who" queue="default">
+          <script>#!/bin/sh
+echo "uid=$(id -u) home=$HOME"
+</script>
+        </task>
+      </tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_a_workflow_script_task_runs_as_the_default_user(make_daemon: Any, test_user: pwd.struct_passwd) -> None:
+    daemon: Daemon = make_daemon("", start=False)
+    _real_defaults(daemon)
+    (daemon.config_dir / "jobd.d" / "50-user.toml").write_text(f'[daemon]\ndefault_user = "{USER}"\n')
+    (daemon.config_dir / "workflows").mkdir()
+    (daemon.config_dir / "workflows" / "who.xml").write_text(SCRIPT_WORKFLOW)
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "who"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    document = daemon.call("instance.get", {"id": launched["id"], "format": "xml"})["xml"]
+    assert done["errors"] == 0, document
+    assert f"uid={test_user.pw_uid} home={test_user.pw_dir}" in document
