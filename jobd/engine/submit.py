@@ -244,15 +244,15 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
 def _check_unprivileged_env(request: SubmitRequest, peer: Peer) -> None:
     if request.env:
         raise InsufficientRights(
-            f"uid {peer.uid} may not set 'env': extra environment variables are for admins; "
-            "pass values as the task's 'params' instead",
+            f"{access_rules.who(peer)} may not set 'env': extra environment variables are for admins, "
+            "the admin right is missing; pass values as the task's 'params' instead",
             missing="admin",
         )
     for name in request.params:
         if name in _PROTECTED_ENV or name.startswith(_PROTECTED_ENV_PREFIXES):
             raise InsufficientRights(
-                f"params: uid {peer.uid} may not set {name!r}: it changes how programs are loaded or run "
-                f"(PATH, LD_*, PYTHON*, BASH_ENV, …); only admins may",
+                f"params: {access_rules.who(peer)} may not set {name!r}: it changes how programs are loaded or run "
+                f"(PATH, LD_*, PYTHON*, BASH_ENV, …); only admins may: the admin right is missing",
                 missing="admin",
                 param=name,
             )
