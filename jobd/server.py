@@ -678,6 +678,13 @@ class TcpXmlConnection(XmlConnection):
         transport.set_write_buffer_limits(high=MAX_UNSENT)
         peer_name = transport.get_extra_info("peername")
         self._address = str(peer_name[0]) if peer_name else "?"
+        refusal = self.server.refusal()
+        if refusal is not None:  # a KO response where the challenge would be, then the end
+            self.transport = transport
+            transport.write(evqueue.response_error(self.evqueue.node, refusal))
+            self._refusing = True
+            self._lingering_close()
+            return
         self.adopt(transport, self.peer)
         self._send(evqueue_auth.challenge_document(self.evqueue.node, self._challenge))
         self._timer = asyncio.get_running_loop().call_later(LOGIN_TIMEOUT, self._login_timed_out)

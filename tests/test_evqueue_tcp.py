@@ -457,3 +457,15 @@ def test_docs_describe_every_tcp_key() -> None:
     text = (REPO / "docs" / "config.md").read_text()
     missing = [key for key in config.TCP_KEYS + config.TCP_USER_KEYS if f"`{key}`" not in text]
     assert missing == [] and "printf %s 'secret' \\| sha1sum" in text
+
+
+def test_over_max_connections_a_tcp_client_gets_a_refusal_instead_of_the_challenge(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon('[tcp]\nlisten = "127.0.0.1:0"\n' + USERS, daemon_extra="max_connections = 1")
+    address = tcp_address(daemon)  # daemon.call's own connection has ended by now
+    with TcpClient(address) as first:
+        assert first.challenge.tag == "auth"
+        with TcpClient(address) as second:  # the constructor reads the first document: here the refusal
+            refusal = second.challenge
+            assert refusal.tag == "response" and refusal.get("status") == "KO"
+            assert refusal.get("error-code") == "TOO_MANY_CONNECTIONS", etree.tostring(refusal)
+            assert second.closed()
