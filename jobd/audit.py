@@ -179,7 +179,7 @@ def record(
         message=None if message is None else _cut(message, MAX_MESSAGE),
     )
     try:
-        store.record_audit(entry)
+        store.record_audit_soon(entry)
     except Exception:  # the command has happened: its answer must not be lost because its entry was
         log.exception("could not record %s by uid %s in the audit log", command, uid)
 
