@@ -404,6 +404,7 @@ def test_a_clock_change_re_arms_the_timer_and_the_schedule_fires_at_its_time(sch
         job = next_state(client, "running", "schedule:at", timeout=due - time.time() + WAIT)
     assert 0 <= epoch(job["started_at"]) - due < 0.5, (job["started_at"], due)
     assert "the system clock was set: due times recomputed, timer re-armed" in daemon.log()
+    quiesce(daemon, "at")  # its run must have ended (and been reaped) before the teardown looks for zombies
 
 
 # -- API, jobctl, evQueue ----------------------------------------------------------------------------------------
