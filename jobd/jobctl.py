@@ -17,7 +17,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, BinaryIO, TextIO
 
 from jobd import __version__
@@ -809,26 +809,44 @@ def render_job_details(job: Job, now: dt.datetime) -> list[str]:
     return lines
 
 
-def cmd_ls(session: Session, args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {"limit": args.limit}
-    if args.state:
-        params["state"] = list(args.state)
-    for name in ("queue", "task", "context", "before"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    result = session.client.call("job.list", params)
+def _page(
+    session: Session,
+    method: str,
+    params: dict[str, Any],
+    key: str,
+    what: str,
+    render: Callable[[list[dict[str, Any]]], Iterable[str]],
+) -> int:
+    """One page of a paged list (job.list, instance.list, audit.list): a table of `what`, or the reply with --json;
+    the hint for the next page goes to stderr."""
+    result = session.client.call(method, params)
     if session.json:
         session.emit_json(result)
         return EXIT_OK
-    jobs = result.get("jobs") or []
-    if not jobs:
-        print("no jobs", file=sys.stderr)
+    items = result.get(key) or []
+    if not items:
+        print(f"no {what}", file=sys.stderr)
         return EXIT_OK
-    for line in render_jobs(jobs, local_now(), stdout_width()):
+    for line in render(items):
         print(line)
     if result.get("next_before") is not None:
-        print(f"(older jobs: repeat with --before {result['next_before']})", file=sys.stderr)
+        total = result.get("total")
+        counted = f"{len(items)} of {total}; " if total is not None else ""
+        print(f"({counted}older {what}: repeat with --before {result['next_before']})", file=sys.stderr)
     return EXIT_OK
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def cmd_ls(session: Session, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": args.limit, **_given(args, "queue", "task", "context", "before")}
+    if args.state:
+        params["state"] = list(args.state)
+    return _page(
+        session, "job.list", params, "jobs", "jobs", lambda jobs: render_jobs(jobs, local_now(), stdout_width())
+    )
 
 
 def cmd_log(session: Session, args: argparse.Namespace) -> int:
@@ -1155,48 +1173,25 @@ def cmd_instance(session: Session, args: argparse.Namespace) -> int:
 
 
 def cmd_instances(session: Session, args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {"limit": args.limit}
-    for name in ("workflow", "status", "errors", "before"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    result = session.client.call("instance.list", params)
-    if session.json:
-        session.emit_json(result)
-        return EXIT_OK
-    instances = result.get("instances") or []
-    if not instances:
-        print("no instances", file=sys.stderr)
-        return EXIT_OK
-    for line in render_instances(instances, local_now(), stdout_width()):
-        print(line)
-    if result.get("next_before") is not None:
-        print(
-            f"({len(instances)} of {result.get('total')}; older instances: repeat with --before "
-            f"{result['next_before']})",
-            file=sys.stderr,
-        )
-    return EXIT_OK
+    params: dict[str, Any] = {"limit": args.limit, **_given(args, "workflow", "status", "errors", "before")}
+    return _page(
+        session,
+        "instance.list",
+        params,
+        "instances",
+        "instances",
+        lambda instances: render_instances(instances, local_now(), stdout_width()),
+    )
 
 
 def cmd_audit(session: Session, args: argparse.Namespace) -> int:
     # --command's value is args.command_filter: args.command is the subcommand's name
-    params: dict[str, Any] = {"limit": args.limit}
-    for name, value in (("user", args.user), ("command", args.command_filter), ("before", args.before)):
-        if value is not None:
-            params[name] = value
-    result = session.client.call("audit.list", params)
-    if session.json:
-        session.emit_json(result)
-        return EXIT_OK
-    entries = result.get("entries") or []
-    if not entries:
-        print("no audit entries", file=sys.stderr)
-        return EXIT_OK
-    for line in render_audit(entries, stdout_width()):
-        print(line)
-    if result.get("next_before") is not None:
-        print(f"(older entries: repeat with --before {result['next_before']})", file=sys.stderr)
-    return EXIT_OK
+    params: dict[str, Any] = {"limit": args.limit, **_given(args, "user", "before")}
+    if args.command_filter is not None:
+        params["command"] = args.command_filter
+    return _page(
+        session, "audit.list", params, "entries", "audit entries", lambda entries: render_audit(entries, stdout_width())
+    )
 
 
 # -- command line ---------------------------------------------------------------------------------------------
