@@ -326,6 +326,10 @@ class JobSpec:
     merge_stderr: bool = False  # stderr goes to the stdout stream (2>&1)
     run_as_uid: int | None = None  # None: jobd's own user
     run_as_gid: int | None = None
+    # An HTTP job: the request jobd makes in-process instead of starting a program (validated at submit; JSON-able).
+    http: Mapping[str, Any] | None = None
+    # Completion callbacks {"on_success"|"on_failure"|"on_finish": [callback, ...]} (validated at submit; JSON-able).
+    callbacks: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

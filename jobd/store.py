@@ -76,6 +76,8 @@ class JobRow(_Base):
     merge_stderr = peewee.BooleanField(default=False)  # since schema version 4
     run_as_uid = peewee.IntegerField(null=True)  # since schema version 8
     run_as_gid = peewee.IntegerField(null=True)  # since schema version 8
+    http = peewee.TextField(null=True)  # JSON; since schema version 9
+    callbacks = peewee.TextField(null=True)  # JSON; since schema version 10
 
     class Meta:
         table_name = "job"
@@ -233,6 +235,35 @@ def _migration_8(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('ALTER TABLE "job" ADD COLUMN "run_as_gid" INTEGER')  # type: ignore[no-untyped-call]
 
 
+def _migration_9(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql('ALTER TABLE "job" ADD COLUMN "http" TEXT')  # type: ignore[no-untyped-call]
+
+
+class CallbackRow(_Base):
+    """One delivery of a completion callback: what was sent where, each try's result (audit of deliveries)."""
+
+    id = peewee.AutoField()
+    job_id = peewee.IntegerField()
+    event = peewee.TextField()  # on_success | on_failure | on_finish
+    target = peewee.TextField()  # the URL or the argv, for people
+    state = peewee.TextField()  # pending | delivered | failed
+    tries = peewee.IntegerField(default=0)
+    next_try_at = peewee.DoubleField(null=True)
+    last_error = peewee.TextField(null=True)
+    spec = peewee.TextField()  # JSON: the callback definition
+    created_at = peewee.DoubleField()
+    delivered_at = peewee.DoubleField(null=True)
+
+    class Meta:
+        table_name = "callback"
+        indexes = ((("state",), False), (("job_id",), False))
+
+
+def _migration_10(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql('ALTER TABLE "job" ADD COLUMN "callbacks" TEXT')  # type: ignore[no-untyped-call]
+    db.create_tables([CallbackRow])
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -243,6 +274,8 @@ MIGRATIONS = (
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
+    _migration_10,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -749,7 +782,7 @@ class _GroupFlusher:
 
 _SPEC_COLUMNS = (
     "task", "command", "queue", "priority", "context", "key", "env", "stdin", "working_dir", "timeout", "kill_grace",
-    "retry", "max_output", "submitted_by", "merge_stderr", "run_as_uid", "run_as_gid",
+    "retry", "max_output", "submitted_by", "merge_stderr", "run_as_uid", "run_as_gid", "http", "callbacks",
 )  # fmt: skip
 _JOB_STATE_COLUMNS = (
     "state", "run_at", "started_at", "finished_at", "attempts", "exit_code", "signal", "progress", "error",
@@ -801,6 +834,8 @@ def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
         spec.merge_stderr,
         spec.run_as_uid,
         spec.run_as_gid,
+        None if spec.http is None else json.dumps(dict(spec.http)),
+        None if spec.callbacks is None else json.dumps(dict(spec.callbacks)),
     )
 
 
@@ -868,6 +903,8 @@ def _job_from_row(row: JobRow) -> Job:
         merge_stderr=bool(row.merge_stderr),
         run_as_uid=row.run_as_uid,
         run_as_gid=row.run_as_gid,
+        http=None if row.http is None else json.loads(row.http),
+        callbacks=None if row.callbacks is None else json.loads(row.callbacks),
     )
     return Job(
         id=row.id,
