@@ -20,6 +20,7 @@ from lxml import etree
 
 from jobd import __version__, audit, safexml
 from jobd.engine import access
+from jobd.engine import callbacks as callback_defs
 from jobd.engine.core import STREAMS, Engine
 from jobd.engine.instances import Instances
 from jobd.engine.queues import QueueRuntime
@@ -248,9 +249,20 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
         kill_grace=p.number("kill_grace"),
         max_output=p.integer("max_output"),
         merge_stderr=p.flag("merge_stderr"),
+        callbacks=_callbacks(p),
     )
     delay = p.number("delay") or 0.0
     return request, delay
+
+
+def _callbacks(p: Params) -> dict[str, list[dict[str, Any]]] | None:
+    raw = p.take("callbacks")
+    if raw is None:
+        return None
+    try:
+        return callback_defs.check_callbacks(raw, f"{p.method}: callbacks")
+    except ValueError as error:
+        raise InvalidParams(str(error), param="callbacks") from None
 
 
 def _b64(p: Params, name: str, value: str | None) -> bytes | None:

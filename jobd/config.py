@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import inotify_simple
 
 from jobd import users, workflowdef
+from jobd.engine import callbacks as callback_defs
 from jobd.engine.schedule import Calendar
 from jobd.errors import ConfigError
 from jobd.model import (
@@ -84,7 +85,7 @@ TCP_USER_KEYS = ("password_sha1", "groups", "admin")
 ACCESS_KEYS = ("admins", "grant")
 ADMINS_KEYS = ("users", "groups")
 GRANT_KEYS = ("users", "groups", "rights", "workflows", "tasks", "queues")
-QUEUE_KEYS = ("concurrency", "scheduler", "paused")
+QUEUE_KEYS = ("concurrency", "scheduler", "paused", "on_success", "on_failure", "on_finish")
 TASK_KEYS = (
     "command",
     "queue",
@@ -98,6 +99,9 @@ TASK_KEYS = (
     "user",
     "group",
     "run_as",
+    "on_success",
+    "on_failure",
+    "on_finish",
 )
 RETRY_KEYS = ("times", "delay", "backoff", "on_exit_codes")
 RETRY_SCHEDULE_KEYS = ("levels",)
@@ -899,6 +903,7 @@ def _queue(table: _Table) -> QueueDef:
         concurrency=table.read("concurrency", _integer(1, MAX_CONCURRENCY), default.concurrency),
         scheduler=table.read("scheduler", _choice(Scheduler), default.scheduler),
         paused=table.read("paused", _boolean, default.paused),
+        callbacks=_callbacks(table),
     )
 
 
@@ -915,7 +920,21 @@ def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> T
         kill_grace=table.read("kill_grace", _number(0), daemon.kill_grace),
         retry=table.read("retry", _retry, RetryPolicy()),
         max_output=table.read("max_output", _integer(0), daemon.max_output),
+        callbacks=_callbacks(table),
     )
+
+
+def _callbacks(table: _Table) -> Mapping[str, Any] | None:
+    """`on_success`, `on_failure`, `on_finish` of a task or a queue (checked by jobd.engine.callbacks)."""
+    found = {}
+    for event in callback_defs.EVENTS:
+        setting = table.settings.get(event)
+        if setting is not None:
+            try:
+                found[event] = callback_defs.check_list(setting.value, _dotted(setting.key))
+            except ValueError as error:
+                raise _error(setting.source, setting.key, str(error)) from None
+    return found or None
 
 
 def _defined_queue(queues: Mapping[str, QueueDef]) -> Callable[[_Setting], str]:

@@ -23,6 +23,7 @@ import sdnotify
 
 from jobd import __version__, config, proc
 from jobd.api import Api
+from jobd.engine.callbacks import Callbacks
 from jobd.engine.core import Engine
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
@@ -143,6 +144,7 @@ class Daemon:
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
         self.engine = Engine(initial, self.store)
+        self.callbacks = Callbacks(self.engine, self.store)  # before recovery: a lost job's callbacks are queued
         self.instances = Instances(self.engine, self.store)
         self.scheduler = Scheduler(self.engine, self.instances, self.store)
         self.server = Server(Api(self.engine, self, self.instances, self.scheduler), initial.daemon.socket)
@@ -154,6 +156,7 @@ class Daemon:
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         self.engine.recover()
         self.instances.recover()
+        self.callbacks.start()
         self.scheduler.start()  # after recovery: a run that was going is found by its job or instance
         await self.server.start_serving()
         self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
@@ -178,6 +181,7 @@ class Daemon:
             self.watcher.close()
         await self.server.stop_listening()
         await self.engine.shutdown()
+        await self.callbacks.close()
         await self.server.close_connections()
         self.store.close()
         log.info("stopped")

@@ -143,6 +143,7 @@ class QueueDef:
     concurrency: int = 1
     scheduler: Scheduler = Scheduler.PRIORITY
     paused: bool = False
+    callbacks: Mapping[str, Any] | None = None  # on_success / on_failure / on_finish for every job of the queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +165,7 @@ class TaskDef:
     run_as_caller: bool = False  # run_as = "caller": the uid and gid of whoever submits the job
     uid: int | None = None
     gid: int | None = None
+    callbacks: Mapping[str, Any] | None = None  # on_success / on_failure / on_finish lists
 
 
 @dataclass(frozen=True, slots=True)

@@ -684,6 +684,46 @@ class Store:
             for row in query.order_by(AuditRow.id.desc()).limit(where.limit)
         ]
 
+    # -- callbacks -------------------------------------------------------------------------------------------
+
+    def insert_callbacks(
+        self, job_id: int, deliveries: Sequence[tuple[str, str, Mapping[str, Any]]], now: float
+    ) -> list[CallbackDelivery]:
+        """Queue a finished job's callbacks (event, target, definition), all in one transaction."""
+        rows = []
+        with self.db.atomic():
+            for event, target, spec in deliveries:
+                row = CallbackRow.create(
+                    job_id=job_id,
+                    event=event,
+                    target=target,
+                    state="pending",
+                    tries=0,
+                    next_try_at=now,
+                    spec=json.dumps(dict(spec)),
+                    created_at=now,
+                )
+                rows.append(row)
+        return [_callback_from_row(row) for row in rows]
+
+    def pending_callbacks(self) -> list[CallbackDelivery]:
+        query = CallbackRow.select().where(CallbackRow.state == "pending").order_by(CallbackRow.id)
+        return [_callback_from_row(row) for row in query]
+
+    def callbacks_of(self, job_id: int) -> list[CallbackDelivery]:
+        query = CallbackRow.select().where(CallbackRow.job_id == job_id).order_by(CallbackRow.id)
+        return [_callback_from_row(row) for row in query]
+
+    def record_callback_try(self, delivery: CallbackDelivery) -> None:
+        with self.db.atomic():
+            CallbackRow.update(
+                state=delivery.state,
+                tries=delivery.tries,
+                next_try_at=delivery.next_try_at,
+                last_error=delivery.last_error,
+                delivered_at=delivery.delivered_at,
+            ).where(CallbackRow.id == delivery.id).execute()
+
     # -- queues ----------------------------------------------------------------------------------------------
 
     def queue_pauses(self) -> dict[str, bool]:
@@ -714,6 +754,39 @@ class InstanceFilter:
     limit: int = 30
     offset: int = 0
     visible_workflows: tuple[str, ...] | None = None  # GLOB patterns of what a non-admin may read; None: all
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackDelivery:
+    """One completion callback of a finished job and how its delivery goes (a row of the `callback` table)."""
+
+    id: int
+    job_id: int
+    event: str  # on_success | on_failure | on_finish
+    target: str
+    state: str  # pending | delivered | failed
+    tries: int
+    next_try_at: float | None
+    last_error: str | None
+    spec: Mapping[str, Any]
+    created_at: float
+    delivered_at: float | None = None
+
+
+def _callback_from_row(row: CallbackRow) -> CallbackDelivery:
+    return CallbackDelivery(
+        id=int(row.id),
+        job_id=int(row.job_id),
+        event=row.event,
+        target=row.target,
+        state=row.state,
+        tries=int(row.tries),
+        next_try_at=row.next_try_at,
+        last_error=row.last_error,
+        spec=json.loads(row.spec),
+        created_at=float(row.created_at),
+        delivered_at=row.delivered_at,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -266,7 +266,8 @@ def test_unknown_key_lists_the_allowed_keys_and_suggests_one(tmp_path: Path) -> 
     error = load_error(tmp_path)
     assert error.message == (
         f"{path}:2: unknown key task.resize.comand (did you mean command?); allowed keys: command, queue, "
-        "parameters, working_dir, environment, timeout, kill_grace, retry, max_output, user, group, run_as"
+        "parameters, working_dir, environment, timeout, kill_grace, retry, max_output, user, group, run_as, "
+        "on_success, on_failure, on_finish"
     )
     assert error.details["key"] == "task.resize.comand"
 

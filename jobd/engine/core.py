@@ -120,6 +120,8 @@ class Engine:
         self._output_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._listeners: list[Callable[[JobEvent], None]] = []
         self._watchers: dict[int, JobWatcher] = {}  # job id -> who runs it (a workflow instance's task)
+        # Told of every job that reaches a final state, just after its commit (completion callbacks).
+        self.finish_listeners: list[Callable[[Job], None]] = []
         self.history = HistoryKeeper(store, config.daemon.history, clock, self._remove_output)
         self.on_counts_changed: Callable[[], None] = lambda: None
         self._apply_queue_definitions(config, store.queue_pauses())
@@ -439,6 +441,8 @@ class Engine:
                 waiters.remove(waiter)
 
     def _release_finish_waiters(self, job: Job) -> None:
+        for listener in self.finish_listeners:
+            listener(job)
         for waiter in self._finish_waiters.pop(job.id, []):
             if not waiter.done():
                 waiter.set_result(job)

@@ -6,6 +6,7 @@ work that was already accepted.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
 import pwd
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from jobd.engine import access as access_rules
+from jobd.engine import callbacks as callback_defs
 from jobd.errors import InsufficientRights, InvalidParams, UnknownTask
 from jobd.model import (
     DEFAULT_PRIORITY,
@@ -62,6 +64,7 @@ class SubmitRequest:
     retry: RetryPolicy | None = None
     kill_grace: float | None = None
     max_output: int | None = None
+    callbacks: Mapping[str, object] | None = None  # the job's own, checked by jobd.engine.callbacks
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +151,22 @@ def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
     if not peer.is_admin:
         _check_unprivileged_env(request, peer)
     resolved = _resolve_task if request.task is not None else _resolve_ad_hoc
-    return resolved(config, request, peer)  # the engine checks the queue: it knows which ones are draining
+    spec = resolved(config, request, peer)  # the engine checks the queue: it knows which ones are draining
+    return _with_callbacks(config, request, peer, spec)
+
+
+def _with_callbacks(config: Config, request: SubmitRequest, peer: Peer, spec: JobSpec) -> JobSpec:
+    """The task's, the queue's and the job's own completion callbacks, in that order (docs/jobs.md)."""
+    if callback_defs.has_exec(request.callbacks):
+        access_rules.require_admin(peer, "give a job exec callbacks (http callbacks are allowed to all)")
+    task = config.tasks.get(spec.task) if spec.task is not None else None
+    queue = config.queues.get(spec.queue)
+    callbacks = callback_defs.merge(
+        task.callbacks if task is not None else None,
+        queue.callbacks if queue is not None else None,
+        request.callbacks,
+    )
+    return spec if callbacks is None else dataclasses.replace(spec, callbacks=callbacks)
 
 
 def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:

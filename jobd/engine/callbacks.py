@@ -1,0 +1,309 @@
+"""Completion callbacks: `on_success`, `on_failure` and `on_finish` of a task, a queue or a single job.
+
+When a job reaches a final state, the callbacks that match it are committed as rows of the `callback` table (just
+after the job's own commit), then delivered on the event loop: an exec callback is a process of its own (its own
+process group, no queue slot) reading a JSON job summary on stdin; an http callback POSTs that summary (or GETs
+the URL with `jobid=ID`). A failed delivery is retried after 1, 2, 4 … seconds (at most MAX_DELAY apart), up to
+MAX_TRIES tries, each recorded. Pending deliveries are re-armed from the table when jobd starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
+from jobd.errors import UnknownJob
+from jobd.model import Job, JobState
+from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
+from jobd.store import CallbackDelivery, Store
+
+log = logging.getLogger("jobd.callbacks")
+
+EVENTS = ("on_success", "on_failure", "on_finish")
+MAX_TRIES = 8  # tries of one delivery before it is recorded as failed
+FIRST_DELAY = 1.0  # seconds before the second try; doubled after each failed try
+MAX_DELAY = 300.0
+HTTP_TIMEOUT = 30.0  # default seconds for one HTTP try
+EXEC_TIMEOUT = 300.0  # seconds an exec callback may run before it is stopped (a failed try)
+EXEC_OUTPUT = 64 * 1024  # bytes of an exec callback's output kept
+SHUTDOWN_GRACE = 5.0  # seconds a stopping jobd lets deliveries under way finish; the rest stay pending
+_HTTP_KEYS = ("url", "method", "headers", "timeout")
+
+
+# -- validation (the one place: the configuration and job.submit both call it) -------------------------------
+
+
+def check_list(value: object, where: str) -> list[dict[str, Any]]:
+    """An array of callback definitions, normalized; ValueError says what is wrong."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: expected an array of callbacks such as [{{ exec = [...] }}, {{ http = {{...}} }}]")
+    return [_check_one(item, f"{where}[{number}]") for number, item in enumerate(value, 1)]
+
+
+def _check_one(item: object, where: str) -> dict[str, Any]:
+    if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in ("exec", "http"):
+        raise ValueError(f"{where}: expected {{ exec = [argv...] }} or {{ http = {{ url = ..., method = ... }} }}")
+    if "exec" in item:
+        argv = item["exec"]
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
+            raise ValueError(f"{where}.exec: expected a non-empty array of strings, the first one the program")
+        if not argv[0].startswith("/"):
+            raise ValueError(f"{where}.exec: the program must be an absolute path, got {argv[0]!r}")
+        return {"exec": list(argv)}
+    http = item["http"]
+    if not isinstance(http, dict):
+        raise ValueError(f"{where}.http: expected a table such as {{ url = ..., method = ... }}")
+    for key in http:
+        if key not in _HTTP_KEYS:
+            raise ValueError(f"{where}.http: unknown key {key!r}; allowed keys: {', '.join(_HTTP_KEYS)}")
+    url = http.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError(f"{where}.http.url: expected an http:// or https:// URL")
+    method = http.get("method", "POST")
+    if method not in ("POST", "GET"):
+        raise ValueError(f'{where}.http.method: expected "POST" or "GET", got {method!r}')
+    result: dict[str, Any] = {"url": url, "method": method}
+    headers = http.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise ValueError(f"{where}.http.headers: expected a table of strings")
+    if headers:
+        result["headers"] = dict(headers)
+    timeout = http.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+            raise ValueError(f"{where}.http.timeout: expected a number of seconds > 0 and <= 3600")
+        result["timeout"] = float(timeout)
+    return {"http": result}
+
+
+def check_callbacks(value: object, where: str) -> dict[str, list[dict[str, Any]]]:
+    """{"on_success"|"on_failure"|"on_finish": [callback, ...]} (job.submit's `callbacks`), normalized."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected an object with keys {', '.join(EVENTS)}")
+    result = {}
+    for event, callbacks in value.items():
+        if event not in EVENTS:
+            raise ValueError(f"{where}: unknown event {event!r}; allowed: {', '.join(EVENTS)}")
+        result[event] = check_list(callbacks, f"{where}.{event}")
+    return result
+
+
+def has_exec(callbacks: Mapping[str, Any] | None) -> bool:
+    return callbacks is not None and any("exec" in item for items in callbacks.values() for item in items)
+
+
+def merge(*parts: Mapping[str, Any] | None) -> dict[str, list[Any]] | None:
+    """Lists concatenated event by event, in the order given (task, queue, job); None when there are none."""
+    result: dict[str, list[Any]] = {}
+    for part in parts:
+        for event in EVENTS:
+            if part is not None and part.get(event):
+                result.setdefault(event, []).extend(part[event])
+    return result or None
+
+
+def matching_events(state: JobState) -> tuple[str, ...]:
+    if state is JobState.SUCCEEDED:
+        return ("on_success", "on_finish")
+    return ("on_failure", "on_finish")  # failed, timed_out, cancelled
+
+
+def _target(spec: Mapping[str, Any]) -> str:
+    if "exec" in spec:
+        return " ".join(spec["exec"])
+    return f"{spec['http']['method']} {spec['http']['url']}"
+
+
+# -- delivery --------------------------------------------------------------------------------------------------
+
+
+class Callbacks:
+    def __init__(self, engine: Engine, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.store = store
+        self.clock = clock
+        self.dir = os.path.join(engine.state_dir, "callbacks")
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._children: dict[int, Child] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._closing = False
+        engine.finish_listeners.append(self._job_finished)
+
+    def start(self) -> None:
+        """Re-arm the deliveries a previous jobd left pending."""
+        for delivery in self.store.pending_callbacks():
+            self._arm(delivery)
+
+    def _job_finished(self, job: Job) -> None:
+        callbacks = job.spec.callbacks
+        if not callbacks or self._closing:
+            return
+        wanted = [
+            (event, _target(item), item) for event in matching_events(job.state) for item in callbacks.get(event, ())
+        ]
+        if not wanted:
+            return
+        try:
+            deliveries = self.store.insert_callbacks(job.id, wanted, self.clock())
+        except Exception:  # the job has finished; a full disk must not take the engine down with it
+            log.exception("job=%d: could not queue its callbacks", job.id)
+            return
+        for delivery in deliveries:
+            self._arm(delivery)
+
+    def _arm(self, delivery: CallbackDelivery) -> None:
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, (delivery.next_try_at or 0.0) - self.clock())
+        self._timers[delivery.id] = loop.call_later(wait, self._try, delivery)
+
+    def _try(self, delivery: CallbackDelivery) -> None:
+        self._timers.pop(delivery.id, None)
+        task = asyncio.get_running_loop().create_task(self._deliver(delivery))
+        self._tasks[delivery.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(delivery.id, None))
+
+    async def _deliver(self, delivery: CallbackDelivery) -> None:
+        tries = delivery.tries + 1
+        try:
+            job = self.engine.get(delivery.job_id)
+        except UnknownJob:
+            job = None
+        if job is None:
+            error: str | None = "the job has expired from the history"
+            tries = MAX_TRIES
+        else:
+            summary = self._summary(job)
+            try:
+                if "exec" in delivery.spec:
+                    error = await self._exec(delivery, job, summary, tries)
+                else:
+                    error = await self._http(delivery, job, summary, tries)
+            except (aiohttp.ClientError, TimeoutError, OSError, SpawnError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        now = self.clock()
+        what = f"job={delivery.job_id} {delivery.event} callback {delivery.target!r}"
+        if error is None:
+            delivery = _replace(delivery, state="delivered", tries=tries, next_try_at=None, delivered_at=now)
+            log.info("%s delivered (try %d)", what, tries)
+        elif tries >= MAX_TRIES:
+            delivery = _replace(delivery, state="failed", tries=tries, next_try_at=None, last_error=error)
+            log.warning("%s failed for good after %d tries: %s", what, tries, error)
+        else:
+            delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (tries - 1))
+            delivery = _replace(delivery, tries=tries, next_try_at=now + delay, last_error=error)
+            log.info("%s: try %d failed (%s); next in %gs", what, tries, error, delay)
+        self.store.record_callback_try(delivery)
+        if delivery.state == "pending" and not self._closing:
+            self._arm(delivery)
+
+    def _summary(self, job: Job) -> dict[str, Any]:
+        attempts = self.store.attempts(job.id)
+        return {**job.to_json(), "last_attempt": attempts[-1].to_json() if attempts else None}
+
+    async def _http(self, delivery: CallbackDelivery, job: Job, summary: dict[str, Any], tries: int) -> str | None:
+        spec = delivery.spec["http"]
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        url = spec["url"].replace("__JOBID__", str(job.id))
+        headers = {**spec.get("headers", {}), "X-Jobd-Event": delivery.event, "X-Jobd-Try": str(tries)}
+        timeout = aiohttp.ClientTimeout(total=spec.get("timeout", HTTP_TIMEOUT))
+        if spec["method"] == "GET":
+            request = self._session.get(url, params={"jobid": str(job.id)}, headers=headers, timeout=timeout)
+        else:
+            request = self._session.post(url, json=summary, headers=headers, timeout=timeout)
+        async with request as response:
+            await response.read()
+            if response.status >= 300:
+                return f"HTTP status {response.status}"
+        return None
+
+    async def _exec(self, delivery: CallbackDelivery, job: Job, summary: dict[str, Any], tries: int) -> str | None:
+        user = _run_as(job.spec)  # the job's own user (None: jobd's)
+        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        base = os.path.join(self.dir, str(delivery.id))
+        env = {
+            "PATH": DEFAULT_PATH,
+            "JOBD_JOB_ID": str(job.id),
+            "JOBD_QUEUE": job.spec.queue,
+            "JOBD_STATE": str(job.state),
+            "JOBD_EXIT_CODE": "" if job.exit_code is None else str(job.exit_code),
+            "JOBD_EVENT": delivery.event,
+            "JOBD_CALLBACK_TRY": str(tries),
+        }
+        if user is not None:
+            name = user.name or str(user.uid)
+            env.update(HOME=user.home, USER=name, LOGNAME=name)
+        launch = LaunchSpec(
+            argv=delivery.spec["exec"],
+            env=env,
+            cwd=user.home if user is not None and os.path.isdir(user.home) else "/",
+            stdin=json.dumps(summary).encode(),
+            stdout_path=base + ".stdout",
+            stderr_path=base + ".stderr",
+            log_path=base + ".log",
+            max_output=EXEC_OUTPUT,
+            uid=user.uid if user is not None else None,
+            gid=user.gid if user is not None else None,
+            groups=user.groups if user is not None else (),
+        )
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[ExitInfo] = loop.create_future()
+
+        def exited(info: ExitInfo) -> None:
+            if not ended.done():
+                ended.set_result(info)
+
+        child = Child.spawn(launch, loop, on_exit=exited, on_progress=_ignore, on_log=_ignore, on_output=_nothing)
+        self._children[delivery.id] = child
+        try:
+            try:
+                info = await asyncio.wait_for(asyncio.shield(ended), EXEC_TIMEOUT)
+            except TimeoutError:
+                child.stop(2.0)
+                await ended
+                return f"timed out after {EXEC_TIMEOUT:g}s"
+        finally:
+            self._children.pop(delivery.id, None)
+        if info.exit_code == 0:
+            return None
+        return f"exit code {info.exit_code}" if info.exit_code is not None else f"signal {info.signal}"
+
+    async def close(self) -> None:
+        """Stop delivering: what is pending stays in the table for the next start."""
+        self._closing = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        tasks = list(self._tasks.values())
+        if tasks:  # deliveries under way get a moment to end (and be recorded) before they are abandoned
+            await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+        for child in list(self._children.values()):
+            child.stop(1.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _replace(delivery: CallbackDelivery, **changes: Any) -> CallbackDelivery:
+    return dataclasses.replace(delivery, **changes)
+
+
+def _ignore(_: object) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass

@@ -1,0 +1,287 @@
+"""Completion callbacks (on_success / on_failure / on_finish): an HTTP server inside the test receives them.
+
+Nothing sleeps or polls: the test blocks on the queue its server fills, on job.wait, or on a FIFO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Daemon
+
+TIMEOUT = 30
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A loopback HTTP server: every request goes to `requests`; `plan[path]` lists the statuses to answer first."""
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue[Received] = queue.Queue()
+        self.plan: dict[str, list[int]] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = self.path.split("?")[0]
+                planned = receiver.plan.get(path)
+                status = planned.pop(0) if planned else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                receiver.requests.put(Received(self.command, self.path, dict(self.headers.items()), body))
+
+            do_GET = _answer
+            do_POST = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}{path}"
+
+    def next(self) -> Received:
+        return self.requests.get(timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def _rows(daemon: Daemon) -> list[dict[str, Any]]:
+    """The callback table, read once jobd has stopped (it keeps the database locked while it runs)."""
+    with sqlite3.connect(daemon.state_dir / "jobd.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute('SELECT * FROM "callback" ORDER BY id')]
+
+
+def _post_script(url: str, *, fifo: str | None = None) -> list[str]:
+    """An exec callback that POSTs what it got (stdin, JOBD_* variables) to `url`, then reads `fifo` if given."""
+    code = (
+        "import json, os, sys, urllib.request\n"
+        "body = json.dumps({'stdin': json.load(sys.stdin),"
+        " 'env': {k: v for k, v in os.environ.items() if k.startswith('JOBD_')}}).encode()\n"
+        "urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=body, method='POST'), timeout=30).read()\n"
+        "if len(sys.argv) > 2:\n"
+        "    open(sys.argv[2]).read()\n"
+    )
+    return [sys.executable, "-c", code, url, *([fifo] if fifo else [])]
+
+
+def test_success_failure_finish_fire_as_documented(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:
+    hooks = f"""
+        on_success = [{{ http = {{ url = "{receiver.url("/success")}" }} }}]
+        on_failure = [{{ http = {{ url = "{receiver.url("/failure")}" }} }}]
+        on_finish = [{{ http = {{ url = "{receiver.url("/finish")}", method = "GET" }} }}]
+    """
+    d = make_daemon(
+        f"""
+        [queue.default]
+        concurrency = 2
+
+        [task.ok]
+        command = ["/bin/true"]
+        {hooks}
+
+        [task.bad]
+        command = ["/bin/false"]
+        {hooks}
+        """
+    )
+    ok = d.submit(task="ok")["id"]
+    assert d.wait(ok)["state"] == "succeeded"
+    got = sorted([receiver.next(), receiver.next()], key=lambda r: r.path)
+    assert got[0].method == "GET" and got[0].path == f"/finish?jobid={ok}"  # as Queue Server's GET callback
+    assert got[1].method == "POST" and got[1].path == "/success"
+    summary = got[1].json()
+    assert summary["id"] == ok and summary["state"] == "succeeded" and summary["exit_code"] == 0
+    assert summary["last_attempt"]["number"] == 1 and summary["last_attempt"]["outcome"] == "succeeded"
+    assert got[1].headers["X-Jobd-Event"] == "on_success"
+
+    bad = d.submit(task="bad")["id"]
+    assert d.wait(bad)["state"] == "failed"
+    got = sorted([receiver.next(), receiver.next()], key=lambda r: r.path)
+    assert got[0].path == "/failure" and got[0].json()["state"] == "failed" and got[0].json()["exit_code"] == 1
+    assert got[1].path == f"/finish?jobid={bad}"  # on_finish fires on failure too (Queue Server's callback_done)
+
+    assert d.stop() == 0
+    rows = [(row["job_id"], row["event"], row["state"], row["tries"]) for row in _rows(d)]
+    assert rows == [
+        (ok, "on_success", "delivered", 1),
+        (ok, "on_finish", "delivered", 1),
+        (bad, "on_failure", "delivered", 1),
+        (bad, "on_finish", "delivered", 1),
+    ]
+
+
+def test_job_callbacks_queue_callbacks_and_exec_stdin(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:
+    d = make_daemon(
+        f"""
+        [queue.default]
+        concurrency = 2
+        on_finish = [{{ http = {{ url = "{receiver.url("/queue")}" }} }}]
+        """
+    )
+    job = d.submit(
+        command=["/bin/sh", "-c", "exit 3"],
+        callbacks={"on_failure": [{"exec": _post_script(receiver.url("/exec"))}]},
+    )["id"]
+    assert d.wait(job)["state"] == "failed"
+    got = {r.path: r for r in (receiver.next(), receiver.next())}
+    assert got["/queue"].json()["id"] == job
+    exec_got = got["/exec"].json()
+    assert exec_got["stdin"]["id"] == job and exec_got["stdin"]["state"] == "failed"
+    assert exec_got["stdin"]["last_attempt"]["exit_code"] == 3
+    env = exec_got["env"]
+    assert env["JOBD_JOB_ID"] == str(job) and env["JOBD_QUEUE"] == "default"
+    assert env["JOBD_STATE"] == "failed" and env["JOBD_EXIT_CODE"] == "3"
+    d.stop()
+    rows = [(row["event"], row["state"]) for row in _rows(d)]
+    assert rows == [("on_failure", "delivered"), ("on_finish", "delivered")]
+
+
+def test_bad_callbacks_are_refused(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon("[queue.default]\n")
+    with pytest.raises(Exception, match="callbacks"):
+        d.submit(command=["/bin/true"], callbacks={"on_done": []})
+    with pytest.raises(Exception, match="http"):
+        d.submit(command=["/bin/true"], callbacks={"on_finish": [{"http": {"url": "ftp://x"}}]})
+
+
+def test_failed_deliveries_are_retried_with_backoff(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:
+    receiver.plan["/flaky"] = [503, 500]
+    d = make_daemon("[queue.default]\n")
+    job = d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": receiver.url("/flaky")}}]})["id"]
+    tries = [receiver.next() for _ in range(3)]
+    assert [r.headers["X-Jobd-Try"] for r in tries] == ["1", "2", "3"]
+    assert all(r.json()["id"] == job for r in tries)
+    d.stop()
+    (row,) = _rows(d)
+    assert row["state"] == "delivered" and row["tries"] == 3 and row["last_error"] == "HTTP status 500"
+
+
+def test_slow_callback_holds_no_slot(make_daemon: Callable[..., Daemon], receiver: Receiver, tmp_path: Path) -> None:
+    fifo = str(tmp_path / "release")
+    os.mkfifo(fifo)
+    d = make_daemon(
+        f"""
+        [queue.serial]
+        concurrency = 1
+
+        [task.first]
+        command = ["/bin/true"]
+        queue = "serial"
+        on_finish = [{{ exec = {json.dumps(_post_script(receiver.url("/started"), fifo=fifo))} }}]
+
+        [task.second]
+        command = ["/bin/true"]
+        queue = "serial"
+        """
+    )
+    first = d.submit(task="first")["id"]
+    started = receiver.next()
+    assert started.path == "/started" and started.json()["stdin"]["id"] == first
+    # The callback is blocked on the FIFO: the next job of the one-slot queue still runs at once.
+    second = d.submit(task="second")["id"]
+    assert d.wait(second, timeout=TIMEOUT)["state"] == "succeeded"
+    with open(fifo, "w") as release:  # the callback reads it: its open has a reader, so this does not block
+        release.write("go")
+    d.stop()
+    (row,) = _rows(d)
+    assert (row["job_id"], row["state"], row["tries"]) == (first, "delivered", 1)
+
+
+def test_pending_delivery_survives_a_restart(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:
+    receiver.plan["/later"] = [503]
+    d = make_daemon("[queue.default]\n")
+    job = d.submit(command=["/bin/true"], callbacks={"on_finish": [{"http": {"url": receiver.url("/later")}}]})["id"]
+    assert receiver.next().headers["X-Jobd-Try"] == "1"  # refused: the next try is a second away
+    d.kill9()
+    d.start()
+    again = receiver.next()
+    assert again.json()["id"] == job and again.json()["state"] == "succeeded"
+    d.stop()
+    (row,) = _rows(d)
+    assert row["state"] == "delivered" and row["tries"] >= 1
+
+
+def test_config_callbacks_are_checked_and_kept(tmp_path: Path) -> None:
+    from jobd import config
+    from jobd.errors import ConfigError
+
+    base = f'[daemon]\nstate_dir = "{tmp_path}/state"\nsocket = "{tmp_path}/s"\n[queue.default]\n'
+    good = base + (
+        'on_failure = [{ http = { url = "http://127.0.0.1:9/q" } }]\n'
+        '[task.t]\ncommand = ["/bin/true"]\non_success = [{ exec = ["/usr/bin/notify", "--job"] }]\n'
+    )
+    (tmp_path / "jobd.toml").write_text(good)
+    loaded = config.load([str(tmp_path)])
+    assert loaded.tasks["t"].callbacks == {"on_success": [{"exec": ["/usr/bin/notify", "--job"]}]}
+    assert loaded.queues["default"].callbacks == {
+        "on_failure": [{"http": {"url": "http://127.0.0.1:9/q", "method": "POST"}}]
+    }
+    (tmp_path / "jobd.toml").write_text(
+        base + '[task.t]\ncommand = ["/bin/true"]\non_finish = [{ exec = ["notify"] }]\n'
+    )
+    with pytest.raises(ConfigError, match=r"task\.t\.on_finish\[1\]\.exec: the program must be an absolute path"):
+        config.load([str(tmp_path)])
+
+
+def test_exec_callbacks_of_a_job_are_for_admins_only(tmp_path: Path) -> None:
+    from jobd import config
+    from jobd.engine.submit import Peer, SubmitRequest, _with_callbacks
+    from jobd.errors import InsufficientRights
+    from jobd.model import JobSpec
+
+    (tmp_path / "jobd.toml").write_text(
+        f'[daemon]\nstate_dir = "{tmp_path}/state"\nsocket = "{tmp_path}/s"\n[queue.default]\n'
+        '[task.t]\ncommand = ["/bin/true"]\non_finish = [{ exec = ["/bin/true"] }]\n'
+    )
+    loaded = config.load([str(tmp_path)])
+    user = Peer(uid=1000, gid=1000, pid=1, is_admin=False)
+    spec = JobSpec(command=("/bin/true",), queue="default", task="t")
+    http = {"on_success": [{"http": {"url": "http://127.0.0.1:9/", "method": "POST"}}]}
+    resolved = _with_callbacks(loaded, SubmitRequest(task="t", callbacks=http), user, spec)
+    assert resolved.callbacks == {
+        "on_success": http["on_success"],
+        "on_finish": [{"exec": ["/bin/true"]}],  # the task's own exec callback is the administrator's
+    }
+    with pytest.raises(InsufficientRights, match="exec callbacks"):
+        _with_callbacks(loaded, SubmitRequest(task="t", callbacks={"on_finish": [{"exec": ["/bin/true"]}]}), user, spec)
