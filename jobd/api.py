@@ -22,6 +22,7 @@ from jobd import __version__, audit, safexml
 from jobd.engine import access
 from jobd.engine import callbacks as callback_defs
 from jobd.engine.core import STREAMS, Engine
+from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.instances import Instances
 from jobd.engine.queues import QueueRuntime
 from jobd.engine.scheduler import Scheduler
@@ -232,6 +233,11 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
     if command is not None and (not command or not command[0]):
         raise p.bad("command", "a non-empty list of strings whose first is the program")
     retry_raw = p.mapping("retry")
+    http_raw = p.mapping("http")
+    try:
+        http = None if http_raw is None else check_request(http_raw)
+    except HttpSpecError as error:
+        raise InvalidParams(f"{p.method}: http: {error}") from None
     request = SubmitRequest(
         task=p.name("task"),
         command=command,
@@ -250,6 +256,7 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
         max_output=p.integer("max_output"),
         merge_stderr=p.flag("merge_stderr"),
         callbacks=_callbacks(p),
+        http=http,
     )
     delay = p.number("delay") or 0.0
     return request, delay

@@ -31,6 +31,7 @@ import inotify_simple
 
 from jobd import users, workflowdef
 from jobd.engine import callbacks as callback_defs
+from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.schedule import Calendar
 from jobd.errors import ConfigError
 from jobd.model import (
@@ -102,6 +103,7 @@ TASK_KEYS = (
     "on_success",
     "on_failure",
     "on_finish",
+    "http",
 )
 RETRY_KEYS = ("times", "delay", "backoff", "on_exit_codes")
 RETRY_SCHEDULE_KEYS = ("levels",)
@@ -909,9 +911,13 @@ def _queue(table: _Table) -> QueueDef:
 
 def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> TaskDef:
     table.reject_unknown(TASK_KEYS)
+    http = table.read("http", _http_request, None)
+    if http is not None and "command" in table.settings:
+        raise table.settings["command"].invalid("a task has either 'command' or 'http', not both")
     return TaskDef(
         name=table.key[-1],
-        command=table.require("command", _command, "a non-empty array of strings"),
+        command=() if http is not None else table.require("command", _command, "a non-empty array of strings"),
+        http=http,
         queue=table.read("queue", _defined_queue(queues), DEFAULT_QUEUE),
         parameters=table.read("parameters", _choice(ParameterMode), ParameterMode.ARGS),
         working_dir=table.read("working_dir", _absolute_path, None),
@@ -922,6 +928,13 @@ def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> T
         max_output=table.read("max_output", _integer(0), daemon.max_output),
         callbacks=_callbacks(table),
     )
+
+
+def _http_request(setting: _Setting) -> Mapping[str, Any]:
+    try:
+        return MappingProxyType(check_request(setting.value))
+    except HttpSpecError as error:
+        raise setting.invalid(str(error)) from None
 
 
 def _callbacks(table: _Table) -> Mapping[str, Any] | None:

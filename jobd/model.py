@@ -166,6 +166,7 @@ class TaskDef:
     uid: int | None = None
     gid: int | None = None
     callbacks: Mapping[str, Any] | None = None  # on_success / on_failure / on_finish lists
+    http: Mapping[str, Any] | None = None  # an HTTP task (jobd/engine/http_task.py): `command` is then empty
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,7 +267,7 @@ def test_unknown_key_lists_the_allowed_keys_and_suggests_one(tmp_path: Path) -> 
     assert error.message == (
         f"{path}:2: unknown key task.resize.comand (did you mean command?); allowed keys: command, queue, "
         "parameters, working_dir, environment, timeout, kill_grace, retry, max_output, user, group, run_as, "
-        "on_success, on_failure, on_finish"
+        "on_success, on_failure, on_finish, http"
     )
     assert error.details["key"] == "task.resize.comand"
 

@@ -17,8 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import aiohttp
+
 from jobd.engine.decisions import after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
+from jobd.engine.http_task import HttpRequest
 from jobd.engine.queues import QueueRuntime
 from jobd.errors import JobFinished, QueueClosed, ShuttingDown, UnknownJob, UnknownQueue
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
@@ -94,7 +97,7 @@ def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
 
 @dataclass
 class _Running:
-    child: Child
+    child: Child | HttpRequest
     attempt: Attempt
     timeout_timer: asyncio.TimerHandle | None = None
     ended: asyncio.Future[None] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -122,6 +125,7 @@ class Engine:
         self._watchers: dict[int, JobWatcher] = {}  # job id -> who runs it (a workflow instance's task)
         # Told of every job that reaches a final state, just after its commit (completion callbacks).
         self.finish_listeners: list[Callable[[Job], None]] = []
+        self._http_session: aiohttp.ClientSession | None = None  # for HTTP jobs, made on first use
         self.history = HistoryKeeper(store, config.daemon.history, clock, self._remove_output)
         self.on_counts_changed: Callable[[], None] = lambda: None
         self._apply_queue_definitions(config, store.queue_pauses())
@@ -244,27 +248,7 @@ class Engine:
     def _start(self, queue: QueueRuntime, job: Job) -> None:
         number = job.attempts + 1
         now = self.clock()
-        user = _run_as(job.spec)  # None: jobd's own user
-        # Another user cannot enter the state directory: its own home (or /) is its default working directory,
-        # and a program written there (a workflow's SCRIPT task) is handed over by file descriptor.
-        cwd = job.spec.working_dir
-        if cwd is None and user is not None:
-            cwd = user.home if os.path.isdir(user.home) else "/"
-        launch = LaunchSpec(
-            argv=job.spec.command,
-            env=self._environment(job, number, user),
-            cwd=cwd,
-            stdin=job.spec.stdin,
-            stdout_path=self.output_path(job.id, number, "stdout"),
-            stderr_path=self.output_path(job.id, number, "stderr"),
-            log_path=self.output_path(job.id, number, "log"),
-            max_output=job.spec.max_output,
-            merge_stderr=job.spec.merge_stderr,
-            uid=user.uid if user is not None else None,
-            gid=user.gid if user is not None else None,
-            groups=user.groups if user is not None else (),
-            program_by_fd=user is not None and job.spec.command[0].startswith(self.state_dir.rstrip("/") + "/"),
-        )
+        launch = None if job.spec.http is not None else self._launch_spec(job, number)
         job = transition(
             job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
         )
@@ -274,6 +258,9 @@ class Engine:
         # (and recovered as `lost`), never silently run a second time under the same number.
         attempt = Attempt(job.id, number, now)
         self.store.start_attempt(job, attempt)
+        if launch is None:  # an HTTP job: a request on the loop instead of a process
+            self._start_http(job, attempt)
+            return
         try:
             child = Child.spawn(
                 launch,
@@ -291,16 +278,57 @@ class Engine:
             return
         attempt = dataclasses.replace(attempt, pid=child.pid, pid_start=child.start_time)
         self.store.record_process(attempt)
-        running = _Running(child, attempt)
+        self._started(job, _Running(child, attempt), child.pid)
+
+    def _start_http(self, job: Job, attempt: Attempt) -> None:
+        assert job.spec.http is not None
+        if self._http_session is None:  # one session (connection pool) per daemon, made on first use
+            self._http_session = aiohttp.ClientSession()
+        request = HttpRequest(
+            self._http_session,
+            job.spec.http,
+            job.id,
+            max_output=job.spec.max_output,
+            stdout_path=self.output_path(job.id, attempt.number, "stdout"),
+            stderr_path=self.output_path(job.id, attempt.number, "stderr"),
+            on_exit=lambda info: self._exited(job.id, info),
+            on_output=lambda: self._wake_output_waiters(job.id),
+        )
+        self._started(job, _Running(request, attempt), 0)
+
+    def _started(self, job: Job, running: _Running, pid: int) -> None:
         if job.spec.timeout is not None:
             running.timeout_timer = self.loop.call_later(job.spec.timeout, self._time_out, job.id)
         self._running[job.id] = running
-        log.info("job=%d running (attempt %d, pid %d)", job.id, number, child.pid)
+        log.info("job=%d running (attempt %d, pid %d)", job.id, running.attempt.number, pid)
         self._emit("job.state", job)
         watcher = self._watchers.get(job.id)
         if watcher is not None:
-            watcher.job_started(job, child.pid)
+            watcher.job_started(job, pid)
         self._counts_changed()
+
+    def _launch_spec(self, job: Job, number: int) -> LaunchSpec:
+        user = _run_as(job.spec)  # None: jobd's own user
+        # Another user cannot enter the state directory: its own home (or /) is its default working directory,
+        # and a program written there (a workflow's SCRIPT task) is handed over by file descriptor.
+        cwd = job.spec.working_dir
+        if cwd is None and user is not None:
+            cwd = user.home if os.path.isdir(user.home) else "/"
+        return LaunchSpec(
+            argv=job.spec.command,
+            env=self._environment(job, number, user),
+            cwd=cwd,
+            stdin=job.spec.stdin,
+            stdout_path=self.output_path(job.id, number, "stdout"),
+            stderr_path=self.output_path(job.id, number, "stderr"),
+            log_path=self.output_path(job.id, number, "log"),
+            max_output=job.spec.max_output,
+            merge_stderr=job.spec.merge_stderr,
+            uid=user.uid if user is not None else None,
+            gid=user.gid if user is not None else None,
+            groups=user.groups if user is not None else (),
+            program_by_fd=user is not None and job.spec.command[0].startswith(self.state_dir.rstrip("/") + "/"),
+        )
 
     def _environment(self, job: Job, attempt: int, user: Account | None) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}
@@ -346,6 +374,7 @@ class Engine:
             stdout_bytes=info.stdout_bytes,
             stderr_bytes=info.stderr_bytes,
             truncated=info.truncated,
+            error=running.child.error if isinstance(running.child, HttpRequest) else None,
         )
         self._settle(job, attempt, cancelled=running.cancelled)
         running.ended.set_result(None)
@@ -642,3 +671,5 @@ class Engine:
             self._stop(job_id)
         # A job stopped by shutdown goes back to `queued`, not to a final state: wait for its attempt to end.
         await asyncio.gather(*ended)
+        if self._http_session is not None:
+            await self._http_session.close()

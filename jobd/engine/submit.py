@@ -13,6 +13,7 @@ import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from jobd.engine import access as access_rules
 from jobd.engine import callbacks as callback_defs
@@ -65,6 +66,7 @@ class SubmitRequest:
     kill_grace: float | None = None
     max_output: int | None = None
     callbacks: Mapping[str, object] | None = None  # the job's own, checked by jobd.engine.callbacks
+    http: Mapping[str, Any] | None = None  # an ad-hoc HTTP job (checked by jobd.engine.http_task.check_request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +140,14 @@ def _database_groups(user: str, uid: int, gid: int) -> list[int]:
         return [gid]
 
 
-_AD_HOC_ONLY = ("working_dir", "retry", "kill_grace", "max_output")
+_AD_HOC_ONLY = ("working_dir", "retry", "kill_grace", "max_output", "http")
 
 
 def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
-    if (request.task is None) == (request.command is None):
-        raise InvalidParams("give exactly one of 'task' (a configured task) or 'command' (an argv list)")
+    if sum(given is not None for given in (request.task, request.command, request.http)) != 1:
+        raise InvalidParams(
+            "give exactly one of 'task' (a configured task), 'command' (an argv list) or 'http' (a request)"
+        )
     if request.args and request.params:
         raise InvalidParams("give 'args' (a list) or 'params' (an object), not both")
     _check_env_names(request.env, "env")
@@ -185,6 +189,8 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
             raise InvalidParams(f"'{name}' is set by the task's configuration; it is allowed for ad-hoc commands only")
     if request.queue is not None and request.queue != task.queue:
         access_rules.require(config.access, peer, Right.EXEC, ObjectKind.QUEUE, request.queue)
+    if task.http is not None and (request.args or request.params or request.stdin is not None):
+        raise InvalidParams(f"task {task.name!r} makes an HTTP request: it takes no 'args', 'params' or 'stdin'")
     argv = task.command + request.args
     env = dict(task.environment)
     if task.parameters is ParameterMode.ENV:
@@ -211,6 +217,7 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
         merge_stderr=request.merge_stderr,
         run_as_uid=uid,
         run_as_gid=gid,
+        http=task.http,
     )
 
 
@@ -231,8 +238,10 @@ def _task_identity(config: Config, task: TaskDef, peer: Peer) -> tuple[int | Non
 
 
 def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
-    assert request.command is not None
     access_rules.require_admin(peer, "run ad-hoc commands (submit a configured task instead)")
+    if request.http is not None:
+        return _resolve_ad_hoc_http(config, request, peer)
+    assert request.command is not None
     if peer.uid < 0:
         raise InsufficientRights(
             "ad-hoc commands run as the admin who submits them, and a remote client has no local user; "
@@ -256,6 +265,25 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
         merge_stderr=request.merge_stderr,
         run_as_uid=peer.uid,  # the calling admin
         run_as_gid=peer.gid,
+    )
+
+
+def _resolve_ad_hoc_http(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
+    assert request.http is not None
+    if request.args or request.params or request.env or request.stdin is not None or request.working_dir:
+        raise InvalidParams("an HTTP job takes no 'args', 'params', 'env', 'stdin' or 'working_dir'")
+    return JobSpec(
+        command=(),
+        queue=request.queue or "default",
+        priority=request.priority,
+        timeout=request.timeout,
+        kill_grace=0.0,
+        retry=request.retry or RetryPolicy(),
+        max_output=request.max_output if request.max_output is not None else config.daemon.max_output,
+        context=request.context,
+        key=request.key,
+        submitted_by=peer.uid,
+        http=MappingProxyType(dict(request.http)),
     )
 
 

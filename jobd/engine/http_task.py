@@ -1,0 +1,213 @@
+"""HTTP jobs: a request jobd makes in-process (aiohttp) where a program job would spawn a process.
+
+`check_request` validates the `http` object of a task or of an ad-hoc submit (one set of rules for both).
+`HttpRequest` runs one attempt: it looks to the engine like a proc.Child (an `on_exit` callback with an ExitInfo,
+`stop()`), and writes the response body to the attempt's stdout file and the status line and headers (or the
+error) to its stderr file, so job.output works as for programs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from jobd.proc import ExitInfo
+
+log = logging.getLogger("jobd.http")
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+KEYS = ("type", "method", "url", "headers", "params", "body", "timeout", "expect_status")
+DEFAULT_TIMEOUT = 3600.0  # the request's own limit when neither it nor the job sets one
+JOB_ID = "__JOBID__"
+_CHUNK = 65536
+
+
+class HttpSpecError(ValueError):
+    """An invalid `http` object: the message names the key and what is allowed."""
+
+
+def check_request(value: object) -> dict[str, Any]:
+    """The `http` object, checked and normalised (method upper case, defaults filled in); JSON-able."""
+    if not isinstance(value, Mapping):
+        raise HttpSpecError("expected a table/object with at least 'url'")
+    unknown = sorted(set(value) - set(KEYS))
+    if unknown:
+        raise HttpSpecError(f"unknown key {unknown[0]!r}; allowed: {', '.join(KEYS)}")
+    if value.get("type", "http") != "http":  # Queue Server's command object says "type": "http"
+        raise HttpSpecError(f"'type': {value.get('type')!r} is not allowed; allowed: \"http\" (or leave it out)")
+    url = value.get("url")
+    if not isinstance(url, str) or not url:
+        raise HttpSpecError("'url' is required: an http:// or https:// URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or _has_control(url):
+        raise HttpSpecError(f"'url': {url!r} is not an http:// or https:// URL")
+    method = value.get("method", "GET")
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise HttpSpecError(f"'method': {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+    headers = _strings(value.get("headers", {}), "headers")
+    for name, text in headers.items():
+        if not name or _has_control(name) or ":" in name or " " in name:
+            raise HttpSpecError(f"'headers': {name!r} is not a valid header name")
+        if _has_control(text):
+            raise HttpSpecError(f"'headers': the value of {name!r} contains CR, LF or NUL")
+    params = _strings(value.get("params", {}), "params")
+    body = value.get("body")
+    if body is not None and not isinstance(body, str):
+        raise HttpSpecError("'body': expected a string")
+    timeout = value.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0):
+        raise HttpSpecError(f"'timeout': expected a number > 0, got {timeout!r}")
+    expect = value.get("expect_status")
+    if expect is not None:
+        if not isinstance(expect, list) or not expect:
+            raise HttpSpecError("'expect_status': expected a non-empty list of status codes 100-599")
+        for status in expect:
+            if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+                raise HttpSpecError(f"'expect_status': {status!r} is not a status code 100-599")
+    return {
+        "method": method.upper(),
+        "url": url,
+        "headers": headers,
+        "params": params,
+        "body": body,
+        "timeout": None if timeout is None else float(timeout),
+        "expect_status": None if expect is None else list(expect),
+    }
+
+
+def _strings(value: object, key: str) -> dict[str, str]:
+    """A table of strings (numbers are taken as their text, as a form would send them)."""
+    if not isinstance(value, Mapping):
+        raise HttpSpecError(f"'{key}': expected a table/object of strings")
+    out = {}
+    for name, item in value.items():
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            item = str(item)
+        if not isinstance(name, str) or not isinstance(item, str):
+            raise HttpSpecError(f"'{key}': {name!r}: expected a string")
+        out[name] = item
+    return out
+
+
+def _has_control(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\0" in text
+
+
+def substitute(request: Mapping[str, Any], job_id: int) -> dict[str, Any]:
+    """`__JOBID__` replaced by the job id in the URL, the params (names and values) and the body."""
+    ident = str(job_id)
+    out = dict(request)
+    out["url"] = str(request["url"]).replace(JOB_ID, ident)
+    out["params"] = {k.replace(JOB_ID, ident): v.replace(JOB_ID, ident) for k, v in request["params"].items()}
+    if request.get("body") is not None:
+        out["body"] = str(request["body"]).replace(JOB_ID, ident)
+    return out
+
+
+class HttpRequest:
+    """One attempt of an HTTP job, running as a task on the loop. `pid` is None: there is no process."""
+
+    pid: int | None = None
+    start_time: int | None = None
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        request: Mapping[str, Any],
+        job_id: int,
+        *,
+        max_output: int,
+        stdout_path: str,
+        stderr_path: str,
+        on_exit: Callable[[ExitInfo], None],
+        on_output: Callable[[], None],
+    ) -> None:
+        self._session = session
+        self._request = substitute(request, job_id)
+        self._max_output = max_output
+        self._stdout_path = stdout_path
+        self._stderr_path = stderr_path
+        self._on_exit = on_exit
+        self._on_output = on_output
+        self.error: str | None = None
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Cancel the request (the grace of a process has no meaning here)."""
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        body = bytearray()
+        head = ""
+        size = 0
+        exit_code: int | None = None
+        try:
+            request = self._request
+            timeout = request["timeout"] if request["timeout"] is not None else DEFAULT_TIMEOUT
+            try:
+                async with asyncio.timeout(timeout):
+                    async with self._session.request(
+                        request["method"],
+                        request["url"],
+                        headers=request["headers"],
+                        params=request["params"] or None,
+                        data=None if request["body"] is None else request["body"].encode(),
+                        allow_redirects=False,
+                    ) as response:
+                        version = response.version or aiohttp.HttpVersion11
+                        lines = [f"HTTP/{version.major}.{version.minor} {response.status}"]
+                        lines[0] += f" {response.reason}" if response.reason else ""
+                        lines += [f"{name}: {text}" for name, text in response.headers.items()]
+                        head = "\n".join(lines) + "\n"
+                        self._write(self._stderr_path, head.encode())
+                        async for chunk in response.content.iter_chunked(_CHUNK):
+                            room = self._max_output - len(body)
+                            if room > 0:
+                                body += chunk[:room]
+                            size += len(chunk)
+                        expected = request["expect_status"]
+                        ok = response.status in expected if expected is not None else 200 <= response.status < 300
+                        if ok:
+                            exit_code = 0
+                        else:
+                            wanted = "2xx" if expected is None else ", ".join(map(str, expected))
+                            self.error = f"HTTP status {response.status} (expected {wanted})"
+            except TimeoutError:
+                self.error = f"HTTP request timed out after {timeout:g}s"
+            except (aiohttp.ClientError, OSError, ValueError) as error:
+                self.error = f"HTTP request failed: {type(error).__name__}: {error}"
+        except asyncio.CancelledError:
+            self.error = "HTTP request cancelled"
+        if self.error is not None:
+            self._write(self._stderr_path, (("\n" if head else "") + self.error + "\n").encode())
+        self._write(self._stdout_path, bytes(body))
+        stderr_size = os.path.getsize(self._stderr_path) if os.path.exists(self._stderr_path) else 0
+        self._on_exit(
+            ExitInfo(
+                exit_code=exit_code,
+                signal=None,
+                cpu_user=0.0,
+                cpu_system=0.0,
+                max_rss_kib=0,
+                stdout_bytes=size,
+                stderr_bytes=stderr_size,
+                truncated=size > len(body),
+            )
+        )
+
+    def _write(self, path: str, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "ab") as file:
+                file.write(data)
+        except OSError as error:
+            log.warning("cannot write %s: %s", path, error)
+        self._on_output()

@@ -1,0 +1,282 @@
+"""HTTP jobs end to end: a real jobd makes its requests to an HTTP server inside the test, on loopback.
+
+The server thread answers at once or holds a request until the test releases it (threading events and semaphores:
+no sleeps, no polling). Timings appear only where a timeout is the behaviour under test.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from jobd.client import RemoteError
+
+HOLD_LIMIT = 30.0  # a held request is answered at the latest then (or when the test ends)
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class WebServer:
+    url: str
+    requests: list[Seen] = field(default_factory=list)
+    arrivals: queue.Queue[Seen] = field(default_factory=queue.Queue)
+    release: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    closing: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+
+def _handler(state: WebServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _serve(self) -> None:
+            parts = urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            seen = Seen(self.command, parts.path, parse_qs(parts.query), dict(self.headers), self.rfile.read(length))
+            with state.lock:
+                state.requests.append(seen)
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            try:
+                state.arrivals.put(seen)
+                status, body = 200, b"hello from the test server"
+                if parts.path.startswith("/status/"):
+                    status, body = int(parts.path.rsplit("/", 1)[1]), b"no luck"
+                elif parts.path == "/hold":
+                    if not state.release.acquire(timeout=HOLD_LIMIT) or state.closing.is_set():
+                        return
+                elif parts.path.startswith("/echo"):
+                    body = json.dumps({"path": self.path, "body": seen.body.decode()}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("X-Test", "yes")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # jobd went away (cancel, timeout)
+                pass
+            finally:
+                with state.lock:
+                    state.in_flight -= 1
+
+        do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+    return Handler
+
+
+@pytest.fixture
+def web() -> Iterator[WebServer]:
+    state = WebServer("")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        state.closing.set()
+        for _ in range(64):
+            state.release.release()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+CONFIG = """
+[queue.default]
+concurrency = 4
+
+[queue.serial]
+concurrency = 1
+
+[task.notify]
+queue = "default"
+
+[task.notify.http]
+method = "POST"
+url = "{url}/echo/__JOBID__"
+headers = {{ X-Token = "t0k" }}
+params = {{ job = "__JOBID__", fixed = "1" }}
+body = "job=__JOBID__"
+timeout = 30
+expect_status = [200, 201]
+
+[task.picky]
+http = {{ url = "{url}/status/503", expect_status = [201] }}
+retry = {{ times = 2, delay = 0 }}
+"""
+
+
+@pytest.fixture
+def server(make_daemon: Any, web: WebServer) -> Any:
+    return make_daemon(CONFIG.format(url=web.url))
+
+
+def test_configured_post_with_headers_params_body_and_jobid(server: Any, web: WebServer) -> None:
+    job = server.submit(task="notify")
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    assert done["exit_code"] == 0
+    [seen] = web.requests
+    ident = str(job["id"])
+    assert seen.method == "POST"
+    assert seen.path == f"/echo/{ident}"
+    assert seen.query == {"job": [ident], "fixed": ["1"]}
+    assert seen.headers["X-Token"] == "t0k"
+    assert seen.body == f"job={ident}".encode()
+    body = json.loads(server.output(job["id"]))
+    assert body["body"] == f"job={ident}"
+    head = server.output(job["id"], "stderr")
+    assert head.startswith("HTTP/1.1 200 OK\n"), head
+    assert "X-Test: yes" in head
+
+
+def test_ad_hoc_get_output_and_truncation(server: Any, web: WebServer) -> None:
+    job = server.submit(http={"url": f"{web.url}/plain?id=__JOBID__"}, max_output=5)
+    assert server.wait(job["id"])["state"] == "succeeded"
+    assert web.requests[0].method == "GET"
+    assert web.requests[0].query == {"id": [str(job["id"])]}
+    chunk = server.call("job.output", {"id": job["id"], "stream": "stdout"})
+    assert chunk["data"] == "hello"
+    assert chunk["truncated"] is True
+
+
+def test_unexpected_status_fails_each_attempt_and_retries(server: Any, web: WebServer) -> None:
+    job = server.submit(task="picky")
+    done = server.wait(job["id"])
+    assert done["state"] == "failed", done
+    assert done["attempts"] == 3
+    assert done["exit_code"] is None
+    assert "503" in done["error"]
+    assert len(web.requests) == 3
+    assert "HTTP/1.1 503" in server.output(job["id"], "stderr", attempt=2)
+
+
+def test_expect_status_accepts_a_listed_error_status(server: Any, web: WebServer) -> None:
+    job = server.submit(http={"url": f"{web.url}/status/404", "expect_status": [404]})
+    assert server.wait(job["id"])["state"] == "succeeded"
+
+
+def test_connection_refused_fails_the_attempt(server: Any, web: WebServer) -> None:
+    import socket
+
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        job = server.submit(http={"url": f"http://127.0.0.1:{port}/"})
+        done = server.wait(job["id"])
+    assert done["state"] == "failed"
+    assert "HTTP request failed" in done["error"]
+
+
+def test_job_timeout_and_http_timeout(server: Any, web: WebServer) -> None:
+    job = server.submit(http={"url": f"{web.url}/hold"}, timeout=0.5)
+    assert server.wait(job["id"])["state"] == "timed_out"
+    job = server.submit(http={"url": f"{web.url}/hold", "timeout": 0.5})
+    done = server.wait(job["id"])
+    assert done["state"] == "failed"
+    assert "timed out" in done["error"]
+
+
+def test_cancel_while_the_server_holds_the_request(server: Any, web: WebServer) -> None:
+    job = server.submit(http={"url": f"{web.url}/hold"})
+    web.arrivals.get(timeout=20)
+    done = server.call("job.cancel", {"id": job["id"]})
+    assert done["state"] == "cancelled", done
+    assert "cancelled" in server.output(job["id"], "stderr")
+
+
+def test_a_queue_of_one_runs_http_jobs_one_at_a_time(server: Any, web: WebServer) -> None:
+    ids = [server.submit(http={"url": f"{web.url}/hold"}, queue="serial")["id"] for _ in range(3)]
+    for _ in ids:
+        web.arrivals.get(timeout=20)
+        states = [server.call("job.get", {"id": i})["state"] for i in ids]
+        assert states.count("running") == 1, states
+        web.release.release()
+    assert [server.wait(i)["state"] for i in ids] == ["succeeded"] * 3
+    assert web.max_in_flight == 1
+
+
+def test_queue_server_readme_payload_through_the_ad_hoc_api(server: Any, web: WebServer) -> None:
+    # The README's HttpWorker example, with httpbin.org replaced by the test server.
+    payload = {
+        "priority": 800,
+        "context": "MyCoolApp",
+        "command": {
+            "type": "http",
+            "url": "http://httpbin.org/delay/10",
+            "method": "GET",
+            "timeout": 20,
+            "params": {"username": "michael"},
+        },
+    }
+    command = dict(payload["command"])  # type: ignore[call-overload]
+    command["url"] = f"{web.url}/delay/10?jobid=__JOBID__"
+    job = server.submit(http=command, context=payload["context"])
+    assert server.wait(job["id"])["state"] == "succeeded"
+    [seen] = web.requests
+    assert seen.path == "/delay/10"
+    assert seen.query == {"jobid": [str(job["id"])], "username": ["michael"]}
+
+
+@pytest.mark.parametrize(
+    "http",
+    [
+        {},
+        {"url": "ftp://example.org/"},
+        {"url": "http://x/", "method": "BREW"},
+        {"url": "http://x/", "headers": {"A": "b\r\nEvil: 1"}},
+        {"url": "http://x/", "headers": {"Bad\nName": "v"}},
+        {"url": "http://x/", "timeout": 0},
+        {"url": "http://x/", "expect_status": [99]},
+        {"url": "http://x/", "type": "exec"},
+        {"url": "http://x/", "surprise": 1},
+    ],
+)
+def test_invalid_http_objects_are_refused(server: Any, http: dict[str, Any]) -> None:
+    with pytest.raises(RemoteError) as caught:
+        server.submit(http=http)
+    assert "http" in str(caught.value)
+
+
+def test_task_with_invalid_http_is_a_config_error() -> None:
+    from jobd.engine.http_task import HttpSpecError, check_request
+
+    with pytest.raises(HttpSpecError, match="url"):
+        check_request({"method": "GET"})
+    assert check_request({"url": "https://x/a"})["method"] == "GET"
+
+
+def test_an_attempt_running_when_jobd_dies_is_lost_and_retried(server: Any, web: WebServer) -> None:
+    job = server.submit(http={"url": f"{web.url}/hold"}, retry={"times": 1, "delay": 0})
+    web.arrivals.get(timeout=20)
+    server.kill9()
+    web.release.release()  # the first request ends with nobody to read the answer
+    server.start()
+    web.release.release()  # the retry is answered
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    tries = server.call("job.get", {"id": job["id"]})["tries"]
+    assert [t["outcome"] for t in tries] == ["lost", "succeeded"]
