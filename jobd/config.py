@@ -42,6 +42,8 @@ from jobd.model import (
     Durability,
     Grant,
     History,
+    HttpDef,
+    HttpToken,
     OnFailure,
     Overlap,
     ParameterMode,
@@ -65,7 +67,7 @@ WORKFLOWS_DIR = "workflows"
 DEFAULT_QUEUE = "default"
 
 # The keys each kind of table accepts, in the order the documentation lists them.
-SECTIONS = ("daemon", "queue", "task", "retry_schedule", "schedule", "tcp", "access")
+SECTIONS = ("daemon", "queue", "task", "retry_schedule", "schedule", "tcp", "http", "access")
 DAEMON_KEYS = (
     "socket",
     "evqueue_socket",
@@ -83,6 +85,8 @@ DAEMON_KEYS = (
 HISTORY_KEYS = ("keep_days", "keep_last")
 TCP_KEYS = ("listen", "login_delay", "login_delay_max", "users")
 TCP_USER_KEYS = ("password_sha1", "groups", "admin")
+HTTP_KEYS = ("listen", "tokens")
+HTTP_TOKEN_KEYS = ("token_sha256", "user", "groups", "admin")
 ACCESS_KEYS = ("admins", "grant")
 ADMINS_KEYS = ("users", "groups")
 GRANT_KEYS = ("users", "groups", "rights", "workflows", "tasks", "queues")
@@ -513,6 +517,8 @@ class _Merged:
     schedules: dict[str, _Table]
     tcp: _Table = dataclasses.field(default_factory=lambda: _Table(("tcp",), None, {}))
     tcp_users: dict[str, _Table] = dataclasses.field(default_factory=dict)  # [tcp.users.NAME], merged key by key
+    http: _Table = dataclasses.field(default_factory=lambda: _Table(("http",), None, {}))
+    http_tokens: dict[str, _Table] = dataclasses.field(default_factory=dict)  # [http.tokens.NAME]
     access: _Table = dataclasses.field(default_factory=lambda: _Table(("access",), None, {}))
     grants: list[_Setting] = dataclasses.field(default_factory=list)  # [[access.grant]] of every file, in order
 
@@ -535,6 +541,8 @@ def _merge(sources: Sequence[_Source]) -> _Merged:
                 _merge_table(merged.daemon, source, body)
             elif section == "tcp":
                 _merge_tcp(merged, source, body)
+            elif section == "http":
+                _merge_http(merged, source, body)
             elif section == "access":
                 _merge_access(merged, source, body)
             elif section in named:
@@ -571,6 +579,21 @@ def _merge_tcp(merged: _Merged, source: _Source, body: object) -> None:
                 merged.tcp_users[name] = _Table(key, source, {})
             _merge_table(merged.tcp_users[name], source, user_body)
     _merge_table(merged.tcp, source, body)
+
+
+def _merge_http(merged: _Merged, source: _Source, body: object) -> None:
+    """`[http]` key by key; its `tokens` table token by token, as `[tcp.users]`."""
+    if isinstance(body, dict) and "tokens" in body:
+        body = dict(body)
+        tokens = body.pop("tokens")
+        if not isinstance(tokens, dict):
+            raise _Setting(("http", "tokens"), tokens, source).expected("a table of tokens such as [http.tokens.NAME]")
+        for name, token_body in tokens.items():
+            key = ("http", "tokens", name)
+            if name not in merged.http_tokens:
+                merged.http_tokens[name] = _Table(key, source, {})
+            _merge_table(merged.http_tokens[name], source, token_body)
+    _merge_table(merged.http, source, body)
 
 
 def _merge_named_tables(tables: dict[str, _Table], section: str, source: _Source, body: object) -> None:
@@ -867,6 +890,38 @@ def _tcp(table: _Table, users: Mapping[str, _Table]) -> TcpDef:
         login_delay_max=login_delay_max,
         users=MappingProxyType(remote),
     )
+
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _http_listen(setting: _Setting) -> tuple[str, int] | str | None:
+    """`[http] listen`: "address:port" (as `[tcp] listen`), an absolute unix socket path, or false (off)."""
+    if isinstance(setting.value, str) and setting.value.startswith("/"):
+        return _string(setting)
+    return _listen(setting)
+
+
+def _token_sha256(setting: _Setting) -> str:
+    if not isinstance(setting.value, str) or not _SHA256_HEX.fullmatch(setting.value):
+        raise setting.expected("the SHA-256 of the token as 64 hexadecimal digits (printf %s 'token' | sha256sum)")
+    return setting.value.lower()
+
+
+def _http(table: _Table, tokens: Mapping[str, _Table]) -> HttpDef:
+    table.reject_unknown(HTTP_KEYS)
+    found: dict[str, HttpToken] = {}
+    for name, token in tokens.items():
+        _check_name(token)
+        token.reject_unknown(HTTP_TOKEN_KEYS)
+        found[name] = HttpToken(
+            name=name,
+            token_sha256=token.require("token_sha256", _token_sha256, "64 hexadecimal digits, SHA256(token)"),
+            user=token.read("user", _string, name),
+            groups=token.read("groups", _group_names, frozenset()),
+            admin=token.read("admin", _boolean, False),
+        )
+    return HttpDef(listen=table.read("listen", _http_listen, None), tokens=MappingProxyType(found))
 
 
 def _string_or_off(setting: _Setting) -> str | None:
@@ -1220,6 +1275,7 @@ def _build(merged: _Merged, files: Sequence[Path]) -> Config:
         tasks=MappingProxyType(tasks),
         retry_schedules=MappingProxyType(retry_schedules),
         tcp=_tcp(merged.tcp, merged.tcp_users),
+        http=_http(merged.http, merged.http_tokens),
         access=_access(merged.access, merged.grants),
         files=tuple(str(path) for path in files),
     )

@@ -28,6 +28,7 @@ from jobd.engine.core import Engine
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
 from jobd.errors import ConfigError, StartupError
+from jobd.http_api import HttpApi
 from jobd.model import Config, iso
 from jobd.server import Server
 from jobd.store import Store
@@ -148,12 +149,17 @@ class Daemon:
         self.instances = Instances(self.engine, self.store)
         self.scheduler = Scheduler(self.engine, self.instances, self.store)
         self.server = Server(Api(self.engine, self, self.instances, self.scheduler), initial.daemon.socket)
+        self.http: HttpApi | None = None
+        if initial.http.listen is not None:  # a change of [http] listen needs a restart
+            self.http = HttpApi(self.server.api, initial.http.listen, lambda: len(self.server.connections))
         self.watcher: config.ConfigWatcher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
+        if self.http is not None:
+            await self.http.bind()
         self.engine.recover()
         self.instances.recover()
         self.callbacks.start()
@@ -180,6 +186,8 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.close()
         await self.server.stop_listening()
+        if self.http is not None:
+            await self.http.close()
         await self.engine.shutdown()
         await self.callbacks.close()
         await self.server.close_connections()
@@ -226,6 +234,7 @@ class Daemon:
             "config_files": list(self.config.files),
             "last_reload": self.last_reload,
             "tcp_listen": self._tcp_listening(),
+            "http_listen": self.http.address if self.http is not None else None,
             **self.engine.counts(),
         }
 
@@ -256,6 +265,8 @@ class Daemon:
                 "[tcp] listen changed to %s; it takes effect at the next restart (logins follow the new [tcp.users])",
                 new.tcp.listen_text or "off",
             )
+        if new.http.listen != self.config.http.listen:
+            log.warning("[http] listen changed; it takes effect at the next restart (tokens apply at once)")
         self.config = new
         self.engine.reload(new)
         self.scheduler.reload(new)

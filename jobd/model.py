@@ -296,9 +296,29 @@ class AccessDef:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpToken:
+    """`[http.tokens.NAME]`: a bearer token (kept as its SHA-256) and who its holder is for the rights model."""
+
+    name: str
+    token_sha256: str  # lowercase hex
+    user: str
+    groups: frozenset[str] = frozenset()
+    admin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HttpDef:
+    """`[http]`: the optional HTTP listener (docs/http.md): an "address:port" or a unix socket path."""
+
+    listen: tuple[str, int] | str | None = None  # (IP address, port), an absolute socket path, or None (off)
+    tokens: Mapping[str, HttpToken] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonDef = DaemonDef()
     tcp: TcpDef = TcpDef()
+    http: HttpDef = HttpDef()
     queues: Mapping[str, QueueDef] = field(default_factory=dict)
     tasks: Mapping[str, TaskDef] = field(default_factory=dict)
     retry_schedules: Mapping[str, RetrySchedule] = field(default_factory=dict)

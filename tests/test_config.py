@@ -277,7 +277,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     error = load_error(tmp_path)
     assert error.message == (
         f"{path}:3: unknown section tasks (did you mean task?); "
-        "allowed sections: daemon, queue, task, retry_schedule, schedule, tcp, access"
+        "allowed sections: daemon, queue, task, retry_schedule, schedule, tcp, http, access"
     )
 
 

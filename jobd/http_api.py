@@ -1,0 +1,467 @@
+"""The HTTP listener (docs/http.md): Queue Server compatible endpoints, JSON endpoints mirroring the JSON-RPC
+methods, Server-Sent Events and Prometheus metrics, on aiohttp.web.
+
+Who a client is: a bearer token from `[http.tokens.NAME]` (compared in constant time on its SHA-256), or on a unix
+socket, the peer credentials (SO_PEERCRED) as on the API socket. Either gives a `Peer`, and every call goes through
+`Api.call`, so the rights are those of the socket API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import pwd
+import socket
+import stat
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from jobd.api import Api
+from jobd.engine import access
+from jobd.engine.core import JobEvent
+from jobd.engine.http_task import HttpSpecError, check_request
+from jobd.engine.submit import Peer, SubmitRequest, identify_peer, resolve
+from jobd.errors import (
+    InsufficientRights,
+    InvalidParams,
+    JobdError,
+    MethodNotFound,
+    StartupError,
+    UnknownInstance,
+    UnknownJob,
+    UnknownQueue,
+    UnknownSchedule,
+    UnknownTask,
+    UnknownWorkflow,
+)
+from jobd.linux import peer_credentials
+from jobd.model import DEFAULT_PRIORITY, FINISHED_STATES, MAX_PRIORITY, JobState, ObjectKind, Right
+
+log = logging.getLogger("jobd.http")
+
+EVENT_RING = 10_000  # events kept for a reconnect with Last-Event-ID (docs/http.md)
+MAX_BODY = 1024 * 1024
+QS_DEFAULT_PRIORITY = 500  # Queue Server's default; higher runs sooner there
+SSE_QUEUE = 10_000  # events pending for one slow SSE client before it is cut off
+DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+_NOT_FOUND = (UnknownJob, UnknownQueue, UnknownTask, UnknownWorkflow, UnknownInstance, UnknownSchedule, MethodNotFound)
+_PEER_KEY = "jobd.peer"
+
+
+def qs_priority(value: int) -> int:
+    """Queue Server's priority (higher first, default 500) onto jobd's (lower first, default 1024):
+    jobd = 1024 + (500 - value), clamped to 0..MAX_PRIORITY; so 500 is jobd's default and 800 runs before it."""
+    return max(0, min(MAX_PRIORITY, DEFAULT_PRIORITY + QS_DEFAULT_PRIORITY - value))
+
+
+@dataclass(slots=True)
+class _Event:
+    id: int
+    type: str
+    job_id: int
+    task: str | None
+    queue: str
+    data: dict[str, Any]
+
+
+class _HttpSession:
+    """An `api.Session` for one HTTP request: events are served by /events, not by event.subscribe."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def subscribe(self, jobs: frozenset[int], queues: frozenset[str], types: frozenset[str]) -> int:
+        raise InvalidParams("event.subscribe is not available over HTTP; use GET /events (Server-Sent Events)")
+
+
+class HttpApi:
+    def __init__(self, api: Api, listen: tuple[str, int] | str, connection_count: Callable[[], int]) -> None:
+        self.api = api
+        self.listen = listen
+        self.connection_count = connection_count  # the API and evQueue sockets' clients
+        self.address: str | None = None
+        self.ring: deque[_Event] = deque(maxlen=EVENT_RING)
+        self.next_id = 1
+        self.clients: set[asyncio.Queue[_Event | None]] = set()
+        self.active = 0
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.duration_count = 0
+        self.spawn_failures = 0
+        self._unsubscribe = api.engine.subscribe(self._on_event)
+        self._runner: web.AppRunner | None = None
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
+        app.router.add_post("/jobs/add", self.jobs_add)
+        app.router.add_get("/jobs/status", self.jobs_status)
+        app.router.add_get("/jobs/status/{id}", self.job_status)
+        app.router.add_post("/api/{method}", self.rpc)
+        app.router.add_get("/events", self.events)
+        app.router.add_get("/metrics", self.metrics)
+        self.app = app
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def bind(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site: web.BaseSite
+        if isinstance(self.listen, str):
+            with contextlib.suppress(FileNotFoundError):
+                if _is_socket(self.listen):  # left by a jobd that died (the state lock says none is running)
+                    os.unlink(self.listen)
+            site = web.UnixSite(self._runner, self.listen)
+        else:
+            site = web.TCPSite(self._runner, self.listen[0], self.listen[1], reuse_address=True)
+        try:
+            await site.start()
+        except OSError as error:
+            raise StartupError(f"cannot listen for HTTP on {self.listen} ([http] listen): {error.strerror}") from None
+        if isinstance(self.listen, str):
+            os.chmod(self.listen, self.api.engine.config.daemon.socket_mode)  # as the API socket
+            self.address = self.listen
+        else:
+            sockets = self._runner.addresses
+            host, port = str(sockets[0][0]), int(sockets[0][1])
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def close(self) -> None:
+        self._unsubscribe()
+        for client in list(self.clients):
+            client.put_nowait(None)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if isinstance(self.listen, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.listen)
+
+    # -- authentication and limits -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        limit = self.api.engine.config.daemon.max_connections
+        if self.active + self.connection_count() >= limit:
+            return _error(503, "TOO_MANY_CONNECTIONS", f"too many connections: {limit} ([daemon] max_connections)")
+        peer = self._identify(request)
+        if peer is None:
+            response = _error(401, "UNAUTHORIZED", "a valid bearer token is required (Authorization: Bearer …)")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="jobd"'
+            return response
+        request[_PEER_KEY] = peer
+        self.active += 1
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except JobdError as failure:
+            return _failure(failure)
+        finally:
+            self.active -= 1
+
+    def _identify(self, request: web.Request) -> Peer | None:
+        header = request.headers.get("Authorization", "")
+        if header[:7].lower() == "bearer ":
+            digest = hashlib.sha256(header[7:].strip().encode()).hexdigest()
+            config = self.api.engine.config
+            found = None
+            for token in config.http.tokens.values():
+                if hmac.compare_digest(digest, token.token_sha256):
+                    found = token
+            if found is None:
+                return None
+            admin = found.admin or access.is_admin(config.access, found.user, found.groups)
+            try:  # a local account: what ad-hoc commands and run_as = "caller" tasks run as
+                account = pwd.getpwnam(found.user)
+                uid, gid = account.pw_uid, account.pw_gid
+            except KeyError:
+                uid = gid = -1  # a remote user: configured tasks only
+            return Peer(uid=uid, gid=gid, pid=0, is_admin=admin, user=found.user, groups=found.groups)
+        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+        if sock is not None and sock.family == socket.AF_UNIX:  # asyncio's TransportSocket
+            credentials = peer_credentials(sock)
+            return identify_peer(credentials.pid, credentials.uid, credentials.gid, self.api.engine.config.access)
+        return None
+
+    # -- JSON endpoints ------------------------------------------------------------------------------------
+
+    async def rpc(self, request: web.Request) -> web.Response:
+        params = await _json_body(request)
+        if not isinstance(params, dict):
+            raise InvalidParams("the body must be a JSON object: the method's params")
+        method = request.match_info["method"]
+        if method.startswith("event."):
+            raise MethodNotFound(f"{method} is not available over HTTP; use GET /events", method=method)
+        value = self.api.call(_HttpSession(_peer(request)), method, params)
+        if asyncio.iscoroutine(value):
+            value = await value
+        return web.json_response({"result": value})
+
+    # -- Queue Server ----------------------------------------------------------------------------------------
+
+    async def jobs_add(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise InvalidParams("the body must be a Queue Server job object")
+        priority = body.get("priority", QS_DEFAULT_PRIORITY)
+        if isinstance(priority, str) and priority.lstrip("-").isdigit():
+            priority = int(priority)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidParams("priority: expected an integer (higher runs sooner, default 500)", param="priority")
+        context = body.get("context")
+        command = body.get("command")
+        if not isinstance(command, dict) or command.get("type") not in ("http", "exec"):
+            raise InvalidParams('command: expected {"type": "http", "url": ...} or {"type": "exec", "cmd": ...}')
+        argv: tuple[str, ...] | None = None
+        http: dict[str, Any] | None = None
+        if command["type"] == "exec":
+            cmd = command.get("cmd")
+            if not isinstance(cmd, str) or not cmd:
+                raise InvalidParams("command.cmd: expected a non-empty string (run by /bin/sh -c)", param="cmd")
+            argv = ("/bin/sh", "-c", cmd)
+        else:
+            try:  # an HTTP job (jobd.engine.http_task), its request checked as job.submit's "http"
+                http = check_request(command)
+            except HttpSpecError as error:
+                raise InvalidParams(f"command: {error}", param="command") from None
+        submit = SubmitRequest(
+            command=argv,
+            http=http,
+            priority=qs_priority(priority),
+            context=str(context) if context is not None else None,
+            callbacks=_callbacks(body.get("callback_done")),  # checked and merged with the queue's by resolve()
+        )
+        spec = resolve(self.api.engine.config, submit, _peer(request))
+        job = self.api.engine.submit([spec], [0.0])[0]
+        return web.json_response({"status": "OK", "job_id": job.id})
+
+    async def jobs_status(self, request: web.Request) -> web.Response:
+        peer = _peer(request)
+        config = self.api.engine.config
+        waiting = working = slots = 0
+        for queue in self.api.engine.queue_list():
+            if not access.may(config.access, peer, Right.READ, ObjectKind.QUEUE, queue.name):
+                continue
+            waiting += queue.ready_count() + self.api.engine.delayed_count(queue.name)
+            working += len(queue.running)
+            slots += queue.definition.concurrency
+        data = {"waiting": waiting, "working": working, "max_threads": slots, "free_threads": max(0, slots - working)}
+        return web.json_response({"status": 200, "data": data})
+
+    async def job_status(self, request: web.Request) -> web.Response:
+        try:
+            job_id = int(request.match_info["id"])
+        except ValueError:
+            return _error(404, "UNKNOWN_JOB", "no such job")
+        job = self.api.engine.get(job_id)
+        access.require_job(
+            self.api.engine.config.access, _peer(request), Right.READ, job.id, job.spec.task, job.spec.queue
+        )
+        worker_status = {JobState.RUNNING: 1, JobState.SUCCEEDED: 3}.get(job.state, 0)
+        if job.state in FINISHED_STATES and job.state != JobState.SUCCEEDED:
+            worker_status = 99
+        data = job.to_json()
+        return web.json_response(
+            {
+                "id": job.id,
+                "worker_status": worker_status,
+                "time_added": data["created_at"],
+                "time_completed": data["finished_at"],
+                "priority": job.spec.priority,
+                "state": data["state"],
+            }
+        )
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    def _on_event(self, event: JobEvent) -> None:
+        job = event.job
+        if event.type == "job.state":
+            data: dict[str, Any] = {"job": job.to_json()}
+            if job.state in FINISHED_STATES:
+                self._finished(job.state, job.started_at, job.finished_at, job.exit_code, job.signal)
+        elif event.type == "job.progress":
+            data = {"id": job.id, "progress": job.progress}
+        else:
+            data = {"id": job.id, "line": event.line}
+        item = _Event(self.next_id, event.type, job.id, job.spec.task, job.spec.queue, data)
+        self.next_id += 1
+        self.ring.append(item)
+        for client in list(self.clients):
+            if client.qsize() >= SSE_QUEUE:
+                self.clients.discard(client)
+                client.put_nowait(None)
+            else:
+                client.put_nowait(item)
+
+    def _finished(
+        self, state: JobState, started: float | None, finished: float | None, code: int | None, sig: int | None
+    ) -> None:
+        if state == JobState.FAILED and code is None and sig is None:
+            self.spawn_failures += 1  # failed with no exit status: the program could not be started
+        elif started is not None and finished is not None:
+            seconds = max(0.0, finished - started)
+            self.duration_sum += seconds
+            self.duration_count += 1
+            for index, bound in enumerate(DURATION_BUCKETS):
+                if seconds <= bound:
+                    self.durations[index] += 1
+                    break
+            else:
+                self.durations[-1] += 1
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        peer = _peer(request)
+        jobs = frozenset(int(x) for x in _split(request.query.get("jobs")) if x.isdigit())
+        queues = frozenset(_split(request.query.get("queues")))
+        types = frozenset(_split(request.query.get("types")))
+        last = request.headers.get("Last-Event-ID", "")
+
+        def wanted(event: _Event) -> bool:
+            if (jobs and event.job_id not in jobs) or (queues and event.queue not in queues):
+                return False
+            if types and event.type not in types:
+                return False
+            return access.may_job(self.api.engine.config.access, peer, Right.READ, event.task, event.queue)
+
+        pending: asyncio.Queue[_Event | None] = asyncio.Queue()
+        # Registered before the replay is taken, with no await between: nothing falls between ring and live.
+        backlog = [event for event in self.ring if last.isdigit() and event.id > int(last)]
+        self.clients.add(pending)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+            await response.write(b": jobd events\n\n")
+            for event in backlog:
+                if wanted(event):
+                    await response.write(_sse(event))
+            while True:
+                item = await pending.get()
+                if item is None:
+                    break
+                if wanted(item):
+                    await response.write(_sse(item))
+        except ConnectionResetError:  # the client went away
+            pass
+        finally:
+            self.clients.discard(pending)
+        return response
+
+    # -- metrics -----------------------------------------------------------------------------------------------
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        access.require_admin(_peer(request), "read the metrics")
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        family("jobd_jobs", "gauge", "Jobs on record by state.")
+        states = dict.fromkeys((str(state) for state in JobState), 0)
+        states.update(self.api.engine.history_counts())
+        for state, count in sorted(states.items()):
+            out.append(f'jobd_jobs{{state="{_label(state)}"}} {count}')
+        queues = self.api.engine.queue_list()
+        for name, kind, help_text, value in (
+            ("jobd_queue_depth", "gauge", "Jobs waiting in a queue (ready and delayed).", None),
+            ("jobd_queue_running", "gauge", "Jobs running in a queue.", None),
+            ("jobd_queue_concurrency", "gauge", "A queue's concurrency.", None),
+        ):
+            del value
+            family(name, kind, help_text)
+            for queue in queues:
+                if name == "jobd_queue_depth":
+                    number = queue.ready_count() + self.api.engine.delayed_count(queue.name)
+                elif name == "jobd_queue_running":
+                    number = len(queue.running)
+                else:
+                    number = queue.definition.concurrency
+                out.append(f'{name}{{queue="{_label(queue.name)}"}} {number}')
+        family("jobd_job_duration_seconds", "histogram", "Run time of finished jobs since jobd started.")
+        total = 0
+        for bound, count in zip((*DURATION_BUCKETS, float("inf")), self.durations, strict=True):
+            total += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'jobd_job_duration_seconds_bucket{{le="{le}"}} {total}')
+        out.append(f"jobd_job_duration_seconds_sum {self.duration_sum!r}")
+        out.append(f"jobd_job_duration_seconds_count {self.duration_count}")
+        family("jobd_spawn_failures_total", "counter", "Jobs that failed because their program could not start.")
+        out.append(f"jobd_spawn_failures_total {self.spawn_failures}")
+        return web.Response(text="\n".join(out) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def _peer(request: web.Request) -> Peer:
+    peer = request[_PEER_KEY]
+    assert isinstance(peer, Peer)
+    return peer
+
+
+def _is_socket(path: str) -> bool:
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def _split(text: str | None) -> list[str]:
+    return [part for part in (text or "").split(",") if part]
+
+
+def _label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sse(event: _Event) -> bytes:
+    body = json.dumps({"type": event.type, **event.data}, separators=(",", ":"))
+    return f"id: {event.id}\nevent: {event.type}\ndata: {body}\n\n".encode()
+
+
+def _callbacks(raw: Any) -> dict[str, Any] | None:
+    """Queue Server's `callback_done` as jobd's callbacks: on_finish (it fires on failure too)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("type") not in ("http", "exec"):
+        raise InvalidParams('callback_done: expected {"type": "http", "url": ...} or {"type": "exec", "cmd": ...}')
+    if raw["type"] == "http":
+        url = raw.get("url")
+        if not isinstance(url, str) or not url:
+            raise InvalidParams("callback_done.url: expected a URL", param="callback_done")
+        method = raw.get("method", "GET")
+        return {"on_finish": [{"http": {"url": url, "method": str(method).upper()}}]}
+    cmd = raw.get("cmd")
+    if not isinstance(cmd, str) or not cmd:
+        raise InvalidParams("callback_done.cmd: expected a non-empty string", param="callback_done")
+    return {"on_finish": [{"exec": ["/bin/sh", "-c", cmd]}]}
+
+
+async def _json_body(request: web.Request) -> Any:
+    text = await request.text()
+    if not text.strip():
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidParams("the body is not JSON") from None
+
+
+def _error(status: int, code: str, message: str, **details: Any) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, **details}}, status=status)
+
+
+def _failure(failure: JobdError) -> web.Response:
+    if isinstance(failure, InsufficientRights):
+        status = 403
+    elif isinstance(failure, _NOT_FOUND):
+        status = 404
+    elif isinstance(failure, InvalidParams):
+        status = 400
+    else:
+        status = 409 if failure.code not in ("INTERNAL_ERROR",) else 500
+    return _error(status, failure.code, failure.message, **failure.details)

@@ -1,0 +1,269 @@
+"""The HTTP listener (docs/http.md) against a real jobd on 127.0.0.1:0: bearer tokens and rights, the Queue Server
+endpoints through curl with its README's payloads unchanged, the JSON endpoints, Server-Sent Events with a
+reconnect by Last-Event-ID, and /metrics parsed by prometheus_client. Every read blocks (with a deadline); nothing
+sleeps or polls."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobd.config import load_dir
+from jobd.errors import ConfigError
+
+ADMIN_TOKEN = "s3cret-admin-token"
+CAROL_TOKEN = "carol-token"
+CONFIG = f"""
+[http]
+listen = "127.0.0.1:0"
+
+[http.tokens.ops]
+token_sha256 = "{hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}"
+user = "root"  # a local account: ad-hoc commands run as it
+admin = true
+
+[http.tokens.carol]
+token_sha256 = "{hashlib.sha256(CAROL_TOKEN.encode()).hexdigest()}"
+user = "carol"
+
+[queue.default]
+concurrency = 2
+"""
+TIMEOUT = 30
+
+
+def address(daemon: Any) -> tuple[str, int]:
+    listen = daemon.call("daemon.status")["http_listen"]
+    host, port = listen.rsplit(":", 1)
+    return host, int(port)
+
+
+def request(daemon: Any, method: str, path: str, body: Any = None, token: str | None = ADMIN_TOKEN) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection(*address(daemon), timeout=TIMEOUT)
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    connection.request(method, path, None if body is None else json.dumps(body), headers)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    text = data.decode()
+    return response.status, (
+        json.loads(text) if response.getheader("Content-Type", "").startswith("application/json") else text
+    )
+
+
+def curl(daemon: Any, *args: str) -> Any:
+    host, port = address(daemon)
+    out = subprocess.run(
+        ["curl", "-sS", "-H", f"Authorization: Bearer {ADMIN_TOKEN}", *args[:-1], f"http://{host}:{port}{args[-1]}"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert '"error"' not in out.stdout, out.stdout
+    return json.loads(out.stdout)
+
+
+class Events:
+    """A GET /events stream read event by event (blocking reads with a deadline)."""
+
+    def __init__(self, daemon: Any, query: str = "", last_id: int | None = None) -> None:
+        self.connection = http.client.HTTPConnection(*address(daemon), timeout=TIMEOUT)
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        if last_id is not None:
+            headers["Last-Event-ID"] = str(last_id)
+        self.connection.request("GET", "/events" + query, headers=headers)
+        self.response = self.connection.getresponse()
+        assert self.response.status == 200
+        assert self.response.getheader("Content-Type", "").startswith("text/event-stream")
+        assert self.response.readline() == b": jobd events\n"
+        assert self.response.readline() == b"\n"
+
+    def next(self) -> tuple[int, str, dict[str, Any]]:
+        fields: dict[str, str] = {}
+        while True:
+            line = self.response.readline().decode()
+            assert line, "the event stream ended"
+            if line == "\n":
+                break
+            name, _, value = line.rstrip("\n").partition(": ")
+            fields[name] = value
+        return int(fields["id"]), fields["event"], json.loads(fields["data"])
+
+    def until_finished(self, job_id: int) -> list[tuple[int, str, dict[str, Any]]]:
+        seen = []
+        while True:
+            event = self.next()
+            seen.append(event)
+            _, kind, data = event
+            if kind == "job.state" and data["job"]["id"] == job_id and data["job"]["finished_at"] is not None:
+                return seen
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.fixture
+def daemon(make_daemon: Any) -> Any:
+    return make_daemon(CONFIG)
+
+
+def test_authentication_and_rights(daemon: Any) -> None:
+    status, body = request(daemon, "GET", "/jobs/status", token=None)
+    assert status == 401 and body["error"]["code"] == "UNAUTHORIZED"
+    status, body = request(daemon, "GET", "/jobs/status", token="wrong")
+    assert status == 401
+    job = daemon.submit(command=["true"])
+    status, body = request(daemon, "GET", f"/jobs/status/{job['id']}", token=CAROL_TOKEN)
+    assert status == 403 and body["error"]["code"] == "INSUFFICIENT_RIGHTS"
+    assert body["error"]["missing"] == "read" and "read right is missing" in body["error"]["message"]
+    status, body = request(daemon, "POST", "/api/job.submit", {"command": ["true"]}, token=CAROL_TOKEN)
+    assert status == 403 and body["error"]["missing"] == "admin"
+    status, body = request(daemon, "GET", "/metrics", token=CAROL_TOKEN)
+    assert status == 403
+
+
+def test_queue_server_payloads_through_curl(daemon: Any) -> None:
+    daemon.call("queue.pause", {"name": "default"})  # the jobs stay queued: what was stored is what is checked
+    http_payload = (
+        '{"priority": 800, "context": "MyCoolApp", '
+        '"command": {"type": "http", "url": "http://127.0.0.1:9/job?jobid=__JOBID__", "method": "GET", '
+        '"timeout": 20, "params": {"a": "1"}}, '
+        '"callback_done": {"type": "http", "url": "http://127.0.0.1:9/done", "method": "GET"}}'
+    )
+    added = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d", http_payload, "/jobs/add")
+    assert added["status"] == "OK"
+    exec_payload = '{"context": "MyCoolApp", "command": {"type": "exec", "cmd": "echo hello"}}'
+    second = curl(daemon, "-X", "POST", "-d", exec_payload, "/jobs/add")
+    status = curl(daemon, "/jobs/status")
+    assert status == {"status": 200, "data": {"waiting": 2, "working": 0, "max_threads": 2, "free_threads": 2}}
+    first = daemon.call("job.get", {"id": added["job_id"]})
+    assert first["context"] == "MyCoolApp" and first["command"] == []
+    assert first["priority"] == 1024 - 300  # Queue Server 800 (higher first) onto jobd's lower-first order
+    assert daemon.call("job.get", {"id": second["job_id"]})["priority"] == 1024  # its default 500
+    one = curl(daemon, f"/jobs/status/{added['job_id']}")
+    assert one["id"] == added["job_id"] and one["worker_status"] == 0 and one["priority"] == 724
+    daemon.call("job.cancel", {"id": added["job_id"]})
+    daemon.call("queue.resume", {"name": "default"})
+    assert daemon.wait(second["job_id"])["state"] == "succeeded"
+    assert daemon.output(second["job_id"]) == "hello\n"
+    assert curl(daemon, f"/jobs/status/{second['job_id']}")["worker_status"] == 3
+    status_code, body = request(daemon, "GET", "/jobs/status/999999")
+    assert status_code == 404 and body["error"]["code"] == "UNKNOWN_JOB"
+
+
+def test_json_endpoints(daemon: Any) -> None:
+    status, body = request(daemon, "POST", "/api/job.submit", {"command": ["sh", "-c", "echo hi"]})
+    assert status == 200
+    job_id = body["result"]["id"]
+    status, body = request(daemon, "POST", "/api/job.wait", {"id": job_id, "timeout": 20})
+    assert status == 200 and body["result"]["state"] == "succeeded"
+    status, body = request(daemon, "POST", "/api/job.get", {"id": 424242})
+    assert status == 404 and body["error"]["code"] == "UNKNOWN_JOB"
+    status, body = request(daemon, "POST", "/api/job.get", {"id": "x"})
+    assert status == 400 and body["error"]["code"] == "INVALID_PARAMS"
+    status, body = request(daemon, "POST", "/api/no.such", {})
+    assert status == 404 and body["error"]["code"] == "METHOD_NOT_FOUND"
+    status, body = request(daemon, "POST", "/api/queue.list", None)
+    assert status == 200 and any(queue["name"] == "default" for queue in body["result"]["queues"])
+
+
+def test_events_in_order_and_replayed_after_a_reconnect(daemon: Any) -> None:
+    stream = Events(daemon)
+    first = daemon.submit(command=["sh", "-c", "echo one"])
+    seen = stream.until_finished(first["id"])
+    ids = [event_id for event_id, _, _ in seen]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    states = [data["job"]["state"] for _, kind, data in seen if kind == "job.state"]
+    assert states[-1] == "succeeded" and "running" in states
+    last_seen = ids[-1]
+    stream.close()
+    # Missed while disconnected: the second job's whole life.
+    second = daemon.submit(command=["sh", "-c", "echo two"])
+    daemon.wait(second["id"])
+    everything = Events(daemon, last_id=0)  # the whole ring: the reference for what was missed
+    reference = everything.until_finished(second["id"])
+    everything.close()
+    missed = [event for event in reference if event[0] > last_seen]
+    assert missed and all(event[2].get("id", event[2].get("job", {}).get("id")) == second["id"] for event in missed)
+    again = Events(daemon, last_id=last_seen)
+    assert again.until_finished(second["id"]) == missed
+    again.close()
+    only = Events(daemon, query=f"?jobs={second['id']}&types=job.state", last_id=0)
+    filtered = only.until_finished(second["id"])
+    only.close()
+    assert filtered == [
+        event for event in reference if event[1] == "job.state" and event[2]["job"]["id"] == second["id"]
+    ]
+
+
+def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
+    for command in (["true"], ["sh", "-c", "exit 3"], ["/nonexistent/program"]):
+        daemon.wait(daemon.submit(command=command)["id"])
+    status, text = request(daemon, "GET", "/metrics")
+    assert status == 200
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert {
+        "jobd_jobs",
+        "jobd_queue_depth",
+        "jobd_queue_running",
+        "jobd_queue_concurrency",
+        "jobd_job_duration_seconds",
+        "jobd_spawn_failures",
+    } <= set(families)
+    jobs = {sample.labels["state"]: sample.value for sample in families["jobd_jobs"].samples}
+    assert jobs["succeeded"] == 1 and jobs["failed"] == 2, text and jobs["running"] == 0
+    concurrency = {s.labels["queue"]: s.value for s in families["jobd_queue_concurrency"].samples}
+    assert concurrency["default"] == 2
+    durations = {s.name: s.value for s in families["jobd_job_duration_seconds"].samples if "le" not in s.labels}
+    assert durations["jobd_job_duration_seconds_count"] == 2  # the spawn failure never ran
+    assert families["jobd_job_duration_seconds"].type == "histogram"
+    spawn = families["jobd_spawn_failures"]
+    assert spawn.type == "counter" and spawn.samples[0].value == 1
+
+
+def test_unix_socket_identifies_by_peer_credentials(make_daemon: Any, tmp_path: Any) -> None:
+    path = tmp_path / "http.sock"
+    daemon = make_daemon(f'[http]\nlisten = "{path}"\n')
+    assert daemon.call("daemon.status")["http_listen"] == str(path)
+    out = subprocess.run(
+        ["curl", "-sS", "--unix-socket", str(path), "http://jobd/jobs/status"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    # The test runs as jobd's own user: an admin, with no token.
+    assert json.loads(out.stdout) == {
+        "status": 200,
+        "data": {"waiting": 0, "working": 0, "max_threads": 1, "free_threads": 1},
+    }
+
+
+def test_http_config_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "jobd.toml").write_text(
+        '[http]\nlisten = "8080"\n[http.tokens.app]\ntoken_sha256 = "' + "AB" * 32 + '"\ngroups = ["web"]\n'
+    )
+    http = load_dir(str(tmp_path)).http
+    assert http.listen == ("127.0.0.1", 8080)
+    token = http.tokens["app"]
+    assert (token.user, token.groups, token.admin, token.token_sha256) == ("app", frozenset({"web"}), False, "ab" * 32)
+    (tmp_path / "jobd.toml").write_text('[http]\nlisten = "/run/jobd/http.sock"\n')
+    assert load_dir(str(tmp_path)).http.listen == "/run/jobd/http.sock"
+    for text, words in (
+        ('[http.tokens.app]\ntoken_sha256 = "abc"\n', "64 hexadecimal digits"),
+        ("[http]\nport = 1\n", "port"),
+        ('[http]\nlisten = "localhost:80"\n', "localhost"),
+    ):
+        (tmp_path / "jobd.toml").write_text(text)
+        with pytest.raises(ConfigError, match=words):
+            load_dir(str(tmp_path))
