@@ -1,7 +1,8 @@
 """Property-based fuzzing (hypothesis) of both codecs and of a live daemon's two sockets.
 
 The codecs: `jsonrpc.decode` and evQueue's `XmlFramer` + `parse_request` + `decode_command` never raise anything but
-a JobdError, whatever bytes they get, and never take long (hypothesis' deadline); the JSON depth limit agrees with
+a JobdError, whatever bytes they get (no per-example deadline: timings do not belong in tests, and a loaded CI machine
+would make one flaky; a hang still ends the test through pytest-timeout); the JSON depth limit agrees with
 the real depth; the XML framer cuts a stream the same way however it is split. The live socket: random byte streams
 and random near-valid requests to the API socket and the evQueue socket of one real daemon, which must answer
 each with well-formed replies, and end alive, answering ping, with every job accepted before the fuzzing intact.
@@ -28,7 +29,7 @@ from jobd.protocol import evqueue, jsonrpc
 pytestmark = pytest.mark.timeout(120)
 
 DEADLINE = 10.0
-CODEC = settings(max_examples=200, deadline=500, database=None, suppress_health_check=[HealthCheck.too_slow])
+CODEC = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 LIVE = settings(
     max_examples=120,
     database=None,
@@ -169,7 +170,7 @@ def nested(draw: Any) -> Any:
     return value
 
 
-@settings(max_examples=200, deadline=500, database=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(nested())
 def test_the_json_depth_limit_is_the_real_depth(value: Any) -> None:
     line = json.dumps(value).encode()
