@@ -481,8 +481,9 @@ class Engine:
             self.loop.call_soon(watcher.job_finished, job)
 
     def watch(self, job_id: int, watcher: JobWatcher) -> None:
-        """Tell `watcher` when this unfinished job starts, progresses and finishes."""
-        self._watchers[job_id] = watcher
+        """Tell `watcher` when this unfinished job starts, progresses and finishes (a finished job: nothing)."""
+        if job_id in self.jobs:
+            self._watchers[job_id] = watcher
 
     def running_pid(self, job_id: int) -> int | None:
         running = self._running.get(job_id)

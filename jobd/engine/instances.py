@@ -290,9 +290,12 @@ class Instances:
         live.machine.job_assigned(action.evqid, job.id)
         if job.state.finished:  # the key found this try's job from before a crash, and it has ended already
             asyncio.get_running_loop().call_soon(self._task_finished, instance_id, action.evqid, job)
-        elif job.state is JobState.RUNNING and watcher.started is None:  # found by its key, already running
+            return
+        if job.state is JobState.RUNNING and watcher.started is None:  # found by its key, already running
             self._task_started(instance_id, action.evqid, job, self.engine.running_pid(job.id) or 0)
-            self.engine.watch(job.id, watcher)
+        # A job the key found (queued, delayed or running since before a crash) was not created by this submit, so
+        # nobody watches it yet; for a new one this changes nothing.
+        self.engine.watch(job.id, watcher)
 
     def _job_spec(self, live: _Live, action: RunTask) -> JobSpec:
         config = self.engine.config
