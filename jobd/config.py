@@ -568,32 +568,36 @@ def _merge_access(merged: _Merged, source: _Source, body: object) -> None:
 
 def _merge_tcp(merged: _Merged, source: _Source, body: object) -> None:
     """`[tcp]` key by key; its `users` table user by user, so a drop-in can add or change one login."""
-    if isinstance(body, dict) and "users" in body:
-        body = dict(body)
-        users = body.pop("users")
-        if not isinstance(users, dict):
-            raise _Setting(("tcp", "users"), users, source).expected("a table of logins such as [tcp.users.NAME]")
-        for name, user_body in users.items():
-            key = ("tcp", "users", name)
-            if name not in merged.tcp_users:
-                merged.tcp_users[name] = _Table(key, source, {})
-            _merge_table(merged.tcp_users[name], source, user_body)
-    _merge_table(merged.tcp, source, body)
+    _merge_with_entries(merged.tcp, merged.tcp_users, ("tcp", "users"), "logins such as [tcp.users.NAME]", source, body)
 
 
 def _merge_http(merged: _Merged, source: _Source, body: object) -> None:
     """`[http]` key by key; its `tokens` table token by token, as `[tcp.users]`."""
-    if isinstance(body, dict) and "tokens" in body:
+    _merge_with_entries(
+        merged.http, merged.http_tokens, ("http", "tokens"), "tokens such as [http.tokens.NAME]", source, body
+    )
+
+
+def _merge_with_entries(
+    section: _Table,
+    entries: dict[str, _Table],
+    key: tuple[str, str],
+    what: str,
+    source: _Source,
+    body: object,
+) -> None:
+    """A section key by key, except its table `key[1]` of named entries, merged entry by entry (a drop-in adds or
+    changes one login or token without repeating the others)."""
+    if isinstance(body, dict) and key[1] in body:
         body = dict(body)
-        tokens = body.pop("tokens")
-        if not isinstance(tokens, dict):
-            raise _Setting(("http", "tokens"), tokens, source).expected("a table of tokens such as [http.tokens.NAME]")
-        for name, token_body in tokens.items():
-            key = ("http", "tokens", name)
-            if name not in merged.http_tokens:
-                merged.http_tokens[name] = _Table(key, source, {})
-            _merge_table(merged.http_tokens[name], source, token_body)
-    _merge_table(merged.http, source, body)
+        named = body.pop(key[1])
+        if not isinstance(named, dict):
+            raise _Setting(key, named, source).expected(f"a table of {what}")
+        for name, entry_body in named.items():
+            if name not in entries:
+                entries[name] = _Table((*key, name), source, {})
+            _merge_table(entries[name], source, entry_body)
+    _merge_table(section, source, body)
 
 
 def _merge_named_tables(tables: dict[str, _Table], section: str, source: _Source, body: object) -> None:
