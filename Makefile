@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEV_SOCKET := $(CURDIR)/.jobd/jobd.sock
 
-.PHONY: run test lint typecheck unit php bench clean
+.PHONY: run test lint typecheck unit system-deps bench clean
 
 # Debian's system Python needs python3-venv for `python3 -m venv`; install it only when missing.
 $(PY):
@@ -32,18 +32,26 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict jobd
 
-# tests/test_php_client.py runs an evQueue-style PHP client: php-cli with DOM (php-xml), installed only when missing.
-php:
-	@php -r 'exit(class_exists("DOMDocument") ? 0 : 1);' 2>/dev/null || { \
-	  echo "installing php-cli and php-xml with apt-get"; apt-get update -qq && apt-get install -y -qq php-cli php-xml; }
+# Debian packages the suite drives for real: php-cli/php-xml (evQueue-style PHP client, example page), phpunit
+# (contrib/php-client), chromium + chromium-driver (example page in a headless browser), mandoc (man page lint),
+# debhelper/dh-python/lintian (building and checking the .deb), systemd (units in a throw-away systemd), strace.
+# Installed with apt-get only when one is missing, so a warm machine pays one dpkg-query.
+DEB_PACKAGES := php-cli php-xml phpunit chromium chromium-driver mandoc systemd strace \
+	debhelper dh-python pybuild-plugin-pyproject lintian dpkg-dev fakeroot bash-completion \
+	python3-peewee python3-aiohttp python3-lxml python3-croniter python3-sdnotify
 
-unit: $(STAMP) php
+system-deps:
+	@missing=; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing with apt-get:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+unit: $(STAMP) system-deps
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
 
-bench: $(STAMP)
-	@command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace; }
+bench: $(STAMP) system-deps
 	$(PY) bench/run.py
 
 clean:
