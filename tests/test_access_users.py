@@ -8,6 +8,7 @@ supplementary group jobdtest-admins).
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import json
 import os
@@ -24,6 +25,7 @@ from lxml import etree
 from jobd.protocol.evqueue import XmlFramer
 
 PREFIX = "jobdtest-"
+USERS_LOCK = "/run/lock/jobd-test-users.lock"
 USERS = ("alice", "bob", "carol", "dave")
 GROUPS = {"ops": ("bob",), "admins": ("dave",)}
 DEADLINE = 60
@@ -87,6 +89,10 @@ def users() -> Iterator[dict[str, pwd.struct_passwd]]:
     """The test users and groups, created for the session and removed at its end (the suite runs as root)."""
     if os.geteuid() != 0:
         pytest.skip("creating users needs root")
+    # The account names are fixed, so two suites running at once on one machine (two checkouts) take turns here:
+    # the kernel queues us on the lock, released when this process ends, however it ends.
+    lock = open(USERS_LOCK, "w")  # noqa: SIM115 - held for the whole session
+    fcntl.flock(lock, fcntl.LOCK_EX)
     _remove()  # left over by an interrupted run
     for group in GROUPS:
         _run("groupadd", PREFIX + group)
@@ -98,6 +104,7 @@ def users() -> Iterator[dict[str, pwd.struct_passwd]]:
         yield {user: pwd.getpwnam(PREFIX + user) for user in USERS}
     finally:
         _remove()
+        lock.close()
 
 
 @pytest.fixture
