@@ -1,0 +1,13 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Jobd\Exception;
+
+/**
+ * What the request names does not exist: UNKNOWN_QUEUE, UNKNOWN_TASK, UNKNOWN_JOB, UNKNOWN_WORKFLOW,
+ * UNKNOWN_INSTANCE, UNKNOWN_SCHEDULE. data.allowed lists the names that do, where jobd may tell.
+ */
+class NotFoundException extends RemoteException
+{
+}

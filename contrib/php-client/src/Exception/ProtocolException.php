@@ -1,0 +1,12 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Jobd\Exception;
+
+/**
+ * The peer sent something that is not JSON-RPC 2.0 as jobd speaks it (is the socket really jobd's?).
+ */
+class ProtocolException extends JobdException
+{
+}

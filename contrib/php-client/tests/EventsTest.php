@@ -1,0 +1,70 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Jobd\Tests;
+
+final class EventsTest extends JobdTestCase
+{
+    public function testGeneratorDeliversTheStateChangesOfAJob(): void
+    {
+        $jobd = $this->client();
+        $subscription = $jobd->subscribe(['types' => ['job.state']]);
+        self::assertGreaterThan(0, $subscription);
+        // Submitted on the subscribed connection itself: events that come before the reply are kept for later.
+        $job = $jobd->submit('thumbnail', ['params' => ['SOURCE' => 'dog.png', 'SIZE' => '64']]);
+        $states = [];
+        foreach ($jobd->events(30) as $event) {
+            self::assertSame('job.state', $event['type']);
+            self::assertSame($subscription, $event['subscription']);
+            if ($event['job']['id'] !== $job['id']) {
+                continue;
+            }
+            $states[] = $event['job']['state'];
+            if ($event['job']['state'] === 'succeeded') {
+                break;
+            }
+        }
+        self::assertSame('succeeded', end($states), 'the events stopped before the job ended: ' . json_encode($states));
+        self::assertContains('running', $states);
+    }
+
+    public function testCallbackReceivesProgressAndLogOfAJobSubmittedElsewhere(): void
+    {
+        $listener = $this->client();
+        $listener->subscribe(['queues' => ['default']]);
+        $job = $this->client()->submit('thumbnail', ['params' => ['SOURCE' => 'bird.png', 'SIZE' => '32']]);
+        $seen = [];
+        $count = $listener->listen(static function (array $event) use ($job, &$seen): bool {
+            $id = $event['type'] === 'job.state' ? $event['job']['id'] : $event['id'];
+            if ($id !== $job['id']) {
+                return true;
+            }
+            $seen[] = match ($event['type']) {
+                'job.state' => 'state ' . $event['job']['state'],
+                'job.progress' => 'progress ' . $event['progress'],
+                'job.log' => 'log ' . $event['line'],
+            };
+            return $event['type'] !== 'job.state' || $event['job']['state'] !== 'succeeded';
+        }, 30);
+        self::assertGreaterThanOrEqual(count($seen), $count);
+        self::assertContains('progress 50', $seen);
+        self::assertContains('log resizing bird.png', $seen);
+        self::assertSame('state succeeded', end($seen), json_encode($seen));
+    }
+
+    public function testIdleGeneratorEndsAndConnectionStaysUsable(): void
+    {
+        $jobd = $this->client();
+        // Jobs of a queue nobody uses: no event will come.
+        $jobd->subscribe(['queues' => ['idle']]);
+        self::assertSame([], iterator_to_array($jobd->events(0.2)));
+        self::assertTrue($jobd->ping()['pong']);
+    }
+
+    public function testEventsWithoutSubscriptionIsAnError(): void
+    {
+        $this->expectException(\LogicException::class);
+        iterator_to_array($this->client()->events(0.1));
+    }
+}

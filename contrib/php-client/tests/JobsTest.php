@@ -1,0 +1,111 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Jobd\Tests;
+
+use Jobd\Exception\StateException;
+
+final class JobsTest extends JobdTestCase
+{
+    public function testSubmittedTaskIsWaitedForAndItsOutputRead(): void
+    {
+        $jobd = $this->client();
+        $job = $jobd->submit('thumbnail', [
+            'params' => ['SOURCE' => 'upload/cat.png', 'SIZE' => '128'],
+            'context' => 'user-17',
+        ]);
+        self::assertIsInt($job['id']);
+        self::assertSame('thumbnail', $job['task']);
+        self::assertSame('default', $job['queue']);
+        self::assertSame('user-17', $job['context']);
+
+        $done = $jobd->wait($job['id'], 30);
+        self::assertSame('succeeded', $done['state'], json_encode($done));
+        self::assertSame(0, $done['exit_code']);
+        self::assertSame("thumbnail 128 of upload/cat.png\n", $jobd->outputText($job['id']));
+        self::assertSame("resizing upload/cat.png\n", $jobd->outputText($job['id'], 'log'));
+
+        $got = $jobd->get($job['id']);
+        self::assertSame('succeeded', $got['state']);
+        self::assertCount(1, $got['tries']);
+        self::assertSame('succeeded', $got['tries'][0]['outcome']);
+
+        $listed = $jobd->list(['context' => 'user-17', 'limit' => 10]);
+        self::assertContains($job['id'], array_column($listed['jobs'], 'id'));
+    }
+
+    public function testAdHocCommandWithStdin(): void
+    {
+        $jobd = $this->client();
+        $job = $jobd->submit(['/bin/sh', '-c', 'tr a-z A-Z; echo "$0" >&2', 'arg0'], ['stdin' => "héllo\n"]);
+        $done = $jobd->wait($job['id'], 30);
+        self::assertSame('succeeded', $done['state']);
+        self::assertSame("HéLLO\n", $jobd->outputText($job['id']));
+        self::assertSame("arg0\n", $jobd->outputText($job['id'], 'stderr'));
+    }
+
+    public function testEmptyParameterMapsAreSentAsObjects(): void
+    {
+        // PHP encodes [] as a JSON list; jobd wants objects for params and env, and would refuse a list.
+        $jobd = $this->client();
+        $job = $jobd->submit(['/bin/true'], ['params' => [], 'env' => []]);
+        self::assertSame('succeeded', $jobd->wait($job['id'], 30)['state']);
+    }
+
+    public function testBatchSubmitsAllJobs(): void
+    {
+        $jobd = $this->client();
+        $jobs = $jobd->submitMany([
+            ['thumbnail', ['params' => ['SOURCE' => 'a.png', 'SIZE' => '1']]],
+            [['/bin/echo', 'second']],
+        ]);
+        self::assertCount(2, $jobs);
+        self::assertSame("thumbnail 1 of a.png\n", $this->outputOnceDone($jobs[0]['id']));
+        self::assertSame("second\n", $this->outputOnceDone($jobs[1]['id']));
+    }
+
+    public function testWaitWithTimeoutReturnsTheJobStillRunning(): void
+    {
+        $jobd = $this->client();
+        $job = $jobd->submit('sleeper');
+        // The daemon waits 0.2 s and answers with the job as it is; the sleeper runs for a minute.
+        $still = $jobd->wait($job['id'], 0.2);
+        self::assertContains($still['state'], ['queued', 'running']);
+        $jobd->cancel($job['id']);
+    }
+
+    public function testCancelStopsARunningJobAndSecondCancelIsRefused(): void
+    {
+        $jobd = $this->client();
+        $jobd->subscribe(['types' => ['job.state']]);
+        $job = $jobd->submit('sleeper');
+        // Cancel it once it runs, so that the daemon has a process to stop.
+        foreach ($jobd->events(30) as $event) {
+            if ($event['job']['id'] === $job['id'] && $event['job']['state'] === 'running') {
+                break;
+            }
+        }
+        $cancelled = $jobd->cancel($job['id']);
+        self::assertSame('cancelled', $cancelled['state']);
+        self::assertSame('cancelled', $jobd->wait($job['id'], 30)['state']);
+        self::assertSame('killed', $jobd->get($job['id'])['tries'][0]['outcome']);
+
+        try {
+            $jobd->cancel($job['id']);
+            self::fail('cancelling a cancelled job must fail');
+        } catch (StateException $e) {
+            self::assertSame('JOB_FINISHED', $e->getWireCode());
+            self::assertSame(-32005, $e->getRpcCode());
+        }
+        // The connection is still usable after an error reply.
+        self::assertTrue($jobd->ping()['pong']);
+    }
+
+    private function outputOnceDone(int $id): string
+    {
+        $jobd = $this->client();
+        self::assertSame('succeeded', $jobd->wait($id, 30)['state']);
+        return $jobd->outputText($id);
+    }
+}

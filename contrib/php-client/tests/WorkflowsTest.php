@@ -1,0 +1,69 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Jobd\Tests;
+
+use Jobd\Exception\InvalidParamsException;
+
+final class WorkflowsTest extends JobdTestCase
+{
+    public function testLaunchedInstanceIsWaitedForAndQueried(): void
+    {
+        $jobd = $this->client();
+        self::assertContains('thumbnails', array_column($jobd->workflows(), 'name'));
+        $instance = $jobd->launch('thumbnails', ['source' => 'holiday.jpg'], ['comment' => 'from PHPUnit']);
+        self::assertIsInt($instance['id']);
+        self::assertSame('thumbnails', $instance['workflow']);
+
+        $ended = $jobd->waitInstance($instance['id'], 30);
+        self::assertSame('TERMINATED', $ended['status'], json_encode($ended));
+        self::assertSame(0, $ended['errors']);
+        self::assertSame('from PHPUnit', $ended['comment']);
+        self::assertSame(['source' => 'holiday.jpg'], $ended['parameters']);
+
+        $progress = $jobd->instanceProgress($instance['id']);
+        self::assertTrue($progress->isFinished());
+        self::assertSame(['small', 'large', 'publish'], array_column($progress->tasks, 'name'));
+        self::assertSame([0, 0, 0], array_column($progress->tasks, 'retval'));
+        $json = json_decode((string) json_encode($progress->toArray()), true);
+        self::assertSame($instance['id'], $json['id']);
+        self::assertTrue($json['finished']);
+
+        // The tasks ran as jobs with context instance:ID; their output is readable like any job's.
+        $jobs = $jobd->list(['context' => 'instance:' . $instance['id']])['jobs'];
+        $outputs = array_map(static fn (array $job): string => $jobd->outputText($job['id']), $jobs);
+        sort($outputs);
+        self::assertSame(['', "large holiday.jpg\n", "small holiday.jpg\n"], $outputs);
+
+        $listed = $jobd->listInstances(['workflow' => 'thumbnails', 'parameters' => ['source' => 'holiday.jpg']]);
+        self::assertContains($instance['id'], array_column($listed['instances'], 'id'));
+    }
+
+    public function testWaitInstanceWithTimeoutReturnsItExecuting(): void
+    {
+        $jobd = $this->client();
+        $instance = $jobd->launch('slow', []);
+        $still = $jobd->waitInstance($instance['id'], 0.2);
+        self::assertSame('EXECUTING', $still['status']);
+        $cancelled = $jobd->cancelInstance($instance['id']);
+        self::assertSame($instance['id'], $cancelled['id']);
+        // The sleeping task is a job like any other: stopping it lets the instance end.
+        foreach ($jobd->list(['context' => 'instance:' . $instance['id']])['jobs'] as $job) {
+            if (!in_array($job['state'], ['succeeded', 'failed', 'timed_out', 'cancelled'], true)) {
+                $jobd->cancel($job['id']);
+            }
+        }
+        self::assertSame('TERMINATED', $jobd->waitInstance($instance['id'], 30)['status']);
+    }
+
+    public function testMissingWorkflowParameterIsInvalidParams(): void
+    {
+        try {
+            $this->client()->launch('thumbnails', []);
+            self::fail('a launch without the declared parameter must fail');
+        } catch (InvalidParamsException $e) {
+            self::assertSame('INVALID_WORKFLOW_PARAMETERS', $e->getWireCode());
+        }
+    }
+}

@@ -1,0 +1,165 @@
+"""The Composer package contrib/php-client: its PHPUnit tests, run by Debian's phpunit against a real jobd.
+
+The tests need no `composer install` (their bootstrap maps the PSR-4 prefix itself). This test starts the daemon
+they expect (see contrib/php-client/tests/JobdTestCase.php), runs phpunit with the socket in JOBD_TEST_SOCKET and
+reads phpunit's JUnit log: every test method of the package must have run and passed — a run of no tests fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobd import errors
+
+pytestmark = pytest.mark.timeout(300)
+
+PACKAGE = Path(__file__).resolve().parent.parent / "contrib" / "php-client"
+PHP = shutil.which("php")
+PHPUNIT = shutil.which("phpunit")
+
+CONFIG = """
+[queue.default]
+concurrency = 4
+
+[queue.idle]
+concurrency = 1
+
+# A thumbnail: progress and a log line on fd 3, the result on stdout.
+[task.thumbnail]
+command = ["/bin/sh", "-c", 'echo "%50" >&3; echo "resizing $SOURCE" >&3; echo "thumbnail $SIZE of $SOURCE"']
+parameters = "env"
+
+[task.sleeper]
+command = ["/bin/sleep", "60"]
+"""
+
+THUMBNAILS = b"""<workflow>
+  <parameters><parameter name="source"/></parameters>
+  <subjobs>
+    <job name="resize">
+      <tasks>
+        <task name="small" path="/bin/echo" queue="default">
+          <input>small <value select="evqGetWorkflowParameter('source')"/></input>
+        </task>
+        <task name="large" path="/bin/echo" queue="default">
+          <input>large <value select="evqGetWorkflowParameter('source')"/></input>
+        </task>
+      </tasks>
+      <subjobs>
+        <job name="publish"><tasks><task name="publish" path="/bin/true" queue="default"/></tasks></job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+SLOW = b"""<workflow>
+  <subjobs>
+    <job name="nap"><tasks><task name="nap" path="/bin/sleep" queue="default"><input>60</input></task></tasks></job>
+  </subjobs>
+</workflow>
+"""
+
+
+def php_tools() -> tuple[str, str]:
+    if PHP is None or PHPUNIT is None:
+        pytest.fail("php and phpunit are needed: `make test` installs php-cli and phpunit (Debian packages)")
+    return PHP, PHPUNIT
+
+
+@pytest.fixture
+def php_daemon(make_daemon: Any) -> Any:
+    daemon = make_daemon(CONFIG, start=False)
+    workflows = daemon.config_dir / "workflows"
+    workflows.mkdir()
+    (workflows / "thumbnails.xml").write_bytes(THUMBNAILS)
+    (workflows / "slow.xml").write_bytes(SLOW)
+    daemon.start()
+    return daemon
+
+
+def declared_tests() -> set[str]:
+    """`Class::method` of every test method in the package's tests."""
+    found = set()
+    for path in (PACKAGE / "tests").glob("*Test.php"):
+        for method in re.findall(r"public function (test\w+)\(", path.read_text()):
+            found.add(f"{path.stem}::{method}")
+    return found
+
+
+def test_phpunit_suite_passes_against_a_real_jobd(php_daemon: Any, tmp_path: Path) -> None:
+    _, phpunit = php_tools()
+    junit = tmp_path / "junit.xml"
+    done = subprocess.run(
+        [phpunit, "--configuration", str(PACKAGE / "phpunit.xml.dist"), "--log-junit", str(junit)],
+        cwd=PACKAGE,
+        env={"PATH": "/usr/bin:/bin", "JOBD_TEST_SOCKET": str(php_daemon.socket_path)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    report = f"{done.stdout}\n{done.stderr}\n--- jobd log ---\n{php_daemon.log()[-4000:]}"
+    assert done.returncode == 0, report
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None, report
+    counts = {name: int(suite.get(name, "-1")) for name in ("tests", "failures", "errors", "skipped")}
+    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, (counts, report)
+    ran = {f"{case.get('class', '').rsplit(chr(92), 1)[-1]}::{case.get('name')}" for case in junit_cases(junit)}
+    expected = declared_tests()
+    assert len(expected) >= 15, expected  # the suite exists: a glob that finds nothing must not pass
+    assert ran == expected, (sorted(expected - ran), sorted(ran - expected))
+    assert counts["tests"] == len(expected)
+
+
+def junit_cases(path: Path) -> list[ET.Element]:
+    return list(ET.parse(path).getroot().iter("testcase"))
+
+
+def test_error_map_covers_every_wire_code_of_jobd() -> None:
+    php, _ = php_tools()
+    script = (
+        f"require {json.dumps(str(PACKAGE / 'tests' / 'bootstrap.php'))};"
+        "$short = fn ($class) => substr($class, strrpos($class, '\\\\') + 1);"
+        "echo json_encode(array_map($short, Jobd\\Exception\\ErrorMap::FAMILIES));"
+    )
+    done = subprocess.run([php, "-r", script], capture_output=True, text=True, timeout=30, check=True)
+    families: dict[str, str] = json.loads(done.stdout)
+    codes = {cls.code for cls in all_subclasses(errors.JobdError)} | {errors.JobdError.code}
+    assert codes - set(families) == set(), "codes jobd sends that the PHP client does not map"
+    assert set(families) - codes == set(), "codes the PHP client maps that jobd no longer has"
+    assert families["UNKNOWN_QUEUE"] == "NotFoundException"
+    assert families["INSUFFICIENT_RIGHTS"] == "AccessDeniedException"
+
+
+def all_subclasses(cls: type) -> set[type]:
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub} | all_subclasses(sub)
+    return found
+
+
+def test_package_files_are_valid_php_and_composer_json() -> None:
+    php, _ = php_tools()
+    sources = sorted(PACKAGE.rglob("*.php"))
+    assert len(sources) > 10
+    for path in sources:
+        done = subprocess.run([php, "-l", str(path)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr
+    composer = json.loads((PACKAGE / "composer.json").read_text())
+    assert composer["autoload"]["psr-4"] == {"Jobd\\": "src/"}
+    assert set(composer["require"]) == {"php", "ext-json"}
+    # PSR-4: each class lives at the path its name gives.
+    for path in (PACKAGE / "src").rglob("*.php"):
+        relative = path.relative_to(PACKAGE / "src").with_suffix("")
+        namespace = "Jobd" + "".join("\\" + part for part in relative.parent.parts)
+        text = path.read_text()
+        assert f"namespace {namespace};" in text, path
+        assert re.search(rf"^(final |abstract )?class {relative.name}\b", text, re.M), path
