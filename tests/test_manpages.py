@@ -1,0 +1,426 @@
+"""The man pages in man/: each is clean under `mandoc -Tlint`, formats with mandoc and man-db, and names everything
+the code defines — config keys, jobctl commands and options, JSON-RPC methods, error codes, evQueue commands, HTTP
+routes, workflow elements, the JOBD_* variables a job gets — in the right page and section.
+
+The names come from the code (the registries the config parser checks keys against, the argparse parser, the
+dispatch tables, the error classes, a real job's environment), so a new key or command without documentation fails
+here. A name counts as documented when it is an item tag (`.It`) of the expected section: a passing mention in
+prose does not count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import re
+import subprocess
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import jobd
+from jobd import api, config, jobctl, workflowdef
+from jobd import daemon as daemon_module
+from jobd.engine import callbacks, http_task, xpath
+from jobd.errors import JobdError
+from jobd.protocol import evqueue
+
+MAN = Path(__file__).resolve().parent.parent / "man"
+PAGES = ("jobd.8", "jobctl.1", "jobd.toml.5", "jobd-workflow.5", "jobd-protocol.7")
+
+# mdoc macros that may appear on an `.It` line; any other token is text (a name, a value, punctuation).
+_MACROS = frozenset(
+    {
+        "Ad",
+        "An",
+        "Ap",
+        "Ar",
+        "Bq",
+        "Brq",
+        "Cm",
+        "Dl",
+        "Dq",
+        "Dv",
+        "Em",
+        "Er",
+        "Ev",
+        "Fa",
+        "Fl",
+        "Fn",
+        "Ic",
+        "Li",
+        "Nm",
+        "No",
+        "Ns",
+        "Oc",
+        "Oo",
+        "Op",
+        "Pa",
+        "Pf",
+        "Pq",
+        "Ql",
+        "Qq",
+        "Sq",
+        "Sx",
+        "Sy",
+        "Va",
+        "Xr",
+    }
+)
+_PUNCTUATION = frozenset(",.;:|()[]=")
+_TOKEN = re.compile(r'"((?:[^"]|"")*)"|(\S+)')
+
+
+def _unescape(text: str) -> str:
+    for escape, plain in (("\\&", ""), ("\\-", "-"), ("\\(dq", '"'), ("\\e", "\\"), ('""', '"')):
+        text = text.replace(escape, plain)
+    return text
+
+
+@dataclass
+class Section:
+    """The `.It` items of one `.Sh` / `.Ss` of a page, each as the words of its tag, and the section's source."""
+
+    items: list[list[str]] = field(default_factory=list)
+    source: list[str] = field(default_factory=list)
+
+    def names(self) -> set[str]:
+        return {word for item in self.items for word in item}
+
+
+@dataclass
+class Page:
+    name: str
+    sections: dict[tuple[str, str], Section]  # (.Sh title, .Ss title or "")
+
+    def section(self, sh: str, ss: str | None = None) -> Section:
+        """Everything under `.Sh sh` (all of its subsections), or one `.Ss ss` of it."""
+        found = [s for (h, sub), s in self.sections.items() if h == sh and (ss is None or sub == ss)]
+        assert found, f"{self.name}: no section {sh!r}" + (f" / {ss!r}" if ss is not None else "")
+        return Section([i for s in found for i in s.items], [line for s in found for line in s.source])
+
+    def subsections(self, sh: str) -> list[str]:
+        return [sub for (h, sub) in self.sections if h == sh and sub]
+
+
+def _tag_words(arguments: str) -> list[str]:
+    """The words of an `.It` tag: macros dropped, `Fl x` as `-x`, quoted arguments kept whole."""
+    words: list[str] = []
+    macro = ""
+    for match in _TOKEN.finditer(arguments):
+        quoted, bare = match.group(1), match.group(2)
+        if quoted is None and bare in _MACROS:
+            macro = bare
+            continue
+        if quoted is None and bare in _PUNCTUATION:
+            continue
+        word = _unescape(quoted if quoted is not None else bare)
+        words.append("-" + word if macro == "Fl" else word)
+    return words
+
+
+def _title(arguments: str) -> str:
+    return " ".join(_unescape(m.group(1) if m.group(1) is not None else m.group(2)) for m in _TOKEN.finditer(arguments))
+
+
+def parse(name: str) -> Page:
+    sections: dict[tuple[str, str], Section] = {}
+    sh, ss = "", ""
+    for line in (MAN / name).read_text().splitlines():
+        if line.startswith(".Sh "):
+            sh, ss = _title(line[4:]), ""
+        elif line.startswith(".Ss "):
+            ss = _title(line[4:])
+        section = sections.setdefault((sh, ss), Section())
+        section.source.append(line)
+        if line.startswith(".It "):
+            section.items.append(_tag_words(line[4:]))
+    return Page(name, sections)
+
+
+def missing(page: str, where: str, wanted: Iterable[str], documented: set[str]) -> list[str]:
+    return [f"{page} {where}: {name}" for name in wanted if name not in documented]
+
+
+def report(problems: Sequence[str]) -> None:
+    assert not problems, "not documented in the man pages:\n  " + "\n  ".join(problems)
+
+
+# --- formatting ---------------------------------------------------------------------------------------------------
+
+
+def test_every_page_exists() -> None:
+    assert sorted(p.name for p in MAN.iterdir()) == sorted(PAGES)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_mandoc_lint_is_silent(page: str) -> None:
+    result = subprocess.run(
+        ["mandoc", "-Tlint", "-W", "warning", str(MAN / page)], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def _plain(text: str) -> str:
+    """Rendered text without the backspace overstrikes of bold and underline."""
+    return re.sub(".\x08", "", text)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_formats(page: str) -> None:
+    """mandoc renders it, and so does man-db (groff's mdoc macros), which is what `man jobd` runs."""
+    name, section = page.rsplit(".", 1)
+    rendered = _plain(
+        subprocess.run(["mandoc", "-Tutf8", str(MAN / page)], capture_output=True, text=True, check=True).stdout
+    )
+    header = rendered.splitlines()[0]
+    assert f"{name.upper()}({section})" in header
+    assert "NAME" in rendered and "SEE ALSO" in rendered
+    env = {**os.environ, "MANWIDTH": "80", "MAN_KEEP_FORMATTING": "0"}
+    man = subprocess.run(
+        ["man", "--warnings", "-l", str(MAN / page)], capture_output=True, text=True, check=False, env=env
+    )
+    assert man.returncode == 0 and man.stderr == "", man.stderr
+    assert _plain(man.stdout).splitlines()[0].split()[0] == f"{name.upper()}({section})"
+
+
+# --- jobd.toml(5): every key of every section, from the registries the parser checks keys against -------------
+
+# Which subsection of jobd.toml(5) lists the keys of each registry in jobd.config. Every `*_KEYS` registry must be
+# here (checked below), so a new kind of table cannot go undocumented.
+CONFIG_REGISTRIES = {
+    "DAEMON_KEYS": "[daemon]",
+    "HISTORY_KEYS": "[daemon] history",
+    "QUEUE_KEYS": "[queue.NAME]",
+    "TASK_KEYS": "[task.NAME]",
+    "RETRY_KEYS": "[task.NAME] retry",
+    "RETRY_SCHEDULE_KEYS": "[retry_schedule.NAME]",
+    "RETRY_LEVEL_KEYS": "[retry_schedule.NAME] levels",
+    "SCHEDULE_KEYS": "[schedule.NAME]",
+    "TCP_KEYS": "[tcp]",
+    "TCP_USER_KEYS": "[tcp.users.NAME]",
+    "HTTP_KEYS": "[http]",
+    "HTTP_TOKEN_KEYS": "[http.tokens.NAME]",
+    "ACCESS_KEYS": "[access]",
+    "ADMINS_KEYS": "[access] admins",
+    "GRANT_KEYS": "[[access.grant]]",
+}
+
+
+def test_every_config_registry_has_a_section() -> None:
+    registries = {name for name in dir(config) if name.endswith("_KEYS")}
+    assert registries == set(CONFIG_REGISTRIES), "map each registry of jobd.config to its jobd.toml(5) subsection"
+
+
+def test_config_keys_are_documented() -> None:
+    page = parse("jobd.toml.5")
+    problems: list[str] = []
+    for registry, subsection in CONFIG_REGISTRIES.items():
+        keys = getattr(config, registry)
+        problems += missing(page.name, subsection, keys, page.section("SECTIONS", subsection).names())
+    # The `http` table of a task is checked by jobd.engine.http_task, callbacks by jobd.engine.callbacks.
+    problems += missing(
+        page.name, "[task.NAME] http", http_task.KEYS, page.section("SECTIONS", "[task.NAME] http").names()
+    )
+    callback_names = page.section("SECTIONS", "Callbacks").names()
+    # A callback is { exec = [...] } or { http = {...} }: callbacks._check_one accepts exactly these two.
+    problems += missing(page.name, "Callbacks", ("exec", "http", *callbacks._HTTP_KEYS), callback_names)
+    for event in callbacks.EVENTS:
+        for subsection in ("[queue.NAME]", "[task.NAME]"):
+            problems += missing(page.name, subsection, [event], page.section("SECTIONS", subsection).names())
+    titles = page.subsections("SECTIONS")
+    for section in config.SECTIONS:
+        if not any(title.lstrip("[").startswith(section) for title in titles):
+            problems.append(f"{page.name} SECTIONS: no subsection for [{section}]")
+    report(problems)
+
+
+# The registries are what the parser itself refuses unknown keys with: an unknown key in each kind of table is
+# reported with exactly that registry as the allowed keys, so the list the test reads cannot drift from the parser.
+UNKNOWN_KEY_CASES = [
+    ("[daemon]\nbogus = 1", "DAEMON_KEYS"),
+    ("[daemon]\nhistory = { bogus = 1 }", "HISTORY_KEYS"),
+    ("[queue.q]\nbogus = 1", "QUEUE_KEYS"),
+    ('[task.t]\ncommand = ["/bin/true"]\nbogus = 1', "TASK_KEYS"),
+    ('[task.t]\ncommand = ["/bin/true"]\nretry = { bogus = 1 }', "RETRY_KEYS"),
+    ("[retry_schedule.r]\nbogus = 1", "RETRY_SCHEDULE_KEYS"),
+    ("[retry_schedule.r]\nlevels = [{ delay = 1, times = 1, bogus = 1 }]", "RETRY_LEVEL_KEYS"),
+    ('[task.t]\ncommand = ["/bin/true"]\n[schedule.s]\ntask = "t"\ncalendar = "@daily"\nbogus = 1', "SCHEDULE_KEYS"),
+    ("[tcp]\nbogus = 1", "TCP_KEYS"),
+    ('[tcp.users.u]\npassword_sha1 = "' + "0" * 40 + '"\nbogus = 1', "TCP_USER_KEYS"),
+    ("[http]\nbogus = 1", "HTTP_KEYS"),
+    ('[http.tokens.t]\ntoken_sha256 = "' + "0" * 64 + '"\nbogus = 1', "HTTP_TOKEN_KEYS"),
+    ("[access]\nbogus = 1", "ACCESS_KEYS"),
+    ("[access]\nadmins = { bogus = 1 }", "ADMINS_KEYS"),
+    ('[[access.grant]]\nusers = ["root"]\nrights = ["read"]\ntasks = ["*"]\nbogus = 1', "GRANT_KEYS"),
+]
+
+
+@pytest.mark.parametrize(("toml", "registry"), UNKNOWN_KEY_CASES, ids=[case[1] for case in UNKNOWN_KEY_CASES])
+def test_registry_is_what_the_parser_allows(tmp_path: Path, toml: str, registry: str) -> None:
+    (tmp_path / "jobd.toml").write_text(toml + "\n")
+    with pytest.raises(config.ConfigError) as raised:
+        config.load_dir(str(tmp_path))
+    assert f"allowed keys: {', '.join(getattr(config, registry))}" in raised.value.message
+
+
+# --- jobctl(1): every command and option, from the argparse parser ------------------------------------------------
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    return [option for action in parser._actions for option in action.option_strings]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("jobctl has no subcommands")
+
+
+def test_jobctl_commands_and_options_are_documented() -> None:
+    page = parse("jobctl.1")
+    parser = jobctl.build_parser()
+    global_options = _options(parser)
+    problems = missing(page.name, "OPTIONS", global_options, page.section("OPTIONS").names())
+    titles = page.subsections("COMMANDS")
+    for command, subparser in _subcommands(parser).items():
+        # A subsection documents the commands its title names: "run, submit", "pause, resume", "ls".
+        title = next((t for t in titles if command in re.split(r"[,\s]+", t)), None)
+        if title is None:
+            problems.append(f"{page.name} COMMANDS: no subsection for the command {command}")
+            continue
+        section = page.section("COMMANDS", title)
+        own = [option for option in _options(subparser) if option not in global_options]
+        problems += missing(page.name, f"COMMANDS / {title}", own, section.names())
+        text = " ".join(section.source)
+        for action in subparser._actions:
+            if action.choices is None or isinstance(action.choices, dict):
+                continue
+            for choice in action.choices:
+                if not re.search(rf"(?<![\w-]){re.escape(str(choice))}(?![\w-])", text):
+                    problems.append(f"{page.name} COMMANDS / {title}: {command} value {choice}")
+    report(problems)
+
+
+# --- jobd-protocol(7): methods, error codes, evQueue commands and codes, HTTP routes ----------------------------
+
+
+def _error_classes() -> list[type[JobdError]]:
+    """Every JobdError subclass in jobd, wherever it is defined (the evQueue codec and login define their own)."""
+    for module in pkgutil.walk_packages(jobd.__path__, "jobd."):
+        importlib.import_module(module.name)
+    found: list[type[JobdError]] = []
+    pending: list[type[JobdError]] = [JobdError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def test_json_rpc_methods_are_documented() -> None:
+    page = parse("jobd-protocol.7")
+    report(missing(page.name, "JSON-RPC METHODS", sorted(api.METHODS), page.section("JSON-RPC METHODS").names()))
+
+
+def test_error_codes_are_documented() -> None:
+    page = parse("jobd-protocol.7")
+    problems: list[str] = []
+    # JSON-RPC: each code of jobd/errors.py on an item with its numeric code: "CODE (-32001)".
+    items = page.section("ERROR CODES").items
+    for cls in _error_classes():
+        if cls.__module__ != "jobd.errors":
+            continue
+        if not any(cls.code in item and str(cls.rpc_code) in item for item in items):
+            problems.append(f"{page.name} ERROR CODES: {cls.code} ({cls.rpc_code}) of {cls.__name__}")
+    # evQueue: the error-code every error class is sent as.
+    xml_codes = page.section("EVQUEUE PROTOCOL", "XML error codes").names()
+    for cls in _error_classes():
+        code = evqueue.evqueue_code(cls.__new__(cls))
+        if code not in xml_codes:
+            problems.append(f"{page.name} EVQUEUE PROTOCOL / XML error codes: {code} (of {cls.__name__})")
+    report(problems)
+
+
+def test_evqueue_commands_are_documented() -> None:
+    page = parse("jobd-protocol.7")
+    documented = {" ".join(item) for item in page.section("EVQUEUE PROTOCOL", "Commands").items}
+    report(missing(page.name, "EVQUEUE PROTOCOL / Commands", sorted(evqueue.COMMANDS), documented))
+
+
+def test_http_routes_are_documented() -> None:
+    # The routes are registered in HttpApi.__init__, which needs a running engine; read them from its source.
+    source = Path(importlib.import_module("jobd.http_api").__file__ or "").read_text()
+    routes = [f"{method.upper()} {path}" for method, path in re.findall(r'add_(get|post)\("([^"]+)"', source)]
+    assert routes, "no routes found in jobd/http_api.py"
+    page = parse("jobd-protocol.7")
+    report(missing(page.name, "HTTP", routes, page.section("HTTP").names()))
+
+
+# --- jobd-workflow(5): the schema's elements and attributes, evQueue's XPath functions -------------------------
+
+
+def test_workflow_format_is_documented() -> None:
+    page = parse("jobd-workflow.5")
+    elements = page.section("ELEMENTS").names()
+    problems = missing(page.name, "ELEMENTS", workflowdef.SCHEMA, elements)
+    for element, rule in workflowdef.SCHEMA.items():
+        problems += missing(page.name, f"ELEMENTS <{element}>", rule.attributes, elements)
+    problems += missing(page.name, "XPATH", xpath.EVQ_FUNCTIONS, page.section("XPATH").names())
+    report(problems)
+
+
+# --- jobd(8): options, and the JOBD_* variables a real job and a real callback get --------------------------------
+
+
+def test_jobd_options_are_documented(capsys: pytest.CaptureFixture[str]) -> None:
+    # daemon.parse_args builds its parser and parses at once: read the options from its --help.
+    with pytest.raises(SystemExit):
+        daemon_module.parse_args(["--help"])
+    usage = capsys.readouterr().out
+    options = sorted(set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", usage)))
+    assert "--config-dir" in options and "--check-config" in options
+    page = parse("jobd.8")
+    report(missing(page.name, "OPTIONS", options, page.section("OPTIONS").names()))
+
+
+def _env_names(text: str) -> set[str]:
+    return {line.split("=", 1)[0] for line in text.splitlines() if line.startswith("JOBD_")}
+
+
+def _read_fifo(path: Path, into: list[str]) -> None:
+    with open(path) as fifo:  # blocks until the callback opens it for writing; EOF when it is done
+        into.append(fifo.read())
+
+
+def test_job_environment_is_documented(daemon: Any, tmp_path: Path) -> None:
+    """Run a job and an exec callback for real and check every JOBD_* variable they get is in jobd(8)."""
+    fifo = tmp_path / "callback-env"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=_read_fifo, args=(fifo, received), daemon=True)
+    reader.start()
+    job = daemon.submit(
+        command=["/usr/bin/env"],
+        callbacks={"on_finish": [{"exec": ["/bin/sh", "-c", 'env > "$0"', str(fifo)]}]},
+    )
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    job_names = _env_names(daemon.output(job["id"]))
+    reader.join(timeout=60)
+    assert received, "the exec callback did not run"
+    callback_names = _env_names(received[0])
+    assert {"JOBD_JOB_ID", "JOBD_QUEUE"} <= job_names & callback_names
+    page = parse("jobd.8")
+    documented = page.section("ENVIRONMENT").names()
+    # The callback's variables are named in the prose of ENVIRONMENT rather than as items of their own.
+    text = " ".join(page.section("ENVIRONMENT").source)
+    problems = missing(page.name, "ENVIRONMENT (jobs)", sorted(job_names), documented)
+    problems += [f"{page.name} ENVIRONMENT (callbacks): {name}" for name in sorted(callback_names) if name not in text]
+    report(problems)
