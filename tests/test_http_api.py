@@ -11,12 +11,14 @@ import json
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobd.config import load_dir
 from jobd.errors import ConfigError
+from tests.test_callbacks import Receiver
 
 ADMIN_TOKEN = "s3cret-admin-token"
 CAROL_TOKEN = "carol-token"
@@ -221,7 +223,7 @@ def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
         "jobd_spawn_failures",
     } <= set(families)
     jobs = {sample.labels["state"]: sample.value for sample in families["jobd_jobs"].samples}
-    assert jobs["succeeded"] == 1 and jobs["failed"] == 2, text and jobs["running"] == 0
+    assert jobs["succeeded"] == 1 and jobs["failed"] == 2 and jobs["running"] == 0, text
     concurrency = {s.labels["queue"]: s.value for s in families["jobd_queue_concurrency"].samples}
     assert concurrency["default"] == 2
     durations = {s.name: s.value for s in families["jobd_job_duration_seconds"].samples if "le" not in s.labels}
@@ -267,3 +269,86 @@ def test_http_config_is_checked(tmp_path: Path) -> None:
         (tmp_path / "jobd.toml").write_text(text)
         with pytest.raises(ConfigError, match=words):
             load_dir(str(tmp_path))
+
+
+def test_queue_server_callback_done_fires_when_the_job_succeeds_and_when_it_fails(daemon: Any, tmp_path: Path) -> None:
+    # The README's payloads through curl, only httpbin.org (and the exec job's script) replaced by the test's own.
+    receiver = Receiver()
+    try:
+        base = receiver.url("")
+        readme = (
+            '{"priority" : 800, "context" : "MyCoolApp", '
+            '"command": {"type": "http", "url": "%s", "method": "GET", "timeout": 20, '
+            '"params": {"username": "michael"}}, '
+            '"callback_done": {"type": "http", "url": "%s/get?job=done", "method": "GET"}}'
+        )
+        receiver.plan["/fail"] = [500]
+        ids = {}
+        for name, url in (("ok", base + "/delay/10"), ("bad", base + "/fail")):
+            added = curl(daemon, "-X", "POST", "-d", readme % (url, base), "/jobs/add")
+            ids[name] = added["job_id"]
+            work, done = receiver.next(), receiver.next()  # the job's request, then its callback
+            assert (work.method, urlsplit(work.path).path) == ("GET", urlsplit(url).path)
+            assert parse_qs(urlsplit(work.path).query) == {"username": ["michael"]}
+            assert done.method == "GET" and urlsplit(done.path).path == "/get"
+            assert parse_qs(urlsplit(done.path).query) == {"job": ["done"], "jobid": [str(added["job_id"])]}
+            assert done.headers["X-Jobd-Event"] == "on_finish"
+        assert daemon.wait(ids["ok"])["state"] == "succeeded"
+        assert daemon.wait(ids["bad"])["state"] == "failed"  # and callback_done was called all the same
+        assert curl(daemon, f"/jobs/status/{ids['bad']}")["worker_status"] == 99
+        status, body = request(daemon, "POST", "/api/job.get", {"id": ids["ok"]})
+        assert status == 200 and body["result"]["http"]["params"] == {"username": "michael"}
+        assert body["result"]["http"]["timeout"] == 20.0 and body["result"]["context"] == "MyCoolApp"
+
+        script = tmp_path / "somescript.sh"
+        script.write_text("#!/bin/sh\nexit 3\n")
+        script.chmod(0o755)
+        notify = f'curl -sS -o /dev/null "{base}/exec-done?jobid=$JOBD_JOB_ID&state=$JOBD_STATE"'
+        exec_payload = {
+            "command": {"type": "exec", "cmd": str(script)},
+            "callback_done": {"type": "exec", "cmd": notify},
+        }
+        added = curl(daemon, "-X", "POST", "-d", json.dumps(exec_payload), "/jobs/add")
+        done = receiver.next()
+        assert parse_qs(urlsplit(done.path).query) == {"jobid": [str(added["job_id"])], "state": ["failed"]}
+        assert daemon.wait(added["job_id"])["exit_code"] == 3
+    finally:
+        receiver.close()
+
+
+def test_json_endpoints_for_workflow_instances_and_schedules(make_daemon: Any) -> None:
+    d = make_daemon(
+        CONFIG + '[task.hello]\ncommand = ["/bin/echo", "hello"]\n'
+        '[schedule.nightly]\ntask = "hello"\ncalendar = "0 30 2 * * *"\n',
+        start=False,
+    )
+    (d.config_dir / "workflows").mkdir()
+    (d.config_dir / "workflows" / "greet.xml").write_text(
+        '<workflow><subjobs><job name="one"><tasks><task name="hi" path="/bin/echo hi" queue="default"/>'
+        "</tasks></job></subjobs></workflow>"
+    )
+    d.start()
+    status, body = request(d, "POST", "/api/instance.launch", {"workflow": "greet"})
+    assert status == 200 and body["result"]["workflow"] == "greet"
+    instance = body["result"]["id"]
+    status, body = request(d, "POST", "/api/instance.wait", {"id": instance, "timeout": 20})
+    assert status == 200 and body["result"]["status"] == "TERMINATED" and body["result"]["errors"] == 0
+    status, body = request(d, "POST", "/api/instance.get", {"id": instance})
+    assert status == 200 and body["result"]["id"] == instance
+    status, body = request(d, "POST", "/api/instance.list", {})
+    assert status == 200 and [row["id"] for row in body["result"]["instances"]] == [instance]
+    status, body = request(d, "POST", "/api/instance.get", {"id": 999})
+    assert status == 404 and body["error"]["code"] == "UNKNOWN_INSTANCE"
+    status, body = request(d, "POST", "/api/schedule.list", {})
+    assert status == 200 and [row["name"] for row in body["result"]["schedules"]] == ["nightly"]
+    status, body = request(d, "POST", "/api/schedule.trigger", {"name": "nightly"})
+    assert status == 200 and body["result"]["started"] is True
+    assert d.wait(body["result"]["run_id"])["state"] == "succeeded"
+    status, body = request(d, "POST", "/api/schedule.disable", {"name": "nightly"})
+    assert status == 200
+    status, body = request(d, "POST", "/api/schedule.enable", {"name": "nope"})
+    assert status == 404 and body["error"]["code"] == "UNKNOWN_SCHEDULE"
+    # The same rights as on the socket: carol may read none of these.
+    for method, params in (("instance.launch", {"workflow": "greet"}), ("schedule.trigger", {"name": "nightly"})):
+        status, body = request(d, "POST", f"/api/{method}", params, token=CAROL_TOKEN)
+        assert status == 403 and body["error"]["code"] == "INSUFFICIENT_RIGHTS", body

@@ -424,3 +424,44 @@ def test_job_environment_is_documented(daemon: Any, tmp_path: Path) -> None:
     problems = missing(page.name, "ENVIRONMENT (jobs)", sorted(job_names), documented)
     problems += [f"{page.name} ENVIRONMENT (callbacks): {name}" for name in sorted(callback_names) if name not in text]
     report(problems)
+
+
+def test_event_types_are_documented() -> None:
+    page = parse("jobd-protocol.7")
+    text = " ".join(page.section("JSON-RPC METHODS").source)
+    report(
+        [
+            f"{page.name} JSON-RPC METHODS / events.subscribe: {kind}"
+            for kind in api.EVENT_TYPES
+            if not re.search(rf"(?<![\w.]){re.escape(kind)}(?![\w.])", text)
+        ]
+    )
+
+
+def test_no_documented_name_is_missing_from_the_code() -> None:
+    """The other direction: a method, command or error code the pages list must exist (renamed or removed ones)."""
+    stale: list[str] = []
+    protocol = parse("jobd-protocol.7")
+    for word in sorted(protocol.section("JSON-RPC METHODS").names()):
+        if re.fullmatch(r"[a-z]+\.[a-z_]+", word) and word not in api.METHODS:
+            stale.append(f"{protocol.name} JSON-RPC METHODS: {word} is not a method")
+    for item in protocol.section("EVQUEUE PROTOCOL", "Commands").items:
+        if " ".join(item) not in evqueue.COMMANDS:
+            stale.append(f"{protocol.name} EVQUEUE PROTOCOL / Commands: {' '.join(item)} is not a command")
+    classes = _error_classes()
+    rpc_codes = {cls.code for cls in classes if cls.__module__ == "jobd.errors"}
+    xml_codes = {evqueue.evqueue_code(cls.__new__(cls)) for cls in classes}
+    for where, codes, section in (
+        ("ERROR CODES", rpc_codes, protocol.section("ERROR CODES")),
+        ("EVQUEUE PROTOCOL / XML error codes", xml_codes, protocol.section("EVQUEUE PROTOCOL", "XML error codes")),
+    ):
+        for word in sorted(section.names()):
+            if re.fullmatch(r"[A-Z][A-Z_]+", word) and word not in codes:
+                stale.append(f"{protocol.name} {where}: {word} is not an error code")
+    page = parse("jobctl.1")
+    commands = set(_subcommands(jobctl.build_parser()))
+    for title in page.subsections("COMMANDS"):
+        for word in re.split(r"[,\s]+", title):
+            if word not in commands:
+                stale.append(f"{page.name} COMMANDS: {word} is not a command")
+    assert not stale, "documented in the man pages but not in the code:\n  " + "\n  ".join(stale)
