@@ -495,6 +495,20 @@ def events_subscribe(api: Api, session: Session, p: Params) -> Any:
     return {"subscription": session.subscribe(frozenset(jobs), frozenset(queues), frozenset(types))}
 
 
+def task_list(api: Api, session: Session, p: Params) -> Any:
+    """The configured tasks the peer may read: what `jobctl submit` (and its shell completion) can offer."""
+    p.done()
+    tasks = api.engine.config.tasks
+    rules, peer = api.engine.config.access, session.peer
+    return {
+        "tasks": [
+            {"name": name, "queue": tasks[name].queue, "parameters": str(tasks[name].parameters)}
+            for name in sorted(tasks)
+            if access.may(rules, peer, Right.READ, ObjectKind.TASK, name)
+        ]
+    }
+
+
 # -- workflows and instances ------------------------------------------------------------------------------------
 
 
@@ -761,6 +775,7 @@ METHODS: dict[str, Handler] = {
     "daemon.status": daemon_status,
     "daemon.reload": daemon_reload,
     "events.subscribe": events_subscribe,
+    "task.list": task_list,
     "workflow.list": workflow_list,
     "workflow.get": workflow_get,
     "instance.launch": instance_launch,

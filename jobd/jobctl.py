@@ -557,6 +557,11 @@ def render_workflows(workflows: Sequence[dict[str, Any]]) -> list[str]:
     return render_table(["NAME", "PARAMETERS"], rows)
 
 
+def render_tasks(tasks: Sequence[dict[str, Any]]) -> list[str]:
+    rows = [[str(t.get("name")), str(t.get("queue")), str(t.get("parameters"))] for t in tasks]
+    return render_table(["NAME", "QUEUE", "PARAMETERS"], rows)
+
+
 def schedule_target(schedule: dict[str, Any]) -> str:
     target = schedule.get("target") or {}
     return f"{target.get('kind', '?')} {target.get('name', '?')}"
@@ -1040,6 +1045,20 @@ def cmd_workflows(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tasks(session: Session, args: argparse.Namespace) -> int:
+    result = session.client.call("task.list")
+    if session.json:
+        session.emit_json(result)
+        return EXIT_OK
+    tasks = result.get("tasks") or []
+    if not tasks:
+        print("no tasks", file=sys.stderr)
+        return EXIT_OK
+    for line in render_tasks(tasks):
+        print(line)
+    return EXIT_OK
+
+
 def cmd_schedules(session: Session, args: argparse.Namespace) -> int:
     result = session.client.call("schedule.list")
     if session.json:
@@ -1284,6 +1303,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = add_command(sub, "cancel", cmd_cancel, "cancel a job")
     cancel.add_argument("id", type=positive_int, metavar="ID")
 
+    add_command(sub, "tasks", cmd_tasks, "list the configured tasks: name, queue, how parameters are passed")
     add_command(sub, "queues", cmd_queues, "list queues")
     pause = add_command(sub, "pause", cmd_pause, "stop starting jobs from a queue")
     pause.add_argument("queue", metavar="QUEUE")
