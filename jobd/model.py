@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from jobd import redact
 from jobd.errors import InvalidTransition
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what an environment variable may be called, everywhere
@@ -392,6 +393,8 @@ class Job:
             "error": self.error,
             "timeout": spec.timeout,
             "retry": spec.retry.to_json(),
+            # An HTTP job's request, its secrets masked (jobd/redact.py); null for a program.
+            "http": None if spec.http is None else redact.http_request(spec.http),
         }
 
 

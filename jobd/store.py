@@ -78,6 +78,8 @@ class JobRow(_Base):
     run_as_gid = peewee.IntegerField(null=True)  # since schema version 8
     http = peewee.TextField(null=True)  # JSON; since schema version 9
     callbacks = peewee.TextField(null=True)  # JSON; since schema version 10
+    # 1 once the job's callback rows were created (since schema version 11): see _CALLBACKS_UNQUEUED.
+    callbacks_queued = peewee.IntegerField(default=0)
 
     class Meta:
         table_name = "job"
@@ -264,6 +266,30 @@ def _migration_10(db: peewee.SqliteDatabase) -> None:
     db.create_tables([CallbackRow])
 
 
+# A finished job whose callbacks match its final state (as callbacks.matching_events says) but whose callback rows
+# were never created: jobd died between the job's final commit and the commit of its rows (two transactions: the
+# engine's finish path stays lean). A partial index holds exactly such jobs, so the check each start-up makes reads
+# only them, however long the history. The query must repeat this text for SQLite to use the index; changing it
+# means a new migration that drops and recreates the index (migration 11 builds it from this text).
+_CALLBACKS_UNQUEUED = (
+    '"callbacks" IS NOT NULL AND "callbacks_queued" = 0 AND ('
+    "(\"state\" = 'succeeded' AND (json_array_length(\"callbacks\", '$.on_success') > 0"
+    " OR json_array_length(\"callbacks\", '$.on_finish') > 0))"
+    " OR (\"state\" IN ('failed', 'timed_out', 'cancelled') AND (json_array_length(\"callbacks\", '$.on_failure') > 0"
+    " OR json_array_length(\"callbacks\", '$.on_finish') > 0)))"
+)
+
+
+def _migration_11(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql('ALTER TABLE "job" ADD COLUMN "callbacks_queued" INTEGER NOT NULL DEFAULT 0')  # type: ignore[no-untyped-call]
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        'UPDATE "job" SET "callbacks_queued" = 1 WHERE "id" IN (SELECT "job_id" FROM "callback")'
+    )
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        f'CREATE INDEX "job_callbacks_unqueued" ON "job" ("id") WHERE {_CALLBACKS_UNQUEUED}'
+    )
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -276,6 +302,7 @@ MIGRATIONS = (
     _migration_8,
     _migration_9,
     _migration_10,
+    _migration_11,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -477,6 +504,9 @@ class Store:
                 ids = sorted(doomed)
                 for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
                     JobRow.delete().where(JobRow.id.in_(ids[start : start + 500])).execute()
+                    # Their callback rows go too (no foreign key: the table came later; a reused id must not
+                    # inherit them).
+                    CallbackRow.delete().where(CallbackRow.job_id.in_(ids[start : start + 500])).execute()
         return sorted(doomed)
 
     def oldest_finished_at(self) -> float | None:
@@ -689,9 +719,11 @@ class Store:
     def insert_callbacks(
         self, job_id: int, deliveries: Sequence[tuple[str, str, Mapping[str, Any]]], now: float
     ) -> list[CallbackDelivery]:
-        """Queue a finished job's callbacks (event, target, definition), all in one transaction."""
+        """Queue a finished job's callbacks (event, target, definition), all in one transaction that also marks the
+        job as done with (`callbacks_queued`): it leaves the start-up check's index (unqueued_callback_jobs)."""
         rows = []
         with self.db.atomic():
+            JobRow.update(callbacks_queued=1).where(JobRow.id == job_id).execute()
             for event, target, spec in deliveries:
                 row = CallbackRow.create(
                     job_id=job_id,
@@ -705,6 +737,15 @@ class Store:
                 )
                 rows.append(row)
         return [_callback_from_row(row) for row in rows]
+
+    def unqueued_callback_jobs(self) -> list[Job]:
+        """Finished jobs whose matching callbacks have no rows (jobd died in between): read from a partial index.
+        INDEXED BY: the planner would rather take the state index on a small table; and should the text ever stop
+        matching the index's, SQLite refuses the query instead of quietly scanning the whole history."""
+        query = JobRow.raw(
+            f'SELECT * FROM "job" INDEXED BY "job_callbacks_unqueued" WHERE {_CALLBACKS_UNQUEUED} ORDER BY "id"'
+        )
+        return [_job_from_row(row) for row in query]
 
     def pending_callbacks(self) -> list[CallbackDelivery]:
         query = CallbackRow.select().where(CallbackRow.state == "pending").order_by(CallbackRow.id)

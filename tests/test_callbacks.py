@@ -5,6 +5,7 @@ Nothing sleeps or polls: the test blocks on the queue its server fills, on job.w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -50,10 +51,11 @@ class Receiver:
                 path = self.path.split("?")[0]
                 planned = receiver.plan.get(path)
                 status = planned.pop(0) if planned else 200
+                # Recorded before the answer: once jobd has exited, every request it made is in `requests`.
+                receiver.requests.put(Received(self.command, self.path, dict(self.headers.items()), body))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                receiver.requests.put(Received(self.command, self.path, dict(self.headers.items()), body))
 
             do_GET = _answer
             do_POST = _answer
@@ -87,9 +89,16 @@ def receiver() -> Iterator[Receiver]:
 
 def _rows(daemon: Daemon) -> list[dict[str, Any]]:
     """The callback table, read once jobd has stopped (it keeps the database locked while it runs)."""
-    with sqlite3.connect(daemon.state_dir / "jobd.sqlite3") as db:
+    # Closed, not just committed: an open WAL connection would keep the next jobd from its exclusive lock.
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute('SELECT * FROM "callback" ORDER BY id')]
+
+
+def _sql(daemon: Daemon, statement: str) -> int:
+    """Change the database of a stopped jobd; the number of rows changed."""
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as db, db:
+        return db.execute(statement).rowcount
 
 
 def _post_script(url: str, *, fifo: str | None = None) -> list[str]:
@@ -285,3 +294,114 @@ def test_exec_callbacks_of_a_job_are_for_admins_only(tmp_path: Path) -> None:
     }
     with pytest.raises(InsufficientRights, match="exec callbacks"):
         _with_callbacks(loaded, SubmitRequest(task="t", callbacks={"on_finish": [{"exec": ["/bin/true"]}]}), user, spec)
+
+
+def test_backoff_between_tries_is_recorded(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:
+    receiver.plan["/down"] = [503, 502]
+    d = make_daemon("[queue.default]\n")
+    job = d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": receiver.url("/down")}}]})["id"]
+    assert [receiver.next().headers["X-Jobd-Try"] for _ in range(2)] == ["1", "2"]
+    d.stop()  # the try under way is recorded; the third stays pending in the table
+    (row,) = _rows(d)
+    assert (row["job_id"], row["state"], row["tries"], row["last_error"]) == (job, "pending", 2, "HTTP status 502")
+    # Try 1 was made at or after created_at and set the next one 1 s later; try 2 set the next one 2 s after it.
+    assert row["next_try_at"] >= row["created_at"] + 1 + 2
+    d.start()
+    third = receiver.next()
+    assert third.headers["X-Jobd-Try"] == "3" and third.json()["id"] == job
+    d.stop()
+    (row,) = _rows(d)
+    assert (row["state"], row["tries"], row["next_try_at"]) == ("delivered", 3, None)
+    assert row["delivered_at"] >= row["created_at"] + 3
+
+
+def test_callbacks_lost_between_two_commits_are_queued_at_the_next_start(
+    make_daemon: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    d = make_daemon("[queue.default]\nconcurrency = 3\n")
+    never = [{"http": {"url": receiver.url("/never")}}]
+    ok = d.submit(
+        command=["/bin/true"], callbacks={"on_success": [{"http": {"url": receiver.url("/ok")}}], "on_failure": never}
+    )["id"]
+    bad = d.submit(
+        command=["/bin/false"], callbacks={"on_finish": [{"http": {"url": receiver.url("/bad")}}], "on_success": never}
+    )["id"]
+    unmatched = d.submit(command=["/bin/false"], callbacks={"on_success": never})["id"]
+    for job in (ok, bad, unmatched):
+        d.wait(job)
+    assert sorted(receiver.next().path for _ in range(2)) == ["/bad", "/ok"]
+    assert d.stop() == 0
+    # What a crash right after each job's final commit leaves: the job finished, its callback rows never made (the
+    # transaction that makes them also sets callbacks_queued).
+    assert _sql(d, 'DELETE FROM "callback"') == 2
+    assert _sql(d, 'UPDATE "job" SET "callbacks_queued" = 0 WHERE "callbacks_queued" = 1') == 2
+    d.start()
+    got = sorted([receiver.next(), receiver.next()], key=lambda r: r.path)
+    assert [(r.path, r.json()["id"], r.json()["state"]) for r in got] == [
+        ("/bad", bad, "failed"),
+        ("/ok", ok, "succeeded"),
+    ]
+    assert "callbacks were never queued" in d.log()
+    d.stop()
+    rows = [(row["job_id"], row["event"], row["state"], row["tries"]) for row in _rows(d)]
+    assert rows == [(ok, "on_success", "delivered", 1), (bad, "on_finish", "delivered", 1)]
+    d.start()  # once only: the rows are there now
+    d.stop()
+    assert receiver.requests.empty()
+    assert len(_rows(d)) == 2
+
+
+def test_a_job_lost_in_a_crash_fires_its_callbacks_once(
+    make_daemon: Callable[..., Daemon], receiver: Receiver, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    os.mkfifo(started)
+    d = make_daemon("[queue.default]\n")
+    job = d.submit(
+        command=["/bin/sh", "-c", f"echo > {started}; exec sleep 600"],
+        callbacks={"on_failure": [{"http": {"url": receiver.url("/lost")}}]},
+    )["id"]
+    with open(started) as fifo:  # the job is running once it has written
+        fifo.read()
+    d.kill9()
+    d.start()  # recovery fails the lost attempt's job: its callback is queued and armed, then start() re-arms
+    got = receiver.next()
+    assert got.json()["id"] == job and got.json()["state"] == "failed"
+    d.stop()
+    assert receiver.requests.empty(), receiver.requests.get()  # not a second delivery of the same row
+    assert [(row["job_id"], row["state"], row["tries"]) for row in _rows(d)] == [(job, "delivered", 1)]
+
+
+def test_a_version_10_database_gets_the_crash_window_index(tmp_path: Path) -> None:
+    from jobd.store import MIGRATIONS, Store, _db
+
+    path = tmp_path / "jobd.sqlite3"
+    store = Store(str(path))
+    _db.initialize(store.db)
+    store.db.connect()
+    with store.db.atomic():
+        for migration in MIGRATIONS[:10]:
+            migration(store.db)
+        store.db.pragma("user_version", 10)
+    store.db.close()
+    retry = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
+    hooks = json.dumps({"on_finish": [{"http": {"url": "http://127.0.0.1:9/", "method": "POST"}}]})
+    with contextlib.closing(sqlite3.connect(path)) as raw, raw:
+        for state in ("succeeded", "failed", "running"):  # 1 has its row; 2 lost it; 3 has not finished
+            raw.execute(
+                "INSERT INTO job (command, queue, priority, state, created_at, run_at, env, kill_grace, retry, "
+                "max_output, attempts, progress, callbacks) "
+                "VALUES ('[]', 'q', 1, ?, 1.0, 1.0, '{}', 10, ?, 1, 1, 0, ?)",
+                (state, retry, hooks),
+            )
+        raw.execute(
+            "INSERT INTO callback (job_id, event, target, state, tries, spec, created_at) "
+            "VALUES (1, 'on_finish', 'POST http://127.0.0.1:9/', 'delivered', 1, '{}', 2.0)"
+        )
+    store = Store(str(path))
+    store.open()
+    try:
+        # Read through the partial index (INDEXED BY: a missing or unusable index is an error, not a scan).
+        assert [job.id for job in store.unqueued_callback_jobs()] == [2]
+    finally:
+        store.close()

@@ -253,6 +253,7 @@ def test_queue_server_readme_payload_through_the_ad_hoc_api(server: Any, web: We
         {"url": "http://x/", "expect_status": [99]},
         {"url": "http://x/", "type": "exec"},
         {"url": "http://x/", "surprise": 1},
+        {"url": "http://u:p@x/", "headers": {"Authorization": "Bearer t"}},
     ],
 )
 def test_invalid_http_objects_are_refused(server: Any, http: dict[str, Any]) -> None:
@@ -280,3 +281,48 @@ def test_an_attempt_running_when_jobd_dies_is_lost_and_retried(server: Any, web:
     assert done["state"] == "succeeded", done
     tries = server.call("job.get", {"id": job["id"]})["tries"]
     assert [t["outcome"] for t in tries] == ["lost", "succeeded"]
+
+
+def test_job_json_shows_the_request_without_its_secrets(server: Any, web: WebServer) -> None:
+    import subprocess
+    import sys
+
+    secrets = ("pa55word", "k3y", "s3cr3t", "sid=abc", "hunter2", "the body")
+    url = web.url.replace("http://", "http://someone:pa55word@") + "/echo/__JOBID__?api_key=k3y&x=1"
+    job = server.submit(
+        http={
+            "method": "post",
+            "url": url,
+            "headers": {"X-Api-Key": "s3cr3t", "Cookie": "sid=abc", "Accept": "text/plain"},
+            "params": {"password": "hunter2", "page": "2"},
+            "body": "the body",
+            "expect_status": [200],
+        }
+    )
+    assert server.wait(job["id"])["state"] == "succeeded"
+    assert web.requests[0].headers["X-Api-Key"] == "s3cr3t"  # sent as given; only the JSON hides it
+    assert web.requests[0].headers["Authorization"].startswith("Basic ")  # the URL's user:password
+    shown = server.call("job.get", {"id": job["id"]})
+    assert shown["http"] == {
+        "method": "POST",
+        "url": web.url.replace("http://", "http://***@") + "/echo/__JOBID__?api_key=***&x=1",
+        "headers": {"X-Api-Key": "***", "Cookie": "***", "Accept": "text/plain"},
+        "params": {"password": "***", "page": "2"},
+        "body_bytes": 8,
+        "timeout": None,
+        "expect_status": [200],
+    }
+    status = subprocess.run(
+        [sys.executable, "-m", "jobd.jobctl", "--socket", str(server.socket_path), "--json", "status", str(job["id"])],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    listed = server.call("job.list", {})["jobs"]
+    for text in (json.dumps(shown), status.stdout, json.dumps(listed)):
+        assert not [secret for secret in secrets if secret in text], text
+    assert json.loads(status.stdout)["http"] == shown["http"]
+    bearer = server.submit(http={"url": web.url, "headers": {"authorization": "Bearer s3cr3t"}})["id"]
+    assert server.call("job.get", {"id": bearer})["http"]["headers"] == {"authorization": "Bearer ***"}
+    assert server.call("job.get", {"id": server.submit(command=["/bin/true"])["id"]})["http"] is None

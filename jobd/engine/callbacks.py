@@ -1,10 +1,11 @@
 """Completion callbacks: `on_success`, `on_failure` and `on_finish` of a task, a queue or a single job.
 
 When a job reaches a final state, the callbacks that match it are committed as rows of the `callback` table (just
-after the job's own commit), then delivered on the event loop: an exec callback is a process of its own (its own
-process group, no queue slot) reading a JSON job summary on stdin; an http callback POSTs that summary (or GETs
-the URL with `jobid=ID`). A failed delivery is retried after 1, 2, 4 … seconds (at most MAX_DELAY apart), up to
-MAX_TRIES tries, each recorded. Pending deliveries are re-armed from the table when jobd starts.
+after the job's own commit; a job that jobd died between the two commits has its rows made at the next start-up),
+then delivered on the event loop: an exec callback is a process of its own (its own process group, no queue slot)
+reading a JSON job summary on stdin; an http callback POSTs that summary (or GETs the URL with `jobid=ID`). A
+failed delivery is retried after 1, 2, 4 … seconds (at most MAX_DELAY apart), up to MAX_TRIES tries, each recorded.
+Pending deliveries are re-armed from the table when jobd starts.
 """
 
 from __future__ import annotations
@@ -140,14 +141,23 @@ class Callbacks:
         engine.finish_listeners.append(self._job_finished)
 
     def start(self) -> None:
-        """Re-arm the deliveries a previous jobd left pending."""
+        """Queue the callbacks of jobs that finished just before a previous jobd died (their rows are made in a
+        transaction after the job's own), then re-arm every pending delivery."""
+        for job in self.store.unqueued_callback_jobs():
+            log.warning(
+                "job=%d finished but its callbacks were never queued (jobd stopped in between): queued now", job.id
+            )
+            self._queue(job)
         for delivery in self.store.pending_callbacks():
-            self._arm(delivery)
+            if delivery.id not in self._timers and delivery.id not in self._tasks:  # not those just queued above,
+                self._arm(delivery)  # nor those of jobs that the engine's recovery has just finished
 
     def _job_finished(self, job: Job) -> None:
-        callbacks = job.spec.callbacks
-        if not callbacks or self._closing:
-            return
+        if job.spec.callbacks and not self._closing:
+            self._queue(job)
+
+    def _queue(self, job: Job) -> None:
+        callbacks = job.spec.callbacks or {}
         wanted = [
             (event, _target(item), item) for event in matching_events(job.state) for item in callbacks.get(event, ())
         ]
@@ -156,7 +166,7 @@ class Callbacks:
         try:
             deliveries = self.store.insert_callbacks(job.id, wanted, self.clock())
         except Exception:  # the job has finished; a full disk must not take the engine down with it
-            log.exception("job=%d: could not queue its callbacks", job.id)
+            log.exception("job=%d: could not queue its callbacks (the next start of jobd will)", job.id)
             return
         for delivery in deliveries:
             self._arm(delivery)

@@ -56,6 +56,9 @@ def check_request(value: object) -> dict[str, Any]:
             raise HttpSpecError(f"'headers': {name!r} is not a valid header name")
         if _has_control(text):
             raise HttpSpecError(f"'headers': the value of {name!r} contains CR, LF or NUL")
+    if parts.username is not None and any(name.lower() == "authorization" for name in headers):
+        # aiohttp refuses the pair at every attempt: say so now rather than fail the job each time
+        raise HttpSpecError("'url' has credentials (user:password@) and 'headers' an Authorization: give only one")
     params = _strings(value.get("params", {}), "params")
     body = value.get("body")
     if body is not None and not isinstance(body, str):
