@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -230,7 +231,7 @@ class HttpApi:
             argv = ("/bin/sh", "-c", cmd)
         else:
             try:  # an HTTP job (jobd.engine.http_task), its request checked as job.submit's "http"
-                http = check_request(command)
+                http = _as_form(check_request(command))
             except HttpSpecError as error:
                 raise InvalidParams(f"command: {error}", param="command") from None
         submit = SubmitRequest(
@@ -421,6 +422,17 @@ def _label(text: str) -> str:
 def _sse(event: _Event) -> bytes:
     body = json.dumps({"type": event.type, **event.data}, separators=(",", ":"))
     return f"id: {event.id}\nevent: {event.type}\ndata: {body}\n\n".encode()
+
+
+def _as_form(http: dict[str, Any]) -> dict[str, Any]:
+    """Queue Server sends `params` as a form body (Guzzle's form_params): so does a POST, PUT, PATCH or DELETE job
+    from /jobs/add without a body of its own. A GET or HEAD keeps them in the query string, where servers look."""
+    if not http["params"] or http["method"] in ("GET", "HEAD") or http["body"] is not None:
+        return http
+    headers = dict(http["headers"])
+    if not any(name.lower() == "content-type" for name in headers):
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    return {**http, "params": {}, "body": urlencode(http["params"]), "headers": headers}
 
 
 def _callbacks(raw: Any) -> dict[str, Any] | None:

@@ -300,6 +300,16 @@ def test_queue_server_callback_done_fires_when_the_job_succeeds_and_when_it_fail
         assert status == 200 and body["result"]["http"]["params"] == {"username": "michael"}
         assert body["result"]["http"]["timeout"] == 20.0 and body["result"]["context"] == "MyCoolApp"
 
+        # A POST sends its params as a form, as Queue Server's worker (Guzzle's form_params) does.
+        form = (
+            '{"command": {"type": "http", "url": "%s/form?jobid=__JOBID__", "method": "POST", "params": {"a": "1 2"}}}'
+        )
+        added = curl(daemon, "-X", "POST", "-d", form % base, "/jobs/add")
+        posted = receiver.next()
+        assert posted.method == "POST" and posted.path == f"/form?jobid={added['job_id']}"
+        assert posted.headers["Content-Type"] == "application/x-www-form-urlencoded" and posted.body == b"a=1+2"
+        assert daemon.wait(added["job_id"])["state"] == "succeeded"
+
         script = tmp_path / "somescript.sh"
         script.write_text("#!/bin/sh\nexit 3\n")
         script.chmod(0o755)
