@@ -362,3 +362,40 @@ def test_json_endpoints_for_workflow_instances_and_schedules(make_daemon: Any) -
     for method, params in (("instance.launch", {"workflow": "greet"}), ("schedule.trigger", {"name": "nightly"})):
         status, body = request(d, "POST", f"/api/{method}", params, token=CAROL_TOKEN)
         assert status == 403 and body["error"]["code"] == "INSUFFICIENT_RIGHTS", body
+
+
+def test_peer_credentials_on_a_unix_socket_get_the_socket_apis_rights(make_daemon: Any) -> None:
+    # nobody (an account every Debian system has) may read and run the task `hello` only; it connects as itself.
+    d = make_daemon(start=False)
+    d.write_config(
+        f'[http]\nlisten = "{d.root}/http.sock"\n'
+        "[queue.default]\n[queue.other]\nconcurrency = 3\n"
+        '[task.hello]\ncommand = ["/bin/echo", "hello"]\n[task.secret]\ncommand = ["/bin/true"]\n'
+        '[[access.grant]]\nusers = ["nobody"]\nrights = ["read", "exec"]\ntasks = ["hello"]\nqueues = ["default"]\n'
+    )
+    d.start()
+    d.root.chmod(0o755)  # curl starts in it and uses a relative path: its parents stay private
+    (d.root / "http.sock").chmod(0o666)
+
+    def as_nobody(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "curl", "-sS", "-X", method]
+        argv += ["--unix-socket", "http.sock", "-w", "\\n%{http_code}", f"http://jobd{path}"]
+        if body is not None:
+            argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+        out = subprocess.run(argv, cwd=d.root, capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+        text, _, code = out.rpartition("\n")
+        return int(code), json.loads(text) if text.startswith("{") else text
+
+    status, body = as_nobody("POST", "/api/job.submit", {"task": "hello"})
+    assert status == 200, body
+    assert d.wait(body["result"]["id"])["state"] == "succeeded"
+    status, body = as_nobody("POST", "/api/job.get", {"id": body["result"]["id"]})
+    assert status == 200 and body["result"]["task"] == "hello"
+    for payload, missing in (({"task": "secret"}, "exec"), ({"command": ["/bin/true"]}, "admin")):
+        status, body = as_nobody("POST", "/api/job.submit", payload)
+        assert status == 403 and body["error"]["missing"] == missing, body
+    status, body = as_nobody("POST", "/jobs/add", {"command": {"type": "exec", "cmd": "true"}})
+    assert status == 403 and body["error"]["missing"] == "admin"
+    status, body = as_nobody("GET", "/jobs/status")  # the queues nobody may read: `default` only
+    assert (status, body["data"]["max_threads"]) == (200, 1)
+    assert as_nobody("GET", "/metrics")[0] == 403
