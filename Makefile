@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEV_SOCKET := $(CURDIR)/.jobd/jobd.sock
 
-.PHONY: run test lint typecheck unit system-deps bench clean
+.PHONY: run test lint typecheck unit system-deps bench deb clean
 
 # Debian's system Python needs python3-venv for `python3 -m venv`; install it only when missing.
 $(PY):
@@ -34,11 +34,12 @@ typecheck: $(STAMP)
 
 # Debian packages the suite drives for real: php-cli/php-xml (evQueue-style PHP client, example page), phpunit
 # (contrib/php-client), chromium + chromium-driver (example page in a headless browser), mandoc (man page lint),
-# debhelper/dh-python/lintian (building and checking the .deb), systemd (units in a throw-away systemd), strace.
+# debhelper/dh-python/lintian (building and checking the .deb), systemd (units in a throw-away systemd), strace,
+# and the Depends of the .deb (tests/test_debian_package.py installs it without network).
 # Installed with apt-get only when one is missing, so a warm machine pays one dpkg-query.
-DEB_PACKAGES := php-cli php-xml phpunit chromium chromium-driver mandoc systemd strace \
+DEB_PACKAGES := php-cli php-xml phpunit chromium chromium-driver mandoc systemd strace curl \
 	debhelper dh-python pybuild-plugin-pyproject lintian dpkg-dev fakeroot bash-completion \
-	python3-peewee python3-aiohttp python3-lxml python3-croniter python3-sdnotify
+	python3-peewee python3-aiohttp python3-lxml python3-sdnotify python3-dateutil tzdata
 
 system-deps:
 	@missing=; for p in $(DEB_PACKAGES); do \
@@ -54,5 +55,19 @@ test: lint typecheck unit
 bench: $(STAMP) system-deps
 	$(PY) bench/run.py
 
+# The Debian package, from the working tree's tracked and new (not ignored) files, built in a copy under build/deb
+# (debian/README.Debian): debian/vendor/fetch first gets the pinned sdists it bundles (PyPI once, then
+# ~/.cache/jobd/vendor), so dpkg-buildpackage itself needs no network. PATH is the system's own, so pybuild builds
+# with Debian's python3 and not a pyenv or venv one.
+DEB_BUILD := build/deb
+deb: $(STAMP) system-deps
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/jobd
+	git ls-files -z --cached --others --exclude-standard \
+	  | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C $(DEB_BUILD)/jobd
+	PIP="$(CURDIR)/$(PY) -m pip" $(DEB_BUILD)/jobd/debian/vendor/fetch
+	cd $(DEB_BUILD)/jobd && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	env PATH=/usr/sbin:/usr/bin:/sbin:/bin lintian --fail-on error $(DEB_BUILD)/jobd_*.deb
+	@echo "built: $$(ls $(DEB_BUILD)/jobd_*.deb)"
+
 clean:
-	rm -rf $(VENV) .jobd .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .jobd .mypy_cache .ruff_cache .pytest_cache build
