@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import time
@@ -21,7 +23,7 @@ from typing import Any, ClassVar
 
 import sdnotify
 
-from jobd import __version__, config, proc
+from jobd import __version__, activation, config, proc
 from jobd.api import Api
 from jobd.engine.callbacks import Callbacks
 from jobd.engine.core import Engine
@@ -131,8 +133,19 @@ def _tighten(path: str, most: int) -> None:
 
 
 class Daemon:
-    def __init__(self, dirs: Sequence[str], initial: Config) -> None:
+    def __init__(
+        self,
+        dirs: Sequence[str],
+        initial: Config,
+        passed: dict[str, socket.socket] | None = None,
+        watchdog: float | None = None,
+    ) -> None:
+        """`passed`: the sockets systemd handed over, by name (jobd.activation); `watchdog`: the interval within
+        which systemd wants WATCHDOG=1, or None."""
         self.dirs = list(dirs)
+        self.passed = dict(passed or {})
+        self.watchdog = watchdog
+        self._watchdog_timer: asyncio.TimerHandle | None = None
         self.config = initial
         self.started_at = time.time()
         self.notifier = _Notifier()
@@ -148,18 +161,28 @@ class Daemon:
         self.callbacks = Callbacks(self.engine, self.store)  # before recovery: a lost job's callbacks are queued
         self.instances = Instances(self.engine, self.store)
         self.scheduler = Scheduler(self.engine, self.instances, self.store)
-        self.server = Server(Api(self.engine, self, self.instances, self.scheduler), initial.daemon.socket)
+        api = Api(self.engine, self, self.instances, self.scheduler)
+        self.server = Server(api, initial.daemon.socket, self.passed)
         self.http: HttpApi | None = None
-        if initial.http.listen is not None:  # a change of [http] listen needs a restart
-            self.http = HttpApi(self.server.api, initial.http.listen, lambda: len(self.server.connections))
+        http_socket = self.passed.get("http")
+        listen = activation.socket_address(http_socket) if http_socket is not None else initial.http.listen
+        if listen is not None:  # a change of [http] listen needs a restart
+            self.http = HttpApi(self.server.api, listen, lambda: len(self.server.connections))
         self.watcher: config.ConfigWatcher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.watchdog is not None:
+            self._watchdog_ping()  # from the start: recovery of a large state may take a while
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         if self.http is not None:
-            await self.http.bind()
+            await self.http.bind(self.passed.get("http"))
+        if self.passed:
+            log.info(
+                "socket activation: serving on %s passed by systemd",
+                ", ".join(f"{name} ({activation.socket_address(sock)})" for name, sock in sorted(self.passed.items())),
+            )
         self.engine.recover()
         self.instances.recover()
         self.callbacks.start()
@@ -172,7 +195,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload_from_event)
         self.engine.on_counts_changed = self._counts_changed
         daemon = self.config.daemon
-        log.info("jobd %s ready: socket %s, state %s", __version__, daemon.socket, daemon.state_dir)
+        log.info("jobd %s ready: socket %s, state %s", __version__, self.server.path, daemon.state_dir)
         if self.server.tcp_address is not None:
             log.info("listening for evQueue clients on TCP %s", self._tcp_listening())
         self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
@@ -192,7 +215,19 @@ class Daemon:
         await self.callbacks.close()
         await self.server.close_connections()
         self.store.close()
+        if self._watchdog_timer is not None:
+            self._watchdog_timer.cancel()
         log.info("stopped")
+
+    def _watchdog_ping(self) -> None:
+        """WATCHDOG=1 now, and again in half the interval systemd asked for.
+
+        This is jobd's one periodic wake-up, and it exists only when systemd set WatchdogSec=: the ping is sent from
+        the event loop, so if the loop hangs (a blocking call, a busy loop, SIGSTOP) the pings stop and systemd
+        restarts jobd. Half the interval leaves a late wake-up on a loaded machine time to arrive."""
+        assert self.watchdog is not None
+        self.notifier.notify("WATCHDOG=1")
+        self._watchdog_timer = asyncio.get_running_loop().call_later(self.watchdog / 2, self._watchdog_ping)
 
     def _status_line(self) -> str:
         counts = self.engine.counts()
@@ -295,9 +330,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Sockets passed by systemd sit at fd 3 and up: take them (moved elsewhere) before fd 3 is given to /dev/null.
+    activation_error: StartupError | None = None
+    try:
+        passed = activation.take_sockets()
+    except StartupError as error:
+        passed, activation_error = {}, error
+    watchdog = activation.watchdog_interval()
     proc.reserve_progress_fd()  # first, before anything else can be given fd 3
     args = parse_args(argv)
     _setup_logging(args.log_level)
+    # A fatal signal prints every thread's Python stack to the log first: systemd's watchdog ends a hung jobd with
+    # SIGABRT, and the stack says where its event loop was stuck.
+    faulthandler.enable()
+    if activation_error is not None:
+        log.error("not starting: %s", activation_error)
+        return EXIT_CONFIG
     dirs = [args.config_dir] if args.config_dir else list(config.DEFAULT_SEARCH_PATH)
     try:
         initial = config.load(dirs)
@@ -309,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     async def run() -> None:
-        await Daemon(dirs, initial).run()
+        await Daemon(dirs, initial, passed, watchdog).run()
 
     try:
         asyncio.run(run())

@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from jobd import activation
 from jobd.api import Api
 from jobd.engine import access
 from jobd.engine.core import JobEvent
@@ -100,6 +101,7 @@ class HttpApi:
         self.spawn_failures = 0
         self._unsubscribe = api.engine.subscribe(self._on_event)
         self._runner: web.AppRunner | None = None
+        self.adopted = False  # listening on a socket systemd passed (bind)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_post("/jobs/add", self.jobs_add)
         app.router.add_get("/jobs/status", self.jobs_status)
@@ -111,11 +113,17 @@ class HttpApi:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    async def bind(self) -> None:
+    async def bind(self, passed: socket.socket | None = None) -> None:
+        """Listen on `self.listen`, or on `passed`, a socket systemd handed over (jobd.activation): then served as
+        it is (its unit set its mode), `self.listen` becomes its address, and it is not unlinked on close."""
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site: web.BaseSite
-        if isinstance(self.listen, str):
+        if passed is not None:
+            self.adopted = True
+            self.listen = activation.socket_address(passed)
+            site = web.SockSite(self._runner, passed)
+        elif isinstance(self.listen, str):
             with contextlib.suppress(FileNotFoundError):
                 if _is_socket(self.listen):  # left by a jobd that died (the state lock says none is running)
                     os.unlink(self.listen)
@@ -127,7 +135,8 @@ class HttpApi:
         except OSError as error:
             raise StartupError(f"cannot listen for HTTP on {self.listen} ([http] listen): {error.strerror}") from None
         if isinstance(self.listen, str):
-            os.chmod(self.listen, self.api.engine.config.daemon.socket_mode)  # as the API socket
+            if not self.adopted:
+                os.chmod(self.listen, self.api.engine.config.daemon.socket_mode)  # as the API socket
             self.address = self.listen
         else:
             sockets = self._runner.addresses
@@ -140,7 +149,7 @@ class HttpApi:
             client.put_nowait(None)
         if self._runner is not None:
             await self._runner.cleanup()
-        if isinstance(self.listen, str):
+        if isinstance(self.listen, str) and not self.adopted:  # an adopted socket is its socket unit's
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.listen)
 

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from jobd import users
+from jobd import activation, users
 from jobd.api import Api
 from jobd.api_evqueue import EvQueue
 from jobd.engine import access
@@ -55,14 +55,22 @@ LOGIN_TIMEOUT: Final = 30.0
 
 
 class Server:
-    def __init__(self, api: Api, path: str) -> None:
+    def __init__(self, api: Api, path: str, passed: dict[str, socket.socket] | None = None) -> None:
+        """`passed`: listening sockets systemd handed over (jobd.activation), by name; each replaces what jobd
+        would bind for that listener, and turns it on at the socket's own address even if the config has it off."""
         self.api = api
-        self.path = path
-        self.evqueue_path = api.engine.config.daemon.evqueue_socket  # None: no evQueue listener
+        self.passed = dict(passed or {})
+        self.path = _passed_path(self.passed.get("api")) or path
+        self.evqueue_path = _passed_path(self.passed.get("evqueue")) or api.engine.config.daemon.evqueue_socket
         self.evqueue = EvQueue(api)
         self._server: asyncio.AbstractServer | None = None
         self._evqueue_server: asyncio.AbstractServer | None = None
         self.tcp_listen = api.engine.config.tcp.listen  # None: no TCP listener; a change needs a restart
+        tcp = self.passed.get("tcp")
+        if tcp is not None:
+            address = activation.socket_address(tcp)
+            assert not isinstance(address, str)  # activation took only an IPv4/IPv6 socket for "tcp"
+            self.tcp_listen = address
         self.tcp_address: tuple[str, int] | None = None  # where the TCP listener is bound (port 0 resolved)
         self._tcp_server: asyncio.AbstractServer | None = None
         self.login_throttle = evqueue_auth.LoginThrottle()
@@ -71,10 +79,23 @@ class Server:
     async def bind(self) -> None:
         """Create the listening sockets; clients are taken only from `start_serving()` on."""
         access = self._socket_access()
-        self._server = await _bind_unix(self.path, lambda: Connection(self), *access)
-        if self.evqueue_path is not None:
+        loop = asyncio.get_running_loop()
+        api, evqueue, tcp = self.passed.get("api"), self.passed.get("evqueue"), self.passed.get("tcp")
+        # An adopted socket keeps the mode and group its socket unit gave it (SocketMode=, SocketGroup=).
+        if api is not None:
+            self._server = await loop.create_unix_server(lambda: Connection(self), sock=api, start_serving=False)
+        else:
+            self._server = await _bind_unix(self.path, lambda: Connection(self), *access)
+        if evqueue is not None:
+            self._evqueue_server = await loop.create_unix_server(
+                lambda: XmlConnection(self, greet=True), sock=evqueue, start_serving=False
+            )
+        elif self.evqueue_path is not None:
             self._evqueue_server = await _bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True), *access)
-        if self.tcp_listen is not None:
+        if tcp is not None:
+            self._tcp_server = await loop.create_server(lambda: TcpXmlConnection(self), sock=tcp, start_serving=False)
+            self.tcp_address = self.tcp_listen
+        elif self.tcp_listen is not None:
             await self._bind_tcp(*self.tcp_listen)
 
     def _socket_access(self) -> tuple[int, int | None]:
@@ -113,9 +134,14 @@ class Server:
             await self._tcp_server.start_serving()
 
     async def stop_listening(self) -> None:
-        for server, path in ((self._server, self.path), (self._evqueue_server, self.evqueue_path)):
+        for server, path, name in (
+            (self._server, self.path, "api"),
+            (self._evqueue_server, self.evqueue_path, "evqueue"),
+        ):
             if server is not None and path is not None:
                 server.close()
+                if name in self.passed:
+                    continue  # systemd's socket: it stays, and queues clients until jobd is started again
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
         if self._tcp_server is not None:
@@ -154,6 +180,11 @@ async def _bind_unix(
             server.close()
             raise
     return server
+
+
+def _passed_path(sock: socket.socket | None) -> str | None:
+    """The path a socket passed by systemd is bound to (jobd.activation checked it is a unix socket)."""
+    return None if sock is None else str(activation.socket_address(sock))
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -1,0 +1,354 @@
+"""jobd's units under a real systemd: ../shared/tools/sdns.sh boots one as PID 1 of private namespaces.
+
+The units in systemd/ are installed unchanged, with one drop-in (a short WatchdogSec=, so a hang is found in
+seconds). Inside the namespace, overlay mounts (seen by nothing outside it) put this checkout's jobd at
+/usr/bin/jobd and keep what the units create away from the host: /etc (jobd.sysusers' group, /etc/jobd) and
+/var/lib (/var/lib/jobd). So jobd runs with its real default paths: config in /etc/jobd, state in /var/lib/jobd,
+the API socket from jobd.socket at /run/jobd/jobd.sock.
+
+Waiting is done on what systemd and jobd report: `journalctl -f` read line by line until the expected line comes,
+systemctl's own blocking verbs, and jobd's job.wait. sd_down runs when the module's tests end however they end
+(the bash process that ran sd_up runs sd_down when its stdin closes, so even a killed pytest leaves nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import REPO
+
+from jobd.client import Client
+
+SDNS = REPO.parent / "shared" / "tools" / "sdns.sh"
+UNITS = REPO / "systemd"
+JOBD = REPO / ".venv" / "bin" / "jobd"
+WATCHDOG_SEC = 3
+TIMEOUT = 60.0  # hang guard for anything awaited; never a measurement
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not SDNS.exists() or not Path("/lib/systemd/systemd").exists() or not JOBD.exists(),
+    reason="needs root, ../shared/tools/sdns.sh, Debian's systemd and the .venv's jobd",
+)
+
+CONFIG = """\
+[daemon]
+kill_grace = 1
+# The test's jobs are /bin tools; they run as root so that nothing about users is in the way.
+default_user = "root"
+
+[queue.default]
+concurrency = 1
+
+[queue.held]
+concurrency = 1
+paused = true
+
+[task.sleep]
+command = ["/bin/sleep"]
+
+[task.held]
+command = ["/bin/true"]
+queue = "held"
+
+[task.stubborn]
+# Ignores SIGTERM (so does its sleep, which inherits the ignored disposition): only the SIGKILL after kill_grace
+# ends it.
+command = ["/bin/sh", "-c", "trap '' TERM; /bin/sleep 300"]
+
+[task.ok]
+command = ["/bin/true"]
+
+[task.fail]
+command = ["/bin/false"]
+"""
+
+# A drop-in outside every directory jobd watches, linked into jobd.d: a change to it reaches jobd only through a
+# reload that is asked for (inotify sees the link, not its target).
+EXTERNAL_DROP_IN = "/etc/jobd-test/50-external.toml"
+
+DROP_IN = f"""\
+[Service]
+WatchdogSec={WATCHDOG_SEC}s
+"""
+
+
+class Sdns:
+    """One throw-away systemd, driven through sdns.sh's functions in bash."""
+
+    def __init__(self) -> None:
+        script = '. "$0" && sd_up || exit 1\necho "$SD_NSPID $SD_WORK"\nread -r _\nsd_down\necho down\n'
+        self.process = subprocess.Popen(
+            ["bash", "-c", script, str(SDNS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        first = self.process.stdout.readline().split()
+        if len(first) != 2:
+            rest = self.process.stdout.read()
+            self.process.wait(TIMEOUT)
+            raise AssertionError(f"sdns did not boot: {' '.join(first)} {rest}")
+        self.nspid, self.work = int(first[0]), Path(first[1])
+        self.root = Path(f"/proc/{self.nspid}/root")
+
+    def down(self) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.close()  # `read` returns: sd_down
+        rest = self.process.stdout.read()
+        self.process.wait(TIMEOUT)
+        assert "down" in rest, rest
+
+    def _sdns(self, function: str, args: tuple[str, ...], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        script = f'. "$0"; SD_NSPID={self.nspid}; SD_ROOT={self.root}; {function} "$@"'
+        return subprocess.run(["bash", "-c", script, str(SDNS), *args], text=True, capture_output=True, **kwargs)
+
+    def ns(self, *args: str, check: bool = True) -> str:
+        done = self._sdns("sd_ns", args, timeout=TIMEOUT)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def ctl(self, *args: str, check: bool = True) -> str:
+        return self.ns("systemctl", *args, check=check)
+
+    def install(self, *paths: Path) -> None:
+        done = self._sdns("sd_install", tuple(map(str, paths)), timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+
+    def show(self, prop: str, unit: str = "jobd.service") -> str:
+        return self.ctl("show", "-p", prop, "--value", unit).strip()
+
+    def cursor(self) -> str:
+        out = self.ns("journalctl", "-q", "-n", "0", "--show-cursor")
+        return out.strip().removeprefix("-- cursor: ")
+
+    def follow(self, cursor: str, pattern: str) -> str:
+        """Read the journal after `cursor` as it is written, until a message matches `pattern`; return it."""
+        follower = subprocess.Popen(
+            ["nsenter", "--target", str(self.nspid), "--mount", "--pid", "--uts", "--ipc",
+             "journalctl", "-f", "-q", "-o", "cat", f"--after-cursor={cursor}"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        guard = threading.Timer(TIMEOUT, follower.kill)  # a hang guard: EOF below means the pattern never came
+        guard.start()
+        seen = []
+        try:
+            assert follower.stdout is not None
+            for line in follower.stdout:
+                seen.append(line)
+                if re.search(pattern, line):
+                    return line.rstrip("\n")
+            raise AssertionError(f"no journal message matched {pattern!r}; seen:\n{''.join(seen)}")
+        finally:
+            guard.cancel()
+            follower.kill()
+            follower.wait()
+
+    def journal(self, cursor: str, *args: str) -> list[dict[str, Any]]:
+        out = self.ns("journalctl", "-q", "-o", "json", f"--after-cursor={cursor}", *args)
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sd() -> Iterator[Sdns]:
+    system = Sdns()
+    try:
+        work = system.work / "overlay"
+        (work / "bin").mkdir(parents=True)
+        (work / "bin" / "jobd").symlink_to(JOBD)
+        for name in ("etc", "var"):
+            (work / f"{name}.upper").mkdir()
+            (work / f"{name}.work").mkdir()
+        (work / "keep").mkdir()
+        # sdns put a tmpfs on /etc/systemd/system: moved aside while /etc gets its overlay, then back on top.
+        system.ns("sh", "-ec", f"""
+            mount -t overlay overlay -o lowerdir={work}/bin:/usr/bin /usr/bin
+            mount --move /etc/systemd/system {work}/keep
+            mount -t overlay overlay -o lowerdir=/etc,upperdir={work}/etc.upper,workdir={work}/etc.work /etc
+            mount --move {work}/keep /etc/systemd/system
+            mount -t overlay overlay -o lowerdir=/var/lib,upperdir={work}/var.upper,workdir={work}/var.work /var/lib
+        """)  # fmt: skip
+        # What a package's maintainer scripts do with these two files.
+        system.ns("systemd-sysusers", str(UNITS / "jobd.sysusers"))
+        system.ns("systemd-tmpfiles", "--create", str(UNITS / "jobd.tmpfiles"))
+        etc_jobd = system.root / "etc" / "jobd"
+        (etc_jobd / "jobd.d").mkdir(parents=True)
+        (etc_jobd / "jobd.toml").write_text(CONFIG)
+        external = system.root / EXTERNAL_DROP_IN.lstrip("/")
+        external.parent.mkdir()
+        external.write_text("")
+        (etc_jobd / "jobd.d" / "50-external.toml").symlink_to(EXTERNAL_DROP_IN)
+        drop_in = system.root / "etc" / "systemd" / "system" / "jobd.service.d"
+        drop_in.mkdir()
+        (drop_in / "test.conf").write_text(DROP_IN)
+        system.install(UNITS / "jobd.service", UNITS / "jobd.socket")
+        yield system
+    finally:
+        system.down()
+
+
+def client(sd: Sdns) -> Client:
+    c = Client(str(sd.root / "run" / "jobd" / "jobd.sock"))
+    c.connect()
+    return c
+
+
+def call(sd: Sdns, method: str, params: dict[str, Any] | None = None) -> Any:
+    with client(sd) as c:
+        return c.call(method, params, timeout=TIMEOUT)
+
+
+def started(sd: Sdns) -> int:
+    """Start jobd (and jobd.socket, which it requires); systemctl returns once READY=1 came. Its MainPID."""
+    sd.ctl("start", "jobd.service")
+    assert sd.ctl("is-active", "jobd.service", "jobd.socket").split() == ["active", "active"]
+    return int(sd.show("MainPID"))
+
+
+def status_text(sd: Sdns, wanted: str) -> str:
+    """systemd's StatusText once it contains `wanted`. jobd sends STATUS= at most every 0.1 s after the counts
+    change, and systemd offers no way to wait for a status change but D-Bus (not running in sdns): so it is read
+    again, 0.1 s apart, a bounded number of times."""
+    text = ""
+    for _ in range(int(TIMEOUT / 0.1)):
+        text = sd.show("StatusText")
+        if wanted in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"StatusText never contained {wanted!r}: {text!r}")
+
+
+def test_units_verify_clean(sd: Sdns, tmp_path: Path) -> None:
+    """`systemd-analyze verify` prints nothing for either unit: /usr/bin/jobd exists in the namespace, and the man
+    pages the units name are found (from man/ of this checkout)."""
+    for page in (REPO / "man").glob("*.[1-8]"):
+        section = tmp_path / f"man{page.suffix[1:]}"
+        section.mkdir(exist_ok=True)
+        shutil.copy(page, section)
+    for unit in ("jobd.service", "jobd.socket"):
+        done = subprocess.run(
+            ["nsenter", "--target", str(sd.nspid), "--mount", "--pid", "--uts", "--ipc",
+             "env", f"MANPATH={tmp_path}", "systemd-analyze", "verify", str(UNITS / unit)],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout + done.stderr) == (0, ""), unit
+    assert sd.ns("getent", "group", "jobd").startswith("jobd:")
+    assert sd.ns("stat", "-c", "%a %U %G", "/run/jobd", "/var/lib/jobd").split("\n")[:2] == [
+        "755 root root",
+        "750 root root",
+    ]
+
+
+def test_start_is_active_with_queue_counts(sd: Sdns) -> None:
+    started(sd)
+    assert status_text(sd, "running").startswith("0 running, 0 queued, 0 delayed")
+    assert sd.ns("stat", "-c", "%a %G %F", "/run/jobd/jobd.sock").strip() == "660 jobd socket"
+    running = call(sd, "job.submit", {"task": "sleep", "args": ["300"]})
+    queued = call(sd, "job.submit", {"task": "ok"})
+    assert status_text(sd, "1 running, 1 queued").startswith("1 running, 1 queued, 0 delayed (default 1/1 running")
+    call(sd, "job.cancel", {"id": running["id"]})
+    assert call(sd, "job.wait", {"id": queued["id"], "timeout": TIMEOUT})["state"] == "succeeded"
+
+
+def test_socket_activation(sd: Sdns) -> None:
+    """Service stopped, socket still listening: the first client starts jobd, which answers on that socket."""
+    first = started(sd)
+    sd.ctl("stop", "jobd.service")
+    assert sd.ctl("is-active", "jobd.service", check=False).strip() == "inactive"
+    assert sd.ctl("is-active", "jobd.socket").strip() == "active"
+    cursor = sd.cursor()
+    with client(sd) as c:  # queued in the kernel until jobd takes the socket over
+        assert c.call("ping", timeout=TIMEOUT)["pong"] is True
+        pid = c.call("daemon.status", timeout=TIMEOUT)["pid"]
+    assert sd.ctl("is-active", "jobd.service").strip() == "active"
+    assert pid != first
+    sd.follow(cursor, r"socket activation: serving on api \(/run/jobd/jobd\.sock\) passed by systemd")
+    # jobd bound the evQueue socket itself, not passed by systemd; the API socket stays systemd's on stop.
+    assert sd.ns("stat", "-c", "%F", "/run/jobd/evqueue.sock").strip() == "socket"
+    sd.ctl("stop", "jobd.service")
+    assert sd.ns("stat", "-c", "%F", "/run/jobd/jobd.sock").strip() == "socket"
+    assert sd.ns("test", "-e", "/run/jobd/evqueue.sock", check=False) == ""
+    assert call(sd, "ping")["pong"] is True  # and activates jobd again
+
+
+def test_reload_applies_a_change(sd: Sdns) -> None:
+    started(sd)
+    assert "reloaded" not in [q["name"] for q in call(sd, "queue.list")["queues"]]
+    (sd.root / EXTERNAL_DROP_IN.lstrip("/")).write_text("[queue.reloaded]\nconcurrency = 3\n")
+    cursor = sd.cursor()
+    sd.ctl("reload", "jobd.service")
+    sd.follow(cursor, r"configuration reloaded from \d+ files")
+    queues = {q["name"]: q for q in call(sd, "queue.list")["queues"]}
+    assert queues["reloaded"]["concurrency"] == 3
+    assert call(sd, "daemon.status")["last_reload"]["ok"] is True
+
+
+def test_hung_event_loop_trips_the_watchdog(sd: Sdns) -> None:
+    """SIGSTOP freezes jobd for real: no WATCHDOG=1 comes, systemd kills it and Restart=on-failure starts a new one,
+    which has every job submitted before."""
+    pid = started(sd)
+    restarts = int(sd.show("NRestarts"))
+    held = [call(sd, "job.submit", {"task": "held"})["id"] for _ in range(3)]
+    running = call(sd, "job.submit", {"task": "sleep", "args": ["300"]})["id"]
+    cursor = sd.cursor()
+    sd.ns("kill", "-STOP", str(pid))
+    sd.follow(cursor, r"jobd\.service: Watchdog timeout")
+    sd.follow(cursor, r"jobd \S+ ready: socket /run/jobd/jobd\.sock")
+    assert int(sd.show("NRestarts")) == restarts + 1
+    new_pid = int(sd.show("MainPID"))
+    assert new_pid != pid
+    # Python's faulthandler wrote where the loop was when SIGABRT came.
+    sd.follow(cursor, r"Fatal Python error: Aborted")
+    for job_id in held:
+        assert call(sd, "job.get", {"id": job_id})["state"] == "queued"
+    lost = call(sd, "job.get", {"id": running})
+    assert lost["tries"][0]["outcome"] == "lost"
+    call(sd, "queue.resume", {"name": "held"})
+    for job_id in held:
+        assert call(sd, "job.wait", {"id": job_id, "timeout": TIMEOUT})["state"] == "succeeded"
+
+
+def test_stop_with_running_jobs(sd: Sdns) -> None:
+    """As jobd.service's comment says: SIGTERM to jobd alone, which SIGTERMs each job's process group, SIGKILLs it
+    after kill_grace, puts the jobs back in their queue and exits; they run again at the next start."""
+    started(sd)
+    cursor = sd.cursor()
+    job = call(sd, "job.submit", {"task": "stubborn"})["id"]
+    sd.follow(cursor, rf"job={job} running")
+    sd.ctl("stop", "jobd.service")
+    assert sd.show("Result") == "success"
+    assert sd.ctl("is-active", "jobd.service", check=False).strip() == "inactive"
+    messages = [entry["MESSAGE"] for entry in sd.journal(cursor, "-u", "jobd.service")]
+    assert f"job={job} stopping for shutdown" in messages
+    assert "stopped" in messages
+    started(sd)
+    found = call(sd, "job.get", {"id": job})
+    assert found["tries"][0]["outcome"] == "killed"
+    assert found["tries"][0]["signal"] == signal.SIGKILL  # it ignored SIGTERM: killed after its kill_grace
+    assert found["state"] in ("queued", "running")
+    call(sd, "job.cancel", {"id": job})
+
+
+def test_journal_priorities(sd: Sdns) -> None:
+    started(sd)
+    cursor = sd.cursor()
+    good = call(sd, "job.submit", {"task": "ok"})["id"]
+    bad = call(sd, "job.submit", {"task": "fail"})["id"]
+    call(sd, "job.wait", {"id": bad, "timeout": TIMEOUT})
+    sd.follow(cursor, rf"job={bad} failed")
+    warnings = [entry["MESSAGE"] for entry in sd.journal(cursor, "-u", "jobd.service", "-p", "warning")]
+    assert any(message.startswith(f"job={bad} failed") for message in warnings), warnings
+    assert not any(message.startswith(f"job={good} ") for message in warnings), warnings
+    info = {entry["MESSAGE"]: entry["PRIORITY"] for entry in sd.journal(cursor, "-u", "jobd.service")}
+    assert info[f"job={good} queued in queue default"] == "6"
+    assert any(message.startswith(f"job={good} succeeded") and prio == "6" for message, prio in info.items())
+    assert any(message.startswith(f"job={bad} failed") and prio == "4" for message, prio in info.items())
