@@ -7,11 +7,17 @@ reads phpunit's JUnit log: every test method of the package must have run and pa
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import re
 import shutil
+import socket
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +169,93 @@ def test_package_files_are_valid_php_and_composer_json() -> None:
         text = path.read_text()
         assert f"namespace {namespace};" in text, path
         assert re.search(rf"^(final |abstract )?class {relative.name}\b", text, re.M), path
+
+
+# -- the README's web examples, served by PHP's built-in web server ----------------------------------------------
+
+
+@pytest.fixture
+def web(php_daemon: Any, tmp_path: Path) -> Iterator[str]:
+    """contrib/php-client/examples on `php -S`, talking to php_daemon; yields its base URL."""
+    php, _ = php_tools()
+    with socket.socket() as probe:  # a free port for php -S, which takes no port 0
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [php, "-S", f"127.0.0.1:{port}", "-t", str(PACKAGE / "examples")],
+        env={"PATH": "/usr/bin:/bin", "JOBD_SOCKET": str(php_daemon.socket_path), "TMPDIR": str(tmp_path)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        # php -S says when it listens; reading that line blocks until then (the pytest timeout ends a hang).
+        started = server.stderr.readline()
+        assert "started" in started, started
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def request(opener: urllib.request.OpenerDirector, url: str, data: bytes | None = None, **headers: str) -> Any:
+    try:
+        with opener.open(urllib.request.Request(url, data=data, headers=headers), timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def browser() -> urllib.request.OpenerDirector:
+    """A visitor: its own cookie jar, hence its own PHP session."""
+    return urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+
+def test_thumbnail_from_a_web_page(web: str) -> None:
+    visitor = browser()
+    image = b"\x89PNG fake image bytes"
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="cat.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--XyZ--\r\n"
+    )
+    status, submitted = request(
+        visitor, f"{web}/thumbnail.php", body, **{"Content-Type": "multipart/form-data; boundary=XyZ"}
+    )
+    assert status == 202, submitted
+    assert submitted["state"] in ("queued", "running", "succeeded")
+    # &wait: the answer comes once the job has ended (job.wait in jobd).
+    status, job = request(visitor, f"{web}/thumbnail.php?job={submitted['job']}&wait=25")
+    assert status == 200 and job["state"] == "succeeded", job
+    size, _, source = job["thumbnail"].removeprefix("thumbnail ").partition(" of ")
+    assert size == "256" and Path(source).read_bytes() == image, job
+    # Another visitor may not read it; a visitor without an upload is told what is missing.
+    assert request(browser(), f"{web}/thumbnail.php?job={submitted['job']}")[0] == 404
+    assert (
+        request(visitor, f"{web}/thumbnail.php", b"", **{"Content-Type": "multipart/form-data; boundary=XyZ"})[0] == 400
+    )
+
+
+def test_ajax_progress_of_a_workflow(web: str, php_daemon: Any) -> None:
+    visitor = browser()
+    form = urllib.parse.urlencode({"source": "holiday.jpg"}).encode()
+    status, launched = request(visitor, f"{web}/progress.php", form)
+    assert status == 202, launched
+    instance = launched["instance"]
+    token = ""
+    answers = []
+    # What the page's script does: ask again with the last token as soon as an answer comes. Each answer comes
+    # when something changed (or after 20 s), so a few rounds see the instance to its end.
+    for _ in range(20):
+        status, progress = request(visitor, f"{web}/progress.php?instance={instance}&since={token}")
+        assert status == 200, progress
+        answers.append(progress)
+        if progress["finished"]:
+            break
+        token = progress["token"]
+    final = answers[-1]
+    assert final["finished"] and (final["status"], final["errors"]) == ("TERMINATED", 0), answers
+    assert [task["name"] for task in final["tasks"]] == ["small", "large", "publish"]
+    assert final == {**final, "id": instance, "workflow": "thumbnails"}
+    assert php_daemon.call("instance.get", {"id": instance})["comment"] == "web upload"
+    # The instance is this visitor's: another session cannot read it.
+    assert request(browser(), f"{web}/progress.php?instance={instance}")[0] == 404
