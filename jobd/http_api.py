@@ -46,7 +46,16 @@ from jobd.errors import (
     UnknownWorkflow,
 )
 from jobd.linux import peer_credentials
-from jobd.model import DEFAULT_PRIORITY, FINISHED_STATES, MAX_PRIORITY, JobState, ObjectKind, Right
+from jobd.model import (
+    DEFAULT_PRIORITY,
+    FINISHED_STATES,
+    MAX_PRIORITY,
+    Job,
+    JobState,
+    ObjectKind,
+    Outcome,
+    Right,
+)
 
 log = logging.getLogger("jobd.http")
 
@@ -298,7 +307,7 @@ class HttpApi:
         if event.type == "job.state":
             data: dict[str, Any] = {"job": job.to_json()}
             if job.state in FINISHED_STATES:
-                self._finished(job.state, job.started_at, job.finished_at, job.exit_code, job.signal)
+                self._finished(job)
         elif event.type == "job.progress":
             data = {"id": job.id, "progress": job.progress}
         else:
@@ -313,12 +322,16 @@ class HttpApi:
             else:
                 client.put_nowait(item)
 
-    def _finished(
-        self, state: JobState, started: float | None, finished: float | None, code: int | None, sig: int | None
-    ) -> None:
-        if state == JobState.FAILED and code is None and sig is None:
-            self.spawn_failures += 1  # failed with no exit status: the program could not be started
-        elif started is not None and finished is not None:
+    def _finished(self, job: Job) -> None:
+        started, finished = job.started_at, job.finished_at
+        if job.state == JobState.FAILED and job.exit_code is None and job.signal is None:
+            # No exit status: a program that could not start, but also an HTTP job's failed request or an attempt
+            # lost in a crash, which ran. The last attempt tells them apart (a read only for such failures).
+            tries = self.api.engine.attempts(job.id)
+            if tries and tries[-1].outcome == Outcome.SPAWN_ERROR:
+                self.spawn_failures += 1
+                return
+        if started is not None and finished is not None:
             seconds = max(0.0, finished - started)
             self.duration_sum += seconds
             self.duration_count += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,11 @@ def test_events_in_order_and_replayed_after_a_reconnect(daemon: Any) -> None:
 def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
     for command in (["true"], ["sh", "-c", "exit 3"], ["/nonexistent/program"]):
         daemon.wait(daemon.submit(command=command)["id"])
+    with socket.socket() as unused:  # an HTTP job whose request fails: no exit status either, but it ran
+        unused.bind(("127.0.0.1", 0))
+        daemon.wait(daemon.submit(http={"url": f"http://127.0.0.1:{unused.getsockname()[1]}/"})["id"])
+    daemon.call("queue.pause", {"name": "default"})
+    waiting = [daemon.submit(command=["true"]) for _ in range(2)]
     status, text = request(daemon, "GET", "/metrics")
     assert status == 200
     families = {family.name: family for family in text_string_to_metric_families(text)}
@@ -223,11 +229,14 @@ def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
         "jobd_spawn_failures",
     } <= set(families)
     jobs = {sample.labels["state"]: sample.value for sample in families["jobd_jobs"].samples}
-    assert jobs["succeeded"] == 1 and jobs["failed"] == 2 and jobs["running"] == 0, text
+    assert jobs["succeeded"] == 1 and jobs["failed"] == 3 and jobs["queued"] == 2 and jobs["running"] == 0, text
+    depth = {s.labels["queue"]: s.value for s in families["jobd_queue_depth"].samples}
+    running = {s.labels["queue"]: s.value for s in families["jobd_queue_running"].samples}
+    assert (depth["default"], running["default"]) == (len(waiting), 0)
     concurrency = {s.labels["queue"]: s.value for s in families["jobd_queue_concurrency"].samples}
     assert concurrency["default"] == 2
     durations = {s.name: s.value for s in families["jobd_job_duration_seconds"].samples if "le" not in s.labels}
-    assert durations["jobd_job_duration_seconds_count"] == 2  # the spawn failure never ran
+    assert durations["jobd_job_duration_seconds_count"] == 3  # the spawn failure never ran
     assert families["jobd_job_duration_seconds"].type == "histogram"
     spawn = families["jobd_spawn_failures"]
     assert spawn.type == "counter" and spawn.samples[0].value == 1
