@@ -1,0 +1,260 @@
+"""The Debian package (debian/): built from this checkout, checked by lintian, installed, used and purged for real.
+
+Build: the checkout's tracked and new (not ignored) files are copied to a temporary directory, where
+debian/vendor/fetch gets the upstream sdists the package bundles (PyPI the first time, then ~/.cache/jobd/vendor)
+and `dpkg-buildpackage -us -uc -b` builds jobd_*.deb, with a PATH of the system's directories only (a pyenv or
+venv python3 first on PATH would otherwise be the interpreter pybuild builds with).
+
+Install: apt-get installs the .deb inside a throw-away systemd (../shared/tools/sdns.sh boots one as PID 1 of
+private namespaces), so the maintainer scripts enable and start the units under a real systemd. Overlay mounts
+on /usr, /etc and /var inside the namespace (seen by nothing outside it) take every write of apt, dpkg and the
+maintainer scripts: the host's dpkg database, files and groups are never changed, and a test that dies halfway
+leaves nothing to clean up (sd_down runs when the bash process that booted it sees its stdin close). Installing
+uses no network (apt-get with no package sources): `make test` installs the package's Depends (DEB_PACKAGES).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import REPO
+
+SDNS = REPO.parent / "shared" / "tools" / "sdns.sh"
+TIMEOUT = 300.0  # hang guard for each command (the build, apt); never a measurement
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# apt with no package sources: it knows only what is installed and the .deb, so it cannot download anything; a
+# missing dependency fails the install. (--no-download would do, but apt 2.6 refuses it with a local .deb.)
+NO_SOURCES = ("-o", "Dir::Etc::SourceList=/dev/null", "-o", "Dir::Etc::SourceParts=/dev/null")
+CLEAN_ENV = {"PATH": SYSTEM_PATH, "HOME": "/root", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not SDNS.exists() or not Path("/lib/systemd/systemd").exists(),
+        reason="needs root, ../shared/tools/sdns.sh and Debian's systemd",
+    ),
+    pytest.mark.timeout(900),  # the build and lintian are slow on a loaded machine; every command has TIMEOUT
+]
+
+# pyproject's dependency name -> the Debian package the .deb must depend on; the others are bundled.
+DEBIAN_PACKAGES = {
+    "peewee": "python3-peewee",
+    "aiohttp": "python3-aiohttp",
+    "lxml": "python3-lxml",
+    "sdnotify": "python3-sdnotify",
+}
+BUNDLED = {"inotify-simple": "inotify_simple", "croniter": "croniter"}
+
+
+def _run(
+    args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(args, cwd=cwd, env=env, text=True, capture_output=True, timeout=TIMEOUT)
+    assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _copy_checkout(dest: Path) -> None:
+    listed = _run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+    for name in sorted(set(listed.stdout.split("\0")) - {""}):
+        source = REPO / name
+        if not os.path.lexists(source):  # deleted in the working tree, not yet in git
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    build = tmp_path_factory.mktemp("deb")
+    source = build / "jobd"
+    _copy_checkout(source)
+    _run([str(source / "debian" / "vendor" / "fetch")], env={**os.environ, "PIP": f"{sys.executable} -m pip"})
+    _run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source, env=CLEAN_ENV)
+    debs = list(build.glob("jobd_*_all.deb"))
+    assert len(debs) == 1, debs
+    return debs[0]
+
+
+def _requirements() -> dict[str, str]:
+    """pyproject's dependencies: name -> its lower bound (every one of them has a `>=`)."""
+    bounds = {}
+    for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name, _, rest = requirement.partition(">=")
+        bounds[name.strip()] = rest.split(",")[0].strip()
+    return bounds
+
+
+def _version_ge(a: str, b: str) -> bool:
+    return subprocess.run(["dpkg", "--compare-versions", a, "ge", b], timeout=TIMEOUT).returncode == 0
+
+
+def test_lintian_reports_no_errors(deb: Path) -> None:
+    done = subprocess.run(
+        ["lintian", "--fail-on", "error", str(deb)], text=True, capture_output=True, timeout=TIMEOUT, env=CLEAN_ENV
+    )
+    errors = [line for line in done.stdout.splitlines() if line.startswith("E:")]
+    assert errors == [] and done.returncode == 0, done.stdout + done.stderr
+
+
+def test_contents_conffile_and_depends(deb: Path, tmp_path: Path) -> None:
+    listing = _run(["dpkg-deb", "--contents", str(deb)]).stdout
+    paths = {line.split()[5].removeprefix(".") for line in listing.splitlines()}
+    units = "/lib/systemd/system" if "/lib/systemd/system/jobd.service" in paths else "/usr/lib/systemd/system"
+    expected = {
+        "/usr/bin/jobd",
+        "/usr/bin/jobctl",
+        "/usr/lib/python3/dist-packages/jobd/daemon.py",
+        f"{units}/jobd.service",
+        f"{units}/jobd.socket",
+        "/usr/lib/sysusers.d/jobd.conf",
+        "/usr/lib/tmpfiles.d/jobd.conf",
+        "/usr/share/man/man8/jobd.8.gz",
+        "/usr/share/man/man1/jobctl.1.gz",
+        "/usr/share/man/man5/jobd.toml.5.gz",
+        "/usr/share/man/man5/jobd-workflow.5.gz",
+        "/usr/share/man/man7/jobd-protocol.7.gz",
+        "/usr/share/bash-completion/completions/jobctl",
+        "/etc/jobd/jobd.toml",
+        "/usr/share/jobd/vendor/inotify_simple.py",
+        "/usr/share/jobd/vendor/croniter/croniter.py",
+        "/usr/share/doc/jobd/copyright",
+    }
+    assert expected - paths == set()
+    assert {"/usr/share/doc/jobd/README.Debian", "/usr/share/doc/jobd/README.Debian.gz"} & paths
+    # Bundled modules stay private: only jobd itself is in the public module directory.
+    public = {p.split("/")[5] for p in paths if p.startswith("/usr/lib/python3/dist-packages/") and p.count("/") > 5}
+    assert public == {"jobd", "jobd-0.1.0.dist-info"}
+    # The config shipped is the example config, as a conffile.
+    assert _run(["dpkg-deb", "--info", str(deb), "conffiles"]).stdout.split() == ["/etc/jobd/jobd.toml"]
+    _run(["dpkg-deb", "--extract", str(deb), str(tmp_path)])
+    assert (tmp_path / "etc" / "jobd" / "jobd.toml").read_text() == (REPO / "examples" / "jobd.toml").read_text()
+
+    depends = [d.strip() for d in _run(["dpkg-deb", "--field", str(deb), "Depends"]).stdout.split(",")]
+    bounds = _requirements()
+    assert set(bounds) == set(DEBIAN_PACKAGES) | set(BUNDLED), "a new dependency: map it here and in debian/control"
+    for name, package in DEBIAN_PACKAGES.items():
+        # Depends carries pyproject's lower bound, and Debian 12's package (installed here) meets it.
+        assert f"{package} (>= {bounds[name]})" in depends, (name, depends)
+        installed = _run(["dpkg-query", "-W", "-f", "${Version}", package]).stdout
+        assert _version_ge(installed, bounds[name]), (package, installed, bounds[name])
+    # Bundled modules: no dependency on a Debian package of them, and the bundled version meets pyproject's bound.
+    sums = (REPO / "debian" / "vendor" / "SHA256SUMS").read_text().split()[1::2]
+    for name, module in BUNDLED.items():
+        assert not [d for d in depends if d.startswith(f"python3-{name}")], depends
+        (sdist,) = [s for s in sums if s.startswith(f"{module}-")]
+        assert _version_ge(sdist.removeprefix(f"{module}-").removesuffix(".tar.gz"), bounds[name]), sdist
+
+
+class Sdns:
+    """One throw-away systemd; the bash process that booted it runs sd_down when its stdin closes."""
+
+    def __init__(self) -> None:
+        script = '. "$0" && sd_up || exit 1\necho "$SD_NSPID $SD_WORK"\nread -r _\nsd_down\necho down\n'
+        self.process = subprocess.Popen(
+            ["bash", "-c", script, str(SDNS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        first = self.process.stdout.readline().split()
+        if len(first) != 2:
+            rest = self.process.stdout.read()
+            self.process.wait(TIMEOUT)
+            raise AssertionError(f"sdns did not boot: {' '.join(first)} {rest}")
+        self.nspid, self.work = first[0], Path(first[1])
+        self.root = Path(f"/proc/{self.nspid}/root")
+
+    def down(self) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.close()
+        rest = self.process.stdout.read()
+        self.process.wait(TIMEOUT)
+        assert "down" in rest, rest
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        enter = ["nsenter", "--target", self.nspid, "--mount", "--pid", "--uts", "--ipc"]
+        return subprocess.run([*enter, *args], text=True, capture_output=True, timeout=TIMEOUT, env=CLEAN_ENV)
+
+    def ns(self, *args: str) -> str:
+        done = self.run(*args)
+        assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(f"{self.root}{path}")
+
+
+@pytest.fixture
+def sd() -> Iterator[Sdns]:
+    system = Sdns()
+    try:
+        overlay = system.work / "overlay"
+        for name in ("usr", "etc", "var"):
+            (overlay / f"{name}.upper").mkdir(parents=True)
+            (overlay / f"{name}.work").mkdir()
+        (overlay / "keep").mkdir()
+        # sdns put a tmpfs on /etc/systemd/system: moved aside while /etc gets its overlay, then back on top.
+        system.ns("sh", "-ec", f"""
+            for d in usr var; do
+              mount -t overlay overlay -o lowerdir=/$d,upperdir={overlay}/$d.upper,workdir={overlay}/$d.work /$d
+            done
+            mount --move /etc/systemd/system {overlay}/keep
+            mount -t overlay overlay -o lowerdir=/etc,upperdir={overlay}/etc.upper,workdir={overlay}/etc.work /etc
+            mount --move {overlay}/keep /etc/systemd/system
+            systemctl daemon-reload
+        """)  # fmt: skip
+        yield system
+    finally:
+        system.down()
+
+
+def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
+    status = sd.run("dpkg-query", "-W", "-f", "${Status}", "jobd").stdout
+    assert "installed" not in status.split(), f"a jobd package is installed already ({status}): not testing over it"
+    for path in ("/etc/jobd", "/var/lib/jobd"):
+        assert not sd.exists(path), f"{path} exists before the package is installed"
+    group_before = sd.run("getent", "group", "jobd").returncode == 0
+
+    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
+    assert sd.ns("dpkg-query", "-W", "-f", "${Status}", "jobd") == "install ok installed"
+    assert sd.ns("getent", "group", "jobd").startswith("jobd:")
+    # The maintainer scripts enabled both units (and started them); start is what an administrator types.
+    assert sd.ns("systemctl", "is-enabled", "jobd.socket", "jobd.service").split() == ["enabled", "enabled"]
+    sd.ns("systemctl", "start", "jobd")
+    assert sd.ns("systemctl", "is-active", "jobd.socket", "jobd.service").split() == ["active", "active"]
+    main_pid = sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip()
+    assert sd.ns("cat", f"/proc/{main_pid}/cmdline").split("\0")[:2] == ["/usr/bin/python3", "/usr/bin/jobd"]
+
+    # A job, through the installed jobctl and the default socket /run/jobd/jobd.sock, as root (an admin).
+    assert sd.ns("sh", "-c", "command -v jobctl").strip() == "/usr/bin/jobctl"
+    token = f"installed-by-dpkg-{os.getpid()}"
+    job = json.loads(sd.ns("jobctl", "--json", "run", "--", "/bin/echo", token))["id"]
+    sd.ns("jobctl", "wait", str(job))
+    assert sd.ns("jobctl", "log", str(job)) == f"{token}\n"
+    assert sd.exists("/var/lib/jobd/jobd.sqlite3")
+
+    files = sd.ns("dpkg", "--listfiles", "jobd").splitlines()
+    assert "/usr/bin/jobd" in files
+    sd.ns("apt-get", "purge", "--yes", "jobd")
+
+    assert "installed" not in sd.run("dpkg-query", "-W", "-f", "${Status}", "jobd").stdout.split()
+    assert sd.ns("systemctl", "show", "-p", "LoadState", "--value", "jobd.service").strip() == "not-found"
+    left = [path for path in files if sd.exists(path) and not Path(f"{sd.root}{path}").is_dir()]
+    assert left == []
+    # Directories of the package's own, with what jobd and the maintainer scripts made in them (database, job
+    # output, byte-compiled modules, the administrator's drop-ins), and what deb-systemd-helper remembered.
+    own = ["/etc/jobd", "/var/lib/jobd", "/run/jobd", "/usr/share/jobd", "/usr/share/doc/jobd"]
+    own += ["/usr/lib/python3/dist-packages/jobd", "/usr/lib/python3/dist-packages/jobd-0.1.0.dist-info"]
+    assert [path for path in own if sd.exists(path)] == []
+    remembered = sd.ns("find", "/var/lib/systemd", "-name", "*jobd*").split()
+    assert remembered == []
+    # The system group stays (README.Debian: files may still belong to it), as Debian does with system groups.
+    if not group_before:
+        assert sd.ns("getent", "group", "jobd").startswith("jobd:")
