@@ -278,22 +278,32 @@ final class Client
     }
 
     /**
-     * The whole of a stream kept for an attempt (default: stdout of the latest), read page by page.
+     * The whole of a stream kept for an attempt (default: stdout of the latest), as the bytes the job wrote.
+     *
+     * Read page by page in base64: a UTF-8 page could cut a character in two at its end and get it replaced.
      */
     public function outputText(int $id, string $stream = 'stdout', ?int $attempt = null): string
     {
-        $text = '';
+        $bytes = '';
         $offset = 0;
         do {
-            $params = ['stream' => $stream, 'offset' => $offset, 'limit' => 1024 * 1024];
+            $params = ['stream' => $stream, 'offset' => $offset, 'limit' => 1024 * 1024, 'encoding' => 'base64'];
             if ($attempt !== null) {
                 $params['attempt'] = $attempt;
             }
             $page = $this->output($id, $params);
-            $text .= (string) $page['data'];
-            $offset = (int) $page['next_offset'];
+            $data = base64_decode((string) $page['data'], true);
+            if ($data === false) {
+                throw new ProtocolException("job.output: the data of job $id is not valid base64");
+            }
+            $bytes .= $data;
+            $next = (int) $page['next_offset'];
+            if ($next <= $offset) {
+                break; // nothing more to read now (jobd answered an empty page)
+            }
+            $offset = $next;
         } while ($offset < (int) $page['size']);
-        return $text;
+        return $bytes;
     }
 
     /**

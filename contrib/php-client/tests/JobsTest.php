@@ -45,6 +45,18 @@ final class JobsTest extends JobdTestCase
         self::assertSame("arg0\n", $jobd->outputText($job['id'], 'stderr'));
     }
 
+    public function testOutputOverManyPagesIsReadWholeAndExact(): void
+    {
+        // 2.5 MB of "é\n": three pages of at most 1 MiB, whose ends cut an "é" (2 bytes) in two.
+        $jobd = $this->client();
+        $size = 2_500_000;
+        $job = $jobd->submit(['/bin/sh', '-c', "yes é | head -c $size"], ['max_output' => 4_000_000]);
+        self::assertSame('succeeded', $jobd->wait($job['id'], 30)['state']);
+        $output = $jobd->outputText($job['id']);
+        self::assertSame($size, strlen($output));
+        self::assertSame(substr(str_repeat("é\n", intdiv($size, 3) + 1), 0, $size), $output);
+    }
+
     public function testEmptyParameterMapsAreSentAsObjects(): void
     {
         // PHP encodes [] as a JSON list; jobd wants objects for params and env, and would refuse a list.
