@@ -173,8 +173,6 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.watchdog is not None:
-            self._watchdog_ping()  # from the start: recovery of a large state may take a while
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         if self.http is not None:
             await self.http.bind(self.passed.get("http"))
@@ -199,6 +197,10 @@ class Daemon:
         if self.server.tcp_address is not None:
             log.info("listening for evQueue clients on TCP %s", self._tcp_listening())
         self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
+        if self.watchdog is not None:
+            # From READY=1 on: before it, start-up (a long recovery) is bounded by TimeoutStartSec=, and an early
+            # ping would arm the watchdog while recovery still blocks the loop.
+            self._watchdog_ping()
         await self.stop_requested.wait()
         await self._shutdown()
 
