@@ -31,7 +31,7 @@ from jobd.api import Api
 from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.http_task import HttpSpecError, check_request
-from jobd.engine.submit import Peer, SubmitRequest, identify_peer, resolve
+from jobd.engine.submit import Peer, identify_peer
 from jobd.errors import (
     InsufficientRights,
     InvalidParams,
@@ -240,28 +240,28 @@ class HttpApi:
         command = body.get("command")
         if not isinstance(command, dict) or command.get("type") not in ("http", "exec"):
             raise InvalidParams('command: expected {"type": "http", "url": ...} or {"type": "exec", "cmd": ...}')
-        argv: tuple[str, ...] | None = None
-        http: dict[str, Any] | None = None
+        params: dict[str, Any] = {"priority": qs_priority(priority)}
         if command["type"] == "exec":
             cmd = command.get("cmd")
             if not isinstance(cmd, str) or not cmd:
                 raise InvalidParams("command.cmd: expected a non-empty string (run by /bin/sh -c)", param="cmd")
-            argv = ("/bin/sh", "-c", cmd)
+            params["command"] = ["/bin/sh", "-c", cmd]
         else:
             try:  # an HTTP job (jobd.engine.http_task), its request checked as job.submit's "http"
-                http = _as_form(check_request(command))
+                params["http"] = _as_form(check_request(command))
             except HttpSpecError as error:
                 raise InvalidParams(f"command: {error}", param="command") from None
-        submit = SubmitRequest(
-            command=argv,
-            http=http,
-            priority=qs_priority(priority),
-            context=str(context) if context is not None else None,
-            callbacks=_callbacks(body.get("callback_done")),  # checked and merged with the queue's by resolve()
-        )
-        spec = resolve(self.api.engine.config, submit, _peer(request))
-        job = self.api.engine.submit([spec], [0.0])[0]
-        return web.json_response({"status": "OK", "job_id": job.id})
+        if context is not None:
+            params["context"] = str(context)
+        callbacks = _callbacks(body.get("callback_done"))
+        if callbacks is not None:
+            params["callbacks"] = callbacks
+        # Submitted as job.submit itself: the same rights, the same audit entry, and with durability = "fsync" the
+        # answer waits for the fsync, as over the socket.
+        value = self.api.call(_HttpSession(_peer(request)), "job.submit", params)
+        if asyncio.iscoroutine(value):
+            value = await value
+        return web.json_response({"status": "OK", "job_id": value["id"]})
 
     async def jobs_status(self, request: web.Request) -> web.Response:
         peer = _peer(request)

@@ -305,6 +305,9 @@ def test_queue_server_callback_done_fires_when_the_job_succeeds_and_when_it_fail
         assert daemon.wait(ids["ok"])["state"] == "succeeded"
         assert daemon.wait(ids["bad"])["state"] == "failed"  # and callback_done was called all the same
         assert curl(daemon, f"/jobs/status/{ids['bad']}")["worker_status"] == 99
+        status, body = request(daemon, "POST", "/api/audit.list", {})  # /jobs/add is job.submit, audited as such
+        audited = {(entry["command"], entry["target"], entry["result"]) for entry in body["result"]["entries"]}
+        assert {("job.submit", f"job {ids[name]}", "ok") for name in ids} <= audited, audited
         status, body = request(daemon, "POST", "/api/job.get", {"id": ids["ok"]})
         assert status == 200 and body["result"]["http"]["params"] == {"username": "michael"}
         assert body["result"]["http"]["timeout"] == 20.0 and body["result"]["context"] == "MyCoolApp"
