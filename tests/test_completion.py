@@ -41,6 +41,10 @@ COMP_POINT=${#LINE}
 COMP_WORDS=("$@")
 COMP_CWORD=$(($# - 1))
 _jobctl "${COMP_WORDS[0]}" "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD - 1]}"
+# The completion's state stays in its function: nothing is left behind in the user's shell.
+for name in _jobctl_program _jobctl_socket _jobctl_env_socket command positionals; do
+    [[ -v $name ]] && echo "left behind: $name" >&2
+done
 printf '%s\\n' "${COMPREPLY[@]}"
 """
 
