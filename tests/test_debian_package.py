@@ -239,6 +239,15 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
     sd.ns("jobctl", "wait", str(job))
     assert sd.ns("jobctl", "log", str(job)) == f"{token}\n"
     assert sd.exists("/var/lib/jobd/jobd.sqlite3")
+    # An administrator's drop-in: jobd reads /etc/jobd/jobd.d, and a task without a user runs as the shipped
+    # default_user, nobody. (The drop-in is also what purge must remove besides the conffile.)
+    drop_in = Path(f"{sd.root}/etc/jobd/jobd.d/50-local.toml")
+    drop_in.parent.mkdir()
+    drop_in.write_text('[task.whoami]\ncommand = ["/usr/bin/id", "-un"]\n')
+    sd.ns("jobctl", "reload")
+    job = json.loads(sd.ns("jobctl", "--json", "submit", "whoami"))["id"]
+    sd.ns("jobctl", "wait", str(job))
+    assert sd.ns("jobctl", "log", str(job)) == "nobody\n"
 
     files = sd.ns("dpkg", "--listfiles", "jobd").splitlines()
     assert "/usr/bin/jobd" in files
