@@ -81,10 +81,14 @@ class RemoteError(Exception):
         return cls(code, str(error.get("message", "")), data, rpc_code)
 
 
+# Made once: json.dumps() with options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_message(message: Any) -> bytes:
     """One frame: compact JSON, UTF-8, newline-terminated (JSON escapes any newline inside strings)."""
     try:
-        return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+        return _ENCODER.encode(message).encode("utf-8") + b"\n"
     except UnicodeEncodeError as exc:
         # Surrogates come from argv or file names that are not valid UTF-8 (Python's surrogateescape).
         bad = exc.object[exc.start : exc.end]
@@ -123,6 +127,7 @@ class Client:
         self._set_aside: collections.deque[Any] = collections.deque()
         # Ids of requests whose caller gave up (timeout): their late replies are dropped.
         self._abandoned: set[int] = set()
+        self._blocking = True  # a new socket blocks; see _arm()
 
     # -- connection -------------------------------------------------------------------------------------------
 
@@ -141,6 +146,7 @@ class Client:
             sock.close()
             raise ConnectError(self.path, exc) from exc
         self._sock = sock
+        self._blocking = True
 
     def close(self) -> None:
         if self._sock is not None:
@@ -257,7 +263,7 @@ class Client:
         """Writes a frame. If jobd closed the connection while we wrote and left an error reply about `ids` (or
         about an unreadable request), that reply is raised as RemoteError rather than the broken pipe."""
         sock = self._connected()
-        sock.settimeout(_remaining(deadline))
+        self._arm(sock, deadline)
         try:
             sock.sendall(data)
         except TimeoutError:
@@ -271,10 +277,20 @@ class Client:
                 self._raise_buffered_error(ids)
             raise ConnectionClosed(self._ended) from exc
 
+    def _arm(self, sock: socket.socket, deadline: float | None) -> None:
+        """Give the socket the time left until `deadline`. settimeout() costs two fcntl() calls each time, so a
+        socket that blocks (no deadline: most calls) and already blocks is left alone."""
+        timeout = _remaining(deadline)
+        if timeout is None and self._blocking:
+            return
+        sock.settimeout(timeout)
+        self._blocking = timeout is None
+
     def _drain_readable(self, sock: socket.socket) -> None:
         """Buffers what jobd sent before it closed: a refusal (FRAME_TOO_LARGE) precedes the close that broke
         our send, so it is already in the receive queue and a non-blocking read finds it."""
         sock.setblocking(False)
+        self._blocking = False
         try:
             while chunk := sock.recv(RECV_SIZE):
                 self._buffer += chunk
@@ -351,7 +367,7 @@ class Client:
 
     def _fill(self, deadline: float | None) -> None:
         sock = self._connected()
-        sock.settimeout(_remaining(deadline))
+        self._arm(sock, deadline)
         try:
             chunk = sock.recv(RECV_SIZE)
         except TimeoutError:

@@ -332,6 +332,10 @@ class Store:
                 "locking_mode": "exclusive",
                 "journal_mode": "wal",
                 "synchronous": "normal",
+                # A checkpoint copies the WAL into the database and fsync()s both, on the event loop. Most
+                # writes rewrite the same few pages (the newest rows), so a longer WAL (up to ~40 MB) copies each
+                # page once for many commits and pays the fsyncs a tenth as often as SQLite's default of 1,000.
+                "wal_autocheckpoint": 10000,
                 "foreign_keys": 1,
                 "busy_timeout": 5000,
             },
@@ -434,8 +438,10 @@ class Store:
 
     def record_process(self, attempt: Attempt) -> None:
         """Remember which process runs an attempt, so a restart after a crash can find and stop it."""
-        with self._transaction() as sql:
-            sql.execute(_UPDATE_ATTEMPT_PROCESS, (attempt.pid, attempt.pid_start, attempt.job_id, attempt.number))
+        # One statement: in autocommit mode it is a transaction of its own, without BEGIN and COMMIT calls.
+        self._connection.execute(
+            _UPDATE_ATTEMPT_PROCESS, (attempt.pid, attempt.pid_start, attempt.job_id, attempt.number)
+        )
 
     def finish_attempt(self, job: Job, attempt: Attempt) -> None:
         with self._transaction() as sql:

@@ -86,13 +86,19 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Made once: json.loads() and json.dumps() with options build a new decoder or encoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
+
+
 def decode(line: bytes) -> Frame:
     """Parse one line. A line that is not JSON at all raises ParseError; bad members become Invalid."""
     if _too_deep(line):  # refused before the decoder recurses into it
         raise ParseError(f"request nests arrays and objects more than {MAX_DEPTH} deep")
     try:
         text = line.decode("utf-8")
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = _DECODER.decode(text)
     except UnicodeDecodeError as error:
         raise ParseError(f"request is not valid UTF-8 (byte {error.start})") from None
     except RecursionError:
@@ -124,8 +130,8 @@ def _member(data: Any) -> Member:
         params = {}
     if not isinstance(params, dict):
         return Invalid(request_id, InvalidRequest('"params" must be an object (by-name parameters)'))
-    unknown = set(data) - {"jsonrpc", "id", "method", "params"}
-    if unknown:
+    if not data.keys() <= _REQUEST_MEMBERS:
+        unknown = set(data) - _REQUEST_MEMBERS
         return Invalid(
             request_id, InvalidRequest(f"unknown members {sorted(unknown)}; allowed: jsonrpc, id, method, params")
         )
@@ -150,4 +156,4 @@ def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode(message: Any) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return _ENCODER.encode(message).encode() + b"\n"
