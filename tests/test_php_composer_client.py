@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -192,6 +193,9 @@ def web(php_daemon: Any, tmp_path: Path) -> Iterator[str]:
         # php -S says when it listens; reading that line blocks until then (the pytest timeout ends a hang).
         started = server.stderr.readline()
         assert "started" in started, started
+        # It logs every request on stderr: keep reading it, so that a full pipe never blocks the server.
+        drain = threading.Thread(target=server.stderr.read, daemon=True)
+        drain.start()
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
