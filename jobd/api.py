@@ -23,7 +23,7 @@ from jobd.engine import access
 from jobd.engine import callbacks as callback_defs
 from jobd.engine.core import STREAMS, Engine
 from jobd.engine.http_task import HttpSpecError, check_request
-from jobd.engine.instances import Instances
+from jobd.engine.instances import InstanceEvent, Instances, task_json
 from jobd.engine.queues import QueueRuntime
 from jobd.engine.scheduler import Scheduler
 from jobd.engine.submit import Peer, SubmitRequest, resolve
@@ -32,6 +32,7 @@ from jobd.model import (
     MAX_PRIORITY,
     OBJECT_NAME,
     OBJECT_NAME_RULE,
+    AccessDef,
     Job,
     JobState,
     ObjectKind,
@@ -59,7 +60,7 @@ class Session(Protocol):
 
     peer: Peer
 
-    def subscribe(self, jobs: frozenset[int], queues: frozenset[str], types: frozenset[str]) -> int: ...
+    def subscribe(self, selection: EventFilter) -> int: ...
 
 
 class Params:
@@ -479,20 +480,65 @@ def daemon_reload(api: Api, session: Session, p: Params) -> Any:
     return api.daemon.reload()
 
 
-EVENT_TYPES = ("job.state", "job.progress", "job.log")
+JOB_EVENT_TYPES = ("job.state", "job.progress", "job.log")
+INSTANCE_EVENT_TYPES = ("instance.state", "instance.progress")
+EVENT_TYPES = JOB_EVENT_TYPES + INSTANCE_EVENT_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events a subscriber wants, for events.subscribe and GET /events alike (an empty set: no filter).
+
+    `jobs` and `queues` choose among job events, `instances` and `workflows` among instance events; filters of one
+    kind alone leave out every event of the other kind (asking for instance 7 is not asking for every job too).
+    A peer hears only of the jobs it may read and of the instances of the workflows it may read.
+    """
+
+    jobs: frozenset[int] = frozenset()
+    queues: frozenset[str] = frozenset()
+    instances: frozenset[int] = frozenset()
+    workflows: frozenset[str] = frozenset()
+    types: frozenset[str] = frozenset()
+
+    def wants_job(self, rules: AccessDef, peer: Peer, kind: str, job_id: int, task: str | None, queue: str) -> bool:
+        if self.types and kind not in self.types:
+            return False
+        if self.jobs or self.queues:
+            if (self.jobs and job_id not in self.jobs) or (self.queues and queue not in self.queues):
+                return False
+        elif self.instances or self.workflows:
+            return False
+        return access.may_job(rules, peer, Right.READ, task, queue)
+
+    def wants_instance(self, rules: AccessDef, peer: Peer, event: InstanceEvent) -> bool:
+        if self.types and event.type not in self.types:
+            return False
+        if self.instances or self.workflows:
+            if (self.instances and event.instance_id not in self.instances) or (
+                self.workflows and event.workflow not in self.workflows
+            ):
+                return False
+        elif self.jobs or self.queues:
+            return False
+        return access.may(rules, peer, Right.READ, ObjectKind.WORKFLOW, event.workflow)
 
 
 def events_subscribe(api: Api, session: Session, p: Params) -> Any:
-    jobs = p.take("jobs") or []
-    if not isinstance(jobs, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in jobs):
-        raise p.bad("jobs", "a list of job ids")
+    ids: dict[str, frozenset[int]] = {}
+    for name, what in (("jobs", "job"), ("instances", "instance")):
+        value = p.take(name) or []
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise p.bad(name, f"a list of {what} ids")
+        ids[name] = frozenset(value)
     queues = p.names("queues") or ()
-    types = p.texts("types") or EVENT_TYPES
+    workflows = p.names("workflows") or ()
+    types = p.texts("types") or ()
     for kind in types:
         if kind not in EVENT_TYPES:
             raise p.bad("types", " | ".join(EVENT_TYPES))
     p.done()
-    return {"subscription": session.subscribe(frozenset(jobs), frozenset(queues), frozenset(types))}
+    selection = EventFilter(ids["jobs"], frozenset(queues), ids["instances"], frozenset(workflows), frozenset(types))
+    return {"subscription": session.subscribe(selection)}
 
 
 def task_list(api: Api, session: Session, p: Params) -> Any:
@@ -595,19 +641,6 @@ def instance_get(api: Api, session: Session, p: Params) -> Any:
 def instance_tree(document: bytes) -> list[dict[str, Any]]:
     """The instance document as nested jobs and tasks: what `jobctl instance` draws."""
     root = safexml.parse(document, "instance document")
-
-    def task_json(task: etree._Element) -> dict[str, Any]:
-        retval = task.get("retval")
-        return {
-            "evqid": int(task.get("evqid", "0")),
-            "name": task.get("name") or task.get("task") or task.get("path"),
-            "status": task.get("status"),
-            "retval": None if retval is None else int(retval),
-            "progression": int(task.get("progression", "0")),
-            "error": task.get("error"),
-            "job_id": int(tid) if (tid := task.get("tid")) else None,
-            "tries": len(task.findall("output")),
-        }
 
     def job_json(job: etree._Element) -> dict[str, Any]:
         return {

@@ -27,10 +27,11 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from jobd import activation
-from jobd.api import Api
+from jobd.api import Api, EventFilter
 from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.http_task import HttpSpecError, check_request
+from jobd.engine.instances import InstanceEvent
 from jobd.engine.submit import Peer, identify_peer
 from jobd.errors import (
     InsufficientRights,
@@ -76,12 +77,13 @@ def qs_priority(value: int) -> int:
 
 @dataclass(slots=True)
 class _Event:
+    """One event of the ring: what it says (`data`), and what the filters and rights look at."""
+
     id: int
     type: str
-    job_id: int
-    task: str | None
-    queue: str
     data: dict[str, Any]
+    job: tuple[int, str | None, str] | None = None  # a job event's (job id, task, queue)
+    instance: InstanceEvent | None = None  # an instance event
 
 
 class _HttpSession:
@@ -90,7 +92,7 @@ class _HttpSession:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
 
-    def subscribe(self, jobs: frozenset[int], queues: frozenset[str], types: frozenset[str]) -> int:
+    def subscribe(self, selection: EventFilter) -> int:
         raise InvalidParams("event.subscribe is not available over HTTP; use GET /events (Server-Sent Events)")
 
 
@@ -109,6 +111,7 @@ class HttpApi:
         self.duration_count = 0
         self.spawn_failures = 0
         self._unsubscribe = api.engine.subscribe(self._on_event)
+        self._unsubscribe_instances = api.instances.subscribe(self._on_instance_event)
         self._runner: web.AppRunner | None = None
         self.adopted = False  # listening on a socket systemd passed (bind)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
@@ -154,6 +157,7 @@ class HttpApi:
 
     async def close(self) -> None:
         self._unsubscribe()
+        self._unsubscribe_instances()
         for client in list(self.clients):
             client.put_nowait(None)
         if self._runner is not None:
@@ -304,15 +308,14 @@ class HttpApi:
 
     def _on_event(self, event: JobEvent) -> None:
         job = event.job
-        if event.type == "job.state":
-            data: dict[str, Any] = {"job": job.to_json()}
-            if job.state in FINISHED_STATES:
-                self._finished(job)
-        elif event.type == "job.progress":
-            data = {"id": job.id, "progress": job.progress}
-        else:
-            data = {"id": job.id, "line": event.line}
-        item = _Event(self.next_id, event.type, job.id, job.spec.task, job.spec.queue, data)
+        if event.type == "job.state" and job.state in FINISHED_STATES:
+            self._finished(job)
+        self._add(_Event(self.next_id, event.type, event.to_json(), job=(job.id, job.spec.task, job.spec.queue)))
+
+    def _on_instance_event(self, event: InstanceEvent) -> None:
+        self._add(_Event(self.next_id, event.type, event.to_json(), instance=event))
+
+    def _add(self, item: _Event) -> None:
         self.next_id += 1
         self.ring.append(item)
         for client in list(self.clients):
@@ -344,17 +347,22 @@ class HttpApi:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         peer = _peer(request)
-        jobs = frozenset(int(x) for x in _split(request.query.get("jobs")) if x.isdigit())
-        queues = frozenset(_split(request.query.get("queues")))
-        types = frozenset(_split(request.query.get("types")))
+        query = request.query
+        selection = EventFilter(
+            jobs=frozenset(int(x) for x in _split(query.get("jobs")) if x.isdigit()),
+            queues=frozenset(_split(query.get("queues"))),
+            instances=frozenset(int(x) for x in _split(query.get("instances")) if x.isdigit()),
+            workflows=frozenset(_split(query.get("workflows"))),
+            types=frozenset(_split(query.get("types"))),
+        )
         last = request.headers.get("Last-Event-ID", "")
 
         def wanted(event: _Event) -> bool:
-            if (jobs and event.job_id not in jobs) or (queues and event.queue not in queues):
-                return False
-            if types and event.type not in types:
-                return False
-            return access.may_job(self.api.engine.config.access, peer, Right.READ, event.task, event.queue)
+            rules = self.api.engine.config.access
+            if event.instance is not None:
+                return selection.wants_instance(rules, peer, event.instance)
+            assert event.job is not None
+            return selection.wants_job(rules, peer, event.type, *event.job)
 
         pending: asyncio.Queue[_Event | None] = asyncio.Queue()
         # Registered before the replay is taken, with no await between: nothing falls between ring and live.
@@ -442,7 +450,7 @@ def _label(text: str) -> str:
 
 
 def _sse(event: _Event) -> bytes:
-    body = json.dumps({"type": event.type, **event.data}, separators=(",", ":"))
+    body = json.dumps(event.data, separators=(",", ":"))
     return f"id: {event.id}\nevent: {event.type}\ndata: {body}\n\n".encode()
 
 

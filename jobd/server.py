@@ -21,14 +21,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from jobd import activation, users
-from jobd.api import Api
+from jobd.api import Api, EventFilter
 from jobd.api_evqueue import EvQueue
-from jobd.engine import access
 from jobd.engine.core import JobEvent
+from jobd.engine.instances import InstanceEvent
 from jobd.engine.submit import Peer, identify_peer
 from jobd.errors import FrameTooLarge, InvalidRequest, InvalidXml, JobdError, StartupError, TooManyConnections
 from jobd.linux import peer_credentials
-from jobd.model import Right
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
 
 log = logging.getLogger("jobd.server")
@@ -449,26 +448,22 @@ class Connection(asyncio.Protocol):
 
     # -- Session -------------------------------------------------------------------------------------------------
 
-    def subscribe(self, jobs: frozenset[int], queues: frozenset[str], types: frozenset[str]) -> int:
+    def subscribe(self, selection: EventFilter) -> int:
         number = self._next_subscription
         self._next_subscription += 1
 
         def deliver(event: JobEvent) -> None:
             job = event.job
-            if event.type not in types or (jobs and job.id not in jobs) or (queues and job.spec.queue not in queues):
-                return
-            if not access.may_job(self.api.engine.config.access, self.peer, Right.READ, job.spec.task, job.spec.queue):
-                return
-            params: dict[str, Any] = {"subscription": number, "type": event.type}
-            if event.type == "job.state":
-                params["job"] = job.to_json()
-            elif event.type == "job.progress":
-                params.update(id=job.id, progress=job.progress)
-            else:
-                params.update(id=job.id, line=event.line)
-            self._send_event(jsonrpc.notification("event", params))
+            rules = self.api.engine.config.access
+            if selection.wants_job(rules, self.peer, event.type, job.id, job.spec.task, job.spec.queue):
+                self._send_event(jsonrpc.notification("event", {"subscription": number, **event.to_json()}))
+
+        def deliver_instance(event: InstanceEvent) -> None:
+            if selection.wants_instance(self.api.engine.config.access, self.peer, event):
+                self._send_event(jsonrpc.notification("event", {"subscription": number, **event.to_json()}))
 
         self._unsubscribe.append(self.api.engine.subscribe(deliver))
+        self._unsubscribe.append(self.api.instances.subscribe(deliver_instance))
         return number
 
     def abort(self) -> None:

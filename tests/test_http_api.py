@@ -79,9 +79,9 @@ def curl(daemon: Any, *args: str) -> Any:
 class Events:
     """A GET /events stream read event by event (blocking reads with a deadline)."""
 
-    def __init__(self, daemon: Any, query: str = "", last_id: int | None = None) -> None:
+    def __init__(self, daemon: Any, query: str = "", last_id: int | None = None, token: str = ADMIN_TOKEN) -> None:
         self.connection = http.client.HTTPConnection(*address(daemon), timeout=TIMEOUT)
-        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        headers = {"Authorization": f"Bearer {token}"}
         if last_id is not None:
             headers["Last-Event-ID"] = str(last_id)
         self.connection.request("GET", "/events" + query, headers=headers)

@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -42,6 +42,15 @@ class JobEvent:
     type: str  # "job.state" | "job.progress" | "job.log"
     job: Job
     line: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as events.subscribe and GET /events send it (docs/protocol.md)."""
+        job = self.job
+        if self.type == "job.state":
+            return {"type": self.type, "job": job.to_json()}
+        if self.type == "job.progress":
+            return {"type": self.type, "id": job.id, "progress": job.progress}
+        return {"type": self.type, "id": job.id, "line": self.line}
 
 
 class JobWatcher(Protocol):

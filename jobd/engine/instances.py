@@ -4,6 +4,10 @@
 progresses or ends. This module applies its actions — submit the job of a task, arm a retry timer, drop a queued
 job on cancel — feeds it what the engine's jobs do, and saves the document to the store after every change, so a
 restart (even after `kill -9`) resumes each executing instance from its last saved state.
+
+Subscribers (the HTTP listener's /events, events.subscribe) hear `instance.state` when an instance is launched and
+when it ends, and `instance.progress` whenever one of its tasks changes (queued, started, progressed, ended,
+skipped, aborted): evQueue's INSTANCE_STARTED/TERMINATED and TASK_ENQUEUE/EXECUTE/PROGRESS/TERMINATE.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lxml import etree
 
 from jobd import users
 from jobd.engine.core import Engine
@@ -45,6 +52,53 @@ log = logging.getLogger("jobd.instances")
 
 MAX_DOCUMENT_OUTPUT = 1024 * 1024  # bytes of each stream of a task copied into the instance document
 TRUNCATED_MARK = b"\n...TRUNCATED...\n"
+_DONE = (NodeStatus.TERMINATED, NodeStatus.ABORTED, NodeStatus.SKIPPED)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceEvent:
+    """What subscribers hear of an instance: `instance.state` (launched or ended; `data` holds the instance object
+    and its progress) or `instance.progress` (a task changed; `data` holds the task and the instance's progress)."""
+
+    type: str  # "instance.state" | "instance.progress"
+    instance_id: int
+    workflow: str
+    data: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, **self.data}
+
+
+def task_json(task: etree._Element) -> dict[str, Any]:
+    """A <task> as instance.get's tree shows it, and as instance.progress events carry it."""
+    retval = task.get("retval")
+    return {
+        "evqid": int(task.get("evqid", "0")),
+        "name": task.get("name") or task.get("task") or task.get("path"),
+        "status": task.get("status"),
+        "retval": None if retval is None else int(retval),
+        "progression": int(task.get("progression", "0")),
+        "error": task.get("error"),
+        "job_id": int(tid) if (tid := task.get("tid")) else None,
+        "tries": len(task.findall("output")),
+    }
+
+
+def _task_key(task: etree._Element) -> tuple[str | None, ...]:
+    """What task_json shows of a task that can change (`tries` changes only with `status`)."""
+    return tuple(task.get(name) for name in ("status", "progression", "retval", "error", "tid"))
+
+
+def _weight(task: etree._Element, dead: bool) -> int:
+    """How far a task is, 0–100, for the instance's progress: done (ended, skipped, aborted, or under a job that
+    will not run) is 100, running is its progression, anything else (not reached, queued, waiting, waiting to be
+    retried) is 0."""
+    status = task.get("status")
+    if dead or (status in _DONE and task.get("retry_at") is None):
+        return 100
+    if status == NodeStatus.EXECUTING:
+        return min(100, max(0, int(task.get("progression", "0"))))
+    return 0
 
 
 @dataclass
@@ -56,6 +110,13 @@ class _Live:
     jobs: dict[int, int] = field(default_factory=dict)  # evqid -> id of the job running it
     retry_timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # evqid -> timer
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    # What subscribers were last told (Instances._publish): evqid -> _task_key, and each task's part of the progress.
+    # Keyed by the evqid attribute as it is (a string), as the walk over the document finds it.
+    shown: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
+    measured: dict[str, Sequence[str | bytes]] = field(default_factory=dict)  # evqid -> its attribute values, last walk
+    weights: dict[str, int] = field(default_factory=dict)  # evqid -> _weight
+    weight_sum: int = 0  # of `weights`
+    unnumbered: tuple[int, int] = (0, 0)  # (sum of _weight, count) of the tasks not reached yet (no evqid)
 
 
 class Instances:
@@ -66,6 +127,7 @@ class Instances:
         self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")
         self._live: dict[int, _Live] = {}
         self._unsaved: set[int] = set()  # instances changed since the last save
+        self._listeners: list[Callable[[InstanceEvent], None]] = []
 
     # -- launching -----------------------------------------------------------------------------------------------
 
@@ -123,6 +185,7 @@ class Instances:
         live = _Live(replace(summary, id=instance_id), machine)
         self._live[instance_id] = live
         log.info("instance=%d of workflow %s launched", instance_id, workflow)
+        self._emit_state(live, self._live_summary(live))
         self._apply(live, actions)
         self._save_changed()  # at once: the row must never be left without its document
         return instance_id
@@ -174,6 +237,7 @@ class Instances:
         live = _Live(replace(summary, id=new_id), machine)
         self._live[new_id] = live
         log.info("instance=%d debug-resumed from instance=%d (workflow %s)", new_id, instance_id, old.workflow)
+        self._emit_state(live, self._live_summary(live))
         self._apply(live, actions)
         self._save_changed()
         return new_id
@@ -272,10 +336,12 @@ class Instances:
             elif isinstance(action, InstanceFinished):
                 self._finished(live, action)
                 return
+        self._publish(live)
         self._save(live)
 
     def _run_task(self, live: _Live, action: RunTask) -> None:
         instance_id = live.summary.id
+        self._publish_task(live, action.evqid)  # QUEUED, before its job may start (and be told) in the submit
         try:
             spec = self._job_spec(live, action)
             watcher = _TaskWatcher(self, instance_id, action.evqid)
@@ -397,6 +463,18 @@ class Instances:
             live.summary.workflow,
             finished.errors,
         )
+        if self._listeners:  # the last tasks' changes, then the end: what the store now holds (as instance.get)
+            self._publish(live)
+            ended = replace(
+                live.summary,
+                status=str(finished.status),
+                errors=finished.errors,
+                ended_at=now,
+                counters={},
+                tags=finished.tags,
+                custom_attributes=finished.custom_attributes,
+            )
+            self._emit_state(live, ended)
         for waiter in live.waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -443,6 +521,7 @@ class Instances:
         live = self._live.get(instance_id)
         if live is not None:
             live.machine.task_progress(evqid, job.progress)
+            self._publish_task(live, evqid)
 
     def _task_finished(self, instance_id: int, evqid: int, job: Job) -> None:
         live = self._live.get(instance_id)
@@ -481,6 +560,104 @@ class Instances:
             return data[:MAX_DOCUMENT_OUTPUT] + TRUNCATED_MARK
         return data
 
+    # -- events ----------------------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[InstanceEvent], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _emit(self, event: InstanceEvent) -> None:
+        for listener in list(self._listeners):
+            listener(event)
+
+    def _emit_state(self, live: _Live, summary: InstanceSummary) -> None:
+        if self._listeners:
+            if live.summary.id in self._live:
+                self._measure(live, mark=False)  # the progress as it stands; the next _publish tells of the tasks
+            data = {"instance": summary.to_json(), "progress": self._progress(live)}
+            self._emit(InstanceEvent("instance.state", live.summary.id, live.summary.workflow, data))
+
+    def _progress(self, live: _Live) -> int:
+        """The instance's progress, 0–100: the mean of its tasks' (see _weight); 100 once it has ended. Tasks a
+        loop adds as it expands count from then on, so the figure can go down."""
+        if live.summary.id not in self._live:
+            return 100
+        total, count = live.unnumbered
+        count += len(live.weights)
+        return (total + live.weight_sum) // count if count else 0
+
+    def _publish(self, live: _Live, *, quiet: bool = False) -> None:
+        """Tell subscribers of every task changed since they were last told (one instance.progress each).
+
+        One walk over the document, as the machine's own recount after each event; nothing at all when nobody
+        listens (what was last told is then stale, and a later subscriber hears each task once as it is now).
+        With `quiet`, only remember the tasks as they are.
+        """
+        if not self._listeners and not quiet:
+            return
+        for task in self._measure(live, mark=True):
+            if not quiet:
+                self._emit_task(live, task)
+
+    def _measure(self, live: _Live, *, mark: bool) -> list[etree._Element]:
+        """Recompute the tasks' parts of the progress; the tasks changed since last shown (with `mark`, they are
+        shown from now on).
+
+        `live.measured` holds the attributes of the tasks that were as shown at the last walk: such a task whose
+        attributes are all the same has neither changed nor been weighed differently (a numbered task is never put
+        under a skipped job afterwards), so most tasks cost one read of their attributes. A task not reached yet
+        has no status: it weighs 100 under a job that will not run, else 0.
+        """
+        changed: list[etree._Element] = []
+        measured: dict[str, Sequence[str | bytes]] = {}
+        weights: dict[str, int] = {}
+        before, weighed, shown = live.measured, live.weights, live.shown
+        other_total = other_count = 0
+        for task, dead in live.machine.task_nodes():
+            evqid = task.get("evqid")
+            if evqid is None:
+                other_total += 100 if dead else 0
+                other_count += 1
+                continue
+            attributes = task.values()
+            if before.get(evqid) == attributes and evqid in weighed:
+                weights[evqid] = weighed[evqid]
+                measured[evqid] = attributes
+                continue
+            weights[evqid] = _weight(task, dead)
+            key = _task_key(task)
+            if shown.get(evqid) != key:
+                changed.append(task)
+                if not mark:
+                    continue  # not as shown: weighed again next time
+                shown[evqid] = key
+            measured[evqid] = attributes
+        live.measured, live.weights = measured, weights
+        live.weight_sum, live.unnumbered = sum(weights.values()), (other_total, other_count)
+        return changed
+
+    def _publish_task(self, live: _Live, number: int) -> None:
+        """_publish for a change to one task that changes nothing else (a progress line, a task queued)."""
+        task = live.machine.task(number)
+        evqid = str(number)
+        if not self._listeners or task is None or evqid not in live.weights:
+            self._publish(live)
+            return
+        key = _task_key(task)
+        if live.shown.get(evqid) == key:
+            return
+        live.shown[evqid] = key
+        weight = _weight(task, False)  # queued or running: no job above it was skipped
+        live.weight_sum += weight - live.weights[evqid]
+        live.weights[evqid] = weight
+        self._emit_task(live, task)
+
+    def _emit_task(self, live: _Live, task: etree._Element) -> None:
+        summary = live.summary
+        data = {"id": summary.id, "workflow": summary.workflow, "progress": self._progress(live)}
+        data["task"] = task_json(task)
+        self._emit(InstanceEvent("instance.progress", summary.id, summary.workflow, data))
+
     # -- start-up --------------------------------------------------------------------------------------------
 
     def recover(self) -> None:
@@ -500,6 +677,7 @@ class Instances:
                 continue
             live = _Live(summary, machine)
             self._live[summary.id] = live
+            self._publish(live, quiet=True)  # subscribers hear what changes from here on
             actions: list[Action] = []
             for task in pending:
                 if task.status is NodeStatus.TERMINATED:  # waiting for a retry

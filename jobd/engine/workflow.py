@@ -866,6 +866,19 @@ class Instance:
     def _all_tasks(self) -> Iterator[etree._Element]:
         return (node for node in self._structural_nodes() if node.tag == "task")
 
+    def task_nodes(self) -> Iterator[tuple[etree._Element, bool]]:
+        """Every <task> of the workflow in document order (read them, do not change them), each with whether it
+        will never run because a job above it was SKIPPED or ABORTED."""
+
+        def walk(parent: etree._Element, dead: bool) -> Iterator[tuple[etree._Element, bool]]:
+            for job in parent.iterfind("subjobs/job"):
+                gone = dead or job.get("status") in (NodeStatus.SKIPPED, NodeStatus.ABORTED)
+                for task in job.iterfind("tasks/task"):
+                    yield task, gone
+                yield from walk(job, gone)
+
+        return walk(self.root, False)
+
     def _evqid_of(self, node: etree._Element) -> int:
         """A node's evqid, numbering it first if it has none (evQueue numbers nodes as they are first used)."""
         existing = node.get("evqid")

@@ -1,0 +1,315 @@
+"""The example page (examples/web/) in headless Chromium against a real jobd: the form launches the `thumbnails`
+workflow, the page follows it live through events.php (jobd's GET /events relayed by PHP), and ends showing the
+steps as instance.get reports them.
+
+jobd runs with the example's own drop-in and workflow (plus a drop-in of this test: a free port, and the token's
+hash); php -S serves examples/web/public with workers; chromedriver drives Chromium through the W3C WebDriver HTTP
+protocol, spoken here with urllib. Waits are the browser's (a MutationObserver in an async script, bounded by the
+session's script timeout); every process started here is stopped, with its children, even when the test fails.
+`make test` installs php-cli, chromium and chromium-driver when they are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_http_api import address
+
+pytestmark = pytest.mark.timeout(240)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "web"
+TOKEN = "example-page-test-token"  # the page's: only the PHP side gets it
+PACE = "0.25"  # seconds per quarter of each step: long enough for the page to show steps half done
+HANG_GUARD = 120.0  # seconds: the longest any wait of this test may take
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver element reference key
+
+
+class Process:
+    """A child in its own process group, its output read by a thread; `wait_for` blocks (with a deadline) until
+    a line matches. `stop` ends the whole group: php -S workers, Chromium's processes."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            with self.changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = HANG_GUARD) -> re.Match[str]:
+        with self.changed:
+            found: list[re.Match[str]] = []
+
+            def seen() -> bool:
+                found[:] = [m for line in self.lines if (m := re.search(pattern, line))][:1]
+                return bool(found) or self.process.poll() is not None
+
+            if not self.changed.wait_for(seen, timeout) or not found:
+                raise AssertionError(f"{self.process.args[0]} never said /{pattern}/; it said:\n{self.output()}")
+            return found[0]
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        # Whatever the group left behind (a worker, a renderer) goes too; none left is the usual case.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.reader.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class WebDriver:
+    """Just enough of the W3C WebDriver protocol, over urllib."""
+
+    def __init__(self, url: str, profile: Path) -> None:
+        self.url = url
+        capabilities = {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": shutil.which("chromium"),
+                # As root Chromium needs --no-sandbox; a temporary profile keeps runs apart.
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    f"--user-data-dir={profile}",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--no-first-run",
+                    "--window-size=1024,768",
+                ],
+            },
+            "timeouts": {"script": int(HANG_GUARD * 1000), "pageLoad": 60_000, "implicit": 0},
+        }
+        session = self._send("POST", "/session", {"capabilities": {"alwaysMatch": capabilities}})
+        self.session = f"/session/{session['sessionId']}"
+
+    def _send(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"}, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=HANG_GUARD + 30) as response:
+                return json.loads(response.read())["value"]
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"WebDriver {method} {path}: {error.code} {error.read().decode()}") from None
+
+    def command(self, method: str, path: str, body: Any = None) -> Any:
+        return self._send(method, self.session + path, body)
+
+    def go(self, url: str) -> None:
+        self.command("POST", "/url", {"url": url})
+
+    def find(self, css: str) -> str:
+        found = self.command("POST", "/element", {"using": "css selector", "value": css})
+        return str(found[ELEMENT])
+
+    def type_into(self, css: str, text: str) -> None:
+        element = self.find(css)
+        self.command("POST", f"/element/{element}/clear", {})
+        self.command("POST", f"/element/{element}/value", {"text": text})
+
+    def click(self, css: str) -> None:
+        self.command("POST", f"/element/{self.find(css)}/click", {})
+
+    def script(self, source: str, *args: Any) -> Any:
+        return self.command("POST", "/execute/sync", {"script": source, "args": list(args)})
+
+    def wait_until(self, css: str) -> None:
+        """Until an element matches `css`: a MutationObserver in the page resolves the async script (no polling);
+        the session's script timeout is the hang guard."""
+        self.command(
+            "POST",
+            "/execute/async",
+            {
+                "script": """
+                    const [css, done] = arguments;
+                    if (document.querySelector(css)) { done(true); return; }
+                    const observer = new MutationObserver(() => {
+                        if (document.querySelector(css)) { observer.disconnect(); done(true); }
+                    });
+                    observer.observe(document.documentElement, {subtree: true, childList: true, attributes: true});
+                """,
+                "args": [css],
+            },
+        )
+
+    def quit(self) -> None:
+        self._send("DELETE", self.session)
+
+
+@pytest.fixture
+def jobd(make_daemon: Any) -> Any:
+    daemon = make_daemon(start=False)
+    shutil.copy(EXAMPLE / "jobd" / "jobd.d" / "10-thumbnails.toml", daemon.config_dir / "jobd.d")
+    shutil.copytree(EXAMPLE / "jobd" / "workflows", daemon.config_dir / "workflows")
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    (daemon.config_dir / "jobd.d" / "90-test.toml").write_text(
+        f'[http]\nlisten = "127.0.0.1:0"\n\n[http.tokens.web-demo]\ntoken_sha256 = "{digest}"\n'
+    )
+    daemon.start()
+    return daemon
+
+
+@pytest.fixture
+def page(jobd: Any, tmp_path: Path) -> Iterator[str]:
+    """php -S serving the example, talking to `jobd` with the token; its base URL."""
+    assert shutil.which("php"), "php-cli is missing (make test installs it)"
+    sessions = tmp_path / "php-sessions"
+    sessions.mkdir()
+    host, port = address(jobd)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "JOBD_HTTP": f"tcp://{host}:{port}",
+        "JOBD_TOKEN": TOKEN,
+        "PHP_CLI_SERVER_WORKERS": "4",  # events.php holds one for as long as the page watches
+    }
+    web_port = free_port()
+    php = Process(
+        ["php", "-d", f"session.save_path={sessions}", "-S", f"127.0.0.1:{web_port}", "-t", str(EXAMPLE / "public")],
+        env=env,
+    )
+    try:
+        php.wait_for(r"Development Server \(.*\) started")
+        yield f"http://127.0.0.1:{web_port}/"
+    finally:
+        php.stop()
+        print(php.output())  # shown by pytest when the test failed
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    assert shutil.which("chromium") and shutil.which("chromedriver"), "chromium or chromium-driver is missing"
+    port = free_port()
+    driver = Process(["chromedriver", f"--port={port}"])
+    driver_ = None
+    try:
+        driver.wait_for(r"ChromeDriver was started successfully")
+        driver_ = WebDriver(f"http://127.0.0.1:{port}", tmp_path / "chromium-profile")
+        yield driver_
+    finally:
+        try:
+            if driver_ is not None:
+                driver_.quit()
+        finally:
+            driver.stop()
+
+
+def tree_tasks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [task for job in jobs for task in [*job["tasks"], *tree_tasks(job["subjobs"])]]
+
+
+def test_the_page_launches_a_workflow_and_shows_its_progress(jobd: Any, page: str, browser: WebDriver) -> None:
+    browser.go(page)
+    browser.type_into("#image", "cat.png")
+    browser.type_into("#pace", PACE)
+    browser.click("#submit")
+    browser.wait_until('#instance[data-finished="yes"]')
+
+    url = browser.command("GET", "/url")
+    instance_id = int(re.search(r"[?&]instance=(\d+)", url).group(1))  # type: ignore[union-attr]
+    got = jobd.call("instance.get", {"id": instance_id})
+    assert got["status"] == "TERMINATED" and got["errors"] == 0
+    assert got["parameters"] == {"image": "cat.png", "pace": PACE}
+
+    shown = browser.script(
+        """
+        const section = document.getElementById('instance');
+        return {
+            status: document.getElementById('status').dataset.status,
+            text: document.getElementById('status').textContent,
+            progress: section.dataset.progress,
+            errors: section.dataset.errors,
+            steps: [...document.querySelectorAll('#steps tr')].map((row) => ({
+                evqid: Number(row.dataset.evqid),
+                name: row.querySelector('.name').textContent,
+                status: row.querySelector('.status').textContent,
+                progression: Number(row.dataset.progression),
+                retval: row.querySelector('.retval').textContent,
+            })),
+            events: [...document.querySelectorAll('#events li')].map((item) => item.textContent),
+        };
+        """
+    )
+    assert (shown["status"], shown["text"], shown["progress"], shown["errors"]) == (
+        "TERMINATED",
+        "finished",
+        "100",
+        "0",
+    )
+    # The steps shown are the daemon's, in its order, as instance.get reports them at the end.
+    expected = [
+        {
+            "evqid": task["evqid"],
+            "name": task["name"],
+            "status": task["status"],
+            "progression": task["progression"],
+            "retval": "" if task["retval"] is None else str(task["retval"]),
+        }
+        for task in tree_tasks(got["jobs"])
+    ]
+    assert shown["steps"] == expected
+    assert [step["name"] for step in shown["steps"]] == [
+        "download",
+        "resize 64px",
+        "resize 256px",
+        "resize 1024px",
+        "publish",
+    ]
+    # It got there live: each step was shown running part way, and the last event was the end.
+    events = shown["events"]
+    for step in ("download", "resize 64px", "resize 256px", "resize 1024px", "publish"):
+        assert any(re.fullmatch(rf"#\d+ {step}: EXECUTING 50%", line) for line in events), events
+    assert re.fullmatch(r"#\d+ instance TERMINATED", events[-1]), events
+    ids = [int(m.group(1)) for line in events if (m := re.match(r"#(\d+) ", line))]
+    assert ids == sorted(set(ids))  # in jobd's order, none twice
+
+    # The token stays on the server: not in the page, not in what the browser can fetch.
+    source = browser.command("GET", "/source")
+    assert TOKEN not in source
+    # And another browser (no session cookie) may not watch the instance.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{page}events.php?instance={instance_id}", timeout=30)
+    assert refused.value.code == 404
