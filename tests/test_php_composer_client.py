@@ -8,7 +8,9 @@ reads phpunit's JUnit log: every test method of the package must have run and pa
 from __future__ import annotations
 
 import http.cookiejar
+import importlib
 import json
+import pkgutil
 import re
 import shutil
 import socket
@@ -24,6 +26,7 @@ from typing import Any
 
 import pytest
 
+import jobd
 from jobd import errors
 
 pytestmark = pytest.mark.timeout(300)
@@ -139,6 +142,9 @@ def test_error_map_covers_every_wire_code_of_jobd() -> None:
     )
     done = subprocess.run([php, "-r", script], capture_output=True, text=True, timeout=30, check=True)
     families: dict[str, str] = json.loads(done.stdout)
+    # Error classes live beside the code that raises them (jobd/protocol/evqueue_auth.py, …): import it all.
+    for module in pkgutil.walk_packages(jobd.__path__, "jobd."):
+        importlib.import_module(module.name)
     codes = {cls.code for cls in all_subclasses(errors.JobdError)} | {errors.JobdError.code}
     assert codes - set(families) == set(), "codes jobd sends that the PHP client does not map"
     assert set(families) - codes == set(), "codes the PHP client maps that jobd no longer has"

@@ -31,6 +31,7 @@ final class ErrorMap
         'QUEUE_CLOSED' => StateException::class,
         'JOB_FINISHED' => StateException::class,
         'INSUFFICIENT_RIGHTS' => AccessDeniedException::class,
+        'AUTH_ERROR' => AccessDeniedException::class, // evQueue's TCP login only
         'SHUTTING_DOWN' => UnavailableException::class,
         'TOO_MANY_CONNECTIONS' => UnavailableException::class,
         'CONFIG_INVALID' => ConfigException::class,
