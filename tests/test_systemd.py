@@ -66,6 +66,14 @@ queue = "held"
 # ends it.
 command = ["/bin/sh", "-c", "trap '' TERM; /bin/sleep 300"]
 
+[task.escapee]
+# Leaves a process in a session of its own, out of reach of jobd's signals to the job's process group.
+command = ["/bin/sh", "-c", "/usr/bin/setsid /bin/sleep 300 </dev/null >/dev/null 2>&1 & echo $!; wait"]
+queue = "side"
+
+[queue.side]
+concurrency = 1
+
 [task.ok]
 command = ["/bin/true"]
 
@@ -319,12 +327,19 @@ def test_hung_event_loop_trips_the_watchdog(sd: Sdns) -> None:
 
 def test_stop_with_running_jobs(sd: Sdns) -> None:
     """As jobd.service's comment says: SIGTERM to jobd alone, which SIGTERMs each job's process group, SIGKILLs it
-    after kill_grace, puts the jobs back in their queue and exits; they run again at the next start."""
+    after kill_grace, puts the jobs back in their queue and exits; they run again at the next start. Then systemd
+    SIGKILLs what is left in the cgroup (KillMode=mixed): a job's process that escaped its process group."""
     started(sd)
     cursor = sd.cursor()
     job = call(sd, "job.submit", {"task": "stubborn"})["id"]
+    escapee_job = call(sd, "job.submit", {"task": "escapee"})["id"]
     sd.follow(cursor, rf"job={job} running")
+    sd.follow(cursor, rf"job={escapee_job} running")
+    # job.output with wait: the reply comes once the job has printed the pid.
+    escapee = call(sd, "job.output", {"id": escapee_job, "wait": True})["data"].strip()
+    assert sd.ns("sh", "-c", f"kill -0 {escapee} && echo alive").strip() == "alive"
     sd.ctl("stop", "jobd.service")
+    assert sd.ns("sh", "-c", f"kill -0 {escapee} 2>/dev/null || echo gone").strip() == "gone"
     assert sd.show("Result") == "success"
     assert sd.ctl("is-active", "jobd.service", check=False).strip() == "inactive"
     messages = [entry["MESSAGE"] for entry in sd.journal(cursor, "-u", "jobd.service")]
@@ -336,6 +351,7 @@ def test_stop_with_running_jobs(sd: Sdns) -> None:
     assert found["tries"][0]["signal"] == signal.SIGKILL  # it ignored SIGTERM: killed after its kill_grace
     assert found["state"] in ("queued", "running")
     call(sd, "job.cancel", {"id": job})
+    call(sd, "job.cancel", {"id": escapee_job})
 
 
 def test_journal_priorities(sd: Sdns) -> None:
