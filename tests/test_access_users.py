@@ -84,14 +84,14 @@ def _remove() -> None:
         subprocess.run(["groupdel", PREFIX + group], capture_output=True, timeout=DEADLINE)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def users() -> Iterator[dict[str, pwd.struct_passwd]]:
-    """The test users and groups, created for the session and removed at its end (the suite runs as root)."""
+    """The test users and groups, created for this module and removed at its end (the suite runs as root)."""
     if os.geteuid() != 0:
         pytest.skip("creating users needs root")
     # The account names are fixed, so two suites running at once on one machine (two checkouts) take turns here:
     # the kernel queues us on the lock, released when this process ends, however it ends.
-    lock = open(USERS_LOCK, "w")  # noqa: SIM115 - held for the whole session
+    lock = open(USERS_LOCK, "w")  # noqa: SIM115 - held while this module runs
     fcntl.flock(lock, fcntl.LOCK_EX)
     _remove()  # left over by an interrupted run
     for group in GROUPS:
