@@ -50,7 +50,7 @@ printf '%s\\n' "${COMPREPLY[@]}"
 
 CONFIG = """
 [queue.default]
-concurrency = 1
+concurrency = 4
 
 [queue.photo]
 concurrency = 2
@@ -62,6 +62,9 @@ command = ["/bin/echo", "hello"]
 command = ["/bin/true"]
 queue = "photo"
 parameters = "env"
+
+[task.nap]
+command = ["/bin/sleep", "60"]
 
 [schedule.nightly]
 task = "hello"
@@ -215,16 +218,37 @@ def named_daemon(make_daemon: Any) -> Any:
 
 def test_names_are_asked_from_the_daemon(named_daemon: Any) -> None:
     socket = named_daemon.socket_path
-    assert complete(f"jobctl --socket {socket} submit ") == ["hello", "resize"]
+    assert complete(f"jobctl --socket {socket} submit ") == ["hello", "nap", "resize"]
     assert complete(f"jobctl --socket {socket} submit --queue photo r") == ["resize"]
     assert complete(f"jobctl submit --socket {socket} --queue ") == ["default", "photo"]
     assert complete(f"jobctl --socket={socket} pause ") == ["default", "photo"]
     assert complete(f"jobctl resume --socket={socket} p") == ["photo"]
-    assert complete(f"jobctl --socket {socket} ls --task ") == ["hello", "resize"]
+    assert complete(f"jobctl --socket {socket} ls --task ") == ["hello", "nap", "resize"]
     assert complete(f"jobctl --socket {socket} ls --queue=d") == ["default"]
     assert complete(f"jobctl --socket {socket} launch ") == ["thumbnails"]
     assert complete(f"jobctl --socket {socket} instances --workflow t") == ["thumbnails"]
     assert complete(f"jobctl --socket {socket} schedule trigger ") == ["nightly"]
+
+
+def test_job_and_instance_ids_are_asked_from_the_daemon(named_daemon: Any) -> None:
+    socket = named_daemon.socket_path
+    ended = named_daemon.submit(task="hello")
+    named_daemon.wait(ended["id"])
+    napping = named_daemon.submit(task="nap")
+    instance = named_daemon.call("instance.launch", {"workflow": "thumbnails"})
+    ended_instance = named_daemon.call("instance.wait", {"id": instance["id"], "timeout": 30}, timeout=40)
+    assert ended_instance["status"] == "TERMINATED"
+    instance_job = named_daemon.call("job.list", {"context": f"instance:{instance['id']}"})["jobs"][0]["id"]
+    try:
+        # cancel and wait: the jobs that have not ended; log and status: the latest ones.
+        assert complete(f"jobctl --socket {socket} cancel ") == [str(napping["id"])]
+        assert complete(f"jobctl --socket {socket} wait ") == [str(napping["id"])]
+        latest = [str(napping["id"]), str(instance_job), str(ended["id"])]
+        assert sorted(complete(f"jobctl --socket {socket} log ")) == sorted(latest)
+        assert sorted(complete(f"jobctl --socket {socket} status ")) == sorted(latest)
+        assert complete(f"jobctl --socket {socket} instance ") == [str(instance["id"])]
+    finally:
+        named_daemon.call("job.cancel", {"id": napping["id"]})
 
 
 def test_jobd_socket_of_the_shell_is_used(named_daemon: Any) -> None:
@@ -255,6 +279,7 @@ def test_jobctl_tasks_lists_the_configured_tasks(named_daemon: Any) -> None:
     assert json.loads(done.stdout) == {
         "tasks": [
             {"name": "hello", "queue": "default", "parameters": "args"},
+            {"name": "nap", "queue": "default", "parameters": "args"},
             {"name": "resize", "queue": "photo", "parameters": "env"},
         ]
     }
@@ -263,6 +288,7 @@ def test_jobctl_tasks_lists_the_configured_tasks(named_daemon: Any) -> None:
     assert done.stdout.splitlines() == [
         "NAME    QUEUE    PARAMETERS",
         "hello   default  args",
+        "nap     default  args",
         "resize  photo    env",
     ]
 
