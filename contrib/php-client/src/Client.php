@@ -592,6 +592,7 @@ final class Client
         foreach (explode("\n", $this->buffer) as $line) {
             $message = json_decode($line, true);
             if (is_array($message) && isset($message['error'])) {
+                $this->close();
                 throw ErrorMap::exception($message['error']);
             }
         }
@@ -637,7 +638,9 @@ final class Client
     {
         if (($message['id'] ?? null) === null && isset($message['error'])) {
             // jobd could not read the request far enough to learn its id (a bad frame, a line over 1 MiB), or
-            // refused the connection itself (TOO_MANY_CONNECTIONS): about us either way.
+            // refused the connection itself (TOO_MANY_CONNECTIONS): about us either way. It closes the
+            // connection after such an error, so the next call starts on a new one.
+            $this->close();
             throw ErrorMap::exception($message['error']);
         }
         throw new ProtocolException('unexpected message from jobd: ' . substr((string) json_encode($message), 0, 200));

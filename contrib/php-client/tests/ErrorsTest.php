@@ -75,6 +75,19 @@ final class ErrorsTest extends JobdTestCase
         }
     }
 
+    public function testRequestOverOneMebibyteIsRefusedAndTheNextCallWorks(): void
+    {
+        $jobd = $this->client();
+        try {
+            $jobd->submit(['/bin/cat'], ['stdin' => str_repeat('x', 2 * 1024 * 1024)]);
+            self::fail('a request line over 1 MiB must be refused');
+        } catch (RequestException $e) {
+            self::assertSame('FRAME_TOO_LARGE', $e->getWireCode());
+        }
+        // jobd closed that connection; the client opens a new one.
+        self::assertTrue($jobd->ping()['pong']);
+    }
+
     public function testMissingSocketSaysSo(): void
     {
         $path = sys_get_temp_dir() . '/jobd-php-test-' . getmypid() . '/none.sock';
