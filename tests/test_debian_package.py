@@ -232,6 +232,9 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
     main_pid = sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip()
     assert sd.ns("cat", f"/proc/{main_pid}/cmdline").split("\0")[:2] == ["/usr/bin/python3", "/usr/bin/jobd"]
 
+    # bash-completion loads completions/jobctl by the command's name; it defines jobctl's completion.
+    loaded = sd.ns("bash", "-c", ". /usr/share/bash-completion/completions/jobctl && complete -p jobctl")
+    assert loaded.startswith("complete ") and loaded.split()[-1] == "jobctl", loaded
     # A job, through the installed jobctl and the default socket /run/jobd/jobd.sock, as root (an admin).
     assert sd.ns("sh", "-c", "command -v jobctl").strip() == "/usr/bin/jobctl"
     token = f"installed-by-dpkg-{os.getpid()}"
