@@ -9,7 +9,7 @@ declare(strict_types=1);
 //   GET  progress.php?instance=ID      {"id", "workflow", "status", "finished", "errors", "percent", "tasks": [...],
 //                                      "token"}
 //   GET  ...&since=TOKEN               long polling: while the progress is still what TOKEN describes, the answer
-//                                      waits (at most 20 s) until one of the instance's jobs changes
+//                                      waits (at most 20 s) for jobd's next event about the instance
 //
 // The browser asks again with the last token as soon as an answer arrives: it sees every change at once, and
 // neither it nor this script ever sleeps or polls on a timer.
@@ -50,19 +50,12 @@ try {
     $since = $_GET['since'] ?? null;
     if (is_string($since) && $since !== '') {
         // Subscribed before reading the instance: a change made after that read arrives as an event.
-        $jobd->subscribe(['types' => ['job.state', 'job.progress']]);
+        $jobd->subscribe(['instances' => [$id]]);
     }
     $progress = $jobd->instanceProgress($id);
     if ($since === token($progress) && !$progress->isFinished()) {
-        $context = "instance:$id";
-        $jobIds = array_filter(array_column($progress->tasks, 'job_id'));
-        $jobd->listen(static function (array $event) use ($context, $jobIds): bool {
-            $job = $event['job'] ?? null;
-            $concerned = is_array($job)
-                ? $job['context'] === $context || in_array($job['id'], $jobIds, true)
-                : in_array($event['id'] ?? null, $jobIds, true);
-            return !$concerned; // false stops listening
-        }, HOLD);
+        // instance.state or instance.progress (a task queued, started, progressed, ended): read it afresh.
+        $jobd->listen(static fn (array $event): bool => false, HOLD); // false: the first event is enough
         $progress = $jobd->instanceProgress($id);
     }
     reply(200, $progress->toArray() + ['token' => token($progress)]);

@@ -416,8 +416,9 @@ final class Client
     // -- events -----------------------------------------------------------------------------------------------
 
     /**
-     * Subscribes this connection to job events; returns the subscription id. Filters (all optional): jobs (ids),
-     * queues (names), types (job.state, job.progress, job.log). Events then arrive on this connection until it
+     * Subscribes this connection to events; returns the subscription id. Filters (all optional): jobs (ids) and
+     * queues (names) for job events, instances (ids) and workflows (names) for instance events, types (job.state,
+     * job.progress, job.log, instance.state, instance.progress). Events then arrive on this connection until it
      * is closed; read them with events() or listen(). Other calls may still be made meanwhile: events that come
      * while a reply is awaited are kept for later, in order.
      *
@@ -434,7 +435,9 @@ final class Client
     /**
      * The events of this connection's subscriptions, as they come: each is the notification's params,
      * `['subscription' => 1, 'type' => 'job.state', 'job' => [...]]`, `['type' => 'job.progress', 'id' => 42,
-     * 'progress' => 40, ...]` or `['type' => 'job.log', 'id' => 42, 'line' => '...', ...]`.
+     * 'progress' => 40, ...]`, `['type' => 'job.log', 'id' => 42, 'line' => '...', ...]`,
+     * `['type' => 'instance.state', 'instance' => [...], 'progress' => 0, ...]` or
+     * `['type' => 'instance.progress', 'id' => 7, 'progress' => 45, 'task' => [...], ...]`.
      *
      * The generator ends when no event has come for `$idleTimeout` seconds (null: it never ends by itself;
      * break out of the loop). Not reading events for long gets the connection cut by jobd (4 MiB waiting).

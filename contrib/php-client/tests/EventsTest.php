@@ -53,6 +53,31 @@ final class EventsTest extends JobdTestCase
         self::assertSame('state succeeded', end($seen), json_encode($seen));
     }
 
+    public function testInstanceEventsFollowAWorkflowToItsEnd(): void
+    {
+        $jobd = $this->client();
+        $jobd->subscribe(['workflows' => ['thumbnails']]);
+        $instance = $jobd->launch('thumbnails', ['source' => 'events.png']);
+        $seen = [];
+        foreach ($jobd->events(30) as $event) {
+            $id = $event['type'] === 'instance.state' ? $event['instance']['id'] : $event['id'];
+            if ($id !== $instance['id']) {
+                continue;
+            }
+            $seen[] = $event['type'] === 'instance.state'
+                ? 'state ' . $event['instance']['status']
+                : 'task ' . $event['task']['name'];
+            if ($event['type'] === 'instance.state' && $event['instance']['status'] === 'TERMINATED') {
+                self::assertSame(100, $event['progress']);
+                break;
+            }
+        }
+        self::assertSame('state TERMINATED', end($seen), json_encode($seen));
+        foreach (['task small', 'task large', 'task publish'] as $task) {
+            self::assertContains($task, $seen);
+        }
+    }
+
     public function testIdleGeneratorEndsAndConnectionStaysUsable(): void
     {
         $jobd = $this->client();
