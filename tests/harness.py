@@ -18,6 +18,19 @@ from typing import Any
 from jobd.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _find_sdns() -> Path:
+    """sdns.sh, the team's throw-away-systemd tool (tests of the units and the .deb): $SDNS_SH if set, else
+    ../shared/tools/ beside this checkout (the working copy's layout), else the machines' shared tools directory
+    (a clean clone made elsewhere, as CI's). Tests that need it skip, saying so, where none exists."""
+    for candidate in (os.environ.get("SDNS_SH"), REPO.parent / "shared/tools/sdns.sh", "/work/shared/tools/sdns.sh"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return REPO.parent / "shared/tools/sdns.sh"
+
+
+SDNS = _find_sdns()
 READY_TIMEOUT = 20.0
 
 BASE_CONFIG = """

@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import REPO
+from harness import REPO, SDNS
 
-SDNS = REPO.parent / "shared" / "tools" / "sdns.sh"
 TIMEOUT = 300.0  # hang guard for each command (the build, apt); never a measurement
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # apt with no package sources: it knows only what is installed and the .deb, so it cannot download anything; a
@@ -38,7 +37,7 @@ CLEAN_ENV = {"PATH": SYSTEM_PATH, "HOME": "/root", "LANG": "C.UTF-8", "DEBIAN_FR
 pytestmark = [
     pytest.mark.skipif(
         os.geteuid() != 0 or not SDNS.exists() or not Path("/lib/systemd/systemd").exists(),
-        reason="needs root, ../shared/tools/sdns.sh and Debian's systemd",
+        reason=f"needs root, sdns.sh (not at {SDNS}; set SDNS_SH) and Debian's systemd",
     ),
     pytest.mark.timeout(900),  # the build and lintian are slow on a loaded machine; every command has TIMEOUT
 ]

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO
+from harness import REPO, SDNS
 
 from jobd.client import Client
 
-SDNS = REPO.parent / "shared" / "tools" / "sdns.sh"
 UNITS = REPO / "systemd"
 JOBD = REPO / ".venv" / "bin" / "jobd"
 WATCHDOG_SEC = 3
@@ -38,7 +37,7 @@ TIMEOUT = 60.0  # hang guard for anything awaited; never a measurement
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not SDNS.exists() or not Path("/lib/systemd/systemd").exists() or not JOBD.exists(),
-    reason="needs root, ../shared/tools/sdns.sh, Debian's systemd and the .venv's jobd",
+    reason=f"needs root, sdns.sh (not at {SDNS}; set SDNS_SH), Debian's systemd and the .venv's jobd",
 )
 
 CONFIG = """\
