@@ -373,6 +373,7 @@ class Job:
 
     def to_json(self) -> dict[str, Any]:
         spec = self.spec
+        created_at = iso(self.created_at)
         return {
             "id": self.id,
             "task": spec.task,
@@ -382,8 +383,8 @@ class Job:
             "state": str(self.state),
             "context": spec.context,
             "key": spec.key,
-            "created_at": iso(self.created_at),
-            "run_at": iso(self.run_at),
+            "created_at": created_at,
+            "run_at": created_at if self.run_at == self.created_at else iso(self.run_at),  # not delayed: same
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "attempts": self.attempts,
