@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sdns_driver
 from harness import REPO, SDNS
 
 TIMEOUT = 300.0  # hang guard for each command (the build, apt); never a measurement
@@ -153,33 +154,14 @@ def test_contents_conffile_and_depends(deb: Path, tmp_path: Path) -> None:
         assert _version_ge(sdist.removeprefix(f"{module}-").removesuffix(".tar.gz"), bounds[name]), sdist
 
 
-class Sdns:
-    """One throw-away systemd; the bash process that booted it runs sd_down when its stdin closes."""
+class Sdns(sdns_driver.Sdns):
+    """One throw-away systemd; commands run in it with the clean environment of a root shell."""
 
     def __init__(self) -> None:
-        script = '. "$0" && sd_up || exit 1\necho "$SD_NSPID $SD_WORK"\nread -r _\nsd_down\necho down\n'
-        self.process = subprocess.Popen(
-            ["bash", "-c", script, str(SDNS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self.process.stdout is not None
-        first = self.process.stdout.readline().split()
-        if len(first) != 2:
-            rest = self.process.stdout.read()
-            self.process.wait(TIMEOUT)
-            raise AssertionError(f"sdns did not boot: {' '.join(first)} {rest}")
-        self.nspid, self.work = first[0], Path(first[1])
-        self.root = Path(f"/proc/{self.nspid}/root")
-
-    def down(self) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.close()
-        rest = self.process.stdout.read()
-        self.process.wait(TIMEOUT)
-        assert "down" in rest, rest
+        super().__init__(TIMEOUT)
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        enter = ["nsenter", "--target", self.nspid, "--mount", "--pid", "--uts", "--ipc"]
-        return subprocess.run([*enter, *args], text=True, capture_output=True, timeout=TIMEOUT, env=CLEAN_ENV)
+        return subprocess.run(self.enter(*args), text=True, capture_output=True, timeout=TIMEOUT, env=CLEAN_ENV)
 
     def ns(self, *args: str) -> str:
         done = self.run(*args)

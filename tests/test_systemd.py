@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sdns_driver
 from harness import REPO, SDNS
 
 from jobd.client import Client
@@ -90,29 +91,11 @@ WatchdogSec={WATCHDOG_SEC}s
 """
 
 
-class Sdns:
+class Sdns(sdns_driver.Sdns):
     """One throw-away systemd, driven through sdns.sh's functions in bash."""
 
     def __init__(self) -> None:
-        script = '. "$0" && sd_up || exit 1\necho "$SD_NSPID $SD_WORK"\nread -r _\nsd_down\necho down\n'
-        self.process = subprocess.Popen(
-            ["bash", "-c", script, str(SDNS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self.process.stdout is not None
-        first = self.process.stdout.readline().split()
-        if len(first) != 2:
-            rest = self.process.stdout.read()
-            self.process.wait(TIMEOUT)
-            raise AssertionError(f"sdns did not boot: {' '.join(first)} {rest}")
-        self.nspid, self.work = int(first[0]), Path(first[1])
-        self.root = Path(f"/proc/{self.nspid}/root")
-
-    def down(self) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.close()  # `read` returns: sd_down
-        rest = self.process.stdout.read()
-        self.process.wait(TIMEOUT)
-        assert "down" in rest, rest
+        super().__init__(TIMEOUT)
 
     def _sdns(self, function: str, args: tuple[str, ...], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         script = f'. "$0"; SD_NSPID={self.nspid}; SD_ROOT={self.root}; {function} "$@"'
@@ -141,10 +124,10 @@ class Sdns:
     def follow(self, cursor: str, pattern: str) -> str:
         """Read the journal after `cursor` as it is written, until a message matches `pattern`; return it."""
         follower = subprocess.Popen(
-            ["nsenter", "--target", str(self.nspid), "--mount", "--pid", "--uts", "--ipc",
-             "journalctl", "-f", "-q", "-o", "cat", f"--after-cursor={cursor}"],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            self.enter("journalctl", "-f", "-q", "-o", "cat", f"--after-cursor={cursor}"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         guard = threading.Timer(TIMEOUT, follower.kill)  # a hang guard: EOF below means the pattern never came
         guard.start()
         seen = []
@@ -243,10 +226,11 @@ def test_units_verify_clean(sd: Sdns, tmp_path: Path) -> None:
         shutil.copy(page, section)
     for unit in ("jobd.service", "jobd.socket"):
         done = subprocess.run(
-            ["nsenter", "--target", str(sd.nspid), "--mount", "--pid", "--uts", "--ipc",
-             "env", f"MANPATH={tmp_path}", "systemd-analyze", "verify", str(UNITS / unit)],
-            capture_output=True, text=True, timeout=TIMEOUT,
-        )  # fmt: skip
+            sd.enter("env", f"MANPATH={tmp_path}", "systemd-analyze", "verify", str(UNITS / unit)),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
         assert (done.returncode, done.stdout + done.stderr) == (0, ""), unit
     assert sd.ns("getent", "group", "jobd").startswith("jobd:")
     assert sd.ns("stat", "-c", "%a %U %G", "/run/jobd", "/var/lib/jobd").split("\n")[:2] == [
