@@ -11,7 +11,7 @@ import base64
 import binascii
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -545,14 +545,18 @@ def task_list(api: Api, session: Session, p: Params) -> Any:
     """The configured tasks the peer may read: what `jobctl submit` (and its shell completion) can offer."""
     p.done()
     tasks = api.engine.config.tasks
-    rules, peer = api.engine.config.access, session.peer
     return {
         "tasks": [
             {"name": name, "queue": tasks[name].queue, "parameters": str(tasks[name].parameters)}
-            for name in sorted(tasks)
-            if access.may(rules, peer, Right.READ, ObjectKind.TASK, name)
+            for name in _readable(api, session, ObjectKind.TASK, tasks)
         ]
     }
+
+
+def _readable(api: Api, session: Session, kind: ObjectKind, names: Iterable[str]) -> list[str]:
+    """The names, sorted, of the objects of `kind` the peer may read: what a `*.list` method shows."""
+    rules = api.engine.config.access
+    return [name for name in sorted(names) if access.may(rules, session.peer, Right.READ, kind, name)]
 
 
 # -- workflows and instances ------------------------------------------------------------------------------------
@@ -565,12 +569,9 @@ def _workflow_json(definition: WorkflowDef) -> dict[str, Any]:
 def workflow_list(api: Api, session: Session, p: Params) -> Any:
     p.done()
     workflows = api.engine.config.workflows
-    rules, peer = api.engine.config.access, session.peer
     return {
         "workflows": [
-            _workflow_json(workflows[name])
-            for name in sorted(workflows)
-            if access.may(rules, peer, Right.READ, ObjectKind.WORKFLOW, name)
+            _workflow_json(workflows[name]) for name in _readable(api, session, ObjectKind.WORKFLOW, workflows)
         ]
     }
 

@@ -1031,32 +1031,27 @@ def cmd_reload(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_workflows(session: Session, args: argparse.Namespace) -> int:
-    result = session.client.call("workflow.list")
+def list_named(session: Session, method: str, key: str, render: Callable[[list[Any]], list[str]]) -> int:
+    """A `*.list` call whose result is {key: [...]}: JSON as is, else one rendered line each ("no KEY" if none)."""
+    result = session.client.call(method)
     if session.json:
         session.emit_json(result)
         return EXIT_OK
-    workflows = result.get("workflows") or []
-    if not workflows:
-        print("no workflows", file=sys.stderr)
+    items = result.get(key) or []
+    if not items:
+        print(f"no {key}", file=sys.stderr)
         return EXIT_OK
-    for line in render_workflows(workflows):
+    for line in render(items):
         print(line)
     return EXIT_OK
+
+
+def cmd_workflows(session: Session, args: argparse.Namespace) -> int:
+    return list_named(session, "workflow.list", "workflows", render_workflows)
 
 
 def cmd_tasks(session: Session, args: argparse.Namespace) -> int:
-    result = session.client.call("task.list")
-    if session.json:
-        session.emit_json(result)
-        return EXIT_OK
-    tasks = result.get("tasks") or []
-    if not tasks:
-        print("no tasks", file=sys.stderr)
-        return EXIT_OK
-    for line in render_tasks(tasks):
-        print(line)
-    return EXIT_OK
+    return list_named(session, "task.list", "tasks", render_tasks)
 
 
 def cmd_schedules(session: Session, args: argparse.Namespace) -> int:
