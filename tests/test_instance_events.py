@@ -323,3 +323,78 @@ def test_instance_events_only_for_who_may_read_the_workflow(daemon: Any) -> None
     # Nothing of `other`, and no job events: the grant is on the workflow, not on the task or the queue.
     assert {instance_of(event) for event in events} == {instance_id}
     check_story(events, instance_id, daemon)
+
+
+# No [http]: an instance has listeners only while a client is subscribed (the HTTP listener would always be one).
+LATE_CONFIG = """
+[queue.default]
+concurrency = 2
+
+[task.gate]
+command = ["/bin/sh", "-c", 'cat "$GATE" > /dev/null']
+parameters = "env"
+
+[task.twostep]
+# %10, then %50 once its first FIFO is written to, then ends once its second one is.
+command = ["/bin/sh", "-c", 'echo %10 >&3; cat "$GATE" > /dev/null; echo %50 >&3; cat "$GATE2" > /dev/null']
+parameters = "env"
+"""
+LATE = """<workflow>
+  <parameters><parameter name="a"/><parameter name="b"/><parameter name="c"/></parameters>
+  <subjobs>
+    <job name="both">
+      <tasks>
+        <task task="gate" name="a">
+          <input name="GATE"><value select="evqGetWorkflowParameter('a')"/></input>
+        </task>
+        <task task="twostep" name="b">
+          <input name="GATE"><value select="evqGetWorkflowParameter('b')"/></input>
+          <input name="GATE2"><value select="evqGetWorkflowParameter('c')"/></input>
+        </task>
+      </tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_a_later_subscriber_first_hears_what_changed_while_nobody_listened(make_daemon: Any, tmp_path: Path) -> None:
+    daemon = make_daemon(LATE_CONFIG, start=False)
+    (daemon.config_dir / "workflows").mkdir()
+    (daemon.config_dir / "workflows" / "late.xml").write_text(LATE)
+    daemon.start()
+    fifos = {name: tmp_path / name for name in "abc"}
+    for fifo in fifos.values():
+        os.mkfifo(fifo)
+    parameters = {name: str(fifo) for name, fifo in fifos.items()}
+    tasks: dict[str, dict[str, Any]] = {}
+    with daemon.client() as first:
+        first.call("events.subscribe", {"workflows": ["late"]})
+        instance_id = int(daemon.call("instance.launch", {"workflow": "late", "parameters": parameters})["id"])
+        while tasks.get("a", {}).get("status") != "EXECUTING" or tasks.get("b", {}).get("progression") != 10:
+            event = first.next_event(TIMEOUT)
+            if event["type"] == "instance.progress":
+                tasks[event["task"]["name"]] = event["task"]
+    # Nobody listens while `a` ends (job.wait answers once the instance has taken its end in).
+    with open(fifos["a"], "w") as gate:
+        gate.write("go\n")
+    assert daemon.call("job.wait", {"id": tasks["a"]["job_id"], "timeout": TIMEOUT}, timeout=TIMEOUT + 5)["state"] == (
+        "succeeded"
+    )
+    with daemon.client() as second:
+        second.call("events.subscribe", {"workflows": ["late"]})
+        with open(fifos["b"], "w") as gate:  # `b` says %50
+            gate.write("go\n")
+        told = []
+        while not told or told[-1]["task"]["progression"] != 50:
+            told.append(second.next_event(TIMEOUT))
+        # Told in the order things happened, with the instance's progress as it is: a done (100), b at 50.
+        assert [(e["task"]["name"], e["task"]["status"], e["progress"]) for e in told] == [
+            ("a", "TERMINATED", 75),
+            ("b", "EXECUTING", 75),
+        ]
+        with open(fifos["c"], "w") as gate:
+            gate.write("go\n")
+        while told[-1].get("instance", {}).get("status") != "TERMINATED":
+            told.append(second.next_event(TIMEOUT))
+    assert told[-1]["instance"]["id"] == instance_id and told[-1]["progress"] == 100

@@ -117,6 +117,9 @@ class _Live:
     weights: dict[str, int] = field(default_factory=dict)  # evqid -> _weight
     weight_sum: int = 0  # of `weights`
     unnumbered: tuple[int, int] = (0, 0)  # (sum of _weight, count) of the tasks not reached yet (no evqid)
+    # Whether `shown` and `weights` hold the tasks as they are: false from a change nobody listened to (then
+    # _publish did not walk) until the next walk that marks; _publish_task may take its short cut only when true.
+    current: bool = False
 
 
 class Instances:
@@ -594,6 +597,7 @@ class Instances:
         With `quiet`, only remember the tasks as they are.
         """
         if not self._listeners and not quiet:
+            live.current = False
             return
         for task in self._measure(live, mark=True):
             if not quiet:
@@ -634,14 +638,15 @@ class Instances:
             measured[evqid] = attributes
         live.measured, live.weights = measured, weights
         live.weight_sum, live.unnumbered = sum(weights.values()), (other_total, other_count)
+        live.current = mark or not changed
         return changed
 
     def _publish_task(self, live: _Live, number: int) -> None:
         """_publish for a change to one task that changes nothing else (a progress line, a task queued)."""
         task = live.machine.task(number)
         evqid = str(number)
-        if not self._listeners or task is None or evqid not in live.weights:
-            self._publish(live)
+        if not self._listeners or task is None or evqid not in live.weights or not live.current:
+            self._publish(live)  # and tasks that changed unheard are told first, in document order
             return
         key = _task_key(task)
         if live.shown.get(evqid) == key:
