@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
 # Header and parameter names whose values are secrets: these exactly, or any name containing one of the words.
@@ -50,11 +50,15 @@ def url(text: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(is_secret(name) for name, _ in pairs):
-        query = urlencode([(name, MASK if is_secret(name) else value) for name, value in pairs], safe="*")
+    query = "&".join(_query_field(field) for field in parts.query.split("&")) if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _query_field(field: str) -> str:
+    """One `name=value` of a query string: its value masked if the name is credential-like, else as written
+    (decoding and encoding it again would change how it is spelled)."""
+    name, equals, _ = field.partition("=")
+    return f"{name}={MASK}" if equals and is_secret(unquote_plus(name)) else field
 
 
 def _header(name: str, value: str) -> str:
