@@ -19,7 +19,7 @@ import pwd
 import socket
 import stat
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from jobd import activation
-from jobd.api import Api, EventFilter
+from jobd.api import EVENT_TYPES, Api, EventFilter
 from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.http_task import HttpSpecError, check_request
@@ -348,12 +348,18 @@ class HttpApi:
     async def events(self, request: web.Request) -> web.StreamResponse:
         peer = _peer(request)
         query = request.query
+        types = frozenset(_split(query.get("types")))
+        if not types <= set(EVENT_TYPES):  # refused, as events.subscribe does: a filter dropped widens the stream
+            raise InvalidParams(
+                f"GET /events: types = {query['types']!r} is not allowed; expected {' | '.join(EVENT_TYPES)}",
+                param="types",
+            )
         selection = EventFilter(
-            jobs=frozenset(int(x) for x in _split(query.get("jobs")) if x.isdigit()),
+            jobs=_ids(query, "jobs", "job"),
             queues=frozenset(_split(query.get("queues"))),
-            instances=frozenset(int(x) for x in _split(query.get("instances")) if x.isdigit()),
+            instances=_ids(query, "instances", "instance"),
             workflows=frozenset(_split(query.get("workflows"))),
-            types=frozenset(_split(query.get("types"))),
+            types=types,
         )
         last = request.headers.get("Last-Event-ID", "")
 
@@ -443,6 +449,15 @@ def _is_socket(path: str) -> bool:
 
 def _split(text: str | None) -> list[str]:
     return [part for part in (text or "").split(",") if part]
+
+
+def _ids(query: Mapping[str, str], name: str, what: str) -> frozenset[int]:
+    parts = _split(query.get(name))
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise InvalidParams(
+            f"GET /events: {name} = {query[name]!r} is not allowed; expected {what} ids, comma-separated", param=name
+        )
+    return frozenset(int(part) for part in parts)
 
 
 def _label(text: str) -> str:

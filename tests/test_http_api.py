@@ -209,6 +209,20 @@ def test_events_in_order_and_replayed_after_a_reconnect(daemon: Any) -> None:
     ]
 
 
+def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None:
+    """A filter jobd cannot read is an error, as for events.subscribe: dropped, it would widen the stream to every
+    event the client may read."""
+    for query, param in (
+        ("?instances=seven", "instances"),
+        ("?jobs=1,x", "jobs"),
+        ("?types=job.stat", "types"),
+    ):
+        status, body = request(daemon, "GET", "/events" + query)
+        assert (status, body["error"]["code"], body["error"]["param"]) == (400, "INVALID_PARAMS", param), body
+        assert param in body["error"]["message"]
+    assert "instance.state" in request(daemon, "GET", "/events?types=nope")[1]["error"]["message"]  # the allowed
+
+
 def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
     for command in (["true"], ["sh", "-c", "exit 3"], ["/nonexistent/program"]):
         daemon.wait(daemon.submit(command=command)["id"])
