@@ -94,6 +94,13 @@ class Daemon:
         tmp.write_text(text)
         os.replace(tmp, path)  # atomic, as an administrator's tools should do it
 
+    def write_workflows(self, **documents: str | bytes) -> None:
+        """Workflow files, NAME.xml, in the configuration's workflows/ directory (made if missing)."""
+        directory = self.config_dir / "workflows"
+        directory.mkdir(exist_ok=True)
+        for name, document in documents.items():
+            (directory / f"{name}.xml").write_bytes(document.encode() if isinstance(document, str) else document)
+
     def start(self) -> None:
         notify_path = self.root / f"notify.{os.getpid()}.{id(self)}"
         notify_path.unlink(missing_ok=True)

@@ -210,8 +210,7 @@ def named_daemon(make_daemon: Any) -> Any:
     if not JOBCTL.exists():
         pytest.fail(f"{JOBCTL} is missing: `make .venv/.installed` installs jobd's entry points")
     daemon = make_daemon(CONFIG, start=False)
-    (daemon.config_dir / "workflows").mkdir()
-    (daemon.config_dir / "workflows" / "thumbnails.xml").write_bytes(WORKFLOW)
+    daemon.write_workflows(thumbnails=WORKFLOW)
     daemon.start()
     return daemon
 

@@ -121,12 +121,7 @@ Event = tuple[int, str, dict[str, Any]]
 @pytest.fixture
 def daemon(make_daemon: Any) -> Any:
     made = make_daemon(CONFIG, start=False)
-    workflows = made.config_dir / "workflows"
-    workflows.mkdir()
-    (workflows / "steps.xml").write_text(STEPS)
-    (workflows / "other.xml").write_text(OTHER)
-    (workflows / "many.xml").write_text(MANY)
-    (workflows / "gate.xml").write_text(GATE)
+    made.write_workflows(steps=STEPS, other=OTHER, many=MANY, gate=GATE)
     made.start()
     return made
 
@@ -360,8 +355,7 @@ LATE = """<workflow>
 
 def test_a_later_subscriber_first_hears_what_changed_while_nobody_listened(make_daemon: Any, tmp_path: Path) -> None:
     daemon = make_daemon(LATE_CONFIG, start=False)
-    (daemon.config_dir / "workflows").mkdir()
-    (daemon.config_dir / "workflows" / "late.xml").write_text(LATE)
+    daemon.write_workflows(late=LATE)
     daemon.start()
     fifos = {name: tmp_path / name for name in "abc"}
     for fifo in fifos.values():

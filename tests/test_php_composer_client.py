@@ -88,10 +88,7 @@ def php_tools() -> tuple[str, str]:
 @pytest.fixture
 def php_daemon(make_daemon: Any) -> Any:
     daemon = make_daemon(CONFIG, start=False)
-    workflows = daemon.config_dir / "workflows"
-    workflows.mkdir()
-    (workflows / "thumbnails.xml").write_bytes(THUMBNAILS)
-    (workflows / "slow.xml").write_bytes(SLOW)
+    daemon.write_workflows(thumbnails=THUMBNAILS, slow=SLOW)
     daemon.start()
     return daemon
 
