@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 from aiohttp import web
 
 from jobd import activation
@@ -67,6 +68,13 @@ SSE_QUEUE = 10_000  # events pending for one slow SSE client before it is cut of
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 _NOT_FOUND = (UnknownJob, UnknownQueue, UnknownTask, UnknownWorkflow, UnknownInstance, UnknownSchedule, MethodNotFound)
 _PEER_KEY = "jobd.peer"
+# A handler whose client has gone is cancelled, as the API socket cancels a gone client's requests. aiohttp 3.8 (as
+# in Debian 12) always did; from 3.9 on it is asked for. Without it, an event stream that nothing is written to
+# (its filter matches nothing now) would wait for its next event, holding its place against max_connections, long
+# after its client left.
+_RUNNER_OPTIONS: dict[str, Any] = (
+    {"handler_cancellation": True} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 9) else {}
+)
 
 
 def qs_priority(value: int) -> int:
@@ -128,7 +136,7 @@ class HttpApi:
     async def bind(self, passed: socket.socket | None = None) -> None:
         """Listen on `self.listen`, or on `passed`, a socket systemd handed over (jobd.activation): then served as
         it is (its unit set its mode), `self.listen` becomes its address, and it is not unlinked on close."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, **_RUNNER_OPTIONS)
         await self._runner.setup()
         site: web.BaseSite
         if passed is not None:

@@ -223,6 +223,17 @@ def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None
     assert "instance.state" in request(daemon, "GET", "/events?types=nope")[1]["error"]["message"]  # the allowed
 
 
+def test_an_event_stream_its_client_left_frees_its_connection(make_daemon: Any) -> None:
+    """A stream that nothing is sent on (its filter matches nothing now) ends when its client goes away: it does not
+    keep counting against max_connections until some event would have been written to it."""
+    daemon = make_daemon(CONFIG, daemon_extra="max_connections = 2\n")
+    for _ in range(3):
+        stream = Events(daemon, query="?instances=999")
+        stream.close()
+    status, _ = request(daemon, "GET", "/metrics")
+    assert status == 200
+
+
 def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
     for command in (["true"], ["sh", "-c", "exit 3"], ["/nonexistent/program"]):
         daemon.wait(daemon.submit(command=command)["id"])
