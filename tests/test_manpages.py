@@ -415,6 +415,9 @@ def test_job_environment_is_documented(daemon: Any, tmp_path: Path) -> None:
     job_names = _env_names(daemon.output(job["id"]))
     reader.join(timeout=60)
     assert received, "the exec callback did not run"
+    # The callback's process has closed the FIFO, but jobd reaps it a moment later: the fixture's check for zombie
+    # children could catch it in between. A stop waits for the delivery under way, so the exit code says it all.
+    assert daemon.stop() == 0, daemon.log()
     callback_names = _env_names(received[0])
     assert {"JOBD_JOB_ID", "JOBD_QUEUE"} <= job_names & callback_names
     page = parse("jobd.8")
