@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -82,12 +83,14 @@ class Server:
         api, evqueue, tcp = self.passed.get("api"), self.passed.get("evqueue"), self.passed.get("tcp")
         # An adopted socket keeps the mode and group its socket unit gave it (SocketMode=, SocketGroup=).
         if api is not None:
-            self._server = await loop.create_unix_server(lambda: Connection(self), sock=api, start_serving=False)
+            self._server = await loop.create_unix_server(
+                lambda: Connection(self), sock=api, start_serving=False, **_KEEP_SOCKET_FILE
+            )
         else:
             self._server = await _bind_unix(self.path, lambda: Connection(self), *access)
         if evqueue is not None:
             self._evqueue_server = await loop.create_unix_server(
-                lambda: XmlConnection(self, greet=True), sock=evqueue, start_serving=False
+                lambda: XmlConnection(self, greet=True), sock=evqueue, start_serving=False, **_KEEP_SOCKET_FILE
             )
         elif self.evqueue_path is not None:
             self._evqueue_server = await _bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True), *access)
@@ -179,6 +182,11 @@ async def _bind_unix(
             server.close()
             raise
     return server
+
+
+# From Python 3.13 a unix server removes its socket file when it closes. A socket systemd passed belongs to its
+# socket unit, which goes on listening on that path (and queueing clients) while jobd restarts: it must stay.
+_KEEP_SOCKET_FILE: Final[dict[str, Any]] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
 
 
 def _passed_path(sock: socket.socket | None) -> str | None:
