@@ -431,10 +431,12 @@ class Store:
         with self._transaction() as sql:
             sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
 
-    def start_attempt(self, job: Job, attempt: Attempt) -> None:
+    def start_attempts(self, starts: Sequence[tuple[Job, Attempt]]) -> None:
+        """Record attempts about to start (jobs now `running`), in one transaction."""
         with self._transaction() as sql:
-            sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
-            sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
+            for job, attempt in starts:
+                sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
+                sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
 
     def record_process(self, attempt: Attempt) -> None:
         """Remember which process runs an attempt, so a restart after a crash can find and stop it."""
@@ -443,10 +445,15 @@ class Store:
             _UPDATE_ATTEMPT_PROCESS, (attempt.pid, attempt.pid_start, attempt.job_id, attempt.number)
         )
 
-    def finish_attempt(self, job: Job, attempt: Attempt) -> None:
+    def finish_attempt(self, job: Job, attempt: Attempt, starts: Sequence[tuple[Job, Attempt]] = ()) -> None:
+        """Record an ended attempt and the job's new state; with `starts`, also the attempts that take the slot
+        it freed, in the same transaction (one commit, and one WAL write of the pages they share, per job)."""
         with self._transaction() as sql:
             sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
             sql.execute(_UPDATE_ATTEMPT, (*_attempt_values(attempt), attempt.job_id, attempt.number))
+            for started, new_attempt in starts:
+                sql.execute(_UPDATE_JOB, (*_job_state_values(started), started.id))
+                sql.execute(_INSERT_ATTEMPT, _attempt_values(new_attempt))
 
     def get_job(self, job_id: int) -> Job | None:
         row = JobRow.get_or_none(JobRow.id == job_id)

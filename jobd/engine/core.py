@@ -104,6 +104,15 @@ def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
         os.close(fd)
 
 
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """A job moved to `running` whose attempt is being committed; then it is launched."""
+
+    job: Job
+    attempt: Attempt
+    launch: LaunchSpec | None  # None: an HTTP job
+
+
 @dataclass
 class _Running:
     child: Child | HttpRequest
@@ -247,29 +256,40 @@ class Engine:
     # -- running -----------------------------------------------------------------------------------------------
 
     def _dispatch(self, queue_name: str) -> None:
-        queue = self.queues[queue_name]
+        starts = self._take_starts(self.queues[queue_name])
+        if starts:
+            self.store.start_attempts([(start.job, start.attempt) for start in starts])
+            self._launch(starts)
+
+    def _take_starts(self, queue: QueueRuntime) -> list[_Start]:
+        """Move the jobs the queue has room for to `running`, in memory only: the caller commits their attempts
+        and then launches them."""
+        starts: list[_Start] = []
         while not self.stopping and not self._recovering and queue.free_slots() > 0:
             job = queue.pop_next()
             if job is None:
                 break
-            self._start(queue, job)
+            number = job.attempts + 1
+            now = self.clock()
+            launch = None if job.spec.http is not None else self._launch_spec(job, number)
+            job = transition(
+                job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
+            )
+            self.jobs[job.id] = job
+            queue.running.add(job.id)
+            starts.append(_Start(job, Attempt(job.id, number, now), launch))
+        return starts
 
-    def _start(self, queue: QueueRuntime, job: Job) -> None:
-        number = job.attempts + 1
-        now = self.clock()
-        launch = None if job.spec.http is not None else self._launch_spec(job, number)
-        job = transition(
-            job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
-        )
-        self.jobs[job.id] = job
-        queue.running.add(job.id)
-        # Committed before the spawn: after a crash at any point, an attempt that may have run is on record
-        # (and recovered as `lost`), never silently run a second time under the same number.
-        attempt = Attempt(job.id, number, now)
-        self.store.start_attempt(job, attempt)
-        if launch is None:  # an HTTP job: a request on the loop instead of a process
-            self._start_http(job, attempt)
-            return
+    def _launch(self, starts: list[_Start]) -> None:
+        # Only attempts already committed are launched: after a crash at any point, an attempt that may have run
+        # is on record (and recovered as `lost`), never silently run a second time under the same number.
+        for start in starts:
+            if start.launch is None:  # an HTTP job: a request on the loop instead of a process
+                self._start_http(start.job, start.attempt)
+            else:
+                self._spawn(start.job, start.attempt, start.launch)
+
+    def _spawn(self, job: Job, attempt: Attempt, launch: LaunchSpec) -> None:
         try:
             child = Child.spawn(
                 launch,
@@ -281,8 +301,10 @@ class Engine:
             )
         except SpawnError as error:
             log.warning("job=%d cannot start: %s", job.id, error)
-            attempt = dataclasses.replace(attempt, outcome=Outcome.SPAWN_ERROR, finished_at=now, error=str(error))
-            queue.running.discard(job.id)
+            attempt = dataclasses.replace(
+                attempt, outcome=Outcome.SPAWN_ERROR, finished_at=attempt.started_at, error=str(error)
+            )
+            self.queues[job.spec.queue].running.discard(job.id)
             self._settle(job, attempt, cancelled=False, jobd_short_of_resources=error.transient)
             return
         attempt = dataclasses.replace(attempt, pid=child.pid, pid_start=child.start_time)
@@ -369,7 +391,8 @@ class Engine:
         if running.timeout_timer is not None:
             running.timeout_timer.cancel()
         job = self.jobs[job_id]
-        self.queues[job.spec.queue].running.discard(job_id)
+        queue = self.queues[job.spec.queue]
+        queue.running.discard(job_id)
         outcome = outcome_of(info.exit_code, timed_out=running.timed_out, stopped=running.stopped)
         attempt = dataclasses.replace(
             running.attempt,
@@ -385,14 +408,27 @@ class Engine:
             truncated=info.truncated,
             error=running.child.error if isinstance(running.child, HttpRequest) else None,
         )
-        self._settle(job, attempt, cancelled=running.cancelled)
+        job = self._concluded(job, attempt, cancelled=running.cancelled)
+        # The jobs that take the freed slot are recorded in the same transaction as this end: one commit instead
+        # of two. A job to be retried is committed alone and queued first (by _settled), so that it competes for
+        # the slot in the queue's order like any other.
+        starts = self._take_starts(queue) if job.state.finished else []
+        self.store.finish_attempt(job, attempt, [(start.job, start.attempt) for start in starts])
+        self._settled(job, attempt)
         running.ended.set_result(None)
         self._wake_output_waiters(job_id)
-        self._dispatch(job.spec.queue)
-        self._forget_if_drained(job.spec.queue)
+        self._launch(starts)  # after this end has been told: subscribers hear of it before the starts
+        self._dispatch(queue.name)
+        self._forget_if_drained(queue.name)
 
     def _settle(self, job: Job, attempt: Attempt, *, cancelled: bool, jobd_short_of_resources: bool = False) -> None:
         """Record an ended attempt and move the job on: final state, or back to wait for a retry."""
+        job = self._concluded(job, attempt, cancelled=cancelled, jobd_short_of_resources=jobd_short_of_resources)
+        self.store.finish_attempt(job, attempt)
+        self._settled(job, attempt)
+
+    def _concluded(self, job: Job, attempt: Attempt, *, cancelled: bool, jobd_short_of_resources: bool = False) -> Job:
+        """The job's state after an ended attempt (not yet committed)."""
         now = self.clock()
         tries = attempt.number
         if attempt.outcome is not Outcome.SUCCEEDED and attempt.number > 1:
@@ -408,19 +444,20 @@ class Engine:
             shutting_down=self.stopping,
             jobd_short_of_resources=jobd_short_of_resources,
         )
-        finished_at = now if step.state.finished else None
-        job = transition(
+        return transition(
             job,
             step.state,
             run_at=step.run_at,
-            finished_at=finished_at,
+            finished_at=now if step.state.finished else None,
             exit_code=attempt.exit_code,
             signal=attempt.signal,
             error=step.error,
         )
-        self.store.finish_attempt(job, attempt)
+
+    def _settled(self, job: Job, attempt: Attempt) -> None:
+        """Tell about an ended attempt whose outcome is committed, and put a job to be retried where it waits."""
         self._log_settled(job, attempt)
-        if step.state.finished:
+        if job.state.finished:
             del self.jobs[job.id]
             self._emit("job.state", job)
             self._release_finish_waiters(job)
