@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -282,13 +283,14 @@ class Child:
     def __init__(
         self,
         popen: subprocess.Popen[bytes],
+        start_time: int | None,
         loop: asyncio.AbstractEventLoop,
         sinks: tuple[_OutputSink, _OutputSink],
         progress: _ProgressReader,
         on_exit: Callable[[ExitInfo], None],
     ) -> None:
         self.pid = popen.pid
-        self.start_time = process_start_time(popen.pid)
+        self.start_time = start_time
         self._popen = popen
         self._loop = loop
         self._stdout, self._stderr = sinks
@@ -337,7 +339,9 @@ class Child:
             opened.append(_OutputSink(out_r, spec.stdout_path, spec.max_output, on_output))
             opened.append(_OutputSink(err_r, spec.stderr_path, spec.max_output, on_output))
             opened.append(_ProgressReader(log_r, spec.log_path, spec.max_output, on_progress, on_log))
+            before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
             popen = _popen_with_fd3(spec, *child_ends)
+            after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         except OSError as exc:
             for reader in opened:
                 reader.close()
@@ -351,7 +355,7 @@ class Child:
         stdout, stderr, progress = opened
         assert isinstance(stdout, _OutputSink) and isinstance(stderr, _OutputSink)
         assert isinstance(progress, _ProgressReader)
-        return cls(popen, loop, (stdout, stderr), progress, on_exit)
+        return cls(popen, _spawned_start_time(popen.pid, before, after), loop, (stdout, stderr), progress, on_exit)
 
     def stop(self, grace: float) -> None:
         """SIGTERM to the whole process group, SIGKILL after `grace` seconds if the leader still lives."""
@@ -474,14 +478,47 @@ def process_start_time(pid: int) -> int | None:
 
     A pid is reused once its process is reaped; (pid, start time) names one process for the life of the machine.
     """
+    # os.open and one os.read rather than open(): no file object and buffer for one short read, at every spawn.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            raw = stat.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         return None
+    try:
+        raw = os.read(fd, 4096)  # the line is well under 1 KiB: the kernel hands it over whole
+    except ProcessLookupError:  # the process went away between open and read
+        return None
+    finally:
+        os.close(fd)
     # The command name (field 2) may hold spaces and parentheses; fields after its last ')' are plain.
     fields = raw[raw.rindex(b")") + 2 :].split()
     return int(fields[19])  # field 22 of stat(5), counted from field 3
+
+
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+_boottime_checked = False  # the clock arithmetic below has been checked against /proc once in this process
+_boottime_agrees = False
+
+
+def _spawned_start_time(pid: int, before_ns: int, after_ns: int) -> int | None:
+    """The start time of a child forked between two CLOCK_BOOTTIME readings, without reading /proc if possible.
+
+    The kernel stamps a new process with CLOCK_BOOTTIME and /proc/PID/stat shows that stamp in whole clock ticks.
+    When both readings fall in the same tick, so does the fork. Reading /proc/PID/stat instead costs tens of µs
+    at each spawn (the child is busy exec'ing); it remains for the few spawns that straddle a tick, and the first
+    spawn checks the arithmetic against it: a kernel that stamps differently is never trusted.
+    """
+    global _boottime_checked, _boottime_agrees
+    tick = before_ns // _TICK_NS
+    if after_ns // _TICK_NS != tick:
+        return process_start_time(pid)
+    if not _boottime_checked:
+        from_proc = process_start_time(pid)
+        _boottime_checked = True
+        _boottime_agrees = from_proc == tick
+        if not _boottime_agrees:
+            log.warning("process start times: CLOCK_BOOTTIME gives %d, /proc %s; reading /proc", tick, from_proc)
+        return from_proc
+    return tick if _boottime_agrees else process_start_time(pid)
 
 
 def kill_orphan_group(pid: int, start_time: int) -> bool:

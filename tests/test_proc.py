@@ -1,0 +1,48 @@
+"""jobd.proc against the real kernel: what a spawned child is recorded as."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import REPO
+
+# Run in a process of its own: proc.reserve_progress_fd() takes over fd 3, which pytest may be using.
+SPAWN_SOME = """
+import asyncio, sys
+from jobd import proc
+
+async def main():
+    loop = asyncio.get_running_loop()
+    for number in range(50):
+        ended = loop.create_future()
+        spec = proc.LaunchSpec(
+            argv=["/bin/sleep", "0.01"], env={}, cwd=None, stdin=None, max_output=1024,
+            stdout_path=f"{sys.argv[1]}/{number}.stdout",
+            stderr_path=f"{sys.argv[1]}/{number}.stderr",
+            log_path=f"{sys.argv[1]}/{number}.log",
+        )
+        child = proc.Child.spawn(
+            spec, loop, on_exit=ended.set_result, on_progress=print, on_log=print, on_output=lambda: None
+        )
+        print(child.start_time, proc.process_start_time(child.pid))  # not reaped yet: /proc still shows it
+        await ended
+
+proc.reserve_progress_fd()
+asyncio.run(main())
+"""
+
+
+def test_recorded_start_time_is_the_one_proc_shows(tmp_path: Path) -> None:
+    # Crash recovery tells a job's process from a later one with the same pid by this value: the start time the
+    # spawn works out from the clock must be /proc/PID/stat's, at every spawn (not only the first, checked one).
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", SPAWN_SOME, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    pairs = [line.split() for line in result.stdout.splitlines()]
+    assert len(pairs) == 50
+    assert all(recorded == shown != "None" for recorded, shown in pairs), pairs
