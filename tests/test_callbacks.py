@@ -186,6 +186,25 @@ def test_job_callbacks_queue_callbacks_and_exec_stdin(make_daemon: Callable[...,
     assert rows == [("on_failure", "delivered"), ("on_finish", "delivered")]
 
 
+def test_callback_credentials_stay_out_of_the_log_and_the_table(
+    make_daemon: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    """The delivery uses the URL as given; the log line and the callback's row name it without its secrets."""
+    secret_url = receiver.url("/cb?token=s3cret-query&page=2").replace("http://", "http://alice:s3cret-pw@")
+    d = make_daemon("[queue.default]\n")
+    job = d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": secret_url}}]})["id"]
+    got = receiver.next()
+    assert got.path == "/cb?token=s3cret-query&page=2" and got.json()["id"] == job
+    assert got.headers["Authorization"] == "Basic YWxpY2U6czNjcmV0LXB3"  # alice:s3cret-pw
+    d.stop()
+    (row,) = _rows(d)
+    assert row["state"] == "delivered"
+    assert row["target"] == "POST " + receiver.url("/cb?token=***&page=2").replace("http://", "http://***@")
+    log = d.log()
+    assert f"job={job} on_success callback" in log
+    assert "s3cret" not in log and "s3cret" not in row["target"]
+
+
 def test_bad_callbacks_are_refused(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon("[queue.default]\n")
     with pytest.raises(Exception, match="callbacks"):

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
 from jobd.errors import UnknownJob
 from jobd.model import Job, JobState
@@ -119,9 +120,11 @@ def matching_events(state: JobState) -> tuple[str, ...]:
 
 
 def _target(spec: Mapping[str, Any]) -> str:
+    """Where a callback goes, as its row and jobd's log name it: an http target without its URL's credentials
+    (the log goes to the journal and the table to every admin; the delivery itself uses the URL as given)."""
     if "exec" in spec:
         return " ".join(spec["exec"])
-    return f"{spec['http']['method']} {spec['http']['url']}"
+    return f"{spec['http']['method']} {redact.url(spec['http']['url'])}"
 
 
 # -- delivery --------------------------------------------------------------------------------------------------
