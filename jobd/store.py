@@ -434,9 +434,7 @@ class Store:
     def start_attempts(self, starts: Sequence[tuple[Job, Attempt]]) -> None:
         """Record attempts about to start (jobs now `running`), in one transaction."""
         with self._transaction() as sql:
-            for job, attempt in starts:
-                sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
-                sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
+            _record_starts(sql, starts)
 
     def record_process(self, attempt: Attempt) -> None:
         """Remember which process runs an attempt, so a restart after a crash can find and stop it."""
@@ -451,9 +449,7 @@ class Store:
         with self._transaction() as sql:
             sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
             sql.execute(_UPDATE_ATTEMPT, (*_attempt_values(attempt), attempt.job_id, attempt.number))
-            for started, new_attempt in starts:
-                sql.execute(_UPDATE_JOB, (*_job_state_values(started), started.id))
-                sql.execute(_INSERT_ATTEMPT, _attempt_values(new_attempt))
+            _record_starts(sql, starts)
 
     def get_job(self, job_id: int) -> Job | None:
         row = JobRow.get_or_none(JobRow.id == job_id)
@@ -940,6 +936,13 @@ _INSERT_AUDIT = _insert_sql("audit", ("at", "uid", "user", "command", "target", 
 
 _NO_RETRY = RetryPolicy()
 _NO_RETRY_JSON = json.dumps(_NO_RETRY.to_json())  # most jobs: worth not encoding it again on every submit
+
+
+def _record_starts(sql: sqlite3.Connection, starts: Sequence[tuple[Job, Attempt]]) -> None:
+    """Within a transaction: jobs now `running` and the attempts they are about to start."""
+    for job, attempt in starts:
+        sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
+        sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
 
 
 def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
