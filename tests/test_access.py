@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,24 @@ def test_identify_peer_without_the_process_uses_the_group_database() -> None:
     assert (unknown.user, unknown.groups, unknown.is_admin) == ("4000123", frozenset({"4000123"}), False)
     # A pid that is not a process of that uid (here: ours, as root) is not trusted for the groups.
     assert identify_peer(os.getpid(), nobody.pw_uid, nobody.pw_gid, AccessDef()).groups == peer_.groups
+
+
+def test_identify_peer_reads_every_group_of_a_process_with_thousands() -> None:
+    """A real process of another user with 3,000 supplementary groups: /proc/PID/status is then ~20 kB, more
+    than one read of it returns, and every group must still count."""
+    nobody = pwd.getpwnam("nobody")
+    groups = list(range(3_100_000, 3_103_000))
+    listed = ",".join(map(str, groups))
+    setpriv = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", f"--groups={listed}"]
+    child = subprocess.Popen([*setpriv, "sh", "-c", "echo ready; exec sleep 60"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"  # runs as nobody, groups set
+        assert len(Path(f"/proc/{child.pid}/status").read_bytes()) > 16384
+        peer_ = identify_peer(child.pid, nobody.pw_uid, nobody.pw_gid, AccessDef())
+        assert peer_.groups == frozenset({grp.getgrgid(nobody.pw_gid).gr_name, *map(str, groups)})
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_identify_peer_admins_by_name_and_group() -> None:

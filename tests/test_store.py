@@ -73,6 +73,44 @@ def test_a_fresh_database_gets_the_same_schema_as_a_migrated_one(tmp_path: Path)
     assert _indexes(migrated) == _indexes(fresh)
 
 
+def _page_size(path: Path) -> int:
+    raw = sqlite3.connect(path)
+    try:
+        return int(raw.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        raw.close()
+
+
+def test_a_new_database_has_small_pages_and_an_older_one_keeps_its_own(tmp_path: Path) -> None:
+    fresh, older = tmp_path / "fresh.sqlite3", tmp_path / "older.sqlite3"
+    raw = sqlite3.connect(older)  # as jobd made them before: SQLite's default of 4 KiB
+    raw.execute("PRAGMA page_size = 4096")
+    raw.execute("CREATE TABLE t (x)")
+    raw.close()
+    _version_1_database(fresh)
+    assert _page_size(fresh) == 1024
+    store = Store(str(older))
+    store.open()
+    try:
+        [(job, created)] = store.insert_jobs(
+            [JobSpec(command=("/bin/true",), queue="q", stdin=b"x" * 100_000)], [JobState.QUEUED], 1.0, [1.0]
+        )
+        assert created
+        assert store.get_job(job.id) == job
+    finally:
+        store.close()
+    assert _page_size(older) == 4096
+    store = Store(str(fresh))
+    store.open()
+    try:  # a row much larger than a page goes to overflow pages and comes back whole
+        [(job, _)] = store.insert_jobs(
+            [JobSpec(command=("/bin/true",), queue="q", stdin=b"y" * 100_000)], [JobState.QUEUED], 1.0, [1.0]
+        )
+        assert store.get_job(job.id) == job
+    finally:
+        store.close()
+
+
 def test_the_database_is_held_exclusively_while_jobd_has_it_open(tmp_path: Path) -> None:
     path = tmp_path / "jobd.sqlite3"
     store = Store(str(path))
