@@ -359,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as error:
         passed, activation_error = {}, error
     watchdog = activation.watchdog_interval()
+    proc.close_inherited_fds_on_exec()  # nothing jobd was started with reaches its jobs
     proc.reserve_progress_fd()  # first, before anything else can be given fd 3
     args = parse_args(argv)
     _setup_logging(args.log_level)

@@ -52,6 +52,22 @@ def reserve_progress_fd() -> None:
         os.dup2(_slot_devnull, PROGRESS_FD, inheritable=False)
 
 
+def close_inherited_fds_on_exec() -> None:
+    """Mark every descriptor above stderr close-on-exec: those jobd was started with, too.
+
+    Children are spawned without subprocess's close_fds sweep (see _popen_with_fd3), so what reaches a job is
+    decided here and by the rule that every descriptor jobd opens is close-on-exec (Python's default for what it
+    opens; O_CLOEXEC, TFD_CLOEXEC, IN_CLOEXEC, MFD_CLOEXEC where jobd asks the kernel itself). Only descriptors
+    from whoever started jobd (a shell, a supervisor) could lack the flag: call this at start-up, after systemd's
+    sockets are taken and before any job starts.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                os.set_inheritable(fd, False)
+
+
 class SpawnError(Exception):
     """The program could not be started (not found, not executable, bad working directory, …).
 
@@ -432,14 +448,22 @@ def _popen_with_fd3(spec: LaunchSpec, stdin_fd: int, out_w: int, err_w: int, log
     if program_fd is not None:
         argv[0] = f"/proc/self/fd/{program_fd}"
         pass_fds.append(program_fd)
-    os.dup2(log_w, PROGRESS_FD)
+    os.dup2(log_w, PROGRESS_FD)  # inheritable: besides 0-2, the one descriptor a child is given
+    # No close_fds sweep for a job of jobd's own user: every other descriptor of jobd is close-on-exec (see
+    # close_inherited_fds_on_exec), so the exec itself closes them. The sweep would have the child list
+    # /proc/self/fd and close each descriptor before its exec while jobd waits in vfork: a quarter of the CPU
+    # time of starting /bin/true, the child's and jobd's together (850-1,030 µs -> 650-720 µs). A job of another
+    # user keeps the sweep as a second guard, since a descriptor reaching it would cross a privilege boundary;
+    # its spawn cannot use vfork anyway.
+    other_user = spec.uid is not None
     try:
         return subprocess.Popen(
             argv,
             stdin=stdin_fd,
             stdout=out_w,
             stderr=err_w,
-            pass_fds=pass_fds,
+            close_fds=other_user,
+            pass_fds=pass_fds if other_user else (),
             cwd=spec.cwd,
             env=dict(spec.env),
             process_group=0,

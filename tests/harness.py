@@ -79,6 +79,7 @@ class Daemon:
         self.socket_path = root / "jobd.sock"
         self.evqueue_socket = root / "evqueue.sock"  # evQueue's XML protocol, greeting first
         self.env: dict[str, str] = {}  # extra environment for the daemon (e.g. JOBD_EVQUEUE_KEEPALIVE_INTERVAL)
+        self.pass_fds: tuple[int, ...] = ()  # descriptors the daemon inherits, as from a careless parent
         self.log_path = root / "jobd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.log_level = "debug"
@@ -115,6 +116,7 @@ class Daemon:
             stdout=log,
             stderr=log,
             cwd=self.root,
+            pass_fds=self.pass_fds,
         )
         log.close()
         try:

@@ -772,6 +772,48 @@ def test_many_quick_jobs_leave_no_children_and_no_open_files(server: Any) -> Non
         assert _open_fds(server.pid) == fds_before, "jobd holds more files than before the jobs ran"
 
 
+def test_a_job_is_given_its_own_descriptors_and_nothing_of_jobd(make_daemon: Any, tmp_path: Path) -> None:
+    """Children are spawned without subprocess's close_fds sweep: whatever jobd holds open (its database, its API,
+    evQueue and HTTP sockets, the configuration watch, the schedules' timer, a subscriber's connection, another
+    job's pipes, a descriptor jobd itself inherited without close-on-exec) must not reach a job, which gets
+    stdin, stdout, stderr and fd 3 only."""
+    daemon = make_daemon(
+        f"""
+        [http]
+        listen = "{tmp_path / "http.sock"}"
+        [queue.default]
+        concurrency = 2
+        [task.sleeper]
+        command = ["/bin/sleep", "600"]
+        [schedule.hourly]
+        task = "sleeper"
+        calendar = "0 0 * * * *"
+        """,
+        start=False,
+    )
+    inherited = tmp_path / "inherited-by-jobd"
+    inherited.write_text("")
+    fd = os.open(inherited, os.O_RDONLY)  # inheritable, as a careless parent would leave one
+    daemon.pass_fds = (fd,)
+    try:
+        daemon.start()
+    finally:
+        os.close(fd)
+    assert os.readlink(f"/proc/{daemon.pid}/fd/{fd}") == str(inherited)  # jobd has it; its jobs must not
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        jobs = [client.call("job.submit", {"task": "sleeper"}, timeout=10) for _ in range(2)]
+        for job in jobs:  # the second starts while the first one's pipes are open in jobd
+            next_matching(client, is_state(job["id"], "running"))
+        for job in jobs:
+            pid = client.call("job.get", {"id": job["id"]}, timeout=10)["tries"][0]["pid"]
+            given = {int(name): os.readlink(f"/proc/{pid}/fd/{name}") for name in os.listdir(f"/proc/{pid}/fd")}
+            assert sorted(given) == [0, 1, 2, 3], given
+            assert given[0] == "/dev/null"
+            assert all(given[number].startswith("pipe:") for number in (1, 2, 3)), given
+            client.call("job.cancel", {"id": job["id"]}, timeout=KILL_GRACE + 10)
+
+
 @pytest.fixture
 def full_output_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs to hold job output: a disk that fills up while a job prints."""
