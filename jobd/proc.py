@@ -7,7 +7,8 @@ thread per child, no polling — and reaped with wait4() for its resource usage.
 stdout and stderr are pipes the daemon drains into files with splice(2) (no copy through user space) up to
 `max_output` bytes; beyond that bytes are read and dropped, so memory stays flat however much a job prints. The
 job is complete when its leader exits: whatever is still in the pipes is drained and the pipes are closed, so a
-grandchild that keeps stdout open cannot delay completion.
+grandchild that keeps stdout open cannot delay completion. The pipes of all children are watched in one epoll
+set of jobd's own, itself watched by the loop (_PipeWatch).
 
 fd 3 carries evQueue's progress/log protocol: a line `%NN` sets progress, `%%text` logs `%text`, `\\close` stops
 parsing, any other line is a log line.
@@ -18,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -293,6 +297,50 @@ class _ProgressReader:
         self.file.close()
 
 
+class _PipeWatch:
+    """The pipes of every running child in one epoll set of their own, which the event loop watches as a single
+    descriptor (epoll waits on epoll as on any file).
+
+    Each child has three pipes (stdout, stderr, fd 3), registered as it starts and unregistered as it ends. Through
+    loop.add_reader() and remove_reader() each costs several µs of Python (a Handle, a selector key, checks for a
+    transport on the fd); here it is one epoll_ctl() and a dict entry, and the end-of-file of all three pipes of an
+    exiting child is one callback of the loop rather than three. The pidfd stays with the loop itself.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._epoll = select.epoll()  # close-on-exec, as everything Python opens
+        self._readers: dict[int, Callable[[], None]] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def add(self, fd: int, on_readable: Callable[[], None]) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._readers[fd] = on_readable
+
+    def remove(self, fd: int) -> None:
+        """Stop watching `fd`; call before closing it."""
+        self._epoll.unregister(fd)
+        del self._readers[fd]
+
+    def _ready(self) -> None:
+        for fd, _ in self._epoll.poll(0):
+            # A reader may remove others, or a closed fd's number be registered anew, while the list is handled:
+            # a reader gone is skipped, and a new one woken for nothing finds its pipe empty (EAGAIN).
+            on_readable = self._readers.get(fd)
+            if on_readable is not None:
+                on_readable()
+
+
+_pipe_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PipeWatch] = weakref.WeakKeyDictionary()
+
+
+def _pipe_watch(loop: asyncio.AbstractEventLoop) -> _PipeWatch:
+    """The loop's pipe watch, made on its first child."""
+    watch = _pipe_watches.get(loop)
+    if watch is None:
+        watch = _pipe_watches[loop] = _PipeWatch(loop)
+    return watch
+
+
 class Child:
     """A spawned job process; `on_exit` is called once, from the loop, after it has been reaped."""
 
@@ -317,8 +365,9 @@ class Child:
         self._kill_timer: asyncio.TimerHandle | None = None
         self._pidfd = os.pidfd_open(popen.pid)
         loop.add_reader(self._pidfd, self._leader_exited)
+        self._pipes = _pipe_watch(loop)
         for reader in (self._stdout, self._stderr, progress):
-            loop.add_reader(reader.read_fd, self._drain, reader)
+            self._pipes.add(reader.read_fd, functools.partial(self._drain, reader))
 
     @classmethod
     def spawn(
@@ -390,7 +439,7 @@ class Child:
     def _drain(self, reader: _OutputSink | _ProgressReader) -> None:
         reader.drain_once()
         if reader.eof:
-            self._loop.remove_reader(reader.read_fd)
+            self._pipes.remove(reader.read_fd)
 
     def _leader_exited(self) -> None:
         self._loop.remove_reader(self._pidfd)
@@ -407,7 +456,7 @@ class Child:
         self._popen.returncode = code  # tell the Popen object its child is reaped
         for reader in (self._stdout, self._stderr, self._progress):
             if not reader.eof:
-                self._loop.remove_reader(reader.read_fd)
+                self._pipes.remove(reader.read_fd)
                 while reader.drain_once():
                     pass
             reader.close()
