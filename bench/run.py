@@ -6,7 +6,7 @@ The machine is shared and noisy, so speed is reported as a ratio to a reference 
 - throughput: N `/bin/true` jobs through one queue of concurrency 2, against a bare posix_spawn + pidfd loop
   (also concurrency 2) that does nothing but start and reap the same processes;
 - submit rates: serial (one request at a time), batch (`jobs: [...]`, 100 per request), and for `fsync` also 32
-  concurrent clients; for each durability level;
+  concurrent clients; for each durability level; and for `crash` a new connection per submit, as web pages do;
 - submit-to-start latency p50/p99 (the daemon's `started_at` minus the client's clock before sending);
 - system calls made by an idle daemon over 30 s (strace -c -f);
 - workflows: N instances of a workflow of three `/bin/true` tasks (one, then a subjob of two in parallel) through a
@@ -135,6 +135,15 @@ def serial_submits(daemon: Daemon, count: int) -> float:
         return count / (time.perf_counter() - started)
 
 
+def connection_submits(daemon: Daemon, count: int) -> float:
+    """One job per connection: connect, submit, close, as a web page does for each request it serves."""
+    started = time.perf_counter()
+    for _ in range(count):
+        with daemon.client() as client:
+            client.call("job.submit", {"command": ["/bin/true"], "queue": "parked"})
+    return count / (time.perf_counter() - started)
+
+
 def pipelined_submits(daemon: Daemon, count: int, window: int = 64) -> float:
     """One job per request on one connection, up to `window` requests in flight (pipelining, as the API allows)."""
     request = b'{"jsonrpc":"2.0","id":1,"method":"job.submit","params":{"command":["/bin/true"],"queue":"parked"}}\n'
@@ -154,8 +163,9 @@ def pipelined_submits(daemon: Daemon, count: int, window: int = 64) -> float:
         return count / (time.perf_counter() - started)
 
 
-def echo_floor(root: Path, count: int) -> float:
-    """Reference for request rates: a bare asyncio JSON-lines server answering `ping`, no work behind it."""
+def echo_floor(root: Path, count: int) -> tuple[float, float]:
+    """Reference for request rates: a bare asyncio JSON-lines server answering `ping`, no work behind it, asked
+    serially on one connection and on a new connection each time."""
     path = str(root / "echo.sock")
     context = multiprocessing.get_context("fork")
     ready = context.Event()
@@ -185,7 +195,12 @@ def echo_floor(root: Path, count: int) -> float:
             started = time.perf_counter()
             for _ in range(count):
                 client.call("ping")
-            return count / (time.perf_counter() - started)
+            serial = count / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(count):
+            with Client(path) as client:
+                client.call("ping")
+        return serial, count / (time.perf_counter() - started)
     finally:
         child.kill()
 
@@ -441,8 +456,11 @@ def main() -> int:
                 f"bare loop {args.jobs / bare:.0f} jobs/s, ratio {bare / ours:.2f}"
             )
         if "submit" in args.only:
-            floor = timed("asyncio echo server (reference)", lambda: echo_floor(root, args.submits))
-            results.append(f"reference: a bare asyncio JSON-lines ping server answers {floor:.0f} serial requests/s")
+            floor, floor_connections = timed("asyncio echo server (reference)", lambda: echo_floor(root, args.submits))
+            results.append(
+                f"reference: a bare asyncio JSON-lines ping server answers {floor:.0f} serial requests/s, "
+                f"{floor_connections:.0f}/s with a new connection each"
+            )
             for durability in ("crash", "fsync"):
                 daemon = start_daemon(root / f"submit-{durability}", durability)
                 try:
@@ -455,6 +473,11 @@ def main() -> int:
                         f"submit, durability {durability}: serial {serial:.0f}/s, pipelined {piped:.0f}/s, "
                         f"batch of 100 {batch:.0f} jobs/s"
                     )
+                    if durability == "crash":
+                        fresh = timed(
+                            "a new connection per submit", lambda d=daemon: connection_submits(d, args.submits // 2)
+                        )
+                        line += f", a new connection each {fresh:.0f}/s"
                     if durability == "fsync":
                         parallel = timed(
                             "32 concurrent clients", lambda d=daemon: concurrent_submits(d, 32, args.submits // 32)
