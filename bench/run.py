@@ -4,9 +4,10 @@
 
 The machine is shared and noisy, so speed is reported as a ratio to a reference measured in the same run:
 - throughput: N `/bin/true` jobs through one queue of concurrency 2, against a bare posix_spawn + pidfd loop
-  (also concurrency 2) that does nothing but start and reap the same processes;
-- submit rates: serial (one request at a time), batch (`jobs: [...]`, 100 per request), and for `fsync` also 32
-  concurrent clients; for each durability level; and for `crash` a new connection per submit, as web pages do;
+  (also concurrency 2) that does nothing but start and reap the same processes, in alternated rounds (--rounds);
+- submit rates: serial (one request at a time; alternated rounds with the reference server answering pings),
+  batch (`jobs: [...]`, 100 per request), and for `fsync` also 32 concurrent clients; for each durability level;
+  and for `crash` a new connection per submit, as web pages do;
 - submit-to-start latency p50/p99 (the daemon's `started_at` minus the client's clock before sending);
 - system calls made by an idle daemon over 30 s (strace -c -f);
 - workflows: N instances of a workflow of three `/bin/true` tasks (one, then a subjob of two in parallel) through a
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,9 +165,10 @@ def pipelined_submits(daemon: Daemon, count: int, window: int = 64) -> float:
         return count / (time.perf_counter() - started)
 
 
-def echo_floor(root: Path, count: int) -> tuple[float, float]:
-    """Reference for request rates: a bare asyncio JSON-lines server answering `ping`, no work behind it, asked
-    serially on one connection and on a new connection each time."""
+@contextlib.contextmanager
+def reference_server(root: Path) -> Iterator[str]:
+    """Reference for request rates: a bare asyncio JSON-lines server answering `ping`, no work behind it, in a
+    process of its own as jobd is (the client must not share its interpreter lock). Yields its socket path."""
     path = str(root / "echo.sock")
     context = multiprocessing.get_context("fork")
     ready = context.Event()
@@ -185,24 +188,30 @@ def echo_floor(root: Path, count: int) -> tuple[float, float]:
 
         asyncio.run(main())
 
-    # A separate process, as jobd is one: the client must not share its interpreter lock.
     child = context.Process(target=serve, daemon=True)
     child.start()
     try:
         if not ready.wait(10):
             raise RuntimeError("the reference server did not start")
-        with Client(path) as client:
-            started = time.perf_counter()
-            for _ in range(count):
-                client.call("ping")
-            serial = count / (time.perf_counter() - started)
-        started = time.perf_counter()
-        for _ in range(count):
-            with Client(path) as client:
-                client.call("ping")
-        return serial, count / (time.perf_counter() - started)
+        yield path
     finally:
         child.kill()
+
+
+def serial_pings(path: str, count: int) -> float:
+    with Client(path) as client:
+        started = time.perf_counter()
+        for _ in range(count):
+            client.call("ping")
+        return count / (time.perf_counter() - started)
+
+
+def connection_pings(path: str, count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        with Client(path) as client:
+            client.call("ping")
+    return count / (time.perf_counter() - started)
 
 
 def batch_submits(daemon: Daemon, count: int, per_request: int = 100) -> float:
@@ -429,13 +438,28 @@ def timed(label: str, action: Callable[[], Any]) -> Any:
     return action()
 
 
+def _span(rates: list[float]) -> str:
+    low, high = min(rates), max(rates)
+    return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
+
+
+def _median_and_each(ours: list[float], references: list[float]) -> str:
+    ratios = [a / b for a, b in zip(ours, references, strict=True)]
+    return f"median {statistics.median(ratios):.2f} (each: {', '.join(f'{r:.2f}' for r in ratios)})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--submits", type=int, default=5000)
     parser.add_argument("--idle-seconds", type=int, default=30)
     parser.add_argument("--instances", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3, help="workflow benchmark: alternated rounds, best of each")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternated rounds of jobd and its reference: throughput, serial submits, workflows",
+    )
     parser.add_argument("--firings", type=int, default=60, help="schedule benchmark: firings measured")
     parser.add_argument(
         "--only", nargs="*", default=["throughput", "submit", "latency", "idle", "workflow", "schedule"]
@@ -445,47 +469,65 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="jobd-bench.") as tmp:
         root = Path(tmp)
         if "throughput" in args.only:
-            daemon = start_daemon(root / "throughput")
-            try:
+            # Alternated rounds, the ratio of each taken against the reference run just before it: the machine's
+            # speed drifts by tens of per cent within minutes, in both.
+            bare_rates, jobd_rates = [], []
+            for round_ in range(args.rounds):
                 bare = timed("bare posix_spawn + pidfd loop", lambda: bare_spawn_loop(args.jobs, 2))
-                ours = timed("jobd", lambda: jobd_throughput(daemon, args.jobs))
+                daemon = start_daemon(root / f"throughput-{round_}")
+                try:
+                    ours = timed("jobd", lambda d=daemon: jobd_throughput(d, args.jobs))
+                finally:
+                    daemon.stop()
+                bare_rates.append(args.jobs / bare)
+                jobd_rates.append(args.jobs / ours)
+            results.append(
+                f"throughput, {args.jobs} /bin/true, concurrency 2, {args.rounds} alternated rounds: "
+                f"ratio {_median_and_each(jobd_rates, bare_rates)}; jobd {_span(jobd_rates)} jobs/s, "
+                f"bare loop {_span(bare_rates)} jobs/s"
+            )
+        if "submit" in args.only:
+            with reference_server(root) as reference:
+                daemon = start_daemon(root / "submit-crash")
+                try:
+                    # Serial submits against the reference answering pings serially, in alternated rounds.
+                    floors, serials = [], []
+                    for _ in range(args.rounds):
+                        floors.append(timed("reference, serial pings", lambda: serial_pings(reference, args.submits)))
+                        serials.append(
+                            timed("serial submits (crash)", lambda d=daemon: serial_submits(d, args.submits))
+                        )
+                    floor_connections = timed(
+                        "reference, a connection per ping", lambda: connection_pings(reference, args.submits // 2)
+                    )
+                    fresh = timed(
+                        "a new connection per submit", lambda d=daemon: connection_submits(d, args.submits // 2)
+                    )
+                    piped = timed("pipelined submits (crash)", lambda d=daemon: pipelined_submits(d, args.submits))
+                    batch = timed("batch submits (crash)", lambda d=daemon: batch_submits(d, args.submits * 4))
+                finally:
+                    daemon.stop()
+            results.append(
+                f"reference: a bare asyncio JSON-lines ping server answers {_span(floors)} serial requests/s, "
+                f"{floor_connections:.0f}/s with a new connection each"
+            )
+            results.append(
+                f"submit, durability crash: serial {_span(serials)}/s (median {statistics.median(serials):.0f}, "
+                f"{args.rounds} rounds; ratio to the reference {_median_and_each(serials, floors)}), "
+                f"pipelined {piped:.0f}/s, batch of 100 {batch:.0f} jobs/s, a new connection each {fresh:.0f}/s"
+            )
+            daemon = start_daemon(root / "submit-fsync", "fsync")
+            try:
+                serial = timed("serial submits (fsync)", lambda: serial_submits(daemon, args.submits))
+                piped = timed("pipelined submits (fsync)", lambda: pipelined_submits(daemon, args.submits))
+                batch = timed("batch submits (fsync)", lambda: batch_submits(daemon, args.submits * 4))
+                parallel = timed("32 concurrent clients", lambda: concurrent_submits(daemon, 32, args.submits // 32))
             finally:
                 daemon.stop()
             results.append(
-                f"throughput, {args.jobs} /bin/true, concurrency 2: jobd {args.jobs / ours:.0f} jobs/s, "
-                f"bare loop {args.jobs / bare:.0f} jobs/s, ratio {bare / ours:.2f}"
+                f"submit, durability fsync: serial {serial:.0f}/s, pipelined {piped:.0f}/s, batch of 100 "
+                f"{batch:.0f} jobs/s, 32 concurrent clients {parallel:.0f}/s"
             )
-        if "submit" in args.only:
-            floor, floor_connections = timed("asyncio echo server (reference)", lambda: echo_floor(root, args.submits))
-            results.append(
-                f"reference: a bare asyncio JSON-lines ping server answers {floor:.0f} serial requests/s, "
-                f"{floor_connections:.0f}/s with a new connection each"
-            )
-            for durability in ("crash", "fsync"):
-                daemon = start_daemon(root / f"submit-{durability}", durability)
-                try:
-                    serial = timed(f"serial submits ({durability})", lambda d=daemon: serial_submits(d, args.submits))
-                    piped = timed(
-                        f"pipelined submits ({durability})", lambda d=daemon: pipelined_submits(d, args.submits)
-                    )
-                    batch = timed(f"batch submits ({durability})", lambda d=daemon: batch_submits(d, args.submits * 4))
-                    line = (
-                        f"submit, durability {durability}: serial {serial:.0f}/s, pipelined {piped:.0f}/s, "
-                        f"batch of 100 {batch:.0f} jobs/s"
-                    )
-                    if durability == "crash":
-                        fresh = timed(
-                            "a new connection per submit", lambda d=daemon: connection_submits(d, args.submits // 2)
-                        )
-                        line += f", a new connection each {fresh:.0f}/s"
-                    if durability == "fsync":
-                        parallel = timed(
-                            "32 concurrent clients", lambda d=daemon: concurrent_submits(d, 32, args.submits // 32)
-                        )
-                        line += f", 32 concurrent clients {parallel:.0f}/s"
-                    results.append(line)
-                finally:
-                    daemon.stop()
         if "latency" in args.only:
             daemon = start_daemon(root / "latency")
             try:
