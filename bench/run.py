@@ -5,7 +5,9 @@
 The machine is shared and noisy, so speed is reported as a ratio to a reference measured in the same run:
 - throughput: N `/bin/true` jobs through one queue of concurrency 2, against a bare posix_spawn + pidfd loop
   (also concurrency 2) that does nothing but start and reap the same processes, in alternated rounds (--rounds);
-- submit rates: serial (one request at a time; alternated rounds with the reference server answering pings),
+  jobd's CPU time per job from /proc (steadier than wall time on a shared machine, and what the figure is made of);
+- submit rates: serial (one request at a time; alternated rounds with the reference server answering pings; jobd's
+  CPU time per submit),
   batch (`jobs: [...]`, 100 per request), and for `fsync` also 32 concurrent clients; for each durability level;
   and for `crash` a new connection per submit, as web pages do;
 - submit-to-start latency p50/p99 (the daemon's `started_at` minus the client's clock before sending);
@@ -108,33 +110,36 @@ def bare_spawn_loop(count: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-def jobd_throughput(daemon: Daemon, count: int) -> float:
-    """Submit `count` jobs into a paused queue, resume it, and time until the last one has finished."""
+def jobd_throughput(daemon: Daemon, count: int) -> tuple[float, float]:
+    """Submit `count` jobs into a paused queue, resume it, and time until the last one has finished.
+
+    Returns the seconds from the resume to the end, and jobd's CPU time over the same span."""
     with daemon.client() as client:
         client.call("queue.pause", {"name": "bench"})
         ids: list[int] = []
         for start in range(0, count, 500):
             batch = [{"command": ["/bin/true"], "queue": "bench"} for _ in range(min(500, count - start))]
             ids += [job["id"] for job in client.call("job.submit", {"jobs": batch})["jobs"]]
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds(daemon.pid)
         client.call("queue.resume", {"name": "bench"})
         # Jobs start in id order two at a time, so when the last one started only the one before it could still
         # run: once both have ended, all have. (Waiting on each of them would measure the client's RPCs.)
         for job_id in ids[-2:]:
             client.call("job.wait", {"id": job_id}, timeout=600)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(daemon.pid) - cpu
         counts = client.call("daemon.status")["jobs"]
         if counts.get("succeeded") != count:
             raise RuntimeError(f"not every job succeeded: {counts}")
-        return elapsed
+        return elapsed, cpu
 
 
-def serial_submits(daemon: Daemon, count: int) -> float:
+def serial_submits(daemon: Daemon, count: int) -> tuple[float, float]:
+    """Submits per second, one client waiting for each reply, and jobd's CPU seconds per submit."""
     with daemon.client() as client:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds(daemon.pid)
         for _ in range(count):
             client.call("job.submit", {"command": ["/bin/true"], "queue": "parked"})
-        return count / (time.perf_counter() - started)
+        return count / (time.perf_counter() - started), (cpu_seconds(daemon.pid) - cpu) / count
 
 
 def connection_submits(daemon: Daemon, count: int) -> float:
@@ -471,32 +476,33 @@ def main() -> int:
         if "throughput" in args.only:
             # Alternated rounds, the ratio of each taken against the reference run just before it: the machine's
             # speed drifts by tens of per cent within minutes, in both.
-            bare_rates, jobd_rates = [], []
+            bare_rates, jobd_rates, jobd_cpu = [], [], []
             for round_ in range(args.rounds):
                 bare = timed("bare posix_spawn + pidfd loop", lambda: bare_spawn_loop(args.jobs, 2))
                 daemon = start_daemon(root / f"throughput-{round_}")
                 try:
-                    ours = timed("jobd", lambda d=daemon: jobd_throughput(d, args.jobs))
+                    ours, cpu = timed("jobd", lambda d=daemon: jobd_throughput(d, args.jobs))
                 finally:
                     daemon.stop()
                 bare_rates.append(args.jobs / bare)
                 jobd_rates.append(args.jobs / ours)
+                jobd_cpu.append(cpu / args.jobs * 1e6)
             results.append(
                 f"throughput, {args.jobs} /bin/true, concurrency 2, {args.rounds} alternated rounds: "
-                f"ratio {_median_and_each(jobd_rates, bare_rates)}; jobd {_span(jobd_rates)} jobs/s, "
-                f"bare loop {_span(bare_rates)} jobs/s"
+                f"ratio {_median_and_each(jobd_rates, bare_rates)}; jobd {_span(jobd_rates)} jobs/s "
+                f"({_span(jobd_cpu)} µs of jobd's CPU per job), bare loop {_span(bare_rates)} jobs/s"
             )
         if "submit" in args.only:
             with reference_server(root) as reference:
                 daemon = start_daemon(root / "submit-crash")
                 try:
                     # Serial submits against the reference answering pings serially, in alternated rounds.
-                    floors, serials = [], []
+                    floors, serials, serial_cpu = [], [], []
                     for _ in range(args.rounds):
                         floors.append(timed("reference, serial pings", lambda: serial_pings(reference, args.submits)))
-                        serials.append(
-                            timed("serial submits (crash)", lambda d=daemon: serial_submits(d, args.submits))
-                        )
+                        rate, cpu = timed("serial submits (crash)", lambda d=daemon: serial_submits(d, args.submits))
+                        serials.append(rate)
+                        serial_cpu.append(cpu * 1e6)
                     floor_connections = timed(
                         "reference, a connection per ping", lambda: connection_pings(reference, args.submits // 2)
                     )
@@ -513,12 +519,13 @@ def main() -> int:
             )
             results.append(
                 f"submit, durability crash: serial {_span(serials)}/s (median {statistics.median(serials):.0f}, "
-                f"{args.rounds} rounds; ratio to the reference {_median_and_each(serials, floors)}), "
+                f"{args.rounds} rounds, {_span(serial_cpu)} µs of jobd's CPU per submit; ratio to the reference "
+                f"{_median_and_each(serials, floors)}), "
                 f"pipelined {piped:.0f}/s, batch of 100 {batch:.0f} jobs/s, a new connection each {fresh:.0f}/s"
             )
             daemon = start_daemon(root / "submit-fsync", "fsync")
             try:
-                serial = timed("serial submits (fsync)", lambda: serial_submits(daemon, args.submits))
+                serial, _ = timed("serial submits (fsync)", lambda: serial_submits(daemon, args.submits))
                 piped = timed("pipelined submits (fsync)", lambda: pipelined_submits(daemon, args.submits))
                 batch = timed("batch submits (fsync)", lambda: batch_submits(daemon, args.submits * 4))
                 parallel = timed("32 concurrent clients", lambda: concurrent_submits(daemon, 32, args.submits // 32))
