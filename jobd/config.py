@@ -658,16 +658,24 @@ def _choice(kind: type[E]) -> Callable[[_Setting], E]:
     return parse
 
 
-def _integer(low: int, high: int | None = None) -> Callable[[_Setting], int]:
-    allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+# TOML integers have no size limit, SQLite's have 64 bits: a larger count or size would be accepted here and
+# then fail at the first statement that stores or compares it (every job end, for `keep_last`).
+MAX_INTEGER = 2**63 - 1
+
+
+def _integer(low: int, high: int = MAX_INTEGER) -> Callable[[_Setting], int]:
+    bounded = f"an integer from {low} to {high}"
+    allowed = f"an integer >= {low}" if high == MAX_INTEGER else bounded  # the upper bound said when it matters
 
     def parse(setting: _Setting) -> int:
         value = setting.value
         # bool is a subclass of int in Python, but `true` is not a number in TOML.
         if isinstance(value, bool) or not isinstance(value, int):
             raise setting.expected(allowed)
-        if value < low or (high is not None and value > high):
+        if value < low:
             raise setting.expected(allowed)
+        if value > high:
+            raise setting.expected(bounded)
         return value
 
     return parse
@@ -680,11 +688,15 @@ def _number(minimum: float, *, exclusive: bool = False) -> Callable[[_Setting], 
         value = setting.value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise setting.expected(allowed)
+        try:
+            value = float(value)  # an integer beyond a double's range cannot be a number of seconds either
+        except OverflowError:
+            raise setting.invalid(f"expected {allowed}, got an integer too large for a number") from None
         if not math.isfinite(value):
             raise setting.invalid(f"expected {allowed}, got {value!r} (numbers must be finite)")
         if value < minimum or (exclusive and value == minimum):
             raise setting.expected(allowed)
-        return float(value)
+        return value
 
     return parse
 
@@ -692,8 +704,11 @@ def _number(minimum: float, *, exclusive: bool = False) -> Callable[[_Setting], 
 def _command(setting: _Setting) -> tuple[str, ...]:
     allowed = "a non-empty array of strings, the first one the program"
     value = setting.value
-    if not isinstance(value, list) or not value or not all(isinstance(arg, str) for arg in value):
+    if not isinstance(value, list) or not value:
         raise setting.expected(allowed)
+    for index, arg in enumerate(value):
+        if not isinstance(arg, str):
+            raise setting.invalid(f"expected {allowed}, got {_show(arg)} as element {index}")
     if not value[0]:
         raise setting.invalid("the program (first element) is an empty string")
     for index, arg in enumerate(value):
@@ -1332,6 +1347,16 @@ def load_dir(path: str) -> Config:
 
 # --- watching -------------------------------------------------------------------------------------------------
 
+
+def _is_link(path: str) -> bool:
+    """A symlink, or a hard link to a file written elsewhere: either is complete the moment it appears."""
+    try:
+        status = os.lstat(path)
+    except OSError:  # gone again: its removal has its own event
+        return False
+    return stat.S_ISLNK(status.st_mode) or status.st_nlink > 1
+
+
 _flags = inotify_simple.flags
 _WATCH_MASK = (
     _flags.CLOSE_WRITE
@@ -1348,6 +1373,15 @@ _WATCH_MASK = (
 _WATCH_LOST = _flags.DELETE_SELF | _flags.MOVE_SELF | _flags.IGNORED | _flags.UNMOUNT
 
 
+# A reload waits until no relevant event has come for SETTLE_SECONDS, but never more than SETTLE_LIMIT_SECONDS after
+# the first: tools that replace a file in two steps (`install`, `cp --remove-destination`, an editor that renames
+# the old file to a backup before writing the new one) would otherwise have the configuration without that file
+# applied in between, dropping its queues (and their pauses) and tasks for a moment. A one-shot timer, armed by
+# an event; nothing runs while the files are left alone.
+SETTLE_SECONDS = 0.2
+SETTLE_LIMIT_SECONDS = 2.0
+
+
 class _Effect(enum.IntEnum):
     NONE = 0
     CHANGE = 1  # a config file may have changed
@@ -1355,12 +1389,14 @@ class _Effect(enum.IntEnum):
 
 
 class ConfigWatcher:
-    """Calls `on_change()` (from the event loop, once per batch of events) when a config file may have changed.
+    """Calls `on_change()` (from the event loop) when a config file may have changed, once the files have been left
+    alone for SETTLE_SECONDS: the events of one save, or of several, make one call.
 
     Watches each search directory, its `jobd.d` and its `workflows`. A directory that does not exist yet is awaited
     by watching its nearest existing ancestor, so creating `/etc/jobd`, `/etc/jobd/jobd.d` or
-    `/etc/jobd/workflows` later is noticed. The watcher never reads config files: the daemon reloads and keeps the
-    running config if the new one is broken.
+    `/etc/jobd/workflows` later is noticed; one that is a symlink is watched through it, and followed when the
+    symlink is replaced. The watcher never reads config files: the daemon reloads and keeps the running config if
+    the new one is broken.
     """
 
     def __init__(self, dirs: Sequence[str], on_change: Callable[[], None]) -> None:
@@ -1373,7 +1409,8 @@ class ConfigWatcher:
         self._fd: int = self._inotify.fileno()
         self._watches: dict[int, set[str]] = {}  # two wanted paths can share an ancestor, hence one wd
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: asyncio.Handle | None = None
+        self._pending: asyncio.TimerHandle | None = None
+        self._first_change = 0.0  # loop time of the first event the pending reload waits after
         self._closed = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -1438,13 +1475,15 @@ class ConfigWatcher:
         if mask & _WATCH_LOST:
             return _Effect.REWATCH
         path = os.path.join(directory, name)
-        if mask & _flags.ISDIR:
-            return _Effect.REWATCH if self._leads_to_wanted_dir(path) else _Effect.NONE
-        if not self._is_config_file(path):
+        # A directory on the way to a watched one, or a symlink in its place (`jobd.d -> release-42/conf`, switched
+        # by renaming a new symlink over it): the watches must follow.
+        if self._leads_to_wanted_dir(path):
+            return _Effect.REWATCH
+        if mask & _flags.ISDIR or not self._is_config_file(path):
             return _Effect.NONE
         # A new regular file is still empty at IN_CREATE: wait for its IN_CLOSE_WRITE. A new symlink (such as a
-        # mask to /dev/null) gets no IN_CLOSE_WRITE, so it counts at once.
-        if mask & _flags.CREATE and not os.path.islink(path):
+        # mask to /dev/null) or hard link gets no IN_CLOSE_WRITE, so it counts at once.
+        if mask & _flags.CREATE and not _is_link(path):
             return _Effect.NONE
         return _Effect.CHANGE
 
@@ -1460,8 +1499,15 @@ class ConfigWatcher:
         return directory in self._drop_in_dirs and is_config_name(name)
 
     def _schedule_on_change(self) -> None:
-        if self._pending is None and self._loop is not None:
-            self._pending = self._loop.call_soon(self._deliver)
+        if self._loop is None:
+            return
+        now = self._loop.time()
+        if self._pending is None:
+            self._first_change = now
+        else:
+            self._pending.cancel()
+        when = min(now + SETTLE_SECONDS, self._first_change + SETTLE_LIMIT_SECONDS)
+        self._pending = self._loop.call_at(when, self._deliver)
 
     def _deliver(self) -> None:
         self._pending = None

@@ -308,9 +308,11 @@ class Daemon:
         try:
             new = config.load(self.dirs)
         except ConfigError as error:
-            self.last_reload = {"at": iso(time.time()), "ok": False, "error": error.message}
-            log.error("reload failed, keeping the running configuration: %s", error.message)
-            self._notify_status()
+            self._reload_failed(error.message)
+            raise
+        except Exception as error:  # a bug in reading the files: a failed reload too (the traceback is logged
+            # where the exception ends: the connection's handler or the event loop's)
+            self._reload_failed(f"internal error: {type(error).__name__}: {error}")
             raise
         finally:
             self.notifier.notify("READY=1")
@@ -331,6 +333,11 @@ class Daemon:
         log.info("configuration reloaded from %d files", len(new.files))
         self._notify_status()
         return {"ok": True, "files": list(new.files)}
+
+    def _reload_failed(self, message: str) -> None:
+        self.last_reload = {"at": iso(time.time()), "ok": False, "error": message}
+        log.error("reload failed, keeping the running configuration: %s", message)
+        self._notify_status()
 
     def _reload_from_event(self) -> None:
         with contextlib.suppress(ConfigError):  # reported by reload(): log, STATUS= and daemon.status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -362,6 +363,30 @@ BAD_VALUES = {
         "daemon.history.keep_last",
         "expected an integer >= 0, got -1",
     ),
+    "a command with a number in it": (
+        '[task.t]\ncommand = ["/bin/echo", 3]\n',
+        2,
+        "task.t.command",
+        "expected a non-empty array of strings, the first one the program, got 3 as element 1",
+    ),
+    "an integer beyond SQLite's 64 bits": (
+        "[daemon]\nhistory = { keep_last = 9223372036854775808 }\n",
+        2,
+        "daemon.history.keep_last",
+        "expected an integer from 0 to 9223372036854775807, got 9223372036854775808",
+    ),
+    "a size beyond SQLite's 64 bits": (
+        '[task.t]\ncommand = ["/bin/true"]\nmax_output = 99999999999999999999\n',
+        3,
+        "task.t.max_output",
+        "expected an integer from 0 to 9223372036854775807, got 99999999999999999999",
+    ),
+    "an integer too large for a number of seconds": (
+        '[task.t]\ncommand = ["/bin/true"]\ntimeout = 1' + "0" * 400 + "\n",
+        3,
+        "task.t.timeout",
+        "expected a number > 0, got an integer too large for a number",
+    ),
     "history not a table": (
         "[daemon]\nhistory = 30\n",
         2,
@@ -609,6 +634,55 @@ def test_watcher_coalesces_a_batch_into_one_call(search: tuple[Path, Path, Path]
         assert changes.calls == 1
 
     (search[1] / "jobd.d").mkdir()
+    watching(list(search), body)
+
+
+def test_watcher_waits_for_a_file_replaced_in_two_steps(search: tuple[Path, Path, Path]) -> None:
+    # As `install`, `cp --remove-destination` or an editor that keeps a backup do: the old file goes first, then
+    # the new one is written. A reload in between would apply a configuration without that file.
+    main = write(search[2] / "jobd.toml", "[queue.a]\n")
+
+    async def body(changes: Changes) -> None:
+        main.unlink()
+        await let_the_loop_run()  # the watcher has read the removal, and waits for the files to settle
+        assert changes.calls == 0
+        write(main, "[queue.a]\nconcurrency = 2\n")
+        await changes.next()
+        assert changes.calls == 1
+
+    watching(list(search), body)
+
+
+def test_watcher_sees_a_hard_linked_drop_in(search: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    drop_ins = search[2] / "jobd.d"
+    drop_ins.mkdir()
+    prepared = write(tmp_path / "prepared.toml", "[queue.a]\n")
+
+    async def body(changes: Changes) -> None:
+        os.link(prepared, drop_ins / "10-a.toml")  # complete at once: no IN_CLOSE_WRITE follows its IN_CREATE
+        await changes.next()
+
+    watching(list(search), body)
+
+
+def test_watcher_follows_a_jobd_d_symlink_switched_to_another_release(
+    search: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    release_1, release_2 = tmp_path / "release-1", tmp_path / "release-2"
+    write(release_1 / "10-a.toml", "[queue.a]\n")
+    write(release_2 / "10-a.toml", "[queue.b]\n")
+    (search[2] / "jobd.d").symlink_to(release_1)
+
+    async def body(changes: Changes) -> None:
+        write(release_1 / "20-b.toml", "")  # the target of the symlink is watched
+        await changes.next()
+        switch = search[2] / "jobd.d.new"
+        switch.symlink_to(release_2)
+        switch.rename(search[2] / "jobd.d")  # the usual atomic switch of a symlink
+        await changes.next()
+        write(release_2 / "20-b.toml", "")  # and the watch has moved to the new target
+        await changes.next()
+
     watching(list(search), body)
 
 
