@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
 import select
 import signal
+import struct
 import subprocess
+import termios
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -178,17 +181,17 @@ class _OutputSink:
         self._splice = True
         self._on_data = on_data
 
-    def drain_once(self) -> bool:
-        """Move one chunk; False once the pipe is empty (EAGAIN) or closed (EOF)."""
+    def drain_once(self) -> int:
+        """Move one chunk: the bytes taken from the pipe, 0 once it is empty (EAGAIN) or closed (EOF)."""
         try:
             n = self._keep() if self.kept < self.cap and self.file.error is None else self._drop()
         except BlockingIOError:
-            return False
+            return 0
         if n == 0:
             self.eof = True
-            return False
+            return 0
         self._on_data()
-        return True
+        return n
 
     def _keep(self) -> int:
         room = self.cap - self.kept
@@ -244,18 +247,19 @@ class _ProgressReader:
         self._on_progress = on_progress
         self._on_log = on_log
 
-    def drain_once(self) -> bool:
+    def drain_once(self) -> int:
+        """Read and parse one chunk: the bytes taken from the pipe, 0 once it is empty (EAGAIN) or closed (EOF)."""
         try:
             data = os.read(self.read_fd, _DISCARD_CHUNK)
         except BlockingIOError:
-            return False
+            return 0
         if not data:
             self.eof = True
             self._flush_partial()
-            return False
+            return 0
         if not self._closed_by_job:
             self._feed(data)
-        return True
+        return len(data)
 
     def _feed(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -458,8 +462,7 @@ class Child:
         for reader in (self._stdout, self._stderr, self._progress):
             if not reader.eof:
                 self._pipes.remove(reader.read_fd)
-                while reader.drain_once():
-                    pass
+                _drain_what_is_buffered(reader)
             reader.close()
         info = ExitInfo(
             exit_code=code if code >= 0 else None,
@@ -472,6 +475,14 @@ class Child:
             truncated=any(sink.dropped or sink.file.error for sink in (self._stdout, self._stderr)),
         )
         self._on_exit(info)
+
+
+def _drain_what_is_buffered(reader: _OutputSink | _ProgressReader) -> None:
+    """Take what the pipe holds now, and no more: a grandchild that keeps writing to it after the leader's exit
+    would otherwise keep this loop, and with it the whole event loop, busy for as long as it writes."""
+    left = struct.unpack("i", fcntl.ioctl(reader.read_fd, termios.FIONREAD, b"\0" * 4))[0]
+    while left > 0 and (moved := reader.drain_once()):
+        left -= moved
 
 
 def _pipe() -> tuple[int, int]:

@@ -418,6 +418,23 @@ def test_a_grandchild_keeping_stdout_open_does_not_delay_completion(server: Any,
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
+def test_grandchildren_writing_on_after_the_leader_exits_do_not_hold_jobd(server: Any, tmp_path: Path) -> None:
+    # What is in the pipes at the leader's exit is kept, and no more: parsing fd 3 line by line is slower than
+    # `yes` writes, so draining "until empty" would keep jobd's event loop in that drain for as long as they write.
+    pid_file = tmp_path / "writers.pid"
+    floods = 'yes >&3 & echo $! >> "$1"; yes & echo $! >> "$1"; yes >&2 & echo $! >> "$1"; sleep 0.3'
+    try:
+        with server.client() as client:
+            job = client.call("job.submit", {"command": sh(floods, str(pid_file))}, timeout=10)
+            finished = client.call("job.wait", {"id": job["id"], "timeout": 20}, timeout=30)
+            assert finished["state"] == "succeeded", finished
+            assert client.call("ping", timeout=10)["pong"] is True
+    finally:
+        for line in pid_file.read_text().split() if pid_file.exists() else []:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line), signal.SIGKILL)
+
+
 def test_merge_stderr_puts_both_streams_into_stdout_in_the_order_written(server: Any) -> None:
     job = run(server, command=sh("echo one; echo two >&2; echo three"), merge_stderr=True)
     assert job["state"] == "succeeded"
