@@ -391,7 +391,10 @@ class Connection(asyncio.Protocol):
 
     async def _answer_batch_later(self, replies: list[Reply | Coroutine[Any, Any, Reply]]) -> None:
         await self._until_writable(replies)
-        done = [await reply if isinstance(reply, Coroutine) else reply for reply in replies]
+        # The members that wait run together: in turn, a job.wait would hold back a job.cancel after it (of the
+        # same job: for ever), and each member's timeout would start when the one before it ended.
+        waited = iter(await asyncio.gather(*(reply for reply in replies if isinstance(reply, Coroutine))))
+        done = [next(waited) if isinstance(reply, Coroutine) else reply for reply in replies]
         answered = [reply for reply in done if reply is not None]
         if answered:
             self._send(answered)

@@ -655,6 +655,20 @@ def test_a_batch_is_answered_once_all_members_are_done(daemon: Any) -> None:
         assert_pong(by_id["ping"], "ping")
 
 
+def test_the_members_of_a_batch_that_wait_run_together(daemon: Any) -> None:
+    # The wait comes first: were the members run in turn, the cancel would never be sent and the batch never end.
+    sleeper = daemon.submit(command=["/bin/sleep", "30"])
+    batch = [
+        {"jsonrpc": "2.0", "id": "wait", "method": "job.wait", "params": {"id": sleeper["id"], "timeout": 25}},
+        {"jsonrpc": "2.0", "id": "cancel", "method": "job.cancel", "params": {"id": sleeper["id"]}},
+    ]
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json(batch)
+        by_id = {reply["id"]: reply for reply in raw.message()}
+    assert by_id["wait"]["result"]["state"] == "cancelled", by_id
+    assert by_id["cancel"]["result"]["state"] == "cancelled", by_id
+
+
 def test_job_submit_with_jobs_creates_all_of_them(daemon: Any) -> None:
     before = job_count(daemon)
     members = [{"command": ["/bin/true"], "delay": 3600, "context": f"b{n}"} for n in range(100)]
