@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from lxml import etree
 
@@ -365,7 +365,7 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
         task=p.name("task"),
         context=p.text("context"),
         before_id=p.integer("before", low=1),
-        limit=limit,
+        limit=limit + 1,  # one more than asked: whether there is a next page
     )
     p.done()
     where = dataclasses.replace(
@@ -373,29 +373,56 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
         visible_tasks=_visible(api, session, ObjectKind.TASK),
         visible_queues=_visible(api, session, ObjectKind.QUEUE),
     )
-    jobs = api.engine.list_jobs(where)
-    next_before = jobs[-1].id if len(jobs) == limit else None
-    return {"jobs": [job.to_json() for job in jobs], "next_before": next_before}
+    jobs, more = _page(api.engine.list_jobs(where), limit)
+    return {"jobs": [job.to_json() for job in jobs], "next_before": jobs[-1].id if more else None}
+
+
+T = TypeVar("T")
+
+
+def _page(rows: list[T], limit: int) -> tuple[list[T], bool]:
+    """The first `limit` of `rows` (fetched one more than asked), and whether older rows follow: the `next_before`
+    of a reply is set only then, not merely when the page is full."""
+    return rows[:limit], len(rows) > limit
+
+
+def _without_cut_character(data: bytes) -> int:
+    """The length of `data` without a UTF-8 character whose last bytes are missing at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: no character is cut
+            return len(data)
+        if byte >= 0xC0:  # the lead byte of the last character says how long it is
+            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) - back if back < length else len(data)
+    return len(data)  # continuation bytes only: not UTF-8 anyway, for "replace" to show
 
 
 async def job_output(api: Api, session: Session, p: Params) -> Any:
     job_id = _job_id(p)
     stream = p.text("stream", choices=STREAMS) or "stdout"
     attempt = p.integer("attempt", low=1)
-    offset = p.integer("offset", 0) or 0
+    # Beyond any file (4 EiB), and low enough that offset + limit stays a file offset the kernel takes.
+    offset = p.integer("offset", 0, high=2**62) or 0
     limit = p.integer("limit", 65536, low=1, high=MAX_OUTPUT_CHUNK) or 65536
     encoding = p.text("encoding", choices=("utf-8", "base64")) or "utf-8"
     wait = p.flag("wait")
     p.done()
     _checked_job(api, session, Right.READ, job_id)
     chunk = await api.engine.read_output(job_id, attempt, stream, offset, limit, wait=wait)
-    data = chunk.data
+    data, complete = chunk.data, chunk.complete
+    if encoding == "utf-8" and not complete:
+        # A character cut at the end of the chunk is left for the next one, which starts at next_offset: decoded
+        # alone, each half would become U+FFFD. (Once the attempt has ended, nothing can complete it.)
+        whole = _without_cut_character(data)
+        if whole:
+            data = data[:whole]
     return {
         "data": base64.b64encode(data).decode() if encoding == "base64" else data.decode("utf-8", "replace"),
         "offset": offset,
         "next_offset": offset + len(data),
         "size": chunk.size,
-        "complete": chunk.complete,
+        "complete": complete,
         "truncated": chunk.truncated,
         "attempt": chunk.attempt,
     }
@@ -696,18 +723,15 @@ def instance_list(api: Api, session: Session, p: Params) -> Any:
         before_id=p.integer("before", low=1),
         parameters=p.text_map("parameters"),
         custom_attributes=p.text_map("custom_attributes"),
-        limit=limit,
+        limit=limit + 1,
     )
     if "errors" in p.raw and where.error is None:
         raise p.bad("errors", "true (only instances with errors) or false (only those without)")
     p.done()
     where = dataclasses.replace(where, visible_workflows=_visible(api, session, ObjectKind.WORKFLOW))
-    rows, total = api.instances.list_instances(where)
-    return {
-        "instances": [row.to_json() for row in rows],
-        "total": total,
-        "next_before": rows[-1].id if len(rows) == limit else None,
-    }
+    found, total = api.instances.list_instances(where)
+    rows, more = _page(found, limit)
+    return {"instances": [row.to_json() for row in rows], "total": total, "next_before": rows[-1].id if more else None}
 
 
 # -- schedules ---------------------------------------------------------------------------------------------------
@@ -776,15 +800,12 @@ def audit_list(api: Api, session: Session, p: Params) -> Any:
         command=p.text("command"),
         since=None if since_text is None else _instant(p, "since", since_text),
         before_id=p.integer("before", low=1),
-        limit=limit,
+        limit=limit + 1,
     )
     p.done()
     access.require_admin(session.peer, "read the audit log")
-    entries = api.engine.store.audit_entries(where)
-    return {
-        "entries": [entry.to_json() for entry in entries],
-        "next_before": entries[-1].id if len(entries) == limit else None,
-    }
+    entries, more = _page(api.engine.store.audit_entries(where), limit)
+    return {"entries": [entry.to_json() for entry in entries], "next_before": entries[-1].id if more else None}
 
 
 def _instant(p: Params, name: str, text: str) -> float:

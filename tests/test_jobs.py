@@ -460,6 +460,23 @@ def test_output_beyond_max_output_is_dropped_and_marked_truncated(server: Any) -
     assert reply["truncated"] is True and reply["complete"] is True
 
 
+def test_utf8_output_read_in_pieces_never_splits_a_character(server: Any) -> None:
+    job = run(server, command=["/usr/bin/printf", "a\\303\\251\\342\\202\\254b"])  # "aé€b": 1 + 2 + 3 + 1 bytes
+    assert server.output(job["id"]) == "aé€b"
+
+    def piece(offset: int, limit: int) -> tuple[str, int]:
+        chunk = server.call("job.output", {"id": job["id"], "offset": offset, "limit": limit})
+        return chunk["data"], chunk["next_offset"]
+
+    assert piece(0, 2) == ("a", 1)  # "é" would be cut: it is left for the next piece
+    pieces, offset = [], 0
+    while offset < 7:
+        data, offset = piece(offset, 3)
+        pieces.append(data)
+    assert pieces == ["aé", "€", "b"]
+    assert piece(0, 7) == ("aé€b", 7)
+
+
 def test_a_huge_output_keeps_the_daemons_memory_flat(server: Any) -> None:
     job = run(server, command=["/usr/bin/head", "-c", "200000000", "/dev/zero"], max_output=1024 * 1024)
     assert job["state"] == "succeeded"

@@ -285,8 +285,7 @@ NOT_REQUESTS = [
     '{"jsonrpc":"2.0","id":{"a":1},"method":"ping"}',
     '{"jsonrpc":"2.0","id":[1],"method":"ping"}',
     '{"jsonrpc":"2.0","id":true,"method":"ping"}',
-    '{"jsonrpc":"2.0","id":1,"method":"ping","params":[]}',
-    '{"jsonrpc":"2.0","id":1,"method":"ping","params":[1,2]}',
+    '{"jsonrpc":"1.0","id":{"x":[1]},"method":"ping"}',  # two faults: the id is not echoed either way
     '{"jsonrpc":"2.0","id":1,"method":"ping","params":"x"}',
     '{"jsonrpc":"2.0","id":1,"method":"ping","params":7}',
     '{"jsonrpc":"2.0","id":1,"method":"ping","extra":1}',
@@ -301,6 +300,34 @@ def test_json_that_is_not_a_request_is_an_invalid_request(daemon: Any) -> None:
         answer = exchange(daemon, text.encode())
         assert answer is not None and answer["id"] in (1, None), answer
         assert error_of(answer)["code"] == -32600
+
+
+def test_an_unknown_queue_is_named_with_the_defined_ones_by_every_method(daemon: Any) -> None:
+    for method, params in (
+        ("job.submit", {"command": ["/bin/true"], "queue": "nope"}),
+        ("queue.pause", {"name": "nope"}),
+        ("queue.resume", {"name": "nope"}),
+    ):
+        answer = exchange(daemon, json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode())
+        assert answer is not None
+        data = error_of(answer)["data"]
+        assert data == {"code": "UNKNOWN_QUEUE", "queue": "nope", "allowed": ["default", "serial"]}, (method, data)
+
+
+def test_by_position_params_are_invalid_params(daemon: Any) -> None:
+    for text in (
+        '{"jsonrpc":"2.0","id":1,"method":"ping","params":[]}',
+        '{"jsonrpc":"2.0","id":1,"method":"ping","params":[1,2]}',
+    ):
+        answer = exchange(daemon, text.encode())
+        assert answer is not None and answer["id"] == 1, answer
+        assert error_of(answer)["code"] == -32602 and error_of(answer)["data"]["code"] == "INVALID_PARAMS"
+
+
+def test_a_fractional_id_is_an_id(daemon: Any) -> None:
+    # JSON-RPC 2.0 allows any number as an id (fractions are discouraged, not forbidden).
+    answer = exchange(daemon, b'{"jsonrpc":"2.0","id":1.5,"method":"ping"}')
+    assert answer is not None and answer["id"] == 1.5 and answer["result"]["pong"] is True, answer
 
 
 def test_a_json_value_that_is_not_an_object_is_an_invalid_request(daemon: Any) -> None:
@@ -374,6 +401,7 @@ BAD_PARAMS: list[tuple[str, Any, str]] = [
     ("job.output", {"id": 1, "stream": "stdmiddle"}, "stream"),
     ("job.output", {"id": 1, "encoding": "latin-1"}, "encoding"),
     ("job.output", {"id": 1, "limit": 2 * 1024 * 1024}, "limit"),
+    ("job.output", {"id": 1, "offset": 2**63 - 1}, "offset"),
     ("job.wait", {"id": 1, "timeout": -1}, "timeout"),
     ("job.cancel", {"id": -3}, "id"),
     ("queue.pause", {}, "name"),
@@ -667,6 +695,18 @@ def test_the_members_of_a_batch_that_wait_run_together(daemon: Any) -> None:
         by_id = {reply["id"]: reply for reply in raw.message()}
     assert by_id["wait"]["result"]["state"] == "cancelled", by_id
     assert by_id["cancel"]["result"]["state"] == "cancelled", by_id
+
+
+def test_job_list_pages_newest_first_and_says_when_there_is_no_older_page(daemon: Any) -> None:
+    ids = [daemon.submit(command=["/bin/true"], delay=3600, context="paged")["id"] for _ in range(4)]
+    first = daemon.call("job.list", {"context": "paged", "limit": 2})
+    assert [job["id"] for job in first["jobs"]] == ids[:1:-1]
+    assert first["next_before"] == ids[2]
+    second = daemon.call("job.list", {"context": "paged", "limit": 2, "before": first["next_before"]})
+    assert [job["id"] for job in second["jobs"]] == ids[1::-1]
+    assert second["next_before"] is None  # the page is full, but nothing older is left
+    assert daemon.call("job.list", {"context": "paged", "limit": 5})["next_before"] is None
+    assert daemon.call("job.list", {"context": "paged", "state": "queued"})["jobs"] == []
 
 
 def test_job_submit_with_jobs_creates_all_of_them(daemon: Any) -> None:

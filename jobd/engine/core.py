@@ -571,7 +571,8 @@ class Engine:
     def set_paused(self, name: str, paused: bool) -> QueueRuntime:
         queue = self.queues.get(name)
         if queue is None:
-            raise UnknownQueue(f"unknown queue {name!r}; defined queues: {', '.join(sorted(self.queues))}", queue=name)
+            known = sorted(self.queues)
+            raise UnknownQueue(f"unknown queue {name!r}; defined queues: {', '.join(known)}", queue=name, allowed=known)
         self.store.set_queue_pause(name, paused)
         queue.paused = paused
         log.info("queue %s %s", name, "paused" if paused else "resumed")

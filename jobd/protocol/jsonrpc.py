@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from jobd.errors import InvalidRequest, JobdError, ParseError
+from jobd.errors import InvalidParams, InvalidRequest, JobdError, ParseError
 
 MAX_FRAME = 1024 * 1024  # bytes in one line, newline excluded
 MAX_DEPTH = 64  # arrays and objects nested in one request; jobd's requests use three or four levels
@@ -118,16 +119,22 @@ def _member(data: Any) -> Member:
     if not isinstance(data, dict):
         return Invalid(None, InvalidRequest("a request must be a JSON object"))
     request_id = data.get("id")
+    # The id is checked first: whatever else is wrong, an error reply may echo only an id that is one.
+    # JSON-RPC 2.0 allows any number (fractions are merely discouraged), so a client can match every reply.
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None):
+        return Invalid(None, InvalidRequest('"id" must be a string, a number or null'))
+    if isinstance(request_id, float) and not math.isfinite(request_id):
+        return Invalid(None, InvalidRequest('"id" must be a finite number'))
     if data.get("jsonrpc") != "2.0":
         return Invalid(request_id, InvalidRequest('"jsonrpc" must be "2.0"'))
-    if isinstance(request_id, bool) or not isinstance(request_id, str | int | None):
-        return Invalid(None, InvalidRequest('"id" must be a string, an integer or null'))
     method = data.get("method")
     if not isinstance(method, str):
         return Invalid(request_id, InvalidRequest('"method" must be a string'))
     params = data.get("params", {})
     if params is None:
         params = {}
+    if isinstance(params, list):  # by-position parameters: a valid request, but no method of jobd takes them
+        return Invalid(request_id, InvalidParams('"params" must be an object: jobd\'s methods take by-name parameters'))
     if not isinstance(params, dict):
         return Invalid(request_id, InvalidRequest('"params" must be an object (by-name parameters)'))
     if not data.keys() <= _REQUEST_MEMBERS:
