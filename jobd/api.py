@@ -29,7 +29,10 @@ from jobd.engine.scheduler import Scheduler
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import InsufficientRights, InvalidParams, MethodNotFound, UnknownWorkflow
 from jobd.model import (
+    MAX_PAGE,
     MAX_PRIORITY,
+    MAX_RETRY_TIMES,
+    MAX_SECONDS,
     OBJECT_NAME,
     OBJECT_NAME_RULE,
     AccessDef,
@@ -43,7 +46,6 @@ from jobd.model import (
 from jobd.store import AuditFilter, InstanceFilter, JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
-MAX_SECONDS = 100 * 366 * 86400  # delays, timeouts, graces: a century keeps every date representable
 MAX_BATCH = 10_000
 
 
@@ -293,7 +295,7 @@ def _retry(p: Params, raw: Mapping[str, Any]) -> RetryPolicy:
     backoff = sub.number("backoff", low=1.0)
     delay = sub.number("delay")
     policy = RetryPolicy(
-        times=sub.integer("times", 0, high=1000) or 0,
+        times=sub.integer("times", 0, high=MAX_RETRY_TIMES) or 0,
         delay=default.delay if delay is None else delay,
         backoff=default.backoff if backoff is None else backoff,
         on_exit_codes=tuple(codes),
@@ -358,7 +360,7 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
     for state in states:
         if state not in allowed_states:
             raise p.bad("state", " | ".join(allowed_states))
-    limit = p.integer("limit", 100, low=1, high=1000) or 100
+    limit = p.integer("limit", 100, low=1, high=MAX_PAGE) or 100
     where = JobFilter(
         states=tuple(JobState(s) for s in states),
         queue=p.name("queue"),
@@ -715,7 +717,7 @@ INSTANCE_STATUSES = ("EXECUTING", "TERMINATED")
 
 
 def instance_list(api: Api, session: Session, p: Params) -> Any:
-    limit = p.integer("limit", 100, low=1, high=1000) or 100
+    limit = p.integer("limit", 100, low=1, high=MAX_PAGE) or 100
     where = InstanceFilter(
         workflow=p.name("workflow"),
         status=p.text("status", choices=INSTANCE_STATUSES),
@@ -792,7 +794,7 @@ def schedule_trigger(api: Api, session: Session, p: Params) -> Any:
 
 
 def audit_list(api: Api, session: Session, p: Params) -> Any:
-    limit = p.integer("limit", 100, low=1, high=1000) or 100
+    limit = p.integer("limit", 100, low=1, high=MAX_PAGE) or 100
     since_text = p.text("since")
     where = AuditFilter(
         uid=p.integer("uid", low=-1),

@@ -33,7 +33,15 @@ from jobd.client import (
     is_event,
     result_of,
 )
-from jobd.model import FINISHED_STATES, JobState, RetryPolicy
+from jobd.model import (
+    FINISHED_STATES,
+    MAX_PAGE,
+    MAX_PRIORITY,
+    MAX_RETRY_TIMES,
+    MAX_SECONDS,
+    JobState,
+    RetryPolicy,
+)
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1  # the daemon answered with an error
@@ -643,23 +651,26 @@ def assignment(text: str) -> tuple[str, str]:
     return name, value
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type for integers >= low."""
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for integers from low to high: a value jobd would refuse is a usage error here (exit 2),
+    said before anything is sent."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
 
     def convert(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
         return value
 
     return convert
 
 
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
+positive_int = int_in(1)
+page_size = int_in(1, MAX_PAGE)
+priority = int_in(0, MAX_PRIORITY)
 
 
 def seconds(text: str) -> float:
@@ -667,8 +678,8 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    if not 0 <= value <= MAX_SECONDS:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to {MAX_SECONDS}, got {text!r}")
     return value
 
 
@@ -1232,7 +1243,7 @@ def add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) 
 
 def add_submit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--queue", help="queue (default: the task's queue, else default)")
-    parser.add_argument("-p", "--priority", type=non_negative_int, help="0-4294967295, lower runs first (1024)")
+    parser.add_argument("-p", "--priority", type=priority, help="0-4294967295, lower runs first (1024)")
     parser.add_argument("--delay", type=seconds, metavar="S", help="seconds before the job becomes ready")
     parser.add_argument("--timeout", type=seconds, metavar="S", help="seconds the job may run")
     parser.add_argument(
@@ -1260,7 +1271,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = add_command(sub, "run", cmd_run, "run an ad-hoc command (admins only)")
     add_submit_options(run)
     run.add_argument("--cwd", metavar="DIR", help="working directory (default: the current one)")
-    run.add_argument("--retry", type=non_negative_int, metavar="N", help="retry a failure up to N times")
+    run.add_argument("--retry", type=int_in(0, MAX_RETRY_TIMES), metavar="N", help="retry a failure up to N times")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
     submit = add_command(sub, "submit", cmd_submit, "submit a job of a configured task")
@@ -1279,7 +1290,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--queue")
     ls.add_argument("--task")
     ls.add_argument("--context")
-    ls.add_argument("-n", "--limit", type=positive_int, default=20, help="at most this many (1-1000, default 20)")
+    ls.add_argument("-n", "--limit", type=page_size, default=20, help="at most this many (1-1000, default 20)")
     ls.add_argument("--before", type=positive_int, metavar="ID", help="only jobs older than ID (paging)")
 
     log = add_command(sub, "log", cmd_log, "print a job's output")
@@ -1330,9 +1341,7 @@ def build_parser() -> argparse.ArgumentParser:
     errors.add_argument(
         "--no-errors", dest="errors", action="store_const", const=False, help="only those without errors"
     )
-    instances.add_argument(
-        "-n", "--limit", type=positive_int, default=20, help="at most this many (1-1000, default 20)"
-    )
+    instances.add_argument("-n", "--limit", type=page_size, default=20, help="at most this many (1-1000, default 20)")
     instances.add_argument("--before", type=positive_int, metavar="ID", help="only instances older than ID (paging)")
 
     add_command(sub, "schedules", cmd_schedules, "list schedules: state, next and last run")
@@ -1348,7 +1357,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COMMAND",
         help='only this command, e.g. job.cancel or "instance launch"',
     )
-    audit.add_argument("-n", "--limit", type=positive_int, default=20, help="at most this many (1-1000, default 20)")
+    audit.add_argument("-n", "--limit", type=page_size, default=20, help="at most this many (1-1000, default 20)")
     audit.add_argument("--before", type=positive_int, metavar="ID", help="only entries older than ID (paging)")
     return parser
 

@@ -596,6 +596,12 @@ USAGE_ERRORS = [
     ["run", "--delay", "soon", "--", "/bin/true"],
     ["run", "-e", "NOEQUALS", "--", "/bin/true"],
     ["ls", "-n", "0"],
+    # Values jobd would refuse are refused before anything is sent, as usage errors too.
+    ["ls", "-n", "1001"],
+    ["run", "--delay", "1e10", "--", "/bin/true"],
+    ["run", "--priority", "4294967296", "--", "/bin/true"],
+    ["run", "--retry", "1001", "--", "/bin/true"],
+    ["wait", "--timeout", "1e10", "1"],
     ["--bogus-option", "status"],
 ]
 
