@@ -29,7 +29,7 @@ from jobd.engine.callbacks import Callbacks
 from jobd.engine.core import Engine
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
-from jobd.errors import ConfigError, StartupError
+from jobd.errors import ConfigError, ShuttingDown, StartupError
 from jobd.http_api import HttpApi
 from jobd.model import Config, iso
 from jobd.server import Server
@@ -159,9 +159,11 @@ class Daemon:
         initial: Config,
         passed: dict[str, socket.socket] | None = None,
         watchdog: float | None = None,
+        early_signals: Sequence[int] = (),
     ) -> None:
         """`passed`: the sockets systemd handed over, by name (jobd.activation); `watchdog`: the interval within
-        which systemd wants WATCHDOG=1, or None."""
+        which systemd wants WATCHDOG=1, or None; `early_signals`: SIGTERM, SIGINT or SIGHUP received while
+        starting, before the event loop handled them (see main)."""
         self.dirs = list(dirs)
         self.passed = dict(passed or {})
         self.watchdog = watchdog
@@ -171,6 +173,10 @@ class Daemon:
         self.notifier = _Notifier()
         self.last_reload: dict[str, Any] = {"at": iso(self.started_at), "ok": True, "error": None}
         self.stop_requested = asyncio.Event()
+        self._early_signals = early_signals  # still filled by main's handlers until run() takes over
+        self._ready = False  # READY=1 sent: a SIGHUP before it waits for it
+        self._reload_when_ready = False
+        self._stopping = False
         state_dir = initial.daemon.state_dir
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
         _secure_state_dir(state_dir)
@@ -193,6 +199,16 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # First: a SIGTERM during a long recovery must stop jobd when recovery is done, not kill it in the middle
+        # (and a SIGHUP must not kill it at all). The handlers run once the loop runs again.
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        for number in self._early_signals:
+            if number == signal.SIGHUP:
+                self._on_sighup()
+            else:
+                self.stop_requested.set()
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         if self.http is not None:
             await self.http.bind(self.passed.get("http"))
@@ -208,15 +224,15 @@ class Daemon:
         await self.server.start_serving()
         self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
         self.watcher.start(loop)
-        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
-        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload_from_event)
         self.engine.on_counts_changed = self._counts_changed
         daemon = self.config.daemon
         log.info("jobd %s ready: socket %s, state %s", __version__, self.server.path, daemon.state_dir)
         if self.server.tcp_address is not None:
             log.info("listening for evQueue clients on TCP %s", self._tcp_listening())
         self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
+        self._ready = True
+        if self._reload_when_ready and not self.stop_requested.is_set():
+            self._reload_from_event()
         if self.watchdog is not None:
             # From READY=1 on: before it, start-up (a long recovery) is bounded by TimeoutStartSec=, and an early
             # ping would arm the watchdog while recovery still blocks the loop.
@@ -226,7 +242,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("stopping: no new work; running jobs get SIGTERM, then SIGKILL after their kill_grace")
-        self.notifier.notify("STOPPING=1\nSTATUS=stopping")
+        self._stopping = True
+        self.notifier.notify(f"STOPPING=1\nSTATUS={self._status_line()}")
         self.scheduler.stop()
         if self.watcher is not None:
             self.watcher.close()
@@ -254,6 +271,8 @@ class Daemon:
     def _status_line(self) -> str:
         counts = self.engine.counts()
         line = f"{counts['running']} running, {counts['queued']} queued, {counts['delayed']} delayed"
+        if self._stopping:  # the jobs still running are being stopped; the waiting ones stay for the next start
+            line = f"stopping: {line}"
         busy = [
             f"{queue.name} {len(queue.running)}/{queue.definition.concurrency} running, {queue.ready_count()} queued"
             for queue in self.engine.queue_list()
@@ -304,6 +323,8 @@ class Daemon:
 
     def reload(self) -> dict[str, Any]:
         """Read the configuration again; all or nothing. Raises ConfigError and keeps the running one if broken."""
+        if self._stopping:
+            raise ShuttingDown("jobd is stopping: the configuration is read again at the next start")
         self.notifier.notify("RELOADING=1")
         try:
             new = config.load(self.dirs)
@@ -339,8 +360,17 @@ class Daemon:
         log.error("reload failed, keeping the running configuration: %s", message)
         self._notify_status()
 
+    def _on_sighup(self) -> None:
+        if self._stopping:
+            log.info("SIGHUP while stopping: nothing to reload")
+        elif not self._ready:
+            log.info("SIGHUP while starting: the configuration is read again once jobd is ready")
+            self._reload_when_ready = True
+        else:
+            self._reload_from_event()
+
     def _reload_from_event(self) -> None:
-        with contextlib.suppress(ConfigError):  # reported by reload(): log, STATUS= and daemon.status
+        with contextlib.suppress(ConfigError, ShuttingDown):  # reported by reload(): log, STATUS= and daemon.status
             self.reload()
 
 
@@ -359,6 +389,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Until the event loop takes them over (Daemon.run), SIGTERM, SIGINT and SIGHUP are remembered, not fatal: a
+    # `systemctl reload` or `stop` during start-up must neither kill jobd in the middle of its recovery nor be lost.
+    early_signals: list[int] = []
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, lambda received, _frame: early_signals.append(received))
     # Sockets passed by systemd sit at fd 3 and up: take them (moved elsewhere) before fd 3 is given to /dev/null.
     activation_error: StartupError | None = None
     try:
@@ -387,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     async def run() -> None:
-        await Daemon(dirs, initial, passed, watchdog).run()
+        await Daemon(dirs, initial, passed, watchdog, early_signals).run()
 
     try:
         asyncio.run(run())

@@ -7,7 +7,9 @@ dead jobd left behind are watched through pidfds opened while they were known to
 
 from __future__ import annotations
 
+import os
 import queue as queues
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon
-from recovery.support import Pidfds, kill9, start, terminate, wait_events
+from recovery.support import Pidfds, kill9, pump_of, start, terminate, wait_events
 
 from jobd.client import RemoteError
 
@@ -429,7 +431,74 @@ def test_sigterm_kills_a_leader_ignoring_it_after_kill_grace(jobd: Callable[...,
     assert (job["state"], job["attempts"]) == ("succeeded", 2), job
 
 
-# --- history retention --------------------------------------------------------------------------------------
+def signal_while_starting(daemon: Daemon, number: int, later_config: str) -> threading.Thread:
+    """Starting `daemon` blocks in its first read of the configuration on a FIFO drop-in; meanwhile `number` is sent,
+    then the FIFO is answered. A regular file with `later_config` has taken the FIFO's name by then, for reloads."""
+    fifo = daemon.config_dir / "jobd.d" / "50-held.toml"
+    os.mkfifo(fifo)
+    later = daemon.config_dir / "jobd.d" / ".50-held.toml.new"
+    later.write_text(later_config)
+
+    def answer() -> None:
+        with open(fifo, "w") as held:  # returns once jobd opened the FIFO: past main()'s first lines, not ready
+            os.replace(later, fifo)  # jobd reads on through the descriptor it holds
+            assert daemon.process is not None
+            daemon.process.send_signal(number)
+            held.write("# answered\n")
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    return thread
+
+
+def test_a_sighup_while_starting_reloads_once_ready(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(start=False)
+    answering = signal_while_starting(daemon, signal.SIGHUP, '[task.later]\ncommand = ["/bin/echo", "reloaded"]\n')
+    pump = start(daemon)  # waits for READY=1: the SIGHUP did not kill jobd
+    answering.join()
+    pump.wait_for("RELOADING=1")
+    pump.wait_for("READY=1")
+    job = daemon.wait(daemon.submit(task="later")["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "reloaded\n"
+    pump.stop()
+
+
+def test_a_sigterm_while_starting_stops_jobd_once_started(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(start=False)
+    answering = signal_while_starting(daemon, signal.SIGTERM, "")
+    pump = start(daemon)
+    answering.join()
+    pump.wait_for("STOPPING=1")
+    assert daemon.process is not None and daemon.process.wait(30) == 0
+    pump.stop()
+    daemon.stop()
+
+
+def test_signals_while_stopping_neither_reload_nor_hide_the_counts(jobd: Callable[..., Daemon], pidfds: Pidfds) -> None:
+    stubborn = 'trap "" TERM; echo ready >&3; exec sleep 600'
+    daemon = jobd()
+    events = subscribe(daemon, ["job.log"])
+    job_id = daemon.submit(command=["/bin/sh", "-c", stubborn])["id"]
+    wait_ready_lines(events, 1)
+    events.close()
+    pidfds.watch("leader", tries(daemon, job_id)[0]["pid"])
+    pump = pump_of(daemon)
+    pump.skip()
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    pump.wait_for("STOPPING=1")
+    # The STATUS= sent with STOPPING=1 still counts the job that is being stopped (kill_grace: 2 s).
+    assert pump.wait_for("STATUS=").startswith("STATUS=stopping: 1 running")
+    daemon.process.send_signal(signal.SIGHUP)  # handled by the loop while it waits for the job's end
+    assert daemon.process.wait(30) == 0
+    pump.stop()
+    daemon.stop()
+    log = daemon.log()
+    assert "SIGHUP while stopping" in log, log
+    assert "configuration reloaded" not in log.split("stopping: no new work")[1], log
+
+
+# --- history retention ---
 
 
 def test_history_keep_last(jobd: Callable[..., Daemon]) -> None:
