@@ -607,10 +607,22 @@ def _spawned_start_time(pid: int, before_ns: int, after_ns: int) -> int | None:
 
 
 def kill_orphan_group(pid: int, start_time: int) -> bool:
-    """SIGKILL the process group a previous jobd started, if its leader is still that very process."""
-    if process_start_time(pid) != start_time:
+    """SIGKILL what is left of the process group a previous jobd started: True if there was any.
+
+    The group's id is its leader's pid. While the leader is that very process (same start time), the group is
+    the job's. Once the leader has died (of the SIGPIPE a vanished jobd leaves it, say) its group may live on in
+    its children, and a group of that number is still the job's: the kernel hands out no pid, and so no new group
+    of that number, while any process is in the group. Only a pid that now names another process says the old
+    group is gone (it was freed before that process could get the number). The one case left needs the group to
+    die, the pid numbers to go round the whole pid space (kernel.pid_max, 32,768 to 4 million) to a process that
+    makes a group of that number and exits, and that group's members to live on, all in the time of a restart.
+    """
+    found = process_start_time(pid)
+    if found is not None and found != start_time:
         return False
     # Checked and signalled in two steps: the window is microseconds, and the leader is not ours to reap.
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
     return True

@@ -7,6 +7,8 @@ dead jobd left behind are watched through pidfds opened while they were known to
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import queue as queues
 import signal
@@ -382,6 +384,55 @@ def test_fsync_durability_concurrent_submits_survive_kill9(jobd: Callable[..., D
     assert sorted(job["id"] for job in jobs) == sorted(ids)
     assert {job["state"] for job in jobs} == {"queued"}
     assert queue_info(daemon, "held")["queued"] == threads * per_thread
+
+
+@contextlib.contextmanager
+def orphans_come_here() -> Iterator[None]:
+    """Make the test process the subreaper of what a killed jobd leaves, as init is on a real machine (here init
+    may leave orphans unreaped, and a zombie still shows its start time in /proc): the test then reaps them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def test_a_process_group_outliving_its_leader_is_killed_after_a_crash(
+    jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path
+) -> None:
+    # The leader ends after jobd's crash (here when the test says so; in life, of the SIGPIPE jobd's vanished
+    # pipes give it) and is reaped; its background child lives on in the job's process group.
+    outlived = (
+        'if [ "$JOBD_ATTEMPT" -gt 1 ]; then exit 0; fi; '
+        'sleep 600 & echo $! > "$0.child"; echo $$ > "$0.pid"; echo ready >&3; read line < "$1"'
+    )
+    base, release = tmp_path / "outlived", tmp_path / "release"
+    os.mkfifo(release)
+    with orphans_come_here():
+        daemon = jobd()
+        events = subscribe(daemon, ["job.log"])
+        job_id = daemon.submit(command=["/bin/sh", "-c", outlived, str(base), str(release)], retry={"times": 1})["id"]
+        wait_ready_lines(events, 1)
+        events.close()
+        leader, child = read_pid(Path(f"{base}.pid")), read_pid(Path(f"{base}.child"))
+        pidfds.watch("group child", child)
+
+        kill9(daemon)
+        with open(release, "w") as fifo:
+            fifo.write("go\n")
+        assert os.waitpid(leader, 0)[0] == leader  # orphaned to us: exited and reaped, its pid free
+        assert pidfds.alive() == ["group child"]
+
+        start(daemon)
+        assert pidfds.wait_exited() == []  # the new daemon killed what was left of the group
+        assert os.waitpid(child, 0)[0] == child
+    job = daemon.wait(job_id)
+    assert (job["state"], job["attempts"]) == ("succeeded", 2), job
+    assert [t["outcome"] for t in tries(daemon, job_id)] == ["lost", "succeeded"]
 
 
 # --- SIGTERM ------------------------------------------------------------------------------------------------
