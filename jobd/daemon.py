@@ -280,6 +280,8 @@ class Daemon:
         ]
         if busy:
             line += f" ({'; '.join(busy)})"
+        if self.engine.store_trouble is not None:  # the database takes no writes (a full disk?): say so first
+            line += f"; {self.engine.store_trouble} (trying again)"
         if not self.last_reload["ok"]:
             # STATUS= is one line (a newline would start another assignment); the log has every problem.
             first, *more = str(self.last_reload["error"]).splitlines() or [""]
@@ -309,6 +311,7 @@ class Daemon:
             "durability": str(self.config.daemon.durability),
             "config_files": list(self.config.files),
             "last_reload": self.last_reload,
+            "store_trouble": self.engine.store_trouble,
             "tcp_listen": self._tcp_listening(),
             "http_listen": self.http.address if self.http is not None else None,
             **self.engine.counts(),

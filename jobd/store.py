@@ -400,10 +400,13 @@ class Store:
         connection.execute("BEGIN IMMEDIATE")
         try:
             yield connection
+            connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            # Also after a failed COMMIT (a full disk, an I/O error): SQLite may have left the transaction open, and
+            # the next BEGIN would fail for good. If it rolled back already, this ROLLBACK fails, harmlessly.
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
             raise
-        connection.execute("COMMIT")
 
     def insert_jobs(
         self, specs: Sequence[JobSpec], states: Sequence[JobState], now: float, run_ats: Sequence[float]

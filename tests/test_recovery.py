@@ -12,6 +12,7 @@ import ctypes
 import os
 import queue as queues
 import signal
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -433,6 +434,62 @@ def test_a_process_group_outliving_its_leader_is_killed_after_a_crash(
     job = daemon.wait(job_id)
     assert (job["state"], job["attempts"]) == ("succeeded", 2), job
     assert [t["outcome"] for t in tries(daemon, job_id)] == ["lost", "succeeded"]
+
+
+@pytest.fixture
+def small_state_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs as the state directory of the first daemon made (d0): its database's disk can fill up."""
+    mount = tmp_path / "d0" / "state"
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0750", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while True:
+                os.write(fd, b"\0" * 65536)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_database_disk_holds_a_job_end_until_there_is_room_again(
+    jobd: Callable[..., Daemon], small_state_disk: Path, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    daemon = jobd("[queue.default]\nconcurrency = 1\n")
+    assert daemon.state_dir == small_state_disk
+    events = subscribe(daemon, ["job.log"])
+    first = daemon.submit(command=["/bin/sh", "-c", 'echo ready >&3; read line < "$0"', str(release)])["id"]
+    wait_ready_lines(events, 1)
+    events.close()
+    second = daemon.submit(command=["/bin/echo", "second"])["id"]
+    pump = pump_of(daemon)
+    pump.skip()
+    filler = fill(small_state_disk)
+    with open(release, "w") as fifo:
+        fifo.write("go\n")
+    # The end cannot be committed: jobd says so, keeps the slot, and starts nothing it could not record.
+    status = pump.wait_for(lambda line: line.startswith("STATUS=") and "cannot record the end of job" in line)
+    assert f"job {first}" in status, status
+    assert daemon.call("daemon.status")["store_trouble"].startswith(f"cannot record the end of job {first}")
+    assert daemon.call("job.get", {"id": second})["state"] == "queued"
+    assert daemon.call("job.get", {"id": first})["state"] == "running"
+
+    filler.unlink()  # room again: the next try commits, without a restart
+    assert daemon.wait(first)["state"] == "succeeded"
+    job = daemon.wait(second)
+    assert job["state"] == "succeeded" and daemon.output(second) == "second\n"
+    assert [t["number"] for t in tries(daemon, second)] == [1]
+    assert daemon.call("daemon.status")["store_trouble"] is None
+    third = daemon.submit(command=["/bin/true"])["id"]
+    assert daemon.wait(third)["state"] == "succeeded"
 
 
 # --- SIGTERM ------------------------------------------------------------------------------------------------

@@ -111,6 +111,12 @@ class _Start:
     job: Job
     attempt: Attempt
     launch: LaunchSpec | None  # None: an HTTP job
+    waiting: Job  # the job as it waited in its queue, should the commit fail
+
+
+# A commit the store refused (a full disk, an I/O error) is tried again after this long, for as long as it fails.
+# The timer exists only then; meanwhile the job keeps its slot and the jobs that would have taken it keep waiting.
+STORE_RETRY_SECONDS = 2.0
 
 
 @dataclass
@@ -146,6 +152,9 @@ class Engine:
         self._http_session: aiohttp.ClientSession | None = None  # for HTTP jobs, made on first use
         self.history = HistoryKeeper(store, config.daemon.history, clock, self._remove_output)
         self.on_counts_changed: Callable[[], None] = lambda: None
+        # Why the last write to the store failed, while writes fail (the status line shows it); None once one works.
+        self.store_trouble: str | None = None
+        self._dispatch_retries: dict[str, asyncio.TimerHandle] = {}
         self._apply_queue_definitions(config, store.queue_pauses())
 
     @property
@@ -256,10 +265,47 @@ class Engine:
     # -- running -----------------------------------------------------------------------------------------------
 
     def _dispatch(self, queue_name: str) -> None:
-        starts = self._take_starts(self.queues[queue_name])
-        if starts:
+        queue = self.queues[queue_name]
+        starts = self._take_starts(queue)
+        if not starts:
+            return
+        try:
             self.store.start_attempts([(start.job, start.attempt) for start in starts])
-            self._launch(starts)
+        except Exception as error:  # the jobs go back to wait; nothing started that is not on record
+            self._untake(queue, starts)
+            self._store_failed(f"cannot record the start of jobs of queue {queue_name}", error)
+            if queue_name not in self._dispatch_retries:
+                self._dispatch_retries[queue_name] = self.loop.call_later(
+                    STORE_RETRY_SECONDS, self._retry_dispatch, queue_name
+                )
+            return
+        self._store_works()
+        self._launch(starts)
+
+    def _retry_dispatch(self, queue_name: str) -> None:
+        del self._dispatch_retries[queue_name]
+        if queue_name in self.queues:
+            self._dispatch(queue_name)
+
+    def _untake(self, queue: QueueRuntime, starts: list[_Start]) -> None:
+        """Put jobs _take_starts moved to `running` back where they waited: their commit failed."""
+        for start in starts:
+            self.jobs[start.job.id] = start.waiting
+            queue.running.discard(start.job.id)
+            queue.push(start.waiting)
+
+    def _store_failed(self, what: str, error: Exception) -> None:
+        trouble = f"{what}: {error}"
+        if trouble != self.store_trouble:  # said once, not at every retry
+            log.error("%s; trying again every %gs", trouble, STORE_RETRY_SECONDS)
+        self.store_trouble = trouble
+        self._counts_changed()
+
+    def _store_works(self) -> None:
+        if self.store_trouble is not None:
+            log.info("the store takes writes again")
+            self.store_trouble = None
+            self._counts_changed()
 
     def _take_starts(self, queue: QueueRuntime) -> list[_Start]:
         """Move the jobs the queue has room for to `running`, in memory only: the caller commits their attempts
@@ -272,12 +318,15 @@ class Engine:
             number = job.attempts + 1
             now = self.clock()
             launch = None if job.spec.http is not None else self._launch_spec(job, number)
-            job = transition(
-                job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
+            waiting, job = (
+                job,
+                transition(
+                    job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
+                ),
             )
             self.jobs[job.id] = job
             queue.running.add(job.id)
-            starts.append(_Start(job, Attempt(job.id, number, now), launch))
+            starts.append(_Start(job, Attempt(job.id, number, now), launch, waiting))
         return starts
 
     def _launch(self, starts: list[_Start]) -> None:
@@ -308,7 +357,10 @@ class Engine:
             self._settle(job, attempt, cancelled=False, jobd_short_of_resources=error.transient)
             return
         attempt = dataclasses.replace(attempt, pid=child.pid, pid_start=child.start_time)
-        self.store.record_process(attempt)
+        try:
+            self.store.record_process(attempt)
+        except Exception as error:  # the job runs on; only a crash of jobd before its end would miss the pid
+            self._store_failed(f"cannot record the process of job {job.id}", error)
         self._started(job, _Running(child, attempt), child.pid)
 
     def _start_http(self, job: Job, attempt: Attempt) -> None:
@@ -387,6 +439,9 @@ class Engine:
         running.child.stop(self.jobs[job_id].spec.kill_grace)
 
     def _exited(self, job_id: int, info: ExitInfo) -> None:
+        self._end_attempt(job_id, info, self.clock())
+
+    def _end_attempt(self, job_id: int, info: ExitInfo, finished_at: float) -> None:
         running = self._running.pop(job_id)
         if running.timeout_timer is not None:
             running.timeout_timer.cancel()
@@ -397,7 +452,7 @@ class Engine:
         attempt = dataclasses.replace(
             running.attempt,
             outcome=outcome,
-            finished_at=self.clock(),
+            finished_at=finished_at,
             exit_code=info.exit_code,
             signal=info.signal,
             cpu_user=info.cpu_user,
@@ -408,12 +463,22 @@ class Engine:
             truncated=info.truncated,
             error=running.child.error if isinstance(running.child, HttpRequest) else None,
         )
-        job = self._concluded(job, attempt, cancelled=running.cancelled)
-        # The jobs that take the freed slot are recorded in the same transaction as this end: one commit instead
-        # of two. A job to be retried is committed alone and queued first (by _settled), so that it competes for
-        # the slot in the queue's order like any other.
-        starts = self._take_starts(queue) if job.state.finished else []
-        self.store.finish_attempt(job, attempt, [(start.job, start.attempt) for start in starts])
+        starts: list[_Start] = []
+        try:
+            job = self._concluded(job, attempt, cancelled=running.cancelled)
+            # The jobs that take the freed slot are recorded in the same transaction as this end: one commit
+            # instead of two. A job to be retried is committed alone and queued first (by _settled), so that it
+            # competes for the slot in the queue's order like any other.
+            starts = self._take_starts(queue) if job.state.finished else []
+            self.store.finish_attempt(job, attempt, [(start.job, start.attempt) for start in starts])
+        except Exception as error:  # the child-supervision boundary: the end is kept, and recorded later
+            self._untake(queue, starts)
+            self._running[job_id] = running  # the job keeps its slot meanwhile, and can still be cancelled
+            queue.running.add(job_id)
+            self._store_failed(f"cannot record the end of job {job_id}", error)
+            self.loop.call_later(STORE_RETRY_SECONDS, self._end_attempt, job_id, info, finished_at)
+            return
+        self._store_works()
         self._settled(job, attempt)
         running.ended.set_result(None)
         self._wake_output_waiters(job_id)
