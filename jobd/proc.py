@@ -241,6 +241,7 @@ class _ProgressReader:
         self.file = _LazyFile(path)
         self.cap = cap
         self.kept = 0
+        self.dropped = 0  # bytes of log lines beyond the cap
         self.eof = False
         self._partial = b""
         self._closed_by_job = False
@@ -292,9 +293,11 @@ class _ProgressReader:
         self._on_log(raw.decode("utf-8", "replace"))
 
     def _write_log(self, raw: bytes) -> None:
+        line = raw + b"\n"
         room = self.cap - self.kept
-        if room > 0:
-            self.kept += self.file.write((raw + b"\n")[:room])
+        written = self.file.write(line[:room]) if room > 0 else 0
+        self.kept += written
+        self.dropped += len(line) - written
 
     def close(self) -> None:
         os.close(self.read_fd)
@@ -472,7 +475,7 @@ class Child:
             max_rss_kib=usage.ru_maxrss,
             stdout_bytes=self._stdout.kept,
             stderr_bytes=self._stderr.kept,
-            truncated=any(sink.dropped or sink.file.error for sink in (self._stdout, self._stderr)),
+            truncated=any(sink.dropped or sink.file.error for sink in (self._stdout, self._stderr, self._progress)),
         )
         self._on_exit(info)
 
@@ -553,7 +556,7 @@ def _open_program_for(spec: LaunchSpec) -> int:
 
 def _describe_spawn_error(spec: LaunchSpec, exc: OSError) -> str:
     program = spec.argv[0] if spec.argv else "?"
-    if isinstance(exc, NotADirectoryError | FileNotFoundError) and exc.filename == spec.cwd and spec.cwd:
+    if isinstance(exc, NotADirectoryError | FileNotFoundError) and spec.cwd is not None and exc.filename == spec.cwd:
         return f"cannot change to working directory {spec.cwd!r}: {exc.strerror}"
     return f"cannot start {program!r}: {exc.strerror or exc}"
 

@@ -256,6 +256,14 @@ def test_a_program_that_cannot_be_started_is_a_spawn_error(server: Any) -> None:
     assert "/nonexistent/program" in attempt["error"]
 
 
+@pytest.mark.parametrize("working_dir", ["/nonexistent/dir", ""])
+def test_a_working_dir_that_cannot_be_entered_is_named_as_the_problem(server: Any, working_dir: str) -> None:
+    job = run(server, command=["/bin/true"], working_dir=working_dir)
+    [attempt] = job["tries"]
+    assert attempt["outcome"] == "spawn_error"
+    assert attempt["error"].startswith(f"cannot change to working directory {working_dir!r}"), attempt["error"]
+
+
 # -- 2. exit codes and signals -----------------------------------------------------------------------------------
 
 
@@ -458,6 +466,16 @@ def test_output_beyond_max_output_is_dropped_and_marked_truncated(server: Any) -
     assert reply["size"] == 1000 and len(reply["data"]) == 1000
     assert reply["data"] == ("0123456789\n" * 100)[:1000]
     assert reply["truncated"] is True and reply["complete"] is True
+
+
+def test_log_lines_beyond_max_output_are_dropped_and_marked_truncated(server: Any) -> None:
+    job = run(server, command=sh("for i in $(seq 10 99); do echo line$i >&3; done"), max_output=70)
+    [attempt] = job["tries"]
+    assert attempt["truncated"] is True and attempt["stdout_bytes"] == 0
+    reply = server.call("job.output", {"id": job["id"], "stream": "log"})
+    assert reply["data"] == "".join(f"line{i}\n" for i in range(10, 20)) and reply["truncated"] is True
+    whole = run(server, command=sh("echo only >&3"), max_output=70)
+    assert whole["tries"][0]["truncated"] is False
 
 
 def test_utf8_output_read_in_pieces_never_splits_a_character(server: Any) -> None:
