@@ -420,6 +420,7 @@ class Attempt:
     stderr_bytes: int = 0
     truncated: bool = False
     error: str | None = None
+    cancel_requested: bool = False  # a cancel was being carried out (kept in the store for crash recovery)
 
     def to_json(self) -> dict[str, Any]:
         wall = None if self.finished_at is None else round(self.finished_at - self.started_at, 6)

@@ -104,6 +104,9 @@ class AttemptRow(_Base):
     stderr_bytes = peewee.BigIntegerField(default=0)
     truncated = peewee.BooleanField(default=False)
     error = peewee.TextField(null=True)
+    # 1 once a cancel is being carried out (SIGTERM sent, kill_grace running): a jobd that dies meanwhile must not
+    # retry the job after its restart (since schema version 12).
+    cancel_requested = peewee.IntegerField(default=0)
 
     class Meta:
         table_name = "attempt"
@@ -135,7 +138,20 @@ def _migration_1(db: peewee.SqliteDatabase) -> None:
         'CREATE INDEX IF NOT EXISTS "job_task" ON "job" ("task")',
     ):
         db.execute_sql(statement)  # type: ignore[no-untyped-call]
-    db.create_tables([AttemptRow, QueueStateRow])
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        'CREATE TABLE IF NOT EXISTS "attempt" ("id" INTEGER NOT NULL PRIMARY KEY, "job_id" INTEGER NOT NULL, '
+        '"number" INTEGER NOT NULL, "started_at" REAL NOT NULL, "finished_at" REAL, "outcome" TEXT, '
+        '"exit_code" INTEGER, "signal" INTEGER, "pid" INTEGER, "pid_start" INTEGER, "cpu_user" REAL, '
+        '"cpu_system" REAL, "max_rss_kib" INTEGER, "stdout_bytes" INTEGER NOT NULL, "stderr_bytes" INTEGER NOT NULL, '
+        '"truncated" INTEGER NOT NULL, "error" TEXT, '
+        'FOREIGN KEY ("job_id") REFERENCES "job" ("id") ON DELETE CASCADE)'
+    )
+    for statement in (
+        'CREATE INDEX IF NOT EXISTS "attempt_job_id" ON "attempt" ("job_id")',
+        'CREATE UNIQUE INDEX IF NOT EXISTS "attempt_job_id_number" ON "attempt" ("job_id", "number")',
+    ):
+        db.execute_sql(statement)  # type: ignore[no-untyped-call]
+    db.create_tables([QueueStateRow])
 
 
 def _migration_2(db: peewee.SqliteDatabase) -> None:
@@ -290,6 +306,10 @@ def _migration_11(db: peewee.SqliteDatabase) -> None:
     )
 
 
+def _migration_12(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql('ALTER TABLE "attempt" ADD COLUMN "cancel_requested" INTEGER NOT NULL DEFAULT 0')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -303,6 +323,7 @@ MIGRATIONS = (
     _migration_9,
     _migration_10,
     _migration_11,
+    _migration_12,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -444,6 +465,10 @@ class Store:
         """Record attempts about to start (jobs now `running`), in one transaction."""
         with self._transaction() as sql:
             _record_starts(sql, starts)
+
+    def record_cancel_request(self, attempt: Attempt) -> None:
+        """Remember that a running attempt is being cancelled, before its process is signalled."""
+        self._connection.execute(_UPDATE_ATTEMPT_CANCEL, (attempt.job_id, attempt.number))
 
     def record_process(self, attempt: Attempt) -> None:
         """Remember which process runs an attempt, so a restart after a crash can find and stop it."""
@@ -940,6 +965,7 @@ _UPDATE_JOB = _update_sql("job", _JOB_STATE_COLUMNS, ("id",))
 _INSERT_ATTEMPT = _insert_sql("attempt", _ATTEMPT_COLUMNS)
 _UPDATE_ATTEMPT = _update_sql("attempt", _ATTEMPT_COLUMNS, ("job_id", "number"))
 _UPDATE_ATTEMPT_PROCESS = _update_sql("attempt", ("pid", "pid_start"), ("job_id", "number"))
+_UPDATE_ATTEMPT_CANCEL = 'UPDATE "attempt" SET "cancel_requested" = 1 WHERE "job_id" = ? AND "number" = ?'
 _INSERT_AUDIT = _insert_sql("audit", ("at", "uid", "user", "command", "target", "result", "message"))
 
 
@@ -1100,4 +1126,5 @@ def _attempt_from_row(row: AttemptRow) -> Attempt:
         stderr_bytes=row.stderr_bytes,
         truncated=row.truncated,
         error=row.error,
+        cancel_requested=bool(row.cancel_requested),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import queue as queues
 import signal
@@ -490,6 +491,32 @@ def test_a_full_database_disk_holds_a_job_end_until_there_is_room_again(
     assert daemon.call("daemon.status")["store_trouble"] is None
     third = daemon.submit(command=["/bin/true"])["id"]
     assert daemon.wait(third)["state"] == "succeeded"
+
+
+def test_a_cancel_under_way_when_jobd_dies_is_carried_out_after_the_restart(
+    jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path
+) -> None:
+    # The job takes SIGTERM as a note on fd 3 and goes on: jobd is killed during its kill_grace.
+    slow_to_die = "trap 'echo got TERM >&3' TERM; echo $$ > \"$0.pid\"; echo ready >&3; while :; do sleep 1; done"
+    base = tmp_path / "slow"
+    daemon = jobd()
+    events = subscribe(daemon, ["job.log"])
+    job_id = daemon.submit(command=["/bin/sh", "-c", slow_to_die, str(base)], retry={"times": 3}, kill_grace=60)["id"]
+    wait_ready_lines(events, 1)
+    pidfds.watch("leader", read_pid(Path(f"{base}.pid")))
+    with daemon.client() as canceller:  # job.cancel answers once the job has ended: not waited for here
+        canceller.send_raw(
+            json.dumps({"jsonrpc": "2.0", "id": 1, "method": "job.cancel", "params": {"id": job_id}}).encode() + b"\n"
+        )
+        wait_events(events, lambda e: e["type"] == "job.log" and e["line"] == "got TERM", 1)
+        events.close()
+        kill9(daemon)
+
+    start(daemon)
+    assert pidfds.wait_exited() == []
+    job = daemon.wait(job_id)
+    assert (job["state"], job["attempts"]) == ("cancelled", 1), job  # not retried
+    assert [t["outcome"] for t in tries(daemon, job_id)] == ["lost"]
 
 
 # --- SIGTERM ------------------------------------------------------------------------------------------------

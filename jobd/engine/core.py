@@ -202,7 +202,7 @@ class Engine:
             attempt, outcome=Outcome.LOST, finished_at=now, error="jobd stopped while the attempt ran"
         )
         self.jobs[job.id] = job
-        self._settle(job, attempt, cancelled=False)
+        self._settle(job, attempt, cancelled=attempt.cancel_requested)  # a cancel under way is carried out
 
     # -- submit ------------------------------------------------------------------------------------------------
 
@@ -609,6 +609,10 @@ class Engine:
             if not running.cancelled:
                 running.cancelled = True
                 log.info("job=%d cancel requested: stopping its process group", job_id)
+                try:  # committed before the SIGTERM: a jobd that dies during kill_grace still ends the job cancelled
+                    self.store.record_cancel_request(running.attempt)
+                except Exception as error:  # the cancel goes on; only a crash before the end would forget it
+                    self._store_failed(f"cannot record the cancel of job {job_id}", error)
                 self._stop(job_id)
             return await self.wait(job_id, None)
         if job.state is JobState.DELAYED:
