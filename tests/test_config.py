@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -1089,3 +1091,15 @@ def test_schedule_bad_name(tmp_path: Path) -> None:
 def test_docs_describe_every_schedule_key() -> None:
     text = DOCS.read_text()
     assert [key for key in config.SCHEDULE_KEYS if f"`{key}`" not in text] == []
+
+
+def test_check_config_warns_of_a_config_dir_that_is_not_there(tmp_path: Path) -> None:
+    missing = tmp_path / "etc-jobd-typo"
+    checked = subprocess.run(
+        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(missing), "--check-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0 and "(no files, defaults)" in checked.stdout
+    assert f"--config-dir {missing} is not a directory" in checked.stderr, checked.stderr
