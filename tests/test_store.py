@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
 from jobd.errors import StartupError
-from jobd.model import AuditEntry, JobSpec, JobState, ScheduleState
+from jobd.model import Attempt, AuditEntry, JobSpec, JobState, Outcome, RetryPolicy, ScheduleState, transition
 from jobd.store import MIGRATIONS, SCHEMA_VERSION, AuditFilter, Store, _db
 
 
@@ -183,5 +185,52 @@ def test_audit_entries_are_kept_across_a_reopen_and_filtered_newest_first(tmp_pa
         assert [e.command for e in store.audit_entries(AuditFilter(command="queue.pause"))] == ["queue.pause"]
         assert [e.at for e in store.audit_entries(AuditFilter(since=200.0))] == [300.0, 200.0]
         assert [e.id for e in store.audit_entries(AuditFilter(before_id=ids[2], limit=1))] == [ids[1]]
+    finally:
+        store.close()
+
+
+def test_a_job_and_its_attempts_read_back_as_written(tmp_path: Path) -> None:
+    # get_job() and attempts() run prepared SQL rather than peewee queries: every kind of column must come back
+    # with the type it went in with (booleans as booleans, blobs as bytes, JSON as values).
+    store = Store(str(tmp_path / "jobd.sqlite3"))
+    store.open()
+    try:
+        spec = JobSpec(
+            command=("/bin/echo", "é"),
+            queue="q",
+            task="t",
+            priority=7,
+            env=MappingProxyType({"A": "1"}),
+            stdin=b"\x00\xffin",
+            working_dir="/tmp",
+            timeout=1.5,
+            kill_grace=3.0,
+            retry=RetryPolicy(times=2, delay=0.5, backoff=3.0, on_exit_codes=(75,)),
+            max_output=1000,
+            context="ctx",
+            key="k",
+            submitted_by=1000,
+            merge_stderr=True,
+            run_as_uid=1001,
+            run_as_gid=1002,
+            callbacks={"on_success": [{"http": {"url": "http://127.0.0.1:1/"}}]},
+        )
+        [(queued, _)] = store.insert_jobs([spec], [JobState.QUEUED], 1.0, [2.0])
+        running = transition(queued, JobState.RUNNING, started_at=3.0, attempts=1, progress=40)
+        first = Attempt(queued.id, 1, 3.0, pid=123, pid_start=456)
+        store.start_attempts([(running, first)])
+        store.record_process(first)
+        store.record_cancel_request(first)
+        ended = dataclasses.replace(
+            first, outcome=Outcome.FAILED, finished_at=4.0, exit_code=75, cpu_user=0.25, cpu_system=0.5,
+            max_rss_kib=2048, stdout_bytes=10, stderr_bytes=20, truncated=True, error="boom",
+        )  # fmt: skip
+        failed = transition(running, JobState.FAILED, finished_at=4.0, exit_code=75, error="boom")
+        store.finish_attempt(failed, ended)
+        assert store.get_job(queued.id) == failed
+        [read] = store.attempts(queued.id)
+        assert read == dataclasses.replace(ended, cancel_requested=True)
+        assert read.truncated is True and read.cancel_requested is True
+        assert store.get_job(queued.id + 1) is None and store.attempts(queued.id + 1) == []
     finally:
         store.close()
