@@ -9,7 +9,8 @@ The machine is shared and noisy, so speed is reported as a ratio to a reference 
 - submit rates: serial (one request at a time; alternated rounds with the reference server answering pings; jobd's
   CPU time per submit),
   batch (`jobs: [...]`, 100 per request), and for `fsync` also 32 concurrent clients; for each durability level;
-  and for `crash` a new connection per submit, as web pages do;
+  and for `crash` a new connection per submit, as web pages do; then the time of the reads a status page makes
+  (job.get of a finished job, job.list of 100), beside a ping on the same connection;
 - submit-to-start latency p50/p99 (the daemon's `started_at` minus the client's clock before sending);
 - system calls made by an idle daemon over 30 s (strace -c -f);
 - workflows: N instances of a workflow of three `/bin/true` tasks (one, then a subjob of two in parallel) through a
@@ -217,6 +218,22 @@ def connection_pings(path: str, count: int) -> float:
         with Client(path) as client:
             client.call("ping")
     return count / (time.perf_counter() - started)
+
+
+def read_calls(daemon: Daemon, count: int) -> dict[str, float]:
+    """µs per call of what a status page asks, one call at a time on one connection, beside a ping there: job.get
+    of a finished job (read back from the database, with its attempts) and a page of 100 jobs of job.list."""
+    with daemon.client() as client:
+        finished = client.call("job.submit", {"command": ["/bin/true"], "queue": "bench"})
+        client.call("job.wait", {"id": finished["id"], "timeout": 60})
+        calls = {"ping": ("ping", None), "job.get": ("job.get", {"id": finished["id"]}), "job.list": ("job.list", {})}
+        per_call = {}
+        for name, (method, params) in calls.items():
+            started = time.perf_counter()
+            for _ in range(count):
+                client.call(method, params)
+            per_call[name] = (time.perf_counter() - started) / count * 1e6
+        return per_call
 
 
 def batch_submits(daemon: Daemon, count: int, per_request: int = 100) -> float:
@@ -511,6 +528,7 @@ def main() -> int:
                     )
                     piped = timed("pipelined submits (crash)", lambda d=daemon: pipelined_submits(d, args.submits))
                     batch = timed("batch submits (crash)", lambda d=daemon: batch_submits(d, args.submits * 4))
+                    reads = timed("reads", lambda d=daemon: read_calls(d, args.submits // 10))
                 finally:
                     daemon.stop()
             results.append(
@@ -522,6 +540,10 @@ def main() -> int:
                 f"{args.rounds} rounds, {_span(serial_cpu)} µs of jobd's CPU per submit; ratio to the reference "
                 f"{_median_and_each(serials, floors)}), "
                 f"pipelined {piped:.0f}/s, batch of 100 {batch:.0f} jobs/s, a new connection each {fresh:.0f}/s"
+            )
+            results.append(
+                f"reads, one at a time: job.get of a finished job {reads['job.get']:.0f} µs, job.list of 100 jobs "
+                f"{reads['job.list']:.0f} µs, against ping {reads['ping']:.0f} µs"
             )
             daemon = start_daemon(root / "submit-fsync", "fsync")
             try:
