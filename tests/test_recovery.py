@@ -73,6 +73,15 @@ def wait_ready_lines(client: Any, count: int) -> list[int]:
     return [event["id"] for event in events]
 
 
+def submit_running(daemon: Daemon, **params: Any) -> int:
+    """Submit a job whose command says "ready" on fd 3 once it runs; its id, once it has said so."""
+    events = subscribe(daemon, ["job.log"])
+    job_id: int = daemon.submit(**params)["id"]
+    wait_ready_lines(events, 1)
+    events.close()
+    return job_id
+
+
 def read_pid(path: Path) -> int:
     return int(path.read_text().strip())
 
@@ -416,10 +425,9 @@ def test_a_process_group_outliving_its_leader_is_killed_after_a_crash(
     os.mkfifo(release)
     with orphans_come_here():
         daemon = jobd()
-        events = subscribe(daemon, ["job.log"])
-        job_id = daemon.submit(command=["/bin/sh", "-c", outlived, str(base), str(release)], retry={"times": 1})["id"]
-        wait_ready_lines(events, 1)
-        events.close()
+        job_id = submit_running(
+            daemon, command=["/bin/sh", "-c", outlived, str(base), str(release)], retry={"times": 1}
+        )
         leader, child = read_pid(Path(f"{base}.pid")), read_pid(Path(f"{base}.child"))
         pidfds.watch("group child", child)
 
@@ -466,10 +474,7 @@ def test_a_full_database_disk_holds_a_job_end_until_there_is_room_again(
     os.mkfifo(release)
     daemon = jobd("[queue.default]\nconcurrency = 1\n")
     assert daemon.state_dir == small_state_disk
-    events = subscribe(daemon, ["job.log"])
-    first = daemon.submit(command=["/bin/sh", "-c", 'echo ready >&3; read line < "$0"', str(release)])["id"]
-    wait_ready_lines(events, 1)
-    events.close()
+    first = submit_running(daemon, command=["/bin/sh", "-c", 'echo ready >&3; read line < "$0"', str(release)])
     second = daemon.submit(command=["/bin/echo", "second"])["id"]
     pump = pump_of(daemon)
     pump.skip()
@@ -530,10 +535,7 @@ def test_sigterm_stops_running_job_and_requeues_it(jobd: Callable[..., Daemon], 
         'sleep 600 & echo $! > "$0.child"; echo ready >&3; wait'
     )
     daemon = jobd()
-    events = subscribe(daemon, ["job.log"])
-    job_id = daemon.submit(command=["/bin/sh", "-c", trap, str(record)])["id"]
-    wait_ready_lines(events, 1)
-    events.close()
+    job_id = submit_running(daemon, command=["/bin/sh", "-c", trap, str(record)])
     pidfds.watch("background sleep", read_pid(Path(f"{record}.child")))
 
     assert terminate(daemon) == 0  # waits for STOPPING=1, then for the exit
@@ -550,10 +552,7 @@ def test_sigterm_stops_running_job_and_requeues_it(jobd: Callable[..., Daemon], 
 def test_sigterm_kills_a_leader_ignoring_it_after_kill_grace(jobd: Callable[..., Daemon], pidfds: Pidfds) -> None:
     stubborn = 'if [ "$JOBD_ATTEMPT" -gt 1 ]; then exit 0; fi; trap "" TERM; echo ready >&3; exec sleep 600'
     daemon = jobd()
-    events = subscribe(daemon, ["job.log"])
-    job_id = daemon.submit(command=["/bin/sh", "-c", stubborn])["id"]
-    wait_ready_lines(events, 1)
-    events.close()
+    job_id = submit_running(daemon, command=["/bin/sh", "-c", stubborn])
     pidfds.watch("leader", tries(daemon, job_id)[0]["pid"])
 
     assert terminate(daemon, timeout=20) == 0  # kill_grace is 2 s in the harness
@@ -612,10 +611,7 @@ def test_a_sigterm_while_starting_stops_jobd_once_started(make_daemon: Callable[
 def test_signals_while_stopping_neither_reload_nor_hide_the_counts(jobd: Callable[..., Daemon], pidfds: Pidfds) -> None:
     stubborn = 'trap "" TERM; echo ready >&3; exec sleep 600'
     daemon = jobd()
-    events = subscribe(daemon, ["job.log"])
-    job_id = daemon.submit(command=["/bin/sh", "-c", stubborn])["id"]
-    wait_ready_lines(events, 1)
-    events.close()
+    job_id = submit_running(daemon, command=["/bin/sh", "-c", stubborn])
     pidfds.watch("leader", tries(daemon, job_id)[0]["pid"])
     pump = pump_of(daemon)
     pump.skip()
