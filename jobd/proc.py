@@ -300,6 +300,9 @@ class _ProgressReader:
         self.dropped += len(line) - written
 
     def close(self) -> None:
+        # A last line without its newline is a line: the job has ended (or its pipe is given up) and no more of it
+        # will come, whether or not its end-of-file was read.
+        self._flush_partial()
         os.close(self.read_fd)
         self.file.close()
 

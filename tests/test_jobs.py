@@ -468,6 +468,12 @@ def test_output_beyond_max_output_is_dropped_and_marked_truncated(server: Any) -
     assert reply["truncated"] is True and reply["complete"] is True
 
 
+def test_a_last_log_line_without_a_newline_is_kept(server: Any) -> None:
+    for _ in range(20):  # the pipe's end-of-file and the leader's exit reach jobd in either order
+        job = run(server, command=sh("echo first >&3; printf 'last words' >&3"))
+        assert server.call("job.output", {"id": job["id"], "stream": "log"})["data"] == "first\nlast words\n"
+
+
 def test_log_lines_beyond_max_output_are_dropped_and_marked_truncated(server: Any) -> None:
     job = run(server, command=sh("for i in $(seq 10 99); do echo line$i >&3; done"), max_output=70)
     [attempt] = job["tries"]
