@@ -318,11 +318,9 @@ class Engine:
             number = job.attempts + 1
             now = self.clock()
             launch = None if job.spec.http is not None else self._launch_spec(job, number)
-            waiting, job = (
-                job,
-                transition(
-                    job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
-                ),
+            waiting = job
+            job = transition(
+                job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None
             )
             self.jobs[job.id] = job
             queue.running.add(job.id)
