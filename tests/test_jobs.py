@@ -256,6 +256,30 @@ def test_a_program_that_cannot_be_started_is_a_spawn_error(server: Any) -> None:
     assert "/nonexistent/program" in attempt["error"]
 
 
+def test_jobs_that_cannot_start_leave_their_slots_to_the_next(server: Any) -> None:
+    # The slots freed by spawn errors must be taken by the jobs behind, with no other event to wake the queue.
+    server.call("queue.pause", {"name": "default"})  # concurrency 2
+    bad = [server.submit(command=["/nonexistent/program"])["id"] for _ in range(2)]
+    good = [server.submit(command=["/bin/echo", str(n)])["id"] for n in range(3)]
+    server.call("queue.resume", {"name": "default"})
+    assert [server.wait(job_id)["state"] for job_id in bad] == ["failed", "failed"]
+    assert [server.wait(job_id)["state"] for job_id in good] == ["succeeded"] * 3
+
+
+def test_a_job_cancelled_while_it_waits_for_a_retry_says_so(server: Any) -> None:
+    with server.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        job = server.submit(command=sh("exit 4"), retry={"times": 3, "delay": 3600})
+        waiting = next_matching(client, lambda e: e["job"]["id"] == job["id"] and e["job"]["state"] == "delayed")
+    assert waiting["job"]["attempts"] == 1, waiting
+    cancelled = server.call("job.cancel", {"id": job["id"]})
+    assert cancelled["state"] == "cancelled"
+    assert cancelled["error"] == "cancelled while it waited to be tried again"
+    assert server.call("job.cancel", {"id": server.submit(command=["/bin/true"], delay=3600)["id"]})["error"] == (
+        "cancelled before it ran"
+    )
+
+
 @pytest.mark.parametrize("working_dir", ["/nonexistent/dir", ""])
 def test_a_working_dir_that_cannot_be_entered_is_named_as_the_problem(server: Any, working_dir: str) -> None:
     job = run(server, command=["/bin/true"], working_dir=working_dir)

@@ -284,7 +284,10 @@ class Engine:
 
     def _retry_dispatch(self, queue_name: str) -> None:
         del self._dispatch_retries[queue_name]
-        if queue_name in self.queues:
+        self._dispatch_if_defined(queue_name)
+
+    def _dispatch_if_defined(self, queue_name: str) -> None:
+        if queue_name in self.queues:  # a removed queue that has drained is forgotten
             self._dispatch(queue_name)
 
     def _untake(self, queue: QueueRuntime, starts: list[_Start]) -> None:
@@ -353,6 +356,11 @@ class Engine:
             )
             self.queues[job.spec.queue].running.discard(job.id)
             self._settle(job, attempt, cancelled=False, jobd_short_of_resources=error.transient)
+            if not error.transient:
+                # The slot is free again: the next job may take it. (Short of descriptors or memory, jobd instead
+                # waits the second its delayed job waits, whose timer then dispatches the queue.) On the next turn
+                # of the loop, not from within the _launch under way: a queue of unstartable jobs must not recurse.
+                self.loop.call_soon(self._dispatch_if_defined, job.spec.queue)
             return
         attempt = dataclasses.replace(attempt, pid=child.pid, pid_start=child.start_time)
         try:
@@ -617,7 +625,8 @@ class Engine:
             self._delay_timers.pop(job_id).cancel()
         else:
             self.queues[job.spec.queue].remove(job_id)
-        job = self._change(job, JobState.CANCELLED, finished_at=self.clock(), error="cancelled before it ran")
+        why = "cancelled before it ran" if job.attempts == 0 else "cancelled while it waited to be tried again"
+        job = self._change(job, JobState.CANCELLED, finished_at=self.clock(), error=why)
         del self.jobs[job_id]
         self._release_finish_waiters(job)
         self.history.job_finished()
