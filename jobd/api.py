@@ -324,11 +324,29 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
         member.done()
         specs.append(resolve(api.engine.config, request, session.peer))
         delays.append(delay)
+    for spec in specs:
+        if spec.key is not None:
+            _check_key_is_readable(api, session, spec.key)
     jobs = api.engine.submit(specs, delays)
     result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
     if api.engine.replies_wait_for_fsync:
         return _when_durable(api.engine, result)
     return result
+
+
+def _check_key_is_readable(api: Api, session: Session, key: str) -> None:
+    """A submit whose key is taken answers with the job that has it: only to a peer that may read that job. The
+    refusal names neither the job nor its task."""
+    existing = api.engine.job_with_key(key)
+    if existing is not None and not access.may_job(
+        api.engine.config.access, session.peer, Right.READ, existing.spec.task, existing.spec.queue
+    ):
+        raise InsufficientRights(
+            f"{access.who(session.peer)} may not submit with key {key!r}: another job has it, and the read right "
+            "is missing on that job",
+            missing=str(Right.READ),
+            kind="job",
+        )
 
 
 async def _when_durable(engine: Engine, result: Any) -> Any:

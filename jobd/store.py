@@ -447,7 +447,7 @@ class Store:
         jobs: list[tuple[Job, bool]] = []
         with self._transaction() as sql:
             for spec, state, run_at in zip(specs, states, run_ats, strict=True):
-                existing = self._job_by_key(spec.key) if spec.key is not None else None
+                existing = self.job_with_key(spec.key) if spec.key is not None else None
                 if existing is not None:
                     jobs.append((existing, False))
                     continue
@@ -456,8 +456,8 @@ class Store:
                 jobs.append((Job(id=cursor.lastrowid, spec=spec, state=state, created_at=now, run_at=run_at), True))
         return jobs
 
-    def _job_by_key(self, key: str) -> Job | None:
-        # Prepared SQL for the check every keyed submit makes; the rare hit is read through peewee.
+    def job_with_key(self, key: str) -> Job | None:
+        """The job an idempotency key names, if any."""
         found = self._connection.execute('SELECT "id" FROM "job" WHERE "key" = ?', (key,)).fetchone()
         return None if found is None else self.get_job(int(found[0]))
 

@@ -277,6 +277,24 @@ def test_lists_show_only_what_a_user_may_read(jobd: Daemon, users: dict[str, Any
     assert {job["task"] for job in jobd.call("job.list", {})["jobs"]} == {"report", "secret", "slow", None}
 
 
+def test_a_key_answers_only_to_those_who_may_read_its_job(jobd: Daemon, users: dict[str, Any]) -> None:
+    # A keyed submit whose key is taken answers with the job that has it: the job's command and arguments.
+    secret = jobd.submit(task="secret", key="nightly-backup", args=["--password=hunter"])
+    refused, own, again = calls(
+        jobd,
+        users["alice"],
+        [
+            ("job.submit", {"task": "report", "key": "nightly-backup"}),
+            ("job.submit", {"task": "report", "key": "alice-own"}),
+            ("job.submit", {"task": "report", "key": "alice-own"}),
+        ],
+    )
+    assert outcome(refused) == "read"
+    assert "hunter" not in json.dumps(refused) and f"job {secret['id']}" not in refused["message"], refused
+    assert own["result"]["id"] == again["result"]["id"]  # her own key still answers with her own job
+    assert [job["id"] for job in jobd.call("job.list", {"task": "report"})["jobs"]] == [own["result"]["id"]]
+
+
 def test_events_reach_only_subscribers_who_may_read_the_job(jobd: Daemon, users: dict[str, Any]) -> None:
     program = """
 import json, sys

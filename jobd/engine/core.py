@@ -565,6 +565,11 @@ class Engine:
 
     # -- queries and commands --------------------------------------------------------------------------------
 
+    def job_with_key(self, key: str) -> Job | None:
+        """The job an idempotency key names (a submit with it returns that job), if any."""
+        found = self.store.job_with_key(key)
+        return None if found is None else self.jobs.get(found.id, found)
+
     def get(self, job_id: int) -> Job:
         job = self.jobs.get(job_id) or self.store.get_job(job_id)
         if job is None:
