@@ -11,7 +11,7 @@ import base64
 import binascii
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -46,6 +46,8 @@ from jobd.model import (
 from jobd.store import AuditFilter, InstanceFilter, JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
+T = TypeVar("T")
+R = TypeVar("R")
 MAX_BATCH = 10_000
 
 
@@ -329,9 +331,7 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
             _check_key_is_readable(api, session, spec.key)
     jobs = api.engine.submit(specs, delays)
     result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
-    if api.engine.replies_wait_for_fsync:
-        return _when_durable(api.engine, result)
-    return result
+    return once_durable(api.engine, result)
 
 
 def _check_key_is_readable(api: Api, session: Session, key: str) -> None:
@@ -349,7 +349,15 @@ def _check_key_is_readable(api: Api, session: Session, key: str) -> None:
         )
 
 
-async def _when_durable(engine: Engine, result: Any) -> Any:
+def once_durable(engine: Engine, result: R) -> R | Coroutine[Any, Any, R]:
+    """The reply to a command that committed something: at once, or with `[daemon] durability = "fsync"` once
+    that commit survives a power cut (a coroutine the connection awaits; every protocol goes through here)."""
+    if engine.replies_wait_for_fsync:
+        return _when_durable(engine, result)
+    return result
+
+
+async def _when_durable(engine: Engine, result: R) -> R:
     await engine.made_durable()
     return result
 
@@ -395,9 +403,6 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
     )
     jobs, more = _page(api.engine.list_jobs(where), limit)
     return {"jobs": [job.to_json() for job in jobs], "next_before": jobs[-1].id if more else None}
-
-
-T = TypeVar("T")
 
 
 def _page(rows: list[T], limit: int) -> tuple[list[T], bool]:
@@ -649,9 +654,7 @@ def instance_launch(api: Api, session: Session, p: Params) -> Any:
         name, parameters, comment=comment, host=host, user=user, launched_by=session.peer.uid
     )
     result = api.instances.summary(instance_id).to_json()
-    if api.engine.replies_wait_for_fsync:
-        return _when_durable(api.engine, result)
-    return result
+    return once_durable(api.engine, result)
 
 
 def check_launch(api: Api, peer: Peer, workflow: str, host: str | None, user: str | None) -> None:
@@ -726,9 +729,7 @@ def instance_debug_resume(api: Api, session: Session, p: Params) -> Any:
     check_instance(api, session.peer, Right.EXEC, instance_id)
     resumed = api.instances.debug_resume(instance_id, launched_by=session.peer.uid)
     result = api.instances.summary(resumed).to_json()
-    if api.engine.replies_wait_for_fsync:
-        return _when_durable(api.engine, result)
-    return result
+    return once_durable(api.engine, result)
 
 
 INSTANCE_STATUSES = ("EXECUTING", "TERMINATED")

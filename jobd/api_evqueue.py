@@ -20,7 +20,7 @@ from typing import Any, Final
 from lxml import etree
 
 from jobd import __version__, audit, safexml
-from jobd.api import Api, check_instance, check_launch
+from jobd.api import Api, check_instance, check_launch, once_durable
 from jobd.engine import access
 from jobd.engine.submit import Peer
 from jobd.errors import JobdError, TimedOut, UnknownWorkflow
@@ -282,11 +282,13 @@ def instance_launch(service: EvQueue, peer: Peer, command: xml.InstanceLaunch) -
     )
     service.statistics.workflow_instance_launched += 1
     if not command.synchronous:
-        return service.ok({"workflow-instance-id": instance_id})
+        return once_durable(service.api.engine, service.ok({"workflow-instance-id": instance_id}))
     return _launched_and_ended(service, instance_id, command.timeout)
 
 
 async def _launched_and_ended(service: EvQueue, instance_id: int, timeout: int | None) -> etree._Element:
+    if service.api.engine.replies_wait_for_fsync:
+        await service.api.engine.made_durable()  # the launch itself, whatever the wait then sees
     summary = await service.api.instances.wait(instance_id, timeout)
     attrs: dict[str, xml.AttributeValue] = {"workflow-instance-id": instance_id}
     if summary.status != TERMINATED:
@@ -334,7 +336,7 @@ def instance_delete(service: EvQueue, peer: Peer, command: xml.InstanceDelete) -
 def instance_debugresume(service: EvQueue, peer: Peer, command: xml.InstanceDebugResume) -> Result:
     instance_id = service.api.instances.debug_resume(command.instance_id, launched_by=peer.uid)
     service.statistics.workflow_instance_launched += 1
-    return service.ok({"workflow-instance-id": instance_id})
+    return once_durable(service.api.engine, service.ok({"workflow-instance-id": instance_id}))
 
 
 def _timestamp(moment: datetime | None) -> float | None:

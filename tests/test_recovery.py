@@ -13,6 +13,7 @@ import json
 import os
 import queue as queues
 import signal
+import socket
 import subprocess
 import threading
 from collections import Counter
@@ -358,6 +359,55 @@ def test_kill9_at_several_points_of_a_workload(jobd: Callable[..., Daemon], tmp_
             if line_id == job_id:
                 assert count == 1 and 1 <= number <= job["attempts"], (job_id, number, count, outcomes)
     assert lost > 0, "no kill hit a running job: the test did not exercise recovery"
+
+
+ONE_TASK = b"""<workflow><subjobs><job name="one"><tasks>
+  <task path="/bin/true" queue="default"/>
+</tasks></job></subjobs></workflow>"""
+
+
+@pytest.mark.parametrize("protocol", ["evqueue", "json-rpc"])
+def test_with_fsync_a_launch_is_answered_after_the_fsync(
+    make_daemon: Callable[..., Daemon], tmp_path: Path, protocol: str
+) -> None:
+    daemon = make_daemon("[queue.default]\n", start=False, daemon_extra='durability = "fsync"')
+    daemon.write_workflows(one=ONE_TASK)
+    daemon.start()
+    trace = tmp_path / "trace"
+    strace = subprocess.Popen(
+        [
+            "strace",
+            "-f",
+            "-s",
+            "200",
+            "-e",
+            "trace=fsync,fdatasync,write,sendto",
+            "-o",
+            str(trace),
+            "-p",
+            str(daemon.pid),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert strace.stderr is not None and "attached" in strace.stderr.readline()  # tracing from here on
+        if protocol == "evqueue":
+            with socket.socket(socket.AF_UNIX) as evq:
+                evq.connect(str(daemon.evqueue_socket))
+                evq.recv(4096)  # the greeting
+                evq.sendall(b'<instance action="launch" name="one" />')
+                assert b"workflow-instance-id" in evq.recv(4096)
+        else:
+            daemon.call("instance.launch", {"workflow": "one"})
+    finally:
+        strace.send_signal(signal.SIGINT)
+        strace.wait(30)
+    calls = trace.read_text().splitlines()
+    # The reply, as strace shows what jobd sent; the fsync is the group flusher's, in its own thread.
+    marker = "workflow-instance-id" if protocol == "evqueue" else '\\"workflow\\":\\"one\\"'
+    reply = next(i for i, line in enumerate(calls) if marker in line)
+    assert any("sync(" in line for line in calls[:reply]), "\n".join(calls[: reply + 1])
 
 
 def test_fsync_durability_concurrent_submits_survive_kill9(jobd: Callable[..., Daemon]) -> None:
