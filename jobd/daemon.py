@@ -33,7 +33,7 @@ from jobd.errors import ConfigError, ShuttingDown, StartupError
 from jobd.http_api import HttpApi
 from jobd.model import Config, iso
 from jobd.server import Server
-from jobd.store import Store
+from jobd.store import DATABASE_ERRORS, Store
 
 log = logging.getLogger("jobd")
 
@@ -210,17 +210,23 @@ class Daemon:
             else:
                 self.stop_requested.set()
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
-        if self.http is not None:
-            await self.http.bind(self.passed.get("http"))
-        if self.passed:
-            log.info(
-                "socket activation: serving on %s passed by systemd",
-                ", ".join(f"{name} ({activation.socket_address(sock)})" for name, sock in sorted(self.passed.items())),
-            )
-        self.engine.recover()
-        self.instances.recover()
-        self.callbacks.start()
-        self.scheduler.start()  # after recovery: a run that was going is found by its job or instance
+        try:
+            if self.http is not None:
+                await self.http.bind(self.passed.get("http"))
+            if self.passed:
+                log.info(
+                    "socket activation: serving on %s passed by systemd",
+                    ", ".join(
+                        f"{name} ({activation.socket_address(sock)})" for name, sock in sorted(self.passed.items())
+                    ),
+                )
+            self.engine.recover()
+            self.instances.recover()
+            self.callbacks.start()
+            self.scheduler.start()  # after recovery: a run that was going is found by its job or instance
+        except BaseException:  # not starting after all: no socket file is left for clients to find
+            await self.server.stop_listening()
+            raise
         await self.server.start_serving()
         self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
         self.watcher.start(loop)
@@ -437,6 +443,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as error:  # the socket or state directory cannot be made: a message, not a traceback
         log.error("not starting: %s", error)
+        return 1
+    except DATABASE_ERRORS as error:  # not SQLite, or damaged: nothing is changed
+        log.error(
+            "not starting: the database in %s cannot be used: %s (if the file is damaged, restore it from a "
+            "backup, or move it away to start with an empty history)",
+            initial.daemon.state_dir,
+            error,
+        )
         return 1
     return 0
 

@@ -36,6 +36,8 @@ from jobd.model import (
 )
 
 log = logging.getLogger("jobd.store")
+# What reading a file that is not jobd's SQLite database, or a damaged one, raises (jobd then does not start).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.DatabaseError, peewee.DatabaseError)
 AUDIT_WRITE_BEHIND = 0.05  # seconds an audit entry may wait to share a commit with the next ones
 AUDIT_BATCH = 256  # entries written at once, without waiting longer
 _db = peewee.DatabaseProxy()

@@ -15,6 +15,7 @@ import queue as queues
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -359,6 +360,40 @@ def test_kill9_at_several_points_of_a_workload(jobd: Callable[..., Daemon], tmp_
             if line_id == job_id:
                 assert count == 1 and 1 <= number <= job["attempts"], (job_id, number, count, outcomes)
     assert lost > 0, "no kill hit a running job: the test did not exercise recovery"
+
+
+def start_directly(daemon: Daemon) -> subprocess.CompletedProcess[str]:
+    """jobd run on `daemon`'s configuration, expected not to start: its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("damage", ["not a database", "a damaged page"])
+def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
+    make_daemon: Callable[..., Daemon], damage: str
+) -> None:
+    daemon = make_daemon("[queue.default]\n")
+    for n in range(300):  # enough rows for the job table to span pages past the first ones
+        daemon.submit(command=["/bin/true"], delay=3600, context=f"filler {n:0100}")
+    assert daemon.stop() == 0
+    database = daemon.state_dir / "jobd.sqlite3"
+    data = bytearray(database.read_bytes())
+    if damage == "not a database":
+        data[:16] = b"not SQLite at al"
+    else:
+        data[len(data) // 2 : len(data) // 2 + 4096] = b"\xa5" * 4096
+    database.write_bytes(data)
+
+    started = start_directly(daemon)
+    assert started.returncode == 1, started
+    assert "not starting: the database in" in started.stderr and "Traceback" not in started.stderr, started.stderr
+    assert database.read_bytes() == data  # left as it was, for whoever repairs it
+    assert not daemon.socket_path.exists() and not daemon.evqueue_socket.exists()
 
 
 ONE_TASK = b"""<workflow><subjobs><job name="one"><tasks>
