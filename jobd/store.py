@@ -312,6 +312,11 @@ def _migration_12(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('ALTER TABLE "attempt" ADD COLUMN "cancel_requested" INTEGER NOT NULL DEFAULT 0')  # type: ignore[no-untyped-call]
 
 
+def _migration_13(db: peewee.SqliteDatabase) -> None:
+    # The highest job and instance ids ever handed out, written when rows are deleted: see Store._last_id.
+    db.execute_sql('CREATE TABLE "id_floor" ("name" TEXT NOT NULL PRIMARY KEY, "id" INTEGER NOT NULL)')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -326,6 +331,7 @@ MIGRATIONS = (
     _migration_10,
     _migration_11,
     _migration_12,
+    _migration_13,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -379,6 +385,10 @@ class Store:
         self.db.connect()
         self._connection: sqlite3.Connection = self.db.connection()  # type: ignore[no-untyped-call]
         self._migrate()
+        # Ids are handed out by jobd, never reused: SQLite would give a new row the highest id in the table plus one,
+        # so after the newest jobs (or instances) were deleted, a new one would get an old one's id, and with it that
+        # id's leftovers (an output file, a workflow task's idempotency key, a client's reference).
+        self._last_id = {table: self._highest_id(table) for table in ("job", "instance")}
         self._job_by_id = _PreparedSelect(JobRow.select().where(JobRow.id == 0))
         self._attempts_of_job = _PreparedSelect(
             AttemptRow.select().where(AttemptRow.job == 0).order_by(AttemptRow.number)
@@ -439,13 +449,15 @@ class Store:
         self, specs: Sequence[JobSpec], states: Sequence[JobState], now: float, run_ats: Sequence[float]
     ) -> list[tuple[Job, bool]]:
         """Insert jobs in one transaction; a spec whose idempotency key exists yields (existing job, False)."""
+        last_id = self._last_id["job"]
         if len(specs) == 1 and specs[0].key is None:
             # One INSERT is a transaction of its own in autocommit mode: no BEGIN and COMMIT round trips.
-            cursor = self._connection.execute(
-                _INSERT_JOB, (*_spec_values(specs[0]), str(states[0]), now, run_ats[0], 0, 0)
+            job_id = last_id + 1
+            self._connection.execute(
+                _INSERT_JOB, (job_id, *_spec_values(specs[0]), str(states[0]), now, run_ats[0], 0, 0)
             )
-            assert cursor.lastrowid is not None
-            return [(Job(id=cursor.lastrowid, spec=specs[0], state=states[0], created_at=now, run_at=run_ats[0]), True)]
+            self._last_id["job"] = job_id
+            return [(Job(id=job_id, spec=specs[0], state=states[0], created_at=now, run_at=run_ats[0]), True)]
         jobs: list[tuple[Job, bool]] = []
         with self._transaction() as sql:
             for spec, state, run_at in zip(specs, states, run_ats, strict=True):
@@ -453,9 +465,10 @@ class Store:
                 if existing is not None:
                     jobs.append((existing, False))
                     continue
-                cursor = sql.execute(_INSERT_JOB, (*_spec_values(spec), str(state), now, run_at, 0, 0))
-                assert cursor.lastrowid is not None
-                jobs.append((Job(id=cursor.lastrowid, spec=spec, state=state, created_at=now, run_at=run_at), True))
+                last_id += 1
+                sql.execute(_INSERT_JOB, (last_id, *_spec_values(spec), str(state), now, run_at, 0, 0))
+                jobs.append((Job(id=last_id, spec=spec, state=state, created_at=now, run_at=run_at), True))
+        self._last_id["job"] = last_id  # once committed: a rolled back batch used none
         return jobs
 
     def job_with_key(self, key: str) -> Job | None:
@@ -550,6 +563,7 @@ class Store:
             doomed.update(row.id for row in query)
         if doomed:
             with self.db.atomic():
+                self._keep_ids_used("job")
                 ids = sorted(doomed)
                 for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
                     JobRow.delete().where(JobRow.id.in_(ids[start : start + 500])).execute()
@@ -565,8 +579,10 @@ class Store:
     # -- workflow instances ----------------------------------------------------------------------------------
 
     def insert_instance(self, summary: InstanceSummary, document: bytes) -> int:
+        instance_id = self._last_id["instance"] + 1
         with self.db.atomic():
             row = InstanceRow.create(
+                id=instance_id,
                 workflow=summary.workflow,
                 status=summary.status,
                 errors=summary.errors,
@@ -578,6 +594,7 @@ class Store:
                 parameters=json.dumps(dict(summary.parameters)),
                 document=document,
             )
+        self._last_id["instance"] = instance_id
         return int(row.id)
 
     def save_instance(
@@ -662,7 +679,20 @@ class Store:
 
     def delete_instance(self, instance_id: int) -> None:
         with self.db.atomic():
+            self._keep_ids_used("instance")
             InstanceRow.delete().where(InstanceRow.id == instance_id).execute()
+
+    def _highest_id(self, table: str) -> int:
+        """The highest id `table` ever had: its rows', or one deleted since (kept in id_floor)."""
+        used = self._connection.execute(f'SELECT MAX("id") FROM "{table}"').fetchone()[0]
+        kept = self._connection.execute('SELECT "id" FROM "id_floor" WHERE "name" = ?', (table,)).fetchone()
+        return max(used or 0, kept[0] if kept else 0)
+
+    def _keep_ids_used(self, table: str) -> None:
+        """Within the transaction that deletes rows of `table`: remember its highest id, which may be among them."""
+        self._connection.execute(
+            'INSERT OR REPLACE INTO "id_floor" ("name", "id") VALUES (?, ?)', (table, self._last_id[table])
+        )
 
     # -- schedules -------------------------------------------------------------------------------------------
 
@@ -966,7 +996,7 @@ def _update_sql(table: str, columns: Sequence[str], keys: Sequence[str]) -> str:
     return f'UPDATE "{table}" SET {assignments} WHERE ' + " AND ".join(f'"{key}" = ?' for key in keys)
 
 
-_INSERT_JOB = _insert_sql("job", (*_SPEC_COLUMNS, "state", "created_at", "run_at", "attempts", "progress"))
+_INSERT_JOB = _insert_sql("job", ("id", *_SPEC_COLUMNS, "state", "created_at", "run_at", "attempts", "progress"))
 _UPDATE_JOB = _update_sql("job", _JOB_STATE_COLUMNS, ("id",))
 _INSERT_ATTEMPT = _insert_sql("attempt", _ATTEMPT_COLUMNS)
 _UPDATE_ATTEMPT = _update_sql("attempt", _ATTEMPT_COLUMNS, ("job_id", "number"))

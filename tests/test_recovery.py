@@ -24,9 +24,11 @@ from typing import Any
 
 import pytest
 from harness import Daemon
+from lxml import etree
 from recovery.support import Pidfds, kill9, pump_of, start, terminate, wait_events
 
 from jobd.client import RemoteError
+from jobd.protocol.evqueue import XmlFramer
 
 # A job that blocks on its first attempt (after recording its pid and saying "ready" on fd 3) and succeeds at once
 # on any later attempt. $0 is a path prefix the test reads the pid from.
@@ -362,6 +364,22 @@ def test_kill9_at_several_points_of_a_workload(jobd: Callable[..., Daemon], tmp_
     assert lost > 0, "no kill hit a running job: the test did not exercise recovery"
 
 
+def evqueue_exchange(daemon: Daemon, request: bytes) -> etree._Element:
+    """One request on a new connection to the evQueue socket (after its greeting), and its answer."""
+    framer, documents = XmlFramer(), []
+    with socket.socket(socket.AF_UNIX) as evq:
+        evq.settimeout(60)
+        evq.connect(str(daemon.evqueue_socket))
+        for send in (b"", request):  # the greeting comes first, unasked
+            evq.sendall(send)
+            while not documents:
+                data = evq.recv(65536)
+                assert data, "jobd closed the evQueue connection"
+                documents += framer.feed(data)
+            answer = documents.pop(0)
+    return etree.fromstring(answer)
+
+
 def start_directly(daemon: Daemon) -> subprocess.CompletedProcess[str]:
     """jobd run on `daemon`'s configuration, expected not to start: its exit status and output."""
     return subprocess.run(
@@ -428,11 +446,7 @@ def test_with_fsync_a_launch_is_answered_after_the_fsync(
     try:
         assert strace.stderr is not None and "attached" in strace.stderr.readline()  # tracing from here on
         if protocol == "evqueue":
-            with socket.socket(socket.AF_UNIX) as evq:
-                evq.connect(str(daemon.evqueue_socket))
-                evq.recv(4096)  # the greeting
-                evq.sendall(b'<instance action="launch" name="one" />')
-                assert b"workflow-instance-id" in evq.recv(4096)
+            assert evqueue_exchange(daemon, b'<instance action="launch" name="one" />').get("status") == "OK"
         else:
             daemon.call("instance.launch", {"workflow": "one"})
     finally:
@@ -735,6 +749,42 @@ def test_history_keep_last(jobd: Callable[..., Daemon]) -> None:
     for i, job_id in enumerate(ids[5:], start=5):
         assert (output / str(job_id)).is_dir()
         assert daemon.output(job_id) == f"job {i}\n"
+
+
+def finished_and_gone(daemon: Daemon, job_id: int) -> None:
+    """Wait for a job of a daemon that keeps no history: it has ended once it is succeeded or already expired."""
+    try:
+        assert daemon.wait(job_id)["state"] == "succeeded"
+    except RemoteError as gone:
+        assert gone.code == "UNKNOWN_JOB", gone
+
+
+def test_job_ids_are_never_given_twice_even_once_their_rows_are_gone(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd(daemon_extra="history = { keep_last = 0 }")  # a finished job is deleted at once
+    first = daemon.submit(command=["/bin/echo", "first"])["id"]
+    finished_and_gone(daemon, first)
+    second = daemon.submit(command=["/bin/true"])["id"]
+    assert second > first
+    finished_and_gone(daemon, second)
+    assert terminate(daemon) == 0
+    start(daemon)  # the highest id survives a restart
+    assert daemon.submit(command=["/bin/true"])["id"] > second
+
+
+def test_instance_ids_are_never_given_twice(make_daemon: Callable[..., Daemon]) -> None:
+    # The tasks of an instance are keyed by its id: a new instance with a deleted one's id took its old task's job
+    # (and output) instead of running its own.
+    daemon = make_daemon("[queue.default]\n", start=False)
+    daemon.write_workflows(one=ONE_TASK)
+    daemon.start()
+    launch = b'<instance action="launch" name="one" mode="synchronous" />'
+    old = int(evqueue_exchange(daemon, launch).get("workflow-instance-id"))
+    [old_task] = daemon.call("job.list", {"context": f"instance:{old}"})["jobs"]
+    assert evqueue_exchange(daemon, f'<instance action="delete" id="{old}" />'.encode()).get("status") == "OK"
+    new = int(evqueue_exchange(daemon, launch).get("workflow-instance-id"))
+    assert new > old
+    [new_task] = daemon.call("job.list", {"context": f"instance:{new}"})["jobs"]
+    assert new_task["id"] != old_task["id"] and new_task["state"] == "succeeded"
 
 
 def test_history_keep_days_expires_by_itself(jobd: Callable[..., Daemon]) -> None:
