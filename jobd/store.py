@@ -23,7 +23,6 @@ import peewee
 
 from jobd.errors import StartupError
 from jobd.model import (
-    FINISHED_STATES,
     Attempt,
     AuditEntry,
     InstanceSummary,
@@ -317,6 +316,16 @@ def _migration_13(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('CREATE TABLE "id_floor" ("name" TEXT NOT NULL PRIMARY KEY, "id" INTEGER NOT NULL)')  # type: ignore[no-untyped-call]
 
 
+# A job has finished once it has a finish time (a retry waiting has none); the partial index job_finished_at holds
+# exactly those rows, and the retention queries use it.
+_FINISHED = '"finished_at" IS NOT NULL'
+
+
+def _migration_14(db: peewee.SqliteDatabase) -> None:
+    # Retention finds the oldest finishes by it, at each expiry, without reading the whole table.
+    db.execute_sql(f'CREATE INDEX "job_finished_at" ON "job" ("finished_at") WHERE {_FINISHED}')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -332,6 +341,7 @@ MIGRATIONS = (
     _migration_11,
     _migration_12,
     _migration_13,
+    _migration_14,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -371,6 +381,9 @@ class Store:
                 # writes rewrite the same few pages (the newest rows), so a longer WAL (up to ~40 MB) copies each
                 # page once for many commits and pays the fsyncs a tenth as often as SQLite's default of 1,000.
                 "wal_autocheckpoint": 10000,
+                # A burst (a long history trimmed at once) can grow the WAL far beyond that; once checkpointed it
+                # is cut back to this size rather than keeping its high-water mark on disk for good.
+                "journal_size_limit": 16 * 1024 * 1024,
                 "foreign_keys": 1,
                 "busy_timeout": 5000,
             },
@@ -551,30 +564,32 @@ class Store:
 
     # -- history retention -----------------------------------------------------------------------------------
 
-    def expire(self, finished_before: float | None, keep_last: int | None) -> list[int]:
-        """Delete finished jobs older than `finished_before` or beyond the newest `keep_last`; return their ids."""
-        finished = JobRow.state.in_([str(state) for state in FINISHED_STATES])
-        doomed: set[int] = set()
-        if finished_before is not None:
-            query = JobRow.select(JobRow.id).where(finished & (JobRow.finished_at < finished_before))
-            doomed.update(row.id for row in query)
-        if keep_last is not None:
-            query = JobRow.select(JobRow.id).where(finished).order_by(JobRow.id.desc()).offset(keep_last)
-            doomed.update(row.id for row in query)
-        if doomed:
-            with self.db.atomic():
-                self._keep_ids_used("job")
-                ids = sorted(doomed)
-                for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
-                    JobRow.delete().where(JobRow.id.in_(ids[start : start + 500])).execute()
-                    # Their callback rows go too (no foreign key: the table came later; a reused id must not
-                    # inherit them).
-                    CallbackRow.delete().where(CallbackRow.job_id.in_(ids[start : start + 500])).execute()
-        return sorted(doomed)
+    def finished_count(self) -> int:
+        """How many finished jobs the history holds."""
+        return int(self._connection.execute(_COUNT_FINISHED).fetchone()[0])
+
+    def finished_before(self, moment: float, limit: int) -> list[int]:
+        """Up to `limit` finished jobs that finished before `moment`, oldest first."""
+        return [row[0] for row in self._connection.execute(_FINISHED_BEFORE, (moment, limit))]
+
+    def oldest_finished(self, count: int) -> list[int]:
+        """The `count` finished jobs that finished first."""
+        return [row[0] for row in self._connection.execute(_OLDEST_FINISHED, (count,))]
+
+    def delete_jobs(self, ids: Sequence[int]) -> None:
+        """Delete jobs with their attempts and callback deliveries, in one transaction."""
+        if not ids:
+            return
+        with self.db.atomic():
+            self._keep_ids_used("job")
+            for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
+                JobRow.delete().where(JobRow.id.in_(ids[start : start + 500])).execute()
+                # Their callback rows go too (no foreign key: the table came later).
+                CallbackRow.delete().where(CallbackRow.job_id.in_(ids[start : start + 500])).execute()
 
     def oldest_finished_at(self) -> float | None:
-        value = JobRow.select(peewee.fn.MIN(JobRow.finished_at)).where(JobRow.finished_at.is_null(False)).scalar()
-        return None if value is None else float(value)
+        found = self._connection.execute(_OLDEST_FINISHED_AT).fetchone()[0]
+        return None if found is None else float(found)
 
     # -- workflow instances ----------------------------------------------------------------------------------
 
@@ -1024,6 +1039,12 @@ class _PreparedSelect:
             for row in connection.execute(self.sql, self.params if params is None else params)
         ]
 
+
+_COUNT_FINISHED = f'SELECT COUNT(*) FROM "job" WHERE {_FINISHED}'
+_OLDEST_FINISHED_AT = f'SELECT MIN("finished_at") FROM "job" WHERE {_FINISHED}'
+_OLDEST_FIRST = 'ORDER BY "finished_at", "id" LIMIT ?'
+_FINISHED_BEFORE = f'SELECT "id" FROM "job" WHERE {_FINISHED} AND "finished_at" < ? {_OLDEST_FIRST}'
+_OLDEST_FINISHED = f'SELECT "id" FROM "job" WHERE {_FINISHED} {_OLDEST_FIRST}'
 
 _NO_RETRY = RetryPolicy()
 _NO_RETRY_JSON = json.dumps(_NO_RETRY.to_json())  # most jobs: worth not encoding it again on every submit

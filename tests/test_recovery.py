@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from harness import Daemon
 from lxml import etree
-from recovery.support import Pidfds, kill9, pump_of, start, terminate, wait_events
+from recovery.support import Gate, Pidfds, gated, kill9, pump_of, start, terminate, wait_events
 
 from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
@@ -417,6 +417,9 @@ def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
 ONE_TASK = b"""<workflow><subjobs><job name="one"><tasks>
   <task path="/bin/true" queue="default"/>
 </tasks></job></subjobs></workflow>"""
+ONE_TASK_SAYING = b"""<workflow><subjobs><job name="one"><tasks>
+  <task path="/bin/echo" parameters-mode="CMDLINE" queue="default"><input name="x">said by the task</input></task>
+</tasks></job></subjobs></workflow>"""
 
 
 @pytest.mark.parametrize("protocol", ["evqueue", "json-rpc"])
@@ -785,6 +788,46 @@ def test_instance_ids_are_never_given_twice(make_daemon: Callable[..., Daemon]) 
     assert new > old
     [new_task] = daemon.call("job.list", {"context": f"instance:{new}"})["jobs"]
     assert new_task["id"] != old_task["id"] and new_task["state"] == "succeeded"
+
+
+def test_keep_last_keeps_the_jobs_that_finished_last(jobd: Callable[..., Daemon], tmp_path: Path) -> None:
+    daemon = jobd("[queue.default]\nconcurrency = 3\n", daemon_extra="history = { keep_last = 2 }")
+    gate = Gate(tmp_path / "slow.lock")
+    try:
+        slow = daemon.submit(command=gated(gate, "/bin/echo", "slow"))["id"]  # the oldest id, finishing last
+        quick = [daemon.submit(command=["/bin/echo", f"quick {n}"])["id"] for n in range(2)]
+        for job_id in quick:
+            daemon.wait(job_id)
+    finally:
+        gate.release()
+    assert daemon.wait(slow)["state"] == "succeeded"
+    kept = sorted(job["id"] for job in all_jobs(daemon))
+    assert kept == sorted([slow, quick[1]]), kept
+    assert daemon.output(slow) == "slow\n"
+
+
+def test_keep_last_applies_at_a_reload_and_at_a_start(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd()
+    ids = [daemon.submit(command=["/bin/true"])["id"] for _ in range(6)]
+    for job_id in ids:
+        daemon.wait(job_id)
+    (daemon.config_dir / "jobd.d" / "50-history.toml").write_text("[daemon]\nhistory = { keep_last = 4 }\n")
+    daemon.call("daemon.reload")
+    assert sorted(job["id"] for job in all_jobs(daemon)) == ids[2:]
+    assert terminate(daemon) == 0
+    (daemon.config_dir / "jobd.d" / "50-history.toml").write_text("[daemon]\nhistory = { keep_last = 1 }\n")
+    start(daemon)
+    assert [job["id"] for job in all_jobs(daemon)] == ids[5:]
+
+
+def test_keeping_no_history_still_gives_a_workflow_its_tasks_output(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon("[queue.default]\n", start=False, daemon_extra="history = { keep_last = 0 }")
+    daemon.write_workflows(one=ONE_TASK_SAYING)
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "one"})["id"]
+    assert daemon.call("instance.wait", {"id": launched, "timeout": 30})["status"] == "TERMINATED"
+    document = daemon.call("instance.get", {"id": launched, "format": "xml"})["xml"]
+    assert "said by the task" in document, document
 
 
 def test_history_keep_days_expires_by_itself(jobd: Callable[..., Daemon]) -> None:

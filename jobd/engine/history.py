@@ -1,7 +1,10 @@
-"""History retention: finished jobs expire after `keep_days`, or beyond the newest `keep_last`.
+"""History retention: finished jobs expire after `keep_days`, or beyond the `keep_last` that finished last.
 
 No periodic sweep: one loop timer sleeps until the oldest finished job is due, trims, and sleeps again until the
-next one is. `keep_last` is applied whenever a job finishes.
+next one is. `keep_last` is applied after jobs finish (once per turn of the loop, however many finished in it), at
+start-up and at a reload. The finished jobs are counted here, so applying it costs an index lookup, not a count.
+Each trim deletes at most TRIM_BATCH jobs and goes on in the next turn of the loop: a first trim of a long
+history (a reload that lowers keep_last) does not hold the loop for seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from jobd.model import History
 from jobd.store import Store
 
 SECONDS_PER_DAY = 86400
+TRIM_BATCH = 1000
 
 
 class HistoryKeeper:
@@ -24,23 +28,33 @@ class HistoryKeeper:
         self._clock = clock
         self._remove_output = remove_output
         self._timer: asyncio.TimerHandle | None = None
+        self._trim_soon: asyncio.Handle | None = None
+        self._finished: int | None = None  # counted from the store when first needed
 
     def configure(self, rules: History) -> None:
-        """New retention rules (a reload): the next expiry time is computed from them at once."""
+        """New retention rules (a reload): applied at once."""
         self._rules = rules
         self.rearm()
 
     def job_finished(self) -> None:
+        if self._finished is not None:
+            self._finished += 1
         if self._rules.keep_last is not None:
-            self._trim()
-        if self._timer is None:
+            # After this turn of the loop: what reads a finished job's output as it finishes (a workflow instance
+            # taking its task's output) runs first, and the finishes of one turn share one trim.
+            self._schedule_trim()
+        if self._timer is None and self._rules.keep_days is not None:
             self.rearm()
 
     def rearm(self) -> None:
-        """Sleep until the oldest finished job expires."""
+        """Apply keep_last soon, and sleep until the oldest finished job expires."""
         self.stop()
+        if self._rules.keep_last is not None:
+            self._schedule_trim()
+        if self._rules.keep_days is None:
+            return
         oldest = self._store.oldest_finished_at()
-        if self._rules.keep_days is None or oldest is None:
+        if oldest is None:
             return
         due = oldest + self._rules.keep_days * SECONDS_PER_DAY
         self._timer = asyncio.get_running_loop().call_later(max(0.0, due - self._clock()), self._due)
@@ -49,14 +63,43 @@ class HistoryKeeper:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._trim_soon is not None:
+            self._trim_soon.cancel()
+            self._trim_soon = None
+
+    def _schedule_trim(self) -> None:
+        if self._trim_soon is None:
+            self._trim_soon = asyncio.get_running_loop().call_soon(self._trim)
 
     def _due(self) -> None:
         self._timer = None
-        self._trim()
-        self.rearm()
+        if not self._trim():
+            self.rearm()  # else the next batch's trim rearms
 
-    def _trim(self) -> None:
-        keep_days = self._rules.keep_days
-        before = None if keep_days is None else self._clock() - keep_days * SECONDS_PER_DAY
-        for job_id in self._store.expire(before, self._rules.keep_last):
+    def _trim(self) -> bool:
+        """Delete a batch of what the rules no longer keep; True if more is left (its batch is scheduled)."""
+        self._trim_soon = None
+        doomed: list[int] = []
+        if self._rules.keep_days is not None:
+            cutoff = self._clock() - self._rules.keep_days * SECONDS_PER_DAY
+            doomed = self._store.finished_before(cutoff, TRIM_BATCH)
+        if self._rules.keep_last is not None and len(doomed) < TRIM_BATCH:
+            if self._finished is None:
+                self._finished = self._store.finished_count()
+            excess = self._finished - self._rules.keep_last
+            if excess > len(doomed):  # the oldest finishes, which begin with those too old already
+                doomed = self._store.oldest_finished(min(excess, TRIM_BATCH))
+        self._store.delete_jobs(doomed)
+        if self._finished is not None:
+            self._finished -= len(doomed)
+        for job_id in doomed:
             self._remove_output(job_id)
+        if len(doomed) < TRIM_BATCH:
+            return False
+        self._trim_soon = asyncio.get_running_loop().call_soon(self._due_again)
+        return True
+
+    def _due_again(self) -> None:
+        self._trim_soon = None
+        if not self._trim():
+            self.rearm()
