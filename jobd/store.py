@@ -117,6 +117,9 @@ class AttemptRow(_Base):
 class QueueStateRow(_Base):
     name = peewee.TextField(primary_key=True)
     paused = peewee.BooleanField()
+    # The configuration's `paused` when the API pause was recorded: a file changed since, even while jobd was
+    # stopped, overrides it (since schema version 15; NULL for older rows, whose API pause stays).
+    config_paused = peewee.BooleanField(null=True)
 
     class Meta:
         table_name = "queue_state"
@@ -152,7 +155,9 @@ def _migration_1(db: peewee.SqliteDatabase) -> None:
         'CREATE UNIQUE INDEX IF NOT EXISTS "attempt_job_id_number" ON "attempt" ("job_id", "number")',
     ):
         db.execute_sql(statement)  # type: ignore[no-untyped-call]
-    db.create_tables([QueueStateRow])
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        'CREATE TABLE IF NOT EXISTS "queue_state" ("name" TEXT NOT NULL PRIMARY KEY, "paused" INTEGER NOT NULL)'
+    )
 
 
 def _migration_2(db: peewee.SqliteDatabase) -> None:
@@ -326,6 +331,10 @@ def _migration_14(db: peewee.SqliteDatabase) -> None:
     db.execute_sql(f'CREATE INDEX "job_finished_at" ON "job" ("finished_at") WHERE {_FINISHED}')  # type: ignore[no-untyped-call]
 
 
+def _migration_15(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql('ALTER TABLE "queue_state" ADD COLUMN "config_paused" INTEGER')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -342,6 +351,7 @@ MIGRATIONS = (
     _migration_12,
     _migration_13,
     _migration_14,
+    _migration_15,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -861,16 +871,26 @@ class Store:
 
     # -- queues ----------------------------------------------------------------------------------------------
 
-    def queue_pauses(self) -> dict[str, bool]:
-        return {row.name: row.paused for row in QueueStateRow.select()}
+    def queue_pauses(self) -> dict[str, QueuePause]:
+        return {row.name: QueuePause(row.paused, row.config_paused) for row in QueueStateRow.select()}
 
-    def set_queue_pause(self, name: str, paused: bool | None) -> None:
+    def set_queue_pause(self, name: str, pause: QueuePause | None) -> None:
         """Record a pause or resume from the API; None forgets it (the configuration's `paused` applies)."""
         with self.db.atomic():
-            if paused is None:
+            if pause is None:
                 QueueStateRow.delete().where(QueueStateRow.name == name).execute()
             else:
-                QueueStateRow.insert(name=name, paused=paused).on_conflict_replace().execute()
+                QueueStateRow.insert(
+                    name=name, paused=pause.paused, config_paused=pause.config_paused
+                ).on_conflict_replace().execute()
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePause:
+    """A pause or resume through the API, and the configuration's `paused` at that moment (None: not known)."""
+
+    paused: bool
+    config_paused: bool | None
 
 
 @dataclass(frozen=True, slots=True)

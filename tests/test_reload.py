@@ -351,6 +351,22 @@ def test_status_line_shows_queue_counts_as_they_change(jobd: Callable[..., Daemo
     assert status_with("0 queued, 0 delayed") == "STATUS=0 running, 0 queued, 0 delayed"
 
 
+def test_a_paused_key_changed_while_jobd_was_stopped_overrides_the_api(jobd: Callable[..., Daemon]) -> None:
+    daemon = jobd("[queue.held]\npaused = true\n")
+    assert daemon.call("queue.pause", {"name": "held"})["paused"] is True  # the API's word, under paused = true
+    waiting = daemon.submit(command=["/bin/echo", "let out"], queue="held")
+    assert terminate(daemon) == 0
+    daemon.write_config("[queue.held]\npaused = false\n")  # the administrator's newer word
+    start(daemon)
+    assert queue(daemon, "held")["paused"] is False
+    assert daemon.wait(waiting["id"])["state"] == "succeeded"
+    # An unchanged file leaves an API pause alone across a restart.
+    assert daemon.call("queue.pause", {"name": "held"})["paused"] is True
+    assert terminate(daemon) == 0
+    start(daemon)
+    assert queue(daemon, "held")["paused"] is True
+
+
 def test_a_removed_queue_paused_through_the_api_still_drains(jobd: Callable[..., Daemon]) -> None:
     daemon = jobd(TASKS + "\n[queue.extra]\nconcurrency = 1\n")
     daemon.call("queue.pause", {"name": "extra"})

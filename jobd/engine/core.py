@@ -26,7 +26,7 @@ from jobd.engine.queues import QueueRuntime
 from jobd.errors import JobFinished, QueueClosed, ShuttingDown, UnknownJob, UnknownQueue
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
-from jobd.store import JobFilter, Store
+from jobd.store import JobFilter, QueuePause, Store
 from jobd.users import Account, account
 
 log = logging.getLogger("jobd.engine")
@@ -654,7 +654,7 @@ class Engine:
         if queue is None:
             known = sorted(self.queues)
             raise UnknownQueue(f"unknown queue {name!r}; defined queues: {', '.join(known)}", queue=name, allowed=known)
-        self.store.set_queue_pause(name, paused)
+        self.store.set_queue_pause(name, QueuePause(paused, queue.definition.paused))
         queue.paused = paused
         log.info("queue %s %s", name, "paused" if paused else "resumed")
         self._dispatch(name)
@@ -742,22 +742,30 @@ class Engine:
     def reload(self, config: Config) -> None:
         """Apply a new configuration: queues change at once; accepted jobs keep the spec they were given."""
         self.config = config
-        self._apply_queue_definitions(config, self.store.queue_pauses(), reloading=True)
+        self._apply_queue_definitions(config, self.store.queue_pauses())
         for name in list(self.queues):
             self._dispatch(name)
         self.history.configure(config.daemon.history)
         self._counts_changed()
 
-    def _apply_queue_definitions(self, config: Config, pauses: dict[str, bool], *, reloading: bool = False) -> None:
+    def _apply_queue_definitions(self, config: Config, stored: dict[str, QueuePause]) -> None:
+        pauses = {name: pause.paused for name, pause in stored.items()}
         for name, definition in config.queues.items():
             queue = self.queues.get(name)
+            # The file's `paused` under which the API pause was made: the running definition's, or at start-up the
+            # one stored with the pause.
+            if queue is not None:
+                was: bool | None = queue.definition.paused
+            else:
+                was = stored[name].config_paused if name in stored else None
+            if name in pauses and was is not None and definition.paused != was:
+                # The administrator changed `paused` in the file since the API pause (during this run, or while
+                # jobd was stopped): that newer word overrides it.
+                self.store.set_queue_pause(name, None)
+                pauses.pop(name)
             if queue is None:
                 self.queues[name] = QueueRuntime(definition, paused=pauses.get(name, definition.paused))
                 continue
-            if reloading and definition.paused != queue.definition.paused and name in pauses:
-                # The administrator changed `paused` in the file: that newer word overrides an API pause.
-                self.store.set_queue_pause(name, None)
-                pauses.pop(name)
             queue.redefine(definition)
             queue.closed = False
             queue.paused = pauses.get(name, definition.paused)
