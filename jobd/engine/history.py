@@ -89,11 +89,13 @@ class HistoryKeeper:
             excess = self._finished - self._rules.keep_last
             if excess > len(doomed):  # the oldest finishes, which begin with those too old already
                 doomed = self._store.oldest_finished(min(excess, TRIM_BATCH))
+        # Output first: a crash between the two then leaves rows without output, about to go anyway, rather than
+        # output directories that no row names and nothing would ever remove.
+        for job_id in doomed:
+            self._remove_output(job_id)
         self._store.delete_jobs(doomed)
         if self._finished is not None:
             self._finished -= len(doomed)
-        for job_id in doomed:
-            self._remove_output(job_id)
         if len(doomed) < TRIM_BATCH:
             return False
         self._trim_soon = asyncio.get_running_loop().call_soon(self._due_again)
