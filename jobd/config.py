@@ -1008,7 +1008,10 @@ def _http_request(setting: _Setting) -> Mapping[str, Any]:
     try:
         return MappingProxyType(check_request(setting.value))
     except HttpSpecError as error:
-        raise setting.invalid(str(error)) from None
+        # Reported at the bad key's own line when the parser knows it (a `[task.NAME.http]` table spreads over
+        # several), and named by its whole path.
+        key = setting.key if error.key is None else (*setting.key, error.key)
+        raise _error(setting.source, key, f"{_dotted(key)}: {error}") from None
 
 
 def _callbacks(table: _Table) -> Mapping[str, Any] | None:

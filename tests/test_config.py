@@ -371,6 +371,18 @@ BAD_VALUES = {
         "task.t.command",
         "expected a non-empty array of strings, the first one the program, got 3 as element 1",
     ),
+    "an unknown key in a task's http table": (
+        '[task.t]\n\n[task.t.http]\nurl = "http://127.0.0.1/"\nbogus = 1\n',
+        5,
+        "task.t.http.bogus",
+        "unknown key 'bogus'; allowed: ",
+    ),
+    "a bad value in a task's http table": (
+        '[task.t]\nhttp = { url = "http://127.0.0.1/", method = "FETCH" }\n',
+        2,
+        "task.t.http.method",
+        "'method': 'FETCH' is not allowed; allowed: ",
+    ),
     "an integer beyond SQLite's 64 bits": (
         "[daemon]\nhistory = { keep_last = 9223372036854775808 }\n",
         2,

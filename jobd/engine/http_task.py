@@ -29,7 +29,12 @@ _CHUNK = 65536
 
 
 class HttpSpecError(ValueError):
-    """An invalid `http` object: the message names the key and what is allowed."""
+    """An invalid `http` object: the message names the key and what is allowed; `key` is that key (None: the object
+    as a whole), so that a configuration error can point at its line."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def check_request(value: object) -> dict[str, Any]:
@@ -38,41 +43,47 @@ def check_request(value: object) -> dict[str, Any]:
         raise HttpSpecError("expected a table/object with at least 'url'")
     unknown = sorted(set(value) - set(KEYS))
     if unknown:
-        raise HttpSpecError(f"unknown key {unknown[0]!r}; allowed: {', '.join(KEYS)}")
+        raise HttpSpecError(f"unknown key {unknown[0]!r}; allowed: {', '.join(KEYS)}", key=unknown[0])
     if value.get("type", "http") != "http":  # Queue Server's command object says "type": "http"
-        raise HttpSpecError(f"'type': {value.get('type')!r} is not allowed; allowed: \"http\" (or leave it out)")
+        raise HttpSpecError(
+            f"'type': {value.get('type')!r} is not allowed; allowed: \"http\" (or leave it out)", key="type"
+        )
     url = value.get("url")
     if not isinstance(url, str) or not url:
-        raise HttpSpecError("'url' is required: an http:// or https:// URL")
+        raise HttpSpecError("'url' is required: an http:// or https:// URL", key="url")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or _has_control(url):
-        raise HttpSpecError(f"'url': {url!r} is not an http:// or https:// URL")
+        raise HttpSpecError(f"'url': {url!r} is not an http:// or https:// URL", key="url")
     method = value.get("method", "GET")
     if not isinstance(method, str) or method.upper() not in METHODS:
-        raise HttpSpecError(f"'method': {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+        raise HttpSpecError(f"'method': {method!r} is not allowed; allowed: {', '.join(METHODS)}", key="method")
     headers = _strings(value.get("headers", {}), "headers")
     for name, text in headers.items():
         if not name or _has_control(name) or ":" in name or " " in name:
-            raise HttpSpecError(f"'headers': {name!r} is not a valid header name")
+            raise HttpSpecError(f"'headers': {name!r} is not a valid header name", key="headers")
         if _has_control(text):
-            raise HttpSpecError(f"'headers': the value of {name!r} contains CR, LF or NUL")
+            raise HttpSpecError(f"'headers': the value of {name!r} contains CR, LF or NUL", key="headers")
     if parts.username is not None and any(name.lower() == "authorization" for name in headers):
         # aiohttp refuses the pair at every attempt: say so now rather than fail the job each time
-        raise HttpSpecError("'url' has credentials (user:password@) and 'headers' an Authorization: give only one")
+        raise HttpSpecError(
+            "'url' has credentials (user:password@) and 'headers' an Authorization: give only one", key="url"
+        )
     params = _strings(value.get("params", {}), "params")
     body = value.get("body")
     if body is not None and not isinstance(body, str):
-        raise HttpSpecError("'body': expected a string")
+        raise HttpSpecError("'body': expected a string", key="body")
     timeout = value.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0):
-        raise HttpSpecError(f"'timeout': expected a number > 0, got {timeout!r}")
+        raise HttpSpecError(f"'timeout': expected a number > 0, got {timeout!r}", key="timeout")
     expect = value.get("expect_status")
     if expect is not None:
         if not isinstance(expect, list) or not expect:
-            raise HttpSpecError("'expect_status': expected a non-empty list of status codes 100-599")
+            raise HttpSpecError(
+                "'expect_status': expected a non-empty list of status codes 100-599", key="expect_status"
+            )
         for status in expect:
             if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-                raise HttpSpecError(f"'expect_status': {status!r} is not a status code 100-599")
+                raise HttpSpecError(f"'expect_status': {status!r} is not a status code 100-599", key="expect_status")
     return {
         "method": method.upper(),
         "url": url,
@@ -87,13 +98,13 @@ def check_request(value: object) -> dict[str, Any]:
 def _strings(value: object, key: str) -> dict[str, str]:
     """A table of strings (numbers are taken as their text, as a form would send them)."""
     if not isinstance(value, Mapping):
-        raise HttpSpecError(f"'{key}': expected a table/object of strings")
+        raise HttpSpecError(f"'{key}': expected a table/object of strings", key=key)
     out = {}
     for name, item in value.items():
         if isinstance(item, int | float) and not isinstance(item, bool):
             item = str(item)
         if not isinstance(name, str) or not isinstance(item, str):
-            raise HttpSpecError(f"'{key}': {name!r}: expected a string")
+            raise HttpSpecError(f"'{key}': {name!r}: expected a string", key=key)
         out[name] = item
     return out
 
