@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, BinaryIO, TextIO
 
@@ -168,12 +169,31 @@ def format_progress(job: Job) -> str:
     return "-"
 
 
+def columns(text: str) -> int:
+    """The terminal columns `text` takes: East Asian wide and full-width characters take two, combining marks none."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def truncate(text: str, width: int) -> str:
-    if len(text) <= width:
+    """`text` cut to at most `width` terminal columns, with an ellipsis if it was cut."""
+    if columns(text) <= width:
         return text
-    if width <= len(ELLIPSIS):
-        return text[:width]
-    return text[: width - len(ELLIPSIS)] + ELLIPSIS
+    room = width - columns(ELLIPSIS) if width > columns(ELLIPSIS) else width
+    kept, used = [], 0
+    for c in text:
+        used += columns(c)
+        if used > room:
+            break
+        kept.append(c)
+    return "".join(kept) + (ELLIPSIS if width > columns(ELLIPSIS) else "")
+
+
+def pad(text: str, width: int, *, right: bool = False) -> str:
+    """`text` padded with spaces to `width` terminal columns."""
+    fill = " " * max(0, width - columns(text))
+    return fill + text if right else text + fill
 
 
 def plural(count: int, noun: str) -> str:
@@ -188,24 +208,28 @@ def render_table(
     width: int | None = None,
     flex: int | None = None,
 ) -> list[str]:
-    """Aligned columns separated by two spaces. If `width` is given, column `flex` is cut to make rows fit."""
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    """Aligned columns separated by two spaces. If `width` is given, column `flex` is cut to make rows fit.
+
+    Cells are shown with their control characters escaped: they carry what clients and jobs sent (a command's
+    arguments, a context), which must not drive the terminal."""
+    rows = [[printable(cell) for cell in row] for row in rows]
+    widths = [max([columns(h)] + [columns(row[i]) for row in rows]) for i, h in enumerate(headers)]
     if width is not None and flex is not None:
         others = sum(w for i, w in enumerate(widths) if i != flex) + len(COLUMN_GAP) * (len(widths) - 1)
-        widths[flex] = max(len(headers[flex]), min(widths[flex], width - others))
+        widths[flex] = max(columns(headers[flex]), min(widths[flex], width - others))
         rows = [[truncate(cell, widths[flex]) if i == flex else cell for i, cell in enumerate(row)] for row in rows]
 
     def line(cells: Sequence[str]) -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        padded = (pad(c, w, right=i in right) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
         return COLUMN_GAP.join(padded).rstrip()
 
     return [line(headers)] + [line(row) for row in rows]
 
 
 def render_fields(pairs: Sequence[tuple[str, str]]) -> list[str]:
-    """`key: value` lines with the values aligned."""
+    """`key: value` lines with the values aligned, control characters escaped (see render_table)."""
     width = max((len(key) for key, _ in pairs), default=0) + 1
-    return [f"{key + ':':<{width}} {value}" for key, value in pairs]
+    return [f"{key + ':':<{width}} {printable(value)}" for key, value in pairs]
 
 
 def render_progress_bar(job_id: int, state: str, progress: int, width: int, note: str = "") -> str:
@@ -214,7 +238,7 @@ def render_progress_bar(job_id: int, state: str, progress: int, width: int, note
     filled = max(0, min(bar_width, round(bar_width * progress / 100)))
     text = f"job {job_id} [{'#' * filled}{'-' * (bar_width - filled)}] {progress:>3}% {state}"
     if note:
-        text += f"  {note}"
+        text += f"  {printable(note)}"  # a job's log line: it must not drive the terminal either
     # One column short of the edge: writing the last column makes some terminals wrap, breaking the \r redraw.
     return truncate(text, max(1, width - 1))
 

@@ -14,6 +14,7 @@ from jobd.client import RemoteError, encode_message
 from jobd.jobctl import (
     WaitView,
     apply_event,
+    columns,
     describe_end,
     exit_code_for,
     format_duration,
@@ -21,6 +22,7 @@ from jobd.jobctl import (
     format_kib,
     format_time,
     format_timestamp,
+    render_fields,
     render_progress_bar,
     render_table,
     truncate,
@@ -76,6 +78,25 @@ def test_truncate_marks_the_cut() -> None:
     assert truncate("abcdef", 10) == "abcdef"
     assert truncate("abcdef", 4) == "abc…"
     assert truncate("abcdef", 1) == "a"
+
+
+def test_truncate_counts_terminal_columns() -> None:
+    wide = "画像をリサイズしています"  # two columns a character
+    assert columns(wide) == 24 and columns("é") == 1 and columns("e\u0301") == 1
+    cut = truncate(wide, 9)
+    assert cut == "画像をリ…" and columns(cut) == 9
+    assert columns(truncate(wide, 8)) <= 8
+
+
+def test_what_jobs_and_clients_sent_cannot_drive_the_terminal() -> None:
+    hostile = "true '\x1b]0;pwned\x07\x1b[31mRED\rX'"
+    for line in render_table(["ID", "COMMAND"], [["1", hostile]], width=80, flex=1) + render_fields(
+        [("command", hostile)]
+    ):
+        assert not any(c in line for c in "\x1b\x07\r"), repr(line)
+    assert "\\x1b]0;pwned" in render_table(["ID", "COMMAND"], [["1", hostile]])[1]
+    bar = render_progress_bar(42, "running", 40, 60, "\x1b[2J画像をリサイズしています" * 3)
+    assert "\x1b" not in bar and 58 <= columns(bar) <= 59  # a wide character does not fit in the last column
 
 
 def test_render_table_aligns_and_right_aligns_numbers() -> None:
