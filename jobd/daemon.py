@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import sdnotify
 
 from jobd import __version__, activation, config, proc
+from jobd import early_signals as jobd_early_signals
 from jobd.api import Api
 from jobd.engine.callbacks import Callbacks
 from jobd.engine.core import Engine
@@ -53,7 +54,10 @@ class _JournalFormatter(logging.Formatter):
     }
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
+        # journald takes each line of a stream as an entry of its own: every line carries the prefix, or the rest
+        # of a multi-line error (a reload's list of problems, a traceback) would be filed as info.
+        prefix = f"<{self.PRIORITIES.get(record.levelno, 6)}>"
+        return prefix + super().format(record).replace("\n", "\n" + prefix)
 
 
 class _TimestampFormatter(logging.Formatter):
@@ -397,12 +401,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = None) -> int:
     # Until the event loop takes them over (Daemon.run), SIGTERM, SIGINT and SIGHUP are remembered, not fatal: a
-    # `systemctl reload` or `stop` during start-up must neither kill jobd in the middle of its recovery nor be lost.
-    early_signals: list[int] = []
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(number, lambda received, _frame: early_signals.append(received))
+    # `kill -HUP` or a stop during start-up must neither kill jobd in the middle of its recovery nor be lost. The
+    # `jobd` command installed the handlers before importing this module (jobd.early_signals); `python -m` did not.
+    if early_signals is None:
+        early_signals = jobd_early_signals.remember()
     # Sockets passed by systemd sit at fd 3 and up: take them (moved elsewhere) before fd 3 is given to /dev/null.
     activation_error: StartupError | None = None
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon
+from harness import REPO, Daemon, Notifications
 from lxml import etree
 from recovery.support import Gate, Pidfds, gated, kill9, pump_of, start, terminate, wait_events
 
@@ -697,6 +697,45 @@ def test_a_sighup_while_starting_reloads_once_ready(make_daemon: Callable[..., D
     job = daemon.wait(daemon.submit(task="later")["id"])
     assert job["state"] == "succeeded" and daemon.output(job["id"]) == "reloaded\n"
     pump.stop()
+
+
+# Stands in for sdnotify, which jobd.daemon imports: holds the import on a FIFO the test opens, then hands over the
+# real module. So the test knows jobd is inside the imports of its start-up (past jobd.early_signals).
+IMPORT_GATE_SHIM = """
+import os, sys
+with open(os.environ["JOBD_TEST_IMPORT_GATE"]) as gate:
+    gate.read()
+sys.path.remove(os.path.dirname(__file__))
+del sys.modules["sdnotify"]
+import sdnotify as real
+sys.modules["sdnotify"] = real
+"""
+
+
+def test_a_sighup_while_jobd_imports_itself_does_not_kill_it(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = make_daemon(start=False)
+    gate, shim = tmp_path / "gate", tmp_path / "shim"
+    os.mkfifo(gate)
+    shim.mkdir()
+    (shim / "sdnotify.py").write_text(IMPORT_GATE_SHIM)
+    notify = Notifications(tmp_path / "notify.sock")
+    env = {**os.environ, "PYTHONPATH": f"{shim}:{REPO}", "NOTIFY_SOCKET": str(notify.path)}
+    env["JOBD_TEST_IMPORT_GATE"] = str(gate)
+    command = [str(Path(sys.executable).parent / "jobd"), "--config-dir", str(daemon.config_dir)]  # the console script
+    with open(daemon.log_path, "ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+    try:
+        with open(gate, "w"):  # returns once jobd is held in its imports
+            process.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1")  # the SIGHUP did not kill it...
+        notify.wait_for("RELOADING=1")  # ...and was acted on once jobd was ready
+        notify.wait_for("READY=1")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, daemon.log()
+        notify.close()
 
 
 def test_a_sigterm_while_starting_stops_jobd_once_started(make_daemon: Callable[..., Daemon]) -> None:

@@ -351,3 +351,45 @@ def test_journal_priorities(sd: Sdns) -> None:
     assert info[f"job={good} queued in queue default"] == "6"
     assert any(message.startswith(f"job={good} succeeded") and prio == "6" for message, prio in info.items())
     assert any(message.startswith(f"job={bad} failed") and prio == "4" for message, prio in info.items())
+
+
+def test_every_line_of_a_multi_line_error_has_its_priority(sd: Sdns) -> None:
+    # journald files each line of a stream as an entry of its own: a reload's second problem must be an error too.
+    started(sd)
+    workflows = sd.root / "etc" / "jobd" / "workflows"
+    workflows.mkdir(exist_ok=True)
+    try:
+        (workflows / "broken-one.xml").write_text("<workflow>")
+        (workflows / "broken-two.xml").write_text("<workflow>")
+        cursor = sd.cursor()
+        sd.ctl("reload", "jobd.service")
+        sd.follow(cursor, r"broken-two\.xml")  # the message's second line
+        priorities = {
+            name: [entry["PRIORITY"] for entry in sd.journal(cursor, "-u", "jobd.service") if name in entry["MESSAGE"]]
+            for name in ("broken-one.xml", "broken-two.xml")
+        }
+        assert priorities == {"broken-one.xml": ["3"], "broken-two.xml": ["3"]}, priorities
+    finally:
+        shutil.rmtree(workflows)
+        sd.ctl("reload", "jobd.service")
+
+
+def test_a_broken_configuration_is_not_restarted_into_the_start_limit(sd: Sdns) -> None:
+    # Exit 78 (EX_CONFIG): starting again cannot mend it, and hitting the start limit would fail jobd.socket too.
+    started(sd)
+    sd.ctl("stop", "jobd.service")
+    sd.ctl("reset-failed", "jobd.service")  # the start limit's count of the module's earlier tests
+    restarts = int(sd.show("NRestarts"))
+    broken = sd.root / "etc" / "jobd" / "jobd.d" / "70-broken.toml"
+    broken.write_text("[daemon]\nbogus_key = 1\n")
+    try:
+        sd.ctl("start", "jobd.service", check=False)  # fails: the start job ends with the service's exit
+        assert sd.show("ExecMainStatus") == "78"
+        # Failed for good, not waiting to be started again ("auto-restart").
+        assert (sd.show("ActiveState"), sd.show("SubState")) == ("failed", "failed")
+        assert int(sd.show("NRestarts")) == restarts
+        assert sd.ctl("is-active", "jobd.socket").strip() == "active"  # clients still wait in its queue
+    finally:
+        broken.unlink()
+    sd.ctl("reset-failed", "jobd.service")
+    started(sd)
