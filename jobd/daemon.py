@@ -139,6 +139,9 @@ def _secure_state_dir(state_dir: str) -> None:
     WAL and shared-memory files take its mode from SQLite)."""
     for name, most in STATE_MODES.items():
         _tighten(os.path.join(state_dir, name), most)
+    # Made here, not by the first job's output file: os.makedirs gives the mode only to the last directory it makes,
+    # and the next start would have tightened output/ with a warning.
+    os.makedirs(os.path.join(state_dir, "output"), mode=STATE_MODES["output"], exist_ok=True)
     database = os.path.join(state_dir, DATABASE)
     os.close(os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, DATABASE_MODE))
     for suffix in ("", "-wal", "-shm"):

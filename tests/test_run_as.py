@@ -255,6 +255,15 @@ def test_state_directory_is_0750_tightened_at_start_and_the_database_0600(make_d
     assert "tightening it to 0750" in daemon.log()
 
 
+def test_a_new_state_directory_needs_no_tightening_at_the_next_start(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon("")
+    assert daemon.wait(daemon.submit(command=["/bin/echo", "out"])["id"])["state"] == "succeeded"
+    assert stat.S_IMODE((daemon.state_dir / "output").stat().st_mode) == 0o750
+    assert daemon.stop() == 0
+    daemon.start()
+    assert "tightening" not in daemon.log()
+
+
 def test_output_files_cannot_be_read_by_another_user(make_daemon: Any, test_user: pwd.struct_passwd) -> None:
     daemon = _start(make_daemon, f'[task.talk]\ncommand = ["/bin/echo", "secret"]\nuser = "{USER}"\n')
     job = daemon.submit(task="talk")
