@@ -1386,12 +1386,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Stands in for a literal `--` among submit's ARGs while argparse reads them: it drops every `--` from a list of
+# positionals, not only the one that ends the options (Python 3.11), so `submit TASK -- -a -- b` lost the second.
+_ARG_SEPARATOR = "\x00--"
+
+
+def _keep_later_separators(argv: list[str]) -> list[str]:
+    """`argv` with each `--` after the first one that follows `submit` replaced by _ARG_SEPARATOR."""
+    if "submit" not in argv or "--" not in argv[argv.index("submit") :]:
+        return argv
+    first = argv.index("--", argv.index("submit"))
+    return argv[: first + 1] + [_ARG_SEPARATOR if arg == "--" else arg for arg in argv[first + 1 :]]
+
+
+def _restore_separators(args: argparse.Namespace) -> None:
+    for name in ("args", "argv"):  # submit's ARGs; run's command, should `submit` have been one of its words
+        values = getattr(args, name, None)
+        if isinstance(values, list):
+            setattr(args, name, ["--" if value == _ARG_SEPARATOR else value for value in values])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_keep_later_separators(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as exc:  # usage error or --help: return the code instead of leaving the interpreter
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    _restore_separators(args)
     tolerate_unencodable_output()
     client = Client(args.socket or default_socket_path())
     handler: Handler = args.handler

@@ -166,6 +166,17 @@ def test_submit_a_task_with_args(daemon: Any) -> None:
     assert daemon.output(job["id"]) == "hello world\n"
 
 
+def test_submit_passes_a_later_double_dash_to_the_task(daemon: Any) -> None:
+    # The first `--` ends jobctl's options; those after it are the task's arguments like any other.
+    for argv, sent in ((["--", "-n", "-a", "--", "b"], ["-n", "-a", "--", "b"]), (["--", "--"], ["--"])):
+        result = ctl(daemon, "submit", "echo", *argv)
+        assert result.code == 0, result
+        job = daemon.wait(submitted_id(result))
+        assert job["command"] == ["/bin/echo", *sent], (argv, job["command"])
+    result = ctl(daemon, "run", "--wait", "--", "/bin/echo", "submit", "--", "x")  # `run` is not affected
+    assert daemon.output(submitted_id(result)) == "submit -- x\n"
+
+
 def test_submit_an_env_task_with_params(daemon: Any) -> None:
     result = ctl(daemon, "submit", "-P", "A=1", "--param", "B=two words", "envtask")
     assert result.code == 0, result
