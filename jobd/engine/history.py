@@ -73,8 +73,11 @@ class HistoryKeeper:
 
     def _due(self) -> None:
         self._timer = None
+        self._trim_then_rearm()
+
+    def _trim_then_rearm(self) -> None:
         if not self._trim():
-            self.rearm()  # else the next batch's trim rearms
+            self.rearm()  # else the next batch, scheduled by _trim, rearms
 
     def _trim(self) -> bool:
         """Delete a batch of what the rules no longer keep; True if more is left (its batch is scheduled)."""
@@ -98,10 +101,5 @@ class HistoryKeeper:
             self._finished -= len(doomed)
         if len(doomed) < TRIM_BATCH:
             return False
-        self._trim_soon = asyncio.get_running_loop().call_soon(self._due_again)
+        self._trim_soon = asyncio.get_running_loop().call_soon(self._trim_then_rearm)
         return True
-
-    def _due_again(self) -> None:
-        self._trim_soon = None
-        if not self._trim():
-            self.rearm()
