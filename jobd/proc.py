@@ -332,8 +332,8 @@ class _PipeWatch:
         del self._readers[fd]
 
     def _ready(self) -> None:
-        # no-poll-ok: a non-blocking read of what is ready, called only when the loop saw this epoll set readable
-        for fd, _ in self._epoll.poll(0):
+        # A non-blocking read of what is ready, called only when the loop saw this epoll set readable.
+        for fd, _ in self._epoll.poll(0):  # no-poll-ok: the loop's epoll said this set is readable
             # A reader may remove others, or a closed fd's number be registered anew, while the list is handled:
             # a reader gone is skipped, and a new one woken for nothing finds its pipe empty (EAGAIN).
             on_readable = self._readers.get(fd)
