@@ -393,3 +393,20 @@ def test_a_broken_configuration_is_not_restarted_into_the_start_limit(sd: Sdns) 
         broken.unlink()
     sd.ctl("reset-failed", "jobd.service")
     started(sd)
+
+
+@pytest.mark.parametrize("unit", ["jobd.service", "jobd.socket"])
+def test_each_directive_of_a_unit_file_is_set_once(unit: str) -> None:
+    """A directive set twice is legal and usually a slip (a block pasted twice): for most settings the later one
+    silently wins, and a reader changing the first sees no effect."""
+    section, seen, repeated = "", set(), []
+    for line in (UNITS / unit).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif line and not line.startswith("#") and "=" in line:
+            key = (section, line.split("=", 1)[0])
+            if key in seen:
+                repeated.append(key)
+            seen.add(key)
+    assert repeated == []
