@@ -19,11 +19,11 @@ import stat
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import sdnotify
 
-from jobd import __version__, activation, config, proc
+from jobd import __version__, activation, config, logline, proc
 from jobd import early_signals as jobd_early_signals
 from jobd.api import Api
 from jobd.engine.callbacks import Callbacks
@@ -40,61 +40,6 @@ log = logging.getLogger("jobd")
 
 STATUS_INTERVAL = 0.1  # seconds between two STATUS= updates at most
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuration error"
-
-
-class _JournalFormatter(logging.Formatter):
-    """`<N>message`: journald reads the syslog priority from the prefix on a service's stderr."""
-
-    PRIORITIES: ClassVar[dict[int, int]] = {
-        logging.DEBUG: 7,
-        logging.INFO: 6,
-        logging.WARNING: 4,
-        logging.ERROR: 3,
-        logging.CRITICAL: 2,
-    }
-
-    def format(self, record: logging.LogRecord) -> str:
-        # journald takes each line of a stream as an entry of its own: every line carries the prefix, or the rest
-        # of a multi-line error (a reload's list of problems, a traceback) would be filed as info.
-        prefix = f"<{self.PRIORITIES.get(record.levelno, 6)}>"
-        return prefix + super().format(record).replace("\n", "\n" + prefix)
-
-
-class _TimestampFormatter(logging.Formatter):
-    """`2026-11-29 22:30:04,123 INFO message`, for a terminal or a log file.
-
-    The date and time of day are formatted once per second: localtime() and strftime() are most of the cost of
-    a record, and a busy jobd logs thousands of records a second.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
-        self._second = -1
-        self._second_text = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self._second = second
-        return f"{self._second_text},{int(record.msecs):03d}"
-
-
-def _setup_logging(level: str) -> None:
-    # Every job transition is logged, so a log call sits on the hot path of every job. These switches (the
-    # logging documentation's "Optimization" section) skip what jobd's lines never show: the caller's source
-    # position (a stack walk per record), thread and process names, and getpid() per record.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
-        handler.setFormatter(_JournalFormatter("%(message)s"))
-    else:
-        handler.setFormatter(_TimestampFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-    logging.getLogger("peewee").setLevel(logging.INFO)  # its DEBUG is every SQL statement
 
 
 class _Notifier:
@@ -420,7 +365,8 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
     proc.close_inherited_fds_on_exec()  # nothing jobd was started with reaches its jobs
     proc.reserve_progress_fd()  # first, before anything else can be given fd 3
     args = parse_args(argv)
-    _setup_logging(args.log_level)
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    logline.setup(args.log_level, sys.stderr.fileno(), journal=under_systemd)
     # A fatal signal prints every thread's Python stack to the log first: systemd's watchdog ends a hung jobd with
     # SIGABRT, and the stack says where its event loop was stuck.
     faulthandler.enable()
