@@ -39,6 +39,8 @@ from jobd.store import DATABASE_ERRORS, Store
 log = logging.getLogger("jobd")
 
 STATUS_INTERVAL = 0.1  # seconds between two STATUS= updates at most
+# Seconds asked of systemd beyond the longest kill_grace when stopping: to record the killed jobs and close down.
+STOP_MARGIN = 5.0
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuration error"
 
 
@@ -202,6 +204,12 @@ class Daemon:
         log.info("stopping: no new work; running jobs get SIGTERM, then SIGKILL after their kill_grace")
         self._stopping = True
         self.notifier.notify(f"STOPPING=1\nSTATUS={self._status_line()}")
+        grace = self.engine.longest_kill_grace()
+        if grace > 0:
+            # A job may take its whole kill_grace to go after SIGTERM. systemd would SIGKILL jobd (and the job) once
+            # TimeoutStopSec= ran out, and the next start would find the attempt lost: ask it to wait that long.
+            # It keeps its own timeout when that is longer (EXTEND_TIMEOUT_USEC only ever extends).
+            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={round((grace + STOP_MARGIN) * 1_000_000)}")
         self.scheduler.stop()
         if self.watcher is not None:
             self.watcher.close()

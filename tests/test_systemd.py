@@ -66,6 +66,11 @@ queue = "held"
 # ends it.
 command = ["/bin/sh", "-c", "trap '' TERM; /bin/sleep 300"]
 
+[task.stubborn_long]
+# The same with a kill_grace longer than the TimeoutStopSec= of test_a_long_kill_grace_extends_the_stop_timeout.
+command = ["/bin/sh", "-c", "trap '' TERM; /bin/sleep 300"]
+kill_grace = 4
+
 [task.escapee]
 # Leaves a process in a session of its own, out of reach of jobd's signals to the job's process group.
 command = ["/bin/sh", "-c", "/usr/bin/setsid /bin/sleep 300 </dev/null >/dev/null 2>&1 & echo $!; wait"]
@@ -335,6 +340,33 @@ def test_stop_with_running_jobs(sd: Sdns) -> None:
     assert found["state"] in ("queued", "running")
     call(sd, "job.cancel", {"id": job})
     call(sd, "job.cancel", {"id": escapee_job})
+
+
+def test_a_long_kill_grace_extends_the_stop_timeout(sd: Sdns) -> None:
+    """A job whose kill_grace outlasts TimeoutStopSec= still gets it: jobd asks systemd for the time
+    (EXTEND_TIMEOUT_USEC), SIGKILLs the job itself and records it, rather than being SIGKILLed with it by systemd
+    and finding the attempt lost at the next start."""
+    short_stop = sd.root / "etc" / "systemd" / "system" / "jobd.service.d" / "short-stop.conf"
+    short_stop.write_text("[Service]\nTimeoutStopSec=2s\n")
+    sd.ctl("daemon-reload")
+    try:
+        started(sd)
+        cursor = sd.cursor()
+        job = call(sd, "job.submit", {"task": "stubborn_long"})["id"]
+        sd.follow(cursor, rf"job={job} running")
+        sd.ctl("stop", "jobd.service")  # returns once jobd has exited: after the job's 4 s of grace
+        assert sd.show("Result") == "success"
+        messages = [entry["MESSAGE"] for entry in sd.journal(cursor, "-u", "jobd.service")]
+        assert "stopped" in messages
+        assert not any("timed out" in message for message in messages), messages
+    finally:
+        short_stop.unlink()
+        sd.ctl("daemon-reload")
+    started(sd)
+    found = call(sd, "job.get", {"id": job})
+    assert found["tries"][0]["outcome"] == "killed"
+    assert found["tries"][0]["signal"] == signal.SIGKILL
+    call(sd, "job.cancel", {"id": job})
 
 
 def test_journal_priorities(sd: Sdns) -> None:

@@ -795,6 +795,11 @@ class Engine:
 
     # -- shutdown ----------------------------------------------------------------------------------------------
 
+    def longest_kill_grace(self) -> float:
+        """The longest kill_grace among the running jobs (0 when none runs): how long shutdown() may wait for a job
+        that ignores SIGTERM before its SIGKILL."""
+        return max((self.jobs[job_id].spec.kill_grace for job_id in self._running), default=0.0)
+
     async def shutdown(self) -> None:
         """Stop taking work, end running jobs by their grace rules, and leave every job recoverable."""
         self.stopping = True
