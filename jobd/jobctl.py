@@ -13,6 +13,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -1399,6 +1400,30 @@ def _keep_later_separators(argv: list[str]) -> list[str]:
     return argv[: first + 1] + [_ARG_SEPARATOR if arg == "--" else arg for arg in argv[first + 1 :]]
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's own test: such a word is a value, not an option
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args(), except that submit's ARGs may have options between them (`submit resize a.png -p 5 b.png`):
+    argparse takes the ARGs up to the first option and leaves the later ones over. Left-over words that look like
+    options are still refused (an ARG that starts with `-` goes after `--`)."""
+    args, extra = parser.parse_known_args(_keep_later_separators(argv))
+    if extra and args.command == "submit":
+        literal, later_args = False, []
+        for word in extra:
+            if word == "--" and not literal:
+                literal = True
+            elif not literal and word.startswith("-") and word != "-" and not _NEGATIVE_NUMBER.match(word):
+                parser.error(f"unrecognized arguments: {word} (put ARGs that start with - after --)")
+            else:
+                later_args.append(word)
+        args.args += later_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _restore_separators(args)
+    return args
+
+
 def _restore_separators(args: argparse.Namespace) -> None:
     for name in ("args", "argv"):  # submit's ARGs; run's command, should `submit` have been one of its words
         values = getattr(args, name, None)
@@ -1409,10 +1434,9 @@ def _restore_separators(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(_keep_later_separators(list(sys.argv[1:] if argv is None else argv)))
+        args = _parse(parser, list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # usage error or --help: return the code instead of leaving the interpreter
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    _restore_separators(args)
     tolerate_unencodable_output()
     client = Client(args.socket or default_socket_path())
     handler: Handler = args.handler

@@ -177,6 +177,24 @@ def test_submit_passes_a_later_double_dash_to_the_task(daemon: Any) -> None:
     assert daemon.output(submitted_id(result)) == "submit -- x\n"
 
 
+def test_submit_takes_options_between_its_args(daemon: Any) -> None:
+    # ARGs keep their order around the options; -5 is a value (argparse's rule), and `--` makes the rest literal.
+    result = ctl(daemon, "submit", "echo", "a", "--priority", "7", "b", "-5", "--context", "c-1", "c", "--", "-d")
+    assert result.code == 0, result
+    job = daemon.wait(submitted_id(result))
+    assert job["command"] == ["/bin/echo", "a", "b", "-5", "c", "-d"]
+    assert (job["priority"], job["context"]) == (7, "c-1")
+    # A word that looks like an option and is none is still refused, and nothing is submitted.
+    before = job_count(daemon)
+    result = ctl(daemon, "submit", "echo", "a", "-p", "7", "b", "--bogus")
+    assert result.code == 2, result
+    assert "unrecognized arguments: --bogus (put ARGs that start with - after --)" in result.err
+    assert job_count(daemon) == before
+    result = ctl(daemon, "status", "1", "2")  # other commands take no extra words
+    assert result.code == 2, result
+    assert "unrecognized arguments: 2" in result.err
+
+
 def test_submit_an_env_task_with_params(daemon: Any) -> None:
     result = ctl(daemon, "submit", "-P", "A=1", "--param", "B=two words", "envtask")
     assert result.code == 0, result
