@@ -282,16 +282,18 @@ def describe_end(job: Job) -> str:
     """The line `wait` prints for people once a job has finished."""
     state = job.get("state")
     head = f"job {job.get('id')}"
-    took = duration_between(job.get("started_at"), job.get("finished_at"))
+    took = duration_between(job.get("started_at"), job.get("finished_at"))  # of the last attempt
+    attempts = job.get("attempts") or 0
     if state == JobState.SUCCEEDED:
-        text = f"{head} succeeded in {format_duration(took)}"
-    elif state == JobState.TIMED_OUT:
+        # The time is the successful attempt's alone: "(3 attempts)" after it read as the time of all three.
+        on = f" on attempt {attempts}" if attempts > 1 else ""
+        return f"{head} succeeded{on} in {format_duration(took)}"
+    if state == JobState.TIMED_OUT:
         text = f"{head} timed out after {format_duration(job.get('timeout') or took)}"
     elif state == JobState.CANCELLED:
         text = f"{head} cancelled"
     else:
         text = f"{head} {state}: {failure_reason(job)}"
-    attempts = job.get("attempts") or 0
     return f"{text} ({plural(attempts, 'attempt')})" if attempts > 1 else text
 
 

@@ -165,6 +165,8 @@ def test_describe_end() -> None:
     started, finished = "2026-11-29T16:00:00Z", "2026-11-29T16:00:01.5Z"
     done = job(state="succeeded", exit_code=0, started_at=started, finished_at=finished)
     assert describe_end(done) == "job 42 succeeded in 1.5s"
+    retried = job(state="succeeded", exit_code=0, started_at=started, finished_at=finished, attempts=3)
+    assert describe_end(retried) == "job 42 succeeded on attempt 3 in 1.5s"
     assert describe_end(job(state="failed", exit_code=3, attempts=3)) == "job 42 failed: exit code 3 (3 attempts)"
     assert describe_end(job(state="failed", signal=9)) == "job 42 failed: killed by SIGKILL"
     assert describe_end(job(state="failed", error="cannot run /nope")) == "job 42 failed: cannot run /nope"
