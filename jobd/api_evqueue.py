@@ -26,7 +26,7 @@ from jobd.engine.submit import Peer
 from jobd.errors import JobdError, TimedOut, UnknownWorkflow
 from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
 from jobd.protocol import evqueue as xml
-from jobd.store import InstanceFilter
+from jobd.store import InstanceFilter, store_failure
 
 log = logging.getLogger("jobd.evqueue")
 
@@ -136,6 +136,9 @@ class EvQueue:
             self.statistics.waiting_threads -= 1
 
     def _internal_error(self, failure: Exception) -> bytes:
+        if (store_failed := store_failure(failure)) is not None:
+            log.error("evQueue request: %s", store_failed.message)
+            return self.error(store_failed)
         log.error("internal error answering an evQueue request", exc_info=failure)
         return self.error(JobdError(f"internal error: {type(failure).__name__}: {failure}"))
 

@@ -22,7 +22,7 @@ from typing import Any, Final
 from jobd.engine.submit import Peer
 from jobd.errors import JobdError
 from jobd.model import AuditEntry
-from jobd.store import Store
+from jobd.store import Store, store_failure
 
 log = logging.getLogger("jobd.audit")
 
@@ -187,6 +187,8 @@ def record(
 def _code(failure: BaseException) -> tuple[str, str]:
     if isinstance(failure, JobdError):
         return failure.code, failure.message
+    if isinstance(failure, Exception) and (store_failed := store_failure(failure)) is not None:
+        return store_failed.code, store_failed.message
     if isinstance(failure, asyncio.CancelledError):
         return "INTERRUPTED", "the connection closed before the result was known"
     return JobdError.code, f"internal error: {type(failure).__name__}: {failure}"

@@ -147,6 +147,13 @@ class TooManyConnections(JobdError):
     rpc_code = -32014
 
 
+class StoreFailed(JobdError):
+    """jobd could not write its database (its disk is full, an I/O error): the request was not carried out."""
+
+    code = "STORE_FAILED"
+    rpc_code = -32015
+
+
 class StartupError(Exception):
     """jobd refuses to start: another jobd owns the state or the socket, the database is from a newer jobd, …
 

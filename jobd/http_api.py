@@ -40,6 +40,7 @@ from jobd.errors import (
     JobdError,
     MethodNotFound,
     StartupError,
+    StoreFailed,
     UnknownInstance,
     UnknownJob,
     UnknownQueue,
@@ -58,6 +59,7 @@ from jobd.model import (
     Outcome,
     Right,
 )
+from jobd.store import store_failure
 
 log = logging.getLogger("jobd.http")
 
@@ -196,6 +198,11 @@ class HttpApi:
             raise
         except JobdError as failure:
             return _failure(failure)
+        except Exception as failure:
+            if (store_failed := store_failure(failure)) is None:
+                raise  # a bug: aiohttp logs it and answers 500
+            log.error("%s %s: %s", request.method, request.path, store_failed.message)
+            return _failure(store_failed)
         finally:
             self.active -= 1
 
@@ -527,6 +534,8 @@ def _failure(failure: JobdError) -> web.Response:
         status = 404
     elif isinstance(failure, InvalidParams):
         status = 400
+    elif isinstance(failure, StoreFailed):
+        status = 503  # the machine's trouble (a full disk); the same request may succeed later
     else:
         status = 409 if failure.code not in ("INTERNAL_ERROR",) else 500
     return _error(status, failure.code, failure.message, **failure.details)

@@ -30,6 +30,7 @@ from jobd.engine.submit import Peer, identify_peer
 from jobd.errors import FrameTooLarge, InvalidRequest, InvalidXml, JobdError, StartupError, TooManyConnections
 from jobd.linux import peer_credentials
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
+from jobd.store import store_failure
 
 log = logging.getLogger("jobd.server")
 
@@ -485,6 +486,9 @@ Reply = dict[str, Any] | None
 
 
 def _failure_reply(member: jsonrpc.Request, failure: Exception) -> Reply:
+    if (store_failed := store_failure(failure)) is not None:
+        log.error("%s: %s", member.method, store_failed.message)
+        failure = store_failed
     if isinstance(failure, JobdError):
         reply = jsonrpc.error(member.id, failure)
     else:  # the request boundary: a bug is logged and answered, never fatal

@@ -21,7 +21,7 @@ from typing import Any
 
 import peewee
 
-from jobd.errors import StartupError
+from jobd.errors import StartupError, StoreFailed
 from jobd.model import (
     Attempt,
     AuditEntry,
@@ -590,7 +590,7 @@ class Store:
         """Delete jobs with their attempts and callback deliveries, in one transaction."""
         if not ids:
             return
-        with self.db.atomic():
+        with self._transaction():
             self._keep_ids_used("job")
             for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
                 JobRow.delete().where(JobRow.id.in_(ids[start : start + 500])).execute()
@@ -605,7 +605,7 @@ class Store:
 
     def insert_instance(self, summary: InstanceSummary, document: bytes) -> int:
         instance_id = self._last_id["instance"] + 1
-        with self.db.atomic():
+        with self._transaction():
             row = InstanceRow.create(
                 id=instance_id,
                 workflow=summary.workflow,
@@ -703,7 +703,7 @@ class Store:
         return [_instance_from_row(row) for row in page], int(total)
 
     def delete_instance(self, instance_id: int) -> None:
-        with self.db.atomic():
+        with self._transaction():
             self._keep_ids_used("instance")
             InstanceRow.delete().where(InstanceRow.id == instance_id).execute()
 
@@ -736,7 +736,7 @@ class Store:
         }
 
     def save_schedule_state(self, state: ScheduleState) -> None:
-        with self.db.atomic():
+        with self._transaction():
             ScheduleRow.insert(
                 name=state.name,
                 last_run=state.last_run,
@@ -748,7 +748,7 @@ class Store:
             ).on_conflict_replace().execute()
 
     def forget_schedule(self, name: str) -> None:
-        with self.db.atomic():
+        with self._transaction():
             ScheduleRow.delete().where(ScheduleRow.name == name).execute()
 
     # -- audit -----------------------------------------------------------------------------------------------
@@ -775,9 +775,12 @@ class Store:
             self._audit_timer = asyncio.get_running_loop().call_later(AUDIT_WRITE_BEHIND, self._flush_audit_or_log)
 
     def _flush_audit_or_log(self) -> None:
+        waiting = len(self._audit_pending)
         try:
             self.flush_audit()
-        except Exception:  # the commands have happened: a full disk must not take the event loop's callback down
+        except DATABASE_ERRORS as error:  # the commands have happened: a full disk must not stop the event loop
+            log.error("%d audit log entries lost: cannot write the database: %s", waiting, error)
+        except Exception:
             log.exception("could not write entries to the audit log")
 
     def flush_audit(self) -> None:
@@ -826,7 +829,7 @@ class Store:
         """Queue a finished job's callbacks (event, target, definition), all in one transaction that also marks the
         job as done with (`callbacks_queued`): it leaves the start-up check's index (unqueued_callback_jobs)."""
         rows = []
-        with self.db.atomic():
+        with self._transaction():
             JobRow.update(callbacks_queued=1).where(JobRow.id == job_id).execute()
             for event, target, spec in deliveries:
                 row = CallbackRow.create(
@@ -860,7 +863,7 @@ class Store:
         return [_callback_from_row(row) for row in query]
 
     def record_callback_try(self, delivery: CallbackDelivery) -> None:
-        with self.db.atomic():
+        with self._transaction():
             CallbackRow.update(
                 state=delivery.state,
                 tries=delivery.tries,
@@ -876,7 +879,7 @@ class Store:
 
     def set_queue_pause(self, name: str, pause: QueuePause | None) -> None:
         """Record a pause or resume from the API; None forgets it (the configuration's `paused` applies)."""
-        with self.db.atomic():
+        with self._transaction():
             if pause is None:
                 QueueStateRow.delete().where(QueueStateRow.name == name).execute()
             else:
@@ -1075,6 +1078,14 @@ def _record_starts(sql: sqlite3.Connection, starts: Sequence[tuple[Job, Attempt]
     for job, attempt in starts:
         sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
         sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
+
+
+def store_failure(failure: Exception) -> StoreFailed | None:
+    """What to answer a request that failed on the database (a full disk, an I/O error), or None for any other
+    failure: the machine's trouble, to be logged in one line, not a bug with a traceback to read."""
+    if not isinstance(failure, DATABASE_ERRORS):
+        return None
+    return StoreFailed(f"jobd could not write its database ({failure}); the request was not carried out")
 
 
 def _spec_values(spec: JobSpec) -> tuple[Any, ...]:

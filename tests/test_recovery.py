@@ -600,6 +600,53 @@ def test_a_full_database_disk_holds_a_job_end_until_there_is_room_again(
     assert daemon.wait(third)["state"] == "succeeded"
 
 
+def _refused_for_a_full_disk(daemon: Daemon, method: str, params: dict[str, Any]) -> RemoteError:
+    with pytest.raises(RemoteError) as info:
+        daemon.call(method, params)
+    assert info.value.code == "STORE_FAILED", info.value
+    assert "database or disk is full" in info.value.message
+    return info.value
+
+
+def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    assert daemon.state_dir == small_state_disk
+    held = daemon.submit(command=["/bin/echo", "held"], queue="held")["id"]
+    filler = fill(small_state_disk)
+    # The WAL may still have room for a few rows: submit until the disk refuses one.
+    for _ in range(10_000):
+        try:
+            daemon.submit(command=["/bin/true"], queue="held")
+        except RemoteError as error:
+            assert error.code == "STORE_FAILED", error
+            break
+    else:
+        raise AssertionError("the full disk never refused a submit")
+    submitted = daemon.call("job.list", {"queue": "held", "limit": 1000})["jobs"]
+
+    # Each write is refused with STORE_FAILED, a code a client can act on, and leaves things as they were.
+    _refused_for_a_full_disk(daemon, "job.cancel", {"id": held})
+    assert daemon.call("job.get", {"id": held})["state"] == "queued"
+    _refused_for_a_full_disk(daemon, "queue.pause", {"name": "default"})
+    _refused_for_a_full_disk(daemon, "queue.resume", {"name": "held"})
+    queues = {q["name"]: q for q in daemon.call("queue.list")["queues"]}
+    assert (queues["default"]["paused"], queues["held"]["paused"]) == (False, True)
+    _refused_for_a_full_disk(daemon, "job.submit", {"command": ["/bin/true"]})
+    assert daemon.call("job.list", {"queue": "held", "limit": 1000})["jobs"] == submitted
+    log = daemon.log()
+    assert "job.cancel: jobd could not write its database (database or disk is full)" in log
+    assert "internal error" not in log and "Traceback" not in log
+
+    filler.unlink()  # room again: the same requests go through, and the job whose cancel failed is still queued
+    daemon.call("queue.resume", {"name": "held"})
+    job = daemon.wait(held)
+    assert job["state"] == "succeeded" and daemon.output(held) == "held\n"
+    daemon.call("queue.pause", {"name": "default"})
+    assert {q["name"]: q["paused"] for q in daemon.call("queue.list")["queues"]}["default"] is True
+
+
 def test_a_cancel_under_way_when_jobd_dies_is_carried_out_after_the_restart(
     jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path
 ) -> None:

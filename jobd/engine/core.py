@@ -23,7 +23,7 @@ from jobd.engine.decisions import after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
 from jobd.engine.http_task import HttpRequest
 from jobd.engine.queues import QueueRuntime
-from jobd.errors import JobFinished, QueueClosed, ShuttingDown, UnknownJob, UnknownQueue
+from jobd.errors import JobFinished, QueueClosed, ShuttingDown, StoreFailed, UnknownJob, UnknownQueue
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
 from jobd.store import JobFilter, QueuePause, Store
@@ -354,13 +354,7 @@ class Engine:
             attempt = dataclasses.replace(
                 attempt, outcome=Outcome.SPAWN_ERROR, finished_at=attempt.started_at, error=str(error)
             )
-            self.queues[job.spec.queue].running.discard(job.id)
-            self._settle(job, attempt, cancelled=False, jobd_short_of_resources=error.transient)
-            if not error.transient:
-                # The slot is free again: the next job may take it. (Short of descriptors or memory, jobd instead
-                # waits the second its delayed job waits, whose timer then dispatches the queue.) On the next turn
-                # of the loop, not from within the _launch under way: a queue of unstartable jobs must not recurse.
-                self.loop.call_soon(self._dispatch_if_defined, job.spec.queue)
+            self._not_started(job, attempt, transient=error.transient)
             return
         attempt = dataclasses.replace(attempt, pid=child.pid, pid_start=child.start_time)
         try:
@@ -368,6 +362,25 @@ class Engine:
         except Exception as error:  # the job runs on; only a crash of jobd before its end would miss the pid
             self._store_failed(f"cannot record the process of job {job.id}", error)
         self._started(job, _Running(child, attempt), child.pid)
+
+    def _not_started(self, job: Job, attempt: Attempt, *, transient: bool) -> None:
+        """Record an attempt whose process could not be started, and free its slot. Should the write fail (a full
+        disk), the job keeps the slot and the record is tried again every STORE_RETRY_SECONDS, as a job's end is."""
+        queue = self.queues[job.spec.queue]
+        queue.running.discard(job.id)
+        try:
+            self._settle(job, attempt, cancelled=False, jobd_short_of_resources=transient)
+        except Exception as error:  # the child-supervision boundary: the failed start is kept, and recorded later
+            queue.running.add(job.id)
+            self._store_failed(f"cannot record that job {job.id} could not start", error)
+            self.loop.call_later(STORE_RETRY_SECONDS, lambda: self._not_started(job, attempt, transient=transient))
+            return
+        self._store_works()
+        if not transient:
+            # The slot is free again: the next job may take it. (Short of descriptors or memory, jobd instead
+            # waits the second its delayed job waits, whose timer then dispatches the queue.) On the next turn
+            # of the loop, not from within the _launch under way: a queue of unstartable jobs must not recurse.
+            self.loop.call_soon(self._dispatch_if_defined, job.spec.queue)
 
     def _start_http(self, job: Job, attempt: Attempt) -> None:
         assert job.spec.http is not None
@@ -616,7 +629,9 @@ class Engine:
         if job.state.finished:
             raise JobFinished(f"job {job_id} has already finished ({job.state})", id=job_id, state=str(job.state))
         if job.state is JobState.RUNNING:
-            running = self._running[job_id]
+            running = self._running.get(job_id)
+            if running is None:  # its failed start waits to be recorded: the disk is full (_not_started)
+                raise StoreFailed(f"job {job_id} could not start, and jobd cannot record it yet ({self.store_trouble})")
             if not running.cancelled:
                 running.cancelled = True
                 log.info("job=%d cancel requested: stopping its process group", job_id)
@@ -626,12 +641,14 @@ class Engine:
                     self._store_failed(f"cannot record the cancel of job {job_id}", error)
                 self._stop(job_id)
             return await self.wait(job_id, None)
-        if job.state is JobState.DELAYED:
+        was_delayed = job.state is JobState.DELAYED
+        why = "cancelled before it ran" if job.attempts == 0 else "cancelled while it waited to be tried again"
+        # Committed first: should the write fail (a full disk), the job stays queued or delayed as it was.
+        job = self._change(job, JobState.CANCELLED, finished_at=self.clock(), error=why)
+        if was_delayed:
             self._delay_timers.pop(job_id).cancel()
         else:
             self.queues[job.spec.queue].remove(job_id)
-        why = "cancelled before it ran" if job.attempts == 0 else "cancelled while it waited to be tried again"
-        job = self._change(job, JobState.CANCELLED, finished_at=self.clock(), error=why)
         del self.jobs[job_id]
         self._release_finish_waiters(job)
         self.history.job_finished()

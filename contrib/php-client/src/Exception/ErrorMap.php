@@ -34,6 +34,7 @@ final class ErrorMap
         'AUTH_ERROR' => AccessDeniedException::class, // evQueue's TCP login only
         'SHUTTING_DOWN' => UnavailableException::class,
         'TOO_MANY_CONNECTIONS' => UnavailableException::class,
+        'STORE_FAILED' => UnavailableException::class,
         'CONFIG_INVALID' => ConfigException::class,
         'INTERNAL_ERROR' => ServerException::class,
         'TIMED_OUT' => ServerException::class,

@@ -5,8 +5,8 @@ declare(strict_types=1);
 namespace Jobd\Exception;
 
 /**
- * jobd takes no new work from this client now: SHUTTING_DOWN, or TOO_MANY_CONNECTIONS (data.limit); worth
- * retrying later.
+ * jobd takes no new work from this client now: SHUTTING_DOWN, TOO_MANY_CONNECTIONS (data.limit), or STORE_FAILED
+ * (it could not write its database, a full disk: the request was not carried out); worth retrying later.
  */
 class UnavailableException extends RemoteException
 {
