@@ -631,7 +631,7 @@ class Engine:
         if job.state is JobState.RUNNING:
             running = self._running.get(job_id)
             if running is None:  # its failed start waits to be recorded: the disk is full (_not_started)
-                raise StoreFailed(f"job {job_id} could not start, and jobd cannot record it yet ({self.store_trouble})")
+                raise StoreFailed(f"job {job_id} could not start and that is not recorded yet; {self.store_trouble}")
             if not running.cancelled:
                 running.cancelled = True
                 log.info("job=%d cancel requested: stopping its process group", job_id)
