@@ -26,6 +26,7 @@ import sdnotify
 from jobd import __version__, activation, config, logline, proc
 from jobd import early_signals as jobd_early_signals
 from jobd.api import Api
+from jobd.engine.callbacks import SHUTDOWN_GRACE as CALLBACKS_SHUTDOWN_GRACE
 from jobd.engine.callbacks import Callbacks
 from jobd.engine.core import Engine
 from jobd.engine.instances import Instances
@@ -39,7 +40,8 @@ from jobd.store import DATABASE_ERRORS, Store
 log = logging.getLogger("jobd")
 
 STATUS_INTERVAL = 0.1  # seconds between two STATUS= updates at most
-# Seconds asked of systemd beyond the longest kill_grace when stopping: to record the killed jobs and close down.
+# Seconds asked of systemd beyond what a step of a stop may take (a job's kill_grace, callbacks under way): to record
+# the jobs and close down.
 STOP_MARGIN = 5.0
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuration error"
 
@@ -204,25 +206,28 @@ class Daemon:
         log.info("stopping: no new work; running jobs get SIGTERM, then SIGKILL after their kill_grace")
         self._stopping = True
         self.notifier.notify(f"STOPPING=1\nSTATUS={self._status_line()}")
-        grace = self.engine.longest_kill_grace()
-        if grace > 0:
-            # A job may take its whole kill_grace to go after SIGTERM. systemd would SIGKILL jobd (and the job) once
-            # TimeoutStopSec= ran out, and the next start would find the attempt lost: ask it to wait that long.
-            # It keeps its own timeout when that is longer (EXTEND_TIMEOUT_USEC only ever extends).
-            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={round((grace + STOP_MARGIN) * 1_000_000)}")
         self.scheduler.stop()
         if self.watcher is not None:
             self.watcher.close()
         await self.server.stop_listening()
         if self.http is not None:
             await self.http.close()
+        # A job may take its whole kill_grace to go after SIGTERM. systemd would SIGKILL jobd (and the job) once
+        # TimeoutStopSec= ran out, and the next start would find the attempt lost: each step of the stop tells it how
+        # long the step may take (EXTEND_TIMEOUT_USEC counts from now, and must come again before it runs out;
+        # systemd keeps its own timeout when that is longer).
+        self._stop_takes(self.engine.longest_kill_grace())
         await self.engine.shutdown()
+        self._stop_takes(CALLBACKS_SHUTDOWN_GRACE)
         await self.callbacks.close()
         await self.server.close_connections()
         self.store.close()
         if self._watchdog_timer is not None:
             self._watchdog_timer.cancel()
         log.info("stopped")
+
+    def _stop_takes(self, seconds: float) -> None:
+        self.notifier.notify(f"EXTEND_TIMEOUT_USEC={round((seconds + STOP_MARGIN) * 1_000_000)}")
 
     def _watchdog_ping(self) -> None:
         """WATCHDOG=1 now, and again in half the interval systemd asked for.

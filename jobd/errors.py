@@ -148,7 +148,8 @@ class TooManyConnections(JobdError):
 
 
 class StoreFailed(JobdError):
-    """jobd could not write its database (its disk is full, an I/O error): the request was not carried out."""
+    """jobd could not write its database (its disk is full, an I/O error). docs/protocol.md says which requests are
+    then left undone and which may have been carried out in part."""
 
     code = "STORE_FAILED"
     rpc_code = -32015

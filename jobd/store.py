@@ -1085,7 +1085,7 @@ def store_failure(failure: Exception) -> StoreFailed | None:
     failure: the machine's trouble, to be logged in one line, not a bug with a traceback to read."""
     if not isinstance(failure, DATABASE_ERRORS):
         return None
-    return StoreFailed(f"jobd could not write its database ({failure}); the request was not carried out")
+    return StoreFailed(f"jobd could not write its database ({failure})")
 
 
 def _spec_values(spec: JobSpec) -> tuple[Any, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,14 @@ def jobd(make_daemon: Any) -> Iterator[Callable[..., Daemon]]:
 
     yield make
     stop_pumps(made)
+
+
+@pytest.fixture
+def small_state_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs as the state directory of the first daemon made (d0): its database's disk can fill up
+    (recovery.support.fill)."""
+    mount = tmp_path / "d0" / "state"
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0750", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from harness import REPO, Daemon, Notifications
 from lxml import etree
-from recovery.support import Gate, Pidfds, gated, kill9, pump_of, start, terminate, wait_events
+from recovery.support import Gate, Pidfds, fill, gated, kill9, pump_of, start, terminate, wait_events
 
 from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
@@ -547,28 +547,6 @@ def test_a_process_group_outliving_its_leader_is_killed_after_a_crash(
     assert [t["outcome"] for t in tries(daemon, job_id)] == ["lost", "succeeded"]
 
 
-@pytest.fixture
-def small_state_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs as the state directory of the first daemon made (d0): its database's disk can fill up."""
-    mount = tmp_path / "d0" / "state"
-    mount.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0750", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        with contextlib.suppress(OSError):  # ENOSPC: full
-            while True:
-                os.write(fd, b"\0" * 65536)
-    finally:
-        os.close(fd)
-    return filler
-
-
 def test_a_full_database_disk_holds_a_job_end_until_there_is_room_again(
     jobd: Callable[..., Daemon], small_state_disk: Path, tmp_path: Path
 ) -> None:
@@ -645,6 +623,43 @@ def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
     assert job["state"] == "succeeded" and daemon.output(held) == "held\n"
     daemon.call("queue.pause", {"name": "default"})
     assert {q["name"]: q["paused"] for q in daemon.call("queue.list")["queues"]}["default"] is True
+
+
+def exhaust(daemon: Daemon, small_state_disk: Path) -> Path:
+    """Fill the disk, then submit into a paused queue until jobd's WAL has no room left either: from then on every
+    write fails. Returns the filler file (unlink it to make room again)."""
+    filler = fill(small_state_disk)
+    for _ in range(10_000):
+        try:
+            daemon.submit(command=["/bin/true"], queue="held")
+        except RemoteError as error:
+            assert error.code == "STORE_FAILED", error
+            return filler
+    raise AssertionError("the full disk never refused a submit")
+
+
+def test_a_delay_that_ends_on_a_full_database_disk_waits_for_room(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # Before, the delay's timer was forgotten when the write failed: the job stayed delayed for good, and a cancel
+    # of it failed with an internal error.
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    assert daemon.state_dir == small_state_disk
+    pump = pump_of(daemon)
+    late = daemon.submit(command=["/bin/echo", "late"], delay=8)["id"]  # due well after the disk is exhausted
+    other = daemon.submit(command=["/bin/true"], delay=8)["id"]
+    filler = exhaust(daemon, small_state_disk)
+    pump.skip()
+    status = pump.wait_for(lambda line: line.startswith("STATUS=") and "is due: database or disk is full" in line)
+    assert f"cannot record that job {late} is due" in daemon.log(), status
+    assert daemon.log().count(f"cannot record that job {late} is due") == 1  # said once, not at every retry
+    assert daemon.call("job.get", {"id": late})["state"] == "delayed"
+    _refused_for_a_full_disk(daemon, "job.cancel", {"id": other})
+
+    filler.unlink()
+    job = daemon.wait(late)
+    assert job["state"] == "succeeded" and daemon.output(late) == "late\n"
+    assert daemon.wait(other)["state"] == "succeeded"  # its cancel was refused: it ran once its time came
 
 
 def test_a_cancel_under_way_when_jobd_dies_is_carried_out_after_the_restart(

@@ -154,6 +154,7 @@ class Engine:
         self.on_counts_changed: Callable[[], None] = lambda: None
         # Why the last write to the store failed, while writes fail (the status line shows it); None once one works.
         self.store_trouble: str | None = None
+        self._troubles_told: set[str] = set()  # since the store last worked
         self._dispatch_retries: dict[str, asyncio.TimerHandle] = {}
         self._apply_queue_definitions(config, store.queue_pauses())
 
@@ -258,8 +259,14 @@ class Engine:
         self._counts_changed()
 
     def _delay_over(self, job_id: int) -> None:
+        try:
+            job = self._change(self.jobs[job_id], JobState.QUEUED)
+        except Exception as error:  # a timer's callback: the job stays delayed and its turn is tried again
+            self._store_failed(f"cannot record that job {job_id} is due", error)
+            self._delay_timers[job_id] = self.loop.call_later(STORE_RETRY_SECONDS, self._delay_over, job_id)
+            return
+        self._store_works()
         del self._delay_timers[job_id]
-        job = self._change(self.jobs[job_id], JobState.QUEUED)
         self._admit(job)
 
     # -- running -----------------------------------------------------------------------------------------------
@@ -299,8 +306,9 @@ class Engine:
 
     def _store_failed(self, what: str, error: Exception) -> None:
         trouble = f"{what}: {error}"
-        if trouble != self.store_trouble:  # said once, not at every retry
+        if trouble not in self._troubles_told:  # each said once, not at every retry
             log.error("%s; trying again every %gs", trouble, STORE_RETRY_SECONDS)
+            self._troubles_told.add(trouble)
         self.store_trouble = trouble
         self._counts_changed()
 
@@ -308,6 +316,7 @@ class Engine:
         if self.store_trouble is not None:
             log.info("the store takes writes again")
             self.store_trouble = None
+            self._troubles_told.clear()
             self._counts_changed()
 
     def _take_starts(self, queue: QueueRuntime) -> list[_Start]:
@@ -366,16 +375,16 @@ class Engine:
     def _not_started(self, job: Job, attempt: Attempt, *, transient: bool) -> None:
         """Record an attempt whose process could not be started, and free its slot. Should the write fail (a full
         disk), the job keeps the slot and the record is tried again every STORE_RETRY_SECONDS, as a job's end is."""
-        queue = self.queues[job.spec.queue]
-        queue.running.discard(job.id)
+        ended = self._concluded(job, attempt, cancelled=False, jobd_short_of_resources=transient)
         try:
-            self._settle(job, attempt, cancelled=False, jobd_short_of_resources=transient)
+            self.store.finish_attempt(ended, attempt)
         except Exception as error:  # the child-supervision boundary: the failed start is kept, and recorded later
-            queue.running.add(job.id)
             self._store_failed(f"cannot record that job {job.id} could not start", error)
             self.loop.call_later(STORE_RETRY_SECONDS, lambda: self._not_started(job, attempt, transient=transient))
             return
         self._store_works()
+        self.queues[job.spec.queue].running.discard(job.id)
+        self._settled(ended, attempt)
         if not transient:
             # The slot is free again: the next job may take it. (Short of descriptors or memory, jobd instead
             # waits the second its delayed job waits, whose timer then dispatches the queue.) On the next turn
@@ -756,6 +765,15 @@ class Engine:
 
     # -- configuration -----------------------------------------------------------------------------------------
 
+    def _forget_queue_pause(self, name: str) -> None:
+        """Drop the record of an API pause the configuration overrides. A reload must not stop halfway on it: should
+        the write fail (a full disk), the stale record is harmless, since at the next start the configuration's
+        `paused`, changed since the record was made, overrides it again."""
+        try:
+            self.store.set_queue_pause(name, None)
+        except Exception as error:
+            log.error("queue %s: cannot forget its API pause (the configuration overrides it anyway): %s", name, error)
+
     def reload(self, config: Config) -> None:
         """Apply a new configuration: queues change at once; accepted jobs keep the spec they were given."""
         self.config = config
@@ -778,7 +796,7 @@ class Engine:
             if name in pauses and was is not None and definition.paused != was:
                 # The administrator changed `paused` in the file since the API pause (during this run, or while
                 # jobd was stopped): that newer word overrides it.
-                self.store.set_queue_pause(name, None)
+                self._forget_queue_pause(name)
                 pauses.pop(name)
             if queue is None:
                 self.queues[name] = QueueRuntime(definition, paused=pauses.get(name, definition.paused))
@@ -789,7 +807,7 @@ class Engine:
         for name, queue in list(self.queues.items()):
             if name not in config.queues:
                 if name in pauses:  # an API pause belongs to the queue it paused; a removed queue drains
-                    self.store.set_queue_pause(name, None)
+                    self._forget_queue_pause(name)
                 queue.paused = False
                 if queue.is_idle() and not self._has_delayed(name):
                     del self.queues[name]

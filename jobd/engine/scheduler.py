@@ -31,7 +31,7 @@ from jobd.engine.schedule import Calendar, catch_up_due, next_run
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
 from jobd.model import Config, Job, OnFailure, Overlap, ScheduleDef, ScheduleState, iso
-from jobd.store import JobFilter, Store
+from jobd.store import JobFilter, Store, store_failure
 
 log = logging.getLogger("jobd.scheduler")
 
@@ -243,19 +243,21 @@ class Scheduler:
         self._armed = None  # an absolute one-shot timer is disarmed once it has expired or been cancelled
         clock_set = linux.read_expirations(self._fd) is None
         now = self.clock()
-        for name in sorted(self._schedules):
-            schedule = self._schedules[name]
-            due = schedule.state.next_run
-            if not schedule.waiting or due is None:
-                continue
-            if due <= now + DUE_MARGIN:
-                self._fire(schedule, due, now)
-                self._after_firing(schedule, now)
-            elif clock_set:  # set back: the next time from the new "now" may be sooner than the one computed
-                self._set(schedule, next_run=self._next(schedule, now))
-        if clock_set:
-            log.info("the system clock was set: due times recomputed, timer re-armed")
-        self._rearm()
+        try:
+            for name in sorted(self._schedules):
+                schedule = self._schedules[name]
+                due = schedule.state.next_run
+                if not schedule.waiting or due is None:
+                    continue
+                if due <= now + DUE_MARGIN:
+                    self._fire(schedule, due, now)
+                    self._after_firing(schedule, now)
+                elif clock_set:  # set back: the next time from the new "now" may be sooner than the one computed
+                    self._set(schedule, next_run=self._next(schedule, now))
+            if clock_set:
+                log.info("the system clock was set: due times recomputed, timer re-armed")
+        finally:
+            self._rearm()  # the timer is one-shot: whatever happened above, the next due time must be armed
 
     def _rearm(self) -> None:
         if self._fd is None:
@@ -323,13 +325,16 @@ class Scheduler:
                 spec = resolve(self.engine.config, request, self._peer)
                 [job] = self.engine.submit([spec], [0.0], _RunWatcher(self, name))
                 run_id, kind = job.id, "job"
-        except JobdError as error:
+        except Exception as error:
+            failure = error if isinstance(error, JobdError) else store_failure(error)  # a full disk: not a bug
+            if failure is None:
+                raise
             log.error(
                 "schedule %s: cannot start its %s %s: %s",
                 name,
                 definition.target_kind,
                 definition.target,
-                error.message,
+                failure.message,
             )
             self._set(schedule, last_run=now, last_result=ERROR, last_run_id=None)
             self._failed(schedule)
@@ -386,7 +391,14 @@ class Scheduler:
         state = replace(schedule.state, **changes)
         if state != schedule.state:
             schedule.state = state
-            self.store.save_schedule_state(state)
+            try:
+                self.store.save_schedule_state(state)
+            except Exception as error:
+                if store_failure(error) is None:
+                    raise
+                # A full disk: the schedule goes on as changed, and its whole state is saved with its next change.
+                # A restart before then starts from the state saved last (a run started meanwhile is adopted).
+                log.error("schedule %s: its state is not saved: %s", schedule.definition.name, error)
 
     # -- commands ------------------------------------------------------------------------------------------------
 

@@ -193,3 +193,16 @@ class Pidfds:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into `directory` until its file system is full (ENOSPC); returns it (unlink it for room)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while True:
+                os.write(fd, b"\0" * 65536)
+    finally:
+        os.close(fd)
+    return filler
