@@ -778,10 +778,11 @@ class Store:
         waiting = len(self._audit_pending)
         try:
             self.flush_audit()
-        except DATABASE_ERRORS as error:  # the commands have happened: a full disk must not stop the event loop
-            log.error("%d audit log entries lost: cannot write the database: %s", waiting, error)
-        except Exception:
-            log.exception("could not write entries to the audit log")
+        except Exception as error:  # the commands have happened: a full disk must not stop the event loop
+            if store_failure(error) is None:
+                log.exception("could not write entries to the audit log")
+            else:
+                log.error("%d audit log entries lost: cannot write the database: %s", waiting, error)
 
     def flush_audit(self) -> None:
         if self._audit_timer is not None:
@@ -1082,10 +1083,14 @@ def _record_starts(sql: sqlite3.Connection, starts: Sequence[tuple[Job, Attempt]
 
 def store_failure(failure: Exception) -> StoreFailed | None:
     """What to answer a request that failed on the database (a full disk, an I/O error), or None for any other
-    failure: the machine's trouble, to be logged in one line, not a bug with a traceback to read."""
-    if not isinstance(failure, DATABASE_ERRORS):
-        return None
-    return StoreFailed(f"jobd could not write its database ({failure})")
+    failure: the machine's trouble, to be logged in one line, not a bug with a traceback to read. SQLite reports a
+    full disk, an I/O error or a read-only file as OperationalError and a damaged file as DatabaseError itself;
+    its other errors (a constraint, a misuse of the API) are jobd's bugs and stay INTERNAL_ERROR."""
+    environmental = isinstance(failure, sqlite3.OperationalError | peewee.OperationalError) or type(failure) in (
+        sqlite3.DatabaseError,
+        peewee.DatabaseError,
+    )
+    return StoreFailed(f"jobd could not write its database ({failure})") if environmental else None
 
 
 def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
