@@ -586,22 +586,26 @@ def _refused_for_a_full_disk(daemon: Daemon, method: str, params: dict[str, Any]
     return info.value
 
 
+def exhaust(daemon: Daemon, small_state_disk: Path) -> Path:
+    """Fill the disk, then submit into a paused queue until jobd's WAL has no room left either: from then on every
+    write fails. Returns the filler file (unlink it to make room again)."""
+    filler = fill(small_state_disk)
+    for _ in range(10_000):
+        try:
+            daemon.submit(command=["/bin/true"], queue="held")
+        except RemoteError as error:
+            assert error.code == "STORE_FAILED", error
+            return filler
+    raise AssertionError("the full disk never refused a submit")
+
+
 def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:
     daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
     assert daemon.state_dir == small_state_disk
     held = daemon.submit(command=["/bin/echo", "held"], queue="held")["id"]
-    filler = fill(small_state_disk)
-    # The WAL may still have room for a few rows: submit until the disk refuses one.
-    for _ in range(10_000):
-        try:
-            daemon.submit(command=["/bin/true"], queue="held")
-        except RemoteError as error:
-            assert error.code == "STORE_FAILED", error
-            break
-    else:
-        raise AssertionError("the full disk never refused a submit")
+    filler = exhaust(daemon, small_state_disk)
     submitted = daemon.call("job.list", {"queue": "held", "limit": 1000})["jobs"]
 
     # Each write is refused with STORE_FAILED, a code a client can act on, and leaves things as they were.
@@ -623,19 +627,6 @@ def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
     assert job["state"] == "succeeded" and daemon.output(held) == "held\n"
     daemon.call("queue.pause", {"name": "default"})
     assert {q["name"]: q["paused"] for q in daemon.call("queue.list")["queues"]}["default"] is True
-
-
-def exhaust(daemon: Daemon, small_state_disk: Path) -> Path:
-    """Fill the disk, then submit into a paused queue until jobd's WAL has no room left either: from then on every
-    write fails. Returns the filler file (unlink it to make room again)."""
-    filler = fill(small_state_disk)
-    for _ in range(10_000):
-        try:
-            daemon.submit(command=["/bin/true"], queue="held")
-        except RemoteError as error:
-            assert error.code == "STORE_FAILED", error
-            return filler
-    raise AssertionError("the full disk never refused a submit")
 
 
 def test_a_delay_that_ends_on_a_full_database_disk_waits_for_room(
