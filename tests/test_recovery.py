@@ -25,7 +25,18 @@ from typing import Any
 import pytest
 from harness import REPO, Daemon, Notifications
 from lxml import etree
-from recovery.support import Gate, Pidfds, fill, gated, kill9, pump_of, start, terminate, wait_events
+from recovery.support import (
+    Gate,
+    Pidfds,
+    fill,
+    gated,
+    kill9,
+    pump_of,
+    start,
+    terminate,
+    wait_events,
+    wait_for_log,
+)
 
 from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
@@ -651,6 +662,39 @@ def test_a_delay_that_ends_on_a_full_database_disk_waits_for_room(
     job = daemon.wait(late)
     assert job["state"] == "succeeded" and daemon.output(late) == "late\n"
     assert daemon.wait(other)["state"] == "succeeded"  # its cancel was refused: it ran once its time came
+
+
+def test_an_instance_cancelled_on_a_full_database_disk_ends_and_its_task_job_goes(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # Before, the cancel answered STORE_FAILED after forgetting the instance (it stayed EXECUTING in the
+    # database), and its task's job, whose cancel failed in the background, stayed queued and later ran.
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    daemon.write_workflows(
+        parked='<workflow><subjobs><job name="one"><tasks><task name="t" path="/bin/true" '
+        'queue="held"/></tasks></job></subjobs></workflow>'
+    )
+    daemon.call("daemon.reload")
+    instance = daemon.call("instance.launch", {"workflow": "parked"})["id"]
+    [task_job] = daemon.call("job.list", {"queue": "held"})["jobs"]
+    filler = exhaust(daemon, small_state_disk)
+
+    cancelled = daemon.call("instance.cancel", {"id": instance})
+    assert cancelled["status"] == "TERMINATED", cancelled
+    assert daemon.call("instance.get", {"id": instance})["status"] == "TERMINATED"
+    assert daemon.call("job.get", {"id": task_job["id"]})["state"] == "queued"  # its cancel waits for room
+
+    filler.unlink()
+    assert daemon.wait(task_job["id"])["state"] == "cancelled"
+    wait_for_log(daemon, "workflow instances are saved again")
+    daemon.call("queue.resume", {"name": "held"})  # the jobs exhaust() left run; the task's does not
+    log = daemon.log()
+    assert "workflow instances cannot be saved: database or disk is full" in log
+    assert "Traceback" not in log and "never retrieved" not in log
+    terminate(daemon)
+    start(daemon)
+    assert daemon.call("instance.get", {"id": instance})["status"] == "TERMINATED"  # saved once there was room
+    assert daemon.call("job.get", {"id": task_job["id"]})["state"] == "cancelled"
 
 
 def test_a_cancel_under_way_when_jobd_dies_is_carried_out_after_the_restart(

@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 from harness import Daemon
-from inotify_simple import INotify, flags
 from lxml import etree
-from recovery.support import Gate, fill, kill9, start, stop_pumps, terminate
+from recovery.support import Gate, fill, kill9, start, stop_pumps, terminate, wait_for_log
 from test_evqueue_protocol import EvqClient, ok
 from test_jobctl import run_jobctl
 
@@ -525,18 +524,6 @@ def test_evqueue_status_scheduler_and_workflow_schedules_list(sched: Any, tmp_pa
     with EvqClient(daemon.evqueue_socket) as client:
         entry = ok(client.ask(b'<status action="query" type="scheduler"/>'))[0][0]
     assert entry.get("scheduled_at", "").endswith("03:00:00") and entry.get("workflow_instance_id") is None
-
-
-def wait_for_log(daemon: Daemon, text: str, timeout: float = WAIT) -> None:
-    """Until the daemon's log holds `text`: woken by inotify at each write to the file, with a deadline."""
-    with INotify() as inotify:
-        inotify.add_watch(daemon.log_path, flags.MODIFY)
-        deadline = time.monotonic() + timeout
-        while text not in daemon.log():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{text!r} not in the log within {timeout}s")
-            inotify.read(timeout=int(left * 1000) + 1)
 
 
 def test_a_full_database_disk_does_not_stop_the_schedules(sched: Any, small_state_disk: Path) -> None:

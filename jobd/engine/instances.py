@@ -24,6 +24,7 @@ from typing import Any
 from lxml import etree
 
 from jobd import users
+from jobd.engine.core import STORE_RETRY_SECONDS as RETRY
 from jobd.engine.core import Engine
 from jobd.engine.workflow import (
     Action,
@@ -41,12 +42,13 @@ from jobd.errors import (
     InvalidParams,
     JobdError,
     JobFinished,
+    StoreFailed,
     UnknownInstance,
     UnknownJob,
     UnknownWorkflow,
 )
 from jobd.model import InstanceSummary, Job, JobSpec, JobState, RetryPolicy
-from jobd.store import InstanceFilter, Store
+from jobd.store import InstanceFilter, Store, store_failure
 
 log = logging.getLogger("jobd.instances")
 
@@ -130,6 +132,10 @@ class Instances:
         self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")
         self._live: dict[int, _Live] = {}
         self._unsaved: set[int] = set()  # instances changed since the last save
+        self._save_retry: asyncio.TimerHandle | None = None  # while the store refuses writes (a full disk)
+        self._save_failing = False
+        # Instances that have ended and whose end could not be saved yet: what they are, until it is.
+        self._ended_unsaved: dict[int, tuple[InstanceSummary, bytes]] = {}
         self._listeners: list[Callable[[InstanceEvent], None]] = []
 
     # -- launching -----------------------------------------------------------------------------------------------
@@ -251,12 +257,16 @@ class Instances:
         live = self._live.get(instance_id)
         if live is not None:
             return self._live_summary(live)
+        if instance_id in self._ended_unsaved:
+            return self._ended_unsaved[instance_id][0]
         return self._stored(instance_id)[0]
 
     def document(self, instance_id: int) -> bytes:
         live = self._live.get(instance_id)
         if live is not None:
             return live.machine.to_xml()
+        if instance_id in self._ended_unsaved:
+            return self._ended_unsaved[instance_id][1]
         return self._stored(instance_id)[1]
 
     def _stored(self, instance_id: int) -> tuple[InstanceSummary, bytes]:
@@ -349,8 +359,12 @@ class Instances:
             spec = self._job_spec(live, action)
             watcher = _TaskWatcher(self, instance_id, action.evqid)
             [job] = self.engine.submit([spec], [0.0], watcher)
-        except JobdError as error:
-            # The queue vanished in a reload, jobd is stopping, ...: the task ends as a failure to start.
+        except Exception as error:
+            failure = error if isinstance(error, JobdError) else store_failure(error)
+            if failure is None:
+                raise
+            error = failure
+            # The queue vanished in a reload, jobd is stopping, the disk is full...: the task fails to start.
             log.warning("instance=%d task %d cannot be submitted: %s", instance_id, action.evqid, error.message)
             result = TaskResult.lost(stderr=f"jobd could not submit the task: {error.message}\n".encode())
             self._apply(live, live.machine.task_ended(action.evqid, result, self.clock()))
@@ -438,8 +452,20 @@ class Instances:
 
     def _cancel_job(self, job_id: int) -> None:
         async def cancel() -> None:
-            with contextlib.suppress(JobFinished, UnknownJob):
-                await self.engine.cancel(job_id)
+            while True:
+                try:
+                    await self.engine.cancel(job_id)
+                except (JobFinished, UnknownJob):
+                    return
+                except Exception as error:
+                    if store_failure(error) is None and not isinstance(error, StoreFailed):
+                        raise
+                    # A full disk: the task's job must still go (its instance is over). Tried again while the
+                    # store refuses writes, and only then.
+                    log.error("job=%d: cannot cancel the task's job: %s; trying again in %gs", job_id, error, RETRY)
+                    await asyncio.sleep(RETRY)
+                    continue
+                return
 
         asyncio.get_running_loop().create_task(cancel())
 
@@ -449,15 +475,18 @@ class Instances:
         for timer in live.retry_timers.values():
             timer.cancel()
         del self._live[instance_id]
-        self.store.save_instance(
-            instance_id,
-            str(finished.status),
-            finished.errors,
-            now,
-            finished.tags,
-            live.machine.to_xml(),
+        document = live.machine.to_xml()
+        ended = replace(
+            live.summary,
+            status=str(finished.status),
+            errors=finished.errors,
+            ended_at=now,
+            counters={},
+            tags=finished.tags,
             custom_attributes=finished.custom_attributes,
         )
+        self._ended_unsaved[instance_id] = (ended, document)
+        self._save_changed()
         level = logging.INFO if finished.errors == 0 else logging.WARNING
         log.log(
             level,
@@ -468,15 +497,6 @@ class Instances:
         )
         if self._listeners:  # the last tasks' changes, then the end: what the store now holds (as instance.get)
             self._publish(live)
-            ended = replace(
-                live.summary,
-                status=str(finished.status),
-                errors=finished.errors,
-                ended_at=now,
-                counters={},
-                tags=finished.tags,
-                custom_attributes=finished.custom_attributes,
-            )
             self._emit_state(live, ended)
         for waiter in live.waiters:
             if not waiter.done():
@@ -501,12 +521,45 @@ class Instances:
         self._unsaved.add(live.summary.id)
 
     def _save_changed(self) -> None:
-        for instance_id in sorted(self._unsaved):
-            live = self._live.get(instance_id)
-            if live is not None:  # an instance that ended was saved by _finished
-                machine = live.machine
-                self.store.save_instance(instance_id, str(machine.status), machine.errors, None, (), machine.to_xml())
-        self._unsaved.clear()
+        try:
+            for instance_id, (ended, document) in sorted(self._ended_unsaved.items()):
+                self.store.save_instance(
+                    instance_id,
+                    ended.status,
+                    ended.errors,
+                    ended.ended_at,
+                    ended.tags,
+                    document,
+                    custom_attributes=ended.custom_attributes,
+                )
+                del self._ended_unsaved[instance_id]
+                self._unsaved.discard(instance_id)
+            for instance_id in sorted(self._unsaved):
+                live = self._live.get(instance_id)
+                if live is not None:
+                    machine = live.machine
+                    self.store.save_instance(
+                        instance_id, str(machine.status), machine.errors, None, (), machine.to_xml()
+                    )
+                self._unsaved.discard(instance_id)
+        except Exception as error:
+            if store_failure(error) is None:
+                raise
+            # A full disk: the instances go on in memory; what is unsaved is saved again in RETRY seconds (a wake-up
+            # that exists only while the store refuses writes). A crash meanwhile resumes them from the last save.
+            if not self._save_failing:
+                log.error("workflow instances cannot be saved: %s; trying again every %gs", error, RETRY)
+                self._save_failing = True
+            if self._save_retry is None:
+                self._save_retry = asyncio.get_running_loop().call_later(RETRY, self._save_again)
+            return
+        if self._save_failing:
+            log.info("workflow instances are saved again")
+            self._save_failing = False
+
+    def _save_again(self) -> None:
+        self._save_retry = None
+        self._save_changed()
 
     # -- what the engine tells about the jobs of tasks (through _TaskWatcher) ------------------------------
 

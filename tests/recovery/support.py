@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import Daemon
+from inotify_simple import INotify, flags
 
 WAIT = 20.0
 
@@ -206,3 +207,15 @@ def fill(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def wait_for_log(daemon: Daemon, text: str, timeout: float = WAIT) -> None:
+    """Until the daemon's log holds `text`: woken by inotify at each write to the file, with a deadline."""
+    with INotify() as inotify:
+        inotify.add_watch(daemon.log_path, flags.MODIFY)
+        deadline = time.monotonic() + timeout
+        while text not in daemon.log():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{text!r} not in the log within {timeout}s")
+            inotify.read(timeout=int(left * 1000) + 1)
