@@ -452,9 +452,11 @@ class Instances:
 
     def _cancel_job(self, job_id: int) -> None:
         async def cancel() -> None:
+            told = False
             while True:
                 try:
                     await self.engine.cancel(job_id)
+                    return
                 except (JobFinished, UnknownJob):
                     return
                 except Exception as error:
@@ -462,10 +464,10 @@ class Instances:
                         raise
                     # A full disk: the task's job must still go (its instance is over). Tried again while the
                     # store refuses writes, and only then.
-                    log.error("job=%d: cannot cancel the task's job: %s; trying again in %gs", job_id, error, RETRY)
-                    await asyncio.sleep(RETRY)
-                    continue
-                return
+                    if not told:
+                        log.error("job=%d: cannot cancel the task's job: %s; retried every %gs", job_id, error, RETRY)
+                        told = True
+                    await asyncio.sleep(RETRY)  # no-poll-ok: a retry only while the disk refuses writes
 
         asyncio.get_running_loop().create_task(cancel())
 
