@@ -52,6 +52,9 @@ from harness import Daemon
 
 from jobd.client import Client
 
+FLOOR = Path(__file__).resolve().parent / "floor.py"
+SUBMIT = {"command": ["/bin/true"], "queue": "parked"}
+
 QUEUES = """
 [queue.bench]
 concurrency = 2
@@ -111,6 +114,32 @@ def bare_spawn_loop(count: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
+def spawn_floor(root: Path, count: int) -> tuple[float, float]:
+    """The spawn floor of bench/floor.py over `count` jobs, in a process of its own: seconds and its CPU seconds."""
+    root.mkdir()
+    output = subprocess.run(
+        [sys.executable, str(FLOOR), "spawn", str(count), str(root)], check=True, capture_output=True, text=True
+    ).stdout
+    measured = json.loads(output)
+    return measured["seconds"], measured["cpu"]
+
+
+@contextlib.contextmanager
+def submit_floor(root: Path) -> Iterator[str]:
+    """The submit floor of bench/floor.py serving on a socket of its own; yields the socket's path."""
+    root.mkdir()
+    path = str(root / "floor.sock")
+    server = subprocess.Popen([sys.executable, str(FLOOR), "serve", path, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the submit floor did not start")
+        yield path
+    finally:
+        server.kill()
+        server.wait()
+
+
 def jobd_throughput(daemon: Daemon, count: int) -> tuple[float, float]:
     """Submit `count` jobs into a paused queue, resume it, and time until the last one has finished.
 
@@ -139,7 +168,7 @@ def serial_submits(daemon: Daemon, count: int) -> tuple[float, float]:
     with daemon.client() as client:
         started, cpu = time.perf_counter(), cpu_seconds(daemon.pid)
         for _ in range(count):
-            client.call("job.submit", {"command": ["/bin/true"], "queue": "parked"})
+            client.call("job.submit", SUBMIT)
         return count / (time.perf_counter() - started), (cpu_seconds(daemon.pid) - cpu) / count
 
 
@@ -148,7 +177,7 @@ def connection_submits(daemon: Daemon, count: int) -> float:
     started = time.perf_counter()
     for _ in range(count):
         with daemon.client() as client:
-            client.call("job.submit", {"command": ["/bin/true"], "queue": "parked"})
+            client.call("job.submit", SUBMIT)
     return count / (time.perf_counter() - started)
 
 
@@ -204,11 +233,12 @@ def reference_server(root: Path) -> Iterator[str]:
         child.kill()
 
 
-def serial_pings(path: str, count: int) -> float:
+def serial_calls(path: str, count: int, method: str, params: dict[str, Any] | None = None) -> float:
+    """Calls per second on one connection, one at a time, through jobd's client."""
     with Client(path) as client:
         started = time.perf_counter()
         for _ in range(count):
-            client.call("ping")
+            client.call(method, params)
         return count / (time.perf_counter() - started)
 
 
@@ -254,7 +284,7 @@ def concurrent_submits(daemon: Daemon, clients: int, per_client: int) -> float:
             with daemon.client() as client:
                 barrier.wait()
                 for _ in range(per_client):
-                    client.call("job.submit", {"command": ["/bin/true"], "queue": "parked"})
+                    client.call("job.submit", SUBMIT)
         except BaseException as error:
             errors.append(error)
 
@@ -493,9 +523,12 @@ def main() -> int:
         if "throughput" in args.only:
             # Alternated rounds, the ratio of each taken against the reference run just before it: the machine's
             # speed drifts by tens of per cent within minutes, in both.
-            bare_rates, jobd_rates, jobd_cpu = [], [], []
+            bare_rates, jobd_rates, jobd_cpu, floor_rates, floor_cpu = [], [], [], [], []
             for round_ in range(args.rounds):
                 bare = timed("bare posix_spawn + pidfd loop", lambda: bare_spawn_loop(args.jobs, 2))
+                floor, cpu = timed("spawn floor", lambda r=round_: spawn_floor(root / f"floor-{r}", args.jobs))
+                floor_rates.append(args.jobs / floor)
+                floor_cpu.append(cpu / args.jobs * 1e6)
                 daemon = start_daemon(root / f"throughput-{round_}")
                 try:
                     ours, cpu = timed("jobd", lambda d=daemon: jobd_throughput(d, args.jobs))
@@ -509,14 +542,27 @@ def main() -> int:
                 f"ratio {_median_and_each(jobd_rates, bare_rates)}; jobd {_span(jobd_rates)} jobs/s "
                 f"({_span(jobd_cpu)} µs of jobd's CPU per job), bare loop {_span(bare_rates)} jobs/s"
             )
+            results.append(
+                f"spawn floor (bench/floor.py: Popen, pipes, pidfd, the commits; nothing else), same rounds: ratio "
+                f"to the bare loop {_median_and_each(floor_rates, bare_rates)}, "
+                f"{_span(floor_cpu)} µs of its CPU per job"
+            )
         if "submit" in args.only:
-            with reference_server(root) as reference:
+            with reference_server(root) as reference, submit_floor(root / "submit-floor") as floor_path:
                 daemon = start_daemon(root / "submit-crash")
                 try:
                     # Serial submits against the reference answering pings serially, in alternated rounds.
-                    floors, serials, serial_cpu = [], [], []
+                    floors, serials, serial_cpu, submit_floors = [], [], [], []
                     for _ in range(args.rounds):
-                        floors.append(timed("reference, serial pings", lambda: serial_pings(reference, args.submits)))
+                        floors.append(
+                            timed("reference, serial pings", lambda: serial_calls(reference, args.submits, "ping"))
+                        )
+                        submit_floors.append(
+                            timed(
+                                "submit floor, serial",
+                                lambda: serial_calls(floor_path, args.submits, "job.submit", SUBMIT),
+                            )
+                        )
                         rate, cpu = timed("serial submits (crash)", lambda d=daemon: serial_submits(d, args.submits))
                         serials.append(rate)
                         serial_cpu.append(cpu * 1e6)
@@ -540,6 +586,10 @@ def main() -> int:
                 f"{args.rounds} rounds, {_span(serial_cpu)} µs of jobd's CPU per submit; ratio to the reference "
                 f"{_median_and_each(serials, floors)}), "
                 f"pipelined {piped:.0f}/s, batch of 100 {batch:.0f} jobs/s, a new connection each {fresh:.0f}/s"
+            )
+            results.append(
+                f"submit floor (bench/floor.py: decode, one committed INSERT, the reply; nothing else), same rounds: "
+                f"serial {_span(submit_floors)}/s (median {statistics.median(submit_floors):.0f})"
             )
             results.append(
                 f"reads, one at a time: job.get of a finished job {reads['job.get']:.0f} µs, job.list of 100 jobs "
