@@ -10,8 +10,11 @@ process of its own, on an asyncio loop), to show how much of each speed target i
 
 Both use SQLite as jobd's store does (WAL, synchronous=NORMAL, exclusive locking, 1 KiB pages).
 
-    python bench/floor.py spawn COUNT DIRECTORY    prints {"seconds": ..., "cpu": ...}
-    python bench/floor.py serve SOCKET DIRECTORY   serves until killed; prints "ready" once it listens
+    python bench/floor.py spawn COUNT DIRECTORY [EXTRA_US]   prints {"seconds": ..., "cpu": ...}
+    python bench/floor.py serve SOCKET DIRECTORY             serves until killed; prints "ready" once it listens
+
+EXTRA_US adds that many µs of CPU per job to the spawn floor (half before the spawn, half after the exit), standing
+for the rest of a daemon's work: how the ratio to the bare loop falls as a daemon does more per job.
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ def open_store(directory: Path) -> sqlite3.Connection:
 class SpawnFloor:
     """`count` /bin/true through two slots, recorded as jobd must record them."""
 
-    def __init__(self, sql: sqlite3.Connection, count: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sql: sqlite3.Connection, count: int, loop: asyncio.AbstractEventLoop, extra: float) -> None:
         self.sql = sql
         self.count = count
+        self.extra = extra  # seconds of CPU per job beyond the floor's own
         self.loop = loop
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.next_job = 1
@@ -88,6 +92,7 @@ class SpawnFloor:
         self.sql.execute("INSERT INTO attempt VALUES (?, 1, ?, NULL, NULL, NULL)", (job_id, now))
 
     def _spawn(self, job_id: int) -> None:
+        _burn(self.extra / 2)
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]
         for read_end, _ in pipes:
             os.set_blocking(read_end, False)
@@ -118,6 +123,7 @@ class SpawnFloor:
             except BlockingIOError:
                 pass
             os.close(read_end)
+        _burn(self.extra / 2)
         now = time.time()
         following = self._take()
         self.sql.execute("BEGIN IMMEDIATE")
@@ -139,8 +145,16 @@ class SpawnFloor:
             self.done.set_result(None)
 
 
-async def spawn_floor(count: int, directory: Path) -> dict[str, float]:
-    floor = SpawnFloor(open_store(directory), count, asyncio.get_running_loop())
+def _burn(seconds: float) -> None:
+    """Spend `seconds` of this thread's CPU time."""
+    if seconds > 0:
+        until = time.thread_time() + seconds
+        while time.thread_time() < until:
+            pass
+
+
+async def spawn_floor(count: int, directory: Path, extra: float = 0.0) -> dict[str, float]:
+    floor = SpawnFloor(open_store(directory), count, asyncio.get_running_loop(), extra)
     started, cpu = time.perf_counter(), time.process_time()
     floor.start()
     await floor.done
@@ -186,7 +200,8 @@ async def serve(socket_path: str, directory: Path) -> None:
 def main() -> int:
     command, argument, directory = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     if command == "spawn":
-        print(json.dumps(asyncio.run(spawn_floor(int(argument), directory))))
+        extra = float(sys.argv[4]) / 1e6 if len(sys.argv) > 4 else 0.0
+        print(json.dumps(asyncio.run(spawn_floor(int(argument), directory, extra))))
     elif command == "serve":
         asyncio.run(serve(argument, directory))
     else:
