@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import inotify_simple
 
-from jobd import users, workflowdef
+from jobd import conffile, users, workflowdef
 from jobd.engine import callbacks as callback_defs
 from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.schedule import Calendar
@@ -249,10 +249,7 @@ class _Source:
 
 
 def _read(path: Path) -> _Source:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}", file=str(path), line=None, key=None) from None
+    data = conffile.read(str(path))
     try:
         return _Source(path, data.decode("utf-8"))
     except UnicodeDecodeError as error:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from jobd import conffile
 from jobd.errors import ConfigError, InvalidXml
 from jobd.model import ENV_NAME, Config, ParameterMode, WorkflowDef
 from jobd.safexml import parse
@@ -625,10 +626,7 @@ def parse_workflow(source: bytes, path: str, config: Config, name: str | None = 
 def load_workflow(path: str | Path, config: Config) -> WorkflowDef:
     """Read and validate `workflows/NAME.xml`; an unreadable or empty file is a ConfigError too."""
     path = str(path)
-    try:
-        source = Path(path).read_bytes()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}", file=path, line=None, key=None) from None
+    source = conffile.read(path)
     if not source.strip():
         raise ConfigError(
             f"{path}: the file is empty; to hide a workflow of the same name in a lower-priority directory, make "

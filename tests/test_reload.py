@@ -187,6 +187,42 @@ def test_broken_drop_in_keeps_the_running_config(jobd: Callable[..., Daemon]) ->
     wait_status(daemon, lambda line: "reload failed" not in line)
 
 
+def test_a_fifo_or_an_endless_file_among_the_config_is_refused_without_blocking(jobd: Callable[..., Daemon]) -> None:
+    # The daemon reads its configuration on the event loop: a FIFO would hold it in open() until a writer came,
+    # /dev/zero would fill its memory. Each is refused by name and the running configuration stays.
+    daemon = jobd(TASKS)
+    fifo = daemon.config_dir / "jobd.d" / "80-fifo.toml"
+    os.mkfifo(fifo)
+    error = remote_error(daemon, "daemon.reload")
+    assert error.code == "CONFIG_INVALID" and error.data["file"] == str(fifo), error
+    assert "FIFO" in error.message and "not a regular file" in error.message, error.message
+    fifo.unlink()
+
+    endless = daemon.config_dir / "jobd.d" / "80-zero.toml"
+    endless.symlink_to("/dev/zero")
+    error = remote_error(daemon, "daemon.reload")
+    assert error.data["file"] == str(endless) and "character device" in error.message, error.message
+    endless.unlink()
+
+    huge = daemon.config_dir / "jobd.d" / "80-huge.toml"
+    with huge.open("wb") as file:
+        file.truncate(17 * 1024 * 1024)  # sparse: no 17 MiB written
+    error = remote_error(daemon, "daemon.reload")
+    assert error.data["file"] == str(huge) and "larger than 16 MiB" in error.message, error.message
+    huge.unlink()
+
+    workflows = daemon.config_dir / "workflows"
+    workflows.mkdir(exist_ok=True)
+    os.mkfifo(workflows / "piped.xml")
+    error = remote_error(daemon, "daemon.reload")
+    assert error.data["file"] == str(workflows / "piped.xml") and "FIFO" in error.message, error.message
+    (workflows / "piped.xml").unlink()
+
+    job = daemon.wait(daemon.submit(task="echo", args=["still", "serving"])["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "still serving\n"
+    assert daemon.call("daemon.reload")["ok"] is True
+
+
 # --- reload triggers ----------------------------------------------------------------------------------------
 
 

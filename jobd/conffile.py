@@ -1,0 +1,75 @@
+"""Reading a file of the configuration (a TOML file, a workflow) safely, whatever an administrator put there.
+
+The reads happen on the event loop, so a name that leads to a FIFO would stop the whole daemon in open() until
+something writes to it, and one that leads to /dev/zero would fill its memory. Only regular files are read, with
+O_NONBLOCK (a FIFO swapped in between the check and the open cannot block it either) and up to MAX_BYTES.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from jobd.errors import ConfigError
+
+MAX_BYTES = 16 * 1024 * 1024  # far above any real configuration or workflow; below what would hurt jobd's memory
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def read(path: str) -> bytes:
+    """The bytes of the regular file at `path` (symlinks followed); ConfigError naming the file and the reason
+    for anything else: missing, unreadable, not a regular file, larger than MAX_BYTES."""
+    try:
+        # Checked before the open: opening a device can have effects of its own (a tape rewinds).
+        _check(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    try:
+        _check(path, os.fstat(fd))
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, MAX_BYTES + 1 - size):  # a file growing while read is cut off below
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BYTES:
+                raise _too_large(path)
+        return b"".join(chunks)
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    finally:
+        os.close(fd)
+
+
+def _check(path: str, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "something else")
+        raise ConfigError(
+            f"{path}: is {kind}, not a regular file; jobd reads only regular files here (a symlink to /dev/null "
+            "masks a name)",
+            file=path,
+            line=None,
+            key=None,
+        )
+    if info.st_size > MAX_BYTES:
+        raise _too_large(path)
+
+
+def _too_large(path: str) -> ConfigError:
+    return ConfigError(
+        f"{path}: larger than {MAX_BYTES // (1024 * 1024)} MiB, the most jobd reads of a configuration file",
+        file=path,
+        line=None,
+        key=None,
+    )
+
+
+def _unreadable(path: str, error: OSError) -> ConfigError:
+    return ConfigError(f"{path}: cannot read: {error.strerror}", file=path, line=None, key=None)
