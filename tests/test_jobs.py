@@ -642,6 +642,19 @@ def test_cancel_a_job_ignoring_sigterm_kills_it_after_the_grace(server: Any) -> 
     assert attempt["signal"] == signal.SIGKILL and attempt["exit_code"] is None
 
 
+def test_a_time_limit_reached_during_a_cancel_does_not_make_it_a_timeout(server: Any) -> None:
+    with server.client() as client:
+        client.call("events.subscribe", {"types": ["job.progress"]}, timeout=10)
+        command = sh("trap '' TERM; echo %1 >&3; exec sleep 100")
+        job = client.call("job.submit", {"command": command, "timeout": 1, "kill_grace": 2}, timeout=10)
+        next_matching(client, lambda e: e["id"] == job["id"] and e["progress"] == 1)  # TERM is ignored now
+        # The time limit (1 s) comes round while the cancel waits out the kill_grace (2 s).
+        cancelled = client.call("job.cancel", {"id": job["id"]}, timeout=20)
+    assert cancelled["state"] == "cancelled"
+    [attempt] = get(server, job["id"])["tries"]
+    assert attempt["outcome"] == "killed" and attempt["signal"] == signal.SIGKILL, attempt
+
+
 def test_cancel_a_finished_job_is_refused(server: Any) -> None:
     job = run(server, command=["/bin/true"])
     error = remote_error(server, "job.cancel", {"id": job["id"]})

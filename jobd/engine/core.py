@@ -464,6 +464,11 @@ class Engine:
     def _stop(self, job_id: int) -> None:
         running = self._running[job_id]
         running.stopped = True
+        # Once jobd stops the job (a cancel, its shutdown, or the time limit itself), the time limit can no longer
+        # decide the outcome: firing during kill_grace, it would turn a cancel or a shutdown into `timed_out`.
+        if running.timeout_timer is not None:
+            running.timeout_timer.cancel()
+            running.timeout_timer = None
         running.child.stop(self.jobs[job_id].spec.kill_grace)
 
     def _exited(self, job_id: int, info: ExitInfo) -> None:
