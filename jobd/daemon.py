@@ -35,7 +35,7 @@ from jobd.errors import ConfigError, ShuttingDown, StartupError
 from jobd.http_api import HttpApi
 from jobd.model import Config, iso
 from jobd.server import Server
-from jobd.store import DATABASE_ERRORS, Store
+from jobd.store import DATABASE_ERRORS, Store, startup_failure
 
 log = logging.getLogger("jobd")
 
@@ -406,18 +406,16 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
         asyncio.run(run())
     except StartupError as error:
         log.error("not starting: %s", error)
-        return 1
+        return EXIT_CONFIG if error.permanent else 1
     except OSError as error:  # the socket or state directory cannot be made: a message, not a traceback
         log.error("not starting: %s", error)
         return 1
-    except DATABASE_ERRORS as error:  # not SQLite, or damaged: nothing is changed
-        log.error(
-            "not starting: the database in %s cannot be used: %s (if the file is damaged, restore it from a "
-            "backup, or move it away to start with an empty history)",
-            initial.daemon.state_dir,
-            error,
-        )
-        return 1
+    except DATABASE_ERRORS as error:  # nothing in the file is changed by a start that fails
+        advice, permanent = startup_failure(error)
+        log.error("not starting: the database in %s cannot be used: %s; %s", initial.daemon.state_dir, error, advice)
+        # A damaged file is as permanent as a broken configuration: restarting would only reach systemd's start
+        # limit, and take jobd.socket down with it.
+        return EXIT_CONFIG if permanent else 1
     return 0
 
 

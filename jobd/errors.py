@@ -158,5 +158,10 @@ class StoreFailed(JobdError):
 class StartupError(Exception):
     """jobd refuses to start: another jobd owns the state or the socket, the database is from a newer jobd, …
 
-    Not a wire error: it ends the process with a message, before any client is served.
+    Not a wire error: it ends the process with a message, before any client is served. `permanent`: starting
+    again cannot help until someone changes something (jobd then exits 78, which its unit does not restart on).
     """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -202,7 +202,7 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise StartupError(f"{path} exists and is not a socket; not touching it")
+        raise StartupError(f"{path} exists and is not a socket; not touching it", permanent=True)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

@@ -436,7 +436,8 @@ class Store:
         version = self.db.pragma("user_version")
         if version > SCHEMA_VERSION:
             raise StartupError(
-                f"{self.path} has schema version {version}, newer than this jobd understands ({SCHEMA_VERSION})"
+                f"{self.path} has schema version {version}, newer than this jobd understands ({SCHEMA_VERSION})",
+                permanent=True,
             )
         for step in range(version, SCHEMA_VERSION):
             with self.db.atomic():
@@ -1091,6 +1092,34 @@ def store_failure(failure: Exception) -> StoreFailed | None:
         peewee.DatabaseError,
     )
     return StoreFailed(f"jobd could not write its database ({failure})") if environmental else None
+
+
+def startup_failure(failure: Exception) -> tuple[str, bool]:
+    """What an administrator should do about a database error that stops jobd's start, and whether it is
+    permanent (starting again cannot help: the file is damaged) rather than the machine's passing trouble."""
+    name = _sqlite_error_name(failure)
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (not name and type(failure) in _DAMAGED):
+        return "the file is damaged or not jobd's: restore it from a backup, or move it away to start anew", True
+    if name.startswith("SQLITE_FULL"):
+        return "its file system is full: make room and start jobd again; nothing accepted is lost", False
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return "another process holds it (an sqlite3 shell?): close that and start jobd again", False
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR")):
+        return "it cannot be opened or written: check its file system, its permissions and the kernel log", False
+    return "nothing was changed", False
+
+
+_DAMAGED = (sqlite3.DatabaseError, peewee.DatabaseError)
+
+
+def _sqlite_error_name(failure: Exception) -> str:
+    """SQLite's name for an error (`SQLITE_FULL`, ...), also through peewee's wrapper (which keeps the original
+    as its first argument); "" if there is none."""
+    for candidate in (failure, *failure.args[:1]):
+        name = getattr(candidate, "sqlite_errorname", None)
+        if isinstance(name, str):
+            return name
+    return ""
 
 
 def _spec_values(spec: JobSpec) -> tuple[Any, ...]:

@@ -419,10 +419,37 @@ def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
     database.write_bytes(data)
 
     started = start_directly(daemon)
-    assert started.returncode == 1, started
+    # 78: permanent, so that systemd does not restart it into its start limit (jobd.service's
+    # RestartPreventExitStatus=78).
+    assert started.returncode == 78, started
     assert "not starting: the database in" in started.stderr and "Traceback" not in started.stderr, started.stderr
+    assert "the file is damaged" in started.stderr and "restore it from a backup" in started.stderr, started.stderr
     assert database.read_bytes() == data  # left as it was, for whoever repairs it
     assert not daemon.socket_path.exists() and not daemon.evqueue_socket.exists()
+
+
+def test_a_full_disk_at_start_up_is_named_and_loses_nothing(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # Recovery writes (a running attempt becomes `lost`): on a full disk jobd cannot start, and says why and what
+    # to do, not that the file may be damaged. Once there is room it starts with every job.
+    daemon = jobd("[queue.default]\nconcurrency = 1\n")
+    assert daemon.state_dir == small_state_disk
+    running = submit_running(daemon, command=["/bin/sh", "-c", "echo ready >&3; exec sleep 300"])
+    queued = daemon.submit(command=["/bin/echo", "queued"])["id"]
+    daemon.kill9()
+    filler = fill(small_state_disk)
+
+    started = start_directly(daemon)
+    assert started.returncode == 1, started  # passing trouble: systemd may start it again
+    assert "its file system is full: make room" in started.stderr, started.stderr
+    assert "damaged" not in started.stderr and "Traceback" not in started.stderr, started.stderr
+
+    filler.unlink()
+    daemon.start()
+    assert [t["outcome"] for t in tries(daemon, running)] == ["lost"]
+    job = daemon.wait(queued)
+    assert job["state"] == "succeeded" and daemon.output(queued) == "queued\n"
 
 
 ONE_TASK = b"""<workflow><subjobs><job name="one"><tasks>

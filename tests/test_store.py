@@ -136,8 +136,9 @@ def test_a_database_from_a_newer_jobd_is_refused(tmp_path: Path) -> None:
     raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.close()
     store = Store(str(path))
-    with pytest.raises(StartupError, match="newer than this jobd"):
+    with pytest.raises(StartupError, match="newer than this jobd") as refused:
         store.open()
+    assert refused.value.permanent  # jobd exits 78: restarting cannot mend it
 
 
 def test_schedule_state_survives_reopening_and_can_be_forgotten(tmp_path: Path) -> None:
