@@ -1082,6 +1082,11 @@ def _record_starts(sql: sqlite3.Connection, starts: Sequence[tuple[Job, Attempt]
         sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
 
 
+# A commit the store refused (a full disk, an I/O error) is tried again after this long, for as long as it fails.
+# The timer exists only then; meanwhile a job that ended keeps its slot and the jobs that would take it wait.
+STORE_RETRY_SECONDS = 2.0
+
+
 def store_failure(failure: Exception) -> StoreFailed | None:
     """What to answer a request that failed on the database (a full disk, an I/O error), or None for any other
     failure: the machine's trouble, to be logged in one line, not a bug with a traceback to read. SQLite reports a

@@ -691,6 +691,28 @@ def test_a_delay_that_ends_on_a_full_database_disk_waits_for_room(
     assert daemon.wait(other)["state"] == "succeeded"  # its cancel was refused: it ran once its time came
 
 
+def test_history_expiry_on_a_full_database_disk_waits_for_room(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # Before, the failed deletion raised out of the expiry timer's callback (a traceback in the log) and the timer
+    # was not set again: the expired jobs stayed until some later job finished.
+    history = "history = { keep_days = 0.00006 }"  # 5.2 s
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n", history)
+    assert daemon.state_dir == small_state_disk
+    old = daemon.submit(command=["/bin/true"])["id"]
+    daemon.wait(old)
+    filler = exhaust(daemon, small_state_disk)  # well before the 5.2 s are over
+    wait_for_log(daemon, "cannot expire finished jobs from the history: database or disk is full")
+    assert daemon.call("job.get", {"id": old})["state"] == "succeeded"
+
+    filler.unlink()
+    wait_for_log(daemon, "the store takes writes again")  # from the expiry's own retry: nothing else writes
+    with pytest.raises(RemoteError) as gone:
+        daemon.call("job.get", {"id": old})
+    assert gone.value.code == "UNKNOWN_JOB"
+    assert "Traceback" not in daemon.log()
+
+
 def test_an_instance_cancelled_on_a_full_database_disk_ends_and_its_task_job_goes(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:

@@ -26,7 +26,7 @@ from jobd.engine.queues import QueueRuntime
 from jobd.errors import JobFinished, QueueClosed, ShuttingDown, StoreFailed, UnknownJob, UnknownQueue
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
-from jobd.store import JobFilter, QueuePause, Store
+from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store
 from jobd.users import Account, account
 
 log = logging.getLogger("jobd.engine")
@@ -114,11 +114,6 @@ class _Start:
     waiting: Job  # the job as it waited in its queue, should the commit fail
 
 
-# A commit the store refused (a full disk, an I/O error) is tried again after this long, for as long as it fails.
-# The timer exists only then; meanwhile the job keeps its slot and the jobs that would have taken it keep waiting.
-STORE_RETRY_SECONDS = 2.0
-
-
 @dataclass
 class _Running:
     child: Child | HttpRequest
@@ -150,7 +145,9 @@ class Engine:
         # Told of every job that reaches a final state, just after its commit (completion callbacks).
         self.finish_listeners: list[Callable[[Job], None]] = []
         self._http_session: aiohttp.ClientSession | None = None  # for HTTP jobs, made on first use
-        self.history = HistoryKeeper(store, config.daemon.history, clock, self._remove_output)
+        self.history = HistoryKeeper(
+            store, config.daemon.history, clock, self._remove_output, self._store_failed, self._store_works
+        )
         self.on_counts_changed: Callable[[], None] = lambda: None
         # Why the last write to the store failed, while writes fail (the status line shows it); None once one works.
         self.store_trouble: str | None = None

@@ -4,7 +4,8 @@ No periodic sweep: one loop timer sleeps until the oldest finished job is due, t
 next one is. `keep_last` is applied after jobs finish (once per turn of the loop, however many finished in it), at
 start-up and at a reload. The finished jobs are counted here, so applying it costs an index lookup, not a count.
 Each trim deletes at most TRIM_BATCH jobs and goes on in the next turn of the loop: a first trim of a long
-history (a reload that lowers keep_last) does not hold the loop for seconds.
+history (a reload that lowers keep_last) does not hold the loop for seconds. A deletion the store refuses (a full
+disk) is tried again every STORE_RETRY_SECONDS until it is taken.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 
 from jobd.model import History
-from jobd.store import Store
+from jobd.store import STORE_RETRY_SECONDS, Store, store_failure
 
 SECONDS_PER_DAY = 86400
 TRIM_BATCH = 1000
@@ -21,12 +22,21 @@ TRIM_BATCH = 1000
 
 class HistoryKeeper:
     def __init__(
-        self, store: Store, rules: History, clock: Callable[[], float], remove_output: Callable[[int], None]
+        self,
+        store: Store,
+        rules: History,
+        clock: Callable[[], float],
+        remove_output: Callable[[int], None],
+        store_failed: Callable[[str, Exception], None],
+        store_works: Callable[[], None],
     ) -> None:
         self._store = store
         self._rules = rules
         self._clock = clock
         self._remove_output = remove_output
+        # A write the store refused is told here (logged once, shown in the status line), and one that works.
+        self._store_failed = store_failed
+        self._store_works = store_works
         self._timer: asyncio.TimerHandle | None = None
         self._trim_soon: asyncio.Handle | None = None
         self._finished: int | None = None  # counted from the store when first needed
@@ -80,8 +90,25 @@ class HistoryKeeper:
             self.rearm()  # else the next batch, scheduled by _trim, rearms
 
     def _trim(self) -> bool:
-        """Delete a batch of what the rules no longer keep; True if more is left (its batch is scheduled)."""
+        """Delete a batch of what the rules no longer keep; True if more is left (its batch is scheduled), or if
+        the store refused the deletion (a full disk: tried again every STORE_RETRY_SECONDS)."""
         self._trim_soon = None
+        try:
+            doomed = self._trim_batch()
+        except Exception as error:
+            if store_failure(error) is None:
+                raise  # a bug, with its traceback
+            self._store_failed("cannot expire finished jobs from the history", error)
+            self._trim_soon = asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS, self._trim_then_rearm)
+            return True
+        self._store_works()
+        if len(doomed) < TRIM_BATCH:
+            return False
+        self._trim_soon = asyncio.get_running_loop().call_soon(self._trim_then_rearm)
+        return True
+
+    def _trim_batch(self) -> list[int]:
+        """Delete up to TRIM_BATCH of the jobs the rules no longer keep; the ids deleted."""
         doomed: list[int] = []
         if self._rules.keep_days is not None:
             cutoff = self._clock() - self._rules.keep_days * SECONDS_PER_DAY
@@ -99,7 +126,4 @@ class HistoryKeeper:
         self._store.delete_jobs(doomed)
         if self._finished is not None:
             self._finished -= len(doomed)
-        if len(doomed) < TRIM_BATCH:
-            return False
-        self._trim_soon = asyncio.get_running_loop().call_soon(self._trim_then_rearm)
-        return True
+        return doomed

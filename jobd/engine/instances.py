@@ -24,7 +24,6 @@ from typing import Any
 from lxml import etree
 
 from jobd import users
-from jobd.engine.core import STORE_RETRY_SECONDS as RETRY
 from jobd.engine.core import Engine
 from jobd.engine.workflow import (
     Action,
@@ -48,6 +47,7 @@ from jobd.errors import (
     UnknownWorkflow,
 )
 from jobd.model import InstanceSummary, Job, JobSpec, JobState, RetryPolicy
+from jobd.store import STORE_RETRY_SECONDS as RETRY
 from jobd.store import InstanceFilter, Store, store_failure
 
 log = logging.getLogger("jobd.instances")
