@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
 import stat
 import sys
@@ -36,6 +37,10 @@ log = logging.getLogger("jobd.server")
 
 LINGER_SECONDS = 5.0  # how long a connection ended by an oversized frame keeps swallowing its input
 MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; events: cut the subscriber off
+# Requests that wait (job.wait, job.output with wait, instance.wait, ...) one connection may have pending; past
+# that its further requests are read once one of those is answered. Each holds a few KiB of jobd's memory until its
+# job ends, and one client sending them without end would otherwise take all of it.
+MAX_WAITING = 256
 
 
 def _keepalive_interval() -> float:
@@ -230,7 +235,8 @@ class Connection(asyncio.Protocol):
         # a client that only writes cannot make jobd hold more than MAX_UNSENT bytes and one reply for it.
         self._writable = asyncio.Event()
         self._writable.set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}  # each answering task: how many waiting requests it holds
+        self._waiting = 0  # their sum: requests that wait, of this connection
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
         self._input_ended = False  # EOF from the client: answer what is pending, then close
@@ -267,7 +273,7 @@ class Connection(asyncio.Protocol):
         """Dispatch the whole lines buffered, until there are none or the client stops reading its replies."""
         buffer = self._buffer
         start = 0
-        while self._writable.is_set() and (end := buffer.find(b"\n", max(start, self._scanned))) >= 0:
+        while self._taking and (end := buffer.find(b"\n", max(start, self._scanned))) >= 0:
             line = bytes(buffer[start : end + 1])
             start = end + 1
             if len(line) > jsonrpc.MAX_FRAME + 1:
@@ -279,7 +285,8 @@ class Connection(asyncio.Protocol):
             if self._refusing or self.transport.is_closing():
                 return
         del buffer[:start]
-        if not self._writable.is_set():  # lines may be left: resume_writing() goes on with them
+        if not self._taking:  # lines may be left: _resume_taking() goes on with them
+            self.transport.pause_reading()
             self._scanned = 0
             return
         self._scanned = len(buffer)
@@ -294,10 +301,17 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._input_ended = True
-        if not self._refusing:
-            self._take_lines()
-        else:
+        if self._refusing:
             self._close_when_answered()
+            return True
+        self._take_lines()
+        if self._tasks and _hung_up(self.transport):
+            # The client closed the connection, not only its sending side (an interrupted `jobctl wait`): nobody
+            # can read what its waiting requests would answer, so they end now rather than when their jobs do,
+            # and the connection stops counting against max_connections.
+            log.debug("pid %d closed its connection with %d requests waiting: dropped", self.peer.pid, self._waiting)
+            self.transport.abort()
+            return False
         return True  # keep our side open for the answers still to come
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -318,9 +332,20 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._resume_taking()
+
+    @property
+    def _taking(self) -> bool:
+        """Whether requests are read and started now: not while the client leaves its replies unread, nor while
+        MAX_WAITING of its requests wait."""
+        return self._writable.is_set() and self._waiting < MAX_WAITING
+
+    def _resume_taking(self) -> None:
+        if self.transport.is_closing():
+            return
         if not self._refusing:
             self._take_lines()
-        if not self._input_ended and self._writable.is_set() and not self.transport.is_closing():
+        if not self._input_ended and self._taking and not self.transport.is_closing():
             self.transport.resume_reading()
 
     # -- requests ------------------------------------------------------------------------------------------------
@@ -349,66 +374,71 @@ class Connection(asyncio.Protocol):
             return
         if not frame.is_batch:  # the common case
             reply = self._member(frame.members[0])
-            if isinstance(reply, Coroutine):
-                self._spawn(self._answer_later(reply))
+            if isinstance(reply, _Waiting):
+                self._spawn(self._answer_later(reply), 1)
             elif reply is not None:
                 self._send(reply)
             return
         replies = [self._member(member) for member in frame.members]
-        if any(isinstance(reply, Coroutine) for reply in replies):
-            self._spawn(self._answer_batch_later(replies))
+        waiting = sum(1 for reply in replies if isinstance(reply, _Waiting))
+        if waiting:
+            self._spawn(self._answer_batch_later(replies), waiting)
             return
         answered = [reply for reply in replies if reply is not None]
         if answered:
             self._send(answered)
 
-    def _member(self, member: jsonrpc.Member) -> Reply | Coroutine[Any, Any, Reply]:
-        """The reply to one request, or a coroutine that will produce it when the method has to wait."""
+    def _member(self, member: jsonrpc.Member) -> Reply | _Waiting:
+        """The reply to one request, or what will produce it when the method has to wait."""
         if isinstance(member, jsonrpc.Invalid):
-            return jsonrpc.error(member.id, member.error)
+            return jsonrpc.error(member.id, member.error) if member.answered else None
         try:
             value = self.api.call(self, member.method, member.params)
         except Exception as failure:
             return _failure_reply(member, failure)
         if isinstance(value, Coroutine):
-            return _await_reply(member, value)
+            return _Waiting(member, value)
         return None if member.is_notification else jsonrpc.result(member.id, value)
 
-    async def _until_writable(self, replies: list[Any]) -> None:
+    async def _until_writable(self, replies: list[Reply | _Waiting]) -> None:
         """Wait while the client does not read; the methods have not run yet and start once it reads again."""
         try:
             await self._writable.wait()
         except asyncio.CancelledError:  # the connection is gone: the methods never run
             for reply in replies:
-                if isinstance(reply, Coroutine):
+                if isinstance(reply, _Waiting):
                     reply.close()
             raise
 
-    async def _answer_later(self, reply: Coroutine[Any, Any, Reply]) -> None:
+    async def _answer_later(self, reply: _Waiting) -> None:
         await self._until_writable([reply])
-        message = await reply
+        message = await reply.answer()
         if message is not None:
             self._send(message)
 
-    async def _answer_batch_later(self, replies: list[Reply | Coroutine[Any, Any, Reply]]) -> None:
+    async def _answer_batch_later(self, replies: list[Reply | _Waiting]) -> None:
         await self._until_writable(replies)
         # The members that wait run together: in turn, a job.wait would hold back a job.cancel after it (of the
         # same job: for ever), and each member's timeout would start when the one before it ended.
-        waited = iter(await asyncio.gather(*(reply for reply in replies if isinstance(reply, Coroutine))))
-        done = [next(waited) if isinstance(reply, Coroutine) else reply for reply in replies]
+        waited = iter(await asyncio.gather(*(reply.answer() for reply in replies if isinstance(reply, _Waiting))))
+        done = [next(waited) if isinstance(reply, _Waiting) else reply for reply in replies]
         answered = [reply for reply in done if reply is not None]
         if answered:
             self._send(answered)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], waiting: int) -> None:
         task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
+        self._tasks[task] = waiting
+        self._waiting += waiting
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # _await_reply answers errors; this is a bug
+        was_taking = self._taking
+        self._waiting -= self._tasks.pop(task, 0)
+        if not task.cancelled() and task.exception() is not None:  # _Waiting.answer answers errors; this is a bug
             log.error("connection from pid %d: reply failed", self.peer.pid, exc_info=task.exception())
+        if self._taking and not was_taking:
+            self._resume_taking()
         if self._input_ended or self._refusing:
             self._close_when_answered()
 
@@ -497,12 +527,31 @@ def _failure_reply(member: jsonrpc.Request, failure: Exception) -> Reply:
     return None if member.is_notification else reply
 
 
-async def _await_reply(member: jsonrpc.Request, value: Coroutine[Any, Any, Any]) -> Reply:
-    try:
-        result = await value
-    except Exception as failure:
-        return _failure_reply(member, failure)
-    return None if member.is_notification else jsonrpc.result(member.id, result)
+class _Waiting:
+    """A request whose method has to wait (job.wait, ...): its coroutine, run once the client reads its replies."""
+
+    def __init__(self, member: jsonrpc.Request, work: Coroutine[Any, Any, Any]) -> None:
+        self.member = member
+        self.work = work
+
+    async def answer(self) -> Reply:
+        try:
+            result = await self.work
+        except Exception as failure:
+            return _failure_reply(self.member, failure)
+        return None if self.member.is_notification else jsonrpc.result(self.member.id, result)
+
+    def close(self) -> None:
+        """The connection went away before the method ran: it never will."""
+        self.work.close()
+
+
+def _hung_up(transport: asyncio.Transport) -> bool:
+    """Whether the peer of a Unix stream socket has closed it entirely, not only shut down its sending side:
+    the kernel reports POLLHUP for the first only."""
+    poller = select.poll()
+    poller.register(transport.get_extra_info("socket").fileno(), 0)  # POLLHUP is reported whatever is asked
+    return any(events & select.POLLHUP for _, events in poller.poll(0))  # no-poll-ok: one look, at the client's EOF
 
 
 class XmlConnection(asyncio.Protocol):

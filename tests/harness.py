@@ -106,7 +106,8 @@ class Daemon:
         notify_path = self.root / f"notify.{os.getpid()}.{id(self)}"
         notify_path.unlink(missing_ok=True)
         self.notify = Notifications(notify_path)
-        env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(notify_path)}
+        env["PYTHONPATH"] = ":".join(filter(None, [self.env.get("PYTHONPATH"), str(REPO)]))  # a test's shims first
         env.pop("JOURNAL_STREAM", None)
         env.pop("INVOCATION_ID", None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the daemon owns it

@@ -14,8 +14,11 @@ import time
 from typing import Any
 
 import pytest
+from recovery.support import wait_for_log
 
+from jobd.client import Client
 from jobd.protocol.jsonrpc import MAX_FRAME
+from jobd.server import MAX_WAITING
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -322,6 +325,52 @@ def test_by_position_params_are_invalid_params(daemon: Any) -> None:
         answer = exchange(daemon, text.encode())
         assert answer is not None and answer["id"] == 1, answer
         assert error_of(answer)["code"] == -32602 and error_of(answer)["data"]["code"] == "INVALID_PARAMS"
+
+
+def test_a_notification_with_by_position_params_gets_no_answer(daemon: Any) -> None:
+    # A valid request without an id is a notification, never answered, even when its method cannot take it.
+    with Raw(daemon.socket_path) as raw:
+        raw.send(b'{"jsonrpc":"2.0","method":"ping","params":[1]}\n' + ping_line("next"))
+        reply, before = raw.reply("next")
+        assert_pong(reply, "next")
+        assert before == [], before
+
+
+def test_a_client_that_closes_with_requests_waiting_frees_its_connection(make_daemon: Any) -> None:
+    # Before, the connection stayed until the awaited job ended (its reply then failed): a few interrupted
+    # `jobctl wait`s on a long job held every max_connections slot.
+    daemon = make_daemon("[queue.default]\nconcurrency = 1\n", daemon_extra="max_connections = 2")
+    with Client(str(daemon.socket_path)) as kept:  # one slot, used throughout
+        job = kept.call("job.submit", {"command": ["/bin/sleep", "300"]})
+        with Raw(daemon.socket_path) as raw:  # the other slot
+            raw.request("job.wait", {"id": job["id"]})
+            raw.request("job.output", {"id": job["id"], "wait": True}, request_id=2)
+        wait_for_log(daemon, "closed its connection with 2 requests waiting: dropped")
+        with Raw(daemon.socket_path) as fresh:  # the slot is free again at once, not when the job ends
+            fresh.send(ping_line("free"))
+            assert_pong(fresh.reply("free")[0], "free")
+        kept.call("job.cancel", {"id": job["id"]})
+
+
+def test_requests_waiting_on_one_connection_are_bounded(daemon: Any) -> None:
+    # A client pipelining job.wait without end used to grow jobd's memory without end (about 4 KiB each). Past
+    # MAX_WAITING on a connection, its further requests are read only once one of those is answered: the ping
+    # sent after them is answered after the first wait, not at once.
+    job = daemon.submit(command=["/bin/sleep", "300"])
+    waits = MAX_WAITING + 20
+    with Raw(daemon.socket_path) as raw:
+        lines = b"".join(
+            json.dumps({"jsonrpc": "2.0", "id": n, "method": "job.wait", "params": {"id": job["id"]}}).encode() + b"\n"
+            for n in range(waits)
+        )
+        raw.send(lines + ping_line("behind"))
+        daemon.call("job.cancel", {"id": job["id"]})  # on another connection: the waits end
+        replies = [raw.message() for _ in range(waits + 1)]
+    # Answered in any order once the job ended, but the ping only after the first wait had been answered: it was
+    # not read before.
+    assert replies[0].get("id") != "behind" and replies[0]["result"]["state"] == "cancelled", replies[0]
+    assert_pong(next(r for r in replies if r["id"] == "behind"), "behind")
+    assert sorted(r["id"] for r in replies if r["id"] != "behind") == list(range(waits))
 
 
 def test_a_fractional_id_is_an_id(daemon: Any) -> None:

@@ -813,29 +813,52 @@ def test_sigterm_kills_a_leader_ignoring_it_after_kill_grace(jobd: Callable[...,
     assert (job["state"], job["attempts"]) == ("succeeded", 2), job
 
 
-def signal_while_starting(daemon: Daemon, number: int, later_config: str) -> threading.Thread:
-    """Starting `daemon` blocks in its first read of the configuration on a FIFO drop-in; meanwhile `number` is sent,
-    then the FIFO is answered. A regular file with `later_config` has taken the FIFO's name by then, for reloads."""
-    fifo = daemon.config_dir / "jobd.d" / "50-held.toml"
-    os.mkfifo(fifo)
-    later = daemon.config_dir / "jobd.d" / ".50-held.toml.new"
-    later.write_text(later_config)
+# Stands in for tomllib: its first loads() (jobd reading its configuration in main(), past its first lines and
+# before it is ready) waits on a FIFO the test opens; everything else is the real module's.
+TOML_GATE_SHIM = """
+import os, sys
+shim = sys.modules["tomllib"]
+sys.path.remove(os.path.dirname(__file__))
+del sys.modules["tomllib"]
+import tomllib as real
+held = [True]
+
+
+def loads(text, **options):
+    if held:
+        held.clear()
+        with open(os.environ["JOBD_TEST_TOML_GATE"]) as gate:
+            gate.read()
+    return real.loads(text, **options)
+
+
+load, TOMLDecodeError = real.load, real.TOMLDecodeError
+sys.modules["tomllib"] = shim
+"""
+
+
+def signal_while_starting(daemon: Daemon, number: int, tmp_path: Path) -> threading.Thread:
+    """Starting `daemon` blocks in its first parse of the configuration; meanwhile `number` is sent, then jobd is
+    let go on."""
+    gate, shim = tmp_path / "toml-gate", tmp_path / "toml-shim"
+    os.mkfifo(gate)
+    shim.mkdir()
+    (shim / "tomllib.py").write_text(TOML_GATE_SHIM)
+    daemon.env.update(PYTHONPATH=str(shim), JOBD_TEST_TOML_GATE=str(gate))
 
     def answer() -> None:
-        with open(fifo, "w") as held:  # returns once jobd opened the FIFO: past main()'s first lines, not ready
-            os.replace(later, fifo)  # jobd reads on through the descriptor it holds
+        with open(gate, "w"):  # returns once jobd opened it: in main(), reading its configuration, not ready
             assert daemon.process is not None
             daemon.process.send_signal(number)
-            held.write("# answered\n")
 
     thread = threading.Thread(target=answer)
     thread.start()
     return thread
 
 
-def test_a_sighup_while_starting_reloads_once_ready(make_daemon: Callable[..., Daemon]) -> None:
-    daemon = make_daemon(start=False)
-    answering = signal_while_starting(daemon, signal.SIGHUP, '[task.later]\ncommand = ["/bin/echo", "reloaded"]\n')
+def test_a_sighup_while_starting_reloads_once_ready(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    daemon = make_daemon('[task.later]\ncommand = ["/bin/echo", "reloaded"]\n', start=False)
+    answering = signal_while_starting(daemon, signal.SIGHUP, tmp_path)
     pump = start(daemon)  # waits for READY=1: the SIGHUP did not kill jobd
     answering.join()
     pump.wait_for("RELOADING=1")
@@ -884,9 +907,9 @@ def test_a_sighup_while_jobd_imports_itself_does_not_kill_it(
         notify.close()
 
 
-def test_a_sigterm_while_starting_stops_jobd_once_started(make_daemon: Callable[..., Daemon]) -> None:
+def test_a_sigterm_while_starting_stops_jobd_once_started(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     daemon = make_daemon(start=False)
-    answering = signal_while_starting(daemon, signal.SIGTERM, "")
+    answering = signal_while_starting(daemon, signal.SIGTERM, tmp_path)
     pump = start(daemon)
     answering.join()
     pump.wait_for("STOPPING=1")

@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -83,6 +83,17 @@ def _own_account() -> Account:
     return _own
 
 
+_W = TypeVar("_W")
+
+
+def _forget_waiter(waiters: dict[int, dict[_W, None]], job_id: int, waiter: _W) -> None:
+    mine = waiters.get(job_id)
+    if mine is not None:
+        mine.pop(waiter, None)
+        if not mine:
+            del waiters[job_id]
+
+
 def _run_as(spec: JobSpec) -> Account | None:
     """The user a job runs as, looked up as it starts (None: jobd's own user)."""
     if spec.run_as_uid is None:
@@ -138,9 +149,11 @@ class Engine:
         self.queues: dict[str, QueueRuntime] = {}
         self._running: dict[int, _Running] = {}
         self._delay_timers: dict[int, asyncio.TimerHandle] = {}
-        self._finish_waiters: dict[int, list[asyncio.Future[Job]]] = {}
-        self._output_waiters: dict[int, list[asyncio.Future[None]]] = {}
-        self._listeners: list[Callable[[JobEvent], None]] = []
+        # Waiters by job, each a dict used as an ordered set: one that gives up (a timeout, a client gone) leaves
+        # in O(1), however many wait on the same job.
+        self._finish_waiters: dict[int, dict[asyncio.Future[Job], None]] = {}
+        self._output_waiters: dict[int, dict[asyncio.Future[None], None]] = {}
+        self._listeners: dict[Callable[[JobEvent], None], None] = {}
         self._watchers: dict[int, JobWatcher] = {}  # job id -> who runs it (a workflow instance's task)
         # Told of every job that reaches a final state, just after its commit (completion callbacks).
         self.finish_listeners: list[Callable[[Job], None]] = []
@@ -605,20 +618,18 @@ class Engine:
         if job.state.finished:
             return job
         waiter: asyncio.Future[Job] = self.loop.create_future()
-        self._finish_waiters.setdefault(job_id, []).append(waiter)
+        self._finish_waiters.setdefault(job_id, {})[waiter] = None
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
             return self.get(job_id)
         finally:
-            waiters = self._finish_waiters.get(job_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
+            _forget_waiter(self._finish_waiters, job_id, waiter)
 
     def _release_finish_waiters(self, job: Job) -> None:
         for listener in self.finish_listeners:
             listener(job)
-        for waiter in self._finish_waiters.pop(job.id, []):
+        for waiter in self._finish_waiters.pop(job.id, {}):
             if not waiter.done():
                 waiter.set_result(job)
         watcher = self._watchers.pop(job.id, None)
@@ -736,19 +747,22 @@ class Engine:
     async def wait_output(self, job_id: int) -> None:
         """Until the running job writes more output or its attempt ends."""
         waiter: asyncio.Future[None] = self.loop.create_future()
-        self._output_waiters.setdefault(job_id, []).append(waiter)
-        await waiter
+        self._output_waiters.setdefault(job_id, {})[waiter] = None
+        try:
+            await waiter
+        finally:  # woken (it is gone already), or given up
+            _forget_waiter(self._output_waiters, job_id, waiter)
 
     def _wake_output_waiters(self, job_id: int) -> None:
-        for waiter in self._output_waiters.pop(job_id, []):
+        for waiter in self._output_waiters.pop(job_id, {}):
             if not waiter.done():
                 waiter.set_result(None)
 
     # -- events ------------------------------------------------------------------------------------------------
 
     def subscribe(self, listener: Callable[[JobEvent], None]) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        self._listeners[listener] = None
+        return lambda: self._listeners.pop(listener, None)
 
     def _emit(self, kind: str, job: Job, line: str | None = None) -> None:
         if self._listeners:  # on the spawn/reap path: build nothing when nobody listens

@@ -111,7 +111,7 @@ class _Live:
     machine: Instance
     jobs: dict[int, int] = field(default_factory=dict)  # evqid -> id of the job running it
     retry_timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # evqid -> timer
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    waiters: dict[asyncio.Future[None], None] = field(default_factory=dict)  # an ordered set: O(1) to leave
     # What subscribers were last told (Instances._publish): evqid -> _task_key, and each task's part of the progress.
     # Keyed by the evqid attribute as it is (a string), as the walk over the document finds it.
     shown: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
@@ -136,7 +136,7 @@ class Instances:
         self._save_failing = False
         # Instances that have ended and whose end could not be saved yet: what they are, until it is.
         self._ended_unsaved: dict[int, tuple[InstanceSummary, bytes]] = {}
-        self._listeners: list[Callable[[InstanceEvent], None]] = []
+        self._listeners: dict[Callable[[InstanceEvent], None], None] = {}
 
     # -- launching -----------------------------------------------------------------------------------------------
 
@@ -292,13 +292,12 @@ class Instances:
         if live is None:
             return self.summary(instance_id)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        live.waiters.append(waiter)
+        live.waiters[waiter] = None
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(waiter), timeout)
         finally:
-            if waiter in live.waiters:
-                live.waiters.remove(waiter)
+            live.waiters.pop(waiter, None)
         return self.summary(instance_id)
 
     # -- commands --------------------------------------------------------------------------------------------
@@ -621,8 +620,8 @@ class Instances:
     # -- events ----------------------------------------------------------------------------------------------
 
     def subscribe(self, listener: Callable[[InstanceEvent], None]) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        self._listeners[listener] = None
+        return lambda: self._listeners.pop(listener, None)
 
     def _emit(self, event: InstanceEvent) -> None:
         for listener in list(self._listeners):

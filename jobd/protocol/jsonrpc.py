@@ -24,10 +24,12 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Invalid:
-    """A member that could not be made into a request; it is answered with `error`."""
+    """A member that could not be made into a request; it is answered with `error`, unless it is a notification
+    (a valid request without an id, whose method cannot take it): those are never answered."""
 
     id: Any
     error: JobdError
+    answered: bool = True
 
 
 Member = Request | Invalid
@@ -134,7 +136,8 @@ def _member(data: Any) -> Member:
     if params is None:
         params = {}
     if isinstance(params, list):  # by-position parameters: a valid request, but no method of jobd takes them
-        return Invalid(request_id, InvalidParams('"params" must be an object: jobd\'s methods take by-name parameters'))
+        failure = InvalidParams('"params" must be an object: jobd\'s methods take by-name parameters')
+        return Invalid(request_id, failure, answered="id" in data)
     if not isinstance(params, dict):
         return Invalid(request_id, InvalidRequest('"params" must be an object (by-name parameters)'))
     if not data.keys() <= _REQUEST_MEMBERS:
