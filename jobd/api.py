@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -187,7 +188,11 @@ class Params:
 
 
 def json_repr(value: Any) -> str:
-    text = repr(value)
+    """A value as the client wrote it (JSON, not Python: `true`, not `True`), cut to 60 characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # not JSON-able
+        text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -254,8 +259,8 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
         env=p.text_map("env"),
         stdin=stdin,
         context=p.text("context"),
-        key=p.text("key"),
-        working_dir=p.text("working_dir"),
+        key=_key(p),
+        working_dir=_absolute_dir(p),
         retry=None if retry_raw is None else _retry(p, retry_raw),
         kill_grace=p.number("kill_grace"),
         max_output=p.integer("max_output"),
@@ -265,6 +270,20 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
     )
     delay = p.number("delay") or 0.0
     return request, delay
+
+
+def _key(p: Params) -> str | None:
+    key = p.text("key")
+    if key == "":  # would make every later submit without a key of its own return the first such job
+        raise p.bad("key", "a non-empty string (leave it out for no idempotency key)")
+    return key
+
+
+def _absolute_dir(p: Params) -> str | None:
+    path = p.text("working_dir")
+    if path is not None and not path.startswith("/"):  # jobd's own working directory is no business of clients
+        raise p.bad("working_dir", "an absolute path")
+    return path
 
 
 def _callbacks(p: Params) -> dict[str, list[dict[str, Any]]] | None:

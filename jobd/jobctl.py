@@ -710,6 +710,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """A time limit: 0 would allow no time at all, which jobd refuses."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0 and up to {MAX_SECONDS}, got {text!r}")
+    return value
+
+
 # -- talking to jobd ------------------------------------------------------------------------------------------
 
 
@@ -1272,7 +1280,7 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--queue", help="queue (default: the task's queue, else default)")
     parser.add_argument("-p", "--priority", type=priority, help="0-4294967295, lower runs first (1024)")
     parser.add_argument("--delay", type=seconds, metavar="S", help="seconds before the job becomes ready")
-    parser.add_argument("--timeout", type=seconds, metavar="S", help="seconds the job may run")
+    parser.add_argument("--timeout", type=positive_seconds, metavar="S", help="seconds the job may run")
     parser.add_argument(
         "-e", "--env", type=assignment, action="append", metavar="NAME=VALUE", help="environment variable (repeat)"
     )

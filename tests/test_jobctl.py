@@ -206,6 +206,15 @@ def test_submit_an_env_task_with_params(daemon: Any) -> None:
     assert daemon.output(daemon.wait(submitted_id(result))["id"]) == "A=x=y B=\n"
 
 
+def test_a_time_limit_of_zero_is_a_usage_error(daemon: Any) -> None:
+    # jobd refuses a timeout of 0 (no time at all to run); jobctl says so itself, as for any out-of-range value.
+    before = job_count(daemon)
+    result = ctl(daemon, "run", "--timeout", "0", "--", "/bin/true")
+    assert result.code == 2, result
+    assert "expected a number of seconds above 0" in result.err, result.err
+    assert job_count(daemon) == before
+
+
 def test_submit_args_and_params_together_is_a_usage_error(daemon: Any) -> None:
     before = job_count(daemon)
     result = ctl(daemon, "submit", "echo", "x", "-P", "A=1")

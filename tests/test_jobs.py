@@ -280,12 +280,28 @@ def test_a_job_cancelled_while_it_waits_for_a_retry_says_so(server: Any) -> None
     )
 
 
-@pytest.mark.parametrize("working_dir", ["/nonexistent/dir", ""])
-def test_a_working_dir_that_cannot_be_entered_is_named_as_the_problem(server: Any, working_dir: str) -> None:
-    job = run(server, command=["/bin/true"], working_dir=working_dir)
+def test_a_working_dir_that_cannot_be_entered_is_named_as_the_problem(server: Any) -> None:
+    job = run(server, command=["/bin/true"], working_dir="/nonexistent/dir")
     [attempt] = job["tries"]
     assert attempt["outcome"] == "spawn_error"
-    assert attempt["error"].startswith(f"cannot change to working directory {working_dir!r}"), attempt["error"]
+    assert attempt["error"].startswith("cannot change to working directory '/nonexistent/dir'"), attempt["error"]
+
+
+@pytest.mark.parametrize("working_dir", ["", "relative/dir", "."])
+def test_a_working_dir_that_is_not_absolute_is_refused_at_submit(server: Any, working_dir: str) -> None:
+    # Relative to jobd's own working directory, which is none of the client's business: refused, not run.
+    error = remote_error(server, "job.submit", {"command": ["/bin/true"], "working_dir": working_dir})
+    assert error.data["code"] == "INVALID_PARAMS" and error.data["param"] == "working_dir", error.data
+    assert f"working_dir = {json.dumps(working_dir)} is not allowed; expected an absolute path" in error.message
+
+
+@pytest.mark.parametrize("value", ["", True])
+def test_an_empty_or_non_text_key_is_refused(server: Any, value: Any) -> None:
+    # An empty key used to name a job like any other: every later submit with "" got that first job back, and ran
+    # nothing. Values are quoted as the client wrote them (JSON), not as Python prints them.
+    error = remote_error(server, "job.submit", {"command": ["/bin/true"], "key": value})
+    assert error.data["code"] == "INVALID_PARAMS" and error.data["param"] == "key", error.data
+    assert f"key = {json.dumps(value)} is not allowed" in error.message, error.message
 
 
 # -- 2. exit codes and signals -----------------------------------------------------------------------------------

@@ -828,7 +828,8 @@ class Engine:
                 if queue.is_idle() and not self._has_delayed(name):
                     del self.queues[name]
                 elif not queue.closed:
-                    log.info("queue %s removed from the configuration: draining %d jobs", name, queue.ready_count())
+                    waiting = queue.ready_count() + len(queue.running) + self.delayed_count(name)
+                    log.info("queue %s removed from the configuration: draining %d jobs", name, waiting)
                     queue.closed = True
 
     def _forget_if_drained(self, name: str) -> None:
