@@ -218,6 +218,7 @@ class Daemon:
         # systemd keeps its own timeout when that is longer).
         self._stop_takes(self.engine.longest_kill_grace())
         await self.engine.shutdown()
+        self._notify_status()  # the jobs stopped are back in their queues: said now, not after the exit
         self._stop_takes(CALLBACKS_SHUTDOWN_GRACE)
         await self.callbacks.close()
         await self.server.close_connections()

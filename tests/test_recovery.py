@@ -939,6 +939,24 @@ def test_signals_while_stopping_neither_reload_nor_hide_the_counts(jobd: Callabl
     assert "configuration reloaded" not in log.split("stopping: no new work")[1], log
 
 
+def test_the_status_line_counts_the_jobs_a_stop_puts_back(jobd: Callable[..., Daemon]) -> None:
+    # Before, the jobs a stop put back in their queue were missing from STATUS= ("0 queued"), and the last
+    # STATUS=, with nothing running any more, never came: jobd exited before its status timer fired.
+    daemon = jobd("[queue.default]\nconcurrency = 2\n")
+    stubborn = ["/bin/sh", "-c", 'trap "" TERM; echo ready >&3; exec sleep 600']
+    submit_running(daemon, command=stubborn, kill_grace=2)
+    submit_running(daemon, command=["/bin/sh", "-c", "echo ready >&3; exec sleep 600"])  # goes at SIGTERM
+    pump = pump_of(daemon)
+    pump.skip()
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    pump.wait_for("STATUS=stopping: 1 running, 1 queued")
+    assert daemon.process.wait(30) == 0
+    pump.wait_for("STATUS=stopping: 0 running, 2 queued")
+    pump.stop()
+    daemon.stop()
+
+
 # --- history retention ---
 
 

@@ -575,6 +575,8 @@ class Engine:
             self._emit("job.state", job)
             if not self.stopping:
                 self._admit(job)
+            elif job.state is JobState.QUEUED:  # stopped by the shutdown: counted where it waits; nothing starts now
+                self.queues[job.spec.queue].push(job)
         self._counts_changed()
 
     def _log_settled(self, job: Job, attempt: Attempt) -> None:
