@@ -508,6 +508,17 @@ def test_output_beyond_max_output_is_dropped_and_marked_truncated(server: Any) -
     assert reply["truncated"] is True and reply["complete"] is True
 
 
+def test_only_the_stream_that_was_cut_says_so(server: Any) -> None:
+    # One stream beyond max_output marks the attempt truncated; job.output (and jobctl log) used to say so of
+    # every stream of it, though the others were whole.
+    job = run(server, command=sh("echo small; echo note >&3; yes | head -c 20000 >&2"), max_output=1000)
+    assert job["tries"][0]["truncated"] is True
+    cut = {
+        s: server.call("job.output", {"id": job["id"], "stream": s})["truncated"] for s in ("stdout", "stderr", "log")
+    }
+    assert cut == {"stdout": False, "stderr": True, "log": False}, cut
+
+
 def test_a_last_log_line_without_a_newline_is_kept(server: Any) -> None:
     for _ in range(20):  # the pipe's end-of-file and the leader's exit reach jobd in either order
         job = run(server, command=sh("echo first >&3; printf 'last words' >&3"))

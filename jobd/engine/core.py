@@ -735,7 +735,11 @@ class Engine:
             await self.wait_output(job_id)
             data, size = _read_at(path, offset, limit)
         running = self.attempt_running(job_id, number)
-        truncated = any(a.truncated for a in self.store.attempts(job_id) if a.number == number)
+        # The attempt records one flag for its three streams; this stream was the one cut if it holds the whole
+        # max_output (a capped stream keeps exactly that much).
+        truncated = size >= job.spec.max_output and any(
+            a.truncated for a in self.store.attempts(job_id) if a.number == number
+        )
         complete = not running and offset + len(data) >= size
         return OutputChunk(data=data, size=size, complete=complete, truncated=truncated, attempt=number)
 
