@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recovery.support import wait_for_log
 
 from tests.harness import Daemon
 
@@ -203,6 +204,27 @@ def test_callback_credentials_stay_out_of_the_log_and_the_table(
     log = d.log()
     assert f"job={job} on_success callback" in log
     assert "s3cret" not in log and "s3cret" not in row["target"]
+
+
+def test_exec_callback_output_is_kept_beside_the_job_and_expires_with_it(
+    make_daemon: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    # It used to go to STATE_DIR/callbacks/ID.*, which nothing ever removed: files without end.
+    d = make_daemon("[queue.default]\nconcurrency = 1\n", daemon_extra="history = { keep_last = 1 }")
+    talk = ["/bin/sh", "-c", 'echo said; echo complained >&2; exec "$0" "$@"', *_post_script(receiver.url("/x"))]
+    first = d.submit(command=["/bin/true"], callbacks={"on_finish": [{"exec": talk}]})["id"]
+    assert d.wait(first)["state"] == "succeeded"
+    assert receiver.next().path == "/x"
+    wait_for_log(d, "delivered (try 1)")  # the only delivery: its process has ended, its output is written
+    kept = d.state_dir / "output" / str(first)
+    [stdout] = kept.glob("callback-*.stdout")
+    assert stdout.read_text() == "said\n" and stdout.with_suffix(".stderr").read_text() == "complained\n"
+
+    second = d.submit(command=["/bin/true"])["id"]  # keep_last = 1: the first job expires, and its files with it
+    assert d.wait(second)["state"] == "succeeded"
+    d.stop()
+    assert not kept.exists()
+    assert not (d.state_dir / "callbacks").exists()
 
 
 def test_bad_callbacks_are_refused(make_daemon: Callable[..., Daemon]) -> None:

@@ -135,7 +135,6 @@ class Callbacks:
         self.engine = engine
         self.store = store
         self.clock = clock
-        self.dir = os.path.join(engine.state_dir, "callbacks")
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._children: dict[int, Child] = {}
@@ -242,8 +241,8 @@ class Callbacks:
 
     async def _exec(self, delivery: CallbackDelivery, job: Job, summary: dict[str, Any], tries: int) -> str | None:
         user = _run_as(job.spec)  # the job's own user (None: jobd's)
-        os.makedirs(self.dir, mode=0o750, exist_ok=True)
-        base = os.path.join(self.dir, str(delivery.id))
+        # Beside the job's own output, so that it expires with the job (its directory is removed whole).
+        base = os.path.join(self.engine.output_dir, str(job.id), f"callback-{delivery.id}")
         env = {
             "PATH": DEFAULT_PATH,
             "JOBD_JOB_ID": str(job.id),
