@@ -28,7 +28,15 @@ from jobd.api_evqueue import EvQueue
 from jobd.engine.core import JobEvent
 from jobd.engine.instances import InstanceEvent
 from jobd.engine.submit import Peer, identify_peer
-from jobd.errors import FrameTooLarge, InvalidRequest, InvalidXml, JobdError, StartupError, TooManyConnections
+from jobd.errors import (
+    FrameTooLarge,
+    InvalidParams,
+    InvalidRequest,
+    InvalidXml,
+    JobdError,
+    StartupError,
+    TooManyConnections,
+)
 from jobd.linux import peer_credentials
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
 from jobd.store import store_failure
@@ -41,6 +49,9 @@ MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; eve
 # that its further requests are read once one of those is answered. Each holds a few KiB of jobd's memory until its
 # job ends, and one client sending them without end would otherwise take all of it.
 MAX_WAITING = 256
+# Subscriptions one connection may hold: each event is offered to every one of them, so a client subscribing without
+# end would slow every job's events down. One subscription can select any set of jobs, queues and types.
+MAX_SUBSCRIPTIONS = 64
 
 
 def _keepalive_interval() -> float:
@@ -491,6 +502,11 @@ class Connection(asyncio.Protocol):
     # -- Session -------------------------------------------------------------------------------------------------
 
     def subscribe(self, selection: EventFilter) -> int:
+        if self._next_subscription > MAX_SUBSCRIPTIONS:
+            raise InvalidParams(
+                f"events.subscribe: this connection has {MAX_SUBSCRIPTIONS} subscriptions, the most one may have; "
+                "one subscription can select several jobs, queues, instances, workflows and types"
+            )
         number = self._next_subscription
         self._next_subscription += 1
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from recovery.support import wait_for_log
 
-from jobd.client import Client
+from jobd.client import Client, RemoteError
 from jobd.protocol.jsonrpc import MAX_FRAME
 from jobd.server import MAX_WAITING
 
@@ -371,6 +371,19 @@ def test_requests_waiting_on_one_connection_are_bounded(daemon: Any) -> None:
     assert replies[0].get("id") != "behind" and replies[0]["result"]["state"] == "cancelled", replies[0]
     assert_pong(next(r for r in replies if r["id"] == "behind"), "behind")
     assert sorted(r["id"] for r in replies if r["id"] != "behind") == list(range(waits))
+
+
+def test_subscriptions_on_one_connection_are_bounded(daemon: Any) -> None:
+    # Every event is offered to every subscription: one client subscribing without end slowed every job down.
+    with Client(str(daemon.socket_path)) as client:
+        numbers = [client.call("events.subscribe", {"types": ["job.state"]})["subscription"] for _ in range(64)]
+        assert numbers == list(range(1, 65))
+        with pytest.raises(RemoteError) as refused:
+            client.call("events.subscribe", {})
+        assert refused.value.code == "INVALID_PARAMS" and "64 subscriptions" in refused.value.message
+        job = client.call("job.submit", {"command": ["/bin/true"]})  # the 64 still work
+        event = client.next_event(timeout=DEADLINE)
+        assert event["type"] == "job.state" and event["job"]["id"] == job["id"], event
 
 
 def test_a_fractional_id_is_an_id(daemon: Any) -> None:
