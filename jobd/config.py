@@ -631,6 +631,18 @@ def _string(setting: _Setting) -> str:
     return value
 
 
+# sun_path of struct sockaddr_un holds 108 bytes with the terminating NUL: a longer path cannot be bound at all.
+MAX_SOCKET_PATH = 107
+
+
+def _socket_path(setting: _Setting) -> str:
+    value = _string(setting)
+    size = len(os.fsencode(value))
+    if size > MAX_SOCKET_PATH:
+        raise setting.invalid(f"the path is {size} bytes long; a Unix socket's may be at most {MAX_SOCKET_PATH}")
+    return value
+
+
 def _absolute_path(setting: _Setting) -> str:
     value = _string(setting)
     if not value.startswith("/"):
@@ -746,7 +758,7 @@ def _daemon(table: _Table) -> DaemonDef:
     table.reject_unknown(DAEMON_KEYS)
     default = DaemonDef()
     return DaemonDef(
-        socket=table.read("socket", _string, default.socket),
+        socket=table.read("socket", _socket_path, default.socket),
         evqueue_socket=table.read("evqueue_socket", _string_or_off, default.evqueue_socket),
         state_dir=table.read("state_dir", _string, default.state_dir),
         tasks_directory=table.read("tasks_directory", _string, default.tasks_directory),
@@ -946,7 +958,7 @@ def _string_or_off(setting: _Setting) -> str | None:
         return None
     if not isinstance(setting.value, str):
         raise setting.expected("a non-empty string, or false to turn it off")
-    return _string(setting)
+    return _socket_path(setting)
 
 
 def _days_or_forever(setting: _Setting) -> float | None:

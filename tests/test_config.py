@@ -323,6 +323,18 @@ BAD_VALUES = {
         "queue.q.scheduler",
         '1 is not allowed; allowed: "priority", "fifo"',
     ),
+    "a socket path too long to bind": (
+        f'[daemon]\nsocket = "/run/{"x" * 110}.sock"\n',
+        2,
+        "daemon.socket",
+        "the path is 120 bytes long; a Unix socket's may be at most 107",
+    ),
+    "an evQueue socket path too long to bind": (
+        f'[daemon]\nevqueue_socket = "/run/{"x" * 110}.sock"\n',
+        2,
+        "daemon.evqueue_socket",
+        "the path is 120 bytes long",
+    ),
     "infinite number": (
         "[daemon]\nkill_grace = inf\n",
         2,
