@@ -134,7 +134,14 @@ class Daemon:
         self._reload_when_ready = False
         self._stopping = False
         state_dir = initial.daemon.state_dir
-        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        try:
+            os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # makedirs' own words are "[Errno 17] File exists"
+            raise StartupError(
+                f"the state directory {state_dir} ([daemon] state_dir) cannot be made: it, or a directory above it, "
+                "exists and is not a directory",
+                permanent=True,
+            ) from None
         _secure_state_dir(state_dir)
         self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))

@@ -428,6 +428,16 @@ def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
     assert not daemon.socket_path.exists() and not daemon.evqueue_socket.exists()
 
 
+def test_a_state_dir_that_is_a_file_is_named_at_start_up(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(start=False)
+    daemon.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    daemon.state_dir.write_text("not a directory\n")
+    started = start_directly(daemon)
+    assert started.returncode == 78, started  # permanent: restarting cannot mend it
+    assert f"the state directory {daemon.state_dir} ([daemon] state_dir) cannot be made" in started.stderr, started
+    assert "exists and is not a directory" in started.stderr and "Traceback" not in started.stderr, started.stderr
+
+
 def test_a_full_disk_at_start_up_is_named_and_loses_nothing(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:
