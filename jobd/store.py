@@ -1096,7 +1096,13 @@ def store_failure(failure: Exception) -> StoreFailed | None:
         sqlite3.DatabaseError,
         peewee.DatabaseError,
     )
-    return StoreFailed(f"jobd could not write its database ({failure})") if environmental else None
+    if not environmental:
+        return None
+    name = _sqlite_error_name(failure)
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (not name and type(failure) in _DAMAGED):
+        # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.
+        return StoreFailed(f"jobd's database is damaged ({failure}): restore it from a backup")
+    return StoreFailed(f"jobd could not write its database ({failure})")
 
 
 def startup_failure(failure: Exception) -> tuple[str, bool]:
