@@ -180,8 +180,9 @@ class Params:
     def done(self) -> None:
         unknown = sorted(set(self.raw) - self.seen)
         if unknown:
+            allowed = f"allowed: {', '.join(sorted(self.seen))}" if self.seen else "it takes no parameters"
             raise InvalidParams(
-                f"{self.method}: unknown parameter {unknown[0]!r}; allowed: {', '.join(sorted(self.seen))}",
+                f"{self.method}: unknown parameter {unknown[0]!r}; {allowed}",
                 param=unknown[0],
                 allowed=sorted(self.seen),
             )

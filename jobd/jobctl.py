@@ -1315,7 +1315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-P", "--param", type=assignment, action="append", metavar="NAME=VALUE", help="named parameter (repeat)"
     )
     submit.add_argument("task", metavar="TASK")
-    submit.add_argument("args", nargs="*", metavar="ARG", help="arguments appended to the task's command")
+    submit.add_argument("args", nargs="*", default=[], metavar="ARG", help="arguments appended to the task's command")
 
     status = add_command(sub, "status", cmd_status, "show the daemon's status, or one job's")
     status.add_argument("id", type=positive_int, nargs="?", metavar="ID")

@@ -386,6 +386,12 @@ def test_subscriptions_on_one_connection_are_bounded(daemon: Any) -> None:
         assert event["type"] == "job.state" and event["job"]["id"] == job["id"], event
 
 
+def test_an_unknown_parameter_of_a_method_without_any_says_so(daemon: Any) -> None:
+    answer = exchange(daemon, b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":1}}')
+    assert answer is not None
+    assert error_of(answer)["message"] == "ping: unknown parameter 'x'; it takes no parameters", answer
+
+
 def test_a_fractional_id_is_an_id(daemon: Any) -> None:
     # JSON-RPC 2.0 allows any number as an id (fractions are discouraged, not forbidden).
     answer = exchange(daemon, b'{"jsonrpc":"2.0","id":1.5,"method":"ping"}')
