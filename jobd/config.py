@@ -743,6 +743,8 @@ def _environment(setting: _Setting) -> Mapping[str, str]:
     for name, variable in table.settings.items():
         if not ENV_NAME.fullmatch(name):
             raise variable.invalid("invalid variable name; allowed: A-Z a-z 0-9 _, not starting with a digit")
+        if name.startswith("JOBD_"):  # jobd sets these for every job, over whatever the task says
+            raise variable.invalid("names starting with JOBD_ are set by jobd itself (JOBD_JOB_ID, JOBD_QUEUE, ...)")
         if not isinstance(variable.value, str):
             raise variable.expected("a string")
         if "\0" in variable.value:

@@ -335,6 +335,12 @@ BAD_VALUES = {
         "daemon.evqueue_socket",
         "the path is 120 bytes long",
     ),
+    "a variable jobd sets itself": (
+        '[task.t]\ncommand = ["/bin/true"]\nenvironment = { JOBD_QUEUE = "other" }\n',
+        3,
+        "task.t.environment.JOBD_QUEUE",
+        "names starting with JOBD_ are set by jobd itself",
+    ),
     "infinite number": (
         "[daemon]\nkill_grace = inf\n",
         2,
