@@ -250,6 +250,13 @@ class _Source:
 
 def _read(path: Path) -> _Source:
     data = conffile.read(str(path))
+    if data.startswith(b"\xef\xbb\xbf"):  # TOML would only say "Invalid statement (column 1)"
+        raise ConfigError(
+            f"{path}:1: the file starts with a byte order mark (BOM); save it as UTF-8 without one",
+            file=str(path),
+            line=1,
+            key=None,
+        )
     try:
         return _Source(path, data.decode("utf-8"))
     except UnicodeDecodeError as error:

@@ -543,6 +543,14 @@ def test_a_toml_syntax_error_names_the_parsers_line(tmp_path: Path) -> None:
     assert error.details == {"file": str(path), "line": 3, "key": None}
 
 
+def test_a_byte_order_mark_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.toml"
+    path.write_bytes(b"\xef\xbb\xbf[queue.q]\nconcurrency = 2\n")  # as some Windows editors save UTF-8
+    error = load_error(tmp_path)
+    assert error.message == f"{path}:1: the file starts with a byte order mark (BOM); save it as UTF-8 without one"
+    assert (error.details["file"], error.details["line"]) == (str(path), 1)
+
+
 def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "jobd.toml"
     path.write_bytes(b'[daemon]\n\nsocket = "/run/\xffjobd.sock"\n')
