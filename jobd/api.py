@@ -151,11 +151,13 @@ class Params:
             raise self.bad(name, "true or false")
         return value
 
-    def texts(self, name: str) -> tuple[str, ...] | None:
+    def texts(self, name: str, *, one_for_a_list: bool = True) -> tuple[str, ...] | None:
+        """A list of strings; a filter may be one string for a list of one. An argv may not: `"ls -l"` would
+        run a program of that name."""
         value = self.take(name)
         if value is None:
             return None
-        if isinstance(value, str):
+        if isinstance(value, str) and one_for_a_list:
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v for v in value):
             raise self.bad(name, "a list of strings without NUL")
@@ -240,7 +242,7 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
     if stdin_text is not None and stdin_b64 is not None:
         raise InvalidParams(f"{p.method}: give 'stdin' or 'stdin_base64', not both")
     stdin = stdin_text.encode() if stdin_text is not None else _b64(p, "stdin_base64", stdin_b64)
-    command = p.texts("command")
+    command = p.texts("command", one_for_a_list=False)
     if command is not None and (not command or not command[0]):
         raise p.bad("command", "a non-empty list of strings whose first is the program")
     retry_raw = p.mapping("retry")
@@ -255,7 +257,7 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
         queue=p.name("queue"),
         priority=p.integer("priority", 1024, high=MAX_PRIORITY) or 0,
         timeout=p.number("timeout", positive=True),
-        args=p.texts("args") or (),
+        args=p.texts("args", one_for_a_list=False) or (),
         params=p.text_map("params"),
         env=p.text_map("env"),
         stdin=stdin,

@@ -456,7 +456,9 @@ BAD_PARAMS: list[tuple[str, Any, str]] = [
     ("job.submit", {"command": [1, 2]}, "command"),
     ("job.submit", {"command": []}, "command"),
     ("job.submit", {"command": ["/bin/true"], "env": {"A": 1}}, "env"),
-    ("job.submit", {"command": ["/bin/true"], "args": "x y", "params": {"a": "b"}}, "params"),
+    ("job.submit", {"command": ["/bin/true"], "args": ["x y"], "params": {"a": "b"}}, "params"),
+    ("job.submit", {"command": "/bin/true -x"}, "command"),  # an argv is a list: no program named "/bin/true -x"
+    ("job.submit", {"task": "echo", "args": "x y"}, "args"),
     ("job.submit", {"command": ["/bin/true"], "stdin_base64": "***"}, "stdin_base64"),
     ("job.submit", {"command": ["/bin/true"], "retry": {"times": -1}}, "times"),
     ("job.submit", {"command": ["/bin/true"], "colour": "red"}, "colour"),
