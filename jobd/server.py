@@ -91,6 +91,7 @@ class Server:
         self.tcp_address: tuple[str, int] | None = None  # where the TCP listener is bound (port 0 resolved)
         self._tcp_server: asyncio.AbstractServer | None = None
         self.login_throttle = evqueue_auth.LoginThrottle()
+        self.hangups = HangupWatch()
         self.connections: set[Connection | XmlConnection] = set()
 
     async def bind(self) -> None:
@@ -169,6 +170,7 @@ class Server:
     async def close_connections(self) -> None:
         for connection in list(self.connections):
             connection.abort()
+        self.hangups.close()
 
     def refusal(self) -> TooManyConnections | None:
         """The error for a new client when `[daemon] max_connections` are connected (both sockets together)."""
@@ -251,6 +253,7 @@ class Connection(asyncio.Protocol):
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
         self._input_ended = False  # EOF from the client: answer what is pending, then close
+        self._watched_fd: int | None = None  # in the server's HangupWatch, from EOF while answers are to come
         self._refusing = False  # an oversized frame ended the conversation; input is swallowed
         self._linger: asyncio.TimerHandle | None = None
 
@@ -316,19 +319,21 @@ class Connection(asyncio.Protocol):
             self._close_when_answered()
             return True
         self._take_lines()
-        if self._tasks and _hung_up(self.transport):
-            # The client closed the connection, not only its sending side (an interrupted `jobctl wait`): nobody
-            # can read what its waiting requests would answer, so they end now rather than when their jobs do,
-            # and the connection stops counting against max_connections.
-            log.debug("pid %d closed its connection with %d requests waiting: dropped", self.peer.pid, self._waiting)
-            self.transport.abort()
-            return False
+        if self._tasks:  # answers are still to come: unless the client closed the connection altogether
+            self._watched_fd = self.transport.get_extra_info("socket").fileno()
+            self.server.hangups.watch(self._watched_fd, self._hung_up)
         return True  # keep our side open for the answers still to come
+
+    def _hung_up(self) -> None:
+        log.debug("pid %d closed its connection with %d requests waiting: dropped", self.peer.pid, self._waiting)
+        self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:  # the client went away mid-request: its business, not an error of ours
             log.debug("connection from pid %d ended: %s", self.peer.pid, exc)
         self.server.connections.discard(self)
+        if self._watched_fd is not None:
+            self.server.hangups.forget(self._watched_fd)
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
@@ -562,12 +567,48 @@ class _Waiting:
         self.work.close()
 
 
-def _hung_up(transport: asyncio.Transport) -> bool:
-    """Whether the peer of a Unix stream socket has closed it entirely, not only shut down its sending side:
-    the kernel reports POLLHUP for the first only."""
-    poller = select.poll()
-    poller.register(transport.get_extra_info("socket").fileno(), 0)  # POLLHUP is reported whatever is asked
-    return any(events & select.POLLHUP for _, events in poller.poll(0))  # no-poll-ok: one look, at the client's EOF
+class HangupWatch:
+    """Tells when clients close their connections for good, not only their sending side.
+
+    Both look the same to asyncio (EOF), but a client that only shut down its sending side still reads the answers
+    to its waiting requests, while one that closed the connection (an interrupted `jobctl wait`) never will: its
+    requests should go at once, not when their jobs end, and its connection stop counting against max_connections.
+    The kernel tells them apart by EPOLLHUP, reported for a full close only. The sockets of connections at EOF sit in
+    an epoll set of their own with no event asked for, so that only a hang-up (or an error) wakes it: in the loop's
+    own set, their end-of-file would report them readable over and over.
+    """
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None  # made on the first connection to watch
+        self._gone: dict[int, Callable[[], None]] = {}
+
+    def watch(self, fd: int, gone: Callable[[], None]) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._ready)
+        self._epoll.register(fd, 0)  # EPOLLHUP and EPOLLERR are reported whatever is asked for
+        self._gone[fd] = gone
+
+    def forget(self, fd: int) -> None:
+        """Stop watching `fd` (its connection ended); call no later than the callback that closed it."""
+        if self._gone.pop(fd, None) is not None and self._epoll is not None:
+            with contextlib.suppress(OSError):  # closed already: the kernel took it out of the set itself
+                self._epoll.unregister(fd)
+
+    def _ready(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0):  # no-poll-ok: the loop's epoll said this set is ready
+            gone = self._gone.get(fd)
+            if gone is not None:
+                self.forget(fd)
+                gone()
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            asyncio.get_running_loop().remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
+        self._gone.clear()
 
 
 class XmlConnection(asyncio.Protocol):

@@ -336,7 +336,10 @@ def test_a_notification_with_by_position_params_gets_no_answer(daemon: Any) -> N
         assert before == [], before
 
 
-def test_a_client_that_closes_with_requests_waiting_frees_its_connection(make_daemon: Any) -> None:
+@pytest.mark.parametrize("first_shut_down", [False, True], ids=["closed", "shut down, then closed"])
+def test_a_client_that_closes_with_requests_waiting_frees_its_connection(
+    make_daemon: Any, first_shut_down: bool
+) -> None:
     # Before, the connection stayed until the awaited job ended (its reply then failed): a few interrupted
     # `jobctl wait`s on a long job held every max_connections slot.
     daemon = make_daemon("[queue.default]\nconcurrency = 1\n", daemon_extra="max_connections = 2")
@@ -345,6 +348,10 @@ def test_a_client_that_closes_with_requests_waiting_frees_its_connection(make_da
         with Raw(daemon.socket_path) as raw:  # the other slot
             raw.request("job.wait", {"id": job["id"]})
             raw.request("job.output", {"id": job["id"], "wait": True}, request_id=2)
+            if first_shut_down:  # EOF, but the client still reads: its answers must still come, so nothing goes
+                raw.sock.shutdown(socket.SHUT_WR)
+                kept.call("ping")  # a round trip after the EOF, on another connection
+                assert "requests waiting: dropped" not in daemon.log()
         wait_for_log(daemon, "closed its connection with 2 requests waiting: dropped")
         with Raw(daemon.socket_path) as fresh:  # the slot is free again at once, not when the job ends
             fresh.send(ping_line("free"))
