@@ -227,6 +227,25 @@ def test_exec_callback_output_is_kept_beside_the_job_and_expires_with_it(
     assert not (d.state_dir / "callbacks").exists()
 
 
+def test_a_callback_still_running_when_its_job_expires_leaves_no_output_behind(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    # The job expires (keep_last = 1, the next job finished) while its callback sleeps; the callback's output then
+    # made the job's output directory anew, and nothing removed it again.
+    slow = json.dumps(["/bin/sh", "-c", "sleep 1; echo late"])
+    d = make_daemon(
+        f'[queue.default]\nconcurrency = 1\n[task.quick]\ncommand = ["/bin/true"]\non_finish = [{{ exec = {slow} }}]\n',
+        daemon_extra="history = { keep_last = 1 }",
+    )
+    first = d.submit(task="quick")["id"]
+    assert d.wait(first)["state"] == "succeeded"
+    second = d.submit(task="quick")["id"]
+    assert d.wait(second)["state"] == "succeeded"  # the first job expires now, its callback still asleep
+    assert d.stop() == 0  # deliveries under way end first (docs/jobs.md)
+    assert "delivered (try 1)" in d.log()
+    assert sorted(p.name for p in (d.state_dir / "output").iterdir()) == [str(second)]
+
+
 def test_bad_callbacks_are_refused(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon("[queue.default]\n")
     with pytest.raises(Exception, match="callbacks"):

@@ -11,6 +11,7 @@ Pending deliveries are re-armed from the table when jobd starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -286,9 +287,21 @@ class Callbacks:
                 return f"timed out after {EXEC_TIMEOUT:g}s"
         finally:
             self._children.pop(delivery.id, None)
+            self._forget_output_of_expired(job.id, base)
         if info.exit_code == 0:
             return None
         return f"exit code {info.exit_code}" if info.exit_code is not None else f"signal {info.signal}"
+
+    def _forget_output_of_expired(self, job_id: int, base: str) -> None:
+        """The job expired from the history while its callback ran: the callback's output, written after its
+        directory went, made the directory anew; nothing would ever remove it again."""
+        if self.store.get_job(job_id) is not None:
+            return  # the history removes the directory, callback output and all, when the job expires
+        for suffix in (".stdout", ".stderr", ".log"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(base + suffix)
+        with contextlib.suppress(OSError):  # gone already, or holding the output of another of its callbacks
+            os.rmdir(os.path.dirname(base))
 
     async def close(self) -> None:
         """Stop delivering: what is pending stays in the table for the next start."""
