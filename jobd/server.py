@@ -253,7 +253,7 @@ class Connection(asyncio.Protocol):
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
         self._input_ended = False  # EOF from the client: answer what is pending, then close
-        self._watched_fd: int | None = None  # in the server's HangupWatch, from EOF while answers are to come
+        self._watched_fd: int | None = None  # in the server's HangupWatch, from its first request that waits
         self._refusing = False  # an oversized frame ended the conversation; input is swallowed
         self._linger: asyncio.TimerHandle | None = None
 
@@ -319,14 +319,15 @@ class Connection(asyncio.Protocol):
             self._close_when_answered()
             return True
         self._take_lines()
-        if self._tasks:  # answers are still to come: unless the client closed the connection altogether
-            self._watched_fd = self.transport.get_extra_info("socket").fileno()
-            self.server.hangups.watch(self._watched_fd, self._hung_up)
         return True  # keep our side open for the answers still to come
 
     def _hung_up(self) -> None:
-        log.debug("pid %d closed its connection with %d requests waiting: dropped", self.peer.pid, self._waiting)
-        self.transport.abort()
+        """The client closed the connection for good (HangupWatch). If requests of its wait, nobody can read
+        their answers: they go now, not when their jobs end (the end-of-file, on the other hand, may be unread
+        while MAX_WAITING of them wait). Otherwise the end-of-file closes the connection as usual."""
+        if self._waiting:
+            log.debug("pid %d closed its connection with %d requests waiting: dropped", self.peer.pid, self._waiting)
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:  # the client went away mid-request: its business, not an error of ours
@@ -397,6 +398,9 @@ class Connection(asyncio.Protocol):
             return
         replies = [self._member(member) for member in frame.members]
         waiting = sum(1 for reply in replies if isinstance(reply, _Waiting))
+        if waiting > MAX_WAITING:  # the cap holds for one line too: those members are refused, the others done
+            replies = [_too_many_waiting(reply, waiting) if isinstance(reply, _Waiting) else reply for reply in replies]
+            waiting = 0
         if waiting:
             self._spawn(self._answer_batch_later(replies), waiting)
             return
@@ -447,6 +451,9 @@ class Connection(asyncio.Protocol):
         self._tasks[task] = waiting
         self._waiting += waiting
         task.add_done_callback(self._task_done)
+        if self._watched_fd is None:  # from the first request that waits on, a hang-up is looked out for
+            self._watched_fd = self.transport.get_extra_info("socket").fileno()
+            self.server.hangups.watch(self._watched_fd, self._hung_up)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         was_taking = self._taking
@@ -565,6 +572,14 @@ class _Waiting:
     def close(self) -> None:
         """The connection went away before the method ran: it never will."""
         self.work.close()
+
+
+def _too_many_waiting(reply: _Waiting, waiting: int) -> Reply:
+    reply.close()
+    failure = InvalidRequest(
+        f"a batch may hold at most {MAX_WAITING} requests that wait (job.wait, ...); this one held {waiting}"
+    )
+    return None if reply.member.is_notification else jsonrpc.error(reply.member.id, failure)
 
 
 class HangupWatch:

@@ -336,9 +336,13 @@ def test_a_notification_with_by_position_params_gets_no_answer(daemon: Any) -> N
         assert before == [], before
 
 
-@pytest.mark.parametrize("first_shut_down", [False, True], ids=["closed", "shut down, then closed"])
+@pytest.mark.parametrize(
+    ("first_shut_down", "waits"),
+    [(False, 2), (True, 2), (False, MAX_WAITING + 10)],
+    ids=["closed", "shut down, then closed", "closed while its reading is held"],
+)
 def test_a_client_that_closes_with_requests_waiting_frees_its_connection(
-    make_daemon: Any, first_shut_down: bool
+    make_daemon: Any, first_shut_down: bool, waits: int
 ) -> None:
     # Before, the connection stayed until the awaited job ended (its reply then failed): a few interrupted
     # `jobctl wait`s on a long job held every max_connections slot.
@@ -346,13 +350,14 @@ def test_a_client_that_closes_with_requests_waiting_frees_its_connection(
     with Client(str(daemon.socket_path)) as kept:  # one slot, used throughout
         job = kept.call("job.submit", {"command": ["/bin/sleep", "300"]})
         with Raw(daemon.socket_path) as raw:  # the other slot
-            raw.request("job.wait", {"id": job["id"]})
-            raw.request("job.output", {"id": job["id"], "wait": True}, request_id=2)
+            raw.request("job.output", {"id": job["id"], "wait": True}, request_id=0)
+            for n in range(1, waits):  # past MAX_WAITING, jobd reads no more of it: not even its end-of-file
+                raw.request("job.wait", {"id": job["id"]}, request_id=n)
             if first_shut_down:  # EOF, but the client still reads: its answers must still come, so nothing goes
                 raw.sock.shutdown(socket.SHUT_WR)
                 kept.call("ping")  # a round trip after the EOF, on another connection
                 assert "requests waiting: dropped" not in daemon.log()
-        wait_for_log(daemon, "closed its connection with 2 requests waiting: dropped")
+        wait_for_log(daemon, f"closed its connection with {min(waits, MAX_WAITING)} requests waiting: dropped")
         with Raw(daemon.socket_path) as fresh:  # the slot is free again at once, not when the job ends
             fresh.send(ping_line("free"))
             assert_pong(fresh.reply("free")[0], "free")
@@ -378,6 +383,21 @@ def test_requests_waiting_on_one_connection_are_bounded(daemon: Any) -> None:
     assert replies[0].get("id") != "behind" and replies[0]["result"]["state"] == "cancelled", replies[0]
     assert_pong(next(r for r in replies if r["id"] == "behind"), "behind")
     assert sorted(r["id"] for r in replies if r["id"] != "behind") == list(range(waits))
+
+
+def test_a_batch_holding_more_waiting_requests_than_allowed_gets_them_refused(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sleep", "300"])
+    wait = {"jsonrpc": "2.0", "method": "job.wait", "params": {"id": job["id"]}}
+    batch = [{**wait, "id": n} for n in range(MAX_WAITING + 1)] + [{"jsonrpc": "2.0", "id": "ping", "method": "ping"}]
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json(batch)
+        answers = {answer["id"]: answer for answer in raw.message()}
+    assert_pong(answers.pop("ping"), "ping")  # the members that do not wait are done as usual
+    assert sorted(answers) == list(range(MAX_WAITING + 1))
+    for answer in answers.values():
+        assert error_of(answer)["data"]["code"] == "INVALID_REQUEST", answer
+        assert f"at most {MAX_WAITING} requests that wait" in error_of(answer)["message"], answer
+    daemon.call("job.cancel", {"id": job["id"]})
 
 
 def test_subscriptions_on_one_connection_are_bounded(daemon: Any) -> None:
