@@ -673,9 +673,10 @@ def test_a_time_limit_reached_during_a_cancel_does_not_make_it_a_timeout(server:
     with server.client() as client:
         client.call("events.subscribe", {"types": ["job.progress"]}, timeout=10)
         command = sh("trap '' TERM; echo %1 >&3; exec sleep 100")
-        job = client.call("job.submit", {"command": command, "timeout": 1, "kill_grace": 2}, timeout=10)
+        job = client.call("job.submit", {"command": command, "timeout": 3, "kill_grace": 5}, timeout=10)
         next_matching(client, lambda e: e["id"] == job["id"] and e["progress"] == 1)  # TERM is ignored now
-        # The time limit (1 s) comes round while the cancel waits out the kill_grace (2 s).
+        # The time limit (3 s: room for the cancel to come first on a busy machine) comes round while the cancel
+        # waits out the kill_grace (5 s).
         cancelled = client.call("job.cancel", {"id": job["id"]}, timeout=20)
     assert cancelled["state"] == "cancelled"
     [attempt] = get(server, job["id"])["tries"]

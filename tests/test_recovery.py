@@ -847,9 +847,10 @@ sys.modules["tomllib"] = shim
 """
 
 
-def signal_while_starting(daemon: Daemon, number: int, tmp_path: Path) -> threading.Thread:
-    """Starting `daemon` blocks in its first parse of the configuration; meanwhile `number` is sent, then jobd is
-    let go on."""
+def signal_while_starting(daemon: Daemon, number: int, tmp_path: Path, later_config: str = "") -> threading.Thread:
+    """Starting `daemon` blocks in its first parse of the configuration; meanwhile a drop-in with `later_config`
+    is written (too late for that first reading, which listed and read its files before parsing) and `number` is
+    sent, then jobd is let go on."""
     gate, shim = tmp_path / "toml-gate", tmp_path / "toml-shim"
     os.mkfifo(gate)
     shim.mkdir()
@@ -858,6 +859,10 @@ def signal_while_starting(daemon: Daemon, number: int, tmp_path: Path) -> thread
 
     def answer() -> None:
         with open(gate, "w"):  # returns once jobd opened it: in main(), reading its configuration, not ready
+            if later_config:
+                later = daemon.config_dir / "jobd.d" / ".50-later.toml.new"
+                later.write_text(later_config)
+                os.replace(later, daemon.config_dir / "jobd.d" / "50-later.toml")
             assert daemon.process is not None
             daemon.process.send_signal(number)
 
@@ -867,8 +872,9 @@ def signal_while_starting(daemon: Daemon, number: int, tmp_path: Path) -> thread
 
 
 def test_a_sighup_while_starting_reloads_once_ready(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    daemon = make_daemon('[task.later]\ncommand = ["/bin/echo", "reloaded"]\n', start=False)
-    answering = signal_while_starting(daemon, signal.SIGHUP, tmp_path)
+    daemon = make_daemon(start=False)
+    later = '[task.later]\ncommand = ["/bin/echo", "reloaded"]\n'  # only a reading after the start can see it
+    answering = signal_while_starting(daemon, signal.SIGHUP, tmp_path, later)
     pump = start(daemon)  # waits for READY=1: the SIGHUP did not kill jobd
     answering.join()
     pump.wait_for("RELOADING=1")

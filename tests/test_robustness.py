@@ -159,13 +159,14 @@ def test_an_attempt_stopped_by_shutdown_does_not_use_up_a_retry(make_daemon: Any
 
 
 def test_a_time_limit_reached_while_shutdown_waits_does_not_end_the_job(make_daemon: Any) -> None:
-    # The first attempt ignores SIGTERM: jobd's stop waits out its kill_grace (2 s), during which its time limit
-    # (1 s) comes round. The stop decides: the attempt was killed by the shutdown and the job runs again.
+    # The first attempt ignores SIGTERM: jobd's stop waits out its kill_grace (5 s), during which its time limit
+    # (3 s: room for the stop to come first on a busy machine) comes round. The stop decides: the attempt was
+    # killed by the shutdown and the job runs again.
     daemon: Daemon = make_daemon(QUEUE)
     script = 'if [ "$JOBD_ATTEMPT" = 1 ]; then trap "" TERM; echo %1 >&3; sleep 30; fi'
     with Client(str(daemon.socket_path)) as client:
         client.call("events.subscribe", {"types": ["job.progress"]})
-        job = client.call("job.submit", {"command": ["/bin/sh", "-c", script], "timeout": 1, "kill_grace": 2})
+        job = client.call("job.submit", {"command": ["/bin/sh", "-c", script], "timeout": 3, "kill_grace": 5})
         while client.next_event(timeout=10)["progress"] != 1:  # SIGTERM is ignored from now on
             pass
     assert daemon.stop() == 0

@@ -101,7 +101,8 @@ class HistoryKeeper:
             self._store_failed("cannot expire finished jobs from the history", error)
             self._trim_soon = asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS, self._trim_then_rearm)
             return True
-        self._store_works()
+        if doomed:  # a write was made and taken (an empty trim writes nothing, so it tells nothing)
+            self._store_works()
         if len(doomed) < TRIM_BATCH:
             return False
         self._trim_soon = asyncio.get_running_loop().call_soon(self._trim_then_rearm)
