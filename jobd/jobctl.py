@@ -695,9 +695,16 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return convert
 
 
-positive_int = int_in(1)
+MAX_INTEGER = 2**63 - 1  # what jobd takes for an id or a count (SQLite's integers)
+positive_int = int_in(1, MAX_INTEGER)
 page_size = int_in(1, MAX_PAGE)
 priority = int_in(0, MAX_PRIORITY)
+
+
+def key_text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a non-empty key (leave --key out for none)")
+    return text
 
 
 def seconds(text: str) -> float:
@@ -902,9 +909,10 @@ def cmd_ls(session: Session, args: argparse.Namespace) -> int:
 
 def cmd_log(session: Session, args: argparse.Namespace) -> int:
     """Copies a stream's bytes to stdout; with --follow, keeps asking until the attempt has ended."""
-    if args.attempt is None:
+    if args.attempt is None or args.follow:
         client = session.client
-        job = wait_for_first_attempt(client, args.id) if args.follow else client.call("job.get", {"id": args.id})
+        wanted = args.attempt or 1
+        job = wait_for_attempt(client, args.id, wanted) if args.follow else client.call("job.get", {"id": args.id})
         if not job.get("attempts"):
             print(f"jobctl: job {args.id} has no output: it has not run ({job.get('state')})", file=sys.stderr)
             return EXIT_OK
@@ -917,12 +925,12 @@ def cmd_log(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def wait_for_first_attempt(client: Client, job_ident: int) -> Job:
-    """The job once it has started an attempt, or has finished without one (cancelled while it waited)."""
+def wait_for_attempt(client: Client, job_ident: int, number: int) -> Job:
+    """The job once it has started attempt `number`, or has finished without it (cancelled while it waited)."""
     # Subscribe before reading the job, so a start between the two arrives as an event.
     client.call("events.subscribe", {"jobs": [job_ident], "types": ["job.state"]})
     job: Job = client.call("job.get", {"id": job_ident})
-    while not (job.get("attempts") or is_finished(job)):
+    while not ((job.get("attempts") or 0) >= number or is_finished(job)):
         event = client.next_event()
         if event.get("type") == "job.state" and isinstance(event.get("job"), dict):
             job = event["job"] if event["job"].get("id") == job_ident else job
@@ -1285,7 +1293,7 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
         "-e", "--env", type=assignment, action="append", metavar="NAME=VALUE", help="environment variable (repeat)"
     )
     parser.add_argument("--context", help="a free label, filterable with ls --context")
-    parser.add_argument("--key", help="idempotency key: resubmitting the same key returns the first job")
+    parser.add_argument("--key", type=key_text, help="idempotency key: resubmitting the same key returns the first job")
     parser.add_argument("--stdin-file", metavar="PATH", help="feed this file to the job's stdin (- = jobctl's stdin)")
     parser.add_argument("--wait", action="store_true", help="then wait for the job, as `jobctl wait`")
 

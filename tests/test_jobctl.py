@@ -215,6 +215,31 @@ def test_a_time_limit_of_zero_is_a_usage_error(daemon: Any) -> None:
     assert job_count(daemon) == before
 
 
+def test_log_follow_of_an_attempt_not_started_yet_waits_for_it(daemon: Any) -> None:
+    # The second attempt starts a second after the first fails; `log -f --attempt 2` used to fail at once
+    # (UNKNOWN_JOB) instead of waiting for it, as it does for a first attempt.
+    script = 'if [ "$JOBD_ATTEMPT" = 1 ]; then exit 1; fi; echo second'
+    job = daemon.submit(command=["/bin/sh", "-c", script], retry={"times": 1, "delay": 1})
+    result = ctl(daemon, "log", "-f", "--attempt", "2", str(job["id"]))
+    assert (result.code, result.out) == (0, "second\n"), result
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["status", "99999999999999999999"],
+        ["ls", "--before", "99999999999999999999"],
+        ["run", "--key", "", "--", "true"],
+    ],
+)
+def test_values_jobd_would_refuse_are_usage_errors(daemon: Any, words: list[str]) -> None:
+    before = job_count(daemon)
+    result = ctl(daemon, *words)
+    assert result.code == 2, result  # said by jobctl before anything is sent, not an INVALID_PARAMS (exit 1)
+    assert "error: argument" in result.err and "INVALID_PARAMS" not in result.err, result
+    assert job_count(daemon) == before
+
+
 def test_submit_args_and_params_together_is_a_usage_error(daemon: Any) -> None:
     before = job_count(daemon)
     result = ctl(daemon, "submit", "echo", "x", "-P", "A=1")
