@@ -350,9 +350,15 @@ def test_a_client_that_closes_with_requests_waiting_frees_its_connection(
     with Client(str(daemon.socket_path)) as kept:  # one slot, used throughout
         job = kept.call("job.submit", {"command": ["/bin/sleep", "300"]})
         with Raw(daemon.socket_path) as raw:  # the other slot
-            raw.request("job.output", {"id": job["id"], "wait": True}, request_id=0)
-            for n in range(1, waits):  # past MAX_WAITING, jobd reads no more of it: not even its end-of-file
-                raw.request("job.wait", {"id": job["id"]}, request_id=n)
+            requests = [{"jsonrpc": "2.0", "id": 0, "method": "job.output", "params": {"id": job["id"], "wait": True}}]
+            requests += [
+                {"jsonrpc": "2.0", "id": n, "method": "job.wait", "params": {"id": job["id"]}} for n in range(1, waits)
+            ]
+            # In one write, read by jobd before the round trip on the other connection is answered: the requests
+            # wait (past MAX_WAITING, jobd reads no more of that connection, not even its end-of-file) before the
+            # client goes.
+            raw.send(b"".join(json.dumps(request).encode() + b"\n" for request in requests))
+            kept.call("ping")
             if first_shut_down:  # EOF, but the client still reads: its answers must still come, so nothing goes
                 raw.sock.shutdown(socket.SHUT_WR)
                 kept.call("ping")  # a round trip after the EOF, on another connection
