@@ -8,7 +8,7 @@ stdout and stderr are pipes the daemon drains into files with splice(2) (no copy
 `max_output` bytes; beyond that bytes are read and dropped, so memory stays flat however much a job prints. The
 job is complete when its leader exits: whatever is still in the pipes is drained and the pipes are closed, so a
 grandchild that keeps stdout open cannot delay completion. The pipes of all children are watched in one epoll
-set of jobd's own, itself watched by the loop (_PipeWatch).
+set of jobd's own, itself watched by the loop (jobd/epollset.py).
 
 fd 3 carries evQueue's progress/log protocol: a line `%NN` sets progress, `%%text` logs `%text`, `\\close` stops
 parsing, any other line is a log line.
@@ -32,6 +32,8 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from jobd.epollset import EpollSet
 
 log = logging.getLogger("jobd.proc")
 
@@ -307,48 +309,17 @@ class _ProgressReader:
         self.file.close()
 
 
-class _PipeWatch:
-    """The pipes of every running child in one epoll set of their own, which the event loop watches as a single
-    descriptor (epoll waits on epoll as on any file).
-
-    Each child has three pipes (stdout, stderr, fd 3), registered as it starts and unregistered as it ends. Through
-    loop.add_reader() and remove_reader() each costs several µs of Python (a Handle, a selector key, checks for a
-    transport on the fd); here it is one epoll_ctl() and a dict entry, and the end-of-file of all three pipes of an
-    exiting child is one callback of the loop rather than three. The pidfd stays with the loop itself.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._epoll = select.epoll()  # close-on-exec, as everything Python opens
-        self._readers: dict[int, Callable[[], None]] = {}
-        loop.add_reader(self._epoll.fileno(), self._ready)
-
-    def add(self, fd: int, on_readable: Callable[[], None]) -> None:
-        self._epoll.register(fd, select.EPOLLIN)
-        self._readers[fd] = on_readable
-
-    def remove(self, fd: int) -> None:
-        """Stop watching `fd`; call before closing it."""
-        self._epoll.unregister(fd)
-        del self._readers[fd]
-
-    def _ready(self) -> None:
-        # A non-blocking read of what is ready, called only when the loop saw this epoll set readable.
-        for fd, _ in self._epoll.poll(0):  # no-poll-ok: the loop's epoll said this set is readable
-            # A reader may remove others, or a closed fd's number be registered anew, while the list is handled:
-            # a reader gone is skipped, and a new one woken for nothing finds its pipe empty (EAGAIN).
-            on_readable = self._readers.get(fd)
-            if on_readable is not None:
-                on_readable()
+# The pipes of every running child (stdout, stderr, fd 3), registered as it starts and removed as it ends, are in
+# one epoll set per loop (jobd/epollset.py): the end-of-file of all three pipes of an exiting child is one callback of
+# the loop rather than three. The pidfd stays with the loop itself.
+_pipe_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EpollSet] = weakref.WeakKeyDictionary()
 
 
-_pipe_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PipeWatch] = weakref.WeakKeyDictionary()
-
-
-def _pipe_watch(loop: asyncio.AbstractEventLoop) -> _PipeWatch:
+def _pipe_watch(loop: asyncio.AbstractEventLoop) -> EpollSet:
     """The loop's pipe watch, made on its first child."""
     watch = _pipe_watches.get(loop)
     if watch is None:
-        watch = _pipe_watches[loop] = _PipeWatch(loop)
+        watch = _pipe_watches[loop] = EpollSet(loop)
     return watch
 
 
@@ -378,7 +349,7 @@ class Child:
         loop.add_reader(self._pidfd, self._leader_exited)
         self._pipes = _pipe_watch(loop)
         for reader in (self._stdout, self._stderr, progress):
-            self._pipes.add(reader.read_fd, functools.partial(self._drain, reader))
+            self._pipes.add(reader.read_fd, select.EPOLLIN, functools.partial(self._drain, reader))
 
     @classmethod
     def spawn(

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import socket
 import stat
 import sys
@@ -28,6 +27,7 @@ from jobd.api_evqueue import EvQueue
 from jobd.engine.core import JobEvent
 from jobd.engine.instances import InstanceEvent
 from jobd.engine.submit import Peer, identify_peer
+from jobd.epollset import EpollSet
 from jobd.errors import (
     FrameTooLarge,
     InvalidParams,
@@ -91,7 +91,8 @@ class Server:
         self.tcp_address: tuple[str, int] | None = None  # where the TCP listener is bound (port 0 resolved)
         self._tcp_server: asyncio.AbstractServer | None = None
         self.login_throttle = evqueue_auth.LoginThrottle()
-        self.hangups = HangupWatch()
+        # Clients whose hang-up is looked out for, from their first request that waits (Connection._hung_up).
+        self._hangups: EpollSet | None = None  # made on the first
         self.connections: set[Connection | XmlConnection] = set()
 
     async def bind(self) -> None:
@@ -170,7 +171,26 @@ class Server:
     async def close_connections(self) -> None:
         for connection in list(self.connections):
             connection.abort()
-        self.hangups.close()
+        if self._hangups is not None:
+            self._hangups.close()
+            self._hangups = None
+
+    def watch_hangup(self, fd: int, hung_up: Callable[[], None]) -> None:
+        """Call `hung_up` once the client of socket `fd` closes the connection for good, not only its sending side.
+
+        Both look the same to asyncio (EOF), but a client that only shut down its sending side still reads the
+        answers to its waiting requests, while one that closed the connection (an interrupted `jobctl wait`) never
+        will. The kernel tells them apart by EPOLLHUP, reported for a full close only. The socket is registered for
+        no event, so that only a hang-up (or an error) wakes the set: in the loop's own set, its end-of-file would
+        report it readable over and over.
+        """
+        if self._hangups is None:
+            self._hangups = EpollSet(asyncio.get_running_loop())
+        self._hangups.add(fd, 0, hung_up)
+
+    def forget_hangup(self, fd: int) -> None:
+        if self._hangups is not None:
+            self._hangups.remove(fd)
 
     def refusal(self) -> TooManyConnections | None:
         """The error for a new client when `[daemon] max_connections` are connected (both sockets together)."""
@@ -253,7 +273,7 @@ class Connection(asyncio.Protocol):
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
         self._input_ended = False  # EOF from the client: answer what is pending, then close
-        self._watched_fd: int | None = None  # in the server's HangupWatch, from its first request that waits
+        self._watched_fd: int | None = None  # watched for a hang-up (Server.watch_hangup) from its first wait
         self._refusing = False  # an oversized frame ended the conversation; input is swallowed
         self._linger: asyncio.TimerHandle | None = None
 
@@ -322,9 +342,12 @@ class Connection(asyncio.Protocol):
         return True  # keep our side open for the answers still to come
 
     def _hung_up(self) -> None:
-        """The client closed the connection for good (HangupWatch). If requests of its wait, nobody can read
+        """The client closed the connection for good (Server.watch_hangup). If requests of its wait, nobody can read
         their answers: they go now, not when their jobs end (the end-of-file, on the other hand, may be unread
         while MAX_WAITING of them wait). Otherwise the end-of-file closes the connection as usual."""
+        if self._watched_fd is not None:  # told once: the hang-up would be reported again at every turn
+            self.server.forget_hangup(self._watched_fd)
+            self._watched_fd = None
         if self._waiting:
             log.debug("pid %d closed its connection with %d requests waiting: dropped", self.peer.pid, self._waiting)
             self.transport.abort()
@@ -334,7 +357,7 @@ class Connection(asyncio.Protocol):
             log.debug("connection from pid %d ended: %s", self.peer.pid, exc)
         self.server.connections.discard(self)
         if self._watched_fd is not None:
-            self.server.hangups.forget(self._watched_fd)
+            self.server.forget_hangup(self._watched_fd)
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
@@ -453,7 +476,7 @@ class Connection(asyncio.Protocol):
         task.add_done_callback(self._task_done)
         if self._watched_fd is None:  # from the first request that waits on, a hang-up is looked out for
             self._watched_fd = self.transport.get_extra_info("socket").fileno()
-            self.server.hangups.watch(self._watched_fd, self._hung_up)
+            self.server.watch_hangup(self._watched_fd, self._hung_up)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         was_taking = self._taking
@@ -580,50 +603,6 @@ def _too_many_waiting(reply: _Waiting, waiting: int) -> Reply:
         f"a batch may hold at most {MAX_WAITING} requests that wait (job.wait, ...); this one held {waiting}"
     )
     return None if reply.member.is_notification else jsonrpc.error(reply.member.id, failure)
-
-
-class HangupWatch:
-    """Tells when clients close their connections for good, not only their sending side.
-
-    Both look the same to asyncio (EOF), but a client that only shut down its sending side still reads the answers
-    to its waiting requests, while one that closed the connection (an interrupted `jobctl wait`) never will: its
-    requests should go at once, not when their jobs end, and its connection stop counting against max_connections.
-    The kernel tells them apart by EPOLLHUP, reported for a full close only. The sockets of connections at EOF sit in
-    an epoll set of their own with no event asked for, so that only a hang-up (or an error) wakes it: in the loop's
-    own set, their end-of-file would report them readable over and over.
-    """
-
-    def __init__(self) -> None:
-        self._epoll: select.epoll | None = None  # made on the first connection to watch
-        self._gone: dict[int, Callable[[], None]] = {}
-
-    def watch(self, fd: int, gone: Callable[[], None]) -> None:
-        if self._epoll is None:
-            self._epoll = select.epoll()
-            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._ready)
-        self._epoll.register(fd, 0)  # EPOLLHUP and EPOLLERR are reported whatever is asked for
-        self._gone[fd] = gone
-
-    def forget(self, fd: int) -> None:
-        """Stop watching `fd` (its connection ended); call no later than the callback that closed it."""
-        if self._gone.pop(fd, None) is not None and self._epoll is not None:
-            with contextlib.suppress(OSError):  # closed already: the kernel took it out of the set itself
-                self._epoll.unregister(fd)
-
-    def _ready(self) -> None:
-        assert self._epoll is not None
-        for fd, _ in self._epoll.poll(0):  # no-poll-ok: the loop's epoll said this set is ready
-            gone = self._gone.get(fd)
-            if gone is not None:
-                self.forget(fd)
-                gone()
-
-    def close(self) -> None:
-        if self._epoll is not None:
-            asyncio.get_running_loop().remove_reader(self._epoll.fileno())
-            self._epoll.close()
-            self._epoll = None
-        self._gone.clear()
 
 
 class XmlConnection(asyncio.Protocol):

@@ -1098,8 +1098,7 @@ def store_failure(failure: Exception) -> StoreFailed | None:
     )
     if not environmental:
         return None
-    name = _sqlite_error_name(failure)
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (not name and type(failure) in _DAMAGED):
+    if _damaged(failure):
         # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.
         return StoreFailed(f"jobd's database is damaged ({failure}): restore it from a backup")
     return StoreFailed(f"jobd could not write its database ({failure})")
@@ -1108,9 +1107,9 @@ def store_failure(failure: Exception) -> StoreFailed | None:
 def startup_failure(failure: Exception) -> tuple[str, bool]:
     """What an administrator should do about a database error that stops jobd's start, and whether it is
     permanent (starting again cannot help: the file is damaged) rather than the machine's passing trouble."""
-    name = _sqlite_error_name(failure)
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (not name and type(failure) in _DAMAGED):
+    if _damaged(failure):
         return "the file is damaged or not jobd's: restore it from a backup, or move it away to start anew", True
+    name = _sqlite_error_name(failure)
     if name.startswith("SQLITE_FULL"):
         return "its file system is full: make room and start jobd again; nothing accepted is lost", False
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
@@ -1120,7 +1119,12 @@ def startup_failure(failure: Exception) -> tuple[str, bool]:
     return "nothing was changed", False
 
 
-_DAMAGED = (sqlite3.DatabaseError, peewee.DatabaseError)
+def _damaged(failure: Exception) -> bool:
+    """A database file that is damaged or not SQLite's (a plain DatabaseError says so when SQLite gave no name)."""
+    name = _sqlite_error_name(failure)
+    if name:
+        return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    return type(failure) in (sqlite3.DatabaseError, peewee.DatabaseError)
 
 
 def _sqlite_error_name(failure: Exception) -> str:
