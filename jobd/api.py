@@ -67,6 +67,10 @@ class Session(Protocol):
 
     def subscribe(self, selection: EventFilter) -> int: ...
 
+    def after_reply(self, work: Callable[[], None]) -> None:
+        """Run `work` once the reply to the call being made is on its way, before the next call of the session
+        (or at once): what the client need not wait for, such as a submitted job's start and its audit entry."""
+
 
 class Params:
     """Reads a params object key by key; `done()` refuses any key nobody asked for."""
@@ -225,7 +229,13 @@ class Api:
             return handler(self, session, params)
         # The one place every mutating method is audited, refusals and failures included.
         return audit.call_jsonrpc(
-            self.engine.store, session.peer, method, target, raw_params, lambda: handler(self, session, params)
+            self.engine.store,
+            session.peer,
+            method,
+            target,
+            raw_params,
+            lambda: handler(self, session, params),
+            session.after_reply,
         )
 
 
@@ -351,7 +361,7 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
     for spec in specs:
         if spec.key is not None:
             _check_key_is_readable(api, session, spec.key)
-    jobs = api.engine.submit(specs, delays)
+    jobs = api.engine.submit(specs, delays, after_reply=session.after_reply)
     result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
     return once_durable(api.engine, result)
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final
 
+from jobd.engine.core import AfterReply
 from jobd.engine.submit import Peer
 from jobd.errors import JobdError
 from jobd.model import AuditEntry
@@ -237,8 +238,10 @@ def call_jsonrpc(
     target: Target,
     params: Mapping[str, Any],
     run: Callable[[], Any],
+    after_reply: AfterReply,
 ) -> Any:
-    """Run a mutating JSON-RPC method and record it (a coroutine result is recorded when it ends)."""
+    """Run a mutating JSON-RPC method and record it (a coroutine result is recorded when it ends, any other once
+    the reply is on its way)."""
     try:
         result = run()
     except Exception as failure:
@@ -246,7 +249,7 @@ def call_jsonrpc(
         raise
     if isinstance(result, Coroutine):
         return when_known(store, peer, method, target, params, result)
-    succeeded(store, peer, method, target, params, result)
+    after_reply(lambda: succeeded(store, peer, method, target, params, result))
     return result
 
 

@@ -105,6 +105,9 @@ class _HttpSession:
     def subscribe(self, selection: EventFilter) -> int:
         raise InvalidParams("event.subscribe is not available over HTTP; use GET /events (Server-Sent Events)")
 
+    def after_reply(self, work: Callable[[], None]) -> None:
+        work()  # aiohttp sends the response after the handler returns: there is no later moment to hand it
+
 
 class HttpApi:
     def __init__(self, api: Api, listen: tuple[str, int] | str, connection_count: Callable[[], int]) -> None:

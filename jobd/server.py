@@ -269,6 +269,7 @@ class Connection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._tasks: dict[asyncio.Task[None], int] = {}  # each answering task: how many waiting requests it holds
+        self._after_reply: list[Callable[[], None]] = []  # see after_reply()
         self._waiting = 0  # their sum: requests that wait, of this connection
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
@@ -414,12 +415,20 @@ class Connection(asyncio.Protocol):
             return
         if not frame.is_batch:  # the common case
             reply = self._member(frame.members[0])
-            if isinstance(reply, _Waiting):
-                self._spawn(self._answer_later(reply), 1)
-            elif reply is not None:
-                self._send(reply)
+            try:
+                if isinstance(reply, _Waiting):
+                    self._spawn(self._answer_later(reply), 1)
+                elif reply is not None:
+                    self._send(reply)
+            finally:
+                self._run_after_reply()
             return
-        replies = [self._member(member) for member in frame.members]
+        replies: list[Reply | _Waiting] = []
+        for member in frame.members:  # each member's work is done before the next member runs: it may depend on it
+            try:
+                replies.append(self._member(member))
+            finally:
+                self._run_after_reply()
         waiting = sum(1 for reply in replies if isinstance(reply, _Waiting))
         if waiting > MAX_WAITING:  # the cap holds for one line too: those members are refused, the others done
             replies = [_too_many_waiting(reply, waiting) if isinstance(reply, _Waiting) else reply for reply in replies]
@@ -520,6 +529,20 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
+
+    def after_reply(self, work: Callable[[], None]) -> None:
+        self._after_reply.append(work)
+
+    def _run_after_reply(self) -> None:
+        """Run what the call just answered handed over (api.Session.after_reply), before the next request is
+        read. Each piece runs even if one before it fails: the call has been answered, and a job it committed must
+        still be queued."""
+        while self._after_reply:
+            work = self._after_reply.pop(0)
+            try:
+                work()
+            except Exception:
+                log.exception("connection from pid %d: the work after a reply failed", self.peer.pid)
 
     def _send(self, message: Any) -> None:
         if not self.transport.is_closing():

@@ -929,6 +929,58 @@ def test_state_events_follow_a_job_in_order(daemon: Any) -> None:
     assert len(states) == len(set(states)), states
 
 
+def test_a_submit_is_answered_before_the_events_of_its_job(daemon: Any) -> None:
+    # On the connection that submits, the reply (with the new job's id) comes before anything said about the job:
+    # its `queued` and `running` events, although the queue has room and the job starts at once.
+    with Raw(daemon.socket_path) as raw:
+        number = subscribe(raw, {})
+        raw.request("job.submit", {"command": ["/bin/true"]}, "submit")
+        reply, before = raw.reply("submit")
+        assert before == []
+        job_id = reply["result"]["id"]
+        assert reply["result"]["state"] == "queued"
+        states = states_until_finished(raw, job_id, number)
+    assert states == ["queued", "running", "succeeded"]
+
+
+def test_a_job_submitted_and_cancelled_in_one_write_never_runs(daemon: Any) -> None:
+    # The submit's reply goes out before its job is queued; the next request on the connection must find the job
+    # queued all the same, so that its cancel takes the job out of the queue for good.
+    daemon.call("queue.pause", {"name": "serial"})
+    last = daemon.submit(command=["/bin/true"], queue="serial")["id"]
+    single = [
+        {
+            "jsonrpc": "2.0",
+            "id": "submit",
+            "method": "job.submit",
+            "params": {"command": ["/bin/true"], "queue": "serial"},
+        },
+        {"jsonrpc": "2.0", "id": "cancel", "method": "job.cancel", "params": {"id": last + 1}},
+    ]
+    with Raw(daemon.socket_path) as raw:
+        raw.send(b"".join(json.dumps(request).encode() + b"\n" for request in single))  # two lines, one write
+        assert raw.message()["result"]["id"] == last + 1
+        assert raw.message()["result"]["state"] == "cancelled"
+        # The same within one batch: each member's work is done before the next member runs.
+        batch = [
+            {**single[0], "id": "batch-submit"},
+            {**single[1], "id": "batch-cancel", "params": {"id": last + 2}},
+        ]
+        raw.send_json(batch)
+        by_id = {reply["id"]: reply["result"] for reply in raw.message()}
+    assert by_id["batch-submit"]["id"] == last + 2
+    assert by_id["batch-cancel"]["state"] == "cancelled"
+    serial = next(queue for queue in daemon.call("queue.list")["queues"] if queue["name"] == "serial")
+    assert serial["queued"] == 1  # the first job only
+    daemon.call("queue.resume", {"name": "serial"})
+    sentinel = daemon.submit(command=["/bin/true"], queue="serial")["id"]
+    assert daemon.wait(sentinel)["state"] == "succeeded"  # the queue has run all it held before the sentinel
+    assert daemon.call("job.get", {"id": last})["state"] == "succeeded"
+    for job_id in (last + 1, last + 2):
+        job = daemon.call("job.get", {"id": job_id})
+        assert (job["state"], job["attempts"]) == ("cancelled", 0)
+
+
 def test_state_events_of_a_delayed_then_queued_job(daemon: Any) -> None:
     with Raw(daemon.socket_path) as raw:
         number = subscribe(raw, {"queues": ["serial"]})

@@ -34,6 +34,9 @@ log = logging.getLogger("jobd.engine")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STREAMS = ("stdout", "stderr", "log")
 
+# Hands over work that need not delay a client's reply (see Engine.submit); api.Session.after_reply is one.
+AfterReply = Callable[[Callable[[], None]], None]
+
 
 @dataclass(frozen=True, slots=True)
 class JobEvent:
@@ -217,10 +220,21 @@ class Engine:
 
     # -- submit ------------------------------------------------------------------------------------------------
 
-    def submit(self, specs: Sequence[JobSpec], delays: Sequence[float], watcher: JobWatcher | None = None) -> list[Job]:
+    def submit(
+        self,
+        specs: Sequence[JobSpec],
+        delays: Sequence[float],
+        watcher: JobWatcher | None = None,
+        after_reply: AfterReply | None = None,
+    ) -> list[Job]:
         """Commit jobs (all or none) and queue them. They survive a crash of jobd from here on; with durability
         `fsync` the reply must also wait for `made_durable()`. `watcher` hears about the jobs this call creates
-        from the start (a job may even start before this returns, when its queue has a free slot)."""
+        from the start (a job may even start before this returns, when its queue has a free slot).
+
+        The jobs are the engine's (`job.get`, `job.cancel` find them) as soon as they are committed. Their log
+        line, event and place in the queue (or start, when the queue has room) come at once, or through
+        `after_reply` when given: a connection runs that once the reply is on its way and before it reads on, so
+        the client does not wait for a spawn, and jobd does that work while the client reads its reply."""
         if self.stopping:
             raise ShuttingDown("jobd is stopping and takes no new jobs")
         for spec in specs:
@@ -228,17 +242,25 @@ class Engine:
         now = self.clock()
         states = [JobState.DELAYED if delay > 0 else JobState.QUEUED for delay in delays]
         results = self.store.insert_jobs(specs, states, now, [now + delay for delay in delays])
-        # Admitted at once: a committed job is the engine's even if the client goes away while its reply waits
-        # for the fsync (and a cancel in that window finds it).
-        for job, created in results:
-            if created:
-                log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
-                self.jobs[job.id] = job
-                if watcher is not None:
-                    self._watchers[job.id] = watcher
-                self._emit("job.state", job)
-                self._admit(job)
+        # The engine's at once: a committed job is found even if the client goes away while its reply waits for
+        # the fsync (and a cancel in that window finds it).
+        created = [job for job, new in results if new]
+        for job in created:
+            self.jobs[job.id] = job
+            if watcher is not None:
+                self._watchers[job.id] = watcher
+        if after_reply is None:
+            self._announce(created)
+        else:
+            after_reply(lambda: self._announce(created))
         return [self.jobs.get(job.id, job) for job, _ in results]
+
+    def _announce(self, created: list[Job]) -> None:
+        """Log, tell listeners about and admit jobs just committed."""
+        for job in created:
+            log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
+            self._emit("job.state", job)
+            self._admit(job)
 
     @property
     def replies_wait_for_fsync(self) -> bool:
