@@ -269,7 +269,8 @@ class Connection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._tasks: dict[asyncio.Task[None], int] = {}  # each answering task: how many waiting requests it holds
-        self._after_reply: list[Callable[[], None]] = []  # see after_reply()
+        # While a request is answered, what it hands over to be done after its reply (see after_reply()).
+        self._after_reply: list[Callable[[], None]] | None = None
         self._waiting = 0  # their sum: requests that wait, of this connection
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
@@ -414,6 +415,7 @@ class Connection(asyncio.Protocol):
             self._send(jsonrpc.error(None, failure))
             return
         if not frame.is_batch:  # the common case
+            self._after_reply = []
             reply = self._member(frame.members[0])
             try:
                 if isinstance(reply, _Waiting):
@@ -425,6 +427,7 @@ class Connection(asyncio.Protocol):
             return
         replies: list[Reply | _Waiting] = []
         for member in frame.members:  # each member's work is done before the next member runs: it may depend on it
+            self._after_reply = []
             try:
                 replies.append(self._member(member))
             finally:
@@ -531,14 +534,17 @@ class Connection(asyncio.Protocol):
         self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
 
     def after_reply(self, work: Callable[[], None]) -> None:
-        self._after_reply.append(work)
+        if self._after_reply is None:  # not while a request is answered (a waiting method's later part): now
+            work()
+        else:
+            self._after_reply.append(work)
 
     def _run_after_reply(self) -> None:
         """Run what the call just answered handed over (api.Session.after_reply), before the next request is
         read. Each piece runs even if one before it fails: the call has been answered, and a job it committed must
         still be queued."""
-        while self._after_reply:
-            work = self._after_reply.pop(0)
+        handed_over, self._after_reply = self._after_reply or [], None
+        for work in handed_over:
             try:
                 work()
             except Exception:
