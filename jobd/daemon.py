@@ -43,6 +43,9 @@ STATUS_INTERVAL = 0.1  # seconds between two STATUS= updates at most
 # Seconds asked of systemd beyond what a step of a stop may take (a job's kill_grace, callbacks under way): to record
 # the jobs and close down.
 STOP_MARGIN = 5.0
+# What each report of a start-up's progress asks of systemd (EXTEND_TIMEOUT_USEC): far more than one step of
+# recovery takes (a fraction of a second), so only a start-up that stopped making progress runs out of time.
+RECOVERY_EXTEND_SECONDS = 30
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuration error"
 
 
@@ -183,7 +186,7 @@ class Daemon:
                         f"{name} ({activation.socket_address(sock)})" for name, sock in sorted(self.passed.items())
                     ),
                 )
-            self.engine.recover()
+            self.engine.recover(self._recovery_progress)
             self.instances.recover()
             self.callbacks.start()
             self.scheduler.start()  # after recovery: a run that was going is found by its job or instance
@@ -233,6 +236,14 @@ class Daemon:
         if self._watchdog_timer is not None:
             self._watchdog_timer.cancel()
         log.info("stopped")
+
+    def _recovery_progress(self, resumed: int, total: int) -> None:
+        """A start-up resuming a long backlog of jobs says how far it is, and that it is still going: systemd fails a
+        start that has not sent READY=1 within TimeoutStartSec= (90 s by default), however much work is left."""
+        self.notifier.notify(
+            f"EXTEND_TIMEOUT_USEC={RECOVERY_EXTEND_SECONDS * 1_000_000}\n"
+            f"STATUS=recovering: {resumed} of {total} unfinished jobs resumed"
+        )
 
     def _stop_takes(self, seconds: float) -> None:
         self.notifier.notify(f"EXTEND_TIMEOUT_USEC={round((seconds + STOP_MARGIN) * 1_000_000)}")

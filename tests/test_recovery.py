@@ -39,6 +39,8 @@ from recovery.support import (
 )
 
 from jobd.client import RemoteError
+from jobd.daemon import RECOVERY_EXTEND_SECONDS
+from jobd.engine.core import RECOVERY_STEP
 from jobd.protocol.evqueue import XmlFramer
 
 # A job that blocks on its first attempt (after recording its pid and saying "ready" on fd 3) and succeeds at once
@@ -213,6 +215,33 @@ def test_ready_only_after_recovery(jobd: Callable[..., Daemon], pidfds: Pidfds, 
     assert tries(daemon, running)[0]["outcome"] == "lost"
     assert daemon.wait(running)["state"] == "succeeded"
     assert pidfds.wait_exited() == []
+
+
+def test_a_long_recovery_tells_systemd_it_is_still_going(jobd: Callable[..., Daemon]) -> None:
+    # Before READY=1, systemd fails a start after TimeoutStartSec=: resuming a backlog of jobs reports its progress
+    # with more time asked (EXTEND_TIMEOUT_USEC) every RECOVERY_STEP jobs, and a STATUS= saying how far it is.
+    daemon = jobd("[queue.held]\npaused = true\n")
+    total = 2 * RECOVERY_STEP + 10
+    with daemon.client() as client:
+        for first in range(0, total, 1000):
+            batch = [{"command": ["/bin/true"], "queue": "held"} for _ in range(min(1000, total - first))]
+            client.call("job.submit", {"jobs": batch}, timeout=60)
+    kill9(daemon)
+
+    start(daemon)
+    assert daemon.notify is not None
+    before_ready = [
+        line
+        for message in daemon.notify.messages[: next(i for i, m in enumerate(daemon.notify.messages) if "READY=1" in m)]
+        for line in message.splitlines()
+    ]
+    assert before_ready == [
+        f"EXTEND_TIMEOUT_USEC={RECOVERY_EXTEND_SECONDS * 1_000_000}",
+        f"STATUS=recovering: {RECOVERY_STEP} of {total} unfinished jobs resumed",
+        f"EXTEND_TIMEOUT_USEC={RECOVERY_EXTEND_SECONDS * 1_000_000}",
+        f"STATUS=recovering: {2 * RECOVERY_STEP} of {total} unfinished jobs resumed",
+    ]
+    assert queue_info(daemon, "held")["queued"] == total
 
 
 # --- kill -9 under load -------------------------------------------------------------------------------------

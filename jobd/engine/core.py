@@ -33,6 +33,7 @@ log = logging.getLogger("jobd.engine")
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STREAMS = ("stdout", "stderr", "log")
+RECOVERY_STEP = 5000  # jobs resumed at start-up between two reports of progress (Engine.recover)
 
 # Hands over work that need not delay a client's reply (see Engine.submit); api.Session.after_reply is one.
 AfterReply = Callable[[Callable[[], None]], None]
@@ -177,12 +178,16 @@ class Engine:
 
     # -- start-up ----------------------------------------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Resume what the database says was accepted: after a clean stop or after `kill -9` alike."""
+    def recover(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Resume what the database says was accepted: after a clean stop or after `kill -9` alike. A long backlog
+        takes a while: `progress(resumed, total)` is told every RECOVERY_STEP jobs."""
         now = self.clock()
         self._recovering = True  # nothing starts before every job is back: the first free slot is the best job's
         try:
-            for job in self.store.unfinished_jobs():
+            unfinished = self.store.unfinished_jobs()
+            for resumed, job in enumerate(unfinished):
+                if progress is not None and resumed and resumed % RECOVERY_STEP == 0:
+                    progress(resumed, len(unfinished))
                 self._queue_for_recovered(job.spec.queue)
                 if job.state is JobState.RUNNING:
                     self._recover_lost_attempt(job, now)
