@@ -1059,14 +1059,20 @@ class _PreparedSelect:
 
     def __init__(self, query: peewee.ModelSelect[Any]) -> None:
         self.sql, self.params = query.sql()
-        # what a plain select() returns, in this order
-        columns = [field.column_name for field in query.model._meta.sorted_fields]
-        row_type = collections.namedtuple(f"{query.model.__name__}Values", columns)  # type: ignore[misc]
-        self._make_row: Callable[[Iterable[Any]], Any] = row_type._make
+        self._make_row = _row_maker(tuple(field.column_name for field in query.model._meta.sorted_fields))
 
     def rows(self, connection: sqlite3.Connection, params: Sequence[Any] | None = None) -> list[Any]:
         """The rows, with `params` instead of the query's own if given."""
         return list(map(self._make_row, connection.execute(self.sql, self.params if params is None else params)))
+
+
+@functools.cache
+def _row_maker(columns: tuple[str, ...]) -> Callable[[Iterable[Any]], Any]:
+    """What makes a named tuple of a row with these columns (a plain select() of a model: its fields in order).
+    Made once per model: making a named tuple class takes longer than reading a hundred rows."""
+    row_type = collections.namedtuple("Row", columns)  # type: ignore[misc]  # columns known only at run time
+    make: Callable[[Iterable[Any]], Any] = row_type._make
+    return make
 
 
 _COUNT_FINISHED = f'SELECT COUNT(*) FROM "job" WHERE {_FINISHED}'
