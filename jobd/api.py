@@ -11,8 +11,9 @@ import base64
 import binascii
 import dataclasses
 import json
+import logging
 import math
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -20,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 from lxml import etree
 
 from jobd import __version__, audit, safexml
+from jobd.durable import DurableReply
 from jobd.engine import access
 from jobd.engine import callbacks as callback_defs
 from jobd.engine.core import STREAMS, Engine
@@ -51,6 +53,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 MAX_BATCH = 10_000
 
+log = logging.getLogger("jobd.api")
+
 
 class DaemonControl(Protocol):
     """What the API needs from the daemon around the engine."""
@@ -70,6 +74,34 @@ class Session(Protocol):
     def after_reply(self, work: Callable[[], None]) -> None:
         """Run `work` once the reply to the call being made is on its way, before the next call of the session
         (or at once): what the client need not wait for, such as a submitted job's start and its audit entry."""
+
+
+class AfterReplyWork:
+    """What a session keeps for Session.after_reply: the work handed over while a call is answered, done by
+    `run()` once its reply is made (and, on a socket, sent); outside a call, work is done at once."""
+
+    def __init__(self) -> None:
+        self._work: list[Callable[[], None]] | None = None
+
+    def begin(self) -> None:
+        """A call is about to be made: keep what it hands over."""
+        self._work = []
+
+    def add(self, work: Callable[[], None]) -> None:
+        if self._work is None:  # not while a call is answered (a waiting method's later part): now
+            work()
+        else:
+            self._work.append(work)
+
+    def run(self) -> None:
+        """Do what the call handed over. Each piece runs even if one before it fails: the call has been answered,
+        and each job it committed must still be queued."""
+        handed_over, self._work = self._work or [], None
+        for work in handed_over:
+            try:
+                work()
+            except Exception:
+                log.exception("the work after a reply failed")
 
 
 class Params:
@@ -381,16 +413,11 @@ def _check_key_is_readable(api: Api, session: Session, key: str) -> None:
         )
 
 
-def once_durable(engine: Engine, result: R) -> R | Coroutine[Any, Any, R]:
+def once_durable(engine: Engine, result: R) -> R | DurableReply[R]:
     """The reply to a command that committed something: at once, or with `[daemon] durability = "fsync"` once
     that commit survives a power cut (a coroutine the connection awaits; every protocol goes through here)."""
     if engine.replies_wait_for_fsync:
-        return _when_durable(engine, result)
-    return result
-
-
-async def _when_durable(engine: Engine, result: R) -> R:
-    await engine.made_durable()
+        return DurableReply(result, engine.made_durable)
     return result
 
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final
 
+from jobd.durable import DurableReply
 from jobd.engine.core import AfterReply
 from jobd.engine.submit import Peer
 from jobd.errors import JobdError
@@ -240,13 +241,17 @@ def call_jsonrpc(
     run: Callable[[], Any],
     after_reply: AfterReply,
 ) -> Any:
-    """Run a mutating JSON-RPC method and record it (a coroutine result is recorded when it ends, any other once
-    the reply is on its way)."""
+    """Run a mutating JSON-RPC method and record it once the reply is on its way (a coroutine result: when it
+    ends, but a reply waiting only for the fsync of what the method did is recorded as that is done)."""
     try:
         result = run()
     except Exception as failure:
         failed(store, peer, method, target, params, failure)
         raise
+    if isinstance(result, DurableReply):
+        done = result.result
+        after_reply(lambda: succeeded(store, peer, method, target, params, done))
+        return result
     if isinstance(result, Coroutine):
         return when_known(store, peer, method, target, params, result)
     after_reply(lambda: succeeded(store, peer, method, target, params, result))

@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from jobd import activation
-from jobd.api import EVENT_TYPES, Api, EventFilter
+from jobd.api import EVENT_TYPES, AfterReplyWork, Api, EventFilter
 from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.http_task import HttpSpecError, check_request
@@ -101,12 +101,13 @@ class _HttpSession:
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
+        self.handed_over = AfterReplyWork()
 
     def subscribe(self, selection: EventFilter) -> int:
         raise InvalidParams("event.subscribe is not available over HTTP; use GET /events (Server-Sent Events)")
 
     def after_reply(self, work: Callable[[], None]) -> None:
-        work()  # aiohttp sends the response after the handler returns: there is no later moment to hand it
+        self.handed_over.add(work)
 
 
 class HttpApi:
@@ -235,6 +236,17 @@ class HttpApi:
 
     # -- JSON endpoints ------------------------------------------------------------------------------------
 
+    def _call(self, request: web.Request, method: str, params: dict[str, Any]) -> Any:
+        """api.Api.call, then what the call handed over to be done after its reply. aiohttp sends the response
+        only after the handler returns, so here that work comes first; the result is made before it all the same
+        (a submitted job reads as committed, `queued`, as over the socket)."""
+        session = _HttpSession(_peer(request))
+        session.handed_over.begin()
+        try:
+            return self.api.call(session, method, params)
+        finally:
+            session.handed_over.run()
+
     async def rpc(self, request: web.Request) -> web.Response:
         params = await _json_body(request)
         if not isinstance(params, dict):
@@ -242,7 +254,7 @@ class HttpApi:
         method = request.match_info["method"]
         if method.startswith("event."):
             raise MethodNotFound(f"{method} is not available over HTTP; use GET /events", method=method)
-        value = self.api.call(_HttpSession(_peer(request)), method, params)
+        value = self._call(request, method, params)
         if asyncio.iscoroutine(value):
             value = await value
         return web.json_response({"result": value})
@@ -280,7 +292,7 @@ class HttpApi:
             params["callbacks"] = callbacks
         # Submitted as job.submit itself: the same rights, the same audit entry, and with durability = "fsync" the
         # answer waits for the fsync, as over the socket.
-        value = self.api.call(_HttpSession(_peer(request)), "job.submit", params)
+        value = self._call(request, "job.submit", params)
         if asyncio.iscoroutine(value):
             value = await value
         return web.json_response({"status": "OK", "job_id": value["id"]})

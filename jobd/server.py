@@ -19,11 +19,12 @@ import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from jobd import activation, users
-from jobd.api import Api, EventFilter
+from jobd.api import AfterReplyWork, Api, EventFilter
 from jobd.api_evqueue import EvQueue
+from jobd.durable import DurableReply
 from jobd.engine.core import JobEvent
 from jobd.engine.instances import InstanceEvent
 from jobd.engine.submit import Peer, identify_peer
@@ -269,8 +270,7 @@ class Connection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._tasks: dict[asyncio.Task[None], int] = {}  # each answering task: how many waiting requests it holds
-        # While a request is answered, what it hands over to be done after its reply (see after_reply()).
-        self._after_reply: list[Callable[[], None]] | None = None
+        self._after_reply = AfterReplyWork()  # what the request being answered hands over (api.Session.after_reply)
         self._waiting = 0  # their sum: requests that wait, of this connection
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
@@ -415,7 +415,7 @@ class Connection(asyncio.Protocol):
             self._send(jsonrpc.error(None, failure))
             return
         if not frame.is_batch:  # the common case
-            self._after_reply = []
+            self._after_reply.begin()
             reply = self._member(frame.members[0])
             try:
                 if isinstance(reply, _Waiting):
@@ -423,19 +423,19 @@ class Connection(asyncio.Protocol):
                 elif reply is not None:
                     self._send(reply)
             finally:
-                self._run_after_reply()
+                self._after_reply.run()
             return
         replies: list[Reply | _Waiting] = []
         for member in frame.members:  # each member's work is done before the next member runs: it may depend on it
-            self._after_reply = []
+            self._after_reply.begin()
             try:
                 replies.append(self._member(member))
             finally:
-                self._run_after_reply()
+                self._after_reply.run()
         waiting = sum(1 for reply in replies if isinstance(reply, _Waiting))
         if waiting > MAX_WAITING:  # the cap holds for one line too: those members are refused, the others done
-            replies = [_too_many_waiting(reply, waiting) if isinstance(reply, _Waiting) else reply for reply in replies]
-            waiting = 0
+            replies = [_too_many_waiting(reply, waiting) if _refusable(reply) else reply for reply in replies]
+            waiting = sum(1 for reply in replies if isinstance(reply, _Waiting))
         if waiting:
             self._spawn(self._answer_batch_later(replies), waiting)
             return
@@ -534,21 +534,7 @@ class Connection(asyncio.Protocol):
         self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
 
     def after_reply(self, work: Callable[[], None]) -> None:
-        if self._after_reply is None:  # not while a request is answered (a waiting method's later part): now
-            work()
-        else:
-            self._after_reply.append(work)
-
-    def _run_after_reply(self) -> None:
-        """Run what the call just answered handed over (api.Session.after_reply), before the next request is
-        read. Each piece runs even if one before it fails: the call has been answered, and a job it committed must
-        still be queued."""
-        handed_over, self._after_reply = self._after_reply or [], None
-        for work in handed_over:
-            try:
-                work()
-            except Exception:
-                log.exception("connection from pid %d: the work after a reply failed", self.peer.pid)
+        self._after_reply.add(work)
 
     def _send(self, message: Any) -> None:
         if not self.transport.is_closing():
@@ -624,6 +610,12 @@ class _Waiting:
     def close(self) -> None:
         """The connection went away before the method ran: it never will."""
         self.work.close()
+
+
+def _refusable(reply: Reply | _Waiting) -> TypeGuard[_Waiting]:
+    """Whether a member of a batch over the cap may be refused: one whose method has not run yet. A reply waiting
+    for the fsync of what its method did (a submit) is owed: the line's size bounds how many of those there are."""
+    return isinstance(reply, _Waiting) and not isinstance(reply.work, DurableReply)
 
 
 def _too_many_waiting(reply: _Waiting, waiting: int) -> Reply:

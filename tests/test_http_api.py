@@ -167,6 +167,7 @@ def test_queue_server_payloads_through_curl(daemon: Any) -> None:
 def test_json_endpoints(daemon: Any) -> None:
     status, body = request(daemon, "POST", "/api/job.submit", {"command": ["sh", "-c", "echo hi"]})
     assert status == 200
+    assert body["result"]["state"] == "queued"  # as committed, as over the socket: it starts right after
     job_id = body["result"]["id"]
     status, body = request(daemon, "POST", "/api/job.wait", {"id": job_id, "timeout": 20})
     assert status == 200 and body["result"]["state"] == "succeeded"

@@ -406,6 +406,35 @@ def test_a_batch_holding_more_waiting_requests_than_allowed_gets_them_refused(da
     daemon.call("job.cancel", {"id": job["id"]})
 
 
+def test_submits_of_a_batch_over_the_waiting_cap_are_answered_with_their_jobs(make_daemon: Any) -> None:
+    # With durability = "fsync" a submit's reply waits for the fsync, but its job is committed (and may run) before:
+    # refusing that reply would tell the client a job it made was not, and it would submit it again.
+    daemon = make_daemon("[queue.held]\npaused = true\n", daemon_extra='durability = "fsync"')
+    submit = {"jsonrpc": "2.0", "method": "job.submit", "params": {"command": ["/bin/true"], "queue": "held"}}
+    wait = {"jsonrpc": "2.0", "id": "wait", "method": "job.wait", "params": {"id": 1}}
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json([{**submit, "id": n} for n in range(MAX_WAITING + 1)] + [wait])
+        answers = {answer["id"]: answer for answer in raw.message()}
+    assert error_of(answers.pop("wait"))["data"]["code"] == "INVALID_REQUEST"  # a wait has not begun: refused
+    assert sorted(answer["result"]["id"] for answer in answers.values()) == list(range(1, MAX_WAITING + 2))
+    assert daemon.call("daemon.status")["queued"] == MAX_WAITING + 1
+
+
+def test_a_submit_whose_client_leaves_during_the_fsync_is_audited_as_done(make_daemon: Any) -> None:
+    # The job is committed before the reply waits for the fsync: the client leaving then does not undo it, and the
+    # audit says so ("ok"), not INTERRUPTED.
+    daemon = make_daemon("[queue.held]\npaused = true\n", daemon_extra='durability = "fsync"')
+    with Raw(daemon.socket_path) as listener:
+        subscribe(listener, {"types": ["job.state"]})
+        for n in range(5):
+            with Raw(daemon.socket_path) as raw:
+                raw.request("job.submit", {"command": ["/bin/true"], "queue": "held"}, n)
+        assert [listener.event()["job"]["state"] for _ in range(5)] == ["queued"] * 5
+        listener.request("audit.list", {"limit": 10}, "audit")
+        entries = listener.reply("audit")[0]["result"]["entries"]
+    assert [(entry["command"], entry["result"]) for entry in entries] == [("job.submit", "ok")] * 5, entries
+
+
 def test_subscriptions_on_one_connection_are_bounded(daemon: Any) -> None:
     # Every event is offered to every subscription: one client subscribing without end slowed every job down.
     with Client(str(daemon.socket_path)) as client:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -249,23 +250,22 @@ class Engine:
         results = self.store.insert_jobs(specs, states, now, [now + delay for delay in delays])
         # The engine's at once: a committed job is found even if the client goes away while its reply waits for
         # the fsync (and a cancel in that window finds it).
-        created = [job for job, new in results if new]
-        for job in created:
-            self.jobs[job.id] = job
-            if watcher is not None:
-                self._watchers[job.id] = watcher
-        if after_reply is None:
-            self._announce(created)
-        else:
-            after_reply(lambda: self._announce(created))
+        for job, created in results:
+            if created:
+                self.jobs[job.id] = job
+                if watcher is not None:
+                    self._watchers[job.id] = watcher
+                if after_reply is None:
+                    self._announce(job)
+                else:  # one piece per job: should one fail, the others are still queued
+                    after_reply(functools.partial(self._announce, job))
         return [self.jobs.get(job.id, job) for job, _ in results]
 
-    def _announce(self, created: list[Job]) -> None:
-        """Log, tell listeners about and admit jobs just committed."""
-        for job in created:
-            log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
-            self._emit("job.state", job)
-            self._admit(job)
+    def _announce(self, job: Job) -> None:
+        """Log, tell listeners about and admit a job just committed."""
+        log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
+        self._emit("job.state", job)
+        self._admit(job)
 
     @property
     def replies_wait_for_fsync(self) -> bool:
