@@ -418,7 +418,9 @@ class Attempt:
     max_rss_kib: int | None = None
     stdout_bytes: int = 0
     stderr_bytes: int = 0
-    truncated: bool = False
+    truncated: bool = False  # a stream lost bytes (beyond max_output, or to a failed write)
+    # Which: "stdout", "stderr", "log"; None for an attempt recorded before jobd kept them apart (schema 16).
+    cut_streams: tuple[str, ...] | None = ()
     error: str | None = None
     cancel_requested: bool = False  # a cancel was being carried out (kept in the store for crash recovery)
 

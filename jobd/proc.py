@@ -117,7 +117,7 @@ class ExitInfo:
     max_rss_kib: int
     stdout_bytes: int
     stderr_bytes: int
-    truncated: bool
+    cut_streams: tuple[str, ...]  # those that lost bytes: beyond max_output, or to a failed write (a full disk)
 
 
 class _LazyFile:
@@ -449,7 +449,11 @@ class Child:
             max_rss_kib=usage.ru_maxrss,
             stdout_bytes=self._stdout.kept,
             stderr_bytes=self._stderr.kept,
-            truncated=any(sink.dropped or sink.file.error for sink in (self._stdout, self._stderr, self._progress)),
+            cut_streams=tuple(
+                name
+                for name, sink in (("stdout", self._stdout), ("stderr", self._stderr), ("log", self._progress))
+                if sink.dropped or sink.file.error
+            ),
         )
         self._on_exit(info)
 

@@ -105,7 +105,7 @@ class AttemptRow(_Base):
     max_rss_kib = peewee.IntegerField(null=True)
     stdout_bytes = peewee.BigIntegerField(default=0)
     stderr_bytes = peewee.BigIntegerField(default=0)
-    truncated = peewee.BooleanField(default=False)
+    truncated = peewee.IntegerField(default=0)  # the streams cut, as _CUT_STREAM bits (schema 16; 0/1 before)
     error = peewee.TextField(null=True)
     # 1 once a cancel is being carried out (SIGTERM sent, kill_grace running): a jobd that dies meanwhile must not
     # retry the job after its restart (since schema version 12).
@@ -337,6 +337,11 @@ def _migration_15(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('ALTER TABLE "queue_state" ADD COLUMN "config_paused" INTEGER')  # type: ignore[no-untyped-call]
 
 
+def _migration_16(db: peewee.SqliteDatabase) -> None:
+    # "truncated" names the streams cut (bits, see _CUT_STREAM); its old 1 said only that some stream was.
+    db.execute_sql('UPDATE "attempt" SET "truncated" = 8 WHERE "truncated" = 1')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -354,6 +359,7 @@ MIGRATIONS = (
     _migration_13,
     _migration_14,
     _migration_15,
+    _migration_16,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1271,9 +1277,26 @@ def _attempt_values(attempt: Attempt) -> tuple[Any, ...]:
         attempt.max_rss_kib,
         attempt.stdout_bytes,
         attempt.stderr_bytes,
-        attempt.truncated,
+        _cut_bits(attempt),
         attempt.error,
     )
+
+
+# How the attempt's "truncated" column says which streams lost bytes. Before schema 16 it held 1 for any of them,
+# which migration 16 turned into _CUT_UNKNOWN.
+_CUT_STREAM = {"stdout": 1, "stderr": 2, "log": 4}
+_CUT_UNKNOWN = 8
+
+
+def _cut_bits(attempt: Attempt) -> int:
+    bits = sum(_CUT_STREAM[stream] for stream in attempt.cut_streams or ())
+    return _CUT_UNKNOWN if attempt.truncated and not bits else bits
+
+
+def _cut_streams(bits: int) -> tuple[str, ...] | None:
+    if bits & _CUT_UNKNOWN:
+        return None
+    return tuple(stream for stream, bit in _CUT_STREAM.items() if bits & bit)
 
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
@@ -1304,6 +1327,7 @@ def _attempt_from_row(row: Any) -> Attempt:
         stdout_bytes=row.stdout_bytes,
         stderr_bytes=row.stderr_bytes,
         truncated=bool(row.truncated),
+        cut_streams=_cut_streams(row.truncated),
         error=row.error,
         cancel_requested=bool(row.cancel_requested),
     )

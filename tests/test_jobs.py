@@ -519,6 +519,16 @@ def test_only_the_stream_that_was_cut_says_so(server: Any) -> None:
     assert cut == {"stdout": False, "stderr": True, "log": False}, cut
 
 
+def test_with_max_output_0_only_the_streams_written_to_say_they_were_cut(server: Any) -> None:
+    # Every stream of such a job holds the whole max_output (nothing): which one lost bytes is what jobd recorded.
+    job = run(server, command=sh("echo dropped"), max_output=0)
+    assert (job["tries"][0]["truncated"], job["tries"][0]["stdout_bytes"]) == (True, 0)
+    cut = {
+        s: server.call("job.output", {"id": job["id"], "stream": s})["truncated"] for s in ("stdout", "stderr", "log")
+    }
+    assert cut == {"stdout": True, "stderr": False, "log": False}, cut
+
+
 def test_a_last_log_line_without_a_newline_is_kept(server: Any) -> None:
     for _ in range(20):  # the pipe's end-of-file and the leader's exit reach jobd in either order
         job = run(server, command=sh("echo first >&3; printf 'last words' >&3"))

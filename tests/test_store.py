@@ -65,6 +65,45 @@ def test_a_version_1_database_is_migrated_in_place_and_keeps_its_jobs(tmp_path: 
     assert "attempt_job_id" not in indexes
 
 
+def test_an_attempt_recorded_before_streams_were_told_apart_stays_truncated(tmp_path: Path) -> None:
+    # Schema 15 kept one flag for an attempt's three streams; after migration 16 the attempt is still truncated,
+    # with the streams unknown (job.output then falls back to the stream that holds the whole max_output).
+    path = tmp_path / "jobd.sqlite3"
+    store = Store(str(path))
+    db = store.db
+    _db.initialize(db)
+    db.connect()
+    with db.atomic():
+        for migration in MIGRATIONS[:15]:
+            migration(db)
+        db.pragma("user_version", 15)
+    db.close()
+    raw = sqlite3.connect(path)
+    retry = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
+    raw.execute(
+        "INSERT INTO job (id, command, queue, priority, state, created_at, run_at, env, kill_grace, retry, "
+        "max_output, attempts, progress) VALUES (1, '[\"/bin/true\"]', 'q', 1, 'succeeded', 1.0, 1.0, '{}', 10, ?, "
+        "1, 2, 0)",
+        (retry,),
+    )
+    for number, truncated in ((1, 1), (2, 0)):
+        raw.execute(
+            "INSERT INTO attempt (job_id, number, started_at, finished_at, outcome, stdout_bytes, stderr_bytes, "
+            "truncated) VALUES (1, ?, 1.0, 2.0, 'succeeded', 1, 0, ?)",
+            (number, truncated),
+        )
+    raw.commit()
+    raw.close()
+    store = Store(str(path))
+    store.open()
+    try:
+        first, second = store.attempts(1)
+        assert (first.truncated, first.cut_streams) == (True, None)
+        assert (second.truncated, second.cut_streams) == (False, ())
+    finally:
+        store.close()
+
+
 def test_a_fresh_database_gets_the_same_schema_as_a_migrated_one(tmp_path: Path) -> None:
     migrated, fresh = tmp_path / "migrated.sqlite3", tmp_path / "fresh.sqlite3"
     _version_1_database(migrated)
@@ -224,14 +263,15 @@ def test_a_job_and_its_attempts_read_back_as_written(tmp_path: Path) -> None:
         store.record_cancel_request(first)
         ended = dataclasses.replace(
             first, outcome=Outcome.FAILED, finished_at=4.0, exit_code=75, cpu_user=0.25, cpu_system=0.5,
-            max_rss_kib=2048, stdout_bytes=10, stderr_bytes=20, truncated=True, error="boom",
+            max_rss_kib=2048, stdout_bytes=10, stderr_bytes=20, truncated=True, cut_streams=("stderr", "log"),
+            error="boom",
         )  # fmt: skip
         failed = transition(running, JobState.FAILED, finished_at=4.0, exit_code=75, error="boom")
         store.finish_attempt(failed, ended)
         assert store.get_job(queued.id) == failed
         [read] = store.attempts(queued.id)
         assert read == dataclasses.replace(ended, cancel_requested=True)
-        assert read.truncated is True and read.cancel_requested is True
+        assert read.truncated is True and read.cut_streams == ("stderr", "log") and read.cancel_requested is True
         assert store.get_job(queued.id + 1) is None and store.attempts(queued.id + 1) == []
     finally:
         store.close()

@@ -530,7 +530,8 @@ class Engine:
             max_rss_kib=info.max_rss_kib,
             stdout_bytes=info.stdout_bytes,
             stderr_bytes=info.stderr_bytes,
-            truncated=info.truncated,
+            truncated=bool(info.cut_streams),
+            cut_streams=info.cut_streams,
             error=running.child.error if isinstance(running.child, HttpRequest) else None,
         )
         starts: list[_Start] = []
@@ -762,11 +763,13 @@ class Engine:
             await self.wait_output(job_id)
             data, size = _read_at(path, offset, limit)
         running = self.attempt_running(job_id, number)
-        # The attempt records one flag for its three streams; this stream was the one cut if it holds the whole
-        # max_output (a capped stream keeps exactly that much).
-        truncated = size >= job.spec.max_output and any(
-            a.truncated for a in self.store.attempts(job_id) if a.number == number
-        )
+        recorded = next((a for a in self.store.attempts(job_id) if a.number == number), None)
+        if recorded is None:  # not started yet
+            truncated = False
+        elif recorded.cut_streams is None:  # an older jobd's record, one flag for all: the cut one holds max_output
+            truncated = recorded.truncated and size >= job.spec.max_output
+        else:
+            truncated = stream in recorded.cut_streams
         complete = not running and offset + len(data) >= size
         return OutputChunk(data=data, size=size, complete=complete, truncated=truncated, attempt=number)
 

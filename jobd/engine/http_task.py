@@ -211,7 +211,7 @@ class HttpRequest:
                 max_rss_kib=0,
                 stdout_bytes=size,
                 stderr_bytes=stderr_size,
-                truncated=size > len(body),
+                cut_streams=("stdout",) if size > len(body) else (),
             )
         )
 
