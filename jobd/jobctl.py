@@ -921,7 +921,11 @@ def cmd_log(session: Session, args: argparse.Namespace) -> int:
     if args.attempt is not None:
         params["attempt"] = args.attempt
     if copy_output(session.client, params, sys.stdout.buffer):
-        print(f"jobctl: job {args.id}'s {args.stream} was cut at its max_output limit", file=sys.stderr)
+        print(
+            f"jobctl: job {args.id}'s {args.stream} is not whole: cut at its max_output limit, or not written for "
+            "want of disk space (see jobd's log)",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -96,3 +96,14 @@ def small_state_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0750", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+def full_output_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs to hold the job output of the first daemon make_daemon starts (request this fixture before
+    the daemon): a disk that fills up while a job prints."""
+    mount = tmp_path / "d0" / "state" / "output"
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

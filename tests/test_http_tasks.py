@@ -6,12 +6,14 @@ no sleeps, no polling). Timings appear only where a timeout is the behaviour und
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -161,6 +163,20 @@ def test_ad_hoc_get_output_and_truncation(server: Any, web: WebServer) -> None:
     chunk = server.call("job.output", {"id": job["id"], "stream": "stdout"})
     assert chunk["data"] == "hello"
     assert chunk["truncated"] is True
+
+
+def test_a_response_not_written_for_want_of_disk_space_is_marked_truncated(
+    full_output_disk: Path, server: Any, web: WebServer
+) -> None:
+    # The disk is full before the job runs.
+    with open(full_output_disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while filler.write(b"\0" * 4096):  # until ENOSPC (or a write of nothing)
+            pass
+    job = server.submit(http={"url": f"{web.url}/plain"})
+    assert server.wait(job["id"])["state"] == "succeeded"
+    assert server.call("job.get", {"id": job["id"]})["tries"][0]["truncated"] is True
+    for stream in ("stdout", "stderr"):  # the body, and the response's head
+        assert server.call("job.output", {"id": job["id"], "stream": stream})["truncated"] is True, stream
 
 
 def test_unexpected_status_fails_each_attempt_and_retries(server: Any, web: WebServer) -> None:

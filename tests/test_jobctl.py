@@ -416,6 +416,15 @@ def test_log_prints_raw_bytes_exactly(daemon: Any) -> None:
     assert ctl(daemon, "--json", "log", str(job["id"])).stdout == b"\xff\xfe\x00A\x80\n"
 
 
+def test_log_of_a_stream_that_lost_bytes_ends_with_a_note(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/sh", "-c", "echo 0123456789"], max_output=4)
+    daemon.wait(job["id"])
+    result = ctl(daemon, "log", str(job["id"]))
+    assert (result.code, result.stdout) == (0, b"0123"), result
+    assert f"job {job['id']}'s stdout is not whole: cut at its max_output limit" in result.err, result
+    assert "not whole" not in ctl(daemon, "log", str(job["id"]), "--stderr").err
+
+
 def test_log_stderr(daemon: Any) -> None:
     job = daemon.submit(command=["/bin/sh", "-c", r"echo out; printf 'err\377\n' >&2"])
     daemon.wait(job["id"])

@@ -947,16 +947,6 @@ def test_a_job_is_given_its_own_descriptors_and_nothing_of_jobd(make_daemon: Any
             client.call("job.cancel", {"id": job["id"]}, timeout=KILL_GRACE + 10)
 
 
-@pytest.fixture
-def full_output_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs to hold job output: a disk that fills up while a job prints."""
-    mount = tmp_path / "d0" / "state" / "output"
-    mount.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_a_full_disk_drops_output_but_not_the_job(make_daemon: Any, full_output_disk: Path) -> None:
     """ENOSPC on an output file: the job runs to its end, the attempt says its output is truncated, jobd lives."""
     daemon = make_daemon("[queue.default]\nconcurrency = 1\n")

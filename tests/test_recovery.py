@@ -217,6 +217,26 @@ def test_ready_only_after_recovery(jobd: Callable[..., Daemon], pidfds: Pidfds, 
     assert pidfds.wait_exited() == []
 
 
+def test_a_lost_attempt_keeps_what_was_written_of_its_output(
+    jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path
+) -> None:
+    # Its byte counts come from the files; the stream that holds the whole max_output is the one said to be cut.
+    daemon = jobd("[queue.run]\nconcurrency = 1\n")
+    script = "echo $$ > \"$0.pid\"; head -c 5000 /dev/zero | tr '\\0' x; exec sleep 600"
+    job_id = daemon.submit(command=["/bin/sh", "-c", script, str(tmp_path / "run")], queue="run", max_output=1000)["id"]
+    assert daemon.call("job.output", {"id": job_id, "offset": 999, "wait": True})["data"] == "x"  # all 1,000 kept
+    pidfds.watch("run", read_pid(tmp_path / "run.pid"))
+    kill9(daemon)
+
+    start(daemon)
+    [attempt] = tries(daemon, job_id)
+    assert (attempt["outcome"], attempt["stdout_bytes"], attempt["stderr_bytes"]) == ("lost", 1000, 0), attempt
+    assert attempt["truncated"] is True
+    cut = {s: daemon.call("job.output", {"id": job_id, "stream": s})["truncated"] for s in ("stdout", "stderr")}
+    assert cut == {"stdout": True, "stderr": False}, cut
+    assert pidfds.wait_exited() == []
+
+
 def test_a_long_recovery_tells_systemd_it_is_still_going(jobd: Callable[..., Daemon]) -> None:
     # Before READY=1, systemd fails a start after TimeoutStartSec=: resuming a backlog of jobs reports its progress
     # with more time asked (EXTEND_TIMEOUT_USEC) every RECOVERY_STEP jobs, and a STATUS= saying how far it is.

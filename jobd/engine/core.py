@@ -109,6 +109,13 @@ def _run_as(spec: JobSpec) -> Account | None:
     return account(spec.run_as_uid, gid)
 
 
+def _size_of(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:  # nothing written: output files are created on the first byte
+        return 0
+
+
 def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -218,8 +225,19 @@ class Engine:
                 attempt.number,
                 attempt.pid,
             )
+        # What the previous jobd kept of the output is on disk; which streams it cut died with it: one holding the
+        # whole max_output probably was (job.output says so of that stream, as for attempts of an older jobd).
+        kept = {stream: _size_of(self.output_path(job.id, attempt.number, stream)) for stream in STREAMS}
+        cap = job.spec.max_output
         attempt = dataclasses.replace(
-            attempt, outcome=Outcome.LOST, finished_at=now, error="jobd stopped while the attempt ran"
+            attempt,
+            outcome=Outcome.LOST,
+            finished_at=now,
+            error="jobd stopped while the attempt ran",
+            stdout_bytes=kept["stdout"],
+            stderr_bytes=kept["stderr"],
+            truncated=cap > 0 and any(size >= cap for size in kept.values()),
+            cut_streams=None,
         )
         self.jobs[job.id] = job
         self._settle(job, attempt, cancelled=attempt.cancel_requested)  # a cancel under way is carried out

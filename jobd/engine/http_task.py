@@ -159,6 +159,7 @@ class HttpRequest:
     async def _run(self) -> None:
         body = bytearray()
         head = ""
+        stderr_whole = True  # no write of it failed (a full disk)
         size = 0
         exit_code: int | None = None
         try:
@@ -179,7 +180,7 @@ class HttpRequest:
                         lines[0] += f" {response.reason}" if response.reason else ""
                         lines += [f"{name}: {text}" for name, text in response.headers.items()]
                         head = "\n".join(lines) + "\n"
-                        self._write(self._stderr_path, head.encode())
+                        stderr_whole = self._write(self._stderr_path, head.encode())
                         async for chunk in response.content.iter_chunked(_CHUNK):
                             room = self._max_output - len(body)
                             if room > 0:
@@ -199,8 +200,8 @@ class HttpRequest:
         except asyncio.CancelledError:
             self.error = "HTTP request cancelled"
         if self.error is not None:
-            self._write(self._stderr_path, (("\n" if head else "") + self.error + "\n").encode())
-        self._write(self._stdout_path, bytes(body))
+            stderr_whole &= self._write(self._stderr_path, (("\n" if head else "") + self.error + "\n").encode())
+        stdout_whole = self._write(self._stdout_path, bytes(body))
         stderr_size = os.path.getsize(self._stderr_path) if os.path.exists(self._stderr_path) else 0
         self._on_exit(
             ExitInfo(
@@ -211,17 +212,22 @@ class HttpRequest:
                 max_rss_kib=0,
                 stdout_bytes=size,
                 stderr_bytes=stderr_size,
-                cut_streams=("stdout",) if size > len(body) else (),
+                cut_streams=(("stdout",) if size > len(body) or not stdout_whole else ())
+                + (() if stderr_whole else ("stderr",)),
             )
         )
 
-    def _write(self, path: str, data: bytes) -> None:
+    def _write(self, path: str, data: bytes) -> bool:
+        """Append `data` to an output file; False if it could not be written whole (logged: a full disk)."""
         if not data:
-            return
+            return True
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "ab") as file:
                 file.write(data)
         except OSError as error:
             log.warning("cannot write %s: %s", path, error)
-        self._on_output()
+            return False
+        finally:
+            self._on_output()
+        return True
