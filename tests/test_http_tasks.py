@@ -163,6 +163,8 @@ def test_ad_hoc_get_output_and_truncation(server: Any, web: WebServer) -> None:
     chunk = server.call("job.output", {"id": job["id"], "stream": "stdout"})
     assert chunk["data"] == "hello"
     assert chunk["truncated"] is True
+    [attempt] = server.call("job.get", {"id": job["id"]})["tries"]
+    assert (attempt["stdout_bytes"], attempt["truncated"]) == (5, True)  # what was kept, as for a program
 
 
 def test_a_response_not_written_for_want_of_disk_space_is_marked_truncated(

@@ -202,7 +202,10 @@ class HttpRequest:
         if self.error is not None:
             stderr_whole &= self._write(self._stderr_path, (("\n" if head else "") + self.error + "\n").encode())
         stdout_whole = self._write(self._stdout_path, bytes(body))
-        stderr_size = os.path.getsize(self._stderr_path) if os.path.exists(self._stderr_path) else 0
+        # What was kept, as for a program's streams (the response's own size is `size`).
+        stdout_size, stderr_size = (
+            os.path.getsize(path) if os.path.exists(path) else 0 for path in (self._stdout_path, self._stderr_path)
+        )
         self._on_exit(
             ExitInfo(
                 exit_code=exit_code,
@@ -210,7 +213,7 @@ class HttpRequest:
                 cpu_user=0.0,
                 cpu_system=0.0,
                 max_rss_kib=0,
-                stdout_bytes=size,
+                stdout_bytes=stdout_size,
                 stderr_bytes=stderr_size,
                 cut_streams=(("stdout",) if size > len(body) or not stdout_whole else ())
                 + (() if stderr_whole else ("stderr",)),
