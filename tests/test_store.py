@@ -13,23 +13,30 @@ from jobd.errors import StartupError
 from jobd.model import Attempt, AuditEntry, JobSpec, JobState, Outcome, RetryPolicy, ScheduleState, transition
 from jobd.store import MIGRATIONS, SCHEMA_VERSION, AuditFilter, Store, _db
 
+RETRY_JSON = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
 
-def _version_1_database(path: Path) -> None:
-    """A database as the first jobd release left it: migration 1 only, one job with a key in it."""
+
+def _database_at_schema(path: Path, version: int) -> sqlite3.Connection:
+    """A database as a jobd of schema `version` left it (its first `version` migrations), opened raw."""
     store = Store(str(path))
     db = store.db
     _db.initialize(db)
     db.connect()
     with db.atomic():
-        MIGRATIONS[0](db)
-        db.pragma("user_version", 1)
+        for migration in MIGRATIONS[:version]:
+            migration(db)
+        db.pragma("user_version", version)
     db.close()
-    raw = sqlite3.connect(path)
-    retry = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
+    return sqlite3.connect(path)
+
+
+def _version_1_database(path: Path) -> None:
+    """A database as the first jobd release left it: migration 1 only, one job with a key in it."""
+    raw = _database_at_schema(path, 1)
     raw.execute(
         "INSERT INTO job (command, queue, priority, state, key, created_at, run_at, env, kill_grace, retry, "
         "max_output, attempts, progress) VALUES (?, 'q', 1, 'queued', 'k1', 1.0, 1.0, '{}', 10, ?, 1, 0, 0)",
-        ('["/bin/true"]', retry),
+        ('["/bin/true"]', RETRY_JSON),
     )
     raw.commit()
     raw.close()
@@ -69,22 +76,12 @@ def test_an_attempt_recorded_before_streams_were_told_apart_stays_truncated(tmp_
     # Schema 15 kept one flag for an attempt's three streams; after migration 16 the attempt is still truncated,
     # with the streams unknown (job.output then falls back to the stream that holds the whole max_output).
     path = tmp_path / "jobd.sqlite3"
-    store = Store(str(path))
-    db = store.db
-    _db.initialize(db)
-    db.connect()
-    with db.atomic():
-        for migration in MIGRATIONS[:15]:
-            migration(db)
-        db.pragma("user_version", 15)
-    db.close()
-    raw = sqlite3.connect(path)
-    retry = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
+    raw = _database_at_schema(path, 15)
     raw.execute(
         "INSERT INTO job (id, command, queue, priority, state, created_at, run_at, env, kill_grace, retry, "
         "max_output, attempts, progress) VALUES (1, '[\"/bin/true\"]', 'q', 1, 'succeeded', 1.0, 1.0, '{}', 10, ?, "
         "1, 2, 0)",
-        (retry,),
+        (RETRY_JSON,),
     )
     for number, truncated in ((1, 1), (2, 0)):
         raw.execute(
