@@ -562,11 +562,22 @@ class Store:
         listed = _PreparedSelect(query.order_by(JobRow.id.desc()).limit(where.limit))
         return [_job_from_row(row) for row in listed.rows(self._connection)]
 
-    def unfinished_jobs(self) -> list[Job]:
-        """Every job that has not reached a final state, in submission order: what a start-up must resume."""
-        unfinished = [str(JobState.DELAYED), str(JobState.QUEUED), str(JobState.RUNNING)]
-        query = _PreparedSelect(JobRow.select().where(JobRow.state.in_(unfinished)).order_by(JobRow.id))
-        return [_job_from_row(row) for row in query.rows(self._connection)]
+    def unfinished_jobs(self, page: int = 2**62) -> Iterator[list[Job]]:
+        """Every job that has not reached a final state, in submission order, `page` jobs at a time: what a
+        start-up must resume. Each page is read after the one before is used (its jobs' states may change
+        meanwhile: a page starts after the last id of the one before, so no job comes twice or is skipped)."""
+        states = (str(JobState.DELAYED), str(JobState.QUEUED), str(JobState.RUNNING))
+        query = _PreparedSelect(
+            JobRow.select().where(JobRow.state.in_(states) & (JobRow.id > 0)).order_by(JobRow.id).limit(page)
+        )
+        last_id = 0
+        while rows := query.rows(self._connection, (*states, last_id, page)):  # its parameters, in their order
+            yield [_job_from_row(row) for row in rows]
+            last_id = rows[-1].id
+
+    def count_unfinished(self) -> int:
+        states = (str(JobState.DELAYED), str(JobState.QUEUED), str(JobState.RUNNING))
+        return int(JobRow.select().where(JobRow.state.in_(states)).count())
 
     def running_attempt(self, job_id: int) -> Attempt | None:
         row = (

@@ -58,7 +58,7 @@ def test_a_version_1_database_is_migrated_in_place_and_keeps_its_jobs(tmp_path: 
     store.open()
     try:
         assert store.db.pragma("user_version") == SCHEMA_VERSION
-        [job] = store.unfinished_jobs()
+        [[job]] = store.unfinished_jobs()
         assert job.spec.key == "k1" and job.state is JobState.QUEUED
         # The key still deduplicates through the partial unique index.
         [(again, created)] = store.insert_jobs(

@@ -192,16 +192,19 @@ class Engine:
         now = self.clock()
         self._recovering = True  # nothing starts before every job is back: the first free slot is the best job's
         try:
-            unfinished = self.store.unfinished_jobs()
-            for resumed, job in enumerate(unfinished):
-                if progress is not None and resumed and resumed % RECOVERY_STEP == 0:
-                    progress(resumed, len(unfinished))
-                self._queue_for_recovered(job.spec.queue)
-                if job.state is JobState.RUNNING:
-                    self._recover_lost_attempt(job, now)
-                else:
-                    self.jobs[job.id] = job
-                    self._admit(job)
+            total = self.store.count_unfinished() if progress is not None else 0
+            resumed = 0
+            for page in self.store.unfinished_jobs(RECOVERY_STEP):
+                if progress is not None and resumed:
+                    progress(resumed, total)
+                for job in page:
+                    self._queue_for_recovered(job.spec.queue)
+                    if job.state is JobState.RUNNING:
+                        self._recover_lost_attempt(job, now)
+                    else:
+                        self.jobs[job.id] = job
+                        self._admit(job)
+                resumed += len(page)
         finally:
             self._recovering = False
         for name in list(self.queues):
