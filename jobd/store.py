@@ -566,18 +566,16 @@ class Store:
         """Every job that has not reached a final state, in submission order, `page` jobs at a time: what a
         start-up must resume. Each page is read after the one before is used (its jobs' states may change
         meanwhile: a page starts after the last id of the one before, so no job comes twice or is skipped)."""
-        states = (str(JobState.DELAYED), str(JobState.QUEUED), str(JobState.RUNNING))
         query = _PreparedSelect(
-            JobRow.select().where(JobRow.state.in_(states) & (JobRow.id > 0)).order_by(JobRow.id).limit(page)
+            JobRow.select().where(JobRow.state.in_(_UNFINISHED) & (JobRow.id > 0)).order_by(JobRow.id).limit(page)
         )
         last_id = 0
-        while rows := query.rows(self._connection, (*states, last_id, page)):  # its parameters, in their order
+        while rows := query.rows(self._connection, (*_UNFINISHED, last_id, page)):  # its parameters, in their order
             yield [_job_from_row(row) for row in rows]
             last_id = rows[-1].id
 
     def count_unfinished(self) -> int:
-        states = (str(JobState.DELAYED), str(JobState.QUEUED), str(JobState.RUNNING))
-        return int(JobRow.select().where(JobRow.state.in_(states)).count())
+        return int(JobRow.select().where(JobRow.state.in_(_UNFINISHED)).count())
 
     def running_attempt(self, job_id: int) -> Attempt | None:
         row = (
@@ -1310,6 +1308,7 @@ def _cut_streams(bits: int) -> tuple[str, ...] | None:
     return tuple(stream for stream, bit in _CUT_STREAM.items() if bits & bit)
 
 
+_UNFINISHED = (str(JobState.DELAYED), str(JobState.QUEUED), str(JobState.RUNNING))  # what a start-up resumes
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
 _STATES = {str(state): state for state in JobState}  # JobState(text) takes Enum's slower path, per job read
 
