@@ -44,6 +44,7 @@ from jobd.model import (
     JobState,
     RetryPolicy,
 )
+from jobd.replyshape import checked_result
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1  # the daemon answered with an error
@@ -728,6 +729,14 @@ def positive_seconds(text: str) -> float:
 # -- talking to jobd ------------------------------------------------------------------------------------------
 
 
+class CheckedClient(Client):
+    """The client jobctl uses: every result is checked against what jobctl reads of it (jobd/replyshape.py), so
+    that a socket that is not jobd's is reported as such rather than misread."""
+
+    def call(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        return checked_result(method, super().call(method, params, timeout), self.path)
+
+
 @dataclasses.dataclass
 class Session:
     """What every command needs: the connection and the output mode."""
@@ -1190,7 +1199,7 @@ def wait_instance_with_progress(client: Client, instance_ident: int, timeout: fl
     Two connections: `events` carries the subscription and, pipelined after it, the instance.wait request whose
     reply ends the loop; `client` re-reads the instance tree whenever an event concerns one of its tasks.
     """
-    events = Client(client.path)
+    events = CheckedClient(client.path)
     bar = ProgressBar(sys.stderr)
     try:
         # Subscribe before reading the tree: a change between the two then arrives as an event and is not missed.
@@ -1212,7 +1221,7 @@ def wait_instance_with_progress(client: Client, instance_ident: int, timeout: fl
                 if concerns_instance(message.get("params") or {}, context, job_ids):
                     shown = client.call("instance.get", {"id": instance_ident})
             elif isinstance(message, dict) and message.get("id") == WAIT_REQUEST_ID:
-                instance: Instance = result_of(message)
+                instance: Instance = checked_result("instance.wait", result_of(message), events.path)
                 return instance
     finally:
         bar.clear()
@@ -1460,7 +1469,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage error or --help: return the code instead of leaving the interpreter
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     tolerate_unencodable_output()
-    client = Client(args.socket or default_socket_path())
+    client = CheckedClient(args.socket or default_socket_path())
     handler: Handler = args.handler
     try:
         return handler(Session(client, args.json), args)

@@ -14,6 +14,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -708,6 +709,69 @@ def test_cannot_connect_exits_3(tmp_path: Path) -> None:
     result = run_jobctl("--socket", str(dead), "ls")
     assert result.code == 3, result
     assert str(dead) in result.err
+
+
+class NotJobd:
+    """A JSON-RPC 2.0 server on a Unix socket that is not jobd: it answers every request with `result`."""
+
+    def __init__(self, path: Path, result: Any) -> None:
+        self.path = path
+        self.result = result
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection, connection.makefile("rb") as requests:
+                for line in requests:
+                    reply = {"jsonrpc": "2.0", "id": json.loads(line).get("id"), "result": self.result}
+                    connection.sendall(json.dumps(reply).encode() + b"\n")
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(timeout=DEADLINE)
+
+
+@pytest.mark.parametrize(
+    ("result", "problem"),
+    [
+        (None, "result is null, not an object"),
+        ([1, 2], "result is a list, not an object"),
+        ({"ok": True}, "is missing"),
+        ({"id": True, "state": "queued", "queue": "q", "jobs": "no", "version": 1, "files": {}}, "not"),
+    ],
+)
+def test_a_server_that_is_not_jobd_is_reported_not_misread(tmp_path: Path, result: Any, problem: str) -> None:
+    """Each command checks its result's shape first: a wrong one is exit code 3 and a sentence naming the socket,
+    the method and the member, never a traceback or a table of blanks."""
+    server = NotJobd(tmp_path / "other.sock", result)
+    try:
+        for args, method in [
+            (("status",), "daemon.status"),
+            (("status", "1"), "job.get"),
+            (("ls",), "job.list"),
+            (("run", "--", "true"), "job.submit"),
+            (("wait", "1"), "job.wait"),
+            (("cancel", "1"), "job.cancel"),
+            (("queues",), "queue.list"),
+            (("reload",), "daemon.reload"),
+            (("--json", "instances"), "instance.list"),
+        ]:
+            outcome = run_jobctl("--socket", str(server.path), *args)
+            assert outcome.code == 3, (args, outcome)
+            assert outcome.out == "", (args, outcome)
+            assert outcome.err.startswith(f"jobctl: {server.path} answered {method} with something jobd does not send")
+            assert problem in outcome.err, (args, outcome)
+    finally:
+        server.close()
 
 
 def test_jobd_socket_is_honoured(daemon: Any) -> None:

@@ -347,3 +347,30 @@ def test_every_command_is_in_the_documentation_table() -> None:
     commands = jobctl.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for name in commands:
         assert f"| `{name}" in text or f"`, `{name}" in text, name
+
+
+def test_result_shapes_name_jobd_methods_and_say_where_a_result_differs() -> None:
+    from jobd.api import METHODS
+    from jobd.client import ProtocolError
+    from jobd.replyshape import RESULTS, checked_result
+
+    assert set(RESULTS) <= set(METHODS)  # a misspelt method would never be checked
+    job = {"id": 7, "state": "queued", "queue": "q", "added_by_a_later_jobd": 1}
+    assert checked_result("job.get", {**job, "tries": []}, "S") == {**job, "tries": []}
+    assert checked_result("ping", ["not checked"], "S") == ["not checked"]
+    for method, result, where in [
+        (
+            "job.list",
+            {"jobs": [job, {**job, "state": None}], "next_before": None},
+            "result.jobs[1].state is null, not a string",
+        ),
+        ("job.list", {"jobs": [job], "next_before": "3"}, "result.next_before is a string, not an integer or null"),
+        ("job.get", {**job, "tries": [3]}, "result.tries[0] is an integer, not an object"),
+        ("job.submit", {**job, "id": True}, "result.id is a boolean, not an integer"),
+        ("daemon.reload", {"files": ["a", 1]}, "result.files[1] is an integer, not a string"),
+        ("schedule.trigger", {"schedule": {}, "started": True}, "result.schedule.name is missing"),
+    ]:
+        with pytest.raises(ProtocolError) as caught:
+            checked_result(method, result, "/run/other.sock")
+        assert str(caught.value).startswith(f"/run/other.sock answered {method} with something jobd does not send")
+        assert f"({where})" in str(caught.value), caught.value
