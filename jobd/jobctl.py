@@ -729,12 +729,54 @@ def positive_seconds(text: str) -> float:
 # -- talking to jobd ------------------------------------------------------------------------------------------
 
 
+# jobd answers every request at once but those that wait by design (job.wait, instance.wait, job.output with
+# "wait"): a reply that takes longer than this means jobd is stuck or the socket is not jobd's, and a script that
+# calls jobctl should hear so rather than hang (systemctl gives its D-Bus calls 25 s on the same reasoning).
+REPLY_TIMEOUT = 60.0
+REPLY_TIMEOUT_VARIABLE = "JOBCTL_REPLY_TIMEOUT"  # seconds; 0: wait as long as it takes
+WAITING_METHODS = frozenset({"job.wait", "instance.wait"})
+
+
+class NoReply(Exception):
+    """No reply within the reply timeout to a request jobd answers at once (exit 3)."""
+
+
 class CheckedClient(Client):
     """The client jobctl uses: every result is checked against what jobctl reads of it (jobd/replyshape.py), so
-    that a socket that is not jobd's is reported as such rather than misread."""
+    that a socket that is not jobd's is reported as such rather than misread; and a request jobd answers at once
+    gets `reply_timeout` seconds (None: no limit)."""
+
+    def __init__(self, path: str, reply_timeout: float | None) -> None:
+        super().__init__(path)
+        self.reply_timeout = reply_timeout
 
     def call(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
-        return checked_result(method, super().call(method, params, timeout), self.path)
+        waits = method in WAITING_METHODS or bool((params or {}).get("wait"))
+        if timeout is None and not waits and self.reply_timeout is not None:
+            try:
+                result = super().call(method, params, self.reply_timeout)
+            except TimeoutError:
+                raise NoReply(
+                    f"{self.path} gave no reply to {method} within {format_duration(self.reply_timeout)}: is jobd "
+                    f"stuck (see its log), or is this not jobd's socket? ({REPLY_TIMEOUT_VARIABLE} sets the limit)"
+                ) from None
+        else:
+            result = super().call(method, params, timeout)
+        return checked_result(method, result, self.path)
+
+
+def reply_timeout_from_environment() -> float | None:
+    """The reply timeout: $JOBCTL_REPLY_TIMEOUT seconds if set (0: none), else REPLY_TIMEOUT."""
+    text = os.environ.get(REPLY_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return REPLY_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SECONDS:  # also refuses nan and inf
+        raise UsageError(f"{REPLY_TIMEOUT_VARIABLE}={text!r}: expected seconds from 0 (no limit) to {MAX_SECONDS:.0f}")
+    return seconds or None
 
 
 @dataclasses.dataclass
@@ -1199,7 +1241,7 @@ def wait_instance_with_progress(client: Client, instance_ident: int, timeout: fl
     Two connections: `events` carries the subscription and, pipelined after it, the instance.wait request whose
     reply ends the loop; `client` re-reads the instance tree whenever an event concerns one of its tasks.
     """
-    events = CheckedClient(client.path)
+    events = CheckedClient(client.path, None)  # it carries instance.wait and the events: it waits by design
     bar = ProgressBar(sys.stderr)
     try:
         # Subscribe before reading the tree: a change between the two then arrives as an event and is not missed.
@@ -1469,7 +1511,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage error or --help: return the code instead of leaving the interpreter
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     tolerate_unencodable_output()
-    client = CheckedClient(args.socket or default_socket_path())
+    try:
+        client = CheckedClient(args.socket or default_socket_path(), reply_timeout_from_environment())
+    except UsageError as exc:
+        return fail(f"{exc}", EXIT_USAGE)
     handler: Handler = args.handler
     try:
         return handler(Session(client, args.json), args)
@@ -1477,7 +1522,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{exc}", EXIT_USAGE)
     except ConnectError as exc:
         return fail(f"{exc}; {connect_hint(exc)}", EXIT_CANNOT_CONNECT)
-    except (ConnectionClosed, ProtocolError) as exc:
+    except (ConnectionClosed, ProtocolError, NoReply) as exc:
         return fail(f"{exc}", EXIT_CANNOT_CONNECT)
     except RemoteError as exc:
         if args.json:  # scripts get the error as the daemon sent it: match on error.code, not on the text

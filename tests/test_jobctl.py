@@ -712,11 +712,15 @@ def test_cannot_connect_exits_3(tmp_path: Path) -> None:
 
 
 class NotJobd:
-    """A JSON-RPC 2.0 server on a Unix socket that is not jobd: it answers every request with `result`."""
+    """A JSON-RPC 2.0 server on a Unix socket that is not jobd: it answers every request with `result`, or never
+    (SILENT), and each method named in `delays` only after that many seconds."""
 
-    def __init__(self, path: Path, result: Any) -> None:
+    SILENT = object()
+
+    def __init__(self, path: Path, result: Any, delays: dict[str, float] | None = None) -> None:
         self.path = path
         self.result = result
+        self.delays = delays or {}
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         self.listener.listen()
@@ -731,7 +735,11 @@ class NotJobd:
                 return
             with connection, connection.makefile("rb") as requests:
                 for line in requests:
-                    reply = {"jsonrpc": "2.0", "id": json.loads(line).get("id"), "result": self.result}
+                    request = json.loads(line)
+                    if self.result is NotJobd.SILENT:
+                        continue
+                    time.sleep(self.delays.get(request.get("method"), 0))  # no-poll-ok: a reply held on purpose
+                    reply = {"jsonrpc": "2.0", "id": request.get("id"), "result": self.result}
                     connection.sendall(json.dumps(reply).encode() + b"\n")
 
     def close(self) -> None:
@@ -770,6 +778,35 @@ def test_a_server_that_is_not_jobd_is_reported_not_misread(tmp_path: Path, resul
             assert outcome.out == "", (args, outcome)
             assert outcome.err.startswith(f"jobctl: {server.path} answered {method} with something jobd does not send")
             assert problem in outcome.err, (args, outcome)
+    finally:
+        server.close()
+
+
+def test_a_server_that_never_answers_is_given_up_on(tmp_path: Path) -> None:
+    """A request jobd answers at once gets JOBCTL_REPLY_TIMEOUT seconds (60 by default): a stuck jobd, or a
+    socket that is not jobd's, is exit code 3 and a sentence, not a jobctl hanging in a script."""
+    server = NotJobd(tmp_path / "silent.sock", NotJobd.SILENT)
+    try:
+        for args, method in [(("status",), "daemon.status"), (("run", "--", "true"), "job.submit")]:
+            outcome = run_jobctl("--socket", str(server.path), *args, env={"JOBCTL_REPLY_TIMEOUT": "0.3"})
+            assert outcome.code == 3, outcome
+            assert outcome.err.startswith(f"jobctl: {server.path} gave no reply to {method} within 0.3s"), outcome
+            assert "JOBCTL_REPLY_TIMEOUT" in outcome.err
+    finally:
+        server.close()
+    for bad in ("soon", "-1", "nan", "inf"):
+        outcome = run_jobctl("--socket", str(server.path), "status", env={"JOBCTL_REPLY_TIMEOUT": bad})
+        assert outcome.code == 2, outcome
+        assert outcome.err.startswith(f"jobctl: JOBCTL_REPLY_TIMEOUT={bad!r}: expected seconds from 0"), outcome
+
+
+def test_the_reply_timeout_spares_what_waits_by_design(tmp_path: Path) -> None:
+    """job.wait is answered when the job ends, however long that takes: the reply timeout does not apply."""
+    finished = {"id": 1, "state": "succeeded", "queue": "q", "exit_code": 0, "signal": None}
+    server = NotJobd(tmp_path / "slow.sock", finished, delays={"job.wait": 1.5})
+    try:
+        outcome = run_jobctl("--socket", str(server.path), "wait", "1", env={"JOBCTL_REPLY_TIMEOUT": "0.3"})
+        assert outcome.code == 0, outcome
     finally:
         server.close()
 
