@@ -19,7 +19,7 @@ import stat
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sdnotify
 
@@ -29,13 +29,16 @@ from jobd.api import Api
 from jobd.engine.callbacks import SHUTDOWN_GRACE as CALLBACKS_SHUTDOWN_GRACE
 from jobd.engine.callbacks import Callbacks
 from jobd.engine.core import Engine
+from jobd.engine.http_task import load_aiohttp
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
 from jobd.errors import ConfigError, ShuttingDown, StartupError
-from jobd.http_api import HttpApi
 from jobd.model import Config, iso
 from jobd.server import Server
 from jobd.store import DATABASE_ERRORS, Store, startup_failure
+
+if TYPE_CHECKING:
+    from jobd.http_api import HttpApi
 
 log = logging.getLogger("jobd")
 
@@ -149,6 +152,7 @@ class Daemon:
         self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
+        load_aiohttp(initial)
         self.engine = Engine(initial, self.store)
         self.callbacks = Callbacks(self.engine, self.store)  # before recovery: a lost job's callbacks are queued
         self.instances = Instances(self.engine, self.store)
@@ -159,6 +163,8 @@ class Daemon:
         http_socket = self.passed.get("http")
         listen = activation.socket_address(http_socket) if http_socket is not None else initial.http.listen
         if listen is not None:  # a change of [http] listen needs a restart
+            from jobd.http_api import HttpApi  # with aiohttp: only when it listens (see jobd/engine/http_task.py)
+
             self.http = HttpApi(self.server.api, listen, lambda: len(self.server.connections))
         self.watcher: config.ConfigWatcher | None = None
         self._status_timer: asyncio.TimerHandle | None = None
@@ -343,6 +349,7 @@ class Daemon:
         self.config = new
         self.engine.reload(new)
         self.scheduler.reload(new)
+        load_aiohttp(new)
         self.last_reload = {"at": iso(time.time()), "ok": True, "error": None}
         log.info("configuration reloaded from %d files", len(new.files))
         self._notify_status()

@@ -7,6 +7,7 @@ no sleeps, no polling). Timings appear only where a timeout is the behaviour und
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import queue
 import threading
@@ -348,3 +349,35 @@ def test_job_json_shows_the_request_without_its_secrets(server: Any, web: WebSer
     query = "/echo?q=a%20b&token=t0k&flag&x=%2F"
     delayed = server.submit(http={"url": web.url + query}, delay=3600)["id"]
     assert server.call("job.get", {"id": delayed})["http"]["url"] == web.url + "/echo?q=a%20b&token=***&flag&x=%2F"
+
+
+def _aiohttp_parser() -> str:
+    """The file of aiohttp's compiled HTTP parser, which a process that has imported aiohttp has mapped."""
+    spec = importlib.util.find_spec("aiohttp._http_parser")
+    if spec is None or spec.origin is None or not spec.origin.endswith(".so"):
+        pytest.skip("this aiohttp has no compiled parser to find in a process's memory map")
+    return spec.origin
+
+
+def _has_loaded_aiohttp(daemon: Any) -> bool:
+    return _aiohttp_parser() in Path(f"/proc/{daemon.pid}/maps").read_text()
+
+
+def test_aiohttp_is_loaded_only_by_a_daemon_that_makes_http_requests(make_daemon: Any, web: WebServer) -> None:
+    """aiohttp is half of jobd's memory: a daemon without HTTP tasks, callbacks or listener does without it until
+    its first ad-hoc HTTP job; one whose configuration has them (from the start, or from a reload) loads it at
+    once, so that its first request does not hold the loop for the import."""
+    plain = make_daemon("[queue.default]\nconcurrency = 1\n")
+    assert plain.wait(plain.submit(command=["/bin/true"])["id"])["state"] == "succeeded"
+    assert not _has_loaded_aiohttp(plain)
+    assert plain.wait(plain.submit(http={"url": f"{web.url}/plain"})["id"])["state"] == "succeeded"
+    assert _has_loaded_aiohttp(plain)
+
+    assert _has_loaded_aiohttp(make_daemon(CONFIG.format(url=web.url)))
+
+    reloaded = make_daemon("[queue.default]\nconcurrency = 1\n")
+    assert not _has_loaded_aiohttp(reloaded)
+    callbacks_only = f'[queue.default]\nconcurrency = 1\non_finish = [{{ http = {{ url = "{web.url}/done" }} }}]\n'
+    reloaded.write_config(callbacks_only)
+    reloaded.call("daemon.reload")
+    assert _has_loaded_aiohttp(reloaded)

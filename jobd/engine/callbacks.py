@@ -18,9 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
@@ -28,6 +26,9 @@ from jobd.errors import UnknownJob
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
 from jobd.store import CallbackDelivery, Store
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("jobd.callbacks")
 
@@ -201,8 +202,8 @@ class Callbacks:
                     error = await self._exec(delivery, job, summary, tries)
                 else:
                     error = await self._http(delivery, job, summary, tries)
-            except (aiohttp.ClientError, TimeoutError, OSError, SpawnError, ValueError) as exc:
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except (TimeoutError, OSError, SpawnError, ValueError) as exc:
+                error = _failure(exc)
         now = self.clock()
         what = f"job={delivery.job_id} {delivery.event} callback {delivery.target!r}"
         if error is None:
@@ -224,6 +225,8 @@ class Callbacks:
         return {**job.to_json(), "last_attempt": attempts[-1].to_json() if attempts else None}
 
     async def _http(self, delivery: CallbackDelivery, job: Job, summary: dict[str, Any], tries: int) -> str | None:
+        import aiohttp  # on first use: see jobd/engine/http_task.py
+
         spec = delivery.spec["http"]
         if self._session is None:
             self._session = aiohttp.ClientSession()
@@ -234,10 +237,13 @@ class Callbacks:
             request = self._session.get(url, params={"jobid": str(job.id)}, headers=headers, timeout=timeout)
         else:
             request = self._session.post(url, json=summary, headers=headers, timeout=timeout)
-        async with request as response:
-            await response.read()
-            if response.status >= 300:
-                return f"HTTP status {response.status}"
+        try:
+            async with request as response:
+                await response.read()
+                if response.status >= 300:
+                    return f"HTTP status {response.status}"
+        except aiohttp.ClientError as exc:
+            return _failure(exc)
         return None
 
     async def _exec(self, delivery: CallbackDelivery, job: Job, summary: dict[str, Any], tries: int) -> str | None:
@@ -332,3 +338,8 @@ def _ignore(_: object) -> None:
 
 def _nothing() -> None:
     pass
+
+
+def _failure(error: BaseException) -> str:
+    """A failed delivery, said in the delivery's record: the exception's type and text."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

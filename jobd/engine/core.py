@@ -16,9 +16,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from jobd.engine.decisions import after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
@@ -29,6 +27,9 @@ from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outc
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
 from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store
 from jobd.users import Account, account
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("jobd.engine")
 
@@ -452,6 +453,8 @@ class Engine:
     def _start_http(self, job: Job, attempt: Attempt) -> None:
         assert job.spec.http is not None
         if self._http_session is None:  # one session (connection pool) per daemon, made on first use
+            import aiohttp  # on first use: see jobd/engine/http_task.py
+
             self._http_session = aiohttp.ClientSession()
         request = HttpRequest(
             self._http_session,
