@@ -421,6 +421,7 @@ class Store:
         # id's leftovers (an output file, a workflow task's idempotency key, a client's reference).
         self._last_id = {table: self._highest_id(table) for table in ("job", "instance")}
         self._job_by_id = _PreparedSelect(JobRow.select().where(JobRow.id == 0))
+        self._jobs = _PreparedSelect(JobRow.select())  # job.list adds its WHERE clause
         self._attempts_of_job = _PreparedSelect(
             AttemptRow.select().where(AttemptRow.job == 0).order_by(AttemptRow.number)
         )
@@ -544,23 +545,29 @@ class Store:
         return [_attempt_from_row(row) for row in self._attempts_of_job.rows(self._connection, (job_id,))]
 
     def list_jobs(self, where: JobFilter) -> list[Job]:
-        query = JobRow.select()
+        # The condition is written out rather than built with peewee on every call: building it took 0.4-0.6 ms,
+        # a sixth of a job.list of 100 jobs.
+        conditions: list[str] = []
+        params: list[Any] = []
         if where.states:
-            query = query.where(JobRow.state.in_([str(s) for s in where.states]))
-        if where.queue is not None:
-            query = query.where(JobRow.queue == where.queue)
-        if where.task is not None:
-            query = query.where(JobRow.task == where.task)
-        if where.context is not None:
-            query = query.where(JobRow.context == where.context)
+            conditions.append(f'"state" IN ({", ".join("?" * len(where.states))})')
+            params += [str(state) for state in where.states]
+        for column, value in (("queue", where.queue), ("task", where.task), ("context", where.context)):
+            if value is not None:
+                conditions.append(f'"{column}" = ?')
+                params.append(value)
         if where.before_id is not None:
-            query = query.where(JobRow.id < where.before_id)
+            conditions.append('"id" < ?')
+            params.append(where.before_id)
         if where.visible_tasks is not None or where.visible_queues is not None:
-            query = query.where(
-                _glob_any(JobRow.task, where.visible_tasks or ()) | _glob_any(JobRow.queue, where.visible_queues or ())
-            )
-        listed = _PreparedSelect(query.order_by(JobRow.id.desc()).limit(where.limit))
-        return [_job_from_row(row) for row in listed.rows(self._connection)]
+            # Shell-style patterns (GLOB: `*`, `?`, case-sensitive); no pattern, no row.
+            tasks, queues = where.visible_tasks or (), where.visible_queues or ()
+            globs = ['"task" GLOB ?'] * len(tasks) + ['"queue" GLOB ?'] * len(queues)
+            conditions.append(f"({' OR '.join(globs) or '0'})")
+            params += [*tasks, *queues]
+        clause = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+        rows = self._jobs.rows(self._connection, (*params, where.limit), f'{clause}ORDER BY "id" DESC LIMIT ?')
+        return [_job_from_row(row) for row in rows]
 
     def unfinished_jobs(self, page: int = 2**62) -> Iterator[list[Job]]:
         """Every job that has not reached a final state, in submission order, `page` jobs at a time: what a
@@ -1076,9 +1083,11 @@ class _PreparedSelect:
         self.sql, self.params = query.sql()
         self._make_row = _row_maker(tuple(field.column_name for field in query.model._meta.sorted_fields))
 
-    def rows(self, connection: sqlite3.Connection, params: Sequence[Any] | None = None) -> list[Any]:
-        """The rows, with `params` instead of the query's own if given."""
-        return list(map(self._make_row, connection.execute(self.sql, self.params if params is None else params)))
+    def rows(self, connection: sqlite3.Connection, params: Sequence[Any] | None = None, more: str = "") -> list[Any]:
+        """The rows, with `params` instead of the query's own if given; `more` (WHERE, ORDER BY, LIMIT) is added to
+        a query that has none of its own."""
+        sql = f"{self.sql} {more}" if more else self.sql
+        return list(map(self._make_row, connection.execute(sql, self.params if params is None else params)))
 
 
 @functools.cache
