@@ -730,11 +730,12 @@ def positive_seconds(text: str) -> float:
 
 
 # jobd answers every request at once but those that wait by design (job.wait, instance.wait, job.output with
-# "wait"): a reply that takes longer than this means jobd is stuck or the socket is not jobd's, and a script that
+# "wait", and job.cancel, whose reply comes once a running job has ended: after its kill_grace, which has no
+# limit): a reply that takes longer than this means jobd is stuck or the socket is not jobd's, and a script that
 # calls jobctl should hear so rather than hang (systemctl gives its D-Bus calls 25 s on the same reasoning).
 REPLY_TIMEOUT = 60.0
 REPLY_TIMEOUT_VARIABLE = "JOBCTL_REPLY_TIMEOUT"  # seconds; 0: wait as long as it takes
-WAITING_METHODS = frozenset({"job.wait", "instance.wait"})
+WAITING_METHODS = frozenset({"job.wait", "instance.wait", "job.cancel"})
 
 
 class NoReply(Exception):

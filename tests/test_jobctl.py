@@ -522,6 +522,20 @@ def test_cancel(daemon: Any) -> None:
     assert (cancelled["id"], cancelled["state"]) == (queued["id"], "cancelled")
 
 
+def test_cancel_waits_out_a_grace_longer_than_the_reply_timeout(daemon: Any) -> None:
+    """job.cancel answers once the job has ended: the reply timeout, meant for requests answered at once, does not
+    cut short a kill_grace (a job that ignores SIGTERM ends at its SIGKILL, 2 s after the cancel)."""
+    ignores_term = ["/bin/sh", "-c", 'trap "" TERM; echo ready >&3; while :; do sleep 1; done']
+    with daemon.client() as events:
+        events.call("events.subscribe", {"types": ["job.log"]})
+        job = daemon.submit(command=ignores_term, kill_grace=2)
+        while events.next_event(timeout=DEADLINE).get("line") != "ready":  # blocks on the socket for each event
+            pass
+    result = ctl(daemon, "cancel", str(job["id"]), env={"JOBCTL_REPLY_TIMEOUT": "0.3"})
+    assert result.code == 0, result
+    assert result.out == f"job {job['id']} cancelled\n"
+
+
 def queue_rows(result: Result) -> dict[str, list[str]]:
     lines = result.out.splitlines()
     assert lines[0].split()[0] == "NAME", result
