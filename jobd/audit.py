@@ -23,7 +23,7 @@ from jobd.durable import DurableReply
 from jobd.engine.core import AfterReply
 from jobd.engine.submit import Peer
 from jobd.errors import JobdError
-from jobd.model import AuditEntry
+from jobd.model import AuditEntry, printable
 from jobd.store import Store, store_failure
 
 log = logging.getLogger("jobd.audit")
@@ -171,14 +171,15 @@ def record(
     message: str | None = None,
 ) -> None:
     uid, user = who(peer)
+    # Printable: SQLite refuses a lone surrogate, and with it the whole batch of entries this one is written in.
     entry = AuditEntry(
         at=time.time(),
         uid=uid,
-        user=user,
+        user=printable(user),
         command=command,
-        target=target,
+        target=None if target is None else printable(target),
         result=result,
-        message=None if message is None else _cut(message, MAX_MESSAGE),
+        message=None if message is None else printable(_cut(message, MAX_MESSAGE)),
     )
     try:
         store.record_audit_soon(entry)

@@ -182,13 +182,20 @@ def _drop_ins(dirs: Sequence[str]) -> list[Path]:
 def _drop_in_names(directory: Path, wanted: Callable[[str], bool]) -> list[str]:
     try:
         with os.scandir(directory) as entries:
-            return [entry.name for entry in entries if wanted(entry.name) and not entry.is_dir()]
+            return [entry.name for entry in entries if wanted(entry.name) and not _is_dir(entry)]
     except FileNotFoundError:
         return []
     except OSError as error:
         raise ConfigError(
             f"{directory}: cannot list: {error.strerror}", file=str(directory), line=None, key=None
         ) from None
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop: the entry is a file name whose read will say so, naming it
+        return False
 
 
 def find_workflow_files(dirs: Sequence[str]) -> list[Path]:
@@ -274,6 +281,13 @@ def _read(path: Path) -> _Source:
 def _parse(source: _Source) -> dict[str, Any]:
     try:
         return tomllib.loads(source.text)
+    except RecursionError:  # tomllib recurses once per level of arrays and inline tables
+        raise ConfigError(
+            f"{source.path}: invalid TOML: arrays or inline tables nested too deeply (jobd's keys use a few levels)",
+            file=str(source.path),
+            line=None,
+            key=None,
+        ) from None
     except tomllib.TOMLDecodeError as error:
         message = str(error)
         position = _TOML_POSITION.search(message)

@@ -13,6 +13,8 @@ import os
 import time
 from typing import ClassVar
 
+from jobd.model import printable
+
 # syslog priorities (sd-daemon(3)) by logging level
 PRIORITIES: dict[int, int] = {
     logging.DEBUG: 7,
@@ -45,7 +47,11 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            data = self.line(record).encode("utf-8", "backslashreplace")
+            text = self.line(record)
+            try:
+                data = text.encode()
+            except UnicodeEncodeError:  # a name the OS gave undecoded: each of its bytes shown as \xNN
+                data = printable(text).encode()
             while data:  # a write to a pipe or socket may be cut short by a signal
                 data = data[os.write(self._fd, data) :]
         except Exception:  # logging's rule: a failed record is reported, never raised

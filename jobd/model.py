@@ -446,6 +446,26 @@ class Attempt:
         }
 
 
+def printable(text: str) -> str:
+    """`text` made valid Unicode: names the OS gave that are not UTF-8 (a file name, a user name) reach Python with
+    their bytes as lone surrogates, which UTF-8, JSON and SQLite refuse; each is shown as `\\xNN` (its byte), any
+    other lone surrogate as `\\uNNNN`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_printable_char(char) for char in text)
+    return text
+
+
+def _printable_char(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as surrogateescape keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return char
+
+
 def transition(job: Job, new_state: JobState, **changes: Any) -> Job:
     """The only way a job changes state: checks the table, returns the new value."""
     if new_state not in TRANSITIONS[job.state]:

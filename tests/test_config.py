@@ -568,6 +568,22 @@ def test_an_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     assert error.details == {"file": str(dangling), "line": None, "key": None}
 
 
+def test_a_symlink_loop_is_an_error_naming_the_file_not_its_directory(tmp_path: Path) -> None:
+    (tmp_path / "jobd.d").mkdir()
+    looped = tmp_path / "jobd.d/10-loop.toml"
+    looped.symlink_to(looped.name)
+    error = load_error(tmp_path)
+    assert error.message == f"{looped}: cannot read: Too many levels of symbolic links"
+
+
+def test_values_nested_too_deeply_are_an_error_naming_the_file(tmp_path: Path) -> None:
+    """tomllib recurses once per level: a file that nests deeper than Python's stack is a config error, not a
+    RecursionError's traceback."""
+    deep = write(tmp_path / "jobd.d/10-deep.toml", "x = " + "[" * 2000 + "]" * 2000 + "\n")
+    error = load_error(tmp_path)
+    assert error.message.startswith(f"{deep}: invalid TOML: arrays or inline tables nested too deeply"), error
+
+
 # --- the documentation stays in sync ---------------------------------------------------------------------------
 
 
@@ -1141,3 +1157,18 @@ def test_check_config_warns_of_a_config_dir_that_is_not_there(tmp_path: Path) ->
     )
     assert checked.returncode == 0 and "(no files, defaults)" in checked.stdout
     assert f"--config-dir {missing} is not a directory" in checked.stderr, checked.stderr
+
+
+def test_a_config_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    """Unlike a missing one (a search directory may be missing), a file where the directory should be cannot be
+    meant: one error, exit code 78, and no start from the defaults."""
+    a_file = write(tmp_path / "jobd.toml", "[queue.a]\n")
+    checked = subprocess.run(
+        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(a_file), "--check-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 78, checked
+    assert checked.stdout == "" and f"--config-dir {a_file} is not a directory" in checked.stderr, checked.stderr
+    assert "defaults" not in checked.stderr, checked.stderr

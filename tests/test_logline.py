@@ -94,7 +94,14 @@ def test_text_that_is_not_utf8_is_escaped_not_dropped(pipe: tuple[int, int]) -> 
     log = _logger(LineHandler(write_fd, journal=True))
     name = os.fsdecode(b"caf\xe9")  # a file name that is not UTF-8 arrives as a surrogate escape
     log.info("missing %s", name)
-    assert _read_all(read_fd, write_fd) == "<6>missing caf\\udce9\n"
+    assert _read_all(read_fd, write_fd) == "<6>missing caf\\xe9\n"  # the byte, as everywhere jobd shows names
+
+
+def test_a_lone_surrogate_that_is_no_byte_is_shown_as_its_code(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    log = _logger(LineHandler(write_fd, journal=True))
+    log.info("odd %s and %s", "\ud800", os.fsdecode(b"\xff"))
+    assert _read_all(read_fd, write_fd) == "<6>odd \\ud800 and \\xff\n"
 
 
 def test_a_record_larger_than_the_pipe_arrives_whole(pipe: tuple[int, int]) -> None:

@@ -412,3 +412,27 @@ def test_a_removed_queue_paused_through_the_api_still_drains(jobd: Callable[...,
     assert daemon.call("daemon.reload")["ok"] is True
     assert daemon.wait(job)["state"] == "succeeded"
     assert "extra" not in queue_names(daemon)
+
+
+def test_a_drop_in_whose_name_is_not_utf8_is_shown_escaped(jobd: Callable[..., Daemon]) -> None:
+    """A file name the OS gives as bytes that are not UTF-8 (a Latin-1 `café.toml`) reaches Python as lone
+    surrogates, which JSON and SQLite refuse: daemon.status, a reload's error and the audit log show its bytes as
+    \\xNN, and the connection goes on (it used to be closed mid-reply, its pipelined requests lost)."""
+    daemon = jobd(TASKS)
+    drop_ins = os.fsencode(daemon.config_dir / "jobd.d")
+    os.makedirs(drop_ins, exist_ok=True)
+    with open(drop_ins + b"/10-caf\xe9.toml", "w") as good:
+        good.write("[queue.latin]\nconcurrency = 1\n")
+    assert daemon.call("daemon.reload")["ok"] is True
+    shown = str(daemon.config_dir / "jobd.d" / "10-caf\\xe9.toml")
+    assert shown in daemon.call("daemon.status")["config_files"]
+
+    with open(drop_ins + b"/20-na\xefve.toml", "w") as broken:
+        broken.write("[queue.latin]\nconcurrency = 0\n")
+    with daemon.client() as client:  # three requests in one write: all are answered
+        replies = client.batch([("daemon.reload", None), ("daemon.status", None), ("ping", None)])
+    assert isinstance(replies[0], RemoteError) and replies[0].code == "CONFIG_INVALID", replies[0]
+    assert "20-na\\xefve.toml" in replies[0].message, replies[0].message
+    assert shown in replies[1]["config_files"] and replies[2]["pong"] is True
+    [entry] = daemon.call("audit.list", {"command": "daemon.reload", "limit": 1})["entries"]
+    assert entry["result"] == "CONFIG_INVALID" and "20-na\\xefve.toml" in entry["message"], entry

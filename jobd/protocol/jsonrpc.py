@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobd.errors import InvalidParams, InvalidRequest, JobdError, ParseError
+from jobd.model import printable
 
 MAX_FRAME = 1024 * 1024  # bytes in one line, newline excluded
 MAX_DEPTH = 64  # arrays and objects nested in one request; jobd's requests use three or four levels
@@ -166,4 +167,19 @@ def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode(message: Any) -> bytes:
-    return _ENCODER.encode(message).encode() + b"\n"
+    text = _ENCODER.encode(message)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:  # a name the OS gave undecoded reached a reply: JSON text must be Unicode
+        return _ENCODER.encode(_printable_values(message)).encode() + b"\n"
+
+
+def _printable_values(value: Any) -> Any:
+    """`value` with every string in it made printable (jobd.model.printable), keys included."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_printable_values(key): _printable_values(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable_values(item) for item in value]
+    return value
