@@ -1323,16 +1323,41 @@ def _build(merged: _Merged, files: Sequence[Path]) -> Config:
     for name, table in merged.retry_schedules.items():
         _check_name(table)
         retry_schedules[name] = _retry_schedule(table)
+    http = _http(merged.http, merged.http_tokens)
+    _check_sockets_apart(merged, daemon, http)
     return Config(
         daemon=daemon,
         queues=MappingProxyType(queues),
         tasks=MappingProxyType(tasks),
         retry_schedules=MappingProxyType(retry_schedules),
         tcp=_tcp(merged.tcp, merged.tcp_users),
-        http=_http(merged.http, merged.http_tokens),
+        http=http,
         access=_access(merged.access, merged.grants),
         files=tuple(str(path) for path in files),
     )
+
+
+def _check_sockets_apart(merged: _Merged, daemon: DaemonDef, http: HttpDef) -> None:
+    """Each listener needs a Unix socket path of its own: bound to one path, the second listener would replace
+    the first's socket file, and its clients would reach the wrong protocol."""
+    listeners = [
+        (merged.daemon, "socket", daemon.socket),
+        (merged.daemon, "evqueue_socket", daemon.evqueue_socket),
+        (merged.http, "listen", http.listen if isinstance(http.listen, str) else None),
+    ]
+    taken: dict[str, str] = {}
+    for table, key, path in listeners:
+        if path is None:
+            continue
+        name = _dotted((*table.key, key))
+        other = taken.setdefault(os.path.normpath(path), name)
+        if other != name:
+            setting = table.settings.get(key)
+            problem = f"{path!r} is the path of {other} too; each listener needs a socket of its own"
+            if setting is not None:
+                raise setting.invalid(problem)
+            earlier = next(t.settings[k] for t, k, _ in listeners if _dotted((*t.key, k)) == other)
+            raise earlier.invalid(problem)  # the default of this key met a path set for the other
 
 
 def _with_workflows(base: Config, paths: Sequence[Path]) -> Config:

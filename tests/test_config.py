@@ -568,6 +568,26 @@ def test_an_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     assert error.details == {"file": str(dangling), "line": None, "key": None}
 
 
+def test_two_listeners_on_one_socket_path_are_an_error(tmp_path: Path) -> None:
+    """The evQueue listener would replace the API's socket file: jobctl would then talk to the wrong protocol."""
+    path = write(
+        tmp_path / "jobd.toml", '[daemon]\nsocket = "/run/x/jobd.sock"\nevqueue_socket = "/run/x//jobd.sock"\n'
+    )
+    error = load_error(tmp_path)
+    assert error.message == (
+        f"{path}:3: daemon.evqueue_socket: '/run/x//jobd.sock' is the path of daemon.socket too; each listener "
+        "needs a socket of its own"
+    )
+    assert error.details == {"file": str(path), "line": 3, "key": "daemon.evqueue_socket"}
+    # A path set for one key that meets another key's default: the key that was set is named.
+    write(tmp_path / "jobd.toml", '[daemon]\nsocket = "/run/jobd/evqueue.sock"\n')
+    assert load_error(tmp_path).details["key"] == "daemon.socket"
+    write(tmp_path / "jobd.toml", '[daemon]\nevqueue_socket = false\n[http]\nlisten = "/run/jobd/jobd.sock"\n')
+    assert "http.listen: '/run/jobd/jobd.sock' is the path of daemon.socket too" in load_error(tmp_path).message
+    write(tmp_path / "jobd.toml", '[daemon]\nevqueue_socket = false\nsocket = "/run/a.sock"\n')
+    assert load(strs(tmp_path)).daemon.evqueue_socket is None  # off: no path of its own to compare
+
+
 def test_a_symlink_loop_is_an_error_naming_the_file_not_its_directory(tmp_path: Path) -> None:
     (tmp_path / "jobd.d").mkdir()
     looped = tmp_path / "jobd.d/10-loop.toml"
