@@ -131,6 +131,7 @@ class Daemon:
         self.watchdog = watchdog
         self._watchdog_timer: asyncio.TimerHandle | None = None
         self.config = initial
+        self._at_start = initial  # what only a restart changes (sockets, state directory, listeners) is as here
         self.started_at = time.time()
         self.notifier = _Notifier()
         self.last_reload: dict[str, Any] = {"at": iso(self.started_at), "ok": True, "error": None}
@@ -336,15 +337,17 @@ class Daemon:
             raise
         finally:
             self.notifier.notify("READY=1")
+        # Compared with what runs, not with the last reload: a change not yet applied is told at every reload, and a
+        # value put back as it runs is not.
         for key in ("socket", "evqueue_socket", "state_dir"):
-            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
+            if getattr(new.daemon, key) != getattr(self._at_start.daemon, key):
                 log.warning("[daemon] %s changed; it takes effect at the next restart", key)
-        if new.tcp.listen != self.config.tcp.listen:
+        if new.tcp.listen != self._at_start.tcp.listen:
             log.warning(
                 "[tcp] listen changed to %s; it takes effect at the next restart (logins follow the new [tcp.users])",
                 new.tcp.listen_text or "off",
             )
-        if new.http.listen != self.config.http.listen:
+        if new.http.listen != self._at_start.http.listen:
             log.warning("[http] listen changed; it takes effect at the next restart (tokens apply at once)")
         self.config = new
         self.engine.reload(new)

@@ -436,3 +436,25 @@ def test_a_drop_in_whose_name_is_not_utf8_is_shown_escaped(jobd: Callable[..., D
     assert shown in replies[1]["config_files"] and replies[2]["pong"] is True
     [entry] = daemon.call("audit.list", {"command": "daemon.reload", "limit": 1})["entries"]
     assert entry["result"] == "CONFIG_INVALID" and "20-na\\xefve.toml" in entry["message"], entry
+
+
+def test_a_change_that_needs_a_restart_is_told_against_what_runs(jobd: Callable[..., Daemon]) -> None:
+    """[tcp] listen is bound at start-up: a reload that changes it warns, every reload until the restart warns
+    again, and putting the running value back warns no more (it compared with the last reload's values)."""
+    daemon = jobd(TASKS)
+    pump = pump_of(daemon)
+    told = "[tcp] listen changed to 127.0.0.1:1; it takes effect at the next restart"
+
+    def reloaded_by_the_watcher(config: str) -> None:
+        pump.skip()
+        daemon.write_config(config)
+        pump.wait_for("RELOADING=1")
+        pump.wait_for("READY=1")
+        daemon.call("ping")  # answered after the reload's last log line, on the same loop
+
+    reloaded_by_the_watcher(TASKS + '[tcp]\nlisten = "127.0.0.1:1"\n')
+    assert daemon.log().count(told) == 1
+    daemon.call("daemon.reload")
+    assert daemon.log().count(told) == 2  # still not applied
+    reloaded_by_the_watcher(TASKS)
+    assert daemon.log().count(told) == 2 and "[tcp] listen changed" not in daemon.log().split(told)[-1]
