@@ -1022,7 +1022,11 @@ def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> T
         raise table.settings["command"].invalid("a task has either 'command' or 'http', not both")
     return TaskDef(
         name=table.key[-1],
-        command=() if http is not None else table.require("command", _command, "a non-empty array of strings"),
+        command=()
+        if http is not None
+        else table.require(
+            "command", _command, "a non-empty array of strings; or an http table instead, for an HTTP task"
+        ),
         http=http,
         queue=table.read("queue", _defined_queue(queues), DEFAULT_QUEUE),
         parameters=table.read("parameters", _choice(ParameterMode), ParameterMode.ARGS),
@@ -1244,7 +1248,8 @@ def _group(setting: _Setting) -> tuple[str, int]:
 def _socket_mode(setting: _Setting) -> int:
     value = setting.value
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
-        raise setting.expected("permission bits from 0 to 0o777, written in octal such as 0o660")
+        got = f"0o{value:o}" if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else _show(value)
+        raise setting.invalid(f"expected permission bits from 0 to 0o777, written in octal such as 0o660, got {got}")
     return value
 
 

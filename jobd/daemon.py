@@ -354,7 +354,7 @@ class Daemon:
         self.scheduler.reload(new)
         load_aiohttp(new)
         self.last_reload = {"at": iso(time.time()), "ok": True, "error": None}
-        log.info("configuration reloaded from %d files", len(new.files))
+        log.info("configuration reloaded from %d file%s", len(new.files), "" if len(new.files) == 1 else "s")
         self._notify_status()
         return {"ok": True, "files": list(new.files)}
 

@@ -447,7 +447,8 @@ BAD_VALUES = {
         '\n[task.t]\nqueue = "default"\n',
         2,
         "task.t",
-        "task.t: missing required key command (a non-empty array of strings)",
+        "task.t: missing required key command (a non-empty array of strings; or an http table instead, for an HTTP "
+        "task)",
     ),
     "relative working_dir": (
         '[task.t]\ncommand = ["/bin/true"]\nworking_dir = "srv"\n',

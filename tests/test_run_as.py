@@ -163,6 +163,10 @@ def test_unknown_user_or_group_is_refused_at_load_naming_the_key(tmp_path: Path)
             config.load_dir(str(tmp_path))
         assert raised.value.details["key"] == key, raised.value.message
         assert f"{tmp_path}/jobd.toml:" in raised.value.message
+    (tmp_path / "jobd.toml").write_text("[daemon]\nsocket_mode = 0o1777\n")
+    with pytest.raises(config.ConfigError) as raised:
+        config.load_dir(str(tmp_path))
+    assert raised.value.message.endswith("got 0o1777"), raised.value.message  # in octal, as it was written
 
 
 def _submit_as(user: pwd.struct_passwd, socket_path: Path, params: dict[str, Any]) -> dict[str, Any]:
