@@ -36,6 +36,7 @@ from jobd.client import (
     result_of,
 )
 from jobd.model import (
+    ENV_NAME,
     FINISHED_STATES,
     MAX_PAGE,
     MAX_PRIORITY,
@@ -677,6 +678,22 @@ def assignment(text: str) -> tuple[str, str]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return name, value
+
+
+def env_assignment(text: str) -> tuple[str, str]:
+    """NAME=VALUE for the job's environment: a name jobd would refuse is a usage error here (exit 2)."""
+    name, value = assignment(text)
+    if not ENV_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(
+            f"invalid variable name {name!r} in {text!r}; allowed: A-Z a-z 0-9 _, not starting with a digit"
+        )
+    return name, value
+
+
+def socket_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected the path of jobd's socket, got an empty one")
+    return text
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -1328,6 +1345,7 @@ def add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) 
     # a value given before it.
     parser.add_argument(
         "--socket",
+        type=socket_path,
         metavar="PATH",
         default=argparse.SUPPRESS if in_subcommand else None,
         help="jobd's API socket (default: $JOBD_SOCKET, else /run/jobd/jobd.sock)",
@@ -1346,7 +1364,7 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay", type=seconds, metavar="S", help="seconds before the job becomes ready")
     parser.add_argument("--timeout", type=positive_seconds, metavar="S", help="seconds the job may run")
     parser.add_argument(
-        "-e", "--env", type=assignment, action="append", metavar="NAME=VALUE", help="environment variable (repeat)"
+        "-e", "--env", type=env_assignment, action="append", metavar="NAME=VALUE", help="environment variable (repeat)"
     )
     parser.add_argument("--context", help="a free label, filterable with ls --context")
     parser.add_argument("--key", type=key_text, help="idempotency key: resubmitting the same key returns the first job")

@@ -231,6 +231,9 @@ def test_log_follow_of_an_attempt_not_started_yet_waits_for_it(daemon: Any) -> N
         ["status", "99999999999999999999"],
         ["ls", "--before", "99999999999999999999"],
         ["run", "--key", "", "--", "true"],
+        ["run", "-e", "A B=1", "--", "true"],
+        ["run", "-e", "1A=1", "--", "true"],
+        ["--socket", "", "status"],
     ],
 )
 def test_values_jobd_would_refuse_are_usage_errors(daemon: Any, words: list[str]) -> None:
