@@ -404,6 +404,17 @@ class Child:
         assert isinstance(progress, _ProgressReader)
         return cls(popen, _spawned_start_time(popen.pid, before, after), loop, (stdout, stderr), progress, on_exit)
 
+    def has_ended(self) -> bool:
+        """Whether the leader has exited, even if the loop has not handled its exit yet (its pidfd is readable):
+        a job that ended on its own just before jobd stops it (a cancel, a time limit, a shutdown) is then left to
+        its own exit status, not recorded as stopped by jobd and run again."""
+        if self._reaped:
+            return True
+        # One look at this descriptor, now; the loop keeps waiting on it as before.
+        check = select.poll()
+        check.register(self._pidfd, select.POLLIN)
+        return bool(check.poll(0))
+
     def stop(self, grace: float) -> None:
         """SIGTERM to the whole process group, SIGKILL after `grace` seconds if the leader still lives."""
         if self._reaped or self._stopping:

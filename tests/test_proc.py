@@ -46,3 +46,62 @@ def test_recorded_start_time_is_the_one_proc_shows(tmp_path: Path) -> None:
     pairs = [line.split() for line in result.stdout.splitlines()]
     assert len(pairs) == 50
     assert all(recorded == shown != "None" for recorded, shown in pairs), pairs
+
+
+HAS_ENDED = """
+import asyncio, os, sys
+from jobd import proc
+
+async def main():
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    spec = proc.LaunchSpec(
+        argv=["/bin/sh", "-c", "read line; exit 0"], env={}, cwd=None, stdin=b"go\\n", max_output=1024,
+        stdout_path=f"{sys.argv[1]}/out", stderr_path=f"{sys.argv[1]}/err", log_path=f"{sys.argv[1]}/log",
+    )
+    child = proc.Child.spawn(spec, loop, on_exit=ended.set_result, on_progress=print, on_log=print, on_output=print)
+    # Blocks the loop until the leader has exited, without reaping it: its exit then waits on the loop, as when
+    # jobd comes to stop a job whose exit it has not handled yet.
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    print("ended before the loop saw it:", child.has_ended())
+    info = await ended
+    print("exit:", info.exit_code, info.signal, "ended after:", child.has_ended())
+
+proc.reserve_progress_fd()
+asyncio.run(main())
+"""
+
+STILL_RUNNING = """
+import asyncio, sys
+from jobd import proc
+
+async def main():
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    spec = proc.LaunchSpec(
+        argv=["/bin/sleep", "30"], env={}, cwd=None, stdin=None, max_output=1024,
+        stdout_path=f"{sys.argv[1]}/out", stderr_path=f"{sys.argv[1]}/err", log_path=f"{sys.argv[1]}/log",
+    )
+    child = proc.Child.spawn(spec, loop, on_exit=ended.set_result, on_progress=print, on_log=print, on_output=print)
+    print("running:", not child.has_ended())
+    child.stop(5)
+    info = await ended
+    print("exit:", info.exit_code, info.signal)
+
+proc.reserve_progress_fd()
+asyncio.run(main())
+"""
+
+
+def test_a_leader_that_has_exited_is_seen_as_ended_before_its_exit_is_handled(tmp_path: Path) -> None:
+    """What the engine asks before it stops a job (a cancel, a time limit, a shutdown): a leader that exited on its
+    own, its exit still waiting on the loop, is left to its own exit status."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = [sys.executable, "-c", HAS_ENDED, str(tmp_path)]
+    result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["ended before the loop saw it: True", "exit: 0 None ended after: True"]
+    run = [sys.executable, "-c", STILL_RUNNING, str(tmp_path)]
+    result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["running: True", "exit: None 15"]

@@ -518,6 +518,8 @@ class Engine:
     def _time_out(self, job_id: int) -> None:
         running = self._running[job_id]
         running.timeout_timer = None
+        if running.child.has_ended():  # within its time: its exit, waiting on the loop, says how it went
+            return
         running.timed_out = True
         log.warning("job=%d timed out after %ss", job_id, self.jobs[job_id].spec.timeout)
         self._stop(job_id)
@@ -708,6 +710,9 @@ class Engine:
             running = self._running.get(job_id)
             if running is None:  # its failed start waits to be recorded: the disk is full (_not_started)
                 raise StoreFailed(f"job {job_id} could not start and that is not recorded yet; {self.store_trouble}")
+            if running.child.has_ended():  # on its own, just before: its exit, waiting on the loop, decides
+                job = await self.wait(job_id, None)
+                raise JobFinished(f"job {job_id} has already finished ({job.state})", id=job_id, state=str(job.state))
             if not running.cancelled:
                 running.cancelled = True
                 log.info("job=%d cancel requested: stopping its process group", job_id)
@@ -920,8 +925,10 @@ class Engine:
         self.history.stop()
         ended = []
         for job_id, running in self._running.items():
-            log.info("job=%d stopping for shutdown", job_id)
             ended.append(running.ended)
+            if running.child.has_ended():  # on its own, just before: recorded as it ended, not run again
+                continue
+            log.info("job=%d stopping for shutdown", job_id)
             self._stop(job_id)
         # A job stopped by shutdown goes back to `queued`, not to a final state: wait for its attempt to end.
         await asyncio.gather(*ended)

@@ -159,6 +159,10 @@ class HttpRequest:
         self.error: str | None = None
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def has_ended(self) -> bool:
+        """Whether the request has ended (its end is then being told), as proc.Child.has_ended."""
+        return self._task.done()
+
     def stop(self, grace: float = 0.0) -> None:
         """Cancel the request (the grace of a process has no meaning here)."""
         self._task.cancel()
