@@ -172,16 +172,6 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        # First: a SIGTERM during a long recovery must stop jobd when recovery is done, not kill it in the middle
-        # (and a SIGHUP must not kill it at all). The handlers run once the loop runs again.
-        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
-        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        for number in self._early_signals:
-            if number == signal.SIGHUP:
-                self._on_sighup()
-            else:
-                self.stop_requested.set()
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         try:
             if self.http is not None:
@@ -200,6 +190,19 @@ class Daemon:
         except BaseException:  # not starting after all: no socket file is left for clients to find
             await self.server.stop_listening()
             raise
+        # Until here, SIGTERM, SIGINT and SIGHUP were only noted (jobd.early_signals), even during a long recovery,
+        # which runs without the loop: such a signal neither killed jobd in the middle of it nor was lost. A stop
+        # asked for by then starts no job: those put back wait in their queues for the next start.
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        for number in self._early_signals:
+            if number == signal.SIGHUP:
+                self._on_sighup()
+            else:
+                self.stop_requested.set()
+        if not self.stop_requested.is_set():
+            self.engine.start_jobs()
         await self.server.start_serving()
         self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
         self.watcher.start(loop)

@@ -102,7 +102,8 @@ class Daemon:
         for name, document in documents.items():
             (directory / f"{name}.xml").write_bytes(document.encode() if isinstance(document, str) else document)
 
-    def start(self) -> None:
+    def start(self, until: str = "READY=1") -> None:
+        """Start jobd; return once it has told `until` (a line's start) over NOTIFY_SOCKET."""
         notify_path = self.root / f"notify.{os.getpid()}.{id(self)}"
         notify_path.unlink(missing_ok=True)
         self.notify = Notifications(notify_path)
@@ -121,9 +122,9 @@ class Daemon:
         )
         log.close()
         try:
-            self.notify.wait_for("READY=1")
+            self.notify.wait_for(until)
         except TimeoutError:
-            raise AssertionError(f"jobd did not become ready; its log:\n{self.log()}") from None
+            raise AssertionError(f"jobd did not tell {until}; its log:\n{self.log()}") from None
 
     @property
     def pid(self) -> int:

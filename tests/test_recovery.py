@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import json
 import os
 import queue as queues
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -262,6 +264,51 @@ def test_a_long_recovery_tells_systemd_it_is_still_going(jobd: Callable[..., Dae
         f"STATUS=recovering: {2 * RECOVERY_STEP} of {total} unfinished jobs resumed",
     ]
     assert queue_info(daemon, "held")["queued"] == total
+
+
+def test_a_stop_asked_for_during_recovery_starts_no_job(jobd: Callable[..., Daemon], tmp_path: Path) -> None:
+    """A SIGTERM while a long backlog is put back is noted, not fatal; when the recovery is done jobd stops at once
+    and starts none of the jobs (it used to start a queue's worth, and SIGTERM them)."""
+    daemon = jobd("[queue.held]\npaused = true\nconcurrency = 10\n")
+    ran = tmp_path / "ran"
+    total = 2 * RECOVERY_STEP + 10
+    with daemon.client() as client:
+        for first in range(0, total, 1000):
+            job = {"command": ["/bin/sh", "-c", 'echo "$JOBD_JOB_ID" >> "$0"', str(ran)], "queue": "held"}
+            client.call("job.submit", {"jobs": [job] * min(1000, total - first)}, timeout=60)
+    daemon.stop()
+    daemon.write_config("[queue.held]\nconcurrency = 10\n")  # no longer paused: its jobs would start at once
+
+    daemon.start(until="STATUS=recovering")  # the first page is back; the next ones are being read
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(60) == 0, daemon.log()
+    assert not ran.exists(), ran.read_text()
+    assert "stopping for shutdown" not in daemon.log()
+
+    daemon.write_config("[queue.held]\npaused = true\n")
+    start(daemon)  # every job was left where it waited, none tried
+    assert queue_info(daemon, "held")["queued"] == total
+    assert daemon.call("job.list", {"limit": 1})["jobs"][0]["attempts"] == 0
+
+
+def test_a_delay_that_ran_out_while_jobd_was_down_keeps_its_jobs_priority(
+    jobd: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A delayed job whose time came while jobd was stopped is due at the start, in its queue's order with the
+    queued jobs: priority 1 before a queued job of priority 2000 (it used to come after every queued job)."""
+    daemon = jobd("[queue.one]\nconcurrency = 1\npaused = true\n")
+    order = tmp_path / "order"
+    command = ["/bin/sh", "-c", 'echo "$JOBD_JOB_ID" >> "$0"', str(order)]
+    low = daemon.submit(command=command, queue="one", priority=2000)["id"]
+    urgent = daemon.submit(command=command, queue="one", priority=1, delay=2)
+    daemon.stop()
+    due = datetime.datetime.fromisoformat(urgent["run_at"].replace("Z", "+00:00")).timestamp()
+    time.sleep(max(0.0, due - time.time()))  # no-poll-ok: one wait on the clock, for the delay to run out
+    daemon.write_config("[queue.one]\nconcurrency = 1\n")
+    start(daemon)
+    assert daemon.wait(low)["state"] == "succeeded" and daemon.wait(urgent["id"])["state"] == "succeeded"
+    assert order.read_text().split() == [str(urgent["id"]), str(low)]
 
 
 # --- kill -9 under load -------------------------------------------------------------------------------------

@@ -157,7 +157,9 @@ class Engine:
         self.state_dir = config.daemon.state_dir
         self.output_dir = os.path.join(config.daemon.state_dir, "output")
         self.stopping = False
-        self._recovering = False
+        # Nothing starts before start_jobs(): the daemon first puts back every job the database holds (recover), so
+        # that the first free slot goes to the best of them, and a stop asked for meanwhile starts none of them.
+        self._holding_starts = True
         self.jobs: dict[int, Job] = {}  # every unfinished job
         self.queues: dict[str, QueueRuntime] = {}
         self._running: dict[int, _Running] = {}
@@ -188,29 +190,35 @@ class Engine:
     # -- start-up ----------------------------------------------------------------------------------------------
 
     def recover(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Resume what the database says was accepted: after a clean stop or after `kill -9` alike. A long backlog
-        takes a while: `progress(resumed, total)` is told every RECOVERY_STEP jobs."""
+        """Put back what the database says was accepted, after a clean stop or after `kill -9` alike; nothing
+        starts before start_jobs(). A long backlog takes a while: `progress(resumed, total)` is told every
+        RECOVERY_STEP jobs."""
         now = self.clock()
-        self._recovering = True  # nothing starts before every job is back: the first free slot is the best job's
-        try:
-            total = self.store.count_unfinished() if progress is not None else 0
-            resumed = 0
-            for page in self.store.unfinished_jobs(RECOVERY_STEP):
-                if progress is not None and resumed:
-                    progress(resumed, total)
-                for job in page:
-                    self._queue_for_recovered(job.spec.queue)
-                    if job.state is JobState.RUNNING:
-                        self._recover_lost_attempt(job, now)
-                    else:
-                        self.jobs[job.id] = job
-                        self._admit(job)
-                resumed += len(page)
-        finally:
-            self._recovering = False
+        total = self.store.count_unfinished() if progress is not None else 0
+        resumed = 0
+        for page in self.store.unfinished_jobs(RECOVERY_STEP):
+            if progress is not None and resumed:
+                progress(resumed, total)
+            for job in page:
+                self._queue_for_recovered(job.spec.queue)
+                if job.state is JobState.RUNNING:
+                    self._recover_lost_attempt(job, now)
+                else:
+                    self.jobs[job.id] = job
+                    self._admit(job)
+            resumed += len(page)
+        # A delay that ran out while jobd was down makes its job due now, in its queue's order with the queued jobs:
+        # left to its timer, it would come after every queued job of whatever priority.
+        for job_id in [job.id for job in self.jobs.values() if job.state is JobState.DELAYED and job.run_at <= now]:
+            self._delay_timers[job_id].cancel()
+            self._delay_over(job_id)
+        self.history.rearm()
+
+    def start_jobs(self) -> None:
+        """Let queues start jobs, from now on: what recovery put back first."""
+        self._holding_starts = False
         for name in list(self.queues):
             self._dispatch(name)
-        self.history.rearm()
 
     def _queue_for_recovered(self, name: str) -> None:
         if name not in self.queues:  # the queue was removed while jobd was down: drain it, take nothing new
@@ -382,7 +390,7 @@ class Engine:
         """Move the jobs the queue has room for to `running`, in memory only: the caller commits their attempts
         and then launches them."""
         starts: list[_Start] = []
-        while not self.stopping and not self._recovering and queue.free_slots() > 0:
+        while not self.stopping and not self._holding_starts and queue.free_slots() > 0:
             job = queue.pop_next()
             if job is None:
                 break
