@@ -89,6 +89,33 @@ DATABASE_MODE = 0o600
 DATABASE = "jobd.sqlite3"
 
 
+def _refuse_a_lost_database(state_dir: str) -> None:
+    """A state directory whose database is gone but that still holds what it recorded (its WAL, its jobs' output)
+    is not a new one: a database made anew would give out job ids again, and a new job 1 would show the old job 1's
+    output to whoever may read the new one."""
+    database = os.path.join(state_dir, DATABASE)
+    if os.path.lexists(database):
+        return
+    left = [name for name in (DATABASE + "-wal", "output") if _holds_something(os.path.join(state_dir, name))]
+    if left:
+        raise StartupError(
+            f"the database {database} is missing, but {' and '.join(left)} in {state_dir} are left from it: restore "
+            "the database from a backup, or move the state directory's contents away to start anew",
+            permanent=True,
+        )
+
+
+def _holds_something(path: str) -> bool:
+    """A file that is not empty, or a directory with an entry."""
+    try:
+        if os.path.isdir(path):
+            with os.scandir(path) as entries:
+                return any(True for _ in entries)
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:
+        return False
+
+
 def _secure_state_dir(state_dir: str) -> None:
     """Tighten what an older jobd, or an administrator's umask, left more open; create the database file 0600 (its
     WAL and shared-memory files take its mode from SQLite)."""
@@ -149,6 +176,7 @@ class Daemon:
                 "exists and is not a directory",
                 permanent=True,
             ) from None
+        _refuse_a_lost_database(state_dir)
         _secure_state_dir(state_dir)
         self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))

@@ -448,10 +448,28 @@ class Store:
                 f"{self.path} has schema version {version}, newer than this jobd understands ({SCHEMA_VERSION})",
                 permanent=True,
             )
+        # Version 0 is a new, empty file: one that holds tables is another program's, and would be changed if
+        # jobd made its own tables beside them.
+        if version == 0 and self._connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StartupError(
+                f"{self.path} holds tables but no schema version of jobd's: it is not jobd's database; move it away "
+                "to start anew, or set [daemon] state_dir to jobd's own directory",
+                permanent=True,
+            )
         for step in range(version, SCHEMA_VERSION):
-            with self.db.atomic():
-                MIGRATIONS[step](self.db)
-                self.db.pragma("user_version", step + 1)
+            try:
+                with self.db.atomic():
+                    MIGRATIONS[step](self.db)
+                    self.db.pragma("user_version", step + 1)
+            except peewee.OperationalError as error:
+                if _sqlite_error_name(error) != "SQLITE_ERROR":  # a full disk, an I/O error: start_failure's business
+                    raise
+                # No such table or column: each step is all or nothing, so the file is as the last one left it.
+                raise StartupError(
+                    f"{self.path} cannot be brought from schema version {step} to {step + 1} ({error}): it is damaged "
+                    "or not jobd's; restore it from a backup, or move it away to start anew",
+                    permanent=True,
+                ) from None
 
     async def flush(self) -> None:
         """Make every transaction committed so far survive a power cut (one fsync shared by all waiters)."""
@@ -1162,9 +1180,9 @@ def _damaged(failure: Exception) -> bool:
 
 
 def _sqlite_error_name(failure: Exception) -> str:
-    """SQLite's name for an error (`SQLITE_FULL`, ...), also through peewee's wrapper (which keeps the original
-    as its first argument); "" if there is none."""
-    for candidate in (failure, *failure.args[:1]):
+    """SQLite's name for an error (`SQLITE_FULL`, ...), also through peewee's wrapper (which keeps the original as
+    its first argument, or as the exception it was raised while handling); "" if there is none."""
+    for candidate in (failure, *failure.args[:1], failure.__context__):
         name = getattr(candidate, "sqlite_errorname", None)
         if isinstance(name, str):
             return name

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import queue as queues
+import shutil
 import signal
 import socket
 import subprocess
@@ -522,6 +523,35 @@ def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
     assert "the file is damaged" in started.stderr and "restore it from a backup" in started.stderr, started.stderr
     assert database.read_bytes() == data  # left as it was, for whoever repairs it
     assert not daemon.socket_path.exists() and not daemon.evqueue_socket.exists()
+
+
+@pytest.mark.parametrize("left", ["output", "WAL"])
+def test_a_missing_database_with_its_jobs_leftovers_is_refused(make_daemon: Callable[..., Daemon], left: str) -> None:
+    """A new database would give out job ids again: a new job 1 would show the old job 1's output. So a state
+    directory that lost its database but not what it recorded is refused (exit 78), until restored or cleared."""
+    daemon = make_daemon("[queue.default]\n")
+    job = daemon.wait(daemon.submit(command=["/bin/echo", "old job"])["id"])
+    assert daemon.stop() == 0
+    database = daemon.state_dir / "jobd.sqlite3"
+    database.unlink()
+    if left == "WAL":  # what a kill -9 leaves: the database's last commits in the WAL only
+        shutil.rmtree(daemon.state_dir / "output")
+        (daemon.state_dir / "jobd.sqlite3-wal").write_bytes(b"\x37\x7f\x06\x82" + bytes(28))
+    started = start_directly(daemon)
+    assert started.returncode == 78, started
+    wanted = "output" if left == "output" else "jobd.sqlite3-wal"
+    assert f"the database {database} is missing, but {wanted} in {daemon.state_dir} are left" in started.stderr
+    assert "Traceback" not in started.stderr and not database.exists(), started.stderr
+
+    for name in ("output", "jobd.sqlite3-wal", "jobd.sqlite3-shm"):  # cleared: a new start, ids from 1
+        path = daemon.state_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    start(daemon)
+    fresh = daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    assert fresh["id"] == job["id"] and daemon.output(fresh["id"]) == ""
 
 
 def test_a_state_dir_that_is_a_file_is_named_at_start_up(make_daemon: Callable[..., Daemon]) -> None:

@@ -123,8 +123,9 @@ def test_a_new_database_has_small_pages_and_an_older_one_keeps_its_own(tmp_path:
     fresh, older = tmp_path / "fresh.sqlite3", tmp_path / "older.sqlite3"
     raw = sqlite3.connect(older)  # as jobd made them before: SQLite's default of 4 KiB
     raw.execute("PRAGMA page_size = 4096")
-    raw.execute("CREATE TABLE t (x)")
+    raw.execute("PRAGMA user_version = 0")  # writes the file's first page: its page size is fixed from here on
     raw.close()
+    _database_at_schema(older, 1).close()
     _version_1_database(fresh)
     assert _page_size(fresh) == 1024
     store = Store(str(older))
@@ -175,6 +176,29 @@ def test_a_database_from_a_newer_jobd_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="newer than this jobd") as refused:
         store.open()
     assert refused.value.permanent  # jobd exits 78: restarting cannot mend it
+
+
+@pytest.mark.parametrize("version", [0, 3])
+def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path, version: int) -> None:
+    """A state_dir pointed at another program's SQLite file: at version 0 jobd made its tables beside the others,
+    from another version its migrations failed half-way; either way the start failed with "nothing was changed"
+    and exit 1 (systemd restarts that), or not at all."""
+    path = tmp_path / "jobd.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE foo (x)")
+    raw.execute(f"PRAGMA user_version = {version}")
+    raw.commit()
+    schema_before = raw.execute("SELECT name FROM sqlite_master").fetchall()
+    raw.close()
+    store = Store(str(path))
+    with pytest.raises(StartupError, match="not jobd's") as refused:
+        store.open()
+    assert refused.value.permanent  # jobd exits 78: restarting cannot mend it
+    store.db.close()
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT name FROM sqlite_master").fetchall() == schema_before
+    assert raw.execute("PRAGMA user_version").fetchone() == (version,)
+    raw.close()
 
 
 def test_schedule_state_survives_reopening_and_can_be_forgotten(tmp_path: Path) -> None:
