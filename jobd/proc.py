@@ -41,6 +41,9 @@ PROGRESS_FD = 3
 MAX_LOG_LINE = 64 * 1024
 _SPLICE_CHUNK = 1 << 20
 _DISCARD_CHUNK = 1 << 16
+# fd 3 is parsed line by line in Python (about a µs a line): a chunk of short lines holds the loop, and every other
+# client waits, for as long as it takes. 4 KiB of them is a millisecond or two.
+_LOG_CHUNK = 1 << 12
 
 _slot_devnull: int | None = None
 
@@ -253,7 +256,7 @@ class _ProgressReader:
     def drain_once(self) -> int:
         """Read and parse one chunk: the bytes taken from the pipe, 0 once it is empty (EAGAIN) or closed (EOF)."""
         try:
-            data = os.read(self.read_fd, _DISCARD_CHUNK)
+            data = os.read(self.read_fd, _LOG_CHUNK)
         except BlockingIOError:
             return 0
         if not data:
