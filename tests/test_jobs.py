@@ -545,7 +545,6 @@ def test_log_lines_beyond_max_output_are_dropped_and_marked_truncated(server: An
     assert whole["tries"][0]["truncated"] is False
 
 
-
 def test_log_lines_longer_than_one_read_arrive_whole(server: Any) -> None:
     """fd 3 is read a few KiB at a time (so that a flood of lines cannot hold the loop): a line of 20,000 bytes, and
     the progress line after it, still arrive whole, as one line each."""
@@ -553,6 +552,7 @@ def test_log_lines_longer_than_one_read_arrive_whole(server: Any) -> None:
     lines = server.call("job.output", {"id": job["id"], "stream": "log", "limit": 65536})["data"].split("\n")
     assert [len(line) for line in lines] == [20000, 3, 0] and lines[1] == "end", lines[1:]
     assert job["progress"] == 42
+
 
 def test_utf8_output_read_in_pieces_never_splits_a_character(server: Any) -> None:
     job = run(server, command=["/usr/bin/printf", "a\\303\\251\\342\\202\\254b"])  # "aé€b": 1 + 2 + 3 + 1 bytes
