@@ -718,9 +718,9 @@ class Engine:
             running = self._running.get(job_id)
             if running is None:  # its failed start waits to be recorded: the disk is full (_not_started)
                 raise StoreFailed(f"job {job_id} could not start and that is not recorded yet; {self.store_trouble}")
-            if running.child.has_ended():  # on its own, just before: its exit, waiting on the loop, decides
-                job = await self.wait(job_id, None)
-                raise JobFinished(f"job {job_id} has already finished ({job.state})", id=job_id, state=str(job.state))
+            if running.child.has_ended():  # on its own, just before: its end, waiting on the loop, comes first
+                await asyncio.shield(running.ended)  # then it is finished, or waits for a retry, or runs it
+                return await self.cancel(job_id)
             if not running.cancelled:
                 running.cancelled = True
                 log.info("job=%d cancel requested: stopping its process group", job_id)
