@@ -462,7 +462,7 @@ class Store:
                     MIGRATIONS[step](self.db)
                     self.db.pragma("user_version", step + 1)
             except peewee.OperationalError as error:
-                if _sqlite_error_name(error) != "SQLITE_ERROR":  # a full disk, an I/O error: start_failure's business
+                if _sqlite_error_name(error) != "SQLITE_ERROR":  # a full disk, an I/O error: see startup_failure()
                     raise
                 # No such table or column: each step is all or nothing, so the file is as the last one left it.
                 raise StartupError(
