@@ -768,10 +768,14 @@ class NotJobd:
 @pytest.mark.parametrize(
     ("result", "problem"),
     [
-        (None, "result is null, not an object"),
-        ([1, 2], "result is a list, not an object"),
-        ({"ok": True}, "is missing"),
-        ({"id": True, "state": "queued", "queue": "q", "jobs": "no", "version": 1, "files": {}}, "not"),
+        (None, r"\(result is null, not an object\)"),
+        ([1, 2], r"\(result is a list, not an object\)"),
+        ({"ok": True}, r"\(result\.\w+ is missing\)"),
+        # each method trips on another member: a boolean id, an integer version, a string for a list, ...
+        (
+            {"id": True, "state": "queued", "queue": "q", "jobs": "no", "version": 1, "files": {}},
+            r"\(result\.\w+ (is an? \w+, not an? \w+|is missing)\)",
+        ),
     ],
 )
 def test_a_server_that_is_not_jobd_is_reported_not_misread(tmp_path: Path, result: Any, problem: str) -> None:
@@ -794,7 +798,7 @@ def test_a_server_that_is_not_jobd_is_reported_not_misread(tmp_path: Path, resul
             assert outcome.code == 3, (args, outcome)
             assert outcome.out == "", (args, outcome)
             assert outcome.err.startswith(f"jobctl: {server.path} answered {method} with something jobd does not send")
-            assert problem in outcome.err, (args, outcome)
+            assert re.search(problem, outcome.err), (args, outcome)
     finally:
         server.close()
 
