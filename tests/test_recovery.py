@@ -949,6 +949,35 @@ def test_sigterm_kills_a_leader_ignoring_it_after_kill_grace(jobd: Callable[...,
     assert (job["state"], job["attempts"]) == ("succeeded", 2), job
 
 
+def test_requests_still_waiting_at_a_stop_are_answered_shutting_down(jobd: Callable[..., Daemon]) -> None:
+    """A client waiting in job.wait for a job the stop leaves unfinished (delayed, or running and put back in its
+    queue) hears why its connection ends: the error SHUTTING_DOWN, not only the end of the connection. A job.output
+    that waits for the running attempt gets that attempt's end, as always."""
+    daemon = jobd()
+    delayed = daemon.submit(command=["/bin/true"], delay=3600)["id"]
+    running = submit_running(daemon, command=["/bin/sh", "-c", "echo ready >&3; exec sleep 600"])
+    waiters = []
+    for method, params in (
+        ("job.wait", {"id": delayed}),
+        ("job.wait", {"id": running}),
+        ("job.output", {"id": running, "stream": "stdout", "wait": True}),
+    ):
+        client = daemon.client()
+        request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+        client.send_raw(json.dumps(request).encode() + b"\n")
+        client.call("ping")  # answered after the request above was read: it waits in jobd now
+        waiters.append(client)
+    assert terminate(daemon) == 0
+    replies = [client.read_line(timeout=10) for client in waiters]
+    for client in waiters:
+        client.close()
+    assert [reply.get("error", {}).get("data", {}).get("code") for reply in replies[:2]] == ["SHUTTING_DOWN"] * 2
+    assert replies[2]["result"]["complete"] is True, replies[2]
+    start(daemon)
+    assert daemon.call("job.get", {"id": delayed})["state"] == "delayed"  # kept as it was
+    assert tries(daemon, running)[0]["outcome"] == "killed"  # stopped by the stop, and run again at this start
+
+
 # Stands in for tomllib: its first loads() (jobd reading its configuration in main(), past its first lines and
 # before it is ready) waits on a FIFO the test opens; everything else is the real module's.
 TOML_GATE_SHIM = """
