@@ -364,7 +364,7 @@ def _has_loaded_aiohttp(daemon: Any) -> bool:
 
 
 def test_aiohttp_is_loaded_only_by_a_daemon_that_makes_http_requests(make_daemon: Any, web: WebServer) -> None:
-    """aiohttp is half of jobd's memory: a daemon without HTTP tasks, callbacks or listener does without it until
+    """aiohttp is a quarter of jobd's memory: a daemon without HTTP tasks, callbacks or listener does without it until
     its first ad-hoc HTTP job; one whose configuration has them (from the start, or from a reload) loads it at
     once, so that its first request does not hold the loop for the import."""
     plain = make_daemon("[queue.default]\nconcurrency = 1\n")
