@@ -92,6 +92,18 @@ def format_time(value: str | None, now: dt.datetime) -> str:
     return local.strftime("%Y-%m-%d")
 
 
+def format_due(value: str | None, now: dt.datetime) -> str:
+    """A time to come, for tables: "02:30:00" if it is on `now`'s day, else the date and the time of day (a
+    nightly run's date alone would not say when it runs)."""
+    moment = parse_time(value)
+    if moment is None:
+        return "-"
+    local = moment.astimezone(now.tzinfo)
+    if local.date() == now.date():
+        return local.strftime("%H:%M:%S")
+    return local.strftime("%Y-%m-%d %H:%M")
+
+
 def format_timestamp(value: str | None, tz: dt.tzinfo | None = None) -> str:
     """Full local time for detail views, to the second."""
     moment = parse_time(value)
@@ -620,7 +632,7 @@ def render_schedules(schedules: Sequence[dict[str, Any]], now: dt.datetime, widt
             schedule_target(schedule),
             str(schedule.get("calendar")),
             str(schedule.get("state")),
-            format_time(schedule.get("next_run"), now),
+            format_due(schedule.get("next_run"), now),
             schedule_last(schedule, now),
             str(schedule.get("overlap")),
         ]

@@ -64,6 +64,12 @@ def test_format_time_shows_the_clock_today_and_the_date_otherwise() -> None:
     assert format_time(None, NOW) == "-"
 
 
+def test_a_time_to_come_shows_its_time_of_day_on_another_day() -> None:
+    assert jobctl.format_due("2026-11-29T16:03:12Z", NOW) == "17:03:12"
+    assert jobctl.format_due("2026-11-30T01:30:00Z", NOW) == "2026-11-30 02:30"  # tomorrow's nightly run: when
+    assert jobctl.format_due(None, NOW) == "-"
+
+
 def test_format_timestamp_is_local_to_the_second() -> None:
     assert format_timestamp("2026-11-29T16:03:12.999Z", CET) == "2026-11-29 17:03:12"
     assert format_timestamp(None) == "-"
