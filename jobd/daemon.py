@@ -258,15 +258,18 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.close()
         await self.server.stop_listening()
-        if self.http is not None:
-            await self.http.close()
         # A job may take its whole kill_grace to go after SIGTERM. systemd would SIGKILL jobd (and the job) once
         # TimeoutStopSec= ran out, and the next start would find the attempt lost: each step of the stop tells it how
         # long the step may take (EXTEND_TIMEOUT_USEC counts from now, and must come again before it runs out;
         # systemd keeps its own timeout when that is longer).
         self._stop_takes(self.engine.longest_kill_grace())
         await self.engine.shutdown()
+        self.instances.stop_waiters()
         self._notify_status()  # the jobs stopped are back in their queues: said now, not after the exit
+        if self.http is not None:
+            # Only now: closing waits for the requests in flight, and a job.wait there waited for a job the stop
+            # had not stopped yet (up to aiohttp's minute), while the jobs ran on. They are answered by now.
+            await self.http.close()
         self._stop_takes(CALLBACKS_SHUTDOWN_GRACE)
         await self.callbacks.close()
         await self.server.close_connections()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import hashlib
+import http.client
 import json
 import os
 import queue as queues
@@ -976,6 +978,29 @@ def test_requests_still_waiting_at_a_stop_are_answered_shutting_down(jobd: Calla
     start(daemon)
     assert daemon.call("job.get", {"id": delayed})["state"] == "delayed"  # kept as it was
     assert tries(daemon, running)[0]["outcome"] == "killed"  # stopped by the stop, and run again at this start
+
+
+def test_an_http_wait_neither_holds_up_the_stop_nor_keeps_the_jobs_running(jobd: Callable[..., Daemon]) -> None:
+    """The HTTP listener used to be closed first, and closing waits for the requests in flight: a job.wait there
+    kept the running jobs going, unstopped, for up to a minute. The jobs are stopped first; the wait is answered
+    SHUTTING_DOWN (409)."""
+    token = "stop-test-token"
+    sha = hashlib.sha256(token.encode()).hexdigest()
+    daemon = jobd(f'[http]\nlisten = "127.0.0.1:0"\n[http.tokens.ops]\ntoken_sha256 = "{sha}"\nadmin = true\n')
+    running = submit_running(daemon, command=["/bin/sh", "-c", "echo ready >&3; exec sleep 600"])
+    host, port = daemon.call("daemon.status")["http_listen"].rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    connection.request("POST", "/api/job.wait", json.dumps({"id": running}), headers)
+    # Sent: jobd reads it while the stop waits out the job's kill_grace at the latest, and it waits (the job would
+    # run 600 s); no reply can come before the stop.
+    assert terminate(daemon) == 0  # within the harness's 30 s: the job was stopped, not waited for
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    connection.close()
+    assert response.status == 409 and body["error"]["code"] == "SHUTTING_DOWN", (response.status, body)
+    start(daemon)
+    assert tries(daemon, running)[0]["outcome"] == "killed"
 
 
 # Stands in for tomllib: its first loads() (jobd reading its configuration in main(), past its first lines and

@@ -940,5 +940,11 @@ class Engine:
             self._stop(job_id)
         # A job stopped by shutdown goes back to `queued`, not to a final state: wait for its attempt to end.
         await asyncio.gather(*ended)
+        # Whoever still waits for a job to finish (job.wait, over any protocol) hears of the stop now, rather than
+        # waiting on until its connection is cut.
+        for waiters in self._finish_waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(ShuttingDown("jobd is stopping: ask again once it is back"))
         if self._http_session is not None:
             await self._http_session.close()

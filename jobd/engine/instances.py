@@ -41,6 +41,7 @@ from jobd.errors import (
     InvalidParams,
     JobdError,
     JobFinished,
+    ShuttingDown,
     StoreFailed,
     UnknownInstance,
     UnknownJob,
@@ -285,6 +286,13 @@ class Instances:
     def _live_summary(self, live: _Live) -> InstanceSummary:
         machine = live.machine
         return replace(live.summary, status=str(machine.status), errors=machine.errors, counters=machine.counters())
+
+    def stop_waiters(self) -> None:
+        """jobd is stopping: whoever waits for an instance to end (instance.wait) hears of it now."""
+        for live in self._live.values():
+            for waiter in live.waiters:
+                if not waiter.done():
+                    waiter.set_exception(ShuttingDown("jobd is stopping: ask again once it is back"))
 
     async def wait(self, instance_id: int, timeout: float | None) -> InstanceSummary:
         """The instance once it has ended, or as it is when `timeout` seconds have passed."""
