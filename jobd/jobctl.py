@@ -83,25 +83,22 @@ def parse_time(value: str | None) -> dt.datetime | None:
 
 def format_time(value: str | None, now: dt.datetime) -> str:
     """Short local time for tables: "17:03:12" if it is on `now`'s day, else the date."""
-    moment = parse_time(value)
-    if moment is None:
-        return "-"
-    local = moment.astimezone(now.tzinfo)
-    if local.date() == now.date():
-        return local.strftime("%H:%M:%S")
-    return local.strftime("%Y-%m-%d")
+    return _time_of_day_or(value, now, "%Y-%m-%d")
 
 
 def format_due(value: str | None, now: dt.datetime) -> str:
     """A time to come, for tables: "02:30:00" if it is on `now`'s day, else the date and the time of day (a
     nightly run's date alone would not say when it runs)."""
+    return _time_of_day_or(value, now, "%Y-%m-%d %H:%M")
+
+
+def _time_of_day_or(value: str | None, now: dt.datetime, other_day: str) -> str:
+    """The local time of day if `value` is on `now`'s day, else `other_day` (a strftime format); "-" for none."""
     moment = parse_time(value)
     if moment is None:
         return "-"
     local = moment.astimezone(now.tzinfo)
-    if local.date() == now.date():
-        return local.strftime("%H:%M:%S")
-    return local.strftime("%Y-%m-%d %H:%M")
+    return local.strftime("%H:%M:%S" if local.date() == now.date() else other_day)
 
 
 def format_timestamp(value: str | None, tz: dt.tzinfo | None = None) -> str:
