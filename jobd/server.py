@@ -35,7 +35,6 @@ from jobd.errors import (
     InvalidRequest,
     InvalidXml,
     JobdError,
-    ShuttingDown,
     StartupError,
     TooManyConnections,
 )
@@ -46,7 +45,7 @@ from jobd.store import store_failure
 log = logging.getLogger("jobd.server")
 
 LINGER_SECONDS = 5.0  # how long a connection ended by an oversized frame keeps swallowing its input
-STOP_ANSWER_SECONDS = 1.0  # at a stop, the most the answers to waiting requests may take (a turn of the loop or two)
+STOP_ANSWER_SECONDS = 1.0  # at a stop, the most the last answers may take to be written (a turn of the loop or two)
 MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; events: cut the subscriber off
 # Requests that wait (job.wait, job.output with wait, instance.wait, ...) one connection may have pending; past
 # that its further requests are read once one of those is answered. Each holds a few KiB of jobd's memory until its
@@ -172,9 +171,9 @@ class Server:
             self._tcp_server.close()
 
     async def close_connections(self) -> None:
-        # Requests still waiting (a job.wait of a job the stop put back in its queue, ...) are answered
-        # SHUTTING_DOWN first, so that a client learns why rather than only that the connection ended.
-        answering = [task for connection in self.connections for task in connection.stop_waiting()]
+        # The engine has answered what still waited (SHUTTING_DOWN for a job.wait of a job the stop put back in
+        # its queue, ...): those answers are written before the connections end, so that a client learns why.
+        answering = [task for connection in self.connections for task in connection.answering()]
         if answering:
             await asyncio.wait(answering, timeout=STOP_ANSWER_SECONDS)
         for connection in list(self.connections):
@@ -581,19 +580,15 @@ class Connection(asyncio.Protocol):
         self._unsubscribe.append(self.api.instances.subscribe(deliver_instance))
         return number
 
-    def stop_waiting(self) -> list[asyncio.Task[None]]:
-        """jobd is stopping: the requests still waiting are answered SHUTTING_DOWN; the tasks that do so."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel(msg=_STOPPING)
-        return tasks
+    def answering(self) -> list[asyncio.Task[None]]:
+        """The tasks still to answer a request of this connection."""
+        return list(self._tasks)
 
     def abort(self) -> None:
         self.transport.abort()
 
 
 Reply = dict[str, Any] | None
-_STOPPING = "jobd is stopping"  # a waiting request cancelled with this is answered SHUTTING_DOWN
 
 
 def _failure_reply(member: jsonrpc.Request, failure: Exception) -> Reply:
@@ -618,11 +613,6 @@ class _Waiting:
     async def answer(self) -> Reply:
         try:
             result = await self.work
-        except asyncio.CancelledError as cancel:
-            if cancel.args != (_STOPPING,):  # the client went away: nobody to answer
-                raise
-            stopping = ShuttingDown("jobd is stopping: ask again once it is back")
-            return _failure_reply(self.member, stopping)
         except Exception as failure:
             return _failure_reply(self.member, failure)
         return None if self.member.is_notification else jsonrpc.result(self.member.id, result)
@@ -833,10 +823,9 @@ class XmlConnection(asyncio.Protocol):
         if not self.transport.is_closing():
             self.transport.write(data)
 
-    def stop_waiting(self) -> list[asyncio.Task[None]]:
-        """evQueue's protocol has no error for a stop: a waiting request (a synchronous launch) ends with the
-        connection."""
-        return []
+    def answering(self) -> list[asyncio.Task[bytes]]:
+        """The task still to answer a request of this connection (one at a time), if any."""
+        return [] if self._waiting is None else [self._waiting]
 
     def abort(self) -> None:
         self.transport.abort()
