@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_SOCKET = "/run/jobd/jobd.sock"
 # Replies are read into one buffer per client, made once: recv(RECV_SIZE) would allocate a new object of this
@@ -109,6 +109,12 @@ def result_of(reply: dict[str, Any]) -> Any:
     if "result" not in reply:
         raise ProtocolError(f"reply has neither result nor error: {reply!r}")
     return reply["result"]
+
+
+class Reply(NamedTuple):
+    """The result of a request sent with `Client.send_request`, as `next_event_or_reply` hands it over."""
+
+    result: Any
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -218,6 +224,33 @@ class Client:
         deadline = _deadline(timeout)
         while not self._events:
             self._route(self._read_message(deadline), lambda m: False)
+        return self._events.popleft()
+
+    def send_request(self, method: str, params: dict[str, Any] | None = None) -> int:
+        """Sends a request without waiting for its reply; returns its id for `next_event_or_reply`. For a request
+        that waits in the daemon (job.wait) while the events of a subscription on this connection are followed."""
+        request_id = self._new_id()
+        self._send(encode_message(self._request(request_id, method, params)), None, {request_id})
+        return request_id
+
+    def next_event_or_reply(self, request_id: int, timeout: float | None = None) -> dict[str, Any] | Reply:
+        """The `params` of the next event, or Reply(result) once the reply to `request_id` has come (after every
+        event sent before it); an error reply raises RemoteError. TimeoutError after `timeout`."""
+        if self._events:
+            return self._events.popleft()
+
+        def is_reply(message: Any) -> bool:
+            return isinstance(message, dict) and message.get("id") == request_id
+
+        for index, message in enumerate(self._set_aside):
+            if is_reply(message):
+                del self._set_aside[index]
+                return Reply(result_of(message))
+        deadline = _deadline(timeout)
+        while not self._events:
+            message = self._read_message(deadline)
+            if self._route(message, is_reply):
+                return Reply(result_of(message))
         return self._events.popleft()
 
     # -- raw access for protocol tests ------------------------------------------------------------------------

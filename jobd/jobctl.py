@@ -17,7 +17,6 @@ import re
 import shlex
 import signal
 import sys
-import time
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, BinaryIO, TextIO
@@ -30,10 +29,8 @@ from jobd.client import (
     EncodeError,
     ProtocolError,
     RemoteError,
+    Reply,
     default_socket_path,
-    encode_message,
-    is_event,
-    result_of,
 )
 from jobd.model import (
     ENV_NAME,
@@ -1049,11 +1046,15 @@ def wait_for(session: Session, job_ident: int, timeout: float | None) -> int:
     return report_end(session, job, timeout)
 
 
-def wait_quietly(client: Client, job_ident: int, timeout: float | None) -> Job:
+def wait_params(job_ident: int, timeout: float | None) -> dict[str, Any]:
     params: dict[str, Any] = {"id": job_ident}
     if timeout is not None:
         params["timeout"] = timeout
-    job: Job = client.call("job.wait", params)
+    return params
+
+
+def wait_quietly(client: Client, job_ident: int, timeout: float | None) -> Job:
+    job: Job = client.call("job.wait", wait_params(job_ident, timeout))
     return job
 
 
@@ -1081,28 +1082,27 @@ def apply_event(view: WaitView, event: dict[str, Any]) -> WaitView:
 
 
 def wait_with_progress(client: Client, job_ident: int, timeout: float | None) -> Job:
-    """Follows the job through events, drawing a bar on stderr; returns it finished, or as it is at `timeout`."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    # Subscribe before reading the job: a change between the two then arrives as an event and is not missed.
+    """Waits in the daemon (job.wait) while drawing a bar on stderr from the job's events; returns what job.wait
+    answers, so the outcome (an error such as SHUTTING_DOWN included) is the same as without a terminal."""
+    # Subscribe before reading the job: a change between the two then arrives as an event and is not missed. The
+    # job is read after the wait is sent, so once it is shown jobd has taken the wait in (it reads in order).
     client.call("events.subscribe", {"jobs": [job_ident]})
-    # Without `tries`, so --json prints the same object as job.wait gives when stderr is not a terminal.
-    job = {k: v for k, v in client.call("job.get", {"id": job_ident}).items() if k != "tries"}
-    view = WaitView(job)
+    wait = client.send_request("job.wait", wait_params(job_ident, timeout))
+    view = WaitView(client.call("job.get", {"id": job_ident}))
     bar = ProgressBar(sys.stderr)
     try:
-        while not is_finished(view.job):
+        while True:
             job = view.job
             bar.draw(
                 render_progress_bar(job_ident, wait_label(job), job.get("progress") or 0, stderr_width(), view.last_log)
             )
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                view = apply_event(view, client.next_event(left))
-            except TimeoutError:
-                break
+            message = client.next_event_or_reply(wait)
+            if isinstance(message, Reply):
+                ended: Job = checked_result("job.wait", message.result, client.path)
+                return ended
+            view = apply_event(view, message)
     finally:
         bar.clear()
-    return view.job
 
 
 class ProgressBar:
@@ -1251,9 +1251,6 @@ def wait_instance_quietly(client: Client, instance_ident: int, timeout: float | 
     return instance
 
 
-WAIT_REQUEST_ID = "instance.wait"
-
-
 def concerns_instance(event: dict[str, Any], context: str, job_ids: Collection[int]) -> bool:
     """Whether a job event may change what the progress line shows for the instance whose jobs have `context`."""
     job = event.get("job")
@@ -1263,38 +1260,37 @@ def concerns_instance(event: dict[str, Any], context: str, job_ids: Collection[i
 
 
 def wait_instance_with_progress(client: Client, instance_ident: int, timeout: float | None) -> Instance:
-    """Waits in the daemon (instance.wait) while drawing a progress line on stderr from the tasks' job events.
-
-    Two connections: `events` carries the subscription and, pipelined after it, the instance.wait request whose
-    reply ends the loop; `client` re-reads the instance tree whenever an event concerns one of its tasks.
-    """
-    events = CheckedClient(client.path, None)  # it carries instance.wait and the events: it waits by design
+    """Waits in the daemon (instance.wait) while drawing a progress line on stderr from the tasks' job events; the
+    instance tree is read again whenever an event concerns one of its tasks. Returns what instance.wait answers,
+    so the outcome (an error such as SHUTTING_DOWN included) is the same as without a terminal."""
+    # As in wait_with_progress: subscribed before the tree is read, which is read after the wait is sent.
+    client.call("events.subscribe", {"types": ["job.state", "job.progress"]})
+    wait = client.send_request("instance.wait", instance_wait_params(instance_ident, timeout))
+    context = f"instance:{instance_ident}"
+    shown: Instance = client.call("instance.get", {"id": instance_ident})
     bar = ProgressBar(sys.stderr)
     try:
-        # Subscribe before reading the tree: a change between the two then arrives as an event and is not missed.
-        events.call("events.subscribe", {"types": ["job.state", "job.progress"]})
-        context = f"instance:{instance_ident}"
-        shown: Instance = client.call("instance.get", {"id": instance_ident})
-        request = {
-            "jsonrpc": "2.0",
-            "id": WAIT_REQUEST_ID,
-            "method": "instance.wait",
-            "params": instance_wait_params(instance_ident, timeout),
-        }
-        events.send_raw(encode_message(request))
         while True:
             bar.draw(render_instance_progress(shown, stderr_width()))
-            message = events.read_line()
-            if is_event(message):
-                job_ids = {int(task["job_id"]) for task in tree_tasks(shown.get("jobs") or []) if task.get("job_id")}
-                if concerns_instance(message.get("params") or {}, context, job_ids):
-                    shown = client.call("instance.get", {"id": instance_ident})
-            elif isinstance(message, dict) and message.get("id") == WAIT_REQUEST_ID:
-                instance: Instance = checked_result("instance.wait", result_of(message), events.path)
+            message = client.next_event_or_reply(wait)
+            if isinstance(message, Reply):
+                instance: Instance = checked_result("instance.wait", message.result, client.path)
                 return instance
+            job_ids = {int(task["job_id"]) for task in tree_tasks(shown.get("jobs") or []) if task.get("job_id")}
+            if concerns_instance(message, context, job_ids):
+                shown = reread_instance(client, instance_ident, shown)
     finally:
         bar.clear()
-        events.close()
+
+
+def reread_instance(client: Client, instance_ident: int, shown: Instance) -> Instance:
+    """The instance read again for the progress line, or as shown so far if the connection has closed meanwhile:
+    instance.wait's answer (SHUTTING_DOWN when jobd stops) may have come before the close, and it decides."""
+    try:
+        instance: Instance = client.call("instance.get", {"id": instance_ident})
+    except ConnectionClosed:
+        return shown
+    return instance
 
 
 def report_instance_end(session: Session, instance: Instance, timeout: float | None) -> int:

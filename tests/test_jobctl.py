@@ -7,6 +7,7 @@ view through the API.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -76,19 +77,55 @@ def job_count(daemon: Any) -> int:
 
 
 def read_until(stream: Any, wanted: bytes, timeout: float = DEADLINE) -> bytes:
-    """Reads a pipe until `wanted` has been seen (select with a deadline: blocks, never polls)."""
+    """Reads a pipe, or a terminal's master side (a stream or a descriptor), until `wanted` has been seen (select
+    with a deadline: blocks, never polls)."""
     deadline = time.monotonic() + timeout
     data = b""
-    fd = stream.fileno()
+    fd = stream if isinstance(stream, int) else stream.fileno()
     while wanted not in data:
         left = deadline - time.monotonic()
         assert left > 0, f"never saw {wanted!r}; got {data!r}"
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
-            chunk = os.read(fd, 65536)
-            assert chunk, f"pipe closed before {wanted!r}; got {data!r}"
+            chunk = read_some(fd)
+            assert chunk, f"closed before {wanted!r}; got {data!r}"
             data += chunk
     return data
+
+
+def read_some(fd: int) -> bytes:
+    """One read; b"" at the end, which a terminal whose other side is closed reports as EIO."""
+    try:
+        return os.read(fd, 65536)
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return b""
+        raise
+
+
+def read_rest(fd: int) -> bytes:
+    """Everything left to read, once the writers have closed their side (the end then comes without a wait)."""
+    data = b""
+    while chunk := read_some(fd):
+        data += chunk
+    return data
+
+
+def on_a_terminal(daemon: Any, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """jobctl ARGS... with stderr on a pseudo-terminal, where it draws its progress bar: the process (stdout a pipe)
+    and the terminal's master side, to read and close."""
+    master, slave = os.openpty()
+    try:
+        process = subprocess.Popen(
+            jobctl_argv("--socket", str(daemon.socket_path), *args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=environment(),
+        )
+    finally:
+        os.close(slave)
+    return process, master
 
 
 # -- run and submit ---------------------------------------------------------------------------------------------
@@ -271,6 +308,50 @@ def test_wait_exits_with_the_job_exit_code(daemon: Any) -> None:
         expected = f"job {job['id']} succeeded" if code == 0 else f"job {job['id']} failed: exit code {code}"
         assert expected in result.err, result
         assert result.out == ""
+
+
+def test_wait_on_a_terminal_draws_a_bar_and_exits_with_the_job_code(daemon: Any, tmp_path: Path) -> None:
+    # Two gates the job reads, which the test writes into: its progress comes once jobctl follows it, and its end
+    # once the bar has shown that progress.
+    gates = [tmp_path / "progress", tmp_path / "end"]
+    for gate in gates:
+        os.mkfifo(gate)
+    script = f'read a < "{gates[0]}"; echo %40 >&3; echo "half way" >&3; read b < "{gates[1]}"; exit 3'
+    job_id = daemon.submit(command=["/bin/sh", "-c", script])["id"]
+    process, master = on_a_terminal(daemon, "wait", str(job_id))
+    try:
+        shown = read_until(master, b"0% running")
+        for gate, seen in zip(gates, (b"40% running  half way", None), strict=True):
+            with open(gate, "w") as writer:
+                writer.write("go\n")
+            if seen:
+                shown += read_until(master, seen)
+        out, _ = process.communicate(timeout=DEADLINE)
+        shown += read_rest(master)
+    finally:
+        os.close(master)
+    text = shown.decode(errors="replace")
+    assert process.returncode == 3, text
+    assert f"\rjob {job_id} [" in text and "  40% running  half way" in text, text
+    assert f"job {job_id} failed: exit code 3" in text, text
+    assert out == b"" and "Traceback" not in text
+
+
+def test_wait_on_a_terminal_at_a_stop_says_shutting_down(daemon: Any) -> None:
+    """The bar follows events, but the end is job.wait's answer, as without a terminal: when jobd stops, the
+    error SHUTTING_DOWN (exit 1), not a closed connection (exit 3)."""
+    job_id = daemon.submit(command=["/bin/sh", "-c", "echo %10 >&3; exec sleep 600"])["id"]
+    process, master = on_a_terminal(daemon, "wait", str(job_id))
+    try:
+        shown = read_until(master, b"10% running")  # drawn once jobd has the wait (jobctl reads the job after it)
+        assert daemon.stop() == 0
+        process.wait(timeout=DEADLINE)
+        shown += read_rest(master)
+    finally:
+        os.close(master)
+    text = shown.decode(errors="replace")
+    assert process.returncode == 1, text
+    assert "jobctl: SHUTTING_DOWN: " in text and "Traceback" not in text, text
 
 
 def test_wait_exits_128_plus_the_signal(daemon: Any) -> None:

@@ -4,18 +4,15 @@ against a real daemon that has the workflow corpus of tests/workflows/ (installe
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import select
-import subprocess
 from typing import Any
 
 import pytest
 from harness import Daemon
 from lxml import etree
-from test_jobctl import Result, ctl, environment, jobctl_argv
+from test_jobctl import Result, ctl, on_a_terminal, read_rest, read_until
 from test_workflows import CORPUS, _install_corpus
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,26 +149,15 @@ def test_launch_json_gives_the_instance(wf: Daemon) -> None:
 def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon, tmp_path: Any) -> None:
     gate = tmp_path / "gate"
     os.mkfifo(gate)  # the instance stays EXECUTING until the test writes into it: no race with a fast workflow
-    master, slave = os.openpty()
+    process, master = on_a_terminal(wf, "launch", "gated", "-p", f"gate={gate}", "--wait")
     try:
-        process = subprocess.Popen(
-            jobctl_argv("--socket", str(wf.socket_path), "launch", "gated", "-p", f"gate={gate}", "--wait"),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=slave,
-            env=environment(),
-        )
-        os.close(slave)
-        slave = -1
         terminal = read_until(master, b"% EXECUTING", timeout=20)
         with open(gate, "w") as writer:
             writer.write("go\n")
         out, _ = process.communicate(timeout=30)
-        terminal += read_all(master)
+        terminal += read_rest(master)
     finally:
         os.close(master)
-        if slave >= 0:
-            os.close(slave)
     text = terminal.decode(errors="replace")
     assert process.returncode == 0, text
     instance_id = int(out.split()[1])
@@ -181,29 +167,21 @@ def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon, tmp_path: A
     assert "Traceback" not in text
 
 
-def read_until(master: int, wanted: bytes, timeout: float) -> bytes:
-    """What a pty shows until `wanted` appears (the kernel wakes us on each write; no polling)."""
-    data = b""
-    while wanted not in data:
-        ready, _, _ = select.select([master], [], [], timeout)
-        assert ready, f"{wanted!r} did not appear within {timeout}s: {data!r}"
-        data += os.read(master, 65536)
-    return data
-
-
-def read_all(master: int) -> bytes:
-    """Everything written to a pty whose slave side is closed (Linux then reports EIO)."""
-    data = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError as exc:
-            if exc.errno == errno.EIO:
-                return data
-            raise
-        if not chunk:
-            return data
-        data += chunk
+def test_launch_wait_on_a_terminal_at_a_stop_says_shutting_down(wf: Daemon, tmp_path: Any) -> None:
+    """As without a terminal, the end is instance.wait's answer: SHUTTING_DOWN (exit 1) when jobd stops."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # never written: the instance is still EXECUTING when jobd stops
+    process, master = on_a_terminal(wf, "launch", "gated", "-p", f"gate={gate}", "--wait")
+    try:
+        terminal = read_until(master, b"% EXECUTING", timeout=20)  # drawn once jobd has the wait
+        assert wf.stop() == 0
+        process.wait(timeout=30)
+        terminal += read_rest(master)
+    finally:
+        os.close(master)
+    text = terminal.decode(errors="replace")
+    assert process.returncode == 1, text
+    assert "jobctl: SHUTTING_DOWN: " in text and "Traceback" not in text, text
 
 
 def test_launch_an_unknown_workflow_exits_1_with_the_code(wf: Daemon) -> None:

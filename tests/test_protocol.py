@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from recovery.support import wait_for_log
 
-from jobd.client import Client, RemoteError
+from jobd.client import Client, RemoteError, Reply
 from jobd.protocol.jsonrpc import MAX_FRAME
 from jobd.server import MAX_WAITING
 
@@ -446,6 +447,34 @@ def test_subscriptions_on_one_connection_are_bounded(daemon: Any) -> None:
         job = client.call("job.submit", {"command": ["/bin/true"]})  # the 64 still work
         event = client.next_event(timeout=DEADLINE)
         assert event["type"] == "job.state" and event["job"]["id"] == job["id"], event
+
+
+def test_the_client_follows_events_until_the_reply_of_a_request_sent_ahead(daemon: Any, tmp_path: Any) -> None:
+    """jobctl's progress bar: events.subscribe, job.wait sent without waiting for it, then its events one by one
+    until its reply, which ends the job's events; a reply that comes during another call is kept for later."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    script = f'read line < "{gate}"; echo %50 >&3; echo "half way" >&3'
+    with Client(str(daemon.socket_path)) as client:
+        job_id = client.call("job.submit", {"command": ["/bin/sh", "-c", script]})["id"]
+        client.call("events.subscribe", {"jobs": [job_id]})
+        wait = client.send_request("job.wait", {"id": job_id})
+        assert client.call("ping")["pong"] is True  # answered after jobd took the wait in
+        with open(gate, "w") as writer:
+            writer.write("go\n")
+        seen: list[str] = []
+        while not isinstance(message := client.next_event_or_reply(wait, timeout=DEADLINE), Reply):
+            seen.append(message["type"])
+        assert message.result["id"] == job_id and message.result["state"] == "succeeded", message
+        assert "job.progress" in seen and "job.log" in seen, seen
+
+        wait = client.send_request("job.wait", {"id": job_id})  # answered at once: the job has ended
+        assert client.call("ping")["pong"] is True  # reads the wait's reply on the way, and keeps it
+        reply = client.next_event_or_reply(wait, timeout=DEADLINE)
+        assert isinstance(reply, Reply) and reply.result["state"] == "succeeded", reply
+        with pytest.raises(RemoteError) as unknown:
+            client.next_event_or_reply(client.send_request("job.wait", {"id": 10**9}), timeout=DEADLINE)
+        assert unknown.value.code == "UNKNOWN_JOB", unknown.value
 
 
 def test_an_unknown_parameter_of_a_method_without_any_says_so(daemon: Any) -> None:
