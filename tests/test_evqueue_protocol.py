@@ -454,6 +454,32 @@ def test_a_synchronous_launch_that_times_out_says_so(corpus_daemon: Any) -> None
         ko(client.ask(b'<instance action="cancel" id="9999"/>'), "UNKNOWN_INSTANCE")
 
 
+def test_waits_still_pending_at_a_stop_are_answered_shutting_down(corpus_daemon: Any) -> None:
+    """An evQueue client waiting on an instance (instance wait, or a synchronous launch) when jobd stops gets an
+    error answer with jobd's code SHUTTING_DOWN, then the end of the connection; the instance is kept."""
+    seconds = b'<parameter name="seconds" value="600"/>'
+    with (
+        EvqClient(corpus_daemon.evqueue_socket) as waiting,
+        EvqClient(corpus_daemon.evqueue_socket) as launching,
+    ):
+        launched = ok(waiting.ask(b'<instance action="launch" name="slow">%s</instance>' % seconds))
+        instance_id = launched.get("workflow-instance-id", "")
+        waiting.send(b'<instance action="wait" id="%s"/>' % instance_id.encode())
+        launching.send(b'<instance action="launch" name="slow" mode="synchronous">%s</instance>' % seconds)
+        for client in (waiting, launching):
+            assert client.document().tag == "ping"  # a keep-alive: jobd is waiting on that request
+        assert corpus_daemon.stop() == 0
+        for client in (waiting, launching):
+            answers = [root for root in client.closed_after() if root.tag != "ping"]
+            assert len(answers) == 1, [etree.tostring(root) for root in answers]
+            ko(answers[0], "SHUTTING_DOWN")
+    corpus_daemon.start()
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        kept = ok(client.ask(b'<instance action="query" id="%s"/>' % instance_id.encode()))[0]
+        assert kept.get("status") == "EXECUTING", etree.tostring(kept)
+        ok(client.ask(b'<instance action="cancel" id="%s"/>' % instance_id.encode()))
+
+
 def test_killtask_stops_the_task_of_a_running_instance(corpus_daemon: Any) -> None:
     with EvqClient(corpus_daemon.evqueue_socket) as client:
         launched = ok(

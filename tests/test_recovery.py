@@ -980,6 +980,27 @@ def test_requests_still_waiting_at_a_stop_are_answered_shutting_down(jobd: Calla
     assert tries(daemon, running)[0]["outcome"] == "killed"  # stopped by the stop, and run again at this start
 
 
+def test_a_batch_still_waiting_at_a_stop_is_answered(jobd: Callable[..., Daemon]) -> None:
+    """A batch is answered once all its members are done: a member waiting at the stop is answered SHUTTING_DOWN,
+    and the batch's answer holds it beside the others'."""
+    daemon = jobd()
+    delayed = daemon.submit(command=["/bin/true"], delay=3600)["id"]
+    client = daemon.client()
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "job.wait", "params": {"id": delayed}},
+        {"jsonrpc": "2.0", "id": 2, "method": "ping"},
+    ]
+    client.send_raw(json.dumps(batch).encode() + b"\n")
+    client.call("ping")  # answered after the batch was read: its wait waits in jobd now
+    assert terminate(daemon) == 0
+    answer = client.read_line(timeout=10)
+    client.close()
+    assert isinstance(answer, list), answer
+    by_id = {member["id"]: member for member in answer}
+    assert by_id[1]["error"]["data"]["code"] == "SHUTTING_DOWN", answer
+    assert by_id[2]["result"]["pong"] is True, answer
+
+
 def test_an_http_wait_neither_holds_up_the_stop_nor_keeps_the_jobs_running(jobd: Callable[..., Daemon]) -> None:
     """The HTTP listener used to be closed first, and closing waits for the requests in flight: a job.wait there
     kept the running jobs going, unstopped, for up to a minute. The jobs are stopped first; the wait is answered
