@@ -213,8 +213,9 @@ class Daemon:
                 )
             self.engine.recover(self._recovery_progress)
             self.instances.recover()
-            self.callbacks.start()
-            self.scheduler.start()  # after recovery: a run that was going is found by its job or instance
+            if not self._stop_noted():  # else what is due waits for the next start, as the jobs put back do
+                self.callbacks.start()
+                self.scheduler.start()  # after recovery: a run that was going is found by its job or instance
         except BaseException:  # not starting after all: no socket file is left for clients to find
             await self.server.stop_listening()
             raise
@@ -229,8 +230,12 @@ class Daemon:
                 self._on_sighup()
             else:
                 self.stop_requested.set()
-        if not self.stop_requested.is_set():
-            self.engine.start_jobs()
+        if self.stop_requested.is_set():
+            # Recovery is done and kept; nothing has started, nothing is served, and systemd is not told READY=1.
+            log.info("a stop was asked for during start-up: stopping without serving")
+            await self._shutdown()
+            return
+        self.engine.start_jobs()
         await self.server.start_serving()
         self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
         self.watcher.start(loop)
@@ -277,6 +282,10 @@ class Daemon:
         if self._watchdog_timer is not None:
             self._watchdog_timer.cancel()
         log.info("stopped")
+
+    def _stop_noted(self) -> bool:
+        """Whether SIGTERM or SIGINT came during start-up (jobd.early_signals noted it)."""
+        return any(number != signal.SIGHUP for number in self._early_signals)
 
     def _recovery_progress(self, resumed: int, total: int) -> None:
         """A start-up resuming a long backlog of jobs says how far it is, and that it is still going: systemd fails a

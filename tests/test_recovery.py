@@ -271,7 +271,7 @@ def test_a_long_recovery_tells_systemd_it_is_still_going(jobd: Callable[..., Dae
 
 def test_a_stop_asked_for_during_recovery_starts_no_job(jobd: Callable[..., Daemon], tmp_path: Path) -> None:
     """A SIGTERM while a long backlog is put back is noted, not fatal; when the recovery is done jobd stops at once
-    and starts none of the jobs (it used to start a queue's worth, and SIGTERM them)."""
+    and starts none of the jobs (it used to start a queue's worth, and SIGTERM them), nor serves or says READY=1."""
     daemon = jobd("[queue.held]\npaused = true\nconcurrency = 10\n")
     ran = tmp_path / "ran"
     total = 2 * RECOVERY_STEP + 10
@@ -288,6 +288,11 @@ def test_a_stop_asked_for_during_recovery_starts_no_job(jobd: Callable[..., Daem
     assert daemon.process.wait(60) == 0, daemon.log()
     assert not ran.exists(), ran.read_text()
     assert "stopping for shutdown" not in daemon.log()
+    # It stopped without serving: systemd heard STOPPING=1, never READY=1.
+    assert daemon.notify is not None
+    daemon.notify.wait_for("STOPPING=1", timeout=5)  # sent before the exit: already queued on the socket
+    assert not any("READY=1" in message for message in daemon.notify.messages), daemon.notify.messages
+    assert "a stop was asked for during start-up: stopping without serving" in daemon.log()
 
     daemon.write_config("[queue.held]\npaused = true\n")
     start(daemon)  # every job was left where it waited, none tried
@@ -1124,14 +1129,19 @@ def test_a_sighup_while_jobd_imports_itself_does_not_kill_it(
         notify.close()
 
 
-def test_a_sigterm_while_starting_stops_jobd_once_started(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+def test_a_sigterm_while_starting_stops_jobd_without_serving(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Noted while starting, the stop comes once start-up is done, before jobd serves: STOPPING=1, never READY=1,
+    exit 0, and no socket left behind."""
     daemon = make_daemon(start=False)
     answering = signal_while_starting(daemon, signal.SIGTERM, tmp_path)
-    pump = start(daemon)
+    daemon.start(until="STOPPING=1")
     answering.join()
-    pump.wait_for("STOPPING=1")
-    assert daemon.process is not None and daemon.process.wait(30) == 0
-    pump.stop()
+    assert daemon.process is not None and daemon.process.wait(30) == 0, daemon.log()
+    assert daemon.notify is not None
+    assert not any("READY=1" in message for message in daemon.notify.messages), daemon.notify.messages
+    assert not daemon.socket_path.exists()
     daemon.stop()
 
 
