@@ -59,6 +59,7 @@ from jobd.model import (
     Outcome,
     Right,
 )
+from jobd.protocol.jsonrpc import encode_text
 from jobd.store import store_failure
 
 log = logging.getLogger("jobd.http")
@@ -257,7 +258,7 @@ class HttpApi:
         value = self._call(request, method, params)
         if asyncio.iscoroutine(value):
             value = await value
-        return web.json_response({"result": value})
+        return _json_response({"result": value})
 
     # -- Queue Server ----------------------------------------------------------------------------------------
 
@@ -295,7 +296,7 @@ class HttpApi:
         value = self._call(request, "job.submit", params)
         if asyncio.iscoroutine(value):
             value = await value
-        return web.json_response({"status": "OK", "job_id": value["id"]})
+        return _json_response({"status": "OK", "job_id": value["id"]})
 
     async def jobs_status(self, request: web.Request) -> web.Response:
         peer = _peer(request)
@@ -308,7 +309,7 @@ class HttpApi:
             working += len(queue.running)
             slots += queue.definition.concurrency
         data = {"waiting": waiting, "working": working, "max_threads": slots, "free_threads": max(0, slots - working)}
-        return web.json_response({"status": 200, "data": data})
+        return _json_response({"status": 200, "data": data})
 
     async def job_status(self, request: web.Request) -> web.Response:
         try:
@@ -323,7 +324,7 @@ class HttpApi:
         if job.state in FINISHED_STATES and job.state != JobState.SUCCEEDED:
             worker_status = 99
         data = job.to_json()
-        return web.json_response(
+        return _json_response(
             {
                 "id": job.id,
                 "worker_status": worker_status,
@@ -494,8 +495,14 @@ def _label(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _json_response(data: Any, *, status: int = 200) -> web.Response:
+    # Names the OS gave undecoded (a Latin-1 file name) as \xNN, as the socket API shows them; json.dumps would
+    # send them as JSON's \udcNN escapes, which many decoders refuse.
+    return web.json_response(data, status=status, dumps=encode_text)
+
+
 def _sse(event: _Event) -> bytes:
-    body = json.dumps(event.data, separators=(",", ":"))
+    body = encode_text(event.data)
     return f"id: {event.id}\nevent: {event.type}\ndata: {body}\n\n".encode()
 
 
@@ -539,7 +546,7 @@ async def _json_body(request: web.Request) -> Any:
 
 
 def _error(status: int, code: str, message: str, **details: Any) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message, **details}}, status=status)
+    return _json_response({"error": {"code": code, "message": message, **details}}, status=status)
 
 
 def _failure(failure: JobdError) -> web.Response:

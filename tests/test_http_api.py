@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -179,6 +180,23 @@ def test_json_endpoints(daemon: Any) -> None:
     assert status == 404 and body["error"]["code"] == "METHOD_NOT_FOUND"
     status, body = request(daemon, "POST", "/api/queue.list", None)
     assert status == 200 and any(queue["name"] == "default" for queue in body["result"]["queues"])
+
+
+def test_names_the_os_gave_undecoded_are_shown_as_over_the_socket(daemon: Any) -> None:
+    """A drop-in named in Latin-1 (`café.toml`): its name reaches the HTTP API's JSON as the socket API shows it,
+    `\\xe9`, not as JSON's `\\udce9` escape of a lone surrogate, which many decoders refuse."""
+    with open(os.fsencode(daemon.config_dir / "jobd.d") + b"/10-caf\xe9.toml", "w") as drop_in:
+        drop_in.write("[queue.latin]\nconcurrency = 1\n")
+    assert daemon.call("daemon.reload")["ok"] is True
+    connection = http.client.HTTPConnection(*address(daemon), timeout=TIMEOUT)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"}
+    connection.request("POST", "/api/daemon.status", "{}", headers)
+    raw = connection.getresponse().read()
+    connection.close()
+    assert b"\\udc" not in raw, raw
+    shown = str(daemon.config_dir / "jobd.d" / "10-caf\\xe9.toml")
+    assert shown in json.loads(raw.decode("utf-8"))["result"]["config_files"], raw
+    assert shown in daemon.call("daemon.status")["config_files"]  # the same over the socket
 
 
 def test_events_in_order_and_replayed_after_a_reconnect(daemon: Any) -> None:

@@ -174,6 +174,17 @@ def encode(message: Any) -> bytes:
         return _ENCODER.encode(_printable_values(message)).encode() + b"\n"
 
 
+def encode_text(value: Any) -> str:
+    """JSON text for `value` (compact, not ASCII-escaped) that UTF-8 can carry: names the OS gave undecoded are
+    shown as jobd.model.printable shows them (`\\xNN`), as in the socket's replies. For the HTTP API's bodies."""
+    text = _ENCODER.encode(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _ENCODER.encode(_printable_values(value))
+    return text
+
+
 def _printable_values(value: Any) -> Any:
     """`value` with every string in it made printable (jobd.model.printable), keys included."""
     if isinstance(value, str):
