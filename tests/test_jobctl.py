@@ -128,6 +128,19 @@ def on_a_terminal(daemon: Any, *args: str) -> tuple[subprocess.Popen[bytes], int
     return process, master
 
 
+def stopped_once_drawn(daemon: Any, process: subprocess.Popen[bytes], master: int, drawn: bytes) -> str:
+    """Stops jobd once jobctl has drawn `drawn` on its terminal (it draws after jobd has taken its wait in); what
+    the terminal shows by jobctl's exit."""
+    try:
+        shown = read_until(master, drawn)
+        assert daemon.stop() == 0
+        process.wait(timeout=DEADLINE)
+        shown += read_rest(master)
+    finally:
+        os.close(master)
+    return shown.decode(errors="replace")
+
+
 # -- run and submit ---------------------------------------------------------------------------------------------
 
 
@@ -342,14 +355,7 @@ def test_wait_on_a_terminal_at_a_stop_says_shutting_down(daemon: Any) -> None:
     error SHUTTING_DOWN (exit 1), not a closed connection (exit 3)."""
     job_id = daemon.submit(command=["/bin/sh", "-c", "echo %10 >&3; exec sleep 600"])["id"]
     process, master = on_a_terminal(daemon, "wait", str(job_id))
-    try:
-        shown = read_until(master, b"10% running")  # drawn once jobd has the wait (jobctl reads the job after it)
-        assert daemon.stop() == 0
-        process.wait(timeout=DEADLINE)
-        shown += read_rest(master)
-    finally:
-        os.close(master)
-    text = shown.decode(errors="replace")
+    text = stopped_once_drawn(daemon, process, master, b"10% running")
     assert process.returncode == 1, text
     assert "jobctl: SHUTTING_DOWN: " in text and "Traceback" not in text, text
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from harness import Daemon
 from lxml import etree
-from test_jobctl import Result, ctl, on_a_terminal, read_rest, read_until
+from test_jobctl import Result, ctl, on_a_terminal, read_rest, read_until, stopped_once_drawn
 from test_workflows import CORPUS, _install_corpus
 
 pytestmark = pytest.mark.timeout(60)
@@ -172,14 +172,7 @@ def test_launch_wait_on_a_terminal_at_a_stop_says_shutting_down(wf: Daemon, tmp_
     gate = tmp_path / "gate"
     os.mkfifo(gate)  # never written: the instance is still EXECUTING when jobd stops
     process, master = on_a_terminal(wf, "launch", "gated", "-p", f"gate={gate}", "--wait")
-    try:
-        terminal = read_until(master, b"% EXECUTING", timeout=20)  # drawn once jobd has the wait
-        assert wf.stop() == 0
-        process.wait(timeout=30)
-        terminal += read_rest(master)
-    finally:
-        os.close(master)
-    text = terminal.decode(errors="replace")
+    text = stopped_once_drawn(wf, process, master, b"% EXECUTING")
     assert process.returncode == 1, text
     assert "jobctl: SHUTTING_DOWN: " in text and "Traceback" not in text, text
 
