@@ -95,6 +95,7 @@ TASK_KEYS = (
     "command",
     "queue",
     "parameters",
+    "allowed_params",
     "working_dir",
     "environment",
     "timeout",
@@ -774,6 +775,44 @@ def _environment(setting: _Setting) -> Mapping[str, str]:
     return MappingProxyType(environment)
 
 
+# Variables that steer the loader, the C library, shells or interpreters: whoever sets one runs code of their
+# choosing inside the job (LD_PRELOAD, PATH, BASH_ENV, PYTHONPATH, PHPRC…). A task's allowed_params may not name
+# them. The list cannot be complete, which is why callers get only the names a task allows, not all but these.
+_STEERING_VARIABLES = frozenset(
+    {
+        "PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "PS4", "HOME", "SHELL", "TMPDIR", "CDPATH",
+        "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS", "NLSPATH", "LOCPATH", "GCONV_PATH", "GLIBC_TUNABLES",
+        "MALLOC_CHECK_", "MALLOC_TRACE", "TZDIR", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "LUA_PATH", "LUA_CPATH",
+        "PHPRC", "PHP_INI_SCAN_DIR", "OPENSSL_CONF", "OPENSSL_ENGINES", "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS",
+        "XDG_DATA_HOME", "XDG_DATA_DIRS", "EDITOR", "VISUAL", "PAGER", "BROWSER", "CURL_HOME", "WGETRC",
+    }
+)  # fmt: skip
+_STEERING_PREFIXES = ("LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "NODE_", "BASH_FUNC_", "GIT_", "SSL_", "CLASSPATH")
+
+
+def _allowed_params(mode: ParameterMode) -> Callable[[_Setting], tuple[str, ...]]:
+    def parse(setting: _Setting) -> tuple[str, ...]:
+        if mode is not ParameterMode.ENV:
+            raise setting.invalid('applies to parameters = "env" only (as arguments, params have no names to allow)')
+        names = setting.value
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise setting.expected("an array of variable names")
+        for name in names:
+            if not ENV_NAME.fullmatch(name) or name.startswith("JOBD_"):
+                raise setting.invalid(
+                    f"{json.dumps(name)} is not a name a job's params may set; allowed: A-Z a-z 0-9 _, not starting "
+                    "with a digit or with JOBD_"
+                )
+            if name in _STEERING_VARIABLES or name.startswith(_STEERING_PREFIXES):
+                raise setting.invalid(
+                    f"{json.dumps(name)} steers how programs are loaded or run: whoever may set it runs code of their "
+                    "choosing in the job; set it in the task's environment instead"
+                )
+        return tuple(names)
+
+    return parse
+
+
 # --- building the model -------------------------------------------------------------------------------------------
 
 
@@ -1020,6 +1059,7 @@ def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> T
     http = table.read("http", _http_request, None)
     if http is not None and "command" in table.settings:
         raise table.settings["command"].invalid("a task has either 'command' or 'http', not both")
+    parameters = table.read("parameters", _choice(ParameterMode), ParameterMode.ARGS)
     return TaskDef(
         name=table.key[-1],
         command=()
@@ -1029,7 +1069,8 @@ def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> T
         ),
         http=http,
         queue=table.read("queue", _defined_queue(queues), DEFAULT_QUEUE),
-        parameters=table.read("parameters", _choice(ParameterMode), ParameterMode.ARGS),
+        parameters=parameters,
+        allowed_params=table.read("allowed_params", _allowed_params(parameters), ()),
         working_dir=table.read("working_dir", _absolute_path, None),
         environment=table.read("environment", _environment, MappingProxyType({})),
         timeout=table.read("timeout", _number(0, exclusive=True), None),

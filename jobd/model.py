@@ -156,6 +156,8 @@ class TaskDef:
     command: tuple[str, ...]
     queue: str = "default"
     parameters: ParameterMode = ParameterMode.ARGS
+    # With parameters = "env": the `params` names a caller who is not an admin may set (admins may set any).
+    allowed_params: tuple[str, ...] = ()
     working_dir: str | None = None
     environment: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None

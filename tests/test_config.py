@@ -207,6 +207,7 @@ paused = true
 command = ["/bin/echo", ""]
 queue = "q"
 parameters = "env"
+allowed_params = ["EDITION", "list_2"]
 working_dir = "/srv"
 timeout = 0.5
 kill_grace = 0
@@ -235,6 +236,7 @@ on_exit_codes = [0, 255]
     task = loaded.tasks["t"]
     assert task.command == ("/bin/echo", "")
     assert (task.queue, task.parameters, task.working_dir) == ("q", ParameterMode.ENV, "/srv")
+    assert task.allowed_params == ("EDITION", "list_2")
     assert (task.timeout, task.kill_grace, task.max_output) == (0.5, 0.0, 99)
     assert dict(task.environment) == {"LANG": "C.UTF-8", "_x1": ""}
     assert task.retry == RetryPolicy(times=2, delay=0.0, backoff=1.0, on_exit_codes=(0, 255))
@@ -269,8 +271,8 @@ def test_unknown_key_lists_the_allowed_keys_and_suggests_one(tmp_path: Path) -> 
     error = load_error(tmp_path)
     assert error.message == (
         f"{path}:2: unknown key task.resize.comand (did you mean command?); allowed keys: command, queue, "
-        "parameters, working_dir, environment, timeout, kill_grace, retry, max_output, user, group, run_as, "
-        "on_success, on_failure, on_finish, http"
+        "parameters, allowed_params, working_dir, environment, timeout, kill_grace, retry, max_output, user, group, "
+        "run_as, on_success, on_failure, on_finish, http"
     )
     assert error.details["key"] == "task.resize.comand"
 
@@ -412,6 +414,30 @@ BAD_VALUES = {
         3,
         "task.t.max_output",
         "expected an integer from 0 to 9223372036854775807, got 99999999999999999999",
+    ),
+    "allowed_params of a task whose params are arguments": (
+        '[task.t]\ncommand = ["/bin/true"]\nallowed_params = ["A"]\n',
+        3,
+        "task.t.allowed_params",
+        'applies to parameters = "env" only',
+    ),
+    "allowed_params that is not an array of names": (
+        '[task.t]\ncommand = ["/bin/true"]\nparameters = "env"\nallowed_params = "A"\n',
+        4,
+        "task.t.allowed_params",
+        "expected an array of variable names",
+    ),
+    "allowed_params naming what jobd sets": (
+        '[task.t]\ncommand = ["/bin/true"]\nparameters = "env"\nallowed_params = ["A", "JOBD_QUEUE"]\n',
+        4,
+        "task.t.allowed_params",
+        '"JOBD_QUEUE" is not a name a job\'s params may set; allowed: A-Z a-z 0-9 _, not starting with a digit or',
+    ),
+    "allowed_params naming a variable that steers programs": (
+        '[task.t]\ncommand = ["/usr/bin/php"]\nparameters = "env"\nallowed_params = ["EDITION", "PHPRC"]\n',
+        4,
+        "task.t.allowed_params",
+        '"PHPRC" steers how programs are loaded or run: whoever may set it runs code of their choosing in the job',
     ),
     "an integer too large for a number of seconds": (
         '[task.t]\ncommand = ["/bin/true"]\ntimeout = 1' + "0" * 400 + "\n",

@@ -197,9 +197,16 @@ def test_running_out_of_file_descriptors_delays_jobs_instead_of_failing_them(mak
     assert "Too many open files" in daemon.log()
 
 
-def test_unprivileged_clients_cannot_set_loader_or_shell_variables(make_daemon: Any) -> None:
-    grant = '[[access.grant]]\nusers = ["nobody"]\nrights = ["read", "exec"]\ntasks = ["envtask"]\n'
-    daemon: Daemon = make_daemon(QUEUE + '[task.envtask]\ncommand = ["/usr/bin/env"]\nparameters = "env"\n' + grant)
+def test_unprivileged_clients_set_only_the_variables_a_task_allows(make_daemon: Any) -> None:
+    """A caller who is not an admin sets only the params a task's allowed_params names: any other could steer the
+    program (PHPRC made php load the caller's code, as the task's user, while only a list of such names was
+    refused). Admins may set any."""
+    grant = '[[access.grant]]\nusers = ["nobody"]\nrights = ["read", "exec"]\ntasks = ["envtask", "closed"]\n'
+    tasks = (
+        '[task.envtask]\ncommand = ["/usr/bin/env"]\nparameters = "env"\nallowed_params = ["COLOUR", "SIZE"]\n'
+        '[task.closed]\ncommand = ["/usr/bin/env"]\nparameters = "env"\n'
+    )
+    daemon: Daemon = make_daemon(QUEUE + tasks + grant)
     os.chmod(daemon.socket_path, 0o666)
     program = (
         "import json, sys\n"
@@ -217,8 +224,12 @@ def test_unprivileged_clients_cannot_set_loader_or_shell_variables(make_daemon: 
         {"task": "envtask", "params": {"LD_PRELOAD": "/tmp/evil.so"}},
         {"task": "envtask", "params": {"PATH": "/tmp"}},
         {"task": "envtask", "params": {"PYTHONPATH": "/tmp"}},
+        {"task": "envtask", "params": {"PHPRC": "/tmp", "COLOUR": "blue"}},
+        {"task": "envtask", "params": {"OPENSSL_CONF": "/tmp/evil.cnf"}},
+        {"task": "closed", "params": {"COLOUR": "blue"}},
         {"task": "envtask", "env": {"COLOUR": "blue"}},
-        {"task": "envtask", "params": {"COLOUR": "blue"}},
+        {"task": "envtask", "params": {"COLOUR": "blue", "SIZE": "25%"}},
+        {"task": "closed"},
     ]
     result = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", program,
@@ -231,6 +242,11 @@ def test_unprivileged_clients_cannot_set_loader_or_shell_variables(make_daemon: 
         check=True,
     )  # fmt: skip
     codes = json.loads(result.stdout)
-    assert codes[:4] == ["INSUFFICIENT_RIGHTS"] * 4, codes
-    assert isinstance(codes[4], int)
-    assert "COLOUR=blue" in daemon.output(daemon.wait(codes[4])["id"])
+    assert codes[:7] == ["INSUFFICIENT_RIGHTS"] * 7, codes
+    allowed, without_params = codes[7:]
+    assert isinstance(allowed, int) and isinstance(without_params, int), codes
+    output = daemon.output(daemon.wait(allowed)["id"])
+    assert "COLOUR=blue\n" in output and "SIZE=25%\n" in output, output
+    # An admin sets any name, allowed or not.
+    job = daemon.submit(task="closed", params={"PHPRC": "/etc/php"})["id"]
+    assert "PHPRC=/etc/php\n" in daemon.output(daemon.wait(job)["id"])

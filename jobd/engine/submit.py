@@ -33,17 +33,6 @@ from jobd.model import (
 
 RESERVED_ENV_PREFIX = "JOBD_"
 
-# Variables that change how the loader, the C library, shells or interpreters behave: set by someone else, they
-# run that person's code inside the job (LD_PRELOAD, PATH, BASH_ENV, PYTHONPATH…). Only admins may set them.
-_PROTECTED_ENV = frozenset(
-    {
-        "PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "PS4", "HOME", "SHELL", "TMPDIR", "CDPATH",
-        "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS", "NLSPATH", "LOCPATH", "GCONV_PATH", "GLIBC_TUNABLES",
-        "MALLOC_CHECK_", "MALLOC_TRACE", "TZDIR", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "LUA_PATH", "LUA_CPATH",
-    }
-)  # fmt: skip
-_PROTECTED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "NODE_", "BASH_FUNC_", "GIT_", "SSL_")
-
 
 @dataclass(frozen=True, slots=True)
 class SubmitRequest:
@@ -215,6 +204,8 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
     argv = task.command + request.args
     env = dict(task.environment)
     if task.parameters is ParameterMode.ENV:
+        if not peer.is_admin:
+            _check_allowed_params(task, request.params, peer)
         env.update(request.params)
     else:
         argv += tuple(request.params.values())
@@ -315,13 +306,20 @@ def _check_unprivileged_env(request: SubmitRequest, peer: Peer) -> None:
             "the admin right is missing; pass values as the task's 'params' instead",
             missing="admin",
         )
-    for name in request.params:
-        if name in _PROTECTED_ENV or name.startswith(_PROTECTED_ENV_PREFIXES):
+
+
+def _check_allowed_params(task: TaskDef, params: Mapping[str, str], peer: Peer) -> None:
+    """A caller who is not an admin sets only the variables the task allows: any other could steer the program
+    (PHPRC, LD_PRELOAD, PYTHONPATH…), and no list of those is ever complete."""
+    for name in params:
+        if name not in task.allowed_params:
+            allowed = ", ".join(task.allowed_params) or "none"
             raise InsufficientRights(
-                f"params: {access_rules.who(peer)} may not set {name!r}: it changes how programs are loaded or run "
-                f"(PATH, LD_*, PYTHON*, BASH_ENV, …); only admins may: the admin right is missing",
+                f"params: {access_rules.who(peer)} may not set {name!r} for task {task.name!r}: only the names in "
+                f"its allowed_params ({allowed}); others are for admins: the admin right is missing",
                 missing="admin",
                 param=name,
+                allowed=list(task.allowed_params),
             )
 
 
