@@ -214,6 +214,49 @@ def test_after_kill_9_finished_tasks_keep_their_results_and_a_running_one_follow
     assert outputs[1].text == "go\n"
 
 
+CLIMBING_WORKFLOW = """<workflow>
+  <parameters><parameter name="up"/></parameters>
+  <subjobs>
+    <job name="first">
+      <tasks><task name="one" path="/bin/true" queue="default"/></tasks>
+      <subjobs>
+        <job name="then">
+          <tasks>
+            <task name="two" path="/bin/echo" queue="default">
+              <input name="above"><value select="evqGetParentJob(number(evqGetWorkflowParameter('up')))/@name"/></input>
+            </task>
+          </tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_an_infinite_number_in_an_expression_aborts_its_task_and_the_restart_works(make_daemon: Any) -> None:
+    """A launch parameter of 400 digits made evqGetParentJob() raise OverflowError out of the instance's step: the
+    instance stayed EXECUTING for good, and its resumption then stopped every start of jobd. It is an error of the
+    expression: the task is aborted, the instance ends with an error, and jobd restarts."""
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 2\n", start=False)
+    daemon.write_workflows(climbing=CLIMBING_WORKFLOW)
+    daemon.start()
+    huge = daemon.call("instance.launch", {"workflow": "climbing", "parameters": {"up": "1" + "0" * 400}})
+    done = daemon.call("instance.wait", {"id": huge["id"], "timeout": 30})
+    task = _document(daemon, huge["id"]).find(".//task[@name='two']")
+    assert task is not None and task.get("status") == "ABORTED", etree.tostring(task) if task is not None else None
+    assert "is not a number of jobs to climb" in (task.get("error") or ""), etree.tostring(task)
+    assert done["status"] == "TERMINATED" and done["errors"] == 1, done
+    assert "Traceback" not in daemon.log()
+
+    daemon.stop()
+    daemon.start()  # READY=1 again
+    fine = daemon.call("instance.launch", {"workflow": "climbing", "parameters": {"up": "0"}})
+    assert daemon.call("instance.wait", {"id": fine["id"], "timeout": 30})["errors"] == 0
+    two = _document(daemon, fine["id"]).find(".//task[@name='two']")
+    assert two is not None and two.findtext("output") == "first\n", etree.tostring(two) if two is not None else None
+
+
 def test_instance_list_filters_by_workflow_and_errors(wf: Daemon) -> None:
     ok = wf.call("instance.launch", {"workflow": "trivial"})
     wf.call("instance.wait", {"id": ok["id"], "timeout": 30})

@@ -199,6 +199,13 @@ def test_parent_job_rules(root: etree._Element) -> None:
         evaluate("evqGetParentJob(3)", root, leaf)
     with pytest.raises(XPathError, match="could not find job 'nope'"):
         evaluate("evqGetParentJob('nope')", root, leaf)
+    # An infinite count (1 div 0, or a number of 400 digits from a launch parameter) is an error of the expression,
+    # not an OverflowError that left the instance stuck, and then its resumption stopped jobd's start-up.
+    for infinite in ("1 div 0", "-1 div 0", "number('1" + "0" * 400 + "')"):
+        with pytest.raises(XPathError, match="is not a number of jobs to climb"):
+            evaluate(f"evqGetParentJob({infinite})", root, leaf)
+    with pytest.raises(XPathError):
+        evaluate("evqGetParentJob(0 div 0)", root, leaf)
     # a top-level job's parent is the workflow root; a job decides with its own parent, not itself
     assert names(evaluate("evqGetParentJob()", root, EvalContext.for_node(node(root, 2), root))) == ["loopdemo"]
     assert names(evaluate("evqGetParentJob()", root, EvalContext.for_node(node(root, 7), root))) == ["list"]

@@ -729,42 +729,69 @@ class Instances:
 
     def recover(self) -> None:
         """Resume every instance that was executing when jobd stopped (after the engine has recovered its jobs)."""
-        config = self.engine.config
         now = self.clock()
         for summary, document in self.store.executing_instances():
             try:
-                machine, pending = Instance.restore(
-                    document, queues=set(config.queues), tasks=config.tasks, retry_schedules=config.retry_schedules
-                )
-            except JobdError as error:
-                log.error("instance=%d cannot be resumed: %s", summary.id, error.message)
-                self.store.save_instance(
-                    summary.id, str(InstanceStatus.TERMINATED), summary.errors + 1, now, (), document
-                )
-                continue
-            live = _Live(summary, machine)
-            self._live[summary.id] = live
-            self._publish(live, quiet=True)  # subscribers hear what changes from here on
-            actions: list[Action] = []
-            for task in pending:
-                if task.status is NodeStatus.TERMINATED:  # waiting for a retry
-                    actions.append(RetryLater(task.evqid, max(0.0, (task.retry_at or now) - now), task.retry_at or now))
+                self._resume(summary, document, now)
+            except Exception as error:  # that instance ends in error; jobd still starts, and so do the others
+                if summary.id in self._live:  # a bug in one of its steps
+                    self._broken(summary.id, error)
                     continue
-                job = self._job_or_none(task.tid)
-                if job is None:
-                    if task.status is NodeStatus.QUEUED:
-                        actions += machine.resubmit(task.evqid, now)
-                    else:
-                        actions += machine.task_ended(task.evqid, TaskResult.lost(), now)
-                elif job.state.finished:
-                    actions += machine.task_ended(task.evqid, self._result(job), now)
+                if isinstance(error, JobdError):  # its document does not fit the configuration any more
+                    log.error("instance=%d cannot be resumed: %s", summary.id, error.message)
                 else:
-                    live.jobs[task.evqid] = job.id
-                    self.engine.watch(job.id, _TaskWatcher(self, summary.id, task.evqid))
-                    if job.state is JobState.RUNNING and task.status is NodeStatus.QUEUED:
-                        actions += machine.task_started(task.evqid, job.id, now)
-            log.info("instance=%d of workflow %s resumed", summary.id, summary.workflow)
-            self._apply(live, actions)
+                    log.error("instance=%d cannot be resumed (an error in jobd): %r", summary.id, error, exc_info=error)
+                self._end_unresumed(summary, document, now)
+
+    def _end_unresumed(self, summary: InstanceSummary, document: bytes, now: float) -> None:
+        self.store.save_instance(summary.id, str(InstanceStatus.TERMINATED), summary.errors + 1, now, (), document)
+
+    def _resume(self, summary: InstanceSummary, document: bytes, now: float) -> None:
+        config = self.engine.config
+        machine, pending = Instance.restore(
+            document, queues=set(config.queues), tasks=config.tasks, retry_schedules=config.retry_schedules
+        )
+        live = _Live(summary, machine)
+        self._live[summary.id] = live
+        self._publish(live, quiet=True)  # subscribers hear what changes from here on
+        actions: list[Action] = []
+        for task in pending:
+            if task.status is NodeStatus.TERMINATED:  # waiting for a retry
+                actions.append(RetryLater(task.evqid, max(0.0, (task.retry_at or now) - now), task.retry_at or now))
+                continue
+            job = self._job_or_none(task.tid)
+            if job is None:
+                if task.status is NodeStatus.QUEUED:
+                    actions += machine.resubmit(task.evqid, now)
+                else:
+                    actions += machine.task_ended(task.evqid, TaskResult.lost(), now)
+            elif job.state.finished:
+                actions += machine.task_ended(task.evqid, self._result(job), now)
+            else:
+                live.jobs[task.evqid] = job.id
+                self.engine.watch(job.id, _TaskWatcher(self, summary.id, task.evqid))
+                if job.state is JobState.RUNNING and task.status is NodeStatus.QUEUED:
+                    actions += machine.task_started(task.evqid, job.id, now)
+        log.info("instance=%d of workflow %s resumed", summary.id, summary.workflow)
+        self._apply(live, actions)
+
+    def _supervised(self, instance_id: int, step: Callable[..., None], *args: Any) -> None:
+        """One step of an instance, on a job's news. An exception there is a bug in jobd: it ends that instance in
+        error (its jobs cancelled, its waiters answered) rather than leaving it executing for good."""
+        try:
+            step(instance_id, *args)
+        except Exception as error:
+            self._broken(instance_id, error)
+
+    def _broken(self, instance_id: int, error: Exception) -> None:
+        log.error("instance=%d ended by an error in jobd (please report it): %r", instance_id, error, exc_info=error)
+        live = self._live.get(instance_id)
+        if live is None:
+            return
+        for job_id in live.jobs.values():
+            self._cancel_job(job_id)
+        live.jobs.clear()
+        self._finished(live, InstanceFinished(InstanceStatus.TERMINATED, live.machine.errors + 1))
 
     def _job_or_none(self, job_id: int | None) -> Job | None:
         if job_id is None:
@@ -777,7 +804,8 @@ class Instances:
 
 @dataclass
 class _TaskWatcher:
-    """The engine's JobWatcher for the job of one task: knows which instance and task the job runs."""
+    """The engine's JobWatcher for the job of one task: knows which instance and task the job runs. Each call is a
+    step of that instance, run under Instances._supervised."""
 
     instances: Instances
     instance_id: int
@@ -786,10 +814,10 @@ class _TaskWatcher:
 
     def job_started(self, job: Job, pid: int) -> None:
         self.started = pid
-        self.instances._task_started(self.instance_id, self.evqid, job, pid)
+        self.instances._supervised(self.instance_id, self.instances._task_started, self.evqid, job, pid)
 
     def job_progress(self, job: Job) -> None:
-        self.instances._task_progress(self.instance_id, self.evqid, job)
+        self.instances._supervised(self.instance_id, self.instances._task_progress, self.evqid, job)
 
     def job_finished(self, job: Job) -> None:
-        self.instances._task_finished(self.instance_id, self.evqid, job)
+        self.instances._supervised(self.instance_id, self.instances._task_finished, self.evqid, job)

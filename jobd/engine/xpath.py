@@ -409,7 +409,7 @@ def evaluate(expression: str, node: etree._Element, context: EvalContext) -> XPa
         raise
     except etree.XPathError as error:
         raise XPathError(f"XPath expression error in '{expression}': {error}") from None
-    except (ValueError, TypeError) as error:  # what an evq function raised about its arguments
+    except (ValueError, TypeError, ArithmeticError) as error:  # what an evq function raised about its arguments
         raise XPathError(f"XPath expression error in '{expression}': {error}") from None
     if isinstance(result, int) and not isinstance(result, bool):
         return float(result)
@@ -571,7 +571,9 @@ def _walk_up(job: etree._Element, which: Any) -> etree._Element:
     if which is None:
         return job
     if isinstance(which, float):
-        for _ in range(int(number_value(which))):
+        if not math.isfinite(which):  # `1 div 0`, or a parameter of 400 digits, is infinite
+            raise XPathError(f"evqGetParentJob(): {string_value(which)} is not a number of jobs to climb")
+        for _ in range(int(which)):
             above = parent_job_of(job)
             if above is job:
                 raise XPathError("evqGetParentJob(): not enough parents")
