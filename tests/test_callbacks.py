@@ -55,6 +55,14 @@ class Receiver:
                 # Recorded before the answer: once jobd has exited, every request it made is in `requests`.
                 receiver.requests.put(Received(self.command, self.path, dict(self.headers.items()), body))
                 self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "/moved")
+                if path == "/endless":  # a body that never ends, until the client goes
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        while True:
+                            self.wfile.write(b"x" * 65536)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -264,6 +272,30 @@ def test_failed_deliveries_are_retried_with_backoff(make_daemon: Callable[..., D
     d.stop()
     (row,) = _rows(d)
     assert row["state"] == "delivered" and row["tries"] == 3 and row["last_error"] == "HTTP status 500"
+
+
+def test_redirects_are_failed_tries_not_followed(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:
+    """aiohttp's default followed a 302 (or 301) with a GET without the summary, and the page it landed on counted
+    as the delivery."""
+    receiver.plan["/hook"] = [302]
+    d = make_daemon("[queue.default]\n")
+    d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": receiver.url("/hook")}}]})
+    tries = [receiver.next() for _ in range(2)]
+    assert [(r.method, r.path.split("?")[0]) for r in tries] == [("POST", "/hook")] * 2, tries
+    d.stop()
+    (row,) = _rows(d)
+    assert row["state"] == "delivered" and row["tries"] == 2 and row["last_error"] == "HTTP status 302", row
+
+
+def test_an_endless_response_body_is_not_read(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:
+    """The status decides a delivery; the body was read whole into jobd's memory (3 GiB within 11 s here)."""
+    d = make_daemon("[queue.default]\n")
+    hook = {"http": {"url": receiver.url("/endless"), "timeout": 60}}
+    d.submit(command=["/bin/true"], callbacks={"on_success": [hook]})
+    assert receiver.next().path.split("?")[0] == "/endless"
+    d.stop()  # the delivery is over: recorded, not still reading
+    (row,) = _rows(d)
+    assert row["state"] == "delivered" and row["tries"] == 1, row
 
 
 def test_slow_callback_holds_no_slot(make_daemon: Callable[..., Daemon], receiver: Receiver, tmp_path: Path) -> None:

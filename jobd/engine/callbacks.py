@@ -233,13 +233,18 @@ class Callbacks:
         url = spec["url"].replace("__JOBID__", str(job.id))
         headers = {**spec.get("headers", {}), "X-Jobd-Event": delivery.event, "X-Jobd-Try": str(tries)}
         timeout = aiohttp.ClientTimeout(total=spec.get("timeout", HTTP_TIMEOUT))
+        # No redirect is followed: aiohttp would turn the POST into a GET without the summary and count the page it
+        # lands on as the delivery. A 3xx is a failed try, as any status from 300 on.
         if spec["method"] == "GET":
-            request = self._session.get(url, params={"jobid": str(job.id)}, headers=headers, timeout=timeout)
+            request = self._session.get(
+                url, params={"jobid": str(job.id)}, headers=headers, timeout=timeout, allow_redirects=False
+            )
         else:
-            request = self._session.post(url, json=summary, headers=headers, timeout=timeout)
+            request = self._session.post(url, json=summary, headers=headers, timeout=timeout, allow_redirects=False)
         try:
             async with request as response:
-                await response.read()
+                # The status decides; the body is never read: an endless (or only huge) one would be held in jobd's
+                # memory. Leaving it unread closes the connection instead of keeping it for another callback.
                 if response.status >= 300:
                     return f"HTTP status {response.status}"
         except aiohttp.ClientError as exc:
