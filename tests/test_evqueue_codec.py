@@ -628,6 +628,26 @@ def test_xpathfilter_leaves_the_response_untouched() -> None:
     assert len(root) == 2
 
 
+def test_xpathfilter_predicates_keep_their_meaning() -> None:
+    """Each predicate gets a call before it that lets the evaluation be cut short; positions and brackets inside
+    strings are untouched by it."""
+    b = b'<workflow id="2" name="b"/>\n'
+    assert serialize(apply_xpathfilter(listing(), "/response/workflow[2]")) == b
+    assert serialize(apply_xpathfilter(listing(), "(/response/workflow)[last()]")) == b
+    assert serialize(apply_xpathfilter(listing(), "/response/workflow[position() > 1][1]")) == b
+    assert serialize(apply_xpathfilter(listing(), "/response/workflow[@name != ']' and @id = '2']")) == b
+    assert serialize(apply_xpathfilter(listing(), '/response/workflow[@name = "b" or @name = "["]')) == b
+
+
+def test_an_xpathfilter_that_would_run_for_ages_is_cut_short() -> None:
+    """Nested predicates multiply: twelve levels held jobd's loop for 17 s, and each level more five times that."""
+    big = response_element("n", {"rows": 30}, [element("workflow", {"id": n, "name": str(n)}) for n in range(30)])
+    expression = "/*" + "[count(//*" * 10 + ")]" * 10
+    with pytest.raises(errors.InvalidParams, match=r"took longer than 0.5 s to evaluate: refused") as caught:
+        apply_xpathfilter(big, expression)
+    assert evqueue_code(caught.value) == "INVALID_PARAMETER"
+
+
 @pytest.mark.parametrize(
     ("expression", "message"),
     [

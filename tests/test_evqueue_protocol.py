@@ -253,7 +253,12 @@ def test_unknown_commands_and_bad_attributes_leave_the_connection_open(daemon: A
 def test_xpathfilter_selects_part_of_the_answer(daemon: Any) -> None:
     with EvqClient(daemon.evqueue_socket) as client:
         queue = client.ask(b'<queuepool action="list" xpathfilter="/response/queue[@name=\'serial\']"/>')
-    assert queue.tag == "queue" and queue.get("concurrency") == "1"
+        assert queue.tag == "queue" and queue.get("concurrency") == "1"
+        # Any client may send one: an expression that would run for ages is refused, and jobd goes on.
+        endless = ("/*" + "[count(//*|//@*" * 12 + ")]" * 12).encode()
+        refused = ko(client.ask(b'<ping xpathfilter="%s"/>' % endless), "INVALID_PARAMETER")
+        assert "took longer than 0.5 s to evaluate" in refused.get("error", "")
+        ok(client.ask(b"<ping/>"))
 
 
 @pytest.mark.parametrize(
