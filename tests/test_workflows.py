@@ -257,6 +257,42 @@ def test_an_infinite_number_in_an_expression_aborts_its_task_and_the_restart_wor
     assert two is not None and two.findtext("output") == "first\n", etree.tostring(two) if two is not None else None
 
 
+def test_an_xml_output_beyond_a_mebibyte_is_read_whole(make_daemon: Any, tmp_path: Path) -> None:
+    """The instance document keeps a mebibyte of each stream as text; an XML output used to be parsed from that
+    copy, so a valid document of 1.3 MB was "Invalid XML returned" and the workflow stopped. It is parsed whole."""
+    script = tmp_path / "list.sh"
+    script.write_text('#!/bin/sh\necho "<files>"\nseq 60000 | sed \'s/.*/<file name="f&"\\/>/\'\necho "</files>"\n')
+    script.chmod(0o755)
+    counting = f"""<workflow>
+  <subjobs>
+    <job name="make">
+      <tasks><task name="list" path="{script}" queue="default" output-method="XML"/></tasks>
+      <subjobs>
+        <job name="count">
+          <tasks>
+            <task name="show" path="/bin/echo" queue="default">
+              <input name="n"><value select="count(evqGetParentJob()/evqGetOutput('list')/files/file)"/></input>
+            </task>
+          </tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 2\n", start=False)
+    daemon.write_workflows(counting=counting)
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "counting"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 60})
+    document = _document(daemon, launched["id"])
+    listing = document.find(".//task[@name='list']")
+    assert listing is not None and listing.get("status") == "TERMINATED", etree.tostring(listing)[:500]
+    assert done["errors"] == 0, done
+    show = document.find(".//task[@name='show']")
+    assert show is not None and show.findtext("output") == "60000\n", etree.tostring(show)
+
+
 def test_instance_list_filters_by_workflow_and_errors(wf: Daemon) -> None:
     ok = wf.call("instance.launch", {"workflow": "trivial"})
     wf.call("instance.wait", {"id": ok["id"], "timeout": 30})

@@ -26,6 +26,7 @@ from lxml import etree
 from jobd import users
 from jobd.engine.core import Engine
 from jobd.engine.workflow import (
+    MAX_DOCUMENT_TEXT,
     Action,
     DequeueTask,
     Instance,
@@ -53,8 +54,6 @@ from jobd.store import InstanceFilter, Store, store_failure
 
 log = logging.getLogger("jobd.instances")
 
-MAX_DOCUMENT_OUTPUT = 1024 * 1024  # bytes of each stream of a task copied into the instance document
-TRUNCATED_MARK = b"\n...TRUNCATED...\n"
 _DONE = (NodeStatus.TERMINATED, NodeStatus.ABORTED, NodeStatus.SKIPPED)
 
 
@@ -596,34 +595,40 @@ class Instances:
         self._apply(live, live.machine.task_ended(evqid, self._result(job), self.clock()))
 
     def _result(self, job: Job) -> TaskResult:
-        streams = {
-            "stdout": self._read_stream(job, "stdout"),
-            "stderr": self._read_stream(job, "stderr"),
-            "log": self._read_stream(job, "log").decode("utf-8", "replace"),
+        streams: dict[str, Any] = {
+            # stdout whole (as kept, up to the job's max_output): an XML output is parsed from all of it. The
+            # document keeps at most MAX_DOCUMENT_TEXT bytes of each stream as text.
+            "stdout": self._read_stream(job, "stdout", None),
+            "stderr": self._read_stream(job, "stderr", MAX_DOCUMENT_TEXT),
+            "log": self._read_stream(job, "log", MAX_DOCUMENT_TEXT).decode("utf-8", "replace"),
             "started_at": job.started_at,
             "ended_at": job.finished_at,
         }
+        streams["stdout_cut"] = len(streams["stdout"]) >= job.spec.max_output and self._stdout_cut(job)
         if job.exit_code is not None:
             return TaskResult.exited(job.exit_code, **streams)
         if job.signal is not None:
             return TaskResult.killed(job.signal, **streams)
         # Never ran to an exit: cannot be started, cancelled while queued, or lost in a crash of jobd.
         why = f"{job.error or job.state}\n".encode()
-        streams["stderr"] = bytes(streams["stderr"]) + why  # type: ignore[arg-type]
+        streams["stderr"] += why
         return TaskResult.lost(**streams)
 
-    def _read_stream(self, job: Job, stream: str) -> bytes:
+    def _stdout_cut(self, job: Job) -> bool:
+        """Whether the last attempt's stdout was cut (its max_output, or a full disk), as its record says."""
+        attempts = self.store.attempts(job.id)
+        return bool(attempts) and "stdout" in (attempts[-1].cut_streams or ())
+
+    def _read_stream(self, job: Job, stream: str, most: int | None) -> bytes:
+        """The stream of the job's last attempt: all of it, or `most` bytes and one more (cut by document_text)."""
         if job.attempts == 0:
             return b""
         path = self.engine.output_path(job.id, job.attempts, stream)
         try:
             with open(path, "rb") as file:
-                data = file.read(MAX_DOCUMENT_OUTPUT + 1)
+                return file.read() if most is None else file.read(most + 1)
         except FileNotFoundError:  # output files are created on the first byte
             return b""
-        if len(data) > MAX_DOCUMENT_OUTPUT:
-            return data[:MAX_DOCUMENT_OUTPUT] + TRUNCATED_MARK
-        return data
 
     # -- events ----------------------------------------------------------------------------------------------
 

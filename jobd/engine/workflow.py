@@ -60,6 +60,10 @@ COMPAT_ENV = {"EVQUEUE_ENV": "true", "EVQUEUE_IPC_QID": "0"}  # what evQueue giv
 ABORTED_BY_USER = "Aborted on user request"
 NO_RETRY_CANCELLING = "Won't retry because workflow is cancelling"
 INVALID_XML = "Invalid XML returned"
+# The instance document keeps this much of each stream of a task as text, then TRUNCATED_MARK: it is saved whole at
+# every change of the instance. An XML output is parsed from the whole stdout (up to the job's max_output).
+MAX_DOCUMENT_TEXT = 1024 * 1024
+TRUNCATED_MARK = "\n...TRUNCATED...\n"
 UNKNOWN_QUEUE = "Unknown queue name"
 REMOTE_UNSUPPORTED = "remote execution is not supported"
 
@@ -95,6 +99,7 @@ class TaskResult:
     stdout: bytes = b""
     stderr: bytes = b""
     log: str = ""  # the fd 3 lines that were not progress, joined with their newlines
+    stdout_cut: bool = False  # the job's stdout went beyond its max_output: what is kept is not all of it
     started_at: float | None = None
     ended_at: float | None = None
     signal: int | None = None
@@ -401,17 +406,17 @@ class Instance:
         if result.signal is not None:
             output.set("signal", str(result.signal))
         if retval == 0 and task.get("output-method") == "XML":
-            self._store_xml_output(task, output, result.stdout)
+            self._store_xml_output(task, output, result)
         else:
             output.set("method", "text")
-            output.text = xml_safe_text(result.stdout) or None
+            output.text = document_text(result.stdout) or None
         if retval != 0:
             if self.cancelling:
                 task.set("error", NO_RETRY_CANCELLING)
             else:
                 self._retry_or_fail(task, retval, now)
-        etree.SubElement(task, "stderr").text = xml_safe_text(result.stderr) or None
-        etree.SubElement(task, "log").text = xml_safe_text(result.log) or None
+        etree.SubElement(task, "stderr").text = document_text(result.stderr) or None
+        etree.SubElement(task, "log").text = document_text(result.log) or None
         self._after_task_settled(_job_of_task(task))
         self._reevaluate_waiting()
         return self._settle(now)
@@ -694,15 +699,16 @@ class Instance:
 
     # ---------------------------------------------------------------------------------------- task results
 
-    def _store_xml_output(self, task: etree._Element, output: etree._Element, stdout: bytes) -> None:
+    def _store_xml_output(self, task: etree._Element, output: etree._Element, result: TaskResult) -> None:
         try:
-            document = safexml.parse(stdout, "task output")
+            document = safexml.parse(result.stdout, "task output")
         except InvalidXml:
             # The task succeeded but later tasks may need its XML: the workflow cannot go on past it.
             output.set("method", "text")
-            output.text = xml_safe_text(stdout) or None
+            output.text = document_text(result.stdout) or None
             task.set("status", NodeStatus.ABORTED)
-            task.set("error", INVALID_XML)
+            cut = f" (its output was cut at {len(result.stdout)} bytes: raise its max_output)"
+            task.set("error", INVALID_XML + (cut if result.stdout_cut else ""))
             return
         output.set("method", "xml")
         for element in document.iter():
@@ -917,6 +923,14 @@ def local_time(timestamp: float) -> str:
 # non-characters U+FFFE/U+FFFF become the replacement character. One translate() pass, whatever the size.
 _XML_SAFE = {code: 0x2400 + code for code in range(0x20) if code not in (0x09, 0x0A, 0x0D)}
 _XML_SAFE.update({0xFFFE: 0xFFFD, 0xFFFF: 0xFFFD})
+
+
+def document_text(data: bytes | str) -> str:
+    """A stream as the instance document keeps it: at most MAX_DOCUMENT_TEXT of it, made XML-safe."""
+    if len(data) > MAX_DOCUMENT_TEXT:
+        cut = data[:MAX_DOCUMENT_TEXT]
+        return xml_safe_text(cut.decode("utf-8", "replace") if isinstance(cut, bytes) else cut) + TRUNCATED_MARK
+    return xml_safe_text(data)
 
 
 def xml_safe_text(data: bytes | str) -> str:
