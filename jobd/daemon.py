@@ -203,7 +203,7 @@ class Daemon:
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         try:
             if self.http is not None:
-                await self.http.bind(self.passed.get("http"))
+                await self.http.bind(self.passed.get("http"), self.server.access)
             if self.passed:
                 log.info(
                     "socket activation: serving on %s passed by systemd",

@@ -17,7 +17,6 @@ import logging
 import os
 import pwd
 import socket
-import stat
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from jobd.model import (
     Right,
 )
 from jobd.protocol.jsonrpc import encode_text
+from jobd.server import bind_unix
 from jobd.store import store_failure
 
 log = logging.getLogger("jobd.http")
@@ -78,6 +78,27 @@ _PEER_KEY = "jobd.peer"
 _RUNNER_OPTIONS: dict[str, Any] = (
     {"handler_cancellation": True} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 9) else {}
 )
+
+
+def _address_of(server: asyncio.Server) -> str:
+    """`host:port` (`[host]:port` for IPv6) of a TCP listener, its port as bound (port 0 picks one)."""
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the limit: one 503 answer, then the end of the connection."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        body = encode_text({"error": {"code": "TOO_MANY_CONNECTIONS", "message": self.message}}).encode()
+        head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        transport.write(head.encode() + body)
+        transport.close()
 
 
 def qs_priority(value: int) -> int:
@@ -112,7 +133,12 @@ class _HttpSession:
 
 
 class HttpApi:
-    def __init__(self, api: Api, listen: tuple[str, int] | str, connection_count: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        api: Api,
+        listen: tuple[str, int] | str,
+        connection_count: Callable[[], int],
+    ) -> None:
         self.api = api
         self.listen = listen
         self.connection_count = connection_count  # the API and evQueue sockets' clients
@@ -128,6 +154,7 @@ class HttpApi:
         self._unsubscribe = api.engine.subscribe(self._on_event)
         self._unsubscribe_instances = api.instances.subscribe(self._on_instance_event)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
         self.adopted = False  # listening on a socket systemd passed (bind)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_post("/jobs/add", self.jobs_add)
@@ -140,43 +167,52 @@ class HttpApi:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    async def bind(self, passed: socket.socket | None = None) -> None:
+    async def bind(self, passed: socket.socket | None = None, access: tuple[int, int | None] = (0o660, None)) -> None:
         """Listen on `self.listen`, or on `passed`, a socket systemd handed over (jobd.activation): then served as
-        it is (its unit set its mode), `self.listen` becomes its address, and it is not unlinked on close."""
+        it is (its unit set its mode), `self.listen` becomes its address, and it is not unlinked on close. A unix
+        socket of jobd's own gets `access`, the mode and group of the API socket."""
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, **_RUNNER_OPTIONS)
         await self._runner.setup()
-        site: web.BaseSite
-        if passed is not None:
-            self.adopted = True
-            self.listen = activation.socket_address(passed)
-            site = web.SockSite(self._runner, passed)
-        elif isinstance(self.listen, str):
-            with contextlib.suppress(FileNotFoundError):
-                if _is_socket(self.listen):  # left by a jobd that died (the state lock says none is running)
-                    os.unlink(self.listen)
-            site = web.UnixSite(self._runner, self.listen)
-        else:
-            site = web.TCPSite(self._runner, self.listen[0], self.listen[1], reuse_address=True)
+        loop = asyncio.get_running_loop()
+        # aiohttp's sites would take every connection; jobd's own listener takes at most max_connections at once
+        # (connections nobody sends a request on held descriptors until jobd had none left).
         try:
-            await site.start()
+            if passed is not None:
+                self.adopted = True
+                self.listen = activation.socket_address(passed)
+                adopted = await loop.create_server(self._connection, sock=passed, start_serving=False)
+                self._listener = adopted
+                self.address = self.listen if isinstance(self.listen, str) else _address_of(adopted)
+            elif isinstance(self.listen, str):  # mode and group as the API socket's
+                self._listener = await bind_unix(self.listen, self._connection, *access)
+                self.address = self.listen
+            else:
+                host, port = self.listen
+                tcp = await loop.create_server(self._connection, host, port, reuse_address=True, start_serving=False)
+                self._listener = tcp
+                self.address = _address_of(tcp)
+            await self._listener.start_serving()
         except OSError as error:
             raise StartupError(f"cannot listen for HTTP on {self.listen} ([http] listen): {error.strerror}") from None
-        if isinstance(self.listen, str):
-            if not self.adopted:
-                os.chmod(self.listen, self.api.engine.config.daemon.socket_mode)  # as the API socket
-            self.address = self.listen
-        else:
-            sockets = self._runner.addresses
-            host, port = str(sockets[0][0]), int(sockets[0][1])
-            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _connection(self) -> asyncio.BaseProtocol:
+        """aiohttp's handler for a new connection, or, past `[daemon] max_connections` HTTP connections open at
+        once, a 503 answer and the end of the connection."""
+        assert self._runner is not None and self._runner.server is not None
+        limit = self.api.engine.config.daemon.max_connections
+        if len(self._runner.server.connections) >= limit:
+            return _Refused(f"too many connections: {limit} HTTP connections are open ([daemon] max_connections)")
+        return self._runner.server()
 
     async def close(self) -> None:
         self._unsubscribe()
         self._unsubscribe_instances()
         for client in list(self.clients):
             client.put_nowait(None)
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # ends the connections, their requests first
         if isinstance(self.listen, str) and not self.adopted:  # an adopted socket is its socket unit's
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.listen)
@@ -472,10 +508,6 @@ def _peer(request: web.Request) -> Peer:
     peer = request[_PEER_KEY]
     assert isinstance(peer, Peer)
     return peer
-
-
-def _is_socket(path: str) -> bool:
-    return stat.S_ISSOCK(os.lstat(path).st_mode)
 
 
 def _split(text: str | None) -> list[str]:

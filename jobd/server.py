@@ -95,11 +95,13 @@ class Server:
         self.login_throttle = evqueue_auth.LoginThrottle()
         # Clients whose hang-up is looked out for, from their first request that waits (Connection._hung_up).
         self._hangups: EpollSet | None = None  # made on the first
+        # The unix sockets' mode and group (bind: `[daemon] socket_mode`, `socket_group`); the HTTP one's too.
+        self.access: tuple[int, int | None] = (0o660, None)
         self.connections: set[Connection | XmlConnection] = set()
 
     async def bind(self) -> None:
         """Create the listening sockets; clients are taken only from `start_serving()` on."""
-        access = self._socket_access()
+        access = self.access = self._socket_access()
         loop = asyncio.get_running_loop()
         api, evqueue, tcp = self.passed.get("api"), self.passed.get("evqueue"), self.passed.get("tcp")
         # An adopted socket keeps the mode and group its socket unit gave it (SocketMode=, SocketGroup=).
@@ -108,13 +110,13 @@ class Server:
                 lambda: Connection(self), sock=api, start_serving=False, **_KEEP_SOCKET_FILE
             )
         else:
-            self._server = await _bind_unix(self.path, lambda: Connection(self), *access)
+            self._server = await bind_unix(self.path, lambda: Connection(self), *access)
         if evqueue is not None:
             self._evqueue_server = await loop.create_unix_server(
                 lambda: XmlConnection(self, greet=True), sock=evqueue, start_serving=False, **_KEEP_SOCKET_FILE
             )
         elif self.evqueue_path is not None:
-            self._evqueue_server = await _bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True), *access)
+            self._evqueue_server = await bind_unix(self.evqueue_path, lambda: XmlConnection(self, greet=True), *access)
         if tcp is not None:
             self._tcp_server = await loop.create_server(lambda: TcpXmlConnection(self), sock=tcp, start_serving=False)
             self.tcp_address = self.tcp_listen
@@ -210,9 +212,11 @@ class Server:
         )
 
 
-async def _bind_unix(
-    path: str, factory: Callable[[], asyncio.Protocol], mode: int, gid: int | None
+async def bind_unix(
+    path: str, factory: Callable[[], asyncio.BaseProtocol], mode: int, gid: int | None
 ) -> asyncio.AbstractServer:
+    """A unix socket born with `mode` (no window in which others could connect) and given group `gid`; a socket
+    file left by a dead jobd is replaced, a live jobd's is not. Accepts nothing before start_serving()."""
     _remove_stale_socket(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     old_umask = os.umask(0o777 & ~mode)  # the socket is born with its mode: no window in which others could connect

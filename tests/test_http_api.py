@@ -5,11 +5,13 @@ sleeps or polls."""
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import http.client
 import json
 import os
 import socket
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -288,8 +290,12 @@ def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
 
 def test_unix_socket_identifies_by_peer_credentials(make_daemon: Any, tmp_path: Any) -> None:
     path = tmp_path / "http.sock"
-    daemon = make_daemon(f'[http]\nlisten = "{path}"\n')
+    daemon = make_daemon(f'[http]\nlisten = "{path}"\n', daemon_extra='socket_group = "daemon"\nsocket_mode = 0o660')
     assert daemon.call("daemon.status")["http_listen"] == str(path)
+    # The API socket's mode and group (it had jobd's own group: the group's members could not connect).
+    info = os.stat(path)
+    assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, grp.getgrnam("daemon").gr_gid), info
+    assert info.st_gid == os.stat(daemon.socket_path).st_gid
     out = subprocess.run(
         ["curl", "-sS", "--unix-socket", str(path), "http://jobd/jobs/status"],
         check=True,
@@ -302,6 +308,29 @@ def test_unix_socket_identifies_by_peer_credentials(make_daemon: Any, tmp_path: 
         "status": 200,
         "data": {"waiting": 0, "working": 0, "max_threads": 1, "free_threads": 1},
     }
+
+
+def test_http_connections_past_max_connections_are_refused_at_once(make_daemon: Any) -> None:
+    """Connections on which nothing is sent held a descriptor each, without limit, until jobd had none left for
+    anyone. Past max_connections open HTTP connections, a new one gets 503 and is closed."""
+    daemon = make_daemon(CONFIG, daemon_extra="max_connections = 4")
+    idle = [socket.create_connection(address(daemon), timeout=TIMEOUT) for _ in range(4)]
+    try:
+        for connection in idle:  # every one is taken in: each still answers a request of its own
+            connection.sendall(b"GET /jobs/status HTTP/1.1\r\nHost: jobd\r\n\r\n")
+            assert connection.recv(65536).startswith(b"HTTP/1.1 "), connection
+        status, body = request(daemon, "POST", "/api/ping", {})
+        assert status == 503 and body["error"]["code"] == "TOO_MANY_CONNECTIONS", body
+        assert "4 HTTP connections are open ([daemon] max_connections)" in body["error"]["message"], body
+    finally:
+        for connection in idle:
+            connection.close()
+    # The room comes back as they close. Two pings on the API socket: the second is read in a loop turn after the
+    # one that saw the closes, so they are all handled by then.
+    daemon.call("ping")
+    daemon.call("ping")
+    status, body = request(daemon, "POST", "/api/ping", {})
+    assert status == 200 and body["result"]["pong"] is True, body
 
 
 def test_http_config_is_checked(tmp_path: Path) -> None:
