@@ -71,6 +71,9 @@ EVQUEUE_KEEPALIVE_INTERVAL: Final = _keepalive_interval()
 
 # Seconds a TCP client has to log in after the challenge (evQueue's network.rcv.timeout); then it is disconnected.
 LOGIN_TIMEOUT: Final = 30.0
+# TCP clients that have not logged in yet count apart from max_connections, up to this many at once: anyone who can
+# reach the port could otherwise fill max_connections and lock out the local sockets' clients, admins included.
+LOGINS_UNDER_WAY: Final = 32
 
 
 class Server:
@@ -98,6 +101,7 @@ class Server:
         # The unix sockets' mode and group (bind: `[daemon] socket_mode`, `socket_group`); the HTTP one's too.
         self.access: tuple[int, int | None] = (0o660, None)
         self.connections: set[Connection | XmlConnection] = set()
+        self.logging_in: set[TcpXmlConnection] = set()  # TCP clients before their login: not in `connections`
 
     async def bind(self) -> None:
         """Create the listening sockets; clients are taken only from `start_serving()` on."""
@@ -178,7 +182,7 @@ class Server:
         answering = [task for connection in self.connections for task in connection.answering()]
         if answering:
             await asyncio.wait(answering, timeout=STOP_ANSWER_SECONDS)
-        for connection in list(self.connections):
+        for connection in [*self.connections, *self.logging_in]:
             connection.abort()
         if self._hangups is not None:
             self._hangups.close()
@@ -200,6 +204,15 @@ class Server:
     def forget_hangup(self, fd: int) -> None:
         if self._hangups is not None:
             self._hangups.remove(fd)
+
+    def login_refusal(self) -> TooManyConnections | None:
+        """The error for a new TCP client when LOGINS_UNDER_WAY clients are still to log in."""
+        if len(self.logging_in) < LOGINS_UNDER_WAY:
+            return None
+        return TooManyConnections(
+            f"too many connections: {LOGINS_UNDER_WAY} evQueue clients are logging in on TCP; try again later",
+            limit=LOGINS_UNDER_WAY,
+        )
 
     def refusal(self) -> TooManyConnections | None:
         """The error for a new client when `[daemon] max_connections` are connected (both sockets together)."""
@@ -690,9 +703,12 @@ class XmlConnection(asyncio.Protocol):
         """Take over a connection (from connection_made, or from a Connection whose first byte was `<`)."""
         self.transport = transport
         self.peer = peer
-        self.server.connections.add(self)
+        self._join()
         self.evqueue.connected()
         self._counted = True
+
+    def _join(self) -> None:
+        self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:
@@ -858,7 +874,7 @@ class TcpXmlConnection(XmlConnection):
         transport.set_write_buffer_limits(high=MAX_UNSENT)
         peer_name = transport.get_extra_info("peername")
         self._address = str(peer_name[0]) if peer_name else "?"
-        refusal = self.server.refusal()
+        refusal = self.server.login_refusal()
         if refusal is not None:  # a KO response where the challenge would be, then the end
             self.transport = transport
             transport.write(evqueue.response_error(self.evqueue.node, refusal))
@@ -869,8 +885,12 @@ class TcpXmlConnection(XmlConnection):
         self._send(evqueue_auth.challenge_document(self.evqueue.node, self._challenge))
         self._timer = asyncio.get_running_loop().call_later(LOGIN_TIMEOUT, self._login_timed_out)
 
+    def _join(self) -> None:
+        self.server.logging_in.add(self)  # counted against max_connections once logged in
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self.server.logging_in.discard(self)
         super().connection_lost(exc)
 
     def _answer_backlog(self) -> None:
@@ -904,9 +924,15 @@ class TcpXmlConnection(XmlConnection):
         user = tcp.users.get(login)
         if evqueue_auth.verify(user, self._challenge, request.attributes.get("response", "")):
             assert user is not None
-            self._logged_in = True
             self._cancel_timer()
             self.server.login_throttle.succeeded(self._address)
+            self.server.logging_in.discard(self)
+            refusal = self.server.refusal()
+            if refusal is not None:  # logged in, but max_connections clients are connected
+                self._refuse_login(refusal)
+                return
+            self.server.connections.add(self)
+            self._logged_in = True
             self.peer = Peer(uid=-1, gid=-1, pid=0, is_admin=user.admin, user=user.name, groups=user.groups)
             log.info("evQueue login as %s from %s (%s)", user.name, self._address, "ADMIN" if user.admin else "USER")
             self._send(self.evqueue.greeting(self.peer))

@@ -8,6 +8,7 @@ socket with a deadline; nothing sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -28,6 +29,7 @@ from jobd import config
 from jobd.errors import ConfigError
 from jobd.protocol.evqueue import XmlFramer
 from jobd.protocol.evqueue_auth import LoginThrottle, expected_response, verify
+from jobd.server import LOGINS_UNDER_WAY
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,6 +190,28 @@ def test_an_admin_logs_in_and_is_served(tcp_daemon: Daemon) -> None:
         pong = client.ask(b"<ping/>")
         assert pong.get("status") == "OK", etree.tostring(pong)
         assert client.ask(b"<control action='reload'/>").get("status") == "OK"
+
+
+def test_clients_that_do_not_log_in_cannot_lock_out_the_local_sockets(make_daemon: Any) -> None:
+    """A TCP client counts against max_connections only once logged in: those still to log in (anyone who can
+    reach the port) have LOGINS_UNDER_WAY places of their own, and filled max_connections before, refusing the local
+    sockets' clients, root included."""
+    daemon: Daemon = make_daemon('[tcp]\nlisten = "127.0.0.1:0"\n' + USERS, daemon_extra="max_connections = 3")
+    address = tcp_address(daemon)
+    with contextlib.ExitStack() as held:
+        silent = [held.enter_context(TcpClient(address)) for _ in range(LOGINS_UNDER_WAY)]  # each got its challenge
+        assert all(client.challenge.get("challenge") for client in silent)
+        assert daemon.call("ping")["pong"] is True  # the API socket still takes clients
+        one_more = held.enter_context(contextlib.closing(socket.create_connection(address, timeout=DEADLINE)))
+        refused = etree.fromstring(one_more.recv(1 << 16))
+        assert refused.get("error-code") == "TOO_MANY_CONNECTIONS", etree.tostring(refused)
+        assert f"{LOGINS_UNDER_WAY} evQueue clients are logging in on TCP" in refused.get("error", "")
+        # Logged in, a client takes one of max_connections: with the three taken, the fourth login is refused.
+        local = [held.enter_context(daemon.client()) for _ in range(2)]
+        assert all(client.call("ping")["pong"] for client in local)
+        assert silent[0].login("admin", "admin").get("status") == "OK"
+        refused = silent[1].login("admin", "admin")
+        assert refused.get("error-code") == "TOO_MANY_CONNECTIONS" and silent[1].closed(), etree.tostring(refused)
 
 
 def test_every_connection_gets_a_new_challenge(tcp_daemon: Daemon) -> None:
@@ -459,13 +483,16 @@ def test_docs_describe_every_tcp_key() -> None:
     assert missing == [] and "printf %s 'secret' \\| sha1sum" in text
 
 
-def test_over_max_connections_a_tcp_client_gets_a_refusal_instead_of_the_challenge(make_daemon: Any) -> None:
+def test_over_max_connections_a_tcp_login_is_refused(make_daemon: Any) -> None:
+    """A logged-in TCP client takes one of max_connections; one more is challenged (it does not count until it has
+    logged in) and its login is answered TOO_MANY_CONNECTIONS, then the connection ends."""
     daemon: Daemon = make_daemon('[tcp]\nlisten = "127.0.0.1:0"\n' + USERS, daemon_extra="max_connections = 1")
     address = tcp_address(daemon)  # daemon.call's own connection has ended by now
     with TcpClient(address) as first:
-        assert first.challenge.tag == "auth"
-        with TcpClient(address) as second:  # the constructor reads the first document: here the refusal
-            refusal = second.challenge
+        assert first.login("admin", "admin").get("status") == "OK"
+        with TcpClient(address) as second:
+            assert second.challenge.tag == "auth"
+            refusal = second.login("admin", "admin")
             assert refusal.tag == "response" and refusal.get("status") == "KO"
             assert refusal.get("error-code") == "TOO_MANY_CONNECTIONS", etree.tostring(refusal)
             assert second.closed()
