@@ -26,7 +26,7 @@ import sdnotify
 from jobd import __version__, activation, config, logline, proc
 from jobd import early_signals as jobd_early_signals
 from jobd.api import Api
-from jobd.engine.callbacks import SHUTDOWN_GRACE as CALLBACKS_SHUTDOWN_GRACE
+from jobd.engine.callbacks import SHUTDOWN_TAKES as CALLBACKS_SHUTDOWN_TAKES
 from jobd.engine.callbacks import Callbacks
 from jobd.engine.core import Engine
 from jobd.engine.http_task import load_aiohttp
@@ -275,7 +275,7 @@ class Daemon:
             # Only now: closing waits for the requests in flight, and a job.wait there waited for a job the stop
             # had not stopped yet (up to aiohttp's minute), while the jobs ran on. They are answered by now.
             await self.http.close()
-        self._stop_takes(CALLBACKS_SHUTDOWN_GRACE)
+        self._stop_takes(CALLBACKS_SHUTDOWN_TAKES)
         await self.callbacks.close()
         await self.server.close_connections()
         self.store.close()

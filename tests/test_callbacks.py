@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import queue
+import select
 import sqlite3
 import sys
 import threading
@@ -296,6 +297,49 @@ def test_an_endless_response_body_is_not_read(make_daemon: Callable[..., Daemon]
     d.stop()  # the delivery is over: recorded, not still reading
     (row,) = _rows(d)
     assert row["state"] == "delivered" and row["tries"] == 1, row
+
+
+def test_an_exec_callback_running_at_a_stop_is_ended_and_not_counted(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """It got SIGTERM and jobd exited at once: one that ignored it ran on, an orphan, and the next start ran it
+    again beside it. jobd now waits for its end (SIGKILL after a second); its try is not counted, and it runs
+    again at the next start."""
+    started, done, again = tmp_path / "started", tmp_path / "done", tmp_path / "again"
+    os.mkfifo(started)
+    os.mkfifo(again)
+    script = (
+        f'if [ -e "{done}" ]; then echo again > "{again}"; exit 0; fi; '
+        f'trap "" TERM; echo $$ > "{started}"; exec sleep 600'
+    )
+    d = make_daemon(
+        f"""
+        [queue.default]
+
+        [task.t]
+        command = ["/bin/true"]
+        on_finish = [{{ exec = ["/bin/sh", "-c", {json.dumps(script)}] }}]
+        """
+    )
+    d.submit(task="t")
+    with open(started) as fifo:  # the callback runs (and ignores SIGTERM, as does the sleep it becomes)
+        pid = int(fifo.read())
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert d.stop() == 0
+        ended, _, _ = select.select([pidfd], [], [], 0)  # a pidfd is readable once its process has exited
+        assert ended, f"the callback (pid {pid}) outlived jobd"
+    finally:
+        os.close(pidfd)
+    (row,) = _rows(d)
+    assert (row["state"], row["tries"]) == ("pending", 0), row
+    done.touch()
+    d.start()
+    with open(again) as fifo:  # run again, under way: the stop lets it end and records it
+        assert fifo.read() == "again\n"
+    d.stop()
+    (row,) = _rows(d)
+    assert (row["state"], row["tries"]) == ("delivered", 1), row
 
 
 def test_slow_callback_holds_no_slot(make_daemon: Callable[..., Daemon], receiver: Receiver, tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ HTTP_TIMEOUT = 30.0  # default seconds for one HTTP try
 EXEC_TIMEOUT = 300.0  # seconds an exec callback may run before it is stopped (a failed try)
 EXEC_OUTPUT = 64 * 1024  # bytes of an exec callback's output kept
 SHUTDOWN_GRACE = 5.0  # seconds a stopping jobd lets deliveries under way finish; the rest stay pending
+STOP_KILL_GRACE = 1.0  # then an exec callback still running gets SIGTERM, and SIGKILL this much later
+SHUTDOWN_TAKES = SHUTDOWN_GRACE + STOP_KILL_GRACE + 1.0  # close() at most, the reaping included
 _HTTP_KEYS = ("url", "method", "headers", "timeout")
 
 
@@ -139,7 +141,7 @@ class Callbacks:
         self.clock = clock
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._children: dict[int, Child] = {}
+        self._children: dict[int, tuple[Child, asyncio.Future[ExitInfo]]] = {}  # exec callbacks running, and their ends
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
         engine.finish_listeners.append(self._job_finished)
@@ -288,7 +290,7 @@ class Callbacks:
                 ended.set_result(info)
 
         child = Child.spawn(launch, loop, on_exit=exited, on_progress=_ignore, on_log=_ignore, on_output=_nothing)
-        self._children[delivery.id] = child
+        self._children[delivery.id] = (child, ended)
         try:
             try:
                 info = await asyncio.wait_for(asyncio.shield(ended), EXEC_TIMEOUT)
@@ -323,11 +325,18 @@ class Callbacks:
         tasks = list(self._tasks.values())
         if tasks:  # deliveries under way get a moment to end (and be recorded) before they are abandoned
             await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
-        for child in list(self._children.values()):
-            child.stop(1.0)
+        # An exec callback still running is stopped, and waited for: left to run, it would outlive jobd and run again,
+        # beside itself, at the next start. Its delivery is abandoned first, so that the stop does not count as one
+        # of its tries: it stays pending as it was.
+        ends = []
+        for child, ended in list(self._children.values()):
+            child.stop(STOP_KILL_GRACE)
+            ends.append(ended)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if ends:
+            await asyncio.wait(ends)  # SIGKILL after STOP_KILL_GRACE: not long
         if self._session is not None:
             await self._session.close()
             self._session = None
