@@ -345,6 +345,22 @@ def test_a_run_going_at_kill_9_gets_its_result_from_the_recovered_job(sched: Any
     assert crash["last_run_id"] == run and crash["last_result"] == job["state"] and crash["state"] == "waiting"
 
 
+def test_a_run_that_failed_while_jobd_was_down_suspends_its_schedule(sched: Any, tmp_path: Path) -> None:
+    """on_failure = "suspend" held only for a run that ended while jobd ran: one found failed at the start (lost in
+    a crash here) left the schedule waiting."""
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("crash", "task:gated", "* * * * *", parameters={"lock": gate.path}, on_failure="suspend"))
+    run = daemon.call("schedule.trigger", {"name": "crash"})["run_id"]
+    kill9(daemon)
+    gate.release()
+    start(daemon)
+    assert daemon.wait(run)["state"] == "failed"  # recovered as a lost attempt; no retry policy: it has ended
+    crash = listed(daemon, "crash")
+    assert (crash["state"], crash["suspended"], crash["next_run"]) == ("suspended", True, None), crash
+    assert crash["last_run_id"] == run and crash["last_result"] == "failed", crash
+    assert "its last run ended while jobd was down: failed" in daemon.log()
+
+
 # -- reload ------------------------------------------------------------------------------------------------------
 
 

@@ -197,26 +197,33 @@ class Scheduler:
             try:
                 summary = self.instances.summary(run_id)
             except UnknownInstance:
-                self._set(schedule, last_result=LOST)
+                self._ended_while_down(schedule, LOST)
                 return
             if summary.ended_at is None:
                 log.info("schedule %s: its instance=%d is still executing; followed to its end", name, run_id)
                 schedule.runs[run_id] = "instance"
                 self._follow_instance(name, run_id)
             else:
-                self._set(schedule, last_result=SUCCEEDED if summary.errors == 0 else FAILED)
+                self._ended_while_down(schedule, SUCCEEDED if summary.errors == 0 else FAILED)
             return
         try:
             job = self.engine.get(run_id)
         except UnknownJob:
-            self._set(schedule, last_result=LOST)
+            self._ended_while_down(schedule, LOST)
             return
         if job.state.finished:
-            self._set(schedule, last_result=_job_result(job))
+            self._ended_while_down(schedule, _job_result(job))
         else:
             log.info("schedule %s: its job=%d is still %s; followed to its end", name, run_id, job.state)
             schedule.runs[run_id] = "job"
             self.engine.watch(run_id, _RunWatcher(self, name))
+
+    def _ended_while_down(self, schedule: _Schedule, result: str) -> None:
+        """Record the result of a run that ended while jobd was down (or stopping), as _run_ended would have."""
+        self._set(schedule, last_result=result)
+        if result != SUCCEEDED:
+            log.warning("schedule %s: its last run ended while jobd was down: %s", schedule.definition.name, result)
+            self._failed(schedule)
 
     def _start_up(self, schedule: _Schedule, now: float) -> None:
         definition = schedule.definition
