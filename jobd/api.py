@@ -30,7 +30,16 @@ from jobd.engine.instances import InstanceEvent, Instances, task_json
 from jobd.engine.queues import QueueRuntime
 from jobd.engine.scheduler import Scheduler
 from jobd.engine.submit import Peer, SubmitRequest, resolve
-from jobd.errors import InsufficientRights, InvalidParams, MethodNotFound, UnknownWorkflow
+from jobd.errors import (
+    InsufficientRights,
+    InvalidParams,
+    JobdError,
+    MethodNotFound,
+    UnknownQueue,
+    UnknownSchedule,
+    UnknownTask,
+    UnknownWorkflow,
+)
 from jobd.model import (
     MAX_PAGE,
     MAX_PRIORITY,
@@ -257,18 +266,48 @@ class Api:
             )
         params = Params(method, raw_params)
         target = audit.JSONRPC_MUTATING.get(method)
-        if target is None:  # read-only: not audited
-            return handler(self, session, params)
-        # The one place every mutating method is audited, refusals and failures included.
-        return audit.call_jsonrpc(
-            self.engine.store,
-            session.peer,
-            method,
-            target,
-            raw_params,
-            lambda: handler(self, session, params),
-            session.after_reply,
-        )
+        try:
+            if target is None:  # read-only: not audited
+                return handler(self, session, params)
+            # The one place every mutating method is audited, refusals and failures included.
+            return audit.call_jsonrpc(
+                self.engine.store,
+                session.peer,
+                method,
+                target,
+                raw_params,
+                lambda: handler(self, session, params),
+                session.after_reply,
+            )
+        except UNKNOWN_NAME as error:
+            raise as_seen_by(self, session.peer, error) from None
+
+
+# An unknown name's error lists the names that exist (`defined tasks: …`): to an admin all of them, to anyone else
+# only those it has a right on, as its lists show. A peer learns no more from a typo, or from a wildcard grant
+# (`news*`) that lets an unknown name through the rights check, than it may see anyway.
+UNKNOWN_NAME = (UnknownTask, UnknownWorkflow, UnknownQueue, UnknownSchedule)
+_KIND_OF_UNKNOWN: dict[type[JobdError], ObjectKind] = {
+    UnknownTask: ObjectKind.TASK,
+    UnknownWorkflow: ObjectKind.WORKFLOW,
+    UnknownQueue: ObjectKind.QUEUE,
+}
+
+
+def as_seen_by(api: Api, peer: Peer, error: JobdError) -> JobdError:
+    """`error` (one of UNKNOWN_NAME) with its list of defined names cut to those `peer` may see."""
+    if peer.is_admin:
+        return error
+    if isinstance(error, UnknownSchedule):
+        visible = [s["name"] for s in api.scheduler.list() if may_schedule(api, peer, Right.READ, s)]
+    else:
+        kind = _KIND_OF_UNKNOWN[type(error)]
+        rules = api.engine.config.access
+        names = error.details.get("allowed") or []
+        visible = [name for name in names if any(access.may(rules, peer, right, kind, name) for right in Right)]
+    head, _, listed = error.message.partition("; defined ")
+    message = f"{head}; defined {listed.partition(':')[0]}: {', '.join(visible) or '(none)'}" if listed else head
+    return type(error)(message, **{**error.details, "allowed": visible})
 
 
 # -- methods ----------------------------------------------------------------------------------------------------
@@ -835,6 +874,8 @@ def _schedule_name(api: Api, session: Session, p: Params, right: Right) -> str:
     if session.peer.is_admin:
         return name
     schedule = api.scheduler.describe(name)  # UNKNOWN_SCHEDULE for a name that is not one
+    if not may_schedule(api, session.peer, Right.READ, schedule):  # as if it were not one: see as_seen_by
+        raise UnknownSchedule(f"unknown schedule {name!r}; defined schedules: ", schedule=name)
     if not may_schedule(api, session.peer, right, schedule):
         target = schedule["target"]
         raise InsufficientRights(

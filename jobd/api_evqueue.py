@@ -20,7 +20,7 @@ from typing import Any, Final
 from lxml import etree
 
 from jobd import __version__, audit, safexml
-from jobd.api import Api, check_instance, check_launch, once_durable
+from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch, once_durable
 from jobd.engine import access
 from jobd.engine.submit import Peer
 from jobd.errors import JobdError, TimedOut, UnknownWorkflow
@@ -117,7 +117,10 @@ class EvQueue:
     def _execute(self, peer: Peer, request: xml.Request) -> Result:
         command = xml.decode_command(request)
         check_rights(self.api, peer, command)
-        return HANDLERS[type(command)](self, peer, command)
+        try:
+            return HANDLERS[type(command)](self, peer, command)
+        except UNKNOWN_NAME as error:
+            raise as_seen_by(self.api, peer, error) from None
 
     def _serialize(self, root: etree._Element, xpathfilter: str | None) -> bytes:
         if xpathfilter is not None:

@@ -57,6 +57,14 @@ command = ["/bin/echo", "secret"]
 command = ["/bin/sleep", "60"]
 queue = "ops"
 
+[schedule.nightly-secret]
+task = "secret"
+calendar = "0 0 1 1 *"
+
+[schedule.yearly-report]
+task = "report"
+calendar = "0 0 1 1 *"
+
 [access]
 admins = {{ users = ["root"], groups = ["{PREFIX}admins"] }}
 
@@ -275,6 +283,30 @@ def test_lists_show_only_what_a_user_may_read(jobd: Daemon, users: dict[str, Any
     assert [q["name"] for q in bob[4]["queues"]] == ["ops"] and alice[4]["queues"] == []
     assert "config_files" not in alice[4]
     assert {job["task"] for job in jobd.call("job.list", {})["jobs"]} == {"report", "secret", "slow", None}
+
+
+def test_unknown_names_are_told_only_as_far_as_a_user_may_see(jobd: Daemon, users: dict[str, Any]) -> None:
+    """An unknown name's error lists the names that exist: to a user who is not an admin only those it may see (it
+    listed all of them, also when a wildcard grant let the unknown name through the rights check)."""
+    alice = calls(
+        jobd,
+        users["alice"],
+        [
+            ("instance.launch", {"workflow": "wf-zzz"}),  # wf-* lets the name through the rights check
+            ("schedule.trigger", {"name": "nosuch"}),
+            ("schedule.trigger", {"name": "nightly-secret"}),  # there, but alice may not see it: as if it were not
+        ],
+    )
+    assert [answer["code"] for answer in alice] == ["UNKNOWN_WORKFLOW", "UNKNOWN_SCHEDULE", "UNKNOWN_SCHEDULE"], alice
+    assert alice[0]["message"].endswith("; defined workflows: wf-a, wf-slow"), alice[0]
+    assert alice[1]["message"] == "unknown schedule 'nosuch'; defined schedules: yearly-report", alice[1]
+    assert alice[2]["message"] == "unknown schedule 'nightly-secret'; defined schedules: yearly-report", alice[2]
+    _, bob = xml_session(jobd, users["bob"], '<workflow action="get" id="99"/>')
+    assert bob.get("error-code") == "UNKNOWN_WORKFLOW", etree.tostring(bob)
+    assert bob.get("error", "").endswith("; defined workflows: (none)"), etree.tostring(bob)
+    # An admin is told every name.
+    everything = calls(jobd, users["dave"], [("schedule.trigger", {"name": "nosuch"})])[0]
+    assert everything["message"].endswith("defined schedules: nightly-secret, yearly-report"), everything
 
 
 def test_a_key_answers_only_to_those_who_may_read_its_job(jobd: Daemon, users: dict[str, Any]) -> None:
