@@ -622,11 +622,11 @@ class Store:
         return int(self._connection.execute(_COUNT_FINISHED).fetchone()[0])
 
     def finished_before(self, moment: float, limit: int) -> list[int]:
-        """Up to `limit` finished jobs that finished before `moment`, oldest first."""
+        """Up to `limit` finished jobs that finished before `moment`, oldest first (none with callbacks pending)."""
         return [row[0] for row in self._connection.execute(_FINISHED_BEFORE, (moment, limit))]
 
     def oldest_finished(self, count: int) -> list[int]:
-        """The `count` finished jobs that finished first."""
+        """The `count` finished jobs that finished first (none with callbacks pending)."""
         return [row[0] for row in self._connection.execute(_OLDEST_FINISHED, (count,))]
 
     def delete_jobs(self, ids: Sequence[int]) -> None:
@@ -641,8 +641,9 @@ class Store:
                 CallbackRow.delete().where(CallbackRow.job_id.in_(ids[start : start + 500])).execute()
 
     def oldest_finished_at(self) -> float | None:
-        found = self._connection.execute(_OLDEST_FINISHED_AT).fetchone()[0]
-        return None if found is None else float(found)
+        """When the finished job that can expire first finished (none with callbacks pending)."""
+        found = self._connection.execute(_OLDEST_FINISHED_AT).fetchone()
+        return None if found is None else float(found[0])
 
     # -- workflow instances ----------------------------------------------------------------------------------
 
@@ -1118,10 +1119,17 @@ def _row_maker(columns: tuple[str, ...]) -> Callable[[Iterable[Any]], Any]:
 
 
 _COUNT_FINISHED = f'SELECT COUNT(*) FROM "job" WHERE {_FINISHED}'
-_OLDEST_FINISHED_AT = f'SELECT MIN("finished_at") FROM "job" WHERE {_FINISHED}'
+# A finished job whose callbacks are still to be delivered is kept until they are (delivered or failed for good): a
+# delivery needs the job. With keep_last = 0 every job went before its first delivery, which then never happened.
+_EXPIRABLE = (
+    f"{_FINISHED} AND NOT EXISTS "
+    """(SELECT 1 FROM "callback" WHERE "callback"."job_id" = "job"."id" AND "callback"."state" = 'pending')"""
+)
 _OLDEST_FIRST = 'ORDER BY "finished_at", "id" LIMIT ?'
-_FINISHED_BEFORE = f'SELECT "id" FROM "job" WHERE {_FINISHED} AND "finished_at" < ? {_OLDEST_FIRST}'
-_OLDEST_FINISHED = f'SELECT "id" FROM "job" WHERE {_FINISHED} {_OLDEST_FIRST}'
+# In the order of the finish-time index, to the first that may expire (MIN() would look at every finished job).
+_OLDEST_FINISHED_AT = f'SELECT "finished_at" FROM "job" WHERE {_EXPIRABLE} ORDER BY "finished_at" LIMIT 1'
+_FINISHED_BEFORE = f'SELECT "id" FROM "job" WHERE {_EXPIRABLE} AND "finished_at" < ? {_OLDEST_FIRST}'
+_OLDEST_FINISHED = f'SELECT "id" FROM "job" WHERE {_EXPIRABLE} {_OLDEST_FIRST}'
 
 _NO_RETRY = RetryPolicy()
 _NO_RETRY_JSON = json.dumps(_NO_RETRY.to_json())  # most jobs: worth not encoding it again on every submit

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from recovery.support import wait_for_log
 
+from jobd.client import RemoteError
 from tests.harness import Daemon
 
 TIMEOUT = 30
@@ -236,11 +237,12 @@ def test_exec_callback_output_is_kept_beside_the_job_and_expires_with_it(
     assert not (d.state_dir / "callbacks").exists()
 
 
-def test_a_callback_still_running_when_its_job_expires_leaves_no_output_behind(
+def test_a_job_whose_callback_runs_expires_once_it_is_delivered_output_and_all(
     make_daemon: Callable[..., Daemon],
 ) -> None:
-    # The job expires (keep_last = 1, the next job finished) while its callback sleeps; the callback's output then
-    # made the job's output directory anew, and nothing removed it again.
+    # keep_last = 1: the next job's end expired the first while its callback slept; the callback's output then made
+    # the job's output directory anew, and nothing removed it again. The job is now kept until its delivery is
+    # done, and then expires with all its output.
     slow = json.dumps(["/bin/sh", "-c", "sleep 1; echo late"])
     d = make_daemon(
         f'[queue.default]\nconcurrency = 1\n[task.quick]\ncommand = ["/bin/true"]\non_finish = [{{ exec = {slow} }}]\n',
@@ -249,9 +251,14 @@ def test_a_callback_still_running_when_its_job_expires_leaves_no_output_behind(
     first = d.submit(task="quick")["id"]
     assert d.wait(first)["state"] == "succeeded"
     second = d.submit(task="quick")["id"]
-    assert d.wait(second)["state"] == "succeeded"  # the first job expires now, its callback still asleep
+    assert d.wait(second)["state"] == "succeeded"
+    assert d.call("job.get", {"id": first})["state"] == "succeeded"  # kept: its callback is still asleep
+    wait_for_log(d, f"job={first} on_finish callback")  # its delivery ended (then its job expires, in a later turn)
+    d.call("ping")
+    with pytest.raises(RemoteError) as gone:
+        d.call("job.get", {"id": first})
+    assert gone.value.code == "UNKNOWN_JOB"
     assert d.stop() == 0  # deliveries under way end first (docs/jobs.md)
-    assert "delivered (try 1)" in d.log()
     assert sorted(p.name for p in (d.state_dir / "output").iterdir()) == [str(second)]
 
 
@@ -340,6 +347,23 @@ def test_an_exec_callback_running_at_a_stop_is_ended_and_not_counted(
     d.stop()
     (row,) = _rows(d)
     assert (row["state"], row["tries"]) == ("delivered", 1), row
+
+
+def test_a_job_is_kept_until_its_callbacks_are_delivered(
+    make_daemon: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    """With keep_last = 0 a job expired as it finished, before its first delivery, which then never happened (and
+    was logged as failed after 8 tries). It is kept until its deliveries are done, then expires."""
+    d = make_daemon("[queue.default]\n", daemon_extra="history = { keep_last = 0 }")
+    job = d.submit(command=["/bin/true"], callbacks={"on_finish": [{"http": {"url": receiver.url("/done")}}]})["id"]
+    assert receiver.next().json()["id"] == job
+    d.stop()
+    assert f"job={job} on_finish callback 'POST {receiver.url('/done')}' delivered (try 1)" in d.log(), d.log()
+    assert "given up" not in d.log() and "failed for good" not in d.log()
+    d.start()  # the rules apply at the start: the job, its delivery done, is not kept
+    with pytest.raises(RemoteError) as gone:
+        d.call("job.get", {"id": job})
+    assert gone.value.code == "UNKNOWN_JOB"
 
 
 def test_slow_callback_holds_no_slot(make_daemon: Callable[..., Daemon], receiver: Receiver, tmp_path: Path) -> None:

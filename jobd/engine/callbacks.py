@@ -194,20 +194,22 @@ class Callbacks:
             job = self.engine.get(delivery.job_id)
         except UnknownJob:
             job = None
-        if job is None:
-            error: str | None = "the job has expired from the history"
-            tries = MAX_TRIES
-        else:
-            summary = self._summary(job)
-            try:
-                if "exec" in delivery.spec:
-                    error = await self._exec(delivery, job, summary, tries)
-                else:
-                    error = await self._http(delivery, job, summary, tries)
-            except (TimeoutError, OSError, SpawnError, ValueError) as exc:
-                error = _failure(exc)
-        now = self.clock()
         what = f"job={delivery.job_id} {delivery.event} callback {delivery.target!r}"
+        if job is None:  # retention keeps a job until its deliveries are done: gone by other means
+            delivery = _replace(delivery, state="failed", next_try_at=None, last_error="the job is gone")
+            log.warning("%s given up: the job is gone from the history", what)
+            self.store.record_callback_try(delivery)
+            return
+        summary = self._summary(job)
+        error: str | None
+        try:
+            if "exec" in delivery.spec:
+                error = await self._exec(delivery, job, summary, tries)
+            else:
+                error = await self._http(delivery, job, summary, tries)
+        except (TimeoutError, OSError, SpawnError, ValueError) as exc:
+            error = _failure(exc)
+        now = self.clock()
         if error is None:
             delivery = _replace(delivery, state="delivered", tries=tries, next_try_at=None, delivered_at=now)
             log.info("%s delivered (try %d)", what, tries)
@@ -219,8 +221,11 @@ class Callbacks:
             delivery = _replace(delivery, tries=tries, next_try_at=now + delay, last_error=error)
             log.info("%s: try %d failed (%s); next in %gs", what, tries, error, delay)
         self.store.record_callback_try(delivery)
-        if delivery.state == "pending" and not self._closing:
-            self._arm(delivery)
+        if delivery.state == "pending":
+            if not self._closing:
+                self._arm(delivery)
+        elif not self._closing:  # done: its job may expire now, if the history's rules no longer keep it
+            self.engine.history.rearm()
 
     def _summary(self, job: Job) -> dict[str, Any]:
         attempts = self.store.attempts(job.id)
