@@ -71,6 +71,15 @@ def _handler(state: WebServer) -> type[BaseHTTPRequestHandler]:
                         return
                 elif parts.path.startswith("/echo"):
                     body = json.dumps({"path": self.path, "body": seen.body.decode()}).encode()
+                elif parts.path == "/partial":  # the first line of the body, then the rest once released
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(b"first line\nsecond line\n")))
+                    self.end_headers()
+                    self.wfile.write(b"first line\n")
+                    self.wfile.flush()
+                    if state.release.acquire(timeout=HOLD_LIMIT) and not state.closing.is_set():
+                        self.wfile.write(b"second line\n")
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("X-Test", "yes")
@@ -212,7 +221,8 @@ def test_connection_refused_fails_the_attempt(server: Any, web: WebServer) -> No
 
 def test_job_timeout_and_http_timeout(server: Any, web: WebServer) -> None:
     job = server.submit(http={"url": f"{web.url}/hold"}, timeout=0.5)
-    assert server.wait(job["id"])["state"] == "timed_out"
+    timed_out = server.wait(job["id"])
+    assert timed_out["state"] == "timed_out" and "cancelled" not in (timed_out["error"] or ""), timed_out
     job = server.submit(http={"url": f"{web.url}/hold", "timeout": 0.5})
     done = server.wait(job["id"])
     assert done["state"] == "failed"
@@ -224,7 +234,20 @@ def test_cancel_while_the_server_holds_the_request(server: Any, web: WebServer) 
     web.arrivals.get(timeout=20)
     done = server.call("job.cancel", {"id": job["id"]})
     assert done["state"] == "cancelled", done
-    assert "cancelled" in server.output(job["id"], "stderr")
+    assert "HTTP request stopped by jobd" in server.output(job["id"], "stderr")
+
+
+def test_the_body_can_be_followed_while_it_comes(server: Any, web: WebServer) -> None:
+    """The body was written to the job's stdout only once the request had ended: job.output showed nothing while
+    it ran. It is written as it comes."""
+    job = server.submit(http={"url": f"{web.url}/partial"})["id"]
+    web.arrivals.get(timeout=20)
+    chunk = server.call("job.output", {"id": job, "stream": "stdout", "wait": True})
+    assert chunk["data"] == "first line\n" and not chunk["complete"], chunk
+    assert server.call("job.get", {"id": job})["state"] == "running"
+    web.release.release()
+    assert server.wait(job)["state"] == "succeeded"
+    assert server.output(job) == "first line\nsecond line\n"
 
 
 def test_a_queue_of_one_runs_http_jobs_one_at_a_time(server: Any, web: WebServer) -> None:

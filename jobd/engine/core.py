@@ -566,7 +566,8 @@ class Engine:
             stderr_bytes=info.stderr_bytes,
             truncated=bool(info.cut_streams),
             cut_streams=info.cut_streams,
-            error=running.child.error if isinstance(running.child, HttpRequest) else None,
+            # A request jobd stopped (its time limit, a cancel, a stop) says so by its outcome, as a program does.
+            error=running.child.error if isinstance(running.child, HttpRequest) and not running.stopped else None,
         )
         starts: list[_Start] = []
         try:

@@ -170,9 +170,10 @@ class HttpRequest:
     async def _run(self) -> None:
         import aiohttp  # loaded by the caller's ClientSession already: see the module's docstring
 
-        body = bytearray()
+        kept = 0  # bytes of the body written to the stdout file, as they came (job.output follows them)
+        stdout_whole = True  # no write of it failed (a full disk)
         head = ""
-        stderr_whole = True  # no write of it failed (a full disk)
+        stderr_whole = True
         size = 0
         exit_code: int | None = None
         try:
@@ -195,9 +196,10 @@ class HttpRequest:
                         head = "\n".join(lines) + "\n"
                         stderr_whole = self._write(self._stderr_path, head.encode())
                         async for chunk in response.content.iter_chunked(_CHUNK):
-                            room = self._max_output - len(body)
-                            if room > 0:
-                                body += chunk[:room]
+                            room = self._max_output - kept
+                            if room > 0 and stdout_whole:
+                                stdout_whole = self._write(self._stdout_path, chunk[:room])
+                                kept += min(room, len(chunk)) if stdout_whole else 0
                             size += len(chunk)
                         expected = request["expect_status"]
                         ok = response.status in expected if expected is not None else 200 <= response.status < 300
@@ -210,11 +212,10 @@ class HttpRequest:
                 self.error = f"HTTP request timed out after {timeout:g}s"
             except (aiohttp.ClientError, OSError, ValueError) as error:
                 self.error = f"HTTP request failed: {type(error).__name__}: {error}"
-        except asyncio.CancelledError:
-            self.error = "HTTP request cancelled"
+        except asyncio.CancelledError:  # stop(): the engine's time limit, a cancel or a stop, as its outcome says
+            self.error = "HTTP request stopped by jobd"
         if self.error is not None:
             stderr_whole &= self._write(self._stderr_path, (("\n" if head else "") + self.error + "\n").encode())
-        stdout_whole = self._write(self._stdout_path, bytes(body))
         # What was kept, as for a program's streams (the response's own size is `size`).
         stdout_size, stderr_size = (
             os.path.getsize(path) if os.path.exists(path) else 0 for path in (self._stdout_path, self._stderr_path)
@@ -228,7 +229,7 @@ class HttpRequest:
                 max_rss_kib=0,
                 stdout_bytes=stdout_size,
                 stderr_bytes=stderr_size,
-                cut_streams=(("stdout",) if size > len(body) or not stdout_whole else ())
+                cut_streams=(("stdout",) if size > kept or not stdout_whole else ())
                 + (() if stderr_whole else ("stderr",)),
             )
         )
