@@ -873,9 +873,18 @@ def _schedule_name(api: Api, session: Session, p: Params, right: Right) -> str:
     p.done()
     if session.peer.is_admin:
         return name
-    schedule = api.scheduler.describe(name)  # UNKNOWN_SCHEDULE for a name that is not one
-    if not may_schedule(api, session.peer, Right.READ, schedule):  # as if it were not one: see as_seen_by
-        raise UnknownSchedule(f"unknown schedule {name!r}; defined schedules: ", schedule=name)
+    try:
+        schedule: Mapping[str, Any] | None = api.scheduler.describe(name)
+    except UnknownSchedule:
+        schedule = None
+    if schedule is None or not may_schedule(api, session.peer, Right.READ, schedule):
+        # Rights before names, as for tasks and workflows: whether it exists, and what it starts, are not told.
+        raise InsufficientRights(
+            f"{access.who(session.peer)} may not {right} schedule {name}: the {right} right is missing",
+            missing=str(right),
+            kind="schedule",
+            name=name,
+        )
     if not may_schedule(api, session.peer, right, schedule):
         target = schedule["target"]
         raise InsufficientRights(

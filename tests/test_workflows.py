@@ -214,24 +214,28 @@ def test_after_kill_9_finished_tasks_keep_their_results_and_a_running_one_follow
     assert outputs[1].text == "go\n"
 
 
-CLIMBING_WORKFLOW = """<workflow>
-  <parameters><parameter name="up"/></parameters>
+def first_then(first: str, then: str, parameters: str = "") -> str:
+    """A workflow of two jobs, `first` then `then`, each with one task (their <task> elements)."""
+    declared = "".join(f'<parameter name="{name}"/>' for name in parameters.split())
+    return f"""<workflow>
+  <parameters>{declared}</parameters>
   <subjobs>
     <job name="first">
-      <tasks><task name="one" path="/bin/true" queue="default"/></tasks>
-      <subjobs>
-        <job name="then">
-          <tasks>
-            <task name="two" path="/bin/echo" queue="default">
-              <input name="above"><value select="evqGetParentJob(number(evqGetWorkflowParameter('up')))/@name"/></input>
-            </task>
-          </tasks>
-        </job>
-      </subjobs>
+      <tasks>{first}</tasks>
+      <subjobs><job name="then"><tasks>{then}</tasks></job></subjobs>
     </job>
   </subjobs>
 </workflow>
 """
+
+
+CLIMBING_WORKFLOW = first_then(
+    '<task name="one" path="/bin/true" queue="default"/>',
+    """<task name="two" path="/bin/echo" queue="default">
+      <input name="above"><value select="evqGetParentJob(number(evqGetWorkflowParameter('up')))/@name"/></input>
+    </task>""",
+    parameters="up",
+)
 
 
 def test_an_infinite_number_in_an_expression_aborts_its_task_and_the_restart_works(make_daemon: Any) -> None:
@@ -263,23 +267,12 @@ def test_an_xml_output_beyond_a_mebibyte_is_read_whole(make_daemon: Any, tmp_pat
     script = tmp_path / "list.sh"
     script.write_text('#!/bin/sh\necho "<files>"\nseq 60000 | sed \'s/.*/<file name="f&"\\/>/\'\necho "</files>"\n')
     script.chmod(0o755)
-    counting = f"""<workflow>
-  <subjobs>
-    <job name="make">
-      <tasks><task name="list" path="{script}" queue="default" output-method="XML"/></tasks>
-      <subjobs>
-        <job name="count">
-          <tasks>
-            <task name="show" path="/bin/echo" queue="default">
-              <input name="n"><value select="count(evqGetParentJob()/evqGetOutput('list')/files/file)"/></input>
-            </task>
-          </tasks>
-        </job>
-      </subjobs>
-    </job>
-  </subjobs>
-</workflow>
-"""
+    counting = first_then(
+        f'<task name="list" path="{script}" queue="default" output-method="XML"/>',
+        """<task name="show" path="/bin/echo" queue="default">
+      <input name="n"><value select="count(evqGetParentJob()/evqGetOutput('list')/files/file)"/></input>
+    </task>""",
+    )
     daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 2\n", start=False)
     daemon.write_workflows(counting=counting)
     daemon.start()
