@@ -625,9 +625,10 @@ class Store:
         """Up to `limit` finished jobs that finished before `moment`, oldest first (none with callbacks pending)."""
         return [row[0] for row in self._connection.execute(_FINISHED_BEFORE, (moment, limit))]
 
-    def oldest_finished(self, count: int) -> list[int]:
-        """The `count` finished jobs that finished first (none with callbacks pending)."""
-        return [row[0] for row in self._connection.execute(_OLDEST_FINISHED, (count,))]
+    def oldest_finished(self, count: int, limit: int) -> list[int]:
+        """Up to `limit` of the `count` finished jobs that finished first, skipping those with callbacks pending: a
+        job kept for its callbacks is one of those `count`, not a reason to take a job that finished after them."""
+        return [row[0] for row in self._connection.execute(_OLDEST_FINISHED, (count, limit))]
 
     def delete_jobs(self, ids: Sequence[int]) -> None:
         """Delete jobs with their attempts and callback deliveries, in one transaction."""
@@ -1129,7 +1130,11 @@ _OLDEST_FIRST = 'ORDER BY "finished_at", "id" LIMIT ?'
 # In the order of the finish-time index, to the first that may expire (MIN() would look at every finished job).
 _OLDEST_FINISHED_AT = f'SELECT "finished_at" FROM "job" WHERE {_EXPIRABLE} ORDER BY "finished_at" LIMIT 1'
 _FINISHED_BEFORE = f'SELECT "id" FROM "job" WHERE {_EXPIRABLE} AND "finished_at" < ? {_OLDEST_FIRST}'
-_OLDEST_FINISHED = f'SELECT "id" FROM "job" WHERE {_EXPIRABLE} {_OLDEST_FIRST}'
+_OLDEST_FINISHED = (
+    f'SELECT "id" FROM (SELECT "id" FROM "job" WHERE {_FINISHED} {_OLDEST_FIRST}) AS "oldest" WHERE NOT EXISTS '
+    """(SELECT 1 FROM "callback" WHERE "callback"."job_id" = "oldest"."id" AND "callback"."state" = 'pending') """
+    "LIMIT ?"
+)
 
 _NO_RETRY = RetryPolicy()
 _NO_RETRY_JSON = json.dumps(_NO_RETRY.to_json())  # most jobs: worth not encoding it again on every submit

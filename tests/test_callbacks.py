@@ -366,6 +366,26 @@ def test_a_job_is_kept_until_its_callbacks_are_delivered(
     assert gone.value.code == "UNKNOWN_JOB"
 
 
+def test_a_job_kept_for_its_callback_does_not_push_out_a_newer_one(
+    make_daemon: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    """keep_last = 2: a job kept for its callback counted among the finished jobs, and a job among the last two
+    was expired in its place (its output gone as it finished). The newest two stay; the kept one goes once its
+    delivery is done."""
+    receiver.plan["/hook"] = [500]  # the first try fails; the second, a second later, is the delivery
+    d = make_daemon("[queue.default]\n", daemon_extra="history = { keep_last = 2 }")
+    first = d.submit(command=["/bin/true"], callbacks={"on_finish": [{"http": {"url": receiver.url("/hook")}}]})["id"]
+    assert receiver.next().headers["X-Jobd-Try"] == "1"
+    later = [d.wait(d.submit(command=["/bin/echo", "result"])["id"])["id"] for _ in range(2)]
+    d.call("ping")  # the trim after their ends has run
+    assert [job["id"] for job in d.call("job.list", {})["jobs"]] == [*reversed(later), first]
+    assert d.output(later[0]) == "result\n"
+    assert receiver.next().headers["X-Jobd-Try"] == "2"
+    wait_for_log(d, "delivered (try 2)")
+    d.call("ping")  # the trim after the delivery has run
+    assert [job["id"] for job in d.call("job.list", {})["jobs"]] == list(reversed(later))
+
+
 def test_slow_callback_holds_no_slot(make_daemon: Callable[..., Daemon], receiver: Receiver, tmp_path: Path) -> None:
     fifo = str(tmp_path / "release")
     os.mkfifo(fifo)

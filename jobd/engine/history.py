@@ -122,7 +122,7 @@ class HistoryKeeper:
                 self._finished = self._store.finished_count()
             excess = self._finished - self._rules.keep_last
             if excess > len(doomed):  # the oldest finishes, which begin with those too old already
-                doomed = self._store.oldest_finished(min(excess, TRIM_BATCH))
+                doomed = self._store.oldest_finished(excess, TRIM_BATCH)
         # Output first: a crash between the two then leaves rows without output, about to go anyway, rather than
         # output directories that no row names and nothing would ever remove.
         for job_id in doomed:

@@ -27,6 +27,7 @@ from jobd import users
 from jobd.engine.core import Engine
 from jobd.engine.workflow import (
     MAX_DOCUMENT_TEXT,
+    MAX_DOCUMENT_XML,
     Action,
     DequeueTask,
     Instance,
@@ -596,9 +597,9 @@ class Instances:
 
     def _result(self, job: Job) -> TaskResult:
         streams: dict[str, Any] = {
-            # stdout whole (as kept, up to the job's max_output): an XML output is parsed from all of it. The
-            # document keeps at most MAX_DOCUMENT_TEXT bytes of each stream as text.
-            "stdout": self._read_stream(job, "stdout", None),
+            # An XML output is parsed from up to MAX_DOCUMENT_XML bytes (one more tells a larger one); the document
+            # keeps at most MAX_DOCUMENT_TEXT bytes of each stream as text.
+            "stdout": self._read_stream(job, "stdout", MAX_DOCUMENT_XML),
             "stderr": self._read_stream(job, "stderr", MAX_DOCUMENT_TEXT),
             "log": self._read_stream(job, "log", MAX_DOCUMENT_TEXT).decode("utf-8", "replace"),
             "started_at": job.started_at,
@@ -619,14 +620,14 @@ class Instances:
         attempts = self.store.attempts(job.id)
         return bool(attempts) and "stdout" in (attempts[-1].cut_streams or ())
 
-    def _read_stream(self, job: Job, stream: str, most: int | None) -> bytes:
-        """The stream of the job's last attempt: all of it, or `most` bytes and one more (cut by document_text)."""
+    def _read_stream(self, job: Job, stream: str, most: int) -> bytes:
+        """The stream of the job's last attempt: at most `most` bytes and one more (a longer one is cut later)."""
         if job.attempts == 0:
             return b""
         path = self.engine.output_path(job.id, job.attempts, stream)
         try:
             with open(path, "rb") as file:
-                return file.read() if most is None else file.read(most + 1)
+                return file.read(most + 1)
         except FileNotFoundError:  # output files are created on the first byte
             return b""
 

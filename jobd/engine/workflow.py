@@ -60,9 +60,11 @@ COMPAT_ENV = {"EVQUEUE_ENV": "true", "EVQUEUE_IPC_QID": "0"}  # what evQueue giv
 ABORTED_BY_USER = "Aborted on user request"
 NO_RETRY_CANCELLING = "Won't retry because workflow is cancelling"
 INVALID_XML = "Invalid XML returned"
-# The instance document keeps this much of each stream of a task as text, then TRUNCATED_MARK: it is saved whole at
-# every change of the instance. An XML output is parsed from the whole stdout (up to the job's max_output).
+# The instance document is saved whole at every change of the instance, so what it holds of task outputs is bounded:
+# this much of each stream as text, then TRUNCATED_MARK; an XML output (parsed, for later tasks to query) up to
+# MAX_DOCUMENT_XML bytes, a larger one is refused by name (15 MB of XML held jobd's loop ~1 s at each save).
 MAX_DOCUMENT_TEXT = 1024 * 1024
+MAX_DOCUMENT_XML = 4 * 1024 * 1024
 TRUNCATED_MARK = "\n...TRUNCATED...\n"
 UNKNOWN_QUEUE = "Unknown queue name"
 REMOTE_UNSUPPORTED = "remote execution is not supported"
@@ -700,15 +702,21 @@ class Instance:
     # ---------------------------------------------------------------------------------------- task results
 
     def _store_xml_output(self, task: etree._Element, output: etree._Element, result: TaskResult) -> None:
+        why = ""
+        if len(result.stdout) > MAX_DOCUMENT_XML:
+            why = f" (more than the {MAX_DOCUMENT_XML} bytes of XML an instance document keeps of an output)"
+        elif result.stdout_cut:
+            why = f" (its output was cut at {len(result.stdout)} bytes: raise its max_output)"
         try:
+            if why:
+                raise InvalidXml(why)
             document = safexml.parse(result.stdout, "task output")
         except InvalidXml:
             # The task succeeded but later tasks may need its XML: the workflow cannot go on past it.
             output.set("method", "text")
             output.text = document_text(result.stdout) or None
             task.set("status", NodeStatus.ABORTED)
-            cut = f" (its output was cut at {len(result.stdout)} bytes: raise its max_output)"
-            task.set("error", INVALID_XML + (cut if result.stdout_cut else ""))
+            task.set("error", INVALID_XML + why)
             return
         output.set("method", "xml")
         for element in document.iter():
