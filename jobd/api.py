@@ -732,7 +732,7 @@ def _workflow(api: Api, session: Session, p: Params) -> WorkflowDef:
     definition = api.engine.config.workflows.get(name)
     if definition is None:
         known = sorted(api.engine.config.workflows)
-        raise UnknownWorkflow(f"no workflow {name!r}; workflows: {', '.join(known) or 'none'}", allowed=known)
+        raise UnknownWorkflow(f"no workflow {name!r}; defined workflows: {', '.join(known) or 'none'}", allowed=known)
     return definition
 
 

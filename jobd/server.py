@@ -549,7 +549,11 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
             return
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError:  # the client has reset the connection already: nothing more to send it
+                self.transport.abort()
+                return
         self.transport.resume_reading()
         if self._input_ended:
             self.transport.close()
@@ -832,7 +836,11 @@ class XmlConnection(asyncio.Protocol):
         if self._linger is not None or self.transport.is_closing():
             return
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError:  # the client has reset the connection already: nothing more to send it
+                self.transport.abort()
+                return
         if self._input_ended:
             self.transport.close()
             return
@@ -875,11 +883,13 @@ class TcpXmlConnection(XmlConnection):
         peer_name = transport.get_extra_info("peername")
         self._address = str(peer_name[0]) if peer_name else "?"
         refusal = self.server.login_refusal()
-        if refusal is not None:  # a KO response where the challenge would be, then the end
+        if refusal is not None:  # a KO response where the challenge would be, then the end, at once
+            # Not the lingering close of the unix sockets: anyone who can reach the port could hold a descriptor
+            # for each refused connection that way, until jobd had none left.
             self.transport = transport
             transport.write(evqueue.response_error(self.evqueue.node, refusal))
             self._refusing = True
-            self._lingering_close()
+            transport.close()  # the answer is sent first
             return
         self.adopt(transport, self.peer)
         self._send(evqueue_auth.challenge_document(self.evqueue.node, self._challenge))

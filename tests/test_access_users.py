@@ -296,11 +296,14 @@ def test_unknown_names_are_told_only_as_far_as_a_user_may_see(jobd: Daemon, user
             ("instance.launch", {"workflow": "wf-zzz"}),  # wf-* lets the name through the rights check
             ("schedule.trigger", {"name": "nosuch"}),
             ("schedule.trigger", {"name": "nightly-secret"}),  # there, but alice may not see it
+            ("workflow.get", {"name": "wf-zzz"}),
         ],
     )
-    assert [answer["code"] for answer in alice] == ["UNKNOWN_WORKFLOW", "INSUFFICIENT_RIGHTS", "INSUFFICIENT_RIGHTS"]
+    codes = ["UNKNOWN_WORKFLOW", "INSUFFICIENT_RIGHTS", "INSUFFICIENT_RIGHTS", "UNKNOWN_WORKFLOW"]
+    assert [answer["code"] for answer in alice] == codes, alice
     assert alice[0]["message"].endswith("; defined workflows: wf-a, wf-slow"), alice[0]
-    for answer, name in zip(alice[1:], ("nosuch", "nightly-secret"), strict=True):
+    assert alice[3]["message"] == "no workflow 'wf-zzz'; defined workflows: wf-a, wf-slow", alice[3]
+    for answer, name in zip(alice[1:3], ("nosuch", "nightly-secret"), strict=True):
         assert answer["message"].endswith(f"may not exec schedule {name}: the exec right is missing"), answer
     _, bob = xml_session(jobd, users["bob"], '<workflow action="get" id="99"/>')
     assert bob.get("error-code") == "UNKNOWN_WORKFLOW", etree.tostring(bob)
