@@ -24,6 +24,7 @@ from lxml import etree
 from jobd import safexml
 from jobd.errors import FrameTooLarge, InvalidParams, InvalidXml, JobdError, UnknownCommand
 from jobd.model import OBJECT_NAME, OBJECT_NAME_RULE
+from jobd.xpathlex import XPathError, tokenize
 
 MAX_FRAME: Final = 1024 * 1024  # bytes in one request document, from its first `<` to the `>` closing its root
 MAX_DEPTH: Final = 64  # elements nested in a request; evQueue's requests use two levels
@@ -877,11 +878,14 @@ def greeting(node: str, profile: str, version: str, now: datetime, modules: Iter
     return serialize(ready)
 
 
-# An xpathfilter comes from any client, and XPath's nested predicates multiply: twelve `[count(/*/@*[...` levels
-# held the loop for 17 s. Each predicate is preceded by a call that lets the evaluation run this long, no longer (the
-# loop waits meanwhile; a legitimate filter takes well under a millisecond).
+# An xpathfilter comes from any client, and XPath can be made to work for ages: nested predicates multiply (twelve
+# `[count(/*/@*[...` levels held the loop 17 s), and so do chained steps (`//*/following::*/following::*...` on a
+# long list: 27 s). Every step is given a predicate that keeps every node but looks at the clock, so the evaluation
+# ends once it has run this long (the loop waits meanwhile; a legitimate filter takes well under a millisecond).
 XPATHFILTER_SECONDS: Final = 0.5
 _TICK_NAMESPACE: Final = "urn:jobd:xpathfilter"
+_TICK: Final = "[jobd:tick()]"
+_NODE_TYPE_TESTS: Final = frozenset({"node", "text", "comment", "processing-instruction"})
 
 
 class _XPathFilterTooSlow(Exception):
@@ -889,20 +893,29 @@ class _XPathFilterTooSlow(Exception):
 
 
 def _ticking(expression: str) -> str:
-    """`expression` with `[jobd:tick()]` before each predicate: `a[1]` becomes `a[jobd:tick()][1]`, the same nodes
-    (a predicate that keeps every node leaves their positions as they were), with a call per node tested. Brackets
-    inside string literals (XPath's have no escapes) are left alone."""
-    pieces: list[str] = []
-    quote = ""
-    for char in expression:
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char == "[":
-            pieces.append("[jobd:tick()]")
-        pieces.append(char)
-    return "".join(pieces)
+    """`expression` with `[jobd:tick()]` after each step's node test: `a/b[1]` becomes
+    `a[jobd:tick()]/b[jobd:tick()][1]`, the same nodes (a predicate that keeps every node leaves their positions as
+    they were), with a call per node each step yields. Works on XPath's tokens, so strings are left alone."""
+    try:
+        tokens = tokenize(expression)
+    except XPathError:
+        return expression  # lxml refuses it, with its own message
+    after: list[int] = []  # offsets in `expression` to insert a tick at
+    open_node_tests: list[bool] = []  # for each `(` open: whether it belongs to a node type test (text() ...)
+    for index, token in enumerate(tokens):
+        if token.kind == "name":  # a name test (`x`, `*`, `ns:x`, the name after `@` or an axis)
+            after.append(token.end)
+        elif token.kind == "(":
+            previous = tokens[index - 1] if index else None
+            is_node_test = previous is not None and previous.kind == "function" and previous.text in _NODE_TYPE_TESTS
+            open_node_tests.append(is_node_test)
+        elif token.kind == ")" and open_node_tests and open_node_tests.pop():
+            after.append(token.end)
+    pieces, start = [], 0
+    for offset in after:
+        pieces += [expression[start:offset], _TICK]
+        start = offset
+    return "".join(pieces) + expression[start:]
 
 
 def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._Element:
