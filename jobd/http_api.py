@@ -17,6 +17,7 @@ import logging
 import os
 import pwd
 import socket
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ log = logging.getLogger("jobd.http")
 
 EVENT_RING = 10_000  # events kept for a reconnect with Last-Event-ID (docs/http.md)
 MAX_BODY = 1024 * 1024
+
+
+def _first_request_seconds() -> float:
+    # JOBD_HTTP_FIRST_REQUEST_SECONDS is for tests only (docs/http.md): they cannot wait 30 s per idle connection.
+    try:
+        value = float(os.environ.get("JOBD_HTTP_FIRST_REQUEST_SECONDS", ""))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
+
+FIRST_REQUEST_SECONDS = _first_request_seconds()  # a connection that sends no request within this long is closed
 QS_DEFAULT_PRIORITY = 500  # Queue Server's default; higher runs sooner there
 SSE_QUEUE = 10_000  # events pending for one slow SSE client before it is cut off
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
@@ -155,6 +168,8 @@ class HttpApi:
         self._unsubscribe_instances = api.instances.subscribe(self._on_instance_event)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
+        self._accepted = 0  # connections taken in this turn of the loop, before aiohttp counts them (see _connection)
+        self._served: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # connections a request came on
         self.adopted = False  # listening on a socket systemd passed (bind)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_post("/jobs/add", self.jobs_add)
@@ -197,12 +212,29 @@ class HttpApi:
 
     def _connection(self) -> asyncio.BaseProtocol:
         """aiohttp's handler for a new connection, or, past `[daemon] max_connections` HTTP connections open at
-        once, a 503 answer and the end of the connection."""
+        once, a 503 answer and the end of the connection. One that sends no request within FIRST_REQUEST_SECONDS is
+        closed: idle connections would keep the places of those that have requests."""
         assert self._runner is not None and self._runner.server is not None
         limit = self.api.engine.config.daemon.max_connections
-        if len(self._runner.server.connections) >= limit:
+        # aiohttp counts a connection once its connection_made has run, in a later turn of the loop than this one:
+        # the connections taken in one batch of accepts are counted here until then.
+        if len(self._runner.server.connections) + self._accepted >= limit:
             return _Refused(f"too many connections: {limit} HTTP connections are open ([daemon] max_connections)")
-        return self._runner.server()
+        loop = asyncio.get_running_loop()
+        if not self._accepted:
+            loop.call_soon(loop.call_soon, self._counted_by_aiohttp)  # after the connection_made calls now due
+        self._accepted += 1
+        handler = self._runner.server()
+        loop.call_later(FIRST_REQUEST_SECONDS, self._close_if_idle, handler)
+        return handler
+
+    def _counted_by_aiohttp(self) -> None:
+        self._accepted = 0
+
+    def _close_if_idle(self, handler: asyncio.BaseProtocol) -> None:
+        transport = getattr(handler, "transport", None)  # None once the connection is over
+        if transport is not None and transport not in self._served:
+            transport.close()
 
     async def close(self) -> None:
         self._unsubscribe()
@@ -232,6 +264,8 @@ class HttpApi:
             response.headers["WWW-Authenticate"] = 'Bearer realm="jobd"'
             return response
         request[_PEER_KEY] = peer
+        if request.transport is not None:
+            self._served.add(request.transport)
         self.active += 1
         try:
             return await handler(request)

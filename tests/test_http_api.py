@@ -333,6 +333,29 @@ def test_http_connections_past_max_connections_are_refused_at_once(make_daemon: 
     assert status == 200 and body["result"]["pong"] is True, body
 
 
+def test_idle_connections_are_closed_and_a_burst_gets_no_more_than_max_connections(make_daemon: Any) -> None:
+    """A connection that sends no request is closed after FIRST_REQUEST_SECONDS (here 1 s): idle ones kept the
+    places of clients with requests, for good. And a burst of connections taken in one turn of jobd's loop was
+    counted only afterwards: 35 held places with max_connections = 20."""
+    daemon = make_daemon(CONFIG, daemon_extra="max_connections = 20", start=False)
+    daemon.env["JOBD_HTTP_FIRST_REQUEST_SECONDS"] = "1"
+    daemon.start()
+    burst = [socket.create_connection(address(daemon), timeout=TIMEOUT) for _ in range(40)]
+    answers = []
+    for connection in burst:
+        data = b""
+        while chunk := connection.recv(65536):  # to the end: a refusal at once, or the close of an idle one
+            data += chunk
+        answers.append(data)
+        connection.close()
+    refused = [data for data in answers if data.startswith(b"HTTP/1.1 503")]
+    assert len(refused) >= 20 and all(data in refused or data == b"" for data in answers), answers
+    daemon.call("ping")
+    daemon.call("ping")  # the closes are handled: the places are free again
+    status, body = request(daemon, "POST", "/api/ping", {})
+    assert status == 200 and body["result"]["pong"] is True, body
+
+
 def test_http_config_is_checked(tmp_path: Path) -> None:
     (tmp_path / "jobd.toml").write_text(
         '[http]\nlisten = "8080"\n[http.tokens.app]\ntoken_sha256 = "' + "AB" * 32 + '"\ngroups = ["web"]\n'
