@@ -23,7 +23,7 @@ from jobd import __version__, audit, safexml
 from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch, once_durable
 from jobd.engine import access
 from jobd.engine.submit import Peer
-from jobd.errors import JobdError, TimedOut, UnknownWorkflow
+from jobd.errors import InsufficientRights, JobdError, TimedOut, UnknownWorkflow
 from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
 from jobd.protocol import evqueue as xml
 from jobd.store import InstanceFilter, store_failure
@@ -179,9 +179,19 @@ def _workflow_get(api: Api, peer: Peer, command: xml.WorkflowGet) -> None:
     name = command.name
     if name is None and command.workflow_id is not None:
         workflows = _workflows(api)
-        if not 1 <= command.workflow_id <= len(workflows):
+        known = 1 <= command.workflow_id <= len(workflows)
+        if peer.is_admin and not known:
             return  # an unknown id: the handler answers UNKNOWN_WORKFLOW
-        name = workflows[command.workflow_id - 1].name
+        found = workflows[command.workflow_id - 1].name if known else ""
+        if not known or not access.may(api.engine.config.access, peer, Right.READ, ObjectKind.WORKFLOW, found):
+            # Ids are positions among all workflows: a refusal that named the workflow, or told an unknown id from
+            # a refused one, would let a peer list them all by counting up.
+            raise InsufficientRights(
+                f"{access.who(peer)} may not read workflow id {command.workflow_id}: the read right is missing",
+                missing=str(Right.READ),
+                kind="workflow",
+            )
+        return
     if name is not None:
         access.require(api.engine.config.access, peer, Right.READ, ObjectKind.WORKFLOW, name)
 
