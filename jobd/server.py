@@ -74,6 +74,7 @@ LOGIN_TIMEOUT: Final = 30.0
 # TCP clients that have not logged in yet count apart from max_connections, up to this many at once: anyone who can
 # reach the port could otherwise fill max_connections and lock out the local sockets' clients, admins included.
 LOGINS_UNDER_WAY: Final = 32
+LOGINS_UNDER_WAY_PER_ADDRESS: Final = 8  # of those, from one address: one client cannot take them all
 
 
 class Server:
@@ -205,14 +206,21 @@ class Server:
         if self._hangups is not None:
             self._hangups.remove(fd)
 
-    def login_refusal(self) -> TooManyConnections | None:
-        """The error for a new TCP client when LOGINS_UNDER_WAY clients are still to log in."""
-        if len(self.logging_in) < LOGINS_UNDER_WAY:
-            return None
-        return TooManyConnections(
-            f"too many connections: {LOGINS_UNDER_WAY} evQueue clients are logging in on TCP; try again later",
-            limit=LOGINS_UNDER_WAY,
-        )
+    def login_refusal(self, address: str) -> TooManyConnections | None:
+        """The error for a new TCP client from `address` when LOGINS_UNDER_WAY clients are still to log in, or
+        LOGINS_UNDER_WAY_PER_ADDRESS of them from that address."""
+        if len(self.logging_in) >= LOGINS_UNDER_WAY:
+            return TooManyConnections(
+                f"too many connections: {LOGINS_UNDER_WAY} evQueue clients are logging in on TCP; try again later",
+                limit=LOGINS_UNDER_WAY,
+            )
+        if sum(1 for client in self.logging_in if client.address == address) >= LOGINS_UNDER_WAY_PER_ADDRESS:
+            return TooManyConnections(
+                f"too many connections: {LOGINS_UNDER_WAY_PER_ADDRESS} evQueue clients from {address} are logging in "
+                "on TCP; try again later",
+                limit=LOGINS_UNDER_WAY_PER_ADDRESS,
+            )
+        return None
 
     def refusal(self) -> TooManyConnections | None:
         """The error for a new client when `[daemon] max_connections` are connected (both sockets together)."""
@@ -874,15 +882,15 @@ class TcpXmlConnection(XmlConnection):
         self._challenge = evqueue_auth.new_challenge()
         self._logged_in = False
         self._failing = False  # a failed login waits for its delay: nothing more is read
-        self._address = "?"
+        self.address = "?"
         self._timer: asyncio.TimerHandle | None = None  # the login deadline, then a failed login's delay
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.set_write_buffer_limits(high=MAX_UNSENT)
         peer_name = transport.get_extra_info("peername")
-        self._address = str(peer_name[0]) if peer_name else "?"
-        refusal = self.server.login_refusal()
+        self.address = str(peer_name[0]) if peer_name else "?"
+        refusal = self.server.login_refusal(self.address)
         if refusal is not None:  # a KO response where the challenge would be, then the end, at once
             # Not the lingering close of the unix sockets: anyone who can reach the port could hold a descriptor
             # for each refused connection that way, until jobd had none left.
@@ -935,7 +943,7 @@ class TcpXmlConnection(XmlConnection):
         if evqueue_auth.verify(user, self._challenge, request.attributes.get("response", "")):
             assert user is not None
             self._cancel_timer()
-            self.server.login_throttle.succeeded(self._address)
+            self.server.login_throttle.succeeded(self.address)
             self.server.logging_in.discard(self)
             refusal = self.server.refusal()
             if refusal is not None:  # logged in, but max_connections clients are connected
@@ -944,13 +952,13 @@ class TcpXmlConnection(XmlConnection):
             self.server.connections.add(self)
             self._logged_in = True
             self.peer = Peer(uid=-1, gid=-1, pid=0, is_admin=user.admin, user=user.name, groups=user.groups)
-            log.info("evQueue login as %s from %s (%s)", user.name, self._address, "ADMIN" if user.admin else "USER")
+            log.info("evQueue login as %s from %s (%s)", user.name, self.address, "ADMIN" if user.admin else "USER")
             self._send(self.evqueue.greeting(self.peer))
             super()._answer_backlog()  # requests sent right after the <auth>, if any
             return
         loop = asyncio.get_running_loop()
-        delay = self.server.login_throttle.failed(self._address, loop.time(), tcp.login_delay, tcp.login_delay_max)
-        log.warning("failed evQueue login as %r from %s; answered in %g s", login[:64], self._address, delay)
+        delay = self.server.login_throttle.failed(self.address, loop.time(), tcp.login_delay, tcp.login_delay_max)
+        log.warning("failed evQueue login as %r from %s; answered in %g s", login[:64], self.address, delay)
         self._failing = True
         self._refusing = True  # what the client sends meanwhile is not read as requests
         self._backlog.clear()
@@ -969,7 +977,7 @@ class TcpXmlConnection(XmlConnection):
 
     def _login_timed_out(self) -> None:
         self._timer = None
-        log.debug("evQueue client at %s did not log in within %g s; disconnecting", self._address, LOGIN_TIMEOUT)
+        log.debug("evQueue client at %s did not log in within %g s; disconnecting", self.address, LOGIN_TIMEOUT)
         self.transport.close()
 
     def _cancel_timer(self) -> None:

@@ -29,7 +29,7 @@ from jobd import config
 from jobd.errors import ConfigError
 from jobd.protocol.evqueue import XmlFramer
 from jobd.protocol.evqueue_auth import LoginThrottle, expected_response, verify
-from jobd.server import LOGINS_UNDER_WAY
+from jobd.server import LOGINS_UNDER_WAY, LOGINS_UNDER_WAY_PER_ADDRESS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,8 +74,8 @@ class Closed(Exception):
 class TcpClient:
     """A raw evQueue TCP connection: bytes out as given, answers in as whole documents."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, timeout=DEADLINE)
+    def __init__(self, address: tuple[str, int], source: str = "") -> None:
+        self.sock = socket.create_connection(address, timeout=DEADLINE, source_address=(source, 0) if source else None)
         self.framer = XmlFramer()
         self.documents: list[bytes] = []
         self.challenge = self.document()
@@ -198,25 +198,37 @@ def test_an_admin_logs_in_and_is_served(tcp_daemon: Daemon) -> None:
         assert client.ask(b"<control action='reload'/>").get("status") == "OK"
 
 
+def refused_at_once(address: tuple[str, int], source: str) -> etree._Element:
+    """The answer of a connection from `source` that jobd refuses, read to the end its close makes."""
+    with contextlib.closing(socket.create_connection(address, timeout=DEADLINE, source_address=(source, 0))) as sock:
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    return etree.fromstring(answer)
+
+
 def test_clients_that_do_not_log_in_cannot_lock_out_the_local_sockets(make_daemon: Any) -> None:
     """A TCP client counts against max_connections only once logged in: those still to log in (anyone who can
-    reach the port) have LOGINS_UNDER_WAY places of their own, and filled max_connections before, refusing the local
-    sockets' clients, root included."""
+    reach the port) have LOGINS_UNDER_WAY places of their own, at most LOGINS_UNDER_WAY_PER_ADDRESS from one
+    address, and filled max_connections before, refusing the local sockets' clients, root included."""
     daemon: Daemon = make_daemon('[tcp]\nlisten = "127.0.0.1:0"\n' + USERS, daemon_extra="max_connections = 3")
     address = tcp_address(daemon)
+    sources = [f"127.0.0.{n}" for n in range(2, 2 + LOGINS_UNDER_WAY // LOGINS_UNDER_WAY_PER_ADDRESS)]
     with contextlib.ExitStack() as held:
-        silent = [held.enter_context(TcpClient(address)) for _ in range(LOGINS_UNDER_WAY)]  # each got its challenge
-        assert all(client.challenge.get("challenge") for client in silent)
+        silent = []  # each gets its challenge
+        for source in sources:
+            silent += [held.enter_context(TcpClient(address, source)) for _ in range(LOGINS_UNDER_WAY_PER_ADDRESS)]
+            if source == sources[0]:  # one more from that address is refused, before the places are all taken
+                refused = refused_at_once(address, source)
+                assert refused.get("error-code") == "TOO_MANY_CONNECTIONS", etree.tostring(refused)
+                assert f"evQueue clients from {source} are logging in" in refused.get("error", "")
+        assert len(silent) == LOGINS_UNDER_WAY and all(client.challenge.get("challenge") for client in silent)
         assert daemon.call("ping")["pong"] is True  # the API socket still takes clients
-        # Those refused are closed at once (they held a descriptor each for seconds, without limit: jobd ran out).
+        # One more from anywhere: refused at once, closed at once (each held a descriptor for seconds, without
+        # limit: jobd ran out of them).
         sockets_before = jobd_sockets(daemon.pid)
         for _ in range(50):
-            one_more = held.enter_context(contextlib.closing(socket.create_connection(address, timeout=DEADLINE)))
-            answer = b""
-            while chunk := one_more.recv(1 << 16):  # to the end, which jobd's close makes
-                answer += chunk
-            refused = etree.fromstring(answer)
-            assert refused.get("error-code") == "TOO_MANY_CONNECTIONS", etree.tostring(refused)
+            refused = refused_at_once(address, "127.0.0.200")
             assert f"{LOGINS_UNDER_WAY} evQueue clients are logging in on TCP" in refused.get("error", "")
         assert jobd_sockets(daemon.pid) <= sockets_before, "refused connections still hold descriptors"
         # Logged in, a client takes one of max_connections: with the three taken, the fourth login is refused.
