@@ -67,18 +67,6 @@ log = logging.getLogger("jobd.http")
 
 EVENT_RING = 10_000  # events kept for a reconnect with Last-Event-ID (docs/http.md)
 MAX_BODY = 1024 * 1024
-
-
-def _first_request_seconds() -> float:
-    # JOBD_HTTP_FIRST_REQUEST_SECONDS is for tests only (docs/http.md): they cannot wait 30 s per idle connection.
-    try:
-        value = float(os.environ.get("JOBD_HTTP_FIRST_REQUEST_SECONDS", ""))
-    except ValueError:
-        return 30.0
-    return value if value > 0 else 30.0
-
-
-FIRST_REQUEST_SECONDS = _first_request_seconds()  # a connection that sends no request within this long is closed
 QS_DEFAULT_PRIORITY = 500  # Queue Server's default; higher runs sooner there
 SSE_QUEUE = 10_000  # events pending for one slow SSE client before it is cut off
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
@@ -91,6 +79,18 @@ _PEER_KEY = "jobd.peer"
 _RUNNER_OPTIONS: dict[str, Any] = (
     {"handler_cancellation": True} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 9) else {}
 )
+
+
+def _first_request_seconds() -> float:
+    # JOBD_HTTP_FIRST_REQUEST_SECONDS is for tests only (docs/http.md): they cannot wait 30 s per idle connection.
+    try:
+        value = float(os.environ.get("JOBD_HTTP_FIRST_REQUEST_SECONDS", ""))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
+
+FIRST_REQUEST_SECONDS = _first_request_seconds()  # a connection that sends no request within this long is closed
 
 
 def _address_of(server: asyncio.Server) -> str:
@@ -146,12 +146,7 @@ class _HttpSession:
 
 
 class HttpApi:
-    def __init__(
-        self,
-        api: Api,
-        listen: tuple[str, int] | str,
-        connection_count: Callable[[], int],
-    ) -> None:
+    def __init__(self, api: Api, listen: tuple[str, int] | str, connection_count: Callable[[], int]) -> None:
         self.api = api
         self.listen = listen
         self.connection_count = connection_count  # the API and evQueue sockets' clients
