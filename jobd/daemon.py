@@ -53,17 +53,29 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuratio
 
 
 class _Notifier:
-    """sd_notify through sdnotify, made non-blocking: if nobody reads NOTIFY_SOCKET, a message is dropped rather than
-    stalling the event loop (a blocking send to a full datagram queue waits for the reader forever)."""
+    """sd_notify through sdnotify's connection to NOTIFY_SOCKET, made non-blocking: if nobody reads it, a message is
+    dropped rather than stalling the event loop (a blocking send to a full datagram queue waits for the reader
+    forever). A message that cannot be sent is logged, once per reason: sdnotify itself would say nothing."""
 
     def __init__(self) -> None:
-        self._notifier = sdnotify.SystemdNotifier()
-        if self._notifier.socket is not None:
-            self._notifier.socket.setblocking(False)
+        self._socket = sdnotify.SystemdNotifier().socket  # None: not under a service manager
+        if self._socket is not None:
+            self._socket.setblocking(False)
+        self._told: set[int | None] = set()  # errnos already logged
 
     def notify(self, text: str) -> None:
-        # sdnotify encodes as Latin-1 and drops what does not fit; keep every message deliverable.
-        self._notifier.notify(text.encode("ascii", "backslashreplace").decode("ascii"))
+        if self._socket is None:
+            return
+        try:
+            self._socket.send(text.encode("ascii", "backslashreplace"))  # deliverable whatever the text holds
+        except OSError as error:
+            if error.errno not in self._told:
+                self._told.add(error.errno)
+                log.warning(
+                    "cannot tell the service manager %s: %s (messages that cannot be sent are dropped)",
+                    text.split("\n", 1)[0],
+                    error.strerror or error,
+                )
 
 
 def _lock_state_dir(state_dir: str) -> int:

@@ -1129,6 +1129,21 @@ def test_a_sighup_while_jobd_imports_itself_does_not_kill_it(
         notify.close()
 
 
+def test_a_message_the_service_manager_cannot_take_is_logged_once(make_daemon: Callable[..., Daemon]) -> None:
+    """sdnotify dropped a message it could not send without a word (a lost READY=1 left no trace). jobd logs the
+    first failure of each kind, and goes on."""
+    daemon = make_daemon()
+    assert daemon.notify is not None
+    daemon.notify.close()  # the service manager's end is gone
+    assert daemon.call("daemon.reload")["ok"] is True  # RELOADING=1, READY=1, STATUS=...: none can be sent
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert daemon.stop() == 0
+    told = [line for line in daemon.log().splitlines() if "cannot tell the service manager" in line]
+    # Once per reason, of all the messages that follow: the first send finds the socket gone, then ours is disconnected.
+    assert len(told) == 2, told
+    assert "RELOADING=1: Connection refused" in told[0] and "Transport endpoint is not connected" in told[1], told
+
+
 def test_a_sigterm_while_starting_stops_jobd_without_serving(
     make_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
