@@ -286,7 +286,8 @@ class Api:
 # An unknown name's error lists the names that exist (`defined tasks: …`): to an admin all of them, to anyone else
 # only those it has a right on, as its lists show. A peer learns no more from a typo, or from a wildcard grant
 # (`news*`) that lets an unknown name through the rights check, than it may see anyway.
-UNKNOWN_NAME = (UnknownTask, UnknownWorkflow, UnknownQueue, UnknownSchedule)
+# (An unknown schedule never reaches a non-admin: _schedule_name refuses it as one it may not read.)
+UNKNOWN_NAME = (UnknownTask, UnknownWorkflow, UnknownQueue)
 _KIND_OF_UNKNOWN: dict[type[JobdError], ObjectKind] = {
     UnknownTask: ObjectKind.TASK,
     UnknownWorkflow: ObjectKind.WORKFLOW,
@@ -298,13 +299,10 @@ def as_seen_by(api: Api, peer: Peer, error: JobdError) -> JobdError:
     """`error` (one of UNKNOWN_NAME) with its list of defined names cut to those `peer` may see."""
     if peer.is_admin:
         return error
-    if isinstance(error, UnknownSchedule):
-        visible = [s["name"] for s in api.scheduler.list() if may_schedule(api, peer, Right.READ, s)]
-    else:
-        kind = _KIND_OF_UNKNOWN[type(error)]
-        rules = api.engine.config.access
-        names = error.details.get("allowed") or []
-        visible = [name for name in names if any(access.may(rules, peer, right, kind, name) for right in Right)]
+    kind = _KIND_OF_UNKNOWN[type(error)]
+    rules = api.engine.config.access
+    names = error.details.get("allowed") or []
+    visible = [name for name in names if any(access.may(rules, peer, right, kind, name) for right in Right)]
     head, _, listed = error.message.partition("; defined ")
     message = f"{head}; defined {listed.partition(':')[0]}: {', '.join(visible) or '(none)'}" if listed else head
     return type(error)(message, **{**error.details, "allowed": visible})

@@ -1046,8 +1046,9 @@ def wait_for(session: Session, job_ident: int, timeout: float | None) -> int:
     return report_end(session, job, timeout)
 
 
-def wait_params(job_ident: int, timeout: float | None) -> dict[str, Any]:
-    params: dict[str, Any] = {"id": job_ident}
+def wait_params(ident: int, timeout: float | None) -> dict[str, Any]:
+    """job.wait's or instance.wait's parameters."""
+    params: dict[str, Any] = {"id": ident}
     if timeout is not None:
         params["timeout"] = timeout
     return params
@@ -1239,15 +1240,8 @@ def cmd_launch(session: Session, args: argparse.Namespace) -> int:
     return report_instance_end(session, instance, args.timeout)
 
 
-def instance_wait_params(instance_ident: int, timeout: float | None) -> dict[str, Any]:
-    params: dict[str, Any] = {"id": instance_ident}
-    if timeout is not None:
-        params["timeout"] = timeout
-    return params
-
-
 def wait_instance_quietly(client: Client, instance_ident: int, timeout: float | None) -> Instance:
-    instance: Instance = client.call("instance.wait", instance_wait_params(instance_ident, timeout))
+    instance: Instance = client.call("instance.wait", wait_params(instance_ident, timeout))
     return instance
 
 
@@ -1265,7 +1259,7 @@ def wait_instance_with_progress(client: Client, instance_ident: int, timeout: fl
     so the outcome (an error such as SHUTTING_DOWN included) is the same as without a terminal."""
     # As in wait_with_progress: subscribed before the tree is read, which is read after the wait is sent.
     client.call("events.subscribe", {"types": ["job.state", "job.progress"]})
-    wait = client.send_request("instance.wait", instance_wait_params(instance_ident, timeout))
+    wait = client.send_request("instance.wait", wait_params(instance_ident, timeout))
     context = f"instance:{instance_ident}"
     shown: Instance = client.call("instance.get", {"id": instance_ident})
     bar = ProgressBar(sys.stderr)

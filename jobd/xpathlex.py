@@ -36,6 +36,8 @@ _TOKEN = re.compile(
     re.VERBOSE,
 )
 _OPERATOR_NAMES = frozenset({"and", "or", "mod", "div"})
+# XPath's NodeType names: `text()` and the like look like function calls but are node tests (steps).
+NODE_TYPES = frozenset({"node", "text", "comment", "processing-instruction"})
 # After these, `*` is a name test and an NCName is a name (XPath 1.0 §3.7); after anything else they are operators.
 _BEFORE_NAME_TEST = frozenset({"@", "::", "(", "[", ",", "operator", "slash"})
 

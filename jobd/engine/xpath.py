@@ -32,7 +32,7 @@ from typing import Any
 
 from lxml import etree
 
-from jobd.xpathlex import Token, tokenize
+from jobd.xpathlex import NODE_TYPES, Token, tokenize
 from jobd.xpathlex import XPathError as XPathError  # raised by the tokenizer too: one error for callers
 
 STEP_NAMESPACE = "urn:jobd:workflow:evq-step"
@@ -83,7 +83,6 @@ XPATH_FUNCTIONS = frozenset(
 )
 # evQueue's dialect had these (XSLT's current(), XPath 2's min/max/string-join); jobd keeps workflows using them.
 COMPAT_FUNCTIONS: dict[str, tuple[int, int]] = {"current": (0, 0), "min": (1, 1), "max": (1, 1), "string-join": (2, 2)}
-NODE_TYPES = frozenset({"node", "text", "comment", "processing-instruction"})
 
 XPathValue = bool | float | str | list[Any]
 

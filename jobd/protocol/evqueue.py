@@ -24,7 +24,7 @@ from lxml import etree
 from jobd import safexml
 from jobd.errors import FrameTooLarge, InvalidParams, InvalidXml, JobdError, UnknownCommand
 from jobd.model import OBJECT_NAME, OBJECT_NAME_RULE
-from jobd.xpathlex import XPathError, tokenize
+from jobd.xpathlex import NODE_TYPES, XPathError, tokenize
 
 MAX_FRAME: Final = 1024 * 1024  # bytes in one request document, from its first `<` to the `>` closing its root
 MAX_DEPTH: Final = 64  # elements nested in a request; evQueue's requests use two levels
@@ -885,7 +885,6 @@ def greeting(node: str, profile: str, version: str, now: datetime, modules: Iter
 XPATHFILTER_SECONDS: Final = 0.5
 _TICK_NAMESPACE: Final = "urn:jobd:xpathfilter"
 _TICK: Final = "[jobd:tick()]"
-_NODE_TYPE_TESTS: Final = frozenset({"node", "text", "comment", "processing-instruction"})
 
 
 class _XPathFilterTooSlow(Exception):
@@ -907,7 +906,7 @@ def _ticking(expression: str) -> str:
             after.append(token.end)
         elif token.kind == "(":
             previous = tokens[index - 1] if index else None
-            is_node_test = previous is not None and previous.kind == "function" and previous.text in _NODE_TYPE_TESTS
+            is_node_test = previous is not None and previous.kind == "function" and previous.text in NODE_TYPES
             open_node_tests.append(is_node_test)
         elif token.kind == ")" and open_node_tests and open_node_tests.pop():
             after.append(token.end)
