@@ -282,6 +282,7 @@ class Daemon:
         self._stop_takes(self.engine.longest_kill_grace())
         await self.engine.shutdown()
         self.instances.stop_waiters()
+        self.instances.save_all()
         self._notify_status()  # the jobs stopped are back in their queues: said now, not after the exit
         if self.http is not None:
             # Only now: closing waits for the requests in flight, and a job.wait there waited for a job the stop

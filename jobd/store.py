@@ -192,7 +192,7 @@ class InstanceRow(_Base):
     launched_by = peewee.IntegerField(null=True)
     parameters = peewee.TextField()  # JSON object
     tags = peewee.TextField(default="[]")  # JSON list
-    document = peewee.BlobField()  # the evQueue instance document, saved after every change
+    document = peewee.BlobField()  # the evQueue instance document, saved as it changes (Instances._save)
     custom_attributes = peewee.TextField(default="[]")  # JSON list of [name, value]; since schema version 5
 
     class Meta:

@@ -6,15 +6,18 @@ tasks; its relative programs (list.sh, show.sh, fail.sh) are found in tasks_dire
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import Daemon
 from lxml import etree
-from recovery.support import attach, kill9, start
+from recovery.support import attach, kill9, start, terminate
+from test_jobs import next_matching
 from test_workflow_engine import assert_same_instance, normalised
 
 from jobd import safexml
@@ -384,3 +387,100 @@ def test_custom_attributes_are_stored_and_instances_filter_on_them_and_on_parame
     with pytest.raises(RemoteError) as bad:
         wf.call("instance.list", {"parameters": {"count": 3}})
     assert bad.value.code == "INVALID_PARAMS"
+
+
+def _looping_daemon(make_daemon: Any, tmp_path: Path, items: int) -> Daemon:
+    """A workflow whose first task lists `items` items, then runs one task per item, one at a time; the list also
+    carries 400 kB of padding, so that each save of the instance document costs a few milliseconds and the saves are
+    spaced out (instances.SAVE_SPACING): the document saved lags behind the tasks."""
+    script = tmp_path / "items.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'echo "<items><pad>"\n'
+        "head -c 400000 /dev/zero | tr '\\0' x\n"
+        'echo "</pad>"\n'
+        f"seq {items} | sed 's/.*/<i>&<\\/i>/'\n"
+        'echo "</items>"\n'
+    )
+    script.chmod(0o755)
+    looping = f"""<workflow><subjobs><job name="list">
+  <tasks><task name="list" path="{script}" queue="serial" output-method="XML"/></tasks>
+  <subjobs><job name="each" loop="evqGetParentJob()/evqGetOutput('list')/items/i">
+    <tasks><task name="each" task="echo"><input name="n"><value select="."/></input></task></tasks>
+  </job></subjobs>
+</job></subjobs></workflow>"""
+    # An attempt lost to a kill -9 is tried again, within its job.
+    config = '[queue.serial]\nconcurrency = 1\n[task.echo]\ncommand = ["/bin/echo"]\nqueue = "serial"\n'
+    config += "retry = { times = 1 }\n"
+    daemon: Daemon = make_daemon(config, start=False)
+    daemon.write_workflows(looping=looping)
+    daemon.start()
+    attach(daemon)
+    return daemon
+
+
+def _launch_until_job_ended(daemon: Daemon, workflow: str, job_id: int) -> int:
+    """Launch `workflow` and return its instance id once the job `job_id` (one of its tasks') has succeeded."""
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        launched = daemon.call("instance.launch", {"workflow": workflow})
+        ended = next_matching(client, lambda e: e["job"]["id"] == job_id and e["job"]["state"] == "succeeded", 60)
+    assert ended["job"]["context"] == f"instance:{launched['id']}", ended
+    return int(launched["id"])
+
+
+def _assert_each_item_ran_once(daemon: Daemon, instance_id: int, items: int) -> None:
+    done = daemon.call("instance.wait", {"id": instance_id, "timeout": 120}, timeout=130)
+    assert done["status"] == "TERMINATED" and done["errors"] == 0, done
+    document = _document(daemon, instance_id)
+    tasks = document.findall(".//job[@name='each']/tasks/task")
+    assert len(tasks) == items
+    for number, task in enumerate(tasks, 1):
+        assert task.get("status") == "TERMINATED" and task.get("retval") == "0", etree.tostring(task)
+        assert [output.text for output in task.findall("output")] == [f"{number}\n"], etree.tostring(task)
+    jobs = daemon.call("job.list", {"context": f"instance:{instance_id}", "limit": 1000})["jobs"]
+    assert len(jobs) == items + 1  # the list, and one job per item: none ran twice
+    assert sorted(job["state"] for job in jobs) == ["succeeded"] * (items + 1)
+
+
+def test_a_kill_9_in_the_middle_of_a_long_loop_resumes_it_and_runs_each_item_once(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """The document of a busy instance is saved less often than it changes (at most a tenth of jobd's time goes to
+    saving it), so after a kill -9 the saved document is behind the jobs: the restart ends the tasks whose jobs
+    ended from the jobs' records and finds the jobs already submitted by their keys. Each item runs exactly once."""
+    items = 300
+    daemon = _looping_daemon(make_daemon, tmp_path, items)
+    # Job 1 lists; jobs 2..301 are the items, submitted at once and run in order in a queue of one slot.
+    instance_id = _launch_until_job_ended(daemon, "looping", 151)
+    kill9(daemon)
+    start(daemon)
+    _assert_each_item_ran_once(daemon, instance_id, items)
+
+
+def test_a_stop_saves_the_document_as_it_is(make_daemon: Any, tmp_path: Path) -> None:
+    """A stop saves every instance's document at once, whatever is left of its spacing between saves: read from the
+    database after the stop, the document shows ended exactly the tasks whose jobs ended before it."""
+    items = 200
+    daemon = _looping_daemon(make_daemon, tmp_path, items)
+    instance_id = _launch_until_job_ended(daemon, "looping", 101)
+    assert terminate(daemon) == 0
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as db:
+        succeeded = {
+            job_id
+            for (job_id,) in db.execute(
+                "SELECT id FROM job WHERE context = ? AND state = 'succeeded'", (f"instance:{instance_id}",)
+            )
+        }
+        [(status, document)] = db.execute("SELECT status, document FROM instance WHERE id = ?", (instance_id,))
+    assert status == "EXECUTING" and len(succeeded) > 100
+    saved = safexml.parse(document)
+    ended = {
+        int(task.findtext("output") or "0")
+        for task in saved.findall(".//job[@name='each']/tasks/task")
+        if task.get("status") == "TERMINATED"
+    }
+    assert ended == {job_id - 1 for job_id in succeeded if job_id > 1}  # item n is job n + 1
+
+    start(daemon)
+    _assert_each_item_ran_once(daemon, instance_id, items)

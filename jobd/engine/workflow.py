@@ -20,9 +20,10 @@ Decisions that differ from evQueue, and why:
 * Remote execution (host, user, queue_host, use-agent) is not supported yet: such a task is ABORTED at enqueue.
 * The root carries `cancelling="yes"` after `cancel()`, so a restored instance still refuses new tasks.
 
-Counters (running_tasks, queued_tasks, retrying_tasks, error_tasks, waiting_conditions) are recounted from the
-node statuses after each event instead of being adjusted one by one: the pass costs what serialising the document
-for the savepoint costs anyway, and a restored document cannot disagree with its counters.
+Counters (running_tasks, queued_tasks, retrying_tasks, error_tasks, waiting_conditions) are kept by
+jobd/engine/instance_counters.py: every node whose status may change is touched, and each event ends by moving the
+touched nodes' changes up to their jobs, so an event costs the same however large the instance has grown. A restored
+document is counted again from its node statuses, so it cannot disagree with its counters.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 from lxml import etree
 
 from jobd import safexml
+from jobd.engine.instance_counters import COUNTERS, Counters, structural_nodes
 from jobd.engine.xpath import (
     EvalContext,
     WaitRequested,
@@ -54,13 +56,12 @@ from jobd.workflowdef import split_command
 
 LOCAL_TIME = "%Y-%m-%d %H:%M:%S"  # evQueue's timestamps: local time, whole seconds
 KILLED_RETVAL = -1  # retval of a task killed by a signal or lost: evQueue's value, outside 0–255 on purpose
-COUNTERS = ("running_tasks", "queued_tasks", "retrying_tasks", "error_tasks", "waiting_conditions")
 COMPAT_ENV = {"EVQUEUE_ENV": "true", "EVQUEUE_IPC_QID": "0"}  # what evQueue gives every task; scripts test it
 
 ABORTED_BY_USER = "Aborted on user request"
 NO_RETRY_CANCELLING = "Won't retry because workflow is cancelling"
 INVALID_XML = "Invalid XML returned"
-# The instance document is saved whole at every change of the instance, so what it holds of task outputs is bounded:
+# The instance document is saved whole as the instance changes, so what it holds of task outputs is bounded:
 # this much of each stream as text, then TRUNCATED_MARK; an XML output (parsed, for later tasks to query) up to
 # MAX_DOCUMENT_XML bytes, a larger one is refused by name (15 MB of XML held jobd's loop ~1 s at each save).
 MAX_DOCUMENT_TEXT = 1024 * 1024
@@ -214,6 +215,7 @@ class Instance:
         self._next_evqid = 1 + max((int(e.get("evqid", "0")) for e in _elements(root) if e.get("evqid")), default=0)
         self._index: dict[int, etree._Element] = {}
         self._actions: list[Action] = []
+        self._counters = Counters(root)
 
     # ------------------------------------------------------------------------------------------ construction
 
@@ -249,6 +251,7 @@ class Instance:
         root.set("status", InstanceStatus.EXECUTING)
         root.set("start_time", local_time(now))
         instance._run_subjobs(root)
+        instance._counters.recount()
         return instance, instance._settle(now)
 
     @classmethod
@@ -263,7 +266,7 @@ class Instance:
         """Rebuild an instance from `to_xml()` after a restart; the tasks it waits for are returned to reconcile."""
         root = safexml.parse(xml, "saved workflow instance")
         instance = cls(root, queues=queues, tasks=tasks or {}, retry_schedules=retry_schedules or {})
-        instance._refresh_counters()
+        instance._counters.recount()
         pending: list[RestoredTask] = []
         if instance.status is InstanceStatus.EXECUTING:
             for task in instance._all_tasks():
@@ -314,6 +317,7 @@ class Instance:
                 for name in ("status", "retval", "error", "retry_at", "tid", "pid", "progression", "execution_time"):
                     _drop(task, name)
                 instance._enqueue(task)
+        instance._counters.recount()  # the counters it was saved with are those of the instance that ended
         return instance, instance._settle(now)
 
     # ------------------------------------------------------------------------------------------------ state
@@ -378,6 +382,7 @@ class Instance:
         if task is None or task.get("status") != NodeStatus.QUEUED:
             return []  # a task aborted by a cancel while its job was starting: its end will be ignored too
         task.set("status", NodeStatus.EXECUTING)
+        self._counters.touch(task)
         task.set("tid", str(job_id))
         task.set("execution_time", local_time(now))
         return self._settle(now)
@@ -393,6 +398,7 @@ class Instance:
         if task is None or task.get("status") not in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
             return []
         retval = result.retval
+        self._counters.touch(task)
         task.set("status", NodeStatus.TERMINATED)
         task.set("retval", str(retval))
         for name in ("tid", "pid", "retry_at"):
@@ -461,12 +467,15 @@ class Instance:
 
     def _run_subjobs(self, parent: etree._Element) -> None:
         for job in parent.findall("subjobs/job"):
-            if job.get("evqid") is None:  # a job runs once: later calls find it (or its clones) numbered
+            # A job runs once: later calls find it (or its clones) with its context set. Not "numbered": a job a
+            # loop selected as its items is numbered to be their context, and still has to run.
+            if job.get("context-id") is None:
                 self._run_subjob(job, parent)
 
     def _run_subjob(self, job: etree._Element, context_node: etree._Element) -> None:
         job.set("context-id", str(self._evqid_of(context_node)))
         self._evqid_of(job)
+        self._counters.touch(job)  # numbered: it gets counters (and loses them if skipped)
         if not self._condition_holds(job, context_node):
             return
         try:
@@ -475,6 +484,7 @@ class Instance:
             self._abort(job, f"Error evaluating loop : {error}")
             return
         for clone, item in iterations:
+            self._counters.touch(clone)
             if clone is not job:
                 clone.set("context-id", str(self._evqid_of(item)))
                 if clone is not iterations[0][0]:
@@ -489,8 +499,10 @@ class Instance:
 
     def _after_task_settled(self, job: etree._Element) -> None:
         """A job's subjobs start once every task of it ended with retval 0 or was skipped."""
-        tasks = job.findall("tasks/task")
-        if all(_succeeded(task) for task in tasks):
+        # From the last: the tasks of a loop end about in order, so one still to run is found at once there, where
+        # looking from the first went over every ended task at each task's end (n² for a loop of n tasks).
+        tasks = job.find("tasks")
+        if tasks is None or all(_succeeded(task) for task in tasks.iterchildren("task", reversed=True)):
             self._run_subjobs(job)
 
     def _run_task(self, task: etree._Element, context_node: etree._Element) -> None:
@@ -530,6 +542,7 @@ class Instance:
             if not can_wait:
                 raise _NodeAborted("evqWait() cannot be used here") from None
             node.set("status", NodeStatus.WAITING)
+            self._touch(node)
             node.set("details", "Waiting for condition to become true")
             return False
         except XPathError as error:
@@ -539,6 +552,7 @@ class Instance:
             return False
         if not holds:
             node.set("status", NodeStatus.SKIPPED)
+            self._touch(node)
             node.set("details", "Condition evaluates to false")
             return False
         del node.attrib["condition"]
@@ -581,6 +595,7 @@ class Instance:
     def _renumber(self, clone: etree._Element) -> None:
         clone.set("evqid", str(self._new_evqid()))
         self._index[_evqid(clone)] = clone
+        self._touch(clone)
 
     def _context_for(self, node: etree._Element) -> EvalContext:
         return EvalContext.for_node(node, self.root)
@@ -634,6 +649,7 @@ class Instance:
             self._abort(task, str(error))
             return
         task.set("status", NodeStatus.QUEUED)
+        self._counters.touch(task)
         self._actions.append(action)
 
     def _run_task_action(self, task: etree._Element) -> RunTask:
@@ -784,10 +800,14 @@ class Instance:
 
     def _reevaluate_waiting(self) -> None:
         """evqWait(): every WAITING job and task is decided again after each task end, in document order."""
-        for node in [*self._structural_nodes()]:
+        self._counters.update()
+        if not self._counters.waiting():
+            return  # nothing waits: no walk over the whole document
+        for node in [*structural_nodes(self.root)]:
             if node.get("status") != NodeStatus.WAITING:
                 continue
             del node.attrib["status"]
+            self._counters.touch(node)
             _drop(node, "details")
             found = self._find(int(node.get("context-id", "0")))
             context_node = found if found is not None else self.root
@@ -802,10 +822,17 @@ class Instance:
     def _abort(self, node: etree._Element, error: str) -> None:
         node.set("status", NodeStatus.ABORTED)
         node.set("error", error)
+        self._touch(node)
+
+    def _touch(self, node: etree._Element) -> None:
+        """Tell the counters of a change to `node`, if it is a job or a task (not an input, stdin or script)."""
+        if node.tag in ("job", "task"):
+            self._counters.touch(node)
 
     def _settle(self, now: float) -> list[Action]:
-        """End of an event: recount, finish the instance if nothing runs or waits to retry, hand over actions."""
-        self._refresh_counters()
+        """End of an event: count its changes, finish the instance if nothing runs or waits to retry, hand over
+        actions."""
+        self._counters.update()
         counters = self.counters()
         if (
             self.status is InstanceStatus.EXECUTING
@@ -826,59 +853,8 @@ class Instance:
         actions, self._actions = self._actions, []
         return actions
 
-    def _refresh_counters(self) -> None:
-        totals: dict[int, dict[str, int]] = {}
-        jobs: list[etree._Element] = [self.root]
-
-        def add(node: etree._Element, counter: str) -> None:
-            current: etree._Element | None = node
-            while current is not None:
-                if current.tag in ("job", "workflow"):
-                    bucket = totals.setdefault(id(current), dict.fromkeys(COUNTERS, 0))
-                    bucket[counter] += 1
-                current = current.getparent()
-
-        for node in self._structural_nodes():
-            status = node.get("status")
-            if node.tag == "job":
-                jobs.append(node)
-            if status == NodeStatus.WAITING:
-                add(node, "waiting_conditions")
-            elif status == NodeStatus.ABORTED:
-                add(node, "error_tasks")
-            elif node.tag != "task":
-                continue
-            elif status in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
-                add(node, "running_tasks")
-                if status == NodeStatus.QUEUED:
-                    add(node, "queued_tasks")
-            elif _is_retrying(node):
-                add(node, "retrying_tasks")
-            elif status == NodeStatus.TERMINATED and node.get("retval") != "0":
-                add(node, "error_tasks")
-        for job in jobs:
-            if job is not self.root and (job.get("evqid") is None or job.get("status") == NodeStatus.SKIPPED):
-                for counter in COUNTERS:  # a job skipped after it waited keeps no stale counters
-                    _drop(job, counter)
-                continue
-            bucket = totals.get(id(job), dict.fromkeys(COUNTERS, 0))
-            for counter in COUNTERS:
-                job.set(counter, str(bucket[counter]))
-        self.root.set("errors", self.root.get("error_tasks", "0"))
-
-    def _structural_nodes(self) -> Iterator[etree._Element]:
-        """Jobs and tasks of the workflow in document order, not those copied into inputs or outputs."""
-
-        def walk(parent: etree._Element) -> Iterator[etree._Element]:
-            for job in parent.iterfind("subjobs/job"):
-                yield job
-                yield from job.iterfind("tasks/task")
-                yield from walk(job)
-
-        return walk(self.root)
-
     def _all_tasks(self) -> Iterator[etree._Element]:
-        return (node for node in self._structural_nodes() if node.tag == "task")
+        return (node for node in structural_nodes(self.root) if node.tag == "task")
 
     def task_nodes(self) -> Iterator[tuple[etree._Element, bool]]:
         """Every <task> of the workflow in document order (read them, do not change them), each with whether it
@@ -901,6 +877,7 @@ class Instance:
         number = self._new_evqid()
         node.set("evqid", str(number))
         self._index[number] = node
+        self._touch(node)  # a job numbered gets counters
         return number
 
     def _new_evqid(self) -> int:
