@@ -16,6 +16,9 @@ The machine is shared and noisy, so speed is reported as a ratio to a reference 
 - workflows: N instances of a workflow of three `/bin/true` tasks (one, then a subjob of two in parallel) through a
   queue of concurrency 2, against the same 3N tasks submitted as plain jobs to the same kind of queue; instances/s
   and the daemon's CPU time per task for both;
+- loops: one instance whose first task lists N items and whose loop runs a `/bin/true` task per item (concurrency
+  2), with a client following its events, at N and 4N items: tasks/s and the daemon's CPU time per task, whose
+  ratio between the two sizes says whether an instance's events cost more as it grows;
 - schedules: an every-second schedule of a `/bin/true` task, 60 firings: the delay from the due time (the whole
   second) to the job's `started_at` (p50/p99), and system calls between firings (strace -c -f in windows that
   open after one firing has settled and close before the next is due). Reference: the submit-to-start latency of
@@ -390,6 +393,44 @@ def workflow_instances(daemon: Daemon, count: int) -> tuple[float, float]:
         return elapsed, cpu
 
 
+def loop_workflow(directory: Path, items: int) -> str:
+    """A workflow whose first task lists `items` items, then runs one /bin/true per item (a loop of jobs)."""
+    lister = directory / f"list-{items}.sh"
+    lister.write_text(f"#!/bin/sh\necho '<items>'\nseq {items} | sed 's|.*|<i/>|'\necho '</items>'\n")
+    lister.chmod(0o755)
+    return f"""<workflow><subjobs><job name="list">
+  <tasks><task name="list" path="{lister}" queue="bench" output-method="XML"/></tasks>
+  <subjobs><job name="each" loop="evqGetParentJob()/evqGetOutput('list')/items/i">
+    <tasks><task name="each" path="/bin/true" queue="bench"/></tasks>
+  </job></subjobs>
+</job></subjobs></workflow>"""
+
+
+def looping_instance(daemon: Daemon, items: int) -> tuple[float, float]:
+    """One instance of `loop_workflow(items)` followed by an events subscriber reading everything, as a dashboard
+    would; returns its seconds from launch to end and the daemon's CPU seconds meanwhile."""
+    follower = Client(str(daemon.socket_path))
+    follower.call("events.subscribe", {"types": ["instance.state", "instance.progress"]}, timeout=10)
+
+    def follow() -> None:
+        with contextlib.suppress(OSError, EOFError, ConnectionError):
+            while True:
+                follower.next_event()
+
+    # It reads until the daemon stops and closes the connection.
+    threading.Thread(target=follow, daemon=True).start()
+    with daemon.client() as client:
+        cpu = cpu_seconds(daemon.pid)
+        started = time.perf_counter()
+        launched = client.call("instance.launch", {"workflow": f"loop{items}"})
+        ended = client.call("instance.wait", {"id": launched["id"], "timeout": 3600}, timeout=3700)
+        elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(daemon.pid) - cpu
+    if ended["status"] != "TERMINATED" or ended["errors"]:
+        raise RuntimeError(f"the loop instance ended as {ended}")
+    return elapsed, cpu
+
+
 def idle_syscalls(daemon: Daemon, seconds: int) -> tuple[int, str]:
     with daemon.client() as client:  # make sure it is idle: nothing queued, nothing running
         client.call("ping")
@@ -506,6 +547,7 @@ def main() -> int:
     parser.add_argument("--submits", type=int, default=5000)
     parser.add_argument("--idle-seconds", type=int, default=30)
     parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--loop-items", type=int, default=500, help="loops: the smaller size (the larger is 4x)")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -514,7 +556,7 @@ def main() -> int:
     )
     parser.add_argument("--firings", type=int, default=60, help="schedule benchmark: firings measured")
     parser.add_argument(
-        "--only", nargs="*", default=["throughput", "submit", "latency", "idle", "workflow", "schedule"]
+        "--only", nargs="*", default=["throughput", "submit", "latency", "idle", "workflow", "loop", "schedule"]
     )
     args = parser.parse_args()
     results: list[str] = []
@@ -646,6 +688,28 @@ def main() -> int:
                 f"{tasks / flow:.0f} tasks/s, daemon CPU {flow_cpu / tasks * 1000:.2f} ms/task; plain jobs (reference) "
                 f"{tasks / plain:.0f} jobs/s, daemon CPU {plain_cpu / tasks * 1000:.2f} ms/job; ratio (tasks/s over "
                 f"jobs/s) {plain / flow:.2f}, CPU per task over per job {flow_cpu / plain_cpu:.2f}"
+            )
+        if "loop" in args.only:
+            sizes = (args.loop_items, 4 * args.loop_items)
+            loops = {f"loop{size}": loop_workflow(root, size) for size in sizes}
+            by_size: dict[int, list[tuple[float, float]]] = {size: [] for size in sizes}
+            for round_ in range(args.rounds):  # alternated, best of each
+                for size in sizes:
+                    daemon = start_daemon(root / f"loop-{size}-{round_}", workflows=loops)
+                    try:
+                        by_size[size].append(timed(f"loop of {size}", lambda d=daemon, n=size: looping_instance(d, n)))
+                    finally:
+                        daemon.stop()
+            figures = []
+            for size in sizes:
+                seconds, cpu = (min(values) for values in zip(*by_size[size], strict=True))
+                figures.append((size, (size + 1) / seconds, cpu / (size + 1)))
+            (small, small_rate, small_cpu), (large, large_rate, large_cpu) = figures
+            results.append(
+                f"loops, one instance with an events subscriber, concurrency 2, best of {args.rounds}: {small} items "
+                f"{small_rate:.0f} tasks/s, daemon CPU {small_cpu * 1000:.2f} ms/task; {large} items {large_rate:.0f} "
+                f"tasks/s, {large_cpu * 1000:.2f} ms/task; CPU per task at {large} over {small}: "
+                f"{large_cpu / small_cpu:.2f} (1 when an event costs the same however large the instance)"
             )
         if "schedule" in args.only:
             daemon = Daemon(root / "schedule", QUEUES + SCHEDULE, daemon_extra="history = { keep_days = 1 }")

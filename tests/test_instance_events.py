@@ -54,6 +54,18 @@ queue = "serial"
 # Ends once something is written to the FIFO named by GATE (a stop of jobd kills it; it runs again after).
 command = ["/bin/sh", "-c", 'cat "$GATE" > /dev/null']
 parameters = "env"
+
+[task.lister]
+command = ["/bin/sh", "-c", 'echo "<items>"; seq 100 | sed "s|.*|<i/>|"; echo "</items>"']
+
+[queue.held]
+concurrency = 1
+paused = true
+
+[task.half]
+# Half way, then done.
+command = ["/bin/sh", "-c", 'echo "%50" >&3']
+queue = "held"
 """
 STEPS = """<workflow>
   <parameters><parameter name="fail"/></parameters>
@@ -113,6 +125,23 @@ GATE = """<workflow>
   </subjobs>
 </workflow>
 """
+# A list of 100 items, then one task per item in a queue that starts paused, beside a job that never runs.
+LONG = """<workflow>
+  <subjobs>
+    <job name="first">
+      <tasks><task task="lister" name="list" output-method="XML"/></tasks>
+      <subjobs>
+        <job name="never" condition="1 = 2">
+          <tasks><task task="half" name="n1"/><task task="half" name="n2"/></tasks>
+        </job>
+        <job name="each" loop="evqGetParentJob()/evqGetOutput('list')/items/i">
+          <tasks><task task="half" name="each"/></tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
 STATUS_ORDER = ["QUEUED", "EXECUTING", "TERMINATED"]
 
 Event = tuple[int, str, dict[str, Any]]
@@ -121,7 +150,7 @@ Event = tuple[int, str, dict[str, Any]]
 @pytest.fixture
 def daemon(make_daemon: Any) -> Any:
     made = make_daemon(CONFIG, start=False)
-    made.write_workflows(steps=STEPS, other=OTHER, many=MANY, gate=GATE)
+    made.write_workflows(steps=STEPS, other=OTHER, many=MANY, gate=GATE, long=LONG)
     made.start()
     return made
 
@@ -240,6 +269,56 @@ def test_waiting_skipped_and_looped_tasks_are_told_of(daemon: Any) -> None:
         first.setdefault(name, status)
     assert first == {"a": "QUEUED", "b": "QUEUED", "c": "SKIPPED", "each": "QUEUED"}
     assert [name for name, status in told if status == "TERMINATED"] == ["a", "b", "each", "each", "each"]
+
+
+def test_a_long_loop_is_told_task_by_task_with_the_progress_it_makes(daemon: Any) -> None:
+    """A change is told from the tasks it changed, not from a walk over the whole document (which made a loop of n
+    tasks cost n² with a subscriber). Each event's progress is what the tasks told so far give: the mean of their
+    weights (ended 100, running its progression, else 0), counting the two tasks of a skipped job as ended."""
+    stream = Events(daemon, query="?types=instance.state,instance.progress")
+    instance_id = launch(daemon, workflow="long")
+    events: list[Event] = []
+    queued: set[int] = set()
+    while len(queued) < 100:  # the loop expanded; its tasks wait in the paused queue
+        events.append(stream.next())
+        task = events[-1][2].get("task", {})
+        if (task.get("name"), task.get("status")) == ("each", "QUEUED"):
+            queued.add(task["evqid"])
+    daemon.call("queue.resume", {"name": "held"})
+    events += until_terminated(stream, instance_id)
+    stream.close()
+    check_story(events, instance_id, daemon, loops=True)
+    every = tree_tasks(daemon.call("instance.get", {"id": instance_id})["jobs"])
+    never = [task for task in every if not task["evqid"]]
+    assert (len(every), [task["name"] for task in never]) == (103, ["n1", "n2"])
+
+    def weight(task: dict[str, Any]) -> int:
+        if task["status"] in ("TERMINATED", "ABORTED", "SKIPPED"):
+            return 100
+        return int(task["progression"]) if task["status"] == "EXECUTING" else 0
+
+    told: dict[int, dict[str, Any]] = {}
+    checked = 0
+    for _, kind, data in events:
+        if kind != "instance.progress":
+            continue
+        told[data["task"]["evqid"]] = data["task"]
+        if told[min(told)]["status"] == "TERMINATED":  # the list has ended: the loop has its 100 tasks
+            assert data["progress"] == (sum(map(weight, told.values())) + 100 * len(never)) // 103, data
+            checked += 1
+    assert checked >= 1 + 100 * 3  # the list's end, then each item queued, started, half way, ended
+    # Each item was told queued with the job that runs it, while the paused queue held that job.
+    held = {
+        data["task"]["evqid"]
+        for _, kind, data in events
+        if kind == "instance.progress" and data["task"]["status"] == "QUEUED" and data["task"]["job_id"] is not None
+    }
+    assert held == queued
+    assert all(
+        data["task"]["job_id"] is not None
+        for _, kind, data in events
+        if kind == "instance.progress" and data["task"]["status"] == "EXECUTING"
+    )
 
 
 def test_a_reconnect_with_last_event_id_misses_nothing(daemon: Any) -> None:

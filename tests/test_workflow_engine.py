@@ -41,7 +41,8 @@ FAST_THEN_SLOW = RetrySchedule("fast_then_slow", (RetryLevel(1, 2), RetryLevel(5
 @pytest.fixture(autouse=True)
 def counters_agree_with_a_recount(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """After every event of every test here, the counters the machine kept as nodes changed are exactly those a
-    count of the whole document from nothing gives: same values, same attributes, same order."""
+    count of the whole document from nothing gives: same values, same attributes, same order; and so are its
+    counts of tasks and of tasks that will never run (the progress figure's)."""
     if "no_recount_check" in request.keywords:
         return
     settle = Instance._settle
@@ -49,8 +50,10 @@ def counters_agree_with_a_recount(request: pytest.FixtureRequest, monkeypatch: p
     def checked(instance: Instance, now: float) -> list[Any]:
         actions = settle(instance, now)
         recounted = copy.deepcopy(instance.root)
-        Counters(recounted).recount()
+        counters = Counters(recounted)
+        counters.recount()
         assert etree.tostring(instance.root) == etree.tostring(recounted)
+        assert (instance.task_count, instance.never_run) == (counters.tasks, counters.never_run)
         return actions
 
     monkeypatch.setattr(Instance, "_settle", checked)
@@ -338,6 +341,17 @@ def test_a_condition_that_cannot_be_evaluated_aborts_the_node() -> None:
     assert instance.counters()["error_tasks"] == 1
     [end] = finish(instance, actions[0].evqid)
     assert end == InstanceFinished(InstanceStatus.TERMINATED, 1)
+    assert (instance.task_count, instance.never_run) == (2, 1)
+
+
+def test_a_subjob_aborted_after_a_task_end_leaves_its_tasks_never_run() -> None:
+    below = job("bad", task("/bin/b") + task("/bin/c"), condition="evqGetParentJob(5)")
+    instance, actions = launch(workflow(job("first", task("/bin/a"), subjobs=below)))
+    assert (instance.task_count, instance.never_run) == (3, 0)
+    [end] = finish(instance, runs(actions)[0].evqid)
+    assert end == InstanceFinished(InstanceStatus.TERMINATED, 1)
+    assert jobs(instance, "bad")[0].get("status") == "ABORTED"
+    assert (instance.task_count, instance.never_run) == (3, 2)
 
 
 # ------------------------------------------------------------------------------------------------------ loops

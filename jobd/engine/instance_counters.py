@@ -11,6 +11,11 @@ names each node it may have changed (touch()), and update() moves the difference
 now and the share last counted for it, taking it from the jobs it was counted in and adding it to the jobs above it
 now. recount() counts a document from nothing: at launch, and for a restored or resumed document, whose counters
 are not trusted.
+
+Two more figures, for the instance's progress (jobd/engine/instances.py): how many tasks the workflow has (a loop
+changes it: expanded()) and how many of those will never run because a job above them was skipped or aborted before
+they were reached (ended_unrun()). And the tasks touched since they were last asked for (take_changed_tasks()),
+which is what subscribers are told of.
 """
 
 from __future__ import annotations
@@ -74,10 +79,29 @@ class Counters:
         # Each node whose share is counted: that share, and the jobs (and root) it was added to.
         self._counted: dict[etree._Element, tuple[Share, tuple[etree._Element, ...]]] = {}
         self._touched: dict[etree._Element, None] = {}  # in the order touched; a node once
+        self._changed_tasks: dict[etree._Element, None] = {}  # the same for tasks, kept until taken
+        self.tasks = 0  # the workflow's tasks (structural: not those copied into inputs or outputs)
+        self.never_run = 0  # of them, not reached and under a job that was SKIPPED or ABORTED
 
     def touch(self, node: etree._Element) -> None:
         """`node` (a job or a task of the workflow) may have changed its share, or been numbered, or removed."""
         self._touched[node] = None
+        if node.tag == "task":
+            self._changed_tasks[node] = None
+
+    def take_changed_tasks(self) -> list[etree._Element]:
+        """The tasks touched since the last call, in the order first touched (some may have left the document)."""
+        changed = list(self._changed_tasks)
+        self._changed_tasks.clear()
+        return changed
+
+    def expanded(self, node: etree._Element, copies: int) -> None:
+        """A loop put `copies` copies of `node` (a job, a task, or an input: no task) in its place."""
+        self.tasks += (copies - 1) * sum(1 for _ in _tasks_at_or_below(node))
+
+    def ended_unrun(self, job: etree._Element) -> None:
+        """`job` was SKIPPED or ABORTED: the tasks below it that were not reached never will be."""
+        self.never_run += sum(1 for task in _tasks_at_or_below(job) if task.get("evqid") is None)
 
     def waiting(self) -> int:
         """The nodes WAITING for their condition, as of the last update()."""
@@ -86,12 +110,23 @@ class Counters:
     def recount(self) -> None:
         """Count the whole document from nothing, and write every job's counters."""
         self._touched.clear()
+        self._changed_tasks.clear()
         self._counted.clear()
+        self.tasks = self.never_run = 0
         totals: dict[etree._Element, list[int]] = {}
         jobs = [self._root]
+        ended: set[etree._Element] = set()  # SKIPPED or ABORTED jobs, and the jobs below them
         for node in structural_nodes(self._root):
+            above = node.getparent()
+            unrun = above is not None and above.getparent() in ended  # job/subjobs/job, job/tasks/task
             if node.tag == "job":
                 jobs.append(node)
+                if unrun or node.get("status") in ("SKIPPED", "ABORTED"):
+                    ended.add(node)
+            else:
+                self.tasks += 1
+                if unrun and node.get("evqid") is None:
+                    self.never_run += 1
             part = share(node)
             if part is not _NONE:
                 owners = self._owners(node)
@@ -150,6 +185,15 @@ class Counters:
 
     def _carries_counters(self, job: etree._Element) -> bool:
         return job is self._root or (job.get("evqid") is not None and job.get("status") != "SKIPPED")
+
+
+def _tasks_at_or_below(node: etree._Element) -> Iterator[etree._Element]:
+    """The structural tasks of a job's subtree, or a task itself."""
+    if node.tag == "task":
+        yield node
+    elif node.tag == "job":
+        yield from node.iterfind("tasks/task")
+        yield from (below for below in structural_nodes(node) if below.tag == "task")
 
 
 def _write(job: etree._Element, values: list[int]) -> None:

@@ -61,6 +61,9 @@ _DONE = (NodeStatus.TERMINATED, NodeStatus.ABORTED, NodeStatus.SKIPPED)
 # larger documents, n² in all: 2,000 iterations spent 85 % of jobd's time serialising and writing the document.
 # A small document (a fraction of a millisecond to save) is still saved within a few milliseconds of its change.
 SAVE_SPACING = 9.0
+# An event that changed more tasks than this (a loop expanded, a cancel) is told after a walk over the whole document
+# rather than task by task, whose document order costs a look along each one's siblings.
+_FOLLOW_AT_MOST = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,16 @@ def task_json(task: etree._Element) -> dict[str, Any]:
         "job_id": int(tid) if (tid := task.get("tid")) else None,
         "tries": len(task.findall("output")),
     }
+
+
+def _document_position(node: etree._Element) -> tuple[int, ...]:
+    """Sorts nodes of one document in document order."""
+    position: list[int] = []
+    parent = node.getparent()
+    while parent is not None:
+        position.append(parent.index(node))
+        node, parent = parent, parent.getparent()
+    return tuple(reversed(position))
 
 
 def _task_key(task: etree._Element) -> tuple[str | None, ...]:
@@ -125,7 +138,6 @@ class _Live:
     measured: dict[str, Sequence[str | bytes]] = field(default_factory=dict)  # evqid -> its attribute values, last walk
     weights: dict[str, int] = field(default_factory=dict)  # evqid -> _weight
     weight_sum: int = 0  # of `weights`
-    unnumbered: tuple[int, int] = (0, 0)  # (sum of _weight, count) of the tasks not reached yet (no evqid)
     # Whether `shown` and `weights` hold the tasks as they are: false from a change nobody listened to (then
     # _publish did not walk) until the next walk that marks; _publish_task may take its short cut only when true.
     current: bool = False
@@ -687,26 +699,51 @@ class Instances:
 
     def _progress(self, live: _Live) -> int:
         """The instance's progress, 0–100: the mean of its tasks' (see _weight); 100 once it has ended. Tasks a
-        loop adds as it expands count from then on, so the figure can go down."""
+        loop adds as it expands count from then on, so the figure can go down. The tasks not reached yet are not in
+        `weights`: those that never will be weigh 100, the others 0."""
         if live.summary.id not in self._live:
             return 100
-        total, count = live.unnumbered
-        count += len(live.weights)
-        return (total + live.weight_sum) // count if count else 0
+        machine = live.machine
+        count = machine.task_count
+        return (live.weight_sum + 100 * machine.never_run) // count if count else 0
 
     def _publish(self, live: _Live, *, quiet: bool = False) -> None:
-        """Tell subscribers of every task changed since they were last told (one instance.progress each).
+        """Tell subscribers of every task changed since they were last told (one instance.progress each, in document
+        order).
 
-        One walk over the document, as the machine's own recount after each event; nothing at all when nobody
-        listens (what was last told is then stale, and a later subscriber hears each task once as it is now).
-        With `quiet`, only remember the tasks as they are.
+        The tasks the machine changed are looked at, and only they (_follow); nothing at all is done when nobody
+        listens (what was last told is then stale, and a later subscriber hears each task once as it is now: one
+        walk over the whole document, _measure). With `quiet`, only remember the tasks as they are.
         """
+        changed = live.machine.take_changed_tasks()
         if not self._listeners and not quiet:
             live.current = False
             return
-        for task in self._measure(live, mark=True):
+        if live.current and len(changed) <= _FOLLOW_AT_MOST:
+            told = self._follow(live, changed)
+        else:
+            told = self._measure(live, mark=True)
+        for task in told:
             if not quiet:
                 self._emit_task(live, task)
+
+    def _follow(self, live: _Live, changed: list[etree._Element]) -> list[etree._Element]:
+        """_measure for the tasks an event changed, when the rest are as last shown: their weights, and those
+        whose key changed (shown from now on), in document order."""
+        told: list[etree._Element] = []
+        for task in changed:
+            evqid = task.get("evqid")
+            if evqid is None or live.machine.task(int(evqid)) is not task:  # not reached, or a loop's original
+                continue
+            weight = _weight(task, False)  # a task reached is never under a job that will not run
+            live.weight_sum += weight - live.weights.get(evqid, 0)
+            live.weights[evqid] = weight
+            key = _task_key(task)
+            if live.shown.get(evqid) != key:
+                live.shown[evqid] = key
+                told.append(task)
+        told.sort(key=_document_position)
+        return told
 
     def _measure(self, live: _Live, *, mark: bool) -> list[etree._Element]:
         """Recompute the tasks' parts of the progress; the tasks changed since last shown (with `mark`, they are
@@ -721,12 +758,9 @@ class Instances:
         measured: dict[str, Sequence[str | bytes]] = {}
         weights: dict[str, int] = {}
         before, weighed, shown = live.measured, live.weights, live.shown
-        other_total = other_count = 0
         for task, dead in live.machine.task_nodes():
             evqid = task.get("evqid")
-            if evqid is None:
-                other_total += 100 if dead else 0
-                other_count += 1
+            if evqid is None:  # not reached: counted by the machine (Instance.never_run)
                 continue
             attributes = task.values()
             if before.get(evqid) == attributes and evqid in weighed:
@@ -742,7 +776,7 @@ class Instances:
                 shown[evqid] = key
             measured[evqid] = attributes
         live.measured, live.weights = measured, weights
-        live.weight_sum, live.unnumbered = sum(weights.values()), (other_total, other_count)
+        live.weight_sum = sum(weights.values())
         live.current = mark or not changed
         return changed
 

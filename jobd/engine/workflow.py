@@ -337,6 +337,21 @@ class Instance:
     def counters(self) -> dict[str, int]:
         return {name: int(self.root.get(name, "0")) for name in COUNTERS}
 
+    @property
+    def task_count(self) -> int:
+        """The workflow's tasks, those loops added included (not copies in inputs or outputs)."""
+        return self._counters.tasks
+
+    @property
+    def never_run(self) -> int:
+        """The tasks that will never run because a job above them was SKIPPED or ABORTED before they were reached."""
+        return self._counters.never_run
+
+    def take_changed_tasks(self) -> list[etree._Element]:
+        """The tasks whose status, job or result changed since the last call (a task that left the document, a
+        loop's original, may be among them); their progression is not followed here (task_progress)."""
+        return self._counters.take_changed_tasks()
+
     def task(self, evqid: int) -> etree._Element | None:
         """The <task> element with that evqid (read it, do not change it)."""
         node = self._find(evqid)
@@ -376,13 +391,14 @@ class Instance:
         task = self.task(evqid)
         if task is not None and task.get("status") == NodeStatus.QUEUED:
             task.set("tid", str(job_id))
+            self._touch(task)  # subscribers are told of its job
 
     def task_started(self, evqid: int, job_id: int, now: float) -> list[Action]:
         task = self.task(evqid)
         if task is None or task.get("status") != NodeStatus.QUEUED:
             return []  # a task aborted by a cancel while its job was starting: its end will be ignored too
         task.set("status", NodeStatus.EXECUTING)
-        self._counters.touch(task)
+        self._touch(task)
         task.set("tid", str(job_id))
         task.set("execution_time", local_time(now))
         return self._settle(now)
@@ -398,7 +414,7 @@ class Instance:
         if task is None or task.get("status") not in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
             return []
         retval = result.retval
-        self._counters.touch(task)
+        self._touch(task)
         task.set("status", NodeStatus.TERMINATED)
         task.set("retval", str(retval))
         for name in ("tid", "pid", "retry_at"):
@@ -475,7 +491,7 @@ class Instance:
     def _run_subjob(self, job: etree._Element, context_node: etree._Element) -> None:
         job.set("context-id", str(self._evqid_of(context_node)))
         self._evqid_of(job)
-        self._counters.touch(job)  # numbered: it gets counters (and loses them if skipped)
+        self._touch(job)  # numbered: it gets counters (and loses them if skipped)
         if not self._condition_holds(job, context_node):
             return
         try:
@@ -484,7 +500,7 @@ class Instance:
             self._abort(job, f"Error evaluating loop : {error}")
             return
         for clone, item in iterations:
-            self._counters.touch(clone)
+            self._touch(clone)
             if clone is not job:
                 clone.set("context-id", str(self._evqid_of(item)))
                 if clone is not iterations[0][0]:
@@ -553,6 +569,8 @@ class Instance:
         if not holds:
             node.set("status", NodeStatus.SKIPPED)
             self._touch(node)
+            if node.tag == "job":
+                self._counters.ended_unrun(node)
             node.set("details", "Condition evaluates to false")
             return False
         del node.attrib["condition"]
@@ -586,6 +604,7 @@ class Instance:
             clones.append((clone, item))
         if clones:
             node.tail = None  # the clones carry it
+        self._counters.expanded(node, len(clones))
         _remove(node)
         if clones:
             # The first clone takes the original's place and number, as evQueue's do.
@@ -649,7 +668,7 @@ class Instance:
             self._abort(task, str(error))
             return
         task.set("status", NodeStatus.QUEUED)
-        self._counters.touch(task)
+        self._touch(task)
         self._actions.append(action)
 
     def _run_task_action(self, task: etree._Element) -> RunTask:
@@ -807,7 +826,7 @@ class Instance:
             if node.get("status") != NodeStatus.WAITING:
                 continue
             del node.attrib["status"]
-            self._counters.touch(node)
+            self._touch(node)
             _drop(node, "details")
             found = self._find(int(node.get("context-id", "0")))
             context_node = found if found is not None else self.root
@@ -823,6 +842,8 @@ class Instance:
         node.set("status", NodeStatus.ABORTED)
         node.set("error", error)
         self._touch(node)
+        if node.tag == "job":
+            self._counters.ended_unrun(node)
 
     def _touch(self, node: etree._Element) -> None:
         """Tell the counters of a change to `node`, if it is a job or a task (not an input, stdin or script)."""
