@@ -41,6 +41,9 @@ log = logging.getLogger("jobd.store")
 DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.DatabaseError, peewee.DatabaseError)
 AUDIT_WRITE_BEHIND = 0.05  # seconds an audit entry may wait to share a commit with the next ones
 AUDIT_BATCH = 256  # entries written at once, without waiting longer
+# Entries held in memory while the database cannot be written (a full disk), written once it can; beyond this many
+# the oldest are dropped (and counted in the log), so that a disk full for days cannot exhaust jobd's memory.
+AUDIT_KEPT_AT_MOST = 100_000
 _db = peewee.DatabaseProxy()
 
 
@@ -409,7 +412,9 @@ class Store:
         )
         self._flusher: _GroupFlusher | None = None
         self._audit_pending: list[AuditEntry] = []
-        self._audit_timer: asyncio.TimerHandle | None = None
+        self._audit_timer: asyncio.TimerHandle | None = None  # the write-behind, or the next try on a full disk
+        self._audit_failing = False  # the last write of entries failed: they wait for room
+        self._audit_dropped = 0  # entries dropped meanwhile (AUDIT_KEPT_AT_MOST)
 
     def open(self) -> None:
         _db.initialize(self.db)
@@ -435,7 +440,7 @@ class Store:
 
     def close(self) -> None:
         if not self.db.is_closed():
-            self.flush_audit()
+            self._flush_audit_or_log(last=True)
         if self._flusher is not None:
             self._flusher.close()
         if not self.db.is_closed():
@@ -814,30 +819,72 @@ class Store:
         log, never a job. The timer is armed only while entries wait; an idle jobd has none.
         """
         self._audit_pending.append(entry)
-        if len(self._audit_pending) >= AUDIT_BATCH:
+        if self._audit_failing:  # the next try is armed; trying at each entry would only fail again
+            self._drop_oldest_audit()
+        elif len(self._audit_pending) >= AUDIT_BATCH:
             self._flush_audit_or_log()
         elif self._audit_timer is None:
             self._audit_timer = asyncio.get_running_loop().call_later(AUDIT_WRITE_BEHIND, self._flush_audit_or_log)
 
-    def _flush_audit_or_log(self) -> None:
+    def _flush_audit_or_log(self, *, last: bool = False) -> None:
+        """Write the entries that wait; if the database cannot be written (a full disk), keep them and try again in
+        STORE_RETRY_SECONDS, or with `last` (jobd is stopping) say how many are lost."""
+        if self._audit_timer is not None:  # the one that called, or a write-behind that this write makes needless
+            self._audit_timer.cancel()
+            self._audit_timer = None
         waiting = len(self._audit_pending)
         try:
             self.flush_audit()
         except Exception as error:  # the commands have happened: a full disk must not stop the event loop
-            if store_failure(error) is None:
-                log.exception("could not write entries to the audit log")
-            else:
-                log.error("%d audit log entries lost: cannot write the database: %s", waiting, error)
+            if store_failure(error) is None or last:
+                self._audit_pending.clear()
+                if store_failure(error) is None:
+                    log.exception("%d audit log entries lost: could not write them", waiting)
+                else:
+                    log.error("%d audit log entries lost at the stop: cannot write the database: %s", waiting, error)
+                return
+            if not self._audit_failing:
+                log.error(
+                    "%d audit log entries wait: cannot write the database: %s; trying again every %gs",
+                    waiting,
+                    error,
+                    STORE_RETRY_SECONDS,
+                )
+                self._audit_failing = True
+            self._drop_oldest_audit()
+            self._audit_timer = asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS, self._flush_audit_or_log)
+
+    def _drop_oldest_audit(self) -> None:
+        excess = len(self._audit_pending) - AUDIT_KEPT_AT_MOST
+        if excess > 0:
+            del self._audit_pending[:excess]
+            self._audit_dropped += excess
 
     def flush_audit(self) -> None:
-        if self._audit_timer is not None:
-            self._audit_timer.cancel()
-            self._audit_timer = None
+        """Write the entries that wait, now; raises if the database cannot be written, and they wait on (for the
+        timer that is armed, the write-behind or the next try)."""
         if not self._audit_pending:
             return
         pending, self._audit_pending = self._audit_pending, []
-        with self._transaction() as sql:
-            sql.executemany(_INSERT_AUDIT, [_audit_values(entry) for entry in pending])
+        try:
+            with self._transaction() as sql:
+                sql.executemany(_INSERT_AUDIT, [_audit_values(entry) for entry in pending])
+        except BaseException:
+            self._audit_pending[:0] = pending  # in their order, before those that came meanwhile
+            raise
+        if self._audit_timer is not None:  # written: the write-behind or the next try has nothing left to do
+            self._audit_timer.cancel()
+            self._audit_timer = None
+        if self._audit_failing:
+            self._audit_failing = False
+            log.info("the audit log is written again (%d entries had waited)", len(pending))
+        if self._audit_dropped:
+            log.error(
+                "%d audit log entries were lost while the database could not be written (more than %d waited)",
+                self._audit_dropped,
+                AUDIT_KEPT_AT_MOST,
+            )
+            self._audit_dropped = 0
 
     def audit_entries(self, where: AuditFilter) -> list[AuditEntry]:
         """Newest first."""

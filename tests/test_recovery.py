@@ -856,6 +856,29 @@ def test_history_expiry_on_a_full_database_disk_waits_for_room(
     assert "Traceback" not in daemon.log()
 
 
+def test_audit_entries_wait_for_room_on_a_full_database_disk(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # Before, the entries that could not be written were dropped with one log line: a reload made on a full disk,
+    # and the submits refused there, were never in the audit log.
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    assert daemon.state_dir == small_state_disk
+    filler = exhaust(daemon, small_state_disk)
+    _refused_for_a_full_disk(daemon, "job.submit", {"command": ["/bin/true"]})
+    daemon.call("daemon.reload")  # a reload writes nothing: it works on a full disk
+    wait_for_log(daemon, "audit log entries wait: cannot write the database: database or disk is full")
+    _refused_for_a_full_disk(daemon, "audit.list", {})  # reading it writes what waits first, and cannot yet
+
+    filler.unlink()
+    wait_for_log(daemon, "the audit log is written again")  # from its own next try: nothing else writes
+    entries = daemon.call("audit.list", {"limit": 2})["entries"]  # newest first; reads are not recorded
+    assert [(entry["command"], entry["result"]) for entry in entries] == [
+        ("daemon.reload", "ok"),
+        ("job.submit", "STORE_FAILED"),
+    ], entries
+    assert "entries lost" not in daemon.log() and "Traceback" not in daemon.log()
+
+
 def test_an_instance_cancelled_on_a_full_database_disk_ends_and_its_task_job_goes(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:
