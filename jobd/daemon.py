@@ -272,6 +272,7 @@ class Daemon:
         self._stopping = True
         self.notifier.notify(f"STOPPING=1\nSTATUS={self._status_line()}")
         self.scheduler.stop()
+        self.instances.stop_retries()
         if self.watcher is not None:
             self.watcher.close()
         await self.server.stop_listening()

@@ -456,6 +456,35 @@ def test_a_loop_over_jobs_that_have_not_run_numbers_them_and_they_count_from_the
         assert runs(finish(instance, run.evqid)) != []  # c runs
 
 
+def test_a_loop_over_task_and_job_elements_of_an_output_counts_only_the_workflows() -> None:
+    """A loop's items are numbered to be their iterations' contexts. Elements of a task's output named <task> or
+    <job>, with a status, are not the workflow's: they are not counted, carry no counters and are not told of. They
+    were, and an instance whose tasks had all ended stayed EXECUTING, one "running" output element too many."""
+    items = (
+        b'<report><task name="x" status="QUEUED"/><task name="y" status="TERMINATED" retval="3"/>'
+        b'<job name="z" status="WAITING"/></report>'
+    )
+    source = workflow(
+        job(
+            "list",
+            task("list.sh", name="list", output_method="XML"),
+            job("each", task("show.sh", loop="evqGetParentJob()/evqGetOutput('list')/report/*")),
+        )
+    )
+    instance, actions = launch(source)
+    instance.take_changed_tasks()
+    shows = runs(finish(instance, actions[0].evqid, TaskResult.exited(0, stdout=items)))
+    assert len(shows) == 3
+    assert {task.get("path") for task in instance.take_changed_tasks()} == {"list.sh", "show.sh"}
+    assert instance.counters()["running_tasks"] == 3 and instance.counters()["waiting_conditions"] == 0
+    for show in shows:
+        finish(instance, show.evqid)
+    assert instance.status is InstanceStatus.TERMINATED and instance.errors == 0
+    report = instance.root.find(".//output/report")
+    assert report is not None and all(item.get("running_tasks") is None for item in report)
+    assert (instance.task_count, instance.never_run) == (4, 0)
+
+
 def test_a_loop_must_select_elements() -> None:
     instance, actions = launch(workflow(job("a", task("/bin/a"), loop="//@name")))
     [a] = jobs(instance, "a")
@@ -600,6 +629,19 @@ def test_evqwait_holds_a_node_until_a_task_end_makes_it_true() -> None:
     [run] = runs(finish(instance, actions[1].evqid))
     assert run.argv == ("/bin/b",)
     assert b.get("status") is None and b.get("details") == "Condition evaluates to true"
+    assert instance.counters()["waiting_conditions"] == 0
+
+
+def test_a_waiting_job_that_loops_once_it_may_run_leaves_no_wait_on_its_copies() -> None:
+    """Its counters said it waited; the loop's copies of it do not (the autouse check: as a count from nothing)."""
+    waits = "evqWait(//task[@path='/bin/a']/@status = 'TERMINATED')"
+    source = workflow(
+        job("a", task("/bin/a")) + job("b", task("/bin/b"), condition=waits, loop="/workflow/subjobs/job")
+    )
+    instance, actions = launch(source)
+    assert instance.counters()["waiting_conditions"] == 1
+    assert len(runs(finish(instance, actions[0].evqid))) == 2  # one b per job of the workflow: a and b
+    assert [clone.get("waiting_conditions") for clone in jobs(instance, "b")] == ["0", "0"]
     assert instance.counters()["waiting_conditions"] == 0
 
 

@@ -484,3 +484,131 @@ def test_a_stop_saves_the_document_as_it_is(make_daemon: Any, tmp_path: Path) ->
 
     start(daemon)
     _assert_each_item_ran_once(daemon, instance_id, items)
+
+
+def _padded_daemon(make_daemon: Any, tmp_path: Path, config: str, **workflows: str) -> Daemon:
+    """A daemon whose workflows' PADDED task prints 3.5 MB of XML: each save of the instance document then takes
+    tens of milliseconds, and the saves of a busy instance are spaced out (instances.SAVE_SPACING)."""
+    padded = tmp_path / "padded.sh"
+    padded.write_text("#!/bin/sh\necho '<big><pad>'\nhead -c 3500000 /dev/zero | tr '\\0' x\necho '</pad></big>'\n")
+    padded.chmod(0o755)
+    daemon: Daemon = make_daemon(config, start=False)
+    daemon.write_workflows(**{name: text.replace("PADDED", str(padded)) for name, text in workflows.items()})
+    daemon.start()
+    attach(daemon)
+    return daemon
+
+
+def _stored_document(daemon: Daemon, instance_id: int) -> etree._Element:
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as db:
+        [(document,)] = db.execute("SELECT document FROM instance WHERE id = ?", (instance_id,))
+    return safexml.parse(document)
+
+
+# Two jobs side by side, each with a subjob; the second's task ends first, so its subjob is numbered first.
+CROSSED = """<workflow><subjobs><job name="padded">
+  <tasks><task name="padded" path="PADDED" queue="q" output-method="XML"/></tasks>
+  <subjobs>
+    <job name="J1"><tasks><task name="a" path="/bin/sleep 0.05" queue="q"/></tasks>
+      <subjobs><job name="J1s"><tasks><task name="c" path="/bin/echo C" queue="q"/></tasks></job></subjobs>
+    </job>
+    <job name="J2"><tasks><task name="b" path="/bin/true" queue="q"/></tasks>
+      <subjobs>
+        <job name="J2s"><tasks><task name="d" path="/bin/sh -c 'echo D; exit 3'" queue="q"/></tasks></job>
+      </subjobs>
+    </job>
+  </subjobs>
+</job></subjobs></workflow>"""
+
+
+def test_after_kill_9_the_ends_saved_late_are_replayed_in_the_order_they_happened(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """A task's end numbers the nodes it starts, and a task's key holds its number. A restart from a document
+    saved before some ends told them in document order, so the subjobs here were numbered the other way round and
+    each task's key found the other's job: c showed D's output and exit code, and d C's. The ends are now told in
+    the order their jobs ended. (That b ends before a, whose task sleeps 50 ms, is what makes the old code fail
+    here; the test holds whichever ends first.)"""
+    daemon = _padded_daemon(make_daemon, tmp_path, "[queue.q]\nconcurrency = 4\n", crossed=CROSSED)
+    # Jobs: 1 padded, 2 a, 3 b, 4 d (b ends first), 5 c.
+    instance_id = _launch_until_job_ended(daemon, "crossed", 5)
+    kill9(daemon)
+    start(daemon)
+    done = daemon.call("instance.wait", {"id": instance_id, "timeout": 60}, timeout=70)
+    assert done["status"] == "TERMINATED" and done["errors"] == 1, done
+    document = _document(daemon, instance_id)
+    ended = {task.get("name"): (task.get("retval"), task.findtext("output")) for task in document.iter("task")}
+    assert (ended["c"], ended["d"]) == (("0", "C\n"), ("3", "D\n")), ended
+    jobs = daemon.call("job.list", {"context": f"instance:{instance_id}", "limit": 100})["jobs"]
+    assert len(jobs) == 5 and "not this task" not in daemon.log()
+
+
+CANCELLED = """<workflow><subjobs><job name="padded">
+  <tasks><task name="padded" path="PADDED" queue="q" output-method="XML"/></tasks>
+  <subjobs><job name="j"><tasks>
+    <task name="t1" path="/bin/sleep 30" queue="one"/>
+    <task name="t2" path="/bin/echo t2 ran" queue="one" retry_times="2" retry_delay="1"/>
+    <task name="t3" path="/bin/echo t3 ran" queue="one"/>
+  </tasks></job></subjobs>
+</job></subjobs></workflow>"""
+
+
+def test_a_cancel_is_saved_before_it_is_answered(make_daemon: Any, tmp_path: Path) -> None:
+    """Its queued jobs are cancelled from the next pass of the loop on. A crash then could find them cancelled and
+    the document not cancelling (its save was spaced out), and t2's retry ran it after the restart; or, saved but
+    killed before the jobs were cancelled, find them still queued, and run them. Now the document is saved before
+    the answer, and a restart cancels the jobs of tasks a cancel aborted."""
+    config = "[queue.q]\nconcurrency = 4\n[queue.one]\nconcurrency = 1\n"
+    daemon = _padded_daemon(make_daemon, tmp_path, config, cancelled=CANCELLED)
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        instance_id = int(daemon.call("instance.launch", {"workflow": "cancelled"})["id"])
+        next_matching(client, lambda e: e["job"]["id"] == 2 and e["job"]["state"] == "running", 60)  # t1
+    daemon.call("instance.cancel", {"id": instance_id})
+    kill9(daemon)
+    saved = _stored_document(daemon, instance_id)
+    assert saved.get("cancelling") == "yes"
+    assert {task.get("name"): task.get("status") for task in saved.iter("task")} == {
+        "padded": "TERMINATED",
+        "t1": "EXECUTING",
+        "t2": "ABORTED",
+        "t3": "ABORTED",
+    }
+    start(daemon)
+    done = daemon.call("instance.wait", {"id": instance_id, "timeout": 60}, timeout=70)
+    assert done["status"] == "TERMINATED"
+    jobs = daemon.call("job.list", {"context": f"instance:{instance_id}", "limit": 100})["jobs"]
+    assert len(jobs) == 4 and not any(job["command"][-1] == "ran" and job["state"] == "succeeded" for job in jobs)
+
+
+RETRIED = """<workflow><subjobs><job name="j"><tasks>
+  <task name="slow" task="slow"/>
+  <task name="flaky" path="/bin/false" queue="q" retry_delay="1" retry_times="1"/>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_a_retry_due_while_jobd_stops_is_kept_for_the_next_start(make_daemon: Any) -> None:
+    """flaky failed and is to be tried again a second later; the stop waits 4 s for slow (it ignores SIGTERM). The
+    retry fell due during the stop, its submit was refused, and the try was spent: flaky ended with retval -1 and
+    was never tried again. Now no retry is armed once jobd stops, and the next start arms it from retry_at."""
+    config = (
+        '[queue.q]\nconcurrency = 4\n[task.slow]\ncommand = ["/bin/sh", "-c", "trap \'\' TERM; sleep 8"]\n'
+        'queue = "q"\nkill_grace = 4\n'
+    )
+    daemon: Daemon = make_daemon(config, start=False)
+    daemon.write_workflows(retried=RETRIED)
+    daemon.start()
+    attach(daemon)
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        instance_id = int(daemon.call("instance.launch", {"workflow": "retried"})["id"])
+        next_matching(client, lambda e: e["job"]["id"] == 2 and e["job"]["state"] == "failed", 20)  # flaky's try
+    assert terminate(daemon) == 0
+    flaky = _stored_document(daemon, instance_id).find(".//task[@name='flaky']")
+    assert flaky is not None and flaky.get("retry_at") is not None, etree.tostring(flaky)
+    assert [output.get("retval") for output in flaky.findall("output")] == ["1"]
+    start(daemon)
+    daemon.call("instance.wait", {"id": instance_id, "timeout": 30}, timeout=40)
+    flaky = _document(daemon, instance_id).find(".//task[@name='flaky']")
+    assert flaky is not None
+    assert [output.get("retval") for output in flaky.findall("output")] == ["1", "1"]  # tried again: /bin/false

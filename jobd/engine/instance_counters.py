@@ -84,10 +84,18 @@ class Counters:
         self.never_run = 0  # of them, not reached and under a job that was SKIPPED or ABORTED
 
     def touch(self, node: etree._Element) -> None:
-        """`node` (a job or a task of the workflow) may have changed its share, or been numbered, or removed."""
+        """`node` may have changed its share, or been numbered, or be about to leave the document. Only a job or a
+        task of the workflow counts: an element of a task's output that a loop numbered to be an iteration's context
+        is left alone, even one named <task> or <job>."""
+        if not self._structural(node):
+            return
         self._touched[node] = None
         if node.tag == "task":
             self._changed_tasks[node] = None
+
+    def copied(self, clone: etree._Element) -> None:
+        """`clone` is a copy a loop made of a job or a task: whatever counters it carries are its original's."""
+        _erase(clone)
 
     def take_changed_tasks(self) -> list[etree._Element]:
         """The tasks touched since the last call, in the order first touched (some may have left the document)."""
@@ -182,6 +190,24 @@ class Counters:
         owners = [node] if node.tag == "job" else []
         owners.extend(node.iterancestors("job", "workflow"))
         return tuple(owners)
+
+    def _structural(self, node: etree._Element) -> bool:
+        """Whether `node` is a job or a task of the workflow: workflow(/subjobs/job)+(/tasks/task)?."""
+        if node.tag == "task":
+            holder = node.getparent()
+            if holder is None or holder.tag != "tasks":
+                return False
+            job = holder.getparent()
+        else:
+            job = node
+        while job is not None and job.tag == "job":
+            holder = job.getparent()
+            if holder is None or holder.tag != "subjobs":
+                return False
+            job = holder.getparent()
+            if job is self._root:
+                return True
+        return False
 
     def _carries_counters(self, job: etree._Element) -> bool:
         return job is self._root or (job.get("evqid") is not None and job.get("status") != "SKIPPED")

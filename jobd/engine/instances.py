@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import time
@@ -51,7 +52,7 @@ from jobd.errors import (
 )
 from jobd.model import InstanceSummary, Job, JobSpec, JobState, RetryPolicy
 from jobd.store import STORE_RETRY_SECONDS as RETRY
-from jobd.store import InstanceFilter, Store, store_failure
+from jobd.store import InstanceFilter, JobFilter, Store, store_failure
 
 log = logging.getLogger("jobd.instances")
 
@@ -132,6 +133,9 @@ class _Live:
     retry_timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # evqid -> timer
     waiters: dict[asyncio.Future[None], None] = field(default_factory=dict)  # an ordered set: O(1) to leave
     save_after: float = 0.0  # loop time before which its document is not saved again (SAVE_SPACING)
+    # While a restart resumes it: the ends of its tasks' jobs still to tell the machine, as (finished_at, job id,
+    # evqid), told in the order they happened (_replay).
+    replay: list[tuple[float, int, int]] | None = None
     # What subscribers were last told (Instances._publish): evqid -> _task_key, and each task's part of the progress.
     # Keyed by the evqid attribute as it is (a string), as the walk over the document finds it.
     shown: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
@@ -158,6 +162,7 @@ class Instances:
         # Instances that have ended and whose end could not be saved yet: what they are, until it is.
         self._ended_unsaved: dict[int, tuple[InstanceSummary, bytes]] = {}
         self._listeners: dict[Callable[[InstanceEvent], None], None] = {}
+        self._stopping = False  # jobd is stopping: no retry is armed (stop_retries)
 
     # -- launching -----------------------------------------------------------------------------------------------
 
@@ -307,6 +312,15 @@ class Instances:
         machine = live.machine
         return replace(live.summary, status=str(machine.status), errors=machine.errors, counters=machine.counters())
 
+    def stop_retries(self) -> None:
+        """jobd is stopping: no task is tried again now. Its submit would fail (jobd no longer takes jobs) and use
+        up the try; the task keeps its `retry_at` in the document, and the next start arms it again."""
+        self._stopping = True
+        for live in self._live.values():
+            for timer in live.retry_timers.values():
+                timer.cancel()
+            live.retry_timers.clear()
+
     def stop_waiters(self) -> None:
         """jobd is stopping: whoever waits for an instance to end (instance.wait) hears of it now."""
         for live in self._live.values():
@@ -337,6 +351,9 @@ class Instances:
             raise InvalidParams(f"instance {instance_id} has already ended ({summary.status})", id=instance_id)
         log.info("instance=%d cancel requested", instance_id)
         self._apply(live, live.machine.cancel(self.clock()))
+        # Saved now, before its queued jobs are cancelled (that happens from the next pass on): a crash in between
+        # must not find those jobs cancelled and the document not cancelling, which runs the tasks again.
+        self._save_changed(spaced=False)
         return self.summary(instance_id)
 
     def kill_task(self, instance_id: int, pid: int) -> None:
@@ -365,6 +382,8 @@ class Instances:
             if isinstance(action, RunTask):
                 self._run_task(live, action)
             elif isinstance(action, RetryLater):
+                if self._stopping:
+                    continue  # armed again from the document's retry_at at the next start (stop_retries)
                 loop = asyncio.get_running_loop()
                 live.retry_timers[action.evqid] = loop.call_later(
                     max(0.0, action.delay), self._retry_due, live.summary.id, action.evqid
@@ -396,10 +415,27 @@ class Instances:
             result = TaskResult.lost(stderr=f"jobd could not submit the task: {error.message}\n".encode())
             self._apply(live, live.machine.task_ended(action.evqid, result, self.clock()))
             return
+        if job.spec.command != spec.command or job.spec.queue != spec.queue:
+            # The key found a job of another task: only a restart that numbered the tasks otherwise than the first
+            # run did could do that (see _replay). Better the task fails than takes the other's result.
+            log.error(
+                "instance=%d task %d: its key found job=%d, which runs %s in queue %s, not this task",
+                instance_id,
+                action.evqid,
+                job.id,
+                list(job.spec.command),
+                job.spec.queue,
+            )
+            why = f"jobd found job {job.id} under this task's key, and it is not this task's job\n".encode()
+            self._apply(live, live.machine.task_ended(action.evqid, TaskResult.lost(stderr=why), self.clock()))
+            return
         live.jobs[action.evqid] = job.id
         live.machine.job_assigned(action.evqid, job.id)
         if job.state.finished:  # the key found this try's job from before a crash, and it has ended already
-            asyncio.get_running_loop().call_soon(self._task_finished, instance_id, action.evqid, job)
+            if live.replay is not None:
+                heapq.heappush(live.replay, (job.finished_at or 0.0, job.id, action.evqid))
+            else:
+                asyncio.get_running_loop().call_soon(self._task_finished, instance_id, action.evqid, job)
             return
         if job.state is JobState.RUNNING and watcher.started is None:  # found by its key, already running
             self._task_started(instance_id, action.evqid, job, self.engine.running_pid(job.id) or 0)
@@ -549,7 +585,8 @@ class Instances:
         document is (save_all).
         """
         self._unsaved.add(live.summary.id)
-        self._save_by(live.save_after)
+        if self._save_retry is None:  # else the store refuses writes: the next try (_save_again) saves it
+            self._save_by(live.save_after)
 
     def _save_by(self, when: float) -> None:
         """Have _save_changed run at loop time `when`, or at the end of this pass if that time has come."""
@@ -828,7 +865,8 @@ class Instances:
         machine, pending = Instance.restore(
             document, queues=set(config.queues), tasks=config.tasks, retry_schedules=config.retry_schedules
         )
-        live = _Live(summary, machine)
+        replay: list[tuple[float, int, int]] = []
+        live = _Live(summary, machine, replay=replay)
         self._live[summary.id] = live
         self._publish(live, quiet=True)  # subscribers hear what changes from here on
         actions: list[Action] = []
@@ -843,7 +881,8 @@ class Instances:
                 else:
                     actions += machine.task_ended(task.evqid, TaskResult.lost(), now)
             elif job.state.finished:
-                actions += machine.task_ended(task.evqid, self._result(job), now)
+                live.jobs[task.evqid] = job.id
+                heapq.heappush(replay, (job.finished_at or 0.0, job.id, task.evqid))
             else:
                 live.jobs[task.evqid] = job.id
                 self.engine.watch(job.id, _TaskWatcher(self, summary.id, task.evqid))
@@ -851,6 +890,48 @@ class Instances:
                     actions += machine.task_started(task.evqid, job.id, now)
         log.info("instance=%d of workflow %s resumed", summary.id, summary.workflow)
         self._apply(live, actions)
+        self._replay(live)
+        if machine.cancelling:
+            self._cancel_dequeued(live)
+
+    def _cancel_dequeued(self, live: _Live) -> None:
+        """A cancel aborts the queued tasks and cancels their jobs from the next pass of the loop on: after a crash
+        in between, those jobs still wait in their queues. They are cancelled now (found by the task their key
+        names, which is ABORTED)."""
+        prefix = f"instance:{live.summary.id}:task:"
+        unfinished = (JobState.DELAYED, JobState.QUEUED, JobState.RUNNING)
+        where = JobFilter(states=unfinished, context=f"instance:{live.summary.id}", limit=1000)
+        while page := self.engine.list_jobs(where):
+            for job in page:
+                evqid = (job.spec.key or "").removeprefix(prefix).partition(":")[0]
+                task = live.machine.task(int(evqid)) if evqid.isdigit() else None
+                if task is not None and task.get("status") == NodeStatus.ABORTED and job.id not in live.jobs.values():
+                    log.info(
+                        "instance=%d task %s: cancelling job=%d (the instance was cancelled)",
+                        live.summary.id,
+                        evqid,
+                        job.id,
+                    )
+                    self._cancel_job(job.id)
+            where = replace(where, before_id=page[-1].id)
+
+    def _replay(self, live: _Live) -> None:
+        """Tell the machine of the jobs that ended while the saved document did not say so yet, in the order they
+        ended, and of those their ends lead to (found by their keys), until none is left.
+
+        The order matters: a task's end numbers the nodes it starts (subjobs, a loop's copies), and a task's key
+        holds its number. Told in another order than the first run, the same tasks would get other numbers, and a
+        key could find another task's job. Each job's end is recorded (finished_at) before the machine hears of it,
+        and a job that a task's end starts ends after it, so the order of the records is the order of the first run.
+        """
+        pending = live.replay
+        assert pending is not None
+        while pending and live.summary.id in self._live:
+            _, job_id, evqid = heapq.heappop(pending)
+            job = self._job_or_none(job_id)
+            if job is not None:
+                self._task_finished(live.summary.id, evqid, job)
+        live.replay = None
 
     def _supervised(self, instance_id: int, step: Callable[..., None], *args: Any) -> None:
         """One step of an instance, on a job's news. An exception there is a bug in jobd: it ends that instance in

@@ -500,6 +500,8 @@ class Instance:
             self._abort(job, f"Error evaluating loop : {error}")
             return
         for clone, item in iterations:
+            if clone is not job:
+                self._counters.copied(clone)
             self._touch(clone)
             if clone is not job:
                 clone.set("context-id", str(self._evqid_of(item)))
@@ -846,9 +848,8 @@ class Instance:
             self._counters.ended_unrun(node)
 
     def _touch(self, node: etree._Element) -> None:
-        """Tell the counters of a change to `node`, if it is a job or a task (not an input, stdin or script)."""
-        if node.tag in ("job", "task"):
-            self._counters.touch(node)
+        """Tell the counters of a change to `node` (they ignore what is not a job or a task of the workflow)."""
+        self._counters.touch(node)
 
     def _settle(self, now: float) -> list[Action]:
         """End of an event: count its changes, finish the instance if nothing runs or waits to retry, hand over
