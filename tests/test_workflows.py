@@ -612,3 +612,36 @@ def test_a_retry_due_while_jobd_stops_is_kept_for_the_next_start(make_daemon: An
     flaky = _document(daemon, instance_id).find(".//task[@name='flaky']")
     assert flaky is not None
     assert [output.get("retval") for output in flaky.findall("output")] == ["1", "1"]  # tried again: /bin/false
+
+
+FAILING_EARLY = """<workflow>
+  <parameters><parameter name="gate"/></parameters>
+  <subjobs><job name="padded">
+    <tasks><task name="padded" path="PADDED" queue="q" output-method="XML"/></tasks>
+    <subjobs><job name="j"><tasks>
+      <task name="fails" path="/bin/false" queue="q"/>
+      <task name="waits" path="/usr/bin/head -n 1" queue="q">
+        <input name="gate"><value select="evqGetWorkflowParameter('gate')"/></input>
+      </task>
+    </tasks></job></subjobs>
+  </job></subjobs>
+</workflow>"""
+
+
+def test_the_first_error_of_a_busy_instance_is_saved_at_once_for_the_errors_filter(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """instance.list's `errors` filter reads the store, where a large instance's document, and its error count, are
+    saved spaced out: its first error is saved at once."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    daemon = _padded_daemon(make_daemon, tmp_path, "[queue.q]\nconcurrency = 4\n", failing=FAILING_EARLY)
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        launched = daemon.call("instance.launch", {"workflow": "failing", "parameters": {"gate": str(gate)}})
+        next_matching(client, lambda e: e["job"]["id"] == 2 and e["job"]["state"] == "failed", 60)
+    listed = daemon.call("instance.list", {"errors": True, "status": "EXECUTING"})["instances"]
+    assert [(instance["id"], instance["errors"]) for instance in listed] == [(launched["id"], 1)]
+    with open(gate, "w") as writer:
+        writer.write("go\n")
+    assert daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})["errors"] == 1

@@ -133,6 +133,7 @@ class _Live:
     retry_timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # evqid -> timer
     waiters: dict[asyncio.Future[None], None] = field(default_factory=dict)  # an ordered set: O(1) to leave
     save_after: float = 0.0  # loop time before which its document is not saved again (SAVE_SPACING)
+    saved_with_errors: bool = False  # what the store holds: instance.list's `errors` filter reads it
     # While a restart resumes it: the ends of its tasks' jobs still to tell the machine, as (finished_at, job id,
     # evqid), told in the order they happened (_replay).
     replay: list[tuple[float, int, int]] | None = None
@@ -586,7 +587,9 @@ class Instances:
         """
         self._unsaved.add(live.summary.id)
         if self._save_retry is None:  # else the store refuses writes: the next try (_save_again) saves it
-            self._save_by(live.save_after)
+            # Its first error is saved at once, whatever the spacing: instance.list filters on it in the store.
+            first_error = live.machine.errors > 0 and not live.saved_with_errors
+            self._save_by(0.0 if first_error else live.save_after)
 
     def _save_by(self, when: float) -> None:
         """Have _save_changed run at loop time `when`, or at the end of this pass if that time has come."""
@@ -624,7 +627,7 @@ class Instances:
             for instance_id in sorted(self._unsaved):
                 live = self._live.get(instance_id)
                 if live is not None:
-                    if spaced and live.save_after > loop.time():
+                    if spaced and live.save_after > loop.time() and (live.saved_with_errors or not live.machine.errors):
                         continue
                     started = loop.time()
                     machine = live.machine
@@ -633,6 +636,7 @@ class Instances:
                     )
                     saved = loop.time()
                     live.save_after = saved + (saved - started) * SAVE_SPACING
+                    live.saved_with_errors = machine.errors > 0
                 self._unsaved.discard(instance_id)
         except Exception as error:
             if store_failure(error) is None:
