@@ -645,3 +645,43 @@ def test_the_first_error_of_a_busy_instance_is_saved_at_once_for_the_errors_filt
     with open(gate, "w") as writer:
         writer.write("go\n")
     assert daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})["errors"] == 1
+
+
+GATED = first_then(
+    '<task name="one" path="/bin/echo one" queue="default"/>',
+    """<task name="gate" path="/usr/bin/head -n 1" queue="default">
+      <input name="gate"><value select="evqGetWorkflowParameter('gate')"/></input>
+    </task>""",
+    parameters="gate",
+)
+
+
+def test_the_jobs_of_an_executing_instance_stay_in_the_history_until_it_ends(make_daemon: Any, tmp_path: Path) -> None:
+    """keep_last = 0 expires a job as it finishes. A restart after a crash ends an instance's tasks from their jobs'
+    records (the document saved may be behind them) and finds the jobs it submitted by their keys, so a task whose
+    job had expired was taken for lost, or run again. The jobs of an executing instance are kept until it ends."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    config = "[queue.default]\nconcurrency = 2\n"
+    daemon: Daemon = make_daemon(config, start=False, daemon_extra="history = { keep_last = 0 }")
+    daemon.write_workflows(gated=GATED)
+    daemon.start()
+    parameters = {"gate": str(gate)}
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        instance_id = int(daemon.call("instance.launch", {"workflow": "gated", "parameters": parameters})["id"])
+        next_matching(client, lambda e: e["job"]["id"] == 2 and e["job"]["state"] == "running", 30)  # the gate
+        assert daemon.call("job.get", {"id": 1})["state"] == "succeeded"  # task one's job: kept
+        plain = daemon.submit(command=["/bin/true"])["id"]
+        next_matching(client, lambda e: e["job"]["id"] == plain and e["job"]["state"] == "succeeded", 30)
+    with pytest.raises(RemoteError) as expired:  # keep_last = 0 holds for every other job
+        daemon.call("job.get", {"id": plain})
+    assert expired.value.code == "UNKNOWN_JOB"
+
+    with open(gate, "w") as writer:
+        writer.write("go\n")
+    assert daemon.call("instance.wait", {"id": instance_id, "timeout": 30})["errors"] == 0
+    for job_id in (1, 2):  # the instance has ended: its jobs go
+        with pytest.raises(RemoteError) as gone:
+            daemon.call("job.get", {"id": job_id})
+        assert gone.value.code == "UNKNOWN_JOB"

@@ -731,6 +731,13 @@ class Engine:
                     self._store_failed(f"cannot record the cancel of job {job_id}", error)
                 self._stop(job_id)
             return await self.wait(job_id, None)
+        return self.cancel_waiting(job_id)
+
+    def cancel_waiting(self, job_id: int) -> Job:
+        """Cancel a job that is queued or delayed, now (cancel() does any unfinished job, waiting for a running one
+        to end)."""
+        job = self.get(job_id)
+        assert job.state in (JobState.QUEUED, JobState.DELAYED), job
         was_delayed = job.state is JobState.DELAYED
         why = "cancelled before it ran" if job.attempts == 0 else "cancelled while it waited to be tried again"
         # Committed first: should the write fail (a full disk), the job stays queued or delayed as it was.

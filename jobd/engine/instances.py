@@ -97,7 +97,7 @@ def task_json(task: etree._Element) -> dict[str, Any]:
 
 
 def _document_position(node: etree._Element) -> tuple[int, ...]:
-    """Sorts nodes of one document in document order."""
+    """What sorts nodes of one document in document order: each ancestor-or-self's index among its siblings."""
     position: list[int] = []
     parent = node.getparent()
     while parent is not None:
@@ -553,6 +553,7 @@ class Instances:
         )
         self._ended_unsaved[instance_id] = (ended, document)
         self._save_changed()
+        self.engine.history.rearm()  # the jobs of its tasks, kept while it executed, may expire now
         level = logging.INFO if finished.errors == 0 else logging.WARNING
         log.log(
             level,
@@ -900,8 +901,8 @@ class Instances:
 
     def _cancel_dequeued(self, live: _Live) -> None:
         """A cancel aborts the queued tasks and cancels their jobs from the next pass of the loop on: after a crash
-        in between, those jobs still wait in their queues. They are cancelled now (found by the task their key
-        names, which is ABORTED)."""
+        in between, those jobs still wait in their queues. They are cancelled now, before the queues start jobs
+        (found by the task their key names, which is ABORTED)."""
         prefix = f"instance:{live.summary.id}:task:"
         unfinished = (JobState.DELAYED, JobState.QUEUED, JobState.RUNNING)
         where = JobFilter(states=unfinished, context=f"instance:{live.summary.id}", limit=1000)
@@ -916,8 +917,19 @@ class Instances:
                         evqid,
                         job.id,
                     )
-                    self._cancel_job(job.id)
+                    self._cancel_at_start(job)
             where = replace(where, before_id=page[-1].id)
+
+    def _cancel_at_start(self, job: Job) -> None:
+        if job.state is JobState.RUNNING:  # not after the engine's recovery; but should it be, as any other
+            self._cancel_job(job.id)
+            return
+        try:
+            self.engine.cancel_waiting(job.id)
+        except Exception as error:
+            if store_failure(error) is None and not isinstance(error, StoreFailed):
+                raise
+            self._cancel_job(job.id)  # a full disk: tried again while the store refuses writes
 
     def _replay(self, live: _Live) -> None:
         """Tell the machine of the jobs that ended while the saved document did not say so yet, in the order they
@@ -930,12 +942,14 @@ class Instances:
         """
         pending = live.replay
         assert pending is not None
-        while pending and live.summary.id in self._live:
-            _, job_id, evqid = heapq.heappop(pending)
-            job = self._job_or_none(job_id)
-            if job is not None:
-                self._task_finished(live.summary.id, evqid, job)
-        live.replay = None
+        try:
+            while pending and live.summary.id in self._live:
+                _, job_id, evqid = heapq.heappop(pending)
+                job = self._job_or_none(job_id)
+                if job is not None:
+                    self._task_finished(live.summary.id, evqid, job)
+        finally:
+            live.replay = None  # from now on, a job its key finds ended is told at once (_run_task)
 
     def _supervised(self, instance_id: int, step: Callable[..., None], *args: Any) -> None:
         """One step of an instance, on a job's news. An exception there is a bug in jobd: it ends that instance in
