@@ -404,3 +404,30 @@ def test_aiohttp_is_loaded_only_by_a_daemon_that_makes_http_requests(make_daemon
     reloaded.write_config(callbacks_only)
     reloaded.call("daemon.reload")
     assert _has_loaded_aiohttp(reloaded)
+
+
+HTTP_WORKFLOW = """<workflow><subjobs><job name="j"><tasks>
+  <task name="call" task="notify"/>
+  <task name="given" task="notify"><input name="x">1</input></task>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_a_workflow_task_can_be_an_http_task(make_daemon: Any, web: WebServer) -> None:
+    """A workflow's <task task="NAME"> naming an HTTP task made a job without a command and without its request:
+    its spawn raised, the launch answered INTERNAL_ERROR and the instance stayed EXECUTING. It runs the request
+    now, and its output is the response body; one given inputs is refused by name (an HTTP task takes none)."""
+    daemon: Any = make_daemon(CONFIG.format(url=web.url), start=False)
+    daemon.write_workflows(calls=HTTP_WORKFLOW)
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "calls"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1), done
+    [seen] = web.requests
+    assert seen.method == "POST" and seen.body.startswith(b"job=")
+    tasks = {task["name"]: task for task in daemon.call("instance.get", {"id": launched["id"]})["jobs"][0]["tasks"]}
+    assert (tasks["call"]["status"], tasks["call"]["retval"]) == ("TERMINATED", 0), tasks
+    assert tasks["given"]["status"] == "ABORTED"
+    assert tasks["given"]["error"] == "task 'notify' is an HTTP request: it takes no inputs and no stdin"
+    [job] = daemon.call("job.list", {"context": f"instance:{launched['id']}"})["jobs"]
+    output = daemon.call("job.output", {"id": job["id"], "stream": "stdout"})
+    assert '"path": "/echo/' in output["data"], output

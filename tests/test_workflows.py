@@ -685,3 +685,118 @@ def test_the_jobs_of_an_executing_instance_stay_in_the_history_until_it_ends(mak
         with pytest.raises(RemoteError) as gone:
             daemon.call("job.get", {"id": job_id})
         assert gone.value.code == "UNKNOWN_JOB"
+
+
+def _live_document(daemon: Daemon, instance_id: int) -> bytes:
+    return str(daemon.call("instance.get", {"id": instance_id, "format": "xml"})["xml"]).encode()
+
+
+# Holds an instance open across a crash: its job waits in a paused queue (resumed after the restart).
+HOLD = '<job name="H"><tasks><task name="hold" path="/bin/true" queue="held"/></tasks></job>'
+HELD = "[queue.q]\nconcurrency = 4\n[queue.held]\nconcurrency = 1\npaused = true\n"
+
+
+def _crash_with_document(daemon: Daemon, instance_id: int, document: bytes) -> dict[str, Any]:
+    """kill -9, then put `document` (the instance as it was earlier) in the store as its last save, and start
+    again: a crash while the saved document was that far behind, made without waiting for a spaced save. Then
+    let the held task run (HOLD); returns the instance once it has ended."""
+    kill9(daemon)
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as db, db:
+        [(status,)] = db.execute("SELECT status FROM instance WHERE id = ?", (instance_id,))
+        assert status == "EXECUTING"
+        db.execute("UPDATE instance SET document = ? WHERE id = ?", (document, instance_id))
+    start(daemon)
+    daemon.call("queue.resume", {"name": "held"})
+    return dict(daemon.call("instance.wait", {"id": instance_id, "timeout": 60}, timeout=70))
+
+
+def _gate(path: Path) -> str:
+    return f"""<input name="g"><value select="'{path}'"/></input>"""
+
+
+def test_a_retry_that_fell_due_before_the_crash_is_replayed_among_the_ends(make_daemon: Any, tmp_path: Path) -> None:
+    """a fails, is tried again and succeeds, and c follows it; then b ends, and d follows it. From a document saved
+    while a and b ran, the restart armed a's retry as a timer, which fired after the ends were all replayed: b's
+    subjob was numbered first, and c and d found each other's jobs. A retry whose job exists is now tried at once
+    during the replay, so its job's end takes its place among the others'."""
+    gate_a, gate_b, flag = tmp_path / "gate-a", tmp_path / "gate-b", tmp_path / "flag"
+    for gate in (gate_a, gate_b):
+        os.mkfifo(gate)
+    crossed = f"""<workflow><subjobs>{HOLD}
+  <job name="J1">
+    <tasks><task name="a" path="/bin/sh -c 'head -n 1 &quot;$0&quot;; test -e {flag} || {{ touch {flag}; exit 1; }}'"
+      queue="q" retry_times="1" retry_delay="1">{_gate(gate_a)}</task></tasks>
+    <subjobs><job name="J1s"><tasks><task name="c" path="/bin/echo C" queue="q"/></tasks></job></subjobs>
+  </job>
+  <job name="J2">
+    <tasks><task name="b" path="/usr/bin/head -n 1" queue="q">{_gate(gate_b)}</task></tasks>
+    <subjobs>
+      <job name="J2s"><tasks><task name="d" path="/bin/sh -c 'echo D; exit 3'" queue="q"/></tasks></job>
+    </subjobs>
+  </job>
+</subjobs></workflow>"""
+    daemon: Daemon = make_daemon(HELD, start=False)
+    daemon.write_workflows(crossed=crossed)
+    daemon.start()
+    attach(daemon)
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        instance_id = int(daemon.call("instance.launch", {"workflow": "crossed"})["id"])
+        next_matching(client, lambda e: e["job"]["id"] == 3 and e["job"]["state"] == "running", 30)  # a, then b
+        behind = _live_document(daemon, instance_id)  # a and b running
+        with open(gate_a, "w") as writer:  # a's first try fails
+            writer.write("go\n")
+        retry = f"instance:{instance_id}:task:5:try:2"  # a second later
+        next_matching(client, lambda e: e["job"]["key"] == retry and e["job"]["state"] == "running", 30)
+        with open(gate_a, "w") as writer:  # and succeeds
+            writer.write("go\n")
+        next_matching(client, lambda e: e["job"]["command"] == ["/bin/echo", "C"] and e["job"]["state"] == "succeeded")
+        with open(gate_b, "w") as writer:
+            writer.write("go\n")
+        next_matching(client, lambda e: e["job"]["command"][-1] == "echo D; exit 3" and e["job"]["state"] == "failed")
+    jobs_before = daemon.call("job.list", {"context": f"instance:{instance_id}", "limit": 100})["jobs"]
+    done = _crash_with_document(daemon, instance_id, behind)
+    document = _document(daemon, instance_id)
+    ended = {task.get("name"): (task.get("retval"), task.findtext("output")) for task in document.iter("task")}
+    expected = {"hold": ("0", ""), "a": ("0", "go\n"), "b": ("0", "go\n"), "c": ("0", "C\n"), "d": ("3", "D\n")}
+    assert ended == expected, ended
+    assert done["errors"] == 1
+    jobs = daemon.call("job.list", {"context": f"instance:{instance_id}", "limit": 100})["jobs"]
+    assert len(jobs) == len(jobs_before) == 6  # hold, a twice, b, c, d: nothing ran again
+    assert "not this task" not in daemon.log()
+
+
+def test_a_loop_over_nothing_numbered_last_leaves_no_gap_a_restart_would_fill(make_daemon: Any, tmp_path: Path) -> None:
+    """E loops over nothing: it is numbered, then removed. Its number was the highest when the document was saved,
+    and a restored document numbers from its highest number: c was numbered one lower on the restart than in the
+    first run, its key found nothing, and it ran twice. The number of a node a loop removes without a copy is now
+    handed out again, as a restored document would."""
+    log, gate = tmp_path / "c.log", tmp_path / "gate"
+    os.mkfifo(gate)
+    gapped = f"""<workflow><subjobs>{HOLD}<job name="A">
+  <tasks><task name="a" path="/bin/true" queue="q"/></tasks>
+  <subjobs>
+    <job name="B">
+      <tasks><task name="b" path="/usr/bin/head -n 1" queue="q">{_gate(gate)}</task></tasks>
+      <subjobs>
+        <job name="C"><tasks><task name="c" path="/bin/sh -c 'echo ran >> {log}'" queue="q"/></tasks></job>
+      </subjobs>
+    </job>
+    <job name="E" loop="/nothing"><tasks><task name="e" path="/bin/echo e" queue="q"/></tasks></job>
+  </subjobs>
+</job></subjobs></workflow>"""
+    daemon: Daemon = make_daemon(HELD, start=False)
+    daemon.write_workflows(gapped=gapped)
+    daemon.start()
+    attach(daemon)
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        instance_id = int(daemon.call("instance.launch", {"workflow": "gapped"})["id"])
+        next_matching(client, lambda e: e["job"]["id"] == 3 and e["job"]["state"] == "running", 30)  # hold, a, b
+        behind = _live_document(daemon, instance_id)  # b running, E numbered and gone
+        with open(gate, "w") as writer:
+            writer.write("go\n")
+        next_matching(client, lambda e: e["job"]["id"] == 4 and e["job"]["state"] == "succeeded", 30)  # c
+    assert _crash_with_document(daemon, instance_id, behind)["errors"] == 0
+    assert log.read_text() == "ran\n"
+    assert len(daemon.call("job.list", {"context": f"instance:{instance_id}", "limit": 100})["jobs"]) == 4

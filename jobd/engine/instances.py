@@ -222,7 +222,7 @@ class Instances:
         self._live[instance_id] = live
         log.info("instance=%d of workflow %s launched", instance_id, workflow)
         self._emit_state(live, self._live_summary(live))
-        self._apply(live, actions)
+        self._supervised(instance_id, lambda _: self._apply(live, actions))
         self._save_changed()  # at once: the row must never be left without its document
         return instance_id
 
@@ -274,7 +274,7 @@ class Instances:
         self._live[new_id] = live
         log.info("instance=%d debug-resumed from instance=%d (workflow %s)", new_id, instance_id, old.workflow)
         self._emit_state(live, self._live_summary(live))
-        self._apply(live, actions)
+        self._supervised(new_id, lambda _: self._apply(live, actions))
         self._save_changed()
         return new_id
 
@@ -379,10 +379,14 @@ class Instances:
     # -- applying the machine's decisions --------------------------------------------------------------------
 
     def _apply(self, live: _Live, actions: list[Action]) -> None:
+        retried: list[int] = []
         for action in actions:
             if isinstance(action, RunTask):
                 self._run_task(live, action)
             elif isinstance(action, RetryLater):
+                if live.replay is not None and self._retried_before(live, action.evqid):
+                    retried.append(action.evqid)
+                    continue
                 if self._stopping:
                     continue  # armed again from the document's retry_at at the next start (stop_retries)
                 loop = asyncio.get_running_loop()
@@ -396,8 +400,17 @@ class Instances:
             elif isinstance(action, InstanceFinished):
                 self._finished(live, action)
                 return
+        for evqid in retried:
+            self._apply(live, live.machine.retry_due(evqid, self.clock()))
         self._publish(live)
         self._save(live)
+
+    def _retried_before(self, live: _Live, evqid: int) -> bool:
+        """Whether the next try of a task to be retried has a job already: the first run's retry fell due before
+        the crash, where the saved document did not say so yet. A replay tries it again at once, so that the job's
+        end takes its place among the others' (_replay), rather than a timer's after them."""
+        key = f"instance:{live.summary.id}:task:{evqid}:try:{self._tries(live, evqid) + 1}"
+        return self.engine.job_with_key(key) is not None
 
     def _run_task(self, live: _Live, action: RunTask) -> None:
         instance_id = live.summary.id
@@ -406,6 +419,11 @@ class Instances:
             spec = self._job_spec(live, action)
             watcher = _TaskWatcher(self, instance_id, action.evqid)
             [job] = self.engine.submit([spec], [0.0], watcher)
+        except ShuttingDown:
+            # jobd stops (an end told during the stop started this task): the task stays QUEUED without a job, and
+            # the next start submits it (Instance.resubmit).
+            log.info("instance=%d task %d: submitted at the next start (jobd is stopping)", instance_id, action.evqid)
+            return
         except Exception as error:
             failure = error if isinstance(error, JobdError) else store_failure(error)
             if failure is None:
@@ -469,6 +487,7 @@ class Instances:
             # The key makes the submit idempotent: after a crash between this commit and the next save of the
             # document (which records the job id in `tid`), resubmitting the task finds this job, not a twin.
             key=f"instance:{live.summary.id}:task:{action.evqid}:try:{self._tries(live, action.evqid) + 1}",
+            http=defined.http if defined is not None else None,
             submitted_by=live.summary.launched_by,
             run_as_uid=run_as[0],
             run_as_gid=run_as[1],

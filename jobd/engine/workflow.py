@@ -606,6 +606,10 @@ class Instance:
             clones.append((clone, item))
         if clones:
             node.tail = None  # the clones carry it
+        elif node.get("evqid") == str(self._next_evqid - 1):
+            # Numbered just before and gone without a copy: its number is handed out again, as a restored document
+            # would (from its highest number), so that a restart numbers the next nodes as the first run did.
+            self._next_evqid -= 1
         self._counters.expanded(node, len(clones))
         _remove(node)
         if clones:
@@ -696,6 +700,8 @@ class Instance:
             for item in task.findall("input")
             if item.get("status") not in (NodeStatus.SKIPPED, NodeStatus.ABORTED)
         ]
+        if definition is not None and definition.http is not None and (inputs or task.find("stdin") is not None):
+            raise _NodeAborted(f"task '{toml_name}' is an HTTP request: it takes no inputs and no stdin")
         env = dict(COMPAT_ENV)
         if definition is not None:
             env.update(definition.environment)

@@ -1,0 +1,88 @@
+"""jobd/engine/instances.py in-process, on an event loop, for what a real daemon cannot be made to do on cue: a
+store that refuses every write (as SQLite does on a full disk), and an engine that refuses a submit because jobd is
+stopping (a task's end told in the instant between the stop's start and its SIGTERMs)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from test_workflow_engine import NOW, job, launch, task, workflow
+
+from jobd.engine.instances import Instances, _Live
+from jobd.engine.workflow import Instance, NodeStatus
+from jobd.errors import ShuttingDown
+from jobd.model import InstanceSummary
+
+
+class RefusingStore:
+    """Refuses every save as SQLite refuses a write on a full disk; counts the tries."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def save_instance(self, *args: Any, **kwargs: Any) -> None:
+        self.tries += 1
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def _engine(tmp_path: Path, **more: Any) -> Any:
+    """What Instances reads of an engine and its configuration, and `more` (its methods a test needs)."""
+    daemon = SimpleNamespace(
+        state_dir=str(tmp_path), kill_grace=10.0, max_output=1 << 20, default_uid=None, default_gid=None
+    )
+    return SimpleNamespace(config=SimpleNamespace(daemon=daemon, tasks={}, queues={"default": None}), **more)
+
+
+def _live(machine: Instance) -> _Live:
+    return _Live(InstanceSummary(id=1, workflow="wf", status="EXECUTING", errors=0, started_at=NOW), machine)
+
+
+def test_a_store_that_refuses_writes_is_tried_again_on_its_timer_not_at_each_change(tmp_path: Path) -> None:
+    """The changes of an instance are saved again by the next try, every STORE_RETRY_SECONDS, not at each change
+    (each try writes every unsaved document)."""
+    store = RefusingStore()
+    engine = _engine(tmp_path)
+
+    async def changes() -> None:
+        instances = Instances(engine, store)  # type: ignore[arg-type]
+        machine, _ = launch(workflow(job("a", task("/bin/a"))))
+        live = _live(machine)
+        instances._live[1] = live
+        for _ in range(100):  # 100 changes, each in a pass of the loop of its own: well within the retry's 2 s
+            instances._save(live)
+            await asyncio.sleep(0)  # one pass of the loop
+        instances.save_all()  # as at a stop: one more try, at once
+        for handle in (instances._save_retry, instances._save_handle):
+            if handle is not None:
+                handle.cancel()
+
+    asyncio.run(changes())
+    assert store.tries == 2  # the first change's, then the stop's
+
+
+def test_a_task_jobd_cannot_submit_because_it_stops_stays_queued_for_the_next_start(tmp_path: Path) -> None:
+    """It was ended as failed ("jobd could not submit the task") though it never ran; it stays QUEUED without a
+    job, and a restored document resubmits it."""
+
+    def submit(*args: Any) -> Any:
+        raise ShuttingDown("jobd is stopping")
+
+    async def start() -> Instance:
+        instances = Instances(_engine(tmp_path, submit=submit), RefusingStore())  # type: ignore[arg-type]
+        machine, actions = launch(workflow(job("a", task("/bin/a"))))
+        live = _live(machine)
+        instances._live[1] = live
+        instances._apply(live, actions)
+        if instances._save_handle is not None:
+            instances._save_handle.cancel()
+        return machine
+
+    machine = asyncio.run(start())
+    [task_] = machine.root.iter("task")
+    assert (task_.get("status"), task_.get("tid"), task_.get("error")) == (NodeStatus.QUEUED, None, None)
+    _, pending = Instance.restore(machine.to_xml(), queues={"default"})
+    assert [(task.status, task.tid) for task in pending] == [(NodeStatus.QUEUED, None)]
