@@ -126,6 +126,15 @@ def wf(make_daemon: Any) -> Daemon:
     return _corpus_daemon(make_daemon)
 
 
+def _workflow_daemon(make_daemon: Any, config: str, daemon_extra: str = "", **workflows: str) -> Daemon:
+    """A started daemon with these workflows, its notify socket drained (for kill9, start and terminate)."""
+    daemon: Daemon = make_daemon(config, start=False, daemon_extra=daemon_extra)
+    daemon.write_workflows(**workflows)
+    daemon.start()
+    attach(daemon)
+    return daemon
+
+
 def _document(daemon: Daemon, instance_id: int) -> etree._Element:
     reply = daemon.call("instance.get", {"id": instance_id, "format": "xml"})
     return safexml.parse(reply["xml"].encode())
@@ -412,11 +421,7 @@ def _looping_daemon(make_daemon: Any, tmp_path: Path, items: int) -> Daemon:
     # An attempt lost to a kill -9 is tried again, within its job.
     config = '[queue.serial]\nconcurrency = 1\n[task.echo]\ncommand = ["/bin/echo"]\nqueue = "serial"\n'
     config += "retry = { times = 1 }\n"
-    daemon: Daemon = make_daemon(config, start=False)
-    daemon.write_workflows(looping=looping)
-    daemon.start()
-    attach(daemon)
-    return daemon
+    return _workflow_daemon(make_daemon, config, looping=looping)
 
 
 def _launch_until_job_ended(daemon: Daemon, workflow: str, job_id: int) -> int:
@@ -492,11 +497,9 @@ def _padded_daemon(make_daemon: Any, tmp_path: Path, config: str, **workflows: s
     padded = tmp_path / "padded.sh"
     padded.write_text("#!/bin/sh\necho '<big><pad>'\nhead -c 3500000 /dev/zero | tr '\\0' x\necho '</pad></big>'\n")
     padded.chmod(0o755)
-    daemon: Daemon = make_daemon(config, start=False)
-    daemon.write_workflows(**{name: text.replace("PADDED", str(padded)) for name, text in workflows.items()})
-    daemon.start()
-    attach(daemon)
-    return daemon
+    return _workflow_daemon(
+        make_daemon, config, **{name: text.replace("PADDED", str(padded)) for name, text in workflows.items()}
+    )
 
 
 def _stored_document(daemon: Daemon, instance_id: int) -> etree._Element:
@@ -595,10 +598,7 @@ def test_a_retry_due_while_jobd_stops_is_kept_for_the_next_start(make_daemon: An
         '[queue.q]\nconcurrency = 4\n[task.slow]\ncommand = ["/bin/sh", "-c", "trap \'\' TERM; sleep 8"]\n'
         'queue = "q"\nkill_grace = 4\n'
     )
-    daemon: Daemon = make_daemon(config, start=False)
-    daemon.write_workflows(retried=RETRIED)
-    daemon.start()
-    attach(daemon)
+    daemon = _workflow_daemon(make_daemon, config, retried=RETRIED)
     with daemon.client() as client:
         client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
         instance_id = int(daemon.call("instance.launch", {"workflow": "retried"})["id"])
@@ -663,9 +663,7 @@ def test_the_jobs_of_an_executing_instance_stay_in_the_history_until_it_ends(mak
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     config = "[queue.default]\nconcurrency = 2\n"
-    daemon: Daemon = make_daemon(config, start=False, daemon_extra="history = { keep_last = 0 }")
-    daemon.write_workflows(gated=GATED)
-    daemon.start()
+    daemon = _workflow_daemon(make_daemon, config, "history = { keep_last = 0 }", gated=GATED)
     parameters = {"gate": str(gate)}
     with daemon.client() as client:
         client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
@@ -735,10 +733,7 @@ def test_a_retry_that_fell_due_before_the_crash_is_replayed_among_the_ends(make_
     </subjobs>
   </job>
 </subjobs></workflow>"""
-    daemon: Daemon = make_daemon(HELD, start=False)
-    daemon.write_workflows(crossed=crossed)
-    daemon.start()
-    attach(daemon)
+    daemon = _workflow_daemon(make_daemon, HELD, crossed=crossed)
     with daemon.client() as client:
         client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
         instance_id = int(daemon.call("instance.launch", {"workflow": "crossed"})["id"])
@@ -785,10 +780,7 @@ def test_a_loop_over_nothing_numbered_last_leaves_no_gap_a_restart_would_fill(ma
     <job name="E" loop="/nothing"><tasks><task name="e" path="/bin/echo e" queue="q"/></tasks></job>
   </subjobs>
 </job></subjobs></workflow>"""
-    daemon: Daemon = make_daemon(HELD, start=False)
-    daemon.write_workflows(gapped=gapped)
-    daemon.start()
-    attach(daemon)
+    daemon = _workflow_daemon(make_daemon, HELD, gapped=gapped)
     with daemon.client() as client:
         client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
         instance_id = int(daemon.call("instance.launch", {"workflow": "gapped"})["id"])
