@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -646,10 +646,12 @@ class Store:
                 # Their callback rows go too (no foreign key: the table came later).
                 CallbackRow.delete().where(CallbackRow.job_id.in_(ids[start : start + 500])).execute()
 
-    def oldest_finished_at(self) -> float | None:
-        """When the finished job that can expire first finished (none with callbacks pending)."""
-        found = self._connection.execute(_OLDEST_FINISHED_AT).fetchone()
-        return None if found is None else float(found[0])
+    def oldest_finished_at(self, skip: Set[int] = frozenset()) -> float | None:
+        """When the finished job that can expire first finished (none with callbacks pending, none of `skip`)."""
+        for job_id, finished_at in self._connection.execute(_OLDEST_FINISHED_AT, (len(skip) + 1,)):
+            if job_id not in skip:
+                return float(finished_at)
+        return None
 
     # -- workflow instances ----------------------------------------------------------------------------------
 
@@ -1167,34 +1169,20 @@ def _row_maker(columns: tuple[str, ...]) -> Callable[[Iterable[Any]], Any]:
 
 
 _COUNT_FINISHED = f'SELECT COUNT(*) FROM "job" WHERE {_FINISHED}'
-
-
-def _held(job: str) -> str:
-    """The condition that keeps a finished job (the table or alias `job`) from expiring.
-
-    Its callbacks are still to be delivered (delivered or failed for good): a delivery needs the job. With
-    keep_last = 0 every job went before its first delivery, which then never happened. Or it ran a task of a
-    workflow instance that still executes: a restart after a crash ends the instance's tasks from their jobs'
-    records and finds the jobs it had submitted by their keys, and a task whose job had expired was taken for lost,
-    or run again. The executing instances are read once per query (a subquery that does not depend on the job).
-    """
-    return (
-        f"""EXISTS (SELECT 1 FROM "callback" WHERE "callback"."job_id" = {job}."id" """
-        """AND "callback"."state" = 'pending') """
-        f"""OR ({job}."context" IS NOT NULL AND {job}."context" IN """
-        """(SELECT 'instance:' || "id" FROM "instance" WHERE "status" = 'EXECUTING'))"""
-    )
-
-
-_HELD_JOB, _HELD_OLDEST = _held('"job"'), _held('"oldest"')
-_EXPIRABLE = f"{_FINISHED} AND NOT ({_HELD_JOB})"
+# A finished job whose callbacks are still to be delivered is kept until they are (delivered or failed for good): a
+# delivery needs the job. With keep_last = 0 every job went before its first delivery, which then never happened.
+_EXPIRABLE = (
+    f"{_FINISHED} AND NOT EXISTS "
+    """(SELECT 1 FROM "callback" WHERE "callback"."job_id" = "job"."id" AND "callback"."state" = 'pending')"""
+)
 _OLDEST_FIRST = 'ORDER BY "finished_at", "id" LIMIT ?'
 # In the order of the finish-time index, to the first that may expire (MIN() would look at every finished job).
-_OLDEST_FINISHED_AT = f'SELECT "finished_at" FROM "job" WHERE {_EXPIRABLE} ORDER BY "finished_at" LIMIT 1'
+_OLDEST_FINISHED_AT = f'SELECT "id", "finished_at" FROM "job" WHERE {_EXPIRABLE} ORDER BY "finished_at" LIMIT ?'
 _FINISHED_BEFORE = f'SELECT "id" FROM "job" WHERE {_EXPIRABLE} AND "finished_at" < ? {_OLDEST_FIRST}'
 _OLDEST_FINISHED = (
-    f'SELECT "id" FROM (SELECT "id", "context" FROM "job" WHERE {_FINISHED} {_OLDEST_FIRST}) AS "oldest" '
-    f"WHERE NOT ({_HELD_OLDEST}) LIMIT ?"
+    f'SELECT "id" FROM (SELECT "id" FROM "job" WHERE {_FINISHED} {_OLDEST_FIRST}) AS "oldest" WHERE NOT EXISTS '
+    """(SELECT 1 FROM "callback" WHERE "callback"."job_id" = "oldest"."id" AND "callback"."state" = 'pending') """
+    "LIMIT ?"
 )
 
 _NO_RETRY = RetryPolicy()

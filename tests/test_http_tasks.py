@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -431,3 +432,34 @@ def test_a_workflow_task_can_be_an_http_task(make_daemon: Any, web: WebServer) -
     [job] = daemon.call("job.list", {"context": f"instance:{launched['id']}"})["jobs"]
     output = daemon.call("job.output", {"id": job["id"], "stream": "stdout"})
     assert '"path": "/echo/' in output["data"], output
+
+
+GATED_HTTP_WORKFLOW = """<workflow><subjobs><job name="first">
+  <tasks><task name="gate" path="/usr/bin/head -n 1" queue="default"><input name="g"><value select="'GATE'"/></input>
+  </task></tasks>
+  <subjobs><job name="then"><tasks><task name="call" task="notify"/></tasks></job></subjobs>
+</job></subjobs></workflow>"""
+
+
+def test_a_running_instance_keeps_an_http_task_as_it_was_launched_across_a_reload(
+    make_daemon: Any, web: WebServer, tmp_path: Path
+) -> None:
+    """An instance runs the TOML tasks it was launched with. A reload that turned notify into a command made the
+    instance's next notify a job with neither (its argv from the old definition, its request from the new one):
+    its spawn raised, and the job stayed running for good."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    config = CONFIG.format(url=web.url)
+    daemon: Any = make_daemon(config, start=False)
+    daemon.write_workflows(gated=GATED_HTTP_WORKFLOW.replace("GATE", str(gate)))
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "gated"})
+    daemon.write_config('[queue.default]\nconcurrency = 4\n[task.notify]\nqueue = "default"\ncommand = ["/bin/true"]\n')
+    assert daemon.call("daemon.reload")["ok"] is True
+    with open(gate, "w") as writer:
+        writer.write("go\n")
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), done
+    [seen] = web.requests  # the request, as the instance was launched with it
+    assert seen.method == "POST"
+    assert daemon.call("daemon.status")["jobs"].get("running", 0) == 0

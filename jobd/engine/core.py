@@ -22,7 +22,7 @@ from jobd.engine.decisions import after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
 from jobd.engine.http_task import HttpRequest
 from jobd.engine.queues import QueueRuntime
-from jobd.errors import JobFinished, QueueClosed, ShuttingDown, StoreFailed, UnknownJob, UnknownQueue
+from jobd.errors import InvalidParams, JobFinished, QueueClosed, ShuttingDown, StoreFailed, UnknownJob, UnknownQueue
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
 from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store
@@ -275,6 +275,8 @@ class Engine:
             raise ShuttingDown("jobd is stopping and takes no new jobs")
         for spec in specs:
             self._check_queue_open(spec.queue)
+            if not spec.command and spec.http is None:  # the API refuses it; this guards jobd's own callers
+                raise InvalidParams("a job needs a command or an HTTP request, and this one has neither")
         now = self.clock()
         states = [JobState.DELAYED if delay > 0 else JobState.QUEUED for delay in delays]
         results = self.store.insert_jobs(specs, states, now, [now + delay for delay in delays])
@@ -699,6 +701,9 @@ class Engine:
                 waiter.set_result(job)
         watcher = self._watchers.pop(job.id, None)
         if watcher is not None:
+            # Held from now: a trim already due in this pass of the loop must not take the job (its output) before
+            # the watcher, a workflow instance, has read it. The instance releases it once its document is saved.
+            self.history.hold(job.id)
             # Soon, not now: the watcher may submit jobs, and the engine is in the middle of settling this one.
             self.loop.call_soon(watcher.job_finished, job)
 

@@ -6,13 +6,14 @@ start-up and at a reload. The finished jobs are counted here, so applying it cos
 Each trim deletes at most TRIM_BATCH jobs and goes on in the next turn of the loop: a first trim of a long
 history (a reload that lowers keep_last) does not hold the loop for seconds. A deletion the store refuses (a full
 disk) is tried again every STORE_RETRY_SECONDS until it is taken. A job whose callbacks are still pending is kept
-until they are done (jobd.engine.callbacks then asks for a rearm).
+until they are done (jobd.engine.callbacks then asks for a rearm), and a job held (hold(), release()) until it is
+released: a workflow instance was told of its end, and the document it saved does not show that end yet.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from jobd.model import History
 from jobd.store import STORE_RETRY_SECONDS, Store, store_failure
@@ -43,11 +44,26 @@ class HistoryKeeper:
         self._timer: asyncio.TimerHandle | None = None
         self._trim_soon: asyncio.Handle | None = None
         self._finished: int | None = None  # counted from the store when first needed
+        self._held: set[int] = set()  # finished jobs kept whatever the rules, until released (few: see hold())
 
     def configure(self, rules: History) -> None:
         """New retention rules (a reload): applied at once."""
         self._rules = rules
         self.rearm()
+
+    def hold(self, job_id: int) -> None:
+        """Keep a finished job whatever the rules until release(): a workflow instance has been told of its end, and
+        the document it saved does not show it yet. A restart after a crash replays that end from the job, and
+        finds the jobs the instance submitted by their keys: a job expired by then was taken for lost, or its
+        task run again. Instances release their jobs as they save, within a fraction of a second mostly."""
+        self._held.add(job_id)
+
+    def release(self, job_ids: Iterable[int]) -> None:
+        """The ends of these jobs are saved: they follow the rules again, and those the rules no longer keep go."""
+        released = self._held.intersection(job_ids)
+        if released:
+            self._held -= released
+            self.rearm()
 
     def job_finished(self) -> None:
         if self._finished is not None:
@@ -66,7 +82,7 @@ class HistoryKeeper:
             self._schedule_trim()
         if self._rules.keep_days is None:
             return
-        oldest = self._store.oldest_finished_at()
+        oldest = self._store.oldest_finished_at(self._held)
         if oldest is None:
             return
         due = oldest + self._rules.keep_days * SECONDS_PER_DAY
@@ -114,15 +130,17 @@ class HistoryKeeper:
     def _trim_batch(self) -> list[int]:
         """Delete up to TRIM_BATCH of the jobs the rules no longer keep; the ids deleted."""
         doomed: list[int] = []
+        # Asked for as many more as are held, which are then left out: a batch is still TRIM_BATCH when it can be.
+        wanted = TRIM_BATCH + len(self._held)
         if self._rules.keep_days is not None:
             cutoff = self._clock() - self._rules.keep_days * SECONDS_PER_DAY
-            doomed = self._store.finished_before(cutoff, TRIM_BATCH)
+            doomed = self._unheld(self._store.finished_before(cutoff, wanted))
         if self._rules.keep_last is not None and len(doomed) < TRIM_BATCH:
             if self._finished is None:
                 self._finished = self._store.finished_count()
             excess = self._finished - self._rules.keep_last
             if excess > len(doomed):  # the oldest finishes, which begin with those too old already
-                doomed = self._store.oldest_finished(excess, TRIM_BATCH)
+                doomed = self._unheld(self._store.oldest_finished(excess, wanted))
         # Output first: a crash between the two then leaves rows without output, about to go anyway, rather than
         # output directories that no row names and nothing would ever remove.
         for job_id in doomed:
@@ -131,3 +149,6 @@ class HistoryKeeper:
         if self._finished is not None:
             self._finished -= len(doomed)
         return doomed
+
+    def _unheld(self, job_ids: list[int]) -> list[int]:
+        return [job_id for job_id in job_ids if job_id not in self._held][:TRIM_BATCH]

@@ -164,6 +164,8 @@ class Instances:
         self._ended_unsaved: dict[int, tuple[InstanceSummary, bytes]] = {}
         self._listeners: dict[Callable[[InstanceEvent], None], None] = {}
         self._stopping = False  # jobd is stopping: no retry is armed (stop_retries)
+        # The jobs whose ends each instance was told of since it was last saved: held in the history until it is.
+        self._ends_unsaved: dict[int, list[int]] = {}
 
     # -- launching -----------------------------------------------------------------------------------------------
 
@@ -354,7 +356,7 @@ class Instances:
         self._apply(live, live.machine.cancel(self.clock()))
         # Saved now, before its queued jobs are cancelled (that happens from the next pass on): a crash in between
         # must not find those jobs cancelled and the document not cancelling, which runs the tasks again.
-        self._save_changed(spaced=False)
+        self._save_changed(only=instance_id)
         return self.summary(instance_id)
 
     def kill_task(self, instance_id: int, pid: int) -> None:
@@ -434,20 +436,6 @@ class Instances:
             result = TaskResult.lost(stderr=f"jobd could not submit the task: {error.message}\n".encode())
             self._apply(live, live.machine.task_ended(action.evqid, result, self.clock()))
             return
-        if job.spec.command != spec.command or job.spec.queue != spec.queue:
-            # The key found a job of another task: only a restart that numbered the tasks otherwise than the first
-            # run did could do that (see _replay). Better the task fails than takes the other's result.
-            log.error(
-                "instance=%d task %d: its key found job=%d, which runs %s in queue %s, not this task",
-                instance_id,
-                action.evqid,
-                job.id,
-                list(job.spec.command),
-                job.spec.queue,
-            )
-            why = f"jobd found job {job.id} under this task's key, and it is not this task's job\n".encode()
-            self._apply(live, live.machine.task_ended(action.evqid, TaskResult.lost(stderr=why), self.clock()))
-            return
         live.jobs[action.evqid] = job.id
         live.machine.job_assigned(action.evqid, job.id)
         if job.state.finished:  # the key found this try's job from before a crash, and it has ended already
@@ -487,7 +475,7 @@ class Instances:
             # The key makes the submit idempotent: after a crash between this commit and the next save of the
             # document (which records the job id in `tid`), resubmitting the task finds this job, not a twin.
             key=f"instance:{live.summary.id}:task:{action.evqid}:try:{self._tries(live, action.evqid) + 1}",
-            http=defined.http if defined is not None else None,
+            http=action.http,  # from the definition the machine built argv from (a reload may have changed it)
             submitted_by=live.summary.launched_by,
             run_as_uid=run_as[0],
             run_as_gid=run_as[1],
@@ -572,7 +560,6 @@ class Instances:
         )
         self._ended_unsaved[instance_id] = (ended, document)
         self._save_changed()
-        self.engine.history.rearm()  # the jobs of its tasks, kept while it executed, may expire now
         level = logging.INFO if finished.errors == 0 else logging.WARNING
         log.log(
             level,
@@ -626,7 +613,9 @@ class Instances:
         """jobd is stopping: every changed document now, whatever its SAVE_SPACING."""
         self._save_changed(spaced=False)
 
-    def _save_changed(self, *, spaced: bool = True) -> None:
+    def _save_changed(self, *, spaced: bool = True, only: int | None = None) -> None:
+        """Save the ended instances waiting to be, and the changed ones whose spacing is over (all of them without
+        `spaced`; with `only`, that one now and no other changed one)."""
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_handle = None
@@ -644,10 +633,12 @@ class Instances:
                 )
                 del self._ended_unsaved[instance_id]
                 self._unsaved.discard(instance_id)
-            for instance_id in sorted(self._unsaved):
+                self._saved_ends(instance_id)
+            for instance_id in sorted(self._unsaved) if only is None else [only]:
                 live = self._live.get(instance_id)
                 if live is not None:
-                    if spaced and live.save_after > loop.time() and (live.saved_with_errors or not live.machine.errors):
+                    at_once = not spaced or instance_id == only or (live.machine.errors and not live.saved_with_errors)
+                    if live.save_after > loop.time() and not at_once:
                         continue
                     started = loop.time()
                     machine = live.machine
@@ -657,6 +648,7 @@ class Instances:
                     saved = loop.time()
                     live.save_after = saved + (saved - started) * SAVE_SPACING
                     live.saved_with_errors = machine.errors > 0
+                    self._saved_ends(instance_id)
                 self._unsaved.discard(instance_id)
         except Exception as error:
             if store_failure(error) is None:
@@ -675,6 +667,11 @@ class Instances:
         spaced_out = [self._live[number].save_after for number in self._unsaved if number in self._live]
         if spaced_out:
             self._save_by(min(spaced_out))
+
+    def _saved_ends(self, instance_id: int) -> None:
+        ends = self._ends_unsaved.pop(instance_id, None)
+        if ends:
+            self.engine.history.release(ends)
 
     def _save_again(self) -> None:
         self._save_retry = None
@@ -701,8 +698,13 @@ class Instances:
     def _task_finished(self, instance_id: int, evqid: int, job: Job) -> None:
         live = self._live.get(instance_id)
         if live is None or live.jobs.get(evqid) != job.id:  # the instance ended, or a cancel dropped the task
+            self.engine.history.release([job.id])
             return
         del live.jobs[evqid]
+        # Held in the history until the document is saved with this end (the engine holds a job it tells a watcher
+        # of; one a restart replays, it did not).
+        self.engine.history.hold(job.id)
+        self._ends_unsaved.setdefault(instance_id, []).append(job.id)
         self._apply(live, live.machine.task_ended(evqid, self._result(job), self.clock()))
 
     def _result(self, job: Job) -> TaskResult:

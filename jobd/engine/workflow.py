@@ -146,6 +146,7 @@ class RunTask:
     timeout: float | None = None
     retry: RetryPolicy | None = None
     task: str | None = None  # the TOML [task.NAME] it runs, if any
+    http: Mapping[str, Any] | None = None  # that task's HTTP request, if it is one (argv is then empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -740,6 +741,7 @@ class Instance:
             timeout=definition.timeout if definition else None,
             retry=definition.retry if definition else None,
             task=toml_name,
+            http=definition.http if definition else None,
         )
 
     # ---------------------------------------------------------------------------------------- task results

@@ -1,0 +1,84 @@
+"""History retention's hold (jobd/engine/history.py) on a real store and a real event loop: a held finished job
+outlives keep_last and keep_days until it is released, and then goes; the others follow the rules meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from jobd.engine.history import HistoryKeeper
+from jobd.model import Attempt, History, JobSpec, JobState, Outcome, transition
+from jobd.store import Store
+
+
+def _finished_jobs(store: Store, count: int, at: float) -> list[int]:
+    """`count` jobs that ran and succeeded, finished one second apart from `at` on."""
+    ids = []
+    for number in range(count):
+        [(queued, _)] = store.insert_jobs([JobSpec(command=("/bin/true",), queue="q")], [JobState.QUEUED], at, [at])
+        running = transition(queued, JobState.RUNNING, started_at=at, attempts=1)
+        attempt = Attempt(queued.id, 1, at)
+        store.start_attempts([(running, attempt)])
+        ended = dataclasses.replace(attempt, outcome=Outcome.SUCCEEDED, finished_at=at + number, exit_code=0)
+        store.finish_attempt(transition(running, JobState.SUCCEEDED, finished_at=at + number, exit_code=0), ended)
+        ids.append(queued.id)
+    return ids
+
+
+def _kept(store: Store, ids: list[int]) -> list[int]:
+    return [job_id for job_id in ids if store.get_job(job_id) is not None]
+
+
+def test_a_held_job_outlives_keep_last_until_it_is_released(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "jobd.sqlite3"))
+    store.open()
+
+    async def run() -> None:
+        ids = _finished_jobs(store, 4, 1000.0)
+        keeper = HistoryKeeper(store, History(keep_days=None, keep_last=1), lambda: 2000.0, lambda _: None,
+                               lambda *_: None, lambda: None)  # fmt: skip
+        keeper.hold(ids[0])
+        keeper.hold(ids[2])
+        keeper.rearm()
+        await asyncio.sleep(0)  # one pass of the loop: the trim
+        assert _kept(store, ids) == [ids[0], ids[2], ids[3]]  # the last, and the held
+        keeper.release([ids[2]])
+        await asyncio.sleep(0)
+        assert _kept(store, ids) == [ids[0], ids[3]]
+        keeper.release([ids[0], 12345])  # what was never held is let be
+        await asyncio.sleep(0)
+        assert _kept(store, ids) == [ids[3]]
+        keeper.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
+
+
+def test_a_held_job_outlives_keep_days_and_its_timer_does_not_spin(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "jobd.sqlite3"))
+    store.open()
+    now = [1000.0 + 86400 * 2]  # both jobs are due (keep_days = 1)
+
+    async def run() -> None:
+        ids = _finished_jobs(store, 2, 1000.0)
+        keeper = HistoryKeeper(store, History(keep_days=1, keep_last=None), lambda: now[0], lambda _: None,
+                               lambda *_: None, lambda: None)  # fmt: skip
+        keeper.hold(ids[0])
+        keeper.rearm()
+        for _ in range(5):  # a timer due at once for the held job would fire and trim on every pass
+            await asyncio.sleep(0)
+        assert _kept(store, ids) == [ids[0]]
+        assert keeper._timer is None  # nothing else can expire: no timer (the held one is not waited for)
+        keeper.release(ids[:1])
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert _kept(store, ids) == []
+        keeper.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
