@@ -15,6 +15,7 @@ from jobd import safexml
 from jobd.engine import instance_counters
 from jobd.engine.instance_counters import Counters
 from jobd.engine.workflow import (
+    NEXT_EVQID,
     DequeueTask,
     Instance,
     InstanceFinished,
@@ -152,12 +153,14 @@ def normalised(root: etree._Element) -> etree._Element:
 
 def assert_same_instance(actual: etree._Element, expected: etree._Element, path: str = "") -> None:
     """Same elements, attributes and text (surrounding whitespace aside). jobd writes all five counters where
-    evQueue wrote only those it had touched, so extra counters are allowed when they are 0."""
+    evQueue wrote only those it had touched, so extra counters are allowed when they are 0; and the root's
+    next-evqid, jobd's own (the number the next node gets)."""
     where = f"{path}/{expected.tag}"
     assert actual.tag == expected.tag, where
     for name, value in expected.attrib.items():
         assert actual.get(name) == value, f"{where}/@{name}: {actual.get(name)!r} != {value!r}"
-    extra = {name: value for name, value in actual.attrib.items() if name not in expected.attrib}
+    jobds = {NEXT_EVQID} if not path else set()
+    extra = {name: value for name, value in actual.attrib.items() if name not in expected.attrib and name not in jobds}
     assert all(name in COUNTERS and value == "0" for name, value in extra.items()), f"{where}: extra {extra}"
     assert (actual.text or "").strip() == (expected.text or "").strip(), f"{where} text"
     actual_children = [child for child in actual if isinstance(child.tag, str)]
@@ -483,6 +486,43 @@ def test_a_loop_over_task_and_job_elements_of_an_output_counts_only_the_workflow
     report = instance.root.find(".//output/report")
     assert report is not None and all(item.get("running_tasks") is None for item in report)
     assert (instance.task_count, instance.never_run) == (4, 0)
+
+
+def test_a_restored_document_numbers_nodes_as_the_first_run_did_though_its_highest_numbers_left() -> None:
+    """W1 and W2 wait, then loop over nothing: both leave the document with the two highest numbers. A document
+    restored from then on numbered its next node from its highest number left, lower than the first run did, and a
+    task's job key holds its number (so it found nothing, or another task's job). The root keeps the next number."""
+    waits = "evqWait(//task[@path='/bin/x']/@status = 'TERMINATED')"
+    looping = [job(name, task(f"/bin/{name}"), condition=waits, loop="/workflow/nothing") for name in ("W1", "W2")]
+    source = workflow(job("A", task("/bin/a"), job("B", task("/bin/b") + task("/bin/x"), job("C", task("/bin/c")))
+                          + "".join(looping)))  # fmt: skip
+    first, actions = launch(source)
+    b, x = runs(finish(first, runs(actions)[0].evqid))
+    finish(first, x.evqid)  # W1 and W2 may run: their loops select nothing
+    assert jobs(first, "W1") == jobs(first, "W2") == []
+    saved = first.to_xml()
+    restored, _ = Instance.restore(saved, queues=frozenset({"default", "other"}))
+    [c_first] = runs(finish(first, b.evqid))
+    [c_again] = runs(restored.task_ended(b.evqid, TaskResult.exited(0), NOW))
+    assert c_again.evqid == c_first.evqid
+
+
+def test_the_copies_a_loop_makes_of_a_job_number_what_was_numbered_in_it() -> None:
+    """J loops after P's task looped over J's task: that task was numbered (as an item, to be a context) before J
+    was copied, and each copy kept its number: the copies' tasks shared one job key, one ran and the other stayed
+    QUEUED for good. A copy gets numbers of its own for everything numbered in it."""
+    source = workflow(
+        job("P", task("/bin/p", loop="/workflow/subjobs/job[@name='J']/tasks/task"))
+        + job(
+            "J", task("/bin/j"), loop="/workflow/subjobs/job[@name='P'] | /workflow/subjobs/job[@name='P']/tasks/task"
+        )
+    )
+    instance, actions = launch(source)
+    numbers = [run.evqid for run in runs(actions)]
+    assert len(numbers) == len(set(numbers)) == 3, runs(actions)
+    for number in numbers:
+        finish(instance, number)
+    assert instance.status is InstanceStatus.TERMINATED
 
 
 def test_a_loop_must_select_elements() -> None:

@@ -18,7 +18,9 @@ Decisions that differ from evQueue, and why:
 * Nodes copied into an input by <copy>, and XML imported from a task's output, lose any `evqid`: evqids stay
   unique, so `task_ended(evqid)` and `evqGetContext()` always mean one node.
 * Remote execution (host, user, queue_host, use-agent) is not supported yet: such a task is ABORTED at enqueue.
-* The root carries `cancelling="yes"` after `cancel()`, so a restored instance still refuses new tasks.
+* The root carries `cancelling="yes"` after `cancel()`, so a restored instance still refuses new tasks, and
+  `next-evqid`, the number its next node gets: a restart then numbers nodes as the first run did, though the highest
+  number in use may have left the document (a node a loop over nothing removed). A task's job key holds its number.
 
 Counters (running_tasks, queued_tasks, retrying_tasks, error_tasks, waiting_conditions) are kept by
 jobd/engine/instance_counters.py: every node whose status may change is touched, and each event ends by moving the
@@ -55,6 +57,7 @@ from jobd.model import ENV_NAME, Outcome, ParameterMode, RetryPolicy, RetrySched
 from jobd.workflowdef import split_command
 
 LOCAL_TIME = "%Y-%m-%d %H:%M:%S"  # evQueue's timestamps: local time, whole seconds
+NEXT_EVQID = "next-evqid"  # on the root: the number the next node gets (a jobd attribute; see the module's notes)
 KILLED_RETVAL = -1  # retval of a task killed by a signal or lost: evQueue's value, outside 0–255 on purpose
 COMPAT_ENV = {"EVQUEUE_ENV": "true", "EVQUEUE_IPC_QID": "0"}  # what evQueue gives every task; scripts test it
 
@@ -213,7 +216,8 @@ class Instance:
         self._queues = queues
         self._tasks = tasks
         self._retry_schedules = retry_schedules
-        self._next_evqid = 1 + max((int(e.get("evqid", "0")) for e in _elements(root) if e.get("evqid")), default=0)
+        highest = max((int(e.get("evqid", "0")) for e in _elements(root) if e.get("evqid")), default=0)
+        self._next_evqid = max(highest + 1, int(root.get(NEXT_EVQID, "1")))
         self._index: dict[int, etree._Element] = {}
         self._actions: list[Action] = []
         self._counters = Counters(root)
@@ -607,10 +611,6 @@ class Instance:
             clones.append((clone, item))
         if clones:
             node.tail = None  # the clones carry it
-        elif node.get("evqid") == str(self._next_evqid - 1):
-            # Numbered just before and gone without a copy: its number is handed out again, as a restored document
-            # would (from its highest number), so that a restart numbers the next nodes as the first run did.
-            self._next_evqid -= 1
         self._counters.expanded(node, len(clones))
         _remove(node)
         if clones:
@@ -619,9 +619,20 @@ class Instance:
         return clones
 
     def _renumber(self, clone: etree._Element) -> None:
-        clone.set("evqid", str(self._new_evqid()))
-        self._index[_evqid(clone)] = clone
-        self._touch(clone)
+        """A loop's copy gets numbers of its own: itself, and whatever in it was numbered already (a task that
+        another loop took as an item, say), so that no two nodes, and no two tasks' jobs, share one."""
+        renumbered: dict[str, str] = {}
+        for element in _elements(clone):
+            old = element.get("evqid")
+            if old is not None:
+                renumbered[old] = str(self._new_evqid())
+                element.set("evqid", renumbered[old])
+                self._index[int(renumbered[old])] = element
+                self._touch(element)
+        for element in _elements(clone):
+            context = element.get("context-id")
+            if context in renumbered and element is not clone:
+                element.set("context-id", renumbered[context])
 
     def _context_for(self, node: etree._Element) -> EvalContext:
         return EvalContext.for_node(node, self.root)
@@ -913,6 +924,7 @@ class Instance:
     def _new_evqid(self) -> int:
         number = self._next_evqid
         self._next_evqid += 1
+        self.root.set(NEXT_EVQID, str(self._next_evqid))
         return number
 
     def _find(self, evqid: int) -> etree._Element | None:
