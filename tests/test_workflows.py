@@ -746,11 +746,12 @@ def test_a_retry_that_fell_due_before_the_crash_is_replayed_among_the_ends(make_
     assert len(jobs) == len(jobs_before) == 6  # hold, a twice, b, c, d: nothing ran again
 
 
-def test_a_loop_over_nothing_numbered_last_leaves_no_gap_a_restart_would_fill(make_daemon: Any, tmp_path: Path) -> None:
+def test_a_restart_numbers_nodes_as_the_first_run_did_though_a_loop_over_nothing_took_a_number(
+    make_daemon: Any, tmp_path: Path
+) -> None:
     """E loops over nothing: it is numbered, then removed. Its number was the highest when the document was saved,
-    and a restored document numbers from its highest number: c was numbered one lower on the restart than in the
-    first run, its key found nothing, and it ran twice. The number of a node a loop removes without a copy is now
-    handed out again, as a restored document would."""
+    and a restored document numbered from its highest number: c was numbered one lower on the restart than in the
+    first run, its key found nothing, and it ran twice. The document now keeps the next number (next-evqid)."""
     log, gate = tmp_path / "c.log", tmp_path / "gate"
     os.mkfifo(gate)
     gapped = f"""<workflow><subjobs>{HOLD}<job name="A">
