@@ -82,3 +82,27 @@ def test_a_held_job_outlives_keep_days_and_its_timer_does_not_spin(tmp_path: Pat
         asyncio.run(run())
     finally:
         store.close()
+
+
+def test_after_shut_down_a_release_trims_nothing(tmp_path: Path) -> None:
+    """jobd's stop saves the instances' documents after the engine stopped the history, and each save releases its
+    jobs: a release rearmed the trim, which then ran on a store closed meanwhile."""
+    store = Store(str(tmp_path / "jobd.sqlite3"))
+    store.open()
+
+    async def run() -> None:
+        ids = _finished_jobs(store, 2, 1000.0)
+        keeper = HistoryKeeper(store, History(keep_days=1, keep_last=0), lambda: 1000.0 + 86400 * 2, lambda _: None,
+                               lambda *_: None, lambda: None)  # fmt: skip
+        failures: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: failures.append(context))
+        keeper.hold(ids[0])
+        keeper.shut_down()
+        keeper.release(ids)
+        keeper.job_finished()
+        store.close()
+        for _ in range(3):  # nothing is due: a trim now would raise on the closed store
+            await asyncio.sleep(0)
+        assert failures == []
+
+    asyncio.run(run())

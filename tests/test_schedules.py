@@ -21,6 +21,7 @@ from lxml import etree
 from recovery.support import Gate, fill, kill9, start, stop_pumps, terminate, wait_for_log
 from test_evqueue_protocol import EvqClient, ok
 from test_jobctl import run_jobctl
+from test_jobs import next_matching
 
 from jobd.client import Client, RemoteError
 
@@ -555,3 +556,20 @@ def test_a_full_database_disk_does_not_stop_the_schedules(sched: Any, small_stat
     filler.unlink()
     with subscribe(daemon) as events:  # a new subscriber hears only of what happens from now on
         next_state(events, "succeeded", "schedule:tick")
+
+
+def test_the_jobs_of_a_task_schedule_expire_by_the_history_rules(make_daemon: Any) -> None:
+    """A finished job is held in the history while a workflow instance that watched it has not saved its end. A task
+    schedule watches its runs' jobs too, and never released them: with keep_last = 0 they stayed for good."""
+    daemon: Daemon = make_daemon(
+        BASE + schedule("rarely", "task:true", "0 0 1 1 *"), start=False, daemon_extra="history = { keep_last = 0 }"
+    )
+    start(daemon)
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        run = daemon.call("schedule.trigger", {"name": "rarely"})["run_id"]
+        next_matching(client, lambda e: e["job"]["id"] == run and e["job"]["state"] == "succeeded")
+        plain = daemon.submit(task="true")["id"]
+        next_matching(client, lambda e: e["job"]["id"] == plain and e["job"]["state"] == "succeeded")
+    assert daemon.call("job.list", {"limit": 10})["jobs"] == []  # both gone as they finished
+    stop_pumps([daemon])

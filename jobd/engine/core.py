@@ -60,7 +60,12 @@ class JobEvent:
 
 
 class JobWatcher(Protocol):
-    """Who runs a job and wants to hear how it goes (a workflow instance for its tasks)."""
+    """Who runs a job and wants to hear how it goes (a workflow instance for its tasks).
+
+    With `holds_history`, a job it hears has finished is held in the history (HistoryKeeper.hold) until the watcher
+    releases it: a workflow instance does once its document is saved with the job's end."""
+
+    holds_history: bool
 
     def job_started(self, job: Job, pid: int) -> None: ...
 
@@ -701,9 +706,10 @@ class Engine:
                 waiter.set_result(job)
         watcher = self._watchers.pop(job.id, None)
         if watcher is not None:
-            # Held from now: a trim already due in this pass of the loop must not take the job (its output) before
-            # the watcher, a workflow instance, has read it. The instance releases it once its document is saved.
-            self.history.hold(job.id)
+            if watcher.holds_history:
+                # From now: a trim already due in this pass of the loop must not take the job (its output) before
+                # the watcher, a workflow instance, has read it. It releases the job once its document is saved.
+                self.history.hold(job.id)
             # Soon, not now: the watcher may submit jobs, and the engine is in the middle of settling this one.
             self.loop.call_soon(watcher.job_finished, job)
 
@@ -943,7 +949,7 @@ class Engine:
         self.stopping = True
         for timer in self._delay_timers.values():
             timer.cancel()
-        self.history.stop()
+        self.history.shut_down()
         ended = []
         for job_id, running in self._running.items():
             ended.append(running.ended)

@@ -45,6 +45,7 @@ class HistoryKeeper:
         self._trim_soon: asyncio.Handle | None = None
         self._finished: int | None = None  # counted from the store when first needed
         self._held: set[int] = set()  # finished jobs kept whatever the rules, until released (few: see hold())
+        self._stopped = False  # jobd is stopping: nothing is trimmed any more, whatever is released
 
     def configure(self, rules: History) -> None:
         """New retention rules (a reload): applied at once."""
@@ -78,6 +79,8 @@ class HistoryKeeper:
     def rearm(self) -> None:
         """Apply keep_last soon, and sleep until the oldest finished job expires."""
         self.stop()
+        if self._stopped:
+            return
         if self._rules.keep_last is not None:
             self._schedule_trim()
         if self._rules.keep_days is None:
@@ -88,6 +91,11 @@ class HistoryKeeper:
         due = oldest + self._rules.keep_days * SECONDS_PER_DAY
         self._timer = asyncio.get_running_loop().call_later(max(0.0, due - self._clock()), self._due)
 
+    def shut_down(self) -> None:
+        """jobd is stopping: no trim from now on (the store closes soon), whatever is finished or released."""
+        self._stopped = True
+        self.stop()
+
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -97,7 +105,7 @@ class HistoryKeeper:
             self._trim_soon = None
 
     def _schedule_trim(self) -> None:
-        if self._trim_soon is None:
+        if self._trim_soon is None and not self._stopped:
             self._trim_soon = asyncio.get_running_loop().call_soon(self._trim)
 
     def _due(self) -> None:

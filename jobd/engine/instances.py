@@ -1008,6 +1008,7 @@ class _TaskWatcher:
     instance_id: int
     evqid: int
     started: int | None = None  # pid, once the job has started
+    holds_history = True  # until the instance's document is saved with the job's end (Instances._saved_ends)
 
     def job_started(self, job: Job, pid: int) -> None:
         self.started = pid

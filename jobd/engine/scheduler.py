@@ -90,6 +90,7 @@ class _RunWatcher:
 
     scheduler: Scheduler
     name: str
+    holds_history = False  # the schedule's state, not the job, records its run
 
     def job_started(self, job: Job, pid: int) -> None:
         pass
