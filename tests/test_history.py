@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from jobd.engine.history import HistoryKeeper
 from jobd.model import Attempt, History, JobSpec, JobState, Outcome, transition
 from jobd.store import Store
+
+DAY = 86400
 
 
 def _finished_jobs(store: Store, count: int, at: float) -> list[int]:
@@ -30,70 +34,64 @@ def _kept(store: Store, ids: list[int]) -> list[int]:
     return [job_id for job_id in ids if store.get_job(job_id) is not None]
 
 
-def test_a_held_job_outlives_keep_last_until_it_is_released(tmp_path: Path) -> None:
+def _on_a_store(
+    tmp_path: Path, rules: History, now: float, scenario: Callable[[Store, HistoryKeeper], Coroutine[Any, Any, None]]
+) -> None:
+    """Run `scenario` on an event loop, with a store in tmp_path and a keeper of `rules` whose clock says `now`."""
     store = Store(str(tmp_path / "jobd.sqlite3"))
     store.open()
+    keeper = HistoryKeeper(store, rules, lambda: now, lambda _: None, lambda *_: None, lambda: None)
+    try:
+        asyncio.run(scenario(store, keeper))
+    finally:
+        keeper.stop()
+        store.close()
 
-    async def run() -> None:
+
+async def _passes(count: int) -> None:
+    for _ in range(count):  # each a pass of the loop: what was due in it has run
+        await asyncio.sleep(0)
+
+
+def test_a_held_job_outlives_keep_last_until_it_is_released(tmp_path: Path) -> None:
+    async def scenario(store: Store, keeper: HistoryKeeper) -> None:
         ids = _finished_jobs(store, 4, 1000.0)
-        keeper = HistoryKeeper(store, History(keep_days=None, keep_last=1), lambda: 2000.0, lambda _: None,
-                               lambda *_: None, lambda: None)  # fmt: skip
         keeper.hold(ids[0])
         keeper.hold(ids[2])
         keeper.rearm()
-        await asyncio.sleep(0)  # one pass of the loop: the trim
+        await _passes(1)
         assert _kept(store, ids) == [ids[0], ids[2], ids[3]]  # the last, and the held
         keeper.release([ids[2]])
-        await asyncio.sleep(0)
+        await _passes(1)
         assert _kept(store, ids) == [ids[0], ids[3]]
         keeper.release([ids[0], 12345])  # what was never held is let be
-        await asyncio.sleep(0)
+        await _passes(1)
         assert _kept(store, ids) == [ids[3]]
-        keeper.stop()
 
-    try:
-        asyncio.run(run())
-    finally:
-        store.close()
+    _on_a_store(tmp_path, History(keep_days=None, keep_last=1), 2000.0, scenario)
 
 
 def test_a_held_job_outlives_keep_days_and_its_timer_does_not_spin(tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "jobd.sqlite3"))
-    store.open()
-    now = [1000.0 + 86400 * 2]  # both jobs are due (keep_days = 1)
-
-    async def run() -> None:
-        ids = _finished_jobs(store, 2, 1000.0)
-        keeper = HistoryKeeper(store, History(keep_days=1, keep_last=None), lambda: now[0], lambda _: None,
-                               lambda *_: None, lambda: None)  # fmt: skip
+    async def scenario(store: Store, keeper: HistoryKeeper) -> None:
+        ids = _finished_jobs(store, 2, 1000.0)  # both due (keep_days = 1)
         keeper.hold(ids[0])
         keeper.rearm()
-        for _ in range(5):  # a timer due at once for the held job would fire and trim on every pass
-            await asyncio.sleep(0)
+        await _passes(5)  # a timer due at once for the held job would fire and trim on every pass
         assert _kept(store, ids) == [ids[0]]
         assert keeper._timer is None  # nothing else can expire: no timer (the held one is not waited for)
         keeper.release(ids[:1])
-        for _ in range(2):
-            await asyncio.sleep(0)
+        await _passes(2)
         assert _kept(store, ids) == []
-        keeper.stop()
 
-    try:
-        asyncio.run(run())
-    finally:
-        store.close()
+    _on_a_store(tmp_path, History(keep_days=1, keep_last=None), 1000.0 + 2 * DAY, scenario)
 
 
 def test_after_shut_down_a_release_trims_nothing(tmp_path: Path) -> None:
     """jobd's stop saves the instances' documents after the engine stopped the history, and each save releases its
     jobs: a release rearmed the trim, which then ran on a store closed meanwhile."""
-    store = Store(str(tmp_path / "jobd.sqlite3"))
-    store.open()
 
-    async def run() -> None:
+    async def scenario(store: Store, keeper: HistoryKeeper) -> None:
         ids = _finished_jobs(store, 2, 1000.0)
-        keeper = HistoryKeeper(store, History(keep_days=1, keep_last=0), lambda: 1000.0 + 86400 * 2, lambda _: None,
-                               lambda *_: None, lambda: None)  # fmt: skip
         failures: list[dict[str, object]] = []
         asyncio.get_running_loop().set_exception_handler(lambda _, context: failures.append(context))
         keeper.hold(ids[0])
@@ -101,8 +99,7 @@ def test_after_shut_down_a_release_trims_nothing(tmp_path: Path) -> None:
         keeper.release(ids)
         keeper.job_finished()
         store.close()
-        for _ in range(3):  # nothing is due: a trim now would raise on the closed store
-            await asyncio.sleep(0)
+        await _passes(3)  # nothing is due: a trim now would raise on the closed store
         assert failures == []
 
-    asyncio.run(run())
+    _on_a_store(tmp_path, History(keep_days=1, keep_last=0), 1000.0 + 2 * DAY, scenario)
