@@ -106,6 +106,11 @@ def _document_position(node: etree._Element) -> tuple[int, ...]:
     return tuple(reversed(position))
 
 
+def _key_prefix(instance_id: int) -> str:
+    """How the idempotency keys of an instance's task jobs begin (then the task's evqid, `:try:` and the try)."""
+    return f"instance:{instance_id}:task:"
+
+
 def _task_key(task: etree._Element) -> tuple[str | None, ...]:
     """What task_json shows of a task that can change (`tries` changes only with `status`)."""
     return tuple(task.get(name) for name in ("status", "progression", "retval", "error", "tid"))
@@ -146,6 +151,18 @@ class _Live:
     # Whether `shown` and `weights` hold the tasks as they are: false from a change nobody listened to (then
     # _publish did not walk) until the next walk that marks; _publish_task may take its short cut only when true.
     current: bool = False
+
+    @property
+    def first_error_unsaved(self) -> bool:
+        """Its first error is not in the store yet: saved at once, whatever the spacing (instance.list filters on
+        it in the store)."""
+        return self.machine.errors > 0 and not self.saved_with_errors
+
+    def next_key(self, evqid: int) -> str:
+        """The idempotency key of the job of a task's next try: a restart finds that job by it."""
+        task = self.machine.task(evqid)
+        tries = 0 if task is None else len(task.findall("output"))  # one <output> per ended try
+        return f"{_key_prefix(self.summary.id)}{evqid}:try:{tries + 1}"
 
 
 class Instances:
@@ -411,8 +428,7 @@ class Instances:
         """Whether the next try of a task to be retried has a job already: the first run's retry fell due before
         the crash, where the saved document did not say so yet. A replay tries it again at once, so that the job's
         end takes its place among the others' (_replay), rather than a timer's after them."""
-        key = f"instance:{live.summary.id}:task:{evqid}:try:{self._tries(live, evqid) + 1}"
-        return self.engine.job_with_key(key) is not None
+        return self.engine.job_with_key(live.next_key(evqid)) is not None
 
     def _run_task(self, live: _Live, action: RunTask) -> None:
         instance_id = live.summary.id
@@ -474,7 +490,7 @@ class Instances:
             context=f"instance:{live.summary.id}",
             # The key makes the submit idempotent: after a crash between this commit and the next save of the
             # document (which records the job id in `tid`), resubmitting the task finds this job, not a twin.
-            key=f"instance:{live.summary.id}:task:{action.evqid}:try:{self._tries(live, action.evqid) + 1}",
+            key=live.next_key(action.evqid),
             http=action.http,  # from the definition the machine built argv from (a reload may have changed it)
             submitted_by=live.summary.launched_by,
             run_as_uid=run_as[0],
@@ -501,11 +517,6 @@ class Instances:
                 missing="local user",
             ) from None
         return launcher, gid
-
-    @staticmethod
-    def _tries(live: _Live, evqid: int) -> int:
-        task = live.machine.task(evqid)
-        return 0 if task is None else len(task.findall("output"))  # one <output> per ended try
 
     def _write_script(self, instance_id: int, evqid: int, script: str) -> str:
         os.makedirs(self.scripts_dir, mode=0o700, exist_ok=True)
@@ -594,9 +605,7 @@ class Instances:
         """
         self._unsaved.add(live.summary.id)
         if self._save_retry is None:  # else the store refuses writes: the next try (_save_again) saves it
-            # Its first error is saved at once, whatever the spacing: instance.list filters on it in the store.
-            first_error = live.machine.errors > 0 and not live.saved_with_errors
-            self._save_by(0.0 if first_error else live.save_after)
+            self._save_by(0.0 if live.first_error_unsaved else live.save_after)
 
     def _save_by(self, when: float) -> None:
         """Have _save_changed run at loop time `when`, or at the end of this pass if that time has come."""
@@ -637,7 +646,7 @@ class Instances:
             for instance_id in sorted(self._unsaved) if only is None else [only]:
                 live = self._live.get(instance_id)
                 if live is not None:
-                    at_once = not spaced or instance_id == only or (live.machine.errors and not live.saved_with_errors)
+                    at_once = not spaced or instance_id == only or live.first_error_unsaved
                     if live.save_after > loop.time() and not at_once:
                         continue
                     started = loop.time()
@@ -924,7 +933,7 @@ class Instances:
         """A cancel aborts the queued tasks and cancels their jobs from the next pass of the loop on: after a crash
         in between, those jobs still wait in their queues. They are cancelled now, before the queues start jobs
         (found by the task their key names, which is ABORTED)."""
-        prefix = f"instance:{live.summary.id}:task:"
+        prefix = _key_prefix(live.summary.id)
         unfinished = (JobState.DELAYED, JobState.QUEUED, JobState.RUNNING)
         where = JobFilter(states=unfinished, context=f"instance:{live.summary.id}", limit=1000)
         while page := self.engine.list_jobs(where):

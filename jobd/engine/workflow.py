@@ -396,14 +396,14 @@ class Instance:
         task = self.task(evqid)
         if task is not None and task.get("status") == NodeStatus.QUEUED:
             task.set("tid", str(job_id))
-            self._touch(task)  # subscribers are told of its job
+            self._counters.touch(task)  # subscribers are told of its job
 
     def task_started(self, evqid: int, job_id: int, now: float) -> list[Action]:
         task = self.task(evqid)
         if task is None or task.get("status") != NodeStatus.QUEUED:
             return []  # a task aborted by a cancel while its job was starting: its end will be ignored too
         task.set("status", NodeStatus.EXECUTING)
-        self._touch(task)
+        self._counters.touch(task)
         task.set("tid", str(job_id))
         task.set("execution_time", local_time(now))
         return self._settle(now)
@@ -419,7 +419,7 @@ class Instance:
         if task is None or task.get("status") not in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
             return []
         retval = result.retval
-        self._touch(task)
+        self._counters.touch(task)
         task.set("status", NodeStatus.TERMINATED)
         task.set("retval", str(retval))
         for name in ("tid", "pid", "retry_at"):
@@ -496,7 +496,7 @@ class Instance:
     def _run_subjob(self, job: etree._Element, context_node: etree._Element) -> None:
         job.set("context-id", str(self._evqid_of(context_node)))
         self._evqid_of(job)
-        self._touch(job)  # numbered: it gets counters (and loses them if skipped)
+        self._counters.touch(job)  # numbered: it gets counters (and loses them if skipped)
         if not self._condition_holds(job, context_node):
             return
         try:
@@ -507,7 +507,7 @@ class Instance:
         for clone, item in iterations:
             if clone is not job:
                 self._counters.copied(clone)
-            self._touch(clone)
+            self._counters.touch(clone)
             if clone is not job:
                 clone.set("context-id", str(self._evqid_of(item)))
                 if clone is not iterations[0][0]:
@@ -565,7 +565,7 @@ class Instance:
             if not can_wait:
                 raise _NodeAborted("evqWait() cannot be used here") from None
             node.set("status", NodeStatus.WAITING)
-            self._touch(node)
+            self._counters.touch(node)
             node.set("details", "Waiting for condition to become true")
             return False
         except XPathError as error:
@@ -575,7 +575,7 @@ class Instance:
             return False
         if not holds:
             node.set("status", NodeStatus.SKIPPED)
-            self._touch(node)
+            self._counters.touch(node)
             if node.tag == "job":
                 self._counters.ended_unrun(node)
             node.set("details", "Condition evaluates to false")
@@ -628,7 +628,7 @@ class Instance:
                 renumbered[old] = str(self._new_evqid())
                 element.set("evqid", renumbered[old])
                 self._index[int(renumbered[old])] = element
-                self._touch(element)
+                self._counters.touch(element)
         for element in _elements(clone):
             context = element.get("context-id")
             if context in renumbered and element is not clone:
@@ -686,7 +686,7 @@ class Instance:
             self._abort(task, str(error))
             return
         task.set("status", NodeStatus.QUEUED)
-        self._touch(task)
+        self._counters.touch(task)
         self._actions.append(action)
 
     def _run_task_action(self, task: etree._Element) -> RunTask:
@@ -847,7 +847,7 @@ class Instance:
             if node.get("status") != NodeStatus.WAITING:
                 continue
             del node.attrib["status"]
-            self._touch(node)
+            self._counters.touch(node)
             _drop(node, "details")
             found = self._find(int(node.get("context-id", "0")))
             context_node = found if found is not None else self.root
@@ -862,13 +862,9 @@ class Instance:
     def _abort(self, node: etree._Element, error: str) -> None:
         node.set("status", NodeStatus.ABORTED)
         node.set("error", error)
-        self._touch(node)
+        self._counters.touch(node)
         if node.tag == "job":
             self._counters.ended_unrun(node)
-
-    def _touch(self, node: etree._Element) -> None:
-        """Tell the counters of a change to `node` (they ignore what is not a job or a task of the workflow)."""
-        self._counters.touch(node)
 
     def _settle(self, now: float) -> list[Action]:
         """End of an event: count its changes, finish the instance if nothing runs or waits to retry, hand over
@@ -918,7 +914,7 @@ class Instance:
         number = self._new_evqid()
         node.set("evqid", str(number))
         self._index[number] = node
-        self._touch(node)  # a job numbered gets counters
+        self._counters.touch(node)  # a job numbered gets counters
         return number
 
     def _new_evqid(self) -> int:
