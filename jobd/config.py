@@ -775,19 +775,45 @@ def _environment(setting: _Setting) -> Mapping[str, str]:
     return MappingProxyType(environment)
 
 
-# Variables that steer the loader, the C library, shells or interpreters: whoever sets one runs code of their
-# choosing inside the job (LD_PRELOAD, PATH, BASH_ENV, PYTHONPATH, PHPRC…). A task's allowed_params may not name
-# them. The list cannot be complete, which is why callers get only the names a task allows, not all but these.
+# Variables that steer the loader, the C library, shells, interpreters or the tools a job may call: whoever sets
+# one runs code of their choosing inside the job (LD_PRELOAD, PATH, BASH_ENV, PYTHONPATH, PHPRC…), or decides which
+# files it trusts (keys, certificates). A task's allowed_params may not name them. The list cannot be complete,
+# which is why callers get only the names a task allows, not all but these; it catches the well-known ones an
+# administrator might allow without thinking of what they do.
 _STEERING_VARIABLES = frozenset(
     {
-        "PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "PS4", "HOME", "SHELL", "TMPDIR", "CDPATH",
-        "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS", "NLSPATH", "LOCPATH", "GCONV_PATH", "GLIBC_TUNABLES",
-        "MALLOC_CHECK_", "MALLOC_TRACE", "TZDIR", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "LUA_PATH", "LUA_CPATH",
-        "PHPRC", "PHP_INI_SCAN_DIR", "OPENSSL_CONF", "OPENSSL_ENGINES", "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS",
-        "XDG_DATA_HOME", "XDG_DATA_DIRS", "EDITOR", "VISUAL", "PAGER", "BROWSER", "CURL_HOME", "WGETRC",
+        # shells and the programs a shell looks up
+        "PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "FPATH", "ZDOTDIR",
+        "HOME", "SHELL", "CDPATH", "TMPDIR", "TMP", "TEMP",
+        # the C library: name resolution, locales, character sets, allocator, time zones, terminals
+        "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS", "NLSPATH", "LOCPATH", "GCONV_PATH", "GLIBC_TUNABLES", "TZDIR",
+        "TERMINFO", "TERMINFO_DIRS", "TERMCAP",
+        # interpreters and their package managers
+        "JAVA_HOME", "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "PHPRC", "PHP_INI_SCAN_DIR",
+        "GEM_HOME", "GEM_PATH", "TCLLIBPATH", "TCL_LIBRARY", "TK_LIBRARY", "AWKPATH", "AWKLIBPATH", "EMACSLOADPATH",
+        "CAML_LD_LIBRARY_PATH", "R_HOME", "R_PROFILE", "R_PROFILE_USER", "R_ENVIRON", "R_ENVIRON_USER", "R_LIBS",
+        "R_LIBS_USER", "R_LIBS_SITE", "GOFLAGS", "GOENV", "GOTOOLCHAIN", "RUSTC_WRAPPER", "RUSTUP_TOOLCHAIN",
+        "RUSTUP_HOME", "CARGO_HOME",
+        # programs that other programs run, and build tools
+        "EDITOR", "VISUAL", "SUDO_EDITOR", "PAGER", "MANPAGER", "SYSTEMD_PAGER", "SYSTEMD_EDITOR", "BROWSER",
+        "LESSOPEN", "LESSCLOSE", "VIMINIT", "EXINIT", "MYVIMRC", "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE",
+        "SUDO_ASKPASS", "MAKEFLAGS", "MFLAGS", "MAKEFILES", "CC", "CXX", "CPP",
+        # libraries that load modules or configuration naming modules
+        "OPENSSL_CONF", "OPENSSL_ENGINES", "OPENSSL_MODULES", "KRB5_CONFIG", "SASL_PATH", "SASL_CONF_PATH",
+        "ODBCINI", "ODBCSYSINI", "ODBCINSTINI", "GTK_MODULES", "GTK_PATH", "GTK_EXE_PREFIX", "GIO_EXTRA_MODULES",
+        "QT_PLUGIN_PATH", "QT_QPA_PLATFORM_PLUGIN_PATH", "LIBGL_DRIVERS_PATH", "GBM_BACKENDS_PATH",
+        "__EGL_VENDOR_LIBRARY_DIRS", "__EGL_VENDOR_LIBRARY_FILENAMES", "VK_ICD_FILENAMES", "VK_DRIVER_FILES",
+        "VK_LAYER_PATH", "VK_ADD_LAYER_PATH", "VK_INSTANCE_LAYERS", "ALSA_CONFIG_PATH",
+        # what a program trusts or where it reads its settings
+        "GNUPGHOME", "CURL_HOME", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "WGETRC", "XDG_CONFIG_HOME",
+        "XDG_CONFIG_DIRS", "XDG_DATA_HOME", "XDG_DATA_DIRS",
     }
 )  # fmt: skip
-_STEERING_PREFIXES = ("LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "NODE_", "BASH_FUNC_", "GIT_", "SSL_", "CLASSPATH")
+_STEERING_PREFIXES = (
+    "LD_", "DYLD_", "MALLOC_", "BASH_FUNC_", "PYTHON", "PERL", "RUBY", "BUNDLE_", "NODE_", "NPM_CONFIG_",
+    "npm_config_", "PIP_", "LUA_", "GUILE_", "JULIA_", "ERL_", "ELIXIR_", "DOTNET_", "CORECLR_", "COMPlus_",
+    "CLASSPATH", "GIT_", "SSL_", "MAGICK_", "GST_PLUGIN",
+)  # fmt: skip
 
 
 def _allowed_params(mode: ParameterMode) -> Callable[[_Setting], tuple[str, ...]]:

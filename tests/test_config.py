@@ -539,6 +539,38 @@ def test_bad_values_name_file_line_key_and_what_is_allowed(
     assert error.details == {"file": str(path), "line": line, "key": key}
 
 
+# One name of each kind the list guards against, exact names and families: each would let whoever sets it run code
+# of their choosing in the job or choose what it trusts.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PROMPT_COMMAND", "ZDOTDIR", "TERMINFO", "JDK_JAVA_OPTIONS", "GEM_PATH", "AWKLIBPATH", "R_PROFILE_USER",
+        "RUSTC_WRAPPER", "LESSOPEN", "SSH_ASKPASS", "MAKEFILES", "OPENSSL_MODULES", "SASL_PATH", "GTK_MODULES",
+        "GNUPGHOME", "MALLOC_PERTURB_", "NPM_CONFIG_PREFIX", "npm_config_prefix", "PIP_INDEX_URL", "LUA_INIT",
+        "DOTNET_STARTUP_HOOKS", "MAGICK_CONFIGURE_PATH", "GST_PLUGIN_PATH", "ERL_LIBS", "PERL5OPT", "NODE_OPTIONS",
+    ],
+)  # fmt: skip
+def test_allowed_params_refuses_variables_that_steer_programs(tmp_path: Path, name: str) -> None:
+    path = write(
+        tmp_path / "jobd.toml",
+        f'[task.t]\ncommand = ["/bin/true"]\nparameters = "env"\nallowed_params = ["SIZE", "{name}"]\n',
+    )
+    error = load_error(tmp_path)
+    assert error.message.startswith(f"{path}:4: task.t.allowed_params: ")
+    assert f'"{name}" steers how programs are loaded or run' in error.message
+
+
+def test_allowed_params_takes_names_that_only_look_like_steering_ones(tmp_path: Path) -> None:
+    write(
+        tmp_path / "jobd.toml",
+        '[task.t]\ncommand = ["/bin/true"]\nparameters = "env"\n'
+        'allowed_params = ["SIZE", "CCY", "PATHNAME", "MAKE_TARGET", "GIT", "R_SCRIPT_ARG"]\n',
+    )
+    assert load(strs(tmp_path)).tasks["t"].allowed_params == (
+        "SIZE", "CCY", "PATHNAME", "MAKE_TARGET", "GIT", "R_SCRIPT_ARG",
+    )  # fmt: skip
+
+
 def test_a_merged_key_is_reported_in_the_file_whose_value_won(search: tuple[Path, Path, Path]) -> None:
     usr, run, _etc = search
     write(usr / "jobd.toml", "[queue.q]\nconcurrency = 2\n")
