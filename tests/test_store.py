@@ -72,6 +72,37 @@ def test_a_version_1_database_is_migrated_in_place_and_keeps_its_jobs(tmp_path: 
     assert "attempt_job_id" not in indexes
 
 
+def test_jobs_waiting_for_callbacks_at_an_upgrade_stay_out_of_retention(tmp_path: Path) -> None:
+    # Before schema 17 retention looked for pending callback rows itself; migration 17 marks their jobs instead.
+    path = tmp_path / "jobd.sqlite3"
+    raw = _database_at_schema(path, 16)
+    for job_id in (1, 2, 3, 4):  # finished 1 s apart; 4 still runs
+        raw.execute(
+            "INSERT INTO job (id, command, queue, priority, state, created_at, run_at, env, kill_grace, retry, "
+            "max_output, attempts, progress, finished_at) VALUES (?, '[\"/bin/true\"]', 'q', 1, ?, 1.0, 1.0, '{}', "
+            "10, ?, 1, 1, 0, ?)",
+            (job_id, "running" if job_id == 4 else "succeeded", RETRY_JSON, None if job_id == 4 else 10.0 + job_id),
+        )
+    for job_id, state in ((1, "pending"), (1, "delivered"), (2, "delivered"), (3, "failed")):
+        raw.execute(
+            "INSERT INTO callback (job_id, event, target, state, tries, spec, created_at) "
+            "VALUES (?, 'on_finish', '/bin/true', ?, 1, '{}', 1.0)",
+            (job_id, state),
+        )
+    raw.commit()
+    raw.close()
+    store = Store(str(path))
+    store.open()
+    try:
+        assert store.oldest_expirable(10) == [2, 3]  # 1 waits for a delivery; 4 has not finished
+        assert store.expirable_count() == 2
+        assert store.oldest_expirable_at() == 12.0
+    finally:
+        store.close()
+    indexes = _indexes(path)
+    assert "job_finished_at" not in indexes and "WHERE" in indexes["job_expirable"]
+
+
 def test_an_attempt_recorded_before_streams_were_told_apart_stays_truncated(tmp_path: Path) -> None:
     # Schema 15 kept one flag for an attempt's three streams; after migration 16 the attempt is still truncated,
     # with the streams unknown (job.output then falls back to the stream that holds the whole max_output).

@@ -174,6 +174,7 @@ class Callbacks:
         except Exception:  # the job has finished; a full disk must not take the engine down with it
             log.exception("job=%d: could not queue its callbacks (the next start of jobd will)", job.id)
             return
+        self.engine.history.held_for_callbacks()
         for delivery in deliveries:
             self._arm(delivery)
 
@@ -220,12 +221,12 @@ class Callbacks:
             delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (tries - 1))
             delivery = _replace(delivery, tries=tries, next_try_at=now + delay, last_error=error)
             log.info("%s: try %d failed (%s); next in %gs", what, tries, error, delay)
-        self.store.record_callback_try(delivery)
+        job_may_expire = self.store.record_callback_try(delivery)
         if delivery.state == "pending":
             if not self._closing:
                 self._arm(delivery)
-        elif not self._closing:  # done: its job may expire now, if the history's rules no longer keep it
-            self.engine.history.rearm()
+        elif job_may_expire:  # its last pending delivery: the job goes, if the history's rules no longer keep it
+            self.engine.history.callbacks_done()
 
     def _summary(self, job: Job) -> dict[str, Any]:
         attempts = self.store.attempts(job.id)

@@ -6,8 +6,11 @@ start-up and at a reload. The finished jobs are counted here, so applying it cos
 Each trim deletes at most TRIM_BATCH jobs and goes on in the next turn of the loop: a first trim of a long
 history (a reload that lowers keep_last) does not hold the loop for seconds. A deletion the store refuses (a full
 disk) is tried again every STORE_RETRY_SECONDS until it is taken. A job whose callbacks are still pending is kept
-until they are done (jobd.engine.callbacks then asks for a rearm), and a job held (hold(), release()) until it is
-released: a workflow instance was told of its end, and the document it saved does not show that end yet.
+until they are done, and does not count towards keep_last meanwhile: the store leaves it out of what retention
+reads (its index of jobs that may expire), so however many wait for a callback URL that is down, a trim reads only
+the jobs it may take; jobd.engine.callbacks tells the keeper when a job leaves that index and when it comes back.
+A job held (hold(), release()) is kept until it is released: a workflow instance was told of its end, and the
+document it saved does not show that end yet.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class HistoryKeeper:
         self._store_works = store_works
         self._timer: asyncio.TimerHandle | None = None
         self._trim_soon: asyncio.Handle | None = None
-        self._finished: int | None = None  # counted from the store when first needed
+        self._finished: int | None = None  # jobs that may expire, counted from the store when first needed
         self._held: set[int] = set()  # finished jobs kept whatever the rules, until released (few: see hold())
         self._stopped = False  # jobd is stopping: nothing is trimmed any more, whatever is released
 
@@ -66,6 +69,17 @@ class HistoryKeeper:
             self._held -= released
             self.rearm()
 
+    def held_for_callbacks(self) -> None:
+        """A finished job's callbacks were queued: the store keeps it until they are done, outside the count."""
+        if self._finished is not None:
+            self._finished -= 1
+
+    def callbacks_done(self) -> None:
+        """The last pending callback delivery of a finished job is done: the job follows the rules again."""
+        if self._finished is not None:
+            self._finished += 1
+        self.rearm()
+
     def job_finished(self) -> None:
         if self._finished is not None:
             self._finished += 1
@@ -85,7 +99,7 @@ class HistoryKeeper:
             self._schedule_trim()
         if self._rules.keep_days is None:
             return
-        oldest = self._store.oldest_finished_at(self._held)
+        oldest = self._store.oldest_expirable_at(self._held)
         if oldest is None:
             return
         due = oldest + self._rules.keep_days * SECONDS_PER_DAY
@@ -142,13 +156,13 @@ class HistoryKeeper:
         wanted = TRIM_BATCH + len(self._held)
         if self._rules.keep_days is not None:
             cutoff = self._clock() - self._rules.keep_days * SECONDS_PER_DAY
-            doomed = self._unheld(self._store.finished_before(cutoff, wanted))
+            doomed = self._unheld(self._store.expirable_before(cutoff, wanted))
         if self._rules.keep_last is not None and len(doomed) < TRIM_BATCH:
             if self._finished is None:
-                self._finished = self._store.finished_count()
+                self._finished = self._store.expirable_count()
             excess = self._finished - self._rules.keep_last
-            if excess > len(doomed):  # the oldest finishes, which begin with those too old already
-                doomed = self._unheld(self._store.oldest_finished(excess, wanted))
+            if excess > len(doomed):  # the oldest finishes, which begin with those too old already; a held job is
+                doomed = self._unheld(self._store.oldest_expirable(min(excess, wanted)))  # one of the excess
         # Output first: a crash between the two then leaves rows without output, about to go anyway, rather than
         # output directories that no row names and nothing would ever remove.
         for job_id in doomed:
