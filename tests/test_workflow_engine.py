@@ -3,8 +3,11 @@ driven with task results and the time, no processes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +134,7 @@ def task(path: str, inner: str = "", **attributes: str) -> str:
 
 # ------------------------------------------------------------------------------- comparing instance documents
 
-TIMES = ("start_time", "end_time", "execution_time", "exit_time", "retry_at", "id")
+TIMES = ("start_time", "end_time", "execution_time", "exit_time", "retry_at", "retry-at-unix", "id")
 
 
 def normalised(root: etree._Element) -> etree._Element:
@@ -736,6 +739,47 @@ def test_fixed_retries_append_a_triplet_per_try() -> None:
     assert element.get("retry_at") is None
 
 
+@contextlib.contextmanager
+def _local_time_zone(name: str) -> Iterator[None]:
+    """This process's local time is `name`'s (time.mktime and localtime read TZ) until the block ends."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = name
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+def test_a_retry_due_in_the_hour_a_dst_change_repeats_is_restored_to_its_moment() -> None:
+    """retry_at is evQueue's local time: "2026-10-25 02:30:00" in Paris names two moments an hour apart. A restart
+    read it back with mktime, which took the later one here: a retry due at the first ran an hour late."""
+    with _local_time_zone("Europe/Paris"):
+        due = 1792888200.0  # 2026-10-25 00:30 UTC: 02:30 summer time, half an hour before the clocks go back
+        instance, actions = launch(
+            workflow(job("a", task("/bin/a", retry_delay="3600", retry_times="1"))), now=due - 3600
+        )
+        evq = actions[0].evqid
+        assert finish(instance, evq, TaskResult.exited(1), due - 3600) == [RetryLater(evq, 3600.0, due)]
+        assert task_of(instance, evq).get("retry_at") == local_time(due) == local_time(due + 3600)
+        _, [pending] = restore(instance)
+        assert pending.retry_at == due
+
+
+def test_a_document_saved_without_retry_at_unix_is_restored_from_retry_at() -> None:
+    instance, actions = launch(workflow(job("a", task("/bin/a", retry_delay="30", retry_times="1"))))
+    evq = actions[0].evqid
+    finish(instance, evq, TaskResult.exited(1))
+    element = task_of(instance, evq)
+    del element.attrib["retry-at-unix"]  # as the previous version of jobd saved it
+    _, [pending] = restore(instance)
+    assert pending.retry_at == time.mktime(time.localtime(NOW + 30))
+
+
 def test_a_retry_that_succeeds_runs_the_subjobs() -> None:
     instance, actions = launch(
         workflow(job("a", task("/bin/a", retry_delay="1", retry_times="1"), job("c", task("/bin/c"))))
@@ -895,7 +939,7 @@ def test_restore_round_trip_continues_where_it_stopped() -> None:
     assert (by_id[exe.evqid].status, by_id[exe.evqid].tid) == (NodeStatus.EXECUTING, 11)
     assert (by_id[queued.evqid].status, by_id[queued.evqid].tid) == (NodeStatus.QUEUED, 12)
     assert by_id[retrying.evqid].status is NodeStatus.TERMINATED
-    assert by_id[retrying.evqid].retry_at == pytest.approx(time.mktime(time.localtime(NOW + 30)), abs=1)
+    assert by_id[retrying.evqid].retry_at == NOW + 30  # to the microsecond (retry-at-unix), not to the second
     assert by_id[lost.evqid].status is NodeStatus.EXECUTING
 
     # the queued task's job never reached the store: submitted again, same command

@@ -21,6 +21,9 @@ Decisions that differ from evQueue, and why:
 * The root carries `cancelling="yes"` after `cancel()`, so a restored instance still refuses new tasks, and
   `next-evqid`, the number its next node gets: a restart then numbers nodes as the first run did, though the highest
   number in use may have left the document (a node a loop over nothing removed). A task's job key holds its number.
+* A task waiting to be retried carries `retry-at-unix` beside evQueue's `retry_at`: the moment exactly, in seconds
+  since the epoch. `retry_at` is local time in whole seconds, which names two moments in the hour a DST change
+  repeats and none in the hour it skips, so a restart reading it could retry an hour off (or up to a second early).
 
 Counters (running_tasks, queued_tasks, retrying_tasks, error_tasks, waiting_conditions) are kept by
 jobd/engine/instance_counters.py: every node whose status may change is touched, and each event ends by moving the
@@ -58,6 +61,7 @@ from jobd.workflowdef import split_command
 
 LOCAL_TIME = "%Y-%m-%d %H:%M:%S"  # evQueue's timestamps: local time, whole seconds
 NEXT_EVQID = "next-evqid"  # on the root: the number the next node gets (a jobd attribute; see the module's notes)
+RETRY_AT_UNIX = "retry-at-unix"  # on a task waiting to be retried: when, exactly (a jobd attribute; see the notes)
 KILLED_RETVAL = -1  # retval of a task killed by a signal or lost: evQueue's value, outside 0–255 on purpose
 COMPAT_ENV = {"EVQUEUE_ENV": "true", "EVQUEUE_IPC_QID": "0"}  # what evQueue gives every task; scripts test it
 
@@ -280,8 +284,7 @@ class Instance:
                 if status in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
                     pending.append(RestoredTask(_evqid(task), NodeStatus(status), int(tid) if tid else None))
                 elif _is_retrying(task):
-                    due = time.mktime(time.strptime(task.get("retry_at", ""), LOCAL_TIME))
-                    pending.append(RestoredTask(_evqid(task), NodeStatus.TERMINATED, retry_at=due))
+                    pending.append(RestoredTask(_evqid(task), NodeStatus.TERMINATED, retry_at=_retry_due(task)))
         return instance, pending
 
     @classmethod
@@ -319,7 +322,7 @@ class Instance:
         for task in list(instance._all_tasks()):
             status = task.get("status")
             if status == NodeStatus.QUEUED or _resumable_failure(task):
-                for name in ("status", "retval", "error", "retry_at", "tid", "pid", "progression", "execution_time"):
+                for name in (*_RUN_ATTRIBUTES, "status", "retval", "error", "progression", "execution_time"):
                     _drop(task, name)
                 instance._enqueue(task)
         instance._counters.recount()  # the counters it was saved with are those of the instance that ended
@@ -422,7 +425,7 @@ class Instance:
         self._counters.touch(task)
         task.set("status", NodeStatus.TERMINATED)
         task.set("retval", str(retval))
-        for name in ("tid", "pid", "retry_at"):
+        for name in _RUN_ATTRIBUTES:
             _drop(task, name)
         task.set("progression", "100")
         started = result.started_at if result.started_at is not None else now
@@ -481,6 +484,7 @@ class Instance:
                 self._actions.append(DequeueTask(_evqid(task)))
             elif _is_retrying(task):
                 _drop(task, "retry_at")
+                _drop(task, RETRY_AT_UNIX)
                 self._abort(task, ABORTED_BY_USER)
         return self._settle(now)
 
@@ -798,6 +802,7 @@ class Instance:
         if wanted is not None and wanted.strip() != str(retval):
             return
         task.set("retry_at", local_time(now + delay))
+        task.set(RETRY_AT_UNIX, repr(now + delay))
         task.set("retry_times", str(times - 1))
         self._actions.append(RetryLater(_evqid(task), float(delay), now + delay))
 
@@ -1013,6 +1018,7 @@ def _succeeded(task: etree._Element) -> bool:
 
 # What a task aborted before it was enqueued says (see debug_resume): its condition, loop or inputs failed.
 _ABORTED_BEFORE_ENQUEUE = ("Error evaluating", "Error computing", "evqWait()")
+_RUN_ATTRIBUTES = ("tid", "pid", "retry_at", RETRY_AT_UNIX)  # what a task's run under way adds, gone once it ends
 
 
 def _resumable_failure(task: etree._Element) -> bool:
@@ -1025,6 +1031,14 @@ def _resumable_failure(task: etree._Element) -> bool:
 
 def _is_retrying(task: etree._Element) -> bool:
     return task.get("status") == NodeStatus.TERMINATED and task.get("retry_at") is not None
+
+
+def _retry_due(task: etree._Element) -> float:
+    """When a task waiting to be retried is due; from retry_at in a document saved before retry-at-unix existed."""
+    exact = task.get(RETRY_AT_UNIX)
+    if exact is not None:
+        return float(exact)
+    return time.mktime(time.strptime(task.get("retry_at", ""), LOCAL_TIME))
 
 
 def _stdin_of(task: etree._Element) -> bytes | None:
