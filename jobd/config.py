@@ -1422,7 +1422,7 @@ def _check_sockets_apart(merged: _Merged, daemon: DaemonDef, http: HttpDef) -> N
         if path is None:
             continue
         name = _dotted((*table.key, key))
-        other = taken.setdefault(os.path.normpath(path), name)
+        other = taken.setdefault(_socket_place(path), name)
         if other != name:
             setting = table.settings.get(key)
             problem = f"{path!r} is the path of {other} too; each listener needs a socket of its own"
@@ -1430,6 +1430,12 @@ def _check_sockets_apart(merged: _Merged, daemon: DaemonDef, http: HttpDef) -> N
                 raise setting.invalid(problem)
             earlier = next(t.settings[k] for t, k, _ in listeners if _dotted((*t.key, k)) == other)
             raise earlier.invalid(problem)  # the default of this key met a path set for the other
+
+
+def _socket_place(path: str) -> str:
+    """Where a socket path leads: its directory with the symlinks in it resolved, as far as they exist. Debian's
+    /var/run is a symlink to /run, so "/var/run/jobd/jobd.sock" is the API socket's own path."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def _with_workflows(base: Config, paths: Sequence[Path]) -> Config:

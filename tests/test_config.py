@@ -647,6 +647,29 @@ def test_two_listeners_on_one_socket_path_are_an_error(tmp_path: Path) -> None:
     assert load(strs(tmp_path)).daemon.evqueue_socket is None  # off: no path of its own to compare
 
 
+def test_two_listeners_on_one_socket_through_a_symlinked_directory_are_an_error(tmp_path: Path) -> None:
+    """As /var/run and /run on Debian: the evQueue listener would replace the API's socket file all the same."""
+    (tmp_path / "run" / "jobd").mkdir(parents=True)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run").symlink_to(tmp_path / "run")
+    config = tmp_path / "etc"
+    path = write(
+        config / "jobd.toml",
+        f'[daemon]\nsocket = "{tmp_path}/run/jobd/jobd.sock"\nevqueue_socket = "{tmp_path}/var/run/jobd/jobd.sock"\n',
+    )
+    error = load_error(config)
+    assert error.message == (
+        f"{path}:3: daemon.evqueue_socket: '{tmp_path}/var/run/jobd/jobd.sock' is the path of daemon.socket too; "
+        "each listener needs a socket of its own"
+    )
+    # A directory not made yet is compared as far as it exists: /var/run/new is /run/new.
+    write(
+        config / "jobd.toml",
+        f'[daemon]\nsocket = "{tmp_path}/run/new/a.sock"\nevqueue_socket = "{tmp_path}/var/run/new/a.sock"\n',
+    )
+    assert load_error(config).details["key"] == "daemon.evqueue_socket"
+
+
 def test_a_symlink_loop_is_an_error_naming_the_file_not_its_directory(tmp_path: Path) -> None:
     (tmp_path / "jobd.d").mkdir()
     looped = tmp_path / "jobd.d/10-loop.toml"
