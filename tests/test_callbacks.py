@@ -242,7 +242,8 @@ def test_a_job_whose_callback_runs_expires_once_it_is_delivered_output_and_all(
 ) -> None:
     # keep_last = 1: the next job's end expired the first while its callback slept; the callback's output then made
     # the job's output directory anew, and nothing removed it again. The job is now kept until its delivery is
-    # done, and then expires with all its output.
+    # done, and then expires with all its output, once a job that finished after it counts: one whose deliveries
+    # are done too (a job waiting for its callbacks does not count towards keep_last).
     slow = json.dumps(["/bin/sh", "-c", "sleep 1; echo late"])
     d = make_daemon(
         f'[queue.default]\nconcurrency = 1\n[task.quick]\ncommand = ["/bin/true"]\non_finish = [{{ exec = {slow} }}]\n',
@@ -253,7 +254,8 @@ def test_a_job_whose_callback_runs_expires_once_it_is_delivered_output_and_all(
     second = d.submit(task="quick")["id"]
     assert d.wait(second)["state"] == "succeeded"
     assert d.call("job.get", {"id": first})["state"] == "succeeded"  # kept: its callback is still asleep
-    wait_for_log(d, f"job={first} on_finish callback")  # its delivery ended (then its job expires, in a later turn)
+    wait_for_log(d, f"job={first} on_finish callback")  # its delivery ended
+    wait_for_log(d, f"job={second} on_finish callback")  # now second counts, and first expires in a later turn
     d.call("ping")
     with pytest.raises(RemoteError) as gone:
         d.call("job.get", {"id": first})
