@@ -189,6 +189,28 @@ def test_launch_an_unknown_workflow_exits_1_with_the_code(wf: Daemon) -> None:
     assert wf.call("instance.list", {})["total"] == 0
 
 
+def test_a_refused_launch_names_the_parameters_and_takes_no_instance_id(wf: Daemon) -> None:
+    """A launch refused for its parameters says which the workflow takes, and leaves no gap in the instance ids:
+    the next launch is instance 1, as a first launch is (README's tour shows `jobctl instance 1`)."""
+    missing = ctl(wf, "launch", "loopdemo")
+    assert missing.code == 1, missing
+    assert missing.err == (
+        "jobctl: INVALID_WORKFLOW_PARAMETERS: Invalid number of parameters passed to workflow (passed 0, expected 1);"
+        " loopdemo takes: count (missing: count)\n"
+    ), missing
+    misspelt = ctl(wf, "launch", "parameters", "-p", "greeting=hi", "-p", "whom=you", "-p", "verbose=no")
+    assert misspelt.code == 1, misspelt
+    assert misspelt.err == (
+        "jobctl: INVALID_WORKFLOW_PARAMETERS: Unknown parameter : whom; parameters takes: greeting, who, verbose\n"
+    ), misspelt
+    extra = ctl(wf, "--json", "launch", "trivial", "-p", "x=1")
+    assert json.loads(extra.err)["error"]["message"] == "Unknown parameter : x; trivial takes no parameters", extra
+    launched = ctl(wf, "launch", "trivial")
+    assert launched.code == 0, launched
+    assert launched_id(launched) == 1, launched
+    wf.call("instance.wait", {"id": 1, "timeout": 30})
+
+
 @pytest.mark.parametrize(
     "args",
     [

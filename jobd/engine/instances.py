@@ -38,6 +38,7 @@ from jobd.engine.workflow import (
     RetryLater,
     RunTask,
     TaskResult,
+    check_parameters,
 )
 from jobd.errors import (
     InsufficientRights,
@@ -205,6 +206,9 @@ class Instances:
                 workflow=workflow,
                 allowed=known,
             )
+        # Refused parameters are told before the instance row takes an id: ids are never reused, so a launch that
+        # was refused would otherwise leave a gap in them (the next instance is not the one the user expects).
+        check_parameters(workflow, definition.parameters, parameters)
         now = self.clock()
         summary = InstanceSummary(
             id=0,

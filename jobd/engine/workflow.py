@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -246,7 +246,7 @@ class Instance:
         """Start an instance of `definition`. Raises InvalidWorkflowParameters (evQueue's messages) or ConfigError
         (a retry_schedule that is not defined)."""
         root = safexml.parse(definition.source, f"workflow {definition.name}")
-        _fill_parameters(root, parameters)
+        _fill_parameters(root, definition.name, parameters)
         root.set("name", definition.name)
         if host:
             root.set("host", host)
@@ -967,20 +967,31 @@ def xml_safe_text(data: bytes | str) -> str:
     return text.translate(_XML_SAFE)
 
 
-def _fill_parameters(root: etree._Element, given: Mapping[str, str]) -> None:
+def check_parameters(workflow: str, declared: Sequence[str], given: Mapping[str, str]) -> None:
+    """A launch's parameters against those the workflow declares: InvalidWorkflowParameters with evQueue's message,
+    then what the workflow takes (as UNKNOWN_WORKFLOW's message names the workflows there are)."""
+    takes = f"; {workflow} takes: {', '.join(declared)}" if declared else f"; {workflow} takes no parameters"
+    for name in given:
+        if name not in declared:
+            message = f"Unknown parameter : {name}{takes}"
+            raise InvalidWorkflowParameters(message, parameter=name, expected=list(declared))
+    if len(given) != len(declared):
+        missing = [name for name in declared if name not in given]
+        raise InvalidWorkflowParameters(
+            f"Invalid number of parameters passed to workflow (passed {len(given)}, expected {len(declared)})"
+            f"{takes} (missing: {', '.join(missing)})",
+            expected=list(declared),
+        )
+
+
+def _fill_parameters(root: etree._Element, workflow: str, given: Mapping[str, str]) -> None:
     declared = {element.get("name", ""): element for element in root.iterfind("parameters/parameter")}
+    check_parameters(workflow, list(declared), given)
     for name, value in given.items():
-        element = declared.get(name)
-        if element is None:
-            raise InvalidWorkflowParameters(f"Unknown parameter : {name}", parameter=name, expected=list(declared))
+        element = declared[name]
         for child in list(element):
             element.remove(child)
         element.text = xml_safe_text(value)
-    if len(given) != len(declared):
-        raise InvalidWorkflowParameters(
-            f"Invalid number of parameters passed to workflow (passed {len(given)}, expected {len(declared)})",
-            expected=list(declared),
-        )
 
 
 def _drop(element: etree._Element, *names: str) -> None:
