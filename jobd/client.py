@@ -387,9 +387,20 @@ class Client:
         try:
             message = json.loads(frame)
         except ValueError as exc:
-            raise ProtocolError(f"invalid JSON from {self.path}: {exc}: {frame[:200]!r}") from None
+            if frame.lstrip().startswith(b"<"):
+                # jobd's evqueue_socket greets with <ready .../>: the socket next to the API one, easily taken for it
+                raise ProtocolError(
+                    f"{self.path} speaks XML (evQueue's protocol, as jobd's evqueue_socket does), not jobd's JSON-RPC: "
+                    f"jobctl needs jobd's API socket, its [daemon] socket; it sent {frame[:200]!r}"
+                ) from None
+            raise ProtocolError(
+                f"{self.path} sent something that is not JSON ({exc}): is it jobd's API socket? It sent {frame[:200]!r}"
+            ) from None
         if not isinstance(message, dict | list):
-            raise ProtocolError(f"unexpected JSON value from {self.path}: {frame[:200]!r}")
+            raise ProtocolError(
+                f"{self.path} sent a JSON value that is not a JSON-RPC message: is it jobd's API socket? It sent "
+                f"{frame[:200]!r}"
+            )
         return message
 
     def _read_frame(self, deadline: float | None) -> bytes:

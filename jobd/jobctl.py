@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import sys
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -1539,7 +1540,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, EncodeError) as exc:
         return fail(f"{exc}", EXIT_USAGE)
     except ConnectError as exc:
-        return fail(f"{exc}; {connect_hint(exc)}", EXIT_CANNOT_CONNECT)
+        return fail(describe_connect_error(exc), EXIT_CANNOT_CONNECT)
     except (ConnectionClosed, ProtocolError, NoReply) as exc:
         return fail(f"{exc}", EXIT_CANNOT_CONNECT)
     except RemoteError as exc:
@@ -1562,10 +1563,38 @@ def fail(message: str, code: int) -> int:
     return code
 
 
-def connect_hint(exc: ConnectError) -> str:
+# What a path that is not a socket is, for the message that says so (stat's file types).
+_FILE_KINDS = [
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+]
+MAX_SOCKET_PATH = 108  # bytes of sun_path: Linux takes a path that fills it, without a terminating NUL
+
+
+def describe_connect_error(exc: ConnectError) -> str:
+    """Why the socket could not be connected to, and what to do. Linux refuses a connect to a path that is not a
+    socket with ECONNREFUSED, as it does a socket nobody listens on: "is jobd running?" would then send the user
+    looking for a problem jobd does not have, so such a path is named for what it is."""
+    path = exc.path
+    where = "point --socket or JOBD_SOCKET at jobd's API socket (its [daemon] socket)"
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        return (
+            f"cannot connect to {path}: the path is {len(os.fsencode(path))} bytes long, and a Unix socket's may be "
+            f"{MAX_SOCKET_PATH} at most; {where}"
+        )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISSOCK(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a file of another kind")
+        return f"cannot connect to {path}: it is {kind}, not a socket; {where}"
     if isinstance(exc.cause, PermissionError):
-        return "is your user in jobd's group? (set --socket or JOBD_SOCKET)"
-    return "is jobd running? (set --socket or JOBD_SOCKET)"
+        return f"{exc}; is your user in jobd's group? (set --socket or JOBD_SOCKET)"
+    return f"{exc}; is jobd running? (set --socket or JOBD_SOCKET)"
 
 
 def tolerate_unencodable_output() -> None:

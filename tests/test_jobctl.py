@@ -815,6 +815,37 @@ def test_cannot_connect_exits_3(tmp_path: Path) -> None:
     assert str(dead) in result.err
 
 
+def test_a_path_that_is_not_a_socket_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """Linux answers a connect to a directory or a file with ECONNREFUSED, as for a socket nobody listens on; "is
+    jobd running?" sent the user looking for a stopped jobd when --socket or JOBD_SOCKET named the wrong path."""
+    a_file = tmp_path / "jobd.toml"
+    a_file.write_text("")
+    kinds = [(tmp_path, "a directory"), (a_file, "a regular file"), (Path("/dev/null"), "a character device")]
+    for path, kind in kinds:
+        for result in (run_jobctl("--socket", str(path), "status"), run_jobctl("ls", env={"JOBD_SOCKET": str(path)})):
+            assert result.code == 3, result
+            assert result.err == (
+                f"jobctl: cannot connect to {path}: it is {kind}, not a socket; point --socket or JOBD_SOCKET at "
+                "jobd's API socket (its [daemon] socket)\n"
+            ), result
+    too_long = "/tmp/" + "d" * 120 + "/jobd.sock"
+    result = run_jobctl("--socket", too_long, "status")
+    assert result.code == 3, result
+    assert f"the path is {len(too_long)} bytes long, and a Unix socket's may be 108 at most" in result.err, result
+
+
+def test_the_evqueue_socket_is_told_apart_from_the_api_socket(daemon: Any) -> None:
+    """jobd's evqueue_socket greets every connection in XML: jobctl pointed at it (README names both sockets) says
+    that it is an evQueue socket and which one it needs, not a JSON decoder's complaint."""
+    evqueue_socket = daemon.evqueue_socket
+    result = run_jobctl("--socket", str(evqueue_socket), "status")
+    assert result.code == 3, result
+    assert result.err.startswith(
+        f"jobctl: {evqueue_socket} speaks XML (evQueue's protocol, as jobd's evqueue_socket does), not jobd's "
+        "JSON-RPC: jobctl needs jobd's API socket, its [daemon] socket; it sent b'<ready "
+    ), result
+
+
 class NotJobd:
     """A JSON-RPC 2.0 server on a Unix socket that is not jobd: it answers every request with `result`, or never
     (SILENT), and each method named in `delays` only after that many seconds."""
