@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -732,22 +733,22 @@ def key_text(text: str) -> str:
     return text
 
 
-def seconds(text: str) -> float:
+def seconds(text: str, *, above_zero: bool = False) -> float:
+    """A number of seconds from 0 (above 0 with `above_zero`) to MAX_SECONDS; the message names that range."""
+    allowed = f"above 0 and up to {MAX_SECONDS}" if above_zero else f"from 0 to {MAX_SECONDS}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 <= value <= MAX_SECONDS:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to {MAX_SECONDS}, got {text!r}")
+        value = math.nan
+    low_ok = value > 0 if above_zero else value >= 0
+    if not (low_ok and value <= MAX_SECONDS):  # also refuses nan, for which every comparison is false
+        raise argparse.ArgumentTypeError(f"expected a number of seconds {allowed}, got {text!r}")
     return value
 
 
 def positive_seconds(text: str) -> float:
     """A time limit: 0 would allow no time at all, which jobd refuses."""
-    value = seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0 and up to {MAX_SECONDS}, got {text!r}")
-    return value
+    return seconds(text, above_zero=True)
 
 
 # -- talking to jobd ------------------------------------------------------------------------------------------

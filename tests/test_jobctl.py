@@ -263,6 +263,11 @@ def test_a_time_limit_of_zero_is_a_usage_error(daemon: Any) -> None:
     result = ctl(daemon, "run", "--timeout", "0", "--", "/bin/true")
     assert result.code == 2, result
     assert "expected a number of seconds above 0" in result.err, result.err
+    # Every refused time limit is told the same range: not "from 0", which 0 is refused by.
+    for value in ("-1", "1e20", "soon", "nan"):
+        result = ctl(daemon, "submit", "echo", "--timeout", value)
+        assert result.code == 2, result
+        assert f"expected a number of seconds above 0 and up to 3162240000, got '{value}'" in result.err, result
     assert job_count(daemon) == before
 
 
