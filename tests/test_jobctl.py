@@ -995,3 +995,13 @@ def test_json_mode_reports_daemon_errors_as_json(daemon: Any) -> None:
     assert result.stdout == ""
     error = json.loads(result.stderr)["error"]
     assert error["code"] == "UNKNOWN_JOB" and "999999" in error["message"]
+
+
+def test_log_json_prints_raw_bytes_and_reports_daemon_errors_as_json(daemon: Any) -> None:
+    """What man/jobctl.1 says of `log --json` (it used to say that log ignores --json)."""
+    job = daemon.wait(daemon.submit(command=["/bin/echo", "raw"])["id"])
+    result = ctl(daemon, "--json", "log", str(job["id"]))
+    assert (result.code, result.out, result.err) == (0, "raw\n", ""), result
+    result = ctl(daemon, "--json", "log", "999999")
+    assert result.code == 1 and result.out == "", result
+    assert json.loads(result.err)["error"]["code"] == "UNKNOWN_JOB", result
