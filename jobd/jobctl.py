@@ -443,6 +443,16 @@ def format_last_reload(reload: Any, now: dt.datetime) -> str:
     return f"{when}, ok" if reload.get("ok") else f"{when}, failed: {reload.get('error')}"
 
 
+def describe_stdin(stdin_file: str, params: dict[str, Any]) -> str:
+    """What a --stdin-file weighed, and what fits in a request: for a FRAME_TOO_LARGE about it."""
+    name = "- (jobctl's standard input)" if stdin_file == "-" else stdin_file
+    if "stdin_base64" in params:
+        size = len(base64.b64decode(params["stdin_base64"]))
+        return f"--stdin-file {name} is {size} bytes of binary input; it must stay below about 750 KiB"
+    size = len(str(params.get("stdin", "")).encode("utf-8"))
+    return f"--stdin-file {name} is {size} bytes of text; it must stay below about 1 MiB (750 KiB if binary)"
+
+
 def stdin_params(data: bytes) -> dict[str, str]:
     """`stdin` when the bytes are UTF-8 text (readable in job.get dumps), else `stdin_base64`."""
     try:
@@ -909,15 +919,23 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(session: Session, args: argparse.Namespace) -> int:
-    return submit_and_report(session, run_params(args), args.wait)
+    return submit_and_report(session, run_params(args), args.wait, args.stdin_file)
 
 
 def cmd_submit(session: Session, args: argparse.Namespace) -> int:
-    return submit_and_report(session, submit_params(args), args.wait)
+    return submit_and_report(session, submit_params(args), args.wait, args.stdin_file)
 
 
-def submit_and_report(session: Session, params: dict[str, Any], wait: bool) -> int:
-    job: Job = session.client.call("job.submit", params)
+def submit_and_report(session: Session, params: dict[str, Any], wait: bool, stdin_file: str | None = None) -> int:
+    try:
+        job: Job = session.client.call("job.submit", params)
+    except RemoteError as exc:
+        if exc.code == "FRAME_TOO_LARGE" and stdin_file is not None and not session.json:
+            # jobd only knows that the request line was too long; what made it so is the input jobctl read. (With
+            # --json the error stays as jobd sent it.)
+            message = f"{exc.message}: {describe_stdin(stdin_file, params)}"
+            raise RemoteError(exc.code, message, exc.data, exc.rpc_code) from None
+        raise
     if wait:
         if not session.json:
             print(describe_submitted(job, local_now()), flush=True)

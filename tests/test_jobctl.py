@@ -208,6 +208,28 @@ def test_run_with_stdin_file_feeds_the_job(daemon: Any, tmp_path: Path) -> None:
     assert daemon.output(submitted_id(result)) == "from jobctl's stdin\n"
 
 
+def test_a_stdin_file_too_large_for_a_request_is_named_with_its_size(daemon: Any, tmp_path: Path) -> None:
+    """jobd can only say that the request line was too long; jobctl says that the input made it so, and how much
+    fits."""
+    before = job_count(daemon)
+    text = tmp_path / "dump.sql"
+    text.write_bytes(b"a" * 1_200_000)
+    result = ctl(daemon, "run", "--stdin-file", str(text), "--", "/bin/cat")
+    assert result.code == 1, result
+    assert result.err == (
+        "jobctl: FRAME_TOO_LARGE: a request line is larger than 1048576 bytes: "
+        f"--stdin-file {text} is 1200000 bytes of text; it must stay below about 1 MiB (750 KiB if binary)\n"
+    ), result
+    result = ctl(daemon, "submit", "echo", "--stdin-file", "-", stdin=b"\xff" * 800_000)
+    assert result.code == 1, result
+    assert result.err.endswith(
+        ": --stdin-file - (jobctl's standard input) is 800000 bytes of binary input; it must stay below about 750 KiB\n"
+    ), result
+    as_json = ctl(daemon, "--json", "run", "--stdin-file", str(text), "--", "/bin/cat")
+    assert json.loads(as_json.err)["error"]["message"] == "a request line is larger than 1048576 bytes", as_json
+    assert job_count(daemon) == before
+
+
 def test_submit_a_task_with_args(daemon: Any) -> None:
     result = ctl(daemon, "submit", "echo", "hello", "world")
     assert result.code == 0, result
