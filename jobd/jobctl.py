@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import io
@@ -58,6 +59,7 @@ EXIT_JOB_CANCELLED = 125
 EXIT_SIGNAL_BASE = 128  # killed by signal N: 128+N, as shells report it
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_BROKEN_PIPE = 141  # stdout closed early (`jobctl log 4 | head`): what SIGPIPE would have made of us
+EXIT_OUTPUT_ERROR = 74  # stdout could not be written (a full disk, an I/O error): sysexits' EX_IOERR
 
 OUTPUT_CHUNK = 64 * 1024
 COLUMN_GAP = "  "
@@ -858,9 +860,11 @@ def stderr_width() -> int:
 
 
 def read_stdin_file(path: str) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read()
     try:
+        if path == "-":
+            if sys.stdin is None:  # jobctl was started with its standard input closed
+                raise UsageError("cannot read --stdin-file -: jobctl's standard input is closed")
+            return sys.stdin.buffer.read()
         with open(path, "rb") as handle:
             return handle.read()
     except OSError as exc:
@@ -1555,7 +1559,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{exc}", EXIT_USAGE)
     handler: Handler = args.handler
     try:
-        return handler(Session(client, args.json), args)
+        code = handler(Session(client, args.json), args)
+        if sys.stdout is not None:  # None when jobctl was started with stdout closed
+            sys.stdout.flush()  # here, so that a write error is reported below rather than at the interpreter's exit
+        return code
     except (UsageError, EncodeError) as exc:
         return fail(f"{exc}", EXIT_USAGE)
     except ConnectError as exc:
@@ -1565,7 +1572,7 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as exc:
         if args.json:  # scripts get the error as the daemon sent it: match on error.code, not on the text
             error = {"code": exc.code, "message": exc.message, "data": exc.data}
-            print(json.dumps({"error": error}, ensure_ascii=True), file=sys.stderr)
+            say(json.dumps({"error": error}, ensure_ascii=True))
             return EXIT_REMOTE_ERROR
         return fail(f"{exc.code}: {exc.message}", EXIT_REMOTE_ERROR)
     except KeyboardInterrupt:
@@ -1573,13 +1580,27 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         silence_stdout()
         return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        # The OSErrors of jobd's socket and of the files jobctl reads are turned into the exceptions above; what is
+        # left is writing the output: `jobctl log 5 > file` on a full disk, an I/O error.
+        silence_stdout()
+        return fail(f"cannot write to standard output: {exc.strerror or exc}", EXIT_OUTPUT_ERROR)
     finally:
         client.close()
 
 
 def fail(message: str, code: int) -> int:
-    print(f"jobctl: {message}", file=sys.stderr)
+    say(f"jobctl: {message}")
     return code
+
+
+def say(line: str) -> None:
+    """A line on stderr, where an error is told; if stderr cannot be written either (full, closed), the exit code
+    still tells."""
+    if sys.stderr is None:  # started with stderr closed: print(file=None) would write to stdout
+        return
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
 
 
 # What a path that is not a socket is, for the message that says so (stat's file types).

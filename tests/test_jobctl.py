@@ -873,6 +873,31 @@ def test_the_evqueue_socket_is_told_apart_from_the_api_socket(daemon: Any) -> No
     ), result
 
 
+def test_output_that_cannot_be_written_is_said_not_a_traceback(daemon: Any) -> None:
+    """`jobctl log 5 > file` on a full disk (/dev/full says ENOSPC to every write): one line on stderr and exit code
+    74 (EX_IOERR), not a Python traceback and exit code 1 (which says that jobd answered with an error)."""
+    job = daemon.wait(daemon.submit(command=["/bin/echo", "some output"])["id"])
+    for args in (("log", str(job["id"])), ("status", str(job["id"])), ("--json", "ls"), ("queues",)):
+        with open("/dev/full", "wb") as full:
+            process = subprocess.run(
+                jobctl_argv("--socket", str(daemon.socket_path), *args),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                env=environment(),
+                timeout=DEADLINE,
+            )
+        assert process.returncode == 74, (args, process)
+        assert process.stderr == b"jobctl: cannot write to standard output: No space left on device\n", (args, process)
+    # With stderr closed, an error is not written to stdout instead (print(file=None) writes to stdout).
+    process = subprocess.run(
+        ["/bin/sh", "-c", 'exec "$@" 2>&-', "sh", *jobctl_argv("--socket", str(daemon.socket_path), "status", "999")],
+        capture_output=True,
+        env=environment(),
+        timeout=DEADLINE,
+    )
+    assert (process.returncode, process.stdout) == (1, b""), process
+
+
 class NotJobd:
     """A JSON-RPC 2.0 server on a Unix socket that is not jobd: it answers every request with `result`, or never
     (SILENT), and each method named in `delays` only after that many seconds."""
