@@ -879,6 +879,98 @@ def test_audit_entries_wait_for_room_on_a_full_database_disk(
     assert "entries lost" not in daemon.log() and "Traceback" not in daemon.log()
 
 
+# A program that cannot be started and whose failed start takes far more room to record than its start: the start's
+# commit rewrites the job's row, which holds the command (~210 KB in the WAL); the failed start's rewrites that row
+# with the error, which names the program, and writes the attempt's row with that error again (~310 KB). Longer
+# than PATH_MAX, so that execve() refuses it at once.
+UNSTARTABLE = "/" + "n" * 100_000
+UNSTARTABLE_WHY = f"cannot start {UNSTARTABLE!r}: File name too long"
+
+
+def a_failed_start_waiting_for_room(daemon: Daemon, small_state_disk: Path) -> tuple[int, Path]:
+    """A job that could not start, on a disk with room to commit its start and not its failed start: its id, and the
+    filler file (unlink it to make room). `daemon` has the paused queues `held` and `later`."""
+    job_id: int = daemon.submit(command=[UNSTARTABLE, "argument"], queue="later")["id"]
+    filler = exhaust(daemon, small_state_disk)
+    os.truncate(filler, filler.stat().st_size - 360 * 1024)
+    daemon.call("queue.resume", {"name": "later"})  # a small write; then the start's, then the failed start's
+    wait_for_log(daemon, f"cannot record that job {job_id} could not start: database or disk is full")
+    return job_id, filler
+
+
+FAILED_START_QUEUES = """
+[queue.held]
+paused = true
+[queue.later]
+concurrency = 1
+paused = true
+"""
+
+
+def test_a_failed_start_on_a_full_database_disk_is_recorded_once_there_is_room(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # No test reached this path before. job.get then showed the job `running`, with nothing to say that no process
+    # ran, and once the failed start was recorded the job's finished_at was the moment there was room again.
+    daemon = jobd(FAILED_START_QUEUES)
+    assert daemon.state_dir == small_state_disk
+    job_id, filler = a_failed_start_waiting_for_room(daemon, small_state_disk)
+
+    # The record says `running` until the store takes the failed start: job.get says so too (job.wait waits, the
+    # job keeps its slot), and its error says that nothing runs, why, and that it is not recorded yet.
+    waiting = daemon.call("job.get", {"id": job_id})
+    assert waiting["state"] == "running", waiting["state"]
+    assert waiting["error"] == (
+        f"{UNSTARTABLE_WHY} (not recorded yet: database or disk is full; jobd tries again every 2s)"
+    ), str(waiting["error"])[-200:]
+    assert [(t["outcome"], t["pid"]) for t in waiting["tries"]] == [(None, None)]
+    assert daemon.call("daemon.status")["store_trouble"] == (
+        f"cannot record that job {job_id} could not start: database or disk is full"
+    )
+    _refused_for_a_full_disk(daemon, "job.cancel", {"id": job_id})  # nothing to stop, and its end is not recorded
+
+    filler.unlink()  # room again: the next try records it, without a restart
+    job = daemon.wait(job_id)
+    assert (job["state"], job["attempts"], job["error"] == UNSTARTABLE_WHY) == ("failed", 1, True), str(job["error"])[
+        -200:
+    ]
+    [attempt] = tries(daemon, job_id)
+    assert (attempt["outcome"], attempt["pid"], attempt["error"] == UNSTARTABLE_WHY) == ("spawn_error", None, True)
+    assert job["finished_at"] == attempt["finished_at"] == attempt["started_at"]  # when it failed, not when recorded
+    after = daemon.submit(command=["/bin/echo", "after"], queue="later")["id"]  # its slot is free again
+    assert daemon.wait(after)["state"] == "succeeded" and daemon.output(after) == "after\n"
+    log = daemon.log()
+    assert log.count(f"job={job_id} cannot start:") == 1 and log.count(f"job={job_id} failed (attempt 1") == 1
+    assert "Traceback" not in log
+
+    recorded = daemon.call("job.get", {"id": job_id})
+    assert recorded == {**job, "tries": [attempt]}
+    terminate(daemon)
+    start(daemon)
+    assert daemon.call("job.get", {"id": job_id}) == recorded  # as the database holds it: nothing else happens
+    assert [j["id"] for j in daemon.call("job.list", {"queue": "later"})["jobs"]] == [after, job_id]
+
+
+def test_a_stop_waits_for_a_failed_start_to_be_recorded(jobd: Callable[..., Daemon], small_state_disk: Path) -> None:
+    # Before, jobd stopped at once and left the job `running` on record: the next start took its attempt for one
+    # that was running when jobd died, and the job failed as `lost` ("jobd stopped while the attempt ran").
+    daemon = jobd(FAILED_START_QUEUES)
+    job_id, filler = a_failed_start_waiting_for_room(daemon, small_state_disk)
+    pump = pump_of(daemon)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    pump.wait_for("STOPPING=1")
+    filler.unlink()  # jobd waits for room, as for a job's end, and stops once the failed start is recorded
+    assert daemon.process.wait(30) == 0, daemon.log()[-2000:]
+    pump.stop()
+    daemon.stop()
+
+    start(daemon)
+    job = daemon.call("job.get", {"id": job_id})
+    assert (job["state"], job["error"] == UNSTARTABLE_WHY) == ("failed", True), str(job["error"])[-200:]
+    assert [t["outcome"] for t in job["tries"]] == ["spawn_error"]
+
+
 def test_an_instance_cancelled_on_a_full_database_disk_ends_and_its_task_job_goes(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:

@@ -168,6 +168,9 @@ class Engine:
         self.jobs: dict[int, Job] = {}  # every unfinished job
         self.queues: dict[str, QueueRuntime] = {}
         self._running: dict[int, _Running] = {}
+        # Jobs whose process could not be started and whose failed start the store has not taken yet (a full disk):
+        # each keeps its slot, and a stop waits for its record as it does for a job's end (see _not_started).
+        self._failed_starts: dict[int, asyncio.Future[None]] = {}
         self._delay_timers: dict[int, asyncio.TimerHandle] = {}
         # Waiters by job, each a dict used as an ordered set: one that gives up (a timeout, a client gone) leaves
         # in O(1), however many wait on the same job.
@@ -454,9 +457,18 @@ class Engine:
             self.store.finish_attempt(ended, attempt)
         except Exception as error:  # the child-supervision boundary: the failed start is kept, and recorded later
             self._store_failed(f"cannot record that job {job.id} could not start", error)
+            if job.id not in self._failed_starts:
+                self._failed_starts[job.id] = self.loop.create_future()
+                # The record still says `running` (and a restart would find it so): the job stays so until the
+                # store takes its end, like a job whose end waits. Nothing runs, though: its error says so, and why.
+                note = f"{attempt.error} (not recorded yet: {error}; jobd tries again every {STORE_RETRY_SECONDS:g}s)"
+                self.jobs[job.id] = dataclasses.replace(job, error=note)
             self.loop.call_later(STORE_RETRY_SECONDS, lambda: self._not_started(job, attempt, transient=transient))
             return
         self._store_works()
+        recorded = self._failed_starts.pop(job.id, None)
+        if recorded is not None:
+            recorded.set_result(None)
         self.queues[job.spec.queue].running.discard(job.id)
         self._settled(ended, attempt)
         if not transient:
@@ -622,11 +634,14 @@ class Engine:
             shutting_down=self.stopping,
             jobd_short_of_resources=jobd_short_of_resources,
         )
+        # A job ends when its last attempt did, not when that end could be committed: a full disk may hold the
+        # commit for hours (_end_attempt, _not_started try again).
+        ended_at = attempt.finished_at if attempt.finished_at is not None else now
         return transition(
             job,
             step.state,
             run_at=step.run_at,
-            finished_at=now if step.state.finished else None,
+            finished_at=ended_at if step.state.finished else None,
             exit_code=attempt.exit_code,
             signal=attempt.signal,
             error=step.error,
@@ -957,7 +972,10 @@ class Engine:
                 continue
             log.info("job=%d stopping for shutdown", job_id)
             self._stop(job_id)
-        # A job stopped by shutdown goes back to `queued`, not to a final state: wait for its attempt to end.
+        # A job stopped by shutdown goes back to `queued`, not to a final state: wait for its attempt to end. A
+        # failed start the store has not taken yet is waited for too: left `running` on record, the next start would
+        # call it lost (jobd stopped while it ran), not say why it never started.
+        ended.extend(self._failed_starts.values())
         await asyncio.gather(*ended)
         # Whoever still waits for a job to finish (job.wait, over any protocol) hears of the stop now, rather than
         # waiting on until its connection is cut.
