@@ -971,29 +971,54 @@ def test_a_stop_waits_for_a_failed_start_to_be_recorded(jobd: Callable[..., Daem
     assert [t["outcome"] for t in job["tries"]] == ["spawn_error"]
 
 
+PARKED = (
+    '<workflow><subjobs><job name="one"><tasks><task name="t" path="/bin/true" '
+    'queue="held"/></tasks></job></subjobs></workflow>'
+)
+
+
+def a_parked_instance(daemon: Daemon) -> tuple[int, int]:
+    """An instance whose one task's job waits in the paused queue `held`: the instance's id and that job's."""
+    daemon.write_workflows(parked=PARKED)
+    daemon.call("daemon.reload")
+    instance: int = daemon.call("instance.launch", {"workflow": "parked"})["id"]
+    [task_job] = daemon.call("job.list", {"queue": "held"})["jobs"]
+    return instance, task_job["id"]
+
+
 def test_an_instance_cancelled_on_a_full_database_disk_ends_and_its_task_job_goes(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:
     # Before, the cancel answered STORE_FAILED after forgetting the instance (it stayed EXECUTING in the
-    # database), and its task's job, whose cancel failed in the background, stayed queued and later ran.
+    # database), and its task's job, whose cancel failed in the background, stayed queued and later ran. Then it
+    # was answered OK, though not saved: a stop or a crash before there was room forgot it, unknown to the client.
+    # Now the client is told, by STORE_FAILED, that the cancel is in effect and not saved yet.
     daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
-    daemon.write_workflows(
-        parked='<workflow><subjobs><job name="one"><tasks><task name="t" path="/bin/true" '
-        'queue="held"/></tasks></job></subjobs></workflow>'
-    )
-    daemon.call("daemon.reload")
-    instance = daemon.call("instance.launch", {"workflow": "parked"})["id"]
-    [task_job] = daemon.call("job.list", {"queue": "held"})["jobs"]
+    instance, task_job = a_parked_instance(daemon)
     filler = exhaust(daemon, small_state_disk)
 
-    cancelled = daemon.call("instance.cancel", {"id": instance})
-    assert cancelled["status"] == "TERMINATED", cancelled
-    assert daemon.call("instance.get", {"id": instance})["status"] == "TERMINATED"
-    assert daemon.call("job.get", {"id": task_job["id"]})["state"] == "queued"  # its cancel waits for room
+    refused = _refused_for_a_full_disk(daemon, "instance.cancel", {"id": instance})
+    assert (refused.data["id"], refused.data["in_effect"]) == (instance, True), refused.data
+    assert refused.message.startswith(
+        f"instance {instance} is cancelled, but jobd could not save that (database or disk is full). The cancel is "
+        "in effect"
+    ), refused.message
+    assert "a cancel asked again answers OK once it is" in refused.message
+    assert "Should jobd stop or crash before then, its next start resumes the instance" in refused.message
+    assert daemon.call("instance.get", {"id": instance})["status"] == "TERMINATED"  # in effect
+    assert daemon.call("job.get", {"id": task_job})["state"] == "queued"  # its cancel waits for room
+    _refused_for_a_full_disk(daemon, "instance.cancel", {"id": instance})  # asked again: still not saved
+    over_evqueue = evqueue_exchange(daemon, f'<instance action="cancel" id="{instance}" />'.encode())
+    assert (over_evqueue.get("status"), over_evqueue.get("error-code")) == ("KO", "STORE_FAILED")
+    assert "is cancelled, but jobd could not save that" in over_evqueue.get("error", "")
 
     filler.unlink()
-    assert daemon.wait(task_job["id"])["state"] == "cancelled"
+    assert daemon.wait(task_job)["state"] == "cancelled"
     wait_for_log(daemon, "workflow instances are saved again")
+    assert daemon.call("instance.cancel", {"id": instance})["status"] == "TERMINATED"  # saved now: OK
+    with pytest.raises(RemoteError) as again:  # and as for any ended instance from then on
+        daemon.call("instance.cancel", {"id": instance})
+    assert again.value.code == "INVALID_PARAMS" and "has already ended (TERMINATED)" in again.value.message
     daemon.call("queue.resume", {"name": "held"})  # the jobs exhaust() left run; the task's does not
     log = daemon.log()
     assert "workflow instances cannot be saved: database or disk is full" in log
@@ -1001,7 +1026,25 @@ def test_an_instance_cancelled_on_a_full_database_disk_ends_and_its_task_job_goe
     terminate(daemon)
     start(daemon)
     assert daemon.call("instance.get", {"id": instance})["status"] == "TERMINATED"  # saved once there was room
-    assert daemon.call("job.get", {"id": task_job["id"]})["state"] == "cancelled"
+    assert daemon.call("job.get", {"id": task_job})["state"] == "cancelled"
+
+
+def test_a_cancel_not_saved_for_want_of_room_is_lost_to_a_crash_as_its_answer_said(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # What the STORE_FAILED answer of the test above warns of: the instance resumes as it was last saved.
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    instance, task_job = a_parked_instance(daemon)
+    filler = exhaust(daemon, small_state_disk)
+    refused = _refused_for_a_full_disk(daemon, "instance.cancel", {"id": instance})
+    assert refused.data["in_effect"] is True
+    kill9(daemon)
+    filler.unlink()
+    start(daemon)
+    assert daemon.call("instance.get", {"id": instance})["status"] == "EXECUTING"
+    assert daemon.call("job.get", {"id": task_job})["state"] == "queued"
+    assert daemon.call("instance.cancel", {"id": instance})["status"] == "TERMINATED"  # with room, as usual
+    assert daemon.wait(task_job)["state"] == "cancelled"
 
 
 def test_a_cancel_under_way_when_jobd_dies_is_carried_out_after_the_restart(

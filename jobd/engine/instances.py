@@ -178,6 +178,12 @@ class Instances:
         self._save_when = 0.0  # 0: at the end of this pass of the loop
         self._save_retry: asyncio.TimerHandle | None = None  # while the store refuses writes (a full disk)
         self._save_failing = False
+        self._save_trouble = ""  # why the last save failed, while saves fail
+        # Instances cancelled whose document has not been saved since (a full disk): a crash would forget the cancel.
+        self._cancels_unsaved: set[int] = set()
+        # Instances whose cancel was answered STORE_FAILED: a cancel asked again answers OK once the first is saved,
+        # even if the instance has ended meanwhile (rather than INVALID_PARAMS, "already ended").
+        self._cancels_refused: set[int] = set()
         # Instances that have ended and whose end could not be saved yet: what they are, until it is.
         self._ended_unsaved: dict[int, tuple[InstanceSummary, bytes]] = {}
         self._listeners: dict[Callable[[InstanceEvent], None], None] = {}
@@ -369,15 +375,33 @@ class Instances:
     # -- commands --------------------------------------------------------------------------------------------
 
     def cancel(self, instance_id: int) -> InstanceSummary:
+        """Cancel an instance, and answer once the cancel is saved. Should the save fail (a full disk), the cancel
+        stays in effect and is saved as soon as the store takes writes, but StoreFailed tells the client that a stop
+        or a crash before then would forget it."""
         live = self._live.get(instance_id)
-        if live is None:
+        if live is not None:
+            if not live.machine.cancelling:
+                log.info("instance=%d cancel requested", instance_id)
+                self._cancels_unsaved.add(instance_id)  # before _apply: the instance may end, and be saved, there
+            self._apply(live, live.machine.cancel(self.clock()))
+        elif instance_id not in self._cancels_refused:
             summary = self.summary(instance_id)  # raises for an unknown id
             raise InvalidParams(f"instance {instance_id} has already ended ({summary.status})", id=instance_id)
-        log.info("instance=%d cancel requested", instance_id)
-        self._apply(live, live.machine.cancel(self.clock()))
         # Saved now, before its queued jobs are cancelled (that happens from the next pass on): a crash in between
         # must not find those jobs cancelled and the document not cancelling, which runs the tasks again.
         self._save_changed(only=instance_id)
+        if instance_id in self._cancels_unsaved:
+            self._cancels_refused.add(instance_id)
+            raise StoreFailed(
+                f"instance {instance_id} is cancelled, but jobd could not save that ({self._save_trouble}). The cancel "
+                "is in effect: nothing more of it is queued, and the jobs of its queued tasks are cancelled as soon as "
+                f"the store takes writes. It is saved then too (jobd tries every {RETRY:g}s), and a cancel asked again "
+                "answers OK once it is. Should jobd stop or crash before then, its next start resumes the instance "
+                "as it was last saved, not cancelled",
+                id=instance_id,
+                in_effect=True,
+            )
+        self._cancels_refused.discard(instance_id)
         return self.summary(instance_id)
 
     def kill_task(self, instance_id: int, pid: int) -> None:
@@ -398,6 +422,7 @@ class Instances:
             raise InvalidParams(f"instance {instance_id} is still executing; only ended instances can be deleted")
         self._stored(instance_id)
         self.store.delete_instance(instance_id)
+        self._cancels_refused.discard(instance_id)
 
     # -- applying the machine's decisions --------------------------------------------------------------------
 
@@ -646,6 +671,7 @@ class Instances:
                 )
                 del self._ended_unsaved[instance_id]
                 self._unsaved.discard(instance_id)
+                self._cancels_unsaved.discard(instance_id)
                 self._saved_ends(instance_id)
             for instance_id in sorted(self._unsaved) if only is None else [only]:
                 live = self._live.get(instance_id)
@@ -661,6 +687,7 @@ class Instances:
                     saved = loop.time()
                     live.save_after = saved + (saved - started) * SAVE_SPACING
                     live.saved_with_errors = machine.errors > 0
+                    self._cancels_unsaved.discard(instance_id)
                     self._saved_ends(instance_id)
                 self._unsaved.discard(instance_id)
         except Exception as error:
@@ -671,6 +698,7 @@ class Instances:
             if not self._save_failing:
                 log.error("workflow instances cannot be saved: %s; trying again every %gs", error, RETRY)
                 self._save_failing = True
+            self._save_trouble = str(error)
             if self._save_retry is None:
                 self._save_retry = asyncio.get_running_loop().call_later(RETRY, self._save_again)
             return
