@@ -24,6 +24,7 @@ from jobd.engine.workflow import (
     InstanceFinished,
     InstanceStatus,
     NodeStatus,
+    OutputCut,
     RetryLater,
     RunTask,
     TaskResult,
@@ -889,6 +890,24 @@ def test_xml_output_is_imported_and_invalid_xml_aborts() -> None:
     [end] = finish(instance, failed.evqid, TaskResult.exited(2, stdout=b"<r>"))
     assert task_of(instance, failed.evqid).find("output").get("method") == "text"  # type: ignore[union-attr]
     assert end == InstanceFinished(InstanceStatus.TERMINATED, 2)
+
+
+def test_an_xml_output_not_kept_whole_is_refused_naming_why_even_if_what_is_kept_parses() -> None:
+    instance, actions = launch(
+        workflow(job("a", task("/bin/a", output_method="XML")) + job("b", task("/bin/b", output_method="XML")))
+    )
+    cut_by_disk, cut_by_limit = runs(actions)
+    # What follows the root element is lost: later tasks would read less than the program printed.
+    finish(instance, cut_by_disk.evqid, TaskResult.exited(0, stdout=b"<r/>", stdout_cut=OutputCut.UNWRITTEN))
+    element = task_of(instance, cut_by_disk.evqid)
+    assert (element.get("status"), element.get("error")) == (
+        "ABORTED",
+        "Invalid XML returned (its output was cut at 4 bytes: jobd could not write the rest, its disk was full)",
+    )
+    finish(instance, cut_by_limit.evqid, TaskResult.exited(0, stdout=b"<r>", stdout_cut=OutputCut.MAX_OUTPUT))
+    assert task_of(instance, cut_by_limit.evqid).get("error") == (
+        "Invalid XML returned (its output was cut at 3 bytes: raise its max_output)"
+    )
 
 
 def test_doctype_in_xml_output_is_refused() -> None:

@@ -311,6 +311,53 @@ def test_an_xml_output_is_read_whole_up_to_what_a_document_keeps(
         assert show is not None and show.findtext("output") == f"{lines}\n", etree.tostring(show)
 
 
+def _listing_cut_short(daemon: Daemon, tmp_path: Path) -> tuple[etree._Element, dict[str, Any]]:
+    """Run a workflow whose one task prints a valid XML document of 300 KB, with output-method="XML": its <task>
+    element once the instance has ended, and the try of the task's job."""
+    script = tmp_path / "list.sh"
+    script.write_text('#!/bin/sh\necho "<files>"\nseq 20000 | sed \'s/.*/<file name="f&"\\/>/\'\necho "</files>"\n')
+    script.chmod(0o755)
+    daemon.write_workflows(
+        listing=f'<workflow><subjobs><job name="one"><tasks><task name="list" path="{script}" '
+        'queue="default" output-method="XML"/></tasks></job></subjobs></workflow>'
+    )
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "listing"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 60})
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1), done
+    listing = _document(daemon, launched["id"]).find(".//task[@name='list']")
+    assert listing is not None and listing.get("status") == "ABORTED", etree.tostring(listing)[:500]
+    [job] = daemon.call("job.list", {"context": f"instance:{launched['id']}"})["jobs"]
+    assert (job["state"], job["exit_code"]) == ("succeeded", 0)  # the task ran well; its output is not whole
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is True
+    return listing, attempt
+
+
+def test_an_xml_output_cut_short_by_a_full_output_disk_says_so(
+    make_daemon: Any, full_output_disk: Path, tmp_path: Path
+) -> None:
+    """Before, the task was only "Invalid XML returned", as if the program had printed bad XML: nothing said that
+    jobd had lost the end of a valid document for want of disk space."""
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 1\n", start=False)
+    assert daemon.state_dir / "output" == full_output_disk
+    listing, attempt = _listing_cut_short(daemon, tmp_path)
+    kept = attempt["stdout_bytes"]
+    assert 0 < kept <= 64 * 1024, attempt
+    assert listing.get("error") == (
+        f"Invalid XML returned (its output was cut at {kept} bytes: jobd could not write the rest, its disk was full)"
+    )
+    assert "No space left on device" in daemon.log()
+
+
+def test_an_xml_output_cut_at_max_output_says_so(make_daemon: Any, tmp_path: Path) -> None:
+    """This worked, untested: the cause named is the task's max_output ([daemon] max_output here)."""
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 1\n", start=False, daemon_extra="max_output = 1000")
+    listing, attempt = _listing_cut_short(daemon, tmp_path)
+    assert attempt["stdout_bytes"] == 1000
+    assert listing.get("error") == "Invalid XML returned (its output was cut at 1000 bytes: raise its max_output)"
+
+
 def test_instance_list_filters_by_workflow_and_errors(wf: Daemon) -> None:
     ok = wf.call("instance.launch", {"workflow": "trivial"})
     wf.call("instance.wait", {"id": ok["id"], "timeout": 30})

@@ -35,6 +35,7 @@ from jobd.engine.workflow import (
     InstanceFinished,
     InstanceStatus,
     NodeStatus,
+    OutputCut,
     RetryLater,
     RunTask,
     TaskResult,
@@ -746,9 +747,12 @@ class Instances:
         # of; one a restart replays, it did not).
         self.engine.history.hold(job.id)
         self._ends_unsaved.setdefault(instance_id, []).append(job.id)
-        self._apply(live, live.machine.task_ended(evqid, self._result(job), self.clock()))
+        result = self._result(job, parsed=live.machine.parses_output(evqid))
+        self._apply(live, live.machine.task_ended(evqid, result, self.clock()))
 
-    def _result(self, job: Job) -> TaskResult:
+    def _result(self, job: Job, *, parsed: bool) -> TaskResult:
+        """How the job of a task ended; with `parsed` (its stdout is XML to parse), also whether that stdout is
+        whole, from the job's record."""
         streams: dict[str, Any] = {
             # An XML output is parsed from up to MAX_DOCUMENT_XML bytes (one more tells a larger one); the document
             # keeps at most MAX_DOCUMENT_TEXT bytes of each stream as text.
@@ -758,7 +762,7 @@ class Instances:
             "started_at": job.started_at,
             "ended_at": job.finished_at,
         }
-        streams["stdout_cut"] = len(streams["stdout"]) >= job.spec.max_output and self._stdout_cut(job)
+        streams["stdout_cut"] = self._stdout_cut(job) if parsed else None
         if job.exit_code is not None:
             return TaskResult.exited(job.exit_code, **streams)
         if job.signal is not None:
@@ -768,10 +772,13 @@ class Instances:
         streams["stderr"] += why
         return TaskResult.lost(**streams)
 
-    def _stdout_cut(self, job: Job) -> bool:
-        """Whether the last attempt's stdout was cut (its max_output, or a full disk), as its record says."""
+    def _stdout_cut(self, job: Job) -> OutputCut | None:
+        """Why the last attempt's stdout was cut, as its record says; None if it was not."""
         attempts = self.store.attempts(job.id)
-        return bool(attempts) and "stdout" in (attempts[-1].cut_streams or ())
+        if not attempts or "stdout" not in (attempts[-1].cut_streams or ()):
+            return None
+        # Bytes are dropped for max_output only once that much is kept: fewer kept means a write failed first.
+        return OutputCut.MAX_OUTPUT if attempts[-1].stdout_bytes >= job.spec.max_output else OutputCut.UNWRITTEN
 
     def _read_stream(self, job: Job, stream: str, most: int) -> bytes:
         """The stream of the job's last attempt: at most `most` bytes and one more (a longer one is cut later)."""

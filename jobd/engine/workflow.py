@@ -83,6 +83,13 @@ class InstanceStatus(StrEnum):
     TERMINATED = "TERMINATED"
 
 
+class OutputCut(StrEnum):
+    """Why a task's stdout is not whole, as its job's record tells."""
+
+    MAX_OUTPUT = "max_output"  # it went beyond the job's max_output: jobd kept that much and dropped the rest
+    UNWRITTEN = "unwritten"  # jobd could not write it all (its output disk was full): what came after was dropped
+
+
 class NodeStatus(StrEnum):
     """The `status` attribute of a <task> (all of them) or a <job> (SKIPPED, ABORTED, WAITING)."""
 
@@ -109,7 +116,7 @@ class TaskResult:
     stdout: bytes = b""
     stderr: bytes = b""
     log: str = ""  # the fd 3 lines that were not progress, joined with their newlines
-    stdout_cut: bool = False  # the job's stdout went beyond its max_output: what is kept is not all of it
+    stdout_cut: OutputCut | None = None  # why what is kept of the job's stdout is not all of it, if it is not
     started_at: float | None = None
     ended_at: float | None = None
     signal: int | None = None
@@ -416,6 +423,12 @@ class Instance:
         task = self.task(evqid)
         if task is not None and task.get("status") in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
             task.set("progression", str(min(100, max(0, percent))))
+
+    def parses_output(self, evqid: int) -> bool:
+        """Whether the task's stdout is parsed as XML should it succeed (output-method="XML"): only then does its
+        TaskResult need `stdout_cut`."""
+        task = self.task(evqid)
+        return task is not None and task.get("output-method") == "XML"
 
     def task_ended(self, evqid: int, result: TaskResult, now: float) -> list[Action]:
         task = self.task(evqid)
@@ -765,8 +778,13 @@ class Instance:
         why = ""
         if len(result.stdout) > MAX_DOCUMENT_XML:
             why = f" (more than the {MAX_DOCUMENT_XML} bytes of XML an instance document keeps of an output)"
-        elif result.stdout_cut:
+        elif result.stdout_cut is OutputCut.MAX_OUTPUT:
             why = f" (its output was cut at {len(result.stdout)} bytes: raise its max_output)"
+        elif result.stdout_cut is OutputCut.UNWRITTEN:
+            # Said whether or not what was kept parses: what followed it is gone, and later tasks would read less.
+            why = (
+                f" (its output was cut at {len(result.stdout)} bytes: jobd could not write the rest, its disk was full)"
+            )
         try:
             if why:
                 raise InvalidXml(why)
