@@ -634,14 +634,11 @@ class Engine:
             shutting_down=self.stopping,
             jobd_short_of_resources=jobd_short_of_resources,
         )
-        # A job ends when its last attempt did, not when that end could be committed: a full disk may hold the
-        # commit for hours (_end_attempt, _not_started try again).
-        ended_at = attempt.finished_at if attempt.finished_at is not None else now
         return transition(
             job,
             step.state,
             run_at=step.run_at,
-            finished_at=ended_at if step.state.finished else None,
+            finished_at=now if step.state.finished else None,
             exit_code=attempt.exit_code,
             signal=attempt.signal,
             error=step.error,
