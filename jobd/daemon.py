@@ -473,12 +473,18 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
         log.error("not starting: %s", activation_error)
         return EXIT_CONFIG
     dirs = [args.config_dir] if args.config_dir else list(config.DEFAULT_SEARCH_PATH)
+    # Missing search directories are normal; one named on the command line is a typo more likely than not, and
+    # starting from the defaults would take the system's socket and state directory (/run/jobd, /var/lib/jobd).
     if args.config_dir and os.path.lexists(args.config_dir) and not os.path.isdir(args.config_dir):
         log.error("--config-dir %s is not a directory", args.config_dir)
         return EXIT_CONFIG
     if args.config_dir and not os.path.isdir(args.config_dir):
-        # Missing search directories are normal; one named on the command line is more likely a typo.
-        log.warning("--config-dir %s is not a directory: starting from the defaults", args.config_dir)
+        log.error(
+            "--config-dir %s does not exist: name the directory that holds jobd.toml (an empty one runs jobd with "
+            "the defaults)",
+            args.config_dir,
+        )
+        return EXIT_CONFIG
     try:
         initial = config.load(dirs)
     except ConfigError as error:

@@ -1249,21 +1249,25 @@ def test_docs_describe_every_schedule_key() -> None:
     assert [key for key in config.SCHEDULE_KEYS if f"`{key}`" not in text] == []
 
 
-def test_check_config_warns_of_a_config_dir_that_is_not_there(tmp_path: Path) -> None:
+@pytest.mark.parametrize("check_only", [True, False])
+def test_a_config_dir_that_is_not_there_is_refused(tmp_path: Path, check_only: bool) -> None:
+    """A typo: jobd started from the defaults, on the system's socket and state directory."""
     missing = tmp_path / "etc-jobd-typo"
     checked = subprocess.run(
-        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(missing), "--check-config"],
+        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(missing), *(["--check-config"] * check_only)],
         capture_output=True,
         text=True,
         check=False,
+        timeout=60,
     )
-    assert checked.returncode == 0 and "(no files, defaults)" in checked.stdout
-    assert f"--config-dir {missing} is not a directory" in checked.stderr, checked.stderr
+    assert checked.returncode == 78 and checked.stdout == "", checked
+    assert f"--config-dir {missing} does not exist: name the directory that holds jobd.toml" in checked.stderr
+    assert not missing.exists()
 
 
 def test_a_config_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
-    """Unlike a missing one (a search directory may be missing), a file where the directory should be cannot be
-    meant: one error, exit code 78, and no start from the defaults."""
+    """A file where the directory should be cannot be meant either: one error, exit code 78, and no start from the
+    defaults."""
     a_file = write(tmp_path / "jobd.toml", "[queue.a]\n")
     checked = subprocess.run(
         [sys.executable, "-m", "jobd.daemon", "--config-dir", str(a_file), "--check-config"],
