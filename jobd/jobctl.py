@@ -895,7 +895,12 @@ def run_params(args: argparse.Namespace) -> dict[str, Any]:
     working_dir = args.cwd if args.cwd is not None else current_dir()
     if working_dir is not None:
         # Relative to jobctl's directory, not the daemon's.
-        params["working_dir"] = os.path.abspath(working_dir)
+        try:
+            params["working_dir"] = os.path.abspath(working_dir)
+        except OSError as exc:  # a relative --cwd in a directory removed under jobctl: not an output error (74)
+            raise UsageError(
+                f"--cwd {working_dir}: relative to jobctl's current directory, which is gone ({exc.strerror})"
+            ) from None
     if args.retry is not None:
         params["retry"] = RetryPolicy(times=args.retry).to_json()
     return params
@@ -1646,6 +1651,8 @@ def tolerate_unencodable_output() -> None:
 
 def silence_stdout() -> None:
     # The reader is gone; point stdout at /dev/null so the interpreter's final flush does not complain.
+    if sys.stdout is None:  # started with stdout closed: nothing to silence
+        return
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -1052,3 +1052,23 @@ def test_log_json_prints_raw_bytes_and_reports_daemon_errors_as_json(daemon: Any
     result = ctl(daemon, "--json", "log", "999999")
     assert result.code == 1 and result.out == "", result
     assert json.loads(result.err)["error"]["code"] == "UNKNOWN_JOB", result
+
+
+def test_a_relative_cwd_in_a_removed_directory_is_a_usage_error_not_an_output_error(tmp_path: Path) -> None:
+    """main()'s `except OSError` is for writing the output (exit 74): an OSError from elsewhere, here os.getcwd()
+    under `--cwd sub` in a directory removed under jobctl, said "cannot write to standard output: No such file or
+    directory"."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = 'cd "$1" && rmdir "$1" && shift && exec "$@"'
+    argv = jobctl_argv("--socket", str(tmp_path / "no.sock"), "run", "--cwd", "sub", "--", "/bin/true")
+    process = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", str(gone), *argv],
+        capture_output=True,
+        env=environment(),
+        timeout=DEADLINE,
+    )
+    assert process.returncode == 2, process
+    assert process.stderr == (
+        b"jobctl: --cwd sub: relative to jobctl's current directory, which is gone (No such file or directory)\n"
+    ), process
