@@ -161,11 +161,13 @@ class Daemon:
         passed: dict[str, socket.socket] | None = None,
         watchdog: float | None = None,
         early_signals: Sequence[int] = (),
+        config_dir: str | None = None,
     ) -> None:
         """`passed`: the sockets systemd handed over, by name (jobd.activation); `watchdog`: the interval within
         which systemd wants WATCHDOG=1, or None; `early_signals`: SIGTERM, SIGINT or SIGHUP received while
-        starting, before the event loop handled them (see main)."""
+        starting, before the event loop handled them (see main); `config_dir`: the --config-dir given, if any."""
         self.dirs = list(dirs)
+        self.config_dir = config_dir
         self.passed = dict(passed or {})
         self.watchdog = watchdog
         self._watchdog_timer: asyncio.TimerHandle | None = None
@@ -384,6 +386,12 @@ class Daemon:
             raise ShuttingDown("jobd is stopping: the configuration is read again at the next start")
         self.notifier.notify("RELOADING=1")
         try:
+            if self.config_dir is not None and not os.path.isdir(self.config_dir):
+                # As at start-up: a --config-dir that is gone (moved, deleted, replaced by two renames) must not
+                # turn into the defaults, which would close every queue and forget every task, workflow, schedule.
+                raise ConfigError(
+                    f"--config-dir {self.config_dir} is no longer a directory: the running configuration stays"
+                )
             new = config.load(self.dirs)
         except ConfigError as error:
             self._reload_failed(error.message)
@@ -495,7 +503,7 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
         return 0
 
     async def run() -> None:
-        await Daemon(dirs, initial, passed, watchdog, early_signals).run()
+        await Daemon(dirs, initial, passed, watchdog, early_signals, config_dir=args.config_dir or None).run()
 
     try:
         asyncio.run(run())

@@ -458,3 +458,27 @@ def test_a_change_that_needs_a_restart_is_told_against_what_runs(jobd: Callable[
     assert daemon.log().count(told) == 2  # still not applied
     reloaded_by_the_watcher(TASKS)
     assert daemon.log().count(told) == 2 and "[tcp] listen changed" not in daemon.log().split(told)[-1]
+
+
+def test_a_config_dir_gone_at_a_reload_keeps_the_running_configuration(jobd: Callable[..., Daemon]) -> None:
+    """jobd --config-dir DIR refuses to start when DIR is not there (a typo would run the defaults); a reload once
+    DIR is gone (moved away, or between the two renames that swap it for a new one) read the defaults: every queue
+    closed, every task, workflow and schedule forgotten. The inotify watcher did that on its own."""
+    daemon = jobd("[queue.photo]\nconcurrency = 2\n" + TASKS)
+    queues = queue_names(daemon)
+    assert "photo" in queues, queues
+    moved = daemon.config_dir.with_name("etc-moved")
+    daemon.config_dir.rename(moved)
+    try:
+        error = remote_error(daemon, "daemon.reload")
+        assert error.code == "CONFIG_INVALID", error
+        assert error.message == (
+            f"--config-dir {daemon.config_dir} is no longer a directory: the running configuration stays"
+        ), error.message
+        assert queue_names(daemon) == queues
+        assert daemon.call("daemon.status")["last_reload"]["ok"] is False
+    finally:
+        moved.rename(daemon.config_dir)
+    assert daemon.call("daemon.reload")["ok"]
+    assert queue_names(daemon) == queues
+    assert daemon.call("job.submit", {"task": "echo"})["state"] in ("queued", "running", "succeeded")
