@@ -445,13 +445,21 @@ def format_last_reload(reload: Any, now: dt.datetime) -> str:
     return f"{when}, ok" if reload.get("ok") else f"{when}, failed: {reload.get('error')}"
 
 
+STDIN_BLAMED_FROM = 512 * 1024  # bytes of a request's 1 MiB: an input smaller than that is not what made it too big
+
+
 def describe_stdin(stdin_file: str, params: dict[str, Any]) -> str:
     """What a --stdin-file weighed, and what fits in a request: for a FRAME_TOO_LARGE about it."""
     name = "- (jobctl's standard input)" if stdin_file == "-" else stdin_file
-    if "stdin_base64" in params:
-        size = len(base64.b64decode(params["stdin_base64"]))
+    binary = "stdin_base64" in params
+    size = len(base64.b64decode(params["stdin_base64"])) if binary else len(str(params.get("stdin", "")).encode())
+    if (size * 4 // 3 if binary else size) < STDIN_BLAMED_FROM:  # the input is not what made the request too large
+        return (
+            f"--stdin-file {name} is only {size} bytes: the command, its arguments or its environment make up the "
+            "rest of the request"
+        )
+    if binary:
         return f"--stdin-file {name} is {size} bytes of binary input; it must stay below about 750 KiB"
-    size = len(str(params.get("stdin", "")).encode("utf-8"))
     return f"--stdin-file {name} is {size} bytes of text; it must stay below about 1 MiB (750 KiB if binary)"
 
 

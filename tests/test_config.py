@@ -548,6 +548,7 @@ def test_bad_values_name_file_line_key_and_what_is_allowed(
         "RUSTC_WRAPPER", "LESSOPEN", "SSH_ASKPASS", "MAKEFILES", "OPENSSL_MODULES", "SASL_PATH", "GTK_MODULES",
         "GNUPGHOME", "MALLOC_PERTURB_", "NPM_CONFIG_PREFIX", "npm_config_prefix", "PIP_INDEX_URL", "LUA_INIT",
         "DOTNET_STARTUP_HOOKS", "MAGICK_CONFIGURE_PATH", "GST_PLUGIN_PATH", "ERL_LIBS", "PERL5OPT", "NODE_OPTIONS",
+        "CFLAGS", "MAVEN_OPTS", "SSLKEYLOGFILE",
     ],
 )  # fmt: skip
 def test_allowed_params_refuses_variables_that_steer_programs(tmp_path: Path, name: str) -> None:

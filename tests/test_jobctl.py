@@ -227,6 +227,14 @@ def test_a_stdin_file_too_large_for_a_request_is_named_with_its_size(daemon: Any
     ), result
     as_json = ctl(daemon, "--json", "run", "--stdin-file", str(text), "--", "/bin/cat")
     assert json.loads(as_json.err)["error"]["message"] == "a request line is larger than 1048576 bytes", as_json
+    small = tmp_path / "small"
+    small.write_bytes(b"abc")
+    result = ctl(daemon, "run", "--stdin-file", str(small), "--", "/bin/echo", *["x" * 110_000] * 10)
+    assert result.code == 1, result
+    assert result.err.endswith(
+        f": --stdin-file {small} is only 3 bytes: the command, its arguments or its environment make up the rest of "
+        "the request\n"
+    ), result
     assert job_count(daemon) == before
 
 

@@ -25,7 +25,7 @@ from jobd.engine.queues import QueueRuntime
 from jobd.errors import InvalidParams, JobFinished, QueueClosed, ShuttingDown, StoreFailed, UnknownJob, UnknownQueue
 from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
-from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store
+from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store, store_failure
 from jobd.users import Account, account
 
 if TYPE_CHECKING:
@@ -457,7 +457,7 @@ class Engine:
             self.store.finish_attempt(ended, attempt)
         except Exception as error:  # the child-supervision boundary: the failed start is kept, and recorded later
             self._store_failed(f"cannot record that job {job.id} could not start", error)
-            if job.id not in self._failed_starts:
+            if job.id not in self._failed_starts and store_failure(error) is not None:  # a stop waits for room only
                 self._failed_starts[job.id] = self.loop.create_future()
                 # The record still says `running` (and a restart would find it so): the job stays so until the
                 # store takes its end, like a job whose end waits. Nothing runs, though: its error says so, and why.
