@@ -692,6 +692,7 @@ class XmlConnection(asyncio.Protocol):
         self._write_paused = False
         self._linger: asyncio.TimerHandle | None = None
         self._counted = False  # adopted: in the server's connections and the statistics (refused ones are not)
+        self._watched_fd: int | None = None  # watched for a hang-up (Server.watch_hangup) from its first wait
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------------------
 
@@ -751,6 +752,9 @@ class XmlConnection(asyncio.Protocol):
         if exc is not None:
             log.debug("evQueue connection from pid %d ended: %s", self.peer.pid, exc)
         self.server.connections.discard(self)
+        if self._watched_fd is not None:
+            self.server.forget_hangup(self._watched_fd)
+            self._watched_fd = None
         if self._counted:
             self.evqueue.disconnected()
         for timer in (self._keepalive, self._linger):
@@ -803,6 +807,21 @@ class XmlConnection(asyncio.Protocol):
         self._waiting = loop.create_task(answer)
         self._waiting.add_done_callback(self._answered)
         self._keepalive = loop.call_later(EVQUEUE_KEEPALIVE_INTERVAL, self._ping)
+        if self._watched_fd is None:  # from the first request that waits on, a hang-up is looked out for
+            self._watched_fd = self.transport.get_extra_info("socket").fileno()
+            self.server.watch_hangup(self._watched_fd, self._hung_up)
+
+    def _hung_up(self) -> None:
+        """The client closed the connection for good (Server.watch_hangup, as for JSON-RPC's Connection). A request
+        of its wait (an `instance wait`, a synchronous launch): nobody can read its answer, so it goes now, with the
+        connection, rather than at the next keep-alive that fails to be written. Otherwise the end-of-file closes
+        the connection as usual."""
+        if self._watched_fd is not None:  # told once: the hang-up would be reported again at every turn
+            self.server.forget_hangup(self._watched_fd)
+            self._watched_fd = None
+        if self._waiting is not None:
+            log.debug("pid %d closed its evQueue connection with a request waiting: dropped", self.peer.pid)
+            self.transport.abort()
 
     def _ping(self) -> None:
         # A client that lets MAX_UNSENT bytes pile up while it waits is gone or stuck: cut it off (its wait ends).

@@ -438,6 +438,47 @@ def test_a_synchronous_launch_sends_keepalives_and_holds_later_requests(corpus_d
         assert ok(pong).get("version") and pings_after == 0
 
 
+@pytest.mark.parametrize(
+    ("socket_name", "request_template"),
+    [
+        ("evqueue_socket", b'<instance action="wait" id="%s"/><ping/>'),
+        ("evqueue_socket", b'<instance action="launch" name="slow" mode="synchronous">%s</instance>'),
+        ("socket_path", b'<instance action="wait" id="%s"/>'),
+    ],
+    ids=["instance wait", "synchronous launch", "instance wait on the API socket"],
+)
+def test_a_client_that_closes_while_it_waits_frees_its_connection(
+    make_daemon: Any, socket_name: str, request_template: bytes
+) -> None:
+    # Before, the connection (its descriptor, its slot of max_connections, its waiting task) stayed until the next
+    # keep-alive failed to be written, 10 s later: with the default max_connections of 256, 26 interrupted waits a
+    # second (PHP requests cut short by their own time limit) kept every other client out, admins included.
+    daemon = make_daemon(start=False, daemon_extra="max_connections = 2")
+    daemon.write_workflows(slow=SLOW_WORKFLOW)
+    daemon.start()
+    seconds = b'<parameter name="seconds" value="600"/>'
+    with EvqClient(daemon.evqueue_socket) as kept:  # one slot, used throughout
+        launched = ok(kept.ask(b'<instance action="launch" name="slow">%s</instance>' % seconds))
+        instance_id = launched.get("workflow-instance-id", "").encode()
+        argument = seconds if b"launch" in request_template else instance_id
+        path = getattr(daemon, socket_name)
+        with EvqClient(path, greeted=socket_name == "evqueue_socket") as gone:  # the other slot
+            if gone.greeting is None:  # the API socket: jobd reads this connection once it has answered on it
+                ok(gone.ask(b"<ping/>"))
+            gone.send(request_template % argument)
+            # Sent before the round trip on the other connection, so read by jobd before it is answered: the request
+            # waits (and holds back the <ping/> behind it) when the client goes.
+            ok(kept.ask(b"<ping/>"))
+        # The hang-up is there before this round trip starts: jobd has seen it, and dropped the connection, by the
+        # time it reads the next request on the other one.
+        ok(kept.ask(b"<ping/>"))
+        statistics = ok(kept.ask(b'<statistics action="query" type="global"/>'))[0]
+        assert statistics.get("current_api_connections") == "1", etree.tostring(statistics)
+        with EvqClient(daemon.evqueue_socket) as fresh:  # the slot is free again at once, not at the next keep-alive
+            ok(fresh.ask(b"<ping/>"))
+        ok(kept.ask(b'<instance action="cancel" id="%s"/>' % instance_id))
+
+
 def test_a_synchronous_launch_that_times_out_says_so(corpus_daemon: Any) -> None:
     with EvqClient(corpus_daemon.evqueue_socket) as client:
         launched = ok(
