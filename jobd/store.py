@@ -324,7 +324,8 @@ def _migration_12(db: peewee.SqliteDatabase) -> None:
 
 
 def _migration_13(db: peewee.SqliteDatabase) -> None:
-    # The highest job and instance ids ever handed out, written when rows are deleted: see Store._last_id.
+    # The highest job and instance ids (and, since schema 18, audit entry ids) ever handed out, written when rows are
+    # deleted: see Store._last_id.
     db.execute_sql('CREATE TABLE "id_floor" ("name" TEXT NOT NULL PRIMARY KEY, "id" INTEGER NOT NULL)')  # type: ignore[no-untyped-call]
 
 
@@ -365,6 +366,16 @@ def _migration_17(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('DROP INDEX "job_finished_at"')  # type: ignore[no-untyped-call]  # job_expirable does its work
 
 
+# Ended workflow instances expire after history.keep_days, as jobs do (HistoryKeeper): this partial index holds
+# exactly those, so a trim reads only the instances it may take, never the documents of the others. The queries must
+# repeat its WHERE text for SQLite to use it.
+_INSTANCE_ENDED = '"ended_at" IS NOT NULL'
+
+
+def _migration_18(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql(f'CREATE INDEX "instance_ended_at" ON "instance" ("ended_at") WHERE {_INSTANCE_ENDED}')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -384,6 +395,7 @@ MIGRATIONS = (
     _migration_15,
     _migration_16,
     _migration_17,
+    _migration_18,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -436,6 +448,8 @@ class Store:
         self._audit_timer: asyncio.TimerHandle | None = None  # the write-behind, or the next try on a full disk
         self._audit_failing = False  # the last write of entries failed: they wait for room
         self._audit_dropped = 0  # entries dropped meanwhile (AUDIT_KEPT_AT_MOST)
+        # Told after entries are written: history retention arms its timer for them (HistoryKeeper.audit_written).
+        self.audit_written: Callable[[], None] = lambda: None
 
     def open(self) -> None:
         _db.initialize(self.db)
@@ -445,7 +459,7 @@ class Store:
         # Ids are handed out by jobd, never reused: SQLite would give a new row the highest id in the table plus one,
         # so after the newest jobs (or instances) were deleted, a new one would get an old one's id, and with it that
         # id's leftovers (an output file, a workflow task's idempotency key, a client's reference).
-        self._last_id = {table: self._highest_id(table) for table in ("job", "instance")}
+        self._last_id = {table: self._highest_id(table) for table in ("job", "instance", "audit")}
         self._job_by_id = _PreparedSelect(JobRow.select().where(JobRow.id == 0))
         self._jobs = _PreparedSelect(JobRow.select())  # job.list adds its WHERE clause
         self._attempts_of_job = _PreparedSelect(
@@ -668,6 +682,32 @@ class Store:
                 # Their callback rows go too (no foreign key: the table came later).
                 CallbackRow.delete().where(CallbackRow.job_id.in_(ids[start : start + 500])).execute()
 
+    def oldest_instance_or_audit_at(self) -> float | None:
+        """When the workflow instance that ended first ended, or the oldest audit entry was written, whichever came
+        first: the next of them that history.keep_days takes (an index lookup each)."""
+        ended = self._connection.execute(_OLDEST_INSTANCE_END).fetchone()[0]
+        written = self._connection.execute(_OLDEST_AUDIT).fetchone()[0]
+        moments = [float(moment) for moment in (ended, written) if moment is not None]
+        return min(moments) if moments else None
+
+    def expire_instances(self, moment: float, limit: int) -> int:
+        """Delete up to `limit` of the workflow instances that ended before `moment`, oldest first: how many."""
+        ids = [row[0] for row in self._connection.execute(_INSTANCES_ENDED_BEFORE, (moment, limit))]
+        if ids:
+            with self._transaction() as sql:
+                self._keep_ids_used("instance")
+                sql.execute(f'DELETE FROM "instance" WHERE "id" IN ({", ".join("?" * len(ids))})', ids)
+        return len(ids)
+
+    def expire_audit(self, moment: float, limit: int) -> int:
+        """Delete up to `limit` of the audit entries written before `moment`, oldest first: how many."""
+        ids = [row[0] for row in self._connection.execute(_AUDIT_BEFORE, (moment, limit))]
+        if ids:
+            with self._transaction() as sql:
+                self._keep_ids_used("audit")
+                sql.execute(f'DELETE FROM "audit" WHERE "id" IN ({", ".join("?" * len(ids))})', ids)
+        return len(ids)
+
     def oldest_expirable_at(self, skip: Set[int] = frozenset()) -> float | None:
         """When the job that may expire first finished (none of `skip`)."""
         for job_id, finished_at in self._connection.execute(_OLDEST_EXPIRABLE_AT, (len(skip) + 1,)):
@@ -830,9 +870,13 @@ class Store:
     def record_audit(self, entry: AuditEntry) -> int:
         """Append one entry now: a single prepared INSERT, its own transaction."""
         self.flush_audit()  # entries keep their order
-        cursor = self._connection.execute(_INSERT_AUDIT, _audit_values(entry))
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        # Ids are handed out by jobd, as for jobs: SQLite would give the next entry 1 again once retention had taken
+        # them all, and a client paging the log with `before` would skip the new ones.
+        entry_id = self._last_id["audit"] + 1
+        self._connection.execute(_INSERT_AUDIT, (entry_id, *_audit_values(entry)))
+        self._last_id["audit"] = entry_id
+        self.audit_written()
+        return entry_id
 
     def record_audit_soon(self, entry: AuditEntry) -> None:
         """Append an entry within AUDIT_WRITE_BEHIND seconds, in one transaction with the others of that moment.
@@ -890,12 +934,17 @@ class Store:
         if not self._audit_pending:
             return
         pending, self._audit_pending = self._audit_pending, []
+        first = self._last_id["audit"] + 1
         try:
             with self._transaction() as sql:
-                sql.executemany(_INSERT_AUDIT, [_audit_values(entry) for entry in pending])
+                sql.executemany(
+                    _INSERT_AUDIT, [(first + number, *_audit_values(entry)) for number, entry in enumerate(pending)]
+                )
         except BaseException:
             self._audit_pending[:0] = pending  # in their order, before those that came meanwhile
             raise
+        self._last_id["audit"] = first + len(pending) - 1  # once committed: a rolled back batch used none
+        self.audit_written()
         if self._audit_timer is not None:  # written: the write-behind or the next try has nothing left to do
             self._audit_timer.cancel()
             self._audit_timer = None
@@ -1162,7 +1211,7 @@ _INSERT_ATTEMPT = _insert_sql("attempt", _ATTEMPT_COLUMNS)
 _UPDATE_ATTEMPT = _update_sql("attempt", _ATTEMPT_COLUMNS, ("job_id", "number"))
 _UPDATE_ATTEMPT_PROCESS = _update_sql("attempt", ("pid", "pid_start"), ("job_id", "number"))
 _UPDATE_ATTEMPT_CANCEL = 'UPDATE "attempt" SET "cancel_requested" = 1 WHERE "job_id" = ? AND "number" = ?'
-_INSERT_AUDIT = _insert_sql("audit", ("at", "uid", "user", "command", "target", "result", "message"))
+_INSERT_AUDIT = _insert_sql("audit", ("id", "at", "uid", "user", "command", "target", "result", "message"))
 
 
 class _PreparedSelect:
@@ -1202,6 +1251,12 @@ _COUNT_EXPIRABLE = f"SELECT COUNT(*) {_FROM_EXPIRABLE}"
 _OLDEST_EXPIRABLE = f'SELECT "id" {_FROM_EXPIRABLE} ORDER BY "finished_at", "id" LIMIT ?'
 _OLDEST_EXPIRABLE_AT = f'SELECT "id", "finished_at" {_FROM_EXPIRABLE} ORDER BY "finished_at" LIMIT ?'
 _EXPIRABLE_BEFORE = f'SELECT "id" {_FROM_EXPIRABLE} AND "finished_at" < ? ORDER BY "finished_at", "id" LIMIT ?'
+_OLDEST_INSTANCE_END = f'SELECT MIN("ended_at") FROM "instance" WHERE {_INSTANCE_ENDED}'
+_INSTANCES_ENDED_BEFORE = (
+    f'SELECT "id" FROM "instance" WHERE {_INSTANCE_ENDED} AND "ended_at" < ? ORDER BY "ended_at" LIMIT ?'
+)
+_OLDEST_AUDIT = 'SELECT MIN("at") FROM "audit"'
+_AUDIT_BEFORE = 'SELECT "id" FROM "audit" WHERE "at" < ? ORDER BY "at" LIMIT ?'
 _CALLBACKS_DONE = (
     'UPDATE "job" SET "callbacks_pending" = 0 WHERE "id" = ? AND "callbacks_pending" = 1 AND NOT EXISTS '
     """(SELECT 1 FROM "callback" WHERE "job_id" = ? AND "state" = 'pending')"""

@@ -9,9 +9,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from jobd.engine.history import HistoryKeeper
-from jobd.model import Attempt, History, JobSpec, JobState, Outcome, transition
-from jobd.store import CallbackDelivery, Store
+from jobd.engine.history import TRIM_BATCH, HistoryKeeper
+from jobd.model import Attempt, AuditEntry, History, InstanceSummary, JobSpec, JobState, Outcome, transition
+from jobd.store import AuditFilter, CallbackDelivery, Store
 
 DAY = 86400
 
@@ -194,3 +194,52 @@ def test_retention_reads_only_jobs_that_may_expire_however_many_wait_for_callbac
         finally:
             store.close()
     assert reads[1] <= reads[0] * 1.2, reads  # not 8 times as many
+
+
+def _ended_instances(store: Store, count: int, at: float) -> list[int]:
+    """`count` workflow instances that ended one second apart from `at` on."""
+    ids = []
+    for number in range(count):
+        instance_id = store.insert_instance(InstanceSummary(0, "w", "EXECUTING", 0, at), b"<workflow/>")
+        store.save_instance(instance_id, "TERMINATED", 0, at + number, (), b"<workflow/>")
+        ids.append(instance_id)
+    return ids
+
+
+def _audit_entries(store: Store, count: int, at: float) -> None:
+    """`count` audit entries written one second apart from `at` on."""
+    for number in range(count):
+        store.record_audit_soon(AuditEntry(at + number, 0, "root", "job.submit", None, "ok"))
+    store.flush_audit()
+
+
+def test_keep_days_takes_ended_instances_and_audit_entries_in_batches_and_sleeps_until_the_next(
+    tmp_path: Path,
+) -> None:
+    # 250 of each are due (ended or written before the cutoff, 1249.5), 50 are not: three trims of at most
+    # TRIM_BATCH each take the 250, then the keeper sleeps until the first of the others is due. Executing instances
+    # are never taken.
+    async def scenario(store: Store, keeper: HistoryKeeper) -> None:
+        instances = _ended_instances(store, 300, 1000.0)
+        executing = store.insert_instance(InstanceSummary(0, "w", "EXECUTING", 0, 900.0), b"<workflow/>")
+        _audit_entries(store, 300, 1000.0)
+        keeper.rearm()
+        await _passes(2)  # the timer's pass (due at once), then the first trim's
+        assert _kept_instances(store, instances) == instances[TRIM_BATCH:]
+        assert _audit_count(store) == 300 - TRIM_BATCH
+        await _passes(4)
+        assert _kept_instances(store, instances) == instances[250:]
+        assert _audit_count(store) == 50
+        assert store.instance(executing) is not None
+        # Asleep until the next is due, half a second on (the entries and the instance of 1250): no trim meanwhile.
+        assert keeper._timer is not None and 0 < keeper._timer.when() - asyncio.get_running_loop().time() <= 0.5
+
+    _on_a_store(tmp_path, History(keep_days=1, keep_last=None), 1000.0 + DAY + 249.5, scenario)
+
+
+def _kept_instances(store: Store, ids: list[int]) -> list[int]:
+    return [instance_id for instance_id in ids if store.instance(instance_id) is not None]
+
+
+def _audit_count(store: Store) -> int:
+    return len(store.audit_entries(AuditFilter(limit=1000)))

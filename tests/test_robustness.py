@@ -140,6 +140,45 @@ def test_keep_last_does_not_stop_keep_days_expiry(make_daemon: Any) -> None:
     daemon.call("job.cancel", {"id": later["id"]})
 
 
+ECHO_WORKFLOW = """<workflow><subjobs><job name="only"><tasks>
+  <task name="echo" queue="default" path="/bin/echo hello"/>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_keep_days_takes_ended_instances_and_audit_entries_too(make_daemon: Any) -> None:
+    # Before, only jobs expired: every workflow instance (its document) and every audit entry (one per command, a
+    # submit included) stayed for the life of the database, which grew without end at a busy site.
+    daemon: Daemon = make_daemon(QUEUE, start=False, daemon_extra="history = { keep_days = false }")
+    daemon.write_workflows(echo=ECHO_WORKFLOW)
+    daemon.start()
+    with daemon.client() as client:
+        launched = [client.call("instance.launch", {"workflow": "echo"})["id"] for _ in range(3)]
+        for instance_id in launched:
+            assert (
+                client.call("instance.wait", {"id": instance_id, "timeout": 30}, timeout=35)["status"] == "TERMINATED"
+            )
+        for _ in range(2):  # refused: audit entries that no job comes with
+            with pytest.raises(RemoteError):
+                client.call("job.submit", {"command": ["/bin/true"], "queue": "nope"})
+        before = client.call("audit.list", {"limit": 100})["entries"]
+        assert [entry["command"] for entry in before] == ["job.submit"] * 2 + ["instance.launch"] * 3
+        assert client.call("instance.list", {"limit": 100})["total"] == 3
+    daemon.write_config(QUEUE, daemon_extra="history = { keep_days = 0 }")
+    daemon.call("daemon.reload")
+    # The reload armed retention's timer for what is due now; it ran before jobd read this connection's requests.
+    # The reload's own audit entry waited to be written (50 ms at most), after that trim.
+    with daemon.client() as client:
+        assert client.call("instance.list", {"limit": 100})["total"] == 0
+        for instance_id in launched:
+            with pytest.raises(RemoteError) as error:
+                client.call("instance.get", {"id": instance_id})
+            assert error.value.code == "UNKNOWN_INSTANCE"
+        after = client.call("audit.list", {"limit": 100})["entries"]
+        assert [entry["command"] for entry in after] == ["daemon.reload"], after
+        assert after[0]["id"] == before[0]["id"] + 1  # an entry id is never given out twice
+        assert client.call("job.list", {"limit": 100})["jobs"] == []
+
+
 def test_an_attempt_stopped_by_shutdown_does_not_use_up_a_retry(make_daemon: Any, tmp_path: Path) -> None:
     marker = tmp_path / "started"
     daemon: Daemon = make_daemon(QUEUE)

@@ -11,7 +11,15 @@ import pytest
 
 from jobd.errors import StartupError
 from jobd.model import Attempt, AuditEntry, JobSpec, JobState, Outcome, RetryPolicy, ScheduleState, transition
-from jobd.store import MIGRATIONS, SCHEMA_VERSION, AuditFilter, Store, _db
+from jobd.store import (
+    _INSTANCES_ENDED_BEFORE,
+    _OLDEST_INSTANCE_END,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    AuditFilter,
+    Store,
+    _db,
+)
 
 RETRY_JSON = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
 
@@ -70,6 +78,15 @@ def test_a_version_1_database_is_migrated_in_place_and_keeps_its_jobs(tmp_path: 
     indexes = _indexes(path)
     assert "WHERE" in indexes["job_key"] and "WHERE" in indexes["job_context"] and "WHERE" in indexes["job_task"]
     assert "attempt_job_id" not in indexes
+    # Retention of ended instances (schema 18) reads them through their own index, never the executing ones' rows.
+    assert "WHERE" in indexes["instance_ended_at"]
+    raw = sqlite3.connect(path)
+    try:
+        for query, arguments in ((_INSTANCES_ENDED_BEFORE, (1.0, 10)), (_OLDEST_INSTANCE_END, ())):
+            plan = " ".join(row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {query}", arguments))
+            assert "instance_ended_at" in plan, (query, plan)
+    finally:
+        raw.close()
 
 
 def test_jobs_waiting_for_callbacks_at_an_upgrade_stay_out_of_retention(tmp_path: Path) -> None:

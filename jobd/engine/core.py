@@ -184,6 +184,7 @@ class Engine:
         self.history = HistoryKeeper(
             store, config.daemon.history, clock, self._remove_output, self._store_failed, self._store_works
         )
+        store.audit_written = self.history.audit_written
         self.on_counts_changed: Callable[[], None] = lambda: None
         # Why the last write to the store failed, while writes fail (the status line shows it); None once one works.
         self.store_trouble: str | None = None

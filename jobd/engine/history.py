@@ -11,6 +11,10 @@ reads (its index of jobs that may expire), so however many wait for a callback U
 the jobs it may take; jobd.engine.callbacks tells the keeper when a job leaves that index and when it comes back.
 A job held (hold(), release()) is kept until it is released: a workflow instance was told of its end, and the
 document it saved does not show that end yet.
+
+`keep_days` also applies to ended workflow instances and to audit log entries (keep_last counts jobs only): the
+same timer sleeps until the oldest of them is due too, and each trim takes at most TRIM_BATCH of each kind. Left
+alone, both grew with every instance and every command for the life of the database.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class HistoryKeeper:
         self._trim_soon: asyncio.Handle | None = None
         self._finished: int | None = None  # jobs that may expire, counted from the store when first needed
         self._held: set[int] = set()  # finished jobs kept whatever the rules, until released (few: see hold())
+        # When the oldest ended instance or audit entry is due under keep_days (None: none is): until then a trim does
+        # not look for them, so the trims keep_last makes as jobs finish cost no more than before.
+        self._others_due: float | None = None
         self._stopped = False  # jobd is stopping: nothing is trimmed any more, whatever is released
 
     def configure(self, rules: History) -> None:
@@ -80,6 +87,12 @@ class HistoryKeeper:
             self._finished += 1
         self.rearm()
 
+    def audit_written(self) -> None:
+        """Audit entries were written (Store.audit_written): with no timer armed (nothing else is due), the oldest
+        of them would otherwise wait for the next job to finish, or for the next reload or start."""
+        if self._timer is None and self._rules.keep_days is not None and not self._stopped:
+            self.rearm()
+
     def job_finished(self) -> None:
         if self._finished is not None:
             self._finished += 1
@@ -97,12 +110,17 @@ class HistoryKeeper:
             return
         if self._rules.keep_last is not None:
             self._schedule_trim()
+        self._others_due = None
         if self._rules.keep_days is None:
             return
-        oldest = self._store.oldest_expirable_at(self._held)
-        if oldest is None:
+        keep = self._rules.keep_days * SECONDS_PER_DAY
+        others = self._store.oldest_instance_or_audit_at()
+        if others is not None:
+            self._others_due = others + keep
+        oldest = [moment for moment in (self._store.oldest_expirable_at(self._held), others) if moment is not None]
+        if not oldest:
             return
-        due = oldest + self._rules.keep_days * SECONDS_PER_DAY
+        due = min(oldest) + keep
         self._timer = asyncio.get_running_loop().call_later(max(0.0, due - self._clock()), self._due)
 
     def shut_down(self) -> None:
@@ -136,15 +154,16 @@ class HistoryKeeper:
         self._trim_soon = None
         try:
             doomed = self._trim_batch()
+            others = self._trim_others()
         except Exception as error:
             if store_failure(error) is None:
                 raise  # a bug, with its traceback
             self._store_failed("cannot expire finished jobs from the history", error)
             self._trim_soon = asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS, self._trim_then_rearm)
             return True
-        if doomed:  # a write was made and taken (an empty trim writes nothing, so it tells nothing)
+        if doomed or any(others):  # a write was made and taken (an empty trim writes nothing, so it tells nothing)
             self._store_works()
-        if len(doomed) < TRIM_BATCH:
+        if len(doomed) < TRIM_BATCH and max(others) < TRIM_BATCH:
             return False
         self._trim_soon = asyncio.get_running_loop().call_soon(self._trim_then_rearm)
         return True
@@ -171,6 +190,17 @@ class HistoryKeeper:
         if self._finished is not None:
             self._finished -= len(doomed)
         return doomed
+
+    def _trim_others(self) -> tuple[int, int]:
+        """Delete up to TRIM_BATCH each of the ended workflow instances and the audit entries older than keep_days,
+        once the oldest of them is due: how many of each went."""
+        if self._rules.keep_days is None or self._others_due is None or self._clock() < self._others_due:
+            return 0, 0
+        cutoff = self._clock() - self._rules.keep_days * SECONDS_PER_DAY
+        expired = self._store.expire_instances(cutoff, TRIM_BATCH), self._store.expire_audit(cutoff, TRIM_BATCH)
+        if max(expired) < TRIM_BATCH:
+            self._others_due = None  # none is due any more: the next rearm says when one is
+        return expired
 
     def _unheld(self, job_ids: list[int]) -> list[int]:
         return [job_id for job_id in job_ids if job_id not in self._held][:TRIM_BATCH]
