@@ -66,9 +66,15 @@ from jobd.store import store_failure
 log = logging.getLogger("jobd.http")
 
 EVENT_RING = 10_000  # events kept for a reconnect with Last-Event-ID (docs/http.md)
+# ... and at most about this many bytes of them. A job's fd 3 log lines are up to 64 KiB each (proc.MAX_LOG_LINE):
+# counted in events alone, the ring of a job printing long lines held 10,000 of them, 690 MB of jobd's memory, for
+# good (until 10,000 other events pushed them out).
+EVENT_RING_BYTES = 16 * 1024 * 1024
 MAX_BODY = 1024 * 1024
 QS_DEFAULT_PRIORITY = 500  # Queue Server's default; higher runs sooner there
 SSE_QUEUE = 10_000  # events pending for one slow SSE client before it is cut off
+SSE_QUEUE_BYTES = 16 * 1024 * 1024  # or bytes of them: its events stay alive for it when the ring has let them go
+EVENT_OVERHEAD = 1024  # about what an event takes besides the texts counted by _event_size (its dicts, ids, times)
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 _NOT_FOUND = (UnknownJob, UnknownQueue, UnknownTask, UnknownWorkflow, UnknownInstance, UnknownSchedule, MethodNotFound)
 _PEER_KEY = "jobd.peer"
@@ -129,6 +135,24 @@ class _Event:
     data: dict[str, Any]
     job: tuple[int, str | None, str] | None = None  # a job event's (job id, task, queue)
     instance: InstanceEvent | None = None  # an instance event
+    size: int = EVENT_OVERHEAD  # about the bytes it holds: what EVENT_RING_BYTES and SSE_QUEUE_BYTES count
+
+
+class _Pending(asyncio.Queue["_Event | None"]):
+    """The events of one GET /events client not written yet (None: it is cut off), and about how many bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+
+def _event_size(event: JobEvent) -> int:
+    """About the bytes a job event holds: what varies is a log line, and a state event's command."""
+    if event.line is not None:
+        return EVENT_OVERHEAD + len(event.line)
+    if event.type == "job.state":
+        return EVENT_OVERHEAD + sum(map(len, event.job.spec.command))
+    return EVENT_OVERHEAD
 
 
 class _HttpSession:
@@ -151,9 +175,10 @@ class HttpApi:
         self.listen = listen
         self.connection_count = connection_count  # the API and evQueue sockets' clients
         self.address: str | None = None
-        self.ring: deque[_Event] = deque(maxlen=EVENT_RING)
+        self.ring: deque[_Event] = deque()  # at most EVENT_RING events, and about EVENT_RING_BYTES
+        self.ring_size = 0  # the sum of its events' sizes
         self.next_id = 1
-        self.clients: set[asyncio.Queue[_Event | None]] = set()
+        self.clients: set[_Pending] = set()
         self.active = 0
         self.durations = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
@@ -406,7 +431,8 @@ class HttpApi:
         job = event.job
         if event.type == "job.state" and job.state in FINISHED_STATES:
             self._finished(job)
-        self._add(_Event(self.next_id, event.type, event.to_json(), job=(job.id, job.spec.task, job.spec.queue)))
+        where = (job.id, job.spec.task, job.spec.queue)
+        self._add(_Event(self.next_id, event.type, event.to_json(), job=where, size=_event_size(event)))
 
     def _on_instance_event(self, event: InstanceEvent) -> None:
         self._add(_Event(self.next_id, event.type, event.to_json(), instance=event))
@@ -414,11 +440,20 @@ class HttpApi:
     def _add(self, item: _Event) -> None:
         self.next_id += 1
         self.ring.append(item)
+        self.ring_size += item.size
+        while len(self.ring) > EVENT_RING or (self.ring_size > EVENT_RING_BYTES and len(self.ring) > 1):
+            self.ring_size -= self.ring.popleft().size
         for client in list(self.clients):
-            if client.qsize() >= SSE_QUEUE:
+            if client.qsize() >= SSE_QUEUE or client.size + item.size > SSE_QUEUE_BYTES:
+                log.warning(
+                    "a GET /events client does not read its events (%d, about %d bytes, wait unsent); disconnecting it",
+                    client.qsize(),
+                    client.size,
+                )
                 self.clients.discard(client)
                 client.put_nowait(None)
             else:
+                client.size += item.size
                 client.put_nowait(item)
 
     def _finished(self, job: Job) -> None:
@@ -466,7 +501,7 @@ class HttpApi:
             assert event.job is not None
             return selection.wants_job(rules, peer, event.type, *event.job)
 
-        pending: asyncio.Queue[_Event | None] = asyncio.Queue()
+        pending = _Pending()
         # Registered before the replay is taken, with no await between: nothing falls between ring and live.
         backlog = [event for event in self.ring if last.isdigit() and event.id > int(last)]
         self.clients.add(pending)
@@ -481,6 +516,7 @@ class HttpApi:
                 item = await pending.get()
                 if item is None:
                     break
+                pending.size -= item.size
                 if wanted(item):
                     await response.write(_sse(item))
         except ConnectionResetError:  # the client went away

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobd.config import load_dir
 from jobd.errors import ConfigError
+from jobd.http_api import EVENT_OVERHEAD, EVENT_RING_BYTES
 from tests.test_callbacks import Receiver
 
 ADMIN_TOKEN = "s3cret-admin-token"
@@ -253,6 +254,49 @@ def test_an_event_stream_its_client_left_frees_its_connection(make_daemon: Any) 
         stream.close()
     status, _ = request(daemon, "GET", "/metrics")
     assert status == 200
+
+
+def _long_log_lines(count: int) -> list[str]:
+    """A command printing `count` log lines of LONG_LINE characters on fd 3 (jobd keeps lines up to 64 KiB whole)."""
+    return [
+        "/bin/sh",
+        "-c",
+        f"l=$(head -c {LONG_LINE} /dev/zero | tr '\\0' x); for i in $(seq {count}); do echo $l >&3; done",
+    ]
+
+
+LONG_LINE = 64_000
+
+
+def test_the_event_ring_holds_at_most_its_bytes_of_long_log_lines(daemon: Any) -> None:
+    # Counted in events alone, the ring kept the last 10,000 whatever their size: a job printing long log lines left
+    # 10,000 of 64 KB in jobd's memory (690 MB) until 10,000 other events pushed them out.
+    job = daemon.submit(command=_long_log_lines(400))  # 25.6 MB of log lines
+    daemon.wait(job["id"])
+    replay = Events(daemon, query=f"?jobs={job['id']}", last_id=0)
+    kept = [data["line"] for _, kind, data in replay.until_finished(job["id"]) if kind == "job.log"]
+    replay.close()
+    assert 0 < len(kept) < 400 and sum(map(len, kept)) <= EVENT_RING_BYTES
+    assert len(kept) * (LONG_LINE + EVENT_OVERHEAD) > EVENT_RING_BYTES - 2 * (LONG_LINE + EVENT_OVERHEAD)  # the newest
+
+
+def test_a_client_that_lets_its_bytes_of_events_pile_up_unread_is_cut_off(daemon: Any) -> None:
+    # The events of a client that did not read stayed alive for it up to 10,000 of them, whatever their size, after
+    # the ring had let them go. 700 lines of 64 KB are far more than what the socket's buffers hold besides
+    # SSE_QUEUE_BYTES: the stream ends before the job's end.
+    stream = Events(daemon)  # not read from while the job runs
+    job = daemon.submit(command=_long_log_lines(700))
+    daemon.wait(job["id"])
+    kinds, fields = [], {}
+    while line := stream.response.readline():  # what was written before the cut, then the end of the stream
+        if line == b"\n":
+            kinds.append((fields["event"], json.loads(fields["data"]).get("job", {}).get("finished_at")))
+        else:
+            name, _, value = line.decode().rstrip("\n").partition(": ")
+            fields[name] = value
+    stream.close()
+    assert ("job.log", None) in kinds and not [finished for kind, finished in kinds if finished is not None]
+    assert "a GET /events client does not read its events" in daemon.log()
 
 
 def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
