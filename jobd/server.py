@@ -745,6 +745,11 @@ class XmlConnection(asyncio.Protocol):
         self._input_ended = True
         if not self._refusing and self._framer.buffered:
             self._refuse(InvalidXml("the connection was shut down in the middle of a request"))
+        elif self._waiting is not None:
+            # A TCP client that closed its connection looks like one that only shut down its sending side until
+            # something is written to it: its end answers with a reset, which wakes the hang-up watch (_hung_up) now
+            # rather than at the next keep-alive. A keep-alive is that something, and harmless to one still reading.
+            self._send(evqueue.KEEPALIVE)
         self._answer_backlog()
         return True  # keep our side open for the answers still to come
 

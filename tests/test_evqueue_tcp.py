@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from harness import REPO, Daemon
 from lxml import etree
+from recovery.support import wait_for_log
 
 from jobd import config
 from jobd.errors import ConfigError
@@ -50,6 +51,11 @@ admin = true
 [tcp.users.alice]
 password_sha1 = "{sha1("wonderland")}"
 groups = ["ops"]
+"""
+
+SLOW_WORKFLOW = b"""<workflow><subjobs><job name="nap"><tasks>
+  <task name="nap" path="/bin/sleep 300" queue="default"/>
+</tasks></job></subjobs></workflow>
 """
 
 HELLO_WORKFLOW = b"""<workflow>
@@ -237,6 +243,28 @@ def test_clients_that_do_not_log_in_cannot_lock_out_the_local_sockets(make_daemo
         assert silent[0].login("admin", "admin").get("status") == "OK"
         refused = silent[1].login("admin", "admin")
         assert refused.get("error-code") == "TOO_MANY_CONNECTIONS" and silent[1].closed(), etree.tostring(refused)
+
+
+def test_a_client_that_closes_while_it_waits_is_dropped_at_once(make_daemon: Any) -> None:
+    """A TCP peer's close reaches jobd as an end of file, as a half close would: only something written to it (its end
+    answers with a reset) tells them apart. jobd writes a keep-alive at once, so the connection goes now; it stayed
+    until the next keep-alive (10 s; here, an hour), holding a place of max_connections meanwhile."""
+    daemon: Daemon = make_daemon('[tcp]\nlisten = "127.0.0.1:0"\n' + USERS, start=False)
+    daemon.write_workflows(nap=SLOW_WORKFLOW)
+    daemon.env["JOBD_EVQUEUE_KEEPALIVE_INTERVAL"] = "3600"
+    daemon.start()
+    address = tcp_address(daemon)
+    with TcpClient(address) as kept:
+        assert kept.login("admin", "admin").tag == "ready"
+        instance_id = kept.ask(b'<instance action="launch" name="nap"/>').get("workflow-instance-id", "")
+        with TcpClient(address) as gone:
+            assert gone.login("admin", "admin").tag == "ready"
+            gone.send(b'<instance action="wait" id="%s"/>' % instance_id.encode())
+            assert kept.ask(b"<ping/>").get("status") == "OK"  # the wait was read before this ping was answered
+        wait_for_log(daemon, "closed its evQueue connection with a request waiting: dropped")
+        statistics = kept.ask(b'<statistics action="query" type="global"/>')[0]
+        assert statistics.get("current_api_connections") == "1", etree.tostring(statistics)
+        assert kept.ask(b'<instance action="cancel" id="%s"/>' % instance_id.encode()).get("status") == "OK"
 
 
 def test_every_connection_gets_a_new_challenge(tcp_daemon: Daemon) -> None:
