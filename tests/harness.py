@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ def _find_sdns() -> Path:
 
 
 SDNS = _find_sdns()
-READY_TIMEOUT = 20.0
+# A start takes a fraction of a second; the deadline is for a machine loaded by other work (CI on two shared CPUs
+# once saw a daemon log "ready" just as 20 s ran out).
+READY_TIMEOUT = 45.0
 
 BASE_CONFIG = """
 [daemon]
@@ -121,10 +124,16 @@ class Daemon:
             pass_fds=self.pass_fds,
         )
         log.close()
+        started = time.monotonic()
         try:
             self.notify.wait_for(until)
         except TimeoutError:
-            raise AssertionError(f"jobd did not tell {until}; its log:\n{self.log()}") from None
+            code = self.process.poll()
+            raise AssertionError(
+                f"jobd did not tell {until} within {time.monotonic() - started:.1f}s (its process "
+                f"{'runs' if code is None else f'exited with {code}'}; it told {self.notify.messages!r}); its log:\n"
+                f"{self.log()}"
+            ) from None
 
     @property
     def pid(self) -> int:
