@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,43 @@ def test_keep_days_takes_ended_instances_and_audit_entries_too(make_daemon: Any)
         assert [entry["command"] for entry in after] == ["daemon.reload"], after
         assert after[0]["id"] == before[0]["id"] + 1  # an entry id is never given out twice
         assert client.call("job.list", {"limit": 100})["jobs"] == []
+
+
+NAP_WORKFLOW = """<workflow><subjobs><job name="only"><tasks>
+  <task name="nap" queue="default" path="/bin/sleep 0.3"/>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_with_keep_days_0_a_wait_for_an_instance_still_gets_its_end(make_daemon: Any) -> None:
+    # The wait read the instance again once woken, by which time the trim its end armed (due at once) had deleted
+    # it: instance.wait answered UNKNOWN_INSTANCE, and a workflow schedule's follower died with that error, leaving
+    # the schedule "running" its first instance for ever (no firing after it).
+    from recovery.support import start, stop_pumps
+    from test_schedules import BASE, HELLO, schedule
+
+    daemon: Daemon = make_daemon(
+        BASE + schedule("wf", "workflow:hello", ";;;;;"), start=False, daemon_extra="history = { keep_days = 0 }"
+    )
+    daemon.write_workflows(nap=NAP_WORKFLOW, hello=HELLO)
+    start(daemon)  # its notify socket drained: the schedule makes jobs each second
+    first: int | None = None
+    with daemon.client() as client:
+        for _ in range(3):
+            instance_id = client.call("instance.launch", {"workflow": "nap"})["id"]
+            done = client.call("instance.wait", {"id": instance_id, "timeout": 30}, timeout=35)
+            assert done["status"] == "TERMINATED" and done["id"] == instance_id, done
+    deadline = time.monotonic() + 20
+    while True:
+        [wf] = [entry for entry in daemon.call("schedule.list")["schedules"] if entry["name"] == "wf"]
+        if first is None:
+            first = wf["last_run_id"]
+        elif wf["last_run_id"] is not None and wf["last_run_id"] > first:
+            break
+        assert time.monotonic() < deadline, wf  # before: stuck on its first run, "running" for ever
+        time.sleep(0.2)  # no-poll-ok: a test's deadline
+    daemon.call("schedule.disable", {"name": "wf"})
+    stop_pumps([daemon])
+    assert "Task exception was never retrieved" not in daemon.log()
 
 
 def test_an_attempt_stopped_by_shutdown_does_not_use_up_a_retry(make_daemon: Any, tmp_path: Path) -> None:

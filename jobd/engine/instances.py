@@ -138,7 +138,8 @@ class _Live:
     machine: Instance
     jobs: dict[int, int] = field(default_factory=dict)  # evqid -> id of the job running it
     retry_timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # evqid -> timer
-    waiters: dict[asyncio.Future[None], None] = field(default_factory=dict)  # an ordered set: O(1) to leave
+    # An ordered set (O(1) to leave) of the futures of instance.wait; each is given the ended summary.
+    waiters: dict[asyncio.Future[InstanceSummary], None] = field(default_factory=dict)
     save_after: float = 0.0  # loop time before which its document is not saved again (SAVE_SPACING)
     saved_with_errors: bool = False  # what the store holds: instance.list's `errors` filter reads it
     # While a restart resumes it: the ends of its tasks' jobs still to tell the machine, as (finished_at, job id,
@@ -364,11 +365,13 @@ class Instances:
         live = self._live.get(instance_id)
         if live is None:
             return self.summary(instance_id)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[InstanceSummary] = asyncio.get_running_loop().create_future()
         live.waiters[waiter] = None
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+                # The summary the end handed over, not one read again now: with a short history.keep_days the
+                # instance may have expired (its row deleted) before this task runs again.
+                return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         finally:
             live.waiters.pop(waiter, None)
         return self.summary(instance_id)
@@ -614,7 +617,7 @@ class Instances:
             self._emit_state(live, ended)
         for waiter in live.waiters:
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(ended)
         self._remove_scripts(instance_id)
 
     def _remove_scripts(self, instance_id: int) -> None:
