@@ -146,13 +146,31 @@ class _Pending(asyncio.Queue["_Event | None"]):
         self.size = 0
 
 
-def _event_size(event: JobEvent) -> int:
-    """About the bytes a job event holds: what varies is a log line, and a state event's command."""
+def _event_size(event: JobEvent, data: dict[str, Any]) -> int:
+    """About the bytes a job event holds: what varies is a log line, and a state event's texts that a client chose
+    (its command, context, key, HTTP request; each up to a request's 1 MiB)."""
     if event.line is not None:
         return EVENT_OVERHEAD + len(event.line)
-    if event.type == "job.state":
-        return EVENT_OVERHEAD + sum(map(len, event.job.spec.command))
-    return EVENT_OVERHEAD
+    if event.type != "job.state":
+        return EVENT_OVERHEAD
+    job = event.job
+    spec = job.spec
+    size = EVENT_OVERHEAD + sum(map(len, spec.command)) + len(spec.context or "") + len(spec.key or "")
+    size += len(spec.task or "") + len(job.error or "")
+    if spec.http is not None:
+        size += _text_size(data["job"]["http"])
+    return size
+
+
+def _text_size(value: Any) -> int:
+    """About the bytes of the texts in a JSON value (its strings, keys included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(key) + _text_size(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_text_size(item) for item in value)
+    return 0
 
 
 class _HttpSession:
@@ -432,10 +450,13 @@ class HttpApi:
         if event.type == "job.state" and job.state in FINISHED_STATES:
             self._finished(job)
         where = (job.id, job.spec.task, job.spec.queue)
-        self._add(_Event(self.next_id, event.type, event.to_json(), job=where, size=_event_size(event)))
+        data = event.to_json()
+        self._add(_Event(self.next_id, event.type, data, job=where, size=_event_size(event, data)))
 
     def _on_instance_event(self, event: InstanceEvent) -> None:
-        self._add(_Event(self.next_id, event.type, event.to_json(), instance=event))
+        # An instance's parameters, comment and custom attributes are a client's, up to a request's 1 MiB.
+        data = event.to_json()
+        self._add(_Event(self.next_id, event.type, data, instance=event, size=EVENT_OVERHEAD + _text_size(data)))
 
     def _add(self, item: _Event) -> None:
         self.next_id += 1

@@ -280,6 +280,22 @@ def test_the_event_ring_holds_at_most_its_bytes_of_long_log_lines(daemon: Any) -
     assert len(kept) * (LONG_LINE + EVENT_OVERHEAD) > EVENT_RING_BYTES - 2 * (LONG_LINE + EVENT_OVERHEAD)  # the newest
 
 
+def test_the_event_ring_counts_the_texts_a_client_gave_its_jobs(daemon: Any) -> None:
+    # Only a state event's command was counted: 40 jobs with a context of 900 KB (a request's 1 MiB allows it) left
+    # their 120 state events, 108 MB, in the ring, counted as 120 KiB; 300 such jobs took jobd from 51 to 318 MB.
+    context = "c" * 900_000
+    with daemon.client() as client:
+        ids = [
+            client.call("job.submit", {"command": ["/bin/true"], "context": f"{n}-{context}"})["id"] for n in range(40)
+        ]
+        for job_id in ids:
+            client.call("job.wait", {"id": job_id, "timeout": TIMEOUT}, timeout=TIMEOUT + 5)
+    replay = Events(daemon, last_id=0)
+    kept = replay.until_finished(ids[-1])
+    replay.close()
+    assert sum(len(data["job"]["context"] or "") for _, _, data in kept) <= EVENT_RING_BYTES, len(kept)
+
+
 def test_a_client_that_lets_its_bytes_of_events_pile_up_unread_is_cut_off(daemon: Any) -> None:
     # The events of a client that did not read stayed alive for it up to 10,000 of them, whatever their size, after
     # the ring had let them go. 700 lines of 64 KB are far more than what the socket's buffers hold besides
