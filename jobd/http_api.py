@@ -145,6 +145,14 @@ class _Pending(asyncio.Queue["_Event | None"]):
         super().__init__()
         self.size = 0
 
+    def cut_off(self) -> None:
+        """End the stream: its events go now, not once the client reads again. Its handler may wait for a write that
+        a client not reading never lets finish; the events queued behind it would stay alive meanwhile."""
+        while not self.empty():
+            self.get_nowait()
+        self.size = 0
+        self.put_nowait(None)
+
 
 def _event_size(event: JobEvent, data: dict[str, Any]) -> int:
     """About the bytes a job event holds: what varies is a log line, and a state event's texts that a client chose
@@ -472,7 +480,7 @@ class HttpApi:
                     client.size,
                 )
                 self.clients.discard(client)
-                client.put_nowait(None)
+                client.cut_off()
             else:
                 client.size += item.size
                 client.put_nowait(item)
@@ -531,8 +539,11 @@ class HttpApi:
             await response.prepare(request)
             await response.write(b": jobd events\n\n")
             for event in backlog:
+                if pending not in self.clients:
+                    break  # cut off during the replay (it did not read): the rest is not written
                 if wanted(event):
                     await response.write(_sse(event))
+            del backlog
             while True:
                 item = await pending.get()
                 if item is None:

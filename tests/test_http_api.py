@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobd.config import load_dir
 from jobd.errors import ConfigError
-from jobd.http_api import EVENT_OVERHEAD, EVENT_RING_BYTES
+from jobd.http_api import EVENT_OVERHEAD, EVENT_RING_BYTES, SSE_QUEUE_BYTES, HttpApi, _Event, _Pending
 from tests.test_callbacks import Receiver
 
 ADMIN_TOKEN = "s3cret-admin-token"
@@ -313,6 +314,24 @@ def test_a_client_that_lets_its_bytes_of_events_pile_up_unread_is_cut_off(daemon
     stream.close()
     assert ("job.log", None) in kinds and not [finished for kind, finished in kinds if finished is not None]
     assert "a GET /events client does not read its events" in daemon.log()
+
+
+def test_a_client_cut_off_keeps_none_of_its_events_alive() -> None:
+    # Cut off, a client not reading was sent None behind its events, which stayed alive for it (up to
+    # SSE_QUEUE_BYTES each) as long as its handler waited for a write the client never let finish: the connection
+    # stays open (its kernel buffers full) until the client reads or goes, and each such client kept 16 MiB.
+    def subscribe(_: Any) -> Any:
+        return lambda: None
+
+    engine = SimpleNamespace(subscribe=subscribe)
+    http = HttpApi(SimpleNamespace(engine=engine, instances=engine), ("127.0.0.1", 0), lambda: 0)  # type: ignore[arg-type]
+    pending = _Pending()
+    http.clients.add(pending)
+    size = EVENT_OVERHEAD + 64_000
+    for _ in range(SSE_QUEUE_BYTES // size + 1):
+        http._add(_Event(http.next_id, "job.log", {}, job=(1, None, "default"), size=size))
+    assert pending not in http.clients
+    assert pending.qsize() == 1 and pending.get_nowait() is None and pending.size == 0
 
 
 def test_metrics_parse_with_prometheus_client(daemon: Any) -> None:
