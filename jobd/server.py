@@ -675,6 +675,11 @@ class XmlConnection(asyncio.Protocol):
     EVQUEUE_KEEPALIVE_INTERVAL seconds (one timer, re-armed only while the wait lasts).
     """
 
+    # Whether an end of file during a wait is answered with a keep-alive (eof_received): over TCP only. On a unix
+    # socket the kernel reports a full close as a hang-up by itself, and a client that only shut down its sending
+    # side (`nc -N`) would read a `<ping />` before its answer for nothing.
+    probe_at_eof = False
+
     def __init__(self, server: Server, *, greet: bool) -> None:
         self.server = server
         self.evqueue = server.evqueue
@@ -745,7 +750,7 @@ class XmlConnection(asyncio.Protocol):
         self._input_ended = True
         if not self._refusing and self._framer.buffered:
             self._refuse(InvalidXml("the connection was shut down in the middle of a request"))
-        elif self._waiting is not None:
+        elif self._waiting is not None and self.probe_at_eof:
             # A TCP client that closed its connection looks like one that only shut down its sending side until
             # something is written to it: its end answers with a reset, which wakes the hang-up watch (_hung_up) now
             # rather than at the next keep-alive. A keep-alive is that something, and harmless to one still reading.
@@ -900,6 +905,8 @@ class TcpXmlConnection(XmlConnection):
     delay (a timer; `LoginThrottle`), then the connection closes. Logins apply the `[tcp]` of the running
     configuration, so a reload changes who may log in from the next connection on.
     """
+
+    probe_at_eof = True  # a TCP peer's close is an end of file, as a half close is, until written to
 
     def __init__(self, server: Server) -> None:
         super().__init__(server, greet=False)

@@ -479,6 +479,32 @@ def test_a_client_that_closes_while_it_waits_frees_its_connection(
         ok(kept.ask(b'<instance action="cancel" id="%s"/>' % instance_id))
 
 
+NAP_WORKFLOW = b"""<workflow><subjobs><job name="nap"><tasks>
+  <task name="nap" path="/bin/sleep 1" queue="default"/>
+</tasks></job></subjobs></workflow>
+"""
+
+
+@pytest.mark.parametrize("socket_name", ["evqueue_socket", "socket_path"])
+def test_a_client_that_only_shuts_down_its_sending_side_reads_its_answer_alone(
+    make_daemon: Any, socket_name: str
+) -> None:
+    # `echo '<instance action="launch" ... mode="synchronous"/>' | nc -NU SOCKET` reads what jobd answers until the
+    # end. The keep-alive written at the end of file for TCP's sake (a closed TCP peer answers it with a reset) went to
+    # unix sockets too, where the kernel tells a full close by itself: a `<ping />` came before every such answer.
+    daemon = make_daemon(start=False)
+    daemon.write_workflows(nap=NAP_WORKFLOW)
+    daemon.env["JOBD_EVQUEUE_KEEPALIVE_INTERVAL"] = "3600"
+    daemon.start()
+    with EvqClient(getattr(daemon, socket_name), greeted=socket_name == "evqueue_socket") as client:
+        client.send(b'<instance action="launch" name="nap" mode="synchronous"/>')
+        client.sock.shutdown(socket.SHUT_WR)
+        root, pings = client.answer()
+        assert root.get("status") == "OK" and pings == 0, client.received
+        with pytest.raises(Closed):
+            client.document()
+
+
 def test_a_synchronous_launch_that_times_out_says_so(corpus_daemon: Any) -> None:
     with EvqClient(corpus_daemon.evqueue_socket) as client:
         launched = ok(
