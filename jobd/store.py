@@ -690,14 +690,25 @@ class Store:
         moments = [float(moment) for moment in (ended, written) if moment is not None]
         return min(moments) if moments else None
 
-    def expire_instances(self, moment: float, limit: int) -> int:
-        """Delete up to `limit` of the workflow instances that ended before `moment`, oldest first: how many."""
-        ids = [row[0] for row in self._connection.execute(_INSTANCES_ENDED_BEFORE, (moment, limit))]
+    def expire_instances(self, moment: float, limit: int, most_bytes: int) -> tuple[int, bool]:
+        """Delete the workflow instances that ended before `moment`, oldest first: up to `limit` of them, and no more
+        of their documents than `most_bytes` (one at least). How many, and whether a limit left some that are due.
+
+        Freeing a document reads every page of it: 100 documents of 5 MB took 3.7 s (8.8 s from a cold cache), all
+        of it with the event loop held."""
+        rows = self._connection.execute(_INSTANCES_ENDED_BEFORE, (moment, limit)).fetchall()
+        ids: list[int] = []
+        size = 0
+        for instance_id, length in rows:
+            if ids and size + (length or 0) > most_bytes:
+                break
+            ids.append(instance_id)
+            size += length or 0
         if ids:
             with self._transaction() as sql:
                 self._keep_ids_used("instance")
                 sql.execute(f'DELETE FROM "instance" WHERE "id" IN ({", ".join("?" * len(ids))})', ids)
-        return len(ids)
+        return len(ids), len(ids) == limit or len(ids) < len(rows)
 
     def expire_audit(self, moment: float, limit: int) -> int:
         """Delete up to `limit` of the audit entries written before `moment`, oldest first: how many."""
@@ -1253,7 +1264,8 @@ _OLDEST_EXPIRABLE_AT = f'SELECT "id", "finished_at" {_FROM_EXPIRABLE} ORDER BY "
 _EXPIRABLE_BEFORE = f'SELECT "id" {_FROM_EXPIRABLE} AND "finished_at" < ? ORDER BY "finished_at", "id" LIMIT ?'
 _OLDEST_INSTANCE_END = f'SELECT MIN("ended_at") FROM "instance" WHERE {_INSTANCE_ENDED}'
 _INSTANCES_ENDED_BEFORE = (
-    f'SELECT "id" FROM "instance" WHERE {_INSTANCE_ENDED} AND "ended_at" < ? ORDER BY "ended_at" LIMIT ?'
+    f'SELECT "id", length("document") FROM "instance" WHERE {_INSTANCE_ENDED} AND "ended_at" < ? '
+    'ORDER BY "ended_at" LIMIT ?'
 )
 _OLDEST_AUDIT = 'SELECT MIN("at") FROM "audit"'
 _AUDIT_BEFORE = 'SELECT "id" FROM "audit" WHERE "at" < ? ORDER BY "at" LIMIT ?'

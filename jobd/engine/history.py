@@ -29,6 +29,9 @@ SECONDS_PER_DAY = 86400
 # Jobs deleted per turn of the loop. Removing their output directories takes most of it (a job's two or three
 # files each): a thousand held the loop 0.4-0.8 s.
 TRIM_BATCH = 100
+# ... and bytes of ended workflow instances' documents per turn: deleting a document reads each of its pages, and
+# they hold up to 1 MiB of each task's output (100 of 5 MB held the loop 3.7 s).
+TRIM_DOCUMENT_BYTES = 8 * 1024 * 1024
 
 
 class HistoryKeeper:
@@ -154,16 +157,16 @@ class HistoryKeeper:
         self._trim_soon = None
         try:
             doomed = self._trim_batch()
-            others = self._trim_others()
+            others, more_others = self._trim_others()
         except Exception as error:
             if store_failure(error) is None:
                 raise  # a bug, with its traceback
             self._store_failed("cannot expire finished jobs from the history", error)
             self._trim_soon = asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS, self._trim_then_rearm)
             return True
-        if doomed or any(others):  # a write was made and taken (an empty trim writes nothing, so it tells nothing)
+        if doomed or others:  # a write was made and taken (an empty trim writes nothing, so it tells nothing)
             self._store_works()
-        if len(doomed) < TRIM_BATCH and max(others) < TRIM_BATCH:
+        if len(doomed) < TRIM_BATCH and not more_others:
             return False
         self._trim_soon = asyncio.get_running_loop().call_soon(self._trim_then_rearm)
         return True
@@ -191,16 +194,19 @@ class HistoryKeeper:
             self._finished -= len(doomed)
         return doomed
 
-    def _trim_others(self) -> tuple[int, int]:
-        """Delete up to TRIM_BATCH each of the ended workflow instances and the audit entries older than keep_days,
-        once the oldest of them is due: how many of each went."""
+    def _trim_others(self) -> tuple[int, bool]:
+        """Delete up to TRIM_BATCH each of the ended workflow instances (and TRIM_DOCUMENT_BYTES of their documents)
+        and the audit entries older than keep_days, once the oldest of them is due: how many went, and whether more
+        may be due."""
         if self._rules.keep_days is None or self._others_due is None or self._clock() < self._others_due:
-            return 0, 0
+            return 0, False
         cutoff = self._clock() - self._rules.keep_days * SECONDS_PER_DAY
-        expired = self._store.expire_instances(cutoff, TRIM_BATCH), self._store.expire_audit(cutoff, TRIM_BATCH)
-        if max(expired) < TRIM_BATCH:
+        instances, more = self._store.expire_instances(cutoff, TRIM_BATCH, TRIM_DOCUMENT_BYTES)
+        entries = self._store.expire_audit(cutoff, TRIM_BATCH)
+        more = more or entries == TRIM_BATCH
+        if not more:
             self._others_due = None  # none is due any more: the next rearm says when one is
-        return expired
+        return instances + entries, more
 
     def _unheld(self, job_ids: list[int]) -> list[int]:
         return [job_id for job_id in job_ids if job_id not in self._held][:TRIM_BATCH]
