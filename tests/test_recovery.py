@@ -845,7 +845,10 @@ def test_history_expiry_on_a_full_database_disk_waits_for_room(
     old = daemon.submit(command=["/bin/true"])["id"]
     daemon.wait(old)
     filler = exhaust(daemon, small_state_disk)  # well before the 5.2 s are over
-    wait_for_log(daemon, "cannot expire finished jobs from the history: database or disk is full")
+    wait_for_log(
+        daemon,
+        "cannot expire finished jobs, ended instances or audit entries from the history: database or disk is full",
+    )
     assert daemon.call("job.get", {"id": old})["state"] == "succeeded"
 
     filler.unlink()

@@ -161,7 +161,7 @@ class HistoryKeeper:
         except Exception as error:
             if store_failure(error) is None:
                 raise  # a bug, with its traceback
-            self._store_failed("cannot expire finished jobs from the history", error)
+            self._store_failed("cannot expire finished jobs, ended instances or audit entries from the history", error)
             self._trim_soon = asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS, self._trim_then_rearm)
             return True
         if doomed or others:  # a write was made and taken (an empty trim writes nothing, so it tells nothing)
