@@ -512,6 +512,32 @@ def test_a_kill_9_in_the_middle_of_a_long_loop_resumes_it_and_runs_each_item_onc
     _assert_each_item_ran_once(daemon, instance_id, items)
 
 
+SCRIPT_IN_HELD_QUEUE = """<workflow><subjobs><job name="j"><tasks>
+<task type="SCRIPT" name="s" queue="held"><script>#!/bin/sh
+echo never
+</script></task>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_an_instance_that_cannot_be_resumed_ends_and_leaves_no_script_behind(make_daemon: Any) -> None:
+    """A document that cannot be read back at a start ends its instance in error; the script files of its SCRIPT
+    tasks stayed in state_dir/scripts for ever."""
+    daemon = make_daemon("[queue.default]\n[queue.held]\npaused = true\n")
+    daemon.write_workflows(scripted=SCRIPT_IN_HELD_QUEUE)
+    daemon.call("daemon.reload")
+    instance_id = daemon.call("instance.launch", {"workflow": "scripted"})["id"]
+    scripts = daemon.state_dir / "scripts"
+    assert [path.name for path in scripts.iterdir()] == [f"{instance_id}-3"]  # written as its task (node 3) was queued
+    assert daemon.stop() == 0
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as db, db:
+        db.execute("UPDATE instance SET document = ? WHERE id = ?", (b"<workflow", instance_id))  # damaged
+    daemon.start()
+    [listed] = daemon.call("instance.list", {})["instances"]
+    assert (listed["id"], listed["status"]) == (instance_id, "TERMINATED")
+    assert f"instance={instance_id} cannot be resumed" in daemon.log()
+    assert list(scripts.iterdir()) == []
+
+
 def test_a_stop_saves_the_document_as_it_is(make_daemon: Any, tmp_path: Path) -> None:
     """A stop saves every instance's document at once, whatever is left of its spacing between saves: read from the
     database after the stop, the document shows ended exactly the tasks whose jobs ended before it."""

@@ -936,6 +936,7 @@ class Instances:
 
     def _end_unresumed(self, summary: InstanceSummary, document: bytes, now: float) -> None:
         self.store.save_instance(summary.id, str(InstanceStatus.TERMINATED), summary.errors + 1, now, (), document)
+        self._remove_scripts(summary.id)  # as at any instance's end: nothing runs them any more
 
     def _resume(self, summary: InstanceSummary, document: bytes, now: float) -> None:
         config = self.engine.config
