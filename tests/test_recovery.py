@@ -991,6 +991,19 @@ def a_parked_instance(daemon: Daemon) -> tuple[int, int]:
     return instance, task_job["id"]
 
 
+def _cancel_refused_for_want_of_room(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> tuple[Daemon, int, int, Path, RemoteError]:
+    """A parked instance cancelled on a full database disk: the daemon, the instance, its task's job, the file that
+    fills the disk, and the cancel's STORE_FAILED."""
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    instance, task_job = a_parked_instance(daemon)
+    filler = exhaust(daemon, small_state_disk)
+    refused = _refused_for_a_full_disk(daemon, "instance.cancel", {"id": instance})
+    assert (refused.data["id"], refused.data["in_effect"]) == (instance, True), refused.data
+    return daemon, instance, task_job, filler, refused
+
+
 def test_an_instance_cancelled_on_a_full_database_disk_ends_and_its_task_job_goes(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:
@@ -998,12 +1011,7 @@ def test_an_instance_cancelled_on_a_full_database_disk_ends_and_its_task_job_goe
     # database), and its task's job, whose cancel failed in the background, stayed queued and later ran. Then it
     # was answered OK, though not saved: a stop or a crash before there was room forgot it, unknown to the client.
     # Now the client is told, by STORE_FAILED, that the cancel is in effect and not saved yet.
-    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
-    instance, task_job = a_parked_instance(daemon)
-    filler = exhaust(daemon, small_state_disk)
-
-    refused = _refused_for_a_full_disk(daemon, "instance.cancel", {"id": instance})
-    assert (refused.data["id"], refused.data["in_effect"]) == (instance, True), refused.data
+    daemon, instance, task_job, filler, refused = _cancel_refused_for_want_of_room(jobd, small_state_disk)
     assert refused.message.startswith(
         f"instance {instance} is cancelled, but jobd could not save that (database or disk is full). The cancel is "
         "in effect"
@@ -1038,11 +1046,7 @@ def test_a_cancel_not_saved_for_want_of_room_is_lost_to_a_crash_as_its_answer_sa
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:
     # What the STORE_FAILED answer of the test above warns of: the instance resumes as it was last saved.
-    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
-    instance, task_job = a_parked_instance(daemon)
-    filler = exhaust(daemon, small_state_disk)
-    refused = _refused_for_a_full_disk(daemon, "instance.cancel", {"id": instance})
-    assert refused.data["in_effect"] is True
+    daemon, instance, task_job, filler, _ = _cancel_refused_for_want_of_room(jobd, small_state_disk)
     kill9(daemon)
     filler.unlink()
     start(daemon)
