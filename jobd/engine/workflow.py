@@ -329,8 +329,7 @@ class Instance:
         for task in list(instance._all_tasks()):
             status = task.get("status")
             if status == NodeStatus.QUEUED or _resumable_failure(task):
-                for name in (*_RUN_ATTRIBUTES, "status", "retval", "error", "progression", "execution_time"):
-                    _drop(task, name)
+                _drop(task, *_RUN_ATTRIBUTES, "status", "retval", "error", "progression", "execution_time")
                 instance._enqueue(task)
         instance._counters.recount()  # the counters it was saved with are those of the instance that ended
         return instance, instance._settle(now)
@@ -438,8 +437,7 @@ class Instance:
         self._counters.touch(task)
         task.set("status", NodeStatus.TERMINATED)
         task.set("retval", str(retval))
-        for name in _RUN_ATTRIBUTES:
-            _drop(task, name)
+        _drop(task, *_RUN_ATTRIBUTES)
         task.set("progression", "100")
         started = result.started_at if result.started_at is not None else now
         if task.get("execution_time") is None:
@@ -496,8 +494,7 @@ class Instance:
                 self._abort(task, ABORTED_BY_USER)
                 self._actions.append(DequeueTask(_evqid(task)))
             elif _is_retrying(task):
-                _drop(task, "retry_at")
-                _drop(task, RETRY_AT_UNIX)
+                _drop(task, "retry_at", RETRY_AT_UNIX)
                 self._abort(task, ABORTED_BY_USER)
         return self._settle(now)
 
