@@ -141,17 +141,23 @@ class _Event:
 class _Pending(asyncio.Queue["_Event | None"]):
     """The events of one GET /events client not written yet (None: it is cut off), and about how many bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, connection: asyncio.BaseTransport | None = None) -> None:
         super().__init__()
         self.size = 0
+        self.connection = connection
 
     def cut_off(self) -> None:
-        """End the stream: its events go now, not once the client reads again. Its handler may wait for a write that
-        a client not reading never lets finish; the events queued behind it would stay alive meanwhile."""
+        """End the stream: its events go now, and its connection too, not once the client reads again. Its handler
+        may wait for a write that a client not reading never lets finish: the events queued behind it would stay
+        alive meanwhile, and the connection with its buffers for as long as the client liked."""
         while not self.empty():
             self.get_nowait()
         self.size = 0
         self.put_nowait(None)
+        if self.connection is not None:
+            # What the kernel holds already still reaches the client, then the end; the handler's waiting write
+            # fails and it returns.
+            self.connection.abort()
 
 
 def _event_size(event: JobEvent, data: dict[str, Any]) -> int:
@@ -530,7 +536,7 @@ class HttpApi:
             assert event.job is not None
             return selection.wants_job(rules, peer, event.type, *event.job)
 
-        pending = _Pending()
+        pending = _Pending(request.transport)
         # Registered before the replay is taken, with no await between: nothing falls between ring and live.
         backlog = [event for event in self.ring if last.isdigit() and event.id > int(last)]
         self.clients.add(pending)

@@ -5,6 +5,7 @@ sleeps or polls."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import http.client
@@ -302,18 +303,37 @@ def test_a_client_that_lets_its_bytes_of_events_pile_up_unread_is_cut_off(daemon
     # the ring had let them go. 700 lines of 64 KB are far more than what the socket's buffers hold besides
     # SSE_QUEUE_BYTES: the stream ends before the job's end.
     stream = Events(daemon)  # not read from while the job runs
+    assert _holds_connection(daemon, stream)
     job = daemon.submit(command=_long_log_lines(700))
     daemon.wait(job["id"])
+    # Its connection went with its events: it stayed open, with its buffers, until the client read or went.
+    daemon.call("ping")  # the close follows the cut-off by one turn of jobd's loop
+    assert not _holds_connection(daemon, stream)
     kinds, fields = [], {}
-    while line := stream.response.readline():  # what was written before the cut, then the end of the stream
-        if line == b"\n":
-            kinds.append((fields["event"], json.loads(fields["data"]).get("job", {}).get("finished_at")))
-        else:
-            name, _, value = line.decode().rstrip("\n").partition(": ")
-            fields[name] = value
+    with contextlib.suppress(http.client.IncompleteRead):  # the stream's end is its connection's
+        while line := stream.response.readline():  # what was written before the cut
+            if line == b"\n":
+                kinds.append((fields["event"], json.loads(fields["data"]).get("job", {}).get("finished_at")))
+            else:
+                name, _, value = line.decode().rstrip("\n").partition(": ")
+                fields[name] = value
     stream.close()
     assert ("job.log", None) in kinds and not [finished for kind, finished in kinds if finished is not None]
     assert "a GET /events client does not read its events" in daemon.log()
+
+
+def _holds_connection(daemon: Any, stream: Events) -> bool:
+    """Whether jobd has a descriptor for its end of the stream's TCP connection."""
+    client_port = stream.connection.sock.getsockname()[1]
+    server_port = address(daemon)[1]
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            inodes.add(f"socket:[{inode}]")
+    held = {os.readlink(f"/proc/{daemon.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{daemon.pid}/fd")}
+    return bool(inodes & held)
 
 
 def test_a_client_cut_off_keeps_none_of_its_events_alive() -> None:
