@@ -141,7 +141,7 @@ class _Event:
 class _Pending(asyncio.Queue["_Event | None"]):
     """The events of one GET /events client not written yet (None: it is cut off), and about how many bytes."""
 
-    def __init__(self, connection: asyncio.BaseTransport | None = None) -> None:
+    def __init__(self, connection: asyncio.Transport | None = None) -> None:
         super().__init__()
         self.size = 0
         self.connection = connection
