@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import sdnotify
 
-from jobd import __version__, activation, config, logline, proc
+from jobd import __version__, activation, config, logline, openfiles, proc
 from jobd import early_signals as jobd_early_signals
 from jobd.api import Api
 from jobd.engine.callbacks import SHUTDOWN_TAKES as CALLBACKS_SHUTDOWN_TAKES
@@ -76,6 +76,23 @@ class _Notifier:
                     text.split("\n", 1)[0],
                     error.strerror or error,
                 )
+
+
+def _fit_open_files(configuration: Config) -> None:
+    """Raise the soft limit on open files to what `configuration` may need (jobd.openfiles), saying so; warn when the
+    hard limit stops short of it."""
+    fit = openfiles.fit(configuration)
+    if fit.after > fit.before:
+        log.info("raised the soft limit on open files from %d to %d", fit.before, fit.after)
+    if fit.short:
+        log.warning(
+            "the configuration may need %d open files (%d per job slot, max_connections clients) but the hard limit "
+            "is %d: past it, clients wait to be accepted and jobs are put back to start later; raise LimitNOFILE= "
+            "(systemd) or lower queues' concurrency or max_connections",
+            fit.needed,
+            openfiles.PER_JOB_SLOT,
+            fit.hard,
+        )
 
 
 def _lock_state_dir(state_dir: str) -> int:
@@ -190,6 +207,7 @@ class Daemon:
                 "exists and is not a directory",
                 permanent=True,
             ) from None
+        _fit_open_files(initial)
         _refuse_a_lost_database(state_dir)
         _secure_state_dir(state_dir)
         self._state_lock = _lock_state_dir(state_dir)
@@ -415,6 +433,7 @@ class Daemon:
         if new.http.listen != self._at_start.http.listen:
             log.warning("[http] listen changed; it takes effect at the next restart (tokens apply at once)")
         self.config = new
+        _fit_open_files(new)
         self.engine.reload(new)
         self.scheduler.reload(new)
         load_aiohttp(new)

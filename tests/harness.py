@@ -83,6 +83,7 @@ class Daemon:
         self.evqueue_socket = root / "evqueue.sock"  # evQueue's XML protocol, greeting first
         self.env: dict[str, str] = {}  # extra environment for the daemon (e.g. JOBD_EVQUEUE_KEEPALIVE_INTERVAL)
         self.pass_fds: tuple[int, ...] = ()  # descriptors the daemon inherits, as from a careless parent
+        self.command_prefix: list[str] = []  # a program that execs jobd (`prlimit --nofile=…`): the same pid
         self.log_path = root / "jobd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.log_level = "debug"
@@ -116,7 +117,11 @@ class Daemon:
         env.pop("INVOCATION_ID", None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the daemon owns it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(self.config_dir), "--log-level", self.log_level],
+            [
+                *self.command_prefix,
+                sys.executable,
+                *("-m", "jobd.daemon", "--config-dir", str(self.config_dir), "--log-level", self.log_level),
+            ],
             env=env,
             stdout=log,
             stderr=log,

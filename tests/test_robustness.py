@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from harness import REPO, Daemon
 
+from jobd import config, openfiles
 from jobd.client import Client, RemoteError
 
 QUEUE = "[queue.default]\nconcurrency = 1\n"
@@ -272,6 +273,54 @@ def test_running_out_of_file_descriptors_delays_jobs_instead_of_failing_them(mak
     assert states == ["succeeded"] * 20
     assert any(t["outcome"] == "spawn_error" for job_tries in tries for t in job_tries), "the limit was never hit"
     assert "Too many open files" in daemon.log()
+
+
+def _soft_limit_on_open_files(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))
+
+
+def test_jobd_raises_its_soft_limit_on_open_files_to_what_its_queues_may_need(make_daemon: Any) -> None:
+    # Started with systemd's soft limit of 1024 (here 256), jobd hit it at a few hundred job slots: jobs were put back
+    # to start again later, each failed start recorded as a spawn_error attempt, and clients waited to be accepted.
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 100\n", start=False)
+    daemon.command_prefix = ["prlimit", "--nofile=256:8192", "--"]
+    daemon.start()
+    needed = openfiles.needed(config.load([str(daemon.config_dir)]))
+    assert 256 < needed < 8192
+    assert _soft_limit_on_open_files(daemon.pid) == needed
+    assert f"raised the soft limit on open files from 256 to {needed}" in daemon.log()
+    with daemon.client() as watcher, daemon.client() as client:
+        watcher.call("events.subscribe", {"types": ["job.progress"]})
+        # Each job holds all it can at once: its three pipes, its pidfd, and its stdout and stderr files (made on
+        # their first byte, before the progress line that says so).
+        command = ["sh", "-c", "echo out; echo err >&2; echo %50 >&3; exec sleep 600"]
+        jobs = client.call("job.submit", {"jobs": [{"command": command} for _ in range(100)]})["jobs"]
+        for _ in jobs:
+            watcher.next_event(timeout=60)
+        assert len(os.listdir(f"/proc/{daemon.pid}/fd")) > 256 + 100  # far past the soft limit it was given
+        for job in jobs:
+            client.call("job.cancel", {"id": job["id"]})
+            ended = client.call("job.wait", {"id": job["id"], "timeout": 60}, timeout=70)
+            assert (ended["state"], ended["attempts"]) == ("cancelled", 1), ended
+    assert "Too many open files" not in daemon.log()
+
+
+def test_a_hard_limit_on_open_files_below_what_the_queues_may_need_is_warned_about(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 100\n", start=False)
+    daemon.command_prefix = ["prlimit", "--nofile=256:700", "--"]
+    daemon.start()
+    needed = openfiles.needed(config.load([str(daemon.config_dir)]))
+    assert _soft_limit_on_open_files(daemon.pid) == 700  # as far as it could
+    assert f"the configuration may need {needed} open files" in daemon.log()
+    assert "the hard limit is 700" in daemon.log()
+    # A reload to what fits says nothing more; one that needs more again warns again.
+    daemon.write_config("[queue.default]\nconcurrency = 10\n")
+    daemon.call("daemon.reload")
+    assert daemon.log().count("may need") == 1
+    daemon.write_config("[queue.default]\nconcurrency = 200\n")
+    daemon.call("daemon.reload")
+    assert daemon.log().count("may need") == 2
 
 
 def test_unprivileged_clients_set_only_the_variables_a_task_allows(make_daemon: Any) -> None:

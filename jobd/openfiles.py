@@ -1,0 +1,60 @@
+"""How many file descriptors jobd may hold at once for its configuration, and its soft limit on open files raised
+to fit.
+
+systemd starts a service with a soft limit of 1024 open files (and a hard limit of 524288): enough for the
+defaults, not for many job slots or clients. Past the soft limit, accept() and pipe() fail with EMFILE: clients
+wait in the listen backlog, and jobs are put back to start again later, each failed start recorded as an attempt
+(`spawn_error`, "Too many open files"). So jobd raises its own soft limit to what its configuration may need,
+never above the hard limit (the administrator's `LimitNOFILE=`), and never lowers it. Jobs inherit the limit as
+jobd has it when they start.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+from jobd.model import Config
+
+# Held by a running job: the read ends of its stdout, stderr and fd 3 pipes, its pidfd, and up to three output
+# files; for a moment while it starts, two more (the pipe that tells subprocess whether the exec failed).
+PER_JOB_SLOT = 8
+# aiohttp's connector keeps at most 100 connections per session by default: one session for HTTP jobs, one for
+# callbacks.
+HTTP_CLIENT_CONNECTIONS = 2 * 100
+# The database, its WAL and shared memory, the listeners, epoll sets, inotify, the timerfd, the log, the state
+# lock, the signal wake-up pair, /dev/null for a job's stdin, TCP clients still logging in (server.LOGINS_UNDER_WAY).
+RESERVED = 96
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    needed: int
+    before: int  # the soft limit found
+    after: int  # the soft limit now
+    hard: int
+
+    @property
+    def short(self) -> bool:
+        """The hard limit keeps the soft one below what may be needed."""
+        return self.after < self.needed
+
+
+def needed(config: Config) -> int:
+    """Descriptors jobd may hold at once: every job slot of every queue full, and as many clients as
+    max_connections allows on the local sockets and on the HTTP listener (which counts its own)."""
+    slots = sum(queue.concurrency for queue in config.queues.values())
+    clients = config.daemon.max_connections * (2 if config.http.listen is not None else 1)
+    return RESERVED + clients + PER_JOB_SLOT * slots + HTTP_CLIENT_CONNECTIONS
+
+
+def fit(config: Config) -> Fit:
+    """Raise the soft limit on open files towards what `config` may need, as far as the hard limit allows."""
+    want = needed(config)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return Fit(want, soft, soft, hard)
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if new > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return Fit(want, soft, max(new, soft), hard)
