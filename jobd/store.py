@@ -421,15 +421,10 @@ class Store:
         # transaction, and keeps the WAL index in private memory rather than a shared -shm file.
         self.db = peewee.SqliteDatabase(
             path,
+            # Not page_size and journal_mode: they write to the file, so _migrate sets them once it knows the file
+            # is jobd's (a database it refuses is left as it was).
             pragmas={
-                # Pages of 1 KiB rather than 4: a job's commits rewrite the same five or so pages (its row, its
-                # attempt, the index entries its state moves between), each appended whole to the WAL, so the
-                # bytes copied and checksummed per commit fall by three quarters (store alone: ~18 % less CPU
-                # per job). Rows are a few hundred bytes; the rare large one (stdin) goes to overflow pages.
-                # Effective only for a new database: an existing one keeps the size it was created with.
-                "page_size": 1024,
                 "locking_mode": "exclusive",
-                "journal_mode": "wal",
                 "synchronous": "normal",
                 # A checkpoint copies the WAL into the database and fsync()s both, on the event loop. Most
                 # writes rewrite the same few pages (the newest rows), so a longer WAL (up to ~40 MB) copies each
@@ -496,6 +491,12 @@ class Store:
                 "to start anew, or set [daemon] state_dir to jobd's own directory",
                 permanent=True,
             )
+        # Pages of 1 KiB rather than 4: a job's commits rewrite the same five or so pages (its row, its attempt, the
+        # index entries its state moves between), each appended whole to the WAL, so the bytes copied and
+        # checksummed per commit fall by three quarters (store alone: ~18 % less CPU per job). Rows are a few
+        # hundred bytes; the rare large one (stdin) goes to overflow pages. Effective only for a new database (set
+        # before its first write, migration 1): an existing one keeps the size it was created with.
+        self.db.pragma("page_size", 1024)
         for step in range(version, SCHEMA_VERSION):
             try:
                 with self.db.atomic():
@@ -510,6 +511,11 @@ class Store:
                     "or not jobd's; restore it from a backup, or move it away to start anew",
                     permanent=True,
                 ) from None
+        # WAL mode is recorded in the file's header, for good: set only once the file has proved to be jobd's (the
+        # refusals above, a migration that fails), or a newer jobd's or another program's database in a rollback
+        # journal mode would be left switched to WAL by the jobd refusing it. The steps of a new database (or of
+        # one a tool took out of WAL mode) are all or nothing in a rollback journal just as in the WAL.
+        self.db.pragma("journal_mode", "wal")
 
     async def flush(self) -> None:
         """Make every transaction committed so far survive a power cut (one fsync shared by all waiters)."""

@@ -18,6 +18,7 @@ import queue as queues
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -47,6 +48,7 @@ from jobd.client import RemoteError
 from jobd.daemon import RECOVERY_EXTEND_SECONDS
 from jobd.engine.core import RECOVERY_STEP
 from jobd.protocol.evqueue import XmlFramer
+from jobd.store import SCHEMA_VERSION
 
 # A job that blocks on its first attempt (after recording its pid and saying "ready" on fd 3) and succeeds at once
 # on any later attempt. $0 is a path prefix the test reads the pid from.
@@ -530,6 +532,31 @@ def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
     assert "the file is damaged" in started.stderr and "restore it from a backup" in started.stderr, started.stderr
     assert database.read_bytes() == data  # left as it was, for whoever repairs it
     assert not daemon.socket_path.exists() and not daemon.evqueue_socket.exists()
+
+
+@pytest.mark.parametrize("whose", ["another program's", "a newer jobd's"])
+def test_a_database_that_is_not_this_jobds_is_refused_and_left_as_it_was(
+    make_daemon: Callable[..., Daemon], whose: str
+) -> None:
+    # Both in SQLite's default rollback journal mode: WAL mode is written into the file's header, so a jobd that
+    # switched to it before refusing the file would leave it changed for good (the man page says it is left as it is).
+    daemon = make_daemon("[queue.default]\n", start=False)
+    daemon.state_dir.mkdir(parents=True)
+    database = daemon.state_dir / "jobd.sqlite3"
+    with contextlib.closing(sqlite3.connect(database)) as raw:
+        if whose == "another program's":
+            raw.execute("CREATE TABLE photos (name TEXT)")
+            raw.execute("INSERT INTO photos VALUES ('cat.jpg')")
+            raw.commit()
+        else:
+            raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    data = database.read_bytes()
+    started = start_directly(daemon)
+    assert started.returncode == 78, started  # permanent: restarting cannot mend it
+    wanted = "it is not jobd's database" if whose == "another program's" else "newer than this jobd understands"
+    assert wanted in started.stderr and "Traceback" not in started.stderr, started.stderr
+    assert database.read_bytes() == data
+    assert not Path(f"{database}-wal").exists() and not daemon.socket_path.exists()
 
 
 @pytest.mark.parametrize("left", ["output", "WAL"])
