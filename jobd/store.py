@@ -480,7 +480,11 @@ class Store:
         version = self.db.pragma("user_version")
         if version > SCHEMA_VERSION:
             raise StartupError(
-                f"{self.path} has schema version {version}, newer than this jobd understands ({SCHEMA_VERSION})",
+                # What to do, as for the other refusals (docs/systemd.md: "the log says what to do"): a newer jobd
+                # upgraded it in place, and only that jobd, or a copy made before, can be used.
+                f"{self.path} has schema version {version}, newer than this jobd understands ({SCHEMA_VERSION}): "
+                "a newer jobd upgraded it; install that jobd again, or restore a copy of the database from before "
+                "the upgrade",
                 permanent=True,
             )
         # Version 0 is a new, empty file: one that holds tables is another program's, and would be changed if

@@ -553,7 +553,13 @@ def test_a_database_that_is_not_this_jobds_is_refused_and_left_as_it_was(
     data = database.read_bytes()
     started = start_directly(daemon)
     assert started.returncode == 78, started  # permanent: restarting cannot mend it
-    wanted = "it is not jobd's database" if whose == "another program's" else "newer than this jobd understands"
+    if whose == "another program's":
+        wanted = "it is not jobd's database; move it away to start anew"
+    else:  # what it is, and what to do about it
+        wanted = (
+            f"newer than this jobd understands ({SCHEMA_VERSION}): a newer jobd upgraded it; install that jobd "
+            "again, or restore a copy of the database from before the upgrade"
+        )
     assert wanted in started.stderr and "Traceback" not in started.stderr, started.stderr
     assert database.read_bytes() == data
     assert not Path(f"{database}-wal").exists() and not daemon.socket_path.exists()
