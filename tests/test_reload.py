@@ -414,6 +414,30 @@ def test_a_removed_queue_paused_through_the_api_still_drains(jobd: Callable[...,
     assert "extra" not in queue_names(daemon)
 
 
+def test_an_api_pause_of_a_queue_removed_while_jobd_was_down_is_dropped_with_it(jobd: Callable[..., Daemon]) -> None:
+    """A pause set through queue.pause is dropped with the queue (docs/config.md, "Reloading"). Removed while jobd
+    was stopped, the queue drained at the start, but its pause stayed on record: added back months later, the
+    queue came back paused, by a word older than its removal."""
+    extra = TASKS + "\n[queue.extra]\nconcurrency = 1\n"
+    daemon = jobd(extra)
+    assert daemon.call("queue.pause", {"name": "extra"})["paused"] is True
+    left = daemon.submit(command=["/bin/echo", "left"], queue="extra")["id"]
+    assert terminate(daemon) == 0
+    daemon.write_config(TASKS)
+    start(daemon)
+    assert daemon.wait(left)["state"] == "succeeded"  # drained, the pause dropped
+    assert "extra" not in queue_names(daemon)
+
+    daemon.write_config(extra)
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert queue(daemon, "extra")["paused"] is False
+    again = daemon.submit(command=["/bin/echo", "again"], queue="extra")["id"]
+    assert daemon.wait(again)["state"] == "succeeded"
+    assert terminate(daemon) == 0  # and no record of it brings the pause back at a start
+    start(daemon)
+    assert queue(daemon, "extra")["paused"] is False
+
+
 def test_a_drop_in_whose_name_is_not_utf8_is_shown_escaped(jobd: Callable[..., Daemon]) -> None:
     """A file name the OS gives as bytes that are not UTF-8 (a Latin-1 `café.toml`) reaches Python as lone
     surrogates, which JSON and SQLite refuse: daemon.status, a reload's error and the audit log show its bytes as

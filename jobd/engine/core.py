@@ -906,6 +906,12 @@ class Engine:
 
     def _apply_queue_definitions(self, config: Config, stored: dict[str, QueuePause]) -> None:
         pauses = {name: pause.paused for name, pause in stored.items()}
+        for name in sorted(pauses.keys() - config.queues.keys()):
+            # An API pause belongs to the queue it paused: removed from the file (now, or while jobd was down), the
+            # queue drains, and one added again under that name starts as its file says, not paused by a record
+            # older than its removal.
+            self._forget_queue_pause(name)
+            del pauses[name]
         for name, definition in config.queues.items():
             queue = self.queues.get(name)
             # The file's `paused` under which the API pause was made: the running definition's, or at start-up the
@@ -927,9 +933,7 @@ class Engine:
             queue.paused = pauses.get(name, definition.paused)
         for name, queue in list(self.queues.items()):
             if name not in config.queues:
-                if name in pauses:  # an API pause belongs to the queue it paused; a removed queue drains
-                    self._forget_queue_pause(name)
-                queue.paused = False
+                queue.paused = False  # its API pause, if any, was forgotten above: a removed queue drains
                 if queue.is_idle() and not self._has_delayed(name):
                     del self.queues[name]
                 elif not queue.closed:
