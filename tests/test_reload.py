@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon
-from recovery.support import Gate, gated, pump_of, start, terminate
+from recovery.support import Gate, gated, kill9, pump_of, start, terminate
 
 from jobd.client import RemoteError
 
@@ -436,6 +436,22 @@ def test_an_api_pause_of_a_queue_removed_while_jobd_was_down_is_dropped_with_it(
     assert terminate(daemon) == 0  # and no record of it brings the pause back at a start
     start(daemon)
     assert queue(daemon, "extra")["paused"] is False
+
+
+def test_a_queue_removed_while_jobd_was_down_whose_jobs_all_ended_at_the_start_disappears(
+    jobd: Callable[..., Daemon],
+) -> None:
+    """Its only job was running at a kill -9 and is found lost at the start, not to be retried: the queue has
+    drained. It stayed listed (closed, idle) and refused submits with QUEUE_CLOSED until some reload."""
+    daemon = jobd(TASKS + "\n[queue.extra]\nconcurrency = 1\n")
+    job = daemon.submit(command=["/bin/sleep", "600"], queue="extra")["id"]
+    assert daemon.call("job.get", {"id": job})["state"] == "running"
+    kill9(daemon)
+    daemon.write_config(TASKS)
+    start(daemon)
+    assert daemon.call("job.get", {"id": job})["state"] == "failed"
+    assert "extra" not in queue_names(daemon)
+    assert remote_error(daemon, "job.submit", {"command": ["/bin/true"], "queue": "extra"}).code == "UNKNOWN_QUEUE"
 
 
 def test_a_drop_in_whose_name_is_not_utf8_is_shown_escaped(jobd: Callable[..., Daemon]) -> None:

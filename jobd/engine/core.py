@@ -221,6 +221,10 @@ class Engine:
         for job_id in [job.id for job in self.jobs.values() if job.state is JobState.DELAYED and job.run_at <= now]:
             self._delay_timers[job_id].cancel()
             self._delay_over(job_id)
+        # A queue removed while jobd was down whose every job ended here (lost, not to be retried) has drained: it
+        # disappears now, as it would have at its last job's end, rather than stay listed, closed, until a reload.
+        for name in list(self.queues):
+            self._forget_if_drained(name)
         self.history.rearm()
 
     def start_jobs(self) -> None:
