@@ -1538,7 +1538,7 @@ class ConfigWatcher:
     the new one is broken.
     """
 
-    def __init__(self, dirs: Sequence[str], on_change: Callable[[], None]) -> None:
+    def __init__(self, dirs: Sequence[str], on_change: Callable[[], None] = lambda: None) -> None:
         self._dirs = tuple(os.path.abspath(d) for d in dirs)
         self._drop_in_dirs = tuple(os.path.join(d, DROP_IN_DIR) for d in self._dirs)
         self._workflow_dirs = tuple(os.path.join(d, WORKFLOWS_DIR) for d in self._dirs)
@@ -1551,10 +1551,21 @@ class ConfigWatcher:
         self._pending: asyncio.TimerHandle | None = None
         self._first_change = 0.0  # loop time of the first event the pending reload waits after
         self._closed = False
+        self._watching = False
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def watch(self) -> None:
+        """Watch the directories from now on; the kernel keeps what it sees for start(). jobd calls this before it
+        first reads its configuration: a file saved while it starts (a long recovery) is reloaded once it is ready,
+        not left unread until some later change."""
+        if not self._watching:
+            self._watching = True
+            self._watch_all()
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_change: Callable[[], None] | None = None) -> None:
         self._loop = loop
-        self._watch_all()
+        if on_change is not None:
+            self._on_change = on_change
+        self.watch()
         loop.add_reader(self._fd, self._on_readable)
 
     def close(self) -> None:

@@ -179,10 +179,12 @@ class Daemon:
         watchdog: float | None = None,
         early_signals: Sequence[int] = (),
         config_dir: str | None = None,
+        watcher: config.ConfigWatcher | None = None,
     ) -> None:
         """`passed`: the sockets systemd handed over, by name (jobd.activation); `watchdog`: the interval within
         which systemd wants WATCHDOG=1, or None; `early_signals`: SIGTERM, SIGINT or SIGHUP received while
-        starting, before the event loop handled them (see main); `config_dir`: the --config-dir given, if any."""
+        starting, before the event loop handled them (see main); `config_dir`: the --config-dir given, if any;
+        `watcher`: watching the configuration since before `initial` was read (see main), or None."""
         self.dirs = list(dirs)
         self.config_dir = config_dir
         self.passed = dict(passed or {})
@@ -227,7 +229,7 @@ class Daemon:
             from jobd.http_api import HttpApi  # with aiohttp: only when it listens (see jobd/engine/http_task.py)
 
             self.http = HttpApi(self.server.api, listen, lambda: len(self.server.connections))
-        self.watcher: config.ConfigWatcher | None = None
+        self.watcher = watcher
         self._status_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
@@ -269,8 +271,9 @@ class Daemon:
             return
         self.engine.start_jobs()
         await self.server.start_serving()
-        self.watcher = config.ConfigWatcher(self.dirs, self._reload_from_event)
-        self.watcher.start(loop)
+        if self.watcher is None:
+            self.watcher = config.ConfigWatcher(self.dirs)
+        self.watcher.start(loop, self._reload_from_event)  # with what changed since it began watching, if anything
         self.engine.on_counts_changed = self._counts_changed
         daemon = self.config.daemon
         log.info("jobd %s ready: socket %s, state %s", __version__, self.server.path, daemon.state_dir)
@@ -512,6 +515,16 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
             args.config_dir,
         )
         return EXIT_CONFIG
+    # Watched from before the first reading: a file saved while jobd starts (a long recovery takes minutes) is seen,
+    # and reloaded once jobd is ready. Watched from READY=1 only, such a change was never applied.
+    watcher = None
+    if not args.check_config:
+        try:
+            watcher = config.ConfigWatcher(dirs)
+            watcher.watch()
+        except OSError as error:  # out of inotify instances or watches (fs.inotify.max_user_*)
+            log.error("not starting: cannot watch the configuration directories: %s", error)
+            return 1
     try:
         initial = config.load(dirs)
     except ConfigError as error:
@@ -522,7 +535,8 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
         return 0
 
     async def run() -> None:
-        await Daemon(dirs, initial, passed, watchdog, early_signals, config_dir=args.config_dir or None).run()
+        config_dir = args.config_dir or None
+        await Daemon(dirs, initial, passed, watchdog, early_signals, config_dir=config_dir, watcher=watcher).run()
 
     try:
         asyncio.run(run())

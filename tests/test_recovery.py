@@ -1253,10 +1253,12 @@ sys.modules["tomllib"] = shim
 """
 
 
-def signal_while_starting(daemon: Daemon, number: int, tmp_path: Path, later_config: str = "") -> threading.Thread:
+def signal_while_starting(
+    daemon: Daemon, number: int | None, tmp_path: Path, later_config: str = ""
+) -> threading.Thread:
     """Starting `daemon` blocks in its first parse of the configuration; meanwhile a drop-in with `later_config`
     is written (too late for that first reading, which listed and read its files before parsing) and `number` is
-    sent, then jobd is let go on."""
+    sent (None: no signal), then jobd is let go on."""
     gate, shim = tmp_path / "toml-gate", tmp_path / "toml-shim"
     os.mkfifo(gate)
     shim.mkdir()
@@ -1270,7 +1272,8 @@ def signal_while_starting(daemon: Daemon, number: int, tmp_path: Path, later_con
                 later.write_text(later_config)
                 os.replace(later, daemon.config_dir / "jobd.d" / "50-later.toml")
             assert daemon.process is not None
-            daemon.process.send_signal(number)
+            if number is not None:
+                daemon.process.send_signal(number)
 
     thread = threading.Thread(target=answer)
     thread.start()
@@ -1287,6 +1290,23 @@ def test_a_sighup_while_starting_reloads_once_ready(make_daemon: Callable[..., D
     pump.wait_for("READY=1")
     job = daemon.wait(daemon.submit(task="later")["id"])
     assert job["state"] == "succeeded" and daemon.output(job["id"]) == "reloaded\n"
+    pump.stop()
+
+
+def test_a_drop_in_written_while_starting_is_applied_once_ready(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """inotify alone, no signal: a file saved while jobd starts (a long recovery, say) after it read its
+    configuration was never applied, since the directories were watched only from READY=1 on."""
+    daemon = make_daemon(start=False)
+    later = '[task.later]\ncommand = ["/bin/echo", "seen"]\n'
+    answering = signal_while_starting(daemon, None, tmp_path, later)
+    pump = start(daemon)
+    answering.join()
+    pump.wait_for("RELOADING=1")
+    pump.wait_for("READY=1")
+    job = daemon.wait(daemon.submit(task="later")["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "seen\n"
     pump.stop()
 
 
