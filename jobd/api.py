@@ -47,6 +47,7 @@ from jobd.model import (
     MAX_SECONDS,
     OBJECT_NAME,
     OBJECT_NAME_RULE,
+    WORKFLOW_TASK_KEY_PREFIX,
     AccessDef,
     Job,
     JobState,
@@ -358,6 +359,11 @@ def _key(p: Params) -> str | None:
     key = p.text("key")
     if key == "":  # would make every later submit without a key of its own return the first such job
         raise p.bad("key", "a non-empty string (leave it out for no idempotency key)")
+    # jobd's keys for workflow tasks' jobs: a job a client submitted with one would be taken, when the instance comes
+    # to that task, for the task's own job (its output the task's, the task itself never run).
+    if key is not None and key.startswith(WORKFLOW_TASK_KEY_PREFIX):
+        allowed = f"a non-empty string not starting with {WORKFLOW_TASK_KEY_PREFIX!r} (jobd's workflow tasks use those)"
+        raise p.bad("key", allowed)
     return key
 
 

@@ -26,6 +26,9 @@ OBJECT_NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . -, not starting with
 DEFAULT_PRIORITY = 1024
 MAX_PRIORITY = 2**32 - 1
 MAX_SECONDS = 100 * 366 * 86400  # delays, timeouts, graces: a century keeps every date representable
+# How the idempotency keys of workflow tasks' jobs begin (`instance:ID:task:N:try:T`, jobd.engine.instances). jobd
+# alone gives them: job.submit refuses them.
+WORKFLOW_TASK_KEY_PREFIX = "instance:"
 MAX_PAGE = 1000  # jobs, instances or audit entries in one list reply
 MAX_RETRY_TIMES = 1000  # retries a submit may ask for
 DEFAULT_KILL_GRACE = 10.0

@@ -337,6 +337,27 @@ def test_a_key_answers_only_to_those_who_may_read_its_job(jobd: Daemon, users: d
     assert [job["id"] for job in jobd.call("job.list", {"task": "report"})["jobs"]] == [own["result"]["id"]]
 
 
+def test_a_key_of_a_workflow_task_cannot_be_taken_in_advance(jobd: Daemon, users: dict[str, Any]) -> None:
+    """A workflow task's job has the key `instance:ID:task:N:try:T`, and ids come in order: a job submitted with the
+    key of a task of the next instance was taken for that task's own job, its output the task's, the task never run.
+    alice may submit `report` but not launch `other`: such keys are refused, and the task runs its own job."""
+    first = jobd.call("instance.launch", {"workflow": "other"})
+    jobd.call("instance.wait", {"id": first["id"], "timeout": 30})
+    [job] = jobd.call("job.list", {"context": f"instance:{first['id']}"})["jobs"]
+    key_prefix = f"instance:{first['id']}:"
+    assert job["key"].startswith(key_prefix) and job["key"].endswith(":try:1"), job
+    next_key = f"instance:{first['id'] + 1}:" + job["key"].removeprefix(key_prefix)
+    [claimed] = calls(jobd, users["alice"], [("job.submit", {"task": "report", "args": ["forged"], "key": next_key})])
+    assert claimed.get("code") == "INVALID_PARAMS", claimed
+    assert "key" in claimed["message"] and "not starting with 'instance:'" in claimed["message"], claimed
+    second = jobd.call("instance.launch", {"workflow": "other"})
+    assert second["id"] == first["id"] + 1
+    jobd.call("instance.wait", {"id": second["id"], "timeout": 30})
+    [job] = jobd.call("job.list", {"context": f"instance:{second['id']}"})["jobs"]
+    assert job["key"] == next_key and job["command"] == ["/bin/echo", "report"], job
+    assert jobd.output(job["id"]) == "report\n"
+
+
 def test_events_reach_only_subscribers_who_may_read_the_job(jobd: Daemon, users: dict[str, Any]) -> None:
     program = """
 import json, sys

@@ -52,7 +52,7 @@ from jobd.errors import (
     UnknownJob,
     UnknownWorkflow,
 )
-from jobd.model import InstanceSummary, Job, JobSpec, JobState, RetryPolicy
+from jobd.model import WORKFLOW_TASK_KEY_PREFIX, InstanceSummary, Job, JobSpec, JobState, RetryPolicy
 from jobd.store import STORE_RETRY_SECONDS as RETRY
 from jobd.store import InstanceFilter, JobFilter, Store, store_failure
 
@@ -110,7 +110,7 @@ def _document_position(node: etree._Element) -> tuple[int, ...]:
 
 def _key_prefix(instance_id: int) -> str:
     """How the idempotency keys of an instance's task jobs begin (then the task's evqid, `:try:` and the try)."""
-    return f"instance:{instance_id}:task:"
+    return f"{WORKFLOW_TASK_KEY_PREFIX}{instance_id}:task:"
 
 
 def _task_key(task: etree._Element) -> tuple[str | None, ...]:
