@@ -29,6 +29,7 @@ MAX_SECONDS = 100 * 366 * 86400  # delays, timeouts, graces: a century keeps eve
 # How the idempotency keys of workflow tasks' jobs begin (`instance:ID:task:N:try:T`, jobd.engine.instances). jobd
 # alone gives them: job.submit refuses them.
 WORKFLOW_TASK_KEY_PREFIX = "instance:"
+WORKFLOW_SCRIPT_NAME = re.compile(r"[0-9]+-[0-9]+")  # a SCRIPT task's file in state_dir/scripts: INSTANCE-EVQID
 MAX_PAGE = 1000  # jobs, instances or audit entries in one list reply
 MAX_RETRY_TIMES = 1000  # retries a submit may ask for
 DEFAULT_KILL_GRACE = 10.0

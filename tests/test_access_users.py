@@ -358,6 +358,25 @@ def test_a_key_of_a_workflow_task_cannot_be_taken_in_advance(jobd: Daemon, users
     assert jobd.output(job["id"]) == "report\n"
 
 
+def test_a_program_named_in_the_state_directory_is_not_handed_to_the_user(jobd: Daemon, users: dict[str, Any]) -> None:
+    """jobd opens a workflow's SCRIPT file in state_dir/scripts itself and gives it to the task's user (chown, 0500).
+    It did so for any program path under the state directory: dave, an admin but not root, whose ad-hoc commands
+    run as himself, was given the database, and through `..` any file of the machine (here one of root's, 0600)."""
+    victim = jobd.root / "victim"
+    victim.write_text("root's\n")
+    victim.chmod(0o600)
+    database = jobd.state_dir / "jobd.sqlite3"
+    before = {path: os.stat(path) for path in (victim, database)}
+    programs = [f"{jobd.state_dir}/../victim", str(database), f"{jobd.state_dir}/scripts/../jobd.sqlite3"]
+    answers = calls(jobd, users["dave"], [("job.submit", {"command": [program]}) for program in programs])
+    for program, answer in zip(programs, answers, strict=True):
+        done = jobd.wait(answer["result"]["id"])
+        assert done["state"] == "failed" and "Permission denied" in done["error"], (program, done)
+    for path, was in before.items():
+        now = os.stat(path)
+        assert (now.st_uid, now.st_gid, now.st_mode) == (was.st_uid, was.st_gid, was.st_mode), path
+
+
 def test_events_reach_only_subscribers_who_may_read_the_job(jobd: Daemon, users: dict[str, Any]) -> None:
     program = """
 import json, sys

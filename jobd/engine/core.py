@@ -23,7 +23,19 @@ from jobd.engine.history import HistoryKeeper
 from jobd.engine.http_task import HttpRequest
 from jobd.engine.queues import QueueRuntime
 from jobd.errors import InvalidParams, JobFinished, QueueClosed, ShuttingDown, StoreFailed, UnknownJob, UnknownQueue
-from jobd.model import Attempt, Config, Durability, Job, JobSpec, JobState, Outcome, QueueDef, transition
+from jobd.model import (
+    WORKFLOW_SCRIPT_NAME,
+    WORKFLOW_TASK_KEY_PREFIX,
+    Attempt,
+    Config,
+    Durability,
+    Job,
+    JobSpec,
+    JobState,
+    Outcome,
+    QueueDef,
+    transition,
+)
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
 from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store, store_failure
 from jobd.users import Account, account
@@ -161,6 +173,7 @@ class Engine:
         self.clock = clock
         self.state_dir = config.daemon.state_dir
         self.output_dir = os.path.join(config.daemon.state_dir, "output")
+        self.scripts_dir = os.path.join(config.daemon.state_dir, "scripts")  # workflows' SCRIPT tasks (instances.py)
         self.stopping = False
         # Nothing starts before start_jobs(): the daemon first puts back every job the database holds (recover), so
         # that the first free slot goes to the best of them, and a stop asked for meanwhile starts none of them.
@@ -514,7 +527,7 @@ class Engine:
     def _launch_spec(self, job: Job, number: int) -> LaunchSpec:
         user = _run_as(job.spec)  # None: jobd's own user
         # Another user cannot enter the state directory: its own home (or /) is its default working directory,
-        # and a program written there (a workflow's SCRIPT task) is handed over by file descriptor.
+        # and a program jobd wrote there (a workflow's SCRIPT task) is handed over by file descriptor.
         cwd = job.spec.working_dir
         if cwd is None and user is not None:
             cwd = user.home if os.path.isdir(user.home) else "/"
@@ -531,7 +544,19 @@ class Engine:
             uid=user.uid if user is not None else None,
             gid=user.gid if user is not None else None,
             groups=user.groups if user is not None else (),
-            program_by_fd=user is not None and job.spec.command[0].startswith(self.state_dir.rstrip("/") + "/"),
+            program_by_fd=user is not None and self._is_workflow_script(job.spec),
+        )
+
+    def _is_workflow_script(self, spec: JobSpec) -> bool:
+        """Whether the job is a workflow task running the script jobd wrote for it. Only then is its program opened
+        by jobd (root) and given to the job's user (chown, mode 0500): any other path, an admin's ad-hoc command
+        such as `STATE_DIR/jobd.sqlite3` or `STATE_DIR/../../etc/shadow`, would have been given to that user too.
+        jobd alone gives keys of workflow tasks; `..` is no script's name."""
+        folder, name = os.path.split(spec.command[0])
+        return (
+            (spec.key or "").startswith(WORKFLOW_TASK_KEY_PREFIX)
+            and folder == self.scripts_dir
+            and WORKFLOW_SCRIPT_NAME.fullmatch(name) is not None
         )
 
     def _environment(self, job: Job, attempt: int, user: Account | None) -> dict[str, str]:

@@ -173,7 +173,7 @@ class Instances:
         self.engine = engine
         self.store = store
         self.clock = clock
-        self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")
+        self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")  # as Engine.scripts_dir
         self._live: dict[int, _Live] = {}
         self._unsaved: set[int] = set()  # instances changed since the last save
         self._save_handle: asyncio.Handle | None = None  # the coming _save_changed, at the loop time _save_when
