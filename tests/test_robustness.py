@@ -323,6 +323,44 @@ def test_a_hard_limit_on_open_files_below_what_the_queues_may_need_is_warned_abo
     assert daemon.log().count("may need") == 2
 
 
+def test_a_task_with_parameters_env_takes_no_args(make_daemon: Any) -> None:
+    """An env task's argv is its configuration's: its callers set only the variables allowed_params names. 'args'
+    were appended to its argv all the same (documented for parameters = "args" and ad-hoc commands only), so a
+    caller who was not an admin could hand the program options of its choosing, run as the task's user."""
+    grant = '[[access.grant]]\nusers = ["nobody"]\nrights = ["read", "exec"]\ntasks = ["deploy"]\n'
+    task = '[task.deploy]\ncommand = ["/bin/echo", "deploy"]\nparameters = "env"\nallowed_params = ["VERSION"]\n'
+    daemon: Daemon = make_daemon(QUEUE + task + grant)
+    os.chmod(daemon.socket_path, 0o666)
+    program = (
+        "import json, sys\n"
+        "from jobd.client import Client, RemoteError\n"
+        "with Client(sys.argv[1]) as c:\n"
+        "    try:\n"
+        "        print(json.dumps(c.call('job.submit', json.loads(sys.argv[2]))))\n"
+        "    except RemoteError as e:\n"
+        "        print(json.dumps({'code': e.code, 'message': e.message, 'param': e.data.get('param')}))\n"
+    )
+    submit = {"task": "deploy", "args": ["--config=/tmp/mine"]}
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", program,
+         "jobd.sock", json.dumps(submit)],
+        cwd=daemon.root,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )  # fmt: skip
+    refused = json.loads(result.stdout)
+    assert refused["code"] == "INVALID_PARAMS" and refused["param"] == "args", refused
+    assert 'parameters = "env"' in refused["message"] and "give 'params'" in refused["message"], refused
+    assert daemon.call("job.list", {})["jobs"] == []
+    with pytest.raises(RemoteError, match="not 'args'"):  # nor for an admin: the docs never allowed it
+        daemon.submit(task="deploy", args=["--config=/tmp/mine"])
+    done = daemon.wait(daemon.submit(task="deploy", params={"VERSION": "2"})["id"])
+    assert done["command"] == ["/bin/echo", "deploy"] and daemon.output(done["id"]) == "deploy\n"
+
+
 def test_unprivileged_clients_set_only_the_variables_a_task_allows(make_daemon: Any) -> None:
     """A caller who is not an admin sets only the params a task's allowed_params names: any other could steer the
     program (PHPRC made php load the caller's code, as the task's user, while only a list of such names was

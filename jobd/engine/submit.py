@@ -201,6 +201,15 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
         access_rules.require(config.access, peer, Right.EXEC, ObjectKind.QUEUE, request.queue)
     if task.http is not None and (request.args or request.params or request.stdin is not None):
         raise InvalidParams(f"task {task.name!r} makes an HTTP request: it takes no 'args', 'params' or 'stdin'")
+    if task.parameters is ParameterMode.ENV and request.args:
+        # Its argv is the configuration's alone: arguments would get past allowed_params (`--config=…` to a program
+        # that reads one, run as the task's user).
+        raise InvalidParams(
+            f"task {task.name!r} takes its parameters as environment variables (parameters = \"env\"): give 'params' "
+            "(the names its allowed_params lists), not 'args'; 'args' are for tasks with parameters = \"args\" and "
+            "ad-hoc commands",
+            param="args",
+        )
     argv = task.command + request.args
     env = dict(task.environment)
     if task.parameters is ParameterMode.ENV:
