@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from jobd import redact
 from jobd.model import Config
 from jobd.proc import ExitInfo
 
@@ -61,6 +62,16 @@ def check_request(value: object) -> dict[str, Any]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or _has_control(url):
         raise HttpSpecError(f"'url': {url!r} is not an http:// or https:// URL", key="url")
+    # What aiohttp refuses at each attempt (no host, a port that is none) fails the job with the whole URL as its
+    # error, credentials included, for every reader of the job to see (job JSON masks them, jobd/redact.py).
+    try:
+        port_ok = parts.port is None or parts.port > 0  # urlsplit raises ValueError for "99999" or "x"
+    except ValueError:
+        port_ok = False
+    if not parts.hostname or not port_ok:
+        raise HttpSpecError(
+            f"'url': {redact.url(url)!r} needs a host, and a port from 1 to 65535 if it gives one", key="url"
+        )
     method = value.get("method", "GET")
     if not isinstance(method, str) or method.upper() not in METHODS:
         raise HttpSpecError(f"'method': {method!r} is not allowed; allowed: {', '.join(METHODS)}", key="method")
