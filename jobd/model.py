@@ -559,6 +559,9 @@ class ScheduleState:
     next_run: float | None = None  # the due time computed last
     suspended: bool = False  # on_failure = "suspend" stopped it after a failure
     enabled: bool | None = None  # schedule.enable/disable from the API; None: the config's `enabled` applies
+    # The config's `enabled` when the API's word was given: a file changed since, even while jobd was stopped,
+    # overrides that word. None with `enabled` set: not known (a row saved before schema version 19).
+    config_enabled: bool | None = None
 
 
 class Overlap(StrEnum):

@@ -233,13 +233,19 @@ class ScheduleRow(_Base):
     next_run = peewee.DoubleField(null=True)
     suspended = peewee.BooleanField(default=False)
     enabled = peewee.BooleanField(null=True)
+    config_enabled = peewee.BooleanField(null=True)  # since schema version 19
 
     class Meta:
         table_name = "schedule"
 
 
 def _migration_6(db: peewee.SqliteDatabase) -> None:
-    db.create_tables([ScheduleRow])
+    # The table as schema version 6 had it, spelled out: built from ScheduleRow, it would take the columns later
+    # migrations add, and those would then fail on a new database.
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        'CREATE TABLE IF NOT EXISTS "schedule" ("name" TEXT NOT NULL PRIMARY KEY, "last_run" REAL, '
+        '"last_result" TEXT, "last_run_id" INTEGER, "next_run" REAL, "suspended" INTEGER NOT NULL, "enabled" INTEGER)'
+    )
 
 
 class AuditRow(_Base):
@@ -376,6 +382,12 @@ def _migration_18(db: peewee.SqliteDatabase) -> None:
     db.execute_sql(f'CREATE INDEX "instance_ended_at" ON "instance" ("ended_at") WHERE {_INSTANCE_ENDED}')  # type: ignore[no-untyped-call]
 
 
+def _migration_19(db: peewee.SqliteDatabase) -> None:
+    # The file's `enabled` under which an API enable/disable was given. Rows saved before have NULL: the scheduler
+    # takes the file's value at its first start on this schema (Scheduler._file_enabled says why).
+    db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "config_enabled" INTEGER')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -396,6 +408,7 @@ MIGRATIONS = (
     _migration_16,
     _migration_17,
     _migration_18,
+    _migration_19,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -866,6 +879,7 @@ class Store:
                 next_run=row.next_run,
                 suspended=bool(row.suspended),
                 enabled=None if row.enabled is None else bool(row.enabled),
+                config_enabled=None if row.config_enabled is None else bool(row.config_enabled),
             )
             for row in ScheduleRow.select()
         }
@@ -880,6 +894,7 @@ class Store:
                 next_run=state.next_run,
                 suspended=state.suspended,
                 enabled=state.enabled,
+                config_enabled=state.config_enabled,
             ).on_conflict_replace().execute()
 
     def forget_schedule(self, name: str) -> None:

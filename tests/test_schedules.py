@@ -8,8 +8,10 @@ test must let wall-clock time pass (to show that nothing fires), it waits for an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -403,6 +405,43 @@ def test_an_edit_of_enabled_in_the_file_overrides_the_apis_word(sched: Any) -> N
     daemon.call("daemon.reload")
     rewrite(daemon, schedule("s", "task:true", "0 0 1 1 *", enabled=True))
     daemon.call("daemon.reload")
+    assert listed(daemon, "s")["state"] == "waiting"
+
+
+def test_an_edit_of_enabled_made_while_jobd_was_stopped_overrides_the_apis_word(sched: Any) -> None:
+    """The API's word lasts until the file's `enabled` changes, also when it changes while jobd is stopped: the
+    state keeps the file's value under which the word was given, as a queue's API pause does."""
+    daemon = sched(schedule("s", "task:true", "0 0 1 1 *", enabled=False) + schedule("t", "task:true", "0 0 1 1 *"))
+    daemon.call("schedule.disable", {"name": "s"})
+    daemon.call("schedule.disable", {"name": "t"})
+    assert terminate(daemon) == 0
+    rewrite(daemon, schedule("s", "task:true", "0 0 1 1 *", enabled=True) + schedule("t", "task:true", "0 0 1 1 *"))
+    start(daemon)
+    s, t = listed(daemon, "s"), listed(daemon, "t")
+    assert (s["state"], s["enabled"]) == ("waiting", True), s
+    assert (t["state"], t["enabled"]) == ("disabled", False), t  # its `enabled` did not change: the API's word stays
+    assert "`enabled` changed in the configuration to true: it overrides the API's disable" in daemon.log()
+    daemon.call("schedule.enable", {"name": "s"})  # a word given under `enabled = true` ...
+    assert terminate(daemon) == 0
+    rewrite(daemon, schedule("s", "task:true", "0 0 1 1 *", enabled=False) + schedule("t", "task:true", "0 0 1 1 *"))
+    start(daemon)
+    assert listed(daemon, "s")["state"] == "disabled"  # ... is overridden by `enabled = false` set while down
+
+
+def test_an_api_word_saved_before_schema_19_takes_the_files_enabled_of_the_first_start(sched: Any) -> None:
+    """A row from before schema 19 does not say under which `enabled` the API's word was given: the first start
+    keeps the word (jobd cannot tell whether the file changed meanwhile) and records the file's value of that start,
+    so that a later edit, even made while jobd is stopped, overrides it."""
+    daemon = sched(schedule("s", "task:true", "0 0 1 1 *", enabled=False))
+    daemon.call("schedule.disable", {"name": "s"})
+    assert terminate(daemon) == 0
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as raw, raw:
+        raw.execute("UPDATE schedule SET config_enabled = NULL")  # as migration 19 leaves an older row
+    start(daemon)
+    assert listed(daemon, "s")["state"] == "disabled"
+    assert terminate(daemon) == 0
+    rewrite(daemon, schedule("s", "task:true", "0 0 1 1 *", enabled=True))
+    start(daemon)
     assert listed(daemon, "s")["state"] == "waiting"
 
 

@@ -151,6 +151,15 @@ def test_an_attempt_recorded_before_streams_were_told_apart_stays_truncated(tmp_
         store.close()
 
 
+def _schema(path: Path) -> dict[str, str]:
+    raw = sqlite3.connect(path)
+    try:
+        rows = raw.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL").fetchall()
+    finally:
+        raw.close()
+    return dict(rows)
+
+
 def test_a_fresh_database_gets_the_same_schema_as_a_migrated_one(tmp_path: Path) -> None:
     migrated, fresh = tmp_path / "migrated.sqlite3", tmp_path / "fresh.sqlite3"
     _version_1_database(migrated)
@@ -159,6 +168,41 @@ def test_a_fresh_database_gets_the_same_schema_as_a_migrated_one(tmp_path: Path)
         store.open()
         store.close()
     assert _indexes(migrated) == _indexes(fresh)
+    assert _schema(migrated) == _schema(fresh)
+
+
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
+def test_a_database_of_every_earlier_version_is_upgraded_to_the_schema_of_a_fresh_one(
+    tmp_path: Path, version: int
+) -> None:
+    """Tables and indexes alike, column by column: a migration that built a table from its peewee model (which later
+    migrations extend) would give a new database columns an upgraded one gets otherwise, or not at all."""
+    older, fresh = tmp_path / "older.sqlite3", tmp_path / "fresh.sqlite3"
+    _database_at_schema(older, version).close()
+    for path in (older, fresh):
+        store = Store(str(path))
+        store.open()
+        store.close()
+    assert _schema(older) == _schema(fresh)
+
+
+def test_a_schedule_row_from_schema_18_keeps_its_api_word_with_the_files_value_unknown(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.sqlite3"
+    raw = _database_at_schema(path, 18)
+    raw.execute(
+        "INSERT INTO schedule (name, last_run, last_result, last_run_id, next_run, suspended, enabled) "
+        "VALUES ('nightly', 10.0, 'succeeded', 7, NULL, 0, 0)"
+    )
+    raw.commit()
+    raw.close()
+    store = Store(str(path))
+    store.open()
+    try:
+        assert store.schedule_states()["nightly"] == ScheduleState(
+            "nightly", last_run=10.0, last_result="succeeded", last_run_id=7, enabled=False, config_enabled=None
+        )
+    finally:
+        store.close()
 
 
 def _page_size(path: Path) -> int:
@@ -259,13 +303,15 @@ def test_schedule_state_survives_reopening_and_can_be_forgotten(tmp_path: Path) 
     store = Store(str(path))
     store.open()
     store.save_schedule_state(state)
-    store.save_schedule_state(ScheduleState("hourly", enabled=False))
+    store.save_schedule_state(ScheduleState("hourly", enabled=False, config_enabled=True))
     store.close()
     store = Store(str(path))
     store.open()
     try:
         states = store.schedule_states()
-        assert states["nightly"] == state and states["hourly"].enabled is False
+        assert states["nightly"] == state and states["hourly"] == ScheduleState(
+            "hourly", enabled=False, config_enabled=True
+        )
         store.forget_schedule("hourly")
         assert set(store.schedule_states()) == {"nightly"}
     finally:

@@ -144,6 +144,7 @@ class Scheduler:
         for name in sorted(definitions):
             schedule = self._make(definitions[name], saved.get(name) or ScheduleState(name=name))
             self._schedules[name] = schedule
+            self._file_enabled(schedule, schedule.definition)
             self._recover_run(schedule)
             self._start_up(schedule, now)
         self._rearm()
@@ -169,6 +170,29 @@ class Scheduler:
             )
             calendar = None
         return _Schedule(definition, calendar, state)
+
+    def _file_enabled(self, schedule: _Schedule, definition: ScheduleDef) -> None:
+        """The API's enable/disable lasts until the file's `enabled` changes: `definition` is the file's (new, or read
+        at start-up), and the state holds the file's value under which the API's word was given.
+
+        A word saved before schema version 19 has no such value: jobd then cannot tell whether the file changed
+        while it was stopped for the upgrade, and keeps the API's word, as it did before; the file's value of this
+        start is recorded, so that any later change, even made while jobd is stopped, overrides it. (Until then
+        that word was cleared by every change jobd saw live, so it was given under the file's value of its time,
+        which differs from today's only if the file was edited while jobd was down.)"""
+        state = schedule.state
+        if state.enabled is None:
+            return
+        if state.config_enabled is None:
+            self._set(schedule, config_enabled=definition.enabled)
+        elif state.config_enabled != definition.enabled:
+            log.info(
+                "schedule %s: `enabled` changed in the configuration to %s: it overrides the API's %s",
+                definition.name,
+                str(definition.enabled).lower(),
+                "enable" if state.enabled else "disable",
+            )
+            self._set(schedule, enabled=None, config_enabled=None)
 
     def _adopt_unsaved_run(self, schedule: _Schedule) -> None:
         """A crash between a firing's job commit and its state save leaves a job the state does not name: make it
@@ -423,7 +447,7 @@ class Scheduler:
 
     def enable(self, name: str) -> dict[str, Any]:
         schedule = self._get(name)
-        self._set(schedule, enabled=True, suspended=False)
+        self._set(schedule, enabled=True, config_enabled=schedule.definition.enabled, suspended=False)
         log.info("schedule %s enabled", name)
         skipping = schedule.runs and schedule.definition.overlap is Overlap.SKIP
         if schedule.state.next_run is None and schedule.waiting and not skipping:
@@ -434,7 +458,7 @@ class Scheduler:
     def disable(self, name: str) -> dict[str, Any]:
         schedule = self._get(name)
         schedule.pending = None
-        self._set(schedule, enabled=False, next_run=None)
+        self._set(schedule, enabled=False, config_enabled=schedule.definition.enabled, next_run=None)
         log.info("schedule %s disabled", name)
         self._rearm()
         return self.describe(name)
@@ -474,9 +498,7 @@ class Scheduler:
                 self._schedules[name] = schedule
                 log.info("schedule %s added", name)
             elif schedule.definition != definition:
-                if definition.enabled != schedule.definition.enabled and schedule.state.enabled is not None:
-                    # The administrator changed `enabled` in the file: that newer word overrides the API's.
-                    self._set(schedule, enabled=None)
+                self._file_enabled(schedule, definition)
                 calendar = self._make(definition, schedule.state).calendar
                 schedule.definition, schedule.calendar = definition, calendar
                 log.info("schedule %s changed: its next time is recomputed", name)
