@@ -395,6 +395,31 @@ def test_reload_recomputes_an_edited_schedule_forgets_a_removed_one_and_starts_a
     assert gone.value.code == "UNKNOWN_SCHEDULE"
 
 
+def test_a_schedule_removed_and_added_back_while_its_run_goes_finds_that_run(sched: Any, tmp_path: Path) -> None:
+    """Its runs were forgotten with it: added back, it saw none going and, with overlap "skip", started a second
+    run beside the first. It takes them back, as a restart finds the run it had going."""
+    gate = Gate(tmp_path / "gate")
+    slow = schedule("slow", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path})
+    daemon = sched(slow)
+    run = daemon.call("schedule.trigger", {"name": "slow"})["run_id"]
+    rewrite(daemon, "")
+    daemon.call("daemon.reload")
+    rewrite(daemon, slow)
+    daemon.call("daemon.reload")
+    back = listed(daemon, "slow")
+    assert (back["state"], back["running"], back["last_run_id"], back["next_run"]) == ("running", [run], run, None)
+    triggered = daemon.call("schedule.trigger", {"name": "slow"})
+    assert (triggered["started"], triggered["run_id"]) == (False, None), triggered  # overlap "skip"
+    assert terminate(daemon) == 0  # the run is in the saved state: a restart follows it as well
+    start(daemon)
+    assert listed(daemon, "slow")["running"] == [run]
+    gate.release()
+    assert daemon.wait(run)["state"] == "succeeded"
+    after = listed(daemon, "slow")
+    assert (after["state"], after["last_result"]) == ("waiting", "succeeded"), after
+    assert [job["id"] for job in jobs_of(daemon, "slow")] == [run]
+
+
 def test_an_edit_of_enabled_in_the_file_overrides_the_apis_word(sched: Any) -> None:
     daemon = sched(schedule("s", "task:true", "0 0 1 1 *"))
     daemon.call("schedule.disable", {"name": "s"})

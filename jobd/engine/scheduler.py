@@ -121,6 +121,9 @@ class Scheduler:
         self.clock = clock
         self.jitter_fraction = jitter_fraction
         self._schedules: dict[str, _Schedule] = {}
+        # Schedules removed from the configuration whose runs still go, until those end: one added again under its
+        # name meanwhile takes them back, or its overlap rule would not see them.
+        self._removed: dict[str, _Schedule] = {}
         self._fd: int | None = None
         self._armed: float | None = None  # the absolute time the timerfd is armed at, None: disarmed
         self._followers: set[asyncio.Task[None]] = set()
@@ -170,6 +173,22 @@ class Scheduler:
             )
             calendar = None
         return _Schedule(definition, calendar, state)
+
+    def _take_back_runs(self, schedule: _Schedule) -> None:
+        """A schedule added under the name of one removed while its runs went: those runs are its own again, as a
+        restart finds the run it had going, so that its overlap rule sees them and their end is recorded."""
+        name = schedule.definition.name
+        removed = self._removed.pop(name, None)
+        if removed is None:
+            return
+        schedule.runs = removed.runs
+        going = ", ".join(str(run_id) for run_id in schedule.runs)
+        log.info(
+            "schedule %s: its run %s, started before it was removed, is still going; followed to its end", name, going
+        )
+        if removed.state.last_run_id in schedule.runs:
+            # Saved, so that a restart from here on follows it too (it looks for the state's last run).
+            self._set(schedule, last_run=removed.state.last_run, last_run_id=removed.state.last_run_id)
 
     def _file_enabled(self, schedule: _Schedule, definition: ScheduleDef) -> None:
         """The API's enable/disable lasts until the file's `enabled` changes: `definition` is the file's (new, or read
@@ -391,8 +410,15 @@ class Scheduler:
         if self._stopped:
             return  # shutting down: no queued run may start (nor fail to, and suspend the schedule)
         schedule = self._schedules.get(name)
-        if schedule is None or schedule.runs.pop(run_id, None) is None:
-            return  # removed from the configuration meanwhile: its run was left alone
+        if schedule is None:  # removed from the configuration meanwhile: its run was left alone
+            removed = self._removed.get(name)
+            if removed is not None:
+                removed.runs.pop(run_id, None)
+                if not removed.runs:
+                    del self._removed[name]
+            return
+        if schedule.runs.pop(run_id, None) is None:
+            return
         log.log(
             logging.INFO if result == SUCCEEDED else logging.WARNING,
             "schedule %s: run %d ended: %s",
@@ -484,12 +510,16 @@ class Scheduler:
 
     def reload(self, config: Config) -> None:
         """An edited schedule's next time is recomputed at once; a removed one fires no more (its run is left
-        alone and its state forgotten); a new one starts waiting for its first time."""
+        alone and its state forgotten); a new one starts waiting for its first time, and one added back while a
+        run it started before its removal goes takes that run back."""
         now = self.clock()
         for name in sorted(set(self._schedules) - set(config.schedules)):
             removed = self._schedules.pop(name)
             log.info("schedule %s removed from the configuration%s", name, " (its run goes on)" if removed.runs else "")
             self.store.forget_schedule(name)
+            if removed.runs:
+                removed.pending = None
+                self._removed[name] = removed
         for name in sorted(config.schedules):
             definition = config.schedules[name]
             schedule = self._schedules.get(name)
@@ -497,6 +527,7 @@ class Scheduler:
                 schedule = self._make(definition, ScheduleState(name=name))
                 self._schedules[name] = schedule
                 log.info("schedule %s added", name)
+                self._take_back_runs(schedule)
             elif schedule.definition != definition:
                 self._file_enabled(schedule, definition)
                 calendar = self._make(definition, schedule.state).calendar
