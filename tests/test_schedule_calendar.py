@@ -244,3 +244,21 @@ def test_catch_up() -> None:
     assert catch_up_due(on, HOURLY, ScheduleState("s", next_run=T0 + 3600), T0 + 7200) is True
     assert catch_up_due(on, HOURLY, ScheduleState("s", next_run=T0 + 3600), T0 + 60) is False
     assert catch_up_due(on, HOURLY, ScheduleState("s"), T0 + 86400) is False
+
+
+def test_catch_up_counts_only_the_due_time_jobd_waited_for_when_it_stopped() -> None:
+    """Due times that passed while jobd ran without firing them were not missed while it was down: skipped while a
+    run went (overlap "skip": the next time is computed at the run's end), or while the schedule was disabled or
+    suspended (computed at the enable). A catch-up ran for them at the next start-up all the same."""
+    on = dataclasses.replace(DEFINITION, catch_up=True)
+    # Started at 10:00:05; 11:00 and 12:00 passed while it ran (or while it was disabled); 13:00 is next.
+    after_skips = ScheduleState("s", last_run=T0 + 5, next_run=T0 + 3 * 3600)
+    assert catch_up_due(on, HOURLY, after_skips, T0 + 2 * 3600 + 60) is False  # restarted at 12:01
+    assert catch_up_due(on, HOURLY, after_skips, T0 + 3 * 3600) is True  # down across 13:00
+    # A run started for the due time the state waited for, unrecorded (a crash): the last start decides.
+    adopted = ScheduleState("s", last_run=T0 + 3600, next_run=T0 + 3600)
+    assert catch_up_due(on, HOURLY, adopted, T0 + 3600 + 60) is False
+    assert catch_up_due(on, HOURLY, adopted, T0 + 2 * 3600) is True
+    # The run going at the stop ended while jobd was down: no next time was computed, the last start decides.
+    ended = ScheduleState("s", last_run=T0 + 5, last_run_id=1, last_result="succeeded")
+    assert catch_up_due(on, HOURLY, ended, T0 + 3600) is True

@@ -223,16 +223,21 @@ def catch_up_due(definition: ScheduleDef, calendar: Calendar, state: ScheduleSta
     """At start-up: should the schedule run once now because a due time passed while jobd was down?
 
     systemd's Persistent=: only with `catch_up = true`, only when active, and at most one run whatever the number
-    of missed times. Missed means: a calendar time after `state.last_run` (the last start) is at or before `now`;
-    with no run yet, the remembered `state.next_run` is at or before `now`. A schedule with neither has never been
-    armed (new in the config): nothing was missed, as systemd does not fire a timer that has no stamp yet.
+    of missed times. Missed means: the due time jobd was waiting for when it stopped, `state.next_run`, is at or
+    before `now`. Not a calendar time after `state.last_run`: due times that passed while jobd ran without firing
+    them (skipped while a run went, with overlap "skip"; the schedule disabled or suspended meanwhile) were not
+    missed while jobd was down, and the next time computed after them (at the run's end, at the enable) says so.
+    The last start decides only when no later due time is known: none was computed (a run going at the stop, that
+    ended while jobd was down), or a run was started for it that the state did not record (a crash; see
+    Scheduler._adopt_unsaved_run). A schedule with neither has never been armed (new in the config): nothing was
+    missed, as systemd does not fire a timer that has no stamp yet.
     """
     if not definition.catch_up or not _active(definition, state):
         return False
+    if state.next_run is not None and (state.last_run is None or state.last_run < state.next_run):
+        return state.next_run <= now
     if state.last_run is not None:
         return calendar.next_after(state.last_run, definition.timezone) <= now
-    if state.next_run is not None:
-        return state.next_run <= now
     return False
 
 
