@@ -310,6 +310,29 @@ def test_invalid_http_objects_are_refused(server: Any, http: dict[str, Any]) -> 
     assert "s3cret" not in str(caught.value)
 
 
+def test_a_refused_url_is_named_without_its_credentials(server: Any, web: WebServer) -> None:
+    """A refusal's message goes to the audit log too, and a task's to the journal and to daemon.status."""
+    refused = [
+        "htp://u:s3cret@127.0.0.1/x",  # not http(s): the message named the URL as given
+        "http://u:s3cret@a\u2100b.invalid/x",  # urlsplit's ValueError quoted the netloc: an internal error, logged
+        "http://u:s3cret@[::1/x",  # urlsplit's ValueError: an internal error
+    ]
+    for url in refused:
+        with pytest.raises(RemoteError) as caught:
+            server.submit(http={"url": url})
+        assert caught.value.data["code"] == "INVALID_PARAMS", caught.value
+        assert "s3cret" not in str(caught.value)
+    messages = [entry["message"] for entry in server.call("audit.list", {})["entries"]]
+    assert len(messages) == len(refused) and "s3cret" not in json.dumps(messages)
+    for url in refused:
+        server.write_config(CONFIG.format(url=web.url) + f"\n[task.broken]\nhttp = {{ url = {json.dumps(url)} }}\n")
+        with pytest.raises(RemoteError) as caught:
+            server.call("daemon.reload")
+        assert "task.broken.http.url" in str(caught.value) and "s3cret" not in str(caught.value)
+        assert "s3cret" not in json.dumps(server.call("daemon.status")["last_reload"])
+    assert "s3cret" not in server.log()
+
+
 def test_task_with_invalid_http_is_a_config_error() -> None:
     from jobd.engine.http_task import HttpSpecError, check_request
 

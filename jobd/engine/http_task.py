@@ -59,9 +59,16 @@ def check_request(value: object) -> dict[str, Any]:
     url = value.get("url")
     if not isinstance(url, str) or not url:
         raise HttpSpecError("'url' is required: an http:// or https:// URL", key="url")
-    parts = urlsplit(url)
+    # A refused URL is named with its credentials masked: the message goes to the client, but also to the audit
+    # log and, for a task's url, to the journal and to every client's daemon.status (a failed reload's error).
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL", or a netloc bad under NFKC, whose message quotes user:password
+        raise HttpSpecError(
+            "'url': its host part cannot be read (a bracket left open, or a character not allowed there)", key="url"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.netloc or _has_control(url):
-        raise HttpSpecError(f"'url': {url!r} is not an http:// or https:// URL", key="url")
+        raise HttpSpecError(f"'url': {redact.url(url)!r} is not an http:// or https:// URL", key="url")
     # What aiohttp refuses at each attempt (no host, a port that is none) fails the job with the whole URL as its
     # error, credentials included, for every reader of the job to see (job JSON masks them, jobd/redact.py).
     try:
