@@ -54,6 +54,21 @@ def url(text: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def error(text: str, *urls: str) -> str:
+    """An error message about a request to `urls`, with each of them shown as url() shows it and its userinfo
+    masked wherever else it appears: aiohttp quotes the whole URL when it refuses one (InvalidURL), and Python's
+    urlsplit the netloc ('user:password@host')."""
+    for whole in urls:
+        text = text.replace(whole, url(whole))
+        try:
+            netloc = urlsplit(whole).netloc
+        except ValueError:
+            continue  # url() showed nothing of it
+        if "@" in netloc:
+            text = text.replace(netloc.rsplit("@", 1)[0] + "@", MASK + "@")
+    return text
+
+
 def _query_field(field: str) -> str:
     """One `name=value` of a query string: its value masked if the name is credential-like, else as written
     (decoding and encoding it again would change how it is spelled)."""

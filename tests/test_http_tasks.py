@@ -333,6 +333,17 @@ def test_a_refused_url_is_named_without_its_credentials(server: Any, web: WebSer
     assert "s3cret" not in server.log()
 
 
+def test_a_url_aiohttp_refuses_fails_the_job_without_its_credentials_in_the_error(server: Any) -> None:
+    """aiohttp's InvalidURL is the whole URL: it was the job's error, for every reader of the job to see."""
+    url = "http://u:s3cret@a\\b.invalid/x?token=t0k3n&page=2"  # a host yarl refuses, urlsplit does not
+    job = server.submit(http={"url": url})["id"]
+    done = server.wait(job)
+    assert done["state"] == "failed" and done["error"].startswith("HTTP request failed: InvalidUrlClientError: ")
+    assert "http://***@a\\b.invalid/x?token=***&page=2" in done["error"]
+    shown = json.dumps(done) + server.output(job, "stderr") + server.log()
+    assert "s3cret" not in shown and "t0k3n" not in shown
+
+
 def test_task_with_invalid_http_is_a_config_error() -> None:
     from jobd.engine.http_task import HttpSpecError, check_request
 

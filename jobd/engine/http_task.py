@@ -229,7 +229,10 @@ class HttpRequest:
             except TimeoutError:
                 self.error = f"HTTP request timed out after {timeout:g}s"
             except (aiohttp.ClientError, OSError, ValueError) as error:
-                self.error = f"HTTP request failed: {type(error).__name__}: {error}"
+                # The job's error is shown to every reader of the job: aiohttp's InvalidURL is the whole URL
+                # (a host yarl refuses, such as one with a backslash), credentials and token parameters included.
+                urls = [request["url"]] + ([str(error.url)] if isinstance(error, aiohttp.InvalidURL) else [])
+                self.error = "HTTP request failed: " + redact.error(f"{type(error).__name__}: {error}", *urls)
         except asyncio.CancelledError:  # stop(): the engine's time limit, a cancel or a stop, as its outcome says
             self.error = "HTTP request stopped by jobd"
         if self.error is not None:
