@@ -216,6 +216,20 @@ def test_callback_credentials_stay_out_of_the_log_and_the_table(
     assert "s3cret" not in log and "s3cret" not in row["target"]
 
 
+def test_a_failed_try_is_recorded_and_logged_without_the_urls_credentials(make_daemon: Callable[..., Daemon]) -> None:
+    """aiohttp refuses the URL (a port out of range) with its whole text as the error: the row's last_error and the
+    log line said user:password and the token parameter, where the target beside them masks them."""
+    url = "http://alice:s3cret-pw@127.0.0.1:99999/cb/__JOBID__?token=s3cret-query&page=2"
+    d = make_daemon("[queue.default]\n")
+    job = d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": url}}]})["id"]
+    wait_for_log(d, "try 1 failed")
+    d.stop()
+    (row,) = _rows(d)
+    assert row["state"] == "pending"  # a second try may have come before the stop: it failed the same way
+    assert row["last_error"] == f"InvalidUrlClientError: http://***@127.0.0.1:99999/cb/{job}?token=***&page=2"
+    assert "s3cret" not in d.log()
+
+
 def test_exec_callback_output_is_kept_beside_the_job_and_expires_with_it(
     make_daemon: Callable[..., Daemon], receiver: Receiver
 ) -> None:

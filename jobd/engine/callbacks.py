@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
+from jobd.engine.http_task import JOB_ID
 from jobd.errors import UnknownJob
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
@@ -210,6 +211,11 @@ class Callbacks:
                 error = await self._http(delivery, job, summary, tries)
         except (TimeoutError, OSError, SpawnError, ValueError) as exc:
             error = _failure(exc)
+        if error is not None and "http" in delivery.spec:
+            # The error is logged and kept in the row, which name the target masked: aiohttp's InvalidURL is the
+            # whole URL (a port out of range, a host it refuses), user:password and token parameters included.
+            given = delivery.spec["http"]["url"]
+            error = redact.error(error, given.replace(JOB_ID, str(job.id)), given)
         now = self.clock()
         if error is None:
             delivery = _replace(delivery, state="delivered", tries=tries, next_try_at=None, delivered_at=now)
@@ -238,7 +244,7 @@ class Callbacks:
         spec = delivery.spec["http"]
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        url = spec["url"].replace("__JOBID__", str(job.id))
+        url = spec["url"].replace(JOB_ID, str(job.id))
         headers = {**spec.get("headers", {}), "X-Jobd-Event": delivery.event, "X-Jobd-Try": str(tries)}
         timeout = aiohttp.ClientTimeout(total=spec.get("timeout", HTTP_TIMEOUT))
         # No redirect is followed: aiohttp would turn the POST into a GET without the summary and count the page it
