@@ -475,6 +475,20 @@ def _show(value: object) -> str:
     return f"a {type(value).__name__}"  # dates and times
 
 
+def _kind(value: object) -> str:
+    """What `value` is, without the value: for settings that hold secrets (a password's hash mistaken for the
+    password itself, an environment variable), whose errors reach the journal, daemon.status and systemd's STATUS=."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    return _show(value)  # arrays, tables, dates: _show names only their kind
+
+
 # --- merging --------------------------------------------------------------------------------------------------
 
 
@@ -491,6 +505,10 @@ class _Setting:
 
     def expected(self, allowed: str) -> ConfigError:
         return self.invalid(f"expected {allowed}, got {_show(self.value)}")
+
+    def expected_secret(self, allowed: str) -> ConfigError:
+        """As expected(), naming only the kind of value found (see _kind)."""
+        return self.invalid(f"expected {allowed}, got {_kind(self.value)}")
 
 
 @dataclass(slots=True)
@@ -768,7 +786,7 @@ def _environment(setting: _Setting) -> Mapping[str, str]:
         if name.startswith("JOBD_"):  # jobd sets these for every job, over whatever the task says
             raise variable.invalid("names starting with JOBD_ are set by jobd itself (JOBD_JOB_ID, JOBD_QUEUE, ...)")
         if not isinstance(variable.value, str):
-            raise variable.expected("a string")
+            raise variable.expected_secret("a string")
         if "\0" in variable.value:
             raise variable.invalid("contains a NUL character")
         environment[name] = variable.value
@@ -968,7 +986,9 @@ def _listen(setting: _Setting) -> tuple[str, int] | None:
 
 def _password_sha1(setting: _Setting) -> str:
     if not isinstance(setting.value, str) or not _SHA1_HEX.fullmatch(setting.value):
-        raise setting.expected("the SHA-1 of the password as 40 hexadecimal digits (printf %s 'secret' | sha1sum)")
+        raise setting.expected_secret(
+            "the SHA-1 of the password as 40 hexadecimal digits (printf %s 'secret' | sha1sum)"
+        )
     return setting.value.lower()
 
 
@@ -1021,7 +1041,9 @@ def _http_listen(setting: _Setting) -> tuple[str, int] | str | None:
 
 def _token_sha256(setting: _Setting) -> str:
     if not isinstance(setting.value, str) or not _SHA256_HEX.fullmatch(setting.value):
-        raise setting.expected("the SHA-256 of the token as 64 hexadecimal digits (printf %s 'token' | sha256sum)")
+        raise setting.expected_secret(
+            "the SHA-256 of the token as 64 hexadecimal digits (printf %s 'token' | sha256sum)"
+        )
     return setting.value.lower()
 
 
@@ -1269,7 +1291,7 @@ def _schedule_parameters(kind: str, config: Config, target: str) -> Callable[[_S
             if declared is None and not ENV_NAME.fullmatch(name):
                 raise value.invalid("invalid parameter name; allowed: A-Z a-z 0-9 _, not starting with a digit")
             if not isinstance(value.value, str):
-                raise value.expected("a string")
+                raise value.expected_secret("a string")  # a task's params are its environment variables
             if "\0" in value.value:
                 raise value.invalid("contains a NUL character")
             parameters[name] = value.value

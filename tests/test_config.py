@@ -492,7 +492,7 @@ BAD_VALUES = {
         '[task.t]\ncommand = ["/bin/true"]\nenvironment = { N = 1 }\n',
         3,
         "task.t.environment.N",
-        "expected a string, got 1",
+        "expected a string, got an integer",  # not the value: it may be a secret
     ),
     "undefined queue": (
         '[queue.video]\n[queue.photo]\n[task.resize]\ncommand = ["/bin/true"]\nqueue = "fotos"\n',

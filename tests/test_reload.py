@@ -187,6 +187,41 @@ def test_broken_drop_in_keeps_the_running_config(jobd: Callable[..., Daemon]) ->
     wait_status(daemon, lambda line: "reload failed" not in line)
 
 
+@pytest.mark.parametrize(
+    ("drop_in", "key", "secret"),
+    [
+        # the password, or the token, written where its hash goes
+        ('[tcp.users.alice]\npassword_sha1 = "hunter2-plain"\n', "tcp.users.alice.password_sha1", "hunter2-plain"),
+        ('[http.tokens.ci]\ntoken_sha256 = "my-plain-token"\n', "http.tokens.ci.token_sha256", "my-plain-token"),
+        # a numeric secret written without quotes
+        (
+            '[task.db]\ncommand = ["/bin/true"]\nenvironment = { PGPASSWORD = 918273645 }\n',
+            "task.db.environment.PGPASSWORD",
+            "918273645",
+        ),
+        (
+            '[task.db]\ncommand = ["/bin/true"]\nparameters = "env"\nallowed_params = ["PIN"]\n'
+            '[schedule.db]\ntask = "db"\ncalendar = "0 3 * * *"\nparameters = { PIN = 564738291 }\n',
+            "schedule.db.parameters.PIN",
+            "564738291",
+        ),
+    ],
+)
+def test_a_broken_secret_setting_is_named_without_its_value(
+    jobd: Callable[..., Daemon], drop_in: str, key: str, secret: str
+) -> None:
+    """A reload's error is logged, answered, kept in daemon.status (for every client) and told in systemd's
+    STATUS= (for every local user): it names the setting and what is wrong, never the value."""
+    daemon = jobd(TASKS)
+    atomic_write(daemon.config_dir / "jobd.d" / "50-secret.toml", drop_in)
+    error = remote_error(daemon, "daemon.reload")
+    assert error.code == "CONFIG_INVALID" and error.data["key"] == key, error
+    assert secret not in error.message
+    assert secret not in str(daemon.call("daemon.status")["last_reload"])
+    assert secret not in wait_status(daemon, lambda line: "reload failed" in line and key in line)
+    assert secret not in daemon.log()
+
+
 def test_a_fifo_or_an_endless_file_among_the_config_is_refused_without_blocking(jobd: Callable[..., Daemon]) -> None:
     # The daemon reads its configuration on the event loop: a FIFO would hold it in open() until a writer came,
     # /dev/zero would fill its memory. Each is refused by name and the running configuration stays.
