@@ -114,6 +114,11 @@ class AfterReplyWork:
                 log.exception("the work after a reply failed")
 
 
+# Parameters whose values a refusal does not quote: a job's environment (passwords, tokens) and its stdin. A
+# refusal's message is recorded in the audit log, which holds who did what, not the credentials they passed.
+SECRET_PARAMS = frozenset({"env", "params", "stdin", "stdin_base64"})
+
+
 class Params:
     """Reads a params object key by key; `done()` refuses any key nobody asked for."""
 
@@ -127,6 +132,10 @@ class Params:
         return self.raw.get(name)
 
     def bad(self, name: str, allowed: str) -> InvalidParams:
+        if name in SECRET_PARAMS:  # the message is the audit entry's too: no value the client meant to keep secret
+            return InvalidParams(
+                f"{self.method}: {name} is not allowed (value not shown); expected {allowed}", param=name
+            )
         value = json_repr(self.raw.get(name))
         return InvalidParams(f"{self.method}: {name} = {value} is not allowed; expected {allowed}", param=name)
 

@@ -362,3 +362,22 @@ def test_jobctl_audit(audited: Daemon) -> None:
     as_json = ctl(daemon, "audit", "--json", "--user", me()[1])
     assert as_json.code == 0
     assert json.loads(as_json.out)["entries"] == entries(daemon)
+
+
+def test_a_refused_secret_parameter_is_not_quoted_in_the_reply_or_the_entry(audited: Daemon) -> None:
+    """A refusal's message is the entry's: a bad env, params or stdin was quoted there (60 characters of it)."""
+    daemon = audited
+    refusals = {
+        "env": {"command": ["/bin/true"], "env": {"PGPASSWORD": "s3cret-env", "N": 1}},
+        "params": {"task": "echo", "params": {"TOKEN": "s3cret-param", "N": None}},
+        "stdin": {"command": ["/bin/cat"], "stdin": "s3cret-stdin\0"},
+        "stdin_base64": {"command": ["/bin/cat"], "stdin_base64": "s3cret-stdin!"},
+    }
+    for param, params in refusals.items():
+        with pytest.raises(RemoteError) as caught:
+            daemon.call("job.submit", params)
+        assert (caught.value.data["code"], caught.value.data["param"]) == ("INVALID_PARAMS", param), caught.value
+        assert "s3cret" not in caught.value.message
+    listed = entries(daemon)
+    assert [entry["result"] for entry in listed] == ["INVALID_PARAMS"] * len(refusals)
+    assert "s3cret" not in json.dumps(listed)
