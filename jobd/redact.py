@@ -8,6 +8,7 @@ userinfo of the URL is replaced whole, and the body is shown only by its size.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
@@ -60,12 +61,11 @@ def error(text: str, *urls: str) -> str:
     urlsplit the netloc ('user:password@host')."""
     for whole in urls:
         text = text.replace(whole, url(whole))
-        try:
-            netloc = urlsplit(whole).netloc
-        except ValueError:
-            continue  # url() showed nothing of it
-        if "@" in netloc:
-            text = text.replace(netloc.rsplit("@", 1)[0] + "@", MASK + "@")
+        # Found by hand: urlsplit refuses some URLs (a netloc bad under NFKC) whose netloc a message still quotes.
+        netloc = re.split(r"[/?#]", whole.partition("://")[2], maxsplit=1)[0]
+        userinfo = netloc.rpartition("@")[0]
+        if userinfo:  # not for "http://@host/": every "@" of the text would become "***@"
+            text = text.replace(userinfo + "@", MASK + "@")
     return text
 
 
