@@ -449,6 +449,28 @@ def test_a_removed_queue_paused_through_the_api_still_drains(jobd: Callable[...,
     assert "extra" not in queue_names(daemon)
 
 
+def test_a_draining_queue_cannot_be_paused(jobd: Callable[..., Daemon], gates: Callable[[str], Gate]) -> None:
+    """queue.pause of a queue removed from the configuration is refused (QUEUE_CLOSED). It used to be accepted and
+    stopped the drain, until any later reload, even of an unrelated file, or a restart silently resumed it."""
+    daemon = jobd(TASKS + "\n[queue.extra]\nconcurrency = 1\n")
+    gate = gates("first")
+    first = daemon.submit(command=gated(gate, "/bin/echo", "first"), queue="extra")["id"]
+    second = daemon.submit(command=["/bin/echo", "second"], queue="extra")["id"]
+    daemon.write_config(TASKS)
+    assert daemon.call("daemon.reload")["ok"] is True
+
+    error = remote_error(daemon, "queue.pause", {"name": "extra"})
+    assert error.code == "QUEUE_CLOSED", error
+    assert "removed from the configuration" in error.message and "cannot be paused" in error.message, error.message
+    extra = queue(daemon, "extra")
+    assert (extra["closed"], extra["paused"]) == (True, False), extra
+    assert daemon.call("queue.resume", {"name": "extra"})["paused"] is False  # nothing to resume: answered as it is
+
+    gate.release()
+    assert [daemon.wait(first)["state"], daemon.wait(second)["state"]] == ["succeeded", "succeeded"]
+    assert "extra" not in queue_names(daemon)
+
+
 def test_an_api_pause_of_a_queue_removed_while_jobd_was_down_is_dropped_with_it(jobd: Callable[..., Daemon]) -> None:
     """A pause set through queue.pause is dropped with the queue (docs/config.md, "Reloading"). Removed while jobd
     was stopped, the queue drained at the start, but its pause stayed on record: added back months later, the

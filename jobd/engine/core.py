@@ -821,6 +821,15 @@ class Engine:
         if queue is None:
             known = sorted(self.queues)
             raise UnknownQueue(f"unknown queue {name!r}; defined queues: {', '.join(known)}", queue=name, allowed=known)
+        if queue.closed:
+            # A removed queue is never paused: its pause would end at whatever reload or restart came next, and kept
+            # until it drained, it would hold jobs for good in a queue no file defines any more.
+            if paused:
+                raise QueueClosed(
+                    f"queue {name!r} was removed from the configuration and drains: it cannot be paused; cancel its "
+                    "jobs, or define it again in the configuration to pause it"
+                )
+            return queue  # not paused: nothing to resume
         self.store.set_queue_pause(name, QueuePause(paused, queue.definition.paused))
         queue.paused = paused
         log.info("queue %s %s", name, "paused" if paused else "resumed")
