@@ -438,6 +438,7 @@ class Daemon:
         self.config = new
         _fit_open_files(new)
         self.engine.reload(new)
+        self.instances.reload(new)
         self.scheduler.reload(new)
         load_aiohttp(new)
         self.last_reload = {"at": iso(time.time()), "ok": True, "error": None}

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon
-from recovery.support import Gate, gated, kill9, pump_of, start, terminate
+from recovery.support import Gate, gated, kill9, pump_of, start, terminate, wait_for_log
 
 from jobd.client import RemoteError
 
@@ -509,6 +509,112 @@ def test_a_queue_removed_while_jobd_was_down_whose_jobs_all_ended_at_the_start_d
     assert daemon.call("job.get", {"id": job})["state"] == "failed"
     assert "extra" not in queue_names(daemon)
     assert remote_error(daemon, "job.submit", {"command": ["/bin/true"], "queue": "extra"}).code == "UNKNOWN_QUEUE"
+
+
+# --- what a reload does to executing workflow instances ----------------------------------------------------
+
+
+def gated_workflow(gate: Gate, *later_tasks: str) -> str:
+    """A workflow whose first task waits for `gate`; `later_tasks` (<task> elements) run after it."""
+    return f"""<workflow><subjobs><job name="one">
+      <tasks><task name="wait" path="/bin/sh -c 'exec flock &quot;$0&quot; true' {gate.path}" queue="default"/></tasks>
+      <subjobs><job name="two"><tasks>{"".join(later_tasks)}</tasks></job></subjobs>
+    </job></subjobs></workflow>"""
+
+
+def tasks_by_name(daemon: Daemon, instance_id: int) -> dict[str, dict[str, Any]]:
+    tree = daemon.call("instance.get", {"id": instance_id})
+
+    def walk(jobs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for job in jobs:
+            yield from job["tasks"]
+            yield from walk(job["subjobs"])
+
+    return {task["name"]: task for task in walk(tree["jobs"])}
+
+
+def test_an_instance_enqueues_its_later_tasks_with_the_task_definition_of_that_time(
+    jobd: Callable[..., Daemon], gates: Callable[[str], Gate]
+) -> None:
+    """A TOML task's job takes its whole definition when the task is enqueued (config.md, "Reloading"), as after a
+    restart. Its command, timeout and retry were those at the instance's launch, while its user, kill_grace and
+    max_output were the running configuration's: two definitions mixed in one job."""
+    task = '[task.second]\ncommand = ["/bin/echo", "{word}"]\ntimeout = {timeout}\n'
+    daemon = jobd(task.format(word="old", timeout=60))
+    gate = gates("first")
+    daemon.write_workflows(flow=gated_workflow(gate, '<task task="second" name="second"/>'))
+    assert daemon.call("daemon.reload")["ok"] is True
+    instance = daemon.call("instance.launch", {"workflow": "flow"})["id"]
+
+    daemon.write_config(task.format(word="new", timeout=90))
+    assert daemon.call("daemon.reload")["ok"] is True
+    gate.release()
+    done = daemon.call("instance.wait", {"id": instance, "timeout": 30})
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), tasks_by_name(daemon, instance)
+    jobs = daemon.call("job.list", {"context": f"instance:{instance}"})["jobs"]
+    [job] = [job for job in jobs if job["task"] == "second"]
+    assert (job["command"], job["timeout"]) == (["/bin/echo", "new"], 90), job
+    assert daemon.output(job["id"]) == "new\n"
+
+
+def test_a_reload_that_removes_what_an_instance_still_needs_is_logged_and_those_tasks_are_aborted(
+    jobd: Callable[..., Daemon], gates: Callable[[str], Gate]
+) -> None:
+    """The workflow file, with a TOML task and a queue only it used, are removed together while an instance runs.
+    Its later tasks are ABORTED with evQueue's reasons, as after a restart, and the reload says so in the log. The
+    TOML task used to run all the same, with its launch-time command but as jobd's default user, with the default
+    kill_grace and max_output (those were looked up in the new configuration, which no longer had the task); the
+    task on the removed queue failed with "jobd could not submit the task"."""
+    before = '[queue.wq]\n\n[task.second]\ncommand = ["/bin/echo", "second"]\n'
+    daemon = jobd(before)
+    gate = gates("first")
+    later = ('<task task="second" name="second"/>', '<task name="third" path="/bin/echo third" queue="wq"/>')
+    daemon.write_workflows(doomed=gated_workflow(gate, *later))
+    assert daemon.call("daemon.reload")["ok"] is True
+    instance = daemon.call("instance.launch", {"workflow": "doomed"})["id"]
+
+    (daemon.config_dir / "workflows" / "doomed.xml").unlink()
+    daemon.write_config("")
+    assert daemon.call("daemon.reload")["ok"] is True
+    gate.release()
+    done = daemon.call("instance.wait", {"id": instance, "timeout": 30})
+    assert (done["status"], done["errors"]) == ("TERMINATED", 2), done
+    tasks = tasks_by_name(daemon, instance)
+    assert (tasks["second"]["status"], tasks["second"]["error"]) == ("ABORTED", "Unknown task name 'second'"), tasks
+    assert (tasks["third"]["status"], tasks["third"]["error"]) == ("ABORTED", "Unknown queue name"), tasks
+    jobs = daemon.call("job.list", {"context": f"instance:{instance}"})["jobs"]
+    assert [job["command"][0] for job in jobs] == ["/bin/sh"], jobs  # the first task's only: nothing else ran
+    wait_for_log(
+        daemon,
+        f"instance={instance} of workflow doomed: its tasks still to run name queue 'wq', task 'second', which the "
+        "configuration no longer defines after this reload: they will be ABORTED when their turn comes",
+    )
+
+
+def test_a_start_that_finds_removed_what_an_instance_still_needs_logs_it_as_a_reload_does(
+    jobd: Callable[..., Daemon], gates: Callable[[str], Gate]
+) -> None:
+    """The same removal made while jobd was stopped: the instance resumes, the task is ABORTED when its turn comes
+    (as it always was after a restart), and the start now warns of it as a reload does."""
+    daemon = jobd('[queue.wq]\n\n[task.second]\ncommand = ["/bin/echo", "second"]\nqueue = "wq"\n')
+    gate = gates("first")
+    daemon.write_workflows(doomed=gated_workflow(gate, '<task task="second" name="second"/>'))
+    assert daemon.call("daemon.reload")["ok"] is True
+    instance = daemon.call("instance.launch", {"workflow": "doomed"})["id"]
+    assert terminate(daemon) == 0
+    (daemon.config_dir / "workflows" / "doomed.xml").unlink()
+    daemon.write_config("")
+    start(daemon)
+    wait_for_log(
+        daemon,
+        f"instance={instance} of workflow doomed: its tasks still to run name task 'second', which the configuration "
+        "no longer defines at this start: they will be ABORTED when their turn comes",
+    )
+    gate.release()
+    done = daemon.call("instance.wait", {"id": instance, "timeout": 30})
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1), done
+    second = tasks_by_name(daemon, instance)["second"]
+    assert (second["status"], second["error"]) == ("ABORTED", "Unknown task name 'second'"), second
 
 
 def test_a_drop_in_whose_name_is_not_utf8_is_shown_escaped(jobd: Callable[..., Daemon]) -> None:

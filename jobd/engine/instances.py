@@ -52,7 +52,7 @@ from jobd.errors import (
     UnknownJob,
     UnknownWorkflow,
 )
-from jobd.model import WORKFLOW_TASK_KEY_PREFIX, InstanceSummary, Job, JobSpec, JobState, RetryPolicy
+from jobd.model import WORKFLOW_TASK_KEY_PREFIX, Config, InstanceSummary, Job, JobSpec, JobState, RetryPolicy
 from jobd.store import STORE_RETRY_SECONDS as RETRY
 from jobd.store import InstanceFilter, JobFilter, Store, store_failure
 
@@ -309,6 +309,26 @@ class Instances:
         self._save_changed()
         return new_id
 
+    def reload(self, config: Config) -> None:
+        """A new configuration: executing instances enqueue their next tasks with it, as after a restart. A reload
+        that removes what their tasks still to run name is not refused (the workflow file that named it may be
+        gone with it), but logged: those tasks will be ABORTED."""
+        for live in self._live.values():
+            live.machine.reconfigure(set(config.queues), config.tasks, config.retry_schedules)
+            self._warn_undefined(live, "after this reload")
+
+    def _warn_undefined(self, live: _Live, when: str) -> None:
+        missing = live.machine.undefined_names()
+        if missing:
+            log.warning(
+                "instance=%d of workflow %s: its tasks still to run name %s, which the configuration no longer "
+                "defines %s: they will be ABORTED when their turn comes",
+                live.summary.id,
+                live.summary.workflow,
+                ", ".join(missing),
+                when,
+            )
+
     # -- reading ---------------------------------------------------------------------------------------------
 
     def summary(self, instance_id: int) -> InstanceSummary:
@@ -506,7 +526,7 @@ class Instances:
             argv.insert(0, self._write_script(live.summary.id, action.evqid, action.script))
         elif argv and not os.path.isabs(argv[0]) and action.task is None:
             argv[0] = os.path.join(config.daemon.tasks_directory, argv[0])  # evQueue's tasks directory
-        defined = config.tasks.get(action.task) if action.task is not None else None
+        defined = action.definition
         run_as = self._run_as(live, action)
         return JobSpec(
             command=tuple(argv),
@@ -533,7 +553,7 @@ class Instances:
     def _run_as(self, live: _Live, action: RunTask) -> tuple[int | None, int | None]:
         """A TOML task (task="NAME") runs as that task's user; a BINARY or SCRIPT task as the default user."""
         daemon = self.engine.config.daemon
-        defined = self.engine.config.tasks.get(action.task) if action.task is not None else None
+        defined = action.definition
         if defined is None:
             return daemon.default_uid, daemon.default_gid
         if not defined.run_as_caller:
@@ -967,6 +987,7 @@ class Instances:
                 if job.state is JobState.RUNNING and task.status is NodeStatus.QUEUED:
                     actions += machine.task_started(task.evqid, job.id, now)
         log.info("instance=%d of workflow %s resumed", summary.id, summary.workflow)
+        self._warn_undefined(live, "at this start")
         self._apply(live, actions)
         self._replay(live)
         if machine.cancelling:

@@ -161,6 +161,9 @@ class RunTask:
     retry: RetryPolicy | None = None
     task: str | None = None  # the TOML [task.NAME] it runs, if any
     http: Mapping[str, Any] | None = None  # that task's HTTP request, if it is one (argv is then empty)
+    # That task's definition as the machine read it, whole: the engine takes its user, kill_grace and max_output
+    # from the same definition as argv, even should a reload come in between.
+    definition: TaskDef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +235,32 @@ class Instance:
         self._index: dict[int, etree._Element] = {}
         self._actions: list[Action] = []
         self._counters = Counters(root)
+
+    def reconfigure(
+        self, queues: Set[str], tasks: Mapping[str, TaskDef], retry_schedules: Mapping[str, RetrySchedule]
+    ) -> None:
+        """A reload: the tasks enqueued from now on take the queues and TOML tasks of the new configuration, as
+        they would after a restart (the document itself, copied at launch, does not change)."""
+        self._queues = queues
+        self._tasks = tasks
+        self._retry_schedules = retry_schedules
+
+    def undefined_names(self) -> list[str]:
+        """The queues and TOML tasks that tasks still to be enqueued (not started yet, or waiting for a retry) name
+        and the configuration does not define: each such task is ABORTED when its turn comes."""
+        missing: set[str] = set()
+        for task, dead in self.task_nodes():
+            if dead or (task.get("status") is not None and not _is_retrying(task)):
+                continue
+            toml_name = task.get("task")
+            definition = self._tasks.get(toml_name) if toml_name is not None else None
+            if toml_name is not None and definition is None:
+                missing.add(f"task {toml_name!r}")
+                continue
+            queue = task.get("queue") or (definition.queue if definition else "")
+            if queue not in self._queues:
+                missing.add(f"queue {queue!r}")
+        return sorted(missing)
 
     # ------------------------------------------------------------------------------------------ construction
 
@@ -767,6 +796,7 @@ class Instance:
             retry=definition.retry if definition else None,
             task=toml_name,
             http=definition.http if definition else None,
+            definition=definition,
         )
 
     # ---------------------------------------------------------------------------------------- task results
