@@ -248,6 +248,8 @@ class Engine:
 
     def _queue_for_recovered(self, name: str) -> None:
         if name not in self.queues:  # the queue was removed while jobd was down: drain it, take nothing new
+            # Its settings left with its file (jobd keeps none of its own): one job at a time never runs more at once
+            # than it allowed. Documented in config.md, "Reloading".
             self.queues[name] = QueueRuntime(QueueDef(name=name), closed=True)
 
     def _recover_lost_attempt(self, job: Job, now: float) -> None:
