@@ -480,12 +480,13 @@ GATED_HTTP_WORKFLOW = """<workflow><subjobs><job name="first">
 </job></subjobs></workflow>"""
 
 
-def test_a_running_instance_keeps_an_http_task_as_it_was_launched_across_a_reload(
+def test_an_http_task_turned_into_a_command_by_a_reload_runs_whole_as_the_command_in_a_running_instance(
     make_daemon: Any, web: WebServer, tmp_path: Path
 ) -> None:
-    """An instance runs the TOML tasks it was launched with. A reload that turned notify into a command made the
-    instance's next notify a job with neither (its argv from the old definition, its request from the new one):
-    its spawn raised, and the job stayed running for good."""
+    """An instance's task takes its [task.NAME] as it is when the task's turn comes, whole (docs/config.md,
+    Reloading). A reload that turned notify into a command once made the instance's next notify a job with neither
+    (its argv from the old definition, its request from the new one): its spawn raised, and the job stayed running
+    for good."""
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     config = CONFIG.format(url=web.url)
@@ -499,6 +500,7 @@ def test_a_running_instance_keeps_an_http_task_as_it_was_launched_across_a_reloa
         writer.write("go\n")
     done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
     assert (done["status"], done["errors"]) == ("TERMINATED", 0), done
-    [seen] = web.requests  # the request, as the instance was launched with it
-    assert seen.method == "POST"
+    assert web.requests == []  # notify is a command now
+    [job] = [job for job in daemon.call("job.list", {"limit": 10})["jobs"] if job["command"] == ["/bin/true"]]
+    assert (job["state"], job["http"]) == ("succeeded", None), job
     assert daemon.call("daemon.status")["jobs"].get("running", 0) == 0
