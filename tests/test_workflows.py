@@ -689,6 +689,30 @@ def test_a_retry_due_while_jobd_stops_is_kept_for_the_next_start(make_daemon: An
     assert [output.get("retval") for output in flaky.findall("output")] == ["1", "1"]  # tried again: /bin/false
 
 
+def test_a_retry_schedule_with_a_fraction_of_a_second_retries_its_task(wf: Daemon) -> None:
+    """config.md allows a level's `delay` to be any number > 0, as corpus.toml's `patient` (0.5 s x 1): the task's
+    first failure read the level's "0.5" with int() and the instance ended by an error in jobd, with the task never
+    tried again and the document left EXECUTING."""
+    source = (
+        '<workflow><subjobs><job name="j"><tasks>'
+        '<task name="patient" path="fail.sh 2" queue="default" retry_schedule="patient"/>'
+        "</tasks></job></subjobs></workflow>"
+    )
+    (wf.config_dir / "workflows" / "patient.xml").write_text(source)
+    wf.call("daemon.reload")
+    launched = wf.call("instance.launch", {"workflow": "patient"})
+    done = wf.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
+    document = _document(wf, launched["id"])
+    assert document.get("status") == "TERMINATED"
+    task = document.find(".//task[@name='patient']")
+    assert task is not None
+    assert [output.get("retval") for output in task.findall("output")] == ["2", "2"]  # tried again once
+    # past its last level, as evQueue leaves fast_then_slow at level 3
+    assert (task.get("retry_schedule_level"), task.get("retry_delay"), task.get("retry_times")) == ("2", "0.5", "0")
+    assert "error in jobd" not in wf.log()
+
+
 FAILING_EARLY = """<workflow>
   <parameters><parameter name="gate"/></parameters>
   <subjobs><job name="padded">

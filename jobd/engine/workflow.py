@@ -838,7 +838,7 @@ class Instance:
         else:
             if task.get("retry_delay") is None or task.get("retry_times") is None:
                 return  # no retry policy: the task failed
-            delay, times = int(task.get("retry_delay", "0")), int(task.get("retry_times", "0"))
+            delay, times = float(task.get("retry_delay", "0")), int(task.get("retry_times", "0"))
         if schedule and times == 0:
             delay, times = self._next_schedule_level(task, schedule)
         if delay <= 0 or times <= 0:
@@ -849,9 +849,11 @@ class Instance:
         task.set("retry_at", local_time(now + delay))
         task.set(RETRY_AT_UNIX, repr(now + delay))
         task.set("retry_times", str(times - 1))
-        self._actions.append(RetryLater(_evqid(task), float(delay), now + delay))
+        self._actions.append(RetryLater(_evqid(task), delay, now + delay))
 
-    def _next_schedule_level(self, task: etree._Element, schedule: str) -> tuple[int, int]:
+    def _next_schedule_level(self, task: etree._Element, schedule: str) -> tuple[float, int]:
+        """The next level of the instance's copy of the schedule: its delay (seconds, a fraction for a TOML level
+        such as `delay = 0.5`) and times; (0, 0) after the last level."""
         level = int(task.get("retry_schedule_level", "0")) + 1
         task.set("retry_schedule_level", str(level))
         levels = self.root.findall(f"schedules/schedule[@name={_xpath_literal(schedule)}]/level")
@@ -860,7 +862,7 @@ class Instance:
         chosen = levels[level - 1]
         task.set("retry_delay", chosen.get("retry_delay", "0"))
         task.set("retry_times", chosen.get("retry_times", "0"))
-        return int(chosen.get("retry_delay", "0")), int(chosen.get("retry_times", "0"))
+        return float(chosen.get("retry_delay", "0")), int(chosen.get("retry_times", "0"))
 
     def _copy_retry_schedules(self, workflow: str) -> None:
         """Each named retry schedule used is copied into the instance, so a reload cannot change a running one."""
