@@ -467,6 +467,17 @@ def _check_task(checker: _Checker, element: etree._Element) -> None:
         _check_env_inputs(checker, element)
 
 
+def _env_mode_origin(element: etree._Element) -> str:
+    """Where a task's ENV mode comes from, as the errors about its inputs say it: the task's own attribute, or (with
+    no parameters-mode) the TOML task it runs, which the administrator may not have in mind."""
+    if element.get("parameters-mode") is None and element.get("task") is not None:
+        return (
+            f'the TOML [task.{element.get("task")}] has parameters = "env" (give the task parameters-mode="CMDLINE" '
+            "to pass its inputs as arguments), which"
+        )
+    return 'parameters-mode="ENV"'
+
+
 def _check_toml_task(checker: _Checker, element: etree._Element, scripts: list[etree._Element]) -> str | None:
     """jobd's `<task task="NAME">`: the command and its defaults come from [task.NAME] of the TOML config."""
     name = element.get("task", "")
@@ -525,15 +536,14 @@ def _check_retry(checker: _Checker, element: etree._Element) -> None:
 
 
 def _check_env_inputs(checker: _Checker, element: etree._Element) -> None:
+    origin = _env_mode_origin(element)
     for item in element.findall("input"):
         name = item.get("name")
         if name is None:
-            checker.element_problem(
-                item, 'parameters-mode="ENV" passes each input as an environment variable: it needs a name'
-            )
+            checker.element_problem(item, f"{origin} passes each input as an environment variable: it needs a name")
         elif name and not ENV_NAME.fullmatch(name):
             checker.attribute_problem(
-                item, "name", 'parameters-mode="ENV" needs a variable name: A-Z a-z 0-9 _, not starting with a digit'
+                item, "name", f"{origin} needs a variable name: A-Z a-z 0-9 _, not starting with a digit"
             )
 
 

@@ -482,8 +482,29 @@ INVALID: dict[str, tuple[str, list[tuple[int, list[str]]]]] = {
             (6, ["<script>: not allowed with task=: the command comes from the TOML [task.NAME]"]),
         ],
     ),
+    # The task has no parameters-mode: the error says where ENV comes from, and how to pass arguments instead.
     "toml task with env parameters needs named inputs": (
-        job('<task task="show_env">\n<input>x</input>\n</task>'),
+        job('<task task="show_env">\n<input>x</input>\n<input name="1x">y</input>\n</task>'),
+        [
+            (
+                6,
+                [
+                    '<input>: the TOML [task.show_env] has parameters = "env" (give the task '
+                    'parameters-mode="CMDLINE" to pass its inputs as arguments), which passes each input as an '
+                    "environment variable: it needs a name"
+                ],
+            ),
+            (
+                7,
+                [
+                    '<input> attribute name="1x": the TOML [task.show_env] has parameters = "env" (give the task '
+                    'parameters-mode="CMDLINE" to pass its inputs as arguments), which needs a variable name'
+                ],
+            ),
+        ],
+    ),
+    "toml task with an explicit env mode": (
+        job('<task task="greet" parameters-mode="ENV">\n<input>x</input>\n</task>'),
         [(6, ['<input>: parameters-mode="ENV" passes each input as an environment variable: it needs a name'])],
     ),
 }
