@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 from collections import Counter
@@ -160,6 +161,37 @@ def test_the_loopdemo_example_runs_real_scripts_and_gives_evqueues_instance_docu
     # Every task ran as a jobd job in its queue, under the instance's context.
     jobs = wf.call("job.list", {"context": f"instance:{launched['id']}"})["jobs"]
     assert sorted(job["state"] for job in jobs) == ["succeeded"] * 3
+
+
+def _documented_examples() -> dict[str, str]:
+    """The example workflows of docs/workflows.md and jobd-workflow(5), as a reader would copy them."""
+    repo = Path(__file__).resolve().parent.parent
+    guide = (repo / "docs/workflows.md").read_text()
+    page = (repo / "man/jobd-workflow.5").read_text()
+    guide_example = re.search(r"```xml\n(<workflow>.*?</workflow>)\n```", guide, re.S)
+    page_example = re.search(r"\.Sh EXAMPLES\n\.Bd -literal -offset indent\n(.*?)\.Ed", page, re.S)
+    assert guide_example is not None and page_example is not None
+    return {"guide": guide_example.group(1), "page": page_example.group(1)}
+
+
+def test_the_documented_examples_run_as_written_and_pass_the_count_alone(make_daemon: Any) -> None:
+    """Both examples list `count` files and process all but f1.txt. jobd-workflow(5) wrote its <input> over three
+    lines, and text around a <value> is kept as written (as in evQueue): list.sh got "\\n            4\\n          "
+    as its argument, which dash's `[` happens to accept and bash's refuses ("integer expression expected")."""
+    config = (
+        CORPUS / "corpus.toml"
+    ).read_text() + '[task.resize]\ncommand = ["/bin/echo", "resize"]\nqueue = "default"\n'
+    daemon = _workflow_daemon(
+        make_daemon, config, daemon_extra=f'tasks_directory = "{CORPUS / "tasks"}"', **_documented_examples()
+    )
+    for name in ("guide", "page"):
+        launched = daemon.call("instance.launch", {"workflow": name, "parameters": {"count": "4"}})
+        done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+        assert (done["status"], done["errors"]) == ("TERMINATED", 0), name
+        document = _document(daemon, launched["id"])
+        assert [item.text for item in document.iterfind(".//task[@name='list']/input")] == ["4"], name
+        ran = document.iterfind(".//job[@name='process']/tasks/task[@status='TERMINATED']")
+        assert len(list(ran)) == 3, name  # f2.txt, f3.txt and f4.txt
 
 
 def test_the_json_tree_shows_jobs_tasks_and_their_job_ids(wf: Daemon) -> None:
