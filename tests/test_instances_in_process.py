@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from lxml import etree
 from test_workflow_engine import NOW, job, launch, task, workflow
 
 from jobd.engine.instances import Instances, _Live
@@ -86,3 +87,28 @@ def test_a_task_jobd_cannot_submit_because_it_stops_stays_queued_for_the_next_st
     assert (task_.get("status"), task_.get("tid"), task_.get("error")) == (NodeStatus.QUEUED, None, None)
     _, pending = Instance.restore(machine.to_xml(), queues={"default"})
     assert [(task.status, task.tid) for task in pending] == [(NodeStatus.QUEUED, None)]
+
+
+def test_an_instance_ended_by_an_error_in_jobd_says_so_in_its_document_too(tmp_path: Path) -> None:
+    """Its summary said TERMINATED with one more error, while its document (instance.get's xml, evQueue's `instance
+    query`) still said EXECUTING, without an end_time."""
+
+    def submit(*args: Any) -> Any:
+        raise RuntimeError("a bug in jobd")
+
+    async def start() -> bytes:
+        instances = Instances(_engine(tmp_path, submit=submit), RefusingStore())  # type: ignore[arg-type]
+        machine, actions = launch(workflow(job("a", task("/bin/a"))))
+        live = _live(machine)
+        instances._live[1] = live
+        instances._supervised(1, lambda _: instances._apply(live, actions))
+        for handle in (instances._save_retry, instances._save_handle):
+            if handle is not None:
+                handle.cancel()
+        summary, document = instances._ended_unsaved[1]
+        assert (summary.status, summary.errors) == ("TERMINATED", 1)
+        return document
+
+    root = etree.fromstring(asyncio.run(start()))
+    assert (root.get("status"), root.get("errors")) == ("TERMINATED", "1")
+    assert root.get("end_time")

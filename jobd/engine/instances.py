@@ -1061,7 +1061,9 @@ class Instances:
         for job_id in live.jobs.values():
             self._cancel_job(job_id)
         live.jobs.clear()
-        self._finished(live, InstanceFinished(InstanceStatus.TERMINATED, live.machine.errors + 1))
+        errors = live.machine.errors + 1
+        live.machine.ended_by_jobd(self.clock(), errors)  # its document says what its summary says
+        self._finished(live, InstanceFinished(InstanceStatus.TERMINATED, errors))
 
     def _job_or_none(self, job_id: int | None) -> Job | None:
         if job_id is None:

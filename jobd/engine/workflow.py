@@ -918,6 +918,13 @@ class Instance:
         if node.tag == "job":
             self._counters.ended_unrun(node)
 
+    def ended_by_jobd(self, now: float, errors: int) -> None:
+        """jobd itself failed this instance (a bug, Instances._broken): the document ends as the summary does, with
+        `errors` (the error that ended it counted), however far its tasks had come."""
+        self.root.set("status", InstanceStatus.TERMINATED)
+        self.root.set("end_time", local_time(now))
+        self.root.set("errors", str(errors))
+
     def _settle(self, now: float) -> list[Action]:
         """End of an event: count its changes, finish the instance if nothing runs or waits to retry, hand over
         actions."""
