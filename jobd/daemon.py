@@ -58,10 +58,24 @@ class _Notifier:
     forever). A message that cannot be sent is logged, once per reason: sdnotify itself would say nothing."""
 
     def __init__(self) -> None:
-        self._socket = sdnotify.SystemdNotifier().socket  # None: not under a service manager
-        if self._socket is not None:
-            self._socket.setblocking(False)
+        self._socket: socket.socket | None = None  # None: not under a service manager, or it cannot be reached
         self._told: set[int | None] = set()  # errnos already logged
+        address = os.environ.get("NOTIFY_SOCKET")
+        if not address:
+            return
+        try:
+            # debug=True: sdnotify raises what stops it from connecting, instead of dropping every message after
+            # without a word (a service manager never told READY=1 kills the start at its timeout, with no clue).
+            self._socket = sdnotify.SystemdNotifier(debug=True).socket
+        except OSError as error:
+            log.warning(
+                "cannot reach the service manager at NOTIFY_SOCKET=%s: %s (nothing will be told to it: not READY=1, "
+                "not STATUS=)",
+                address,
+                error.strerror or error,
+            )
+            return
+        self._socket.setblocking(False)
 
     def notify(self, text: str) -> None:
         if self._socket is None:

@@ -136,7 +136,8 @@ class Daemon:
             code = self.process.poll()
             raise AssertionError(
                 f"jobd did not tell {until} within {time.monotonic() - started:.1f}s (its process "
-                f"{'runs' if code is None else f'exited with {code}'}; it told {self.notify.messages!r}); its log:\n"
+                f"{'runs' if code is None else f'exited with {code}'}; it told {self.notify.messages!r}; the "
+                f"NOTIFY_SOCKET {'is there' if notify_path.is_socket() else 'is gone'}); its log:\n"
                 f"{self.log()}"
             ) from None
 

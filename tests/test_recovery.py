@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import queue as queues
+import select
 import shutil
 import signal
 import socket
@@ -1362,6 +1363,31 @@ def test_a_message_the_service_manager_cannot_take_is_logged_once(make_daemon: C
     # Once per reason, of all the messages that follow: the first send finds the socket gone, then ours is disconnected.
     assert len(told) == 2, told
     assert "RELOADING=1: Connection refused" in told[0] and "Transport endpoint is not connected" in told[1], told
+
+
+def test_a_service_manager_that_cannot_be_reached_is_logged(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """sdnotify, failing to connect to NOTIFY_SOCKET, dropped every message after without a word: under systemd, a
+    start killed at TimeoutStartSec= for want of READY=1, and nothing in the log to say why."""
+    daemon = make_daemon(start=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(tmp_path / "gone.sock")}
+    command = [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir), "--log-level", "info"]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 45
+        while not any(" ready: socket " in line for line in lines):
+            ready, _, _ = select.select([process.stderr], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"jobd did not log that it is ready; it logged {lines}"
+            line = process.stderr.readline()
+            assert line, f"jobd ended; it logged {lines}"
+            lines.append(line)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, lines
+        process.stderr.close()
+    told = [line for line in lines if "cannot reach the service manager" in line]
+    assert told and f"NOTIFY_SOCKET={tmp_path / 'gone.sock'}: No such file or directory" in told[0], lines
 
 
 def test_a_sigterm_while_starting_stops_jobd_without_serving(
