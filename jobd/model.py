@@ -562,6 +562,9 @@ class ScheduleState:
     # The config's `enabled` when the API's word was given: a file changed since, even while jobd was stopped,
     # overrides that word. None with `enabled` set: not known (a row saved before schema version 19).
     config_enabled: bool | None = None
+    # The due time the calendar last fired (whether a run started, was skipped or queued; a trigger is not one): no
+    # due time at or before it fires again when the clock is set back by up to MAX_STEP_BACK (jobd.engine.schedule).
+    last_due: float | None = None
 
 
 class Overlap(StrEnum):

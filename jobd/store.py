@@ -234,6 +234,7 @@ class ScheduleRow(_Base):
     suspended = peewee.BooleanField(default=False)
     enabled = peewee.BooleanField(null=True)
     config_enabled = peewee.BooleanField(null=True)  # since schema version 19
+    last_due = peewee.DoubleField(null=True)  # since schema version 20
 
     class Meta:
         table_name = "schedule"
@@ -388,6 +389,12 @@ def _migration_19(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "config_enabled" INTEGER')  # type: ignore[no-untyped-call]
 
 
+def _migration_20(db: peewee.SqliteDatabase) -> None:
+    # The due time a schedule last fired, so that setting the clock back does not fire it again. Rows saved before
+    # have NULL: their next time is counted from "now", as it was.
+    db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "last_due" REAL')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -409,6 +416,7 @@ MIGRATIONS = (
     _migration_17,
     _migration_18,
     _migration_19,
+    _migration_20,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -880,6 +888,7 @@ class Store:
                 suspended=bool(row.suspended),
                 enabled=None if row.enabled is None else bool(row.enabled),
                 config_enabled=None if row.config_enabled is None else bool(row.config_enabled),
+                last_due=row.last_due,
             )
             for row in ScheduleRow.select()
         }
@@ -895,6 +904,7 @@ class Store:
                 suspended=state.suspended,
                 enabled=state.enabled,
                 config_enabled=state.config_enabled,
+                last_due=state.last_due,
             ).on_conflict_replace().execute()
 
     def forget_schedule(self, name: str) -> None:

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobd.engine.schedule import Calendar, catch_up_due, next_run
+from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, next_run
 from jobd.model import ScheduleDef, ScheduleState
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -220,6 +220,29 @@ def test_next_run_with_jitter() -> None:
     assert next_run(DEFINITION, HOURLY, state, T0 + 1, 0.25) == T0 + 3600 + 15
     no_jitter = dataclasses.replace(DEFINITION, jitter=0.0)
     assert next_run(no_jitter, HOURLY, state, T0, 0.9) == T0 + 3600
+
+
+def test_a_clock_set_back_does_not_fire_a_due_time_again() -> None:
+    """The next time was counted from "now" alone: a daily 02:00 job that had fired ran again at 02:00 when the
+    clock was set back across it, by an NTP step of a second as well as by an hour."""
+    daily = dataclasses.replace(DEFINITION, calendar="0 2 * * *", timezone="Europe/Paris", jitter=0.0)
+    calendar = Calendar.parse(daily.calendar)
+    at_two = paris(2024, 1, 1, 2, 0, 0)
+    fired = ScheduleState("s", last_run=at_two + 0.01, last_due=at_two)
+    tomorrow = at_two + 86400
+    assert next_run(daily, calendar, fired, at_two + 0.01, 0.0) == tomorrow  # as before: after the firing
+    assert next_run(daily, calendar, fired, at_two - 0.99, 0.0) == tomorrow  # an NTP step back of one second
+    assert next_run(daily, calendar, fired, at_two - 3600, 0.0) == tomorrow  # an hour back
+    assert next_run(daily, calendar, fired, at_two - MAX_STEP_BACK, 0.0) == tomorrow  # the bound is included
+    # Further back the clock is taken as it is (a clock set years ahead, corrected): 02:00 may come again.
+    assert next_run(daily, calendar, fired, at_two - MAX_STEP_BACK - 1, 0.0) == at_two
+    # Never fired by its calendar (new, or only triggered): counted from now.
+    assert next_run(daily, calendar, ScheduleState("s", last_run=at_two + 5), at_two - 60, 0.0) == at_two
+    # A calendar firing every second is silent until the clock is back at the due time it last fired.
+    every_second = dataclasses.replace(daily, calendar="* * * * * *")
+    seconds = Calendar.parse(every_second.calendar)
+    assert next_run(every_second, seconds, fired, at_two - 10, 0.0) == at_two + 1
+    assert next_run(every_second, seconds, fired, at_two + 10, 0.0) == at_two + 11  # forward: from now
 
 
 def test_next_run_disabled_or_suspended() -> None:

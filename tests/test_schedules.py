@@ -488,6 +488,50 @@ def test_a_clock_change_re_arms_the_timer_and_the_schedule_fires_at_its_time(sch
     quiesce(daemon, "at")  # its run must have ended (and been reaped) before the teardown looks for zombies
 
 
+def saved_row(daemon: Daemon, name: str) -> dict[str, Any]:
+    """The schedule's row in the database of a stopped daemon."""
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as raw:
+        raw.row_factory = sqlite3.Row
+        row = raw.execute("SELECT * FROM schedule WHERE name = ?", (name,)).fetchone()
+    return dict(row) if row is not None else {}
+
+
+def set_saved(daemon: Daemon, name: str, **values: Any) -> None:
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as raw, raw:
+        for key, value in values.items():
+            raw.execute(f"UPDATE schedule SET {key} = ? WHERE name = ?", (value, name))
+
+
+def test_the_due_time_fired_is_saved_and_a_clock_behind_it_does_not_fire_it_again(sched: Any) -> None:
+    """Setting the clock back across a due time that had fired fired it again: the next time was counted from the
+    new "now" alone. The due time fired is saved (a trigger is not one), and the next time comes after it. The
+    clock itself is not set here (a shared machine): a start with the saved due time ahead of the clock is the
+    same case for the scheduler (the clock set back while jobd was down)."""
+    due_second = (int(time.time()) + 3) % 60
+    daemon = sched(schedule("at", "task:true", f"{due_second} * * * * *"))
+    due = epoch(listed(daemon, "at")["next_run"])
+    with subscribe(daemon) as client:
+        next_state(client, "succeeded", "schedule:at", timeout=due - time.time() + WAIT)
+    triggered = daemon.call("schedule.trigger", {"name": "at"})["run_id"]
+    daemon.wait(triggered)
+    assert terminate(daemon) == 0
+    assert saved_row(daemon, "at")["last_due"] == due  # the trigger left it
+    # Ten minutes ahead of the clock, for a calendar due every second: nothing is due before it.
+    rewrite(daemon, schedule("at", "task:true", "* * * * * *"))
+    ahead = time.time() + 600
+    set_saved(daemon, "at", last_due=ahead)
+    start(daemon)
+    assert epoch(listed(daemon, "at")["next_run"]) == math.floor(ahead) + 1
+    assert "the clock is" in daemon.log() and "before the due time it last fired" in daemon.log()
+    # Four hours ahead (more than 3): the clock is taken as it is.
+    assert terminate(daemon) == 0
+    set_saved(daemon, "at", last_due=time.time() + 4 * 3600)
+    start(daemon)
+    assert epoch(listed(daemon, "at")["next_run"]) <= time.time() + 1
+    assert "its next time is counted from now and may repeat one already fired" in daemon.log()
+    quiesce(daemon, "at")
+
+
 # -- API, jobctl, evQueue ----------------------------------------------------------------------------------------
 
 

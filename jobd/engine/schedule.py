@@ -69,6 +69,9 @@ _MAX_YEARS_BETWEEN_MATCHES = 100
 # Skipping the second pass of a repeated hour never needs more steps than the seconds of an hour, with room.
 _MAX_STEPS = 10_000
 
+# Setting the clock back by up to this fires no due time a second time (see `next_run`); Vixie cron's bound.
+MAX_STEP_BACK = 3 * 3600.0
+
 
 @dataclass(frozen=True, slots=True)
 class Calendar:
@@ -204,6 +207,14 @@ def _active(definition: ScheduleDef, state: ScheduleState) -> bool:
     return enabled and not state.suspended
 
 
+def set_back(state: ScheduleState, now: float) -> float:
+    """How many seconds `now` is before the due time the schedule last fired (0: not before it, or none fired).
+
+    More than 0 only when the clock was set back since (an NTP step, settimeofday, a wrong clock corrected, also
+    while jobd was stopped)."""
+    return 0.0 if state.last_due is None else max(state.last_due - now, 0.0)
+
+
 def next_run(
     definition: ScheduleDef, calendar: Calendar, state: ScheduleState, now: float, jitter_fraction: float
 ) -> float | None:
@@ -213,10 +224,22 @@ def next_run(
     previous run ends, so missed slots are not replayed; `catch_up_due` covers downtime). `jitter_fraction` in
     [0, 1) comes from the caller's random source and delays it by that share of `definition.jitter`, like systemd's
     RandomizedDelaySec= drawn afresh each time; the calendar time itself stays the reference for the next one.
+
+    A clock set back is the exception: a due time fires once. When `now` is before the due time the schedule last
+    fired (`state.last_due`) by at most MAX_STEP_BACK, the next one is the first after that due time, not after
+    `now`: a daily job that ran at 02:00 does not run again because an NTP step took the clock back a second, nor
+    an hour; a calendar firing every second or minute is silent until the clock is back where it was. Further
+    back, as Vixie cron does for a jump of more than 3 hours, the clock is taken as it is: the next time is the
+    first after `now`, which may repeat times already fired (a machine that started with its clock years ahead
+    would otherwise run nothing for years once corrected).
     """
     if not _active(definition, state):
         return None
-    return calendar.next_after(now, definition.timezone) + jitter_fraction * definition.jitter
+    after = now
+    if 0 < set_back(state, now) <= MAX_STEP_BACK:
+        assert state.last_due is not None
+        after = state.last_due
+    return calendar.next_after(after, definition.timezone) + jitter_fraction * definition.jitter
 
 
 def catch_up_due(definition: ScheduleDef, calendar: Calendar, state: ScheduleState, now: float) -> bool:
@@ -246,10 +269,12 @@ __all__ = [
     "GARBAGE",
     "IMPOSSIBLE",
     "MACROS",
+    "MAX_STEP_BACK",
     "NON_NUMERIC",
     "OUT_OF_RANGE",
     "Calendar",
     "catch_up_due",
     "local_zone",
     "next_run",
+    "set_back",
 ]

@@ -5,11 +5,13 @@ timerfd on CLOCK_REALTIME armed (absolute, TFD_TIMER_CANCEL_ON_SET) at the neare
 when it expires fires every schedule that is due — a workflow target launches an instance, a task target submits a
 job — following each schedule's overlap and on_failure rules. Between due times it makes no system call: the loop
 sleeps in epoll until the timerfd is readable. When someone sets the clock (settimeofday, an NTP step) the kernel
-cancels the timer (the read fails with ECANCELED); every due time is then recomputed and the timer re-armed.
+cancels the timer (the read fails with ECANCELED); every due time is then recomputed and the timer re-armed. A
+clock set back does not fire again a due time that has fired (see `jobd.engine.schedule.next_run`).
 
-What must survive a restart (last run, its result and id, the next time, suspended, the API's enable/disable) is
-saved through the store on every change and loaded at start, after the engine and the instances have recovered, so
-a run that was going when jobd stopped is found again (and followed to its end) by its job or instance id.
+What must survive a restart (last run, its result and id, the next time, the due time last fired, suspended, the
+API's enable/disable) is saved through the store on every change and loaded at start, after the engine and the
+instances have recovered, so a run that was going when jobd stopped is found again (and followed to its end) by its
+job or instance id.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from jobd import linux
 from jobd.engine.core import Engine
 from jobd.engine.instances import Instances
-from jobd.engine.schedule import Calendar, catch_up_due, next_run
+from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, next_run, set_back
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
 from jobd.model import Config, Job, OnFailure, Overlap, ScheduleDef, ScheduleState, iso
@@ -282,6 +284,7 @@ class Scheduler:
             missed = schedule.state.next_run
             due = missed if missed is not None and missed <= now else now
             log.info("schedule %s: a due time was missed while jobd was down; catching up once now", definition.name)
+            self._set(schedule, last_due=due)
             self._fire(schedule, due, now)
             self._after_firing(schedule, now)
             return
@@ -301,9 +304,11 @@ class Scheduler:
                 if not schedule.waiting or due is None:
                     continue
                 if due <= now + DUE_MARGIN:
+                    self._set(schedule, last_due=due)  # fired once, whatever the clock does next
                     self._fire(schedule, due, now)
                     self._after_firing(schedule, now)
-                elif clock_set:  # set back: the next time from the new "now" may be sooner than the one computed
+                elif clock_set:  # set back: the next time from the new "now" may be sooner (never at or before
+                    # the due time last fired, within MAX_STEP_BACK: see next_run)
                     self._set(schedule, next_run=self._next(schedule, now))
             if clock_set:
                 log.info("the system clock was set: due times recomputed, timer re-armed")
@@ -326,6 +331,24 @@ class Scheduler:
 
     def _next(self, schedule: _Schedule, now: float) -> float | None:
         assert schedule.calendar is not None
+        back = set_back(schedule.state, now)
+        if back > MAX_STEP_BACK:
+            log.warning(
+                "schedule %s: the clock is %.0f s before the due time it last fired (%s), more than %.0f s: its next"
+                " time is counted from now and may repeat one already fired",
+                schedule.definition.name,
+                back,
+                iso(schedule.state.last_due),
+                MAX_STEP_BACK,
+            )
+        elif back > DUE_MARGIN:  # not a timer that expired on time, rounded below its due time
+            log.info(
+                "schedule %s: the clock is %.3f s before the due time it last fired (%s): its next time comes after"
+                " that one, not after now",
+                schedule.definition.name,
+                back,
+                iso(schedule.state.last_due),
+            )
         return next_run(schedule.definition, schedule.calendar, schedule.state, now, self.jitter_fraction())
 
     def _after_firing(self, schedule: _Schedule, now: float) -> None:
