@@ -565,6 +565,10 @@ class ScheduleState:
     # The due time the calendar last fired (whether a run started, was skipped or queued; a trigger is not one): no
     # due time at or before it fires again when the clock is set back by up to MAX_STEP_BACK (jobd.engine.schedule).
     last_due: float | None = None
+    # `next_run` is None because the next time is computed when the run going ends (overlap "skip"), not because
+    # the schedule is disabled or suspended: a catch-up at start-up counts from the last run only then. None: not
+    # known (a row saved before schema version 21).
+    after_run: bool | None = False
 
 
 class Overlap(StrEnum):

@@ -235,6 +235,7 @@ class ScheduleRow(_Base):
     enabled = peewee.BooleanField(null=True)
     config_enabled = peewee.BooleanField(null=True)  # since schema version 19
     last_due = peewee.DoubleField(null=True)  # since schema version 20
+    after_run = peewee.BooleanField(null=True)  # since schema version 21
 
     class Meta:
         table_name = "schedule"
@@ -395,6 +396,12 @@ def _migration_20(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "last_due" REAL')  # type: ignore[no-untyped-call]
 
 
+def _migration_21(db: peewee.SqliteDatabase) -> None:
+    # Whether a schedule without a next time waits for the end of its run (overlap "skip") rather than being
+    # disabled or suspended. Rows saved before have NULL, not known: catch_up_due decides for them as it did.
+    db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "after_run" INTEGER')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -417,6 +424,7 @@ MIGRATIONS = (
     _migration_18,
     _migration_19,
     _migration_20,
+    _migration_21,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -889,6 +897,7 @@ class Store:
                 enabled=None if row.enabled is None else bool(row.enabled),
                 config_enabled=None if row.config_enabled is None else bool(row.config_enabled),
                 last_due=row.last_due,
+                after_run=None if row.after_run is None else bool(row.after_run),
             )
             for row in ScheduleRow.select()
         }
@@ -905,6 +914,7 @@ class Store:
                 enabled=state.enabled,
                 config_enabled=state.config_enabled,
                 last_due=state.last_due,
+                after_run=state.after_run,
             ).on_conflict_replace().execute()
 
     def forget_schedule(self, name: str) -> None:

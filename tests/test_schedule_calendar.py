@@ -256,7 +256,7 @@ def test_next_run_disabled_or_suspended() -> None:
 
 def test_catch_up() -> None:
     on = dataclasses.replace(DEFINITION, catch_up=True)
-    ran = ScheduleState("s", last_run=T0 + 5)
+    ran = ScheduleState("s", last_run=T0 + 5, after_run=True)  # its next time was to come at its run's end
     assert catch_up_due(on, HOURLY, ran, T0 + 3000) is False  # next due (11:00) not reached
     assert catch_up_due(on, HOURLY, ran, T0 + 3600) is True  # 11:00 is now: the timer would miss it
     assert catch_up_due(on, HOURLY, ran, T0 + 86400 * 3) is True  # many missed: still one run (a bool)
@@ -283,5 +283,16 @@ def test_catch_up_counts_only_the_due_time_jobd_waited_for_when_it_stopped() -> 
     assert catch_up_due(on, HOURLY, adopted, T0 + 3600 + 60) is False
     assert catch_up_due(on, HOURLY, adopted, T0 + 2 * 3600) is True
     # The run going at the stop ended while jobd was down: no next time was computed, the last start decides.
-    ended = ScheduleState("s", last_run=T0 + 5, last_run_id=1, last_result="succeeded")
+    ended = ScheduleState("s", last_run=T0 + 5, last_run_id=1, last_result="succeeded", after_run=True)
     assert catch_up_due(on, HOURLY, ended, T0 + 3600) is True
+
+
+def test_catch_up_counts_nothing_for_a_schedule_that_was_disabled_when_jobd_stopped() -> None:
+    """A schedule disabled (or suspended) when jobd stopped and enabled again at the start, by its file edited
+    while jobd was down, was caught up for the times that passed since its last run: those passed while it was
+    disabled, and a live enable (a reload) counts from now. Both wait for the next time now."""
+    on = dataclasses.replace(DEFINITION, catch_up=True)
+    disabled_at_stop = ScheduleState("s", last_run=T0 + 5, last_run_id=1, last_result="succeeded")
+    assert catch_up_due(on, HOURLY, disabled_at_stop, T0 + 86400) is False
+    # A row saved before jobd told the two apart (after_run not known) is decided as it was: from the last run.
+    assert catch_up_due(on, HOURLY, dataclasses.replace(disabled_at_stop, after_run=None), T0 + 86400) is True

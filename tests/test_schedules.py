@@ -502,6 +502,29 @@ def set_saved(daemon: Daemon, name: str, **values: Any) -> None:
             raw.execute(f"UPDATE schedule SET {key} = ? WHERE name = ?", (value, name))
 
 
+def test_a_schedule_enabled_in_its_file_while_jobd_was_down_catches_up_nothing_it_missed_while_disabled(
+    sched: Any,
+) -> None:
+    """Disabled in the file (a reload), then enabled again in the file while jobd was down: the start caught up the
+    calendar times since its last run, which passed while it was disabled, where the same enable made by a reload
+    waits for the next time. The last run is made older than a calendar time instead of waiting for one to pass."""
+    yearly = "0 0 1 1 *"
+    daemon = sched(schedule("y", "task:true", yearly, catch_up=True))
+    run = daemon.call("schedule.trigger", {"name": "y"})["run_id"]
+    daemon.wait(run)
+    rewrite(daemon, schedule("y", "task:true", yearly, catch_up=True, enabled=False))
+    daemon.call("daemon.reload")
+    assert listed(daemon, "y")["state"] == "disabled"
+    assert terminate(daemon) == 0
+    set_saved(daemon, "y", last_run=time.time() - 400 * 86400)  # a 1 January passed since (while it was disabled)
+    rewrite(daemon, schedule("y", "task:true", yearly, catch_up=True))
+    start(daemon)
+    y = listed(daemon, "y")
+    assert (y["state"], y["last_run_id"]) == ("waiting", run), y
+    assert epoch(y["next_run"]) > time.time() and "catching up" not in daemon.log()
+    assert [job["id"] for job in jobs_of(daemon, "y")] == [run]
+
+
 def test_the_due_time_fired_is_saved_and_a_clock_behind_it_does_not_fire_it_again(sched: Any) -> None:
     """Setting the clock back across a due time that had fired fired it again: the next time was counted from the
     new "now" alone. The due time fired is saved (a trigger is not one), and the next time comes after it. The

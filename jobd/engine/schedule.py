@@ -250,16 +250,22 @@ def catch_up_due(definition: ScheduleDef, calendar: Calendar, state: ScheduleSta
     before `now`. Not a calendar time after `state.last_run`: due times that passed while jobd ran without firing
     them (skipped while a run went, with overlap "skip"; the schedule disabled or suspended meanwhile) were not
     missed while jobd was down, and the next time computed after them (at the run's end, at the enable) says so.
-    The last start decides only when no later due time is known: none was computed (a run going at the stop, that
-    ended while jobd was down), or a run was started for it that the state did not record (a crash; see
-    Scheduler._adopt_unsaved_run). A schedule with neither has never been armed (new in the config): nothing was
-    missed, as systemd does not fire a timer that has no stamp yet.
+    The last start decides only when no later due time is known: none was computed because the schedule waited for
+    the end of its run (overlap "skip", `state.after_run`; the run ended while jobd was down), or a run was started
+    for it that the state did not record (a crash; see Scheduler._adopt_unsaved_run). A schedule that had no next
+    time because it was disabled or suspended when jobd stopped missed nothing while jobd was down, as it would
+    not have while jobd ran: enabled again (in the file while jobd was down, or at the start by a change of the
+    file that overrides the API's disable) it waits for its next time, as a live enable does. A schedule with no
+    next time and no run has never been armed (new in the config): nothing was missed, as systemd does not fire a
+    timer that has no stamp yet.
     """
     if not definition.catch_up or not _active(definition, state):
         return False
     if state.next_run is not None and (state.last_run is None or state.last_run < state.next_run):
         return state.next_run <= now
-    if state.last_run is not None:
+    # after_run None: a row saved before jobd told the two apart; decided from the last start, as it was then.
+    waited_for_the_run = state.next_run is not None or state.after_run is not False
+    if state.last_run is not None and waited_for_the_run:
         return calendar.next_after(state.last_run, definition.timezone) <= now
     return False
 

@@ -468,8 +468,23 @@ class Scheduler:
             self._set(schedule, suspended=True, next_run=None)
 
     def _set(self, schedule: _Schedule, **changes: Any) -> None:
-        """Change a schedule's state and save it (only when something changed)."""
+        """Change a schedule's state and save it (only when something changed).
+
+        Each change of the next time also records why it is None, if it is: waiting for the end of the run going
+        (overlap "skip"), or not waiting at all (disabled, suspended); a catch-up at start-up tells them apart."""
         state = replace(schedule.state, **changes)
+        if "next_run" in changes:
+            definition = schedule.definition
+            enabled = definition.enabled if state.enabled is None else state.enabled
+            after_run = (
+                state.next_run is None
+                and bool(schedule.runs)
+                and definition.overlap is Overlap.SKIP
+                and enabled
+                and not state.suspended
+                and schedule.calendar is not None
+            )
+            state = replace(state, after_run=after_run)
         if state != schedule.state:
             schedule.state = state
             try:
