@@ -569,6 +569,9 @@ class ScheduleState:
     # the schedule is disabled or suspended: a catch-up at start-up counts from the last run only then. None: not
     # known (a row saved before schema version 21).
     after_run: bool | None = False
+    # What `last_run_id` names: "job" or "instance" (None: no run, or a row saved before schema version 22). Saved
+    # so that a run is found again after a restart even when no definition says (its schedule removed meanwhile).
+    last_run_kind: str | None = None
 
 
 class Overlap(StrEnum):

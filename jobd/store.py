@@ -236,6 +236,7 @@ class ScheduleRow(_Base):
     config_enabled = peewee.BooleanField(null=True)  # since schema version 19
     last_due = peewee.DoubleField(null=True)  # since schema version 20
     after_run = peewee.BooleanField(null=True)  # since schema version 21
+    last_run_kind = peewee.TextField(null=True)  # since schema version 22
 
     class Meta:
         table_name = "schedule"
@@ -402,6 +403,13 @@ def _migration_21(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "after_run" INTEGER')  # type: ignore[no-untyped-call]
 
 
+def _migration_22(db: peewee.SqliteDatabase) -> None:
+    # Whether a schedule's last run is a job or an instance, so that the row of a schedule removed while its run
+    # goes can be kept, and the run followed, without its definition. Rows saved before have NULL: the definition
+    # says, as it did.
+    db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "last_run_kind" TEXT')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -425,6 +433,7 @@ MIGRATIONS = (
     _migration_19,
     _migration_20,
     _migration_21,
+    _migration_22,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -898,6 +907,7 @@ class Store:
                 config_enabled=None if row.config_enabled is None else bool(row.config_enabled),
                 last_due=row.last_due,
                 after_run=None if row.after_run is None else bool(row.after_run),
+                last_run_kind=row.last_run_kind,
             )
             for row in ScheduleRow.select()
         }
@@ -915,6 +925,7 @@ class Store:
                 config_enabled=state.config_enabled,
                 last_due=state.last_due,
                 after_run=state.after_run,
+                last_run_kind=state.last_run_kind,
             ).on_conflict_replace().execute()
 
     def forget_schedule(self, name: str) -> None:

@@ -420,6 +420,58 @@ def test_a_schedule_removed_and_added_back_while_its_run_goes_finds_that_run(sch
     assert [job["id"] for job in jobs_of(daemon, "slow")] == [run]
 
 
+def test_a_schedule_removed_while_its_run_goes_finds_that_run_when_added_back_after_a_restart(
+    sched: Any, tmp_path: Path
+) -> None:
+    """Its state, with the link to its run, was deleted at the removal (and at a start that found it removed): added
+    back after a restart, by a reload or while jobd was down, it saw no run going and, with overlap "skip", started
+    a second one beside the first. Its last run is kept saved while it goes."""
+    gate = Gate(tmp_path / "gate")
+    slow = schedule("slow", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}, on_failure="suspend")
+    daemon = sched(slow)
+    run = daemon.call("schedule.trigger", {"name": "slow"})["run_id"]
+    rewrite(daemon, "")
+    daemon.call("daemon.reload")
+    assert terminate(daemon) == 0
+    start(daemon)  # removed: not listed, its run followed
+    assert daemon.call("schedule.list")["schedules"] == []
+    assert f"schedule slow is not in the configuration; its job={run} is still going" in daemon.log()
+    rewrite(daemon, slow)
+    daemon.call("daemon.reload")  # added back by a reload
+    back = listed(daemon, "slow")
+    assert (back["state"], back["running"], back["last_run_id"], back["next_run"]) == ("running", [run], run, None)
+    assert daemon.call("schedule.trigger", {"name": "slow"})["started"] is False  # overlap "skip"
+    rewrite(daemon, "")
+    daemon.call("daemon.reload")
+    assert terminate(daemon) == 0
+    rewrite(daemon, slow)  # added back while jobd was down
+    start(daemon)
+    back = listed(daemon, "slow")
+    assert (back["state"], back["running"], back["last_run_id"], back["next_run"]) == ("running", [run], run, None)
+    assert daemon.call("schedule.trigger", {"name": "slow"})["started"] is False
+    gate.release()
+    assert daemon.wait(run)["state"] == "succeeded"
+    after = listed(daemon, "slow")
+    assert (after["state"], after["last_result"], after["suspended"]) == ("waiting", "succeeded", False), after
+    assert [job["id"] for job in jobs_of(daemon, "slow")] == [run]
+
+
+def test_the_kept_state_of_a_removed_schedule_is_forgotten_when_its_run_ends(sched: Any, tmp_path: Path) -> None:
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("slow", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}))
+    run = daemon.call("schedule.trigger", {"name": "slow"})["run_id"]
+    rewrite(daemon, "")
+    daemon.call("daemon.reload")
+    assert terminate(daemon) == 0
+    assert saved_row(daemon, "slow")["last_run_id"] == run  # kept while the run goes
+    start(daemon)
+    gate.release()
+    assert daemon.wait(run)["state"] == "succeeded"
+    wait_for_log(daemon, f"schedule slow: its run {run}, started before it was removed, ended: succeeded")
+    assert terminate(daemon) == 0
+    assert saved_row(daemon, "slow") == {}
+
+
 def test_an_edit_of_enabled_in_the_file_overrides_the_apis_word(sched: Any) -> None:
     daemon = sched(schedule("s", "task:true", "0 0 1 1 *"))
     daemon.call("schedule.disable", {"name": "s"})

@@ -77,6 +77,14 @@ class _Schedule:
         return "waiting"
 
 
+@dataclass
+class _Removed:
+    """A schedule removed from the configuration while runs it started go: kept until they end."""
+
+    state: ScheduleState  # what is kept of its state (saved while its last run goes): that run
+    runs: dict[int, str]  # id of each run still going -> "job" | "instance"
+
+
 @dataclass(frozen=True, slots=True)
 class Triggered:
     """What `Scheduler.trigger` did."""
@@ -125,7 +133,7 @@ class Scheduler:
         self._schedules: dict[str, _Schedule] = {}
         # Schedules removed from the configuration whose runs still go, until those end: one added again under its
         # name meanwhile takes them back, or its overlap rule would not see them.
-        self._removed: dict[str, _Schedule] = {}
+        self._removed: dict[str, _Removed] = {}
         self._fd: int | None = None
         self._armed: float | None = None  # the absolute time the timerfd is armed at, None: disarmed
         self._followers: set[asyncio.Task[None]] = set()
@@ -143,8 +151,7 @@ class Scheduler:
         saved = self.store.schedule_states()
         definitions = self.engine.config.schedules
         for name in sorted(set(saved) - set(definitions)):
-            log.info("schedule %s was removed from the configuration while jobd was down: its state is forgotten", name)
-            self.store.forget_schedule(name)
+            self._recover_removed(saved[name])
         now = self.clock()
         for name in sorted(definitions):
             schedule = self._make(definitions[name], saved.get(name) or ScheduleState(name=name))
@@ -190,7 +197,8 @@ class Scheduler:
         )
         if removed.state.last_run_id in schedule.runs:
             # Saved, so that a restart from here on follows it too (it looks for the state's last run).
-            self._set(schedule, last_run=removed.state.last_run, last_run_id=removed.state.last_run_id)
+            kept = removed.state
+            self._set(schedule, last_run=kept.last_run, last_run_id=kept.last_run_id, last_run_kind=kept.last_run_kind)
 
     def _file_enabled(self, schedule: _Schedule, definition: ScheduleDef) -> None:
         """The API's enable/disable lasts until the file's `enabled` changes: `definition` is the file's (new, or read
@@ -229,7 +237,7 @@ class Scheduler:
             job = newest[0]
             name = schedule.definition.name
             log.warning("schedule %s: job=%d was started for it before jobd stopped; it is its last run", name, job.id)
-            self._set(schedule, last_run=job.created_at, last_result=None, last_run_id=job.id)
+            self._set(schedule, last_run=job.created_at, last_result=None, last_run_id=job.id, last_run_kind="job")
 
     def _recover_run(self, schedule: _Schedule) -> None:
         """A run that had not ended when jobd stopped: follow it if it is still going, else record its result."""
@@ -239,30 +247,60 @@ class Scheduler:
             return
         run_id = state.last_run_id
         name = schedule.definition.name
-        if schedule.definition.target_kind == "workflow":
+        # The kind saved with the run; a row saved before schema 22 has none, the definition says.
+        kind = state.last_run_kind or ("instance" if schedule.definition.target_kind == "workflow" else "job")
+        result = self._result_of(kind, run_id)
+        if result is not None:
+            self._ended_while_down(schedule, result)
+            return
+        log.info("schedule %s: its %s=%d is still going; followed to its end", name, kind, run_id)
+        schedule.runs[run_id] = kind
+        self._follow(name, kind, run_id)
+
+    def _result_of(self, kind: str, run_id: int) -> str | None:
+        """The result of a run that has ended (LOST: no longer known), None while it goes."""
+        if kind == "instance":
             try:
                 summary = self.instances.summary(run_id)
             except UnknownInstance:
-                self._ended_while_down(schedule, LOST)
-                return
+                return LOST
             if summary.ended_at is None:
-                log.info("schedule %s: its instance=%d is still executing; followed to its end", name, run_id)
-                schedule.runs[run_id] = "instance"
-                self._follow_instance(name, run_id)
-            else:
-                self._ended_while_down(schedule, SUCCEEDED if summary.errors == 0 else FAILED)
-            return
+                return None
+            return SUCCEEDED if summary.errors == 0 else FAILED
         try:
             job = self.engine.get(run_id)
         except UnknownJob:
-            self._ended_while_down(schedule, LOST)
-            return
-        if job.state.finished:
-            self._ended_while_down(schedule, _job_result(job))
+            return LOST
+        return _job_result(job) if job.state.finished else None
+
+    def _follow(self, name: str, kind: str, run_id: int) -> None:
+        if kind == "instance":
+            self._follow_instance(name, run_id)
         else:
-            log.info("schedule %s: its job=%d is still %s; followed to its end", name, run_id, job.state)
-            schedule.runs[run_id] = "job"
             self.engine.watch(run_id, _RunWatcher(self, name))
+
+    def _recover_removed(self, state: ScheduleState) -> None:
+        """The saved state of a schedule the configuration no longer defines: removed while jobd was down, or
+        removed while its run went and kept for that run. Kept while that run goes, so that the schedule added back
+        under its name takes it (its overlap rule sees it), as a live reload does; forgotten once it has ended."""
+        name, run_id, kind = state.name, state.last_run_id, state.last_run_kind
+        ended = state.last_result is not None
+        if run_id is not None and kind is not None and not ended and self._result_of(kind, run_id) is None:
+            log.info(
+                "schedule %s is not in the configuration; its %s=%d is still going: followed to its end, and"
+                " taken back if the schedule is added again meanwhile",
+                name,
+                kind,
+                run_id,
+            )
+            kept = _kept(state)
+            self._removed[name] = _Removed(kept, {run_id: kind})
+            self._follow(name, kind, run_id)
+            if kept != state:
+                self._save(kept)
+            return
+        log.info("schedule %s was removed from the configuration: its state is forgotten", name)
+        self.store.forget_schedule(name)
 
     def _ended_while_down(self, schedule: _Schedule, result: str) -> None:
         """Record the result of a run that ended while jobd was down (or stopping), as _run_ended would have."""
@@ -410,12 +448,12 @@ class Scheduler:
                 definition.target,
                 failure.message,
             )
-            self._set(schedule, last_run=now, last_result=ERROR, last_run_id=None)
+            self._set(schedule, last_run=now, last_result=ERROR, last_run_id=None, last_run_kind=None)
             self._failed(schedule)
             return None
         log.info("schedule %s fired: %s=%d", name, kind, run_id)
         schedule.runs[run_id] = kind
-        self._set(schedule, last_run=now, last_result=None, last_run_id=run_id)
+        self._set(schedule, last_run=now, last_result=None, last_run_id=run_id, last_run_kind=kind)
         if kind == "instance":
             self._follow_instance(name, run_id)
         return run_id
@@ -439,6 +477,8 @@ class Scheduler:
                 removed.runs.pop(run_id, None)
                 if not removed.runs:
                     del self._removed[name]
+                    log.info("schedule %s: its run %d, started before it was removed, ended: %s", name, run_id, result)
+                    self._forget(name)
             return
         if schedule.runs.pop(run_id, None) is None:
             return
@@ -487,14 +527,25 @@ class Scheduler:
             state = replace(state, after_run=after_run)
         if state != schedule.state:
             schedule.state = state
-            try:
-                self.store.save_schedule_state(state)
-            except Exception as error:
-                if store_failure(error) is None:
-                    raise
-                # A full disk: the schedule goes on as changed, and its whole state is saved with its next change.
-                # A restart before then starts from the state saved last (a run started meanwhile is adopted).
-                log.error("schedule %s: its state is not saved: %s", schedule.definition.name, error)
+            self._save(state)
+
+    def _save(self, state: ScheduleState) -> None:
+        try:
+            self.store.save_schedule_state(state)
+        except Exception as error:
+            if store_failure(error) is None:
+                raise
+            # A full disk: the schedule goes on as changed, and its whole state is saved with its next change.
+            # A restart before then starts from the state saved last (a run started meanwhile is adopted).
+            log.error("schedule %s: its state is not saved: %s", state.name, error)
+
+    def _forget(self, name: str) -> None:
+        try:
+            self.store.forget_schedule(name)
+        except Exception as error:
+            if store_failure(error) is None:
+                raise
+            log.error("schedule %s: its state is not forgotten: %s", name, error)  # the next start forgets it
 
     # -- commands ------------------------------------------------------------------------------------------------
 
@@ -554,10 +605,15 @@ class Scheduler:
         for name in sorted(set(self._schedules) - set(config.schedules)):
             removed = self._schedules.pop(name)
             log.info("schedule %s removed from the configuration%s", name, " (its run goes on)" if removed.runs else "")
-            self.store.forget_schedule(name)
+            kept = _kept(removed.state)
+            if removed.state.last_run_id in removed.runs:
+                # Its last run, saved until it ends: a restart meanwhile finds it, and the schedule added back then
+                # takes it, as one added back by a reload does (self._removed).
+                self._save(kept)
+            else:
+                self.store.forget_schedule(name)
             if removed.runs:
-                removed.pending = None
-                self._removed[name] = removed
+                self._removed[name] = _Removed(kept, removed.runs)
         for name in sorted(config.schedules):
             definition = config.schedules[name]
             schedule = self._schedules.get(name)
@@ -581,6 +637,14 @@ class Scheduler:
             else:
                 self._set(schedule, next_run=self._next(schedule, now))
         self._rearm()
+
+
+def _kept(state: ScheduleState) -> ScheduleState:
+    """What is kept of a removed schedule's state while its last run goes: that run, nothing else (its next time,
+    enable/disable, suspension and due time last fired are forgotten with it)."""
+    return ScheduleState(
+        name=state.name, last_run=state.last_run, last_run_id=state.last_run_id, last_run_kind=state.last_run_kind
+    )
 
 
 def _describe(schedule: _Schedule) -> dict[str, Any]:
