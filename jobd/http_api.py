@@ -188,14 +188,14 @@ def _text_size(value: Any) -> int:
 
 
 class _HttpSession:
-    """An `api.Session` for one HTTP request: events are served by /events, not by event.subscribe."""
+    """An `api.Session` for one HTTP request: events are served by /events, not by events.subscribe."""
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
         self.handed_over = AfterReplyWork()
 
     def subscribe(self, selection: EventFilter) -> int:
-        raise InvalidParams("event.subscribe is not available over HTTP; use GET /events (Server-Sent Events)")
+        raise InvalidParams("events.subscribe is not available over HTTP; use GET /events (Server-Sent Events)")
 
     def after_reply(self, work: Callable[[], None]) -> None:
         self.handed_over.add(work)

@@ -187,6 +187,14 @@ def test_json_endpoints(daemon: Any) -> None:
     assert status == 200 and any(queue["name"] == "default" for queue in body["result"]["queues"])
 
 
+def test_events_subscribe_is_refused_naming_it_and_get_events(daemon: Any) -> None:
+    """docs/http.md: `events.subscribe` is not available as POST /api/events.subscribe; the refusal names the method
+    as the client called it and says what to use instead."""
+    status, body = request(daemon, "POST", "/api/events.subscribe", {})
+    assert status == 400 and body["error"]["code"] == "INVALID_PARAMS"
+    assert body["error"]["message"].startswith("events.subscribe is not available over HTTP; use GET /events")
+
+
 def test_names_the_os_gave_undecoded_are_shown_as_over_the_socket(daemon: Any) -> None:
     """A drop-in named in Latin-1 (`café.toml`): its name reaches the HTTP API's JSON as the socket API shows it,
     `\\xe9`, not as JSON's `\\udce9` escape of a lone surrogate, which many decoders refuse."""
