@@ -431,7 +431,8 @@ def render_daemon_status(status: dict[str, Any], now: dt.datetime) -> list[str]:
             ("jobs", format_job_counts(status.get("jobs") or {})),
         ]
     )
-    lines += ["config files:"] + [f"  {name}" for name in status.get("config_files") or []]
+    if "config_files" in status:  # an admin's: jobd sends them to no one else
+        lines += ["config files:"] + [f"  {name}" for name in status["config_files"] or ["(none: the defaults)"]]
     queues = status.get("queues") or []
     if queues:
         lines += ["queues:"] + ["  " + line for line in render_queues(queues)]

@@ -22,6 +22,7 @@ from jobd.jobctl import (
     format_kib,
     format_time,
     format_timestamp,
+    render_daemon_status,
     render_fields,
     render_progress_bar,
     render_table,
@@ -380,3 +381,13 @@ def test_result_shapes_name_jobd_methods_and_say_where_a_result_differs() -> Non
             checked_result(method, result, "/run/other.sock")
         assert str(caught.value).startswith(f"/run/other.sock answered {method} with something jobd does not send")
         assert f"({where})" in str(caught.value), caught.value
+
+
+def test_daemon_status_shows_config_files_only_when_jobd_sent_them() -> None:
+    """jobd sends config_files to admins only: anyone else saw an empty `config files:` heading."""
+    now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    base = {"version": "1", "pid": 7, "started_at": "2026-11-30T11:00:00Z", "durability": "crash", "jobs": {}}
+    assert not any(line.startswith("config files") for line in render_daemon_status(base, now))
+    admin = render_daemon_status({**base, "config_files": ["/etc/jobd/jobd.toml"]}, now)
+    assert admin[-2:] == ["config files:", "  /etc/jobd/jobd.toml"]
+    assert render_daemon_status({**base, "config_files": []}, now)[-2:] == ["config files:", "  (none: the defaults)"]
