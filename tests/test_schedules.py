@@ -577,6 +577,33 @@ def test_a_schedule_enabled_in_its_file_while_jobd_was_down_catches_up_nothing_i
     assert [job["id"] for job in jobs_of(daemon, "y")] == [run]
 
 
+@pytest.mark.parametrize("toggled", [False, True])
+def test_a_schedule_enabled_again_while_its_run_goes_catches_up_after_that_run_as_one_never_disabled(
+    sched: Any, tmp_path: Path, toggled: bool
+) -> None:
+    """With overlap "skip" the next time is computed when the run going ends; a start that finds that run ended
+    while jobd was down catches up from its start (config.md, catch_up). Disabled and enabled again while the run
+    went, the schedule was as before, but its state still said it was not waiting for the run (the disable's
+    word): the start caught up nothing."""
+    gate = Gate(tmp_path / "gate")
+    yearly = "0 0 1 1 *"
+    daemon = sched(schedule("y", "task:gated", yearly, parameters={"lock": gate.path}, catch_up=True))
+    run = daemon.call("schedule.trigger", {"name": "y"})["run_id"]
+    if toggled:
+        daemon.call("schedule.disable", {"name": "y"})
+        daemon.call("schedule.enable", {"name": "y"})
+    y = listed(daemon, "y")
+    assert (y["state"], y["running"], y["next_run"]) == ("running", [run], None), y  # computed when the run ends
+    kill9(daemon)
+    gate.release()
+    set_saved(daemon, "y", last_run=time.time() - 400 * 86400)  # a 1 January passed since the run's start
+    start(daemon)
+    assert daemon.wait(run)["state"] == "failed"  # lost in the crash: it ended while jobd was down
+    assert "schedule y: a due time was missed while jobd was down; catching up once now" in daemon.log()
+    [caught_up] = [job["id"] for job in jobs_of(daemon, "y") if job["id"] != run]
+    assert daemon.wait(caught_up)["state"] == "succeeded"
+
+
 def test_the_due_time_fired_is_saved_and_a_clock_behind_it_does_not_fire_it_again(sched: Any) -> None:
     """Setting the clock back across a due time that had fired fired it again: the next time was counted from the
     new "now" alone. The due time fired is saved (a trigger is not one), and the next time comes after it. The

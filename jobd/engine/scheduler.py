@@ -565,8 +565,11 @@ class Scheduler:
         self._set(schedule, enabled=True, config_enabled=schedule.definition.enabled, suspended=False)
         log.info("schedule %s enabled", name)
         skipping = schedule.runs and schedule.definition.overlap is Overlap.SKIP
-        if schedule.state.next_run is None and schedule.waiting and not skipping:
-            self._set(schedule, next_run=self._next(schedule, self.clock()))
+        if schedule.state.next_run is None and schedule.waiting:
+            # Skipping: still computed when the run ends. Set all the same, so that the state says so (after_run),
+            # not what the disable or the suspension it replaces said: a start after that run ended while jobd was
+            # down catches up as for a schedule never disabled.
+            self._set(schedule, next_run=None if skipping else self._next(schedule, self.clock()))
         self._rearm()
         return self.describe(name)
 
