@@ -285,9 +285,7 @@ class Daemon:
             return
         self.engine.start_jobs()
         await self.server.start_serving()
-        if self.watcher is None:
-            self.watcher = config.ConfigWatcher(self.dirs)
-        self.watcher.start(loop, self._reload_from_event)  # with what changed since it began watching, if anything
+        self._watch_config(loop)
         self.engine.on_counts_changed = self._counts_changed
         daemon = self.config.daemon
         log.info("jobd %s ready: socket %s, state %s", __version__, self.server.path, daemon.state_dir)
@@ -303,6 +301,24 @@ class Daemon:
             self._watchdog_ping()
         await self.stop_requested.wait()
         await self._shutdown()
+
+    def _watch_config(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reload on a change of the files, as watched since main() first read them (or from now on, if it could
+        not). Without inotify (the user's fs.inotify.max_user_instances or max_user_watches used up, by containers
+        and editors as often as not), jobd runs on: only SIGHUP and daemon.reload read the files again."""
+        try:
+            if self.watcher is None:
+                self.watcher = config.ConfigWatcher(self.dirs)
+            self.watcher.start(loop, self._reload_from_event)  # with what changed since it began watching, if any
+        except OSError as error:
+            if self.watcher is not None:
+                self.watcher.close()
+                self.watcher = None
+            log.warning(
+                "the configuration files are not watched (inotify: %s; see fs.inotify.max_user_instances and "
+                "max_user_watches): a change applies at `systemctl reload jobd` or `jobctl reload` only",
+                error.strerror or error,
+            )
 
     async def _shutdown(self) -> None:
         log.info("stopping: no new work; running jobs get SIGTERM, then SIGKILL after their kill_grace")
@@ -537,9 +553,10 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
         try:
             watcher = config.ConfigWatcher(dirs)
             watcher.watch()
-        except OSError as error:  # out of inotify instances or watches (fs.inotify.max_user_*)
-            log.error("not starting: cannot watch the configuration directories: %s", error)
-            return 1
+        except OSError:  # out of inotify instances or watches: Daemon._watch_config tries once more, and says so
+            if watcher is not None:
+                watcher.close()
+            watcher = None
     try:
         initial = config.load(dirs)
     except ConfigError as error:

@@ -7,6 +7,7 @@ and can SIGTERM, SIGHUP or SIGKILL it and start it again on the same state.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -57,10 +58,15 @@ class Notifications:
         self.sock.bind(str(path))
         self.messages: list[str] = []
 
-    def wait_for(self, prefix: str, timeout: float = READY_TIMEOUT) -> str:
-        """Block (in recv, with a deadline) until a datagram holds a line starting with `prefix`."""
+    def wait_for(self, prefix: str, timeout: float = READY_TIMEOUT, sender: int | None = None) -> str:
+        """Block (in recv, with a deadline) until a datagram holds a line starting with `prefix`. `sender`: a pidfd
+        of the process that tells; should it exit with nothing left to read, TimeoutError at once."""
         self.sock.settimeout(timeout)
         while True:
+            if sender is not None:
+                readable, _, _ = select.select([self.sock, sender], [], [], timeout)
+                if self.sock not in readable:
+                    raise TimeoutError(f"no {prefix} within {timeout}s" if not readable else "the process ended")
             message = self.sock.recv(65536).decode()
             self.messages.append(message)
             for line in message.splitlines():
@@ -130,8 +136,9 @@ class Daemon:
         )
         log.close()
         started = time.monotonic()
+        pidfd = os.pidfd_open(self.process.pid)  # a daemon that exits ends the wait, not the deadline
         try:
-            self.notify.wait_for(until)
+            self.notify.wait_for(until, sender=pidfd)
         except TimeoutError:
             code = self.process.poll()
             raise AssertionError(
@@ -140,6 +147,8 @@ class Daemon:
                 f"NOTIFY_SOCKET {'is there' if notify_path.is_socket() else 'is gone'}); its log:\n"
                 f"{self.log()}"
             ) from None
+        finally:
+            os.close(pidfd)
 
     @property
     def pid(self) -> int:

@@ -277,6 +277,23 @@ def test_inotify_reloads_on_a_new_drop_in(jobd: Callable[..., Daemon]) -> None:
     assert job["state"] == "succeeded" and daemon.output(job["id"]) == "seen by inotify\n"
 
 
+def test_without_inotify_jobd_runs_and_reloads_on_sighup(make_daemon: Callable[..., Daemon]) -> None:
+    # Out of inotify instances (the user's fs.inotify.max_user_instances, shared by root's every service and
+    # container), jobd refused to start at all. Here the limit is 0 in a user namespace of the daemon's own.
+    daemon = make_daemon(TASKS, start=False)
+    no_inotify = 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"'
+    daemon.command_prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", no_inotify, "sh"]
+    daemon.start()
+    assert "the configuration files are not watched (inotify: Too many open files" in daemon.log()
+    daemon.write_config(TASKS + '[task.hupped]\ncommand = ["/bin/echo", "after SIGHUP"]\n')
+    assert daemon.notify is not None
+    os.kill(daemon.pid, signal.SIGHUP)
+    daemon.notify.wait_for("RELOADING=1")
+    daemon.notify.wait_for("READY=1")
+    job = daemon.wait(daemon.submit(task="hupped")["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "after SIGHUP\n"
+
+
 def test_sighup_reloads(jobd: Callable[..., Daemon]) -> None:
     daemon = jobd(TASKS)
     pump = pump_of(daemon)
