@@ -323,6 +323,22 @@ def test_a_hard_limit_on_open_files_below_what_the_queues_may_need_is_warned_abo
     assert daemon.log().count("may need") == 2
 
 
+def _as_nobody(daemon: Daemon, program: str, argument: Any) -> Any:
+    """What `program` (Python, given the socket's name and `argument` as JSON) prints as JSON, run by the user nobody
+    in the daemon's directory."""
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", program,
+         "jobd.sock", json.dumps(argument)],
+        cwd=daemon.root,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )  # fmt: skip
+    return json.loads(result.stdout)
+
+
 def test_a_task_with_parameters_env_takes_no_args(make_daemon: Any) -> None:
     """An env task's argv is its configuration's: its callers set only the variables allowed_params names. 'args'
     were appended to its argv all the same (documented for parameters = "args" and ad-hoc commands only), so a
@@ -341,17 +357,7 @@ def test_a_task_with_parameters_env_takes_no_args(make_daemon: Any) -> None:
         "        print(json.dumps({'code': e.code, 'message': e.message, 'param': e.data.get('param')}))\n"
     )
     submit = {"task": "deploy", "args": ["--config=/tmp/mine"]}
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", program,
-         "jobd.sock", json.dumps(submit)],
-        cwd=daemon.root,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )  # fmt: skip
-    refused = json.loads(result.stdout)
+    refused = _as_nobody(daemon, program, submit)
     assert refused["code"] == "INVALID_PARAMS" and refused["param"] == "args", refused
     assert 'parameters = "env"' in refused["message"] and "give 'params'" in refused["message"], refused
     assert daemon.call("job.list", {})["jobs"] == []
@@ -395,17 +401,7 @@ def test_unprivileged_clients_set_only_the_variables_a_task_allows(make_daemon: 
         {"task": "envtask", "params": {"COLOUR": "blue", "SIZE": "25%"}},
         {"task": "closed"},
     ]
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", program,
-         "jobd.sock", json.dumps(attempts)],
-        cwd=daemon.root,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )  # fmt: skip
-    codes = json.loads(result.stdout)
+    codes = _as_nobody(daemon, program, attempts)
     assert codes[:7] == ["INSUFFICIENT_RIGHTS"] * 7, codes
     allowed, without_params = codes[7:]
     assert isinstance(allowed, int) and isinstance(without_params, int), codes
