@@ -1560,3 +1560,60 @@ def test_history_keep_days_expires_by_itself(jobd: Callable[..., Daemon]) -> Non
     assert info.value.code == "UNKNOWN_JOB"
     assert not output.exists()
     assert daemon.call("job.get", {"id": clock})["state"] == "succeeded"  # younger than keep_days: still there
+
+
+def test_a_wait_read_after_the_stop_answered_the_waits_is_answered_shutting_down(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Found under load: a job.wait or instance.wait read on a connection still open after the stop had answered the
+    waits with SHUTTING_DOWN (while it gave a callback under way its seconds to end) waited for a job or instance
+    nothing would end in this run: no answer, then the connection cut. It is answered SHUTTING_DOWN at once."""
+    gate = Gate(tmp_path / "gate")
+    started = tmp_path / "started"
+    os.mkfifo(started)
+    callback = f'echo up > "{started}"; exec flock "{gate.path}" true'
+    daemon = make_daemon(
+        f"""
+        [queue.default]
+        [queue.held]
+        paused = true
+
+        [task.t]
+        command = ["/bin/true"]
+        on_finish = [{{ exec = ["/bin/sh", "-c", {json.dumps(callback)}] }}]
+        """,
+        start=False,
+    )
+    daemon.write_workflows(
+        held='<workflow><subjobs><job name="j"><tasks><task name="x" path="/bin/true" queue="held"/>'
+        "</tasks></job></subjobs></workflow>"
+    )
+    start(daemon)
+    queued = daemon.submit(command=["/bin/true"], queue="held")["id"]
+    instance = daemon.call("instance.launch", {"workflow": "held"})["id"]
+    daemon.submit(task="t")
+    with open(started) as fifo:  # its callback runs, and holds the stop (up to 5 s) until the gate opens
+        assert fifo.read() == "up\n"
+    early, late_job, late_instance = daemon.client(), daemon.client(), daemon.client()
+    try:
+        early.send_raw(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "job.wait", "params": {"id": queued}}).encode())
+        early.send_raw(b"\n")
+        early.call("ping")  # the wait waits in jobd now
+        for client in (late_job, late_instance):
+            client.call("ping")  # connected and taken before the stop closes the socket
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        answer = early.read_line(timeout=10)  # the stop has answered the waits; the callback holds it still
+        assert answer["error"]["data"]["code"] == "SHUTTING_DOWN", answer
+        for client, method, target in ((late_job, "job.wait", queued), (late_instance, "instance.wait", instance)):
+            with pytest.raises(RemoteError) as refused:
+                client.call(method, {"id": target}, timeout=10)
+            assert refused.value.code == "SHUTTING_DOWN", (method, refused.value)
+    finally:
+        gate.release()
+        for client in (early, late_job, late_instance):
+            client.close()
+    assert daemon.process.wait(30) == 0
+    pump_of(daemon).stop()
+    daemon.stop()
+    assert "Traceback" not in daemon.log()

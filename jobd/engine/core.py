@@ -175,6 +175,9 @@ class Engine:
         self.output_dir = os.path.join(config.daemon.state_dir, "output")
         self.scripts_dir = os.path.join(config.daemon.state_dir, "scripts")  # workflows' SCRIPT tasks (instances.py)
         self.stopping = False
+        # shutdown() has answered the job.waits with SHUTTING_DOWN: one that comes later (its connection is still
+        # open while the stop ends) is answered so at once; nothing would ever end its job in this run.
+        self._waiters_released = False
         # Nothing starts before start_jobs(): the daemon first puts back every job the database holds (recover), so
         # that the first free slot goes to the best of them, and a stop asked for meanwhile starts none of them.
         self._holding_starts = True
@@ -733,6 +736,8 @@ class Engine:
         job = self.get(job_id)
         if job.state.finished:
             return job
+        if self._waiters_released:  # shutdown() told the waiters already: this one would wait for nothing
+            raise ShuttingDown("jobd is stopping: ask again once it is back")
         waiter: asyncio.Future[Job] = self.loop.create_future()
         self._finish_waiters.setdefault(job_id, {})[waiter] = None
         try:
@@ -1021,6 +1026,7 @@ class Engine:
         await asyncio.gather(*ended)
         # Whoever still waits for a job to finish (job.wait, over any protocol) hears of the stop now, rather than
         # waiting on until its connection is cut.
+        self._waiters_released = True
         for waiters in self._finish_waiters.values():
             for waiter in waiters:
                 if not waiter.done():

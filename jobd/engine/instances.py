@@ -175,6 +175,7 @@ class Instances:
         self.clock = clock
         self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")  # as Engine.scripts_dir
         self._live: dict[int, _Live] = {}
+        self._waiters_stopped = False  # stop_waiters() has answered the instance.waits: later ones are answered so
         self._unsaved: set[int] = set()  # instances changed since the last save
         self._save_handle: asyncio.Handle | None = None  # the coming _save_changed, at the loop time _save_when
         self._save_when = 0.0  # 0: at the end of this pass of the loop
@@ -375,6 +376,7 @@ class Instances:
 
     def stop_waiters(self) -> None:
         """jobd is stopping: whoever waits for an instance to end (instance.wait) hears of it now."""
+        self._waiters_stopped = True
         for live in self._live.values():
             for waiter in live.waiters:
                 if not waiter.done():
@@ -385,6 +387,8 @@ class Instances:
         live = self._live.get(instance_id)
         if live is None:
             return self.summary(instance_id)
+        if self._waiters_stopped:  # stop_waiters() has run: nothing would answer this one (the stop goes on)
+            raise ShuttingDown("jobd is stopping: ask again once it is back")
         waiter: asyncio.Future[InstanceSummary] = asyncio.get_running_loop().create_future()
         live.waiters[waiter] = None
         try:
