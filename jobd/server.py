@@ -35,6 +35,7 @@ from jobd.errors import (
     InvalidRequest,
     InvalidXml,
     JobdError,
+    ShuttingDown,
     StartupError,
     TooManyConnections,
 )
@@ -102,6 +103,10 @@ class Server:
         # The unix sockets' mode and group (bind: `[daemon] socket_mode`, `socket_group`); the HTTP one's too.
         self.access: tuple[int, int | None] = (0o660, None)
         self.connections: set[Connection | XmlConnection] = set()
+        # close_connections() has begun: a request read from now on is answered SHUTTING_DOWN and not run. Run, a
+        # method that waits would start after the store is closed (its task created in the very turn of the loop
+        # in which the last answers were written), and fail there (found under load).
+        self.closing = False
         self.logging_in: set[TcpXmlConnection] = set()  # TCP clients before their login: not in `connections`
 
     async def bind(self) -> None:
@@ -180,6 +185,7 @@ class Server:
     async def close_connections(self) -> None:
         # The engine has answered what still waited (SHUTTING_DOWN for a job.wait of a job the stop put back in
         # its queue, ...): those answers are written before the connections end, so that a client learns why.
+        self.closing = True
         answering = [task for connection in self.connections for task in connection.answering()]
         if answering:
             await asyncio.wait(answering, timeout=STOP_ANSWER_SECONDS)
@@ -478,6 +484,8 @@ class Connection(asyncio.Protocol):
         """The reply to one request, or what will produce it when the method has to wait."""
         if isinstance(member, jsonrpc.Invalid):
             return jsonrpc.error(member.id, member.error) if member.answered else None
+        if self.server.closing:
+            return _failure_reply(member, ShuttingDown("jobd is stopping: ask again once it is back"))
         try:
             value = self.api.call(self, member.method, member.params)
         except Exception as failure:
@@ -798,7 +806,12 @@ class XmlConnection(asyncio.Protocol):
                 self._lingering_close()
                 return
             self._backlog_bytes -= len(item)
-            answer = self.evqueue.answer(self.peer, item)
+            if self.server.closing:  # as for JSON-RPC (Server.closing): not run once the connections close
+                answer: bytes | Coroutine[Any, Any, bytes] | None = self.evqueue.error(
+                    ShuttingDown("jobd is stopping: ask again once it is back")
+                )
+            else:
+                answer = self.evqueue.answer(self.peer, item)
             if answer is None:  # <quit/>
                 self._backlog.clear()
                 self._refusing = True
