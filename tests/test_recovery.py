@@ -1406,6 +1406,34 @@ def test_a_sigterm_while_starting_stops_jobd_without_serving(
     daemon.stop()
 
 
+def test_a_launch_while_jobd_stops_is_refused_as_a_submit_is(jobd: Callable[..., Daemon]) -> None:
+    """jobd stopping takes no new work: a submit got SHUTTING_DOWN, while an instance.launch on a connection still
+    open was taken, its instance made and its tasks left to 'the next start'."""
+    stubborn = 'trap "" TERM; echo ready >&3; exec sleep 600'
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    daemon.write_workflows(parked=PARKED)
+    daemon.call("daemon.reload")
+    submit_running(daemon, command=["/bin/sh", "-c", stubborn])  # holds the stop for its kill_grace
+    pump = pump_of(daemon)
+    pump.skip()
+    with daemon.client() as client:
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        pump.wait_for("STOPPING=1")
+        for method, params in (
+            ("instance.launch", {"workflow": "parked"}),
+            ("job.submit", {"command": ["/bin/true"]}),
+        ):
+            with pytest.raises(RemoteError) as refused:
+                client.call(method, params)
+            assert refused.value.code == "SHUTTING_DOWN", (method, refused.value.message)
+    assert daemon.process.wait(30) == 0
+    pump.stop()
+    daemon.stop()
+    start(daemon)
+    assert daemon.call("instance.list", {})["instances"] == []  # none was made
+
+
 def test_signals_while_stopping_neither_reload_nor_hide_the_counts(jobd: Callable[..., Daemon], pidfds: Pidfds) -> None:
     stubborn = 'trap "" TERM; echo ready >&3; exec sleep 600'
     daemon = jobd()

@@ -206,6 +206,7 @@ class Instances:
         user: str | None = None,
         launched_by: int | None = None,
     ) -> int:
+        self._refuse_while_stopping()
         config = self.engine.config
         definition = config.workflows.get(workflow)
         if definition is None:
@@ -261,6 +262,7 @@ class Instances:
     def debug_resume(self, instance_id: int, *, launched_by: int | None = None) -> int:
         """evQueue's `instance debugresume`: a new instance cloned from an ended one, whose failed tasks run again
         (see `Instance.debug_resume`); the old instance is left as it is. Returns the new instance's id."""
+        self._refuse_while_stopping()
         if instance_id in self._live:
             raise InvalidParams(
                 f"instance {instance_id} is still executing; only a TERMINATED instance can be debug-resumed",
@@ -309,6 +311,12 @@ class Instances:
         self._supervised(new_id, lambda _: self._apply(live, actions))
         self._save_changed()
         return new_id
+
+    def _refuse_while_stopping(self) -> None:
+        """A new instance is new work, which a stopping jobd takes no more of, as it takes no submit: made now, its
+        tasks would only be queued for the next start."""
+        if self.engine.stopping:
+            raise ShuttingDown("jobd is stopping and launches no new instance")
 
     def reload(self, config: Config) -> None:
         """A new configuration: executing instances enqueue their next tasks with it, as after a restart. A reload
