@@ -53,12 +53,7 @@ def _version_1_database(path: Path) -> None:
 
 
 def _indexes(path: Path) -> dict[str, str]:
-    raw = sqlite3.connect(path)
-    try:
-        rows = raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").fetchall()
-    finally:
-        raw.close()
-    return dict(rows)
+    return _schema(path, "index")
 
 
 def test_a_version_1_database_is_migrated_in_place_and_keeps_its_jobs(tmp_path: Path) -> None:
@@ -151,10 +146,13 @@ def test_an_attempt_recorded_before_streams_were_told_apart_stays_truncated(tmp_
         store.close()
 
 
-def _schema(path: Path) -> dict[str, str]:
+def _schema(path: Path, kind: str | None = None) -> dict[str, str]:
+    """The SQL of the database's tables and indexes (or only those of `kind`: "table", "index"), by name."""
     raw = sqlite3.connect(path)
     try:
-        rows = raw.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL").fetchall()
+        rows = raw.execute(
+            "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL AND (? IS NULL OR type = ?)", (kind, kind)
+        ).fetchall()
     finally:
         raw.close()
     return dict(rows)
