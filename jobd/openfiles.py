@@ -36,8 +36,9 @@ class Fit:
 
     @property
     def short(self) -> bool:
-        """The hard limit keeps the soft one below what may be needed."""
-        return self.after < self.needed
+        """The hard limit keeps the soft one below what may be needed (RLIM_INFINITY, -1, is no limit: Linux never
+        grants it for open files, but the value is checked rather than trusted)."""
+        return self.after != resource.RLIM_INFINITY and self.after < self.needed
 
 
 def needed(config: Config) -> int:

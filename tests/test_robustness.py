@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -304,6 +305,12 @@ def test_jobd_raises_its_soft_limit_on_open_files_to_what_its_queues_may_need(ma
             ended = client.call("job.wait", {"id": job["id"], "timeout": 60}, timeout=70)
             assert (ended["state"], ended["attempts"]) == ("cancelled", 1), ended
     assert "Too many open files" not in daemon.log()
+
+
+def test_an_unlimited_soft_limit_on_open_files_is_not_short() -> None:
+    # RLIM_INFINITY is -1 in Python: compared as a number, it was below any need (a warning of a hard limit of -1).
+    assert not openfiles.Fit(needed=600, before=resource.RLIM_INFINITY, after=resource.RLIM_INFINITY, hard=-1).short
+    assert openfiles.Fit(needed=600, before=256, after=512, hard=512).short
 
 
 def test_a_hard_limit_on_open_files_below_what_the_queues_may_need_is_warned_about(make_daemon: Any) -> None:
