@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -42,6 +43,16 @@ def _live(machine: Instance) -> _Live:
     return _Live(InstanceSummary(id=1, workflow="wf", status="EXECUTING", errors=0, started_at=NOW), machine)
 
 
+def _one_task_instance(tmp_path: Path, submit: Callable[..., Any]) -> tuple[Instances, _Live, list[Any]]:
+    """Instances over an engine whose submit is `submit` and a store that refuses writes, holding instance 1 of a
+    workflow of one task, just launched: its actions not applied yet."""
+    instances = Instances(_engine(tmp_path, submit=submit), RefusingStore())  # type: ignore[arg-type]
+    machine, actions = launch(workflow(job("a", task("/bin/a"))))
+    live = _live(machine)
+    instances._live[1] = live
+    return instances, live, actions
+
+
 def test_a_store_that_refuses_writes_is_tried_again_on_its_timer_not_at_each_change(tmp_path: Path) -> None:
     """The changes of an instance are saved again by the next try, every STORE_RETRY_SECONDS, not at each change
     (each try writes every unsaved document)."""
@@ -73,14 +84,11 @@ def test_a_task_jobd_cannot_submit_because_it_stops_stays_queued_for_the_next_st
         raise ShuttingDown("jobd is stopping")
 
     async def start() -> Instance:
-        instances = Instances(_engine(tmp_path, submit=submit), RefusingStore())  # type: ignore[arg-type]
-        machine, actions = launch(workflow(job("a", task("/bin/a"))))
-        live = _live(machine)
-        instances._live[1] = live
+        instances, live, actions = _one_task_instance(tmp_path, submit)
         instances._apply(live, actions)
         if instances._save_handle is not None:
             instances._save_handle.cancel()
-        return machine
+        return live.machine
 
     machine = asyncio.run(start())
     [task_] = machine.root.iter("task")
@@ -97,10 +105,7 @@ def test_an_instance_ended_by_an_error_in_jobd_says_so_in_its_document_too(tmp_p
         raise RuntimeError("a bug in jobd")
 
     async def start() -> bytes:
-        instances = Instances(_engine(tmp_path, submit=submit), RefusingStore())  # type: ignore[arg-type]
-        machine, actions = launch(workflow(job("a", task("/bin/a"))))
-        live = _live(machine)
-        instances._live[1] = live
+        instances, live, actions = _one_task_instance(tmp_path, submit)
         instances._supervised(1, lambda _: instances._apply(live, actions))
         for handle in (instances._save_retry, instances._save_handle):
             if handle is not None:

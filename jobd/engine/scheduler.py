@@ -530,22 +530,21 @@ class Scheduler:
             self._save(state)
 
     def _save(self, state: ScheduleState) -> None:
-        try:
-            self.store.save_schedule_state(state)
-        except Exception as error:
-            if store_failure(error) is None:
-                raise
-            # A full disk: the schedule goes on as changed, and its whole state is saved with its next change.
-            # A restart before then starts from the state saved last (a run started meanwhile is adopted).
-            log.error("schedule %s: its state is not saved: %s", state.name, error)
+        self._write(state.name, "saved", lambda: self.store.save_schedule_state(state))
 
     def _forget(self, name: str) -> None:
+        self._write(name, "forgotten", lambda: self.store.forget_schedule(name))
+
+    def _write(self, name: str, done: str, write: Callable[[], None]) -> None:
+        """A write of a schedule's state. On a full disk the schedule goes on as changed: its whole state is saved
+        with its next change, and a state to forget is forgotten by the next start; a restart before then starts
+        from the state saved last (a run started meanwhile is adopted)."""
         try:
-            self.store.forget_schedule(name)
+            write()
         except Exception as error:
             if store_failure(error) is None:
                 raise
-            log.error("schedule %s: its state is not forgotten: %s", name, error)  # the next start forgets it
+            log.error("schedule %s: its state is not %s: %s", name, done, error)
 
     # -- commands ------------------------------------------------------------------------------------------------
 
