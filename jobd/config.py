@@ -15,6 +15,7 @@ import difflib
 import enum
 import ipaddress
 import json
+import logging
 import math
 import os
 import re
@@ -59,6 +60,8 @@ from jobd.model import (
     TcpDef,
     WorkflowDef,
 )
+
+log = logging.getLogger("jobd.config")
 
 DEFAULT_SEARCH_PATH = ("/usr/lib/jobd", "/run/jobd", "/etc/jobd")  # lowest to highest priority
 MAIN_FILE = "jobd.toml"
@@ -1574,6 +1577,7 @@ class ConfigWatcher:
         self._first_change = 0.0  # loop time of the first event the pending reload waits after
         self._closed = False
         self._watching = False
+        self._unwatched: tuple[str, ...] = ()  # wanted directories the last rewatch could not watch
 
     def watch(self) -> None:
         """Watch the directories from now on; the kernel keeps what it sees for start(). jobd calls this before it
@@ -1625,7 +1629,26 @@ class ConfigWatcher:
             with contextlib.suppress(OSError):  # the kernel already dropped it: the directory was deleted
                 self._inotify.rm_watch(wd)
         self._watches.clear()
-        self._watch_all()
+        # A watch the kernel refuses now (the user's fs.inotify.max_user_watches used up, by other services or
+        # editors since jobd started) leaves that directory to SIGHUP and daemon.reload; the others keep working,
+        # and each later change tries again.
+        unwatched = []
+        for path in self._wanted_dirs:
+            try:
+                self._watch_nearest(path)
+            except OSError as error:
+                unwatched.append(path)
+                if path not in self._unwatched:
+                    log.warning(
+                        "the configuration directory %s is not watched (inotify: %s; see fs.inotify.max_user_watches):"
+                        " a change there applies at `systemctl reload jobd` or `jobctl reload` only, until jobd can"
+                        " watch it again (it tries at each change it sees)",
+                        path,
+                        error.strerror or error,
+                    )
+        if self._unwatched and not unwatched:
+            log.info("the configuration directories are all watched again")
+        self._unwatched = tuple(unwatched)
 
     def _on_readable(self) -> None:
         effect = _Effect.NONE
@@ -1636,7 +1659,7 @@ class ConfigWatcher:
             # An unknown wd belongs to a watch _rewatch removed; its late IN_IGNORED means nothing.
             for directory in self._watches.get(event.wd, ()):
                 effect = max(effect, self._effect(directory, event.name, event.mask))
-        if effect is _Effect.REWATCH:
+        if effect is _Effect.REWATCH or (effect is _Effect.CHANGE and self._unwatched):
             # Files may have been written into a new directory before its watch existed: the caller's reload
             # after this rescans everything, so nothing is missed.
             self._rewatch()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,49 @@ def test_without_inotify_jobd_runs_and_reloads_on_sighup(make_daemon: Callable[.
     daemon.notify.wait_for("READY=1")
     job = daemon.wait(daemon.submit(task="hupped")["id"])
     assert job["state"] == "succeeded" and daemon.output(job["id"]) == "after SIGHUP\n"
+
+
+def test_watches_that_cannot_be_renewed_are_reported_and_the_rest_still_reload(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    # The daemon's user may place two inotify watches (a user namespace of its own): the config dir, which also
+    # stands for the workflows/ directory not made yet, and jobd.d. Making workflows/ makes the watcher place them
+    # all again, and the third is refused (ENOSPC, fs.inotify.max_user_watches used up). That raised out of the
+    # event loop's callback, an "Exception in callback" traceback in the journal and no word of what it meant.
+    daemon = make_daemon(TASKS, start=False)
+    two_watches = 'echo 2 > /proc/sys/user/max_inotify_watches && exec "$@"'
+    daemon.command_prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", two_watches, "sh"]
+    pump = start(daemon)
+    assert "not watched" not in daemon.log()
+    (daemon.config_dir / "workflows").mkdir()
+    pump.wait_for("RELOADING=1")  # the new directory may hold files: reloaded after the watches are placed
+    pump.wait_for("READY=1")
+    assert f"{daemon.config_dir / 'workflows'} is not watched (inotify: No space left on device" in daemon.log()
+
+    # The watches that could be placed still work: a drop-in is reloaded without a command.
+    atomic_write(daemon.config_dir / "jobd.d" / "60-watched.toml", '[task.seen]\ncommand = ["/bin/echo", "seen"]\n')
+    pump.wait_for("RELOADING=1")
+    pump.wait_for("READY=1")
+    job = daemon.wait(daemon.submit(task="seen")["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "seen\n"
+
+    # Watches to spare again (the limit raised in the daemon's namespace): the next change places them all, and
+    # from then on a workflow saved into workflows/ is reloaded by itself.
+    raise_limit = "echo 3 > /proc/sys/user/max_inotify_watches"
+    subprocess.run(["nsenter", "--user", "-t", str(daemon.pid), "sh", "-c", raise_limit], check=True)
+    atomic_write(daemon.config_dir / "jobd.d" / "61-again.toml", "# a change the watcher sees\n")
+    pump.wait_for("RELOADING=1")
+    pump.wait_for("READY=1")
+    assert "the configuration directories are all watched again" in daemon.log()
+    atomic_write(
+        daemon.config_dir / "workflows" / "hello.xml",
+        '<workflow><subjobs><job name="j"><tasks>'
+        '<task name="t" path="/bin/echo hello" queue="default"/></tasks></job></subjobs></workflow>',
+    )
+    pump.wait_for("RELOADING=1")
+    pump.wait_for("READY=1")
+    assert [w["name"] for w in daemon.call("workflow.list")["workflows"]] == ["hello"]
+    assert "Traceback" not in daemon.log()
 
 
 def test_sighup_reloads(jobd: Callable[..., Daemon]) -> None:
