@@ -73,6 +73,8 @@ class DaemonControl(Protocol):
 
     def reload(self) -> dict[str, Any]: ...
 
+    def backup(self) -> dict[str, Any]: ...
+
 
 class Session(Protocol):
     """What the API needs from the connection a call came on."""
@@ -643,6 +645,12 @@ def daemon_reload(api: Api, session: Session, p: Params) -> Any:
     return api.daemon.reload()
 
 
+def daemon_backup(api: Api, session: Session, p: Params) -> Any:
+    p.done()
+    access.require_admin(session.peer, "copy the database")
+    return api.daemon.backup()
+
+
 JOB_EVENT_TYPES = ("job.state", "job.progress", "job.log")
 INSTANCE_EVENT_TYPES = ("instance.state", "instance.progress")
 EVENT_TYPES = JOB_EVENT_TYPES + INSTANCE_EVENT_TYPES
@@ -972,6 +980,7 @@ METHODS: dict[str, Handler] = {
     "queue.resume": queue_resume,
     "daemon.status": daemon_status,
     "daemon.reload": daemon_reload,
+    "daemon.backup": daemon_backup,
     "events.subscribe": events_subscribe,
     "task.list": task_list,
     "workflow.list": workflow_list,

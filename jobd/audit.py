@@ -103,6 +103,7 @@ JSONRPC_MUTATING: Final[Mapping[str, Target]] = {
     "queue.pause": _named("queue", "name"),
     "queue.resume": _named("queue", "name"),
     "daemon.reload": lambda params, result: None,
+    "daemon.backup": lambda params, result: None,
     "instance.launch": _named("workflow", "workflow"),
     "instance.cancel": _named("instance", "id"),
     "instance.debug_resume": _named("instance", "id"),

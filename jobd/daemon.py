@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -32,10 +33,10 @@ from jobd.engine.core import Engine
 from jobd.engine.http_task import load_aiohttp
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
-from jobd.errors import ConfigError, ShuttingDown, StartupError
+from jobd.errors import ConfigError, ShuttingDown, StartupError, StoreFailed
 from jobd.model import Config, iso
 from jobd.server import Server
-from jobd.store import DATABASE_ERRORS, Store, startup_failure
+from jobd.store import DATABASE_ERRORS, SCHEMA_VERSION, Store, startup_failure
 
 if TYPE_CHECKING:
     from jobd.http_api import HttpApi
@@ -127,7 +128,7 @@ def _lock_state_dir(state_dir: str) -> int:
 
 # What may be at most allowed on the state directory's entries (docs/config.md, "Files and sockets"): nobody but
 # jobd's user (and, for directories and output, its group) may read job output, scripts or the database.
-STATE_MODES = {".": 0o750, "output": 0o750, "scripts": 0o700}
+STATE_MODES = {".": 0o750, "output": 0o750, "scripts": 0o700, "backup": 0o700}
 DATABASE_MODE = 0o600
 DATABASE = "jobd.sqlite3"
 
@@ -171,6 +172,28 @@ def _secure_state_dir(state_dir: str) -> None:
     os.close(os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, DATABASE_MODE))
     for suffix in ("", "-wal", "-shm"):
         _tighten(database + suffix, DATABASE_MODE)
+
+
+def _number_jobs_past_their_output(store: Store, state_dir: str) -> None:
+    """New jobs take ids past every job whose output directory is left. A database restored from a copy (jobctl
+    backup) lacks the jobs made after the copy, whose output is still there: a new job given one of their ids would
+    show that job's output to its own readers until it writes its first byte."""
+    highest = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(os.path.join(state_dir, "output")) as entries:
+        highest = max((int(entry.name) for entry in entries if entry.name.isdigit()), default=0)
+    known = store.reserve_ids("job", highest)
+    if highest > known:
+        log.warning(
+            "%s holds the output of jobs up to %d, past the last job of the database (%d): a database restored "
+            "from a copy? New jobs are numbered from %d; the output of jobs %d-%d is not any job's any more "
+            "(remove it by hand)",
+            os.path.join(state_dir, "output"),
+            highest,
+            known,
+            highest + 1,
+            known + 1,
+            highest,
+        )
 
 
 def _tighten(path: str, most: int) -> None:
@@ -229,6 +252,7 @@ class Daemon:
         self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
+        _number_jobs_past_their_output(self.store, state_dir)
         load_aiohttp(initial)
         self.engine = Engine(initial, self.store)
         self.callbacks = Callbacks(self.engine, self.store)  # before recovery: a lost job's callbacks are queued
@@ -423,6 +447,26 @@ class Daemon:
             "http_listen": self.http.address if self.http is not None else None,
             **self.engine.counts(),
         }
+
+    def backup(self) -> dict[str, Any]:
+        """Copy the database to STATE_DIR/backup/jobd.sqlite3 (Store.backup), for the administrator to take away."""
+        if self._stopping:
+            raise ShuttingDown("jobd is stopping: once it has stopped, copy its database with cp")
+        directory = os.path.join(self._at_start.daemon.state_dir, "backup")
+        path = os.path.join(directory, DATABASE)
+        began = time.monotonic()
+        try:
+            os.makedirs(directory, mode=STATE_MODES["backup"], exist_ok=True)
+            size = self.store.backup(path)
+        except (OSError, sqlite3.Error) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            log.error("the copy of the database could not be written to %s: %s", path, reason)
+            raise StoreFailed(
+                f"the copy of the database could not be written to {path}: {reason}; the database itself is unchanged"
+            ) from None
+        seconds = time.monotonic() - began
+        log.info("the database is copied to %s (%d bytes, %.3f s)", path, size, seconds)
+        return {"path": path, "bytes": size, "schema_version": SCHEMA_VERSION, "seconds": round(seconds, 3)}
 
     def _tcp_listening(self) -> str | None:
         """Where the evQueue TCP listener is bound ("127.0.0.1:5000", "[::1]:5000"), the port resolved; or None."""

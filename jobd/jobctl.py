@@ -1206,6 +1206,15 @@ def cmd_reload(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_backup(session: Session, args: argparse.Namespace) -> int:
+    result = session.client.call("daemon.backup")
+    session.emit(
+        result,
+        lambda: [f"copied the database to {result.get('path')} ({format_kib(int(result.get('bytes') or 0) // 1024)})"],
+    )
+    return EXIT_OK
+
+
 def list_named(session: Session, method: str, key: str, render: Callable[[list[Any]], list[str]]) -> int:
     """A `*.list` call whose result is {key: [...]}: JSON as is, else one rendered line each ("no KEY" if none)."""
     result = session.client.call(method)
@@ -1470,6 +1479,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume = add_command(sub, "resume", cmd_resume, "start jobs from a paused queue again")
     resume.add_argument("queue", metavar="QUEUE")
     add_command(sub, "reload", cmd_reload, "reload the configuration files")
+    add_command(sub, "backup", cmd_backup, "copy the database, consistent, while jobd runs (STATE_DIR/backup/)")
 
     add_command(sub, "workflows", cmd_workflows, "list workflows and their parameters")
     launch = add_command(sub, "launch", cmd_launch, "launch an instance of a workflow")

@@ -39,6 +39,7 @@ RESULTS: dict[str, Shape] = {
     "workflow.list": {"workflows": [_NAMED]},
     "daemon.status": {"version": str, "pid": int},
     "daemon.reload": {"files": [str]},
+    "daemon.backup": {"path": str, "bytes": int, "schema_version": int, "seconds": float},
     "events.subscribe": {"subscription": int},
     "instance.launch": _INSTANCE,
     "instance.get": _INSTANCE,

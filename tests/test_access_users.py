@@ -224,6 +224,7 @@ def test_json_rpc_matrix_of_users_rights_and_methods(jobd: Daemon, users: dict[s
         ("queue.resume", {"name": "ops"}, "edit", "ok", "edit"),
         ("queue.pause", {"name": "default"}, "edit", "edit", "edit"),
         ("daemon.reload", {}, "admin", "admin", "admin"),
+        ("daemon.backup", {}, "admin", "admin", "admin"),
         ("workflow.get", {"name": "wf-a"}, "ok", "read", "read"),
         ("workflow.get", {"name": "other"}, "read", "read", "read"),
         ("workflow.get", {"name": "no-such"}, "read", "read", "read"),  # rights before names

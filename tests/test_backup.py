@@ -1,0 +1,130 @@
+"""`jobctl backup` (daemon.backup): a consistent copy of the database while jobd runs its jobs, and a restore of it.
+
+jobd holds its database exclusively, so without this the only way to copy it was to stop jobd, and with it every
+running job. Real daemons, the real jobctl, the copy opened by sqlite3 and by a second jobd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import Daemon
+from recovery.support import Gate, gated, wait_events
+from test_jobctl import ctl
+
+from jobd.client import RemoteError
+from jobd.store import SCHEMA_VERSION
+
+QUEUES = """
+[queue.default]
+concurrency = 2
+
+[queue.held]
+paused = true
+"""
+
+
+def backup_path(daemon: Daemon) -> Path:
+    return daemon.state_dir / "backup" / "jobd.sqlite3"
+
+
+def test_a_copy_taken_while_a_job_runs_holds_every_job_and_a_jobd_started_on_it_has_them(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = make_daemon(QUEUES)
+    done = daemon.wait(daemon.submit(command=["/bin/echo", "before the copy"])["id"])
+    held = daemon.submit(command=["/bin/echo", "held"], queue="held")["id"]
+    gate = Gate(tmp_path / "gate")
+    events = daemon.client()
+    events.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+    running = daemon.submit(command=gated(gate, "/bin/echo", "ran through the copy"))["id"]
+    wait_events(events, lambda e: e["job"]["id"] == running and e["job"]["state"] == "running", 1)
+    events.close()
+
+    copied = ctl(daemon, "backup")
+    assert copied.code == 0, copied
+    path = backup_path(daemon)
+    assert copied.out.startswith(f"copied the database to {path} ("), copied
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert not Path(f"{path}.partial").exists()
+
+    # jobd went on: the job running during the copy ends as it would have.
+    gate.release()
+    job = daemon.wait(running)
+    assert job["state"] == "succeeded" and daemon.output(running) == "ran through the copy\n"
+    assert [e["command"] for e in daemon.call("audit.list")["entries"]][:1] == ["daemon.backup"]
+
+    # The copy is one self-contained file: its own schema version, no WAL to carry along.
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as copy:
+        assert copy.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        states = dict(copy.execute('SELECT "id", "state" FROM "job"').fetchall())
+    assert states == {done["id"]: "succeeded", held: "queued", running: "running"}
+
+    # A jobd on the copy has every job as it was then; the one that ran meanwhile is a running attempt of a jobd
+    # that is gone, so crash recovery's rule applies (lost, not retried: no retry policy).
+    restored = make_daemon(QUEUES, start=False)
+    restored.state_dir.mkdir(parents=True)
+    shutil.copy(path, restored.state_dir / "jobd.sqlite3")
+    restored.start()
+    jobs = {job["id"]: job for job in restored.call("job.list")["jobs"]}
+    assert {job_id: job["state"] for job_id, job in jobs.items()} == {
+        done["id"]: "succeeded",
+        held: "queued",
+        running: "failed",
+    }
+    assert restored.call("job.get", {"id": running})["tries"][-1]["outcome"] == "lost"
+
+
+def test_a_restored_copy_numbers_new_jobs_past_the_output_left_by_later_jobs(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """Jobs made after the copy are not in it, but their output is still in the state directory: a new job given
+    one of their ids showed that output (someone else's, perhaps) to its readers until it wrote its first byte."""
+    daemon = make_daemon(QUEUES)
+    first = daemon.wait(daemon.submit(command=["/bin/echo", "in the copy"])["id"])
+    assert ctl(daemon, "backup").code == 0
+    later = daemon.wait(daemon.submit(command=["/bin/echo", "after the copy"])["id"])
+    assert later["id"] == first["id"] + 1
+    assert daemon.stop() == 0
+
+    # The restore, as README.Debian tells it: the copy in the database's place, no WAL of the other one beside it.
+    database = daemon.state_dir / "jobd.sqlite3"
+    shutil.copy(backup_path(daemon), database)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    daemon.start()
+    assert "past the last job of the database" in daemon.log()
+    with contextlib.suppress(RemoteError):
+        daemon.call("job.get", {"id": later["id"]})
+        raise AssertionError("a job made after the copy is known to the restored jobd")
+    silent = daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    assert silent["id"] == later["id"] + 1
+    assert daemon.output(silent["id"]) == ""
+
+
+def test_a_copy_that_cannot_be_written_is_a_clear_error_and_jobd_runs_on(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(QUEUES)
+    daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    (daemon.state_dir / "backup").write_text("a file where the directory goes\n")
+    refused = ctl(daemon, "backup")
+    assert refused.code == 1, refused
+    assert f"the copy of the database could not be written to {backup_path(daemon)}" in refused.err, refused
+    assert "the database itself is unchanged" in refused.err
+    try:
+        daemon.call("daemon.backup")
+        raise AssertionError("daemon.backup succeeded with a file in the way")
+    except RemoteError as error:
+        assert error.code == "STORE_FAILED", error
+    job = daemon.wait(daemon.submit(command=["/bin/echo", "still serving"])["id"])
+    assert job["state"] == "succeeded" and daemon.output(job["id"]) == "still serving\n"
+    assert not list(daemon.state_dir.glob("**/*.partial"))
+    os.unlink(daemon.state_dir / "backup")
+    assert ctl(daemon, "backup").code == 0
