@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import stat
 import sys
 import time
@@ -27,16 +26,17 @@ import sdnotify
 from jobd import __version__, activation, config, logline, openfiles, proc
 from jobd import early_signals as jobd_early_signals
 from jobd.api import Api
+from jobd.backup import BACKUP_DIR, BACKUP_DIR_MODE, Backups
 from jobd.engine.callbacks import SHUTDOWN_TAKES as CALLBACKS_SHUTDOWN_TAKES
 from jobd.engine.callbacks import Callbacks
 from jobd.engine.core import Engine
 from jobd.engine.http_task import load_aiohttp
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
-from jobd.errors import ConfigError, ShuttingDown, StartupError, StoreFailed
+from jobd.errors import ConfigError, ShuttingDown, StartupError
 from jobd.model import Config, iso
 from jobd.server import Server
-from jobd.store import DATABASE_ERRORS, SCHEMA_VERSION, Store, startup_failure
+from jobd.store import DATABASE_ERRORS, Store, startup_failure
 
 if TYPE_CHECKING:
     from jobd.http_api import HttpApi
@@ -128,7 +128,7 @@ def _lock_state_dir(state_dir: str) -> int:
 
 # What may be at most allowed on the state directory's entries (docs/config.md, "Files and sockets"): nobody but
 # jobd's user (and, for directories and output, its group) may read job output, scripts or the database.
-STATE_MODES = {".": 0o750, "output": 0o750, "scripts": 0o700, "backup": 0o700}
+STATE_MODES = {".": 0o750, "output": 0o750, "scripts": 0o700, BACKUP_DIR: BACKUP_DIR_MODE}
 DATABASE_MODE = 0o600
 DATABASE = "jobd.sqlite3"
 
@@ -253,6 +253,7 @@ class Daemon:
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
         _number_jobs_past_their_output(self.store, state_dir)
+        self.backups = Backups(self.store, self.store.path, state_dir)
         load_aiohttp(initial)
         self.engine = Engine(initial, self.store)
         self.callbacks = Callbacks(self.engine, self.store)  # before recovery: a lost job's callbacks are queued
@@ -353,6 +354,7 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.close()
         await self.server.stop_listening()
+        await self.backups.stop()  # before the store closes: its last checkpoint would change the file being copied
         # A job may take its whole kill_grace to go after SIGTERM. systemd would SIGKILL jobd (and the job) once
         # TimeoutStopSec= ran out, and the next start would find the attempt lost: each step of the stop tells it how
         # long the step may take (EXTEND_TIMEOUT_USEC counts from now, and must come again before it runs out;
@@ -448,25 +450,11 @@ class Daemon:
             **self.engine.counts(),
         }
 
-    def backup(self) -> dict[str, Any]:
-        """Copy the database to STATE_DIR/backup/jobd.sqlite3 (Store.backup), for the administrator to take away."""
+    async def backup(self) -> dict[str, Any]:
+        """A copy of the database in STATE_DIR/backup/ (jobd.backup), for the administrator to take away."""
         if self._stopping:
             raise ShuttingDown("jobd is stopping: once it has stopped, copy its database with cp")
-        directory = os.path.join(self._at_start.daemon.state_dir, "backup")
-        path = os.path.join(directory, DATABASE)
-        began = time.monotonic()
-        try:
-            os.makedirs(directory, mode=STATE_MODES["backup"], exist_ok=True)
-            size = self.store.backup(path)
-        except (OSError, sqlite3.Error) as error:
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            log.error("the copy of the database could not be written to %s: %s", path, reason)
-            raise StoreFailed(
-                f"the copy of the database could not be written to {path}: {reason}; the database itself is unchanged"
-            ) from None
-        seconds = time.monotonic() - began
-        log.info("the database is copied to %s (%d bytes, %.3f s)", path, size, seconds)
-        return {"path": path, "bytes": size, "schema_version": SCHEMA_VERSION, "seconds": round(seconds, 3)}
+        return await self.backups.take()
 
     def _tcp_listening(self) -> str | None:
         """Where the evQueue TCP listener is bound ("127.0.0.1:5000", "[::1]:5000"), the port resolved; or None."""

@@ -7,19 +7,24 @@ running job. Real daemons, the real jobctl, the copy opened by sqlite3 and by a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import sqlite3
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from harness import Daemon
 from recovery.support import Gate, gated, wait_events
 from test_jobctl import ctl
 
+from jobd.backup import Stopped, copy_database
 from jobd.client import RemoteError
-from jobd.store import SCHEMA_VERSION
+from jobd.model import JobSpec, JobState
+from jobd.store import SCHEMA_VERSION, WAL_AUTOCHECKPOINT, Store
 
 QUEUES = """
 [queue.default]
@@ -128,3 +133,64 @@ def test_a_copy_that_cannot_be_written_is_a_clear_error_and_jobd_runs_on(make_da
     assert not list(daemon.state_dir.glob("**/*.partial"))
     os.unlink(daemon.state_dir / "backup")
     assert ctl(daemon, "backup").code == 0
+
+
+def _job_ids(path: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return [row[0] for row in db.execute('SELECT "id" FROM "job" ORDER BY "id"')]
+
+
+def _insert(store: Store, count: int) -> None:
+    for _ in range(count):
+        store.insert_jobs([JobSpec(command=("/bin/true",), queue="q")], [JobState.QUEUED], 1.0, [1.0])
+
+
+def test_the_database_file_is_left_alone_while_held_so_a_copy_made_meanwhile_is_that_moment(tmp_path: Path) -> None:
+    """What the copy rests on: once held, commits go to the WAL only, and the file copied is the database as it
+    was at the hold, however much is written meanwhile; let go, SQLite checkpoints again."""
+    database = tmp_path / "jobd.sqlite3"
+    store = Store(str(database))
+    store.open()
+    try:
+        _insert(store, 50)
+        store.hold_file()
+        held = hashlib.sha256(database.read_bytes()).digest()
+        copy = tmp_path / "copy.sqlite3"
+        copied = threading.Thread(target=copy_database, args=(str(database), str(copy), threading.Event()))
+        copied.start()
+        _insert(store, 20_000)  # past WAL_AUTOCHECKPOINT pages: a checkpoint would have come without the hold
+        copied.join()
+        assert hashlib.sha256(database.read_bytes()).digest() == held
+        assert _job_ids(copy) == list(range(1, 51))
+        store.release_file()
+        assert store.db.pragma("wal_autocheckpoint") == WAL_AUTOCHECKPOINT
+        _insert(store, 1)  # the WAL is far past the limit: this commit checkpoints it into the file
+        assert hashlib.sha256(database.read_bytes()).digest() != held
+    finally:
+        store.close()
+    assert _job_ids(database) == list(range(1, 20_052))
+
+
+def test_a_copy_given_up_because_jobd_stops_leaves_nothing_behind(tmp_path: Path) -> None:
+    database = tmp_path / "jobd.sqlite3"
+    store = Store(str(database))
+    store.open()
+    _insert(store, 5)
+    store.close()
+    stopping = threading.Event()
+    stopping.set()
+    with pytest.raises(Stopped):
+        copy_database(str(database), str(tmp_path / "copy.sqlite3"), stopping)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobd.sqlite3"]
+
+
+def test_backups_asked_together_share_one_copy(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(QUEUES)
+    with daemon.client() as client:
+        client.send_raw(
+            b'[{"jsonrpc":"2.0","id":1,"method":"daemon.backup"},{"jsonrpc":"2.0","id":2,"method":"daemon.backup"}]\n'
+        )
+        replies = client.read_line(timeout=30)
+    assert isinstance(replies, list) and len(replies) == 2, replies
+    first, second = (reply["result"] for reply in sorted(replies, key=lambda reply: reply["id"]))
+    assert first == second and first["path"] == str(backup_path(daemon))

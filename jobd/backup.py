@@ -1,0 +1,155 @@
+"""A consistent copy of jobd's database, taken while jobd runs its jobs (`jobctl backup`, daemon.backup).
+
+jobd holds its database exclusively (SQLite's locking_mode=EXCLUSIVE), so no other program can read it while jobd
+runs, and stopping jobd to copy it stops every running job. So jobd copies it itself, without making its clients
+wait: the store puts everything committed into the database file and leaves that file alone (in WAL mode new
+commits go to the WAL only, until the next checkpoint), a worker thread copies the file and checks the copy, and
+the store is then let go. The event loop only waits for that first checkpoint (the WAL normally holds no more than
+WAL_AUTOCHECKPOINT pages).
+The copy is made beside its destination and renamed over it once whole, checked and on disk: the destination is
+always a complete copy, the new one or the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from jobd.errors import ShuttingDown, StoreFailed
+from jobd.store import SCHEMA_VERSION, Store
+
+log = logging.getLogger("jobd.backup")
+
+BACKUP_DIR = "backup"
+BACKUP_DIR_MODE = 0o700
+COPY_CHUNK = 8 * 1024 * 1024  # bytes copied between two looks at whether jobd is stopping
+
+
+class Stopped(Exception):
+    """jobd began to stop while the copy was being made: the partial copy is removed."""
+
+
+class Backups:
+    """Makes copies of the database in STATE_DIR/backup/, one at a time: a request that comes while a copy is
+    being made gets that copy's answer."""
+
+    def __init__(self, store: Store, database: str, state_dir: str) -> None:
+        self._store = store
+        self._database = database
+        self.directory = os.path.join(state_dir, BACKUP_DIR)
+        self.path = os.path.join(self.directory, os.path.basename(database))
+        self._under_way: asyncio.Future[dict[str, Any]] | None = None
+        self._stopping = threading.Event()
+
+    async def take(self) -> dict[str, Any]:
+        if self._stopping.is_set():
+            raise ShuttingDown("jobd is stopping: once it has stopped, copy its database with cp")
+        if self._under_way is None:
+            self._under_way = asyncio.ensure_future(self._take())
+            self._under_way.add_done_callback(self._done)
+        return await asyncio.shield(self._under_way)
+
+    def _done(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        self._under_way = None
+        if not future.cancelled():
+            future.exception()  # retrieved: each caller has been given it already
+
+    async def stop(self) -> None:
+        """Give up a copy under way (its partial file is removed) and wait until the store is let go: the store
+        checkpoints when it closes, which would change the file under the copy."""
+        self._stopping.set()
+        if self._under_way is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(self._under_way)
+
+    async def _take(self) -> dict[str, Any]:
+        began = time.monotonic()
+        try:
+            os.makedirs(self.directory, mode=BACKUP_DIR_MODE, exist_ok=True)
+            self._store.hold_file()
+            try:
+                size = await asyncio.to_thread(copy_database, self._database, self.path, self._stopping)
+            finally:
+                self._store.release_file()
+        except Stopped:
+            raise ShuttingDown("jobd began to stop during the copy; nothing was written") from None
+        except (OSError, sqlite3.Error, StoreFailed) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            log.error("the copy of the database could not be written to %s: %s", self.path, reason)
+            raise StoreFailed(
+                f"the copy of the database could not be written to {self.path}: {reason}; the database itself is "
+                "unchanged"
+            ) from None
+        seconds = time.monotonic() - began
+        log.info("the database is copied to %s (%d bytes, %.3f s)", self.path, size, seconds)
+        return {"path": self.path, "bytes": size, "schema_version": SCHEMA_VERSION, "seconds": round(seconds, 3)}
+
+
+def copy_database(source: str, path: str, stopping: threading.Event) -> int:
+    """Copy the database file `source`, which nothing writes meanwhile, to `path` (mode 0600) by way of a partial
+    file; make the copy one self-contained file (journal mode DELETE) and check it; return its size. Runs in a
+    worker thread."""
+    partial = path + ".partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)  # left by a copy a crash cut short
+    try:
+        _copy_file(source, partial, stopping)
+        _make_self_contained_and_check(partial, stopping)
+        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        os.rename(partial, path)
+    except BaseException:
+        for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)  # the rename too
+    finally:
+        os.close(dir_fd)
+    return size
+
+
+def _copy_file(source: str, target: str, stopping: threading.Event) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    with open(source, "rb") as src, open(os.open(target, flags, 0o600), "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        copied = 0
+        while copied < size:
+            if stopping.is_set():
+                raise Stopped
+            # In the kernel, without passing the bytes through Python; unlike copy_file_range, also from one file
+            # system to another (backup/ may be a mount of its own).
+            sent = os.sendfile(dst.fileno(), src.fileno(), copied, min(COPY_CHUNK, size - copied))
+            if sent == 0:
+                raise OSError(f"{source} ended at {copied} bytes of {size} while it was copied")
+            copied += sent
+
+
+def _make_self_contained_and_check(path: str, stopping: threading.Event) -> None:
+    # The file says it is in WAL mode, as jobd keeps it: opened elsewhere it would need -wal and -shm files beside
+    # it (and could not be opened read-only at all), so it is switched to SQLite's default journal mode.
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.set_progress_handler(stopping.is_set, 10_000)  # a non-zero answer interrupts the statement
+        connection.execute("PRAGMA journal_mode = DELETE")
+        problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+    except sqlite3.OperationalError:
+        if stopping.is_set():
+            raise Stopped from None
+        raise
+    finally:
+        connection.close()
+    if problems != ["ok"]:
+        raise StoreFailed(f"the copy failed SQLite's quick_check: {'; '.join(problems[:3])}")
