@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,10 @@ def sd() -> Iterator[Sdns]:
             mount -t overlay overlay -o lowerdir=/etc,upperdir={overlay}/etc.upper,workdir={overlay}/etc.work /etc
             mount --move {overlay}/keep /etc/systemd/system
             systemctl daemon-reload
+            rm -f /usr/sbin/policy-rc.d
         """)  # fmt: skip
+        # (A container image's policy-rc.d, exit 101, forbids maintainer scripts to start or restart services; a
+        # server has none. Removed in the overlay, the scripts act as on a server.)
         yield system
     finally:
         system.down()
@@ -206,9 +210,8 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
     sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
     assert sd.ns("dpkg-query", "-W", "-f", "${Status}", "jobd") == "install ok installed"
     assert sd.ns("getent", "group", "jobd").startswith("jobd:")
-    # The maintainer scripts enabled both units (and started them); start is what an administrator types.
+    # The maintainer scripts enabled both units and started them (README.Debian).
     assert sd.ns("systemctl", "is-enabled", "jobd.socket", "jobd.service").split() == ["enabled", "enabled"]
-    sd.ns("systemctl", "start", "jobd")
     assert sd.ns("systemctl", "is-active", "jobd.socket", "jobd.service").split() == ["active", "active"]
     main_pid = sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip()
     assert sd.ns("cat", f"/proc/{main_pid}/cmdline").split("\0")[:2] == ["/usr/bin/python3", "/usr/bin/jobd"]
@@ -251,3 +254,82 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
     # The system group stays (README.Debian: files may still belong to it), as Debian does with system groups.
     if not group_before:
         assert sd.ns("getent", "group", "jobd").startswith("jobd:")
+
+
+# A job that tells the test, through FIFOs, that it runs and that it got SIGTERM, and after SIGTERM waits for the
+# test's word before it goes (its kill_grace is long enough for the test to act meanwhile). Once the test removed
+# the FIFOs' directory it just goes.
+HOLD = r"""
+trap 'echo stopping >/run/jobd-test/stopping && read _ </run/jobd-test/release; exit 0' TERM
+echo running >/run/jobd-test/running
+while :; do sleep 1000 & wait $!; done
+"""
+
+
+def _stopping_the_held_job(sd: Sdns, args: list[str], meanwhile: Callable[[], None] = lambda: None) -> None:
+    """Run `args` (dpkg or apt-get), which stops jobd and so the HOLD job: once the job has SIGTERM (the old jobd
+    no longer listens), call `meanwhile`, then let the job go and wait for `args` to end."""
+    command = subprocess.Popen(
+        sd.enter(*args), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=CLEAN_ENV
+    )
+    try:
+        assert sd.ns("cat", "/run/jobd-test/stopping") == "stopping\n"
+        meanwhile()
+        sd.ns("sh", "-c", "echo go >/run/jobd-test/release")
+        assert command.wait(TIMEOUT) == 0, command.communicate()[0]
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait(TIMEOUT)
+
+
+def test_upgrade_and_remove_keep_jobs_configuration_and_waiting_clients(deb: Path, sd: Sdns) -> None:
+    """dpkg -i over the installed package while a job runs and another waits: jobd.service restarts (the new jobd
+    runs), the running job is stopped and runs again from the start, the queued one keeps its place, the
+    administrator's change to the conffile stays, and a client that connected while the old jobd stopped is
+    answered by the new one (jobd.socket is not restarted). Then apt-get remove stops both units and keeps all
+    that, and installing again resumes it."""
+    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
+    sd.ns("sh", "-ec", "mkdir -m 0700 /run/jobd-test && cd /run/jobd-test && mkfifo running stopping release")
+    drop_in = Path(f"{sd.root}/etc/jobd/jobd.d/50-local.toml")
+    drop_in.parent.mkdir()
+    hold = f'[task.hold]\ncommand = ["/bin/sh", "-c", {json.dumps(HOLD)}]\nuser = "root"\nkill_grace = 600\n'
+    drop_in.write_text(f'{hold}\n[task.after]\ncommand = ["/bin/true"]\n')
+    conffile = Path(f"{sd.root}/etc/jobd/jobd.toml")
+    edited = conffile.read_text().replace("concurrency = 1", "concurrency = 1  # the administrator's", 1)
+    conffile.write_text(edited)
+    sd.ns("jobctl", "reload")
+    held = json.loads(sd.ns("jobctl", "--json", "submit", "hold"))["id"]
+    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
+    queued = json.loads(sd.ns("jobctl", "--json", "submit", "after"))["id"]
+    old_pid = sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip()
+
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(TIMEOUT)  # hang guard
+
+        def connect() -> None:  # into the listening socket's queue, while no jobd accepts
+            client.connect(f"{sd.root}/run/jobd/jobd.sock")
+            client.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n')
+
+        _stopping_the_held_job(sd, ["dpkg", "-i", str(deb)], connect)
+        answer = client.makefile("rb").readline()
+    assert answer and "result" in json.loads(answer), answer
+
+    assert sd.ns("systemctl", "is-active", "jobd.socket", "jobd.service").split() == ["active", "active"]
+    assert sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip() != old_pid
+    # The job the restart stopped runs again, from the start, under the new jobd; the queued one still waits.
+    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
+    job = json.loads(sd.ns("jobctl", "--json", "status", str(held)))
+    assert job["state"] == "running" and job["attempts"] == 2, job
+    assert json.loads(sd.ns("jobctl", "--json", "status", str(queued)))["state"] == "queued"
+    assert conffile.read_text() == edited
+
+    _stopping_the_held_job(sd, ["apt-get", "remove", "--yes", "jobd"])
+    assert sd.ns("dpkg-query", "-W", "-f", "${Status}", "jobd") == "deinstall ok config-files"
+    assert sd.run("systemctl", "is-active", "jobd.socket", "jobd.service").stdout.split() == ["inactive"] * 2
+    assert conffile.read_text() == edited and sd.exists("/var/lib/jobd/jobd.sqlite3")
+    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
+    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
+    assert json.loads(sd.ns("jobctl", "--json", "status", str(held)))["attempts"] == 3
+    assert json.loads(sd.ns("jobctl", "--json", "status", str(queued)))["state"] == "queued"
+    sd.ns("rm", "-r", "/run/jobd-test")  # the job goes at once when stopped (at sd_down)
