@@ -52,6 +52,9 @@ DEBIAN_PACKAGES = {
     "sdnotify": "python3-sdnotify",
 }
 BUNDLED = {"inotify-simple": "inotify_simple", "croniter": "croniter"}
+# The package's system groups: members of jobd may connect to the sockets, those of jobd-admin are administrators
+# (the shipped [access] admins).
+GROUPS = ("jobd", "jobd-admin")
 
 
 def _run(
@@ -205,11 +208,12 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
     assert "installed" not in status.split(), f"a jobd package is installed already ({status}): not testing over it"
     for path in ("/etc/jobd", "/var/lib/jobd"):
         assert not sd.exists(path), f"{path} exists before the package is installed"
-    group_before = sd.run("getent", "group", "jobd").returncode == 0
+    groups_before = {group for group in GROUPS if sd.run("getent", "group", group).returncode == 0}
 
     sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
     assert sd.ns("dpkg-query", "-W", "-f", "${Status}", "jobd") == "install ok installed"
-    assert sd.ns("getent", "group", "jobd").startswith("jobd:")
+    for group in GROUPS:
+        assert sd.ns("getent", "group", group).startswith(f"{group}:")
     # The maintainer scripts enabled both units and started them (README.Debian).
     assert sd.ns("systemctl", "is-enabled", "jobd.socket", "jobd.service").split() == ["enabled", "enabled"]
     assert sd.ns("systemctl", "is-active", "jobd.socket", "jobd.service").split() == ["active", "active"]
@@ -235,6 +239,18 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
     job = json.loads(sd.ns("jobctl", "--json", "submit", "whoami"))["id"]
     sd.ns("jobctl", "wait", str(job))
     assert sd.ns("jobctl", "log", str(job)) == "nobody\n"
+    # README.Debian's users: a member of jobd may connect, and do what [access] grants (no ad-hoc command); one
+    # of jobd-admin too is an administrator.
+    sd.ns("useradd", "--no-create-home", "alice")
+    sd.ns("adduser", "--quiet", "alice", "jobd")
+    alice = ("setpriv", "--reuid", "alice", "--regid", "alice", "--init-groups", "jobctl")
+    assert json.loads(sd.ns(*alice, "--json", "ls"))["jobs"] == []  # connected; root's jobs are not hers to read
+    refused = sd.run(*alice, "run", "--", "/bin/echo", token)
+    assert refused.returncode == 1 and "INSUFFICIENT_RIGHTS" in refused.stderr, refused
+    sd.ns("adduser", "--quiet", "alice", "jobd-admin")
+    job = json.loads(sd.ns(*alice, "--json", "run", "--", "/bin/echo", token))["id"]
+    sd.ns(*alice, "wait", str(job))
+    assert sd.ns(*alice, "log", str(job)) == f"{token}\n"
 
     files = sd.ns("dpkg", "--listfiles", "jobd").splitlines()
     assert "/usr/bin/jobd" in files
@@ -251,9 +267,9 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
     assert [path for path in own if sd.exists(path)] == []
     remembered = sd.ns("find", "/var/lib/systemd", "-name", "*jobd*").split()
     assert remembered == []
-    # The system group stays (README.Debian: files may still belong to it), as Debian does with system groups.
-    if not group_before:
-        assert sd.ns("getent", "group", "jobd").startswith("jobd:")
+    # The system groups stay (README.Debian: files may still belong to them), as Debian does with system groups.
+    for group in set(GROUPS) - groups_before:
+        assert sd.ns("getent", "group", group).startswith(f"{group}:")
 
 
 # A job that tells the test, through FIFOs, that it runs and that it got SIGTERM, and after SIGTERM waits for the
