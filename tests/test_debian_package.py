@@ -272,6 +272,21 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
         assert sd.ns("getent", "group", group).startswith(f"{group}:")
 
 
+def test_install_over_an_existing_group_and_user(deb: Path, sd: Sdns) -> None:
+    """dpkg -i where a group jobd (not a system group, with a member) and a user jobd exist already, as after running
+    jobd by hand: the package uses the group as it is (id and members) for its sockets, and adds jobd-admin."""
+    sd.ns("groupadd", "--gid", "1500", "jobd")
+    sd.ns("useradd", "--no-create-home", "--uid", "1500", "--gid", "jobd", "jobd")
+    sd.ns("useradd", "--no-create-home", "--groups", "jobd", "bob")
+    sd.ns("dpkg", "-i", str(deb))
+    assert sd.ns("getent", "group", "jobd").strip() == "jobd:x:1500:bob"
+    assert sd.ns("id", "-u", "jobd").strip() == "1500"
+    assert sd.ns("getent", "group", "jobd-admin").startswith("jobd-admin:")
+    assert sd.ns("stat", "-c", "%G %a", "/run/jobd/jobd.sock").split() == ["jobd", "660"]
+    bob = ("setpriv", "--reuid", "bob", "--regid", "bob", "--init-groups", "jobctl")
+    assert json.loads(sd.ns(*bob, "--json", "ls"))["jobs"] == []
+
+
 # A job that tells the test, through FIFOs, that it runs and that it got SIGTERM, and after SIGTERM waits for the
 # test's word before it goes (its kill_grace is long enough for the test to act meanwhile). Once the test removed
 # the FIFOs' directory it just goes.
