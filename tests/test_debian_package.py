@@ -6,7 +6,8 @@ and `dpkg-buildpackage -us -uc -b` builds jobd_*.deb, with a PATH of the system'
 venv python3 first on PATH would otherwise be the interpreter pybuild builds with).
 
 Install: apt-get installs the .deb inside a throw-away systemd (../shared/tools/sdns.sh boots one as PID 1 of
-private namespaces), so the maintainer scripts enable and start the units under a real systemd. Overlay mounts
+private namespaces), so the maintainer scripts enable, start, restart (upgrade) and stop (remove) the units under
+a real systemd, as on a server (a container image's policy-rc.d, which forbids it, is removed). Overlay mounts
 on /usr, /etc and /var inside the namespace (seen by nothing outside it) take every write of apt, dpkg and the
 maintainer scripts: the host's dpkg database, files and groups are never changed, and a test that dies halfway
 leaves nothing to clean up (sd_down runs when the bash process that booted it sees its stdin close). Installing
