@@ -10,6 +10,7 @@ value (`InstanceLaunch`, `InstancesList`, …) or raises the error evQueue would
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -918,11 +919,14 @@ def _ticking(expression: str) -> str:
 
 
 def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._Element:
-    """evQueue's `xpathfilter`: the answer becomes the first element the expression selects in the response.
+    """evQueue's `xpathfilter`: the answer becomes a new `<response node=… status="OK">` holding what the expression
+    selects in the response (evaluated from its root), as evQueue 3.3 builds it (APISession::QueryReceived imports
+    the first result into a fresh response): a copy of the first node selected, the text of an attribute, or the
+    value of a string, number (as an integer) or boolean (`true`/`false`); nothing selected leaves it empty. Its
+    clients read that answer as any other (status on the root, then its children).
 
-    Raises InvalidParams (INVALID_PARAMETER) when the expression is invalid, too long, selects nothing or selects
-    something that is not an element (an attribute, text, a number); the caller answers it as a KO response.
-    EXSLT regular expressions are off: a hostile pattern could otherwise spin the event loop.
+    Raises InvalidParams (INVALID_PARAMETER) when the expression is invalid, too long or too slow; the caller answers
+    it as a KO response. EXSLT regular expressions are off: a hostile pattern could otherwise spin the event loop.
     """
     if len(expression) > MAX_XPATHFILTER:
         raise InvalidParams(f"xpathfilter is longer than {MAX_XPATHFILTER} characters", parameter="xpathfilter")
@@ -949,13 +953,26 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
         ) from None
     except (etree.XPathError, TypeError, ValueError) as error:
         raise InvalidParams(f"Invalid xpathfilter '{expression}': {error}", parameter="xpathfilter") from None
+    filtered = response_element(response_root.get("node", ""))
     first = result[0] if isinstance(result, list) and result else result
-    if isinstance(first, list):
-        raise InvalidParams(f"xpathfilter '{expression}' selects nothing", parameter="xpathfilter")
-    if not isinstance(first, etree._Element) or not isinstance(first.tag, str):
-        raise InvalidParams(
-            f"xpathfilter '{expression}' must select an element, not {type(first).__name__}", parameter="xpathfilter"
-        )
-    selected = copy.deepcopy(first)
-    selected.tail = None
-    return selected
+    if isinstance(first, etree._Element):
+        selected = copy.deepcopy(first)
+        selected.tail = None
+        filtered.append(selected)
+    elif not isinstance(first, list):  # an empty node-set adds nothing
+        filtered.text = xml_safe(_xpath_text(first))
+    return filtered
+
+
+def _xpath_text(value: object) -> str:
+    """A value XPath returned as evQueue writes it into a filtered answer: booleans `true`/`false`, numbers as
+    integers (evQueue's `getIntegerValue`), strings and attribute values as they are."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return str(int(value))
+    return str(value)
