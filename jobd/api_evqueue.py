@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -359,17 +360,27 @@ def _timestamp(moment: datetime | None) -> float | None:
     return None if moment is None else moment.timestamp()  # a naive datetime is local time, as evQueue sends it
 
 
+def _until(moment: datetime | None) -> float | None:
+    """The end of the second `moment` names: evQueue's times are whole seconds (the times jobd shows are cut to the
+    second), so `filter_…_until` with the time a row shows must keep that row, whatever fraction jobd holds."""
+    return None if moment is None else math.nextafter(moment.timestamp() + 1, -math.inf)
+
+
 def instances_list(service: EvQueue, peer: Peer, command: xml.InstancesList) -> Result:
-    if command.filter_schedule_id is not None:  # jobd has no workflow schedules yet: no instance came from one
+    if (
+        command.filter_schedule_id is not None  # instances do not record the schedule that launched them
+        or command.filter_tag_id is not None  # jobd's tags are labels, with no ids
+        or command.filter_node not in (None, service.node)  # jobd is one node
+    ):
         return service.ok({"rows": 0})
     where = InstanceFilter(
         ids=() if command.filter_id is None else (command.filter_id,),
         workflow=command.filter_workflow,
         status=None if command.filter_status is None else command.filter_status.value,
         launched_from=_timestamp(command.filter_launched_from),
-        launched_until=_timestamp(command.filter_launched_until),
+        launched_until=_until(command.filter_launched_until),
         ended_from=_timestamp(command.filter_ended_from),
-        ended_until=_timestamp(command.filter_ended_until),
+        ended_until=_until(command.filter_ended_until),
         error=command.filter_error,
         parameters=command.parameters,
         custom_attributes=command.custom_attributes,

@@ -361,6 +361,8 @@ def decode(document: bytes) -> evqueue.Command:
             InstancesList(),
         ),
         (b'<instances action="list" filter_error="yes" limit="5"/>', InstancesList(filter_error=True, limit=5)),
+        (b'<instances action="list" filter_error="0" filter_id="0" filter_tag_id="0"/>', InstancesList()),
+        (b'<instances action="list" filter_tag_id="3"/>', InstancesList(filter_tag_id=3)),
         (b'<instances action="list" groupby="day"/>', InstancesList(groupby=GroupBy.DAY)),
         (
             b'<instances action="list" filter_id="9" filter_workflow="trivial" filter_status="TERMINATED" '
@@ -376,8 +378,9 @@ def decode(document: bytes) -> evqueue.Command:
                 filter_ended_from=datetime(2026, 11, 29, 10, 0),
                 filter_ended_until=datetime(2026, 12, 1),
                 filter_status=InstanceStatus.TERMINATED,
-                filter_error=False,
+                filter_error=None,  # evQueue's "no": no filter
                 filter_schedule_id=4,
+                filter_node="any",
                 limit=10,
                 offset=20,
                 parameters=MappingProxyType({"count": "4", "size": "big"}),

@@ -644,3 +644,38 @@ def test_debugresume_runs_the_failed_task_again_and_lists_filter_on_parameters_a
         refused = ko(client.ask(b'<instance action="debugresume" id="%s"/>' % running.encode()), "INVALID_PARAMETER")
         assert "still executing" in refused.get("error", "")
         ok(client.ask(b'<instance action="cancel" id="%s"/>' % running.encode()))
+
+
+def test_instances_list_filters_mean_what_they_mean_to_evqueue(corpus_daemon: Any) -> None:
+    """Filters as evQueue 3.3 reads them (WorkflowInstances::HandleQuery): filter_error is a switch whose "no" keeps
+    every instance, 0 is no filter for the ids, a node or tag filter jobd cannot match keeps nothing (ignoring it
+    listed everything), and times are whole seconds, so the times a row shows find it."""
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        node = client.greeting.get("node", "") if client.greeting is not None else ""
+        good = ok(client.ask(b'<instance action="launch" name="trivial" mode="synchronous" timeout="20"/>')).get(
+            "workflow-instance-id", ""
+        )
+        bad = ok(
+            client.ask(
+                b'<instance action="launch" name="flagged" mode="synchronous" timeout="20">'
+                b'<parameter name="flag" value="/nosuch"/></instance>'
+            )
+        ).get("workflow-instance-id", "")
+
+        def listed(attributes: str) -> list[str]:
+            answer = ok(client.ask(b'<instances action="list" %s/>' % attributes.encode()))
+            assert answer.get("rows") == str(len(answer)), etree.tostring(answer)
+            return [row.get("id", "") for row in answer]
+
+        assert listed("") == [bad, good]
+        assert listed('filter_error="yes"') == [bad]
+        assert listed('filter_error="no"') == [bad, good]
+        assert listed('filter_error="0"') == [bad, good]
+        assert listed('filter_id="0" filter_schedule_id="0" filter_tag_id="0"') == [bad, good]
+        assert listed(f'filter_node="{node}"') == [bad, good]
+        assert listed('filter_node="elsewhere"') == []
+        assert listed('filter_tag_id="3"') == []
+        row = ok(client.ask(b'<instances action="list" filter_id="%s"/>' % good.encode()))[0]
+        start, end = row.get("start_time", ""), row.get("end_time", "")
+        assert good in listed(f'filter_launched_from="{start}" filter_launched_until="{start}"')
+        assert good in listed(f'filter_ended_from="{end}" filter_ended_until="{end}"')

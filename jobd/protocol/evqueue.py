@@ -556,8 +556,10 @@ class InstancesList:
     filter_ended_from: datetime | None = None
     filter_ended_until: datetime | None = None
     filter_status: InstanceStatus | None = None
-    filter_error: bool | None = None  # True: only instances with errors; False: only without
+    filter_error: bool | None = None  # True: only instances with errors; None: no filter (evQueue's "no" as well)
     filter_schedule_id: int | None = None
+    filter_tag_id: int | None = None
+    filter_node: str | None = None  # a node name; jobd is one node
     limit: int = 30
     offset: int = 0
     groupby: GroupBy | None = None
@@ -697,15 +699,18 @@ def _instances_list(request: Request) -> InstancesList:
     # evQueue takes parameter filters both as `parameter_<name>` attributes and as <parameter> children.
     parameters = {**request.prefixed("parameter_"), **request.parameters}
     return InstancesList(
-        filter_id=request.optional_integer("filter_id", minimum=1),
+        filter_id=request.optional_integer("filter_id", minimum=0) or None,  # evQueue: 0 is no filter
         filter_workflow=request.optional_string("filter_workflow"),
         filter_launched_from=request.optional_datetime("filter_launched_from"),
         filter_launched_until=request.optional_datetime("filter_launched_until"),
         filter_ended_from=request.optional_datetime("filter_ended_from"),
         filter_ended_until=request.optional_datetime("filter_ended_until"),
         filter_status=None if status is None else InstanceStatus(request.choice("filter_status", _STATUSES)),
-        filter_error=request.boolean("filter_error", False) if "filter_error" in request.attributes else None,
-        filter_schedule_id=request.optional_integer("filter_schedule_id", minimum=1),
+        # A switch in evQueue: "yes" keeps the instances with errors, "no" keeps them all (not only those without).
+        filter_error=request.boolean("filter_error", False) or None,
+        filter_schedule_id=request.optional_integer("filter_schedule_id", minimum=0) or None,
+        filter_tag_id=request.optional_integer("filter_tag_id", minimum=0) or None,
+        filter_node=request.optional_string("filter_node"),
         limit=request.optional_integer("limit", default=30, minimum=0) or 0,
         offset=request.optional_integer("offset", default=0, minimum=0) or 0,
         groupby=None if groupby is None else GroupBy(request.choice("groupby", _GROUPINGS)),
