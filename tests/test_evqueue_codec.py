@@ -389,6 +389,7 @@ def decode(document: bytes) -> evqueue.Command:
         ),
         (b'<status action="query" type="workflows"/>', StatusWorkflows()),
         (b'<status action="query" type="workflows" limit="5"/>', StatusWorkflows(5)),
+        (b'<status action="query" type="workflows" limit="0"/>', StatusWorkflows()),
         (b'<status action="query" type="scheduler"/>', StatusScheduler()),
         (b'<status action="query" type="configuration"/>', StatusConfiguration()),
         (b'<statistics action="query" type="global"/>', StatisticsGlobal()),

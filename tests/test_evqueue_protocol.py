@@ -679,3 +679,18 @@ def test_instances_list_filters_mean_what_they_mean_to_evqueue(corpus_daemon: An
         start, end = row.get("start_time", ""), row.get("end_time", "")
         assert good in listed(f'filter_launched_from="{start}" filter_launched_until="{start}"')
         assert good in listed(f'filter_ended_from="{end}" filter_ended_until="{end}"')
+
+
+def test_status_workflows_with_a_limit_of_0_lists_every_running_instance(corpus_daemon: Any) -> None:
+    # evQueue's limit 0 is no limit (WorkflowInstances::SendStatus); jobd listed none.
+    seconds = b'<parameter name="seconds" value="600"/>'
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        launched = [
+            ok(client.ask(b'<instance action="launch" name="slow">%s</instance>' % seconds)).get("workflow-instance-id")
+            for _ in range(2)
+        ]
+        for limit, shown in ((b' limit="0"', launched), (b"", launched), (b' limit="1"', launched[:1])):
+            running = ok(client.ask(b'<status action="query" type="workflows"%s/>' % limit))
+            assert running.get("count") == "2" and [row.get("id") for row in running] == shown, etree.tostring(running)
+        for instance_id in launched:
+            ok(client.ask(b'<instance action="cancel" id="%s"/>' % str(instance_id).encode()))

@@ -722,7 +722,8 @@ def _instances_list(request: Request) -> InstancesList:
 def _status_query(request: Request) -> Command:
     kind = request.choice("type", ("workflows", "scheduler", "configuration"), error=UnknownType)
     if kind == "workflows":
-        return StatusWorkflows(limit=request.optional_integer("limit", minimum=0))
+        # evQueue (WorkflowInstances::SendStatus): a limit of 0 is no limit.
+        return StatusWorkflows(limit=request.optional_integer("limit", minimum=0) or None)
     return StatusScheduler() if kind == "scheduler" else StatusConfiguration()
 
 
