@@ -58,7 +58,7 @@ class Statistics:
     workflow_status_queries: int = 0
     workflow_cancel_queries: int = 0
     statistics_queries: int = 0
-    workflow_instance_launched: int = 0
+    workflow_exceptions: int = 0  # launches refused (an unknown workflow, wrong parameters, …)
     waiting_threads: int = 0  # requests waiting right now (synchronous launches, instance waits)
 
 
@@ -69,6 +69,7 @@ class EvQueue:
         self.api = api
         self.node = node or socket.gethostname()
         self.statistics = Statistics()
+        self.started = time.time()  # "since jobd started" of the counters counted in the store
 
     def greeting(self, peer: Peer) -> bytes:
         """The `<ready …>` an evQueue client waits for before it sends anything."""
@@ -289,15 +290,19 @@ def quit_(service: EvQueue, peer: Peer, command: xml.Quit) -> Result:
 
 
 def instance_launch(service: EvQueue, peer: Peer, command: xml.InstanceLaunch) -> Result:
-    instance_id = service.api.instances.launch(
-        command.name,
-        command.parameters,
-        comment=command.comment,
-        host=command.host,
-        user=command.user,
-        launched_by=peer.uid,
-    )
-    service.statistics.workflow_instance_launched += 1
+    service.statistics.workflow_queries += 1  # as evQueue counts them: every launch asked for
+    try:
+        instance_id = service.api.instances.launch(
+            command.name,
+            command.parameters,
+            comment=command.comment,
+            host=command.host,
+            user=command.user,
+            launched_by=peer.uid,
+        )
+    except JobdError:
+        service.statistics.workflow_exceptions += 1
+        raise
     if not command.synchronous:
         return once_durable(service.api.engine, service.ok({"workflow-instance-id": instance_id}))
     return _launched_and_ended(service, instance_id, command.timeout)
@@ -352,7 +357,6 @@ def instance_delete(service: EvQueue, peer: Peer, command: xml.InstanceDelete) -
 
 def instance_debugresume(service: EvQueue, peer: Peer, command: xml.InstanceDebugResume) -> Result:
     instance_id = service.api.instances.debug_resume(command.instance_id, launched_by=peer.uid)
-    service.statistics.workflow_instance_launched += 1
     return once_durable(service.api.engine, service.ok({"workflow-instance-id": instance_id}))
 
 
@@ -502,11 +506,18 @@ def statistics_global(service: EvQueue, peer: Peer, command: xml.StatisticsGloba
         ws_queries=0,
         ws_events=0,
         ws_subscriptions=0,
-        workflow_exceptions=0,
         workflow_instance_executing=len(service.api.instances.running()),
-        workflow_instance_errors=sum(1 for summary in service.api.instances.running() if summary.errors),
+        # evQueue counts every instance started, however (schedules, debug resumes, …), and every instance that
+        # ended with errors, since it started: so does jobd, from its store.
+        workflow_instance_launched=_instances_since(service, InstanceFilter(launched_from=service.started)),
+        workflow_instance_errors=_instances_since(service, InstanceFilter(ended_from=service.started, error=True)),
     )
     return service.ok(children=[xml.element("statistics", counters)])
+
+
+def _instances_since(service: EvQueue, where: InstanceFilter) -> int:
+    _, total = service.api.instances.list_instances(dataclasses.replace(where, limit=0))
+    return total
 
 
 def _evqueue_scheduler(scheduler: Scheduler) -> str:

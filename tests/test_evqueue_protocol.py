@@ -694,3 +694,27 @@ def test_status_workflows_with_a_limit_of_0_lists_every_running_instance(corpus_
             assert running.get("count") == "2" and [row.get("id") for row in running] == shown, etree.tostring(running)
         for instance_id in launched:
             ok(client.ask(b'<instance action="cancel" id="%s"/>' % str(instance_id).encode()))
+
+
+def test_global_statistics_count_launches_failures_and_instances_as_evqueue_does(corpus_daemon: Any) -> None:
+    # evQueue (Statistics.cpp): workflow_queries counts the launches asked for, workflow_exceptions those refused,
+    # workflow_instance_launched every instance started and workflow_instance_errors every instance that ended with
+    # errors, since the engine started. jobd left the first two at 0, counted only the XML launches, and counted the
+    # running instances with errors (none, once they had ended).
+    launched = corpus_daemon.call("instance.launch", {"workflow": "trivial"})  # not over XML: counted all the same
+    corpus_daemon.call("instance.wait", {"id": launched["id"], "timeout": 20}, timeout=25)
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        ok(client.ask(b'<instance action="launch" name="trivial" mode="synchronous" timeout="20"/>'))
+        ok(
+            client.ask(
+                b'<instance action="launch" name="flagged" mode="synchronous" timeout="20">'
+                b'<parameter name="flag" value="/nosuch"/></instance>'
+            )
+        )
+        ko(client.ask(b'<instance action="launch" name="nosuch"/>'), "UNKNOWN_WORKFLOW")
+        statistics = ok(client.ask(b'<statistics action="query" type="global"/>'))[0]
+    counted = {name: statistics.get(name) for name in ("workflow_queries", "workflow_exceptions")}
+    assert counted == {"workflow_queries": "3", "workflow_exceptions": "1"}, etree.tostring(statistics)
+    assert statistics.get("workflow_instance_launched") == "3", etree.tostring(statistics)
+    assert statistics.get("workflow_instance_errors") == "1", etree.tostring(statistics)
+    assert statistics.get("workflow_instance_executing") == "0", etree.tostring(statistics)
