@@ -391,6 +391,7 @@ def instances_list(service: EvQueue, peer: Peer, command: xml.InstancesList) -> 
         limit=command.limit,
         offset=command.offset,
         visible_workflows=access.glob_patterns(service.api.engine.config.access, peer, Right.READ, ObjectKind.WORKFLOW),
+        by_end=True,  # evQueue: ORDER BY workflow_instance_end DESC
     )
     if command.groupby is not None:
         return _grouped(service, where, command.groupby)

@@ -843,7 +843,8 @@ class Store:
         return [(_instance_from_row(row), bytes(row.document)) for row in query]
 
     def list_instances(self, where: InstanceFilter) -> tuple[list[InstanceSummary], int]:
-        """Newest first, with the number of instances matching regardless of limit and offset."""
+        """Newest first (or by end, `where.by_end`), with the number of instances matching regardless of limit and
+        offset."""
         query = InstanceRow.select(*(f for f in InstanceRow._meta.sorted_fields if f.name != "document"))
         conditions = []
         if where.ids:
@@ -886,7 +887,9 @@ class Store:
         for condition in conditions:
             query = query.where(condition)
         total = query.count()
-        page = query.order_by(InstanceRow.id.desc()).limit(where.limit).offset(where.offset)
+        # evQueue's order: the latest end first, instances still running (no end) last, as MySQL sorts NULLs.
+        order = (InstanceRow.ended_at.desc(), InstanceRow.id.desc()) if where.by_end else (InstanceRow.id.desc(),)
+        page = query.order_by(*order).limit(where.limit).offset(where.offset)
         return [_instance_from_row(row) for row in page], int(total)
 
     def delete_instance(self, instance_id: int) -> None:
@@ -1174,6 +1177,7 @@ class InstanceFilter:
     limit: int = 30
     offset: int = 0
     visible_workflows: tuple[str, ...] | None = None  # GLOB patterns of what a non-admin may read; None: all
+    by_end: bool = False  # latest end first, running instances last (evQueue's order); else newest first
 
 
 @dataclass(frozen=True, slots=True)

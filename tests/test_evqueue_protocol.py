@@ -718,3 +718,31 @@ def test_global_statistics_count_launches_failures_and_instances_as_evqueue_does
     assert statistics.get("workflow_instance_launched") == "3", etree.tostring(statistics)
     assert statistics.get("workflow_instance_errors") == "1", etree.tostring(statistics)
     assert statistics.get("workflow_instance_executing") == "0", etree.tostring(statistics)
+
+
+def test_instances_list_rows_come_latest_end_first_as_in_evqueue(corpus_daemon: Any) -> None:
+    # evQueue: ORDER BY workflow_instance_end DESC, so the first row is the instance that ended last (a script's
+    # "did the last run succeed?" with limit="1"), and running instances (no end) come last. jobd listed by id.
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        early = ok(
+            client.ask(b'<instance action="launch" name="slow"><parameter name="seconds" value="600"/></instance>')
+        ).get("workflow-instance-id", "")
+        late = ok(client.ask(b'<instance action="launch" name="trivial" mode="synchronous" timeout="20"/>')).get(
+            "workflow-instance-id", ""
+        )
+
+        def listed() -> list[str]:
+            return [row.get("id", "") for row in ok(client.ask(b'<instances action="list"/>'))]
+
+        assert listed() == [late, early]  # the one still running last
+        task = ok(client.ask(b'<instance action="query" id="%s"/>' % early.encode()))[0].find(".//task")
+        assert task is not None and task.get("pid"), "the slow task runs"
+        ok(
+            client.ask(
+                b'<instance action="killtask" id="%s" pid="%s"/>' % (early.encode(), task.get("pid", "").encode())
+            )
+        )
+        ok(client.ask(b'<instance action="wait" id="%s" timeout="20"/>' % early.encode()))
+        assert listed() == [early, late]  # launched first, ended last
+        first = ok(client.ask(b'<instances action="list" limit="1"/>'))
+        assert first.get("rows") == "2" and [row.get("id") for row in first] == [early]
