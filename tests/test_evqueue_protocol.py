@@ -675,6 +675,7 @@ def test_instances_list_filters_mean_what_they_mean_to_evqueue(corpus_daemon: An
         assert listed(f'filter_node="{node}"') == [bad, good]
         assert listed('filter_node="elsewhere"') == []
         assert listed('filter_tag_id="3"') == []
+        assert listed('parameter_flag="" customattribute_checks=""') == [bad, good]  # skipped when empty
         row = ok(client.ask(b'<instances action="list" filter_id="%s"/>' % good.encode()))[0]
         start, end = row.get("start_time", ""), row.get("end_time", "")
         assert good in listed(f'filter_launched_from="{start}" filter_launched_until="{start}"')

@@ -686,12 +686,16 @@ def _instance_launch(request: Request) -> InstanceLaunch:
     )
 
 
+_FILTERS: Final = ("filter_", "parameter_", "customattribute_")
+
+
 def _instances_list(request: Request) -> InstancesList:
-    # evQueue's web UI sends every filter, empty when unused: an empty filter is no filter.
+    # evQueue's web UI sends every filter, empty when unused: an empty filter is no filter. So are empty
+    # `parameter_…` and `customattribute_…` attributes, which evQueue skips (<parameter> children it does not).
     request = replace(
         request,
         attributes=MappingProxyType(
-            {key: value for key, value in request.attributes.items() if value or not key.startswith("filter_")}
+            {key: value for key, value in request.attributes.items() if value or not key.startswith(_FILTERS)}
         ),
     )
     status = request.attributes.get("filter_status")
