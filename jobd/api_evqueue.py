@@ -23,6 +23,7 @@ from lxml import etree
 from jobd import __version__, audit, safexml
 from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch, once_durable
 from jobd.engine import access
+from jobd.engine.schedule import Calendar
 from jobd.engine.submit import Peer
 from jobd.errors import InsufficientRights, JobdError, TimedOut, UnknownWorkflow
 from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
@@ -609,7 +610,8 @@ def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowS
                 "id": number,
                 "node": "any",
                 "workflow_id": workflow_ids.get(target["name"], ""),
-                "schedule": schedule["calendar"],
+                # evQueue's clients parse its sec;min;hour;day;month;wday; a calendar it cannot say goes as written.
+                "schedule": Calendar.parse(schedule["calendar"]).evqueue_text() or schedule["calendar"],
                 "onfailure": str(schedule["on_failure"]).upper(),
                 "user": "",
                 "host": "",

@@ -7,6 +7,7 @@ clients read them); every read blocks on the socket with a deadline, so a missin
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -747,3 +748,44 @@ def test_instances_list_rows_come_latest_end_first_as_in_evqueue(corpus_daemon: 
         assert listed() == [early, late]  # launched first, ended last
         first = ok(client.ask(b'<instances action="list" limit="1"/>'))
         assert first.get("rows") == "2" and [row.get("id") for row in first] == [early]
+
+
+def test_workflow_schedules_show_their_calendar_in_evqueues_format(make_daemon: Any) -> None:
+    # evQueue's clients read `schedule` as sec;min;hour;day;month;wday (its web UI parses it to show and edit it);
+    # jobd sent a cron calendar as written, which they cannot read. A calendar that format cannot say (cron's OR of
+    # day and weekday, `L`) still goes as written.
+    daemon = make_daemon(
+        """
+        [schedule.cron]
+        workflow = "trivial"
+        calendar = "30 2 1,15 */2 *"
+
+        [schedule.evqueue]
+        workflow = "trivial"
+        calendar = "0;0;3;;;1,2,3,4,5"
+
+        [schedule.last_day]
+        workflow = "trivial"
+        calendar = "0 0 L * *"
+
+        [schedule.seconds]
+        workflow = "trivial"
+        calendar = "*/20 0 12 * * sun"
+        """,
+        start=False,
+    )
+    daemon.write_workflows(trivial=(CORPUS / "trivial.xml").read_bytes())
+    daemon.start()
+    with EvqClient(daemon.evqueue_socket) as client:
+        listed = ok(client.ask(b'<workflow_schedules action="list"/>'))
+        scheduled = ok(client.ask(b'<status action="query" type="scheduler"/>'))[0]
+    calendars = {row.get("comment"): row.get("schedule") for row in listed}
+    assert calendars == {
+        "cron": "0;30;2;0,14;0,2,4,6,8,10;",
+        "evqueue": "0;0;3;;;1,2,3,4,5",
+        "last_day": "0 0 L * *",
+        "seconds": "0,20,40;0;12;;;0",
+    }
+    assert [row.get("workflow_name") for row in listed] == ["trivial"] * 4
+    assert sorted(row.get("workflow_schedule_id", "") for row in scheduled) == ["1", "2", "3", "4"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row.get("scheduled_at", "")) for row in scheduled)

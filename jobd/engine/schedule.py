@@ -101,6 +101,29 @@ class Calendar:
             raise ValueError(IMPOSSIBLE) from None
         return calendar
 
+    def evqueue_text(self) -> str | None:
+        """The calendar in evQueue's `sec;min;hour;day;month;wday` (what evQueue's clients show and parse), or None
+        when that format cannot say it: cron's `L` and `#`, or a day and a weekday both restricted, which cron ORs
+        and evQueue ANDs. An evQueue calendar is given back as written."""
+        if not self.day_or:
+            return self.text
+        parsed = croniter(self.expression, 0.0, second_at_beginning=self.seconds_first)
+        expanded: list[list[object]] = [list(field) for field in parsed.expanded]  # ints, or "*", "l"…
+        minutes, hours, days, months, weekdays = expanded[:5]
+        seconds = expanded[5] if self.seconds_first else [0]
+        if (days != ["*"] and weekdays != ["*"]) or parsed.nth_weekday_of_month:  # `5#2`: the 2nd Friday
+            return None
+        levels = []
+        for values, (_, shift) in zip((seconds, minutes, hours, days, months, weekdays), _EVQUEUE_LEVELS, strict=True):
+            numbers = [value for value in values if isinstance(value, int)]
+            if values == ["*"]:
+                levels.append("")
+            elif len(numbers) == len(values):
+                levels.append(",".join(str(number - shift) for number in sorted(set(numbers))))
+            else:  # `L` (the last day of the month) and the like
+                return None
+        return ";".join(levels)
+
     def next_after(self, after: float, timezone: str | None) -> float:
         """The first matching second strictly after `after` (Unix time), wall-clock times read in `timezone`.
 
