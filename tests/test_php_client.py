@@ -73,6 +73,7 @@ def test_php_launches_with_parameters_waits_and_reads_the_output(corpus_daemon: 
     assert (result["status"], result["errors"], result["comment"]) == ("TERMINATED", 0, "from PHP")
     said = next(task for task in result["tasks"] if task["name"] == "say")
     assert (said["status"], said["retval"], said["output"]) == ("TERMINATED", "0", "hello dear PHP\n")
+    assert result["first_queue"] == "default"  # an xpathfilter answer, read as any answer
     files = next(task for task in result["tasks"] if task["name"] == "names")
     assert files["output"] == "files: f1.txt f2.txt\n"
     # The instance the PHP client launched is the one jobd's own API reports.

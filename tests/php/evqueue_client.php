@@ -9,7 +9,8 @@
 // the login and password from the environment variables EVQUEUE_USER and EVQUEUE_PASSWORD.
 // Launches WORKFLOW with the parameters (asynchronously, then `instance wait`; or in one synchronous launch, which
 // jobd answers when the instance has ended), queries the instance and prints one JSON object: the greeting's
-// profile, the instance id, its status and errors, the output of each task, and the keep-alives skipped.
+// profile, the instance id, its status and errors, the output of each task, the keep-alives skipped, and the first
+// queue of `queuepool list` as an xpathfilter selects it.
 // Exit code 0 on success; 1 with a message on stderr when jobd answers an error or the conversation breaks.
 
 declare(strict_types=1);
@@ -239,6 +240,10 @@ try {
             'output' => $output === null ? null : $output->textContent,
         ];
     }
+    // evQueue's xpathfilter: the answer is a <response status="OK"> holding what the expression selects, checked
+    // as any answer.
+    $filtered = $client->api('queuepool', ['action' => 'list', 'xpathfilter' => '/response/queue[1]']);
+    $firstQueue = $filtered->getElementsByTagName('queue')->item(0);
     $client->quit();
     echo json_encode([
         'profile' => $client->greeting->getAttribute('profile'),
@@ -249,6 +254,7 @@ try {
         'comment' => $workflow->getAttribute('comment'),
         'tasks' => $outputs,
         'keepalives' => $client->keepalives,
+        'first_queue' => $firstQueue === null ? null : $firstQueue->getAttribute('name'),
     ], JSON_PRETTY_PRINT | JSON_UNESCAPED_SLASHES), "\n";
 } catch (EvQueueError $error) {
     fwrite(STDERR, 'evqueue_client.php: ' . $error->getMessage() . "\n");
