@@ -363,6 +363,10 @@ def decode(document: bytes) -> evqueue.Command:
         (b'<instances action="list" filter_error="yes" limit="5"/>', InstancesList(filter_error=True, limit=5)),
         (b'<instances action="list" filter_error="0" filter_id="0" filter_tag_id="0"/>', InstancesList()),
         (b'<instances action="list" filter_tag_id="3"/>', InstancesList(filter_tag_id=3)),
+        (
+            b'<instances action="list" filter_status="Executing"/>',
+            InstancesList(filter_status=InstanceStatus.EXECUTING),
+        ),
         (b'<instances action="list" parameter_a="" customattribute_b=""/>', InstancesList()),
         (b'<instances action="list" groupby="day"/>', InstancesList(groupby=GroupBy.DAY)),
         (

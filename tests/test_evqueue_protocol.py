@@ -670,6 +670,7 @@ def test_instances_list_filters_mean_what_they_mean_to_evqueue(corpus_daemon: An
 
         assert listed("") == [bad, good]
         assert listed('filter_error="yes"') == [bad]
+        assert listed('filter_status="terminated"') == [bad, good]
         assert listed('filter_error="no"') == [bad, good]
         assert listed('filter_error="0"') == [bad, good]
         assert listed('filter_id="0" filter_schedule_id="0" filter_tag_id="0"') == [bad, good]

@@ -699,6 +699,8 @@ def _instances_list(request: Request) -> InstancesList:
         ),
     )
     status = request.attributes.get("filter_status")
+    if status is not None:  # evQueue's MySQL compares it to an ENUM column, whose collation ignores case
+        request = replace(request, attributes=MappingProxyType({**request.attributes, "filter_status": status.upper()}))
     groupby = request.attributes.get("groupby") or None
     # evQueue takes parameter filters both as `parameter_<name>` attributes and as <parameter> children.
     parameters = {**request.prefixed("parameter_"), **request.parameters}
