@@ -723,7 +723,7 @@ def test_evqueue_status_scheduler_and_workflow_schedules_list(sched: Any, tmp_pa
             "id": "1",
             "node": "any",
             "workflow_id": hello_id,
-            "schedule": "0 4 * * *",
+            "schedule": "0;0;4;;;",  # in evQueue's format, which its clients read
             "onfailure": "CONTINUE",
             "user": "",
             "host": "",
