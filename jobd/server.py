@@ -58,16 +58,19 @@ MAX_SUBSCRIPTIONS = 64
 
 
 def _keepalive_interval() -> float:
-    # JOBD_EVQUEUE_KEEPALIVE_INTERVAL is for tests only (docs/evqueue-protocol.md): they cannot wait 10 s per ping.
+    # JOBD_EVQUEUE_KEEPALIVE_INTERVAL is for tests only (docs/evqueue-protocol.md): they cannot wait 5 s per ping.
     text = os.environ.get("JOBD_EVQUEUE_KEEPALIVE_INTERVAL", "")
     try:
         value = float(text)
     except ValueError:
-        return 10.0
-    return value if value > 0 else 10.0
+        return 5.0
+    return value if value > 0 else 5.0
 
 
-# Seconds between two `<ping />` written to an XML client while its request waits (evQueue's dpd.interval).
+# Seconds between two `<ping />` written to an XML client while its request waits (evQueue's dpd.interval). Half of
+# evQueue's default of 10: evQueue's PHP class gives up a read after 10 s (its stream timeout), so with pings every
+# 10 s a synchronous launch or an instance wait failed with "error reading data" whenever jobd's event loop was
+# 30 ms late (seen: the first ping at 10.010 s, the client's timeout at 10.031 s).
 EVQUEUE_KEEPALIVE_INTERVAL: Final = _keepalive_interval()
 
 # Seconds a TCP client has to log in after the challenge (evQueue's network.rcv.timeout); then it is disconnected.

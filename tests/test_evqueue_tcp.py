@@ -248,7 +248,7 @@ def test_clients_that_do_not_log_in_cannot_lock_out_the_local_sockets(make_daemo
 def test_a_client_that_closes_while_it_waits_is_dropped_at_once(make_daemon: Any) -> None:
     """A TCP peer's close reaches jobd as an end of file, as a half close would: only something written to it (its end
     answers with a reset) tells them apart. jobd writes a keep-alive at once, so the connection goes now; it stayed
-    until the next keep-alive (10 s; here, an hour), holding a place of max_connections meanwhile."""
+    until the next keep-alive (5 s; here, an hour), holding a place of max_connections meanwhile."""
     daemon: Daemon = make_daemon('[tcp]\nlisten = "127.0.0.1:0"\n' + USERS, start=False)
     daemon.write_workflows(nap=SLOW_WORKFLOW)
     daemon.env["JOBD_EVQUEUE_KEEPALIVE_INTERVAL"] = "3600"
