@@ -455,11 +455,9 @@ def parse_request(document: bytes) -> Request:
     parameters: dict[str, str] = {}
     for child in root.iterchildren("parameter"):
         name = child.get("name")
-        value = child.get("value")
+        value = child.get("value", "")  # evQueue reads it through the DOM, where a missing attribute is ""
         if name is None:
             raise MissingParameter("Missing attribute 'name' on <parameter>", parameter="name")
-        if value is None:
-            raise MissingParameter(f"Missing attribute 'value' on <parameter name='{name}'>", parameter=name)
         if name in parameters:
             raise InvalidParams(f"Parameter '{name}' is given twice", parameter=name)
         parameters[name] = value
