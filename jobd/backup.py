@@ -72,9 +72,9 @@ class Backups:
         began = time.monotonic()
         try:
             os.makedirs(self.directory, mode=BACKUP_DIR_MODE, exist_ok=True)
-            self._store.hold_file()
+            source = self._store.hold_file()
             try:
-                size = await asyncio.to_thread(copy_database, self._database, self.path, self._stopping)
+                size = await asyncio.to_thread(copy_database, source, self.path, self._stopping)
             finally:
                 self._store.release_file()
         except Stopped:
@@ -91,10 +91,11 @@ class Backups:
         return {"path": self.path, "bytes": size, "schema_version": SCHEMA_VERSION, "seconds": round(seconds, 3)}
 
 
-def copy_database(source: str, path: str, stopping: threading.Event) -> int:
-    """Copy the database file `source`, which nothing writes meanwhile, to `path` (mode 0600) by way of a partial
-    file; make the copy one self-contained file (journal mode DELETE) and check it; return its size. Runs in a
-    worker thread."""
+def copy_database(source: int, path: str, stopping: threading.Event) -> int:
+    """Copy the database file open as `source`, which nothing writes meanwhile, to `path` (mode 0600) by way of a
+    partial file; make the copy one self-contained file (journal mode DELETE) and check it; return its size. Runs in
+    a worker thread. `source` is read at explicit offsets and left open: jobd's own descriptor (Store.hold_file),
+    since closing one opened here would drop SQLite's exclusive lock on the database."""
     partial = path + ".partial"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(partial)  # left by a copy a crash cut short
@@ -121,19 +122,19 @@ def copy_database(source: str, path: str, stopping: threading.Event) -> int:
     return size
 
 
-def _copy_file(source: str, target: str, stopping: threading.Event) -> None:
+def _copy_file(source: int, target: str, stopping: threading.Event) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    with open(source, "rb") as src, open(os.open(target, flags, 0o600), "wb") as dst:
-        size = os.fstat(src.fileno()).st_size
+    with open(os.open(target, flags, 0o600), "wb") as dst:
+        size = os.fstat(source).st_size
         copied = 0
         while copied < size:
             if stopping.is_set():
                 raise Stopped
             # In the kernel, without passing the bytes through Python; unlike copy_file_range, also from one file
             # system to another (backup/ may be a mount of its own).
-            sent = os.sendfile(dst.fileno(), src.fileno(), copied, min(COPY_CHUNK, size - copied))
+            sent = os.sendfile(dst.fileno(), source, copied, min(COPY_CHUNK, size - copied))
             if sent == 0:
-                raise OSError(f"{source} ended at {copied} bytes of {size} while it was copied")
+                raise OSError(f"the database ended at {copied} bytes of {size} while it was copied")
             copied += sent
 
 

@@ -478,6 +478,7 @@ class Store:
             autoconnect=False,
         )
         self._flusher: _GroupFlusher | None = None
+        self._file: int | None = None  # Store.open: a descriptor of the database file, for copies (hold_file)
         self._audit_pending: list[AuditEntry] = []
         self._audit_timer: asyncio.TimerHandle | None = None  # the write-behind, or the next try on a full disk
         self._audit_failing = False  # the last write of entries failed: they wait for room
@@ -506,16 +507,26 @@ class Store:
         finally:
             os.close(dir_fd)
         self._flusher = _GroupFlusher(self.path + "-wal")
+        # Copies read the database file through this descriptor, open until the connection is closed. Closing any
+        # descriptor of the file, even one opened only to read it, drops every POSIX lock the process holds on it,
+        # SQLite's exclusive lock among them: another program could then open the database, and its last close
+        # checkpointed jobd's WAL and deleted it under jobd, which went on committing into the deleted file (lost
+        # at the next crash).
+        self._file = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
-    def hold_file(self) -> None:
+    def hold_file(self) -> int:
         """Put everything committed (audit entries waiting for their write too) into the database file, and leave
         that file unchanged until release_file(), so that it can be copied while jobd goes on (jobd.backup). In WAL
-        mode SQLite writes the file itself only when it checkpoints: new commits meanwhile go to the WAL alone."""
+        mode SQLite writes the file itself only when it checkpoints: new commits meanwhile go to the WAL alone.
+        Returns a descriptor of the file to read it through, at explicit offsets (os.pread, os.sendfile), from any
+        thread: never to be closed (see open)."""
+        assert self._file is not None
         self._flush_audit_or_log()
         busy, _, _ = self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:  # jobd is the database's only connection, so nothing can hold the checkpoint up
             raise StoreFailed("the database could not be checkpointed for a copy (busy)")
         self._connection.execute("PRAGMA wal_autocheckpoint = 0")
+        return self._file
 
     def release_file(self) -> None:
         self._connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
@@ -527,6 +538,9 @@ class Store:
             self._flusher.close()
         if not self.db.is_closed():
             self.db.close()
+        if self._file is not None:  # only now: closing it would have dropped SQLite's lock (see open)
+            os.close(self._file)
+            self._file = None
 
     def _migrate(self) -> None:
         version = self.db.pragma("user_version")

@@ -153,10 +153,10 @@ def test_the_database_file_is_left_alone_while_held_so_a_copy_made_meanwhile_is_
     store.open()
     try:
         _insert(store, 50)
-        store.hold_file()
+        source = store.hold_file()
         held = hashlib.sha256(database.read_bytes()).digest()
         copy = tmp_path / "copy.sqlite3"
-        copied = threading.Thread(target=copy_database, args=(str(database), str(copy), threading.Event()))
+        copied = threading.Thread(target=copy_database, args=(source, str(copy), threading.Event()))
         copied.start()
         _insert(store, 20_000)  # past WAL_AUTOCHECKPOINT pages: a checkpoint would have come without the hold
         copied.join()
@@ -179,8 +179,8 @@ def test_a_copy_given_up_because_jobd_stops_leaves_nothing_behind(tmp_path: Path
     store.close()
     stopping = threading.Event()
     stopping.set()
-    with pytest.raises(Stopped):
-        copy_database(str(database), str(tmp_path / "copy.sqlite3"), stopping)
+    with open(database, "rb") as source, pytest.raises(Stopped):
+        copy_database(source.fileno(), str(tmp_path / "copy.sqlite3"), stopping)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobd.sqlite3"]
 
 
@@ -194,3 +194,31 @@ def test_backups_asked_together_share_one_copy(make_daemon: Callable[..., Daemon
     assert isinstance(replies, list) and len(replies) == 2, replies
     first, second = (reply["result"] for reply in sorted(replies, key=lambda reply: reply["id"]))
     assert first == second and first["path"] == str(backup_path(daemon))
+
+
+def test_after_a_copy_jobd_still_holds_its_database_so_nothing_else_can_open_it_and_lose_its_commits(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """The copy read the database through a descriptor of its own and closed it: closing any descriptor of a file
+    drops every POSIX lock the process holds on it, SQLite's exclusive lock among them. Another program (sqlite3
+    run by an administrator, here this test's process) could then open the database; closing it, it checkpointed
+    jobd's WAL and deleted it, and jobd went on committing into the deleted file: a job accepted then was gone
+    after a kill -9."""
+    daemon = make_daemon(QUEUES)
+    before = daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    database = daemon.state_dir / "jobd.sqlite3"
+
+    def read_from_outside() -> None:
+        with contextlib.closing(sqlite3.connect(database, timeout=0)) as other:
+            other.execute('SELECT count(*) FROM "job"').fetchone()
+
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        read_from_outside()
+    assert ctl(daemon, "backup").code == 0
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        read_from_outside()
+    assert Path(f"{database}-wal").exists()
+    after = daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    daemon.kill9()
+    daemon.start()
+    assert [job["id"] for job in daemon.call("job.list")["jobs"]] == [after["id"], before["id"]]
