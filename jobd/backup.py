@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from typing import Any
@@ -72,6 +74,7 @@ class Backups:
         began = time.monotonic()
         try:
             os.makedirs(self.directory, mode=BACKUP_DIR_MODE, exist_ok=True)
+            _check_directory(self.directory)
             source = self._store.hold_file()
             try:
                 size = await asyncio.to_thread(copy_database, source, self.path, self._stopping)
@@ -89,6 +92,33 @@ class Backups:
         seconds = time.monotonic() - began
         log.info("the database is copied to %s (%d bytes, %.3f s)", self.path, size, seconds)
         return {"path": self.path, "bytes": size, "schema_version": SCHEMA_VERSION, "seconds": round(seconds, 3)}
+
+
+def _check_directory(directory: str) -> None:
+    """Refuse a backup directory that someone other than jobd's user could change. jobd (root) creates, opens with
+    SQLite, renames and removes files there by name: in a directory another user may write to, or reached through
+    a symlink (whose target's parents jobd does not check), that user could put a file of their own in the copy's
+    place between two of those steps (a journal SQLite would play into the copy, or another database for jobd to
+    switch to journal mode DELETE), or replace the finished copy that root would later restore. A file system
+    mounted on backup/ is a directory, not a symlink."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:  # a symlink is ENOTDIR with O_DIRECTORY, ELOOP without
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR) or not os.path.islink(directory):
+            raise
+        raise StoreFailed(
+            f"{directory} is a symbolic link: make it a directory of jobd's, or mount a file system on it to keep "
+            "the copies elsewhere"
+        ) from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise StoreFailed(
+            f"{directory} belongs to uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}: it must be jobd's "
+            f"(uid {os.geteuid()}) and writable by jobd alone, so that nobody else can change the copy"
+        )
 
 
 def copy_database(source: int, path: str, stopping: threading.Event) -> int:

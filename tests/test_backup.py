@@ -222,3 +222,36 @@ def test_after_a_copy_jobd_still_holds_its_database_so_nothing_else_can_open_it_
     daemon.kill9()
     daemon.start()
     assert [job["id"] for job in daemon.call("job.list")["jobs"]] == [after["id"], before["id"]]
+
+
+def test_a_backup_directory_someone_else_could_change_is_refused(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """jobd (root) makes, opens with SQLite, renames and removes the copy's files by name in backup/: where another
+    user may write (a symlink to their directory, or backup/ itself given to them), they could slip a file of their
+    own into one of those steps, or replace the finished copy that root later restores."""
+    daemon = make_daemon(QUEUES)
+    daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    backup = daemon.state_dir / "backup"
+    backup.symlink_to(theirs)
+    refused = ctl(daemon, "backup")
+    assert refused.code == 1, refused
+    assert f"{backup} is a symbolic link" in refused.err, refused
+    assert list(theirs.iterdir()) == []
+
+    backup.unlink()
+    backup.mkdir(mode=0o700)
+    for owner, mode in ((65534, 0o700), (0, 0o730), (0, 0o702)):
+        os.chown(backup, owner, 0)
+        os.chmod(backup, mode)
+        refused = ctl(daemon, "backup")
+        assert refused.code == 1, (owner, mode, refused)
+        assert f"{backup} belongs to uid {owner}, mode {mode:04o}" in refused.err, refused
+        assert list(backup.iterdir()) == []
+    os.chown(backup, 0, 0)
+    os.chmod(backup, 0o750)
+    assert ctl(daemon, "backup").code == 0
+    assert [path.name for path in backup.iterdir()] == ["jobd.sqlite3"]
