@@ -127,8 +127,9 @@ def copy_database(source: int, path: str, stopping: threading.Event) -> int:
     a worker thread. `source` is read at explicit offsets and left open: jobd's own descriptor (Store.hold_file),
     since closing one opened here would drop SQLite's exclusive lock on the database."""
     partial = path + ".partial"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(partial)  # left by a copy a crash cut short
+    # Left by a copy a crash cut short: the partial file, and what SQLite had beside it. A -journal is hot (a crash
+    # during the switch to journal mode DELETE leaves one): SQLite would play the old copy's pages into the new.
+    _remove(partial)
     try:
         _copy_file(source, partial, stopping)
         _make_self_contained_and_check(partial, stopping)
@@ -140,9 +141,7 @@ def copy_database(source: int, path: str, stopping: threading.Event) -> int:
             os.close(fd)
         os.rename(partial, path)
     except BaseException:
-        for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
-            with contextlib.suppress(OSError):
-                os.unlink(leftover)
+        _remove(partial, OSError)  # the first error is the one to tell
         raise
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -150,6 +149,12 @@ def copy_database(source: int, path: str, stopping: threading.Event) -> int:
     finally:
         os.close(dir_fd)
     return size
+
+
+def _remove(partial: str, ignored: type[OSError] = FileNotFoundError) -> None:
+    for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+        with contextlib.suppress(ignored):
+            os.unlink(leftover)
 
 
 def _copy_file(source: int, target: str, stopping: threading.Event) -> None:

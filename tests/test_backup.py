@@ -12,6 +12,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -255,3 +257,33 @@ def test_a_backup_directory_someone_else_could_change_is_refused(
     os.chmod(backup, 0o750)
     assert ctl(daemon, "backup").code == 0
     assert [path.name for path in backup.iterdir()] == ["jobd.sqlite3"]
+
+
+def test_a_journal_left_beside_the_partial_copy_by_a_crash_does_not_spoil_the_next_copy(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A crash while the copy is switched to journal mode DELETE leaves a hot journal beside the partial file: the
+    next copy removed the partial file but not the journal, and SQLite played the old copy's pages into the new one
+    ("database disk image is malformed", or worse, a copy that passes its check)."""
+    daemon = make_daemon(QUEUES)
+    daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    assert ctl(daemon, "backup").code == 0
+    # A hot journal of the last copy, as a process that dies in the middle of a write transaction leaves it.
+    old = tmp_path / "old.sqlite3"
+    shutil.copy(backup_path(daemon), old)
+    spill = (
+        "import os, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('PRAGMA cache_size = 1')\n"
+        "db.execute('BEGIN')\n"
+        'db.execute(\'UPDATE "job" SET "command" = hex(randomblob(3000))\')\n'
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", spill, str(old)], check=True)
+    shutil.copy(f"{old}-journal", f"{backup_path(daemon)}.partial-journal")
+    ids = [daemon.submit(command=["/bin/true"], queue="held")["id"] for _ in range(100)]
+
+    copied = ctl(daemon, "backup")
+    assert copied.code == 0, copied
+    assert _job_ids(backup_path(daemon)) == [1, *ids]
+    assert sorted(path.name for path in backup_path(daemon).parent.iterdir()) == ["jobd.sqlite3"]
