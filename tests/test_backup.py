@@ -287,3 +287,53 @@ def test_a_journal_left_beside_the_partial_copy_by_a_crash_does_not_spoil_the_ne
     assert copied.code == 0, copied
     assert _job_ids(backup_path(daemon)) == [1, *ids]
     assert sorted(path.name for path in backup_path(daemon).parent.iterdir()) == ["jobd.sqlite3"]
+
+
+SCRIPT_WORKFLOW = """<?xml version="1.0" encoding="UTF-8"?>
+<workflow>
+  <subjobs>
+    <job name="scripted">
+      <tasks>
+        <task type="SCRIPT" name="hello" queue="held">
+          <script>#!/bin/sh
+echo "the script ran"
+</script>
+        </task>
+      </tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def _restore(daemon: Daemon) -> None:
+    """README.Debian's restore: the copy in the database's place, no WAL of the other one beside it."""
+    assert daemon.stop() == 0
+    database = daemon.state_dir / "jobd.sqlite3"
+    shutil.copy(backup_path(daemon), database)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    daemon.start()
+
+
+def test_a_restored_instance_whose_script_task_had_not_run_yet_runs_its_script(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """The copy holds an instance whose SCRIPT task's job waits in its queue; the instance ended after the copy,
+    which removed its scripts. Restored, the job failed: cannot start STATE_DIR/scripts/1-3, no such file."""
+    daemon = make_daemon(QUEUES, start=False)
+    daemon.write_workflows(hello=SCRIPT_WORKFLOW)
+    daemon.start()
+    instance = daemon.call("instance.launch", {"workflow": "hello"})["id"]
+    assert ctl(daemon, "backup").code == 0
+    daemon.call("queue.resume", {"name": "held"})
+    assert daemon.call("instance.wait", {"id": instance, "timeout": 30})["errors"] == 0
+    assert list((daemon.state_dir / "scripts").iterdir()) == []
+
+    _restore(daemon)
+    daemon.call("queue.resume", {"name": "held"})
+    ended = daemon.call("instance.wait", {"id": instance, "timeout": 30})
+    document = daemon.call("instance.get", {"id": instance, "format": "xml"})["xml"]
+    assert ended["errors"] == 0, document
+    assert "the script ran" in document and "cannot start" not in document
+    assert "its script" in daemon.log() and "was missing; written again" in daemon.log()

@@ -966,6 +966,17 @@ class Instances:
                     log.error("instance=%d cannot be resumed (an error in jobd): %r", summary.id, error, exc_info=error)
                 self._end_unresumed(summary, document, now)
 
+    def _restore_script(self, live: _Live, evqid: int, job: Job) -> None:
+        """Write again the script of a task whose job has yet to run (queued, or to be tried again) if it is gone.
+        A database restored from a copy (jobctl backup) brings back instances that ended after the copy was taken,
+        and an instance's end removed its scripts: the job failed, "cannot start ...: No such file or directory"."""
+        path = os.path.join(self.scripts_dir, f"{live.summary.id}-{evqid}")
+        script = live.machine.script(evqid)
+        if script is None or job.spec.command[:1] != (path,) or os.path.lexists(path):
+            return
+        log.warning("instance=%d task %d: its script %s was missing; written again", live.summary.id, evqid, path)
+        self._write_script(live.summary.id, evqid, script)
+
     def _end_unresumed(self, summary: InstanceSummary, document: bytes, now: float) -> None:
         self.store.save_instance(summary.id, str(InstanceStatus.TERMINATED), summary.errors + 1, now, (), document)
         self._remove_scripts(summary.id)  # as at any instance's end: nothing runs them any more
@@ -995,6 +1006,7 @@ class Instances:
                 heapq.heappush(replay, (job.finished_at or 0.0, job.id, task.evqid))
             else:
                 live.jobs[task.evqid] = job.id
+                self._restore_script(live, task.evqid, job)
                 self.engine.watch(job.id, _TaskWatcher(self, summary.id, task.evqid))
                 if job.state is JobState.RUNNING and task.status is NodeStatus.QUEUED:
                     actions += machine.task_started(task.evqid, job.id, now)

@@ -400,6 +400,15 @@ class Instance:
         node = self._find(evqid)
         return node if node is not None and node.tag == "task" else None
 
+    def script(self, evqid: int) -> str | None:
+        """The script a SCRIPT task's job runs, as evaluated when the task was queued (its element keeps it), or
+        None for a task of another kind."""
+        task = self.task(evqid)
+        if task is None or task.get("task") is not None or task.get("type") != "SCRIPT":
+            return None
+        element = task.find("script")
+        return node_string(element) if element is not None else ""
+
     def to_xml(self) -> bytes:
         return etree.tostring(self.root, encoding="utf-8")
 
