@@ -781,7 +781,9 @@ def positive_seconds(text: str) -> float:
 # calls jobctl should hear so rather than hang (systemctl gives its D-Bus calls 25 s on the same reasoning).
 REPLY_TIMEOUT = 60.0
 REPLY_TIMEOUT_VARIABLE = "JOBCTL_REPLY_TIMEOUT"  # seconds; 0: wait as long as it takes
-WAITING_METHODS = frozenset({"job.wait", "instance.wait", "job.cancel"})
+# Answered when what they wait for is done, however long that takes (daemon.backup: the copy and its check take
+# seconds per GB on a fast disk, minutes for a large database on a slow one).
+WAITING_METHODS = frozenset({"job.wait", "instance.wait", "job.cancel", "daemon.backup"})
 
 
 class NoReply(Exception):

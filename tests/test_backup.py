@@ -337,3 +337,15 @@ def test_a_restored_instance_whose_script_task_had_not_run_yet_runs_its_script(
     assert ended["errors"] == 0, document
     assert "the script ran" in document and "cannot start" not in document
     assert "its script" in daemon.log() and "was missing; written again" in daemon.log()
+
+
+def test_jobctl_backup_waits_for_the_copy_however_long_it_takes(make_daemon: Callable[..., Daemon]) -> None:
+    """jobctl gave every request but the waiting ones JOBCTL_REPLY_TIMEOUT (60 s): a copy of a large database on a
+    slow disk takes longer, and `jobctl backup && cp ...` (README.Debian) failed, exit 3, "is jobd stuck?", while
+    jobd went on copying. A reply timeout that no reply can meet stands for a copy that takes longer than it."""
+    daemon = make_daemon(QUEUES)
+    copied = ctl(daemon, "backup", env={"JOBCTL_REPLY_TIMEOUT": "0.000001"})
+    assert copied.code == 0, copied
+    assert copied.out.startswith(f"copied the database to {backup_path(daemon)} ("), copied
+    refused = ctl(daemon, "status", env={"JOBCTL_REPLY_TIMEOUT": "0.000001"})
+    assert refused.code == 3 and "gave no reply to daemon.status" in refused.err, refused
