@@ -23,8 +23,9 @@ PER_JOB_SLOT = 8
 # callbacks.
 HTTP_CLIENT_CONNECTIONS = 2 * 100
 # The database, its WAL and shared memory, the listeners, epoll sets, inotify, the timerfd, the log, the state
-# lock, the signal wake-up pair, /dev/null for a job's stdin, TCP clients still logging in (server.LOGINS_UNDER_WAY).
-RESERVED = 96
+# lock, the signal wake-up pair, /dev/null for a job's stdin, TCP clients still logging in (server.LOGINS_UNDER_WAY),
+# refused clients lingering (server.REFUSED_LINGERING).
+RESERVED = 128
 
 
 @dataclass(frozen=True, slots=True)

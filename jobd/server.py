@@ -46,6 +46,12 @@ from jobd.store import store_failure
 log = logging.getLogger("jobd.server")
 
 LINGER_SECONDS = 5.0  # how long a connection ended by an oversized frame keeps swallowing its input
+# Clients refused (max_connections) that linger at once; past this many, a refused client is closed as soon as its
+# refusal is written. Each holds one of jobd's descriptors while it lingers, and a burst of clients (a web server's
+# workers all connecting at once) refused faster than LINGER_SECONDS let go of them ran jobd out of descriptors:
+# then no client was accepted, no job's output file opened and no job started. A client closed at once still reads
+# the refusal; only what it reads after that is a reset rather than an end of file.
+REFUSED_LINGERING = 32
 STOP_ANSWER_SECONDS = 1.0  # at a stop, the most the last answers may take to be written (a turn of the loop or two)
 MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; events: cut the subscriber off
 # Requests that wait (job.wait, job.output with wait, instance.wait, ...) one connection may have pending; past
@@ -111,6 +117,8 @@ class Server:
         # in which the last answers were written), and fail there (found under load).
         self.closing = False
         self.logging_in: set[TcpXmlConnection] = set()  # TCP clients before their login: not in `connections`
+        # Refused clients lingering (_lingering_close): at most REFUSED_LINGERING, not in `connections`.
+        self.refused_lingering: set[Connection | XmlConnection] = set()
 
     async def bind(self) -> None:
         """Create the listening sockets; clients are taken only from `start_serving()` on."""
@@ -230,6 +238,16 @@ class Server:
                 limit=LOGINS_UNDER_WAY_PER_ADDRESS,
             )
         return None
+
+    def may_linger(self, connection: Connection | XmlConnection) -> bool:
+        """Whether a connection ending in a lingering close may linger: one counted in `connections` always (they
+        are bounded by max_connections), a refused one while fewer than REFUSED_LINGERING do."""
+        if connection in self.connections or connection in self.logging_in:
+            return True
+        if len(self.refused_lingering) >= REFUSED_LINGERING:
+            return False
+        self.refused_lingering.add(connection)
+        return True
 
     def refusal(self) -> TooManyConnections | None:
         """The error for a new client when `[daemon] max_connections` are connected (both sockets together)."""
@@ -398,6 +416,7 @@ class Connection(asyncio.Protocol):
         if exc is not None:  # the client went away mid-request: its business, not an error of ours
             log.debug("connection from pid %d ended: %s", self.peer.pid, exc)
         self.server.connections.discard(self)
+        self.server.refused_lingering.discard(self)
         if self._watched_fd is not None:
             self.server.forget_hangup(self._watched_fd)
         for unsubscribe in self._unsubscribe:
@@ -566,6 +585,9 @@ class Connection(asyncio.Protocol):
         if self._linger is not None:
             if self._input_ended:  # the client closed its side while we lingered: nothing is left to swallow
                 self.transport.close()
+            return
+        if not self.server.may_linger(self):  # the replies are written first; the client reads them, then a reset
+            self.transport.close()
             return
         if self.transport.can_write_eof():
             try:
@@ -773,6 +795,7 @@ class XmlConnection(asyncio.Protocol):
         if exc is not None:
             log.debug("evQueue connection from pid %d ended: %s", self.peer.pid, exc)
         self.server.connections.discard(self)
+        self.server.refused_lingering.discard(self)
         if self._watched_fd is not None:
             self.server.forget_hangup(self._watched_fd)
             self._watched_fd = None
@@ -887,6 +910,9 @@ class XmlConnection(asyncio.Protocol):
         """Close after the answers already written reach the client: end our side, swallow its input a while
         (closing a Unix socket with unread input resets it and the client may lose the answers)."""
         if self._linger is not None or self.transport.is_closing():
+            return
+        if not self.server.may_linger(self):  # the answers are written first; the client reads them, then a reset
+            self.transport.close()
             return
         if self.transport.can_write_eof():
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from lxml import etree
 from jobd.client import Client, RemoteError
 from jobd.protocol import jsonrpc
 from jobd.protocol.evqueue import XmlFramer
+from jobd.server import REFUSED_LINGERING
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -413,6 +415,27 @@ def test_clients_over_max_connections_are_refused_clearly_on_both_sockets(make_d
     # Their slots are free again: the connections that count are the ones jobd still has.
     _ping_json(daemon.socket_path)
     _ping_xml(daemon.evqueue_socket)
+
+
+def test_a_burst_of_refused_clients_does_not_take_jobds_descriptors(make_daemon: Any) -> None:
+    # Each refused client lingered 5 s, holding a descriptor, however many there were: a burst (a web server's
+    # workers connecting at once) refused faster than that ran jobd out of descriptors, and then it accepted no
+    # client, opened no job's output file and started no job. At most server.REFUSED_LINGERING linger now.
+    daemon = make_daemon(CONFIG, daemon_extra="max_connections = 1")
+    with contextlib.ExitStack() as held:
+        first = held.enter_context(_connect(daemon.socket_path))
+        first.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+        assert json.loads(first.recv(1 << 16))["result"]["pong"] is True
+        before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+        for number in range(400):  # each told at once, and its connection kept open by the client
+            sock = held.enter_context(_connect(daemon.socket_path if number % 2 else daemon.evqueue_socket))
+            assert b"TOO_MANY_CONNECTIONS" in sock.recv(1 << 16)
+        # The last few may still be closing (their refusal written, their close in jobd's next turn).
+        held_by_jobd = len(os.listdir(f"/proc/{daemon.pid}/fd")) - before
+        assert held_by_jobd <= REFUSED_LINGERING + 8, f"jobd holds {held_by_jobd} descriptors for 400 refused clients"
+        # The client that was accepted is served as before.
+        first.sendall(b'{"jsonrpc":"2.0","id":2,"method":"ping"}\n')
+        assert json.loads(first.recv(1 << 16))["result"]["pong"] is True
 
 
 # -- slow clients ----------------------------------------------------------------------------------------------------
