@@ -478,7 +478,7 @@ class Store:
             autoconnect=False,
         )
         self._flusher: _GroupFlusher | None = None
-        self._file: int | None = None  # Store.open: a descriptor of the database file, for copies (hold_file)
+        self._file: int | None = None  # Store.open: the database file, for copies (hold_file) and _check_file
         self._audit_pending: list[AuditEntry] = []
         self._audit_timer: asyncio.TimerHandle | None = None  # the write-behind, or the next try on a full disk
         self._audit_failing = False  # the last write of entries failed: they wait for room
@@ -507,12 +507,24 @@ class Store:
         finally:
             os.close(dir_fd)
         self._flusher = _GroupFlusher(self.path + "-wal")
-        # Copies read the database file through this descriptor, open until the connection is closed. Closing any
+        # The file as opened, open until the connection is closed. Copies read the database through it. Closing any
         # descriptor of the file, even one opened only to read it, drops every POSIX lock the process holds on it,
         # SQLite's exclusive lock among them: another program could then open the database, and its last close
         # checkpointed jobd's WAL and deleted it under jobd, which went on committing into the deleted file (lost
-        # at the next crash).
+        # at the next crash). And each write looks at it first (_check_file): deleted while jobd runs (the state
+        # directory removed by hand or by a cleaning tool), SQLite goes on writing into the deleted file without a
+        # word, and every commit would be answered as saved while all of it vanished at the next start.
         self._file = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _check_file(self) -> None:
+        """Refuse a write to a database file that no longer has a name (deleted, or replaced by another file):
+        what it would save is gone at the next start. An OperationalError, as SQLite's own refusals are, so every
+        caller answers STORE_FAILED and tries again as on a full disk."""
+        if self._file is not None and os.fstat(self._file).st_nlink == 0:
+            raise sqlite3.OperationalError(
+                f"its file {self.path} was deleted while jobd ran: nothing can be saved any more; restart jobd, which "
+                "makes a new, empty database (the jobs it held are gone with the file)"
+            )
 
     def hold_file(self) -> int:
         """Put everything committed (audit entries waiting for their write too) into the database file, and leave
@@ -600,6 +612,7 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._check_file()
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -620,6 +633,7 @@ class Store:
         if len(specs) == 1 and specs[0].key is None:
             # One INSERT is a transaction of its own in autocommit mode: no BEGIN and COMMIT round trips.
             job_id = last_id + 1
+            self._check_file()
             self._connection.execute(
                 _INSERT_JOB, (job_id, *_spec_values(specs[0]), str(states[0]), now, run_ats[0], 0, 0)
             )
@@ -654,11 +668,13 @@ class Store:
 
     def record_cancel_request(self, attempt: Attempt) -> None:
         """Remember that a running attempt is being cancelled, before its process is signalled."""
+        self._check_file()
         self._connection.execute(_UPDATE_ATTEMPT_CANCEL, (attempt.job_id, attempt.number))
 
     def record_process(self, attempt: Attempt) -> None:
         """Remember which process runs an attempt, so a restart after a crash can find and stop it."""
         # One statement: in autocommit mode it is a transaction of its own, without BEGIN and COMMIT calls.
+        self._check_file()
         self._connection.execute(
             _UPDATE_ATTEMPT_PROCESS, (attempt.pid, attempt.pid_start, attempt.job_id, attempt.number)
         )
@@ -981,6 +997,7 @@ class Store:
         # Ids are handed out by jobd, as for jobs: SQLite would give the next entry 1 again once retention had taken
         # them all, and a client paging the log with `before` would skip the new ones.
         entry_id = self._last_id["audit"] + 1
+        self._check_file()
         self._connection.execute(_INSERT_AUDIT, (entry_id, *_audit_values(entry)))
         self._last_id["audit"] = entry_id
         self.audit_written()

@@ -844,6 +844,27 @@ def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
     assert {q["name"]: q["paused"] for q in daemon.call("queue.list")["queues"]}["default"] is True
 
 
+def test_writes_after_the_database_file_was_deleted_are_refused_not_answered_as_saved(
+    jobd: Callable[..., Daemon],
+) -> None:
+    # SQLite goes on writing into a deleted file: with the state directory removed under a running jobd (by hand, by
+    # a cleaning tool), every submit was answered as accepted while none of them existed after the next start.
+    daemon = jobd("[queue.default]\nconcurrency = 1\n")
+    first = daemon.submit(command=["/bin/echo", "before"])["id"]
+    assert daemon.wait(first)["state"] == "succeeded"
+    shutil.rmtree(daemon.state_dir)
+    with pytest.raises(RemoteError) as info:
+        daemon.submit(command=["/bin/echo", "after"])
+    assert info.value.code == "STORE_FAILED", info.value
+    assert f"its file {daemon.state_dir / 'jobd.sqlite3'} was deleted while jobd ran" in info.value.message
+    assert "restart jobd" in info.value.message
+    assert daemon.call("job.get", {"id": first})["state"] == "succeeded"  # what it holds can still be read
+    assert terminate(daemon) == 0
+    # The next start makes a new database: the job the refused submit would have added is not in it, as it said.
+    start(daemon)
+    assert daemon.call("job.list")["jobs"] == []
+
+
 def test_a_delay_that_ends_on_a_full_database_disk_waits_for_room(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:
