@@ -34,6 +34,7 @@ from jobd.engine.http_task import load_aiohttp
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
 from jobd.errors import ConfigError, ShuttingDown, StartupError
+from jobd.eventloop import EventLoop
 from jobd.model import Config, iso
 from jobd.server import Server
 from jobd.store import DATABASE_ERRORS, Store, startup_failure
@@ -603,7 +604,8 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
         await Daemon(dirs, initial, passed, watchdog, early_signals, config_dir=config_dir, watcher=watcher).run()
 
     try:
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=EventLoop) as runner:  # what asyncio.run() does, on jobd's loop
+            runner.run(run())
     except StartupError as error:
         log.error("not starting: %s", error)
         return EXIT_CONFIG if error.permanent else 1

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from harness import REPO, Daemon
+from recovery.support import WAIT, wait_for_log
 
 from jobd import config, openfiles
 from jobd.client import Client, RemoteError
@@ -274,6 +275,33 @@ def test_running_out_of_file_descriptors_delays_jobs_instead_of_failing_them(mak
     assert states == ["succeeded"] * 20
     assert any(t["outcome"] == "spawn_error" for job_tries in tries for t in job_tries), "the limit was never hit"
     assert "Too many open files" in daemon.log()
+
+
+def test_clients_that_cannot_be_accepted_for_want_of_descriptors_are_logged_once(make_daemon: Any) -> None:
+    # asyncio went on calling accept() a hundred times a turn after EMFILE, logging each failure with its traceback
+    # and arming a timer for each, each of which failed a hundred times more: the log grew by a hundred tracebacks
+    # more every second for as long as the shortage lasted (jobd.eventloop).
+    daemon: Daemon = make_daemon(QUEUE)
+    soft_before = _soft_limit_on_open_files(daemon.pid)
+    # No descriptor number left below the limit, once the few gaps below the highest are taken by clients.
+    highest = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd"))
+    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={highest + 1}:"], check=True)
+    with contextlib.ExitStack() as held:
+        clients = []
+        for _ in range(40):  # within the listen backlog: each connect() returns at once, accepted or not
+            sock = held.enter_context(socket.socket(socket.AF_UNIX))
+            sock.settimeout(WAIT)
+            sock.connect(str(daemon.socket_path))
+            sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+            clients.append(sock)
+        wait_for_log(daemon, f"cannot accept clients on {daemon.socket_path}: Too many open files")
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
+        for sock in clients:  # all of them answered: those that waited are accepted once there are descriptors
+            assert json.loads(sock.recv(1 << 16))["result"]["pong"] is True
+    wait_for_log(daemon, f"accepting clients on {daemon.socket_path} again")
+    log = daemon.log()
+    assert log.count("cannot accept clients") == 1, log
+    assert "out of system resource" not in log and "Traceback" not in log, log
 
 
 def _soft_limit_on_open_files(pid: int) -> int:
