@@ -28,7 +28,7 @@ from jobd.engine.submit import Peer
 from jobd.errors import InsufficientRights, JobdError, TimedOut, UnknownWorkflow
 from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
 from jobd.protocol import evqueue as xml
-from jobd.store import InstanceFilter, store_failure
+from jobd.store import InstanceFilter, refused_request
 
 log = logging.getLogger("jobd.evqueue")
 
@@ -142,8 +142,7 @@ class EvQueue:
             self.statistics.waiting_threads -= 1
 
     def _internal_error(self, failure: Exception) -> bytes:
-        if (store_failed := store_failure(failure)) is not None:
-            log.error("evQueue request: %s", store_failed.message)
+        if (store_failed := refused_request("evQueue request", failure)) is not None:
             return self.error(store_failed)
         log.error("internal error answering an evQueue request", exc_info=failure)
         return self.error(JobdError(f"internal error: {type(failure).__name__}: {failure}"))

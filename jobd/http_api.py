@@ -61,7 +61,7 @@ from jobd.model import (
 )
 from jobd.protocol.jsonrpc import encode_text
 from jobd.server import bind_unix
-from jobd.store import store_failure
+from jobd.store import refused_request
 
 log = logging.getLogger("jobd.http")
 
@@ -326,9 +326,8 @@ class HttpApi:
         except JobdError as failure:
             return _failure(failure)
         except Exception as failure:
-            if (store_failed := store_failure(failure)) is None:
+            if (store_failed := refused_request(f"{request.method} {request.path}", failure)) is None:
                 raise  # a bug: aiohttp logs it and answers 500
-            log.error("%s %s: %s", request.method, request.path, store_failed.message)
             return _failure(store_failed)
         finally:
             self.active -= 1

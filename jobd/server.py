@@ -41,7 +41,7 @@ from jobd.errors import (
 )
 from jobd.linux import peer_credentials
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
-from jobd.store import store_failure
+from jobd.store import refused_request
 
 log = logging.getLogger("jobd.server")
 
@@ -654,8 +654,7 @@ Reply = dict[str, Any] | None
 
 
 def _failure_reply(member: jsonrpc.Request, failure: Exception) -> Reply:
-    if (store_failed := store_failure(failure)) is not None:
-        log.error("%s: %s", member.method, store_failed.message)
+    if (store_failed := refused_request(member.method, failure)) is not None:
         failure = store_failed
     if isinstance(failure, JobdError):
         reply = jsonrpc.error(member.id, failure)

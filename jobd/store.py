@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -1420,6 +1421,34 @@ def store_failure(failure: Exception) -> StoreFailed | None:
         # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.
         return StoreFailed(f"jobd's database is damaged ({failure}): restore it from a backup")
     return StoreFailed(f"jobd could not write its database ({failure})")
+
+
+# A request refused for the database's trouble is logged once for each request name and trouble, then at most once
+# in this many seconds, saying how many more were refused the same way meanwhile: clients that go on submitting on a
+# full disk are refused thousands of times a second, and journald, past its rate limit (by default 10,000 lines in
+# 30 s), drops jobd's other lines, the one saying the trouble has ended among them.
+REFUSALS_LOGGED_EVERY = 60.0
+_refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (request, message): when last logged, refused since
+
+
+def refused_request(what: str, failure: Exception) -> StoreFailed | None:
+    """store_failure(failure), for a request (`what`: its name) that failed on the database, logged as said above;
+    None, and nothing logged, for any other failure."""
+    failed = store_failure(failure)
+    if failed is None:
+        return None
+    key = (what, failed.message)
+    now = time.monotonic()
+    last = _refusals.get(key)
+    if last is not None and now - last[0] < REFUSALS_LOGGED_EVERY:
+        _refusals[key] = (last[0], last[1] + 1)
+        return failed
+    more = f" ({last[1]} more refused so in the last {now - last[0]:.0f} s)" if last is not None and last[1] else ""
+    log.error("%s: %s%s", what, failed.message, more)
+    if len(_refusals) >= 1000:  # request names and SQLite's messages are few; this only bounds the unforeseen
+        _refusals.clear()
+    _refusals[key] = (now, 0)
+    return failed
 
 
 def startup_failure(failure: Exception) -> tuple[str, bool]:

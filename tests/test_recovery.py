@@ -844,6 +844,26 @@ def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
     assert {q["name"]: q["paused"] for q in daemon.call("queue.list")["queues"]}["default"] is True
 
 
+def test_requests_refused_on_a_full_database_disk_are_logged_once_not_each(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # Each refusal was one ERROR line: clients that go on submitting on a full disk made thousands a second, and
+    # journald, past its rate limit, dropped jobd's other lines (the one saying the disk takes writes again among them).
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    filler = exhaust(daemon, small_state_disk)  # its last submit was refused
+    with daemon.client() as client:
+        for _ in range(50):
+            with pytest.raises(RemoteError) as info:
+                client.call("job.submit", {"command": ["/bin/true"]})
+            assert info.value.code == "STORE_FAILED"
+    _refused_for_a_full_disk(daemon, "queue.pause", {"name": "default"})  # another request: said once too
+    log = daemon.log()
+    assert log.count("job.submit: jobd could not write its database (database or disk is full)") == 1, log
+    assert log.count("queue.pause: jobd could not write its database (database or disk is full)") == 1, log
+    filler.unlink()
+    assert daemon.wait(daemon.submit(command=["/bin/true"])["id"])["state"] == "succeeded"
+
+
 def test_writes_after_the_database_file_was_deleted_are_refused_not_answered_as_saved(
     jobd: Callable[..., Daemon],
 ) -> None:
