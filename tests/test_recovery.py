@@ -885,6 +885,41 @@ def test_writes_after_the_database_file_was_deleted_are_refused_not_answered_as_
     assert daemon.call("job.list")["jobs"] == []
 
 
+def test_a_callback_try_ended_on_a_full_database_disk_is_recorded_and_retried_once_there_is_room(
+    jobd: Callable[..., Daemon], small_state_disk: Path, tmp_path: Path
+) -> None:
+    # The record of a callback's try raised out of its delivery task when the store refused it: the delivery was
+    # neither recorded nor tried again in this run of jobd ("Task exception was never retrieved" in the log).
+    daemon = jobd("[queue.default]\nconcurrency = 1\n[queue.held]\nconcurrency = 1\npaused = true\n")
+    assert daemon.state_dir == small_state_disk
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    os.mkfifo(started)
+    os.mkfifo(gate)
+    # Each try says its number, then waits for the gate, then fails.
+    script = f'echo "$JOBD_CALLBACK_TRY" > {started}; read x < {gate}; exit 1'
+    job = daemon.submit(command=["/bin/true"], callbacks={"on_finish": [{"exec": ["/bin/sh", "-c", script]}]})["id"]
+    with open(started) as told:
+        assert told.read() == "1\n"
+    filler = exhaust(daemon, small_state_disk)
+    with open(gate, "w") as opened:
+        opened.write("go\n")  # the first try fails now, on a full disk
+    wait_for_log(daemon, f"job={job} on_finish callback")
+    wait_for_log(daemon, "cannot record its try 1")
+    filler.unlink()
+    reader = os.open(started, os.O_RDONLY | os.O_NONBLOCK)  # a deadline for the second try, rather than a hang
+    try:
+        assert select.select([reader], [], [], 30)[0], "the callback was not tried again"
+        assert os.read(reader, 100) == b"2\n"
+    finally:
+        os.close(reader)
+    with open(gate, "w") as opened:
+        opened.write("go\n")
+    assert terminate(daemon) == 0
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as db:
+        assert db.execute("SELECT tries, state FROM callback").fetchall() == [(2, "pending")]
+    assert "Traceback" not in daemon.log() and "never retrieved" not in daemon.log()
+
+
 def test_a_delay_that_ends_on_a_full_database_disk_waits_for_room(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:

@@ -26,7 +26,7 @@ from jobd.engine.http_task import JOB_ID
 from jobd.errors import UnknownJob
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
-from jobd.store import CallbackDelivery, Store
+from jobd.store import STORE_RETRY_SECONDS, CallbackDelivery, Store, store_failure
 
 if TYPE_CHECKING:
     import aiohttp
@@ -200,7 +200,7 @@ class Callbacks:
         if job is None:  # retention keeps a job until its deliveries are done: gone by other means
             delivery = _replace(delivery, state="failed", next_try_at=None, last_error="the job is gone")
             log.warning("%s given up: the job is gone from the history", what)
-            self.store.record_callback_try(delivery)
+            self._record(delivery, what)
             return
         summary = self._summary(job)
         error: str | None
@@ -227,7 +227,34 @@ class Callbacks:
             delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (tries - 1))
             delivery = _replace(delivery, tries=tries, next_try_at=now + delay, last_error=error)
             log.info("%s: try %d failed (%s); next in %gs", what, tries, error, delay)
-        job_may_expire = self.store.record_callback_try(delivery)
+        self._record(delivery, what)
+
+    def _record(self, delivery: CallbackDelivery, what: str, *, again: bool = False) -> None:
+        """Record a try, then arm the next one or let the job expire. A record the store refuses (a full disk) is
+        tried again every STORE_RETRY_SECONDS, the delivery waiting meanwhile; should jobd stop first, the delivery
+        stays as last recorded and is tried again at the next start (at least once)."""
+        self._timers.pop(delivery.id, None)
+        try:
+            job_may_expire = self.store.record_callback_try(delivery)
+        except Exception as error:
+            if store_failure(error) is None:
+                raise  # a bug, with its traceback
+            if not again:  # said once, not at every retry
+                log.error(
+                    "%s: cannot record its try %d: %s; trying again every %gs",
+                    what,
+                    delivery.tries,
+                    error,
+                    STORE_RETRY_SECONDS,
+                )
+            if not self._closing:
+                loop = asyncio.get_running_loop()
+                self._timers[delivery.id] = loop.call_later(
+                    STORE_RETRY_SECONDS, lambda: self._record(delivery, what, again=True)
+                )
+            return
+        if again:
+            log.info("%s: its try %d is recorded", what, delivery.tries)
         if delivery.state == "pending":
             if not self._closing:
                 self._arm(delivery)
