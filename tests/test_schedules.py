@@ -768,6 +768,32 @@ def test_a_full_database_disk_does_not_stop_the_schedules(sched: Any, small_stat
         next_state(events, "succeeded", "schedule:tick")
 
 
+def test_a_reload_that_removes_a_schedule_on_a_full_database_disk_is_applied_whole(
+    sched: Any, small_state_disk: Path
+) -> None:
+    # Forgetting the removed schedule's state was a write that raised out of the reload when the store refused it:
+    # the reload stopped halfway (the queues and workflows had the new configuration, the schedules neither the old
+    # one nor the new) with a traceback, and the schedule added by the same edit never came.
+    held = "[queue.held]\nconcurrency = 1\npaused = true\n"
+    daemon = sched(held + schedule("gone", "task:true", "0 0 1 1 *"))
+    assert daemon.state_dir == small_state_disk
+    run = daemon.call("schedule.trigger", {"name": "gone"})["run_id"]
+    assert daemon.wait(run)["state"] == "succeeded"  # its run's end is in its saved state
+    filler = fill(small_state_disk)
+    for _ in range(10_000):  # until the WAL has no room left either: then every write fails
+        try:
+            daemon.submit(command=["/bin/true"], queue="held")
+        except RemoteError as error:
+            assert error.code == "STORE_FAILED", error
+            break
+    rewrite(daemon, held + schedule("added", "task:true", "0 0 1 1 *"))
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert [s["name"] for s in daemon.call("schedule.list")["schedules"]] == ["added"]
+    wait_for_log(daemon, "schedule gone: its state is not forgotten: database or disk is full")
+    assert "Traceback" not in daemon.log()
+    filler.unlink()
+
+
 def test_the_jobs_of_a_task_schedule_expire_by_the_history_rules(make_daemon: Any) -> None:
     """A finished job is held in the history while a workflow instance that watched it has not saved its end. A task
     schedule watches its runs' jobs too, and never released them: with keep_last = 0 they stayed for good."""

@@ -300,7 +300,7 @@ class Scheduler:
                 self._save(kept)
             return
         log.info("schedule %s was removed from the configuration: its state is forgotten", name)
-        self.store.forget_schedule(name)
+        self._forget(name)
 
     def _ended_while_down(self, schedule: _Schedule, result: str) -> None:
         """Record the result of a run that ended while jobd was down (or stopping), as _run_ended would have."""
@@ -613,7 +613,7 @@ class Scheduler:
                 # takes it, as one added back by a reload does (self._removed).
                 self._save(kept)
             else:
-                self.store.forget_schedule(name)
+                self._forget(name)
             if removed.runs:
                 self._removed[name] = _Removed(kept, removed.runs)
         for name in sorted(config.schedules):
