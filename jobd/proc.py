@@ -165,12 +165,31 @@ class _LazyFile:
     def failed(self, error: OSError) -> None:
         if self.error is None:
             self.error = f"cannot write {self.path}: {error.strerror}"
-            log.error("%s; what the job writes there from now on is dropped", self.error)
+            _log_output_failure(self.error, error.strerror or str(error))
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+# A file that cannot be written is said once, but on a full disk every job that prints fails alike, two streams each,
+# and at hundreds of jobs a second journald, past its rate limit, dropped jobd's other lines. So the first failure of
+# each cause is logged, then at most one line in this many seconds saying how many more there were. Each attempt still
+# records which of its streams lost bytes (job.output's truncated, jobctl log).
+OUTPUT_FAILURES_LOGGED_EVERY = 60.0
+_output_failures: dict[str, tuple[float, int]] = {}  # cause (strerror): when last logged, failures since
+
+
+def _log_output_failure(message: str, cause: str) -> None:
+    now = time.monotonic()
+    last = _output_failures.get(cause)
+    if last is not None and now - last[0] < OUTPUT_FAILURES_LOGGED_EVERY:
+        _output_failures[cause] = (last[0], last[1] + 1)
+        return
+    more = f" ({last[1]} more output files failed so in the last {now - last[0]:.0f} s)" if last and last[1] else ""
+    log.error("%s; what the job writes there from now on is dropped%s", message, more)
+    _output_failures[cause] = (now, 0)
 
 
 class _OutputSink:

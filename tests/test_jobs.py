@@ -956,6 +956,20 @@ def test_a_job_is_given_its_own_descriptors_and_nothing_of_jobd(make_daemon: Any
             client.call("job.cancel", {"id": job["id"]}, timeout=KILL_GRACE + 10)
 
 
+def test_output_files_that_cannot_be_written_are_logged_once_not_each(make_daemon: Any, full_output_disk: Path) -> None:
+    # Each stream of each job that printed on a full disk was an ERROR line: at hundreds of jobs a second, journald
+    # dropped jobd's other lines past its rate limit. Each attempt still says which of its streams lost bytes.
+    daemon = make_daemon("[queue.default]\nconcurrency = 1\n")
+    assert daemon.state_dir / "output" == full_output_disk
+    filled = daemon.submit(command=["/bin/sh", "-c", "head -c 1000000 /dev/zero"])["id"]
+    jobs = [filled] + [daemon.submit(command=["/bin/sh", "-c", "echo out; echo err >&2"])["id"] for _ in range(5)]
+    for job in jobs:
+        assert daemon.wait(job)["state"] == "succeeded"
+        assert daemon.call("job.get", {"id": job})["tries"][0]["truncated"] is True
+        assert daemon.call("job.output", {"id": job})["truncated"] is True
+    assert daemon.log().count("cannot write") == 1, daemon.log()
+
+
 def test_a_full_disk_drops_output_but_not_the_job(make_daemon: Any, full_output_disk: Path) -> None:
     """ENOSPC on an output file: the job runs to its end, the attempt says its output is truncated, jobd lives."""
     daemon = make_daemon("[queue.default]\nconcurrency = 1\n")
