@@ -477,6 +477,8 @@ def stdin_params(data: bytes) -> dict[str, str]:
 Instance = dict[str, Any]
 INSTANCE_EXECUTING = "EXECUTING"
 INSTANCE_TERMINATED = "TERMINATED"
+INSTANCE_ABORTED = "ABORTED"
+INSTANCE_SKIPPED = "SKIPPED"
 
 
 def instance_exit_code(instance: Instance) -> int:
@@ -578,20 +580,40 @@ def tree_tasks(jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return tasks
 
 
-def render_instance_progress(instance: Instance, width: int) -> str:
-    """One terminal line: `instance 7 [######--------------]  30% EXECUTING  1/3 tasks ended, 1 running`.
+def tree_task_fates(jobs: Sequence[dict[str, Any]], dead: bool = False) -> list[tuple[dict[str, Any], bool]]:
+    """Every task of the tree, each with whether it will never run because a job above it was SKIPPED or ABORTED
+    (a job whose condition was false, or a loop job that never ran, leaves its tasks without a status)."""
+    fates: list[tuple[dict[str, Any], bool]] = []
+    for job in jobs:
+        gone = dead or job.get("status") in (INSTANCE_SKIPPED, INSTANCE_ABORTED)
+        fates += [(task, gone) for task in job.get("tasks") or []]
+        fates += tree_task_fates(job.get("subjobs") or [], gone)
+    return fates
 
-    The percentage is the mean progression of the tasks the document holds so far (loops may add more).
+
+def render_instance_progress(instance: Instance, width: int) -> str:
+    """One terminal line: `instance 7 [######--------------]  30% EXECUTING  1/3 tasks done, 1 running`.
+
+    The percentage is the instance's progress as jobd reckons it (the `progress` of its events): the mean over the
+    tasks the document holds so far (loops may add more) of 100 for a task that is done (it has ended, was skipped,
+    or will never run because a job above it was skipped or aborted), its progression while it runs, else 0. So a
+    finished instance whose conditions left tasks out shows 100% and all its tasks done.
     """
-    tasks = tree_tasks(instance.get("jobs") or [])
-    ended = sum(1 for task in tasks if task.get("status") == INSTANCE_TERMINATED)
-    running = sum(1 for task in tasks if task.get("status") == INSTANCE_EXECUTING)
-    progress = round(sum(int(task.get("progression") or 0) for task in tasks) / len(tasks)) if tasks else 0
-    progress = max(0, min(100, progress))
+    fates = tree_task_fates(instance.get("jobs") or [])
+    done = running = weight = 0
+    for task, dead in fates:
+        status = task.get("status")
+        if dead or status in (INSTANCE_TERMINATED, INSTANCE_ABORTED, INSTANCE_SKIPPED):
+            done += 1
+            weight += 100
+        elif status == INSTANCE_EXECUTING:
+            running += 1
+            weight += max(0, min(100, int(task.get("progression") or 0)))
+    progress = weight // len(fates) if fates else 0
     bar_width = 20 if width >= 60 else 10
     filled = round(bar_width * progress / 100)
     text = f"instance {instance.get('id')} [{'#' * filled}{'-' * (bar_width - filled)}] {progress:>3}%"
-    text += f" {instance.get('status')}  {ended}/{plural(len(tasks), 'task')} ended"
+    text += f" {instance.get('status')}  {done}/{plural(len(fates), 'task')} done"
     if running:
         text += f", {running} running"
     errors = instance.get("errors") or 0

@@ -337,7 +337,8 @@ def test_tree_rows_indent_tasks_and_subjobs() -> None:
 
 def test_instance_progress_line() -> None:
     line = jobctl.render_instance_progress(instance(status="EXECUTING", errors=1, jobs=TREE), 100)
-    assert line == "instance 7 [#########-----------]  47% EXECUTING  1/3 tasks ended, 1 running, 1 error"
+    # The skipped job's task will never run: it is done and weighs 100, as in jobd's own instance progress.
+    assert line == "instance 7 [################----]  80% EXECUTING  2/3 tasks done, 1 running, 1 error"
     assert len(jobctl.render_instance_progress(instance(jobs=TREE), 30)) == 29
 
 

@@ -46,6 +46,22 @@ GATED_WORKFLOW = """<workflow>
 </workflow>
 """
 
+# The gated task, and a job whose condition is false beside it: skipped at launch, its task will never run.
+GATED_WITH_A_SKIPPED_JOB = """<workflow>
+  <parameters><parameter name="gate"/></parameters>
+  <subjobs>
+    <job name="never" condition="false()">
+      <tasks><task name="left-out" path="/bin/true" queue="default"/></tasks>
+    </job>
+    <job name="gated">
+      <tasks><task name="read-gate" path="/usr/bin/head -n 1" queue="default">
+        <input name="gate"><value select="evqGetWorkflowParameter('gate')"/></input>
+      </task></tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
 
 @pytest.fixture
 def wf(make_daemon: Any) -> Daemon:
@@ -57,6 +73,7 @@ def wf(make_daemon: Any) -> Daemon:
     _install_corpus(daemon)
     (daemon.config_dir / "workflows" / "broken.xml").write_text(BROKEN_WORKFLOW)
     (daemon.config_dir / "workflows" / "gated.xml").write_text(GATED_WORKFLOW)
+    (daemon.config_dir / "workflows" / "gated-skip.xml").write_text(GATED_WITH_A_SKIPPED_JOB)
     daemon.start()
     return daemon
 
@@ -165,6 +182,29 @@ def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon, tmp_path: A
     assert "% EXECUTING" in text, text
     assert f"instance {instance_id} (gated) succeeded in " in text, text
     assert "Traceback" not in text
+
+
+def test_the_progress_line_counts_a_skipped_task_as_done_not_as_one_still_to_end(wf: Daemon, tmp_path: Any) -> None:
+    """A task that will never run (its job's condition was false) is done and weighs 100 in the percentage, as in
+    jobd's own instance progress: the line said 0% and "0/2 tasks ended" while the one task that runs had not ended,
+    and could never reach 100% (the README's greet-and-count ended at 80%, "4/5 tasks ended")."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # the instance stays EXECUTING, its skipped job decided at launch, until the test writes
+    process, master = on_a_terminal(wf, "launch", "gated-skip", "-p", f"gate={gate}", "--wait")
+    try:
+        terminal = read_until(master, b"% EXECUTING", timeout=20)
+        with open(gate, "w") as writer:
+            writer.write("go\n")
+        out, _ = process.communicate(timeout=30)
+        terminal += read_rest(master)
+    finally:
+        os.close(master)
+    text = terminal.decode(errors="replace")
+    assert process.returncode == 0, text
+    instance_id = int(out.split()[1])
+    assert f"instance {instance_id} [##########----------]  50% EXECUTING  1/2 tasks done" in text, text
+    assert " 0% EXECUTING" not in text and "tasks ended" not in text, text
+    assert f"instance {instance_id} (gated-skip) succeeded in " in text, text
 
 
 def test_launch_wait_on_a_terminal_at_a_stop_says_shutting_down(wf: Daemon, tmp_path: Any) -> None:
