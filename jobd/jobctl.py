@@ -977,6 +977,10 @@ def submit_and_report(session: Session, params: dict[str, Any], wait: bool, stdi
             # --json the error stays as jobd sent it.)
             message = f"{exc.message}: {describe_stdin(stdin_file, params)}"
             raise RemoteError(exc.code, message, exc.data, exc.rpc_code) from None
+        if refused_args_of_an_env_task(exc, params) and not session.json:
+            # jobd names the API's members; on the command line 'params' are -P and 'args' the words after TASK.
+            message = f"{exc.message}. With jobctl: jobctl submit -P NAME=VALUE ... {params['task']}"
+            raise RemoteError(exc.code, message, exc.data, exc.rpc_code) from None
         raise
     if wait:
         if not session.json:
@@ -984,6 +988,13 @@ def submit_and_report(session: Session, params: dict[str, Any], wait: bool, stdi
         return wait_for(session, int(job["id"]), None)
     session.emit(job, lambda: [describe_submitted(job, local_now())])
     return EXIT_OK
+
+
+def refused_args_of_an_env_task(exc: RemoteError, params: dict[str, Any]) -> bool:
+    """Whether jobd refused the arguments given after TASK because the task takes its parameters as environment
+    variables (`parameters = "env"`), which jobctl gives with -P."""
+    data = exc.data if isinstance(exc.data, dict) else {}
+    return exc.code == "INVALID_PARAMS" and data.get("param") == "args" and "task" in params and "args" in params
 
 
 def cmd_status(session: Session, args: argparse.Namespace) -> int:

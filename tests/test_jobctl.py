@@ -287,6 +287,18 @@ def test_submit_an_env_task_with_params(daemon: Any) -> None:
     assert daemon.output(daemon.wait(submitted_id(result))["id"]) == "A=x=y B=\n"
 
 
+def test_submit_args_to_an_env_task_says_to_use_p(daemon: Any) -> None:
+    """jobd's refusal names the API's members ('params', 'args'); jobctl adds how to give them on its command line
+    (`jobctl submit report PERIOD=monthly` for a parameters = "env" task said only: give 'params', not 'args')."""
+    result = ctl(daemon, "submit", "envtask", "A=1")
+    assert result.code == 1, result
+    assert result.err.startswith("jobctl: INVALID_PARAMS: task 'envtask' takes its parameters as environment"), result
+    assert result.err.endswith(". With jobctl: jobctl submit -P NAME=VALUE ... envtask\n"), result
+    as_json = ctl(daemon, "--json", "submit", "envtask", "A=1")  # scripts get jobd's error as it came
+    assert as_json.code == 1 and "With jobctl" not in as_json.err, as_json
+    assert json.loads(as_json.err)["error"]["data"]["param"] == "args", as_json
+
+
 def test_a_time_limit_of_zero_is_a_usage_error(daemon: Any) -> None:
     # jobd refuses a timeout of 0 (no time at all to run); jobctl says so itself, as for any out-of-range value.
     before = job_count(daemon)
