@@ -597,7 +597,8 @@ def render_instance_progress(instance: Instance, width: int) -> str:
     The percentage is the instance's progress as jobd reckons it (the `progress` of its events): the mean over the
     tasks the document holds so far (loops may add more) of 100 for a task that is done (it has ended, was skipped,
     or will never run because a job above it was skipped or aborted), its progression while it runs, else 0. So a
-    finished instance whose conditions left tasks out shows 100% and all its tasks done.
+    finished instance whose conditions left tasks out shows 100% and all its tasks done. (A task waiting to be
+    retried is TERMINATED in the tree, without its retry_at: it is done here, where jobd counts it 0.)
     """
     fates = tree_task_fates(instance.get("jobs") or [])
     done = running = weight = 0
