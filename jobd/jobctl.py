@@ -594,11 +594,11 @@ def tree_task_fates(jobs: Sequence[dict[str, Any]], dead: bool = False) -> list[
 def render_instance_progress(instance: Instance, width: int) -> str:
     """One terminal line: `instance 7 [######--------------]  30% EXECUTING  1/3 tasks done, 1 running`.
 
-    The percentage is the instance's progress as jobd reckons it (the `progress` of its events): the mean over the
-    tasks the document holds so far (loops may add more) of 100 for a task that is done (it has ended, was skipped,
-    or will never run because a job above it was skipped or aborted), its progression while it runs, else 0. So a
-    finished instance whose conditions left tasks out shows 100% and all its tasks done. (A task waiting to be
-    retried is TERMINATED in the tree, without its retry_at: it is done here, where jobd counts it 0.)
+    The percentage is the instance's progress as jobd reckons it while it executes (the `progress` of its events):
+    the mean over the tasks the document holds so far (loops may add more) of 100 for a task that is done (it has
+    ended, was skipped, or will never run because a job above it was skipped or aborted), its progression while it
+    runs, else 0. So a finished instance whose conditions left tasks out shows 100% and all its tasks done. (A task
+    waiting to be retried is TERMINATED in the tree, without its retry_at: it is done here, where jobd counts it 0.)
     """
     fates = tree_task_fates(instance.get("jobs") or [])
     done = running = weight = 0
