@@ -1120,6 +1120,20 @@ def wait_for(session: Session, job_ident: int, timeout: float | None) -> int:
     return report_end(session, job, timeout)
 
 
+def paused_queue_note(client: Client, job: Job) -> str | None:
+    """What to tell someone watching a job that is queued in a paused queue, which starts nothing until it is resumed
+    (the bar would otherwise say `queued` and nothing else, for as long as the pause lasts). None when the job is not
+    queued, its queue is not paused, or the caller may not read the queue."""
+    if job.get("state") != JobState.QUEUED:
+        return None
+    queues = client.call("queue.list").get("queues") or []
+    if not any(queue.get("name") == job.get("queue") and queue.get("paused") for queue in queues):
+        return None
+    name = job.get("queue")
+    ident = job.get("id")
+    return f"job {ident} is queued in {name}, which is paused: it starts once it is resumed (jobctl resume {name})"
+
+
 def wait_params(ident: int, timeout: float | None) -> dict[str, Any]:
     """job.wait's or instance.wait's parameters."""
     params: dict[str, Any] = {"id": ident}
@@ -1164,6 +1178,9 @@ def wait_with_progress(client: Client, job_ident: int, timeout: float | None) ->
     client.call("events.subscribe", {"jobs": [job_ident]})
     wait = client.send_request("job.wait", wait_params(job_ident, timeout))
     view = WaitView(client.call("job.get", {"id": job_ident}))
+    note = paused_queue_note(client, view.job)
+    if note:
+        say(note)  # once, above the bar: jobd tells of no resume, only of the job's start that follows it
     bar = ProgressBar(sys.stderr)
     try:
         while True:

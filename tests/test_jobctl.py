@@ -632,6 +632,38 @@ def test_log_follow_waits_for_a_queued_job_to_start(daemon: Any) -> None:
     assert out == b"late\n"
 
 
+def test_wait_for_a_job_of_a_paused_queue_says_the_queue_is_paused(daemon: Any) -> None:
+    """A paused queue starts nothing: the progress bar of wait (and of submit --wait, as after the README's `jobctl
+    pause default`) is preceded by a line saying so, rather than showing `queued` for as long as the pause lasts."""
+    daemon.call("queue.pause", {"name": "serial"})
+    job = daemon.submit(command=["/bin/true"], queue="serial")
+    process, master = on_a_terminal(daemon, "wait", str(job["id"]))
+    try:
+        shown = read_until(master, b"% queued")  # drawn once jobd has taken the wait in
+        daemon.call("queue.resume", {"name": "serial"})
+        process.communicate(timeout=DEADLINE)
+        shown += read_rest(master)
+    finally:
+        os.close(master)
+    text = shown.decode(errors="replace")
+    assert process.returncode == 0, text
+    note = f"job {job['id']} is queued in serial, which is paused: it starts once it is resumed (jobctl resume serial)"
+    assert note in text, text
+    # A queue that is not paused gets no such line; neither does a wait without a terminal (one job.wait call).
+    other = daemon.submit(command=["/bin/true"], queue="serial")
+    process, master = on_a_terminal(daemon, "wait", str(other["id"]))
+    try:
+        process.communicate(timeout=DEADLINE)
+        shown = read_rest(master)
+    finally:
+        os.close(master)
+    assert process.returncode == 0 and b"paused" not in shown, shown
+    daemon.call("queue.pause", {"name": "serial"})
+    third = daemon.submit(command=["/bin/true"], queue="serial")
+    quiet = ctl(daemon, "wait", str(third["id"]), "--timeout", "0.1")
+    assert quiet.code == 4 and "paused" not in quiet.err, quiet
+
+
 def test_log_of_a_job_that_has_not_run(daemon: Any) -> None:
     job = daemon.submit(command=["/bin/true"], delay=3600)
     result = ctl(daemon, "log", str(job["id"]))
