@@ -123,6 +123,28 @@ def _corpus_daemon(make_daemon: Any) -> Daemon:
     return daemon
 
 
+def test_a_relative_tasks_directory_is_jobds_not_the_jobs_working_directory(make_daemon: Any) -> None:
+    """`tasks_directory = "tasks"` is found from the directory jobd was started in (as its socket and state_dir, and as
+    the dev configuration says of its paths), whatever the job's working directory: a task with wd="/" (or run as
+    another user, who starts in their home) failed with spawn_error, cannot start 'tasks/hi.sh'."""
+    daemon: Daemon = make_daemon("", start=False, daemon_extra='tasks_directory = "tasks"')
+    tasks = daemon.root / "tasks"  # the harness starts jobd in daemon.root
+    tasks.mkdir()
+    (tasks / "hi.sh").write_text('#!/bin/sh\necho "hi from $(pwd)"\n')
+    (tasks / "hi.sh").chmod(0o755)
+    daemon.write_workflows(
+        elsewhere='<workflow><subjobs><job><tasks><task name="hi" path="hi.sh" queue="default" wd="/"/>'
+        "</tasks></job></subjobs></workflow>"
+    )
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "elsewhere"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), daemon.call("instance.get", {"id": launched["id"]})
+    jobs = daemon.call("job.list", {"context": f"instance:{launched['id']}"})["jobs"]
+    assert jobs[0]["command"][0] == str(tasks / "hi.sh")
+    assert daemon.output(jobs[0]["id"]) == "hi from /\n"
+
+
 @pytest.fixture
 def wf(make_daemon: Any) -> Daemon:
     return _corpus_daemon(make_daemon)

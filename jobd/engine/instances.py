@@ -537,7 +537,9 @@ class Instances:
         if action.script is not None:
             argv.insert(0, self._write_script(live.summary.id, action.evqid, action.script))
         elif argv and not os.path.isabs(argv[0]) and action.task is None:
-            argv[0] = os.path.join(config.daemon.tasks_directory, argv[0])  # evQueue's tasks directory
+            # evQueue's tasks directory; a relative one is jobd's (the dev configuration's), not the job's working
+            # directory (its wd, or the home of the user it runs as)
+            argv[0] = os.path.join(os.path.abspath(config.daemon.tasks_directory), argv[0])
         defined = action.definition
         run_as = self._run_as(live, action)
         return JobSpec(
