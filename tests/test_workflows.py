@@ -145,6 +145,27 @@ def test_a_relative_tasks_directory_is_jobds_not_the_jobs_working_directory(make
     assert daemon.output(jobs[0]["id"]) == "hi from /\n"
 
 
+def test_a_script_task_with_a_wd_runs_under_a_relative_state_dir(make_daemon: Any) -> None:
+    """A SCRIPT task's file is in STATE_DIR/scripts, and a job running as jobd's user runs it by its path, from its
+    own working directory: with a relative state_dir (the dev configuration's `.jobd/state`) and wd="/tmp", it
+    failed at once, cannot start '.jobd/state/scripts/1-3': No such file or directory."""
+    daemon: Daemon = make_daemon("", start=False)
+    # The harness starts jobd in daemon.root: "state" is the same directory as the harness's absolute state_dir.
+    (daemon.config_dir / "jobd.d" / "50-relative.toml").write_text('[daemon]\nstate_dir = "state"\n')
+    script = '#!/bin/sh\necho "script in $(pwd)"\n'
+    daemon.write_workflows(
+        scripted='<workflow><subjobs><job><tasks><task name="s" type="SCRIPT" queue="default" wd="/">'
+        f"<script>{script}</script></task></tasks></job></subjobs></workflow>"
+    )
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "scripted"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), daemon.call("instance.get", {"id": launched["id"]})
+    jobs = daemon.call("job.list", {"context": f"instance:{launched['id']}"})["jobs"]
+    assert jobs[0]["command"][0] == str(daemon.state_dir / "scripts" / f"{launched['id']}-3")
+    assert daemon.output(jobs[0]["id"]) == "script in /\n"
+
+
 @pytest.fixture
 def wf(make_daemon: Any) -> Daemon:
     return _corpus_daemon(make_daemon)

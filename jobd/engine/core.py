@@ -173,7 +173,9 @@ class Engine:
         self.clock = clock
         self.state_dir = config.daemon.state_dir
         self.output_dir = os.path.join(config.daemon.state_dir, "output")
-        self.scripts_dir = os.path.join(config.daemon.state_dir, "scripts")  # workflows' SCRIPT tasks (instances.py)
+        # Workflows' SCRIPT tasks (instances.py). Absolute: a job runs its script by this path, from its own working
+        # directory (its wd), and state_dir may be relative to jobd's (the dev configuration's `.jobd/state`).
+        self.scripts_dir = os.path.join(os.path.abspath(config.daemon.state_dir), "scripts")
         self.stopping = False
         # shutdown() has answered the job.waits with SHUTTING_DOWN: one that comes later (its connection is still
         # open while the stop ends) is answered so at once; nothing would ever end its job in this run.

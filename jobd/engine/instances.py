@@ -173,7 +173,7 @@ class Instances:
         self.engine = engine
         self.store = store
         self.clock = clock
-        self.scripts_dir = os.path.join(engine.config.daemon.state_dir, "scripts")  # as Engine.scripts_dir
+        self.scripts_dir = engine.scripts_dir  # absolute, as the jobs run their scripts by it
         self._live: dict[int, _Live] = {}
         self._waiters_stopped = False  # stop_waiters() has answered the instance.waits: later ones are answered so
         self._unsaved: set[int] = set()  # instances changed since the last save
