@@ -1236,9 +1236,8 @@ def cmd_cancel(session: Session, args: argparse.Namespace) -> int:
 
 
 def cmd_queues(session: Session, args: argparse.Namespace) -> int:
-    result = session.client.call("queue.list")
-    session.emit(result, lambda: render_queues(result.get("queues") or []))
-    return EXIT_OK
+    # A user with no right on any queue sees none: "no queues", as ls says "no jobs", not a table header alone.
+    return list_named(session, "queue.list", "queues", render_queues)
 
 
 def cmd_pause(session: Session, args: argparse.Namespace) -> int:

@@ -488,6 +488,10 @@ def test_jobctl_as_users(jobd: Daemon, users: dict[str, Any]) -> None:
     assert jobctl("alice", "wait", str(job["id"])).returncode == 0
     carol = jobctl("carol", "status", str(job["id"]))
     assert carol.returncode == 1 and "read right is missing" in carol.stderr, carol
+    # No right on any queue: told so, as ls tells "no jobs", rather than a table header with nothing under it.
+    no_queues = jobctl("carol", "queues")
+    assert (no_queues.returncode, no_queues.stdout, no_queues.stderr) == (0, "", "no queues\n"), no_queues
+    assert jobctl("bob", "queues").stdout.split()[7:8] == ["ops"]  # a grant on the queue: its row
     assert jobctl("carol", "reload").returncode == 1
     assert jobctl("bob", "pause", "ops").returncode == 0
     paused = jobctl("alice", "pause", "ops")
