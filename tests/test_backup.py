@@ -100,14 +100,7 @@ def test_a_restored_copy_numbers_new_jobs_past_the_output_left_by_later_jobs(
     assert ctl(daemon, "backup").code == 0
     later = daemon.wait(daemon.submit(command=["/bin/echo", "after the copy"])["id"])
     assert later["id"] == first["id"] + 1
-    assert daemon.stop() == 0
-
-    # The restore, as README.Debian tells it: the copy in the database's place, no WAL of the other one beside it.
-    database = daemon.state_dir / "jobd.sqlite3"
-    shutil.copy(backup_path(daemon), database)
-    for suffix in ("-wal", "-shm"):
-        Path(f"{database}{suffix}").unlink(missing_ok=True)
-    daemon.start()
+    _restore(daemon)
     assert "past the last job of the database" in daemon.log()
     with contextlib.suppress(RemoteError):
         daemon.call("job.get", {"id": later["id"]})

@@ -47,20 +47,11 @@ GATED_WORKFLOW = """<workflow>
 """
 
 # The gated task, and a job whose condition is false beside it: skipped at launch, its task will never run.
-GATED_WITH_A_SKIPPED_JOB = """<workflow>
-  <parameters><parameter name="gate"/></parameters>
-  <subjobs>
-    <job name="never" condition="false()">
+SKIPPED_JOB = """    <job name="never" condition="false()">
       <tasks><task name="left-out" path="/bin/true" queue="default"/></tasks>
     </job>
-    <job name="gated">
-      <tasks><task name="read-gate" path="/usr/bin/head -n 1" queue="default">
-        <input name="gate"><value select="evqGetWorkflowParameter('gate')"/></input>
-      </task></tasks>
-    </job>
-  </subjobs>
-</workflow>
 """
+GATED_WITH_A_SKIPPED_JOB = GATED_WORKFLOW.replace("  <subjobs>\n", "  <subjobs>\n" + SKIPPED_JOB, 1)
 
 
 @pytest.fixture
@@ -163,10 +154,12 @@ def test_launch_json_gives_the_instance(wf: Daemon) -> None:
     wf.call("instance.wait", {"id": instance["id"], "timeout": 30})
 
 
-def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon, tmp_path: Any) -> None:
+def launch_gated_on_a_terminal(wf: Daemon, tmp_path: Any, workflow: str) -> tuple[int, str]:
+    """`jobctl launch WORKFLOW -p gate=FIFO --wait` on a terminal; the instance stays EXECUTING until the line has
+    been drawn and the test writes into the FIFO (no race with a fast workflow). Its id and what the terminal got."""
     gate = tmp_path / "gate"
-    os.mkfifo(gate)  # the instance stays EXECUTING until the test writes into it: no race with a fast workflow
-    process, master = on_a_terminal(wf, "launch", "gated", "-p", f"gate={gate}", "--wait")
+    os.mkfifo(gate)
+    process, master = on_a_terminal(wf, "launch", workflow, "-p", f"gate={gate}", "--wait")
     try:
         terminal = read_until(master, b"% EXECUTING", timeout=20)
         with open(gate, "w") as writer:
@@ -177,7 +170,11 @@ def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon, tmp_path: A
         os.close(master)
     text = terminal.decode(errors="replace")
     assert process.returncode == 0, text
-    instance_id = int(out.split()[1])
+    return int(out.split()[1]), text
+
+
+def test_launch_wait_draws_a_progress_line_on_a_terminal(wf: Daemon, tmp_path: Any) -> None:
+    instance_id, text = launch_gated_on_a_terminal(wf, tmp_path, "gated")
     assert f"\rinstance {instance_id} [" in text, text
     assert "% EXECUTING" in text, text
     assert f"instance {instance_id} (gated) succeeded in " in text, text
@@ -188,20 +185,7 @@ def test_the_progress_line_counts_a_skipped_task_as_done_not_as_one_still_to_end
     """A task that will never run (its job's condition was false) is done and weighs 100 in the percentage, as in
     jobd's own instance progress: the line said 0% and "0/2 tasks ended" while the one task that runs had not ended,
     and could never reach 100% (the README's greet-and-count ended at 80%, "4/5 tasks ended")."""
-    gate = tmp_path / "gate"
-    os.mkfifo(gate)  # the instance stays EXECUTING, its skipped job decided at launch, until the test writes
-    process, master = on_a_terminal(wf, "launch", "gated-skip", "-p", f"gate={gate}", "--wait")
-    try:
-        terminal = read_until(master, b"% EXECUTING", timeout=20)
-        with open(gate, "w") as writer:
-            writer.write("go\n")
-        out, _ = process.communicate(timeout=30)
-        terminal += read_rest(master)
-    finally:
-        os.close(master)
-    text = terminal.decode(errors="replace")
-    assert process.returncode == 0, text
-    instance_id = int(out.split()[1])
+    instance_id, text = launch_gated_on_a_terminal(wf, tmp_path, "gated-skip")  # its skipped job decided at launch
     assert f"instance {instance_id} [##########----------]  50% EXECUTING  1/2 tasks done" in text, text
     assert " 0% EXECUTING" not in text and "tasks ended" not in text, text
     assert f"instance {instance_id} (gated-skip) succeeded in " in text, text
