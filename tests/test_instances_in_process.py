@@ -36,7 +36,8 @@ def _engine(tmp_path: Path, **more: Any) -> Any:
     daemon = SimpleNamespace(
         state_dir=str(tmp_path), kill_grace=10.0, max_output=1 << 20, default_uid=None, default_gid=None
     )
-    return SimpleNamespace(config=SimpleNamespace(daemon=daemon, tasks={}, queues={"default": None}), **more)
+    config = SimpleNamespace(daemon=daemon, tasks={}, queues={"default": None})
+    return SimpleNamespace(config=config, scripts_dir=str(tmp_path / "scripts"), **more)
 
 
 def _live(machine: Instance) -> _Live:
