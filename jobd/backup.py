@@ -43,7 +43,6 @@ class Backups:
 
     def __init__(self, store: Store, database: str, state_dir: str) -> None:
         self._store = store
-        self._database = database
         self.directory = os.path.join(state_dir, BACKUP_DIR)
         self.path = os.path.join(self.directory, os.path.basename(database))
         self._under_way: asyncio.Future[dict[str, Any]] | None = None
