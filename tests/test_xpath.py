@@ -141,6 +141,9 @@ def test_rewrite(expression: str, expected: str) -> None:
         "text() | comment() | node() | processing-instruction()",
         "string-join(file/@name, ',') != '' and min(file/@size) < max(file/@size)",
         "current()/@name",
+        "/",  # the root
+        "-1 + - @size * -(2)",  # `-` is also a sign
+        "a[@x = 1] | b[. != 'y'] or 2 div 2 mod 1 > 0",
     ],
 )
 def test_compile_check_accepts(expression: str) -> None:
@@ -159,8 +162,15 @@ def test_compile_check_accepts(expression: str) -> None:
         ("evqGetOutput()", "evqGetOutput() takes 1 argument(s), 0 given"),
         ("evqGetParentJob(1, 2)", "evqGetParentJob() takes 0 to 1 argument(s), 2 given"),
         ("evqGetInput('a')", "evqGetInput() takes 2 argument(s), 1 given"),
-        ("a/", "Invalid expression"),
-        ("@size >", "Invalid expression"),
+        ("a/", "the path ends with '/' at character 2: a step must follow"),
+        ("a//", "the path ends with '//' at character 2"),
+        ("@size >", "the operator '>' at character 7 has nothing after it"),
+        ("count(/a) + ", "the operator '+' at character 11 has nothing after it"),
+        ("(1 + ) * 2", "the operator '+' at character 4 has nothing after it"),
+        ("concat(1 =, 2)", "the operator '=' at character 10 has nothing after it"),
+        ("= 1", "the operator '=' at character 1 has nothing before it"),
+        ("1 * + 2", "the operator '+' at character 5 has nothing before it"),
+        ("a[and 1]", "Invalid predicate"),  # `and` after `[` is a name (XPath's lexical rules): libxml2's word
     ],
 )
 def test_compile_check_rejects(expression: str, reason: str) -> None:

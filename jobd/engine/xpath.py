@@ -195,12 +195,30 @@ def compile_check(expression: str) -> None:
                 _matching_backwards(tokens, index)
             elif token.kind == "function":
                 _check_function(tokens, index)
+        _check_operands(tokens)
         rewritten = rewrite(expression)
         etree.XPath(rewritten, namespaces=NAMESPACES)
     except XPathError as error:
         raise XPathError(f"invalid XPath expression {expression!r}: {error}") from None
     except etree.XPathSyntaxError as error:
         raise XPathError(f"invalid XPath expression {expression!r}: {error}") from None
+
+
+def _check_operands(tokens: Sequence[Token]) -> None:
+    """An operator with nothing on one side, or a path ending in `/`, named where it is: libxml2 says only
+    "Invalid expression" for them, which leaves the writer of a long condition to find the typo."""
+    for index, token in enumerate(tokens):
+        after = tokens[index + 1] if index + 1 < len(tokens) else None
+        if token.kind == "slash" and after is None and (index > 0 or token.text == "//"):
+            raise XPathError(f"the path ends with {token.text!r} at character {token.start + 1}: a step must follow")
+        if token.kind != "operator":
+            continue
+        if after is None or after.kind in (")", "]", ","):
+            raise XPathError(f"the operator {token.text!r} at character {token.start + 1} has nothing after it")
+        before = tokens[index - 1] if index else None
+        # `-` may also be a sign (`-1`, `a * -b`); XPath has no other prefix operator.
+        if token.text != "-" and (before is None or before.kind in ("(", "[", ",", "operator")):
+            raise XPathError(f"the operator {token.text!r} at character {token.start + 1} has nothing before it")
 
 
 def _check_function(tokens: Sequence[Token], index: int) -> None:
