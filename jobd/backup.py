@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from jobd.errors import ShuttingDown, StoreFailed
-from jobd.store import SCHEMA_VERSION, Store
+from jobd.store import SCHEMA_VERSION, Store, fsync_directory_of
 
 log = logging.getLogger("jobd.backup")
 
@@ -41,10 +41,10 @@ class Backups:
     """Makes copies of the database in STATE_DIR/backup/, one at a time: a request that comes while a copy is
     being made gets that copy's answer."""
 
-    def __init__(self, store: Store, database: str, state_dir: str) -> None:
+    def __init__(self, store: Store, state_dir: str) -> None:
         self._store = store
         self.directory = os.path.join(state_dir, BACKUP_DIR)
-        self.path = os.path.join(self.directory, os.path.basename(database))
+        self.path = os.path.join(self.directory, os.path.basename(store.path))
         self._under_way: asyncio.Future[dict[str, Any]] | None = None
         self._stopping = threading.Event()
 
@@ -142,11 +142,7 @@ def copy_database(source: int, path: str, stopping: threading.Event) -> int:
     except BaseException:
         _remove(partial, OSError)  # the first error is the one to tell
         raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)  # the rename too
-    finally:
-        os.close(dir_fd)
+    fsync_directory_of(path)  # the rename too
     return size
 
 

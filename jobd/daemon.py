@@ -254,7 +254,7 @@ class Daemon:
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
         _number_jobs_past_their_output(self.store, state_dir)
-        self.backups = Backups(self.store, self.store.path, state_dir)
+        self.backups = Backups(self.store, state_dir)
         load_aiohttp(initial)
         self.engine = Engine(initial, self.store)
         self.callbacks = Callbacks(self.engine, self.store)  # before recovery: a lost job's callbacks are queued

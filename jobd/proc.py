@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from jobd import logline
 from jobd.epollset import EpollSet
 
 log = logging.getLogger("jobd.proc")
@@ -174,22 +175,18 @@ class _LazyFile:
 
 
 # A file that cannot be written is said once, but on a full disk every job that prints fails alike, two streams each,
-# and at hundreds of jobs a second journald, past its rate limit, dropped jobd's other lines. So the first failure of
-# each cause is logged, then at most one line in this many seconds saying how many more there were. Each attempt still
-# records which of its streams lost bytes (job.output's truncated, jobctl log).
-OUTPUT_FAILURES_LOGGED_EVERY = 60.0
-_output_failures: dict[str, tuple[float, int]] = {}  # cause (strerror): when last logged, failures since
+# at hundreds of jobs a second: the first failure of each cause (strerror) is logged, then one line a minute at most.
+# Each attempt still records which of its streams lost bytes (job.output's truncated, jobctl log).
+_output_failures = logline.Throttle(every=60.0)
 
 
 def _log_output_failure(message: str, cause: str) -> None:
-    now = time.monotonic()
-    last = _output_failures.get(cause)
-    if last is not None and now - last[0] < OUTPUT_FAILURES_LOGGED_EVERY:
-        _output_failures[cause] = (last[0], last[1] + 1)
+    due = _output_failures.due(cause)
+    if due is None:
         return
-    more = f" ({last[1]} more output files failed so in the last {now - last[0]:.0f} s)" if last and last[1] else ""
+    held, seconds = due
+    more = f" ({held} more output files failed so in the last {seconds:.0f} s)" if held else ""
     log.error("%s; what the job writes there from now on is dropped%s", message, more)
-    _output_failures[cause] = (now, 0)
 
 
 class _OutputSink:

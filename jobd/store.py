@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -24,6 +23,7 @@ from typing import Any
 
 import peewee
 
+from jobd import logline
 from jobd.errors import StartupError, StoreFailed
 from jobd.model import (
     Attempt,
@@ -501,12 +501,7 @@ class Store:
         self._attempts_of_job = _PreparedSelect(
             AttemptRow.select().where(AttemptRow.job == 0).order_by(AttemptRow.number)
         )
-        # The directory entry of a new database and WAL must be durable too; once is enough.
-        dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory_of(self.path)  # the entries of a new database and WAL must be durable too; once is enough
         self._flusher = _GroupFlusher(self.path + "-wal")
         # The file as opened, open until the connection is closed. Copies read the database through it. Closing any
         # descriptor of the file, even one opened only to read it, drops every POSIX lock the process holds on it,
@@ -1423,12 +1418,18 @@ def store_failure(failure: Exception) -> StoreFailed | None:
     return StoreFailed(f"jobd could not write its database ({failure})")
 
 
-# A request refused for the database's trouble is logged once for each request name and trouble, then at most once
-# in this many seconds, saying how many more were refused the same way meanwhile: clients that go on submitting on a
-# full disk are refused thousands of times a second, and journald, past its rate limit (by default 10,000 lines in
-# 30 s), drops jobd's other lines, the one saying the trouble has ended among them.
-REFUSALS_LOGGED_EVERY = 60.0
-_refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (request, message): when last logged, refused since
+# A request refused for the database's trouble is logged once for each request name and trouble, then one line a
+# minute at most: clients that go on submitting on a full disk are refused thousands of times a second.
+_refusals = logline.Throttle(every=60.0)
+
+
+def fsync_directory_of(path: str) -> None:
+    """Make the directory entry of `path` durable (a file just made, or renamed into place)."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def refused_request(what: str, failure: Exception) -> StoreFailed | None:
@@ -1437,17 +1438,12 @@ def refused_request(what: str, failure: Exception) -> StoreFailed | None:
     failed = store_failure(failure)
     if failed is None:
         return None
-    key = (what, failed.message)
-    now = time.monotonic()
-    last = _refusals.get(key)
-    if last is not None and now - last[0] < REFUSALS_LOGGED_EVERY:
-        _refusals[key] = (last[0], last[1] + 1)
+    due = _refusals.due((what, failed.message))
+    if due is None:
         return failed
-    more = f" ({last[1]} more refused so in the last {now - last[0]:.0f} s)" if last is not None and last[1] else ""
+    held, seconds = due
+    more = f" ({held} more refused so in the last {seconds:.0f} s)" if held else ""
     log.error("%s: %s%s", what, failed.message, more)
-    if len(_refusals) >= 1000:  # request names and SQLite's messages are few; this only bounds the unforeseen
-        _refusals.clear()
-    _refusals[key] = (now, 0)
     return failed
 
 
