@@ -38,6 +38,7 @@ class Pump:
         self._lines: list[str] = []
         self._cursor = 0
         self._ended = False
+        self._error: OSError | None = None  # what ended the reading, if not stop()
         self._thread = threading.Thread(target=self._run, name=f"notify-{daemon.pid}", daemon=True)
         self._thread.start()
 
@@ -45,7 +46,8 @@ class Pump:
         while True:
             try:
                 data = self._sock.recv(65536)
-            except OSError:
+            except OSError as error:
+                self._error = error
                 data = b""
             with self._cond:
                 if not data:  # shut down by stop() (jobd never sends an empty datagram)
@@ -75,6 +77,11 @@ class Pump:
                 if self._ended or left <= 0:
                     raise AssertionError(f"no notify line matching {match!r}; last lines: {self._lines[-15:]}")
                 self._cond.wait(left)
+
+    def state(self) -> str:
+        with self._cond:
+            ended = f"ended ({self._error!r})" if self._ended else "reading"
+            return f"{ended}, {len(self._lines)} lines, cursor {self._cursor}"
 
     def stop(self) -> None:
         # shutdown() wakes the blocked recv (close() would not); jobd's later sends then fail with EPIPE at once.
@@ -110,7 +117,12 @@ def terminate(daemon: Daemon, timeout: float = 30) -> int:
     pump = pump_of(daemon)
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGTERM)
-    pump.wait_for("STOPPING=1")
+    try:
+        pump.wait_for("STOPPING=1")
+    except AssertionError as error:  # what a rare miss needs to be understood: was jobd still there, what it logged
+        state = "running" if daemon.process.poll() is None else f"exited with {daemon.process.returncode}"
+        log_end = daemon.log()[-3000:]
+        raise AssertionError(f"{error}; jobd {state}; pump {pump.state()}; its log ends:\n{log_end}") from None
     code = daemon.process.wait(timeout)
     pump.stop()
     daemon.stop()  # already exited: only closes the harness's end of the notify socket
