@@ -1617,9 +1617,10 @@ def test_keep_last_keeps_the_jobs_that_finished_last(jobd: Callable[..., Daemon]
     gate = Gate(tmp_path / "slow.lock")
     try:
         slow = daemon.submit(command=gated(gate, "/bin/echo", "slow"))["id"]  # the oldest id, finishing last
-        quick = [daemon.submit(command=["/bin/echo", f"quick {n}"])["id"] for n in range(2)]
-        for job_id in quick:
-            daemon.wait(job_id)
+        quick = []
+        for n in range(2):  # one after the other: run together, the second could end first
+            quick.append(daemon.submit(command=["/bin/echo", f"quick {n}"])["id"])
+            daemon.wait(quick[-1])
     finally:
         gate.release()
     assert daemon.wait(slow)["state"] == "succeeded"
