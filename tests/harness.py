@@ -6,6 +6,7 @@ and can SIGTERM, SIGHUP or SIGKILL it and start it again on the same state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -56,6 +57,7 @@ class Notifications:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.inode = os.fstat(self.sock.fileno()).st_ino  # what a message that never arrives is checked against
         self.messages: list[str] = []
 
     def wait_for(self, prefix: str, timeout: float = READY_TIMEOUT, sender: int | None = None) -> str:
@@ -73,8 +75,36 @@ class Notifications:
                 if line.startswith(prefix):
                     return line
 
+    def describe(self) -> str:
+        """The harness's end as it is now, against what was bound: for a message jobd sent that never arrived."""
+        fd = self.sock.fileno()
+        try:
+            now = os.fstat(fd).st_ino
+        except OSError as error:
+            return f"our end, fd {fd}: {error}"
+        return f"our end, fd {fd}: inode {now}, bound as {self.inode}, {len(self.messages)} messages read"
+
     def close(self) -> None:
         self.sock.close()
+
+
+def _descriptors(pid: int) -> str:
+    """What each of a process's descriptors is (socket:[inode], a path…), for failure messages."""
+    found = []
+    try:
+        for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+            with contextlib.suppress(OSError):
+                found.append(f"{name}={os.readlink(f'/proc/{pid}/fd/{name}')}")
+    except OSError as error:
+        return str(error)
+    return " ".join(found)
+
+
+def _unix_sockets(pid: int, inode: int) -> str:
+    """ss's lines for the Unix sockets of `pid` and for the one of `inode`, with their peers."""
+    listing = subprocess.run(["ss", "-x", "-a", "-p"], capture_output=True, text=True, check=False).stdout
+    wanted = (f"pid={pid},", f" {inode} ")
+    return "\n".join(line for line in listing.splitlines() if any(mark in line for mark in wanted))
 
 
 class Daemon:
@@ -144,8 +174,9 @@ class Daemon:
             raise AssertionError(
                 f"jobd did not tell {until} within {time.monotonic() - started:.1f}s (its process "
                 f"{'runs' if code is None else f'exited with {code}'}; it told {self.notify.messages!r}; the "
-                f"NOTIFY_SOCKET {'is there' if notify_path.is_socket() else 'is gone'}); its log:\n"
-                f"{self.log()}"
+                f"NOTIFY_SOCKET {'is there' if notify_path.is_socket() else 'is gone'}; {self.notify.describe()}; "
+                f"jobd's descriptors: {_descriptors(self.process.pid)}; sockets: "
+                f"{_unix_sockets(self.process.pid, self.notify.inode)}); its log:\n{self.log()}"
             ) from None
         finally:
             os.close(pidfd)
