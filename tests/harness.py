@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Notifications:
         self.sock.bind(str(path))
         self.inode = os.fstat(self.sock.fileno()).st_ino  # what a message that never arrives is checked against
         self.messages: list[str] = []
+        self.reader: threading.Thread | None = None  # a thread of its own reading the socket (recovery.support.Pump)
 
     def wait_for(self, prefix: str, timeout: float = READY_TIMEOUT, sender: int | None = None) -> str:
         """Block (in recv, with a deadline) until a datagram holds a line starting with `prefix`. `sender`: a pidfd
@@ -85,6 +87,14 @@ class Notifications:
         return f"our end, fd {fd}: inode {now}, bound as {self.inode}, {len(self.messages)} messages read"
 
     def close(self) -> None:
+        """Close the socket, ending its reader thread first. A thread left in recv() on a descriptor closed under it
+        stays there; when a signal (a child's SIGCHLD) interrupts it, the kernel restarts the call on the same number,
+        by then another test's socket: it took that daemon's READY=1 or STOPPING=1 from the test waiting for it."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv() with end-of-file (close() would not)
+        if self.reader is not None:
+            self.reader.join(10)
+            assert not self.reader.is_alive(), f"the thread reading {self.path} did not end"
         self.sock.close()
 
 

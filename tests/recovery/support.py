@@ -40,6 +40,7 @@ class Pump:
         self._ended = False
         self._error: OSError | None = None  # what ended the reading, if not stop()
         self._thread = threading.Thread(target=self._run, name=f"notify-{daemon.pid}", daemon=True)
+        daemon.notify.reader = self._thread  # closing the socket ends the thread first (harness.Notifications.close)
         self._thread.start()
 
     def _run(self) -> None:
@@ -88,6 +89,7 @@ class Pump:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(10)
+        assert not self._thread.is_alive(), "the notify socket's reader did not end"
 
 
 def attach(daemon: Daemon) -> Pump:
