@@ -112,7 +112,10 @@ def _descriptors(pid: int) -> str:
 
 def _unix_sockets(pid: int, inode: int) -> str:
     """ss's lines for the Unix sockets of `pid` and for the one of `inode`, with their peers."""
-    listing = subprocess.run(["ss", "-x", "-a", "-p"], capture_output=True, text=True, check=False).stdout
+    try:
+        listing = subprocess.run(["ss", "-x", "-a", "-p"], capture_output=True, text=True, check=False).stdout
+    except OSError as error:  # no iproute2: the failure is still reported, without this part
+        return f"(ss: {error})"
     wanted = (f"pid={pid},", f" {inode} ")
     return "\n".join(line for line in listing.splitlines() if any(mark in line for mark in wanted))
 
