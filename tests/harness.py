@@ -86,15 +86,20 @@ class Notifications:
             return f"our end, fd {fd}: {error}"
         return f"our end, fd {fd}: inode {now}, bound as {self.inode}, {len(self.messages)} messages read"
 
+    def end_reader(self) -> None:
+        """Shut the socket down, which wakes a blocked recv() with end-of-file (close() would not), and wait for the
+        reader thread, if any, to end; jobd's later sends fail with EPIPE at once."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self.reader is not None:
+            self.reader.join(10)
+            assert not self.reader.is_alive(), f"the thread reading {self.path} did not end"
+
     def close(self) -> None:
         """Close the socket, ending its reader thread first. A thread left in recv() on a descriptor closed under it
         stays there; when a signal (a child's SIGCHLD) interrupts it, the kernel restarts the call on the same number,
         by then another test's socket: it took that daemon's READY=1 or STOPPING=1 from the test waiting for it."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv() with end-of-file (close() would not)
-        if self.reader is not None:
-            self.reader.join(10)
-            assert not self.reader.is_alive(), f"the thread reading {self.path} did not end"
+        self.end_reader()
         self.sock.close()
 
 

@@ -32,6 +32,7 @@ class Pump:
 
     def __init__(self, daemon: Daemon) -> None:
         assert daemon.notify is not None, "the daemon is not running"
+        self._notify = daemon.notify
         self._sock: socket.socket = daemon.notify.sock
         self._sock.settimeout(None)  # the thread owns the socket now; stop() wakes it with shutdown()
         self._cond = threading.Condition()
@@ -85,11 +86,7 @@ class Pump:
             return f"{ended}, {len(self._lines)} lines, cursor {self._cursor}"
 
     def stop(self) -> None:
-        # shutdown() wakes the blocked recv (close() would not); jobd's later sends then fail with EPIPE at once.
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(10)
-        assert not self._thread.is_alive(), "the notify socket's reader did not end"
+        self._notify.end_reader()
 
 
 def attach(daemon: Daemon) -> Pump:
