@@ -1265,6 +1265,7 @@ class _GroupFlusher:
         self._wal_path = wal_path
         self._fd: int | None = None
         self._in_flight = False
+        self._closing = False
         self._next: asyncio.Future[None] | None = None
 
     async def flush(self) -> None:
@@ -1297,8 +1298,17 @@ class _GroupFlusher:
             waiters.set_result(None)
         if self._next is not None:
             self._start(loop)
+        elif self._closing:
+            self._close_fd()
 
     def close(self) -> None:
+        """Close the WAL's descriptor, or, while an fsync of it runs in a worker thread, once that has ended: closed
+        under it, the number could be given to another file meanwhile and fsync()ed in its place."""
+        self._closing = True
+        if not self._in_flight:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

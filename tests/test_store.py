@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType
 
@@ -263,6 +267,36 @@ def test_the_database_is_held_exclusively_while_jobd_has_it_open(tmp_path: Path)
     other = sqlite3.connect(path)  # once jobd let go, anybody may read it
     assert other.execute("SELECT count(*) FROM job").fetchone() == (1,)
     other.close()
+
+
+def test_a_store_closed_while_an_fsync_runs_keeps_the_wal_open_until_it_ends(tmp_path: Path) -> None:
+    """`durability = "fsync"` at shutdown: the WAL's descriptor, closed under the worker thread's fsync, could be
+    handed to another file meanwhile and fsync()ed in its place. It is closed once the fsync has ended."""
+    path = tmp_path / "jobd.sqlite3"
+    store = Store(str(path))
+    store.open()
+    gate = threading.Event()
+
+    async def close_during_fsync() -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            loop.set_default_executor(executor)
+            held = loop.run_in_executor(None, gate.wait)  # the one worker is busy: the fsync waits behind it
+            try:
+                store.insert_jobs([JobSpec(command=("/bin/true",), queue="q")], [JobState.QUEUED], 1.0, [1.0])
+                flush = asyncio.ensure_future(store.flush())
+                await asyncio.sleep(0)  # one turn of the loop: the flush hands its fsync to the executor
+                wal = store._flusher._fd if store._flusher is not None else None
+                assert wal is not None
+                store.close()
+                assert os.readlink(f"/proc/self/fd/{wal}").startswith(f"{path}-wal")  # still the WAL's
+            finally:
+                gate.set()  # (also when an assertion failed: the executor's exit waits for its worker)
+            await held
+            await flush  # the fsync had its descriptor: no EBADF, nothing else synced
+            assert store._flusher is not None and store._flusher._fd is None  # and now it is closed
+
+    asyncio.run(close_during_fsync())
 
 
 def test_a_database_from_a_newer_jobd_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
