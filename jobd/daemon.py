@@ -35,6 +35,7 @@ from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
 from jobd.errors import ConfigError, ShuttingDown, StartupError
 from jobd.eventloop import EventLoop
+from jobd.loop_signals import LoopSignals
 from jobd.model import Config, iso
 from jobd.server import Server
 from jobd.store import DATABASE_ERRORS, Store, startup_failure
@@ -296,9 +297,21 @@ class Daemon:
         # Until here, SIGTERM, SIGINT and SIGHUP were only noted (jobd.early_signals), even during a long recovery,
         # which runs without the loop: such a signal neither killed jobd in the middle of it nor was lost. A stop
         # asked for by then starts no job: those put back wait in their queues for the next start.
-        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
-        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        signals = LoopSignals(
+            loop,
+            {
+                signal.SIGTERM: self.stop_requested.set,
+                signal.SIGINT: self.stop_requested.set,
+                signal.SIGHUP: self._on_sighup,
+            },
+        )
+        try:
+            await self._serve(loop)
+        finally:
+            signals.close()
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From recovery done to stopped: the signals noted during start-up first, then serve until a stop."""
         for number in self._early_signals:
             if number == signal.SIGHUP:
                 self._on_sighup()
@@ -349,6 +362,9 @@ class Daemon:
     async def _shutdown(self) -> None:
         log.info("stopping: no new work; running jobs get SIGTERM, then SIGKILL after their kill_grace")
         self._stopping = True
+        # From here, before a client can learn of the stop: a launch that came in while the listeners close was
+        # taken, its instance made and its tasks left for the next start.
+        self.engine.stop_taking_work()
         self.notifier.notify(f"STOPPING=1\nSTATUS={self._status_line()}")
         self.scheduler.stop()
         self.instances.stop_retries()

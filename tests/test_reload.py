@@ -361,6 +361,27 @@ def test_sighup_reloads(jobd: Callable[..., Daemon]) -> None:
     assert job["state"] == "succeeded" and daemon.output(job["id"]) == "after SIGHUP\n"
 
 
+def test_a_sigterm_among_a_burst_of_sighups_stops_jobd(jobd: Callable[..., Daemon]) -> None:
+    """A script reloading in a loop, then stopping. asyncio's signal handling learnt which signal came from a byte
+    in its wake-up socket, dropped when that was full (a few hundred signals while the loop was busy), and the
+    SIGTERM with it: jobd ran on until systemd's SIGKILL, and Python printed "Exception ignored ... signal wakeup
+    fd" for every byte dropped. Here the burst and the SIGTERM all come while jobd reads a long configuration."""
+    daemon = jobd(TASKS + "".join(f'[task.t{n}]\ncommand = ["/bin/true"]\n' for n in range(10000)))
+    pump = pump_of(daemon)
+    pump.skip()
+    os.kill(daemon.pid, signal.SIGHUP)
+    pump.wait_for("RELOADING=1")  # sent before the files are read: the loop is busy with them from here on
+    for _ in range(3000):
+        os.kill(daemon.pid, signal.SIGHUP)
+    os.kill(daemon.pid, signal.SIGTERM)
+    assert not pump.arrived("READY=1"), "the reload ended before the burst did: the test needs a longer configuration"
+    pump.wait_for("STOPPING=1")
+    assert daemon.process is not None and daemon.process.wait(30) == 0
+    pump.stop()
+    log = daemon.log()
+    assert "stopped" in log and "Exception ignored" not in log and "Traceback" not in log
+
+
 # --- what a reload does to queues and jobs ------------------------------------------------------------------
 
 

@@ -1008,9 +1008,14 @@ class Engine:
         that ignores SIGTERM before its SIGKILL."""
         return max((self.jobs[job_id].spec.kill_grace for job_id in self._running), default=0.0)
 
+    def stop_taking_work(self) -> None:
+        """No submit, launch or start is taken from now on: said as soon as jobd decides to stop, before anything
+        of the stop (STOPPING=1 among it) lets a client see that it stops."""
+        self.stopping = True
+
     async def shutdown(self) -> None:
         """Stop taking work, end running jobs by their grace rules, and leave every job recoverable."""
-        self.stopping = True
+        self.stop_taking_work()
         for timer in self._delay_timers.values():
             timer.cancel()
         self.history.shut_down()

@@ -80,6 +80,11 @@ class Pump:
                     raise AssertionError(f"no notify line matching {match!r}; last lines: {self._lines[-15:]}")
                 self._cond.wait(left)
 
+    def arrived(self, prefix: str) -> bool:
+        """Whether a line starting with `prefix` came after the last one wait_for returned (none is consumed)."""
+        with self._cond:
+            return any(line.startswith(prefix) for line in self._lines[self._cursor :])
+
     def state(self) -> str:
         with self._cond:
             ended = f"ended ({self._error!r})" if self._ended else "reading"

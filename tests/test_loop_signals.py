@@ -1,0 +1,83 @@
+"""jobd.loop_signals in this process: signals reach their handlers on the loop, none lost, bursts merged."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from jobd.loop_signals import LoopSignals
+
+DEADLINE = 10.0  # for a handler that should run in the loop's next turn; only a lost signal waits this long
+
+
+def run_with_signals(scenario: Callable[[LoopSignals, dict[int, int], asyncio.Event], Any]) -> dict[int, int]:
+    """Run `scenario(signals, calls, called)` on a fresh loop with SIGUSR1 and SIGUSR2 routed to counters."""
+    calls = {signal.SIGUSR1: 0, signal.SIGUSR2: 0}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        called = asyncio.Event()
+
+        def count(number: int) -> Callable[[], None]:
+            def handler() -> None:
+                calls[number] += 1
+                called.set()
+
+            return handler
+
+        signals = LoopSignals(loop, {number: count(number) for number in calls})
+        try:
+            await scenario(signals, calls, called)
+        finally:
+            signals.close()
+
+    before = {number: signal.getsignal(number) for number in calls}
+    asyncio.run(main())
+    assert {number: signal.getsignal(number) for number in calls} == before  # close() put them back
+    return calls
+
+
+def test_a_signal_is_not_lost_when_the_wakeup_socket_is_full() -> None:
+    """What asyncio's add_signal_handler lost: its byte finds the socket full, and it told which signal came."""
+
+    async def scenario(signals: LoopSignals, calls: dict[int, int], called: asyncio.Event) -> None:
+        with pytest.raises(BlockingIOError):
+            while True:
+                signals._wake_write.send(b"\0" * 4096)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.wait_for(called.wait(), DEADLINE)
+
+    assert run_with_signals(scenario) == {signal.SIGUSR1: 1, signal.SIGUSR2: 0}
+
+
+def test_a_signal_taken_by_another_thread_wakes_the_loop() -> None:
+    """Delivered to a worker thread while the loop waits in epoll_wait(): the wake-up socket ends the wait, and the
+    handler runs on the loop."""
+
+    async def scenario(signals: LoopSignals, calls: dict[int, int], called: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGUSR2))
+        await asyncio.wait_for(called.wait(), DEADLINE)
+
+    assert run_with_signals(scenario) == {signal.SIGUSR1: 0, signal.SIGUSR2: 1}
+
+
+def test_a_signal_repeated_before_its_handler_ran_is_merged_and_others_are_kept() -> None:
+    async def scenario(signals: LoopSignals, calls: dict[int, int], called: asyncio.Event) -> None:
+        for _ in range(5):  # all before the loop's next turn: one run of the handler
+            os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        await asyncio.wait_for(called.wait(), DEADLINE)
+        await asyncio.sleep(0)  # one more turn: both handlers were queued in the same one
+        assert calls == {signal.SIGUSR1: 1, signal.SIGUSR2: 1}
+        called.clear()
+        os.kill(os.getpid(), signal.SIGUSR1)  # after its run: a new one
+        await asyncio.wait_for(called.wait(), DEADLINE)
+
+    assert run_with_signals(scenario) == {signal.SIGUSR1: 2, signal.SIGUSR2: 1}
