@@ -37,6 +37,7 @@ from jobd.engine.schedule import Calendar
 from jobd.errors import ConfigError
 from jobd.model import (
     ENV_NAME,
+    MAX_SECONDS,
     AccessDef,
     Config,
     DaemonDef,
@@ -733,8 +734,10 @@ def _integer(low: int, high: int = MAX_INTEGER) -> Callable[[_Setting], int]:
     return parse
 
 
-def _number(minimum: float, *, exclusive: bool = False) -> Callable[[_Setting], float]:
-    allowed = f"a number {'>' if exclusive else '>='} {minimum:g}"
+def _number(minimum: float, *, exclusive: bool = False, maximum: float = MAX_SECONDS) -> Callable[[_Setting], float]:
+    """A finite number from `minimum` to `maximum`: by default a number of seconds, at most a century as in the API
+    (later times would not be dates: a schedule's jitter of 1e300 s broke every schedule.list)."""
+    allowed = f"a number {'>' if exclusive else '>='} {minimum:g} and up to {maximum:.0f}"
 
     def parse(setting: _Setting) -> float:
         value = setting.value
@@ -746,7 +749,7 @@ def _number(minimum: float, *, exclusive: bool = False) -> Callable[[_Setting], 
             raise setting.invalid(f"expected {allowed}, got an integer too large for a number") from None
         if not math.isfinite(value):
             raise setting.invalid(f"expected {allowed}, got {value!r} (numbers must be finite)")
-        if value < minimum or (exclusive and value == minimum):
+        if value < minimum or (exclusive and value == minimum) or value > maximum:
             raise setting.expected(allowed)
         return value
 
@@ -1081,7 +1084,7 @@ def _days_or_forever(setting: _Setting) -> float | None:
         return None
     if setting.value is True:
         raise setting.expected("a number >= 0, or false for no age limit")
-    return _number(0)(setting)
+    return _number(0, maximum=MAX_SECONDS / 86400)(setting)
 
 
 def _history(setting: _Setting) -> History:
@@ -1270,7 +1273,7 @@ def _timezone(setting: _Setting) -> str:
     name = _string(setting)
     try:
         zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe", a directory of zones
         raise setting.invalid(
             f'unknown time zone {json.dumps(name)}; allowed: an IANA name such as "Europe/Paris" or "UTC" '
             "(omit the key for the machine's local time)"

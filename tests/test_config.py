@@ -299,7 +299,7 @@ BAD_VALUES = {
         '[task.t]\ncommand = ["/bin/true"]\ntimeout = "10"\n',
         3,
         "task.t.timeout",
-        'expected a number > 0, got "10" (a string)',
+        'expected a number > 0 and up to 3162240000, got "10" (a string)',
     ),
     "bool is not an int": (
         "[queue.q]\nconcurrency = true\n",
@@ -347,7 +347,13 @@ BAD_VALUES = {
         "[daemon]\nkill_grace = inf\n",
         2,
         "daemon.kill_grace",
-        "expected a number >= 0, got inf (numbers must be finite)",
+        "expected a number >= 0 and up to 3162240000, got inf (numbers must be finite)",
+    ),
+    "a timeout past a century": (
+        '[task.t]\ncommand = ["/bin/true"]\ntimeout = 1e300\n',
+        3,
+        "task.t.timeout",
+        "expected a number > 0 and up to 3162240000, got 1e+300",
     ),
     "not a number": (
         '[task.t]\ncommand = ["/bin/true"]\ntimeout = nan\n',
@@ -359,7 +365,7 @@ BAD_VALUES = {
         '[task.t]\ncommand = ["/bin/true"]\ntimeout = 0\n',
         3,
         "task.t.timeout",
-        "expected a number > 0, got 0",
+        "expected a number > 0 and up to 3162240000, got 0",
     ),
     "float where an int is needed": (
         "[daemon]\nmax_output = 1.5\n",
@@ -371,7 +377,7 @@ BAD_VALUES = {
         '[task.t]\ncommand = ["/bin/true"]\n\nretry = { times = 3, backoff = 0.5 }\n',
         4,
         "task.t.retry.backoff",
-        "expected a number >= 1, got 0.5",
+        "expected a number >= 1 and up to 3162240000, got 0.5",
     ),
     "exit code out of range": (
         '[task.t]\ncommand = ["/bin/true"]\nretry = { on_exit_codes = [1, 256] }\n',
@@ -443,7 +449,7 @@ BAD_VALUES = {
         '[task.t]\ncommand = ["/bin/true"]\ntimeout = 1' + "0" * 400 + "\n",
         3,
         "task.t.timeout",
-        "expected a number > 0, got an integer too large for a number",
+        "expected a number > 0 and up to 3162240000, got an integer too large for a number",
     ),
     "history not a table": (
         "[daemon]\nhistory = 30\n",
@@ -965,7 +971,7 @@ BAD_SCHEDULES = {
         "[retry_schedule.s]\n\nlevels = [{ delay = 0, times = 1 }]\n",
         3,
         "retry_schedule.s.levels[1].delay",
-        "retry_schedule.s.levels[1].delay: expected a number > 0, got 0",
+        "retry_schedule.s.levels[1].delay: expected a number > 0 and up to 3162240000, got 0",
     ),
     "zero times": (
         "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1 }, { delay = 2, times = 0 }]\n",
@@ -983,7 +989,7 @@ BAD_SCHEDULES = {
         "[retry_schedule.s]\nlevels = [{ delay = true, times = 1 }]\n",
         2,
         "retry_schedule.s.levels[1].delay",
-        "expected a number > 0, got true (a boolean)",
+        "expected a number > 0 and up to 3162240000, got true (a boolean)",
     ),
     "missing times": (
         "[retry_schedule.s]\nlevels = [{ delay = 1 }]\n",
@@ -1165,13 +1171,23 @@ def test_no_schedules_by_default(tmp_path: Path) -> None:
         ('calendar = "1 2 3"', "expected 5 cron fields"),
         ("calendar = 5", "schedule.s.calendar: expected a string: cron"),
         ('calendar = "* * * * *"\ntimezone = "Mars/Olympus"', 'schedule.s.timezone: unknown time zone "Mars/Olympus"'),
+        # A directory of zones, not a zone: it crashed the start (IsADirectoryError), or a reload as INTERNAL_ERROR.
+        ('calendar = "* * * * *"\ntimezone = "Europe"', 'schedule.s.timezone: unknown time zone "Europe"'),
         ('calendar = "* * * * *"\noverlap = "queue"', 'schedule.s.overlap: "queue" is not allowed; allowed: "skip"'),
         (
             'calendar = "* * * * *"\non_failure = "stop"',
             'schedule.s.on_failure: "stop" is not allowed; allowed: "continue", "suspend"',
         ),
         ('calendar = "* * * * *"\ncatch_up = "yes"', "schedule.s.catch_up: expected true or false"),
-        ('calendar = "* * * * *"\njitter = -1', "schedule.s.jitter: expected a number >= 0, got -1"),
+        (
+            'calendar = "* * * * *"\njitter = -1',
+            "schedule.s.jitter: expected a number >= 0 and up to 3162240000, got -1",
+        ),
+        # Past a century a time is no date: 1e300 broke every schedule.list (OverflowError), 1e13 made jobctl fail.
+        (
+            'calendar = "* * * * *"\njitter = 1e13',
+            "schedule.s.jitter: expected a number >= 0 and up to 3162240000, got",
+        ),
         ('calendar = "* * * * *"\nenabled = 1', "schedule.s.enabled: expected true or false"),
         ('calendar = "* * * * *"\ncalender = "x"', "unknown key schedule.s.calender (did you mean calendar?)"),
     ],

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, next_run
+from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, local_zone, next_run
 from jobd.model import ScheduleDef, ScheduleState
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -111,6 +111,21 @@ def test_next_after_is_strictly_after() -> None:
     assert calendar.next_after(at, "Europe/Paris") == at + 10
     assert calendar.next_after(at - 0.5, "Europe/Paris") == at
     assert calendar.next_after(at + 0.5, "Europe/Paris") == at + 10
+
+
+@pytest.mark.parametrize("value", ["Mars/Olympus", "Europe", ":America"])
+def test_a_tz_that_names_no_zone_is_left_for_the_machines_zone(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """TZ=Europe (a directory of zones) stopped jobd's start with IsADirectoryError; unknown names were already
+    passed over for /etc/localtime."""
+    monkeypatch.setenv("TZ", "")
+    local_zone.cache_clear()
+    machines = local_zone()
+    monkeypatch.setenv("TZ", value)
+    local_zone.cache_clear()
+    try:
+        assert type(local_zone()) is type(machines) and str(local_zone()) == str(machines)
+    finally:
+        local_zone.cache_clear()
 
 
 def test_timezone_changes_the_instant() -> None:

@@ -215,7 +215,7 @@ def local_zone() -> dt.tzinfo:
     if name:
         try:
             return zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: TZ=Europe, a directory of zones
             pass
     try:
         with open("/etc/localtime", "rb") as file:
