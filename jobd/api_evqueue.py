@@ -360,14 +360,23 @@ def instance_debugresume(service: EvQueue, peer: Peer, command: xml.InstanceDebu
     return once_durable(service.api.engine, service.ok({"workflow-instance-id": instance_id}))
 
 
+def _seconds(moment: datetime) -> float:
+    """Unix time of a naive datetime, read as local time as evQueue sends it. A date the platform cannot place
+    (`0001-01-01`, whose local time would fall in year 0) lies before, or after, every instance."""
+    try:
+        return moment.timestamp()
+    except (ValueError, OverflowError):
+        return -math.inf if moment.year < 1970 else math.inf
+
+
 def _timestamp(moment: datetime | None) -> float | None:
-    return None if moment is None else moment.timestamp()  # a naive datetime is local time, as evQueue sends it
+    return None if moment is None else _seconds(moment)
 
 
 def _until(moment: datetime | None) -> float | None:
     """The end of the second `moment` names: evQueue's times are whole seconds (the times jobd shows are cut to the
     second), so `filter_…_until` with the time a row shows must keep that row, whatever fraction jobd holds."""
-    return None if moment is None else math.nextafter(moment.timestamp() + 1, -math.inf)
+    return None if moment is None else math.nextafter(_seconds(moment) + 1, -math.inf)
 
 
 def instances_list(service: EvQueue, peer: Peer, command: xml.InstancesList) -> Result:

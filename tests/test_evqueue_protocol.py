@@ -436,6 +436,37 @@ def test_launch_query_and_list(corpus_daemon: Any) -> None:
         ko(client.ask(b'<instance action="query" id="%s"/>' % instance_id.encode()), "UNKNOWN_INSTANCE")
 
 
+def test_a_comment_xml_cannot_hold_is_kept_as_control_pictures_and_listed(corpus_daemon: Any) -> None:
+    """jobd's JSON-RPC takes any string; the instance's document and evQueue's lists are XML. A control character in
+    a launch's comment or host was an INTERNAL_ERROR (lxml refused the attribute)."""
+    launched = corpus_daemon.call(
+        "instance.launch", {"workflow": "trivial", "comment": "a\u0001b\ufffe", "host": "h\u001b"}
+    )
+    corpus_daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    shown = "a\u2401b\ufffd"
+    assert corpus_daemon.call("instance.get", {"id": launched["id"]})["comment"] == shown
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        document = ok(client.ask(b'<instance action="query" id="%d"/>' % launched["id"]))[0]
+        assert (document.get("comment"), document.get("host")) == (shown, "h\u241b")
+        row = ok(client.ask(b'<instances action="list" filter_workflow="trivial"/>'))[0]
+        assert row.get("comment") == shown
+
+
+def test_instances_listed_from_or_until_year_1(corpus_daemon: Any) -> None:
+    """The first day of year 1, read as local time, falls before what the platform can place: it was an
+    UNEXPECTED_EXCEPTION (year 0 is out of range). It lies before every instance."""
+    launched = corpus_daemon.call("instance.launch", {"workflow": "trivial"})
+    corpus_daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        for request, rows in (
+            (b'<instances action="list" filter_launched_from="0001-01-01 00:00:00"/>', "1"),
+            (b'<instances action="list" filter_launched_until="0001-01-01 00:00:00"/>', "0"),
+            (b'<instances action="list" filter_ended_from="0001-01-01"/>', "1"),
+            (b'<instances action="list" filter_launched_from="9999-12-31 23:59:59"/>', "0"),
+        ):
+            assert ok(client.ask(request)).get("rows") == rows, request
+
+
 def test_a_synchronous_launch_sends_keepalives_and_holds_later_requests(corpus_daemon: Any) -> None:
     with EvqClient(corpus_daemon.evqueue_socket) as client:
         # The ping behind the launch is answered only after it: evQueue clients match answers by order.

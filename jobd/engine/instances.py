@@ -40,6 +40,7 @@ from jobd.engine.workflow import (
     RunTask,
     TaskResult,
     check_parameters,
+    xml_safe_text,
 )
 from jobd.errors import (
     InsufficientRights,
@@ -207,6 +208,9 @@ class Instances:
         launched_by: int | None = None,
     ) -> int:
         self._refuse_while_stopping()
+        # As parameter values are: characters an XML document cannot hold become control pictures (jobd's JSON-RPC
+        # takes them; the instance's document, and evQueue's lists, could not carry them).
+        comment, host, user = (None if text is None else xml_safe_text(text) for text in (comment, host, user))
         config = self.engine.config
         definition = config.workflows.get(workflow)
         if definition is None:
