@@ -313,6 +313,25 @@ def test_hung_event_loop_trips_the_watchdog(sd: Sdns) -> None:
         assert call(sd, "job.wait", {"id": job_id, "timeout": TIMEOUT})["state"] == "succeeded"
 
 
+def test_a_crash_of_jobd_leaves_none_of_its_processes_running(sd: Sdns) -> None:
+    """kill -9 of jobd: before Restart=on-failure starts it again, systemd SIGKILLs what is left in its cgroup
+    (KillMode=mixed). So nothing runs on unsupervised beside the jobs started again, also what recovery cannot
+    find: a process that left its job's process group, or a job whose pid jobd had not yet recorded (docs/jobs.md)."""
+    pid = started(sd)
+    restarts = int(sd.show("NRestarts"))
+    cursor = sd.cursor()
+    escapee_job = call(sd, "job.submit", {"task": "escapee"})["id"]
+    escapee = call(sd, "job.output", {"id": escapee_job, "wait": True})["data"].strip()
+    assert sd.ns("sh", "-c", f"kill -0 {escapee} && echo alive").strip() == "alive"
+    sd.ns("kill", "-KILL", str(pid))
+    sd.follow(cursor, r"jobd \S+ ready: socket /run/jobd/jobd\.sock")
+    assert int(sd.show("NRestarts")) == restarts + 1
+    assert sd.ns("sh", "-c", f"kill -0 {escapee} 2>/dev/null || echo gone").strip() == "gone"
+    found = call(sd, "job.get", {"id": escapee_job})
+    assert (found["state"], found["tries"][0]["outcome"]) == ("failed", "lost")  # no retry policy: it ends there
+    sd.ctl("reset-failed", "jobd.service")  # this restart, off the start limit's count for the module's next tests
+
+
 def test_stop_with_running_jobs(sd: Sdns) -> None:
     """As jobd.service's comment says: SIGTERM to jobd alone, which SIGTERMs each job's process group, SIGKILLs it
     after kill_grace, puts the jobs back in their queue and exits; they run again at the next start. Then systemd
