@@ -50,6 +50,7 @@ from jobd.model import (
     WORKFLOW_TASK_KEY_PREFIX,
     AccessDef,
     Job,
+    JobSpec,
     JobState,
     ObjectKind,
     RetryPolicy,
@@ -442,7 +443,7 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
     for member in members:
         request, delay = _submit_request(member)
         member.done()
-        specs.append(resolve(api.engine.config, request, session.peer))
+        specs.append(_resolve_or_keyed(api, request, session.peer))
         delays.append(delay)
     for spec in specs:
         if spec.key is not None:
@@ -450,6 +451,20 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
     jobs = api.engine.submit(specs, delays, after_reply=session.after_reply)
     result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
     return once_durable(api.engine, result)
+
+
+def _resolve_or_keyed(api: Api, request: SubmitRequest, peer: Peer) -> JobSpec:
+    """The job `request` asks for; or, when its key is already taken and its task or queue has gone from the
+    configuration since, the spec of the job that has the key, which the submit answers with (a client asks again
+    with the key when it lost the first reply). Rights are checked as for any submit, and the read right on that
+    job then too (_check_key_is_readable)."""
+    try:
+        return resolve(api.engine.config, request, peer)
+    except (UnknownTask, UnknownQueue):
+        existing = None if request.key is None else api.engine.job_with_key(request.key)
+        if existing is None:
+            raise
+        return existing.spec
 
 
 def _check_key_is_readable(api: Api, session: Session, key: str) -> None:

@@ -7,6 +7,7 @@ it sends over NOTIFY_SOCKET.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -411,6 +412,32 @@ def test_removed_queue_drains_and_takes_nothing_new(jobd: Callable[..., Daemon],
     assert [daemon.output(a), daemon.output(b)] == ["a\n", "b\n"]
     # Drained: "then it disappears" (docs/config.md).
     assert "extra" not in queue_names(daemon)
+
+
+def test_a_key_is_answered_with_its_job_after_its_queue_and_task_were_removed(
+    jobd: Callable[..., Daemon], gates: Callable[[str], Gate]
+) -> None:
+    """A client that lost the first reply asks again with the same key, and gets that job: also once a reload has
+    closed its queue, removed its task, or both (it was QUEUE_CLOSED, UNKNOWN_TASK, then UNKNOWN_QUEUE)."""
+    gate = gates("held")
+    extra = "\n[queue.extra]\nconcurrency = 1\n"
+    held = f'[task.held]\ncommand = {json.dumps(gated(gate, "/bin/echo", "held"))}\nqueue = "extra"\n'
+    daemon = jobd(TASKS + extra + held)
+    adhoc = {"command": ["/bin/true"], "queue": "extra", "key": "adhoc-1"}
+    first = daemon.submit(task="held", key="task-1")["id"]
+    second = daemon.submit(**adhoc)["id"]
+    daemon.write_config(TASKS)  # the task goes, and the queue, which drains
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert daemon.submit(task="held", key="task-1")["id"] == first
+    assert daemon.submit(**adhoc)["id"] == second
+    assert remote_error(daemon, "job.submit", {"task": "held", "key": "task-2"}).code == "UNKNOWN_TASK"
+    assert remote_error(daemon, "job.submit", {**adhoc, "key": "adhoc-2"}).code == "QUEUE_CLOSED"
+    gate.release()
+    assert [daemon.wait(first)["state"], daemon.wait(second)["state"]] == ["succeeded", "succeeded"]
+    assert "extra" not in queue_names(daemon)  # drained, and gone
+    assert daemon.submit(task="held", key="task-1")["id"] == first
+    assert daemon.submit(**adhoc)["id"] == second
+    assert remote_error(daemon, "job.submit", {**adhoc, "key": "adhoc-2"}).code == "UNKNOWN_QUEUE"
 
 
 def test_running_job_keeps_its_command_and_timeout(jobd: Callable[..., Daemon], gates: Callable[[str], Gate]) -> None:
