@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from harness import Daemon
 from lxml import etree
-from recovery.support import attach, kill9, start, terminate
+from recovery.support import Gate, attach, kill9, start, terminate
 from test_jobs import next_matching
 from test_workflow_engine import assert_same_instance, normalised
 
@@ -950,3 +950,55 @@ def test_a_restart_numbers_nodes_as_the_first_run_did_though_a_loop_over_nothing
     assert _crash_with_document(daemon, instance_id, behind)["errors"] == 0
     assert log.read_text() == "ran\n"
     assert len(daemon.call("job.list", {"context": f"instance:{instance_id}", "limit": 100})["jobs"]) == 4
+
+
+def _toml_retry_daemon(make_daemon: Any, tmp_path: Path, gate: Path) -> Daemon:
+    """A TOML task whose `retry` tries a failure again after a long delay: each run is a line of runs.log, and
+    waits for `gate` (a lock the test may hold)."""
+    fails = f'["/bin/sh", "-c", "echo run >> {tmp_path}/runs.log; flock {gate} true; exit 3"]'
+    config = f'[queue.q]\nconcurrency = 2\n[task.fails]\ncommand = {fails}\nqueue = "q"\n'
+    config += "retry = { times = 3, delay = 600 }\n"
+    own = '<workflow><subjobs><job name="j"><tasks><task name="t" task="fails" retry_times="1" retry_delay="1"/>'
+    toml = '<workflow><subjobs><job name="j"><tasks><task name="t" task="fails"/>'
+    end = "</tasks></job></subjobs></workflow>"
+    return _workflow_daemon(make_daemon, config, own=own + end, toml=toml + end)
+
+
+def _runs(tmp_path: Path) -> int:
+    return len((tmp_path / "runs.log").read_text().splitlines())
+
+
+def test_a_workflows_own_retries_replace_its_toml_tasks(make_daemon: Any, tmp_path: Path) -> None:
+    """retry_times/retry_delay on the task replace the TOML task's `retry` (docs/workflows.md): each of the
+    workflow's tries was also retried by jobd, 2 x 4 runs where 2 were asked for."""
+    daemon = _toml_retry_daemon(make_daemon, tmp_path, tmp_path / "open")
+    launched = daemon.call("instance.launch", {"workflow": "own"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
+    assert _runs(tmp_path) == 2
+    task = _document(daemon, launched["id"]).find(".//task[@name='t']")
+    assert task is not None and [out.get("retval") for out in task.findall("output")] == ["3", "3"]
+
+
+@pytest.mark.parametrize("when", ["waiting to retry", "running"])
+def test_a_cancel_stops_the_toml_retries_of_a_task(make_daemon: Any, tmp_path: Path, when: str) -> None:
+    """A task's TOML `retry` is jobd's retry of its job. A cancel left it on: the task ran again after its delay
+    (3 more times here, 10 minutes apart), and the instance only ended then. Now retries are off, as evQueue's are
+    at a cancel: a job waiting for its retry is cancelled at once, and one still running when the cancel came is
+    cancelled as it fails."""
+    gate = Gate(tmp_path / "gate") if when == "running" else None  # held: the first try runs until released
+    daemon = _toml_retry_daemon(make_daemon, tmp_path, tmp_path / "gate")
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        launched = daemon.call("instance.launch", {"workflow": "toml"})
+        state = "delayed" if when == "waiting to retry" else "running"
+        job = next_matching(client, lambda e: e["job"]["state"] == state, 30)["job"]
+        daemon.call("instance.cancel", {"id": launched["id"]})
+        if gate is not None:
+            gate.release()
+        done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
+    assert _runs(tmp_path) == 1
+    assert daemon.call("job.get", {"id": job["id"]})["state"] == "cancelled"
+    task = _document(daemon, launched["id"]).find(".//task[@name='t']")
+    assert task is not None and [out.get("retval") for out in task.findall("output")] == ["3"]

@@ -424,6 +424,10 @@ class Instances:
                 log.info("instance=%d cancel requested", instance_id)
                 self._cancels_unsaved.add(instance_id)  # before _apply: the instance may end, and be saved, there
             self._apply(live, live.machine.cancel(self.clock()))
+            for job_id in list(live.jobs.values()):  # a task's job waiting to be retried: retries are off now
+                job = self.engine.jobs.get(job_id)
+                if job is not None and job.state is JobState.DELAYED:
+                    self._cancel_job(job_id)
         elif instance_id not in self._cancels_refused:
             summary = self.summary(instance_id)  # raises for an unknown id
             raise InvalidParams(f"instance {instance_id} has already ended ({summary.status})", id=instance_id)
@@ -791,6 +795,14 @@ class Instances:
         result = self._result(job, parsed=live.machine.parses_output(evqid))
         self._apply(live, live.machine.task_ended(evqid, result, self.clock()))
 
+    def _task_waits_to_retry(self, instance_id: int, evqid: int, job: Job) -> None:
+        """A task's job failed and waits to run again by its TOML task's `retry`: not in an instance being
+        cancelled, whose retries are off (evQueue's cancel flushes them). The job is cancelled, and the task ends
+        with that try's result."""
+        live = self._live.get(instance_id)
+        if live is not None and live.machine.cancelling and live.jobs.get(evqid) == job.id:
+            self._cancel_job(job.id)
+
     def _result(self, job: Job, *, parsed: bool) -> TaskResult:
         """How the job of a task ended; with `parsed` (its stdout is XML to parse), also whether that stdout is
         whole, from the job's record."""
@@ -1124,3 +1136,6 @@ class _TaskWatcher:
 
     def job_finished(self, job: Job) -> None:
         self.instances._supervised(self.instance_id, self.instances._task_finished, self.evqid, job)
+
+    def job_waits_to_retry(self, job: Job) -> None:
+        self.instances._supervised(self.instance_id, self.instances._task_waits_to_retry, self.evqid, job)

@@ -111,6 +111,9 @@ class _RunWatcher:
     def job_finished(self, job: Job) -> None:
         self.scheduler._run_ended(self.name, job.id, _job_result(job))
 
+    def job_waits_to_retry(self, job: Job) -> None:
+        pass  # the run goes on until the job has finished
+
 
 def _job_result(job: Job) -> str:
     return str(job.state)  # succeeded | failed | timed_out | cancelled

@@ -802,7 +802,9 @@ class Instance:
             script=script,
             merge_stderr=task.get("merge-stderr") == "yes",
             timeout=definition.timeout if definition else None,
-            retry=definition.retry if definition else None,
+            # The workflow's own retries, when it gives any, replace the TOML task's (docs/workflows.md): both would
+            # multiply, each try of evQueue's being retried by jobd's.
+            retry=definition.retry if definition is not None and not _retries_given(task) else None,
             task=toml_name,
             http=definition.http if definition else None,
             definition=definition,
@@ -1022,6 +1024,10 @@ def document_text(data: bytes | str) -> str:
         cut = data[:MAX_DOCUMENT_TEXT]
         return xml_safe_text(cut.decode("utf-8", "replace") if isinstance(cut, bytes) else cut) + TRUNCATED_MARK
     return xml_safe_text(data)
+
+
+def _retries_given(task: etree._Element) -> bool:
+    return any(task.get(name) is not None for name in ("retry_times", "retry_delay", "retry_schedule"))
 
 
 def xml_safe_text(data: bytes | str) -> str:
