@@ -259,6 +259,21 @@ def test_get_job_only_in_summaries(root: etree._Element) -> None:
         evaluate("evqGetJob('list')", root, EvalContext.for_node(node(root, 8), root))
 
 
+def test_get_job_finds_the_instances_jobs_not_those_an_output_or_input_holds(root: etree._Element) -> None:
+    """evQueue looks among the instance's jobs (//subjobs/job); a `<job>` in a task's XML output, or in an XML
+    input copied into the document, is data."""
+    other = node(root, 12)
+    other.find("output").append(etree.fromstring('<r><job name="deep"><tasks><task retval="1"/></tasks></job></r>'))
+    etree.SubElement(other, "input", name="x", mode="xml").append(
+        etree.fromstring('<subjobs><job name="deep"/></subjobs>')
+    )
+    found = evaluate("evqGetJob('deep')", root, EvalContext.for_summary(root))
+    assert isinstance(found, list) and [job.get("evqid") for job in found] == ["10"]
+    assert evaluate_boolean(
+        "count(evqGetJob('deep')/tasks/task[@retval != 0]) = 0", root, EvalContext.for_summary(root)
+    )
+
+
 def test_wait(root: etree._Element) -> None:
     context = EvalContext.for_node(node(root, 7), root)
     assert evaluate_boolean("evqWait(evqGetWorkflowParameter('count') = '3')", root, context)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -284,6 +284,14 @@ def job_of(node: etree._Element) -> etree._Element:
     return node
 
 
+def _jobs_under(element: etree._Element) -> Iterator[etree._Element]:
+    """The instance's jobs below `element`, in document order: its subjobs, theirs, and so on. Not a `<job>` that
+    a task's XML output or an input copied into the document holds (evqGetJob saw those too)."""
+    for job in element.iterfind("subjobs/job"):
+        yield job
+        yield from _jobs_under(job)
+
+
 def parent_job_of(job: etree._Element) -> etree._Element:
     """The job above a job (`job/../..`), or the <workflow> root for a top-level job; the root is its own parent."""
     subjobs = job.getparent()
@@ -464,7 +472,7 @@ def _extensions(context: EvalContext, start: etree._Element) -> dict[tuple[str |
         if not context.summary:
             raise XPathError("evqGetJob() is only available in custom-attributes and automatic-tags")
         wanted = _as_string(name)
-        return [job for job in context.root.iter("job") if job.get("name") == wanted]
+        return [job for job in _jobs_under(context.root) if job.get("name") == wanted]
 
     def wait(_left: Any, condition: Any = None, *extra: Any) -> bool:
         _arity("evqWait", 1, condition, extra)
