@@ -519,6 +519,7 @@ class Daemon:
         self.engine.reload(new)
         self.instances.reload(new)
         self.scheduler.reload(new)
+        self.server.reapply_socket_access([] if self.http is None else self.http.own_unix_socket())
         load_aiohttp(new)
         self.last_reload = {"at": iso(time.time()), "ok": True, "error": None}
         log.info("configuration reloaded from %d file%s", len(new.files), "" if len(new.files) == 1 else "s")

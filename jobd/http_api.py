@@ -262,6 +262,10 @@ class HttpApi:
         except OSError as error:
             raise StartupError(f"cannot listen for HTTP on {self.listen} ([http] listen): {error.strerror}") from None
 
+    def own_unix_socket(self) -> list[str]:
+        """The unix socket jobd bound for HTTP (its mode and group are the API socket's), if it did."""
+        return [self.listen] if isinstance(self.listen, str) and not self.adopted and self._listener else []
+
     def _connection(self) -> asyncio.BaseProtocol:
         """aiohttp's handler for a new connection, or, past `[daemon] max_connections` HTTP connections open at
         once, a 503 answer and the end of the connection. One that sends no request within FIRST_REQUEST_SECONDS is

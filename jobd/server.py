@@ -18,7 +18,7 @@ import socket
 import stat
 import sys
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, TypeGuard
 
 from jobd import activation, users
@@ -111,6 +111,7 @@ class Server:
         self._hangups: EpollSet | None = None  # made on the first
         # The unix sockets' mode and group (bind: `[daemon] socket_mode`, `socket_group`); the HTTP one's too.
         self.access: tuple[int, int | None] = (0o660, None)
+        self._access_as_configured: tuple[int, str] | None = None  # the keys `access` was made from
         self.connections: set[Connection | XmlConnection] = set()
         # close_connections() has begun: a request read from now on is answered SHUTTING_DOWN and not run. Run, a
         # method that waits would start after the store is closed (its task created in the very turn of the loop
@@ -144,9 +145,36 @@ class Server:
         elif self.tcp_listen is not None:
             await self._bind_tcp(*self.tcp_listen)
 
+    def socket_files(self) -> list[str]:
+        """The unix sockets jobd bound itself, whose mode and group are `[daemon]`'s (a socket systemd passed has
+        its unit's)."""
+        return [
+            path
+            for path, name in ((self.path, "api"), (self.evqueue_path, "evqueue"))
+            if path is not None and name not in self.passed
+        ]
+
+    def reapply_socket_access(self, others: Sequence[str] = ()) -> None:
+        """At a reload: give the sockets, and `others` (a unix HTTP listener of jobd's own), the `socket_mode` and
+        `socket_group` now configured, when they changed. Connections already made stay."""
+        daemon = self.api.engine.config.daemon
+        if (daemon.socket_mode, daemon.socket_group) == self._access_as_configured:
+            return
+        mode, gid = access = self._socket_access()
+        for path in (*self.socket_files(), *others):
+            try:
+                os.chmod(path, mode)
+                if gid is not None:
+                    os.chown(path, -1, gid)
+            except OSError as error:
+                log.error("cannot give %s its new socket_mode and socket_group: %s", path, error.strerror or error)
+        log.info("socket_mode %s and socket_group applied to the sockets", oct(mode))
+        self.access = access
+
     def _socket_access(self) -> tuple[int, int | None]:
         """The sockets' mode and group: `[daemon] socket_mode` and `socket_group` (None: jobd's own group)."""
         daemon = self.api.engine.config.daemon
+        self._access_as_configured = (daemon.socket_mode, daemon.socket_group)
         try:
             gid: int | None = users.group_id(daemon.socket_group)
         except KeyError:

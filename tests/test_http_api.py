@@ -417,6 +417,22 @@ def test_unix_socket_identifies_by_peer_credentials(make_daemon: Any, tmp_path: 
     }
 
 
+def test_a_reload_gives_the_sockets_a_new_socket_mode_and_group(make_daemon: Any, tmp_path: Any) -> None:
+    """The mode and group were given at bind only: a reload that tightened socket_mode said "reloaded" and left
+    the sockets open to whoever could connect before."""
+    path = tmp_path / "http.sock"
+    http = f'[http]\nlisten = "{path}"\n'
+    daemon = make_daemon(http, daemon_extra='socket_group = "daemon"\nsocket_mode = 0o666')
+    sockets = [daemon.socket_path, daemon.evqueue_socket, path]
+    daemon_gid = grp.getgrnam("daemon").gr_gid
+    assert [(stat.S_IMODE(os.stat(s).st_mode), os.stat(s).st_gid) for s in sockets] == [(0o666, daemon_gid)] * 3
+    daemon.write_config(http, daemon_extra='socket_group = "root"\nsocket_mode = 0o600')
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert [(stat.S_IMODE(os.stat(s).st_mode), os.stat(s).st_gid) for s in sockets] == [(0o600, 0)] * 3
+    assert "socket_mode 0o600 and socket_group applied to the sockets" in daemon.log()
+    assert daemon.call("ping")["pong"] is True  # jobd (root) still connects
+
+
 def test_http_connections_past_max_connections_are_refused_at_once(make_daemon: Any) -> None:
     """Connections on which nothing is sent held a descriptor each, without limit, until jobd had none left for
     anyone. Past max_connections open HTTP connections, a new one gets 503 and is closed."""
