@@ -139,6 +139,19 @@ def test_timezone_changes_the_instant() -> None:
 # --- day and weekday: evQueue ANDs, cron ORs ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("text", "evqueue"),
+    [
+        ("0 0 15 * *", "0;0;0;14;;"),
+        ("0 0 15W * *", None),  # the weekday nearest the 15th: evQueue's format has no word for it (was a plain 15th)
+        ("0 0 L * *", None),
+        ("0 0 * * 5#2", None),
+    ],
+)
+def test_evqueue_text_is_given_only_when_evqueues_format_can_say_it(text: str, evqueue: str | None) -> None:
+    assert Calendar.parse(text).evqueue_text() == evqueue
+
+
 def test_evqueue_ands_day_and_weekday() -> None:
     # The 13th (day 12) that is a Friday (5): 13 September and 13 December 2024.
     assert walls("0;0;0;12;;5", paris(2024, 1, 1, 0, 0, 0), 2) == [

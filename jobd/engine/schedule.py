@@ -103,8 +103,8 @@ class Calendar:
 
     def evqueue_text(self) -> str | None:
         """The calendar in evQueue's `sec;min;hour;day;month;wday` (what evQueue's clients show and parse), or None
-        when that format cannot say it: cron's `L` and `#`, or a day and a weekday both restricted, which cron ORs
-        and evQueue ANDs. An evQueue calendar is given back as written."""
+        when that format cannot say it: cron's `L`, `W` and `#`, or a day and a weekday both restricted, which cron
+        ORs and evQueue ANDs. An evQueue calendar is given back as written."""
         if not self.day_or:
             return self.text
         parsed = croniter(self.expression, 0.0, second_at_beginning=self.seconds_first)
@@ -112,6 +112,8 @@ class Calendar:
         minutes, hours, days, months, weekdays = expanded[:5]
         seconds = expanded[5] if self.seconds_first else [0]
         if (days != ["*"] and weekdays != ["*"]) or parsed.nth_weekday_of_month:  # `5#2`: the 2nd Friday
+            return None
+        if getattr(parsed, "nearest_weekday", None):  # `15W`: the weekday nearest the 15th (croniter 2.0.2 on)
             return None
         levels = []
         for values, (_, shift) in zip((seconds, minutes, hours, days, months, weekdays), _EVQUEUE_LEVELS, strict=True):
