@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -809,3 +810,23 @@ def test_the_jobs_of_a_task_schedule_expire_by_the_history_rules(make_daemon: An
         next_matching(client, lambda e: e["job"]["id"] == plain and e["job"]["state"] == "succeeded")
     assert daemon.call("job.list", {"limit": 10})["jobs"] == []  # both gone as they finished
     stop_pumps([daemon])
+
+
+def test_a_reload_follows_a_change_of_the_machines_time_zone(make_daemon: Any, tmp_path: Path) -> None:
+    """`timedatectl set-timezone` then `systemctl reload jobd`: schedules without a `timezone` kept the zone jobd
+    had read at its start (cached) until a restart. jobd runs in a mount namespace of its own here, where
+    /etc/localtime is a file of the test's, which the test rewrites as the administrator's command would."""
+    zone = tmp_path / "localtime"
+    shutil.copyfile("/usr/share/zoneinfo/Etc/UTC", zone)
+    daemon: Daemon = make_daemon(BASE + schedule("nightly", "task:true", "0 3 * * *"), start=False)
+    daemon.command_prefix = [
+        *("unshare", "--mount", "--propagation", "private"),
+        *("sh", "-c", 'mount --bind "$0" /etc/localtime && exec "$@"', str(zone)),
+    ]
+    daemon.env["TZ"] = ""  # the machine's zone, not the test run's
+    daemon.start()
+    assert time.gmtime(epoch(listed(daemon, "nightly")["next_run"])).tm_hour == 3
+    shutil.copyfile("/usr/share/zoneinfo/Asia/Tokyo", zone)  # UTC+9, no DST: 03:00 there is 18:00 UTC
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert time.gmtime(epoch(listed(daemon, "nightly")["next_run"])).tm_hour == 18
+    assert "schedule nightly: the machine's time zone changed, its next time is recomputed" in daemon.log()

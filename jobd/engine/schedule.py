@@ -210,8 +210,8 @@ def _parse_evqueue(text: str) -> Calendar:
 def local_zone() -> dt.tzinfo:
     """The machine's zone with its DST rules: $TZ if it names a zone, else /etc/localtime, else UTC.
 
-    Cached: read once per process (call `local_zone.cache_clear()` after changing the machine's zone). A fixed
-    offset such as `datetime.now().astimezone().tzinfo` would not do: it ignores the next DST change.
+    Cached: read once per process; a reload that finds the machine's zone changed (local_zone_source) clears it.
+    A fixed offset such as `datetime.now().astimezone().tzinfo` would not do: it ignores the next DST change.
     """
     name = os.environ.get("TZ", "").removeprefix(":")
     if name:
@@ -224,6 +224,16 @@ def local_zone() -> dt.tzinfo:
             return zoneinfo.ZoneInfo.from_file(file, key="localtime")
     except (OSError, ValueError):
         return dt.UTC
+
+
+def local_zone_source() -> bytes | None:
+    """What local_zone() is read from besides $TZ, which a process cannot see change: /etc/localtime's content
+    (`timedatectl set-timezone` points the link elsewhere), None if it cannot be read."""
+    try:
+        with open("/etc/localtime", "rb") as file:
+            return file.read(1 << 20)
+    except OSError:
+        return None
 
 
 def _active(definition: ScheduleDef, state: ScheduleState) -> bool:
@@ -306,6 +316,7 @@ __all__ = [
     "Calendar",
     "catch_up_due",
     "local_zone",
+    "local_zone_source",
     "next_run",
     "set_back",
 ]

@@ -29,7 +29,15 @@ from typing import Any
 from jobd import linux
 from jobd.engine.core import Engine
 from jobd.engine.instances import Instances
-from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, next_run, set_back
+from jobd.engine.schedule import (
+    MAX_STEP_BACK,
+    Calendar,
+    catch_up_due,
+    local_zone,
+    local_zone_source,
+    next_run,
+    set_back,
+)
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
 from jobd.model import Config, Job, OnFailure, Overlap, ScheduleDef, ScheduleState, iso
@@ -141,6 +149,7 @@ class Scheduler:
         self._armed: float | None = None  # the absolute time the timerfd is armed at, None: disarmed
         self._followers: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self._zone_source = local_zone_source()  # the machine's zone, as the next times were computed in
         self._peer = Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), is_admin=True)
 
     # -- start and stop ------------------------------------------------------------------------------------------
@@ -607,6 +616,11 @@ class Scheduler:
         alone and its state forgotten); a new one starts waiting for its first time, and one added back while a
         run it started before its removal goes takes that run back."""
         now = self.clock()
+        zone_source = local_zone_source()
+        zone_changed = zone_source != self._zone_source
+        if zone_changed:
+            local_zone.cache_clear()
+            self._zone_source = zone_source
         for name in sorted(set(self._schedules) - set(config.schedules)):
             removed = self._schedules.pop(name)
             log.info("schedule %s removed from the configuration%s", name, " (its run goes on)" if removed.runs else "")
@@ -632,6 +646,8 @@ class Scheduler:
                 calendar = self._make(definition, schedule.state).calendar
                 schedule.definition, schedule.calendar = definition, calendar
                 log.info("schedule %s changed: its next time is recomputed", name)
+            elif zone_changed and definition.timezone is None:
+                log.info("schedule %s: the machine's time zone changed, its next time is recomputed", name)
             else:
                 continue
             if not schedule.waiting:
