@@ -699,11 +699,11 @@ class Engine:
             self._emit("job.state", job)
             if not self.stopping:
                 self._admit(job)
+            elif job.state is JobState.QUEUED:  # stopped by the shutdown: counted where it waits; nothing starts now
+                self.queues[job.spec.queue].push(job)
             watcher = self._watchers.get(job.id)
             if watcher is not None and job.state is JobState.DELAYED:
                 self.loop.call_soon(watcher.job_waits_to_retry, job)  # soon: as job_finished, see there
-            elif job.state is JobState.QUEUED:  # stopped by the shutdown: counted where it waits; nothing starts now
-                self.queues[job.spec.queue].push(job)
         self._counts_changed()
 
     def _log_settled(self, job: Job, attempt: Attempt) -> None:
