@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import select
 import sqlite3
 import sys
@@ -217,16 +218,20 @@ def test_callback_credentials_stay_out_of_the_log_and_the_table(
 
 
 def test_a_failed_try_is_recorded_and_logged_without_the_urls_credentials(make_daemon: Callable[..., Daemon]) -> None:
-    """aiohttp refuses the URL (a port out of range) with its whole text as the error: the row's last_error and the
-    log line said user:password and the token parameter, where the target beside them masks them."""
-    url = "http://alice:s3cret-pw@127.0.0.1:99999/cb/__JOBID__?token=s3cret-query&page=2"
+    """aiohttp refuses the URL (a host with an empty label, which jobd's check lets by) with its whole text as the
+    error: the row's last_error and the log line said user:password and the token parameter, where the target
+    beside them masks them. A port out of range, which did the same, is now refused at the submit, masked too."""
     d = make_daemon("[queue.default]\n")
+    port = "http://alice:s3cret-pw@127.0.0.1:99999/cb/__JOBID__?token=s3cret-query&page=2"
+    with pytest.raises(RemoteError, match=re.escape("'http://***@127.0.0.1:99999/cb/__JOBID__?token=***&page=2'")):
+        d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": port}}]})
+    url = "http://alice:s3cret-pw@ex\u00e9ample..com/cb/__JOBID__?token=s3cret-query&page=2"
     job = d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": url}}]})["id"]
     wait_for_log(d, "try 1 failed")
     d.stop()
     (row,) = _rows(d)
     assert row["state"] == "pending"  # a second try may have come before the stop: it failed the same way
-    assert row["last_error"] == f"InvalidUrlClientError: http://***@127.0.0.1:99999/cb/{job}?token=***&page=2"
+    assert row["last_error"] == f"InvalidUrlClientError: http://***@ex\u00e9ample..com/cb/{job}?token=***&page=2"
     assert "s3cret" not in d.log()
 
 
@@ -284,6 +289,28 @@ def test_bad_callbacks_are_refused(make_daemon: Callable[..., Daemon]) -> None:
         d.submit(command=["/bin/true"], callbacks={"on_done": []})
     with pytest.raises(Exception, match="http"):
         d.submit(command=["/bin/true"], callbacks={"on_finish": [{"http": {"url": "ftp://x"}}]})
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        ({"http": {"url": "http://h/", "headers": {"Authorization": "Bearer X\nX-Injected: 1"}}}, "contains CR, LF"),
+        ({"http": {"url": "http://h/", "headers": {"Bad Name:": "v"}}}, "'Bad Name:' is not a valid header name"),
+        ({"http": {"url": "http://[::1/x"}}, "its host part cannot be read"),
+        ({"http": {"url": "http://h:99999/"}}, "a port from 1 to 65535"),
+        ({"http": {"url": "http://u:pw@h/", "headers": {"Authorization": "x"}}}, "give only one"),
+        ({"exec": ["/bin/echo\0x"]}, "an argument contains NUL"),
+    ],
+)
+def test_a_callback_refused_at_every_delivery_is_refused_at_once(callback: dict[str, Any], message: str) -> None:
+    """Checked as an HTTP job's request is: each of these was taken, then failed every delivery (8 tries over
+    minutes) with aiohttp's or exec's error."""
+    from jobd.engine.callbacks import check_list
+
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        check_list([callback], "callbacks.on_finish")
+    assert str(refused.value).startswith("callbacks.on_finish[1]")
+    assert "pw" not in str(refused.value)  # a URL's credentials are masked
 
 
 def test_failed_deliveries_are_retried_with_backoff(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:

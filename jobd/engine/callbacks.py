@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
-from jobd.engine.http_task import JOB_ID
+from jobd.engine.http_task import JOB_ID, HttpSpecError, check_headers, check_url
 from jobd.errors import UnknownJob
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
@@ -65,6 +65,8 @@ def _check_one(item: object, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}.exec: expected a non-empty array of strings, the first one the program")
         if not argv[0].startswith("/"):
             raise ValueError(f"{where}.exec: the program must be an absolute path, got {argv[0]!r}")
+        if any("\0" in arg for arg in argv):
+            raise ValueError(f"{where}.exec: an argument contains NUL, which no program can be given")
         return {"exec": list(argv)}
     http = item["http"]
     if not isinstance(http, dict):
@@ -73,7 +75,7 @@ def _check_one(item: object, where: str) -> dict[str, Any]:
         if key not in _HTTP_KEYS:
             raise ValueError(f"{where}.http: unknown key {key!r}; allowed keys: {', '.join(_HTTP_KEYS)}")
     url = http.get("url")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+    if not isinstance(url, str):
         raise ValueError(f"{where}.http.url: expected an http:// or https:// URL")
     method = http.get("method", "POST")
     if method not in ("POST", "GET"):
@@ -82,6 +84,11 @@ def _check_one(item: object, where: str) -> dict[str, Any]:
     headers = http.get("headers", {})
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         raise ValueError(f"{where}.http.headers: expected a table of strings")
+    try:  # as an HTTP job's: what aiohttp would refuse at every delivery is refused now
+        check_url(url)
+        check_headers(url, headers)
+    except HttpSpecError as error:
+        raise ValueError(f"{where}.http: {error}") from None
     if headers:
         result["headers"] = dict(headers)
     timeout = http.get("timeout")

@@ -59,40 +59,12 @@ def check_request(value: object) -> dict[str, Any]:
     url = value.get("url")
     if not isinstance(url, str) or not url:
         raise HttpSpecError("'url' is required: an http:// or https:// URL", key="url")
-    # A refused URL is named with its credentials masked: the message goes to the client, but also to the audit
-    # log and, for a task's url, to the journal and to every client's daemon.status (a failed reload's error).
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # "Invalid IPv6 URL", or a netloc bad under NFKC, whose message quotes user:password
-        raise HttpSpecError(
-            "'url': its host part cannot be read (a bracket left open, or a character not allowed there)", key="url"
-        ) from None
-    if parts.scheme not in ("http", "https") or not parts.netloc or _has_control(url):
-        raise HttpSpecError(f"'url': {redact.url(url)!r} is not an http:// or https:// URL", key="url")
-    # What aiohttp refuses at each attempt (no host, a port that is none) fails the job with the whole URL as its
-    # error, credentials included, for every reader of the job to see (job JSON masks them, jobd/redact.py).
-    try:
-        port_ok = parts.port is None or parts.port > 0  # urlsplit raises ValueError for "99999" or "x"
-    except ValueError:
-        port_ok = False
-    if not parts.hostname or not port_ok:
-        raise HttpSpecError(
-            f"'url': {redact.url(url)!r} needs a host, and a port from 1 to 65535 if it gives one", key="url"
-        )
+    check_url(url)
     method = value.get("method", "GET")
     if not isinstance(method, str) or method.upper() not in METHODS:
         raise HttpSpecError(f"'method': {method!r} is not allowed; allowed: {', '.join(METHODS)}", key="method")
     headers = _strings(value.get("headers", {}), "headers")
-    for name, text in headers.items():
-        if not name or _has_control(name) or ":" in name or " " in name:
-            raise HttpSpecError(f"'headers': {name!r} is not a valid header name", key="headers")
-        if _has_control(text):
-            raise HttpSpecError(f"'headers': the value of {name!r} contains CR, LF or NUL", key="headers")
-    if parts.username is not None and any(name.lower() == "authorization" for name in headers):
-        # aiohttp refuses the pair at every attempt: say so now rather than fail the job each time
-        raise HttpSpecError(
-            "'url' has credentials (user:password@) and 'headers' an Authorization: give only one", key="url"
-        )
+    check_headers(url, headers)
     params = _strings(value.get("params", {}), "params")
     body = value.get("body")
     if body is not None and not isinstance(body, str):
@@ -118,6 +90,45 @@ def check_request(value: object) -> dict[str, Any]:
         "timeout": None if timeout is None else float(timeout),
         "expect_status": None if expect is None else list(expect),
     }
+
+
+def check_url(url: str) -> None:
+    """An http:// or https:// URL that aiohttp will take, with a host (and a port from 1 to 65535 if it gives
+    one): an HTTP job's, and a callback's. HttpSpecError names what is wrong, the URL's credentials masked (the
+    message goes to the client, but also to the audit log and, for a task's url, to the journal and to every
+    client's daemon.status: a failed reload's error)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL", or a netloc bad under NFKC, whose message quotes user:password
+        raise HttpSpecError(
+            "'url': its host part cannot be read (a bracket left open, or a character not allowed there)", key="url"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.netloc or _has_control(url):
+        raise HttpSpecError(f"'url': {redact.url(url)!r} is not an http:// or https:// URL", key="url")
+    # What aiohttp refuses at each attempt (no host, a port that is none) fails the job with the whole URL as its
+    # error, credentials included, for every reader of the job to see (job JSON masks them, jobd/redact.py).
+    try:
+        port_ok = parts.port is None or parts.port > 0  # urlsplit raises ValueError for "99999" or "x"
+    except ValueError:
+        port_ok = False
+    if not parts.hostname or not port_ok:
+        raise HttpSpecError(
+            f"'url': {redact.url(url)!r} needs a host, and a port from 1 to 65535 if it gives one", key="url"
+        )
+
+
+def check_headers(url: str, headers: Mapping[str, str]) -> None:
+    """Header names and values aiohttp will send, beside `url` (checked by check_url)."""
+    for name, text in headers.items():
+        if not name or _has_control(name) or ":" in name or " " in name:
+            raise HttpSpecError(f"'headers': {name!r} is not a valid header name", key="headers")
+        if _has_control(text):
+            raise HttpSpecError(f"'headers': the value of {name!r} contains CR, LF or NUL", key="headers")
+    if urlsplit(url).username is not None and any(name.lower() == "authorization" for name in headers):
+        # aiohttp refuses the pair at every attempt: say so now rather than fail the job each time
+        raise HttpSpecError(
+            "'url' has credentials (user:password@) and 'headers' an Authorization: give only one", key="url"
+        )
 
 
 def _strings(value: object, key: str) -> dict[str, str]:
