@@ -1650,7 +1650,10 @@ def main(argv: list[str] | None = None) -> int:
             error = {"code": exc.code, "message": exc.message, "data": exc.data}
             say(json.dumps({"error": error}, ensure_ascii=True))
             return EXIT_REMOTE_ERROR
-        return fail(f"{exc.code}: {exc.message}", EXIT_REMOTE_ERROR)
+        # Line by line: a failed reload lists its problems one per line. They quote what jobd was given (a file's
+        # name, a client's value), whose control characters must not drive the terminal.
+        message = "\n".join(printable(line) for line in exc.message.split("\n"))
+        return fail(f"{exc.code}: {message}", EXIT_REMOTE_ERROR)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -786,6 +786,21 @@ def test_reload(daemon: Any) -> None:
     drain_notifications(daemon)
 
 
+def test_an_error_naming_a_file_with_control_characters_is_shown_escaped(daemon: Any) -> None:
+    """A drop-in named with an escape sequence (`71-\\x1b[31mRED.toml`): the reload's error quotes its name, which
+    jobctl wrote raw to the terminal (turning it red); each line is now shown with its control characters escaped."""
+    broken = daemon.config_dir / "jobd.d" / "71-\x1b[31mRED.toml"
+    drain_notifications(daemon)
+    broken.write_text("[queue.broken]\nconcurrency = 0\n[queue.other]\nconcurency = 2\n")
+    try:
+        result = ctl(daemon, "reload")
+        assert result.code == 1, result
+        assert "\x1b" not in result.err and "71-\\x1b[31mRED.toml" in result.err, result
+    finally:
+        drain_notifications(daemon)
+        broken.unlink()
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
