@@ -118,6 +118,33 @@ def test_whitespace_between_documents_is_not_kept() -> None:
     assert framer.feed(b" <ping/>") == [b"<ping/>"]
 
 
+def test_markup_after_a_root_is_not_glued_to_a_next_document_that_declares_itself() -> None:
+    """A comment or processing instruction after a root element is legal XML, and was taken as the next document's
+    prolog: the next request, sent with an XML declaration as evQueue's PHP class sends each, then had the
+    declaration in its middle ("XML declaration allowed only at the start")."""
+    stream = b'<?xml version="1.0"?><ping/><!-- x --><?pi y?>\n<?xml version="1.0"?><ping a="1"/><!-- z --><quit/>'
+    expected = [b'<?xml version="1.0"?><ping/>', b'<?xml version="1.0"?><ping a="1"/>', b"<!-- z --><quit/>"]
+    assert XmlFramer().feed(stream) == expected
+    framer = XmlFramer()
+    assert feed_all(framer, [stream[i : i + 1] for i in range(len(stream))]) == expected
+    for document in expected:
+        assert etree.fromstring(document) is not None
+    # A processing instruction whose target only begins with xml is no declaration: it stays the prolog it is.
+    assert XmlFramer().feed(b"<a/><?xml-stylesheet href='s'?><b/>") == [b"<a/>", b"<?xml-stylesheet href='s'?><b/>"]
+
+
+def test_a_byte_order_mark_before_a_document_is_dropped() -> None:
+    """Some clients write a UTF-8 BOM before each document: it was "text outside the root element", and the
+    connection was closed."""
+    stream = b'\xef\xbb\xbf<ping/>\xef\xbb\xbf<?xml version="1.0"?><quit/>'
+    expected = [b"<ping/>", b'<?xml version="1.0"?><quit/>']
+    assert XmlFramer().feed(stream) == expected
+    framer = XmlFramer()
+    assert feed_all(framer, [stream[i : i + 1] for i in range(len(stream))]) == expected
+    with pytest.raises(errors.InvalidXml, match="text outside the root"):
+        XmlFramer().feed(b"\xef\xbb<ping/>")  # not a whole BOM
+
+
 def test_an_xml_parser_accepts_every_framed_document() -> None:
     for document in XmlFramer().feed(TRICKY + b'<?xml version="1.0"?><a x="/>"><b/></a>'):
         assert etree.fromstring(document) is not None

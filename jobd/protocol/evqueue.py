@@ -120,6 +120,16 @@ def _starts_name(byte: int) -> bool:
     return byte >= 0x80 or chr(byte).isalpha() or byte in b"_:"
 
 
+_BOM: Final = b"\xef\xbb\xbf"
+_DECLARATION: Final = b"<?xml "  # or another blank after `xml`: see _is_declaration
+
+
+def _is_declaration(buffer: bytearray, start: int) -> bool:
+    """Whether the `<?` at `start` opens an XML declaration (`<?xml` and a blank), not a processing instruction whose
+    target merely begins with xml."""
+    return buffer[start : start + 5] == b"<?xml" and bytes(buffer[start + 5 : start + 6]) in (b" ", b"\t", b"\r", b"\n")
+
+
 class XmlFramer:
     """Cuts a byte stream into request documents, each complete as soon as its root element closes.
 
@@ -236,12 +246,27 @@ class XmlFramer:
             return False
         self._pos = found.start()
         byte = buffer[self._pos]
+        if byte == _BOM[0] and self._document_start is None:
+            # A UTF-8 byte order mark, which some clients put before each document: not text, and not kept.
+            seen = bytes(buffer[self._pos : self._pos + len(_BOM)])
+            if seen == _BOM:
+                self._pos += len(_BOM)
+                return True
+            if _BOM.startswith(seen):
+                return False  # the rest of it is still to come
         if byte != ord("<"):
             raise InvalidXml(f"text outside the root element (byte {bytes([byte])!r}); a request is one XML element")
         if self._pos + 1 >= len(buffer):
             return False
         follower = buffer[self._pos + 1]
         if follower == ord("?"):
+            seen = bytes(buffer[self._pos : self._pos + len(_DECLARATION)])
+            if _DECLARATION.startswith(seen) and len(seen) < len(_DECLARATION):
+                return False  # could still be a declaration: wait for the bytes that tell
+            if _is_declaration(buffer, self._pos) and self._document_start is not None:
+                # An XML declaration only ever starts a document: the comments or processing instructions scanned
+                # since the last one were that one's trailing markup (legal after its root), not this one's prolog.
+                self._document_start = None
             return self._open(_Scan.PROCESSING_INSTRUCTION, 2)
         if follower == ord("!"):
             opening = bytes(buffer[self._pos : self._pos + len(_COMMENT_OPEN)])
