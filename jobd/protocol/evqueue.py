@@ -1001,7 +1001,10 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
 
 def _xpath_text(value: object) -> str:
     """A value XPath returned as evQueue writes it into a filtered answer: booleans `true`/`false`, numbers as
-    integers (evQueue's `getIntegerValue`), strings and attribute values as they are."""
+    integers (evQueue's `getIntegerValue`), strings and attribute values as they are, a namespace node as its URI
+    (its XPath string-value; lxml gives it as a (prefix, URI) tuple)."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return str(value[1])
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
