@@ -1628,6 +1628,12 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(parser, list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # usage error or --help: return the code instead of leaving the interpreter
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if sys.stdout is None:
+        # Started with stdout closed (`>&-`): what it would print went nowhere and it said "done" (0). Refused before
+        # anything is done, rather than after a submit or a cancel whose answer could not be shown.
+        return fail(
+            "standard output is closed: nothing could be shown (send it to /dev/null to discard it)", EXIT_OUTPUT_ERROR
+        )
     tolerate_unencodable_output()
     try:
         client = CheckedClient(args.socket or default_socket_path(), reply_timeout_from_environment())
@@ -1636,8 +1642,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         code = handler(Session(client, args.json), args)
-        if sys.stdout is not None:  # None when jobctl was started with stdout closed
-            sys.stdout.flush()  # here, so that a write error is reported below rather than at the interpreter's exit
+        sys.stdout.flush()  # here, so that a write error is reported below rather than at the interpreter's exit
         return code
     except (UsageError, EncodeError) as exc:
         return fail(f"{exc}", EXIT_USAGE)
@@ -1725,8 +1730,6 @@ def tolerate_unencodable_output() -> None:
 
 def silence_stdout() -> None:
     # The reader is gone; point stdout at /dev/null so the interpreter's final flush does not complain.
-    if sys.stdout is None:  # started with stdout closed: nothing to silence
-        return
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -963,6 +963,17 @@ def test_output_that_cannot_be_written_is_said_not_a_traceback(daemon: Any) -> N
         timeout=DEADLINE,
     )
     assert (process.returncode, process.stdout) == (1, b""), process
+    # With stdout closed, nothing could be shown: refused before anything is done (it said 0 and showed nothing).
+    jobs_before = daemon.call("job.list", {"limit": 1000})["jobs"]
+    process = subprocess.run(
+        ["/bin/sh", "-c", 'exec "$@" >&-', "sh", *jobctl_argv("--socket", str(daemon.socket_path), "run", "/bin/true")],
+        stderr=subprocess.PIPE,
+        env=environment(),
+        timeout=DEADLINE,
+    )
+    assert process.returncode == 74, process
+    assert process.stderr.startswith(b"jobctl: standard output is closed: nothing could be shown"), process
+    assert daemon.call("job.list", {"limit": 1000})["jobs"] == jobs_before  # nothing was submitted
 
 
 class NotJobd:
