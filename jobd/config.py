@@ -1538,6 +1538,7 @@ def _is_link(path: str) -> bool:
 
 
 _flags = inotify_simple.flags
+_MAX_LINKS = 40  # symlinks followed from one wanted path to a missing target (Linux's own limit in a lookup)
 _WATCH_MASK = (
     _flags.CLOSE_WRITE
     | _flags.MOVED_TO
@@ -1588,6 +1589,7 @@ class ConfigWatcher:
         self._inotify = inotify_simple.INotify(nonblocking=True)
         self._fd: int = self._inotify.fileno()
         self._watches: dict[int, set[str]] = {}  # two wanted paths can share an ancestor, hence one wd
+        self._link_targets: set[str] = set()  # missing targets of wanted paths that are symlinks (_watch_nearest)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: asyncio.TimerHandle | None = None
         self._first_change = 0.0  # loop time of the first event the pending reload waits after
@@ -1625,12 +1627,18 @@ class ConfigWatcher:
         for path in self._wanted_dirs:
             self._watch_nearest(path)
 
-    def _watch_nearest(self, path: str) -> None:
-        """Watch `path`, or its nearest existing ancestor so that its creation is seen."""
+    def _watch_nearest(self, path: str, links: int = 0) -> None:
+        """Watch `path`, or its nearest existing ancestor so that its creation is seen. For a symlink whose target
+        is missing (`jobd.d -> /srv/app/conf`, that directory removed to be made again), also the nearest existing
+        ancestor of the target, whose creation then comes as a change of the target (_link_targets)."""
         while True:
             try:
                 wd: int = self._inotify.add_watch(path, _WATCH_MASK)
             except (FileNotFoundError, NotADirectoryError):
+                if os.path.islink(path) and links < _MAX_LINKS:
+                    target = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+                    self._link_targets.add(target)
+                    self._watch_nearest(target, links + 1)
                 parent = os.path.dirname(path)
                 if parent == path:
                     raise
@@ -1645,6 +1653,7 @@ class ConfigWatcher:
             with contextlib.suppress(OSError):  # the kernel already dropped it: the directory was deleted
                 self._inotify.rm_watch(wd)
         self._watches.clear()
+        self._link_targets.clear()
         # A watch the kernel refuses now (the user's fs.inotify.max_user_watches used up, by other services or
         # editors since jobd started) leaves that directory to SIGHUP and daemon.reload; the others keep working,
         # and each later change tries again.
@@ -1699,7 +1708,9 @@ class ConfigWatcher:
         return _Effect.CHANGE
 
     def _leads_to_wanted_dir(self, path: str) -> bool:
-        return any(wanted == path or wanted.startswith(path + os.sep) for wanted in self._wanted_dirs)
+        return any(
+            wanted == path or wanted.startswith(path + os.sep) for wanted in (*self._wanted_dirs, *self._link_targets)
+        )
 
     def _is_config_file(self, path: str) -> bool:
         directory, name = os.path.split(path)

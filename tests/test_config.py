@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -878,6 +879,26 @@ def test_watcher_follows_a_jobd_d_symlink_switched_to_another_release(
         switch.rename(search[2] / "jobd.d")  # the usual atomic switch of a symlink
         await changes.next()
         write(release_2 / "20-b.toml", "")  # and the watch has moved to the new target
+        await changes.next()
+
+    watching(list(search), body)
+
+
+def test_watcher_sees_the_target_of_a_jobd_d_symlink_made_again(
+    search: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """jobd.d -> /srv/app/conf, and that directory removed then made again (a deployment that replaces it): its
+    new files went unseen until a SIGHUP, the watch having fallen back to the symlink's own directory."""
+    target = tmp_path / "srv" / "app" / "conf"
+    write(target / "10-a.toml", "[queue.a]\n")
+    (search[2] / "jobd.d").symlink_to(target)
+
+    async def body(changes: Changes) -> None:
+        shutil.rmtree(tmp_path / "srv" / "app")
+        await changes.next()  # the drop-in went with it
+        target.mkdir(parents=True)
+        await changes.next()  # the target is back: the watch follows it (files may already be in it)
+        write(target / "10-a.toml", "[queue.a]\n")
         await changes.next()
 
     watching(list(search), body)
