@@ -99,7 +99,7 @@ def names(result: object) -> list[str | None]:
         ("//evqGetOutput('t')", "evq-step:evqGetOutput(/descendant-or-self::node(), 't')"),
         # operators end the left operand: a path binds tighter than them
         ("x div evqGetParentJob()/evqGetOutput('a')", "x div evq-step:evqGetOutput(evqGetParentJob(), 'a')"),
-        ("2 * $j/evqGetOutput('a')", "2 * evq-step:evqGetOutput($j, 'a')"),
+        ("2 * j/evqGetOutput('a')", "2 * evq-step:evqGetOutput(j, 'a')"),
         ("a | b/evqGetOutput('a')", "a | evq-step:evqGetOutput(b, 'a')"),
         ("*/evqGetOutput('a')", "evq-step:evqGetOutput(*, 'a')"),
         # nested inside arguments and predicates
@@ -171,6 +171,9 @@ def test_compile_check_accepts(expression: str) -> None:
         ("= 1", "the operator '=' at character 1 has nothing before it"),
         ("1 * + 2", "the operator '+' at character 5 has nothing before it"),
         ("a[and 1]", "Invalid predicate"),  # `and` after `[` is a name (XPath's lexical rules): libxml2's word
+        # Loaded, then ABORTED at each run ("Undefined variable"): nothing defines one.
+        ("$var", "variable $var is not defined"),
+        ("@x = $x", "variable $x is not defined"),
     ],
 )
 def test_compile_check_rejects(expression: str, reason: str) -> None:

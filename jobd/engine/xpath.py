@@ -195,6 +195,8 @@ def compile_check(expression: str) -> None:
                 _matching_backwards(tokens, index)
             elif token.kind == "function":
                 _check_function(tokens, index)
+            elif token.kind == "variable":  # nothing defines one: the task would be ABORTED each time it ran
+                raise XPathError(f"variable {token.text} is not defined: workflow expressions have no variables")
         _check_operands(tokens)
         rewritten = rewrite(expression)
         etree.XPath(rewritten, namespaces=NAMESPACES)
