@@ -213,8 +213,9 @@ def test_fall_back_fixed_time_runs_once() -> None:
     ]
 
 
-def test_fall_back_hourly_runs_in_both_passes() -> None:
-    assert walls("0 * * * *", paris(2024, 10, 27, 1, 30, 0), 4) == [
+@pytest.mark.parametrize("calendar", ["0 * * * *", "0 */1 * * *"])  # `*/1` is every hour too (was run once)
+def test_fall_back_hourly_runs_in_both_passes(calendar: str) -> None:
+    assert walls(calendar, paris(2024, 10, 27, 1, 30, 0), 4) == [
         "2024-10-27T02:00:00+02:00",
         "2024-10-27T02:00:00+01:00",
         "2024-10-27T03:00:00+01:00",

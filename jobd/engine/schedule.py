@@ -169,7 +169,10 @@ def _parse_cron(text: str, stripped: str) -> Calendar:
     except (CroniterBadCronError, CroniterError) as error:
         raise ValueError(f"invalid cron expression: {error}") from None
     hour = fields[2 if seconds_first else 1]
-    return Calendar(stripped, expression, seconds_first, day_or=True, every_hour=hour == "*")
+    # Vixie cron's rule: an hour field that starts with `*` (`*`, `*/1`, `*/2`) steps through the clock's hours as
+    # they come, the repeated one included; a list of hours names times of day, each run once.
+    every_hour = hour.startswith("*")
+    return Calendar(stripped, expression, seconds_first, day_or=True, every_hour=every_hour)
 
 
 def _parse_evqueue(text: str) -> Calendar:
