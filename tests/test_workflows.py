@@ -19,6 +19,7 @@ import pytest
 from harness import Daemon
 from lxml import etree
 from recovery.support import Gate, attach, kill9, start, terminate
+from test_evqueue_protocol import EvqClient, ok
 from test_jobs import next_matching
 from test_workflow_engine import assert_same_instance, normalised
 
@@ -1002,3 +1003,21 @@ def test_a_cancel_stops_the_toml_retries_of_a_task(make_daemon: Any, tmp_path: P
     assert daemon.call("job.get", {"id": job["id"]})["state"] == "cancelled"
     task = _document(daemon, launched["id"]).find(".//task[@name='t']")
     assert task is not None and [out.get("retval") for out in task.findall("output")] == ["3"]
+
+
+def test_killtask_with_the_pid_shown_stops_a_task_waiting_for_its_toml_retry(make_daemon: Any, tmp_path: Path) -> None:
+    """While its job waits for the next try, the task is still EXECUTING and shows the pid of the try that failed:
+    evQueue's killtask with that pid was refused ("no task runs as pid"), and nothing could stop the task."""
+    daemon = _toml_retry_daemon(make_daemon, tmp_path, tmp_path / "open")
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        launched = daemon.call("instance.launch", {"workflow": "toml"})
+        next_matching(client, lambda e: e["job"]["state"] == "delayed", 30)
+    task = _document(daemon, launched["id"]).find(".//task[@name='t']")
+    assert task is not None and task.get("status") == "EXECUTING" and task.get("pid"), etree.tostring(task)
+    with EvqClient(daemon.evqueue_socket) as evqueue:
+        request = b'<instance action="killtask" id="%d" pid="%s"/>' % (launched["id"], task.get("pid").encode())
+        ok(evqueue.ask(request))
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
+    assert _runs(tmp_path) == 1

@@ -455,11 +455,20 @@ class Instances:
             self.summary(instance_id)
             raise InvalidParams(f"instance {instance_id} has ended: no task runs", id=instance_id)
         for job_id in live.jobs.values():
-            if self.engine.running_pid(job_id) == pid:
+            if self.engine.running_pid(job_id) == pid or self._waits_to_retry_after(job_id, pid):
                 log.info("instance=%d killtask: stopping job=%d (pid %d)", instance_id, job_id, pid)
                 self._cancel_job(job_id)
                 return
         raise InvalidParams(f"no task of instance {instance_id} runs as pid {pid}", id=instance_id, pid=pid)
+
+    def _waits_to_retry_after(self, job_id: int, pid: int) -> bool:
+        """Whether the job waits for its next try (its TOML task's `retry`) after a try that ran as `pid`: its task,
+        still EXECUTING, shows that pid, which is what an evQueue client passes to killtask."""
+        job = self.engine.jobs.get(job_id)
+        if job is None or job.state is not JobState.DELAYED:
+            return False
+        attempts = self.store.attempts(job_id)
+        return bool(attempts) and attempts[-1].pid == pid
 
     def delete(self, instance_id: int) -> None:
         if instance_id in self._live:
