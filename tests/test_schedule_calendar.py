@@ -298,6 +298,23 @@ def test_catch_up() -> None:
     assert catch_up_due(on, HOURLY, ScheduleState("s"), T0 + 86400) is False
 
 
+def test_catch_up_after_the_calendar_changed_while_jobd_was_down() -> None:
+    """The time jobd waited for belongs to the calendar it ran with: changed meanwhile (every minute became
+    @yearly), that old time was taken as missed and the schedule ran at once. Now the new calendar decides, from
+    the last start, as systemd's Persistent= does for a changed OnCalendar=."""
+    on = dataclasses.replace(DEFINITION, catch_up=True, jitter=0.0)
+    every_minute = ScheduleState("s", last_run=T0, next_run=T0 + 60)  # waited for 10:01 when it stopped
+    assert catch_up_due(on, Calendar.parse("* * * * *"), every_minute, T0 + 600) is True  # unchanged: missed
+    assert catch_up_due(on, Calendar.parse("@yearly"), every_minute, T0 + 600) is False  # nothing of it passed
+    assert catch_up_due(on, HOURLY, every_minute, T0 + 600) is False  # 11:00, the next after 10:00, is to come
+    assert catch_up_due(on, HOURLY, every_minute, T0 + 3600) is True  # 11:00 passed while jobd was down
+    never_ran = ScheduleState("s", next_run=T0 + 60)
+    assert catch_up_due(on, HOURLY, never_ran, T0 + 86400) is False  # a new calendar never armed: nothing missed
+    # Within the jitter of a due time, the time waited for is still this calendar's.
+    jittered = ScheduleState("s", last_run=T0 - 3600, next_run=T0 + 59.5)
+    assert catch_up_due(dataclasses.replace(on, jitter=60.0), HOURLY, jittered, T0 + 120) is True
+
+
 def test_catch_up_counts_only_the_due_time_jobd_waited_for_when_it_stopped() -> None:
     """Due times that passed while jobd ran without firing them were not missed while it was down: skipped while a
     run went (overlap "skip": the next time is computed at the run's end), or while the schedule was disabled or

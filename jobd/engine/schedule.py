@@ -300,12 +300,22 @@ def catch_up_due(definition: ScheduleDef, calendar: Calendar, state: ScheduleSta
     if not definition.catch_up or not _active(definition, state):
         return False
     if state.next_run is not None and (state.last_run is None or state.last_run < state.next_run):
-        return state.next_run <= now
+        if _is_due_time(calendar, definition, state.next_run):
+            return state.next_run <= now
+        # Not a time of this calendar: the calendar (or its zone) was changed while jobd was down, and the time
+        # waited for was the old one's. Decided as systemd's Persistent= decides for a changed OnCalendar=, from
+        # the last start; a schedule that never ran missed nothing.
+        return state.last_run is not None and calendar.next_after(state.last_run, definition.timezone) <= now
     # after_run None: a row saved before jobd told the two apart; decided from the last start, as it was then.
     waited_for_the_run = state.next_run is not None or state.after_run is not False
     if state.last_run is not None and waited_for_the_run:
         return calendar.next_after(state.last_run, definition.timezone) <= now
     return False
+
+
+def _is_due_time(calendar: Calendar, definition: ScheduleDef, moment: float) -> bool:
+    """Whether `moment` is one of the calendar's due times, delayed by at most the schedule's jitter."""
+    return calendar.next_after(moment - definition.jitter - 1, definition.timezone) <= moment
 
 
 __all__ = [
