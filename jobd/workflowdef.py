@@ -262,7 +262,9 @@ class _Checker:
 
     def check_document(self, root: etree._Element) -> None:
         if not isinstance(root.tag, str) or root.tag != "workflow":
-            self.element_problem(root, "the root element must be <workflow>")
+            namespace = etree.QName(root).namespace if isinstance(root.tag, str) else None
+            why = f", in no namespace (this one is in {namespace}: drop its xmlns)" if namespace else ""
+            self.element_problem(root, f"the root element must be <workflow>{why}")
             return
         self.check_element(root)
 

@@ -166,6 +166,18 @@ def job(task: str, *, inner: str = "") -> str:
 # Each case: the document, then (line, fragments) for each problem the file must report, in order.
 INVALID: dict[str, tuple[str, list[tuple[int, list[str]]]]] = {
     "root element": ("<flow/>", [(1, ["<flow>: the root element must be <workflow>"])]),
+    "root element in a namespace": (
+        '<workflow xmlns="urn:x"/>',
+        [
+            (
+                1,
+                [
+                    "<workflow>: the root element must be <workflow>, in no namespace "
+                    "(this one is in urn:x: drop its xmlns)"
+                ],
+            )
+        ],
+    ),
     "unknown workflow attribute": (
         '<workflow name="x">\n<subjobs><job><tasks><task path="/bin/true" queue="default"/></tasks></job></subjobs>'
         "</workflow>",
