@@ -522,9 +522,6 @@ class _Table:
     key: tuple[str, ...]
     source: _Source | None  # the file that first declared it; None for an absent [daemon]
     settings: dict[str, _Setting]
-    # Values a later file replaced, oldest first: checked as the one in effect is, or a typo in a value overridden
-    # by a drop-in would only show the day that drop-in goes (a restart that then fails).
-    overridden: dict[str, list[_Setting]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def inline(cls, setting: _Setting) -> _Table:
@@ -542,22 +539,14 @@ class _Table:
 
     def read(self, name: str, parse: Callable[[_Setting], T], default: T) -> T:
         setting = self.settings.get(name)
-        value = default if setting is None else parse(setting)
-        self._check_overridden(name, parse)
-        return value
+        return default if setting is None else parse(setting)
 
     def require(self, name: str, parse: Callable[[_Setting], T], allowed: str) -> T:
         setting = self.settings.get(name)
         if setting is None:
             assert self.source is not None  # only named tables have required keys, and they come from a file
             raise _error(self.source, self.key, f"{_dotted(self.key)}: missing required key {name} ({allowed})")
-        value = parse(setting)
-        self._check_overridden(name, parse)
-        return value
-
-    def _check_overridden(self, name: str, parse: Callable[[_Setting], object]) -> None:
-        for earlier in self.overridden.get(name, ()):
-            parse(earlier)
+        return parse(setting)
 
 
 @dataclass(slots=True)
@@ -669,8 +658,6 @@ def _merge_table(table: _Table, source: _Source, body: object) -> None:
     if table.source is None:
         table.source = source
     for name, value in body.items():
-        if name in table.settings:
-            table.overridden.setdefault(name, []).append(table.settings[name])
         table.settings[name] = _Setting((*table.key, name), value, source)
 
 

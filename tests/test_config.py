@@ -138,38 +138,6 @@ def test_no_file_gives_the_defaults(tmp_path: Path) -> None:
     assert loaded.files == ()
 
 
-@pytest.mark.parametrize(
-    ("earlier", "later", "line", "message"),
-    [
-        (
-            '[queue.default]\nconcurrency = "abc"\n',
-            "[queue.default]\nconcurrency = 3\n",
-            2,
-            "queue.default.concurrency",
-        ),
-        ("[daemon]\nhistory = { keep_day = 3 }\n", "[daemon]\nhistory = { keep_days = 3 }\n", 2, "keep_day"),
-        (
-            '[task.t]\ncommand = ["/bin/true"]\nretry = { tims = 1 }\n',
-            "[task.t]\nretry = { times = 1 }\n",
-            3,
-            "task.t.retry.tims",
-        ),
-    ],
-)
-def test_a_value_a_later_file_overrides_is_checked_too(
-    tmp_path: Path, earlier: str, later: str, line: int, message: str
-) -> None:
-    """Only the value in effect was checked: a typo in an overridden one passed, until the file overriding it went
-    away (and jobd then would not start)."""
-    first = write(tmp_path / "jobd.d/50-app.toml", earlier)
-    write(tmp_path / "jobd.d/95-local.toml", later)
-    error = load_error(tmp_path)
-    assert error.message.startswith(f"{first}:{line}: ") and message in error.message, error.message
-    # The overridden value made valid: the files load, the later value in effect.
-    first.write_text(earlier.replace('"abc"', "1").replace("keep_day ", "keep_days ").replace("tims", "times"))
-    load([str(tmp_path)])
-
-
 def test_a_config_may_redefine_the_default_queue(tmp_path: Path) -> None:
     write(tmp_path / "jobd.toml", '[queue.default]\nconcurrency = 8\nscheduler = "fifo"\n')
     queue = load([str(tmp_path)]).queues["default"]
