@@ -362,8 +362,8 @@ class Daemon:
     async def _shutdown(self) -> None:
         log.info("stopping: no new work; running jobs get SIGTERM, then SIGKILL after their kill_grace")
         self._stopping = True
-        # From here, before a client can learn of the stop: a launch that came in while the listeners close was
-        # taken, its instance made and its tasks left for the next start.
+        # From here, before a client can learn of the stop: a launch that comes in while the listeners close is
+        # refused SHUTTING_DOWN, as a submit is (it used to be taken, its tasks left for the next start).
         self.engine.stop_taking_work()
         self.notifier.notify(f"STOPPING=1\nSTATUS={self._status_line()}")
         self.scheduler.stop()

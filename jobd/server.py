@@ -164,8 +164,8 @@ class Server:
         for path in (*self.socket_files(), *others):
             try:
                 os.chmod(path, mode)
-                if gid is not None:
-                    os.chown(path, -1, gid)
+                # A group that does not exist: jobd's own, as at a start (_socket_access said so), not the old one.
+                os.chown(path, -1, os.getegid() if gid is None else gid)
             except OSError as error:
                 log.error("cannot give %s its new socket_mode and socket_group: %s", path, error.strerror or error)
         log.info("socket_mode %s and socket_group applied to the sockets", oct(mode))

@@ -431,6 +431,13 @@ def test_a_reload_gives_the_sockets_a_new_socket_mode_and_group(make_daemon: Any
     assert [(stat.S_IMODE(os.stat(s).st_mode), os.stat(s).st_gid) for s in sockets] == [(0o600, 0)] * 3
     assert "socket_mode 0o600 and socket_group applied to the sockets" in daemon.log()
     assert daemon.call("ping")["pong"] is True  # jobd (root) still connects
+    # A group that does not exist: jobd's own, as at a start, not the one before.
+    daemon.write_config(http, daemon_extra='socket_group = "daemon"\nsocket_mode = 0o660')
+    assert daemon.call("daemon.reload")["ok"] is True
+    daemon.write_config(http, daemon_extra='socket_group = "no-such-group-x"\nsocket_mode = 0o660')
+    assert daemon.call("daemon.reload")["ok"] is True
+    gids = [os.stat(s).st_gid for s in sockets]
+    assert gids == [os.getegid()] * 3, gids
 
 
 def test_http_connections_past_max_connections_are_refused_at_once(make_daemon: Any) -> None:
