@@ -143,6 +143,9 @@ def test_a_byte_order_mark_before_a_document_is_dropped() -> None:
     assert feed_all(framer, [stream[i : i + 1] for i in range(len(stream))]) == expected
     with pytest.raises(errors.InvalidXml, match="text outside the root"):
         XmlFramer().feed(b"\xef\xbb<ping/>")  # not a whole BOM
+    # After markup that trailed the last request, a BOM starts the next one: that markup was the last one's.
+    trailing = b'<ping/><!-- c -->\xef\xbb\xbf<?xml version="1.0"?><ping/><?pi x?>\xef\xbb\xbf<quit/>'
+    assert XmlFramer().feed(trailing) == [b"<ping/>", b'<?xml version="1.0"?><ping/>', b"<quit/>"]
 
 
 def test_an_xml_parser_accepts_every_framed_document() -> None:

@@ -246,10 +246,12 @@ class XmlFramer:
             return False
         self._pos = found.start()
         byte = buffer[self._pos]
-        if byte == _BOM[0] and self._document_start is None:
-            # A UTF-8 byte order mark, which some clients put before each document: not text, and not kept.
+        if byte == _BOM[0]:
+            # A UTF-8 byte order mark, which some clients put before each document: not text, and not kept. It only
+            # ever starts a document: markup scanned since the last one was that one's trailing markup (see below).
             seen = bytes(buffer[self._pos : self._pos + len(_BOM)])
             if seen == _BOM:
+                self._document_start = None
                 self._pos += len(_BOM)
                 return True
             if _BOM.startswith(seen):
