@@ -85,7 +85,9 @@ class JobWatcher(Protocol):
 
     def job_finished(self, job: Job) -> None: ...
 
-    def job_waits_to_retry(self, job: Job) -> None: ...
+    def retries_off(self) -> bool:
+        """No more tries of the job (asked as an attempt ends, before the retry is decided)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -667,6 +669,7 @@ class Engine:
             earlier = self.store.attempts(job.id)
             not_counted = (Outcome.KILLED, Outcome.SPAWN_ERROR)
             tries = 1 + sum(1 for a in earlier if a.number < attempt.number and a.outcome not in not_counted)
+        watcher = self._watchers.get(job.id)
         step = after_attempt(
             job,
             attempt,
@@ -675,6 +678,7 @@ class Engine:
             cancelled=cancelled,
             shutting_down=self.stopping,
             jobd_short_of_resources=jobd_short_of_resources,
+            retries_off=watcher is not None and watcher.retries_off(),
         )
         return transition(
             job,
@@ -701,9 +705,6 @@ class Engine:
                 self._admit(job)
             elif job.state is JobState.QUEUED:  # stopped by the shutdown: counted where it waits; nothing starts now
                 self.queues[job.spec.queue].push(job)
-            watcher = self._watchers.get(job.id)
-            if watcher is not None and job.state is JobState.DELAYED:
-                self.loop.call_soon(watcher.job_waits_to_retry, job)  # soon: as job_finished, see there
         self._counts_changed()
 
     def _log_settled(self, job: Job, attempt: Attempt) -> None:

@@ -25,10 +25,12 @@ def after_attempt(
     cancelled: bool,
     shutting_down: bool,
     jobd_short_of_resources: bool = False,
+    retries_off: bool = False,
 ) -> NextStep:
     """Where a job goes once an attempt has ended. `tries` counts the attempts that ran their course, this one
     included: attempts stopped by jobd's shutdown, or never started for want of resources, do not use up the
-    retry budget."""
+    retry budget. `retries_off`: who runs the job wants no more tries (its workflow instance is being cancelled):
+    a failed attempt ends it as if its policy allowed none."""
     outcome = attempt.outcome
     assert outcome is not None
     if jobd_short_of_resources and not cancelled:
@@ -40,7 +42,7 @@ def after_attempt(
     if shutting_down and outcome is Outcome.KILLED:
         # Stopped by jobd's own shutdown, not by a fault of the job: it runs again at the next start.
         return NextStep(JobState.QUEUED, now)
-    if job.spec.retry.allows(tries, outcome, attempt.exit_code):
+    if not retries_off and job.spec.retry.allows(tries, outcome, attempt.exit_code):
         delay = job.spec.retry.next_delay(tries)
         if delay > 0:
             return NextStep(JobState.DELAYED, now + delay)

@@ -424,9 +424,8 @@ class Instances:
                 log.info("instance=%d cancel requested", instance_id)
                 self._cancels_unsaved.add(instance_id)  # before _apply: the instance may end, and be saved, there
             self._apply(live, live.machine.cancel(self.clock()))
-            for job_id in list(live.jobs.values()):  # a task's job waiting to be retried: retries are off now
-                job = self.engine.jobs.get(job_id)
-                if job is not None and job.state is JobState.DELAYED:
+            for job_id in list(live.jobs.values()):  # a task's job waiting for its next try: retries are off now
+                if self._waits_to_retry(job_id):
                     self._cancel_job(job_id)
         elif instance_id not in self._cancels_refused:
             summary = self.summary(instance_id)  # raises for an unknown id
@@ -461,11 +460,16 @@ class Instances:
                 return
         raise InvalidParams(f"no task of instance {instance_id} runs as pid {pid}", id=instance_id, pid=pid)
 
-    def _waits_to_retry_after(self, job_id: int, pid: int) -> bool:
-        """Whether the job waits for its next try (its TOML task's `retry`) after a try that ran as `pid`: its task,
-        still EXECUTING, shows that pid, which is what an evQueue client passes to killtask."""
+    def _waits_to_retry(self, job_id: int) -> bool:
+        """Whether a task's job has had a try and waits for the next (its TOML task's `retry`): after its delay, or
+        in its queue."""
         job = self.engine.jobs.get(job_id)
-        if job is None or job.state is not JobState.DELAYED:
+        return job is not None and job.attempts > 0 and job.state in (JobState.DELAYED, JobState.QUEUED)
+
+    def _waits_to_retry_after(self, job_id: int, pid: int) -> bool:
+        """Whether the job waits for its next try after a try that ran as `pid`: its task, still EXECUTING, shows
+        that pid, which is what an evQueue client passes to killtask."""
+        if not self._waits_to_retry(job_id):
             return False
         attempts = self.store.attempts(job_id)
         return bool(attempts) and attempts[-1].pid == pid
@@ -804,13 +808,11 @@ class Instances:
         result = self._result(job, parsed=live.machine.parses_output(evqid))
         self._apply(live, live.machine.task_ended(evqid, result, self.clock()))
 
-    def _task_waits_to_retry(self, instance_id: int, evqid: int, job: Job) -> None:
-        """A task's job failed and waits to run again by its TOML task's `retry`: not in an instance being
-        cancelled, whose retries are off (evQueue's cancel flushes them). The job is cancelled, and the task ends
-        with that try's result."""
+    def retries_off(self, instance_id: int) -> bool:
+        """A task's job gets no more tries by its TOML task's `retry` once its instance is being cancelled, as
+        evQueue's retries are turned off then: a try that fails ends the task with that try's result."""
         live = self._live.get(instance_id)
-        if live is not None and live.machine.cancelling and live.jobs.get(evqid) == job.id:
-            self._cancel_job(job.id)
+        return live is not None and live.machine.cancelling
 
     def _result(self, job: Job, *, parsed: bool) -> TaskResult:
         """How the job of a task ended; with `parsed` (its stdout is XML to parse), also whether that stdout is
@@ -1146,5 +1148,5 @@ class _TaskWatcher:
     def job_finished(self, job: Job) -> None:
         self.instances._supervised(self.instance_id, self.instances._task_finished, self.evqid, job)
 
-    def job_waits_to_retry(self, job: Job) -> None:
-        self.instances._supervised(self.instance_id, self.instances._task_waits_to_retry, self.evqid, job)
+    def retries_off(self) -> bool:
+        return self.instances.retries_off(self.instance_id)

@@ -119,8 +119,8 @@ class _RunWatcher:
     def job_finished(self, job: Job) -> None:
         self.scheduler._run_ended(self.name, job.id, _job_result(job))
 
-    def job_waits_to_retry(self, job: Job) -> None:
-        pass  # the run goes on until the job has finished
+    def retries_off(self) -> bool:
+        return False  # the run goes on until the job has finished, its retries included
 
 
 def _job_result(job: Job) -> str:
