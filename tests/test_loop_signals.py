@@ -6,7 +6,9 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,14 +58,34 @@ def test_a_signal_is_not_lost_when_the_wakeup_socket_is_full() -> None:
     assert run_with_signals(scenario) == {signal.SIGUSR1: 1, signal.SIGUSR2: 0}
 
 
-def test_a_signal_taken_by_another_thread_wakes_the_loop() -> None:
-    """Delivered to a worker thread while the loop waits in epoll_wait(): the wake-up socket ends the wait, and the
-    handler runs on the loop."""
+def test_a_signal_taken_by_another_thread_wakes_the_loop_from_epoll_wait() -> None:
+    """Delivered to another thread (an executor's) while the loop sleeps in epoll_wait(): the interpreter runs the
+    handler in the main thread only, so only the byte the signal writes into the wake-up socket ends that wait.
+    Without it the loop slept on (here until the deadline; in jobd, its next timer: a day, for a SIGTERM)."""
 
     async def scenario(signals: LoopSignals, calls: dict[int, int], called: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGUSR2))
-        await asyncio.wait_for(called.wait(), DEADLINE)
+        loop_thread = threading.get_native_id()
+        handled = threading.Event()
+        missed: list[str] = []
+
+        def signal_once_the_loop_sleeps() -> None:
+            wchan = Path(f"/proc/self/task/{loop_thread}/wchan")
+            deadline = time.monotonic() + DEADLINE
+            while "epoll" not in wchan.read_text() and time.monotonic() < deadline:
+                os.sched_yield()  # the loop is about to sleep: microseconds
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)  # to this thread, not the loop's
+            if not handled.wait(DEADLINE):
+                missed.append("the loop slept on after the signal")
+                loop.call_soon_threadsafe(called.set)  # end the test, which fails below
+
+        sender = threading.Thread(target=signal_once_the_loop_sleeps)
+        sender.start()
+        # No timer on the loop: only the signal's wake-up, or the sender giving up, ends this wait.
+        await called.wait()
+        handled.set()
+        sender.join()
+        assert not missed, missed
 
     assert run_with_signals(scenario) == {signal.SIGUSR1: 0, signal.SIGUSR2: 1}
 
