@@ -311,10 +311,13 @@ class Engine:
         if self.stopping:
             raise ShuttingDown("jobd is stopping and takes no new jobs")
         for spec in specs:
-            # A key already taken is answered with its job, whatever became of that job's queue since (a client
-            # asks again with the key when it lost the first reply).
-            if spec.key is None or self.job_with_key(spec.key) is None:
+            try:
                 self._check_queue_open(spec.queue)
+            except (UnknownQueue, QueueClosed):
+                # A key already taken is answered with its job, whatever became of that job's queue since (a client
+                # asks again with the key when it lost the first reply). Looked up only then: not on every submit.
+                if spec.key is None or self.job_with_key(spec.key) is None:
+                    raise
             if not spec.command and spec.http is None:  # the API refuses it; this guards jobd's own callers
                 raise InvalidParams("a job needs a command or an HTTP request, and this one has neither")
         now = self.clock()
