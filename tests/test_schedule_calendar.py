@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, local_zone, next_run
+from jobd.engine.schedule import MAX_STEP_BACK, Calendar, LocalZone, catch_up_due, next_run
 from jobd.model import ScheduleDef, ScheduleState
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -118,14 +118,10 @@ def test_a_tz_that_names_no_zone_is_left_for_the_machines_zone(monkeypatch: pyte
     """TZ=Europe (a directory of zones) stopped jobd's start with IsADirectoryError; unknown names were already
     passed over for /etc/localtime."""
     monkeypatch.setenv("TZ", "")
-    local_zone.cache_clear()
-    machines = local_zone()
+    machines = LocalZone()()
     monkeypatch.setenv("TZ", value)
-    local_zone.cache_clear()
-    try:
-        assert type(local_zone()) is type(machines) and str(local_zone()) == str(machines)
-    finally:
-        local_zone.cache_clear()
+    zone = LocalZone()()
+    assert type(zone) is type(machines) and str(zone) == str(machines)
 
 
 def test_timezone_changes_the_instant() -> None:

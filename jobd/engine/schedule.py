@@ -29,7 +29,7 @@ DST, for a calendar evaluated in a zone that has it (the rules are croniter's, p
 from __future__ import annotations
 
 import datetime as dt
-import functools
+import io
 import math
 import os
 import re
@@ -209,34 +209,57 @@ def _parse_evqueue(text: str) -> Calendar:
     return Calendar(text.strip(), " ".join(fields), seconds_first=True, day_or=False, every_hour=not values[_HOUR])
 
 
-@functools.lru_cache(maxsize=1)
-def local_zone() -> dt.tzinfo:
-    """The machine's zone with its DST rules: $TZ if it names a zone, else /etc/localtime, else UTC.
+class LocalZone:
+    """The machine's zone with its DST rules: $TZ if it names a zone, else /etc/localtime, else UTC. A fixed offset
+    such as `datetime.now().astimezone().tzinfo` would not do: it ignores the next DST change.
 
-    Cached: read once per process; a reload that finds the machine's zone changed (local_zone_source) clears it.
-    A fixed offset such as `datetime.now().astimezone().tzinfo` would not do: it ignores the next DST change.
+    Read at its first use, then kept; refresh() reads again what it is read from, and drops the zone if that
+    changed (`timedatectl set-timezone` points /etc/localtime elsewhere), for a reload to recompute the next times.
     """
+
+    def __init__(self) -> None:
+        self._source: tuple[str, bytes | None] | None = None
+        self._zone: dt.tzinfo | None = None
+
+    def __call__(self) -> dt.tzinfo:
+        if self._zone is None:
+            self._source = _local_zone_source()
+            self._zone = _zone_of(*self._source)
+        return self._zone
+
+    def refresh(self) -> bool:
+        """Whether the zone changed since it was read (it is then read again at its next use)."""
+        if self._zone is None or _local_zone_source() == self._source:
+            return False
+        self._zone = None
+        return True
+
+
+def _local_zone_source() -> tuple[str, bytes | None]:
+    """$TZ (without a leading `:`) and /etc/localtime's content (None if it cannot be read)."""
     name = os.environ.get("TZ", "").removeprefix(":")
+    try:
+        with open("/etc/localtime", "rb") as file:
+            return name, file.read(1 << 20)
+    except OSError:
+        return name, None
+
+
+def _zone_of(name: str, localtime: bytes | None) -> dt.tzinfo:
     if name:
         try:
             return zoneinfo.ZoneInfo(name)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: TZ=Europe, a directory of zones
             pass
-    try:
-        with open("/etc/localtime", "rb") as file:
-            return zoneinfo.ZoneInfo.from_file(file, key="localtime")
-    except (OSError, ValueError):
-        return dt.UTC
+    if localtime is not None:
+        try:
+            return zoneinfo.ZoneInfo.from_file(io.BytesIO(localtime), key="localtime")
+        except ValueError:
+            pass
+    return dt.UTC
 
 
-def local_zone_source() -> bytes | None:
-    """What local_zone() is read from besides $TZ, which a process cannot see change: /etc/localtime's content
-    (`timedatectl set-timezone` points the link elsewhere), None if it cannot be read."""
-    try:
-        with open("/etc/localtime", "rb") as file:
-            return file.read(1 << 20)
-    except OSError:
-        return None
+local_zone = LocalZone()
 
 
 def _active(definition: ScheduleDef, state: ScheduleState) -> bool:
@@ -327,9 +350,9 @@ __all__ = [
     "NON_NUMERIC",
     "OUT_OF_RANGE",
     "Calendar",
+    "LocalZone",
     "catch_up_due",
     "local_zone",
-    "local_zone_source",
     "next_run",
     "set_back",
 ]

@@ -34,7 +34,6 @@ from jobd.engine.schedule import (
     Calendar,
     catch_up_due,
     local_zone,
-    local_zone_source,
     next_run,
     set_back,
 )
@@ -149,7 +148,6 @@ class Scheduler:
         self._armed: float | None = None  # the absolute time the timerfd is armed at, None: disarmed
         self._followers: set[asyncio.Task[None]] = set()
         self._stopped = False
-        self._zone_source = local_zone_source()  # the machine's zone, as the next times were computed in
         self._peer = Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), is_admin=True)
 
     # -- start and stop ------------------------------------------------------------------------------------------
@@ -616,11 +614,7 @@ class Scheduler:
         alone and its state forgotten); a new one starts waiting for its first time, and one added back while a
         run it started before its removal goes takes that run back."""
         now = self.clock()
-        zone_source = local_zone_source()
-        zone_changed = zone_source != self._zone_source
-        if zone_changed:
-            local_zone.cache_clear()
-            self._zone_source = zone_source
+        zone_changed = local_zone.refresh()
         for name in sorted(set(self._schedules) - set(config.schedules)):
             removed = self._schedules.pop(name)
             log.info("schedule %s removed from the configuration%s", name, " (its run goes on)" if removed.runs else "")
