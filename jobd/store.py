@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import inotify_simple
 import peewee
 
 from jobd import logline
@@ -47,6 +48,12 @@ AUDIT_BATCH = 256  # entries written at once, without waiting longer
 AUDIT_KEPT_AT_MOST = 100_000
 WAL_AUTOCHECKPOINT = 10000  # pages the WAL may hold before SQLite copies it into the database (Store.__init__)
 _db = peewee.DatabaseProxy()
+
+# sqlite3 binds an int, float, str or bytes as it is, but any other value (None, bool) only after a miss in its
+# adapter registry and two attribute lookups on the value and the protocol. Most of a job's columns are None: on a
+# submit's INSERT that miss cost more than binding all the rest. A registered adapter is found by the first lookup.
+sqlite3.register_adapter(type(None), lambda value: value)
+sqlite3.register_adapter(bool, int)  # stored as SQLite stores a bool: 1 or 0
 
 
 class _Base(peewee.Model):
@@ -453,6 +460,61 @@ class JobFilter:
     visible_queues: tuple[str, ...] | None = None
 
 
+class _FileName:
+    """Whether an open file has lost its last name (unlinked, or replaced by a rename): asked before every write to
+    the database (Store._check_file).
+
+    An fstat() before each write cost a system call on every submit and three on every job. Instead the kernel says
+    when the file's link count changes (inotify's IN_ATTRIB, sent by unlink and by a rename over it, and by chmod and
+    the like, which are told apart by the fstat() then made), and the answer is kept. It comes through the event
+    loop: a request handled in the same turn of the loop as the deletion may still be answered as saved (it is lost
+    with everything the deleted file held); the ones after are refused. Without a running loop (tools and tests
+    that use the store directly), or when the kernel refuses the watch (fs.inotify.max_user_instances or
+    max_user_watches used up), each write makes the fstat() itself.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self._fd = fd
+        self._lost = False
+        self._inotify: inotify_simple.INotify | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        inotify: inotify_simple.INotify | None = None
+        try:
+            inotify = inotify_simple.INotify(nonblocking=True)  # close-on-exec, as everything Python opens
+            inotify.add_watch(path, inotify_simple.flags.ATTRIB)
+            loop.add_reader(inotify.fileno(), self._changed)
+        except BaseException as error:
+            if inotify is not None:
+                inotify.close()
+            if not isinstance(error, OSError):
+                raise
+            log.warning("the database file %s is not watched (inotify: %s): each write checks it first", path, error)
+            return
+        self._inotify, self._loop = inotify, loop
+
+    def lost(self) -> bool:
+        if self._inotify is None and not self._lost:
+            self._lost = os.fstat(self._fd).st_nlink == 0
+        return self._lost
+
+    def _changed(self) -> None:
+        assert self._inotify is not None
+        self._inotify.read(timeout=0)  # whatever it says (an overflow too), the link count is looked at
+        self._lost = self._lost or os.fstat(self._fd).st_nlink == 0
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            assert self._loop is not None
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None
+
+
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -480,6 +542,7 @@ class Store:
         )
         self._flusher: _GroupFlusher | None = None
         self._file: int | None = None  # Store.open: the database file, for copies (hold_file) and _check_file
+        self._name: _FileName | None = None  # Store.open: whether that file still has a name (_check_file)
         self._audit_pending: list[AuditEntry] = []
         self._audit_timer: asyncio.TimerHandle | None = None  # the write-behind, or the next try on a full disk
         self._audit_failing = False  # the last write of entries failed: they wait for room
@@ -511,12 +574,13 @@ class Store:
         # directory removed by hand or by a cleaning tool), SQLite goes on writing into the deleted file without a
         # word, and every commit would be answered as saved while all of it vanished at the next start.
         self._file = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._name = _FileName(self.path, self._file)
 
     def _check_file(self) -> None:
         """Refuse a write to a database file that no longer has a name (deleted, or replaced by another file):
         what it would save is gone at the next start. An OperationalError, as SQLite's own refusals are, so every
         caller answers STORE_FAILED and tries again as on a full disk."""
-        if self._file is not None and os.fstat(self._file).st_nlink == 0:
+        if self._name is not None and self._name.lost():
             raise sqlite3.OperationalError(
                 f"its file {self.path} was deleted while jobd ran: nothing can be saved any more; restart jobd, which "
                 "makes a new, empty database (the jobs it held are gone with the file)"
@@ -546,6 +610,9 @@ class Store:
             self._flusher.close()
         if not self.db.is_closed():
             self.db.close()
+        if self._name is not None:
+            self._name.close()
+            self._name = None
         if self._file is not None:  # only now: closing it would have dropped SQLite's lock (see open)
             os.close(self._file)
             self._file = None

@@ -885,6 +885,27 @@ def test_writes_after_the_database_file_was_deleted_are_refused_not_answered_as_
     assert daemon.call("job.list")["jobs"] == []
 
 
+def test_a_database_file_replaced_by_a_rename_is_refused_as_a_deleted_one_and_a_chmod_is_not(
+    jobd: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # jobd hears of a deletion from the kernel (inotify's IN_ATTRIB on the file) instead of an fstat() before each
+    # write: a chmod sends the same event, and must not be taken for a deletion; a rename over the file is one.
+    daemon = jobd("[queue.default]\nconcurrency = 1\n")
+    database = daemon.state_dir / "jobd.sqlite3"
+    os.chmod(database, 0o600)
+    first = daemon.submit(command=["/bin/echo", "before"])["id"]
+    assert daemon.wait(first)["state"] == "succeeded"
+    other = tmp_path / "other.sqlite3"
+    other.write_bytes(b"")
+    shutil.copymode(database, other)
+    os.rename(other, database)
+    with pytest.raises(RemoteError) as info:
+        daemon.submit(command=["/bin/echo", "after"])
+    assert info.value.code == "STORE_FAILED", info.value
+    assert f"its file {database} was deleted while jobd ran" in info.value.message
+    assert daemon.call("job.get", {"id": first})["state"] == "succeeded"
+
+
 def test_a_callback_try_ended_on_a_full_database_disk_is_recorded_and_retried_once_there_is_room(
     jobd: Callable[..., Daemon], small_state_disk: Path, tmp_path: Path
 ) -> None:

@@ -269,6 +269,24 @@ def test_the_database_is_held_exclusively_while_jobd_has_it_open(tmp_path: Path)
     other.close()
 
 
+def test_a_store_used_without_an_event_loop_looks_at_its_file_before_each_write(tmp_path: Path) -> None:
+    # jobd hears of its database's deletion from inotify, through its event loop; a store opened without one (a tool,
+    # a test) has nobody to read that, and looks at the file's link count itself before each write.
+    path = tmp_path / "jobd.sqlite3"
+    store = Store(str(path))
+    store.open()
+    try:
+        spec = JobSpec(command=("/bin/true",), queue="q")
+        store.insert_jobs([spec], [JobState.QUEUED], 1.0, [1.0])
+        os.unlink(path)
+        with pytest.raises(sqlite3.OperationalError, match="was deleted while jobd ran"):
+            store.insert_jobs([spec], [JobState.QUEUED], 2.0, [2.0])
+        with pytest.raises(sqlite3.OperationalError, match="was deleted while jobd ran"):
+            store.record_audit(AuditEntry(3.0, 0, "root", "queue.pause", "queue q", "ok"))
+    finally:
+        store.close()
+
+
 def test_a_store_closed_while_an_fsync_runs_keeps_the_wal_open_until_it_ends(tmp_path: Path) -> None:
     """`durability = "fsync"` at shutdown: the WAL's descriptor, closed under the worker thread's fsync, could be
     handed to another file meanwhile and fsync()ed in its place. It is closed once the fsync has ended."""
