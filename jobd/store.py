@@ -486,15 +486,14 @@ class _FileName:
         try:
             inotify = inotify_simple.INotify(nonblocking=True)  # close-on-exec, as everything Python opens
             inotify.add_watch(path, inotify_simple.flags.ATTRIB)
-            loop.add_reader(inotify.fileno(), self._changed)
-        except BaseException as error:
+        except OSError as error:
             if inotify is not None:
                 inotify.close()
-            if not isinstance(error, OSError):
-                raise
             log.warning("the database file %s is not watched (inotify: %s): each write checks it first", path, error)
             return
+        loop.add_reader(inotify.fileno(), self._changed)
         self._inotify, self._loop = inotify, loop
+        self._changed()  # a deletion between the open and the watch was not told
 
     def lost(self) -> bool:
         if self._inotify is None and not self._lost:

@@ -23,6 +23,7 @@ from jobd.store import (
     AuditFilter,
     Store,
     _db,
+    _FileName,
 )
 
 RETRY_JSON = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
@@ -285,6 +286,28 @@ def test_a_store_used_without_an_event_loop_looks_at_its_file_before_each_write(
             store.record_audit(AuditEntry(3.0, 0, "root", "queue.pause", "queue q", "ok"))
     finally:
         store.close()
+
+
+def test_a_database_file_the_kernel_will_not_watch_is_looked_at_before_each_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With inotify refused (here: the watch of a path that is gone; in life, fs.inotify.max_user_watches used up),
+    # jobd says so and falls back to an fstat() before each write, rather than never noticing a deletion.
+    path = tmp_path / "jobd.sqlite3"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+
+    async def watch_and_delete() -> tuple[bool, bool]:
+        name = _FileName(str(tmp_path / "gone"), fd)
+        before = name.lost()
+        os.unlink(path)
+        return before, name.lost()  # at once: no turn of the loop needed without a watch
+
+    try:
+        assert asyncio.run(watch_and_delete()) == (False, True)
+    finally:
+        os.close(fd)
+    assert f"the database file {tmp_path / 'gone'} is not watched (inotify: " in caplog.text
 
 
 def test_a_store_closed_while_an_fsync_runs_keeps_the_wal_open_until_it_ends(tmp_path: Path) -> None:
