@@ -299,13 +299,14 @@ def test_without_inotify_jobd_runs_and_reloads_on_sighup(make_daemon: Callable[.
 def test_watches_that_cannot_be_renewed_are_reported_and_the_rest_still_reload(
     make_daemon: Callable[..., Daemon],
 ) -> None:
-    # The daemon's user may place two inotify watches (a user namespace of its own): the config dir, which also
-    # stands for the workflows/ directory not made yet, and jobd.d. Making workflows/ makes the watcher place them
-    # all again, and the third is refused (ENOSPC, fs.inotify.max_user_watches used up). That raised out of the
-    # event loop's callback, an "Exception in callback" traceback in the journal and no word of what it meant.
+    # The daemon's user may place three inotify watches (a user namespace of its own): the config dir, which also
+    # stands for the workflows/ directory not made yet, jobd.d, and the database file (jobd/store.py). Making
+    # workflows/ makes the watcher place them all again, and the fourth is refused (ENOSPC,
+    # fs.inotify.max_user_watches used up). That raised out of the event loop's callback, an "Exception in callback"
+    # traceback in the journal and no word of what it meant.
     daemon = make_daemon(TASKS, start=False)
-    two_watches = 'echo 2 > /proc/sys/user/max_inotify_watches && exec "$@"'
-    daemon.command_prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", two_watches, "sh"]
+    three_watches = 'echo 3 > /proc/sys/user/max_inotify_watches && exec "$@"'
+    daemon.command_prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", three_watches, "sh"]
     pump = start(daemon)
     assert "not watched" not in daemon.log()
     (daemon.config_dir / "workflows").mkdir()
@@ -322,7 +323,7 @@ def test_watches_that_cannot_be_renewed_are_reported_and_the_rest_still_reload(
 
     # Watches to spare again (the limit raised in the daemon's namespace): the next change places them all, and
     # from then on a workflow saved into workflows/ is reloaded by itself.
-    raise_limit = "echo 3 > /proc/sys/user/max_inotify_watches"
+    raise_limit = "echo 4 > /proc/sys/user/max_inotify_watches"
     subprocess.run(["nsenter", "--user", "-t", str(daemon.pid), "sh", "-c", raise_limit], check=True)
     atomic_write(daemon.config_dir / "jobd.d" / "61-again.toml", "# a change the watcher sees\n")
     pump.wait_for("RELOADING=1")
