@@ -1,8 +1,10 @@
 """One child process's life as the kernel sees it: spawn, output capture, fd 3 progress, signals, reaping.
 
-Each child is the leader of its own process group (`process_group=0`), so a timeout or a cancel reaches everything
-it started. Its exit is observed through a pidfd registered with the asyncio (epoll) loop — no SIGCHLD handler, no
-thread per child, no polling — and reaped with wait4() for its resource usage.
+Each child is the leader of its own session and process group (`start_new_session`: setsid), so a timeout or a
+cancel reaches everything it started, and no job shares jobd's controlling terminal when jobd has one (run in the
+foreground: a job, perhaps of another user, could otherwise push input into that terminal with TIOCSTI). Its exit
+is observed through a pidfd registered with the asyncio (epoll) loop — no SIGCHLD handler, no thread per child, no
+polling — and reaped with wait4() for its resource usage.
 
 stdout and stderr are pipes the daemon drains into files with splice(2) (no copy through user space) up to
 `max_output` bytes; beyond that bytes are read and dropped, so memory stays flat however much a job prints. The
@@ -538,7 +540,7 @@ def _popen_with_fd3(spec: LaunchSpec, stdin_fd: int, out_w: int, err_w: int, log
             pass_fds=pass_fds if other_user else (),
             cwd=spec.cwd,
             env=dict(spec.env),
-            process_group=0,
+            start_new_session=True,  # its own process group too, and no controlling terminal (see the top)
             # setgroups, setregid, setreuid in the child, in that order, after the fork and before the exec
             user=spec.uid,
             group=spec.gid,

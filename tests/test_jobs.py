@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -442,6 +443,35 @@ def test_a_leader_ignoring_sigterm_is_killed_after_the_grace(server: Any, tmp_pa
     assert attempt["signal"] == signal.SIGKILL and attempt["exit_code"] is None
     assert ts(attempt["finished_at"]) - ts(attempt["started_at"]) >= 0.5 + KILL_GRACE
     wait_exit(read_pid(pid_file))  # it ignored SIGTERM too: only the SIGKILL to the group ended it
+
+
+# Made the controlling terminal of the process that runs it, then execs the rest of its arguments (the same pid): a
+# jobd run in the foreground on a terminal, as `make run` does.
+WITH_A_TERMINAL = """
+import fcntl, os, pty, sys, termios
+terminal, side = pty.openpty()
+# Kept open in jobd, out of the way of the fd 3 it takes for itself: its last close would hang up the terminal.
+os.set_inheritable(fcntl.fcntl(terminal, fcntl.F_DUPFD, 100), True)
+os.setsid()
+fcntl.ioctl(side, termios.TIOCSCTTY, 0)
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_a_job_does_not_share_the_controlling_terminal_of_a_jobd_run_on_one(make_daemon: Any) -> None:
+    # Jobs were put in a process group of their own, but stayed in jobd's session: with jobd started from a terminal,
+    # a job (perhaps one running as another user) could open /dev/tty and push input into root's shell (TIOCSTI).
+    daemon = make_daemon(CONFIG, start=False)
+    daemon.command_prefix = [sys.executable, "-c", WITH_A_TERMINAL]
+    daemon.start()
+    assert Path(f"/proc/{daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()[4] != "0"  # jobd has a terminal
+    tty = "if true 2>/dev/null </dev/tty; then echo terminal; else echo none; fi"
+    script = f'{tty}; echo $$; cut -d" " -f6 /proc/$$/stat'
+    job = run(daemon, command=sh(script))
+    assert job["state"] == "succeeded", job
+    answer, pid, session = daemon.output(job["id"]).split()
+    assert answer == "none"
+    assert session == pid  # a session of its own, which it leads (jobd's is another)
 
 
 # -- 7. a grandchild holding stdout -------------------------------------------------------------------------------
