@@ -235,8 +235,10 @@ def test_thumbnail_from_a_web_page(web: str) -> None:
     assert status == 200 and job["state"] == "succeeded", job
     size, _, source = job["thumbnail"].removeprefix("thumbnail ").partition(" of ")
     assert size == "256" and Path(source).read_bytes() == image, job
-    # Another visitor may not read it; a visitor without an upload is told what is missing.
-    assert request(browser(), f"{web}/thumbnail.php?job={submitted['job']}")[0] == 404
+    # Another visitor may not read it, nor learn that it exists: answered as a job that does not; a visitor without
+    # an upload is told what is missing.
+    assert request(browser(), f"{web}/thumbnail.php?job={submitted['job']}") == (404, {"error": "no such job"})
+    assert request(browser(), f"{web}/thumbnail.php?job={submitted['job'] + 1000}") == (404, {"error": "no such job"})
     assert (
         request(visitor, f"{web}/thumbnail.php", b"", **{"Content-Type": "multipart/form-data; boundary=XyZ"})[0] == 400
     )

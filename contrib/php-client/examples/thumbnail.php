@@ -56,7 +56,7 @@ try {
     $wait = filter_input(INPUT_GET, 'wait', FILTER_VALIDATE_FLOAT);
     $job = $jobd->get($id);
     if ($job['context'] !== "web-$owner") {
-        reply(404, ['error' => "no job $id"]); // another visitor's job: not even its existence is told
+        reply(404, ['error' => 'no such job']); // another visitor's job: answered as a missing one, not even its existence is told
     }
     if (is_float($wait) && $wait > 0) {
         $job = $jobd->wait($id, min($wait, MAX_WAIT));

@@ -26,6 +26,7 @@ use Jobd\Exception\TimeoutException;
 final class Client
 {
     public const DEFAULT_SOCKET = '/run/jobd/jobd.sock';
+    public const MAX_SOCKET_PATH = 107; // bytes in sockaddr_un's sun_path, its NUL excluded
 
     /** A reply line longer than this is taken for a broken peer, not buffered without end. */
     private const MAX_LINE = 64 * 1024 * 1024;
@@ -63,6 +64,14 @@ final class Client
         }
         if ($socketPath === '' || str_contains($socketPath, "\0")) {
             throw new \InvalidArgumentException('the socket path must be a non-empty path without NUL bytes');
+        }
+        // A Unix socket's address holds 107 bytes and a NUL: PHP would cut a longer path short, silently, and connect
+        // to whatever socket the first 107 bytes name.
+        if (strlen($socketPath) > self::MAX_SOCKET_PATH) {
+            throw new \InvalidArgumentException(
+                'the socket path is ' . strlen($socketPath) . ' bytes long; a Unix socket path has at most '
+                . self::MAX_SOCKET_PATH . ' (use a shorter path, or a symlink to its directory)'
+            );
         }
         if (!($timeout > 0) || !($connectTimeout > 0)) {
             throw new \InvalidArgumentException('timeouts must be positive numbers of seconds (INF for no limit)');

@@ -101,6 +101,24 @@ final class ErrorsTest extends JobdTestCase
         }
     }
 
+    public function testASocketPathTooLongForTheKernelIsRefusedNotCutShort(): void
+    {
+        // PHP cut such a path to its first 107 bytes and connected to whatever socket those named: here jobd's own,
+        // reached through a path of 107 bytes that a longer, wrong one begins with.
+        $socket = $this->socketPath();
+        $padding = str_repeat('/', Client::MAX_SOCKET_PATH - strlen($socket));
+        $exact = dirname($socket) . $padding . '/' . basename($socket);
+        self::assertSame(Client::MAX_SOCKET_PATH, strlen($exact));
+        self::assertTrue((new Client($exact))->ping()['pong'], 'a path of exactly 107 bytes is taken');
+        try {
+            new Client($exact . '-missing');
+            self::fail('a socket path over 107 bytes must be refused');
+        } catch (\InvalidArgumentException $e) {
+            self::assertStringContainsString('the socket path is 115 bytes long', $e->getMessage());
+            self::assertStringContainsString('at most 107', $e->getMessage());
+        }
+    }
+
     public function testStaleSocketSaysNothingListens(): void
     {
         $dir = $this->temporaryDirectory();
