@@ -644,13 +644,17 @@ def queue_resume(api: Api, session: Session, p: Params) -> Any:
 def daemon_status(api: Api, session: Session, p: Params) -> Any:
     p.done()
     engine = api.engine
-    status = {
-        **api.daemon.status(),
-        "jobs": engine.history_counts(),
-        "queues": [queue_json(engine, queue) for queue in readable_queues(api, session.peer)],
-    }
-    if not session.peer.is_admin:  # which files configure jobd is the admins' business
-        status.pop("config_files", None)
+    queues = [queue_json(engine, queue) for queue in readable_queues(api, session.peer)]
+    status = {**api.daemon.status(), "queues": queues}
+    if session.peer.is_admin:
+        status["jobs"] = engine.history_counts()
+    else:
+        # Which files configure jobd is the admins' business; the counts are of what the peer may read, as its lists.
+        del status["config_files"]
+        status["jobs"] = engine.history_counts(
+            _visible(api, session, ObjectKind.TASK), _visible(api, session, ObjectKind.QUEUE)
+        )
+        status.update({count: sum(queue[count] for queue in queues) for count in ("running", "queued", "delayed")})
     return status
 
 
@@ -748,8 +752,11 @@ def _readable(api: Api, session: Session, kind: ObjectKind, names: Iterable[str]
 # -- workflows and instances ------------------------------------------------------------------------------------
 
 
-def _workflow_json(definition: WorkflowDef) -> dict[str, Any]:
-    return {"name": definition.name, "parameters": list(definition.parameters), "path": definition.path}
+def _workflow_json(definition: WorkflowDef, peer: Peer) -> dict[str, Any]:
+    shown = {"name": definition.name, "parameters": list(definition.parameters), "path": definition.path}
+    if not peer.is_admin:  # which files configure jobd is the admins' business (as daemon.status's config_files)
+        del shown["path"]
+    return shown
 
 
 def workflow_list(api: Api, session: Session, p: Params) -> Any:
@@ -757,7 +764,8 @@ def workflow_list(api: Api, session: Session, p: Params) -> Any:
     workflows = api.engine.config.workflows
     return {
         "workflows": [
-            _workflow_json(workflows[name]) for name in _readable(api, session, ObjectKind.WORKFLOW, workflows)
+            _workflow_json(workflows[name], session.peer)
+            for name in _readable(api, session, ObjectKind.WORKFLOW, workflows)
         ]
     }
 
@@ -775,7 +783,7 @@ def _workflow(api: Api, session: Session, p: Params) -> WorkflowDef:
 def workflow_get(api: Api, session: Session, p: Params) -> Any:
     definition = _workflow(api, session, p)
     p.done()
-    return {**_workflow_json(definition), "xml": definition.source.decode("utf-8", "replace")}
+    return {**_workflow_json(definition, session.peer), "xml": definition.source.decode("utf-8", "replace")}
 
 
 def instance_launch(api: Api, session: Session, p: Params) -> Any:

@@ -772,11 +772,9 @@ class Store:
             conditions.append('"id" < ?')
             params.append(where.before_id)
         if where.visible_tasks is not None or where.visible_queues is not None:
-            # Shell-style patterns (GLOB: `*`, `?`, case-sensitive); no pattern, no row.
-            tasks, queues = where.visible_tasks or (), where.visible_queues or ()
-            globs = ['"task" GLOB ?'] * len(tasks) + ['"queue" GLOB ?'] * len(queues)
-            conditions.append(f"({' OR '.join(globs) or '0'})")
-            params += [*tasks, *queues]
+            condition, patterns = _visible_jobs(where.visible_tasks, where.visible_queues)
+            conditions.append(condition)
+            params += patterns
         clause = f"WHERE {' AND '.join(conditions)} " if conditions else ""
         rows = self._jobs.rows(self._connection, (*params, where.limit), f'{clause}ORDER BY "id" DESC LIMIT ?')
         return [_job_from_row(row) for row in rows]
@@ -805,9 +803,16 @@ class Store:
         )
         return None if row is None else _attempt_from_row(row)
 
-    def count_by_state(self) -> dict[str, int]:
-        query = JobRow.select(JobRow.state, peewee.fn.COUNT(JobRow.id)).group_by(JobRow.state).tuples()
-        return {str(state): int(count) for state, count in query.iterator()}
+    def count_by_state(
+        self, visible_tasks: Sequence[str] | None = None, visible_queues: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        """Jobs by state; given patterns (JobFilter's), only the jobs of a task or a queue that one of them matches."""
+        clause, params = "", list[str]()
+        if visible_tasks is not None or visible_queues is not None:
+            condition, params = _visible_jobs(visible_tasks, visible_queues)
+            clause = f"WHERE {condition} "
+        rows = self._connection.execute(f'SELECT "state", count(*) FROM "job" {clause}GROUP BY "state"', params)
+        return {str(state): int(count) for state, count in rows}
 
     # -- history retention -----------------------------------------------------------------------------------
 
@@ -1554,6 +1559,14 @@ def _sqlite_error_name(failure: Exception) -> str:
         if isinstance(name, str):
             return name
     return ""
+
+
+def _visible_jobs(tasks: Sequence[str] | None, queues: Sequence[str] | None) -> tuple[str, list[str]]:
+    """The condition (and its parameters) of the jobs whose task or queue matches one of the shell-style patterns
+    (GLOB: `*`, `?`, case-sensitive); no pattern, no job."""
+    tasks, queues = tasks or (), queues or ()
+    globs = ['"task" GLOB ?'] * len(tasks) + ['"queue" GLOB ?'] * len(queues)
+    return f"({' OR '.join(globs) or '0'})", [*tasks, *queues]
 
 
 def _spec_values(spec: JobSpec) -> tuple[Any, ...]:

@@ -283,6 +283,14 @@ def test_lists_show_only_what_a_user_may_read(jobd: Daemon, users: dict[str, Any
     assert bob[2]["workflows"] == [] and carol[2]["workflows"] == []
     assert [q["name"] for q in bob[4]["queues"]] == ["ops"] and alice[4]["queues"] == []
     assert "config_files" not in alice[4]
+    assert all("path" not in workflow for workflow in alice[2]["workflows"])  # the files are the admins' business
+    # The counts of daemon.status are of what each may read, as its job.list (they were every job's).
+    assert sum(bob[4]["jobs"].values()) == len(bob[0]["jobs"]) == 2
+    assert carol[4]["jobs"] == {} and carol[4]["running"] == carol[4]["queued"] == carol[4]["delayed"] == 0
+    assert bob[4]["running"] + bob[4]["queued"] == sum(q["running"] + q["queued"] for q in bob[4]["queues"])
+    admin = jobd.call("daemon.status")
+    assert sum(admin["jobs"].values()) >= 5 and "config_files" in admin
+    assert all("path" in workflow for workflow in jobd.call("workflow.list")["workflows"])
     assert {job["task"] for job in jobd.call("job.list", {})["jobs"]} == {"report", "secret", "slow", None}
 
 
