@@ -253,15 +253,20 @@ class Server:
 
     def login_refusal(self, address: str) -> TooManyConnections | None:
         """The error for a new TCP client from `address` when LOGINS_UNDER_WAY clients are still to log in, or
-        LOGINS_UNDER_WAY_PER_ADDRESS of them from that address."""
+        LOGINS_UNDER_WAY_PER_ADDRESS of them from that address: an IPv6 one's /64, as the login delay counts them
+        (one host usually holds a whole /64, and would take every place with addresses of its own)."""
         if len(self.logging_in) >= LOGINS_UNDER_WAY:
             return TooManyConnections(
                 f"too many connections: {LOGINS_UNDER_WAY} evQueue clients are logging in on TCP; try again later",
                 limit=LOGINS_UNDER_WAY,
             )
-        if sum(1 for client in self.logging_in if client.address == address) >= LOGINS_UNDER_WAY_PER_ADDRESS:
+        source = evqueue_auth.LoginThrottle.source(address)
+        same_source = sum(
+            1 for client in self.logging_in if evqueue_auth.LoginThrottle.source(client.address) == source
+        )
+        if same_source >= LOGINS_UNDER_WAY_PER_ADDRESS:
             return TooManyConnections(
-                f"too many connections: {LOGINS_UNDER_WAY_PER_ADDRESS} evQueue clients from {address} are logging in "
+                f"too many connections: {LOGINS_UNDER_WAY_PER_ADDRESS} evQueue clients from {source} are logging in "
                 "on TCP; try again later",
                 limit=LOGINS_UNDER_WAY_PER_ADDRESS,
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import os
 import re
 import shutil
@@ -243,6 +244,54 @@ def test_clients_that_do_not_log_in_cannot_lock_out_the_local_sockets(make_daemo
         assert silent[0].login("admin", "admin").get("status") == "OK"
         refused = silent[1].login("admin", "admin")
         assert refused.get("error-code") == "TOO_MANY_CONNECTIONS" and silent[1].closed(), etree.tostring(refused)
+
+
+# Run in the daemon's network namespace (nsenter): connections from given sources that stay silent, then one more.
+SILENT_FROM_SOURCES = """
+import json, socket, sys
+host, port, last, sources = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+held, greetings = [], []
+for source in sources:
+    sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+    held.append(sock)
+    greetings.append(sock.recv(4096).decode())
+refused = socket.create_connection((host, port), timeout=10, source_address=(last, 0))
+answer = b""
+try:
+    while chunk := refused.recv(1 << 16):
+        answer += chunk
+except TimeoutError:  # greeted, and left open: not refused
+    pass
+print(json.dumps({"greetings": greetings, "refused": answer.decode()}))
+"""
+
+
+def test_clients_from_one_ipv6_64_share_the_places_of_one_address(make_daemon: Any) -> None:
+    """An IPv6 host usually holds a whole /64: counted by address, it took every place of the clients still to log
+    in with addresses of its own. Its clients count as from one address, as the login delay counts them. The daemon
+    runs in a network namespace of its own, whose loopback holds three addresses of one /64."""
+    net = "fd00:6a6f:6264::"
+    addresses = " && ".join(f"ip -6 addr add {net}{n}/64 dev lo nodad" for n in (1, 2, 3))
+    setup = f'ip link set lo up && {addresses} && exec "$@"'
+    daemon: Daemon = make_daemon(f'[tcp]\nlisten = "[{net}1]:0"\n' + USERS, start=False)
+    daemon.command_prefix = ["unshare", "--net", "sh", "-c", setup, "sh"]
+    daemon.start()
+    host, port = tcp_address(daemon)
+    sources = [f"{net}2"] * (LOGINS_UNDER_WAY_PER_ADDRESS // 2) + [f"{net}3"] * (LOGINS_UNDER_WAY_PER_ADDRESS // 2)
+    in_its_namespace = ["nsenter", f"--net=/proc/{daemon.pid}/ns/net", sys.executable, "-c", SILENT_FROM_SOURCES]
+    found = subprocess.run(
+        [*in_its_namespace, host.strip("[]"), str(port), f"{net}3", *sources],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result = json.loads(found.stdout)
+    assert len(result["greetings"]) == LOGINS_UNDER_WAY_PER_ADDRESS
+    assert all("challenge" in greeting for greeting in result["greetings"]), result
+    assert "TOO_MANY_CONNECTIONS" in result["refused"], result
+    refused = etree.fromstring(result["refused"].encode())
+    assert f"evQueue clients from {net}/64 are logging in" in refused.get("error", ""), result
 
 
 def test_a_client_that_closes_while_it_waits_is_dropped_at_once(make_daemon: Any) -> None:
