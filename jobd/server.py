@@ -1048,7 +1048,6 @@ class TcpXmlConnection(XmlConnection):
         if evqueue_auth.verify(user, self._challenge, request.attributes.get("response", "")):
             assert user is not None
             self._cancel_timer()
-            self.server.login_throttle.succeeded(self.address)
             self.server.logging_in.discard(self)
             refusal = self.server.refusal()
             if refusal is not None:  # logged in, but max_connections clients are connected

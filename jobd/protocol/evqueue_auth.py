@@ -77,7 +77,8 @@ class _Failures:
 
 class LoginThrottle:
     """Failed logins per source address: the n-th failure in a row is answered after `delay * 2**(n-1)` seconds,
-    capped; a successful login from the address, or FORGET_AFTER seconds without a failure, starts over.
+    capped; FORGET_AFTER seconds without a failure start over. A successful login does not: with one account
+    of its own, a client alternating its logins with guesses at another's password would guess at the base delay.
 
     IPv6 clients are counted per /64 (one host usually holds a whole /64). At most MAX_ADDRESSES are remembered.
     """
@@ -109,9 +110,6 @@ class LoginThrottle:
         while len(self._failures) > MAX_ADDRESSES:
             self._failures.popitem(last=False)
         return min(delay * 2.0 ** min(entry.count - 1, 64), cap)
-
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(self.source(address), None)
 
     def failures(self, address: str) -> int:
         entry = self._failures.get(self.source(address))
