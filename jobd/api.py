@@ -789,7 +789,8 @@ def workflow_get(api: Api, session: Session, p: Params) -> Any:
 def instance_launch(api: Api, session: Session, p: Params) -> Any:
     name = p.required_name("workflow")
     parameters = p.text_map("parameters")
-    comment, host, user = p.text("comment"), p.text("host"), p.text("user")
+    # An empty host or user is none, as evQueue's clients send them (the XML protocol reads them so too).
+    comment, host, user = p.text("comment"), p.text("host") or None, p.text("user") or None
     p.done()
     check_launch(api, session.peer, name, host, user)
     instance_id = api.instances.launch(
