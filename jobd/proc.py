@@ -105,6 +105,7 @@ class LaunchSpec:
     log_path: str
     max_output: int
     merge_stderr: bool = False  # the child's stderr is its stdout (2>&1)
+    cwd_fallback: str | None = None  # entered instead when `cwd` cannot be (a home its user may not enter: "/")
     # Another user than jobd's to run as (None: jobd's own): uid, gid and supplementary groups (initgroups' list).
     uid: int | None = None
     gid: int | None = None
@@ -410,11 +411,13 @@ class Child:
             before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
             popen = _popen_with_fd3(spec, *child_ends)
             after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             for reader in opened:
                 reader.close()
             for fd in parent_ends[len(opened) :]:
                 os.close(fd)
+            if not isinstance(exc, OSError):  # _enter raised: the one SubprocessError Popen raises here
+                raise SpawnError(_cwd_refused(spec), transient=False) from exc
             transient = exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)
             raise SpawnError(_describe_spawn_error(spec, exc), transient=transient) from exc
         finally:
@@ -538,7 +541,10 @@ def _popen_with_fd3(spec: LaunchSpec, stdin_fd: int, out_w: int, err_w: int, log
             stderr=err_w,
             close_fds=other_user,
             pass_fds=pass_fds if other_user else (),
-            cwd=spec.cwd,
+            # Popen enters `cwd` before it switches to the job's user: as root, who may enter any directory. A job of
+            # another user enters it once it is that user (_enter), and cannot start where that user may not go.
+            cwd=None if other_user else spec.cwd,
+            preexec_fn=functools.partial(_enter, spec.cwd, spec.cwd_fallback) if other_user and spec.cwd else None,
             env=dict(spec.env),
             start_new_session=True,  # its own process group too, and no controlling terminal (see the top)
             # setgroups, setregid, setreuid in the child, in that order, after the fork and before the exec
@@ -550,6 +556,28 @@ def _popen_with_fd3(spec: LaunchSpec, stdin_fd: int, out_w: int, err_w: int, log
         os.dup2(_slot_devnull, PROGRESS_FD, inheritable=False)
         if program_fd is not None:
             os.close(program_fd)
+
+
+def _enter(directory: str, fallback: str | None) -> None:
+    """A job's working directory, entered in the child once it runs as the job's user (Popen's preexec_fn, which runs
+    after the switch of user: the one piece of Python between a fork and an exec, and only for jobs of another user,
+    whose spawn forks anyway). A failure raises, and Popen then raises SubprocessError (see _cwd_refused)."""
+    try:
+        os.chdir(directory)
+    except OSError:
+        if fallback is None:
+            raise
+        os.chdir(fallback)
+
+
+def _cwd_refused(spec: LaunchSpec) -> str:
+    """Why a job of another user could not enter its working directory: Popen says only that _enter raised."""
+    assert spec.cwd is not None
+    if not os.path.isdir(spec.cwd):
+        reason = "No such file or directory" if not os.path.lexists(spec.cwd) else "Not a directory"
+    else:
+        reason = f"Permission denied to uid {spec.uid}"
+    return f"cannot change to working directory {spec.cwd!r}: {reason}"
 
 
 def _open_program_for(spec: LaunchSpec) -> int:

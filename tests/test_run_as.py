@@ -125,6 +125,46 @@ def test_a_task_group_replaces_the_primary_group(make_daemon: Any, test_user: pw
     assert cwd == "/tmp"
 
 
+def test_a_working_directory_is_entered_as_the_jobs_user_not_as_root(
+    make_daemon: Any, test_user: pwd.struct_passwd, tmp_path: Path
+) -> None:
+    # Popen entered the working directory before switching to the job's user: as root, so a job started in a
+    # directory its user may not enter (behind one only root may traverse) and read what lay there by relative path.
+    closed = tmp_path / "closed"  # pytest's tmp_path is root's alone (0700)
+    inside = closed / "inside"
+    inside.mkdir(parents=True)
+    inside.chmod(0o755)
+    (inside / "data").write_text("root's business\n")
+    (inside / "data").chmod(0o644)
+    toml = f'[task.peek]\ncommand = ["/bin/cat", "data"]\nuser = "{USER}"\nworking_dir = "{inside}"\n'
+    toml += f'[task.missing]\ncommand = ["/bin/true"]\nuser = "{USER}"\nworking_dir = "{tmp_path / "none"}"\n'
+    daemon = _start(make_daemon, toml)
+    peek = daemon.wait(daemon.submit(task="peek")["id"])
+    assert peek["state"] == "failed" and daemon.output(peek["id"]) == "", peek
+    assert (
+        peek["error"]
+        == f"cannot change to working directory {str(inside)!r}: Permission denied to uid {test_user.pw_uid}"
+    )
+    missing = daemon.wait(daemon.submit(task="missing")["id"])
+    assert (
+        missing["error"] == f"cannot change to working directory {str(tmp_path / 'none')!r}: No such file or directory"
+    )
+    # Its home, when it may not enter it, is not a reason to fail: "/" instead, as for a login.
+    home = Path(test_user.pw_dir)
+    mode = home.stat().st_mode
+    home.chmod(0o700)
+    os.chown(home, 0, 0)
+    try:
+        assert _report(daemon, command=["/bin/true"]) == []  # root's own job: unchanged
+        daemon.write_config(f'[task.whoami]\n{COMMAND}user = "{USER}"\n')
+        _real_defaults(daemon)
+        daemon.call("daemon.reload")
+        assert _report(daemon, task="whoami")[-1] == "/"
+    finally:
+        os.chown(home, test_user.pw_uid, test_user.pw_gid)
+        home.chmod(stat.S_IMODE(mode))
+
+
 def test_tasks_that_name_no_user_run_as_nobody_never_as_root(make_daemon: Any) -> None:
     nobody = pwd.getpwnam("nobody")
     daemon = _start(

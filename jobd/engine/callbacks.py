@@ -319,6 +319,7 @@ class Callbacks:
             argv=delivery.spec["exec"],
             env=env,
             cwd=user.home if user is not None and os.path.isdir(user.home) else "/",
+            cwd_fallback="/",  # a home its user may not enter: as a login does
             stdin=json.dumps(summary).encode(),
             stdout_path=base + ".stdout",
             stderr_path=base + ".stderr",

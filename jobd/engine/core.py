@@ -545,13 +545,14 @@ class Engine:
         user = _run_as(job.spec)  # None: jobd's own user
         # Another user cannot enter the state directory: its own home (or /) is its default working directory,
         # and a program jobd wrote there (a workflow's SCRIPT task) is handed over by file descriptor.
-        cwd = job.spec.working_dir
-        if cwd is None and user is not None:
-            cwd = user.home if os.path.isdir(user.home) else "/"
+        cwd, fallback = job.spec.working_dir, None
+        if cwd is None and user is not None:  # as a login does: "/" when the user may not enter its home
+            cwd, fallback = (user.home if os.path.isdir(user.home) else "/"), "/"
         return LaunchSpec(
             argv=job.spec.command,
             env=self._environment(job, number, user),
             cwd=cwd,
+            cwd_fallback=fallback,
             stdin=job.spec.stdin,
             stdout_path=self.output_path(job.id, number, "stdout"),
             stderr_path=self.output_path(job.id, number, "stderr"),
