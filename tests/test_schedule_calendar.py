@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobd.engine.schedule import MAX_STEP_BACK, Calendar, LocalZone, catch_up_due, next_run
+from jobd.engine.schedule import MAX_STEP_BACK, Calendar, LocalZone, catch_up_due, next_run, waited_for
 from jobd.model import ScheduleDef, ScheduleState
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -292,6 +292,22 @@ def test_catch_up() -> None:
     assert catch_up_due(on, HOURLY, ScheduleState("s", next_run=T0 + 3600), T0 + 7200) is True
     assert catch_up_due(on, HOURLY, ScheduleState("s", next_run=T0 + 3600), T0 + 60) is False
     assert catch_up_due(on, HOURLY, ScheduleState("s"), T0 + 86400) is False
+
+
+def test_a_due_time_delayed_by_jitter_past_a_restart_is_kept() -> None:
+    """Restarted after 11:00 but before 11:00 plus its jitter, jobd computed the next time from now: 12:00 plus a
+    new jitter, and the 11:00 run was lost (with catch_up too: nothing was missed yet). The time waited for is kept
+    while it is still to come and still a time of the calendar."""
+    waiting = ScheduleState("s", last_run=T0 + 5, last_due=T0, next_run=T0 + 3600 + 40)  # 11:00:40
+    assert waited_for(DEFINITION, HOURLY, waiting, T0 + 3600 + 1) == T0 + 3600 + 40  # restarted at 11:00:01
+    assert waited_for(DEFINITION, HOURLY, waiting, T0 + 3000) == T0 + 3600 + 40  # before 11:00: the same
+    assert waited_for(DEFINITION, HOURLY, waiting, T0 + 3600 + 40) is None  # passed: catch_up's business
+    assert waited_for(dataclasses.replace(DEFINITION, jitter=10.0), HOURLY, waiting, T0 + 3601) is None  # changed
+    assert waited_for(DEFINITION, Calendar.parse("30 * * * *"), waiting, T0 + 3601) is None  # another calendar
+    assert waited_for(DEFINITION, HOURLY, dataclasses.replace(waiting, suspended=True), T0 + 3601) is None
+    fired = dataclasses.replace(waiting, last_due=T0 + 3600 + 40)  # fired already (the clock set back since)
+    assert waited_for(DEFINITION, HOURLY, fired, T0 + 3601) is None
+    assert waited_for(DEFINITION, HOURLY, ScheduleState("s"), T0) is None  # never armed
 
 
 def test_catch_up_after_the_calendar_changed_while_jobd_was_down() -> None:

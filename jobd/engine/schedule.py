@@ -336,6 +336,21 @@ def catch_up_due(definition: ScheduleDef, calendar: Calendar, state: ScheduleSta
     return False
 
 
+def waited_for(definition: ScheduleDef, calendar: Calendar, state: ScheduleState, now: float) -> float | None:
+    """At start-up: the due time jobd was waiting for when it stopped, if it is still to come, else None.
+
+    Kept rather than computed again: with jitter, a due time delayed past the restart (the calendar's time passed,
+    its delay not yet) is not the calendar's next after now, which is the one after it: that run was lost, with
+    `catch_up` too (nothing was missed yet). Not kept when the calendar (or its jitter) changed while jobd was down
+    and it is no longer one of its times, nor when it has fired already (the clock set back while jobd was down)."""
+    due = state.next_run
+    if due is None or due <= now or not _active(definition, state):
+        return None
+    if state.last_due is not None and state.last_due >= due:
+        return None
+    return due if _is_due_time(calendar, definition, due) else None
+
+
 def _is_due_time(calendar: Calendar, definition: ScheduleDef, moment: float) -> bool:
     """Whether `moment` is one of the calendar's due times, delayed by at most the schedule's jitter."""
     return calendar.next_after(moment - definition.jitter - 1, definition.timezone) <= moment
@@ -355,4 +370,5 @@ __all__ = [
     "local_zone",
     "next_run",
     "set_back",
+    "waited_for",
 ]

@@ -36,6 +36,7 @@ from jobd.engine.schedule import (
     local_zone,
     next_run,
     set_back,
+    waited_for,
 )
 from jobd.engine.submit import Peer, SubmitRequest, resolve
 from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
@@ -336,7 +337,8 @@ class Scheduler:
             self._fire(schedule, due, now)
             self._after_firing(schedule, now)
             return
-        self._set(schedule, next_run=self._next(schedule, now))
+        kept = waited_for(definition, schedule.calendar, schedule.state, now)  # a due time delayed past the restart
+        self._set(schedule, next_run=kept if kept is not None else self._next(schedule, now))
 
     # -- the timer -----------------------------------------------------------------------------------------------
 
