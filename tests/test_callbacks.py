@@ -46,6 +46,7 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: queue.Queue[Received] = queue.Queue()
         self.plan: dict[str, list[int]] = {}
+        self.release = threading.Event()  # ends the requests to /hold, which wait for it (at most TIMEOUT)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +58,8 @@ class Receiver:
                 status = planned.pop(0) if planned else 200
                 # Recorded before the answer: once jobd has exited, every request it made is in `requests`.
                 receiver.requests.put(Received(self.command, self.path, dict(self.headers.items()), body))
+                if path == "/hold" and not receiver.release.wait(TIMEOUT):
+                    return
                 self.send_response(status)
                 if 300 <= status < 400:
                     self.send_header("Location", "/moved")
@@ -88,6 +91,7 @@ class Receiver:
         return self.requests.get(timeout=TIMEOUT)
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -311,6 +315,29 @@ def test_a_callback_refused_at_every_delivery_is_refused_at_once(callback: dict[
         check_list([callback], "callbacks.on_finish")
     assert str(refused.value).startswith("callbacks.on_finish[1]")
     assert "pw" not in str(refused.value)  # a URL's credentials are masked
+
+
+def test_a_hundred_callbacks_to_a_server_that_hangs_delay_another_but_do_not_fail_it(
+    make_daemon: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    # aiohttp's pool held 100 connections at most, and the wait for one counted against a try's timeout: behind a
+    # hundred callbacks to a server that hangs, a callback to a healthy one failed its tries without being sent.
+    # Now at most HTTP_AT_ONCE tries are under way, and the others wait their turn before their timeout starts.
+    d = make_daemon("[queue.default]\nconcurrency = 8\n")
+    hold = {"on_finish": [{"http": {"url": receiver.url("/hold"), "timeout": 4}}]}
+    for _ in range(100):
+        d.submit(command=["/bin/true"], callbacks=hold)
+    for _ in range(100):
+        assert receiver.next().path == "/hold"
+    healthy = {"on_finish": [{"http": {"url": receiver.url("/ok"), "timeout": 1}}]}  # shorter than the hold
+    victim = d.submit(command=["/bin/true"], callbacks=healthy)
+    arrived = receiver.next()
+    while arrived.path == "/hold":  # tries of the held ones, timed out and tried again, may come first
+        arrived = receiver.next()
+    assert arrived.path == "/ok" and arrived.json()["id"] == victim["id"]
+    assert arrived.headers["X-Jobd-Try"] == "1"  # its first try, not a later one after failures unsent
+    receiver.release.set()
+    d.stop()
 
 
 def test_failed_deliveries_are_retried_with_backoff(make_daemon: Callable[..., Daemon], receiver: Receiver) -> None:

@@ -6,6 +6,8 @@ no sleeps, no polling). Timings appear only where a timeout is the behaviour und
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import importlib.util
 import json
@@ -22,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from jobd.client import RemoteError
+from jobd.proc import ExitInfo
 
 HOLD_LIMIT = 30.0  # a held request is answered at the latest then (or when the test ends)
 
@@ -72,6 +75,19 @@ def _handler(state: WebServer) -> type[BaseHTTPRequestHandler]:
                         return
                 elif parts.path.startswith("/echo"):
                     body = json.dumps({"path": self.path, "body": seen.body.decode()}).encode()
+                elif parts.path == "/cookie":  # a session for whoever comes next, were cookies kept
+                    self.send_response(200)
+                    self.send_header("Set-Cookie", "sid=job-a-secret; Path=/")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                elif parts.path == "/latin1":  # a header with a byte that is not UTF-8, as servers send them
+                    self.send_response(200)
+                    self.send_header("Content-Disposition", "attachment; filename=caf\xe9.txt")  # sent as Latin-1
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 elif parts.path == "/partial":  # the first line of the body, then the rest once released
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(b"first line\nsecond line\n")))
@@ -238,6 +254,65 @@ def test_cancel_while_the_server_holds_the_request(server: Any, web: WebServer) 
     assert "HTTP request stopped by jobd" in server.output(job["id"], "stderr")
 
 
+def test_an_http_request_stopped_before_its_task_first_ran_still_tells_its_end(tmp_path: Path) -> None:
+    # A task cancelled before its first step never runs its coroutine: the request's end was never told, so its job
+    # stayed running for good, holding its slot, its cancel unanswered, and jobd's SIGTERM waited for it without
+    # end (a soak test hit it with cancels racing starts). In process: the stop in the very turn the request began.
+    from jobd.engine.http_task import HttpRequest, check_request, new_session
+
+    async def stop_at_once() -> list[ExitInfo]:
+        ends: list[ExitInfo] = []
+        async with new_session() as session:
+            request = HttpRequest(
+                session,
+                check_request({"url": "http://127.0.0.1:9/"}),
+                1,
+                max_output=1024,
+                stdout_path=str(tmp_path / "1.stdout"),
+                stderr_path=str(tmp_path / "1.stderr"),
+                on_exit=ends.append,
+                on_output=lambda: None,
+            )
+            request.stop()
+            for _ in range(3):  # the cancelled task's turn, then its done callback's
+                await asyncio.sleep(0)
+        return ends
+
+    [end] = asyncio.run(stop_at_once())
+    assert end.exit_code is None and end.signal is None
+    assert (tmp_path / "1.stderr").read_text() == "HTTP request stopped by jobd\n"
+
+
+def test_http_jobs_share_no_cookies(server: Any, web: WebServer) -> None:
+    # One cookie jar served every HTTP job: a session cookie one job's server set went with the next job's request
+    # to that host, whoever submitted it. (aiohttp keeps no cookie for a bare IP address: hence localhost.)
+    local = web.url.replace("127.0.0.1", "localhost")
+    for path in ("/cookie", "/echo"):
+        assert server.wait(server.submit(http={"url": local + path})["id"])["state"] == "succeeded"
+    assert web.requests[-1].path == "/echo" and "Cookie" not in web.requests[-1].headers, web.requests[-1].headers
+
+
+def test_a_response_header_that_is_not_utf8_is_kept_as_it_came(server: Any, web: WebServer) -> None:
+    # The job failed (a UnicodeEncodeError writing the response's head) although its status was 200.
+    job = server.submit(http={"url": f"{web.url}/latin1"})
+    assert server.wait(job["id"])["state"] == "succeeded"
+    head = server.call("job.output", {"id": job["id"], "stream": "stderr", "encoding": "base64"})
+    assert b"filename=caf\xe9.txt" in base64.b64decode(head["data"]), head
+
+
+def test_a_hundred_held_requests_do_not_hold_up_another_http_job(make_daemon: Any, web: WebServer) -> None:
+    # aiohttp's pool gave HTTP jobs 100 connections at most, a limit of its own: the 101st job's request waited,
+    # unseen, for one of them to end, and timed out meanwhile. The queues' concurrency is the limit.
+    daemon = make_daemon("[queue.wide]\nconcurrency = 101\n")
+    held = [daemon.submit(http={"url": f"{web.url}/hold"}, queue="wide")["id"] for _ in range(100)]
+    for _ in held:
+        web.arrivals.get(timeout=20)
+    other = daemon.submit(http={"url": f"{web.url}/plain", "timeout": 10}, queue="wide")
+    assert daemon.wait(other["id"], timeout=20)["state"] == "succeeded"
+    for job_id in held:
+        daemon.call("job.cancel", {"id": job_id})
+
+
 def test_the_body_can_be_followed_while_it_comes(server: Any, web: WebServer) -> None:
     """The body was written to the job's stdout only once the request had ended: job.output showed nothing while
     it ran. It is written as it comes."""
@@ -293,6 +368,7 @@ def test_queue_server_readme_payload_through_the_ad_hoc_api(server: Any, web: We
         {"url": "http://x/", "headers": {"A": "b\r\nEvil: 1"}},
         {"url": "http://x/", "headers": {"Bad\nName": "v"}},
         {"url": "http://x/", "timeout": 0},
+        {"url": "http://x/", "timeout": 1e300},  # past a century; inf itself was taken, and JSON cannot carry it
         {"url": "http://x/", "expect_status": [99]},
         {"url": "http://x/", "type": "exec"},
         {"url": "http://x/", "surprise": 1},

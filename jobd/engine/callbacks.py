@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
-from jobd.engine.http_task import JOB_ID, HttpSpecError, check_headers, check_url
+from jobd.engine.http_task import JOB_ID, HttpSpecError, check_headers, check_url, new_session
 from jobd.errors import UnknownJob
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
@@ -38,6 +38,9 @@ MAX_TRIES = 8  # tries of one delivery before it is recorded as failed
 FIRST_DELAY = 1.0  # seconds before the second try; doubled after each failed try
 MAX_DELAY = 300.0
 HTTP_TIMEOUT = 30.0  # default seconds for one HTTP try
+# HTTP tries under way at most (each a connection: jobd/openfiles.py counts them); the others wait their turn before
+# their timeout starts, so that a hundred callbacks to a server that hangs delay the others, not fail them.
+HTTP_AT_ONCE = 100
 EXEC_TIMEOUT = 300.0  # seconds an exec callback may run before it is stopped (a failed try)
 EXEC_OUTPUT = 64 * 1024  # bytes of an exec callback's output kept
 SHUTDOWN_GRACE = 5.0  # seconds a stopping jobd lets deliveries under way finish; the rest stay pending
@@ -151,6 +154,7 @@ class Callbacks:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._children: dict[int, tuple[Child, asyncio.Future[ExitInfo]]] = {}  # exec callbacks running, and their ends
         self._session: aiohttp.ClientSession | None = None
+        self._http_turns = asyncio.Semaphore(HTTP_AT_ONCE)
         self._closing = False
         engine.finish_listeners.append(self._job_finished)
 
@@ -273,11 +277,15 @@ class Callbacks:
         return {**job.to_json(), "last_attempt": attempts[-1].to_json() if attempts else None}
 
     async def _http(self, delivery: CallbackDelivery, job: Job, summary: dict[str, Any], tries: int) -> str | None:
+        async with self._http_turns:
+            return await self._http_try(delivery, job, summary, tries)
+
+    async def _http_try(self, delivery: CallbackDelivery, job: Job, summary: dict[str, Any], tries: int) -> str | None:
         import aiohttp  # on first use: see jobd/engine/http_task.py
 
         spec = delivery.spec["http"]
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = new_session()
         url = spec["url"].replace(JOB_ID, str(job.id))
         headers = {**spec.get("headers", {}), "X-Jobd-Event": delivery.event, "X-Jobd-Try": str(tries)}
         timeout = aiohttp.ClientTimeout(total=spec.get("timeout", HTTP_TIMEOUT))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from jobd.engine.decisions import after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
-from jobd.engine.http_task import HttpRequest
+from jobd.engine.http_task import HttpRequest, new_session
 from jobd.engine.queues import QueueRuntime
 from jobd.errors import InvalidParams, JobFinished, QueueClosed, ShuttingDown, StoreFailed, UnknownJob, UnknownQueue
 from jobd.model import (
@@ -515,9 +515,7 @@ class Engine:
     def _start_http(self, job: Job, attempt: Attempt) -> None:
         assert job.spec.http is not None
         if self._http_session is None:  # one session (connection pool) per daemon, made on first use
-            import aiohttp  # on first use: see jobd/engine/http_task.py
-
-            self._http_session = aiohttp.ClientSession()
+            self._http_session = new_session()
         request = HttpRequest(
             self._http_session,
             job.spec.http,

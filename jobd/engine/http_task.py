@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from jobd import redact
-from jobd.model import Config
+from jobd.model import MAX_SECONDS, Config
 from jobd.proc import ExitInfo
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ KEYS = ("type", "method", "url", "headers", "params", "body", "timeout", "expect
 DEFAULT_TIMEOUT = 3600.0  # the request's own limit when neither it nor the job sets one
 JOB_ID = "__JOBID__"
 _CHUNK = 65536
+STOPPED = "HTTP request stopped by jobd"
 
 
 class HttpSpecError(ValueError):
@@ -70,8 +71,12 @@ def check_request(value: object) -> dict[str, Any]:
     if body is not None and not isinstance(body, str):
         raise HttpSpecError("'body': expected a string", key="body")
     timeout = value.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0):
-        raise HttpSpecError(f"'timeout': expected a number > 0, got {timeout!r}", key="timeout")
+    # Capped as every other duration (inf passed `> 0`, and the job's JSON then held a bare Infinity, which strict
+    # JSON parsers refuse: one such job broke job.list for PHP and JavaScript clients).
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_SECONDS
+    ):
+        raise HttpSpecError(f"'timeout': expected a number > 0 and <= {MAX_SECONDS}, got {timeout!r}", key="timeout")
     expect = value.get("expect_status")
     if expect is not None:
         if not isinstance(expect, list) or not expect:
@@ -160,6 +165,18 @@ def substitute(request: Mapping[str, Any], job_id: int) -> dict[str, Any]:
     return out
 
 
+def new_session() -> aiohttp.ClientSession:
+    """A session (connection pool) for HTTP jobs, or for callbacks: keep-alive connections shared by their requests.
+
+    No cookie jar: one job's server setting a cookie had it sent with every later request to that host, another
+    user's job or callback included. No cap on connections: aiohttp's default of 100 made every request past the
+    hundredth wait, unseen, for one of those to end, and time out meanwhile (HTTP jobs are bounded by their queues'
+    concurrency; callbacks by their own limit, jobd/engine/callbacks.py)."""
+    import aiohttp  # on first use: see the module's docstring
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar())
+
+
 class HttpRequest:
     """One attempt of an HTTP job, running as a task on the loop. `pid` is None: there is no process."""
 
@@ -186,7 +203,9 @@ class HttpRequest:
         self._on_exit = on_exit
         self._on_output = on_output
         self.error: str | None = None
+        self._told = False  # on_exit was called
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(self._ended)
 
     def has_ended(self) -> bool:
         """Whether the request has ended (its end is then being told), as proc.Child.has_ended."""
@@ -223,7 +242,8 @@ class HttpRequest:
                         lines[0] += f" {response.reason}" if response.reason else ""
                         lines += [f"{name}: {text}" for name, text in response.headers.items()]
                         head = "\n".join(lines) + "\n"
-                        stderr_whole = self._write(self._stderr_path, head.encode())
+                        # Header bytes that are not UTF-8 came decoded as lone surrogates: written back as they came.
+                        stderr_whole = self._write(self._stderr_path, head.encode("utf-8", "surrogateescape"))
                         async for chunk in response.content.iter_chunked(_CHUNK):
                             room = self._max_output - kept
                             if room > 0 and stdout_whole:
@@ -245,10 +265,27 @@ class HttpRequest:
                 urls = [request["url"]] + ([str(error.url)] if isinstance(error, aiohttp.InvalidURL) else [])
                 self.error = "HTTP request failed: " + redact.error(f"{type(error).__name__}: {error}", *urls)
         except asyncio.CancelledError:  # stop(): the engine's time limit, a cancel or a stop, as its outcome says
-            self.error = "HTTP request stopped by jobd"
+            self.error = STOPPED
+        self._tell(exit_code, head, stderr_whole, stdout_whole and size <= kept)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A request stopped before its task first ran never entered _run, so its end was never told: the job stayed
+        running for good, holding its slot, and jobd's stop waited for it without end. Told here, as a bug would be."""
+        if self._told:
+            return
+        if task.cancelled():
+            self.error = STOPPED
+        else:
+            log.error("an HTTP request failed unexpectedly", exc_info=task.exception())
+            self.error = "HTTP request failed: " + redact.error(repr(task.exception()), self._request["url"])
+        self._tell(None, "", True, True)
+
+    def _tell(self, exit_code: int | None, head: str, stderr_whole: bool, stdout_whole: bool) -> None:
+        """Write the error (if any) after the response's head, and tell the engine the attempt's end, once."""
+        self._told = True
         if self.error is not None:
             stderr_whole &= self._write(self._stderr_path, (("\n" if head else "") + self.error + "\n").encode())
-        # What was kept, as for a program's streams (the response's own size is `size`).
+        # What was kept, as for a program's streams.
         stdout_size, stderr_size = (
             os.path.getsize(path) if os.path.exists(path) else 0 for path in (self._stdout_path, self._stderr_path)
         )
@@ -261,8 +298,7 @@ class HttpRequest:
                 max_rss_kib=0,
                 stdout_bytes=stdout_size,
                 stderr_bytes=stderr_size,
-                cut_streams=(("stdout",) if size > kept or not stdout_whole else ())
-                + (() if stderr_whole else ("stderr",)),
+                cut_streams=(() if stdout_whole else ("stdout",)) + (() if stderr_whole else ("stderr",)),
             )
         )
 
