@@ -377,6 +377,14 @@ def test_queue_server_readme_payload_through_the_ad_hoc_api(server: Any, web: We
         {"url": "http://u:s3cret@127.0.0.1:99999/x"},
         {"url": "http://u:s3cret@127.0.0.1:port/x"},
         {"url": "http://u:s3cret@/x"},
+        # hosts aiohttp refused at every attempt, after the job (or the callback) was taken
+        {"url": "http://u:s3cret@a..b/"},
+        {"url": "http://u:s3cret@" + "a" * 64 + ".example/"},
+        {"url": "http://u:s3cret@1.2.3.4.5/"},
+        {"url": "http://u:s3cret@a\u200bb/"},
+        {"url": "http://u:s3cret@\u2028/"},
+        {"url": "http://u:s3cret@127.0.0.1:1\\@x/"},
+        {"url": "http://u:s3cret@a\\b.invalid/x?token=t0k3n"},
     ],
 )
 def test_invalid_http_objects_are_refused(server: Any, http: dict[str, Any]) -> None:
@@ -407,17 +415,6 @@ def test_a_refused_url_is_named_without_its_credentials(server: Any, web: WebSer
         assert "task.broken.http.url" in str(caught.value) and "s3cret" not in str(caught.value)
         assert "s3cret" not in json.dumps(server.call("daemon.status")["last_reload"])
     assert "s3cret" not in server.log()
-
-
-def test_a_url_aiohttp_refuses_fails_the_job_without_its_credentials_in_the_error(server: Any) -> None:
-    """aiohttp's InvalidURL is the whole URL: it was the job's error, for every reader of the job to see."""
-    url = "http://u:s3cret@a\\b.invalid/x?token=t0k3n&page=2"  # a host yarl refuses, urlsplit does not
-    job = server.submit(http={"url": url})["id"]
-    done = server.wait(job)
-    assert done["state"] == "failed" and done["error"].startswith("HTTP request failed: InvalidUrlClientError: ")
-    assert "http://***@a\\b.invalid/x?token=***&page=2" in done["error"]
-    shown = json.dumps(done) + server.output(job, "stderr") + server.log()
-    assert "s3cret" not in shown and "t0k3n" not in shown
 
 
 def test_task_with_invalid_http_is_a_config_error() -> None:

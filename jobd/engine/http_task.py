@@ -14,6 +14,7 @@ otherwise the first ad-hoc HTTP job or callback imports it, holding the loop onc
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -120,6 +121,36 @@ def check_url(url: str) -> None:
         raise HttpSpecError(
             f"'url': {redact.url(url)!r} needs a host, and a port from 1 to 65535 if it gives one", key="url"
         )
+    if not _host_usable(url):
+        raise HttpSpecError(
+            f"'url': the host of {redact.url(url)!r} is not one a request can be sent to (a character not allowed in"
+            " a host name, an empty label or one over 63 characters, a backslash, a number that is no IPv4 address)",
+            key="url",
+        )
+
+
+def _host_usable(url: str) -> bool:
+    """Whether aiohttp will send a request to the URL's host, as it reads it (yarl), rather than refuse it at every
+    attempt: yarl takes the URL apart, the resolver encodes the name (IDNA), and a name whose last label is a
+    number must be an IPv4 address (as WHATWG URLs read `1.2.3.4.5`)."""
+    import yarl  # aiohttp's own URL reader, a small module of its dependencies
+
+    try:
+        host = yarl.URL(url).raw_host
+        if not host:
+            return False
+        if ":" in host:  # an IPv6 address, which yarl has read already
+            return True
+        host.encode("idna")
+    except (ValueError, UnicodeError):
+        return False
+    last = host.rstrip(".").rpartition(".")[2]
+    if last.isdigit() or last.lower().startswith("0x"):
+        try:
+            ipaddress.IPv4Address(host.rstrip("."))
+        except ValueError:
+            return False
+    return True
 
 
 def check_headers(url: str, headers: Mapping[str, str]) -> None:
