@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import os
 import pwd
+import re
 import socket
 import weakref
 from collections import deque
@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from jobd import activation
 from jobd.api import EVENT_TYPES, AfterReplyWork, Api, EventFilter
@@ -39,6 +40,7 @@ from jobd.errors import (
     InvalidParams,
     JobdError,
     MethodNotFound,
+    ParseError,
     StartupError,
     StoreFailed,
     UnknownInstance,
@@ -59,11 +61,30 @@ from jobd.model import (
     Outcome,
     Right,
 )
+from jobd.protocol import jsonrpc
 from jobd.protocol.jsonrpc import encode_text
 from jobd.server import bind_unix
 from jobd.store import refused_request
 
 log = logging.getLogger("jobd.http")
+# What aiohttp raises about a request that is not HTTP it can read (a bad request line or header, a body not in
+# its Content-Encoding): the client's mistake, never jobd's.
+_UNREADABLE = (HttpProcessingError, web.RequestPayloadError)
+
+
+class _NoClientMistakes(logging.Filter):
+    """Leaves out aiohttp's errors, each with its traceback, about requests that are not HTTP it can read: a request
+    line or header it refuses, a body not in its Content-Encoding (also one jobd left unread, which aiohttp reads
+    after the answer, a 401's too). The client is answered 400 (or 401); logged, anyone who reaches the port could
+    fill jobd's log without a token. aiohttp's other errors are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        return not isinstance(failure, _UNREADABLE)
+
+
+_SERVER_LOG = logging.getLogger("jobd.http.server")  # aiohttp's own messages about connections and requests
+_SERVER_LOG.addFilter(_NoClientMistakes())
 
 EVENT_RING = 10_000  # events kept for a reconnect with Last-Event-ID (docs/http.md)
 # ... and at most about this many bytes of them. A job's fd 3 log lines are up to 64 KiB each (proc.MAX_LOG_LINE):
@@ -238,7 +259,9 @@ class HttpApi:
         """Listen on `self.listen`, or on `passed`, a socket systemd handed over (jobd.activation): then served as
         it is (its unit set its mode), `self.listen` becomes its address, and it is not unlinked on close. A unix
         socket of jobd's own gets `access`, the mode and group of the API socket."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, **_RUNNER_OPTIONS)
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, logger=_SERVER_LOG, **_RUNNER_OPTIONS
+        )
         await self._runner.setup()
         loop = asyncio.get_running_loop()
         # aiohttp's sites would take every connection; jobd's own listener takes at most max_connections at once
@@ -314,32 +337,36 @@ class HttpApi:
         limit = self.api.engine.config.daemon.max_connections
         if self.active + self.connection_count() >= limit:
             return _error(503, "TOO_MANY_CONNECTIONS", f"too many connections: {limit} ([daemon] max_connections)")
-        peer = self._identify(request)
-        if peer is None:
-            response = _error(401, "UNAUTHORIZED", "a valid bearer token is required (Authorization: Bearer …)")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="jobd"'
-            return response
-        request[_PEER_KEY] = peer
-        if request.transport is not None:
-            self._served.add(request.transport)
         self.active += 1
         try:
+            peer = self._identify(request)
+            if peer is None:
+                response = _error(401, "UNAUTHORIZED", "a valid bearer token is required (Authorization: Bearer …)")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="jobd"'
+                return response
+            request[_PEER_KEY] = peer
+            if request.transport is not None:
+                self._served.add(request.transport)
             return await handler(request)
         except web.HTTPException:
             raise
         except JobdError as failure:
             return _failure(failure)
-        except Exception as failure:
-            if (store_failed := refused_request(f"{request.method} {request.path}", failure)) is None:
-                raise  # a bug: aiohttp logs it and answers 500
-            return _failure(store_failed)
+        except Exception as failure:  # the request boundary, as the API socket's: a bug is logged and answered
+            what = f"{request.method} {request.path}"
+            if (store_failed := refused_request(what, failure)) is not None:
+                return _failure(store_failed)
+            log.error("internal error in %s", what, exc_info=failure)
+            return _failure(JobdError(f"internal error: {type(failure).__name__}: {failure}"))
         finally:
             self.active -= 1
 
     def _identify(self, request: web.Request) -> Peer | None:
         header = request.headers.get("Authorization", "")
         if header[:7].lower() == "bearer ":
-            digest = hashlib.sha256(header[7:].strip().encode()).hexdigest()
+            # The token's bytes as sent: aiohttp hands bytes that are not UTF-8 over as surrogate escapes, which
+            # a plain encode() refuses (an unauthenticated client's 500 and traceback); they match no token.
+            digest = hashlib.sha256(header[7:].strip().encode(errors="surrogateescape")).hexdigest()
             config = self.api.engine.config
             found = None
             for token in config.http.tokens.values():
@@ -392,8 +419,8 @@ class HttpApi:
         if not isinstance(body, dict):
             raise InvalidParams("the body must be a Queue Server job object")
         priority = body.get("priority", QS_DEFAULT_PRIORITY)
-        if isinstance(priority, str) and priority.lstrip("-").isdigit():
-            priority = int(priority)
+        if isinstance(priority, str):  # PHP clients may send it as a string
+            priority = _integer(priority)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidParams("priority: expected an integer (higher runs sooner, default 500)", param="priority")
         context = body.get("context")
@@ -437,9 +464,8 @@ class HttpApi:
         return _json_response({"status": 200, "data": data})
 
     async def job_status(self, request: web.Request) -> web.Response:
-        try:
-            job_id = int(request.match_info["id"])
-        except ValueError:
+        job_id = _integer(request.match_info["id"])
+        if job_id is None:  # no job has such an id
             return _error(404, "UNKNOWN_JOB", "no such job")
         job = self.api.engine.get(job_id)
         access.require_job(
@@ -530,7 +556,7 @@ class HttpApi:
             workflows=frozenset(_split(query.get("workflows"))),
             types=types,
         )
-        last = request.headers.get("Last-Event-ID", "")
+        last = _integer(request.headers.get("Last-Event-ID", ""))  # None: no event is replayed
 
         def wanted(event: _Event) -> bool:
             rules = self.api.engine.config.access
@@ -541,7 +567,7 @@ class HttpApi:
 
         pending = _Pending(request.transport)
         # Registered before the replay is taken, with no await between: nothing falls between ring and live.
-        backlog = [event for event in self.ring if last.isdigit() and event.id > int(last)]
+        backlog = [event for event in self.ring if last is not None and event.id > last]
         self.clients.add(pending)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
@@ -620,13 +646,27 @@ def _split(text: str | None) -> list[str]:
     return [part for part in (text or "").split(",") if part]
 
 
+# What _integer takes: at most 19 digits, so int() is cheap and never meets its limit of 4,300 digits.
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+
+
+def _integer(text: str) -> int | None:
+    """`text` as a client's decimal integer (a job id in a path, a Last-Event-ID, a priority sent as a string):
+    ASCII digits, a minus at most, and a value that fits SQLite's 64 bits; None for anything else. int() alone
+    also takes " 1", "+1", "1_0" and "²" (as 10 and 2), raises on "--5", and SQLite refuses 2**63."""
+    if _INTEGER.fullmatch(text) is None:
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None
+
+
 def _ids(query: Mapping[str, str], name: str, what: str) -> frozenset[int]:
-    parts = _split(query.get(name))
-    if not all(part.isascii() and part.isdigit() for part in parts):
+    ids = [_integer(part) for part in _split(query.get(name))]
+    if not all(number is not None and number >= 0 for number in ids):
         raise InvalidParams(
             f"GET /events: {name} = {query[name]!r} is not allowed; expected {what} ids, comma-separated", param=name
         )
-    return frozenset(int(part) for part in parts)
+    return frozenset(number for number in ids if number is not None)
 
 
 def _label(text: str) -> str:
@@ -674,13 +714,27 @@ def _callbacks(raw: Any) -> dict[str, Any] | None:
 
 
 async def _json_body(request: web.Request) -> Any:
-    text = await request.text()
-    if not text.strip():
+    """The request's JSON body ({} when empty), taken as the API socket takes a request (jsonrpc.parse: UTF-8,
+    no deeper than jsonrpc.MAX_DEPTH, no lone surrogate escape). A body that cannot be read or is not such JSON
+    is the client's mistake: INVALID_PARAMS (400), never an exception of aiohttp's, a codec's or SQLite's."""
+    try:
+        data = await request.read()
+    except _UNREADABLE as error:  # a Content-Encoding its body does not match
+        raise InvalidParams(f"the body cannot be read: {error}") from None
+    charset = request.charset or "utf-8"
+    if charset.lower() not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259); one labelled otherwise is read so
+        try:
+            data = data.decode(charset).encode()
+        except LookupError:
+            raise InvalidParams(f"Content-Type: charset={charset} is not a known character set; use UTF-8") from None
+        except UnicodeError:
+            raise InvalidParams(f"the body is not valid {charset} (its Content-Type's charset)") from None
+    if not data.strip():
         return {}
     try:
-        return json.loads(text)
-    except ValueError:
-        raise InvalidParams("the body is not JSON") from None
+        return jsonrpc.parse(data, "the body")
+    except ParseError as error:
+        raise InvalidParams(error.message) from None
 
 
 def _error(status: int, code: str, message: str, **details: Any) -> web.Response:

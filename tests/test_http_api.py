@@ -85,11 +85,13 @@ def curl(daemon: Any, *args: str) -> Any:
 class Events:
     """A GET /events stream read event by event (blocking reads with a deadline)."""
 
-    def __init__(self, daemon: Any, query: str = "", last_id: int | None = None, token: str = ADMIN_TOKEN) -> None:
+    def __init__(
+        self, daemon: Any, query: str = "", last_id: int | bytes | None = None, token: str = ADMIN_TOKEN
+    ) -> None:
         self.connection = http.client.HTTPConnection(*address(daemon), timeout=TIMEOUT)
-        headers = {"Authorization": f"Bearer {token}"}
+        headers: dict[str, str | bytes] = {"Authorization": f"Bearer {token}"}
         if last_id is not None:
-            headers["Last-Event-ID"] = str(last_id)
+            headers["Last-Event-ID"] = last_id if isinstance(last_id, bytes) else str(last_id)
         self.connection.request("GET", "/events" + query, headers=headers)
         self.response = self.connection.getresponse()
         assert self.response.status == 200
@@ -637,3 +639,148 @@ def test_peer_credentials_on_a_unix_socket_get_the_socket_apis_rights(make_daemo
     status, body = as_nobody("GET", "/jobs/status")  # the queues nobody may read: `default` only
     assert (status, body["data"]["max_threads"]) == (200, 1)
     assert as_nobody("GET", "/metrics")[0] == 403
+
+
+# -- what a client sends that jobd cannot take: its mistake, answered as docs/http.md says, never a 500 ------------
+
+
+def exchange(
+    daemon: Any, method: str, path: str, body: bytes = b"", *headers: bytes, token: bytes | None = ADMIN_TOKEN.encode()
+) -> Any:
+    """One request sent as raw bytes (some that http.client would not send), on a connection of its own read to its
+    end: by then jobd has logged all it will about it (aiohttp reads a body left unread after the answer). Answers
+    (status, the JSON body or the text) and jobd's log meanwhile."""
+    logged = len(daemon.log())
+    head = f"{method} {path} HTTP/1.1\r\nHost: jobd\r\nConnection: close\r\nContent-Length: {len(body)}\r\n".encode()
+    if token is not None:
+        head += b"Authorization: Bearer " + token + b"\r\n"
+    head += b"".join(header + b"\r\n" for header in headers)
+    with socket.create_connection(address(daemon), timeout=TIMEOUT) as connection:
+        connection.sendall(head + b"\r\n" + body)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    top, _, content = answer.partition(b"\r\n\r\n")
+    status = int(top.split(b" ", 2)[1])
+    text = content.decode(errors="replace")
+    data = json.loads(text) if b"application/json" in top else text
+    return status, data, daemon.log()[logged:]
+
+
+JSON = b"Content-Type: application/json"
+EXEC = b'"command": {"type": "exec", "cmd": "true"}'
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "message"),
+    [
+        ("/api/job.submit", b'{"command": ["true"], "context": "\xff"}', (JSON,), "the body is not valid UTF-8"),
+        ("/jobs/add", b'{"context": "caf\xe9", ' + EXEC + b"}", (JSON,), "the body is not valid UTF-8"),
+        ("/api/queue.list", b"{}", (JSON + b"; charset=bogus",), "charset=bogus is not a known character set"),
+        ("/api/queue.list", b"[" * 100_000 + b"]" * 100_000, (JSON,), "the body nests arrays and objects more"),
+        ("/api/job.submit", b'{"command": ["true"], "context": "\\ud800"}', (JSON,), "lone UTF-16 surrogate"),
+        ("/jobs/add", b'{"context": "\\udfff", ' + EXEC + b"}", (JSON,), "lone UTF-16 surrogate"),
+        ("/api/queue.list", b"{}", (JSON, b"Content-Encoding: gzip"), "the body cannot be read"),
+        ("/jobs/add", b'{"priority": "--5", ' + EXEC + b"}", (JSON,), "priority: expected an integer"),
+        ("/jobs/add", '{"priority": "²", '.encode() + EXEC + b"}", (JSON,), "priority: expected an integer"),
+    ],
+    ids=["not-utf8", "latin1", "charset", "deep", "surrogate", "surrogate-qs", "not-gzip", "priority", "superscript"],
+)
+def test_bodies_jobd_cannot_take_are_400(
+    daemon: Any, path: str, body: bytes, headers: tuple[bytes, ...], message: str
+) -> None:
+    """Each was aiohttp's 500 "Server got itself in trouble" and a traceback in jobd's log: a body that is not
+    UTF-8, or names a charset Python does not know, nests 100,000 deep (RecursionError), holds a lone surrogate
+    escape (SQLite refused to store it), is not in its Content-Encoding, or a Queue Server priority int() took
+    for a number. Bodies are read as the socket reads a request (jsonrpc.parse), the same limits and words."""
+    status, answer, log = exchange(daemon, "POST", path, body, *headers)
+    assert (status, answer["error"]["code"]) == (400, "INVALID_PARAMS"), answer
+    assert answer["error"]["message"].startswith(message) or message in answer["error"]["message"], answer
+    assert "Traceback" not in log and " ERROR " not in log, log
+    assert daemon.call("job.list")["jobs"] == []  # nothing was stored
+
+
+def test_a_queue_server_priority_sent_as_a_string_is_taken_as_before(daemon: Any) -> None:
+    daemon.call("queue.pause", {"name": "default"})
+    for sent, stored in (("800", 724), ("-5", 1529)):
+        status, answer, _ = exchange(daemon, "POST", "/jobs/add", f'{{"priority": "{sent}", {EXEC.decode()}}}'.encode())
+        assert status == 200, answer
+        assert daemon.call("job.get", {"id": answer["job_id"]})["priority"] == stored
+
+
+def test_job_ids_that_are_not_plain_numbers_or_too_large_are_unknown_jobs(daemon: Any) -> None:
+    """GET /jobs/status/{id}: 2**63 was SQLite's OverflowError (a 500); int() read "0_1", "+1", " 1" and the
+    Arabic-Indic "١" as job 1. An id is ASCII digits, and one that cannot be a job's is no job."""
+    job = daemon.submit(command=["true"])
+    assert job["id"] == 1
+    assert exchange(daemon, "GET", "/jobs/status/1")[0] == 200
+    for path in ("9223372036854775808", "0_1", "+1", "%201", "%D9%A1", "9" * 5000):
+        status, answer, log = exchange(daemon, "GET", f"/jobs/status/{path}")
+        assert (status, answer["error"]["code"]) == (404, "UNKNOWN_JOB"), (path, answer)
+        assert "Traceback" not in log, log
+
+
+def test_an_unreadable_last_event_id_replays_nothing(daemon: Any) -> None:
+    """`Last-Event-ID: ²` with events in the ring: int() raised (a 500). It is unreadable, as `x` is: the stream
+    starts with live events."""
+    daemon.wait(daemon.submit(command=["true"])["id"])  # events in the ring
+    stream = Events(daemon, last_id="²".encode())  # as UTF-8: http.client would send a str as Latin-1
+    job = daemon.submit(command=["true"])
+    assert stream.next()[2]["job"]["id"] == job["id"]  # live: nothing replayed
+    stream.close()
+    assert "Traceback" not in daemon.log()
+
+
+def test_an_event_filter_id_too_long_for_int_is_refused(daemon: Any) -> None:
+    status, answer, log = exchange(daemon, "GET", "/events?jobs=" + "1" * 5000)  # int() refuses 4,300 digits
+    assert (status, answer["error"]["param"]) == (400, "jobs"), answer
+    assert "Traceback" not in log
+
+
+def test_a_token_that_is_not_utf8_is_a_bad_token_logged_nowhere(daemon: Any) -> None:
+    """`Authorization: Bearer \xff` from anyone who reaches the port was a 500 and a traceback per request."""
+    status, answer, log = exchange(daemon, "GET", "/jobs/status", token=b"\xff")
+    assert (status, answer["error"]["code"]) == (401, "UNAUTHORIZED"), answer
+    assert "Traceback" not in log and " ERROR " not in log, log
+
+
+def test_requests_aiohttp_cannot_read_leave_no_traceback_in_the_log(daemon: Any) -> None:
+    """Without a token: a request line with a raw non-ASCII byte (aiohttp answers 400), and a body that is not the
+    gzip its Content-Encoding says, left unread by the 401 (aiohttp reads it after the answer). aiohttp logged each
+    as an error with its traceback: anyone who reaches the port could fill the log."""
+    status, _, log = exchange(daemon, "GET", "/jobs/status/²", token=None)  # sent as UTF-8, not %-escaped
+    assert status == 400 and "Traceback" not in log and " ERROR " not in log, log
+    status, _, log = exchange(daemon, "POST", "/api/queue.list", b"{}", b"Content-Encoding: gzip", token=b"wrong")
+    assert status == 401 and "Traceback" not in log and " ERROR " not in log, log
+
+
+# Plants a bug in jobd: GET /jobs/status raises what no handler expects.
+BUG_SHIM = """
+from jobd import http_api
+
+
+async def jobs_status(self, request):
+    raise RuntimeError("a bug planted by the test")
+
+
+http_api.HttpApi.jobs_status = jobs_status
+"""
+
+
+def test_a_bug_is_a_json_internal_error_logged_once(make_daemon: Any, tmp_path: Path) -> None:
+    """docs/http.md: a bug in jobd is 500 `INTERNAL_ERROR` with the JSON error body, as over the socket, and one
+    entry in the log naming the request; it was aiohttp's text/plain 500."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(BUG_SHIM)
+    d = make_daemon(CONFIG, start=False)
+    d.env["PYTHONPATH"] = str(shim)
+    d.start()
+    status, answer, log = exchange(d, "GET", "/jobs/status")
+    assert status == 500, answer
+    assert answer["error"] == {
+        "code": "INTERNAL_ERROR",
+        "message": "internal error: RuntimeError: a bug planted by the test",
+    }
+    assert log.count(" ERROR ") == 1 and "ERROR internal error in GET /jobs/status\n" in log, log
+    assert exchange(d, "GET", "/jobs/status/1")[0] == 404  # the daemon serves on

@@ -96,21 +96,30 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 
 
+def parse(data: bytes, what: str = "request") -> Any:
+    """The JSON value in `data` (UTF-8), as jobd takes it from a client: ParseError, whose message calls it `what`,
+    if it is not UTF-8 or not JSON, nests more than MAX_DEPTH deep, spells NaN or Infinity, or holds a lone
+    surrogate escape (SQLite and UTF-8 replies cannot carry one). Never another exception: for the API socket's
+    lines and the HTTP API's bodies alike."""
+    if _too_deep(data):  # refused before the decoder recurses into it
+        raise ParseError(f"{what} nests arrays and objects more than {MAX_DEPTH} deep")
+    try:
+        text = data.decode("utf-8")
+        value = _DECODER.decode(text)
+    except UnicodeDecodeError as error:
+        raise ParseError(f"{what} is not valid UTF-8 (byte {error.start})") from None
+    except RecursionError:
+        raise ParseError(f"{what} is nested too deeply") from None
+    except ValueError as error:
+        raise ParseError(f"{what} is not valid JSON: {error}") from None
+    if _SURROGATE_ESCAPE.search(text) and not _is_unicode(value):
+        raise ParseError(f"{what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not Unicode text")
+    return value
+
+
 def decode(line: bytes) -> Frame:
     """Parse one line. A line that is not JSON at all raises ParseError; bad members become Invalid."""
-    if _too_deep(line):  # refused before the decoder recurses into it
-        raise ParseError(f"request nests arrays and objects more than {MAX_DEPTH} deep")
-    try:
-        text = line.decode("utf-8")
-        data = _DECODER.decode(text)
-    except UnicodeDecodeError as error:
-        raise ParseError(f"request is not valid UTF-8 (byte {error.start})") from None
-    except RecursionError:
-        raise ParseError("request is nested too deeply") from None
-    except ValueError as error:
-        raise ParseError(f"request is not valid JSON: {error}") from None
-    if _SURROGATE_ESCAPE.search(text) and not _is_unicode(data):
-        raise ParseError("request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not Unicode text")
+    data = parse(line)
     if isinstance(data, list):
         if not data:
             raise InvalidRequest("an empty batch is not a valid request")
