@@ -18,7 +18,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 import sdnotify
@@ -29,7 +29,7 @@ from jobd.api import Api
 from jobd.backup import BACKUP_DIR, BACKUP_DIR_MODE, Backups
 from jobd.engine.callbacks import SHUTDOWN_TAKES as CALLBACKS_SHUTDOWN_TAKES
 from jobd.engine.callbacks import Callbacks
-from jobd.engine.core import Engine
+from jobd.engine.core import STREAMS, Engine
 from jobd.engine.http_task import load_aiohttp
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
@@ -176,13 +176,23 @@ def _secure_state_dir(state_dir: str) -> None:
         _tighten(database + suffix, DATABASE_MODE)
 
 
-def _number_jobs_past_their_output(store: Store, state_dir: str) -> None:
+def _job_directories(state_dir: str) -> set[int]:
+    """The jobs whose output directory is in STATE_DIR/output (one listing of it)."""
+    with contextlib.suppress(FileNotFoundError), os.scandir(os.path.join(state_dir, "output")) as entries:
+        return {number for entry in entries if (number := _number(entry.name)) is not None}
+    return set()
+
+
+def _number(text: str) -> int | None:
+    """A decimal number as jobd writes it in a file name, or None."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _number_jobs_past_their_output(store: Store, state_dir: str, present: Set[int]) -> None:
     """New jobs take ids past every job whose output directory is left. A database restored from a copy (jobctl
     backup) lacks the jobs made after the copy, whose output is still there: a new job given one of their ids would
     show that job's output to its own readers until it writes its first byte."""
-    highest = 0
-    with contextlib.suppress(FileNotFoundError), os.scandir(os.path.join(state_dir, "output")) as entries:
-        highest = max((int(entry.name) for entry in entries if entry.name.isdigit()), default=0)
+    highest = max(present, default=0)
     known = store.reserve_ids("job", highest)
     if highest > known:
         log.warning(
@@ -196,6 +206,68 @@ def _number_jobs_past_their_output(store: Store, state_dir: str) -> None:
             known + 1,
             highest,
         )
+
+
+CALLBACK_OUTPUT = "callback-"  # STATE_DIR/output/JOB/callback-DELIVERY.stdout|stderr|log (jobd.engine.callbacks)
+
+
+def _remove_output_the_database_does_not_know(store: Store, state_dir: str, present: Set[int]) -> None:
+    """Remove the output files of attempts and callback deliveries the database has no record of. A database
+    restored from a copy (jobctl backup) lacks what its jobs did after the copy: a job that ran meanwhile runs
+    again under the same attempt number, and a callback delivery made meanwhile has its id given again. A stream
+    that stays empty creates no file, so the new attempt (or delivery) would show the old one's file as its own.
+
+    Only the directories present of the jobs that may yet write output are read (Store.jobs_yet_to_write_output):
+    any other job's attempts and deliveries are all on record. Here, at start-up, rather than at each attempt's
+    start: an unlink per spawn would cost every job."""
+    if not present:  # nothing to read, however many jobs wait
+        return
+    output = os.path.join(state_dir, "output")
+    removed = 0
+    jobs = 0
+    for job_id in sorted(present & set(store.jobs_yet_to_write_output())):
+        attempts, deliveries = store.output_on_record(job_id)
+        directory = os.path.join(output, str(job_id))
+        try:
+            with os.scandir(directory) as entries:
+                stale = [
+                    entry.name
+                    for entry in entries
+                    if not entry.is_dir(follow_symlinks=False) and not _on_record(entry.name, attempts, deliveries)
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+        jobs += bool(stale)
+    if removed:
+        log.warning(
+            "removed %d output file%s of %d job%s in %s left by attempts or callback deliveries the database has no "
+            "record of (a database restored from a copy?): they would have been shown as the output of the attempts "
+            "and deliveries to come under the same numbers",
+            removed,
+            "" if removed == 1 else "s",
+            jobs,
+            "" if jobs == 1 else "s",
+            output,
+        )
+
+
+def _on_record(name: str, attempts: int, deliveries: Set[int]) -> bool:
+    """Whether a file in a job's output directory is the output of an attempt or delivery the database records
+    (`attempts` of them, the deliveries of those ids); files jobd does not write there are left alone."""
+    stem, _, stream = name.rpartition(".")
+    if stream not in STREAMS:
+        return True
+    number = _number(stem)
+    if number is not None:
+        return number <= attempts
+    if stem.startswith(CALLBACK_OUTPUT):
+        delivery = _number(stem.removeprefix(CALLBACK_OUTPUT))
+        return delivery is None or delivery in deliveries
+    return True
 
 
 def _tighten(path: str, most: int) -> None:
@@ -254,7 +326,11 @@ class Daemon:
         self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
-        _number_jobs_past_their_output(self.store, state_dir)
+        present = _job_directories(state_dir)
+        _number_jobs_past_their_output(self.store, state_dir, present)
+        # Before recovery, which may queue callbacks (under ids the discarded deliveries had) and reads the sizes of
+        # the files of the attempts it finds lost.
+        _remove_output_the_database_does_not_know(self.store, state_dir, present)
         self.backups = Backups(self.store, state_dir)
         load_aiohttp(initial)
         self.engine = Engine(initial, self.store)

@@ -794,6 +794,26 @@ class Store:
     def count_unfinished(self) -> int:
         return int(JobRow.select().where(JobRow.state.in_(_UNFINISHED)).count())
 
+    def jobs_yet_to_write_output(self) -> list[int]:
+        """Jobs that may yet write output files: unfinished ones (attempts to come) and finished ones whose callbacks
+        are still to be queued (deliveries to come); any other job's attempts and deliveries are all on record. Read
+        from indexes alone (the state index, holding the id; the partial index of unqueued callbacks), however long
+        the history."""
+        unfinished = self._connection.execute(
+            f'SELECT "id" FROM "job" WHERE "state" IN ({", ".join("?" * len(_UNFINISHED))})', _UNFINISHED
+        )
+        unqueued = self._connection.execute(
+            f'SELECT "id" FROM "job" INDEXED BY "job_callbacks_unqueued" WHERE {_CALLBACKS_UNQUEUED}'
+        )
+        return [row[0] for row in unfinished] + [row[0] for row in unqueued]
+
+    def output_on_record(self, job_id: int) -> tuple[int, set[int]]:
+        """How many attempts the database records for a job, and the ids of its callback deliveries: the output
+        files in its directory that belong to it (STATE_DIR/output/JOB/ATTEMPT.* and callback-DELIVERY.*)."""
+        found = self._connection.execute('SELECT "attempts" FROM "job" WHERE "id" = ?', (job_id,)).fetchone()
+        deliveries = self._connection.execute('SELECT "id" FROM "callback" WHERE "job_id" = ?', (job_id,))
+        return (0 if found is None else int(found[0])), {int(row[0]) for row in deliveries}
+
     def running_attempt(self, job_id: int) -> Attempt | None:
         row = (
             AttemptRow.select()

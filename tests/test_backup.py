@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from harness import Daemon
-from recovery.support import Gate, gated, wait_events
+from recovery.support import Gate, gated, wait_events, wait_for_log
 from test_jobctl import ctl
 
 from jobd.backup import Stopped, copy_database
@@ -299,14 +299,101 @@ echo "the script ran"
 """
 
 
-def _restore(daemon: Daemon) -> None:
-    """README.Debian's restore: the copy in the database's place, no WAL of the other one beside it."""
+def _restore(daemon: Daemon, keep_log_as: str | None = None) -> None:
+    """README.Debian's restore: the copy in the database's place, no WAL of the other one beside it. `keep_log_as`:
+    the log so far is moved to that name, so that the log then holds the restored jobd's lines alone."""
     assert daemon.stop() == 0
     database = daemon.state_dir / "jobd.sqlite3"
     shutil.copy(backup_path(daemon), database)
     for suffix in ("-wal", "-shm"):
         Path(f"{database}{suffix}").unlink(missing_ok=True)
+    if keep_log_as is not None:
+        daemon.log_path.rename(daemon.log_path.with_name(keep_log_as))
     daemon.start()
+
+
+# A job that says which timeline it runs in (the file $0 names it): in the one the restore discards, on stderr and fd 3
+# too; in the restored one, on stdout only.
+TIMELINE_SCRIPT = (
+    'echo "${JOBD_ATTEMPT:+attempt }${JOBD_ATTEMPT:-a callback} in the $(cat "$0") timeline"; '
+    '[ "$(cat "$0")" = restored ] && exit 0; '
+    'echo "stderr of the discarded timeline" >&2; echo "log of the discarded timeline" >&3'
+)
+
+
+def test_a_restored_copy_shows_no_output_of_the_attempts_it_has_no_record_of(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A job that ran after the copy runs again under the same attempt number once the copy is restored. A stream
+    that stays empty creates no file, so the discarded attempt's stderr and log were shown as the new attempt's
+    (whose record said 0 bytes): for a job waiting when the copy was taken, and for the retry of one running then."""
+    daemon = make_daemon(QUEUES)
+    timeline = tmp_path / "timeline"
+    timeline.write_text("discarded")
+    waiting = daemon.submit(command=["/bin/sh", "-c", TIMELINE_SCRIPT, str(timeline)], queue="held")["id"]
+    gate = Gate(tmp_path / "gate")
+    events = daemon.client()
+    events.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+    # Its first attempt fails once the gate opens; its retry, attempt 2, talks.
+    retried = daemon.submit(
+        command=gated(gate, "/bin/sh", "-c", f'[ "$JOBD_ATTEMPT" = 1 ] && exit 1; {TIMELINE_SCRIPT}', str(timeline)),
+        retry={"times": 1, "delay": 0},
+    )["id"]
+    wait_events(events, lambda e: e["job"]["id"] == retried and e["job"]["state"] == "running", 1)
+    events.close()
+    assert ctl(daemon, "backup").code == 0
+
+    daemon.call("queue.resume", {"name": "held"})
+    gate.release()
+    for job_id, attempt in ((waiting, 1), (retried, 2)):
+        assert daemon.wait(job_id)["state"] == "succeeded"
+        assert daemon.output(job_id, "stderr", attempt) == "stderr of the discarded timeline\n"
+        assert daemon.output(job_id, "log", attempt) == "log of the discarded timeline\n"
+
+    timeline.write_text("restored")
+    _restore(daemon)
+    daemon.call("queue.resume", {"name": "held"})  # as the copy has it: paused
+    for job_id, attempt in ((waiting, 1), (retried, 2)):
+        job = daemon.wait(job_id)
+        assert job["state"] == "succeeded" and job["attempts"] == attempt, job
+        [tried] = [t for t in daemon.call("job.get", {"id": job_id})["tries"] if t["number"] == attempt]
+        assert tried["stderr_bytes"] == 0, tried
+        assert daemon.output(job_id, "stdout", attempt) == f"attempt {attempt} in the restored timeline\n"
+        assert daemon.output(job_id, "stderr", attempt) == ""
+        assert daemon.output(job_id, "log", attempt) == ""
+    shown = ctl(daemon, "log", str(waiting), "--stderr")
+    assert shown.code == 0 and shown.out == "", shown
+    # The attempt that ran through the copy is the same in both timelines: its output stays, and is its record's.
+    lost = daemon.call("job.get", {"id": retried})["tries"][0]
+    assert lost["outcome"] == "lost" and lost["stdout_bytes"] == 0 and lost["stderr_bytes"] == 0, lost
+    assert "removed 6 output files of 2 jobs" in daemon.log(), daemon.log()
+
+
+def test_a_restored_copy_shows_no_output_of_the_callback_deliveries_it_has_no_record_of(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Callback deliveries made after the copy have their ids given again once it is restored: a delivery's exec
+    callback that wrote nothing on stderr left the discarded one's callback-ID.stderr beside its own stdout."""
+    daemon = make_daemon(QUEUES)
+    timeline = tmp_path / "timeline"
+    timeline.write_text("discarded")
+    callback = {"exec": ["/bin/sh", "-c", TIMELINE_SCRIPT, str(timeline)]}
+    job = daemon.submit(command=["/bin/true"], queue="held", callbacks={"on_finish": [callback]})["id"]
+    assert ctl(daemon, "backup").code == 0
+    daemon.call("queue.resume", {"name": "held"})
+    assert daemon.wait(job)["state"] == "succeeded"
+    wait_for_log(daemon, "delivered (try 1)")  # its process has ended: its output is written
+    output = daemon.state_dir / "output" / str(job)
+    assert (output / "callback-1.stderr").read_text() == "stderr of the discarded timeline\n"
+
+    timeline.write_text("restored")
+    _restore(daemon, keep_log_as="jobd.log.discarded")
+    daemon.call("queue.resume", {"name": "held"})
+    assert daemon.wait(job)["state"] == "succeeded"
+    wait_for_log(daemon, "delivered (try 1)")
+    assert sorted(path.name for path in output.iterdir()) == ["callback-1.stdout"]
+    assert (output / "callback-1.stdout").read_text() == "a callback in the restored timeline\n"
+    assert "removed 3 output files of 1 job" in daemon.log(), daemon.log()
 
 
 def test_a_restored_instance_whose_script_task_had_not_run_yet_runs_its_script(
