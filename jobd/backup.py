@@ -30,6 +30,7 @@ log = logging.getLogger("jobd.backup")
 
 BACKUP_DIR = "backup"
 BACKUP_DIR_MODE = 0o700
+PARTIAL = ".partial"  # the copy being made, beside its destination
 COPY_CHUNK = 8 * 1024 * 1024  # bytes copied between two looks at whether jobd is stopping
 
 
@@ -47,6 +48,28 @@ class Backups:
         self.path = os.path.join(self.directory, os.path.basename(store.path))
         self._under_way: asyncio.Future[dict[str, Any]] | None = None
         self._stopping = threading.Event()
+
+    def remove_leftovers(self) -> None:
+        """Remove what a copy that jobd did not finish left in backup/ (jobd killed, or the machine stopped, during
+        a backup): the partial copy and SQLite's files beside it. Called at start-up, with the state directory
+        locked: no copy is under way. Left alone in a backup/ someone else could change (the next backup refuses
+        it, saying why): jobd removes nothing by name there."""
+        try:
+            _check_directory(self.directory)
+        except (OSError, StoreFailed):  # none (the usual case), or one the next backup refuses
+            return
+        removed = []
+        for leftover in _leftovers(self.path + PARTIAL):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+                removed.append(os.path.basename(leftover))
+        if removed:
+            log.warning(
+                "removed %s from %s: left by a copy of the database that was not finished (jobd was killed during "
+                "a backup?)",
+                ", ".join(removed),
+                self.directory,
+            )
 
     async def take(self) -> dict[str, Any]:
         if self._stopping.is_set():
@@ -125,7 +148,7 @@ def copy_database(source: int, path: str, stopping: threading.Event) -> int:
     partial file; make the copy one self-contained file (journal mode DELETE) and check it; return its size. Runs in
     a worker thread. `source` is read at explicit offsets and left open: jobd's own descriptor (Store.hold_file),
     since closing one opened here would drop SQLite's exclusive lock on the database."""
-    partial = path + ".partial"
+    partial = path + PARTIAL
     # Left by a copy a crash cut short: the partial file, and what SQLite had beside it. A -journal is hot (a crash
     # during the switch to journal mode DELETE leaves one): SQLite would play the old copy's pages into the new.
     _remove(partial)
@@ -146,8 +169,13 @@ def copy_database(source: int, path: str, stopping: threading.Event) -> int:
     return size
 
 
+def _leftovers(partial: str) -> tuple[str, ...]:
+    """The partial copy and what SQLite makes beside it while it is switched to journal mode DELETE."""
+    return (partial, partial + "-journal", partial + "-wal", partial + "-shm")
+
+
 def _remove(partial: str, ignored: type[OSError] = FileNotFoundError) -> None:
-    for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+    for leftover in _leftovers(partial):
         with contextlib.suppress(ignored):
             os.unlink(leftover)
 

@@ -332,6 +332,7 @@ class Daemon:
         # the files of the attempts it finds lost.
         _remove_output_the_database_does_not_know(self.store, state_dir, present)
         self.backups = Backups(self.store, state_dir)
+        self.backups.remove_leftovers()
         load_aiohttp(initial)
         self.engine = Engine(initial, self.store)
         self.callbacks = Callbacks(self.engine, self.store)  # before recovery: a lost job's callbacks are queued

@@ -7,20 +7,25 @@ running job. Real daemons, the real jobctl, the copy opened by sqlite3 and by a 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
+import select
 import shutil
+import signal
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from harness import Daemon
-from recovery.support import Gate, gated, wait_events, wait_for_log
+from recovery.support import WAIT, Gate, gated, wait_events, wait_for_log
 from test_jobctl import ctl
 
 from jobd.backup import Stopped, copy_database
@@ -280,6 +285,92 @@ def test_a_journal_left_beside_the_partial_copy_by_a_crash_does_not_spoil_the_ne
     assert copied.code == 0, copied
     assert _job_ids(backup_path(daemon)) == [1, *ids]
     assert sorted(path.name for path in backup_path(daemon).parent.iterdir()) == ["jobd.sqlite3"]
+
+
+# fanotify(7), for OpenGate.
+FAN_CLOEXEC = 0x1
+FAN_CLASS_CONTENT = 0x4
+FAN_MARK_ADD = 0x1
+FAN_OPEN_PERM = 0x10000
+FAN_EVENT_ON_CHILD = 0x08000000
+FAN_ALLOW = 0x1
+AT_FDCWD = -100
+FAN_EVENT = "IBBHQii"  # struct fanotify_event_metadata: event_len, vers, reserved, metadata_len, mask, fd, pid
+
+
+class OpenGate:
+    """Every open of a file in `directory`, by any process, waits for this test's answer (fanotify's permission
+    events): a process can be held at the open of a file of its choosing, everything it made before in place."""
+
+    def __init__(self, directory: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+        libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+        self.fd = libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, os.O_RDONLY | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "fanotify_init")
+        self._held: list[int] = []
+        mask = FAN_OPEN_PERM | FAN_EVENT_ON_CHILD
+        if libc.fanotify_mark(self.fd, FAN_MARK_ADD, mask, AT_FDCWD, os.fsencode(directory)) < 0:
+            error = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(error, f"fanotify_mark {directory}")
+
+    def hold(self, name: str, timeout: float = WAIT) -> None:
+        """Let each open through until one of the file `name`, which waits until close()."""
+        deadline = time.monotonic() + timeout
+        while not self._held:
+            left = deadline - time.monotonic()
+            assert left > 0, f"nothing opened {name} within {timeout}s"
+            if not select.select([self.fd], [], [], left)[0]:
+                continue
+            data = os.read(self.fd, 4096)
+            offset = 0
+            while offset < len(data):
+                length, _, _, _, _, opened, _ = struct.unpack_from(FAN_EVENT, data, offset)
+                offset += length
+                if not self._held and os.path.basename(os.readlink(f"/proc/self/fd/{opened}")) == name:
+                    self._held.append(opened)
+                    continue
+                os.write(self.fd, struct.pack("iI", opened, FAN_ALLOW))
+                os.close(opened)
+
+    def close(self) -> None:
+        """Let every open through: the kernel allows those still waiting when the group is closed."""
+        os.close(self.fd)
+        for opened in self._held:
+            os.close(opened)
+
+
+def test_the_leftovers_of_a_copy_cut_short_by_a_kill_are_removed_at_the_next_start(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """A kill -9 of jobd during a backup left the partial copy, and SQLite's files beside it, in backup/ until the
+    next backup, if one ever came: a whole copy of the database for anyone who takes it for the backup."""
+    daemon = make_daemon(QUEUES)
+    daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    assert ctl(daemon, "backup").code == 0  # a whole copy, which stays
+    backup = backup_path(daemon).parent
+    gate = OpenGate(backup)
+    try:
+        with daemon.client() as client:
+            client.send_raw(b'{"jsonrpc":"2.0","id":1,"method":"daemon.backup"}\n')
+            # Held as SQLite opens the journal of its switch to journal mode DELETE: the partial copy is whole.
+            gate.hold("jobd.sqlite3.partial-journal")
+            os.kill(daemon.pid, signal.SIGKILL)
+    finally:
+        gate.close()
+    daemon.kill9()
+    left = ["jobd.sqlite3", "jobd.sqlite3.partial", "jobd.sqlite3.partial-journal"]
+    assert sorted(path.name for path in backup.iterdir()) == left
+
+    daemon.start()
+    assert [path.name for path in backup.iterdir()] == ["jobd.sqlite3"]
+    assert (
+        f"removed jobd.sqlite3.partial, jobd.sqlite3.partial-journal from {backup}: left by a copy of the database "
+        "that was not finished"
+    ) in daemon.log()
+    assert ctl(daemon, "backup").code == 0
 
 
 SCRIPT_WORKFLOW = """<?xml version="1.0" encoding="UTF-8"?>
