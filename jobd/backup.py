@@ -96,7 +96,7 @@ class Backups:
         began = time.monotonic()
         try:
             os.makedirs(self.directory, mode=BACKUP_DIR_MODE, exist_ok=True)
-            _check_directory(self.directory)
+            _check_directory(self.directory, tighten=True)
             source = self._store.hold_file()
             try:
                 size = await asyncio.to_thread(copy_database, source, self.path, self._stopping)
@@ -116,12 +116,13 @@ class Backups:
         return {"path": self.path, "bytes": size, "schema_version": SCHEMA_VERSION, "seconds": round(seconds, 3)}
 
 
-def _check_directory(directory: str) -> None:
-    """Refuse a backup directory that someone other than jobd's user could change. jobd (root) creates, opens with
-    SQLite, renames and removes files there by name: in a directory another user may write to, or reached through
-    a symlink (whose target's parents jobd does not check), that user could put a file of their own in the copy's
-    place between two of those steps (a journal SQLite would play into the copy, or another database for jobd to
-    switch to journal mode DELETE), or replace the finished copy that root would later restore. A file system
+def _check_directory(directory: str, *, tighten: bool = False) -> None:
+    """Refuse a backup directory that someone other than jobd's user could change; with `tighten`, take from one
+    of jobd's what BACKUP_DIR_MODE does not allow (group's and others' read and search). jobd (root) creates, opens
+    with SQLite, renames and removes files there by name: in a directory another user may write to, or reached
+    through a symlink (whose target's parents jobd does not check), that user could put a file of their own in the
+    copy's place between two of those steps (a journal SQLite would play into the copy, or another database for jobd
+    to switch to journal mode DELETE), or replace the finished copy that root would later restore. A file system
     mounted on backup/ is a directory, not a symlink."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -134,13 +135,20 @@ def _check_directory(directory: str) -> None:
         ) from None
     try:
         info = os.fstat(fd)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise StoreFailed(
+                f"{directory} belongs to uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}: it must be jobd's "
+                f"(uid {os.geteuid()}) and writable by jobd alone, so that nobody else can change the copy"
+            )
+        if tighten:
+            # A looser one (an administrator's mkdir, the root of a file system mounted there) is tightened, as the
+            # state directory is at each start: BACKUP_DIR_MODE is what docs/protocol.md promises.
+            mode = stat.S_IMODE(info.st_mode)
+            if mode & ~BACKUP_DIR_MODE:
+                log.warning("%s was mode %04o; tightening it to %04o", directory, mode, mode & BACKUP_DIR_MODE)
+                os.fchmod(fd, mode & BACKUP_DIR_MODE)
     finally:
         os.close(fd)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        raise StoreFailed(
-            f"{directory} belongs to uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}: it must be jobd's "
-            f"(uid {os.geteuid()}) and writable by jobd alone, so that nobody else can change the copy"
-        )
 
 
 def copy_database(source: int, path: str, stopping: threading.Event) -> int:

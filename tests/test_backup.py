@@ -287,6 +287,20 @@ def test_a_journal_left_beside_the_partial_copy_by_a_crash_does_not_spoil_the_ne
     assert sorted(path.name for path in backup_path(daemon).parent.iterdir()) == ["jobd.sqlite3"]
 
 
+def test_a_backup_directory_others_may_read_is_tightened_when_a_copy_is_taken(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """The copy is made "in a directory of mode 0700" (docs/protocol.md), but a backup/ of jobd's made by hand with
+    a looser mode after jobd started was used as it was: jobd tightened it only at its start."""
+    daemon = make_daemon(QUEUES)
+    backup = backup_path(daemon).parent
+    backup.mkdir()
+    os.chmod(backup, 0o755)
+    assert ctl(daemon, "backup").code == 0
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o700
+    assert f"{backup} was mode 0755; tightening it to 0700" in daemon.log()
+
+
 # fanotify(7), for OpenGate.
 FAN_CLOEXEC = 0x1
 FAN_CLASS_CONTENT = 0x4
