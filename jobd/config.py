@@ -32,9 +32,10 @@ import inotify_simple
 
 from jobd import conffile, users, workflowdef
 from jobd.engine import callbacks as callback_defs
+from jobd.engine import submit
 from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.schedule import Calendar
-from jobd.errors import ConfigError
+from jobd.errors import ConfigError, JobdError
 from jobd.model import (
     ENV_NAME,
     MAX_SECONDS,
@@ -1238,6 +1239,8 @@ def _schedule(table: _Table, config: Config) -> ScheduleDef:
             raise where.invalid(
                 f"workflow {json.dumps(target)} needs parameters {', '.join(declared)}; missing: {', '.join(missing)}"
             )
+    else:
+        _check_schedule_submission(table, config, target, parameters)
     return ScheduleDef(
         name=table.key[-1],
         calendar=table.require("calendar", _calendar, CALENDAR_RULE),
@@ -1251,6 +1254,20 @@ def _schedule(table: _Table, config: Config) -> ScheduleDef:
         jitter=table.read("jitter", _number(0), 0.0),
         enabled=table.read("enabled", _boolean, True),
     )
+
+
+def _check_schedule_submission(table: _Table, config: Config, task: str, parameters: Mapping[str, str]) -> None:
+    """A task schedule's job is resolved as its firings will resolve it (the same request, from the same peer, by
+    job.submit's own checks): parameters the task refuses (an HTTP task takes none, JOBD_ names are jobd's) would
+    fail every firing, so they fail the load."""
+    request = submit.schedule_request(table.key[-1], task, parameters)
+    try:
+        submit.resolve(config, request, submit.scheduler_peer())
+    except JobdError as error:
+        where = table.settings.get("parameters") or table.settings["task"]
+        raise where.invalid(
+            f"task {json.dumps(task)} would refuse it at every firing, as job.submit does: {error.message}"
+        ) from None
 
 
 CALENDAR_RULE = (

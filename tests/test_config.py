@@ -1277,6 +1277,68 @@ def test_schedule_bad_parameters(tmp_path: Path, target: str, parameters: str, m
     assert message in error.message
 
 
+@pytest.mark.parametrize(
+    ("tasks", "schedule", "message"),
+    [
+        # An HTTP task takes no params: every firing failed ("error", or suspended at its first due time).
+        (
+            '[task.h]\nhttp = { url = "http://127.0.0.1:9/" }\n',
+            'task = "h"\nparameters = { A = "1" }',
+            "schedule.s.parameters: task \"h\" would refuse it at every firing, as job.submit does: task 'h' makes an "
+            "HTTP request: it takes no 'args', 'params' or 'stdin'",
+        ),
+        # JOBD_ names are jobd's own, for a task with parameters = "env" as for one with "args".
+        (
+            "",
+            'task = "t"\nparameters = { JOBD_JOB_ID = "x" }',
+            'schedule.s.parameters: task "t" would refuse it at every firing, as job.submit does: params: '
+            "'JOBD_JOB_ID': names starting with JOBD_ are set by jobd itself",
+        ),
+        (
+            '[task.a]\ncommand = ["/bin/echo"]\n',
+            'task = "a"\nparameters = { JOBD_X = "x" }',
+            'schedule.s.parameters: task "a" would refuse it at every firing, as job.submit does: params: '
+            "'JOBD_X': names starting with JOBD_ are set by jobd itself",
+        ),
+    ],
+)
+def test_schedule_parameters_its_task_would_refuse_at_every_firing_are_a_load_error(
+    tmp_path: Path, tasks: str, schedule: str, message: str
+) -> None:
+    """The firing resolves its job as job.submit does, and refused it every time; the load resolves the same."""
+    path = tmp_path / "jobd.toml"
+    error = load_error(schedule_dir(tmp_path, f'{tasks}\n[schedule.s]\n{schedule}\ncalendar = "@daily"\n'))
+    lines = path.read_text().splitlines()
+    line = next(number for number, text in enumerate(lines, start=1) if text.startswith("parameters = {"))
+    assert (
+        error.message == f"{path}:{line}: {message}" if message.startswith("schedule.s") else message in error.message
+    )
+    assert error.message.startswith(f"{path}:{line}: schedule.s.parameters: "), error.message
+    assert (error.details["file"], error.details["line"], error.details["key"]) == (
+        str(path),
+        line,
+        "schedule.s.parameters",
+    )
+
+
+def test_schedule_parameters_a_task_takes_still_load(tmp_path: Path) -> None:
+    """The same check passes what a submission passes: any name for an "args" task, names outside allowed_params
+    (jobd itself submits, as an admin: allowed_params bounds callers who are not), none for an HTTP task."""
+    loaded = load_dir(
+        str(
+            schedule_dir(
+                tmp_path,
+                '[task.h]\nhttp = { url = "http://127.0.0.1:9/" }\n\n'
+                '[task.e]\ncommand = ["/bin/true"]\nparameters = "env"\nallowed_params = ["A"]\n\n'
+                '[schedule.h]\ntask = "h"\ncalendar = "@daily"\n\n'
+                '[schedule.e]\ntask = "e"\ncalendar = "@daily"\nparameters = { A = "1", B = "2" }\n',
+            )
+        )
+    )
+    assert dict(loaded.schedules["e"].parameters) == {"A": "1", "B": "2"}
+    assert dict(loaded.schedules["h"].parameters) == {}
+
+
 def test_schedule_bad_name(tmp_path: Path) -> None:
     error = load_error(schedule_dir(tmp_path, '[schedule.".x"]\ntask = "t"\ncalendar = "@daily"\n'))
     assert 'invalid name ".x"' in error.message

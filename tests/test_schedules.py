@@ -421,6 +421,31 @@ def test_reload_recomputes_an_edited_schedule_forgets_a_removed_one_and_starts_a
     assert gone.value.code == "UNKNOWN_SCHEDULE"
 
 
+def test_a_reload_that_would_make_a_schedule_fail_at_every_firing_is_refused_whole(sched: Any) -> None:
+    """The schedule's parameters are checked against its task as job.submit checks them: a task turned into an HTTP
+    request (which takes no params) passed the reload, and every firing then failed with "cannot start its task"."""
+    env_task = '[task.notify]\ncommand = ["/bin/true"]\nparameters = "env"\n\n'
+    notify = schedule("notify", "task:notify", "0 0 1 1 *", parameters={"A": "1"})
+    daemon = sched(env_task + notify)
+    rewrite(daemon, '[task.notify]\nhttp = { url = "http://127.0.0.1:9/" }\n\n' + notify)
+    with pytest.raises(RemoteError) as refused:
+        daemon.call("daemon.reload")
+    error = refused.value
+    path = daemon.config_dir / "jobd.toml"
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("parameters = {"))
+    assert error.code == "CONFIG_INVALID", error
+    assert (error.data["file"], error.data["line"], error.data["key"]) == (
+        str(path),
+        line,
+        "schedule.notify.parameters",
+    )
+    assert "task 'notify' makes an HTTP request: it takes no 'args', 'params' or 'stdin'" in error.message
+    # The running configuration is kept: its schedule still starts its command task.
+    run = daemon.call("schedule.trigger", {"name": "notify"})["run_id"]
+    assert daemon.wait(run)["state"] == "succeeded"
+    assert listed(daemon, "notify")["last_result"] == "succeeded"
+
+
 def test_a_schedule_removed_and_added_back_while_its_run_goes_finds_that_run(sched: Any, tmp_path: Path) -> None:
     """Its runs were forgotten with it: added back, it saw none going and, with overlap "skip", started a second
     run beside the first. It takes them back, as a restart finds the run it had going."""

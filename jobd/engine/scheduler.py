@@ -38,7 +38,7 @@ from jobd.engine.schedule import (
     set_back,
     waited_for,
 )
-from jobd.engine.submit import Peer, SubmitRequest, resolve
+from jobd.engine.submit import resolve, schedule_request, scheduler_peer
 from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
 from jobd.model import Config, Job, OnFailure, Overlap, ScheduleDef, ScheduleState, iso
 from jobd.store import JobFilter, Store, store_failure
@@ -149,7 +149,7 @@ class Scheduler:
         self._armed: float | None = None  # the absolute time the timerfd is armed at, None: disarmed
         self._followers: set[asyncio.Task[None]] = set()
         self._stopped = False
-        self._peer = Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), is_admin=True)
+        self._peer = scheduler_peer()
 
     # -- start and stop ------------------------------------------------------------------------------------------
 
@@ -441,11 +441,9 @@ class Scheduler:
                 run_id = self.instances.launch(definition.target, definition.parameters, comment=f"schedule:{name}")
                 kind = "instance"
             else:
-                request = SubmitRequest(
-                    task=definition.target,
-                    params=dict(definition.parameters),
-                    context=f"schedule:{name}",  # also how _adopt_unsaved_run finds it after a crash
-                )
+                # The load resolved the same request (jobd.config._check_schedule_submission), so resolve does not
+                # refuse it here; the submit still may (a queue that is draining, a full disk...).
+                request = schedule_request(name, definition.target, definition.parameters)
                 spec = resolve(self.engine.config, request, self._peer)
                 [job] = self.engine.submit([spec], [0.0], _RunWatcher(self, name))
                 run_id, kind = job.id, "job"

@@ -150,6 +150,23 @@ def _database_groups(user: str, uid: int, gid: int) -> list[int]:
         return [gid]
 
 
+def scheduler_peer() -> Peer:
+    """Who submits the job of a task schedule's run: jobd itself, an admin (a task's allowed_params, which bound
+    callers who are not admins, do not apply: the schedule's parameters are the configuration's own, and its pid
+    is jobd's, which _task_identity reads as "no caller to run as")."""
+    return Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), is_admin=True)
+
+
+def schedule_request(schedule: str, task: str, parameters: Mapping[str, str]) -> SubmitRequest:
+    """What a firing of task schedule `schedule` submits. The configuration's load resolves it too, with
+    scheduler_peer(), so that a schedule whose task would refuse it at every firing is a load error instead."""
+    return SubmitRequest(
+        task=task,
+        params=dict(parameters),
+        context=f"schedule:{schedule}",  # also how the scheduler finds the job again after a crash
+    )
+
+
 _AD_HOC_ONLY = ("working_dir", "retry", "kill_grace", "max_output", "http")
 
 
