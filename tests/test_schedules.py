@@ -244,6 +244,37 @@ def test_overlap_allow_starts_runs_while_the_previous_one_goes(sched: Any, tmp_p
     quiesce(daemon, "many")
 
 
+GATED_WORKFLOW = """<workflow>
+  <subjobs><job name="one"><tasks><task name="t" task="gated"><input>{lock}</input></task></tasks></job></subjobs>
+</workflow>
+"""
+
+
+def test_a_job_and_an_instance_of_the_same_id_are_two_runs_of_one_schedule(sched: Any, tmp_path: Path) -> None:
+    """Runs were kept by id alone: a schedule turned from a task into a workflow by a reload while its job 1 went
+    started instance 1, listed one run, and the end of instance 1 ended both (job 1's end was never recorded)."""
+    job_gate, instance_gate = Gate(tmp_path / "job"), Gate(tmp_path / "instance")
+    daemon = sched(schedule("s", "task:gated", "0 0 1 1 *", parameters={"lock": job_gate.path}, overlap="allow"))
+    job = daemon.call("schedule.trigger", {"name": "s"})["run_id"]
+    (daemon.config_dir / "workflows" / "gated.xml").write_text(GATED_WORKFLOW.format(lock=instance_gate.path))
+    rewrite(daemon, schedule("s", "workflow:gated", "0 0 1 1 *", overlap="allow"))
+    daemon.call("daemon.reload")
+    instance = daemon.call("schedule.trigger", {"name": "s"})["run_id"]
+    assert instance == job  # job and instance ids are counted apart: the first of each
+    both = listed(daemon, "s")
+    assert (both["running"], both["state"]) == ([job, instance], "running"), both  # two runs, not one
+    assert both["runs"] == [{"kind": "instance", "id": instance}, {"kind": "job", "id": job}], both
+    instance_gate.release()
+    wait_for_log(daemon, f"schedule s: run instance={instance} ended: succeeded")
+    left = listed(daemon, "s")  # the job still goes
+    assert (left["runs"], left["running"], left["state"]) == ([{"kind": "job", "id": job}], [job], "running"), left
+    assert (left["last_run_id"], left["last_result"]) == (instance, "succeeded"), left
+    job_gate.release()
+    wait_for_log(daemon, f"schedule s: run job={job} ended: succeeded")
+    after = listed(daemon, "s")
+    assert (after["runs"], after["running"], after["state"]) == ([], [], "waiting"), after
+
+
 # -- failure, suspend --------------------------------------------------------------------------------------------
 
 
@@ -518,7 +549,7 @@ def test_the_kept_state_of_a_removed_schedule_is_forgotten_when_its_run_ends(sch
     start(daemon)
     gate.release()
     assert daemon.wait(run)["state"] == "succeeded"
-    wait_for_log(daemon, f"schedule slow: its run {run}, started before it was removed, ended: succeeded")
+    wait_for_log(daemon, f"schedule slow: its run job={run}, started before it was removed, ended: succeeded")
     assert terminate(daemon) == 0
     assert saved_row(daemon, "slow") == {}
 

@@ -55,6 +55,15 @@ LOST = "lost"  # its job or instance is no longer known
 DUE_MARGIN = 0.001
 
 
+# A run still going: ("job", job id) or ("instance", instance id). Job and instance ids are counted apart, so the
+# same number may name a job and an instance of one schedule at once (its target changed by a reload meanwhile).
+Run = tuple[str, int]
+
+
+def _runs_text(runs: set[Run]) -> str:
+    return ", ".join(f"{kind}={run_id}" for kind, run_id in sorted(runs))
+
+
 @dataclass
 class _Schedule:
     """One configured schedule at run time."""
@@ -62,7 +71,7 @@ class _Schedule:
     definition: ScheduleDef
     calendar: Calendar | None  # None: the calendar could not be parsed (logged); it never fires by itself
     state: ScheduleState
-    runs: dict[int, str] = field(default_factory=dict)  # id of each run still going -> "job" | "instance"
+    runs: set[Run] = field(default_factory=set)  # each run still going
     pending: float | None = None  # overlap queue_one: due time of the one run waiting for the running one
 
     @property
@@ -90,7 +99,7 @@ class _Removed:
     """A schedule removed from the configuration while runs it started go: kept until they end."""
 
     state: ScheduleState  # what is kept of its state (saved while its last run goes): that run
-    runs: dict[int, str]  # id of each run still going -> "job" | "instance"
+    runs: set[Run]  # each run still going
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +126,7 @@ class _RunWatcher:
         pass
 
     def job_finished(self, job: Job) -> None:
-        self.scheduler._run_ended(self.name, job.id, _job_result(job))
+        self.scheduler._run_ended(self.name, ("job", job.id), _job_result(job))
 
     def retries_off(self) -> bool:
         return False  # the run goes on until the job has finished, its retries included
@@ -202,11 +211,11 @@ class Scheduler:
         if removed is None:
             return
         schedule.runs = removed.runs
-        going = ", ".join(str(run_id) for run_id in schedule.runs)
+        going = _runs_text(schedule.runs)
         log.info(
             "schedule %s: its run %s, started before it was removed, is still going; followed to its end", name, going
         )
-        if removed.state.last_run_id in schedule.runs:
+        if _last_run(removed.state) in schedule.runs:
             # Saved, so that a restart from here on follows it too (it looks for the state's last run).
             kept = removed.state
             self._set(schedule, last_run=kept.last_run, last_run_id=kept.last_run_id, last_run_kind=kept.last_run_kind)
@@ -260,12 +269,14 @@ class Scheduler:
         name = schedule.definition.name
         # The kind saved with the run; a row saved before schema 22 has none, the definition says.
         kind = state.last_run_kind or ("instance" if schedule.definition.target_kind == "workflow" else "job")
+        if state.last_run_kind is None:
+            self._set(schedule, last_run_kind=kind)  # saved: the end of the run is matched by its kind and id
         result = self._result_of(kind, run_id)
         if result is not None:
             self._ended_while_down(schedule, result)
             return
         log.info("schedule %s: its %s=%d is still going; followed to its end", name, kind, run_id)
-        schedule.runs[run_id] = kind
+        schedule.runs.add((kind, run_id))
         self._follow(name, kind, run_id)
 
     def _result_of(self, kind: str, run_id: int) -> str | None:
@@ -305,7 +316,7 @@ class Scheduler:
                 run_id,
             )
             kept = _kept(state)
-            self._removed[name] = _Removed(kept, {run_id: kind})
+            self._removed[name] = _Removed(kept, {(kind, run_id)})
             self._follow(name, kind, run_id)
             if kept != state:
                 self._save(kept)
@@ -417,7 +428,7 @@ class Scheduler:
         name = schedule.definition.name
         if schedule.runs:
             overlap = schedule.definition.overlap
-            going = ", ".join(str(run_id) for run_id in schedule.runs)
+            going = _runs_text(schedule.runs)
             if overlap is Overlap.SKIP:
                 log.info("schedule %s: not started, its run %s is still going (overlap skip)", name, going)
                 return Triggered(started=False, run_id=None, queued=False)
@@ -462,7 +473,7 @@ class Scheduler:
             self._failed(schedule)
             return None
         log.info("schedule %s fired: %s=%d", name, kind, run_id)
-        schedule.runs[run_id] = kind
+        schedule.runs.add((kind, run_id))
         self._set(schedule, last_run=now, last_result=None, last_run_id=run_id, last_run_kind=kind)
         if kind == "instance":
             self._follow_instance(name, run_id)
@@ -471,36 +482,37 @@ class Scheduler:
     def _follow_instance(self, name: str, instance_id: int) -> None:
         async def follow() -> None:
             summary = await self.instances.wait(instance_id, None)
-            self._run_ended(name, instance_id, SUCCEEDED if summary.errors == 0 else FAILED)
+            self._run_ended(name, ("instance", instance_id), SUCCEEDED if summary.errors == 0 else FAILED)
 
         task = asyncio.get_running_loop().create_task(follow())
         self._followers.add(task)
         task.add_done_callback(self._followers.discard)
 
-    def _run_ended(self, name: str, run_id: int, result: str) -> None:
+    def _run_ended(self, name: str, run: Run, result: str) -> None:
         if self._stopped:
             return  # shutting down: no queued run may start (nor fail to, and suspend the schedule)
         schedule = self._schedules.get(name)
         if schedule is None:  # removed from the configuration meanwhile: its run was left alone
             removed = self._removed.get(name)
             if removed is not None:
-                removed.runs.pop(run_id, None)
+                removed.runs.discard(run)
                 if not removed.runs:
                     del self._removed[name]
-                    log.info("schedule %s: its run %d, started before it was removed, ended: %s", name, run_id, result)
+                    log.info("schedule %s: its run %s=%d, started before it was removed, ended: %s", name, *run, result)
                     self._forget(name)
             return
-        if schedule.runs.pop(run_id, None) is None:
+        if run not in schedule.runs:
             return
+        schedule.runs.remove(run)
         log.log(
             logging.INFO if result == SUCCEEDED else logging.WARNING,
-            "schedule %s: run %d ended: %s",
+            "schedule %s: run %s=%d ended: %s",
             name,
-            run_id,
+            *run,
             result,
         )
         now = self.clock()
-        if run_id == schedule.state.last_run_id:
+        if run == _last_run(schedule.state):
             self._set(schedule, last_result=result)
         if result != SUCCEEDED:
             self._failed(schedule)
@@ -619,7 +631,7 @@ class Scheduler:
             removed = self._schedules.pop(name)
             log.info("schedule %s removed from the configuration%s", name, " (its run goes on)" if removed.runs else "")
             kept = _kept(removed.state)
-            if removed.state.last_run_id in removed.runs:
+            if _last_run(removed.state) in removed.runs:
                 # Its last run, saved until it ends: a restart meanwhile finds it, and the schedule added back then
                 # takes it, as one added back by a reload does (self._removed).
                 self._save(kept)
@@ -654,6 +666,14 @@ class Scheduler:
         self._rearm()
 
 
+def _last_run(state: ScheduleState) -> Run | None:
+    """The run the state names last (None: none, or a row saved before schema version 22 whose kind _recover_run
+    has not filled in from its definition yet)."""
+    if state.last_run_id is None or state.last_run_kind is None:
+        return None
+    return (state.last_run_kind, state.last_run_id)
+
+
 def _kept(state: ScheduleState) -> ScheduleState:
     """What is kept of a removed schedule's state while its last run goes: that run, nothing else (its next time,
     enable/disable, suspension and due time last fired are forgotten with it)."""
@@ -664,6 +684,7 @@ def _kept(state: ScheduleState) -> ScheduleState:
 
 def _describe(schedule: _Schedule) -> dict[str, Any]:
     definition, state = schedule.definition, schedule.state
+    runs = sorted(schedule.runs, key=lambda run: (run[1], run[0]))  # by id, then kind
     return {
         "name": definition.name,
         "target": {
@@ -684,6 +705,7 @@ def _describe(schedule: _Schedule) -> dict[str, Any]:
         "last_run": iso(state.last_run),
         "last_result": state.last_result,
         "last_run_id": state.last_run_id,
-        "running": sorted(schedule.runs),
+        "running": [run_id for _kind, run_id in runs],
+        "runs": [{"kind": kind, "id": run_id} for kind, run_id in runs],
         "pending": schedule.pending is not None,
     }
