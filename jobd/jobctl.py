@@ -690,6 +690,8 @@ def describe_triggered(result: dict[str, Any]) -> str:
     if result.get("queued"):
         return f"schedule {name}: queued behind its running run (overlap queue_one)"
     schedule = result.get("schedule") or {}
+    if schedule.get("overlap") == "queue_one" and schedule.get("pending"):
+        return f"schedule {name}: not started, one run already waits behind its running run (overlap queue_one)"
     if schedule.get("last_result") == "error":
         return f"schedule {name}: its run could not be started (see jobd's log)"
     return f"schedule {name}: not started, its previous run is still going (overlap skip)"

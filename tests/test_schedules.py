@@ -753,6 +753,39 @@ def test_trigger_obeys_overlap_skip(sched: Any, tmp_path: Path) -> None:
     assert daemon.wait(first["run_id"])["state"] == "succeeded"
 
 
+def test_trigger_with_overlap_queue_one_says_whether_its_run_was_queued(sched: Any, tmp_path: Path) -> None:
+    """A trigger while one run already waited was answered `queued: true` and audited "queued", while the run was
+    dropped (the log said "not started, one run already waits")."""
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("q", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}, overlap="queue_one"))
+    first = daemon.call("schedule.trigger", {"name": "q"})
+    assert (first["started"], first["queued"]) == (True, False), first
+    second = daemon.call("schedule.trigger", {"name": "q"})
+    assert (second["started"], second["queued"], second["schedule"]["pending"]) == (False, True, True), second
+    third = daemon.call("schedule.trigger", {"name": "q"})
+    assert (third["started"], third["run_id"], third["queued"]) == (False, None, False), third
+    assert third["schedule"]["pending"] and third["schedule"]["running"] == [first["run_id"]], third
+    told = run_jobctl("--socket", str(daemon.socket_path), "schedule", "trigger", "q")
+    assert told.code == 0, told
+    assert (
+        told.out.strip() == "schedule q: not started, one run already waits behind its running run (overlap queue_one)"
+    )
+    audited = daemon.call("audit.list", {"command": "schedule.trigger", "limit": 10})["entries"]
+    assert [entry["message"] for entry in reversed(audited)] == [
+        f"run {first['run_id']}",
+        "queued",
+        "not started",
+        "not started",
+    ]
+    assert daemon.log().count("not started, one run already waits") == 2
+    gate.release()
+    assert daemon.wait(first["run_id"])["state"] == "succeeded"
+    queued = first["run_id"] + 1  # the next job: nothing else submits any
+    wait_for_log(daemon, f"schedule q fired: job={queued}")  # the one queued run
+    assert daemon.wait(queued)["state"] == "succeeded"
+    assert [job["id"] for job in jobs_of(daemon, "q")] == [queued, first["run_id"]]
+
+
 def test_jobctl_schedules_and_schedule_commands(sched: Any) -> None:
     daemon = sched(schedule("nightly", "task:true", "0 3 * * *") + schedule("wf", "workflow:hello", "0;0;3;;;"))
     sock = ["--socket", str(daemon.socket_path)]

@@ -108,7 +108,7 @@ class Triggered:
 
     started: bool
     run_id: int | None
-    queued: bool
+    queued: bool  # this trigger's run waits for the running one (overlap queue_one); False when one already did
 
 
 @dataclass
@@ -436,11 +436,10 @@ class Scheduler:
                 if schedule.pending is None:
                     schedule.pending = due
                     log.info("schedule %s: queued behind its run %s (overlap queue_one)", name, going)
-                else:
-                    log.info(
-                        "schedule %s: not started, one run already waits behind %s (overlap queue_one)", name, going
-                    )
-                return Triggered(started=False, run_id=None, queued=True)
+                    return Triggered(started=False, run_id=None, queued=True)
+                # Dropped: the run that waits already stands for it (and `queued` says that this one was not).
+                log.info("schedule %s: not started, one run already waits behind %s (overlap queue_one)", name, going)
+                return Triggered(started=False, run_id=None, queued=False)
         run_id = self._start_run(schedule, now)
         return Triggered(started=run_id is not None, run_id=run_id, queued=False)
 
