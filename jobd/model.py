@@ -572,6 +572,9 @@ class ScheduleState:
     # What `last_run_id` names: "job" or "instance" (None: no run, or a row saved before schema version 22). Saved
     # so that a run is found again after a restart even when no definition says (its schedule removed meanwhile).
     last_run_kind: str | None = None
+    # overlap "queue_one": the due time of the one run that waits for the running one to end (None: none waits).
+    # Saved, so that a restart of jobd while it waits keeps it (before schema version 23 it was lost).
+    pending: float | None = None
 
 
 class Overlap(StrEnum):

@@ -246,6 +246,7 @@ class ScheduleRow(_Base):
     last_due = peewee.DoubleField(null=True)  # since schema version 20
     after_run = peewee.BooleanField(null=True)  # since schema version 21
     last_run_kind = peewee.TextField(null=True)  # since schema version 22
+    pending = peewee.DoubleField(null=True)  # since schema version 23
 
     class Meta:
         table_name = "schedule"
@@ -419,6 +420,12 @@ def _migration_22(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "last_run_kind" TEXT')  # type: ignore[no-untyped-call]
 
 
+def _migration_23(db: peewee.SqliteDatabase) -> None:
+    # The due time of the run that waits for the running one (overlap "queue_one"), which a restart lost. Rows saved
+    # before have NULL: no run waits.
+    db.execute_sql('ALTER TABLE "schedule" ADD COLUMN "pending" REAL')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -443,6 +450,7 @@ MIGRATIONS = (
     _migration_20,
     _migration_21,
     _migration_22,
+    _migration_23,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1052,6 +1060,7 @@ class Store:
                 last_due=row.last_due,
                 after_run=None if row.after_run is None else bool(row.after_run),
                 last_run_kind=row.last_run_kind,
+                pending=row.pending,
             )
             for row in ScheduleRow.select()
         }
@@ -1070,6 +1079,7 @@ class Store:
                 last_due=state.last_due,
                 after_run=state.after_run,
                 last_run_kind=state.last_run_kind,
+                pending=state.pending,
             ).on_conflict_replace().execute()
 
     def forget_schedule(self, name: str) -> None:

@@ -393,6 +393,48 @@ def test_a_run_going_at_shutdown_is_followed_after_the_restart(sched: Any, tmp_p
     assert "followed to its end" in daemon.log()
 
 
+def test_a_queued_run_waits_on_across_a_restart_and_starts_when_the_running_one_ends(
+    sched: Any, tmp_path: Path
+) -> None:
+    """overlap = "queue_one": the run waiting for the running one was kept in memory only, and a restart of jobd lost
+    it without a word (pending false, nothing started when the first run ended)."""
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("q", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}, overlap="queue_one"))
+    first = daemon.call("schedule.trigger", {"name": "q"})["run_id"]
+    assert daemon.call("schedule.trigger", {"name": "q"})["queued"] is True
+    assert terminate(daemon) == 0
+    start(daemon)
+    q = listed(daemon, "q")
+    assert (q["pending"], q["running"], q["state"]) == (True, [first], "running"), q
+    assert "schedule q: its queued run still waits behind job=" in daemon.log()
+    gate.release()
+    assert daemon.wait(first)["state"] == "succeeded"
+    queued = first + 1  # the next job: nothing else submits any
+    wait_for_log(daemon, f"schedule q fired: job={queued}")
+    assert daemon.wait(queued)["state"] == "succeeded"
+    assert [job["id"] for job in jobs_of(daemon, "q")] == [queued, first]
+    assert listed(daemon, "q")["pending"] is False
+
+
+def test_a_queued_run_whose_running_one_ended_while_jobd_was_down_starts_at_the_start(
+    sched: Any, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("q", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}, overlap="queue_one"))
+    first = daemon.call("schedule.trigger", {"name": "q"})["run_id"]
+    assert daemon.call("schedule.trigger", {"name": "q"})["queued"] is True
+    kill9(daemon)
+    gate.release()  # the first run ends while jobd is down
+    start(daemon)
+    queued = first + 1
+    wait_for_log(daemon, f"schedule q fired: job={queued}")
+    assert "schedule q: the run it had going ended while jobd was down; its queued run starts now" in daemon.log()
+    assert daemon.wait(queued)["state"] == "succeeded"
+    q = listed(daemon, "q")
+    assert (q["pending"], q["last_run_id"], q["last_result"]) == (False, queued, "succeeded"), q
+    assert [job["id"] for job in jobs_of(daemon, "q")] == [queued, first]
+
+
 def test_a_run_going_at_kill_9_gets_its_result_from_the_recovered_job(sched: Any, tmp_path: Path) -> None:
     gate = Gate(tmp_path / "gate")
     daemon = sched(schedule("crash", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}))

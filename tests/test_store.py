@@ -376,9 +376,31 @@ def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path,
     assert path.read_bytes() == data  # no table, no version, and not switched to WAL (the other program's choice)
 
 
+def test_a_schedule_row_from_schema_22_has_no_run_waiting(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.sqlite3"
+    raw = _database_at_schema(path, 22)
+    raw.execute(
+        "INSERT INTO schedule (name, last_run, last_result, last_run_id, next_run, suspended, last_run_kind) "
+        "VALUES ('q', 10.0, NULL, 7, 20.0, 0, 'job')"
+    )
+    raw.commit()
+    raw.close()
+    store = Store(str(path))
+    store.open()
+    try:
+        state = store.schedule_states()["q"]
+        assert (state.last_run_id, state.last_run_kind, state.pending) == (7, "job", None)
+        store.save_schedule_state(dataclasses.replace(state, pending=15.0))
+        assert store.schedule_states()["q"].pending == 15.0
+    finally:
+        store.close()
+
+
 def test_schedule_state_survives_reopening_and_can_be_forgotten(tmp_path: Path) -> None:
     path = tmp_path / "jobd.sqlite3"
-    state = ScheduleState("nightly", last_run=10.0, last_result="failed", last_run_id=7, next_run=20.0, suspended=True)
+    state = ScheduleState(
+        "nightly", last_run=10.0, last_result="failed", last_run_id=7, next_run=20.0, suspended=True, pending=15.0
+    )
     store = Store(str(path))
     store.open()
     store.save_schedule_state(state)

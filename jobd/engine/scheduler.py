@@ -9,9 +9,9 @@ cancels the timer (the read fails with ECANCELED); every due time is then recomp
 clock set back does not fire again a due time that has fired (see `jobd.engine.schedule.next_run`).
 
 What must survive a restart (last run, its result and id, the next time, the due time last fired, suspended, the
-API's enable/disable) is saved through the store on every change and loaded at start, after the engine and the
-instances have recovered, so a run that was going when jobd stopped is found again (and followed to its end) by its
-job or instance id.
+API's enable/disable, the run waiting behind the running one with overlap "queue_one") is saved through the store
+on every change and loaded at start, after the engine and the instances have recovered, so a run that was going
+when jobd stopped is found again (and followed to its end) by its job or instance id.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class _Schedule:
     calendar: Calendar | None  # None: the calendar could not be parsed (logged); it never fires by itself
     state: ScheduleState
     runs: set[Run] = field(default_factory=set)  # each run still going
-    pending: float | None = None  # overlap queue_one: due time of the one run waiting for the running one
 
     @property
     def enabled(self) -> bool:
@@ -331,11 +330,26 @@ class Scheduler:
             log.warning("schedule %s: its last run ended while jobd was down: %s", schedule.definition.name, result)
             self._failed(schedule)
 
+    def _start_pending(self, schedule: _Schedule, now: float) -> None:
+        """The run that waited (overlap queue_one) when jobd stopped: it waits on for the run still going, or starts
+        now if that one ended while jobd was down (a failure that suspends the schedule has dropped it already)."""
+        name = schedule.definition.name
+        if schedule.runs:
+            log.info(
+                "schedule %s: its queued run still waits behind %s (overlap queue_one)", name, _runs_text(schedule.runs)
+            )
+            return
+        log.info("schedule %s: the run it had going ended while jobd was down; its queued run starts now", name)
+        self._set(schedule, pending=None)
+        self._start_run(schedule, now)
+
     def _start_up(self, schedule: _Schedule, now: float) -> None:
         definition = schedule.definition
         if not schedule.waiting:
-            self._set(schedule, next_run=None)
+            self._set(schedule, next_run=None, pending=None)  # disabled in the file while jobd was down
             return
+        if schedule.state.pending is not None:
+            self._start_pending(schedule, now)
         if schedule.runs and definition.overlap is Overlap.SKIP:
             self._set(schedule, next_run=None)  # computed when the run ends
             return
@@ -433,8 +447,8 @@ class Scheduler:
                 log.info("schedule %s: not started, its run %s is still going (overlap skip)", name, going)
                 return Triggered(started=False, run_id=None, queued=False)
             if overlap is Overlap.QUEUE_ONE:
-                if schedule.pending is None:
-                    schedule.pending = due
+                if schedule.state.pending is None:
+                    self._set(schedule, pending=due)
                     log.info("schedule %s: queued behind its run %s (overlap queue_one)", name, going)
                     return Triggered(started=False, run_id=None, queued=True)
                 # Dropped: the run that waits already stands for it (and `queued` says that this one was not).
@@ -515,8 +529,8 @@ class Scheduler:
             self._set(schedule, last_result=result)
         if result != SUCCEEDED:
             self._failed(schedule)
-        if schedule.pending is not None and not schedule.runs:
-            schedule.pending = None
+        if schedule.state.pending is not None and not schedule.runs:
+            self._set(schedule, pending=None)
             self._start_run(schedule, now)
         if schedule.definition.overlap is Overlap.SKIP and not schedule.runs:
             self._after_firing(schedule, now)  # strictly after this end
@@ -525,8 +539,7 @@ class Scheduler:
     def _failed(self, schedule: _Schedule) -> None:
         if schedule.definition.on_failure is OnFailure.SUSPEND and not schedule.state.suspended:
             log.warning("schedule %s suspended after a failed run (on_failure = suspend)", schedule.definition.name)
-            schedule.pending = None
-            self._set(schedule, suspended=True, next_run=None)
+            self._set(schedule, suspended=True, next_run=None, pending=None)
 
     def _set(self, schedule: _Schedule, **changes: Any) -> None:
         """Change a schedule's state and save it (only when something changed).
@@ -595,8 +608,7 @@ class Scheduler:
 
     def disable(self, name: str) -> dict[str, Any]:
         schedule = self._get(name)
-        schedule.pending = None
-        self._set(schedule, enabled=False, config_enabled=schedule.definition.enabled, next_run=None)
+        self._set(schedule, enabled=False, config_enabled=schedule.definition.enabled, next_run=None, pending=None)
         log.info("schedule %s disabled", name)
         self._rearm()
         return self.describe(name)
@@ -656,8 +668,7 @@ class Scheduler:
             else:
                 continue
             if not schedule.waiting:
-                schedule.pending = None
-                self._set(schedule, next_run=None)
+                self._set(schedule, next_run=None, pending=None)
             elif schedule.runs and definition.overlap is Overlap.SKIP:
                 self._set(schedule, next_run=None)
             else:
@@ -706,5 +717,5 @@ def _describe(schedule: _Schedule) -> dict[str, Any]:
         "last_run_id": state.last_run_id,
         "running": [run_id for _kind, run_id in runs],
         "runs": [{"kind": kind, "id": run_id} for kind, run_id in runs],
-        "pending": schedule.pending is not None,
+        "pending": state.pending is not None,
     }
