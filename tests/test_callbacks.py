@@ -259,6 +259,20 @@ def test_exec_callback_output_is_kept_beside_the_job_and_expires_with_it(
     assert not (d.state_dir / "callbacks").exists()
 
 
+def test_an_exec_callback_try_shows_its_own_output_not_the_try_before(make_daemon: Callable[..., Daemon]) -> None:
+    # The tries of a delivery write the same files, made on a stream's first byte: a try that left stderr empty
+    # kept the previous try's complaint, shown as its own.
+    d = make_daemon("[queue.default]\n")
+    script = 'if [ "$JOBD_CALLBACK_TRY" = 1 ]; then echo first try failed >&2; exit 1; fi; echo second try'
+    job = d.submit(command=["/bin/true"], callbacks={"on_finish": [{"exec": ["/bin/sh", "-c", script]}]})["id"]
+    wait_for_log(d, "delivered (try 2)")
+    kept = d.state_dir / "output" / str(job)
+    [stdout] = kept.glob("callback-*.stdout")
+    assert stdout.read_text() == "second try\n"
+    assert not stdout.with_suffix(".stderr").exists()
+    d.stop()
+
+
 def test_a_job_whose_callback_runs_expires_once_it_is_delivered_output_and_all(
     make_daemon: Callable[..., Daemon],
 ) -> None:

@@ -344,6 +344,9 @@ class Callbacks:
             if not ended.done():
                 ended.set_result(info)
 
+        # The try before this one wrote the same files: a stream this try leaves empty (it makes no file) would show
+        # the earlier try's output as its own.
+        _remove_output(base)
         child = Child.spawn(launch, loop, on_exit=exited, on_progress=_ignore, on_log=_ignore, on_output=_nothing)
         self._children[delivery.id] = (child, ended)
         try:
@@ -365,9 +368,7 @@ class Callbacks:
         directory went, made the directory anew; nothing would ever remove it again."""
         if self.store.get_job(job_id) is not None:
             return  # the history removes the directory, callback output and all, when the job expires
-        for suffix in (".stdout", ".stderr", ".log"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(base + suffix)
+        _remove_output(base)
         with contextlib.suppress(OSError):  # gone already, or holding the output of another of its callbacks
             os.rmdir(os.path.dirname(base))
 
@@ -399,6 +400,13 @@ class Callbacks:
 
 def _replace(delivery: CallbackDelivery, **changes: Any) -> CallbackDelivery:
     return dataclasses.replace(delivery, **changes)
+
+
+def _remove_output(base: str) -> None:
+    """Remove an exec callback's output files (BASE.stdout, .stderr, .log), those that exist."""
+    for suffix in (".stdout", ".stderr", ".log"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(base + suffix)
 
 
 def _ignore(_: object) -> None:
