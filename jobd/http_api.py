@@ -557,6 +557,8 @@ class HttpApi:
             types=types,
         )
         last = _integer(request.headers.get("Last-Event-ID", ""))  # None: no event is replayed
+        if last is not None and last < 0:  # no event has such an id: unreadable, as any other text that is none
+            last = None
 
         def wanted(event: _Event) -> bool:
             rules = self.api.engine.config.access

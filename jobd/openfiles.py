@@ -19,10 +19,10 @@ from jobd.model import Config
 # Held by a running job: the read ends of its stdout, stderr and fd 3 pipes, its pidfd, and up to three output
 # files; for a moment while it starts, two more (the pipe that tells subprocess whether the exec failed).
 PER_JOB_SLOT = 8
-# HTTP callbacks under way at most (jobd/engine/callbacks.py HTTP_AT_ONCE), each a connection. HTTP jobs' own
-# connections are counted in their queues' slots (PER_JOB_SLOT), idle keep-alive ones included: a pool keeps no more
-# than were ever in use at once.
-HTTP_CLIENT_CONNECTIONS = 100
+# HTTP callbacks under way at most (jobd/engine/callbacks.py HTTP_AT_ONCE), each a connection; and a margin for the
+# connections both sessions keep alive after a request (one per host, about 15 s): HTTP jobs' connections in use are
+# counted in their queues' slots (PER_JOB_SLOT), but their idle ones are bounded only by the hosts they call.
+HTTP_CLIENT_CONNECTIONS = 2 * 100
 # The database, its WAL and shared memory, the listeners, epoll sets, inotify, the timerfd, the log, the state
 # lock, the signal wake-up pair, /dev/null for a job's stdin, TCP clients still logging in (server.LOGINS_UNDER_WAY),
 # refused clients lingering (server.REFUSED_LINGERING).

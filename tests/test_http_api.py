@@ -720,11 +720,12 @@ def test_job_ids_that_are_not_plain_numbers_or_too_large_are_unknown_jobs(daemon
         assert "Traceback" not in log, log
 
 
-def test_an_unreadable_last_event_id_replays_nothing(daemon: Any) -> None:
+@pytest.mark.parametrize("last_id", ["²".encode(), b"-1"], ids=["superscript", "negative"])
+def test_an_unreadable_last_event_id_replays_nothing(daemon: Any, last_id: bytes) -> None:
     """`Last-Event-ID: ²` with events in the ring: int() raised (a 500). It is unreadable, as `x` is: the stream
-    starts with live events."""
+    starts with live events. So is `-1`, which no event id is (read as a number, it replayed the whole ring)."""
     daemon.wait(daemon.submit(command=["true"])["id"])  # events in the ring
-    stream = Events(daemon, last_id="²".encode())  # as UTF-8: http.client would send a str as Latin-1
+    stream = Events(daemon, last_id=last_id)  # as UTF-8: http.client would send a str as Latin-1
     job = daemon.submit(command=["true"])
     assert stream.next()[2]["job"]["id"] == job["id"]  # live: nothing replayed
     stream.close()

@@ -381,6 +381,8 @@ def test_queue_server_readme_payload_through_the_ad_hoc_api(server: Any, web: We
         {"url": "http://u:s3cret@a..b/"},
         {"url": "http://u:s3cret@" + "a" * 64 + ".example/"},
         {"url": "http://u:s3cret@1.2.3.4.5/"},
+        {"url": "http://u:s3cret@127.1/"},
+        {"url": "http://u:s3cret@0177.0.0.1/"},
         {"url": "http://u:s3cret@a\u200bb/"},
         {"url": "http://u:s3cret@\u2028/"},
         {"url": "http://u:s3cret@127.0.0.1:1\\@x/"},
@@ -415,6 +417,21 @@ def test_a_refused_url_is_named_without_its_credentials(server: Any, web: WebSer
         assert "task.broken.http.url" in str(caught.value) and "s3cret" not in str(caught.value)
         assert "s3cret" not in json.dumps(server.call("daemon.status")["last_reload"])
     assert "s3cret" not in server.log()
+
+
+def test_hosts_aiohttp_sends_to_are_taken() -> None:
+    # A host of digits and dots must be a dotted quad; anything else is a name, which the resolver reads (aiohttp
+    # sends `0x7f.0.0.1` to 127.0.0.1): the check refused it.
+    from jobd.engine.http_task import check_url
+
+    for url in (
+        "http://0x7f.0.0.1:1/",
+        "http://127.0.0.1/",
+        "http://[::1]:8/",
+        "http://b\u00fccher.example/",
+        "http://x_y/",
+    ):
+        check_url(url)
 
 
 def test_task_with_invalid_http_is_a_config_error() -> None:

@@ -416,6 +416,23 @@ def test_a_queued_run_waits_on_across_a_restart_and_starts_when_the_running_one_
     assert listed(daemon, "q")["pending"] is False
 
 
+def test_a_queued_run_is_dropped_when_the_schedule_no_longer_queues(sched: Any, tmp_path: Path) -> None:
+    """Queued under overlap = "queue_one", the run waiting started all the same after a reload (or a restart) that
+    changed the rule to "skip", which never queues (found by a review)."""
+    gate = Gate(tmp_path / "gate")
+    daemon = sched(schedule("q", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}, overlap="queue_one"))
+    first = daemon.call("schedule.trigger", {"name": "q"})["run_id"]
+    assert daemon.call("schedule.trigger", {"name": "q"})["queued"] is True
+    rewrite(daemon, schedule("q", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}, overlap="skip"))
+    daemon.call("daemon.reload")
+    assert listed(daemon, "q")["pending"] is False
+    with subscribe(daemon) as client:
+        gate.release()
+        assert next_state(client, "succeeded", "schedule:q")["id"] == first
+        nothing_for(client, 1.0, "schedule:q")  # no queued run starts after it
+    assert [job["id"] for job in jobs_of(daemon, "q")] == [first]
+
+
 def test_a_queued_run_whose_running_one_ended_while_jobd_was_down_starts_at_the_start(
     sched: Any, tmp_path: Path
 ) -> None:

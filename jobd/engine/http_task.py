@@ -131,8 +131,9 @@ def check_url(url: str) -> None:
 
 def _host_usable(url: str) -> bool:
     """Whether aiohttp will send a request to the URL's host, as it reads it (yarl), rather than refuse it at every
-    attempt: yarl takes the URL apart, the resolver encodes the name (IDNA), and a name whose last label is a
-    number must be an IPv4 address (as WHATWG URLs read `1.2.3.4.5`)."""
+    attempt: yarl takes the URL apart, the resolver encodes the name (IDNA), and a host of digits and dots alone is
+    taken for an IPv4 address, which must then be a dotted quad (aiohttp refuses `1.2.3.4.5`, `127.1`, `2130706433`
+    and leading zeros; `0x7f.0.0.1` is a name to it, which the resolver reads)."""
     import yarl  # aiohttp's own URL reader, a small module of its dependencies
 
     try:
@@ -144,10 +145,9 @@ def _host_usable(url: str) -> bool:
         host.encode("idna")
     except (ValueError, UnicodeError):
         return False
-    last = host.rstrip(".").rpartition(".")[2]
-    if last.isdigit() or last.lower().startswith("0x"):
+    if host.replace(".", "").isdigit():
         try:
-            ipaddress.IPv4Address(host.rstrip("."))
+            ipaddress.IPv4Address(host)
         except ValueError:
             return False
     return True

@@ -348,6 +348,8 @@ class Scheduler:
         if not schedule.waiting:
             self._set(schedule, next_run=None, pending=None)  # disabled in the file while jobd was down
             return
+        if schedule.state.pending is not None and definition.overlap is not Overlap.QUEUE_ONE:
+            self._set(schedule, pending=None)  # queued under the rule it had before: changed while jobd was down
         if schedule.state.pending is not None:
             self._start_pending(schedule, now)
         if schedule.runs and definition.overlap is Overlap.SKIP:
@@ -667,6 +669,8 @@ class Scheduler:
                 log.info("schedule %s: the machine's time zone changed, its next time is recomputed", name)
             else:
                 continue
+            if definition.overlap is not Overlap.QUEUE_ONE:  # a run queued under the rule it no longer has
+                self._set(schedule, pending=None)
             if not schedule.waiting:
                 self._set(schedule, next_run=None, pending=None)
             elif schedule.runs and definition.overlap is Overlap.SKIP:
