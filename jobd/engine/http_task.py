@@ -312,14 +312,15 @@ class HttpRequest:
         self._tell(None, "", True, True)
 
     def _tell(self, exit_code: int | None, head: str, stderr_whole: bool, stdout_whole: bool) -> None:
-        """Write the error (if any) after the response's head, and tell the engine the attempt's end, once."""
-        self._told = True
+        """Write the error (if any) after the response's head, and tell the engine the attempt's end, once (marked
+        told just before: should anything before it raise, the task's done callback tells it instead)."""
         if self.error is not None:
             stderr_whole &= self._write(self._stderr_path, (("\n" if head else "") + self.error + "\n").encode())
         # What was kept, as for a program's streams.
         stdout_size, stderr_size = (
             os.path.getsize(path) if os.path.exists(path) else 0 for path in (self._stdout_path, self._stderr_path)
         )
+        self._told = True
         self._on_exit(
             ExitInfo(
                 exit_code=exit_code,
