@@ -189,17 +189,24 @@ def test_a_database_of_every_earlier_version_is_upgraded_to_the_schema_of_a_fres
     assert _schema(older) == _schema(fresh)
 
 
-def test_a_schedule_row_from_schema_18_keeps_its_api_word_with_the_files_value_unknown(tmp_path: Path) -> None:
-    path = tmp_path / "jobd.sqlite3"
-    raw = _database_at_schema(path, 18)
-    raw.execute(
-        "INSERT INTO schedule (name, last_run, last_result, last_run_id, next_run, suspended, enabled) "
-        "VALUES ('nightly', 10.0, 'succeeded', 7, NULL, 0, 0)"
-    )
+def _opened_with_a_schedule_row(path: Path, version: int, insert: str) -> Store:
+    """A store opened on a database of schema `version` (upgraded by the opening) that holds the row `insert` made."""
+    raw = _database_at_schema(path, version)
+    raw.execute(insert)
     raw.commit()
     raw.close()
     store = Store(str(path))
     store.open()
+    return store
+
+
+def test_a_schedule_row_from_schema_18_keeps_its_api_word_with_the_files_value_unknown(tmp_path: Path) -> None:
+    store = _opened_with_a_schedule_row(
+        tmp_path / "jobd.sqlite3",
+        18,
+        "INSERT INTO schedule (name, last_run, last_result, last_run_id, next_run, suspended, enabled) "
+        "VALUES ('nightly', 10.0, 'succeeded', 7, NULL, 0, 0)",
+    )
     try:
         assert store.schedule_states()["nightly"] == ScheduleState(
             "nightly",
@@ -377,16 +384,12 @@ def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path,
 
 
 def test_a_schedule_row_from_schema_22_has_no_run_waiting(tmp_path: Path) -> None:
-    path = tmp_path / "jobd.sqlite3"
-    raw = _database_at_schema(path, 22)
-    raw.execute(
+    store = _opened_with_a_schedule_row(
+        tmp_path / "jobd.sqlite3",
+        22,
         "INSERT INTO schedule (name, last_run, last_result, last_run_id, next_run, suspended, last_run_kind) "
-        "VALUES ('q', 10.0, NULL, 7, 20.0, 0, 'job')"
+        "VALUES ('q', 10.0, NULL, 7, 20.0, 0, 'job')",
     )
-    raw.commit()
-    raw.close()
-    store = Store(str(path))
-    store.open()
     try:
         state = store.schedule_states()["q"]
         assert (state.last_run_id, state.last_run_kind, state.pending) == (7, "job", None)
