@@ -58,11 +58,7 @@ class Backups:
             _check_directory(self.directory)
         except (OSError, StoreFailed):  # none (the usual case), or one the next backup refuses
             return
-        removed = []
-        for leftover in _leftovers(self.path + PARTIAL):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-                removed.append(os.path.basename(leftover))
+        removed = _remove(self.path + PARTIAL)
         if removed:
             log.warning(
                 "removed %s from %s: left by a copy of the database that was not finished (jobd was killed during "
@@ -177,15 +173,15 @@ def copy_database(source: int, path: str, stopping: threading.Event) -> int:
     return size
 
 
-def _leftovers(partial: str) -> tuple[str, ...]:
-    """The partial copy and what SQLite makes beside it while it is switched to journal mode DELETE."""
-    return (partial, partial + "-journal", partial + "-wal", partial + "-shm")
-
-
-def _remove(partial: str, ignored: type[OSError] = FileNotFoundError) -> None:
-    for leftover in _leftovers(partial):
+def _remove(partial: str, ignored: type[OSError] = FileNotFoundError) -> list[str]:
+    """Remove the partial copy and what SQLite makes beside it while it is switched to journal mode DELETE; return
+    the names of those that were there."""
+    removed = []
+    for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
         with contextlib.suppress(ignored):
             os.unlink(leftover)
+            removed.append(os.path.basename(leftover))
+    return removed
 
 
 def _copy_file(source: int, target: str, stopping: threading.Event) -> None:

@@ -332,8 +332,12 @@ class Scheduler:
 
     def _start_pending(self, schedule: _Schedule, now: float) -> None:
         """The run that waited (overlap queue_one) when jobd stopped: it waits on for the run still going, or starts
-        now if that one ended while jobd was down (a failure that suspends the schedule has dropped it already)."""
+        now if that one ended while jobd was down (a failure that suspends the schedule has dropped it already).
+        Dropped if the schedule's overlap was changed to another rule while jobd was down."""
         name = schedule.definition.name
+        if schedule.definition.overlap is not Overlap.QUEUE_ONE:
+            self._set(schedule, pending=None)
+            return
         if schedule.runs:
             log.info(
                 "schedule %s: its queued run still waits behind %s (overlap queue_one)", name, _runs_text(schedule.runs)
@@ -348,8 +352,6 @@ class Scheduler:
         if not schedule.waiting:
             self._set(schedule, next_run=None, pending=None)  # disabled in the file while jobd was down
             return
-        if schedule.state.pending is not None and definition.overlap is not Overlap.QUEUE_ONE:
-            self._set(schedule, pending=None)  # queued under the rule it had before: changed while jobd was down
         if schedule.state.pending is not None:
             self._start_pending(schedule, now)
         if schedule.runs and definition.overlap is Overlap.SKIP:
