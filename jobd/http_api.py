@@ -160,11 +160,14 @@ class _Event:
 
 
 class _Pending(asyncio.Queue["_Event | None"]):
-    """The events of one GET /events client not written yet (None: it is cut off), and about how many bytes."""
+    """The events of one GET /events client not written yet (None: it is cut off), and about how many bytes; and
+    who the client is, which a reload may change (HttpApi.reloaded)."""
 
-    def __init__(self, connection: asyncio.Transport | None = None) -> None:
+    def __init__(self, peer: Peer, authorization: str = "", connection: asyncio.Transport | None = None) -> None:
         super().__init__()
         self.size = 0
+        self.peer = peer
+        self.authorization = authorization  # the request's Authorization header, "" without one
         self.connection = connection
 
     def cut_off(self) -> None:
@@ -363,29 +366,47 @@ class HttpApi:
 
     def _identify(self, request: web.Request) -> Peer | None:
         header = request.headers.get("Authorization", "")
-        if header[:7].lower() == "bearer ":
-            # The token's bytes as sent: aiohttp hands bytes that are not UTF-8 over as surrogate escapes, which
-            # a plain encode() refuses (an unauthenticated client's 500 and traceback); they match no token.
-            digest = hashlib.sha256(header[7:].strip().encode(errors="surrogateescape")).hexdigest()
-            config = self.api.engine.config
-            found = None
-            for token in config.http.tokens.values():
-                if hmac.compare_digest(digest, token.token_sha256):
-                    found = token
-            if found is None:
-                return None
-            admin = found.admin or access.is_admin(config.access, found.user, found.groups)
-            try:  # a local account: what ad-hoc commands and run_as = "caller" tasks run as
-                account = pwd.getpwnam(found.user)
-                uid, gid = account.pw_uid, account.pw_gid
-            except KeyError:
-                uid = gid = -1  # a remote user: configured tasks only
-            return Peer(uid=uid, gid=gid, pid=0, is_admin=admin, user=found.user, groups=found.groups)
+        if _has_token(header):
+            return self._token_peer(header)
         sock = request.transport.get_extra_info("socket") if request.transport is not None else None
         if sock is not None and sock.family == socket.AF_UNIX:  # asyncio's TransportSocket
             credentials = peer_credentials(sock)
             return identify_peer(credentials.pid, credentials.uid, credentials.gid, self.api.engine.config.access)
         return None
+
+    def _token_peer(self, header: str) -> Peer | None:
+        """Who the bearer token of an Authorization header is, under the configuration in force; None for a token
+        that is none of `[http.tokens]`."""
+        # The token's bytes as sent: aiohttp hands bytes that are not UTF-8 over as surrogate escapes, which a plain
+        # encode() refuses (an unauthenticated client's 500 and traceback); they match no token.
+        digest = hashlib.sha256(header[7:].strip().encode(errors="surrogateescape")).hexdigest()
+        config = self.api.engine.config
+        found = None
+        for token in config.http.tokens.values():
+            if hmac.compare_digest(digest, token.token_sha256):
+                found = token
+        if found is None:
+            return None
+        admin = found.admin or access.is_admin(config.access, found.user, found.groups)
+        try:  # a local account: what ad-hoc commands and run_as = "caller" tasks run as
+            account = pwd.getpwnam(found.user)
+            uid, gid = account.pw_uid, account.pw_gid
+        except KeyError:
+            uid = gid = -1  # a remote user: configured tasks only
+        return Peer(uid=uid, gid=gid, pid=0, is_admin=admin, user=found.user, groups=found.groups)
+
+    def reloaded(self) -> None:
+        """After a reload, each GET /events stream follows its client as the configuration now says: its token's
+        user, groups and admin flag, or for a local client whether it is an admin (Peer.under). A stream whose
+        token is gone ends now, as a request with it would be refused."""
+        for client in list(self.clients):
+            peer = self._token_peer(client.authorization) if _has_token(client.authorization) else client.peer
+            if peer is None:
+                log.info("a GET /events client's token is no longer configured; disconnecting it")
+                self.clients.discard(client)
+                client.cut_off()
+            else:
+                client.peer = peer.under(self.api.engine.config.access)
 
     # -- JSON endpoints ------------------------------------------------------------------------------------
 
@@ -560,14 +581,15 @@ class HttpApi:
         if last is not None and last < 0:  # no event has such an id: unreadable, as any other text that is none
             last = None
 
+        pending = _Pending(peer, request.headers.get("Authorization", ""), request.transport)
+
         def wanted(event: _Event) -> bool:
             rules = self.api.engine.config.access
             if event.instance is not None:
-                return selection.wants_instance(rules, peer, event.instance)
+                return selection.wants_instance(rules, pending.peer, event.instance)
             assert event.job is not None
-            return selection.wants_job(rules, peer, event.type, *event.job)
+            return selection.wants_job(rules, pending.peer, event.type, *event.job)
 
-        pending = _Pending(request.transport)
         # Registered before the replay is taken, with no await between: nothing falls between ring and live.
         backlog = [event for event in self.ring if last is not None and event.id > last]
         self.clients.add(pending)
@@ -636,6 +658,10 @@ class HttpApi:
         family("jobd_spawn_failures_total", "counter", "Jobs that failed because their program could not start.")
         out.append(f"jobd_spawn_failures_total {self.spawn_failures}")
         return web.Response(text="\n".join(out) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def _has_token(authorization: str) -> bool:
+    return authorization[:7].lower() == "bearer "
 
 
 def _peer(request: web.Request) -> Peer:

@@ -40,6 +40,7 @@ from jobd.errors import (
     TooManyConnections,
 )
 from jobd.linux import peer_credentials
+from jobd.model import AccessDef
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
 from jobd.store import refused_request
 
@@ -344,7 +345,30 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
-class Connection(asyncio.Protocol):
+class _Identified:
+    """A connection's peer as the configuration in force sees it: a reload that makes a connected user an admin, or
+    no longer one, applies to its connection from the next request on (Peer.under), not only to later connections."""
+
+    server: Server
+    _peer: Peer
+    _peer_access: AccessDef
+
+    @property
+    def peer(self) -> Peer:
+        access = self.server.api.engine.config.access
+        if access is not self._peer_access:  # a reload since the peer was last looked at
+            self._peer = self._peer.under(access)
+            self._peer_access = access
+        return self._peer
+
+    @peer.setter
+    def peer(self, peer: Peer) -> None:
+        """`peer` as identified under the configuration in force."""
+        self._peer = peer
+        self._peer_access = self.server.api.engine.config.access
+
+
+class Connection(_Identified, asyncio.Protocol):
     """One client. Requests are read in `data_received` and answered in the same callback when they need no
     waiting (most do): a request costs one trip round the event loop, not one task and three wake-ups."""
 
@@ -730,7 +754,7 @@ def _too_many_waiting(reply: _Waiting, waiting: int) -> Reply:
     return None if reply.member.is_notification else jsonrpc.error(reply.member.id, failure)
 
 
-class XmlConnection(asyncio.Protocol):
+class XmlConnection(_Identified, asyncio.Protocol):
     """An evQueue client: one XML document per request, answered strictly in the order sent.
 
     evQueue's clients send a request and read its answer before the next, and the protocol has no request ids, so

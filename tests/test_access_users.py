@@ -507,3 +507,94 @@ def test_jobctl_as_users(jobd: Daemon, users: dict[str, Any]) -> None:
     paused = jobctl("alice", "pause", "ops")
     assert paused.returncode == 1 and "edit right is missing" in paused.stderr, paused
     assert jobctl("dave", "resume", "ops").returncode == 0
+
+
+HELD_JSON_CLIENT = """
+import sys
+from jobd.client import Client, RemoteError
+with Client("jobd.sock") as client:
+    for line in sys.stdin:  # one call per line, all on this one connection
+        try:
+            client.call(line.strip(), {}, timeout=30)
+            print("ok", flush=True)
+        except RemoteError as error:
+            print(error.data.get("code"), flush=True)
+"""
+
+HELD_XML_CLIENT = """
+import socket, sys
+from lxml import etree
+from jobd.protocol.evqueue import XmlFramer
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect("evqueue.sock")
+framer = XmlFramer()
+documents = []
+def answer():
+    while not documents:
+        documents.extend(framer.feed(sock.recv(65536)))
+    return etree.fromstring(documents.pop(0))
+print(answer().get("profile"), flush=True)  # the greeting
+for line in sys.stdin:  # one request per line, all on this one connection
+    sock.sendall(line.strip().encode())
+    reply = answer()
+    print(reply.get("status") if reply.get("status") == "OK" else reply.get("error-code"), flush=True)
+"""
+
+
+def test_a_reload_changes_who_is_an_admin_on_open_connections_too(jobd: Daemon, users: dict[str, Any]) -> None:
+    # dave is an admin through his group, carol is nobody. Their connections, opened before a reload that makes carol
+    # an admin and dave no longer one, follow it from their next request on: an admin removed for cause would
+    # otherwise keep every right on a connection held open (a persistent PHP connection, a jobctl log -f).
+    held: dict[tuple[str, str], subprocess.Popen[str]] = {}
+    try:
+        for user in ("dave", "carol"):
+            for kind, program in (("json", HELD_JSON_CLIENT), ("xml", HELD_XML_CLIENT)):
+                account = users[user]
+                held[user, kind] = subprocess.Popen(
+                    [*("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups")]
+                    + [*PYTHON, program],
+                    cwd=jobd.root,
+                    env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+
+        def ask(user: str, kind: str) -> str:
+            request = "audit.list" if kind == "json" else '<status action="query" type="configuration"/>'
+            process = held[user, kind]
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(request + "\n")
+            process.stdin.flush()
+            return process.stdout.readline().strip()
+
+        for user in ("dave", "carol"):  # each XML connection's greeting, then each connection's first answers
+            stdout = held[user, "xml"].stdout
+            assert stdout is not None
+            assert stdout.readline().strip() == ("ADMIN" if user == "dave" else "USER")
+        assert [ask(user, kind) for user in ("dave", "carol") for kind in ("json", "xml")] == [
+            "ok",
+            "OK",
+            "INSUFFICIENT_RIGHTS",
+            "INSUFFICIENT_RIGHTS",
+        ]
+        (jobd.config_dir / "jobd.d" / "admins.toml").write_text(
+            f'[access]\nadmins = {{ users = ["root", "{PREFIX}carol"], groups = [] }}\n'
+        )
+        assert jobd.call("daemon.reload")["ok"]
+        assert [ask(user, kind) for user in ("dave", "carol") for kind in ("json", "xml")] == [
+            "INSUFFICIENT_RIGHTS",
+            "INSUFFICIENT_RIGHTS",
+            "ok",
+            "OK",
+        ]
+    finally:
+        for process in held.values():
+            if process.stdin is not None:
+                process.stdin.close()
+            try:
+                process.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobd.config import load_dir
+from jobd.engine.submit import Peer
 from jobd.errors import ConfigError
 from jobd.http_api import EVENT_OVERHEAD, EVENT_RING_BYTES, SSE_QUEUE_BYTES, HttpApi, _Event, _Pending
 from tests.test_callbacks import Receiver
@@ -243,6 +244,61 @@ def test_events_in_order_and_replayed_after_a_reconnect(daemon: Any) -> None:
     ]
 
 
+def test_a_reload_ends_the_streams_of_a_removed_token_and_applies_to_the_others(daemon: Any) -> None:
+    # An /events stream kept the identity its token had when it connected: a token removed from the configuration
+    # (leaked, say) went on receiving every event for as long as its client held the connection.
+    gone, demoted = "a-token-to-remove", "a-token-to-demote"
+
+    def tokens(demoted_is_admin: bool, with_gone: bool) -> str:
+        text = f"""
+[queue.visible]
+concurrency = 1
+
+[[access.grant]]
+users = ["nobody"]
+rights = ["read"]
+queues = ["visible"]
+
+[http.tokens.demoted]
+token_sha256 = "{hashlib.sha256(demoted.encode()).hexdigest()}"
+user = "nobody"
+admin = {str(demoted_is_admin).lower()}
+"""
+        if with_gone:
+            text += f"""
+[http.tokens.gone]
+token_sha256 = "{hashlib.sha256(gone.encode()).hexdigest()}"
+user = "root"
+admin = true
+"""
+        return text
+
+    drop_in = daemon.config_dir / "jobd.d" / "tokens.toml"
+    drop_in.write_text(tokens(demoted_is_admin=True, with_gone=True))
+    assert daemon.call("daemon.reload")["ok"]
+    removed, lowered = Events(daemon, "?types=job.state", token=gone), Events(daemon, "?types=job.state", token=demoted)
+    first = daemon.submit(command=["true"])  # an ad-hoc job: only admins may read it
+    daemon.wait(first["id"])
+    assert removed.until_finished(first["id"]) and lowered.until_finished(first["id"])
+    drop_in.write_text(tokens(demoted_is_admin=False, with_gone=False))
+    assert daemon.call("daemon.reload")["ok"]
+    hidden = daemon.submit(command=["true"])
+    daemon.wait(hidden["id"])
+    shown = daemon.submit(command=["true"], queue="visible")
+    daemon.wait(shown["id"])
+    # The demoted token's stream goes on, as a client that may read queue `visible` only.
+    assert {data["job"]["id"] for _, _, data in lowered.until_finished(shown["id"])} == {shown["id"]}
+    lowered.close()
+    # The removed token's stream has ended, at the reload: nothing of the later jobs reached it.
+    rest = b""
+    with contextlib.suppress(http.client.IncompleteRead):  # its end is its connection's
+        while line := removed.response.readline():
+            rest += line
+    removed.close()
+    assert rest == b""
+    assert "a GET /events client's token is no longer configured; disconnecting it" in daemon.log()
+
+
 def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None:
     """A filter jobd cannot read is an error, as for events.subscribe: dropped, it would widen the stream to every
     event the client may read."""
@@ -355,7 +411,7 @@ def test_a_client_cut_off_keeps_none_of_its_events_alive() -> None:
 
     engine = SimpleNamespace(subscribe=subscribe)
     http = HttpApi(SimpleNamespace(engine=engine, instances=engine), ("127.0.0.1", 0), lambda: 0)  # type: ignore[arg-type]
-    pending = _Pending()
+    pending = _Pending(Peer(uid=0, gid=0, pid=0, is_admin=True))
     http.clients.add(pending)
     size = EVENT_OVERHEAD + 64_000
     for _ in range(SSE_QUEUE_BYTES // size + 1):

@@ -69,6 +69,14 @@ class Peer:
     user: str = ""  # the user name (of the uid, or the login of a remote client)
     groups: frozenset[str] = frozenset()  # names of the primary and supplementary groups
 
+    def under(self, access: AccessDef) -> Peer:
+        """This local peer as `access` sees it: after a reload, a connection's process is who it was, but whether
+        it is an admin is what the new `[access] admins` says. A remote login (uid -1) is its login's, unchanged."""
+        if self.uid < 0:
+            return self
+        admin = _local_admin(self.uid, self.user, self.groups, access)
+        return self if admin == self.is_admin else dataclasses.replace(self, is_admin=admin)
+
 
 def identify_peer(pid: int, uid: int, gid: int, access: AccessDef | None = None) -> Peer:
     """Who a local client is (SO_PEERCRED's pid, uid and gid), its groups, and whether it is an admin: jobd's own
@@ -83,8 +91,12 @@ def identify_peer(pid: int, uid: int, gid: int, access: AccessDef | None = None)
     if gids is None:
         gids = _database_groups(user, uid, gid)
     groups = frozenset(_group_name(number) for number in {gid, *gids})
-    admin = uid == os.getuid() or access_rules.is_admin(access or AccessDef(), user, groups)
+    admin = _local_admin(uid, user, groups, access or AccessDef())
     return Peer(uid=uid, gid=gid, pid=pid, is_admin=admin, user=user, groups=groups)
+
+
+def _local_admin(uid: int, user: str, groups: frozenset[str], access: AccessDef) -> bool:
+    return uid == os.getuid() or access_rules.is_admin(access, user, groups)
 
 
 def _user_name(uid: int) -> str:
