@@ -168,6 +168,19 @@ sys.stdout.buffer.write(data)
 """
 
 
+def held_as_user(daemon: Daemon, account: pwd.struct_passwd, program: str) -> subprocess.Popen[str]:
+    """A Python `program` run as the user (as as_user does) and left running, talking through its pipes."""
+    return subprocess.Popen(
+        [*("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups"), *PYTHON, program],
+        cwd=daemon.root,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def calls(daemon: Daemon, account: pwd.struct_passwd, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
     done = as_user(daemon, account, [sys.executable, "-c", JSON_CLIENT, json.dumps(requests)])
     assert done.returncode == 0, done.stderr
@@ -404,16 +417,7 @@ with Client("jobd.sock") as client:
             break
 print(json.dumps(seen))
 """
-    account = users["alice"]
-    process = subprocess.Popen(
-        [*("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups"), *PYTHON, program],
-        cwd=jobd.root,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = held_as_user(jobd, users["alice"], program)
     try:
         assert process.stdout is not None and process.stdin is not None
         assert process.stdout.readline().strip() == "subscribed"
@@ -549,17 +553,7 @@ def test_a_reload_changes_who_is_an_admin_on_open_connections_too(jobd: Daemon, 
     try:
         for user in ("dave", "carol"):
             for kind, program in (("json", HELD_JSON_CLIENT), ("xml", HELD_XML_CLIENT)):
-                account = users[user]
-                held[user, kind] = subprocess.Popen(
-                    [*("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups")]
-                    + [*PYTHON, program],
-                    cwd=jobd.root,
-                    env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
+                held[user, kind] = held_as_user(jobd, users[user], program)
 
         def ask(user: str, kind: str) -> str:
             request = "audit.list" if kind == "json" else '<status action="query" type="configuration"/>'
