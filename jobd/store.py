@@ -915,8 +915,15 @@ class Store:
 
     # -- workflow instances ----------------------------------------------------------------------------------
 
+    def next_instance_id(self) -> int:
+        """The id the next instance gets: its document carries it, and is committed with its row (insert_instance)."""
+        return self._last_id["instance"] + 1
+
     def insert_instance(self, summary: InstanceSummary, document: bytes) -> int:
-        instance_id = self._last_id["instance"] + 1
+        """Commit a new instance, its row and its first document together; `summary.id` is next_instance_id()."""
+        instance_id = self.next_instance_id()
+        if summary.id != instance_id:
+            raise ValueError(f"instance {summary.id} is not the next instance id ({instance_id})")
         with self._transaction():
             row = InstanceRow.create(
                 id=instance_id,

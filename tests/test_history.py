@@ -200,7 +200,9 @@ def _ended_instances(store: Store, count: int, at: float) -> list[int]:
     """`count` workflow instances that ended one second apart from `at` on."""
     ids = []
     for number in range(count):
-        instance_id = store.insert_instance(InstanceSummary(0, "w", "EXECUTING", 0, at), b"<workflow/>")
+        instance_id = store.insert_instance(
+            InstanceSummary(store.next_instance_id(), "w", "EXECUTING", 0, at), b"<workflow/>"
+        )
         store.save_instance(instance_id, "TERMINATED", 0, at + number, (), b"<workflow/>")
         ids.append(instance_id)
     return ids
@@ -221,7 +223,9 @@ def test_keep_days_takes_ended_instances_and_audit_entries_in_batches_and_sleeps
     # are never taken.
     async def scenario(store: Store, keeper: HistoryKeeper) -> None:
         instances = _ended_instances(store, 300, 1000.0)
-        executing = store.insert_instance(InstanceSummary(0, "w", "EXECUTING", 0, 900.0), b"<workflow/>")
+        executing = store.insert_instance(
+            InstanceSummary(store.next_instance_id(), "w", "EXECUTING", 0, 900.0), b"<workflow/>"
+        )
         _audit_entries(store, 300, 1000.0)
         keeper.rearm()
         await _passes(2)  # the timer's pass (due at once), then the first trim's
@@ -245,7 +249,9 @@ def test_a_trim_frees_a_bounded_size_of_instance_documents_each_turn(tmp_path: P
     async def scenario(store: Store, keeper: HistoryKeeper) -> None:
         ids = []
         for number in range(30):
-            instance_id = store.insert_instance(InstanceSummary(0, "w", "EXECUTING", 0, 1000.0), b"<workflow/>")
+            instance_id = store.insert_instance(
+                InstanceSummary(store.next_instance_id(), "w", "EXECUTING", 0, 1000.0), b"<workflow/>"
+            )
             store.save_instance(instance_id, "TERMINATED", 0, 1000.0 + number, (), document)
             ids.append(instance_id)
         keeper.rearm()

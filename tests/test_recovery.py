@@ -637,6 +637,62 @@ ONE_TASK_SAYING = b"""<workflow><subjobs><job name="one"><tasks>
 </tasks></job></subjobs></workflow>"""
 
 
+def test_a_kill9_while_a_launch_starts_its_first_task_leaves_an_instance_that_resumes(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # The instance's row was committed with an empty document, which was saved once its first tasks had started: a
+    # kill -9 in between left an instance the next start could not read ("cannot be resumed": ended with an error,
+    # unreadable by instance.get, its task's job on its own). Here jobd is held in the first task's spawn by strace,
+    # which delays the return of its vfork, and killed there, once the task has run.
+    ran = tmp_path / "ran"
+    os.mkfifo(ran)
+    reader = os.open(ran, os.O_RDONLY | os.O_NONBLOCK)  # open throughout: the task's writes never block
+    daemon = make_daemon(
+        f'[queue.default]\n[task.mark]\ncommand = ["/bin/sh", "-c", "echo ran > {ran}"]\n', start=False
+    )
+    daemon.write_workflows(
+        one=b'<workflow><subjobs><job name="j"><tasks><task task="mark"/></tasks></job></subjobs></workflow>'
+    )
+    start(daemon)
+    strace = subprocess.Popen(
+        ["strace", "-f", "-e", "trace=vfork", "-e", "inject=vfork:delay_exit=60000000", "-p", str(daemon.pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    launched: dict[str, Any] = {}
+
+    def launch() -> None:
+        try:
+            launched["reply"] = daemon.call("instance.launch", {"workflow": "one"}, timeout=90)
+        except Exception as error:  # the connection ends with jobd: expected
+            launched["error"] = error
+
+    client = threading.Thread(target=launch)
+    try:
+        assert strace.stderr is not None and "attached" in strace.stderr.readline()
+        client.start()
+        assert select.select([reader], [], [], 60)[0], "the task did not run"  # jobd now waits in its vfork
+        assert os.read(reader, 100) == b"ran\n"
+        # SIGKILL first: jobd dies as strace lets it go (a tracee's death waits for its tracer to see it).
+        os.kill(daemon.pid, signal.SIGKILL)
+    finally:
+        strace.kill()
+        strace.wait(30)
+    kill9(daemon)
+    client.join(90)
+    assert "reply" not in launched, launched  # killed before it answered
+    start(daemon)
+    instance_id = daemon.call("instance.list")["instances"][0]["id"]
+    ended = daemon.call("instance.wait", {"id": instance_id, "timeout": 30}, timeout=40)
+    assert ended["status"] == "TERMINATED", ended
+    assert "cannot be resumed" not in daemon.log()
+    assert daemon.call("instance.get", {"id": instance_id})["jobs"], "the instance's tree is readable"
+    assert all(job["finished_at"] for job in daemon.call("job.list")["jobs"]), "no job left behind"
+    terminate(daemon)
+    os.close(reader)
+
+
 @pytest.mark.parametrize("protocol", ["evqueue", "json-rpc"])
 def test_with_fsync_a_launch_is_answered_after_the_fsync(
     make_daemon: Callable[..., Daemon], tmp_path: Path, protocol: str

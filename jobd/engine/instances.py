@@ -224,8 +224,9 @@ class Instances:
         # was refused would otherwise leave a gap in them (the next instance is not the one the user expects).
         check_parameters(workflow, definition.parameters, parameters)
         now = self.clock()
+        instance_id = self.store.next_instance_id()
         summary = InstanceSummary(
-            id=0,
+            id=instance_id,
             workflow=workflow,
             status=str(InstanceStatus.EXECUTING),
             errors=0,
@@ -236,31 +237,28 @@ class Instances:
             launched_by=launched_by,
             parameters=dict(parameters),
         )
-        # The id must exist before the document (its root carries it): the row is inserted first, and removed
-        # again if the machine refuses the parameters.
-        instance_id = self.store.insert_instance(summary, b"")
-        try:
-            machine, actions = Instance.launch(
-                definition,
-                parameters,
-                instance_id=instance_id,
-                now=now,
-                queues=set(config.queues),
-                tasks=config.tasks,
-                retry_schedules=config.retry_schedules,
-                comment=comment,
-                host=host,
-                user=user,
-            )
-        except BaseException:
-            self.store.delete_instance(instance_id)
-            raise
-        live = _Live(replace(summary, id=instance_id), machine)
+        machine, actions = Instance.launch(
+            definition,
+            parameters,
+            instance_id=instance_id,
+            now=now,
+            queues=set(config.queues),
+            tasks=config.tasks,
+            retry_schedules=config.retry_schedules,
+            comment=comment,
+            host=host,
+            user=user,
+        )
+        # The row and its first document in one commit, before any of its tasks is submitted: neither a crash nor a
+        # full disk can leave a row without its document (unreadable at the next start, its tasks' jobs orphaned), and
+        # a launch the store cannot take is refused (STORE_FAILED) with nothing of it run.
+        self.store.insert_instance(summary, machine.to_xml())
+        live = _Live(summary, machine)
         self._live[instance_id] = live
         log.info("instance=%d of workflow %s launched", instance_id, workflow)
         self._emit_state(live, self._live_summary(live))
         self._supervised(instance_id, lambda _: self._apply(live, actions))
-        self._save_changed()  # at once: the row must never be left without its document
+        self._save_changed()  # at once: what its first tasks did
         return instance_id
 
     def debug_resume(self, instance_id: int, *, launched_by: int | None = None) -> int:
@@ -280,8 +278,9 @@ class Instances:
             )
         config = self.engine.config
         now = self.clock()
+        new_id = self.store.next_instance_id()
         summary = InstanceSummary(
-            id=0,
+            id=new_id,
             workflow=old.workflow,
             status=str(InstanceStatus.EXECUTING),
             errors=0,
@@ -292,7 +291,6 @@ class Instances:
             launched_by=launched_by,
             parameters=dict(old.parameters),
         )
-        new_id = self.store.insert_instance(summary, b"")
         try:
             machine, actions = Instance.debug_resume(
                 document,
@@ -303,12 +301,9 @@ class Instances:
                 retry_schedules=config.retry_schedules,
             )
         except ValueError as error:
-            self.store.delete_instance(new_id)
             raise InvalidParams(f"instance {instance_id} cannot be debug-resumed: {error}", id=instance_id) from None
-        except BaseException:
-            self.store.delete_instance(new_id)
-            raise
-        live = _Live(replace(summary, id=new_id), machine)
+        self.store.insert_instance(summary, machine.to_xml())  # before anything of it runs, as a launch's
+        live = _Live(summary, machine)
         self._live[new_id] = live
         log.info("instance=%d debug-resumed from instance=%d (workflow %s)", new_id, instance_id, old.workflow)
         self._emit_state(live, self._live_summary(live))
