@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import shutil
+import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -330,6 +333,75 @@ def test_catch_up_runs_once_at_start_up_when_a_due_time_passed_while_jobd_was_do
     assert len(jobs_of(daemon, "late")) == 2 and len(jobs_of(daemon, "plain")) == 1  # no catch_up: no run
     assert epoch(listed(daemon, "plain")["next_run"]) > time.time()
     assert "catching up once now" in daemon.log()
+
+
+def test_catch_up_with_a_run_still_going_follows_the_overlap_rule(sched: Any, tmp_path: Path) -> None:
+    """A run started before the stop, still going after it (back in its queue), made the catch-up skip the missed
+    due time whatever the overlap rule: "allow" must start another run, "queue_one" queue one."""
+    gate = Gate(tmp_path / "gate")
+    due_second = (int(time.time()) + 5) % 60
+    keys: dict[str, Any] = {"catch_up": True, "parameters": {"lock": gate.path}}
+    daemon = sched(
+        schedule("allowed", "task:gated", f"{due_second} * * * * *", overlap="allow", **keys)
+        + schedule("queued", "task:gated", f"{due_second} * * * * *", overlap="queue_one", **keys)
+    )
+    first = {name: daemon.call("schedule.trigger", {"name": name})["run_id"] for name in ("allowed", "queued")}
+    due = epoch(listed(daemon, "allowed")["next_run"])
+    assert terminate(daemon) == 0  # their jobs go back to queued: the runs still go
+    assert time.time() < due, "jobd took too long to stop: the due time passed while it was running"
+    time.sleep(due - time.time() + 0.2)  # jobd is down across its due time
+    start(daemon)
+    assert "catching up once now" in daemon.log()
+    allowed, queued = listed(daemon, "allowed"), listed(daemon, "queued")
+    assert [job["id"] for job in jobs_of(daemon, "allowed")][-1] == first["allowed"]
+    assert len(jobs_of(daemon, "allowed")) == 2, allowed  # another run, beside the one still going
+    assert (queued["pending"], queued["running"]) == (True, [first["queued"]]), queued
+    gate.release()
+    for job in jobs_of(daemon, "allowed"):
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+
+
+def test_a_workflow_run_started_just_before_a_crash_is_not_run_again_by_the_catch_up(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """A kill -9 after a firing had launched its instance but before the schedule's state named it: the catch-up at
+    the next start launched a second instance for the same due time (only a task's job was recognised as the run).
+    jobd is held in the instance's first spawn by strace (which delays the return of its vfork) and killed there."""
+    ran = tmp_path / "ran"
+    os.mkfifo(ran)
+    reader = os.open(ran, os.O_RDONLY | os.O_NONBLOCK)  # open throughout: the task's writes never block
+    due_second = (int(time.time()) + 4) % 60
+    daemon = make_daemon(
+        BASE
+        + f'[task.mark]\ncommand = ["/bin/sh", "-c", "echo ran > {ran}"]\n'
+        + schedule("wf", "workflow:marked", f"{due_second} * * * * *", catch_up=True, overlap="allow"),
+        start=False,
+    )
+    daemon.write_workflows(
+        marked='<workflow><subjobs><job name="j"><tasks><task task="mark"/></tasks></job></subjobs></workflow>'
+    )
+    start(daemon)
+    strace = subprocess.Popen(
+        ["strace", "-f", "-e", "trace=vfork", "-e", "inject=vfork:delay_exit=60000000", "-p", str(daemon.pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert strace.stderr is not None and "attached" in strace.stderr.readline()
+        assert select.select([reader], [], [], 30)[0], "the schedule's task did not run"  # jobd waits in its vfork
+        os.kill(daemon.pid, signal.SIGKILL)  # first: jobd dies as strace lets it go
+    finally:
+        strace.kill()
+        strace.wait(30)
+    kill9(daemon)
+    start(daemon)
+    launched = daemon.call("instance.list", {"limit": 100})["instances"]
+    assert [instance["comment"] for instance in launched] == ["schedule:wf"], launched
+    assert "schedule wf: instance=1 was started for it before jobd stopped; it is its last run" in daemon.log()
+    assert daemon.call("instance.wait", {"id": launched[0]["id"], "timeout": 30}, timeout=40)["status"] == "TERMINATED"
+    terminate(daemon)
+    os.close(reader)
 
 
 def test_a_due_time_delayed_by_jitter_past_a_restart_still_runs(sched: Any) -> None:

@@ -41,7 +41,7 @@ from jobd.engine.schedule import (
 from jobd.engine.submit import resolve, schedule_request, scheduler_peer
 from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
 from jobd.model import Config, Job, OnFailure, Overlap, ScheduleDef, ScheduleState, iso
-from jobd.store import JobFilter, Store, store_failure
+from jobd.store import InstanceFilter, JobFilter, Store, store_failure
 
 log = logging.getLogger("jobd.scheduler")
 
@@ -243,20 +243,44 @@ class Scheduler:
             self._set(schedule, enabled=None, config_enabled=None)
 
     def _adopt_unsaved_run(self, schedule: _Schedule) -> None:
-        """A crash between a firing's job commit and its state save leaves a job the state does not name: make it
-        the last run, so that a catch-up does not run the same due time a second time.
+        """A crash between a firing's commit (its job, or its instance) and the state's save leaves a run the state does
+        not name: make it the last run, so that a catch-up does not run the same due time a second time.
 
-        Only task targets: their jobs carry the schedule in `context`. (Asking this at start-up, once, costs less than
-        an idempotency key on every firing: the key's lookup is most of a firing's time.)"""
+        Found by what the run carries: a job the schedule in its `context`, an instance in its `comment`. (Asking
+        this at start-up, once, costs less than an idempotency key on every firing: the key's lookup is most of a
+        firing's time.)"""
         state = schedule.state
-        if schedule.definition.target_kind != "task" or state.next_run is None:
+        if state.next_run is None:
             return
-        newest = self.engine.list_jobs(JobFilter(context=f"schedule:{schedule.definition.name}", limit=1))
-        if newest and newest[0].id > (state.last_run_id or 0) and newest[0].created_at >= state.next_run:
-            job = newest[0]
-            name = schedule.definition.name
-            log.warning("schedule %s: job=%d was started for it before jobd stopped; it is its last run", name, job.id)
-            self._set(schedule, last_run=job.created_at, last_result=None, last_run_id=job.id, last_run_kind="job")
+        name = schedule.definition.name
+        run = self._newest_run_since(schedule, state.next_run)
+        if run is None:
+            return
+        kind, run_id, started_at = run
+        known = state.last_run_id if (state.last_run_kind or kind) == kind else None
+        if run_id > (known or 0):
+            log.warning(
+                "schedule %s: %s=%d was started for it before jobd stopped; it is its last run", name, kind, run_id
+            )
+            self._set(schedule, last_run=started_at, last_result=None, last_run_id=run_id, last_run_kind=kind)
+
+    def _newest_run_since(self, schedule: _Schedule, since: float) -> tuple[str, int, float] | None:
+        """The newest run started for the schedule at or after `since` (a firing's time, to the timer's rounding):
+        its kind, id and start."""
+        since -= DUE_MARGIN
+        definition = schedule.definition
+        mark = f"schedule:{definition.name}"
+        if definition.target_kind == "task":
+            newest = self.engine.list_jobs(JobFilter(context=mark, limit=1))
+            if newest and newest[0].created_at >= since:
+                return "job", newest[0].id, newest[0].created_at
+            return None
+        # Few instances of its workflow start after the time it waited for: those it would have launched since.
+        launched, _ = self.instances.list_instances(InstanceFilter(workflow=definition.target, launched_from=since))
+        ours = [instance for instance in launched if instance.comment == mark]
+        if not ours:
+            return None
+        return "instance", ours[0].id, ours[0].started_at
 
     def _recover_run(self, schedule: _Schedule) -> None:
         """A run that had not ended when jobd stopped: follow it if it is still going, else record its result."""
@@ -358,7 +382,9 @@ class Scheduler:
             self._set(schedule, next_run=None)  # computed when the run ends
             return
         assert schedule.calendar is not None
-        if not schedule.runs and catch_up_due(definition, schedule.calendar, schedule.state, now):
+        # A run still going does not stop the catch-up: the overlap rule decides, as for any due time (skip returned
+        # above; allow starts another run; queue_one queues one).
+        if catch_up_due(definition, schedule.calendar, schedule.state, now):
             missed = schedule.state.next_run
             due = missed if missed is not None and missed <= now else now
             log.info("schedule %s: a due time was missed while jobd was down; catching up once now", definition.name)
