@@ -143,6 +143,7 @@ class EvQueue:
 
     def _internal_error(self, failure: Exception) -> bytes:
         if (store_failed := refused_request("evQueue request", failure)) is not None:
+            self.api.engine.write_refused("evQueue request", store_failed)
             return self.error(store_failed)
         log.error("internal error answering an evQueue request", exc_info=failure)
         return self.error(JobdError(f"internal error: {type(failure).__name__}: {failure}"))

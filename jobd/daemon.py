@@ -508,7 +508,7 @@ class Daemon:
         if busy:
             line += f" ({'; '.join(busy)})"
         if self.engine.store_trouble is not None:  # the database takes no writes (a full disk?): say so first
-            line += f"; {self.engine.store_trouble} (trying again)"
+            line += f"; {self.engine.store_trouble}"
         if not self.last_reload["ok"]:
             # STATUS= is one line (a newline would start another assignment); the log has every problem.
             first, *more = str(self.last_reload["error"]).splitlines() or [""]

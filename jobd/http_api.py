@@ -358,6 +358,7 @@ class HttpApi:
         except Exception as failure:  # the request boundary, as the API socket's: a bug is logged and answered
             what = f"{request.method} {request.path}"
             if (store_failed := refused_request(what, failure)) is not None:
+                self.api.engine.write_refused(what, store_failed)
                 return _failure(store_failed)
             log.error("internal error in %s", what, exc_info=failure)
             return _failure(JobdError(f"internal error: {type(failure).__name__}: {failure}"))

@@ -25,7 +25,7 @@ from jobd import activation, users
 from jobd.api import AfterReplyWork, Api, EventFilter
 from jobd.api_evqueue import EvQueue
 from jobd.durable import DurableReply
-from jobd.engine.core import JobEvent
+from jobd.engine.core import Engine, JobEvent
 from jobd.engine.instances import InstanceEvent
 from jobd.engine.submit import Peer, identify_peer
 from jobd.epollset import EpollSet
@@ -564,13 +564,13 @@ class Connection(_Identified, asyncio.Protocol):
         if isinstance(member, jsonrpc.Invalid):
             return jsonrpc.error(member.id, member.error) if member.answered else None
         if self.server.closing:
-            return _failure_reply(member, ShuttingDown("jobd is stopping: ask again once it is back"))
+            return _failure_reply(self.api.engine, member, ShuttingDown("jobd is stopping: ask again once it is back"))
         try:
             value = self.api.call(self, member.method, member.params)
         except Exception as failure:
-            return _failure_reply(member, failure)
+            return _failure_reply(self.api.engine, member, failure)
         if isinstance(value, Coroutine):
-            return _Waiting(member, value)
+            return _Waiting(member, value, self.api.engine)
         return None if member.is_notification else jsonrpc.result(member.id, value)
 
     async def _until_writable(self, replies: list[Reply | _Waiting]) -> None:
@@ -710,8 +710,9 @@ class Connection(_Identified, asyncio.Protocol):
 Reply = dict[str, Any] | None
 
 
-def _failure_reply(member: jsonrpc.Request, failure: Exception) -> Reply:
+def _failure_reply(engine: Engine, member: jsonrpc.Request, failure: Exception) -> Reply:
     if (store_failed := refused_request(member.method, failure)) is not None:
+        engine.write_refused(member.method, store_failed)
         failure = store_failed
     if isinstance(failure, JobdError):
         reply = jsonrpc.error(member.id, failure)
@@ -724,15 +725,16 @@ def _failure_reply(member: jsonrpc.Request, failure: Exception) -> Reply:
 class _Waiting:
     """A request whose method has to wait (job.wait, ...): its coroutine, run once the client reads its replies."""
 
-    def __init__(self, member: jsonrpc.Request, work: Coroutine[Any, Any, Any]) -> None:
+    def __init__(self, member: jsonrpc.Request, work: Coroutine[Any, Any, Any], engine: Engine) -> None:
         self.member = member
         self.work = work
+        self.engine = engine
 
     async def answer(self) -> Reply:
         try:
             result = await self.work
         except Exception as failure:
-            return _failure_reply(self.member, failure)
+            return _failure_reply(self.engine, self.member, failure)
         return None if self.member.is_notification else jsonrpc.result(self.member.id, result)
 
     def close(self) -> None:

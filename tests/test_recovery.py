@@ -891,9 +891,14 @@ def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
     log = daemon.log()
     assert "job.cancel: jobd could not write its database (database or disk is full)" in log
     assert "internal error" not in log and "Traceback" not in log
+    # daemon.status and STATUS= say why, though jobd itself has nothing to write (it said nothing while it refused).
+    trouble = "job.submit: jobd could not write its database (database or disk is full)"
+    assert daemon.call("daemon.status")["store_trouble"] == trouble
+    pump_of(daemon).wait_for(lambda line: line.startswith("STATUS=") and trouble in line)
 
     filler.unlink()  # room again: the same requests go through, and the job whose cancel failed is still queued
     daemon.call("queue.resume", {"name": "held"})
+    assert daemon.call("daemon.status")["store_trouble"] is None
     job = daemon.wait(held)
     assert job["state"] == "succeeded" and daemon.output(held) == "held\n"
     daemon.call("queue.pause", {"name": "default"})

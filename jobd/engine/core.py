@@ -323,6 +323,7 @@ class Engine:
         now = self.clock()
         states = [JobState.DELAYED if delay > 0 else JobState.QUEUED for delay in delays]
         results = self.store.insert_jobs(specs, states, now, [now + delay for delay in delays])
+        self._store_works()
         # The engine's at once: a committed job is found even if the client goes away while its reply waits for
         # the fsync (and a cancel in that window finds it).
         for job, created in results:
@@ -423,6 +424,14 @@ class Engine:
             self._troubles_told.add(trouble)
         self.store_trouble = trouble
         self._counts_changed()
+
+    def write_refused(self, what: str, failure: StoreFailed) -> None:
+        """A client's request (`what`) was refused because the database took no write: daemon.status and STATUS= say
+        so until a write goes through again (store.refused_request has logged the refusal)."""
+        trouble = f"{what}: {failure.message}"
+        if trouble != self.store_trouble:
+            self.store_trouble = trouble
+            self._counts_changed()
 
     def _store_works(self) -> None:
         if self.store_trouble is not None:
@@ -830,6 +839,7 @@ class Engine:
         """A state change outside an attempt's end: commit, remember, tell."""
         job = transition(job, state, **changes)
         self.store.update_job(job)
+        self._store_works()
         if not state.finished:
             self.jobs[job.id] = job
         log.info("job=%d %s", job.id, state)
@@ -851,6 +861,7 @@ class Engine:
                 )
             return queue  # not paused: nothing to resume
         self.store.set_queue_pause(name, QueuePause(paused, queue.definition.paused))
+        self._store_works()
         queue.paused = paused
         log.info("queue %s %s", name, "paused" if paused else "resumed")
         self._dispatch(name)
