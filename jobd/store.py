@@ -1532,7 +1532,12 @@ def store_failure(failure: Exception) -> StoreFailed | None:
         return None
     if _damaged(failure):
         # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.
-        return StoreFailed(f"jobd's database is damaged ({failure}): restore it from a backup")
+        # A disk that fails reads shows the same (after an I/O error SQLite finds the pages it reads malformed), and a
+        # backup restored then would lose what was accepted since it: the disk comes first.
+        return StoreFailed(
+            f"jobd's database reads as damaged ({failure}): if the kernel log shows I/O errors on its disk, mend that "
+            "first (the file may well be sound); otherwise restore it from a backup"
+        )
     return StoreFailed(f"jobd could not write its database ({failure})")
 
 
