@@ -401,13 +401,17 @@ class HttpApi:
         user, groups and admin flag, or for a local client whether it is an admin (Peer.under). A stream whose
         token is gone ends now, as a request with it would be refused."""
         for client in list(self.clients):
-            peer = self._token_peer(client.authorization) if _has_token(client.authorization) else client.peer
+            if not _has_token(client.authorization):  # a unix socket client: who it is stays, its admin flag may not
+                client.peer = client.peer.under(self.api.engine.config.access)
+                continue
+            # A token's client is wholly what its table says (its `admin` too, whatever uid its user has).
+            peer = self._token_peer(client.authorization)
             if peer is None:
                 log.info("a GET /events client's token is no longer configured; disconnecting it")
                 self.clients.discard(client)
                 client.cut_off()
             else:
-                client.peer = peer.under(self.api.engine.config.access)
+                client.peer = peer
 
     # -- JSON endpoints ------------------------------------------------------------------------------------
 

@@ -247,7 +247,7 @@ def test_events_in_order_and_replayed_after_a_reconnect(daemon: Any) -> None:
 def test_a_reload_ends_the_streams_of_a_removed_token_and_applies_to_the_others(daemon: Any) -> None:
     # An /events stream kept the identity its token had when it connected: a token removed from the configuration
     # (leaked, say) went on receiving every event for as long as its client held the connection.
-    gone, demoted = "a-token-to-remove", "a-token-to-demote"
+    gone, demoted, kept = "a-token-to-remove", "a-token-to-demote", "a-token-to-keep"
 
     def tokens(demoted_is_admin: bool, with_gone: bool) -> str:
         text = f"""
@@ -263,6 +263,11 @@ queues = ["visible"]
 token_sha256 = "{hashlib.sha256(demoted.encode()).hexdigest()}"
 user = "nobody"
 admin = {str(demoted_is_admin).lower()}
+
+[http.tokens.kept]
+token_sha256 = "{hashlib.sha256(kept.encode()).hexdigest()}"
+user = "nobody"
+admin = true
 """
         if with_gone:
             text += f"""
@@ -277,18 +282,23 @@ admin = true
     drop_in.write_text(tokens(demoted_is_admin=True, with_gone=True))
     assert daemon.call("daemon.reload")["ok"]
     removed, lowered = Events(daemon, "?types=job.state", token=gone), Events(daemon, "?types=job.state", token=demoted)
+    unchanged = Events(daemon, "?types=job.state", token=kept)
     first = daemon.submit(command=["true"])  # an ad-hoc job: only admins may read it
     daemon.wait(first["id"])
-    assert removed.until_finished(first["id"]) and lowered.until_finished(first["id"])
+    for stream in (removed, lowered, unchanged):
+        assert stream.until_finished(first["id"])
     drop_in.write_text(tokens(demoted_is_admin=False, with_gone=False))
     assert daemon.call("daemon.reload")["ok"]
     hidden = daemon.submit(command=["true"])
     daemon.wait(hidden["id"])
     shown = daemon.submit(command=["true"], queue="visible")
     daemon.wait(shown["id"])
-    # The demoted token's stream goes on, as a client that may read queue `visible` only.
+    # The demoted token's stream goes on, as a client that may read queue `visible` only; the unchanged one's as an
+    # admin still (its table says so, though its user is none).
     assert {data["job"]["id"] for _, _, data in lowered.until_finished(shown["id"])} == {shown["id"]}
     lowered.close()
+    assert {data["job"]["id"] for _, _, data in unchanged.until_finished(shown["id"])} == {hidden["id"], shown["id"]}
+    unchanged.close()
     # The removed token's stream has ended, at the reload: nothing of the later jobs reached it.
     rest = b""
     with contextlib.suppress(http.client.IncompleteRead):  # its end is its connection's
