@@ -350,6 +350,49 @@ def test_an_infinite_number_in_an_expression_aborts_its_task_and_the_restart_wor
     assert two is not None and two.findtext("output") == "first\n", etree.tostring(two) if two is not None else None
 
 
+# evq functions as steps after text and attribute nodes: `//evqF()` reaches the text nodes of every element
+# (descendant-or-self::node()); the others select text or attribute nodes outright.
+STEPS_OVER_TEXT_WORKFLOW = """<workflow>
+  <custom-attributes>
+    <custom-attribute name="contexts" select="count(//text()/evqGetContext())"/>
+    <custom-attribute name="outputs" select="count(//evqGetOutput('t'))"/>
+  </custom-attributes>
+  <subjobs>
+    <job name="top" condition="count(/workflow/@name/evqGetParentJob()) = 0">
+      <tasks><task name="t" path="/bin/echo t" queue="default"><input name="a">A</input></task></tasks>
+      <subjobs>
+        <job name="k" condition="count(//evqGetOutput('t')) = 1">
+          <tasks><task name="u" path="/bin/echo" queue="default">
+            <input name="inputs"><value select="count(evqGetParentJob()//evqGetInput('/bin/echo t', 'a'))"/></input>
+            <input name="parents"><value select="count(//text()/evqGetParentJob())"/></input>
+          </task></tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_evq_functions_after_text_and_attribute_nodes_apply_to_elements_only(make_daemon: Any) -> None:
+    """`//evqGetOutput('t')` made the functions meet text nodes, `@name/evqGetParentJob()` an attribute: lxml's
+    string results have no element methods, and the AttributeError ended the whole instance as a jobd bug (a
+    top-level job's condition failed the launch itself, a custom attribute lost the instance's attributes and
+    tags). Found by a soak test. Such nodes give nothing; the elements they are mixed with are used as usual."""
+    daemon: Daemon = make_daemon("", start=False)
+    daemon.write_workflows(steps=STEPS_OVER_TEXT_WORKFLOW)
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "steps"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    document = _document(daemon, launched["id"])
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), etree.tostring(document)
+    assert done["custom_attributes"] == [["contexts", "0"], ["outputs", "1"]]
+    task = document.find(".//task[@name='u']")
+    assert task is not None and task.get("retval") == "0", etree.tostring(document)
+    assert task.findtext("output") == "1 0\n"
+    assert "please report" not in daemon.log()
+
+
 @pytest.mark.parametrize(("lines", "aborted"), [(60_000, False), (250_000, True)], ids=["1.3 MB", "5.5 MB"])
 def test_an_xml_output_is_read_whole_up_to_what_a_document_keeps(
     make_daemon: Any, tmp_path: Path, lines: int, aborted: bool

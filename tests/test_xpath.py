@@ -254,6 +254,25 @@ def test_get_context(root: etree._Element) -> None:
     assert evaluate_string("evqGetContext()/@size", root, leaf) == "20"
 
 
+def test_steps_after_text_attribute_and_comment_nodes_use_only_the_elements(root: etree._Element) -> None:
+    """lxml hands text and attribute nodes to the functions as strings: they crashed the instance (AttributeError)."""
+    leaf = EvalContext.for_node(node(root, 11), root)
+    root.append(etree.Comment("a comment"))
+    # `//` reaches every text node too; the elements among them give what they give alone
+    assert evaluate("count(//evqGetOutput('list'))", root, leaf) == 1.0
+    assert evaluate("count(evqGetParentJob()//evqGetInput('list.sh', 'n'))", root, leaf) == 0.0
+    assert evaluate("count(evqGetParentJob(2)//evqGetInput('list.sh', 'n'))", root, leaf) == 1.0
+    assert names(evaluate("//job[@name='deep']//evqGetContext()", root, leaf)) == ["process"]
+    for nothing in (
+        "/workflow/@name/evqGetParentJob()",
+        "//text()/evqGetContext()",
+        "//@name/evqGetCurrentJob()",
+        "//comment()/evqGetOutput('list')",
+        "//text()/evqGetInput('list.sh', 'n')",
+    ):
+        assert evaluate(nothing, root, leaf) == [], nothing
+
+
 def test_get_job_only_in_summaries(root: etree._Element) -> None:
     summary = EvalContext.for_summary(root)
     assert names(evaluate("evqGetJob('process')", root, summary)) == ["process"]

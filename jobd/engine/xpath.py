@@ -12,8 +12,10 @@ Context rules (evQueue's `register_job_functions`): an expression is evaluated f
 job* is that job (a task's own job; in a loop, the clone being decided). The *parent job* is the current job's
 parent job, or the `<workflow>` root for a top-level job. Without an explicit left context, evqGetOutput,
 evqGetInput, evqGetContext and evqGetParentJob start from the parent job, as in evQueue. With an explicit left
-context they start from every node of it (evQueue took the first node and ignored it for evqGetParentJob; jobd
-applies them like XPath steps: results of all left nodes, in document order).
+context they start from every element of it (evQueue took the first node and ignored it for evqGetParentJob; jobd
+applies them like XPath steps: results of all left elements, in document order). Text, attribute, comment and
+processing-instruction nodes on the left give nothing, so `LEFT//evqF()` applies evqF to the elements at or below
+LEFT and `@name/evqGetParentJob()` is empty.
 
 Results: comparisons are real XPath 1.0 (`@size > 10` works). Where evQueue insisted on nodes (`{xpath}` in
 host/user, `<value select>`, custom-attribute `select`) strings, numbers and booleans are accepted too and give
@@ -417,7 +419,7 @@ def _extensions(context: EvalContext, start: etree._Element) -> dict[tuple[str |
         return lambda _lxml, *args: function(None, *args)
 
     def explicit(function: Callable[..., Any]) -> Extension:
-        return lambda _lxml, left, *args: function(_nodes(left), *args)
+        return lambda _lxml, left, *args: function(_elements_of(left), *args)
 
     def starts(left: list[etree._Element] | None) -> list[etree._Element]:
         return [context.parent_job] if left is None else left
@@ -509,6 +511,14 @@ def _nodes(value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise XPathError("the left side of an evq function step must select nodes")
     return value
+
+
+def _elements_of(value: Any) -> list[etree._Element]:
+    """The element nodes of a step's left side. Text, attribute, comment, processing-instruction and namespace
+    nodes are passed over, as a child:: step passes over them: `LEFT//evqF()` is rewritten with
+    descendant-or-self::node(), which holds the text nodes too, and `@name/evqGetParentJob()` would otherwise
+    reach lxml's string results, which have no element methods (an AttributeError ended the whole instance)."""
+    return [node for node in _nodes(value) if isinstance(node, etree._Element) and isinstance(node.tag, str)]
 
 
 def _as_string(value: Any) -> str:
