@@ -1067,6 +1067,37 @@ def test_debug_resume_reruns_cancelled_and_aborted_at_run_tasks_not_those_whose_
     assert resumed.status is InstanceStatus.TERMINATED and resumed.errors == 2
 
 
+def test_debug_resume_of_an_instance_jobd_ended_runs_again_its_executing_and_retrying_tasks() -> None:
+    """An instance jobd ended by an error of its own (Instances._broken) keeps the tasks that were under way as they
+    were: EXECUTING, QUEUED, waiting for a retry. Resumed, the EXECUTING one was copied as it was, with no job
+    behind it, and the new instance never ended, not even when cancelled (found by a soak test)."""
+    source = workflow(
+        job("running", task("/bin/running"), job("after", task("/bin/after")))
+        + job("queued", task("/bin/queued"))
+        + job("retrying", task("/bin/retrying", retry_delay="60", retry_times="1"))
+    )
+    instance, actions = launch(source)
+    running, queued, retrying = runs(actions)
+    instance.task_started(running.evqid, 1, NOW)
+    [later] = finish(instance, retrying.evqid, TaskResult.exited(1))
+    assert isinstance(later, RetryLater)
+    instance.ended_by_jobd(NOW + 1, instance.errors + 1)
+    assert task_of(instance, running.evqid).get("status") == "EXECUTING"
+
+    resumed, actions = resume(instance)
+    rerun = runs(actions)
+    assert [r.argv for r in rerun] == [("/bin/running",), ("/bin/queued",), ("/bin/retrying",)]
+    for action in rerun:
+        again = task_of(resumed, action.evqid)
+        assert again.get("status") == "QUEUED", etree.tostring(again)
+        assert (again.get("tid"), again.get("pid"), again.get("retry_at")) == (None, None, None)
+    [after] = runs(finish(resumed, running.evqid, now=NOW + 101))
+    finish(resumed, queued.evqid, now=NOW + 101)
+    finish(resumed, retrying.evqid, now=NOW + 101)
+    [end] = finish(resumed, after.evqid, now=NOW + 102)
+    assert end == InstanceFinished(InstanceStatus.TERMINATED, 0)
+
+
 def test_debug_resume_of_a_successful_instance_ends_at_once_and_an_executing_one_is_refused() -> None:
     instance, actions = launch(workflow(job("a", task("/bin/a"))))
     with pytest.raises(ValueError, match="TERMINATED"):

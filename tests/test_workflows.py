@@ -527,6 +527,40 @@ def test_debug_resume_runs_the_failed_task_again_and_what_follows_it(wf: Daemon,
     assert old["errors"] == 1 and old["status"] == "TERMINATED"
 
 
+def test_debug_resume_of_an_instance_jobd_ended_runs_its_executing_task_again(make_daemon: Any) -> None:
+    """An instance that jobd ended by an error of its own (Instances._broken: its jobs cancelled, its document
+    TERMINATED as it was) keeps its running task EXECUTING. Its debug-resume copied that task as it was, with no job
+    behind it: the new instance never ended, and instance.cancel left it EXECUTING (found by a soak test). Such a
+    document is made here from a finished one, as _broken leaves it, since no known error of jobd ends an instance."""
+    daemon: Daemon = make_daemon("", start=False)
+    daemon.write_workflows(
+        once='<workflow><subjobs><job name="j"><tasks><task name="t" path="/bin/echo ran" queue="default"/>'
+        "</tasks></job></subjobs></workflow>"
+    )
+    daemon.start()
+    first = daemon.call("instance.launch", {"workflow": "once"})["id"]
+    daemon.call("instance.wait", {"id": first, "timeout": 30})
+    broken = _document(daemon, first)
+    task = broken.find(".//task[@name='t']")
+    assert task is not None
+    for name in ("retval", "exit_time", "execution_time"):
+        task.attrib.pop(name, None)
+    for child in [*task.iterfind("output"), *task.iterfind("stderr"), *task.iterfind("log")]:
+        task.remove(child)
+    task.set("status", "EXECUTING")
+    broken.set("errors", "1")
+    daemon.stop()
+    with contextlib.closing(sqlite3.connect(daemon.state_dir / "jobd.sqlite3")) as db, db:
+        db.execute("UPDATE instance SET document = ?, errors = 1 WHERE id = ?", (etree.tostring(broken), first))
+    daemon.start()
+
+    resumed = daemon.call("instance.debug_resume", {"id": first})
+    done = daemon.call("instance.wait", {"id": resumed["id"], "timeout": 30})
+    document = _document(daemon, resumed["id"])
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), etree.tostring(document)
+    assert [t.findtext("output") for t in document.iter("task")] == ["ran\n"]
+
+
 def test_debug_resume_refuses_an_executing_instance_and_an_unknown_one(wf: Daemon) -> None:
     launched = wf.call("instance.launch", {"workflow": "slow", "parameters": {"seconds": "30"}})
     with pytest.raises(RemoteError) as executing:

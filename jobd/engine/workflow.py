@@ -343,8 +343,10 @@ class Instance:
         job's tasks all succeed, its subjobs start as usual. Left as they are: ABORTED jobs, and tasks ABORTED
         while their condition, loop or inputs were evaluated (the loop is already expanded and the inputs half
         computed, so running them again would not mean what the workflow says); they count as errors again.
-        A resumed task keeps its retry state: retries it used up are not given back. Raises ValueError for a
-        document that is not a TERMINATED instance.
+        A resumed task keeps its retry state: retries it used up are not given back. A task still EXECUTING, or
+        waiting for a retry, in a TERMINATED document is one whose run jobd ended by an error of its own (the
+        instance was ended and the task's job cancelled, Instances._broken): it runs again, as a failed one. Raises
+        ValueError for a document that is not a TERMINATED instance.
         """
         root = safexml.parse(document, "workflow instance to resume")
         if root.tag != "workflow" or root.get("status") != InstanceStatus.TERMINATED:
@@ -357,7 +359,11 @@ class Instance:
         instance = cls(root, queues=queues, tasks=tasks or {}, retry_schedules=retry_schedules or {})
         for task in list(instance._all_tasks()):
             status = task.get("status")
-            if status == NodeStatus.QUEUED or _resumable_failure(task):
+            # QUEUED, EXECUTING or waiting for a retry: a run that never ended, since an instance that ends by
+            # itself waits for all of them. Left as they were, the new instance would wait for a job it never
+            # submitted, and never end (a cancel neither: there is no job to stop).
+            unfinished = status in (NodeStatus.QUEUED, NodeStatus.EXECUTING) or _is_retrying(task)
+            if unfinished or _resumable_failure(task):
                 _drop(task, *_RUN_ATTRIBUTES, "status", "retval", "error", "progression", "execution_time")
                 instance._enqueue(task)
         instance._counters.recount()  # the counters it was saved with are those of the instance that ended
