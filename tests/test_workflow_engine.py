@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -36,6 +38,7 @@ from jobd.model import Outcome, ParameterMode, RetryLevel, RetryPolicy, RetrySch
 
 CORPUS = Path(__file__).parent / "workflow_corpus"
 NOW = 1_790_000_000.0
+JOBD_SOURCE = str(Path(safexml.__file__).parent)  # the jobd package's directory
 COUNTERS = ("running_tasks", "queued_tasks", "retrying_tasks", "error_tasks", "waiting_conditions")
 FAST_THEN_SLOW = RetrySchedule("fast_then_slow", (RetryLevel(1, 2), RetryLevel(5, 1)))
 
@@ -986,6 +989,59 @@ def test_restored_instance_stays_cancelled_and_a_finished_one_waits_for_nothing(
     assert one_task(restored, "b").get("error") == "Aborted on user request"
     again, nothing = restore(restored)
     assert nothing == [] and again.status is InstanceStatus.TERMINATED
+
+
+def _lines_run_in_jobd(call: Callable[[], object]) -> int:
+    """How many lines of jobd's code `call` runs (sys.settrace's line events, a loop's every turn included): a
+    measure of its work that does not depend on the machine's speed."""
+    lines = 0
+
+    def local(frame: FrameType, event: str, arg: object) -> object:
+        nonlocal lines
+        lines += event == "line"
+        return local
+
+    def calls(frame: FrameType, event: str, arg: object) -> object:
+        return local if frame.f_code.co_filename.startswith(JOBD_SOURCE) else None
+
+    before = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        call()
+    finally:
+        sys.settrace(before)
+    return lines
+
+
+def test_evq_get_context_finds_its_node_without_walking_the_document() -> None:
+    """evqGetContext() walked the whole instance document at each call: a loop of 4000 items whose tasks used it
+    froze the daemon for 24 s, quadratic work (found by a soak test). It now looks in the instance's index of numbered
+    nodes. The work of a loop's items is measured, not timed."""
+    each = task("/bin/each", '<input name="n"><value select="evqGetCurrentJob()/evqGetContext()/@n"/></input>')
+    source = workflow(
+        job(
+            "list",
+            task("/bin/list", name="list", output_method="XML"),
+            job("each", each, loop="evqGetParentJob()/evqGetOutput('list')/r/i"),
+        )
+    )
+
+    def work(items: int) -> int:
+        instance, actions = launch(source)
+        [listing] = runs(actions)
+        instance.task_started(listing.evqid, 1, NOW)
+        output = b"<r>" + b"".join(b'<i n="%d"/>' % number for number in range(items)) + b"</r>"
+        ended: list[Any] = []
+        lines = _lines_run_in_jobd(
+            lambda: ended.extend(instance.task_ended(listing.evqid, TaskResult.exited(0, stdout=output), NOW))
+        )
+        assert [run.argv for run in runs(ended)] == [("/bin/each", str(number)) for number in range(items)]
+        return lines
+
+    small, large = work(100), work(400)
+    # Four times the items: four times the work (3.9 here), where a walk per item made it 8.6 times, and more with
+    # more items (the walks grow as the square of the items, the rest as the items).
+    assert large < 6 * small, (small, large)
 
 
 # ------------------------------------------------------------------------------------------------ debug resume

@@ -422,7 +422,7 @@ class Instance:
         """(name, value) for each node a custom-attribute selects (a string or number result: one value).
         An expression that fails gives nothing, as evQueue only logged it."""
         values: list[tuple[str, str]] = []
-        context = EvalContext.for_summary(self.root)
+        context = EvalContext.for_summary(self.root, self._find)
         for attribute in self.root.iterfind("custom-attributes/custom-attribute"):
             name, select = attribute.get("name", ""), attribute.get("select", "")
             try:
@@ -433,7 +433,7 @@ class Instance:
 
     def automatic_tags(self) -> tuple[str, ...]:
         tags: list[str] = []
-        context = EvalContext.for_summary(self.root)
+        context = EvalContext.for_summary(self.root, self._find)
         for tag in self.root.iterfind("automatic-tags/automatic-tag"):
             try:
                 if evaluate_boolean(tag.get("condition", "false()"), self.root, context):
@@ -693,7 +693,7 @@ class Instance:
                 element.set("context-id", renumbered[context])
 
     def _context_for(self, node: etree._Element) -> EvalContext:
-        return EvalContext.for_node(node, self.root)
+        return EvalContext.for_node(node, self.root, self._find)
 
     # --------------------------------------------------------------------------------------- input values
 
@@ -1003,12 +1003,16 @@ class Instance:
         node = self._index.get(evqid)
         if node is not None and node.get("evqid") == str(evqid) and _within(node, self.root):
             return node
-        wanted = str(evqid)
+        # Not indexed yet (a restored or resumed instance indexes nothing), or gone from the document (a loop's
+        # first copy takes the place of the node it copies, with the numbered nodes inside it): one walk indexes
+        # every numbered node, the first in document order for a number, so that the next lookups are direct. A
+        # loop over n items calling evqGetContext() walked the document at each call (n², the daemon froze).
+        self._index = {}
         for element in _elements(self.root):
-            if element.get("evqid") == wanted:
-                self._index[evqid] = element
-                return element
-        return None
+            number = element.get("evqid")
+            if number is not None:
+                self._index.setdefault(int(number), element)
+        return self._index.get(evqid)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers

@@ -266,16 +266,35 @@ class EvalContext:
     current_job: etree._Element  # evqGetCurrentJob()
     parent_job: etree._Element  # where evqGetParentJob/evqGetOutput/evqGetInput/evqGetContext start by default
     summary: bool = False  # custom attributes and automatic tags: evqGetJob() is available
+    # The element numbered evqid, for evqGetContext(): the instance's index (Instance._find). Without one, a walk
+    # over the document at each call, which a loop of n items calling evqGetContext() made n² (the daemon froze).
+    find: Callable[[int], etree._Element | None] | None = None
 
     @classmethod
-    def for_node(cls, node: etree._Element, root: etree._Element) -> EvalContext:
+    def for_node(
+        cls,
+        node: etree._Element,
+        root: etree._Element,
+        find: Callable[[int], etree._Element | None] | None = None,
+    ) -> EvalContext:
         """Context for a condition, loop or value of `node` (a <job> or a <task>), as evQueue registers it."""
         job = job_of(node)
-        return cls(root=root, current_job=job, parent_job=parent_job_of(job))
+        return cls(root=root, current_job=job, parent_job=parent_job_of(job), find=find)
 
     @classmethod
-    def for_summary(cls, root: etree._Element) -> EvalContext:
-        return cls(root=root, current_job=root, parent_job=root, summary=True)
+    def for_summary(
+        cls, root: etree._Element, find: Callable[[int], etree._Element | None] | None = None
+    ) -> EvalContext:
+        return cls(root=root, current_job=root, parent_job=root, summary=True, find=find)
+
+    def node_by_evqid(self, evqid: str) -> etree._Element | None:
+        try:
+            number = int(evqid)
+        except ValueError:  # no node is numbered so
+            return None
+        if self.find is not None:
+            return self.find(number)
+        return next((element for element in _numbered(self.root) if element.get("evqid") == str(number)), None)
 
 
 def job_of(node: etree._Element) -> etree._Element:
@@ -467,8 +486,9 @@ def _extensions(context: EvalContext, start: etree._Element) -> dict[tuple[str |
         found = []
         for item in starts(left):
             wanted = item.get("context-id")
-            if wanted is not None:
-                found.extend(node_by_evqid(context.root, wanted))
+            target = context.node_by_evqid(wanted) if wanted is not None else None
+            if target is not None:
+                found.append(target)
         return _unique(found)
 
     def get_job(_left: Any, name: Any = None, *extra: Any) -> list[etree._Element]:
@@ -562,7 +582,5 @@ def _unique(nodes: Iterable[etree._Element]) -> list[etree._Element]:
     return result
 
 
-def node_by_evqid(root: etree._Element, evqid: str) -> list[etree._Element]:
-    if root.get("evqid") == evqid:
-        return [root]
-    return [element for element in root.iter() if isinstance(element.tag, str) and element.get("evqid") == evqid][:1]
+def _numbered(root: etree._Element) -> Iterator[etree._Element]:
+    return (element for element in root.iter() if isinstance(element.tag, str) and "evqid" in element.attrib)
