@@ -174,6 +174,11 @@ def test_compile_check_accepts(expression: str) -> None:
         # Loaded, then ABORTED at each run ("Undefined variable"): nothing defines one.
         ("$var", "variable $var is not defined"),
         ("@x = $x", "variable $x is not defined"),
+        # The same for a namespace prefix ("Undefined namespace prefix"): nothing declares one.
+        ("evqGetOutput('ns')/x:r", "namespace prefix 'x' at character 20 is not defined"),
+        ("count(child::x:r/@n)", "(select such elements with *[local-name() = 'r'])"),
+        ("a/x:*", "namespace prefix 'x' at character 3 is not defined"),
+        ("@x:n = 1", "namespace prefix 'x' at character 2"),
     ],
 )
 def test_compile_check_rejects(expression: str, reason: str) -> None:

@@ -199,6 +199,13 @@ def compile_check(expression: str) -> None:
                 _check_function(tokens, index)
             elif token.kind == "variable":  # nothing defines one: the task would be ABORTED each time it ran
                 raise XPathError(f"variable {token.text} is not defined: workflow expressions have no variables")
+            elif token.kind == "name" and ":" in token.text:  # the same for a prefix: none is declared
+                prefix, local = token.text.split(":", 1)
+                hint = "*" if local == "*" else f"*[local-name() = '{local}']"
+                raise XPathError(
+                    f"namespace prefix {prefix!r} at character {token.start + 1} is not defined: workflow expressions "
+                    f"declare no prefixes (select such elements with {hint})"
+                )
         _check_operands(tokens)
         rewritten = rewrite(expression)
         etree.XPath(rewritten, namespaces=NAMESPACES)
