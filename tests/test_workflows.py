@@ -1099,3 +1099,68 @@ def test_killtask_with_the_pid_shown_stops_a_task_waiting_for_its_toml_retry(mak
     done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
     assert (done["status"], done["errors"]) == ("TERMINATED", 1)
     assert _runs(tmp_path) == 1
+
+
+# Its task says it is up (a line into the FIFO `ready`, which blocks until the test reads it) once its trap is set:
+# at SIGTERM it exits 0.
+GRACEFUL_WORKFLOW = """<workflow>
+  <parameters><parameter name="ready"/></parameters>
+  <subjobs>
+    <job name="j">
+      <tasks><task name="graceful" queue="default"
+          path="/bin/sh -c 'trap &quot;exit 0&quot; TERM; echo up &gt; &quot;$0&quot;; sleep 600 &amp; wait'">
+        <input name="ready"><value select="evqGetWorkflowParameter('ready')"/></input>
+      </task></tasks>
+      <subjobs>
+        <job name="after"><tasks><task name="after" path="/bin/echo after" queue="default"/></tasks></job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_killtask_of_a_task_that_exits_0_at_sigterm_fails_it_and_blocks_its_subjobs(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """The task was TERMINATED with retval 0 and its subjob ran (errors 0), while its job said `cancelled`: a killed
+    task's retval is -1, whatever it exits with (evQueue's monitor SIGKILLs it). Found by a soak test."""
+    ready = tmp_path / "ready"
+    os.mkfifo(ready)
+    daemon = _workflow_daemon(make_daemon, "[queue.default]\nconcurrency = 2\n", graceful=GRACEFUL_WORKFLOW)
+    launched = daemon.call("instance.launch", {"workflow": "graceful", "parameters": {"ready": str(ready)}})
+    assert ready.read_text() == "up\n"  # the trap is set
+    task = _document(daemon, launched["id"]).find(".//task[@name='graceful']")
+    assert task is not None and task.get("pid"), etree.tostring(task)
+    with EvqClient(daemon.evqueue_socket) as evqueue:
+        ok(evqueue.ask(b'<instance action="killtask" id="%d" pid="%s"/>' % (launched["id"], task.get("pid").encode())))
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
+    document = _document(daemon, launched["id"])
+    killed = document.find(".//task[@name='graceful']")
+    assert killed is not None and (killed.get("status"), killed.get("retval")) == ("TERMINATED", "-1")
+    assert document.find(".//job[@name='after']/tasks/task[@status]") is None, etree.tostring(document)
+    [job] = daemon.call("job.list", {})["jobs"]
+    assert (job["state"], job["exit_code"]) == ("cancelled", 0)
+
+
+def test_a_task_its_time_limit_ends_fails_though_it_exits_0_at_sigterm(make_daemon: Any) -> None:
+    """The same as a killtask for a TOML task's `timeout`: its task was TERMINATED with retval 0 and its subjob ran,
+    while its job said `timed_out`."""
+    command = '["/bin/sh", "-c", "trap \'exit 0\' TERM; sleep 600 & wait"]'
+    config = f'[queue.default]\nconcurrency = 2\n[task.graceful]\ncommand = {command}\nqueue = "default"\ntimeout = 1\n'
+    timed = (
+        '<workflow><subjobs><job name="j"><tasks><task name="t" task="graceful"/></tasks><subjobs>'
+        '<job name="after"><tasks><task name="after" path="/bin/echo after" queue="default"/></tasks></job>'
+        "</subjobs></job></subjobs></workflow>"
+    )
+    daemon = _workflow_daemon(make_daemon, config, timed=timed)
+    launched = daemon.call("instance.launch", {"workflow": "timed"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
+    document = _document(daemon, launched["id"])
+    ended = document.find(".//task[@name='t']")
+    assert ended is not None and (ended.get("status"), ended.get("retval")) == ("TERMINATED", "-1")
+    assert document.find(".//job[@name='after']/tasks/task[@status]") is None, etree.tostring(document)
+    [job] = daemon.call("job.list", {})["jobs"]
+    assert (job["state"], job["exit_code"]) == ("timed_out", 0)

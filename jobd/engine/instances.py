@@ -53,7 +53,16 @@ from jobd.errors import (
     UnknownJob,
     UnknownWorkflow,
 )
-from jobd.model import WORKFLOW_TASK_KEY_PREFIX, Config, InstanceSummary, Job, JobSpec, JobState, RetryPolicy
+from jobd.model import (
+    WORKFLOW_TASK_KEY_PREFIX,
+    Config,
+    InstanceSummary,
+    Job,
+    JobSpec,
+    JobState,
+    Outcome,
+    RetryPolicy,
+)
 from jobd.store import STORE_RETRY_SECONDS as RETRY
 from jobd.store import InstanceFilter, JobFilter, Store, store_failure
 
@@ -822,6 +831,8 @@ class Instances:
             "ended_at": job.finished_at,
         }
         streams["stdout_cut"] = self._stdout_cut(job) if parsed else None
+        if self._stopped_by_jobd(job):
+            return TaskResult.stopped(job.signal, **streams)
         if job.exit_code is not None:
             return TaskResult.exited(job.exit_code, **streams)
         if job.signal is not None:
@@ -830,6 +841,16 @@ class Instances:
         why = f"{job.error or job.state}\n".encode()
         streams["stderr"] += why
         return TaskResult.lost(**streams)
+
+    def _stopped_by_jobd(self, job: Job) -> bool:
+        """Whether jobd ended the job's last try while it ran: killtask (a cancel of the job) or its time limit. A
+        job cancelled while it waited for its next try (its TOML task's `retry`) ends with that try's result."""
+        if job.state is JobState.TIMED_OUT:
+            return True
+        if job.state is not JobState.CANCELLED or job.attempts == 0:
+            return False
+        attempts = self.store.attempts(job.id)  # only for a cancelled job: a query no other end pays for
+        return bool(attempts) and attempts[-1].outcome is Outcome.KILLED
 
     def _stdout_cut(self, job: Job) -> OutputCut | None:
         """Why the last attempt's stdout was cut, as its record says; None if it was not."""

@@ -133,6 +133,12 @@ class TaskResult:
         return cls(KILLED_RETVAL, signal=signal, outcome=Outcome.FAILED, **streams)
 
     @classmethod
+    def stopped(cls, signal: int | None, **streams: Any) -> TaskResult:
+        """Ended by jobd (killtask, or its time limit), whatever its exit code: a task that exits 0 at the SIGTERM
+        has still not succeeded. evQueue's monitor SIGKILLs a killed task, so its retval is always -1."""
+        return cls(KILLED_RETVAL, signal=signal, outcome=Outcome.FAILED, **streams)
+
+    @classmethod
     def lost(cls, **streams: Any) -> TaskResult:
         return cls(KILLED_RETVAL, outcome=Outcome.LOST, **streams)
 
