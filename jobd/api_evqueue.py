@@ -25,7 +25,7 @@ from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch
 from jobd.engine import access
 from jobd.engine.schedule import Calendar
 from jobd.engine.submit import Peer
-from jobd.errors import InsufficientRights, JobdError, TimedOut, UnknownWorkflow
+from jobd.errors import InsufficientRights, JobdError, ShuttingDown, TimedOut, UnknownWorkflow
 from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
 from jobd.protocol import evqueue as xml
 from jobd.store import InstanceFilter, refused_request
@@ -312,8 +312,15 @@ def instance_launch(service: EvQueue, peer: Peer, command: xml.InstanceLaunch) -
 async def _launched_and_ended(service: EvQueue, instance_id: int, timeout: int | None) -> etree._Element:
     if service.api.engine.replies_wait_for_fsync:
         await service.api.engine.made_durable()  # the launch itself, whatever the wait then sees
-    summary = await service.api.instances.wait(instance_id, timeout)
     attrs: dict[str, xml.AttributeValue] = {"workflow-instance-id": instance_id}
+    try:
+        summary = await service.api.instances.wait(instance_id, timeout)
+    except ShuttingDown:
+        # jobd stops before the instance has ended. The launch is committed (the next start resumes it): answered
+        # KO, without its id, a client that launched again made a second instance. evQueue's answer for a wait
+        # that did not see the end tells the id and that the instance may still be running.
+        attrs["wait"] = "timedout"
+        return service.ok(attrs)
     if summary.status != TERMINATED:
         attrs["wait"] = "timedout"
     return service.ok(attrs)

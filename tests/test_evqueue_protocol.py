@@ -572,9 +572,14 @@ def test_a_synchronous_launch_that_times_out_says_so(corpus_daemon: Any) -> None
         ko(client.ask(b'<instance action="cancel" id="9999"/>'), "UNKNOWN_INSTANCE")
 
 
-def test_waits_still_pending_at_a_stop_are_answered_shutting_down(corpus_daemon: Any) -> None:
-    """An evQueue client waiting on an instance (instance wait, or a synchronous launch) when jobd stops gets an
-    error answer with jobd's code SHUTTING_DOWN, then the end of the connection; the instance is kept."""
+def test_waits_still_pending_at_a_stop_are_answered_and_a_synchronous_launch_with_its_instance(
+    corpus_daemon: Any,
+) -> None:
+    """An evQueue client waiting on an instance when jobd stops gets an error answer with jobd's code SHUTTING_DOWN,
+    then the end of the connection; the instance is kept. A synchronous launch is answered as one that timed out:
+    OK, with its instance's id and wait="timedout". It was answered SHUTTING_DOWN without the id, though the
+    instance was committed and resumed at the next start: a client that launched again made a second one (found
+    by a soak test)."""
     seconds = b'<parameter name="seconds" value="600"/>'
     with (
         EvqClient(corpus_daemon.evqueue_socket) as waiting,
@@ -587,15 +592,23 @@ def test_waits_still_pending_at_a_stop_are_answered_shutting_down(corpus_daemon:
         for client in (waiting, launching):
             assert client.document().tag == "ping"  # a keep-alive: jobd is waiting on that request
         assert corpus_daemon.stop() == 0
-        for client in (waiting, launching):
-            answers = [root for root in client.closed_after() if root.tag != "ping"]
-            assert len(answers) == 1, [etree.tostring(root) for root in answers]
-            ko(answers[0], "SHUTTING_DOWN")
+        answers = {}
+        for name, client in (("waiting", waiting), ("launching", launching)):
+            answers[name] = [root for root in client.closed_after() if root.tag != "ping"]
+            assert len(answers[name]) == 1, [etree.tostring(root) for root in answers[name]]
+        ko(answers["waiting"][0], "SHUTTING_DOWN")
+        synchronous = ok(answers["launching"][0])
+        assert synchronous.get("wait") == "timedout", etree.tostring(synchronous)
+        second_id = synchronous.get("workflow-instance-id", "")
+        assert second_id and second_id != instance_id, etree.tostring(synchronous)
     corpus_daemon.start()
     with EvqClient(corpus_daemon.evqueue_socket) as client:
-        kept = ok(client.ask(b'<instance action="query" id="%s"/>' % instance_id.encode()))[0]
-        assert kept.get("status") == "EXECUTING", etree.tostring(kept)
-        ok(client.ask(b'<instance action="cancel" id="%s"/>' % instance_id.encode()))
+        for kept_id in (instance_id, second_id):
+            kept = ok(client.ask(b'<instance action="query" id="%s"/>' % kept_id.encode()))[0]
+            assert (kept.get("status"), kept.get("name")) == ("EXECUTING", "slow"), etree.tostring(kept)
+            ok(client.ask(b'<instance action="cancel" id="%s"/>' % kept_id.encode()))
+        listed = ok(client.ask(b'<instances action="list"/>'))
+        assert sorted(row.get("id") for row in listed) == sorted([instance_id, second_id])
 
 
 def test_killtask_stops_the_task_of_a_running_instance(corpus_daemon: Any) -> None:
