@@ -455,6 +455,9 @@ class Daemon:
         # systemd keeps its own timeout when that is longer).
         self._stop_takes(self.engine.longest_kill_grace())
         await self.engine.shutdown()
+        # The ends of jobs the engine saw come before the stop's instance steps, though the loop has not told them
+        # yet: the instances hear of them now, are saved with them, and answer their waiters with them.
+        self.engine.tell_watchers()
         self.instances.stop_waiters()
         self.instances.save_all()
         self._notify_status()  # the jobs stopped are back in their queues: said now, not after the exit
@@ -465,6 +468,10 @@ class Daemon:
         self._stop_takes(CALLBACKS_SHUTDOWN_TAKES)
         await self.callbacks.close()
         await self.server.close_connections()
+        # Requests served until now may have ended jobs of tasks (a job.cancel): told and saved now. Nothing of the
+        # instances runs once the store is closed; what is left waits for the next start.
+        self.engine.tell_watchers()
+        self.instances.close()
         self.store.close()
         if self._watchdog_timer is not None:
             self._watchdog_timer.cancel()

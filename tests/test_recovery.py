@@ -1811,3 +1811,48 @@ def test_a_wait_read_after_the_stop_answered_the_waits_is_answered_shutting_down
     pump_of(daemon).stop()
     daemon.stop()
     assert "Traceback" not in daemon.log()
+
+
+# Its task writes its pid into the FIFO $0.pid, waits for a line from the FIFO $0.go, and fails. Each FIFO blocks the
+# task until the test opens its other end: the test knows when the task runs, and says when it ends.
+ON_CUE = """<workflow><parameters><parameter name="fifo"/></parameters><subjobs><job name="j"><tasks>
+  <task name="t" queue="default"
+      path="/bin/sh -c 'echo $$ &gt; &quot;$0.pid&quot;; read go &lt; &quot;$0.go&quot;; exit 1'">
+    <input name="fifo"><value select="evqGetWorkflowParameter('fifo')"/></input>
+  </task>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_a_task_end_seen_in_the_same_turn_as_a_sigterm_is_saved_before_the_store_closes(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A task's end and the SIGTERM came in one turn of jobd's loop: the stop, which awaited nothing (no job ran, no
+    client was connected), closed the store before the instance heard of its task's end, which then failed on the
+    closed database ("ended by an error in jobd", with a traceback). Found by a soak test, in about half its rounds.
+
+    jobd is frozen (SIGSTOP) while its task ends and the SIGTERM is sent, so that both wait for it together when it
+    goes on (SIGCONT): the signal's handler is queued as the loop reads its events, before the task's end."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(f"{fifo}.pid")
+    os.mkfifo(f"{fifo}.go")
+    daemon = make_daemon(start=False)
+    daemon.write_workflows(cue=ON_CUE)
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "cue", "parameters": {"fifo": str(fifo)}})
+    task = os.pidfd_open(read_pid(Path(f"{fifo}.pid")))
+    try:
+        os.kill(daemon.pid, signal.SIGSTOP)
+        os.waitid(os.P_PID, daemon.pid, os.WSTOPPED | os.WNOWAIT)  # returns once jobd is stopped
+        Path(f"{fifo}.go").write_text("go\n")
+        assert select.select([task], [], [], 30)[0] == [task]  # the task has exited (jobd cannot reap it yet)
+        os.kill(daemon.pid, signal.SIGTERM)
+        os.kill(daemon.pid, signal.SIGCONT)
+    finally:
+        os.close(task)
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    daemon.start()
+    ended = daemon.call("instance.get", {"id": launched["id"]})
+    assert (ended["status"], ended["errors"]) == ("TERMINATED", 1), ended
+    assert "resumed" not in daemon.log()  # its end was saved at the stop

@@ -200,6 +200,8 @@ class Engine:
         self._output_waiters: dict[int, dict[asyncio.Future[None], None]] = {}
         self._listeners: dict[Callable[[JobEvent], None], None] = {}
         self._watchers: dict[int, JobWatcher] = {}  # job id -> who runs it (a workflow instance's task)
+        # Finished jobs whose watcher is told in the loop's next turn (_release_finish_waiters), until it is.
+        self._untold: dict[int, tuple[JobWatcher, Job]] = {}
         # Told of every job that reaches a final state, just after its commit (completion callbacks).
         self.finish_listeners: list[Callable[[Job], None]] = []
         self._http_session: aiohttp.ClientSession | None = None  # for HTTP jobs, made on first use
@@ -782,7 +784,21 @@ class Engine:
                 # the watcher, a workflow instance, has read it. It releases the job once its document is saved.
                 self.history.hold(job.id)
             # Soon, not now: the watcher may submit jobs, and the engine is in the middle of settling this one.
-            self.loop.call_soon(watcher.job_finished, job)
+            self._untold[job.id] = (watcher, job)
+            self.loop.call_soon(self._tell_finished, job.id)
+
+    def _tell_finished(self, job_id: int) -> None:
+        told = self._untold.pop(job_id, None)  # None: tell_watchers() told it already
+        if told is not None:
+            watcher, job = told
+            watcher.job_finished(job)
+
+    def tell_watchers(self) -> None:
+        """Tell the watchers now of the finished jobs they would hear of in the loop's next turn. jobd stops: the
+        step of the stop that runs next may close the store without giving the loop a turn (nothing left to await),
+        and a watcher told after that would save to a closed store."""
+        while self._untold:
+            self._tell_finished(next(iter(self._untold)))
 
     def watch(self, job_id: int, watcher: JobWatcher) -> None:
         """Tell `watcher` when this unfinished job starts, progresses and finishes (a finished job: nothing)."""

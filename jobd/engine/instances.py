@@ -201,6 +201,7 @@ class Instances:
         self._ended_unsaved: dict[int, tuple[InstanceSummary, bytes]] = {}
         self._listeners: dict[Callable[[InstanceEvent], None], None] = {}
         self._stopping = False  # jobd is stopping: no retry is armed (stop_retries)
+        self._closed = False  # jobd's store is closed or closing (close()): nothing more is done or saved
         # The jobs whose ends each instance was told of since it was last saved: held in the history until it is.
         self._ends_unsaved: dict[int, list[int]] = {}
 
@@ -548,7 +549,9 @@ class Instances:
             if live.replay is not None:
                 heapq.heappush(live.replay, (job.finished_at or 0.0, job.id, action.evqid))
             else:
-                asyncio.get_running_loop().call_soon(self._task_finished, instance_id, action.evqid, job)
+                asyncio.get_running_loop().call_soon(
+                    self._supervised, instance_id, self._task_finished, action.evqid, job
+                )
             return
         if job.state is JobState.RUNNING and watcher.started is None:  # found by its key, already running
             self._task_started(instance_id, action.evqid, job, self.engine.running_pid(job.id) or 0)
@@ -714,9 +717,21 @@ class Instances:
         """jobd is stopping: every changed document now, whatever its SAVE_SPACING."""
         self._save_changed(spaced=False)
 
+    def close(self) -> None:
+        """jobd's store closes: every changed document is saved now, and nothing is done from here on. What the loop
+        may still hold for the instances (a job's end) is left to the next start, which reconciles each task with
+        its job's record, as after a crash."""
+        self.save_all()
+        self._closed = True
+        for handle in (self._save_handle, self._save_retry):
+            if handle is not None:
+                handle.cancel()
+
     def _save_changed(self, *, spaced: bool = True, only: int | None = None) -> None:
         """Save the ended instances waiting to be, and the changed ones whose spacing is over (all of them without
         `spaced`; with `only`, that one now and no other changed one)."""
+        if self._closed:
+            return
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_handle = None
@@ -1117,6 +1132,8 @@ class Instances:
     def _supervised(self, instance_id: int, step: Callable[..., None], *args: Any) -> None:
         """One step of an instance, on a job's news. An exception there is a bug in jobd: it ends that instance in
         error (its jobs cancelled, its waiters answered) rather than leaving it executing for good."""
+        if self._closed:  # the news waits for the next start (close())
+            return
         try:
             step(instance_id, *args)
         except Exception as error:
