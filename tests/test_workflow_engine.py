@@ -1197,3 +1197,23 @@ def test_progress_is_clamped_and_100_at_the_end() -> None:
     assert task_of(instance, evq).get("progression") == "100" and task_of(instance, evq).get("tid") is None
     instance.task_progress(evq, 10)  # late progress of an ended task changes nothing
     assert task_of(instance, evq).get("progression") == "100"
+
+
+def test_a_copy_that_would_nest_the_document_deeper_than_parsers_read_aborts_its_task() -> None:
+    """An output that fits where it is stored (249 levels under a top-level job's task) was copied whole into the
+    input of a subjob's task, two levels deeper: the instance document could no longer be read back (libxml2 reads
+    256 levels), by a restart, instance.get or evQueue's `instance query`. Found with a soak test's deep outputs."""
+    copy = "<input><copy select=\"evqGetParentJob()/evqGetOutput('deep')/*\"/></input>"
+    source = workflow(job("a", task("/bin/deep", name="deep", output_method="XML"), job("b", task("/bin/b", copy))))
+    instance, actions = launch(source)
+    output = b"<a>" * 249 + b"</a>" * 249
+    assert runs(finish(instance, actions[0].evqid, TaskResult.exited(0, stdout=output))) == []
+    assert task_of(instance, actions[0].evqid).get("status") == "TERMINATED"
+    [copier] = jobs(instance, "b")[0].iter("task")
+    assert copier.get("status") == "ABORTED", etree.tostring(copier)
+    assert copier.get("error", "").startswith(
+        "Error computing input value : <copy select> took elements that nest 249 deep, where they can nest 247"
+    )
+    assert instance.errors == 1
+    safexml.parse(instance.to_xml())  # what is kept reads back, evQueue's <response> around it too
+    safexml.parse(b"<response>" + instance.to_xml() + b"</response>")

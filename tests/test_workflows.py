@@ -25,6 +25,7 @@ from test_workflow_engine import assert_same_instance, normalised
 
 from jobd import safexml
 from jobd.client import RemoteError
+from jobd.protocol.evqueue import XmlFramer
 
 CORPUS = Path(__file__).parent / "workflows"
 EXPECTED = Path(__file__).parent / "workflow_corpus"
@@ -1164,3 +1165,74 @@ def test_a_task_its_time_limit_ends_fails_though_it_exits_0_at_sigterm(make_daem
     assert document.find(".//job[@name='after']/tasks/task[@status]") is None, etree.tostring(document)
     [job] = daemon.call("job.list", {})["jobs"]
     assert (job["state"], job["exit_code"]) == ("timed_out", 0)
+
+
+# Its task `deep` prints an XML document nested `depth` elements deep; `held` waits for the lock `gate`. The
+# subjob runs once both have succeeded.
+DEEP_WORKFLOW = """<workflow>
+  <parameters><parameter name="depth"/><parameter name="gate"/></parameters>
+  <subjobs>
+    <job name="j">
+      <tasks>
+        <task name="deep" path="{deep}" queue="default" output-method="XML">
+          <input name="depth"><value select="evqGetWorkflowParameter('depth')"/></input>
+        </task>
+        <task name="held" path="/usr/bin/flock" queue="default">
+          <input name="gate"><value select="evqGetWorkflowParameter('gate')"/></input><input>true</input>
+        </task>
+      </tasks>
+      <subjobs>
+        <job name="after"><tasks><task name="after" path="/bin/echo after" queue="default"/></tasks></job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+DEEP_PRINTER = (
+    'i=0; while [ $i -lt "$1" ]; do printf "<a>"; i=$((i+1)); done\n'
+    'i=0; while [ $i -lt "$1" ]; do printf "</a>"; i=$((i+1)); done; echo\n'
+)
+
+
+def test_an_xml_output_nesting_the_document_deeper_than_parsers_read_is_refused_and_the_rest_reads_back(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """An output 252 elements deep was taken: then the instance document could not be read back (libxml2 reads 256
+    levels): instance.get and evQueue's `instance query` failed (INVALID_XML "Excessive depth"), and a restart could
+    not resume the instance ("cannot be resumed", ended with an error). Found by a soak test. An output as deep as
+    there is room for (249 under a top-level job's task) is taken, and evQueue's answer (one level more) parses."""
+    deep = tmp_path / "deep.sh"
+    deep.write_text("#!/bin/sh\n" + DEEP_PRINTER)
+    deep.chmod(0o755)
+    daemon = _workflow_daemon(make_daemon, "[queue.default]\nconcurrency = 4\n", deep=DEEP_WORKFLOW.format(deep=deep))
+    open_gate = str(tmp_path / "open")
+    fits = daemon.call("instance.launch", {"workflow": "deep", "parameters": {"depth": "249", "gate": open_gate}})
+    done = daemon.call("instance.wait", {"id": fits["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0)
+    with EvqClient(daemon.evqueue_socket) as evqueue:
+        evqueue.framer = XmlFramer(max_depth=1000)  # the test's reader; jobd's own requests stay shallow
+        answer = ok(evqueue.ask(b'<instance action="query" id="%d"/>' % fits["id"]))
+    output = answer.find(".//task[@name='deep']/output")
+    assert output is not None and output.get("method") == "xml" and len(list(output.iter("a"))) == 249
+
+    gate = Gate(tmp_path / "gate")
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        parameters = {"depth": "252", "gate": str(gate.path)}
+        too_deep = daemon.call("instance.launch", {"workflow": "deep", "parameters": parameters})
+        next_matching(client, lambda event: event["job"]["state"] == "succeeded", 30)  # `deep` printed it
+    assert terminate(daemon) == 0  # `held` still runs: the instance is saved, to be resumed
+    start(daemon)
+    gate.release()
+    done = daemon.call("instance.wait", {"id": too_deep["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
+    tasks = {
+        task["name"]: task
+        for job in daemon.call("instance.get", {"id": too_deep["id"]})["jobs"]
+        for task in job["tasks"]
+    }
+    assert (tasks["deep"]["status"], tasks["held"]["status"], tasks["held"]["retval"]) == ("ABORTED", "TERMINATED", 0)
+    assert tasks["deep"]["error"].startswith(
+        "Invalid XML returned (its elements nest 252 deep, where an output can nest 249"
+    )
+    assert "cannot be resumed" not in daemon.log()

@@ -74,6 +74,12 @@ INVALID_XML = "Invalid XML returned"
 MAX_DOCUMENT_TEXT = 1024 * 1024
 MAX_DOCUMENT_XML = 4 * 1024 * 1024
 TRUNCATED_MARK = "\n...TRUNCATED...\n"
+# How deep an instance document may nest its elements, so that whoever reads it back can: libxml2 reads 256 levels
+# (more only with XML_PARSE_HUGE, which jobd leaves off, task outputs being untrusted, and which evQueue's PHP
+# clients do not set), and evQueue's `instance query` answers the document inside <response>, one level more. A
+# task's XML output or a <copy> that would nest it deeper is refused (a restart, instance.get and debugresume
+# could no longer read the instance).
+MAX_DOCUMENT_DEPTH = 255
 UNKNOWN_QUEUE = "Unknown queue name"
 REMOTE_UNSUPPORTED = "remote execution is not supported"
 
@@ -732,7 +738,15 @@ class Instance:
                     _replace_with_text(value, evaluate_string(value.get("select", ""), item, context))
                 for copy_element in list(clone.iter("copy")):
                     clone.set("mode", "xml")
+                    room = MAX_DOCUMENT_DEPTH - _level(copy_element) + 1  # copies take the <copy>'s place
                     for selected in evaluate_nodes(copy_element.get("select", ""), item, context):
+                        nested = _depth(selected) if isinstance(selected, etree._Element) else 0
+                        if nested > room:
+                            raise _NodeAborted(
+                                f"Error computing input value : <copy select> took elements that nest {nested} "
+                                f"deep, where they can nest {room}: an instance document is kept within the "
+                                f"{MAX_DOCUMENT_DEPTH} levels XML parsers read back"
+                            )
                         _insert_copy_before(copy_element, selected)
                     _remove(copy_element)
             except (XPathError, WaitRequested) as error:
@@ -839,6 +853,13 @@ class Instance:
             if why:
                 raise InvalidXml(why)
             document = safexml.parse(result.stdout, "task output")
+            nested, room = _depth(document), MAX_DOCUMENT_DEPTH - _level(output)
+            if nested > room:
+                why = (
+                    f" (its elements nest {nested} deep, where an output can nest {room}: an instance "
+                    f"document is kept within the {MAX_DOCUMENT_DEPTH} levels XML parsers read back)"
+                )
+                raise InvalidXml(why)
         except InvalidXml:
             # The task succeeded but later tasks may need its XML: the workflow cannot go on past it.
             output.set("method", "text")
@@ -1083,6 +1104,20 @@ def _drop(element: etree._Element, *names: str) -> None:
     for name in names:
         if name in element.attrib:
             del element.attrib[name]
+
+
+def _level(element: etree._Element) -> int:
+    """How deep `element` is in its document: 1 for the root."""
+    return 1 + sum(1 for _ in element.iterancestors())
+
+
+def _depth(element: etree._Element) -> int:
+    """How many levels of elements `element` and its descendants make: 1 for an element without children."""
+    deepest = level = 0
+    for event, _ in etree.iterwalk(element, events=("start", "end")):
+        level += 1 if event == "start" else -1
+        deepest = max(deepest, level)
+    return deepest
 
 
 def _elements(root: etree._Element) -> Iterator[etree._Element]:
