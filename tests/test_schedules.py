@@ -15,7 +15,6 @@ import select
 import shutil
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 from harness import Daemon
 from lxml import etree
-from recovery.support import Gate, fill, kill9, start, stop_pumps, terminate, wait_for_log
+from recovery.support import Gate, fill, held_in_spawn, kill9, start, stop_pumps, terminate, wait_for_log
 from test_evqueue_protocol import EvqClient, ok
 from test_jobctl import run_jobctl
 from test_jobs import next_matching
@@ -381,14 +380,8 @@ def test_a_workflow_run_started_just_before_a_crash_is_not_run_again_by_the_catc
         marked='<workflow><subjobs><job name="j"><tasks><task task="mark"/></tasks></job></subjobs></workflow>'
     )
     start(daemon)
-    strace = subprocess.Popen(
-        ["strace", "-f", "-e", "trace=vfork", "-e", "inject=vfork:delay_exit=60000000", "-p", str(daemon.pid)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    strace = held_in_spawn(daemon)
     try:
-        assert strace.stderr is not None and "attached" in strace.stderr.readline()
         assert select.select([reader], [], [], 30)[0], "the schedule's task did not run"  # jobd waits in its vfork
         os.kill(daemon.pid, signal.SIGKILL)  # first: jobd dies as strace lets it go
     finally:

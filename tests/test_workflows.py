@@ -1135,14 +1135,7 @@ def test_killtask_of_a_task_that_exits_0_at_sigterm_fails_it_and_blocks_its_subj
     assert task is not None and task.get("pid"), etree.tostring(task)
     with EvqClient(daemon.evqueue_socket) as evqueue:
         ok(evqueue.ask(b'<instance action="killtask" id="%d" pid="%s"/>' % (launched["id"], task.get("pid").encode())))
-    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
-    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
-    document = _document(daemon, launched["id"])
-    killed = document.find(".//task[@name='graceful']")
-    assert killed is not None and (killed.get("status"), killed.get("retval")) == ("TERMINATED", "-1")
-    assert document.find(".//job[@name='after']/tasks/task[@status]") is None, etree.tostring(document)
-    [job] = daemon.call("job.list", {})["jobs"]
-    assert (job["state"], job["exit_code"]) == ("cancelled", 0)
+    _failed_with_its_subjob_not_run(daemon, launched["id"], "graceful", "cancelled")
 
 
 def test_a_task_its_time_limit_ends_fails_though_it_exits_0_at_sigterm(make_daemon: Any) -> None:
@@ -1157,14 +1150,20 @@ def test_a_task_its_time_limit_ends_fails_though_it_exits_0_at_sigterm(make_daem
     )
     daemon = _workflow_daemon(make_daemon, config, timed=timed)
     launched = daemon.call("instance.launch", {"workflow": "timed"})
-    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    _failed_with_its_subjob_not_run(daemon, launched["id"], "t", "timed_out")
+
+
+def _failed_with_its_subjob_not_run(daemon: Any, instance_id: int, task: str, job_state: str) -> None:
+    """The instance ends with one error: its task `task` TERMINATED with retval -1 (its job, alone, in `job_state`
+    though it exited 0), and the subjob `after` never started."""
+    done = daemon.call("instance.wait", {"id": instance_id, "timeout": 30}, timeout=40)
     assert (done["status"], done["errors"]) == ("TERMINATED", 1)
-    document = _document(daemon, launched["id"])
-    ended = document.find(".//task[@name='t']")
+    document = _document(daemon, instance_id)
+    ended = document.find(f".//task[@name='{task}']")
     assert ended is not None and (ended.get("status"), ended.get("retval")) == ("TERMINATED", "-1")
     assert document.find(".//job[@name='after']/tasks/task[@status]") is None, etree.tostring(document)
     [job] = daemon.call("job.list", {})["jobs"]
-    assert (job["state"], job["exit_code"]) == ("timed_out", 0)
+    assert (job["state"], job["exit_code"]) == (job_state, 0)
 
 
 # Its task `deep` prints an XML document nested `depth` elements deep; `held` waits for the lock `gate`. The

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -235,3 +236,16 @@ def wait_for_log(daemon: Daemon, text: str, timeout: float = WAIT) -> None:
             if left <= 0:
                 raise AssertionError(f"{text!r} not in the log within {timeout}s")
             inotify.read(timeout=int(left * 1000) + 1)
+
+
+def held_in_spawn(daemon: Daemon) -> subprocess.Popen[str]:
+    """strace on jobd, delaying the return of each vfork by a minute: jobd stays in the spawn under way (its child
+    runs), to be killed there. SIGKILL jobd before killing strace, which lets it go when it dies."""
+    strace = subprocess.Popen(
+        ["strace", "-f", "-e", "trace=vfork", "-e", "inject=vfork:delay_exit=60000000", "-p", str(daemon.pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert strace.stderr is not None and "attached" in strace.stderr.readline()  # tracing from here on
+    return strace
