@@ -1573,6 +1573,34 @@ class _Effect(enum.IntEnum):
     REWATCH = 2  # a watched directory appeared or went away: watches must be placed again, then reload
 
 
+def _links_along(path: str) -> list[str]:
+    """The symlinks met while resolving the absolute `path`, in order, each as the path it was met by (a link in
+    the target of another link included); at most _MAX_LINKS of them, as the kernel follows."""
+    links: list[str] = []
+    current = "/"
+    parts = [part for part in path.split(os.sep) if part]
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        try:
+            target = os.readlink(candidate)
+        except OSError:  # not a symlink, or not there (the rest of the way does not exist yet)
+            current = candidate
+            continue
+        links.append(candidate)
+        if len(links) >= _MAX_LINKS:
+            break
+        if os.path.isabs(target):
+            current = "/"
+        parts[:0] = [piece for piece in target.split(os.sep) if piece]
+    return links
+
+
 class ConfigWatcher:
     """Calls `on_change()` (from the event loop) when a config file may have changed, once the files have been left
     alone for SETTLE_SECONDS: the events of one save, or of several, make one call.
@@ -1594,6 +1622,7 @@ class ConfigWatcher:
         self._fd: int = self._inotify.fileno()
         self._watches: dict[int, set[str]] = {}  # two wanted paths can share an ancestor, hence one wd
         self._link_targets: set[str] = set()  # missing targets of wanted paths that are symlinks (_watch_nearest)
+        self._links_on_the_way: set[str] = set()  # symlinks met on the way to a wanted path (_watch_links_along)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: asyncio.TimerHandle | None = None
         self._first_change = 0.0  # loop time of the first event the pending reload waits after
@@ -1630,6 +1659,18 @@ class ConfigWatcher:
     def _watch_all(self) -> None:
         for path in self._wanted_dirs:
             self._watch_nearest(path)
+            self._watch_links_along(path)
+
+    def _watch_links_along(self, path: str) -> None:
+        """Watch the directory of every symlink met on the way to `path`, so that switching one of them is seen: a
+        release link above the configuration (`jobd.d -> /srv/app/current/jobd`, `current -> releases/42` renamed
+        over by the next deployment), or the configuration directory itself a symlink. The watches through the old
+        link would otherwise stay on the old release."""
+        for link in _links_along(path):
+            self._links_on_the_way.add(link)
+            directory = os.path.dirname(link)
+            with contextlib.suppress(OSError):  # gone meanwhile: its own removal is an event on the way, or was
+                self._watches.setdefault(self._inotify.add_watch(directory, _WATCH_MASK), set()).add(directory)
 
     def _watch_nearest(self, path: str, links: int = 0) -> None:
         """Watch `path`, or its nearest existing ancestor so that its creation is seen. For a symlink whose target
@@ -1658,6 +1699,7 @@ class ConfigWatcher:
                 self._inotify.rm_watch(wd)
         self._watches.clear()
         self._link_targets.clear()
+        self._links_on_the_way.clear()
         # A watch the kernel refuses now (the user's fs.inotify.max_user_watches used up, by other services or
         # editors since jobd started) leaves that directory to SIGHUP and daemon.reload; the others keep working,
         # and each later change tries again.
@@ -1665,6 +1707,7 @@ class ConfigWatcher:
         for path in self._wanted_dirs:
             try:
                 self._watch_nearest(path)
+                self._watch_links_along(path)
             except OSError as error:
                 unwatched.append(path)
                 if path not in self._unwatched:
@@ -1712,6 +1755,8 @@ class ConfigWatcher:
         return _Effect.CHANGE
 
     def _leads_to_wanted_dir(self, path: str) -> bool:
+        if path in self._links_on_the_way:
+            return True
         return any(
             wanted == path or wanted.startswith(path + os.sep) for wanted in (*self._wanted_dirs, *self._link_targets)
         )

@@ -852,6 +852,52 @@ def test_watcher_follows_a_jobd_d_symlink_switched_to_another_release(
     watching(list(search), body)
 
 
+def _switch(link: Path, target: Path) -> None:
+    """Point `link` at `target` the way deployments do: a new symlink renamed over the old one."""
+    new = link.with_name(link.name + ".new")
+    new.symlink_to(target)
+    new.rename(link)
+
+
+def test_watcher_follows_a_release_symlink_switched_above_jobd_d(
+    search: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """jobd.d -> /srv/app/current/jobd, and `current -> releases/N` switched by the next deployment: the switch went
+    unseen (only the directories at the end of the links were watched), and so did every edit in the new release."""
+    releases = tmp_path / "srv" / "app" / "releases"
+    for number in (1, 2):
+        write(releases / str(number) / "jobd" / "10-a.toml", f"[queue.r{number}]\n")
+    current = tmp_path / "srv" / "app" / "current"
+    current.symlink_to(releases / "1")
+    (search[2] / "jobd.d").symlink_to(current / "jobd")
+
+    async def body(changes: Changes) -> None:
+        _switch(current, releases / "2")
+        await changes.next()
+        write(releases / "2" / "jobd" / "20-b.toml", "")  # and the watch has moved to the new release
+        await changes.next()
+
+    watching(list(search), body)
+
+
+def test_watcher_follows_a_configuration_directory_that_is_a_symlink_switched(tmp_path: Path) -> None:
+    """The configuration directory itself a symlink (`--config-dir /etc/app/jobd`, a link to a release): its
+    switch, and then the new release's files, went unseen."""
+    releases = tmp_path / "releases"
+    for number in (1, 2):
+        write(releases / str(number) / "jobd.toml", f"[queue.r{number}]\n")
+    directory = tmp_path / "jobd"
+    directory.symlink_to(releases / "1")
+
+    async def body(changes: Changes) -> None:
+        _switch(directory, releases / "2")
+        await changes.next()
+        write(releases / "2" / "jobd.toml", "[queue.r2]\nconcurrency = 2\n")
+        await changes.next()
+
+    watching([directory], body)
+
+
 def test_watcher_sees_the_target_of_a_jobd_d_symlink_made_again(
     search: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
