@@ -602,6 +602,17 @@ def test_a_dotted_key_line_is_found(tmp_path: Path) -> None:
     assert load_error(tmp_path).message.startswith(f"{path}:4: task.t.retry.delay:")
 
 
+def test_a_bad_callback_names_the_line_of_its_own_table(tmp_path: Path) -> None:
+    # The second [[queue.q.on_success]] was reported at the first one's line, with the array's key.
+    path = write(
+        tmp_path / "jobd.toml",
+        '[queue.q]\n\n[[queue.q.on_success]]\nexec = ["/bin/true"]\n\n[[queue.q.on_success]]\nexec = ["relative"]\n',
+    )
+    error = load_error(tmp_path)
+    assert error.message.startswith(f"{path}:6: queue.q.on_success[2].exec: the program must be an absolute path")
+    assert (error.details["line"], error.details["key"]) == (6, "queue.q.on_success[2]")
+
+
 def test_a_toml_syntax_error_names_the_parsers_line(tmp_path: Path) -> None:
     write(tmp_path / "jobd.toml", "[queue.ok]\n")
     path = write(tmp_path / "jobd.d/20-x.toml", "[queue.a]\nconcurrency = 2\nscheduler fifo\n")

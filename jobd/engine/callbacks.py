@@ -52,11 +52,26 @@ _HTTP_KEYS = ("url", "method", "headers", "timeout")
 # -- validation (the one place: the configuration and job.submit both call it) -------------------------------
 
 
+class BadCallback(ValueError):
+    """What is wrong with the `number`-th (1-based) callback of an array: a configuration error names its line."""
+
+    def __init__(self, message: str, number: int) -> None:
+        super().__init__(message)
+        self.number = number
+
+
 def check_list(value: object, where: str) -> list[dict[str, Any]]:
-    """An array of callback definitions, normalized; ValueError says what is wrong."""
+    """An array of callback definitions, normalized; ValueError (BadCallback for one of its elements) says what is
+    wrong."""
     if not isinstance(value, list):
         raise ValueError(f"{where}: expected an array of callbacks such as [{{ exec = [...] }}, {{ http = {{...}} }}]")
-    return [_check_one(item, f"{where}[{number}]") for number, item in enumerate(value, 1)]
+    checked = []
+    for number, item in enumerate(value, 1):
+        try:
+            checked.append(_check_one(item, f"{where}[{number}]"))
+        except ValueError as error:
+            raise BadCallback(str(error), number) from None
+    return checked
 
 
 def _check_one(item: object, where: str) -> dict[str, Any]:
