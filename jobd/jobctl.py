@@ -422,15 +422,16 @@ def format_job_counts(counts: dict[str, int]) -> str:
 
 def render_daemon_status(status: dict[str, Any], now: dt.datetime) -> list[str]:
     uptime = duration_between(status.get("started_at"), now.isoformat())
-    lines = render_fields(
-        [
-            ("jobd", f"{status.get('version')}, pid {status.get('pid')}"),
-            ("up", f"{format_duration(uptime)} (since {format_timestamp(status.get('started_at'), now.tzinfo)})"),
-            ("durability", str(status.get("durability"))),
-            ("last reload", format_last_reload(status.get("last_reload"), now)),
-            ("jobs", format_job_counts(status.get("jobs") or {})),
-        ]
-    )
+    fields = [
+        ("jobd", f"{status.get('version')}, pid {status.get('pid')}"),
+        ("up", f"{format_duration(uptime)} (since {format_timestamp(status.get('started_at'), now.tzinfo)})"),
+        ("durability", str(status.get("durability"))),
+        ("last reload", format_last_reload(status.get("last_reload"), now)),
+        ("jobs", format_job_counts(status.get("jobs") or {})),
+    ]
+    lines = render_fields(fields)
+    below = [key for key, _ in fields].index("last reload") + 1
+    lines[below:below] = _problems_below(status.get("last_reload"))
     if "config_files" in status:  # an admin's: jobd sends them to no one else
         lines += ["config files:"] + [f"  {name}" for name in status["config_files"] or ["(none: the defaults)"]]
     queues = status.get("queues") or []
@@ -443,7 +444,18 @@ def format_last_reload(reload: Any, now: dt.datetime) -> str:
     if not isinstance(reload, dict) or not reload.get("at"):
         return "never"
     when = format_time(reload.get("at"), now)
-    return f"{when}, ok" if reload.get("ok") else f"{when}, failed: {reload.get('error')}"
+    if reload.get("ok"):
+        return f"{when}, ok"
+    first, *more = str(reload.get("error")).splitlines() or [""]
+    return f"{when}, failed: {first}" + (f" (and {len(more)} more, below)" if more else "")
+
+
+def _problems_below(reload: Any) -> list[str]:
+    """Each problem of a failed reload after its first, on a line of its own below `last reload`, as `jobctl
+    reload` prints them (in one line they read as one, joined by escaped newlines)."""
+    if not isinstance(reload, dict) or reload.get("ok") or not reload.get("at"):
+        return []
+    return [f"  {printable(problem)}" for problem in str(reload.get("error")).splitlines()[1:]]
 
 
 STDIN_BLAMED_FROM = 512 * 1024  # bytes of a request's 1 MiB: an input smaller than that is not what made it too big

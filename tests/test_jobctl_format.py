@@ -392,3 +392,22 @@ def test_daemon_status_shows_config_files_only_when_jobd_sent_them() -> None:
     admin = render_daemon_status({**base, "config_files": ["/etc/jobd/jobd.toml"]}, now)
     assert admin[-2:] == ["config files:", "  /etc/jobd/jobd.toml"]
     assert render_daemon_status({**base, "config_files": []}, now)[-2:] == ["config files:", "  (none: the defaults)"]
+
+
+def test_daemon_status_shows_each_problem_of_a_failed_reload_on_its_own_line() -> None:
+    """A reload that failed for two problems showed them on one line, joined by an escaped newline (`\\n`)."""
+    now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    error = "/etc/jobd/jobd.d/a.toml:2: queue.a.concurrency: bad\n/etc/jobd/workflows/w.xml: not well-formed"
+    status = {
+        "version": "1",
+        "pid": 7,
+        "started_at": "2026-11-30T11:00:00Z",
+        "durability": "crash",
+        "jobs": {},
+        "last_reload": {"at": "2026-11-30T11:59:00Z", "ok": False, "error": error},
+    }
+    lines = render_daemon_status(status, now)
+    at = next(index for index, line in enumerate(lines) if line.startswith("last reload:"))
+    assert lines[at].endswith("failed: /etc/jobd/jobd.d/a.toml:2: queue.a.concurrency: bad (and 1 more, below)")
+    assert lines[at + 1] == "  /etc/jobd/workflows/w.xml: not well-formed"
+    assert lines[at + 2].startswith("jobs:")
