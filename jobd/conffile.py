@@ -11,6 +11,7 @@ import os
 import stat
 
 from jobd.errors import ConfigError
+from jobd.model import printable
 
 MAX_BYTES = 16 * 1024 * 1024  # far above any real configuration or workflow; below what would hurt jobd's memory
 
@@ -21,6 +22,22 @@ _KINDS = {
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
 }
+
+
+def shown(path: object) -> str:
+    """A file's path as an error message names it, on one line and inert on a terminal: control characters (a
+    newline would start what reads as another error, in the log and in STATUS=; an escape sequence would drive the
+    terminal) and the characters that reorder text are written as escapes, bytes that are not UTF-8 as `\\xNN`."""
+    return "".join(_shown_char(char) for char in printable(str(path)))
+
+
+def _shown_char(char: str) -> str:
+    code = ord(char)
+    if code < 0x20 or 0x7F <= code < 0xA0:
+        return f"\\x{code:02x}"
+    if 0x202A <= code <= 0x202E or 0x2066 <= code <= 0x2069 or code in (0x200E, 0x200F, 0x061C):
+        return f"\\u{code:04x}"
+    return char
 
 
 def read(path: str) -> bytes:
@@ -52,7 +69,7 @@ def _check(path: str, info: os.stat_result) -> None:
     if not stat.S_ISREG(info.st_mode):
         kind = _KINDS.get(stat.S_IFMT(info.st_mode), "something else")
         raise ConfigError(
-            f"{path}: is {kind}, not a regular file; jobd reads only regular files here (a symlink to /dev/null "
+            f"{shown(path)}: is {kind}, not a regular file; jobd reads only regular files here (a symlink to /dev/null "
             "masks a name)",
             file=path,
             line=None,
@@ -64,7 +81,7 @@ def _check(path: str, info: os.stat_result) -> None:
 
 def _too_large(path: str) -> ConfigError:
     return ConfigError(
-        f"{path}: larger than {MAX_BYTES // (1024 * 1024)} MiB, the most jobd reads of a configuration file",
+        f"{shown(path)}: larger than {MAX_BYTES // (1024 * 1024)} MiB, the most jobd reads of a configuration file",
         file=path,
         line=None,
         key=None,
@@ -72,4 +89,4 @@ def _too_large(path: str) -> ConfigError:
 
 
 def _unreadable(path: str, error: OSError) -> ConfigError:
-    return ConfigError(f"{path}: cannot read: {error.strerror}", file=path, line=None, key=None)
+    return ConfigError(f"{shown(path)}: cannot read: {error.strerror}", file=path, line=None, key=None)

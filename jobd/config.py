@@ -265,7 +265,7 @@ def _read(path: Path) -> _Source:
     data = conffile.read(str(path))
     if data.startswith(b"\xef\xbb\xbf"):  # TOML would only say "Invalid statement (column 1)"
         raise ConfigError(
-            f"{path}:1: the file starts with a byte order mark (BOM); save it as UTF-8 without one",
+            f"{conffile.shown(path)}:1: the file starts with a byte order mark (BOM); save it as UTF-8 without one",
             file=str(path),
             line=1,
             key=None,
@@ -277,7 +277,7 @@ def _read(path: Path) -> _Source:
         column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
         byte = data[error.start]
         raise ConfigError(
-            f"{path}:{line}: invalid UTF-8 (byte 0x{byte:02x} at column {column}); files must be UTF-8",
+            f"{conffile.shown(path)}:{line}: invalid UTF-8 (byte 0x{byte:02x} at column {column}); files must be UTF-8",
             file=str(path),
             line=line,
             key=None,
@@ -289,7 +289,8 @@ def _parse(source: _Source) -> dict[str, Any]:
         return tomllib.loads(source.text)
     except RecursionError:  # tomllib recurses once per level of arrays and inline tables
         raise ConfigError(
-            f"{source.path}: invalid TOML: arrays or inline tables nested too deeply (jobd's keys use a few levels)",
+            f"{conffile.shown(source.path)}: invalid TOML: arrays or inline tables nested too deeply (jobd's keys use "
+            "a few levels)",
             file=str(source.path),
             line=None,
             key=None,
@@ -303,7 +304,7 @@ def _parse(source: _Source) -> dict[str, Any]:
         else:  # "(at end of document)"
             line = source.text.count("\n") + 1
         raise ConfigError(
-            f"{source.path}:{line}: invalid TOML: {message}", file=str(source.path), line=line, key=None
+            f"{conffile.shown(source.path)}:{line}: invalid TOML: {message}", file=str(source.path), line=line, key=None
         ) from None
 
 
@@ -455,7 +456,7 @@ def _index(number: int) -> str:
 
 def _error(source: _Source, key: tuple[str, ...], problem: str) -> ConfigError:
     line = source.line_of(key)
-    where = f"{source.path}:{line}" if line is not None else str(source.path)
+    where = f"{conffile.shown(source.path)}:{line}" if line is not None else conffile.shown(source.path)
     return ConfigError(f"{where}: {problem}", file=str(source.path), line=line, key=_dotted(key))
 
 
@@ -1378,7 +1379,7 @@ def _daemon_run_as(table: _Table, daemon: DaemonDef) -> DaemonDef:
         try:
             uid, gid = users.user_ids(users.NOBODY)
         except KeyError:
-            where = table.source.path if table.source is not None else "[daemon]"
+            where = conffile.shown(table.source.path) if table.source is not None else "[daemon]"
             raise ConfigError(
                 f"{where}: daemon.default_user is not set and there is no user {users.NOBODY} to run tasks as; "
                 "set default_user to an existing unprivileged user",

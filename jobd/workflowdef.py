@@ -249,13 +249,13 @@ class _Checker:
 
     def element_problem(self, element: etree._Element, problem: str) -> None:
         line = _line(element)
-        self.problems.append((line, f"{self.path}:{line}: <{_tag(element)}>: {problem}"))
+        self.problems.append((line, f"{conffile.shown(self.path)}:{line}: <{_tag(element)}>: {problem}"))
 
     def attribute_problem(self, element: etree._Element, name: str, problem: str) -> None:
         line = _line(element)
         value = element.get(name, "")
         self.problems.append(
-            (line, f"{self.path}:{line}: <{_tag(element)}> attribute {name}={_show(value)}: {problem}")
+            (line, f"{conffile.shown(self.path)}:{line}: <{_tag(element)}> attribute {name}={_show(value)}: {problem}")
         )
 
     # -- structure --
@@ -583,10 +583,10 @@ def _not_well_formed(path: str, message: str) -> ConfigError:
     found = _REASON.search(message)
     if found is None:  # refused for another reason (a DTD), which names no line
         reason = message.removeprefix(path).lstrip(": ")
-        return ConfigError(f"{path}: {reason}", file=path, line=None, key=None)
+        return ConfigError(f"{conffile.shown(path)}: {reason}", file=path, line=None, key=None)
     number = found["first"] or found["last"]
     line = int(number) if number else None
-    where = f"{path}:{line}" if line is not None else path
+    where = f"{conffile.shown(path)}:{line}" if line is not None else conffile.shown(path)
     return ConfigError(f"{where}: not well-formed XML: {found['reason']}", file=path, line=line, key=None)
 
 
@@ -596,7 +596,8 @@ def workflow_name(path: str) -> str:
     name = file_name[: -len(SUFFIX)] if file_name.endswith(SUFFIX) else file_name
     if not file_name.endswith(SUFFIX) or not WORKFLOW_NAME.fullmatch(name):
         raise ConfigError(
-            f"{path}: invalid workflow file name {_show(file_name)}; allowed: NAME.xml with NAME {WORKFLOW_NAME_RULE}",
+            f"{conffile.shown(path)}: invalid workflow file name {_show(file_name)}; allowed: NAME.xml with NAME "
+            f"{WORKFLOW_NAME_RULE}",
             file=path,
             line=None,
             key=None,
@@ -614,7 +615,7 @@ def parse_workflow(source: bytes, path: str, config: Config, name: str | None = 
         name = workflow_name(path)
     elif not WORKFLOW_NAME.fullmatch(name):
         raise ConfigError(
-            f"{path}: invalid workflow name {_show(name)}; allowed: {WORKFLOW_NAME_RULE}",
+            f"{conffile.shown(path)}: invalid workflow name {_show(name)}; allowed: {WORKFLOW_NAME_RULE}",
             file=path,
             line=None,
             key=None,
@@ -641,8 +642,8 @@ def load_workflow(path: str | Path, config: Config) -> WorkflowDef:
     source = conffile.read(path)
     if not source.strip():
         raise ConfigError(
-            f"{path}: the file is empty; to hide a workflow of the same name in a lower-priority directory, make "
-            "this file a symlink to /dev/null",
+            f"{conffile.shown(path)}: the file is empty; to hide a workflow of the same name in a lower-priority "
+            "directory, make this file a symlink to /dev/null",
             file=path,
             line=None,
             key=None,

@@ -613,6 +613,18 @@ def test_a_bad_callback_names_the_line_of_its_own_table(tmp_path: Path) -> None:
     assert (error.details["line"], error.details["key"]) == (6, "queue.q.on_success[2]")
 
 
+def test_a_file_name_with_control_characters_is_named_in_one_inert_line(tmp_path: Path) -> None:
+    # A newline in a drop-in's name split the error in two, the second line reading as an error of its own in the
+    # log and in STATUS=; an escape sequence reached the terminal of whoever read it.
+    name = "10-a\nFAKE.toml:1: \x1b[31mred\u202e.toml"
+    write(tmp_path / "jobd.d" / name, "[queue.x]\nconcurrency = -1\n")
+    error = load_error(tmp_path)
+    shown = "10-a\\x0aFAKE.toml:1: \\x1b[31mred\\u202e.toml"
+    assert error.message.startswith(f"{tmp_path}/jobd.d/{shown}:2: queue.x.concurrency:"), error.message
+    assert "\n" not in error.message and "\x1b" not in error.message and "\u202e" not in error.message
+    assert error.details["file"] == str(tmp_path / "jobd.d" / name)  # the data keeps the name as it is
+
+
 def test_a_toml_syntax_error_names_the_parsers_line(tmp_path: Path) -> None:
     write(tmp_path / "jobd.toml", "[queue.ok]\n")
     path = write(tmp_path / "jobd.d/20-x.toml", "[queue.a]\nconcurrency = 2\nscheduler fifo\n")
