@@ -1046,6 +1046,11 @@ class TcpXmlConnection(XmlConnection):
         if self._logged_in:
             super()._answer_backlog()
             return
+        if self._linger is not None and self._input_ended:
+            # Refused and answered, and the client's end of file has come: it has gone (or reads no more). Lingering
+            # on would hold its address's login place for LINGER_SECONDS, locking out a mistyped password's retry.
+            self.transport.close()
+            return
         if self._failing or self.transport.is_closing():
             return
         if not self._backlog:

@@ -368,6 +368,22 @@ def test_failed_logins_are_refused_and_closed(tcp_daemon: Daemon, auth: Any) -> 
         assert client.closed()
 
 
+def test_a_failed_login_gives_its_place_back_once_its_client_has_gone(tcp_daemon: Daemon) -> None:
+    # A refused login's connection lingered 5 s after its client had read the refusal and closed, holding one of its
+    # address's 8 login places: a few mistyped passwords locked that address out of logging in meanwhile.
+    address = tcp_address(tcp_daemon)
+    for _ in range(8):
+        with TcpClient(address) as client:
+            assert client.login("admin", "wrong").get("error-code") == "AUTH_ERROR"
+            assert client.closed()
+    # jobd has read each end of file by its second answer after them (the closes take effect one turn later).
+    tcp_daemon.call("ping")
+    tcp_daemon.call("ping")
+    with TcpClient(address) as client:
+        assert client.challenge.get("challenge"), etree.tostring(client.challenge)
+        assert client.login("admin", "admin").get("profile") == "ADMIN"
+
+
 @pytest.mark.parametrize("request_", [b"<ping/>", b"<control action='reload'/>", b"<ready/>"])
 def test_a_command_before_the_login_is_refused_and_closed(tcp_daemon: Daemon, request_: bytes) -> None:
     started = tcp_daemon.call("daemon.status")
