@@ -259,16 +259,7 @@ class Instances:
             host=host,
             user=user,
         )
-        # The row and its first document in one commit, before any of its tasks is submitted: neither a crash nor a
-        # full disk can leave a row without its document (unreadable at the next start, its tasks' jobs orphaned), and
-        # a launch the store cannot take is refused (STORE_FAILED) with nothing of it run.
-        self.store.insert_instance(summary, machine.to_xml())
-        live = _Live(summary, machine)
-        self._live[instance_id] = live
-        log.info("instance=%d of workflow %s launched", instance_id, workflow)
-        self._emit_state(live, self._live_summary(live))
-        self._supervised(instance_id, lambda _: self._apply(live, actions))
-        self._save_changed()  # at once: what its first tasks did
+        self._begin(summary, machine, actions, f"instance={instance_id} of workflow {workflow} launched")
         return instance_id
 
     def debug_resume(self, instance_id: int, *, launched_by: int | None = None) -> int:
@@ -312,14 +303,27 @@ class Instances:
             )
         except ValueError as error:
             raise InvalidParams(f"instance {instance_id} cannot be debug-resumed: {error}", id=instance_id) from None
-        self.store.insert_instance(summary, machine.to_xml())  # before anything of it runs, as a launch's
-        live = _Live(summary, machine)
-        self._live[new_id] = live
-        log.info("instance=%d debug-resumed from instance=%d (workflow %s)", new_id, instance_id, old.workflow)
-        self._emit_state(live, self._live_summary(live))
-        self._supervised(new_id, lambda _: self._apply(live, actions))
-        self._save_changed()
+        self._begin(
+            summary,
+            machine,
+            actions,
+            f"instance={new_id} debug-resumed from instance={instance_id} (workflow {old.workflow})",
+        )
         return new_id
+
+    def _begin(self, summary: InstanceSummary, machine: Instance, actions: list[Action], told: str) -> None:
+        """Commit a new instance and start it (a launch, a debug-resume); `told` is its log line.
+
+        The row and its first document are one commit, made before any of its tasks is submitted: neither a crash
+        nor a full disk can leave a row without its document (unreadable at the next start, its tasks' jobs
+        orphaned), and an instance the store cannot take is refused (STORE_FAILED) with nothing of it run."""
+        self.store.insert_instance(summary, machine.to_xml())
+        live = _Live(summary, machine)
+        self._live[summary.id] = live
+        log.info("%s", told)
+        self._emit_state(live, self._live_summary(live))
+        self._supervised(summary.id, lambda _: self._apply(live, actions))
+        self._save_changed()  # at once: what its first tasks did
 
     def _refuse_while_stopping(self) -> None:
         """A new instance is new work, which a stopping jobd takes no more of, as it takes no submit: made now, its
