@@ -60,6 +60,8 @@ from jobd.model import (
 from jobd.store import AuditFilter, InstanceFilter, JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
+# A utf-8 chunk is read this far past its limit: the rest of a character the limit cuts (UTF-8's longest is 4 bytes).
+MAX_UTF8_EXTRA = 3
 T = TypeVar("T")
 R = TypeVar("R")
 MAX_BATCH = 10_000
@@ -539,6 +541,11 @@ def _page(rows: list[T], limit: int) -> tuple[list[T], bool]:
     return rows[:limit], len(rows) > limit
 
 
+def _utf8_length(lead: int) -> int:
+    """The length of the UTF-8 character whose first byte is `lead` (1 for ASCII and stray continuation bytes)."""
+    return 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+
+
 def _without_cut_character(data: bytes) -> int:
     """The length of `data` without a UTF-8 character whose last bytes are missing at its end."""
     for back in range(1, min(4, len(data)) + 1):
@@ -546,9 +553,37 @@ def _without_cut_character(data: bytes) -> int:
         if byte < 0x80:  # ASCII: no character is cut
             return len(data)
         if byte >= 0xC0:  # the lead byte of the last character says how long it is
-            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
-            return len(data) - back if back < length else len(data)
+            return len(data) - back if back < _utf8_length(byte) else len(data)
     return len(data)  # continuation bytes only: not UTF-8 anyway, for "replace" to show
+
+
+def _first_character(data: bytes) -> int | None:
+    """The length of the character `data` starts with: its lead byte and the continuation bytes after it (fewer than
+    the lead byte announces in invalid UTF-8, which "replace" shows as U+FFFD), or None if `data` ends first."""
+    length = _utf8_length(data[0])
+    for index in range(1, length):
+        if index == len(data):
+            return None
+        if not 0x80 <= data[index] < 0xC0:
+            return index
+    return length
+
+
+def _text_chunk(data: bytes, limit: int, ends_stream: bool) -> bytes:
+    """What of `data` (read up to MAX_UTF8_EXTRA bytes past `limit`) a utf-8 chunk sends: at most `limit` bytes
+    that end with a whole character, so that the next chunk, from next_offset, starts with one (decoded alone, each
+    half of a cut character would become U+FFFD). A first character longer than `limit` comes whole, or every read
+    with that limit would split it; one the job has not finished writing yet comes once it has (empty until then).
+    At the end of a stream nothing more is written to (`ends_stream`), a cut character stays: nothing can complete
+    it."""
+    if ends_stream and len(data) <= limit:
+        return data
+    piece = data[:limit]
+    whole = _without_cut_character(piece)
+    if whole:
+        return piece[:whole]
+    first = _first_character(data)
+    return data[:first] if first is not None else b""
 
 
 async def job_output(api: Api, session: Session, p: Params) -> Any:
@@ -562,14 +597,20 @@ async def job_output(api: Api, session: Session, p: Params) -> Any:
     wait = p.flag("wait")
     p.done()
     _checked_job(api, session, Right.READ, job_id)
-    chunk = await api.engine.read_output(job_id, attempt, stream, offset, limit, wait=wait)
-    data, complete = chunk.data, chunk.complete
-    if encoding == "utf-8" and not complete:
-        # A character cut at the end of the chunk is left for the next one, which starts at next_offset: decoded
-        # alone, each half would become U+FFFD. (Once the attempt has ended, nothing can complete it.)
-        whole = _without_cut_character(data)
-        if whole:
-            data = data[:whole]
+    if encoding == "base64":
+        chunk = await api.engine.read_output(job_id, attempt, stream, offset, limit, wait=wait)
+        data = chunk.data
+    else:
+        chunk = await api.engine.read_output(job_id, attempt, stream, offset, limit + MAX_UTF8_EXTRA, wait=wait)
+        data = _text_chunk(chunk.data, limit, chunk.complete)
+        # Only part of a character so far: a wait goes on until the job has written the rest (or ended).
+        while wait and not data and api.engine.attempt_running(job_id, chunk.attempt):
+            await api.engine.wait_output(job_id)
+            chunk = await api.engine.read_output(
+                job_id, chunk.attempt, stream, offset, limit + MAX_UTF8_EXTRA, wait=True
+            )
+            data = _text_chunk(chunk.data, limit, chunk.complete)
+    complete = chunk.complete and len(data) == len(chunk.data)
     return {
         "data": base64.b64encode(data).decode() if encoding == "base64" else data.decode("utf-8", "replace"),
         "offset": offset,

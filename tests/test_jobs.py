@@ -599,6 +599,43 @@ def test_utf8_output_read_in_pieces_never_splits_a_character(server: Any) -> Non
         pieces.append(data)
     assert pieces == ["aé", "€", "b"]
     assert piece(0, 7) == ("aé€b", 7)
+    # A limit shorter than the character at the offset gets that character whole, rather than each read with it
+    # splitting the character into U+FFFDs (one per byte) and moving on past it.
+    pieces, offset = [], 0
+    while offset < 7:
+        data, offset = piece(offset, 1)
+        pieces.append(data)
+    assert pieces == ["a", "é", "€", "b"]
+
+
+def test_following_utf8_output_waits_for_the_rest_of_a_character(server: Any, tmp_path: Path) -> None:
+    """A job that has written only the first byte of "é" so far: a follower waiting at that offset gets the whole
+    character once the job writes its second byte, not a U+FFFD for each byte."""
+    fifo = tmp_path / "gate"
+    with held_fifo(fifo) as release:
+        job = server.submit(command=sh('printf "\\303"; read x < "$1"; printf "\\251!"', str(fifo)))
+        # The first byte is there (read as bytes, which have no characters to wait for).
+        first = server.call("job.output", {"id": job["id"], "encoding": "base64", "wait": True}, timeout=20)
+        assert base64.b64decode(first["data"]) == b"\xc3" and first["complete"] is False
+        # Without waiting: nothing whole to send yet, so nothing, and the offset stays.
+        now = server.call("job.output", {"id": job["id"]})
+        assert (now["data"], now["next_offset"], now["complete"]) == ("", 0, False)
+        with server.client() as follower:
+            follower.send_raw(
+                encode_message(
+                    {"jsonrpc": "2.0", "id": 1, "method": "job.output", "params": {"id": job["id"], "wait": True}}
+                )
+            )
+            follower.send_raw(encode_message({"jsonrpc": "2.0", "id": 2, "method": "ping"}))
+            assert follower.read_line(timeout=10)["id"] == 2  # job.output waits: the ping overtook it
+            release()
+            reply = follower.read_line(timeout=20)
+        assert reply["id"] == 1, reply
+        assert reply["result"]["data"] in ("é", "é!") and reply["result"]["next_offset"] == len(
+            reply["result"]["data"].encode()
+        )
+    assert server.wait(job["id"])["state"] == "succeeded"
+    assert server.output(job["id"]) == "é!"
 
 
 def test_a_huge_output_keeps_the_daemons_memory_flat(server: Any) -> None:
