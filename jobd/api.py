@@ -576,14 +576,16 @@ def _text_chunk(data: bytes, limit: int, ends_stream: bool) -> bytes:
     with that limit would split it; one the job has not finished writing yet comes once it has (empty until then).
     At the end of a stream nothing more is written to (`ends_stream`), a cut character stays: nothing can complete
     it."""
-    if ends_stream and len(data) <= limit:
+    if not data or (ends_stream and len(data) <= limit):
         return data
     piece = data[:limit]
     whole = _without_cut_character(piece)
     if whole:
         return piece[:whole]
     first = _first_character(data)
-    return data[:first] if first is not None else b""
+    if first is None:  # the stream ends before the character does: now, or not yet
+        return data if ends_stream else b""
+    return data[:first]
 
 
 async def job_output(api: Api, session: Session, p: Params) -> Any:

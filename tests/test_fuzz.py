@@ -12,6 +12,7 @@ Example counts are kept small so the whole file runs in well under 30 seconds.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import socket
 import time
@@ -19,10 +20,11 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from jobd import api
 from jobd.errors import JobdError, ParseError
 from jobd.protocol import evqueue, jsonrpc
 
@@ -210,6 +212,36 @@ def test_the_xml_framer_and_parser_raise_nothing_but_jobd_errors_however_the_str
     for document in whole[0]:
         with contextlib.suppress(JobdError):
             evqueue.decode_command(evqueue.parse_request(document))
+
+
+def _read_in_chunks(stream: bytes, limits: list[int]) -> list[bytes]:
+    """job.output's utf-8 chunks of a finished stream, read from offset 0 with the given limits in turn."""
+    pieces, offset = [], 0
+    for limit in itertools.cycle(limits):
+        if offset >= len(stream):
+            return pieces
+        read = stream[offset : offset + limit + api.MAX_UTF8_EXTRA]
+        piece = api._text_chunk(read, limit, ends_stream=offset + len(read) >= len(stream))
+        assert piece, f"no progress at offset {offset} with limit {limit}"
+        assert len(piece) <= max(limit, 4)
+        pieces.append(piece)
+        offset += len(piece)
+    raise AssertionError("unreachable")
+
+
+@CODEC
+@given(st.text(max_size=300), st.lists(st.integers(1, 12), min_size=1, max_size=8))
+@example(text="aé€😀b", limits=[1])
+def test_utf8_output_read_in_any_chunks_is_the_text(text: str, limits: list[int]) -> None:
+    # Each piece decodes strictly: none splits a character, whatever the limits.
+    assert "".join(piece.decode() for piece in _read_in_chunks(text.encode(), limits)) == text
+
+
+@CODEC
+@given(st.binary(max_size=300), st.lists(st.integers(1, 12), min_size=1, max_size=8))
+@example(stream=b"\xe0\x80", limits=[1])  # a character the stream's end cuts, longer than the limit
+def test_output_of_any_bytes_read_in_utf8_chunks_loses_and_repeats_nothing(stream: bytes, limits: list[int]) -> None:
+    assert b"".join(_read_in_chunks(stream, limits)) == stream
 
 
 # -- the live daemon ----------------------------------------------------------------------------------------------

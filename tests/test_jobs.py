@@ -620,6 +620,9 @@ def test_following_utf8_output_waits_for_the_rest_of_a_character(server: Any, tm
         # Without waiting: nothing whole to send yet, so nothing, and the offset stays.
         now = server.call("job.output", {"id": job["id"]})
         assert (now["data"], now["next_offset"], now["complete"]) == ("", 0, False)
+        # Past what it has written: nothing yet either.
+        later = server.call("job.output", {"id": job["id"], "offset": 1})
+        assert (later["data"], later["next_offset"], later["complete"]) == ("", 1, False)
         with server.client() as follower:
             follower.send_raw(
                 encode_message(
