@@ -955,36 +955,40 @@ def _grant(setting: _Setting) -> Grant:
     return Grant(rights=rights, users=users, groups=groups, **objects)
 
 
-LISTEN_RULE = (
+_ADDRESS_RULE = (
     'a port ("5000", bound on 127.0.0.1), "IP:PORT" or "[IPv6]:PORT" such as "127.0.0.1:5000" or "[::1]:5000" '
-    "(0 picks a free port), or false for no TCP listener"
+    "(0 picks a free port)"
 )
+LISTEN_RULE = f"{_ADDRESS_RULE}, or false for no TCP listener"
+HTTP_LISTEN_RULE = f'{_ADDRESS_RULE}, an absolute path for a unix socket ("/run/jobd/http.sock"), or false for none'
+
 _LISTEN = re.compile(r"(?:(?P<v4>[0-9.]+)|\[(?P<v6>[0-9A-Fa-f:.]+)\]):(?P<port>[0-9]{1,5})")
 _SHA1_HEX = re.compile(r"[0-9a-fA-F]{40}")
 
 
-def _listen(setting: _Setting) -> tuple[str, int] | None:
-    """`[tcp] listen`: where evQueue clients connect; loopback unless an address is given."""
+def _listen(setting: _Setting, rule: str = LISTEN_RULE) -> tuple[str, int] | None:
+    """`[tcp] listen`: where evQueue clients connect; loopback unless an address is given. `rule`: what the error
+    says is allowed (`[http] listen` takes a unix socket's path besides)."""
     value = setting.value
     if value is False:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise setting.expected(LISTEN_RULE)
+        raise setting.expected(rule)
     if value.isdigit() and len(value) <= 5:
         host, port_text = "127.0.0.1", value
     else:
         found = _LISTEN.fullmatch(value)
         if found is None:
-            raise setting.invalid(f"{json.dumps(value)} is not allowed; allowed: {LISTEN_RULE}")
+            raise setting.invalid(f"{json.dumps(value)} is not allowed; allowed: {rule}")
         host, port_text = found["v4"] or found["v6"], found["port"]
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            raise setting.invalid(f"{json.dumps(host)} is not an IP address; allowed: {LISTEN_RULE}") from None
+            raise setting.invalid(f"{json.dumps(host)} is not an IP address; allowed: {rule}") from None
         if (address.version == 6) != (found["v6"] is not None):
-            raise setting.invalid(f"{json.dumps(value)}: IPv6 addresses go in brackets; allowed: {LISTEN_RULE}")
+            raise setting.invalid(f"{json.dumps(value)}: IPv6 addresses go in brackets; allowed: {rule}")
         host = str(address)
     port = int(port_text)
     if port > 65535:
@@ -1043,8 +1047,8 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 def _http_listen(setting: _Setting) -> tuple[str, int] | str | None:
     """`[http] listen`: "address:port" (as `[tcp] listen`), an absolute unix socket path, or false (off)."""
     if isinstance(setting.value, str) and setting.value.startswith("/"):
-        return _string(setting)
-    return _listen(setting)
+        return _socket_path(setting)
+    return _listen(setting, HTTP_LISTEN_RULE)
 
 
 def _token_sha256(setting: _Setting) -> str:

@@ -338,6 +338,18 @@ BAD_VALUES = {
         "daemon.evqueue_socket",
         "the path is 120 bytes long",
     ),
+    "an HTTP unix socket path too long to bind": (
+        f'[http]\nlisten = "/run/{"x" * 110}.sock"\n',
+        2,
+        "http.listen",
+        "the path is 120 bytes long; a Unix socket's may be at most 107",
+    ),
+    "an HTTP listen that is neither an address nor an absolute path": (
+        '[http]\nlisten = "http.sock"\n',
+        2,
+        "http.listen",
+        'an absolute path for a unix socket ("/run/jobd/http.sock"), or false for none',
+    ),
     "a variable jobd sets itself": (
         '[task.t]\ncommand = ["/bin/true"]\nenvironment = { JOBD_QUEUE = "other" }\n',
         3,
