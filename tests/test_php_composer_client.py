@@ -71,6 +71,15 @@ THUMBNAILS = b"""<workflow>
 </workflow>
 """
 
+# Its second job's condition is false: its task is never run, and counts as done in the progress.
+GATED = b"""<workflow>
+  <subjobs>
+    <job name="run"><tasks><task name="run" path="/bin/true" queue="default"/></tasks></job>
+    <job name="never" condition="1 = 2"><tasks><task name="never" path="/bin/true" queue="default"/></tasks></job>
+  </subjobs>
+</workflow>
+"""
+
 SLOW = b"""<workflow>
   <subjobs>
     <job name="nap"><tasks><task name="nap" path="/bin/sleep" queue="default"><input>60</input></task></tasks></job>
@@ -88,7 +97,7 @@ def php_tools() -> tuple[str, str]:
 @pytest.fixture
 def php_daemon(make_daemon: Any) -> Any:
     daemon = make_daemon(CONFIG, start=False)
-    daemon.write_workflows(thumbnails=THUMBNAILS, slow=SLOW)
+    daemon.write_workflows(thumbnails=THUMBNAILS, slow=SLOW, gated=GATED)
     daemon.start()
     return daemon
 

@@ -40,6 +40,18 @@ final class WorkflowsTest extends JobdTestCase
         self::assertContains($instance['id'], array_column($listed['instances'], 'id'));
     }
 
+    public function testProgressOfAnEndedInstanceCountsTasksItSkippedAsDone(): void
+    {
+        $jobd = $this->client();
+        $instance = $jobd->launch('gated', []);
+        self::assertSame('TERMINATED', $jobd->waitInstance($instance['id'], 30)['status']);
+        $progress = $jobd->instanceProgress($instance['id']);
+        self::assertSame(['run', 'never'], array_column($progress->tasks, 'name'));
+        self::assertSame([0, null], array_column($progress->tasks, 'retval'));
+        // As jobctl launch --wait shows it: the task a false condition left out will never run, so it is done.
+        self::assertSame(100, $progress->percent);
+    }
+
     public function testWaitInstanceWithTimeoutReturnsItExecuting(): void
     {
         $jobd = $this->client();
