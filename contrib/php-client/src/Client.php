@@ -261,12 +261,15 @@ final class Client
     /**
      * Cancels a job; returns it once it is `cancelled` (a running one is stopped first).
      *
+     * A running job that ignores SIGTERM is stopped by the SIGKILL after its kill_grace, which may be longer than
+     * the client's timeout: the answer is waited for without limit, as jobctl cancel does.
+     *
      * @throws Exception\StateException JOB_FINISHED when it has already ended
      * @return array<string, mixed>
      */
     public function cancel(int $id): array
     {
-        return $this->callArray('job.cancel', ['id' => $id]);
+        return $this->callArray('job.cancel', ['id' => $id], INF);
     }
 
     /**

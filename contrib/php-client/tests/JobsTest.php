@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 namespace Jobd\Tests;
 
+use Jobd\Client;
 use Jobd\Exception\StateException;
 
 final class JobsTest extends JobdTestCase
@@ -85,6 +86,23 @@ final class JobsTest extends JobdTestCase
         $still = $jobd->wait($job['id'], 0.2);
         self::assertContains($still['state'], ['queued', 'running']);
         $jobd->cancel($job['id']);
+    }
+
+    public function testCancelWaitsOutTheJobsKillGraceBeyondTheClientsTimeout(): void
+    {
+        // The daemon's kill_grace is 2 s; the client's own timeout, 0.5 s, is for ordinary calls.
+        $jobd = new Client($this->socketPath(), timeout: 0.5);
+        $jobd->subscribe(['types' => ['job.progress']]);
+        // Its progress line says the trap is set: a SIGTERM before that would end it at once.
+        $job = $jobd->submit(['/bin/sh', '-c', "trap '' TERM; echo %50 >&3; exec /bin/sleep 60"]);
+        foreach ($jobd->events(30) as $event) {
+            if ($event['id'] === $job['id']) {
+                break;
+            }
+        }
+        // Its SIGTERM is ignored: only the SIGKILL after the kill_grace ends it, and the answer comes then.
+        self::assertSame('cancelled', $jobd->cancel($job['id'])['state']);
+        $jobd->close();
     }
 
     public function testCancelStopsARunningJobAndSecondCancelIsRefused(): void
