@@ -851,12 +851,14 @@ def check_launch(api: Api, peer: Peer, workflow: str, host: str | None, user: st
 
 
 def check_instance(api: Api, peer: Peer, right: Right, instance_id: int) -> None:
-    """Refuse unless `peer` has `right` on the workflow the instance runs."""
+    """Refuse unless `peer` has `right` on the workflow the instance runs. The refusal names the workflow only to a
+    peer that may read it: instance ids count up, and naming it to anyone else would list every workflow."""
     workflow = api.instances.summary(instance_id).workflow
-    if not access.may(api.engine.config.access, peer, right, ObjectKind.WORKFLOW, workflow):
+    rules = api.engine.config.access
+    if not access.may(rules, peer, right, ObjectKind.WORKFLOW, workflow):
+        on = f" on workflow {workflow}" if access.may(rules, peer, Right.READ, ObjectKind.WORKFLOW, workflow) else ""
         raise InsufficientRights(
-            f"{access.who(peer)} may not {right} instance {instance_id}: "
-            f"the {right} right is missing on workflow {workflow}",
+            f"{access.who(peer)} may not {right} instance {instance_id}: the {right} right is missing{on}",
             missing=str(right),
             kind="instance",
             name=str(instance_id),

@@ -343,6 +343,38 @@ def test_unknown_names_are_told_only_as_far_as_a_user_may_see(jobd: Daemon, user
     assert everything["message"].endswith("defined schedules: nightly-secret, yearly-report"), everything
 
 
+def test_a_refused_job_or_instance_is_not_named_to_a_user_who_may_not_read_it(
+    jobd: Daemon, users: dict[str, Any]
+) -> None:
+    """Job and instance ids count up: a refusal that named the task and queue of a job (or the workflow of an
+    instance) the user may not read let carol, who has no right at all, list every task, queue and workflow, and
+    what ran when, by asking for ids 1, 2, 3… Only a user who may read the job is told where the right is missing."""
+    secret = jobd.submit(task="secret")
+    instance = jobd.call("instance.launch", {"workflow": "other"})
+    report = jobd.wait(jobd.submit(task="report")["id"])
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("job.get", {"id": secret["id"]}),
+        ("job.output", {"id": secret["id"]}),
+        ("job.wait", {"id": secret["id"], "timeout": 0}),
+        ("job.cancel", {"id": secret["id"]}),
+        ("instance.get", {"id": instance["id"]}),
+        ("instance.wait", {"id": instance["id"], "timeout": 0}),
+        ("instance.cancel", {"id": instance["id"]}),
+        ("instance.debug_resume", {"id": instance["id"]}),
+    ]
+    for user in ("alice", "carol"):
+        for (method, _), answer in zip(requests, calls(jobd, users[user], requests), strict=True):
+            assert answer["code"] == "INSUFFICIENT_RIGHTS", (user, method, answer)
+            message = answer["message"]
+            assert "secret" not in message and "other" not in message and "default" not in message, (method, message)
+            assert message.endswith(f"the {answer['missing']} right is missing"), (method, message)
+    _, query = xml_session(jobd, users["carol"], f'<instance action="query" id="{instance["id"]}"/>')
+    assert query.get("error-code") == "INSUFFICIENT_RIGHTS" and "other" not in query.get("error", ""), query.attrib
+    # alice may read her report job: told what she lacks, and where.
+    [refused] = calls(jobd, users["alice"], [("job.cancel", {"id": report["id"]})])
+    assert refused["message"].endswith("the kill right is missing on task report or on queue default"), refused
+
+
 def test_a_key_answers_only_to_those_who_may_read_its_job(jobd: Daemon, users: dict[str, Any]) -> None:
     # A keyed submit whose key is taken answers with the job that has it: the job's command and arguments.
     secret = jobd.submit(task="secret", key="nightly-backup", args=["--password=hunter"])

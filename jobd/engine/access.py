@@ -80,10 +80,15 @@ def may_job(access: AccessDef, peer: Peer, right: Right, task: str | None, queue
 
 
 def require_job(access: AccessDef, peer: Peer, right: Right, job_id: int, task: str | None, queue: str) -> None:
+    """Refuse unless `peer` has `right` on the job. The refusal names the job's task and queue only to a peer that
+    may read the job: job ids count up, so naming them to anyone else would list every task and queue, and tell
+    what ran when, to a peer with no right at all."""
     if not may_job(access, peer, right, task, queue):
-        on = f"task {task} or on queue {queue}" if task is not None else f"queue {queue} (an ad-hoc job)"
+        on = ""
+        if may_job(access, peer, Right.READ, task, queue):
+            on = f" on task {task} or on queue {queue}" if task is not None else f" on queue {queue} (an ad-hoc job)"
         raise InsufficientRights(
-            f"{who(peer)} may not {right} job {job_id}: the {right} right is missing on {on}",
+            f"{who(peer)} may not {right} job {job_id}: the {right} right is missing{on}",
             missing=str(right),
             kind="job",
             name=str(job_id),
