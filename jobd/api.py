@@ -684,6 +684,9 @@ def queue_resume(api: Api, session: Session, p: Params) -> Any:
     return queue_json(api.engine, api.engine.set_paused(name, False))
 
 
+HIDDEN_RELOAD_ERROR = "the configuration has an error (shown to admins, and in jobd's log); the running one is kept"
+
+
 def daemon_status(api: Api, session: Session, p: Params) -> Any:
     p.done()
     engine = api.engine
@@ -694,6 +697,9 @@ def daemon_status(api: Api, session: Session, p: Params) -> Any:
     else:
         # Which files configure jobd is the admins' business; the counts are of what the peer may read, as its lists.
         del status["config_files"]
+        if status["last_reload"]["error"] is not None:
+            # The error names a file, a line and a key (`task.NAME.environment.VAR`): tasks the peer may not see.
+            status["last_reload"] = {**status["last_reload"], "error": HIDDEN_RELOAD_ERROR}
         status["jobs"] = engine.history_counts(
             _visible(api, session, ObjectKind.TASK), _visible(api, session, ObjectKind.QUEUE)
         )

@@ -22,6 +22,7 @@ import pytest
 from harness import REPO, Daemon
 from lxml import etree
 
+from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
 
 PREFIX = "jobdtest-"
@@ -375,6 +376,29 @@ def test_a_refused_job_or_instance_is_not_named_to_a_user_who_may_not_read_it(
     assert refused["message"].endswith("the kill right is missing on task report or on queue default"), refused
 
 
+def test_a_failed_reload_is_explained_to_admins_only(jobd: Daemon, users: dict[str, Any]) -> None:
+    """daemon.status's last_reload error names a file, a line and a key: it told every user the tasks (and variable
+    names) of files they may not see, which config_files is kept from them for."""
+    (jobd.config_dir / "jobd.d" / "payroll.toml").write_text(
+        '[task.payroll-export]\ncommand = ["/bin/true"]\nenvironment = { BANK_KEY = 5 }\n'
+    )
+    try:
+        jobd.call("daemon.reload")
+    except RemoteError as error:
+        assert error.code == "CONFIG_INVALID" and "payroll" in error.message
+    else:
+        raise AssertionError("the reload of a broken file succeeded")
+    for user in ("alice", "carol"):
+        [status] = calls(jobd, users[user], [("daemon.status", {})])
+        reload = status["result"]["last_reload"]
+        assert reload["ok"] is False and "payroll" not in json.dumps(reload) and "BANK_KEY" not in json.dumps(reload)
+        assert "shown to admins" in reload["error"], reload
+        shown = as_user(jobd, users[user], [sys.executable, "-m", "jobd.jobctl", "--socket", "jobd.sock", "status"])
+        assert "payroll" not in shown.stdout and "failed: the configuration has an error" in shown.stdout, shown
+    [admin] = calls(jobd, users["dave"], [("daemon.status", {})])
+    assert "payroll.toml:3: task.payroll-export.environment.BANK_KEY" in admin["result"]["last_reload"]["error"]
+
+
 def test_a_key_answers_only_to_those_who_may_read_its_job(jobd: Daemon, users: dict[str, Any]) -> None:
     # A keyed submit whose key is taken answers with the job that has it: the job's command and arguments.
     secret = jobd.submit(task="secret", key="nightly-backup", args=["--password=hunter"])
@@ -560,6 +584,7 @@ with Client("jobd.sock") as client:
 HELD_XML_CLIENT = """
 import socket, sys
 from lxml import etree
+from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect("evqueue.sock")

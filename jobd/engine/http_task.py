@@ -101,8 +101,8 @@ def check_request(value: object) -> dict[str, Any]:
 def check_url(url: str) -> None:
     """An http:// or https:// URL that aiohttp will take, with a host (and a port from 1 to 65535 if it gives
     one): an HTTP job's, and a callback's. HttpSpecError names what is wrong, the URL's credentials masked (the
-    message goes to the client, but also to the audit log and, for a task's url, to the journal and to every
-    client's daemon.status: a failed reload's error)."""
+    message goes to the client, but also to the audit log and, for a task's url, to the journal and to the admins'
+    daemon.status: a failed reload's error)."""
     try:
         parts = urlsplit(url)
     except ValueError:  # "Invalid IPv6 URL", or a netloc bad under NFKC, whose message quotes user:password
