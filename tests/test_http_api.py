@@ -694,6 +694,29 @@ def test_json_endpoints_for_workflow_instances_and_schedules(make_daemon: Any) -
         assert status == 403 and body["error"]["code"] == "INSUFFICIENT_RIGHTS", body
 
 
+def test_a_run_as_caller_task_of_an_instance_a_remote_client_launched_says_why_it_cannot_run(make_daemon: Any) -> None:
+    """A token of no local account is a remote client (uid -1): a workflow's run_as = "caller" task has nobody to run
+    as. Its error said "uid -1 has no passwd entry to give its group", as if a local user had lost its account."""
+    d = make_daemon(
+        CONFIG + '[task.who]\ncommand = ["/usr/bin/id"]\nrun_as = "caller"\n'
+        '[[access.grant]]\nusers = ["carol"]\nrights = ["read", "exec"]\nworkflows = ["greet"]\n',
+        start=False,
+    )
+    d.write_workflows(
+        greet='<workflow><subjobs><job name="one"><tasks><task task="who" name="who"/></tasks></job></subjobs>'
+        "</workflow>"
+    )
+    d.start()
+    status, body = request(d, "POST", "/api/instance.launch", {"workflow": "greet"}, token=CAROL_TOKEN)
+    assert status == 200, body
+    instance = body["result"]["id"]
+    status, body = request(d, "POST", "/api/instance.wait", {"id": instance, "timeout": 20}, token=CAROL_TOKEN)
+    assert status == 200 and body["result"]["errors"] == 1, body
+    status, body = request(d, "POST", "/api/instance.get", {"id": instance, "format": "xml"}, token=CAROL_TOKEN)
+    assert "a remote client launched it, which has no local user to run it as" in body["result"]["xml"], body
+    assert "uid -1" not in body["result"]["xml"]
+
+
 def test_peer_credentials_on_a_unix_socket_get_the_socket_apis_rights(make_daemon: Any) -> None:
     # nobody (an account every Debian system has) may read and run the task `hello` only; it connects as itself.
     d = make_daemon(start=False)

@@ -607,6 +607,12 @@ class Instances:
         launcher = live.summary.launched_by
         if launcher is None:  # launched by jobd itself (a schedule): there is no caller
             return daemon.default_uid, daemon.default_gid
+        if launcher < 0:  # a remote client (a TCP login, an HTTP token of no local account): uid -1
+            raise InsufficientRights(
+                f'task {defined.name!r} runs as the user who launched the instance (run_as = "caller"), '
+                "and a remote client launched it, which has no local user to run it as",
+                missing="local user",
+            )
         try:
             gid = users.primary_gid(launcher)
         except KeyError:
