@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -164,9 +165,8 @@ class Server:
         mode, gid = access = self._socket_access()
         for path in (*self.socket_files(), *others):
             try:
-                os.chmod(path, mode)
                 # A group that does not exist: jobd's own, as at a start (_socket_access said so), not the old one.
-                os.chown(path, -1, os.getegid() if gid is None else gid)
+                give_socket_access(path, mode, os.getegid() if gid is None else gid)
             except OSError as error:
                 log.error("cannot give %s its new socket_mode and socket_group: %s", path, error.strerror or error)
         log.info("socket_mode %s and socket_group applied to the sockets", oct(mode))
@@ -309,11 +309,29 @@ async def bind_unix(
         os.umask(old_umask)
     if gid is not None:
         try:
-            os.chown(path, -1, gid)
+            give_socket_access(path, None, gid)
         except OSError:
             server.close()
             raise
     return server
+
+
+def give_socket_access(path: str, mode: int | None, gid: int | None) -> None:
+    """Give the socket file at `path` `mode` and group `gid` through a descriptor of that very file. chmod and chown
+    of the path follow a symbolic link: a user who may write the socket's directory (a socket put in an
+    application's own directory) could put one there in its place, and have jobd, as root, give its mode and group
+    to any file of the machine (/etc/shadow). A link or any other file in its place is refused instead."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)  # the link itself, if it is one
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOTSOCK, "it is no longer a socket (something else took its place); left alone", path)
+        itself = f"/proc/self/fd/{fd}"  # the file the descriptor holds, whatever its path now leads to
+        if mode is not None:
+            os.chmod(itself, mode)
+        if gid is not None:
+            os.chown(itself, -1, gid)
+    finally:
+        os.close(fd)
 
 
 # From Python 3.13 a unix server removes its socket file when it closes. A socket systemd passed belongs to its

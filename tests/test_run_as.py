@@ -23,6 +23,7 @@ import pytest
 from harness import Daemon
 
 from jobd import config
+from jobd.client import Client
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="run-as needs root (useradd, setuid)")
 
@@ -271,6 +272,35 @@ def test_sockets_are_0660_root_and_group_jobd(make_daemon: Any, test_user: pwd.s
         assert stat.S_ISSOCK(info.st_mode)
         assert stat.S_IMODE(info.st_mode) == 0o660, oct(info.st_mode)
         assert (info.st_uid, info.st_gid) == (0, jobd_gid)
+
+
+def test_a_reload_does_not_follow_a_link_put_in_place_of_a_socket(
+    make_daemon: Any, test_user: pwd.struct_passwd, public_dir: Path
+) -> None:
+    """The socket in a directory another user may write (an application's own): that user put a symbolic link to a
+    file of root's in its place, and the next reload that changed socket_mode gave that file the socket's mode and
+    group (chmod and chown as root follow links): /etc/shadow would have been readable by the group jobd."""
+    app_dir = public_dir / "app"
+    app_dir.mkdir()
+    os.chown(app_dir, test_user.pw_uid, test_user.pw_gid)
+    victim = public_dir / "roots-own"
+    victim.write_text("root's\n")
+    victim.chmod(0o600)
+    daemon: Daemon = make_daemon("", start=False)
+    daemon.socket_path = app_dir / "jobd.sock"
+    daemon.write_config("")
+    daemon.start()
+    moved = app_dir / "moved.sock"  # still jobd's listening socket, under another name
+    swap = f"mv {daemon.socket_path} {moved} && ln -s {victim} {daemon.socket_path}"
+    subprocess.run(["setpriv", f"--reuid={test_user.pw_uid}", f"--regid={test_user.pw_gid}", "--init-groups", "/bin/sh",
+                    "-c", swap], check=True, capture_output=True)  # fmt: skip
+    daemon.write_config("", 'socket_mode = 0o666\nsocket_group = "jobd"')
+    with Client(str(moved)) as client:
+        assert client.call("daemon.reload")["ok"]
+    info = os.stat(victim)
+    assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o600, 0), oct(info.st_mode)
+    assert f"cannot give {daemon.socket_path} its new socket_mode" in daemon.log()
+    assert stat.S_IMODE(os.stat(daemon.evqueue_socket).st_mode) == 0o666  # the other socket, still jobd's, took it
 
 
 def test_socket_mode_and_group_are_configurable_and_a_missing_group_is_a_warning(make_daemon: Any) -> None:
