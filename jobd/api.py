@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from lxml import etree
 
-from jobd import __version__, audit, safexml
+from jobd import __version__, audit, redact, safexml
 from jobd.durable import DurableReply
 from jobd.engine import access
 from jobd.engine import callbacks as callback_defs
@@ -53,6 +53,7 @@ from jobd.model import (
     JobSpec,
     JobState,
     ObjectKind,
+    ParameterMode,
     RetryPolicy,
     Right,
     WorkflowDef,
@@ -959,9 +960,24 @@ def may_schedule(api: Api, peer: Peer, right: Right, schedule: Mapping[str, Any]
     return access.may(api.engine.config.access, peer, right, kind, target["name"])
 
 
+def schedule_json(api: Api, peer: Peer, schedule: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A schedule as `peer` sees it. The parameters of a task that takes them as environment variables
+    (`parameters = "env"`) become its jobs' environment, which no job's JSON shows: to anyone but an admin their
+    values are masked, as an HTTP job's secrets are (a token the configuration gives a nightly run)."""
+    target = schedule["target"]
+    if peer.is_admin or target["kind"] != "task" or not target["parameters"]:
+        return schedule
+    task = api.engine.config.tasks.get(target["name"])
+    if task is not None and task.parameters is not ParameterMode.ENV:  # they are its jobs' argv, shown to readers
+        return schedule
+    return {**schedule, "target": {**target, "parameters": dict.fromkeys(target["parameters"], redact.MASK)}}
+
+
 def schedule_list(api: Api, session: Session, p: Params) -> Any:
     p.done()
-    return {"schedules": [s for s in api.scheduler.list() if may_schedule(api, session.peer, Right.READ, s)]}
+    schedules = api.scheduler.list()
+    peer = session.peer
+    return {"schedules": [schedule_json(api, peer, s) for s in schedules if may_schedule(api, peer, Right.READ, s)]}
 
 
 def _schedule_name(api: Api, session: Session, p: Params, right: Right) -> str:
@@ -995,19 +1011,19 @@ def _schedule_name(api: Api, session: Session, p: Params, right: Right) -> str:
 
 def schedule_enable(api: Api, session: Session, p: Params) -> Any:
     name = _schedule_name(api, session, p, Right.EDIT)
-    return api.scheduler.enable(name)
+    return schedule_json(api, session.peer, api.scheduler.enable(name))
 
 
 def schedule_disable(api: Api, session: Session, p: Params) -> Any:
     name = _schedule_name(api, session, p, Right.EDIT)
-    return api.scheduler.disable(name)
+    return schedule_json(api, session.peer, api.scheduler.disable(name))
 
 
 def schedule_trigger(api: Api, session: Session, p: Params) -> Any:
     name = _schedule_name(api, session, p, Right.EXEC)
     triggered = api.scheduler.trigger(name)
     return {
-        "schedule": api.scheduler.describe(name),
+        "schedule": schedule_json(api, session.peer, api.scheduler.describe(name)),
         "started": triggered.started,
         "run_id": triggered.run_id,
         "queued": triggered.queued,

@@ -399,6 +399,54 @@ def test_a_failed_reload_is_explained_to_admins_only(jobd: Daemon, users: dict[s
     assert "payroll.toml:3: task.payroll-export.environment.BANK_KEY" in admin["result"]["last_reload"]["error"]
 
 
+def test_a_schedules_environment_parameters_are_masked_to_users_who_are_not_admins(
+    make_daemon: Any, users: dict[str, Any]
+) -> None:
+    """The parameters of a schedule of a parameters = "env" task are its jobs' environment, which job.get shows to
+    nobody: schedule.list (and the schedule in the answers of schedule.trigger, enable, disable) showed them, a token
+    given to the nightly run included, to every user who may read the task. An args task's parameters are its jobs'
+    argv, shown to those readers anyway."""
+    extra = f"""
+[task.sync]
+command = ["/usr/bin/env"]
+parameters = "env"
+
+[schedule.nightly-sync]
+task = "sync"
+calendar = "0 0 1 1 *"
+parameters = {{ TARGET = "prod", API_TOKEN = "s3cr3t-token" }}
+
+[schedule.yearly-args]
+task = "report"
+calendar = "0 0 1 1 *"
+parameters = {{ PERIOD = "year" }}
+
+[[access.grant]]
+users = ["{PREFIX}alice"]
+rights = ["read", "exec", "edit"]
+tasks = ["sync"]
+"""
+    daemon: Daemon = make_daemon(CONFIG + extra)
+    daemon.root.chmod(0o755)
+    daemon.socket_path.chmod(0o666)
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("schedule.list", {}),
+        ("schedule.disable", {"name": "nightly-sync"}),
+        ("schedule.enable", {"name": "nightly-sync"}),
+        ("schedule.trigger", {"name": "nightly-sync"}),
+    ]
+    answers = calls(daemon, users["alice"], requests)
+    assert "s3cr3t" not in json.dumps(answers) and "prod" not in json.dumps(answers), answers
+    listed = {row["name"]: row["target"]["parameters"] for row in answers[0]["result"]["schedules"]}
+    masked = {"TARGET": "***", "API_TOKEN": "***"}
+    assert listed == {"nightly-sync": masked, "yearly-args": {"PERIOD": "year"}, "yearly-report": {}}, listed
+    assert answers[3]["result"]["schedule"]["target"]["parameters"] == masked
+    daemon.wait(answers[3]["result"]["run_id"])
+    [admin] = calls(daemon, users["dave"], [("schedule.list", {})])
+    shown = {row["name"]: row["target"]["parameters"] for row in admin["result"]["schedules"]}
+    assert shown["nightly-sync"] == {"TARGET": "prod", "API_TOKEN": "s3cr3t-token"}
+
+
 def test_a_key_answers_only_to_those_who_may_read_its_job(jobd: Daemon, users: dict[str, Any]) -> None:
     # A keyed submit whose key is taken answers with the job that has it: the job's command and arguments.
     secret = jobd.submit(task="secret", key="nightly-backup", args=["--password=hunter"])
