@@ -387,6 +387,10 @@ def test_queue_server_readme_payload_through_the_ad_hoc_api(server: Any, web: We
         {"url": "http://u:s3cret@\u2028/"},
         {"url": "http://u:s3cret@127.0.0.1:1\\@x/"},
         {"url": "http://u:s3cret@a\\b.invalid/x?token=t0k3n"},
+        # characters the IDNA codec passes but no host name holds: taken, each job then failed at every try
+        {"url": "http://u:s3cret@exa mple.com/"},
+        {"url": "http://u:s3cret@exa%20mple.com/"},
+        {"url": "http://u:s3cret@a<b.example/"},
     ],
 )
 def test_invalid_http_objects_are_refused(server: Any, http: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -129,6 +130,11 @@ def check_url(url: str) -> None:
         )
 
 
+# What a host name may hold once IDNA-encoded: letters, digits, hyphens and dots, and the underscores /etc/hosts and
+# resolvers take in practice.
+_HOST_NAME = re.compile(rb"[A-Za-z0-9_.-]+")
+
+
 def _host_usable(url: str) -> bool:
     """Whether aiohttp will send a request to the URL's host, as it reads it (yarl), rather than refuse it at every
     attempt: yarl takes the URL apart, the resolver encodes the name (IDNA), and a host of digits and dots alone is
@@ -142,8 +148,10 @@ def _host_usable(url: str) -> bool:
             return False
         if ":" in host:  # an IPv6 address, which yarl has read already
             return True
-        host.encode("idna")
+        name = host.encode("idna")
     except (ValueError, UnicodeError):
+        return False
+    if not _HOST_NAME.fullmatch(name):  # the idna codec passes a space, `%`, `<`...: no resolver finds such a name
         return False
     if host.replace(".", "").isdigit():
         try:
