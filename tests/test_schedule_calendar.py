@@ -100,6 +100,24 @@ def test_bad_cron(text: str) -> None:
         Calendar.parse(text)
 
 
+@pytest.mark.parametrize(
+    "text", ["R * * * *", "0 R * * *", "R/5 * * * * *", "0 0 1 r *", "H(0-5) * * * *", "0 0 * * 1,R"]
+)
+def test_random_and_hashed_values_are_refused(text: str) -> None:
+    """croniter's R is drawn again each time the expression is read, and jobd reads it at every next time: `R * * *
+    *` (once an hour at a random minute, as a Jenkins user means it) fired at a new minute after each firing, several
+    times an hour, and its listed next time changed at each reload. H (hashed) failed with croniter's own words."""
+    with pytest.raises(ValueError, match=r"random \(R\) and hashed \(H\) values are not supported"):
+        Calendar.parse(text)
+
+
+def test_names_are_not_random_values() -> None:
+    assert walls("0 0 1 mar thu", paris(2024, 1, 1, 0, 0, 0), 2) == [
+        "2024-03-01T00:00:00+01:00",
+        "2024-03-07T00:00:00+01:00",
+    ]
+
+
 def test_feb_29_is_possible() -> None:
     """The 29th of February exists in leap years: evQueue's day 28 in month 1 is accepted."""
     assert walls("0;0;0;28;1;", paris(2025, 1, 1, 0, 0, 0), 1) == ["2028-02-29T00:00:00+01:00"]

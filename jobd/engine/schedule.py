@@ -62,6 +62,8 @@ _EVQUEUE_LEVELS = ((60, 0), (60, 0), (24, 0), (31, 1), (12, 1), (7, 0))
 _DAY, _MONTH, _HOUR = 3, 4, 2
 _DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February may have a 29th: leap years
 _INTEGER = re.compile(r"-?[0-9]+")
+# croniter's Jenkins-style values in a cron field: R (random) and H (hashed), with an optional (range) and /step.
+_DRAWN = re.compile(r"[HhRr](\([0-9]+-[0-9]+\))?(/[0-9]+)?")
 
 # A day-and-weekday AND such as "29 February that is a Monday" can be decades away (28 years, more across a
 # century that is not a leap year); croniter gives up after this many years without a match.
@@ -164,6 +166,13 @@ def _parse_cron(text: str, stripped: str) -> Calendar:
             f"expected 5 cron fields (min hour day month wday) or 6 with seconds first, found {len(fields)}"
         )
     seconds_first = len(fields) == 6
+    for item in (item for field in fields for item in field.split(",")):
+        if _DRAWN.fullmatch(item):
+            # croniter draws R's value afresh each time it reads the expression, and jobd reads it at every next
+            # time: `R * * * *` would fire at a new minute after each firing, several times an hour.
+            raise ValueError(
+                f"{item!r}: croniter's random (R) and hashed (H) values are not supported; give the values themselves"
+            )
     try:
         croniter(expression, 0.0, second_at_beginning=seconds_first)
     except (CroniterBadCronError, CroniterError) as error:
