@@ -142,6 +142,15 @@ def test_a_tz_that_names_no_zone_is_left_for_the_machines_zone(monkeypatch: pyte
     assert type(zone) is type(machines) and str(zone) == str(machines)
 
 
+@pytest.mark.parametrize("value", [":/usr/share/zoneinfo/Asia/Kolkata", "/usr/share/zoneinfo/Asia/Kolkata"])
+def test_a_tz_that_gives_a_zone_files_path_is_that_zone(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """glibc reads TZ=:/path/of/a/zone/file (tzset(3)); jobd took it for no zone and read its calendars in
+    /etc/localtime's zone, while its jobs, which inherit TZ, and the rest of the machine were in Kolkata's."""
+    monkeypatch.setenv("TZ", value)
+    zone = LocalZone()()
+    assert zone.utcoffset(dt.datetime(2024, 1, 1)) == dt.timedelta(hours=5, minutes=30)
+
+
 def test_timezone_changes_the_instant() -> None:
     calendar = Calendar.parse("0 9 * * *")
     start = paris(2024, 6, 1, 0, 0, 0)

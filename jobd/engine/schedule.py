@@ -219,8 +219,9 @@ def _parse_evqueue(text: str) -> Calendar:
 
 
 class LocalZone:
-    """The machine's zone with its DST rules: $TZ if it names a zone, else /etc/localtime, else UTC. A fixed offset
-    such as `datetime.now().astimezone().tzinfo` would not do: it ignores the next DST change.
+    """The machine's zone with its DST rules: $TZ if it names a zone (an IANA name, or a zone file's absolute path as
+    glibc reads it), else /etc/localtime, else UTC. A fixed offset such as `datetime.now().astimezone().tzinfo`
+    would not do: it ignores the next DST change.
 
     Read at its first use, then kept; refresh() reads again what it is read from, and drops the zone if that
     changed (`timedatectl set-timezone` points /etc/localtime elsewhere), for a reload to recompute the next times.
@@ -245,24 +246,28 @@ class LocalZone:
 
 
 def _local_zone_source() -> tuple[str, bytes | None]:
-    """$TZ (without a leading `:`) and /etc/localtime's content (None if it cannot be read)."""
+    """$TZ (without glibc's leading `:`) and the content of the zone file it reads (None if it cannot be read):
+    the file $TZ gives by its absolute path (`TZ=:/usr/share/zoneinfo/Asia/Kolkata`, as tzset(3) reads it), else
+    /etc/localtime."""
     name = os.environ.get("TZ", "").removeprefix(":")
-    try:
-        with open("/etc/localtime", "rb") as file:
-            return name, file.read(1 << 20)
-    except OSError:
-        return name, None
+    for path in (name, "/etc/localtime") if name.startswith("/") else ("/etc/localtime",):
+        try:
+            with open(path, "rb") as file:
+                return name, file.read(1 << 20)
+        except OSError:
+            continue
+    return name, None
 
 
-def _zone_of(name: str, localtime: bytes | None) -> dt.tzinfo:
-    if name:
+def _zone_of(name: str, zone_file: bytes | None) -> dt.tzinfo:
+    if name and not name.startswith("/"):
         try:
             return zoneinfo.ZoneInfo(name)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: TZ=Europe, a directory of zones
             pass
-    if localtime is not None:
+    if zone_file is not None:
         try:
-            return zoneinfo.ZoneInfo.from_file(io.BytesIO(localtime), key="localtime")
+            return zoneinfo.ZoneInfo.from_file(io.BytesIO(zone_file), key="localtime")
         except ValueError:
             pass
     return dt.UTC
