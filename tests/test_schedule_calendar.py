@@ -225,6 +225,21 @@ def test_spring_forward_hourly() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("calendar", "expected"),
+    [
+        ("0 0 */2 * * *", ["2024-03-31T00:00:00+01:00", "2024-03-31T04:00:00+02:00", "2024-03-31T06:00:00+02:00"]),
+        ("30 */2 * * *", ["2024-03-31T00:30:00+01:00", "2024-03-31T04:30:00+02:00", "2024-03-31T06:30:00+02:00"]),
+        ("30 * * * *", ["2024-03-31T00:30:00+01:00", "2024-03-31T01:30:00+01:00", "2024-03-31T03:30:00+02:00"]),
+        ("0;0;;;;", ["2024-03-31T00:00:00+01:00", "2024-03-31T01:00:00+01:00", "2024-03-31T03:00:00+02:00"]),
+    ],
+)
+def test_spring_forward_every_hour_goes_on_at_the_new_clocks_times(calendar: str, expected: list[str]) -> None:
+    """An every-hour calendar stepping over the skipped hour: `0 */2 * * *` ran at 03:00 (croniter's stand-in for
+    02:00) and again at 04:00, an hour later, while `30 * * * *` ran nothing at the jump for its 02:30."""
+    assert walls(calendar, paris(2024, 3, 30, 23, 59, 0), 3) == expected
+
+
 def test_fall_back_fixed_time_runs_once() -> None:
     assert walls("30 2 * * *", paris(2024, 10, 26, 12, 0, 0), 2) == [
         "2024-10-27T02:30:00+02:00",

@@ -19,7 +19,9 @@ Accepted calendar syntaxes (`Calendar.parse`):
 DST, for a calendar evaluated in a zone that has it (the rules are croniter's, plus one filter of ours):
 
 - a wall-clock time skipped by a spring-forward jump fires at the jump (02:30 on the day Paris goes from 02:00 to
-  03:00 fires at 03:00), as Vixie cron does: a daily job is not lost;
+  03:00 fires at 03:00), as Vixie cron does: a daily job is not lost; but a calendar that runs every hour (hour
+  field `*`, `*/2`...: see below) goes on at its times of the new clock (`0 */2 * * *`: 00:00, then 04:00), as
+  `30 * * * *` does (01:30, then 03:30), not at the jump and again an hour later;
 - a wall-clock time repeated by a fall-back fires at both occurrences only when the calendar runs every hour (the
   hour field is `*` or an empty evQueue level), so an hourly or every-second schedule keeps its rhythm through the
   repeated hour; a calendar naming its hours fires once, at the first occurrence, so a daily 02:30 job runs once.
@@ -147,10 +149,28 @@ class Calendar:
             due = times.get_next(float)
             if due <= after:  # never go back in time, whatever a library does around a transition
                 continue
-            if not self.every_hour and dt.datetime.fromtimestamp(due, zone).fold == 1:
+            wall = dt.datetime.fromtimestamp(due, zone)
+            if not self.every_hour and wall.fold == 1:
                 continue  # second pass of a repeated hour: a fixed-time calendar already fired in the first
+            if self.every_hour and not self._names(wall):
+                continue  # croniter's stand-in at a spring-forward jump for a time that did not exist (see below)
             return due
         raise CroniterBadDateError(f"no due time found after {_MAX_STEPS} steps")  # pragma: no cover
+
+    def _names(self, wall: dt.datetime) -> bool:
+        """Whether the calendar names this wall-clock time. Not so for the time croniter gives at a spring-forward
+        jump for one the jump skipped (`0 */2 * * *` at 03:00 for 02:00): a calendar that runs every hour goes on
+        at its times of the new clock, as it does for `30 * * * *` (01:30, then 03:30), instead of running at the
+        jump and again an hour later."""
+        naive = wall.replace(tzinfo=None)  # no zone, no jumps: the calendar's own times (croniter.match errs on 29 Feb)
+        times = croniter(
+            self.expression,
+            naive - dt.timedelta(seconds=1),
+            day_or=self.day_or,
+            second_at_beginning=self.seconds_first,
+            max_years_between_matches=_MAX_YEARS_BETWEEN_MATCHES,
+        )
+        return bool(times.get_next(dt.datetime) == naive)
 
 
 def _parse_cron(text: str, stripped: str) -> Calendar:
