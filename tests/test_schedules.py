@@ -1068,3 +1068,31 @@ def test_a_reload_follows_a_change_of_the_machines_time_zone(make_daemon: Any, t
     assert daemon.call("daemon.reload")["ok"] is True
     assert time.gmtime(epoch(listed(daemon, "nightly")["next_run"])).tm_hour == 18
     assert "schedule nightly: the machine's time zone changed, its next time is recomputed" in daemon.log()
+
+
+def test_a_reload_after_a_change_of_the_machines_time_zone_shows_local_times_in_the_new_zone(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """After `timedatectl set-timezone` and a reload, a schedule's next time followed the new zone but evQueue's
+    `scheduled_at` (local time, as evQueue shows it) and jobd's log lines stayed in the old one: glibc's
+    localtime_r reads /etc/localtime once. jobd runs without TZ here, in a mount namespace of its own where
+    /etc/localtime is a file of the test's."""
+    zone = tmp_path / "localtime"
+    shutil.copyfile("/usr/share/zoneinfo/Etc/UTC", zone)
+    daemon: Daemon = make_daemon(BASE + schedule("nightly", "workflow:hello", "0 3 * * *"), start=False)
+    (daemon.config_dir / "workflows").mkdir()
+    (daemon.config_dir / "workflows" / "hello.xml").write_text(HELLO)
+    daemon.command_prefix = [
+        *("unshare", "--mount", "--propagation", "private"),
+        *("sh", "-c", 'mount --bind "$0" /etc/localtime && exec env -u TZ "$@"', str(zone)),
+    ]
+    start(daemon)
+    shutil.copyfile("/usr/share/zoneinfo/Asia/Tokyo", zone)  # UTC+9, no DST
+    # timedatectl makes a new file; this one's inode stays, and glibc tells files apart by inode and mtime
+    os.utime(zone, (os.stat(zone).st_mtime + 10,) * 2)
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert time.gmtime(epoch(listed(daemon, "nightly")["next_run"])).tm_hour == 18
+    with EvqClient(daemon.evqueue_socket) as client:
+        entry = ok(client.ask(b'<status action="query" type="scheduler"/>'))[0][0]
+    assert entry.get("scheduled_at", "").endswith(" 03:00:00"), entry.attrib
+    stop_pumps([daemon])

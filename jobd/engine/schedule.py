@@ -35,6 +35,7 @@ import io
 import math
 import os
 import re
+import time
 import zoneinfo
 from dataclasses import dataclass
 
@@ -258,7 +259,11 @@ class LocalZone:
         return self._zone
 
     def refresh(self) -> bool:
-        """Whether the zone changed since it was read (it is then read again at its next use)."""
+        """Whether the zone changed since it was read (it is then read again at its next use).
+
+        libc's zone is read again too: glibc's localtime_r, behind jobd's log lines and evQueue's local times
+        (`scheduled_at`), reads /etc/localtime once, and would show the old zone's times beside the new one's."""
+        time.tzset()
         if self._zone is None or _local_zone_source() == self._source:
             return False
         self._zone = None
