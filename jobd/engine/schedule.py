@@ -390,6 +390,19 @@ def waited_for(definition: ScheduleDef, calendar: Calendar, state: ScheduleState
     return due if _is_due_time(calendar, definition, due) else None
 
 
+def due_meanwhile(definition: ScheduleDef, calendar: Calendar | None, state: ScheduleState, now: float) -> float | None:
+    """At a reload that changed the schedule: the due time it waited for, if that time has come without firing yet
+    (it came while the event loop read the files, which takes seconds for a large configuration, or just before)
+    and the changed schedule still has it; None otherwise. Its next time would otherwise be computed after now,
+    passing over it: kept, it fires at once."""
+    due = state.next_run
+    if calendar is None or due is None or due > now or not _active(definition, state):
+        return None
+    if state.last_due is not None and state.last_due >= due:
+        return None
+    return due if _is_due_time(calendar, definition, due) else None
+
+
 def _is_due_time(calendar: Calendar, definition: ScheduleDef, moment: float) -> bool:
     """Whether `moment` is one of the calendar's due times, delayed by at most the schedule's jitter."""
     return calendar.next_after(moment - definition.jitter - 1, definition.timezone) <= moment
@@ -406,6 +419,7 @@ __all__ = [
     "Calendar",
     "LocalZone",
     "catch_up_due",
+    "due_meanwhile",
     "local_zone",
     "next_run",
     "set_back",

@@ -33,6 +33,7 @@ from jobd.engine.schedule import (
     MAX_STEP_BACK,
     Calendar,
     catch_up_due,
+    due_meanwhile,
     local_zone,
     next_run,
     set_back,
@@ -704,7 +705,8 @@ class Scheduler:
             elif schedule.runs and definition.overlap is Overlap.SKIP:
                 self._set(schedule, next_run=None)
             else:
-                self._set(schedule, next_run=self._next(schedule, now))
+                came = due_meanwhile(definition, schedule.calendar, schedule.state, now + DUE_MARGIN)
+                self._set(schedule, next_run=came if came is not None else self._next(schedule, now))
         self._rearm()
 
 
