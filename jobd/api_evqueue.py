@@ -483,8 +483,13 @@ def status_scheduler(service: EvQueue, peer: Peer, command: xml.StatusScheduler)
     status = xml.element("status")
     for number, schedule in enumerate(_workflow_schedules(service.api), start=1):
         attrs: dict[str, xml.AttributeValue] = {"workflow_schedule_id": number, "name": schedule["target"]["name"]}
-        if schedule["running"]:
-            attrs.update(scheduled_at="running", workflow_instance_id=max(schedule["running"]))
+        # Instances only: a job still going from before a reload turned a task schedule into this one has an id
+        # of its own numbering, which as an instance id would name another instance.
+        instances = [run["id"] for run in schedule["runs"] if run["kind"] == "instance"]
+        if instances:
+            attrs.update(scheduled_at="running", workflow_instance_id=max(instances))
+        elif schedule["running"] and schedule["next_run"] is None:
+            attrs["scheduled_at"] = "running"  # that job's end is waited for (overlap skip)
         elif schedule["next_run"] is not None:
             attrs["scheduled_at"] = local_time(_timestamp_of(schedule["next_run"]))
         else:

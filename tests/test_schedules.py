@@ -278,6 +278,30 @@ def test_a_job_and_an_instance_of_the_same_id_are_two_runs_of_one_schedule(sched
     assert (after["runs"], after["running"], after["state"]) == ([], [], "waiting"), after
 
 
+def test_evqueues_scheduler_status_names_no_job_as_the_instance_of_a_workflow_schedule(
+    sched: Any, tmp_path: Path
+) -> None:
+    """A task schedule turned into a workflow schedule by a reload while its jobs 1 and 2 went: evQueue's
+    `<status type="scheduler"/>` showed it running with workflow_instance_id="2", the id of a job (no such instance,
+    or another workflow's)."""
+    gate = Gate(tmp_path / "job")
+    daemon = sched(schedule("s", "task:gated", "0 0 1 1 *", parameters={"lock": gate.path}, overlap="allow"))
+    jobs = [daemon.call("schedule.trigger", {"name": "s"})["run_id"] for _ in range(2)]
+    rewrite(daemon, schedule("s", "workflow:hello", "0 0 1 1 *", overlap="allow"))
+    daemon.call("daemon.reload")
+    with EvqClient(daemon.evqueue_socket) as client:
+        entry = ok(client.ask(b'<status action="query" type="scheduler"/>'))[0][0]
+    assert entry.get("workflow_instance_id") is None, entry.attrib
+    assert entry.get("scheduled_at") == time.strftime(
+        "%Y-%m-%d %H:%M:%S", time.localtime(epoch(listed(daemon, "s")["next_run"]))
+    )
+    instance = daemon.call("schedule.trigger", {"name": "s"})["run_id"]
+    daemon.call("instance.wait", {"id": instance, "timeout": WAIT}, timeout=WAIT + 5)
+    gate.release()
+    for job in jobs:
+        daemon.wait(job)
+
+
 # -- failure, suspend --------------------------------------------------------------------------------------------
 
 
