@@ -1175,3 +1175,62 @@ def test_a_due_time_that_came_while_a_reload_read_the_files_fires_for_the_edited
     finally:
         store.close()
     assert [spec.env.get("V") for spec in submitted] == ["2"], submitted  # fired once, as edited
+
+
+def test_a_catch_up_is_delayed_by_the_schedules_jitter_as_systemds_persistent_is_by_randomizeddelaysec(
+    tmp_path: Path,
+) -> None:
+    """A catch-up ran at the start whatever the schedule's `jitter`: every schedule that missed a time while jobd
+    was down started in the same instant, the herd that jitter is there to spread (systemd.timer(5): Persistent=
+    triggering "is nonetheless subject to the delay imposed by RandomizedDelaySec="). In-process, with the clock
+    and the random draw given; the timerfd is real, armed in 2096: it never expires here."""
+    from types import SimpleNamespace
+
+    from jobd import config as jobd_config
+    from jobd.engine.scheduler import Scheduler
+    from jobd.model import ScheduleState
+    from jobd.store import Store
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "jobd.toml").write_text(
+        f'[daemon]\nsocket = "{tmp_path}/s"\nstate_dir = "{tmp_path}"\ndefault_user = "root"\n'
+        '[queue.default]\n[task.t]\ncommand = ["/bin/true"]\n'
+        '[schedule.s]\ntask = "t"\ncalendar = "0 * * * *"\ncatch_up = true\njitter = 600\n'
+    )
+    submitted: list[Any] = []
+
+    def submit(specs: list[Any], delays: list[float], watcher: Any) -> list[Any]:
+        submitted.append(specs[0])
+        return [SimpleNamespace(id=len(submitted))]
+
+    hour = 4_000_000_800.0  # a whole hour (2096)
+    now = [hour + 7200 + 30]  # jobd comes back two hours after the due time it waited for
+    store = Store(str(tmp_path / "jobd.sqlite3"))
+    store.open()
+    store.save_schedule_state(
+        ScheduleState(name="s", last_run=hour - 3600 + 100, last_result="succeeded", next_run=hour)
+    )
+    engine = SimpleNamespace(
+        config=jobd_config.load_dir(str(tmp_path / "etc")),
+        submit=submit,
+        watch=lambda *args: None,
+        list_jobs=lambda where: [],  # no run of it started since the due time it waited for
+    )
+
+    async def start_then_expire() -> tuple[float | None, int]:
+        scheduler = Scheduler(engine, None, store, clock=lambda: now[0], jitter_fraction=lambda: 0.25)  # type: ignore[arg-type]
+        scheduler.start()
+        listed, fired_at_start = scheduler.describe("s")["next_run"], len(submitted)
+        delayed = None if listed is None else epoch(listed)
+        if delayed is not None:
+            now[0] = delayed  # its time comes
+            scheduler._expired()
+        scheduler.stop()
+        return delayed, fired_at_start
+
+    try:
+        delayed, fired_at_start = asyncio.run(start_then_expire())
+    finally:
+        store.close()
+    assert (fired_at_start, delayed) == (0, hour + 7200 + 30 + 150)  # a quarter of 600 s later
+    assert len(submitted) == 1  # once, then

@@ -386,6 +386,18 @@ class Scheduler:
         # A run still going does not stop the catch-up: the overlap rule decides, as for any due time (skip returned
         # above; allow starts another run; queue_one queues one).
         if catch_up_due(definition, schedule.calendar, schedule.state, now):
+            delay = self.jitter_fraction() * definition.jitter
+            if delay > 0:
+                # As systemd's Persistent= catch-up is by RandomizedDelaySec=: the schedules that missed a time
+                # while jobd was down do not all start in the same instant. Due then, it fires as any due time; a
+                # restart before it has fired still owes it (catch_up_due, waited_for).
+                log.info(
+                    "schedule %s: a due time was missed while jobd was down; catching up once in %.0f s (jitter)",
+                    definition.name,
+                    delay,
+                )
+                self._set(schedule, next_run=now + delay)
+                return
             missed = schedule.state.next_run
             due = missed if missed is not None and missed <= now else now
             log.info("schedule %s: a due time was missed while jobd was down; catching up once now", definition.name)
