@@ -3,7 +3,9 @@ state, reload, the clock-change re-arm, the schedule.* API, jobctl and evQueue's
 
 Firings are observed as they happen, through `events.subscribe` (job.state notifications) read with a deadline;
 a run that must last is a task blocked on a lock file the test holds (tests/recovery/support.py's Gate). Where a
-test must let wall-clock time pass (to show that nothing fires), it waits for an event with a deadline.
+test must let wall-clock time pass (to show that nothing fires), it waits for an event with a deadline. What a
+daemon cannot be made to do on cue (a due time coming while a reload holds the loop; a random draw) is shown on a
+Scheduler in-process, its clock and draw given (InProcess).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,7 +32,11 @@ from test_evqueue_protocol import EvqClient, ok
 from test_jobctl import run_jobctl
 from test_jobs import next_matching
 
+from jobd import config as jobd_config
 from jobd.client import Client, RemoteError
+from jobd.engine.scheduler import Scheduler
+from jobd.model import ScheduleState
+from jobd.store import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -1123,58 +1130,73 @@ def test_a_reload_after_a_change_of_the_machines_time_zone_shows_local_times_in_
     stop_pumps([daemon])
 
 
+class InProcess:
+    """A Scheduler on an event loop of the test's, for what a daemon cannot be made to do on cue: its clock and its
+    random draw are given. The configuration is loaded from files and the state kept in a real Store; the engine
+    records the jobs it is given and runs none. The timerfd is real but armed at the given clock's times, in 2096:
+    it never expires by itself, the test calls `_expired` as the loop would."""
+
+    def __init__(self, tmp_path: Path, schedules: str, now: float, jitter_fraction: float = 0.0) -> None:
+        self.tmp_path = tmp_path
+        self.now = now
+        self.submitted: list[Any] = []
+        self.store = Store(str(tmp_path / "jobd.sqlite3"))
+        self.store.open()
+        self.engine = SimpleNamespace(
+            config=self.load(schedules),
+            submit=self._submit,
+            watch=lambda *args: None,
+            list_jobs=lambda where: [],  # no run of a schedule started since the due time it waited for
+        )
+        self.scheduler = Scheduler(
+            self.engine,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]  # no workflow schedule here
+            self.store,
+            clock=lambda: self.now,
+            jitter_fraction=lambda: jitter_fraction,
+        )
+
+    def load(self, schedules: str) -> Any:
+        (self.tmp_path / "etc").mkdir(exist_ok=True)
+        (self.tmp_path / "etc" / "jobd.toml").write_text(
+            f'[daemon]\nsocket = "{self.tmp_path}/s"\nstate_dir = "{self.tmp_path}"\ndefault_user = "root"\n'
+            '[queue.default]\n[task.t]\ncommand = ["/bin/true"]\nparameters = "env"\n' + schedules
+        )
+        return jobd_config.load_dir(str(self.tmp_path / "etc"))
+
+    def _submit(self, specs: list[Any], delays: list[float], watcher: Any) -> list[Any]:
+        self.submitted.append(specs[0])
+        return [SimpleNamespace(id=len(self.submitted))]
+
+    def next_run(self) -> float | None:
+        listed = self.scheduler.describe("s")["next_run"]
+        return None if listed is None else epoch(listed)
+
+
 def test_a_due_time_that_came_while_a_reload_read_the_files_fires_for_the_edited_schedule(tmp_path: Path) -> None:
     """A reload computed an edited schedule's next time after its end, passing over a due time that had come
     while the loop read the files (a large configuration takes seconds; 2 of 21 firings of an every-second
-    schedule edited ten times a second were lost). In-process, with the clock given: the due time comes between
-    the timer's arming and the reload, as it does while a reload holds the loop. (The timerfd is real, armed in
-    2096: it never expires here.)"""
-    from types import SimpleNamespace
+    schedule edited ten times a second were lost). Here the due time comes between the timer's arming and the
+    reload, as it does while a reload holds the loop."""
+    edited = '[schedule.s]\ntask = "t"\ncalendar = "* * * * * *"\nparameters = {{ V = "{}" }}\n'
+    it = InProcess(tmp_path, edited.format(1), now=4_000_000_000.5)
 
-    from jobd import config as jobd_config
-    from jobd.engine.scheduler import Scheduler
-    from jobd.store import Store
-
-    def load(value: str) -> Any:
-        (tmp_path / "etc").mkdir(exist_ok=True)
-        (tmp_path / "etc" / "jobd.toml").write_text(
-            f'[daemon]\nsocket = "{tmp_path}/s"\nstate_dir = "{tmp_path}"\ndefault_user = "root"\n'
-            '[queue.default]\n[task.t]\ncommand = ["/bin/true"]\nparameters = "env"\n'
-            f'[schedule.s]\ntask = "t"\ncalendar = "* * * * * *"\nparameters = {{ V = "{value}" }}\n'
-        )
-        return jobd_config.load_dir(str(tmp_path / "etc"))
-
-    submitted: list[Any] = []
-
-    def submit(specs: list[Any], delays: list[float], watcher: Any) -> list[Any]:
-        submitted.append(specs[0])
-        return [SimpleNamespace(id=len(submitted))]
-
-    now = [4_000_000_000.5]
-    store = Store(str(tmp_path / "jobd.sqlite3"))
-    store.open()
-    engine = SimpleNamespace(config=load("1"), submit=submit, watch=lambda *args: None)
-
-    async def reload_at_the_due_time() -> Any:
-        scheduler = Scheduler(engine, None, store, clock=lambda: now[0])  # type: ignore[arg-type]
-        scheduler.start()
-        assert listed_due(scheduler) == 4_000_000_001
-        now[0] = 4_000_000_001.2  # the due time has come; the loop has not handled the timer yet
-        engine.config = load("2")
-        scheduler.reload(engine.config)
-        due = listed_due(scheduler)
-        scheduler._expired()  # the timer, once the loop gets to it (read on a non-blocking fd: nothing expired)
-        scheduler.stop()
+    async def reload_at_the_due_time() -> float | None:
+        it.scheduler.start()
+        assert it.next_run() == 4_000_000_001
+        it.now = 4_000_000_001.2  # the due time has come; the loop has not handled the timer yet
+        it.engine.config = it.load(edited.format(2))
+        it.scheduler.reload(it.engine.config)
+        due = it.next_run()
+        it.scheduler._expired()  # the timer, once the loop gets to it (a non-blocking read: nothing expired)
+        it.scheduler.stop()
         return due
-
-    def listed_due(scheduler: Any) -> float:
-        return epoch(scheduler.describe("s")["next_run"])
 
     try:
         assert asyncio.run(reload_at_the_due_time()) == 4_000_000_001  # kept: it fires at once
     finally:
-        store.close()
-    assert [spec.env.get("V") for spec in submitted] == ["2"], submitted  # fired once, as edited
+        it.store.close()
+    assert [spec.env.get("V") for spec in it.submitted] == ["2"], it.submitted  # fired once, as edited
 
 
 def test_a_catch_up_is_delayed_by_the_schedules_jitter_as_systemds_persistent_is_by_randomizeddelaysec(
@@ -1182,55 +1204,30 @@ def test_a_catch_up_is_delayed_by_the_schedules_jitter_as_systemds_persistent_is
 ) -> None:
     """A catch-up ran at the start whatever the schedule's `jitter`: every schedule that missed a time while jobd
     was down started in the same instant, the herd that jitter is there to spread (systemd.timer(5): Persistent=
-    triggering "is nonetheless subject to the delay imposed by RandomizedDelaySec="). In-process, with the clock
-    and the random draw given; the timerfd is real, armed in 2096: it never expires here."""
-    from types import SimpleNamespace
-
-    from jobd import config as jobd_config
-    from jobd.engine.scheduler import Scheduler
-    from jobd.model import ScheduleState
-    from jobd.store import Store
-
-    (tmp_path / "etc").mkdir()
-    (tmp_path / "etc" / "jobd.toml").write_text(
-        f'[daemon]\nsocket = "{tmp_path}/s"\nstate_dir = "{tmp_path}"\ndefault_user = "root"\n'
-        '[queue.default]\n[task.t]\ncommand = ["/bin/true"]\n'
-        '[schedule.s]\ntask = "t"\ncalendar = "0 * * * *"\ncatch_up = true\njitter = 600\n'
-    )
-    submitted: list[Any] = []
-
-    def submit(specs: list[Any], delays: list[float], watcher: Any) -> list[Any]:
-        submitted.append(specs[0])
-        return [SimpleNamespace(id=len(submitted))]
-
+    triggering "is nonetheless subject to the delay imposed by RandomizedDelaySec=")."""
     hour = 4_000_000_800.0  # a whole hour (2096)
-    now = [hour + 7200 + 30]  # jobd comes back two hours after the due time it waited for
-    store = Store(str(tmp_path / "jobd.sqlite3"))
-    store.open()
-    store.save_schedule_state(
-        ScheduleState(name="s", last_run=hour - 3600 + 100, last_result="succeeded", next_run=hour)
+    it = InProcess(
+        tmp_path,
+        '[schedule.s]\ntask = "t"\ncalendar = "0 * * * *"\ncatch_up = true\njitter = 600\n',
+        now=hour + 7200 + 30,  # jobd comes back two hours after the due time it waited for
+        jitter_fraction=0.25,
     )
-    engine = SimpleNamespace(
-        config=jobd_config.load_dir(str(tmp_path / "etc")),
-        submit=submit,
-        watch=lambda *args: None,
-        list_jobs=lambda where: [],  # no run of it started since the due time it waited for
+    it.store.save_schedule_state(
+        ScheduleState(name="s", last_run=hour - 3600 + 100, last_result="succeeded", next_run=hour)
     )
 
     async def start_then_expire() -> tuple[float | None, int]:
-        scheduler = Scheduler(engine, None, store, clock=lambda: now[0], jitter_fraction=lambda: 0.25)  # type: ignore[arg-type]
-        scheduler.start()
-        listed, fired_at_start = scheduler.describe("s")["next_run"], len(submitted)
-        delayed = None if listed is None else epoch(listed)
+        it.scheduler.start()
+        delayed, fired_at_start = it.next_run(), len(it.submitted)
         if delayed is not None:
-            now[0] = delayed  # its time comes
-            scheduler._expired()
-        scheduler.stop()
+            it.now = delayed  # its time comes
+            it.scheduler._expired()
+        it.scheduler.stop()
         return delayed, fired_at_start
 
     try:
         delayed, fired_at_start = asyncio.run(start_then_expire())
     finally:
-        store.close()
+        it.store.close()
     assert (fired_at_start, delayed) == (0, hour + 7200 + 30 + 150)  # a quarter of 600 s later
-    assert len(submitted) == 1  # once, then
+    assert len(it.submitted) == 1  # once, then
