@@ -390,17 +390,24 @@ def waited_for(definition: ScheduleDef, calendar: Calendar, state: ScheduleState
     return due if _is_due_time(calendar, definition, due) else None
 
 
-def due_meanwhile(definition: ScheduleDef, calendar: Calendar | None, state: ScheduleState, now: float) -> float | None:
-    """At a reload that changed the schedule: the due time it waited for, if that time has come without firing yet
-    (it came while the event loop read the files, which takes seconds for a large configuration, or just before)
-    and the changed schedule still has it; None otherwise. Its next time would otherwise be computed after now,
-    passing over it: kept, it fires at once."""
+def still_due(definition: ScheduleDef, calendar: Calendar | None, state: ScheduleState, now: float) -> float | None:
+    """When the next time is computed again (the schedule edited by a reload, the clock set): the due time it
+    waited for, if the calendar's time it stands for has come (it is due, or its jitter delay runs), it has not
+    fired, and the schedule, as it is now, still has it (a time of its calendar, delayed by at most its jitter);
+    None otherwise.
+
+    Computed after now alone, the next time would pass over it: a nightly job edited, or the clock stepped by NTP,
+    in its jitter window would skip that night, and a due time that came while the event loop read the files at a
+    reload (seconds, for a large configuration) would be lost. A due time whose calendar time is still to come is
+    drawn again, as an edit asks. The caller takes the earlier of this and the next time after now: a calendar
+    made denser still comes sooner."""
     due = state.next_run
-    if calendar is None or due is None or due > now or not _active(definition, state):
+    if calendar is None or due is None or not _active(definition, state):
         return None
     if state.last_due is not None and state.last_due >= due:
         return None
-    return due if _is_due_time(calendar, definition, due) else None
+    standing_for = calendar.next_after(due - definition.jitter - 1, definition.timezone)
+    return due if standing_for <= min(due, now) else None
 
 
 def _is_due_time(calendar: Calendar, definition: ScheduleDef, moment: float) -> bool:
@@ -419,9 +426,9 @@ __all__ = [
     "Calendar",
     "LocalZone",
     "catch_up_due",
-    "due_meanwhile",
     "local_zone",
     "next_run",
     "set_back",
+    "still_due",
     "waited_for",
 ]

@@ -33,10 +33,10 @@ from jobd.engine.schedule import (
     MAX_STEP_BACK,
     Calendar,
     catch_up_due,
-    due_meanwhile,
     local_zone,
     next_run,
     set_back,
+    still_due,
     waited_for,
 )
 from jobd.engine.submit import resolve, schedule_request, scheduler_peer
@@ -414,24 +414,27 @@ class Scheduler:
         assert self._fd is not None
         self._armed = None  # an absolute one-shot timer is disarmed once it has expired or been cancelled
         clock_set = linux.read_expirations(self._fd) is None
-        now = self.clock()
         try:
-            for name in sorted(self._schedules):
-                schedule = self._schedules[name]
-                due = schedule.state.next_run
-                if not schedule.waiting or due is None:
-                    continue
-                if due <= now + DUE_MARGIN:
-                    self._set(schedule, last_due=due)  # fired once, whatever the clock does next
-                    self._fire(schedule, due, now)
-                    self._after_firing(schedule, now)
-                elif clock_set:  # set back: the next time from the new "now" may be sooner (never at or before
-                    # the due time last fired, within MAX_STEP_BACK: see next_run)
-                    self._set(schedule, next_run=self._next(schedule, now))
-            if clock_set:
-                log.info("the system clock was set: due times recomputed, timer re-armed")
+            self._fire_due(self.clock(), clock_set)
         finally:
             self._rearm()  # the timer is one-shot: whatever happened above, the next due time must be armed
+
+    def _fire_due(self, now: float, clock_set: bool) -> None:
+        """Fire every schedule whose due time has come; when the clock was set, compute the others' again."""
+        for name in sorted(self._schedules):
+            schedule = self._schedules[name]
+            due = schedule.state.next_run
+            if not schedule.waiting or due is None:
+                continue
+            if due <= now + DUE_MARGIN:
+                self._set(schedule, last_due=due)  # fired once, whatever the clock does next
+                self._fire(schedule, due, now)
+                self._after_firing(schedule, now)
+            elif clock_set:  # set back: the next time from the new "now" may be sooner (never at or before
+                # the due time last fired, within MAX_STEP_BACK: see next_run)
+                self._set(schedule, next_run=self._recomputed(schedule, now))
+        if clock_set:
+            log.info("the system clock was set: due times recomputed, timer re-armed")
 
     def _rearm(self) -> None:
         if self._fd is None:
@@ -468,6 +471,13 @@ class Scheduler:
                 iso(schedule.state.last_due),
             )
         return next_run(schedule.definition, schedule.calendar, schedule.state, now, self.jitter_fraction())
+
+    def _recomputed(self, schedule: _Schedule, now: float) -> float | None:
+        """The next time computed again (an edit of the schedule, the clock set): after now, unless the due time
+        it waited for, whose calendar time has come, comes sooner and it still has that one (see still_due)."""
+        waited = still_due(schedule.definition, schedule.calendar, schedule.state, now + DUE_MARGIN)
+        computed = self._next(schedule, now)
+        return computed if waited is None or computed is None else min(waited, computed)
 
     def _after_firing(self, schedule: _Schedule, now: float) -> None:
         """The next due time once a due time has fired (whether or not a run started)."""
@@ -717,8 +727,7 @@ class Scheduler:
             elif schedule.runs and definition.overlap is Overlap.SKIP:
                 self._set(schedule, next_run=None)
             else:
-                came = due_meanwhile(definition, schedule.calendar, schedule.state, now + DUE_MARGIN)
-                self._set(schedule, next_run=came if came is not None else self._next(schedule, now))
+                self._set(schedule, next_run=self._recomputed(schedule, now))
         self._rearm()
 
 
