@@ -136,16 +136,23 @@ DATABASE = "jobd.sqlite3"
 
 
 def _refuse_a_lost_database(state_dir: str) -> None:
-    """A state directory whose database is gone but that still holds what it recorded (its WAL, its jobs' output)
-    is not a new one: a database made anew would give out job ids again, and a new job 1 would show the old job 1's
-    output to whoever may read the new one."""
+    """A state directory whose database is gone (or an empty file) but that still holds what it recorded (its WAL,
+    its jobs' output) is not a new one: a database made anew would give out job ids again, and a new job 1 would show
+    the old job 1's output to whoever may read the new one."""
     database = os.path.join(state_dir, DATABASE)
-    if os.path.lexists(database):
+    # An empty file is no database either (SQLite takes it for a new one): what a power cut can leave of a file just
+    # written (a restored copy), or a copy cut short. jobd's own database is never empty once it holds a job.
+    try:
+        empty = os.lstat(database).st_size == 0
+    except FileNotFoundError:
+        empty = None
+    if empty is False:
         return
     left = [name for name in (DATABASE + "-wal", "output") if _holds_something(os.path.join(state_dir, name))]
     if left:
+        what = "is empty (0 bytes)" if empty else "is missing"
         raise StartupError(
-            f"the database {database} is missing, but {' and '.join(left)} in {state_dir} are left from it: restore "
+            f"the database {database} {what}, but {' and '.join(left)} in {state_dir} are left from it: restore "
             "the database from a backup, or move the state directory's contents away to start anew",
             permanent=True,
         )

@@ -596,6 +596,23 @@ def test_a_missing_database_with_its_jobs_leftovers_is_refused(make_daemon: Call
     assert fresh["id"] == job["id"] and daemon.output(fresh["id"]) == ""
 
 
+def test_an_empty_database_with_its_jobs_output_left_is_refused_as_a_missing_one(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """SQLite takes an empty file for a new database: what a power cut can leave of a copy just restored. Its jobs'
+    output is still there, so it is refused as a missing database is, and left as it is."""
+    daemon = make_daemon("[queue.default]\n")
+    daemon.wait(daemon.submit(command=["/bin/echo", "old job"])["id"])
+    assert daemon.stop() == 0
+    database = daemon.state_dir / "jobd.sqlite3"
+    database.write_bytes(b"")
+    started = start_directly(daemon)
+    assert started.returncode == 78, started
+    assert f"the database {database} is empty (0 bytes), but output in {daemon.state_dir} are left" in started.stderr
+    assert "Traceback" not in started.stderr, started.stderr
+    assert database.stat().st_size == 0 and not Path(f"{database}-wal").exists()
+
+
 def test_a_state_dir_that_is_a_file_is_named_at_start_up(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon(start=False)
     daemon.state_dir.parent.mkdir(parents=True, exist_ok=True)
