@@ -478,12 +478,13 @@ class _FileName:
     loop: a request handled in the same turn of the loop as the deletion may still be answered as saved (it is lost
     with everything the deleted file held); the ones after are refused. Without a running loop (tools and tests
     that use the store directly), or when the kernel refuses the watch (fs.inotify.max_user_instances or
-    max_user_watches used up), each write makes the fstat() itself.
+    max_user_watches used up), each write makes the fstat() itself. `on_lost` is told once, when the loss is found.
     """
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, on_lost: Callable[[], None] = lambda: None) -> None:
         self._fd = fd
         self._lost = False
+        self._on_lost = on_lost
         self._inotify: inotify_simple.INotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         try:
@@ -505,13 +506,19 @@ class _FileName:
 
     def lost(self) -> bool:
         if self._inotify is None and not self._lost:
-            self._lost = os.fstat(self._fd).st_nlink == 0
+            self._look()
         return self._lost
 
     def _changed(self) -> None:
         assert self._inotify is not None
         self._inotify.read(timeout=0)  # whatever it says (an overflow too), the link count is looked at
-        self._lost = self._lost or os.fstat(self._fd).st_nlink == 0
+        if not self._lost:
+            self._look()
+
+    def _look(self) -> None:
+        self._lost = os.fstat(self._fd).st_nlink == 0
+        if self._lost:
+            self._on_lost()
 
     def close(self) -> None:
         if self._inotify is not None:
@@ -550,6 +557,7 @@ class Store:
         self._flusher: _GroupFlusher | None = None
         self._file: int | None = None  # Store.open: the database file, for copies (hold_file) and _check_file
         self._name: _FileName | None = None  # Store.open: whether that file still has a name (_check_file)
+        self._wal: tuple[int, int] | None = None  # Store.open: the WAL's device and inode (_drop_wal)
         self._audit_pending: list[AuditEntry] = []
         self._audit_timer: asyncio.TimerHandle | None = None  # the write-behind, or the next try on a full disk
         self._audit_failing = False  # the last write of entries failed: they wait for room
@@ -581,17 +589,40 @@ class Store:
         # directory removed by hand or by a cleaning tool), SQLite goes on writing into the deleted file without a
         # word, and every commit would be answered as saved while all of it vanished at the next start.
         self._file = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        self._name = _FileName(self.path, self._file)
+        # The WAL as SQLite made it (it keeps it, by its descriptor, until the connection closes): see _drop_wal.
+        self._wal = _identity(self.path + "-wal")
+        self._name = _FileName(self.path, self._file, self._drop_wal)
 
     def _check_file(self) -> None:
         """Refuse a write to a database file that no longer has a name (deleted, or replaced by another file):
         what it would save is gone at the next start. An OperationalError, as SQLite's own refusals are, so every
         caller answers STORE_FAILED and tries again as on a full disk."""
         if self._name is not None and self._name.lost():
+            if os.path.lexists(self.path):  # a copy restored while jobd ran, most likely
+                raise sqlite3.OperationalError(
+                    f"its file {self.path} was replaced by another while jobd ran: nothing can be saved any more; "
+                    "restart jobd, which opens the file now there (what the replaced one held is gone with it)"
+                )
             raise sqlite3.OperationalError(
                 f"its file {self.path} was deleted while jobd ran: nothing can be saved any more; restart jobd, which "
                 "makes a new, empty database (the jobs it held are gone with the file)"
             )
+
+    def _drop_wal(self) -> None:
+        """The database file lost its name. Its WAL, still beside that name, belongs to the file that is gone, and
+        SQLite leaves it there when it closes a database that was moved: the next start would play it into whatever
+        file is put there, a copy restored while jobd ran, whose pages it mixed with the old file's (a damaged
+        database). It is removed now (SQLite goes on through its descriptor), so a crash leaves none either; unless
+        it is no longer SQLite's (removed by hand already, another put there)."""
+        wal = self.path + "-wal"
+        if self._wal is None or _identity(wal) != self._wal:
+            return
+        try:
+            os.unlink(wal)
+        except OSError as error:
+            log.error("cannot remove %s, the WAL of the database file that was deleted or replaced: %s", wal, error)
+        else:
+            log.warning("removed %s: the WAL of the database file that was deleted or replaced while jobd ran", wal)
 
     def hold_file(self) -> int:
         """Put everything committed (audit entries waiting for their write too) into the database file, and leave
@@ -1544,6 +1575,15 @@ def store_failure(failure: Exception) -> StoreFailed | None:
 # A request refused for the database's trouble is logged once for each request name and trouble, then one line a
 # minute at most: clients that go on submitting on a full disk are refused thousands of times a second.
 _refusals = logline.Throttle(every=60.0)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The device and inode of the file at `path` (not followed), or None if there is none."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def fsync_directory_of(path: str) -> None:

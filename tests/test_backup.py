@@ -115,6 +115,33 @@ def test_a_restored_copy_numbers_new_jobs_past_the_output_left_by_later_jobs(
     assert daemon.output(silent["id"]) == ""
 
 
+def test_a_copy_restored_by_a_rename_while_jobd_runs_is_refused_and_not_mixed_with_the_old_wal(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """The copy put in place of the database while jobd runs (by a rename, as `mv` and `install` do): jobd refuses
+    to write, saying that a restart opens the file now there. Its stop left the replaced database's WAL beside the
+    copy, and the next start played that WAL into the copy: a later job appeared in it, and a copy older than the
+    last checkpoint came out damaged."""
+    daemon = make_daemon(QUEUES)
+    first = daemon.wait(daemon.submit(command=["/bin/echo", "in the copy"])["id"])
+    assert ctl(daemon, "backup").code == 0
+    later = daemon.wait(daemon.submit(command=["/bin/echo", "after the copy"])["id"])
+    database = daemon.state_dir / "jobd.sqlite3"
+    staged = daemon.state_dir / "restoring.sqlite3"
+    shutil.copy(backup_path(daemon), staged)
+    os.rename(staged, database)
+    with pytest.raises(RemoteError) as info:
+        daemon.submit(command=["/bin/true"])
+    assert info.value.code == "STORE_FAILED", info.value
+    assert f"its file {database} was replaced by another while jobd ran" in info.value.message, info.value
+    assert "restart jobd, which opens the file now there" in info.value.message, info.value
+    assert daemon.stop() == 0
+    assert not Path(f"{database}-wal").exists()
+    daemon.start()
+    assert [job["id"] for job in daemon.call("job.list")["jobs"]] == [first["id"]]
+    assert daemon.submit(command=["/bin/true"])["id"] == later["id"] + 1  # past the later job's output
+
+
 def test_a_copy_that_cannot_be_written_is_a_clear_error_and_jobd_runs_on(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon(QUEUES)
     daemon.wait(daemon.submit(command=["/bin/true"])["id"])

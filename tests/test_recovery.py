@@ -975,7 +975,7 @@ def test_a_database_file_replaced_by_a_rename_is_refused_as_a_deleted_one_and_a_
     with pytest.raises(RemoteError) as info:
         daemon.submit(command=["/bin/echo", "after"])
     assert info.value.code == "STORE_FAILED", info.value
-    assert f"its file {database} was deleted while jobd ran" in info.value.message
+    assert f"its file {database} was replaced by another while jobd ran" in info.value.message
     assert daemon.call("job.get", {"id": first})["state"] == "succeeded"
 
 
