@@ -597,7 +597,7 @@ class Store:
         """Refuse a write to a database file that no longer has a name (deleted, or replaced by another file):
         what it would save is gone at the next start. An OperationalError, as SQLite's own refusals are, so every
         caller answers STORE_FAILED and tries again as on a full disk."""
-        if self._name is not None and self._name.lost():
+        if self.file_lost():
             if os.path.lexists(self.path):  # a copy restored while jobd ran, most likely
                 raise sqlite3.OperationalError(
                     f"its file {self.path} was replaced by another while jobd ran: nothing can be saved any more; "
@@ -607,6 +607,10 @@ class Store:
                 f"its file {self.path} was deleted while jobd ran: nothing can be saved any more; restart jobd, which "
                 "makes a new, empty database (the jobs it held are gone with the file)"
             )
+
+    def file_lost(self) -> bool:
+        """Whether the database file was deleted or replaced while jobd ran: no write can be taken any more."""
+        return self._name is not None and self._name.lost()
 
     def _drop_wal(self) -> None:
         """The database file lost its name. Its WAL, still beside that name, belongs to the file that is gone, and

@@ -958,6 +958,34 @@ def test_writes_after_the_database_file_was_deleted_are_refused_not_answered_as_
     assert daemon.call("job.list")["jobs"] == []
 
 
+def test_a_stop_after_the_database_file_was_deleted_does_not_wait_for_records_it_cannot_make(
+    jobd: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # A stop waits for the ends a full disk keeps from being recorded, until there is room. With the database file
+    # deleted there never is: the stop the error message asks for ("restart jobd") never ended, and jobd had to be
+    # killed. Both kinds: a job that ended after the deletion, and one the stop itself ends.
+    daemon = jobd("[queue.default]\nconcurrency = 2\n")
+    gate = Gate(tmp_path / "gate")
+    events = daemon.client()
+    events.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+    ended = daemon.submit(command=gated(gate))["id"]
+    stopped = daemon.submit(command=["/bin/sleep", "100"])["id"]
+    wait_events(events, lambda e: e["job"]["state"] == "running", 2)
+    events.close()
+    shutil.rmtree(daemon.state_dir)
+    gate.release()
+    wait_for_log(daemon, f"cannot record the end of job {ended}: its file")
+    try:
+        code = terminate(daemon)
+    except subprocess.TimeoutExpired:
+        kill9(daemon)
+        raise AssertionError(f"jobd did not stop; its log ends:\n{daemon.log()[-2000:]}") from None
+    assert code == 0
+    for job_id in (ended, stopped):
+        assert f"cannot record the end of job {job_id} (its file" in daemon.log()
+    assert "jobd stops without it" in daemon.log()
+
+
 def test_a_database_file_replaced_by_a_rename_is_refused_as_a_deleted_one_and_a_chmod_is_not(
     jobd: Callable[..., Daemon], tmp_path: Path
 ) -> None:

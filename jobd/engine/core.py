@@ -419,6 +419,15 @@ class Engine:
             queue.running.discard(start.job.id)
             queue.push(start.waiting)
 
+    def _never_recorded(self, what: str, error: Exception) -> bool:
+        """Whether jobd gives up recording `what`: it stops, and its database file was deleted or replaced, so no
+        try would ever be taken (the next start opens another file). A stop that waited for it, as it waits for
+        room on a full disk, never ended: jobd had to be killed."""
+        if not (self.stopping and self.store.file_lost()):
+            return False
+        log.error("cannot record %s (%s): jobd stops without it", what, error)
+        return True
+
     def _store_failed(self, what: str, error: Exception) -> None:
         trouble = f"{what}: {error}"
         if trouble not in self._troubles_told:  # each said once, not at every retry
@@ -502,6 +511,11 @@ class Engine:
         try:
             self.store.finish_attempt(ended, attempt)
         except Exception as error:  # the child-supervision boundary: the failed start is kept, and recorded later
+            if self._never_recorded(f"that job {job.id} could not start", error):
+                recorded = self._failed_starts.pop(job.id, None)
+                if recorded is not None:
+                    recorded.set_result(None)
+                return
             self._store_failed(f"cannot record that job {job.id} could not start", error)
             if job.id not in self._failed_starts and store_failure(error) is not None:  # a stop waits for room only
                 self._failed_starts[job.id] = self.loop.create_future()
@@ -655,6 +669,9 @@ class Engine:
             self.store.finish_attempt(job, attempt, [(start.job, start.attempt) for start in starts])
         except Exception as error:  # the child-supervision boundary: the end is kept, and recorded later
             self._untake(queue, starts)
+            if self._never_recorded(f"the end of job {job_id}", error):
+                running.ended.set_result(None)
+                return
             self._running[job_id] = running  # the job keeps its slot meanwhile, and can still be cancelled
             queue.running.add(job_id)
             self._store_failed(f"cannot record the end of job {job_id}", error)
