@@ -469,12 +469,13 @@ class JobFilter:
 
 
 class _FileName:
-    """Whether an open file has lost its last name (unlinked, or replaced by a rename): asked before every write to
-    the database (Store._check_file).
+    """Whether an open file has lost its name (unlinked, replaced by a rename, or renamed itself: its path then names
+    another file, or none): asked before every write to the database (Store._check_file).
 
     An fstat() before each write cost a system call on every submit and three on every job. Instead the kernel says
     when the file's link count changes (inotify's IN_ATTRIB, sent by unlink and by a rename over it, and by chmod and
-    the like, which are told apart by the fstat() then made), and the answer is kept. It comes through the event
+    the like, which are told apart by the fstat() then made) and when it is renamed (IN_MOVE_SELF), and the answer is
+    kept. It comes through the event
     loop: a request handled in the same turn of the loop as the deletion may still be answered as saved (it is lost
     with everything the deleted file held); the ones after are refused. Without a running loop (tools and tests
     that use the store directly), or when the kernel refuses the watch (fs.inotify.max_user_instances or
@@ -482,6 +483,7 @@ class _FileName:
     """
 
     def __init__(self, path: str, fd: int, on_lost: Callable[[], None] = lambda: None) -> None:
+        self._path = path
         self._fd = fd
         self._lost = False
         self._on_lost = on_lost
@@ -494,7 +496,7 @@ class _FileName:
         inotify: inotify_simple.INotify | None = None
         try:
             inotify = inotify_simple.INotify(nonblocking=True)  # close-on-exec, as everything Python opens
-            inotify.add_watch(path, inotify_simple.flags.ATTRIB)
+            inotify.add_watch(path, inotify_simple.flags.ATTRIB | inotify_simple.flags.MOVE_SELF)
         except OSError as error:
             if inotify is not None:
                 inotify.close()
@@ -516,7 +518,8 @@ class _FileName:
             self._look()
 
     def _look(self) -> None:
-        self._lost = os.fstat(self._fd).st_nlink == 0
+        info = os.fstat(self._fd)
+        self._lost = info.st_nlink == 0 or _identity(self._path) != (info.st_dev, info.st_ino)
         if self._lost:
             self._on_lost()
 
@@ -558,6 +561,7 @@ class Store:
         self._file: int | None = None  # Store.open: the database file, for copies (hold_file) and _check_file
         self._name: _FileName | None = None  # Store.open: whether that file still has a name (_check_file)
         self._wal: tuple[int, int] | None = None  # Store.open: the WAL's device and inode (_drop_wal)
+        self._copying = False  # between hold_file() and release_file(): the file must not change
         self._audit_pending: list[AuditEntry] = []
         self._audit_timer: asyncio.TimerHandle | None = None  # the write-behind, or the next try on a full disk
         self._audit_failing = False  # the last write of entries failed: they wait for room
@@ -598,6 +602,12 @@ class Store:
         what it would save is gone at the next start. An OperationalError, as SQLite's own refusals are, so every
         caller answers STORE_FAILED and tries again as on a full disk."""
         if self.file_lost():
+            assert self._file is not None
+            if os.fstat(self._file).st_nlink:  # renamed, not deleted: it holds what jobd saved, under another name
+                raise sqlite3.OperationalError(
+                    f"its file {self.path} was moved away (renamed) while jobd ran: nothing more is saved in it; "
+                    f"restart jobd, which opens what is at {self.path} then (a new, empty database if nothing)"
+                )
             if os.path.lexists(self.path):  # a copy restored while jobd ran, most likely
                 raise sqlite3.OperationalError(
                     f"its file {self.path} was replaced by another while jobd ran: nothing can be saved any more; "
@@ -613,20 +623,26 @@ class Store:
         return self._name is not None and self._name.lost()
 
     def _drop_wal(self) -> None:
-        """The database file lost its name. Its WAL, still beside that name, belongs to the file that is gone, and
-        SQLite leaves it there when it closes a database that was moved: the next start would play it into whatever
-        file is put there, a copy restored while jobd ran, whose pages it mixed with the old file's (a damaged
-        database). It is removed now (SQLite goes on through its descriptor), so a crash leaves none either; unless
-        it is no longer SQLite's (removed by hand already, another put there)."""
+        """The database file lost its name. Its WAL, still beside that name, belongs to that file, and SQLite leaves
+        it there when it closes a database that was moved: the next start would play it into whatever file is put
+        there, a copy restored while jobd ran, whose pages it mixed with the old file's (a damaged database). What it
+        holds is first written into the file jobd has (a checkpoint: complete, should it have been renamed away and
+        kept; not while a copy is made of it), then the WAL is removed (SQLite goes on through its descriptor), so a
+        crash leaves none either; unless it is no longer SQLite's (removed by hand already, another put there)."""
         wal = self.path + "-wal"
         if self._wal is None or _identity(wal) != self._wal:
             return
+        if not self._copying:
+            try:
+                self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as error:
+                log.error("the database file that was moved away or deleted could not be checkpointed: %s", error)
         try:
             os.unlink(wal)
         except OSError as error:
-            log.error("cannot remove %s, the WAL of the database file that was deleted or replaced: %s", wal, error)
+            log.error("cannot remove %s, the WAL of the database file that lost its name: %s", wal, error)
         else:
-            log.warning("removed %s: the WAL of the database file that was deleted or replaced while jobd ran", wal)
+            log.warning("removed %s: the WAL of the database file that was moved, deleted or replaced", wal)
 
     def hold_file(self) -> int:
         """Put everything committed (audit entries waiting for their write too) into the database file, and leave
@@ -640,9 +656,11 @@ class Store:
         if busy:  # jobd is the database's only connection, so nothing can hold the checkpoint up
             raise StoreFailed("the database could not be checkpointed for a copy (busy)")
         self._connection.execute("PRAGMA wal_autocheckpoint = 0")
+        self._copying = True
         return self._file
 
     def release_file(self) -> None:
+        self._copying = False
         self._connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
 
     def close(self) -> None:

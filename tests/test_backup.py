@@ -142,6 +142,33 @@ def test_a_copy_restored_by_a_rename_while_jobd_runs_is_refused_and_not_mixed_wi
     assert daemon.submit(command=["/bin/true"])["id"] == later["id"] + 1  # past the later job's output
 
 
+def test_a_database_moved_aside_while_jobd_runs_keeps_what_jobd_saved_and_the_copy_put_in_its_place_is_sound(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """`mv jobd.sqlite3 jobd.sqlite3.old; cp backup/jobd.sqlite3 jobd.sqlite3` while jobd runs: jobd went on
+    writing into the renamed file, answering submits as saved though a restart opens the copy, and its stop left
+    its WAL beside the copy, which the next start played into it. Now jobd refuses to write, puts what its WAL
+    held into the renamed file (complete there), and leaves the copy as it was."""
+    daemon = make_daemon(QUEUES)
+    first = daemon.wait(daemon.submit(command=["/bin/echo", "in the copy"])["id"])
+    assert ctl(daemon, "backup").code == 0
+    later = daemon.wait(daemon.submit(command=["/bin/echo", "after the copy"])["id"])
+    database = daemon.state_dir / "jobd.sqlite3"
+    aside = daemon.state_dir / "jobd.sqlite3.old"
+    os.rename(database, aside)
+    shutil.copy(backup_path(daemon), database)
+    with pytest.raises(RemoteError) as info:
+        daemon.submit(command=["/bin/true"])
+    assert info.value.code == "STORE_FAILED", info.value
+    assert f"its file {database} was moved away (renamed) while jobd ran" in info.value.message, info.value
+    assert daemon.stop() == 0
+    assert not Path(f"{database}-wal").exists()
+    with contextlib.closing(sqlite3.connect(f"file:{aside}?mode=ro", uri=True)) as old:
+        assert [row[0] for row in old.execute('SELECT "id" FROM "job" ORDER BY "id"')] == [first["id"], later["id"]]
+    daemon.start()
+    assert [job["id"] for job in daemon.call("job.list")["jobs"]] == [first["id"]]
+
+
 def test_a_copy_that_cannot_be_written_is_a_clear_error_and_jobd_runs_on(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon(QUEUES)
     daemon.wait(daemon.submit(command=["/bin/true"])["id"])

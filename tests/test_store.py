@@ -305,9 +305,12 @@ def test_a_database_file_the_kernel_will_not_watch_is_looked_at_before_each_writ
     fd = os.open(path, os.O_RDONLY)
 
     async def watch_and_delete() -> tuple[bool, bool]:
-        name = _FileName(str(tmp_path / "gone"), fd)
+        gone = tmp_path / "gone"
+        name = _FileName(str(gone), fd)
+        os.link(path, gone)  # from now on the watched path names the file the descriptor has
         before = name.lost()
         os.unlink(path)
+        os.unlink(gone)
         return before, name.lost()  # at once: no turn of the loop needed without a watch
 
     try:
