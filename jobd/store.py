@@ -519,7 +519,11 @@ class _FileName:
 
     def _look(self) -> None:
         info = os.fstat(self._fd)
-        self._lost = info.st_nlink == 0 or _identity(self._path) != (info.st_dev, info.st_ino)
+        try:  # followed: a database path that is a symbolic link to the file names it as well
+            named = os.stat(self._path)
+        except FileNotFoundError:
+            named = None
+        self._lost = info.st_nlink == 0 or named is None or (named.st_dev, named.st_ino) != (info.st_dev, info.st_ino)
         if self._lost:
             self._on_lost()
 

@@ -320,6 +320,24 @@ def test_a_database_file_the_kernel_will_not_watch_is_looked_at_before_each_writ
     assert f"the database file {tmp_path / 'gone'} is not watched (inotify: " in caplog.text
 
 
+def test_a_database_path_that_is_a_symbolic_link_to_the_file_takes_writes(tmp_path: Path) -> None:
+    """A path that names the file through a symbolic link (the database put on another disk) names it: the look
+    at whether the file was moved away compared the link itself with the file, and refused every write."""
+    real = tmp_path / "disk" / "jobd.sqlite3"
+    real.parent.mkdir()
+    path = tmp_path / "jobd.sqlite3"
+    path.symlink_to(real)
+    store = Store(str(path))
+    store.open()  # no event loop: the file is looked at before each write
+    try:
+        [(job, created)] = store.insert_jobs(
+            [JobSpec(command=("/bin/true",), queue="q")], [JobState.QUEUED], 1.0, [1.0]
+        )
+        assert created and store.get_job(job.id).spec.command == ("/bin/true",)
+    finally:
+        store.close()
+
+
 def test_a_store_closed_while_an_fsync_runs_keeps_the_wal_open_until_it_ends(tmp_path: Path) -> None:
     """`durability = "fsync"` at shutdown: the WAL's descriptor, closed under the worker thread's fsync, could be
     handed to another file meanwhile and fsync()ed in its place. It is closed once the fsync has ended."""
