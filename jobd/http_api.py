@@ -9,6 +9,7 @@ socket, the peer credentials (SO_PEERCRED) as on the API socket. Either gives a 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hashlib
 import hmac
@@ -754,6 +755,12 @@ def _callbacks(raw: Any) -> dict[str, Any] | None:
     return {"on_finish": [{"exec": ["/bin/sh", "-c", cmd]}]}
 
 
+# Codecs Python knows that are no character set of a body but encodings of host names, whose decoders take time
+# growing with the square of the length: a 1 MiB body labelled `charset=punycode`, from any token, held jobd's loop
+# (every client, every job's end) for half a minute.
+_HOST_NAME_CODECS = frozenset({"punycode", "idna"})
+
+
 async def _json_body(request: web.Request) -> Any:
     """The request's JSON body ({} when empty), taken as the API socket takes a request (jsonrpc.parse: UTF-8,
     no deeper than jsonrpc.MAX_DEPTH, no lone surrogate escape). A body that cannot be read or is not such JSON
@@ -765,6 +772,8 @@ async def _json_body(request: web.Request) -> Any:
     charset = request.charset or "utf-8"
     if charset.lower() not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259); one labelled otherwise is read so
         try:
+            if codecs.lookup(charset).name in _HOST_NAME_CODECS:
+                raise LookupError(charset)
             data = data.decode(charset).encode()
         except LookupError:
             raise InvalidParams(f"Content-Type: charset={charset} is not a known character set; use UTF-8") from None

@@ -790,6 +790,9 @@ EXEC = b'"command": {"type": "exec", "cmd": "true"}'
         ("/api/job.submit", b'{"command": ["true"], "context": "\xff"}', (JSON,), "the body is not valid UTF-8"),
         ("/jobs/add", b'{"context": "caf\xe9", ' + EXEC + b"}", (JSON,), "the body is not valid UTF-8"),
         ("/api/queue.list", b"{}", (JSON + b"; charset=bogus",), "charset=bogus is not a known character set"),
+        # Host names' encodings, decoded in time growing with the square of the length: a 1 MiB body held jobd 26 s
+        ("/api/queue.list", b"-" + b"a" * 1_000_000, (JSON + b"; charset=punycode",), "charset=punycode is not a kn"),
+        ("/api/queue.list", b"{}", (JSON + b"; charset=IDNA",), "charset=IDNA is not a known character set"),
         ("/api/queue.list", b"[" * 100_000 + b"]" * 100_000, (JSON,), "the body nests arrays and objects more"),
         ("/api/job.submit", b'{"command": ["true"], "context": "\\ud800"}', (JSON,), "lone UTF-16 surrogate"),
         ("/jobs/add", b'{"context": "\\udfff", ' + EXEC + b"}", (JSON,), "lone UTF-16 surrogate"),
@@ -797,13 +800,26 @@ EXEC = b'"command": {"type": "exec", "cmd": "true"}'
         ("/jobs/add", b'{"priority": "--5", ' + EXEC + b"}", (JSON,), "priority: expected an integer"),
         ("/jobs/add", '{"priority": "²", '.encode() + EXEC + b"}", (JSON,), "priority: expected an integer"),
     ],
-    ids=["not-utf8", "latin1", "charset", "deep", "surrogate", "surrogate-qs", "not-gzip", "priority", "superscript"],
+    ids=[
+        "not-utf8",
+        "latin1",
+        "charset",
+        "punycode",
+        "idna",
+        "deep",
+        "surrogate",
+        "surrogate-qs",
+        "not-gzip",
+        "priority",
+        "superscript",
+    ],
 )
 def test_bodies_jobd_cannot_take_are_400(
     daemon: Any, path: str, body: bytes, headers: tuple[bytes, ...], message: str
 ) -> None:
     """Each was aiohttp's 500 "Server got itself in trouble" and a traceback in jobd's log: a body that is not
-    UTF-8, or names a charset Python does not know, nests 100,000 deep (RecursionError), holds a lone surrogate
+    UTF-8, or names a charset Python does not know (or one that encodes host names: punycode took 26 s of jobd's
+    loop for 1 MiB), nests 100,000 deep (RecursionError), holds a lone surrogate
     escape (SQLite refused to store it), is not in its Content-Encoding, or a Queue Server priority int() took
     for a number. Bodies are read as the socket reads a request (jsonrpc.parse), the same limits and words."""
     status, answer, log = exchange(daemon, "POST", path, body, *headers)
