@@ -536,6 +536,9 @@ class _FileName:
             self._inotify = None
 
 
+_OUTSIDE_PEEWEE = object()  # what Store._transaction tells peewee its transaction is (it is none of peewee's)
+
+
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -742,6 +745,11 @@ class Store:
         self._check_file()
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
+        # Peewee is told of the transaction: before 3.15 (Debian 12 has 3.14) it commits after each write it makes
+        # outside one of its own, so a peewee write in here (queuing a job's callbacks, recording a try, a queue's
+        # pause, a schedule's state, a trim) committed the transaction half-way, and its COMMIT then failed ("no
+        # transaction is active"): the change was taken for failed (STORE_FAILED, callbacks never delivered).
+        self.db.push_transaction(_OUTSIDE_PEEWEE)
         try:
             yield connection
             connection.execute("COMMIT")
@@ -751,6 +759,8 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             raise
+        finally:
+            self.db.pop_transaction()  # type: ignore[no-untyped-call]
 
     def insert_jobs(
         self, specs: Sequence[JobSpec], states: Sequence[JobState], now: float, run_ats: Sequence[float]

@@ -21,6 +21,7 @@ from jobd.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     AuditFilter,
+    QueuePause,
     Store,
     _db,
     _FileName,
@@ -275,6 +276,37 @@ def test_the_database_is_held_exclusively_while_jobd_has_it_open(tmp_path: Path)
     other = sqlite3.connect(path)  # once jobd let go, anybody may read it
     assert other.execute("SELECT count(*) FROM job").fetchone() == (1,)
     other.close()
+
+
+def test_peewee_writes_inside_a_transaction_are_committed_with_it_as_before_peewee_3_15(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian 12's peewee (3.14) commits after each write it makes outside one of its own transactions; the store's
+    transactions are its own BEGIN IMMEDIATE, and peewee's commit there ended them half-way: their COMMIT failed ("no
+    transaction is active"), and queuing a job's callbacks, a queue's pause or a schedule's state was STORE_FAILED
+    (the Debian package never delivered a callback; found by a soak test with Debian's python3-peewee). Peewee 3.14's
+    rule is played here over the peewee the suite has."""
+    store = Store(str(tmp_path / "jobd.sqlite3"))
+    store.open()
+    try:
+        execute_sql = store.db.execute_sql
+
+        def as_peewee_3_14(sql: str, params: object = None, **options: object) -> object:
+            cursor = execute_sql(sql, params, **options)  # options: 3.14's own `commit`, when it is 3.14
+            if not store.db.in_transaction() and not sql[:6].lower().startswith("select"):
+                store.db.commit()
+            return cursor
+
+        monkeypatch.setattr(store.db, "execute_sql", as_peewee_3_14)
+        store.set_queue_pause("q", QueuePause(paused=True, config_paused=False))
+        assert store.queue_pauses() == {"q": QueuePause(paused=True, config_paused=False)}
+        [(job, _)] = store.insert_jobs([JobSpec(command=("/bin/true",), queue="q")], [JobState.QUEUED], 1.0, [1.0])
+        [delivery] = store.insert_callbacks(
+            job.id, [("on_finish", "GET http://x/", {"http": {"url": "http://x/"}})], 2.0
+        )
+        assert [pending.id for pending in store.pending_callbacks()] == [delivery.id]
+    finally:
+        store.close()
 
 
 def test_a_store_used_without_an_event_loop_looks_at_its_file_before_each_write(tmp_path: Path) -> None:
