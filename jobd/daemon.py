@@ -471,6 +471,9 @@ class Daemon:
         if self.http is not None:
             # Only now: closing waits for the requests in flight, and a job.wait there waited for a job the stop
             # had not stopped yet (up to aiohttp's minute), while the jobs ran on. They are answered by now.
+            from jobd.http_api import SHUTDOWN_TAKES as HTTP_SHUTDOWN_TAKES
+
+            self._stop_takes(HTTP_SHUTDOWN_TAKES)
             await self.http.close()
         self._stop_takes(CALLBACKS_SHUTDOWN_TAKES)
         await self.callbacks.close()

@@ -93,6 +93,10 @@ EVENT_RING = 10_000  # events kept for a reconnect with Last-Event-ID (docs/http
 # good (until 10,000 other events pushed them out).
 EVENT_RING_BYTES = 16 * 1024 * 1024
 MAX_BODY = 1024 * 1024
+# At a stop, seconds a request still under way (its body coming, its answer going) gets to end, and as long again
+# to end once cancelled: jobd's stop answers the requests that wait (job.wait, job.output) before it closes HTTP.
+SHUTDOWN_GRACE = 1.0
+SHUTDOWN_TAKES = 2 * SHUTDOWN_GRACE + 1.0  # HttpApi.close() at most
 QS_DEFAULT_PRIORITY = 500  # Queue Server's default; higher runs sooner there
 SSE_QUEUE = 10_000  # events pending for one slow SSE client before it is cut off
 SSE_QUEUE_BYTES = 16 * 1024 * 1024  # or bytes of them: its events stay alive for it when the ring has let them go
@@ -328,14 +332,27 @@ class HttpApi:
             transport.close()
 
     async def close(self) -> None:
+        """Stop serving: the event streams end, each request still under way gets SHUTDOWN_GRACE to end and is then
+        cancelled, and the connections close; at most SHUTDOWN_TAKES."""
         self._unsubscribe()
         self._unsubscribe_instances()
         for client in list(self.clients):
-            client.put_nowait(None)
+            if client.connection is not None and client.connection.get_write_buffer_size():
+                client.cut_off()  # its client has not read what it was sent: the end would wait for it
+            else:
+                client.put_nowait(None)
         if self._listener is not None:
             self._listener.close()
         if self._runner is not None:
-            await self._runner.cleanup()  # ends the connections, their requests first
+            if self._runner.server is not None:
+                # runner.cleanup() alone waited for requests under way up to aiohttp's minute, twice (from 3.9 on),
+                # and for a stream whose client did not read; aiohttp 3.8's ended no connection (it ends its sites'
+                # only, and jobd has none), and the loop's end then waited for a kept-alive one to time out (75 s).
+                # systemd SIGKILLed jobd after TimeoutStopSec= instead. Idle connections close at once.
+                for handler in self._runner.server.connections:
+                    handler.close()
+                await self._runner.server.shutdown(SHUTDOWN_GRACE)
+            await self._runner.cleanup()
         if isinstance(self.listen, str) and not self.adopted:  # an adopted socket is its socket unit's
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.listen)

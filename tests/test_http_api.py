@@ -358,6 +358,33 @@ def test_an_event_stream_its_client_left_frees_its_connection(make_daemon: Any) 
     assert status == 200
 
 
+def test_a_stop_ends_the_http_clients_that_would_hold_it_up(make_daemon: Any) -> None:
+    """jobd's stop ends a stream whose client does not read, a request whose body does not come, and a connection
+    kept alive after its answer, within a moment. The first held the stop until aiohttp's minute had run out twice
+    (aiohttp 3.9 and later), the second for one minute; on Debian 12's aiohttp 3.8 the third held jobd's exit for
+    75 s (its keep-alive timeout). systemd SIGKILLed jobd at TimeoutStopSec= (30 s) instead."""
+    daemon = make_daemon(CONFIG)
+    token = b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\n"
+    stalled = socket.create_connection(address(daemon), timeout=TIMEOUT)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(b"GET /events HTTP/1.1\r\nHost: jobd\r\n" + token + b"\r\n")
+    daemon.wait(daemon.submit(command=_long_log_lines(200))["id"])  # 12 MB of events it does not read
+    uploading = socket.create_connection(address(daemon), timeout=TIMEOUT)
+    uploading.sendall(b"POST /api/job.list HTTP/1.1\r\nHost: jobd\r\n" + token + b"Content-Length: 100\r\n\r\n{")
+    waiting = socket.create_connection(address(daemon), timeout=TIMEOUT)
+    job = daemon.submit(command=["sleep", "60"])
+    body = json.dumps({"id": job["id"], "timeout": 600}).encode()
+    waiting.sendall(
+        b"POST /api/job.wait HTTP/1.1\r\nHost: jobd\r\n" + token + b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    waiting.sendall(body)
+    assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"
+    assert daemon.stop(timeout=10) == 0
+    assert b" 409 " in waiting.recv(65536).split(b"\r\n")[0]  # SHUTTING_DOWN, then the end of the connection
+    for connection in (stalled, uploading, waiting):
+        connection.close()
+
+
 def _long_log_lines(count: int) -> list[str]:
     """A command printing `count` log lines of LONG_LINE characters on fd 3 (jobd keeps lines up to 64 KiB whole)."""
     return [
