@@ -28,6 +28,7 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from jobd import activation
 from jobd.api import EVENT_TYPES, AfterReplyWork, Api, EventFilter
@@ -104,10 +105,10 @@ EVENT_OVERHEAD = 1024  # about what an event takes besides the texts counted by 
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 _NOT_FOUND = (UnknownJob, UnknownQueue, UnknownTask, UnknownWorkflow, UnknownInstance, UnknownSchedule, MethodNotFound)
 _PEER_KEY = "jobd.peer"
-# A handler whose client has gone is cancelled, as the API socket cancels a gone client's requests. aiohttp 3.8 (as
-# in Debian 12) always did; from 3.9 on it is asked for. Without it, an event stream that nothing is written to
-# (its filter matches nothing now) would wait for its next event, holding its place against max_connections, long
-# after its client left.
+# A handler whose client has gone is cancelled, as the API socket cancels a gone client's requests. From aiohttp 3.9
+# on it is asked for; Debian 12's aiohttp 3.8 does not do it, and jobd does it itself (HttpApi._cancel_when_gone).
+# Without it, an event stream that nothing is written to (its filter matches nothing now) would wait for its next
+# event, holding its place against max_connections, long after its client left.
 _RUNNER_OPTIONS: dict[str, Any] = (
     {"handler_cancellation": True} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 9) else {}
 )
@@ -256,6 +257,7 @@ class HttpApi:
         self._listener: asyncio.AbstractServer | None = None
         self._accepted = 0  # connections taken in this turn of the loop, before aiohttp counts them (see _connection)
         self._served: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # connections a request came on
+        self._requests: dict[asyncio.BaseTransport, asyncio.Task[Any]] = {}  # the request each connection serves now
         self.adopted = False  # listening on a socket systemd passed (bind)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_post("/jobs/add", self.jobs_add)
@@ -276,6 +278,9 @@ class HttpApi:
             self.app, access_log=None, handle_signals=False, logger=_SERVER_LOG, **_RUNNER_OPTIONS
         )
         await self._runner.setup()
+        assert self._runner.server is not None
+        if not _RUNNER_OPTIONS:
+            self._cancel_when_gone(self._runner.server)
         loop = asyncio.get_running_loop()
         # aiohttp's sites would take every connection; jobd's own listener takes at most max_connections at once
         # (connections nobody sends a request on held descriptors until jobd had none left).
@@ -322,6 +327,24 @@ class HttpApi:
         handler = self._runner.server()
         loop.call_later(FIRST_REQUEST_SECONDS, self._close_if_idle, handler)
         return handler
+
+    def _cancel_when_gone(self, server: web.Server) -> None:
+        """Cancel the request under way on a connection when the connection is lost, as aiohttp does from 3.9 on when
+        asked. Debian 12's aiohttp 3.8 let it run on: an event stream whose client had left stayed, counted against
+        max_connections, until an event came for it (for a filter matching nothing now, never): with a handful of
+        such streams every request was answered 503 for good (found by a soak test); and a client gone in the middle
+        of its body was logged as a bug in jobd, with its traceback. aiohttp tells its server of each lost
+        connection, the connection's transport still known."""
+        lost = server.connection_lost
+
+        def connection_lost(handler: RequestHandler, failure: BaseException | None) -> None:
+            transport = handler.transport
+            lost(handler, failure)
+            request = self._requests.pop(transport, None) if transport is not None else None
+            if request is not None:
+                request.cancel()
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
     def _counted_by_aiohttp(self) -> None:
         self._accepted = 0
@@ -374,9 +397,16 @@ class HttpApi:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="jobd"'
                 return response
             request[_PEER_KEY] = peer
-            if request.transport is not None:
-                self._served.add(request.transport)
-            return await handler(request)
+            transport, task = request.transport, asyncio.current_task()
+            if transport is None or task is None:  # the client has gone already
+                return await handler(request)
+            self._served.add(transport)
+            self._requests[transport] = task  # what _cancel_when_gone cancels
+            try:
+                return await handler(request)
+            finally:
+                if self._requests.get(transport) is task:
+                    del self._requests[transport]
         except web.HTTPException:
             raise
         except JobdError as failure:

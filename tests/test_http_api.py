@@ -385,6 +385,35 @@ def test_a_stop_ends_the_http_clients_that_would_hold_it_up(make_daemon: Any) ->
         connection.close()
 
 
+# aiohttp as Debian 12 has it (3.8): it does not cancel the handler of a request whose client has gone.
+NO_HANDLER_CANCELLATION_SHIM = """
+from jobd import http_api
+
+http_api._RUNNER_OPTIONS = {}
+"""
+
+
+def test_a_gone_clients_request_is_cancelled_where_aiohttp_does_not_do_it(make_daemon: Any, tmp_path: Path) -> None:
+    """Debian 12's aiohttp (3.8) lets the handler of a request whose client has gone run on, which jobd counts
+    against max_connections: two streams whose clients had left (their filter matching nothing) had every later
+    request answered 503, for good; and a client gone in the middle of its body was logged as a bug in jobd, with
+    its traceback. jobd cancels such a request itself; aiohttp from 3.9 on is asked to, and is told not to here."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(NO_HANDLER_CANCELLATION_SHIM)
+    daemon = make_daemon(CONFIG, start=False, daemon_extra="max_connections = 2\n")
+    daemon.env["PYTHONPATH"] = str(shim)
+    daemon.start()
+    for _ in range(3):
+        stream = Events(daemon, query="?instances=999")
+        stream.close()
+    with socket.create_connection(address(daemon), timeout=TIMEOUT) as connection:
+        token = b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\n"
+        connection.sendall(b"POST /api/job.list HTTP/1.1\r\nHost: jobd\r\n" + token + b"Content-Length: 9\r\n\r\n{")
+    assert request(daemon, "GET", "/metrics")[0] == 200
+    assert "Traceback" not in daemon.log() and " ERROR " not in daemon.log(), daemon.log()
+
+
 def _long_log_lines(count: int) -> list[str]:
     """A command printing `count` log lines of LONG_LINE characters on fd 3 (jobd keeps lines up to 64 KiB whole)."""
     return [
@@ -906,7 +935,8 @@ def test_requests_aiohttp_cannot_read_leave_no_traceback_in_the_log(daemon: Any)
     gzip its Content-Encoding says, left unread by the 401 (aiohttp reads it after the answer). aiohttp logged each
     as an error with its traceback: anyone who reaches the port could fill the log."""
     status, _, log = exchange(daemon, "GET", "/jobs/status/²", token=None)  # sent as UTF-8, not %-escaped
-    assert status == 400 and "Traceback" not in log and " ERROR " not in log, log
+    # aiohttp 3.9 and later refuse the byte (400); Debian 12's 3.8 reads the request, which has no token (401)
+    assert status in (400, 401) and "Traceback" not in log and " ERROR " not in log, log
     status, _, log = exchange(daemon, "POST", "/api/queue.list", b"{}", b"Content-Encoding: gzip", token=b"wrong")
     assert status == 401 and "Traceback" not in log and " ERROR " not in log, log
 
