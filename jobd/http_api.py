@@ -105,6 +105,7 @@ EVENT_OVERHEAD = 1024  # about what an event takes besides the texts counted by 
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 _NOT_FOUND = (UnknownJob, UnknownQueue, UnknownTask, UnknownWorkflow, UnknownInstance, UnknownSchedule, MethodNotFound)
 _PEER_KEY = "jobd.peer"
+_EVENT_FILTERS = ("instances", "jobs", "queues", "types", "workflows")  # GET /events's query parameters
 # A handler whose client has gone is cancelled, as the API socket cancels a gone client's requests. From aiohttp 3.9
 # on it is asked for; Debian 12's aiohttp 3.8 does not do it, and jobd does it itself (HttpApi._cancel_when_gone).
 # Without it, an event stream that nothing is written to (its filter matches nothing now) would wait for its next
@@ -625,6 +626,13 @@ class HttpApi:
     async def events(self, request: web.Request) -> web.StreamResponse:
         peer = _peer(request)
         query = request.query
+        # A name jobd does not know (`?job=3`) is refused, as events.subscribe refuses it: dropped, it widened the
+        # stream to every event the client may read.
+        for name in query:
+            if name not in _EVENT_FILTERS:
+                raise InvalidParams(
+                    f"GET /events: unknown parameter {name!r}; allowed: {', '.join(_EVENT_FILTERS)}", param=name
+                )
         types = frozenset(_split(query.get("types")))
         if not types <= set(EVENT_TYPES):  # refused, as events.subscribe does: a filter dropped widens the stream
             raise InvalidParams(

@@ -340,6 +340,8 @@ def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None
         ("?instances=seven", "instances"),
         ("?jobs=1,x", "jobs"),
         ("?types=job.stat", "types"),
+        ("?job=3", "job"),  # a name it does not know: dropped, it was every event
+        ("?queues=a&type=job.state", "type"),
     ):
         status, body = request(daemon, "GET", "/events" + query)
         assert (status, body["error"]["code"], body["error"]["param"]) == (400, "INVALID_PARAMS", param), body
