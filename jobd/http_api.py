@@ -265,7 +265,8 @@ class HttpApi:
         app.router.add_get("/jobs/status", self.jobs_status)
         app.router.add_get("/jobs/status/{id}", self.job_status)
         app.router.add_post("/api/{method}", self.rpc)
-        app.router.add_get("/events", self.events)
+        # No HEAD: aiohttp would run the stream for it, its events sent as a body no HEAD answer may have.
+        app.router.add_get("/events", self.events, allow_head=False)
         app.router.add_get("/metrics", self.metrics)
         self.app = app
 

@@ -919,6 +919,13 @@ def test_an_unreadable_last_event_id_replays_nothing(daemon: Any, last_id: bytes
     assert "Traceback" not in daemon.log()
 
 
+def test_head_of_the_event_stream_is_refused(daemon: Any) -> None:
+    """HEAD /events ran the stream: its events followed the headers as a body, which a HEAD answer may not have (a
+    client reading the next answer on the connection read them instead)."""
+    status, answer, _ = exchange(daemon, "HEAD", "/events")
+    assert status == 405 and answer == "", answer
+
+
 def test_an_event_filter_id_too_long_for_int_is_refused(daemon: Any) -> None:
     status, answer, log = exchange(daemon, "GET", "/events?jobs=" + "1" * 5000)  # int() refuses 4,300 digits
     assert (status, answer["error"]["param"]) == (400, "jobs"), answer
