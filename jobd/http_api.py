@@ -825,6 +825,8 @@ async def _json_body(request: web.Request) -> Any:
         data = await request.read()
     except _UNREADABLE as error:  # a Content-Encoding its body does not match
         raise InvalidParams(f"the body cannot be read: {error}") from None
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's 413 was text/plain, not the JSON error docs/http.md promises
+        raise InvalidParams(f"the body is over {MAX_BODY // 1024 // 1024} MiB ({MAX_BODY} bytes)") from None
     charset = request.charset or "utf-8"
     if charset.lower() not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259); one labelled otherwise is read so
         try:

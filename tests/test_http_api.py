@@ -857,6 +857,7 @@ EXEC = b'"command": {"type": "exec", "cmd": "true"}'
         ("/api/queue.list", b"{}", (JSON, b"Content-Encoding: gzip"), "the body cannot be read"),
         ("/jobs/add", b'{"priority": "--5", ' + EXEC + b"}", (JSON,), "priority: expected an integer"),
         ("/jobs/add", '{"priority": "²", '.encode() + EXEC + b"}", (JSON,), "priority: expected an integer"),
+        ("/api/job.submit", b" " * (1024 * 1024 + 1), (JSON,), "the body is over 1 MiB"),  # aiohttp's text/plain 413
     ],
     ids=[
         "not-utf8",
@@ -870,6 +871,7 @@ EXEC = b'"command": {"type": "exec", "cmd": "true"}'
         "not-gzip",
         "priority",
         "superscript",
+        "over-1-MiB",
     ],
 )
 def test_bodies_jobd_cannot_take_are_400(
