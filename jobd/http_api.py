@@ -374,7 +374,7 @@ class HttpApi:
                 # and for a stream whose client did not read; aiohttp 3.8's ended no connection (it ends its sites'
                 # only, and jobd has none), and the loop's end then waited for a kept-alive one to time out (75 s).
                 # systemd SIGKILLed jobd after TimeoutStopSec= instead. Idle connections close at once.
-                for handler in self._runner.server.connections:
+                for handler in list(self._runner.server.connections):
                     handler.close()
                 await self._runner.server.shutdown(SHUTDOWN_GRACE)
             await self._runner.cleanup()
