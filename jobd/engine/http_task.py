@@ -217,10 +217,16 @@ def new_session() -> aiohttp.ClientSession:
     No cookie jar: one job's server setting a cookie had it sent with every later request to that host, another
     user's job or callback included. No cap on connections: aiohttp's default of 100 made every request past the
     hundredth wait, unseen, for one of those to end, and time out meanwhile (HTTP jobs are bounded by their queues'
-    concurrency; callbacks by their own limit, jobd/engine/callbacks.py)."""
+    concurrency; callbacks by their own limit, jobd/engine/callbacks.py). No time limit of the session's own: each
+    request has its own (an HTTP job's `timeout`, 3600 s by default; a callback's); aiohttp's default ended every
+    request after 5 minutes, an HTTP job's error then naming its own timeout."""
     import aiohttp  # on first use: see the module's docstring
 
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar())
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
 
 
 class HttpRequest:
