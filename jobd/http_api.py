@@ -106,6 +106,7 @@ DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 _NOT_FOUND = (UnknownJob, UnknownQueue, UnknownTask, UnknownWorkflow, UnknownInstance, UnknownSchedule, MethodNotFound)
 _PEER_KEY = "jobd.peer"
 _EVENT_FILTERS = ("instances", "jobs", "queues", "types", "workflows")  # GET /events's query parameters
+_LAST_EVENT_ID_PARAMETER = "lastEventId"  # ... and where EventSource polyfills put Last-Event-ID on a reconnect
 # A handler whose client has gone is cancelled, as the API socket cancels a gone client's requests. From aiohttp 3.9
 # on it is asked for; Debian 12's aiohttp 3.8 does not do it, and jobd does it itself (HttpApi._cancel_when_gone).
 # Without it, an event stream that nothing is written to (its filter matches nothing now) would wait for its next
@@ -630,10 +631,9 @@ class HttpApi:
         # A name jobd does not know (`?job=3`) is refused, as events.subscribe refuses it: dropped, it widened the
         # stream to every event the client may read.
         for name in query:
-            if name not in _EVENT_FILTERS:
-                raise InvalidParams(
-                    f"GET /events: unknown parameter {name!r}; allowed: {', '.join(_EVENT_FILTERS)}", param=name
-                )
+            if name not in _EVENT_FILTERS and name != _LAST_EVENT_ID_PARAMETER:
+                allowed = ", ".join((*_EVENT_FILTERS, _LAST_EVENT_ID_PARAMETER))
+                raise InvalidParams(f"GET /events: unknown parameter {name!r}; allowed: {allowed}", param=name)
         types = frozenset(_split(query.get("types")))
         if not types <= set(EVENT_TYPES):  # refused, as events.subscribe does: a filter dropped widens the stream
             raise InvalidParams(
@@ -647,7 +647,9 @@ class HttpApi:
             workflows=frozenset(_split(query.get("workflows"))),
             types=types,
         )
-        last = _integer(request.headers.get("Last-Event-ID", ""))  # None: no event is replayed
+        # The header, as EventSource sends it; or the parameter, as its polyfills send it where they cannot set one.
+        given = request.headers.get("Last-Event-ID", query.get(_LAST_EVENT_ID_PARAMETER, ""))
+        last = _integer(given)  # None: no event is replayed
         if last is not None and last < 0:  # no event has such an id: unreadable, as any other text that is none
             last = None
 
