@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -233,13 +234,36 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
     assert sd.exists("/var/lib/jobd/jobd.sqlite3")
     # An administrator's drop-in: jobd reads /etc/jobd/jobd.d, and a task without a user runs as the shipped
     # default_user, nobody. (The drop-in is also what purge must remove besides the conffile.)
+    # Its completion callback, and a queue's pause, are written in transactions of jobd's own: with Debian's
+    # peewee (3.14, which commits after each write it makes outside a transaction of its own) these broke half-way,
+    # and the package never delivered a callback nor paused a queue.
+    fifo = Path(f"{sd.root}/run/jobd-callback-{os.getpid()}")
+    os.mkfifo(fifo)
+    fifo.chmod(0o666)  # the callback runs as the job's user, nobody
     drop_in = Path(f"{sd.root}/etc/jobd/jobd.d/50-local.toml")
     drop_in.parent.mkdir()
-    drop_in.write_text('[task.whoami]\ncommand = ["/usr/bin/id", "-un"]\n')
+    drop_in.write_text(
+        '[task.whoami]\ncommand = ["/usr/bin/id", "-un"]\n'
+        f'on_success = [{{ exec = ["/bin/sh", "-c", "cat > /run/{fifo.name}"] }}]\n'
+    )
     sd.ns("jobctl", "reload")
-    job = json.loads(sd.ns("jobctl", "--json", "submit", "whoami"))["id"]
-    sd.ns("jobctl", "wait", str(job))
-    assert sd.ns("jobctl", "log", str(job)) == "nobody\n"
+    sd.ns("jobctl", "pause", "default")
+    sd.ns("jobctl", "resume", "default")
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open before the callback writes: it never blocks on us
+    try:
+        job = json.loads(sd.ns("jobctl", "--json", "submit", "whoami"))["id"]
+        sd.ns("jobctl", "wait", str(job))
+        assert sd.ns("jobctl", "log", str(job)) == "nobody\n"
+        summary = b""
+        while not summary.endswith(b"}") and select.select([reader], [], [], 60)[0]:
+            chunk = os.read(reader, 65536)
+            if not chunk:  # the writer closed before a whole summary came
+                break
+            summary += chunk
+        assert json.loads(summary)["id"] == job, summary
+    finally:
+        os.close(reader)
+        fifo.unlink()
     # README.Debian's users: a member of jobd may connect, and do what [access] grants (no ad-hoc command); one
     # of jobd-admin too is an administrator.
     sd.ns("useradd", "--no-create-home", "alice")
