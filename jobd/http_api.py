@@ -523,8 +523,8 @@ class HttpApi:
                 params["http"] = _as_form(check_request(command))
             except HttpSpecError as error:
                 raise InvalidParams(f"command: {error}", param="command") from None
-        if context is not None:
-            params["context"] = str(context)
+        if context is not None:  # Queue Server's free label: a number or an object kept as the JSON it was sent as
+            params["context"] = context if isinstance(context, str) else encode_text(context)
         callbacks = _callbacks(body.get("callback_done"))
         if callbacks is not None:
             params["callbacks"] = callbacks

@@ -901,6 +901,17 @@ def test_a_queue_server_priority_sent_as_a_string_is_taken_as_before(daemon: Any
         assert daemon.call("job.get", {"id": answer["job_id"]})["priority"] == stored
 
 
+def test_a_queue_server_context_that_is_not_a_string_is_kept_as_its_json(daemon: Any) -> None:
+    """Queue Server's context is a free label, which PHP clients send as a number or an object too: it was stored
+    as Python's text of the value (`{'user': 17}`, `True`), which no client could parse back."""
+    daemon.call("queue.pause", {"name": "default"})
+    for sent, stored in (("17", "17"), ("true", "true"), ('{"user": 17, "page": "é"}', '{"user":17,"page":"é"}')):
+        body = f'{{"context": {sent}, {EXEC.decode()}}}'.encode()
+        status, answer, _ = exchange(daemon, "POST", "/jobs/add", body)
+        assert status == 200, answer
+        assert daemon.call("job.get", {"id": answer["job_id"]})["context"] == stored
+
+
 def test_job_ids_that_are_not_plain_numbers_or_too_large_are_unknown_jobs(daemon: Any) -> None:
     """GET /jobs/status/{id}: 2**63 was SQLite's OverflowError (a 500); int() read "0_1", "+1", " 1" and the
     Arabic-Indic "١" as job 1. An id is ASCII digits, and one that cannot be a job's is no job."""
