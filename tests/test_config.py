@@ -8,12 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from jobd import config
+from jobd import conffile, config
 from jobd.config import ConfigWatcher, find_files, load, load_dir
 from jobd.errors import ConfigError
 from jobd.model import (
@@ -1459,3 +1460,56 @@ def test_a_config_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     assert checked.returncode == 78, checked
     assert checked.stdout == "" and f"--config-dir {a_file} is not a directory" in checked.stderr, checked.stderr
     assert "defaults" not in checked.stderr, checked.stderr
+
+
+def test_reading_a_config_file_asks_for_its_size_not_the_16_mib_limit(tmp_path: Path) -> None:
+    """os.read() allocates all it is asked for before shrinking it to what came: asked for 16 MiB at every read of
+    a file, glibc came to take those buffers from the heap, and the heap fragmented (the next test)."""
+    small = tmp_path / "jobd.toml"
+    small.write_bytes(b"[queue.default]\nconcurrency = 2\n")
+    large = tmp_path / "large.toml"
+    large.write_bytes(b"# " + b"x" * (conffile.READ_CHUNK * 3) + b"\n")  # more than one read's least
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        assert conffile.read(str(small)) == small.read_bytes()
+        _, peak = tracemalloc.get_traced_memory()
+        assert conffile.read(str(large)) == large.read_bytes()
+    finally:
+        tracemalloc.stop()
+    assert peak < conffile.READ_CHUNK * 4, f"reading {len(small.read_bytes())} bytes took {peak} bytes at its peak"
+
+
+def test_reading_the_same_config_file_again_and_again_takes_no_more_memory(tmp_path: Path) -> None:
+    """The symptom, in a process of its own. Once a buffer larger than 16 MiB has been freed (a large job.output
+    reply, a large reply of any kind), glibc serves such requests from the heap (its dynamic mmap threshold); each
+    16 MiB buffer, cut down to the few KiB read, was left where it kept the heap from shrinking or reusing its room:
+    3,000 reads of a 2 KiB workflow, as many reloads of a changed file, cost 12 MiB that never came back."""
+    workflow = tmp_path / "small.xml"
+    workflow.write_text("<!-- " + "x" * 2000 + " -->\n<workflow/>\n")
+    program = f"""
+from jobd import conffile
+
+def resident():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+large = bytes(20 << 20)
+del large
+kept = None
+for _ in range(500):  # the heap's first growth, whatever it is
+    kept = conffile.read({str(workflow)!r})
+before = resident()
+for _ in range(3000):
+    kept = conffile.read({str(workflow)!r})
+print(resident() - before)
+"""
+    grown = subprocess.run(
+        [sys.executable, "-c", program],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert int(grown) < 1024, f"3,000 reads of a {workflow.stat().st_size}-byte file took {grown.strip()} KiB more"
