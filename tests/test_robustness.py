@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from recovery.support import WAIT, wait_for_log
 
 from jobd import config, openfiles
 from jobd.client import Client, RemoteError
+from jobd.engine.core import _read_at
 
 QUEUE = "[queue.default]\nconcurrency = 1\n"
 
@@ -445,3 +447,22 @@ def test_unprivileged_clients_set_only_the_variables_a_task_allows(make_daemon: 
     # An admin sets any name, allowed or not.
     job = daemon.submit(task="closed", params={"PHPRC": "/etc/php"})["id"]
     assert "PHPRC=/etc/php\n" in daemon.output(daemon.wait(job)["id"])
+
+
+def test_reading_output_asks_for_what_the_file_holds_not_the_limit(tmp_path: Path) -> None:
+    """job.output's `limit` goes up to 1 MiB: os.pread() allocated all of it for every read, however few bytes the
+    file held, and each buffer cut down to those bytes left jobd's heap more fragmented (jobd.conffile.read)."""
+    output = tmp_path / "1.stdout"
+    output.write_bytes(b"done\n")
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        assert _read_at(str(output), 0, 1 << 20) == (b"done\n", 5)
+        assert _read_at(str(output), 2, 1 << 20) == (b"ne\n", 5)
+        assert _read_at(str(output), 2, 2) == (b"ne", 5)
+        assert _read_at(str(output), 9, 1 << 20) == (b"", 5)  # past the end
+        assert _read_at(str(tmp_path / "2.stdout"), 0, 1 << 20) == (b"", 0)  # nothing written yet
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, f"reading 5 bytes took {peak} bytes at its peak"

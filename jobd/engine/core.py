@@ -144,7 +144,10 @@ def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
     except FileNotFoundError:  # nothing written yet: output files are created on the first byte
         return b"", 0
     try:
-        return os.pread(fd, limit, offset), os.fstat(fd).st_size
+        size = os.fstat(fd).st_size  # jobd alone writes the file, in this thread: it holds this much as it is read
+        # No more asked for than the file holds past `offset`: os.pread() allocates all it is asked for, then shrinks
+        # it to what came, and a 1 MiB request for a few bytes fragmented the heap (as jobd.conffile.read explains).
+        return os.pread(fd, max(0, min(limit, size - offset)), offset), size
     finally:
         os.close(fd)
 
