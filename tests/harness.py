@@ -160,13 +160,30 @@ class Daemon:
         for name, document in documents.items():
             (directory / f"{name}.xml").write_bytes(document.encode() if isinstance(document, str) else document)
 
+    def _python_path(self) -> str:
+        """This checkout's jobd, after a test's own PYTHONPATH (its shims come first)."""
+        return ":".join(filter(None, [self.env.get("PYTHONPATH"), str(REPO)]))
+
+    def start_refused(self, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """jobd run in the foreground on this configuration, expected not to start (a port taken, another jobd on
+        the state, a damaged database): its exit status and output."""
+        return subprocess.run(
+            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(self.config_dir)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **self.env, "PYTHONPATH": self._python_path()},
+            cwd=self.root,
+            check=False,
+        )
+
     def start(self, until: str = "READY=1") -> None:
         """Start jobd; return once it has told `until` (a line's start) over NOTIFY_SOCKET."""
         notify_path = self.root / f"notify.{os.getpid()}.{id(self)}"
         notify_path.unlink(missing_ok=True)
         self.notify = Notifications(notify_path)
         env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(notify_path)}
-        env["PYTHONPATH"] = ":".join(filter(None, [self.env.get("PYTHONPATH"), str(REPO)]))  # a test's shims first
+        env["PYTHONPATH"] = self._python_path()
         env.pop("JOURNAL_STREAM", None)
         env.pop("INVOCATION_ID", None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the daemon owns it

@@ -522,15 +522,7 @@ def test_a_port_in_use_stops_start_up_with_a_clear_error(make_daemon: Any) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        daemon = make_daemon(f'[tcp]\nlisten = "127.0.0.1:{port}"\n', start=False)
-        done = subprocess.run(
-            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            cwd=daemon.root,
-        )
+        done = make_daemon(f'[tcp]\nlisten = "127.0.0.1:{port}"\n', start=False).start_refused()
     assert done.returncode == 1
     assert f"not starting: cannot listen for evQueue clients on TCP 127.0.0.1:{port} ([tcp] listen)" in done.stderr
     assert "Address already in use" in done.stderr

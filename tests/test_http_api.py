@@ -14,14 +14,12 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from harness import REPO
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobd.config import load_dir
@@ -137,15 +135,7 @@ def test_a_port_in_use_stops_start_up_with_a_clear_error(make_daemon: Any) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        daemon = make_daemon(f'[http]\nlisten = "127.0.0.1:{port}"\n', start=False)
-        done = subprocess.run(
-            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            cwd=daemon.root,
-        )
+        done = make_daemon(f'[http]\nlisten = "127.0.0.1:{port}"\n', start=False).start_refused()
     assert done.returncode == 1
     assert (
         f"not starting: cannot listen for HTTP on 127.0.0.1:{port} ([http] listen): Address already in use\n"

@@ -499,17 +499,6 @@ def evqueue_exchange(daemon: Daemon, request: bytes) -> etree._Element:
     return etree.fromstring(answer)
 
 
-def start_directly(daemon: Daemon) -> subprocess.CompletedProcess[str]:
-    """jobd run on `daemon`'s configuration, expected not to start: its exit status and output."""
-    return subprocess.run(
-        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("damage", ["not a database", "a damaged page"])
 def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
     make_daemon: Callable[..., Daemon], damage: str
@@ -526,7 +515,7 @@ def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
         data[len(data) // 2 : len(data) // 2 + 4096] = b"\xa5" * 4096
     database.write_bytes(data)
 
-    started = start_directly(daemon)
+    started = daemon.start_refused()
     # 78: permanent, so that systemd does not restart it into its start limit (jobd.service's
     # RestartPreventExitStatus=78).
     assert started.returncode == 78, started
@@ -553,7 +542,7 @@ def test_a_database_that_is_not_this_jobds_is_refused_and_left_as_it_was(
         else:
             raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     data = database.read_bytes()
-    started = start_directly(daemon)
+    started = daemon.start_refused()
     assert started.returncode == 78, started  # permanent: restarting cannot mend it
     if whose == "another program's":
         wanted = "it is not jobd's database; move it away to start anew"
@@ -579,7 +568,7 @@ def test_a_missing_database_with_its_jobs_leftovers_is_refused(make_daemon: Call
     if left == "WAL":  # what a kill -9 leaves: the database's last commits in the WAL only
         shutil.rmtree(daemon.state_dir / "output")
         (daemon.state_dir / "jobd.sqlite3-wal").write_bytes(b"\x37\x7f\x06\x82" + bytes(28))
-    started = start_directly(daemon)
+    started = daemon.start_refused()
     assert started.returncode == 78, started
     wanted = "output" if left == "output" else "jobd.sqlite3-wal"
     assert f"the database {database} is missing, but {wanted} in {daemon.state_dir} are left" in started.stderr
@@ -606,7 +595,7 @@ def test_an_empty_database_with_its_jobs_output_left_is_refused_as_a_missing_one
     assert daemon.stop() == 0
     database = daemon.state_dir / "jobd.sqlite3"
     database.write_bytes(b"")
-    started = start_directly(daemon)
+    started = daemon.start_refused()
     assert started.returncode == 78, started
     assert f"the database {database} is empty (0 bytes), but output in {daemon.state_dir} are left" in started.stderr
     assert "Traceback" not in started.stderr, started.stderr
@@ -617,7 +606,7 @@ def test_a_state_dir_that_is_a_file_is_named_at_start_up(make_daemon: Callable[.
     daemon = make_daemon(start=False)
     daemon.state_dir.parent.mkdir(parents=True, exist_ok=True)
     daemon.state_dir.write_text("not a directory\n")
-    started = start_directly(daemon)
+    started = daemon.start_refused()
     assert started.returncode == 78, started  # permanent: restarting cannot mend it
     assert f"the state directory {daemon.state_dir} ([daemon] state_dir) cannot be made" in started.stderr, started
     assert "exists and is not a directory" in started.stderr and "Traceback" not in started.stderr, started.stderr
@@ -635,7 +624,7 @@ def test_a_full_disk_at_start_up_is_named_and_loses_nothing(
     daemon.kill9()
     filler = fill(small_state_disk)
 
-    started = start_directly(daemon)
+    started = daemon.start_refused()
     assert started.returncode == 1, started  # passing trouble: systemd may start it again
     assert "its file system is full: make room" in started.stderr, started.stderr
     assert "damaged" not in started.stderr and "Traceback" not in started.stderr, started.stderr

@@ -9,7 +9,6 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -47,14 +46,7 @@ def request(method: str, params: dict[str, Any], request_id: int) -> bytes:
 def test_a_second_jobd_on_the_same_state_refuses_to_start_and_touches_nothing(make_daemon: Any) -> None:
     daemon: Daemon = make_daemon(QUEUE)
     job = daemon.submit(command=["/bin/sleep", "30"])
-    second = subprocess.run(
-        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir)],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    second = daemon.start_refused()
     assert second.returncode == 1
     assert "another jobd" in second.stderr and str(daemon.state_dir) in second.stderr
     assert "Traceback" not in second.stderr
