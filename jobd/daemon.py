@@ -36,7 +36,7 @@ from jobd.engine.scheduler import Scheduler
 from jobd.errors import ConfigError, ShuttingDown, StartupError
 from jobd.eventloop import EventLoop
 from jobd.loop_signals import LoopSignals
-from jobd.model import Config, iso
+from jobd.model import Config, host_port, iso
 from jobd.server import Server
 from jobd.store import DATABASE_ERRORS, Store, startup_failure
 
@@ -571,8 +571,7 @@ class Daemon:
         """Where the evQueue TCP listener is bound ("127.0.0.1:5000", "[::1]:5000"), the port resolved; or None."""
         if self.server.tcp_address is None:
             return None
-        host, port = self.server.tcp_address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(*self.server.tcp_address)
 
     def reload(self) -> dict[str, Any]:
         """Read the configuration again; all or nothing. Raises ConfigError and keeps the running one if broken."""

@@ -62,6 +62,7 @@ from jobd.model import (
     ObjectKind,
     Outcome,
     Right,
+    host_port,
 )
 from jobd.protocol import jsonrpc
 from jobd.protocol.jsonrpc import encode_text
@@ -128,15 +129,10 @@ def _first_request_seconds() -> float:
 FIRST_REQUEST_SECONDS = _first_request_seconds()  # a connection that sends no request within this long is closed
 
 
-def _host_port(host: str, port: int) -> str:
-    """`host:port`, `[host]:port` for IPv6."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _address_of(server: asyncio.Server) -> str:
     """`host:port` (`[host]:port` for IPv6) of a TCP listener, its port as bound (port 0 picks one)."""
     host, port = server.sockets[0].getsockname()[:2]
-    return _host_port(host, port)
+    return host_port(host, port)
 
 
 class _Refused(asyncio.Protocol):
@@ -306,7 +302,7 @@ class HttpApi:
         except OSError as error:
             # asyncio's bind error has errno but its own strerror, which quotes the address as a tuple
             reason = os.strerror(error.errno) if error.errno else str(error)
-            where = self.listen if isinstance(self.listen, str) else _host_port(*self.listen)
+            where = self.listen if isinstance(self.listen, str) else host_port(*self.listen)
             raise StartupError(f"cannot listen for HTTP on {where} ([http] listen): {reason}") from None
 
     def own_unix_socket(self) -> list[str]:

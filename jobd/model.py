@@ -215,6 +215,11 @@ class RemoteUser:
     admin: bool = False
 
 
+def host_port(host: str, port: int) -> str:
+    """An address as written in the configuration and the log: `host:port`, `[host]:port` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class TcpDef:
     """`[tcp]`: the optional TCP listener for evQueue clients, with evQueue's challenge/HMAC-SHA1 login."""
@@ -228,8 +233,7 @@ class TcpDef:
     def listen_text(self) -> str | None:
         if self.listen is None:
             return None
-        host, port = self.listen
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(*self.listen)
 
 
 @dataclass(frozen=True, slots=True)

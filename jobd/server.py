@@ -41,7 +41,7 @@ from jobd.errors import (
     TooManyConnections,
 )
 from jobd.linux import peer_credentials
-from jobd.model import AccessDef
+from jobd.model import AccessDef, host_port
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
 from jobd.store import refused_request
 
@@ -194,7 +194,7 @@ class Server:
                 lambda: TcpXmlConnection(self), host, port, start_serving=False, reuse_address=True
             )
         except OSError as error:
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            where = host_port(host, port)
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise StartupError(f"cannot listen for evQueue clients on TCP {where} ([tcp] listen): {reason}") from None
         bound = self._tcp_server.sockets[0].getsockname()

@@ -519,11 +519,9 @@ class _FileName:
 
     def _look(self) -> None:
         info = os.fstat(self._fd)
-        try:  # followed: a database path that is a symbolic link to the file names it as well
-            named = os.stat(self._path)
-        except FileNotFoundError:
-            named = None
-        self._lost = info.st_nlink == 0 or named is None or (named.st_dev, named.st_ino) != (info.st_dev, info.st_ino)
+        # Followed: a database path that is a symbolic link to the file names it as well.
+        named = _identity(self._path, follow_links=True)
+        self._lost = info.st_nlink == 0 or named != (info.st_dev, info.st_ino)
         if self._lost:
             self._on_lost()
 
@@ -1613,10 +1611,11 @@ def store_failure(failure: Exception) -> StoreFailed | None:
 _refusals = logline.Throttle(every=60.0)
 
 
-def _identity(path: str) -> tuple[int, int] | None:
-    """The device and inode of the file at `path` (not followed), or None if there is none."""
+def _identity(path: str, *, follow_links: bool = False) -> tuple[int, int] | None:
+    """The device and inode of the file at `path` (a symbolic link itself unless `follow_links`), or None if there
+    is none."""
     try:
-        info = os.lstat(path)
+        info = os.stat(path, follow_symlinks=follow_links)
     except FileNotFoundError:
         return None
     return info.st_dev, info.st_ino

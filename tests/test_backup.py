@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Daemon
@@ -95,15 +96,21 @@ def test_a_copy_taken_while_a_job_runs_holds_every_job_and_a_jobd_started_on_it_
     assert restored.call("job.get", {"id": running})["tries"][-1]["outcome"] == "lost"
 
 
+def _a_job_in_a_backup_and_one_after(daemon: Daemon) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A finished job, then `jobctl backup`, then another finished job: the two jobs, the first alone in the copy."""
+    first = daemon.wait(daemon.submit(command=["/bin/echo", "in the copy"])["id"])
+    assert ctl(daemon, "backup").code == 0
+    later = daemon.wait(daemon.submit(command=["/bin/echo", "after the copy"])["id"])
+    return first, later
+
+
 def test_a_restored_copy_numbers_new_jobs_past_the_output_left_by_later_jobs(
     make_daemon: Callable[..., Daemon],
 ) -> None:
     """Jobs made after the copy are not in it, but their output is still in the state directory: a new job given
     one of their ids showed that output (someone else's, perhaps) to its readers until it wrote its first byte."""
     daemon = make_daemon(QUEUES)
-    first = daemon.wait(daemon.submit(command=["/bin/echo", "in the copy"])["id"])
-    assert ctl(daemon, "backup").code == 0
-    later = daemon.wait(daemon.submit(command=["/bin/echo", "after the copy"])["id"])
+    first, later = _a_job_in_a_backup_and_one_after(daemon)
     assert later["id"] == first["id"] + 1
     _restore(daemon)
     assert "past the last job of the database" in daemon.log()
@@ -123,9 +130,7 @@ def test_a_copy_restored_by_a_rename_while_jobd_runs_is_refused_and_not_mixed_wi
     copy, and the next start played that WAL into the copy: a later job appeared in it, and a copy older than the
     last checkpoint came out damaged."""
     daemon = make_daemon(QUEUES)
-    first = daemon.wait(daemon.submit(command=["/bin/echo", "in the copy"])["id"])
-    assert ctl(daemon, "backup").code == 0
-    later = daemon.wait(daemon.submit(command=["/bin/echo", "after the copy"])["id"])
+    first, later = _a_job_in_a_backup_and_one_after(daemon)
     database = daemon.state_dir / "jobd.sqlite3"
     staged = daemon.state_dir / "restoring.sqlite3"
     shutil.copy(backup_path(daemon), staged)
@@ -150,9 +155,7 @@ def test_a_database_moved_aside_while_jobd_runs_keeps_what_jobd_saved_and_the_co
     its WAL beside the copy, which the next start played into it. Now jobd refuses to write, puts what its WAL
     held into the renamed file (complete there), and leaves the copy as it was."""
     daemon = make_daemon(QUEUES)
-    first = daemon.wait(daemon.submit(command=["/bin/echo", "in the copy"])["id"])
-    assert ctl(daemon, "backup").code == 0
-    later = daemon.wait(daemon.submit(command=["/bin/echo", "after the copy"])["id"])
+    first, later = _a_job_in_a_backup_and_one_after(daemon)
     database = daemon.state_dir / "jobd.sqlite3"
     aside = daemon.state_dir / "jobd.sqlite3.old"
     os.rename(database, aside)
