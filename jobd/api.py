@@ -701,6 +701,8 @@ def daemon_status(api: Api, session: Session, p: Params) -> Any:
         if status["last_reload"]["error"] is not None:
             # The error names a file, a line and a key (`task.NAME.environment.VAR`): tasks the peer may not see.
             status["last_reload"] = {**status["last_reload"], "error": HIDDEN_RELOAD_ERROR}
+        # The trouble names the job or queue whose write failed; the failure itself (a full disk) is everyone's.
+        status["store_trouble"] = engine.store_trouble_cause
         status["jobs"] = engine.history_counts(
             _visible(api, session, ObjectKind.TASK), _visible(api, session, ObjectKind.QUEUE)
         )

@@ -16,11 +16,13 @@ import pwd
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import REPO, Daemon
 from lxml import etree
+from recovery.support import fill, wait_for_log
 
 from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
@@ -697,3 +699,34 @@ def test_a_reload_changes_who_is_an_admin_on_open_connections_too(jobd: Daemon, 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def test_why_the_database_takes_no_writes_is_told_without_naming_the_job(
+    small_state_disk: Path, jobd: Daemon, users: dict[str, Any], tmp_path: Path
+) -> None:
+    """store_trouble names what jobd could not record (a job, the start of a queue's jobs): told to every user,
+    it named queues and jobs they may not read. They get the failure alone, admins the whole of it."""
+    assert jobd.state_dir == small_state_disk
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    job_id = jobd.submit(command=["/bin/sh", "-c", 'read line < "$0"', str(release)], queue="ops")["id"]
+    with open(release, "w") as fifo:  # opens once the job reads the FIFO: it runs
+        filler = fill(small_state_disk)
+        fifo.write("go\n")
+    try:
+        wait_for_log(jobd, f"cannot record the end of job {job_id}")
+        admin = jobd.call("daemon.status")["store_trouble"]
+        assert admin.startswith(f"cannot record the end of job {job_id}: ") and "database or disk is full" in admin
+        for user in ("alice", "carol", "dave"):
+            [status] = calls(jobd, users[user], [("daemon.status", {})])
+            told = status["result"]["store_trouble"]
+            if user == "dave":  # an admin, by the admins group
+                assert told == admin
+            else:
+                assert told == admin.removeprefix(f"cannot record the end of job {job_id}: "), (user, told)
+                assert "job" not in told and "ops" not in told, (user, told)
+    finally:
+        filler.unlink()  # room again: the end is recorded at the next try
+    assert jobd.wait(job_id)["state"] == "succeeded"
+    [status] = calls(jobd, users["alice"], [("daemon.status", {})])
+    assert status["result"]["store_trouble"] is None

@@ -214,7 +214,10 @@ class Engine:
         store.audit_written = self.history.audit_written
         self.on_counts_changed: Callable[[], None] = lambda: None
         # Why the last write to the store failed, while writes fail (the status line shows it); None once one works.
+        # It names what was being written (a job, a queue): store_trouble_cause is the failure alone, for those who
+        # may not read them.
         self.store_trouble: str | None = None
+        self.store_trouble_cause: str | None = None
         self._troubles_told: set[str] = set()  # since the store last worked
         self._dispatch_retries: dict[str, asyncio.TimerHandle] = {}
         self._apply_queue_definitions(config, store.queue_pauses())
@@ -437,6 +440,7 @@ class Engine:
             log.error("%s; trying again every %gs", trouble, STORE_RETRY_SECONDS)
             self._troubles_told.add(trouble)
         self.store_trouble = trouble
+        self.store_trouble_cause = str(error)
         self._counts_changed()
 
     def write_refused(self, what: str, failure: StoreFailed) -> None:
@@ -445,12 +449,13 @@ class Engine:
         trouble = f"{what}: {failure.message}"
         if trouble != self.store_trouble:
             self.store_trouble = trouble
+            self.store_trouble_cause = failure.message
             self._counts_changed()
 
     def _store_works(self) -> None:
         if self.store_trouble is not None:
             log.info("the store takes writes again")
-            self.store_trouble = None
+            self.store_trouble = self.store_trouble_cause = None
             self._troubles_told.clear()
             self._counts_changed()
 
@@ -836,7 +841,9 @@ class Engine:
         if job.state is JobState.RUNNING:
             running = self._running.get(job_id)
             if running is None:  # its failed start waits to be recorded: the disk is full (_not_started)
-                raise StoreFailed(f"job {job_id} could not start and that is not recorded yet; {self.store_trouble}")
+                raise StoreFailed(
+                    f"job {job_id} could not start and that is not recorded yet: {self.store_trouble_cause}"
+                )
             if running.child.has_ended():  # on its own, just before: its end, waiting on the loop, comes first
                 await asyncio.shield(running.ended)  # then it is finished, or waits for a retry, or runs it
                 return await self.cancel(job_id)
