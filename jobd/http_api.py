@@ -129,6 +129,22 @@ def _first_request_seconds() -> float:
 FIRST_REQUEST_SECONDS = _first_request_seconds()  # a connection that sends no request within this long is closed
 
 
+def _keepalive_seconds() -> float:
+    # JOBD_HTTP_KEEPALIVE_SECONDS is for tests only (docs/http.md), as JOBD_HTTP_FIRST_REQUEST_SECONDS is.
+    try:
+        value = float(os.environ.get("JOBD_HTTP_KEEPALIVE_SECONDS", ""))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
+
+# A GET /events stream with nothing to send for this long gets a comment line. Proxies in front of jobd close a
+# response that stays silent (nginx's proxy_read_timeout is 60 s), and a client gone without a word (a laptop
+# suspended, a NAT mapping dropped) is found only by a write. The timer runs only while a stream is open and quiet:
+# an idle jobd with no stream open still makes no system call.
+KEEPALIVE_SECONDS = _keepalive_seconds()
+
+
 def _address_of(server: asyncio.Server) -> str:
     """`host:port` (`[host]:port` for IPv6) of a TCP listener, its port as bound (port 0 picks one)."""
     host, port = server.sockets[0].getsockname()[:2]
@@ -672,7 +688,12 @@ class HttpApi:
                     await response.write(_sse(event))
             del backlog
             while True:
-                item = await pending.get()
+                try:
+                    async with asyncio.timeout(KEEPALIVE_SECONDS):
+                        item = await pending.get()
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")  # a comment: EventSource ignores it
+                    continue
                 if item is None:
                     break
                 pending.size -= item.size

@@ -101,15 +101,22 @@ class Events:
         assert self.response.readline() == b"\n"
 
     def next(self) -> tuple[int, str, dict[str, Any]]:
+        """The next event; comments (a quiet stream's keep-alive) are passed over, as EventSource does."""
+        while True:
+            fields = self.block()
+            if set(fields) != {""}:
+                return int(fields["id"]), fields["event"], json.loads(fields["data"])
+
+    def block(self) -> dict[str, str]:
+        """The fields of the next block of lines up to a blank one; a comment's text under the name ""."""
         fields: dict[str, str] = {}
         while True:
             line = self.response.readline().decode()
             assert line, "the event stream ended"
             if line == "\n":
-                break
+                return fields
             name, _, value = line.rstrip("\n").partition(": ")
             fields[name] = value
-        return int(fields["id"]), fields["event"], json.loads(fields["data"])
 
     def until_finished(self, job_id: int) -> list[tuple[int, str, dict[str, Any]]]:
         seen = []
@@ -987,3 +994,21 @@ def test_a_bug_is_a_json_internal_error_logged_once(make_daemon: Any, tmp_path: 
     }
     assert log.count(" ERROR ") == 1 and "ERROR internal error in GET /jobs/status\n" in log, log
     assert exchange(d, "GET", "/jobs/status/1")[0] == 404  # the daemon serves on
+
+
+def test_a_quiet_event_stream_gets_a_comment_now_and_then(make_daemon: Any) -> None:
+    """A GET /events stream with nothing to send wrote nothing at all: a proxy in front of jobd closes a response
+    silent for a minute (nginx's proxy_read_timeout), and a client gone without a word was never found. A quiet
+    stream now gets a comment line every KEEPALIVE_SECONDS (here 0.2 s); the events still come between them."""
+    daemon = make_daemon(CONFIG, start=False)
+    daemon.env["JOBD_HTTP_KEEPALIVE_SECONDS"] = "0.2"
+    daemon.start()
+    events = Events(daemon, "?types=job.state")
+    try:
+        assert events.block() == {"": "keep-alive"}
+        assert events.block() == {"": "keep-alive"}
+        job_id = daemon.submit(command=["/bin/true"])["id"]
+        assert events.until_finished(job_id)[-1][2]["job"]["state"] == "succeeded"
+        assert events.block() == {"": "keep-alive"}
+    finally:
+        events.close()
