@@ -368,10 +368,19 @@ class Child:
         self._stopping = False
         self._kill_timer: asyncio.TimerHandle | None = None
         self._pidfd = os.pidfd_open(popen.pid)
-        loop.add_reader(self._pidfd, self._leader_exited)
-        self._pipes = _pipe_watch(loop)
-        for reader in (self._stdout, self._stderr, progress):
-            self._pipes.add(reader.read_fd, select.EPOLLIN, functools.partial(self._drain, reader))
+        registered: list[int] = []
+        try:
+            loop.add_reader(self._pidfd, self._leader_exited)
+            self._pipes = _pipe_watch(loop)
+            for reader in (self._stdout, self._stderr, progress):
+                self._pipes.add(reader.read_fd, select.EPOLLIN, functools.partial(self._drain, reader))
+                registered.append(reader.read_fd)
+        except BaseException:  # no room for an epoll entry: undone, for spawn() to stop the child it cannot watch
+            for fd in registered:
+                self._pipes.remove(fd)
+            loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            raise
 
     @classmethod
     def spawn(
@@ -418,7 +427,7 @@ class Child:
                 os.close(fd)
             if not isinstance(exc, OSError):  # _enter raised: the one SubprocessError Popen raises here
                 raise SpawnError(_cwd_refused(spec), transient=False) from exc
-            transient = exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)
+            transient = exc.errno in _SHORT_OF_RESOURCES
             raise SpawnError(_describe_spawn_error(spec, exc), transient=transient) from exc
         finally:
             for fd in child_ends:
@@ -426,7 +435,20 @@ class Child:
         stdout, stderr, progress = opened
         assert isinstance(stdout, _OutputSink) and isinstance(stderr, _OutputSink)
         assert isinstance(progress, _ProgressReader)
-        return cls(popen, _spawned_start_time(popen.pid, before, after), loop, (stdout, stderr), progress, on_exit)
+        try:
+            return cls(popen, _spawned_start_time(popen.pid, before, after), loop, (stdout, stderr), progress, on_exit)
+        except OSError as exc:
+            # The program started, but jobd has no descriptor or memory left to watch it (its pidfd, an epoll
+            # entry). Left running, nothing would ever reap it, stop it at its time limit or record its end, and its
+            # job would stay `running` for good: it is killed now, and the start counts as failed.
+            _kill_unwatched(popen)
+            for reader in opened:
+                reader.close()
+            program = spec.argv[0] if spec.argv else "?"
+            raise SpawnError(
+                f"cannot watch {program!r} once started, so it was stopped: {exc.strerror or exc}",
+                transient=exc.errno in _SHORT_OF_RESOURCES,
+            ) from exc
 
     def has_ended(self) -> bool:
         """Whether the leader has exited, even if the loop has not handled its exit yet (its pidfd is readable):
@@ -590,6 +612,18 @@ def _open_program_for(spec: LaunchSpec) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# What a spawn fails with when jobd, not the job, is short of something: the job waits and is tried again.
+_SHORT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOSPC)
+
+
+def _kill_unwatched(popen: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of a child just started, and reap its leader. The wait blocks, but not for long:
+    the child has only just run exec and has no way to outlive SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait()
 
 
 def _describe_spawn_error(spec: LaunchSpec, exc: OSError) -> str:

@@ -458,3 +458,31 @@ def test_reading_output_asks_for_what_the_file_holds_not_the_limit(tmp_path: Pat
     finally:
         tracemalloc.stop()
     assert peak < 64 * 1024, f"reading 5 bytes took {peak} bytes at its peak"
+
+
+def test_a_started_program_jobd_cannot_watch_is_stopped_and_its_job_tried_again(make_daemon: Any) -> None:
+    # A pidfd_open() that failed after the spawn (no descriptor or memory left for it) escaped as an internal error:
+    # the program ran on with nothing to reap it or record its end, and its job stayed `running` for good. strace
+    # makes the first pidfd_open() jobd calls fail with EMFILE.
+    daemon: Daemon = make_daemon(QUEUE)
+    strace = subprocess.Popen(
+        ["strace", "-e", "trace=pidfd_open", "-e", "inject=pidfd_open:error=EMFILE:when=1", "-p", str(daemon.pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert strace.stderr is not None and "attached" in strace.stderr.readline()  # tracing from here on
+        script = 'if [ "$JOBD_ATTEMPT" = 1 ]; then exec sleep 600; fi; echo done'
+        job_id = daemon.submit(command=["/bin/sh", "-c", script])["id"]
+        finished = daemon.wait(job_id)
+    finally:
+        strace.terminate()
+        strace.wait()
+    tries = daemon.call("job.get", {"id": job_id})["tries"]
+    assert finished["state"] == "succeeded" and daemon.output(job_id) == "done\n", (finished, tries)
+    first = tries[0]
+    assert [t["outcome"] for t in tries] == ["spawn_error", "succeeded"], tries
+    assert first["error"] == "cannot watch '/bin/sh' once started, so it was stopped: Too many open files", first
+    assert daemon.children() == [], daemon.children()  # the first try's sleep was killed and reaped
+    assert "internal error" not in daemon.log() and "Traceback" not in daemon.log()
