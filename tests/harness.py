@@ -7,6 +7,7 @@ and can SIGTERM, SIGHUP or SIGKILL it and start it again on the same state.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import signal
@@ -16,12 +17,26 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from jobd.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+USERS_LOCK = "/run/lock/jobd-test-users.lock"
+
+
+@contextlib.contextmanager
+def machine_accounts() -> Iterator[None]:
+    """Held while a test module has accounts of its own on the machine (useradd, groupadd). Their names are fixed, so
+    two suites running at once on one machine (two checkouts) take turns here instead of deleting each other's users:
+    the kernel queues them on the lock, released when the holder ends, however it ends."""
+    with open(USERS_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _find_sdns() -> Path:

@@ -8,7 +8,6 @@ supplementary group jobdtest-admins).
 
 from __future__ import annotations
 
-import fcntl
 import grp
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO, Daemon
+from harness import REPO, Daemon, machine_accounts
 from lxml import etree
 from recovery.support import fill, wait_for_log
 
@@ -28,7 +27,6 @@ from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
 
 PREFIX = "jobdtest-"
-USERS_LOCK = "/run/lock/jobd-test-users.lock"
 USERS = ("alice", "bob", "carol", "dave")
 GROUPS = {"ops": ("bob",), "admins": ("dave",)}
 DEADLINE = 60
@@ -100,22 +98,18 @@ def users() -> Iterator[dict[str, pwd.struct_passwd]]:
     """The test users and groups, created for this module and removed at its end (the suite runs as root)."""
     if os.geteuid() != 0:
         pytest.skip("creating users needs root")
-    # The account names are fixed, so two suites running at once on one machine (two checkouts) take turns here:
-    # the kernel queues us on the lock, released when this process ends, however it ends.
-    lock = open(USERS_LOCK, "w")  # noqa: SIM115 - held while this module runs
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    _remove()  # left over by an interrupted run
-    for group in GROUPS:
-        _run("groupadd", PREFIX + group)
-    for user in USERS:
-        supplementary = [PREFIX + group for group, members in GROUPS.items() if user in members]
-        extra = ["-G", ",".join(supplementary)] if supplementary else []
-        _run("useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", *extra, PREFIX + user)
-    try:
-        yield {user: pwd.getpwnam(PREFIX + user) for user in USERS}
-    finally:
-        _remove()
-        lock.close()
+    with machine_accounts():
+        _remove()  # left over by an interrupted run
+        for group in GROUPS:
+            _run("groupadd", PREFIX + group)
+        for user in USERS:
+            supplementary = [PREFIX + group for group, members in GROUPS.items() if user in members]
+            extra = ["-G", ",".join(supplementary)] if supplementary else []
+            _run("useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", *extra, PREFIX + user)
+        try:
+            yield {user: pwd.getpwnam(PREFIX + user) for user in USERS}
+        finally:
+            _remove()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon
+from harness import Daemon, machine_accounts
 
 from jobd import config
 from jobd.client import Client
@@ -49,21 +49,22 @@ def _group_exists(name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def test_user() -> Iterator[pwd.struct_passwd]:
-    created_jobd = not _group_exists(SOCKET_GROUP)
-    if created_jobd:
-        _run("groupadd", SOCKET_GROUP)
-    for stale in (USER,):
-        subprocess.run(["userdel", "-r", stale], capture_output=True)
-    subprocess.run(["groupdel", EXTRA_GROUP], capture_output=True)
-    _run("groupadd", EXTRA_GROUP)
-    _run("useradd", "-m", "-U", "-G", f"{EXTRA_GROUP},{SOCKET_GROUP}", "-s", "/bin/sh", USER)
-    try:
-        yield pwd.getpwnam(USER)
-    finally:
-        subprocess.run(["userdel", "-r", USER], capture_output=True)
-        subprocess.run(["groupdel", EXTRA_GROUP], capture_output=True)
+    with machine_accounts():
+        created_jobd = not _group_exists(SOCKET_GROUP)
         if created_jobd:
-            subprocess.run(["groupdel", SOCKET_GROUP], capture_output=True)
+            _run("groupadd", SOCKET_GROUP)
+        for stale in (USER,):
+            subprocess.run(["userdel", "-r", stale], capture_output=True)
+        subprocess.run(["groupdel", EXTRA_GROUP], capture_output=True)
+        _run("groupadd", EXTRA_GROUP)
+        _run("useradd", "-m", "-U", "-G", f"{EXTRA_GROUP},{SOCKET_GROUP}", "-s", "/bin/sh", USER)
+        try:
+            yield pwd.getpwnam(USER)
+        finally:
+            subprocess.run(["userdel", "-r", USER], capture_output=True)
+            subprocess.run(["groupdel", EXTRA_GROUP], capture_output=True)
+            if created_jobd:
+                subprocess.run(["groupdel", SOCKET_GROUP], capture_output=True)
 
 
 def _real_defaults(daemon: Daemon) -> None:
