@@ -868,6 +868,9 @@ def test_job_list_pages_newest_first_and_says_when_there_is_no_older_page(daemon
     assert second["next_before"] is None  # the page is full, but nothing older is left
     assert daemon.call("job.list", {"context": "paged", "limit": 5})["next_before"] is None
     assert daemon.call("job.list", {"context": "paged", "state": "queued"})["jobs"] == []
+    # docs/protocol.md: null and a state of [] (a form with no state ticked) do not filter.
+    unfiltered = {"state": [], "queue": None, "task": None, "before": None, "limit": None}
+    assert [job["id"] for job in daemon.call("job.list", {"context": "paged", **unfiltered})["jobs"]] == ids[::-1]
 
 
 def test_job_submit_with_jobs_creates_all_of_them(daemon: Any) -> None:
