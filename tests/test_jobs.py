@@ -369,6 +369,28 @@ def test_fifo_queue_ignores_priority(server: Any, tmp_path: Path) -> None:
     assert started == ids
 
 
+def test_the_jobs_of_one_submit_are_ready_together_and_the_best_starts_first(server: Any, tmp_path: Path) -> None:
+    """A batch is committed in one transaction: its jobs become ready together, and an idle queue's free slot goes
+    to the best of them. It went to the batch's first job, whatever its priority, which was put in the queue and
+    started before the next one was (found by tests/test_queue_model.py)."""
+    order_file = tmp_path / "order"
+    order_file.touch()
+    with held_fifo(tmp_path / "hold") as release:
+        script = 'read x < "$1"; echo "$JOBD_JOB_ID" >> "$2"'
+        members = [
+            {"command": sh(script, str(tmp_path / "hold"), str(order_file)), "queue": "serial", "priority": priority}
+            for priority in (500, 10, 10, 0)
+        ]
+        ids = [job["id"] for job in server.call("job.submit", {"jobs": members})["jobs"]]
+        # The submit's own work is done before the daemon reads another request (docs/protocol.md, job.submit).
+        assert [get(server, job_id)["state"] for job_id in ids] == ["queued", "queued", "queued", "running"]
+        for _ in ids:
+            release()
+        for job_id in ids:
+            assert server.wait(job_id)["state"] == "succeeded"
+    assert [int(line) for line in order_file.read_text().split()] == [ids[3], ids[1], ids[2], ids[0]]
+
+
 # -- 4. concurrency ----------------------------------------------------------------------------------------------
 
 COUNTING_JOB = """

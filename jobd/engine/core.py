@@ -334,22 +334,34 @@ class Engine:
         self._store_works()
         # The engine's at once: a committed job is found even if the client goes away while its reply waits for
         # the fsync (and a cancel in that window finds it).
+        queues: dict[str, None] = {}
         for job, created in results:
             if created:
                 self.jobs[job.id] = job
+                queues[job.spec.queue] = None
                 if watcher is not None:
                     self._watchers[job.id] = watcher
                 if after_reply is None:
                     self._announce(job)
                 else:  # one piece per job: should one fail, the others are still queued
                     after_reply(functools.partial(self._announce, job))
+        # Started once every job of the submit waits in its queue: jobs committed together are ready together, and
+        # the best of them takes the first free slot, not the one that came first in the batch.
+        if after_reply is None:
+            self._dispatch_all(list(queues))
+        elif queues:
+            after_reply(functools.partial(self._dispatch_all, list(queues)))
         return [self.jobs.get(job.id, job) for job, _ in results]
 
     def _announce(self, job: Job) -> None:
-        """Log, tell listeners about and admit a job just committed."""
+        """Log, tell listeners about and place a job just committed (its queue is dispatched by the caller)."""
         log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
         self._emit("job.state", job)
-        self._admit(job)
+        self._admit(job, dispatch=False)
+
+    def _dispatch_all(self, queue_names: list[str]) -> None:
+        for name in queue_names:
+            self._dispatch_if_defined(name)
 
     @property
     def replies_wait_for_fsync(self) -> bool:
@@ -369,14 +381,16 @@ class Engine:
         if queue.closed:
             raise QueueClosed(f"queue {name!r} was removed from the configuration; it drains and takes no new jobs")
 
-    def _admit(self, job: Job) -> None:
-        """Put an unfinished, not running job where it waits: a delay timer or its queue's ready set."""
+    def _admit(self, job: Job, *, dispatch: bool = True) -> None:
+        """Put an unfinished, not running job where it waits: a delay timer or its queue's ready set (and, unless
+        told not to, start what its queue has room for)."""
         if job.state is JobState.DELAYED:
             wait = max(0.0, job.run_at - self.clock())
             self._delay_timers[job.id] = self.loop.call_later(wait, self._delay_over, job.id)
         elif job.state is JobState.QUEUED:
             self.queues[job.spec.queue].push(job)
-            self._dispatch(job.spec.queue)
+            if dispatch:
+                self._dispatch(job.spec.queue)
         self._counts_changed()
 
     def _delay_over(self, job_id: int) -> None:
