@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, TypeGuard
 
-from jobd import activation, users
+from jobd import activation, audit, users
 from jobd.api import AfterReplyWork, Api, EventFilter
 from jobd.api_evqueue import EvQueue
 from jobd.durable import DurableReply
@@ -56,6 +56,11 @@ LINGER_SECONDS = 5.0  # how long a connection ended by an oversized frame keeps 
 REFUSED_LINGERING = 32
 STOP_ANSWER_SECONDS = 1.0  # at a stop, the most the last answers may take to be written (a turn of the loop or two)
 MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; events: cut the subscriber off
+# A batch's answer is made whole before a byte of it is sent: once it holds this many bytes, its members not answered
+# yet are refused (_BatchAnswer). A line of `job.get`s of a job with a long command, or of `job.output`s of 1 MiB,
+# was otherwise answered in gigabytes, made at once, with the loop stopped meanwhile: jobd was killed for want of
+# memory, or took seconds to answer anyone else.
+MAX_BATCH_ANSWER = MAX_UNSENT
 # Requests that wait (job.wait, job.output with wait, instance.wait, ...) one connection may have pending; past
 # that its further requests are read once one of those is answered. Each holds a few KiB of jobd's memory until its
 # job ends, and one client sending them without end would otherwise take all of it.
@@ -559,23 +564,26 @@ class Connection(_Identified, asyncio.Protocol):
             finally:
                 self._after_reply.run()
             return
-        replies: list[Reply | _Waiting] = []
+        answer = _BatchAnswer()
         for member in frame.members:  # each member's work is done before the next member runs: it may depend on it
+            if answer.full:  # not run: its reply could not be held
+                answer.add(answer.refusal(member))
+                continue
             self._after_reply.begin()
             try:
-                replies.append(self._member(member))
+                answer.add(self._member(member))
             finally:
                 self._after_reply.run()
-        waiting = sum(1 for reply in replies if isinstance(reply, _Waiting))
+        waiting = answer.waiting()
         if waiting > MAX_WAITING:  # the cap holds for one line too: those members are refused, the others done
-            replies = [_too_many_waiting(reply, waiting) if _refusable(reply) else reply for reply in replies]
-            waiting = sum(1 for reply in replies if isinstance(reply, _Waiting))
+            answer.refuse_waiting(lambda reply: _too_many_waiting(reply, waiting) if _refusable(reply) else reply)
+            waiting = answer.waiting()
         if waiting:
-            self._spawn(self._answer_batch_later(replies), waiting)
+            self._spawn(self._answer_batch_later(answer), waiting)
             return
-        answered = [reply for reply in replies if reply is not None]
-        if answered:
-            self._send(answered)
+        answered = answer.line_now()
+        if answered is not None:
+            self._send_line(answered)
 
     def _member(self, member: jsonrpc.Member) -> Reply | _Waiting:
         """The reply to one request, or what will produce it when the method has to wait."""
@@ -591,7 +599,7 @@ class Connection(_Identified, asyncio.Protocol):
             return _Waiting(member, value, self.api.engine)
         return None if member.is_notification else jsonrpc.result(member.id, value)
 
-    async def _until_writable(self, replies: list[Reply | _Waiting]) -> None:
+    async def _until_writable(self, replies: Sequence[bytes | Reply | _Waiting]) -> None:
         """Wait while the client does not read; the methods have not run yet and start once it reads again."""
         try:
             await self._writable.wait()
@@ -607,15 +615,11 @@ class Connection(_Identified, asyncio.Protocol):
         if message is not None:
             self._send(message)
 
-    async def _answer_batch_later(self, replies: list[Reply | _Waiting]) -> None:
-        await self._until_writable(replies)
-        # The members that wait run together: in turn, a job.wait would hold back a job.cancel after it (of the
-        # same job: for ever), and each member's timeout would start when the one before it ended.
-        waited = iter(await asyncio.gather(*(reply.answer() for reply in replies if isinstance(reply, _Waiting))))
-        done = [next(waited) if isinstance(reply, _Waiting) else reply for reply in replies]
-        answered = [reply for reply in done if reply is not None]
-        if answered:
-            self._send(answered)
+    async def _answer_batch_later(self, answer: _BatchAnswer) -> None:
+        await self._until_writable(answer.members)
+        line = await answer.line()
+        if line is not None:
+            self._send_line(line)
 
     def _spawn(self, work: Coroutine[Any, Any, None], waiting: int) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -682,6 +686,10 @@ class Connection(_Identified, asyncio.Protocol):
     def _send(self, message: Any) -> None:
         if not self.transport.is_closing():
             self.transport.write(jsonrpc.encode(message))
+
+    def _send_line(self, line: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(line)
 
     def _send_event(self, message: Any) -> None:
         # Events cannot wait for a slow reader (they come from the engine, not from its requests): a subscriber
@@ -758,6 +766,81 @@ class _Waiting:
     def close(self) -> None:
         """The connection went away before the method ran: it never will."""
         self.work.close()
+
+
+class _BatchAnswer:
+    """A batch's answer while its members are done: each member's reply encoded as soon as it is made, or the
+    _Waiting that will make it, and the bytes made so far. The answer is sent whole, once every member is done, so
+    once it holds MAX_BATCH_ANSWER bytes (`full`) the members not answered yet are refused: those after it are not
+    run, and a member that waits and ends later is answered the refusal in place of what it read (but a method that
+    changed something, a job.cancel, is answered what it did). The answer holds at most MAX_BATCH_ANSWER bytes and
+    one member's reply, as much as jobd holds for requests pipelined one per line."""
+
+    def __init__(self) -> None:
+        self.members: list[bytes | _Waiting] = []
+        self.size = 0
+
+    @property
+    def full(self) -> bool:
+        return self.size >= MAX_BATCH_ANSWER
+
+    def add(self, reply: Reply | _Waiting) -> None:
+        if isinstance(reply, _Waiting):
+            self.members.append(reply)
+        elif reply is not None:
+            self.members.append(self._encoded(reply))
+
+    def _encoded(self, reply: dict[str, Any]) -> bytes:
+        data = jsonrpc.encode_value(reply)
+        self.size += len(data)
+        return data
+
+    @staticmethod
+    def refusal(member: jsonrpc.Member) -> Reply:
+        failure = InvalidRequest(
+            f"not answered: this batch's answer holds {MAX_BATCH_ANSWER} bytes already, the most jobd makes for "
+            "one batch; ask for the rest in another request",
+            limit=MAX_BATCH_ANSWER,
+        )
+        if isinstance(member, jsonrpc.Invalid):
+            return jsonrpc.error(member.id, failure) if member.answered else None
+        return None if member.is_notification else jsonrpc.error(member.id, failure)
+
+    def waiting(self) -> int:
+        return sum(1 for member in self.members if isinstance(member, _Waiting))
+
+    def refuse_waiting(self, refuse: Callable[[_Waiting], Reply | _Waiting]) -> None:
+        """Replace each member that waits by what `refuse` makes of it."""
+        members, self.members = self.members, []
+        for member in members:
+            if isinstance(member, _Waiting):
+                self.add(refuse(member))
+            else:
+                self.members.append(member)
+
+    def line_now(self) -> bytes | None:
+        """The answer of a batch none of whose members waits; None if none is answered (notifications)."""
+        parts = [member for member in self.members if isinstance(member, bytes)]
+        return jsonrpc.encode_batch(parts) if parts else None
+
+    async def line(self) -> bytes | None:
+        # The members that wait run together: in turn, a job.wait would hold back a job.cancel after it (of the
+        # same job: for ever), and each member's timeout would start when the one before it ended.
+        waiting = [member for member in self.members if isinstance(member, _Waiting)]
+        settled = iter(await asyncio.gather(*(self._settle(member) for member in waiting)))
+        parts = [next(settled) if isinstance(member, _Waiting) else member for member in self.members]
+        answered = [part for part in parts if part is not None]
+        return jsonrpc.encode_batch(answered) if answered else None
+
+    async def _settle(self, reply: _Waiting) -> bytes | None:
+        if self.full and _refusable(reply) and reply.member.method not in audit.JSONRPC_MUTATING:
+            reply.close()  # not run (the members before it in this turn filled the answer)
+            message = self.refusal(reply.member)
+        else:
+            message = await reply.answer()
+            if message is not None and self.full and reply.member.method not in audit.JSONRPC_MUTATING:
+                message = self.refusal(reply.member)
+        return None if message is None else self._encoded(message)
 
 
 def _refusable(reply: Reply | _Waiting) -> TypeGuard[_Waiting]:

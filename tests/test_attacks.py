@@ -500,3 +500,57 @@ def test_stalled_and_non_reading_clients_slow_nobody_down(make_daemon: Any) -> N
         assert [answer.get("status") for answer in answers] == ["OK"], answers
     _ping_json(daemon.socket_path)
     assert daemon.running()
+
+
+def _status_kib(pid: int, field: str) -> int:
+    """A memory figure of /proc/PID/status (VmRSS, VmHWM), in KiB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(f"{field}:"))
+    return int(line.split()[1])
+
+
+@pytest.mark.parametrize("method", ["job.get", "job.output"])
+def test_a_batch_is_answered_up_to_4_mib_and_its_other_members_refused_unrun(make_daemon: Any, method: str) -> None:
+    # A line of 1,000 job.gets of a job with a 400 KB command (70 KB sent) was answered in 400 MB, made whole at once
+    # (jobd's peak grew by a gigabyte, its loop stopped for seconds meanwhile); a line of job.outputs of a MiB of
+    # NULs (each sent as six bytes, \u0000), in as much. A few such clients had jobd killed for want of memory.
+    daemon = make_daemon(CONFIG)
+    if method == "job.get":
+        big = daemon.submit(command=["/bin/true", "x" * 400_000], delay=86400)  # never runs: it is only read
+        params: dict[str, Any] = {"id": big["id"]}
+    else:
+        big = daemon.submit(command=["/usr/bin/head", "-c", str(1 << 20), "/dev/zero"])
+        assert daemon.wait(big["id"])["state"] == "succeeded"
+        params = {"id": big["id"], "limit": 1 << 20}
+    peak_before = _status_kib(daemon.pid, "VmHWM")
+    members = 1000 if method == "job.get" else 256  # job.output waits for its read: at most 256 in a batch
+    batch = [{"jsonrpc": "2.0", "id": number, "method": method, "params": params} for number in range(members)]
+    with _connect(daemon.socket_path) as sock:
+        _send_all_then_close_writing(sock, json.dumps(batch).encode() + b"\n")
+        answer = _read_to_eof(sock)
+    replies = json.loads(answer)
+    assert [reply["id"] for reply in replies] == [member["id"] for member in batch]
+    answered = [reply for reply in replies if "result" in reply]
+    refused = [reply for reply in replies if "error" in reply]
+    # Members are answered until the answer holds 4 MiB; the member that passes it is answered whole.
+    assert 1 <= len(answered) <= 4 * 1024 * 1024 // 400_000 + 1, len(answered)
+    assert replies[: len(answered)] == answered
+    assert {(reply["error"]["data"]["code"], reply["error"]["data"]["limit"]) for reply in refused} == {
+        ("INVALID_REQUEST", 4 * 1024 * 1024)
+    }
+    assert "ask for the rest in another request" in refused[0]["error"]["message"]
+    assert len(answer) < 4 * 1024 * 1024 + 8 * 1024 * 1024  # 4 MiB, a member's reply, and the refusals
+    assert _status_kib(daemon.pid, "VmHWM") - peak_before < 64 * 1024  # KiB: without the cap, over a gigabyte
+    _ping_json(daemon.socket_path)
+
+
+def test_members_of_a_batch_past_its_4_mib_are_not_run(daemon: Any) -> None:
+    job = daemon.submit(command=["/bin/true", "x" * 400_000], delay=86400)  # never runs: it is only read
+    read = {"jsonrpc": "2.0", "id": "read", "method": "job.get", "params": {"id": job["id"]}}
+    submit = {"jsonrpc": "2.0", "id": "submit", "method": "job.submit", "params": {"task": "echo"}}
+    notified = {"jsonrpc": "2.0", "method": "job.submit", "params": {"task": "echo"}}  # a notification: no answer
+    with _connect(daemon.socket_path) as sock:
+        _send_all_then_close_writing(sock, json.dumps([read] * 11 + [submit, notified]).encode() + b"\n")
+        replies = json.loads(_read_to_eof(sock))
+    assert ["result" in reply for reply in replies] == [True] * 11 + [False]
+    assert replies[-1]["id"] == "submit" and replies[-1]["error"]["data"]["code"] == "INVALID_REQUEST"
+    assert [found["id"] for found in daemon.call("job.list")["jobs"]] == [job["id"]]  # neither submit was run

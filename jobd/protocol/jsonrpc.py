@@ -176,11 +176,22 @@ def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode(message: Any) -> bytes:
+    """`message` as a line of the API socket."""
+    return encode_value(message) + b"\n"
+
+
+def encode_value(message: Any) -> bytes:
+    """`message` as UTF-8 JSON, without the line's end: a member of a batch's answer (`encode_batch`)."""
     text = _ENCODER.encode(message)
     try:
-        return text.encode() + b"\n"
+        return text.encode()
     except UnicodeEncodeError:  # a name the OS gave undecoded reached a reply: JSON text must be Unicode
-        return _ENCODER.encode(_printable_values(message)).encode() + b"\n"
+        return _ENCODER.encode(_printable_values(message)).encode()
+
+
+def encode_batch(members: list[bytes]) -> bytes:
+    """The line answering a batch, from its members' replies made by `encode_value`."""
+    return b"[" + b",".join(members) + b"]\n"
 
 
 def encode_text(value: Any) -> str:
