@@ -91,6 +91,11 @@ class Session(Protocol):
         """Run `work` once the reply to the call being made is on its way, before the next call of the session
         (or at once): what the client need not wait for, such as a submitted job's start and its audit entry."""
 
+    async def ready_for_reply(self) -> None:
+        """Until the client reads its replies again, if it has stopped (at once otherwise): what a method that has
+        waited (job.output with `wait`) awaits before it reads what it answers with, so that jobd does not hold
+        that data for a client that reads nothing."""
+
 
 class AfterReplyWork:
     """What a session keeps for Session.after_reply: the work handed over while a call is answered, done by
@@ -601,16 +606,20 @@ async def job_output(api: Api, session: Session, p: Params) -> Any:
     p.done()
     _checked_job(api, session, Right.READ, job_id)
     if encoding == "base64":
-        chunk = await api.engine.read_output(job_id, attempt, stream, offset, limit, wait=wait)
+        chunk = await api.engine.read_output(
+            job_id, attempt, stream, offset, limit, wait=wait, ready=session.ready_for_reply
+        )
         data = chunk.data
     else:
-        chunk = await api.engine.read_output(job_id, attempt, stream, offset, limit + MAX_UTF8_EXTRA, wait=wait)
+        chunk = await api.engine.read_output(
+            job_id, attempt, stream, offset, limit + MAX_UTF8_EXTRA, wait=wait, ready=session.ready_for_reply
+        )
         data = _text_chunk(chunk.data, limit, chunk.complete)
         # Only part of a character so far: a wait goes on until the job has written the rest (or ended).
         while wait and not data and api.engine.attempt_running(job_id, chunk.attempt):
             await api.engine.wait_output(job_id)
             chunk = await api.engine.read_output(
-                job_id, chunk.attempt, stream, offset, limit + MAX_UTF8_EXTRA, wait=True
+                job_id, chunk.attempt, stream, offset, limit + MAX_UTF8_EXTRA, wait=True, ready=session.ready_for_reply
             )
             data = _text_chunk(chunk.data, limit, chunk.complete)
     complete = chunk.complete and len(data) == len(chunk.data)

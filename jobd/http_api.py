@@ -249,6 +249,9 @@ class _HttpSession:
     def after_reply(self, work: Callable[[], None]) -> None:
         self.handed_over.add(work)
 
+    async def ready_for_reply(self) -> None:
+        """One request at a time on an HTTP connection: its answer is the only one jobd makes for it."""
+
 
 class HttpApi:
     def __init__(self, api: Api, listen: tuple[str, int] | str, connection_count: Callable[[], int]) -> None:

@@ -13,7 +13,10 @@ import contextlib
 import http.server
 import json
 import os
+import re
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -554,3 +557,112 @@ def test_members_of_a_batch_past_its_4_mib_are_not_run(daemon: Any) -> None:
     assert ["result" in reply for reply in replies] == [True] * 11 + [False]
     assert replies[-1]["id"] == "submit" and replies[-1]["error"]["data"]["code"] == "INVALID_REQUEST"
     assert [found["id"] for found in daemon.call("job.list")["jobs"]] == [job["id"]]  # neither submit was run
+
+
+def test_answers_made_while_a_client_reads_nothing_wait_for_it_unmade(make_daemon: Any, tmp_path: Path) -> None:
+    # A client that asked for a job's output as it comes (job.output with wait), many times, and read nothing: when
+    # the job wrote, every waiting request read what it wrote and wrote its answer at once, past the 4 MiB that
+    # stops jobd reading a client's requests (100 MB for one client in a soak test; 256 clients could take 25 GB).
+    # Now what a wait wakes for is read once the client reads again, and an answer made meanwhile waits unencoded.
+    daemon = make_daemon(CONFIG)
+    zeros = daemon.submit(command=["/usr/bin/head", "-c", str(1 << 20), "/dev/zero"])  # answered in 6 MiB of \u0000
+    assert daemon.wait(zeros["id"])["state"] == "succeeded"
+    go, written = tmp_path / "go", tmp_path / "written"
+    os.mkfifo(go)
+    os.mkfifo(written)
+    # The job writes a line (its output file is made), then, when told, a MiB of NULs into its stdout pipe in one
+    # write: its pipe is made large enough to take them while jobd is stopped, so that they come to jobd at once.
+    program = (
+        "import fcntl, os, sys\n"
+        "fcntl.fcntl(1, 1031, 1 << 20)\n"  # F_SETPIPE_SZ
+        "os.write(1, b'x\\n')\n"
+        f"open({str(go)!r}).read()\n"
+        "os.write(1, bytes((1 << 20) - 4096))\n"
+        f"open({str(written)!r}, 'w').close()\n"
+    )
+    writer = daemon.submit(command=[sys.executable, "-c", program])
+    followers = 64
+    with daemon.client() as client, _connect(daemon.socket_path) as hog:
+        first = client.call("job.output", {"id": writer["id"], "wait": True}, timeout=DEADLINE)
+        assert first["data"] == "x\n"  # running, its file made
+        follow = {"id": writer["id"], "offset": 2, "limit": 1 << 20, "encoding": "base64", "wait": True}
+        hog.sendall(b"".join(
+            jsonrpc.encode({"jsonrpc": "2.0", "id": number, "method": "job.output", "params": follow})
+            for number in range(followers)
+        ))  # fmt: skip
+        client.call("ping")
+        client.call("ping")  # two turns of jobd's loop: the hog's requests are read and waiting
+        hog.sendall(jsonrpc.encode({"jsonrpc": "2.0", "id": "zeros", "method": "job.output",
+                                    "params": {"id": zeros["id"], "limit": 1 << 20}}))  # fmt: skip
+        client.call("ping")
+        client.call("ping")  # answered: 6 MiB unsent, past 4 MiB, so jobd waits for the hog to read
+        resident = _status_kib(daemon.pid, "VmRSS")
+        os.kill(daemon.pid, signal.SIGSTOP)  # the job writes its MiB while jobd cannot read any of it
+        try:
+            with open(go, "w") as release:
+                release.write("go\n")
+            with open(written) as done:
+                done.read()
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        assert client.call("job.wait", {"id": writer["id"], "timeout": 60}, timeout=70)["state"] == "succeeded"
+        client.call("ping")
+        client.call("ping")  # every follower has been woken
+        # Without waiting for the client, each of the 64 answers held the MiB it read, and wrote it: over 85 MB.
+        assert _status_kib(daemon.pid, "VmRSS") - resident < 32 * 1024, "jobd holds what the hog does not read"
+        # Nothing is lost: once the hog reads, every answer comes, each with what the job wrote.
+        hog.shutdown(socket.SHUT_WR)
+        lines = _read_to_eof_lines(hog)
+    assert len(lines) == followers + 1
+    assert sorted(line[: line.index(b',"result"')] for line in lines) == sorted(
+        b'{"jsonrpc":"2.0","id":' + json.dumps(number).encode() for number in [*range(followers), "zeros"]
+    )
+    assert all(line.count(b"AAAA" if b'"id":"zeros"' not in line else b"\\u0000") > 1000 for line in lines)
+    _ping_json(daemon.socket_path)
+
+
+def test_requests_held_while_a_client_reads_nothing_run_one_by_one_when_it_reads(make_daemon: Any) -> None:
+    # Requests read before a client stopped reading wait to run until it reads again. Its reading woke them all at
+    # once, and each wrote its answer: 200 job.outputs of a MiB of NULs (6 MiB each) took 1.2 GB of jobd's memory
+    # as soon as the client had read 8 MiB (here 64 of a MiB in base64: 85 MB).
+    daemon = make_daemon(CONFIG)
+    zeros = daemon.submit(command=["/usr/bin/head", "-c", str(1 << 20), "/dev/zero"])
+    assert daemon.wait(zeros["id"])["state"] == "succeeded"
+    requests = 64
+    with daemon.client() as client, _connect(daemon.socket_path) as hog:
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.sendall(b"".join(
+            jsonrpc.encode({"jsonrpc": "2.0", "id": number, "method": "job.output",
+                            "params": {"id": zeros["id"], "limit": 1 << 20, "encoding": "base64"}})
+            for number in range(requests)
+        ))  # fmt: skip
+        client.call("ping")
+        client.call("ping")  # two turns of jobd's loop: all read, the first answered, the others held
+        resident = _status_kib(daemon.pid, "VmRSS")
+        received = bytearray()
+        while len(received) < 8 << 20:  # a little of what waits: jobd sees the client read again
+            received += hog.recv(1 << 20)
+        client.call("ping")
+        client.call("ping")
+        assert _status_kib(daemon.pid, "VmRSS") - resident < 32 * 1024, "the held requests ran all at once"
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        hog.shutdown(socket.SHUT_WR)
+        lines = _read_to_eof_lines(hog, bytes(received))
+    ids = [int(match[1]) for line in lines if (match := re.match(rb'\{"jsonrpc":"2.0","id":(\d+),"result"', line))]
+    assert len(lines) == requests and sorted(ids) == list(range(requests)), ids  # every request is answered
+    _ping_json(daemon.socket_path)
+
+
+def _read_to_eof_lines(sock: socket.socket, start: bytes = b"") -> list[bytes]:
+    """The lines a client reads to the end of file, after `start` it read before: each a whole answer, kept as it
+    came (no JSON decoded)."""
+    sock.settimeout(DEADLINE)
+    pending = bytearray(start)
+    lines: list[bytes] = []
+    while chunk := sock.recv(1 << 20):
+        pending += chunk
+        end = pending.rfind(b"\n") + 1
+        lines += bytes(pending[:end]).splitlines()
+        del pending[:end]
+    assert not pending
+    return lines

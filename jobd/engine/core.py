@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -947,18 +947,31 @@ class Engine:
     # -- output ------------------------------------------------------------------------------------------------
 
     async def read_output(
-        self, job_id: int, attempt: int | None, stream: str, offset: int, limit: int, *, wait: bool
+        self,
+        job_id: int,
+        attempt: int | None,
+        stream: str,
+        offset: int,
+        limit: int,
+        *,
+        wait: bool,
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> OutputChunk:
         """Up to `limit` bytes of an attempt's stream from `offset`; with `wait`, blocks until there are some or
-        the attempt ends (the daemon waits, not the client)."""
+        the attempt ends (the daemon waits, not the client). `ready` is awaited before each read (api.Session.
+        ready_for_reply): what wakes a wait is read only once the client can take it."""
         job = self.get(job_id)
         number = job.attempts if attempt is None else attempt
         if number == 0 or number > job.attempts:
             raise UnknownJob(f"job {job_id} has no attempt {number} (it has {job.attempts})", id=job_id)
         path = self.output_path(job_id, number, stream)
+        if ready is not None:
+            await ready()
         data, size = _read_at(path, offset, limit)
         while wait and not data and self.attempt_running(job_id, number):
             await self.wait_output(job_id)
+            if ready is not None:
+                await ready()
             data, size = _read_at(path, offset, limit)
         running = self.attempt_running(job_id, number)
         recorded = next((a for a in self.store.attempts(job_id) if a.number == number), None)
