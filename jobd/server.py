@@ -114,8 +114,11 @@ class Server:
         self.tcp_address: tuple[str, int] | None = None  # where the TCP listener is bound (port 0 resolved)
         self._tcp_server: asyncio.AbstractServer | None = None
         self.login_throttle = evqueue_auth.LoginThrottle()
-        # Clients whose hang-up is looked out for, from their first request that waits (Connection._hung_up).
-        self._hangups: EpollSet | None = None  # made on the first
+        # Clients whose hang-up is looked out for, from their first request that waits (Connection._hung_up). Made
+        # by start_serving(), before the first client, and not at the first wait: made then, at a time jobd had no
+        # descriptor to spare, it failed in the middle of that request, and its client's connection was dropped
+        # without an answer. None again once the connections are closed.
+        self._hangups: EpollSet | None = None
         # The unix sockets' mode and group (bind: `[daemon] socket_mode`, `socket_group`); the HTTP one's too.
         self.access: tuple[int, int | None] = (0o660, None)
         self._access_as_configured: tuple[int, str] | None = None  # the keys `access` was made from
@@ -207,6 +210,7 @@ class Server:
 
     async def start_serving(self) -> None:
         assert self._server is not None
+        self._hangups = EpollSet(asyncio.get_running_loop())
         await self._server.start_serving()
         if self._evqueue_server is not None:
             await self._evqueue_server.start_serving()
@@ -249,9 +253,8 @@ class Server:
         no event, so that only a hang-up (or an error) wakes the set: in the loop's own set, its end-of-file would
         report it readable over and over.
         """
-        if self._hangups is None:
-            self._hangups = EpollSet(asyncio.get_running_loop())
-        self._hangups.add(fd, 0, hung_up)
+        if self._hangups is not None:  # None once jobd closes its connections: this one is about to go
+            self._hangups.add(fd, 0, hung_up)
 
     def forget_hangup(self, fd: int) -> None:
         if self._hangups is not None:

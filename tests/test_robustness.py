@@ -305,6 +305,36 @@ def test_clients_that_cannot_be_accepted_for_want_of_descriptors_are_logged_once
     assert "out of system resource" not in log and "Traceback" not in log, log
 
 
+@contextlib.contextmanager
+def _out_of_descriptors(daemon: Daemon) -> Any:
+    """jobd with no descriptor left: its soft limit on open files lowered to its highest descriptor, and clients
+    connected until one is not accepted (so every number below the limit is taken). Its limit comes back after."""
+    soft_before = _soft_limit_on_open_files(daemon.pid)
+    highest = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd"))
+    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={highest + 1}:"], check=True)
+    with contextlib.ExitStack() as held:
+        try:
+            for _ in range(64):  # within the listen backlog: each connect() returns at once, accepted or not
+                sock = held.enter_context(socket.socket(socket.AF_UNIX))
+                sock.connect(str(daemon.socket_path))
+            wait_for_log(daemon, f"cannot accept clients on {daemon.socket_path}: Too many open files")
+            yield
+        finally:
+            subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
+
+
+def test_a_first_wait_while_jobd_is_out_of_descriptors_is_answered(make_daemon: Any) -> None:
+    # The set of clients whose hang-up jobd looks out for was made at the first request that waits: made when jobd
+    # had no descriptor left, it failed in the middle of that request, and the client's connection was dropped
+    # without an answer (logged at debug level only).
+    daemon: Daemon = make_daemon(QUEUE)
+    job = daemon.submit(command=["/bin/true"], delay=86400)
+    with daemon.client() as client, _out_of_descriptors(daemon):
+        waited = client.call("job.wait", {"id": job["id"], "timeout": 0})  # a wait, answered as the job is now
+    assert waited["state"] == "delayed"
+    assert "[Errno 24]" not in daemon.log()  # no request failed for want of a descriptor
+
+
 def _soft_limit_on_open_files(pid: int) -> int:
     limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
     return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))
