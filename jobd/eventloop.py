@@ -72,6 +72,14 @@ class EventLoop(asyncio.SelectorEventLoop):
             self._short.discard(fd)
             log.info("accepting clients on %s again", _where(listener.sock))
 
+    def _start_serving(self, protocol_factory: Any, sock: Any, *args: Any, **kwargs: Any) -> None:
+        # Also the retry of a listener short of resources, a second later: a stop may have closed the listener by
+        # then (its jobs' kill_grace keeps the loop running), and asyncio watched descriptor -1, logging a ValueError
+        # with its traceback for each listener.
+        if (sock.sock if isinstance(sock, _Listener) else sock).fileno() < 0:
+            return
+        super()._start_serving(protocol_factory, sock, *args, **kwargs)  # type: ignore[misc]
+
     def call_exception_handler(self, context: dict[str, Any]) -> None:
         if context.get("message") == _REPORTED:
             return  # said once by _accept_connection, without a traceback a second

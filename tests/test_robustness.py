@@ -320,7 +320,8 @@ def _out_of_descriptors(daemon: Daemon) -> Any:
             wait_for_log(daemon, f"cannot accept clients on {daemon.socket_path}: Too many open files")
             yield
         finally:
-            subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
+            if daemon.running():
+                subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
 
 
 def test_a_first_wait_while_jobd_is_out_of_descriptors_is_answered(make_daemon: Any) -> None:
@@ -333,6 +334,21 @@ def test_a_first_wait_while_jobd_is_out_of_descriptors_is_answered(make_daemon: 
         waited = client.call("job.wait", {"id": job["id"], "timeout": 0})  # a wait, answered as the job is now
     assert waited["state"] == "delayed"
     assert "[Errno 24]" not in daemon.log()  # no request failed for want of a descriptor
+
+
+def test_a_stop_while_clients_wait_to_be_accepted_logs_no_traceback(make_daemon: Any) -> None:
+    # asyncio tries a listener short of descriptors again a second later. A stop closes the listeners first, then
+    # waits for its jobs (here the whole kill_grace, 2 s): that retry came after the close, watched descriptor -1,
+    # and logged "Exception in callback" with a ValueError traceback for each listener.
+    daemon: Daemon = make_daemon(QUEUE)
+    with daemon.client() as client:
+        job = client.call("job.submit", {"command": ["sh", "-c", "trap '' TERM; echo up; exec sleep 600"]})
+        assert client.call("job.output", {"id": job["id"], "wait": True}, timeout=WAIT)["data"] == "up\n"
+    with _out_of_descriptors(daemon):
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert "(attempt 1 killed, signal 9)" in log, log  # the stop waited the whole kill_grace
+    assert "Traceback" not in log and "Exception in callback" not in log, log
 
 
 def _soft_limit_on_open_files(pid: int) -> int:
