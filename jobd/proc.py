@@ -626,11 +626,20 @@ def _kill_unwatched(popen: subprocess.Popen[bytes]) -> None:
     popen.wait()
 
 
+# What a start short of a resource ran into, said after the kernel's words: fork()'s EAGAIN, "Resource temporarily
+# unavailable", names no resource, and the administrator has to know which limit to raise.
+_SHORT_OF = {
+    errno.EAGAIN: "too many processes: the pids.max of jobd's cgroup (systemd's TasksMax=), or the user's RLIMIT_NPROC",
+    errno.ENOMEM: "out of memory",
+}
+
+
 def _describe_spawn_error(spec: LaunchSpec, exc: OSError) -> str:
     program = spec.argv[0] if spec.argv else "?"
     if isinstance(exc, NotADirectoryError | FileNotFoundError) and spec.cwd is not None and exc.filename == spec.cwd:
         return f"cannot change to working directory {spec.cwd!r}: {exc.strerror}"
-    return f"cannot start {program!r}: {exc.strerror or exc}"
+    cause = _SHORT_OF.get(exc.errno) if exc.errno is not None else None
+    return f"cannot start {program!r}: {exc.strerror or exc}" + (f" ({cause})" if cause else "")
 
 
 def process_start_time(pid: int) -> int | None:

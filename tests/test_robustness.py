@@ -351,6 +351,41 @@ def test_a_stop_while_clients_wait_to_be_accepted_logs_no_traceback(make_daemon:
     assert "Traceback" not in log and "Exception in callback" not in log, log
 
 
+PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, where a private cgroup can be made
+
+
+def test_a_job_jobd_cannot_fork_for_a_process_limit_waits_and_the_error_names_the_limit(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # fork() failing with EAGAIN (a cgroup's pids.max, systemd's TasksMax=) was recorded and logged as "Resource
+    # temporarily unavailable", which names no resource: now the error says which limits those are.
+    if not os.access(PIDS_HIERARCHY / "cgroup.procs", os.W_OK):
+        pytest.skip(f"no writable cgroup v1 pids hierarchy at {PIDS_HIERARCHY} to make a private cgroup in")
+    daemon: Daemon = make_daemon(QUEUE)
+    cgroup = PIDS_HIERARCHY / f"jobd-test-{daemon.pid}"
+    home = next(line.split(":", 2)[2] for line in Path(f"/proc/{daemon.pid}/cgroup").read_text().splitlines()
+                if line.split(":")[1] == "pids")  # fmt: skip
+    cgroup.mkdir()
+    try:
+        (cgroup / "cgroup.procs").write_text(str(daemon.pid))
+        (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())  # jobd's threads, and no more
+        job = daemon.submit(command=["/bin/true"])
+        wait_for_log(daemon, f"job={job['id']} delayed (attempt 1 spawn_error")
+        (cgroup / "pids.max").write_text("max")
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+    finally:
+        (cgroup / "pids.max").write_text("max")
+        (PIDS_HIERARCHY / home.lstrip("/") / "cgroup.procs").write_text(str(daemon.pid))
+        cgroup.rmdir()
+    tries = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert tries[0]["outcome"] == "spawn_error"
+    assert tries[0]["error"] == (
+        "cannot start '/bin/true': Resource temporarily unavailable (too many processes: the pids.max of jobd's "
+        "cgroup (systemd's TasksMax=), or the user's RLIMIT_NPROC)"
+    )
+    assert tries[-1]["outcome"] == "succeeded"
+
+
 def _soft_limit_on_open_files(pid: int) -> int:
     limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
     return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))
