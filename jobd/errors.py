@@ -155,6 +155,14 @@ class StoreFailed(JobdError):
     rpc_code = -32015
 
 
+class OutOfResources(JobdError):
+    """jobd is short of a system resource for this request now (open files, memory); nothing was changed, and the
+    same request may succeed later. A shortage, not a bug: no traceback is logged for it."""
+
+    code = "OUT_OF_RESOURCES"
+    rpc_code = -32016
+
+
 class StartupError(Exception):
     """jobd refuses to start: another jobd owns the state or the socket, the database is from a newer jobd, …
 

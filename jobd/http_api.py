@@ -42,6 +42,7 @@ from jobd.errors import (
     InvalidParams,
     JobdError,
     MethodNotFound,
+    OutOfResources,
     ParseError,
     StartupError,
     StoreFailed,
@@ -878,8 +879,8 @@ def _failure(failure: JobdError) -> web.Response:
         status = 404
     elif isinstance(failure, InvalidParams):
         status = 400
-    elif isinstance(failure, StoreFailed):
-        status = 503  # the machine's trouble (a full disk); the same request may succeed later
+    elif isinstance(failure, StoreFailed | OutOfResources):
+        status = 503  # the machine's trouble (a full disk, no descriptor left); the same request may succeed later
     else:
         status = 409 if failure.code not in ("INTERNAL_ERROR",) else 500
     return _error(status, failure.code, failure.message, **failure.details)

@@ -351,6 +351,24 @@ def test_a_stop_while_clients_wait_to_be_accepted_logs_no_traceback(make_daemon:
     assert "Traceback" not in log and "Exception in callback" not in log, log
 
 
+def test_output_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_shortage_not_a_bug(make_daemon: Any) -> None:
+    # job.output opens the output file: without a descriptor to spare, it answered INTERNAL_ERROR ("a bug in jobd")
+    # and logged a traceback for each request.
+    daemon: Daemon = make_daemon(QUEUE)
+    job = daemon.submit(command=["/bin/echo", "kept"])
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    with daemon.client() as client:
+        with _out_of_descriptors(daemon), pytest.raises(RemoteError) as refused:
+            client.call("job.output", {"id": job["id"]})
+        assert refused.value.code == "OUT_OF_RESOURCES", refused.value
+        assert str(refused.value).endswith(
+            f"cannot read job {job['id']}'s stdout now: Too many open files (jobd is short of open files or memory: "
+            "see LimitNOFILE=); ask again later"
+        )
+        assert client.call("job.output", {"id": job["id"]})["data"] == "kept\n"  # once there are descriptors again
+    assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
+
+
 PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, where a private cgroup can be made
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -22,7 +23,16 @@ from jobd.engine.decisions import after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
 from jobd.engine.http_task import HttpRequest, new_session
 from jobd.engine.queues import QueueRuntime
-from jobd.errors import InvalidParams, JobFinished, QueueClosed, ShuttingDown, StoreFailed, UnknownJob, UnknownQueue
+from jobd.errors import (
+    InvalidParams,
+    JobFinished,
+    OutOfResources,
+    QueueClosed,
+    ShuttingDown,
+    StoreFailed,
+    UnknownJob,
+    UnknownQueue,
+)
 from jobd.model import (
     WORKFLOW_SCRIPT_NAME,
     WORKFLOW_TASK_KEY_PREFIX,
@@ -150,6 +160,24 @@ def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
         return os.pread(fd, max(0, min(limit, size - offset)), offset), size
     finally:
         os.close(fd)
+
+
+# Errors of a read that say jobd lacks a resource now, not that anything is wrong with the file.
+_SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def _read_output(job_id: int, stream: str, path: str, offset: int, limit: int) -> tuple[bytes, int]:
+    """_read_at for job.output: a shortage of descriptors or memory is OutOfResources (it was INTERNAL_ERROR, "a
+    bug in jobd", with a traceback in the log for each request while jobd had no descriptor left)."""
+    try:
+        return _read_at(path, offset, limit)
+    except OSError as error:
+        if error.errno not in _SHORT_OF_RESOURCES:
+            raise
+        raise OutOfResources(
+            f"cannot read job {job_id}'s {stream} now: {error.strerror} (jobd is short of open files or memory: see "
+            "LimitNOFILE=); ask again later"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -967,12 +995,12 @@ class Engine:
         path = self.output_path(job_id, number, stream)
         if ready is not None:
             await ready()
-        data, size = _read_at(path, offset, limit)
+        data, size = _read_output(job_id, stream, path, offset, limit)
         while wait and not data and self.attempt_running(job_id, number):
             await self.wait_output(job_id)
             if ready is not None:
                 await ready()
-            data, size = _read_at(path, offset, limit)
+            data, size = _read_output(job_id, stream, path, offset, limit)
         running = self.attempt_running(job_id, number)
         recorded = next((a for a in self.store.attempts(job_id) if a.number == number), None)
         if recorded is None:  # not started yet

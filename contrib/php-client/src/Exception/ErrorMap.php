@@ -35,6 +35,7 @@ final class ErrorMap
         'SHUTTING_DOWN' => UnavailableException::class,
         'TOO_MANY_CONNECTIONS' => UnavailableException::class,
         'STORE_FAILED' => UnavailableException::class,
+        'OUT_OF_RESOURCES' => UnavailableException::class,
         'CONFIG_INVALID' => ConfigException::class,
         'INTERNAL_ERROR' => ServerException::class,
         'TIMED_OUT' => ServerException::class,
