@@ -308,6 +308,28 @@ def test_json_nesting_up_to_the_limit_is_read_and_beyond_it_refused(daemon: Any)
     assert f"more than {jsonrpc.MAX_DEPTH} deep" in second["error"]["message"]
 
 
+def test_a_number_too_long_to_read_is_refused_in_the_clients_terms(daemon: Any) -> None:
+    # Python's own words came back to the client: "... use sys.set_int_max_str_digits() to increase the limit".
+    limit = sys.get_int_max_str_digits()
+    with _connect(daemon.socket_path) as sock:
+        _send_all_then_close_writing(
+            sock,
+            b'{"jsonrpc":"2.0","id":' + b"9" * limit + b',"method":"ping"}\n'
+            + b'{"jsonrpc":"2.0","id":' + b"9" * (limit + 1) + b',"method":"ping"}\n',
+        )  # fmt: skip
+        read, refused = _json_answers(_read_to_eof(sock))
+    assert read["id"] == int("9" * limit) and read["result"]["pong"] is True
+    assert refused == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {
+            "code": -32700,
+            "message": f"request holds a number of more than {limit} digits, which jobd does not read",
+            "data": {"code": "PARSE_ERROR"},
+        },
+    }
+
+
 # -- names and parameters ----------------------------------------------------------------------------------------
 
 

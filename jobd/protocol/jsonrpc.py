@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,10 @@ def _too_deep(line: bytes) -> bool:
     return b"()" in brackets or brackets.count(b"(") > MAX_DEPTH
 
 
+# int()'s refusal of a number too long to convert in linear time (CVE-2020-10735), as json.loads() passes it on.
+_TOO_MANY_DIGITS = re.compile(r"Exceeds the limit \(\d+ digits\) for integer string conversion")
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -111,6 +116,10 @@ def parse(data: bytes, what: str = "request") -> Any:
     except RecursionError:
         raise ParseError(f"{what} is nested too deeply") from None
     except ValueError as error:
+        if _TOO_MANY_DIGITS.match(str(error)):  # Python's words name a function of its own to call: not the client's
+            raise ParseError(
+                f"{what} holds a number of more than {sys.get_int_max_str_digits()} digits, which jobd does not read"
+            ) from None
         raise ParseError(f"{what} is not valid JSON: {error}") from None
     if _SURROGATE_ESCAPE.search(text) and not _is_unicode(value):
         raise ParseError(f"{what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not Unicode text")
