@@ -1,11 +1,13 @@
 """evQueue's way of talking, from PHP: tests/php/evqueue_client.php against a real daemon's evqueue socket.
 
 The PHP script does what evQueue's PHP class does (greeting first, one document per request, read until the root
-closes, skip <ping />); `make test` installs php-cli and php-xml when they are missing.
+closes, skip <ping />); `make test` installs php-cli and php-xml when they are missing. tests/php/evqueue_requests.php
+holds a scripted conversation the same way, with PHP's expat parser, over the evqueue socket or the TCP listener.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "php" / "evqueue_client.php"
+CONVERSATION = HERE / "php" / "evqueue_requests.php"
 CORPUS = HERE / "workflows"
 PHP = shutil.which("php")
 
@@ -94,3 +97,75 @@ def test_php_reports_an_unknown_workflow(corpus_daemon: Any) -> None:
         [PHP, str(CLIENT), str(corpus_daemon.evqueue_socket), "nosuch"], capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 1 and "UNKNOWN_WORKFLOW" in done.stderr, done.stderr
+
+
+# -- scripted conversations (tests/php/evqueue_requests.php) -----------------------------------------------------
+
+TCP_LOGINS = f"""
+[tcp]
+listen = "127.0.0.1:0"
+
+[tcp.users.admin]
+password_sha1 = "{hashlib.sha1(b"admin").hexdigest()}"
+admin = true
+"""
+
+
+@pytest.fixture
+def tcp_daemon(make_daemon: Any) -> Any:
+    daemon = make_daemon("[queue.default]\nconcurrency = 2\n" + TCP_LOGINS, start=False)
+    daemon.write_workflows(trivial=(CORPUS / "trivial.xml").read_bytes())
+    daemon.start()
+    return daemon
+
+
+def converse(address: str, requests: list[dict[str, Any]], **login: str) -> dict[str, Any]:
+    """The PHP conversation's report: greeting, answers (root, attributes, text), keepalives, closed."""
+    if PHP is None:
+        pytest.fail("php is not installed: `make test` installs php-cli and php-xml")
+    script = json.dumps({**login, "requests": requests})
+    done = subprocess.run([PHP, str(CONVERSATION), address], input=script, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr + done.stdout
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def tcp_address(daemon: Any) -> str:
+    return "tcp://" + daemon.call("daemon.status")["tcp_listen"]
+
+
+def many_attributes(root: str, count: int, **attributes: str) -> dict[str, str]:
+    """A raw request: `attributes`, then `count` more (written here: PHP's DOM takes quadratic time to add them)."""
+    given = " ".join(f'{name}="{value}"' for name, value in attributes.items())
+    extra = " ".join(f'a{number}="x"' for number in range(count))
+    return {"raw": f"<{root} {given} {extra}/>"}
+
+
+def test_php_request_with_too_many_attributes_is_refused_and_the_connection_goes_on(tcp_daemon: Any) -> None:
+    # Reading a root's attributes costs jobd the square of their number: 20,000 of them (200 KB) held its event
+    # loop, every client's, for seconds. They are counted first and refused past 256.
+    report = converse(
+        str(tcp_daemon.evqueue_socket),
+        [
+            many_attributes("ping", 20_000),
+            many_attributes("ping", 256),
+        ],
+    )
+    refused, served = report["answers"]
+    assert refused["attributes"]["error-code"] == "INVALID_XML", refused
+    assert "20000 attributes on <ping>; at most 256" in refused["attributes"]["error"]
+    assert served["attributes"]["status"] == "OK" and not report["closed"]
+
+
+def test_php_login_with_too_many_attributes_is_refused_before_any_password_check(tcp_daemon: Any) -> None:
+    # Before the login too: whoever reaches the TCP port could otherwise stall jobd without knowing a password.
+    auth = many_attributes("auth", 20_000, response="0" * 40, user="admin")
+    report = converse(tcp_address(tcp_daemon), [auth])
+    assert report["greeting"]["root"] == "auth"
+    [refused] = report["answers"]
+    assert refused["attributes"]["error-code"] == "INVALID_XML", refused
+    assert report["closed"]
+    # A login that follows the rules still works.
+    report = converse(tcp_address(tcp_daemon), [{"group": "ping"}], user="admin", password="admin")
+    assert report["greeting"]["attributes"]["profile"] == "ADMIN"
+    assert report["answers"][0]["attributes"]["status"] == "OK"

@@ -30,6 +30,10 @@ from jobd.xpathlex import NODE_TYPES, XPathError, tokenize
 MAX_FRAME: Final = 1024 * 1024  # bytes in one request document, from its first `<` to the `>` closing its root
 MAX_DEPTH: Final = 64  # elements nested in a request; evQueue's requests use two levels
 MAX_XPATHFILTER: Final = 4096  # characters in an xpathfilter expression
+# Attributes on a request's root element. evQueue's requests carry a few (its web UI's `instances list`, the most, about
+# twenty); reading them is quadratic in lxml (each value is looked up by name along the element's attribute list), so
+# a request of 1 MiB made of tiny attributes would hold jobd's event loop for tens of seconds, for every client.
+MAX_ATTRIBUTES: Final = 256
 
 KEEPALIVE: Final = b"<ping />\n"  # written while a client waits (synchronous launch, instance wait)
 
@@ -478,6 +482,9 @@ def parse_request(document: bytes) -> Request:
     root = safexml.parse(document, "request")
     if not isinstance(root.tag, str):  # pragma: no cover - the root of a parsed document is always an element
         raise InvalidXml("request has no root element")
+    count = len(root.attrib)  # counted along the list once, before any value is looked up
+    if count > MAX_ATTRIBUTES:
+        raise InvalidXml(f"request has {count} attributes on <{root.tag}>; at most {MAX_ATTRIBUTES} are allowed")
     attributes = {str(key): str(value) for key, value in root.attrib.items()}
     parameters: dict[str, str] = {}
     for child in root.iterchildren("parameter"):
