@@ -27,7 +27,7 @@ import inotify_simple
 import peewee
 
 from jobd import logline
-from jobd.errors import StartupError, StoreFailed
+from jobd.errors import InvalidParams, StartupError, StoreFailed
 from jobd.model import (
     Attempt,
     AuditEntry,
@@ -1154,8 +1154,10 @@ class Store:
                     value,
                 )
             )
-        for condition in conditions:
-            query = query.where(condition)
+        if conditions:
+            # One flat AND: where() per condition nests them ((a AND b) AND c)…, one level each, which peewee's SQL
+            # writer recurses into and SQLite's parser refuses past about a hundred ("parser stack overflow").
+            query = query.where(peewee.NodeList(conditions, glue=" AND "))
         total = query.count()
         # evQueue's order: the latest end first, instances still running (no end) last, as MySQL sorts NULLs.
         order = (InstanceRow.ended_at.desc(), InstanceRow.id.desc()) if where.by_end else (InstanceRow.id.desc(),)
@@ -1434,6 +1436,9 @@ class QueuePause:
     config_paused: bool | None
 
 
+MAX_VALUE_FILTERS = 100  # launch parameter values, or custom attribute values, one listing may filter on
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceFilter:
     ids: tuple[int, ...] = ()
@@ -1451,6 +1456,18 @@ class InstanceFilter:
     offset: int = 0
     visible_workflows: tuple[str, ...] | None = None  # GLOB patterns of what a non-admin may read; None: all
     by_end: bool = False  # latest end first, running instances last (evQueue's order); else newest first
+
+    def __post_init__(self) -> None:
+        # Each filter is a scan of a JSON column per instance and two bound variables (SQLite takes 32766 at most).
+        for name, what, given in (
+            ("parameters", "launch parameter", self.parameters),
+            ("custom_attributes", "custom attribute", self.custom_attributes),
+        ):
+            if len(given) > MAX_VALUE_FILTERS:
+                raise InvalidParams(
+                    f"a listing of instances filters on at most {MAX_VALUE_FILTERS} {what} values, not {len(given)}",
+                    param=name,
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1497,11 +1514,13 @@ class AuditFilter:
 
 
 def _glob_any(column: peewee.Field, patterns: Sequence[str]) -> peewee.Expression:
-    """`column` matches one of the shell-style patterns (GLOB: `*`, `?`, case-sensitive); no pattern, no row."""
-    condition = peewee.Expression(peewee.SQL("1"), "=", 0)
-    for pattern in patterns:
-        condition = peewee.Expression(condition, "OR", peewee.Expression(column, "GLOB", pattern))
-    return condition
+    """`column` matches one of the shell-style patterns (GLOB: `*`, `?`, case-sensitive); no pattern, no row.
+
+    A flat OR, however many patterns the grants hold (nested ORs overflow SQLite's parser past about a hundred)."""
+    if not patterns:
+        return peewee.Expression(peewee.SQL("1"), "=", 0)
+    matches = [peewee.Expression(column, "GLOB", pattern) for pattern in patterns]
+    return peewee.NodeList(matches, glue=" OR ", parens=True)  # type: ignore[return-value]  # any node goes in where()
 
 
 class _GroupFlusher:

@@ -108,6 +108,15 @@ listen = "127.0.0.1:0"
 [tcp.users.admin]
 password_sha1 = "{hashlib.sha1(b"admin").hexdigest()}"
 admin = true
+
+[tcp.users.reports]
+password_sha1 = "{hashlib.sha1(b"reports").hexdigest()}"
+
+# A team with a grant per workflow: what it may read is 150 name patterns in one listing.
+[[access.grant]]
+users = ["reports"]
+rights = ["read", "exec"]
+workflows = {json.dumps(["trivial", *(f"report-{number}" for number in range(149))])}
 """
 
 
@@ -169,3 +178,30 @@ def test_php_login_with_too_many_attributes_is_refused_before_any_password_check
     report = converse(tcp_address(tcp_daemon), [{"group": "ping"}], user="admin", password="admin")
     assert report["greeting"]["attributes"]["profile"] == "ADMIN"
     assert report["answers"][0]["attributes"]["status"] == "OK"
+
+
+def test_php_instances_list_filters_on_a_hundred_values_and_reads_through_many_grants(tcp_daemon: Any) -> None:
+    # Each filter, and each workflow a non-admin may read, is one more condition of the listing's query: nested
+    # one in another they overflowed SQLite's parser, which jobd reported as its database failing (STORE_FAILED).
+    launched = converse(
+        tcp_address(tcp_daemon),
+        [{"group": "instance", "attributes": {"action": "launch", "name": "trivial", "mode": "synchronous"}}],
+        user="reports",
+        password="reports",
+    )
+    assert launched["greeting"]["attributes"]["profile"] == "USER"
+    instance = launched["answers"][0]["attributes"]["workflow-instance-id"]
+    listing = {"group": "instances", "attributes": {"action": "list", "xpathfilter": "/response/workflow/@id"}}
+    filtered = {
+        "group": "instances",
+        "attributes": {"action": "list", **{f"customattribute_c{number}": "x" for number in range(100)}},
+        "parameters": {f"p{number}": "x" for number in range(100)},
+    }
+    one_too_many = {**filtered, "parameters": {f"p{number}": "x" for number in range(101)}}
+    report = converse(tcp_address(tcp_daemon), [listing, filtered, one_too_many], user="reports", password="reports")
+    everything, none, refused = (answer["attributes"] for answer in report["answers"])
+    assert everything["status"] == "OK" and report["answers"][0]["text"] == instance, report["answers"][0]
+    assert (none["status"], none["rows"]) == ("OK", "0"), none
+    assert refused["error-code"] == "INVALID_PARAMETER", refused
+    assert "at most 100 launch parameter values, not 101" in refused["error"]
+    assert tcp_daemon.call("daemon.status")["store_trouble"] is None

@@ -78,4 +78,35 @@ final class WorkflowsTest extends JobdTestCase
             self::assertSame('INVALID_WORKFLOW_PARAMETERS', $e->getWireCode());
         }
     }
+
+    public function testListingFiltersOnAHundredParametersAndAHundredCustomAttributes(): void
+    {
+        $jobd = $this->client();
+        $instance = $jobd->launch('thumbnails', ['source' => 'many-filters.jpg']);
+        self::assertSame('TERMINATED', $jobd->waitInstance($instance['id'], 30)['status']);
+        $parameters = ['source' => 'many-filters.jpg'];
+        $attributes = [];
+        for ($number = 1; $number < 100; $number++) {
+            $parameters["absent$number"] = 'x';
+            $attributes["absent$number"] = 'x';
+        }
+        // Every filter applies: a parameter the instance does not have excludes it. A hundred of each used to be
+        // refused as jobd's database failing (STORE_FAILED: SQLite's parser overflowed on the nested conditions).
+        self::assertSame(0, $jobd->listInstances(['parameters' => $parameters, 'custom_attributes' => $attributes])['total']);
+        $listed = $jobd->listInstances(['parameters' => ['source' => 'many-filters.jpg'] + $attributes]);
+        self::assertSame(0, $listed['total']);
+        $listed = $jobd->listInstances(['parameters' => array_slice($parameters, 0, 1)]);
+        self::assertSame([$instance['id']], array_column($listed['instances'], 'id'));
+        self::assertNull($jobd->status()['store_trouble'], 'a listing is no trouble of the database');
+
+        $parameters['one_more'] = 'x';
+        try {
+            $jobd->listInstances(['parameters' => $parameters]);
+            self::fail('101 parameter filters must be refused');
+        } catch (InvalidParamsException $e) {
+            self::assertSame('INVALID_PARAMS', $e->getWireCode());
+            self::assertSame('parameters', $e->getData()['param']);
+            self::assertStringContainsString('at most 100 launch parameter values, not 101', $e->getMessage());
+        }
+    }
 }
