@@ -32,6 +32,7 @@ from jobd import errors
 pytestmark = pytest.mark.timeout(300)
 
 PACKAGE = Path(__file__).resolve().parent.parent / "contrib" / "php-client"
+STEPS = Path(__file__).resolve().parent / "php" / "jobd_client_steps.php"
 PHP = shutil.which("php")
 PHPUNIT = shutil.which("phpunit")
 
@@ -277,3 +278,72 @@ def test_ajax_progress_of_a_workflow(web: str, php_daemon: Any) -> None:
     assert php_daemon.call("instance.get", {"id": instance})["comment"] == "web upload"
     # The instance is this visitor's: another session cannot read it.
     assert request(browser(), f"{web}/progress.php?instance={instance}")[0] == 404
+
+
+# -- one client kept by a long-lived PHP process (tests/php/jobd_client_steps.php) -------------------------------
+
+
+class PhpClient:
+    """A PHP process holding one Jobd\\Client; step() calls one of its methods and returns what PHP reported."""
+
+    def __init__(self, socket_path: Path) -> None:
+        php, _ = php_tools()
+        self.process = subprocess.Popen(
+            [php, str(STEPS), str(socket_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def step(self, method: str, *arguments: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps([method, *arguments]) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()  # blocks until PHP answers (the pytest timeout ends a hang)
+        assert line, f"the PHP process ended (exit status {self.process.wait(30)})"
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        assert self.process.wait(30) == 0
+
+
+@pytest.fixture
+def php_client(php_daemon: Any) -> Iterator[PhpClient]:
+    client = PhpClient(php_daemon.socket_path)
+    yield client
+    client.close()
+
+
+def restart(daemon: Any) -> None:
+    assert daemon.stop() == 0
+    daemon.start()
+
+
+def test_a_client_kept_across_a_restart_of_jobd_opens_a_new_connection(php_daemon: Any, php_client: PhpClient) -> None:
+    # A worker's client whose connection jobd closed while it was idle (jobd restarted, or stopped, between two
+    # calls): the next call found out only by failing ("broke while sending"), though jobd was back, or said so
+    # about a jobd that was not running rather than that it was not running.
+    assert php_client.step("ping")["result"]["pong"] is True
+    restart(php_daemon)
+    assert php_client.step("ping")["result"]["pong"] is True
+    submitted = php_client.step("submit", ["/bin/echo", "after the restart"])["result"]
+    assert php_client.step("wait", submitted["id"], 30)["result"]["state"] == "succeeded"
+
+    assert php_daemon.stop() == 0
+    stopped = php_client.step("ping")
+    assert stopped["exception"] == "SocketNotFoundException", stopped
+    assert "is jobd running" in stopped["message"]
+    php_daemon.start()
+    assert php_client.step("outputText", submitted["id"])["result"] == "after the restart\n"
+
+
+def test_a_subscribed_client_is_told_that_its_subscription_ended_with_jobds_restart(
+    php_daemon: Any, php_client: PhpClient
+) -> None:
+    # Its events would be lost without a word on a new connection: the call says so, and the next one reconnects.
+    assert isinstance(php_client.step("subscribe", {"types": ["job.state"]})["result"], int)
+    restart(php_daemon)
+    ended = php_client.step("ping")
+    assert (ended["exception"], ended["wire_code"]) == ("ConnectionException", None), ended
+    assert "subscription" in ended["message"] and "subscribe again" in ended["message"]
+    assert php_client.step("ping")["result"]["pong"] is True

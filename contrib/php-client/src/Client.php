@@ -506,6 +506,9 @@ final class Client
      */
     public function call(string $method, array $params = [], ?float $timeout = null): mixed
     {
+        if ($this->stream !== null) {
+            $this->checkStillOpen();
+        }
         $this->connect();
         $limit = $timeout ?? $this->timeout;
         $deadline = is_finite($limit) ? microtime(true) + $limit : INF;
@@ -592,6 +595,48 @@ final class Client
                 throw new ConnectionException("the connection to jobd at {$this->socketPath} broke while sending");
             }
             $written += $count;
+        }
+    }
+
+    /**
+     * Before a request on a connection opened earlier: if jobd has closed it meanwhile (it stopped or restarted
+     * while this client was idle), drops it, so that the request goes on a new one (or fails to connect, saying
+     * why) instead of breaking on the old one. Nothing was sent on it since the last reply, so nothing is lost;
+     * except a subscription, which ended with it: that is an error, as its events would otherwise stop silently.
+     */
+    private function checkStillOpen(): void
+    {
+        $stream = $this->stream;
+        assert($stream !== null);
+        $read = [$stream];
+        $write = $except = null;
+        if (@stream_select($read, $write, $except, 0) !== 1) {
+            return; // nothing to read: open, and idle
+        }
+        // Readable while no reply is awaited: events (kept, in order), or the end of the connection.
+        stream_set_blocking($stream, false);
+        while (is_string($chunk = @fread($stream, self::READ_CHUNK)) && $chunk !== '') {
+            $this->buffer .= $chunk;
+        }
+        $ended = feof($stream);
+        stream_set_blocking($stream, true);
+        if (!$ended) {
+            return;
+        }
+        foreach (explode("\n", $this->buffer) as $line) {
+            $message = json_decode($line, true);
+            if (is_array($message) && ($message['id'] ?? null) === null && isset($message['error'])) {
+                $this->close(); // jobd said why it closed the connection (TOO_MANY_CONNECTIONS)
+                throw ErrorMap::exception($message['error']);
+            }
+        }
+        $subscribed = $this->subscribed;
+        $this->close();
+        if ($subscribed) {
+            throw new ConnectionException(
+                "jobd closed the connection on {$this->socketPath} (it stopped or restarted): its subscription "
+                . 'ended with it; subscribe again (the next call opens a new connection)'
+            );
         }
     }
 
