@@ -169,7 +169,8 @@ final class Client
     /**
      * Submits a job: a configured task (a string, its name) or an ad-hoc command (a list of strings, its argv;
      * admins only). `$options` are job.submit's other parameters: queue, priority, delay, timeout, args, params,
-     * env, stdin, context, key, merge_stderr, callbacks, working_dir, retry, kill_grace, max_output.
+     * env, stdin, context, key, merge_stderr, callbacks, working_dir, retry, kill_grace, max_output. A `stdin` that
+     * is not UTF-8 (binary data) is sent as `stdin_base64`.
      *
      * Returns the job once jobd has committed it (its `id`, `state`, …).
      *
@@ -218,6 +219,11 @@ final class Client
                     "submit(): '$reserved' goes in the first argument (a task name or an argv list), not in the options"
                 );
             }
+        }
+        if (isset($options['stdin']) && is_string($options['stdin']) && preg_match('//u', $options['stdin']) !== 1) {
+            // Bytes that are not UTF-8 (an uploaded file): JSON carries them as base64, as jobctl sends such input.
+            $options['stdin_base64'] = base64_encode($options['stdin']);
+            unset($options['stdin']);
         }
         if (is_string($taskOrCommand)) {
             return ['task' => $taskOrCommand] + $options;

@@ -46,6 +46,20 @@ final class JobsTest extends JobdTestCase
         self::assertSame("arg0\n", $jobd->outputText($job['id'], 'stderr'));
     }
 
+    public function testBinaryStdinIsSentAsItsBytes(): void
+    {
+        // An uploaded image, say: not UTF-8, so JSON cannot carry it as text. It goes as stdin_base64, as jobctl
+        // sends such a file; it used to raise InvalidArgumentException.
+        $image = "\x89PNG\r\n\x1a\n\x00\xff\xfe\xc3(" . random_bytes(64);
+        $jobd = $this->client();
+        $job = $jobd->submit(['/bin/cat'], ['stdin' => $image]);
+        self::assertSame('succeeded', $jobd->wait($job['id'], 30)['state']);
+        self::assertSame(bin2hex($image), bin2hex($jobd->outputText($job['id'])));
+        [$batched] = $jobd->submitMany([[['/bin/cat'], ['stdin' => $image]]]);
+        self::assertSame('succeeded', $jobd->wait($batched['id'], 30)['state']);
+        self::assertSame(bin2hex($image), bin2hex($jobd->outputText($batched['id'])));
+    }
+
     public function testOutputOverManyPagesIsReadWholeAndExact(): void
     {
         // 2.5 MB of "é\n": three pages of at most 1 MiB, whose ends cut an "é" (2 bytes) in two.
