@@ -118,7 +118,11 @@ def test_phpunit_suite_passes_against_a_real_jobd(php_daemon: Any, tmp_path: Pat
     done = subprocess.run(
         [phpunit, "--configuration", str(PACKAGE / "phpunit.xml.dist"), "--log-junit", str(junit)],
         cwd=PACKAGE,
-        env={"PATH": "/usr/bin:/bin", "JOBD_TEST_SOCKET": str(php_daemon.socket_path)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "JOBD_TEST_SOCKET": str(php_daemon.socket_path),
+            "JOBD_TEST_EVQUEUE_SOCKET": str(php_daemon.evqueue_socket),
+        },
         capture_output=True,
         text=True,
         timeout=240,

@@ -136,6 +136,15 @@ final class Client
     {
         $path = $this->socketPath;
         $reason = $errstr !== '' ? $errstr : "errno $errno";
+        // connect(2) refuses a path that is no socket as it refuses a socket nobody listens on (ECONNREFUSED): a
+        // file or directory there is a wrong path, not a jobd that is not running.
+        $what = @is_dir($path) ? 'a directory' : (@is_file($path) ? 'a regular file' : null);
+        if ($what !== null && $errno !== 13 && $errno !== 1) {
+            return new SocketNotFoundException(
+                "cannot connect to jobd at $path: it is $what, not a socket; point the client (or JOBD_SOCKET) at "
+                . "jobd's API socket, its [daemon] socket"
+            );
+        }
         // Linux errno values: stream_socket_client reports connect(2)'s errno.
         return match ($errno) {
             2 => new SocketNotFoundException(
@@ -538,7 +547,8 @@ final class Client
             // The reply may still come and would be taken for the answer to the next request: start afresh.
             $this->close();
             throw $e;
-        } catch (ConnectionException $e) {
+        } catch (ConnectionException | ProtocolException $e) {
+            // A peer that broke the protocol cannot be trusted to be in step with the next request either.
             $this->close();
             throw $e;
         }
@@ -716,11 +726,18 @@ final class Client
     private function readMessage(float $deadline): array
     {
         $line = $this->readLine($deadline);
+        if (str_starts_with(ltrim($line), '<')) {
+            throw new ProtocolException(
+                "{$this->socketPath} speaks XML (evQueue's protocol, as jobd's evqueue_socket does), not jobd's "
+                . "JSON-RPC: this client needs jobd's API socket, its [daemon] socket; it sent: " . substr($line, 0, 200)
+            );
+        }
         try {
             $message = json_decode($line, true, 512, JSON_THROW_ON_ERROR | JSON_BIGINT_AS_STRING);
         } catch (\JsonException $e) {
             throw new ProtocolException(
-                "invalid JSON from {$this->socketPath} ({$e->getMessage()}): " . substr($line, 0, 200)
+                "invalid JSON from {$this->socketPath} ({$e->getMessage()}): is it jobd's API socket? It sent: "
+                . substr($line, 0, 200)
             );
         }
         if (!is_array($message)) {

@@ -10,6 +10,7 @@ use Jobd\Exception\InvalidParamsException;
 use Jobd\Exception\JobdException;
 use Jobd\Exception\NotFoundException;
 use Jobd\Exception\PermissionDeniedException;
+use Jobd\Exception\ProtocolException;
 use Jobd\Exception\RemoteException;
 use Jobd\Exception\RequestException;
 use Jobd\Exception\SocketNotFoundException;
@@ -116,6 +117,40 @@ final class ErrorsTest extends JobdTestCase
         } catch (\InvalidArgumentException $e) {
             self::assertStringContainsString('the socket path is 115 bytes long', $e->getMessage());
             self::assertStringContainsString('at most 107', $e->getMessage());
+        }
+    }
+
+    public function testAPathThatIsNoSocketSaysWhatItIs(): void
+    {
+        // As jobctl says it: a file or a directory at the path is a wrong path, not a jobd that is not running.
+        $dir = $this->temporaryDirectory();
+        file_put_contents("$dir/jobd.conf", "not a socket\n");
+        foreach (["$dir/jobd.conf" => 'a regular file', $dir => 'a directory'] as $path => $what) {
+            try {
+                (new Client($path))->ping();
+                self::fail("connecting to $what must fail");
+            } catch (SocketNotFoundException $e) {
+                self::assertStringContainsString("$path: it is $what, not a socket", $e->getMessage());
+                self::assertStringNotContainsString('jobd is not running', $e->getMessage());
+            }
+        }
+    }
+
+    public function testJobdsEvQueueSocketIsNamedAsSuch(): void
+    {
+        // jobd's other socket speaks evQueue's XML: say so, and which socket the client needs, on every call.
+        $path = getenv('JOBD_TEST_EVQUEUE_SOCKET');
+        self::assertIsString($path, 'JOBD_TEST_EVQUEUE_SOCKET must name the evqueue_socket of the jobd under test');
+        $jobd = new Client($path);
+        for ($call = 0; $call < 2; $call++) {
+            try {
+                $jobd->ping();
+                self::fail('the evQueue socket does not speak JSON-RPC');
+            } catch (ProtocolException $e) {
+                self::assertNull($e->getWireCode());
+                self::assertStringContainsString("$path speaks XML (evQueue's protocol", $e->getMessage());
+                self::assertStringContainsString('[daemon] socket', $e->getMessage());
+            }
         }
     }
 

@@ -13,7 +13,8 @@ use PHPUnit\Framework\TestCase;
  * That daemon is configured by tests/test_php_composer_client.py (jobd's source tree): a `default` queue, the
  * tasks `thumbnail` (parameters SOURCE and SIZE as environment variables; reports progress 50 and a log line on
  * fd 3) and `sleeper` (sleeps a minute), the workflows `thumbnails` (parameter `source`), `slow` (a task that
- * sleeps a minute) and `gated` (a task, then a job whose condition is false).
+ * sleeps a minute) and `gated` (a task, then a job whose condition is false). JOBD_TEST_EVQUEUE_SOCKET names its
+ * evqueue_socket (evQueue's XML protocol), which a client pointed at the wrong socket meets.
  */
 abstract class JobdTestCase extends TestCase
 {
