@@ -990,8 +990,16 @@ class Engine:
         ready_for_reply): what wakes a wait is read only once the client can take it."""
         job = self.get(job_id)
         number = job.attempts if attempt is None else attempt
+        if job.attempts == 0:
+            # A job that exists but has not started: said so, and in data.attempts, so that a client can tell it
+            # from a job that does not exist (jobctl log prints that it has no output).
+            raise UnknownJob(
+                f"job {job_id} has not run yet ({job.state}): it has no output", id=job_id, attempts=0, state=job.state
+            )
         if number == 0 or number > job.attempts:
-            raise UnknownJob(f"job {job_id} has no attempt {number} (it has {job.attempts})", id=job_id)
+            raise UnknownJob(
+                f"job {job_id} has no attempt {number} (it has {job.attempts})", id=job_id, attempts=job.attempts
+            )
         path = self.output_path(job_id, number, stream)
         if ready is not None:
             await ready()

@@ -305,9 +305,12 @@ final class Client
     }
 
     /**
-     * The whole of a stream kept for an attempt (default: stdout of the latest), as the bytes the job wrote.
+     * The whole of a stream kept for an attempt (default: stdout of the latest), as the bytes the job wrote; ''
+     * for a job that has not run yet (delayed, queued, or cancelled before it started), as `jobctl log` shows it.
      *
      * Read page by page in base64: a UTF-8 page could cut a character in two at its end and get it replaced.
+     *
+     * @throws Exception\NotFoundException UNKNOWN_JOB for a job that does not exist, or an attempt it has not had
      */
     public function outputText(int $id, string $stream = 'stdout', ?int $attempt = null): string
     {
@@ -318,7 +321,14 @@ final class Client
             if ($attempt !== null) {
                 $params['attempt'] = $attempt;
             }
-            $page = $this->output($id, $params);
+            try {
+                $page = $this->output($id, $params);
+            } catch (Exception\NotFoundException $e) {
+                if ($attempt === null && ($e->getData()['attempts'] ?? null) === 0) {
+                    return ''; // it exists, and has not run: no output yet, not a job that is not there
+                }
+                throw $e;
+            }
             $data = base64_decode((string) $page['data'], true);
             if ($data === false) {
                 throw new ProtocolException("job.output: the data of job $id is not valid base64");

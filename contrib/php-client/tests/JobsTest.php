@@ -5,6 +5,7 @@ declare(strict_types=1);
 namespace Jobd\Tests;
 
 use Jobd\Client;
+use Jobd\Exception\NotFoundException;
 use Jobd\Exception\StateException;
 
 final class JobsTest extends JobdTestCase
@@ -58,6 +59,33 @@ final class JobsTest extends JobdTestCase
         [$batched] = $jobd->submitMany([[['/bin/cat'], ['stdin' => $image]]]);
         self::assertSame('succeeded', $jobd->wait($batched['id'], 30)['state']);
         self::assertSame(bin2hex($image), bin2hex($jobd->outputText($batched['id'])));
+    }
+
+    public function testOutputOfAJobThatHasNotRunIsEmptyNotAJobThatIsNotThere(): void
+    {
+        $jobd = $this->client();
+        $job = $jobd->submit(['/bin/echo', 'later'], ['delay' => 3600]);
+        // As jobctl log: no output yet. It used to be a NotFoundException, "job N has no attempt 0 (it has 0)".
+        self::assertSame('', $jobd->outputText($job['id']));
+        self::assertSame('', $jobd->outputText($job['id'], 'stderr'));
+        try {
+            $jobd->output($job['id']); // the raw page: job.output's own answer, which tells why
+            self::fail('a job that has not run has no page of output');
+        } catch (NotFoundException $e) {
+            self::assertSame('UNKNOWN_JOB', $e->getWireCode());
+            self::assertSame(['id' => $job['id'], 'attempts' => 0, 'state' => 'delayed'], $e->getData());
+            self::assertStringContainsString("job {$job['id']} has not run yet (delayed): it has no output", $e->getMessage());
+        }
+        self::assertSame('cancelled', $jobd->cancel($job['id'])['state']);
+        self::assertSame('', $jobd->outputText($job['id']));
+        foreach ([static fn () => $jobd->outputText($job['id'], 'stdout', 1), static fn () => $jobd->outputText(987654321)] as $ask) {
+            try {
+                $ask(); // an attempt it never had, a job that does not exist: still not found
+                self::fail('must be refused');
+            } catch (NotFoundException $e) {
+                self::assertSame('UNKNOWN_JOB', $e->getWireCode());
+            }
+        }
     }
 
     public function testOutputOverManyPagesIsReadWholeAndExact(): void
