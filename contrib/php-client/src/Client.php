@@ -259,13 +259,14 @@ final class Client
     }
 
     /**
-     * Waits in the daemon until the job has finished, or `$timeout` seconds have passed (null: as long as it
+     * Waits in the daemon until the job has finished, or `$timeout` seconds have passed (null or INF: as long as it
      * takes); returns the job as it then is: check its `state`.
      *
      * @return array<string, mixed>
      */
     public function wait(int $id, ?float $timeout = null): array
     {
+        $timeout = self::waitTimeout('wait', $timeout);
         $params = ['id' => $id];
         if ($timeout !== null) {
             $params['timeout'] = $timeout;
@@ -381,12 +382,13 @@ final class Client
 
     /**
      * Waits in the daemon until the instance has ended (`status` TERMINATED), or `$timeout` seconds have passed
-     * (null: as long as it takes); returns it as it then is.
+     * (null or INF: as long as it takes); returns it as it then is.
      *
      * @return array<string, mixed>
      */
     public function waitInstance(int $id, ?float $timeout = null): array
     {
+        $timeout = self::waitTimeout('waitInstance', $timeout);
         $params = ['id' => $id];
         if ($timeout !== null) {
             $params['timeout'] = $timeout;
@@ -577,6 +579,23 @@ final class Client
         return $result;
     }
 
+    /**
+     * A wait's timeout as jobd takes it: INF means no limit, as it does for the client's own timeouts (JSON has no
+     * infinity); NAN is refused here, with what is allowed, rather than as JSON that cannot be written.
+     */
+    private static function waitTimeout(string $method, ?float $timeout): ?float
+    {
+        if ($timeout === INF) {
+            return null;
+        }
+        if ($timeout !== null && is_nan($timeout)) {
+            throw new \InvalidArgumentException(
+                "$method(): the timeout is a number of seconds >= 0, or null or INF for no limit"
+            );
+        }
+        return $timeout;
+    }
+
     /** The client's deadline for a server-side wait of `$timeout` seconds: the wait, plus the usual margin. */
     private function serverWaitLimit(?float $timeout): float
     {
@@ -739,7 +758,8 @@ final class Client
         if (str_starts_with(ltrim($line), '<')) {
             throw new ProtocolException(
                 "{$this->socketPath} speaks XML (evQueue's protocol, as jobd's evqueue_socket does), not jobd's "
-                . "JSON-RPC: this client needs jobd's API socket, its [daemon] socket; it sent: " . substr($line, 0, 200)
+                . "JSON-RPC: this client needs jobd's API socket, its [daemon] socket; it sent: "
+                . substr($line, 0, 200)
             );
         }
         try {

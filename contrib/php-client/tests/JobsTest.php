@@ -88,6 +88,19 @@ final class JobsTest extends JobdTestCase
         }
     }
 
+    public function testWaitWithAnInfiniteTimeoutWaitsWithoutLimit(): void
+    {
+        // INF is "no limit" for the client's own timeouts; here it was a JSON encoding error.
+        $jobd = $this->client();
+        $job = $jobd->submit(['/bin/echo', 'done']);
+        self::assertSame('succeeded', $jobd->wait($job['id'], INF)['state']);
+        $instance = $jobd->launch('gated', []);
+        self::assertSame('TERMINATED', $jobd->waitInstance($instance['id'], INF)['status']);
+        $this->expectException(\InvalidArgumentException::class);
+        $this->expectExceptionMessage('wait(): the timeout is a number of seconds >= 0, or null or INF for no limit');
+        $jobd->wait($job['id'], NAN);
+    }
+
     public function testOutputOverManyPagesIsReadWholeAndExact(): void
     {
         // 2.5 MB of "é\n": three pages of at most 1 MiB, whose ends cut an "é" (2 bytes) in two.
