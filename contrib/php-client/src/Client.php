@@ -35,7 +35,9 @@ final class Client
     /**
      * Parameters that jobd expects as JSON objects: an empty PHP array would be encoded as `[]` and refused.
      */
-    private const OBJECT_PARAMS = ['params', 'env', 'parameters', 'custom_attributes', 'headers', 'callbacks'];
+    private const OBJECT_PARAMS = [
+        'params', 'env', 'parameters', 'custom_attributes', 'headers', 'callbacks', 'retry', 'http',
+    ];
 
     /** @var resource|null */
     private $stream = null;

@@ -115,9 +115,13 @@ final class JobsTest extends JobdTestCase
 
     public function testEmptyParameterMapsAreSentAsObjects(): void
     {
-        // PHP encodes [] as a JSON list; jobd wants objects for params and env, and would refuse a list.
+        // PHP encodes [] as a JSON list; jobd wants objects for params, env and retry, and would refuse a list.
         $jobd = $this->client();
         $job = $jobd->submit(['/bin/true'], ['params' => [], 'env' => []]);
+        self::assertSame('succeeded', $jobd->wait($job['id'], 30)['state']);
+        // An empty retry is the defaults (no retry), as {} is: it was refused, "retry = [] is not allowed".
+        $job = $jobd->submit(['/bin/true'], ['retry' => []]);
+        self::assertSame(0, $job['retry']['times']);
         self::assertSame('succeeded', $jobd->wait($job['id'], 30)['state']);
     }
 
