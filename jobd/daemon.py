@@ -416,6 +416,9 @@ class Daemon:
             log.info("listening for evQueue clients on TCP %s", self._tcp_listening())
         self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
         self._ready = True
+        # The jobs on record by state (daemon.status, /metrics) are counted once, a slice per turn of the loop, and
+        # kept up to date from then on: not before READY=1, which a long history would delay.
+        self.store.count_jobs_soon()
         if self._reload_when_ready and not self.stop_requested.is_set():
             self._reload_from_event()
         if self.watchdog is not None:

@@ -575,6 +575,7 @@ class Store:
         self._audit_dropped = 0  # entries dropped meanwhile (AUDIT_KEPT_AT_MOST)
         # Told after entries are written: history retention arms its timer for them (HistoryKeeper.audit_written).
         self.audit_written: Callable[[], None] = lambda: None
+        self._counts = _JobCounts()
 
     def open(self) -> None:
         _db.initialize(self.db)
@@ -775,6 +776,7 @@ class Store:
                 _INSERT_JOB, (job_id, *_spec_values(specs[0]), str(states[0]), now, run_ats[0], 0, 0)
             )
             self._last_id["job"] = job_id
+            self._counts.add(job_id, str(states[0]), specs[0].queue, specs[0].task)
             return [(Job(id=job_id, spec=specs[0], state=states[0], created_at=now, run_at=run_ats[0]), True)]
         jobs: list[tuple[Job, bool]] = []
         with self._transaction() as sql:
@@ -787,6 +789,9 @@ class Store:
                 sql.execute(_INSERT_JOB, (last_id, *_spec_values(spec), str(state), now, run_at, 0, 0))
                 jobs.append((Job(id=last_id, spec=spec, state=state, created_at=now, run_at=run_at), True))
         self._last_id["job"] = last_id  # once committed: a rolled back batch used none
+        for job, created in jobs:
+            if created:
+                self._counts.add(job.id, str(job.state), job.spec.queue, job.spec.task)
         return jobs
 
     def job_with_key(self, key: str) -> Job | None:
@@ -796,12 +801,15 @@ class Store:
 
     def update_job(self, job: Job) -> None:
         with self._transaction() as sql:
+            moves = [self._state_move(sql, job)]
             sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
+        self._counts.move(moves)
 
     def start_attempts(self, starts: Sequence[tuple[Job, Attempt]]) -> None:
         """Record attempts about to start (jobs now `running`), in one transaction."""
         with self._transaction() as sql:
-            _record_starts(sql, starts)
+            moves = self._record_starts(sql, starts)
+        self._counts.move(moves)
 
     def record_cancel_request(self, attempt: Attempt) -> None:
         """Remember that a running attempt is being cancelled, before its process is signalled."""
@@ -820,9 +828,29 @@ class Store:
         """Record an ended attempt and the job's new state; with `starts`, also the attempts that take the slot
         it freed, in the same transaction (one commit, and one WAL write of the pages they share, per job)."""
         with self._transaction() as sql:
+            moves = [self._state_move(sql, job)]
             sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
             sql.execute(_UPDATE_ATTEMPT, (*_attempt_values(attempt), attempt.job_id, attempt.number))
-            _record_starts(sql, starts)
+            moves += self._record_starts(sql, starts)
+        self._counts.move(moves)
+
+    def _record_starts(self, sql: sqlite3.Connection, starts: Sequence[tuple[Job, Attempt]]) -> list[_StateMove]:
+        """Within a transaction: jobs now `running` and the attempts they are about to start."""
+        moves = []
+        for job, attempt in starts:
+            moves.append(self._state_move(sql, job))
+            sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
+            sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
+        return moves
+
+    def _state_move(self, sql: sqlite3.Connection, job: Job) -> _StateMove:
+        """Within a transaction, before the job's row is written: the state it leaves and the one it takes, for the
+        counts by state (applied once the transaction is committed). The row is the one about to be written: its
+        page is read anyway."""
+        if not self._counts.counted(job.id):
+            return None
+        found = sql.execute(_STATE_OF_JOB, (job.id,)).fetchone()
+        return None if found is None else (job.id, found[0], str(job.state), job.spec.queue, job.spec.task)
 
     def get_job(self, job_id: int) -> Job | None:
         rows = self._job_by_id.rows(self._connection, (job_id,))
@@ -972,13 +1000,50 @@ class Store:
     def count_by_state(
         self, visible_tasks: Sequence[str] | None = None, visible_queues: Sequence[str] | None = None
     ) -> dict[str, int]:
-        """Jobs by state; given patterns (JobFilter's), only the jobs of a task or a queue that one of them matches."""
-        clause, params = "", list[str]()
-        if visible_tasks is not None or visible_queues is not None:
-            condition, params = _visible_jobs(visible_tasks, visible_queues)
-            clause = f"WHERE {condition} "
-        rows = self._connection.execute(f'SELECT "state", count(*) FROM "job" {clause}GROUP BY "state"', params)
-        return {str(state): int(count) for state, count in rows}
+        """Jobs by state; given patterns (JobFilter's), only the jobs of a task or a queue that one of them matches.
+
+        From counts kept as jobs are written (_JobCounts), not from the table: a GROUP BY over the history took
+        30 ms with 400,000 jobs, and 340 ms with a non-admin's patterns, on every daemon.status and every scrape of
+        /metrics, with the event loop waiting. What the counts have not reached yet is counted now."""
+        while self.count_some_jobs():
+            pass
+        if visible_tasks is None and visible_queues is None:
+            return self._counts.by_state()
+        queues, tasks = self._counts.names()
+        matching_queues = self._matching(queues, visible_queues or ())
+        matching_tasks = self._matching(tasks, visible_tasks or ())
+        return self._counts.by_state(lambda queue, task: queue in matching_queues or task in matching_tasks)
+
+    def _matching(self, names: Iterable[str], patterns: Sequence[str]) -> set[str]:
+        """The names one of the patterns matches, by SQLite's GLOB (as job.list's conditions are)."""
+        if not patterns:
+            return set()
+        sql = f"SELECT value FROM json_each(?) WHERE {' OR '.join(['value GLOB ?'] * len(patterns))}"
+        return {row[0] for row in self._connection.execute(sql, (json.dumps(list(names)), *patterns))}
+
+    def count_some_jobs(self) -> bool:
+        """Count the next COUNT_SLICE ids of the jobs not counted yet (the history as the store was opened, in id
+        order); False once every job is counted. A start-up leaves them to the event loop (count_jobs_soon), a slice
+        at a time, rather than reading a long history at once."""
+        start = self._counts.counted_to
+        if start is None:
+            return False
+        if start >= self._last_id["job"]:
+            self._counts.done()
+            return False
+        end = start + COUNT_SLICE
+        self._counts.add_slice(end, self._connection.execute(_COUNT_JOBS_BETWEEN, (start, end)))
+        return True
+
+    def count_jobs_soon(self) -> None:
+        """Count the jobs on the running loop, a slice per turn, until all are."""
+
+        def step() -> None:
+            if not self.db.is_closed() and self.count_some_jobs():
+                loop.call_soon(step)
+
+        loop = asyncio.get_running_loop()
+        loop.call_soon(step)
 
     # -- history retention -----------------------------------------------------------------------------------
 
@@ -1000,12 +1065,19 @@ class Store:
         """Delete jobs with their attempts and callback deliveries, in one transaction."""
         if not ids:
             return
-        with self._transaction():
+        gone: list[tuple[int, str, str, str | None]] = []
+        with self._transaction() as sql:
             self._keep_ids_used("job")
             for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
-                JobRow.delete().where(JobRow.id.in_(ids[start : start + 500])).execute()
+                chunk = ids[start : start + 500]
+                counted = [job_id for job_id in chunk if self._counts.counted(job_id)]
+                if counted:
+                    marks = ", ".join("?" * len(counted))
+                    gone += sql.execute(_KEYS_OF_JOBS.format(marks=marks), counted).fetchall()
+                JobRow.delete().where(JobRow.id.in_(chunk)).execute()
                 # Their callback rows go too (no foreign key: the table came later).
-                CallbackRow.delete().where(CallbackRow.job_id.in_(ids[start : start + 500])).execute()
+                CallbackRow.delete().where(CallbackRow.job_id.in_(chunk)).execute()
+        self._counts.remove(gone)
 
     def oldest_instance_or_audit_at(self) -> float | None:
         """When the workflow instance that ended first ended, or the oldest audit entry was written, whichever came
@@ -1428,6 +1500,67 @@ class Store:
                 ).on_conflict_replace().execute()
 
 
+# A job's change of state, for the counts: (id, state before, state after, queue, task); None for a job they have not
+# reached yet.
+_StateMove = tuple[int, str, str, str, str | None] | None
+
+
+class _JobCounts:
+    """How many jobs the table holds in each (state, queue, task), kept as jobs are inserted, change state and are
+    deleted, so that daemon.status and /metrics need not count the history.
+
+    The history a store is opened with is read in id order, a slice at a time (Store.count_some_jobs): `counted_to`
+    is the highest id read so far (None once all are). A change to a job above it is left out here, as the reading
+    will find the job as it is then."""
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[tuple[str, str, str | None]] = collections.Counter()
+        self.counted_to: int | None = 0
+
+    def counted(self, job_id: int) -> bool:
+        return self.counted_to is None or job_id <= self.counted_to
+
+    def add_slice(self, end: int, rows: Iterable[tuple[str, str, str | None, int]]) -> None:
+        for state, queue, task, count in rows:
+            self._counts[state, queue, task] += count
+        self.counted_to = end
+
+    def done(self) -> None:
+        self.counted_to = None
+
+    def add(self, job_id: int, state: str, queue: str, task: str | None) -> None:
+        if self.counted(job_id):
+            self._counts[state, queue, task] += 1
+
+    def move(self, moves: Iterable[_StateMove]) -> None:
+        for move in moves:
+            if move is not None:
+                job_id, before, after, queue, task = move
+                self._counts[after, queue, task] += 1
+                self.remove([(job_id, before, queue, task)])
+
+    def remove(self, rows: Iterable[tuple[int, str, str, str | None]]) -> None:
+        for _, state, queue, task in rows:
+            key = (state, queue, task)
+            self._counts[key] -= 1
+            if not self._counts[key]:
+                del self._counts[key]
+
+    def names(self) -> tuple[set[str], set[str]]:
+        """The queues and the task names that jobs have."""
+        queues = {queue for _, queue, _ in self._counts}
+        tasks = {task for _, _, task in self._counts if task is not None}
+        return queues, tasks
+
+    def by_state(self, counts: Callable[[str, str | None], bool] = lambda queue, task: True) -> dict[str, int]:
+        """Jobs by state (those with none left out), of the queues and tasks `counts` is true of."""
+        totals: collections.Counter[str] = collections.Counter()
+        for (state, queue, task), count in self._counts.items():
+            if count and counts(queue, task):
+                totals[state] += count
+        return {state: totals[state] for state in sorted(totals) if totals[state]}
+
+
 @dataclass(frozen=True, slots=True)
 class QueuePause:
     """A pause or resume through the API, and the configuration's `paused` at that moment (None: not known)."""
@@ -1655,6 +1788,14 @@ _QUEUES_HOLDING = (
     'UNION ALL SELECT (SELECT min("queue") FROM "job" WHERE "state" = ?1 AND "queue" > "held"."queue") '
     'FROM "held" WHERE "held"."queue" IS NOT NULL) SELECT "queue" FROM "held" WHERE "queue" IS NOT NULL'
 )
+_STATE_OF_JOB = 'SELECT "state" FROM "job" WHERE "id" = ?'
+# The jobs of an id range (?1, ?2] by state, queue and task: a slice of the counts' first reading.
+_COUNT_JOBS_BETWEEN = (
+    'SELECT "state", "queue", "task", count(*) FROM "job" WHERE "id" > ? AND "id" <= ? '
+    'GROUP BY "state", "queue", "task"'
+)
+_KEYS_OF_JOBS = 'SELECT "id", "state", "queue", "task" FROM "job" WHERE "id" IN ({marks})'
+COUNT_SLICE = 5_000  # ids a slice of that reading covers: ~5 ms of the event loop
 _IDS_PER_QUERY = 500  # well under SQLite's least limit on a statement's parameters (999 before 3.32)
 _OLDEST_INSTANCE_END = f'SELECT MIN("ended_at") FROM "instance" WHERE {_INSTANCE_ENDED}'
 _INSTANCES_ENDED_BEFORE = (
@@ -1670,13 +1811,6 @@ _CALLBACKS_DONE = (
 
 _NO_RETRY = RetryPolicy()
 _NO_RETRY_JSON = json.dumps(_NO_RETRY.to_json())  # most jobs: worth not encoding it again on every submit
-
-
-def _record_starts(sql: sqlite3.Connection, starts: Sequence[tuple[Job, Attempt]]) -> None:
-    """Within a transaction: jobs now `running` and the attempts they are about to start."""
-    for job, attempt in starts:
-        sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
-        sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
 
 
 # A commit the store refused (a full disk, an I/O error) is tried again after this long, for as long as it fails.
