@@ -871,7 +871,10 @@ class Store:
         if where.before_id is not None:
             conditions.append('"id" < ?')
             params.append(where.before_id)
-        if where.visible_tasks is not None or where.visible_queues is not None:
+        visible = where.visible_tasks is not None or where.visible_queues is not None
+        if visible and not where.states and where.queue is None and where.task is None and where.context is None:
+            return self._jobs_by_id(self._visible_ids(where, conditions, params))
+        if visible:
             condition, patterns = _visible_jobs(where.visible_tasks, where.visible_queues)
             conditions.append(condition)
             params += patterns
@@ -936,6 +939,42 @@ class Store:
         if len(runs) <= 1:
             return runs[0] if runs else []
         return list(itertools.islice(heapq.merge(*runs, reverse=newest_first), limit))
+
+    def _visible_ids(self, where: JobFilter, conditions: Sequence[str], params: Sequence[Any]) -> list[int]:
+        """The ids of a non-admin's newest jobs (those of a task or a queue her patterns match) that meet
+        `conditions`, when no state, queue, task or context narrows them.
+
+        Read newest first from the whole table, with each job's task and queue matched against the patterns, a page
+        cost as many jobs as came since the page's last one: all of them when her jobs are few or none (80 ms with
+        400,000 jobs). Instead the jobs of each (state, queue) pair whose queue matches are read from job_state_queue,
+        and those of each task name that matches from job_task, each in id order and at most `limit` of it; the runs
+        are merged, a job in both a matching queue and a matching task once."""
+        extra = "".join(f" AND {condition}" for condition in conditions)
+        runs: list[list[int]] = []
+        pairs = [(state, queue) for state in JobState for queue in self._queues_holding(state)]
+        queues = self._matching({queue for _, queue in pairs}, where.visible_queues or ())
+        by_pair = f'SELECT "id" FROM "job" WHERE "state" = ? AND "queue" = ?{extra} ORDER BY "id" DESC LIMIT ?'
+        for state, queue in pairs:
+            if queue in queues:
+                runs.append(
+                    [row[0] for row in self._connection.execute(by_pair, (str(state), queue, *params, where.limit))]
+                )
+        tasks = self._matching(self._task_names(), where.visible_tasks or ())
+        by_task = f'SELECT "id" FROM "job" INDEXED BY "job_task" WHERE "task" = ?{extra} ORDER BY "id" DESC LIMIT ?'
+        for task in sorted(tasks):
+            runs.append([row[0] for row in self._connection.execute(by_task, (task, *params, where.limit))])
+        ids: list[int] = []
+        for job_id in heapq.merge(*runs, reverse=True):
+            if ids and ids[-1] == job_id:
+                continue
+            if len(ids) == where.limit:
+                break
+            ids.append(job_id)
+        return ids
+
+    def _task_names(self) -> list[str]:
+        """The task names jobs have, each found by one step down job_task."""
+        return [row[0] for row in self._connection.execute(_TASK_NAMES)]
 
     def _queue_visible(self, where: JobFilter) -> Callable[[str], bool]:
         """Whether a queue can hold jobs the filter's patterns let through. With queue patterns only (a non-admin
@@ -1787,6 +1826,13 @@ _QUEUES_HOLDING = (
     'WITH RECURSIVE "held"("queue") AS (SELECT min("queue") FROM "job" WHERE "state" = ?1 '
     'UNION ALL SELECT (SELECT min("queue") FROM "job" WHERE "state" = ?1 AND "queue" > "held"."queue") '
     'FROM "held" WHERE "held"."queue" IS NOT NULL) SELECT "queue" FROM "held" WHERE "queue" IS NOT NULL'
+)
+# The task names of jobs: from the smallest, each next one is the least greater than the one before, a step down the
+# index job_task each (which holds the jobs with a task name only).
+_TASK_NAMES = (
+    'WITH RECURSIVE "named"("task") AS (SELECT min("task") FROM "job" INDEXED BY "job_task" WHERE "task" IS NOT NULL '
+    'UNION ALL SELECT (SELECT min("task") FROM "job" INDEXED BY "job_task" WHERE "task" > "named"."task") '
+    'FROM "named" WHERE "named"."task" IS NOT NULL) SELECT "task" FROM "named" WHERE "task" IS NOT NULL'
 )
 _STATE_OF_JOB = 'SELECT "state" FROM "job" WHERE "id" = ?'
 # The jobs of an id range (?1, ?2] by state, queue and task: a slice of the counts' first reading.
