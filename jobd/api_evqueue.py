@@ -433,15 +433,13 @@ _GROUP_FIELDS: Final = {
 
 def _grouped(service: EvQueue, where: InstanceFilter, groupby: xml.GroupBy) -> etree._Element:
     """Instances counted per workflow and start hour/day/month/year (local time); `limit`/`offset` page groups."""
-    summaries, _ = service.api.instances.list_instances(
-        dataclasses.replace(where, limit=MAX_GROUPED_INSTANCES, offset=0)
-    )
+    starts = service.api.instances.instance_starts(dataclasses.replace(where, limit=MAX_GROUPED_INSTANCES, offset=0))
     fields = _GROUP_FIELDS[groupby]
     counts: dict[tuple[str, tuple[int, ...]], int] = {}
-    for summary in summaries:
-        start = time.localtime(summary.started_at)
+    for workflow, started_at in starts:
+        start = time.localtime(started_at)
         period = tuple(getattr(start, _STRUCT_TIME[name]) for name in fields)
-        key = (summary.workflow, period)
+        key = (workflow, period)
         counts[key] = counts.get(key, 0) + 1
     groups = sorted(counts.items(), key=lambda item: (item[0][1], item[0][0]), reverse=True)
     page = groups[where.offset : where.offset + where.limit]

@@ -1226,7 +1226,24 @@ class Store:
     def list_instances(self, where: InstanceFilter) -> tuple[list[InstanceSummary], int]:
         """Newest first (or by end, `where.by_end`), with the number of instances matching regardless of limit and
         offset."""
-        query = InstanceRow.select(*(f for f in InstanceRow._meta.sorted_fields if f.name != "document"))
+        fields = [field for field in InstanceRow._meta.sorted_fields if field.name != "document"]
+        rows, total = self._instance_rows(where, fields)
+        return [_instance_from_row(row) for row in rows], total
+
+    def instance_starts(self, where: InstanceFilter) -> list[tuple[str, float]]:
+        """The workflow and start time of each instance list_instances(where) lists: what evQueue's `groupby` counts.
+        Only the columns it needs: a summary reads the whole of each instance's row, its document too (the custom
+        attributes come after it), and parses its JSON (20,000 instances: 480 ms with the event loop waiting)."""
+        rows, _ = self._instance_rows(
+            where, [InstanceRow.id, InstanceRow.workflow, InstanceRow.started_at], total=False
+        )
+        return [(row.workflow, float(row.started_at)) for row in rows]
+
+    def _instance_rows(
+        self, where: InstanceFilter, fields: Sequence[peewee.Field], *, total: bool = True
+    ) -> tuple[list[Any], int]:
+        """The rows of the instances `where` lists (with `fields`), and how many match (with `total`; else 0)."""
+        query = InstanceRow.select(*fields)
         conditions = []
         if where.ids:
             conditions.append(InstanceRow.id.in_(list(where.ids)))
@@ -1269,11 +1286,43 @@ class Store:
             # One flat AND: where() per condition nests them ((a AND b) AND c)…, one level each, which peewee's SQL
             # writer recurses into and SQLite's parser refuses past about a hundred ("parser stack overflow").
             query = query.where(peewee.NodeList(conditions, glue=" AND "))
-        total = query.count()
-        # evQueue's order: the latest end first, instances still running (no end) last, as MySQL sorts NULLs.
-        order = (InstanceRow.ended_at.desc(), InstanceRow.id.desc()) if where.by_end else (InstanceRow.id.desc(),)
-        page = query.order_by(*order).limit(where.limit).offset(where.offset)
-        return [_instance_from_row(row) for row in page], int(total)
+        matching = int(query.count()) if total else 0
+        if not where.by_end:
+            newest = query.order_by(InstanceRow.id.desc()).limit(where.limit).offset(where.offset)
+            return self._rows_by(newest, fields), matching
+        # evQueue's order: the latest end first, instances still running (no end) last, as MySQL sorts NULLs. In one
+        # query SQLite read and sorted every instance that matched, each with its document (24 ms for a page of
+        # 20,000 instances); the ended ones are read newest end first from instance_ended_at (whose entries end with
+        # the id), up to the page's end, and the running ones from instance_status: an instance has no end exactly
+        # while it is EXECUTING (Instances saves its end with its status).
+        ended_query = query.where(InstanceRow.ended_at.is_null(False))
+        ended_order = (InstanceRow.ended_at.desc(), InstanceRow.id.desc())
+        page = self._rows_by(
+            ended_query.order_by(*ended_order).limit(where.limit).offset(where.offset), fields, "instance_ended_at"
+        )
+        if len(page) < where.limit:
+            running_query = query.where((InstanceRow.status == "EXECUTING") & InstanceRow.ended_at.is_null())
+            running = self._rows_by(running_query.order_by(InstanceRow.id.desc()), fields, "instance_status")
+            skip = 0
+            if where.offset:  # past the ended ones that match, by as many as they fell short of the offset
+                ended = matching - len(running) if total else int(ended_query.count())
+                skip = max(0, where.offset - ended)
+            page += running[skip : skip + where.limit - len(page)]
+        return page, matching
+
+    def _rows_by(
+        self, query: peewee.ModelSelect[InstanceRow], fields: Sequence[peewee.Field], index: str | None = None
+    ) -> list[Any]:
+        """The rows of `query` as named tuples of its columns (peewee's model instances cost 15 µs a row), read
+        through `index` if given (INDEXED BY: a filter on another indexed column, a workflow, would have SQLite read
+        that index instead and sort what it found)."""
+        sql, params = query.sql()
+        if index is not None:
+            table = 'FROM "instance" AS "t1"'
+            assert table in sql, sql
+            sql = sql.replace(table, f'{table} INDEXED BY "{index}"', 1)
+        make_row = _row_maker(tuple(field.column_name for field in fields))
+        return list(map(make_row, self._connection.execute(sql, params)))
 
     def delete_instance(self, instance_id: int) -> None:
         with self._transaction():
@@ -2005,7 +2054,8 @@ def _audit_values(entry: AuditEntry) -> tuple[Any, ...]:
     return (entry.at, entry.uid, entry.user, entry.command, entry.target, entry.result, entry.message)
 
 
-def _instance_from_row(row: InstanceRow) -> InstanceSummary:
+def _instance_from_row(row: Any) -> InstanceSummary:
+    """A summary from its row: an InstanceRow or a named tuple of its columns."""
     return InstanceSummary(
         id=int(row.id),
         workflow=row.workflow,
