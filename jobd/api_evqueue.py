@@ -70,7 +70,6 @@ class EvQueue:
         self.api = api
         self.node = node or socket.gethostname()
         self.statistics = Statistics()
-        self.started = time.time()  # "since jobd started" of the counters counted in the store
 
     def greeting(self, peer: Peer) -> bytes:
         """The `<ready …>` an evQueue client waits for before it sends anything."""
@@ -529,16 +528,11 @@ def statistics_global(service: EvQueue, peer: Peer, command: xml.StatisticsGloba
         ws_subscriptions=0,
         workflow_instance_executing=len(service.api.instances.running()),
         # evQueue counts every instance started, however (schedules, debug resumes, …), and every instance that
-        # ended with errors, since it started: so does jobd, from its store.
-        workflow_instance_launched=_instances_since(service, InstanceFilter(launched_from=service.started)),
-        workflow_instance_errors=_instances_since(service, InstanceFilter(ended_from=service.started, error=True)),
+        # ended with errors, since it started: so does jobd (Instances counts them).
+        workflow_instance_launched=service.api.instances.launched,
+        workflow_instance_errors=service.api.instances.ended_with_errors,
     )
     return service.ok(children=[xml.element("statistics", counters)])
-
-
-def _instances_since(service: EvQueue, where: InstanceFilter) -> int:
-    _, total = service.api.instances.list_instances(dataclasses.replace(where, limit=0))
-    return total
 
 
 def _evqueue_scheduler(scheduler: Scheduler) -> str:

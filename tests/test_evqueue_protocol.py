@@ -770,6 +770,22 @@ def test_global_statistics_count_launches_failures_and_instances_as_evqueue_does
     assert statistics.get("workflow_instance_executing") == "0", etree.tostring(statistics)
 
 
+def test_global_statistics_count_the_instances_of_this_run_without_reading_the_history(corpus_daemon: Any) -> None:
+    # evQueue counts its instances as they start and end, in memory. jobd counted the instances on record that had
+    # started or ended with errors since it started, reading every instance row since then (no index has a start
+    # time or the errors): 12 ms with 20,000 instances, at every query, the event loop waiting. It counts them as
+    # they happen now, as evQueue does: an instance deleted since still counts.
+    for launch in ({"workflow": "trivial"}, {"workflow": "flagged", "parameters": {"flag": "/nosuch"}}):
+        launched = corpus_daemon.call("instance.launch", launch)
+        corpus_daemon.call("instance.wait", {"id": launched["id"], "timeout": 20}, timeout=25)
+        with EvqClient(corpus_daemon.evqueue_socket) as client:
+            ok(client.ask(b'<instance action="delete" id="%d"/>' % launched["id"]))
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        statistics = ok(client.ask(b'<statistics action="query" type="global"/>'))[0]
+    assert statistics.get("workflow_instance_launched") == "2", etree.tostring(statistics)
+    assert statistics.get("workflow_instance_errors") == "1", etree.tostring(statistics)
+
+
 def test_instances_list_rows_come_latest_end_first_as_in_evqueue(corpus_daemon: Any) -> None:
     # evQueue: ORDER BY workflow_instance_end DESC, so the first row is the instance that ended last (a script's
     # "did the last run succeed?" with limit="1"), and running instances (no end) come last. jobd listed by id.

@@ -204,6 +204,11 @@ class Instances:
         self._closed = False  # jobd's store is closed or closing (close()): nothing more is done or saved
         # The jobs whose ends each instance was told of since it was last saved: held in the history until it is.
         self._ends_unsaved: dict[int, list[int]] = {}
+        # Since jobd started, for evQueue's global statistics: instances started (however: launches, schedules, debug
+        # resumes) and instances that ended with errors. Counted as they happen: counting them in the store read every
+        # instance since the start (no index has the start time or the errors).
+        self.launched = 0
+        self.ended_with_errors = 0
 
     # -- launching -----------------------------------------------------------------------------------------------
 
@@ -318,6 +323,7 @@ class Instances:
         nor a full disk can leave a row without its document (unreadable at the next start, its tasks' jobs
         orphaned), and an instance the store cannot take is refused (STORE_FAILED) with nothing of it run."""
         self.store.insert_instance(summary, machine.to_xml())
+        self.launched += 1
         live = _Live(summary, machine)
         self._live[summary.id] = live
         log.info("%s", told)
@@ -679,6 +685,8 @@ class Instances:
             custom_attributes=finished.custom_attributes,
         )
         self._ended_unsaved[instance_id] = (ended, document)
+        if finished.errors:
+            self.ended_with_errors += 1
         self._save_changed()
         level = logging.INFO if finished.errors == 0 else logging.WARNING
         log.log(
@@ -1053,6 +1061,7 @@ class Instances:
 
     def _end_unresumed(self, summary: InstanceSummary, document: bytes, now: float) -> None:
         self.store.save_instance(summary.id, str(InstanceStatus.TERMINATED), summary.errors + 1, now, (), document)
+        self.ended_with_errors += 1
         self._remove_scripts(summary.id)  # as at any instance's end: nothing runs them any more
 
     def _resume(self, summary: InstanceSummary, document: bytes, now: float) -> None:
