@@ -1057,7 +1057,11 @@ def audit_list(api: Api, session: Session, p: Params) -> Any:
     )
     p.done()
     access.require_admin(session.peer, "read the audit log")
-    entries, more = _page(api.engine.store.audit_entries(where), limit)
+    return _audit_page(api, where, limit)
+
+
+async def _audit_page(api: Api, where: AuditFilter, limit: int) -> Any:
+    entries, more = _page(await api.engine.store.read_audit(where), limit)
     return {"entries": [entry.to_json() for entry in entries], "next_before": entries[-1].id if more else None}
 
 

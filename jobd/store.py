@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -1519,10 +1520,32 @@ class Store:
             )
             self._audit_dropped = 0
 
-    def audit_entries(self, where: AuditFilter) -> list[AuditEntry]:
-        """Newest first."""
+    async def read_audit(self, where: AuditFilter) -> list[AuditEntry]:
+        """Newest first, as audit_entries, AUDIT_SLICE entry ids at a time with the event loop running in between.
+
+        A filter that leaves most entries out (a user, a command, a `since` later than most) read every entry in one
+        go until a page was found: with a long log, all of it (27-33 ms for 300,000 entries) while every client and job
+        waited. No index serves those filters (each would cost every write of the log), so the log is read in
+        slices instead, the newest first; a page of the newest entries is found in the first."""
+        self.flush_audit()
+        top = self._last_id["audit"] + 1
+        if where.before_id is not None:
+            top = min(top, where.before_id)
+        found: list[AuditEntry] = []
+        while True:
+            low = max(0, top - AUDIT_SLICE)
+            found += self.audit_entries(dataclasses.replace(where, before_id=top, limit=where.limit - len(found)), low)
+            if len(found) >= where.limit or low == 0:
+                return found
+            top = low
+            await asyncio.sleep(0)
+
+    def audit_entries(self, where: AuditFilter, low: int | None = None) -> list[AuditEntry]:
+        """Newest first (with `low`, only entries from that id on)."""
         self.flush_audit()
         query = AuditRow.select()
+        if low is not None:
+            query = query.where(AuditRow.id >= low)
         if where.before_id is not None:
             query = query.where(AuditRow.id < where.before_id)
         if where.uid is not None:
@@ -1931,6 +1954,7 @@ _INSTANCES_ENDED_BEFORE = (
     f'SELECT "id", length("document") FROM "instance" WHERE {_INSTANCE_ENDED} AND "ended_at" < ? '
     'ORDER BY "ended_at" LIMIT ?'
 )
+AUDIT_SLICE = 10_000  # audit entry ids a read of the log covers at once (Store.read_audit): a few ms
 _OLDEST_AUDIT = 'SELECT MIN("at") FROM "audit"'
 _AUDIT_BEFORE = 'SELECT "id" FROM "audit" WHERE "at" < ? ORDER BY "at" LIMIT ?'
 _CALLBACKS_DONE = (
