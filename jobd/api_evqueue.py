@@ -430,9 +430,10 @@ _GROUP_FIELDS: Final = {
 }
 
 
-def _grouped(service: EvQueue, where: InstanceFilter, groupby: xml.GroupBy) -> etree._Element:
+async def _grouped(service: EvQueue, where: InstanceFilter, groupby: xml.GroupBy) -> etree._Element:
     """Instances counted per workflow and start hour/day/month/year (local time); `limit`/`offset` page groups."""
-    starts = service.api.instances.instance_starts(dataclasses.replace(where, limit=MAX_GROUPED_INSTANCES, offset=0))
+    counted = dataclasses.replace(where, limit=MAX_GROUPED_INSTANCES, offset=0)
+    starts = await service.api.instances.read_instance_starts(counted)
     fields = _GROUP_FIELDS[groupby]
     counts: dict[tuple[str, tuple[int, ...]], int] = {}
     for workflow, started_at in starts:

@@ -1262,21 +1262,46 @@ class Store:
         rows, total = self._instance_rows(where, fields)
         return [_instance_from_row(row) for row in rows], total
 
-    def instance_starts(self, where: InstanceFilter) -> list[tuple[str, float]]:
-        """The workflow and start time of each instance list_instances(where) lists: what evQueue's `groupby` counts.
+    async def read_instance_starts(self, where: InstanceFilter) -> list[tuple[str, float]]:
+        """The workflow and start time of each instance list_instances(where) lists, in no particular order: what
+        evQueue's `groupby` counts.
+
         Only the columns it needs: a summary reads the whole of each instance's row, its document too (the custom
-        attributes come after it), and parses its JSON (20,000 instances: 480 ms with the event loop waiting)."""
-        rows, _ = self._instance_rows(
-            where, [InstanceRow.id, InstanceRow.workflow, InstanceRow.started_at], total=False
-        )
+        attributes come after it), and parses its JSON (20,000 instances: 480 ms with the event loop waiting). And
+        INSTANCE_SLICE ids at a time, newest first, with the loop running between slices: grouping counts every
+        instance that matches (up to `where.limit`, in evQueue's order), so however few columns, reading them all at
+        once held the loop 100-170 ms for 20,000."""
+        fields: list[peewee.Field] = [
+            InstanceRow.id,
+            InstanceRow.workflow,
+            InstanceRow.started_at,
+            InstanceRow.ended_at,
+        ]
+        top = self._last_id["instance"] + 1
+        if where.before_id is not None:
+            top = min(top, where.before_id)
+        slice_of = dataclasses.replace(where, limit=INSTANCE_SLICE, offset=0, by_end=False)
+        rows: list[Any] = []
+        while top > 0:
+            low = max(0, top - INSTANCE_SLICE)
+            rows += self._instance_rows(dataclasses.replace(slice_of, before_id=top), fields, total=False, low=low)[0]
+            top = low
+            if top:
+                await asyncio.sleep(0)
+        if where.offset or len(rows) > where.limit:  # the part of evQueue's order the filter asks for
+            rows.sort(key=lambda row: (row.ended_at is not None, row.ended_at or 0.0, row.id), reverse=True)
+            rows = rows[where.offset : where.offset + where.limit]
         return [(row.workflow, float(row.started_at)) for row in rows]
 
     def _instance_rows(
-        self, where: InstanceFilter, fields: Sequence[peewee.Field], *, total: bool = True
+        self, where: InstanceFilter, fields: Sequence[peewee.Field], *, total: bool = True, low: int | None = None
     ) -> tuple[list[Any], int]:
-        """The rows of the instances `where` lists (with `fields`), and how many match (with `total`; else 0)."""
+        """The rows of the instances `where` lists (with `fields`; with `low`, only ids from it on), and how many
+        match (with `total`; else 0)."""
         query = InstanceRow.select(*fields)
         conditions = []
+        if low is not None:
+            conditions.append(InstanceRow.id >= low)
         if where.ids:
             conditions.append(InstanceRow.id.in_(list(where.ids)))
         if where.workflow is not None:
@@ -1954,6 +1979,7 @@ _INSTANCES_ENDED_BEFORE = (
     f'SELECT "id", length("document") FROM "instance" WHERE {_INSTANCE_ENDED} AND "ended_at" < ? '
     'ORDER BY "ended_at" LIMIT ?'
 )
+INSTANCE_SLICE = 1_000  # instance ids evQueue's `groupby` reads at once (Store.read_instance_starts): a few ms
 AUDIT_SLICE = 10_000  # audit entry ids a read of the log covers at once (Store.read_audit): a few ms
 _OLDEST_AUDIT = 'SELECT MIN("at") FROM "audit"'
 _AUDIT_BEFORE = 'SELECT "id" FROM "audit" WHERE "at" < ? ORDER BY "at" LIMIT ?'

@@ -385,9 +385,9 @@ class Instances:
         rows, total = self.store.list_instances(where)
         return [self.summary(row.id) if row.id in self._live else row for row in rows], total
 
-    def instance_starts(self, where: InstanceFilter) -> list[tuple[str, float]]:
+    async def read_instance_starts(self, where: InstanceFilter) -> list[tuple[str, float]]:
         """The workflow and start time of each instance list_instances lists (neither changes as it runs)."""
-        return self.store.instance_starts(where)
+        return await self.store.read_instance_starts(where)
 
     def running(self) -> list[InstanceSummary]:
         return [self._live_summary(live) for live in self._live.values()]
