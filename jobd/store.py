@@ -28,7 +28,7 @@ import inotify_simple
 import peewee
 
 from jobd import logline
-from jobd.errors import InvalidParams, StartupError, StoreFailed
+from jobd.errors import InvalidParams, ShuttingDown, StartupError, StoreFailed
 from jobd.model import (
     Attempt,
     AuditEntry,
@@ -1287,7 +1287,7 @@ class Store:
             rows += self._instance_rows(dataclasses.replace(slice_of, before_id=top), fields, total=False, low=low)[0]
             top = low
             if top:
-                await asyncio.sleep(0)
+                await self._next_slice()
         if where.offset or len(rows) > where.limit:  # the part of evQueue's order the filter asks for
             rows.sort(key=lambda row: (row.ended_at is not None, row.ended_at or 0.0, row.id), reverse=True)
             rows = rows[where.offset : where.offset + where.limit]
@@ -1563,7 +1563,14 @@ class Store:
             if len(found) >= where.limit or low == 0:
                 return found
             top = low
-            await asyncio.sleep(0)
+            await self._next_slice()
+
+    async def _next_slice(self) -> None:
+        """Let the event loop run before the next slice of a long read; refused if the store has closed meanwhile
+        (jobd stopping)."""
+        await asyncio.sleep(0)
+        if self.db.is_closed():
+            raise ShuttingDown("jobd is stopping: ask again once it is back")
 
     def audit_entries(self, where: AuditFilter, low: int | None = None) -> list[AuditEntry]:
         """Newest first (with `low`, only entries from that id on)."""

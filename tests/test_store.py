@@ -9,13 +9,15 @@ import os
 import random
 import sqlite3
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
-from jobd.errors import StartupError
+from jobd.errors import ShuttingDown, StartupError
 from jobd.model import (
     Attempt,
     AuditEntry,
@@ -1016,5 +1018,33 @@ def test_a_filtered_read_of_the_audit_log_goes_a_slice_of_ids_at_a_time(
                 plans = [plan[3] for plan in connection.execute(f"EXPLAIN QUERY PLAN {sql}")]
                 assert plans == ["SEARCH t1 USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"], (sql, plans)
         assert len(reads) == 1  # the newest entries: one slice
+    finally:
+        store.close()
+
+
+def test_a_long_read_refuses_its_next_slice_once_the_store_has_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between two slices of the audit log or of evQueue's groupby, jobd may stop and close its store: the read is
+    # answered SHUTTING_DOWN rather than failing on a closed database as an internal error.
+    monkeypatch.setattr("jobd.store.AUDIT_SLICE", 10)
+    monkeypatch.setattr("jobd.store.INSTANCE_SLICE", 10)
+    store = Store(str(tmp_path / "jobd.sqlite3"))
+    store.open()
+    for number in range(50):
+        store.record_audit(AuditEntry(at=float(number), uid=0, user="root", command="c", target=None, result="ok"))
+    _instances(store, seed=1)
+
+    async def closed_during(read: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(read)
+        await asyncio.sleep(0)  # its first slice
+        store.close()
+        with pytest.raises(ShuttingDown):
+            await task
+
+    try:
+        asyncio.run(closed_during(store.read_audit(AuditFilter(user="nobody"))))
+        store.open()
+        asyncio.run(closed_during(store.read_instance_starts(InstanceFilter(limit=1000))))
     finally:
         store.close()
