@@ -1099,9 +1099,12 @@ class Store:
         start = self._counts.counted_to
         if start is None:
             return False
-        if start >= self._last_id["job"]:
+        # From the next job on record: ids may leap (reserve_ids, past the output of jobds restored from a copy).
+        following = self._connection.execute(_NEXT_JOB_ID, (start,)).fetchone()[0]
+        if following is None:
             self._counts.done()
             return False
+        start = following - 1
         end = start + COUNT_SLICE
         self._counts.add_slice(end, self._connection.execute(_COUNT_JOBS_BETWEEN, (start, end)))
         return True
@@ -1972,6 +1975,7 @@ _TASK_NAMES = (
 # How many jobs have a task or a context (?1), counting no more than ?2 entries of its index.
 _COUNT_UP_TO = 'SELECT count(*) FROM (SELECT 1 FROM "job" INDEXED BY "{index}" WHERE "{column}" = ?1 LIMIT ?2)'
 FEW_JOBS = 2_000  # a task or context with fewer jobs is listed from its own index (Store._few_jobs_index)
+_NEXT_JOB_ID = 'SELECT min("id") FROM "job" WHERE "id" > ?'
 _STATE_OF_JOB = 'SELECT "state" FROM "job" WHERE "id" = ?'
 # The jobs of an id range (?1, ?2] by state, queue and task: a slice of the counts' first reading.
 _COUNT_JOBS_BETWEEN = (
