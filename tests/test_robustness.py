@@ -372,29 +372,15 @@ def test_output_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_short
 PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, where a private cgroup can be made
 
 
-def test_a_job_jobd_cannot_fork_for_a_process_limit_waits_and_the_error_names_the_limit(
-    make_daemon: Any, tmp_path: Path
-) -> None:
+def test_a_job_jobd_cannot_fork_for_a_process_limit_waits_and_the_error_names_the_limit(make_daemon: Any) -> None:
     # fork() failing with EAGAIN (a cgroup's pids.max, systemd's TasksMax=) was recorded and logged as "Resource
     # temporarily unavailable", which names no resource: now the error says which limits those are.
-    if not os.access(PIDS_HIERARCHY / "cgroup.procs", os.W_OK):
-        pytest.skip(f"no writable cgroup v1 pids hierarchy at {PIDS_HIERARCHY} to make a private cgroup in")
     daemon: Daemon = make_daemon(QUEUE)
-    cgroup = PIDS_HIERARCHY / f"jobd-test-{daemon.pid}"
-    home = next(line.split(":", 2)[2] for line in Path(f"/proc/{daemon.pid}/cgroup").read_text().splitlines()
-                if line.split(":")[1] == "pids")  # fmt: skip
-    cgroup.mkdir()
-    try:
-        (cgroup / "cgroup.procs").write_text(str(daemon.pid))
-        (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())  # jobd's threads, and no more
+    with _in_pids_cgroup(daemon) as cgroup:
         job = daemon.submit(command=["/bin/true"])
         wait_for_log(daemon, f"job={job['id']} delayed (attempt 1 spawn_error")
         (cgroup / "pids.max").write_text("max")
         assert daemon.wait(job["id"])["state"] == "succeeded"
-    finally:
-        (cgroup / "pids.max").write_text("max")
-        (PIDS_HIERARCHY / home.lstrip("/") / "cgroup.procs").write_text(str(daemon.pid))
-        cgroup.rmdir()
     tries = daemon.call("job.get", {"id": job["id"]})["tries"]
     assert tries[0]["outcome"] == "spawn_error"
     assert tries[0]["error"] == (
@@ -402,6 +388,45 @@ def test_a_job_jobd_cannot_fork_for_a_process_limit_waits_and_the_error_names_th
         "cgroup (systemd's TasksMax=), or the user's RLIMIT_NPROC)"
     )
     assert tries[-1]["outcome"] == "succeeded"
+
+
+@contextlib.contextmanager
+def _in_pids_cgroup(daemon: Daemon) -> Any:
+    """The daemon in a cgroup v1 pids cgroup of its own whose pids.max is what jobd runs now (its threads): no fork
+    succeeds. Yields the cgroup's directory, to lift the limit (`pids.max` = `max`); back where it was after."""
+    if not os.access(PIDS_HIERARCHY / "cgroup.procs", os.W_OK):
+        pytest.skip(f"no writable cgroup v1 pids hierarchy at {PIDS_HIERARCHY} to make a private cgroup in")
+    cgroup = PIDS_HIERARCHY / f"jobd-test-{daemon.pid}"
+    home = next(line.split(":", 2)[2] for line in Path(f"/proc/{daemon.pid}/cgroup").read_text().splitlines()
+                if line.split(":")[1] == "pids")  # fmt: skip
+    cgroup.mkdir()
+    try:
+        (cgroup / "cgroup.procs").write_text(str(daemon.pid))
+        (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())
+        yield cgroup
+    finally:
+        (cgroup / "pids.max").write_text("max")
+        (PIDS_HIERARCHY / home.lstrip("/") / "cgroup.procs").write_text(str(daemon.pid))
+        cgroup.rmdir()
+
+
+def test_while_jobd_cannot_fork_it_tries_one_batch_a_second_not_every_waiting_job(make_daemon: Any) -> None:
+    # Each job that could not start waited a second, and its timer then had its queue take more waiting jobs, which
+    # failed alike: every waiting job was tried, recorded and logged once a second. 2,000 queued jobs under a
+    # cgroup's pids.max kept jobd's loop so busy that a ping took 3 to 9 s. Now a failed start holds every start for
+    # that second, and the queues then take what they have room for: at most `concurrency` tries a second.
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 4\n")
+    with _in_pids_cgroup(daemon) as cgroup:
+        jobs = daemon.call("job.submit", {"jobs": [{"command": ["/bin/true"]} for _ in range(40)]})["jobs"]
+        first = jobs[0]["id"]
+        third_try = f"job={first} delayed (attempt 3 spawn_error"
+        wait_for_log(daemon, third_try)
+        log = daemon.log()
+        tried = log[: log.index(third_try)].count(" spawn_error, ") + 1  # the tries up to the first job's third
+        (cgroup / "pids.max").write_text("max")
+        states = [daemon.wait(job["id"], timeout=60)["state"] for job in jobs]
+    assert tried <= 3 * 4, f"{tried} tries in the first three seconds of the shortage"
+    assert states == ["succeeded"] * 40  # nothing lost once the processes are there
 
 
 def _soft_limit_on_open_files(pid: int) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from jobd.engine.decisions import after_attempt, outcome_of
+from jobd.engine.decisions import RESOURCE_RETRY_DELAY, after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
 from jobd.engine.http_task import HttpRequest, new_session
 from jobd.engine.queues import QueueRuntime
@@ -218,6 +218,9 @@ class Engine:
         # Nothing starts before start_jobs(): the daemon first puts back every job the database holds (recover), so
         # that the first free slot goes to the best of them, and a stop asked for meanwhile starts none of them.
         self._holding_starts = True
+        # A start failed for want of descriptors, processes or memory: no job of any queue starts until this fires
+        # (_hold_starts_while_short).
+        self._short_hold: asyncio.TimerHandle | None = None
         self.jobs: dict[int, Job] = {}  # every unfinished job
         self.queues: dict[str, QueueRuntime] = {}
         self._running: dict[int, _Running] = {}
@@ -505,7 +508,7 @@ class Engine:
         """Move the jobs the queue has room for to `running`, in memory only: the caller commits their attempts
         and then launches them."""
         starts: list[_Start] = []
-        while not self.stopping and not self._holding_starts and queue.free_slots() > 0:
+        while not self.stopping and not self._holding_starts and self._short_hold is None and queue.free_slots() > 0:
             job = queue.pop_next()
             if job is None:
                 break
@@ -581,11 +584,26 @@ class Engine:
             recorded.set_result(None)
         self.queues[job.spec.queue].running.discard(job.id)
         self._settled(ended, attempt)
-        if not transient:
-            # The slot is free again: the next job may take it. (Short of descriptors or memory, jobd instead
-            # waits the second its delayed job waits, whose timer then dispatches the queue.) On the next turn
-            # of the loop, not from within the _launch under way: a queue of unstartable jobs must not recurse.
+        if transient:
+            self._hold_starts_while_short()
+        else:
+            # The slot is free again: the next job may take it. On the next turn of the loop, not from within the
+            # _launch under way: a queue of unstartable jobs must not recurse.
             self.loop.call_soon(self._dispatch_if_defined, job.spec.queue)
+
+    def _hold_starts_while_short(self) -> None:
+        """A start failed for want of descriptors, processes or memory: no job starts, in any queue, for the
+        RESOURCE_RETRY_DELAY the failed job waits; then the queues take jobs again, which find out whether the
+        shortage is over. Each failed job's own timer used to dispatch its queue, which took other waiting jobs that
+        failed alike, each recorded and logged: every waiting job was tried once a second, and 2,000 queued jobs
+        under a cgroup's pids.max kept jobd's loop so busy that a ping took 3 to 9 s."""
+        if self._short_hold is None:
+            self._short_hold = self.loop.call_later(RESOURCE_RETRY_DELAY, self._end_short_hold)
+
+    def _end_short_hold(self) -> None:
+        self._short_hold = None
+        for name in list(self.queues):
+            self._dispatch_if_defined(name)
 
     def _start_http(self, job: Job, attempt: Attempt) -> None:
         assert job.spec.http is not None
