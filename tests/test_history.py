@@ -231,12 +231,16 @@ def test_keep_days_takes_ended_instances_and_audit_entries_in_batches_and_sleeps
         await _passes(2)  # the timer's pass (due at once), then the first trim's
         assert _kept_instances(store, instances) == instances[TRIM_BATCH:]
         assert _audit_count(store) == 300 - TRIM_BATCH
+        loop = asyncio.get_running_loop()
+        before = loop.time()
         await _passes(4)
         assert _kept_instances(store, instances) == instances[250:]
         assert _audit_count(store) == 50
         assert store.instance(executing) is not None
-        # Asleep until the next is due, half a second on (the entries and the instance of 1250): no trim meanwhile.
-        assert keeper._timer is not None and 0 < keeper._timer.when() - asyncio.get_running_loop().time() <= 0.5
+        # Asleep until the next is due, half a second after the timer was armed (the entries and the instance of
+        # 1250): no trim meanwhile. Bounded by when the passes began and ended, however long they took.
+        assert keeper._timer is not None
+        assert before + 0.5 - 1e-6 <= keeper._timer.when() <= loop.time() + 0.5 + 1e-6
 
     _on_a_store(tmp_path, History(keep_days=1, keep_last=None), 1000.0 + DAY + 249.5, scenario)
 
