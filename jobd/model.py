@@ -30,6 +30,9 @@ MAX_SECONDS = 100 * 366 * 86400  # delays, timeouts, graces: a century keeps eve
 # alone gives them: job.submit refuses them.
 WORKFLOW_TASK_KEY_PREFIX = "instance:"
 WORKFLOW_SCRIPT_NAME = re.compile(r"[0-9]+-[0-9]+")  # a SCRIPT task's file in state_dir/scripts: INSTANCE-EVQID
+# Places past max_connections that only admins may take: any local user who can reach the socket could otherwise hold
+# every place with idle connections and lock out the administrator who would look into it.
+ADMIN_CONNECTIONS = 4
 MAX_PAGE = 1000  # jobs, instances or audit entries in one list reply
 MAX_RETRY_TIMES = 1000  # retries a submit may ask for
 DEFAULT_KILL_GRACE = 10.0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
-from jobd.model import Config
+from jobd.model import ADMIN_CONNECTIONS, Config
 
 # Held by a running job: the read ends of its stdout, stderr and fd 3 pipes, its pidfd, and up to three output
 # files; for a moment while it starts, two more (the pipe that tells subprocess whether the exec failed).
@@ -47,7 +47,8 @@ def needed(config: Config) -> int:
     """Descriptors jobd may hold at once: every job slot of every queue full, and as many clients as
     max_connections allows on the local sockets and on the HTTP listener (which counts its own)."""
     slots = sum(queue.concurrency for queue in config.queues.values())
-    clients = config.daemon.max_connections * (2 if config.http.listen is not None else 1)
+    local = config.daemon.max_connections + ADMIN_CONNECTIONS
+    clients = local + (config.daemon.max_connections if config.http.listen is not None else 0)
     return RESERVED + clients + PER_JOB_SLOT * slots + HTTP_CLIENT_CONNECTIONS
 
 

@@ -41,7 +41,7 @@ from jobd.errors import (
     TooManyConnections,
 )
 from jobd.linux import peer_credentials
-from jobd.model import AccessDef, host_port
+from jobd.model import ADMIN_CONNECTIONS, AccessDef, host_port
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
 from jobd.store import refused_request
 
@@ -291,10 +291,12 @@ class Server:
         self.refused_lingering.add(connection)
         return True
 
-    def refusal(self) -> TooManyConnections | None:
-        """The error for a new client when `[daemon] max_connections` are connected (both sockets together)."""
+    def refusal(self, peer: Peer) -> TooManyConnections | None:
+        """The error for a new client when `[daemon] max_connections` are connected (both sockets together); an
+        admin may still take one of ADMIN_CONNECTIONS places more."""
         limit = self.api.engine.config.daemon.max_connections
-        if len(self.connections) < limit:
+        connected = len(self.connections)
+        if connected < limit or (peer.is_admin and connected < limit + ADMIN_CONNECTIONS):
             return None
         return TooManyConnections(
             f"too many connections: {limit} clients are connected ([daemon] max_connections); try again later",
@@ -430,7 +432,7 @@ class Connection(_Identified, asyncio.Protocol):
         # Past this many unsent bytes asyncio calls pause_writing(): a client that does not read its replies is
         # not read from either.
         transport.set_write_buffer_limits(high=MAX_UNSENT)
-        refusal = self.server.refusal()
+        refusal = self.server.refusal(self.peer)
         if refusal is not None:  # said at once, as a JSON-RPC error with a null id, whatever the client speaks
             self._send(jsonrpc.error(None, refusal))
             self._refusing = True
@@ -912,14 +914,14 @@ class XmlConnection(_Identified, asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         credentials = peer_credentials(transport.get_extra_info("socket"))
         transport.set_write_buffer_limits(high=MAX_UNSENT)
-        refusal = self.server.refusal()
+        peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, self.server.api.engine.config.access)
+        refusal = self.server.refusal(peer)
         if refusal is not None:  # a KO response where the greeting would be, then the end
             self.transport = transport
             transport.write(evqueue.response_error(self.evqueue.node, refusal))
             self._refusing = True
             self._lingering_close()
             return
-        peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, self.server.api.engine.config.access)
         self.adopt(transport, peer)
         if self.greet:
             transport.write(self.evqueue.greeting(self.peer))
@@ -1196,13 +1198,14 @@ class TcpXmlConnection(XmlConnection):
             assert user is not None
             self._cancel_timer()
             self.server.logging_in.discard(self)
-            refusal = self.server.refusal()
+            peer = Peer(uid=-1, gid=-1, pid=0, is_admin=user.admin, user=user.name, groups=user.groups)
+            refusal = self.server.refusal(peer)
             if refusal is not None:  # logged in, but max_connections clients are connected
                 self._refuse_login(refusal)
                 return
             self.server.connections.add(self)
             self._logged_in = True
-            self.peer = Peer(uid=-1, gid=-1, pid=0, is_admin=user.admin, user=user.name, groups=user.groups)
+            self.peer = peer
             log.info("evQueue login as %s from %s (%s)", user.name, self.address, "ADMIN" if user.admin else "USER")
             self._send(self.evqueue.greeting(self.peer))
             super()._answer_backlog()  # requests sent right after the <auth>, if any

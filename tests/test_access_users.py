@@ -724,3 +724,47 @@ def test_why_the_database_takes_no_writes_is_told_without_naming_the_job(
     assert jobd.wait(job_id)["state"] == "succeeded"
     [status] = calls(jobd, users["alice"], [("daemon.status", {})])
     assert status["result"]["store_trouble"] is None
+
+
+HOLD_CONNECTIONS = """
+import sys
+from jobd.client import Client, RemoteError
+held = []
+for _ in range(4):
+    client = Client("jobd.sock")
+    try:
+        client.call("ping", timeout=30)
+        held.append(client)
+        print("held", flush=True)
+    except RemoteError as error:
+        print(error.data.get("code"), flush=True)
+sys.stdin.readline()  # the connections are held until the test lets go
+"""
+
+
+def test_a_user_holding_every_connection_does_not_lock_out_the_admins(make_daemon: Any, users: dict[str, Any]) -> None:
+    """Any local user who may connect could hold all max_connections places with idle connections: every other
+    client was refused TOO_MANY_CONNECTIONS, the administrator who would look into it included. A few places past
+    the limit are kept for admins."""
+    daemon: Daemon = make_daemon(CONFIG, daemon_extra="max_connections = 3")
+    daemon.root.chmod(0o755)
+    daemon.socket_path.chmod(0o666)
+    holder = held_as_user(daemon, users["carol"], HOLD_CONNECTIONS)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        answers = [holder.stdout.readline().strip() for _ in range(4)]
+        assert answers == ["held", "held", "held", "TOO_MANY_CONNECTIONS"], answers
+        # Another user is refused as carol's fourth was; root and dave (admins) still get in.
+        [refused] = calls(daemon, users["alice"], [("ping", {})])
+        assert refused["code"] == "TOO_MANY_CONNECTIONS", refused
+        assert daemon.call("daemon.status")["running"] == 0
+        [status] = calls(daemon, users["dave"], [("daemon.status", {})])
+        assert "result" in status, status
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=DEADLINE) == 0, holder.stderr.read() if holder.stderr else ""
+    finally:
+        holder.kill()
+        holder.wait()
+    [pong] = calls(daemon, users["alice"], [("ping", {})])  # carol's places are free again
+    assert pong["result"]["pong"] is True, pong

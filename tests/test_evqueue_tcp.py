@@ -241,8 +241,8 @@ def test_clients_that_do_not_log_in_cannot_lock_out_the_local_sockets(make_daemo
         # Logged in, a client takes one of max_connections: with the three taken, the fourth login is refused.
         local = [held.enter_context(daemon.client()) for _ in range(2)]
         assert all(client.call("ping")["pong"] for client in local)
-        assert silent[0].login("admin", "admin").get("status") == "OK"
-        refused = silent[1].login("admin", "admin")
+        assert silent[0].login("alice", "wonderland").get("status") == "OK"
+        refused = silent[1].login("alice", "wonderland")
         assert refused.get("error-code") == "TOO_MANY_CONNECTIONS" and silent[1].closed(), etree.tostring(refused)
 
 
@@ -595,14 +595,17 @@ def test_docs_describe_every_tcp_key() -> None:
 
 def test_over_max_connections_a_tcp_login_is_refused(make_daemon: Any) -> None:
     """A logged-in TCP client takes one of max_connections; one more is challenged (it does not count until it has
-    logged in) and its login is answered TOO_MANY_CONNECTIONS, then the connection ends."""
+    logged in) and its login is answered TOO_MANY_CONNECTIONS, then the connection ends. An admin's login may still
+    take one of the places kept for admins."""
     daemon: Daemon = make_daemon('[tcp]\nlisten = "127.0.0.1:0"\n' + USERS, daemon_extra="max_connections = 1")
     address = tcp_address(daemon)  # daemon.call's own connection has ended by now
     with TcpClient(address) as first:
-        assert first.login("admin", "admin").get("status") == "OK"
+        assert first.login("alice", "wonderland").get("status") == "OK"
         with TcpClient(address) as second:
             assert second.challenge.tag == "auth"
-            refusal = second.login("admin", "admin")
+            refusal = second.login("alice", "wonderland")
             assert refusal.tag == "response" and refusal.get("status") == "KO"
             assert refusal.get("error-code") == "TOO_MANY_CONNECTIONS", etree.tostring(refusal)
             assert second.closed()
+        with TcpClient(address) as admin:
+            assert admin.login("admin", "admin").get("status") == "OK"
