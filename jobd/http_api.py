@@ -118,32 +118,23 @@ _RUNNER_OPTIONS: dict[str, Any] = (
 )
 
 
-def _first_request_seconds() -> float:
-    # JOBD_HTTP_FIRST_REQUEST_SECONDS is for tests only (docs/http.md): they cannot wait 30 s per idle connection.
+def _seconds(variable: str, default: float) -> float:
+    # JOBD_HTTP_FIRST_REQUEST_SECONDS and JOBD_HTTP_KEEPALIVE_SECONDS are for tests only (docs/http.md): they cannot
+    # wait 30 s for an idle connection or a quiet stream.
     try:
-        value = float(os.environ.get("JOBD_HTTP_FIRST_REQUEST_SECONDS", ""))
+        value = float(os.environ.get(variable, ""))
     except ValueError:
-        return 30.0
-    return value if value > 0 else 30.0
+        return default
+    return value if value > 0 else default
 
 
-FIRST_REQUEST_SECONDS = _first_request_seconds()  # a connection that sends no request within this long is closed
-
-
-def _keepalive_seconds() -> float:
-    # JOBD_HTTP_KEEPALIVE_SECONDS is for tests only (docs/http.md), as JOBD_HTTP_FIRST_REQUEST_SECONDS is.
-    try:
-        value = float(os.environ.get("JOBD_HTTP_KEEPALIVE_SECONDS", ""))
-    except ValueError:
-        return 30.0
-    return value if value > 0 else 30.0
-
-
+# A connection that sends no request within this long is closed.
+FIRST_REQUEST_SECONDS = _seconds("JOBD_HTTP_FIRST_REQUEST_SECONDS", 30.0)
 # A GET /events stream with nothing to send for this long gets a comment line. Proxies in front of jobd close a
 # response that stays silent (nginx's proxy_read_timeout is 60 s), and a client gone without a word (a laptop
 # suspended, a NAT mapping dropped) is found only by a write. The timer runs only while a stream is open and quiet:
 # an idle jobd with no stream open still makes no system call.
-KEEPALIVE_SECONDS = _keepalive_seconds()
+KEEPALIVE_SECONDS = _seconds("JOBD_HTTP_KEEPALIVE_SECONDS", 30.0)
 
 
 def _address_of(server: asyncio.Server) -> str:
