@@ -51,7 +51,7 @@ PRIORITIES = (0, 1, 5, 1024, 1024, 4294967295)
 EVENT_WAIT = 30.0  # seconds an awaited event may take on a loaded machine (a deadline, never a pace)
 # The job: blocks until the test writes its exit code into the FIFO named by $0.
 BLOCKER = 'read code < "$0" && exit "$code"'
-FINAL = ("succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "timed_out", "cancelled")
 ALL_STATES = ["delayed", "queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
 
 
@@ -88,6 +88,7 @@ class MJob:
     key: str | None
     retry_codes: tuple[int, ...] = ()  # its retry's on_exit_codes (empty: any failure is retried)
     stubborn: bool = False  # it ignores SIGTERM: a cancel or a stop ends it with SIGKILL after its kill_grace
+    timeout: float | None = None  # its time limit: it ends by it (the test never ends it), or by a cancel
     announced: bool = False  # its first job.state event came
     attempts: list[tuple[str, int | None, int | None]] = field(default_factory=list)  # (outcome, exit code, signal)
     ending: int | str | None = None  # what the test made its running attempt end with: an exit code, or "cancel"
@@ -130,6 +131,10 @@ class Model:
 
     def unfinished(self) -> dict[int, str]:
         return {j.id: j.state for j in self.jobs.values() if j.state not in FINAL}
+
+    def pending_timers(self) -> bool:
+        """Whether something will change by itself: a delay or a running job's time limit."""
+        return any(j.state == "delayed" or (j.state == "running" and j.timeout) for j in self.jobs.values())
 
     def check_settled(self) -> None:
         """At a moment when jobd has done all it had to: no queue leaves a slot free while a job is ready."""
@@ -227,17 +232,24 @@ class Model:
     def _end(self, job: MJob, state: str, seen: dict[str, Any]) -> None:
         ending = job.ending
         job.ending = None
-        if ending is None:
+        if ending is None and job.timeout is None:
             raise ModelError(f"job {job.id} ended ({state}) though the test did not end it")
         signal = None
         if ending == "cancel":
             expected, outcome, code, signal = "cancelled", "killed", None, job.stop_signal()
+            if job.timeout is not None:
+                outcome = "stopped"  # killed, or timed_out: its time limit may have fallen just before the cancel
+        elif ending is None:  # its time limit; timeouts are retried whatever on_exit_codes says
+            outcome, code, signal = "timed_out", None, job.stop_signal()
+            tries = 1 + sum(1 for o, _, _ in job.attempts if o in ("failed", "timed_out"))
+            retried = "delayed" if job.retry_delay > 0 else "queued"
+            expected = retried if tries <= job.retry_times else "timed_out"
         elif ending == 0:
             expected, outcome, code = "succeeded", "succeeded", 0
         else:
             assert isinstance(ending, int)
             outcome, code = "failed", ending
-            tries = 1 + sum(1 for o, _, _ in job.attempts if o == "failed")
+            tries = 1 + sum(1 for o, _, _ in job.attempts if o in ("failed", "timed_out"))
             retried = "delayed" if job.retry_delay > 0 else "queued"
             retryable = not job.retry_codes or code in job.retry_codes
             expected = retried if tries <= job.retry_times and retryable else "failed"
@@ -245,7 +257,7 @@ class Model:
             raise ModelError(f"job {job.id}: ended as {state}, the model expected {expected} (ending {ending!r})")
         if seen.get("exit_code") != code:
             raise ModelError(f"job {job.id}: exit code {seen.get('exit_code')}, written {code}")
-        if outcome == "killed" and signal is None and seen.get("signal") in (9, 15):
+        if signal is None and outcome != "succeeded" and code is None and seen.get("signal") in (9, 15):
             signal = seen["signal"]
         if seen.get("signal") != signal:
             raise ModelError(f"job {job.id}: ended by signal {seen.get('signal')}, the model expected {signal}")
@@ -353,6 +365,11 @@ def _expect_error(reply: Any, code: str, what: str) -> None:
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
+# The sockets' group: root, the one group mapped in the daemon's user namespace (a `jobd` group, should the machine
+# have one, is not: jobd could not give it the sockets).
+DAEMON_EXTRA = 'socket_group = "root"'
+
+
 def config_text(definitions: dict[str, Definition]) -> str:
     return "".join(
         f'\n[queue.{name}]\nconcurrency = {concurrency}\nscheduler = "{scheduler}"\npaused = {str(paused).lower()}\n'
@@ -450,7 +467,7 @@ class Run:
         found = {job["id"]: job["state"] for job in listed}
         if found != self.model.unfinished():
             raise ModelError(f"job.list of unfinished jobs {found}\n  the model: {self.model.unfinished()}")
-        if self.rng.random() < 0.3 and not any(job.state == "delayed" for job in self.model.jobs.values()):
+        if self.rng.random() < 0.3 and not self.model.pending_timers():
             self.check_job_list()  # nothing changes between its pages but what the test does
 
     def check_job_list(self) -> None:
@@ -505,6 +522,8 @@ class Run:
         spec["priority"] = self.rng.choice(PRIORITIES)
         if self.rng.random() < 0.25:
             spec["delay"] = self.rng.choice((0.02, 0.05, 0.1, 0.2))
+        if self.rng.random() < 0.1:
+            spec["timeout"] = self.rng.choice((0.05, 0.2))
         if self.rng.random() < 0.4:
             spec["retry"] = {"times": self.rng.randint(1, 2), "delay": self.rng.choice((0, 0, 0.05, 0.1)), "backoff": 1}
             if self.rng.random() < 0.3:
@@ -521,34 +540,32 @@ class Run:
     def op_submit(self) -> None:
         count = 1 if self.rng.random() < 0.6 else self.rng.randint(2, 5)
         made = [self.new_job(self.queue_choice()) for _ in range(count)]
-        reuse = None
-        if count == 1:
-            spec = made[0][0]
-            if self.keys_made and self.rng.random() < 0.3:
-                reuse = self.rng.choice(self.keys_made)
-                spec["key"] = reuse
-            elif self.rng.random() < 0.3:
+        for spec, _ in made:
+            if self.keys_made and self.rng.random() < 0.2:
+                spec["key"] = self.rng.choice(self.keys_made)  # taken: answered with its job, whatever its queue
+            elif self.rng.random() < 0.25:
+                self.tokens += 1
                 spec["key"] = f"k{self.tokens}"
-            params: dict[str, Any] = spec
-        else:
-            params = {"jobs": [spec for spec, _ in made]}
+        params: dict[str, Any] = made[0][0] if count == 1 else {"jobs": [spec for spec, _ in made]}
         self.note(f"submit {json.dumps(_brief(params))}")
         reply = self.live("job.submit", params)
-        replies = reply["jobs"] if isinstance(reply, dict) and "jobs" in reply else [reply]
-        if reuse is not None and reuse in self.model.keys:
-            job = self.model.jobs[self.model.keys[reuse]]
-            if isinstance(reply, RemoteError) or reply["id"] != job.id or reply["state"] != job.state:
-                raise ModelError(f"a submit with taken key {reuse}: answered {reply}, the model has {job}")
-            return
-        for spec, _ in made:  # the first job whose queue is unknown or draining refuses the whole submit
+        taken = [spec.get("key") in self.model.keys for spec, _ in made]
+        for (spec, _), is_taken in zip(made, taken, strict=True):
+            # The first new job whose queue is unknown or draining refuses the whole submit.
             q = self.model.queues.get(spec["queue"])
-            if q is None or q.closed:
+            if not is_taken and (q is None or q.closed):
                 _expect_error(reply, "UNKNOWN_QUEUE" if q is None else "QUEUE_CLOSED", "submit")
                 return
         if isinstance(reply, RemoteError):
             raise ModelError(f"submit refused: {reply}")
+        replies = reply["jobs"] if count > 1 else [reply]
         jobs = []
-        for (spec, fifo), job in zip(made, replies, strict=True):
+        for (spec, fifo), is_taken, job in zip(made, taken, replies, strict=True):
+            if is_taken:
+                first = self.model.jobs[self.model.keys[spec["key"]]]
+                if job["id"] != first.id or job["state"] != first.state:
+                    raise ModelError(f"a submit with taken key {spec['key']}: answered {job}, the model has {first}")
+                continue
             expected = "delayed" if spec.get("delay") else "queued"
             if job["state"] != expected or job["priority"] != spec["priority"] or job["queue"] != spec["queue"]:
                 raise ModelError(f"submitted {spec}: answered {job}")
@@ -565,6 +582,7 @@ class Run:
                     spec.get("key"),
                     tuple(retry.get("on_exit_codes", ())),
                     "kill_grace" in spec,
+                    spec.get("timeout"),
                 )
             )
             if spec.get("key"):
@@ -573,7 +591,7 @@ class Run:
         self.model.submitted(jobs)
 
     def op_end(self) -> None:
-        running = sorted(j.id for j in self.model.jobs.values() if j.state == "running")
+        running = sorted(j.id for j in self.model.jobs.values() if j.state == "running" and j.timeout is None)
         if not running:
             return
         job = self.model.jobs[self.rng.choice(running)]
@@ -636,13 +654,16 @@ class Run:
     def reload(self, definitions: dict[str, Definition]) -> None:
         self.note(f"reload {definitions}")
         self.definitions = definitions
-        self.daemon.write_config(config_text(definitions))
+        self.daemon.write_config(config_text(definitions), DAEMON_EXTRA)
         self.placed("daemon.reload", None, lambda model, reply: model.reload(definitions, reply))
 
     def op_restart(self) -> None:
         """Stop jobd and start it again. The queues that may start jobs are paused through the API first (such a
         pause lasts across a restart), so that nothing starts before the test listens again, but for the removed
         queues that drain, which cannot be paused: what they start at once the model starts too."""
+        closed = {name for name, q in self.model.queues.items() if q.closed}
+        if any(j.timeout and j.state == "queued" and j.queue in closed for j in self.model.jobs.values()):
+            return  # it would start before the test listens again, and could time out unseen
         self.quiet()
         held = []
         for name, q in sorted(self.model.queues.items()):
@@ -658,7 +679,7 @@ class Run:
         if self.rng.random() < 0.4:  # the configuration edited while jobd was stopped
             self.definitions = self.changed_definitions()
             self.note(f"  configuration while stopped: {self.definitions}")
-            self.daemon.write_config(config_text(self.definitions))
+            self.daemon.write_config(config_text(self.definitions), DAEMON_EXTRA)
             self.model.reload(self.definitions, {})
         self.model.restarted()
         self.pump = start(self.daemon)
@@ -673,8 +694,8 @@ class Run:
             self.placed("queue.resume", {"name": name}, lambda m, r, name=name: m.resume(name, r))
 
     def op_wait_event(self) -> None:
-        """Let a delay end: wait for the next event, when a job is delayed."""
-        if any(j.state == "delayed" for j in self.model.jobs.values()):
+        """Let a delay or a time limit end: wait for the next event, when one runs."""
+        if self.model.pending_timers():
             self.note("wait for an event")
             self.next_event()
 
@@ -695,10 +716,11 @@ class Run:
     # -- the end ----------------------------------------------------------------------------------------------
 
     def quiet(self) -> None:
-        """Let every delay end; then nothing changes until the test acts."""
-        while any(j.state == "delayed" for j in self.model.jobs.values()):
-            self.next_event()
+        """Let every delay and every running job's time limit end; then nothing changes until the test acts."""
         self.settle()
+        while self.model.pending_timers():
+            self.next_event()
+            self.settle()  # the events that came with it (a delay's end and the start it made) are applied
 
     def drain(self) -> None:
         for name, q in sorted(self.model.queues.items()):
@@ -706,7 +728,7 @@ class Run:
                 self.note(f"resume {name}")
                 self.placed("queue.resume", {"name": name}, lambda m, r, name=name: m.resume(name, r))
         while self.model.unfinished():
-            running = sorted(j.id for j in self.model.jobs.values() if j.state == "running")
+            running = sorted(j.id for j in self.model.jobs.values() if j.state == "running" and j.timeout is None)
             if running:
                 self.end(self.model.jobs[running[0]], self.rng.choice((0, 1)))
             else:
@@ -718,9 +740,14 @@ class Run:
         for job in self.model.jobs.values():
             got = self.live("job.get", {"id": job.id})
             tries = [(t["outcome"], t["exit_code"], t["signal"]) for t in got["tries"]]
-            # A stop by jobd's restart of a job that ignores SIGTERM: SIGKILL, or SIGTERM before its trap was set.
+            # Where the model knows only that jobd stopped the job: SIGKILL, or SIGTERM before the trap of a job
+            # that ignores it was set (None); killed or timed_out, when a cancel met its time limit ("stopped").
             tries = [
-                (o, code, None if expected == (o, code, None) and sig in (9, 15) else sig)
+                (
+                    "stopped" if expected and expected[0] == "stopped" and o in ("killed", "timed_out") else o,
+                    code,
+                    None if expected and expected[2] is None and code is None and sig in (9, 15) else sig,
+                )
                 for (o, code, sig), expected in zip(tries, [*job.attempts, *[None] * len(tries)], strict=False)
             ]
             if got["state"] != job.state or tries != job.attempts or got["attempts"] != len(job.attempts):
@@ -791,7 +818,7 @@ STEPS = int(os.environ.get("JOBD_MODEL_STEPS", "60"))
 def model_daemon(make_daemon: Callable[..., Daemon]) -> Iterator[tuple[Daemon, Pump]]:
     """A jobd whose configuration changes only when the test reloads it: without inotify (no instance may be made in
     its user namespace), so that no reload of the watcher's applies a file before the test's daemon.reload."""
-    daemon = make_daemon(start=False)
+    daemon = make_daemon(start=False, daemon_extra=DAEMON_EXTRA)
     no_inotify = 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"'
     daemon.command_prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", no_inotify, "sh"]
     daemon.start()
