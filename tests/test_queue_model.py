@@ -367,7 +367,9 @@ def _expect_error(reply: Any, code: str, what: str) -> None:
 
 # The sockets' group: root, the one group mapped in the daemon's user namespace (a `jobd` group, should the machine
 # have one, is not: jobd could not give it the sockets).
-DAEMON_EXTRA = 'socket_group = "root"'
+DAEMON_EXTRA = 'socket_group = "root"\n'
+# JOBD_MODEL_DURABILITY=fsync: a submit's reply waits for the disk, while its jobs may start.
+DAEMON_EXTRA += f'durability = "{os.environ.get("JOBD_MODEL_DURABILITY", "crash")}"\n'
 
 
 def config_text(definitions: dict[str, Definition]) -> str:
@@ -434,6 +436,17 @@ class Run:
         before it, what it caused after): the model takes the first point where everything fits. A queue in the
         reply is as it is once all that is done."""
         events, reply = self.request(method, params)
+        self.fit(f"{method} {params}", events, reply, apply, after)
+
+    def fit(
+        self,
+        what: str,
+        events: list[dict[str, Any]],
+        reply: Any,
+        apply: Callable[[Model, Any], None],
+        after: Callable[[Model, Any], None] = lambda model, reply: None,
+    ) -> None:
+        """Apply `events`, and a request's effect at the first place among them where everything fits."""
         errors = []
         for split in range(len(events) + 1):
             model = copy.deepcopy(self.model)
@@ -451,7 +464,7 @@ class Run:
                 continue
             self.model = model
             return
-        raise ModelError(f"{method} {params}: no place among {events} fits:\n" + "\n".join(errors))
+        raise ModelError(f"{what}: no place among {events} fits:\n" + "\n".join(errors))
 
     def settle(self) -> None:
         """A ping's reply: jobd has done all that what came before it caused. Then compare."""
@@ -548,23 +561,25 @@ class Run:
                 spec["key"] = f"k{self.tokens}"
         params: dict[str, Any] = made[0][0] if count == 1 else {"jobs": [spec for spec, _ in made]}
         self.note(f"submit {json.dumps(_brief(params))}")
-        reply = self.live("job.submit", params)
+        # With durability "fsync" the jobs are queued, and may start, while the reply waits for the disk: the submit
+        # took effect somewhere among the events before its reply, as placed() finds.
+        events, reply = self.request("job.submit", params)
         taken = [spec.get("key") in self.model.keys for spec, _ in made]
         for (spec, _), is_taken in zip(made, taken, strict=True):
             # The first new job whose queue is unknown or draining refuses the whole submit.
             q = self.model.queues.get(spec["queue"])
             if not is_taken and (q is None or q.closed):
                 _expect_error(reply, "UNKNOWN_QUEUE" if q is None else "QUEUE_CLOSED", "submit")
+                self.fit("a refused submit", events, reply, lambda model, reply: None)
                 return
         if isinstance(reply, RemoteError):
             raise ModelError(f"submit refused: {reply}")
         replies = reply["jobs"] if count > 1 else [reply]
         jobs = []
+        answered_taken = []
         for (spec, fifo), is_taken, job in zip(made, taken, replies, strict=True):
             if is_taken:
-                first = self.model.jobs[self.model.keys[spec["key"]]]
-                if job["id"] != first.id or job["state"] != first.state:
-                    raise ModelError(f"a submit with taken key {spec['key']}: answered {job}, the model has {first}")
+                answered_taken.append((spec["key"], job))
                 continue
             expected = "delayed" if spec.get("delay") else "queued"
             if job["state"] != expected or job["priority"] != spec["priority"] or job["queue"] != spec["queue"]:
@@ -588,22 +603,31 @@ class Run:
             if spec.get("key"):
                 self.keys_made.append(spec["key"])
         self.note(f"  -> jobs {[job.id for job in jobs]}")
-        self.model.submitted(jobs)
+
+        def submitted(model: Model, reply: Any) -> None:
+            for key, job in answered_taken:  # as the key's job was when jobd took the submit
+                first = model.jobs[model.keys[key]]
+                if job["id"] != first.id or job["state"] != first.state:
+                    raise ModelError(f"a submit with taken key {key}: answered {job}, the model has {first}")
+            model.submitted(copy.deepcopy(jobs))
+
+        self.fit("submit", events, reply, submitted)
 
     def op_end(self) -> None:
+        """End one running job, or a few at once (their ends may come in any order, or in one turn of jobd's loop)."""
         running = sorted(j.id for j in self.model.jobs.values() if j.state == "running" and j.timeout is None)
         if not running:
             return
-        job = self.model.jobs[self.rng.choice(running)]
-        code = self.rng.choice((0, 0, 1, 3))
-        self.end(job, code)
+        chosen = self.rng.sample(running, 1 if self.rng.random() < 0.7 else min(len(running), self.rng.randint(2, 4)))
+        self.end([(self.model.jobs[job_id], self.rng.choice((0, 0, 1, 3))) for job_id in chosen])
 
-    def end(self, job: MJob, code: int) -> None:
-        self.note(f"end job {job.id} with exit code {code}")
-        job.ending = code
-        os.write(self.writers[job.fifo], f"{code}\n".encode())  # the job reads this line, and no more
-        attempts = len(job.attempts)
-        while len(job.attempts) == attempts:
+    def end(self, endings: list[tuple[MJob, int]]) -> None:
+        self.note("end " + ", ".join(f"job {job.id} with exit code {code}" for job, code in endings))
+        attempts = {job.id: len(job.attempts) for job, _ in endings}
+        for job, code in endings:
+            job.ending = code
+            os.write(self.writers[job.fifo], f"{code}\n".encode())  # the job reads this line, and no more
+        while any(len(job.attempts) == attempts[job.id] for job, _ in endings):
             self.next_event()
 
     def op_cancel(self) -> None:
@@ -730,7 +754,7 @@ class Run:
         while self.model.unfinished():
             running = sorted(j.id for j in self.model.jobs.values() if j.state == "running" and j.timeout is None)
             if running:
-                self.end(self.model.jobs[running[0]], self.rng.choice((0, 1)))
+                self.end([(self.model.jobs[running[0]], self.rng.choice((0, 1)))])
             else:
                 self.note("wait for an event")
                 self.next_event()
