@@ -696,6 +696,24 @@ def test_retries_back_off_exponentially_then_fail(server: Any) -> None:
         assert server.output(job["id"], attempt=number) == f"attempt {number}\n"
 
 
+@pytest.mark.parametrize("queue", ["serial", "fifo"])
+def test_a_retried_job_keeps_its_place_in_the_queue(server: Any, tmp_path: Path, queue: str) -> None:
+    """Ready again for its retry, a job is ordered by its priority and submission as when it was submitted: ahead of
+    a job of the same priority submitted after it (docs/jobs.md, Retries)."""
+    order_file = tmp_path / "order"
+    order_file.touch()
+    server.call("queue.pause", {"name": queue})
+    first = server.submit(
+        command=sh('[ "$JOBD_ATTEMPT" = 1 ] && exit 1; echo "$JOBD_JOB_ID" >> "$1"', str(order_file)),
+        queue=queue,
+        retry={"times": 1, "delay": 0},
+    )
+    later = server.submit(command=sh('echo "$JOBD_JOB_ID" >> "$1"', str(order_file)), queue=queue)
+    server.call("queue.resume", {"name": queue})
+    assert server.wait(first["id"])["state"] == "succeeded" and server.wait(later["id"])["state"] == "succeeded"
+    assert [int(line) for line in order_file.read_text().split()] == [first["id"], later["id"]]
+
+
 def test_on_exit_codes_limits_which_failures_are_retried(server: Any) -> None:
     retry = {"times": 2, "delay": 0.05, "on_exit_codes": [75]}
     other = server.submit(command=sh("exit 3"), retry=retry)
