@@ -320,9 +320,14 @@ async def bind_unix(
     if gid is not None:
         try:
             give_socket_access(path, None, gid)
-        except OSError:
+        except OSError as error:
             server.close()
-            raise
+            # Said of the socket and the group: the error itself names the /proc/self/fd path it went through.
+            raise OSError(
+                error.errno,
+                f"cannot give the socket {path} the group {users.describe_group(gid)} ([daemon] socket_group): "
+                f"{error.strerror or error}",
+            ) from None
     return server
 
 

@@ -183,7 +183,7 @@ class Daemon:
         """jobd run in the foreground on this configuration, expected not to start (a port taken, another jobd on
         the state, a damaged database): its exit status and output."""
         return subprocess.run(
-            [sys.executable, "-m", "jobd.daemon", "--config-dir", str(self.config_dir)],
+            [*self.command_prefix, sys.executable, "-m", "jobd.daemon", "--config-dir", str(self.config_dir)],
             capture_output=True,
             text=True,
             timeout=timeout,

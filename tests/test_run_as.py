@@ -314,6 +314,18 @@ def test_socket_mode_and_group_are_configurable_and_a_missing_group_is_a_warning
     assert daemon.call("ping") is not None
 
 
+def test_a_socket_group_that_cannot_be_given_is_named_when_the_start_is_refused(make_daemon: Any) -> None:
+    """In a user namespace that maps root alone, the group `daemon` (gid 1) exists but cannot be given to a file:
+    the start is refused naming the socket, the group and the key. It said only `[Errno 22] Invalid argument:
+    '/proc/self/fd/14'` (met by tests/test_queue_model.py while a `jobd` group existed on the machine)."""
+    daemon: Daemon = make_daemon("", start=False, daemon_extra='socket_group = "daemon"')
+    daemon.command_prefix = ["unshare", "--user", "--map-root-user"]
+    refused = daemon.start_refused()
+    assert refused.returncode != 0
+    expected = f"cannot give the socket {daemon.socket_path} the group gid 1 (daemon) ([daemon] socket_group): "
+    assert expected + "Invalid argument" in refused.stderr, refused.stderr
+
+
 def test_state_directory_is_0750_tightened_at_start_and_the_database_0600(make_daemon: Any) -> None:
     daemon: Daemon = make_daemon("", start=False)
     daemon.state_dir.mkdir()
