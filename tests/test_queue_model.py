@@ -64,7 +64,6 @@ class MQueue:
     name: str
     concurrency: int = 1
     scheduler: str = "priority"
-    defined: bool = True  # in the configuration
     file_paused: bool = False  # its `paused` key
     paused: bool = False
     closed: bool = False  # removed from the configuration, still draining
@@ -334,7 +333,6 @@ class Model:
             if name == "default":
                 continue
             if name not in definitions:
-                q.defined = False
                 q.paused = False  # a removed queue drains; its API pause is dropped with it
                 q.closed = True
                 self._forget_if_drained(q)
@@ -347,7 +345,7 @@ class Model:
                 # Added back while draining: as its file says. Its file's `paused` changed: that newer word
                 # overrides an API pause or resume.
                 q.paused = paused
-            q.concurrency, q.scheduler, q.file_paused, q.defined, q.closed = concurrency, scheduler, paused, True, False
+            q.concurrency, q.scheduler, q.file_paused, q.closed = concurrency, scheduler, paused, False
 
 
 def _brief(params: dict[str, Any]) -> dict[str, Any]:
