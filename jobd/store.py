@@ -1015,12 +1015,7 @@ class Store:
         if where.visible_queues is None or where.visible_tasks:
             return lambda queue: True
         patterns = where.visible_queues
-        if not patterns:
-            return lambda queue: False
-        sql = f"SELECT {' OR '.join(['? GLOB ?'] * len(patterns))}"  # SQLite's GLOB, as the condition itself uses
-        return lambda queue: bool(
-            self._connection.execute(sql, [value for pattern in patterns for value in (queue, pattern)]).fetchone()[0]
-        )
+        return lambda queue: bool(self._matching((queue,), patterns))
 
     def _queues_holding(self, state: JobState) -> list[str]:
         """The queues that have jobs in `state`, each found by one step down job_state_queue (a skip-scan), not by
