@@ -47,6 +47,8 @@ final class Client
     private array $events = [];
     /** Whether the open connection carries a subscription (a reconnection would silently lose it). */
     private bool $subscribed = false;
+    /** Why the connection of the last subscription was closed under it (a call timed out or broke), for events(). */
+    private ?string $subscriptionLost = null;
     private readonly string $socketPath;
 
     /**
@@ -132,6 +134,15 @@ final class Client
         }
         $this->buffer = '';
         $this->subscribed = false;
+        $this->subscriptionLost = null;
+    }
+
+    /** Closes a connection a call left out of step; a subscription on it ends, and events() will say why. */
+    private function drop(\Exception $cause): void
+    {
+        $lost = $this->subscribed ? $cause->getMessage() : null;
+        $this->close();
+        $this->subscriptionLost = $lost;
     }
 
     private function connectError(int $errno, string $errstr): ConnectionException
@@ -470,6 +481,7 @@ final class Client
         $this->connect();
         $result = $this->callArray('events.subscribe', $filters);
         $this->subscribed = true;
+        $this->subscriptionLost = null;
         return (int) $result['subscription'];
     }
 
@@ -488,6 +500,12 @@ final class Client
     public function events(?float $idleTimeout = null): \Generator
     {
         if (!$this->subscribed || $this->stream === null) {
+            if ($this->subscriptionLost !== null) {
+                throw new ConnectionException(
+                    "events(): the subscription ended with its connection, closed after \"{$this->subscriptionLost}\"; "
+                    . 'subscribe() again (the next call opens a new connection)'
+                );
+            }
             throw new \LogicException('events(): call subscribe() first, on this same connection');
         }
         while (true) {
@@ -559,11 +577,11 @@ final class Client
             return $this->awaitReply($id, $deadline);
         } catch (TimeoutException $e) {
             // The reply may still come and would be taken for the answer to the next request: start afresh.
-            $this->close();
+            $this->drop($e);
             throw $e;
         } catch (ConnectionException | ProtocolException $e) {
             // A peer that broke the protocol cannot be trusted to be in step with the next request either.
-            $this->close();
+            $this->drop($e);
             throw $e;
         }
     }

@@ -4,6 +4,9 @@ declare(strict_types=1);
 
 namespace Jobd\Tests;
 
+use Jobd\Exception\ConnectionException;
+use Jobd\Exception\TimeoutException;
+
 final class EventsTest extends JobdTestCase
 {
     public function testGeneratorDeliversTheStateChangesOfAJob(): void
@@ -91,5 +94,27 @@ final class EventsTest extends JobdTestCase
     {
         $this->expectException(\LogicException::class);
         iterator_to_array($this->client()->events(0.1));
+    }
+
+    public function testEventsAfterACallTimedOutSayTheSubscriptionEndedWithItsConnection(): void
+    {
+        // A call that times out closes the connection (its late reply would be taken for the next one's), and the
+        // subscription with it: events() said "call subscribe() first", as if none had been made.
+        $jobd = $this->client();
+        $jobd->subscribe(['types' => ['job.state']]);
+        $job = $jobd->submit('thumbnail', ['params' => ['SOURCE' => 'late.png', 'SIZE' => '8'], 'delay' => 3600]);
+        try {
+            $jobd->call('job.wait', ['id' => $job['id'], 'timeout' => 60], 0.2); // the job waits an hour
+            self::fail('the wait did not time out');
+        } catch (TimeoutException) {
+        }
+        try {
+            iterator_to_array($jobd->events(0.1));
+            self::fail('events() went on without the subscription');
+        } catch (ConnectionException $e) {
+            self::assertStringContainsString('the subscription ended with its connection', $e->getMessage());
+            self::assertStringContainsString('timed out', $e->getMessage());
+        }
+        $this->client()->cancel($job['id']);
     }
 }
