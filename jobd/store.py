@@ -800,11 +800,12 @@ class Store:
         found = self._connection.execute('SELECT "id" FROM "job" WHERE "key" = ?', (key,)).fetchone()
         return None if found is None else self.get_job(int(found[0]))
 
-    def update_job(self, job: Job) -> None:
+    def update_job(self, job: Job, before: JobState) -> None:
+        """Record a job's change of state outside an attempt's end; `before` is the state it leaves (for the counts
+        by state: the engine holds it, so no read of the row is needed)."""
         with self._transaction() as sql:
-            moves = [self._state_move(sql, job)]
             sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
-        self._counts.move(moves)
+        self._counts.move([self._state_move(job, before)])
 
     def start_attempts(self, starts: Sequence[tuple[Job, Attempt]]) -> None:
         """Record attempts about to start (jobs now `running`), in one transaction."""
@@ -829,29 +830,26 @@ class Store:
         """Record an ended attempt and the job's new state; with `starts`, also the attempts that take the slot
         it freed, in the same transaction (one commit, and one WAL write of the pages they share, per job)."""
         with self._transaction() as sql:
-            moves = [self._state_move(sql, job)]
             sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
             sql.execute(_UPDATE_ATTEMPT, (*_attempt_values(attempt), attempt.job_id, attempt.number))
-            moves += self._record_starts(sql, starts)
+            moves = [self._state_move(job, JobState.RUNNING), *self._record_starts(sql, starts)]  # an attempt ran
         self._counts.move(moves)
 
     def _record_starts(self, sql: sqlite3.Connection, starts: Sequence[tuple[Job, Attempt]]) -> list[_StateMove]:
-        """Within a transaction: jobs now `running` and the attempts they are about to start."""
+        """Within a transaction: jobs now `running` (they were `queued`) and the attempts they are about to start."""
         moves = []
         for job, attempt in starts:
-            moves.append(self._state_move(sql, job))
+            moves.append(self._state_move(job, JobState.QUEUED))
             sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
             sql.execute(_INSERT_ATTEMPT, _attempt_values(attempt))
         return moves
 
-    def _state_move(self, sql: sqlite3.Connection, job: Job) -> _StateMove:
-        """Within a transaction, before the job's row is written: the state it leaves and the one it takes, for the
-        counts by state (applied once the transaction is committed). The row is the one about to be written: its
-        page is read anyway."""
+    def _state_move(self, job: Job, before: JobState) -> _StateMove:
+        """The state a job leaves and the one it takes, for the counts by state (applied once the transaction is
+        committed)."""
         if not self._counts.counted(job.id):
             return None
-        found = sql.execute(_STATE_OF_JOB, (job.id,)).fetchone()
-        return None if found is None else (job.id, found[0], str(job.state), job.spec.queue, job.spec.task)
+        return (job.id, str(before), str(job.state), job.spec.queue, job.spec.task)
 
     def get_job(self, job_id: int) -> Job | None:
         rows = self._job_by_id.rows(self._connection, (job_id,))
@@ -1971,7 +1969,6 @@ _TASK_NAMES = (
 _COUNT_UP_TO = 'SELECT count(*) FROM (SELECT 1 FROM "job" INDEXED BY "{index}" WHERE "{column}" = ?1 LIMIT ?2)'
 FEW_JOBS = 2_000  # a task or context with fewer jobs is listed from its own index (Store._few_jobs_index)
 _NEXT_JOB_ID = 'SELECT min("id") FROM "job" WHERE "id" > ?'
-_STATE_OF_JOB = 'SELECT "state" FROM "job" WHERE "id" = ?'
 # The jobs of an id range (?1, ?2] by state, queue and task: a slice of the counts' first reading.
 _COUNT_JOBS_BETWEEN = (
     'SELECT "state", "queue", "task", count(*) FROM "job" WHERE "id" > ? AND "id" <= ? '

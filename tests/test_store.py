@@ -758,7 +758,9 @@ def test_counts_by_state_follow_every_change_of_the_history(tmp_path: Path, monk
             elif action == 3:
                 waiting = [job for job in live if job.state in (JobState.QUEUED, JobState.DELAYED)]
                 if waiting:
-                    store.update_job(dataclasses.replace(waiting[-1], state=JobState.CANCELLED, finished_at=4.0))
+                    store.update_job(
+                        dataclasses.replace(waiting[-1], state=JobState.CANCELLED, finished_at=4.0), waiting[-1].state
+                    )
             elif action == 4:
                 finished = [job.id for job in live if job.state.finished]
                 store.delete_jobs(rng.sample(finished, min(len(finished), rng.randrange(1, 5))))

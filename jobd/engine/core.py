@@ -940,8 +940,9 @@ class Engine:
 
     def _change(self, job: Job, state: JobState, **changes: object) -> Job:
         """A state change outside an attempt's end: commit, remember, tell."""
+        before = job.state
         job = transition(job, state, **changes)
-        self.store.update_job(job)
+        self.store.update_job(job, before)
         self._store_works()
         if not state.finished:
             self.jobs[job.id] = job
