@@ -86,6 +86,7 @@ DAEMON_KEYS = (
     "socket_group",
     "socket_mode",
     "max_connections",
+    "max_connections_per_user",
 )
 HISTORY_KEYS = ("keep_days", "keep_last")
 TCP_KEYS = ("listen", "login_delay", "login_delay_max", "users")
@@ -882,6 +883,9 @@ def _daemon(table: _Table) -> DaemonDef:
         kill_grace=table.read("kill_grace", _number(0), default.kill_grace),
         max_output=table.read("max_output", _integer(0), default.max_output),
         max_connections=table.read("max_connections", _integer(1, MAX_CONNECTIONS), default.max_connections),
+        max_connections_per_user=table.read(
+            "max_connections_per_user", _integer(1, MAX_CONNECTIONS), default.max_connections_per_user
+        ),
     )
 
 

@@ -193,6 +193,9 @@ class DaemonDef:
     socket: str = "/run/jobd/jobd.sock"
     evqueue_socket: str | None = "/run/jobd/evqueue.sock"
     max_connections: int = 256  # clients connected at once, both sockets together; more are refused
+    # The most of those places one user who is not an admin may hold (a uid on the sockets, a login on TCP); None:
+    # only max_connections bounds them. Without it one user can lock out every other one who is not an admin.
+    max_connections_per_user: int | None = None
     tasks_directory: str = "/usr/lib/jobd/tasks"
     state_dir: str = "/var/lib/jobd"
     durability: Durability = Durability.CRASH

@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, TypeGuard
 
@@ -122,7 +122,10 @@ class Server:
         # The unix sockets' mode and group (bind: `[daemon] socket_mode`, `socket_group`); the HTTP one's too.
         self.access: tuple[int, int | None] = (0o660, None)
         self._access_as_configured: tuple[int, str] | None = None  # the keys `access` was made from
-        self.connections: set[Connection | XmlConnection] = set()
+        # The clients counted against max_connections, each with whom it holds its place for (_holder), and how
+        # many places each of those holds (max_connections_per_user).
+        self.connections: dict[Connection | XmlConnection, int | str] = {}
+        self._held: Counter[int | str] = Counter()
         # close_connections() has begun: a request read from now on is answered SHUTTING_DOWN and not run. Run, a
         # method that waits would start after the store is closed (its task created in the very turn of the loop
         # in which the last answers were written), and fail there (found under load).
@@ -292,9 +295,18 @@ class Server:
         return True
 
     def refusal(self, peer: Peer) -> TooManyConnections | None:
-        """The error for a new client when `[daemon] max_connections` are connected (both sockets together); an
-        admin may still take one of ADMIN_CONNECTIONS places more."""
-        limit = self.api.engine.config.daemon.max_connections
+        """The error for a new client when `[daemon] max_connections` are connected (both sockets together), or
+        when a user who is not an admin holds `max_connections_per_user` of them; an admin may still take one of
+        ADMIN_CONNECTIONS places more."""
+        daemon = self.api.engine.config.daemon
+        per_user = daemon.max_connections_per_user
+        if per_user is not None and not peer.is_admin and self._held[_holder(peer)] >= per_user:
+            return TooManyConnections(
+                f"too many connections: {_describe_holder(peer)} holds {per_user} already "
+                "([daemon] max_connections_per_user); close one or try again later",
+                limit=per_user,
+            )
+        limit = daemon.max_connections
         connected = len(self.connections)
         if connected < limit or (peer.is_admin and connected < limit + ADMIN_CONNECTIONS):
             return None
@@ -302,6 +314,32 @@ class Server:
             f"too many connections: {limit} clients are connected ([daemon] max_connections); try again later",
             limit=limit,
         )
+
+    def join(self, connection: Connection | XmlConnection, peer: Peer) -> None:
+        """`connection` takes a place (refusal() let it in), held for `peer`."""
+        if connection in self.connections:
+            return
+        holder = _holder(peer)
+        self.connections[connection] = holder
+        self._held[holder] += 1
+
+    def leave(self, connection: Connection | XmlConnection) -> None:
+        """`connection` gives its place back (it ended, or a protocol of its own took it over)."""
+        holder = self.connections.pop(connection, None)
+        if holder is None:
+            return
+        self._held[holder] -= 1
+        if not self._held[holder]:
+            del self._held[holder]  # users come and go: only those holding places are kept
+
+
+def _holder(peer: Peer) -> int | str:
+    """Whom a client's place is held for: a local process's uid, a TCP client's login."""
+    return peer.uid if peer.uid >= 0 else peer.user
+
+
+def _describe_holder(peer: Peer) -> str:
+    return users.describe(peer.uid) if peer.uid >= 0 else f"the login {peer.user}"
 
 
 async def bind_unix(
@@ -443,7 +481,7 @@ class Connection(_Identified, asyncio.Protocol):
             self._refusing = True
             self._lingering_close()
             return
-        self.server.connections.add(self)
+        self.server.join(self, self.peer)
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:
@@ -505,7 +543,7 @@ class Connection(_Identified, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:  # the client went away mid-request: its business, not an error of ours
             log.debug("connection from pid %d ended: %s", self.peer.pid, exc)
-        self.server.connections.discard(self)
+        self.server.leave(self)
         self.server.refused_lingering.discard(self)
         if self._watched_fd is not None:
             self.server.forget_hangup(self._watched_fd)
@@ -545,7 +583,7 @@ class Connection(_Identified, asyncio.Protocol):
         first = data[:1]
         if first == b"<":  # evQueue's XML: from now on the transport talks to an XmlConnection
             xml = XmlConnection(self.server, greet=False)
-            self.server.connections.discard(self)
+            self.server.leave(self)
             self.transport.set_protocol(xml)
             xml.adopt(self.transport, self.peer)
             xml.data_received(data)
@@ -940,7 +978,7 @@ class XmlConnection(_Identified, asyncio.Protocol):
         self._counted = True
 
     def _join(self) -> None:
-        self.server.connections.add(self)
+        self.server.join(self, self.peer)
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:
@@ -975,7 +1013,7 @@ class XmlConnection(_Identified, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             log.debug("evQueue connection from pid %d ended: %s", self.peer.pid, exc)
-        self.server.connections.discard(self)
+        self.server.leave(self)
         self.server.refused_lingering.discard(self)
         if self._watched_fd is not None:
             self.server.forget_hangup(self._watched_fd)
@@ -1208,7 +1246,7 @@ class TcpXmlConnection(XmlConnection):
             if refusal is not None:  # logged in, but max_connections clients are connected
                 self._refuse_login(refusal)
                 return
-            self.server.connections.add(self)
+            self.server.join(self, peer)
             self._logged_in = True
             self.peer = peer
             log.info("evQueue login as %s from %s (%s)", user.name, self.address, "ADMIN" if user.admin else "USER")

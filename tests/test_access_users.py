@@ -8,6 +8,7 @@ supplementary group jobdtest-admins).
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -768,3 +769,59 @@ def test_a_user_holding_every_connection_does_not_lock_out_the_admins(make_daemo
         holder.wait()
     [pong] = calls(daemon, users["alice"], [("ping", {})])  # carol's places are free again
     assert pong["result"]["pong"] is True, pong
+
+
+HOLD_CONNECTIONS_TOLD = """
+import json, socket, sys
+from jobd.client import Client, RemoteError
+held = []
+for _ in range(3):
+    client = Client("jobd.sock")
+    try:
+        client.call("ping", timeout=30)
+        held.append(client)
+        print(json.dumps("held"), flush=True)
+    except RemoteError as error:
+        print(json.dumps({"code": error.data.get("code"), "limit": error.data.get("limit"), "message": error.message}),
+              flush=True)
+xml = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # the evQueue socket's places are the same places
+xml.connect("evqueue.sock")
+print(json.dumps(xml.recv(65536).decode()), flush=True)
+sys.stdin.readline()  # the connections are held until the test lets go
+"""
+
+
+def test_one_user_holds_at_most_max_connections_per_user(make_daemon: Any, users: dict[str, Any]) -> None:
+    """Without a share of its own, one user could hold every place not kept for admins and lock out the others.
+    With `max_connections_per_user`, that user's next connection is refused, on either socket, and the others
+    (and admins, whom it does not limit) still get in; a place given back can be taken again."""
+    daemon: Daemon = make_daemon(CONFIG, daemon_extra="max_connections = 10\nmax_connections_per_user = 2")
+    daemon.root.chmod(0o755)
+    daemon.socket_path.chmod(0o666)
+    (daemon.root / "evqueue.sock").chmod(0o666)
+    carol = users["carol"]
+    for round_ in range(2):  # the second time, carol's places from the first are hers to take again
+        holder = held_as_user(daemon, carol, HOLD_CONNECTIONS_TOLD)
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            answers = [json.loads(holder.stdout.readline()) for _ in range(4)]
+            assert answers[:2] == ["held", "held"], (round_, answers)
+            refused = answers[2]
+            assert (refused["code"], refused["limit"]) == ("TOO_MANY_CONNECTIONS", 2), refused
+            assert f"uid {carol.pw_uid} ({carol.pw_name}) holds 2 already" in refused["message"], refused
+            assert "max_connections_per_user" in refused["message"], refused
+            assert 'error-code="TOO_MANY_CONNECTIONS"' in answers[3], answers[3]
+            # Other users get in meanwhile: alice, and root and dave (admins) past two connections each.
+            [pong] = calls(daemon, users["alice"], [("ping", {})])
+            assert pong["result"]["pong"] is True, pong
+            with contextlib.ExitStack() as stack:
+                for _ in range(3):
+                    stack.enter_context(daemon.client()).call("ping")
+                [status] = calls(daemon, users["dave"], [("daemon.status", {})])
+                assert "result" in status, status
+            holder.stdin.write("done\n")
+            holder.stdin.flush()
+            assert holder.wait(timeout=DEADLINE) == 0, holder.stderr.read() if holder.stderr else ""
+        finally:
+            holder.kill()
+            holder.wait()

@@ -199,6 +199,8 @@ durability = "fsync"
 history = { keep_days = 1.5, keep_last = 10 }
 kill_grace = 2
 max_output = 0
+max_connections = 64
+max_connections_per_user = 8
 
 [queue.q]
 concurrency = 10000
@@ -233,6 +235,7 @@ on_exit_codes = [0, 255]
         2.0,
         0,
     )
+    assert (daemon.max_connections, daemon.max_connections_per_user) == (64, 8)
     queue = loaded.queues["q"]
     assert (queue.concurrency, queue.scheduler, queue.paused) == (10000, Scheduler.FIFO, True)
     task = loaded.tasks["t"]
@@ -380,6 +383,12 @@ BAD_VALUES = {
         3,
         "task.t.timeout",
         "expected a number > 0 and up to 3162240000, got 0",
+    ),
+    "a per-user share of no connection": (
+        "[daemon]\nmax_connections = 10\nmax_connections_per_user = 0\n",
+        3,
+        "daemon.max_connections_per_user",
+        "expected an integer from 1 to 100000, got 0",
     ),
     "float where an int is needed": (
         "[daemon]\nmax_output = 1.5\n",

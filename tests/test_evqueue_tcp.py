@@ -609,3 +609,27 @@ def test_over_max_connections_a_tcp_login_is_refused(make_daemon: Any) -> None:
             assert second.closed()
         with TcpClient(address) as admin:
             assert admin.login("admin", "admin").get("status") == "OK"
+
+
+def test_a_tcp_login_holds_at_most_max_connections_per_user(make_daemon: Any) -> None:
+    """On the TCP listener a user is a login: past `max_connections_per_user` of alice's, her next login is refused
+    (naming her login and the key) while places are left for others; the admin login is not limited by it."""
+    users = USERS + f'[tcp.users.bob]\npassword_sha1 = "{sha1("builder")}"\n'
+    daemon: Daemon = make_daemon(
+        '[tcp]\nlisten = "127.0.0.1:0"\n' + users, daemon_extra="max_connections = 10\nmax_connections_per_user = 1"
+    )
+    address = tcp_address(daemon)
+    with TcpClient(address) as first:
+        assert first.login("alice", "wonderland").get("status") == "OK"
+        with TcpClient(address) as second:
+            refusal = second.login("alice", "wonderland")
+            assert refusal.get("error-code") == "TOO_MANY_CONNECTIONS", etree.tostring(refusal)
+            message = refusal.get("error") or ""
+            assert "the login alice holds 1 already" in message and "max_connections_per_user" in message, message
+            assert second.closed()
+        with TcpClient(address) as bob, TcpClient(address) as admin, TcpClient(address) as admin_again:
+            assert bob.login("bob", "builder").get("status") == "OK"
+            assert admin.login("admin", "admin").get("status") == "OK"
+            assert admin_again.login("admin", "admin").get("status") == "OK"
+    with TcpClient(address) as again:  # her place was given back with her connection
+        assert again.login("alice", "wonderland").get("status") == "OK"
