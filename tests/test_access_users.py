@@ -166,10 +166,15 @@ sys.stdout.buffer.write(data)
 """
 
 
-def held_as_user(daemon: Daemon, account: pwd.struct_passwd, program: str) -> subprocess.Popen[str]:
-    """A Python `program` run as the user (as as_user does) and left running, talking through its pipes."""
+def held_as_user(daemon: Daemon, account: pwd.struct_passwd, program: str, *args: str) -> subprocess.Popen[str]:
+    """A Python `program` run as the user (as as_user does) with `args`, left running, talking through its pipes."""
     return subprocess.Popen(
-        [*("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups"), *PYTHON, program],
+        [
+            *("setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups"),
+            *PYTHON,
+            program,
+            *args,
+        ],
         cwd=daemon.root,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
         stdin=subprocess.PIPE,
@@ -728,19 +733,40 @@ def test_why_the_database_takes_no_writes_is_told_without_naming_the_job(
 
 
 HOLD_CONNECTIONS = """
-import sys
+import json, socket, sys
 from jobd.client import Client, RemoteError
 held = []
-for _ in range(4):
+for _ in range(int(sys.argv[1])):  # connections to the API socket, each held once it is answered
     client = Client("jobd.sock")
     try:
         client.call("ping", timeout=30)
         held.append(client)
-        print("held", flush=True)
+        print(json.dumps("held"), flush=True)
     except RemoteError as error:
-        print(error.data.get("code"), flush=True)
+        print(json.dumps({"code": error.data.get("code"), "limit": error.data.get("limit"), "message": error.message}),
+              flush=True)
+if sys.argv[2:] == ["xml"]:  # then one to the evQueue socket: its places are the same places; its greeting or refusal
+    xml = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    xml.connect("evqueue.sock")
+    print(json.dumps(xml.recv(65536).decode()), flush=True)
 sys.stdin.readline()  # the connections are held until the test lets go
 """
+
+
+@contextlib.contextmanager
+def connections_held(daemon: Daemon, account: pwd.struct_passwd, *args: str, answers: int) -> Iterator[list[Any]]:
+    """HOLD_CONNECTIONS run as the user with `args`: its first `answers` lines while it holds its connections, which
+    it lets go (ending well) when the block ends."""
+    holder = held_as_user(daemon, account, HOLD_CONNECTIONS, *args)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        yield [json.loads(holder.stdout.readline()) for _ in range(answers)]
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=DEADLINE) == 0, holder.stderr.read() if holder.stderr else ""
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_user_holding_every_connection_does_not_lock_out_the_admins(make_daemon: Any, users: dict[str, Any]) -> None:
@@ -750,45 +776,16 @@ def test_a_user_holding_every_connection_does_not_lock_out_the_admins(make_daemo
     daemon: Daemon = make_daemon(CONFIG, daemon_extra="max_connections = 3")
     daemon.root.chmod(0o755)
     daemon.socket_path.chmod(0o666)
-    holder = held_as_user(daemon, users["carol"], HOLD_CONNECTIONS)
-    try:
-        assert holder.stdout is not None and holder.stdin is not None
-        answers = [holder.stdout.readline().strip() for _ in range(4)]
-        assert answers == ["held", "held", "held", "TOO_MANY_CONNECTIONS"], answers
+    with connections_held(daemon, users["carol"], "4", answers=4) as answers:
+        assert answers[:3] == ["held", "held", "held"] and answers[3]["code"] == "TOO_MANY_CONNECTIONS", answers
         # Another user is refused as carol's fourth was; root and dave (admins) still get in.
         [refused] = calls(daemon, users["alice"], [("ping", {})])
         assert refused["code"] == "TOO_MANY_CONNECTIONS", refused
         assert daemon.call("daemon.status")["running"] == 0
         [status] = calls(daemon, users["dave"], [("daemon.status", {})])
         assert "result" in status, status
-        holder.stdin.write("done\n")
-        holder.stdin.flush()
-        assert holder.wait(timeout=DEADLINE) == 0, holder.stderr.read() if holder.stderr else ""
-    finally:
-        holder.kill()
-        holder.wait()
     [pong] = calls(daemon, users["alice"], [("ping", {})])  # carol's places are free again
     assert pong["result"]["pong"] is True, pong
-
-
-HOLD_CONNECTIONS_TOLD = """
-import json, socket, sys
-from jobd.client import Client, RemoteError
-held = []
-for _ in range(3):
-    client = Client("jobd.sock")
-    try:
-        client.call("ping", timeout=30)
-        held.append(client)
-        print(json.dumps("held"), flush=True)
-    except RemoteError as error:
-        print(json.dumps({"code": error.data.get("code"), "limit": error.data.get("limit"), "message": error.message}),
-              flush=True)
-xml = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # the evQueue socket's places are the same places
-xml.connect("evqueue.sock")
-print(json.dumps(xml.recv(65536).decode()), flush=True)
-sys.stdin.readline()  # the connections are held until the test lets go
-"""
 
 
 def test_one_user_holds_at_most_max_connections_per_user(make_daemon: Any, users: dict[str, Any]) -> None:
@@ -801,10 +798,7 @@ def test_one_user_holds_at_most_max_connections_per_user(make_daemon: Any, users
     (daemon.root / "evqueue.sock").chmod(0o666)
     carol = users["carol"]
     for round_ in range(2):  # the second time, carol's places from the first are hers to take again
-        holder = held_as_user(daemon, carol, HOLD_CONNECTIONS_TOLD)
-        try:
-            assert holder.stdout is not None and holder.stdin is not None
-            answers = [json.loads(holder.stdout.readline()) for _ in range(4)]
+        with connections_held(daemon, carol, "3", "xml", answers=4) as answers:
             assert answers[:2] == ["held", "held"], (round_, answers)
             refused = answers[2]
             assert (refused["code"], refused["limit"]) == ("TOO_MANY_CONNECTIONS", 2), refused
@@ -819,9 +813,3 @@ def test_one_user_holds_at_most_max_connections_per_user(make_daemon: Any, users
                     stack.enter_context(daemon.client()).call("ping")
                 [status] = calls(daemon, users["dave"], [("daemon.status", {})])
                 assert "result" in status, status
-            holder.stdin.write("done\n")
-            holder.stdin.flush()
-            assert holder.wait(timeout=DEADLINE) == 0, holder.stderr.read() if holder.stderr else ""
-        finally:
-            holder.kill()
-            holder.wait()
