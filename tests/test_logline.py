@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from jobd.logline import LineHandler
+from jobd.logline import HotLog, LineHandler, _sole_line_handler
 
 
 @pytest.fixture
@@ -131,4 +131,62 @@ def test_a_record_that_cannot_be_written_does_not_raise(pipe: tuple[int, int]) -
     reported: list[logging.LogRecord] = []
     handler.handleError = reported.append  # type: ignore[method-assign]
     log.info("job=%d succeeded", 7)
+    assert [record.getMessage() for record in reported] == ["job=7 succeeded"]
+
+
+def test_hot_lines_are_the_lines_logging_writes(pipe: tuple[int, int]) -> None:
+    """HotLog writes through the LineHandler without a LogRecord: the same line as logging's path, in both forms."""
+    read_fd, write_fd = pipe
+    journal = _logger(LineHandler(write_fd, journal=True))
+    hot = HotLog(journal.name)
+    assert _sole_line_handler(journal) is journal.handlers[0]  # the direct path is the one taken
+    hot.info("job=%d %s in queue %s", 1, "queued", os.fsdecode(b"caf\xe9"))
+    journal.info("job=%d %s in queue %s", 1, "queued", os.fsdecode(b"caf\xe9"))
+    terminal = _logger(LineHandler(write_fd, journal=False))
+    HotLog(terminal.name).info("job=%d running (attempt %d, pid %d)", 1, 1, 4242)
+    terminal.info("job=%d running (attempt %d, pid %d)", 1, 1, 4242)
+    lines = _read_all(read_fd, write_fd).splitlines()
+    assert lines[:2] == ["<6>job=1 queued in queue caf\\xe9"] * 2
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert [
+        re.fullmatch(stamp + " INFO job=1 running \\(attempt 1, pid 4242\\)", line) is not None for line in lines[2:]
+    ] == [
+        True,
+        True,
+    ], lines
+
+
+def test_hot_lines_go_through_logging_wherever_else_they_would_go(pipe: tuple[int, int]) -> None:
+    """Another handler beside the LineHandler (a test's caplog), a filter, or a level that leaves INFO out: the
+    lines take logging's own path, so that each of those sees them as it would see any record."""
+    read_fd, write_fd = pipe
+    log = _logger(LineHandler(write_fd, journal=True))
+    hot = HotLog(log.name)
+    seen: list[logging.LogRecord] = []
+    collector = logging.Handler()
+    collector.emit = seen.append  # type: ignore[method-assign]
+    log.addHandler(collector)
+    hot.info("job=%d succeeded", 1)  # both handlers
+    log.removeHandler(collector)
+    log.addFilter(lambda record: "secret" not in record.getMessage())
+    hot.info("job=%d secret", 2)  # filtered out
+    log.filters.clear()
+    log.setLevel(logging.WARNING)
+    hot.info("job=%d succeeded", 3)  # below the level
+    log.setLevel(logging.DEBUG)
+    child = logging.getLogger(log.name + ".child")  # propagating to the handler's logger: still the direct path
+    assert _sole_line_handler(child) is log.handlers[0]
+    HotLog(child.name).info("job=%d succeeded", 4)
+    assert [record.getMessage() for record in seen] == ["job=1 succeeded"]
+    assert _read_all(read_fd, write_fd).splitlines() == ["<6>job=1 succeeded", "<6>job=4 succeeded"]
+
+
+def test_a_hot_line_that_cannot_be_written_does_not_raise(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    handler = LineHandler(write_fd, journal=True)
+    log = _logger(handler)
+    os.close(read_fd)  # EPIPE from now on
+    reported: list[logging.LogRecord] = []
+    handler.handleError = reported.append  # type: ignore[method-assign]
+    HotLog(log.name).info("job=%d succeeded", 7)
     assert [record.getMessage() for record in reported] == ["job=7 succeeded"]

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from jobd import logline
 from jobd.engine.decisions import RESOURCE_RETRY_DELAY, after_attempt, outcome_of
 from jobd.engine.history import HistoryKeeper
 from jobd.engine.http_task import HttpRequest, new_session
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     import aiohttp
 
 log = logging.getLogger("jobd.engine")
+job_log = logline.HotLog("jobd.engine")  # the lines of every job's transitions
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STREAMS = ("stdout", "stderr", "log")
@@ -386,7 +388,7 @@ class Engine:
 
     def _announce(self, job: Job) -> None:
         """Log, tell listeners about and place a job just committed (its queue is dispatched by the caller)."""
-        log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
+        job_log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
         self._emit("job.state", job)
         self._admit(job, dispatch=False)
 
@@ -625,7 +627,7 @@ class Engine:
         if job.spec.timeout is not None:
             running.timeout_timer = self.loop.call_later(job.spec.timeout, self._time_out, job.id)
         self._running[job.id] = running
-        log.info("job=%d running (attempt %d, pid %d)", job.id, running.attempt.number, pid)
+        job_log.info("job=%d running (attempt %d, pid %d)", job.id, running.attempt.number, pid)
         self._emit("job.state", job)
         watcher = self._watchers.get(job.id)
         if watcher is not None:
@@ -946,7 +948,7 @@ class Engine:
         self._store_works()
         if not state.finished:
             self.jobs[job.id] = job
-        log.info("job=%d %s", job.id, state)
+        job_log.info("job=%d %s", job.id, state)
         self._emit("job.state", job)
         return job
 
