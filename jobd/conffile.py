@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 
-from jobd.errors import ConfigError
+from jobd.errors import ConfigError, OutOfResources, shortage
 from jobd.model import printable
 
 MAX_BYTES = 16 * 1024 * 1024  # far above any real configuration or workflow; below what would hurt jobd's memory
@@ -95,5 +95,8 @@ def _too_large(path: str) -> ConfigError:
     )
 
 
-def _unreadable(path: str, error: OSError) -> ConfigError:
-    return ConfigError(f"{shown(path)}: cannot read: {error.strerror}", file=path, line=None, key=None)
+def _unreadable(path: str, error: OSError) -> ConfigError | OutOfResources:
+    """Why the file cannot be read: its own trouble (ConfigError), or jobd's shortage of descriptors or memory
+    (OutOfResources: the file may well be sound, and nothing about it should be reported as invalid)."""
+    short = shortage(f"{shown(path)}: cannot read", error, "the configuration is not read now")
+    return short or ConfigError(f"{shown(path)}: cannot read: {error.strerror}", file=path, line=None, key=None)

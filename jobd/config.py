@@ -35,7 +35,7 @@ from jobd.engine import callbacks as callback_defs
 from jobd.engine import submit
 from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.schedule import Calendar
-from jobd.errors import ConfigError, JobdError
+from jobd.errors import ConfigError, JobdError, shortage
 from jobd.model import (
     ENV_NAME,
     MAX_SECONDS,
@@ -193,7 +193,8 @@ def _drop_in_names(directory: Path, wanted: Callable[[str], bool]) -> list[str]:
     except FileNotFoundError:
         return []
     except OSError as error:
-        raise ConfigError(
+        short = shortage(f"{directory}: cannot list", error, "the configuration is not read now")
+        raise short or ConfigError(
             f"{directory}: cannot list: {error.strerror}", file=str(directory), line=None, key=None
         ) from None
 
@@ -1301,7 +1302,11 @@ def _timezone(setting: _Setting) -> str:
     name = _string(setting)
     try:
         zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe", a directory of zones
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as error:  # OSError: "Europe", a directory of zones
+        if isinstance(error, OSError) and (
+            short := shortage(f"time zone {json.dumps(name)}: cannot read", error, "the configuration is not read now")
+        ):  # the zone may well exist: its file cannot be opened now
+            raise short from None
         raise setting.invalid(
             f'unknown time zone {json.dumps(name)}; allowed: an IANA name such as "Europe/Paris" or "UTC" '
             "(omit the key for the machine's local time)"

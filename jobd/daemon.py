@@ -33,7 +33,7 @@ from jobd.engine.core import STREAMS, Engine
 from jobd.engine.http_task import load_aiohttp
 from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
-from jobd.errors import ConfigError, ShuttingDown, StartupError
+from jobd.errors import ConfigError, OutOfResources, ShuttingDown, StartupError
 from jobd.eventloop import EventLoop
 from jobd.loop_signals import LoopSignals
 from jobd.model import Config, host_port, iso
@@ -53,6 +53,12 @@ STOP_MARGIN = 5.0
 # recovery takes (a fraction of a second), so only a start-up that stopped making progress runs out of time.
 RECOVERY_EXTEND_SECONDS = 30
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd shows it as "configuration error"
+# A reload that could not read the files for want of descriptors or memory is done again this long after, as a job
+# that could not start is (jobd.engine.decisions.RESOURCE_RETRY_DELAY), until it can be.
+RELOAD_RETRY_SECONDS = 1.0
+RELOAD_LATER = (
+    f"the running configuration stays, and jobd reads the files again every {RELOAD_RETRY_SECONDS:g}s until it can"
+)
 
 
 class _Notifier:
@@ -317,6 +323,7 @@ class Daemon:
         self._early_signals = early_signals  # still filled by main's handlers until run() takes over
         self._ready = False  # READY=1 sent: a SIGHUP before it waits for it
         self._reload_when_ready = False
+        self._reload_retry: asyncio.TimerHandle | None = None  # a reload short of descriptors, to be done again
         self._stopping = False
         state_dir = initial.daemon.state_dir
         try:
@@ -455,6 +462,8 @@ class Daemon:
         self.notifier.notify(f"STOPPING=1\nSTATUS={self._status_line()}")
         self.scheduler.stop()
         self.instances.stop_retries()
+        if self._reload_retry is not None:
+            self._reload_retry.cancel()
         if self.watcher is not None:
             self.watcher.close()
         await self.server.stop_listening()
@@ -577,9 +586,20 @@ class Daemon:
         return host_port(*self.server.tcp_address)
 
     def reload(self) -> dict[str, Any]:
-        """Read the configuration again; all or nothing. Raises ConfigError and keeps the running one if broken."""
+        """Read the configuration again; all or nothing. Raises ConfigError and keeps the running one if broken;
+        raises OutOfResources, keeps the running one and reloads again later if jobd is short of descriptors."""
         if self._stopping:
             raise ShuttingDown("jobd is stopping: the configuration is read again at the next start")
+        if self._reload_retry is not None:  # this reload is the one it waited for
+            self._reload_retry.cancel()
+            self._reload_retry = None
+        try:
+            return self._reload()
+        except OutOfResources as error:
+            self._reload_later(error)
+            raise OutOfResources(f"{error.message}; {RELOAD_LATER}") from None
+
+    def _reload(self) -> dict[str, Any]:
         self.notifier.notify("RELOADING=1")
         try:
             if self.config_dir is not None and not os.path.isdir(self.config_dir):
@@ -589,6 +609,8 @@ class Daemon:
                     f"--config-dir {self.config_dir} is no longer a directory: the running configuration stays"
                 )
             new = config.load(self.dirs)
+        except OutOfResources:  # not the files' fault: reported (and done again) by reload()
+            raise
         except ConfigError as error:
             self._reload_failed(error.message)
             raise
@@ -629,6 +651,24 @@ class Daemon:
         log.error("reload failed, keeping the running configuration: %s", message)
         self._notify_status()
 
+    def _reload_later(self, short: OutOfResources) -> None:
+        """A reload could not read the files for want of descriptors or memory: the files may be sound, and a change
+        in them must not be lost (inotify told it once). Reloaded again after RELOAD_RETRY_SECONDS, for as long as
+        the shortage lasts, with the running configuration kept meanwhile. Said once, not at every try."""
+        message = f"{short.message}; {RELOAD_LATER}"
+        if self.last_reload["error"] != message:
+            log.warning("reload not done, keeping the running configuration: %s", message)
+        self.last_reload = {"at": iso(time.time()), "ok": False, "error": message}
+        self._notify_status()
+        # A timer: no kernel event says that a descriptor is free again (RLIMIT_NOFILE counts this process's, the
+        # system's file table has no waitable counter), and jobd frees its own in many places (a job's end, a
+        # client leaving, an output read). It exists only while a reload waits; no-poll-ok.
+        self._reload_retry = asyncio.get_running_loop().call_later(RELOAD_RETRY_SECONDS, self._retry_reload)
+
+    def _retry_reload(self) -> None:
+        self._reload_retry = None
+        self._reload_from_event()
+
     def _on_sighup(self) -> None:
         if self._stopping:
             log.info("SIGHUP while stopping: nothing to reload")
@@ -639,7 +679,8 @@ class Daemon:
             self._reload_from_event()
 
     def _reload_from_event(self) -> None:
-        with contextlib.suppress(ConfigError, ShuttingDown):  # reported by reload(): log, STATUS= and daemon.status
+        # Reported by reload(): log, STATUS= and daemon.status; one short of descriptors is done again later.
+        with contextlib.suppress(ConfigError, OutOfResources, ShuttingDown):
             self.reload()
 
 
@@ -710,6 +751,9 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
     except ConfigError as error:
         log.error("%s", error.message)
         return EXIT_CONFIG
+    except OutOfResources as error:  # the files may be sound: not EXIT_CONFIG, which systemd would not restart on
+        log.error("not starting: %s", error.message)
+        return 1
     if args.check_config:
         print(f"configuration OK: {', '.join(initial.files) or '(no files, defaults)'}")
         return 0

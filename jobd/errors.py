@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 
@@ -161,6 +162,18 @@ class OutOfResources(JobdError):
 
     code = "OUT_OF_RESOURCES"
     rpc_code = -32016
+
+
+# Errors of an open, a read or a listing that say jobd lacks a resource now, not that anything is wrong with the file.
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def shortage(what: str, error: OSError, then: str) -> OutOfResources | None:
+    """OutOfResources for an OSError that says jobd is short of open files or memory (`what` failed, `then` says
+    what becomes of the request), or None for any other error: one about the file itself."""
+    if error.errno not in SHORTAGE_ERRNOS:
+        return None
+    return OutOfResources(f"{what}: {error.strerror} (jobd is short of open files or memory: see LimitNOFILE=); {then}")
 
 
 class StartupError(Exception):

@@ -12,6 +12,8 @@ import os
 import pwd
 from dataclasses import dataclass
 
+from jobd.errors import shortage
+
 NOBODY = "nobody"
 
 
@@ -27,8 +29,12 @@ class Account:
 
 
 def user_ids(name: str) -> tuple[int, int]:
-    """(uid, primary gid) of a user; KeyError if there is no such user."""
-    entry = pwd.getpwnam(name)
+    """(uid, primary gid) of a user; KeyError if there is no such user, OutOfResources if jobd cannot tell now."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        _unless_short(f"cannot look up the user {name!r}")
+        raise
     return entry.pw_uid, entry.pw_gid
 
 
@@ -38,8 +44,25 @@ def primary_gid(uid: int) -> int:
 
 
 def group_id(name: str) -> int:
-    """The gid of a group; KeyError if there is no such group."""
-    return grp.getgrnam(name).gr_gid
+    """The gid of a group; KeyError if there is no such group, OutOfResources if jobd cannot tell now."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        _unless_short(f"cannot look up the group {name!r}")
+        raise
+
+
+def _unless_short(what: str) -> None:
+    """Python's pwd and grp say "not found" whatever made the lookup fail, and a lookup opens a file (glibc reads
+    /etc/passwd, or connects to nscd or sssd): without a descriptor to spare, every name was "not found". Raise
+    OutOfResources when no descriptor can be opened now; return when one can, and "not found" is the answer."""
+    try:
+        os.close(os.open("/", os.O_PATH | os.O_CLOEXEC))
+    except OSError as error:
+        short = shortage(what, error, "the configuration is not read now")
+        if short is None:
+            raise
+        raise short from None
 
 
 def account(uid: int, gid: int) -> Account:

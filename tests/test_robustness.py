@@ -9,6 +9,7 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -367,6 +368,87 @@ def test_output_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_short
         )
         assert client.call("job.output", {"id": job["id"]})["data"] == "kept\n"  # once there are descriptors again
     assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
+
+
+def test_a_reload_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_shortage(make_daemon: Any) -> None:
+    # daemon.reload answered CONFIG_INVALID, "…/jobd.d: cannot list: Too many open files", and logged "reload
+    # failed": the files were sound, jobd only had no descriptor to open them with.
+    daemon: Daemon = make_daemon(QUEUE)
+    with daemon.client() as client:
+        with _out_of_descriptors(daemon), pytest.raises(RemoteError) as refused:
+            client.call("daemon.reload")
+        assert refused.value.code == "OUT_OF_RESOURCES", refused.value
+        assert "cannot list: Too many open files (jobd is short of open files or memory" in str(refused.value)
+        assert str(refused.value).endswith(
+            "the running configuration stays, and jobd reads the files again every 1s until it can"
+        )
+        assert {queue["name"] for queue in client.call("queue.list")["queues"]} == {"default"}
+        reloaded = client.call("daemon.status")["last_reload"]
+    log = daemon.log()
+    assert "reload not done, keeping the running configuration: " in log, log
+    assert "reload failed" not in log and "CONFIG_INVALID" not in log and "Traceback" not in log, log
+    # Done again once jobd had descriptors: a success, with the same files.
+    wait_for_log(daemon, "configuration reloaded from 1 file")
+    assert reloaded["ok"] is False and "Too many open files" in reloaded["error"]
+    assert daemon.call("daemon.status")["last_reload"]["ok"] is True
+
+
+def test_a_change_seen_while_jobd_is_out_of_descriptors_is_applied_once_it_can_be(make_daemon: Any) -> None:
+    # A change inotify told of while jobd had no descriptor was reloaded once, failed ("cannot list: Too many open
+    # files", as if the files were broken), and was never applied: inotify tells a change once.
+    daemon: Daemon = make_daemon(QUEUE)
+    drop_in = daemon.config_dir / "jobd.d" / "60-more.toml"
+    with _out_of_descriptors(daemon):
+        temporary = drop_in.with_name(".60-more.toml.tmp")
+        temporary.write_text("[queue.more]\nconcurrency = 1\n")
+        os.replace(temporary, drop_in)
+        assert daemon.notify is not None
+        daemon.notify.wait_for("RELOADING=1")  # the reload inotify asked for, while jobd has no descriptor…
+        daemon.notify.wait_for("READY=1")  # …is over
+    wait_for_log(daemon, "configuration reloaded from 2 files")  # done again once jobd had descriptors
+    assert {queue["name"] for queue in daemon.call("queue.list")["queues"]} == {"default", "more"}
+    log = daemon.log()
+    assert "reload not done, keeping the running configuration: " in log and "reload failed" not in log, log
+
+
+def test_a_user_looked_up_without_a_descriptor_to_spare_is_a_shortage_not_a_missing_user() -> None:
+    # Python's pwd and grp say "name not found" whatever made glibc's lookup fail: without a descriptor to open
+    # /etc/passwd with, a configuration naming `root` was invalid ("there is no user \"root\" on this system").
+    # Run in a process of its own, whose every descriptor below its lowered limit is taken.
+    script = """
+import os, resource
+from jobd import users
+from jobd.errors import OutOfResources
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+taken = []
+try:
+    while True:
+        taken.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+for lookup, name in ((users.user_ids, "root"), (users.group_id, "root")):
+    try:
+        lookup(name)
+    except OutOfResources as error:
+        print(error.message)
+for fd in taken:
+    os.close(fd)
+print(users.user_ids("root"), users.group_id("root"))
+"""
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert ran.stdout.splitlines() == [
+        "cannot look up the user 'root': Too many open files (jobd is short of open files or memory: see "
+        "LimitNOFILE=); the configuration is not read now",
+        "cannot look up the group 'root': Too many open files (jobd is short of open files or memory: see "
+        "LimitNOFILE=); the configuration is not read now",
+        "(0, 0) 0",
+    ], ran
 
 
 PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, where a private cgroup can be made

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import functools
 import logging
 import os
@@ -27,12 +26,12 @@ from jobd.engine.queues import QueueRuntime
 from jobd.errors import (
     InvalidParams,
     JobFinished,
-    OutOfResources,
     QueueClosed,
     ShuttingDown,
     StoreFailed,
     UnknownJob,
     UnknownQueue,
+    shortage,
 )
 from jobd.model import (
     WORKFLOW_SCRIPT_NAME,
@@ -164,22 +163,16 @@ def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
         os.close(fd)
 
 
-# Errors of a read that say jobd lacks a resource now, not that anything is wrong with the file.
-_SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
-
-
 def _read_output(job_id: int, stream: str, path: str, offset: int, limit: int) -> tuple[bytes, int]:
     """_read_at for job.output: a shortage of descriptors or memory is OutOfResources (it was INTERNAL_ERROR, "a
     bug in jobd", with a traceback in the log for each request while jobd had no descriptor left)."""
     try:
         return _read_at(path, offset, limit)
     except OSError as error:
-        if error.errno not in _SHORT_OF_RESOURCES:
+        short = shortage(f"cannot read job {job_id}'s {stream} now", error, "ask again later")
+        if short is None:
             raise
-        raise OutOfResources(
-            f"cannot read job {job_id}'s {stream} now: {error.strerror} (jobd is short of open files or memory: see "
-            "LimitNOFILE=); ask again later"
-        ) from None
+        raise short from None
 
 
 @dataclass(frozen=True, slots=True)
