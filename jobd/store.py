@@ -815,6 +815,17 @@ class Store:
             moves = self._record_starts(sql, starts)
         self._counts.move(moves)
 
+    def unstart_attempts(self, starts: Sequence[tuple[Job, Attempt]]) -> None:
+        """Undo start_attempts for attempts never launched, in one transaction: each job back as it waited (`job`,
+        `queued`), its attempt deleted, as if it had not been taken."""
+        with self._transaction() as sql:
+            moves = []
+            for job, attempt in starts:
+                moves.append(self._state_move(job, JobState.RUNNING))
+                sql.execute(_UPDATE_JOB, (*_job_state_values(job), job.id))
+                sql.execute(_DELETE_ATTEMPT, (attempt.job_id, attempt.number))
+        self._counts.move(moves)
+
     def record_cancel_request(self, attempt: Attempt) -> None:
         """Remember that a running attempt is being cancelled, before its process is signalled."""
         self._check_file()
@@ -1911,6 +1922,7 @@ _INSERT_JOB = _insert_sql("job", ("id", *_SPEC_COLUMNS, "state", "created_at", "
 _UPDATE_JOB = _update_sql("job", _JOB_STATE_COLUMNS, ("id",))
 _INSERT_ATTEMPT = _insert_sql("attempt", _ATTEMPT_COLUMNS)
 _UPDATE_ATTEMPT = _update_sql("attempt", _ATTEMPT_COLUMNS, ("job_id", "number"))
+_DELETE_ATTEMPT = 'DELETE FROM "attempt" WHERE "job_id" = ? AND "number" = ?'
 _UPDATE_ATTEMPT_PROCESS = _update_sql("attempt", ("pid", "pid_start"), ("job_id", "number"))
 _UPDATE_ATTEMPT_CANCEL = 'UPDATE "attempt" SET "cancel_requested" = 1 WHERE "job_id" = ? AND "number" = ?'
 _INSERT_AUDIT = _insert_sql("audit", ("id", "at", "uid", "user", "command", "target", "result", "message"))

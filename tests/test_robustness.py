@@ -511,6 +511,26 @@ def test_while_jobd_cannot_fork_it_tries_one_batch_a_second_not_every_waiting_jo
     assert states == ["succeeded"] * 40  # nothing lost once the processes are there
 
 
+def test_while_jobd_cannot_fork_one_start_is_tried_per_hold_in_the_whole_daemon(make_daemon: Any) -> None:
+    # After a start failed for want of processes, the other starts of the same batch were still tried, and so were
+    # those of every other queue when the hold ended: each queue recorded up to `concurrency` failed attempts a
+    # second. Now the batch's other starts are put back untried, and the other queues take nothing meanwhile.
+    daemon: Daemon = make_daemon("[queue.default]\nconcurrency = 4\n[queue.other]\nconcurrency = 4\n")
+    hold = "no job starts for 1s: jobd is short of processes, open files or memory"
+    with _in_pids_cgroup(daemon) as cgroup:
+        specs = [{"command": ["/bin/true"], "queue": queue} for queue in ("default", "other") for _ in range(8)]
+        jobs = daemon.call("job.submit", {"jobs": specs})["jobs"]
+        wait_for_log(daemon, hold, count=4)
+        (cgroup / "pids.max").write_text("max")
+        states = [daemon.wait(job["id"], timeout=60)["state"] for job in jobs]
+    log = daemon.log()
+    holds = log.split(hold)
+    assert len(holds) > 4
+    failed_per_hold = [piece.count(" spawn_error, ") for piece in holds[:4]]
+    assert failed_per_hold == [1, 1, 1, 1], failed_per_hold
+    assert states == ["succeeded"] * 16  # nothing lost once the processes are there
+
+
 def _soft_limit_on_open_files(pid: int) -> int:
     limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
     return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))

@@ -522,11 +522,32 @@ class Engine:
     def _launch(self, starts: list[_Start]) -> None:
         # Only attempts already committed are launched: after a crash at any point, an attempt that may have run
         # is on record (and recovered as `lost`), never silently run a second time under the same number.
+        for index, start in enumerate(starts):
+            if self._short_hold is not None:
+                self._put_back(starts[index:])
+                return
+            self._launch_one(start)
+
+    def _launch_one(self, start: _Start) -> None:
+        if start.launch is None:  # an HTTP job: a request on the loop instead of a process
+            self._start_http(start.job, start.attempt)
+        else:
+            self._spawn(start.job, start.attempt, start.launch)
+
+    def _put_back(self, starts: list[_Start]) -> None:
+        """A start of the same batch failed for want of descriptors, processes or memory (the hold is on): the
+        others would fail alike, each recorded as a failed attempt, `concurrency` of them a second in every queue.
+        Their attempts, committed but never launched, are undone, and the jobs wait in their queues as they did
+        until the hold ends: one failed attempt per hold for the whole daemon."""
+        try:
+            self.store.unstart_attempts([(start.waiting, start.attempt) for start in starts])
+        except Exception as error:  # their attempts stay on record, so they are launched as they would have been
+            self._store_failed("cannot put back the jobs not started while jobd is short of resources", error)
+            for start in starts:
+                self._launch_one(start)
+            return
         for start in starts:
-            if start.launch is None:  # an HTTP job: a request on the loop instead of a process
-                self._start_http(start.job, start.attempt)
-            else:
-                self._spawn(start.job, start.attempt, start.launch)
+            self._untake(self.queues[start.job.spec.queue], [start])
 
     def _spawn(self, job: Job, attempt: Attempt, launch: LaunchSpec) -> None:
         try:
@@ -593,6 +614,7 @@ class Engine:
         failed alike, each recorded and logged: every waiting job was tried once a second, and 2,000 queued jobs
         under a cgroup's pids.max kept jobd's loop so busy that a ping took 3 to 9 s."""
         if self._short_hold is None:
+            log.info("no job starts for %gs: jobd is short of processes, open files or memory", RESOURCE_RETRY_DELAY)
             self._short_hold = self.loop.call_later(RESOURCE_RETRY_DELAY, self._end_short_hold)
 
     def _end_short_hold(self) -> None:

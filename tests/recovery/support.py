@@ -226,15 +226,16 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def wait_for_log(daemon: Daemon, text: str, timeout: float = WAIT) -> None:
-    """Until the daemon's log holds `text`: woken by inotify at each write to the file, with a deadline."""
+def wait_for_log(daemon: Daemon, text: str, timeout: float = WAIT, count: int = 1) -> None:
+    """Until the daemon's log holds `text` (`count` times): woken by inotify at each write to the file, with a
+    deadline."""
     with INotify() as inotify:
         inotify.add_watch(daemon.log_path, flags.MODIFY)
         deadline = time.monotonic() + timeout
-        while text not in daemon.log():
+        while daemon.log().count(text) < count:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"{text!r} not in the log within {timeout}s")
+                raise AssertionError(f"{text!r} not {count} times in the log within {timeout}s")
             inotify.read(timeout=int(left * 1000) + 1)
 
 
