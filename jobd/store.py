@@ -2018,12 +2018,14 @@ def store_failure(failure: Exception) -> StoreFailed | None:
     """What to answer a request that failed on the database (a full disk, an I/O error), or None for any other
     failure: the machine's trouble, to be logged in one line, not a bug with a traceback to read. SQLite reports a
     full disk, an I/O error or a read-only file as OperationalError and a damaged file as DatabaseError itself;
-    its other errors (a constraint, a misuse of the API) are jobd's bugs and stay INTERNAL_ERROR."""
+    its other errors (a constraint, a misuse of the API) are jobd's bugs and stay INTERNAL_ERROR. So is an
+    OperationalError SQLite names SQLITE_ERROR: a statement jobd built wrong ("no such column", a syntax error,
+    "parser stack overflow", "too many SQL variables", "Expression tree is too large"), whatever the disk."""
     environmental = isinstance(failure, sqlite3.OperationalError | peewee.OperationalError) or type(failure) in (
         sqlite3.DatabaseError,
         peewee.DatabaseError,
     )
-    if not environmental:
+    if not environmental or _sqlite_error_name(failure).startswith("SQLITE_ERROR"):
         return None
     if _damaged(failure):
         # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import peewee
 import pytest
 
 from jobd.errors import ShuttingDown, StartupError
@@ -42,6 +43,8 @@ from jobd.store import (
     Store,
     _db,
     _FileName,
+    refused_request,
+    store_failure,
 )
 
 RETRY_JSON = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
@@ -1070,3 +1073,55 @@ def test_a_long_read_refuses_its_next_slice_once_the_store_has_closed(
         asyncio.run(closed_during(store.read_instance_starts(InstanceFilter(limit=1000))))
     finally:
         store.close()
+
+
+def _refusal(connection: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Error:
+    """What real SQLite raises for `sql` on `connection`."""
+    with pytest.raises(sqlite3.Error) as raised:
+        connection.execute(sql, params)
+    return raised.value
+
+
+def test_a_statement_sqlite_cannot_build_is_jobds_bug_and_a_disk_it_cannot_write_is_the_stores_trouble(
+    tmp_path: Path,
+) -> None:
+    # SQLite's OperationalError stands for a full disk or an I/O error, and also for a statement jobd built wrong:
+    # the latter were answered STORE_FAILED ("jobd could not write its database"), the store shown in trouble. They
+    # are jobd's bugs (INTERNAL_ERROR, with a traceback): SQLite names them SQLITE_ERROR. Errors of real SQLite on a
+    # real file, as they are raised on jobd's own connection and as peewee wraps them.
+    path = tmp_path / "jobd.sqlite3"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE job (id INTEGER PRIMARY KEY, task TEXT)")
+    connection.commit()
+    built_wrong = [
+        _refusal(connection, "SELECT no_such_column FROM job"),
+        _refusal(connection, "SELEC id FROM job"),
+        _refusal(connection, "SELECT " + "(" * 2000 + "1" + ")" * 2000),  # parser stack overflow
+        _refusal(connection, "SELECT id FROM job WHERE " + " OR ".join(["task GLOB ?"] * 1100), ("x",) * 1100),
+        _refusal(connection, "SELECT ?" + ", ?" * 300_000, (1,) * 300_001),  # too many SQL variables
+    ]
+    messages = [str(error) for error in built_wrong]
+    assert messages == [
+        "no such column: no_such_column",
+        'near "SELEC": syntax error',
+        "parser stack overflow",
+        "Expression tree is too large (maximum depth 1000)",
+        "too many SQL variables",
+    ]
+    db = peewee.SqliteDatabase(str(path))
+    with pytest.raises(peewee.OperationalError) as wrapped:
+        db.execute_sql("SELECT no_such_column FROM job")
+    db.close()
+    for error in [*built_wrong, wrapped.value]:
+        assert isinstance(error, sqlite3.OperationalError | peewee.OperationalError)
+        assert store_failure(error) is None, error
+        assert refused_request("job.list", error) is None, error
+    connection.close()
+    read_only = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    not_written = _refusal(read_only, "INSERT INTO job (task) VALUES ('t')")  # the machine's trouble: still so
+    read_only.close()
+    failed = store_failure(not_written)
+    assert (
+        failed is not None
+        and failed.message == "jobd could not write its database (attempt to write a readonly database)"
+    )
