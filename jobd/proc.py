@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from jobd import logline
 from jobd.epollset import EpollSet
+from jobd.errors import SHORTAGE_ERRNOS
 
 log = logging.getLogger("jobd.proc")
 
@@ -47,6 +48,11 @@ _DISCARD_CHUNK = 1 << 16
 # fd 3 is parsed line by line in Python (about a µs a line): a chunk of short lines holds the loop, and every other
 # client waits, for as long as it takes. 4 KiB of them is a millisecond or two.
 _LOG_CHUNK = 1 << 12
+# A stream whose output file could not be created for want of descriptors or memory is read again this long after
+# (a timer, one per held stream, for as long as the shortage lasts): no kernel event says a descriptor is free
+# again, and jobd frees its own in many places (a job's end, a client leaving). Meanwhile the job blocks on its
+# full pipe, and nothing it writes is lost.
+OUTPUT_RETRY_SECONDS = 1.0
 
 _slot_devnull: int | None = None
 
@@ -153,6 +159,18 @@ class _LazyFile:
                 self._fd = os.open(self.path, flags, 0o640)
         return self._fd
 
+    def open_now(self) -> OSError | None:
+        """Create the file if it is not yet: the error if jobd is short of descriptors or memory now (to be tried
+        again later), None otherwise (the file is open, or failed for good and takes nothing more)."""
+        if self.error is None and self._fd is None:
+            try:
+                self.fd()
+            except OSError as error:
+                if error.errno in SHORTAGE_ERRNOS:
+                    return error
+                self.failed(error)
+        return None
+
     def write(self, data: bytes) -> int:
         """Bytes written (fewer than given if the disk filled up)."""
         if self.error is not None:
@@ -192,8 +210,27 @@ def _log_output_failure(message: str, cause: str) -> None:
     log.error("%s; what the job writes there from now on is dropped%s", message, more)
 
 
+def _log_held_output(path: str, error: OSError) -> None:
+    due = _output_failures.due(("held", error.strerror))
+    if due is None:
+        return
+    held, seconds = due
+    more = f" ({held} more output files waited so in the last {seconds:.0f} s)" if held else ""
+    log.warning(
+        "cannot create %s: %s; the job's output waits in its pipe until jobd can create it (tried again every %gs)%s",
+        path,
+        error.strerror,
+        OUTPUT_RETRY_SECONDS,
+        more,
+    )
+
+
 class _OutputSink:
-    """Drains one pipe into a file, keeping at most `cap` bytes and counting the rest."""
+    """Drains one pipe into a file, keeping at most `cap` bytes and counting the rest.
+
+    Should the file not be created at the first byte for want of descriptors or memory, that first chunk is held
+    (`held`) and the pipe is read no more until resume() can create it: the job blocks on its full pipe meanwhile
+    (back-pressure), and nothing it writes is lost."""
 
     def __init__(self, read_fd: int, path: str, cap: int, on_data: Callable[[], None]) -> None:
         self.read_fd = read_fd
@@ -202,11 +239,36 @@ class _OutputSink:
         self.kept = 0
         self.dropped = 0
         self.eof = False
+        self.held = b""  # read from the pipe, not written: the file could not be created yet
+        self._short: OSError | None = None  # why, while `held`
         self._splice = True
         self._on_data = on_data
 
+    def resume(self) -> bool:
+        """Create the file and write what is held; False (and nothing changed) while jobd is still short."""
+        self._short = self.file.open_now()
+        if self._short is not None:
+            return False
+        data, self.held = self.held, b""
+        written = self.file.write(data)
+        self.kept += written
+        self.dropped += len(data) - written
+        self._on_data()  # those following the output (job.output with wait) see it now
+        return True
+
+    def finish(self) -> None:
+        """The job has ended: what is held is written if the file can be created now, else lost, and said so."""
+        if self.held and not self.resume():
+            assert self._short is not None
+            self.file.failed(self._short)
+            self.dropped += len(self.held)
+            self.held = b""
+
     def drain_once(self) -> int:
-        """Move one chunk: the bytes taken from the pipe, 0 once it is empty (EAGAIN) or closed (EOF)."""
+        """Move one chunk: the bytes taken from the pipe, 0 once it is empty (EAGAIN) or closed (EOF), or while
+        what was read is held."""
+        if self.held and not self.resume():
+            return 0
         try:
             n = self._keep() if self.kept < self.cap and self.file.error is None else self._drop()
         except BlockingIOError:
@@ -235,6 +297,10 @@ class _OutputSink:
             return n
         # The first chunk is read, not spliced, so that a pipe that only reports EOF creates no file.
         data = os.read(self.read_fd, min(room, _DISCARD_CHUNK))
+        if data and (short := self.file.open_now()) is not None:
+            self.held, self._short = data, short
+            _log_held_output(self.file.path, short)
+            return len(data)
         written = self.file.write(data) if data else 0
         self.kept += written
         self.dropped += len(data) - written
@@ -367,6 +433,7 @@ class Child:
         self._reaped = False
         self._stopping = False
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._resume_timers: dict[int, asyncio.TimerHandle] = {}  # by read_fd: the held streams (_OutputSink)
         self._pidfd = os.pidfd_open(popen.pid)
         registered: list[int] = []
         try:
@@ -479,6 +546,22 @@ class Child:
         reader.drain_once()
         if reader.eof:
             self._pipes.remove(reader.read_fd)
+        elif isinstance(reader, _OutputSink) and reader.held:  # its file cannot be created now: read no more
+            self._pipes.remove(reader.read_fd)
+            self._resume_later(reader)
+
+    def _resume_later(self, sink: _OutputSink) -> None:
+        self._resume_timers[sink.read_fd] = self._loop.call_later(OUTPUT_RETRY_SECONDS, self._resume, sink)
+
+    def _resume(self, sink: _OutputSink) -> None:
+        del self._resume_timers[sink.read_fd]
+        if not sink.resume():
+            self._resume_later(sink)
+            return
+        try:
+            self._pipes.add(sink.read_fd, select.EPOLLIN, functools.partial(self._drain, sink))
+        except OSError:  # no memory for the epoll entry now: the pipe waits, as it did for its file
+            self._resume_later(sink)
 
     def _leader_exited(self) -> None:
         self._loop.remove_reader(self._pidfd)
@@ -493,10 +576,17 @@ class Child:
         self._reaped = True
         code = os.waitstatus_to_exitcode(status)
         self._popen.returncode = code  # tell the Popen object its child is reaped
+        for timer in self._resume_timers.values():
+            timer.cancel()
+        self._resume_timers.clear()
+        # A held stream is written now if it can be (the pidfd closed above freed a descriptor, and each stream's
+        # closed below frees more); what is still held once its buffered bytes are read is lost, and said so.
         for reader in (self._stdout, self._stderr, self._progress):
             if not reader.eof:
                 self._pipes.remove(reader.read_fd)
                 _drain_what_is_buffered(reader)
+            if isinstance(reader, _OutputSink):
+                reader.finish()
             reader.close()
         info = ExitInfo(
             exit_code=code if code >= 0 else None,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from harness import REPO, Daemon
-from recovery.support import WAIT, wait_for_log
+from recovery.support import WAIT, Gate, gated, wait_for_log
 
 from jobd import config, openfiles
 from jobd.client import Client, RemoteError
@@ -368,6 +368,51 @@ def test_output_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_short
         )
         assert client.call("job.output", {"id": job["id"]})["data"] == "kept\n"  # once there are descriptors again
     assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
+
+
+def test_output_written_while_jobd_is_out_of_descriptors_waits_in_its_pipe_and_is_kept_whole(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # A job's output file is made at its first byte on that stream. Without a descriptor to spare, the stream was
+    # given up ("cannot write …: Too many open files; what the job writes there from now on is dropped") and marked
+    # truncated: the output was lost. Now what was read is held and the pipe is read no more until the file can be
+    # made: the job blocks on its full pipe meanwhile, and its output is kept whole.
+    daemon: Daemon = make_daemon(QUEUE)
+    gate = Gate(tmp_path / "gate.lock")
+    try:
+        job = daemon.submit(command=gated(gate, "seq", "100000"))  # 588,895 bytes: many times a pipe's 64 KiB
+        wait_for_log(daemon, f"job={job['id']} running")
+        stdout = daemon.state_dir / "output" / str(job["id"]) / "1.stdout"
+        with _out_of_descriptors(daemon):
+            gate.release()  # the job writes now, while jobd cannot make its file
+            wait_for_log(daemon, f"{stdout}: Too many open files")
+    finally:
+        gate.release()
+    finished = daemon.wait(job["id"])
+    assert finished["state"] == "succeeded", finished
+    assert daemon.output(job["id"]) == "".join(f"{number}\n" for number in range(1, 100001))
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is False and attempt["stdout_bytes"] == 588_895, attempt
+
+
+def test_output_held_for_want_of_descriptors_when_its_job_ends_is_written_at_the_end(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # The job writes a few bytes and exits while jobd has no descriptor for its file: the descriptor its end frees
+    # (the job's pidfd) makes the file, and what was held is written before the end is recorded.
+    daemon: Daemon = make_daemon(QUEUE)
+    gate = Gate(tmp_path / "gate.lock")
+    try:
+        job = daemon.submit(command=gated(gate, "echo", "kept"))
+        wait_for_log(daemon, f"job={job['id']} running")
+        with _out_of_descriptors(daemon):
+            gate.release()
+            wait_for_log(daemon, f"job={job['id']} succeeded")  # ended, and recorded, while jobd is still short
+    finally:
+        gate.release()
+    assert daemon.output(job["id"]) == "kept\n"
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is False and attempt["stdout_bytes"] == 5, attempt
 
 
 def test_a_reload_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_shortage(make_daemon: Any) -> None:
