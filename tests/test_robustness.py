@@ -370,6 +370,21 @@ def test_output_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_short
     assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
 
 
+def _writing_while_out_of_descriptors(daemon: Daemon, gate_path: Path, argv: list[str], until: str) -> dict[str, Any]:
+    """A job `argv` started while jobd had descriptors, let go (a lock the test held) once it has none: the job,
+    once `until` (JOB: its id) is in the log, jobd's descriptors back."""
+    gate = Gate(gate_path)
+    try:
+        job = daemon.submit(command=gated(gate, *argv))
+        wait_for_log(daemon, f"job={job['id']} running")
+        with _out_of_descriptors(daemon):
+            gate.release()  # the job writes now, while jobd cannot make its file
+            wait_for_log(daemon, until.replace("JOB", str(job["id"])))
+    finally:
+        gate.release()
+    return job
+
+
 def test_output_written_while_jobd_is_out_of_descriptors_waits_in_its_pipe_and_is_kept_whole(
     make_daemon: Any, tmp_path: Path
 ) -> None:
@@ -378,16 +393,9 @@ def test_output_written_while_jobd_is_out_of_descriptors_waits_in_its_pipe_and_i
     # truncated: the output was lost. Now what was read is held and the pipe is read no more until the file can be
     # made: the job blocks on its full pipe meanwhile, and its output is kept whole.
     daemon: Daemon = make_daemon(QUEUE)
-    gate = Gate(tmp_path / "gate.lock")
-    try:
-        job = daemon.submit(command=gated(gate, "seq", "100000"))  # 588,895 bytes: many times a pipe's 64 KiB
-        wait_for_log(daemon, f"job={job['id']} running")
-        stdout = daemon.state_dir / "output" / str(job["id"]) / "1.stdout"
-        with _out_of_descriptors(daemon):
-            gate.release()  # the job writes now, while jobd cannot make its file
-            wait_for_log(daemon, f"{stdout}: Too many open files")
-    finally:
-        gate.release()
+    stdout = daemon.state_dir / "output" / "JOB" / "1.stdout"
+    argv = ["seq", "100000"]  # 588,895 bytes: many times a pipe's 64 KiB
+    job = _writing_while_out_of_descriptors(daemon, tmp_path / "gate", argv, f"{stdout}: Too many open files")
     finished = daemon.wait(job["id"])
     assert finished["state"] == "succeeded", finished
     assert daemon.output(job["id"]) == "".join(f"{number}\n" for number in range(1, 100001))
@@ -401,15 +409,8 @@ def test_output_held_for_want_of_descriptors_when_its_job_ends_is_written_at_the
     # The job writes a few bytes and exits while jobd has no descriptor for its file: the descriptor its end frees
     # (the job's pidfd) makes the file, and what was held is written before the end is recorded.
     daemon: Daemon = make_daemon(QUEUE)
-    gate = Gate(tmp_path / "gate.lock")
-    try:
-        job = daemon.submit(command=gated(gate, "echo", "kept"))
-        wait_for_log(daemon, f"job={job['id']} running")
-        with _out_of_descriptors(daemon):
-            gate.release()
-            wait_for_log(daemon, f"job={job['id']} succeeded")  # ended, and recorded, while jobd is still short
-    finally:
-        gate.release()
+    # Ended, and recorded, while jobd is still short.
+    job = _writing_while_out_of_descriptors(daemon, tmp_path / "gate", ["echo", "kept"], "job=JOB succeeded")
     assert daemon.output(job["id"]) == "kept\n"
     [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
     assert attempt["truncated"] is False and attempt["stdout_bytes"] == 5, attempt
