@@ -57,7 +57,9 @@ _db = peewee.DatabaseProxy()
 # submit's INSERT that miss cost more than binding all the rest. A registered adapter is found by the first lookup.
 # None's is a function written in C that returns None for None (an empty dict's get): a Python function (a lambda)
 # cost a call frame for every NULL column, 1 % of a serial submit's instructions (callgrind).
-sqlite3.register_adapter(type(None), {}.get)
+_NO_KEYS: dict[None, None] = {}
+_bind_none: Callable[[None], None] = _NO_KEYS.get
+sqlite3.register_adapter(type(None), _bind_none)
 sqlite3.register_adapter(bool, int)  # stored as SQLite stores a bool: 1 or 0
 
 
