@@ -35,6 +35,7 @@ from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
 from jobd.errors import ConfigError, OutOfResources, ShuttingDown, StartupError
 from jobd.eventloop import EventLoop
+from jobd.job_id_mark import JobIdMark
 from jobd.loop_signals import LoopSignals
 from jobd.model import Config, host_port, iso
 from jobd.server import Server
@@ -189,9 +190,39 @@ def _secure_state_dir(state_dir: str) -> None:
         _tighten(database + suffix, DATABASE_MODE)
 
 
-def _job_directories(state_dir: str) -> set[int]:
-    """The jobs whose output directory is in STATE_DIR/output (one listing of it)."""
-    with contextlib.suppress(FileNotFoundError), os.scandir(os.path.join(state_dir, "output")) as entries:
+# Past this many names between the database's last job and the mark (a copy restored from long ago, a mark edited
+# by hand), one listing of output/ costs less than looking each name up.
+LOOKUPS_AT_MOST = 200_000
+
+
+def _check_output_against_the_database(store: Store, state_dir: str) -> None:
+    """Number new jobs past every job whose output directory is left, and remove the output files the database has
+    no record of (a database restored from a copy), before recovery and before any id is handed out. The store
+    raises the mark of the ids handed out (jobd.job_id_mark) from then on.
+
+    Only the names between the database's last job and the mark are looked at, not the whole of output/ (one entry
+    per job of the history); without a mark that can be trusted, output/ is listed once."""
+    output = os.path.join(state_dir, "output")
+    mark = JobIdMark(output)
+    known = store.last_id("job")
+    limit = mark.read()
+    if limit is None or limit < known or limit - known > LOOKUPS_AT_MOST:  # < known: a jobd without marks went past
+        highest = max(_job_directories(output), default=0)
+    else:
+        highest = max(
+            (i for i in range(known + 1, limit + 1) if os.path.lexists(os.path.join(output, str(i)))), default=0
+        )
+    _number_jobs_past_their_output(store, output, highest)
+    # Before recovery, which may queue callbacks (under ids the discarded deliveries had) and reads the sizes of
+    # the files of the attempts it finds lost.
+    _remove_output_the_database_does_not_know(store, output)
+    mark.cover(store.last_id("job"))
+    store.before_job_ids = mark.cover
+
+
+def _job_directories(output: str) -> set[int]:
+    """The jobs whose output directory is in `output` (one listing of it)."""
+    with contextlib.suppress(FileNotFoundError), os.scandir(output) as entries:
         return {number for entry in entries if (number := _number(entry.name)) is not None}
     return set()
 
@@ -201,18 +232,17 @@ def _number(text: str) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def _number_jobs_past_their_output(store: Store, state_dir: str, present: Set[int]) -> None:
-    """New jobs take ids past every job whose output directory is left. A database restored from a copy (jobctl
-    backup) lacks the jobs made after the copy, whose output is still there: a new job given one of their ids would
-    show that job's output to its own readers until it writes its first byte."""
-    highest = max(present, default=0)
+def _number_jobs_past_their_output(store: Store, output: str, highest: int) -> None:
+    """New jobs take ids past `highest`, the last job whose output directory is left. A database restored from a
+    copy (jobctl backup) lacks the jobs made after the copy, whose output is still there: a new job given one of
+    their ids would show that job's output to its own readers until it writes its first byte."""
     known = store.reserve_ids("job", highest)
     if highest > known:
         log.warning(
             "%s holds the output of jobs up to %d, past the last job of the database (%d): a database restored "
             "from a copy? New jobs are numbered from %d; the output of jobs %d-%d is not any job's any more "
             "(remove it by hand)",
-            os.path.join(state_dir, "output"),
+            output,
             highest,
             known,
             highest + 1,
@@ -224,21 +254,18 @@ def _number_jobs_past_their_output(store: Store, state_dir: str, present: Set[in
 CALLBACK_OUTPUT = "callback-"  # STATE_DIR/output/JOB/callback-DELIVERY.stdout|stderr|log (jobd.engine.callbacks)
 
 
-def _remove_output_the_database_does_not_know(store: Store, state_dir: str, present: Set[int]) -> None:
+def _remove_output_the_database_does_not_know(store: Store, output: str) -> None:
     """Remove the output files of attempts and callback deliveries the database has no record of. A database
     restored from a copy (jobctl backup) lacks what its jobs did after the copy: a job that ran meanwhile runs
     again under the same attempt number, and a callback delivery made meanwhile has its id given again. A stream
     that stays empty creates no file, so the new attempt (or delivery) would show the old one's file as its own.
 
-    Only the directories present of the jobs that may yet write output are read (Store.jobs_yet_to_write_output):
-    any other job's attempts and deliveries are all on record. Here, at start-up, rather than at each attempt's
-    start: an unlink per spawn would cost every job."""
-    if not present:  # nothing to read, however many jobs wait
-        return
-    output = os.path.join(state_dir, "output")
+    Only the directories of the jobs that may yet write output are read (Store.jobs_yet_to_write_output): any other
+    job's attempts and deliveries are all on record. Here, at start-up, rather than at each attempt's start: an
+    unlink per spawn would cost every job."""
     removed = 0
     jobs = 0
-    for job_id in sorted(present & set(store.jobs_yet_to_write_output())):
+    for job_id in sorted(store.jobs_yet_to_write_output()):
         attempts, deliveries = store.output_on_record(job_id)
         directory = os.path.join(output, str(job_id))
         try:
@@ -340,11 +367,7 @@ class Daemon:
         self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
-        present = _job_directories(state_dir)
-        _number_jobs_past_their_output(self.store, state_dir, present)
-        # Before recovery, which may queue callbacks (under ids the discarded deliveries had) and reads the sizes of
-        # the files of the attempts it finds lost.
-        _remove_output_the_database_does_not_know(self.store, state_dir, present)
+        _check_output_against_the_database(self.store, state_dir)
         self.backups = Backups(self.store, state_dir)
         self.backups.remove_leftovers()
         load_aiohttp(initial)

@@ -581,6 +581,9 @@ class Store:
         # Told after entries are written: history retention arms its timer for them (HistoryKeeper.audit_written).
         self.audit_written: Callable[[], None] = lambda: None
         self._counts = _JobCounts()
+        # Told the highest job id an insert may hand out, before it does: the daemon keeps a mark of it beside the
+        # jobs' output (jobd.job_id_mark), so that a start need not list that directory.
+        self.before_job_ids: Callable[[int], None] = lambda highest: None
 
     def open(self) -> None:
         _db.initialize(self.db)
@@ -777,6 +780,7 @@ class Store:
             # One INSERT is a transaction of its own in autocommit mode: no BEGIN and COMMIT round trips.
             job_id = last_id + 1
             self._check_file()
+            self.before_job_ids(job_id)
             self._connection.execute(
                 _INSERT_JOB, (job_id, *_spec_values(specs[0]), str(states[0]), now, run_ats[0], 0, 0)
             )
@@ -784,6 +788,7 @@ class Store:
             self._counts.add(job_id, str(states[0]), specs[0].queue, specs[0].task)
             return [(Job(id=job_id, spec=specs[0], state=states[0], created_at=now, run_at=run_ats[0]), True)]
         jobs: list[tuple[Job, bool]] = []
+        self.before_job_ids(last_id + len(specs))  # at most: a spec whose key exists takes no id
         with self._transaction() as sql:
             for spec, state, run_at in zip(specs, states, run_ats, strict=True):
                 existing = self.job_with_key(spec.key) if spec.key is not None else None
@@ -1402,6 +1407,10 @@ class Store:
         used = self._connection.execute(f'SELECT MAX("id") FROM "{table}"').fetchone()[0]
         kept = self._connection.execute('SELECT "id" FROM "id_floor" WHERE "name" = ?', (table,)).fetchone()
         return max(used or 0, kept[0] if kept else 0)
+
+    def last_id(self, table: str) -> int:
+        """The highest id of `table` handed out so far."""
+        return self._last_id[table]
 
     def reserve_ids(self, table: str, highest: int) -> int:
         """Ids of `table` up to `highest` are never handed out (kept in id_floor); returns the highest id the database

@@ -24,6 +24,7 @@ import pytest
 from recovery.support import wait_for_log
 
 from jobd.client import RemoteError
+from jobd.job_id_mark import MARK
 from tests.harness import Daemon
 
 TIMEOUT = 30
@@ -297,7 +298,7 @@ def test_a_job_whose_callback_runs_expires_once_it_is_delivered_output_and_all(
         d.call("job.get", {"id": first})
     assert gone.value.code == "UNKNOWN_JOB"
     assert d.stop() == 0  # deliveries under way end first (docs/jobs.md)
-    assert sorted(p.name for p in (d.state_dir / "output").iterdir()) == [str(second)]
+    assert sorted(p.name for p in (d.state_dir / "output").iterdir()) == [MARK, str(second)]
 
 
 def test_bad_callbacks_are_refused(make_daemon: Callable[..., Daemon]) -> None:
