@@ -568,12 +568,15 @@ class Store:
                 "busy_timeout": 5000,
             },
             autoconnect=False,
+            # jobd.backup's worker thread copies the database through this connection, a step at a time (SQLite's
+            # online backup API): SQLite serializes the two threads' use of it (sqlite3.threadsafety 3). Nothing
+            # else uses it outside the event loop's thread.
+            check_same_thread=False,
         )
         self._flusher: _GroupFlusher | None = None
-        self._file: int | None = None  # Store.open: the database file, for copies (hold_file) and _check_file
+        self._file: int | None = None  # Store.open: the database file, for _check_file (and SQLite's lock: open)
         self._name: _FileName | None = None  # Store.open: whether that file still has a name (_check_file)
         self._wal: tuple[int, int] | None = None  # Store.open: the WAL's device and inode (_drop_wal)
-        self._copying = False  # between hold_file() and release_file(): the file must not change
         self._audit_pending: list[AuditEntry] = []
         self._audit_timer: asyncio.TimerHandle | None = None  # the write-behind, or the next try on a full disk
         self._audit_failing = False  # the last write of entries failed: they wait for room
@@ -601,7 +604,7 @@ class Store:
         )
         fsync_directory_of(self.path)  # the entries of a new database and WAL must be durable too; once is enough
         self._flusher = _GroupFlusher(self.path + "-wal")
-        # The file as opened, open until the connection is closed. Copies read the database through it. Closing any
+        # The file as opened, open until the connection is closed. Closing any
         # descriptor of the file, even one opened only to read it, drops every POSIX lock the process holds on it,
         # SQLite's exclusive lock among them: another program could then open the database, and its last close
         # checkpointed jobd's WAL and deleted it under jobd, which went on committing into the deleted file (lost
@@ -643,16 +646,15 @@ class Store:
         it there when it closes a database that was moved: the next start would play it into whatever file is put
         there, a copy restored while jobd ran, whose pages it mixed with the old file's (a damaged database). What it
         holds is first written into the file jobd has (a checkpoint: complete, should it have been renamed away and
-        kept; not while a copy is made of it), then the WAL is removed (SQLite goes on through its descriptor), so a
+        kept), then the WAL is removed (SQLite goes on through its descriptor), so a
         crash leaves none either; unless it is no longer SQLite's (removed by hand already, another put there)."""
         wal = self.path + "-wal"
         if self._wal is None or _identity(wal) != self._wal:
             return
-        if not self._copying:
-            try:
-                self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as error:
-                log.error("the database file that was moved away or deleted could not be checkpointed: %s", error)
+        try:
+            self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as error:
+            log.error("the database file that was moved away or deleted could not be checkpointed: %s", error)
         try:
             os.unlink(wal)
         except OSError as error:
@@ -660,24 +662,12 @@ class Store:
         else:
             log.warning("removed %s: the WAL of the database file that was moved, deleted or replaced", wal)
 
-    def hold_file(self) -> int:
-        """Put everything committed (audit entries waiting for their write too) into the database file, and leave
-        that file unchanged until release_file(), so that it can be copied while jobd goes on (jobd.backup). In WAL
-        mode SQLite writes the file itself only when it checkpoints: new commits meanwhile go to the WAL alone.
-        Returns a descriptor of the file to read it through, at explicit offsets (os.pread, os.sendfile), from any
-        thread: never to be closed (see open)."""
-        assert self._file is not None
+    def source_for_copy(self) -> sqlite3.Connection:
+        """Put the audit entries waiting for their write into the database, and return the connection that a worker
+        thread copies the database through with SQLite's online backup API (jobd.backup), a step at a time: SQLite
+        serializes the connection's use by the two threads, and carries what is committed meanwhile into the copy."""
         self._flush_audit_or_log()
-        busy, _, _ = self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:  # jobd is the database's only connection, so nothing can hold the checkpoint up
-            raise StoreFailed("the database could not be checkpointed for a copy (busy)")
-        self._connection.execute("PRAGMA wal_autocheckpoint = 0")
-        self._copying = True
-        return self._file
-
-    def release_file(self) -> None:
-        self._copying = False
-        self._connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+        return self._connection
 
     def close(self) -> None:
         if not self.db.is_closed():

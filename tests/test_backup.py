@@ -6,9 +6,9 @@ running job. Real daemons, the real jobctl, the copy opened by sqlite3 and by a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
-import hashlib
 import os
 import select
 import shutil
@@ -30,11 +30,11 @@ from inotify_simple import INotify, flags
 from recovery.support import WAIT, Gate, gated, wait_events, wait_for_log
 from test_jobctl import ctl
 
-from jobd.backup import Stopped, copy_database
+from jobd.backup import STEP_PAGES, Backups, Stopped, copy_database
 from jobd.client import RemoteError
 from jobd.job_id_mark import MARK
 from jobd.model import JobSpec, JobState
-from jobd.store import SCHEMA_VERSION, WAL_AUTOCHECKPOINT, Store
+from jobd.store import SCHEMA_VERSION, Store
 
 QUEUES = """
 [queue.default]
@@ -234,42 +234,67 @@ def _insert(store: Store, count: int) -> None:
         store.insert_jobs([JobSpec(command=("/bin/true",), queue="q")], [JobState.QUEUED], 1.0, [1.0])
 
 
-def test_the_database_file_is_left_alone_while_held_so_a_copy_made_meanwhile_is_that_moment(tmp_path: Path) -> None:
-    """What the copy rests on: once held, commits go to the WAL only, and the file copied is the database as it
-    was at the hold, however much is written meanwhile; let go, SQLite checkpoints again."""
+def test_a_copy_is_made_a_step_per_turn_of_the_event_loop_and_is_the_database_as_committed_at_its_end(
+    tmp_path: Path,
+) -> None:
+    """The copy used to begin with a checkpoint of the WAL into the database file, on the event loop (50-110 ms on a
+    long history, every client waiting). Now SQLite's online backup copies STEP_PAGES pages per step from a worker
+    thread, and the loop has a turn between two steps: here each turn commits a job, and one deletes the first
+    job and rolls that back (SQLite then starts the copy again). The copy has every job committed before its last
+    step, the first among them."""
     database = tmp_path / "jobd.sqlite3"
     store = Store(str(database))
     store.open()
     try:
-        _insert(store, 50)
-        source = store.hold_file()
-        held = hashlib.sha256(database.read_bytes()).digest()
-        copy = tmp_path / "copy.sqlite3"
-        copied = threading.Thread(target=copy_database, args=(source, str(copy), threading.Event()))
-        copied.start()
-        _insert(store, 20_000)  # past WAL_AUTOCHECKPOINT pages: a checkpoint would have come without the hold
-        copied.join()
-        assert hashlib.sha256(database.read_bytes()).digest() == held
-        assert _job_ids(copy) == list(range(1, 51))
-        store.release_file()
-        assert store.db.pragma("wal_autocheckpoint") == WAL_AUTOCHECKPOINT
-        _insert(store, 1)  # the WAL is far past the limit: this commit checkpoints it into the file
-        assert hashlib.sha256(database.read_bytes()).digest() != held
+        spec = JobSpec(command=("/bin/true",), queue="q")
+        for _ in range(20):
+            store.insert_jobs([spec] * 1000, [JobState.QUEUED] * 1000, 1.0, [1.0] * 1000)
+        pages = store.db.pragma("page_count")
+        turns = 0
+
+        async def copy_while_committing() -> dict[str, Any]:
+            loop = asyncio.get_running_loop()
+            copying = asyncio.ensure_future(Backups(store, str(tmp_path)).take())
+
+            def each_turn() -> None:
+                nonlocal turns
+                if copying.done():
+                    return
+                turns += 1
+                _insert(store, 1)
+                if turns == 5:
+                    connection = store.db.connection()
+                    connection.execute("BEGIN")
+                    connection.execute('DELETE FROM "job" WHERE "id" = 1')
+                    connection.execute("ROLLBACK")
+                loop.call_soon(each_turn)
+
+            loop.call_soon(each_turn)
+            return await copying
+
+        copied = asyncio.run(copy_while_committing())
     finally:
         store.close()
-    assert _job_ids(database) == list(range(1, 20_052))
+    steps = -(-pages // STEP_PAGES)
+    assert steps > 10, pages  # enough of them for the turns between to show
+    ids = _job_ids(Path(copied["path"]))
+    assert ids == list(range(1, len(ids) + 1)), "the copy is not the database as it was at one commit"
+    assert len(ids) >= 20_000 + steps - 1, (len(ids), steps)  # a turn of the loop, and a commit, between two steps
+    assert len(ids) <= 20_000 + turns
 
 
 def test_a_copy_given_up_because_jobd_stops_leaves_nothing_behind(tmp_path: Path) -> None:
     database = tmp_path / "jobd.sqlite3"
     store = Store(str(database))
     store.open()
-    _insert(store, 5)
-    store.close()
-    stopping = threading.Event()
-    stopping.set()
-    with open(database, "rb") as source, pytest.raises(Stopped):
-        copy_database(source.fileno(), str(tmp_path / "copy.sqlite3"), stopping)
+    try:
+        _insert(store, 5)
+        stopping = threading.Event()
+        stopping.set()
+        with pytest.raises(Stopped):
+            copy_database(store.source_for_copy(), str(tmp_path / "copy.sqlite3"), stopping)
+    finally:
+        store.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobd.sqlite3"]
 
 
