@@ -1299,12 +1299,75 @@ class Store:
             rows = rows[where.offset : where.offset + where.limit]
         return [(row.workflow, float(row.started_at)) for row in rows]
 
+    async def count_instance_starts(self, where: InstanceFilter, period: str) -> dict[tuple[str, str], int] | None:
+        """How many instances list_instances(where) lists, by workflow and start period: the start time in local
+        time as SQLite's strftime(`period`) writes it. What evQueue's `groupby` counts. None if more than
+        `where.limit` match, or with an offset: only some of them are counted then, those read_instance_starts
+        reads in evQueue's order.
+
+        Counted by SQLite, INSTANCE_SLICE ids at a time with the event loop running between slices: counted in
+        Python from the rows, 20,000 instances held the loop up to 76 ms in one turn."""
+        if where.offset:
+            return None
+        top = self._last_id["instance"] + 1
+        if where.before_id is not None:
+            top = min(top, where.before_id)
+        # The start truncated to the second, as time.localtime takes it: SQLite rounds to the millisecond.
+        started = peewee.fn.strftime(period, peewee.Cast(InstanceRow.started_at, "INTEGER"), "unixepoch", "localtime")
+        counts: dict[tuple[str, str], int] = {}
+        counted = 0
+        while top > 0:
+            low = max(0, top - INSTANCE_SLICE)
+            query = self._instances_matching(
+                InstanceRow.select(InstanceRow.workflow, started, peewee.fn.COUNT(peewee.SQL("*"))),
+                dataclasses.replace(where, before_id=top),
+                low,
+            ).group_by(InstanceRow.workflow, started)
+            sql, params = query.sql()
+            for workflow, start, count in self._connection.execute(sql, params):
+                counts[(workflow, start)] = counts.get((workflow, start), 0) + count
+                counted += count
+            if counted > where.limit:
+                return None
+            top = low
+            if top:
+                await self._next_slice()
+        return counts
+
     def _instance_rows(
         self, where: InstanceFilter, fields: Sequence[peewee.Field], *, total: bool = True, low: int | None = None
     ) -> tuple[list[Any], int]:
         """The rows of the instances `where` lists (with `fields`; with `low`, only ids from it on), and how many
         match (with `total`; else 0)."""
-        query = InstanceRow.select(*fields)
+        query = self._instances_matching(InstanceRow.select(*fields), where, low)
+        matching = int(query.count()) if total else 0
+        if not where.by_end:
+            newest = query.order_by(InstanceRow.id.desc()).limit(where.limit).offset(where.offset)
+            return self._rows_by(newest, fields), matching
+        # evQueue's order: the latest end first, instances still running (no end) last, as MySQL sorts NULLs. In one
+        # query SQLite read and sorted every instance that matched, each with its document (24 ms for a page of
+        # 20,000 instances); the ended ones are read newest end first from instance_ended_at (whose entries end with
+        # the id), up to the page's end, and the running ones from instance_status: an instance has no end exactly
+        # while it is EXECUTING (Instances saves its end with its status).
+        ended_query = query.where(InstanceRow.ended_at.is_null(False))
+        ended_order = (InstanceRow.ended_at.desc(), InstanceRow.id.desc())
+        page = self._rows_by(
+            ended_query.order_by(*ended_order).limit(where.limit).offset(where.offset), fields, "instance_ended_at"
+        )
+        if len(page) < where.limit:
+            running_query = query.where((InstanceRow.status == "EXECUTING") & InstanceRow.ended_at.is_null())
+            running = self._rows_by(running_query.order_by(InstanceRow.id.desc()), fields, "instance_status")
+            skip = 0
+            if where.offset:  # past the ended ones that match, by as many as they fell short of the offset
+                ended = matching - len(running) if total else int(ended_query.count())
+                skip = max(0, where.offset - ended)
+            page += running[skip : skip + where.limit - len(page)]
+        return page, matching
+
+    def _instances_matching(
+        self, query: peewee.ModelSelect[InstanceRow], where: InstanceFilter, low: int | None = None
+    ) -> peewee.ModelSelect[InstanceRow]:
+        """`query` limited to the instances `where` lists (with `low`, only ids from it on), in no order."""
         conditions = []
         if low is not None:
             conditions.append(InstanceRow.id >= low)
@@ -1348,30 +1411,8 @@ class Store:
         if conditions:
             # One flat AND: where() per condition nests them ((a AND b) AND c)…, one level each, which peewee's SQL
             # writer recurses into and SQLite's parser refuses past about a hundred ("parser stack overflow").
-            query = query.where(peewee.NodeList(conditions, glue=" AND "))
-        matching = int(query.count()) if total else 0
-        if not where.by_end:
-            newest = query.order_by(InstanceRow.id.desc()).limit(where.limit).offset(where.offset)
-            return self._rows_by(newest, fields), matching
-        # evQueue's order: the latest end first, instances still running (no end) last, as MySQL sorts NULLs. In one
-        # query SQLite read and sorted every instance that matched, each with its document (24 ms for a page of
-        # 20,000 instances); the ended ones are read newest end first from instance_ended_at (whose entries end with
-        # the id), up to the page's end, and the running ones from instance_status: an instance has no end exactly
-        # while it is EXECUTING (Instances saves its end with its status).
-        ended_query = query.where(InstanceRow.ended_at.is_null(False))
-        ended_order = (InstanceRow.ended_at.desc(), InstanceRow.id.desc())
-        page = self._rows_by(
-            ended_query.order_by(*ended_order).limit(where.limit).offset(where.offset), fields, "instance_ended_at"
-        )
-        if len(page) < where.limit:
-            running_query = query.where((InstanceRow.status == "EXECUTING") & InstanceRow.ended_at.is_null())
-            running = self._rows_by(running_query.order_by(InstanceRow.id.desc()), fields, "instance_status")
-            skip = 0
-            if where.offset:  # past the ended ones that match, by as many as they fell short of the offset
-                ended = matching - len(running) if total else int(ended_query.count())
-                skip = max(0, where.offset - ended)
-            page += running[skip : skip + where.limit - len(page)]
-        return page, matching
+            return query.where(peewee.NodeList(conditions, glue=" AND "))
+        return query
 
     def _rows_by(
         self, query: peewee.ModelSelect[InstanceRow], fields: Sequence[peewee.Field], index: str | None = None

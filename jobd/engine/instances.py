@@ -389,6 +389,10 @@ class Instances:
         """The workflow and start time of each instance list_instances lists (neither changes as it runs)."""
         return await self.store.read_instance_starts(where)
 
+    async def count_instance_starts(self, where: InstanceFilter, period: str) -> dict[tuple[str, str], int] | None:
+        """The instances list_instances lists, counted by workflow and start period (Store.count_instance_starts)."""
+        return await self.store.count_instance_starts(where, period)
+
     def running(self) -> list[InstanceSummary]:
         return [self._live_summary(live) for live in self._live.values()]
 
