@@ -4,8 +4,8 @@ jobd holds its database exclusively (SQLite's locking_mode=EXCLUSIVE), so no oth
 runs, and stopping jobd to copy it stops every running job. So jobd copies it itself, without making its clients
 wait: a worker thread copies it through jobd's own connection with SQLite's online backup API, STEP_PAGES pages at a
 time, and lets the event loop have a turn between two steps. The loop waits at most for one step, when it uses the
-database meanwhile; the copy is never the file's bytes as a checkpoint left them (which took the loop 50-110 ms on a
-long history, a WAL of up to WAL_AUTOCHECKPOINT pages written into the file and synced, before the copy began).
+database meanwhile. (The file itself was copied once a checkpoint had put the WAL into it, on the event loop: up to
+WAL_AUTOCHECKPOINT pages written and synced, 50-110 ms on a long history, every client waiting.)
 SQLite keeps the copy consistent: what the loop commits between two steps is carried into the pages copied
 already, a step is refused while a transaction of the loop is open, and a rollback (jobd rolls back only on an
 error: a full disk) starts the copy again; so the copy is the database as committed when its last step was made.

@@ -18,7 +18,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Sequence, Set
+from collections.abc import Iterable, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 import sdnotify
@@ -193,6 +193,8 @@ def _secure_state_dir(state_dir: str) -> None:
 # Past this many names between the database's last job and the mark (a copy restored from long ago, a mark edited
 # by hand), one listing of output/ costs less than looking each name up.
 LOOKUPS_AT_MOST = 200_000
+# A name looked up that is not there (an exception in Python) costs about as much as this many entries of a listing.
+LOOKUP_COST = 3
 
 
 def _check_output_against_the_database(store: Store, state_dir: str) -> None:
@@ -206,16 +208,23 @@ def _check_output_against_the_database(store: Store, state_dir: str) -> None:
     mark = JobIdMark(output)
     known = store.last_id("job")
     limit = mark.read()
+    present: set[int] | None = None
     if limit is None or limit < known or limit - known > LOOKUPS_AT_MOST:  # < known: a jobd without marks went past
-        highest = max(_job_directories(output), default=0)
+        present = _job_directories(output)
+        highest = max(present, default=0)
     else:
         highest = max(
             (i for i in range(known + 1, limit + 1) if os.path.lexists(os.path.join(output, str(i)))), default=0
         )
     _number_jobs_past_their_output(store, output, highest)
+    # Each directory of a job that may yet write output is looked up, unless they are so many that output/, which
+    # holds at most one entry per job of the database, is cheaper to list (many jobs waiting, a short history).
+    waiting = store.jobs_yet_to_write_output() if present is None or present else []
+    if present is None and LOOKUP_COST * len(waiting) > known:
+        present = _job_directories(output)
     # Before recovery, which may queue callbacks (under ids the discarded deliveries had) and reads the sizes of
     # the files of the attempts it finds lost.
-    _remove_output_the_database_does_not_know(store, output)
+    _remove_output_the_database_does_not_know(store, output, waiting if present is None else present & set(waiting))
     mark.cover(store.last_id("job"))
     store.before_job_ids = mark.cover
 
@@ -254,29 +263,26 @@ def _number_jobs_past_their_output(store: Store, output: str, highest: int) -> N
 CALLBACK_OUTPUT = "callback-"  # STATE_DIR/output/JOB/callback-DELIVERY.stdout|stderr|log (jobd.engine.callbacks)
 
 
-def _remove_output_the_database_does_not_know(store: Store, output: str) -> None:
+def _remove_output_the_database_does_not_know(store: Store, output: str, jobs_to_read: Iterable[int]) -> None:
     """Remove the output files of attempts and callback deliveries the database has no record of. A database
     restored from a copy (jobctl backup) lacks what its jobs did after the copy: a job that ran meanwhile runs
     again under the same attempt number, and a callback delivery made meanwhile has its id given again. A stream
     that stays empty creates no file, so the new attempt (or delivery) would show the old one's file as its own.
 
-    Only the directories of the jobs that may yet write output are read (Store.jobs_yet_to_write_output): any other
-    job's attempts and deliveries are all on record. Here, at start-up, rather than at each attempt's start: an
-    unlink per spawn would cost every job."""
+    Only the directories of `jobs_to_read`, those of the jobs that may yet write output, are read
+    (Store.jobs_yet_to_write_output): any other job's attempts and deliveries are all on record. Here, at start-up,
+    rather than at each attempt's start: an unlink per spawn would cost every job."""
     removed = 0
     jobs = 0
-    for job_id in sorted(store.jobs_yet_to_write_output()):
-        attempts, deliveries = store.output_on_record(job_id)
+    for job_id in sorted(jobs_to_read):
         directory = os.path.join(output, str(job_id))
         try:
             with os.scandir(directory) as entries:
-                stale = [
-                    entry.name
-                    for entry in entries
-                    if not entry.is_dir(follow_symlinks=False) and not _on_record(entry.name, attempts, deliveries)
-                ]
-        except (FileNotFoundError, NotADirectoryError):
+                files = [entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):  # most jobs waiting to start: their record is not read
             continue
+        attempts, deliveries = store.output_on_record(job_id) if files else (0, set())
+        stale = [name for name in files if not _on_record(name, attempts, deliveries)]
         for name in stale:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))

@@ -540,13 +540,18 @@ TIMELINE_SCRIPT = (
 )
 
 
+@pytest.mark.parametrize("history", [0, 12], ids=["output-listed", "directories-looked-up"])
 def test_a_restored_copy_shows_no_output_of_the_attempts_it_has_no_record_of(
-    make_daemon: Callable[..., Daemon], tmp_path: Path
+    make_daemon: Callable[..., Daemon], tmp_path: Path, history: int
 ) -> None:
     """A job that ran after the copy runs again under the same attempt number once the copy is restored. A stream
     that stays empty creates no file, so the discarded attempt's stderr and log were shown as the new attempt's
-    (whose record said 0 bytes): for a job waiting when the copy was taken, and for the retry of one running then."""
+    (whose record said 0 bytes): for a job waiting when the copy was taken, and for the retry of one running then.
+    The start finds them by listing output/ when the jobs that may yet write output are many for the history, and
+    with a longer history (`history` finished jobs first) by looking up each one's directory."""
     daemon = make_daemon(QUEUES)
+    for _ in range(history):
+        daemon.wait(daemon.submit(command=["/bin/echo", "history"])["id"])
     timeline = tmp_path / "timeline"
     timeline.write_text("discarded")
     waiting = daemon.submit(command=["/bin/sh", "-c", TIMELINE_SCRIPT, str(timeline)], queue="held")["id"]
