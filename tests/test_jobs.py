@@ -1068,7 +1068,9 @@ def test_a_job_is_given_its_own_descriptors_and_nothing_of_jobd(make_daemon: Any
 
 def test_output_files_that_cannot_be_written_are_logged_once_not_each(make_daemon: Any, full_output_disk: Path) -> None:
     # Each stream of each job that printed on a full disk was an ERROR line: at hundreds of jobs a second, journald
-    # dropped jobd's other lines past its rate limit. Each attempt still says which of its streams lost bytes.
+    # dropped jobd's other lines past its rate limit. Each attempt still says which of its streams lost bytes. The
+    # first failure of each cause is logged: where the disk fills in the middle of a write, the short write and then
+    # ENOSPC (how much room is left depends on what else output/ holds, output/.job-ids among them).
     daemon = make_daemon("[queue.default]\nconcurrency = 1\n")
     assert daemon.state_dir / "output" == full_output_disk
     filled = daemon.submit(command=["/bin/sh", "-c", "head -c 1000000 /dev/zero"])["id"]
@@ -1077,7 +1079,9 @@ def test_output_files_that_cannot_be_written_are_logged_once_not_each(make_daemo
         assert daemon.wait(job)["state"] == "succeeded"
         assert daemon.call("job.get", {"id": job})["tries"][0]["truncated"] is True
         assert daemon.call("job.output", {"id": job})["truncated"] is True
-    assert daemon.log().count("cannot write") == 1, daemon.log()
+    failures = [line for line in daemon.log().splitlines() if "cannot write" in line]
+    causes = {line.split(": ", 1)[1] for line in failures}
+    assert len(failures) == len(causes) <= 2, daemon.log()  # not one per file: 11 files failed
 
 
 def test_a_full_disk_drops_output_but_not_the_job(make_daemon: Any, full_output_disk: Path) -> None:
