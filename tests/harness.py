@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import select
 import signal
@@ -20,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from jobd.client import Client
 
@@ -50,6 +53,26 @@ def _find_sdns() -> Path:
 
 
 SDNS = _find_sdns()
+
+
+def in_user_namespace(setup: str = "") -> list[str]:
+    """A Daemon.command_prefix that runs jobd in a user namespace of its own, mapping root alone, after the shell
+    command `setup` (e.g. a limit of /proc/sys/user/ lowered there). The calling test is skipped, saying why, on a
+    machine where no user namespace can be made (user.max_user_namespaces is 0, or all are taken)."""
+    refused = _user_namespace_refused()
+    if refused is not None:
+        pytest.skip(f"needs a user namespace of its own for jobd: `unshare --user` is refused here: {refused}")
+    prefix = ["unshare", "--user", "--map-root-user"]
+    return [*prefix, "sh", "-c", f'{setup} && exec "$@"', "sh"] if setup else prefix
+
+
+@functools.cache
+def _user_namespace_refused() -> str | None:
+    """unshare's error where a user namespace cannot be made, None where it can (tried once)."""
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True, text=True, timeout=60)
+    return None if probe.returncode == 0 else probe.stderr.strip() or f"exit status {probe.returncode}"
+
+
 # A start takes a fraction of a second; the deadline is for a machine loaded by other work (CI on two shared CPUs
 # once saw a daemon log "ready" just as 20 s ran out).
 READY_TIMEOUT = 45.0

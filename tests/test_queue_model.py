@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon
+from harness import Daemon, in_user_namespace
 from recovery.support import Pump, attach, start, stop_pumps, terminate
 
 from jobd.client import Client, RemoteError, Reply
@@ -843,8 +843,7 @@ def model_daemon(make_daemon: Callable[..., Daemon]) -> Iterator[tuple[Daemon, P
     """A jobd whose configuration changes only when the test reloads it: without inotify (no instance may be made in
     its user namespace), so that no reload of the watcher's applies a file before the test's daemon.reload."""
     daemon = make_daemon(start=False, daemon_extra=DAEMON_EXTRA)
-    no_inotify = 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"'
-    daemon.command_prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", no_inotify, "sh"]
+    daemon.command_prefix = in_user_namespace("echo 0 > /proc/sys/user/max_inotify_instances")
     daemon.start()
     pump = attach(daemon)
     yield daemon, pump

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon
+from harness import Daemon, in_user_namespace
 from recovery.support import Gate, gated, kill9, pump_of, start, terminate, wait_for_log
 
 from jobd.client import RemoteError
@@ -283,8 +283,7 @@ def test_without_inotify_jobd_runs_and_reloads_on_sighup(make_daemon: Callable[.
     # Out of inotify instances (the user's fs.inotify.max_user_instances, shared by root's every service and
     # container), jobd refused to start at all. Here the limit is 0 in a user namespace of the daemon's own.
     daemon = make_daemon(TASKS, start=False)
-    no_inotify = 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"'
-    daemon.command_prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", no_inotify, "sh"]
+    daemon.command_prefix = in_user_namespace("echo 0 > /proc/sys/user/max_inotify_instances")
     daemon.start()
     assert "the configuration files are not watched (inotify: Too many open files" in daemon.log()
     daemon.write_config(TASKS + '[task.hupped]\ncommand = ["/bin/echo", "after SIGHUP"]\n')
@@ -305,8 +304,7 @@ def test_watches_that_cannot_be_renewed_are_reported_and_the_rest_still_reload(
     # fs.inotify.max_user_watches used up). That raised out of the event loop's callback, an "Exception in callback"
     # traceback in the journal and no word of what it meant.
     daemon = make_daemon(TASKS, start=False)
-    three_watches = 'echo 3 > /proc/sys/user/max_inotify_watches && exec "$@"'
-    daemon.command_prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", three_watches, "sh"]
+    daemon.command_prefix = in_user_namespace("echo 3 > /proc/sys/user/max_inotify_watches")
     pump = start(daemon)
     assert "not watched" not in daemon.log()
     (daemon.config_dir / "workflows").mkdir()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, machine_accounts
+from harness import Daemon, in_user_namespace, machine_accounts
 
 from jobd import config
 from jobd.client import Client
@@ -319,7 +319,7 @@ def test_a_socket_group_that_cannot_be_given_is_named_when_the_start_is_refused(
     the start is refused naming the socket, the group and the key. It said only `[Errno 22] Invalid argument:
     '/proc/self/fd/14'` (met by tests/test_queue_model.py while a `jobd` group existed on the machine)."""
     daemon: Daemon = make_daemon("", start=False, daemon_extra='socket_group = "daemon"')
-    daemon.command_prefix = ["unshare", "--user", "--map-root-user"]
+    daemon.command_prefix = in_user_namespace()
     refused = daemon.start_refused()
     assert refused.returncode != 0
     expected = f"cannot give the socket {daemon.socket_path} the group gid 1 (daemon) ([daemon] socket_group): "
