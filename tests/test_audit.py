@@ -98,7 +98,12 @@ def test_each_mutating_json_rpc_method_leaves_one_entry_and_reads_leave_none(aud
     daemon.call("queue.resume", {"name": "default"})
     assert refused(daemon, "queue.pause", {"name": "nosuch"}) == "UNKNOWN_QUEUE"
     daemon.call("daemon.reload")
+    # The slow task must run when its instance is cancelled (a cancel aborts a queued task, and cancels its job):
+    # the echo jobs, which can hold both places of `default` on a busy machine, end first.
+    for job_id in (first, *batch):
+        assert daemon.wait(job_id)["state"] == "succeeded"
     instance = daemon.call("instance.launch", {"workflow": "slow", "parameters": {"seconds": "30"}})["id"]
+    assert daemon.call("instance.get", {"id": instance})["jobs"][0]["tasks"][0]["status"] == "EXECUTING"
     daemon.call("instance.cancel", {"id": instance})  # queues nothing more; its running task goes on
     task_job = daemon.call("instance.get", {"id": instance})["jobs"][0]["tasks"][0]["job_id"]
     daemon.call("job.cancel", {"id": task_job})
