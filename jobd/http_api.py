@@ -67,7 +67,7 @@ from jobd.model import (
 )
 from jobd.protocol import jsonrpc
 from jobd.protocol.jsonrpc import encode_text
-from jobd.server import bind_unix
+from jobd.server import LINGER_SECONDS, REFUSED_LINGERING, bind_unix
 from jobd.store import refused_request
 
 log = logging.getLogger("jobd.http")
@@ -144,10 +144,18 @@ def _address_of(server: asyncio.Server) -> str:
 
 
 class _Refused(asyncio.Protocol):
-    """A connection over the limit: one 503 answer, then the end of the connection."""
+    """A connection over the limit: one 503 answer, then the end of the connection, ended gently as the API
+    socket's refusals are: jobd's side is shut (the client reads the answer, then an end of file) and what the client
+    sends is read and dropped until it closes its side, for LINGER_SECONDS at the most. Closed at once, a request the
+    client sent after the answer was written (as clients do: they connect, then send) met a reset, and the client saw
+    a broken pipe or a reset connection instead of the 503. At most REFUSED_LINGERING linger (`lingering`, shared by
+    the listener's refusals), each holding a descriptor; past that, one is closed once its answer is written."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, lingering: set[_Refused]) -> None:
         self.message = message
+        self.lingering = lingering
+        self.transport: asyncio.BaseTransport | None = None  # while it lingers
+        self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
@@ -155,7 +163,24 @@ class _Refused(asyncio.Protocol):
         head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
         head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         transport.write(head.encode() + body)
-        transport.close()
+        if len(self.lingering) >= REFUSED_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering.add(self)
+        self.transport = transport
+        transport.write_eof()
+        self.deadline = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        """Dropped: the request has been answered."""
+
+    def eof_received(self) -> bool:
+        return False  # the client has closed its side: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lingering.discard(self)
+        if self.deadline is not None:
+            self.deadline.cancel()
 
 
 def qs_priority(value: int) -> int:
@@ -265,6 +290,7 @@ class HttpApi:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._accepted = 0  # connections taken in this turn of the loop, before aiohttp counts them (see _connection)
+        self._refused_lingering: set[_Refused] = set()  # refused connections reading what their clients still send
         self._served: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # connections a request came on
         self._requests: dict[asyncio.BaseTransport, asyncio.Task[Any]] = {}  # the request each connection serves now
         self.adopted = False  # listening on a socket systemd passed (bind)
@@ -329,7 +355,8 @@ class HttpApi:
         # aiohttp counts a connection once its connection_made has run, in a later turn of the loop than this one:
         # the connections taken in one batch of accepts are counted here until then.
         if len(self._runner.server.connections) + self._accepted >= limit:
-            return _Refused(f"too many connections: {limit} HTTP connections are open ([daemon] max_connections)")
+            message = f"too many connections: {limit} HTTP connections are open ([daemon] max_connections)"
+            return _Refused(message, self._refused_lingering)
         loop = asyncio.get_running_loop()
         if not self._accepted:
             loop.call_soon(loop.call_soon, self._counted_by_aiohttp)  # after the connection_made calls now due
@@ -376,6 +403,9 @@ class HttpApi:
                 client.put_nowait(None)
         if self._listener is not None:
             self._listener.close()
+        for refused in list(self._refused_lingering):  # their answers are written; what they send is not waited for
+            if refused.transport is not None:
+                refused.transport.close()
         if self._runner is not None:
             if self._runner.server is not None:
                 # runner.cleanup() alone waited for requests under way up to aiohttp's minute, twice (from 3.9 on),

@@ -614,6 +614,33 @@ def test_http_connections_past_max_connections_are_refused_at_once(make_daemon: 
     assert status == 200 and body["result"]["pong"] is True, body
 
 
+def test_a_refused_http_connection_is_not_reset_by_the_request_its_client_sends_after_the_503(
+    make_daemon: Any,
+) -> None:
+    """A connection past max_connections was closed as soon as its 503 was written. A client that sent its request
+    after that (on a busy machine, jobd answers before the client has sent anything) met a reset: http.client failed
+    with a broken pipe, not the 503. jobd reads and drops what the client sends until the client closes its side."""
+    daemon = make_daemon(CONFIG, daemon_extra="max_connections = 1")
+    held = socket.create_connection(address(daemon), timeout=TIMEOUT)
+    try:
+        held.sendall(f"GET /jobs/status HTTP/1.1\r\nHost: jobd\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n".encode())
+        assert held.recv(65536).startswith(b"HTTP/1.1 200 "), "the one place is taken"
+        with socket.create_connection(address(daemon), timeout=TIMEOUT) as late:
+            answer = b""
+            while chunk := late.recv(65536):  # the refusal, then jobd's end of file: all before any request
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"TOO_MANY_CONNECTIONS" in answer, answer
+            # Sent now, in two writes as http.client sends a request with a body: a reset after the first (jobd's
+            # socket closed) fails the second with EPIPE.
+            late.sendall(b"POST /api/ping HTTP/1.1\r\nHost: jobd\r\nContent-Length: 2\r\n\r\n")
+            late.sendall(b"{}")
+            late.shutdown(socket.SHUT_WR)
+            assert late.recv(65536) == b""
+            assert late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    finally:
+        held.close()
+
+
 def test_idle_connections_are_closed_and_a_burst_gets_no_more_than_max_connections(make_daemon: Any) -> None:
     """A connection that sends no request is closed after FIRST_REQUEST_SECONDS (here 1 s): idle ones kept the
     places of clients with requests, for good. And a burst of connections taken in one turn of jobd's loop was
