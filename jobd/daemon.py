@@ -625,8 +625,7 @@ class Daemon:
         try:
             return self._reload()
         except OutOfResources as error:
-            self._reload_later(error)
-            raise OutOfResources(f"{error.message}; {RELOAD_LATER}") from None
+            raise self._reload_later(error) from None
 
     def _reload(self) -> dict[str, Any]:
         self.notifier.notify("RELOADING=1")
@@ -680,10 +679,11 @@ class Daemon:
         log.error("reload failed, keeping the running configuration: %s", message)
         self._notify_status()
 
-    def _reload_later(self, short: OutOfResources) -> None:
+    def _reload_later(self, short: OutOfResources) -> OutOfResources:
         """A reload could not read the files for want of descriptors or memory: the files may be sound, and a change
         in them must not be lost (inotify told it once). Reloaded again after RELOAD_RETRY_SECONDS, for as long as
-        the shortage lasts, with the running configuration kept meanwhile. Said once, not at every try."""
+        the shortage lasts, with the running configuration kept meanwhile. Said once, not at every try. Returns
+        what the reload answers."""
         message = f"{short.message}; {RELOAD_LATER}"
         if self.last_reload["error"] != message:
             log.warning("reload not done, keeping the running configuration: %s", message)
@@ -693,6 +693,7 @@ class Daemon:
         # system's file table has no waitable counter), and jobd frees its own in many places (a job's end, a
         # client leaving, an output read). It exists only while a reload waits; no-poll-ok.
         self._reload_retry = asyncio.get_running_loop().call_later(RELOAD_RETRY_SECONDS, self._retry_reload)
+        return OutOfResources(message)
 
     def _retry_reload(self) -> None:
         self._reload_retry = None

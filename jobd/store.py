@@ -1377,8 +1377,10 @@ class Store:
         """The rows of the instances `where` lists (with `fields`; with `low`, only ids from it on), and how many
         match (with `total`; else 0)."""
         query = self._instances_matching(InstanceRow.select(*fields), where, low)
-        counted = self._instances_matching(InstanceRow.select(InstanceRow.id), where, low, counting=True)
-        matching = int(counted.count()) if total else 0
+        matching = 0
+        if total:
+            counted = self._instances_matching(InstanceRow.select(InstanceRow.id), where, low, counting=True)
+            matching = int(counted.count())
         if not where.by_end:
             newest = query.order_by(InstanceRow.id.desc()).limit(where.limit).offset(where.offset)
             return self._rows_by(newest, fields), matching
