@@ -94,28 +94,31 @@ class LineHandler(logging.Handler):
 
 
 class HotLog:
-    """The INFO lines of a logger that come on the path of every job and submit (two or three per job), written by
-    jobd's LineHandler directly when it is the one place they go: building a LogRecord and passing it down the
-    loggers cost a serial submit 6 % of its instructions (callgrind: 36,000 of 599,000 per submit). Wherever else
-    they would go (another handler, a filter: a test's caplog) they take logging's own path."""
+    """The lines of a logger that come on the path of every job and submit (three per job: queued, running, its
+    end), written by jobd's LineHandler directly when it is the one place they go: building a LogRecord and passing
+    it down the loggers cost a serial submit 6 % of its instructions (callgrind: 36,000 of 599,000 per submit).
+    Wherever else they would go (another handler, a filter: a test's caplog) they take logging's own path."""
 
     def __init__(self, name: str) -> None:
         self.logger = logging.getLogger(name)
 
     def info(self, message: str, *args: object) -> None:
+        self.log(logging.INFO, message, *args)
+
+    def log(self, level: int, message: str, *args: object) -> None:
         logger = self.logger
-        if not logger.isEnabledFor(logging.INFO):
+        if not logger.isEnabledFor(level):
             return
-        handler = _sole_line_handler(logger)
+        handler = _sole_line_handler(logger, level)
         if handler is None:
-            logger.info(message, *args)
+            logger.log(level, message, *args)
         else:
-            handler.write_message(logging.INFO, message % args)
+            handler.write_message(level, message % args)
 
 
-def _sole_line_handler(logger: logging.Logger) -> LineHandler | None:
-    """The LineHandler that alone takes `logger`'s INFO records, unfiltered (on the root logger, where setup() puts
-    it); None when they would go anywhere else, or through a filter."""
+def _sole_line_handler(logger: logging.Logger, level: int) -> LineHandler | None:
+    """The LineHandler that alone takes `logger`'s records of `level`, unfiltered (on the root logger, where setup()
+    puts it); None when they would go anywhere else, or through a filter."""
     current = logger
     while not current.handlers:
         if current.filters or current.disabled or not current.propagate or current.parent is None:
@@ -124,7 +127,7 @@ def _sole_line_handler(logger: logging.Logger) -> LineHandler | None:
     if current.filters or len(current.handlers) != 1 or (current.propagate and current.parent is not None):
         return None
     [handler] = current.handlers
-    if type(handler) is not LineHandler or handler.filters or handler.level > logging.INFO:
+    if type(handler) is not LineHandler or handler.filters or handler.level > level:
         return None
     return handler
 

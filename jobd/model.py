@@ -6,7 +6,6 @@ Everything here is a frozen dataclass or a StrEnum; nothing does I/O. Every chan
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 from jobd import redact
 from jobd.errors import InvalidTransition
+from jobd.values import evolve, value
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what an environment variable may be called, everywhere
 # What a client may give as the name of a queue, task, workflow or schedule: every name the configuration allows
@@ -348,7 +348,7 @@ class Config:
     files: tuple[str, ...] = ()  # the files it was read from, in the order they applied
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class JobSpec:
     """Everything needed to run a job, resolved at submission so a later reload cannot change accepted work."""
 
@@ -375,7 +375,7 @@ class JobSpec:
     callbacks: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Job:
     id: int
     spec: JobSpec
@@ -418,7 +418,7 @@ class Job:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Attempt:
     job_id: int
     number: int  # 1-based
@@ -486,7 +486,7 @@ def transition(job: Job, new_state: JobState, **changes: Any) -> Job:
     """The only way a job changes state: checks the table, returns the new value."""
     if new_state not in TRANSITIONS[job.state]:
         raise InvalidTransition(f"job {job.id}: {job.state} -> {new_state} is not a valid transition")
-    return dataclasses.replace(job, state=new_state, **changes)
+    return evolve(job, state=new_state, **changes)
 
 
 class _IsoClock:
@@ -621,7 +621,7 @@ class ScheduleDef:
     enabled: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AuditEntry:
     """One mutating command as the audit log keeps it: who, what, when, and how it ended."""
 

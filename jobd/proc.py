@@ -33,11 +33,11 @@ import termios
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from jobd import logline
 from jobd.epollset import EpollSet
 from jobd.errors import SHORTAGE_ERRNOS
+from jobd.values import value
 
 log = logging.getLogger("jobd.proc")
 
@@ -100,7 +100,7 @@ class SpawnError(Exception):
         self.transient = transient
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class LaunchSpec:
     argv: Sequence[str]
     env: Mapping[str, str]
@@ -121,7 +121,7 @@ class LaunchSpec:
     program_by_fd: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ExitInfo:
     exit_code: int | None  # 0–255 when the leader exited
     signal: int | None  # the signal that killed the leader

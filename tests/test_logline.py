@@ -135,25 +135,36 @@ def test_a_record_that_cannot_be_written_does_not_raise(pipe: tuple[int, int]) -
 
 
 def test_hot_lines_are_the_lines_logging_writes(pipe: tuple[int, int]) -> None:
-    """HotLog writes through the LineHandler without a LogRecord: the same line as logging's path, in both forms."""
+    """HotLog writes through the LineHandler without a LogRecord: the same line as logging's path, in both forms
+    and at both levels a job's end takes."""
     read_fd, write_fd = pipe
     journal = _logger(LineHandler(write_fd, journal=True))
     hot = HotLog(journal.name)
-    assert _sole_line_handler(journal) is journal.handlers[0]  # the direct path is the one taken
+    for level in (logging.INFO, logging.WARNING):
+        assert _sole_line_handler(journal, level) is journal.handlers[0]  # the direct path is the one taken
     hot.info("job=%d %s in queue %s", 1, "queued", os.fsdecode(b"caf\xe9"))
     journal.info("job=%d %s in queue %s", 1, "queued", os.fsdecode(b"caf\xe9"))
+    hot.log(logging.WARNING, "job=%d %s (attempt %d %s, %s)", 1, "failed", 1, "failed", "exit code 3")
+    journal.warning("job=%d %s (attempt %d %s, %s)", 1, "failed", 1, "failed", "exit code 3")
     terminal = _logger(LineHandler(write_fd, journal=False))
     HotLog(terminal.name).info("job=%d running (attempt %d, pid %d)", 1, 1, 4242)
     terminal.info("job=%d running (attempt %d, pid %d)", 1, 1, 4242)
+    HotLog(terminal.name).log(logging.WARNING, "job=%d failed", 1)
+    terminal.warning("job=%d failed", 1)
     lines = _read_all(read_fd, write_fd).splitlines()
-    assert lines[:2] == ["<6>job=1 queued in queue caf\\xe9"] * 2
+    assert (
+        lines[:4] == ["<6>job=1 queued in queue caf\\xe9"] * 2 + ["<4>job=1 failed (attempt 1 failed, exit code 3)"] * 2
+    )
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
     assert [
-        re.fullmatch(stamp + " INFO job=1 running \\(attempt 1, pid 4242\\)", line) is not None for line in lines[2:]
+        re.fullmatch(stamp + " INFO job=1 running \\(attempt 1, pid 4242\\)", line) is not None for line in lines[4:6]
     ] == [
         True,
         True,
     ], lines
+    assert [re.fullmatch(stamp + " WARNING job=1 failed", line) is not None for line in lines[6:]] == [True, True], (
+        lines
+    )
 
 
 def test_hot_lines_go_through_logging_wherever_else_they_would_go(pipe: tuple[int, int]) -> None:
@@ -174,11 +185,17 @@ def test_hot_lines_go_through_logging_wherever_else_they_would_go(pipe: tuple[in
     log.setLevel(logging.WARNING)
     hot.info("job=%d succeeded", 3)  # below the level
     log.setLevel(logging.DEBUG)
+    log.handlers[0].setLevel(logging.WARNING)  # the handler's own level: INFO goes to logging, which drops it there
+    assert _sole_line_handler(log, logging.INFO) is None
+    assert _sole_line_handler(log, logging.WARNING) is log.handlers[0]
+    hot.info("job=%d succeeded", 5)
+    hot.log(logging.WARNING, "job=%d failed", 6)
+    log.handlers[0].setLevel(logging.NOTSET)
     child = logging.getLogger(log.name + ".child")  # propagating to the handler's logger: still the direct path
-    assert _sole_line_handler(child) is log.handlers[0]
+    assert _sole_line_handler(child, logging.INFO) is log.handlers[0]
     HotLog(child.name).info("job=%d succeeded", 4)
     assert [record.getMessage() for record in seen] == ["job=1 succeeded"]
-    assert _read_all(read_fd, write_fd).splitlines() == ["<6>job=1 succeeded", "<6>job=4 succeeded"]
+    assert _read_all(read_fd, write_fd).splitlines() == ["<6>job=1 succeeded", "<4>job=6 failed", "<6>job=4 succeeded"]
 
 
 def test_a_hot_line_that_cannot_be_written_does_not_raise(pipe: tuple[int, int]) -> None:

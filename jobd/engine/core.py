@@ -49,6 +49,7 @@ from jobd.model import (
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
 from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store, store_failure
 from jobd.users import Account, account
+from jobd.values import evolve, value
 
 if TYPE_CHECKING:
     import aiohttp
@@ -175,7 +176,7 @@ def _read_output(job_id: int, stream: str, path: str, offset: int, limit: int) -
         raise short from None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _Start:
     """A job moved to `running` whose attempt is being committed; then it is launched."""
 
@@ -566,7 +567,7 @@ class Engine:
             )
             self._not_started(job, attempt, transient=error.transient)
             return
-        attempt = dataclasses.replace(attempt, pid=child.pid, pid_start=child.start_time)
+        attempt = evolve(attempt, pid=child.pid, pid_start=child.start_time)
         try:
             self.store.record_process(attempt)
         except Exception as error:  # the job runs on; only a crash of jobd before its end would miss the pid
@@ -728,7 +729,7 @@ class Engine:
         queue = self.queues[job.spec.queue]
         queue.running.discard(job_id)
         outcome = outcome_of(info.exit_code, timed_out=running.timed_out, stopped=running.stopped)
-        attempt = dataclasses.replace(
+        attempt = evolve(
             running.attempt,
             outcome=outcome,
             finished_at=finished_at,
@@ -827,12 +828,12 @@ class Engine:
         if attempt.outcome is Outcome.SPAWN_ERROR or attempt.outcome is Outcome.LOST:
             how = attempt.error or ""
         level = logging.INFO if job.state is JobState.SUCCEEDED else logging.WARNING
-        log.log(level, "job=%d %s (attempt %d %s, %s)", job.id, job.state, attempt.number, attempt.outcome, how)
+        job_log.log(level, "job=%d %s (attempt %d %s, %s)", job.id, job.state, attempt.number, attempt.outcome, how)
 
     def _progress(self, job_id: int, value: int) -> None:
         job = self.jobs.get(job_id)
         if job is not None and job.progress != value:
-            job = dataclasses.replace(job, progress=value)  # progress is not a state; persisted at the end
+            job = evolve(job, progress=value)  # progress is not a state; persisted at the end
             self.jobs[job_id] = job
             self._emit("job.progress", job)
             watcher = self._watchers.get(job_id)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from jobd.model import Attempt, Job, JobState, Outcome
+from jobd.values import value
 
 RESOURCE_RETRY_DELAY = 1.0  # seconds before trying again a job that jobd itself could not start
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class NextStep:
     state: JobState
     run_at: float  # for DELAYED: when the job becomes ready again

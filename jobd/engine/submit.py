@@ -30,11 +30,12 @@ from jobd.model import (
     Right,
     TaskDef,
 )
+from jobd.values import value
 
 RESERVED_ENV_PREFIX = "JOBD_"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SubmitRequest:
     task: str | None = None
     command: tuple[str, ...] | None = None

