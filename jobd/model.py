@@ -1,6 +1,7 @@
 """Plain values jobd reasons about: definitions from the config, jobs, attempts, and the job state machine.
 
-Everything here is a frozen dataclass or a StrEnum; nothing does I/O. Every change of a job's state goes through
+Everything here is a frozen dataclass (those made on every job and submit are `@value` classes, frozen for the
+type checker: jobd/values.py) or a StrEnum; nothing does I/O. Every change of a job's state goes through
 `transition()`, which enforces the table below.
 """
 
