@@ -149,6 +149,9 @@ class RetryPolicy:
         )
 
 
+NO_RETRY = RetryPolicy()  # one value for every job that is not retried, the default of tasks and specs
+
+
 @dataclass(frozen=True, slots=True)
 class QueueDef:
     name: str
@@ -170,7 +173,7 @@ class TaskDef:
     environment: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None
     kill_grace: float = DEFAULT_KILL_GRACE
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = NO_RETRY
     max_output: int = DEFAULT_MAX_OUTPUT
     # Who the process runs as (docs/config.md, "Run as"): the names as configured, and the ids they resolved to when
     # the configuration loaded (the [daemon] default_user already applied). uid None: jobd's own user.
@@ -362,7 +365,7 @@ class JobSpec:
     working_dir: str | None = None
     timeout: float | None = None
     kill_grace: float = DEFAULT_KILL_GRACE
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = NO_RETRY
     max_output: int = DEFAULT_MAX_OUTPUT
     context: str | None = None
     key: str | None = None

@@ -30,6 +30,7 @@ import peewee
 from jobd import logline
 from jobd.errors import InvalidParams, ShuttingDown, StartupError, StoreFailed
 from jobd.model import (
+    NO_RETRY,
     Attempt,
     AuditEntry,
     InstanceSummary,
@@ -2128,8 +2129,7 @@ _CALLBACKS_DONE = (
     """(SELECT 1 FROM "callback" WHERE "job_id" = ? AND "state" = 'pending')"""
 )
 
-_NO_RETRY = RetryPolicy()
-_NO_RETRY_JSON = json.dumps(_NO_RETRY.to_json())  # most jobs: worth not encoding it again on every submit
+_NO_RETRY_JSON = json.dumps(NO_RETRY.to_json())  # most jobs: worth not encoding it again on every submit
 
 
 # A commit the store refused (a full disk, an I/O error) is tried again after this long, for as long as it fails.
@@ -2256,7 +2256,7 @@ def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
         spec.working_dir,
         spec.timeout,
         spec.kill_grace,
-        _NO_RETRY_JSON if spec.retry == _NO_RETRY else json.dumps(spec.retry.to_json()),
+        _NO_RETRY_JSON if spec.retry is NO_RETRY or spec.retry == NO_RETRY else json.dumps(spec.retry.to_json()),
         spec.max_output,
         spec.submitted_by,
         spec.merge_stderr,
