@@ -137,8 +137,10 @@ def merge(*parts: Mapping[str, Any] | None) -> dict[str, list[Any]] | None:
     """Lists concatenated event by event, in the order given (task, queue, job); None when there are none."""
     result: dict[str, list[Any]] = {}
     for part in parts:
+        if not part:  # most jobs: no callbacks anywhere
+            continue
         for event in EVENTS:
-            if part is not None and part.get(event):
+            if part.get(event):
                 result.setdefault(event, []).extend(part[event])
     return result or None
 
