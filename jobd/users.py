@@ -52,26 +52,46 @@ def group_id(name: str) -> int:
         raise
 
 
-def _unless_short(what: str) -> None:
+def _unless_short(what: str, then: str = "the configuration is not read now") -> None:
     """Python's pwd and grp say "not found" whatever made the lookup fail, and a lookup opens a file (glibc reads
     /etc/passwd, or connects to nscd or sssd): without a descriptor to spare, every name was "not found". Raise
-    OutOfResources when no descriptor can be opened now; return when one can, and "not found" is the answer."""
+    OutOfResources when no descriptor can be opened now (`then` says what becomes of the request); return when one
+    can, and "not found" is the answer."""
     try:
         os.close(os.open("/", os.O_PATH | os.O_CLOEXEC))
     except OSError as error:
-        short = shortage(what, error, "the configuration is not read now")
+        short = shortage(what, error, then)
         if short is None:
             raise
         raise short from None
 
 
+# What becomes of a job whose account cannot be looked up now (see Engine._take_starts).
+_JOB_WAITS = "the job waits in its queue and is started once jobd can look it up"
+
+
 def account(uid: int, gid: int) -> Account:
+    """Who a job of `uid` and `gid` becomes; OutOfResources if jobd cannot tell now.
+
+    A lookup that fails for want of a descriptor is no answer: the uid would seem to have no passwd entry, and so
+    no name, "/" for its home and only its primary group, and the job would run without the supplementary groups
+    its files may need."""
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:
+        _unless_short(f"cannot look up the account of uid {uid}", _JOB_WAITS)
         return Account(uid=uid, gid=gid, name=None, home="/", groups=(gid,))
-    groups = tuple(os.getgrouplist(entry.pw_name, gid))
-    return Account(uid=uid, gid=gid, name=entry.pw_name, home=entry.pw_dir or "/", groups=groups)
+    return Account(uid=uid, gid=gid, name=entry.pw_name, home=entry.pw_dir or "/", groups=groups_of(entry.pw_name, gid))
+
+
+def groups_of(name: str, gid: int) -> tuple[int, ...]:
+    """The groups initgroups(3) gives the user `name` with the primary group `gid`; OutOfResources if jobd cannot
+    tell now. glibc's getgrouplist(3) raises nothing when it cannot read /etc/group: it answers the primary group
+    alone, as it does for a user of no other group. That answer is trusted only if a descriptor can be opened."""
+    groups = tuple(os.getgrouplist(name, gid))
+    if set(groups) <= {gid}:
+        _unless_short(f"cannot look up the groups of the user {name!r}", _JOB_WAITS)
+    return groups
 
 
 def describe(uid: int) -> str:

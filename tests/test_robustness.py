@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import resource
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from harness import REPO, Daemon
-from recovery.support import WAIT, Gate, gated, wait_for_log
+from recovery.support import WAIT, Gate, gated, out_of_descriptors, soft_limit_on_open_files, wait_for_log
 
 from jobd import config, openfiles
 from jobd.client import Client, RemoteError
@@ -284,7 +285,7 @@ def test_clients_that_cannot_be_accepted_for_want_of_descriptors_are_logged_once
     # and arming a timer for each, each of which failed a hundred times more: the log grew by a hundred tracebacks
     # more every second for as long as the shortage lasted (jobd.eventloop).
     daemon: Daemon = make_daemon(QUEUE)
-    soft_before = _soft_limit_on_open_files(daemon.pid)
+    soft_before = soft_limit_on_open_files(daemon.pid)
     # No descriptor number left below the limit, once the few gaps below the highest are taken by clients.
     highest = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd"))
     subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={highest + 1}:"], check=True)
@@ -306,32 +307,13 @@ def test_clients_that_cannot_be_accepted_for_want_of_descriptors_are_logged_once
     assert "out of system resource" not in log and "Traceback" not in log, log
 
 
-@contextlib.contextmanager
-def _out_of_descriptors(daemon: Daemon) -> Any:
-    """jobd with no descriptor left: its soft limit on open files lowered to its highest descriptor, and clients
-    connected until one is not accepted (so every number below the limit is taken). Its limit comes back after."""
-    soft_before = _soft_limit_on_open_files(daemon.pid)
-    highest = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd"))
-    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={highest + 1}:"], check=True)
-    with contextlib.ExitStack() as held:
-        try:
-            for _ in range(64):  # within the listen backlog: each connect() returns at once, accepted or not
-                sock = held.enter_context(socket.socket(socket.AF_UNIX))
-                sock.connect(str(daemon.socket_path))
-            wait_for_log(daemon, f"cannot accept clients on {daemon.socket_path}: Too many open files")
-            yield
-        finally:
-            if daemon.running():
-                subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
-
-
 def test_a_first_wait_while_jobd_is_out_of_descriptors_is_answered(make_daemon: Any) -> None:
     # The set of clients whose hang-up jobd looks out for was made at the first request that waits: made when jobd
     # had no descriptor left, it failed in the middle of that request, and the client's connection was dropped
     # without an answer (logged at debug level only).
     daemon: Daemon = make_daemon(QUEUE)
     job = daemon.submit(command=["/bin/true"], delay=86400)
-    with daemon.client() as client, _out_of_descriptors(daemon):
+    with daemon.client() as client, out_of_descriptors(daemon):
         waited = client.call("job.wait", {"id": job["id"], "timeout": 0})  # a wait, answered as the job is now
     assert waited["state"] == "delayed"
     assert "[Errno 24]" not in daemon.log()  # no request failed for want of a descriptor
@@ -345,7 +327,7 @@ def test_a_stop_while_clients_wait_to_be_accepted_logs_no_traceback(make_daemon:
     with daemon.client() as client:
         job = client.call("job.submit", {"command": ["sh", "-c", "trap '' TERM; echo up; exec sleep 600"]})
         assert client.call("job.output", {"id": job["id"], "wait": True}, timeout=WAIT)["data"] == "up\n"
-    with _out_of_descriptors(daemon):
+    with out_of_descriptors(daemon):
         assert daemon.stop() == 0
     log = daemon.log()
     assert "(attempt 1 killed, signal 9)" in log, log  # the stop waited the whole kill_grace
@@ -359,7 +341,7 @@ def test_output_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_short
     job = daemon.submit(command=["/bin/echo", "kept"])
     assert daemon.wait(job["id"])["state"] == "succeeded"
     with daemon.client() as client:
-        with _out_of_descriptors(daemon), pytest.raises(RemoteError) as refused:
+        with out_of_descriptors(daemon), pytest.raises(RemoteError) as refused:
             client.call("job.output", {"id": job["id"]})
         assert refused.value.code == "OUT_OF_RESOURCES", refused.value
         assert str(refused.value).endswith(
@@ -377,7 +359,7 @@ def _writing_while_out_of_descriptors(daemon: Daemon, gate_path: Path, argv: lis
     try:
         job = daemon.submit(command=gated(gate, *argv))
         wait_for_log(daemon, f"job={job['id']} running")
-        with _out_of_descriptors(daemon):
+        with out_of_descriptors(daemon):
             gate.release()  # the job writes now, while jobd cannot make its file
             wait_for_log(daemon, until.replace("JOB", str(job["id"])))
     finally:
@@ -422,7 +404,7 @@ def test_a_reload_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_sho
     daemon: Daemon = make_daemon(QUEUE)
     with daemon.client() as client:
         client.call("ping")  # accepted (not left in the listen backlog) before the limit falls
-        with _out_of_descriptors(daemon), pytest.raises(RemoteError) as refused:
+        with out_of_descriptors(daemon), pytest.raises(RemoteError) as refused:
             client.call("daemon.reload", timeout=WAIT)
         assert refused.value.code == "OUT_OF_RESOURCES", refused.value
         assert "cannot list: Too many open files (jobd is short of open files or memory" in str(refused.value)
@@ -445,7 +427,7 @@ def test_a_change_seen_while_jobd_is_out_of_descriptors_is_applied_once_it_can_b
     # files", as if the files were broken), and was never applied: inotify tells a change once.
     daemon: Daemon = make_daemon(QUEUE)
     drop_in = daemon.config_dir / "jobd.d" / "60-more.toml"
-    with _out_of_descriptors(daemon):
+    with out_of_descriptors(daemon):
         temporary = drop_in.with_name(".60-more.toml.tmp")
         temporary.write_text("[queue.more]\nconcurrency = 1\n")
         os.replace(temporary, drop_in)
@@ -496,6 +478,71 @@ print(users.user_ids("root"), users.group_id("root"))
         "LimitNOFILE=); the configuration is not read now",
         "(0, 0) 0",
     ], ran
+
+
+def test_an_account_looked_up_without_a_descriptor_to_spare_is_a_shortage_not_an_account_without_groups() -> None:
+    # A job's account (its name, home and supplementary groups) is looked up as it starts. Without a descriptor to
+    # open /etc/passwd with, glibc found no such uid, and the job's account was made of its uid and primary gid
+    # alone: no name, "/" for its home, no supplementary group. getgrouplist(3) raises nothing either: without
+    # /etc/group it answers the primary group alone. Run in a process of its own, every descriptor below its
+    # lowered limit taken; what each lookup answered, or the shortage it raised, is printed.
+    script = """
+import os, resource
+from jobd import users
+from jobd.errors import OutOfResources
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+taken = []
+try:
+    while True:
+        taken.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+for lookup, arguments in ((users.account, (0, 0)), (users.groups_of, ("root", 0))):
+    try:
+        print("answered", lookup(*arguments))
+    except OutOfResources as error:
+        print(error.message)
+for fd in taken:
+    os.close(fd)
+print(users.account(0, 0))
+"""
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    root = pwd.getpwuid(0)
+    assert ran.stdout.splitlines() == [
+        "cannot look up the account of uid 0: Too many open files (jobd is short of open files or memory: see "
+        "LimitNOFILE=); the job waits in its queue and is started once jobd can look it up",
+        "cannot look up the groups of the user 'root': Too many open files (jobd is short of open files or memory: "
+        "see LimitNOFILE=); the job waits in its queue and is started once jobd can look it up",
+        f"Account(uid=0, gid=0, name='root', home='{root.pw_dir}', groups={tuple(os.getgrouplist('root', 0))})",
+    ], ran
+
+
+def test_a_job_that_starts_while_jobd_is_out_of_descriptors_waits_untried_and_gets_its_home_and_user_name(
+    make_daemon: Any,
+) -> None:
+    # jobd looks its own account up once, at the first start of a job that runs as jobd, for the HOME, USER and
+    # LOGNAME of such jobs. Looked up without a descriptor to spare, a user of /etc/passwd was "no such uid", and
+    # that answer was kept for jobd's life: every job of jobd's user would have run with HOME=/ and neither USER nor
+    # LOGNAME. (root, which jobd runs as here, is also answered by nss-systemd without a file; its groups are not.)
+    # Now the job waits untried, with no spawn_error attempt, until the lookup can be made.
+    daemon: Daemon = make_daemon(QUEUE)
+    me = pwd.getpwuid(os.geteuid())
+    with daemon.client() as client:
+        client.call("ping")  # accepted (not left in the listen backlog) before the descriptors run out
+        with out_of_descriptors(daemon):
+            job = client.call("job.submit", {"command": ["/bin/sh", "-c", 'echo "$HOME|$USER|$LOGNAME"']})
+            wait_for_log(daemon, f"job={job['id']} not started yet: cannot look up the ")
+            wait_for_log(daemon, "no job starts for 1s: jobd is short of processes, open files or memory")
+        finished = client.call("job.wait", {"id": job["id"], "timeout": WAIT}, timeout=WAIT + 5)
+    assert finished["state"] == "succeeded", finished
+    assert daemon.output(job["id"]) == f"{me.pw_dir}|{me.pw_name}|{me.pw_name}\n"
+    assert [t["outcome"] for t in daemon.call("job.get", {"id": job["id"]})["tries"]] == ["succeeded"]
 
 
 PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, where a private cgroup can be made
@@ -578,11 +625,6 @@ def test_while_jobd_cannot_fork_one_start_is_tried_per_hold_in_the_whole_daemon(
     assert states == ["succeeded"] * 16  # nothing lost once the processes are there
 
 
-def _soft_limit_on_open_files(pid: int) -> int:
-    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
-    return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))
-
-
 def test_jobd_raises_its_soft_limit_on_open_files_to_what_its_queues_may_need(make_daemon: Any) -> None:
     # Started with systemd's soft limit of 1024 (here 256), jobd hit it at a few hundred job slots: jobs were put back
     # to start again later, each failed start recorded as a spawn_error attempt, and clients waited to be accepted.
@@ -591,7 +633,7 @@ def test_jobd_raises_its_soft_limit_on_open_files_to_what_its_queues_may_need(ma
     daemon.start()
     needed = openfiles.needed(config.load([str(daemon.config_dir)]))
     assert 256 < needed < 8192
-    assert _soft_limit_on_open_files(daemon.pid) == needed
+    assert soft_limit_on_open_files(daemon.pid) == needed
     assert f"raised the soft limit on open files from 256 to {needed}" in daemon.log()
     with daemon.client() as watcher, daemon.client() as client:
         watcher.call("events.subscribe", {"types": ["job.progress"]})
@@ -620,7 +662,7 @@ def test_a_hard_limit_on_open_files_below_what_the_queues_may_need_is_warned_abo
     daemon.command_prefix = ["prlimit", "--nofile=256:700", "--"]
     daemon.start()
     needed = openfiles.needed(config.load([str(daemon.config_dir)]))
-    assert _soft_limit_on_open_files(daemon.pid) == 700  # as far as it could
+    assert soft_limit_on_open_files(daemon.pid) == 700  # as far as it could
     assert f"the configuration may need {needed} open files" in daemon.log()
     assert "the hard limit is 700" in daemon.log()
     # A reload to what fits says nothing more; one that needs more again warns again.

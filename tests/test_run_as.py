@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon, in_user_namespace, machine_accounts
+from recovery.support import WAIT, out_of_descriptors, wait_for_log
 
 from jobd import config
 from jobd.client import Client
@@ -113,6 +114,34 @@ def test_a_task_runs_as_its_user_with_supplementary_groups_home_and_environment(
     assert set(map(int, groups.split())) == expected  # initgroups: the group database's list, nothing of root's
     assert env == f"{test_user.pw_dir}|{USER}|{USER}"
     assert cwd == test_user.pw_dir  # no working_dir: the user's home
+
+
+def test_a_task_started_while_jobd_is_out_of_descriptors_waits_and_runs_with_its_supplementary_groups(
+    make_daemon: Any, test_user: pwd.struct_passwd
+) -> None:
+    # Without a descriptor to spare, glibc cannot read /etc/passwd and /etc/group: the user's account came back as
+    # "no such uid", made of its uid and primary gid alone, and would have run without its supplementary groups,
+    # "/" for its home. (Here the spawn that followed failed too, for want of pipes, and was tried again a second
+    # later with an account looked up anew.) Now the start is a shortage: the job waits untried, no job starts for
+    # a second, and it runs once jobd can look its account up.
+    daemon = _start(make_daemon, f'[task.whoami]\n{COMMAND}user = "{USER}"\n')
+    with daemon.client() as client:
+        client.call("ping")  # accepted (not left in the listen backlog) before the descriptors run out
+        with out_of_descriptors(daemon):
+            job = client.call("job.submit", {"task": "whoami"})
+            wait_for_log(
+                daemon,
+                f"job={job['id']} not started yet: cannot look up the account of uid {test_user.pw_uid}: "
+                "Too many open files",
+            )
+        done = client.call("job.wait", {"id": job["id"], "timeout": WAIT}, timeout=WAIT + 5)
+    assert done["state"] == "succeeded", (done, daemon.output(job["id"], "stderr"))
+    uid, gid, groups, env, _ = daemon.output(job["id"]).splitlines()
+    assert (int(uid), int(gid)) == (test_user.pw_uid, test_user.pw_gid)
+    expected = {test_user.pw_gid, grp.getgrnam(EXTRA_GROUP).gr_gid, grp.getgrnam(SOCKET_GROUP).gr_gid}
+    assert set(map(int, groups.split())) == expected
+    assert env == f"{test_user.pw_dir}|{USER}|{USER}"
+    assert [t["outcome"] for t in daemon.call("job.get", {"id": job["id"]})["tries"]] == ["succeeded"]
 
 
 def test_a_task_group_replaces_the_primary_group(make_daemon: Any, test_user: pwd.struct_passwd) -> None:

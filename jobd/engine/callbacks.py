@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
 from jobd.engine.http_task import JOB_ID, HttpSpecError, check_headers, check_url, new_session
-from jobd.errors import UnknownJob
+from jobd.errors import OutOfResources, UnknownJob
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
 from jobd.store import STORE_RETRY_SECONDS, CallbackDelivery, Store, store_failure
@@ -237,7 +237,9 @@ class Callbacks:
                 error = await self._exec(delivery, job, summary, tries)
             else:
                 error = await self._http(delivery, job, summary, tries)
-        except (TimeoutError, OSError, SpawnError, ValueError) as exc:
+        # OutOfResources: the job's user could not be looked up for want of a descriptor (users.account); a failed
+        # try, as a spawn short of descriptors is, rather than an exec with less than the user's groups.
+        except (TimeoutError, OSError, SpawnError, ValueError, OutOfResources) as exc:
             error = _failure(exc)
         if error is not None and "http" in delivery.spec:
             # The error is logged and kept in the row, which name the target masked: aiohttp's InvalidURL is the

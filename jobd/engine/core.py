@@ -26,6 +26,7 @@ from jobd.engine.queues import QueueRuntime
 from jobd.errors import (
     InvalidParams,
     JobFinished,
+    OutOfResources,
     QueueClosed,
     ShuttingDown,
     StoreFailed,
@@ -521,7 +522,15 @@ class Engine:
                 break
             number = job.attempts + 1
             now = self.clock()
-            launch = None if job.spec.http is not None else self._launch_spec(job, number)
+            try:
+                launch = None if job.spec.http is not None else self._launch_spec(job, number)
+            except OutOfResources as short:
+                # Its user's groups and home cannot be looked up for want of a descriptor: rather than start it
+                # with the wrong identity, it waits untried where it was, and no job starts until the hold ends.
+                queue.push(job)
+                log.warning("job=%d not started yet: %s", job.id, short.message)
+                self._hold_starts_while_short()
+                break
             waiting = job
             job = transition(
                 job, JobState.RUNNING, started_at=now, attempts=number, progress=0, exit_code=None, signal=None

@@ -250,3 +250,27 @@ def held_in_spawn(daemon: Daemon) -> subprocess.Popen[str]:
     )
     assert strace.stderr is not None and "attached" in strace.stderr.readline()  # tracing from here on
     return strace
+
+
+@contextlib.contextmanager
+def out_of_descriptors(daemon: Daemon) -> Any:
+    """jobd with no descriptor left: its soft limit on open files lowered to its highest descriptor, and clients
+    connected until one is not accepted (so every number below the limit is taken). Its limit comes back after."""
+    soft_before = soft_limit_on_open_files(daemon.pid)
+    highest = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd"))
+    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={highest + 1}:"], check=True)
+    with contextlib.ExitStack() as held:
+        try:
+            for _ in range(64):  # within the listen backlog: each connect() returns at once, accepted or not
+                sock = held.enter_context(socket.socket(socket.AF_UNIX))
+                sock.connect(str(daemon.socket_path))
+            wait_for_log(daemon, f"cannot accept clients on {daemon.socket_path}: Too many open files")
+            yield
+        finally:
+            if daemon.running():
+                subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
+
+
+def soft_limit_on_open_files(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))
