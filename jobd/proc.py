@@ -210,16 +210,19 @@ def _log_output_failure(message: str, cause: str) -> None:
     log.error("%s; what the job writes there from now on is dropped%s", message, more)
 
 
-def _log_held_output(path: str, error: OSError) -> None:
+def log_held_output(path: str, error: OSError, where: str = "in its pipe") -> None:
+    """Say that an output file cannot be created now for want of descriptors or memory, and that what goes there
+    waits (`where`) meanwhile: the first time for each cause, then at most once a minute."""
     due = _output_failures.due(("held", error.strerror))
     if due is None:
         return
     held, seconds = due
     more = f" ({held} more output files waited so in the last {seconds:.0f} s)" if held else ""
     log.warning(
-        "cannot create %s: %s; the job's output waits in its pipe until jobd can create it (tried again every %gs)%s",
+        "cannot create %s: %s; the job's output waits %s until jobd can create it (tried again every %gs)%s",
         path,
         error.strerror,
+        where,
         OUTPUT_RETRY_SECONDS,
         more,
     )
@@ -299,7 +302,7 @@ class _OutputSink:
         data = os.read(self.read_fd, min(room, _DISCARD_CHUNK))
         if data and (short := self.file.open_now()) is not None:
             self.held, self._short = data, short
-            _log_held_output(self.file.path, short)
+            log_held_output(self.file.path, short)
             return len(data)
         written = self.file.write(data) if data else 0
         self.kept += written
@@ -317,7 +320,12 @@ class _OutputSink:
 
 
 class _ProgressReader:
-    """Parses evQueue's fd 3 protocol from a pipe; log lines go to a capped file and to a callback."""
+    """Parses evQueue's fd 3 protocol from a pipe; log lines go to a capped file and to a callback.
+
+    Should the file not be created at the first log line for want of descriptors or memory, that line and those
+    after it are held (`held`), unparsed, and the pipe is read no more until resume() can create it, as _OutputSink
+    holds its output: the job blocks on its full pipe meanwhile, and its progress and log lines are told later but
+    whole and in their order."""
 
     def __init__(
         self,
@@ -333,23 +341,50 @@ class _ProgressReader:
         self.kept = 0
         self.dropped = 0  # bytes of log lines beyond the cap
         self.eof = False
+        self.held: list[bytes] = []  # whole lines read and not yet told: the file could not be created yet
+        self._short: OSError | None = None  # why, while `held`
         self._partial = b""
         self._closed_by_job = False
         self._on_progress = on_progress
         self._on_log = on_log
 
+    def resume(self) -> bool:
+        """Tell the lines held; False (and nothing told) while jobd still cannot create the file."""
+        lines, self.held = self.held, []
+        self._tell(lines)
+        return not self.held
+
+    def finish(self) -> None:
+        """The job has ended: a last line without its newline is a line (no more of it will come, whether or not its
+        end-of-file was read), and what is held is told now. Its log lines go to the file if it can be created now;
+        if not, the file loses them, and says so, while on_log hears them all the same."""
+        if self._partial and not self._closed_by_job:
+            self.held.append(self._partial)
+        self._partial = b""
+        if self.held and not self.resume():
+            assert self._short is not None
+            self.file.failed(self._short)  # the file takes nothing more: its lines are counted as dropped
+            self.resume()
+
     def drain_once(self) -> int:
-        """Read and parse one chunk: the bytes taken from the pipe, 0 once it is empty (EAGAIN) or closed (EOF)."""
+        """Read and parse one chunk: the bytes taken from the pipe, 0 once it is empty (EAGAIN) or closed (EOF), or
+        while lines are held."""
+        if self.held and not self.resume():
+            return 0
         try:
             data = os.read(self.read_fd, _LOG_CHUNK)
         except BlockingIOError:
             return 0
         if not data:
             self.eof = True
-            self._flush_partial()
-            return 0
-        if not self._closed_by_job:
+            if self._partial and not self._closed_by_job:  # a last line without its newline is a line
+                self._tell([self._partial])
+            self._partial = b""
+        elif not self._closed_by_job:
             self._feed(data)
+        if self.held:
+            assert self._short is not None
+            log_held_output(self.file.path, self._short)
         return len(data)
 
     def _feed(self, data: bytes) -> None:
@@ -358,29 +393,35 @@ class _ProgressReader:
         if len(self._partial) > MAX_LOG_LINE:  # an endless line: cut it rather than buffer it all
             lines.append(self._partial)
             self._partial = b""
-        for line in lines:
-            self._line(line)
+        self._tell(lines)
+
+    def _tell(self, lines: list[bytes]) -> None:
+        """Tell each line in turn; from a log line whose file cannot be created now on, they are held."""
+        for index, line in enumerate(lines):
             if self._closed_by_job:
                 break
+            if not self._line(line):
+                self.held = lines[index:]
+                break
 
-    def _flush_partial(self) -> None:
-        if self._partial and not self._closed_by_job:
-            self._line(self._partial)
-        self._partial = b""
-
-    def _line(self, raw: bytes) -> None:
+    def _line(self, raw: bytes) -> bool:
+        """Tell one line; False, and nothing told, if it is a log line whose file cannot be created now."""
         if raw == b"\\close":
             self._closed_by_job = True
-            return
+            return True
         if raw.startswith(b"%") and not raw.startswith(b"%%"):
             digits = raw[1:].strip()
             if digits.isdigit():
                 self._on_progress(max(0, min(100, int(digits))))
-                return
+                return True
         if raw.startswith(b"%%"):
             raw = raw[1:]
+        if self.kept < self.cap and (short := self.file.open_now()) is not None:
+            self._short = short
+            return False
         self._write_log(raw)
         self._on_log(raw.decode("utf-8", "replace"))
+        return True
 
     def _write_log(self, raw: bytes) -> None:
         line = raw + b"\n"
@@ -390,9 +431,6 @@ class _ProgressReader:
         self.dropped += len(line) - written
 
     def close(self) -> None:
-        # A last line without its newline is a line: the job has ended (or its pipe is given up) and no more of it
-        # will come, whether or not its end-of-file was read.
-        self._flush_partial()
         os.close(self.read_fd)
         self.file.close()
 
@@ -433,7 +471,7 @@ class Child:
         self._reaped = False
         self._stopping = False
         self._kill_timer: asyncio.TimerHandle | None = None
-        self._resume_timers: dict[int, asyncio.TimerHandle] = {}  # by read_fd: the held streams (_OutputSink)
+        self._resume_timers: dict[int, asyncio.TimerHandle] = {}  # by read_fd: the held streams
         self._pidfd = os.pidfd_open(popen.pid)
         registered: list[int] = []
         try:
@@ -544,24 +582,26 @@ class Child:
 
     def _drain(self, reader: _OutputSink | _ProgressReader) -> None:
         reader.drain_once()
-        if reader.eof:
-            self._pipes.remove(reader.read_fd)
-        elif isinstance(reader, _OutputSink) and reader.held:  # its file cannot be created now: read no more
+        if reader.held:  # its file cannot be created now: read no more (fd 3 may be at its end-of-file already)
             self._pipes.remove(reader.read_fd)
             self._resume_later(reader)
+        elif reader.eof:
+            self._pipes.remove(reader.read_fd)
 
-    def _resume_later(self, sink: _OutputSink) -> None:
-        self._resume_timers[sink.read_fd] = self._loop.call_later(OUTPUT_RETRY_SECONDS, self._resume, sink)
+    def _resume_later(self, reader: _OutputSink | _ProgressReader) -> None:
+        self._resume_timers[reader.read_fd] = self._loop.call_later(OUTPUT_RETRY_SECONDS, self._resume, reader)
 
-    def _resume(self, sink: _OutputSink) -> None:
-        del self._resume_timers[sink.read_fd]
-        if not sink.resume():
-            self._resume_later(sink)
+    def _resume(self, reader: _OutputSink | _ProgressReader) -> None:
+        del self._resume_timers[reader.read_fd]
+        if not reader.resume():
+            self._resume_later(reader)
+            return
+        if reader.eof:  # all of it was read before it was held: nothing more to watch
             return
         try:
-            self._pipes.add(sink.read_fd, select.EPOLLIN, functools.partial(self._drain, sink))
+            self._pipes.add(reader.read_fd, select.EPOLLIN, functools.partial(self._drain, reader))
         except OSError:  # no memory for the epoll entry now: the pipe waits, as it did for its file
-            self._resume_later(sink)
+            self._resume_later(reader)
 
     def _leader_exited(self) -> None:
         self._loop.remove_reader(self._pidfd)
@@ -585,8 +625,7 @@ class Child:
             if not reader.eof:
                 self._pipes.remove(reader.read_fd)
                 _drain_what_is_buffered(reader)
-            if isinstance(reader, _OutputSink):
-                reader.finish()
+            reader.finish()
             reader.close()
         info = ExitInfo(
             exit_code=code if code >= 0 else None,

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from recovery.support import WAIT, out_of_descriptors, wait_for_log
 
 from jobd.client import RemoteError
 from jobd.proc import ExitInfo
@@ -279,6 +280,26 @@ def test_cancel_while_the_server_holds_the_request(server: Any, web: WebServer) 
     done = server.call("job.cancel", {"id": job["id"]})
     assert done["state"] == "cancelled", done
     assert "HTTP request stopped by jobd" in server.output(job["id"], "stderr")
+
+
+def test_a_response_that_comes_while_jobd_is_out_of_descriptors_waits_on_its_connection_and_is_kept(
+    server: Any, web: WebServer
+) -> None:
+    # An HTTP job opens its output files as the response comes. Without a descriptor to spare, the head and body
+    # were dropped ("cannot write …: Too many open files") and the attempt marked truncated. Now the response is
+    # read no further until the file can be opened, as a program's output waits in its pipe, and is kept whole.
+    job = server.submit(http={"url": f"{web.url}/hold"})
+    web.arrivals.get(timeout=WAIT)  # connected while jobd had descriptors
+    stderr = server.state_dir / "output" / str(job["id"]) / "1.stderr"
+    with out_of_descriptors(server):
+        web.release.release()  # the response comes now, while jobd cannot open its files
+        wait_for_log(server, f"cannot create {stderr}: Too many open files; the job's output waits unread on its")
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    assert server.output(job["id"]) == "hello from the test server"
+    assert server.output(job["id"], "stderr").startswith("HTTP/1.1 200 OK\n")
+    [attempt] = server.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is False, attempt
 
 
 def test_an_http_request_stopped_before_its_task_first_ran_still_tells_its_end(tmp_path: Path) -> None:

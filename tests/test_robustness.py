@@ -398,6 +398,61 @@ def test_output_held_for_want_of_descriptors_when_its_job_ends_is_written_at_the
     assert attempt["truncated"] is False and attempt["stdout_bytes"] == 5, attempt
 
 
+def test_log_lines_written_while_jobd_is_out_of_descriptors_wait_in_their_pipe_and_are_kept_whole(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # The fd 3 log file is made at the first log line. Without a descriptor to spare, it was given up ("cannot
+    # write …: Too many open files; what the job writes there from now on is dropped"): every log line of the
+    # attempt was missing from it, and the attempt marked truncated. Now the lines are held, as stdout's bytes are,
+    # and told (to the file and to listeners) in their order once the file can be made.
+    daemon: Daemon = make_daemon(QUEUE)
+    log = daemon.state_dir / "output" / "JOB" / "1.log"
+    argv = ["sh", "-c", "seq 20000 >&3; echo %40 >&3"]  # 108,894 bytes of log lines: more than a pipe holds
+    job = _writing_while_out_of_descriptors(daemon, tmp_path / "gate", argv, f"cannot create {log}: Too many open")
+    finished = daemon.wait(job["id"])
+    assert finished["state"] == "succeeded" and finished["progress"] == 40, finished
+    assert daemon.output(job["id"], "log") == "".join(f"{number}\n" for number in range(1, 20001))
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is False, attempt
+    assert "Too many open files; what the job writes there from now on is dropped" not in daemon.log()
+
+
+def test_log_lines_held_for_want_of_descriptors_when_their_job_ends_are_written_at_the_end(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # The job logs a line, and a last one without its newline, and exits while jobd has no descriptor for the log
+    # file: the descriptor its end frees makes the file, and both lines are written before the end is recorded.
+    daemon: Daemon = make_daemon(QUEUE)
+    argv = ["sh", "-c", "printf 'kept\\nlast words' >&3"]
+    job = _writing_while_out_of_descriptors(daemon, tmp_path / "gate", argv, "job=JOB succeeded")
+    assert "cannot create " in daemon.log()  # it was held
+    assert daemon.output(job["id"], "log") == "kept\nlast words\n"
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is False, attempt
+
+
+def test_a_last_log_line_held_at_the_end_of_fd_3_is_written_while_its_job_runs_on(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # A job that closes fd 3 after a line without its newline, and runs on: that line is told at the pipe's
+    # end-of-file. Held there for want of a descriptor, it is written once the file can be made, not at the job's end.
+    daemon: Daemon = make_daemon(QUEUE)
+    log = daemon.state_dir / "output" / "JOB" / "1.log"
+    holding = Gate(tmp_path / "holding")  # keeps the job running once it has closed fd 3
+    try:
+        script = 'printf "last words" >&3; exec 3>&-; exec flock "$0" true'
+        argv = ["sh", "-c", script, str(holding.path)]
+        job = _writing_while_out_of_descriptors(daemon, tmp_path / "gate", argv, f"cannot create {log}: Too many open")
+        with daemon.client() as client:
+            written = client.call("job.output", {"id": job["id"], "stream": "log", "wait": True}, timeout=WAIT)
+            assert written["data"] == "last words\n", written
+            assert client.call("job.get", {"id": job["id"]})["state"] == "running"
+    finally:
+        holding.release()
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert daemon.output(job["id"], "log") == "last words\n"
+
+
 def test_a_reload_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_shortage(make_daemon: Any) -> None:
     # daemon.reload answered CONFIG_INVALID, "…/jobd.d: cannot list: Too many open files", and logged "reload
     # failed": the files were sound, jobd only had no descriptor to open them with.

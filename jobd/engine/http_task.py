@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from jobd import redact
+from jobd.errors import SHORTAGE_ERRNOS
 from jobd.model import MAX_SECONDS, Config
-from jobd.proc import ExitInfo
+from jobd.proc import OUTPUT_RETRY_SECONDS, ExitInfo, log_held_output
 
 if TYPE_CHECKING:
     import aiohttp
@@ -295,11 +296,13 @@ class HttpRequest:
                         lines += [f"{name}: {text}" for name, text in response.headers.items()]
                         head = "\n".join(lines) + "\n"
                         # Header bytes that are not UTF-8 came decoded as lone surrogates: written back as they came.
-                        stderr_whole = self._write(self._stderr_path, head.encode("utf-8", "surrogateescape"))
+                        stderr_whole = await self._write_held(
+                            self._stderr_path, head.encode("utf-8", "surrogateescape")
+                        )
                         async for chunk in response.content.iter_chunked(_CHUNK):
                             room = self._max_output - kept
                             if room > 0 and stdout_whole:
-                                stdout_whole = self._write(self._stdout_path, chunk[:room])
+                                stdout_whole = await self._write_held(self._stdout_path, chunk[:room])
                                 kept += min(room, len(chunk)) if stdout_whole else 0
                             size += len(chunk)
                         expected = request["expect_status"]
@@ -355,15 +358,33 @@ class HttpRequest:
             )
         )
 
-    def _write(self, path: str, data: bytes) -> bool:
-        """Append `data` to an output file; False if it could not be written whole (logged: a full disk)."""
+    async def _write_held(self, path: str, data: bytes) -> bool:
+        """_write, except that while the file cannot be opened for want of descriptors or memory, the response is
+        read no further and the write is tried again every OUTPUT_RETRY_SECONDS, as a program's output waits in its
+        pipe (proc._OutputSink): the server waits on its full connection meanwhile, nothing is lost, and the
+        request's time limit still applies."""
+        while True:
+            try:
+                return self._write(path, data, hold=True)
+            except OSError as short:
+                log_held_output(path, short, "unread on its connection")
+            await asyncio.sleep(OUTPUT_RETRY_SECONDS)  # no-poll-ok: no event says a descriptor is free (proc.py)
+
+    def _write(self, path: str, data: bytes, *, hold: bool = False) -> bool:
+        """Append `data` to an output file; False if it could not be written whole (logged: a full disk). With
+        `hold`, an open that fails for want of descriptors or memory raises its OSError instead: nothing was written,
+        and the caller writes it later."""
         if not data:
             return True
+        opened = False
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "ab") as file:
+                opened = True
                 file.write(data)
         except OSError as error:
+            if hold and not opened and error.errno in SHORTAGE_ERRNOS:
+                raise
             log.warning("cannot write %s: %s", path, error)
             return False
         finally:
