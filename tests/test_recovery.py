@@ -850,6 +850,37 @@ def test_a_full_database_disk_holds_a_job_end_until_there_is_room_again(
     assert daemon.wait(third)["state"] == "succeeded"
 
 
+def test_a_write_failed_by_jobds_bug_is_logged_as_one_not_told_as_the_disks_trouble(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    # A write the engine could not make set store_trouble ("the database takes no writes", in daemon.status and
+    # STATUS=) whatever the failure, jobd's own bugs too: an SQLITE_ERROR, a statement SQLite cannot prepare, on a
+    # disk that takes every write. The statement here: the start of a job, into the attempt table whose column
+    # pid_start was renamed while jobd was stopped (as a migration that lost it would leave the file). It is logged
+    # once, with its traceback, as an internal error; nothing says the disk is in trouble; the jobs wait, queued as
+    # recorded, and their start is tried again (STORE_RETRY_SECONDS) rather than made without a record.
+    daemon = make_daemon("[queue.default]\n")
+    assert daemon.stop() == 0
+    database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")
+    database.execute('ALTER TABLE "attempt" RENAME COLUMN "pid_start" TO "renamed"')
+    database.commit()
+    database.close()
+    daemon.start()
+    first = daemon.submit(command=["/bin/true"])["id"]
+    bug = (
+        "internal error: cannot record the start of jobs of queue default: table attempt has no column named pid_start"
+    )
+    wait_for_log(daemon, bug)
+    second = daemon.submit(command=["/bin/true"])["id"]  # the same write, failed the same way: logged once
+    status = daemon.call("daemon.status")
+    assert status["store_trouble"] is None and status["jobs"] == {"queued": 2}, status
+    listed = [(job["id"], job["state"]) for job in daemon.call("job.list")["jobs"]]
+    assert listed == [(second, "queued"), (first, "queued")], listed
+    log = daemon.log()
+    assert log.count(bug) == 1 and log.count("Traceback") == 1, log
+    assert "sqlite3.OperationalError: table attempt has no column named pid_start" in log, log
+
+
 def _refused_for_a_full_disk(daemon: Daemon, method: str, params: dict[str, Any]) -> RemoteError:
     with pytest.raises(RemoteError) as info:
         daemon.call(method, params)

@@ -258,6 +258,7 @@ class Engine:
         self.store_trouble: str | None = None
         self.store_trouble_cause: str | None = None
         self._troubles_told: set[str] = set()  # since the store last worked
+        self._bugs_told: set[str] = set()  # writes that failed for a bug of jobd's, each logged once for good
         self._dispatch_retries: dict[str, asyncio.TimerHandle] = {}
         self._apply_queue_definitions(config, store.queue_pauses())
 
@@ -488,7 +489,22 @@ class Engine:
         return True
 
     def _store_failed(self, what: str, error: Exception) -> None:
+        """A write of `what` failed. The caller keeps what it was to record as it was and tries the write again every
+        STORE_RETRY_SECONDS, so that nothing is lost or told as done before it is on record (or, for what only a
+        crash would miss, a child's pid or a cancel's mark, goes on without it).
+
+        A failure of the store (store_failure: a full disk, an I/O error) is the machine's: logged in one line, and
+        daemon.status and STATUS= say the database takes no writes until one is taken. Any other is jobd's bug (an
+        SQLITE_ERROR, a statement SQLite cannot prepare; a constraint): the disk is not in trouble and nothing says
+        so; it is logged once, with its traceback, as an internal error. The write is still tried again, the same
+        bug likely failing it each time: going on as if it were made would lose it (a job's end) or run what is not
+        on record (a start), and a restart recovers from what the database holds."""
         trouble = f"{what}: {error}"
+        if store_failure(error) is None:
+            if trouble not in self._bugs_told:
+                self._bugs_told.add(trouble)
+                log.error("internal error: %s; trying again every %gs", trouble, STORE_RETRY_SECONDS, exc_info=error)
+            return
         if trouble not in self._troubles_told:  # each said once, not at every retry
             log.error("%s; trying again every %gs", trouble, STORE_RETRY_SECONDS)
             self._troubles_told.add(trouble)
