@@ -524,7 +524,7 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
             raise p.bad("state", " | ".join(allowed_states))
     limit = p.integer("limit", 100, low=1, high=MAX_PAGE) or 100
     where = JobFilter(
-        states=tuple(JobState(s) for s in states),
+        states=tuple(dict.fromkeys(JobState(s) for s in states)),  # each once: the jobs of each are read and merged
         queue=p.name("queue"),
         task=p.name("task"),
         context=p.text("context"),

@@ -873,6 +873,16 @@ def test_job_list_pages_newest_first_and_says_when_there_is_no_older_page(daemon
     assert [job["id"] for job in daemon.call("job.list", {"context": "paged", **unfiltered})["jobs"]] == ids[::-1]
 
 
+def test_a_state_named_twice_lists_each_job_once(daemon: Any) -> None:
+    # The jobs of each state named were read and merged: a state named twice gave each of its jobs twice (a page of
+    # one job shown `limit` times), and a list of one state thousands of times long held the event loop a second.
+    ids = [daemon.submit(command=["/bin/true"], delay=3600, context="twice")["id"] for _ in range(2)]
+    for where in ({}, {"context": "twice"}, {"queue": "default"}):
+        listed = daemon.call("job.list", {**where, "state": ["delayed", "delayed", "queued"], "limit": 5})["jobs"]
+        assert [job["id"] for job in listed if job["context"] == "twice"] == ids[::-1], (where, listed)
+        assert len({job["id"] for job in listed}) == len(listed), (where, listed)
+
+
 def test_job_submit_with_jobs_creates_all_of_them(daemon: Any) -> None:
     before = job_count(daemon)
     members = [{"command": ["/bin/true"], "delay": 3600, "context": f"b{n}"} for n in range(100)]
