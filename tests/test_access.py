@@ -105,6 +105,14 @@ def test_glob_patterns_gather_what_a_peer_may_read() -> None:
     assert access.glob_patterns(RULES, ALICE, READ, QUEUE) == ()
     assert access.glob_patterns(RULES, BOB, READ, QUEUE) == ("q?",)
     assert access.glob_patterns(RULES, CAROL, READ, WORKFLOW) == ()  # kill only
+    # From every grant that applies, in their order, each pattern once.
+    overlapping = AccessDef(
+        grants=(
+            Grant(rights=frozenset({READ}), users=frozenset({"alice"}), tasks=("b", "a*", "b")),
+            Grant(rights=frozenset({READ}), groups=frozenset({"alice"}), tasks=("c", "a*")),
+        )
+    )
+    assert access.glob_patterns(overlapping, ALICE, READ, TASK) == ("b", "a*", "c")
 
 
 def test_submitting_a_task_needs_exec_on_it_and_on_another_queue() -> None:

@@ -109,8 +109,10 @@ def glob_patterns(access: AccessDef, peer: Peer, right: Right, kind: ObjectKind)
     """The name patterns of `kind` on which `peer` has `right`, for filtering a query; None means all (admins)."""
     if peer.is_admin:
         return None
-    found: list[str] = []
+    # Each once, in the grants' order: a dict's keys (a list looked through for each pattern took 6 ms for 1,100
+    # patterns, on every request that lists; 0.2 ms so).
+    found: dict[str, None] = {}
     for grant in access.grants:
         if right in grant.rights and _applies(grant, peer):
-            found.extend(pattern for pattern in grant.patterns(kind) if pattern not in found)
+            found.update(dict.fromkeys(grant.patterns(kind)))
     return tuple(found)
