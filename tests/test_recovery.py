@@ -881,6 +881,38 @@ def test_a_write_failed_by_jobds_bug_is_logged_as_one_not_told_as_the_disks_trou
     assert "sqlite3.OperationalError: table attempt has no column named pid_start" in log, log
 
 
+def test_a_stop_does_not_wait_for_a_job_end_that_jobds_bug_keeps_from_being_recorded(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    # A job's end the store refuses keeps its slot and is tried again every STORE_RETRY_SECONDS, and a stop waits for
+    # it: room may come on a full disk. A write refused for a bug of jobd's fails the same way at every try: the stop
+    # waited for ever, until jobd was killed. It gives up on it instead, says so, and the next start finds the job as
+    # the database holds it (running: its attempt lost), as after a crash. The bug: a trigger that fails the end of
+    # every job with an SQLITE_ERROR ("malformed JSON"), added while jobd was stopped.
+    daemon = make_daemon("[queue.default]\n")
+    assert daemon.stop() == 0
+    database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")
+    database.execute(
+        'CREATE TRIGGER "fails_every_end" AFTER UPDATE OF "finished_at" ON "job" WHEN NEW."finished_at" IS NOT NULL '
+        "BEGIN SELECT json(NEW.\"state\" || '{'); END"
+    )
+    database.commit()
+    database.close()
+    daemon.start()
+    job_id = daemon.submit(command=["/bin/true"])["id"]
+    wait_for_log(daemon, f"internal error: cannot record the end of job {job_id}: malformed JSON")
+    assert daemon.call("job.get", {"id": job_id})["state"] == "running"  # until its end is on record
+    assert daemon.stop() == 0
+    assert f"cannot record the end of job {job_id} (malformed JSON): jobd stops without it" in daemon.log()
+    database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")
+    database.execute('DROP TRIGGER "fails_every_end"')
+    database.commit()
+    database.close()
+    daemon.start()
+    daemon.wait(job_id)
+    assert [attempt["outcome"] for attempt in tries(daemon, job_id)] == ["lost"]
+
+
 def _refused_for_a_full_disk(daemon: Daemon, method: str, params: dict[str, Any]) -> RemoteError:
     with pytest.raises(RemoteError) as info:
         daemon.call(method, params)

@@ -480,10 +480,11 @@ class Engine:
             queue.push(start.waiting)
 
     def _never_recorded(self, what: str, error: Exception) -> bool:
-        """Whether jobd gives up recording `what`: it stops, and its database file was deleted or replaced, so no
-        try would ever be taken (the next start opens another file). A stop that waited for it, as it waits for
-        room on a full disk, never ended: jobd had to be killed."""
-        if not (self.stopping and self.store.file_lost()):
+        """Whether jobd gives up recording `what`: it stops, and no try would ever be taken, its database file being
+        deleted or replaced (the next start opens another file), or the write failing for a bug of jobd's (not the
+        store's trouble: the same write fails the same way). A stop that waited for it, as it waits for room on a
+        full disk, never ended: jobd had to be killed. The next start finds the job as the database holds it."""
+        if not self.stopping or (store_failure(error) is not None and not self.store.file_lost()):
             return False
         log.error("cannot record %s (%s): jobd stops without it", what, error)
         return True
@@ -498,7 +499,8 @@ class Engine:
         SQLITE_ERROR, a statement SQLite cannot prepare; a constraint): the disk is not in trouble and nothing says
         so; it is logged once, with its traceback, as an internal error. The write is still tried again, the same
         bug likely failing it each time: going on as if it were made would lose it (a job's end) or run what is not
-        on record (a start), and a restart recovers from what the database holds."""
+        on record (a start), and a restart recovers from what the database holds (a stop does not wait for it:
+        _never_recorded)."""
         trouble = f"{what}: {error}"
         if store_failure(error) is None:
             if trouble not in self._bugs_told:
