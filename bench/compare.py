@@ -1,9 +1,12 @@
 """Compare two jobd source trees side by side: is a change faster, and by how much?
 
     python bench/compare.py BEFORE [AFTER] [--only submit throughput] [--bursts 40] [--burst 1000]
+        [--before-env NAME=VALUE ...] [--after-env NAME=VALUE ...]
 
 BEFORE and AFTER are directories holding a `jobd/` package (AFTER defaults to this checkout); for instance
-`git worktree add /tmp/before HEAD~1`, or `git archive HEAD~1 | tar -x -C /tmp/before`.
+`git worktree add /tmp/before HEAD~1`, or `git archive HEAD~1 | tar -x -C /tmp/before`. `--before-env` and
+`--after-env` add variables to either side's environment (`--after-env PYTHONMALLOC=malloc`), as `Environment=` in
+jobd.service would; the trees may then be the same.
 
 The machine is shared and its speed drifts by tens of per cent within a minute, so figures of two runs made one after
 the other say little about a change of a few per cent. Here the two trees are measured interleaved:
@@ -30,19 +33,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import QUEUES, SUBMIT, Daemon, cpu_seconds, jobd_throughput
 
+Sides = tuple[Path, Path]  # before, after
+Envs = tuple[dict[str, str], dict[str, str]]
 
-def start(tree: Path, root: Path) -> Daemon:
-    """A daemon running the jobd package of `tree` (first on its PYTHONPATH), configured as bench/run.py does."""
+
+def start(tree: Path, root: Path, env: dict[str, str]) -> Daemon:
+    """A daemon running the jobd package of `tree` (first on its PYTHONPATH) with `env` added to its environment,
+    configured as bench/run.py does."""
     daemon = Daemon(root, QUEUES, daemon_extra='durability = "crash"\nhistory = { keep_days = 1 }')
     daemon.log_level = "info"  # what a production jobd logs: every job transition
-    daemon.env["PYTHONPATH"] = str(tree)
+    daemon.env = {**env, "PYTHONPATH": str(tree)}
     daemon.start()
     return daemon
 
 
-def compare_submits(before: Path, after: Path, bursts: int, burst: int) -> str:
+def compare_submits(trees: Sides, envs: Envs, bursts: int, burst: int) -> str:
     with tempfile.TemporaryDirectory(prefix="jobd-compare-") as scratch:
-        daemons = [start(before, Path(scratch) / "before"), start(after, Path(scratch) / "after")]
+        daemons = [
+            start(trees[side], Path(scratch) / name, envs[side]) for side, name in enumerate(("before", "after"))
+        ]
         try:
             rates: list[list[float]] = [[], []]
             cpu = [0.0, 0.0]
@@ -73,27 +82,31 @@ def compare_submits(before: Path, after: Path, bursts: int, burst: int) -> str:
     )
 
 
-def compare_throughput(before: Path, after: Path, rounds: int, jobs: int) -> str:
-    measured: dict[Path, list[tuple[float, float]]] = {before: [], after: []}
+def compare_throughput(trees: Sides, envs: Envs, rounds: int, jobs: int) -> str:
+    measured: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
     with tempfile.TemporaryDirectory(prefix="jobd-compare-") as scratch:
         for number in range(rounds):
-            for tree in (before, after) if number % 2 == 0 else (after, before):
-                daemon = start(tree, Path(scratch) / f"{number}-{tree.name}")
+            for side in (0, 1) if number % 2 == 0 else (1, 0):
+                daemon = start(trees[side], Path(scratch) / f"{number}-{side}", envs[side])
                 try:
                     seconds, cpu = jobd_throughput(daemon, jobs)
                 finally:
                     daemon.stop()
-                measured[tree].append((jobs / seconds, cpu / jobs * 1e6))
+                measured[side].append((jobs / seconds, cpu / jobs * 1e6))
 
-    def figures(tree: Path) -> str:
-        rate = statistics.median(rate for rate, _ in measured[tree])
-        cpu = statistics.median(cpu for _, cpu in measured[tree])
+    def figures(side: int) -> str:
+        rate = statistics.median(rate for rate, _ in measured[side])
+        cpu = statistics.median(cpu for _, cpu in measured[side])
         return f"{rate:.0f} jobs/s, {cpu:.0f} µs of jobd's CPU per job"
 
     return (
-        f"throughput, {jobs} /bin/true, concurrency 2, {rounds} alternated rounds (medians): before {figures(before)}; "
-        f"after {figures(after)}"
+        f"throughput, {jobs} /bin/true, concurrency 2, {rounds} alternated rounds (medians): before {figures(0)}; "
+        f"after {figures(1)}"
     )
+
+
+def environment(assignments: list[str]) -> dict[str, str]:
+    return dict(assignment.split("=", 1) for assignment in assignments)
 
 
 def main() -> int:
@@ -105,17 +118,26 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=1000, help="submit: serial submits in a burst")
     parser.add_argument("--rounds", type=int, default=6, help="throughput: rounds for each tree")
     parser.add_argument("--jobs", type=int, default=3000, help="throughput: jobs in a round")
+    for side in ("before", "after"):
+        parser.add_argument(
+            f"--{side}-env",
+            nargs="+",
+            default=[],
+            metavar="NAME=VALUE",
+            help=f"added to the {side} daemons' environment",
+        )
     args = parser.parse_args()
-    trees = [args.before.resolve(), args.after.resolve()]
+    trees = (args.before.resolve(), args.after.resolve())
+    envs = (environment(args.before_env), environment(args.after_env))
     for tree in trees:
         if not (tree / "jobd" / "__init__.py").is_file():
             parser.error(f"{tree} holds no jobd package (jobd/__init__.py)")
-    if trees[0] == trees[1]:
+    if trees[0] == trees[1] and envs[0] == envs[1]:
         print("(both trees are the same: the ratios show the noise of the machine)")
     if "submit" in args.only:
-        print(compare_submits(*trees, args.bursts, args.burst), flush=True)
+        print(compare_submits(trees, envs, args.bursts, args.burst), flush=True)
     if "throughput" in args.only:
-        print(compare_throughput(*trees, args.rounds, args.jobs), flush=True)
+        print(compare_throughput(trees, envs, args.rounds, args.jobs), flush=True)
     return 0
 
 

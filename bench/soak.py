@@ -1,6 +1,6 @@
 """A real jobd under a steady mixed load, its resident memory sampled: does it grow, and does it stop growing?
 
-    python bench/soak.py [--minutes 30] [--http] [--every 60] [--keep DIR]
+    python bench/soak.py [--minutes 30] [--http] [--every 60] [--keep DIR] [--tree DIR] [--env NAME=VALUE ...]
 
 Every `--every` seconds one line: minutes since the load began, VmRSS, the Rss of glibc's heap ([heap]) and of the
 anonymous mappings (Python's arenas among them), from /proc/PID/smaps, and the daemon's queued/running/delayed
@@ -16,6 +16,9 @@ time out; cancels of a delayed and of a running job; `job.wait` with a short tim
 `daemon.reload` every 10 s; workflow instances launched by JSON-RPC and on the evQueue socket. The history keeps
 300 jobs and 0.002 days (173 s), so old jobs are deleted all along. `--http` adds the HTTP listener (submits,
 `/jobs/status`, `GET /events` streams dropped after a few events), exec callbacks and two schedules.
+
+`--tree` runs the jobd package of another tree (a `git worktree` of an older commit), `--env` adds variables to the
+daemon's environment (`PYTHONMALLOC=malloc`), so two soaks run side by side can compare them.
 
 This is a script, not a test: nothing here asserts.
 """
@@ -297,6 +300,8 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=60, help="seconds between samples")
     parser.add_argument("--http", action="store_true", help="also the HTTP listener, callbacks and schedules")
     parser.add_argument("--keep", type=Path, help="run in this directory and leave it (the daemon's log, state)")
+    parser.add_argument("--tree", type=Path, help="a directory holding the jobd package to run (default: this one)")
+    parser.add_argument("--env", nargs="+", default=[], metavar="NAME=VALUE", help="added to the daemon's environment")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="jobd-soak-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -304,6 +309,9 @@ def main() -> int:
     config = CONFIG + (HTTP_CONFIG.format(socket=http_socket) if http_socket else "")
     daemon = Daemon(root, config, daemon_extra="history = { keep_last = 300, keep_days = 0.002 }\n")
     daemon.log_level = "info"  # as in production
+    daemon.env = dict(assignment.split("=", 1) for assignment in args.env)
+    if args.tree is not None:
+        daemon.env["PYTHONPATH"] = str(args.tree.resolve())
     daemon.write_workflows(trio=TRIO)
     daemon.start()
     soak = Soak(daemon, http_socket)
