@@ -35,6 +35,7 @@ from jobd.engine.instances import Instances
 from jobd.engine.scheduler import Scheduler
 from jobd.errors import ConfigError, OutOfResources, ShuttingDown, StartupError
 from jobd.eventloop import EventLoop
+from jobd.heap import QuietTrim
 from jobd.job_id_mark import JobIdMark
 from jobd.loop_signals import LoopSignals
 from jobd.model import Config, host_port, iso
@@ -347,6 +348,7 @@ class Daemon:
         self.passed = dict(passed or {})
         self.watchdog = watchdog
         self._watchdog_timer: asyncio.TimerHandle | None = None
+        self._quiet_trim: QuietTrim | None = None
         self.config = initial
         self._at_start = initial  # what only a restart changes (sockets, state directory, listeners) is as here
         self.started_at = time.time()
@@ -445,6 +447,12 @@ class Daemon:
         self.engine.start_jobs()
         await self.server.start_serving()
         self._watch_config(loop)
+        if isinstance(loop, EventLoop):
+            # Free heap memory goes back to the system once jobd goes quiet (jobd.heap): what start-up (recovery)
+            # freed too, so the first wait for quiet starts now.
+            self._quiet_trim = QuietTrim(loop)
+            loop.on_io = self._quiet_trim.io_seen
+            self._quiet_trim.io_seen()
         self.engine.on_counts_changed = self._counts_changed
         daemon = self.config.daemon
         log.info("jobd %s ready: socket %s, state %s", __version__, self.server.path, daemon.state_dir)
@@ -526,6 +534,8 @@ class Daemon:
         self.store.close()
         if self._watchdog_timer is not None:
             self._watchdog_timer.cancel()
+        if self._quiet_trim is not None:
+            self._quiet_trim.close()
         log.info("stopped")
 
     def _stop_noted(self) -> bool:

@@ -53,6 +53,14 @@ class EventLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self._short: set[int] = set()  # listening sockets whose last accept() was short of resources
+        # Called in each turn of the loop that handles I/O (jobd.heap.QuietTrim.io_seen), or None. Timers are not
+        # I/O: a turn that only runs them does not count.
+        self.on_io: Callable[[], None] | None = None
+
+    def _process_events(self, event_list: list[Any]) -> None:
+        if event_list and self.on_io is not None:
+            self.on_io()
+        super()._process_events(event_list)  # type: ignore[misc]
 
     def _accept_connection(self, protocol_factory: Any, sock: Any, *args: Any, **kwargs: Any) -> None:
         # asyncio passes on what it was given, the _Listener of an earlier turn included (its retry timer).
