@@ -446,9 +446,9 @@ def looping_instance(daemon: Daemon, items: int) -> tuple[float, float]:
 def idle_syscalls(daemon: Daemon, seconds: int) -> tuple[int, str]:
     with daemon.client() as client:  # make sure it is idle: nothing queued, nothing running
         client.call("ping")
-    # jobd gives its free heap memory back once, QUIET_SECONDS after its last I/O (jobd.heap): that trim ends the work,
-    # and being idle begins after it.
-    time.sleep(QUIET_SECONDS + 1)
+    # jobd gives its free heap memory back once, QUIET_SECONDS to twice that after its last I/O (jobd.heap): that trim
+    # ends the work, and being idle begins after it.
+    time.sleep(2 * QUIET_SECONDS + 1)
     trace = subprocess.run(
         ["timeout", "-s", "INT", str(seconds), "strace", "-c", "-f", "-p", str(daemon.pid)],
         capture_output=True,
