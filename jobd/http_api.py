@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import logging
 import os
-import pwd
 import re
 import socket
 import weakref
@@ -30,7 +29,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from jobd import activation
+from jobd import activation, users
 from jobd.api import EVENT_TYPES, AfterReplyWork, Api, EventFilter
 from jobd.engine import access
 from jobd.engine.core import JobEvent
@@ -486,8 +485,9 @@ class HttpApi:
             return None
         admin = found.admin or access.is_admin(config.access, found.user, found.groups)
         try:  # a local account: what ad-hoc commands and run_as = "caller" tasks run as
-            account = pwd.getpwnam(found.user)
-            uid, gid = account.pw_uid, account.pw_gid
+            # OutOfResources, answered 503, when jobd has no descriptor to read the passwd database with: "no such
+            # user" then would make a local user a remote client, refused what its account may do.
+            uid, gid = users.user_ids(found.user, "ask again later")
         except KeyError:
             uid = gid = -1  # a remote user: configured tasks only
         return Peer(uid=uid, gid=gid, pid=0, is_admin=admin, user=found.user, groups=found.groups)
@@ -501,13 +501,23 @@ class HttpApi:
                 client.peer = client.peer.under(self.api.engine.config.access)
                 continue
             # A token's client is wholly what its table says (its `admin` too, whatever uid its user has).
-            peer = self._token_peer(client.authorization)
+            try:
+                peer = self._token_peer(client.authorization)
+            except OutOfResources as short:
+                # Who its user is now cannot be told (no descriptor to read the passwd database with): the stream
+                # ends, as one whose token is gone does, rather than follow its client as someone it may not be.
+                log.warning("disconnecting a GET /events client: %s", short.message)
+                self._disconnect(client)
+                continue
             if peer is None:
                 log.info("a GET /events client's token is no longer configured; disconnecting it")
-                self.clients.discard(client)
-                client.cut_off()
+                self._disconnect(client)
             else:
                 client.peer = peer
+
+    def _disconnect(self, client: _Pending) -> None:
+        self.clients.discard(client)
+        client.cut_off()
 
     # -- JSON endpoints ------------------------------------------------------------------------------------
 

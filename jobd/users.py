@@ -28,12 +28,13 @@ class Account:
     groups: tuple[int, ...]  # supplementary groups, the primary gid included (initgroups' list)
 
 
-def user_ids(name: str) -> tuple[int, int]:
-    """(uid, primary gid) of a user; KeyError if there is no such user, OutOfResources if jobd cannot tell now."""
+def user_ids(name: str, then: str = "the configuration is not read now") -> tuple[int, int]:
+    """(uid, primary gid) of a user; KeyError if there is no such user, OutOfResources if jobd cannot tell now
+    (`then` says what becomes of the request)."""
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        _unless_short(f"cannot look up the user {name!r}")
+        _unless_short(f"cannot look up the user {name!r}", then)
         raise
     return entry.pw_uid, entry.pw_gid
 

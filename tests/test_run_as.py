@@ -7,7 +7,10 @@ real socket under setpriv, with the system Python (the test venv's may live wher
 
 from __future__ import annotations
 
+import contextlib
 import grp
+import hashlib
+import http.client
 import json
 import os
 import pwd
@@ -425,3 +428,47 @@ def test_a_workflow_script_task_runs_as_the_default_user(make_daemon: Any, test_
     document = daemon.call("instance.get", {"id": launched["id"], "format": "xml"})["xml"]
     assert done["errors"] == 0, document
     assert f"uid={test_user.pw_uid} home={test_user.pw_dir}" in document
+
+
+HTTP_TOKEN = "jobdrt1-token"
+HTTP_CONFIG = f"""
+[http]
+listen = "127.0.0.1:0"
+
+[http.tokens.rt]
+token_sha256 = "{hashlib.sha256(HTTP_TOKEN.encode()).hexdigest()}"
+user = "{USER}"  # a local account: ad-hoc commands run as it
+admin = true
+"""
+
+
+def _http_post(connection: http.client.HTTPConnection, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {HTTP_TOKEN}"}
+    connection.request("POST", path, json.dumps(body), headers)
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_an_http_token_of_a_local_user_is_refused_as_a_shortage_while_jobd_cannot_look_the_user_up(
+    make_daemon: Any, test_user: pwd.struct_passwd
+) -> None:
+    # Without a descriptor to spare, glibc cannot read /etc/passwd: the token's user was "no such user", so its
+    # client became a remote one (uid -1), and its ad-hoc command was refused as if it had no local account. Now the
+    # request is answered 503 OUT_OF_RESOURCES, nothing done, and the same request succeeds once jobd can look up.
+    daemon = _start(make_daemon, HTTP_CONFIG)
+    host, port = daemon.call("daemon.status")["http_listen"].rsplit(":", 1)
+    submit = {"command": ["/usr/bin/id", "-u"]}
+    with contextlib.closing(http.client.HTTPConnection(host, int(port), timeout=WAIT)) as connection:
+        assert _http_post(connection, "/api/ping", {})[0] == 200  # accepted before the descriptors run out (kept alive)
+        with out_of_descriptors(daemon):
+            status, body = _http_post(connection, "/api/job.submit", submit)
+        assert (status, body["error"]["code"]) == (503, "OUT_OF_RESOURCES"), body
+        assert body["error"]["message"] == (
+            f"cannot look up the user {USER!r}: Too many open files (jobd is short of open files or memory: see "
+            "LimitNOFILE=); ask again later"
+        )
+        assert daemon.call("job.list", {})["jobs"] == []  # nothing was submitted
+        status, body = _http_post(connection, "/api/job.submit", submit)
+    assert status == 200, body
+    assert daemon.wait(body["result"]["id"])["state"] == "succeeded"
+    assert daemon.output(body["result"]["id"]) == f"{test_user.pw_uid}\n"
