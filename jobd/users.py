@@ -39,9 +39,14 @@ def user_ids(name: str, then: str = "the configuration is not read now") -> tupl
     return entry.pw_uid, entry.pw_gid
 
 
-def primary_gid(uid: int) -> int:
-    """The primary group of a uid; KeyError if it has no passwd entry."""
-    return pwd.getpwuid(uid).pw_gid
+def primary_gid(uid: int, then: str) -> int:
+    """The primary group of a uid; KeyError if it has no passwd entry, OutOfResources if jobd cannot tell now
+    (`then` says what becomes of the request)."""
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        _unless_short(f"cannot look up the account of uid {uid}", then)
+        raise
 
 
 def group_id(name: str) -> int:

@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -472,3 +473,72 @@ def test_an_http_token_of_a_local_user_is_refused_as_a_shortage_while_jobd_canno
     assert status == 200, body
     assert daemon.wait(body["result"]["id"])["state"] == "succeeded"
     assert daemon.output(body["result"]["id"]) == f"{test_user.pw_uid}\n"
+
+
+CALLER_WORKFLOW = (
+    '<workflow><subjobs><job name="one"><tasks><task task="whoami" name="whoami"/></tasks></job></subjobs></workflow>'
+)
+
+
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs the system python3 for the client")
+def test_a_workflow_task_run_as_its_caller_waits_while_jobd_cannot_look_the_caller_up(
+    make_daemon: Any, test_user: pwd.struct_passwd, public_dir: Path
+) -> None:
+    # A run_as = "caller" task runs with the primary group of its launcher's passwd entry, looked up as the task is
+    # submitted. Without a descriptor to spare, glibc answered "no such uid": the task failed for good, "uid N has no
+    # passwd entry to give its group", and its instance with it. Now the task waits QUEUED, without a job, and is
+    # submitted once jobd can look its user up.
+    grant = f'[[access.grant]]\nusers = ["{USER}"]\nrights = ["read", "exec"]\nworkflows = ["who"]\n'
+    daemon: Daemon = make_daemon(f'[task.whoami]\n{COMMAND}run_as = "caller"\n' + grant, start=False)
+    daemon.socket_path = public_dir / "jobd.sock"
+    daemon.write_config(f'[task.whoami]\n{COMMAND}run_as = "caller"\n' + grant)
+    _real_defaults(daemon)
+    daemon.write_workflows(who=CALLER_WORKFLOW)
+    daemon.start()
+    # The test user's client, connected (and so identified) before the descriptors run out; it launches the
+    # instance when told to, on its stdin.
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect({str(daemon.socket_path)!r})\n"
+        "replies = s.makefile('rb')\n"
+        's.sendall(b\'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\\n\')\n'
+        "sys.stdout.write(replies.readline().decode()); sys.stdout.flush()\n"
+        "sys.stdin.readline()\n"
+        's.sendall(b\'{"jsonrpc": "2.0", "id": 2, "method": "instance.launch", '
+        '"params": {"workflow": "who"}}\\n\')\n'
+        "sys.stdout.write(replies.readline().decode()); sys.stdout.flush()\n"
+    )
+    client = subprocess.Popen(
+        ["setpriv", f"--reuid={test_user.pw_uid}", f"--regid={test_user.pw_gid}", "--init-groups", SYSTEM_PYTHON, "-c",
+         script],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
+    )  # fmt: skip
+    with client, daemon.client() as root:
+        assert client.stdin is not None and client.stdout is not None
+        assert "pong" in client.stdout.readline()
+        root.call("ping")  # accepted too
+        with out_of_descriptors(daemon):
+            client.stdin.write("launch\n")
+            client.stdin.flush()
+            launched = json.loads(client.stdout.readline())
+            assert "result" in launched, launched
+            instance = launched["result"]["id"]
+            wait_for_log(daemon, f"instance={instance} task ")  # its one task: submitted, held or failed
+            told = re.search(rf"instance={instance} task \d+ (.*)", daemon.log())
+            assert told is not None and told[1] == (
+                f"not submitted yet: cannot look up the account of uid {test_user.pw_uid}: Too many open files "
+                "(jobd is short of open files or memory: see LimitNOFILE=); the task waits to be submitted until jobd "
+                "can look it up"
+            ), told
+            queued = root.call("instance.get", {"id": instance, "format": "xml"})["xml"]
+            assert 'status="QUEUED"' in queued and " tid=" not in queued, queued  # no job yet
+    done = daemon.call("instance.wait", {"id": instance, "timeout": WAIT}, timeout=WAIT + 5)
+    document = daemon.call("instance.get", {"id": instance, "format": "xml"})["xml"]
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), document
+    [job] = daemon.call("job.list", {})["jobs"]  # one try, after the shortage: none failed for it
+    assert [t["outcome"] for t in daemon.call("job.get", {"id": job["id"]})["tries"]] == ["succeeded"]
+    uid, gid, groups, env, _ = daemon.output(job["id"]).splitlines()
+    assert (int(uid), int(gid)) == (test_user.pw_uid, test_user.pw_gid)
+    assert grp.getgrnam(EXTRA_GROUP).gr_gid in set(map(int, groups.split()))
+    assert env == f"{test_user.pw_dir}|{USER}|{USER}"

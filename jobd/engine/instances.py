@@ -26,6 +26,7 @@ from lxml import etree
 
 from jobd import users
 from jobd.engine.core import Engine
+from jobd.engine.decisions import RESOURCE_RETRY_DELAY
 from jobd.engine.workflow import (
     MAX_DOCUMENT_TEXT,
     MAX_DOCUMENT_XML,
@@ -47,6 +48,7 @@ from jobd.errors import (
     InvalidParams,
     JobdError,
     JobFinished,
+    OutOfResources,
     ShuttingDown,
     StoreFailed,
     UnknownInstance,
@@ -201,6 +203,10 @@ class Instances:
         self._ended_unsaved: dict[int, tuple[InstanceSummary, bytes]] = {}
         self._listeners: dict[Callable[[InstanceEvent], None], None] = {}
         self._stopping = False  # jobd is stopping: no retry is armed (stop_retries)
+        # Tasks not submitted for want of a descriptor, as (instance id, evqid) in order, an ordered set: QUEUED
+        # without a job, submitted again when _short_hold ends (_hold_while_short).
+        self._held: dict[tuple[int, int], None] = {}
+        self._short_hold: asyncio.TimerHandle | None = None
         self._closed = False  # jobd's store is closed or closing (close()): nothing more is done or saved
         # The jobs whose ends each instance was told of since it was last saved: held in the history until it is.
         self._ends_unsaved: dict[int, list[int]] = {}
@@ -404,6 +410,9 @@ class Instances:
         """jobd is stopping: no task is tried again now. Its submit would fail (jobd no longer takes jobs) and use
         up the try; the task keeps its `retry_at` in the document, and the next start arms it again."""
         self._stopping = True
+        if self._short_hold is not None:  # the tasks held stay QUEUED without a job: the next start submits them
+            self._short_hold.cancel()
+            self._short_hold = None
         for live in self._live.values():
             for timer in live.retry_timers.values():
                 timer.cancel()
@@ -551,6 +560,12 @@ class Instances:
             # the next start submits it (Instance.resubmit).
             log.info("instance=%d task %d: submitted at the next start (jobd is stopping)", instance_id, action.evqid)
             return
+        except OutOfResources as short:
+            # Its user cannot be looked up for want of a descriptor: no reason to fail the task. It stays QUEUED
+            # without a job, as a job whose account cannot be looked up waits in its queue (Engine._take_starts).
+            log.warning("instance=%d task %d not submitted yet: %s", instance_id, action.evqid, short.message)
+            self._hold_while_short(instance_id, action.evqid)
+            return
         except Exception as error:
             failure = error if isinstance(error, JobdError) else store_failure(error)
             if failure is None:
@@ -576,6 +591,24 @@ class Instances:
         # A job the key found (queued, delayed or running since before a crash) was not created by this submit, so
         # nobody watches it yet; for a new one this changes nothing.
         self.engine.watch(job.id, watcher)
+
+    def _hold_while_short(self, instance_id: int, evqid: int) -> None:
+        """A task waits to be submitted until jobd can look its user up: all such tasks are tried again once, in
+        order, RESOURCE_RETRY_DELAY from the first, as the engine holds job starts (Engine._hold_starts_while_short)."""
+        self._held[instance_id, evqid] = None
+        if self._short_hold is None and not self._stopping:
+            self._short_hold = asyncio.get_running_loop().call_later(RESOURCE_RETRY_DELAY, self._end_short_hold)
+
+    def _end_short_hold(self) -> None:
+        self._short_hold = None
+        held, self._held = self._held, {}
+        for instance_id, evqid in held:
+            if self._short_hold is not None:  # still short: the rest wait for the next hold to end, untried
+                self._held[instance_id, evqid] = None
+                continue
+            live = self._live.get(instance_id)
+            if live is not None:  # resubmit answers nothing for a task no longer QUEUED (its instance was cancelled)
+                self._apply(live, live.machine.resubmit(evqid, self.clock()))
 
     def _job_spec(self, live: _Live, action: RunTask) -> JobSpec:
         config = self.engine.config
@@ -628,7 +661,7 @@ class Instances:
                 missing="local user",
             )
         try:
-            gid = users.primary_gid(launcher)
+            gid = users.primary_gid(launcher, "the task waits to be submitted until jobd can look it up")
         except KeyError:
             raise InsufficientRights(
                 f'task {defined.name!r} runs as the user who launched the instance (run_as = "caller"), '
