@@ -36,6 +36,7 @@ from jobd.errors import (
     InvalidRequest,
     InvalidXml,
     JobdError,
+    OutOfResources,
     ShuttingDown,
     StartupError,
     TooManyConnections,
@@ -471,11 +472,15 @@ class Connection(_Identified, asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         credentials = peer_credentials(transport.get_extra_info("socket"))
-        self.peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, self.api.engine.config.access)
         # Past this many unsent bytes asyncio calls pause_writing(): a client that does not read its replies is
         # not read from either.
         transport.set_write_buffer_limits(high=MAX_UNSENT)
-        refusal = self.server.refusal(self.peer)
+        try:
+            self.peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, self.api.engine.config.access)
+        except OutOfResources as short:  # who it is cannot be told now: refused, not served as someone it is not
+            refusal: JobdError | None = short
+        else:
+            refusal = self.server.refusal(self.peer)
         if refusal is not None:  # said at once, as a JSON-RPC error with a null id, whatever the client speaks
             self._send(jsonrpc.error(None, refusal))
             self._refusing = True
@@ -957,8 +962,13 @@ class XmlConnection(_Identified, asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         credentials = peer_credentials(transport.get_extra_info("socket"))
         transport.set_write_buffer_limits(high=MAX_UNSENT)
-        peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, self.server.api.engine.config.access)
-        refusal = self.server.refusal(peer)
+        try:
+            access = self.server.api.engine.config.access
+            peer = identify_peer(credentials.pid, credentials.uid, credentials.gid, access)
+        except OutOfResources as short:  # who it is cannot be told now: refused, not served as someone it is not
+            refusal: JobdError | None = short
+        else:
+            refusal = self.server.refusal(peer)
         if refusal is not None:  # a KO response where the greeting would be, then the end
             self.transport = transport
             transport.write(evqueue.response_error(self.evqueue.node, refusal))

@@ -90,14 +90,33 @@ def account(uid: int, gid: int) -> Account:
     return Account(uid=uid, gid=gid, name=entry.pw_name, home=entry.pw_dir or "/", groups=groups_of(entry.pw_name, gid))
 
 
-def groups_of(name: str, gid: int) -> tuple[int, ...]:
+def groups_of(name: str, gid: int, then: str = _JOB_WAITS) -> tuple[int, ...]:
     """The groups initgroups(3) gives the user `name` with the primary group `gid`; OutOfResources if jobd cannot
-    tell now. glibc's getgrouplist(3) raises nothing when it cannot read /etc/group: it answers the primary group
-    alone, as it does for a user of no other group. That answer is trusted only if a descriptor can be opened."""
+    tell now (`then` says what becomes of the request). glibc's getgrouplist(3) raises nothing when it cannot read
+    /etc/group: it answers the primary group alone, as it does for a user of no other group. That answer is trusted
+    only if a descriptor can be opened."""
     groups = tuple(os.getgrouplist(name, gid))
     if set(groups) <= {gid}:
-        _unless_short(f"cannot look up the groups of the user {name!r}", _JOB_WAITS)
+        _unless_short(f"cannot look up the groups of the user {name!r}", then)
     return groups
+
+
+def user_name(uid: int, then: str) -> str | None:
+    """The name of a uid; None if it has no passwd entry, OutOfResources if jobd cannot tell now."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        _unless_short(f"cannot look up the user of uid {uid}", then)
+        return None
+
+
+def group_name(gid: int, then: str) -> str | None:
+    """The name of a gid; None if it has no group entry, OutOfResources if jobd cannot tell now."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        _unless_short(f"cannot look up the group of gid {gid}", then)
+        return None
 
 
 def describe(uid: int) -> str:

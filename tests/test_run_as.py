@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon, in_user_namespace, machine_accounts
-from recovery.support import WAIT, out_of_descriptors, wait_for_log
+from recovery.support import WAIT, one_descriptor_left, out_of_descriptors, wait_for_log
 
 from jobd import config
 from jobd.client import Client
@@ -542,3 +542,81 @@ def test_a_workflow_task_run_as_its_caller_waits_while_jobd_cannot_look_the_call
     assert (int(uid), int(gid)) == (test_user.pw_uid, test_user.pw_gid)
     assert grp.getgrnam(EXTRA_GROUP).gr_gid in set(map(int, groups.split()))
     assert env == f"{test_user.pw_dir}|{USER}|{USER}"
+
+
+def _exchange_as(user: pwd.struct_passwd, path: Path, request: bytes) -> bytes:
+    """What a process of `user` (setpriv, its own groups) reads after sending `request` to the socket at `path`: up
+    to the end of the first line, or of the connection."""
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect({str(path)!r})\n"
+        f"s.sendall({request!r})\n"
+        "data = b''\n"
+        "while b'\\n' not in data:\n"
+        "    chunk = s.recv(65536)\n"
+        "    if not chunk: break\n"
+        "    data += chunk\n"
+        "sys.stdout.buffer.write(data)\n"
+    )
+    done = subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", SYSTEM_PYTHON, "-c", script],
+        capture_output=True,
+        check=True,
+        timeout=WAIT,
+        cwd="/",
+    )
+    return done.stdout
+
+
+SHORT_OF_NAMES = (
+    "cannot look up the user of uid {uid}: Too many open files (jobd is short of open files or memory: see "
+    "LimitNOFILE=); the client is not served now: try again later"
+)
+
+
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs the system python3 for the client")
+def test_a_client_jobd_cannot_look_up_for_want_of_descriptors_is_refused_as_a_shortage(
+    make_daemon: Any, test_user: pwd.struct_passwd, public_dir: Path
+) -> None:
+    # A client's user and groups are looked up by name as it connects, for the rules of [access]. Without a
+    # descriptor to spare, glibc answered "no such user": the client was served, for its connection's life, as the
+    # user "1001" of groups "1001" and so on, whom no rule names: an admin by `[access] admins` was not one, and its
+    # ad-hoc command was refused, INSUFFICIENT_RIGHTS. Now the connection is refused as a shortage (as one over
+    # max_connections is: an error with a null id, then the end), and the same client is served once jobd can tell.
+    daemon = _start(make_daemon, f'[access]\nadmins = {{ users = ["{USER}"] }}\n', socket_dir=public_dir)
+    submit = b'{"jsonrpc": "2.0", "id": 1, "method": "job.submit", "params": {"command": ["/usr/bin/id", "-u"]}}\n'
+    with one_descriptor_left(daemon):
+        refused = json.loads(_exchange_as(test_user, daemon.socket_path, submit))
+    assert refused == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {
+            "code": -32016,
+            "message": SHORT_OF_NAMES.format(uid=test_user.pw_uid),
+            "data": {"code": "OUT_OF_RESOURCES"},
+        },
+    }, refused
+    assert daemon.call("job.list", {})["jobs"] == []
+    served = json.loads(_exchange_as(test_user, daemon.socket_path, submit))
+    assert "result" in served, served
+    assert daemon.wait(served["result"]["id"])["state"] == "succeeded"
+    assert daemon.output(served["result"]["id"]) == f"{test_user.pw_uid}\n"
+
+
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs the system python3 for the client")
+def test_an_evqueue_client_jobd_cannot_look_up_for_want_of_descriptors_is_refused_as_a_shortage(
+    make_daemon: Any, test_user: pwd.struct_passwd, public_dir: Path
+) -> None:
+    # As above, on evQueue's socket: the client was greeted as profile USER, not the ADMIN its user is.
+    daemon: Daemon = make_daemon(f'[access]\nadmins = {{ users = ["{USER}"] }}\n', start=False)
+    daemon.socket_path, daemon.evqueue_socket = public_dir / "jobd.sock", public_dir / "evqueue.sock"
+    daemon.write_config(f'[access]\nadmins = {{ users = ["{USER}"] }}\n')
+    daemon.start()
+    with one_descriptor_left(daemon):
+        refused = _exchange_as(test_user, daemon.evqueue_socket, b"<ping />").decode()
+    message = SHORT_OF_NAMES.format(uid=test_user.pw_uid)
+    assert refused.startswith(f'<response error="{message}" error-code="OUT_OF_RESOURCES"'), refused
+    assert 'status="KO"' in refused, refused
+    greeting = _exchange_as(test_user, daemon.evqueue_socket, b"").decode()
+    assert greeting.startswith("<ready ") and 'profile="ADMIN"' in greeting, greeting

@@ -7,17 +7,16 @@ work that was already accepted.
 from __future__ import annotations
 
 import dataclasses
-import grp
 import os
-import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from jobd import users
 from jobd.engine import access as access_rules
 from jobd.engine import callbacks as callback_defs
-from jobd.errors import InsufficientRights, InvalidParams, UnknownTask
+from jobd.errors import InsufficientRights, InvalidParams, UnknownTask, shortage
 from jobd.model import (
     DEFAULT_PRIORITY,
     ENV_NAME,
@@ -87,6 +86,10 @@ def identify_peer(pid: int, uid: int, gid: int, access: AccessDef | None = None)
     The groups are those of the process (`Groups:` of /proc/PID/status: what `setgroups` left it, which may be
     fewer than the user's), read only while that pid is still a process of `uid`; otherwise (the client is gone,
     or its pid is in another pid namespace) the user's groups from the group database.
+
+    OutOfResources when jobd has no descriptor to spare to read them with: glibc then says "no such user" and
+    "no such group", and the client would be served for its connection's life as a user of no name, in groups of
+    no name, whom no rule of `[access]` names: no admin, refused what its user may do, for a misleading reason.
     """
     user = _user_name(uid)
     gids = _process_groups(pid, uid)
@@ -101,18 +104,18 @@ def _local_admin(uid: int, user: str, groups: frozenset[str], access: AccessDef)
     return uid == os.getuid() or access_rules.is_admin(access, user, groups)
 
 
+# What becomes of a client jobd cannot identify now (identify_peer).
+_NOT_SERVED = "the client is not served now: try again later"
+
+
 def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    name = users.user_name(uid, _NOT_SERVED)
+    return name if name is not None else str(uid)
 
 
 def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
+    name = users.group_name(gid, _NOT_SERVED)
+    return name if name is not None else str(gid)
 
 
 def _process_groups(pid: int, uid: int) -> list[int] | None:
@@ -122,7 +125,11 @@ def _process_groups(pid: int, uid: int) -> list[int] | None:
     # and a text file object splitting all fifty-odd lines cost three times as much.
     try:
         fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except OSError as error:
+        # Short of descriptors, the group database would answer the user's groups: more than the process may have.
+        short = shortage(f"cannot read the groups of pid {pid}", error, _NOT_SERVED)
+        if short is not None:
+            raise short from None
         return None
     try:
         chunks = []
@@ -159,7 +166,7 @@ def _database_groups(user: str, uid: int, gid: int) -> list[int]:
     if user == str(uid):  # no passwd entry: only the primary group is known
         return [gid]
     try:
-        return os.getgrouplist(user, gid)
+        return list(users.groups_of(user, gid, _NOT_SERVED))
     except OSError:
         return [gid]
 

@@ -271,6 +271,31 @@ def out_of_descriptors(daemon: Daemon) -> Any:
                 subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
 
 
+@contextlib.contextmanager
+def one_descriptor_left(daemon: Daemon) -> Any:
+    """jobd with one descriptor left, for the next client it accepts to take: its soft limit on open files lowered
+    to its highest descriptor, root clients connected (each answered) into every number below it, then the limit
+    raised by one. Its limit comes back after."""
+    soft_before = soft_limit_on_open_files(daemon.pid)
+    descriptors = Path(f"/proc/{daemon.pid}/fd")
+    limit = max(int(name) for name in os.listdir(descriptors)) + 1
+    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)
+    with contextlib.ExitStack() as held:
+        try:
+            for _ in range(limit - len(os.listdir(descriptors))):  # the gaps below the highest descriptor
+                sock = held.enter_context(socket.socket(socket.AF_UNIX))
+                sock.settimeout(WAIT)
+                sock.connect(str(daemon.socket_path))
+                sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+                assert b'"pong"' in sock.recv(1 << 16)  # accepted: it holds a descriptor
+            assert len(os.listdir(descriptors)) == limit, "jobd opened or closed a descriptor meanwhile"
+            subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit + 1}:"], check=True)
+            yield
+        finally:
+            if daemon.running():
+                subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
+
+
 def soft_limit_on_open_files(pid: int) -> int:
     limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
     return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))
