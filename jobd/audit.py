@@ -140,12 +140,18 @@ XML_MUTATING: Final[Mapping[tuple[str, str], Target]] = {
 }
 
 
-@functools.lru_cache(maxsize=256)
 def _user_name(uid: int) -> str:
     try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
+        return _passwd_name(uid)
+    except KeyError:  # no passwd entry, or none jobd could read now (short of descriptors): asked again next time
         return str(uid)
+
+
+@functools.lru_cache(maxsize=256)
+def _passwd_name(uid: int) -> str:
+    """Only names found are kept: pwd says "not found" when jobd has no descriptor to read /etc/passwd with too,
+    and the uid's number, kept, would have stood for its user in every entry after it, for jobd's life."""
+    return pwd.getpwuid(uid).pw_name
 
 
 def who(peer: Peer) -> tuple[int | None, str]:

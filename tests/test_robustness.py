@@ -578,6 +578,39 @@ print(users.account(0, 0))
     ], ran
 
 
+def test_an_audit_entrys_user_looked_up_without_a_descriptor_to_spare_is_not_kept_as_its_uid() -> None:
+    # An audit entry of a peer known by its uid alone (jobd itself, for a schedule) names its user, looked up once
+    # and kept. Looked up without a descriptor to spare, "no such uid" was kept too: every entry after it named the
+    # user by its number, for jobd's life. Run in a process of its own, every descriptor below its lowered limit taken.
+    daemon_user = pwd.getpwnam("daemon")  # in /etc/passwd alone: nss-systemd answers root and nobody without a file
+    script = f"""
+import os, resource
+from jobd import audit
+from jobd.engine.submit import Peer
+peer = Peer(uid={daemon_user.pw_uid}, gid={daemon_user.pw_gid}, pid=0, is_admin=False)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+taken = []
+try:
+    while True:
+        taken.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+print(audit.who(peer))
+for fd in taken:
+    os.close(fd)
+print(audit.who(peer))
+"""
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    uid = daemon_user.pw_uid
+    assert ran.stdout.splitlines() == [f"({uid}, '{uid}')", f"({uid}, 'daemon')"], ran
+
+
 def test_a_job_that_starts_while_jobd_is_out_of_descriptors_waits_untried_and_gets_its_home_and_user_name(
     make_daemon: Any,
 ) -> None:
