@@ -480,6 +480,65 @@ CALLER_WORKFLOW = (
 )
 
 
+def _caller_workflow_daemon(make_daemon: Any, public_dir: Path) -> Daemon:
+    """A jobd whose workflow `who` has one task, run as the user who launched the instance; the test user may launch
+    it, through a socket in `public_dir`."""
+    toml = f'[task.whoami]\n{COMMAND}run_as = "caller"\n'
+    toml += f'[[access.grant]]\nusers = ["{USER}"]\nrights = ["read", "exec"]\nworkflows = ["who"]\n'
+    daemon: Daemon = make_daemon(toml, start=False)
+    daemon.socket_path = public_dir / "jobd.sock"
+    daemon.write_config(toml)
+    _real_defaults(daemon)
+    daemon.write_workflows(who=CALLER_WORKFLOW)
+    daemon.start()
+    return daemon
+
+
+class _UserClient:
+    """A client of `user` (setpriv, its own groups) connected to the API socket, answered once (and so accepted and
+    identified) before it returns; each request() line it is given is sent, and its reply read."""
+
+    def __init__(self, user: pwd.struct_passwd, socket_path: Path) -> None:
+        script = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            f"s.connect({str(socket_path)!r})\n"
+            "replies = s.makefile('rb')\n"
+            "for line in sys.stdin:\n"
+            "    s.sendall(line.encode())\n"
+            "    sys.stdout.write(replies.readline().decode()); sys.stdout.flush()\n"
+        )
+        self.process = subprocess.Popen(
+            ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", SYSTEM_PYTHON, "-c",
+             script],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
+        )  # fmt: skip
+        assert "pong" in self.request("ping", {})["result"]
+
+    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}) + "\n")
+        self.process.stdin.flush()
+        reply: dict[str, Any] = json.loads(self.process.stdout.readline())
+        return reply
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        assert self.process.wait(timeout=WAIT) == 0
+
+
+def _held_task(daemon: Daemon, instance: int, user: pwd.struct_passwd) -> None:
+    """Until the log says the one task of `instance` was held (and not, say, failed), and while it is held."""
+    wait_for_log(daemon, f"instance={instance} task ")  # its one task: submitted, held or failed
+    told = re.search(rf"instance={instance} task \d+ (.*)", daemon.log())
+    assert told is not None and told[1] == (
+        f"not submitted yet: cannot look up the account of uid {user.pw_uid}: Too many open files "
+        "(jobd is short of open files or memory: see LimitNOFILE=); the task waits to be submitted until jobd "
+        "can look it up"
+    ), told
+
+
 @pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs the system python3 for the client")
 def test_a_workflow_task_run_as_its_caller_waits_while_jobd_cannot_look_the_caller_up(
     make_daemon: Any, test_user: pwd.struct_passwd, public_dir: Path
@@ -488,51 +547,18 @@ def test_a_workflow_task_run_as_its_caller_waits_while_jobd_cannot_look_the_call
     # submitted. Without a descriptor to spare, glibc answered "no such uid": the task failed for good, "uid N has no
     # passwd entry to give its group", and its instance with it. Now the task waits QUEUED, without a job, and is
     # submitted once jobd can look its user up.
-    grant = f'[[access.grant]]\nusers = ["{USER}"]\nrights = ["read", "exec"]\nworkflows = ["who"]\n'
-    daemon: Daemon = make_daemon(f'[task.whoami]\n{COMMAND}run_as = "caller"\n' + grant, start=False)
-    daemon.socket_path = public_dir / "jobd.sock"
-    daemon.write_config(f'[task.whoami]\n{COMMAND}run_as = "caller"\n' + grant)
-    _real_defaults(daemon)
-    daemon.write_workflows(who=CALLER_WORKFLOW)
-    daemon.start()
-    # The test user's client, connected (and so identified) before the descriptors run out; it launches the
-    # instance when told to, on its stdin.
-    script = (
-        "import socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX)\n"
-        f"s.connect({str(daemon.socket_path)!r})\n"
-        "replies = s.makefile('rb')\n"
-        's.sendall(b\'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\\n\')\n'
-        "sys.stdout.write(replies.readline().decode()); sys.stdout.flush()\n"
-        "sys.stdin.readline()\n"
-        's.sendall(b\'{"jsonrpc": "2.0", "id": 2, "method": "instance.launch", '
-        '"params": {"workflow": "who"}}\\n\')\n'
-        "sys.stdout.write(replies.readline().decode()); sys.stdout.flush()\n"
-    )
-    client = subprocess.Popen(
-        ["setpriv", f"--reuid={test_user.pw_uid}", f"--regid={test_user.pw_gid}", "--init-groups", SYSTEM_PYTHON, "-c",
-         script],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
-    )  # fmt: skip
-    with client, daemon.client() as root:
-        assert client.stdin is not None and client.stdout is not None
-        assert "pong" in client.stdout.readline()
+    daemon = _caller_workflow_daemon(make_daemon, public_dir)
+    client = _UserClient(test_user, daemon.socket_path)
+    with daemon.client() as root:
         root.call("ping")  # accepted too
         with out_of_descriptors(daemon):
-            client.stdin.write("launch\n")
-            client.stdin.flush()
-            launched = json.loads(client.stdout.readline())
+            launched = client.request("instance.launch", {"workflow": "who"})
             assert "result" in launched, launched
             instance = launched["result"]["id"]
-            wait_for_log(daemon, f"instance={instance} task ")  # its one task: submitted, held or failed
-            told = re.search(rf"instance={instance} task \d+ (.*)", daemon.log())
-            assert told is not None and told[1] == (
-                f"not submitted yet: cannot look up the account of uid {test_user.pw_uid}: Too many open files "
-                "(jobd is short of open files or memory: see LimitNOFILE=); the task waits to be submitted until jobd "
-                "can look it up"
-            ), told
+            _held_task(daemon, instance, test_user)
             queued = root.call("instance.get", {"id": instance, "format": "xml"})["xml"]
             assert 'status="QUEUED"' in queued and " tid=" not in queued, queued  # no job yet
+    client.close()
     done = daemon.call("instance.wait", {"id": instance, "timeout": WAIT}, timeout=WAIT + 5)
     document = daemon.call("instance.get", {"id": instance, "format": "xml"})["xml"]
     assert (done["status"], done["errors"]) == ("TERMINATED", 0), document
@@ -542,6 +568,39 @@ def test_a_workflow_task_run_as_its_caller_waits_while_jobd_cannot_look_the_call
     assert (int(uid), int(gid)) == (test_user.pw_uid, test_user.pw_gid)
     assert grp.getgrnam(EXTRA_GROUP).gr_gid in set(map(int, groups.split()))
     assert env == f"{test_user.pw_dir}|{USER}|{USER}"
+
+
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs the system python3 for the client")
+def test_a_workflow_task_held_for_want_of_descriptors_is_not_submitted_once_its_instance_is_cancelled(
+    make_daemon: Any, test_user: pwd.struct_passwd, public_dir: Path
+) -> None:
+    # A held task is QUEUED without a job: a cancel aborts it, and the end of the hold submits nothing for it. Another
+    # instance's task, held after it, is submitted by the same end of the hold, after it: once that one has run, the
+    # first had its turn.
+    daemon = _caller_workflow_daemon(make_daemon, public_dir)
+    client = _UserClient(test_user, daemon.socket_path)
+    with daemon.client() as root:
+        root.call("ping")  # accepted too
+        with out_of_descriptors(daemon):
+            cancelled = client.request("instance.launch", {"workflow": "who"})["result"]["id"]
+            _held_task(daemon, cancelled, test_user)
+            # Its end lists the scripts directory, to remove the instance's scripts: that failed too, and the cancel
+            # was answered INTERNAL_ERROR, with a traceback logged. They are removed a second later.
+            root.call("instance.cancel", {"id": cancelled})
+            assert (
+                f"cannot remove the scripts of instance {cancelled} now: Too many open files (jobd is short of open "
+                "files or memory: see LimitNOFILE=); tried again in 1s"
+            ) in daemon.log()
+            kept = client.request("instance.launch", {"workflow": "who"})["result"]["id"]
+            _held_task(daemon, kept, test_user)
+    client.close()
+    done = daemon.call("instance.wait", {"id": kept, "timeout": WAIT}, timeout=WAIT + 5)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), done
+    [job] = daemon.call("job.list", {})["jobs"]
+    assert job["context"] == f"instance:{kept}", job
+    ended = daemon.call("instance.get", {"id": cancelled, "format": "xml"})
+    assert ended["status"] == "TERMINATED" and "ABORTED" in ended["xml"] and " tid=" not in ended["xml"], ended
+    assert "Traceback" not in daemon.log()
 
 
 def _exchange_as(user: pwd.struct_passwd, path: Path, request: bytes) -> bytes:

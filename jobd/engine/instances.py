@@ -54,6 +54,7 @@ from jobd.errors import (
     UnknownInstance,
     UnknownJob,
     UnknownWorkflow,
+    shortage,
 )
 from jobd.model import (
     WORKFLOW_TASK_KEY_PREFIX,
@@ -742,11 +743,25 @@ class Instances:
         self._remove_scripts(instance_id)
 
     def _remove_scripts(self, instance_id: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(self.scripts_dir):
-                if name.startswith(f"{instance_id}-"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(self.scripts_dir, name))
+        try:
+            names = os.listdir(self.scripts_dir)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            # No descriptor to list the directory with: an instance's end (a cancel, its last task's end) answered
+            # INTERNAL_ERROR and logged a traceback, its scripts left behind. They are removed a little later.
+            what = f"cannot remove the scripts of instance {instance_id} now"
+            short = shortage(what, error, f"tried again in {RESOURCE_RETRY_DELAY:g}s")
+            if short is None:
+                raise
+            log.warning("%s", short.message)
+            # no-poll-ok: tried again only while jobd is short of descriptors, as a held job start is
+            self.engine.loop.call_later(RESOURCE_RETRY_DELAY, self._remove_scripts, instance_id)
+            return
+        for name in names:
+            if name.startswith(f"{instance_id}-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.scripts_dir, name))
 
     def _save(self, live: _Live) -> None:
         """Save the document once this pass of the event loop is over, however many events changed it, or once its
