@@ -633,6 +633,35 @@ def test_a_job_that_starts_while_jobd_is_out_of_descriptors_waits_untried_and_ge
     assert [t["outcome"] for t in daemon.call("job.get", {"id": job["id"]})["tries"]] == ["succeeded"]
 
 
+SCRIPT_WORKFLOW = """<workflow><subjobs><job name="one"><tasks>
+<task type="SCRIPT" name="scripted" queue="default"><script>#!/bin/sh
+echo scripted
+</script></task>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_a_workflow_script_task_whose_script_jobd_cannot_write_waits_for_a_descriptor(make_daemon: Any) -> None:
+    # A SCRIPT task's script is written to a file as its job is submitted. Without a descriptor to spare the open
+    # raised EMFILE out of the instance's launch: answered INTERNAL_ERROR, a traceback logged, and its task never
+    # ran. Now the task waits QUEUED, without a job, and is submitted once jobd can write the script.
+    daemon: Daemon = make_daemon(QUEUE, start=False)
+    daemon.write_workflows(scripted=SCRIPT_WORKFLOW)
+    daemon.start()
+    with daemon.client() as client:
+        client.call("ping")  # accepted (not left in the listen backlog) before the descriptors run out
+        with out_of_descriptors(daemon):
+            instance = client.call("instance.launch", {"workflow": "scripted"})["id"]
+            wait_for_log(daemon, f"instance={instance} task ")
+            assert (
+                "not submitted yet: cannot write the script " + str(daemon.state_dir / "scripts" / f"{instance}-")
+            ) in daemon.log()
+        done = client.call("instance.wait", {"id": instance, "timeout": WAIT}, timeout=WAIT + 5)
+        document = client.call("instance.get", {"id": instance, "format": "xml"})["xml"]
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), document
+    assert "scripted" in document
+    assert "Traceback" not in daemon.log()
+
+
 PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, where a private cgroup can be made
 
 

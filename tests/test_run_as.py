@@ -534,8 +534,7 @@ def _held_task(daemon: Daemon, instance: int, user: pwd.struct_passwd) -> None:
     told = re.search(rf"instance={instance} task \d+ (.*)", daemon.log())
     assert told is not None and told[1] == (
         f"not submitted yet: cannot look up the account of uid {user.pw_uid}: Too many open files "
-        "(jobd is short of open files or memory: see LimitNOFILE=); the task waits to be submitted until jobd "
-        "can look it up"
+        "(jobd is short of open files or memory: see LimitNOFILE=); the task waits to be submitted until jobd can"
     ), told
 
 

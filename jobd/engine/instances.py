@@ -181,6 +181,10 @@ class _Live:
         return f"{_key_prefix(self.summary.id)}{evqid}:try:{tries + 1}"
 
 
+# What becomes of a task that cannot be submitted for want of a descriptor (Instances._hold_while_short).
+_TASK_WAITS = "the task waits to be submitted until jobd can"
+
+
 class Instances:
     def __init__(self, engine: Engine, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
@@ -562,8 +566,9 @@ class Instances:
             log.info("instance=%d task %d: submitted at the next start (jobd is stopping)", instance_id, action.evqid)
             return
         except OutOfResources as short:
-            # Its user cannot be looked up for want of a descriptor: no reason to fail the task. It stays QUEUED
-            # without a job, as a job whose account cannot be looked up waits in its queue (Engine._take_starts).
+            # Its user cannot be looked up, or its script written, for want of a descriptor: no reason to fail the
+            # task. It stays QUEUED without a job, as a job whose account cannot be looked up waits in its queue
+            # (Engine._take_starts).
             log.warning("instance=%d task %d not submitted yet: %s", instance_id, action.evqid, short.message)
             self._hold_while_short(instance_id, action.evqid)
             return
@@ -662,7 +667,7 @@ class Instances:
                 missing="local user",
             )
         try:
-            gid = users.primary_gid(launcher, "the task waits to be submitted until jobd can look it up")
+            gid = users.primary_gid(launcher, _TASK_WAITS)
         except KeyError:
             raise InsufficientRights(
                 f'task {defined.name!r} runs as the user who launched the instance (run_as = "caller"), '
@@ -674,7 +679,13 @@ class Instances:
     def _write_script(self, instance_id: int, evqid: int, script: str) -> str:
         os.makedirs(self.scripts_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.scripts_dir, f"{instance_id}-{evqid}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o700)
+        except OSError as error:  # short of descriptors: the task waits (_run_task), as for its user's look-up
+            short = shortage(f"cannot write the script {path}", error, _TASK_WAITS)
+            if short is None:
+                raise
+            raise short from None
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(script)
         return path
