@@ -11,6 +11,7 @@ import resource
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import tracemalloc
 from pathlib import Path
@@ -495,30 +496,26 @@ def test_a_change_seen_while_jobd_is_out_of_descriptors_is_applied_once_it_can_b
     assert "reload not done, keeping the running configuration: " in log and "reload failed" not in log, log
 
 
-def test_a_user_looked_up_without_a_descriptor_to_spare_is_a_shortage_not_a_missing_user() -> None:
-    # Python's pwd and grp say "name not found" whatever made glibc's lookup fail: without a descriptor to open
-    # /etc/passwd with, a configuration naming `root` was invalid ("there is no user \"root\" on this system").
-    # Run in a process of its own, whose every descriptor below its lowered limit is taken.
-    script = """
-import os, resource
-from jobd import users
-from jobd.errors import OutOfResources
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-taken = []
-try:
-    while True:
-        taken.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
-for lookup, name in ((users.user_ids, "root"), (users.group_id, "root")):
-    try:
-        lookup(name)
-    except OutOfResources as error:
-        print(error.message)
-for fd in taken:
-    os.close(fd)
-print(users.user_ids("root"), users.group_id("root"))
-"""
+def _printed_short_of_descriptors(setup: str, short: str, after: str) -> list[str]:
+    """The lines printed by Python code run in a process of its own: `setup`, then `short` with every descriptor
+    below its lowered limit taken, then `after` with them given back."""
+    script = "\n".join(
+        [
+            "import os, resource",
+            textwrap.dedent(setup),
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))",
+            "taken = []",
+            "try:",
+            "    while True:",
+            '        taken.append(os.open("/dev/null", os.O_RDONLY))',
+            "except OSError:",
+            "    pass",
+            textwrap.dedent(short),
+            "for fd in taken:",
+            "    os.close(fd)",
+            textwrap.dedent(after),
+        ]
+    )
     ran = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -526,89 +523,71 @@ print(users.user_ids("root"), users.group_id("root"))
         check=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert ran.stdout.splitlines() == [
+    return ran.stdout.splitlines()
+
+
+def test_a_user_looked_up_without_a_descriptor_to_spare_is_a_shortage_not_a_missing_user() -> None:
+    # Python's pwd and grp say "name not found" whatever made glibc's lookup fail: without a descriptor to open
+    # /etc/passwd with, a configuration naming `root` was invalid ("there is no user \"root\" on this system").
+    printed = _printed_short_of_descriptors(
+        "from jobd import users\nfrom jobd.errors import OutOfResources",
+        """
+        for lookup, name in ((users.user_ids, "root"), (users.group_id, "root")):
+            try:
+                lookup(name)
+            except OutOfResources as error:
+                print(error.message)
+        """,
+        'print(users.user_ids("root"), users.group_id("root"))',
+    )
+    assert printed == [
         "cannot look up the user 'root': Too many open files (jobd is short of open files or memory: see "
         "LimitNOFILE=); the configuration is not read now",
         "cannot look up the group 'root': Too many open files (jobd is short of open files or memory: see "
         "LimitNOFILE=); the configuration is not read now",
         "(0, 0) 0",
-    ], ran
+    ]
 
 
 def test_an_account_looked_up_without_a_descriptor_to_spare_is_a_shortage_not_an_account_without_groups() -> None:
     # A job's account (its name, home and supplementary groups) is looked up as it starts. Without a descriptor to
     # open /etc/passwd with, glibc found no such uid, and the job's account was made of its uid and primary gid
     # alone: no name, "/" for its home, no supplementary group. getgrouplist(3) raises nothing either: without
-    # /etc/group it answers the primary group alone. Run in a process of its own, every descriptor below its
-    # lowered limit taken; what each lookup answered, or the shortage it raised, is printed.
-    script = """
-import os, resource
-from jobd import users
-from jobd.errors import OutOfResources
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-taken = []
-try:
-    while True:
-        taken.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
-for lookup, arguments in ((users.account, (0, 0)), (users.groups_of, ("root", 0))):
-    try:
-        print("answered", lookup(*arguments))
-    except OutOfResources as error:
-        print(error.message)
-for fd in taken:
-    os.close(fd)
-print(users.account(0, 0))
-"""
-    ran = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+    # /etc/group it answers the primary group alone. What each lookup answered, or the shortage it raised, is printed.
+    printed = _printed_short_of_descriptors(
+        "from jobd import users\nfrom jobd.errors import OutOfResources",
+        """
+        for lookup, arguments in ((users.account, (0, 0)), (users.groups_of, ("root", 0))):
+            try:
+                print("answered", lookup(*arguments))
+            except OutOfResources as error:
+                print(error.message)
+        """,
+        "print(users.account(0, 0))",
     )
     root = pwd.getpwuid(0)
-    assert ran.stdout.splitlines() == [
+    assert printed == [
         "cannot look up the account of uid 0: Too many open files (jobd is short of open files or memory: see "
         "LimitNOFILE=); the job waits in its queue and is started once jobd can look it up",
         "cannot look up the groups of the user 'root': Too many open files (jobd is short of open files or memory: "
         "see LimitNOFILE=); the job waits in its queue and is started once jobd can look it up",
         f"Account(uid=0, gid=0, name='root', home='{root.pw_dir}', groups={tuple(os.getgrouplist('root', 0))})",
-    ], ran
+    ]
 
 
 def test_an_audit_entrys_user_looked_up_without_a_descriptor_to_spare_is_not_kept_as_its_uid() -> None:
     # An audit entry of a peer known by its uid alone (jobd itself, for a schedule) names its user, looked up once
     # and kept. Looked up without a descriptor to spare, "no such uid" was kept too: every entry after it named the
-    # user by its number, for jobd's life. Run in a process of its own, every descriptor below its lowered limit taken.
+    # user by its number, for jobd's life.
     daemon_user = pwd.getpwnam("daemon")  # in /etc/passwd alone: nss-systemd answers root and nobody without a file
-    script = f"""
-import os, resource
-from jobd import audit
-from jobd.engine.submit import Peer
-peer = Peer(uid={daemon_user.pw_uid}, gid={daemon_user.pw_gid}, pid=0, is_admin=False)
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-taken = []
-try:
-    while True:
-        taken.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
-print(audit.who(peer))
-for fd in taken:
-    os.close(fd)
-print(audit.who(peer))
-"""
-    ran = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    setup = f"""
+    from jobd import audit
+    from jobd.engine.submit import Peer
+    peer = Peer(uid={daemon_user.pw_uid}, gid={daemon_user.pw_gid}, pid=0, is_admin=False)
+    """
+    printed = _printed_short_of_descriptors(setup, "print(audit.who(peer))", "print(audit.who(peer))")
     uid = daemon_user.pw_uid
-    assert ran.stdout.splitlines() == [f"({uid}, '{uid}')", f"({uid}, 'daemon')"], ran
+    assert printed == [f"({uid}, '{uid}')", f"({uid}, 'daemon')"]
 
 
 def test_a_job_that_starts_while_jobd_is_out_of_descriptors_waits_untried_and_gets_its_home_and_user_name(
