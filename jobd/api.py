@@ -35,6 +35,8 @@ from jobd.errors import (
     InvalidParams,
     JobdError,
     MethodNotFound,
+    UnknownInstance,
+    UnknownJob,
     UnknownQueue,
     UnknownSchedule,
     UnknownTask,
@@ -502,11 +504,22 @@ def _job_id(p: Params) -> int:
     return p.required_integer("id", low=1)
 
 
-def _checked_job(api: Api, session: Session, right: Right, job_id: int) -> Job:
-    """The job, if the peer has `right` on it (on its task or its queue)."""
-    job = api.engine.get(job_id)
-    access.require_job(api.engine.config.access, session.peer, right, job.id, job.spec.task, job.spec.queue)
+def checked_job(api: Api, peer: Peer, right: Right, job_id: int) -> Job:
+    """The job, if `peer` has `right` on it (on its task or its queue). To a peer that is not an admin, an id that
+    names no job is refused as a job it may not read is (access.refused): told apart, they would show it the ids
+    of the jobs of others."""
+    try:
+        job = api.engine.get(job_id)
+    except UnknownJob:
+        if peer.is_admin:
+            raise
+        raise access.refused(peer, right, "job", job_id) from None
+    access.require_job(api.engine.config.access, peer, right, job.id, job.spec.task, job.spec.queue)
     return job
+
+
+def _checked_job(api: Api, session: Session, right: Right, job_id: int) -> Job:
+    return checked_job(api, session.peer, right, job_id)
 
 
 def job_get(api: Api, session: Session, p: Params) -> Any:
@@ -870,17 +883,18 @@ def check_launch(api: Api, peer: Peer, workflow: str, host: str | None, user: st
 
 def check_instance(api: Api, peer: Peer, right: Right, instance_id: int) -> None:
     """Refuse unless `peer` has `right` on the workflow the instance runs. The refusal names the workflow only to a
-    peer that may read it: instance ids count up, and naming it to anyone else would list every workflow."""
-    workflow = api.instances.summary(instance_id).workflow
+    peer that may read it: instance ids count up, and naming it to anyone else would list every workflow. To a
+    peer that is not an admin, an id that names no instance is refused as one it may not read is (access.refused)."""
+    try:
+        workflow = api.instances.summary(instance_id).workflow
+    except UnknownInstance:
+        if peer.is_admin:
+            raise
+        raise access.refused(peer, right, "instance", instance_id) from None
     rules = api.engine.config.access
     if not access.may(rules, peer, right, ObjectKind.WORKFLOW, workflow):
         on = f" on workflow {workflow}" if access.may(rules, peer, Right.READ, ObjectKind.WORKFLOW, workflow) else ""
-        raise InsufficientRights(
-            f"{access.who(peer)} may not {right} instance {instance_id}: the {right} right is missing{on}",
-            missing=str(right),
-            kind="instance",
-            name=str(instance_id),
-        )
+        raise access.refused(peer, right, "instance", instance_id, on)
 
 
 def instance_get(api: Api, session: Session, p: Params) -> Any:

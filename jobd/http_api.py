@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from jobd import activation, users
-from jobd.api import EVENT_TYPES, AfterReplyWork, Api, EventFilter
+from jobd.api import EVENT_TYPES, AfterReplyWork, Api, EventFilter, checked_job
 from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.http_task import HttpSpecError, check_request
@@ -599,10 +599,7 @@ class HttpApi:
         job_id = _integer(request.match_info["id"])
         if job_id is None:  # no job has such an id
             return _error(404, "UNKNOWN_JOB", "no such job")
-        job = self.api.engine.get(job_id)
-        access.require_job(
-            self.api.engine.config.access, _peer(request), Right.READ, job.id, job.spec.task, job.spec.queue
-        )
+        job = checked_job(self.api, _peer(request), Right.READ, job_id)
         worker_status = {JobState.RUNNING: 1, JobState.SUCCEEDED: 3}.get(job.state, 0)
         if job.state in FINISHED_STATES and job.state != JobState.SUCCEEDED:
             worker_status = 99

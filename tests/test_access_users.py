@@ -13,6 +13,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -443,6 +444,83 @@ def test_a_refused_job_or_instance_is_not_named_to_a_user_who_may_not_read_it(
     # alice may read her report job: told what she lacks, and where.
     [refused] = calls(jobd, users["alice"], [("job.cancel", {"id": report["id"]})])
     assert refused["message"].endswith("the kill right is missing on task report or on queue default"), refused
+
+
+def _id_requests(job_id: int, instance_id: int) -> list[tuple[str, dict[str, Any]]]:
+    """Every JSON-RPC method that takes a job or instance id, asking about those."""
+    return [
+        ("job.get", {"id": job_id}),
+        ("job.output", {"id": job_id}),
+        ("job.wait", {"id": job_id, "timeout": 0}),
+        ("job.cancel", {"id": job_id}),
+        ("instance.get", {"id": instance_id}),
+        ("instance.wait", {"id": instance_id, "timeout": 0}),
+        ("instance.cancel", {"id": instance_id}),
+        ("instance.debug_resume", {"id": instance_id}),
+    ]
+
+
+def _xml_id_requests(instance_id: int) -> str:
+    """Every evQueue command a user may send that takes an instance id."""
+    return (
+        "".join(
+            f'<instance action="{action}" id="{instance_id}"{extra}/>'
+            for action, extra in (("query", ""), ("wait", ' timeout="1"'), ("cancel", ""), ("killtask", ' pid="1"'))
+        )
+        + f'<instance action="debugresume" id="{instance_id}"/>'
+    )
+
+
+def test_a_job_or_instance_a_user_may_not_read_is_refused_as_one_that_does_not_exist(
+    jobd: Daemon, users: dict[str, Any]
+) -> None:
+    """Job and instance ids count up: a refusal for a hidden id (INSUFFICIENT_RIGHTS) told apart from the answer for
+    an id that names nothing (UNKNOWN_JOB, UNKNOWN_INSTANCE) showed a user with no right at all how many jobs and
+    instances others have, and when they made them. To a user who is not an admin both are now the same refusal,
+    on every method that takes such an id and in both protocols; an admin is still told that an id names nothing."""
+    secret = jobd.submit(task="secret")
+    running = jobd.call("instance.launch", {"workflow": "wf-slow"})  # one a kill would find running
+    ended = jobd.call("instance.launch", {"workflow": "other"})
+    jobd.call("instance.wait", {"id": ended["id"], "timeout": 30}, timeout=40)
+    nothing = 10**9  # names no job and no instance
+
+    def shape(text: str, *ids: int) -> str:
+        for number in ids:
+            text = re.sub(rf"\b{number}\b", "ID", text)
+        return text
+
+    for user in ("alice", "bob", "carol"):
+        for instance in (running, ended):
+            hidden = calls(jobd, users[user], _id_requests(secret["id"], instance["id"]))
+            absent = calls(jobd, users[user], _id_requests(nothing, nothing))
+            for (method, _), seen, unseen in zip(_id_requests(0, 0), hidden, absent, strict=True):
+                if user == "alice" and method.startswith("instance") and instance is running:
+                    continue  # alice may read wf-slow (wf-*): not hidden from her
+                assert seen["code"] == unseen["code"] == "INSUFFICIENT_RIGHTS", (user, method, seen, unseen)
+                assert seen["missing"] == unseen["missing"], (user, method, seen, unseen)
+                assert shape(seen["message"], secret["id"], instance["id"]) == shape(unseen["message"], nothing), (
+                    user,
+                    method,
+                    seen,
+                    unseen,
+                )
+        # evQueue's commands on instances: the same answer for the hidden one and for none.
+        _, *hidden_xml = xml_session(jobd, users[user], _xml_id_requests(ended["id"]))
+        _, *absent_xml = xml_session(jobd, users[user], _xml_id_requests(nothing))
+        assert len(hidden_xml) == len(absent_xml) == 5
+        for seen_xml, unseen_xml in zip(hidden_xml, absent_xml, strict=True):
+            assert seen_xml.get("error-code") == unseen_xml.get("error-code") == "INSUFFICIENT_RIGHTS", (
+                user,
+                seen_xml.attrib,
+                unseen_xml.attrib,
+            )
+            assert shape(seen_xml.get("error", ""), ended["id"]) == shape(unseen_xml.get("error", ""), nothing)
+    # An admin is told that the id names nothing.
+    admin = calls(jobd, users["dave"], _id_requests(nothing, nothing))
+    assert [answer["code"] for answer in admin] == ["UNKNOWN_JOB"] * 4 + ["UNKNOWN_INSTANCE"] * 4, admin
+    _, *admin_xml = xml_session(jobd, users["dave"], _xml_id_requests(nothing))
+    assert {answer.get("error-code") for answer in admin_xml} == {"UNKNOWN_INSTANCE"}, [a.attrib for a in admin_xml]
+    jobd.call("instance.cancel", {"id": running["id"]})
 
 
 def test_a_failed_reload_is_explained_to_admins_only(jobd: Daemon, users: dict[str, Any]) -> None:

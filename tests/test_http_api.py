@@ -160,6 +160,17 @@ def test_authentication_and_rights(daemon: Any) -> None:
     status, body = request(daemon, "GET", f"/jobs/status/{job['id']}", token=CAROL_TOKEN)
     assert status == 403 and body["error"]["code"] == "INSUFFICIENT_RIGHTS"
     assert body["error"]["missing"] == "read" and "read right is missing" in body["error"]["message"]
+    # An id that names no job is refused to carol as the job she may not read is (it was a 404 UNKNOWN_JOB: she
+    # could tell the ids of the jobs of others from those of none).
+    hidden = body["error"]
+    status, body = request(daemon, "GET", "/jobs/status/999999", token=CAROL_TOKEN)
+    message = hidden["message"].replace(f"job {job['id']}:", "job 999999:")
+    assert status == 403 and body["error"] == {**hidden, "message": message, "name": "999999"}, (body, hidden)
+    for job_id in (job["id"], 999999):
+        status, body = request(daemon, "POST", "/api/job.get", {"id": job_id}, token=CAROL_TOKEN)
+        assert status == 403 and body["error"]["code"] == "INSUFFICIENT_RIGHTS", body
+    status, body = request(daemon, "GET", "/jobs/status/999999")  # the admin is told there is none
+    assert status == 404 and body["error"]["code"] == "UNKNOWN_JOB"
     status, body = request(daemon, "POST", "/api/job.submit", {"command": ["true"]}, token=CAROL_TOKEN)
     assert status == 403 and body["error"]["missing"] == "admin"
     status, body = request(daemon, "GET", "/metrics", token=CAROL_TOKEN)

@@ -87,12 +87,20 @@ def require_job(access: AccessDef, peer: Peer, right: Right, job_id: int, task: 
         on = ""
         if may_job(access, peer, Right.READ, task, queue):
             on = f" on task {task} or on queue {queue}" if task is not None else f" on queue {queue} (an ad-hoc job)"
-        raise InsufficientRights(
-            f"{who(peer)} may not {right} job {job_id}: the {right} right is missing{on}",
-            missing=str(right),
-            kind="job",
-            name=str(job_id),
-        )
+        raise refused(peer, right, "job", job_id, on)
+
+
+def refused(peer: Peer, right: Right, kind: str, object_id: int, on: str = "") -> InsufficientRights:
+    """The refusal of `right` on the job or instance `object_id`; `on` says where the right is missing, and is
+    given only to a peer that may read the object. Without it, this is also the refusal of an id that names
+    nothing, to a peer that is not an admin: ids count up, and a refusal told apart from "no such id" would show
+    how many jobs or instances others have, and when they were made."""
+    return InsufficientRights(
+        f"{who(peer)} may not {right} {kind} {object_id}: the {right} right is missing{on}",
+        missing=str(right),
+        kind=kind,
+        name=str(object_id),
+    )
 
 
 def require_admin(peer: Peer, what: str) -> None:
