@@ -7,13 +7,14 @@ what is allowed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -24,7 +25,7 @@ from jobd import __version__, audit, redact, safexml
 from jobd.durable import DurableReply
 from jobd.engine import access
 from jobd.engine import callbacks as callback_defs
-from jobd.engine.core import STREAMS, Engine
+from jobd.engine.core import STREAMS, Engine, OutputChunk
 from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.instances import InstanceEvent, Instances, task_json
 from jobd.engine.queues import QueueRuntime
@@ -618,12 +619,14 @@ async def job_output(api: Api, session: Session, p: Params) -> Any:
     wait = p.flag("wait")
     p.done()
     _checked_job(api, session, Right.READ, job_id)
-    if encoding == "base64":
-        chunk = await api.engine.read_output(
-            job_id, attempt, stream, offset, limit, wait=wait, ready=session.ready_for_reply
-        )
-        data = chunk.data
-    else:
+
+    async def read() -> tuple[OutputChunk, bytes]:
+        """The chunk read, and what of it is answered."""
+        if encoding == "base64":
+            chunk = await api.engine.read_output(
+                job_id, attempt, stream, offset, limit, wait=wait, ready=session.ready_for_reply
+            )
+            return chunk, chunk.data
         chunk = await api.engine.read_output(
             job_id, attempt, stream, offset, limit + MAX_UTF8_EXTRA, wait=wait, ready=session.ready_for_reply
         )
@@ -635,6 +638,12 @@ async def job_output(api: Api, session: Session, p: Params) -> Any:
                 job_id, chunk.attempt, stream, offset, limit + MAX_UTF8_EXTRA, wait=True, ready=session.ready_for_reply
             )
             data = _text_chunk(chunk.data, limit, chunk.complete)
+        return chunk, data
+
+    if wait:
+        chunk, data = await while_allowed(api, read(), lambda: _checked_job(api, session, Right.READ, job_id))
+    else:
+        chunk, data = await read()
     complete = chunk.complete and len(data) == len(chunk.data)
     return {
         "data": base64.b64encode(data).decode() if encoding == "base64" else data.decode("utf-8", "replace"),
@@ -652,7 +661,27 @@ async def job_wait(api: Api, session: Session, p: Params) -> Any:
     timeout = p.number("timeout")
     p.done()
     _checked_job(api, session, Right.READ, job_id)
-    return (await api.engine.wait(job_id, timeout)).to_json()
+    job = await while_allowed(
+        api, api.engine.wait(job_id, timeout), lambda: _checked_job(api, session, Right.READ, job_id)
+    )
+    return job.to_json()
+
+
+async def while_allowed(api: Api, waiting: Coroutine[Any, Any, T], check: Callable[[], object]) -> T:
+    """What `waiting` returns, as long as `check` (which raises the refusal) lets the client have it: run again at
+    each reload while it waits, since a reload may take the right away (grants are the configuration's, and only a
+    reload changes them). Refused, the request is answered the refusal a new one would get at once, and `waiting`
+    is dropped: not the object once it ends, nor at the time it ends, which would tell when it did."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while not task.done():
+            reloaded = api.engine.next_reload()
+            await asyncio.wait((task, reloaded), return_when=asyncio.FIRST_COMPLETED)
+            if reloaded.done():
+                check()
+        return task.result()
+    finally:
+        task.cancel()  # refused (or the request itself is dropped): nobody waits for it any more
 
 
 async def job_cancel(api: Api, session: Session, p: Params) -> Any:
@@ -932,7 +961,9 @@ async def instance_wait(api: Api, session: Session, p: Params) -> Any:
     timeout = p.number("timeout")
     p.done()
     check_instance(api, session.peer, Right.READ, instance_id)
-    return (await api.instances.wait(instance_id, timeout)).to_json()
+    waiting = api.instances.wait(instance_id, timeout)
+    summary = await while_allowed(api, waiting, lambda: check_instance(api, session.peer, Right.READ, instance_id))
+    return summary.to_json()
 
 
 def instance_cancel(api: Api, session: Session, p: Params) -> Any:

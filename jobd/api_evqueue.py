@@ -21,7 +21,7 @@ from typing import Any, Final
 from lxml import etree
 
 from jobd import __version__, audit, safexml
-from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch, once_durable
+from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch, once_durable, while_allowed
 from jobd.engine import access
 from jobd.engine.schedule import Calendar
 from jobd.engine.submit import Peer
@@ -336,11 +336,18 @@ def instance_wait(service: EvQueue, peer: Peer, command: xml.InstanceWait) -> Re
     # waits races the instance; jobd answers at once that it has ended.
     if service.api.instances.summary(command.instance_id).status == TERMINATED:
         return service.ok()
-    return _ended(service, command.instance_id, command.timeout)
+    return _ended(service, peer, command.instance_id, command.timeout)
 
 
-async def _ended(service: EvQueue, instance_id: int, timeout: int | None) -> etree._Element:
-    summary = await service.api.instances.wait(instance_id, timeout)
+async def _ended(service: EvQueue, peer: Peer, instance_id: int, timeout: int | None) -> etree._Element:
+    api = service.api
+    # Checked again at each reload while it waits (as JSON-RPC's instance.wait), with the peer as the new
+    # configuration sees it: an admin no longer one is refused what it may not read.
+    summary = await while_allowed(
+        api,
+        api.instances.wait(instance_id, timeout),
+        lambda: check_instance(api, peer.under(api.engine.config.access), Right.READ, instance_id),
+    )
     if summary.status != TERMINATED:
         raise TimedOut(f"Instance {instance_id} did not end within {timeout} seconds", id=instance_id)
     return service.ok()

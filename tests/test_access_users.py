@@ -119,9 +119,11 @@ def jobd(make_daemon: Any, users: dict[str, pwd.struct_passwd]) -> Daemon:
     return started(make_daemon, CONFIG)
 
 
-def started(make_daemon: Any, config: str) -> Daemon:
-    """A daemon of `config` with the workflows wf-a, wf-slow and other, its sockets open to the test users."""
+def started(make_daemon: Any, config: str, env: dict[str, str] | None = None) -> Daemon:
+    """A daemon of `config` (and extra environment `env`) with the workflows wf-a, wf-slow and other, its sockets
+    open to the test users."""
     daemon: Daemon = make_daemon(config, start=False)
+    daemon.env.update(env or {})
     workflows = daemon.config_dir / "workflows"
     workflows.mkdir()
     (workflows / "wf-a.xml").write_bytes(WORKFLOW)
@@ -521,6 +523,104 @@ def test_a_job_or_instance_a_user_may_not_read_is_refused_as_one_that_does_not_e
     _, *admin_xml = xml_session(jobd, users["dave"], _xml_id_requests(nothing))
     assert {answer.get("error-code") for answer in admin_xml} == {"UNKNOWN_INSTANCE"}, [a.attrib for a in admin_xml]
     jobd.call("instance.cancel", {"id": running["id"]})
+
+
+HELD_WAITS = """
+import json, socket, sys
+from lxml import etree
+from jobd.protocol.evqueue import XmlFramer
+job_id, instance_id = int(sys.argv[1]), int(sys.argv[2])
+requests = [
+    ("job.wait", {"id": job_id, "timeout": 120}),
+    ("job.output", {"id": job_id, "wait": True}),
+    ("instance.wait", {"id": instance_id, "timeout": 120}),
+    ("ping", {}),
+]
+rpc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+rpc.connect("jobd.sock")
+rpc.sendall(b"".join(
+    json.dumps({"jsonrpc": "2.0", "id": n, "method": m, "params": p}).encode() + b"\\n"
+    for n, (m, p) in enumerate(requests)
+))
+lines = rpc.makefile("rb")
+answers = {}
+while 3 not in answers:  # ping's answer comes first: the waits sent before it were taken, and are waiting
+    answer = json.loads(lines.readline())
+    answers[answer["id"]] = answer
+evq = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+evq.connect("evqueue.sock")
+framer, documents = XmlFramer(), []
+def document():
+    while not documents:
+        documents.extend(framer.feed(evq.recv(65536)))
+    return etree.fromstring(documents.pop(0))
+document()  # the greeting
+evq.sendall(f'<instance action="wait" id="{instance_id}" timeout="120"/>'.encode())
+assert document().tag == "ping"  # a keep-alive: the wait was taken, and is waiting
+print("waiting", flush=True)
+while len(answers) < 4:
+    answer = json.loads(lines.readline())
+    answers[answer["id"]] = answer
+while (reply := document()).tag == "ping":
+    pass
+print(json.dumps({"rpc": [answers[n] for n in range(3)], "evqueue": dict(reply.attrib)}), flush=True)
+"""
+
+
+def test_a_wait_sent_before_a_reload_took_the_right_away_is_refused_as_a_new_request_is(
+    make_daemon: Any, users: dict[str, Any], tmp_path: Path
+) -> None:
+    """A job.wait, job.output with `wait`, instance.wait or evQueue instance wait sent while the user could read
+    the job or instance, still waiting when a reload took the right away, answered the job (its state, its output,
+    that the instance had ended) once it ended: the right was checked only when the request came. It is checked again
+    at each reload, and the wait is answered at once the refusal a new request gets."""
+    started_fifo = tmp_path / "started.fifo"
+    os.mkfifo(started_fifo)
+    config = (
+        CONFIG
+        + f"""
+[task.talker]
+command = ["/bin/sh", "-c", "echo started > {started_fifo}; exec sleep 120"]
+queue = "ops"
+"""
+    )
+    # Keep-alives while a request waits: the client reads the first one as the sign that its evQueue wait was taken.
+    jobd = started(make_daemon, config, {"JOBD_EVQUEUE_KEEPALIVE_INTERVAL": "0.05"})
+    grant = jobd.config_dir / "jobd.d" / "carol.toml"
+    grant.write_text(
+        f'[[access.grant]]\nusers = ["{PREFIX}carol"]\nrights = ["read"]\nqueues = ["ops"]\nworkflows = ["wf-slow"]\n'
+    )
+    assert jobd.call("daemon.reload")["ok"]
+    job = jobd.submit(task="talker")
+    assert started_fifo.read_text() == "started\n"  # it runs: job.output has an attempt to wait on
+    instance = jobd.call("instance.launch", {"workflow": "wf-slow"})
+    waits = held_as_user(jobd, users["carol"], HELD_WAITS, str(job["id"]), str(instance["id"]))
+    try:
+        assert waits.stdout is not None
+        assert waits.stdout.readline() == "waiting\n", waits.stderr.read() if waits.stderr else ""
+        grant.unlink()
+        assert jobd.call("daemon.reload")["ok"]
+        new_requests = _id_requests(job["id"], instance["id"])
+        refused = calls(jobd, users["carol"], [new_requests[2], new_requests[1], new_requests[5]])
+        assert [answer["code"] for answer in refused] == ["INSUFFICIENT_RIGHTS"] * 3, refused
+        # Answered now, while the job and the instance still run: not when they end, which would tell when.
+        out, err = waits.communicate(timeout=DEADLINE)
+    finally:
+        if waits.poll() is None:
+            waits.kill()
+            waits.wait()
+        for running in jobd.call("job.list", {"state": ["queued", "running"]})["jobs"]:
+            jobd.call("job.cancel", {"id": running["id"]})  # the job, and the task of the instance
+    assert waits.returncode == 0, err
+    seen = json.loads(out)
+    got = [
+        {"code": a["error"]["data"]["code"], "message": a["error"]["message"]} if "error" in a else a
+        for a in seen["rpc"]
+    ]
+    assert got == [{"code": answer["code"], "message": answer["message"]} for answer in refused], got
+    xml_refusal = seen["evqueue"]
+    assert xml_refusal.get("error-code") == "INSUFFICIENT_RIGHTS", xml_refusal
+    assert xml_refusal.get("error") == refused[2]["message"], xml_refusal
 
 
 def test_a_failed_reload_is_explained_to_admins_only(jobd: Daemon, users: dict[str, Any]) -> None:

@@ -240,6 +240,7 @@ class Engine:
         # in O(1), however many wait on the same job.
         self._finish_waiters: dict[int, dict[asyncio.Future[Job], None]] = {}
         self._output_waiters: dict[int, dict[asyncio.Future[None], None]] = {}
+        self._next_reload: asyncio.Future[None] | None = None  # see next_reload
         self._listeners: dict[Callable[[JobEvent], None], None] = {}
         self._watchers: dict[int, JobWatcher] = {}  # job id -> who runs it (a workflow instance's task)
         # Finished jobs whose watcher is told in the loop's next turn (_release_finish_waiters), until it is.
@@ -1145,9 +1146,19 @@ class Engine:
         except Exception as error:
             log.error("queue %s: cannot forget its API pause (the configuration overrides it anyway): %s", name, error)
 
+    def next_reload(self) -> asyncio.Future[None]:
+        """Done once the configuration is next reloaded: what a request that waits looks out for, to check again
+        that its client may still have the answer (api.while_allowed). One future for all of them."""
+        if self._next_reload is None:
+            self._next_reload = self.loop.create_future()
+        return self._next_reload
+
     def reload(self, config: Config) -> None:
         """Apply a new configuration: queues change at once; accepted jobs keep the spec they were given."""
         self.config = config
+        if self._next_reload is not None:  # its waiters run once the whole reload is applied (callbacks run later)
+            self._next_reload.set_result(None)
+            self._next_reload = None
         self._apply_queue_definitions(config, self.store.queue_pauses())
         for name in list(self.queues):
             self._dispatch(name)
