@@ -180,14 +180,9 @@ def _on_instance(*rights: Right) -> Check:
 def _workflow_get(api: Api, peer: Peer, command: xml.WorkflowGet) -> None:
     name = command.name
     if name is None and command.workflow_id is not None:
-        workflows = _workflows(api)
-        known = 1 <= command.workflow_id <= len(workflows)
-        if peer.is_admin and not known:
-            return  # an unknown id: the handler answers UNKNOWN_WORKFLOW
-        found = workflows[command.workflow_id - 1].name if known else ""
-        if not known or not access.may(api.engine.config.access, peer, Right.READ, ObjectKind.WORKFLOW, found):
-            # Ids are positions among all workflows: a refusal that named the workflow, or told an unknown id from
-            # a refused one, would let a peer list them all by counting up.
+        # Ids number only the workflows the peer may read (_workflows): one past them names none it may see, and is
+        # refused as a name it may not read is, rights before names (UNKNOWN_WORKFLOW is the admins').
+        if not peer.is_admin and command.workflow_id > len(_workflows(api, peer)):
             raise InsufficientRights(
                 f"{access.who(peer)} may not read workflow id {command.workflow_id}: the read right is missing",
                 missing=str(Right.READ),
@@ -263,10 +258,21 @@ def _summary_attrs(summary: InstanceSummary) -> dict[str, xml.AttributeValue]:
     }
 
 
-def _workflows(api: Api) -> list[WorkflowDef]:
-    """The workflows in the order their ids number them: by name (evQueue's ids are database ids; jobd's
-    workflows are files, so an id is the position by name, and changes when workflows are added or removed)."""
-    return [api.engine.config.workflows[name] for name in sorted(api.engine.config.workflows)]
+def _workflows(api: Api, peer: Peer) -> list[WorkflowDef]:
+    """The workflows `peer` may read, in the order their ids number them: by name. evQueue's ids are database ids;
+    jobd's workflows are files, so an id is a position by name, and changes when workflows are added or removed
+    (or the peer's grants change). A position among the workflows the peer may read, not among all: then the gaps
+    between its ids would tell how many workflows it may not see sort before each of its own."""
+    return [
+        api.engine.config.workflows[name]
+        for name in _readable_names(api, peer, ObjectKind.WORKFLOW, api.engine.config.workflows)
+    ]
+
+
+def _readable_names(api: Api, peer: Peer, kind: ObjectKind, names: Iterable[str]) -> list[str]:
+    """The `names` of `kind` that `peer` may read, sorted: what evQueue's ids number, 1 for the first."""
+    rules = api.engine.config.access
+    return [name for name in sorted(names) if access.may(rules, peer, Right.READ, kind, name)]
 
 
 def _workflow_attrs(workflow_id: int, workflow: WorkflowDef) -> dict[str, xml.AttributeValue]:
@@ -573,7 +579,8 @@ def statistics_queues(service: EvQueue, peer: Peer, command: xml.StatisticsQueue
 
 
 def queuepool_list(service: EvQueue, peer: Peer, command: xml.QueuePoolList) -> Result:
-    # Queue ids number the configured queues by name (queues are TOML, not database rows).
+    # Queue ids number the configured queues by name (queues are TOML, not database rows): those the peer may read,
+    # as workflow ids (_workflows).
     queues = service.api.engine.config.queues
     return service.ok(
         children=[
@@ -587,17 +594,14 @@ def queuepool_list(service: EvQueue, peer: Peer, command: xml.QueuePoolList) -> 
                     "dynamic": "no",
                 },
             )
-            for number, name in enumerate(sorted(queues), start=1)
-            if _may_read(service, peer, ObjectKind.QUEUE, name)
+            for number, name in enumerate(_readable_names(service.api, peer, ObjectKind.QUEUE, queues), start=1)
         ]
     )
 
 
 def workflows_list(service: EvQueue, peer: Peer, command: xml.WorkflowsList) -> Result:
     rows = []
-    for number, workflow in enumerate(_workflows(service.api), start=1):
-        if not _may_read(service, peer, ObjectKind.WORKFLOW, workflow.name):
-            continue  # ids stay the positions among all workflows, so that `workflow get id=…` finds the same one
+    for number, workflow in enumerate(_workflows(service.api, peer), start=1):  # `workflow get id=…` finds it
         attrs = _workflow_attrs(number, workflow)
         if command.full:
             row = _definition(workflow)
@@ -610,7 +614,7 @@ def workflows_list(service: EvQueue, peer: Peer, command: xml.WorkflowsList) -> 
 
 
 def workflow_get(service: EvQueue, peer: Peer, command: xml.WorkflowGet) -> Result:
-    workflows = _workflows(service.api)
+    workflows = _workflows(service.api, peer)
     for number, workflow in enumerate(workflows, start=1):
         if number == command.workflow_id or workflow.name == command.name:
             wrapper = xml.element(
@@ -626,7 +630,7 @@ def workflow_get(service: EvQueue, peer: Peer, command: xml.WorkflowGet) -> Resu
 
 
 def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowSchedulesList) -> Result:
-    workflow_ids = {workflow.name: number for number, workflow in enumerate(_workflows(service.api), start=1)}
+    workflow_ids = {workflow.name: number for number, workflow in enumerate(_workflows(service.api, peer), start=1)}
     rows = []
     for number, schedule in enumerate(_workflow_schedules(service.api), start=1):
         target = schedule["target"]

@@ -402,14 +402,14 @@ def test_unknown_names_are_told_only_as_far_as_a_user_may_see(jobd: Daemon, user
     assert alice[3]["message"] == "no workflow 'wf-zzz'; defined workflows: wf-a, wf-slow", alice[3]
     for answer, name in zip(alice[1:3], ("nosuch", "nightly-secret"), strict=True):
         assert answer["message"].endswith(f"may not exec schedule {name}: the exec right is missing"), answer
-    # evQueue's workflow ids are positions among all workflows (other, wf-a, wf-slow): a refusal that named the
-    # workflow, or an unknown id told apart from a refused one, let bob list them all by counting up.
+    # evQueue's workflow ids: bob may read no workflow, so no id names one for him; each is refused without naming
+    # anything (when ids numbered all workflows, a refusal that named the workflow let him list them by counting up).
     requests = '<workflow action="get" id="1"/><workflow action="get" id="99"/>'
     _, first, unknown = xml_session(jobd, users["bob"], requests)
     for refused, number in ((first, 1), (unknown, 99)):
         assert refused.get("error-code") == "INSUFFICIENT_RIGHTS", etree.tostring(refused)
         assert refused.get("error", "").endswith(f"may not read workflow id {number}: the read right is missing")
-    _, readable = xml_session(jobd, users["alice"], '<workflow action="get" id="2"/>')
+    _, readable = xml_session(jobd, users["alice"], '<workflow action="get" id="1"/>')
     assert readable.get("status") == "OK" and readable[0].get("name") == "wf-a", etree.tostring(readable)
     # An admin is told every name.
     everything = calls(jobd, users["dave"], [("schedule.trigger", {"name": "nosuch"})])[0]
@@ -838,6 +838,33 @@ def test_evqueue_lists_are_filtered(jobd: Daemon, users: dict[str, Any]) -> None
     _, workflows, instances, pool, statistics, _ = xml_session(jobd, users["bob"], requests)
     assert len(workflows) == 0 and instances.get("rows") == "0"
     assert [q.get("name") for q in pool] == ["ops"] and [q.get("name") for q in statistics[0]] == ["ops"]
+
+
+def test_evqueue_ids_number_only_what_a_user_may_read(jobd: Daemon, users: dict[str, Any]) -> None:
+    """evQueue's workflow and queue ids were positions by name among all workflows and queues: alice, who may read
+    wf-a and wf-slow, saw them as ids 2 and 3 (and so learnt that a workflow she may not see sorts before them); bob,
+    who may read queue ops, saw it as id 2 (one queue he may not see sorts before it). Ids now number only what the
+    user may read, and `workflow get id=…` takes those same ids; an admin's number everything."""
+    requests = (
+        '<workflows action="list"/><queuepool action="list"/>'
+        '<workflow action="get" id="1"/><workflow action="get" id="2"/><workflow action="get" id="3"/>'
+    )
+
+    def ids(answer: etree._Element) -> list[tuple[str | None, str | None]]:
+        return [(row.get("id"), row.get("name")) for row in answer]
+
+    _, workflows, pool, first, second, third = xml_session(jobd, users["alice"], requests)
+    assert ids(workflows) == [("1", "wf-a"), ("2", "wf-slow")] and ids(pool) == []
+    assert [first[0].get("name"), second[0].get("name")] == ["wf-a", "wf-slow"]
+    assert [first[0].get("id"), second[0].get("id")] == ["1", "2"]
+    assert third.get("error-code") == "INSUFFICIENT_RIGHTS", third.attrib  # past hers: names nothing she may see
+    assert third.get("error", "").endswith("may not read workflow id 3: the read right is missing"), third.attrib
+    _, workflows, pool, *_ = xml_session(jobd, users["bob"], requests)
+    assert ids(workflows) == [] and ids(pool) == [("1", "ops")]
+    _, workflows, pool, first, second, third = xml_session(jobd, users["dave"], requests)
+    assert ids(workflows) == [("1", "other"), ("2", "wf-a"), ("3", "wf-slow")]
+    assert ids(pool) == [("1", "default"), ("2", "ops")]
+    assert [answer[0].get("name") for answer in (first, second, third)] == ["other", "wf-a", "wf-slow"]
 
 
 def test_jobctl_as_users(jobd: Daemon, users: dict[str, Any]) -> None:
