@@ -311,15 +311,29 @@ def instance_launch(service: EvQueue, peer: Peer, command: xml.InstanceLaunch) -
         raise
     if not command.synchronous:
         return once_durable(service.api.engine, service.ok({"workflow-instance-id": instance_id}))
-    return _launched_and_ended(service, instance_id, command.timeout)
+    return _launched_and_ended(service, peer, command, instance_id)
 
 
-async def _launched_and_ended(service: EvQueue, instance_id: int, timeout: int | None) -> etree._Element:
-    if service.api.engine.replies_wait_for_fsync:
-        await service.api.engine.made_durable()  # the launch itself, whatever the wait then sees
+async def _launched_and_ended(
+    service: EvQueue, peer: Peer, command: xml.InstanceLaunch, instance_id: int
+) -> etree._Element:
+    api = service.api
+    if api.engine.replies_wait_for_fsync:
+        await api.engine.made_durable()  # the launch itself, whatever the wait then sees
     attrs: dict[str, xml.AttributeValue] = {"workflow-instance-id": instance_id}
     try:
-        summary = await service.api.instances.wait(instance_id, timeout)
+        # The launch's right is checked again at each reload while it waits, as an instance wait's is (with the
+        # peer as the new configuration sees it).
+        summary = await while_allowed(
+            api,
+            api.instances.wait(instance_id, command.timeout),
+            lambda: check_launch(api, peer.under(api.engine.config.access), command.name, command.host, command.user),
+        )
+    except InsufficientRights:
+        # A reload took the right away: the client is no longer told when its instance ends. It launched it, and is
+        # answered as a wait that did not see the end is: the id, and that the instance may still be running.
+        attrs["wait"] = "timedout"
+        return service.ok(attrs)
     except ShuttingDown:
         # jobd stops before the instance has ended. The launch is committed (the next start resumes it): answered
         # KO, without its id, a client that launched again made a second instance. evQueue's answer for a wait

@@ -623,6 +623,60 @@ queue = "ops"
     assert xml_refusal.get("error") == refused[2]["message"], xml_refusal
 
 
+HELD_LAUNCH = """
+import json, socket
+from lxml import etree
+from jobd.protocol.evqueue import XmlFramer
+evq = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+evq.connect("evqueue.sock")
+framer, documents = XmlFramer(), []
+def document():
+    while not documents:
+        documents.extend(framer.feed(evq.recv(65536)))
+    return etree.fromstring(documents.pop(0))
+document()  # the greeting
+evq.sendall(b'<instance action="launch" name="wf-slow" mode="synchronous" timeout="120"/>')
+assert document().tag == "ping"  # a keep-alive: launched, and waiting for its end
+print("waiting", flush=True)
+while (reply := document()).tag == "ping":
+    pass
+print(json.dumps(dict(reply.attrib)), flush=True)
+"""
+
+
+def test_a_synchronous_launch_whose_right_a_reload_took_away_is_answered_its_id_at_once(
+    make_daemon: Any, users: dict[str, Any]
+) -> None:
+    """An evQueue synchronous launch waits for its instance's end. Still waiting when a reload took its exec right
+    away, it was answered when the instance ended, telling when it did. It is answered at the reload instead, as a
+    wait that did not see the end is: OK (the instance was launched: a KO would have it launched again), its id, and
+    wait="timedout"."""
+    jobd = started(make_daemon, CONFIG, {"JOBD_EVQUEUE_KEEPALIVE_INTERVAL": "0.05"})
+    grant = jobd.config_dir / "jobd.d" / "carol.toml"
+    grant.write_text(f'[[access.grant]]\nusers = ["{PREFIX}carol"]\nrights = ["exec"]\nworkflows = ["wf-slow"]\n')
+    assert jobd.call("daemon.reload")["ok"]
+    launch = held_as_user(jobd, users["carol"], HELD_LAUNCH)
+    try:
+        assert launch.stdout is not None
+        assert launch.stdout.readline() == "waiting\n", launch.stderr.read() if launch.stderr else ""
+        grant.unlink()
+        assert jobd.call("daemon.reload")["ok"]
+        out, err = launch.communicate(timeout=DEADLINE)
+        [instance] = jobd.call("instance.list", {})["instances"]
+        # Answered while the instance still runs (its task sleeps a minute): not when it ends.
+        assert jobd.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED"
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait()
+        for listed in jobd.call("instance.list", {})["instances"]:
+            jobd.call("instance.cancel", {"id": listed["id"]})
+    assert launch.returncode == 0, err
+    reply = json.loads(out)
+    told = {name: reply.get(name) for name in ("status", "workflow-instance-id", "wait", "error-code")}
+    assert told == {"status": "OK", "workflow-instance-id": str(instance["id"]), "wait": "timedout", "error-code": None}
+
+
 def test_a_failed_reload_is_explained_to_admins_only(jobd: Daemon, users: dict[str, Any]) -> None:
     """daemon.status's last_reload error names a file, a line and a key: it told every user the tasks (and variable
     names) of files they may not see, which config_files is kept from them for."""
