@@ -525,10 +525,24 @@ def test_a_job_or_instance_a_user_may_not_read_is_refused_as_one_that_does_not_e
     jobd.call("instance.cancel", {"id": running["id"]})
 
 
-HELD_WAITS = """
+# An evQueue client's connection in a client script: evq_connect() greets it, document() reads its next document.
+EVQ_CLIENT = """
 import json, socket, sys
 from lxml import etree
 from jobd.protocol.evqueue import XmlFramer
+evq, framer, documents = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), XmlFramer(), []
+def evq_connect():
+    evq.connect("evqueue.sock")
+    document()  # the greeting
+def document():
+    while not documents:
+        documents.extend(framer.feed(evq.recv(65536)))
+    return etree.fromstring(documents.pop(0))
+"""
+
+HELD_WAITS = (
+    EVQ_CLIENT
+    + """
 job_id, instance_id = int(sys.argv[1]), int(sys.argv[2])
 requests = [
     ("job.wait", {"id": job_id, "timeout": 120}),
@@ -547,14 +561,7 @@ answers = {}
 while 3 not in answers:  # ping's answer comes first: the waits sent before it were taken, and are waiting
     answer = json.loads(lines.readline())
     answers[answer["id"]] = answer
-evq = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-evq.connect("evqueue.sock")
-framer, documents = XmlFramer(), []
-def document():
-    while not documents:
-        documents.extend(framer.feed(evq.recv(65536)))
-    return etree.fromstring(documents.pop(0))
-document()  # the greeting
+evq_connect()
 evq.sendall(f'<instance action="wait" id="{instance_id}" timeout="120"/>'.encode())
 assert document().tag == "ping"  # a keep-alive: the wait was taken, and is waiting
 print("waiting", flush=True)
@@ -565,6 +572,7 @@ while (reply := document()).tag == "ping":
     pass
 print(json.dumps({"rpc": [answers[n] for n in range(3)], "evqueue": dict(reply.attrib)}), flush=True)
 """
+)
 
 
 def test_a_wait_sent_before_a_reload_took_the_right_away_is_refused_as_a_new_request_is(
@@ -623,18 +631,10 @@ queue = "ops"
     assert xml_refusal.get("error") == refused[2]["message"], xml_refusal
 
 
-HELD_LAUNCH = """
-import json, socket
-from lxml import etree
-from jobd.protocol.evqueue import XmlFramer
-evq = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-evq.connect("evqueue.sock")
-framer, documents = XmlFramer(), []
-def document():
-    while not documents:
-        documents.extend(framer.feed(evq.recv(65536)))
-    return etree.fromstring(documents.pop(0))
-document()  # the greeting
+HELD_LAUNCH = (
+    EVQ_CLIENT
+    + """
+evq_connect()
 evq.sendall(b'<instance action="launch" name="wf-slow" mode="synchronous" timeout="120"/>')
 assert document().tag == "ping"  # a keep-alive: launched, and waiting for its end
 print("waiting", flush=True)
@@ -642,6 +642,7 @@ while (reply := document()).tag == "ping":
     pass
 print(json.dumps(dict(reply.attrib)), flush=True)
 """
+)
 
 
 def test_a_synchronous_launch_whose_right_a_reload_took_away_is_answered_its_id_at_once(
