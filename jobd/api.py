@@ -754,6 +754,7 @@ def daemon_status(api: Api, session: Session, p: Params) -> Any:
             status["last_reload"] = {**status["last_reload"], "error": HIDDEN_RELOAD_ERROR}
         # The trouble names the job or queue whose write failed; the failure itself (a full disk) is everyone's.
         status["store_trouble"] = engine.store_trouble_cause
+        status["store_internal_error"] = engine.store_internal_error(naming_what=False)
         status["jobs"] = engine.history_counts(
             _visible(api, session, ObjectKind.TASK), _visible(api, session, ObjectKind.QUEUE)
         )

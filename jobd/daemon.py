@@ -577,6 +577,9 @@ class Daemon:
             line += f" ({'; '.join(busy)})"
         if self.engine.store_trouble is not None:  # the database takes no writes (a full disk?): say so first
             line += f"; {self.engine.store_trouble}"
+        failing = self.engine.store_internal_error(naming_what=True)
+        if failing is not None:  # a bug of jobd's fails writes it tries again: the log has its traceback
+            line += f"; internal error (see the log): {failing['writes']} writes failing, the first: {failing['error']}"
         if not self.last_reload["ok"]:
             # STATUS= is one line (a newline would start another assignment); the log has every problem.
             first, *more = str(self.last_reload["error"]).splitlines() or [""]
@@ -607,6 +610,7 @@ class Daemon:
             "config_files": list(self.config.files),
             "last_reload": self.last_reload,
             "store_trouble": self.engine.store_trouble,
+            "store_internal_error": self.engine.store_internal_error(naming_what=True),
             "tcp_listen": self._tcp_listening(),
             "http_listen": self.http.address if self.http is not None else None,
             **self.engine.counts(),

@@ -2172,7 +2172,12 @@ def store_failure(failure: Exception) -> StoreFailed | None:
     full disk, an I/O error or a read-only file as OperationalError and a damaged file as DatabaseError itself;
     its other errors (a constraint, a misuse of the API) are jobd's bugs and stay INTERNAL_ERROR. So is an
     OperationalError SQLite names SQLITE_ERROR: a statement jobd built wrong ("no such column", a syntax error,
-    "parser stack overflow", "too many SQL variables", "Expression tree is too large"), whatever the disk."""
+    "parser stack overflow", "too many SQL variables", "Expression tree is too large"), whatever the disk. Out of
+    memory (SQLite's SQLITE_NOMEM, which sqlite3 raises as MemoryError) is the machine's too: a shortage, as a full
+    disk is, or SQLite's "unable to open database file" when jobd has no descriptor left, not a bug; the same write
+    may succeed once memory is freed."""
+    if isinstance(failure, MemoryError):
+        return StoreFailed("jobd ran out of memory using its database (see MemoryMax= and the kernel log)")
     environmental = isinstance(failure, sqlite3.OperationalError | peewee.OperationalError) or type(failure) in (
         sqlite3.DatabaseError,
         peewee.DatabaseError,

@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import queue as queues
+import resource
 import select
 import shutil
 import signal
@@ -850,6 +851,15 @@ def test_a_full_database_disk_holds_a_job_end_until_there_is_room_again(
     assert daemon.wait(third)["state"] == "succeeded"
 
 
+def _stopped_and_changed(daemon: Daemon, statement: str) -> None:
+    """Stop the daemon and run `statement` on its database (jobd holds it in exclusive mode while it runs)."""
+    assert daemon.stop() == 0
+    database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")
+    database.execute(statement)
+    database.commit()
+    database.close()
+
+
 def test_a_write_failed_by_jobds_bug_is_logged_as_one_not_told_as_the_disks_trouble(
     make_daemon: Callable[..., Daemon],
 ) -> None:
@@ -860,11 +870,7 @@ def test_a_write_failed_by_jobds_bug_is_logged_as_one_not_told_as_the_disks_trou
     # once, with its traceback, as an internal error; nothing says the disk is in trouble; the jobs wait, queued as
     # recorded, and their start is tried again (STORE_RETRY_SECONDS) rather than made without a record.
     daemon = make_daemon("[queue.default]\n")
-    assert daemon.stop() == 0
-    database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")
-    database.execute('ALTER TABLE "attempt" RENAME COLUMN "pid_start" TO "renamed"')
-    database.commit()
-    database.close()
+    _stopped_and_changed(daemon, 'ALTER TABLE "attempt" RENAME COLUMN "pid_start" TO "renamed"')
     daemon.start()
     first = daemon.submit(command=["/bin/true"])["id"]
     bug = (
@@ -881,6 +887,37 @@ def test_a_write_failed_by_jobds_bug_is_logged_as_one_not_told_as_the_disks_trou
     assert "sqlite3.OperationalError: table attempt has no column named pid_start" in log, log
 
 
+def test_a_write_sqlite_has_no_memory_for_is_the_machines_trouble_not_jobds_bug(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    # SQLite out of memory (SQLITE_NOMEM, raised by sqlite3 as MemoryError) was classed as a bug of jobd's: logged
+    # with a traceback as an internal error, and daemon.status said nothing. It is a shortage, as a full disk is:
+    # store_trouble says so until the write goes through. The shortage is real: jobd's address space is limited
+    # (RLIMIT_AS, set on the running daemon) to less than a trigger on a job's end asks SQLite to allocate.
+    daemon = make_daemon("[queue.default]\n")
+    _stopped_and_changed(
+        daemon,
+        'CREATE TRIGGER "needs_400_mb" AFTER UPDATE OF "finished_at" ON "job" WHEN NEW."finished_at" IS NOT NULL '
+        "BEGIN SELECT length(randomblob(400000000)); END",
+    )
+    daemon.start()
+    with open(f"/proc/{daemon.pid}/stat") as stat:
+        mapped = int(stat.read().rsplit(")", 1)[1].split()[20])  # vsize, in bytes
+    resource.prlimit(daemon.pid, resource.RLIMIT_AS, (mapped + (128 << 20), resource.RLIM_INFINITY))
+    job_id = daemon.submit(command=["/bin/true"])["id"]
+    wait_for_log(daemon, f"cannot record the end of job {job_id}: ")
+    status = daemon.call("daemon.status")
+    trouble = "jobd ran out of memory using its database (see MemoryMax= and the kernel log)"
+    assert status["store_trouble"] == f"cannot record the end of job {job_id}: {trouble}", status
+    assert daemon.call("job.get", {"id": job_id})["state"] == "running"  # until its end is on record
+    log = daemon.log()
+    assert "internal error" not in log and "Traceback" not in log, log
+    # Memory to spare: the next try goes through.
+    resource.prlimit(daemon.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert daemon.wait(job_id)["state"] == "succeeded"
+    assert daemon.call("daemon.status")["store_trouble"] is None
+
+
 def test_a_stop_does_not_wait_for_a_job_end_that_jobds_bug_keeps_from_being_recorded(
     make_daemon: Callable[..., Daemon],
 ) -> None:
@@ -890,14 +927,11 @@ def test_a_stop_does_not_wait_for_a_job_end_that_jobds_bug_keeps_from_being_reco
     # the database holds it (running: its attempt lost), as after a crash. The bug: a trigger that fails the end of
     # every job with an SQLITE_ERROR ("malformed JSON"), added while jobd was stopped.
     daemon = make_daemon("[queue.default]\n")
-    assert daemon.stop() == 0
-    database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")
-    database.execute(
+    _stopped_and_changed(
+        daemon,
         'CREATE TRIGGER "fails_every_end" AFTER UPDATE OF "finished_at" ON "job" WHEN NEW."finished_at" IS NOT NULL '
-        "BEGIN SELECT json(NEW.\"state\" || '{'); END"
+        "BEGIN SELECT json(NEW.\"state\" || '{'); END",
     )
-    database.commit()
-    database.close()
     daemon.start()
     job_id = daemon.submit(command=["/bin/true"])["id"]
     wait_for_log(daemon, f"internal error: cannot record the end of job {job_id}: malformed JSON")
@@ -911,6 +945,51 @@ def test_a_stop_does_not_wait_for_a_job_end_that_jobds_bug_keeps_from_being_reco
     daemon.start()
     daemon.wait(job_id)
     assert [attempt["outcome"] for attempt in tries(daemon, job_id)] == ["lost"]
+
+
+def test_a_bug_that_fails_every_jobs_end_is_logged_once_and_counted_by_daemon_status(
+    jobd: Callable[..., Daemon],
+) -> None:
+    # A write failed by a bug of jobd's was logged once for each job ("the end of job 17", "... of job 18": one
+    # entry kept for good in memory per job while the bug lasted) and daemon.status and STATUS= said nothing of the
+    # writes tried again every STORE_RETRY_SECONDS. Now it is logged once for its kind of write and error, the
+    # status counts the writes that fail until they go through, and the same bug coming back is logged again. The
+    # bug: a trigger that fails every job's end with an SQLITE_ERROR ("malformed JSON") while a job waits in the
+    # paused queue `bug` (jobd holds the database in exclusive mode: a client's request is the switch).
+    daemon = jobd("[queue.default]\nconcurrency = 3\n[queue.bug]\npaused = true\n")
+    _stopped_and_changed(
+        daemon,
+        'CREATE TRIGGER "fails_ends_while_bug" AFTER UPDATE OF "finished_at" ON "job" WHEN NEW."finished_at" IS NOT '
+        """NULL AND EXISTS (SELECT 1 FROM "job" WHERE "queue" = 'bug' AND "state" = 'queued') """
+        "BEGIN SELECT json(NEW.\"state\" || '{'); END",
+    )
+    pump = start(daemon)
+    bug = daemon.submit(command=["/bin/true"], queue="bug")["id"]
+    ends = [daemon.submit(command=["/bin/true"])["id"] for _ in range(3)]
+    line = pump.wait_for(lambda line: line.startswith("STATUS=") and "3 writes failing" in line)
+    assert "internal error (see the log): 3 writes failing, the first: cannot record the end of job " in line, line
+    assert line.endswith(": OperationalError: malformed JSON"), line
+    status = daemon.call("daemon.status")
+    failing = status["store_internal_error"]
+    assert failing["writes"] == 3 and failing["error"].startswith("cannot record the end of job "), status
+    assert status["store_trouble"] is None, status
+    told = "internal error: cannot record the end of job "
+    log = daemon.log()
+    assert log.count(told) == 1 and log.count("Traceback") == 1, log  # the first job's, not the others'
+
+    daemon.call("job.cancel", {"id": bug})  # the bug mended: the next tries go through
+    assert [daemon.wait(job_id)["state"] for job_id in ends] == ["succeeded"] * 3
+    pump.wait_for(lambda line: line.startswith("STATUS=") and "internal error" not in line)
+    assert daemon.call("daemon.status")["store_internal_error"] is None
+
+    daemon.submit(command=["/bin/true"], queue="bug")  # the same bug back: told again
+    again = daemon.submit(command=["/bin/true"])["id"]
+    wait_for_log(daemon, f"{told}{again}: malformed JSON")
+    assert daemon.log().count(told) == 2
+    assert daemon.call("daemon.status")["store_internal_error"] == {
+        "writes": 1,
+        "error": f"cannot record the end of job {again}: OperationalError: malformed JSON",
+    }
 
 
 def _refused_for_a_full_disk(daemon: Daemon, method: str, params: dict[str, Any]) -> RemoteError:

@@ -60,6 +60,12 @@ job_log = logline.HotLog("jobd.engine")  # the lines of every job's transitions
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STREAMS = ("stdout", "stderr", "log")
+# What _store_failed is told of writes it retries, {} the job or queue (one wording each, so that a bug that fails
+# the same write for every job is logged once).
+_DUE = "cannot record that job {} is due"
+_STARTS = "cannot record the start of jobs of queue {}"
+_NOT_STARTED = "cannot record that job {} could not start"
+_END = "cannot record the end of job {}"
 RECOVERY_STEP = 5000  # jobs resumed at start-up between two reports of progress (Engine.recover)
 
 # Hands over work that need not delay a client's reply (see Engine.submit); api.Session.after_reply is one.
@@ -188,6 +194,14 @@ def _read_output(job_id: int, stream: str, path: str, offset: int, limit: int) -
 
 
 @value
+class _BugFailure:
+    """A write that failed for a bug of jobd's and is tried again (Engine._failing_for_bugs)."""
+
+    kind: str  # what failed, a job or queue not yet named: "cannot record the end of job {}"
+    error: str  # "OperationalError: malformed JSON"
+
+
+@value
 class _Start:
     """A job moved to `running` whose attempt is being committed; then it is launched."""
 
@@ -259,7 +273,14 @@ class Engine:
         self.store_trouble: str | None = None
         self.store_trouble_cause: str | None = None
         self._troubles_told: set[str] = set()  # since the store last worked
-        self._bugs_told: set[str] = set()  # writes that failed for a bug of jobd's, each logged once for good
+        # Writes tried again every STORE_RETRY_SECONDS that failed for a bug of jobd's (what, such as "cannot record
+        # the end of job 17" -> the error): daemon.status and STATUS= tell them, as the log did once. One entry per
+        # write that waits (a job holding its slot), dropped as soon as it no longer does.
+        self._failing_for_bugs: dict[str, _BugFailure] = {}
+        # Which kind of write (its wording before the job or queue is named) failed with which type of error: each
+        # logged once, with its traceback, not once per job; forgotten once no write of that kind is failing, so
+        # that the same bug coming back is logged again.
+        self._bugs_told: set[tuple[str, str]] = set()
         self._dispatch_retries: dict[str, asyncio.TimerHandle] = {}
         self._apply_queue_definitions(config, store.queue_pauses())
 
@@ -438,10 +459,10 @@ class Engine:
         try:
             job = self._change(self.jobs[job_id], JobState.QUEUED)
         except Exception as error:  # a timer's callback: the job stays delayed and its turn is tried again
-            self._store_failed(f"cannot record that job {job_id} is due", error)
+            self._store_failed(_DUE, error, job_id)
             self._delay_timers[job_id] = self.loop.call_later(STORE_RETRY_SECONDS, self._delay_over, job_id)
             return
-        self._store_works()
+        self._write_made(_DUE, job_id)
         del self._delay_timers[job_id]
         self._admit(job)
 
@@ -450,19 +471,20 @@ class Engine:
     def _dispatch(self, queue_name: str) -> None:
         queue = self.queues[queue_name]
         starts = self._take_starts(queue)
-        if not starts:
+        if not starts:  # none to record (the jobs that waited were cancelled, the queue paused)
+            self._write_dropped(_STARTS, queue_name)
             return
         try:
             self.store.start_attempts([(start.job, start.attempt) for start in starts])
         except Exception as error:  # the jobs go back to wait; nothing started that is not on record
             self._untake(queue, starts)
-            self._store_failed(f"cannot record the start of jobs of queue {queue_name}", error)
+            self._store_failed(_STARTS, error, queue_name)
             if queue_name not in self._dispatch_retries:
                 self._dispatch_retries[queue_name] = self.loop.call_later(
                     STORE_RETRY_SECONDS, self._retry_dispatch, queue_name
                 )
             return
-        self._store_works()
+        self._write_made(_STARTS, queue_name)
         self._launch(starts)
 
     def _retry_dispatch(self, queue_name: str) -> None:
@@ -472,6 +494,8 @@ class Engine:
     def _dispatch_if_defined(self, queue_name: str) -> None:
         if queue_name in self.queues:  # a removed queue that has drained is forgotten
             self._dispatch(queue_name)
+        else:
+            self._write_dropped(_STARTS, queue_name)
 
     def _untake(self, queue: QueueRuntime, starts: list[_Start]) -> None:
         """Put jobs _take_starts moved to `running` back where they waited: their commit failed."""
@@ -490,30 +514,64 @@ class Engine:
         log.error("cannot record %s (%s): jobd stops without it", what, error)
         return True
 
-    def _store_failed(self, what: str, error: Exception) -> None:
-        """A write of `what` failed. The caller keeps what it was to record as it was and tries the write again every
-        STORE_RETRY_SECONDS, so that nothing is lost or told as done before it is on record (or, for what only a
-        crash would miss, a child's pid or a cancel's mark, goes on without it).
+    def _store_failed(self, kind: str, error: Exception, subject: object = None, *, retried: bool = True) -> None:
+        """A write failed (`kind`, naming `subject`). The caller keeps what it was to record as it was and tries the
+        write again every STORE_RETRY_SECONDS, so that nothing is lost or told as done before it is on record (or,
+        for what only a crash would miss, a child's pid or a cancel's mark, goes on without it).
 
-        A failure of the store (store_failure: a full disk, an I/O error) is the machine's: logged in one line, and
-        daemon.status and STATUS= say the database takes no writes until one is taken. Any other is jobd's bug (an
-        SQLITE_ERROR, a statement SQLite cannot prepare; a constraint): the disk is not in trouble and nothing says
-        so; it is logged once, with its traceback, as an internal error. The write is still tried again, the same
-        bug likely failing it each time: going on as if it were made would lose it (a job's end) or run what is not
-        on record (a start), and a restart recovers from what the database holds (a stop does not wait for it:
-        _never_recorded)."""
-        trouble = f"{what}: {error}"
-        if store_failure(error) is None:
-            if trouble not in self._bugs_told:
-                self._bugs_told.add(trouble)
-                log.error("internal error: %s; trying again every %gs", trouble, STORE_RETRY_SECONDS, exc_info=error)
+        `kind` says what failed, with {} where `subject` (a job's id, a queue's name) goes; `retried`: whether the
+        caller tries it again (_write_made or _write_dropped then tells when it no longer waits).
+
+        A failure of the store (store_failure: a full disk, an I/O error, no memory left) is the machine's: logged in
+        one line, and daemon.status and STATUS= say the database takes no writes until one is taken. Any other is
+        jobd's bug (an SQLITE_ERROR, a statement SQLite cannot prepare; a constraint): the disk is not in trouble and
+        store_trouble does not say so; it is logged once for its kind of write and type of error, with its
+        traceback, as an internal error, and daemon.status and STATUS= count the writes it fails. The write is still
+        tried again, the same bug likely failing it each time: going on as if it were made would lose it (a job's
+        end) or run what is not on record (a start), and a restart recovers from what the database holds (a stop
+        does not wait for it: _never_recorded)."""
+        what = kind.format(subject)
+        failed = store_failure(error)
+        if failed is None:
+            told = (kind, type(error).__name__)
+            if told not in self._bugs_told:
+                self._bugs_told.add(told)
+                log.error(
+                    "internal error: %s: %s; trying again every %gs", what, error, STORE_RETRY_SECONDS, exc_info=error
+                )
+            if retried and what not in self._failing_for_bugs:
+                self._failing_for_bugs[what] = _BugFailure(kind, f"{type(error).__name__}: {error}")
+                self._counts_changed()
             return
+        cause = str(error) or failed.message  # MemoryError says nothing of itself
+        trouble = f"{what}: {cause}"
         if trouble not in self._troubles_told:  # each said once, not at every retry
             log.error("%s; trying again every %gs", trouble, STORE_RETRY_SECONDS)
             self._troubles_told.add(trouble)
         self.store_trouble = trouble
-        self.store_trouble_cause = str(error)
+        self.store_trouble_cause = cause
         self._counts_changed()
+
+    def _write_made(self, kind: str, subject: object) -> None:
+        """A write that _store_failed may have been told of went through."""
+        self._store_works()
+        if self._write_dropped(kind, subject) and all(bug.kind != kind for bug in self._failing_for_bugs.values()):
+            self._bugs_told = {told for told in self._bugs_told if told[0] != kind}  # logged again if it comes back
+
+    def _write_dropped(self, kind: str, subject: object) -> bool:
+        """A write no longer waits to be tried again (made, or no longer needed); whether it had failed for a bug."""
+        if not self._failing_for_bugs or self._failing_for_bugs.pop(kind.format(subject), None) is None:
+            return False
+        self._counts_changed()
+        return True
+
+    def store_internal_error(self, *, naming_what: bool) -> dict[str, Any] | None:
+        """daemon.status's store_internal_error: how many writes fail for a bug of jobd's and the error of the first
+        (what it writes too if `naming_what`: a job or a queue the peer may not read); None if none does."""
+        for what, bug in self._failing_for_bugs.items():
+            error = f"{what}: {bug.error}" if naming_what else bug.error
+            return {"writes": len(self._failing_for_bugs), "error": error}
+        return None
 
     def write_refused(self, what: str, failure: StoreFailed) -> None:
         """A client's request (`what`) was refused because the database took no write: daemon.status and STATUS= say
@@ -582,7 +640,9 @@ class Engine:
         try:
             self.store.unstart_attempts([(start.waiting, start.attempt) for start in starts])
         except Exception as error:  # their attempts stay on record, so they are launched as they would have been
-            self._store_failed("cannot put back the jobs not started while jobd is short of resources", error)
+            self._store_failed(
+                "cannot put back the jobs not started while jobd is short of resources", error, retried=False
+            )
             for start in starts:
                 self._launch_one(start)
             return
@@ -610,7 +670,7 @@ class Engine:
         try:
             self.store.record_process(attempt)
         except Exception as error:  # the job runs on; only a crash of jobd before its end would miss the pid
-            self._store_failed(f"cannot record the process of job {job.id}", error)
+            self._store_failed("cannot record the process of job {}", error, job.id, retried=False)
         self._started(job, _Running(child, attempt), child.pid)
 
     def _not_started(self, job: Job, attempt: Attempt, *, transient: bool) -> None:
@@ -621,11 +681,12 @@ class Engine:
             self.store.finish_attempt(ended, attempt)
         except Exception as error:  # the child-supervision boundary: the failed start is kept, and recorded later
             if self._never_recorded(f"that job {job.id} could not start", error):
+                self._write_dropped(_NOT_STARTED, job.id)
                 recorded = self._failed_starts.pop(job.id, None)
                 if recorded is not None:
                     recorded.set_result(None)
                 return
-            self._store_failed(f"cannot record that job {job.id} could not start", error)
+            self._store_failed(_NOT_STARTED, error, job.id)
             if job.id not in self._failed_starts and store_failure(error) is not None:  # a stop waits for room only
                 self._failed_starts[job.id] = self.loop.create_future()
                 # The record still says `running` (and a restart would find it so): the job stays so until the
@@ -634,7 +695,7 @@ class Engine:
                 self.jobs[job.id] = dataclasses.replace(job, error=note)
             self.loop.call_later(STORE_RETRY_SECONDS, lambda: self._not_started(job, attempt, transient=transient))
             return
-        self._store_works()
+        self._write_made(_NOT_STARTED, job.id)
         recorded = self._failed_starts.pop(job.id, None)
         if recorded is not None:
             recorded.set_result(None)
@@ -792,14 +853,15 @@ class Engine:
         except Exception as error:  # the child-supervision boundary: the end is kept, and recorded later
             self._untake(queue, starts)
             if self._never_recorded(f"the end of job {job_id}", error):
+                self._write_dropped(_END, job_id)
                 running.ended.set_result(None)
                 return
             self._running[job_id] = running  # the job keeps its slot meanwhile, and can still be cancelled
             queue.running.add(job_id)
-            self._store_failed(f"cannot record the end of job {job_id}", error)
+            self._store_failed(_END, error, job_id)
             self.loop.call_later(STORE_RETRY_SECONDS, self._end_attempt, job_id, info, finished_at)
             return
-        self._store_works()
+        self._write_made(_END, job_id)
         self._settled(job, attempt)
         running.ended.set_result(None)
         self._wake_output_waiters(job_id)
@@ -967,7 +1029,7 @@ class Engine:
                 try:  # committed before the SIGTERM: a jobd that dies during kill_grace still ends the job cancelled
                     self.store.record_cancel_request(running.attempt)
                 except Exception as error:  # the cancel goes on; only a crash before the end would forget it
-                    self._store_failed(f"cannot record the cancel of job {job_id}", error)
+                    self._store_failed("cannot record the cancel of job {}", error, job_id, retried=False)
                 self._stop(job_id)
             return await self.wait(job_id, None)
         return self.cancel_waiting(job_id)
@@ -983,6 +1045,7 @@ class Engine:
         job = self._change(job, JobState.CANCELLED, finished_at=self.clock(), error=why)
         if was_delayed:
             self._delay_timers.pop(job_id).cancel()
+            self._write_dropped(_DUE, job_id)
         else:
             self.queues[job.spec.queue].remove(job_id)
         del self.jobs[job_id]
