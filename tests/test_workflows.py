@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from harness import Daemon
 from lxml import etree
-from recovery.support import Gate, attach, kill9, start, terminate
+from recovery.support import Gate, attach, kill9, out_of_descriptors, start, terminate
 from test_evqueue_protocol import EvqClient, ok
 from test_jobs import next_matching
 from test_workflow_engine import assert_same_instance, normalised
@@ -690,6 +690,29 @@ def test_an_instance_that_cannot_be_resumed_ends_and_leaves_no_script_behind(mak
     assert (listed["id"], listed["status"]) == (instance_id, "TERMINATED")
     assert f"instance={instance_id} cannot be resumed" in daemon.log()
     assert list(scripts.iterdir()) == []
+
+
+def test_scripts_left_for_want_of_descriptors_until_a_stop_are_removed_by_the_next_start(make_daemon: Any) -> None:
+    """An instance's end that cannot list state_dir/scripts for want of a descriptor removes its scripts a second
+    later; a stop meanwhile (still short) left them there for ever, and its retry timer outlived the store's close.
+    The next start removes them."""
+    daemon = make_daemon("[queue.default]\n[queue.held]\npaused = true\n")
+    daemon.write_workflows(scripted=SCRIPT_IN_HELD_QUEUE)
+    daemon.call("daemon.reload")
+    instance_id = daemon.call("instance.launch", {"workflow": "scripted"})["id"]
+    scripts = daemon.state_dir / "scripts"
+    assert [path.name for path in scripts.iterdir()] == [f"{instance_id}-3"]
+    with daemon.client() as root:
+        root.call("ping")  # connected before the shortage
+        with out_of_descriptors(daemon):
+            root.call("instance.cancel", {"id": instance_id})
+            assert f"cannot remove the scripts of instance {instance_id} now: Too many open files" in daemon.log()
+            assert daemon.stop() == 0
+    assert [path.name for path in scripts.iterdir()] == [f"{instance_id}-3"]  # the shortage lasted to the end
+    daemon.start()
+    assert list(scripts.iterdir()) == []
+    assert f"removing the scripts left of ended instances {instance_id}" in daemon.log()
+    assert daemon.call("instance.get", {"id": instance_id})["status"] == "TERMINATED"
 
 
 def test_a_stop_saves_the_document_as_it_is(make_daemon: Any, tmp_path: Path) -> None:

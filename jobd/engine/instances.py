@@ -57,6 +57,7 @@ from jobd.errors import (
     shortage,
 )
 from jobd.model import (
+    WORKFLOW_SCRIPT_NAME,
     WORKFLOW_TASK_KEY_PREFIX,
     Config,
     InstanceSummary,
@@ -213,6 +214,9 @@ class Instances:
         self._held: dict[tuple[int, int], None] = {}
         self._short_hold: asyncio.TimerHandle | None = None
         self._closed = False  # jobd's store is closed or closing (close()): nothing more is done or saved
+        # Ended instances whose scripts could not be removed for want of a descriptor, and the next try.
+        self._scripts_left: set[int] = set()
+        self._scripts_retry: asyncio.TimerHandle | None = None
         # The jobs whose ends each instance was told of since it was last saved: held in the history until it is.
         self._ends_unsaved: dict[int, list[int]] = {}
         # Since jobd started, for evQueue's global statistics: instances started (however: launches, schedules, debug
@@ -754,25 +758,56 @@ class Instances:
         self._remove_scripts(instance_id)
 
     def _remove_scripts(self, instance_id: int) -> None:
+        """Remove the scripts of an instance that ended: nothing runs them any more."""
+        self._scripts_left.add(instance_id)
+        if self._scripts_retry is None:  # else they go with the others at the coming try
+            self._remove_scripts_left()
+
+    def _remove_scripts_left(self) -> None:
+        self._scripts_retry = None
+        try:
+            names = os.listdir(self.scripts_dir)
+        except FileNotFoundError:
+            names = []
+        except OSError as error:
+            # No descriptor to list the directory with: an instance's end (a cancel, its last task's end) answered
+            # INTERNAL_ERROR and logged a traceback, its scripts left behind. They are removed a little later (or, if
+            # jobd stops first, by the next start).
+            ids = ", ".join(map(str, sorted(self._scripts_left)))
+            what = f"cannot remove the scripts of instance{'s' if len(self._scripts_left) > 1 else ''} {ids} now"
+            short = shortage(what, error, f"tried again in {RESOURCE_RETRY_DELAY:g}s")
+            if short is None:
+                raise
+            log.warning("%s", short.message)
+            if not self._closed:
+                # no-poll-ok: tried again only while jobd is short of descriptors, as a held job start is
+                self._scripts_retry = self.engine.loop.call_later(RESOURCE_RETRY_DELAY, self._remove_scripts_left)
+            return
+        for name in names:
+            if WORKFLOW_SCRIPT_NAME.fullmatch(name) and int(name.split("-")[0]) in self._scripts_left:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.scripts_dir, name))
+        self._scripts_left.clear()
+
+    def _remove_scripts_of_ended(self) -> None:
+        """At a start: remove the scripts of every instance that is not executing, left by a stop while jobd was short
+        of descriptors (or by a crash between an instance's end and the removal of its scripts)."""
         try:
             names = os.listdir(self.scripts_dir)
         except FileNotFoundError:
             return
         except OSError as error:
-            # No descriptor to list the directory with: an instance's end (a cancel, its last task's end) answered
-            # INTERNAL_ERROR and logged a traceback, its scripts left behind. They are removed a little later.
-            what = f"cannot remove the scripts of instance {instance_id} now"
-            short = shortage(what, error, f"tried again in {RESOURCE_RETRY_DELAY:g}s")
+            short = shortage("cannot look for scripts left of ended instances", error, "the next start will")
             if short is None:
                 raise
             log.warning("%s", short.message)
-            # no-poll-ok: tried again only while jobd is short of descriptors, as a held job start is
-            self.engine.loop.call_later(RESOURCE_RETRY_DELAY, self._remove_scripts, instance_id)
             return
-        for name in names:
-            if name.startswith(f"{instance_id}-"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.scripts_dir, name))
+        self._scripts_left = {
+            int(name.split("-")[0]) for name in names if WORKFLOW_SCRIPT_NAME.fullmatch(name)
+        } - self._live.keys()
+        if self._scripts_left:
+            log.info("removing the scripts left of ended instances %s", ", ".join(map(str, sorted(self._scripts_left))))
+            self._remove_scripts_left()
 
     def _save(self, live: _Live) -> None:
         """Save the document once this pass of the event loop is over, however many events changed it, or once its
@@ -808,7 +843,8 @@ class Instances:
         its job's record, as after a crash."""
         self.save_all()
         self._closed = True
-        for handle in (self._save_handle, self._save_retry):
+        # Scripts still left (jobd short of descriptors until the end) are removed by the next start (recover).
+        for handle in (self._save_handle, self._save_retry, self._scripts_retry):
             if handle is not None:
                 handle.cancel()
 
@@ -1110,6 +1146,7 @@ class Instances:
                 else:
                     log.error("instance=%d cannot be resumed (an error in jobd): %r", summary.id, error, exc_info=error)
                 self._end_unresumed(summary, document, now)
+        self._remove_scripts_of_ended()
 
     def _restore_script(self, live: _Live, evqid: int, job: Job) -> None:
         """Write again the script of a task whose job has yet to run (queued, or to be tried again) if it is gone.
