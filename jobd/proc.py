@@ -25,6 +25,7 @@ import fcntl
 import functools
 import logging
 import os
+import resource
 import select
 import signal
 import struct
@@ -213,19 +214,37 @@ def _log_output_failure(message: str, cause: str) -> None:
 def log_held_output(path: str, error: OSError, where: str = "in its pipe") -> None:
     """Say that an output file cannot be created now for want of descriptors or memory, and that what goes there
     waits (`where`) meanwhile: the first time for each cause, then at most once a minute."""
-    due = _output_failures.due(("held", error.strerror))
-    if due is None:
-        return
-    held, seconds = due
-    more = f" ({held} more output files waited so in the last {seconds:.0f} s)" if held else ""
-    log.warning(
-        "cannot create %s: %s; the job's output waits %s until jobd can create it (tried again every %gs)%s",
+    _warn_throttled(
+        ("held", error.strerror),
+        "output files waited so",
+        "cannot create %s: %s; the job's output waits %s until jobd can create it (tried again every %gs)",
         path,
         error.strerror,
         where,
         OUTPUT_RETRY_SECONDS,
-        more,
     )
+
+
+def log_ended_waiting(paths: list[str], pid: int) -> None:
+    """Say that a job's leader has exited while its output waits for files jobd cannot create yet, and that its end
+    waits for them: the first time, then at most once a minute."""
+    _warn_throttled(
+        "ended waiting",
+        "jobs waited so",
+        "pid %d has exited; its end waits until jobd can create %s for what it wrote there (tried again every %gs)",
+        pid,
+        " and ".join(paths),
+        OUTPUT_RETRY_SECONDS,
+    )
+
+
+def _warn_throttled(cause: object, counted: str, message: str, *args: object) -> None:
+    due = _output_failures.due(cause)
+    if due is None:
+        return
+    held, seconds = due
+    more = f" ({held} more {counted} in the last {seconds:.0f} s)" if held else ""
+    log.warning(message + "%s", *args, more)
 
 
 class _OutputSink:
@@ -258,6 +277,12 @@ class _OutputSink:
         self.dropped += len(data) - written
         self._on_data()  # those following the output (job.output with wait) see it now
         return True
+
+    def give_up(self) -> None:
+        """jobd stops with the file still not created: it takes nothing more, and what is held and what the pipe
+        still holds (read by drain_once) are counted as dropped, and said so."""
+        if self.held and (short := self.file.open_now()) is not None:
+            self.file.failed(short)
 
     def finish(self) -> None:
         """The job has ended: what is held is written if the file can be created now, else lost, and said so."""
@@ -353,6 +378,12 @@ class _ProgressReader:
         lines, self.held = self.held, []
         self._tell(lines)
         return not self.held
+
+    def give_up(self) -> None:
+        """jobd stops with the file still not created: it takes no line, and the lines held and those the pipe still
+        holds (read by drain_once) are told all the same, the file counting them as dropped, and saying so."""
+        if self.held and (short := self.file.open_now()) is not None:
+            self.file.failed(short)
 
     def finish(self) -> None:
         """The job has ended: a last line without its newline is a line (no more of it will come, whether or not its
@@ -470,6 +501,12 @@ class Child:
         self._on_exit = on_exit
         self._reaped = False
         self._stopping = False
+        # Once the leader is reaped: its exit, and the streams not finished yet (their file cannot be created yet).
+        self._exit: tuple[int, resource.struct_rusage] | None = None
+        self._open_streams: list[_OutputSink | _ProgressReader] = []
+        self._end_timer: asyncio.TimerHandle | None = None
+        self._letting_go = False
+        self._end_waited = False  # said once
         self._kill_timer: asyncio.TimerHandle | None = None
         self._resume_timers: dict[int, asyncio.TimerHandle] = {}  # by read_fd: the held streams
         self._pidfd = os.pidfd_open(popen.pid)
@@ -619,14 +656,53 @@ class Child:
         for timer in self._resume_timers.values():
             timer.cancel()
         self._resume_timers.clear()
-        # A held stream is written now if it can be (the pidfd closed above freed a descriptor, and each stream's
-        # closed below frees more); what is still held once its buffered bytes are read is lost, and said so.
-        for reader in (self._stdout, self._stderr, self._progress):
+        self._exit = code, usage
+        self._open_streams = [self._stdout, self._stderr, self._progress]
+        for reader in self._open_streams:
             if not reader.eof:
                 self._pipes.remove(reader.read_fd)
+        self._end_streams()
+
+    def let_go(self) -> None:
+        """jobd stops: an ended job whose output waits for its file to be created (_end_streams) waits no more; what
+        cannot be written is counted as dropped, and said so. Also for a job still running, whose end comes later."""
+        self._letting_go = True
+        if self._end_timer is not None:
+            self._end_timer.cancel()
+            self._end_streams()
+
+    def _end_streams(self) -> None:
+        """The leader is reaped: what each pipe holds now goes to its file, then the attempt ends. A held stream is
+        written if its file can be created now (the pidfd closed freed a descriptor, and each stream closed frees
+        more). One whose file still cannot be (the descriptors freed are above jobd's limit, another process took
+        them) keeps its pipe, unread, and the end waits, tried again every OUTPUT_RETRY_SECONDS, as a running job
+        waits on its full pipe: what the job wrote to it is not lost. A stop does not wait (let_go)."""
+        self._end_timer = None
+        closed = True
+        while closed and self._open_streams:
+            closed = False
+            for reader in list(self._open_streams):
+                if self._letting_go:
+                    reader.give_up()
+                if reader.held and not reader.resume():
+                    continue
+                # What the pipe holds now, and no more (grandchildren may write to it for ever).
                 _drain_what_is_buffered(reader)
-            reader.finish()
-            reader.close()
+                if reader.held:
+                    continue
+                reader.finish()
+                reader.close()
+                self._open_streams.remove(reader)
+                closed = True
+        if self._open_streams:
+            if not self._end_waited:
+                self._end_waited = True
+                log_ended_waiting([reader.file.path for reader in self._open_streams], self.pid)
+            # no-poll-ok: only while jobd cannot create an ended job's output file (OUTPUT_RETRY_SECONDS says why)
+            self._end_timer = self._loop.call_later(OUTPUT_RETRY_SECONDS, self._end_streams)
+            return
+        assert self._exit is not None
+        code, usage = self._exit
         info = ExitInfo(
             exit_code=code if code >= 0 else None,
             signal=-code if code < 0 else None,

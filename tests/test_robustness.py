@@ -432,6 +432,68 @@ def test_log_lines_held_for_want_of_descriptors_when_their_job_ends_are_written_
     assert attempt["truncated"] is False, attempt
 
 
+def _past_the_job(daemon: Daemon, before: set[int]) -> int:
+    """The lowest of the descriptors jobd opened since `before` (those of the job started since: its pipes, its
+    pidfd): at that limit, their numbers freed by the job's end give jobd none to use."""
+    return min({int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")} - before)
+
+
+def test_log_lines_left_in_fd_3_when_a_job_ends_still_short_of_descriptors_are_written_once_jobd_can(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # The job logs 5,000 lines and its progress, all of it in its fd 3 pipe, and exits while jobd cannot create the
+    # log file, nor can once the job's descriptors are closed (its end frees only numbers above jobd's limit). What
+    # jobd had read of the pipe was told, the file counted it as dropped, and the rest, left in the pipe, was never
+    # read: the progress of 40 was lost, the log file missing, and nothing said so. Now the end waits, its pipe
+    # unread, until the file can be created, as a running job's output waits: nothing is lost.
+    daemon: Daemon = make_daemon(QUEUE)
+    gate = Gate(tmp_path / "gate")
+    try:
+        before = {int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")}
+        job = daemon.submit(command=gated(gate, "sh", "-c", "seq 5000 >&3; echo %40 >&3"))  # 23,893 bytes
+        log = daemon.state_dir / "output" / str(job["id"]) / "1.log"
+        wait_for_log(daemon, f"job={job['id']} running")
+        pid = int(daemon.log().split(f"job={job['id']} running (attempt 1, pid ")[1].split(")")[0])
+        with out_of_descriptors(daemon, _past_the_job(daemon, before)):
+            gate.release()
+            wait_for_log(daemon, f"pid {pid} has exited; its end waits until jobd can create {log}")
+    finally:
+        gate.release()
+    finished = daemon.wait(job["id"])
+    assert (finished["state"], finished["progress"]) == ("succeeded", 40), finished
+    assert daemon.output(job["id"], "log") == "".join(f"{number}\n" for number in range(1, 5001))
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is False, attempt
+    assert "what the job writes there from now on is dropped" not in daemon.log()
+
+
+def test_a_stop_does_not_wait_for_the_file_of_an_ended_jobs_output(make_daemon: Any, tmp_path: Path) -> None:
+    # An ended job whose fd 3 output waits for its file (jobd still short of descriptors, and still after the stop
+    # closed its sockets) does not hold a stop: its end is recorded at once, the log lines the file could not take
+    # counted as dropped (the attempt is truncated), and the log says so; its progress, read from the pipe, is kept.
+    daemon: Daemon = make_daemon(QUEUE)
+    gate = Gate(tmp_path / "gate")
+    try:
+        before = {int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")}
+        job = daemon.submit(command=gated(gate, "sh", "-c", "seq 5000 >&3; echo %40 >&3"))
+        log = daemon.state_dir / "output" / str(job["id"]) / "1.log"
+        wait_for_log(daemon, f"job={job['id']} running")
+        with out_of_descriptors(daemon, _past_the_job(daemon, before)):
+            gate.release()
+            wait_for_log(daemon, f"has exited; its end waits until jobd can create {log}")
+            # Nor can any descriptor the stop frees (the listening sockets, the clients') be used.
+            subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile=3:"], check=True)
+            assert daemon.stop() == 0
+    finally:
+        gate.release()
+    assert f"cannot write {log}: Too many open files; what the job writes there from now on is dropped" in daemon.log()
+    daemon.start()
+    finished = daemon.wait(job["id"])
+    assert (finished["state"], finished["progress"]) == ("succeeded", 40), finished
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is True, attempt
+
+
 def test_a_last_log_line_held_at_the_end_of_fd_3_is_written_while_its_job_runs_on(
     make_daemon: Any, tmp_path: Path
 ) -> None:

@@ -1297,8 +1297,11 @@ class Engine:
             timer.cancel()
         self.history.shut_down()
         ended = []
-        for job_id, running in self._running.items():
+        for job_id, running in list(self._running.items()):  # let_go() may end a job, and forget it, at once
             ended.append(running.ended)
+            # An ended job's output that waits for a file jobd cannot create yet (short of descriptors) does not hold
+            # the stop: what cannot be written is dropped, and said so, as it was for a job stopped while it waited.
+            running.child.let_go()
             if running.child.has_ended():  # on its own, just before: recorded as it ended, not run again
                 continue
             log.info("job=%d stopping for shutdown", job_id)

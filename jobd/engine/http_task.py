@@ -264,6 +264,9 @@ class HttpRequest:
         """Whether the request has ended (its end is then being told), as proc.Child.has_ended."""
         return self._task.done()
 
+    def let_go(self) -> None:
+        """As proc.Child.let_go: a request's response is not held for want of descriptors; nothing waits."""
+
     def stop(self, grace: float = 0.0) -> None:
         """Cancel the request (the grace of a process has no meaning here)."""
         self._task.cancel()

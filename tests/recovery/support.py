@@ -253,12 +253,14 @@ def held_in_spawn(daemon: Daemon) -> subprocess.Popen[str]:
 
 
 @contextlib.contextmanager
-def out_of_descriptors(daemon: Daemon) -> Any:
-    """jobd with no descriptor left: its soft limit on open files lowered to its highest descriptor, and clients
-    connected until one is not accepted (so every number below the limit is taken). Its limit comes back after."""
+def out_of_descriptors(daemon: Daemon, limit: int | None = None) -> Any:
+    """jobd with no descriptor left: its soft limit on open files lowered to its highest descriptor (or to `limit`:
+    the descriptors it holds from there on, once closed, give it none), and clients connected until one is not
+    accepted (so every number below the limit is taken). Its limit comes back after."""
     soft_before = soft_limit_on_open_files(daemon.pid)
-    highest = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd"))
-    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={highest + 1}:"], check=True)
+    if limit is None:
+        limit = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")) + 1
+    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)
     with contextlib.ExitStack() as held:
         try:
             for _ in range(64):  # within the listen backlog: each connect() returns at once, accepted or not
