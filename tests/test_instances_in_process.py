@@ -5,12 +5,16 @@ stopping (a task's end told in the instant between the stop's start and its SIGT
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from harness import REPO
 from lxml import etree
 from test_workflow_engine import NOW, job, launch, task, workflow
 
@@ -118,3 +122,57 @@ def test_an_instance_ended_by_an_error_in_jobd_says_so_in_its_document_too(tmp_p
     root = etree.fromstring(asyncio.run(start()))
     assert (root.get("status"), root.get("errors")) == ("TERMINATED", "1")
     assert root.get("end_time")
+
+
+# In a process of its own, as it lowers its limit on open files until it has no descriptor left.
+SCRIPTS_RETRY_AT_CLOSE = """
+import asyncio, os, resource, sys
+from types import SimpleNamespace
+from jobd.engine.instances import Instances
+
+scripts = os.path.join(sys.argv[1], "scripts")
+os.makedirs(scripts)
+open(os.path.join(scripts, "1-3"), "w").close()
+
+
+async def main():
+    engine = SimpleNamespace(scripts_dir=scripts, loop=asyncio.get_running_loop())
+    instances = Instances(engine, SimpleNamespace())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1, hard))
+    held = []
+    try:
+        while True:  # every number below the limit taken
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as error:
+        print("short:", error.strerror)
+    instances._remove_scripts(1)  # instance 1 ended: its scripts directory cannot be listed now
+    print("retry armed:", instances._scripts_retry is not None)
+    instances.close()
+    print("retry cancelled at close:", instances._scripts_retry.cancelled())
+    for fd in held:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print("left for the next start:", os.listdir(scripts))
+
+
+asyncio.run(main())
+"""
+
+
+def test_the_retry_of_a_scripts_removal_is_cancelled_when_the_instances_close(tmp_path: Path) -> None:
+    """An instance's end that cannot list state_dir/scripts for want of a descriptor tries again a second later;
+    that timer outlived Instances.close() (the store's close, at a stop). The next start removes what is left
+    (tests/test_workflows.py)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPTS_RETRY_AT_CLOSE, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "short: Too many open files",
+        "retry armed: True",
+        "retry cancelled at close: True",
+        "left for the next start: ['1-3']",
+    ], result.stdout + result.stderr
+    assert "cannot remove the scripts of instance 1 now: Too many open files" in result.stderr
