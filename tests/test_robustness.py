@@ -441,29 +441,33 @@ def _past_the_job(daemon: Daemon, before: set[int]) -> int:
 def test_log_lines_left_in_fd_3_when_a_job_ends_still_short_of_descriptors_are_written_once_jobd_can(
     make_daemon: Any, tmp_path: Path
 ) -> None:
-    # The job logs 5,000 lines and its progress, all of it in its fd 3 pipe, and exits while jobd cannot create the
-    # log file, nor can once the job's descriptors are closed (its end frees only numbers above jobd's limit). What
-    # jobd had read of the pipe was told, the file counted it as dropped, and the rest, left in the pipe, was never
-    # read: the progress of 40 was lost, the log file missing, and nothing said so. Now the end waits, its pipe
-    # unread, until the file can be created, as a running job's output waits: nothing is lost.
+    # The job prints and logs 5,000 lines and its progress, all of it in its stdout and fd 3 pipes, and exits while
+    # jobd cannot create their files, nor can once the job's descriptors are closed (its end frees only numbers
+    # above jobd's limit). What jobd had read of the pipes was counted as dropped (and fd 3's told), and the rest,
+    # left in the pipes, was never read: the progress of 40 was lost, the files missing, and nothing said so. Now
+    # the end waits, its pipes unread, until the files can be created, as a running job's output waits: nothing is
+    # lost.
     daemon: Daemon = make_daemon(QUEUE)
     gate = Gate(tmp_path / "gate")
     try:
         before = {int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")}
-        job = daemon.submit(command=gated(gate, "sh", "-c", "seq 5000 >&3; echo %40 >&3"))  # 23,893 bytes
-        log = daemon.state_dir / "output" / str(job["id"]) / "1.log"
+        # 23,893 bytes each: within what a pipe holds
+        job = daemon.submit(command=gated(gate, "sh", "-c", "seq 5000; seq 5000 >&3; echo %40 >&3"))
+        output = daemon.state_dir / "output" / str(job["id"])
         wait_for_log(daemon, f"job={job['id']} running")
         pid = int(daemon.log().split(f"job={job['id']} running (attempt 1, pid ")[1].split(")")[0])
         with out_of_descriptors(daemon, _past_the_job(daemon, before)):
             gate.release()
-            wait_for_log(daemon, f"pid {pid} has exited; its end waits until jobd can create {log}")
+            waits = f"pid {pid} has exited; its end waits until jobd can create {output}/1.stdout and {output}/1.log"
+            wait_for_log(daemon, waits)
     finally:
         gate.release()
     finished = daemon.wait(job["id"])
     assert (finished["state"], finished["progress"]) == ("succeeded", 40), finished
-    assert daemon.output(job["id"], "log") == "".join(f"{number}\n" for number in range(1, 5001))
+    lines = "".join(f"{number}\n" for number in range(1, 5001))
+    assert daemon.output(job["id"]) == daemon.output(job["id"], "log") == lines
     [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
-    assert attempt["truncated"] is False, attempt
+    assert (attempt["truncated"], attempt["stdout_bytes"]) == (False, 23_893), attempt
     assert "what the job writes there from now on is dropped" not in daemon.log()
 
 
