@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -1057,6 +1058,30 @@ def test_why_the_database_takes_no_writes_is_told_without_naming_the_job(
     assert jobd.wait(job_id)["state"] == "succeeded"
     [status] = calls(jobd, users["alice"], [("daemon.status", {})])
     assert status["result"]["store_trouble"] is None
+
+
+def test_the_writes_a_bug_of_jobds_fails_are_told_without_naming_the_job(jobd: Daemon, users: dict[str, Any]) -> None:
+    """store_internal_error, as store_trouble: admins get what jobd was writing (a job of a queue others may not
+    read) and the error, others the error alone. The bug: a trigger failing every job's end with an SQLITE_ERROR."""
+    assert jobd.stop() == 0
+    with contextlib.closing(sqlite3.connect(jobd.state_dir / "jobd.sqlite3")) as database, database:
+        database.execute(
+            'CREATE TRIGGER "fails_every_end" AFTER UPDATE OF "finished_at" ON "job" '
+            """WHEN NEW."finished_at" IS NOT NULL BEGIN SELECT json(NEW."state" || '{'); END"""
+        )
+    jobd.start()
+    jobd.socket_path.chmod(0o666)  # made again by the start (started() opened it to the test users)
+    job_id = jobd.submit(command=["/bin/true"], queue="ops")["id"]
+    wait_for_log(jobd, f"internal error: cannot record the end of job {job_id}: malformed JSON")
+    admin = {"writes": 1, "error": f"cannot record the end of job {job_id}: OperationalError: malformed JSON"}
+    assert jobd.call("daemon.status")["store_internal_error"] == admin
+    for user in ("alice", "carol", "dave"):
+        [status] = calls(jobd, users[user], [("daemon.status", {})])
+        told = status["result"]["store_internal_error"]
+        if user == "dave":  # an admin, by the admins group
+            assert told == admin
+        else:
+            assert told == {"writes": 1, "error": "OperationalError: malformed JSON"}, (user, told)
 
 
 HOLD_CONNECTIONS = """
