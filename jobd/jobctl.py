@@ -429,6 +429,12 @@ def render_daemon_status(status: dict[str, Any], now: dt.datetime) -> list[str]:
         ("last reload", format_last_reload(status.get("last_reload"), now)),
         ("jobs", format_job_counts(status.get("jobs") or {})),
     ]
+    if status.get("store_trouble"):  # the database takes no writes (a full disk): jobs keep their slots meanwhile
+        fields.append(("store", f"takes no writes: {status['store_trouble']}"))
+    failing = status.get("store_internal_error")
+    if isinstance(failing, dict):  # writes a bug of jobd's fails, tried again every 2 s: its log has the traceback
+        writes, error = failing.get("writes"), failing.get("error")
+        fields.append(("internal error", f"{writes} writes failing (see jobd's log), the first: {error}"))
     lines = render_fields(fields)
     below = [key for key, _ in fields].index("last reload") + 1
     lines[below:below] = _problems_below(status.get("last_reload"))

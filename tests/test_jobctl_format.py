@@ -411,3 +411,21 @@ def test_daemon_status_shows_each_problem_of_a_failed_reload_on_its_own_line() -
     assert lines[at].endswith("failed: /etc/jobd/jobd.d/a.toml:2: queue.a.concurrency: bad (and 1 more, below)")
     assert lines[at + 1] == "  /etc/jobd/workflows/w.xml: not well-formed"
     assert lines[at + 2].startswith("jobs:")
+
+
+def test_daemon_status_shows_why_the_database_takes_no_writes_and_the_writes_a_bug_fails() -> None:
+    """daemon.status's store_trouble and store_internal_error were not shown by jobctl status: only the journal and
+    systemd's status line said that ended jobs kept their slots for want of a write."""
+    now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    base = {"version": "1", "pid": 7, "started_at": "2026-11-30T11:00:00Z", "durability": "crash", "jobs": {}}
+    quiet = render_daemon_status({**base, "store_trouble": None, "store_internal_error": None}, now)
+    assert quiet == render_daemon_status(base, now)
+    assert not any(line.startswith(("store:", "internal error:")) for line in quiet)
+    failing = {"writes": 3, "error": "cannot record the end of job 17: OperationalError: malformed JSON"}
+    status = {**base, "store_trouble": "database or disk is full", "store_internal_error": failing}
+    lines = render_daemon_status(status, now)
+    assert "store:          takes no writes: database or disk is full" in lines, lines
+    assert (
+        "internal error: 3 writes failing (see jobd's log), the first: cannot record the end of job 17: "
+        "OperationalError: malformed JSON"
+    ) in lines, lines
