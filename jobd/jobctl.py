@@ -1493,7 +1493,8 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
 def add_command(subparsers: Any, name: str, handler: Handler, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help_text, description=help_text, **kwargs)
     add_global_options(parser, in_subcommand=True)
-    parser.set_defaults(handler=handler)
+    # command_parser: words the command does not take are refused with its own usage, which shows what it takes
+    parser.set_defaults(handler=handler, command_parser=parser)
     return parser
 
 
@@ -1619,18 +1620,19 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     argparse takes the ARGs up to the first option and leaves the later ones over. Left-over words that look like
     options are still refused (an ARG that starts with `-` goes after `--`)."""
     args, extra = parser.parse_known_args(_keep_later_separators(argv))
+    command_parser: argparse.ArgumentParser = args.command_parser
     if extra and args.command == "submit":
         literal, later_args = False, []
         for word in extra:
             if word == "--" and not literal:
                 literal = True
             elif not literal and word.startswith("-") and word != "-" and not _NEGATIVE_NUMBER.match(word):
-                parser.error(f"unrecognized arguments: {word} (put ARGs that start with - after --)")
+                command_parser.error(f"unrecognized arguments: {word} (put ARGs that start with - after --)")
             else:
                 later_args.append(word)
         args.args += later_args
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _restore_separators(args)
     return args
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 from pathlib import Path
@@ -254,6 +255,40 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert jobctl.main(["submit", "-P", "a=1", "resize", "x", "--socket", "/nonexistent"]) == 2
     assert jobctl.main([]) == 2
     assert "jobctl: submit: give either ARGs or -P/--param" in capsys.readouterr().err
+
+
+COMMANDS = jobctl.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+
+
+def required_words(command: argparse.ArgumentParser) -> list[str]:
+    """A value for each positional the command requires: the first of its choices, else "1" (an id or a name)."""
+    return [
+        str(next(iter(action.choices))) if action.choices else "1"
+        for action in command._actions
+        if not action.option_strings and action.nargs in (None, 1)
+    ]
+
+
+def extra_words(command: argparse.ArgumentParser) -> list[list[str]]:
+    """Words the command does not take: an unknown option, and surplus words unless its last positional takes any
+    number of them (`submit TASK [ARG ...]`, `run [--] CMD [ARG...]`)."""
+    open_ended = any(not a.option_strings and a.nargs in ("*", argparse.REMAINDER) for a in command._actions)
+    return [["--no-such-option"]] + ([] if open_ended else [["1", "2", "3"]])
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_a_word_a_command_does_not_take_is_refused_with_that_commands_usage(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An extra word or unknown option was refused with jobctl's general usage (`jobctl [-h] ... COMMAND ...`),
+    which does not say what `jobctl status` takes. The error now shows the command's own usage, as argparse does for
+    a bad value. (Refused while parsing: nothing connects to the socket.)"""
+    for extra in extra_words(COMMANDS[name]):
+        argv = ["--socket", "/nonexistent/jobd.sock", name, *required_words(COMMANDS[name]), *extra]
+        assert jobctl.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: jobctl {name} "), (argv, err)
+        assert f"\njobctl {name}: error: unrecognized arguments: " in err, (argv, err)
 
 
 def test_no_daemon_exits_3_naming_the_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
