@@ -1551,8 +1551,10 @@ def build_parser() -> argparse.ArgumentParser:
     pause.add_argument("queue", metavar="QUEUE")
     resume = add_command(sub, "resume", cmd_resume, "start jobs from a paused queue again")
     resume.add_argument("queue", metavar="QUEUE")
-    add_command(sub, "reload", cmd_reload, "reload the configuration files")
-    add_command(sub, "backup", cmd_backup, "copy the database, consistent, while jobd runs (STATE_DIR/backup/)")
+    add_command(sub, "reload", cmd_reload, "reload the configuration files (admins only)")
+    add_command(
+        sub, "backup", cmd_backup, "copy the database, consistent, while jobd runs, to STATE_DIR/backup/ (admins only)"
+    )
 
     add_command(sub, "workflows", cmd_workflows, "list workflows and their parameters")
     launch = add_command(sub, "launch", cmd_launch, "launch an instance of a workflow")

@@ -26,6 +26,7 @@ from harness import REPO, Daemon, machine_accounts
 from lxml import etree
 from recovery.support import fill, wait_for_log
 
+from jobd import jobctl as jobctl_module
 from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
 
@@ -947,6 +948,50 @@ def test_jobctl_as_users(jobd: Daemon, users: dict[str, Any]) -> None:
     assert jobctl("dave", "resume", "ops").returncode == 0
 
 
+def test_the_help_says_admins_only_of_exactly_the_commands_refused_to_users_who_are_not(
+    jobd: Daemon, users: dict[str, Any]
+) -> None:
+    """`jobctl run` and `jobctl audit` said "(admins only)" in jobctl --help, `reload` and `backup`, refused to
+    alice just as they are, did not. Every command is run as alice (read and exec on task report and workflows
+    wf-*), on objects she may read; those refused for want of the admin right must be the ones the help marks."""
+    job = jobd.wait(jobd.submit(task="report")["id"])["id"]
+    instance = jobd.call("instance.launch", {"workflow": "wf-a"})["id"]
+    argv = {
+        "run": ["/bin/true"],
+        "submit": ["report"],
+        "status": [],
+        "ls": [],
+        "log": [str(job)],
+        "wait": [str(job)],
+        "cancel": [str(job)],
+        "tasks": [],
+        "queues": [],
+        "pause": ["default"],
+        "resume": ["default"],
+        "reload": [],
+        "backup": [],
+        "workflows": [],
+        "launch": ["wf-a"],
+        "instance": [str(instance)],
+        "instances": [],
+        "schedules": [],
+        "schedule": ["trigger", "yearly-report"],
+        "audit": [],
+    }
+    commands = jobctl_module.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(argv) == set(commands), "give every command its words here"
+    refused_for_admin = set()
+    for name, words in argv.items():
+        command = [sys.executable, "-m", "jobd.jobctl", "--socket", "jobd.sock", "--json", name, *words]
+        done = as_user(jobd, users["alice"], command)
+        error = json.loads(done.stderr)["error"] if done.returncode == 1 else {}
+        if error.get("data", {}).get("missing") == "admin":
+            refused_for_admin.add(name)
+    marked = {name for name, parser in commands.items() if "(admins only)" in parser.description}
+    assert refused_for_admin == marked
+    assert {"run", "reload", "backup", "audit"} <= refused_for_admin  # the test sees refusals when there are some
+
+
 HELD_JSON_CLIENT = """
 import sys
 from jobd.client import Client, RemoteError
@@ -962,6 +1007,7 @@ with Client("jobd.sock") as client:
 HELD_XML_CLIENT = """
 import socket, sys
 from lxml import etree
+from jobd import jobctl as jobctl_module
 from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
