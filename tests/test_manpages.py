@@ -16,6 +16,7 @@ import os
 import pkgutil
 import re
 import subprocess
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -389,6 +390,36 @@ def test_jobd_options_are_documented(capsys: pytest.CaptureFixture[str]) -> None
     assert "--config-dir" in options and "--check-config" in options
     page = parse("jobd.8")
     report(missing(page.name, "OPTIONS", options, page.section("OPTIONS").names()))
+
+
+def test_jobd_exit_statuses_are_documented(tmp_path: Path) -> None:
+    """jobd(8) listed 0, 1 and 78, not the 2 a bad option exits with. The statuses of a real jobd refusing its
+    command line and a missing --config-dir, and those jobd.service does not restart, are items of EXIT STATUS."""
+    jobd_command = [sys.executable, "-m", "jobd.daemon"]
+    refusals = {
+        "an unknown option": [*jobd_command, "--no-such-option"],
+        "a bad value": [*jobd_command, "--log-level", "warn"],
+        "a missing --config-dir": [*jobd_command, "--config-dir", str(tmp_path / "missing"), "--check-config"],
+    }
+    statuses: dict[str, int] = {}
+    for what, argv in refusals.items():
+        env = {**os.environ, "PYTHONPATH": str(MAN.parent)}
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=False)
+        assert done.returncode != 0 and done.stderr, (what, done)
+        statuses[what] = done.returncode
+    unit = re.search(r"^RestartPreventExitStatus=(.*)$", (MAN.parent / "systemd/jobd.service").read_text(), re.M)
+    assert unit is not None, "jobd.service has no RestartPreventExitStatus="
+    for status in unit[1].split():
+        statuses[f"RestartPreventExitStatus= of jobd.service: {status}"] = int(status)
+    page = parse("jobd.8")
+    documented = page.section("EXIT STATUS").names()
+    report(
+        [
+            f"{page.name} EXIT STATUS: {status} ({what})"
+            for what, status in statuses.items()
+            if str(status) not in documented
+        ]
+    )
 
 
 def _env_names(text: str) -> set[str]:

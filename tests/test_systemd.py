@@ -429,23 +429,48 @@ def test_every_line_of_a_multi_line_error_has_its_priority(sd: Sdns) -> None:
 
 def test_a_broken_configuration_is_not_restarted_into_the_start_limit(sd: Sdns) -> None:
     # Exit 78 (EX_CONFIG): starting again cannot mend it, and hitting the start limit would fail jobd.socket too.
-    started(sd)
-    sd.ctl("stop", "jobd.service")
-    sd.ctl("reset-failed", "jobd.service")  # the start limit's count of the module's earlier tests
-    restarts = int(sd.show("NRestarts"))
+    restarts = stopped_afresh(sd)
     broken = sd.root / "etc" / "jobd" / "jobd.d" / "70-broken.toml"
     broken.write_text("[daemon]\nbogus_key = 1\n")
     try:
-        sd.ctl("start", "jobd.service", check=False)  # fails: the start job ends with the service's exit
-        assert sd.show("ExecMainStatus") == "78"
-        # Failed for good, not waiting to be started again ("auto-restart").
-        assert (sd.show("ActiveState"), sd.show("SubState")) == ("failed", "failed")
-        assert int(sd.show("NRestarts")) == restarts
-        assert sd.ctl("is-active", "jobd.socket").strip() == "active"  # clients still wait in its queue
+        assert_start_fails_for_good(sd, 78, restarts)
     finally:
         broken.unlink()
     sd.ctl("reset-failed", "jobd.service")
     started(sd)
+
+
+def test_a_bad_option_on_the_command_line_is_not_restarted_into_the_start_limit(sd: Sdns) -> None:
+    """A typo in a drop-in's ExecStart= (`--log-level warn`; docs/systemd.md, Logging, suggests such a drop-in) is
+    a usage error, exit 2, which starting again cannot mend either: the unit restarted it into the start limit."""
+    restarts = stopped_afresh(sd)
+    drop_in = sd.root / "etc" / "systemd" / "system" / "jobd.service.d" / "70-bad-option.conf"
+    drop_in.write_text("[Service]\nExecStart=\nExecStart=/usr/bin/jobd --log-level warn\n")
+    try:
+        sd.ctl("daemon-reload")
+        assert_start_fails_for_good(sd, 2, restarts)
+    finally:
+        drop_in.unlink()
+        sd.ctl("daemon-reload")
+    sd.ctl("reset-failed", "jobd.service")
+    started(sd)
+
+
+def stopped_afresh(sd: Sdns) -> int:
+    """jobd.service stopped, its start limit's count reset (the module's earlier tests); its NRestarts."""
+    started(sd)
+    sd.ctl("stop", "jobd.service")
+    sd.ctl("reset-failed", "jobd.service")
+    return int(sd.show("NRestarts"))
+
+
+def assert_start_fails_for_good(sd: Sdns, status: int, restarts: int) -> None:
+    sd.ctl("start", "jobd.service", check=False)  # fails: the start job ends with the service's exit
+    assert sd.show("ExecMainStatus") == str(status)
+    # Failed for good, not waiting to be started again ("auto-restart").
+    assert (sd.show("ActiveState"), sd.show("SubState")) == ("failed", "failed")
+    assert int(sd.show("NRestarts")) == restarts
+    assert sd.ctl("is-active", "jobd.socket").strip() == "active"  # clients still wait in its queue
 
 
 @pytest.mark.parametrize("unit", ["jobd.service", "jobd.socket"])
