@@ -171,7 +171,11 @@ def check_headers(url: str, headers: Mapping[str, str]) -> None:
     """Header names and values aiohttp will send, beside `url` (checked by check_url)."""
     for name, text in headers.items():
         if not name or _HEADER_CONTROL.search(name) or ":" in name or " " in name or "\t" in name:
-            raise HttpSpecError(f"'headers': {name!r} is not a valid header name", key="headers")
+            raise HttpSpecError(
+                f"'headers': {name!r} is not a valid header name: a name is not empty and holds no ':', space, tab or "
+                "other control character",
+                key="headers",
+            )
         if _HEADER_CONTROL.search(text):
             raise HttpSpecError(
                 f"'headers': the value of {name!r} contains CR, LF, NUL or another control character", key="headers"
