@@ -1522,10 +1522,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("id", type=positive_int, nargs="?", metavar="ID")
 
     ls = add_command(sub, "ls", cmd_ls, "list jobs, newest first")
-    ls.add_argument("--state", action="append", choices=[str(s) for s in JobState], help="(repeat)")
-    ls.add_argument("--queue")
-    ls.add_argument("--task")
-    ls.add_argument("--context")
+    ls.add_argument(
+        "--state", action="append", choices=[str(s) for s in JobState], help="only jobs in this state (repeat)"
+    )
+    ls.add_argument("--queue", help="only jobs of this queue")
+    ls.add_argument("--task", help="only jobs of this task")
+    ls.add_argument("--context", help="only jobs with this context")
     ls.add_argument("-n", "--limit", type=page_size, default=20, help="at most this many (1-1000, default 20)")
     ls.add_argument("--before", type=positive_int, metavar="ID", help="only jobs older than ID (paging)")
 
@@ -1573,8 +1575,10 @@ def build_parser() -> argparse.ArgumentParser:
     instance.add_argument("--xml", action="store_true", help="print evQueue's instance document")
 
     instances = add_command(sub, "instances", cmd_instances, "list workflow instances, newest first")
-    instances.add_argument("--workflow", metavar="WORKFLOW")
-    instances.add_argument("--status", choices=[INSTANCE_EXECUTING, INSTANCE_TERMINATED])
+    instances.add_argument("--workflow", metavar="WORKFLOW", help="only instances of this workflow")
+    instances.add_argument(
+        "--status", choices=[INSTANCE_EXECUTING, INSTANCE_TERMINATED], help="only instances in this status"
+    )
     errors = instances.add_mutually_exclusive_group()
     errors.add_argument("--errors", dest="errors", action="store_const", const=True, help="only those with errors")
     errors.add_argument(

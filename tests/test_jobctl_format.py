@@ -291,6 +291,18 @@ def test_a_word_a_command_does_not_take_is_refused_with_that_commands_usage(
         assert f"\njobctl {name}: error: unrecognized arguments: " in err, (argv, err)
 
 
+def test_every_option_of_every_command_says_what_it_does_in_the_help() -> None:
+    """`jobctl ls --help` listed --queue, --task and --context, and `jobctl instances --help` --workflow and --status,
+    with nothing beside them (ls --state: "(repeat)"), where jobctl(1) says what each does."""
+    unexplained = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, command in COMMANDS.items()
+        for action in command._actions
+        if action.option_strings and not (action.help or "").replace("(repeat)", "").strip()
+    ]
+    assert unexplained == []
+
+
 def test_no_daemon_exits_3_naming_the_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "jobd.sock")
     assert jobctl.main(["--socket", path, "queues"]) == 3
