@@ -472,6 +472,30 @@ def test_event_types_are_documented() -> None:
     )
 
 
+def test_no_documented_option_is_missing_from_the_code(capsys: pytest.CaptureFixture[str]) -> None:
+    """The other direction for options: each option jobctl(1) documents for a command is one that command (or one
+    of the commands its subsection names) takes, and each of jobd(8)'s OPTIONS is in jobd's usage."""
+    stale: list[str] = []
+    page = parse("jobctl.1")
+    parser = jobctl.build_parser()
+    commands = _subcommands(parser)
+    for word in sorted(page.section("OPTIONS").names()):
+        if word.startswith("-") and word not in _options(parser):
+            stale.append(f"{page.name} OPTIONS: {word} is not an option of jobctl")
+    for title in page.subsections("COMMANDS"):
+        taken = {option for name in re.split(r"[,\s]+", title) for option in _options(commands[name])}
+        for word in sorted(page.section("COMMANDS", title).names()):
+            if word.startswith("-") and word not in taken:
+                stale.append(f"{page.name} COMMANDS / {title}: {word} is not an option of {title}")
+    with pytest.raises(SystemExit):
+        daemon_module.parse_args(["--help"])
+    usage = capsys.readouterr().out
+    for word in sorted(parse("jobd.8").section("OPTIONS").names()):
+        if word.startswith("-") and not re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", usage):
+            stale.append(f"jobd.8 OPTIONS: {word} is not an option of jobd")
+    assert not stale, "documented in the man pages but not in the code:\n  " + "\n  ".join(stale)
+
+
 def test_no_documented_name_is_missing_from_the_code() -> None:
     """The other direction: a method, command or error code the pages list must exist (renamed or removed ones)."""
     stale: list[str] = []
