@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -476,3 +478,55 @@ def test_daemon_status_shows_why_the_database_takes_no_writes_and_the_writes_a_b
         "internal error: 3 writes failing (see jobd's log), the first: cannot record the end of job 17: "
         "OperationalError: malformed JSON"
     ) in lines, lines
+
+
+def documented_command_lines() -> list[tuple[str, list[str]]]:
+    """(where, argv) of each jobctl command the documentation shows as typed: the `sh` lines and the `$ ` lines of
+    the `console` blocks of README.md and docs/jobctl.md, and the `$ ` lines of jobctl(1)'s EXAMPLES, split as a
+    shell splits them (`a | b`, `a && b`, `x=$(a)`, `if a; then ...`). A shell variable stands for an id: `"$id"`
+    is taken as 1; redirections are dropped."""
+    repo = Path(__file__).parent.parent
+    typed: list[tuple[str, str]] = []
+    for name in ("README.md", "docs/jobctl.md"):
+        for kind, block in re.findall(r"```(sh|console)\n(.*?)```", (repo / name).read_text(), re.DOTALL):
+            lines = block.splitlines()
+            typed += [(name, line.removeprefix("$ ")) for line in lines if kind == "sh" or line.startswith("$ ")]
+    man = (repo / "man" / "jobctl.1").read_text().split(".Sh EXAMPLES", 1)[1].split("\n.Sh ", 1)[0]
+    typed += [
+        ("jobctl.1", line.strip().removeprefix("$ ")) for line in man.splitlines() if line.strip().startswith("$ ")
+    ]
+    commands = []
+    for where, line in typed:
+        line = re.sub(r'"?\$\w+"?', "1", re.sub(r"\s\d?>&?\S*", "", line.replace("\\-", "-")))
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True  # words end at blanks and operators only, as in a shell (`SIZE=25%` is one)
+        words = list(lexer)
+        if "#" in words:  # a comment
+            words = words[: words.index("#")]
+        command: list[str] = []
+        for word in [*words, ";"]:
+            if not set(word) <= set("();<>|&"):
+                command.append(word)
+                continue
+            while command and command[0] in ("if", "then", "!"):
+                command.pop(0)
+            if command and command[0] == "jobctl":
+                commands.append((where, command))
+            command = []
+    return commands
+
+
+def test_every_jobctl_command_line_the_documentation_shows_is_one_jobctl_takes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A documented example with an option jobctl does not have (renamed, removed, misspelt) is refused by the same
+    parser a user's shell would hand it to."""
+    commands = documented_command_lines()
+    assert len(commands) > 40, commands  # the examples are found
+    refused = []
+    for where, argv in commands:
+        try:
+            jobctl._parse(jobctl.build_parser(), argv[1:])
+        except SystemExit:
+            refused.append(f"{where}: {shlex.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+    assert refused == []
