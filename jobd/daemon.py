@@ -770,7 +770,13 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
     # Missing search directories are normal; one named on the command line is a typo more likely than not, and
     # starting from the defaults would take the system's socket and state directory (/run/jobd, /var/lib/jobd).
     if args.config_dir and os.path.lexists(args.config_dir) and not os.path.isdir(args.config_dir):
-        log.error("--config-dir %s is not a directory", args.config_dir)
+        # Most likely the file itself (`--config-dir /etc/jobd/jobd.toml`): name the directory that holds it.
+        holder = f" ({os.path.dirname(os.path.abspath(args.config_dir))} for this file)"
+        log.error(
+            "--config-dir %s is not a directory: name the directory that holds jobd.toml%s",
+            args.config_dir,
+            holder if args.config_dir.endswith(".toml") else "",
+        )
         return EXIT_CONFIG
     if args.config_dir and not os.path.isdir(args.config_dir):
         log.error(

@@ -1467,7 +1467,12 @@ def test_a_config_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
         check=False,
     )
     assert checked.returncode == 78, checked
-    assert checked.stdout == "" and f"--config-dir {a_file} is not a directory" in checked.stderr, checked.stderr
+    assert checked.stdout == "", checked
+    # What to give instead: the directory that holds the file.
+    said = (
+        f"--config-dir {a_file} is not a directory: name the directory that holds jobd.toml ({tmp_path} for this file)"
+    )
+    assert said in checked.stderr, checked.stderr
     assert "defaults" not in checked.stderr, checked.stderr
 
 
