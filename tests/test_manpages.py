@@ -356,6 +356,26 @@ def test_evqueue_commands_are_documented() -> None:
     report(missing(page.name, "EVQUEUE PROTOCOL / Commands", sorted(evqueue.COMMANDS), documented))
 
 
+def test_every_evqueue_request_the_documentation_writes_is_a_command_jobd_serves() -> None:
+    """docs/config.md wrote `<status type="configuration"/>`, which jobd (as evQueue) answers UNKNOWN_COMMAND: the
+    command is `<status action="query" type="configuration"/>`. Each request written in backquotes in docs/*.md and
+    README.md (an element named as a command's group, with an `action` or `type`) must name a command jobd serves;
+    jobd-protocol(7) lists the commands as items, checked above."""
+    groups = {command.split()[0] for command in evqueue.COMMANDS}
+    texts = {path.name: path.read_text() for path in [*(MAN.parent / "docs").glob("*.md"), MAN.parent / "README.md"]}
+    unknown, seen = [], 0
+    for name, text in texts.items():
+        for request, group in re.findall(r"`(<([a-z_]+)\b[^`>]*>)`", text):
+            if group not in groups or not re.search(r"\b(action|type)=", request):
+                continue  # an element of a document (<workflow>, <task>), not a request
+            seen += 1
+            action = re.search(r"action=[\"']([a-z_]+)", request)
+            if (f"{group} {action[1]}" if action else group) not in evqueue.COMMANDS:
+                unknown.append(f"{name}: {request}")
+    assert seen > 10, "no evQueue request found in the documentation"
+    assert unknown == []
+
+
 def test_http_routes_are_documented() -> None:
     # The routes are registered in HttpApi.__init__, which needs a running engine; read them from its source.
     source = Path(importlib.import_module("jobd.http_api").__file__ or "").read_text()
