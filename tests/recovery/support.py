@@ -252,16 +252,30 @@ def held_in_spawn(daemon: Daemon) -> subprocess.Popen[str]:
     return strace
 
 
+def closes_settled(daemon: Daemon, held: contextlib.ExitStack) -> None:
+    """Return once jobd has closed its end of every connection its clients closed before (a daemon.wait() just
+    before): one closed after the limit is set would free a descriptor, and jobd would not be out of them. asyncio
+    closes a socket in the loop turn after the one that read its end; two round trips on a client of its own (kept
+    open in `held`, a descriptor of jobd's like any other) take two turns, after every end already sent."""
+    sock = held.enter_context(socket.socket(socket.AF_UNIX))
+    sock.settimeout(WAIT)
+    sock.connect(str(daemon.socket_path))
+    for _ in range(2):
+        sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+        assert b'"pong"' in sock.recv(1 << 16)
+
+
 @contextlib.contextmanager
 def out_of_descriptors(daemon: Daemon, limit: int | None = None) -> Any:
     """jobd with no descriptor left: its soft limit on open files lowered to its highest descriptor (or to `limit`:
     the descriptors it holds from there on, once closed, give it none), and clients connected until one is not
     accepted (so every number below the limit is taken). Its limit comes back after."""
     soft_before = soft_limit_on_open_files(daemon.pid)
-    if limit is None:
-        limit = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")) + 1
-    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)
     with contextlib.ExitStack() as held:
+        closes_settled(daemon, held)
+        if limit is None:
+            limit = max(int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")) + 1
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)
         try:
             for _ in range(64):  # within the listen backlog: each connect() returns at once, accepted or not
                 sock = held.enter_context(socket.socket(socket.AF_UNIX))
@@ -280,9 +294,10 @@ def one_descriptor_left(daemon: Daemon) -> Any:
     raised by one. Its limit comes back after."""
     soft_before = soft_limit_on_open_files(daemon.pid)
     descriptors = Path(f"/proc/{daemon.pid}/fd")
-    limit = max(int(name) for name in os.listdir(descriptors)) + 1
-    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)
     with contextlib.ExitStack() as held:
+        closes_settled(daemon, held)
+        limit = max(int(name) for name in os.listdir(descriptors)) + 1
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)
         try:
             for _ in range(limit - len(os.listdir(descriptors))):  # the gaps below the highest descriptor
                 sock = held.enter_context(socket.socket(socket.AF_UNIX))
