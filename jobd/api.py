@@ -86,7 +86,9 @@ class DaemonControl(Protocol):
 class Session(Protocol):
     """What the API needs from the connection a call came on."""
 
-    peer: Peer
+    @property
+    def peer(self) -> Peer:
+        """Who is asking, as the configuration in force sees it: a reload may change it while a call waits."""
 
     def subscribe(self, selection: EventFilter) -> int: ...
 

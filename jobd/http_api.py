@@ -57,6 +57,7 @@ from jobd.model import (
     DEFAULT_PRIORITY,
     FINISHED_STATES,
     MAX_PRIORITY,
+    Config,
     Job,
     JobState,
     ObjectKind,
@@ -105,7 +106,7 @@ SSE_QUEUE_BYTES = 16 * 1024 * 1024  # or bytes of them: its events stay alive fo
 EVENT_OVERHEAD = 1024  # about what an event takes besides the texts counted by _event_size (its dicts, ids, times)
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 _NOT_FOUND = (UnknownJob, UnknownQueue, UnknownTask, UnknownWorkflow, UnknownInstance, UnknownSchedule, MethodNotFound)
-_PEER_KEY = "jobd.peer"
+_CLIENT_KEY = "jobd.client"
 _EVENT_FILTERS = ("instances", "jobs", "queues", "types", "workflows")  # GET /events's query parameters
 _LAST_EVENT_ID_PARAMETER = "lastEventId"  # ... and where EventSource polyfills put Last-Event-ID on a reconnect
 # A handler whose client has gone is cancelled, as the API socket cancels a gone client's requests. From aiohttp 3.9
@@ -252,12 +253,40 @@ def _text_size(value: Any) -> int:
     return 0
 
 
-class _HttpSession:
-    """An `api.Session` for one HTTP request: events are served by /events, not by events.subscribe."""
+class _TokenGone(Exception):
+    """The token a request came with is no longer configured: the request is answered as one without a valid
+    token is (401)."""
 
-    def __init__(self, peer: Peer) -> None:
-        self.peer = peer
+
+@dataclass(slots=True)
+class _Client:
+    """Who sent a request: its Authorization header ("" without one), and its peer as `config` saw it."""
+
+    authorization: str
+    peer: Peer
+    config: Config
+
+
+class _HttpSession:
+    """An `api.Session` for one HTTP request: events are served by /events, not by events.subscribe. Its peer is
+    its client as the configuration in force sees it: a request still waiting at a reload (job.wait, instance.wait)
+    is checked again as its token now is (api.while_allowed), not as it was when the request came."""
+
+    def __init__(self, http: HttpApi, client: _Client) -> None:
+        self._http = http
+        self._client = client
         self.handed_over = AfterReplyWork()
+
+    @property
+    def peer(self) -> Peer:
+        client = self._client
+        config = self._http.api.engine.config
+        if client.config is not config:  # a reload since the client was identified
+            peer = self._http.peer_now(client.authorization, client.peer)
+            if peer is None:
+                raise _TokenGone
+            self._client = _Client(client.authorization, peer, config)
+        return self._client.peer
 
     def subscribe(self, selection: EventFilter) -> int:
         raise InvalidParams("events.subscribe is not available over HTTP; use GET /events (Server-Sent Events)")
@@ -430,12 +459,11 @@ class HttpApi:
             return _error(503, "TOO_MANY_CONNECTIONS", f"too many connections: {limit} ([daemon] max_connections)")
         self.active += 1
         try:
+            config = self.api.engine.config
             peer = self._identify(request)
             if peer is None:
-                response = _error(401, "UNAUTHORIZED", "a valid bearer token is required (Authorization: Bearer …)")
-                response.headers["WWW-Authenticate"] = 'Bearer realm="jobd"'
-                return response
-            request[_PEER_KEY] = peer
+                return _unauthorized()
+            request[_CLIENT_KEY] = _Client(request.headers.get("Authorization", ""), peer, config)
             transport, task = request.transport, asyncio.current_task()
             if transport is None or task is None:  # the client has gone already
                 return await handler(request)
@@ -448,6 +476,8 @@ class HttpApi:
                     del self._requests[transport]
         except web.HTTPException:
             raise
+        except _TokenGone:  # at a reload while the request waited
+            return _unauthorized()
         except JobdError as failure:
             return _failure(failure)
         except Exception as failure:  # the request boundary, as the API socket's: a bug is logged and answered
@@ -492,17 +522,21 @@ class HttpApi:
             uid = gid = -1  # a remote user: configured tasks only
         return Peer(uid=uid, gid=gid, pid=0, is_admin=admin, user=found.user, groups=found.groups)
 
+    def peer_now(self, authorization: str, peer: Peer) -> Peer | None:
+        """Who a client identified as `peer` (by the Authorization header `authorization`) is under the configuration
+        in force; None when its token is no longer configured. A token's client is wholly what its table says (its
+        `admin` too, whatever uid its user has); a unix socket client without one stays who it is, but whether it
+        is an admin is what `[access] admins` now says (Peer.under). OutOfResources as for _token_peer."""
+        if _has_token(authorization):
+            return self._token_peer(authorization)
+        return peer.under(self.api.engine.config.access)
+
     def reloaded(self) -> None:
-        """After a reload, each GET /events stream follows its client as the configuration now says: its token's
-        user, groups and admin flag, or for a local client whether it is an admin (Peer.under). A stream whose
-        token is gone ends now, as a request with it would be refused."""
+        """After a reload, each GET /events stream follows its client as the configuration now says (peer_now). A
+        stream whose token is gone ends now, as a request with it would be refused."""
         for client in list(self.clients):
-            if not _has_token(client.authorization):  # a unix socket client: who it is stays, its admin flag may not
-                client.peer = client.peer.under(self.api.engine.config.access)
-                continue
-            # A token's client is wholly what its table says (its `admin` too, whatever uid its user has).
             try:
-                peer = self._token_peer(client.authorization)
+                peer = self.peer_now(client.authorization, client.peer)
             except OutOfResources as short:
                 # Who its user is now cannot be told (no descriptor to read the passwd database with): the stream
                 # ends, as one whose token is gone does, rather than follow its client as someone it may not be.
@@ -525,7 +559,7 @@ class HttpApi:
         """api.Api.call, then what the call handed over to be done after its reply. aiohttp sends the response
         only after the handler returns, so here that work comes first; the result is made before it all the same
         (a submitted job reads as committed, `queued`, as over the socket)."""
-        session = _HttpSession(_peer(request))
+        session = _HttpSession(self, request[_CLIENT_KEY])
         session.handed_over.begin()
         try:
             return self.api.call(session, method, params)
@@ -786,9 +820,16 @@ def _has_token(authorization: str) -> bool:
 
 
 def _peer(request: web.Request) -> Peer:
-    peer = request[_PEER_KEY]
-    assert isinstance(peer, Peer)
-    return peer
+    """The request's client as it was identified when the request came (_HttpSession: as it is now)."""
+    client = request[_CLIENT_KEY]
+    assert isinstance(client, _Client)
+    return client.peer
+
+
+def _unauthorized() -> web.Response:
+    response = _error(401, "UNAUTHORIZED", "a valid bearer token is required (Authorization: Bearer …)")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="jobd"'
+    return response
 
 
 def _split(text: str | None) -> list[str]:

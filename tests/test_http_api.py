@@ -346,6 +346,81 @@ admin = true
     assert "a GET /events client's token is no longer configured; disconnecting it" in daemon.log()
 
 
+def waiting_request(daemon: Any, token: str, method: str, params: dict[str, Any]) -> socket.socket:
+    """A POST /api/`method` whose client has been identified and whose body is sent: its headers ask for
+    `100 Continue`, which aiohttp writes in the step that then runs jobd's middleware (where the client's token is
+    looked up) without waiting in between; the body follows once the 100 has come. The answer is the caller's to
+    read (`answer`)."""
+    body = json.dumps(params).encode()
+    head = f"POST /api/{method} HTTP/1.1\r\nHost: jobd\r\nAuthorization: Bearer {token}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    connection = socket.create_connection(address(daemon), timeout=TIMEOUT)
+    connection.sendall(head.encode())
+    interim = b""
+    while not interim.endswith(b"\r\n\r\n"):
+        chunk = connection.recv(1)  # one byte at a time: nothing of the answer is read with it
+        assert chunk, interim
+        interim += chunk
+    assert interim.startswith(b"HTTP/1.1 100 "), interim
+    connection.sendall(body)
+    return connection
+
+
+def answer(connection: socket.socket) -> tuple[int, Any]:
+    """The status and JSON body of the answer on `connection`, read to its end."""
+    with connection:
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_a_request_waiting_when_a_reload_changes_or_removes_its_token_is_answered_as_a_new_one_is(daemon: Any) -> None:
+    """A job.wait or job.output with `wait` over HTTP was checked again at a reload with the identity its token had
+    when the request came: a token removed from the configuration (leaked, say), or no longer an admin's, went on
+    waiting, and was answered the job once it ended, telling when it did. It is checked as its token is now: a
+    removed token's request is answered 401 at the reload, a demoted one's the refusal a new request gets."""
+    removed, demoted = "a-waiting-token-to-remove", "a-waiting-token-to-demote"
+
+    def tokens(with_removed: bool) -> str:
+        text = f"""
+[http.tokens.demoted]
+token_sha256 = "{hashlib.sha256(demoted.encode()).hexdigest()}"
+user = "nobody"
+admin = {str(with_removed).lower()}
+"""
+        if with_removed:
+            text += f"""
+[http.tokens.removed]
+token_sha256 = "{hashlib.sha256(removed.encode()).hexdigest()}"
+user = "root"
+admin = true
+"""
+        return text
+
+    drop_in = daemon.config_dir / "jobd.d" / "tokens.toml"
+    drop_in.write_text(tokens(with_removed=True))
+    assert daemon.call("daemon.reload")["ok"]
+    job = daemon.submit(command=["sleep", "120"])  # an ad-hoc job: only admins may read it
+    waits = {
+        removed: waiting_request(daemon, removed, "job.wait", {"id": job["id"], "timeout": 120}),
+        demoted: waiting_request(daemon, demoted, "job.output", {"id": job["id"], "wait": True}),
+    }
+    try:
+        drop_in.write_text(tokens(with_removed=False))
+        assert daemon.call("daemon.reload")["ok"]
+        got = {token: answer(connection) for token, connection in waits.items()}
+        # Answered at the reload, while the job still runs: not when it ends.
+        assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"
+    finally:
+        for connection in waits.values():
+            connection.close()
+        daemon.call("job.cancel", {"id": job["id"]})
+    assert got[removed] == request(daemon, "POST", "/api/job.wait", {"id": job["id"]}, token=removed)
+    assert got[removed][0] == 401, got
+    assert got[demoted] == request(daemon, "POST", "/api/job.output", {"id": job["id"]}, token=demoted)
+    assert got[demoted][0] == 403 and got[demoted][1]["error"]["missing"] == "read", got
+
+
 def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None:
     """A filter jobd cannot read is an error, as for events.subscribe: dropped, it would widen the stream to every
     event the client may read."""
