@@ -669,18 +669,28 @@ async def job_wait(api: Api, session: Session, p: Params) -> Any:
     return job.to_json()
 
 
-async def while_allowed(api: Api, waiting: Coroutine[Any, Any, T], check: Callable[[], object]) -> T:
+async def while_allowed(
+    api: Api,
+    waiting: Coroutine[Any, Any, T],
+    check: Callable[[], object],
+    since: asyncio.Future[None] | None = None,
+) -> T:
     """What `waiting` returns, as long as `check` (which raises the refusal) lets the client have it: run again at
     each reload while it waits, since a reload may take the right away (grants are the configuration's, and only a
     reload changes them). Refused, the request is answered the refusal a new one would get at once, and `waiting`
-    is dropped: not the object once it ends, nor at the time it ends, which would tell when it did."""
+    is dropped: not the object once it ends, nor at the time it ends, which would tell when it did.
+
+    `since` is the engine's next_reload() taken when the right was checked, for a caller that has waited since
+    (evQueue's commands are checked before their coroutine first runs, a synchronous launch waits for its fsync
+    first): a reload meanwhile is checked for at once."""
     task = asyncio.ensure_future(waiting)
+    reloaded = since if since is not None else api.engine.next_reload()
     try:
         while not task.done():
-            reloaded = api.engine.next_reload()
             await asyncio.wait((task, reloaded), return_when=asyncio.FIRST_COMPLETED)
             if reloaded.done():
                 check()
+                reloaded = api.engine.next_reload()
         return task.result()
     finally:
         task.cancel()  # refused (or the request itself is dropped): nobody waits for it any more

@@ -9,6 +9,7 @@ for admins only), plus the handlers of lists, which show non-admins only what th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -311,23 +312,27 @@ def instance_launch(service: EvQueue, peer: Peer, command: xml.InstanceLaunch) -
         raise
     if not command.synchronous:
         return once_durable(service.api.engine, service.ok({"workflow-instance-id": instance_id}))
-    return _launched_and_ended(service, peer, command, instance_id)
+    return _launched_and_ended(service, peer, command, instance_id, service.api.engine.next_reload())
 
 
 async def _launched_and_ended(
-    service: EvQueue, peer: Peer, command: xml.InstanceLaunch, instance_id: int
+    service: EvQueue, peer: Peer, command: xml.InstanceLaunch, instance_id: int, since: asyncio.Future[None]
 ) -> etree._Element:
+    """The answer to a synchronous launch, once its instance has ended. `since`: the next reload as it was when the
+    launch was checked, whose right is checked again at each reload from then on, during the fsync too."""
     api = service.api
     if api.engine.replies_wait_for_fsync:
-        await api.engine.made_durable()  # the launch itself, whatever the wait then sees
+        # The launch itself, whatever the wait then sees: its id is told, to a client refused meanwhile too, only
+        # once the launch survives a power cut.
+        await api.engine.made_durable()
     attrs: dict[str, xml.AttributeValue] = {"workflow-instance-id": instance_id}
     try:
-        # The launch's right is checked again at each reload while it waits, as an instance wait's is (with the
-        # peer as the new configuration sees it).
+        # Checked as an instance wait's right is (with the peer as the new configuration sees it).
         summary = await while_allowed(
             api,
             api.instances.wait(instance_id, command.timeout),
             lambda: check_launch(api, peer.under(api.engine.config.access), command.name, command.host, command.user),
+            since,
         )
     except InsufficientRights:
         # A reload took the right away: the client is no longer told when its instance ends. It launched it, and is

@@ -98,6 +98,44 @@ def small_state_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+class FsyncHold:
+    """Holds every fsync of a file system (FsyncHold.disk, an ext4 in a file on another ext4, each on a loop device):
+    while the outer one is frozen (fsfreeze), writes to the inner one still land in its page cache, but an fsync,
+    which must write them through to the outer one's file, waits until the outer one is thawed."""
+
+    def __init__(self, outer: Path) -> None:
+        self.outer = outer
+        self.held = False
+
+    def hold(self) -> None:
+        subprocess.run(["fsfreeze", "--freeze", str(self.outer)], check=True)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            subprocess.run(["fsfreeze", "--unfreeze", str(self.outer)], check=True)
+            self.held = False
+
+
+@pytest.fixture
+def fsync_held_state_disk(tmp_path: Path) -> Iterator[FsyncHold]:
+    """The state directory of the first daemon made (d0) on a file system whose fsyncs a test can hold (FsyncHold).
+    Request it before the daemon."""
+    outer, state = tmp_path / "outer", tmp_path / "d0" / "state"
+    outer.mkdir()
+    state.mkdir(parents=True)
+    for image, size, mount in ((tmp_path / "outer.img", "64M", outer), (outer / "inner.img", "32M", state)):
+        subprocess.run(["truncate", "-s", size, str(image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)  # the loop device is freed with it
+    state.chmod(0o750)
+    hold = FsyncHold(outer)
+    yield hold
+    hold.release()
+    for mount in (state, outer):  # lazily: the daemon, stopped after this, still has its files open
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
 @pytest.fixture
 def full_output_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs to hold the job output of the first daemon make_daemon starts (request this fixture before

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FsyncHold
 from harness import REPO, Daemon, machine_accounts
 from lxml import etree
 from recovery.support import fill, wait_for_log
@@ -121,10 +122,10 @@ def jobd(make_daemon: Any, users: dict[str, pwd.struct_passwd]) -> Daemon:
     return started(make_daemon, CONFIG)
 
 
-def started(make_daemon: Any, config: str, env: dict[str, str] | None = None) -> Daemon:
-    """A daemon of `config` (and extra environment `env`) with the workflows wf-a, wf-slow and other, its sockets
-    open to the test users."""
-    daemon: Daemon = make_daemon(config, start=False)
+def started(make_daemon: Any, config: str, env: dict[str, str] | None = None, daemon_extra: str = "") -> Daemon:
+    """A daemon of `config` (and extra environment `env`, and `daemon_extra` in its [daemon] table) with the workflows
+    wf-a, wf-slow and other, its sockets open to the test users."""
+    daemon: Daemon = make_daemon(config, start=False, daemon_extra=daemon_extra)
     daemon.env.update(env or {})
     workflows = daemon.config_dir / "workflows"
     workflows.mkdir()
@@ -655,29 +656,63 @@ def test_a_synchronous_launch_whose_right_a_reload_took_away_is_answered_its_id_
     wait that did not see the end is: OK (the instance was launched: a KO would have it launched again), its id, and
     wait="timedout"."""
     jobd = started(make_daemon, CONFIG, {"JOBD_EVQUEUE_KEEPALIVE_INTERVAL": "0.05"})
+    assert _launch_answered_at_a_reload(jobd, users["carol"]) == LAUNCH_ANSWERED_WITHOUT_ITS_END
+
+
+def test_a_synchronous_launch_whose_right_a_reload_took_away_during_its_fsync_is_answered_its_id_at_once(
+    make_daemon: Any, users: dict[str, Any], fsync_held_state_disk: FsyncHold
+) -> None:
+    """With durability = "fsync", a synchronous launch first waits for its commit's fsync, then for its instance's
+    end. A reload during the fsync that took the exec right away was not looked at: the launch was answered once the
+    instance ended, telling when it did. It is answered once the fsync is done, as at a reload during the wait."""
+    keepalives = {"JOBD_EVQUEUE_KEEPALIVE_INTERVAL": "0.05"}
+    jobd = started(make_daemon, CONFIG, keepalives, daemon_extra='durability = "fsync"')
+    answered = _launch_answered_at_a_reload(jobd, users["carol"], fsync_held_state_disk)
+    assert answered == LAUNCH_ANSWERED_WITHOUT_ITS_END
+
+
+# What a synchronous launch whose exec right a reload took away is answered: its instance was launched (a KO would
+# have it launched again), its id, and that the wait did not see its end.
+LAUNCH_ANSWERED_WITHOUT_ITS_END = {"status": "OK", "workflow-instance-id": "1", "wait": "timedout", "error-code": None}
+
+
+def _launch_answered_at_a_reload(jobd: Daemon, account: pwd.struct_passwd, fsync: FsyncHold | None = None) -> Any:
+    """What `account`'s synchronous launch of wf-slow (whose task sleeps a minute) is answered when a reload takes
+    its exec right away while it waits: for its instance's end, or with `fsync`, for its commit's fsync (held from
+    before the launch until after the reload). Checks that it was answered while the instance still ran.
+
+    The reloads are jobd's own, at the change of a file: that is one reload for each change, and a daemon.reload
+    besides would have the change's own reload come after it, when a wait that missed the first would see it."""
     grant = jobd.config_dir / "jobd.d" / "carol.toml"
-    grant.write_text(f'[[access.grant]]\nusers = ["{PREFIX}carol"]\nrights = ["exec"]\nworkflows = ["wf-slow"]\n')
-    assert jobd.call("daemon.reload")["ok"]
-    launch = held_as_user(jobd, users["carol"], HELD_LAUNCH)
+    grant.write_text(f'[[access.grant]]\nusers = ["{account.pw_name}"]\nrights = ["exec"]\nworkflows = ["wf-slow"]\n')
+    wait_for_log(jobd, "configuration reloaded", count=1)
+    if fsync is not None:
+        fsync.hold()
+    launch = held_as_user(jobd, account, HELD_LAUNCH)
     try:
         assert launch.stdout is not None
         assert launch.stdout.readline() == "waiting\n", launch.stderr.read() if launch.stderr else ""
         grant.unlink()
-        assert jobd.call("daemon.reload")["ok"]
+        wait_for_log(jobd, "configuration reloaded", count=2)
+        if fsync is not None:
+            fsync.release()
         out, err = launch.communicate(timeout=DEADLINE)
         [instance] = jobd.call("instance.list", {})["instances"]
         # Answered while the instance still runs (its task sleeps a minute): not when it ends.
         assert jobd.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED"
     finally:
+        if fsync is not None:
+            fsync.release()
         if launch.poll() is None:
             launch.kill()
             launch.wait()
         for listed in jobd.call("instance.list", {})["instances"]:
-            jobd.call("instance.cancel", {"id": listed["id"]})
+            if listed["status"] != "TERMINATED":
+                jobd.call("instance.cancel", {"id": listed["id"]})
     assert launch.returncode == 0, err
+    assert instance["id"] == 1
     reply = json.loads(out)
-    told = {name: reply.get(name) for name in ("status", "workflow-instance-id", "wait", "error-code")}
-    assert told == {"status": "OK", "workflow-instance-id": str(instance["id"]), "wait": "timedout", "error-code": None}
+    return {name: reply.get(name) for name in ("status", "workflow-instance-id", "wait", "error-code")}
 
 
 def test_a_failed_reload_is_explained_to_admins_only(jobd: Daemon, users: dict[str, Any]) -> None:
