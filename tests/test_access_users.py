@@ -634,6 +634,83 @@ queue = "ops"
     assert xml_refusal.get("error") == refused[2]["message"], xml_refusal
 
 
+HELD_HTTP = """
+import http.client, json, socket, sys
+from tests.http_waits import answer, send_waiting_request
+def connected():
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect("http.sock")
+    return connection
+stream = connected()
+stream.sendall(b"GET /events?types=job.state HTTP/1.1\\r\\nHost: jobd\\r\\n\\r\\n")
+events = http.client.HTTPResponse(stream)
+events.begin()
+assert events.status == 200 and events.readline() == b": jobd events\\n" and events.readline() == b"\\n"
+wait = connected()
+send_waiting_request(wait, "job.wait", {"id": int(sys.argv[1]), "timeout": 120})
+print("waiting", flush=True)
+print(json.dumps(answer(wait)), flush=True)
+last = int(sys.stdin.readline())  # a job the test made after the reload: the stream is read until it has ended
+seen = set()
+while True:
+    fields = {}
+    while (line := events.readline().decode()) != "\\n":
+        name, _, value = line.rstrip("\\n").partition(": ")
+        fields[name] = value
+    job = json.loads(fields["data"])["job"]
+    seen.add(job["id"])
+    if job["id"] == last and job["finished_at"] is not None:
+        break
+print(json.dumps(sorted(seen)), flush=True)
+"""
+
+
+def test_an_http_unix_socket_client_a_reload_makes_no_admin_is_refused_its_wait_and_its_events(
+    make_daemon: Any, users: dict[str, Any], tmp_path: Path
+) -> None:
+    """An HTTP client on a unix socket is who its peer credentials say, and an admin while `[access] admins` names
+    it. A job.wait it sent while an admin, still waiting when a reload made it none, was checked again as the admin it
+    had been, and answered the job once it ended: it is refused at the reload, as a new request is. Its GET /events
+    stream goes on as the client it now is: only the jobs it may read."""
+    started_fifo = tmp_path / "started.fifo"
+    os.mkfifo(started_fifo)
+    jobd = started(make_daemon, CONFIG + f'[http]\nlisten = "{tmp_path / "d0" / "http.sock"}"\n')
+    assert jobd.root == tmp_path / "d0"
+    (jobd.root / "http.sock").chmod(0o666)
+    # An ad-hoc job, which only admins may read; running, so that it has no event to send until it is cancelled.
+    job = jobd.submit(command=["/bin/sh", "-c", f"echo started > {started_fifo}; exec sleep 120"])
+    assert started_fifo.read_text() == "started\n"
+    client = held_as_user(jobd, users["dave"], HELD_HTTP, str(job["id"]))  # an admin through his group
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline() == "waiting\n", client.stderr.read() if client.stderr else ""
+        (jobd.config_dir / "jobd.d" / "admins.toml").write_text(
+            f'[access]\nadmins = {{ users = ["root"], groups = [] }}\n\n'
+            f'[[access.grant]]\nusers = ["{PREFIX}dave"]\nrights = ["read"]\nqueues = ["ops"]\n'
+        )
+        assert jobd.call("daemon.reload")["ok"]
+        status, refused = json.loads(client.stdout.readline())
+        # Answered at the reload, while the job still runs: not when it ends.
+        assert jobd.call("job.get", {"id": job["id"]})["state"] == "running"
+        [new_request] = calls(jobd, users["dave"], [("job.wait", {"id": job["id"]})])
+        assert (status, refused["error"]["code"]) == (403, "INSUFFICIENT_RIGHTS"), refused
+        assert refused["error"]["message"] == new_request["message"], (refused, new_request)
+        hidden = jobd.submit(command=["true"])
+        shown = jobd.submit(command=["true"], queue="ops")
+        for made in (hidden, shown):
+            jobd.wait(made["id"])
+        client.stdin.write(f"{shown['id']}\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=DEADLINE)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        jobd.call("job.cancel", {"id": job["id"]})
+    assert client.returncode == 0, err
+    assert json.loads(out) == [shown["id"]]  # the ad-hoc job made after the reload is not shown to it
+
+
 HELD_LAUNCH = (
     EVQ_CLIENT
     + """

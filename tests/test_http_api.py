@@ -27,6 +27,7 @@ from jobd.config import load_dir
 from jobd.engine.submit import Peer
 from jobd.errors import ConfigError
 from jobd.http_api import EVENT_OVERHEAD, EVENT_RING_BYTES, SSE_QUEUE_BYTES, HttpApi, _Event, _Pending
+from tests.http_waits import answer, send_waiting_request
 from tests.test_callbacks import Receiver
 
 ADMIN_TOKEN = "s3cret-admin-token"
@@ -347,31 +348,10 @@ admin = true
 
 
 def waiting_request(daemon: Any, token: str, method: str, params: dict[str, Any]) -> socket.socket:
-    """A POST /api/`method` whose client has been identified and whose body is sent: its headers ask for
-    `100 Continue`, which aiohttp writes in the step that then runs jobd's middleware (where the client's token is
-    looked up) without waiting in between; the body follows once the 100 has come. The answer is the caller's to
-    read (`answer`)."""
-    body = json.dumps(params).encode()
-    head = f"POST /api/{method} HTTP/1.1\r\nHost: jobd\r\nAuthorization: Bearer {token}\r\n"
-    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    """A connection to jobd's HTTP listener whose request `method` is sent, its client identified (http_waits)."""
     connection = socket.create_connection(address(daemon), timeout=TIMEOUT)
-    connection.sendall(head.encode())
-    interim = b""
-    while not interim.endswith(b"\r\n\r\n"):
-        chunk = connection.recv(1)  # one byte at a time: nothing of the answer is read with it
-        assert chunk, interim
-        interim += chunk
-    assert interim.startswith(b"HTTP/1.1 100 "), interim
-    connection.sendall(body)
+    send_waiting_request(connection, method, params, token)
     return connection
-
-
-def answer(connection: socket.socket) -> tuple[int, Any]:
-    """The status and JSON body of the answer on `connection`, read to its end."""
-    with connection:
-        response = http.client.HTTPResponse(connection)
-        response.begin()
-        return response.status, json.loads(response.read())
 
 
 def test_a_request_waiting_when_a_reload_changes_or_removes_its_token_is_answered_as_a_new_one_is(daemon: Any) -> None:
