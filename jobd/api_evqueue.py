@@ -361,17 +361,21 @@ def instance_wait(service: EvQueue, peer: Peer, command: xml.InstanceWait) -> Re
     # waits races the instance; jobd answers at once that it has ended.
     if service.api.instances.summary(command.instance_id).status == TERMINATED:
         return service.ok()
-    return _ended(service, peer, command.instance_id, command.timeout)
+    return _ended(service, peer, command.instance_id, command.timeout, service.api.engine.next_reload())
 
 
-async def _ended(service: EvQueue, peer: Peer, instance_id: int, timeout: int | None) -> etree._Element:
+async def _ended(
+    service: EvQueue, peer: Peer, instance_id: int, timeout: int | None, since: asyncio.Future[None]
+) -> etree._Element:
     api = service.api
-    # Checked again at each reload while it waits (as JSON-RPC's instance.wait), with the peer as the new
-    # configuration sees it: an admin no longer one is refused what it may not read.
+    # Checked again at each reload since the command was (as JSON-RPC's instance.wait), with the peer as the new
+    # configuration sees it: an admin no longer one is refused what it may not read. This coroutine first runs in
+    # a later turn of the loop than the check, and a reload may come in between.
     summary = await while_allowed(
         api,
         api.instances.wait(instance_id, timeout),
         lambda: check_instance(api, peer.under(api.engine.config.access), Right.READ, instance_id),
+        since,
     )
     if summary.status != TERMINATED:
         raise TimedOut(f"Instance {instance_id} did not end within {timeout} seconds", id=instance_id)

@@ -14,6 +14,8 @@ import json
 import os
 import pwd
 import re
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -632,6 +634,78 @@ queue = "ops"
     xml_refusal = seen["evqueue"]
     assert xml_refusal.get("error-code") == "INSUFFICIENT_RIGHTS", xml_refusal
     assert xml_refusal.get("error") == refused[2]["message"], xml_refusal
+
+
+HELD_EVQ_WAIT = (
+    EVQ_CLIENT
+    + """
+evq_connect()
+evq.sendall(b"<ping/>")
+document()  # answered: jobd reads this connection (it may write the greeting before it watches it)
+print("connected", flush=True)
+sys.stdin.readline()  # jobd is stopped (SIGSTOP): it reads the wait together with what the test sends next
+evq.sendall(f'<instance action="wait" id="{sys.argv[1]}" timeout="120"/>'.encode())
+print("sent", flush=True)
+while (reply := document()).tag == "ping":
+    pass
+print(json.dumps(dict(reply.attrib)), flush=True)
+"""
+)
+
+
+def test_an_evqueue_wait_read_together_with_a_reload_that_took_its_right_away_is_refused(
+    make_daemon: Any, users: dict[str, Any], tmp_path: Path
+) -> None:
+    """An evQueue command is checked when it is read, and its wait begins in a later turn of jobd's loop. A reload
+    read in the same turn, after the command, took the right away between the check and the wait, which looked out
+    for the reloads from its own beginning only: the wait was answered once the instance ended, telling when it did.
+    It is refused at once. jobd is stopped (SIGSTOP) while the client sends its wait and the test its reload, so that
+    it reads both in one turn, in that order. The grant is a drop-in linked to a file outside the watched
+    directories: the change is read by that reload alone, not by another from jobd's watch of the files later."""
+    jobd = started(make_daemon, CONFIG)
+    grant = tmp_path / "carol-grant.toml"
+    grant.write_text(f'[[access.grant]]\nusers = ["{PREFIX}carol"]\nrights = ["read"]\nworkflows = ["wf-slow"]\n')
+    (jobd.config_dir / "jobd.d" / "carol.toml").symlink_to(grant)
+    wait_for_log(jobd, "configuration reloaded", count=1)  # jobd's own reload, at the link's creation
+    instance = jobd.call("instance.launch", {"workflow": "wf-slow"})
+    admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    admin.connect(str(jobd.socket_path))
+    replies = admin.makefile("rb")
+    admin.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n')
+    assert json.loads(replies.readline())["id"] == 1  # the connection is taken: its next request is read at once
+    # Connected after the ping's answer: jobd has asked epoll again since it read the ping (it accepted this client
+    # then), so the admin's connection is no longer on epoll's list of ready ones (asyncio's is level-triggered),
+    # and comes after the wait in it once both have sent.
+    waiting = held_as_user(jobd, users["carol"], HELD_EVQ_WAIT, str(instance["id"]))
+    try:
+        assert waiting.stdout is not None and waiting.stdin is not None
+        assert waiting.stdout.readline() == "connected\n", waiting.stderr.read() if waiting.stderr else ""
+        os.kill(jobd.pid, signal.SIGSTOP)
+        try:
+            os.waitid(os.P_PID, jobd.pid, os.WSTOPPED | os.WNOWAIT)  # returns once jobd is stopped
+            waiting.stdin.write("go\n")
+            waiting.stdin.flush()
+            assert waiting.stdout.readline() == "sent\n"
+            grant.write_text("")
+            admin.sendall(b'{"jsonrpc": "2.0", "id": 2, "method": "daemon.reload"}\n')
+        finally:
+            os.kill(jobd.pid, signal.SIGCONT)
+        assert json.loads(replies.readline())["result"]["ok"] is True
+        out, err = waiting.communicate(timeout=DEADLINE)
+        # Answered at the reload, while the instance still runs: not when it ends.
+        assert jobd.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED"
+    finally:
+        admin.close()
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        if jobd.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED":
+            jobd.call("instance.cancel", {"id": instance["id"]})
+    assert waiting.returncode == 0, err
+    refused = json.loads(out)
+    [new_request] = xml_session(jobd, users["carol"], f'<instance action="wait" id="{instance["id"]}"/>')[1:]
+    assert refused.get("error-code") == "INSUFFICIENT_RIGHTS", refused
+    assert refused.get("error") == new_request.get("error"), (refused, new_request.attrib)
 
 
 HELD_HTTP = """
