@@ -197,6 +197,13 @@ def held_as_user(daemon: Daemon, account: pwd.struct_passwd, program: str, *args
     )
 
 
+def killed_if_running(process: subprocess.Popen[str]) -> None:
+    """A held client a failed test left waiting: killed, and reaped."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 def calls(daemon: Daemon, account: pwd.struct_passwd, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
     done = as_user(daemon, account, [sys.executable, "-c", JSON_CLIENT, json.dumps(requests)])
     assert done.returncode == 0, done.stderr
@@ -619,9 +626,7 @@ queue = "ops"
         # Answered now, while the job and the instance still run: not when they end, which would tell when.
         out, err = waits.communicate(timeout=DEADLINE)
     finally:
-        if waits.poll() is None:
-            waits.kill()
-            waits.wait()
+        killed_if_running(waits)
         for running in jobd.call("job.list", {"state": ["queued", "running"]})["jobs"]:
             jobd.call("job.cancel", {"id": running["id"]})  # the job, and the task of the instance
     assert waits.returncode == 0, err
@@ -696,9 +701,7 @@ def test_an_evqueue_wait_read_together_with_a_reload_that_took_its_right_away_is
         assert jobd.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED"
     finally:
         admin.close()
-        if waiting.poll() is None:
-            waiting.kill()
-            waiting.wait()
+        killed_if_running(waiting)
         if jobd.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED":
             jobd.call("instance.cancel", {"id": instance["id"]})
     assert waiting.returncode == 0, err
@@ -777,9 +780,7 @@ def test_an_http_unix_socket_client_a_reload_makes_no_admin_is_refused_its_wait_
         client.stdin.flush()
         out, err = client.communicate(timeout=DEADLINE)
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
+        killed_if_running(client)
         jobd.call("job.cancel", {"id": job["id"]})
     assert client.returncode == 0, err
     assert json.loads(out) == [shown["id"]]  # the ad-hoc job made after the reload is not shown to it
@@ -854,9 +855,7 @@ def _launch_answered_at_a_reload(jobd: Daemon, account: pwd.struct_passwd, fsync
     finally:
         if fsync is not None:
             fsync.release()
-        if launch.poll() is None:
-            launch.kill()
-            launch.wait()
+        killed_if_running(launch)
         for listed in jobd.call("instance.list", {})["instances"]:
             if listed["status"] != "TERMINATED":
                 jobd.call("instance.cancel", {"id": listed["id"]})
@@ -1021,9 +1020,7 @@ print(json.dumps(seen))
         process.stdin.flush()
         out, err = process.communicate(timeout=DEADLINE)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        killed_if_running(process)
     assert process.returncode == 0, err
     seen = json.loads(out)
     assert {task for task, _ in seen} == {"report"}, seen

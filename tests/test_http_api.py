@@ -57,6 +57,16 @@ def address(daemon: Any) -> tuple[str, int]:
     return host, int(port)
 
 
+def token_table(name: str, token: str, user: str, admin: bool) -> str:
+    """An [http.tokens.NAME] table of `token`."""
+    return f"""
+[http.tokens.{name}]
+token_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"
+user = "{user}"
+admin = {str(admin).lower()}
+"""
+
+
 def request(daemon: Any, method: str, path: str, body: Any = None, token: str | None = ADMIN_TOKEN) -> tuple[int, Any]:
     connection = http.client.HTTPConnection(*address(daemon), timeout=TIMEOUT)
     headers = {"Content-Type": "application/json"}
@@ -288,7 +298,7 @@ def test_a_reload_ends_the_streams_of_a_removed_token_and_applies_to_the_others(
     gone, demoted, kept = "a-token-to-remove", "a-token-to-demote", "a-token-to-keep"
 
     def tokens(demoted_is_admin: bool, with_gone: bool) -> str:
-        text = f"""
+        text = """
 [queue.visible]
 concurrency = 1
 
@@ -296,25 +306,9 @@ concurrency = 1
 users = ["nobody"]
 rights = ["read"]
 queues = ["visible"]
-
-[http.tokens.demoted]
-token_sha256 = "{hashlib.sha256(demoted.encode()).hexdigest()}"
-user = "nobody"
-admin = {str(demoted_is_admin).lower()}
-
-[http.tokens.kept]
-token_sha256 = "{hashlib.sha256(kept.encode()).hexdigest()}"
-user = "nobody"
-admin = true
 """
-        if with_gone:
-            text += f"""
-[http.tokens.gone]
-token_sha256 = "{hashlib.sha256(gone.encode()).hexdigest()}"
-user = "root"
-admin = true
-"""
-        return text
+        text += token_table("demoted", demoted, "nobody", demoted_is_admin) + token_table("kept", kept, "nobody", True)
+        return text + (token_table("gone", gone, "root", True) if with_gone else "")
 
     drop_in = daemon.config_dir / "jobd.d" / "tokens.toml"
     drop_in.write_text(tokens(demoted_is_admin=True, with_gone=True))
@@ -362,20 +356,8 @@ def test_a_request_waiting_when_a_reload_changes_or_removes_its_token_is_answere
     removed, demoted = "a-waiting-token-to-remove", "a-waiting-token-to-demote"
 
     def tokens(with_removed: bool) -> str:
-        text = f"""
-[http.tokens.demoted]
-token_sha256 = "{hashlib.sha256(demoted.encode()).hexdigest()}"
-user = "nobody"
-admin = {str(with_removed).lower()}
-"""
-        if with_removed:
-            text += f"""
-[http.tokens.removed]
-token_sha256 = "{hashlib.sha256(removed.encode()).hexdigest()}"
-user = "root"
-admin = true
-"""
-        return text
+        text = token_table("demoted", demoted, "nobody", admin=with_removed)
+        return text + (token_table("removed", removed, "root", admin=True) if with_removed else "")
 
     drop_in = daemon.config_dir / "jobd.d" / "tokens.toml"
     drop_in.write_text(tokens(with_removed=True))
