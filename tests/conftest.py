@@ -120,7 +120,7 @@ class FsyncHold:
 @pytest.fixture
 def fsync_held_state_disk(tmp_path: Path) -> Iterator[FsyncHold]:
     """The state directory of the first daemon made (d0) on a file system whose fsyncs a test can hold (FsyncHold).
-    Request it before the daemon."""
+    Request it before make_daemon: the daemon is then stopped before its file systems are unmounted."""
     outer, state = tmp_path / "outer", tmp_path / "d0" / "state"
     outer.mkdir()
     state.mkdir(parents=True)
@@ -132,7 +132,7 @@ def fsync_held_state_disk(tmp_path: Path) -> Iterator[FsyncHold]:
     hold = FsyncHold(outer)
     yield hold
     hold.release()
-    for mount in (state, outer):  # lazily: the daemon, stopped after this, still has its files open
+    for mount in (state, outer):  # lazily all the same: a daemon still running keeps its files
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 

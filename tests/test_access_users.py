@@ -812,7 +812,7 @@ def test_a_synchronous_launch_whose_right_a_reload_took_away_is_answered_its_id_
 
 
 def test_a_synchronous_launch_whose_right_a_reload_took_away_during_its_fsync_is_answered_its_id_at_once(
-    make_daemon: Any, users: dict[str, Any], fsync_held_state_disk: FsyncHold
+    fsync_held_state_disk: FsyncHold, make_daemon: Any, users: dict[str, Any]
 ) -> None:
     """With durability = "fsync", a synchronous launch first waits for its commit's fsync, then for its instance's
     end. A reload during the fsync that took the exec right away was not looked at: the launch was answered once the
