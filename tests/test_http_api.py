@@ -540,7 +540,10 @@ def _holds_connection(daemon: Any, stream: Events) -> bool:
         local, remote, inode = fields[1], fields[2], fields[9]
         if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
             inodes.add(f"socket:[{inode}]")
-    held = {os.readlink(f"/proc/{daemon.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{daemon.pid}/fd")}
+    held = set()
+    for fd in os.listdir(f"/proc/{daemon.pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed since it was listed: jobd goes on working meanwhile
+            held.add(os.readlink(f"/proc/{daemon.pid}/fd/{fd}"))
     return bool(inodes & held)
 
 
