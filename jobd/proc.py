@@ -678,22 +678,12 @@ class Child:
         them) keeps its pipe, unread, and the end waits, tried again every OUTPUT_RETRY_SECONDS, as a running job
         waits on its full pipe: what the job wrote to it is not lost. A stop does not wait (let_go)."""
         self._end_timer = None
-        closed = True
-        while closed and self._open_streams:
-            closed = False
-            for reader in list(self._open_streams):
-                if self._letting_go:
-                    reader.give_up()
-                if reader.held and not reader.resume():
-                    continue
-                # What the pipe holds now, and no more (grandchildren may write to it for ever).
-                _drain_what_is_buffered(reader)
-                if reader.held:
-                    continue
-                reader.finish()
-                reader.close()
-                self._open_streams.remove(reader)
-                closed = True
+        while True:
+            left = [reader for reader in self._open_streams if not self._stream_ended(reader)]
+            if not left or len(left) == len(self._open_streams):  # all done, or none was: no descriptor was freed
+                break
+            self._open_streams = left  # those closed freed descriptors: the others may create their files now
+        self._open_streams = left
         if self._open_streams:
             if not self._end_waited:
                 self._end_waited = True
@@ -718,6 +708,21 @@ class Child:
             ),
         )
         self._on_exit(info)
+
+    def _stream_ended(self, reader: _OutputSink | _ProgressReader) -> bool:
+        """Whether `reader` is done with: what it held and what its pipe holds now are in its file (or, at a stop,
+        counted as dropped), and it is closed. Not while its file still cannot be created."""
+        if self._letting_go:
+            reader.give_up()
+        if reader.held and not reader.resume():
+            return False
+        if not reader.eof:  # what the pipe holds now, and no more (grandchildren may write to it for ever)
+            _drain_what_is_buffered(reader)
+            if reader.held:
+                return False
+        reader.finish()
+        reader.close()
+        return True
 
 
 def _drain_what_is_buffered(reader: _OutputSink | _ProgressReader) -> None:
