@@ -1001,17 +1001,18 @@ INSTANCE_STATUSES = ("EXECUTING", "TERMINATED")
 
 def instance_list(api: Api, session: Session, p: Params) -> Any:
     limit = p.integer("limit", 100, low=1, high=MAX_PAGE) or 100
+    errors = p.take("errors")
+    if errors is not None and not isinstance(errors, bool):  # null, as every filter left out, does not filter
+        raise p.bad("errors", "true (only instances with errors) or false (only those without)")
     where = InstanceFilter(
         workflow=p.name("workflow"),
         status=p.text("status", choices=INSTANCE_STATUSES),
-        error=p.take("errors") if isinstance(p.raw.get("errors"), bool) else None,
+        error=errors,
         before_id=p.integer("before", low=1),
         parameters=p.text_map("parameters"),
         custom_attributes=p.text_map("custom_attributes"),
         limit=limit + 1,
     )
-    if "errors" in p.raw and where.error is None:
-        raise p.bad("errors", "true (only instances with errors) or false (only those without)")
     p.done()
     where = dataclasses.replace(where, visible_workflows=_visible(api, session, ObjectKind.WORKFLOW))
     found, total = api.instances.list_instances(where)

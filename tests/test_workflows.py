@@ -484,6 +484,8 @@ def test_instance_list_filters_by_workflow_and_errors(wf: Daemon) -> None:
     listed = wf.call("instance.list", {"workflow": "trivial"})
     assert [i["id"] for i in listed["instances"]] == [ok["id"]] and listed["total"] == 1
     assert wf.call("instance.list", {"errors": True})["total"] == 0
+    # null does not filter, as for every other filter (docs/protocol.md); it was refused
+    assert wf.call("instance.list", {"errors": None, "status": None})["total"] == 1
 
 
 def test_exit_codes_merged_stderr_binary_output_bad_xml_and_remote_tasks(wf: Daemon) -> None:

@@ -1,0 +1,303 @@
+"""docs/protocol.md and jobd-protocol.7 read as a client developer reads them, checked against a real daemon.
+
+Each method's entry names the parameters it takes: they must be the ones the daemon takes (as an unknown parameter's
+refusal lists them in `data.allowed`), in both directions. A reply shape the documentation writes (`→ {"jobs",
+"next_before"}`) and the example objects (a job, an attempt, a schedule, ...) must have the members the daemon
+sends, no more and no fewer. The error table of docs/protocol.md lists the codes of jobd/errors.py a JSON-RPC client
+can get, each with its JSON-RPC number. And the error example shown is the reply jobd sends.
+
+tests/test_manpages.py checks that every method and error code is an item of the man page; this file checks what
+the entries say.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_manpages import _error_classes
+
+from jobd.client import Client, RemoteError
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL_MD = (ROOT / "docs" / "protocol.md").read_text()
+MAN_PAGE = (ROOT / "man" / "jobd-protocol.7").read_text()
+
+# Error codes only evQueue's XML protocol sends: no JSON-RPC method raises them (docs/evqueue-protocol.md has them).
+EVQUEUE_ONLY_CODES = {"TIMED_OUT", "INVALID_XML", "UNKNOWN_COMMAND"}
+
+WORKFLOW = """<workflow>
+  <parameters><parameter name="who"/></parameters>
+  <subjobs><job><tasks><task name="t" path="/bin/true" queue="default"/></tasks></job></subjobs>
+</workflow>"""
+
+
+@pytest.fixture
+def daemon(make_daemon: Any) -> Any:
+    """Queues `default` and `photo`, as docs/protocol.md's error example has them; a task, a workflow, a schedule."""
+    d = make_daemon(start=False)
+    d.write_config(
+        """
+        [queue.default]
+        concurrency = 2
+
+        [queue.photo]
+        concurrency = 1
+
+        [task.echo]
+        command = ["/bin/echo"]
+
+        [schedule.nightly]
+        task = "echo"
+        calendar = "0 3 * * *"
+        """
+    )
+    d.write_workflows(greet=WORKFLOW)
+    d.start()
+    return d
+
+
+# -- reading the documents ---------------------------------------------------------------------------------------
+
+
+def _man_text(source: str) -> str:
+    """The man page's source with the escapes of its JSON undone, so that it reads as docs/protocol.md does."""
+    for escape, plain in (("\\(dq", '"'), ("\\(->", "→"), ("\\&", ""), ("\\-", "-")):
+        source = source.replace(escape, plain)
+    return source
+
+
+def md_entry(method: str) -> str:
+    """The entry of `method` in docs/protocol.md: its `### ` section, or its `- ` item in a list of methods."""
+    lines = PROTOCOL_MD.splitlines()
+    entry: list[str] = []
+    inside = False
+    for line in lines:
+        if line.startswith("#"):
+            inside = bool(re.search(rf"`{re.escape(method)}`", line))
+            continue
+        if line.startswith("- "):
+            if inside and entry and entry[0].startswith("- "):
+                inside = False  # the next item of a list of methods
+            if line.startswith(f"- `{method}`"):
+                inside = True
+        if inside:
+            entry.append(line)
+    return "\n".join(entry)
+
+
+def man_entry(method: str) -> str:
+    """The `.It Ic` item of `method` in jobd-protocol.7 (an item may name several: `queue.pause , queue.resume`)."""
+    entry: list[str] = []
+    inside = False
+    for line in MAN_PAGE.splitlines():
+        if line.startswith((".It Ic ", ".Sh ", ".Ss ")):
+            inside = line.startswith(".It Ic ") and method in line[len(".It Ic ") :].replace(",", " ").split()
+        if inside:
+            entry.append(line)
+    return _man_text("\n".join(entry))
+
+
+def top_level_keys(text: str, start: int) -> tuple[set[str], int]:
+    """The member names of the JSON-like object written at text[start] (`{"id": 42, ...}` or `{"id", "workflow"}`):
+    the strings in the place of a key (after `{` or `,`) at its top level. Also where the object ends."""
+    assert text[start] == "{", text[start : start + 40]
+    keys: set[str] = set()
+    open_brackets: list[str] = []
+    previous = ""  # the last character seen outside strings, blanks and backticks
+    index = start
+    while index < len(text):
+        char = text[index]
+        if char == '"':
+            end = text.index('"', index + 1)
+            if open_brackets == ["{"] and previous in "{,":
+                keys.add(text[index + 1 : end])
+            previous, index = '"', end + 1
+            continue
+        if char in "{[":
+            open_brackets.append(char)
+        elif char in "}]":
+            open_brackets.pop()
+            if not open_brackets:
+                return keys, index + 1
+        if not char.isspace() and char != "`":
+            previous = char
+        index += 1
+    raise AssertionError(f"an object without its end: {text[start : start + 80]}")
+
+
+def params_written(entry: str) -> set[str]:
+    """The parameters an entry names: the members of the object it opens with, before its `→`, and the names of a
+    parameter table (`| `task` | string | ...`,
+    docs/protocol.md) or list (`.It Li task`, the man page)."""
+    head = entry.partition("→")[0]
+    names: set[str] = set()
+    opening = "\n".join(head.splitlines()[:2])  # the object comes first: right after the name, or on the next line
+    brace = opening.find("{")
+    if brace >= 0:
+        names |= top_level_keys(head, brace)[0]
+    names |= set(re.findall(r"^\| `(\w+)` \|", head, re.MULTILINE))
+    for tag in re.findall(r"^\.It Li (.+)$", head, re.MULTILINE):
+        names |= {word for word in tag.replace(",", " ").split() if re.fullmatch(r"\w+", word)}
+    return names
+
+
+def reply_written(entry: str) -> set[str] | None:
+    """The members of the reply an entry writes right after its `→` (`→ {"jobs": [...], "next_before": ...}`),
+    or None when it says it in words (`→ the job`)."""
+    arrow = entry.find("→")
+    if arrow < 0:
+        return None
+    found = re.compile(r"[\s`]*(?:\.Li\s+)?\{").match(entry, arrow + 1)
+    if found is None:
+        return None
+    return top_level_keys(entry, found.end() - 1)[0]
+
+
+def example_keys(text: str, opening: str) -> set[str]:
+    """The members of the example object of `text` that begins with `opening`."""
+    start = text.find(opening)
+    assert start >= 0, f"docs/protocol.md no longer has the example {opening!r}"
+    return top_level_keys(text, start)[0]
+
+
+# -- asking the daemon -------------------------------------------------------------------------------------------
+
+
+def methods_of(client: Client) -> list[str]:
+    with pytest.raises(RemoteError) as refused:
+        client.call("no.such_method")
+    methods: list[str] = refused.value.data["allowed"]
+    return methods
+
+
+def params_taken(client: Client, method: str) -> set[str]:
+    """The parameters `method` takes, as the daemon lists them refusing an unknown one. A required parameter the
+    refusal of its absence names is given first (an id of 1, a name of `x`), and a workflow that exists."""
+    params: dict[str, Any] = {"zz_not_a_parameter": 1}
+    for _ in range(5):
+        with pytest.raises(RemoteError) as refused:
+            client.call(method, params)
+        error = refused.value
+        missing = re.search(r"missing parameter '(\w+)' \((an integer|a string)\)", error.message)
+        if missing:
+            params[missing[1]] = 1 if missing[2] == "an integer" else "x"
+        elif error.code == "UNKNOWN_WORKFLOW":
+            params["name"] = error.data["allowed"][0]
+        else:
+            assert error.code == "INVALID_PARAMS" and error.data["param"] == "zz_not_a_parameter", error
+            return set(error.data["allowed"])
+    raise AssertionError(f"{method}: no refusal of the unknown parameter, params {params}")
+
+
+# Requests that get a reply whose shape docs/protocol.md writes; a method whose entry writes one must be here.
+REPLY_CALLS: dict[str, dict[str, Any]] = {
+    "ping": {},
+    "job.list": {},
+    "job.output": {"id": 1},
+    "queue.list": {},
+    "task.list": {},
+    "daemon.status": {},
+    "daemon.reload": {},
+    "daemon.backup": {},
+    "events.subscribe": {},
+    "workflow.list": {},
+    "instance.list": {},
+    "schedule.list": {},
+    "schedule.trigger": {"name": "nightly"},
+    "audit.list": {},
+}
+
+
+# -- the tests ---------------------------------------------------------------------------------------------------
+
+
+def test_every_method_has_an_entry_in_both_documents(daemon: Any) -> None:
+    with daemon.client() as client:
+        methods = methods_of(client)
+    missing = [f"docs/protocol.md: {m}" for m in methods if not md_entry(m)]
+    missing += [f"jobd-protocol.7: {m}" for m in methods if not man_entry(m)]
+    assert not missing, "methods without an entry:\n  " + "\n  ".join(missing)
+
+
+def test_each_method_documents_the_parameters_it_takes_and_no_other(daemon: Any) -> None:
+    problems: list[str] = []
+    with daemon.client() as client:
+        for method in methods_of(client):
+            taken = params_taken(client, method)
+            for where, entry in (("docs/protocol.md", md_entry(method)), ("jobd-protocol.7", man_entry(method))):
+                written = params_written(entry)
+                problems += [f"{where} {method}: takes {name}, not documented" for name in sorted(taken - written)]
+                problems += [f"{where} {method}: documents {name}, not taken" for name in sorted(written - taken)]
+    assert not problems, "\n  ".join(["", *problems])
+
+
+def test_each_reply_the_documents_write_has_the_members_sent(daemon: Any) -> None:
+    problems: list[str] = []
+    daemon.wait(daemon.submit(task="echo")["id"])
+    with daemon.client() as client:
+        for method in methods_of(client):
+            for where, entry in (("docs/protocol.md", md_entry(method)), ("jobd-protocol.7", man_entry(method))):
+                written = reply_written(entry)
+                if written is None:
+                    continue
+                assert method in REPLY_CALLS, f"{where} writes the reply of {method}: add a call to REPLY_CALLS"
+                sent = set(client.call(method, REPLY_CALLS[method]))
+                if written != sent:
+                    problems.append(f"{where} {method}: writes {sorted(written)}, sent {sorted(sent)}")
+    assert not problems, "\n  ".join(["", *problems])
+
+
+def test_the_example_objects_have_the_members_sent(daemon: Any) -> None:
+    job_id = daemon.submit(task="echo")["id"]
+    daemon.wait(job_id)
+    job = daemon.call("job.get", {"id": job_id})
+    attempt = job.pop("tries")[0]
+    instance = daemon.call("instance.launch", {"workflow": "greet", "parameters": {"who": "x"}})
+    [schedule] = daemon.call("schedule.list")["schedules"]
+    [entry] = daemon.call("audit.list", {"limit": 1})["entries"]
+    problems: list[str] = []
+    for what, opening, sent in (
+        ("job", '{"id": 42, "task": "resize"', job),
+        ("attempt", '{"job_id": 42, "number": 1', attempt),
+        ("instance", '{"id", "workflow", "status"', instance),
+        ("schedule", '{"name": "nightly", "target"', schedule),
+        ("audit entry", '{"id": 17, "at"', entry),
+    ):
+        written = example_keys(PROTOCOL_MD, opening)
+        if written != set(sent):
+            problems.append(f"docs/protocol.md {what}: writes {sorted(written)}, sent {sorted(sent)}")
+    assert not problems, "\n  ".join(["", *problems])
+
+
+def test_the_error_table_lists_the_codes_a_client_can_get_with_their_numbers() -> None:
+    table = {code: int(number) for code, number in re.findall(r"^\| `([A-Z_]+)` \| (-\d+) \|", PROTOCOL_MD, re.M)}
+    codes = {
+        cls.code: cls.rpc_code
+        for cls in _error_classes()
+        if cls.__module__ == "jobd.errors" and cls.code not in EVQUEUE_ONLY_CODES
+    }
+    problems = [f"{code} ({number}) is not in the table" for code, number in codes.items() if code not in table]
+    problems += [
+        f"{code}: the table says {table[code]}, jobd sends {number}"
+        for code, number in codes.items()
+        if code in table and table[code] != number
+    ]
+    problems += [f"{code} is no error code a JSON-RPC client gets" for code in table if code not in codes]
+    assert not problems, "\n  ".join(["", *problems])
+
+
+def test_the_error_example_is_the_reply_jobd_sends(daemon: Any) -> None:
+    shown = PROTOCOL_MD.partition("## Errors")[2].partition("```json\n")[2].partition("```")[0]
+    expected = json.loads(shown)
+    with daemon.client() as client, pytest.raises(RemoteError) as refused:
+        client.call("job.submit", {"task": "echo", "queue": expected["error"]["data"]["queue"]})
+    error = refused.value
+    assert error.rpc_code == expected["error"]["code"]
+    assert error.message == expected["error"]["message"]
+    assert {"code": error.code, **error.data} == expected["error"]["data"]
