@@ -166,6 +166,24 @@ def example_keys(text: str, opening: str) -> set[str]:
     return top_level_keys(text, start)[0]
 
 
+def man_members(opening: str) -> set[str]:
+    """The members jobd-protocol.7 lists for an object, from the line `opening` (`An instance has`) to the end of its
+    sentence: the `.Li NAME` words, but those in parentheses (the values of a member, as a state's)."""
+    lines = MAN_PAGE.splitlines()
+    start = lines.index(opening)
+    members: set[str] = set()
+    depth = 0
+    for line in lines[start + 1 :]:
+        words = line.split()
+        if depth == 0 and len(words) >= 2 and words[0] == ".Li" and re.fullmatch(r"[a-z_]+", words[1]):
+            members.add(words[1])
+        plain = _man_text(line)
+        depth += plain.count("(") - plain.count(")")
+        if depth == 0 and (line.endswith(".") or line.startswith((".Sh", ".Ss", ".Bl"))):
+            return members
+    raise AssertionError(f"jobd-protocol.7: no end to the members after {opening!r}")
+
+
 # -- asking the daemon -------------------------------------------------------------------------------------------
 
 
@@ -262,16 +280,19 @@ def test_the_example_objects_have_the_members_sent(daemon: Any) -> None:
     [schedule] = daemon.call("schedule.list")["schedules"]
     [entry] = daemon.call("audit.list", {"limit": 1})["entries"]
     problems: list[str] = []
-    for what, opening, sent in (
-        ("job", '{"id": 42, "task": "resize"', job),
-        ("attempt", '{"job_id": 42, "number": 1', attempt),
-        ("instance", '{"id", "workflow", "status"', instance),
-        ("schedule", '{"name": "nightly", "target"', schedule),
-        ("audit entry", '{"id": 17, "at"', entry),
+    for what, opening, man_opening, sent in (
+        ("job", '{"id": 42, "task": "resize"', "is an object with", job),
+        ("attempt", '{"job_id": 42, "number": 1', "has", attempt),
+        ("instance", '{"id", "workflow", "status"', "An instance has", instance),
+        ("schedule", '{"name": "nightly", "target"', "A schedule object has", schedule),
+        ("audit entry", '{"id": 17, "at"', None, entry),
     ):
         written = example_keys(PROTOCOL_MD, opening)
         if written != set(sent):
             problems.append(f"docs/protocol.md {what}: writes {sorted(written)}, sent {sorted(sent)}")
+        listed = None if man_opening is None else man_members(man_opening)
+        if listed is not None and listed != set(sent):
+            problems.append(f"jobd-protocol.7 {what}: lists {sorted(listed)}, sent {sorted(sent)}")
     assert not problems, "\n  ".join(["", *problems])
 
 
