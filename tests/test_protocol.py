@@ -939,6 +939,21 @@ def test_notifications_get_no_answer(daemon: Any) -> None:
         assert_pong(raw.message(), "after")
 
 
+def test_a_message_without_id_that_is_no_request_is_answered_with_a_null_id(daemon: Any) -> None:
+    # Not a notification: JSON-RPC 2.0 answers an invalid request with a null id, and docs/protocol.md says so.
+    for text in (
+        '{"jsonrpc":"2.0","method":5}',
+        '{"method":"ping"}',
+        '{"jsonrpc":"2.0","method":"ping","x":1}',
+        '{"jsonrpc":"2.0","method":"ping","params":7}',
+    ):
+        with Raw(daemon.socket_path) as raw:
+            raw.send(text.encode() + b"\n" + ping_line("after"))
+            answer = raw.message()
+            assert answer["id"] is None and error_of(answer)["data"]["code"] == "INVALID_REQUEST", (text, answer)
+            assert_pong(raw.message(), "after")
+
+
 def test_a_notification_still_does_its_work(daemon: Any) -> None:
     job = daemon.submit(command=["/bin/true"], delay=3600)
     with Raw(daemon.socket_path) as raw:

@@ -15,7 +15,7 @@ from jobd.model import printable
 from jobd.values import value
 
 MAX_FRAME = 1024 * 1024  # bytes in one line, newline excluded
-MAX_DEPTH = 64  # arrays and objects nested in one request; jobd's requests use three or four levels
+MAX_DEPTH = 64  # arrays and objects nested in one request; jobd's deepest use nine (docs/protocol.md)
 
 
 @value
