@@ -4,7 +4,8 @@ Each method's entry names the parameters it takes: they must be the ones the dae
 refusal lists them in `data.allowed`), in both directions. A reply shape the documentation writes (`→ {"jobs",
 "next_before"}`) and the example objects (a job, an attempt, a schedule, ...) must have the members the daemon
 sends, no more and no fewer. The error table of docs/protocol.md lists the codes of jobd/errors.py a JSON-RPC client
-can get, each with its JSON-RPC number. And the error example shown is the reply jobd sends.
+can get, each with its JSON-RPC number, and docs/http.md the HTTP status each is answered with. And the error
+example shown is the reply jobd sends.
 
 tests/test_manpages.py checks that every method and error code is an item of the man page; this file checks what
 the entries say.
@@ -20,12 +21,14 @@ from typing import Any
 import pytest
 from test_manpages import _error_classes
 
+from jobd import http_api
 from jobd.client import Client, RemoteError
 
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_MD = (ROOT / "docs" / "protocol.md").read_text()
+HTTP_MD = (ROOT / "docs" / "http.md").read_text()
 MAN_PAGE = (ROOT / "man" / "jobd-protocol.7").read_text()
 
 # Error codes only evQueue's XML protocol sends: no JSON-RPC method raises them (docs/evqueue-protocol.md has them).
@@ -310,6 +313,22 @@ def test_the_error_table_lists_the_codes_a_client_can_get_with_their_numbers() -
         if code in table and table[code] != number
     ]
     problems += [f"{code} is no error code a JSON-RPC client gets" for code in table if code not in codes]
+    assert not problems, "\n  ".join(["", *problems])
+
+
+def test_the_http_status_of_each_error_is_the_one_http_md_gives() -> None:
+    """docs/http.md's table of `POST /api/<method>` errors: the codes its rows name get that status, any other 409."""
+    rows = re.findall(r"^\| (\d{3}) \| (.+) \|$", HTTP_MD.partition("## JSON endpoints")[2], re.MULTILINE)
+    documented = {
+        code: int(status) for status, text in rows if status != "409" for code in re.findall(r"`([A-Z_]+)`", text)
+    }
+    problems = []
+    for cls in _error_classes():
+        if cls.__module__ != "jobd.errors" or cls.code in EVQUEUE_ONLY_CODES:
+            continue
+        sent = http_api._failure(cls("a message")).status
+        if sent != documented.get(cls.code, 409):
+            problems.append(f"{cls.code}: docs/http.md says {documented.get(cls.code, 409)}, jobd answers {sent}")
     assert not problems, "\n  ".join(["", *problems])
 
 
