@@ -150,16 +150,19 @@ def params_written(entry: str) -> set[str]:
     return names
 
 
-def reply_written(entry: str) -> set[str] | None:
+def reply_written(entry: str) -> tuple[set[str], set[str] | None] | None:
     """The members of the reply an entry writes right after its `→` (`→ {"jobs": [...], "next_before": ...}`),
-    or None when it says it in words (`→ the job`)."""
+    and those of the object its list holds when it writes one (`{"queues": [{"name", ...}]}`); or None when it
+    says the reply in words (`→ the job`)."""
     arrow = entry.find("→")
     if arrow < 0:
         return None
     found = re.compile(r"[\s`]*(?:\.Li\s+)?\{").match(entry, arrow + 1)
     if found is None:
         return None
-    return top_level_keys(entry, found.end() - 1)[0]
+    keys, end = top_level_keys(entry, found.end() - 1)
+    listed = entry.find("[{", found.end(), end)
+    return keys, None if listed < 0 else top_level_keys(entry, listed + 1)[0]
 
 
 def example_keys(text: str, opening: str) -> set[str]:
@@ -268,9 +271,14 @@ def test_each_reply_the_documents_write_has_the_members_sent(daemon: Any) -> Non
                 if written is None:
                     continue
                 assert method in REPLY_CALLS, f"{where} writes the reply of {method}: add a call to REPLY_CALLS"
-                sent = set(client.call(method, REPLY_CALLS[method]))
-                if written != sent:
-                    problems.append(f"{where} {method}: writes {sorted(written)}, sent {sorted(sent)}")
+                reply = client.call(method, REPLY_CALLS[method])
+                members, member_of_list = written
+                if members != set(reply):
+                    problems.append(f"{where} {method}: writes {sorted(members)}, sent {sorted(reply)}")
+                if member_of_list is not None:
+                    [listed] = [value for value in reply.values() if isinstance(value, list)]
+                    if member_of_list != set(listed[0]):
+                        problems.append(f"{where} {method}: writes {sorted(member_of_list)}, sent {sorted(listed[0])}")
     assert not problems, "\n  ".join(["", *problems])
 
 
