@@ -159,6 +159,8 @@ def test_success_failure_finish_fire_as_documented(make_daemon: Callable[..., Da
     summary = got[1].json()
     assert summary["id"] == ok and summary["state"] == "succeeded" and summary["exit_code"] == 0
     assert summary["last_attempt"]["number"] == 1 and summary["last_attempt"]["outcome"] == "succeeded"
+    # docs/jobs.md: the job as job.get returns it, without its tries, plus last_attempt
+    assert set(summary) == set(d.call("job.get", {"id": ok})) - {"tries"} | {"last_attempt"}, sorted(summary)
     assert got[1].headers["X-Jobd-Event"] == "on_success"
 
     bad = d.submit(task="bad")["id"]
