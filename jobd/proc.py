@@ -182,7 +182,15 @@ class _LazyFile:
             self.failed(error)
             return 0
         if written < len(data):
-            self.failed(OSError(errno.ENOSPC, "short write (no space left on device?)"))
+            # The disk filled up during this write; writing the rest asks the kernel why (ENOSPC, EDQUOT, EFBIG),
+            # so that the log names the cause as it does when a write fails outright.
+            try:
+                written += os.write(self.fd(), data[written:])
+            except OSError as error:
+                self.failed(error)
+                return written
+            if written < len(data):
+                self.failed(OSError(errno.ENOSPC, "short write (no space left on device?)"))
         return written
 
     def failed(self, error: OSError) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from harness import REPO
 
+from jobd import proc
+
 # Run in a process of its own: proc.reserve_progress_fd() takes over fd 3, which pytest may be using.
 SPAWN_SOME = """
 import asyncio, sys
@@ -105,3 +107,21 @@ def test_a_leader_that_has_exited_is_seen_as_ended_before_its_exit_is_handled(tm
     result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["running: True", "exit: None 15"]
+
+
+def test_an_output_file_whose_disk_fills_during_a_write_names_the_kernels_cause(tmp_path: Path) -> None:
+    """A write the disk could take only part of returned short, and the file's error (and jobd's log line) read
+    `short write (no space left on device?)`: test_workflows' full-disk test, looking for the kernel's "No space left
+    on device", failed whenever the job's last chunk straddled the end of the disk instead of meeting a full one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        output = proc._LazyFile(str(mount / "1.stdout"))
+        written = output.write(b"x" * (256 * 1024))  # straddles the end of the 64 KiB disk
+        assert 0 < written < 256 * 1024, written
+        assert output.error == f"cannot write {mount / '1.stdout'}: No space left on device", output.error
+        assert output.write(b"more") == 0  # the file takes nothing more
+        output.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
