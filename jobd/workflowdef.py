@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from lxml import etree
 
@@ -196,8 +197,12 @@ def _expansion_refused(char: str, column: int) -> str:
 # --- XPath syntax -------------------------------------------------------------------------------------------------
 
 
-def _xpath_checker() -> Callable[[str], None] | None:
-    """jobd.engine.xpath.compile_check(expression) -> None, raising ValueError with a message, if installed.
+class _XPathCheck(Protocol):
+    def __call__(self, expression: str, *, summary: bool = False) -> None: ...
+
+
+def _xpath_checker() -> _XPathCheck | None:
+    """jobd.engine.xpath.compile_check(expression, summary=…) -> None, raising ValueError with a message, if installed.
 
     evQueue writes its functions as path steps (`evqGetParentJob()/evqGetOutput('list')/files/file`), which XPath
     1.0 does not allow; that module rewrites such expressions before compiling them with libxml2, so only it can
@@ -210,7 +215,7 @@ def _xpath_checker() -> Callable[[str], None] | None:
         if error.name != "jobd.engine.xpath":
             raise
         return None
-    check: Callable[[str], None] = module.compile_check
+    check: _XPathCheck = module.compile_check
     return check
 
 
@@ -348,21 +353,22 @@ class _Checker:
             return None
         return value
 
-    def check_xpath(self, element: etree._Element, name: str) -> None:
+    def check_xpath(self, element: etree._Element, name: str, *, summary: bool = False) -> None:
+        """`summary`: a custom attribute's `select` or an automatic tag's `condition`, where evqGetJob() works."""
         expression = element.get(name)
         if expression is None:
             return
-        problem = self.xpath_problem(expression)
+        problem = self.xpath_problem(expression, summary=summary)
         if problem is not None:
             self.attribute_problem(element, name, problem)
 
-    def xpath_problem(self, expression: str) -> str | None:
+    def xpath_problem(self, expression: str, *, summary: bool = False) -> str | None:
         if not expression.strip():
             return "an XPath expression is required, not an empty string"
         if self._xpath is None:
             return None
         try:
-            self._xpath(expression)
+            self._xpath(expression, summary=summary)
         except ValueError as error:
             return str(error)
         return None
@@ -427,12 +433,12 @@ def _check_named(checker: _Checker, element: etree._Element) -> None:
 
 def _check_custom_attribute(checker: _Checker, element: etree._Element) -> None:
     _check_named(checker, element)
-    checker.check_xpath(element, "select")
+    checker.check_xpath(element, "select", summary=True)
 
 
 def _check_automatic_tag(checker: _Checker, element: etree._Element) -> None:
     _check_named(checker, element)
-    checker.check_xpath(element, "condition")
+    checker.check_xpath(element, "condition", summary=True)
 
 
 def _check_loop_and_conditions(checker: _Checker, element: etree._Element) -> None:

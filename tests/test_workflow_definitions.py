@@ -651,6 +651,31 @@ def test_xpath_syntax_is_checked_everywhere(tmp_path: Path, corpus_config: Confi
         assert line.startswith(f"{path}:{number}: {fragment}"), line
 
 
+@pytest.mark.skipif(not HAS_XPATH_CHECK, reason="jobd.engine.xpath (the XPath syntax check) is not installed")
+def test_evqgetjob_is_refused_where_it_would_abort_its_node_at_every_run(tmp_path: Path, corpus_config: Config) -> None:
+    """evqGetJob() is defined in custom attributes and automatic tags only (as in evQueue): a task condition using
+    it loaded, then its task was ABORTED at every run ("evqGetJob() is only available in …")."""
+    path = write(
+        tmp_path / "gj.xml",
+        "<workflow>\n<custom-attributes>\n<custom-attribute name='a' select=\"count(evqGetJob('j'))\"/>\n"
+        "</custom-attributes>\n<automatic-tags>\n<automatic-tag name='t' condition=\"evqGetJob('j')\"/>\n"
+        "</automatic-tags>\n<subjobs>\n<job name='j' condition=\"evqGetJob('j')\">\n<tasks>\n"
+        "<task path='/bin/echo' queue='default' loop=\"evqGetJob('j')\">\n"
+        "<input><value select=\"count(evqGetJob('j'))\"/></input>\n"
+        "</task>\n</tasks>\n</job>\n</subjobs>\n</workflow>\n",
+    )
+    lines = problems(path, corpus_config)
+    expected = [
+        (9, "<job> attribute condition=\"evqGetJob('j')\""),
+        (11, "<task> attribute loop=\"evqGetJob('j')\""),
+        (12, "<value> attribute select=\"count(evqGetJob('j'))\""),
+    ]
+    assert len(lines) == len(expected), lines
+    for line, (number, fragment) in zip(lines, expected, strict=True):
+        assert line.startswith(f"{path}:{number}: {fragment}"), line
+        assert "is only available in custom-attributes and automatic-tags" in line, line
+
+
 # --- the workflows/ directories of the search path --------------------------------------------------------------
 
 

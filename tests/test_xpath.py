@@ -179,12 +179,21 @@ def test_compile_check_accepts(expression: str) -> None:
         ("count(child::x:r/@n)", "(select such elements with *[local-name() = 'r'])"),
         ("a/x:*", "namespace prefix 'x' at character 3 is not defined"),
         ("@x:n = 1", "namespace prefix 'x' at character 2"),
+        # Defined in custom attributes and automatic tags only (summary=True): elsewhere ABORTED at each run.
+        ("count(evqGetJob('list')) = 1", "evqGetJob() at character 7 is only available in custom-attributes"),
+        ("evqGetParentJob()/evqGetJob('a')", "evqGetJob() at character 19 is only available"),
     ],
 )
 def test_compile_check_rejects(expression: str, reason: str) -> None:
     with pytest.raises(ValueError, match="invalid XPath expression") as raised:
         compile_check(expression)
     assert reason in str(raised.value)
+
+
+def test_compile_check_accepts_evqgetjob_where_it_is_defined() -> None:
+    """A custom attribute's select and an automatic tag's condition (summary=True) may use evqGetJob()."""
+    compile_check("count(evqGetJob('list')/tasks/task/output/files/file)", summary=True)
+    compile_check("evqGetParentJob()/evqGetJob('a')", summary=True)
 
 
 # -------------------------------------------------------------------------------------------- the evq functions

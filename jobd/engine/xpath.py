@@ -184,8 +184,11 @@ def _left_operand_start(tokens: Sequence[Token], slash_index: int) -> int:
 # ------------------------------------------------------------------------------------------------ compile check
 
 
-def compile_check(expression: str) -> None:
-    """Raise ValueError (XPathError) saying why `expression` is not a valid workflow XPath expression."""
+def compile_check(expression: str, *, summary: bool = False) -> None:
+    """Raise ValueError (XPathError) saying why `expression` is not a valid workflow XPath expression.
+
+    `summary`: the expression is a custom attribute's `select` or an automatic tag's `condition`, the only places
+    where evQueue (and jobd) define evqGetJob()."""
     if not expression.strip():
         raise XPathError(f"invalid XPath expression {expression!r}: empty")
     try:
@@ -197,6 +200,11 @@ def compile_check(expression: str) -> None:
                 _matching_backwards(tokens, index)
             elif token.kind == "function":
                 _check_function(tokens, index)
+                if token.text == "evqGetJob" and not summary:  # else its node would be ABORTED at every run
+                    raise XPathError(
+                        f"evqGetJob() at character {token.start + 1} is only available in custom-attributes and "
+                        "automatic-tags (the select of a <custom-attribute>, the condition of an <automatic-tag>)"
+                    )
             elif token.kind == "variable":  # nothing defines one: the task would be ABORTED each time it ran
                 raise XPathError(f"variable {token.text} is not defined: workflow expressions have no variables")
             elif token.kind == "name" and ":" in token.text:  # the same for a prefix: none is declared
