@@ -394,8 +394,40 @@ def test_workflow_format_is_documented() -> None:
     problems = missing(page.name, "ELEMENTS", workflowdef.SCHEMA, elements)
     for element, rule in workflowdef.SCHEMA.items():
         problems += missing(page.name, f"ELEMENTS <{element}>", rule.attributes, elements)
-    problems += missing(page.name, "XPATH", xpath.EVQ_FUNCTIONS, page.section("XPATH").names())
+    functions = [*xpath.EVQ_FUNCTIONS, *xpath.COMPAT_FUNCTIONS]  # evQueue's current(), min(), max(), string-join()
+    problems += missing(page.name, "XPATH", functions, page.section("XPATH").names())
     report(problems)
+
+
+def test_the_workflow_guide_lists_the_format_jobd_accepts() -> None:
+    """docs/workflows.md, as jobd-workflow(5) above: its format block names every element with every attribute the
+    checker accepts (no more: the required ones without brackets), its `<task>` table every task attribute, and
+    its XPath section every function beyond XPath 1.0 (evQueue's current(), min(), max() and string-join() were
+    accepted but named nowhere)."""
+    guide = (MAN.parent / "docs" / "workflows.md").read_text()
+    block = re.search(r"^## The format\n.*?^```\n(.*?)^```", guide, re.S | re.M)
+    table = re.search(r"^### `<task>` attributes\n(.*?)\n\n", guide, re.S | re.M)
+    xpath_section = re.search(r"^### XPath\n(.*?)^## ", guide, re.S | re.M)
+    assert block is not None and table is not None and xpath_section is not None, "docs/workflows.md changed shape"
+    listed: dict[str, list[str]] = {}
+    for element, words in re.findall(r"<([a-z-]+)((?:\s+\[?[a-z_-]+\]?)*)\s*/?>", block[1]):
+        listed.setdefault(element, []).extend(words.split())
+    problems = [f"format block: <{name}> is not listed" for name in workflowdef.SCHEMA if name not in listed]
+    problems += [
+        f"format block: <{name}> is not an element jobd accepts" for name in listed if name not in workflowdef.SCHEMA
+    ]
+    for name, rule in workflowdef.SCHEMA.items():
+        written = {word.strip("[]"): word for word in listed.get(name, [])}
+        problems += [f"format block: <{name} {a}> is not listed" for a in rule.attributes if a not in written]
+        problems += [f"format block: <{name} {a}> is not accepted" for a in written if a not in rule.attributes]
+        problems += [
+            f"format block: <{name} {a}> is required: no brackets" for a in rule.required if written.get(a, a) != a
+        ]
+    rows = set(re.findall(r"`([a-z_-]+)`", " ".join(re.findall(r"^\| ([^|]+) \|", table[1], re.M))))
+    problems += [f"<task> attributes table: {a}" for a in workflowdef.TASK_ATTRIBUTES if a not in rows]
+    named = set(re.findall(r"`([A-Za-z-]+)[`(]", xpath_section[1]))
+    problems += [f"XPath: {f}()" for f in [*xpath.EVQ_FUNCTIONS, *xpath.COMPAT_FUNCTIONS] if f not in named]
+    assert not problems, "docs/workflows.md does not match the workflow checker:\n  " + "\n  ".join(problems)
 
 
 # --- jobd(8): options, and the JOBD_* variables a real job and a real callback get --------------------------------
