@@ -691,6 +691,9 @@ def test_debugresume_runs_the_failed_task_again_and_lists_filter_on_parameters_a
         ).get("workflow-instance-id", "")
         refused = ko(client.ask(b'<instance action="debugresume" id="%s"/>' % running.encode()), "INVALID_PARAMETER")
         assert "still executing" in refused.get("error", "")
+        # docs/evqueue-protocol.md: delete refuses an executing instance, as evQueue deletes only TERMINATED ones.
+        refused = ko(client.ask(b'<instance action="delete" id="%s"/>' % running.encode()), "INVALID_PARAMETER")
+        assert "still executing" in refused.get("error", "")
         ok(client.ask(b'<instance action="cancel" id="%s"/>' % running.encode()))
 
 

@@ -356,6 +356,25 @@ def test_evqueue_commands_are_documented() -> None:
     report(missing(page.name, "EVQUEUE PROTOCOL / Commands", sorted(evqueue.COMMANDS), documented))
 
 
+def test_the_evqueue_guide_lists_every_command_jobd_serves_with_its_answer() -> None:
+    """docs/evqueue-protocol.md's table "Commands jobd serves" has a row per command, each saying what it answers
+    (`instance delete` had an empty answer cell, which left a client to find out that running instances are
+    refused)."""
+    guide = (MAN.parent / "docs" / "evqueue-protocol.md").read_text()
+    table = re.search(r"^### Commands jobd serves\n(.*?)\n\n", guide, re.S | re.M)
+    assert table is not None, "docs/evqueue-protocol.md has no table of the commands jobd serves"
+    rows = re.findall(r'^\| `<([a-z_]+)(?: action="([a-z_]+)")?[^`]*` \|([^\n]*)$', table[1], re.M)
+    listed = {f"{group} {action}" if action else group: cells for group, action, cells in rows}
+    problems = [f"{command}: no row" for command in sorted(evqueue.COMMANDS) if command not in listed]
+    problems += [f"{command}: not a command jobd serves" for command in listed if command not in evqueue.COMMANDS]
+    problems += [
+        f"{c}: nothing in its answer column"
+        for c, cells in listed.items()
+        if not re.split(r"(?<!\\)\|", cells)[-2].strip()
+    ]
+    assert not problems, "docs/evqueue-protocol.md, Commands jobd serves:\n  " + "\n  ".join(problems)
+
+
 def test_every_evqueue_request_the_documentation_writes_is_a_command_jobd_serves() -> None:
     """docs/config.md wrote `<status type="configuration"/>`, which jobd (as evQueue) answers UNKNOWN_COMMAND: the
     command is `<status action="query" type="configuration"/>`. Each request written in backquotes in docs/*.md and
