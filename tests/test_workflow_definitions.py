@@ -880,6 +880,17 @@ def test_the_corpus_runs_as_a_daemon_config(jobd: Callable[..., Daemon]) -> None
     assert sorted(Path(f).name for f in files if f.endswith(".xml")) == [path.name for path in CORPUS_FILES]
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
 def test_the_dev_example_workflow_loads() -> None:
-    dev = config.load_dir(str(Path(__file__).resolve().parent.parent / "examples" / "dev"))
+    dev = config.load_dir(str(EXAMPLES / "dev"))
     assert dev.workflows["greet-and-count"].parameters == ("who",)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("**/workflows/*.xml")), ids=lambda path: path.stem)
+def test_every_example_workflow_loads_with_the_configuration_beside_it(path: Path) -> None:
+    """Each workflow file under examples/ is read with the configuration directory it is part of, as jobd
+    --config-dir would read it (README's tour runs examples/dev, test_example_page examples/web)."""
+    loaded = config.load_dir(str(path.parent.parent))
+    assert path.stem in loaded.workflows
