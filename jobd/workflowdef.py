@@ -108,6 +108,9 @@ SCHEMA: dict[str, ElementRule] = {
     "copy": ElementRule(attributes=("select",), required=("select",)),
 }
 
+# evQueue 3.3's git file (Workflow::SaveToXML): <workflow group comment><workflow>definition</workflow></workflow>
+_GIT_FILE_ATTRIBUTES = ("group", "comment")
+
 # --- splitting a command line -------------------------------------------------------------------------------------
 
 _OPERATORS = "|&;<>()"
@@ -272,6 +275,29 @@ class _Checker:
             self.element_problem(root, f"the root element must be <workflow>{why}")
             return
         self.check_element(root)
+
+    def definition_in(self, root: etree._Element) -> etree._Element:
+        """The workflow definition of a file: its root, or the <workflow> inside evQueue's git file.
+
+        evQueue 3.3 keeps a workflow in its git repository (`git.workflows.subdirectory/NAME.xml`) as
+        `<workflow group="…" comment="…"><workflow>definition</workflow></workflow>`; a directory of such files is
+        what a user of that feature moves to jobd. A `<workflow>` root with a `<workflow>` child is read so."""
+        if root.tag != "workflow" or not any(child.tag == "workflow" for child in self.element_children(root)):
+            return root
+        for name in root.attrib:
+            if name not in _GIT_FILE_ATTRIBUTES:
+                self.attribute_problem(
+                    root,
+                    str(name),
+                    f"unknown attribute of evQueue's git file; allowed: {_allowed(_GIT_FILE_ATTRIBUTES)}",
+                )
+        self.check_text(root, ElementRule(children=(Child("workflow", 1),)))
+        children = list(self.element_children(root))
+        if len(children) > 1:
+            self.element_problem(
+                root, "evQueue's git file holds one <workflow> definition in its <workflow>, and no other element"
+            )
+        return next(child for child in children if child.tag == "workflow")
 
     def check_element(self, element: etree._Element) -> None:
         """Check `element` against its rule, then its children; the semantic checks hang off the tag."""
@@ -631,7 +657,8 @@ def parse_workflow(source: bytes, path: str, config: Config, name: str | None = 
     except InvalidXml as error:
         raise _not_well_formed(path, error.message) from None
     checker = _Checker(path, config)
-    checker.check_document(root)
+    definition = checker.definition_in(root)
+    checker.check_document(definition)
     if checker.problems:
         raise ConfigError(
             "\n".join(message for _line, message in checker.problems),
@@ -639,6 +666,8 @@ def parse_workflow(source: bytes, path: str, config: Config, name: str | None = 
             line=checker.problems[0][0],
             key=None,
         )
+    if definition is not root:  # instances, `workflow get` and the rest read the definition alone
+        source = etree.tostring(definition, encoding="utf-8", with_tail=False)
     return WorkflowDef(name=name, path=path, source=source, parameters=tuple(checker.parameters))
 
 

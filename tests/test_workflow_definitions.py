@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon
+from lxml import etree
 from recovery.support import pump_of
 
 from jobd import config, workflowdef
@@ -649,6 +650,34 @@ def test_xpath_syntax_is_checked_everywhere(tmp_path: Path, corpus_config: Confi
     assert len(lines) == len(expected), lines
     for line, (number, fragment) in zip(lines, expected, strict=True):
         assert line.startswith(f"{path}:{number}: {fragment}"), line
+
+
+def test_evqueues_git_file_is_read_as_the_definition_inside(tmp_path: Path, corpus_config: Config) -> None:
+    """evQueue 3.3's git repository holds `<workflow group comment><workflow>definition</workflow></workflow>`."""
+    definition = (CORPUS / "loopdemo.xml").read_text().replace('<?xml version="1.0" encoding="UTF-8"?>', "").strip()
+    path = write(
+        tmp_path / "git.xml", f'<workflow group="g" comment="c">\n<!-- saved by evQueue -->\n{definition}\n</workflow>'
+    )
+    loaded = workflowdef.load_workflow(path, corpus_config)
+    assert loaded.parameters == ("count",)
+    inner = etree.fromstring(loaded.source)
+    assert (inner.tag, inner.get("group"), inner[0].tag) == ("workflow", None, "parameters")
+    # What the wrapper may hold is evQueue's: group, comment and the one definition, each error at its line.
+    bad = write(
+        tmp_path / "bad.xml",
+        f'<workflow id="7" group="g">\n{definition}\ntext\n<subjobs/>\n</workflow>',
+    )
+    lines = problems(bad, corpus_config)
+    assert lines[0].startswith(f'{bad}:1: <workflow> attribute id="7": unknown attribute of evQueue\'s git file'), lines
+    assert lines[1].startswith(f'{bad}:1: <workflow>: text "text" is not allowed here'), lines
+    assert lines[2].startswith(f"{bad}:1: <workflow>: evQueue's git file holds one <workflow> definition"), lines
+    assert len(lines) == 3, lines
+    # A definition whose problems are inside the wrapper: named at their lines of the file.
+    unknown_queue = definition.replace('queue="default"', 'queue="nosuch"', 1)
+    broken = write(tmp_path / "broken.xml", f"<workflow>\n{unknown_queue}\n</workflow>")
+    [line] = problems(broken, corpus_config)
+    assert '<task> attribute queue="nosuch": not a defined queue' in line and line.startswith(f"{broken}:"), line
+    assert not line.startswith(f"{broken}:1:"), line
 
 
 @pytest.mark.skipif(not HAS_XPATH_CHECK, reason="jobd.engine.xpath (the XPath syntax check) is not installed")

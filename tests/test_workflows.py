@@ -239,6 +239,28 @@ def test_the_documented_examples_run_as_written_and_pass_the_count_alone(make_da
         assert len(list(ran)) == 3, name  # f2.txt, f3.txt and f4.txt
 
 
+def test_a_workflow_file_from_evqueues_git_repository_runs_as_its_definition(make_daemon: Any) -> None:
+    """evQueue 3.3 keeps workflows in its git repository as `<workflow group comment><workflow>…</workflow>
+    </workflow>` (Workflow::SaveToXML): jobd refused such a file (unknown attributes group and comment, an unknown
+    element <workflow>). It runs as the definition inside, which is what instances and workflow.get see."""
+    definition = (CORPUS / "loopdemo.xml").read_text().replace('<?xml version="1.0" encoding="UTF-8"?>', "").strip()
+    git_file = f'<workflow group="demo" comment="from evQueue&apos;s git">\n{definition}\n</workflow>\n'
+    config = (CORPUS / "corpus.toml").read_text()
+    daemon = _workflow_daemon(make_daemon, config, daemon_extra=f'tasks_directory = "{CORPUS / "tasks"}"', git=git_file)
+    launched = daemon.call("instance.launch", {"workflow": "git", "parameters": {"count": "3"}})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert (done["status"], done["errors"], done["tags"]) == ("TERMINATED", 0, ["big"]), _document(daemon, done["id"])
+    document = _document(daemon, launched["id"])
+    assert document.get("group") is None and len(document.findall("subjobs/job/subjobs/job")) == 3
+    shown = safexml.parse(daemon.call("workflow.get", {"name": "git"})["xml"].encode())
+    assert shown.get("group") is None and [child.tag for child in shown] == [
+        "parameters",
+        "custom-attributes",
+        "automatic-tags",
+        "subjobs",
+    ]
+
+
 def test_the_json_tree_shows_jobs_tasks_and_their_job_ids(wf: Daemon) -> None:
     launched = wf.call("instance.launch", {"workflow": "trivial"})
     wf.call("instance.wait", {"id": launched["id"], "timeout": 30})
