@@ -62,6 +62,15 @@ def problems(path: Path, cfg: Config) -> list[str]:
     return info.value.message.split("\n")
 
 
+def problems_at(path: Path, cfg: Config, expected: list[tuple[int, str]]) -> list[str]:
+    """The lines of the error loading `path` gives, checked to be one per (line number, start of message)."""
+    lines = problems(path, cfg)
+    assert len(lines) == len(expected), lines
+    for line, (number, fragment) in zip(lines, expected, strict=True):
+        assert line.startswith(f"{path}:{number}: {fragment}"), line
+    return lines
+
+
 # --- the corpus -----------------------------------------------------------------------------------------------
 
 
@@ -631,7 +640,6 @@ def test_xpath_syntax_is_checked_everywhere(tmp_path: Path, corpus_config: Confi
         "</task>\n</tasks>\n</job>\n<job condition=\"count(evqGetOutput('ns')/x:r) = 0\"><tasks>\n"
         "<task path='/bin/true' queue='default'/></tasks></job>\n</subjobs>\n</workflow>\n",
     )
-    lines = problems(path, corpus_config)
     expected = [
         (3, '<custom-attribute> attribute select="count(("'),
         (6, '<automatic-tag> attribute condition="1 +"'),
@@ -647,9 +655,7 @@ def test_xpath_syntax_is_checked_everywhere(tmp_path: Path, corpus_config: Confi
         # Loaded, then ABORTED at each run ("Undefined namespace prefix"), before (found by a soak test).
         (16, "<job> attribute condition=\"count(evqGetOutput('ns')/x:r) = 0\": invalid XPath expression"),
     ]
-    assert len(lines) == len(expected), lines
-    for line, (number, fragment) in zip(lines, expected, strict=True):
-        assert line.startswith(f"{path}:{number}: {fragment}"), line
+    problems_at(path, corpus_config, expected)
 
 
 def test_evqueues_git_file_is_read_as_the_definition_inside(tmp_path: Path, corpus_config: Config) -> None:
@@ -693,15 +699,12 @@ def test_evqgetjob_is_refused_where_it_would_abort_its_node_at_every_run(tmp_pat
         "<input><value select=\"count(evqGetJob('j'))\"/></input>\n"
         "</task>\n</tasks>\n</job>\n</subjobs>\n</workflow>\n",
     )
-    lines = problems(path, corpus_config)
     expected = [
         (9, "<job> attribute condition=\"evqGetJob('j')\""),
         (11, "<task> attribute loop=\"evqGetJob('j')\""),
         (12, "<value> attribute select=\"count(evqGetJob('j'))\""),
     ]
-    assert len(lines) == len(expected), lines
-    for line, (number, fragment) in zip(lines, expected, strict=True):
-        assert line.startswith(f"{path}:{number}: {fragment}"), line
+    for line in problems_at(path, corpus_config, expected):
         assert "is only available in custom-attributes and automatic-tags" in line, line
 
 
