@@ -141,16 +141,23 @@ class Notifications:
         self.sock.close()
 
 
+def open_descriptors(pid: int) -> dict[int, str]:
+    """What each of a running process's descriptors is (socket:[inode], pipe:[inode], a path…), by number. The
+    process goes on working between the listing of /proc/PID/fd and the readlink of each entry: one it closed
+    meanwhile is left out, as it would have been had it been listed a moment later."""
+    found = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            found[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return found
+
+
 def _descriptors(pid: int) -> str:
-    """What each of a process's descriptors is (socket:[inode], a path…), for failure messages."""
-    found = []
+    """What each of a process's descriptors is, for failure messages."""
     try:
-        for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
-            with contextlib.suppress(OSError):
-                found.append(f"{name}={os.readlink(f'/proc/{pid}/fd/{name}')}")
+        return " ".join(f"{fd}={target}" for fd, target in sorted(open_descriptors(pid).items()))
     except OSError as error:
         return str(error)
-    return " ".join(found)
 
 
 def _unix_sockets(pid: int, inode: int) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from harness import READY_TIMEOUT, REPO, Daemon, Notifications
+from harness import READY_TIMEOUT, REPO, Daemon, Notifications, open_descriptors
 
 from jobd import activation
 from jobd.client import Client
@@ -218,10 +218,10 @@ def _listening_inode(pid: int, path: Path) -> int:
 def _holders(pid: int, inode: int) -> list[tuple[int, int]]:
     """(fd, open flags) of each of the process's descriptors for that socket."""
     found = []
-    for entry in Path(f"/proc/{pid}/fd").iterdir():
-        if os.readlink(entry) == f"socket:[{inode}]":
-            flags = Path(f"/proc/{pid}/fdinfo/{entry.name}").read_text().split("flags:")[1].split()[0]
-            found.append((int(entry.name), int(flags, 8)))
+    for fd, target in open_descriptors(pid).items():
+        if target == f"socket:[{inode}]":  # the listening socket: jobd holds it open throughout
+            flags = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
+            found.append((fd, int(flags, 8)))
     return found
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO, Daemon
+from harness import REPO, Daemon, open_descriptors
 from lxml import etree
 from recovery.support import wait_for_log
 
@@ -132,8 +132,7 @@ class TcpClient:
 
 def jobd_sockets(pid: int) -> int:
     """How many sockets the process holds open."""
-    fds = f"/proc/{pid}/fd"
-    return sum(1 for fd in os.listdir(fds) if os.readlink(f"{fds}/{fd}").startswith("socket:"))
+    return sum(1 for target in open_descriptors(pid).values() if target.startswith("socket:"))
 
 
 def tcp_address(daemon: Daemon) -> tuple[str, int]:
@@ -145,9 +144,8 @@ def tcp_address(daemon: Daemon) -> tuple[str, int]:
 def listening_tcp_sockets(pid: int) -> set[tuple[str, int]]:
     """(address, port) of every listening TCP socket the process holds, read from /proc."""
     inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with_target = os.readlink(f"/proc/{pid}/fd/{fd}") if os.path.islink(f"/proc/{pid}/fd/{fd}") else ""
-        found = re.fullmatch(r"socket:\[(\d+)\]", with_target)
+    for target in open_descriptors(pid).values():
+        found = re.fullmatch(r"socket:\[(\d+)\]", target)
         if found:
             inodes.add(found[1])
     listening = set()

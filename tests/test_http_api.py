@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from harness import open_descriptors
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobd.config import load_dir
@@ -540,11 +541,7 @@ def _holds_connection(daemon: Any, stream: Events) -> bool:
         local, remote, inode = fields[1], fields[2], fields[9]
         if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
             inodes.add(f"socket:[{inode}]")
-    held = set()
-    for fd in os.listdir(f"/proc/{daemon.pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):  # closed since it was listed: jobd goes on working meanwhile
-            held.add(os.readlink(f"/proc/{daemon.pid}/fd/{fd}"))
-    return bool(inodes & held)
+    return bool(inodes & set(open_descriptors(daemon.pid).values()))
 
 
 def test_a_client_cut_off_keeps_none_of_its_events_alive() -> None:
