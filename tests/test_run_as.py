@@ -538,6 +538,15 @@ def _held_task(daemon: Daemon, instance: int, user: pwd.struct_passwd) -> None:
     ), told
 
 
+def _launch_held(daemon: Daemon, client: _UserClient, user: pwd.struct_passwd) -> int:
+    """The id of a `who` instance `client` launches while jobd is out of descriptors, once its one task is held."""
+    launched = client.request("instance.launch", {"workflow": "who"})
+    assert "result" in launched, launched
+    instance: int = launched["result"]["id"]
+    _held_task(daemon, instance, user)
+    return instance
+
+
 @pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs the system python3 for the client")
 def test_a_workflow_task_run_as_its_caller_waits_while_jobd_cannot_look_the_caller_up(
     make_daemon: Any, test_user: pwd.struct_passwd, public_dir: Path
@@ -551,10 +560,7 @@ def test_a_workflow_task_run_as_its_caller_waits_while_jobd_cannot_look_the_call
     with daemon.client() as root:
         root.call("ping")  # accepted too
         with out_of_descriptors(daemon):
-            launched = client.request("instance.launch", {"workflow": "who"})
-            assert "result" in launched, launched
-            instance = launched["result"]["id"]
-            _held_task(daemon, instance, test_user)
+            instance = _launch_held(daemon, client, test_user)
             queued = root.call("instance.get", {"id": instance, "format": "xml"})["xml"]
             assert 'status="QUEUED"' in queued and " tid=" not in queued, queued  # no job yet
     client.close()
@@ -581,8 +587,7 @@ def test_a_workflow_task_held_for_want_of_descriptors_is_not_submitted_once_its_
     with daemon.client() as root:
         root.call("ping")  # accepted too
         with out_of_descriptors(daemon):
-            cancelled = client.request("instance.launch", {"workflow": "who"})["result"]["id"]
-            _held_task(daemon, cancelled, test_user)
+            cancelled = _launch_held(daemon, client, test_user)
             # Its end lists the scripts directory, to remove the instance's scripts: that failed too, and the cancel
             # was answered INTERNAL_ERROR, with a traceback logged. They are removed a second later.
             root.call("instance.cancel", {"id": cancelled})
@@ -590,8 +595,7 @@ def test_a_workflow_task_held_for_want_of_descriptors_is_not_submitted_once_its_
                 f"cannot remove the scripts of instance {cancelled} now: Too many open files (jobd is short of open "
                 "files or memory: see LimitNOFILE=); tried again in 1s"
             ) in daemon.log()
-            kept = client.request("instance.launch", {"workflow": "who"})["result"]["id"]
-            _held_task(daemon, kept, test_user)
+            kept = _launch_held(daemon, client, test_user)
     client.close()
     done = daemon.call("instance.wait", {"id": kept, "timeout": WAIT}, timeout=WAIT + 5)
     assert (done["status"], done["errors"]) == ("TERMINATED", 0), done
