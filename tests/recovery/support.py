@@ -257,12 +257,22 @@ def closes_settled(daemon: Daemon, held: contextlib.ExitStack) -> None:
     before): one closed after the limit is set would free a descriptor, and jobd would not be out of them. asyncio
     closes a socket in the loop turn after the one that read its end; two round trips on a client of its own (kept
     open in `held`, a descriptor of jobd's like any other) take two turns, after every end already sent."""
+    sock = _answered_client(daemon, held)
+    _ping(sock)
+
+
+def _answered_client(daemon: Daemon, held: contextlib.ExitStack) -> socket.socket:
+    """A root client of jobd's socket, kept open in `held`, once jobd has answered it a ping: accepted by then."""
     sock = held.enter_context(socket.socket(socket.AF_UNIX))
     sock.settimeout(WAIT)
     sock.connect(str(daemon.socket_path))
-    for _ in range(2):
-        sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
-        assert b'"pong"' in sock.recv(1 << 16)
+    _ping(sock)
+    return sock
+
+
+def _ping(sock: socket.socket) -> None:
+    sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+    assert b'"pong"' in sock.recv(1 << 16)
 
 
 @contextlib.contextmanager
@@ -300,11 +310,7 @@ def one_descriptor_left(daemon: Daemon) -> Any:
         subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)
         try:
             for _ in range(limit - len(os.listdir(descriptors))):  # the gaps below the highest descriptor
-                sock = held.enter_context(socket.socket(socket.AF_UNIX))
-                sock.settimeout(WAIT)
-                sock.connect(str(daemon.socket_path))
-                sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
-                assert b'"pong"' in sock.recv(1 << 16)  # accepted: it holds a descriptor
+                _answered_client(daemon, held)  # accepted: it holds a descriptor
             assert len(os.listdir(descriptors)) == limit, "jobd opened or closed a descriptor meanwhile"
             subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit + 1}:"], check=True)
             yield
