@@ -384,6 +384,51 @@ def test_a_request_waiting_when_a_reload_changes_or_removes_its_token_is_answere
     assert got[demoted][0] == 403 and got[demoted][1]["error"]["missing"] == "read", got
 
 
+SLOW_WORKFLOW = (
+    '<workflow><subjobs><job name="one"><tasks><task name="slow" path="/bin/sleep 120" queue="default"/>'
+    "</tasks></job></subjobs></workflow>"
+)
+
+
+def test_an_output_or_instance_wait_whose_token_a_reload_removes_is_answered_401_at_the_reload(
+    make_daemon: Any,
+) -> None:
+    """A job.output with `wait` and an instance.wait are checked again at a reload as their token now is, as a
+    job.wait is: a token the reload removed is answered 401 at once, as a new request with it is, not the output or
+    the instance once they come."""
+    daemon = make_daemon(CONFIG, start=False)
+    daemon.write_workflows(slow=SLOW_WORKFLOW)
+    daemon.start()
+    for_output, for_instance = "a-token-waiting-for-output", "a-token-waiting-for-an-instance"
+    drop_in = daemon.config_dir / "jobd.d" / "tokens.toml"
+    drop_in.write_text(
+        token_table("output", for_output, "root", admin=True) + token_table("instance", for_instance, "root", True)
+    )
+    assert daemon.call("daemon.reload")["ok"]
+    job = daemon.submit(command=["sleep", "120"])  # it writes nothing: job.output waits until it ends
+    instance = daemon.call("instance.launch", {"workflow": "slow"})
+    asked = {
+        for_output: ("job.output", {"id": job["id"], "wait": True}),
+        for_instance: ("instance.wait", {"id": instance["id"], "timeout": 120}),
+    }
+    waits = {token: waiting_request(daemon, token, method, params) for token, (method, params) in asked.items()}
+    try:
+        drop_in.write_text("")
+        assert daemon.call("daemon.reload")["ok"]
+        got = {token: answer(connection) for token, connection in waits.items()}
+        # Answered at the reload, while the job and the instance still run: not when they end.
+        assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"
+        assert daemon.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED"
+    finally:
+        for connection in waits.values():
+            connection.close()
+        daemon.call("job.cancel", {"id": job["id"]})
+        daemon.call("instance.cancel", {"id": instance["id"]})
+    for token, (method, params) in asked.items():
+        assert got[token] == request(daemon, "POST", f"/api/{method}", params, token=token)
+        assert got[token][0] == 401, got
+
+
 def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None:
     """A filter jobd cannot read is an error, as for events.subscribe: dropped, it would widen the stream to every
     event the client may read."""
