@@ -255,7 +255,13 @@ def _text_size(value: Any) -> int:
 
 class _TokenGone(Exception):
     """The token a request came with is no longer configured: the request is answered as one without a valid
-    token is (401)."""
+    token is (401).
+
+    Not a JobdError, and never in an audit entry: Api.call asks for the peer of a method's entry first (this, raised
+    there, ends the request with nothing done), and the coroutine of a method that waits is awaited at once (rpc),
+    so that its own checks run in that same step of the loop, under the same configuration. Only what follows its
+    first wait meets a reload: the re-checks of reads (api.while_allowed), which are not audited; a method that
+    changes something (job.cancel) does not ask for its client again once it has waited."""
 
 
 @dataclass(slots=True)
@@ -476,7 +482,11 @@ class HttpApi:
                     del self._requests[transport]
         except web.HTTPException:
             raise
-        except _TokenGone:  # at a reload while the request waited
+        except _TokenGone:  # at a reload while the request waited, or while its body came
+            # Logged, as an event stream ended for its token is: its client had been let in. Not audited, as no
+            # request without a valid token is (the audit entry of a method is made only once its client is known
+            # under the configuration in force, Api.call).
+            log.info("a %s %s client's token is no longer configured; answered 401", request.method, request.path)
             return _unauthorized()
         except JobdError as failure:
             return _failure(failure)

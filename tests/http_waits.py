@@ -12,9 +12,14 @@ from typing import Any
 
 def send_waiting_request(connection: socket.socket, method: str, params: dict[str, Any], token: str = "") -> None:
     """POST /api/`method` on `connection`, its client identified when this returns (by `token`, or without one by
-    the peer credentials of a unix socket). Its headers ask for `100 Continue`, which aiohttp writes in the step
-    that then runs jobd's middleware (where the client is identified) without waiting in between; the body follows
-    once the 100 has come. The answer is the caller's to read (`answer`)."""
+    the peer credentials of a unix socket). The answer is the caller's to read (`answer`)."""
+    connection.sendall(send_head_identified(connection, method, token, params))
+
+
+def send_head_identified(connection: socket.socket, method: str, token: str, params: dict[str, Any]) -> bytes:
+    """The head of POST /api/`method` sent on `connection`, its client identified when this returns; the body, still
+    to send, returned. The head asks for `100 Continue`, which aiohttp writes in the step that runs jobd's
+    middleware (where the client is identified) without waiting in between; jobd then waits for the body."""
     body = json.dumps(params).encode()
     head = f"POST /api/{method} HTTP/1.1\r\nHost: jobd\r\n"
     if token:
@@ -27,7 +32,7 @@ def send_waiting_request(connection: socket.socket, method: str, params: dict[st
         assert chunk, interim
         interim += chunk
     assert interim.startswith(b"HTTP/1.1 100 "), interim
-    connection.sendall(body)
+    return body
 
 
 def answer(connection: socket.socket) -> tuple[int, Any]:

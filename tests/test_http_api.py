@@ -28,7 +28,7 @@ from jobd.config import load_dir
 from jobd.engine.submit import Peer
 from jobd.errors import ConfigError
 from jobd.http_api import EVENT_OVERHEAD, EVENT_RING_BYTES, SSE_QUEUE_BYTES, HttpApi, _Event, _Pending
-from tests.http_waits import answer, send_waiting_request
+from tests.http_waits import answer, send_head_identified, send_waiting_request
 from tests.test_callbacks import Receiver
 
 ADMIN_TOKEN = "s3cret-admin-token"
@@ -427,6 +427,38 @@ def test_an_output_or_instance_wait_whose_token_a_reload_removes_is_answered_401
     for token, (method, params) in asked.items():
         assert got[token] == request(daemon, "POST", f"/api/{method}", params, token=token)
         assert got[token][0] == 401, got
+
+
+def test_a_cancel_whose_token_a_reload_removed_while_its_body_came_is_answered_401_and_cancels_nothing(
+    daemon: Any,
+) -> None:
+    """A request is identified by its token when its head comes, and runs once its body has: a reload in between
+    that removed the token has it answered 401, as a new request with that token is, with nothing done. A job.cancel
+    so refused cancels nothing and, as any request without a valid token, leaves no audit entry; jobd logs it, as
+    it does an event stream it ends for its token."""
+    removed = "a-cancelling-token-to-remove"
+    drop_in = daemon.config_dir / "jobd.d" / "tokens.toml"
+    drop_in.write_text(token_table("removed", removed, "root", admin=True))
+    assert daemon.call("daemon.reload")["ok"]
+    job = daemon.submit(command=["sleep", "120"])
+    try:
+        with socket.create_connection(address(daemon), timeout=TIMEOUT) as connection:
+            body = send_head_identified(connection, "job.cancel", removed, {"id": job["id"]})
+            drop_in.write_text("")
+            assert daemon.call("daemon.reload")["ok"]
+            connection.sendall(body)
+            got = answer(connection)
+        assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"
+    finally:
+        if daemon.call("job.get", {"id": job["id"]})["state"] == "running":
+            daemon.call("job.cancel", {"id": job["id"]})
+    assert got == request(daemon, "POST", "/api/job.cancel", {"id": job["id"]}, token=removed)
+    assert got[0] == 401, got
+    cancels = daemon.call("audit.list", {"command": "job.cancel"})["entries"]
+    assert [entry["result"] for entry in cancels] == ["ok"], cancels  # the test's own, as root
+    log = daemon.log()
+    assert "a POST /api/job.cancel client's token is no longer configured; answered 401" in log, log
+    assert "internal error" not in log, log
 
 
 def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None:
