@@ -641,15 +641,15 @@ queue = "ops"
     assert xml_refusal.get("error") == refused[2]["message"], xml_refusal
 
 
-HELD_EVQ_WAIT = (
+HELD_EVQ_COMMAND = (
     EVQ_CLIENT
     + """
 evq_connect()
 evq.sendall(b"<ping/>")
 document()  # answered: jobd reads this connection (it may write the greeting before it watches it)
 print("connected", flush=True)
-sys.stdin.readline()  # jobd is stopped (SIGSTOP): it reads the wait together with what the test sends next
-evq.sendall(f'<instance action="wait" id="{sys.argv[1]}" timeout="120"/>'.encode())
+sys.stdin.readline()  # jobd is stopped (SIGSTOP): it reads the command together with what the test sends next
+evq.sendall(sys.argv[1].encode())
 print("sent", flush=True)
 while (reply := document()).tag == "ping":
     pass
@@ -664,15 +664,48 @@ def test_an_evqueue_wait_read_together_with_a_reload_that_took_its_right_away_is
     """An evQueue command is checked when it is read, and its wait begins in a later turn of jobd's loop. A reload
     read in the same turn, after the command, took the right away between the check and the wait, which looked out
     for the reloads from its own beginning only: the wait was answered once the instance ended, telling when it did.
-    It is refused at once. jobd is stopped (SIGSTOP) while the client sends its wait and the test its reload, so that
-    it reads both in one turn, in that order. The grant is a drop-in linked to a file outside the watched
-    directories: the change is read by that reload alone, not by another from jobd's watch of the files later."""
+    It is refused at once."""
     jobd = started(make_daemon, CONFIG)
-    grant = tmp_path / "carol-grant.toml"
-    grant.write_text(f'[[access.grant]]\nusers = ["{PREFIX}carol"]\nrights = ["read"]\nworkflows = ["wf-slow"]\n')
-    (jobd.config_dir / "jobd.d" / "carol.toml").symlink_to(grant)
-    wait_for_log(jobd, "configuration reloaded", count=1)  # jobd's own reload, at the link's creation
+    _granted_until_the_next_daemon_reload(jobd, tmp_path, users["carol"], "read")
     instance = jobd.call("instance.launch", {"workflow": "wf-slow"})
+    wait = f'<instance action="wait" id="{instance["id"]}" timeout="120"/>'
+    refused = _read_together_with_a_reload(jobd, users["carol"], wait)
+    [new_request] = xml_session(jobd, users["carol"], f'<instance action="wait" id="{instance["id"]}"/>')[1:]
+    assert refused.get("error-code") == "INSUFFICIENT_RIGHTS", refused
+    assert refused.get("error") == new_request.get("error"), (refused, new_request.attrib)
+
+
+def test_a_synchronous_launch_read_together_with_a_reload_that_took_its_right_away_is_answered_its_id_at_once(
+    make_daemon: Any, users: dict[str, Any], tmp_path: Path
+) -> None:
+    """A synchronous launch is checked when it is read, and its wait for the instance's end begins in a later turn
+    of jobd's loop (with the default durability, at once: no fsync to wait for first). A reload read in the same
+    turn, after the launch, that took its exec right away is seen then too: the launch is answered at once, as at a
+    reload during its wait (its id, wait="timedout"), not when the instance ends."""
+    jobd = started(make_daemon, CONFIG)
+    _granted_until_the_next_daemon_reload(jobd, tmp_path, users["carol"], "exec")
+    launch = '<instance action="launch" name="wf-slow" mode="synchronous" timeout="120"/>'
+    answered = _read_together_with_a_reload(jobd, users["carol"], launch)
+    assert {name: answered.get(name) for name in LAUNCH_ANSWERED_WITHOUT_ITS_END} == LAUNCH_ANSWERED_WITHOUT_ITS_END
+
+
+def _granted_until_the_next_daemon_reload(jobd: Daemon, tmp_path: Path, account: pwd.struct_passwd, right: str) -> None:
+    """`account` given `right` on workflow wf-slow by a drop-in linked to a file outside the watched directories,
+    which _read_together_with_a_reload empties: the change is read by its daemon.reload alone, not by another from
+    jobd's watch of the files later."""
+    grant = tmp_path / "grant.toml"
+    grant.write_text(
+        f'[[access.grant]]\nusers = ["{account.pw_name}"]\nrights = ["{right}"]\nworkflows = ["wf-slow"]\n'
+    )
+    (jobd.config_dir / "jobd.d" / "grant.toml").symlink_to(grant)
+    wait_for_log(jobd, "configuration reloaded", count=1)  # jobd's own reload, at the link's creation
+
+
+def _read_together_with_a_reload(jobd: Daemon, account: pwd.struct_passwd, command: str) -> Any:
+    """The attributes of jobd's answer to the evQueue `command` `account` sends, read in one turn of jobd's loop
+    with a daemon.reload after it that empties the grant of _granted_until_the_next_daemon_reload: jobd is stopped
+    (SIGSTOP) while the client sends its command and the test its reload. Checks that it was answered while every
+    instance (of wf-slow, whose task sleeps a minute) still ran: not when it ended."""
     admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     admin.connect(str(jobd.socket_path))
     replies = admin.makefile("rb")
@@ -680,35 +713,33 @@ def test_an_evqueue_wait_read_together_with_a_reload_that_took_its_right_away_is
     assert json.loads(replies.readline())["id"] == 1  # the connection is taken: its next request is read at once
     # Connected after the ping's answer: jobd has asked epoll again since it read the ping (it accepted this client
     # then), so the admin's connection is no longer on epoll's list of ready ones (asyncio's is level-triggered),
-    # and comes after the wait in it once both have sent.
-    waiting = held_as_user(jobd, users["carol"], HELD_EVQ_WAIT, str(instance["id"]))
+    # and comes after the command in it once both have sent.
+    client = held_as_user(jobd, account, HELD_EVQ_COMMAND, command)
     try:
-        assert waiting.stdout is not None and waiting.stdin is not None
-        assert waiting.stdout.readline() == "connected\n", waiting.stderr.read() if waiting.stderr else ""
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline() == "connected\n", client.stderr.read() if client.stderr else ""
         os.kill(jobd.pid, signal.SIGSTOP)
         try:
             os.waitid(os.P_PID, jobd.pid, os.WSTOPPED | os.WNOWAIT)  # returns once jobd is stopped
-            waiting.stdin.write("go\n")
-            waiting.stdin.flush()
-            assert waiting.stdout.readline() == "sent\n"
-            grant.write_text("")
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert client.stdout.readline() == "sent\n"
+            (jobd.config_dir / "jobd.d" / "grant.toml").resolve().write_text("")
             admin.sendall(b'{"jsonrpc": "2.0", "id": 2, "method": "daemon.reload"}\n')
         finally:
             os.kill(jobd.pid, signal.SIGCONT)
         assert json.loads(replies.readline())["result"]["ok"] is True
-        out, err = waiting.communicate(timeout=DEADLINE)
-        # Answered at the reload, while the instance still runs: not when it ends.
-        assert jobd.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED"
+        out, err = client.communicate(timeout=DEADLINE)
+        instances = jobd.call("instance.list", {})["instances"]
+        assert instances and all(listed["status"] != "TERMINATED" for listed in instances), instances
     finally:
         admin.close()
-        killed_if_running(waiting)
-        if jobd.call("instance.get", {"id": instance["id"]})["status"] != "TERMINATED":
-            jobd.call("instance.cancel", {"id": instance["id"]})
-    assert waiting.returncode == 0, err
-    refused = json.loads(out)
-    [new_request] = xml_session(jobd, users["carol"], f'<instance action="wait" id="{instance["id"]}"/>')[1:]
-    assert refused.get("error-code") == "INSUFFICIENT_RIGHTS", refused
-    assert refused.get("error") == new_request.get("error"), (refused, new_request.attrib)
+        killed_if_running(client)
+        for listed in jobd.call("instance.list", {})["instances"]:
+            if listed["status"] != "TERMINATED":
+                jobd.call("instance.cancel", {"id": listed["id"]})
+    assert client.returncode == 0, err
+    return json.loads(out)
 
 
 HELD_HTTP = """
