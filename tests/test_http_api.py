@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import socket
 import sqlite3
 import stat
@@ -23,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from harness import open_descriptors
 from prometheus_client.parser import text_string_to_metric_families
+from recovery.support import descriptors_limited
 
 from jobd.config import load_dir
 from jobd.engine.submit import Peer
@@ -459,6 +461,57 @@ def test_a_cancel_whose_token_a_reload_removed_while_its_body_came_is_answered_4
     log = daemon.log()
     assert "a POST /api/job.cancel client's token is no longer configured; answered 401" in log, log
     assert "internal error" not in log, log
+
+
+def test_a_wait_whose_token_jobd_cannot_look_up_at_a_reload_is_answered_503(make_daemon: Any) -> None:
+    """A request waiting at a reload is checked as its token now is, and a token's `user` is looked up again then.
+    Without a descriptor to spare to read the passwd database with, glibc says "no such user", which would make the
+    token's local user a remote client: the wait is answered 503 OUT_OF_RESOURCES instead, as a new request is then.
+
+    jobd is left a few descriptors (enough to read its files at the reload) and stopped (SIGSTOP) while the test
+    sends it a daemon.reload, then connects more HTTP clients than it has descriptors: jobd reads the reload, then
+    accepts those clients until it has no descriptor left, in the same turn of its loop, before the wait's check.
+    The token's user is `daemon`, an account of /etc/passwd alone (glibc's systemd module makes up `root` and
+    `nobody` without opening anything)."""
+    token = "a-token-of-the-daemon-account"
+    daemon = make_daemon(CONFIG + token_table("daemon", token, "daemon", admin=True))
+    job = daemon.submit(command=["sleep", "120"])  # an ad-hoc job: the token is an admin's, and may wait for it
+    wait = waiting_request(daemon, token, "job.wait", {"id": job["id"], "timeout": 120})
+    admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    admin.connect(str(daemon.socket_path))
+    replies = admin.makefile("rb")
+    admin.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n')
+    assert json.loads(replies.readline())["id"] == 1  # the connection is taken: its next request is read at once
+    listener = address(daemon)
+    daemon.call("audit.list", {"limit": 1})  # the entries waiting are written now, not once jobd has few descriptors
+    try:
+        # 16 more: what reading the configuration takes at once, and more.
+        with contextlib.ExitStack() as clients, descriptors_limited(daemon, 16) as free:
+            # The admin's connection is not on epoll's list of ready ones (jobd has asked epoll again since it read
+            # the ping), so it comes before the HTTP listener in it once both are ready.
+            os.kill(daemon.pid, signal.SIGSTOP)
+            try:
+                os.waitid(os.P_PID, daemon.pid, os.WSTOPPED | os.WNOWAIT)  # returns once jobd is stopped
+                admin.sendall(b'{"jsonrpc": "2.0", "id": 2, "method": "daemon.reload"}\n')
+                for _ in range(free + 16):  # queued by the kernel (the listen backlog, 100), to be accepted
+                    clients.enter_context(socket.create_connection(listener, timeout=TIMEOUT))
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
+            assert json.loads(replies.readline())["result"]["ok"] is True
+            status, body = answer(wait)
+        # Answered at the reload, while the job still runs (asked once the clients that held jobd's descriptors
+        # have gone).
+        assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"
+    finally:
+        admin.close()
+        wait.close()
+        daemon.call("job.cancel", {"id": job["id"]})
+    assert (status, body["error"]["code"]) == (503, "OUT_OF_RESOURCES"), (status, body)
+    assert body["error"]["message"] == (
+        "cannot look up the user 'daemon': Too many open files (jobd is short of open files or memory: see "
+        "LimitNOFILE=); ask again later"
+    )
+    assert "internal error" not in daemon.log()
 
 
 def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None:

@@ -319,6 +319,20 @@ def one_descriptor_left(daemon: Daemon) -> Any:
                 subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft_before}:"], check=True)
 
 
+@contextlib.contextmanager
+def descriptors_limited(daemon: Daemon, more: int) -> Any:
+    """jobd allowed `more` descriptors than its highest one: its soft and hard limits on open files set so (the hard
+    one too, or a reload would raise the soft one to what the configuration may need). Yields how many it has free
+    then (those `more` and the gaps below its highest one). The limits stay: the test may not raise the hard one
+    again (that takes CAP_SYS_RESOURCE, which a container may withhold from root)."""
+    descriptors = Path(f"/proc/{daemon.pid}/fd")
+    with contextlib.ExitStack() as held:
+        closes_settled(daemon, held)
+        limit = max(int(name) for name in os.listdir(descriptors)) + 1 + more
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:{limit}"], check=True)
+        yield limit - len(os.listdir(descriptors))
+
+
 def soft_limit_on_open_files(pid: int) -> int:
     limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
     return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))
