@@ -14,12 +14,21 @@ import sys
 import textwrap
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import REPO, Daemon
-from recovery.support import WAIT, Gate, gated, out_of_descriptors, soft_limit_on_open_files, wait_for_log
+from recovery.support import (
+    WAIT,
+    Gate,
+    gated,
+    out_of_descriptors,
+    soft_limit_on_open_files,
+    wait_events,
+    wait_for_log,
+)
 
 from jobd import config, openfiles
 from jobd.client import Client, RemoteError
@@ -438,6 +447,27 @@ def _past_the_job(daemon: Daemon, before: set[int]) -> int:
     return min({int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")} - before)
 
 
+@contextlib.contextmanager
+def _ended_waiting_for_its_files(daemon: Daemon, gate_path: Path, script: str, files: str) -> Iterator[dict[str, Any]]:
+    """A job running `script` (sh), let go once jobd is short of descriptors for good (its limit lowered to the
+    job's own lowest descriptor: those its end frees give jobd none), yielded once its leader has exited and its
+    end waits for `files` ("1.stdout and 1.log": in its output directory); jobd's descriptors come back after."""
+    gate = Gate(gate_path)
+    try:
+        before = {int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")}
+        job = daemon.submit(command=gated(gate, "sh", "-c", script))
+        output = daemon.state_dir / "output" / str(job["id"])
+        wait_for_log(daemon, f"job={job['id']} running")
+        pid = int(daemon.log().split(f"job={job['id']} running (attempt 1, pid ")[1].split(")")[0])
+        waited = " and ".join(f"{output}/{name}" for name in files.split(" and "))
+        with out_of_descriptors(daemon, _past_the_job(daemon, before)):
+            gate.release()
+            wait_for_log(daemon, f"pid {pid} has exited; its end waits until jobd can create {waited} ")
+            yield job
+    finally:
+        gate.release()
+
+
 def test_log_lines_left_in_fd_3_when_a_job_ends_still_short_of_descriptors_are_written_once_jobd_can(
     make_daemon: Any, tmp_path: Path
 ) -> None:
@@ -448,20 +478,9 @@ def test_log_lines_left_in_fd_3_when_a_job_ends_still_short_of_descriptors_are_w
     # the end waits, its pipes unread, until the files can be created, as a running job's output waits: nothing is
     # lost.
     daemon: Daemon = make_daemon(QUEUE)
-    gate = Gate(tmp_path / "gate")
-    try:
-        before = {int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")}
-        # 23,893 bytes each: within what a pipe holds
-        job = daemon.submit(command=gated(gate, "sh", "-c", "seq 5000; seq 5000 >&3; echo %40 >&3"))
-        output = daemon.state_dir / "output" / str(job["id"])
-        wait_for_log(daemon, f"job={job['id']} running")
-        pid = int(daemon.log().split(f"job={job['id']} running (attempt 1, pid ")[1].split(")")[0])
-        with out_of_descriptors(daemon, _past_the_job(daemon, before)):
-            gate.release()
-            waits = f"pid {pid} has exited; its end waits until jobd can create {output}/1.stdout and {output}/1.log"
-            wait_for_log(daemon, waits)
-    finally:
-        gate.release()
+    script = "seq 5000; seq 5000 >&3; echo %40 >&3"  # 23,893 bytes each: within what a pipe holds
+    with _ended_waiting_for_its_files(daemon, tmp_path / "gate", script, "1.stdout and 1.log") as job:
+        pass
     finished = daemon.wait(job["id"])
     assert (finished["state"], finished["progress"]) == ("succeeded", 40), finished
     lines = "".join(f"{number}\n" for number in range(1, 5001))
@@ -476,26 +495,102 @@ def test_a_stop_does_not_wait_for_the_file_of_an_ended_jobs_output(make_daemon: 
     # closed its sockets) does not hold a stop: its end is recorded at once, the log lines the file could not take
     # counted as dropped (the attempt is truncated), and the log says so; its progress, read from the pipe, is kept.
     daemon: Daemon = make_daemon(QUEUE)
-    gate = Gate(tmp_path / "gate")
-    try:
-        before = {int(name) for name in os.listdir(f"/proc/{daemon.pid}/fd")}
-        job = daemon.submit(command=gated(gate, "sh", "-c", "seq 5000 >&3; echo %40 >&3"))
-        log = daemon.state_dir / "output" / str(job["id"]) / "1.log"
-        wait_for_log(daemon, f"job={job['id']} running")
-        with out_of_descriptors(daemon, _past_the_job(daemon, before)):
-            gate.release()
-            wait_for_log(daemon, f"has exited; its end waits until jobd can create {log}")
-            # Nor can any descriptor the stop frees (the listening sockets, the clients') be used.
-            subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile=3:"], check=True)
-            assert daemon.stop() == 0
-    finally:
-        gate.release()
+    with _ended_waiting_for_its_files(daemon, tmp_path / "gate", "seq 5000 >&3; echo %40 >&3", "1.log") as job:
+        # Nor can any descriptor the stop frees (the listening sockets, the clients') be used.
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile=3:"], check=True)
+        assert daemon.stop() == 0
+    log = daemon.state_dir / "output" / str(job["id"]) / "1.log"
     assert f"cannot write {log}: Too many open files; what the job writes there from now on is dropped" in daemon.log()
     daemon.start()
     finished = daemon.wait(job["id"])
     assert (finished["state"], finished["progress"]) == ("succeeded", 40), finished
     [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
     assert attempt["truncated"] is True, attempt
+
+
+def test_a_cancel_of_a_job_whose_end_waits_for_its_output_file_is_answered_once_that_end_is_recorded(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # The job's leader has exited on its own; its end waits for the log file jobd cannot create yet. A cancel
+    # then has nothing to stop: it waits for that end, as for any job whose exit jobd has not handled yet, and is
+    # answered JOB_FINISHED (and audited so) once it is recorded, with what the job wrote kept whole.
+    daemon: Daemon = make_daemon(QUEUE)
+    with daemon.client() as canceller, daemon.client() as asker:
+        with _ended_waiting_for_its_files(daemon, tmp_path / "gate", "seq 5000 >&3; echo %40 >&3", "1.log") as job:
+            cancel = canceller.send_request("job.cancel", {"id": job["id"]})
+            assert asker.call("job.get", {"id": job["id"]})["state"] == "running"  # it waits for its file
+        with pytest.raises(RemoteError) as refused:
+            canceller.next_event_or_reply(cancel, timeout=WAIT)
+    assert (refused.value.code, refused.value.data["state"]) == ("JOB_FINISHED", "succeeded"), refused.value
+    finished = daemon.wait(job["id"])
+    assert (finished["state"], finished["progress"]) == ("succeeded", 40), finished
+    assert daemon.output(job["id"], "log") == "".join(f"{number}\n" for number in range(1, 5001))
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is False, attempt
+    [entry] = daemon.call("audit.list", {"command": "job.cancel"})["entries"]
+    assert (entry["target"], entry["result"]) == (f"job {job['id']}", "JOB_FINISHED"), entry
+    assert "cancel requested" not in daemon.log()  # nothing was signalled
+
+
+def test_a_stop_while_a_cancel_waits_for_the_end_of_a_job_whose_output_file_cannot_be_created_answers_it(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # A stop does not wait for the file (let_go): the end is recorded at once, the log lines the file could not take
+    # counted as dropped and said so, and the cancel that waited for that end is answered (JOB_FINISHED, audited)
+    # before jobd exits, not left without a reply.
+    daemon: Daemon = make_daemon(QUEUE)
+    with daemon.client() as canceller:
+        with _ended_waiting_for_its_files(daemon, tmp_path / "gate", "seq 5000 >&3; echo %40 >&3", "1.log") as job:
+            cancel = canceller.send_request("job.cancel", {"id": job["id"]})
+            subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile=3:"], check=True)  # the stop frees none
+            assert daemon.stop() == 0
+        with pytest.raises(RemoteError) as refused:
+            canceller.next_event_or_reply(cancel, timeout=WAIT)
+    assert (refused.value.code, refused.value.data["state"]) == ("JOB_FINISHED", "succeeded"), refused.value
+    log = daemon.state_dir / "output" / str(job["id"]) / "1.log"
+    assert f"cannot write {log}: Too many open files; what the job writes there from now on is dropped" in daemon.log()
+    daemon.start()
+    finished = daemon.wait(job["id"])
+    assert (finished["state"], finished["progress"]) == ("succeeded", 40), finished
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is True, attempt
+    [entry] = daemon.call("audit.list", {"command": "job.cancel"})["entries"]
+    assert (entry["target"], entry["result"]) == (f"job {job['id']}", "JOB_FINISHED"), entry
+
+
+def test_a_last_log_line_without_its_newline_is_a_line_when_its_jobs_end_waits_for_the_log_file(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    # As a job's last fd 3 line without its newline is a log line when jobd has its descriptors (test_jobs.py), it is
+    # one when the job ends while jobd cannot create the log file and its end waits for it: written to the file with
+    # its newline, and told to listeners, once jobd can create the file.
+    daemon: Daemon = make_daemon(QUEUE)
+    with daemon.client() as listener:
+        listener.call("events.subscribe", {"types": ["job.log"]})
+        script = "seq 3 >&3; printf 'last words' >&3"
+        with _ended_waiting_for_its_files(daemon, tmp_path / "gate", script, "1.log") as job:
+            pass
+        told = [event["line"] for event in wait_events(listener, lambda event: event["id"] == job["id"], 4)]
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert daemon.output(job["id"], "log") == "1\n2\n3\nlast words\n"
+    assert told == ["1", "2", "3", "last words"], told
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["truncated"] is False, attempt
+
+
+def test_output_to_stderr_alone_waits_for_its_file_when_its_jobs_end_does(make_daemon: Any, tmp_path: Path) -> None:
+    # A job that writes to stderr only, and ends while jobd cannot create that file: its end waits for the stderr
+    # file alone (no stdout or log file is made), and what the job wrote there is kept whole once jobd can.
+    daemon: Daemon = make_daemon(QUEUE)
+    with _ended_waiting_for_its_files(daemon, tmp_path / "gate", "seq 5000 >&2; exit 3", "1.stderr") as job:
+        pass
+    finished = daemon.wait(job["id"])
+    assert (finished["state"], finished["exit_code"]) == ("failed", 3), finished
+    assert daemon.output(job["id"], "stderr") == "".join(f"{number}\n" for number in range(1, 5001))
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert (attempt["truncated"], attempt["stdout_bytes"], attempt["stderr_bytes"]) == (False, 0, 23_893), attempt
+    assert sorted(os.listdir(daemon.state_dir / "output" / str(job["id"]))) == ["1.stderr"]
+    assert "what the job writes there from now on is dropped" not in daemon.log()
 
 
 def test_a_last_log_line_held_at_the_end_of_fd_3_is_written_while_its_job_runs_on(
