@@ -802,6 +802,93 @@ def test_a_workflow_script_task_whose_script_jobd_cannot_write_waits_for_a_descr
     assert "Traceback" not in daemon.log()
 
 
+BINARY_WORKFLOW = """<workflow><subjobs><job name="one"><tasks>
+<task name="binary" path="/bin/true" queue="default"/>
+</tasks></job></subjobs></workflow>"""
+
+
+@pytest.mark.parametrize(
+    ("in_its_place", "cause"),
+    [("file", "Not a directory"), ("link to itself", "Too many levels of symbolic links")],
+)
+def test_a_scripts_directory_that_is_no_directory_does_not_stop_jobd_and_fails_script_tasks_saying_why(
+    make_daemon: Any, in_its_place: str, cause: str
+) -> None:
+    # At its start jobd lists STATE_DIR/scripts for the scripts of instances that ended while it could not remove
+    # them. Something else in its place stopped the start ("not starting: [Errno 20] Not a directory: …/scripts",
+    # naming neither what jobd did nor what to do), and a SCRIPT task then failed its instance as "an error in jobd
+    # (please report it)" with a traceback. Now jobd starts, says which directory cannot be listed and why, runs
+    # every other task, and a SCRIPT task fails to start saying why; once mended, SCRIPT tasks run again.
+    daemon: Daemon = make_daemon(QUEUE, start=False)
+    daemon.write_workflows(scripted=SCRIPT_WORKFLOW, binary=BINARY_WORKFLOW)
+    scripts = daemon.state_dir / "scripts"
+    daemon.state_dir.mkdir(parents=True, exist_ok=True)
+    if in_its_place == "file":
+        scripts.write_text("not a directory\n")
+    else:
+        scripts.symlink_to("scripts")
+    daemon.start()
+    assert f"cannot list {scripts}, where SCRIPT tasks' scripts are written: {cause}; " in daemon.log()
+    with daemon.client() as client:
+        ran = client.call("instance.launch", {"workflow": "binary"})["id"]
+        assert client.call("instance.wait", {"id": ran, "timeout": WAIT}, timeout=WAIT + 5)["errors"] == 0
+        failed = client.call("instance.launch", {"workflow": "scripted"})["id"]
+        assert client.call("instance.wait", {"id": failed, "timeout": WAIT}, timeout=WAIT + 5)["errors"] == 1
+        document = client.call("instance.get", {"id": failed, "format": "xml"})["xml"]
+        why = f"jobd could not submit the task: cannot write the script {scripts}/{failed}-3: {cause}"
+        assert why in document, document
+        scripts.unlink()  # mended: jobd makes the directory again
+        mended = client.call("instance.launch", {"workflow": "scripted"})["id"]
+        assert client.call("instance.wait", {"id": mended, "timeout": WAIT}, timeout=WAIT + 5)["errors"] == 0
+    log = daemon.log()
+    assert "Traceback" not in log and "error in jobd" not in log, log
+
+
+def test_a_scripts_directory_replaced_by_a_file_while_jobd_runs_does_not_fail_the_end_of_instances(
+    make_daemon: Any,
+) -> None:
+    # An instance's end lists STATE_DIR/scripts to remove its scripts: a file put in its place made every instance's
+    # end "an error in jobd (please report it)", with a traceback. Now the instance ends as it ran, and the log says
+    # which directory cannot be listed and why.
+    daemon: Daemon = make_daemon(QUEUE, start=False)
+    daemon.write_workflows(binary=BINARY_WORKFLOW)
+    daemon.start()
+    scripts = daemon.state_dir / "scripts"
+    scripts.write_text("not a directory\n")
+    with daemon.client() as client:
+        ran = client.call("instance.launch", {"workflow": "binary"})["id"]
+        ended = client.call("instance.wait", {"id": ran, "timeout": WAIT}, timeout=WAIT + 5)
+    assert (ended["status"], ended["errors"]) == ("TERMINATED", 0), ended
+    wait_for_log(daemon, f"cannot list {scripts}, where SCRIPT tasks' scripts are written: Not a directory; ")
+    log = daemon.log()
+    assert "Traceback" not in log and "error in jobd" not in log, log
+
+
+def test_a_scripts_directory_jobd_may_not_list_does_not_stop_its_start_and_is_cleaned_at_the_next_start_that_can(
+    make_daemon: Any,
+) -> None:
+    # The same for a directory whose mode shuts jobd out: jobd is run as root without the capabilities that let root
+    # pass over a file's mode (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so that mode 0000 refuses it the listing.
+    daemon: Daemon = make_daemon(QUEUE, start=False)
+    scripts = daemon.state_dir / "scripts"
+    scripts.mkdir(parents=True)
+    left = scripts / "7-3"  # the script of an instance that has ended (jobd knows no instance 7)
+    left.write_text("#!/bin/sh\n")
+    scripts.chmod(0)
+    shut_out = "-dac_override,-dac_read_search"
+    daemon.command_prefix = ["setpriv", f"--inh-caps={shut_out}", f"--bounding-set={shut_out}", "--"]
+    daemon.start()
+    assert f"cannot list {scripts}, where SCRIPT tasks' scripts are written: Permission denied; " in daemon.log()
+    assert daemon.call("ping")["pong"] is True
+    assert daemon.stop() == 0
+    assert left.exists()
+    scripts.chmod(0o700)
+    daemon.start()
+    wait_for_log(daemon, "removing the scripts left of ended instances 7")
+    assert not left.exists()
+    assert "Traceback" not in daemon.log()
+
+
 PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, where a private cgroup can be made
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from lxml import etree
 
-from jobd import users
+from jobd import logline, users
 from jobd.engine.core import Engine
 from jobd.engine.decisions import RESOURCE_RETRY_DELAY
 from jobd.engine.workflow import (
@@ -71,6 +71,9 @@ from jobd.store import STORE_RETRY_SECONDS as RETRY
 from jobd.store import InstanceFilter, JobFilter, Store, store_failure
 
 log = logging.getLogger("jobd.instances")
+# The scripts directory that cannot be listed is said at most once a minute (_scripts_unlisted): once for each
+# instance that ends otherwise.
+_unlisted = logline.Throttle(every=60.0)
 
 _DONE = (NodeStatus.TERMINATED, NodeStatus.ABORTED, NodeStatus.SKIPPED)
 # After a save of an instance's document that took t seconds, its next save waits SAVE_SPACING × t, so at most a
@@ -681,17 +684,21 @@ class Instances:
         return launcher, gid
 
     def _write_script(self, instance_id: int, evqid: int, script: str) -> str:
-        os.makedirs(self.scripts_dir, mode=0o700, exist_ok=True)
+        """The script's file, written; OutOfResources if jobd is short of descriptors (the task waits, _run_task, as
+        for its user's look-up), JobdError if it cannot be written (the task fails to start, saying why: it was
+        "an error in jobd", with a traceback, for a scripts directory jobd cannot use)."""
         path = os.path.join(self.scripts_dir, f"{instance_id}-{evqid}")
         try:
+            with contextlib.suppress(FileExistsError):  # something else in its place: the open says what (ENOTDIR)
+                os.makedirs(self.scripts_dir, mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o700)
-        except OSError as error:  # short of descriptors: the task waits (_run_task), as for its user's look-up
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(script)
+        except OSError as error:
             short = shortage(f"cannot write the script {path}", error, _TASK_WAITS)
             if short is None:
-                raise
+                raise JobdError(f"cannot write the script {path}: {error.strerror}") from None
             raise short from None
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(script)
         return path
 
     def _retry_due(self, instance_id: int, evqid: int) -> None:
@@ -776,8 +783,9 @@ class Instances:
             ids = ", ".join(map(str, sorted(self._scripts_left)))
             what = f"cannot remove the scripts of instance{'s' if len(self._scripts_left) > 1 else ''} {ids} now"
             short = shortage(what, error, f"tried again in {RESOURCE_RETRY_DELAY:g}s")
-            if short is None:
-                raise
+            if short is None:  # kept in _scripts_left: removed at the next listing that works
+                self._scripts_unlisted(error)
+                return
             log.warning("%s", short.message)
             if not self._closed:
                 # no-poll-ok: tried again only while jobd is short of descriptors, as a held job start is
@@ -789,6 +797,25 @@ class Instances:
                     os.unlink(os.path.join(self.scripts_dir, name))
         self._scripts_left.clear()
 
+    def _scripts_unlisted(self, error: OSError) -> None:
+        """Say that the scripts directory cannot be listed for a reason of its own, not a passing shortage: a file,
+        or a link that leads nowhere jobd can list, in its place, or a mode that shuts jobd out. It failed jobd's
+        start ("not starting: [Errno 20] Not a directory: …", naming neither what jobd did nor what to do), and the
+        end of every instance after it. The first time for each cause, then at most once a minute."""
+        due = _unlisted.due(error.strerror)
+        if due is None:
+            return
+        held, seconds = due
+        more = f" ({held} more times in the last {seconds:.0f} s)" if held else ""
+        log.error(
+            "cannot list %s, where SCRIPT tasks' scripts are written: %s; the scripts of ended instances are left "
+            "there, and SCRIPT tasks cannot run, until it is a directory jobd can list and write to (mode 0700, "
+            "jobd's own)%s",
+            self.scripts_dir,
+            error.strerror,
+            more,
+        )
+
     def _remove_scripts_of_ended(self) -> None:
         """At a start: remove the scripts of every instance that is not executing, left by a stop while jobd was short
         of descriptors (or by a crash between an instance's end and the removal of its scripts)."""
@@ -798,8 +825,9 @@ class Instances:
             return
         except OSError as error:
             short = shortage("cannot look for scripts left of ended instances", error, "the next start will")
-            if short is None:
-                raise
+            if short is None:  # jobd starts all the same: only those scripts are left, and SCRIPT tasks fail
+                self._scripts_unlisted(error)
+                return
             log.warning("%s", short.message)
             return
         self._scripts_left = {
