@@ -26,7 +26,7 @@ from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch
 from jobd.engine import access
 from jobd.engine.schedule import Calendar
 from jobd.engine.submit import Peer
-from jobd.errors import InsufficientRights, JobdError, ShuttingDown, TimedOut, UnknownWorkflow
+from jobd.errors import InsufficientRights, JobdError, ShuttingDown, TimedOut, UnknownWorkflow, memory_shortage
 from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
 from jobd.protocol import evqueue as xml
 from jobd.store import InstanceFilter, refused_request
@@ -145,6 +145,8 @@ class EvQueue:
         if (store_failed := refused_request("evQueue request", failure)) is not None:
             self.api.engine.write_refused("evQueue request", store_failed)
             return self.error(store_failed)
+        if (short := memory_shortage(failure)) is not None:
+            return self.error(short)
         log.error("internal error answering an evQueue request", exc_info=failure)
         return self.error(JobdError(f"internal error: {type(failure).__name__}: {failure}"))
 

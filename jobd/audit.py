@@ -22,7 +22,7 @@ from typing import Any, Final
 from jobd.durable import DurableReply
 from jobd.engine.core import AfterReply
 from jobd.engine.submit import Peer
-from jobd.errors import JobdError
+from jobd.errors import JobdError, memory_shortage
 from jobd.model import AuditEntry, printable
 from jobd.store import Store, store_failure
 
@@ -199,6 +199,8 @@ def _code(failure: BaseException) -> tuple[str, str]:
         return failure.code, failure.message
     if isinstance(failure, Exception) and (store_failed := store_failure(failure)) is not None:
         return store_failed.code, store_failed.message
+    if (short := memory_shortage(failure)) is not None:
+        return short.code, short.message
     if isinstance(failure, asyncio.CancelledError):
         return "INTERRUPTED", "the connection closed before the result was known"
     return JobdError.code, f"internal error: {type(failure).__name__}: {failure}"

@@ -176,6 +176,15 @@ def shortage(what: str, error: OSError, then: str) -> OutOfResources | None:
     return OutOfResources(f"{what}: {error.strerror} (jobd is short of open files or memory: see LimitNOFILE=); {then}")
 
 
+def memory_shortage(failure: BaseException) -> OutOfResources | None:
+    """OutOfResources for a MemoryError that reached a request's boundary from anywhere but the database (whose own
+    store.store_failure names): jobd is short of memory, which is not a bug, and the same request may succeed once
+    memory is freed. None for any other failure."""
+    if not isinstance(failure, MemoryError):
+        return None
+    return OutOfResources("jobd ran out of memory answering this (see MemoryMax= and the kernel log); ask again later")
+
+
 class StartupError(Exception):
     """jobd refuses to start: another jobd owns the state or the socket, the database is from a newer jobd, …
 

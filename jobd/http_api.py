@@ -51,6 +51,7 @@ from jobd.errors import (
     UnknownSchedule,
     UnknownTask,
     UnknownWorkflow,
+    memory_shortage,
 )
 from jobd.linux import peer_credentials
 from jobd.model import (
@@ -495,6 +496,8 @@ class HttpApi:
             if (store_failed := refused_request(what, failure)) is not None:
                 self.api.engine.write_refused(what, store_failed)
                 return _failure(store_failed)
+            if (short := memory_shortage(failure)) is not None:
+                return _failure(short)
             log.error("internal error in %s", what, exc_info=failure)
             return _failure(JobdError(f"internal error: {type(failure).__name__}: {failure}"))
         finally:

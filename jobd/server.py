@@ -40,6 +40,7 @@ from jobd.errors import (
     ShuttingDown,
     StartupError,
     TooManyConnections,
+    memory_shortage,
 )
 from jobd.linux import peer_credentials
 from jobd.model import ADMIN_CONNECTIONS, AccessDef, host_port
@@ -805,6 +806,7 @@ def _failure_reply(engine: Engine, member: jsonrpc.Request, failure: Exception) 
     if (store_failed := refused_request(member.method, failure)) is not None:
         engine.write_refused(member.method, store_failed)
         failure = store_failed
+    failure = memory_shortage(failure) or failure
     if isinstance(failure, JobdError):
         reply = jsonrpc.error(member.id, failure)
     else:  # the request boundary: a bug is logged and answered, never fatal

@@ -2175,8 +2175,11 @@ def store_failure(failure: Exception) -> StoreFailed | None:
     "parser stack overflow", "too many SQL variables", "Expression tree is too large"), whatever the disk. Out of
     memory (SQLite's SQLITE_NOMEM, which sqlite3 raises as MemoryError) is the machine's too: a shortage, as a full
     disk is, or SQLite's "unable to open database file" when jobd has no descriptor left, not a bug; the same write
-    may succeed once memory is freed."""
+    may succeed once memory is freed. A MemoryError raised anywhere else (reading a job's output, building a
+    reply) is not the database's: None (errors.memory_shortage names it at a request's boundary)."""
     if isinstance(failure, MemoryError):
+        if not _raised_using_the_database(failure):
+            return None
         return StoreFailed("jobd ran out of memory using its database (see MemoryMax= and the kernel log)")
     environmental = isinstance(failure, sqlite3.OperationalError | peewee.OperationalError) or type(failure) in (
         sqlite3.DatabaseError,
@@ -2193,6 +2196,24 @@ def store_failure(failure: Exception) -> StoreFailed | None:
             "first (the file may well be sound); otherwise restore it from a backup"
         )
     return StoreFailed(f"jobd could not write its database ({failure})")
+
+
+# Where jobd's database is used from: the store, peewee under it, and the copies of a backup (SQLite's own code
+# leaves no Python frame, so one of these called it).
+_DATABASE_CODE = frozenset({__file__, peewee.__file__, os.path.join(os.path.dirname(__file__), "backup.py")})
+
+
+def _raised_using_the_database(failure: BaseException) -> bool:
+    """Whether `failure` was raised in the code that uses the database (_DATABASE_CODE), or in SQLite called from it:
+    sqlite3 raises SQLite's SQLITE_NOMEM as a plain MemoryError, which only where it was raised tells apart from one
+    of any other allocation of jobd's (a MemoryError of os.pread in job.output was "jobd ran out of memory using its
+    database", and daemon.status said the database took no writes)."""
+    frames = failure.__traceback__
+    if frames is None:
+        return False
+    while frames.tb_next is not None:
+        frames = frames.tb_next
+    return frames.tb_frame.f_code.co_filename in _DATABASE_CODE
 
 
 # A request refused for the database's trouble is logged once for each request name and trouble, then one line a

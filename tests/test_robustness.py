@@ -362,6 +362,38 @@ def test_output_asked_for_while_jobd_is_out_of_descriptors_is_refused_as_a_short
     assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
 
 
+def test_output_asked_for_while_jobd_has_no_memory_to_read_it_with_is_refused_as_a_shortage_not_the_databases(
+    make_daemon: Any,
+) -> None:
+    # Any MemoryError that reached a request's boundary was named "jobd ran out of memory using its database"
+    # (STORE_FAILED), and daemon.status's store_trouble then said the database took no writes: here os.pread of
+    # job.output, far from SQLite. Now it is OUT_OF_RESOURCES, saying jobd ran out of memory, and the database is not
+    # blamed. The shortage is real: jobd's address space is limited (RLIMIT_AS, on the running daemon) to what it
+    # has mapped, so the MiB the read asks for cannot be had.
+    daemon: Daemon = make_daemon(QUEUE)
+    job = daemon.submit(command=["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"])
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    asked = {"id": job["id"], "limit": 1 << 20}
+    with daemon.client() as client:
+        client.call("ping")  # accepted, and answered, before the limit
+        with open(f"/proc/{daemon.pid}/stat") as stat:
+            mapped = int(stat.read().rsplit(")", 1)[1].split()[20])  # vsize, in bytes
+        resource.prlimit(daemon.pid, resource.RLIMIT_AS, (mapped, resource.RLIM_INFINITY))
+        try:
+            with pytest.raises(RemoteError) as refused:
+                client.call("job.output", asked)
+        finally:
+            resource.prlimit(daemon.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert refused.value.code == "OUT_OF_RESOURCES", refused.value
+        assert str(refused.value).endswith(
+            "jobd ran out of memory answering this (see MemoryMax= and the kernel log); ask again later"
+        ), refused.value
+        assert client.call("daemon.status")["store_trouble"] is None
+        assert client.call("job.output", asked)["data"] == "x" * (1 << 20)  # memory to spare again
+    log = daemon.log()
+    assert "using its database" not in log and "internal error" not in log and "Traceback" not in log, log
+
+
 def _writing_while_out_of_descriptors(daemon: Daemon, gate_path: Path, argv: list[str], until: str) -> dict[str, Any]:
     """A job `argv` started while jobd had descriptors, let go (a lock the test held) once it has none: the job,
     once `until` (JOB: its id) is in the log, jobd's descriptors back."""
