@@ -839,6 +839,13 @@ BINARY_WORKFLOW = """<workflow><subjobs><job name="one"><tasks>
 </tasks></job></subjobs></workflow>"""
 
 
+def _ran(client: Client, workflow: str) -> dict[str, Any]:
+    """An instance of `workflow`, launched and waited for: as it ended."""
+    launched = client.call("instance.launch", {"workflow": workflow})["id"]
+    ended: dict[str, Any] = client.call("instance.wait", {"id": launched, "timeout": WAIT}, timeout=WAIT + 5)
+    return ended
+
+
 @pytest.mark.parametrize(
     ("in_its_place", "cause"),
     [("file", "Not a directory"), ("link to itself", "Too many levels of symbolic links")],
@@ -862,16 +869,14 @@ def test_a_scripts_directory_that_is_no_directory_does_not_stop_jobd_and_fails_s
     daemon.start()
     assert f"cannot list {scripts}, where SCRIPT tasks' scripts are written: {cause}; " in daemon.log()
     with daemon.client() as client:
-        ran = client.call("instance.launch", {"workflow": "binary"})["id"]
-        assert client.call("instance.wait", {"id": ran, "timeout": WAIT}, timeout=WAIT + 5)["errors"] == 0
-        failed = client.call("instance.launch", {"workflow": "scripted"})["id"]
-        assert client.call("instance.wait", {"id": failed, "timeout": WAIT}, timeout=WAIT + 5)["errors"] == 1
-        document = client.call("instance.get", {"id": failed, "format": "xml"})["xml"]
-        why = f"jobd could not submit the task: cannot write the script {scripts}/{failed}-3: {cause}"
+        assert _ran(client, "binary")["errors"] == 0
+        failed = _ran(client, "scripted")
+        assert failed["errors"] == 1
+        document = client.call("instance.get", {"id": failed["id"], "format": "xml"})["xml"]
+        why = f"jobd could not submit the task: cannot write the script {scripts}/{failed['id']}-3: {cause}"
         assert why in document, document
         scripts.unlink()  # mended: jobd makes the directory again
-        mended = client.call("instance.launch", {"workflow": "scripted"})["id"]
-        assert client.call("instance.wait", {"id": mended, "timeout": WAIT}, timeout=WAIT + 5)["errors"] == 0
+        assert _ran(client, "scripted")["errors"] == 0
     log = daemon.log()
     assert "Traceback" not in log and "error in jobd" not in log, log
 
@@ -888,8 +893,7 @@ def test_a_scripts_directory_replaced_by_a_file_while_jobd_runs_does_not_fail_th
     scripts = daemon.state_dir / "scripts"
     scripts.write_text("not a directory\n")
     with daemon.client() as client:
-        ran = client.call("instance.launch", {"workflow": "binary"})["id"]
-        ended = client.call("instance.wait", {"id": ran, "timeout": WAIT}, timeout=WAIT + 5)
+        ended = _ran(client, "binary")
     assert (ended["status"], ended["errors"]) == ("TERMINATED", 0), ended
     wait_for_log(daemon, f"cannot list {scripts}, where SCRIPT tasks' scripts are written: Not a directory; ")
     log = daemon.log()
