@@ -49,6 +49,11 @@ final class Client
     private bool $subscribed = false;
     /** Why the connection of the last subscription was closed under it (a call timed out or broke), for events(). */
     private ?string $subscriptionLost = null;
+    /**
+     * The last message read, as it came: errors quote it so. Decoded into PHP arrays, an empty object `{}` would
+     * read `[]`, as an empty list does.
+     */
+    private string $lastMessage = '';
     private readonly string $socketPath;
 
     /**
@@ -735,7 +740,9 @@ final class Client
                     throw ErrorMap::exception($message['error']);
                 }
                 if (!array_key_exists('result', $message)) {
-                    throw new ProtocolException('reply has neither result nor error: ' . json_encode($message));
+                    throw new ProtocolException(
+                        'reply has neither result nor error: ' . substr($this->lastMessage, 0, 200)
+                    );
                 }
                 return $message['result'];
             }
@@ -768,13 +775,14 @@ final class Client
             $this->close();
             throw ErrorMap::exception($message['error']);
         }
-        throw new ProtocolException('unexpected message from jobd: ' . substr((string) json_encode($message), 0, 200));
+        throw new ProtocolException('unexpected message from jobd: ' . substr($this->lastMessage, 0, 200));
     }
 
     /** @return array<mixed> */
     private function readMessage(float $deadline): array
     {
         $line = $this->readLine($deadline);
+        $this->lastMessage = $line;
         if (str_starts_with(ltrim($line), '<')) {
             throw new ProtocolException(
                 "{$this->socketPath} speaks XML (evQueue's protocol, as jobd's evqueue_socket does), not jobd's "

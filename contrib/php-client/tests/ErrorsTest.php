@@ -154,6 +154,38 @@ final class ErrorsTest extends JobdTestCase
         }
     }
 
+    public function testAnUnexpectedReplyIsQuotedAsItWasSent(): void
+    {
+        // A peer that is not in step with the client (not jobd, or jobd and a client shared across a fork): the
+        // message quotes the reply as it came. Decoded into PHP arrays, an empty object `{}` was quoted as `[]`, a
+        // list, which is not what was sent.
+        $sent = [
+            '{"jsonrpc":"2.0","id":99,"result":{"jobs":{},"tags":[]}}' => 'unexpected message from jobd: ',
+            '{"jsonrpc":"2.0","id":1,"outcome":{}}' => 'reply has neither result nor error: ',
+        ];
+        $dir = $this->temporaryDirectory();
+        foreach ($sent as $reply => $why) {
+            $path = "$dir/peer.sock";
+            @unlink($path);
+            $server = stream_socket_server("unix://$path");
+            self::assertIsResource($server);
+            $jobd = new Client($path);
+            $jobd->connect();
+            $peer = stream_socket_accept($server);
+            self::assertIsResource($peer);
+            fwrite($peer, "$reply\n"); // already there when the client reads the reply to its first request (id 1)
+            try {
+                $jobd->ping();
+                self::fail("the reply $reply must be refused");
+            } catch (ProtocolException $e) {
+                self::assertSame($why . $reply, $e->getMessage());
+            } finally {
+                fclose($peer);
+                fclose($server);
+            }
+        }
+    }
+
     public function testStaleSocketSaysNothingListens(): void
     {
         $dir = $this->temporaryDirectory();
