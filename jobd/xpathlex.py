@@ -1,12 +1,14 @@
 """XPath 1.0's lexical rules (XPath 1.0 §3.7): an expression split into tokens, names and `*` told apart from
-operators. Shared by the workflows' rewriting of evQueue's function steps (jobd.engine.xpath) and by the evQueue
-protocol's xpathfilter (jobd.protocol.evqueue), which works on tokens too; it evaluates nothing.
+operators; and the other way, a number as XPath writes it (§4.2). Shared by the workflows' XPath (jobd.engine.xpath)
+and by the evQueue protocol's xpathfilter (jobd.protocol.evqueue), which works on tokens too; it evaluates nothing.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 
 class XPathError(ValueError):
@@ -82,3 +84,16 @@ def tokenize(expression: str) -> list[Token]:
             kind = group
         tokens.append(Token(kind, text, match.start(), match.end()))
     return tokens
+
+
+def number_string(number: float) -> str:
+    """A number as XPath's string() writes it: `NaN`, `Infinity`, `-Infinity`, an integer without a fraction, any
+    other number in decimal digits (never with an exponent), as few as tell it apart from its neighbours."""
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "Infinity" if number > 0 else "-Infinity"
+    if number == int(number):
+        return str(int(number))
+    text = format(Decimal(repr(number)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text

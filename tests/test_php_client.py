@@ -205,3 +205,24 @@ def test_php_instances_list_filters_on_a_hundred_values_and_reads_through_many_g
     assert refused["error-code"] == "INVALID_PARAMETER", refused
     assert "at most 100 launch parameter values, not 101" in refused["error"]
     assert tcp_daemon.call("daemon.status")["store_trouble"] is None
+
+
+def test_php_xpathfilter_numbers_are_answered_as_xpath_writes_them(tcp_daemon: Any) -> None:
+    # evQueue wrote an integer result as an integer, and failed on every result of `div` (a float, which its
+    # DOMXPathResult::GetNodeType does not know: UNEXPECTED_EXCEPTION, and the connection closed). jobd cut such
+    # numbers down to an integer, so half a queue read as 0 queues: a wrong answer that looked right. They are now
+    # answered as XPath's string() writes them, whole numbers still without a fraction.
+    filters = ["count(/response/queue)", "count(/response/queue) div 2", "-1 div 8", "1 div 0", "-1 div 0", "0 div 0"]
+    report = converse(
+        str(tcp_daemon.evqueue_socket),
+        [{"group": "queuepool", "attributes": {"action": "list", "xpathfilter": expression}} for expression in filters],
+    )
+    answers = [(answer["attributes"]["status"], answer["text"]) for answer in report["answers"]]
+    assert answers == [
+        ("OK", "1"),
+        ("OK", "0.5"),
+        ("OK", "-0.125"),
+        ("OK", "Infinity"),
+        ("OK", "-Infinity"),
+        ("OK", "NaN"),
+    ], report

@@ -29,12 +29,11 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from lxml import etree
 
-from jobd.xpathlex import NODE_TYPES, Token, tokenize
+from jobd.xpathlex import NODE_TYPES, Token, number_string, tokenize
 from jobd.xpathlex import XPathError as XPathError  # raised by the tokenizer too: one error for callers
 
 STEP_NAMESPACE = "urn:jobd:workflow:evq-step"
@@ -345,7 +344,7 @@ def string_value(value: XPathValue) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return _number_string(value)
+        return number_string(value)
     if isinstance(value, str):
         return str(value)
     if not value:
@@ -357,17 +356,6 @@ def node_string(node: Any) -> str:
     if isinstance(node, etree._Element):
         return "".join(str(text) for text in node.itertext())
     return str(node)
-
-
-def _number_string(number: float) -> str:
-    if math.isnan(number):
-        return "NaN"
-    if math.isinf(number):
-        return "Infinity" if number > 0 else "-Infinity"
-    if number == int(number):
-        return str(int(number))
-    text = format(Decimal(repr(number)), "f")  # XPath never uses exponents
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def boolean_value(value: XPathValue) -> bool:

@@ -10,7 +10,6 @@ value (`InstanceLaunch`, `InstancesList`, …) or raises the error evQueue would
 from __future__ import annotations
 
 import copy
-import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +24,7 @@ from lxml import etree
 from jobd import safexml
 from jobd.errors import FrameTooLarge, InvalidParams, InvalidXml, JobdError, UnknownCommand
 from jobd.model import OBJECT_NAME, OBJECT_NAME_RULE
-from jobd.xpathlex import NODE_TYPES, XPathError, tokenize
+from jobd.xpathlex import NODE_TYPES, XPathError, number_string, tokenize
 
 MAX_FRAME: Final = 1024 * 1024  # bytes in one request document, from its first `<` to the `>` closing its root
 MAX_DEPTH: Final = 64  # elements nested in a request; evQueue's requests use two levels
@@ -966,8 +965,8 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
     """evQueue's `xpathfilter`: the answer becomes a new `<response node=… status="OK">` holding what the expression
     selects in the response (evaluated from its root), as evQueue 3.3 builds it (APISession::QueryReceived imports
     the first result into a fresh response): a copy of the first node selected, the text of an attribute, or the
-    value of a string, number (as an integer) or boolean (`true`/`false`); nothing selected leaves it empty. Its
-    clients read that answer as any other (status on the root, then its children).
+    value of a string, number (as XPath's string() writes it) or boolean (`true`/`false`); nothing selected leaves it
+    empty. Its clients read that answer as any other (status on the root, then its children).
 
     Raises InvalidParams (INVALID_PARAMETER) when the expression is invalid, too long or too slow; the caller answers
     it as a KO response. EXSLT regular expressions are off: a hostile pattern could otherwise spin the event loop.
@@ -1009,17 +1008,15 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
 
 
 def _xpath_text(value: object) -> str:
-    """A value XPath returned as evQueue writes it into a filtered answer: booleans `true`/`false`, numbers as
-    integers (evQueue's `getIntegerValue`), strings and attribute values as they are, a namespace node as its URI
-    (its XPath string-value; lxml gives it as a (prefix, URI) tuple)."""
+    """A value XPath returned as evQueue writes it into a filtered answer: booleans `true`/`false`, strings and
+    attribute values as they are, a namespace node as its URI (its XPath string-value; lxml gives it as a
+    (prefix, URI) tuple), numbers as XPath's string() writes them. evQueue wrote its integers so (`count(…)` is 3);
+    it failed on any other number (a result of `div`: "Unknown result type", then closed the connection), for which
+    jobd gives the exact value (`0.5`, `Infinity`, `NaN`) rather than cut it down to an integer."""
     if isinstance(value, tuple) and len(value) == 2:
         return str(value[1])
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return str(int(value))
+        return number_string(value)
     return str(value)
