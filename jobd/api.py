@@ -869,7 +869,13 @@ def _readable(api: Api, session: Session, kind: ObjectKind, names: Iterable[str]
 
 
 def _workflow_json(definition: WorkflowDef, peer: Peer) -> dict[str, Any]:
-    shown = {"name": definition.name, "parameters": list(definition.parameters), "path": definition.path}
+    shown = {
+        "name": definition.name,
+        "parameters": list(definition.parameters),
+        "group": definition.group,  # those of evQueue's git file (docs/workflows.md); empty for a plain definition
+        "comment": definition.comment,
+        "path": definition.path,
+    }
     if not peer.is_admin:  # which files configure jobd is the admins' business (as daemon.status's config_files)
         del shown["path"]
     return shown

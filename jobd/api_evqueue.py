@@ -279,7 +279,14 @@ def _readable_names(api: Api, peer: Peer, kind: ObjectKind, names: Iterable[str]
 
 
 def _workflow_attrs(workflow_id: int, workflow: WorkflowDef) -> dict[str, xml.AttributeValue]:
-    return {"id": workflow_id, "name": workflow.name, "group": "", "comment": "", "lastcommit": ""}
+    # group and comment: those of evQueue's git file, if the workflow is one; jobd has no git, hence no last commit.
+    return {
+        "id": workflow_id,
+        "name": workflow.name,
+        "group": workflow.group,
+        "comment": workflow.comment,
+        "lastcommit": "",
+    }
 
 
 def _definition(workflow: WorkflowDef) -> etree._Element:
@@ -655,7 +662,9 @@ def workflow_get(service: EvQueue, peer: Peer, command: xml.WorkflowGet) -> Resu
 
 
 def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowSchedulesList) -> Result:
-    workflow_ids = {workflow.name: number for number, workflow in enumerate(_workflows(service.api, peer), start=1)}
+    workflows = _workflows(service.api, peer)
+    workflow_ids = {workflow.name: number for number, workflow in enumerate(workflows, start=1)}
+    groups = {workflow.name: workflow.group for workflow in workflows}
     rows = []
     for number, schedule in enumerate(_workflow_schedules(service.api), start=1):
         target = schedule["target"]
@@ -673,7 +682,7 @@ def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowS
                 "active": 1 if schedule["enabled"] and not schedule["suspended"] else 0,
                 "comment": schedule["name"],  # jobd's schedules are named; evQueue's only have a comment
                 "workflow_name": target["name"],
-                "workflow_group": "",
+                "workflow_group": groups.get(target["name"], ""),
             },
         )
         if command.display_parameters:

@@ -274,6 +274,10 @@ class WorkflowDef:
     path: str
     source: bytes
     parameters: tuple[str, ...] = ()  # names of <parameters><parameter name>, in document order
+    # What evQueue 3.3's git file holds around the definition (`<workflow group comment>`), shown as evQueue shows
+    # them (`workflows list`, `workflow get`); empty for a plain definition, as for an evQueue workflow without them.
+    group: str = ""
+    comment: str = ""
 
 
 class Right(StrEnum):

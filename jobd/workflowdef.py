@@ -281,7 +281,8 @@ class _Checker:
 
         evQueue 3.3 keeps a workflow in its git repository (`git.workflows.subdirectory/NAME.xml`) as
         `<workflow group="…" comment="…"><workflow>definition</workflow></workflow>`; a directory of such files is
-        what a user of that feature moves to jobd. A `<workflow>` root with a `<workflow>` child is read so."""
+        what a user of that feature moves to jobd. A `<workflow>` root with a `<workflow>` child is read so; its group
+        and comment are kept beside the definition (WorkflowDef.group, .comment)."""
         if root.tag != "workflow" or not any(child.tag == "workflow" for child in self.element_children(root)):
             return root
         for name in root.attrib:
@@ -666,9 +667,13 @@ def parse_workflow(source: bytes, path: str, config: Config, name: str | None = 
             line=checker.problems[0][0],
             key=None,
         )
+    group = comment = ""
     if definition is not root:  # instances, `workflow get` and the rest read the definition alone
         source = etree.tostring(definition, encoding="utf-8", with_tail=False)
-    return WorkflowDef(name=name, path=path, source=source, parameters=tuple(checker.parameters))
+        group, comment = root.get("group", ""), root.get("comment", "")
+    return WorkflowDef(
+        name=name, path=path, source=source, parameters=tuple(checker.parameters), group=group, comment=comment
+    )
 
 
 def load_workflow(path: str | Path, config: Config) -> WorkflowDef:

@@ -226,3 +226,47 @@ def test_php_xpathfilter_numbers_are_answered_as_xpath_writes_them(tcp_daemon: A
         ("OK", "-Infinity"),
         ("OK", "NaN"),
     ], report
+
+
+# evQueue 3.3's git repository keeps a workflow as its group and comment around its definition (Workflow::SaveToXML).
+GIT_FILE = b"""<workflow group="media" comment="thumbnails &amp; previews">
+  <workflow>
+    <subjobs><job name="a"><tasks><task name="t" path="/bin/true" queue="default"/></tasks></job></subjobs>
+  </workflow>
+</workflow>
+"""
+
+
+def test_php_sees_the_group_and_comment_of_a_workflow_file_from_evqueues_git(make_daemon: Any) -> None:
+    # evQueue's `workflow get` and `workflows list` show the group and comment a git file holds (its web UI sorts the
+    # workflows by group); jobd read such a file but dropped both, and answered them empty.
+    daemon = make_daemon(
+        '[queue.default]\nconcurrency = 1\n[schedule.nightly]\nworkflow = "git"\ncalendar = "0 3 * * *"\n',
+        start=False,
+    )
+    daemon.write_workflows(git=GIT_FILE, trivial=(CORPUS / "trivial.xml").read_bytes())
+    daemon.start()
+
+    def wrapper(row: str) -> str:  # an answer's text is what PHP's evQueue class reads of a filtered answer
+        return f"concat({row}/@group, '|', {row}/@comment)"
+
+    asked = [
+        ("workflows", {"action": "list", "xpathfilter": wrapper("/response/workflow[@name='git']")}),
+        ("workflows", {"action": "list", "full": "yes", "xpathfilter": wrapper("/response/workflow[@name='git']")}),
+        ("workflow", {"action": "get", "name": "git", "xpathfilter": wrapper("/response/workflow")}),
+        ("workflow", {"action": "get", "name": "trivial", "xpathfilter": wrapper("/response/workflow")}),
+        ("workflow_schedules", {"action": "list", "xpathfilter": "/response/workflow_schedule/@workflow_group"}),
+    ]
+    report = converse(
+        str(daemon.evqueue_socket), [{"group": group, "attributes": attributes} for group, attributes in asked]
+    )
+    answers = [(answer["attributes"]["status"], answer["text"]) for answer in report["answers"]]
+    shown = ("OK", "media|thumbnails & previews")
+    # The plain file has neither: both empty, as evQueue shows a workflow created without them.
+    assert answers == [shown, shown, shown, ("OK", "|"), ("OK", "media")], report
+    # jobd's own API shows them too, and the definition alone as the workflow's XML.
+    got_json = daemon.call("workflow.get", {"name": "git"})
+    assert (got_json["group"], got_json["comment"]) == ("media", "thumbnails & previews")
+    assert 'group="media"' not in got_json["xml"]
+    listed_json = {w["name"]: (w["group"], w["comment"]) for w in daemon.call("workflow.list")["workflows"]}
+    assert listed_json == {"git": ("media", "thumbnails & previews"), "trivial": ("", "")}

@@ -665,7 +665,7 @@ def test_evqueues_git_file_is_read_as_the_definition_inside(tmp_path: Path, corp
         tmp_path / "git.xml", f'<workflow group="g" comment="c">\n<!-- saved by evQueue -->\n{definition}\n</workflow>'
     )
     loaded = workflowdef.load_workflow(path, corpus_config)
-    assert loaded.parameters == ("count",)
+    assert (loaded.parameters, loaded.group, loaded.comment) == (("count",), "g", "c")
     inner = etree.fromstring(loaded.source)
     assert (inner.tag, inner.get("group"), inner[0].tag) == ("workflow", None, "parameters")
     # What the wrapper may hold is evQueue's: group, comment and the one definition, each error at its line.
