@@ -270,3 +270,14 @@ def test_php_sees_the_group_and_comment_of_a_workflow_file_from_evqueues_git(mak
     assert 'group="media"' not in got_json["xml"]
     listed_json = {w["name"]: (w["group"], w["comment"]) for w in daemon.call("workflow.list")["workflows"]}
     assert listed_json == {"git": ("media", "thumbnails & previews"), "trivial": ("", "")}
+
+
+def test_php_a_refused_filter_status_is_quoted_as_sent(tcp_daemon: Any) -> None:
+    # filter_status is compared without regard to case, as evQueue's MySQL does; a value it refused was quoted
+    # upper-cased ('RUNNING' for the 'running' sent), which is not what the client wrote.
+    listing = {"group": "instances", "attributes": {"action": "list", "filter_status": "running"}}
+    [refused] = converse(str(tcp_daemon.evqueue_socket), [listing])["answers"]
+    assert refused["attributes"]["error-code"] == "INVALID_PARAMETER", refused
+    assert refused["attributes"]["error"] == (
+        "Invalid value 'running' for parameter 'filter_status'; allowed: EXECUTING, TERMINATED, ABORTED"
+    )

@@ -433,21 +433,27 @@ class Request:
         allowed: Iterable[str],
         default: str | None = None,
         error: type[InvalidParams] = InvalidParams,
+        *,
+        ignore_case: bool = False,
     ) -> str:
-        """One of `allowed`; missing means `default`, or MISSING_PARAMETER when there is none."""
+        """One of `allowed` (in its spelling there, with `ignore_case`); missing means `default`, or
+        MISSING_PARAMETER when there is none. A refused value is quoted as the client sent it."""
         options = tuple(allowed)
         text = self.attributes.get(name)
         if text is None:
             if default is None:
                 raise MissingParameter(f"Missing parameter '{name}'; allowed: {', '.join(options)}", parameter=name)
             return default
-        if text not in options:
+        chosen = text
+        if ignore_case:
+            chosen = next((option for option in options if option.casefold() == text.casefold()), text)
+        if chosen not in options:
             raise error(
                 f"Invalid value '{text}' for parameter '{name}'; allowed: {', '.join(options)}",
                 parameter=name,
                 allowed=list(options),
             )
-        return text
+        return chosen
 
     def optional_datetime(self, name: str) -> datetime | None:
         """A local time as evQueue writes them, `YYYY-MM-DD HH:MM:SS` (seconds, or the time, may be left out)."""
@@ -729,9 +735,9 @@ def _instances_list(request: Request) -> InstancesList:
             {key: value for key, value in request.attributes.items() if value or not key.startswith(_FILTERS)}
         ),
     )
-    status = request.attributes.get("filter_status")
-    if status is not None:  # evQueue's MySQL compares it to an ENUM column, whose collation ignores case
-        request = replace(request, attributes=MappingProxyType({**request.attributes, "filter_status": status.upper()}))
+    status = None
+    if "filter_status" in request.attributes:  # evQueue's MySQL compares it to an ENUM, whose collation ignores case
+        status = InstanceStatus(request.choice("filter_status", _STATUSES, ignore_case=True))
     groupby = request.attributes.get("groupby") or None
     # evQueue takes parameter filters both as `parameter_<name>` attributes and as <parameter> children.
     parameters = {**request.prefixed("parameter_"), **request.parameters}
@@ -742,7 +748,7 @@ def _instances_list(request: Request) -> InstancesList:
         filter_launched_until=request.optional_datetime("filter_launched_until"),
         filter_ended_from=request.optional_datetime("filter_ended_from"),
         filter_ended_until=request.optional_datetime("filter_ended_until"),
-        filter_status=None if status is None else InstanceStatus(request.choice("filter_status", _STATUSES)),
+        filter_status=status,
         # A switch in evQueue: "yes" keeps the instances with errors, "no" keeps them all (not only those without).
         filter_error=request.boolean("filter_error", False) or None,
         filter_schedule_id=request.optional_integer("filter_schedule_id", minimum=0) or None,
