@@ -194,14 +194,15 @@ final class Client
     // -- jobs -------------------------------------------------------------------------------------------------
 
     /**
-     * Submits a job: a configured task (a string, its name) or an ad-hoc command (a list of strings, its argv;
-     * admins only). `$options` are job.submit's other parameters: queue, priority, delay, timeout, args, params,
-     * env, stdin, context, key, merge_stderr, callbacks, working_dir, retry, kill_grace, max_output. A `stdin` that
-     * is not UTF-8 (binary data) is sent as `stdin_base64`.
+     * Submits a job: a configured task (a string, its name), an ad-hoc command (a list of strings, its argv; admins
+     * only) or an ad-hoc HTTP job (an array with its `url`, job.submit's `http`: url, method, headers, params, body,
+     * timeout, expect_status; admins only). `$options` are job.submit's other parameters: queue, priority, delay,
+     * timeout, args, params, env, stdin, context, key, merge_stderr, callbacks, working_dir, retry, kill_grace,
+     * max_output. A `stdin` that is not UTF-8 (binary data) is sent as `stdin_base64`.
      *
      * Returns the job once jobd has committed it (its `id`, `state`, …).
      *
-     * @param string|list<string> $taskOrCommand
+     * @param string|list<string>|array<string, mixed> $taskOrCommand
      * @param array<string, mixed> $options
      * @return array<string, mixed>
      */
@@ -212,20 +213,24 @@ final class Client
 
     /**
      * Submits several jobs in one transaction: all are committed, or none (an error names the member).
-     * Each member is [task name or argv, options].
+     * Each member is [task name, argv or HTTP request, options].
      *
-     * @param list<array{0: string|list<string>, 1?: array<string, mixed>}> $jobs
+     * @param list<array{0: string|list<string>|array<string, mixed>, 1?: array<string, mixed>}> $jobs
      * @return list<array<string, mixed>>
      */
     public function submitMany(array $jobs): array
     {
         if ($jobs === [] || !array_is_list($jobs)) {
-            throw new \InvalidArgumentException('submitMany() takes a non-empty list of [task or argv, options]');
+            throw new \InvalidArgumentException(
+                'submitMany() takes a non-empty list of [task, argv or HTTP request, options]'
+            );
         }
         $members = [];
         foreach ($jobs as $index => $job) {
             if (!is_array($job) || !isset($job[0])) {
-                throw new \InvalidArgumentException("submitMany(): member $index is not [task or argv, options]");
+                throw new \InvalidArgumentException(
+                    "submitMany(): member $index is not [task, argv or HTTP request, options]"
+                );
             }
             $members[] = self::submitParams($job[0], $job[1] ?? []);
         }
@@ -234,7 +239,7 @@ final class Client
     }
 
     /**
-     * @param string|list<string> $taskOrCommand
+     * @param string|list<string>|array<string, mixed> $taskOrCommand
      * @param array<string, mixed> $options
      * @return array<string, mixed>
      */
@@ -243,7 +248,8 @@ final class Client
         foreach (['task', 'command', 'http', 'jobs'] as $reserved) {
             if (array_key_exists($reserved, $options)) {
                 throw new \InvalidArgumentException(
-                    "submit(): '$reserved' goes in the first argument (a task name or an argv list), not in the options"
+                    "submit(): '$reserved' goes in the first argument (a task name, an argv list, or an HTTP request "
+                    . '(an array with its url)), not in the options'
                 );
             }
         }
@@ -255,8 +261,19 @@ final class Client
         if (is_string($taskOrCommand)) {
             return ['task' => $taskOrCommand] + $options;
         }
-        if ($taskOrCommand === [] || !array_is_list($taskOrCommand)) {
+        $keys = array_keys($taskOrCommand);
+        if ($keys !== [] && array_filter($keys, 'is_int') === []) {
+            return ['http' => $taskOrCommand] + $options; // jobd checks the request, and names what is wrong in it
+        }
+        if ($taskOrCommand === []) {
             throw new \InvalidArgumentException('submit(): an ad-hoc command is a non-empty list of strings (argv)');
+        }
+        if (!array_is_list($taskOrCommand)) {
+            // What array_filter() or unset() leave of a list: its keys no longer run 0, 1, 2, …
+            throw new \InvalidArgumentException(
+                'submit(): an argv is a list of strings, keyed 0, 1, 2, … in order (array_values() makes one); an HTTP '
+                . 'request is keyed by names (url, method, …)'
+            );
         }
         foreach ($taskOrCommand as $arg) {
             if (!is_string($arg)) {

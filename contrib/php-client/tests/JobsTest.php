@@ -125,6 +125,51 @@ final class JobsTest extends JobdTestCase
         self::assertSame('succeeded', $jobd->wait($job['id'], 30)['state']);
     }
 
+    public function testAdHocHttpJobIsSubmittedAsItsRequest(): void
+    {
+        // job.submit's ad-hoc HTTP job (admins): submit() refused `http` in the options, saying it goes in the first
+        // argument, which took only a task name or an argv list; an array with a `url` is now that request.
+        $server = stream_socket_server('tcp://127.0.0.1:0', $errno, $errstr);
+        self::assertIsResource($server, $errstr);
+        $address = stream_socket_get_name($server, false);
+        $jobd = $this->client();
+        $job = $jobd->submit(
+            ['url' => "http://$address/notify/__JOBID__", 'method' => 'POST', 'body' => 'done', 'headers' => []],
+            ['context' => 'http-test'],
+        );
+        self::assertSame([], $job['command']);
+        self::assertSame('POST', $job['http']['method']);
+        // jobd's request, answered here: the job succeeds with the response body as its stdout.
+        $peer = stream_socket_accept($server, 30);
+        self::assertIsResource($peer);
+        $request = '';
+        while (!str_contains($request, "\r\n\r\ndone") && !feof($peer)) {
+            $request .= fread($peer, 8192);
+        }
+        fwrite($peer, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nnotified");
+        fclose($peer);
+        fclose($server);
+        self::assertStringStartsWith("POST /notify/{$job['id']} HTTP/1.1\r\n", $request);
+        self::assertSame('succeeded', $jobd->wait($job['id'], 30)['state']);
+        self::assertSame('notified', $jobd->outputText($job['id']));
+        // In a batch too; and `http` among the options says where it goes.
+        [$batched] = $jobd->submitMany([[['url' => "http://$address/batched"], ['delay' => 3600]]]);
+        self::assertSame("http://$address/batched", $batched['http']['url']);
+        self::assertSame('cancelled', $jobd->cancel($batched['id'])['state']);
+        try {
+            $jobd->submit(['/bin/true'], ['http' => ['url' => "http://$address/"]]);
+            self::fail('http among the options must be refused');
+        } catch (\InvalidArgumentException $e) {
+            self::assertStringContainsString('an HTTP request (an array with its url)', $e->getMessage());
+        }
+        try {
+            $jobd->submit(array_filter(['/bin/echo', '', 'x'])); // keys 0 and 2: neither an argv nor a request
+            self::fail('an array keyed by numbers that is no list must be refused');
+        } catch (\InvalidArgumentException $e) {
+            self::assertStringContainsString('array_values()', $e->getMessage());
+        }
+    }
+
     public function testBatchSubmitsAllJobs(): void
     {
         $jobd = $this->client();
