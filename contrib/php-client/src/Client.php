@@ -446,6 +446,7 @@ final class Client
     /**
      * Stops an executing instance from going further (running tasks finish); returns the instance.
      *
+     * @throws Exception\InvalidParamsException INVALID_PARAMS when it has already ended (docs/protocol.md)
      * @return array<string, mixed>
      */
     public function cancelInstance(int $id): array
