@@ -1017,8 +1017,8 @@ def _xpath_text(value: object) -> str:
     """A value XPath returned as evQueue writes it into a filtered answer: booleans `true`/`false`, strings and
     attribute values as they are, a namespace node as its URI (its XPath string-value; lxml gives it as a
     (prefix, URI) tuple), numbers as XPath's string() writes them. evQueue wrote its integers so (`count(…)` is 3);
-    it failed on any other number (a result of `div`: "Unknown result type", then closed the connection), for which
-    jobd gives the exact value (`0.5`, `Infinity`, `NaN`) rather than cut it down to an integer."""
+    it failed on every result of `div`, whole or not ("Unknown result type", then closed the connection), where
+    jobd gives the exact value (`2`, `0.5`, `Infinity`, `NaN`) rather than cut it down to an integer."""
     if isinstance(value, tuple) and len(value) == 2:
         return str(value[1])
     if isinstance(value, bool):
