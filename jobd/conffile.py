@@ -26,9 +26,10 @@ _KINDS = {
 
 
 def shown(path: object) -> str:
-    """A file's path as an error message names it, on one line and inert on a terminal: control characters (a
-    newline would start what reads as another error, in the log and in STATUS=; an escape sequence would drive the
-    terminal) and the characters that reorder text are written as escapes, bytes that are not UTF-8 as `\\xNN`."""
+    """A file's path, or a value read from it, as an error message names it, on one line and inert on a terminal:
+    control characters (a newline would start what reads as another error, in the log and in STATUS=; an escape
+    sequence would drive the terminal) and the characters that reorder text are written as escapes, bytes that are
+    not UTF-8 as `\\xNN`."""
     return "".join(_shown_char(char) for char in printable(str(path)))
 
 

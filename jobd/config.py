@@ -459,7 +459,9 @@ def _index(number: int) -> str:
 def _error(source: _Source, key: tuple[str, ...], problem: str) -> ConfigError:
     line = source.line_of(key)
     where = f"{conffile.shown(source.path)}:{line}" if line is not None else conffile.shown(source.path)
-    return ConfigError(f"{where}: {problem}", file=str(source.path), line=line, key=_dotted(key))
+    # The problem may quote the file's value as a checker outside this module wrote it (a calendar's parser names
+    # the macro it does not know): made inert here, for every key, as the file's name is.
+    return ConfigError(f"{where}: {conffile.shown(problem)}", file=str(source.path), line=line, key=_dotted(key))
 
 
 def _unknown_key(source: _Source, key: tuple[str, ...], allowed: Sequence[str], what: str = "key") -> ConfigError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import pytest
 
 from jobd import conffile, config
 from jobd.config import ConfigWatcher, find_files, load, load_dir
+from jobd.engine import http_task
 from jobd.errors import ConfigError
 from jobd.model import (
     DEFAULT_KILL_GRACE,
@@ -566,6 +568,73 @@ def test_bad_values_name_file_line_key_and_what_is_allowed(
     assert key in error.message
     assert allowed in error.message
     assert error.details == {"file": str(path), "line": line, "key": key}
+
+
+# Every kind of table the parser reads, as (what must come before it, its header and the keys it needs besides the
+# one under test). Each key of its registry is given values that carry control and text-reordering characters.
+_HASH_40, _HASH_64 = '"' + "0" * 40 + '"', '"' + "0" * 64 + '"'
+_TASK_T = '[task.t]\ncommand = ["/bin/true"]\n'
+TABLES = {
+    "DAEMON_KEYS": ("", "[daemon]", {}),
+    "HISTORY_KEYS": ("", "[daemon.history]", {}),
+    "QUEUE_KEYS": ("", "[queue.q]", {}),
+    "TASK_KEYS": ("", "[task.u]", {}),
+    "RETRY_KEYS": ("", "[task.u.retry]", {}),
+    "http_task.KEYS": ("", "[task.u.http]", {"url": '"http://127.0.0.1/"'}),
+    "RETRY_SCHEDULE_KEYS": ("", "[retry_schedule.r]", {}),
+    "RETRY_LEVEL_KEYS": ("", "[[retry_schedule.r.levels]]", {"delay": "1", "times": "1"}),
+    "SCHEDULE_KEYS": (_TASK_T, "[schedule.s]", {"task": '"t"', "calendar": '"@daily"'}),
+    "TCP_KEYS": ("", "[tcp]", {}),
+    "TCP_USER_KEYS": ("", "[tcp.users.u]", {"password_sha1": _HASH_40}),
+    "HTTP_KEYS": ("", "[http]", {}),
+    "HTTP_TOKEN_KEYS": ("", "[http.tokens.t]", {"token_sha256": _HASH_64}),
+    "ACCESS_KEYS": ("", "[access]", {}),
+    "ADMINS_KEYS": ("", "[access.admins]", {}),
+    "GRANT_KEYS": ("", "[[access.grant]]", {"users": '["root"]', "rights": '["read"]', "tasks": '["*"]'}),
+}
+_STRANGE = "b\x1b[31mc\x00d\u202ee\x85"  # an escape sequence, NUL, a right-to-left override, NEL
+# Shaped to get past the first checks of the keys that parse their strings (a calendar's macro or fields, a URL,
+# an address, a path), so that the deeper messages, which quote the part they refuse, are reached too.
+_STRANGE_VALUES = (
+    f"a\n{_STRANGE}",
+    f"@a{_STRANGE}",
+    f"0 0 * * {_STRANGE.replace(chr(0x85), '')}",
+    f"0;0;{_STRANGE}",
+    f"http://127.0.0.1/{_STRANGE}",
+    f"127.0.0.1:{_STRANGE}",
+    f"/{_STRANGE}",
+)
+_NOT_INERT = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _keys_of(registry: str) -> tuple[str, ...]:
+    return http_task.KEYS if registry == "http_task.KEYS" else tuple(getattr(config, registry))
+
+
+def test_the_table_of_tables_names_every_registry() -> None:
+    assert {name for name in dir(config) if name.endswith("_KEYS")} | {"http_task.KEYS"} == set(TABLES)
+
+
+@pytest.mark.parametrize("registry", TABLES)
+def test_every_error_quoting_a_value_is_one_inert_line(tmp_path: Path, registry: str) -> None:
+    """The error reaches the log, STATUS= and terminals (jobctl, `jobd --check-config`): whatever a value holds, it
+    is one line, without a control character that would start another line or drive the terminal."""
+    before, header, needed = TABLES[registry]
+    refused: dict[str, int] = {}
+    for key in _keys_of(registry):
+        refused[key] = 0
+        for value in _STRANGE_VALUES:
+            for spelled in (json.dumps(value), f"[{json.dumps(value)}]"):
+                settings = {**needed, key: spelled}
+                body = "".join(f"{name} = {text}\n" for name, text in settings.items())
+                write(tmp_path / "jobd.toml", f"{before}{header}\n{body}")
+                try:
+                    load([str(tmp_path)])
+                except ConfigError as error:
+                    refused[key] += 1
+                    assert _NOT_INERT.search(error.message) is None, (key, spelled, error.message)
+    # Every key refused some of them (NUL is allowed nowhere), so every key's messages were seen.
+    assert [key for key, count in refused.items() if count == 0] == []
 
 
 # One name of each kind the list guards against, exact names and families: each would let whoever sets it run code
