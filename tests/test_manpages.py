@@ -242,6 +242,31 @@ def test_config_keys_are_documented() -> None:
     report(problems)
 
 
+def _key_items(section: Section) -> list[str]:
+    """The names a subsection of jobd.toml(5) documents as keys: its `.It Cm NAME [, NAME]... [No = ...]` items."""
+    names: list[str] = []
+    for line in section.source:
+        if line.startswith(".It Cm "):
+            names += [word for word in line[len(".It Cm ") :].split(" No ")[0].split() if word != ","]
+    return names
+
+
+def test_no_documented_config_key_is_missing_from_the_code() -> None:
+    """The other direction for jobd.toml(5): each key a subsection documents is one its table takes (a key renamed
+    or removed in the code leaves no stale entry behind)."""
+    page = parse("jobd.toml.5")
+    taken = {subsection: tuple(getattr(config, registry)) for registry, subsection in CONFIG_REGISTRIES.items()}
+    taken["[task.NAME] http"] = http_task.KEYS
+    taken["Callbacks"] = ("exec", "http", *callbacks._HTTP_KEYS)
+    stale = [
+        f"{page.name} SECTIONS / {subsection}: {name} is not a key of that table"
+        for subsection in page.subsections("SECTIONS")
+        for name in _key_items(page.section("SECTIONS", subsection))
+        if name not in taken.get(subsection, ())
+    ]
+    assert not stale, "documented in the man pages but not in the code:\n  " + "\n  ".join(stale)
+
+
 # The registries are what the parser itself refuses unknown keys with: an unknown key in each kind of table is
 # reported with exactly that registry as the allowed keys, so the list the test reads cannot drift from the parser.
 UNKNOWN_KEY_CASES = [
