@@ -61,6 +61,9 @@ RELOAD_RETRY_SECONDS = 1.0
 RELOAD_LATER = (
     f"the running configuration stays, and jobd reads the files again every {RELOAD_RETRY_SECONDS:g}s until it can"
 )
+# [daemon] keys a reload cannot apply: the sockets are bound and the database is held from the start on. A reload
+# that changes one applies the rest and warns (as for [tcp] listen and [http] listen); docs/config.md, Reloading.
+RESTART_ONLY_DAEMON_KEYS = ("socket", "evqueue_socket", "state_dir")
 
 
 class _Notifier:
@@ -664,7 +667,7 @@ class Daemon:
             self.notifier.notify("READY=1")
         # Compared with what runs, not with the last reload: a change not yet applied is told at every reload, and a
         # value put back as it runs is not.
-        for key in ("socket", "evqueue_socket", "state_dir"):
+        for key in RESTART_ONLY_DAEMON_KEYS:
             if getattr(new.daemon, key) != getattr(self._at_start.daemon, key):
                 log.warning("[daemon] %s changed; it takes effect at the next restart", key)
         if new.tcp.listen != self._at_start.tcp.listen:

@@ -17,6 +17,7 @@ import pytest
 
 from jobd import conffile, config
 from jobd.config import ConfigWatcher, find_files, load, load_dir
+from jobd.daemon import RESTART_ONLY_DAEMON_KEYS
 from jobd.engine import http_task
 from jobd.errors import ConfigError
 from jobd.model import (
@@ -865,6 +866,17 @@ def test_docs_tables_list_exactly_the_keys_the_parser_takes() -> None:
     problems += [f"[access] admins: {key} is not named" for key in config.ADMINS_KEYS if f"`{key}`" not in admins_row]
     assert problems == []
     assert {registry for _, registry in DOC_TABLES} | {"ADMINS_KEYS"} == set(TABLES)
+
+
+def test_docs_name_every_key_a_reload_cannot_apply() -> None:
+    """The [daemon] keys a reload leaves as they were at the start (jobd.daemon warns for them) are named where the
+    docs say what a reload does: docs/config.md's Reloading and jobd.toml(5)'s RELOADING."""
+    reloading = DOCS.read_text().split("## Reloading", 1)[1]
+    page = (DOCS.parent.parent / "man" / "jobd.toml.5").read_text()
+    man_reloading = page.split(".Sh RELOADING", 1)[1].split("\n.Sh ", 1)[0]
+    missing = [f"docs/config.md: {key}" for key in RESTART_ONLY_DAEMON_KEYS if f"`{key}`" not in reloading]
+    missing += [f"jobd.toml.5: {key}" for key in RESTART_ONLY_DAEMON_KEYS if f"Cm {key}" not in man_reloading]
+    assert missing == []
 
 
 def test_the_docs_example_is_valid(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from harness import Daemon, in_user_namespace
 from recovery.support import Gate, gated, kill9, pump_of, start, terminate, wait_for_log
 
 from jobd.client import RemoteError
+from jobd.daemon import RESTART_ONLY_DAEMON_KEYS
 
 TASKS = """
 [task.echo]
@@ -769,6 +770,25 @@ def test_a_change_that_needs_a_restart_is_told_against_what_runs(jobd: Callable[
     assert daemon.log().count(told) == 2  # still not applied
     reloaded_by_the_watcher(TASKS)
     assert daemon.log().count(told) == 2 and "[tcp] listen changed" not in daemon.log().split(told)[-1]
+
+
+def test_a_reload_keeps_the_sockets_and_state_directory_and_applies_the_rest(jobd: Callable[..., Daemon]) -> None:
+    """An administrator who moves the sockets or the state directory in the files: the reload applies everything
+    else and warns for each key it cannot apply (docs/config.md, Reloading), and jobd goes on where it started."""
+    daemon = jobd(TASKS)
+    moved = {key: daemon.root / "moved" / key for key in RESTART_ONLY_DAEMON_KEYS}
+    (daemon.config_dir / "jobd.d" / "50-moved.toml").write_text(
+        "[daemon]\n" + "".join(f'{key} = "{path}"\n' for key, path in moved.items()) + "[queue.added]\n"
+    )
+    assert daemon.call("daemon.reload")["ok"] is True
+    assert "added" in queue_names(daemon)  # the rest applied
+    for key in RESTART_ONLY_DAEMON_KEYS:
+        assert f"[daemon] {key} changed; it takes effect at the next restart" in daemon.log()
+    assert not (daemon.root / "moved").exists()
+    assert daemon.socket_path.is_socket() and daemon.evqueue_socket.is_socket()
+    job = daemon.wait(daemon.submit(task="echo", args=["still here"])["id"])
+    assert daemon.output(job["id"]) == "still here\n"
+    assert (daemon.state_dir / "output" / str(job["id"])).is_dir()
 
 
 def test_a_config_dir_gone_at_a_reload_keeps_the_running_configuration(jobd: Callable[..., Daemon]) -> None:
