@@ -489,6 +489,16 @@ def test_hosts_aiohttp_sends_to_are_taken() -> None:
         check_url(url)
 
 
+def test_a_url_with_a_line_break_is_refused_for_it_not_quoted_as_if_sound() -> None:
+    """urlsplit drops CR and LF: the refusal quoted "'http://xy/' is not an http:// or https:// URL"."""
+    from jobd.engine.http_task import HttpSpecError, check_url
+
+    for url in ("http://x\ny/", "http://127.0.0.1/a\r", "http://127.0.0.1/\0"):
+        with pytest.raises(HttpSpecError) as caught:
+            check_url(url)
+        assert str(caught.value) == "'url': holds a line break or NUL (\\r, \\n or \\0), which no URL may hold"
+
+
 def test_task_with_invalid_http_is_a_config_error() -> None:
     from jobd.engine.http_task import HttpSpecError, check_request
 

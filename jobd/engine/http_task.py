@@ -111,7 +111,10 @@ def check_url(url: str) -> None:
         raise HttpSpecError(
             "'url': its host part cannot be read (a bracket left open, or a character not allowed there)", key="url"
         ) from None
-    if parts.scheme not in ("http", "https") or not parts.netloc or _has_control(url):
+    if _has_control(url):
+        # Named for what it is: urlsplit drops line breaks, so the URL quoted back would look sound.
+        raise HttpSpecError("'url': holds a line break or NUL (\\r, \\n or \\0), which no URL may hold", key="url")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise HttpSpecError(f"'url': {redact.url(url)!r} is not an http:// or https:// URL", key="url")
     # What aiohttp refuses at each attempt (no host, a port that is none) fails the job with the whole URL as its
     # error, credentials included, for every reader of the job to see (job JSON masks them, jobd/redact.py).
