@@ -1442,6 +1442,14 @@ def test_schedule_bad_values(tmp_path: Path, line: str, message: str) -> None:
     assert error.details["line"] >= 6  # the line of the key (the table starts on line 5)
 
 
+def test_an_unknown_calendar_macro_is_told_what_is_allowed_once(tmp_path: Path) -> None:
+    error = load_error(schedule_dir(tmp_path, '[schedule.s]\ntask = "t"\ncalendar = "@dayly"\n'))
+    assert error.message == (
+        f'{tmp_path / "jobd.toml"}:7: schedule.s.calendar: "@dayly": unknown macro @dayly (did you mean @daily?); '
+        f"allowed: {config.CALENDAR_RULE}"
+    )
+
+
 def test_schedule_error_names_file_line_and_key(tmp_path: Path) -> None:
     error = load_error(schedule_dir(tmp_path, '[schedule.s]\ntask = "t"\ncalendar = "0;*;;;;"\n'))
     assert error.message == (

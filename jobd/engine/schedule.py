@@ -31,6 +31,7 @@ DST, for a calendar evaluated in a zone that has it (the rules are croniter's, p
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import io
 import math
 import os
@@ -178,7 +179,9 @@ def _parse_cron(text: str, stripped: str) -> Calendar:
     if stripped.startswith("@"):
         expression = MACROS.get(stripped.lower())
         if expression is None:
-            raise ValueError(f"unknown macro {stripped}; allowed: {', '.join(MACROS)}")
+            # What is allowed is said once, by whoever reports this (config.CALENDAR_RULE lists the macros).
+            close = difflib.get_close_matches(stripped.lower(), MACROS, n=1)
+            raise ValueError(f"unknown macro {stripped}" + (f" (did you mean {close[0]}?)" if close else ""))
     else:
         expression = " ".join(stripped.split())
     fields = expression.split(" ")
