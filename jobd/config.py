@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import difflib
 import enum
 import ipaddress
 import json
@@ -35,7 +34,7 @@ from jobd.engine import callbacks as callback_defs
 from jobd.engine import submit
 from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.schedule import Calendar
-from jobd.errors import ConfigError, JobdError, shortage
+from jobd.errors import ConfigError, JobdError, did_you_mean, shortage
 from jobd.model import (
     ENV_NAME,
     MAX_SECONDS,
@@ -465,8 +464,7 @@ def _error(source: _Source, key: tuple[str, ...], problem: str) -> ConfigError:
 
 
 def _unknown_key(source: _Source, key: tuple[str, ...], allowed: Sequence[str], what: str = "key") -> ConfigError:
-    close = difflib.get_close_matches(key[-1], allowed, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    hint = did_you_mean(key[-1], allowed)
     return _error(source, key, f"unknown {what} {_dotted(key)}{hint}; allowed {what}s: {', '.join(allowed)}")
 
 

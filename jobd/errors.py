@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
+from collections.abc import Iterable
 from typing import Any, ClassVar
+
+
+def did_you_mean(word: str, choices: Iterable[str], spelled: str = "{}") -> str:
+    """` (did you mean NAME?)` naming the choice closest to a mistyped `word`, or "" when none is close: how every
+    message about an unknown name (a key, a macro, an element) suggests the one that was meant."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {spelled.format(close[0])}?)" if close else ""
 
 
 class JobdError(Exception):

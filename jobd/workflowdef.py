@@ -9,7 +9,6 @@ line, the element, the attribute and what is allowed. It only reads: instances a
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Protocol
 from lxml import etree
 
 from jobd import conffile
-from jobd.errors import ConfigError, InvalidXml
+from jobd.errors import ConfigError, InvalidXml, did_you_mean
 from jobd.model import ENV_NAME, Config, ParameterMode, WorkflowDef
 from jobd.safexml import parse
 
@@ -326,8 +325,7 @@ class _Checker:
     def check_attributes(self, element: etree._Element, rule: ElementRule) -> None:
         for name in element.attrib:
             if name not in rule.attributes:
-                close = difflib.get_close_matches(str(name), rule.attributes, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
+                hint = did_you_mean(str(name), rule.attributes)
                 self.attribute_problem(
                     element, str(name), f"unknown attribute{hint}; allowed: {_allowed(rule.attributes)}"
                 )
@@ -352,8 +350,7 @@ class _Checker:
         for child in children:
             tag = child.tag if isinstance(child.tag, str) else ""
             if tag not in counts:
-                close = difflib.get_close_matches(_tag(child), names, n=1)
-                hint = f" (did you mean <{close[0]}>?)" if close else ""
+                hint = did_you_mean(_tag(child), names, "<{}>")
                 allowed = ", ".join(f"<{name}>" for name in names) or "no elements"
                 self.element_problem(child, f"unknown element in <{_tag(element)}>{hint}; allowed here: {allowed}")
                 continue
@@ -433,8 +430,7 @@ class _Checker:
 
 def _not_defined(what: str, name: str, defined: Iterable[str]) -> str:
     listed = sorted(defined)
-    close = difflib.get_close_matches(name, listed, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    hint = did_you_mean(name, listed)
     return f"not a defined {what}{hint}; defined {what}s: {', '.join(listed) if listed else 'none'}"
 
 

@@ -18,7 +18,7 @@ import pytest
 from jobd import conffile, config
 from jobd.config import ConfigWatcher, find_files, load, load_dir
 from jobd.daemon import RESTART_ONLY_DAEMON_KEYS
-from jobd.engine import http_task
+from jobd.engine import callbacks, http_task
 from jobd.errors import ConfigError
 from jobd.model import (
     DEFAULT_KILL_GRACE,
@@ -572,15 +572,15 @@ def test_bad_values_name_file_line_key_and_what_is_allowed(
 
 
 # Every kind of table the parser reads, as (what must come before it, its header and the keys it needs besides the
-# one under test). Each key of its registry is given values that carry control and text-reordering characters.
+# one under test), so that each of its keys can be given a value of the test's choosing.
 _HASH_40, _HASH_64 = '"' + "0" * 40 + '"', '"' + "0" * 64 + '"'
 _TASK_T = '[task.t]\ncommand = ["/bin/true"]\n'
 TABLES = {
     "DAEMON_KEYS": ("", "[daemon]", {}),
     "HISTORY_KEYS": ("", "[daemon.history]", {}),
     "QUEUE_KEYS": ("", "[queue.q]", {}),
-    "TASK_KEYS": ("", "[task.u]", {}),
-    "RETRY_KEYS": ("", "[task.u.retry]", {}),
+    "TASK_KEYS": ("", "[task.u]", {"command": '["/bin/true"]'}),
+    "RETRY_KEYS": ('[task.u]\ncommand = ["/bin/true"]\n', "[task.u.retry]", {}),
     "http_task.KEYS": ("", "[task.u.http]", {"url": '"http://127.0.0.1/"'}),
     "RETRY_SCHEDULE_KEYS": ("", "[retry_schedule.r]", {}),
     "RETRY_LEVEL_KEYS": ("", "[[retry_schedule.r.levels]]", {"delay": "1", "times": "1"}),
@@ -612,6 +612,23 @@ def _keys_of(registry: str) -> tuple[str, ...]:
     return http_task.KEYS if registry == "http_task.KEYS" else tuple(getattr(config, registry))
 
 
+def _table_with(registry: str, key: str, value: str) -> str:
+    """A configuration in which `key` of a table of that registry is `value` (an HTTP task's `http` replaces the
+    `command` a task otherwise needs, a schedule's `workflow` its `task`)."""
+    before, header, needed = TABLES[registry]
+    settings = {name: text for name, text in needed.items() if (key, name) not in _INSTEAD}
+    settings[key] = value
+    return f"{before}{header}\n" + "".join(f"{name} = {text}\n" for name, text in settings.items())
+
+
+_INSTEAD = {("http", "command"), ("workflow", "task")}
+
+
+def _names(dotted: str, key: str) -> bool:
+    """Whether the dotted key path of an error (`task.u.on_success[1]`) names `key` as one of its parts."""
+    return re.search(rf"(^|\.){re.escape(key)}(\[|\.|$)", dotted) is not None
+
+
 def test_the_table_of_tables_names_every_registry() -> None:
     assert {name for name in dir(config) if name.endswith("_KEYS")} | {"http_task.KEYS"} == set(TABLES)
 
@@ -620,22 +637,38 @@ def test_the_table_of_tables_names_every_registry() -> None:
 def test_every_error_quoting_a_value_is_one_inert_line(tmp_path: Path, registry: str) -> None:
     """The error reaches the log, STATUS= and terminals (jobctl, `jobd --check-config`): whatever a value holds, it
     is one line, without a control character that would start another line or drive the terminal."""
-    before, header, needed = TABLES[registry]
     refused: dict[str, int] = {}
     for key in _keys_of(registry):
         refused[key] = 0
         for value in _STRANGE_VALUES:
             for spelled in (json.dumps(value), f"[{json.dumps(value)}]"):
-                settings = {**needed, key: spelled}
-                body = "".join(f"{name} = {text}\n" for name, text in settings.items())
-                write(tmp_path / "jobd.toml", f"{before}{header}\n{body}")
+                write(tmp_path / "jobd.toml", _table_with(registry, key, spelled))
                 try:
                     load([str(tmp_path)])
                 except ConfigError as error:
-                    refused[key] += 1
+                    refused[key] += _names(error.details["key"] or "", key)
                     assert _NOT_INERT.search(error.message) is None, (key, spelled, error.message)
-    # Every key refused some of them (NUL is allowed nowhere), so every key's messages were seen.
+    # Each key refused some of them itself (NUL is allowed nowhere), so each key's own messages were seen.
     assert [key for key, count in refused.items() if count == 0] == []
+
+
+@pytest.mark.parametrize("registry", TABLES)
+def test_every_mistyped_key_is_told_the_key_it_resembles(tmp_path: Path, registry: str) -> None:
+    """An unknown key is an error naming what is allowed in every kind of table; one letter off, it also names the
+    key that was meant, as `(did you mean KEY?)`, whichever module checks that table (jobd.config, the http task's
+    and the callbacks' checks)."""
+    for key in _keys_of(registry):
+        write(tmp_path / "jobd.toml", _table_with(registry, f"{key}x", "1"))
+        assert f"(did you mean {key}?)" in load_error(tmp_path).message, key
+
+
+def test_every_mistyped_callback_key_is_told_the_key_it_resembles(tmp_path: Path) -> None:
+    mistyped = {"exec": '{ execx = ["/bin/true"] }', "http": '{ httpx = { url = "http://127.0.0.1/" } }'}
+    for key in callbacks._HTTP_KEYS:  # inside the http table
+        mistyped[key] = f'{{ http = {{ url = "http://127.0.0.1/", {key}x = 1 }} }}'
+    for key, written in mistyped.items():
+        write(tmp_path / "jobd.toml", f"{_TASK_T}on_success = [{written}]\n")
+        assert f"(did you mean {key}?)" in load_error(tmp_path).message, key
 
 
 # One name of each kind the list guards against, exact names and families: each would let whoever sets it run code

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
 from jobd.engine.http_task import JOB_ID, HttpSpecError, check_headers, check_url, new_session
-from jobd.errors import OutOfResources, UnknownJob
+from jobd.errors import OutOfResources, UnknownJob, did_you_mean
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
 from jobd.store import STORE_RETRY_SECONDS, CallbackDelivery, Store, store_failure
@@ -75,8 +75,11 @@ def check_list(value: object, where: str) -> list[dict[str, Any]]:
 
 
 def _check_one(item: object, where: str) -> dict[str, Any]:
-    if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in ("exec", "http"):
-        raise ValueError(f"{where}: expected {{ exec = [argv...] }} or {{ http = {{ url = ..., method = ... }} }}")
+    expected = "expected { exec = [argv...] } or { http = { url = ..., method = ... } }"
+    if isinstance(item, dict) and len(item) == 1 and (key := str(next(iter(item)))) not in ("exec", "http"):
+        raise ValueError(f"{where}: unknown key {key!r}{did_you_mean(key, ('exec', 'http'))}; {expected}")
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"{where}: {expected}")
     if "exec" in item:
         argv = item["exec"]
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
@@ -91,7 +94,8 @@ def _check_one(item: object, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}.http: expected a table such as {{ url = ..., method = ... }}")
     for key in http:
         if key not in _HTTP_KEYS:
-            raise ValueError(f"{where}.http: unknown key {key!r}; allowed keys: {', '.join(_HTTP_KEYS)}")
+            hint = did_you_mean(key, _HTTP_KEYS)
+            raise ValueError(f"{where}.http: unknown key {key!r}{hint}; allowed keys: {', '.join(_HTTP_KEYS)}")
     url = http.get("url")
     if not isinstance(url, str):
         raise ValueError(f"{where}.http.url: expected an http:// or https:// URL")

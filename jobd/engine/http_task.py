@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from jobd import redact
-from jobd.errors import SHORTAGE_ERRNOS
+from jobd.errors import SHORTAGE_ERRNOS, did_you_mean
 from jobd.model import MAX_SECONDS, Config
 from jobd.proc import OUTPUT_RETRY_SECONDS, ExitInfo, log_held_output
 
@@ -55,7 +55,8 @@ def check_request(value: object) -> dict[str, Any]:
         raise HttpSpecError("expected a table/object with at least 'url'")
     unknown = sorted(set(value) - set(KEYS))
     if unknown:
-        raise HttpSpecError(f"unknown key {unknown[0]!r}; allowed: {', '.join(KEYS)}", key=unknown[0])
+        hint = did_you_mean(unknown[0], KEYS)
+        raise HttpSpecError(f"unknown key {unknown[0]!r}{hint}; allowed: {', '.join(KEYS)}", key=unknown[0])
     if value.get("type", "http") != "http":  # Queue Server's command object says "type": "http"
         raise HttpSpecError(
             f"'type': {value.get('type')!r} is not allowed; allowed: \"http\" (or leave it out)", key="type"

@@ -31,7 +31,6 @@ DST, for a calendar evaluated in a zone that has it (the rules are croniter's, p
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import io
 import math
 import os
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 
+from jobd.errors import did_you_mean
 from jobd.model import ScheduleDef, ScheduleState
 
 # evQueue's messages, word for word: clients and the UI show them as they are.
@@ -180,8 +180,7 @@ def _parse_cron(text: str, stripped: str) -> Calendar:
         expression = MACROS.get(stripped.lower())
         if expression is None:
             # What is allowed is said once, by whoever reports this (config.CALENDAR_RULE lists the macros).
-            close = difflib.get_close_matches(stripped.lower(), MACROS, n=1)
-            raise ValueError(f"unknown macro {stripped}" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise ValueError(f"unknown macro {stripped}{did_you_mean(stripped.lower(), MACROS)}")
     else:
         expression = " ".join(stripped.split())
     fields = expression.split(" ")
