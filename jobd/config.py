@@ -1548,13 +1548,14 @@ def load_dir(path: str) -> Config:
 # --- watching -------------------------------------------------------------------------------------------------
 
 
-def _is_link(path: str) -> bool:
-    """A symlink, or a hard link to a file written elsewhere: either is complete the moment it appears."""
+def _complete_when_made(path: str) -> bool:
+    """A symlink, a hard link to a file written elsewhere, or what is no regular file (a FIFO, a socket, a device
+    node, which a reload reports as an error): each is complete the moment it appears, no write follows."""
     try:
         status = os.lstat(path)
     except OSError:  # gone again: its removal has its own event
         return False
-    return stat.S_ISLNK(status.st_mode) or status.st_nlink > 1
+    return not stat.S_ISREG(status.st_mode) or status.st_nlink > 1
 
 
 _flags = inotify_simple.flags
@@ -1765,8 +1766,8 @@ class ConfigWatcher:
         if mask & _flags.ISDIR or not self._is_config_file(path):
             return _Effect.NONE
         # A new regular file is still empty at IN_CREATE: wait for its IN_CLOSE_WRITE. A new symlink (such as a
-        # mask to /dev/null) or hard link gets no IN_CLOSE_WRITE, so it counts at once.
-        if mask & _flags.CREATE and not _is_link(path):
+        # mask to /dev/null), hard link or FIFO gets no IN_CLOSE_WRITE, so it counts at once.
+        if mask & _flags.CREATE and not _complete_when_made(path):
             return _Effect.NONE
         return _Effect.CHANGE
 
