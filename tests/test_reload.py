@@ -604,6 +604,22 @@ def test_an_api_pause_of_a_queue_removed_while_jobd_was_down_is_dropped_with_it(
     assert queue(daemon, "extra")["paused"] is False
 
 
+def test_a_start_that_finds_a_queue_removed_tells_that_it_drains_its_jobs(jobd: Callable[..., Daemon]) -> None:
+    """A reload that removes a queue with jobs logs that it drains them; a start that finds it removed while jobd
+    was stopped said nothing, and the jobs of a queue no file defines ran, one at a time."""
+    daemon = jobd(TASKS + "\n[queue.extra]\nconcurrency = 3\npaused = true\n")
+    waiting = [daemon.submit(command=["/bin/echo", str(i)], queue="extra")["id"] for i in range(2)]
+    assert terminate(daemon) == 0
+    daemon.write_config(TASKS)
+    start(daemon)
+    told = (
+        "queue extra is not in the configuration (removed while jobd was stopped): draining 2 jobs, one at a time "
+        "(define it again to drain it faster)"
+    )
+    assert told in daemon.log()
+    assert [daemon.wait(job)["state"] for job in waiting] == ["succeeded", "succeeded"]
+
+
 def test_a_queue_removed_while_jobd_was_down_whose_jobs_all_ended_at_the_start_disappears(
     jobd: Callable[..., Daemon],
 ) -> None:

@@ -317,6 +317,15 @@ class Engine:
         # disappears now, as it would have at its last job's end, rather than stay listed, closed, until a reload.
         for name in list(self.queues):
             self._forget_if_drained(name)
+        for name, queue in self.queues.items():
+            if queue.closed:  # said at the start as a reload says it: jobs of a queue no file defines will run
+                waiting = queue.ready_count() + len(queue.running) + self.delayed_count(name)
+                log.info(
+                    "queue %s is not in the configuration (removed while jobd was stopped): draining %d jobs, "
+                    "one at a time (define it again to drain it faster)",
+                    name,
+                    waiting,
+                )
         self.history.rearm()
 
     def start_jobs(self) -> None:
