@@ -19,7 +19,7 @@ import re
 import socket
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from jobd import activation, users
-from jobd.api import EVENT_TYPES, AfterReplyWork, Api, EventFilter, checked_job
+from jobd.api import EVENT_TYPES, AfterReplyWork, Api, EventFilter, Params, checked_job
 from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.http_task import HttpSpecError, check_request
@@ -718,28 +718,25 @@ class HttpApi:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         peer = _peer(request)
-        query = request.query
-        # A name jobd does not know (`?job=3`) is refused, as events.subscribe refuses it: dropped, it widened the
-        # stream to every event the client may read.
-        for name in query:
-            if name not in _EVENT_FILTERS and name != _LAST_EVENT_ID_PARAMETER:
-                allowed = ", ".join((*_EVENT_FILTERS, _LAST_EVENT_ID_PARAMETER))
-                raise InvalidParams(f"GET /events: unknown parameter {name!r}; allowed: {allowed}", param=name)
-        types = frozenset(_split(query.get("types")))
-        if not types <= set(EVENT_TYPES):  # refused, as events.subscribe does: a filter dropped widens the stream
-            raise InvalidParams(
-                f"GET /events: types = {query['types']!r} is not allowed; expected {' | '.join(EVENT_TYPES)}",
-                param="types",
-            )
+        # Read as events.subscribe reads its params, and refused alike: a name jobd does not know (`?job=3`) and a
+        # value it cannot read, each named with what is allowed, the value quoted as the client sent it. Dropped,
+        # either would widen the stream to every event the client may read.
+        query = Params("GET /events", request.query)
+        for name in (*_EVENT_FILTERS, _LAST_EVENT_ID_PARAMETER):
+            query.take(name)
+        query.done()
+        types = frozenset(_split(query.raw.get("types")))
+        if not types <= set(EVENT_TYPES):
+            raise query.bad("types", " | ".join(EVENT_TYPES))
         selection = EventFilter(
             jobs=_ids(query, "jobs", "job"),
-            queues=frozenset(_split(query.get("queues"))),
+            queues=frozenset(_split(query.raw.get("queues"))),
             instances=_ids(query, "instances", "instance"),
-            workflows=frozenset(_split(query.get("workflows"))),
+            workflows=frozenset(_split(query.raw.get("workflows"))),
             types=types,
         )
         # The header, as EventSource sends it; or the parameter, as its polyfills send it where they cannot set one.
-        given = request.headers.get("Last-Event-ID", query.get(_LAST_EVENT_ID_PARAMETER, ""))
+        given = request.headers.get("Last-Event-ID", request.query.get(_LAST_EVENT_ID_PARAMETER, ""))
         last = _integer(given)  # None: no event is replayed
         if last is not None and last < 0:  # no event has such an id: unreadable, as any other text that is none
             last = None
@@ -863,12 +860,10 @@ def _integer(text: str) -> int | None:
     return value if -(2**63) <= value < 2**63 else None
 
 
-def _ids(query: Mapping[str, str], name: str, what: str) -> frozenset[int]:
-    ids = [_integer(part) for part in _split(query.get(name))]
+def _ids(query: Params, name: str, what: str) -> frozenset[int]:
+    ids = [_integer(part) for part in _split(query.raw.get(name))]
     if not all(number is not None and number >= 0 for number in ids):
-        raise InvalidParams(
-            f"GET /events: {name} = {query[name]!r} is not allowed; expected {what} ids, comma-separated", param=name
-        )
+        raise query.bad(name, f"{what} ids, comma-separated")
     return frozenset(number for number in ids if number is not None)
 
 

@@ -517,17 +517,23 @@ def test_a_wait_whose_token_jobd_cannot_look_up_at_a_reload_is_answered_503(make
 def test_events_filters_that_are_not_understood_are_refused(daemon: Any) -> None:
     """A filter jobd cannot read is an error, as for events.subscribe: dropped, it would widen the stream to every
     event the client may read."""
-    for query, param in (
-        ("?instances=seven", "instances"),
-        ("?jobs=1,x", "jobs"),
-        ("?types=job.stat", "types"),
-        ("?job=3", "job"),  # a name it does not know: dropped, it was every event
-        ("?queues=a&type=job.state", "type"),
+    for query, param, named in (
+        # A value is quoted as the client sent it, JSON-style as in every refusal of jobd (not Python's 'seven').
+        ("?instances=seven", "instances", 'instances = "seven" is not allowed; expected instance ids'),
+        ("?jobs=1,x", "jobs", 'jobs = "1,x" is not allowed; expected job ids, comma-separated'),
+        ("?types=job.stat", "types", 'types = "job.stat" is not allowed; expected job.state | '),
+        ("?types=it's", "types", 'types = "it\'s" is not allowed'),  # repr would have switched to double quotes
+        ('?jobs="1"', "jobs", 'jobs = "\\"1\\"" is not allowed'),  # and kept these unescaped in single ones
+        # A name it does not know: dropped, it was every event. Named as job.submit names one, with the allowed.
+        ("?job=3", "job", "GET /events: unknown parameter 'job'; allowed: instances, jobs, lastEventId, queues, "),
+        ("?queues=a&type=job.state", "type", "unknown parameter 'type'; allowed: "),
     ):
-        status, body = request(daemon, "GET", "/events" + query)
+        status, body = request(daemon, "GET", "/events" + query.replace('"', "%22"))
         assert (status, body["error"]["code"], body["error"]["param"]) == (400, "INVALID_PARAMS", param), body
-        assert param in body["error"]["message"]
+        assert named in body["error"]["message"], body
     assert "instance.state" in request(daemon, "GET", "/events?types=nope")[1]["error"]["message"]  # the allowed
+    unknown = request(daemon, "GET", "/events?job=3")[1]["error"]
+    assert unknown["allowed"] == ["instances", "jobs", "lastEventId", "queues", "types", "workflows"], unknown
 
 
 def test_an_event_stream_its_client_left_frees_its_connection(make_daemon: Any) -> None:
