@@ -36,6 +36,7 @@ from jobd.errors import (
     InvalidParams,
     JobdError,
     MethodNotFound,
+    QueueClosed,
     UnknownInstance,
     UnknownJob,
     UnknownQueue,
@@ -138,10 +139,13 @@ SECRET_PARAMS = frozenset({"env", "params", "stdin", "stdin_base64"})
 class Params:
     """Reads a params object key by key; `done()` refuses any key nobody asked for."""
 
-    def __init__(self, method: str, raw: Mapping[str, Any]) -> None:
+    def __init__(self, method: str, raw: Mapping[str, Any], within: str | None = None) -> None:
         self.method = method
         self.raw = raw
         self.seen: set[str] = set()
+        # The parameter these are the keys of (`retry`): what a refusal names as its `param`, the key being in the
+        # message (`job.submit: retry: times = …`); None: the keys are the method's own parameters.
+        self.within = within
 
     def take(self, name: str) -> Any:
         self.seen.add(name)
@@ -150,10 +154,12 @@ class Params:
     def bad(self, name: str, allowed: str) -> InvalidParams:
         if name in SECRET_PARAMS:  # the message is the audit entry's too: no value the client meant to keep secret
             return InvalidParams(
-                f"{self.method}: {name} is not allowed (value not shown); expected {allowed}", param=name
+                f"{self.method}: {name} is not allowed (value not shown); expected {allowed}", param=self.within or name
             )
         value = json_repr(self.raw.get(name))
-        return InvalidParams(f"{self.method}: {name} = {value} is not allowed; expected {allowed}", param=name)
+        return InvalidParams(
+            f"{self.method}: {name} = {value} is not allowed; expected {allowed}", param=self.within or name
+        )
 
     def integer(self, name: str, default: int | None = None, *, low: int = 0, high: int = 2**63 - 1) -> int | None:
         value = self.take(name)
@@ -256,7 +262,7 @@ class Params:
             allowed = f"allowed: {', '.join(sorted(self.seen))}" if self.seen else "it takes no parameters"
             raise InvalidParams(
                 f"{self.method}: unknown parameter {unknown[0]!r}; {allowed}",
-                param=unknown[0],
+                param=self.within or unknown[0],
                 allowed=sorted(self.seen),
             )
 
@@ -345,7 +351,9 @@ def ping(api: Api, session: Session, p: Params) -> Any:
 def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
     stdin_text, stdin_b64 = p.text("stdin"), p.text("stdin_base64")
     if stdin_text is not None and stdin_b64 is not None:
-        raise InvalidParams(f"{p.method}: give 'stdin' or 'stdin_base64', not both")
+        raise InvalidParams(
+            f"{p.method}: give 'stdin' (text) or 'stdin_base64' (bytes in base64), not both", param="stdin_base64"
+        )
     stdin = stdin_text.encode() if stdin_text is not None else _b64(p, "stdin_base64", stdin_b64)
     command = p.texts("command", one_for_a_list=False)
     if command is not None and (not command or not command[0]):
@@ -355,7 +363,7 @@ def _submit_request(p: Params) -> tuple[SubmitRequest, float]:
     try:
         http = None if http_raw is None else check_request(http_raw)
     except HttpSpecError as error:
-        raise InvalidParams(f"{p.method}: http: {error}") from None
+        raise InvalidParams(f"{p.method}: http: {error}", param="http") from None
     request = SubmitRequest(
         task=p.name("task"),
         command=command,
@@ -419,7 +427,7 @@ def _b64(p: Params, name: str, value: str | None) -> bytes | None:
 
 
 def _retry(p: Params, raw: Mapping[str, Any]) -> RetryPolicy:
-    sub = Params(f"{p.method}: retry", raw)
+    sub = Params(f"{p.method}: retry", raw, within="retry")
     default = RetryPolicy()
     codes = sub.take("on_exit_codes") or []
     if not isinstance(codes, list) or not all(
@@ -453,17 +461,42 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
     else:
         members = [p]
     specs, delays = [], []
-    for member in members:
-        request, delay = _submit_request(member)
-        member.done()
-        specs.append(_resolve_or_keyed(api, request, session.peer))
+    for index, member in enumerate(members):
+        try:
+            request, delay = _submit_request(member)
+            member.done()
+            spec = _resolve_or_keyed(api, request, session.peer)
+            _check_queue(api, spec)
+        except JobdError as error:
+            raise error if batch is None else _of_member(error, member.method, index) from None
+        specs.append(spec)
         delays.append(delay)
-    for spec in specs:
+    for index, spec in enumerate(specs):
         if spec.key is not None:
-            _check_key_is_readable(api, session, spec.key)
+            try:
+                _check_key_is_readable(api, session, spec.key)
+            except JobdError as error:
+                raise error if batch is None else _of_member(error, members[index].method, index) from None
     jobs = api.engine.submit(specs, delays, after_reply=session.after_reply)
     result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
     return once_durable(api.engine, result)
+
+
+def _of_member(error: JobdError, member: str, index: int) -> JobdError:
+    """The refusal of a batch's member `index` (`member` is `job.submit: jobs[3]`): its message says which, as the
+    refusals of its params do already, and `data.index` is its place in `jobs`."""
+    message = error.message if error.message.startswith(f"{member}:") else f"{member}: {error.message}"
+    return type(error)(message, **{**error.details, "index": index})
+
+
+def _check_queue(api: Api, spec: JobSpec) -> None:
+    """The engine's refusal of the job's queue (unknown, or removed and draining), named as the submit's `queue`,
+    before a batch's later members are read. (Engine.submit checks again, for its other callers.)"""
+    try:
+        api.engine.check_queue(spec)
+    except (UnknownQueue, QueueClosed) as error:
+        error.details.setdefault("param", "queue")
+        raise
 
 
 def _resolve_or_keyed(api: Api, request: SubmitRequest, peer: Peer) -> JobSpec:
@@ -492,6 +525,7 @@ def _check_key_is_readable(api: Api, session: Session, key: str) -> None:
             "is missing on that job",
             missing=str(Right.READ),
             kind="job",
+            param="key",
         )
 
 

@@ -124,12 +124,12 @@ def test_submitting_a_task_needs_exec_on_it_and_on_another_queue() -> None:
     assert refused.value.details["missing"] == "exec"
     with pytest.raises(InsufficientRights) as refused:  # the task's own queue is fine, another needs exec on it
         resolve(conf, SubmitRequest(task="resize", queue="batch"), ALICE)
-    assert refused.value.details == {"missing": "exec", "kind": "queue", "name": "batch"}
+    assert refused.value.details == {"missing": "exec", "kind": "queue", "name": "batch", "param": "queue"}
     with pytest.raises(InsufficientRights) as refused:  # not granted: refused before "unknown task"
         resolve(conf, SubmitRequest(task="secret"), ALICE)
     with pytest.raises(InsufficientRights) as refused:
         resolve(conf, SubmitRequest(command=("/bin/true",)), ALICE)
-    assert refused.value.details == {"missing": "admin"}
+    assert refused.value.details == {"missing": "admin", "param": "command"}
 
 
 # -- the config -------------------------------------------------------------------------------------------------

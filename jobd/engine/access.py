@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jobd.errors import InsufficientRights
 from jobd.model import AccessDef, Grant, ObjectKind, Right
@@ -61,14 +61,16 @@ def who(peer: Peer) -> str:
     return f"user {peer.user or peer.uid} (uid {peer.uid})"
 
 
-def require(access: AccessDef, peer: Peer, right: Right, kind: ObjectKind, name: str) -> None:
-    """Raise InsufficientRights (naming the missing right) unless `peer` has `right` on the `kind` `name`."""
+def require(access: AccessDef, peer: Peer, right: Right, kind: ObjectKind, name: str, **details: Any) -> None:
+    """Raise InsufficientRights (naming the missing right) unless `peer` has `right` on the `kind` `name`;
+    `details` go into the refusal's data too (`param`: the request's parameter that named the object)."""
     if not may(access, peer, right, kind, name):
         raise InsufficientRights(
             f"{who(peer)} may not {right} {kind} {name}: the {right} right is missing",
             missing=str(right),
             kind=str(kind),
             name=name,
+            **details,
         )
 
 
@@ -103,13 +105,15 @@ def refused(peer: Peer, right: Right, kind: str, object_id: int, on: str = "") -
     )
 
 
-def require_admin(peer: Peer, what: str) -> None:
-    """Refuse what only admins may do; `what` completes "may not …" (e.g. "reload the configuration")."""
+def require_admin(peer: Peer, what: str, **details: Any) -> None:
+    """Refuse what only admins may do; `what` completes "may not …" (e.g. "reload the configuration"). `details` go
+    into the refusal's data too, as for `require`."""
     if not peer.is_admin:
         raise InsufficientRights(
             f"{who(peer)} may not {what}: that is for admins ([access] admins, and jobd's own user); "
             "the admin right is missing",
             missing="admin",
+            **details,
         )
 
 

@@ -390,13 +390,7 @@ class Engine:
         if self.stopping:
             raise ShuttingDown("jobd is stopping and takes no new jobs")
         for spec in specs:
-            try:
-                self._check_queue_open(spec.queue)
-            except (UnknownQueue, QueueClosed):
-                # A key already taken is answered with its job, whatever became of that job's queue since (a client
-                # asks again with the key when it lost the first reply). Looked up only then: not on every submit.
-                if spec.key is None or self.job_with_key(spec.key) is None:
-                    raise
+            self.check_queue(spec)
             if not spec.command and spec.http is None:  # the API refuses it; this guards jobd's own callers
                 raise InvalidParams("a job needs a command or an HTTP request, and this one has neither")
         now = self.clock()
@@ -442,6 +436,16 @@ class Engine:
         """Return once every commit so far survives a power cut (one fsync shared by all who wait)."""
         await self.store.flush()
 
+    def check_queue(self, spec: JobSpec) -> None:
+        """Refuse a job whose queue is unknown, or removed and draining (UnknownQueue, QueueClosed)."""
+        try:
+            self._check_queue_open(spec.queue)
+        except (UnknownQueue, QueueClosed):
+            # A key already taken is answered with its job, whatever became of that job's queue since (a client
+            # asks again with the key when it lost the first reply). Looked up only then: not on every submit.
+            if spec.key is None or self.job_with_key(spec.key) is None:
+                raise
+
     def _check_queue_open(self, name: str) -> None:
         queue = self.queues.get(name)
         if queue is None:
@@ -450,7 +454,9 @@ class Engine:
                 f"unknown queue {name!r}; defined queues: {', '.join(defined)}", queue=name, allowed=defined
             )
         if queue.closed:
-            raise QueueClosed(f"queue {name!r} was removed from the configuration; it drains and takes no new jobs")
+            raise QueueClosed(
+                f"queue {name!r} was removed from the configuration; it drains and takes no new jobs", queue=name
+            )
 
     def _admit(self, job: Job, *, dispatch: bool = True) -> None:
         """Put an unfinished, not running job where it waits: a delay timer or its queue's ready set (and, unless

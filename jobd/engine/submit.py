@@ -189,15 +189,22 @@ def schedule_request(schedule: str, task: str, parameters: Mapping[str, str]) ->
 
 
 _AD_HOC_ONLY = ("working_dir", "retry", "kill_grace", "max_output", "http")
+_WHAT_TO_RUN = ("task", "command", "http")
 
 
+# Every refusal names the submit's parameter at fault as `param` (docs/protocol.md): a client (or a form) can point
+# at it without reading the message.
 def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
-    if sum(given is not None for given in (request.task, request.command, request.http)) != 1:
+    chosen = [name for name in _WHAT_TO_RUN if getattr(request, name) is not None]
+    if len(chosen) != 1:
         raise InvalidParams(
             "give exactly one of 'task' (a configured task), 'command' (an argv list) or 'http' (a request)"
+            + (f"; got {' and '.join(repr(name) for name in chosen)}" if chosen else ""),
+            param=chosen[-1] if chosen else "task",  # the one too many, or the one a submit usually gives
+            allowed=list(_WHAT_TO_RUN),
         )
     if request.args and request.params:
-        raise InvalidParams("give 'args' (a list) or 'params' (an object), not both")
+        raise InvalidParams("give 'args' (a list) or 'params' (an object), not both", param="params")
     _check_env_names(request.env, "env")
     _check_env_names(request.params, "params")
     if not peer.is_admin:
@@ -210,7 +217,9 @@ def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
 def _with_callbacks(config: Config, request: SubmitRequest, peer: Peer, spec: JobSpec) -> JobSpec:
     """The task's, the queue's and the job's own completion callbacks, in that order (docs/jobs.md)."""
     if callback_defs.has_exec(request.callbacks):
-        access_rules.require_admin(peer, "give a job exec callbacks (http callbacks are allowed to all)")
+        access_rules.require_admin(
+            peer, "give a job exec callbacks (http callbacks are allowed to all)", param="callbacks"
+        )
     task = config.tasks.get(spec.task) if spec.task is not None else None
     queue = config.queues.get(spec.queue)
     callbacks = callback_defs.merge(
@@ -224,21 +233,27 @@ def _with_callbacks(config: Config, request: SubmitRequest, peer: Peer, spec: Jo
 def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
     assert request.task is not None
     # Rights first: a peer without them learns nothing about which tasks exist.
-    access_rules.require(config.access, peer, Right.EXEC, ObjectKind.TASK, request.task)
+    access_rules.require(config.access, peer, Right.EXEC, ObjectKind.TASK, request.task, param="task")
     task = config.tasks.get(request.task)
     if task is None:
         raise UnknownTask(
             f"unknown task {request.task!r}; defined tasks: {', '.join(sorted(config.tasks)) or '(none)'}",
             task=request.task,
             allowed=sorted(config.tasks),
+            param="task",
         )
     for name in _AD_HOC_ONLY:
         if getattr(request, name) is not None:
-            raise InvalidParams(f"'{name}' is set by the task's configuration; it is allowed for ad-hoc commands only")
+            raise InvalidParams(
+                f"'{name}' is set by the task's configuration; it is allowed for ad-hoc commands only", param=name
+            )
     if request.queue is not None and request.queue != task.queue:
-        access_rules.require(config.access, peer, Right.EXEC, ObjectKind.QUEUE, request.queue)
-    if task.http is not None and (request.args or request.params or request.stdin is not None):
-        raise InvalidParams(f"task {task.name!r} makes an HTTP request: it takes no 'args', 'params' or 'stdin'")
+        access_rules.require(config.access, peer, Right.EXEC, ObjectKind.QUEUE, request.queue, param="queue")
+    extra = _given(request, ("args", "params", "stdin")) if task.http is not None else None
+    if extra is not None:
+        raise InvalidParams(
+            f"task {task.name!r} makes an HTTP request: it takes no 'args', 'params' or 'stdin'", param=extra
+        )
     if task.parameters is ParameterMode.ENV and request.args:
         # Its argv is the configuration's alone: arguments would get past allowed_params (`--config=…` to a program
         # that reads one, run as the task's user).
@@ -289,15 +304,18 @@ def _task_identity(config: Config, task: TaskDef, peer: Peer) -> tuple[int | Non
     if peer.uid < 0:
         raise InsufficientRights(
             f'task {task.name!r} runs as the user who submits it (run_as = "caller"), '
-            "and a remote client has no local user to run it as",
+            "and a remote client has no local user to run it as; submit it as a local user (over the unix socket, "
+            "or with a token whose user is a local account)",
             missing="local user",
             task=task.name,
+            param="task",
         )
     return peer.uid, peer.gid
 
 
 def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
-    access_rules.require_admin(peer, "run ad-hoc commands (submit a configured task instead)")
+    what = "http" if request.http is not None else "command"
+    access_rules.require_admin(peer, "run ad-hoc commands (submit a configured task instead)", param=what)
     if request.http is not None:
         return _resolve_ad_hoc_http(config, request, peer)
     assert request.command is not None
@@ -306,6 +324,7 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
             "ad-hoc commands run as the admin who submits them, and a remote client has no local user; "
             "submit a configured task instead",
             missing="local user",
+            param="command",
         )
     return JobSpec(
         command=request.command + request.args,
@@ -329,8 +348,9 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
 
 def _resolve_ad_hoc_http(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
     assert request.http is not None
-    if request.args or request.params or request.env or request.stdin is not None or request.working_dir:
-        raise InvalidParams("an HTTP job takes no 'args', 'params', 'env', 'stdin' or 'working_dir'")
+    extra = _given(request, ("args", "params", "env", "stdin", "working_dir"))
+    if extra is not None:
+        raise InvalidParams("an HTTP job takes no 'args', 'params', 'env', 'stdin' or 'working_dir'", param=extra)
     return JobSpec(
         command=(),
         queue=request.queue or "default",
@@ -346,12 +366,22 @@ def _resolve_ad_hoc_http(config: Config, request: SubmitRequest, peer: Peer) -> 
     )
 
 
+def _given(request: SubmitRequest, names: tuple[str, ...]) -> str | None:
+    """The first of `names` the request sets: a value other than None, an empty list or an empty object."""
+    for name in names:
+        value = getattr(request, name)
+        if value is not None and not (isinstance(value, tuple | Mapping) and not value):
+            return name
+    return None
+
+
 def _check_unprivileged_env(request: SubmitRequest, peer: Peer) -> None:
     if request.env:
         raise InsufficientRights(
             f"{access_rules.who(peer)} may not set 'env': extra environment variables are for admins, "
             "the admin right is missing; pass values as the task's 'params' instead",
             missing="admin",
+            param="env",
         )
 
 
@@ -374,7 +404,12 @@ def _check_env_names(variables: Mapping[str, str], what: str) -> None:
     for name in variables:
         if not ENV_NAME.fullmatch(name):
             raise InvalidParams(
-                f"{what}: {name!r} is not a valid environment variable name; allowed: [A-Za-z_][A-Za-z0-9_]*"
+                f"{what}: {name!r} is not a valid environment variable name; allowed: [A-Za-z_][A-Za-z0-9_]*",
+                param=what,
             )
         if name.startswith(RESERVED_ENV_PREFIX):
-            raise InvalidParams(f"{what}: {name!r}: names starting with JOBD_ are set by jobd itself")
+            raise InvalidParams(
+                f"{what}: {name!r}: names starting with JOBD_ are set by jobd itself; allowed: [A-Za-z_][A-Za-z0-9_]* "
+                "not starting with JOBD_",
+                param=what,
+            )

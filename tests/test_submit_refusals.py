@@ -1,0 +1,247 @@
+"""Every refusal of job.submit, single and in a batch, against a real jobd: each names the parameter at fault as
+`data.param` (one of the parameters job.submit takes, as the daemon lists them), and its message says what is
+allowed. A batch member's refusal also says which member (`data.index`, and `jobs[N]` in the message).
+
+A refusal added to the submit path belongs in one of the tables below; its `data.param` is then checked here."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from test_http_api import request
+from test_protocol_docs import params_taken
+
+from jobd.client import RemoteError
+
+TIMEOUT = 30
+ADMIN_TOKEN = "remote-admin-token"
+CAROL_TOKEN = "carol-token"
+# Users that are no local account: their clients are remote logins (uid -1).
+REMOTE_ADMIN, CAROL = "jobdtest-no-such-admin", "jobdtest-no-such-carol"
+
+
+def _token(name: str, token: str, user: str, admin: bool) -> str:
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return f'[http.tokens.{name}]\ntoken_sha256 = "{digest}"\nuser = "{user}"\nadmin = {str(admin).lower()}\n\n'
+
+
+CONFIG = f"""
+[http]
+listen = "127.0.0.1:0"
+
+{_token("remote_admin", ADMIN_TOKEN, REMOTE_ADMIN, True)}
+{_token("carol", CAROL_TOKEN, CAROL, False)}
+[queue.default]
+concurrency = 1
+
+[queue.other]
+concurrency = 1
+
+[queue.held]
+concurrency = 1
+
+[task.open]
+command = ["/bin/true"]
+parameters = "env"
+allowed_params = ["A"]
+
+[task.argv]
+command = ["/bin/echo"]
+
+[task.hook]
+http = {{ url = "http://127.0.0.1:9/" }}
+
+[task.mine]
+command = ["/bin/true"]
+run_as = "caller"
+
+[[access.grant]]
+users = ["{CAROL}"]
+rights = ["read", "exec"]
+tasks = ["open", "mine", "hook"]
+"""
+
+COMMAND = ["/bin/true"]
+HTTP = {"url": "http://127.0.0.1:9/"}
+
+# (params, data.code, data.param, what the message must say: the allowed values, or what to give instead)
+BY_AN_ADMIN: list[tuple[dict[str, Any], str, str, str]] = [
+    # what to run
+    ({}, "INVALID_PARAMS", "task", "give exactly one of 'task' (a configured task), 'command' (an argv list) or"),
+    ({"task": "open", "command": COMMAND}, "INVALID_PARAMS", "command", "give exactly one of 'task'"),
+    ({"command": COMMAND, "http": HTTP}, "INVALID_PARAMS", "http", "'command' (an argv list) or 'http' (a request)"),
+    ({"task": "nope"}, "UNKNOWN_TASK", "task", "defined tasks: argv, hook, mine, open"),
+    ({"task": "a b"}, "INVALID_PARAMS", "task", "expected a name: 1 to 64 characters from A-Z a-z 0-9 _ . -"),
+    ({"command": "/bin/true"}, "INVALID_PARAMS", "command", "expected a list of strings without NUL"),
+    ({"command": []}, "INVALID_PARAMS", "command", "expected a non-empty list of strings whose first is the program"),
+    ({"http": "http://x/"}, "INVALID_PARAMS", "http", "expected an object"),
+    ({"http": {"url": "ftp://x/"}}, "INVALID_PARAMS", "http", "is not an http:// or https:// URL"),
+    ({"http": {**HTTP, "verb": "GET"}}, "INVALID_PARAMS", "http", "unknown key 'verb'; allowed: type, method, url"),
+    # where and when
+    ({"task": "open", "queue": "nope"}, "UNKNOWN_QUEUE", "queue", "defined queues: default, held, other"),
+    ({"command": COMMAND, "queue": "../q"}, "INVALID_PARAMS", "queue", "expected a name: 1 to 64 characters"),
+    ({"task": "open", "priority": -1}, "INVALID_PARAMS", "priority", "expected an integer from 0 to 4294967295"),
+    ({"task": "open", "priority": 2**32}, "INVALID_PARAMS", "priority", "expected an integer from 0 to 4294967295"),
+    ({"task": "open", "delay": -1}, "INVALID_PARAMS", "delay", "expected a number >= 0 and <= "),
+    ({"task": "open", "timeout": 0}, "INVALID_PARAMS", "timeout", "expected a number > 0 and <= "),
+    # what the job gets
+    ({"task": "argv", "args": "x"}, "INVALID_PARAMS", "args", "expected a list of strings without NUL"),
+    ({"task": "argv", "args": ["x"], "params": {"A": "1"}}, "INVALID_PARAMS", "params", "give 'args' (a list) or"),
+    ({"task": "open", "args": ["x"]}, "INVALID_PARAMS", "args", "give 'params' (the names its allowed_params lists)"),
+    ({"task": "open", "params": ["A"]}, "INVALID_PARAMS", "params", "expected an object whose values are strings"),
+    ({"task": "open", "params": {"1A": "x"}}, "INVALID_PARAMS", "params", "allowed: [A-Za-z_][A-Za-z0-9_]*"),
+    ({"task": "open", "params": {"JOBD_X": "1"}}, "INVALID_PARAMS", "params", "not starting with JOBD_"),
+    ({"command": COMMAND, "env": {"A": 1}}, "INVALID_PARAMS", "env", "expected an object whose values are strings"),
+    ({"command": COMMAND, "env": {"A-B": "1"}}, "INVALID_PARAMS", "env", "allowed: [A-Za-z_][A-Za-z0-9_]*"),
+    ({"command": COMMAND, "env": {"JOBD_QUEUE": "x"}}, "INVALID_PARAMS", "env", "not starting with JOBD_"),
+    ({"task": "open", "stdin": 5}, "INVALID_PARAMS", "stdin", "expected a string without NUL"),
+    ({"task": "open", "stdin_base64": "!!"}, "INVALID_PARAMS", "stdin_base64", "expected base64 text"),
+    (
+        {"task": "open", "stdin": "x", "stdin_base64": "eA=="},
+        "INVALID_PARAMS",
+        "stdin_base64",
+        "give 'stdin' (text) or 'stdin_base64' (bytes in base64), not both",
+    ),
+    ({"task": "open", "context": ["x"]}, "INVALID_PARAMS", "context", "expected a string without NUL"),
+    ({"task": "open", "key": ""}, "INVALID_PARAMS", "key", "expected a non-empty string"),
+    ({"task": "open", "key": "instance:7"}, "INVALID_PARAMS", "key", "not starting with 'instance:'"),
+    ({"task": "open", "merge_stderr": "yes"}, "INVALID_PARAMS", "merge_stderr", "expected true or false"),
+    ({"task": "open", "callbacks": []}, "INVALID_PARAMS", "callbacks", "on_success, on_failure, on_finish"),
+    # the settings of an ad-hoc command, which a task takes from its configuration
+    ({"command": COMMAND, "working_dir": "tmp"}, "INVALID_PARAMS", "working_dir", "expected an absolute path"),
+    ({"command": COMMAND, "retry": 3}, "INVALID_PARAMS", "retry", "expected an object"),
+    ({"command": COMMAND, "retry": {"times": -1}}, "INVALID_PARAMS", "retry", "times = -1 is not allowed; expected an"),
+    ({"command": COMMAND, "retry": {"tries": 1}}, "INVALID_PARAMS", "retry", "allowed: backoff, delay, on_exit_codes"),
+    ({"command": COMMAND, "retry": {"on_exit_codes": [256]}}, "INVALID_PARAMS", "retry", "exit codes 0-255"),
+    ({"command": COMMAND, "kill_grace": -1}, "INVALID_PARAMS", "kill_grace", "expected a number >= 0"),
+    ({"command": COMMAND, "max_output": -1}, "INVALID_PARAMS", "max_output", "expected an integer from 0 to"),
+    ({"task": "open", "working_dir": "/tmp"}, "INVALID_PARAMS", "working_dir", "allowed for ad-hoc commands only"),
+    ({"task": "open", "retry": {}}, "INVALID_PARAMS", "retry", "allowed for ad-hoc commands only"),
+    ({"task": "open", "kill_grace": 1}, "INVALID_PARAMS", "kill_grace", "allowed for ad-hoc commands only"),
+    ({"task": "open", "max_output": 1}, "INVALID_PARAMS", "max_output", "allowed for ad-hoc commands only"),
+    # HTTP jobs take no program's input
+    ({"task": "hook", "stdin": "x"}, "INVALID_PARAMS", "stdin", "it takes no 'args', 'params' or 'stdin'"),
+    ({"task": "hook", "args": ["x"]}, "INVALID_PARAMS", "args", "it takes no 'args', 'params' or 'stdin'"),
+    ({"http": HTTP, "params": {"A": "1"}}, "INVALID_PARAMS", "params", "takes no 'args', 'params', 'env', 'stdin'"),
+    ({"http": HTTP, "env": {"A": "1"}}, "INVALID_PARAMS", "env", "takes no 'args', 'params', 'env', 'stdin'"),
+    ({"http": HTTP, "working_dir": "/"}, "INVALID_PARAMS", "working_dir", "or 'working_dir'"),
+    # a name job.submit does not take
+    ({"task": "open", "zz": 1}, "INVALID_PARAMS", "zz", "unknown parameter 'zz'; allowed: args, callbacks,"),
+]
+
+# Refused to carol (exec and read on tasks open, mine and hook only), a remote login (HTTP token).
+BY_CAROL: list[tuple[dict[str, Any], str, str, str]] = [
+    ({"command": COMMAND}, "INSUFFICIENT_RIGHTS", "command", "that is for admins"),
+    ({"http": HTTP}, "INSUFFICIENT_RIGHTS", "http", "that is for admins"),
+    ({"task": "argv"}, "INSUFFICIENT_RIGHTS", "task", "may not exec task argv: the exec right is missing"),
+    ({"task": "open", "queue": "other"}, "INSUFFICIENT_RIGHTS", "queue", "may not exec queue other: the exec right"),
+    ({"task": "open", "env": {"A": "1"}}, "INSUFFICIENT_RIGHTS", "env", "pass values as the task's 'params' instead"),
+    # documented as naming the variable, with `allowed` (docs/protocol.md): a parameter of the task
+    ({"task": "open", "params": {"B": "1"}}, "INSUFFICIENT_RIGHTS", "B", "only the names in its allowed_params (A)"),
+    ({"task": "mine"}, "INSUFFICIENT_RIGHTS", "task", "a remote client has no local user to run it as; submit it as"),
+    ({"task": "open", "callbacks": {"on_finish": [{"exec": COMMAND}]}}, "INSUFFICIENT_RIGHTS", "callbacks", "admins"),
+]
+
+
+def _http_call(daemon: Any, token: str, params: dict[str, Any]) -> dict[str, Any]:
+    """job.submit over HTTP with `token`: the error object of its refusal (the members of a JSON-RPC `data`)."""
+    status, body = request(daemon, "POST", "/api/job.submit", params, token=token)
+    assert status >= 400 and "error" in body, f"{params} was accepted: {body}"
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def _refusal(daemon: Any, params: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    with daemon.client() as client, pytest.raises(RemoteError) as refused:
+        client.call("job.submit", params, timeout=TIMEOUT)
+    return refused.value.code, refused.value.message, refused.value.data
+
+
+class TestEverySubmitRefusalNamesItsParameter:
+    def test_single_submits(self, make_daemon: Any) -> None:
+        daemon = make_daemon(CONFIG)
+        with daemon.client() as client:
+            taken = params_taken(client, "job.submit")
+        wrong = []
+        for params, code, param, says in BY_AN_ADMIN:
+            got_code, message, data = _refusal(daemon, params)
+            if (got_code, data.get("param")) != (code, param) or says not in message or "index" in data:
+                wrong.append((params, got_code, message, data))
+            if param not in taken and param != "zz":
+                wrong.append((params, f"{param} is no parameter of job.submit: {sorted(taken)}"))
+        assert not wrong, "\n".join(map(str, wrong))
+        assert daemon.call("job.list")["jobs"] == []  # nothing refused was made
+
+    def test_the_members_of_a_batch(self, make_daemon: Any) -> None:
+        """The same refusals, of the second member of a batch: `data.index` is 1, and the message says `jobs[1]`.
+        The batch is refused whole: its first member, good, makes no job either."""
+        daemon = make_daemon(CONFIG)
+        wrong = []
+        for params, code, param, says in BY_AN_ADMIN:
+            got_code, message, data = _refusal(daemon, {"jobs": [{"task": "open"}, params]})
+            expected = (code, param, 1)
+            if (got_code, data.get("param"), data.get("index")) != expected or says not in message:
+                wrong.append((params, got_code, message, data))
+            if not message.startswith("job.submit: jobs[1]: "):
+                wrong.append((params, message))
+        assert not wrong, "\n".join(map(str, wrong))
+        got_code, message, data = _refusal(daemon, {"jobs": [{"task": "open"}], "task": "open"})
+        assert (got_code, data["param"], data["allowed"]) == ("INVALID_PARAMS", "task", ["jobs"]), (message, data)
+        assert "index" not in data, data  # the batch's own parameters are no member's
+        got_code, message, data = _refusal(daemon, {"jobs": []})
+        assert (got_code, data["param"]) == ("INVALID_PARAMS", "jobs") and "a list of 1 to 10000" in message, data
+        assert daemon.call("job.list")["jobs"] == []
+
+    def test_what_only_some_may_do(self, make_daemon: Any) -> None:
+        daemon = make_daemon(CONFIG)
+        with daemon.client() as client:
+            taken = params_taken(client, "job.submit")
+        wrong = []
+        for params, code, param, says in BY_CAROL:
+            for sent, index in ((params, None), ({"jobs": [{"task": "open"}, params]}, 1)):
+                error = _http_call(daemon, CAROL_TOKEN, sent)
+                named = (error["code"], error.get("param"), error.get("index"))
+                if named != (code, param, index) or says not in error["message"]:
+                    wrong.append((sent, error))
+            if param not in taken and param != "B":
+                wrong.append((params, f"{param} is no parameter of job.submit"))
+        # An admin that is a remote login has no local user to run an ad-hoc command as.
+        error = _http_call(daemon, ADMIN_TOKEN, {"command": COMMAND})
+        if (error["code"], error.get("param")) != ("INSUFFICIENT_RIGHTS", "command") or (
+            "submit a configured task instead" not in error["message"]
+        ):
+            wrong.append(("remote admin", error))
+        assert not wrong, "\n".join(map(str, wrong))
+
+    def test_a_key_another_job_has(self, make_daemon: Any) -> None:
+        """A key taken by a job carol may not read: refused as `key`, in a batch with its member's index."""
+        daemon = make_daemon(CONFIG)
+        daemon.submit(command=COMMAND, queue="held", key="taken")
+        error = _http_call(daemon, CAROL_TOKEN, {"task": "open", "key": "taken"})
+        assert (error["code"], error["param"], error["missing"]) == ("INSUFFICIENT_RIGHTS", "key", "read"), error
+        error = _http_call(
+            daemon, CAROL_TOKEN, {"jobs": [{"task": "open", "key": "mine"}, {"task": "open", "key": "taken"}]}
+        )
+        assert (error["code"], error["param"], error["index"]) == ("INSUFFICIENT_RIGHTS", "key", 1), error
+        assert error["message"].startswith("job.submit: jobs[1]: "), error
+
+    def test_a_queue_removed_from_the_configuration(self, make_daemon: Any) -> None:
+        """A queue that drains after a reload removed it takes no new job: refused as `queue`."""
+        daemon = make_daemon(CONFIG)
+        daemon.submit(command=COMMAND, queue="held", delay=3600)  # it waits, and keeps the removed queue draining
+        daemon.write_config(CONFIG.replace("[queue.held]\nconcurrency = 1\n", ""))
+        assert daemon.call("daemon.reload")["ok"] is True
+        for params, index in (
+            ({"command": COMMAND, "queue": "held"}, None),
+            ({"jobs": [{"command": COMMAND}, {"command": COMMAND, "queue": "held"}]}, 1),
+        ):
+            code, message, data = _refusal(daemon, params)
+            assert (code, data.get("param"), data.get("queue"), data.get("index")) == (
+                "QUEUE_CLOSED",
+                "queue",
+                "held",
+                index,
+            ), (message, data)
+            assert "was removed from the configuration; it drains and takes no new jobs" in message, message
