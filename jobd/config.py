@@ -1125,6 +1125,11 @@ def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> T
     http = table.read("http", _http_request, None)
     if http is not None and "command" in table.settings:
         raise table.settings["command"].invalid("a task has either 'command' or 'http', not both")
+    if http is not None and "kill_grace" in table.settings:  # as job.submit refuses it for an ad-hoc HTTP job
+        raise table.settings["kill_grace"].invalid(
+            "an HTTP task starts no program: a cancel or a timeout abandons its request at once, with no grace to "
+            "wait out; remove it (its timeout, retry, max_output, queue and callbacks apply as to a program)"
+        )
     parameters = table.read("parameters", _choice(ParameterMode), ParameterMode.ARGS)
     return TaskDef(
         name=table.key[-1],
@@ -1140,7 +1145,7 @@ def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> T
         working_dir=table.read("working_dir", _absolute_path, None),
         environment=table.read("environment", _environment, MappingProxyType({})),
         timeout=table.read("timeout", _number(0, exclusive=True), None),
-        kill_grace=table.read("kill_grace", _number(0), daemon.kill_grace),
+        kill_grace=0.0 if http is not None else table.read("kill_grace", _number(0), daemon.kill_grace),
         retry=table.read("retry", _retry, RetryPolicy()),
         max_output=table.read("max_output", _integer(0), daemon.max_output),
         callbacks=_callbacks(table),

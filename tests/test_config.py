@@ -1560,7 +1560,7 @@ def test_schedule_bad_parameters(tmp_path: Path, target: str, parameters: str, m
             '[task.h]\nhttp = { url = "http://127.0.0.1:9/" }\n',
             'task = "h"\nparameters = { A = "1" }',
             "schedule.s.parameters: task \"h\" would refuse it at every firing, as job.submit does: task 'h' makes an "
-            "HTTP request: it takes no 'args', 'params' or 'stdin'",
+            "HTTP request: it takes no 'args', 'params', 'stdin' or 'merge_stderr'",
         ),
         # JOBD_ names are jobd's own, for a task with parameters = "env" as for one with "args".
         (

@@ -499,6 +499,56 @@ def test_a_url_with_a_line_break_is_refused_for_it_not_quoted_as_if_sound() -> N
         assert str(caught.value) == "'url': holds a line break or NUL (\\r, \\n or \\0), which no URL may hold"
 
 
+def test_an_http_job_is_refused_what_only_a_program_has(server: Any, web: WebServer) -> None:
+    """`kill_grace` (a cancel or a timeout abandons the request at once: there is no grace to wait out) and
+    `merge_stderr` (its stderr is the response's head, kept apart) have no meaning for an HTTP job: refused, named,
+    with what it takes instead. `retry` and `max_output` are its own (tests above)."""
+    url = {"url": f"{web.url}/plain"}
+    for params, param, says in (
+        ({"http": url, "kill_grace": 5}, "kill_grace", "a cancel or a timeout abandons its request at once"),
+        ({"http": url, "kill_grace": 0}, "kill_grace", "'kill_grace' has no meaning for it"),
+        ({"http": url, "merge_stderr": True}, "merge_stderr", "'merge_stderr' has no meaning for it"),
+        ({"task": "notify", "merge_stderr": True}, "merge_stderr", "it takes no 'args', 'params', 'stdin' or"),
+    ):
+        with pytest.raises(RemoteError) as caught:
+            server.call("job.submit", params)
+        error = caught.value
+        assert (error.code, error.data["param"]) == ("INVALID_PARAMS", param), error
+        assert says in error.message, error
+        if "http" in params:  # what it takes instead
+            assert "beside 'http' it takes queue, priority, delay, timeout, retry, max_output" in error.message, error
+    assert server.call("job.list")["jobs"] == [] and web.requests == []  # nothing was made, nothing was sent
+    job = server.submit(http=url, merge_stderr=False, retry={"times": 1}, max_output=3)  # false is the default
+    assert server.wait(job["id"])["state"] == "succeeded"
+    assert server.output(job["id"]) == "hel"
+
+
+def test_an_http_task_with_kill_grace_is_a_config_error(tmp_path: Path) -> None:
+    """As job.submit refuses it for an ad-hoc HTTP job; an HTTP task without it waits no grace either (its jobs
+    stop at once: a stop of jobd asks systemd for no time for them)."""
+    from jobd.config import load_dir
+    from jobd.errors import ConfigError
+
+    path = tmp_path / "jobd.toml"
+    path.write_text(
+        '[daemon]\nkill_grace = 30\n\n[task.hook]\nhttp = { url = "http://127.0.0.1:9/" }\nkill_grace = 5\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_dir(str(tmp_path))
+    error = caught.value
+    assert (error.details["file"], error.details["line"], error.details["key"]) == (
+        str(path),
+        6,
+        "task.hook.kill_grace",
+    )
+    assert "task.hook.kill_grace: an HTTP task starts no program: a cancel or a timeout abandons its request" in (
+        error.message
+    ), error
+    assert "(its timeout, retry, max_output, queue and callbacks apply as to a program)" in error.message, error
+    path.write_text(path.read_text().replace("kill_grace = 5\n", ""))
+    assert load_dir(str(tmp_path)).tasks["hook"].kill_grace == 0.0  # not [daemon] kill_grace's 30
+
+
 def test_task_with_invalid_http_is_a_config_error() -> None:
     from jobd.engine.http_task import HttpSpecError, check_request
 

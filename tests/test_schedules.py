@@ -630,7 +630,9 @@ def test_a_reload_that_would_make_a_schedule_fail_at_every_firing_is_refused_who
         line,
         "schedule.notify.parameters",
     )
-    assert "task 'notify' makes an HTTP request: it takes no 'args', 'params' or 'stdin'" in error.message
+    assert (
+        "task 'notify' makes an HTTP request: it takes no 'args', 'params', 'stdin' or 'merge_stderr'" in error.message
+    )
     # The running configuration is kept: its schedule still starts its command task.
     run = daemon.call("schedule.trigger", {"name": "notify"})["run_id"]
     assert daemon.wait(run)["state"] == "succeeded"

@@ -189,6 +189,11 @@ def schedule_request(schedule: str, task: str, parameters: Mapping[str, str]) ->
 
 
 _AD_HOC_ONLY = ("working_dir", "retry", "kill_grace", "max_output", "http")
+# What an HTTP job takes beside its request: what does not concern a program. Its `retry` retries a failed request,
+# its `max_output` caps the response body kept; a program's input and settings have no meaning for it, and
+# `kill_grace` none either (a cancel or a timeout abandons the request at once: there is nothing to wait for).
+_HTTP_JOB_TAKES = "queue, priority, delay, timeout, retry, max_output, context, key and callbacks"
+_NOT_FOR_HTTP = ("args", "params", "env", "stdin", "working_dir", "kill_grace", "merge_stderr")
 _WHAT_TO_RUN = ("task", "command", "http")
 
 
@@ -245,14 +250,17 @@ def _resolve_task(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec
     for name in _AD_HOC_ONLY:
         if getattr(request, name) is not None:
             raise InvalidParams(
-                f"'{name}' is set by the task's configuration; it is allowed for ad-hoc commands only", param=name
+                f"'{name}' is set by the task's configuration; it is allowed for ad-hoc jobs only ('command'"
+                + (")" if name in _NOT_FOR_HTTP else " or 'http')"),
+                param=name,
             )
     if request.queue is not None and request.queue != task.queue:
         access_rules.require(config.access, peer, Right.EXEC, ObjectKind.QUEUE, request.queue, param="queue")
-    extra = _given(request, ("args", "params", "stdin")) if task.http is not None else None
+    extra = _given(request, ("args", "params", "stdin", "merge_stderr")) if task.http is not None else None
     if extra is not None:
         raise InvalidParams(
-            f"task {task.name!r} makes an HTTP request: it takes no 'args', 'params' or 'stdin'", param=extra
+            f"task {task.name!r} makes an HTTP request: it takes no 'args', 'params', 'stdin' or 'merge_stderr'",
+            param=extra,
         )
     if task.parameters is ParameterMode.ENV and request.args:
         # Its argv is the configuration's alone: arguments would get past allowed_params (`--config=…` to a program
@@ -348,9 +356,14 @@ def _resolve_ad_hoc(config: Config, request: SubmitRequest, peer: Peer) -> JobSp
 
 def _resolve_ad_hoc_http(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
     assert request.http is not None
-    extra = _given(request, ("args", "params", "env", "stdin", "working_dir"))
+    extra = _given(request, _NOT_FOR_HTTP)
     if extra is not None:
-        raise InvalidParams("an HTTP job takes no 'args', 'params', 'env', 'stdin' or 'working_dir'", param=extra)
+        raise InvalidParams(
+            f"an HTTP job starts no program, so {extra!r} has no meaning for it (it takes none of "
+            f"{', '.join(repr(name) for name in _NOT_FOR_HTTP)}: a cancel or a timeout abandons its request at once, "
+            f"with no kill_grace to wait out); beside 'http' it takes {_HTTP_JOB_TAKES}",
+            param=extra,
+        )
     return JobSpec(
         command=(),
         queue=request.queue or "default",
@@ -367,10 +380,10 @@ def _resolve_ad_hoc_http(config: Config, request: SubmitRequest, peer: Peer) -> 
 
 
 def _given(request: SubmitRequest, names: tuple[str, ...]) -> str | None:
-    """The first of `names` the request sets: a value other than None, an empty list or an empty object."""
+    """The first of `names` the request sets: a value other than None, False, an empty list or an empty object."""
     for name in names:
         value = getattr(request, name)
-        if value is not None and not (isinstance(value, tuple | Mapping) and not value):
+        if value is not None and value is not False and not (isinstance(value, tuple | Mapping) and not value):
             return name
     return None
 
