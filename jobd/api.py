@@ -468,6 +468,8 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
             spec = _resolve_or_keyed(api, request, session.peer)
             _check_queue(api, spec)
         except JobdError as error:
+            if error.details.get("param") == "stdin" and "stdin_base64" in member.raw:
+                error.details["param"] = "stdin_base64"  # the one a SubmitRequest's `stdin` came from
             raise error if batch is None else _of_member(error, member.method, index) from None
         specs.append(spec)
         delays.append(delay)

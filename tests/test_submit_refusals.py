@@ -128,6 +128,8 @@ BY_AN_ADMIN: list[tuple[dict[str, Any], str, str, str]] = [
     ({"task": "open", "max_output": 1}, "INVALID_PARAMS", "max_output", "allowed for ad-hoc jobs only ('command'"),
     # HTTP jobs take no program's input
     ({"task": "hook", "stdin": "x"}, "INVALID_PARAMS", "stdin", "it takes no 'args', 'params', 'stdin' or 'merge"),
+    ({"task": "hook", "stdin_base64": "eA=="}, "INVALID_PARAMS", "stdin_base64", "it takes no 'args', 'params',"),
+    ({"http": HTTP, "stdin_base64": ""}, "INVALID_PARAMS", "stdin_base64", "beside 'http' it takes queue, priority,"),
     ({"task": "hook", "args": ["x"]}, "INVALID_PARAMS", "args", "it takes no 'args', 'params', 'stdin' or 'merge"),
     ({"task": "hook", "merge_stderr": True}, "INVALID_PARAMS", "merge_stderr", "it takes no 'args', 'params',"),
     ({"http": HTTP, "params": {"A": "1"}}, "INVALID_PARAMS", "params", "beside 'http' it takes queue, priority,"),
