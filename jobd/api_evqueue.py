@@ -21,12 +21,20 @@ from typing import Any, Final
 
 from lxml import etree
 
-from jobd import __version__, audit, safexml
+from jobd import __version__, audit, forked, safexml
 from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch, once_durable, while_allowed
 from jobd.engine import access
 from jobd.engine.schedule import Calendar
 from jobd.engine.submit import Peer
-from jobd.errors import InsufficientRights, JobdError, ShuttingDown, TimedOut, UnknownWorkflow, memory_shortage
+from jobd.errors import (
+    InsufficientRights,
+    InvalidParams,
+    JobdError,
+    ShuttingDown,
+    TimedOut,
+    UnknownWorkflow,
+    memory_shortage,
+)
 from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
 from jobd.protocol import evqueue as xml
 from jobd.store import InstanceFilter, refused_request
@@ -36,6 +44,8 @@ log = logging.getLogger("jobd.evqueue")
 MAX_GROUPED_INSTANCES: Final = 100_000  # instances read to count `instances list groupby=…` rows
 
 TERMINATED: Final = "TERMINATED"
+# The memory an xpathfilter's evaluation may take beyond the copy of jobd it runs in (a real filter takes a few KiB).
+XPATHFILTER_MEMORY: Final = 256 * 1024 * 1024
 
 
 class _QuitSentinel:
@@ -111,7 +121,9 @@ class EvQueue:
                 return None
             if isinstance(result, Coroutine):
                 return self._answer_later(result, xpathfilter)
-            return self._serialize(result, xpathfilter)
+            if xpathfilter is not None:
+                return self._filtered_later(result, xpathfilter)
+            return xml.serialize(result)
         except JobdError as failure:
             return self.error(failure)
         except Exception as failure:  # the request boundary: a bug is logged and answered, never fatal
@@ -125,21 +137,36 @@ class EvQueue:
         except UNKNOWN_NAME as error:
             raise as_seen_by(self.api, peer, error) from None
 
-    def _serialize(self, root: etree._Element, xpathfilter: str | None) -> bytes:
-        if xpathfilter is not None:
-            root = xml.apply_xpathfilter(root, xpathfilter)
-        return xml.serialize(root)
-
     async def _answer_later(self, result: Coroutine[Any, Any, etree._Element], xpathfilter: str | None) -> bytes:
         self.statistics.waiting_threads += 1
         try:
-            return self._serialize(await result, xpathfilter)
+            root = await result
         except JobdError as failure:
             return self.error(failure)
         except Exception as failure:
             return self._internal_error(failure)
         finally:
             self.statistics.waiting_threads -= 1
+        return xml.serialize(root) if xpathfilter is None else await self._filtered_later(root, xpathfilter)
+
+    async def _filtered_later(self, root: etree._Element, xpathfilter: str) -> bytes:
+        """The answer `root` filtered by `xpathfilter`, evaluated in a child process (jobd/forked.py): libxml2's
+        string functions and comparisons can be made to run for minutes in C, where nothing in the loop can stop
+        them, and to take gigabytes (concat() of the whole response a thousand times)."""
+        try:
+            return await forked.run(
+                lambda: xml.serialize(xml.apply_xpathfilter(root, xpathfilter)),
+                seconds=xml.XPATHFILTER_SECONDS,
+                memory=XPATHFILTER_MEMORY,
+            )
+        except forked.TooLong:
+            return self.error(xml.xpathfilter_refused(xpathfilter, xml.TOO_SLOW))
+        except forked.Failed as failure:
+            if failure.raised:  # apply_xpathfilter's own refusal (an invalid expression), or a MemoryError
+                return self.error(InvalidParams(str(failure), parameter="xpathfilter"))
+            return self.error(xml.xpathfilter_refused(xpathfilter, f"could not be evaluated ({failure})"))
+        except JobdError as failure:  # no process could be made for it now
+            return self.error(failure)
 
     def _internal_error(self, failure: Exception) -> bytes:
         if (store_failed := refused_request("evQueue request", failure)) is not None:

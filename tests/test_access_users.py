@@ -142,12 +142,15 @@ def started(make_daemon: Any, config: str, env: dict[str, str] | None = None, da
     return daemon
 
 
-def as_user(daemon: Daemon, account: pwd.struct_passwd, argv: list[str]) -> subprocess.CompletedProcess[str]:
+def as_user(
+    daemon: Daemon, account: pwd.struct_passwd, argv: list[str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run argv as the user, with the supplementary groups of the group database (--init-groups)."""
     return subprocess.run(
         ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups", *argv],
         cwd=daemon.root,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"},
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=DEADLINE,
@@ -171,7 +174,7 @@ XML_CLIENT = """
 import socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect("evqueue.sock")
-sock.sendall(sys.argv[1].encode() + b"<quit/>")
+sock.sendall(sys.stdin.buffer.read() + b"<quit/>")
 data = b""
 while chunk := sock.recv(65536):
     data += chunk
@@ -213,7 +216,8 @@ def calls(daemon: Daemon, account: pwd.struct_passwd, requests: list[tuple[str, 
 
 def xml_session(daemon: Daemon, account: pwd.struct_passwd, requests: str) -> list[etree._Element]:
     """The greeting, then one answer per request, as `account` on the evQueue socket."""
-    done = as_user(daemon, account, [sys.executable, "-c", XML_CLIENT, requests])
+    # On standard input: one argument of argv may hold at most 128 KiB.
+    done = as_user(daemon, account, [sys.executable, "-c", XML_CLIENT], stdin=requests)
     assert done.returncode == 0, done.stderr
     return [etree.fromstring(document) for document in XmlFramer().feed(done.stdout.encode())]
 
@@ -1136,6 +1140,34 @@ def test_evqueue_ids_number_only_what_a_user_may_read(jobd: Daemon, users: dict[
     assert ids(workflows) == [("1", "other"), ("2", "wf-a"), ("3", "wf-slow")]
     assert ids(pool) == [("1", "default"), ("2", "ops")]
     assert [answer[0].get("name") for answer in (first, second, third)] == ["other", "wf-a", "wf-slow"]
+
+
+def test_an_xpathfilter_a_user_makes_run_for_minutes_in_c_is_given_up_and_holds_nobody_up(
+    jobd: Daemon, users: dict[str, Any]
+) -> None:
+    """alice may launch and read wf-a, so she can put 600,000 characters of her choosing (a comment) into an instance
+    and have an xpathfilter search them: libxml2's contains() searches naively, here 300,000 places with up to
+    300,000 characters compared at each, in C, where the filter's own clock checks never run. That held jobd's event
+    loop (every client, every job's end, systemd's watchdog) for two minutes. The filter is now evaluated in a child
+    process that is killed when its time is up: she is refused, and jobd answers her next request and everyone
+    else's (the subprocess's deadline is the bound)."""
+    comment = "a" * 600_000
+    _, launched = xml_session(jobd, users["alice"], f'<instance action="launch" name="wf-a" comment="{comment}"/>')
+    instance = launched.get("workflow-instance-id")
+    assert launched.get("status") == "OK" and instance, launched.attrib
+    # "aaa…ab", half as long as the comment, is sought in it: found nowhere, after every place has been tried.
+    search = "contains(//workflow/@comment, concat(substring(//workflow/@comment, 300001), 'b'))"
+    requests = (
+        f'<instance action="query" id="{instance}" xpathfilter="{search}"/>'
+        f'<instance action="query" id="{instance}" xpathfilter="string-length(//workflow/@comment)"/>'
+        "<ping/>"
+    )
+    _, refused, measured, pong = xml_session(jobd, users["alice"], requests)
+    assert refused.get("error-code") == "INVALID_PARAMETER", refused.attrib
+    assert refused.get("error") == f"xpathfilter '{search}' took longer than 0.5 s to evaluate: refused"
+    assert (measured.get("status"), measured.text) == ("OK", "600000")
+    assert pong.get("status") == "OK"
+    assert jobd.call("ping")["pong"] is True
 
 
 def test_jobctl_as_users(jobd: Daemon, users: dict[str, Any]) -> None:

@@ -931,14 +931,24 @@ def greeting(node: str, profile: str, version: str, now: datetime, modules: Iter
 # An xpathfilter comes from any client, and XPath can be made to work for ages: nested predicates multiply (twelve
 # `[count(/*/@*[...` levels held the loop 17 s), and so do chained steps (`//*/following::*/following::*...` on a
 # long list: 27 s). Every step is given a predicate that keeps every node but looks at the clock, so the evaluation
-# ends once it has run this long (the loop waits meanwhile; a legitimate filter takes well under a millisecond).
+# ends once it has run this long (a legitimate filter takes well under a millisecond). What runs in C between two
+# steps (contains() on long text, a comparison of two large node-sets, concat()) never looks at the clock: jobd
+# evaluates a client's filter in a child process (jobd/forked.py), killed after this long too.
 XPATHFILTER_SECONDS: Final = 0.5
 _TICK_NAMESPACE: Final = "urn:jobd:xpathfilter"
 _TICK: Final = "[jobd:tick()]"
 
 
+TOO_SLOW: Final = f"took longer than {XPATHFILTER_SECONDS} s to evaluate"
+
+
 class _XPathFilterTooSlow(Exception):
     pass
+
+
+def xpathfilter_refused(expression: str, why: str) -> InvalidParams:
+    """The error for an xpathfilter whose evaluation was given up (`why`: it took too long, ...)."""
+    return InvalidParams(f"xpathfilter '{expression}' {why}: refused", parameter="xpathfilter")
 
 
 def _ticking(expression: str) -> str:
@@ -996,10 +1006,7 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
         )
         result = selector(response_root)
     except _XPathFilterTooSlow:
-        raise InvalidParams(
-            f"xpathfilter '{expression}' took longer than {XPATHFILTER_SECONDS} s to evaluate: refused",
-            parameter="xpathfilter",
-        ) from None
+        raise xpathfilter_refused(expression, TOO_SLOW) from None
     except (etree.XPathError, TypeError, ValueError) as error:
         raise InvalidParams(f"Invalid xpathfilter '{expression}': {error}", parameter="xpathfilter") from None
     filtered = response_element(response_root.get("node", ""))
