@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import weakref
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,16 +73,16 @@ from jobd.server import LINGER_SECONDS, REFUSED_LINGERING, bind_unix
 from jobd.store import refused_request
 
 log = logging.getLogger("jobd.http")
-# What aiohttp raises about a request that is not HTTP it can read (a bad request line or header, a body not in
-# its Content-Encoding): the client's mistake, never jobd's.
+# What aiohttp raises about a request that is not HTTP it can read (a bad request line or header, a chunk length
+# that is none): the client's mistake, never jobd's. (Content-Encoding is jobd's to read: _decoded.)
 _UNREADABLE = (HttpProcessingError, web.RequestPayloadError)
 
 
 class _NoClientMistakes(logging.Filter):
     """Leaves out aiohttp's errors, each with its traceback, about requests that are not HTTP it can read: a request
-    line or header it refuses, a body not in its Content-Encoding (also one jobd left unread, which aiohttp reads
-    after the answer, a 401's too). The client is answered 400 (or 401); logged, anyone who reaches the port could
-    fill jobd's log without a token. aiohttp's other errors are kept."""
+    line or header it refuses, a body it cannot frame (also one jobd left unread, which aiohttp reads after the
+    answer, a 401's too). The client is answered 400 (or 401); logged, anyone who reaches the port could fill
+    jobd's log without a token. aiohttp's other errors are kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         failure = record.exc_info[1] if record.exc_info else None
@@ -345,8 +346,15 @@ class HttpApi:
         """Listen on `self.listen`, or on `passed`, a socket systemd handed over (jobd.activation): then served as
         it is (its unit set its mode), `self.listen` becomes its address, and it is not unlinked on close. A unix
         socket of jobd's own gets `access`, the mode and group of the API socket."""
+        # auto_decompress=False: aiohttp would inflate a compressed body as it arrives, whoever sends it (before the
+        # token is looked at) and however far it inflates; jobd does it itself, up to MAX_BODY (_decoded).
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, logger=_SERVER_LOG, **_RUNNER_OPTIONS
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            logger=_SERVER_LOG,
+            auto_decompress=False,
+            **_RUNNER_OPTIONS,
         )
         await self._runner.setup()
         assert self._runner.server is not None
@@ -917,16 +925,47 @@ def _callbacks(raw: Any) -> dict[str, Any] | None:
 _HOST_NAME_CODECS = frozenset({"punycode", "idna"})
 
 
+_TOO_LARGE = f"the body is over {MAX_BODY // 1024 // 1024} MiB ({MAX_BODY} bytes)"
+# Content-Encoding -> zlib's wbits for it: gzip's header and trailer, or zlib's (deflate).
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _decoded(data: bytes, encoding: str) -> bytes:
+    """The body `data` (at most MAX_BODY bytes as sent) in its Content-Encoding `encoding`, inflated to MAX_BODY
+    bytes at the most: a megabyte of gzip can inflate to a gigabyte, and aiohttp, left to inflate it, held jobd's
+    loop for seconds at a time (8 s of work for one such body, sent without a token)."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    wbits = _ENCODINGS.get(encoding)
+    if wbits is None:
+        raise InvalidParams(
+            f"Content-Encoding: {encoding} is not supported; send the body as it is, or in gzip or deflate"
+        )
+    if encoding == "deflate" and data[:1] and data[0] & 0xF != 8:
+        wbits = -zlib.MAX_WBITS  # deflate without zlib's header, as some clients send it (aiohttp took it too)
+    inflater = zlib.decompressobj(wbits)
+    try:
+        body = inflater.decompress(data, MAX_BODY + 1)
+    except zlib.error as error:
+        raise InvalidParams(f"the body cannot be read: it is not valid {encoding} ({error})") from None
+    if len(body) > MAX_BODY:
+        raise InvalidParams(_TOO_LARGE)
+    if not inflater.eof:
+        raise InvalidParams(f"the body cannot be read: its {encoding} data ends before the end of the stream")
+    return body
+
+
 async def _json_body(request: web.Request) -> Any:
     """The request's JSON body ({} when empty), taken as the API socket takes a request (jsonrpc.parse: UTF-8,
     no deeper than jsonrpc.MAX_DEPTH, no lone surrogate escape). A body that cannot be read or is not such JSON
     is the client's mistake: INVALID_PARAMS (400), never an exception of aiohttp's, a codec's or SQLite's."""
     try:
-        data = await request.read()
-    except _UNREADABLE as error:  # a Content-Encoding its body does not match
+        data = _decoded(await request.read(), request.headers.get("Content-Encoding", ""))
+    except _UNREADABLE as error:  # not HTTP aiohttp can read (a chunk length that is none)
         raise InvalidParams(f"the body cannot be read: {error}") from None
     except web.HTTPRequestEntityTooLarge:  # aiohttp's 413 was text/plain, not the JSON error docs/http.md promises
-        raise InvalidParams(f"the body is over {MAX_BODY // 1024 // 1024} MiB ({MAX_BODY} bytes)") from None
+        raise InvalidParams(_TOO_LARGE) from None
     charset = request.charset or "utf-8"
     if charset.lower() not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259); one labelled otherwise is read so
         try:
