@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import resource
 import signal
@@ -54,7 +55,7 @@ async def run(work: Callable[[], bytes], *, seconds: float, memory: int) -> byte
         raise OutOfResources(f"cannot fork to evaluate the request: {error.strerror}; ask again later") from None
     if pid == 0:  # pragma: no cover - the child; it never returns
         os.close(read_fd)
-        _child(work, write_fd, memory)
+        _child(work, write_fd, seconds, memory)
     os.close(write_fd)
     try:
         pidfd = os.pidfd_open(pid)
@@ -122,12 +123,20 @@ def _ending(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)} and no answer"
 
 
-def _child(work: Callable[[], bytes], write_fd: int, memory: int) -> None:  # pragma: no cover - runs in the child
+def _child(work: Callable[[], bytes], write_fd: int, seconds: float, memory: int) -> None:  # pragma: no cover
+    """The forked child's life: `work`'s answer written to `write_fd`, then its end."""
     status = 70  # EX_SOFTWARE, should even the answer fail to be written
     try:
         # jobd's signal handlers would wake its loop through the wake-up socket the child shares with it.
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         signal.set_wakeup_fd(-1)
+        # Nothing of jobd's but the pipe: a child that outlived a killed jobd would otherwise hold the lock on the
+        # state directory and the listening sockets, and the next jobd could not start until it ended.
+        os.closerange(3, write_fd)
+        os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        # Nor does it outlive its time when nobody is left to kill it: the kernel does (SIGXCPU, then SIGKILL).
+        cpu = math.ceil(seconds) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         with open("/proc/self/statm", "rb") as statm:
             size = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         resource.setrlimit(resource.RLIMIT_AS, (size + memory, resource.RLIM_INFINITY))
