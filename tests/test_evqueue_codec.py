@@ -404,6 +404,8 @@ def decode(document: bytes) -> evqueue.Command:
         ),
         (b'<instances action="list" parameter_a="" customattribute_b=""/>', InstancesList()),
         (b'<instances action="list" groupby="day"/>', InstancesList(groupby=GroupBy.DAY)),
+        (b'<instances action="list" limit="1000"/>', InstancesList(limit=1000)),  # rows: a JSON-RPC page at most
+        (b'<instances action="list" groupby="hour" limit="9000"/>', InstancesList(groupby=GroupBy.HOUR, limit=9000)),
         (
             b'<instances action="list" filter_id="9" filter_workflow="trivial" filter_status="TERMINATED" '
             b'filter_error="no" filter_launched_from="2026-11-29 16:06:09" filter_launched_until="2026-11-30" '
@@ -471,6 +473,7 @@ def test_every_command_decodes(document: bytes, command: evqueue.Command) -> Non
         (b'<instance action="debugresume"/>', "MISSING_PARAMETER", "'id'"),
         (b'<instances action="list" limit="many"/>', "INVALID_INTEGER", "'limit'"),
         (b'<instances action="list" offset="-3"/>', "INVALID_PARAMETER", "'offset'"),
+        (b'<instances action="list" limit="1001"/>', "INVALID_PARAMETER", "'limit' must be at most 1000, not 1001"),
         (b'<instances action="list" groupby="week"/>', "INVALID_PARAMETER", "hour, day, month, year"),
         (b'<instances action="list" filter_status="RUNNING"/>', "INVALID_PARAMETER", "EXECUTING, TERMINATED, ABORTED"),
         (b'<instances action="list" filter_error="maybe"/>', "INVALID_BOOLEAN", "'filter_error'"),

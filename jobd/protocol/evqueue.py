@@ -23,7 +23,7 @@ from lxml import etree
 
 from jobd import safexml
 from jobd.errors import FrameTooLarge, InvalidParams, InvalidXml, JobdError, UnknownCommand
-from jobd.model import OBJECT_NAME, OBJECT_NAME_RULE
+from jobd.model import MAX_PAGE, OBJECT_NAME, OBJECT_NAME_RULE
 from jobd.xpathlex import NODE_TYPES, XPathError, number_string, tokenize
 
 MAX_FRAME: Final = 1024 * 1024  # bytes in one request document, from its first `<` to the `>` closing its root
@@ -391,7 +391,9 @@ class Request:
             raise MissingParameter(f"Missing parameter '{name}'", parameter=name)
         return value
 
-    def optional_integer(self, name: str, default: int | None = None, minimum: int | None = None) -> int | None:
+    def optional_integer(
+        self, name: str, default: int | None = None, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
         text = self.attributes.get(name)
         if text is None:
             return default
@@ -401,6 +403,8 @@ class Request:
         value = int(stripped)
         if minimum is not None and value < minimum:
             raise InvalidParams(f"Parameter '{name}' must be at least {minimum}, not {value}", parameter=name)
+        if maximum is not None and value > maximum:
+            raise InvalidParams(f"Parameter '{name}' must be at most {maximum}, not {value}", parameter=name)
         return value
 
     def object_name(self, name: str) -> str:
@@ -754,7 +758,9 @@ def _instances_list(request: Request) -> InstancesList:
         filter_schedule_id=request.optional_integer("filter_schedule_id", minimum=0) or None,
         filter_tag_id=request.optional_integer("filter_tag_id", minimum=0) or None,
         filter_node=request.optional_string("filter_node"),
-        limit=request.optional_integer("limit", default=30, minimum=0) or 0,
+        # Rows are read and built with the event loop waiting (their summaries parsed): at most a JSON-RPC page's
+        # worth in one answer, paged with offset. Groups are counted in slices, the loop running between them.
+        limit=request.optional_integer("limit", default=30, minimum=0, maximum=None if groupby else MAX_PAGE) or 0,
         offset=request.optional_integer("offset", default=0, minimum=0) or 0,
         groupby=None if groupby is None else GroupBy(request.choice("groupby", _GROUPINGS)),
         parameters=MappingProxyType(parameters),
