@@ -490,13 +490,23 @@ def test_hosts_aiohttp_sends_to_are_taken() -> None:
 
 
 def test_a_url_with_a_line_break_is_refused_for_it_not_quoted_as_if_sound() -> None:
-    """urlsplit drops CR and LF: the refusal quoted "'http://xy/' is not an http:// or https:// URL"."""
+    """urlsplit drops CR, LF and tabs: the refusal quoted "'http://xy/' is not an http:// or https:// URL", and a tab
+    in a URL otherwise sound was dropped by aiohttp too, which requested another URL than the one written."""
     from jobd.engine.http_task import HttpSpecError, check_url
 
-    for url in ("http://x\ny/", "http://127.0.0.1/a\r", "http://127.0.0.1/\0"):
+    for url in (
+        "http://x\ny/",
+        "http://127.0.0.1/a\r",
+        "http://127.0.0.1/\0",
+        "http://127.0.0.1/a\tb",
+        "http://h/\x7f",
+    ):
         with pytest.raises(HttpSpecError) as caught:
             check_url(url)
-        assert str(caught.value) == "'url': holds a line break or NUL (\\r, \\n or \\0), which no URL may hold"
+        assert str(caught.value) == (
+            "'url': holds a control character (a tab, a line break, NUL: U+0000 to U+001F or U+007F), which no URL "
+            "may hold"
+        )
 
 
 def test_an_http_job_is_refused_what_only_a_program_has(server: Any, web: WebServer) -> None:

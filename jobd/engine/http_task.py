@@ -113,8 +113,13 @@ def check_url(url: str) -> None:
             "'url': its host part cannot be read (a bracket left open, or a character not allowed there)", key="url"
         ) from None
     if _has_control(url):
-        # Named for what it is: urlsplit drops line breaks, so the URL quoted back would look sound.
-        raise HttpSpecError("'url': holds a line break or NUL (\\r, \\n or \\0), which no URL may hold", key="url")
+        # Named for what it is: urlsplit (and aiohttp's yarl) drop tabs and line breaks, so the URL quoted back would
+        # look sound, and the one requested would not be the one written.
+        raise HttpSpecError(
+            "'url': holds a control character (a tab, a line break, NUL: U+0000 to U+001F or U+007F), which no URL "
+            "may hold",
+            key="url",
+        )
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise HttpSpecError(f"'url': {redact.url(url)!r} is not an http:// or https:// URL", key="url")
     # What aiohttp refuses at each attempt (no host, a port that is none) fails the job with the whole URL as its
@@ -206,7 +211,7 @@ def _strings(value: object, key: str) -> dict[str, str]:
 
 
 def _has_control(text: str) -> bool:
-    return "\r" in text or "\n" in text or "\0" in text
+    return any(char < " " or char == "\x7f" for char in text)
 
 
 def substitute(request: Mapping[str, Any], job_id: int) -> dict[str, Any]:
