@@ -11,7 +11,6 @@ import asyncio
 import base64
 import binascii
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -43,6 +42,7 @@ from jobd.errors import (
     UnknownSchedule,
     UnknownTask,
     UnknownWorkflow,
+    json_repr,
 )
 from jobd.model import (
     MAX_PAGE,
@@ -265,15 +265,6 @@ class Params:
                 param=self.within or unknown[0],
                 allowed=sorted(self.seen),
             )
-
-
-def json_repr(value: Any) -> str:
-    """A value as the client wrote it (JSON, not Python: `true`, not `True`), cut to 60 characters."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):  # not JSON-able
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 Handler = Callable[["Api", Session, Params], Any]  # a result, or a coroutine (see Api.call)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import json
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -204,3 +205,13 @@ class StartupError(Exception):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+def json_repr(value: Any) -> str:
+    """A value as the client wrote it, in a refusal's message: JSON, not Python (`true`, `"x"`, not `True`, `'x'`),
+    as a config file's TOML writes it too; cut to 60 characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # not JSON-able
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -232,10 +232,10 @@ def test_urls_aiohttp_would_refuse_are_refused_when_given_without_their_credenti
     jobd's check let by, and which failed all 8 tries), are refused at the submit, masked."""
     d = make_daemon("[queue.default]\n")
     port = "http://alice:s3cret-pw@127.0.0.1:99999/cb/__JOBID__?token=s3cret-query&page=2"
-    with pytest.raises(RemoteError, match=re.escape("'http://***@127.0.0.1:99999/cb/__JOBID__?token=***&page=2'")):
+    with pytest.raises(RemoteError, match=re.escape('"http://***@127.0.0.1:99999/cb/__JOBID__?token=***&page=2"')):
         d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": port}}]})
     label = "http://alice:s3cret-pw@ex\u00e9ample..com/cb/__JOBID__?token=s3cret-query&page=2"
-    with pytest.raises(RemoteError, match=re.escape("'http://***@ex\u00e9ample..com/cb/__JOBID__?token=***&page=2'")):
+    with pytest.raises(RemoteError, match=re.escape('"http://***@ex\u00e9ample..com/cb/__JOBID__?token=***&page=2"')):
         d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": label}}]})
     assert d.call("job.list")["jobs"] == []
     assert "s3cret" not in d.log()

@@ -433,7 +433,7 @@ BAD_VALUES = {
         '[task.t]\nhttp = { url = "http://127.0.0.1/", method = "FETCH" }\n',
         2,
         "task.t.http.method",
-        "'method': 'FETCH' is not allowed; allowed: ",
+        "'method': \"FETCH\" is not allowed; allowed: ",
     ),
     "an integer beyond SQLite's 64 bits": (
         "[daemon]\nhistory = { keep_last = 9223372036854775808 }\n",

@@ -509,6 +509,25 @@ def test_a_url_with_a_line_break_is_refused_for_it_not_quoted_as_if_sound() -> N
         )
 
 
+def test_a_refused_http_value_is_quoted_as_the_client_wrote_it() -> None:
+    """JSON-style, as every other refusal quotes a value (and as TOML writes a string): `"FETCH"`, `"5"`, `true`,
+    not Python's `'FETCH'`, `'5'`, `True`."""
+    from jobd.engine.http_task import HttpSpecError, check_request
+
+    url = "http://127.0.0.1/"
+    for request, says in (
+        ({"url": url, "method": "FETCH"}, "'method': \"FETCH\" is not allowed"),
+        ({"url": url, "type": "exec"}, "'type': \"exec\" is not allowed"),
+        ({"url": url, "timeout": "5"}, 'got "5"'),
+        ({"url": url, "expect_status": [True]}, "'expect_status': true is not a status code"),
+        ({"url": "ftp://user:secret@h/"}, "'url': \"ftp://***@h/\" is not an http:// or https:// URL"),
+        ({"url": "http://h:0/é"}, "'url': \"http://h:0/é\" needs a host"),
+    ):
+        with pytest.raises(HttpSpecError) as caught:
+            check_request(request)
+        assert says in str(caught.value), (request, str(caught.value))
+
+
 def test_an_http_job_is_refused_what_only_a_program_has(server: Any, web: WebServer) -> None:
     """`kill_grace` (a cancel or a timeout abandons the request at once: there is no grace to wait out) and
     `merge_stderr` (its stderr is the response's head, kept apart) have no meaning for an HTTP job: refused, named,

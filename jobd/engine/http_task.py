@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from jobd import redact
-from jobd.errors import SHORTAGE_ERRNOS, did_you_mean
+from jobd.errors import SHORTAGE_ERRNOS, did_you_mean, json_repr
 from jobd.model import MAX_SECONDS, Config
 from jobd.proc import OUTPUT_RETRY_SECONDS, ExitInfo, log_held_output
 
@@ -59,7 +60,7 @@ def check_request(value: object) -> dict[str, Any]:
         raise HttpSpecError(f"unknown key {unknown[0]!r}{hint}; allowed: {', '.join(KEYS)}", key=unknown[0])
     if value.get("type", "http") != "http":  # Queue Server's command object says "type": "http"
         raise HttpSpecError(
-            f"'type': {value.get('type')!r} is not allowed; allowed: \"http\" (or leave it out)", key="type"
+            f"'type': {json_repr(value.get('type'))} is not allowed; allowed: \"http\" (or leave it out)", key="type"
         )
     url = value.get("url")
     if not isinstance(url, str) or not url:
@@ -67,7 +68,9 @@ def check_request(value: object) -> dict[str, Any]:
     check_url(url)
     method = value.get("method", "GET")
     if not isinstance(method, str) or method.upper() not in METHODS:
-        raise HttpSpecError(f"'method': {method!r} is not allowed; allowed: {', '.join(METHODS)}", key="method")
+        raise HttpSpecError(
+            f"'method': {json_repr(method)} is not allowed; allowed: {', '.join(METHODS)}", key="method"
+        )
     headers = _strings(value.get("headers", {}), "headers")
     check_headers(url, headers)
     params = _strings(value.get("params", {}), "params")
@@ -80,7 +83,9 @@ def check_request(value: object) -> dict[str, Any]:
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_SECONDS
     ):
-        raise HttpSpecError(f"'timeout': expected a number > 0 and <= {MAX_SECONDS}, got {timeout!r}", key="timeout")
+        raise HttpSpecError(
+            f"'timeout': expected a number > 0 and <= {MAX_SECONDS}, got {json_repr(timeout)}", key="timeout"
+        )
     expect = value.get("expect_status")
     if expect is not None:
         if not isinstance(expect, list) or not expect:
@@ -89,7 +94,9 @@ def check_request(value: object) -> dict[str, Any]:
             )
         for status in expect:
             if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-                raise HttpSpecError(f"'expect_status': {status!r} is not a status code 100-599", key="expect_status")
+                raise HttpSpecError(
+                    f"'expect_status': {json_repr(status)} is not a status code 100-599", key="expect_status"
+                )
     return {
         "method": method.upper(),
         "url": url,
@@ -121,7 +128,7 @@ def check_url(url: str) -> None:
             key="url",
         )
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise HttpSpecError(f"'url': {redact.url(url)!r} is not an http:// or https:// URL", key="url")
+        raise HttpSpecError(f"'url': {_quoted(url)} is not an http:// or https:// URL", key="url")
     # What aiohttp refuses at each attempt (no host, a port that is none) fails the job with the whole URL as its
     # error, credentials included, for every reader of the job to see (job JSON masks them, jobd/redact.py).
     try:
@@ -130,11 +137,12 @@ def check_url(url: str) -> None:
         port_ok = False
     if not parts.hostname or not port_ok:
         raise HttpSpecError(
-            f"'url': {redact.url(url)!r} needs a host, and a port from 1 to 65535 if it gives one", key="url"
+            f"'url': {_quoted(url)} needs a host, and a port from 1 to 65535 if it gives one",
+            key="url",
         )
     if not _host_usable(url):
         raise HttpSpecError(
-            f"'url': the host of {redact.url(url)!r} is not one a request can be sent to (a character not allowed in"
+            f"'url': the host of {_quoted(url)} is not one a request can be sent to (a character not allowed in"
             " a host name, an empty label or one over 63 characters, a backslash, a number that is no IPv4 address)",
             key="url",
         )
@@ -208,6 +216,11 @@ def _strings(value: object, key: str) -> dict[str, str]:
             raise HttpSpecError(f"'{key}': {name!r}: expected a string", key=key)
         out[name] = item
     return out
+
+
+def _quoted(url: str) -> str:
+    """A refused URL as a message quotes it: JSON-style, as every refused value is, its credentials masked."""
+    return json.dumps(redact.url(url), ensure_ascii=False)
 
 
 def _has_control(text: str) -> bool:
