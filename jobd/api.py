@@ -467,7 +467,7 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
     for index, spec in enumerate(specs):
         if spec.key is not None:
             try:
-                _check_key_is_readable(api, session, spec.key)
+                _check_key(api, session, spec)
             except JobdError as error:
                 raise error if batch is None else _of_member(error, members[index].method, index) from None
     jobs = api.engine.submit(specs, delays, after_reply=session.after_reply)
@@ -496,30 +496,62 @@ def _resolve_or_keyed(api: Api, request: SubmitRequest, peer: Peer) -> JobSpec:
     """The job `request` asks for; or, when its key is already taken and its task or queue has gone from the
     configuration since, the spec of the job that has the key, which the submit answers with (a client asks again
     with the key when it lost the first reply). Rights are checked as for any submit, and the read right on that
-    job then too (_check_key_is_readable)."""
+    job then too (_check_key)."""
     try:
         return resolve(api.engine.config, request, peer)
     except (UnknownTask, UnknownQueue):
         existing = None if request.key is None else api.engine.job_with_key(request.key)
-        if existing is None:
+        if existing is None or (request.task is not None and request.task != existing.spec.task):
             raise
         return existing.spec
 
 
-def _check_key_is_readable(api: Api, session: Session, key: str) -> None:
-    """A submit whose key is taken answers with the job that has it: only to a peer that may read that job. The
-    refusal names neither the job nor its task."""
-    existing = api.engine.job_with_key(key)
-    if existing is not None and not access.may_job(
-        api.engine.config.access, session.peer, Right.READ, existing.spec.task, existing.spec.queue
-    ):
+def _check_key(api: Api, session: Session, spec: JobSpec) -> None:
+    """A submit whose key is taken answers with the job that has it: only to a peer that may read that job (the
+    refusal names neither the job nor its task), and only for the same work: the same task, or the same ad-hoc
+    command or HTTP request. Another task with a key already taken is a mistake (or a key taken first by someone
+    else, to have the job of whoever comes next answered with theirs): refused, not answered with a job of another
+    task the client would take for its own."""
+    assert spec.key is not None
+    existing = api.engine.job_with_key(spec.key)
+    if existing is None:
+        return
+    if not access.may_job(api.engine.config.access, session.peer, Right.READ, existing.spec.task, existing.spec.queue):
         raise InsufficientRights(
-            f"{access.who(session.peer)} may not submit with key {key!r}: another job has it, and the read right "
+            f"{access.who(session.peer)} may not submit with key {spec.key!r}: another job has it, and the read right "
             "is missing on that job",
             missing=str(Right.READ),
             kind="job",
             param="key",
         )
+    if _work_of(existing.spec) != _work_of(spec):
+        raise InvalidParams(
+            f"job.submit: key {spec.key!r} is already that of job {existing.id} ({_work_named(existing.spec)}), and "
+            f"this submit is for {'another ad-hoc one' if _is_ad_hoc_alike(existing.spec, spec) else _work_named(spec)}"
+            ": a key names one job; give this one a key of its own",
+            param="key",
+            job=existing.id,
+        )
+
+
+def _work_of(spec: JobSpec) -> tuple[Any, ...]:
+    """What a job does, as a key's reuse compares it: its task; or, ad hoc, its HTTP request or its command."""
+    if spec.task is not None:
+        return ("task", spec.task)
+    if spec.http is not None:
+        return ("http", spec.http.get("method"), spec.http.get("url"))
+    return ("command", spec.command)
+
+
+def _work_named(spec: JobSpec) -> str:
+    if spec.task is not None:
+        return f"task {spec.task!r}"
+    return "an ad-hoc HTTP request" if spec.http is not None else "an ad-hoc command"
+
+
+def _is_ad_hoc_alike(one: JobSpec, other: JobSpec) -> bool:
+    """Both ad-hoc commands, or both ad-hoc HTTP requests: told apart by what they run, not by what they are."""
+    return one.task is None and other.task is None and (one.http is None) == (other.http is None)
 
 
 def once_durable(engine: Engine, result: R) -> R | DurableReply[R]:

@@ -899,6 +899,29 @@ def test_a_second_submit_with_the_same_key_returns_the_first_job(server: Any) ->
     assert server.submit(task="echo", key="order-17")["id"] == first["id"]  # also once it has finished
 
 
+def test_a_key_taken_by_other_work_is_refused_not_answered_with_that_job(server: Any) -> None:
+    """A key names one job: a submit of another task (or another ad-hoc command) with a key already taken was answered
+    with the job that had it, which its client then took for its own (the mail it asked for never sent): a mistake
+    told as one, or a key taken first by another client to have the next one's job answered with theirs."""
+    first = server.submit(task="echo", args=["one"], key="order-19")
+    command = server.submit(command=["/bin/true"], key="order-20")
+    for params, of, named in (
+        ({"task": "argtask", "key": "order-19"}, first, "this submit is for task 'argtask'"),
+        ({"command": ["/bin/true"], "key": "order-19"}, first, "this submit is for an ad-hoc command"),
+        ({"task": "echo", "key": "order-20"}, command, "(an ad-hoc command), and this submit is for task 'echo'"),
+        ({"command": ["/bin/false"], "key": "order-20"}, command, "this submit is for another ad-hoc one"),
+        ({"jobs": [{"task": "echo", "key": "order-21"}, {"task": "argtask", "key": "order-19"}]}, first, "jobs[1]"),
+    ):
+        error = remote_error(server, "job.submit", params)
+        assert (error.data["code"], error.data["param"], error.data["job"]) == ("INVALID_PARAMS", "key", of["id"])
+        assert named in error.message and "a key names one job; give this one a key of its own" in error.message
+        assert error.data.get("index") == (1 if "jobs" in params else None), error.data
+    assert sorted(job["id"] for job in server.call("job.list")["jobs"]) == [first["id"], command["id"]]  # none made
+    # The same work again is answered with its job, as before: a client that lost the first reply asks again.
+    assert server.submit(task="echo", args=["two"], key="order-19")["id"] == first["id"]
+    assert server.submit(command=["/bin/true"], key="order-20")["id"] == command["id"]
+
+
 # -- 14. refusals ------------------------------------------------------------------------------------------------
 
 
