@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import inotify_simple
 
@@ -1120,16 +1120,32 @@ def _queue(table: _Table) -> QueueDef:
     )
 
 
+# The keys of a task that only a program has, and why an HTTP task has none of them. They were taken and ignored:
+# an administrator who wrote `environment` or `user` for an HTTP task thought they did something.
+_WHAT_ONLY_A_PROGRAM_HAS: Final = {
+    "kill_grace": "a cancel or a timeout abandons its request at once, with no grace to wait out",
+    "parameters": "its jobs take no args or params, which only a program's command line or environment takes",
+    "allowed_params": "its jobs take no params",
+    "working_dir": "no program runs in a directory",
+    "environment": "no program reads an environment",
+    "user": "jobd makes its request itself, as no user",
+    "group": "jobd makes its request itself, as no group",
+    "run_as": "jobd makes its request itself, as no user",
+}
+
+
 def _task(table: _Table, daemon: DaemonDef, queues: Mapping[str, QueueDef]) -> TaskDef:
     table.reject_unknown(TASK_KEYS)
     http = table.read("http", _http_request, None)
     if http is not None and "command" in table.settings:
         raise table.settings["command"].invalid("a task has either 'command' or 'http', not both")
-    if http is not None and "kill_grace" in table.settings:  # as job.submit refuses it for an ad-hoc HTTP job
-        raise table.settings["kill_grace"].invalid(
-            "an HTTP task starts no program: a cancel or a timeout abandons its request at once, with no grace to "
-            "wait out; remove it (its timeout, retry, max_output, queue and callbacks apply as to a program)"
-        )
+    if http is not None:  # as job.submit refuses what only a program has for an ad-hoc HTTP job
+        for key, why in _WHAT_ONLY_A_PROGRAM_HAS.items():
+            if key in table.settings:
+                raise table.settings[key].invalid(
+                    f"an HTTP task starts no program: {why}; remove it (its timeout, retry, max_output, queue and "
+                    "callbacks apply as to a program)"
+                )
     parameters = table.read("parameters", _choice(ParameterMode), ParameterMode.ARGS)
     return TaskDef(
         name=table.key[-1],

@@ -578,6 +578,36 @@ def test_an_http_task_with_kill_grace_is_a_config_error(tmp_path: Path) -> None:
     assert load_dir(str(tmp_path)).tasks["hook"].kill_grace == 0.0  # not [daemon] kill_grace's 30
 
 
+@pytest.mark.parametrize(
+    ("setting", "why"),
+    [
+        (
+            'parameters = "env"',
+            "its jobs take no args or params, which only a program's command line or environment takes",
+        ),
+        ('allowed_params = ["A"]', "its jobs take no params"),
+        ('working_dir = "/tmp"', "no program runs in a directory"),
+        ('environment = { A = "1" }', "no program reads an environment"),
+        ('user = "nobody"', "jobd makes its request itself, as no user"),
+        ('group = "nogroup"', "jobd makes its request itself, as no group"),
+        ('run_as = "caller"', "jobd makes its request itself, as no user"),
+    ],
+)
+def test_an_http_task_with_what_only_a_program_has_is_a_config_error(tmp_path: Path, setting: str, why: str) -> None:
+    """They were taken and ignored: an administrator who gave an HTTP task an `environment` or a `user` thought they
+    did something. Refused as `kill_grace` is, at their line, saying why."""
+    from jobd.config import load_dir
+    from jobd.errors import ConfigError
+
+    key = setting.split(" ", 1)[0]
+    (tmp_path / "jobd.toml").write_text(f'[task.hook]\nhttp = {{ url = "http://127.0.0.1:9/" }}\n{setting}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_dir(str(tmp_path))
+    error = caught.value
+    assert (error.details["line"], error.details["key"]) == (3, f"task.hook.{key}"), error
+    assert f"task.hook.{key}: an HTTP task starts no program: {why}; remove it" in error.message, error
+
+
 def test_task_with_invalid_http_is_a_config_error() -> None:
     from jobd.engine.http_task import HttpSpecError, check_request
 
