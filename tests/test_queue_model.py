@@ -388,6 +388,7 @@ class Run:
         self.log: list[str] = []
         self.tokens = 0
         self.keys_made: list[str] = []
+        self.key_commands: dict[str, list[str]] = {}  # the command each key was first submitted with
         self.client = Client(str(daemon.socket_path))
         self.client.connect()
         self.client.call("events.subscribe", {"types": ["job.state"]})
@@ -553,7 +554,10 @@ class Run:
         made = [self.new_job(self.queue_choice()) for _ in range(count)]
         for spec, _ in made:
             if self.keys_made and self.rng.random() < 0.2:
-                spec["key"] = self.rng.choice(self.keys_made)  # taken: answered with its job, whatever its queue
+                # Taken: answered with its job, whatever its queue, when it asks for the same work (a key given
+                # with other work is refused, tests/test_jobs.py): a client asking again for what it submitted.
+                spec["key"] = self.rng.choice(self.keys_made)
+                spec["command"] = self.key_commands[spec["key"]]
             elif self.rng.random() < 0.25:
                 self.tokens += 1
                 spec["key"] = f"k{self.tokens}"
@@ -600,6 +604,7 @@ class Run:
             )
             if spec.get("key"):
                 self.keys_made.append(spec["key"])
+                self.key_commands[spec["key"]] = spec["command"]
         self.note(f"  -> jobs {[job.id for job in jobs]}")
 
         def submitted(model: Model, reply: Any) -> None:
