@@ -314,6 +314,24 @@ def test_bad_callbacks_are_refused(make_daemon: Callable[..., Daemon]) -> None:
 @pytest.mark.parametrize(
     ("callback", "message"),
     [
+        ({"http": {"url": "http://h/", "method": "PUT"}}, 'expected "POST" or "GET", got "PUT"'),
+        ({"http": {"url": "http://h/", "timeout": "30"}}, 'expected a number of seconds > 0 and <= 3600, got "30"'),
+        ({"http": {"url": "http://h/", "timeout": True}}, "<= 3600, got true"),
+        ({"exec": ["bin/notify"]}, 'the program must be an absolute path, got "bin/notify"'),
+    ],
+)
+def test_a_bad_callback_value_is_quoted_as_the_client_wrote_it(callback: dict[str, Any], message: str) -> None:
+    """JSON-style, as every refused value is (`"PUT"`, `"30"`, `true`, not Python's `'PUT'`, `'30'`, `True`); the
+    timeout's refusal said nothing of what it got."""
+    from jobd.engine.callbacks import check_list
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_list([callback], "callbacks.on_finish")
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
         ({"http": {"url": "http://h/", "headers": {"Authorization": "Bearer X\nX-Injected: 1"}}}, "contains CR, LF"),
         ({"http": {"url": "http://h/", "headers": {"X-Sig": "a\x7fb"}}}, "another control character"),
         (

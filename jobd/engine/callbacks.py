@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
 from jobd.engine.http_task import JOB_ID, HttpSpecError, check_headers, check_url, new_session
-from jobd.errors import OutOfResources, UnknownJob, did_you_mean
+from jobd.errors import OutOfResources, UnknownJob, did_you_mean, json_repr
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
 from jobd.store import STORE_RETRY_SECONDS, CallbackDelivery, Store, store_failure
@@ -85,7 +85,7 @@ def _check_one(item: object, where: str) -> dict[str, Any]:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
             raise ValueError(f"{where}.exec: expected a non-empty array of strings, the first one the program")
         if not argv[0].startswith("/"):
-            raise ValueError(f"{where}.exec: the program must be an absolute path, got {argv[0]!r}")
+            raise ValueError(f"{where}.exec: the program must be an absolute path, got {json_repr(argv[0])}")
         if any("\0" in arg for arg in argv):
             raise ValueError(f"{where}.exec: an argument contains NUL, which no program can be given")
         return {"exec": list(argv)}
@@ -101,7 +101,7 @@ def _check_one(item: object, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}.http.url: expected an http:// or https:// URL")
     method = http.get("method", "POST")
     if method not in ("POST", "GET"):
-        raise ValueError(f'{where}.http.method: expected "POST" or "GET", got {method!r}')
+        raise ValueError(f'{where}.http.method: expected "POST" or "GET", got {json_repr(method)}')
     result: dict[str, Any] = {"url": url, "method": method}
     headers = http.get("headers", {})
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
@@ -116,7 +116,9 @@ def _check_one(item: object, where: str) -> dict[str, Any]:
     timeout = http.get("timeout")
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
-            raise ValueError(f"{where}.http.timeout: expected a number of seconds > 0 and <= 3600")
+            raise ValueError(
+                f"{where}.http.timeout: expected a number of seconds > 0 and <= 3600, got {json_repr(timeout)}"
+            )
         result["timeout"] = float(timeout)
     return {"http": result}
 
