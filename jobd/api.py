@@ -526,7 +526,7 @@ def _check_key(api: Api, session: Session, spec: JobSpec) -> None:
         )
     if _work_of(existing.spec) != _work_of(spec):
         raise InvalidParams(
-            f"job.submit: key {spec.key!r} is already that of job {existing.id} ({_work_named(existing.spec)}), and "
+            f"key {spec.key!r} is already that of job {existing.id} ({_work_named(existing.spec)}), and "
             f"this submit is for {'another ad-hoc one' if _is_ad_hoc_alike(existing.spec, spec) else _work_named(spec)}"
             ": a key names one job; give this one a key of its own",
             param="key",

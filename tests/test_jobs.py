@@ -910,7 +910,11 @@ def test_a_key_taken_by_other_work_is_refused_not_answered_with_that_job(server:
         ({"command": ["/bin/true"], "key": "order-19"}, first, "this submit is for an ad-hoc command"),
         ({"task": "echo", "key": "order-20"}, command, "(an ad-hoc command), and this submit is for task 'echo'"),
         ({"command": ["/bin/false"], "key": "order-20"}, command, "this submit is for another ad-hoc one"),
-        ({"jobs": [{"task": "echo", "key": "order-21"}, {"task": "argtask", "key": "order-19"}]}, first, "jobs[1]"),
+        (
+            {"jobs": [{"task": "echo", "key": "order-21"}, {"task": "argtask", "key": "order-19"}]},
+            first,
+            "job.submit: jobs[1]: key 'order-19' is already that of job",
+        ),
     ):
         error = remote_error(server, "job.submit", params)
         assert (error.data["code"], error.data["param"], error.data["job"]) == ("INVALID_PARAMS", "key", of["id"])
