@@ -161,9 +161,12 @@ class EvQueue:
             )
         except forked.TooLong:
             return self.error(xml.xpathfilter_refused(xpathfilter, xml.TOO_SLOW))
+        except forked.Refused as refusal:  # apply_xpathfilter's own refusal (an invalid expression), or a MemoryError
+            return self.error(InvalidParams(str(refusal), parameter="xpathfilter"))
+        except forked.Faulted as fault:  # a bug in jobd's filtering, not the client's mistake: logged as one
+            log.error("internal error filtering an evQueue answer by xpathfilter %r\n%s", xpathfilter, fault.traceback)
+            return self.error(JobdError(f"internal error: {fault}"))
         except forked.Failed as failure:
-            if failure.raised:  # apply_xpathfilter's own refusal (an invalid expression), or a MemoryError
-                return self.error(InvalidParams(str(failure), parameter="xpathfilter"))
             return self.error(xml.xpathfilter_refused(xpathfilter, f"could not be evaluated ({failure})"))
         except JobdError as failure:  # no process could be made for it now
             return self.error(failure)

@@ -8,8 +8,10 @@ event loop, every client, job end and watchdog ping waits for it. Done in a chil
 of the data it needs, the loop goes on meanwhile, and the child is killed (SIGKILL through its pidfd) once its time
 is up; its address space is limited as well (RLIMIT_AS), so that it cannot take the machine's memory either.
 
-The child answers through a pipe: `=` and the work's bytes, or `!` and the message of the exception it raised. It
-ends with os._exit(), running none of jobd's exit handlers, and touches nothing it inherited but that pipe.
+The child answers through a pipe: `=` and the work's bytes; `!` and the message of a refusal (a JobdError the work
+raised: the client's request was wrong, or its memory ran out); or `#`, the type and message of any other exception
+(a bug in jobd, which its parent logs with the traceback that follows them after a NUL). It ends with os._exit(),
+running none of jobd's exit handlers, and touches nothing it inherited but that pipe.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import math
 import os
 import resource
 import signal
+import traceback
 from collections.abc import Callable
 
-from jobd.errors import OutOfResources
+from jobd.errors import JobdError, OutOfResources
 
 _READ_CHUNK = 1 << 16
 
@@ -31,20 +34,28 @@ class TooLong(Exception):
     """The work did not end within its time: the child was killed."""
 
 
-class Failed(Exception):
-    """The work raised an exception in the child (`raised`; its message is this one's), or the child ended without
-    an answer (killed by a signal: its memory ran out in C code, which then crashed)."""
+class Refused(Exception):
+    """The work refused what it was given: it raised a JobdError (whose message is this one's) or ran out of memory."""
 
-    def __init__(self, message: str, *, raised: bool) -> None:
+
+class Faulted(Exception):
+    """The work raised any other exception: a bug. The message is its type and message, `traceback` the child's."""
+
+    def __init__(self, message: str, traceback: str) -> None:
         super().__init__(message)
-        self.raised = raised
+        self.traceback = traceback
+
+
+class Failed(Exception):
+    """The child ended without an answer (killed by a signal: its memory ran out in C code, which then crashed)."""
 
 
 async def run(work: Callable[[], bytes], *, seconds: float, memory: int) -> bytes:
     """`work()`'s bytes, computed in a forked child given `seconds` and `memory` bytes more than it starts with.
 
-    TooLong once `seconds` have passed, Failed if the work raised or the child died, OutOfResources if no child can
-    be made now. Cancelled, the child is killed."""
+    TooLong once `seconds` have passed, Refused or Faulted if the work raised (a JobdError or MemoryError, or any
+    other exception), Failed if the child died, OutOfResources if no child can be made now. Cancelled, the child is
+    killed."""
     loop = asyncio.get_running_loop()
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
@@ -90,9 +101,12 @@ async def run(work: Callable[[], bytes], *, seconds: float, memory: int) -> byte
     os.close(read_fd)
     answer = b"".join(received)
     if os.WIFSIGNALED(status) or not answer:
-        raise Failed(f"it ended with {_ending(status)}", raised=False)
+        raise Failed(f"it ended with {_ending(status)}")
     if answer[:1] == b"!":
-        raise Failed(answer[1:].decode(errors="replace"), raised=True)
+        raise Refused(answer[1:].decode(errors="replace"))
+    if answer[:1] == b"#":
+        summary, _, child_traceback = answer[1:].decode(errors="replace").partition("\0")
+        raise Faulted(summary, child_traceback)
     return answer[1:]
 
 
@@ -144,8 +158,11 @@ def _child(work: Callable[[], bytes], write_fd: int, seconds: float, memory: int
             answer = b"=" + work()
         except MemoryError:
             answer = b"!it needs more memory than the " + str(memory >> 20).encode() + b" MiB it may have"
+        except JobdError as refusal:
+            answer = b"!" + str(refusal).encode(errors="replace")
         except Exception as error:
-            answer = b"!" + str(error).encode(errors="replace")
+            fault = f"{type(error).__name__}: {error}\0{traceback.format_exc()}"
+            answer = b"#" + fault.encode(errors="replace")
         view = memoryview(answer)
         while view:
             view = view[os.write(write_fd, view) :]

@@ -740,6 +740,9 @@ def test_an_xpathfilter_that_would_run_for_ages_is_cut_short(rows: int, expressi
         ("re:test('a', '(a+)+$')", "Invalid xpathfilter"),
         ("document('file:///etc/passwd')", "Invalid xpathfilter"),
         ("x" * 5000, "longer than 4096"),
+        # `jobd:` is bound for the steps jobd adds; a client's call of its function was refused with Python's words
+        # about apply_xpathfilter.<locals>.tick(): its TypeError was taken for lxml's refusal of the expression.
+        ("workflow[jobd:tick(.)]", r"jobd:tick\(\) is jobd's own function, which takes no arguments"),
     ],
 )
 def test_xpathfilter_errors_are_clear_invalid_parameter_errors(expression: str, message: str) -> None:
@@ -747,3 +750,13 @@ def test_xpathfilter_errors_are_clear_invalid_parameter_errors(expression: str, 
         apply_xpathfilter(listing(), expression)
     assert evqueue_code(caught.value) == "INVALID_PARAMETER"
     assert b'status="KO"' in response_error("n", caught.value)
+
+
+@pytest.mark.parametrize("not_a_response", [None, "<response/>"])
+def test_xpathfilter_failures_that_are_not_the_expressions_are_not_called_invalid_parameters(
+    not_a_response: object,
+) -> None:
+    """lxml's TypeError on what it is asked to search, a bug of jobd's own, was answered as an invalid xpathfilter
+    (every TypeError and ValueError was taken for one): it reaches the caller as it is, to be logged as a bug."""
+    with pytest.raises(TypeError, match=r"^Invalid input object"):
+        apply_xpathfilter(not_a_response, "/response")  # type: ignore[arg-type]

@@ -6,6 +6,8 @@ clients read them); every read blocks on the socket with a deadline, so a missin
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import shutil
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from jobd.api_evqueue import EvQueue
 from jobd.protocol.evqueue import XmlFramer
 
 pytestmark = pytest.mark.timeout(60)
@@ -273,7 +276,28 @@ def test_xpathfilter_selects_part_of_the_answer(daemon: Any) -> None:
         endless = ("/*" + "[count(//*|//@*" * 12 + ")]" * 12).encode()
         refused = ko(client.ask(b'<ping xpathfilter="%s"/>' % endless), "INVALID_PARAMETER")
         assert "took longer than 0.5 s to evaluate" in refused.get("error", "")
+        # A call of the function jobd adds to each step: refused as the client's mistake, in words about XPath.
+        private = ko(client.ask(b'<ping xpathfilter="jobd:tick(1)"/>'), "INVALID_PARAMETER")
+        assert "jobd:tick() is jobd's own function, which takes no arguments" in private.get("error", "")
         ok(client.ask(b"<ping/>"))
+
+
+def test_a_fault_in_jobds_own_xpathfilter_code_is_logged_and_answered_as_an_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The filter runs in a forked child (jobd/forked.py), whose every exception came back as INVALID_PARAMETER with
+    its message: a bug of jobd's was the client's mistake, and nobody saw its traceback. No request makes jobd's
+    filtering fail today, so this gives the evaluation, in a real child, what no handler answers: something that is
+    not an element (lxml's TypeError), as a handler's bug would."""
+    evqueue = EvQueue(None, "here")  # type: ignore[arg-type]  # filtering reads nothing of the API
+    with caplog.at_level(logging.ERROR, logger="jobd.evqueue"):
+        answer = asyncio.run(evqueue._filtered_later(None, "/response"))  # type: ignore[arg-type]
+    root = ko(etree.fromstring(answer), "UNEXPECTED_EXCEPTION")  # as every internal error on this socket
+    assert root.get("error") == "internal error: TypeError: Invalid input object: NoneType"
+    [record] = caplog.records
+    assert record.getMessage().startswith("internal error filtering an evQueue answer by xpathfilter '/response'\n")
+    assert "Traceback (most recent call last):" in record.getMessage()
+    assert "in apply_xpathfilter\n" in record.getMessage()
 
 
 @pytest.mark.parametrize(

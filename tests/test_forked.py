@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from jobd import forked
+from jobd.errors import InvalidParams
 
 MEMORY = 64 * 1024 * 1024
 
@@ -68,16 +70,28 @@ def test_work_that_does_not_end_in_time_is_killed() -> None:
         run(lambda: os.read(os.pipe()[0], 1), seconds=0.2)
 
 
-def test_an_exception_in_the_work_comes_back_as_its_message() -> None:
+def test_a_refusal_by_the_work_comes_back_as_its_message() -> None:
     def refuse() -> bytes:
-        raise ValueError("no such thing")
+        raise InvalidParams("no such thing", parameter="x")
 
-    with pytest.raises(forked.Failed, match=r"^no such thing$") as caught:
+    with pytest.raises(forked.Refused, match=r"^no such thing$"):
         run(refuse)
-    assert caught.value.raised
+
+
+def test_any_other_exception_in_the_work_comes_back_as_a_fault_with_its_traceback() -> None:
+    """A bug in the work came back as its message alone, as a refusal does: its caller told the client it had asked
+    for something wrong, and nobody saw the traceback."""
+
+    def faulty() -> bytes:
+        return etree.tostring(etree.XPath("/response")(None))  # lxml's TypeError: no document to search
+
+    with pytest.raises(forked.Faulted, match=r"^TypeError: Invalid input object: NoneType$") as caught:
+        run(faulty)
+    assert caught.value.traceback.startswith("Traceback (most recent call last):\n")
+    assert ", in faulty\n" in caught.value.traceback
+    assert caught.value.traceback.endswith("TypeError: Invalid input object: NoneType\n")
 
 
 def test_a_child_that_dies_without_answering_is_said_to() -> None:
-    with pytest.raises(forked.Failed, match=r"^it ended with signal SIGKILL$") as caught:
+    with pytest.raises(forked.Failed, match=r"^it ended with signal SIGKILL$"):
         run(lambda: os.kill(os.getpid(), signal.SIGKILL) or b"")
-    assert not caught.value.raised

@@ -991,17 +991,25 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
     empty. Its clients read that answer as any other (status on the root, then its children).
 
     Raises InvalidParams (INVALID_PARAMETER) when the expression is invalid, too long or too slow; the caller answers
-    it as a KO response. EXSLT regular expressions are off: a hostile pattern could otherwise spin the event loop.
+    it as a KO response. Any other exception is a bug of jobd's, for the caller to log. EXSLT regular expressions
+    are off: a hostile pattern could otherwise spin the event loop.
     """
     if len(expression) > MAX_XPATHFILTER:
         raise InvalidParams(f"xpathfilter is longer than {MAX_XPATHFILTER} characters", parameter="xpathfilter")
     deadline = time.monotonic() + XPATHFILTER_SECONDS
 
-    def tick(_context: object) -> bool:
+    def tick(_context: object, *arguments: object) -> bool:
+        if arguments:  # the client's own call of it: `jobd:` is bound for the steps jobd adds
+            raise InvalidParams(
+                f"Invalid xpathfilter '{expression}': jobd:tick() is jobd's own function, which takes no arguments",
+                parameter="xpathfilter",
+            )
         if time.monotonic() > deadline:
             raise _XPathFilterTooSlow
         return True
 
+    # Only lxml's refusals of the expression are the client's mistake: any other exception is a bug in jobd, for
+    # the caller to log and answer as one (an internal error), not as an invalid parameter.
     try:
         selector = etree.XPath(
             _ticking(expression),
@@ -1010,10 +1018,13 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
             regexp=False,
             smart_strings=False,
         )
+    except (etree.XPathError, ValueError) as error:  # ValueError: a string lxml cannot take (control characters)
+        raise InvalidParams(f"Invalid xpathfilter '{expression}': {error}", parameter="xpathfilter") from None
+    try:
         result = selector(response_root)
     except _XPathFilterTooSlow:
         raise xpathfilter_refused(expression, TOO_SLOW) from None
-    except (etree.XPathError, TypeError, ValueError) as error:
+    except etree.XPathError as error:
         raise InvalidParams(f"Invalid xpathfilter '{expression}': {error}", parameter="xpathfilter") from None
     filtered = response_element(response_root.get("node", ""))
     first = result[0] if isinstance(result, list) and result else result
