@@ -659,9 +659,18 @@ def render_instances(instances: Sequence[Instance], now: dt.datetime, width: int
     return render_table(headers, rows, right={0, 3, 5}, width=width, flex=7)
 
 
-def render_workflows(workflows: Sequence[dict[str, Any]]) -> list[str]:
+def render_workflows(workflows: Sequence[dict[str, Any]], width: int | None) -> list[str]:
+    """NAME and PARAMETERS, then GROUP and COMMENT (those of evQueue's git files) when any workflow has one: most
+    definitions are plain, and two columns of `-` would say nothing. A long comment is cut to fit `width`."""
+    headers = ["NAME", "PARAMETERS"]
     rows = [[str(w.get("name")), " ".join(str(p) for p in w.get("parameters") or []) or "-"] for w in workflows]
-    return render_table(["NAME", "PARAMETERS"], rows)
+    for key in ("group", "comment"):
+        if any(w.get(key) for w in workflows):
+            headers.append(key.upper())
+            for row, w in zip(rows, workflows, strict=True):
+                row.append(str(w.get(key) or "-"))
+    flex = len(headers) - 1 if headers[-1] == "COMMENT" else None
+    return render_table(headers, rows, width=width, flex=flex)
 
 
 def render_tasks(tasks: Sequence[dict[str, Any]]) -> list[str]:
@@ -1303,7 +1312,7 @@ def list_named(session: Session, method: str, key: str, render: Callable[[list[A
 
 
 def cmd_workflows(session: Session, args: argparse.Namespace) -> int:
-    return list_named(session, "workflow.list", "workflows", render_workflows)
+    return list_named(session, "workflow.list", "workflows", lambda found: render_workflows(found, stdout_width()))
 
 
 def cmd_tasks(session: Session, args: argparse.Namespace) -> int:

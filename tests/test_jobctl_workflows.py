@@ -92,6 +92,35 @@ def test_workflows_lists_names_and_parameters(wf: Daemon) -> None:
     assert {w["name"] for w in as_json["workflows"]} == set(rows)
 
 
+def test_workflows_shows_the_group_and_comment_of_evqueue_git_files(make_daemon: Any) -> None:
+    """evQueue 3.3's git files carry a group and a comment, which workflow.list gives: the table left them out."""
+    daemon: Daemon = make_daemon(start=False)
+    definition = BROKEN_WORKFLOW  # any definition will do
+    daemon.write_workflows(
+        backup=f'<workflow group="nightly" comment="copies the databases off site">{definition}</workflow>',
+        grouped=f'<workflow group="nightly">{definition}</workflow>',
+        plain=definition,
+    )
+    daemon.start()
+    result = ctl(daemon, "workflows", env={"COLUMNS": "200"})
+    assert result.code == 0, result
+    assert result.out.splitlines() == [
+        "NAME     PARAMETERS  GROUP    COMMENT",
+        "backup   -           nightly  copies the databases off site",
+        "grouped  -           nightly  -",
+        "plain    -           -        -",
+    ]
+    # The comment is the column cut to fit the terminal.
+    narrow = ctl(daemon, "workflows", env={"COLUMNS": "40"}).out.splitlines()
+    assert narrow[1] == "backup   -           nightly  copies th…"
+    listed = json.loads(ctl(daemon, "--json", "workflows").out)["workflows"]
+    assert [(w["name"], w["group"], w["comment"]) for w in listed] == [
+        ("backup", "nightly", "copies the databases off site"),
+        ("grouped", "nightly", ""),
+        ("plain", "", ""),
+    ]
+
+
 # -- launch -----------------------------------------------------------------------------------------------------
 
 
