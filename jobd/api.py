@@ -404,8 +404,8 @@ def _callbacks(p: Params) -> dict[str, list[dict[str, Any]]] | None:
         return None
     try:
         return callback_defs.check_callbacks(raw, f"{p.method}: callbacks")
-    except ValueError as error:
-        raise InvalidParams(str(error), param="callbacks") from None
+    except callback_defs.BadCallback as error:  # data.key: the key inside `callbacks` at fault, if not the whole
+        raise InvalidParams(str(error), param="callbacks", **({"key": error.dotted} if error.key else {})) from None
 
 
 def _b64(p: Params, name: str, value: str | None) -> bytes | None:

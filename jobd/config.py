@@ -1186,10 +1186,8 @@ def _callbacks(table: _Table) -> Mapping[str, Any] | None:
         if setting is not None:
             try:
                 found[event] = callback_defs.check_list(setting.value, _dotted(setting.key))
-            except callback_defs.BadCallback as error:  # its own table's line: [[queue.q.on_success]] number N
-                raise _error(setting.source, (*setting.key, _index(error.number)), str(error)) from None
-            except ValueError as error:
-                raise _error(setting.source, setting.key, str(error)) from None
+            except callback_defs.BadCallback as error:  # the deepest key at fault, and its line (or its table's)
+                raise _error(setting.source, (*setting.key, *error.key), str(error)) from None
     return found or None
 
 

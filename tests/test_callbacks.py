@@ -14,6 +14,7 @@ import select
 import sqlite3
 import sys
 import threading
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -309,6 +310,57 @@ def test_bad_callbacks_are_refused(make_daemon: Callable[..., Daemon]) -> None:
         d.submit(command=["/bin/true"], callbacks={"on_done": []})
     with pytest.raises(Exception, match="http"):
         d.submit(command=["/bin/true"], callbacks={"on_finish": [{"http": {"url": "ftp://x"}}]})
+
+
+# A bad value for every key of a callback table, as the lines of its [[…on_success]] table, the bad one last; and
+# the key path, below that table, that a refusal names (the deepest key at fault: it named only `on_success[2]`).
+_BAD_KEYS: dict[str, list[str]] = {
+    "exec": ['exec = ["relative"]'],
+    "execx": ['execx = ["/bin/true"]'],  # an unknown key is the key named
+    "http": ['http = "http://127.0.0.1/"'],
+    "http.url": ['http.url = "ftp://127.0.0.1/"'],
+    "http.method": ['http.url = "http://127.0.0.1/"', 'http.method = "PUT"'],
+    "http.headers": ['http.url = "http://127.0.0.1/"', 'http.headers = { "Bad Name:" = "v" }'],
+    "http.timeout": ['http.url = "http://127.0.0.1/"', "http.timeout = 0"],
+    "http.timeoutx": ['http.url = "http://127.0.0.1/"', "http.timeoutx = 1"],
+}
+
+
+def test_the_bad_keys_cover_every_key_of_a_callback() -> None:
+    from jobd.engine.callbacks import _HTTP_KEYS
+
+    assert {"exec", "http"} | {f"http.{key}" for key in _HTTP_KEYS} <= set(_BAD_KEYS)
+
+
+@pytest.mark.parametrize("key", _BAD_KEYS)
+def test_a_bad_callback_in_the_configuration_names_its_deepest_key_and_line(tmp_path: Path, key: str) -> None:
+    from jobd.config import load
+    from jobd.errors import ConfigError
+
+    head = '[task.t]\ncommand = ["/bin/true"]\n\n[[task.t.on_success]]\nexec = ["/bin/true"]\n\n[[task.t.on_success]]\n'
+    (tmp_path / "jobd.toml").write_text(head + "".join(f"{line}\n" for line in _BAD_KEYS[key]))
+    with pytest.raises(ConfigError) as refused:
+        load([str(tmp_path)])
+    assert refused.value.details["key"] == f"task.t.on_success[2].{key}", refused.value.message
+    assert refused.value.details["line"] == head.count("\n") + len(_BAD_KEYS[key]), refused.value.message
+    assert refused.value.message.startswith(
+        f"{tmp_path}/jobd.toml:{refused.value.details['line']}: task.t.on_success[2]"
+    )
+
+
+def test_a_bad_callback_of_a_submit_names_its_deepest_key(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon("[queue.default]\n")
+    refusals = {f"on_success[2].{key}": {"on_success": [{"exec": ["/bin/true"]}, tomllib.loads("\n".join(lines))]}
+                for key, lines in _BAD_KEYS.items()}  # fmt: skip
+    refusals |= {"on_done": {"on_done": []}, "on_finish": {"on_finish": {}}, "on_failure[1]": {"on_failure": [5]}}
+    for key, callbacks in refusals.items():
+        with pytest.raises(RemoteError) as refused:
+            d.submit(command=["/bin/true"], callbacks=callbacks)
+        assert (refused.value.code, refused.value.data.get("param")) == ("INVALID_PARAMS", "callbacks"), key
+        assert refused.value.data.get("key") == key, (key, refused.value.message)
+    with pytest.raises(RemoteError) as refused:  # the parameter as a whole: no key inside it to name
+        d.submit(command=["/bin/true"], callbacks=[])
+    assert "key" not in refused.value.data and refused.value.data.get("param") == "callbacks"
 
 
 @pytest.mark.parametrize(

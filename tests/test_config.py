@@ -728,14 +728,15 @@ def test_a_dotted_key_line_is_found(tmp_path: Path) -> None:
 
 
 def test_a_bad_callback_names_the_line_of_its_own_table(tmp_path: Path) -> None:
-    # The second [[queue.q.on_success]] was reported at the first one's line, with the array's key.
+    # The second [[queue.q.on_success]] was reported at the first one's line, with the array's key; then at its own
+    # table's line, with the array element's key; now at the line and with the key of the value at fault.
     path = write(
         tmp_path / "jobd.toml",
         '[queue.q]\n\n[[queue.q.on_success]]\nexec = ["/bin/true"]\n\n[[queue.q.on_success]]\nexec = ["relative"]\n',
     )
     error = load_error(tmp_path)
-    assert error.message.startswith(f"{path}:6: queue.q.on_success[2].exec: the program must be an absolute path")
-    assert (error.details["line"], error.details["key"]) == (6, "queue.q.on_success[2]")
+    assert error.message.startswith(f"{path}:7: queue.q.on_success[2].exec: the program must be an absolute path")
+    assert (error.details["line"], error.details["key"]) == (7, "queue.q.on_success[2].exec")
 
 
 def test_a_file_name_with_control_characters_is_named_in_one_inert_line(tmp_path: Path) -> None:

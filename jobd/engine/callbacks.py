@@ -53,85 +53,103 @@ _HTTP_KEYS = ("url", "method", "headers", "timeout")
 
 
 class BadCallback(ValueError):
-    """What is wrong with the `number`-th (1-based) callback of an array: a configuration error names its line."""
+    """What is wrong with callback definitions. `key` is the path, below the `where` they were checked as, of the
+    deepest key at fault: ("[2]", "http", "timeout") for the timeout of an array's second callback (an element
+    spelled as jobd.config spells key paths), ("on_success", "[1]", "exec") in job.submit's `callbacks`, () for the
+    value as a whole; a configuration error points at its line, a JSON-RPC refusal names it (`data.key`)."""
 
-    def __init__(self, message: str, number: int) -> None:
+    def __init__(self, message: str, key: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.number = number
+        self.key = key
+
+    @property
+    def dotted(self) -> str:
+        """`key` as one string: `on_success[1].http.timeout`."""
+        return "".join(part if part.startswith("[") or not index else f".{part}" for index, part in enumerate(self.key))
 
 
 def check_list(value: object, where: str) -> list[dict[str, Any]]:
-    """An array of callback definitions, normalized; ValueError (BadCallback for one of its elements) says what is
-    wrong."""
+    """An array of callback definitions, normalized; BadCallback says what is wrong, and where."""
     if not isinstance(value, list):
-        raise ValueError(f"{where}: expected an array of callbacks such as [{{ exec = [...] }}, {{ http = {{...}} }}]")
+        raise BadCallback(f"{where}: expected an array of callbacks such as [{{ exec = [...] }}, {{ http = {{...}} }}]")
     checked = []
     for number, item in enumerate(value, 1):
         try:
             checked.append(_check_one(item, f"{where}[{number}]"))
-        except ValueError as error:
-            raise BadCallback(str(error), number) from None
+        except BadCallback as error:
+            raise BadCallback(str(error), (f"[{number}]", *error.key)) from None
     return checked
 
 
 def _check_one(item: object, where: str) -> dict[str, Any]:
     expected = "expected { exec = [argv...] } or { http = { url = ..., method = ... } }"
     if isinstance(item, dict) and len(item) == 1 and (key := str(next(iter(item)))) not in ("exec", "http"):
-        raise ValueError(f"{where}: unknown key {key!r}{did_you_mean(key, ('exec', 'http'))}; {expected}")
+        raise BadCallback(f"{where}: unknown key {key!r}{did_you_mean(key, ('exec', 'http'))}; {expected}", (key,))
     if not isinstance(item, dict) or len(item) != 1:
-        raise ValueError(f"{where}: {expected}")
+        raise BadCallback(f"{where}: {expected}")
     if "exec" in item:
         argv = item["exec"]
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
-            raise ValueError(f"{where}.exec: expected a non-empty array of strings, the first one the program")
+            raise BadCallback(
+                f"{where}.exec: expected a non-empty array of strings, the first one the program", ("exec",)
+            )
         if not argv[0].startswith("/"):
-            raise ValueError(f"{where}.exec: the program must be an absolute path, got {json_repr(argv[0])}")
+            raise BadCallback(
+                f"{where}.exec: the program must be an absolute path, got {json_repr(argv[0])}", ("exec",)
+            )
         if any("\0" in arg for arg in argv):
-            raise ValueError(f"{where}.exec: an argument contains NUL, which no program can be given")
+            raise BadCallback(f"{where}.exec: an argument contains NUL, which no program can be given", ("exec",))
         return {"exec": list(argv)}
     http = item["http"]
     if not isinstance(http, dict):
-        raise ValueError(f"{where}.http: expected a table such as {{ url = ..., method = ... }}")
+        raise BadCallback(f"{where}.http: expected a table such as {{ url = ..., method = ... }}", ("http",))
     for key in http:
         if key not in _HTTP_KEYS:
             hint = did_you_mean(key, _HTTP_KEYS)
-            raise ValueError(f"{where}.http: unknown key {key!r}{hint}; allowed keys: {', '.join(_HTTP_KEYS)}")
+            raise BadCallback(
+                f"{where}.http: unknown key {key!r}{hint}; allowed keys: {', '.join(_HTTP_KEYS)}", ("http", str(key))
+            )
     url = http.get("url")
     if not isinstance(url, str):
-        raise ValueError(f"{where}.http.url: expected an http:// or https:// URL")
+        raise BadCallback(f"{where}.http.url: expected an http:// or https:// URL", ("http", "url"))
     method = http.get("method", "POST")
     if method not in ("POST", "GET"):
-        raise ValueError(f'{where}.http.method: expected "POST" or "GET", got {json_repr(method)}')
+        raise BadCallback(f'{where}.http.method: expected "POST" or "GET", got {json_repr(method)}', ("http", "method"))
     result: dict[str, Any] = {"url": url, "method": method}
     headers = http.get("headers", {})
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-        raise ValueError(f"{where}.http.headers: expected a table of strings")
+        raise BadCallback(f"{where}.http.headers: expected a table of strings", ("http", "headers"))
     try:  # as an HTTP job's: what aiohttp would refuse at every delivery is refused now
         check_url(url)
         check_headers(url, headers)
-    except HttpSpecError as error:
-        raise ValueError(f"{where}.http: {error}") from None
+    except HttpSpecError as error:  # its key: url or headers
+        raise BadCallback(f"{where}.http: {error}", ("http", error.key or "url")) from None
     if headers:
         result["headers"] = dict(headers)
     timeout = http.get("timeout")
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
-            raise ValueError(
-                f"{where}.http.timeout: expected a number of seconds > 0 and <= 3600, got {json_repr(timeout)}"
+            raise BadCallback(
+                f"{where}.http.timeout: expected a number of seconds > 0 and <= 3600, got {json_repr(timeout)}",
+                ("http", "timeout"),
             )
         result["timeout"] = float(timeout)
     return {"http": result}
 
 
 def check_callbacks(value: object, where: str) -> dict[str, list[dict[str, Any]]]:
-    """{"on_success"|"on_failure"|"on_finish": [callback, ...]} (job.submit's `callbacks`), normalized."""
+    """{"on_success"|"on_failure"|"on_finish": [callback, ...]} (job.submit's `callbacks`), normalized;
+    BadCallback says what is wrong, and where."""
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected an object with keys {', '.join(EVENTS)}")
+        raise BadCallback(f"{where}: expected an object with keys {', '.join(EVENTS)}")
     result = {}
     for event, callbacks in value.items():
         if event not in EVENTS:
-            raise ValueError(f"{where}: unknown event {event!r}; allowed: {', '.join(EVENTS)}")
-        result[event] = check_list(callbacks, f"{where}.{event}")
+            raise BadCallback(f"{where}: unknown event {event!r}; allowed: {', '.join(EVENTS)}", (str(event),))
+        try:
+            result[event] = check_list(callbacks, f"{where}.{event}")
+        except BadCallback as error:
+            raise BadCallback(str(error), (event, *error.key)) from None
     return result
 
 
