@@ -1,8 +1,9 @@
 """The API's methods: named, validated parameters in, engine calls, JSON-ready results out.
 
-Protocol-neutral: the JSON-RPC connection (and later the XML one) decode bytes into a method name and a params
-object, and call `Api.call`. Every parameter is checked here, and a bad one is refused naming what was wrong and
-what is allowed.
+Protocol-neutral: the JSON-RPC connection (jobd.server) and the HTTP listener's JSON endpoints (jobd.http_api)
+decode bytes into a method name and a params object, and call `Api.call`; evQueue's XML commands (jobd.api_evqueue)
+have handlers of their own on the same engine. Every parameter is checked here, and a bad one is refused naming what
+was wrong and what is allowed.
 """
 
 from __future__ import annotations

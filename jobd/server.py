@@ -1,4 +1,5 @@
-"""The API socket: listening, one task per connection, protocol sniffing, request dispatch and subscriptions.
+"""The API sockets: listening, the connections (an asyncio protocol each; only a request that waits gets a task),
+protocol sniffing, request dispatch and subscriptions.
 
 The first byte a client sends picks the protocol: `{` or `[` is JSON-RPC 2.0 (`Connection`), `<` is evQueue's XML
 protocol (the connection hands itself over to an `XmlConnection`). JSON requests on one connection run concurrently,
