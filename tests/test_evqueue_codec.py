@@ -6,6 +6,7 @@ split at every offset, byte by byte — and must return exactly the documents a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -17,6 +18,7 @@ from jobd import errors
 from jobd.protocol import evqueue
 from jobd.protocol.evqueue import (
     KEEPALIVE,
+    AttributeValue,
     ControlReload,
     GroupBy,
     InstanceCancel,
@@ -48,7 +50,6 @@ from jobd.protocol.evqueue import (
     parse_request,
     response_element,
     response_error,
-    response_ok,
     serialize,
 )
 
@@ -576,12 +577,22 @@ def test_an_unknown_workflow_is_answered_with_the_correctly_spelled_code() -> No
 # Responses and greeting
 
 
+def ok_bytes(
+    node: str,
+    attrs: dict[str, AttributeValue] | None = None,
+    children: Sequence[etree._Element] = (),
+    text: str | None = None,
+) -> bytes:
+    """An OK response as jobd sends one (api_evqueue): the element, then its bytes."""
+    return serialize(response_element(node, attrs or {}, children, text))
+
+
 def test_response_ok_bytes_match_evqueue() -> None:
-    assert response_ok("localhost") == b'<response node="localhost" status="OK"/>\n'
-    assert response_ok("localhost", {"workflow-instance-id": 25}) == (
+    assert ok_bytes("localhost") == b'<response node="localhost" status="OK"/>\n'
+    assert ok_bytes("localhost", {"workflow-instance-id": 25}) == (
         b'<response node="localhost" status="OK" workflow-instance-id="25"/>\n'
     )
-    assert response_ok("localhost", {"version": "3.3", "uptime": 11, "git-support": "disabled"}) == (
+    assert ok_bytes("localhost", {"version": "3.3", "uptime": 11, "git-support": "disabled"}) == (
         b'<response git-support="disabled" node="localhost" status="OK" uptime="11" version="3.3"/>\n'
     )
 
@@ -591,7 +602,7 @@ def test_response_with_children_none_and_booleans() -> None:
         element("queue", {"name": "default", "concurrency": 1, "dynamic": False, "id": 1}),
         element("queue", {"name": "q2", "concurrency": 2, "dynamic": True, "comment": None}),
     ]
-    assert response_ok("n", {"count": 2, "absent": None}, children) == (
+    assert ok_bytes("n", {"count": 2, "absent": None}, children) == (
         b'<response count="2" node="n" status="OK">'
         b'<queue concurrency="1" dynamic="no" id="1" name="default"/>'
         b'<queue concurrency="2" dynamic="yes" name="q2"/></response>\n'
@@ -599,13 +610,11 @@ def test_response_with_children_none_and_booleans() -> None:
 
 
 def test_response_with_text() -> None:
-    assert (
-        response_ok("n", text="step 25\nstep 50\n") == b'<response node="n" status="OK">step 25\nstep 50\n</response>\n'
-    )
+    assert ok_bytes("n", text="step 25\nstep 50\n") == b'<response node="n" status="OK">step 25\nstep 50\n</response>\n'
 
 
 def test_attribute_values_are_escaped() -> None:
-    answer = response_ok("n", {"comment": "a \"quoted\" <b> & 'c'\n\ttab", "name": "caf\u00e9 \u263a"})
+    answer = ok_bytes("n", {"comment": "a \"quoted\" <b> & 'c'\n\ttab", "name": "caf\u00e9 \u263a"})
     assert answer == (
         b"<response comment=\"a &quot;quoted&quot; &lt;b&gt; &amp; 'c'&#10;&#9;tab\" "
         b'name="caf\xc3\xa9 \xe2\x98\xba" node="n" status="OK"/>\n'
@@ -615,7 +624,7 @@ def test_attribute_values_are_escaped() -> None:
 
 def test_characters_xml_cannot_carry_are_replaced_not_fatal() -> None:
     hostile = "nul\x00 bell\x07 esc\x1b lone\ud800 nonchar\uffff ok\u00e9\U0001f600"
-    answer = response_ok("n", {"output": hostile}, [element("output", text=hostile)])
+    answer = ok_bytes("n", {"output": hostile}, [element("output", text=hostile)])
     parsed = etree.fromstring(answer)
     expected = "nul\ufffd bell\ufffd esc\ufffd lone\ufffd nonchar\ufffd ok\u00e9\U0001f600"
     assert parsed.get("output") == expected

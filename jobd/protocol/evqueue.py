@@ -3,8 +3,9 @@
 Bytes in, values out, bytes back: nothing here calls the engine or touches a socket. A connection feeds what it
 reads to an `XmlFramer`, which cuts the stream into one XML document per request; `parse_request` parses a document
 with jobd's hardened parser (`jobd.safexml`) into a `Request`; `decode_command` turns that into one frozen command
-value (`InstanceLaunch`, `InstancesList`, …) or raises the error evQueue would answer. `response_ok`,
-`response_error` and `greeting` make the bytes sent back. docs/evqueue-protocol.md is the user-facing account.
+value (`InstanceLaunch`, `InstancesList`, …) or raises the error evQueue would answer. `response_element` (then
+`serialize`), `response_error` and `greeting` make the bytes sent back. docs/evqueue-protocol.md is the user-facing
+account.
 """
 
 from __future__ import annotations
@@ -891,15 +892,6 @@ def response_element(
 def serialize(root: etree._Element) -> bytes:
     """One answer on the wire: the element, no XML declaration, then a newline."""
     return etree.tostring(root, encoding="UTF-8", xml_declaration=False, with_tail=False) + b"\n"
-
-
-def response_ok(
-    node: str,
-    attrs: Mapping[str, AttributeValue] = MappingProxyType({}),
-    children: Iterable[etree._Element] = (),
-    text: str | None = None,
-) -> bytes:
-    return serialize(response_element(node, attrs, children, text))
 
 
 def response_error(node: str, error: JobdError) -> bytes:
