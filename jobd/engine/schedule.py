@@ -100,7 +100,7 @@ class Calendar:
         stripped = text.strip()
         if not stripped:
             raise ValueError(EMPTY)
-        calendar = _parse_evqueue(text) if ";" in stripped else _parse_cron(text, stripped)
+        calendar = _parse_evqueue(text) if ";" in stripped else _parse_cron(stripped)
         try:
             calendar.next_after(0.0, "UTC")
         except CroniterBadDateError:
@@ -175,7 +175,7 @@ class Calendar:
         return bool(times.get_next(dt.datetime) == naive)
 
 
-def _parse_cron(text: str, stripped: str) -> Calendar:
+def _parse_cron(stripped: str) -> Calendar:
     if stripped.startswith("@"):
         expression = MACROS.get(stripped.lower())
         if expression is None:
