@@ -30,7 +30,7 @@ from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.instances import InstanceEvent, Instances, task_json
 from jobd.engine.queues import QueueRuntime
 from jobd.engine.scheduler import Scheduler
-from jobd.engine.submit import Peer, SubmitRequest, resolve
+from jobd.engine.submit import SubmitRequest, resolve
 from jobd.errors import (
     InsufficientRights,
     InvalidParams,
@@ -63,6 +63,7 @@ from jobd.model import (
     Right,
     WorkflowDef,
 )
+from jobd.peer import Peer
 from jobd.store import AuditFilter, InstanceFilter, JobFilter
 
 MAX_OUTPUT_CHUNK = 1024 * 1024

@@ -25,7 +25,6 @@ from jobd import __version__, audit, forked, safexml
 from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch, once_durable, while_allowed
 from jobd.engine import access
 from jobd.engine.schedule import Calendar
-from jobd.engine.submit import Peer
 from jobd.errors import (
     InsufficientRights,
     InvalidParams,
@@ -36,6 +35,7 @@ from jobd.errors import (
     memory_shortage,
 )
 from jobd.model import InstanceSummary, ObjectKind, Right, Scheduler, WorkflowDef
+from jobd.peer import Peer
 from jobd.protocol import evqueue as xml
 from jobd.store import InstanceFilter, refused_request
 

@@ -21,9 +21,9 @@ from typing import Any, Final
 
 from jobd.durable import DurableReply
 from jobd.engine.core import AfterReply
-from jobd.engine.submit import Peer
 from jobd.errors import JobdError, memory_shortage
 from jobd.model import AuditEntry, printable
+from jobd.peer import Peer
 from jobd.store import Store, store_failure
 
 log = logging.getLogger("jobd.audit")

@@ -36,7 +36,6 @@ from jobd.engine import access
 from jobd.engine.core import JobEvent
 from jobd.engine.http_task import HttpSpecError, check_request
 from jobd.engine.instances import InstanceEvent
-from jobd.engine.submit import Peer, identify_peer
 from jobd.errors import (
     InsufficientRights,
     InvalidParams,
@@ -67,6 +66,7 @@ from jobd.model import (
     Right,
     host_port,
 )
+from jobd.peer import Peer, identify_peer
 from jobd.protocol import jsonrpc
 from jobd.protocol.jsonrpc import encode_text
 from jobd.server import LINGER_SECONDS, REFUSED_LINGERING, bind_unix

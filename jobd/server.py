@@ -29,7 +29,6 @@ from jobd.api_evqueue import EvQueue
 from jobd.durable import DurableReply
 from jobd.engine.core import Engine, JobEvent
 from jobd.engine.instances import InstanceEvent
-from jobd.engine.submit import Peer, identify_peer
 from jobd.epollset import EpollSet
 from jobd.errors import (
     FrameTooLarge,
@@ -45,6 +44,7 @@ from jobd.errors import (
 )
 from jobd.linux import peer_credentials
 from jobd.model import ADMIN_CONNECTIONS, AccessDef, host_port
+from jobd.peer import Peer, identify_peer
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
 from jobd.store import refused_request
 

@@ -12,9 +12,10 @@ import pytest
 
 from jobd import config
 from jobd.engine import access
-from jobd.engine.submit import Peer, SubmitRequest, identify_peer, resolve
+from jobd.engine.submit import SubmitRequest, resolve
 from jobd.errors import ConfigError, InsufficientRights
 from jobd.model import AccessDef, Config, Grant, ObjectKind, Right, TaskDef
+from jobd.peer import Peer, identify_peer
 
 READ, EXEC, KILL, EDIT = Right.READ, Right.EXEC, Right.KILL, Right.EDIT
 WORKFLOW, TASK, QUEUE = ObjectKind.WORKFLOW, ObjectKind.TASK, ObjectKind.QUEUE

@@ -615,9 +615,10 @@ def test_config_callbacks_are_checked_and_kept(tmp_path: Path) -> None:
 
 def test_exec_callbacks_of_a_job_are_for_admins_only(tmp_path: Path) -> None:
     from jobd import config
-    from jobd.engine.submit import Peer, SubmitRequest, _with_callbacks
+    from jobd.engine.submit import SubmitRequest, _with_callbacks
     from jobd.errors import InsufficientRights
     from jobd.model import JobSpec
+    from jobd.peer import Peer
 
     (tmp_path / "jobd.toml").write_text(
         f'[daemon]\nstate_dir = "{tmp_path}/state"\nsocket = "{tmp_path}/s"\n[queue.default]\n'

@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from recovery.support import descriptors_limited
 
 from jobd.config import load_dir
-from jobd.engine.submit import Peer
 from jobd.errors import ConfigError
 from jobd.http_api import EVENT_OVERHEAD, EVENT_RING_BYTES, SSE_QUEUE_BYTES, HttpApi, _Event, _Pending
+from jobd.peer import Peer
 from tests.http_waits import answer, send_head_identified, send_waiting_request
 from tests.test_callbacks import Receiver
 

@@ -775,7 +775,7 @@ def test_an_audit_entrys_user_looked_up_without_a_descriptor_to_spare_is_not_kep
     daemon_user = pwd.getpwnam("daemon")  # in /etc/passwd alone: nss-systemd answers root and nobody without a file
     setup = f"""
     from jobd import audit
-    from jobd.engine.submit import Peer
+    from jobd.peer import Peer
     peer = Peer(uid={daemon_user.pw_uid}, gid={daemon_user.pw_gid}, pid=0, is_admin=False)
     """
     printed = _printed_short_of_descriptors(setup, "print(audit.who(peer))", "print(audit.who(peer))")

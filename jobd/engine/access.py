@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from jobd.errors import InsufficientRights
 from jobd.model import AccessDef, Grant, ObjectKind, Right
 
-if TYPE_CHECKING:  # submit.py asks this module who is an admin
-    from jobd.engine.submit import Peer
+if TYPE_CHECKING:  # jobd.peer asks this module who is an admin
+    from jobd.peer import Peer
 
 
 def is_admin(access: AccessDef, user: str, groups: Iterable[str]) -> bool:
