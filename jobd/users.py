@@ -13,6 +13,7 @@ import pwd
 from dataclasses import dataclass
 
 from jobd.errors import shortage
+from jobd.model import JobSpec
 
 NOBODY = "nobody"
 
@@ -88,6 +89,16 @@ def account(uid: int, gid: int) -> Account:
         _unless_short(f"cannot look up the account of uid {uid}", _JOB_WAITS)
         return Account(uid=uid, gid=gid, name=None, home="/", groups=(gid,))
     return Account(uid=uid, gid=gid, name=entry.pw_name, home=entry.pw_dir or "/", groups=groups_of(entry.pw_name, gid))
+
+
+def job_account(spec: JobSpec) -> Account | None:
+    """The user a job runs as, looked up as it starts (None: jobd's own user)."""
+    if spec.run_as_uid is None:
+        return None
+    gid = spec.run_as_gid if spec.run_as_gid is not None else spec.run_as_uid
+    if (spec.run_as_uid, gid) == (os.geteuid(), os.getegid()):
+        return None
+    return account(spec.run_as_uid, gid)
 
 
 def groups_of(name: str, gid: int, then: str = _JOB_WAITS) -> tuple[int, ...]:

@@ -21,12 +21,13 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from jobd import redact
-from jobd.engine.core import DEFAULT_PATH, Engine, _run_as
+from jobd.engine.core import DEFAULT_PATH, Engine
 from jobd.engine.http_task import JOB_ID, HttpSpecError, check_headers, check_url, new_session
 from jobd.errors import OutOfResources, UnknownJob, did_you_mean, json_repr
 from jobd.model import Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
 from jobd.store import STORE_RETRY_SECONDS, CallbackDelivery, Store, store_failure
+from jobd.users import job_account
 
 if TYPE_CHECKING:
     import aiohttp
@@ -351,7 +352,7 @@ class Callbacks:
         return None
 
     async def _exec(self, delivery: CallbackDelivery, job: Job, summary: dict[str, Any], tries: int) -> str | None:
-        user = _run_as(job.spec)  # the job's own user (None: jobd's)
+        user = job_account(job.spec)  # the job's own user (None: jobd's)
         # Beside the job's own output, so that it expires with the job (its directory is removed whole).
         base = os.path.join(self.engine.output_dir, str(job.id), f"callback-{delivery.id}")
         env = {

@@ -49,7 +49,7 @@ from jobd.model import (
 )
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
 from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store, store_failure
-from jobd.users import Account, account
+from jobd.users import Account, account, job_account
 from jobd.values import evolve, value
 
 if TYPE_CHECKING:
@@ -148,16 +148,6 @@ def _inherited_environment() -> dict[str, str]:
         if name in os.environ:
             env[name] = os.environ[name]
     return env
-
-
-def _run_as(spec: JobSpec) -> Account | None:
-    """The user a job runs as, looked up as it starts (None: jobd's own user)."""
-    if spec.run_as_uid is None:
-        return None
-    gid = spec.run_as_gid if spec.run_as_gid is not None else spec.run_as_uid
-    if (spec.run_as_uid, gid) == (os.geteuid(), os.getegid()):
-        return None
-    return account(spec.run_as_uid, gid)
 
 
 def _size_of(path: str) -> int:
@@ -766,7 +756,7 @@ class Engine:
         self._counts_changed()
 
     def _launch_spec(self, job: Job, number: int) -> LaunchSpec:
-        user = _run_as(job.spec)  # None: jobd's own user
+        user = job_account(job.spec)  # None: jobd's own user
         # Another user cannot enter the state directory: its own home (or /) is its default working directory,
         # and a program jobd wrote there (a workflow's SCRIPT task) is handed over by file descriptor.
         cwd, fallback = job.spec.working_dir, None
