@@ -50,7 +50,7 @@ from jobd.store import refused_request
 
 log = logging.getLogger("jobd.server")
 
-LINGER_SECONDS = 5.0  # how long a connection ended by an oversized frame keeps swallowing its input
+LINGER_SECONDS = 5.0  # how long a connection jobd ends (_Lingering) keeps swallowing its input
 # Clients refused (max_connections) that linger at once; past this many, a refused client is closed as soon as its
 # refusal is written. Each holds one of jobd's descriptors while it lingers, and a burst of clients (a web server's
 # workers all connecting at once) refused faster than LINGER_SECONDS let go of them ran jobd out of descriptors:
@@ -135,7 +135,7 @@ class Server:
         self.closing = False
         self.logging_in: set[TcpXmlConnection] = set()  # TCP clients before their login: not in `connections`
         # Refused clients lingering (_lingering_close): at most REFUSED_LINGERING, not in `connections`.
-        self.refused_lingering: set[Connection | XmlConnection] = set()
+        self.refused_lingering: set[_Lingering] = set()
 
     async def bind(self) -> None:
         """Create the listening sockets; clients are taken only from `start_serving()` on."""
@@ -287,7 +287,7 @@ class Server:
             )
         return None
 
-    def may_linger(self, connection: Connection | XmlConnection) -> bool:
+    def may_linger(self, connection: _Lingering) -> bool:
         """Whether a connection ending in a lingering close may linger: one counted in `connections` always (they
         are bounded by max_connections), a refused one while fewer than REFUSED_LINGERING do."""
         if connection in self.connections or connection in self.logging_in:
@@ -442,7 +442,43 @@ class _Identified:
         self._peer_access = self.server.api.engine.config.access
 
 
-class Connection(_Identified, asyncio.Protocol):
+class _Lingering:
+    """The end of a connection whose input jobd no longer reads as requests (a refusal, an oversized frame, a framing
+    error, `<quit/>`, a failed login), without losing the answers already written.
+
+    Closing a Unix socket with unread input resets it, and the client may then never read the answers already sent.
+    So: end our side (the client sees EOF after the answers), and swallow its input for LINGER_SECONDS at most.
+    """
+
+    server: Server
+    transport: asyncio.Transport
+    _linger: asyncio.TimerHandle | None
+    _input_ended: bool
+
+    def _lingering_close(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self._linger is not None:
+            if self._input_ended:  # the client closed its side while we lingered: nothing is left to swallow
+                self.transport.close()
+            return
+        if not self.server.may_linger(self):  # the answers are written first; the client reads them, then a reset
+            self.transport.close()
+            return
+        if self.transport.can_write_eof():
+            try:
+                self.transport.write_eof()
+            except OSError:  # the client has reset the connection already: nothing more to send it
+                self.transport.abort()
+                return
+        if self._input_ended:
+            self.transport.close()
+            return
+        self.transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
+
+
+class Connection(_Identified, _Lingering, asyncio.Protocol):
     """One client. Requests are read in `data_received` and answered in the same callback when they need no
     waiting (most do): a request costs one trip round the event loop, not one task and three wake-ups."""
 
@@ -722,31 +758,6 @@ class Connection(_Identified, asyncio.Protocol):
         self._buffer.clear()
         self._close_when_answered()
 
-    def _lingering_close(self) -> None:
-        """End a connection whose input we stopped reading without losing our replies.
-
-        Closing a Unix socket with unread input resets it, and the client may then never read the replies already
-        sent. So: end our side (the client sees EOF after the replies), and swallow its input for a little while.
-        """
-        if self._linger is not None:
-            if self._input_ended:  # the client closed its side while we lingered: nothing is left to swallow
-                self.transport.close()
-            return
-        if not self.server.may_linger(self):  # the replies are written first; the client reads them, then a reset
-            self.transport.close()
-            return
-        if self.transport.can_write_eof():
-            try:
-                self.transport.write_eof()
-            except OSError:  # the client has reset the connection already: nothing more to send it
-                self.transport.abort()
-                return
-        self.transport.resume_reading()
-        if self._input_ended:
-            self.transport.close()
-            return
-        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
-
     def after_reply(self, work: Callable[[], None]) -> None:
         self._after_reply.add(work)
 
@@ -925,7 +936,7 @@ def _too_many_waiting(reply: _Waiting, waiting: int) -> Reply:
     return None if reply.member.is_notification else jsonrpc.error(reply.member.id, failure)
 
 
-class XmlConnection(_Identified, asyncio.Protocol):
+class XmlConnection(_Identified, _Lingering, asyncio.Protocol):
     """An evQueue client: one XML document per request, answered strictly in the order sent.
 
     evQueue's clients send a request and read its answer before the next, and the protocol has no request ids, so
@@ -1137,26 +1148,6 @@ class XmlConnection(_Identified, asyncio.Protocol):
             self.transport.pause_reading()
         elif not self.transport.is_reading():
             self.transport.resume_reading()
-
-    def _lingering_close(self) -> None:
-        """Close after the answers already written reach the client: end our side, swallow its input a while
-        (closing a Unix socket with unread input resets it and the client may lose the answers)."""
-        if self._linger is not None or self.transport.is_closing():
-            return
-        if not self.server.may_linger(self):  # the answers are written first; the client reads them, then a reset
-            self.transport.close()
-            return
-        if self.transport.can_write_eof():
-            try:
-                self.transport.write_eof()
-            except OSError:  # the client has reset the connection already: nothing more to send it
-                self.transport.abort()
-                return
-        if self._input_ended:
-            self.transport.close()
-            return
-        self.transport.resume_reading()
-        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
 
     def _send(self, data: bytes) -> None:
         if not self.transport.is_closing():
