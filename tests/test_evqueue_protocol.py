@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from lxml import etree
@@ -75,14 +75,18 @@ class EvqClient:
     """A raw evQueue connection: bytes out as given, answers in as whole documents."""
 
     def __init__(self, path: Any, *, greeted: bool = True) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        self._take(sock)
+        self.greeting = self.document() if greeted else None
+
+    def _take(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.framer = XmlFramer()
         self.documents: list[bytes] = []
         self.received = bytearray()
-        self.greeting = self.document() if greeted else None
 
-    def __enter__(self) -> EvqClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: Any) -> None:

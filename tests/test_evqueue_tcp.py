@@ -26,10 +26,10 @@ import pytest
 from harness import REPO, Daemon, open_descriptors
 from lxml import etree
 from recovery.support import wait_for_log
+from test_evqueue_protocol import Closed, EvqClient
 
 from jobd import config
 from jobd.errors import ConfigError
-from jobd.protocol.evqueue import XmlFramer
 from jobd.protocol.evqueue_auth import LoginThrottle, expected_response, verify
 from jobd.server import LOGINS_UNDER_WAY, LOGINS_UNDER_WAY_PER_ADDRESS
 
@@ -74,48 +74,12 @@ HELLO_WORKFLOW = b"""<workflow>
 """
 
 
-class Closed(Exception):
-    """The daemon closed the connection."""
-
-
-class TcpClient:
-    """A raw evQueue TCP connection: bytes out as given, answers in as whole documents."""
+class TcpClient(EvqClient):
+    """A raw evQueue TCP connection, first answered with evQueue's challenge."""
 
     def __init__(self, address: tuple[str, int], source: str = "") -> None:
-        self.sock = socket.create_connection(address, timeout=DEADLINE, source_address=(source, 0) if source else None)
-        self.framer = XmlFramer()
-        self.documents: list[bytes] = []
+        self._take(socket.create_connection(address, timeout=DEADLINE, source_address=(source, 0) if source else None))
         self.challenge = self.document()
-
-    def __enter__(self) -> TcpClient:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.settimeout(DEADLINE)
-        self.sock.sendall(data)
-
-    def document(self, timeout: float = DEADLINE) -> etree._Element:
-        deadline = time.monotonic() + timeout
-        while not self.documents:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no complete answer")
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(1 << 16)
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                raise Closed("jobd closed the connection")
-            self.documents += self.framer.feed(chunk)
-        return etree.fromstring(self.documents.pop(0))
-
-    def ask(self, request: bytes) -> etree._Element:
-        self.send(request)
-        return self.document()
 
     def closed(self) -> bool:
         """Whether jobd ends the connection now that it has answered (EOF within the deadline)."""
