@@ -909,14 +909,20 @@ def _access(table: _Table, grants: Sequence[_Setting]) -> AccessDef:
     return AccessDef(admin_users=admin_users, admin_groups=admin_groups, grants=tuple(_grant(g) for g in grants))
 
 
-def _principals(setting: _Setting) -> frozenset[str]:
+def _names(setting: _Setting, pattern: re.Pattern[str], array_of: str, noun: str, rule: str) -> list[str]:
+    """An array of names, each matching `pattern`: refused as not `array_of` otherwise, or naming the first name
+    that does not match (`noun`: what a name is called) and the `rule` it breaks."""
     value = setting.value
     if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
-        raise setting.expected(f"an array of {_PRINCIPAL_RULE}")
+        raise setting.expected(array_of)
     for name in value:
-        if not _PRINCIPAL.fullmatch(name):
-            raise setting.invalid(f"invalid name {json.dumps(name)}; allowed: {_PRINCIPAL_RULE}")
-    return frozenset(value)
+        if not pattern.fullmatch(name):
+            raise setting.invalid(f"invalid {noun} {json.dumps(name)}; allowed: {rule}")
+    return value
+
+
+def _principals(setting: _Setting) -> frozenset[str]:
+    return frozenset(_names(setting, _PRINCIPAL, f"an array of {_PRINCIPAL_RULE}", "name", _PRINCIPAL_RULE))
 
 
 def _rights(setting: _Setting) -> frozenset[Right]:
@@ -931,13 +937,7 @@ def _rights(setting: _Setting) -> frozenset[Right]:
 
 
 def _patterns(setting: _Setting) -> tuple[str, ...]:
-    value = setting.value
-    if not isinstance(value, list) or not all(isinstance(pattern, str) for pattern in value):
-        raise setting.expected(f"an array of {_PATTERN_RULE}")
-    for pattern in value:
-        if not _PATTERN.fullmatch(pattern):
-            raise setting.invalid(f"invalid name {json.dumps(pattern)}; allowed: {_PATTERN_RULE}")
-    return tuple(value)
+    return tuple(_names(setting, _PATTERN, f"an array of {_PATTERN_RULE}", "name", _PATTERN_RULE))
 
 
 def _grant(setting: _Setting) -> Grant:
@@ -1010,13 +1010,7 @@ def _password_sha1(setting: _Setting) -> str:
 
 
 def _group_names(setting: _Setting) -> frozenset[str]:
-    value = setting.value
-    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
-        raise setting.expected("an array of group names")
-    for name in value:
-        if not _NAME.fullmatch(name):
-            raise setting.invalid(f"invalid group name {json.dumps(name)}; allowed: {_NAME_RULE}")
-    return frozenset(value)
+    return frozenset(_names(setting, _NAME, "an array of group names", "group name", _NAME_RULE))
 
 
 def _tcp(table: _Table, users: Mapping[str, _Table]) -> TcpDef:

@@ -556,6 +556,44 @@ BAD_VALUES = {
         "queue.concurrency",
         "expected a table [queue.concurrency], got 4",
     ),
+    "admins not an array of names": (
+        '[access]\nadmins = { users = "root" }\n',
+        2,
+        "access.admins.users",
+        "expected an array of user or group names (1 to 64 characters from A-Z a-z 0-9 _ . @ $ -, not starting with "
+        '. @ $ -), got "root" (a string)',
+    ),
+    "bad admin name": (
+        '[access]\nadmins = { users = [".root"] }\n',
+        2,
+        "access.admins.users",
+        'invalid name ".root"; allowed: user or group names (1 to 64 characters',
+    ),
+    "grant patterns not an array": (
+        '[[access.grant]]\nusers = ["alice"]\nrights = ["read"]\ntasks = "x"\n',
+        4,
+        "access.grant[1].tasks",
+        "expected an array of names of 1 to 64 characters from A-Z a-z 0-9 _ . -, with the wildcards * (any run) and "
+        '? (one), got "x" (a string)',
+    ),
+    "bad grant pattern": (
+        '[[access.grant]]\nusers = ["alice"]\nrights = ["read"]\ntasks = ["a/b"]\n',
+        4,
+        "access.grant[1].tasks",
+        'invalid name "a/b"; allowed: names of 1 to 64 characters',
+    ),
+    "login groups not an array": (
+        f'[tcp.users.u]\npassword_sha1 = "{"0" * 40}"\ngroups = "ops"\n',
+        3,
+        "tcp.users.u.groups",
+        'expected an array of group names, got "ops" (a string)',
+    ),
+    "bad login group name": (
+        f'[tcp.users.u]\npassword_sha1 = "{"0" * 40}"\ngroups = ["-ops"]\n',
+        3,
+        "tcp.users.u.groups",
+        'invalid group name "-ops"; allowed: 1 to 64 characters from A-Z a-z 0-9 _ . -, not starting with . or -',
+    ),
 }
 
 
