@@ -44,7 +44,7 @@ def _on_a_store(
     try:
         asyncio.run(scenario(store, keeper))
     finally:
-        keeper.stop()
+        keeper.disarm()
         store.close()
 
 

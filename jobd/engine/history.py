@@ -107,8 +107,8 @@ class HistoryKeeper:
             self.rearm()
 
     def rearm(self) -> None:
-        """Apply keep_last soon, and sleep until the oldest finished job expires."""
-        self.stop()
+        """Apply keep_last soon, and sleep until the oldest finished job, ended instance or audit entry expires."""
+        self.disarm()
         if self._stopped:
             return
         if self._rules.keep_last is not None:
@@ -129,9 +129,10 @@ class HistoryKeeper:
     def shut_down(self) -> None:
         """jobd is stopping: no trim from now on (the store closes soon), whatever is finished or released."""
         self._stopped = True
-        self.stop()
+        self.disarm()
 
-    def stop(self) -> None:
+    def disarm(self) -> None:
+        """Cancel the timer and the trim to come (rearm() makes them again; shut_down() for good)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
