@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from lxml import etree
 
@@ -129,35 +129,25 @@ def _first_evq_step(tokens: Sequence[Token]) -> int | None:
     return None
 
 
-def _matching(tokens: Sequence[Token], open_index: int) -> int:
-    """Index of the `)` or `]` closing the bracket at open_index."""
-    opening = tokens[open_index].kind
-    closing = ")" if opening == "(" else "]"
+_PARTNER: Final = {"(": ")", "[": "]", ")": "(", "]": "["}
+
+
+def _matching(tokens: Sequence[Token], at: int) -> int:
+    """Index of the bracket that pairs with the one at `at`: the `)` or `]` closing it, or the `(` or `[` opening
+    it (looking backwards)."""
+    own = tokens[at].kind
+    partner = _PARTNER[own]
+    step = 1 if own in ("(", "[") else -1
     depth = 0
-    for index in range(open_index, len(tokens)):
+    for index in range(at, len(tokens) if step == 1 else -1, step):
         kind = tokens[index].kind
-        if kind == opening:
+        if kind == own:
             depth += 1
-        elif kind == closing:
+        elif kind == partner:
             depth -= 1
             if depth == 0:
                 return index
-    raise XPathError(f"unbalanced {opening!r} at character {tokens[open_index].start + 1}")
-
-
-def _matching_backwards(tokens: Sequence[Token], close_index: int) -> int:
-    closing = tokens[close_index].kind
-    opening = "(" if closing == ")" else "["
-    depth = 0
-    for index in range(close_index, -1, -1):
-        kind = tokens[index].kind
-        if kind == closing:
-            depth += 1
-        elif kind == opening:
-            depth -= 1
-            if depth == 0:
-                return index
-    raise XPathError(f"unbalanced {closing!r} at character {tokens[close_index].start + 1}")
+    raise XPathError(f"unbalanced {own!r} at character {tokens[at].start + 1}")
 
 
 _PATH_TOKENS = frozenset({"name", "axis", "variable", "@", "::", ".", "..", "slash"})
@@ -170,7 +160,7 @@ def _left_operand_start(tokens: Sequence[Token], slash_index: int) -> int:
     while index >= 0:
         token = tokens[index]
         if token.kind in (")", "]"):
-            index = _matching_backwards(tokens, index)
+            index = _matching(tokens, index)
             if token.kind == ")" and index > 0 and tokens[index - 1].kind == "function":
                 index -= 1
         elif token.kind not in _PATH_TOKENS:
@@ -193,10 +183,8 @@ def compile_check(expression: str, *, summary: bool = False) -> None:
     try:
         tokens = tokenize(expression)
         for index, token in enumerate(tokens):
-            if token.kind in ("(", "["):
+            if token.kind in _PARTNER:
                 _matching(tokens, index)
-            elif token.kind in (")", "]"):
-                _matching_backwards(tokens, index)
             elif token.kind == "function":
                 _check_function(tokens, index)
                 if token.text == "evqGetJob" and not summary:  # else its node would be ABORTED at every run
