@@ -9,7 +9,8 @@ from jobd.model import Job, QueueDef, Scheduler
 
 
 def order_key(scheduler: Scheduler, job: Job) -> tuple[int, ...]:
-    """Position of a ready job: lower priority value first, then submission order (ids grow with submission)."""
+    """Position of a ready job: submission order (ids grow with submission), after the priority value (lower first)
+    unless the queue's scheduler is FIFO."""
     if scheduler is Scheduler.FIFO:
         return (job.id,)
     return (job.spec.priority, job.id)
