@@ -112,7 +112,7 @@ JSONRPC_MUTATING: Final[Mapping[str, Target]] = {
     "schedule.trigger": _named("schedule", "name"),
 }
 
-# What a successful JSON-RPC call adds as the entry's message: what it started.
+# What a successful call adds as the entry's message: what it started (JSON-RPC methods and evQueue commands alike).
 _STARTED: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "instance.launch": lambda result: f"instance {result['id']}",
     "instance.debug_resume": lambda result: f"instance {result['id']}",
