@@ -324,6 +324,60 @@ def test_a_delay_that_ran_out_while_jobd_was_down_keeps_its_jobs_priority(
     assert order.read_text().split() == [str(urgent["id"]), str(low)]
 
 
+DAY = 86400.0
+
+
+def _recorded_a_day_ahead(daemon: Daemon, job_id: int, delay: float) -> None:
+    """Stop the daemon and leave its database as a clock set back a day since leaves it: each time recorded for
+    job `job_id` a day ahead of the clock, its delay (or back-off) ending `delay` seconds after the latest of them."""
+    assert daemon.stop() == 0
+    database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")
+    database.execute(
+        "UPDATE job SET created_at = created_at + ?, started_at = started_at + ? WHERE id = ?", (DAY, DAY, job_id)
+    )
+    database.execute(
+        "UPDATE attempt SET started_at = started_at + ?, finished_at = finished_at + ? WHERE job_id = ?",
+        (DAY, DAY, job_id),
+    )
+    database.execute(
+        "UPDATE job SET run_at = MAX(created_at, COALESCE(started_at, created_at)) + ? WHERE id = ?", (delay, job_id)
+    )
+    database.commit()
+    database.close()
+
+
+def test_a_delay_does_not_wait_longer_than_it_was_set_for_when_the_clock_went_back_while_jobd_was_down(
+    jobd: Callable[..., Daemon],
+) -> None:
+    """The clock set back (an NTP step after a boot with the clock ahead, a wrong clock corrected) while jobd was
+    stopped: a delayed job's wall-clock due time was as far ahead of the new clock as the clock went back, and the
+    job waited that long (a day here) on top of its delay. Its wait is now counted from the last time jobd recorded
+    for it, when the clock is behind that time, so the delay is kept as it was asked for, not stretched."""
+    daemon = jobd()
+    delayed = daemon.submit(command=["/bin/echo", "delayed"], delay=3600)["id"]
+    _recorded_a_day_ahead(daemon, delayed, 1)
+    start(daemon)
+    job = daemon.wait(delayed)
+    assert job["state"] == "succeeded" and daemon.output(delayed) == "delayed\n"
+
+
+def test_a_retry_back_off_does_not_wait_longer_than_it_was_set_for_when_the_clock_went_back_while_jobd_was_down(
+    jobd: Callable[..., Daemon],
+) -> None:
+    daemon = jobd()
+    # The first attempt fails and its back-off is an hour long; the second succeeds.
+    command = ["/bin/sh", "-c", 'test "$JOBD_ATTEMPT" -gt 1 && echo retried']
+    events = subscribe(daemon, ["job.state"])
+    retried = daemon.submit(command=command, retry={"times": 1, "delay": 3600})["id"]
+    wait_events(events, lambda e: e["job"]["id"] == retried and e["job"]["state"] == "delayed", 1)
+    events.close()
+    _recorded_a_day_ahead(daemon, retried, 1)
+    start(daemon)
+    job = daemon.wait(retried)
+    assert job["state"] == "succeeded" and daemon.output(retried, attempt=2) == "retried\n"
+    assert [t["outcome"] for t in tries(daemon, retried)] == ["failed", "succeeded"]
+
+
 # --- kill -9 under load -------------------------------------------------------------------------------------
 
 

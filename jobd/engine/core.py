@@ -452,7 +452,10 @@ class Engine:
         """Put an unfinished, not running job where it waits: a delay timer or its queue's ready set (and, unless
         told not to, start what its queue has room for)."""
         if job.state is JobState.DELAYED:
-            wait = max(0.0, job.run_at - self.clock())
+            # Counted from the last time recorded for the job when the clock is behind it (set back while jobd was
+            # stopped): the wait is at most the delay or back-off asked for, not that plus however far it went back.
+            since = max(self.clock(), job.created_at, job.started_at or job.created_at)
+            wait = max(0.0, job.run_at - since)
             self._delay_timers[job.id] = self.loop.call_later(wait, self._delay_over, job.id)
         elif job.state is JobState.QUEUED:
             self.queues[job.spec.queue].push(job)
