@@ -134,8 +134,14 @@ def _lock_state_dir(state_dir: str) -> int:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise StartupError(f"another jobd (pid {holder}) is using the state directory {state_dir}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    # The pid only tells a second jobd whom it found (above); the lock is the flock. A full disk (the lock file
+    # empty or missing, or the page the truncation freed taken by whatever fills the disk) must not stop the start
+    # for it, with no more than "[Errno 28] No space left on device": the database then says what it needs.
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as error:
+        log.warning("cannot write jobd's pid into %s (%s): the lock is held all the same", path, error.strerror)
     return fd
 
 

@@ -51,7 +51,7 @@ from jobd.client import RemoteError
 from jobd.daemon import RECOVERY_EXTEND_SECONDS
 from jobd.engine.core import RECOVERY_STEP
 from jobd.protocol.evqueue import XmlFramer
-from jobd.store import SCHEMA_VERSION
+from jobd.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 # A job that blocks on its first attempt (after recording its pid and saying "ready" on fd 3) and succeeds at once
 # on any later attempt. $0 is a path prefix the test reads the pid from.
@@ -689,6 +689,76 @@ def test_a_full_disk_at_start_up_is_named_and_loses_nothing(
     assert [t["outcome"] for t in tries(daemon, running)] == ["lost"]
     job = daemon.wait(queued)
     assert job["state"] == "succeeded" and daemon.output(queued) == "queued\n"
+
+
+def test_a_full_disk_at_a_start_that_must_migrate_the_database_is_named_and_loses_nothing(
+    make_daemon: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # A database of jobd's first schema, as an upgrade finds it, with no jobd.lock yet (a state directory restored
+    # from a copy, or moved): the start wrote the pid into the new, empty lock file before the database was opened,
+    # and on a full disk that write failed the start with "not starting: [Errno 28] No space left on device" alone,
+    # naming no file and nothing to do. The pid is jobd's note to a second jobd, not the lock: the database says why
+    # jobd cannot start (its migration needs room), and once there is room it starts with every job.
+    daemon = make_daemon("[queue.q]\n", start=False)
+    database = small_state_disk / "jobd.sqlite3"
+    store = Store(str(database))
+    store.db.connect()
+    with store.db.atomic():
+        MIGRATIONS[0](store.db)
+        store.db.pragma("user_version", 1)
+        for n in range(3):
+            store.db.execute_sql(
+                "INSERT INTO job (command, queue, priority, state, key, created_at, run_at, env, kill_grace, retry, "
+                "max_output, attempts, progress) VALUES (?, 'q', 1, 'queued', ?, 1.0, 1.0, '{}', 10, ?, 65536, 0, 0)",
+                (
+                    json.dumps(["/bin/echo", f"job {n}"]),
+                    f"k{n}",
+                    json.dumps({"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}),
+                ),
+            )
+    store.db.close()
+    filler = fill(small_state_disk)
+
+    started = daemon.start_refused()
+    assert started.returncode == 1, started  # passing trouble: systemd may start it again
+    assert "its file system is full: make room" in started.stderr, started.stderr
+    assert "cannot write jobd's pid into" in started.stderr, started.stderr  # said, and no more than a warning
+    assert "Traceback" not in started.stderr, started.stderr
+
+    filler.unlink()
+    daemon.start()
+    jobs = all_jobs(daemon)
+    assert sorted(job["key"] for job in jobs) == ["k0", "k1", "k2"]
+    for job in jobs:
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+        assert daemon.output(job["id"]) == f"job {job['key'][1:]}\n"
+
+
+def test_a_start_on_a_full_disk_that_needs_no_write_serves_and_refuses_writes_until_there_is_room(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    # Nothing to record at this start (no running job was lost): jobd starts on the full disk, answers what it can
+    # read, refuses writes with STORE_FAILED, and takes them again once there is room, without a restart. It did
+    # not start at all when its pid could not be written into jobd.lock (missing here, as in a restored directory).
+    daemon = jobd("[queue.held]\npaused = true\n")
+    held = daemon.submit(command=["/bin/echo", "held"], queue="held")["id"]
+    daemon.stop()
+    (small_state_disk / "jobd.lock").unlink()
+    filler = fill(small_state_disk)
+
+    start(daemon)
+    assert "cannot write jobd's pid into" in daemon.log()
+    assert daemon.call("job.get", {"id": held})["state"] == "queued"
+    with pytest.raises(RemoteError) as refused:
+        daemon.submit(command=["/bin/true"])
+    assert refused.value.code == "STORE_FAILED", refused.value
+    assert "database or disk is full" in str(refused.value), refused.value
+
+    filler.unlink()
+    daemon.call("queue.resume", {"name": "held"})
+    job = daemon.wait(held)
+    assert job["state"] == "succeeded" and daemon.output(held) == "held\n"
+    assert daemon.wait(daemon.submit(command=["/bin/true"])["id"])["state"] == "succeeded"
 
 
 ONE_TASK = b"""<workflow><subjobs><job name="one"><tasks>
