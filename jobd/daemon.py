@@ -207,10 +207,11 @@ LOOKUPS_AT_MOST = 200_000
 LOOKUP_COST = 3
 
 
-def _check_output_against_the_database(store: Store, state_dir: str) -> None:
-    """Number new jobs past every job whose output directory is left, and remove the output files the database has
-    no record of (a database restored from a copy), before recovery and before any id is handed out. The store
-    raises the mark of the ids handed out (jobd.job_id_mark) from then on.
+def _check_output_against_the_database(store: Store, state_dir: str) -> JobIdMark:
+    """Number new jobs past every job whose output directory is left and past every id the mark says may have been
+    handed out, and remove the output files the database has no record of (a database restored from a copy), before
+    recovery and before any id is handed out. The store raises the mark of the ids handed out (jobd.job_id_mark)
+    from then on; it is returned, to be written exactly at a clean stop.
 
     Only the names between the database's last job and the mark are looked at, not the whole of output/ (one entry
     per job of the history); without a mark that can be trusted, output/ is listed once."""
@@ -227,6 +228,8 @@ def _check_output_against_the_database(store: Store, state_dir: str) -> None:
             (i for i in range(known + 1, limit + 1) if os.path.lexists(os.path.join(output, str(i)))), default=0
         )
     _number_jobs_past_their_output(store, output, highest)
+    if limit is not None and limit > store.last_id("job"):  # a mark below the database's last job is not jobd's
+        _number_jobs_past_the_mark(store, mark.path, limit)
     # Each directory of a job that may yet write output is looked up, unless they are so many that output/, which
     # holds at most one entry per job of the database, is cheaper to list (many jobs waiting, a short history).
     waiting = store.jobs_yet_to_write_output() if present is None or present else []
@@ -237,6 +240,7 @@ def _check_output_against_the_database(store: Store, state_dir: str) -> None:
     _remove_output_the_database_does_not_know(store, output, waiting if present is None else present & set(waiting))
     mark.cover(store.last_id("job"))
     store.before_job_ids = mark.cover
+    return mark
 
 
 def _job_directories(output: str) -> set[int]:
@@ -268,6 +272,24 @@ def _number_jobs_past_their_output(store: Store, output: str, highest: int) -> N
             known + 1,
             highest,
         )
+
+
+def _number_jobs_past_the_mark(store: Store, mark: str, limit: int) -> None:
+    """New jobs take ids past `limit`, the mark of the ids that may have been handed out. A database that lacks its
+    last commits (a power cut with durability "crash", a WAL lost or cut short, a copy restored) lacks jobs whose
+    ids were answered to clients: given again, such an id would answer a client's job.get or job.wait with
+    another job. The mark is written exactly at each clean stop, so only a start after a crash skips ids (fewer
+    than jobd.job_id_mark.STEP), and those were perhaps handed out."""
+    known = store.reserve_ids("job", limit)
+    log.info(
+        "%s says job ids up to %d may have been handed out, past the last job of the database (%d): jobd did not "
+        "stop cleanly, or the database lost its last commits; new jobs are numbered from %d, so that no id is "
+        "given twice",
+        mark,
+        limit,
+        known,
+        limit + 1,
+    )
 
 
 CALLBACK_OUTPUT = "callback-"  # STATE_DIR/output/JOB/callback-DELIVERY.stdout|stderr|log (jobd.engine.callbacks)
@@ -384,7 +406,7 @@ class Daemon:
         self._state_lock = _lock_state_dir(state_dir)
         self.store = Store(os.path.join(state_dir, "jobd.sqlite3"))
         self.store.open()
-        _check_output_against_the_database(self.store, state_dir)
+        self._job_id_mark = _check_output_against_the_database(self.store, state_dir)
         self.backups = Backups(self.store, state_dir)
         self.backups.remove_leftovers()
         load_aiohttp(initial)
@@ -541,6 +563,8 @@ class Daemon:
         self.engine.tell_watchers()
         self.instances.close()
         self.store.close()
+        # Exact now that no id can be handed out any more: the next start then skips none (_number_jobs_past_the_mark).
+        self._job_id_mark.write(self.store.last_id("job"))
         if self._watchdog_timer is not None:
             self._watchdog_timer.cancel()
         if self._quiet_trim is not None:

@@ -1976,6 +1976,38 @@ def test_job_ids_are_never_given_twice_even_once_their_rows_are_gone(jobd: Calla
     assert daemon.submit(command=["/bin/true"])["id"] > second
 
 
+def test_ids_of_jobs_a_database_lost_with_its_last_commits_are_not_given_again(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    # A WAL cut short (what a power cut leaves with durability "crash", whose commits are not synced) loses the
+    # last jobs. Those waiting for their delay had no output directory, the only trace a start looked for: their ids
+    # were given again, and a client holding one (job.get, job.wait) was answered with another job. The mark of the
+    # ids handed out (output/.job-ids) says how far they went.
+    daemon = make_daemon("[queue.default]\n")
+    accepted = [daemon.submit(command=["/bin/true"], delay=3600)["id"] for _ in range(30)]
+    daemon.kill9()
+    wal = daemon.state_dir / "jobd.sqlite3-wal"
+    os.truncate(wal, wal.stat().st_size // 2)
+    daemon.start()
+    kept = [job["id"] for job in all_jobs(daemon)]
+    assert 0 < len(kept) < len(accepted), kept  # the cut WAL did lose jobs
+    new = daemon.submit(command=["/bin/true"])["id"]
+    assert new > max(accepted), (new, accepted)
+    assert "may have been handed out, past the last job of the database" in daemon.log()
+    with pytest.raises(RemoteError) as unknown:
+        daemon.call("job.get", {"id": max(accepted)})
+    assert unknown.value.code == "UNKNOWN_JOB", unknown.value
+
+
+def test_a_clean_stop_leaves_no_gap_in_the_job_ids(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon("[queue.default]\n")
+    first = daemon.submit(command=["/bin/true"], delay=3600)["id"]
+    assert daemon.stop() == 0
+    daemon.start()
+    assert daemon.submit(command=["/bin/true"], delay=3600)["id"] == first + 1
+    assert "may have been handed out" not in daemon.log()
+
+
 def test_instance_ids_are_never_given_twice(make_daemon: Callable[..., Daemon]) -> None:
     # The tasks of an instance are keyed by its id: a new instance with a deleted one's id took its old task's job
     # (and output) instead of running its own.
