@@ -817,6 +817,53 @@ def test_a_kill9_while_a_launch_starts_its_first_task_leaves_an_instance_that_re
     os.close(reader)
 
 
+def test_a_kill9_while_a_workflow_starts_its_next_task_runs_neither_task_again_unasked(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # jobd is held in the spawn of the second task (strace delays its vfork's return), after the first task's end
+    # and the second's start were committed and once the second has run, and killed there. The first task does
+    # not run again; the second's attempt is `lost` and tried again as its policy allows; the instance ends.
+    ran = tmp_path / "ran"
+    os.mkfifo(ran)
+    reader = os.open(ran, os.O_RDONLY | os.O_NONBLOCK)  # open throughout: the task's writes never block
+    record = tmp_path / "record"
+    gate = Gate(tmp_path / "gate")
+    first = f"flock {gate.path} true; echo first $JOBD_ATTEMPT >> {record}"
+    second = f"echo second $JOBD_ATTEMPT >> {record}; echo ran > {ran}"
+    daemon = make_daemon(
+        f'[queue.default]\n[task.first]\ncommand = ["/bin/sh", "-c", "{first}"]\n'
+        f'[task.second]\ncommand = ["/bin/sh", "-c", "{second}"]\nretry = {{ times = 1, delay = 0 }}\n',
+        start=False,
+    )
+    daemon.write_workflows(
+        two=b'<workflow><subjobs><job name="a"><tasks><task task="first"/></tasks><subjobs>'
+        b'<job name="b"><tasks><task task="second"/></tasks></job></subjobs></job></subjobs></workflow>'
+    )
+    start(daemon)
+    events = subscribe(daemon, ["job.state"])
+    instance_id = daemon.call("instance.launch", {"workflow": "two"})["id"]
+    wait_events(events, lambda e: e["job"]["state"] == "running", 1)  # the first task waits for the gate
+    events.close()
+    strace = held_in_spawn(daemon)
+    try:
+        gate.release()
+        assert select.select([reader], [], [], 60)[0], "the second task did not run"  # jobd waits in its vfork
+        assert os.read(reader, 100) == b"ran\n"
+        os.kill(daemon.pid, signal.SIGKILL)  # first: jobd dies as strace lets it go
+    finally:
+        strace.kill()
+        strace.wait(30)
+    kill9(daemon)
+    start(daemon)
+    ended = daemon.call("instance.wait", {"id": instance_id, "timeout": 30}, timeout=40)
+    assert (ended["status"], ended["errors"]) == ("TERMINATED", 0), ended
+    assert record.read_text().splitlines() == ["first 1", "second 1", "second 2"]
+    outcomes = {job["task"]: [t["outcome"] for t in tries(daemon, job["id"])] for job in all_jobs(daemon)}
+    assert outcomes == {"first": ["succeeded"], "second": ["lost", "succeeded"]}, outcomes
+    terminate(daemon)
+    os.close(reader)
+
+
 @pytest.mark.parametrize("protocol", ["evqueue", "json-rpc"])
 def test_with_fsync_a_launch_is_answered_after_the_fsync(
     make_daemon: Callable[..., Daemon], tmp_path: Path, protocol: str
