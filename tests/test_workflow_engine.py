@@ -637,6 +637,7 @@ def test_toml_tasks_bring_command_queue_timeout_and_retry() -> None:
 
 
 def test_unknown_queue_and_remote_attributes_abort_at_enqueue() -> None:
+    """A host or a user makes a task remote; queue_host and use-agent alone do not (evQueue ran such a task here)."""
     source = workflow(
         job(
             "a",
@@ -644,16 +645,18 @@ def test_unknown_queue_and_remote_attributes_abort_at_enqueue() -> None:
             + task("/bin/b", host="{/workflow/@name}")
             + task("/bin/c", use_agent="yes")
             + task("/bin/d", user="www-data")
-            + task("/bin/e", host=""),
+            + task("/bin/e", host="")
+            + task("/bin/f", queue_host="{/workflow/@name}"),
         )
     )
     instance, actions = launch(source, name="h")
-    a, b, c, d, e = instance.root.findall(".//task")
+    a, b, c, d, e, f = instance.root.findall(".//task")
     assert (a.get("status"), a.get("error")) == ("ABORTED", "Unknown queue name")
     assert b.get("host") == "h" and b.get("error") == "remote execution is not supported"
-    assert c.get("error") == d.get("error") == "remote execution is not supported"
-    assert e.get("status") == "QUEUED"
-    assert instance.errors == 4
+    assert d.get("error") == "remote execution is not supported"
+    assert c.get("status") == e.get("status") == f.get("status") == "QUEUED"
+    assert f.get("queue_host") == "h"
+    assert instance.errors == 3
     _, actions = launch(workflow(job("a", task("/bin/a"))), host="remote.example")
     assert actions == [InstanceFinished(InstanceStatus.TERMINATED, 1)]
 

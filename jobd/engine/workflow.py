@@ -17,7 +17,9 @@ Decisions that differ from evQueue, and why:
   retval does not match retry_retval counts as an error (evQueue forgot to count it).
 * Nodes copied into an input by <copy>, and XML imported from a task's output, lose any `evqid`: evqids stay
   unique, so `task_ended(evqid)` and `evqGetContext()` always mean one node.
-* Remote execution (host, user, queue_host, use-agent) is not supported yet: such a task is ABORTED at enqueue.
+* Remote execution is not supported yet: a task with a host (its own or the instance's) is ABORTED at enqueue, and
+  so is one with a user (evQueue ran it locally, ignoring the user; jobd does not run it as another user than asked).
+  queue_host and use-agent, which evQueue ignored for a task without a host, are ignored too.
 * The root carries `cancelling="yes"` after `cancel()`, so a restored instance still refuses new tasks, and
   `next-evqid`, the number its next node gets: a restart then numbers nodes as the first run did, though the highest
   number in use may have left the document (a node a loop over nothing removed). A task's job key holds its number.
@@ -769,9 +771,10 @@ class Instance:
 
     def _run_task_action(self, task: etree._Element) -> RunTask:
         """The job that runs a task, from the task's element alone (so a restored instance builds the same)."""
-        if any(task.get(name) for name in ("host", "user", "queue_host")) or task.get("use-agent") == "yes":
-            raise _NodeAborted(REMOTE_UNSUPPORTED)
-        if self.root.get("host"):
+        # Only a host makes a task remote (evQueue's Task::GetHost). queue_host names the per-host queue of an evQueue
+        # queue with dynamic="yes", and use-agent how a remote task is run: evQueue ignored both for a task without
+        # a host, as jobd does (its queues are not dynamic). A user without a host is refused (see the notes).
+        if task.get("host") or task.get("user") or self.root.get("host"):
             raise _NodeAborted(REMOTE_UNSUPPORTED)
         toml_name = task.get("task")
         definition = None

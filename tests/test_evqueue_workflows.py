@@ -1,0 +1,71 @@
+"""evQueue workflow files as their authors write them, launched through evQueue's socket on a real daemon, compared
+with what evQueue 3.3 does with them (reference/evqueue.md §2, and evQueue's source where the reference is silent).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness import Daemon
+from lxml import etree
+from test_evqueue_protocol import EvqClient, ok
+
+QUEUES = "[queue.default]\nconcurrency = 2\n"
+
+
+def _daemon(make_daemon: Any, **workflows: str) -> Daemon:
+    daemon: Daemon = make_daemon(QUEUES, start=False)
+    daemon.write_workflows(**workflows)
+    daemon.start()
+    return daemon
+
+
+def _run(daemon: Daemon, name: str, **parameters: str) -> etree._Element:
+    """A synchronous `instance launch`, as evQueue's PHP class sends it, then the instance document it ended with."""
+    given = "".join(f'<parameter name="{key}" value="{value}"/>' for key, value in parameters.items())
+    request = f'<instance action="launch" name="{name}" mode="synchronous" timeout="60">{given}</instance>'
+    with EvqClient(daemon.evqueue_socket) as evqueue:
+        launched = ok(evqueue.ask(request.encode()))
+        assert launched.get("wait") is None, etree.tostring(launched)
+        answer = ok(evqueue.ask(b'<instance action="query" id="%s"/>' % launched.get("workflow-instance-id").encode()))
+    document = answer.find("workflow")
+    assert document is not None and document.get("status") == "TERMINATED", etree.tostring(answer)
+    return document
+
+
+def _tasks(document: etree._Element) -> dict[str, etree._Element]:
+    return {task.get("name", ""): task for task in document.iter("task")}
+
+
+# evQueue's Task::GetHost reads `host` (the task's, else the instance's) alone: `queue_host` only picks the per-host
+# queue of a queue with dynamic="yes", `use-agent` only says how an SSH task runs. A task with either and no host
+# ran here, in its queue.
+LOCAL_WITH_QUEUE_HOST = """<workflow>
+  <parameters><parameter name="server"/></parameters>
+  <subjobs>
+    <job name="per-server">
+      <tasks>
+        <task name="api" path="/bin/echo called" queue="default" queue_host="{evqGetWorkflowParameter('server')}"/>
+        <task name="agent" path="/bin/echo agent" queue="default" use-agent="yes"/>
+      </tasks>
+      <subjobs>
+        <job name="after"><tasks><task name="after" path="/bin/echo after" queue="default"/></tasks></job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_a_task_with_a_queue_host_or_use_agent_and_no_host_runs_here_as_in_evqueue(make_daemon: Any) -> None:
+    """They were ABORTED with `remote execution is not supported`, and the subjobs never ran: a workflow that
+    worked on evQueue (a queue_host to bound calls per server, say) failed on jobd."""
+    daemon = _daemon(make_daemon, servers=LOCAL_WITH_QUEUE_HOST)
+    document = _run(daemon, "servers", server="db1")
+    tasks = _tasks(document)
+    assert document.get("errors") == "0", etree.tostring(document)
+    assert (tasks["api"].get("status"), tasks["api"].get("retval")) == ("TERMINATED", "0")
+    assert tasks["api"].get("queue_host") == "db1"  # computed, as evQueue does before it enqueues
+    assert tasks["api"].findtext("output") == "called\n"
+    assert (tasks["agent"].get("status"), tasks["agent"].findtext("output")) == ("TERMINATED", "agent\n")
+    assert tasks["after"].findtext("output") == "after\n"
