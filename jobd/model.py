@@ -470,6 +470,20 @@ class Attempt:
         }
 
 
+_EVQUEUE_INTEGER = re.compile(r"\s*[+-]?[0-9]{1,19}\s*")
+EVQUEUE_BOOLEAN_RULE = "yes, no, or an integer (0 is no, any other yes)"
+
+
+def evqueue_boolean(text: str) -> bool | None:
+    """evQueue's booleans, in requests and workflow files alike (XMLUtils::GetAttributeBool): `yes`, `no`, or an
+    integer, non-zero being true; None for anything else. A whole integer only: evQueue's stoi took `1abc` as 1."""
+    if text in ("yes", "no"):
+        return text == "yes"
+    if _EVQUEUE_INTEGER.fullmatch(text):
+        return int(text) != 0
+    return None
+
+
 def printable(text: str) -> str:
     """`text` made valid Unicode: names the OS gave that are not UTF-8 (a file name, a user name) reach Python with
     their bytes as lone surrogates, which UTF-8, JSON and SQLite refuse; each is shown as `\\xNN` (its byte), any

@@ -22,7 +22,7 @@ from lxml import etree
 
 from jobd import conffile
 from jobd.errors import ConfigError, InvalidXml, did_you_mean
-from jobd.model import ENV_NAME, Config, ParameterMode, WorkflowDef
+from jobd.model import ENV_NAME, EVQUEUE_BOOLEAN_RULE, Config, ParameterMode, WorkflowDef, evqueue_boolean
 from jobd.safexml import parse
 
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -32,7 +32,6 @@ SUFFIX = ".xml"
 TASK_TYPES = ("BINARY", "SCRIPT")
 PARAMETER_MODES = ("CMDLINE", "ENV")
 OUTPUT_METHODS = ("TEXT", "XML")
-YES_NO = ("yes", "no")
 
 # --- the schema -------------------------------------------------------------------------------------------------
 
@@ -377,6 +376,11 @@ class _Checker:
             return None
         return value
 
+    def check_boolean(self, element: etree._Element, name: str) -> None:
+        value = element.get(name)
+        if value is not None and evqueue_boolean(value) is None:
+            self.attribute_problem(element, name, f"allowed {EVQUEUE_BOOLEAN_RULE}")
+
     def check_xpath(self, element: etree._Element, name: str, *, summary: bool = False) -> None:
         """`summary`: a custom attribute's `select` or an automatic tag's `condition`, where evqGetJob() works."""
         expression = element.get(name)
@@ -478,8 +482,8 @@ def _check_task(checker: _Checker, element: etree._Element) -> None:
     kind = checker.check_choice(element, "type", TASK_TYPES) or "BINARY"
     mode = checker.check_choice(element, "parameters-mode", PARAMETER_MODES)
     checker.check_choice(element, "output-method", OUTPUT_METHODS)
-    checker.check_choice(element, "merge-stderr", YES_NO)
-    checker.check_choice(element, "use-agent", YES_NO)
+    checker.check_boolean(element, "merge-stderr")
+    checker.check_boolean(element, "use-agent")
     for name in ("host", "user", "queue_host"):
         checker.check_braced_xpath(element, name)
     checker.check_defined_queue(element)

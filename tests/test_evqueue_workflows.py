@@ -69,3 +69,27 @@ def test_a_task_with_a_queue_host_or_use_agent_and_no_host_runs_here_as_in_evque
     assert tasks["api"].findtext("output") == "called\n"
     assert (tasks["agent"].get("status"), tasks["agent"].findtext("output")) == ("TERMINATED", "agent\n")
     assert tasks["after"].findtext("output") == "after\n"
+
+
+# evQueue reads merge-stderr and use-agent with XMLUtils::GetAttributeBool: `yes`, `no`, or an integer.
+INTEGER_BOOLEANS = """<workflow>
+  <subjobs>
+    <job name="streams">
+      <tasks>
+        <task name="merged" path="/bin/sh -c 'echo out; echo err &gt;&amp;2'" queue="default" merge-stderr="1"/>
+        <task name="apart" path="/bin/sh -c 'echo out; echo err &gt;&amp;2'" queue="default" merge-stderr="0"
+              use-agent="0"/>
+      </tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_merge_stderr_and_use_agent_take_evqueues_integer_booleans(make_daemon: Any) -> None:
+    """`merge-stderr="1"` and `use-agent="0"` were refused (`allowed yes, no`): the workflow file of an evQueue
+    installation did not load, and a reload with it was refused whole."""
+    daemon = _daemon(make_daemon, streams=INTEGER_BOOLEANS)
+    tasks = _tasks(_run(daemon, "streams"))
+    assert (tasks["merged"].findtext("output"), tasks["merged"].findtext("stderr")) == ("out\nerr\n", "")
+    assert (tasks["apart"].findtext("output"), tasks["apart"].findtext("stderr")) == ("out\n", "err\n")

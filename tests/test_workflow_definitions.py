@@ -329,11 +329,11 @@ INVALID: dict[str, tuple[str, list[tuple[int, list[str]]]]] = {
     ),
     "merge-stderr": (
         job('<task path="/bin/true" queue="default" merge-stderr="true"/>'),
-        [(5, ['<task> attribute merge-stderr="true": allowed yes, no'])],
+        [(5, ['<task> attribute merge-stderr="true": allowed yes, no, or an integer (0 is no, any other yes)'])],
     ),
     "use-agent": (
         job('<task path="/bin/true" queue="default" use-agent="YES"/>'),
-        [(5, ['<task> attribute use-agent="YES": allowed yes, no'])],
+        [(5, ['<task> attribute use-agent="YES": allowed yes, no, or an integer (0 is no, any other yes)'])],
     ),
     "unknown task attribute": (
         job('<task path="/bin/true" queue="default" timeout="10"/>'),

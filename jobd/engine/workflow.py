@@ -58,7 +58,16 @@ from jobd.engine.xpath import (
     node_string,
 )
 from jobd.errors import ConfigError, InvalidWorkflowParameters, InvalidXml
-from jobd.model import ENV_NAME, Outcome, ParameterMode, RetryPolicy, RetrySchedule, TaskDef, WorkflowDef
+from jobd.model import (
+    ENV_NAME,
+    Outcome,
+    ParameterMode,
+    RetryPolicy,
+    RetrySchedule,
+    TaskDef,
+    WorkflowDef,
+    evqueue_boolean,
+)
 from jobd.workflowdef import split_command
 
 LOCAL_TIME = "%Y-%m-%d %H:%M:%S"  # evQueue's timestamps: local time, whole seconds
@@ -829,7 +838,7 @@ class Instance:
             stdin=_stdin_of(task),
             working_dir=task.get("wd") or (definition.working_dir if definition else None),
             script=script,
-            merge_stderr=task.get("merge-stderr") == "yes",
+            merge_stderr=evqueue_boolean(task.get("merge-stderr", "no")) is True,
             timeout=definition.timeout if definition else None,
             # The workflow's own retries, when it gives any, replace the TOML task's (docs/workflows.md): both would
             # multiply, each try of evQueue's being retried by jobd's.

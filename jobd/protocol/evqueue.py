@@ -24,7 +24,7 @@ from lxml import etree
 
 from jobd import safexml
 from jobd.errors import FrameTooLarge, InvalidParams, InvalidXml, JobdError, UnknownCommand
-from jobd.model import MAX_PAGE, OBJECT_NAME, OBJECT_NAME_RULE
+from jobd.model import MAX_PAGE, OBJECT_NAME, OBJECT_NAME_RULE, evqueue_boolean
 from jobd.xpathlex import NODE_TYPES, XPathError, number_string, tokenize
 
 MAX_FRAME: Final = 1024 * 1024  # bytes in one request document, from its first `<` to the `>` closing its root
@@ -426,10 +426,9 @@ class Request:
         text = self.attributes.get(name)
         if text is None:
             return default
-        if text in ("yes", "no"):
-            return text == "yes"
-        if _INTEGER.fullmatch(text.strip()):
-            return int(text) != 0
+        value = evqueue_boolean(text)
+        if value is not None:
+            return value
         raise InvalidBoolean(f"Parameter '{name}' must be 'yes', 'no' or an integer, not '{text}'", parameter=name)
 
     def choice(
