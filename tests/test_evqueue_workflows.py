@@ -93,3 +93,56 @@ def test_merge_stderr_and_use_agent_take_evqueues_integer_booleans(make_daemon: 
     tasks = _tasks(_run(daemon, "streams"))
     assert (tasks["merged"].findtext("output"), tasks["merged"].findtext("stderr")) == ("out\nerr\n", "")
     assert (tasks["apart"].findtext("output"), tasks["apart"].findtext("stderr")) == ("out\n", "err\n")
+
+
+# evQueue's handle_loop appends each copy to the looped element's parent, after its other children, and removes
+# the original: the copies come after their siblings, and a looped input's values after the task's other inputs.
+LOOPS_AMONG_SIBLINGS = """<workflow>
+  <subjobs>
+    <job name="list">
+      <tasks>
+        <task name="list" queue="default" output-method="XML"
+              path="/bin/echo '&lt;files&gt;&lt;file name=&quot;a.jpg&quot;/&gt;'
+                    '&lt;file name=&quot;b.jpg&quot;/&gt;&lt;/files&gt;'"/>
+      </tasks>
+      <subjobs>
+        <job name="each" loop="evqGetParentJob()/evqGetOutput('list')/files/file">
+          <tasks>
+            <task name="resize" path="/bin/echo resize" queue="default"><input><value select="@name"/></input></task>
+          </tasks>
+        </job>
+        <job name="archive">
+          <tasks>
+            <task name="tar" path="/bin/echo tar -cf" queue="default">
+              <input loop="evqGetParentJob()/evqGetOutput('list')/files/file"><value select="@name"/></input>
+              <input>photos.tar</input>
+            </task>
+            <task name="rm" path="/bin/echo rm" queue="default"
+                  loop="evqGetParentJob()/evqGetOutput('list')/files/file">
+              <input><value select="@name"/></input>
+            </task>
+            <task name="done" path="/bin/echo done" queue="default"/>
+          </tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_looped_copies_come_after_their_siblings_as_in_evqueue(make_daemon: Any) -> None:
+    """jobd put the copies in the looped element's place: `tar -cf` got `a.jpg b.jpg photos.tar` where evQueue gave
+    `photos.tar a.jpg b.jpg` (the task's program, written for evQueue, saw its arguments in another order), and the
+    instance document listed jobs and tasks in another order than evQueue's."""
+    daemon = _daemon(make_daemon, photos=LOOPS_AMONG_SIBLINGS)
+    document = _run(daemon, "photos")
+    assert document.get("errors") == "0", etree.tostring(document)
+    tasks = _tasks(document)
+    assert tasks["tar"].findtext("output") == "tar -cf photos.tar a.jpg b.jpg\n"
+    assert [item.text for item in tasks["tar"].findall("input")] == ["photos.tar", "a.jpg", "b.jpg"]
+    subjobs = document.findall("subjobs/job/subjobs/job")
+    assert [job.get("name") for job in subjobs] == ["archive", "each", "each"]
+    assert [job.findtext("tasks/task/output") for job in subjobs[1:]] == ["resize a.jpg\n", "resize b.jpg\n"]
+    archive = [task.findtext("output") for task in subjobs[0].findall("tasks/task")]
+    assert archive == ["tar -cf photos.tar a.jpg b.jpg\n", "done\n", "rm a.jpg\n", "rm b.jpg\n"]

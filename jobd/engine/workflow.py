@@ -668,7 +668,11 @@ class Instance:
     def _expand_loop(
         self, node: etree._Element, context_node: etree._Element
     ) -> list[tuple[etree._Element, etree._Element]]:
-        """(node, context) pairs to run: the node itself, or one clone per node the loop selects (in its place)."""
+        """(node, context) pairs to run: the node itself, or one clone per node the loop selects.
+
+        As evQueue's handle_loop does, the clones go at the end of the node's parent, after its other children, and
+        the node leaves: a looped <input> passes its values after the task's other inputs (CMDLINE), and looped jobs
+        and tasks come after their siblings in the instance document."""
         loop = node.get("loop")
         if loop is None:
             return [(node, context_node)]
@@ -682,20 +686,28 @@ class Instance:
         if any(not isinstance(item, etree._Element) for item in items):
             raise _NodeAborted(f"loop '{loop}' must select elements, to give each iteration its context")
         clones: list[tuple[etree._Element, etree._Element]] = []
-        anchor = node
+        parent = node.getparent()
+        assert parent is not None, "a looped job, task or input is always inside its parent"
+        last = parent[-1]
+        # The blanks between siblings (the node's tail) go after each clone; those that closed the parent, after the
+        # last one: the instance document stays indented as its definition was.
+        gap, closing = node.tail, last.tail
         for item in items:
             clone = copy.deepcopy(node)
             if iteration_condition is not None:
                 clone.set("condition", iteration_condition)
-            anchor.addnext(clone)
-            anchor = clone
+            clone.tail = gap
+            parent.append(clone)
             clones.append((clone, item))
         if clones:
+            clones[-1][0].tail = closing
+            if last is not node:
+                last.tail = gap
             node.tail = None  # the clones carry it
         self._counters.expanded(node, len(clones))
         _remove(node)
         if clones:
-            # The first clone takes the original's place and number, as evQueue's do.
+            # The first clone takes the original's number, as evQueue's does.
             self._index[_evqid(clones[0][0])] = clones[0][0]
         return clones
 
