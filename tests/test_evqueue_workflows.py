@@ -146,3 +146,44 @@ def test_looped_copies_come_after_their_siblings_as_in_evqueue(make_daemon: Any)
     assert [job.findtext("tasks/task/output") for job in subjobs[1:]] == ["resize a.jpg\n", "resize b.jpg\n"]
     archive = [task.findtext("output") for task in subjobs[0].findall("tasks/task")]
     assert archive == ["tar -cf photos.tar a.jpg b.jpg\n", "done\n", "rm a.jpg\n", "rm b.jpg\n"]
+
+
+# A task whose XML output is in a default namespace, as an Atom feed or a SOAP answer is. evQueue selects elements
+# by their name as written (DOMNode::getNodeName): `feed/entry` finds the entries.
+NAMESPACED_OUTPUT = """<workflow>
+  <subjobs>
+    <job name="fetch">
+      <tasks>
+        <task name="fetch" queue="default" output-method="XML"
+              path="/bin/echo '&lt;feed xmlns=&quot;http://www.w3.org/2005/Atom&quot;&gt;&lt;entry&gt;&lt;title&gt;a&lt;/title&gt;'
+                    '&lt;/entry&gt;&lt;entry&gt;&lt;title&gt;b&lt;/title&gt;&lt;/entry&gt;&lt;/feed&gt;'"/>
+      </tasks>
+      <subjobs>
+        <job name="post" loop="evqGetParentJob()/evqGetOutput('fetch')/feed/entry">
+          <tasks>
+            <task name="post" path="/bin/echo post" queue="default"><input><value select="title"/></input></task>
+          </tasks>
+        </job>
+        <job name="count" condition="count(evqGetParentJob()/evqGetOutput('fetch')/feed/entry) = 2">
+          <tasks><task name="two" path="/bin/echo two entries" queue="default"/></tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_elements_of_a_task_output_in_a_default_namespace_are_selected_by_name_as_in_evqueue(
+    make_daemon: Any,
+) -> None:
+    """XPath 1.0's `entry` selects only elements of no namespace: the loop made no copy and the condition was false,
+    silently, where the same workflow on evQueue posted both entries."""
+    daemon = _daemon(make_daemon, feed=NAMESPACED_OUTPUT)
+    document = _run(daemon, "feed")
+    assert document.get("errors") == "0", etree.tostring(document)
+    posted = [task.findtext("output") for task in document.iterfind(".//job[@name='post']/tasks/task")]
+    assert posted == ["post a\n", "post b\n"]
+    assert _tasks(document)["two"].findtext("output") == "two entries\n"
+    # The output keeps its namespace, as evQueue imports it.
+    assert document.find(".//task[@name='fetch']/output/{http://www.w3.org/2005/Atom}feed") is not None

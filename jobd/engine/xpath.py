@@ -17,6 +17,10 @@ applies them like XPath steps: results of all left elements, in document order).
 processing-instruction nodes on the left give nothing, so `LEFT//evqF()` applies evqF to the elements at or below
 LEFT and `@name/evqGetParentJob()` is empty.
 
+Names: as evQueue, an element name test selects elements by their name as written, whatever their namespace
+(`as_xpath` makes `NAME` into `*[name() = 'NAME']`), so the elements of a task output in a default namespace are
+found as they were on evQueue.
+
 Results: comparisons are real XPath 1.0 (`@size > 10` works). Where evQueue insisted on nodes (`{xpath}` in
 host/user, `<value select>`, custom-attribute `select`) strings, numbers and booleans are accepted too and give
 their XPath string value.
@@ -96,6 +100,12 @@ class WaitRequested(Exception):
 
 
 @functools.lru_cache(maxsize=4096)
+def as_xpath(expression: str) -> str:
+    """A workflow expression as libxml2 evaluates it: evQueue's step-form calls rewritten, and its element names
+    matched as evQueue matches them."""
+    return _names_as_evqueue(rewrite(expression))
+
+
 def rewrite(expression: str) -> str:
     """evQueue's step-form calls (`LEFT/evqF(args)`) made into XPath 1.0 calls with an explicit left context."""
     while True:
@@ -118,6 +128,32 @@ def rewrite(expression: str) -> str:
         arguments = expression[tokens[slash_index + 2].end : tokens[close].start].strip()
         replacement = f"{STEP_PREFIX}:{call.text}({left}{', ' + arguments if arguments else ''})"
         expression = expression[:start] + replacement + expression[tokens[close].end :]
+
+
+def _names_as_evqueue(expression: str) -> str:
+    """Each element name test `NAME` made `*[name() = 'NAME']`: evQueue selects an element by its name as written
+    (DOMNode::getNodeName), so `evqGetOutput('feed')/entry` finds the entries of `<feed xmlns="…">`, a task output in
+    a default namespace, where XPath 1.0's `entry` selects only elements of no namespace and would find nothing: a
+    loop that ran on evQueue would run no copy, silently. For the instance's own elements, of no namespace, both
+    mean the same. Attribute names are left as they are (a default namespace does not apply to attributes), and
+    prefixed names never reach here (compile_check refuses them: nothing declares a prefix)."""
+    tokens = tokenize(expression)
+    parts: list[str] = []
+    written = 0
+    for index, token in enumerate(tokens):
+        if token.kind != "name" or token.text == "*" or ":" in token.text or _names_an_attribute(tokens, index):
+            continue
+        parts += [expression[written : token.start], f"*[name() = '{token.text}']"]
+        written = token.end
+    return "".join(parts) + expression[written:]
+
+
+def _names_an_attribute(tokens: Sequence[Token], index: int) -> bool:
+    """Whether the name test at `index` is on the attribute (`@`, `attribute::`) or namespace axis."""
+    before = tokens[index - 1] if index else None
+    if before is not None and before.kind == "@":
+        return True
+    return before is not None and before.kind == "::" and tokens[index - 2].text in ("attribute", "namespace")
 
 
 def _first_evq_step(tokens: Sequence[Token]) -> int | None:
@@ -202,8 +238,7 @@ def compile_check(expression: str, *, summary: bool = False) -> None:
                     f"declare no prefixes (select such elements with {hint})"
                 )
         _check_operands(tokens)
-        rewritten = rewrite(expression)
-        etree.XPath(rewritten, namespaces=NAMESPACES)
+        etree.XPath(as_xpath(expression), namespaces=NAMESPACES)
     except XPathError as error:
         raise XPathError(f"invalid XPath expression {expression!r}: {error}") from None
     except etree.XPathSyntaxError as error:
@@ -368,9 +403,8 @@ def number_value(value: XPathValue) -> float:
 
 def evaluate(expression: str, node: etree._Element, context: EvalContext) -> XPathValue:
     """Evaluate with `node` as context node; XPathError says what went wrong; WaitRequested from evqWait()."""
-    rewritten = rewrite(expression)
     try:
-        result = node.xpath(rewritten, namespaces=NAMESPACES, extensions=_extensions(context, node))
+        result = node.xpath(as_xpath(expression), namespaces=NAMESPACES, extensions=_extensions(context, node))
     except (WaitRequested, XPathError):
         raise
     except etree.XPathError as error:
