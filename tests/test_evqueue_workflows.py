@@ -187,3 +187,43 @@ def test_elements_of_a_task_output_in_a_default_namespace_are_selected_by_name_a
     assert _tasks(document)["two"].findtext("output") == "two entries\n"
     # The output keeps its namespace, as evQueue imports it.
     assert document.find(".//task[@name='fetch']/output/{http://www.w3.org/2005/Atom}feed") is not None
+
+
+# `retry_retval`: retry only on that exit code. The first task exits 75 ("try again later") once, then succeeds;
+# the second exits 3, which is not retried.
+RETRY_ON_ONE_CODE = """<workflow>
+  <parameters><parameter name="flag"/></parameters>
+  <subjobs>
+    <job name="sync">
+      <tasks>
+        <task name="busy-once" queue="default" retry_retval="75" retry_delay="1" retry_times="2"
+              path="/bin/sh -c 'test -e &quot;$0&quot; &amp;&amp; exit 0; touch &quot;$0&quot;; exit 75'">
+          <input><value select="evqGetWorkflowParameter('flag')"/></input>
+        </task>
+        <task name="broken" path="/bin/sh -c 'exit 3'" queue="default" retry_retval="75" retry_delay="1"
+              retry_times="2"/>
+      </tasks>
+      <subjobs>
+        <job name="after"><tasks><task name="after" path="/bin/echo after" queue="default"/></tasks></job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_retry_retval_retries_that_exit_code_only_and_another_is_an_error(make_daemon: Any, tmp_path: Any) -> None:
+    """As docs/workflows.md says: the exit code named is retried (a try appends an <output>); another fails the task
+    at once, and counts as an error, where evQueue counted none (its instance ended with errors="0" though the
+    job's subjobs never ran)."""
+    daemon = _daemon(make_daemon, sync=RETRY_ON_ONE_CODE)
+    document = _run(daemon, "sync", flag=str(tmp_path / "flag"))
+    tasks = _tasks(document)
+    busy = tasks["busy-once"]
+    assert (busy.get("status"), busy.get("retval"), busy.get("retry_times")) == ("TERMINATED", "0", "1")
+    assert [output.get("retval") for output in busy.findall("output")] == ["75", "0"]
+    broken = tasks["broken"]
+    assert (broken.get("status"), broken.get("retval"), broken.get("retry_times")) == ("TERMINATED", "3", "2")
+    assert [output.get("retval") for output in broken.findall("output")] == ["3"]
+    assert "after" not in tasks or tasks["after"].get("status") is None
+    assert document.get("errors") == "1"
