@@ -227,3 +227,42 @@ def test_retry_retval_retries_that_exit_code_only_and_another_is_an_error(make_d
     assert [output.get("retval") for output in broken.findall("output")] == ["3"]
     assert "after" not in tasks or tasks["after"].get("status") is None
     assert document.get("errors") == "1"
+
+
+# evQueue's min() and max() of no nodes give nothing (an empty sequence), so a value of them is empty.
+EXTREMES = """<workflow>
+  <subjobs>
+    <job name="list">
+      <tasks>
+        <task name="none" path="/bin/echo '&lt;files/&gt;'" queue="default" output-method="XML"/>
+        <task name="some" queue="default" output-method="XML"
+              path="/bin/echo '&lt;files&gt;&lt;file size=&quot;2.5&quot;/&gt;'
+                    '&lt;file size=&quot;10&quot;/&gt;&lt;/files&gt;'"/>
+      </tasks>
+      <subjobs>
+        <job name="report">
+          <tasks>
+            <task name="report" path="/bin/echo" queue="default">
+              <input>largest=<value select="max(evqGetParentJob()/evqGetOutput('none')/files/file/@size)"/></input>
+              <input>smallest=<value select="min(evqGetParentJob()/evqGetOutput('none')/files/file/@size)"/></input>
+              <input>from=<value select="min(evqGetParentJob()/evqGetOutput('some')/files/file/@size)"/></input>
+              <input>to=<value select="max(evqGetParentJob()/evqGetOutput('some')/files/file/@size)"/></input>
+            </task>
+            <task name="skipped" path="/bin/echo" queue="default"
+                  condition="max(evqGetParentJob()/evqGetOutput('none')/files/file/@size) &lt; 100"/>
+          </tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_min_and_max_of_no_nodes_give_nothing_as_in_evqueue(make_daemon: Any) -> None:
+    """They gave NaN: a task was passed `largest=NaN` where evQueue passed `largest=`. As a number nothing is still
+    NaN (the condition, false either way, skips its task); of some nodes the number is exact (evQueue cut 2.5 to 2)."""
+    daemon = _daemon(make_daemon, extremes=EXTREMES)
+    tasks = _tasks(_run(daemon, "extremes"))
+    assert tasks["report"].findtext("output") == "largest= smallest= from=2.5 to=10\n"
+    assert tasks["skipped"].get("status") == "SKIPPED"

@@ -544,12 +544,19 @@ def _extensions(context: EvalContext, start: etree._Element) -> dict[tuple[str |
         extensions[(None, name)] = implicit(function)
         extensions[(STEP_NAMESPACE, name)] = explicit(function)
     extensions[(None, "current")] = lambda _lxml: [start]
-    extensions[(None, "min")] = lambda _lxml, nodes: min((number_value([n]) for n in _nodes(nodes)), default=math.nan)
-    extensions[(None, "max")] = lambda _lxml, nodes: max((number_value([n]) for n in _nodes(nodes)), default=math.nan)
+    extensions[(None, "min")] = lambda _lxml, nodes: _extreme(min, nodes)
+    extensions[(None, "max")] = lambda _lxml, nodes: _extreme(max, nodes)
     extensions[(None, "string-join")] = lambda _lxml, nodes, separator: _as_string(separator).join(
         node_string(n) for n in _nodes(nodes)
     )
     return extensions
+
+
+def _extreme(pick: Callable[[list[float]], float], nodes: Any) -> float | list[Any]:
+    """evQueue's min() and max(): the smallest or largest number value of the nodes; of no nodes, nothing (an empty
+    node-set, as evQueue gave: the empty string as a value, NaN as a number, false as a condition)."""
+    numbers = [number_value([node]) for node in _nodes(nodes)]
+    return pick(numbers) if numbers else []
 
 
 def _nodes(value: Any) -> list[Any]:
