@@ -16,6 +16,10 @@ from jobd.errors import InvalidXml
 DTD_REFUSED = "DTDs and entity declarations are not allowed"
 
 
+class DtdRefused(InvalidXml):
+    """A document carried a DTD (`<!DOCTYPE …>`, `<!ENTITY …>`): it may be well-formed, jobd still does not read it."""
+
+
 def parser_options() -> dict[str, Any]:
     """Keyword arguments for an lxml parser (XMLParser, XMLPullParser) that never leaves the document."""
     return {
@@ -36,14 +40,14 @@ def refuse_dtd(tree: etree._ElementTree) -> None:
     info = tree.docinfo
     system_url = info.system_url  # type: ignore[attr-defined]  # lxml's name; its type stubs say system_id
     if info.internalDTD is not None or info.externalDTD is not None or info.public_id or system_url:
-        raise InvalidXml(DTD_REFUSED)
+        raise DtdRefused(DTD_REFUSED)
 
 
 def parse(data: bytes, what: str = "document") -> etree._Element:
     """Parse a whole document; InvalidXml names `what`, the line and libxml2's reason."""
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         # Refused before parsing at all: even an unexpanded internal subset is work an attacker chose.
-        raise InvalidXml(f"{what}: {DTD_REFUSED}")
+        raise DtdRefused(f"{what}: {DTD_REFUSED}")
     try:
         root = etree.fromstring(data, _PARSER)
     except etree.XMLSyntaxError as error:

@@ -266,3 +266,30 @@ def test_min_and_max_of_no_nodes_give_nothing_as_in_evqueue(make_daemon: Any) ->
     tasks = _tasks(_run(daemon, "extremes"))
     assert tasks["report"].findtext("output") == "largest= smallest= from=2.5 to=10\n"
     assert tasks["skipped"].get("status") == "SKIPPED"
+
+
+# A tool that prints a DOCTYPE before its XML (a plist, an XHTML page): well-formed, but jobd reads no DTD.
+DOCTYPE_OUTPUT = """<workflow>
+  <subjobs>
+    <job name="j">
+      <tasks>
+        <task name="plist" queue="default" output-method="XML"
+              path="/bin/echo '&lt;?xml version=&quot;1.0&quot;?&gt;&lt;!DOCTYPE plist&gt;&lt;plist/&gt;'"/>
+      </tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_a_task_output_with_a_doctype_is_refused_saying_why(make_daemon: Any) -> None:
+    """It was aborted with the bare `Invalid XML returned`, which the docs give to output that is not well-formed,
+    for output that is: nothing said that the DOCTYPE was the cause, nor what jobd reads."""
+    daemon = _daemon(make_daemon, plist=DOCTYPE_OUTPUT)
+    document = _run(daemon, "plist")
+    task = _tasks(document)["plist"]
+    assert (task.get("status"), task.get("retval"), document.get("errors")) == ("ABORTED", "0", "1")
+    assert task.get("error") == (
+        "Invalid XML returned (its output has a DTD, <!DOCTYPE …> or <!ENTITY …>: jobd reads task outputs without one)"
+    )
+    assert task.find("output").get("method") == "text" and "<!DOCTYPE plist>" in task.findtext("output")

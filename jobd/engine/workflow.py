@@ -91,6 +91,8 @@ TRUNCATED_MARK = "\n...TRUNCATED...\n"
 # task's XML output or a <copy> that would nest it deeper is refused (a restart, instance.get and debugresume
 # could no longer read the instance).
 MAX_DOCUMENT_DEPTH = 255
+# evQueue read a DTD in a task's output; jobd does not (its entities could expand without bound: jobd/safexml.py).
+DTD_IN_OUTPUT = "its output has a DTD, <!DOCTYPE …> or <!ENTITY …>: jobd reads task outputs without one"
 UNKNOWN_QUEUE = "Unknown queue name"
 REMOTE_UNSUPPORTED = "remote execution is not supported"
 
@@ -884,7 +886,9 @@ class Instance:
                     f"document is kept within the {MAX_DOCUMENT_DEPTH} levels XML parsers read back)"
                 )
                 raise InvalidXml(why)
-        except InvalidXml:
+        except InvalidXml as error:
+            if isinstance(error, safexml.DtdRefused):  # well-formed, maybe: say why it is refused all the same
+                why = f" ({DTD_IN_OUTPUT})"
             # The task succeeded but later tasks may need its XML: the workflow cannot go on past it.
             output.set("method", "text")
             output.text = document_text(result.stdout) or None
