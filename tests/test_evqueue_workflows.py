@@ -4,6 +4,8 @@ with what evQueue 3.3 does with them (reference/evqueue.md §2, and evQueue's so
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from harness import Daemon
@@ -20,12 +22,15 @@ def _daemon(make_daemon: Any, **workflows: str) -> Daemon:
     return daemon
 
 
+def _launch(name: str, mode: str = "asynchronous", **parameters: str) -> bytes:
+    given = "".join(f'<parameter name="{key}" value="{value}"/>' for key, value in parameters.items())
+    return f'<instance action="launch" name="{name}" mode="{mode}" timeout="60">{given}</instance>'.encode()
+
+
 def _run(daemon: Daemon, name: str, **parameters: str) -> etree._Element:
     """A synchronous `instance launch`, as evQueue's PHP class sends it, then the instance document it ended with."""
-    given = "".join(f'<parameter name="{key}" value="{value}"/>' for key, value in parameters.items())
-    request = f'<instance action="launch" name="{name}" mode="synchronous" timeout="60">{given}</instance>'
     with EvqClient(daemon.evqueue_socket) as evqueue:
-        launched = ok(evqueue.ask(request.encode()))
+        launched = ok(evqueue.ask(_launch(name, "synchronous", **parameters)))
         assert launched.get("wait") is None, etree.tostring(launched)
         answer = ok(evqueue.ask(b'<instance action="query" id="%s"/>' % launched.get("workflow-instance-id").encode()))
     document = answer.find("workflow")
@@ -293,3 +298,52 @@ def test_a_task_output_with_a_doctype_is_refused_saying_why(make_daemon: Any) ->
         "Invalid XML returned (its output has a DTD, <!DOCTYPE …> or <!ENTITY …>: jobd reads task outputs without one)"
     )
     assert task.find("output").get("method") == "text" and "<!DOCTYPE plist>" in task.findtext("output")
+
+
+# Two steps in a queue that runs one task at a time; each task writes its name to `log` as it runs, and the first
+# step of an instance launched with a FIFO as `gate` waits for a line from it.
+CHAIN = """<workflow>
+  <parameters><parameter name="label"/><parameter name="gate"/><parameter name="log"/></parameters>
+  <subjobs>
+    <job name="first">
+      <tasks>
+        <task name="first" queue="one"
+              path="/bin/sh -c 'read line &lt; &quot;$0&quot;; echo &quot;$2&quot; &gt;&gt; &quot;$1&quot;'">
+          <input><value select="evqGetWorkflowParameter('gate')"/></input>
+          <input><value select="evqGetWorkflowParameter('log')"/></input>
+          <input><value select="evqGetWorkflowParameter('label')"/>1</input>
+        </task>
+      </tasks>
+      <subjobs>
+        <job name="second">
+          <tasks>
+            <task name="second" queue="one" path="/bin/sh -c 'echo &quot;$1&quot; &gt;&gt; &quot;$0&quot;'">
+              <input><value select="evqGetWorkflowParameter('log')"/></input>
+              <input><value select="evqGetWorkflowParameter('label')"/>2</input>
+            </task>
+          </tasks>
+        </job>
+      </subjobs>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_tasks_of_instances_sharing_a_queue_run_in_the_order_they_were_queued(make_daemon: Any, tmp_path: Path) -> None:
+    """As docs/evqueue-protocol.md says: jobd's schedulers give every workflow task the same priority, so they run
+    as queued, evQueue's `fifo`, where evQueue's `prio` ran the oldest instance's first (A2 before B1)."""
+    daemon: Daemon = make_daemon("[queue.one]\nconcurrency = 1\n", start=False)
+    daemon.write_workflows(chain=CHAIN)
+    daemon.start()
+    gate, log = tmp_path / "gate", tmp_path / "log"
+    os.mkfifo(gate)
+    with EvqClient(daemon.evqueue_socket) as evqueue:
+        first = ok(evqueue.ask(_launch("chain", label="A", gate=str(gate), log=str(log))))
+        second = ok(evqueue.ask(_launch("chain", label="B", gate="/dev/null", log=str(log))))
+        # B's first task is queued behind A's, which waits for the gate: A's second step is queued after it.
+        gate.write_text("go\n")
+        for launched in (first, second):
+            wait = b'<instance action="wait" id="%s" timeout="60"/>' % launched.get("workflow-instance-id").encode()
+            ok(evqueue.ask(wait))
+    assert log.read_text().split() == ["A1", "B1", "A2", "B2"]
