@@ -920,7 +920,9 @@ def test_doctype_in_xml_output_is_refused() -> None:
     instance, actions = launch(workflow(job("a", task("/bin/a", output_method="XML"))))
     bomb = b'<!DOCTYPE r [<!ENTITY a "aaaa">]><r>&a;</r>'
     finish(instance, actions[0].evqid, TaskResult.exited(0, stdout=bomb))
-    assert task_of(instance, actions[0].evqid).get("error") == "Invalid XML returned"
+    assert task_of(instance, actions[0].evqid).get("error") == (
+        "Invalid XML returned (its output has a DTD, <!DOCTYPE …> or <!ENTITY …>: jobd reads task outputs without one)"
+    )
 
 
 def test_control_characters_and_invalid_utf8_are_made_safe_once() -> None:
