@@ -31,6 +31,8 @@ import pytest
 import sdns_driver
 from harness import REPO, SDNS
 
+from jobd.store import SCHEMA_VERSION
+
 TIMEOUT = 300.0  # hang guard for each command (the build, apt); never a measurement
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # apt with no package sources: it knows only what is installed and the .deb, so it cannot download anything; a
@@ -389,3 +391,92 @@ def test_upgrade_and_remove_keep_jobs_configuration_and_waiting_clients(deb: Pat
     assert json.loads(sd.ns("jobctl", "--json", "status", str(held)))["attempts"] == 3
     assert json.loads(sd.ns("jobctl", "--json", "status", str(queued)))["state"] == "queued"
     sd.ns("rm", "-r", "/run/jobd-test")  # the job goes at once when stopped (at sd_down)
+
+
+# The fleet's previous version: the first packaged jobd (debian/ came with this commit), whose database is at schema
+# version 11. Built from git history as 0.1.0~prev, a lower version than this checkout's, so that installing this
+# checkout's package over it is an upgrade, with the previous package's maintainer scripts and jobd.
+PREVIOUS = "5bb66c42e0d8a76a1d651417033721306e90fbe7"
+PREVIOUS_VERSION = "0.1.0~prev"
+PREVIOUS_SCHEMA = 11
+
+
+@pytest.fixture(scope="module")
+def previous_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    build = tmp_path_factory.mktemp("previous-deb")
+    source = build / "jobd"
+    source.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", PREVIOUS], capture_output=True, timeout=TIMEOUT, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, timeout=TIMEOUT, check=True)
+    changelog = source / "debian" / "changelog"
+    text = changelog.read_text()
+    assert text.startswith("jobd (0.1.0) "), text.splitlines()[0]
+    changelog.write_text(text.replace("jobd (0.1.0) ", f"jobd ({PREVIOUS_VERSION}) ", 1))
+    _run([str(source / "debian" / "vendor" / "fetch")], env={**os.environ, "PIP": f"{sys.executable} -m pip"})
+    _run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source, env=CLEAN_ENV)
+    return build / f"jobd_{PREVIOUS_VERSION}_all.deb"
+
+
+def _schema_version(sd: Sdns) -> int:
+    """The database's schema version (SQLite's user_version); jobd must be stopped (it holds the file exclusively)."""
+    database = "sqlite3.connect('/var/lib/jobd/jobd.sqlite3')"
+    read = f"import sqlite3; print({database}.execute('PRAGMA user_version').fetchone()[0])"
+    return int(sd.ns("python3", "-c", read))
+
+
+def test_upgrade_from_the_previous_version_migrates_the_database_and_keeps_the_jobs(
+    deb: Path, previous_deb: Path, sd: Sdns
+) -> None:
+    """dpkg -i of this checkout's package over the previous version's, with a job running, jobs queued behind it and
+    one finished: the new jobd, restarted once by the postinst, brings the database to its schema, keeps every job
+    and their output, runs the stopped job again and then the queued ones."""
+    new_version = _run(["dpkg-deb", "--field", str(deb), "Version"]).stdout.strip()
+    assert not _version_ge(PREVIOUS_VERSION, new_version), (PREVIOUS_VERSION, new_version)
+    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(previous_deb))
+    assert sd.ns("dpkg-query", "-W", "-f", "${Version}", "jobd") == PREVIOUS_VERSION
+    sd.ns("systemctl", "stop", "jobd.service")
+    assert _schema_version(sd) == PREVIOUS_SCHEMA  # made by the previous jobd
+    sd.ns("systemctl", "start", "jobd.service")
+
+    sd.ns("sh", "-ec", "mkdir -m 0700 /run/jobd-test && cd /run/jobd-test && mkfifo running stopping release")
+    drop_in = Path(f"{sd.root}/etc/jobd/jobd.d/50-local.toml")
+    drop_in.parent.mkdir()
+    hold = f'[task.hold]\ncommand = ["/bin/sh", "-c", {json.dumps(HOLD)}]\nuser = "root"\nkill_grace = 600\n'
+    drop_in.write_text(f'{hold}\n[task.after]\ncommand = ["/bin/echo", "after"]\n')
+    sd.ns("jobctl", "reload")
+    token = f"before-the-upgrade-{os.getpid()}"
+    finished = json.loads(sd.ns("jobctl", "--json", "run", "--", "/bin/echo", token))["id"]
+    sd.ns("jobctl", "wait", str(finished))
+    held = json.loads(sd.ns("jobctl", "--json", "submit", "hold"))["id"]
+    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
+    queued = [json.loads(sd.ns("jobctl", "--json", "submit", "after"))["id"] for _ in range(3)]
+    cursor = sd.ns("journalctl", "-q", "-n", "0", "--show-cursor").strip().removeprefix("-- cursor: ")
+
+    _stopping_the_held_job(sd, ["dpkg", "-i", str(deb)])
+
+    assert sd.ns("dpkg-query", "-W", "-f", "${Version}", "jobd") == new_version
+    assert sd.ns("systemctl", "is-active", "jobd.socket", "jobd.service").split() == ["active", "active"]
+    messages = sd.ns("journalctl", "-q", "-o", "cat", "-u", "jobd.service", f"--after-cursor={cursor}").splitlines()
+    assert [m for m in messages if m == "stopped" or " ready: socket " in m][-2:] == [
+        "stopped",
+        f"jobd {new_version} ready: socket /run/jobd/jobd.sock, state /var/lib/jobd",
+    ], messages
+    assert len([m for m in messages if " ready: socket " in m]) == 1, messages  # restarted once
+    assert sd.ns("getent", "group", "jobd-admin").startswith("jobd-admin:")  # the new sysusers.d entry
+    # The stopped job runs again, from the start, under the new jobd; the queued ones wait behind it; the finished
+    # one and its output are there.
+    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
+    job = json.loads(sd.ns("jobctl", "--json", "status", str(held)))
+    assert (job["state"], job["attempts"]) == ("running", 2), job
+    assert [json.loads(sd.ns("jobctl", "--json", "status", str(i)))["state"] for i in queued] == ["queued"] * 3
+    assert json.loads(sd.ns("jobctl", "--json", "status", str(finished)))["state"] == "succeeded"
+    assert sd.ns("jobctl", "log", str(finished)) == f"{token}\n"
+    sd.ns("rm", "-r", "/run/jobd-test")  # the held job now goes at once when cancelled
+    sd.ns("jobctl", "cancel", str(held))
+    for job_id in queued:
+        sd.ns("jobctl", "wait", str(job_id))
+        assert sd.ns("jobctl", "log", str(job_id)) == "after\n"
+    sd.ns("systemctl", "stop", "jobd.service")
+    assert _schema_version(sd) == SCHEMA_VERSION
