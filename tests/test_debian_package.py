@@ -299,6 +299,33 @@ def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
         assert sd.ns("getent", "group", group).startswith(f"{group}:")
 
 
+def test_purge_leaves_file_systems_mounted_in_the_state_directory(deb: Path, sd: Sdns) -> None:
+    """/var/lib/jobd on a disk of its own, and another disk at /var/lib/jobd/backup for `jobctl backup`'s copies
+    (README.Debian, Backups, suggests it): purge removes the database and the output, and leaves both mount points
+    and the copy on the backup disk. It used to delete the copy and then fail (rm: Device or resource busy),
+    leaving the package half-purged."""
+    # Mounted before jobd starts: the sandbox's mount namespace (ProtectSystem=) sees later mounts only through
+    # propagation, which sdns's systemd, in a private namespace, does not have (a server's, rshared, has).
+    sd.ns("sh", "-ec", """
+        mkdir -p /var/lib/jobd && mount -t tmpfs -o mode=0750 state /var/lib/jobd
+        mkdir /var/lib/jobd/backup && mount -t tmpfs -o mode=0700 backups /var/lib/jobd/backup
+    """)  # fmt: skip
+    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
+    job = json.loads(sd.ns("jobctl", "--json", "run", "--", "/bin/true"))["id"]
+    sd.ns("jobctl", "wait", str(job))
+    sd.ns("jobctl", "backup")
+    assert sd.exists("/var/lib/jobd/output") and sd.exists("/var/lib/jobd/backup/jobd.sqlite3")
+
+    sd.ns("apt-get", "purge", "--yes", "jobd")  # succeeds
+
+    assert "installed" not in sd.run("dpkg-query", "-W", "-f", "${Status}", "jobd").stdout.split()
+    assert not sd.exists("/etc/jobd")
+    assert sd.ns("ls", "-A", "/var/lib/jobd").split() == ["backup"]
+    assert sd.ns("ls", "-A", "/var/lib/jobd/backup").split() == ["jobd.sqlite3"]
+    assert sd.ns("findmnt", "-rn", "-o", "SOURCE", "/var/lib/jobd").split() == ["state"]
+    assert sd.ns("findmnt", "-rn", "-o", "SOURCE", "/var/lib/jobd/backup").split() == ["backups"]
+
+
 def test_install_over_an_existing_group_and_user(deb: Path, sd: Sdns) -> None:
     """dpkg -i where a group jobd (not a system group, with a member) and a user jobd exist already, as after running
     jobd by hand: the package uses the group as it is (id and members) for its sockets, and adds jobd-admin."""
