@@ -333,6 +333,75 @@ def test_purge_leaves_file_systems_mounted_in_the_state_directory(deb: Path, sd:
     assert sd.ns("findmnt", "-rn", "-o", "SOURCE", "/var/lib/jobd/backup").split() == ["backups"]
 
 
+# What jobs do that the unit's sandbox must allow (jobd.service, "Deliberately NOT set"; docs/systemd.md,
+# Sandboxing), run as a user of the machine: write in its home directory, exchange files with other programs
+# through /tmp, gain root's rights through a setuid program (as sudo does), make a setuid file of its own (as a
+# package build does). And what it forbids: writing /etc.
+PROBE = r"""
+echo job >"$HOME/from-job" && echo "home: written"
+echo "tmp: $(cat /tmp/from-outside)"
+echo job >/tmp/from-job
+echo "setuid: euid $(/usr/local/bin/id-setuid -u)"
+cp /bin/true "$HOME/made-setuid" && chmod u+s "$HOME/made-setuid" && echo "setuid file: made"
+touch /etc/from-job 2>/dev/null || echo "etc: read-only"
+"""
+PROBE_OK = ["home: written", "tmp: outside", "setuid: euid 0", "setuid file: made", "etc: read-only"]
+
+
+def _probe(sd: Sdns) -> list[str]:
+    job = json.loads(sd.ns("jobctl", "--json", "submit", "probe"))["id"]
+    sd.ns("jobctl", "wait", str(job))
+    return sd.ns("jobctl", "log", str(job)).splitlines()
+
+
+def test_the_sandbox_lets_jobs_do_what_the_unit_says_and_each_setting_left_out_would_break_it(
+    deb: Path, sd: Sdns
+) -> None:
+    """The installed jobd.service runs a job as a user that writes its home, shares /tmp with a program outside
+    jobd, becomes root through a setuid program and makes one, and cannot write /etc (ProtectSystem=full). Each
+    setting the unit leaves out on purpose, added in a drop-in, breaks one of those: none of them can be tightened
+    without breaking what the unit and docs/systemd.md say jobs may do."""
+    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
+    # /home and /tmp of the namespace's own (sdns shares the host's), mounted while jobd is stopped (see above).
+    sd.ns("systemctl", "stop", "jobd.service")
+    sd.ns("sh", "-ec", "mount -t tmpfs -o mode=0755 home /home && mount -t tmpfs -o mode=1777 tmp /tmp")
+    sd.ns("systemctl", "start", "jobd.service")
+    sd.ns("useradd", "--create-home", "carol")
+    sd.ns("sh", "-ec", "install -m 4755 /usr/bin/id /usr/local/bin/id-setuid && echo outside >/tmp/from-outside")
+    drop_in = Path(f"{sd.root}/etc/jobd/jobd.d/50-probe.toml")
+    drop_in.parent.mkdir()
+    drop_in.write_text(f'[task.probe]\ncommand = ["/bin/sh", "-c", {json.dumps(PROBE)}]\nuser = "carol"\n')
+    sd.ns("jobctl", "reload")
+
+    assert _probe(sd) == PROBE_OK
+    assert sd.ns("cat", "/home/carol/from-job", "/tmp/from-job") == "job\njob\n"  # seen outside jobd's sandbox
+
+    service_drop_in = Path(f"{sd.root}/etc/systemd/system/jobd.service.d/50-tighter.conf")
+    service_drop_in.parent.mkdir()
+    broken = {
+        "ProtectHome=yes": "home: written",
+        "PrivateTmp=yes": "tmp: outside",
+        "NoNewPrivileges=yes": "setuid: euid 0",
+        "RestrictSUIDSGID=yes": "setuid file: made",
+    }
+    for setting, lost in broken.items():
+        sd.ns("rm", "-f", "/home/carol/from-job", "/home/carol/made-setuid")
+        service_drop_in.write_text(f"[Service]\n{setting}\n")
+        sd.ns("systemctl", "daemon-reload")
+        sd.ns("systemctl", "restart", "jobd.service")
+        probed = _probe(sd)
+        assert lost not in probed and probed != PROBE_OK, (setting, probed)
+    # A bounding set without the capabilities to switch users: jobd cannot start a job as its user at all.
+    service_drop_in.write_text("[Service]\nCapabilityBoundingSet=~CAP_SETUID CAP_SETGID\n")
+    sd.ns("systemctl", "daemon-reload")
+    sd.ns("systemctl", "restart", "jobd.service")
+    job = json.loads(sd.ns("jobctl", "--json", "submit", "probe"))["id"]
+    sd.run("jobctl", "wait", str(job))  # exit 1: the job failed
+    found = json.loads(sd.ns("jobctl", "--json", "status", str(job)))
+    assert (found["state"], found["tries"][0]["outcome"]) == ("failed", "spawn_error"), found
+    assert found["error"] == "cannot start '/bin/sh': Operation not permitted", found
+
+
 def test_install_over_an_existing_group_and_user(deb: Path, sd: Sdns) -> None:
     """dpkg -i where a group jobd (not a system group, with a member) and a user jobd exist already, as after running
     jobd by hand: the package uses the group as it is (id and members) for its sockets, and adds jobd-admin."""
