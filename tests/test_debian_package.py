@@ -583,3 +583,47 @@ def test_upgrade_from_the_previous_version_migrates_the_database_and_keeps_the_j
         assert sd.ns("jobctl", "log", str(job_id)) == "after\n"
     sd.ns("systemctl", "stop", "jobd.service")
     assert _schema_version(sd) == SCHEMA_VERSION
+
+
+@pytest.fixture(scope="module")
+def next_deb(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This checkout's package as a next version, 0.1.0+next, whose /etc/jobd/jobd.toml has one line more."""
+    build = tmp_path_factory.mktemp("next-deb")
+    source = build / "jobd"
+    _copy_checkout(source)
+    with (source / "examples" / "jobd.toml").open("a") as shipped:
+        shipped.write("# a line the next version adds\n")
+    changelog = source / "debian" / "changelog"
+    text = changelog.read_text()
+    assert text.startswith("jobd (0.1.0) "), text.splitlines()[0]
+    changelog.write_text(text.replace("jobd (0.1.0) ", "jobd (0.1.0+next) ", 1))
+    _run([str(source / "debian" / "vendor" / "fetch")], env={**os.environ, "PIP": f"{sys.executable} -m pip"})
+    _run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source, env=CLEAN_ENV)
+    return build / "jobd_0.1.0+next_all.deb"
+
+
+def test_an_upgrade_that_changes_the_edited_conffile_keeps_the_administrators_version(
+    deb: Path, next_deb: Path, sd: Sdns
+) -> None:
+    """The administrator changed /etc/jobd/jobd.toml and the next version ships a changed one: with dpkg's
+    --force-confold (what an unattended upgrade passes; dpkg would ask otherwise) the administrator's file stays in
+    force, the new one is left beside it as jobd.toml.dpkg-dist, which jobd does not read, and the restarted jobd
+    runs with the administrator's configuration."""
+    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
+    conffile = Path(f"{sd.root}/etc/jobd/jobd.toml")
+    shipped = conffile.read_text()
+    edited = shipped.replace("[queue.default]\nconcurrency = 1\n", "[queue.default]\nconcurrency = 3\n", 1)
+    assert edited != shipped
+    conffile.write_text(edited)
+    sd.ns("jobctl", "reload")
+    old_pid = sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip()
+
+    sd.ns("dpkg", "--force-confold", "-i", str(next_deb))
+
+    assert sd.ns("dpkg-query", "-W", "-f", "${Version}", "jobd") == "0.1.0+next"
+    assert sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip() != old_pid
+    assert conffile.read_text() == edited
+    assert Path(f"{sd.root}/etc/jobd/jobd.toml.dpkg-dist").read_text() == f"{shipped}# a line the next version adds\n"
+    queues = {queue["name"]: queue for queue in json.loads(sd.ns("jobctl", "--json", "queues"))["queues"]}
+    assert queues["default"]["concurrency"] == 3, queues
+    assert sd.ns("journalctl", "-q", "-o", "cat", "-u", "jobd.service", "-p", "warning") == ""
