@@ -3,7 +3,9 @@
 Build: the checkout's tracked and new (not ignored) files are copied to a temporary directory, where
 debian/vendor/fetch gets the upstream sdists the package bundles (PyPI the first time, then ~/.cache/jobd/vendor)
 and `dpkg-buildpackage -us -uc -b` builds jobd_*.deb, with a PATH of the system's directories only (a pyenv or
-venv python3 first on PATH would otherwise be the interpreter pybuild builds with).
+venv python3 first on PATH would otherwise be the interpreter pybuild builds with). The upgrade tests build two more:
+the first packaged jobd, from git history, as 0.1.0~prev (to upgrade from), and this checkout as 0.1.0+next with
+a changed /etc/jobd/jobd.toml (to upgrade to).
 
 Install: apt-get installs the .deb inside a throw-away systemd (../shared/tools/sdns.sh boots one as PID 1 of
 private namespaces), so the maintainer scripts enable, start, restart (upgrade) and stop (remove) the units under
@@ -80,16 +82,26 @@ def _copy_checkout(dest: Path) -> None:
         shutil.copy2(source, target, follow_symlinks=False)
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build = tmp_path_factory.mktemp("deb")
-    source = build / "jobd"
-    _copy_checkout(source)
+def _build(source: Path, version: str | None = None) -> Path:
+    """The package built from the tree `source` (in a directory of its own), as `version` if given: the changelog's
+    0.1.0 is replaced by it."""
+    if version is not None:
+        changelog = source / "debian" / "changelog"
+        text = changelog.read_text()
+        assert text.startswith("jobd (0.1.0) "), text.splitlines()[0]
+        changelog.write_text(text.replace("jobd (0.1.0) ", f"jobd ({version}) ", 1))
     _run([str(source / "debian" / "vendor" / "fetch")], env={**os.environ, "PIP": f"{sys.executable} -m pip"})
     _run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source, env=CLEAN_ENV)
-    debs = list(build.glob("jobd_*_all.deb"))
+    debs = list(source.parent.glob("jobd_*_all.deb"))
     assert len(debs) == 1, debs
     return debs[0]
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tmp_path_factory.mktemp("deb") / "jobd"
+    _copy_checkout(source)
+    return _build(source)
 
 
 def _requirements() -> dict[str, str]:
@@ -506,20 +518,13 @@ PREVIOUS_SCHEMA = 11
 
 @pytest.fixture(scope="module")
 def previous_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build = tmp_path_factory.mktemp("previous-deb")
-    source = build / "jobd"
+    source = tmp_path_factory.mktemp("previous-deb") / "jobd"
     source.mkdir()
     archive = subprocess.run(
         ["git", "-C", str(REPO), "archive", PREVIOUS], capture_output=True, timeout=TIMEOUT, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(source)], input=archive, timeout=TIMEOUT, check=True)
-    changelog = source / "debian" / "changelog"
-    text = changelog.read_text()
-    assert text.startswith("jobd (0.1.0) "), text.splitlines()[0]
-    changelog.write_text(text.replace("jobd (0.1.0) ", f"jobd ({PREVIOUS_VERSION}) ", 1))
-    _run([str(source / "debian" / "vendor" / "fetch")], env={**os.environ, "PIP": f"{sys.executable} -m pip"})
-    _run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source, env=CLEAN_ENV)
-    return build / f"jobd_{PREVIOUS_VERSION}_all.deb"
+    return _build(source, PREVIOUS_VERSION)
 
 
 def _schema_version(sd: Sdns) -> int:
@@ -586,20 +591,13 @@ def test_upgrade_from_the_previous_version_migrates_the_database_and_keeps_the_j
 
 
 @pytest.fixture(scope="module")
-def next_deb(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def next_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """This checkout's package as a next version, 0.1.0+next, whose /etc/jobd/jobd.toml has one line more."""
-    build = tmp_path_factory.mktemp("next-deb")
-    source = build / "jobd"
+    source = tmp_path_factory.mktemp("next-deb") / "jobd"
     _copy_checkout(source)
     with (source / "examples" / "jobd.toml").open("a") as shipped:
         shipped.write("# a line the next version adds\n")
-    changelog = source / "debian" / "changelog"
-    text = changelog.read_text()
-    assert text.startswith("jobd (0.1.0) "), text.splitlines()[0]
-    changelog.write_text(text.replace("jobd (0.1.0) ", "jobd (0.1.0+next) ", 1))
-    _run([str(source / "debian" / "vendor" / "fetch")], env={**os.environ, "PIP": f"{sys.executable} -m pip"})
-    _run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source, env=CLEAN_ENV)
-    return build / "jobd_0.1.0+next_all.deb"
+    return _build(source, "0.1.0+next")
 
 
 def test_an_upgrade_that_changes_the_edited_conffile_keeps_the_administrators_version(
