@@ -1071,6 +1071,8 @@ EXEC = b'"command": {"type": "exec", "cmd": "true"}'
         ("/api/job.submit", b'{"command": ["true"], "context": "\\ud800"}', (JSON,), "lone UTF-16 surrogate"),
         ("/jobs/add", b'{"context": "\\udfff", ' + EXEC + b"}", (JSON,), "lone UTF-16 surrogate"),
         ("/api/queue.list", b"{}", (JSON, b"Content-Encoding: gzip"), "the body cannot be read"),
+        ("/api/job.submit", b'{"command": ["true"], "command": ["false"]}', (JSON,), 'the body gives the name "co'),
+        ("/jobs/add", b'{"context": "a", "context": "b", ' + EXEC + b"}", (JSON,), 'the body gives the name "c'),
         ("/jobs/add", b'{"priority": "--5", ' + EXEC + b"}", (JSON,), "priority: expected an integer"),
         ("/jobs/add", '{"priority": "²", '.encode() + EXEC + b"}", (JSON,), "priority: expected an integer"),
         ("/api/job.submit", b" " * (1024 * 1024 + 1), (JSON,), "the body is over 1 MiB"),  # aiohttp's text/plain 413
@@ -1085,6 +1087,8 @@ EXEC = b'"command": {"type": "exec", "cmd": "true"}'
         "surrogate",
         "surrogate-qs",
         "not-gzip",
+        "name-twice",
+        "name-twice-qs",
         "priority",
         "superscript",
         "over-1-MiB",

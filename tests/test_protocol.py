@@ -259,6 +259,29 @@ def test_non_json_number_constants_are_parse_errors(daemon: Any) -> None:
     check_cases(daemon, [(line, "PARSE_ERROR") for line in NUMBER_CONSTANTS])
 
 
+def test_a_name_given_twice_in_one_object_is_a_parse_error_and_nothing_is_done(daemon: Any) -> None:
+    """JSON keeps the last of two members of one name and drops the first without a word (Python's json and
+    JavaScript's JSON.parse alike): `{"id": 1, "id": 2}` would act on the job the client's own code may have read as
+    the other one. jobd refuses the line, naming the name, whichever object holds it."""
+    first = daemon.submit(command=["/bin/true"], delay=3600)
+    second = daemon.submit(command=["/bin/true"], delay=3600)
+    head = '{"jsonrpc":"2.0","id":1,'
+    cancel_which = head + f'"method":"job.cancel","params":{{"id":{first["id"]},"id":{second["id"]}}}}}'
+    submit_env = head + '"method":"job.submit","params":{"command":["/bin/true"],"env":{"A":"1","A":"2"}}}'
+    cases = [
+        cancel_which,
+        '{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}',
+        head + f'"method":"job.cancel","method":"ping","params":{{"id":{first["id"]}}}}}',
+        f"[{submit_env}]",
+    ]
+    check_cases(daemon, [(text.encode(), "PARSE_ERROR") for text in cases])
+    message = error_of(exchange(daemon, cancel_which.encode()) or {})["message"]
+    assert message == 'request gives the name "id" twice in one object; give each name once', message
+    assert [daemon.call("job.get", {"id": job["id"]})["state"] for job in (first, second)] == ["delayed"] * 2
+    assert job_count(daemon) == 2  # the batch's submit was not done either
+    assert_alive(daemon)
+
+
 def test_parse_errors_have_the_json_rpc_code(daemon: Any) -> None:
     answer = exchange(daemon, b"{nope")
     assert answer is not None

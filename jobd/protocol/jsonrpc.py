@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jobd.errors import InvalidParams, InvalidRequest, JobdError, ParseError
+from jobd.errors import InvalidParams, InvalidRequest, JobdError, ParseError, json_repr
 from jobd.model import printable
 from jobd.values import value
 
@@ -97,8 +97,26 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _DuplicateName(Exception):
+    """A name given twice in one object (the JSON decoder's hook raises it; parse() makes it a ParseError)."""
+
+
+def _object_of_unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members as a dict, refusing a name given twice: Python's json (and JavaScript's JSON.parse)
+    would keep the last value and drop the first without a word, so `{"id": 1, "id": 2}` would cancel a job the
+    client's own code (or a proxy's check) may have read as the other one. RFC 8259 leaves it to the receiver."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateName(name)
+            seen.add(name)
+    return members
+
+
 # Made once: json.loads() and json.dumps() with options build a new decoder or encoder on every call.
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_object_of_unique_names)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 # JSONEncoder.encode() builds a new C encoder, a closure and a dict of the containers seen on every call; this one
 # is built once, with the same settings, and no such dict (jobd's replies are trees: they cannot hold a cycle).
@@ -125,9 +143,9 @@ _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 
 def parse(data: bytes, what: str = "request") -> Any:
     """The JSON value in `data` (UTF-8), as jobd takes it from a client: ParseError, whose message calls it `what`,
-    if it is not UTF-8 or not JSON, nests more than MAX_DEPTH deep, spells NaN or Infinity, or holds a lone
-    surrogate escape (SQLite and UTF-8 replies cannot carry one). Never another exception: for the API socket's
-    lines and the HTTP API's bodies alike."""
+    if it is not UTF-8 or not JSON, nests more than MAX_DEPTH deep, spells NaN or Infinity, holds a lone surrogate
+    escape (SQLite and UTF-8 replies cannot carry one), or gives a name twice in one object. Never another
+    exception: for the API socket's lines and the HTTP API's bodies alike."""
     if _too_deep(data):  # refused before the decoder recurses into it
         raise ParseError(f"{what} nests arrays and objects more than {MAX_DEPTH} deep")
     try:
@@ -137,6 +155,9 @@ def parse(data: bytes, what: str = "request") -> Any:
         raise ParseError(f"{what} is not valid UTF-8 (byte {error.start})") from None
     except RecursionError:
         raise ParseError(f"{what} is nested too deeply") from None
+    except _DuplicateName as duplicate:
+        name = json_repr(duplicate.args[0])
+        raise ParseError(f"{what} gives the name {name} twice in one object; give each name once") from None
     except ValueError as error:
         if _TOO_MANY_DIGITS.match(str(error)):  # Python's words name a function of its own to call: not the client's
             raise ParseError(
