@@ -315,6 +315,7 @@ NOT_REQUESTS = [
     '{"jsonrpc":"1.0","id":{"x":[1]},"method":"ping"}',  # two faults: the id is not echoed either way
     '{"jsonrpc":"2.0","id":1,"method":"ping","params":"x"}',
     '{"jsonrpc":"2.0","id":1,"method":"ping","params":7}',
+    '{"jsonrpc":"2.0","id":1,"method":"ping","params":null}',  # JSON-RPC 2.0: an object or an array, if present
     '{"jsonrpc":"2.0","id":1,"method":"ping","extra":1}',
     '{"jsonrpc":"2.0","id":1,"method":"ping","result":1}',
 ]
@@ -974,6 +975,7 @@ def test_a_message_without_id_that_is_no_request_is_answered_with_a_null_id(daem
         '{"method":"ping"}',
         '{"jsonrpc":"2.0","method":"ping","x":1}',
         '{"jsonrpc":"2.0","method":"ping","params":7}',
+        '{"jsonrpc":"2.0","method":"ping","params":null}',  # was run as a notification without params
     ):
         with Raw(daemon.socket_path) as raw:
             raw.send(text.encode() + b"\n" + ping_line("after"))

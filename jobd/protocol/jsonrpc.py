@@ -194,9 +194,8 @@ def _member(data: Any) -> Member:
     method = data.get("method")
     if not isinstance(method, str):
         return Invalid(request_id, InvalidRequest('"method" must be a string'))
+    # JSON-RPC 2.0: `params`, if present, is an object or an array; `null` is neither (left out, it means none).
     params = data.get("params", {})
-    if params is None:
-        params = {}
     if isinstance(params, list):  # by-position parameters: a valid request, but no method of jobd takes them
         failure = InvalidParams('"params" must be an object: jobd\'s methods take by-name parameters')
         return Invalid(request_id, failure, answered="id" in data)
