@@ -1059,6 +1059,50 @@ def test_a_submit_is_answered_before_the_events_of_its_job(daemon: Any) -> None:
     assert states == ["queued", "running", "succeeded"]
 
 
+def test_subscriptions_are_numbered_per_connection_and_each_gets_its_own_events(daemon: Any) -> None:
+    """docs/protocol.md, events.subscribe: a connection's subscriptions are numbered 1, 2, ... in the order it makes
+    them, whatever other connections do, and an event goes once to each subscription that selects it. Nothing from
+    before a subscription is sent: a job that ended before it is not told of."""
+    ended = daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    with Raw(daemon.socket_path) as other, Raw(daemon.socket_path) as raw:
+        assert subscribe(other, {}) == 1
+        assert [subscribe(raw, {}), subscribe(raw, {"types": ["job.state"]})] == [1, 2]
+        assert subscribe(raw, {"jobs": [ended["id"]]}) == 3
+        raw.request("job.submit", {"command": ["/bin/true"]}, "submit")
+        job_id = raw.reply("submit")[0]["result"]["id"]
+        events = [raw.event() for _ in range(6)]
+        raw.send(ping_line())
+        reply, before = raw.reply("after")
+        assert_pong(reply, "after")
+        assert before == []  # nothing more: subscription 3 heard nothing of the job that ended before it
+    assert [(event["subscription"], event["job"]["id"], event["job"]["state"]) for event in events] == [
+        (number, job_id, state) for state in ("queued", "running", "succeeded") for number in (1, 2)
+    ]
+
+
+def test_events_of_a_subscription_made_in_a_batch_come_before_the_batch_answer(daemon: Any) -> None:
+    """A batch is answered once all its members are done, and the events of the job it submits are sent as they
+    happen: they come first, numbered as the batch's answer will number the subscription (docs/protocol.md)."""
+    with Raw(daemon.socket_path) as raw:
+        raw.send_json(
+            [
+                {"jsonrpc": "2.0", "id": "sub", "method": "events.subscribe", "params": {"types": ["job.state"]}},
+                {"jsonrpc": "2.0", "id": "submit", "method": "job.submit", "params": {"command": ["/bin/true"]}},
+                {"jsonrpc": "2.0", "id": "wait", "method": "job.wait", "params": {"id": 1, "timeout": 30}},
+            ]
+        )
+        events = [raw.event() for _ in range(3)]
+        answer = raw.message()
+    assert [(event["subscription"], event["job"]["id"], event["job"]["state"]) for event in events] == [
+        (1, 1, "queued"),
+        (1, 1, "running"),
+        (1, 1, "succeeded"),
+    ]
+    assert [member["id"] for member in answer] == ["sub", "submit", "wait"], answer
+    assert answer[0]["result"] == {"subscription": 1}
+    assert answer[2]["result"]["state"] == "succeeded"
+
+
 def test_a_job_submitted_and_cancelled_in_one_write_never_runs(daemon: Any) -> None:
     # The submit's reply goes out before its job is queued; the next request on the connection must find the job
     # queued all the same, so that its cancel takes the job out of the queue for good.
