@@ -1606,14 +1606,14 @@ def test_schedule_bad_parameters(tmp_path: Path, target: str, parameters: str, m
             "",
             'task = "t"\nparameters = { JOBD_JOB_ID = "x" }',
             'schedule.s.parameters: task "t" would refuse it at every firing, as job.submit does: params: '
-            "'JOBD_JOB_ID': names starting with JOBD_ are set by jobd itself; allowed: [A-Za-z_][A-Za-z0-9_]* not "
+            '"JOBD_JOB_ID": names starting with JOBD_ are set by jobd itself; allowed: [A-Za-z_][A-Za-z0-9_]* not '
             "starting with JOBD_",
         ),
         (
             '[task.a]\ncommand = ["/bin/echo"]\n',
             'task = "a"\nparameters = { JOBD_X = "x" }',
             'schedule.s.parameters: task "a" would refuse it at every firing, as job.submit does: params: '
-            "'JOBD_X': names starting with JOBD_ are set by jobd itself; allowed: [A-Za-z_][A-Za-z0-9_]* not starting "
+            '"JOBD_X": names starting with JOBD_ are set by jobd itself; allowed: [A-Za-z_][A-Za-z0-9_]* not starting '
             "with JOBD_",
         ),
     ],

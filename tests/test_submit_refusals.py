@@ -237,6 +237,28 @@ class TestEverySubmitRefusalNamesItsParameter:
         assert (error["code"], error["param"], error["index"]) == ("INSUFFICIENT_RIGHTS", "key", 1), error
         assert error["message"].startswith("job.submit: jobs[1]: "), error
 
+    def test_a_name_the_client_gave_is_quoted_as_its_values_are(self, make_daemon: Any) -> None:
+        """docs/protocol.md: a refusal quotes what the client sent JSON-style, up to 60 characters. The names of
+        `env` and `params` were sent back whole, in Python's quotes: a name of 100,000 characters made a message of
+        100,000, and a NUL in it showed as Python's `\\x00`."""
+        daemon = make_daemon(CONFIG)
+        long_name = "\u0000" + "x" * 100_000
+        quoted = '"\\u0000' + "x" * 50 + "..."  # cut as values are: 57 characters of the JSON text, then "..."
+        for params, param in (
+            ({"command": COMMAND, "env": {long_name: "1"}}, "env"),
+            ({"task": "open", "params": {long_name: "1"}}, "params"),
+            ({"command": COMMAND, "env": {"JOBD_" + long_name: "1"}}, "env"),
+        ):
+            code, message, data = _refusal(daemon, params)
+            assert (code, data["param"]) == ("INVALID_PARAMS", param), (message[:200], data)
+            assert len(message) < 200, message[:200]
+            shown = quoted if "JOBD_" not in message else '"JOBD_\\u0000' + "x" * 45 + "..."
+            assert message.startswith(f"{param}: {shown} "), message
+        error = _http_call(daemon, CAROL_TOKEN, {"task": "open", "params": {"B" + "x" * 100_000: "1"}})
+        assert error["code"] == "INSUFFICIENT_RIGHTS" and len(error["message"]) < 300, error["message"][:300]
+        assert f'may not set "B{"x" * 55}... for task' in error["message"], error["message"]
+        assert daemon.call("job.list")["jobs"] == []
+
     def test_a_queue_removed_from_the_configuration(self, make_daemon: Any) -> None:
         """A queue that drains after a reload removed it takes no new job: refused as `queue`."""
         daemon = make_daemon(CONFIG)

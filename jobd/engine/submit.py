@@ -15,7 +15,7 @@ from typing import Any
 
 from jobd.engine import access as access_rules
 from jobd.engine import callbacks as callback_defs
-from jobd.errors import InsufficientRights, InvalidParams, UnknownTask
+from jobd.errors import InsufficientRights, InvalidParams, UnknownTask, json_repr
 from jobd.model import (
     DEFAULT_PRIORITY,
     ENV_NAME,
@@ -292,8 +292,8 @@ def _check_allowed_params(task: TaskDef, params: Mapping[str, str], peer: Peer) 
         if name not in task.allowed_params:
             allowed = ", ".join(task.allowed_params) or "none"
             raise InsufficientRights(
-                f"params: {access_rules.who(peer)} may not set {name!r} for task {task.name!r}: only the names in "
-                f"its allowed_params ({allowed}); others are for admins: the admin right is missing",
+                f"params: {access_rules.who(peer)} may not set {json_repr(name)} for task {task.name!r}: only the "
+                f"names in its allowed_params ({allowed}); others are for admins: the admin right is missing",
                 missing="admin",
                 param=name,
                 allowed=list(task.allowed_params),
@@ -301,15 +301,17 @@ def _check_allowed_params(task: TaskDef, params: Mapping[str, str], peer: Peer) 
 
 
 def _check_env_names(variables: Mapping[str, str], what: str) -> None:
+    # A name is the client's text, quoted as its values are (JSON-style, cut to 60 characters): a name of a
+    # mebibyte was sent back whole, in Python's quotes.
     for name in variables:
         if not ENV_NAME.fullmatch(name):
             raise InvalidParams(
-                f"{what}: {name!r} is not a valid environment variable name; allowed: [A-Za-z_][A-Za-z0-9_]*",
+                f"{what}: {json_repr(name)} is not a valid environment variable name; allowed: [A-Za-z_][A-Za-z0-9_]*",
                 param=what,
             )
         if name.startswith(RESERVED_ENV_PREFIX):
             raise InvalidParams(
-                f"{what}: {name!r}: names starting with JOBD_ are set by jobd itself; allowed: [A-Za-z_][A-Za-z0-9_]* "
-                "not starting with JOBD_",
+                f"{what}: {json_repr(name)}: names starting with JOBD_ are set by jobd itself; allowed: "
+                "[A-Za-z_][A-Za-z0-9_]* not starting with JOBD_",
                 param=what,
             )
