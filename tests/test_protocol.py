@@ -1311,3 +1311,7 @@ def test_leading_whitespace_before_json_is_accepted(daemon: Any) -> None:
     with Raw(daemon.socket_path) as raw:
         raw.send(b"\n  \t" + ping_line(1))
         assert_pong(raw.message(), 1)
+        # docs/protocol.md: blank lines are skipped, unanswered, and a \r before the \n is a blank (CRLF clients)
+        raw.send(b"\n \r\n\t\n" + ping_line(2).replace(b"\n", b"\r\n") + b"\r\n" + ping_line(3))
+        assert_pong(raw.message(), 2)
+        assert_pong(raw.message(), 3)
