@@ -3,9 +3,10 @@
 Each method's entry names the parameters it takes: they must be the ones the daemon takes (as an unknown parameter's
 refusal lists them in `data.allowed`), in both directions. A reply shape the documentation writes (`→ {"jobs",
 "next_before"}`) and the example objects (a job, an attempt, a schedule, ...) must have the members the daemon
-sends, no more and no fewer. The error table of docs/protocol.md lists the codes of jobd/errors.py a JSON-RPC client
-can get, each with its JSON-RPC number, and docs/http.md the HTTP status each is answered with. And the error
-example shown is the reply jobd sends.
+sends, no more and no fewer, and the values they write the JSON types and time format jobd sends (a client copies
+them: `3600.0` and `3600` parse to different types in Python and PHP). The error table of docs/protocol.md lists
+the codes of jobd/errors.py a JSON-RPC client can get, each with its JSON-RPC number, and docs/http.md the HTTP
+status each is answered with. And the error example shown is the reply jobd sends.
 
 tests/test_manpages.py checks that every method and error code is an item of the man page; this file checks what
 the entries say.
@@ -349,3 +350,115 @@ def test_the_error_example_is_the_reply_jobd_sends(daemon: Any) -> None:
     assert error.rpc_code == expected["error"]["code"]
     assert error.message == expected["error"]["message"]
     assert {"code": error.code, **error.data} == expected["error"]["data"]
+
+
+# -- the types of the examples' values ----------------------------------------------------------------------------
+
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
+
+
+def example_value(opening: str) -> Any:
+    """The JSON example of docs/protocol.md that begins with `opening`, read as a client would copy it."""
+    start = PROTOCOL_MD.find(opening)
+    assert start >= 0, f"docs/protocol.md no longer has the example {opening!r}"
+    return json.JSONDecoder().raw_decode(PROTOCOL_MD, start)[0]
+
+
+def _json_type(value: Any) -> str:
+    if value is None or isinstance(value, bool | str | list | dict):
+        return {type(None): "null", bool: "boolean", str: "string", list: "array", dict: "object"}[type(value)]
+    return "integer" if isinstance(value, int) else "number (with a fraction)"
+
+
+def type_differences(where: str, written: Any, sent: Any) -> tuple[list[str], set[str]]:
+    """Where the values the example writes and those jobd sent differ in JSON type (an integer and a number written
+    with a fraction count apart: `3600` and `3600.0` parse to different types in Python and PHP), or a time in
+    format (`"..."` stands for any value); members null on either side are not compared. Also the members compared,
+    by path."""
+    problems: list[str] = []
+    compared: set[str] = set()
+    for name, value in written.items():
+        if name not in sent or value is None or sent[name] is None:
+            continue
+        path = f"{where}.{name}"
+        compared.add(path)
+        if _json_type(value) != _json_type(sent[name]):
+            problems.append(f"{path}: written {value!r} ({_json_type(value)}), sent {sent[name]!r}")
+        elif isinstance(value, dict):
+            deeper, more = type_differences(path, value, sent[name])
+            problems += deeper
+            compared |= more
+        elif (
+            isinstance(value, str)
+            and value != "..."
+            and bool(TIME.fullmatch(value)) != bool(TIME.fullmatch(sent[name]))
+        ):
+            problems.append(f"{path}: written {value!r}, sent {sent[name]!r}: one is a time as jobd writes them")
+    return problems, compared
+
+
+TYPED_CONFIG = """
+[queue.default]
+concurrency = 2
+
+[queue.photo]
+concurrency = 1
+
+[task.resize]
+command = ["/bin/sh", "-c", "echo %40 >&3; echo resized >&3; exit 75"]
+queue = "photo"
+timeout = 3600
+retry = { times = 1, delay = 0.01, backoff = 2.0, on_exit_codes = [75] }
+
+[schedule.nightly]
+workflow = "greet"
+parameters = { who = "today" }
+calendar = "0 3 * * *"
+"""
+
+
+def named(name: str, listed: list[dict[str, Any]]) -> dict[str, Any]:
+    [item] = [item for item in listed if item["name"] == name]
+    return item
+
+
+def test_the_examples_values_have_the_types_and_formats_sent(make_daemon: Any) -> None:
+    """A client copies the examples: each value the docs write (not null) has the JSON type jobd sends, an integer
+    where jobd sends one and a number with a fraction where it sends that, and each time the format jobd sends.
+    The objects are made so that every member the example writes non-null is non-null in jobd's reply too."""
+    daemon = make_daemon(start=False)
+    daemon.write_config(TYPED_CONFIG)
+    daemon.write_workflows(greet=WORKFLOW)
+    daemon.start()
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.progress", "job.log"]})
+        job_id = daemon.submit(task="resize", context="user-17")["id"]
+        progress = client.next_event(timeout=30)
+        log_line = client.next_event(timeout=30)
+    job = daemon.wait(job_id)
+    attempt = daemon.call("job.get", {"id": job_id})["tries"][0]
+    schedule_run = daemon.call("schedule.trigger", {"name": "nightly"})["run_id"]
+    daemon.call("instance.wait", {"id": schedule_run, "timeout": 30})
+    [schedule] = daemon.call("schedule.list")["schedules"]
+    [entry] = daemon.call("audit.list", {"limit": 1})["entries"]
+    sent: list[tuple[str, str, Any]] = [
+        ("job", '{"id": 42, "task": "resize"', job),
+        ("attempt", '{"job_id": 42, "number": 1', attempt),
+        ("schedule", '{"name": "nightly", "target"', schedule),
+        ("audit entry", '{"id": 17, "at"', entry),
+        ("job.progress event", '{"subscription":1,"type":"job.progress"', progress),
+        ("job.log event", '{"subscription":1,"type":"job.log"', log_line),
+        ("job.output", '{"data": "...", "offset": 0', daemon.call("job.output", {"id": job_id})),
+        ("queue.list's queue", '{"name": "photo", "concurrency"', named("photo", daemon.call("queue.list")["queues"])),
+        ("task.list's task", '{"name": "resize", "queue"', named("resize", daemon.call("task.list")["tasks"])),
+        ("daemon.backup", '{"path": "/var/lib/jobd/backup', daemon.call("daemon.backup")),
+        ("ping", '{"pong": true', daemon.call("ping")),
+    ]
+    problems: list[str] = []
+    for what, opening, reply in sent:
+        written = example_value(opening)
+        found, compared = type_differences(what, written, reply)
+        problems += found
+        not_compared = {f"{what}.{name}" for name, value in written.items() if value is not None} - compared
+        problems += [f"{path}: written, but null or absent in what jobd sent" for path in sorted(not_compared)]
+    assert not problems, "\n  ".join(["", *problems])
