@@ -259,26 +259,60 @@ def test_non_json_number_constants_are_parse_errors(daemon: Any) -> None:
     check_cases(daemon, [(line, "PARSE_ERROR") for line in NUMBER_CONSTANTS])
 
 
-def test_a_name_given_twice_in_one_object_is_a_parse_error_and_nothing_is_done(daemon: Any) -> None:
+def test_a_name_given_twice_in_one_object_is_refused_with_the_id_and_nothing_is_done(daemon: Any) -> None:
     """JSON keeps the last of two members of one name and drops the first without a word (Python's json and
     JavaScript's JSON.parse alike): `{"id": 1, "id": 2}` would act on the job the client's own code may have read as
-    the other one. jobd refuses the line, naming the name, whichever object holds it."""
+    the other one. jobd refuses the request, naming the name, with its id when it has one id (a pipelining client
+    matches the refusal to its request): INVALID_PARAMS for the params, INVALID_REQUEST for the request object."""
     first = daemon.submit(command=["/bin/true"], delay=3600)
     second = daemon.submit(command=["/bin/true"], delay=3600)
-    head = '{"jsonrpc":"2.0","id":1,'
-    cancel_which = head + f'"method":"job.cancel","params":{{"id":{first["id"]},"id":{second["id"]}}}}}'
-    submit_env = head + '"method":"job.submit","params":{"command":["/bin/true"],"env":{"A":"1","A":"2"}}}'
-    cases = [
-        cancel_which,
-        '{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}',
-        head + f'"method":"job.cancel","method":"ping","params":{{"id":{first["id"]}}}}}',
-        f"[{submit_env}]",
+    ids = f'{{"id":{first["id"]},"id":{second["id"]}}}'
+    twice = "gives the name {} twice in one object; give each name once"
+    cases: list[tuple[str, Any, str, str, str | None]] = [  # line, the id answered, code, message, data.param
+        (
+            f'{{"jsonrpc":"2.0","id":7,"method":"job.cancel","params":{ids}}}',
+            7,
+            "INVALID_PARAMS",
+            "job.cancel: the params object " + twice.format('"id"'),
+            "id",
+        ),
+        (
+            '{"jsonrpc":"2.0","id":"s","method":"job.submit","params":{"command":["/bin/true"],"env":{"A":"1","A":""}}}',
+            "s",
+            "INVALID_PARAMS",
+            "job.submit: the params object " + twice.format('"A"'),
+            "env",
+        ),
+        (
+            '{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}',
+            None,
+            "INVALID_REQUEST",
+            "the request " + twice.format('"id"'),
+            None,
+        ),
+        (
+            f'{{"jsonrpc":"2.0","id":3,"method":"job.cancel","method":"ping","params":{{"id":{first["id"]}}}}}',
+            3,
+            "INVALID_REQUEST",
+            "the request " + twice.format('"method"'),
+            None,
+        ),
     ]
-    check_cases(daemon, [(text.encode(), "PARSE_ERROR") for text in cases])
-    message = error_of(exchange(daemon, cancel_which.encode()) or {})["message"]
-    assert message == 'request gives the name "id" twice in one object; give each name once', message
+    for line, request_id, code, message, param in cases:
+        answer = exchange(daemon, line.encode())
+        assert answer is not None and answer["id"] == request_id, (line, answer)
+        error = error_of(answer)
+        assert (error["data"]["code"], error["message"], error["data"].get("param")) == (code, message, param), answer
+    # In a batch, the member alone; as a notification, no answer and nothing done either.
+    with Raw(daemon.socket_path) as raw:
+        raw.send(f'[{cases[0][0]},{{"jsonrpc":"2.0","id":8,"method":"ping"}}]\n'.encode())
+        refused, pong = raw.message()
+        assert (refused["id"], error_of(refused)["data"]["code"]) == (7, "INVALID_PARAMS"), refused
+        assert_pong(pong, 8)
+        raw.send(f'{{"jsonrpc":"2.0","method":"job.cancel","params":{ids}}}\n'.encode() + ping_line())
+        assert_pong(raw.message(), "after")
     assert [daemon.call("job.get", {"id": job["id"]})["state"] for job in (first, second)] == ["delayed"] * 2
-    assert job_count(daemon) == 2  # the batch's submit was not done either
+    assert job_count(daemon) == 2  # the submit with env given twice made no job
     assert_alive(daemon)
 
 

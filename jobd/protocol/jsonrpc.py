@@ -97,26 +97,42 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-class _DuplicateName(Exception):
-    """A name given twice in one object (the JSON decoder's hook raises it; parse() makes it a ParseError)."""
+class _Duplicated(dict[str, Any]):
+    """An object that gives a name twice, `duplicate` the first such name. Python's json (and JavaScript's
+    JSON.parse) would keep the last value and drop the first without a word, so `{"id": 1, "id": 2}` would cancel a
+    job the client's own code (or a proxy's check) may have read as the other one; RFC 8259 leaves such an object to
+    the receiver, and jobd refuses it (a request's as INVALID_REQUEST, one in its params as INVALID_PARAMS)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]], duplicate: str) -> None:
+        super().__init__(pairs)
+        self.duplicate = duplicate
 
 
-def _object_of_unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """An object's members as a dict, refusing a name given twice: Python's json (and JavaScript's JSON.parse)
-    would keep the last value and drop the first without a word, so `{"id": 1, "id": 2}` would cancel a job the
-    client's own code (or a proxy's check) may have read as the other one. RFC 8259 leaves it to the receiver."""
+# The objects of the text being decoded that give a name twice, in the order they end. Only the event loop's thread
+# decodes clients' JSON, one text at a time: parse() empties it before each, and it is emptied once read.
+_duplicated: list[_Duplicated] = []
+
+
+def _object_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     members = dict(pairs)
-    if len(members) != len(pairs):
-        seen: set[str] = set()
-        for name, _ in pairs:
-            if name in seen:
-                raise _DuplicateName(name)
-            seen.add(name)
-    return members
+    if len(members) == len(pairs):
+        return members
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            break
+        seen.add(name)
+    marked = _Duplicated(pairs, name)
+    _duplicated.append(marked)
+    return marked
+
+
+def _twice(duplicate: str) -> str:
+    return f"gives the name {json_repr(duplicate)} twice in one object; give each name once"
 
 
 # Made once: json.loads() and json.dumps() with options build a new decoder or encoder on every call.
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_object_of_unique_names)
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_object_of)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 # JSONEncoder.encode() builds a new C encoder, a closure and a dict of the containers seen on every call; this one
 # is built once, with the same settings, and no such dict (jobd's replies are trees: they cannot hold a cycle).
@@ -141,11 +157,13 @@ def _to_json(message: Any) -> str:
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 
 
-def parse(data: bytes, what: str = "request") -> Any:
+def parse(data: bytes, what: str = "request", *, duplicates_marked: bool = False) -> Any:
     """The JSON value in `data` (UTF-8), as jobd takes it from a client: ParseError, whose message calls it `what`,
     if it is not UTF-8 or not JSON, nests more than MAX_DEPTH deep, spells NaN or Infinity, holds a lone surrogate
-    escape (SQLite and UTF-8 replies cannot carry one), or gives a name twice in one object. Never another
-    exception: for the API socket's lines and the HTTP API's bodies alike."""
+    escape (SQLite and UTF-8 replies cannot carry one), or gives a name twice in one object (unless
+    `duplicates_marked`: such objects are then _Duplicated, for decode() to refuse the request that holds them with
+    its id). Never another exception: for the API socket's lines and the HTTP API's bodies alike."""
+    _duplicated.clear()
     if _too_deep(data):  # refused before the decoder recurses into it
         raise ParseError(f"{what} nests arrays and objects more than {MAX_DEPTH} deep")
     try:
@@ -155,9 +173,6 @@ def parse(data: bytes, what: str = "request") -> Any:
         raise ParseError(f"{what} is not valid UTF-8 (byte {error.start})") from None
     except RecursionError:
         raise ParseError(f"{what} is nested too deeply") from None
-    except _DuplicateName as duplicate:
-        name = json_repr(duplicate.args[0])
-        raise ParseError(f"{what} gives the name {name} twice in one object; give each name once") from None
     except ValueError as error:
         if _TOO_MANY_DIGITS.match(str(error)):  # Python's words name a function of its own to call: not the client's
             raise ParseError(
@@ -166,22 +181,38 @@ def parse(data: bytes, what: str = "request") -> Any:
         raise ParseError(f"{what} is not valid JSON: {error}") from None
     if _SURROGATE_ESCAPE.search(text) and not _is_unicode(value):
         raise ParseError(f"{what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not Unicode text")
+    if _duplicated and not duplicates_marked:
+        first = _duplicated[0].duplicate
+        _duplicated.clear()
+        raise ParseError(f"{what} {_twice(first)}")
     return value
 
 
 def decode(line: bytes) -> Frame:
     """Parse one line. A line that is not JSON at all raises ParseError; bad members become Invalid."""
-    data = parse(line)
+    data = parse(line, duplicates_marked=True)
+    duplicates = bool(_duplicated)  # else no member need be searched for them
+    _duplicated.clear()
     if isinstance(data, list):
         if not data:
             raise InvalidRequest("an empty batch is not a valid request")
-        return Frame([_member(item) for item in data], is_batch=True)
-    return Frame([_member(data)], is_batch=False)
+        return Frame([_member(item, duplicates) for item in data], is_batch=True)
+    return Frame([_member(data, duplicates)], is_batch=False)
 
 
-def _member(data: Any) -> Member:
+def _duplicated_in(value: Any) -> _Duplicated | None:
+    """The first object in `value` (itself included) that gives a name twice."""
+    if isinstance(value, _Duplicated):
+        return value
+    inside = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next(filter(None, map(_duplicated_in, inside)), None)
+
+
+def _member(data: Any, duplicates: bool = False) -> Member:
     if not isinstance(data, dict):
         return Invalid(None, InvalidRequest("a request must be a JSON object"))
+    if isinstance(data, _Duplicated) and data.duplicate == "id":  # which one to echo? neither
+        return Invalid(None, InvalidRequest(f"the request {_twice('id')}"))
     request_id = data.get("id")
     # The id is checked first: whatever else is wrong, an error reply may echo only an id that is one.
     # JSON-RPC 2.0 allows any number (fractions are merely discouraged), so a client can match every reply.
@@ -189,6 +220,8 @@ def _member(data: Any) -> Member:
         return Invalid(None, InvalidRequest('"id" must be a string, a number or null'))
     if isinstance(request_id, float) and not math.isfinite(request_id):
         return Invalid(None, InvalidRequest('"id" must be a finite number'))
+    if isinstance(data, _Duplicated):
+        return Invalid(request_id, InvalidRequest(f"the request {_twice(data.duplicate)}"))
     if data.get("jsonrpc") != "2.0":
         return Invalid(request_id, InvalidRequest('"jsonrpc" must be "2.0"'))
     method = data.get("method")
@@ -206,6 +239,13 @@ def _member(data: Any) -> Member:
         return Invalid(
             request_id, InvalidRequest(f"unknown members {sorted(unknown)}; allowed: jsonrpc, id, method, params")
         )
+    duplicated = _duplicated_in(params) if duplicates else None
+    if duplicated is not None:  # data.param: the parameter that holds it (or the name itself, given twice in params)
+        param = (
+            duplicated.duplicate if duplicated is params else next(k for k, v in params.items() if _duplicated_in(v))
+        )
+        failure = InvalidParams(f"{method}: the params object {_twice(duplicated.duplicate)}", param=param)
+        return Invalid(request_id, failure, answered="id" in data)
     return Request(method, params, request_id, is_notification="id" not in data)
 
 
