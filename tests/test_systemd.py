@@ -294,8 +294,11 @@ def test_hung_event_loop_trips_the_watchdog(sd: Sdns) -> None:
     pid = started(sd)
     restarts = int(sd.show("NRestarts"))
     held = [call(sd, "job.submit", {"task": "held"})["id"] for _ in range(3)]
-    running = call(sd, "job.submit", {"task": "sleep", "args": ["300"]})["id"]
     cursor = sd.cursor()
+    running = call(sd, "job.submit", {"task": "sleep", "args": ["300"]})["id"]
+    # Frozen only once its attempt is recorded (jobd commits it before the spawn, then logs this line): frozen
+    # before, on a loaded machine, the job was still queued, and the new jobd ran its first attempt.
+    sd.follow(cursor, rf"job={running} running \(attempt 1, pid \d+\)")
     sd.ns("kill", "-STOP", str(pid))
     sd.follow(cursor, r"jobd\.service: Watchdog timeout")
     sd.follow(cursor, r"jobd \S+ ready: socket /run/jobd/jobd\.sock")
