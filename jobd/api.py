@@ -93,6 +93,10 @@ class Session(Protocol):
     def peer(self) -> Peer:
         """Who is asking, as the configuration in force sees it: a reload may change it while a call waits."""
 
+    # Methods of METHODS this kind of connection does not serve (HTTP: events.subscribe, for which it has GET
+    # /events): left out of the `allowed` list of a METHOD_NOT_FOUND, where the client looks for what it may call.
+    methods_not_served: frozenset[str]
+
     def subscribe(self, selection: EventFilter) -> int: ...
 
     def after_reply(self, work: Callable[[], None]) -> None:
@@ -286,9 +290,8 @@ class Api:
         """
         handler = METHODS.get(method)
         if handler is None:
-            raise MethodNotFound(
-                f"no method {method!r}; methods: {', '.join(sorted(METHODS))}", allowed=sorted(METHODS)
-            )
+            served = sorted(METHODS.keys() - session.methods_not_served)
+            raise MethodNotFound(f"no method {json_repr(method)}; methods: {', '.join(served)}", allowed=served)
         params = Params(method, raw_params)
         target = audit.JSONRPC_MUTATING.get(method)
         try:

@@ -280,6 +280,8 @@ class _HttpSession:
     its client as the configuration in force sees it: a request still waiting at a reload (job.wait, instance.wait)
     is checked again as its token now is (api.while_allowed), not as it was when the request came."""
 
+    methods_not_served = frozenset({"events.subscribe"})
+
     def __init__(self, http: HttpApi, client: _Client) -> None:
         self._http = http
         self._client = client

@@ -482,6 +482,8 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
     """One client. Requests are read in `data_received` and answered in the same callback when they need no
     waiting (most do): a request costs one trip round the event loop, not one task and three wake-ups."""
 
+    methods_not_served: frozenset[str] = frozenset()  # api.Session: this socket serves every method
+
     def __init__(self, server: Server) -> None:
         self.server = server
         self.api = server.api

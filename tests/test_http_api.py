@@ -236,6 +236,10 @@ def test_json_endpoints(daemon: Any) -> None:
     assert status == 400 and body["error"]["code"] == "INVALID_PARAMS"
     status, body = request(daemon, "POST", "/api/no.such", {})
     assert status == 404 and body["error"]["code"] == "METHOD_NOT_FOUND"
+    # What may be called here: the socket's methods but events.subscribe, which HTTP serves as GET /events.
+    offered = body["error"]["allowed"]
+    assert "job.submit" in offered and "events.subscribe" not in offered, offered
+    assert body["error"]["message"] == f'no method "no.such"; methods: {", ".join(offered)}'
     status, body = request(daemon, "POST", "/api/queue.list", None)
     assert status == 200 and any(queue["name"] == "default" for queue in body["result"]["queues"])
 
