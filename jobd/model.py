@@ -34,6 +34,8 @@ WORKFLOW_SCRIPT_NAME = re.compile(r"[0-9]+-[0-9]+")  # a SCRIPT task's file in s
 # Places past max_connections that only admins may take: any local user who can reach the socket could otherwise hold
 # every place with idle connections and lock out the administrator who would look into it.
 ADMIN_CONNECTIONS = 4
+# HTTP callback tries under way at most (jobd/engine/callbacks.py), each a connection: jobd/openfiles.py counts them.
+HTTP_CALLBACKS_AT_ONCE = 100
 MAX_PAGE = 1000  # jobs, instances or audit entries in one list reply
 MAX_RETRY_TIMES = 1000  # retries a submit may ask for
 DEFAULT_KILL_GRACE = 10.0

@@ -14,15 +14,15 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
-from jobd.model import ADMIN_CONNECTIONS, Config
+from jobd.model import ADMIN_CONNECTIONS, HTTP_CALLBACKS_AT_ONCE, Config
 
 # Held by a running job: the read ends of its stdout, stderr and fd 3 pipes, its pidfd, and up to three output
 # files; for a moment while it starts, two more (the pipe that tells subprocess whether the exec failed).
 PER_JOB_SLOT = 8
-# HTTP callbacks under way at most (jobd/engine/callbacks.py HTTP_AT_ONCE), each a connection; and a margin for the
+# HTTP callbacks under way at most (HTTP_CALLBACKS_AT_ONCE), each a connection; and a margin for the
 # connections both sessions keep alive after a request (one per host, about 15 s): HTTP jobs' connections in use are
 # counted in their queues' slots (PER_JOB_SLOT), but their idle ones are bounded only by the hosts they call.
-HTTP_CLIENT_CONNECTIONS = 2 * 100
+HTTP_CLIENT_CONNECTIONS = 2 * HTTP_CALLBACKS_AT_ONCE
 # The database, its WAL and shared memory, the listeners, epoll sets, inotify, the timerfd, the log, the state
 # lock, the signal wake-up pair, /dev/null for a job's stdin, TCP clients still logging in (server.LOGINS_UNDER_WAY),
 # refused clients lingering (server.REFUSED_LINGERING).

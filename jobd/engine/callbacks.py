@@ -24,7 +24,7 @@ from jobd import redact
 from jobd.engine.core import DEFAULT_PATH, Engine
 from jobd.engine.http_task import JOB_ID, HttpSpecError, check_headers, check_url, new_session
 from jobd.errors import OutOfResources, UnknownJob, did_you_mean, json_repr
-from jobd.model import Job, JobState
+from jobd.model import HTTP_CALLBACKS_AT_ONCE, Job, JobState
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError
 from jobd.store import STORE_RETRY_SECONDS, CallbackDelivery, Store, store_failure
 from jobd.users import job_account
@@ -39,9 +39,9 @@ MAX_TRIES = 8  # tries of one delivery before it is recorded as failed
 FIRST_DELAY = 1.0  # seconds before the second try; doubled after each failed try
 MAX_DELAY = 300.0
 HTTP_TIMEOUT = 30.0  # default seconds for one HTTP try
-# HTTP tries under way at most (each a connection: jobd/openfiles.py counts them); the others wait their turn before
-# their timeout starts, so that a hundred callbacks to a server that hangs delay the others, not fail them.
-HTTP_AT_ONCE = 100
+# HTTP tries under way at most (model.HTTP_CALLBACKS_AT_ONCE); the others wait their turn before their timeout
+# starts, so that a hundred callbacks to a server that hangs delay the others, not fail them.
+HTTP_AT_ONCE = HTTP_CALLBACKS_AT_ONCE
 EXEC_TIMEOUT = 300.0  # seconds an exec callback may run before it is stopped (a failed try)
 EXEC_OUTPUT = 64 * 1024  # bytes of an exec callback's output kept
 SHUTDOWN_GRACE = 5.0  # seconds a stopping jobd lets deliveries under way finish; the rest stay pending
