@@ -1182,6 +1182,32 @@ def exhaust(daemon: Daemon, small_state_disk: Path) -> Path:
     raise AssertionError("the full disk never refused a submit")
 
 
+def test_an_api_pause_jobd_could_not_forget_does_not_pause_its_queue_added_again(
+    jobd: Callable[..., Daemon], small_state_disk: Path
+) -> None:
+    """A reload that removes a queue drops the record of its API pause; on a full disk that write failed, the stale
+    record stayed, and the next reload applied it to the queue added again under that name: it started paused,
+    holding its jobs, though neither its file nor any client had paused it since."""
+    queues = "[queue.held]\npaused = true\n"
+    daemon = jobd(queues + "[queue.q]\n")
+    daemon.call("queue.pause", {"name": "q"})
+    filler = exhaust(daemon, small_state_disk)
+    daemon.write_config(queues)
+    daemon.call("daemon.reload")
+    assert "queue q: cannot forget its API pause" in daemon.log()
+    daemon.write_config(queues + "[queue.q]\n")
+    daemon.call("daemon.reload")
+    [q] = [queue for queue in daemon.call("queue.list")["queues"] if queue["name"] == "q"]
+    assert not q["paused"], q
+    filler.unlink()
+    daemon.call("daemon.reload")  # the record is dropped now that there is room
+    assert daemon.wait(daemon.submit(command=["/bin/true"], queue="q")["id"])["state"] == "succeeded"
+    assert daemon.stop() == 0
+    start(daemon)
+    [q] = [queue for queue in daemon.call("queue.list")["queues"] if queue["name"] == "q"]
+    assert not q["paused"], q
+
+
 def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
     jobd: Callable[..., Daemon], small_state_disk: Path
 ) -> None:

@@ -245,6 +245,8 @@ class Engine:
         self._finish_waiters: dict[int, dict[asyncio.Future[Job], None]] = {}
         self._output_waiters: dict[int, dict[asyncio.Future[None], None]] = {}
         self._next_reload: asyncio.Future[None] | None = None  # see next_reload
+        # Queues whose API pause record could not be dropped (a full disk): stale, never applied (_forget_queue_pause).
+        self._stale_pauses: set[str] = set()
         self._listeners: dict[Callable[[JobEvent], None], None] = {}
         self._watchers: dict[int, JobWatcher] = {}  # job id -> who runs it (a workflow instance's task)
         # Finished jobs whose watcher is told in the loop's next turn (_release_finish_waiters), until it is.
@@ -1091,6 +1093,7 @@ class Engine:
             return queue  # not paused: nothing to resume
         self.store.set_queue_pause(name, QueuePause(paused, queue.definition.paused))
         self._store_works()
+        self._stale_pauses.discard(name)  # the record is this pause's now
         queue.paused = paused
         log.info("queue %s %s", name, "paused" if paused else "resumed")
         self._dispatch(name)
@@ -1210,12 +1213,17 @@ class Engine:
 
     def _forget_queue_pause(self, name: str) -> None:
         """Drop the record of an API pause the configuration overrides. A reload must not stop halfway on it: should
-        the write fail (a full disk), the stale record is harmless, since at the next start the configuration's
-        `paused`, changed since the record was made, overrides it again."""
+        the write fail (a full disk), the record is stale, and is never applied while jobd runs: a queue removed and
+        then added again under its name starts as its file says, not paused by it. Each reload tries to drop it
+        again. (Should jobd stop before it can, the next start reads the record as any other: dropped if its queue
+        is gone or its file's `paused` changed since, applied otherwise.)"""
         try:
             self.store.set_queue_pause(name, None)
         except Exception as error:
-            log.error("queue %s: cannot forget its API pause (the configuration overrides it anyway): %s", name, error)
+            self._stale_pauses.add(name)
+            log.error("queue %s: cannot forget its API pause (it is not applied again): %s", name, error)
+        else:
+            self._stale_pauses.discard(name)
 
     def next_reload(self) -> asyncio.Future[None]:
         """Done once the configuration is next reloaded: what a request that waits looks out for, to check again
@@ -1237,7 +1245,10 @@ class Engine:
         self._counts_changed()
 
     def _apply_queue_definitions(self, config: Config, stored: dict[str, QueuePause]) -> None:
-        pauses = {name: pause.paused for name, pause in stored.items()}
+        stale = set(self._stale_pauses)
+        for name in stale:
+            self._forget_queue_pause(name)  # again: there may be room now
+        pauses = {name: pause.paused for name, pause in stored.items() if name not in stale}
         for name in sorted(pauses.keys() - config.queues.keys()):
             # An API pause belongs to the queue it paused: removed from the file (now, or while jobd was down), the
             # queue drains, and one added again under that name starts as its file says, not paused by a record
