@@ -890,6 +890,35 @@ def test_a_retry_due_while_jobd_stops_is_kept_for_the_next_start(make_daemon: An
     assert [output.get("retval") for output in flaky.findall("output")] == ["1", "1"]  # tried again: /bin/false
 
 
+def test_a_function_used_as_a_path_step_is_refused_with_what_to_write_instead(wf: Daemon) -> None:
+    """evQueue's dialect took `file/name()` (a function as a step, XPath 2 style); XPath 1.0 does not, and the
+    reload was refused with libxml2's bare "Invalid expression", which named neither the step nor its fix."""
+    before = sorted(w["name"] for w in wf.call("workflow.list")["workflows"])
+    path = wf.config_dir / "workflows" / "named.xml"
+    path.write_text(
+        "<workflow><subjobs>\n"
+        "<job name=\"j\" condition=\"evqGetOutput('list')/files/file/name() = 'f1.txt'\"><tasks>"
+        '<task name="t" path="/bin/true" queue="default"/></tasks></job>\n'
+        "</subjobs></workflow>\n"
+    )
+    with pytest.raises(RemoteError) as refused:
+        wf.call("daemon.reload")
+    expression = "evqGetOutput('list')/files/file/name() = 'f1.txt'"
+    assert refused.value.code == "CONFIG_INVALID", refused.value
+    assert refused.value.message == (
+        f'{path}:2: <job> attribute condition="{expression}": invalid XPath expression "{expression}": name() at '
+        "character 33 is a path step (evqGetOutput('list')/files/file/name()), which XPath 1.0 does not allow: "
+        "write name(evqGetOutput('list')/files/file) for the name of its first node, or "
+        "evqGetOutput('list')/files/file[name() = '…'] for the nodes whose name is '…' "
+        "(evQueue's evqGetOutput('list')/files/file/name() was the name of each node)"
+    ), refused.value.message
+    # Refused whole: the daemon goes on with the workflows it had.
+    assert sorted(w["name"] for w in wf.call("workflow.list")["workflows"]) == before
+    path.write_text(path.read_text().replace("files/file/name() = 'f1.txt'", "files/file[name() = 'f1.txt']"))
+    wf.call("daemon.reload")
+    assert "named" in [w["name"] for w in wf.call("workflow.list")["workflows"]]
+
+
 def test_a_retry_schedule_with_a_fraction_of_a_second_retries_its_task(wf: Daemon) -> None:
     """config.md allows a level's `delay` to be any number > 0, as corpus.toml's `patient` (0.5 s x 1): the task's
     first failure read the level's "0.5" with int() and the instance ended by an error in jobd, with the task never

@@ -139,6 +139,8 @@ def test_rewrite(expression: str, expected: str) -> None:
         "evqGetParentJob(1)/evqGetParentJob('a')",
         "evqWait(count(evqGetParentJob()/tasks/task[@status = 'TERMINATED']) = 2)",
         "text() | comment() | node() | processing-instruction()",
+        "file/text() | a//node() | //comment() | /processing-instruction()",  # node tests are steps
+        "name(file) = 'x' and file[name() = 'y'] and name(/*)",  # what a function step is told to be written as
         "string-join(file/@name, ',') != '' and min(file/@size) < max(file/@size)",
         "current()/@name",
         "/",  # the root
@@ -182,6 +184,22 @@ def test_compile_check_accepts(expression: str) -> None:
         # Defined in custom attributes and automatic tags only (summary=True): elsewhere ABORTED at each run.
         ("count(evqGetJob('list')) = 1", "evqGetJob() at character 7 is only available in custom-attributes"),
         ("evqGetParentJob()/evqGetJob('a')", "evqGetJob() at character 19 is only available"),
+        # evQueue's dialect took a function as a step (XPath 2 style); libxml2 said only "Invalid expression".
+        (
+            "file/name()",
+            "name() at character 6 is a path step (file/name()), which XPath 1.0 does not allow: write name(file) "
+            "for the name of its first node, or file[name() = '…'] for the nodes whose name is '…' (evQueue's "
+            "file/name() was the name of each node)",
+        ),
+        (
+            "count(evqGetOutput('l')/f[1]/local-name())",
+            "local-name() at character 30 is a path step (evqGetOutput('l')/f[1]/local-name()), which XPath 1.0 "
+            "does not allow: write local-name(evqGetOutput('l')/f[1]) for the local-name of its first node",
+        ),
+        ("a//string()", "write string(a//node()) for the string of its first node, or a//node()[string() = '…']"),
+        ("/name()", "write name(/) for the name of its first node (evQueue's /name() was the name of each node)"),
+        ("file/position()", "only evQueue's evq functions may be steps; call position() outside the path"),
+        ("file/name(.)", "call name() outside the path"),
     ],
 )
 def test_compile_check_rejects(expression: str, reason: str) -> None:

@@ -223,6 +223,7 @@ def compile_check(expression: str, *, summary: bool = False) -> None:
                 _matching(tokens, index)
             elif token.kind == "function":
                 _check_function(tokens, index)
+                _check_step(expression, tokens, index)
                 if token.text == "evqGetJob" and not summary:  # else its node would be ABORTED at every run
                     raise XPathError(
                         f"evqGetJob() at character {token.start + 1} is only available in custom-attributes and "
@@ -275,6 +276,36 @@ def _check_function(tokens: Sequence[Token], index: int) -> None:
     if not fewest <= count <= most:
         expected = str(fewest) if fewest == most else f"{fewest} to {most}"
         raise XPathError(f"{name}() takes {expected} argument(s), {count} given")
+
+
+# XPath 1.0's functions whose one optional argument defaults to the context node: for `LEFT/f()`, `f(LEFT)` is
+# what XPath 1.0 can say (f of LEFT's first node).
+_OF_A_NODE = frozenset({"name", "local-name", "namespace-uri", "string", "string-length", "normalize-space", "number"})
+
+
+def _check_step(expression: str, tokens: Sequence[Token], index: int) -> None:
+    """A function used as a path step (`file/name()`), which XPath 1.0 never allows, named with what to write
+    instead, where libxml2 says only "Invalid expression". evQueue's dialect took `file/name()` as the name of each
+    `file`: several strings, where an XPath 1.0 function gives one, so jobd cannot take it as it is. evQueue's own
+    functions (made into XPath 1.0 by `rewrite()`) and the node tests `text()`, `node()`… are steps in both."""
+    name = tokens[index].text
+    if index == 0 or tokens[index - 1].kind != "slash" or name in EVQ_FUNCTIONS or name in NODE_TYPES:
+        return
+    slash = index - 1
+    left_start = _left_operand_start(tokens, slash)
+    close = _matching(tokens, index + 1)
+    step = expression[tokens[left_start].start : tokens[close].end]
+    left = expression[tokens[left_start].start : tokens[slash].start].strip()
+    left = f"{left}{tokens[slash].text}node()" if tokens[slash].text == "//" else left or "/"
+    problem = f"{name}() at character {tokens[index].start + 1} is a path step ({step}), which XPath 1.0 does not allow"
+    if name not in _OF_A_NODE or close != index + 2:
+        raise XPathError(f"{problem}: only evQueue's evq functions may be steps; call {name}() outside the path")
+    hint = f"write {name}({left}) for the {name} of its first node"
+    if left != "/":
+        hint += f", or {left}[{name}() = '…'] for the nodes whose {name} is '…'"
+    if name == "name":
+        hint += f" (evQueue's {step} was the name of each node)"
+    raise XPathError(f"{problem}: {hint}")
 
 
 def _argument_count(tokens: Sequence[Token], open_index: int, close_index: int) -> int:
