@@ -54,6 +54,10 @@ def walls(text: str, start: float, count: int, zone: str = "Europe/Paris") -> li
         ("0;0;12;0;1;", ["2024-02-01T12:00:00+01:00", "2025-02-01T12:00:00+01:00"]),  # 1st of February
         ("0;30;8;30;;", ["2024-01-31T08:30:00+01:00", "2024-03-31T08:30:00+02:00"]),  # the 31st, where it exists
         ("0;0;0", ["2024-01-02T00:00:00+01:00", "2024-01-03T00:00:00+01:00"]),  # missing levels: every value
+        # evQueue's strtol() reads a sign, and its parser skips a comma after each value: refused before as non-numeric
+        ("0,30,;;;;;", ["2024-01-01T00:00:30+01:00", "2024-01-01T00:01:00+01:00"]),
+        ("+0;+30,;+3,;;;", ["2024-01-01T03:30:00+01:00", "2024-01-02T03:30:00+01:00"]),
+        ("-0;0;;;;+6", ["2024-01-06T00:00:00+01:00", "2024-01-06T01:00:00+01:00"]),  # Saturdays, hourly
     ],
 )
 def test_due_times(text: str, expected: list[str]) -> None:
@@ -70,6 +74,14 @@ def test_due_times(text: str, expected: list[str]) -> None:
         ("0;*/5;;;;", "Non numeric data in schedule offset"),
         ("0;a;;;;", "Non numeric data in schedule offset"),
         ("0;1,,2;;;;", "Non numeric data in schedule offset"),
+        # evQueue skips ONE comma after a value: a comma with no value before it is non-numeric to it too
+        ("0;1,,;;;;", "Non numeric data in schedule offset"),
+        ("0;,1;;;;", "Non numeric data in schedule offset"),
+        ("0;,;;;;", "Non numeric data in schedule offset"),
+        ("0;1, ;;;;", "Non numeric data in schedule offset"),
+        ("0;++1;;;;", "Non numeric data in schedule offset"),
+        ("0;+-1;;;;", "Non numeric data in schedule offset"),
+        ("0;+60;;;;", "Out of range schedule offset"),
         ("60;;;;;", "Out of range schedule offset"),
         (";60;;;;", "Out of range schedule offset"),
         (";;24;;;", "Out of range schedule offset"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import math
 import os
 import select
@@ -1088,6 +1089,26 @@ def test_evqueue_status_scheduler_and_workflow_schedules_list(sched: Any, tmp_pa
     with EvqClient(daemon.evqueue_socket) as client:
         entry = ok(client.ask(b'<status action="query" type="scheduler"/>'))[0][0]
     assert entry.get("scheduled_at", "").endswith("03:00:00") and entry.get("workflow_instance_id") is None
+
+
+def test_evqueues_schedule_syntax_takes_a_sign_and_a_trailing_comma_as_evqueue_does(sched: Any) -> None:
+    """evQueue reads each value with strtol() (`+30` is 30) and skips one comma after it (`0,30,` is `0,30`); jobd
+    refused both as "Non numeric data in schedule offset", so the schedule file of an evQueue user did not load."""
+    daemon = sched(
+        schedule("signed", "workflow:hello", "+0;+30,;+3;;;", timezone="UTC")
+        + schedule("comma", "workflow:hello", "0,30,;0;0;;;", timezone="UTC")
+    )
+    signed = dt.datetime.fromtimestamp(epoch(listed(daemon, "signed")["next_run"]), dt.UTC)
+    comma = dt.datetime.fromtimestamp(epoch(listed(daemon, "comma")["next_run"]), dt.UTC)
+    assert signed.time() == dt.time(3, 30, 0), signed
+    assert comma.time() in (dt.time(0, 0, 0), dt.time(0, 0, 30)), comma
+    # Given back as written, which evQueue's clients read as evQueue does.
+    with EvqClient(daemon.evqueue_socket) as client:
+        rows = ok(client.ask(b'<workflow_schedules action="list"/>'))
+    assert [(row.get("comment"), row.get("schedule")) for row in rows] == [
+        ("comma", "0,30,;0;0;;;"),
+        ("signed", "+0;+30,;+3;;;"),
+    ]
 
 
 def test_a_full_database_disk_does_not_stop_the_schedules(sched: Any, small_state_disk: Path) -> None:

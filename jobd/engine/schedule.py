@@ -12,9 +12,10 @@ Accepted calendar syntaxes (`Calendar.parse`):
 - cron with 6 fields, SECONDS FIRST (`sec min hour day month wday`), as Quartz and systemd users expect; croniter's
   own default puts seconds last, hence `second_at_beginning`.
 - `@yearly @annually @monthly @weekly @daily @midnight @hourly`, spelled out as their usual 5-field meaning.
-- evQueue's `sec;min;hour;day;month;wday`: comma lists of plain integers, an empty level means every value,
-  day 0–30 is the 1st–31st, month 0–11 is January–December, wday 0–6 with Sunday 0. Unlike cron, day and weekday
-  are ANDed (evQueue's rule), which croniter does with `day_or=False`. Errors carry evQueue's exact messages.
+- evQueue's `sec;min;hour;day;month;wday`: comma lists of integers (a sign, `+5`, and a comma after the last value
+  accepted, as evQueue's parser does), an empty level means every value, day 0–30 is the 1st–31st, month 0–11 is
+  January–December, wday 0–6 with Sunday 0. Unlike cron, day and weekday are ANDed (evQueue's rule), which croniter
+  does with `day_or=False`. Errors carry evQueue's exact messages.
 
 DST, for a calendar evaluated in a zone that has it (the rules are croniter's, plus one filter of ours):
 
@@ -65,7 +66,8 @@ MACROS = {
 _EVQUEUE_LEVELS = ((60, 0), (60, 0), (24, 0), (31, 1), (12, 1), (7, 0))
 _DAY, _MONTH, _HOUR = 3, 4, 2
 _DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February may have a 29th: leap years
-_INTEGER = re.compile(r"-?[0-9]+")
+# evQueue reads a value with strtol(): a sign may lead it (`+5` is 5; `-0` is 0, `-1` out of range).
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 # croniter's Jenkins-style values in a cron field: R (random) and H (hashed), with an optional (range) and /step.
 _DRAWN = re.compile(r"[HhRr](\([0-9]+-[0-9]+\))?(/[0-9]+)?")
 
@@ -211,7 +213,9 @@ def _parse_evqueue(text: str) -> Calendar:
     """evQueue's format, checked as evQueue does, level by level.
 
     Fewer than 6 levels is accepted (the missing ones mean every value, as evQueue's parser reads them); a 7th is
-    garbage. Values are plain decimal integers: no `*`, ranges or steps (evQueue refuses them as non-numeric).
+    garbage. Values are decimal integers, a sign allowed (`+5`): no `*`, ranges or steps (evQueue refuses them as
+    non-numeric). evQueue skips one comma after each value, so a level may end with one (`0,30,` is `0,30`); an
+    empty value anywhere else (`0,,30`, `,0`, a lone `,`) is non-numeric to it, and to jobd.
     """
     levels = text.split(";")
     if len(levels) > len(_EVQUEUE_LEVELS):
@@ -221,7 +225,10 @@ def _parse_evqueue(text: str) -> Calendar:
     for level, (size, _) in zip(levels, _EVQUEUE_LEVELS, strict=True):
         numbers: list[int] = []
         if level.strip():
-            for item in level.split(","):
+            items = level.split(",")
+            if len(items) > 1 and items[-1] == "":  # the one comma evQueue skips after the last value
+                items.pop()
+            for item in items:
                 if not _INTEGER.fullmatch(item.strip()):
                     raise ValueError(NON_NUMERIC)
                 number = int(item)
