@@ -466,7 +466,7 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
         except JobdError as error:
             if error.details.get("param") == "stdin" and "stdin_base64" in member.raw:
                 error.details["param"] = "stdin_base64"  # the one a SubmitRequest's `stdin` came from
-            raise error if batch is None else _of_member(error, member.method, index) from None
+            raise _of_member(error, member.method, None if batch is None else index) from None
         specs.append(spec)
         delays.append(delay)
     for index, spec in enumerate(specs):
@@ -474,17 +474,20 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
             try:
                 _check_key(api, session, spec)
             except JobdError as error:
-                raise error if batch is None else _of_member(error, members[index].method, index) from None
+                raise _of_member(error, members[index].method, None if batch is None else index) from None
     jobs = api.engine.submit(specs, delays, after_reply=session.after_reply)
     result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
     return once_durable(api.engine, result)
 
 
-def _of_member(error: JobdError, member: str, index: int) -> JobdError:
-    """The refusal of a batch's member `index` (`member` is `job.submit: jobs[3]`): its message says which, as the
-    refusals of its params do already, and `data.index` is its place in `jobs`."""
+def _of_member(error: JobdError, member: str, index: int | None) -> JobdError:
+    """The refusal of a submit (`member` is `job.submit`), or of a batch's member `index` (`member` is
+    `job.submit: jobs[3]`): its message starts so, as the refusals of its params do already, whichever check made
+    it (the engine's of the task, the queue and the rights say nothing of the method), and a member's `data.index`
+    is its place in `jobs`."""
     message = error.message if error.message.startswith(f"{member}:") else f"{member}: {error.message}"
-    return type(error)(message, **{**error.details, "index": index})
+    details = error.details if index is None else {**error.details, "index": index}
+    return type(error)(message, **details)
 
 
 def _check_queue(api: Api, spec: JobSpec) -> None:

@@ -292,7 +292,9 @@ def test_submit_args_to_an_env_task_says_to_use_p(daemon: Any) -> None:
     (`jobctl submit report PERIOD=monthly` for a parameters = "env" task said only: give 'params', not 'args')."""
     result = ctl(daemon, "submit", "envtask", "A=1")
     assert result.code == 1, result
-    assert result.err.startswith("jobctl: INVALID_PARAMS: task 'envtask' takes its parameters as environment"), result
+    assert result.err.startswith(
+        "jobctl: INVALID_PARAMS: job.submit: task 'envtask' takes its parameters as environment"
+    ), result
     assert result.err.endswith(". With jobctl: jobctl submit -P NAME=VALUE ... envtask\n"), result
     as_json = ctl(daemon, "--json", "submit", "envtask", "A=1")  # scripts get jobd's error as it came
     assert as_json.code == 1 and "With jobctl" not in as_json.err, as_json

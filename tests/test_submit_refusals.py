@@ -1,6 +1,8 @@
 """Every refusal of job.submit, single and in a batch, against a real jobd: each names the parameter at fault as
 `data.param` (one of the parameters job.submit takes, as the daemon lists them), and its message says what is
-allowed. A batch member's refusal also says which member (`data.index`, and `jobs[N]` in the message).
+allowed. Every message starts `job.submit: `, once, whichever check refused it (the parameters' own, or the task's,
+the queue's and the rights' checks of the engine); a batch member's refusal also says which member (`data.index`,
+and `job.submit: jobs[N]: ` starting the message).
 
 A refusal added to the submit path belongs in one of the tables below; its `data.param` is then checked here."""
 
@@ -155,6 +157,13 @@ BY_CAROL: list[tuple[dict[str, Any], str, str, str]] = [
 ]
 
 
+def _starts_once(message: str, index: int | None = None) -> bool:
+    """Whether a refusal's `message` starts `job.submit: ` (of a batch's member `index`: `job.submit: jobs[N]: `)
+    and says so once: a check whose message had the prefix already does not get it twice."""
+    prefix = "job.submit: " if index is None else f"job.submit: jobs[{index}]: "
+    return message.startswith(prefix) and not message[len(prefix) :].startswith(("job.submit", "jobs["))
+
+
 def _http_call(daemon: Any, token: str, params: dict[str, Any]) -> dict[str, Any]:
     """job.submit over HTTP with `token`: the error object of its refusal (the members of a JSON-RPC `data`)."""
     status, body = request(daemon, "POST", "/api/job.submit", params, token=token)
@@ -179,6 +188,8 @@ class TestEverySubmitRefusalNamesItsParameter:
             got_code, message, data = _refusal(daemon, params)
             if (got_code, data.get("param")) != (code, param) or says not in message or "index" in data:
                 wrong.append((params, got_code, message, data))
+            if not _starts_once(message):
+                wrong.append((params, message))
             if param not in taken and param != "zz":
                 wrong.append((params, f"{param} is no parameter of job.submit: {sorted(taken)}"))
         assert not wrong, "\n".join(map(str, wrong))
@@ -194,7 +205,7 @@ class TestEverySubmitRefusalNamesItsParameter:
             expected = (code, param, 1)
             if (got_code, data.get("param"), data.get("index")) != expected or says not in message:
                 wrong.append((params, got_code, message, data))
-            if not message.startswith("job.submit: jobs[1]: "):
+            if not _starts_once(message, 1):
                 wrong.append((params, message))
         assert not wrong, "\n".join(map(str, wrong))
         got_code, message, data = _refusal(daemon, {"jobs": [{"task": "open"}], "task": "open"})
@@ -215,12 +226,14 @@ class TestEverySubmitRefusalNamesItsParameter:
                 named = (error["code"], error.get("param"), error.get("index"))
                 if named != (code, param, index) or says not in error["message"]:
                     wrong.append((sent, error))
+                if not _starts_once(error["message"], index):
+                    wrong.append((sent, error["message"]))
             if param not in taken and param != "B":
                 wrong.append((params, f"{param} is no parameter of job.submit"))
         # An admin that is a remote login has no local user to run an ad-hoc command as.
         error = _http_call(daemon, ADMIN_TOKEN, {"command": COMMAND})
         if (error["code"], error.get("param")) != ("INSUFFICIENT_RIGHTS", "command") or (
-            "submit a configured task instead" not in error["message"]
+            "submit a configured task instead" not in error["message"] or not _starts_once(error["message"])
         ):
             wrong.append(("remote admin", error))
         assert not wrong, "\n".join(map(str, wrong))
@@ -231,11 +244,12 @@ class TestEverySubmitRefusalNamesItsParameter:
         daemon.submit(command=COMMAND, queue="held", key="taken")
         error = _http_call(daemon, CAROL_TOKEN, {"task": "open", "key": "taken"})
         assert (error["code"], error["param"], error["missing"]) == ("INSUFFICIENT_RIGHTS", "key", "read"), error
+        assert _starts_once(error["message"]), error
         error = _http_call(
             daemon, CAROL_TOKEN, {"jobs": [{"task": "open", "key": "mine"}, {"task": "open", "key": "taken"}]}
         )
         assert (error["code"], error["param"], error["index"]) == ("INSUFFICIENT_RIGHTS", "key", 1), error
-        assert error["message"].startswith("job.submit: jobs[1]: "), error
+        assert _starts_once(error["message"], 1), error
 
     def test_a_name_the_client_gave_is_quoted_as_its_values_are(self, make_daemon: Any) -> None:
         """docs/protocol.md: a refusal quotes what the client sent JSON-style, up to 60 characters. The names of
@@ -253,9 +267,10 @@ class TestEverySubmitRefusalNamesItsParameter:
             assert (code, data["param"]) == ("INVALID_PARAMS", param), (message[:200], data)
             assert len(message) < 200, message[:200]
             shown = quoted if "JOBD_" not in message else '"JOBD_\\u0000' + "x" * 45 + "..."
-            assert message.startswith(f"{param}: {shown} "), message
+            assert message.startswith(f"job.submit: {param}: {shown} "), message
         error = _http_call(daemon, CAROL_TOKEN, {"task": "open", "params": {"B" + "x" * 100_000: "1"}})
         assert error["code"] == "INSUFFICIENT_RIGHTS" and len(error["message"]) < 300, error["message"][:300]
+        assert _starts_once(error["message"]), error["message"][:300]
         assert f'may not set "B{"x" * 55}... for task' in error["message"], error["message"]
         assert daemon.call("job.list")["jobs"] == []
 
@@ -277,3 +292,4 @@ class TestEverySubmitRefusalNamesItsParameter:
                 index,
             ), (message, data)
             assert "was removed from the configuration; it drains and takes no new jobs" in message, message
+            assert _starts_once(message, index), message
