@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import errno
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 
@@ -207,11 +207,54 @@ class StartupError(Exception):
         self.permanent = permanent
 
 
+class TooLarge(float):
+    """A JSON number too large for a float (`1e400`), as jobd.protocol.jsonrpc reads it: infinity, as Python's json
+    makes it, which json.dumps writes `Infinity` (neither JSON nor what the client sent); it keeps the client's
+    `text`, for json_repr to quote."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> TooLarge:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
 def json_repr(value: Any) -> str:
     """A value as the client wrote it, in a refusal's message: JSON, not Python (`true`, `"x"`, not `True`, `'x'`),
     as a config file's TOML writes it too; cut to 60 characters."""
     try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):  # not JSON-able
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # it holds a TooLarge: written as the client wrote it, and only as far as is shown
+        pieces, length = [], 0
+        for piece in _json_pieces(value):
+            pieces.append(piece)
+            length += len(piece)
+            if length > 60:
+                break
+        text = "".join(pieces)
+    except TypeError:  # not JSON-able
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_pieces(value: Any) -> Iterator[str]:
+    """The JSON text of `value` as json.dumps writes it, in pieces, but its TooLarge numbers as the client wrote
+    them."""
+    if isinstance(value, TooLarge):
+        yield value.text
+    elif isinstance(value, list):
+        yield "["
+        for place, item in enumerate(value):
+            yield ", " if place else ""
+            yield from _json_pieces(item)
+        yield "]"
+    elif isinstance(value, dict):
+        yield "{"
+        for place, (key, item) in enumerate(value.items()):
+            yield (", " if place else "") + json.dumps(key, ensure_ascii=False) + ": "
+            yield from _json_pieces(item)
+        yield "}"
+    else:
+        yield json.dumps(value, ensure_ascii=False)

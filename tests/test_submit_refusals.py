@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from test_http_api import request
+from test_protocol import error_of, exchange
 from test_protocol_docs import params_taken
 
 from jobd.client import RemoteError
@@ -293,3 +294,42 @@ class TestEverySubmitRefusalNamesItsParameter:
             ), (message, data)
             assert "was removed from the configuration; it drains and takes no new jobs" in message, message
             assert _starts_once(message, index), message
+
+    def test_a_number_too_large_for_a_float_is_quoted_as_the_client_wrote_it(self, make_daemon: Any) -> None:
+        """`1e400` is JSON, but too large for a float: Python's json reads it as infinity, and its refusal quoted it
+        as `Infinity`, which is neither JSON nor what the client sent. It is quoted as sent, wherever it is (a
+        parameter, a batch member's, inside a list or an object), and the refusal answers the request's id."""
+        daemon = make_daemon(CONFIG)
+        http = b'{"url": "http://127.0.0.1:9/", "timeout": 1e400}'
+        cases = [  # (params, data.param, data.index, what the message says)
+            (b'{"task": "open", "priority": 1e400}', "priority", None, "priority = 1e400 is not allowed; expected an"),
+            (b'{"task": "open", "delay": -1E+400}', "delay", None, "delay = -1E+400 is not allowed; expected a number"),
+            (b'{"task": "open", "timeout": 2.5e999}', "timeout", None, "timeout = 2.5e999 is not allowed; expected"),
+            (b'{"command": ["/bin/true"], "retry": {"delay": 1e400}}', "retry", None, "retry: delay = 1e400 is not"),
+            (
+                b'{"jobs": [{"task": "open"}, {"task": "open", "priority": 1e400}]}',
+                "priority",
+                1,
+                "job.submit: jobs[1]: priority = 1e400 is not allowed; expected an integer from 0 to 4294967295",
+            ),
+            (b'{"jobs": [{"task": "open"}, 1e400]}', "jobs", None, 'jobs = [{"task": "open"}, 1e400] is not allowed'),
+            (
+                b'{"task": "open", "callbacks": {"on_finish": [{"http": ' + http + b"}]}}",
+                "callbacks",
+                None,
+                "callbacks.on_finish[1].http.timeout: expected a number of seconds > 0 and <= 3600, got 1e400",
+            ),
+        ]
+        wrong = []
+        for request_id, (params, param, index, says) in enumerate(cases, start=100):
+            line = b'{"jsonrpc": "2.0", "id": %d, "method": "job.submit", "params": %s}' % (request_id, params)
+            answer = exchange(daemon, line)
+            assert answer is not None, line
+            error = error_of(answer)
+            named = (answer["id"], error["data"]["code"], error["data"]["param"], error["data"].get("index"))
+            if named != (request_id, "INVALID_PARAMS", param, index) or says not in error["message"]:
+                wrong.append((params, answer))
+            if "Infinity" in error["message"] or not _starts_once(error["message"], index):
+                wrong.append((params, error["message"]))
+        assert not wrong, "\n".join(map(str, wrong))
+        assert daemon.call("job.list")["jobs"] == []

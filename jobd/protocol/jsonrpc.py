@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jobd.errors import InvalidParams, InvalidRequest, JobdError, ParseError, json_repr
+from jobd.errors import InvalidParams, InvalidRequest, JobdError, ParseError, TooLarge, json_repr
 from jobd.model import printable
 from jobd.values import value
 
@@ -97,6 +97,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _number(text: str) -> float:
+    """A JSON number with a fraction or an exponent. One too large for a float (`1e400`) is valid JSON, and stays a
+    request's (its id answered): infinity, as Python's json reads it, refused as any out-of-range value is by what
+    takes it, but quoted as the client wrote it (TooLarge), not as `Infinity`."""
+    number = float(text)
+    return number if math.isfinite(number) else TooLarge(text)
+
+
 class _Duplicated(dict[str, Any]):
     """An object that gives a name twice, `duplicate` the first such name. Python's json (and JavaScript's
     JSON.parse) would keep the last value and drop the first without a word, so `{"id": 1, "id": 2}` would cancel a
@@ -132,7 +140,7 @@ def _twice(duplicate: str) -> str:
 
 
 # Made once: json.loads() and json.dumps() with options build a new decoder or encoder on every call.
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_object_of)
+_DECODER = json.JSONDecoder(parse_float=_number, parse_constant=_refuse_constant, object_pairs_hook=_object_of)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 # JSONEncoder.encode() builds a new C encoder, a closure and a dict of the containers seen on every call; this one
 # is built once, with the same settings, and no such dict (jobd's replies are trees: they cannot hold a cycle).
