@@ -2,14 +2,17 @@
 
 It owns one AF_UNIX stream connection and its framing (one JSON text per line). Replies are matched to requests
 by `id`; `event` notifications that arrive while a reply is awaited are queued for `next_event()`. Everything
-blocks on the socket itself (with socket timeouts for deadlines): the client never polls.
+blocks on the socket itself (with socket timeouts for deadlines), or in poll() on it and the caller's output when
+asked to end with that output's reader: it never wakes up to look.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -138,6 +141,7 @@ class Client:
         # Ids of requests whose caller gave up (timeout): their late replies are dropped.
         self._abandoned: set[int] = set()
         self._blocking = True  # a new socket blocks; see _arm()
+        self._output_fd: int | None = None  # see end_with_reader_of()
 
     # -- connection -------------------------------------------------------------------------------------------
 
@@ -164,6 +168,12 @@ class Client:
             self._sock = None
         self._ended = None
         self._buffer.clear()
+
+    def end_with_reader_of(self, output_fd: int) -> None:
+        """While waiting for jobd, also watch `output_fd`, where the caller writes what jobd sends: once it is a
+        pipe whose reader has gone (`jobctl log -f 5 | head -1`, `| grep -q`), the wait ends with BrokenPipeError
+        instead of lasting until jobd next has something to say, which for a silent job can be hours."""
+        self._output_fd = output_fd
 
     def __enter__(self) -> Client:
         self.connect()
@@ -415,6 +425,8 @@ class Client:
 
     def _fill(self, deadline: float | None) -> None:
         sock = self._connected()
+        if self._output_fd is not None:
+            self._wait_readable_unless_reader_gone(sock, self._output_fd, deadline)
         self._arm(sock, deadline)
         try:
             if self._chunk is None:
@@ -431,6 +443,21 @@ class Client:
             self._end(f"jobd closed the connection on {self.path}{detail}")
             raise ConnectionClosed(self._ended)
         self._buffer += self._chunk[:received]
+
+    @staticmethod
+    def _wait_readable_unless_reader_gone(sock: socket.socket, output_fd: int, deadline: float | None) -> None:
+        """Blocks until `sock` is readable; raises BrokenPipeError if the reader of `output_fd` goes first."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        # No events asked: poll reports POLLERR anyway, and for the writing end of a pipe that means no reader is
+        # left (a regular file or a terminal never reports it; a hung-up terminal sends SIGHUP of its own).
+        poller.register(output_fd, 0)
+        left = _remaining(deadline)
+        ready = dict(poller.poll(None if left is None else left * 1000))
+        if ready.get(output_fd, 0) & select.POLLERR:
+            raise BrokenPipeError(errno.EPIPE, "the reader of the output has gone")
+        if not ready:
+            raise TimeoutError("timed out waiting for jobd")
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -1087,6 +1087,9 @@ def cmd_ls(session: Session, args: argparse.Namespace) -> int:
 
 def cmd_log(session: Session, args: argparse.Namespace) -> int:
     """Copies a stream's bytes to stdout; with --follow, keeps asking until the attempt has ended."""
+    if args.follow:
+        # `jobctl log -f 5 | grep -q ready` should end when grep does, not when the job next writes or ends
+        session.client.end_with_reader_of(sys.stdout.fileno())
     if args.attempt is None or args.follow:
         client = session.client
         wanted = args.attempt or 1

@@ -614,6 +614,38 @@ def test_log_follow_prints_a_running_job_to_its_end(daemon: Any, tmp_path: Path)
     assert daemon.call("job.get", {"id": job["id"]})["state"] == "succeeded"
 
 
+def test_log_follow_ends_when_the_reader_of_its_pipe_has_gone(daemon: Any, tmp_path: Path) -> None:
+    """`jobctl log -f 5 | grep -q ready`: once grep has seen its line and gone, jobctl ends (141, silently) at
+    once, not when the job next writes or ends (it waited here for as long as the job stayed silent)."""
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    gate = os.open(fifo, os.O_RDWR)  # the job blocks reading it until the test writes: silent while jobctl waits
+    try:
+        job = daemon.submit(command=["/bin/sh", "-c", 'echo ready; read line < "$1"; echo more', "sh", str(fifo)])
+        reader, writer = os.pipe()
+        follower = subprocess.Popen(
+            jobctl_argv("--socket", str(daemon.socket_path), "log", "-f", str(job["id"])),
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            env=environment(),
+        )
+        os.close(writer)
+        try:
+            assert read_until(reader, b"ready\n") == b"ready\n"
+            os.close(reader)  # the reader goes, as `grep -q` and `head -1` do once they have what they wanted
+            _, err = follower.communicate(timeout=DEADLINE)
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+        assert (follower.returncode, err) == (141, b"")
+        assert daemon.call("job.get", {"id": job["id"]})["state"] == "running"  # the job goes on
+        os.write(gate, b"go\n")
+        assert daemon.wait(job["id"])["state"] == "succeeded"
+    finally:
+        os.close(gate)
+
+
 def test_log_follow_waits_for_a_queued_job_to_start(daemon: Any) -> None:
     daemon.call("queue.pause", {"name": "serial"})
     job = daemon.submit(command=["/bin/echo", "late"], queue="serial")
