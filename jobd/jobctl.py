@@ -1630,6 +1630,47 @@ def _keep_later_separators(argv: list[str]) -> list[str]:
     return argv[: first + 1] + [_ARG_SEPARATOR if arg == "--" else arg for arg in argv[first + 1 :]]
 
 
+def _values_attached(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with each option's value that starts with `-` joined to its option (`--context=-x`, `-q-x`).
+
+    argparse takes any word that starts with `-` for an option, even where a value is due, and refused
+    `--context "$label"` for a label such as `-x` ("expected one argument"); getopt's tools, which scripts are written
+    for, take the next word whatever it is. Words from `--` on, and a `run` command with its arguments, are left
+    alone. (argparse's own internals are read here: it offers no public way to ask which options take a value.)"""
+    attached: list[str] = []
+    current = parser
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return [*attached, word, *words]
+        action = current._option_string_actions.get(word)
+        if action is not None and action.nargs is None:  # an option that takes one value
+            value = next(words, None)
+            if value is None:
+                return [*attached, word]  # argparse says that the value is missing
+            if value.startswith("-"):
+                attached.append(word + ("=" if word.startswith("--") else "") + value)
+            else:
+                attached += [word, value]
+            continue
+        attached.append(word)
+        if word.startswith("-"):
+            continue  # an option without a value, or one argparse refuses
+        subcommand = _subcommands(current).get(word)
+        if subcommand is not None:
+            current = subcommand
+        elif any(a.nargs == argparse.REMAINDER for a in current._actions if not a.option_strings):
+            return [*attached, *words]  # `run`'s command: its words are its own
+    return attached
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's own test: such a word is a value, not an option
 
 
@@ -1637,7 +1678,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     """parse_args(), except that submit's ARGs may have options between them (`submit resize a.png -p 5 b.png`):
     argparse takes the ARGs up to the first option and leaves the later ones over. Left-over words that look like
     options are still refused (an ARG that starts with `-` goes after `--`)."""
-    args, extra = parser.parse_known_args(_keep_later_separators(argv))
+    args, extra = parser.parse_known_args(_keep_later_separators(_values_attached(parser, argv)))
     command_parser: argparse.ArgumentParser = args.command_parser
     if extra and args.command == "submit":
         literal, later_args = False, []

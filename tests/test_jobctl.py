@@ -276,6 +276,28 @@ def test_submit_takes_options_between_its_args(daemon: Any) -> None:
     assert "unrecognized arguments: 2" in result.err
 
 
+def test_an_option_value_that_starts_with_a_dash_is_the_value(daemon: Any) -> None:
+    """`--context "$label"` in a script: the word after an option that takes a value is that value, whatever it
+    starts with (argparse refused `-x` with "expected one argument"); `run`'s command and what follows `--` keep
+    their words as they are."""
+    result = ctl(daemon, "run", "--context", "-x", "--key", "--k", "-q", "serial", "/bin/echo", "--context", "-y")
+    assert result.code == 0, result
+    job = daemon.wait(submitted_id(result))
+    assert (job["context"], job["key"], job["queue"]) == ("-x", "--k", "serial")
+    assert job["command"] == ["/bin/echo", "--context", "-y"]
+    result = ctl(daemon, "submit", "echo", "a", "--context", "-c", "b", "--", "--context", "-d")
+    assert result.code == 0, result
+    job = daemon.wait(submitted_id(result))
+    assert (job["context"], job["command"]) == ("-c", ["/bin/echo", "a", "b", "--context", "-d"])
+    listed = ctl(daemon, "--json", "ls", "--context", "-c")
+    assert [j["id"] for j in json.loads(listed.out)["jobs"]] == [job["id"]], listed
+    # An option still needs its value, and a value jobd would refuse is still refused for what it is.
+    assert "argument --context: expected one argument" in ctl(daemon, "ls", "--context").err
+    refused = ctl(daemon, "run", "-p", "-3", "/bin/true")
+    assert refused.code == 2, refused
+    assert "argument -p/--priority: expected an integer from 0 to 4294967295, got '-3'" in refused.err
+
+
 def test_submit_an_env_task_with_params(daemon: Any) -> None:
     result = ctl(daemon, "submit", "-P", "A=1", "--param", "B=two words", "envtask")
     assert result.code == 0, result
