@@ -1238,15 +1238,16 @@ class ProgressBar:
 
     def draw(self, text: str) -> None:
         if text != self.shown:
+            # Noted before it is written: a Ctrl-C that comes as the write ends must still find it to clear.
+            self.shown = text
             self.stream.write("\r" + text + "\x1b[K")
             self.stream.flush()
-            self.shown = text
 
     def clear(self) -> None:
         if self.shown:
+            self.shown = ""
             self.stream.write("\r\x1b[K")
             self.stream.flush()
-            self.shown = ""
 
 
 def report_end(session: Session, job: Job, timeout: float | None) -> int:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -419,6 +420,28 @@ def test_wait_on_a_terminal_draws_a_bar_and_exits_with_the_job_code(daemon: Any,
     assert f"\rjob {job_id} [" in text and "  40% running  half way" in text, text
     assert f"job {job_id} failed: exit code 3" in text, text
     assert out == b"" and "Traceback" not in text
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])
+def test_wait_ended_by_a_signal_leaves_the_job_alone(daemon: Any, signum: int, code: int) -> None:
+    """Ctrl-C ends `jobctl wait` with 130 and a cleared bar; SIGTERM (`timeout(1)`, `systemctl stop`) ends it as it
+    ends any program: killed by the signal. Neither prints a traceback, and the job runs on (the man page's EXIT
+    STATUS)."""
+    job_id = daemon.submit(command=["sleep", "infinity"])["id"]  # until the test cancels it
+    process, master = on_a_terminal(daemon, "wait", str(job_id))
+    try:
+        shown = read_until(master, b"0% running")  # drawn once jobd has taken the wait in
+        process.send_signal(signum)
+        process.communicate(timeout=DEADLINE)
+        shown += read_rest(master)
+    finally:
+        os.close(master)
+    assert process.returncode == code, shown
+    assert b"Traceback" not in shown, shown
+    if signum == signal.SIGINT:
+        assert shown.endswith(b"\r\x1b[K"), shown  # the bar is taken away
+    assert daemon.call("job.get", {"id": job_id})["state"] == "running"
+    daemon.call("job.cancel", {"id": job_id})
 
 
 def test_wait_on_a_terminal_at_a_stop_says_shutting_down(daemon: Any) -> None:

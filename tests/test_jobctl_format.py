@@ -530,3 +530,34 @@ def test_every_jobctl_command_line_the_documentation_shows_is_one_jobctl_takes(
         except SystemExit:
             refused.append(f"{where}: {shlex.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
     assert refused == []
+
+
+class InterruptedAtFlush:
+    """A terminal stream where Ctrl-C comes as a write has just reached the terminal: its flush raises, as Python
+    raises KeyboardInterrupt at the first bytecode after the flush's system call."""
+
+    def __init__(self) -> None:
+        self.written = ""
+        self.interrupt = True
+
+    def write(self, text: str) -> int:
+        self.written += text
+        return len(text)
+
+    def flush(self) -> None:
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
+
+
+def test_a_bar_interrupted_as_it_is_drawn_is_still_cleared() -> None:
+    """`jobctl wait` on a terminal, Ctrl-C as the bar's line is written: the bar is taken away, not left for the
+    shell's prompt to follow (the bar was noted as shown only after its write, and clear() found nothing to clear)."""
+    stream = InterruptedAtFlush()
+    bar = jobctl.ProgressBar(stream)  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            bar.draw("job 1 [----------]   0% running")
+        finally:
+            bar.clear()
+    assert stream.written == "\rjob 1 [----------]   0% running\x1b[K\r\x1b[K"
