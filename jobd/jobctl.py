@@ -1787,9 +1787,11 @@ def describe_connect_error(exc: ConnectError) -> str:
     path = exc.path
     where = "point --socket or JOBD_SOCKET at jobd's API socket (its [daemon] socket)"
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        # The limit is the kernel's on the path given, not on where the socket is: a shorter way there works.
         return (
             f"cannot connect to {path}: the path is {len(os.fsencode(path))} bytes long, and a Unix socket's may be "
-            f"{MAX_SOCKET_PATH} at most; {where}"
+            f"{MAX_SOCKET_PATH} at most; name it by a shorter path (relative to the current directory, or through a "
+            "symbolic link)"
         )
     try:
         mode = os.stat(path).st_mode

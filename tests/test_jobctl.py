@@ -1007,6 +1007,31 @@ def test_a_path_that_is_not_a_socket_is_named_for_what_it_is(tmp_path: Path) -> 
     assert f"the path is {len(too_long)} bytes long, and a Unix socket's may be 108 at most" in result.err, result
 
 
+def test_a_socket_path_too_long_for_sun_path_is_said_with_what_works(daemon: Any, tmp_path: Path) -> None:
+    """jobd's own socket, named by a path longer than sun_path's 108 bytes: jobctl says so and what works instead
+    (it told the user to point --socket at jobd's socket, which this is), and the relative path it suggests does."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    (deep / "jobd.sock").symlink_to(daemon.socket_path)
+    too_long = str(deep / "jobd.sock")
+    assert len(too_long) > 108
+    result = run_jobctl("--socket", too_long, "status")
+    assert (result.code, result.out) == (3, ""), result
+    assert result.err == (
+        f"jobctl: cannot connect to {too_long}: the path is {len(too_long)} bytes long, and a Unix socket's may be 108 "
+        "at most; name it by a shorter path (relative to the current directory, or through a symbolic link)\n"
+    ), result
+    process = subprocess.run(
+        jobctl_argv("--json", "status"),
+        cwd=deep,
+        env=environment({"JOBD_SOCKET": "jobd.sock"}),
+        capture_output=True,
+        timeout=DEADLINE,
+    )
+    assert process.returncode == 0, process
+    assert json.loads(process.stdout)["pid"] == daemon.pid
+
+
 def test_the_evqueue_socket_is_told_apart_from_the_api_socket(daemon: Any) -> None:
     """jobd's evqueue_socket greets every connection in XML: jobctl pointed at it (README names both sockets) says
     that it is an evQueue socket and which one it needs, not a JSON decoder's complaint."""
