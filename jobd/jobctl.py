@@ -35,6 +35,7 @@ from jobd.client import (
     Reply,
     default_socket_path,
 )
+from jobd.localzone import local_zone
 from jobd.model import (
     ENV_NAME,
     FINISHED_STATES,
@@ -900,7 +901,9 @@ class Session:
 
 
 def local_now() -> dt.datetime:
-    return dt.datetime.now().astimezone()
+    """Now in the machine's zone, with its DST rules: the times shown in it take the offset of their own date (a
+    next run after a DST change), not today's."""
+    return dt.datetime.now(local_zone())
 
 
 def stdout_width() -> int | None:

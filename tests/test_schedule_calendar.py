@@ -10,7 +10,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobd.engine.schedule import MAX_STEP_BACK, Calendar, LocalZone, catch_up_due, next_run, waited_for
+from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, next_run, waited_for
+from jobd.localzone import LocalZone
 from jobd.model import ScheduleDef, ScheduleState
 
 PARIS = ZoneInfo("Europe/Paris")

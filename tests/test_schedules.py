@@ -20,6 +20,7 @@ import shutil
 import signal
 import sqlite3
 import time
+import zoneinfo
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -1033,6 +1034,25 @@ def test_jobctl_schedules_and_schedule_commands(sched: Any) -> None:
     assert unknown.code == 1 and "UNKNOWN_SCHEDULE" in unknown.err
     usage = run_jobctl(*sock, "schedule", "pause", "nightly")
     assert usage.code == 2
+
+
+def test_jobctl_schedules_shows_a_next_run_beyond_a_dst_change_at_that_days_local_time(sched: Any) -> None:
+    """`jobctl schedules` showed the next run in the UTC offset of the moment it ran, not that of the next run's
+    date: in Paris in winter, a run at 12:00 on a summer date was shown at 11:00. The calendar names a day just
+    after Paris's next change of offset, whichever it is from today."""
+    paris = zoneinfo.ZoneInfo("Europe/Paris")
+    now = dt.datetime.now(paris)
+    day = now
+    while day.utcoffset() == now.utcoffset():
+        day += dt.timedelta(days=1)
+    day += dt.timedelta(days=2)  # past the change: the offset differs from today's
+    calendar = f"0 12 {day.day} {day.month} *"
+    daemon = sched(schedule("beyond", "task:true", calendar, timezone="Europe/Paris"))
+    assert dt.datetime.fromtimestamp(epoch(listed(daemon, "beyond")["next_run"]), paris).hour == 12
+    table = run_jobctl("--socket", str(daemon.socket_path), "schedules", env={"TZ": "Europe/Paris"})
+    assert table.code == 0, table
+    [row] = table.out.splitlines()[1:]
+    assert f"{day:%Y-%m-%d} 12:00" in row, row
 
 
 def test_evqueue_status_scheduler_and_workflow_schedules_list(sched: Any, tmp_path: Path) -> None:

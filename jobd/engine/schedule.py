@@ -32,17 +32,15 @@ DST, for a calendar evaluated in a zone that has it (the rules are croniter's, p
 from __future__ import annotations
 
 import datetime as dt
-import io
 import math
-import os
 import re
-import time
 import zoneinfo
 from dataclasses import dataclass
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 
 from jobd.errors import did_you_mean
+from jobd.localzone import local_zone
 from jobd.model import ScheduleDef, ScheduleState
 
 # evQueue's messages, word for word: clients and the UI show them as they are.
@@ -248,68 +246,6 @@ def _parse_evqueue(text: str) -> Calendar:
     return Calendar(text.strip(), " ".join(fields), seconds_first=True, day_or=False, every_hour=not values[_HOUR])
 
 
-class LocalZone:
-    """The machine's zone with its DST rules: $TZ if it names a zone (an IANA name, or a zone file's absolute path as
-    glibc reads it), else /etc/localtime, else UTC. A fixed offset such as `datetime.now().astimezone().tzinfo`
-    would not do: it ignores the next DST change.
-
-    Read at its first use, then kept; refresh() reads again what it is read from, and drops the zone if that
-    changed (`timedatectl set-timezone` points /etc/localtime elsewhere), for a reload to recompute the next times.
-    """
-
-    def __init__(self) -> None:
-        self._source: tuple[str, bytes | None] | None = None
-        self._zone: dt.tzinfo | None = None
-
-    def __call__(self) -> dt.tzinfo:
-        if self._zone is None:
-            self._source = _local_zone_source()
-            self._zone = _zone_of(*self._source)
-        return self._zone
-
-    def refresh(self) -> bool:
-        """Whether the zone changed since it was read (it is then read again at its next use).
-
-        libc's zone is read again too: glibc's localtime_r, behind jobd's log lines and evQueue's local times
-        (`scheduled_at`), reads /etc/localtime once, and would show the old zone's times beside the new one's."""
-        time.tzset()
-        if self._zone is None or _local_zone_source() == self._source:
-            return False
-        self._zone = None
-        return True
-
-
-def _local_zone_source() -> tuple[str, bytes | None]:
-    """$TZ (without glibc's leading `:`) and the content of the zone file it reads (None if it cannot be read):
-    the file $TZ gives by its absolute path (`TZ=:/usr/share/zoneinfo/Asia/Kolkata`, as tzset(3) reads it), else
-    /etc/localtime."""
-    name = os.environ.get("TZ", "").removeprefix(":")
-    for path in (name, "/etc/localtime") if name.startswith("/") else ("/etc/localtime",):
-        try:
-            with open(path, "rb") as file:
-                return name, file.read(1 << 20)
-        except OSError:
-            continue
-    return name, None
-
-
-def _zone_of(name: str, zone_file: bytes | None) -> dt.tzinfo:
-    if name and not name.startswith("/"):
-        try:
-            return zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: TZ=Europe, a directory of zones
-            pass
-    if zone_file is not None:
-        try:
-            return zoneinfo.ZoneInfo.from_file(io.BytesIO(zone_file), key="localtime")
-        except ValueError:
-            pass
-    return dt.UTC
-
-
-local_zone = LocalZone()
-
-
 def _active(definition: ScheduleDef, state: ScheduleState) -> bool:
     """The API's enable/disable (kept in the state) wins over the config's `enabled`; a suspension stops it."""
     enabled = definition.enabled if state.enabled is None else state.enabled
@@ -433,9 +369,7 @@ __all__ = [
     "NON_NUMERIC",
     "OUT_OF_RANGE",
     "Calendar",
-    "LocalZone",
     "catch_up_due",
-    "local_zone",
     "next_run",
     "set_back",
     "still_due",

@@ -33,7 +33,6 @@ from jobd.engine.schedule import (
     MAX_STEP_BACK,
     Calendar,
     catch_up_due,
-    local_zone,
     next_run,
     set_back,
     still_due,
@@ -41,6 +40,7 @@ from jobd.engine.schedule import (
 )
 from jobd.engine.submit import resolve, schedule_request, scheduler_peer
 from jobd.errors import JobdError, UnknownInstance, UnknownJob, UnknownSchedule
+from jobd.localzone import local_zone
 from jobd.model import Config, Job, OnFailure, Overlap, ScheduleDef, ScheduleState, iso
 from jobd.store import InstanceFilter, JobFilter, Store, store_failure
 
