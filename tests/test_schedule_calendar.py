@@ -205,6 +205,25 @@ def test_cron_ors_day_and_weekday() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # An odd day that is a Friday: `*/2` starts with `*`, so cron ANDs it with the weekday.
+        ("0 0 */2 * 5", ["2024-09-13T00:00:00+02:00", "2024-09-27T00:00:00+02:00", "2024-10-11T00:00:00+02:00"]),
+        # The 13th that is a Sunday, Tuesday, Thursday or Saturday.
+        ("0 0 13 * */2", ["2024-10-13T00:00:00+02:00", "2025-02-13T00:00:00+01:00", "2025-03-13T00:00:00+01:00"]),
+    ],
+)
+def test_cron_ands_day_and_weekday_when_one_starts_with_a_star(text: str, expected: list[str]) -> None:
+    """Vixie cron and cronie OR day and weekday only when neither field starts with `*`: `*/2` is a star for that
+    rule, and the day must match both. jobd ORed them (every odd day, and every Friday)."""
+    assert walls(text, paris(2024, 9, 1, 0, 0, 0), 3) == expected
+
+
+def test_a_cron_and_of_day_and_weekday_has_its_evqueue_text() -> None:
+    assert Calendar.parse("0 0 */2 * 5").evqueue_text() == "0;0;0;" + ",".join(map(str, range(0, 31, 2))) + ";;5"
+
+
 def test_evqueue_and_over_decades() -> None:
     """29 February that is a Monday: possible, decades apart."""
     assert walls("0;0;0;28;1;1", paris(2024, 3, 1, 0, 0, 0), 1) == ["2044-02-29T00:00:00+01:00"]

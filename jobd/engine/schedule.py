@@ -8,7 +8,8 @@ time zones and DST come from croniter and zoneinfo; this module only translates 
 Accepted calendar syntaxes (`Calendar.parse`):
 
 - cron, 5 fields `min hour day month wday`, with everything croniter accepts in a field (lists, ranges, steps,
-  month and day names). As in every cron, when both day and weekday are restricted a day matching EITHER counts.
+  month and day names). As in Vixie cron and cronie, when day and weekday are both restricted (neither field starts
+  with `*`, as `*/2` does) a day matching EITHER counts; otherwise a day must match both.
 - cron with 6 fields, SECONDS FIRST (`sec min hour day month wday`), as Quartz and systemd users expect; croniter's
   own default puts seconds last, hence `second_at_beginning`.
 - `@yearly @annually @monthly @weekly @daily @midnight @hourly`, spelled out as their usual 5-field meaning.
@@ -86,7 +87,7 @@ class Calendar:
     text: str  # as written in the config
     expression: str  # what croniter is given
     seconds_first: bool  # 6 fields, seconds in the first one
-    day_or: bool  # cron's OR of day and weekday; False: evQueue's AND
+    day_or: bool  # a day matching day OR weekday counts (cron, both restricted); False: it must match both
     every_hour: bool  # the hour field is unrestricted: fire in both passes of a repeated hour
 
     @classmethod
@@ -109,15 +110,15 @@ class Calendar:
 
     def evqueue_text(self) -> str | None:
         """The calendar in evQueue's `sec;min;hour;day;month;wday` (what evQueue's clients show and parse), or None
-        when that format cannot say it: cron's `L`, `W` and `#`, or a day and a weekday both restricted, which cron
-        ORs and evQueue ANDs. An evQueue calendar is given back as written."""
-        if not self.day_or:
+        when that format cannot say it: cron's `L`, `W` and `#`, or a day and a weekday that cron ORs (evQueue ANDs
+        them). An evQueue calendar is given back as written."""
+        if ";" in self.text:  # evQueue's format (see parse)
             return self.text
         parsed = croniter(self.expression, 0.0, second_at_beginning=self.seconds_first)
         expanded: list[list[object]] = [list(field) for field in parsed.expanded]  # ints, or "*", "l"…
         minutes, hours, days, months, weekdays = expanded[:5]
         seconds = expanded[5] if self.seconds_first else [0]
-        if (days != ["*"] and weekdays != ["*"]) or parsed.nth_weekday_of_month:  # `5#2`: the 2nd Friday
+        if (self.day_or and days != ["*"] and weekdays != ["*"]) or parsed.nth_weekday_of_month:  # `5#2`: 2nd Friday
             return None
         if getattr(parsed, "nearest_weekday", None):  # `15W`: the weekday nearest the 15th (croniter 2.0.2 on)
             return None
@@ -204,7 +205,10 @@ def _parse_cron(stripped: str) -> Calendar:
     # Vixie cron's rule: an hour field that starts with `*` (`*`, `*/1`, `*/2`) steps through the clock's hours as
     # they come, the repeated one included; a list of hours names times of day, each run once.
     every_hour = hour.startswith("*")
-    return Calendar(stripped, expression, seconds_first, day_or=True, every_hour=every_hour)
+    # Vixie cron's and cronie's rule for day and weekday: a day matching either counts only when neither field
+    # starts with `*`; `*/2` is a star there, so `0 0 */2 * 5` is an odd day that is a Friday, not both kinds.
+    day_or = not (fields[-3].startswith("*") or fields[-1].startswith("*"))
+    return Calendar(stripped, expression, seconds_first, day_or=day_or, every_hour=every_hour)
 
 
 def _parse_evqueue(text: str) -> Calendar:
