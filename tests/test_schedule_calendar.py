@@ -114,6 +114,20 @@ def test_bad_cron(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0 3-3 * * *", ["2024-09-01T03:00:00+02:00", "2024-09-02T03:00:00+02:00"]),
+        ("0 0 * * 7-7", ["2024-09-08T00:00:00+02:00", "2024-09-15T00:00:00+02:00"]),  # Sundays
+        ("0 0 * * mon-MON", ["2024-09-02T00:00:00+02:00", "2024-09-09T00:00:00+02:00"]),
+        ("0 0 * * 5-5/2", ["2024-09-06T00:00:00+02:00", "2024-09-13T00:00:00+02:00"]),
+    ],
+)
+def test_a_range_whose_ends_are_the_same_is_that_one_value(text: str, expected: list[str]) -> None:
+    """cron reads `3-3` as 3; croniter reads it as the whole cycle: `0 3-3 * * *` ran every hour, `7-7` every day."""
+    assert walls(text, paris(2024, 9, 1, 0, 0, 0), 2) == expected
+
+
+@pytest.mark.parametrize(
     "text", ["R * * * *", "0 R * * *", "R/5 * * * * *", "0 0 1 r *", "H(0-5) * * * *", "0 0 * * 1,R"]
 )
 def test_random_and_hashed_values_are_refused(text: str) -> None:

@@ -197,6 +197,7 @@ def _parse_cron(stripped: str) -> Calendar:
             raise ValueError(
                 f"{item!r}: croniter's random (R) and hashed (H) values are not supported; give the values themselves"
             )
+    expression = " ".join(_without_same_ends(field) for field in fields)
     try:
         croniter(expression, 0.0, second_at_beginning=seconds_first)
     except (CroniterBadCronError, CroniterError) as error:
@@ -209,6 +210,19 @@ def _parse_cron(stripped: str) -> Calendar:
     # starts with `*`; `*/2` is a star there, so `0 0 */2 * 5` is an odd day that is a Friday, not both kinds.
     day_or = not (fields[-3].startswith("*") or fields[-1].startswith("*"))
     return Calendar(stripped, expression, seconds_first, day_or=day_or, every_hour=every_hour)
+
+
+def _without_same_ends(field: str) -> str:
+    """The field with each range whose ends are the same value (`3-3`, `mon-mon`, `5-5/2`) written as that value,
+    as cron reads it: croniter reads such a range as the whole cycle (`0 3-3 * * *` every hour)."""
+    items = []
+    for item in field.split(","):
+        span, _, _step = item.partition("/")
+        low, dash, high = span.partition("-")
+        numbers = low.isdigit() and high.isdigit() and int(low) == int(high)
+        same = bool(dash and low) and (low.lower() == high.lower() or numbers)
+        items.append(low if same else item)
+    return ",".join(items)
 
 
 def _parse_evqueue(text: str) -> Calendar:
