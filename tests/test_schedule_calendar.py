@@ -114,6 +114,30 @@ def test_bad_cron(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("60 * * * *", "MIN field '60' is not valid: MIN takes 0-59, lists, ranges and steps"),
+        ("0 24 * * *", "HOUR field '24' is not valid: HOUR takes 0-23"),
+        ("0 0 0 * *", "DAY field '0' is not valid: DAY takes 1-31"),
+        ("0 0 1 January *", "MONTH field 'January' is not valid: MONTH takes 1-12 or jan-dec"),
+        ("0 0 * * Monday", "WDAY field 'Monday' is not valid: WDAY takes 0-7 (0 and 7 are Sunday) or sun-sat"),
+        ("60 0 * * * *", "SEC field '60' is not valid: SEC takes 0-59"),
+        ("0 0 * * 1,", "WDAY field '1,' is not valid"),
+        ("daily", "found 1; did you mean @daily?"),
+        ("*-*-* 02:30:00", "systemd's OnCalendar= syntax is not read: `*-*-* 02:30:00` is cron's `30 2 * * *`"),
+        ("Mon..Fri 09:00", "systemd's OnCalendar= syntax is not read"),
+        ("@reboot", "unknown macro @reboot (schedules run at calendar times; jobd has no start-up macro)"),
+    ],
+)
+def test_a_bad_cron_calendar_is_refused_naming_the_field_and_what_it_takes(text: str, message: str) -> None:
+    """croniter's own words name neither the field nor its values (`[0 0 1 january *] is not acceptable`); an
+    administrator moving a crontab or a systemd timer over is told which field is wrong and what it takes."""
+    with pytest.raises(ValueError) as raised:
+        Calendar.parse(text)
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("0 3-3 * * *", ["2024-09-01T03:00:00+02:00", "2024-09-02T03:00:00+02:00"]),

@@ -61,6 +61,16 @@ MACROS = {
     "@hourly": "0 * * * *",
 }
 
+# cron's fields, seconds first when there are 6, and the values each one takes.
+_CRON_FIELDS = ("SEC", "MIN", "HOUR", "DAY", "MONTH", "WDAY")
+_CRON_VALUES = {
+    "SEC": "0-59",
+    "MIN": "0-59",
+    "HOUR": "0-23",
+    "DAY": "1-31 (or L, the last day; 15W, the weekday nearest the 15th)",
+    "MONTH": "1-12 or jan-dec",
+    "WDAY": "0-7 (0 and 7 are Sunday) or sun-sat (or 5#2, the 2nd Friday of the month)",
+}
 # evQueue's levels: (size, offset added to turn its 0-based value into cron's value).
 _EVQUEUE_LEVELS = ((60, 0), (60, 0), (24, 0), (31, 1), (12, 1), (7, 0))
 _DAY, _MONTH, _HOUR = 3, 4, 2
@@ -181,13 +191,17 @@ def _parse_cron(stripped: str) -> Calendar:
         expression = MACROS.get(stripped.lower())
         if expression is None:
             # What is allowed is said once, by whoever reports this (config.CALENDAR_RULE lists the macros).
-            raise ValueError(f"unknown macro {stripped}{did_you_mean(stripped.lower(), MACROS)}")
+            unknown = f"unknown macro {stripped}{did_you_mean(stripped.lower(), MACROS)}"
+            if stripped.lower() == "@reboot":
+                unknown += " (schedules run at calendar times; jobd has no start-up macro)"
+            raise ValueError(unknown)
     else:
         expression = " ".join(stripped.split())
     fields = expression.split(" ")
     if len(fields) not in (5, 6):
         raise ValueError(
             f"expected 5 cron fields (min hour day month wday) or 6 with seconds first, found {len(fields)}"
+            + _systemd_hint(stripped)
         )
     seconds_first = len(fields) == 6
     for item in (item for field in fields for item in field.split(",")):
@@ -197,11 +211,12 @@ def _parse_cron(stripped: str) -> Calendar:
             raise ValueError(
                 f"{item!r}: croniter's random (R) and hashed (H) values are not supported; give the values themselves"
             )
+    names = _CRON_FIELDS[-len(fields) :]
     expression = " ".join(_without_same_ends(field) for field in fields)
     try:
         croniter(expression, 0.0, second_at_beginning=seconds_first)
     except (CroniterBadCronError, CroniterError) as error:
-        raise ValueError(f"invalid cron expression: {error}") from None
+        raise ValueError(_bad_field(fields, names, seconds_first) or f"invalid cron expression: {error}") from None
     hour = fields[2 if seconds_first else 1]
     # Vixie cron's rule: an hour field that starts with `*` (`*`, `*/1`, `*/2`) steps through the clock's hours as
     # they come, the repeated one included; a list of hours names times of day, each run once.
@@ -223,6 +238,27 @@ def _without_same_ends(field: str) -> str:
         same = bool(dash and low) and (low.lower() == high.lower() or numbers)
         items.append(low if same else item)
     return ",".join(items)
+
+
+def _bad_field(fields: list[str], names: tuple[str, ...], seconds_first: bool) -> str | None:
+    """What is wrong, naming the first field that croniter refuses on its own and what that field takes."""
+    for index, (field, name) in enumerate(zip(fields, names, strict=True)):
+        alone = ["*"] * len(fields)
+        alone[index] = _without_same_ends(field)
+        try:
+            croniter(" ".join(alone), 0.0, second_at_beginning=seconds_first)
+        except (CroniterBadCronError, CroniterError):
+            return f"{name} field {field!r} is not valid: {name} takes {_CRON_VALUES[name]}, lists, ranges and steps"
+    return None
+
+
+def _systemd_hint(text: str) -> str:
+    """A pointer for a calendar in systemd's OnCalendar= syntax, which jobd does not read."""
+    if f"@{text.lower()}" in MACROS:
+        return f"; did you mean @{text.lower()}?"
+    if ":" in text or ".." in text or re.search(r"[0-9*]-[0-9*]+-[0-9*]", text):
+        return "; systemd's OnCalendar= syntax is not read: `*-*-* 02:30:00` is cron's `30 2 * * *`"
+    return ""
 
 
 def _parse_evqueue(text: str) -> Calendar:
