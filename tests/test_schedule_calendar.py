@@ -331,6 +331,34 @@ def test_fall_back_hourly_runs_in_both_passes(calendar: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("calendar", ["*/30 2 * * *", "0 */30 2 * * *"])
+def test_fall_back_a_wildcard_minute_runs_in_both_passes(calendar: str) -> None:
+    """Vixie cron's "wildcard" jobs are those whose minute or hour field starts with `*`: they run at the clock's
+    times as they come, the repeated hour included. jobd looked at the hour field alone and ran `*/30 2 * * *`
+    in the first pass only."""
+    assert walls(calendar, paris(2024, 10, 27, 1, 30, 0), 5) == [
+        "2024-10-27T02:00:00+02:00",
+        "2024-10-27T02:30:00+02:00",
+        "2024-10-27T02:00:00+01:00",
+        "2024-10-27T02:30:00+01:00",
+        "2024-10-28T02:00:00+01:00",
+    ]
+
+
+def test_fall_back_an_empty_evqueue_minute_runs_in_both_passes() -> None:
+    assert walls("0;;2;;;", paris(2024, 10, 27, 2, 58, 30), 3) == [
+        "2024-10-27T02:59:00+02:00",
+        "2024-10-27T02:00:00+01:00",
+        "2024-10-27T02:01:00+01:00",
+    ]
+
+
+@pytest.mark.parametrize("calendar", ["*/30 2 * * *", "*/30 0 2 * * *"])
+def test_spring_forward_a_wildcard_minute_or_second_goes_on_at_the_new_clocks_times(calendar: str) -> None:
+    """As Vixie cron schedules its wildcard jobs: the times the jump skipped are not run at the jump."""
+    assert walls(calendar, paris(2024, 3, 30, 12, 0, 0), 2)[0].startswith("2024-04-01T02:00:")
+
+
 def test_fall_back_every_second_has_no_gap() -> None:
     start = paris(2024, 10, 27, 2, 59, 58)
     calendar = Calendar.parse("* * * * * *")

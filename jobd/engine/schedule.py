@@ -21,13 +21,15 @@ Accepted calendar syntaxes (`Calendar.parse`):
 DST, for a calendar evaluated in a zone that has it (the rules are croniter's, plus one filter of ours):
 
 - a wall-clock time skipped by a spring-forward jump fires at the jump (02:30 on the day Paris goes from 02:00 to
-  03:00 fires at 03:00), as Vixie cron does: a daily job is not lost; but a calendar that runs every hour (hour
-  field `*`, `*/2`...: see below) goes on at its times of the new clock (`0 */2 * * *`: 00:00, then 04:00), as
-  `30 * * * *` does (01:30, then 03:30), not at the jump and again an hour later;
-- a wall-clock time repeated by a fall-back fires at both occurrences only when the calendar runs every hour (the
-  hour field is `*` or an empty evQueue level), so an hourly or every-second schedule keeps its rhythm through the
-  repeated hour; a calendar naming its hours fires once, at the first occurrence, so a daily 02:30 job runs once.
-  This is Vixie cron's rule for "wildcard" versus "fixed-time" jobs.
+  03:00 fires at 03:00), as Vixie cron does: a daily job is not lost; but a "wildcard" calendar (see below) goes on
+  at its times of the new clock (`0 */2 * * *`: 00:00, then 04:00), as `30 * * * *` does (01:30, then 03:30), not
+  at the jump and again an hour later;
+- a wall-clock time repeated by a fall-back fires at both occurrences only for a wildcard calendar, so an hourly
+  or every-second schedule keeps its rhythm through the repeated hour; a fixed-time calendar fires once, at the
+  first occurrence, so a daily 02:30 job runs once.
+  This is Vixie cron's rule for "wildcard" versus "fixed-time" jobs: a wildcard job's minute or hour field starts
+  with `*` (`*`, `*/15`); here also its seconds field, and in evQueue's format an empty second, minute or hour
+  level.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class Calendar:
     expression: str  # what croniter is given
     seconds_first: bool  # 6 fields, seconds in the first one
     day_or: bool  # a day matching day OR weekday counts (cron, both restricted); False: it must match both
-    every_hour: bool  # the hour field is unrestricted: fire in both passes of a repeated hour
+    wildcard: bool  # second, minute or hour field starts with `*` (Vixie cron's wildcard job): DST does not shift it
 
     @classmethod
     def parse(cls, text: str) -> Calendar:
@@ -163,18 +165,18 @@ class Calendar:
             if due <= after:  # never go back in time, whatever a library does around a transition
                 continue
             wall = dt.datetime.fromtimestamp(due, zone)
-            if not self.every_hour and wall.fold == 1:
+            if not self.wildcard and wall.fold == 1:
                 continue  # second pass of a repeated hour: a fixed-time calendar already fired in the first
-            if self.every_hour and not self._names(wall):
+            if self.wildcard and not self._names(wall):
                 continue  # croniter's stand-in at a spring-forward jump for a time that did not exist (see below)
             return due
         raise CroniterBadDateError(f"no due time found after {_MAX_STEPS} steps")  # pragma: no cover
 
     def _names(self, wall: dt.datetime) -> bool:
         """Whether the calendar names this wall-clock time. Not so for the time croniter gives at a spring-forward
-        jump for one the jump skipped (`0 */2 * * *` at 03:00 for 02:00): a calendar that runs every hour goes on
-        at its times of the new clock, as it does for `30 * * * *` (01:30, then 03:30), instead of running at the
-        jump and again an hour later."""
+        jump for one the jump skipped (`0 */2 * * *` at 03:00 for 02:00): a wildcard calendar goes on at its times
+        of the new clock, as it does for `30 * * * *` (01:30, then 03:30), instead of running at the jump and again
+        an hour later."""
         naive = wall.replace(tzinfo=None)  # no zone, no jumps: the calendar's own times (croniter.match errs on 29 Feb)
         times = croniter(
             self.expression,
@@ -217,14 +219,14 @@ def _parse_cron(stripped: str) -> Calendar:
         croniter(expression, 0.0, second_at_beginning=seconds_first)
     except (CroniterBadCronError, CroniterError) as error:
         raise ValueError(_bad_field(fields, names, seconds_first) or f"invalid cron expression: {error}") from None
-    hour = fields[2 if seconds_first else 1]
-    # Vixie cron's rule: an hour field that starts with `*` (`*`, `*/1`, `*/2`) steps through the clock's hours as
-    # they come, the repeated one included; a list of hours names times of day, each run once.
-    every_hour = hour.startswith("*")
+    # Vixie cron's wildcard job: a minute or hour field that starts with `*` (`*`, `*/15`) steps through the clock's
+    # times as they come, the repeated hour included; a list of minutes and hours names times of day, each run
+    # once. A seconds field counts as the minute does.
+    wildcard = any(field.startswith("*") for field in fields[: 3 if seconds_first else 2])
     # Vixie cron's and cronie's rule for day and weekday: a day matching either counts only when neither field
     # starts with `*`; `*/2` is a star there, so `0 0 */2 * 5` is an odd day that is a Friday, not both kinds.
     day_or = not (fields[-3].startswith("*") or fields[-1].startswith("*"))
-    return Calendar(stripped, expression, seconds_first, day_or=day_or, every_hour=every_hour)
+    return Calendar(stripped, expression, seconds_first, day_or=day_or, wildcard=wildcard)
 
 
 def _without_same_ends(field: str) -> str:
@@ -297,7 +299,9 @@ def _parse_evqueue(text: str) -> Calendar:
         ",".join(str(number + shift) for number in numbers) if numbers else "*"
         for numbers, (_, shift) in zip(values, _EVQUEUE_LEVELS, strict=True)
     ]
-    return Calendar(text.strip(), " ".join(fields), seconds_first=True, day_or=False, every_hour=not values[_HOUR])
+    return Calendar(
+        text.strip(), " ".join(fields), seconds_first=True, day_or=False, wildcard=not all(values[: _HOUR + 1])
+    )
 
 
 def _active(definition: ScheduleDef, state: ScheduleState) -> bool:
