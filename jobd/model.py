@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any
 
 from jobd import redact
@@ -41,6 +41,14 @@ MAX_RETRY_TIMES = 1000  # retries a submit may ask for
 DEFAULT_KILL_GRACE = 10.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 MAX_RETRY_DELAY = 366 * 86400.0  # a retry back-off never waits longer than a year
+
+
+class InStore(Enum):
+    """What a job's spec leaves in the database instead of holding in jobd's memory: the jobs the store returns carry
+    it in place of their stdin, which is read back when an attempt starts. A client may give each job up to 1 MiB of
+    stdin; held, a backlog of such jobs took that much memory each for as long as it waited (docs/jobs.md)."""
+
+    STDIN = "stdin"
 
 
 class JobState(StrEnum):
@@ -367,7 +375,7 @@ class JobSpec:
     task: str | None = None
     priority: int = DEFAULT_PRIORITY
     env: Mapping[str, str] = field(default_factory=dict)
-    stdin: bytes | None = None
+    stdin: bytes | InStore | None = None  # InStore.STDIN: the job has stdin, and the database holds it
     working_dir: str | None = None
     timeout: float | None = None
     kill_grace: float = DEFAULT_KILL_GRACE

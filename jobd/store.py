@@ -34,6 +34,7 @@ from jobd.model import (
     Attempt,
     AuditEntry,
     InstanceSummary,
+    InStore,
     Job,
     JobSpec,
     JobState,
@@ -41,6 +42,7 @@ from jobd.model import (
     RetryPolicy,
     ScheduleState,
 )
+from jobd.values import evolve
 
 log = logging.getLogger("jobd.store")
 # What reading a file that is not jobd's SQLite database, or a damaged one, raises (jobd then does not start).
@@ -607,8 +609,8 @@ class Store:
         # so after the newest jobs (or instances) were deleted, a new one would get an old one's id, and with it that
         # id's leftovers (an output file, a workflow task's idempotency key, a client's reference).
         self._last_id = {table: self._highest_id(table) for table in ("job", "instance", "audit")}
-        self._job_by_id = _PreparedSelect(JobRow.select().where(JobRow.id == 0))
-        self._jobs = _PreparedSelect(JobRow.select())  # job.list adds its WHERE clause
+        self._job_by_id = _PreparedSelect(_select_jobs().where(JobRow.id == 0))
+        self._jobs = _PreparedSelect(_select_jobs())  # job.list adds its WHERE clause
         self._attempts_of_job = _PreparedSelect(
             AttemptRow.select().where(AttemptRow.job == 0).order_by(AttemptRow.number)
         )
@@ -786,7 +788,7 @@ class Store:
             )
             self._last_id["job"] = job_id
             self._counts.add(job_id, str(states[0]), specs[0].queue, specs[0].task)
-            return [(Job(id=job_id, spec=specs[0], state=states[0], created_at=now, run_at=run_ats[0]), True)]
+            return [(Job(id=job_id, spec=_held(specs[0]), state=states[0], created_at=now, run_at=run_ats[0]), True)]
         jobs: list[tuple[Job, bool]] = []
         self.before_job_ids(last_id + len(specs))  # at most: a spec whose key exists takes no id
         with self._transaction() as sql:
@@ -797,12 +799,17 @@ class Store:
                     continue
                 last_id += 1
                 sql.execute(_INSERT_JOB, (last_id, *_spec_values(spec), str(state), now, run_at, 0, 0))
-                jobs.append((Job(id=last_id, spec=spec, state=state, created_at=now, run_at=run_at), True))
+                jobs.append((Job(id=last_id, spec=_held(spec), state=state, created_at=now, run_at=run_at), True))
         self._last_id["job"] = last_id  # once committed: a rolled back batch used none
         for job, created in jobs:
             if created:
                 self._counts.add(job.id, str(job.state), job.spec.queue, job.spec.task)
         return jobs
+
+    def job_stdin(self, job_id: int) -> bytes | None:
+        """The stdin of a job, which the jobs this store returns leave here (InStore.STDIN); None: it has none."""
+        found = self._connection.execute('SELECT "stdin" FROM "job" WHERE "id" = ?', (job_id,)).fetchone()
+        return None if found is None or found[0] is None else bytes(found[0])
 
     def job_with_key(self, key: str) -> Job | None:
         """The job an idempotency key names, if any."""
@@ -2301,7 +2308,21 @@ def _visible_jobs(tasks: Sequence[str] | None, queues: Sequence[str] | None) -> 
     return f"({' OR '.join(sql for sql, _ in parts) or '0'})", [param for _, params in parts for param in params]
 
 
+def _select_jobs() -> peewee.ModelSelect[Any]:
+    """Every column of the job table, in order, but of the stdin only whether there is one (1 or NULL): a job read
+    from here leaves its stdin in the database (InStore.STDIN), and a page of 1,000 jobs does not read 1,000 blobs."""
+    has_stdin = peewee.Case(None, ((JobRow.stdin.is_null(False), peewee.SQL("1")),))
+    return JobRow.select(*(has_stdin if field is JobRow.stdin else field for field in JobRow._meta.sorted_fields))
+
+
+def _held(spec: JobSpec) -> JobSpec:
+    """The spec as jobd holds it once committed: its stdin left in the database (InStore.STDIN)."""
+    return spec if spec.stdin is None else evolve(spec, stdin=InStore.STDIN)
+
+
 def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
+    if isinstance(spec.stdin, InStore):  # a spec read back from here is never inserted again: its stdin is not in it
+        raise TypeError("a job's stdin must be given to be inserted, not left in the database")
     return (
         spec.task,
         json.dumps(list(spec.command)),
@@ -2379,7 +2400,7 @@ def _job_from_row(row: Any) -> Job:
         task=row.task,
         priority=row.priority,
         env=_NO_ENV if row.env == "{}" else MappingProxyType(json.loads(row.env)),  # read-only all the way down
-        stdin=None if row.stdin is None else bytes(row.stdin),
+        stdin=None if row.stdin is None else InStore.STDIN,
         working_dir=row.working_dir,
         timeout=row.timeout,
         kill_grace=row.kill_grace,

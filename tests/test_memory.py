@@ -1,4 +1,5 @@
-"""A real jobd gives the C library's free heap memory back to the system once it goes quiet after a burst (jobd.heap).
+"""A real jobd gives the C library's free heap memory back to the system once it goes quiet after a burst (jobd.heap),
+and holds no waiting job's stdin in memory.
 
 The drop is read two ways: by jobd itself, its resident memory just before and just after malloc_trim (the debug
 line, which also tells that the trim happened and when), and from outside, /proc/PID/status once the line is written.
@@ -7,6 +8,7 @@ Nothing here depends on how long anything takes: the waits are for the log line,
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -64,3 +66,35 @@ def test_free_heap_memory_goes_back_to_the_system_once_jobd_is_quiet(make_daemon
     assert after < before, daemon.log()[-2000:]
     # What jobd said it gave back is gone as the kernel counts it too (the log line itself may touch a page or two).
     assert outside < before, (outside, before)
+
+
+STDIN_BYTES = 1_000_000  # each job's stdin: near the most one request line may carry (1 MiB)
+STDIN_JOBS = 64
+
+
+def test_the_stdin_of_waiting_jobs_stays_in_the_database_not_in_jobds_memory(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """A backlog of jobs with large stdins costs jobd memory for the jobs, not for their stdins: 64 MB of stdin
+    waiting in a paused queue (and again after a restart, which reads the backlog back) leaves jobd's resident memory
+    within a quarter of that, while each job still gets its own stdin when it starts."""
+    daemon = make_daemon("[queue.work]\nconcurrency = 4\n")
+    daemon.call("queue.pause", {"name": "work"})
+    base = _resident_kb(daemon.pid)
+    stdins = [bytes([ord("a") + index % 26]) * (STDIN_BYTES - index) for index in range(STDIN_JOBS)]
+    ids = []
+    with daemon.client() as client:
+        for stdin in stdins:
+            job = {"command": ["/usr/bin/sha256sum"], "queue": "work", "stdin": stdin.decode()}
+            ids.append(client.call("job.submit", job)["id"])
+    bound_kb = STDIN_JOBS * STDIN_BYTES // 1024 // 4
+    waiting = _resident_kb(daemon.pid)
+    assert waiting - base < bound_kb, (base, waiting)
+    daemon.stop()
+    daemon.start()
+    recovered = _resident_kb(daemon.pid)
+    assert recovered - base < bound_kb, (base, recovered)
+    daemon.call("queue.resume", {"name": "work"})
+    for job_id, stdin in zip(ids, stdins, strict=True):
+        assert daemon.wait(job_id, timeout=WAIT)["state"] == "succeeded"
+        assert daemon.output(job_id) == f"{hashlib.sha256(stdin).hexdigest()}  -\n"

@@ -26,6 +26,7 @@ from jobd.model import (
     Attempt,
     AuditEntry,
     InstanceSummary,
+    InStore,
     JobSpec,
     JobState,
     Outcome,
@@ -567,6 +568,8 @@ def test_a_job_and_its_attempts_read_back_as_written(tmp_path: Path) -> None:
         failed = transition(running, JobState.FAILED, finished_at=4.0, exit_code=75, error="boom")
         store.finish_attempt(failed, ended)
         assert store.get_job(queued.id) == failed
+        assert failed.spec.stdin is InStore.STDIN  # left in the database, read back as an attempt starts
+        assert store.job_stdin(queued.id) == b"\x00\xffin"
         [read] = store.attempts(queued.id)
         assert read == dataclasses.replace(ended, cancel_requested=True)
         assert read.truncated is True and read.cut_streams == ("stderr", "log") and read.cancel_requested is True

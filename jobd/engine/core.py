@@ -40,6 +40,7 @@ from jobd.model import (
     Attempt,
     Config,
     Durability,
+    InStore,
     Job,
     JobSpec,
     JobState,
@@ -661,6 +662,8 @@ class Engine:
 
     def _spawn(self, job: Job, attempt: Attempt, launch: LaunchSpec) -> None:
         try:
+            if job.spec.stdin is InStore.STDIN:
+                launch = evolve(launch, stdin=self._stored_stdin(job.id))
             child = Child.spawn(
                 launch,
                 self.loop,
@@ -682,6 +685,13 @@ class Engine:
         except Exception as error:  # the job runs on; only a crash of jobd before its end would miss the pid
             self._store_failed("cannot record the process of job {}", error, job.id, retried=False)
         self._started(job, _Running(child, attempt), child.pid)
+
+    def _stored_stdin(self, job_id: int) -> bytes | None:
+        """A starting job's stdin, which waited in the database rather than in memory (InStore)."""
+        try:
+            return self.store.job_stdin(job_id)
+        except Exception as error:  # the database could not give it (an I/O error, no memory): jobd's shortage
+            raise SpawnError(f"cannot read the job's stdin from the database: {error}", transient=True) from error
 
     def _not_started(self, job: Job, attempt: Attempt, *, transient: bool) -> None:
         """Record an attempt whose process could not be started, and free its slot. Should the write fail (a full
@@ -772,7 +782,7 @@ class Engine:
             env=self._environment(job, number, user),
             cwd=cwd,
             cwd_fallback=fallback,
-            stdin=job.spec.stdin,
+            stdin=None,  # read by _spawn, only for a job that has one: the database holds it (InStore)
             stdout_path=self.output_path(job.id, number, "stdout"),
             stderr_path=self.output_path(job.id, number, "stderr"),
             log_path=self.output_path(job.id, number, "log"),
