@@ -818,14 +818,18 @@ def queue_resume(api: Api, session: Session, p: Params) -> Any:
 HIDDEN_RELOAD_ERROR = "the configuration has an error (shown to admins, and in jobd's log); the running one is kept"
 
 
-def daemon_status(api: Api, session: Session, p: Params) -> Any:
+async def daemon_status(api: Api, session: Session, p: Params) -> Any:
     p.done()
     engine = api.engine
-    queues = [queue_json(engine, queue) for queue in readable_queues(api, session.peer)]
-    status = {**api.daemon.status(), "queues": queues}
     if session.peer.is_admin:
-        status["jobs"] = engine.history_counts()
+        jobs = await engine.history_counts()
     else:
+        jobs = await engine.history_counts(
+            _visible(api, session, ObjectKind.TASK), _visible(api, session, ObjectKind.QUEUE)
+        )
+    queues = [queue_json(engine, queue) for queue in readable_queues(api, session.peer)]
+    status = {**api.daemon.status(), "queues": queues, "jobs": jobs}
+    if not session.peer.is_admin:
         # Which files configure jobd is the admins' business; the counts are of what the peer may read, as its lists.
         del status["config_files"]
         if status["last_reload"]["error"] is not None:
@@ -834,9 +838,6 @@ def daemon_status(api: Api, session: Session, p: Params) -> Any:
         # The trouble names the job or queue whose write failed; the failure itself (a full disk) is everyone's.
         status["store_trouble"] = engine.store_trouble_cause
         status["store_internal_error"] = engine.store_internal_error(naming_what=False)
-        status["jobs"] = engine.history_counts(
-            _visible(api, session, ObjectKind.TASK), _visible(api, session, ObjectKind.QUEUE)
-        )
         status.update({count: sum(queue[count] for queue in queues) for count in ("running", "queued", "delayed")})
     return status
 

@@ -803,7 +803,7 @@ class HttpApi:
 
         family("jobd_jobs", "gauge", "Jobs on record by state.")
         states = dict.fromkeys((str(state) for state in JobState), 0)
-        states.update(self.api.engine.history_counts())
+        states.update(await self.api.engine.history_counts())
         for state, count in sorted(states.items()):
             out.append(f'jobd_jobs{{state="{_label(state)}"}} {count}')
         queues = self.api.engine.queue_list()

@@ -596,6 +596,7 @@ class Store:
         # Told after entries are written: history retention arms its timer for them (HistoryKeeper.audit_written).
         self.audit_written: Callable[[], None] = lambda: None
         self._counts = _JobCounts()
+        self._all_counted: asyncio.Future[None] | None = None  # done once count_jobs_soon has counted every job
         # Told the highest job id an insert may hand out, before it does: the daemon keeps a mark of it beside the
         # jobs' output (jobd.job_id_mark), so that a start need not list that directory.
         self.before_job_ids: Callable[[int], None] = lambda highest: None
@@ -1159,14 +1160,29 @@ class Store:
         return True
 
     def count_jobs_soon(self) -> None:
-        """Count the jobs on the running loop, a slice per turn, until all are."""
+        """Count the jobs on the running loop, a slice per turn, until all are (jobs_counted() waits for that)."""
+        if self._all_counted is not None:
+            return  # under way or done
 
         def step() -> None:
-            if not self.db.is_closed() and self.count_some_jobs():
+            if self.db.is_closed():
+                return
+            if self.count_some_jobs():
                 loop.call_soon(step)
+            elif not counted.done():
+                counted.set_result(None)
 
         loop = asyncio.get_running_loop()
+        counted = self._all_counted = loop.create_future()
         loop.call_soon(step)
+
+    async def jobs_counted(self) -> None:
+        """Return once count_jobs_soon has counted every job, so that count_by_state reads no history: counting the
+        rest at once, a daemon.status or a scrape of /metrics just after a start held the event loop, and every
+        client with it, for seconds (a million jobs: 2-8 s)."""
+        self.count_jobs_soon()  # a client served before READY=1 starts it
+        assert self._all_counted is not None
+        await asyncio.shield(self._all_counted)  # one request given up does not end the wait of the others
 
     # -- history retention -----------------------------------------------------------------------------------
 

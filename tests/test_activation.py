@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -351,3 +352,39 @@ def test_watchdog_interval() -> None:
     assert activation.watchdog_interval({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "1"}) is None
     assert activation.watchdog_interval({"WATCHDOG_USEC": "0"}) is None
     assert activation.watchdog_interval({}) is None
+
+
+HISTORY = 100_000  # finished jobs on record: their counting at start-up takes 20 turns of jobd's loop (COUNT_SLICE)
+
+
+def test_a_status_asked_for_while_the_history_is_counted_waits_without_holding_other_requests(activated: Any) -> None:
+    """daemon.status counts the jobs on record by state. A start-up counts a long history a slice per turn of the
+    loop; a status asked for meanwhile waits for that counting to end, rather than counting the rest at once with
+    every other client waiting: a ping sent right behind it, on the same connection, is answered first. The client
+    connects and writes both before jobd starts (the socket is passed to it, as systemd does), so they reach jobd
+    while the counting has barely begun, however loaded the machine is."""
+    jobd = activated("")
+    daemon = jobd.daemon
+    daemon.start()
+    daemon.wait(daemon.submit(command=["/bin/true"])["id"])
+    daemon.stop()
+    with sqlite3.connect(daemon.state_dir / "jobd.sqlite3") as database:  # copies of that job, as a history
+        columns = ", ".join(f'"{row[1]}"' for row in database.execute('PRAGMA table_info("job")') if row[1] != "id")
+        database.execute(
+            f'WITH RECURSIVE "n"("id") AS (SELECT 2 UNION ALL SELECT "id" + 1 FROM "n" WHERE "id" < {HISTORY}) '
+            f'INSERT INTO "job" ("id", {columns}) SELECT "n"."id", {columns} FROM "n", "job" WHERE "job"."id" = 1'
+        )
+    database.close()
+    listener = _unix_listener(daemon.root / "api.sock")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(READY_TIMEOUT)
+        client.connect(str(daemon.root / "api.sock"))
+        client.sendall(
+            b'{"jsonrpc": "2.0", "id": 1, "method": "daemon.status"}\n{"jsonrpc": "2.0", "id": 2, "method": "ping"}\n'
+        )
+        jobd.start(_pass([listener]), pass_fds=(listener.fileno(),), LISTEN_FDS="1", LISTEN_FDNAMES="api")
+        listener.close()
+        reader = client.makefile("rb")
+        replies = [json.loads(reader.readline()) for _ in range(2)]
+    assert [reply["id"] for reply in replies] == [2, 1], replies
+    assert replies[1]["result"]["jobs"] == {"succeeded": HISTORY}

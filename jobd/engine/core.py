@@ -1120,10 +1120,12 @@ class Engine:
     def list_jobs(self, where: JobFilter) -> list[Job]:
         return [self.jobs.get(job.id, job) for job in self.store.list_jobs(where)]  # live progress wins
 
-    def history_counts(
+    async def history_counts(
         self, visible_tasks: Sequence[str] | None = None, visible_queues: Sequence[str] | None = None
     ) -> dict[str, int]:
-        """Jobs on record by state; with patterns, those of a task or queue one matches (Store.count_by_state)."""
+        """Jobs on record by state; with patterns, those of a task or queue one matches (Store.count_by_state), once
+        a start-up's counting of the history is done (Store.jobs_counted)."""
+        await self.store.jobs_counted()
         return self.store.count_by_state(visible_tasks, visible_queues)
 
     def queue_list(self) -> list[QueueRuntime]:
