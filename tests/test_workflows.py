@@ -7,9 +7,11 @@ tasks; its relative programs (list.sh, show.sh, fail.sh) are found in tasks_dire
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -1311,3 +1313,35 @@ def test_an_xml_output_nesting_the_document_deeper_than_parsers_read_is_refused_
         "Invalid XML returned (its elements nest 252 deep, where an output can nest 249"
     )
     assert "cannot be resumed" not in daemon.log()
+
+
+HELD_TASK = """<workflow><subjobs><job name="j"><tasks>
+  <task name="t" path="/bin/true" queue="held"/>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_a_task_dequeued_by_a_cancel_never_starts_though_its_queue_has_room_in_the_same_turn(
+    make_daemon: Any,
+) -> None:
+    """instance.cancel drops its queued tasks, whose jobs were cancelled from the loop's next turn on: a queue that
+    had room in the same turn (a resume, a job's end, a reload) started the job meanwhile, and the task's program ran
+    after the cancel was answered (then killed, `cancelled while running`). The cancel and the resume come on one
+    line, a batch: the loop runs both before any other work."""
+    daemon = _workflow_daemon(make_daemon, "[queue.default]\n[queue.held]\npaused = true\n", held=HELD_TASK)
+    instance_id = daemon.call("instance.launch", {"workflow": "held"})["id"]
+    [job] = daemon.call("job.list", {"context": f"instance:{instance_id}"})["jobs"]
+    assert job["state"] == "queued"
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "instance.cancel", "params": {"id": instance_id}},
+        {"jsonrpc": "2.0", "id": 2, "method": "queue.resume", "params": {"name": "held"}},
+    ]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(daemon.socket_path))
+        sock.sendall(json.dumps(batch).encode() + b"\n")
+        with sock.makefile("rb") as replies:
+            answered = json.loads(replies.readline())
+    assert [reply.get("error") for reply in answered] == [None, None], answered
+    done = daemon.call("instance.wait", {"id": instance_id, "timeout": 30}, timeout=40)
+    assert done["status"] == "TERMINATED", done
+    ended = daemon.call("job.get", {"id": job["id"]})
+    assert (ended["state"], ended["attempts"]) == ("cancelled", 0), ended

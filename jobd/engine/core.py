@@ -250,6 +250,8 @@ class Engine:
         self._stale_pauses: set[str] = set()
         self._listeners: dict[Callable[[JobEvent], None], None] = {}
         self._watchers: dict[int, JobWatcher] = {}  # job id -> who runs it (a workflow instance's task)
+        # Unfinished jobs whose cancel is on its way (withhold): none of them starts again, in the meantime.
+        self._withheld: set[int] = set()
         # Finished jobs whose watcher is told in the loop's next turn (_release_finish_waiters), until it is.
         self._untold: dict[int, tuple[JobWatcher, Job]] = {}
         # Told of every job that reaches a final state, just after its commit (completion callbacks).
@@ -460,7 +462,7 @@ class Engine:
             since = max(self.clock(), job.created_at, job.started_at or job.created_at)
             wait = max(0.0, job.run_at - since)
             self._delay_timers[job.id] = self.loop.call_later(wait, self._delay_over, job.id)
-        elif job.state is JobState.QUEUED:
+        elif job.state is JobState.QUEUED and job.id not in self._withheld:
             self.queues[job.spec.queue].push(job)
             if dispatch:
                 self._dispatch(job.spec.queue)
@@ -929,6 +931,7 @@ class Engine:
         self._log_settled(job, attempt)
         if job.state.finished:
             del self.jobs[job.id]
+            self._withheld.discard(job.id)
             self._emit("job.state", job)
             self._release_finish_waiters(job)
             self.history.job_finished()
@@ -1026,6 +1029,19 @@ class Engine:
         if job_id in self.jobs:
             self._watchers[job_id] = watcher
 
+    def withhold(self, job_id: int) -> None:
+        """Start no (further) try of this unfinished job: who runs it cancels it, from the loop's next turn on (a
+        workflow instance dropping a task, killtask). Until then a queue with room in this very turn (a resume, a
+        job's end, a reload) would have started it, and its program run after the cancel was answered. In memory
+        only: the cancel commits the job's end (a crash before it finds the job as it was on record)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        self._withheld.add(job_id)
+        if job.state is JobState.QUEUED:
+            self.queues[job.spec.queue].remove(job_id)
+            self._counts_changed()
+
     def running_pid(self, job_id: int) -> int | None:
         running = self._running.get(job_id)
         return None if running is None else running.child.pid
@@ -1069,6 +1085,7 @@ class Engine:
         else:
             self.queues[job.spec.queue].remove(job_id)
         del self.jobs[job_id]
+        self._withheld.discard(job_id)
         self._release_finish_waiters(job)
         self.history.job_finished()
         self._forget_if_drained(job.spec.queue)

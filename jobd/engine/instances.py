@@ -708,6 +708,10 @@ class Instances:
             self._apply(live, live.machine.retry_due(evqid, self.clock()))
 
     def _cancel_job(self, job_id: int) -> None:
+        """Cancel a task's job, from the loop's next turn on (the caller may save the document first); it starts
+        no try from now on (Engine.withhold)."""
+        self.engine.withhold(job_id)
+
         async def cancel() -> None:
             told = False
             while True:
