@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import socket
 import sqlite3
 from collections import Counter
@@ -1345,3 +1347,45 @@ def test_a_task_dequeued_by_a_cancel_never_starts_though_its_queue_has_room_in_t
     assert done["status"] == "TERMINATED", done
     ended = daemon.call("job.get", {"id": job["id"]})
     assert (ended["state"], ended["attempts"]) == ("cancelled", 0), ended
+
+
+def test_killtask_read_in_the_turn_its_try_fails_lets_no_next_try_start(make_daemon: Any, tmp_path: Path) -> None:
+    """killtask cancels the task's job from the loop's next turn on. A try that failed in the same turn was queued
+    again at once (its TOML `retry`, no delay) and started, to be killed in the next turn: a second run of the task
+    after the killtask was answered, and the task ended as killed (-1) instead of with the failed try's result.
+
+    jobd is frozen (SIGSTOP) while the killtask is written to its socket and then the try exits, so that it reads
+    both in one turn, the killtask first (the kernel reports them in the order they came)."""
+    gate = Gate(tmp_path / "gate")  # held: the first try runs until released
+    daemon = _toml_retry_daemon(make_daemon, tmp_path, gate.path, delay=0)
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        launched = daemon.call("instance.launch", {"workflow": "toml"})
+        job = next_matching(client, lambda e: e["job"]["state"] == "running", 30)["job"]
+    task = _document(daemon, launched["id"]).find(".//task[@name='t']")
+    assert task is not None and task.get("pid"), etree.tostring(task)
+    leader = os.pidfd_open(int(task.get("pid")))
+    try:
+        with EvqClient(daemon.evqueue_socket) as evqueue:
+            # Answered once jobd reads the connection: asyncio watches a new one from the turn after its greeting, and
+            # watched only after SIGCONT, it would come after the try's end.
+            ok(evqueue.ask(b"<ping/>"))
+            os.kill(daemon.pid, signal.SIGSTOP)
+            os.waitid(os.P_PID, daemon.pid, os.WSTOPPED | os.WNOWAIT)  # returns once jobd is stopped
+            try:
+                evqueue.send(
+                    b'<instance action="killtask" id="%d" pid="%s"/>' % (launched["id"], task.get("pid").encode())
+                )
+                gate.release()
+                assert select.select([leader], [], [], 30)[0] == [leader]  # the try has exited (not reaped yet)
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
+            ok(evqueue.document())
+    finally:
+        os.close(leader)
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1)
+    ended = daemon.call("job.get", {"id": job["id"]})
+    assert (ended["state"], ended["attempts"]) == ("cancelled", 1), ended
+    task = _document(daemon, launched["id"]).find(".//task[@name='t']")
+    assert task is not None and [out.get("retval") for out in task.findall("output")] == ["3"]
