@@ -469,12 +469,16 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
             raise _of_member(error, member.method, None if batch is None else index) from None
         specs.append(spec)
         delays.append(delay)
+    first_with_key: dict[str, int] = {}  # a key's first member in the batch: the job a later one would be answered
     for index, spec in enumerate(specs):
         if spec.key is not None:
             try:
                 _check_key(api, session, spec)
+                if spec.key in first_with_key:
+                    _check_key_in_batch(spec, first_with_key[spec.key], specs[first_with_key[spec.key]])
             except JobdError as error:
                 raise _of_member(error, members[index].method, None if batch is None else index) from None
+            first_with_key.setdefault(spec.key, index)
     jobs = api.engine.submit(specs, delays, after_reply=session.after_reply)
     result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
     return once_durable(api.engine, result)
@@ -539,6 +543,20 @@ def _check_key(api: Api, session: Session, spec: JobSpec) -> None:
             ": a key names one job; give this one a key of its own",
             param="key",
             job=existing.id,
+        )
+
+
+def _check_key_in_batch(spec: JobSpec, first: int, first_spec: JobSpec) -> None:
+    """A batch's member whose key an earlier member has is answered with that member's job, as a second submit with
+    the key is: only for the same work. Both are committed together, after every check, so _check_key found no job
+    with the key yet, and a member of other work was answered with the first one's job instead of being refused."""
+    if _work_of(first_spec) != _work_of(spec):
+        other = "another ad-hoc one" if _is_ad_hoc_alike(first_spec, spec) else _work_named(spec)
+        raise InvalidParams(
+            f"key {spec.key!r} is already that of jobs[{first}] ({_work_named(first_spec)}), and this member is for "
+            f"{other}: a key names one job; give this one a key of its own",
+            param="key",
+            first=first,
         )
 
 

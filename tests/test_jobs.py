@@ -926,6 +926,27 @@ def test_a_key_taken_by_other_work_is_refused_not_answered_with_that_job(server:
     assert server.submit(command=["/bin/true"], key="order-20")["id"] == command["id"]
 
 
+def test_a_key_two_members_of_one_batch_give_to_other_work_is_refused(server: Any) -> None:
+    """The members of a batch are committed together, after every check: the key of a later member that an earlier
+    one also gives was looked up before either was made, found free, and the later member, of other work, was
+    answered with the earlier one's job (a key the client took for its own work's), where two submits in a row
+    refuse it. The same work under the key twice is one job, as two submits in a row make one."""
+    params = {"jobs": [{"command": ["/bin/echo", "a"], "key": "batch-1"}, {"task": "echo", "key": "batch-1"}]}
+    error = remote_error(server, "job.submit", params)
+    assert (error.data["code"], error.data["param"], error.data["index"], error.data["first"]) == (
+        "INVALID_PARAMS",
+        "key",
+        1,
+        0,
+    )
+    assert error.message.startswith("job.submit: jobs[1]: key 'batch-1' is already that of jobs[0] (an ad-hoc command")
+    assert "this member is for task 'echo': a key names one job; give this one a key of its own" in error.message
+    listed = server.call("job.list")["jobs"]
+    assert not any(job["key"] == "batch-1" for job in listed)  # the batch is refused whole
+    twice = server.call("job.submit", {"jobs": [{"task": "echo", "args": ["x"], "key": "batch-2"}] * 2})["jobs"]
+    assert twice[0]["id"] == twice[1]["id"]
+
+
 # -- 14. refusals ------------------------------------------------------------------------------------------------
 
 
