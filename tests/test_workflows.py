@@ -1389,3 +1389,49 @@ def test_killtask_read_in_the_turn_its_try_fails_lets_no_next_try_start(make_dae
     assert (ended["state"], ended["attempts"]) == ("cancelled", 1), ended
     task = _document(daemon, launched["id"]).find(".//task[@name='t']")
     assert task is not None and [out.get("retval") for out in task.findall("output")] == ["3"]
+
+
+def test_a_dropped_task_whose_removed_queue_drains_in_the_same_turn_is_cancelled(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """A job withheld for its cancel (Engine.withhold) still waits in its queue until the cancel: taken out of it, its
+    queue, removed from the configuration, looked drained once the job before it ended in the same turn, and was
+    forgotten; the cancel then failed on the missing queue (a KeyError in a task nobody awaited), and the job stayed
+    queued for good. jobd is frozen (SIGSTOP) while the instance.cancel is written and the running job then exits."""
+    fifo = tmp_path / "pid"
+    os.mkfifo(fifo)
+    gate = Gate(tmp_path / "gate")
+    daemon = _workflow_daemon(make_daemon, "[queue.default]\n[queue.q]\n", held=HELD_TASK.replace("held", "q"))
+    first = daemon.submit(
+        command=["/bin/sh", "-c", 'echo $$ > "$0"; flock "$1" true', str(fifo), str(gate.path)], queue="q"
+    )
+    leader = os.pidfd_open(int(fifo.read_text()))
+    try:
+        instance_id = daemon.call("instance.launch", {"workflow": "held"})["id"]
+        [job] = daemon.call("job.list", {"context": f"instance:{instance_id}"})["jobs"]
+        daemon.write_config("[queue.default]\n")  # q removed: it drains, one job at a time
+        daemon.write_workflows(held=HELD_TASK.replace("held", "default"))  # which no longer names q
+        daemon.call("daemon.reload")
+        [listed] = [queue for queue in daemon.call("queue.list")["queues"] if queue["name"] == "q"]
+        assert (listed["closed"], listed["running"], listed["queued"]) == (True, 1, 1), listed
+        with socket.socket(socket.AF_UNIX) as sock, sock.makefile("rb") as replies:
+            sock.connect(str(daemon.socket_path))
+            sock.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n')  # answered: jobd watches the connection
+            assert json.loads(replies.readline())["id"] == 1
+            os.kill(daemon.pid, signal.SIGSTOP)
+            os.waitid(os.P_PID, daemon.pid, os.WSTOPPED | os.WNOWAIT)  # returns once jobd is stopped
+            try:
+                cancel = {"jsonrpc": "2.0", "id": 2, "method": "instance.cancel", "params": {"id": instance_id}}
+                sock.sendall(json.dumps(cancel).encode() + b"\n")
+                gate.release()
+                assert select.select([leader], [], [], 30)[0] == [leader]  # the first job has exited (not reaped yet)
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
+            assert "error" not in json.loads(replies.readline())
+    finally:
+        os.close(leader)
+    assert daemon.wait(first["id"])["state"] == "succeeded"
+    ended = daemon.call("job.wait", {"id": job["id"], "timeout": 30}, timeout=40)
+    assert (ended["state"], ended["attempts"]) == ("cancelled", 0), ended
+    assert "q" not in [queue["name"] for queue in daemon.call("queue.list")["queues"]]  # drained, then forgotten
+    assert "Traceback" not in daemon.log()

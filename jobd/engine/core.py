@@ -462,7 +462,7 @@ class Engine:
             since = max(self.clock(), job.created_at, job.started_at or job.created_at)
             wait = max(0.0, job.run_at - since)
             self._delay_timers[job.id] = self.loop.call_later(wait, self._delay_over, job.id)
-        elif job.state is JobState.QUEUED and job.id not in self._withheld:
+        elif job.state is JobState.QUEUED:
             self.queues[job.spec.queue].push(job)
             if dispatch:
                 self._dispatch(job.spec.queue)
@@ -606,10 +606,14 @@ class Engine:
         """Move the jobs the queue has room for to `running`, in memory only: the caller commits their attempts
         and then launches them."""
         starts: list[_Start] = []
+        passed_over: list[Job] = []  # withheld: their cancel comes in a later turn (withhold)
         while not self.stopping and not self._holding_starts and self._short_hold is None and queue.free_slots() > 0:
             job = queue.pop_next()
             if job is None:
                 break
+            if job.id in self._withheld:
+                passed_over.append(job)
+                continue
             number = job.attempts + 1
             now = self.clock()
             try:
@@ -628,6 +632,8 @@ class Engine:
             self.jobs[job.id] = job
             queue.running.add(job.id)
             starts.append(_Start(job, Attempt(job.id, number, now), launch, waiting))
+        for job in passed_over:
+            queue.push(job)
         return starts
 
     def _launch(self, starts: list[_Start]) -> None:
@@ -1033,14 +1039,9 @@ class Engine:
         """Start no (further) try of this unfinished job: who runs it cancels it, from the loop's next turn on (a
         workflow instance dropping a task, killtask). Until then a queue with room in this very turn (a resume, a
         job's end, a reload) would have started it, and its program run after the cancel was answered. In memory
-        only: the cancel commits the job's end (a crash before it finds the job as it was on record)."""
-        job = self.jobs.get(job_id)
-        if job is None:
-            return
-        self._withheld.add(job_id)
-        if job.state is JobState.QUEUED:
-            self.queues[job.spec.queue].remove(job_id)
-            self._counts_changed()
+        only: the cancel commits the job's end (a crash before then leaves the job as its record has it)."""
+        if job_id in self.jobs:  # it waits in its queue as before, counted there, and is passed over (_take_starts)
+            self._withheld.add(job_id)
 
     def running_pid(self, job_id: int) -> int | None:
         running = self._running.get(job_id)
