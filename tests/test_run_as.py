@@ -365,13 +365,19 @@ def test_state_directory_is_0750_tightened_at_start_and_the_database_0600(make_d
     daemon.state_dir.chmod(0o777)
     (daemon.state_dir / "output").mkdir()
     (daemon.state_dir / "output").chmod(0o755)
+    # An empty database file left by an administrator's umask (SQLite takes an empty file as a new database): the
+    # start tightens it, as it does the directories. Before, the check below was skipped when the file was absent.
+    database = daemon.state_dir / "jobd.sqlite3"
+    database.touch()
+    database.chmod(0o644)
     daemon.start()
     assert stat.S_IMODE(daemon.state_dir.stat().st_mode) == 0o750
     assert stat.S_IMODE((daemon.state_dir / "output").stat().st_mode) == 0o750
     for name in ("jobd.sqlite3", "jobd.sqlite3-wal"):
         path = daemon.state_dir / name
-        if path.exists():
-            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (name, oct(path.stat().st_mode))
+        assert path.exists(), name  # the WAL is there while jobd has the database open
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (name, oct(path.stat().st_mode))
+    assert f"{database} was mode 0644; tightening it to 0600" in daemon.log()
     assert "tightening it to 0750" in daemon.log()
 
 
