@@ -7,7 +7,6 @@ are written per test; every error must name file, line, element, attribute and w
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from collections.abc import Callable
@@ -27,7 +26,6 @@ from jobd.workflowdef import parse_workflow, split_command
 
 CORPUS = Path(__file__).resolve().parent / "workflows"
 CORPUS_FILES = sorted(CORPUS.glob("*.xml"))
-HAS_XPATH_CHECK = importlib.util.find_spec("jobd.engine.xpath") is not None
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -628,7 +626,6 @@ def test_parse_workflow_takes_an_explicit_name(corpus_config: Config) -> None:
     )
 
 
-@pytest.mark.skipif(not HAS_XPATH_CHECK, reason="jobd.engine.xpath (the XPath syntax check) is not installed")
 def test_xpath_syntax_is_checked_everywhere(tmp_path: Path, corpus_config: Config) -> None:
     path = write(
         tmp_path / "xp.xml",
@@ -686,7 +683,6 @@ def test_evqueues_git_file_is_read_as_the_definition_inside(tmp_path: Path, corp
     assert not line.startswith(f"{broken}:1:"), line
 
 
-@pytest.mark.skipif(not HAS_XPATH_CHECK, reason="jobd.engine.xpath (the XPath syntax check) is not installed")
 def test_evqgetjob_is_refused_where_it_would_abort_its_node_at_every_run(tmp_path: Path, corpus_config: Config) -> None:
     """evqGetJob() is defined in custom attributes and automatic tags only (as in evQueue): a task condition using
     it loaded, then its task was ABORTED at every run ("evqGetJob() is only available in …")."""
