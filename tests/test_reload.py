@@ -132,6 +132,38 @@ def test_concurrency_change_applies_at_once(jobd: Callable[..., Daemon], gates: 
         assert daemon.output(job_id) == f"done {i}\n"
 
 
+def test_a_scheduler_change_reorders_the_jobs_already_waiting(
+    jobd: Callable[..., Daemon], gates: Callable[[str], Gate]
+) -> None:
+    # The queue model test changes schedulers among random steps, and its few seeds never caught a reload that
+    # kept the waiting jobs in the old scheduler's order.
+    config = '[queue.work]\nconcurrency = 1\nscheduler = "{scheduler}"\n'
+    daemon = jobd(config.format(scheduler="priority"))
+    blocker, *held = [gates(name) for name in ("blocker", "a", "b", "c")]
+    first = daemon.submit(command=gated(blocker, "/bin/true"), queue="work")["id"]
+    # Submitted a, b, c; by priority (lower first) c, b, a.
+    a, b, c = (
+        daemon.submit(command=gated(gate, "/bin/true"), queue="work", priority=priority)["id"]
+        for gate, priority in zip(held, (30, 20, 10), strict=True)
+    )
+    assert states(daemon, [first, a, b, c]) == ["running", "queued", "queued", "queued"]
+
+    daemon.write_config(config.format(scheduler="fifo"))
+    assert daemon.call("daemon.reload")["ok"] is True
+    blocker.release()
+    assert daemon.wait(first)["state"] == "succeeded"
+    assert states(daemon, [a, b, c]) == ["running", "queued", "queued"]  # submission order: a first
+
+    daemon.write_config(config.format(scheduler="priority"))
+    assert daemon.call("daemon.reload")["ok"] is True
+    held[0].release()
+    assert daemon.wait(a)["state"] == "succeeded"
+    assert states(daemon, [b, c]) == ["queued", "running"]  # priority order again: c before b
+    held[2].release()
+    held[1].release()
+    assert [daemon.wait(job_id)["state"] for job_id in (c, b)] == ["succeeded", "succeeded"]
+
+
 # --- broken files -------------------------------------------------------------------------------------------
 
 
