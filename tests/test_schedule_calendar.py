@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, next_run, waited_for
+from jobd.engine.schedule import MAX_STEP_BACK, Calendar, catch_up_due, next_run, still_due, waited_for
 from jobd.localzone import LocalZone
 from jobd.model import ScheduleDef, ScheduleState
 
@@ -448,6 +448,24 @@ def test_a_due_time_delayed_by_jitter_past_a_restart_is_kept() -> None:
     fired = dataclasses.replace(waiting, last_due=T0 + 3600 + 40)  # fired already (the clock set back since)
     assert waited_for(DEFINITION, HOURLY, fired, T0 + 3601) is None
     assert waited_for(DEFINITION, HOURLY, ScheduleState("s"), T0) is None  # never armed
+
+
+def test_a_recompute_keeps_the_due_time_whose_calendar_time_has_come_and_draws_the_others_again() -> None:
+    """still_due, for an edit by a reload or a clock set: it had no test of its own, and the schedules tests, on
+    the wall clock, let a recompute keep a due time whose calendar time was still to come, or one already fired."""
+    waiting = ScheduleState("s", last_run=T0 + 5, last_due=T0, next_run=T0 + 3600 + 40)  # 11:00:40, for 11:00
+    assert still_due(DEFINITION, HOURLY, waiting, T0 + 3600 + 1) == T0 + 3600 + 40  # 11:00:01: its jitter runs
+    assert still_due(DEFINITION, HOURLY, waiting, T0 + 3600 + 90) == T0 + 3600 + 40  # came during a long reload
+    assert still_due(DEFINITION, HOURLY, waiting, T0 + 3000) is None  # 11:00 still to come: drawn again
+    fired = dataclasses.replace(waiting, last_due=T0 + 3600 + 40)
+    assert still_due(DEFINITION, HOURLY, fired, T0 + 3600 + 41) is None  # fired already (the clock set back since)
+    assert still_due(dataclasses.replace(DEFINITION, jitter=10.0), HOURLY, waiting, T0 + 3601) is None  # no longer
+    half_past = Calendar.parse("30 * * * *")
+    assert still_due(DEFINITION, half_past, waiting, T0 + 3601) is None  # another calendar
+    assert still_due(DEFINITION, half_past, waiting, T0 + 5401) is None  # whose 11:30 has come, but is not 11:00
+    assert still_due(DEFINITION, None, waiting, T0 + 3601) is None  # a calendar that could not be read
+    assert still_due(DEFINITION, HOURLY, dataclasses.replace(waiting, suspended=True), T0 + 3601) is None
+    assert still_due(DEFINITION, HOURLY, ScheduleState("s"), T0 + 3601) is None  # never armed
 
 
 def test_catch_up_after_the_calendar_changed_while_jobd_was_down() -> None:
