@@ -672,10 +672,13 @@ def test_job_json_shows_the_request_without_its_secrets(server: Any, web: WebSer
     bearer = server.submit(http={"url": web.url, "headers": {"authorization": "Bearer s3cr3t"}})["id"]
     assert server.call("job.get", {"id": bearer})["http"]["headers"] == {"authorization": "Bearer ***"}
     assert server.call("job.get", {"id": server.submit(command=["/bin/true"])["id"]})["http"] is None
-    # Only the secret's value changes: the rest of the query stays as written (not decoded and encoded again).
-    query = "/echo?q=a%20b&token=t0k&flag&x=%2F"
+    # Only the secret's value changes: the rest of the query stays as written (not decoded and encoded again). A
+    # name is recognised as the server reads it, decoded: `api%5Fkey` is api_key, `se%73sion` session.
+    query = "/echo?q=a%20b&token=t0k&flag&x=%2F&api%5Fkey=k3y&se%73sion=s1d"
     delayed = server.submit(http={"url": web.url + query}, delay=3600)["id"]
-    assert server.call("job.get", {"id": delayed})["http"]["url"] == web.url + "/echo?q=a%20b&token=***&flag&x=%2F"
+    assert server.call("job.get", {"id": delayed})["http"]["url"] == (
+        web.url + "/echo?q=a%20b&token=***&flag&x=%2F&api%5Fkey=***&se%73sion=***"
+    )
 
 
 def _aiohttp_parser() -> str:
