@@ -21,7 +21,7 @@ import signal
 import sqlite3
 import time
 import zoneinfo
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -375,40 +375,37 @@ def test_a_workflow_that_ends_with_errors_suspends_its_schedule(sched: Any) -> N
 # -- restarts ----------------------------------------------------------------------------------------------------
 
 
-def down_across_its_due_time(attempt: Callable[[], tuple[Daemon, float]]) -> tuple[Daemon, float]:
-    """`attempt()` starts jobd with a schedule due a few seconds ahead, does what the test needs first, stops jobd,
-    and returns it with that due time; then jobd stays down until the due time has passed. On a heavily loaded
-    machine the start and the stop can outlast those seconds, and such a run tests nothing: it is made again, with a
-    new daemon and a new due time, up to three times."""
-    for _ in range(3):
-        daemon, due = attempt()
-        if time.time() < due:
-            time.sleep(due - time.time() + 0.2)  # jobd is down across its due time
-            return daemon, due
-    raise AssertionError("three times jobd took too long to stop: the due time passed while it was running")
+def passed_while_down(daemon: Daemon, *names: str) -> float:
+    """For a stopped jobd whose schedules (calendar YEARLY, in UTC) wait for the next 1 January: make that wait one
+    that passed while jobd was down, as if it had stopped a year ago, by moving the saved state (the time waited for
+    and the last run) back a year; no sleep until a due time. Returns the due time that passed."""
+    now = dt.datetime.now(dt.UTC)
+    passed = dt.datetime(now.year, 1, 1, tzinfo=dt.UTC).timestamp()
+    coming = dt.datetime(now.year + 1, 1, 1, tzinfo=dt.UTC).timestamp()
+    for name in names:
+        row = saved_row(daemon, name)
+        assert row["next_run"] == coming, row  # what jobd waited for is in its database
+        set_saved(daemon, name, next_run=passed, last_run=row["last_run"] - (coming - passed))
+    return passed
+
+
+YEARLY = "0 0 1 1 *"
 
 
 def test_catch_up_runs_once_at_start_up_when_a_due_time_passed_while_jobd_was_down(sched: Any) -> None:
-    triggered: dict[str, Any] = {}
-
-    def attempt() -> tuple[Daemon, float]:
-        due_second = (int(time.time()) + 5) % 60
-        daemon = sched(
-            schedule("late", "task:true", f"{due_second} * * * * *", catch_up=True)
-            + schedule("plain", "task:true", f"{due_second} * * * * *")
-        )
-        triggered.update({name: daemon.call("schedule.trigger", {"name": name}) for name in ("late", "plain")})
-        for result in triggered.values():
-            assert result["started"] and result["run_id"], result
-            daemon.wait(result["run_id"])
-        due = epoch(listed(daemon, "late")["next_run"])
-        assert terminate(daemon) == 0
-        return daemon, due
-
-    daemon, due = down_across_its_due_time(attempt)
+    daemon = sched(
+        schedule("late", "task:true", YEARLY, catch_up=True, timezone="UTC")
+        + schedule("plain", "task:true", YEARLY, timezone="UTC")
+    )
+    triggered = {name: daemon.call("schedule.trigger", {"name": name}) for name in ("late", "plain")}
+    for result in triggered.values():
+        assert result["started"] and result["run_id"], result
+        daemon.wait(result["run_id"])
+    assert terminate(daemon) == 0
+    due = passed_while_down(daemon, "late", "plain")
     start(daemon)
     late = listed(daemon, "late")
-    assert late["last_run_id"] != triggered["late"]["run_id"]  # caught up at once, not waiting a minute
+    assert late["last_run_id"] != triggered["late"]["run_id"]  # caught up at once, not waiting a year
     assert epoch(late["last_run"]) > due
     assert daemon.wait(late["last_run_id"])["state"] == "succeeded"
     assert len(jobs_of(daemon, "late")) == 2 and len(jobs_of(daemon, "plain")) == 1  # no catch_up: no run
@@ -419,33 +416,22 @@ def test_catch_up_runs_once_at_start_up_when_a_due_time_passed_while_jobd_was_do
 def test_catch_up_with_a_run_still_going_follows_the_overlap_rule(sched: Any, tmp_path: Path) -> None:
     """A run started before the stop, still going after it (back in its queue), made the catch-up skip the missed
     due time whatever the overlap rule: "allow" must start another run, "queue_one" queue one."""
-    gates: list[Gate] = []
-    first: dict[str, int] = {}
-
-    def attempt() -> tuple[Daemon, float]:
-        gate = Gate(tmp_path / f"gate{len(gates)}")
-        gates.append(gate)
-        due_second = (int(time.time()) + 5) % 60
-        keys: dict[str, Any] = {"catch_up": True, "parameters": {"lock": gate.path}}
-        daemon = sched(
-            schedule("allowed", "task:gated", f"{due_second} * * * * *", overlap="allow", **keys)
-            + schedule("queued", "task:gated", f"{due_second} * * * * *", overlap="queue_one", **keys)
-        )
-        for name in ("allowed", "queued"):
-            first[name] = daemon.call("schedule.trigger", {"name": name})["run_id"]
-        due = epoch(listed(daemon, "allowed")["next_run"])
-        assert terminate(daemon) == 0  # their jobs go back to queued: the runs still go
-        return daemon, due
-
-    daemon, _ = down_across_its_due_time(attempt)
+    gate = Gate(tmp_path / "gate")
+    keys: dict[str, Any] = {"catch_up": True, "parameters": {"lock": gate.path}, "timezone": "UTC"}
+    daemon = sched(
+        schedule("allowed", "task:gated", YEARLY, overlap="allow", **keys)
+        + schedule("queued", "task:gated", YEARLY, overlap="queue_one", **keys)
+    )
+    first = {name: daemon.call("schedule.trigger", {"name": name})["run_id"] for name in ("allowed", "queued")}
+    assert terminate(daemon) == 0  # their jobs go back to queued: the runs still go
+    passed_while_down(daemon, "allowed", "queued")
     start(daemon)
     assert "catching up once now" in daemon.log()
     allowed, queued = listed(daemon, "allowed"), listed(daemon, "queued")
     assert [job["id"] for job in jobs_of(daemon, "allowed")][-1] == first["allowed"]
     assert len(jobs_of(daemon, "allowed")) == 2, allowed  # another run, beside the one still going
     assert (queued["pending"], queued["running"]) == (True, [first["queued"]]), queued
-    for gate in gates:
-        gate.release()
+    gate.release()
     for job in jobs_of(daemon, "allowed"):
         assert daemon.wait(job["id"])["state"] == "succeeded"
 
