@@ -97,6 +97,10 @@ def names(result: object) -> list[str | None]:
         ("subjobs//evqGetOutput('t')", "evq-step:evqGetOutput(subjobs/descendant-or-self::node(), 't')"),
         ("/evqGetContext()", "evq-step:evqGetContext(/)"),
         ("//evqGetOutput('t')", "evq-step:evqGetOutput(/descendant-or-self::node(), 't')"),
+        # `.` and `..` are steps like any other (they were taken for nothing: `.evq-step:…(/)`, refused)
+        ("./evqGetOutput('list')/files/file", "evq-step:evqGetOutput(., 'list')/files/file"),
+        ("../evqGetParentJob()", "evq-step:evqGetParentJob(..)"),
+        ("x/../evqGetOutput('a')", "evq-step:evqGetOutput(x/.., 'a')"),
         # operators end the left operand: a path binds tighter than them
         ("x div evqGetParentJob()/evqGetOutput('a')", "x div evq-step:evqGetOutput(evqGetParentJob(), 'a')"),
         ("2 * j/evqGetOutput('a')", "2 * evq-step:evqGetOutput(j, 'a')"),
@@ -268,6 +272,14 @@ def test_get_output_alone_and_as_a_step(root: etree._Element) -> None:
     assert evaluate_string("evqGetOutput('other.sh')", job, process) == "other output"
     assert evaluate("evqGetOutput('nothing')", job, process) == []
     assert evaluate_boolean("count(evqGetOutput('list')/files/file[@size > 10]) = 2", job, process)
+
+
+def test_evq_functions_as_steps_after_dot_and_dotdot(root: etree._Element) -> None:
+    process = EvalContext.for_node(node(root, 7), root)
+    files = ["f1.txt", "f2.txt", "f3.txt"]
+    assert names(evaluate("./evqGetOutput('list')/files/file", node(root, 2), process)) == files
+    assert names(evaluate("../../evqGetOutput('list')/files/file", node(root, 3), process)) == files
+    assert names(evaluate("../evqGetParentJob()", node(root, 8), process)) == ["list"]
 
 
 def test_get_input_matches_the_path_only(root: etree._Element) -> None:

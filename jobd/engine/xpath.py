@@ -186,7 +186,8 @@ def _matching(tokens: Sequence[Token], at: int) -> int:
     raise XPathError(f"unbalanced {own!r} at character {tokens[at].start + 1}")
 
 
-_PATH_TOKENS = frozenset({"name", "axis", "variable", "@", "::", ".", "..", "slash"})
+# The tokens a path is made of (xpathlex's kinds: `.` is "dot", `..` is "dotdot").
+_PATH_TOKENS = frozenset({"name", "axis", "variable", "@", "::", "dot", "dotdot", "slash"})
 
 
 def _left_operand_start(tokens: Sequence[Token], slash_index: int) -> int:
