@@ -148,6 +148,8 @@ def test_rewrite(expression: str, expected: str) -> None:
         "string-join(file/@name, ',') != '' and min(file/@size) < max(file/@size)",
         "current()/@name",
         "/",  # the root
+        "/ | a and count(/) = 1 and (/) = a[/]",  # the root, alone, before an operator or a closing bracket
+        "file[position() = 1] | file[last()] | file[position() = last() - 1]",  # not steps: in predicates
         "-1 + - @size * -(2)",  # `-` is also a sign
         "a[@x = 1] | b[. != 'y'] or 2 div 2 mod 1 > 0",
     ],
@@ -202,8 +204,35 @@ def test_compile_check_accepts(expression: str) -> None:
         ),
         ("a//string()", "write string(a//node()) for the string of its first node, or a//node()[string() = '…']"),
         ("/name()", "write name(/) for the name of its first node (evQueue's /name() was the name of each node)"),
-        ("file/position()", "only evQueue's evq functions may be steps; call position() outside the path"),
+        (
+            "file/position() = 2",
+            "position() at character 6 is a path step (file/position()), which XPath 1.0 does not allow: write "
+            "count(file) for how many nodes file selects, or file[position() = 2] for the second of them (evQueue's "
+            "file/position() was 1, 2, … for its nodes)",
+        ),
+        (
+            "f[x/last() > 1]",
+            "last() at character 5 is a path step (x/last()), which XPath 1.0 does not allow: write count(x) for "
+            "how many nodes x selects, or x[last()] for the last of them (evQueue's x/last() was that number",
+        ),
+        ("file/count(x)", "count() at character 6 is a path step (file/count(x)), which XPath 1.0 does not allow: "),
+        ("file/count(x)", "write count(file) for how many nodes file selects"),
+        ("/position()", "call position() outside the path"),
         ("file/name(.)", "call name() outside the path"),
+        # no predicate after `.` or `..` in XPath 1.0: no `.[name() = '…']` offered
+        (
+            "./name()",
+            "is a path step (./name()), which XPath 1.0 does not allow: write name(.) for the name of its "
+            "first node (evQueue's",
+        ),
+        ("../last()", "write count(..) for how many nodes .. selects (evQueue's"),
+        # a `/` followed by no step: libxml2 said "Invalid expression"
+        ("a/(b)", "'(' at character 3 cannot follow '/': a path step is a name, *, @name, axis::name, a node "),
+        ("a//'s'", "\"'s'\" at character 4 cannot follow '//'"),
+        ("a/1 + 2", "'1' at character 3 cannot follow '/'"),
+        ("a/[1]", "'[' at character 3 cannot follow '/'"),
+        ("a/ | b", "'|' at character 4 cannot follow '/'"),
+        ("// = 1", "'=' at character 4 cannot follow '//'"),
     ],
 )
 def test_compile_check_rejects(expression: str, reason: str) -> None:

@@ -254,6 +254,8 @@ def _check_operands(tokens: Sequence[Token]) -> None:
         after = tokens[index + 1] if index + 1 < len(tokens) else None
         if token.kind == "slash" and after is None and (index > 0 or token.text == "//"):
             raise XPathError(f"the path ends with {token.text!r} at character {token.start + 1}: a step must follow")
+        if token.kind == "slash" and after is not None and after.kind not in _STEP_STARTS:
+            _check_root_alone(tokens, index)
         if token.kind != "operator":
             continue
         if after is None or after.kind in (")", "]", ","):
@@ -262,6 +264,25 @@ def _check_operands(tokens: Sequence[Token]) -> None:
         # `-` may also be a sign (`-1`, `a * -b`); XPath has no other prefix operator.
         if token.text != "-" and (before is None or before.kind in ("(", "[", ",", "operator")):
             raise XPathError(f"the operator {token.text!r} at character {token.start + 1} has nothing before it")
+
+
+# What a path step starts with: a name test (`x`, `*`), an axis, `@`, `.`, `..`, or a node test such as `text()`
+# (a function is checked by _check_step).
+_STEP_STARTS = frozenset({"name", "axis", "@", "dot", "dotdot", "function"})
+
+
+def _check_root_alone(tokens: Sequence[Token], index: int) -> None:
+    """The `/` at `index` is followed by no step: right only for `/` alone, the root (`/ | x`, `count(/)`)."""
+    slash = tokens[index]
+    after = tokens[index + 1]
+    before = tokens[index - 1] if index else None
+    alone = slash.text == "/" and (before is None or before.kind in ("(", "[", ",", "operator"))
+    if alone and after.kind in ("operator", ")", "]", ","):
+        return
+    raise XPathError(
+        f"{after.text!r} at character {after.start + 1} cannot follow {slash.text!r}: a path step is a name, *, "
+        "@name, axis::name, a node test such as text(), . or .."
+    )
 
 
 def _check_function(tokens: Sequence[Token], index: int) -> None:
@@ -282,6 +303,9 @@ def _check_function(tokens: Sequence[Token], index: int) -> None:
 # XPath 1.0's functions whose one optional argument defaults to the context node: for `LEFT/f()`, `f(LEFT)` is
 # what XPath 1.0 can say (f of LEFT's first node).
 _OF_A_NODE = frozenset({"name", "local-name", "namespace-uri", "string", "string-length", "normalize-space", "number"})
+# XPath 1.0's functions of the context's position and size, which evQueue's dialect took as steps too
+# (XPathFunctions::position and ::last: one number for each node on the left).
+_OF_THE_CONTEXT = frozenset({"position", "last"})
 
 
 def _check_step(expression: str, tokens: Sequence[Token], index: int) -> None:
@@ -298,11 +322,27 @@ def _check_step(expression: str, tokens: Sequence[Token], index: int) -> None:
     step = expression[tokens[left_start].start : tokens[close].end]
     left = expression[tokens[left_start].start : tokens[slash].start].strip()
     left = f"{left}{tokens[slash].text}node()" if tokens[slash].text == "//" else left or "/"
+    # `X[…]` is what the hints offer for "the nodes of X such that": not after `/` alone, `.` or `..`, which
+    # XPath 1.0 gives no predicate.
+    filterable = left != "/" and tokens[slash - 1].kind not in ("dot", "dotdot")
     problem = f"{name}() at character {tokens[index].start + 1} is a path step ({step}), which XPath 1.0 does not allow"
-    if name not in _OF_A_NODE or close != index + 2:
+    no_arguments = close == index + 2
+    if name == "count" and left != "/":
+        raise XPathError(f"{problem}: write count({left}) for how many nodes {left} selects")
+    if not no_arguments or name not in _OF_A_NODE | _OF_THE_CONTEXT or (name in _OF_THE_CONTEXT and left == "/"):
         raise XPathError(f"{problem}: only evQueue's evq functions may be steps; call {name}() outside the path")
+    if name == "position":
+        hint = f"write count({left}) for how many nodes {left} selects"
+        if filterable:
+            hint += f", or {left}[position() = 2] for the second of them"
+        raise XPathError(f"{problem}: {hint} (evQueue's {step} was 1, 2, … for its nodes)")
+    if name == "last":
+        hint = f"write count({left}) for how many nodes {left} selects"
+        if filterable:
+            hint += f", or {left}[last()] for the last of them"
+        raise XPathError(f"{problem}: {hint} (evQueue's {step} was that number, for each node)")
     hint = f"write {name}({left}) for the {name} of its first node"
-    if left != "/":
+    if filterable:
         hint += f", or {left}[{name}() = '…'] for the nodes whose {name} is '…'"
     if name == "name":
         hint += f" (evQueue's {step} was the name of each node)"
