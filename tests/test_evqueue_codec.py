@@ -707,6 +707,18 @@ def test_xpathfilter_values_are_answered_as_text_and_nothing_as_an_empty_respons
     assert filtered("concat('<', '&')") == b"&lt;&amp;"
 
 
+def test_xpathfilter_of_the_root_answers_the_whole_response() -> None:
+    """XPath's `/` selects the document node, which lxml leaves out of a node-set: the answer was empty, as if it
+    selected nothing. Its copy is the `<response>` it holds, as `/*` answers it; it is first in document order."""
+    whole = filtered("/*")
+    assert whole.startswith(b'<response node="n" rows="2" status="OK"><workflow id="1" name="a"/>'), whole
+    for expression in ("/", "(/)", "/.", "/self::node()", "/response/..", "/ | //workflow", "//node()"):
+        assert filtered(expression) == whole, expression
+    assert filtered("//workflow/ancestor::node()[last()]") == whole  # the farthest ancestor: the document
+    assert filtered("count(/) + count(/response/..)") == b"2"
+    assert filtered("/response/workflow | /response/workflow/@id") == b'<workflow id="1" name="a"/>'
+
+
 def test_xpathfilter_leaves_the_response_untouched() -> None:
     root = listing()
     apply_xpathfilter(root, "workflow")

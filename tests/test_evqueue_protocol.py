@@ -272,6 +272,10 @@ def test_xpathfilter_selects_part_of_the_answer(daemon: Any) -> None:
         assert (attribute.text, len(attribute)) == ("default", 0)
         nothing = ok(client.ask(b'<queuepool action="list" xpathfilter="/response/queue[@name=\'nosuch\']"/>'))
         assert (nothing.text, len(nothing)) == (None, 0)
+        # `/`, the root: the whole answer (it was empty, lxml leaving the document node out), as `/*` gives it.
+        whole = ok(client.ask(b'<queuepool action="list" xpathfilter="/"/>'))
+        assert [child.tag for child in whole] == ["response"] and whole[0].get("status") == "OK"
+        assert [queue.get("name") for queue in whole[0]] == ["default", "serial"]
         # A namespace node is its URI (lxml hands it over as a tuple, which was written as Python shows one).
         namespace = ok(client.ask(b'<ping xpathfilter="/response/namespace::*"/>'))
         assert namespace.text == "http://www.w3.org/XML/1998/namespace"

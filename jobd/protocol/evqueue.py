@@ -977,7 +977,8 @@ def _ticking(expression: str) -> str:
 def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._Element:
     """evQueue's `xpathfilter`: the answer becomes a new `<response node=… status="OK">` holding what the expression
     selects in the response (evaluated from its root), as evQueue 3.3 builds it (APISession::QueryReceived imports
-    the first result into a fresh response): a copy of the first node selected, the text of an attribute, or the
+    the first result into a fresh response): a copy of the first node selected (of the document node, `/`, the
+    `<response>` it holds), the text of an attribute, or the
     value of a string, number (as XPath's string() writes it) or boolean (`true`/`false`); nothing selected leaves it
     empty. Its clients read that answer as any other (status on the root, then its children).
 
@@ -999,20 +1000,30 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
             raise _XPathFilterTooSlow
         return True
 
-    # Only lxml's refusals of the expression are the client's mistake: any other exception is a bug in jobd, for
-    # the caller to log and answer as one (an internal error), not as an invalid parameter.
-    try:
-        selector = etree.XPath(
-            _ticking(expression),
+    def compiled(text: str) -> etree.XPath:
+        return etree.XPath(
+            _ticking(text),
             namespaces={"jobd": _TICK_NAMESPACE},
             extensions={(_TICK_NAMESPACE, "tick"): tick},
             regexp=False,
             smart_strings=False,
         )
+
+    # Only lxml's refusals of the expression are the client's mistake: any other exception is a bug in jobd, for
+    # the caller to log and answer as one (an internal error), not as an invalid parameter.
+    try:
+        selector = compiled(expression)
     except (etree.XPathError, ValueError) as error:  # ValueError: a string lxml cannot take (control characters)
         raise InvalidParams(f"Invalid xpathfilter '{expression}': {error}", parameter="xpathfilter") from None
     try:
         result = selector(response_root)
+        # lxml leaves the document node out of the node-sets it returns, so `/` came back as empty as what selects
+        # nothing, and `/ | x` as x. Selected, it is the first node (document order), and its copy is what it
+        # holds, the whole answer (as `/*` gives it), where evQueue's own XPath failed ("Missing node ... after
+        # slash"). The document is the one node without a parent.
+        first_may_be_the_document = isinstance(result, list) and (not result or result[0] is not response_root)
+        if first_may_be_the_document and compiled(f"boolean(({expression})[not(..)])")(response_root):
+            result = [response_root]
     except _XPathFilterTooSlow:
         raise xpathfilter_refused(expression, TOO_SLOW) from None
     except etree.XPathError as error:
