@@ -1489,11 +1489,13 @@ def test_no_schedules_by_default(tmp_path: Path) -> None:
     [
         (
             'calendar = "0;*;;;;"',
-            'schedule.s.calendar: "0;*;;;;": Non numeric data in schedule offset; allowed: cron',
+            "schedule.s.calendar: \"0;*;;;;\": Non numeric data in schedule offset: '*' in MIN, the 2nd level "
+            "(comma-separated integers); allowed: cron",
         ),
-        ('calendar = ";;;30;1;"', "Schedule constraints are impossible to satisfy; allowed: cron"),
-        ('calendar = ";;;;;;"', "Garbage at end of schedule"),
-        ('calendar = "60;;;;;"', "Out of range schedule offset"),
+        ('calendar = ";;;30;1;"', "Schedule constraints are impossible to satisfy: none of the months of MONTH"),
+        ('calendar = ";;;;;;;"', "Garbage at end of schedule: ';' after the 6th level, WDAY"),
+        ('calendar = "60;;;;;"', "Out of range schedule offset: 60 in SEC, the 1st level (0 to 59); allowed: cron"),
+        ('calendar = "0, 30 * * * *"', "invalid cron expression: field 1, SEC of 6 fields, '0,', ends with ','"),
         ('calendar = ""', "Empty schedule"),
         ('calendar = "1 2 3"', "expected 5 cron fields"),
         ("calendar = 5", "schedule.s.calendar: expected a string: cron"),
@@ -1538,8 +1540,8 @@ def test_an_unknown_calendar_macro_is_told_what_is_allowed_once(tmp_path: Path) 
 def test_schedule_error_names_file_line_and_key(tmp_path: Path) -> None:
     error = load_error(schedule_dir(tmp_path, '[schedule.s]\ntask = "t"\ncalendar = "0;*;;;;"\n'))
     assert error.message == (
-        f'{tmp_path / "jobd.toml"}:7: schedule.s.calendar: "0;*;;;;": Non numeric data in schedule offset; '
-        f"allowed: {config.CALENDAR_RULE}"
+        f'{tmp_path / "jobd.toml"}:7: schedule.s.calendar: "0;*;;;;": Non numeric data in schedule offset: '
+        f"'*' in MIN, the 2nd level (comma-separated integers); allowed: {config.CALENDAR_RULE}"
     )
     assert (error.details["line"], error.details["key"]) == (7, "schedule.s.calendar")
 

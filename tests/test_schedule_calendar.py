@@ -59,10 +59,23 @@ def walls(text: str, start: float, count: int, zone: str = "Europe/Paris") -> li
         ("0,30,;;;;;", ["2024-01-01T00:00:30+01:00", "2024-01-01T00:01:00+01:00"]),
         ("+0;+30,;+3,;;;", ["2024-01-01T03:30:00+01:00", "2024-01-02T03:30:00+01:00"]),
         ("-0;0;;;;+6", ["2024-01-06T00:00:00+01:00", "2024-01-06T01:00:00+01:00"]),  # Saturdays, hourly
+        # Blanks around values and separators are ignored (evQueue's strtol() skips those before a value), and a
+        # level of blanks is empty; `1, ` is `1,`, whose comma evQueue skips.
+        ("0, 30;;;;;", ["2024-01-01T00:00:30+01:00", "2024-01-01T00:01:00+01:00"]),
+        (" 0 , 30 ;\t; ;;;", ["2024-01-01T00:00:30+01:00", "2024-01-01T00:01:00+01:00"]),
+        ("0;1, ;;;;", ["2024-01-01T00:01:00+01:00", "2024-01-01T01:01:00+01:00"]),
+        # evQueue skips one `;` after the 6th level too
+        (";;;;;;", ["2024-01-01T00:00:01+01:00", "2024-01-01T00:00:02+01:00"]),
+        ("0;0;3;;;1,2,3,4,5; ", ["2024-01-01T03:00:00+01:00", "2024-01-02T03:00:00+01:00"]),
     ],
 )
 def test_due_times(text: str, expected: list[str]) -> None:
     assert walls(text, paris(2024, 1, 1, 0, 0, 0), 2) == expected
+
+
+# Each refusal starts with evQueue's message, word for word, then names the value and the level.
+NON_NUMERIC_IN_MIN = "in MIN, the 2nd level (comma-separated integers)"
+FORMAT = "(the format is SEC;MIN;HOUR;DAY;MONTH;WDAY)"
 
 
 @pytest.mark.parametrize(
@@ -70,38 +83,59 @@ def test_due_times(text: str, expected: list[str]) -> None:
     [
         ("", "Empty schedule"),
         ("   ", "Empty schedule"),
-        ("0;*;;;;", "Non numeric data in schedule offset"),
-        ("0;1-5;;;;", "Non numeric data in schedule offset"),
-        ("0;*/5;;;;", "Non numeric data in schedule offset"),
-        ("0;a;;;;", "Non numeric data in schedule offset"),
-        ("0;1,,2;;;;", "Non numeric data in schedule offset"),
+        ("0;*;;;;", f"Non numeric data in schedule offset: '*' {NON_NUMERIC_IN_MIN}"),
+        ("0;1-5;;;;", f"Non numeric data in schedule offset: '1-5' {NON_NUMERIC_IN_MIN}"),
+        ("0;*/5;;;;", f"Non numeric data in schedule offset: '*/5' {NON_NUMERIC_IN_MIN}"),
+        ("0;a;;;;", f"Non numeric data in schedule offset: 'a' {NON_NUMERIC_IN_MIN}"),
+        ("0;1,,2;;;;", f"Non numeric data in schedule offset: an empty value {NON_NUMERIC_IN_MIN}"),
         # evQueue skips ONE comma after a value: a comma with no value before it is non-numeric to it too
-        ("0;1,,;;;;", "Non numeric data in schedule offset"),
-        ("0;,1;;;;", "Non numeric data in schedule offset"),
-        ("0;,;;;;", "Non numeric data in schedule offset"),
-        ("0;1, ;;;;", "Non numeric data in schedule offset"),
-        ("0;++1;;;;", "Non numeric data in schedule offset"),
-        ("0;+-1;;;;", "Non numeric data in schedule offset"),
-        ("0;+60;;;;", "Out of range schedule offset"),
-        ("60;;;;;", "Out of range schedule offset"),
-        (";60;;;;", "Out of range schedule offset"),
-        (";;24;;;", "Out of range schedule offset"),
-        (";;;31;;", "Out of range schedule offset"),  # day 31 would be the 32nd
-        (";;;;12;", "Out of range schedule offset"),
-        (";;;;;7", "Out of range schedule offset"),
-        (";;;-1;;", "Out of range schedule offset"),
-        (";;;;;;", "Garbage at end of schedule"),
-        ("0;0;0;0;0;0;0", "Garbage at end of schedule"),
-        (";;;30;1;", "Schedule constraints are impossible to satisfy"),  # 31 February
-        (";;;29;1;", "Schedule constraints are impossible to satisfy"),  # 30 February
-        (";;;30;1,3,5,8,10;", "Schedule constraints are impossible to satisfy"),  # months without a 31st
+        ("0;1,,;;;;", f"Non numeric data in schedule offset: an empty value {NON_NUMERIC_IN_MIN}"),
+        ("0;,1;;;;", f"Non numeric data in schedule offset: an empty value {NON_NUMERIC_IN_MIN}"),
+        ("0;,;;;;", f"Non numeric data in schedule offset: an empty value {NON_NUMERIC_IN_MIN}"),
+        ("0;1, ,2;;;;", f"Non numeric data in schedule offset: an empty value {NON_NUMERIC_IN_MIN}"),
+        ("0;++1;;;;", f"Non numeric data in schedule offset: '++1' {NON_NUMERIC_IN_MIN}"),
+        ("0;+-1;;;;", f"Non numeric data in schedule offset: '+-1' {NON_NUMERIC_IN_MIN}"),
+        # a blank inside a value is no separator; nor is a blank that is not ASCII (strtol() skips none)
+        ("0;1 2;;;;", f"Non numeric data in schedule offset: '1 2' {NON_NUMERIC_IN_MIN}"),
+        ("0;+ 5;;;;", f"Non numeric data in schedule offset: '+ 5' {NON_NUMERIC_IN_MIN}"),
+        ("0;\u00a05;;;;", f"Non numeric data in schedule offset: '\\xa05' {NON_NUMERIC_IN_MIN}"),
+        ("0;+60;;;;", "Out of range schedule offset: +60 in MIN, the 2nd level (0 to 59)"),
+        ("60;;;;;", "Out of range schedule offset: 60 in SEC, the 1st level (0 to 59)"),
+        (";60;;;;", "Out of range schedule offset: 60 in MIN, the 2nd level (0 to 59)"),
+        (";;24;;;", "Out of range schedule offset: 24 in HOUR, the 3rd level (0 to 23)"),
+        # day 31 would be the 32nd
+        (";;;31;;", "Out of range schedule offset: 31 in DAY, the 4th level (0 to 30, for the 1st to the 31st)"),
+        (";;;;12;", "Out of range schedule offset: 12 in MONTH, the 5th level (0 to 11, for January to December)"),
+        (";;;;;7", "Out of range schedule offset: 7 in WDAY, the 6th level (0 to 6, Sunday 0)"),
+        (";;;-1;;", "Out of range schedule offset: -1 in DAY, the 4th level (0 to 30, for the 1st to the 31st)"),
+        (";;;;;;;", f"Garbage at end of schedule: ';' after the 6th level, WDAY {FORMAT}"),
+        (";;;;;; x", f"Garbage at end of schedule: 'x' after the 6th level, WDAY {FORMAT}"),
+        ("0;0;0;0;0;0;0", f"Garbage at end of schedule: '0' after the 6th level, WDAY {FORMAT}"),
+        (
+            ";;;30;1;",  # 31 February
+            "Schedule constraints are impossible to satisfy: none of the months of MONTH has one of the days of DAY "
+            "(day 0 is the 1st)",
+        ),
+        (";;;29;1;", "Schedule constraints are impossible to satisfy: none of the months"),  # 30 February
+        (";;;30;1,3,5,8,10;", "Schedule constraints are impossible to satisfy: none of"),  # months without a 31st
         ("0 0 30 2 *", "Schedule constraints are impossible to satisfy"),  # cron too
+        # A space inside a cron list, range or step makes two fields of it: croniter's word shows its own rotated
+        # copy of the fields (`[30 * * * * 0,]`).
+        (
+            "0, 30 * * * *",
+            "invalid cron expression: field 1, SEC of 6 fields, '0,', ends with ',': a space ends a field, so a "
+            "list, range or step is written without one (0,30 or 1-5 or */5, not 0, 30)",
+        ),
+        ("0 ,30 * * * *", "invalid cron expression: field 2, MIN of 6 fields, ',30', starts with ',': a space ends"),
+        ("*/ 5 * * *", "invalid cron expression: field 1, MIN of 5 fields, '*/', ends with '/': a space ends"),
+        ("1 - 5 * * * *", "invalid cron expression: field 2, '-', starts with '-'"),  # 7 fields: no names
+        ("0, 30 * * * * *", "invalid cron expression: field 1, '0,', ends with ','"),  # 7 fields: no names
     ],
 )
 def test_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError) as raised:
         Calendar.parse(text)
-    assert str(raised.value) == message
+    assert str(raised.value).startswith(message)  # most in full; a few only as far as the point they make
 
 
 @pytest.mark.parametrize(

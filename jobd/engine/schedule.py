@@ -16,7 +16,7 @@ Accepted calendar syntaxes (`Calendar.parse`):
 - evQueue's `sec;min;hour;day;month;wday`: comma lists of integers (a sign, `+5`, and a comma after the last value
   accepted, as evQueue's parser does), an empty level means every value, day 0–30 is the 1st–31st, month 0–11 is
   January–December, wday 0–6 with Sunday 0. Unlike cron, day and weekday are ANDed (evQueue's rule), which croniter
-  does with `day_or=False`. Errors carry evQueue's exact messages.
+  does with `day_or=False`. Errors start with evQueue's exact messages, then name the value and the level.
 
 DST, for a calendar evaluated in a zone that has it (the rules are croniter's, plus one filter of ours):
 
@@ -79,6 +79,12 @@ _DAY, _MONTH, _HOUR = 3, 4, 2
 _DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February may have a 29th: leap years
 # evQueue reads a value with strtol(): a sign may lead it (`+5` is 5; `-0` is 0, `-1` out of range).
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+# The blanks strtol() skips before a value (C's isspace()): jobd ignores them around values and separators.
+_BLANKS = " \t\n\v\f\r"
+_EVQUEUE_FORMAT = "SEC;MIN;HOUR;DAY;MONTH;WDAY"
+_LEVEL_NAMES = _EVQUEUE_FORMAT.split(";")
+_ORDINALS = ("1st", "2nd", "3rd", "4th", "5th", "6th")
+_MEANINGS = {3: ", for the 1st to the 31st", 4: ", for January to December", 5: ", Sunday 0"}
 # croniter's Jenkins-style values in a cron field: R (random) and H (hashed), with an optional (range) and /step.
 _DRAWN = re.compile(r"[HhRr](\([0-9]+-[0-9]+\))?(/[0-9]+)?")
 
@@ -200,6 +206,7 @@ def _parse_cron(stripped: str) -> Calendar:
     else:
         expression = " ".join(stripped.split())
     fields = expression.split(" ")
+    _check_no_space_inside(fields)
     if len(fields) not in (5, 6):
         raise ValueError(
             f"expected 5 cron fields (min hour day month wday) or 6 with seconds first, found {len(fields)}"
@@ -263,38 +270,64 @@ def _systemd_hint(text: str) -> str:
     return ""
 
 
-def _parse_evqueue(text: str) -> Calendar:
-    """evQueue's format, checked as evQueue does, level by level.
+def _check_no_space_inside(fields: list[str]) -> None:
+    """A space inside a list, range or step (`0, 30 * * * *`) makes two fields of one, which croniter refuses
+    showing its own rotated copy of them (`[30 * * * * 0,]`), or which make a count of fields that is wrong: say
+    which field, and why."""
+    names = {5: "MIN HOUR DAY MONTH WDAY", 6: "SEC MIN HOUR DAY MONTH WDAY"}.get(len(fields), "").split()
+    for number, field in enumerate(fields):
+        after_a_space = number > 0 and field[0] in ",-/"
+        before_a_space = number < len(fields) - 1 and field[-1] in ",-/"
+        if after_a_space or before_a_space:
+            name = f", {names[number]} of {len(fields)} fields" if names else ""
+            edge = f"starts with {field[0]!r}" if after_a_space else f"ends with {field[-1]!r}"
+            raise ValueError(
+                f"invalid cron expression: field {number + 1}{name}, {field!r}, {edge}: a space ends a field, so a "
+                "list, range or step is written without one (0,30 or 1-5 or */5, not 0, 30)"
+            )
 
-    Fewer than 6 levels is accepted (the missing ones mean every value, as evQueue's parser reads them); a 7th is
-    garbage. Values are decimal integers, a sign allowed (`+5`): no `*`, ranges or steps (evQueue refuses them as
-    non-numeric). evQueue skips one comma after each value, so a level may end with one (`0,30,` is `0,30`); an
-    empty value anywhere else (`0,,30`, `,0`, a lone `,`) is non-numeric to it, and to jobd.
+
+def _parse_evqueue(text: str) -> Calendar:
+    """evQueue's format, checked as evQueue does, level by level, each refusal starting with evQueue's message and
+    naming the value and the level.
+
+    Fewer than 6 levels is accepted (the missing ones mean every value, as evQueue's parser reads them); after the
+    6th, one `;` (evQueue skips it) and nothing more. Values are decimal integers, a sign allowed (`+5`): no `*`,
+    ranges or steps (evQueue refuses them as non-numeric). evQueue skips one comma after each value, so a level may
+    end with one (`0,30,` is `0,30`); an empty value anywhere else (`0,,30`, `,0`, a lone `,`) is non-numeric to it,
+    and to jobd. Blanks around a value or a separator are ignored and a level of blanks is empty: evQueue's strtol()
+    skips those before a value, and those after one (which evQueue refused) say nothing else.
     """
     levels = text.split(";")
+    if len(levels) == len(_EVQUEUE_LEVELS) + 1 and not levels[-1].strip(_BLANKS):
+        levels.pop()  # the one `;` evQueue skips after the last level
     if len(levels) > len(_EVQUEUE_LEVELS):
-        raise ValueError(GARBAGE)
+        rest = ";".join(levels[len(_EVQUEUE_LEVELS) :]).strip(_BLANKS)
+        raise ValueError(f"{GARBAGE}: {rest!r} after the 6th level, WDAY (the format is {_EVQUEUE_FORMAT})")
     levels += [""] * (len(_EVQUEUE_LEVELS) - len(levels))
     values: list[list[int]] = []
-    for level, (size, _) in zip(levels, _EVQUEUE_LEVELS, strict=True):
+    for number_of_level, (level, (size, _)) in enumerate(zip(levels, _EVQUEUE_LEVELS, strict=True)):
+        where = f"{_LEVEL_NAMES[number_of_level]}, the {_ORDINALS[number_of_level]} level"
         numbers: list[int] = []
-        if level.strip():
+        if level.strip(_BLANKS):
             items = level.split(",")
-            if len(items) > 1 and items[-1] == "":  # the one comma evQueue skips after the last value
+            if len(items) > 1 and not items[-1].strip(_BLANKS):  # the one comma evQueue skips after the last value
                 items.pop()
-            for item in items:
-                if not _INTEGER.fullmatch(item.strip()):
-                    raise ValueError(NON_NUMERIC)
+            for item in (item.strip(_BLANKS) for item in items):
+                if not _INTEGER.fullmatch(item):
+                    value = repr(item) if item else "an empty value"
+                    raise ValueError(f"{NON_NUMERIC}: {value} in {where} (comma-separated integers)")
                 number = int(item)
                 if not 0 <= number < size:
-                    raise ValueError(OUT_OF_RANGE)
+                    meaning = _MEANINGS.get(number_of_level, "")
+                    raise ValueError(f"{OUT_OF_RANGE}: {item} in {where} (0 to {size - 1}{meaning})")
                 numbers.append(number)
         values.append(sorted(set(numbers)))
     # Only a day that no chosen month has can never happen (29th–31st); any date falls on every weekday in time.
     months = values[_MONTH] or list(range(12))
     days = values[_DAY] or [0]
     if not any(day < _DAYS_IN_MONTH[month] for day in days for month in months):
-        raise ValueError(IMPOSSIBLE)
+        raise ValueError(f"{IMPOSSIBLE}: none of the months of MONTH has one of the days of DAY (day 0 is the 1st)")
     fields = [
         ",".join(str(number + shift) for number in numbers) if numbers else "*"
         for numbers, (_, shift) in zip(values, _EVQUEUE_LEVELS, strict=True)
