@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 from lxml import etree
 
 from jobd import __version__, audit, redact, safexml
-from jobd.durable import DurableReply
+from jobd.durable import Delegating, DurableReply
 from jobd.engine import access
 from jobd.engine import callbacks as callback_defs
 from jobd.engine.core import STREAMS, Engine, OutputChunk
@@ -32,11 +32,15 @@ from jobd.engine.queues import QueueRuntime
 from jobd.engine.scheduler import Scheduler
 from jobd.engine.submit import SubmitRequest, resolve
 from jobd.errors import (
+    ConfigError,
     InsufficientRights,
     InvalidParams,
     JobdError,
     MethodNotFound,
+    OutOfResources,
     QueueClosed,
+    ShuttingDown,
+    StoreFailed,
     UnknownInstance,
     UnknownJob,
     UnknownQueue,
@@ -294,21 +298,71 @@ class Api:
             raise MethodNotFound(f"no method {json_repr(method)}; methods: {', '.join(served)}", allowed=served)
         params = Params(method, raw_params)
         target = audit.JSONRPC_MUTATING.get(method)
+
+        def run() -> Any:
+            return _naming_the_method(method, lambda: handler(self, session, params))
+
         try:
             if target is None:  # read-only: not audited
-                return handler(self, session, params)
+                return run()
             # The one place every mutating method is audited, refusals and failures included.
             return audit.call_jsonrpc(
-                self.engine.store,
-                session.peer,
-                method,
-                target,
-                raw_params,
-                lambda: handler(self, session, params),
-                session.after_reply,
+                self.engine.store, session.peer, method, target, raw_params, run, session.after_reply
             )
         except UNKNOWN_NAME as error:
             raise as_seen_by(self, session.peer, error) from None
+
+
+def _naming_the_method(method: str, run: Callable[[], Any]) -> Any:
+    """`run()`, each of whose refusals starts `METHOD: ` (once), as those of its parameters (Params) do already:
+    the engine's (`no job 7`, `unknown queue 'x'`, the rights) said nothing of the method, so a client's log of
+    several calls did not tell which was refused. Also when the method refuses after waiting (`job.wait`). A reply
+    that waits only for its commit to reach the disk (DurableReply) is left as it is: it refuses nothing."""
+    try:
+        result = run()
+    except JobdError as error:
+        raise _of_method(error, method) from None
+    if isinstance(result, Coroutine) and not isinstance(result, DurableReply):
+        return _NamingTheMethod(method, result)
+    return result
+
+
+class _NamingTheMethod(Delegating[Any]):
+    """A waiting method's coroutine (`work`) whose refusals start `METHOD: `. Not a bare `async def` around it:
+    closed before it ran (its client left first), it closes `work` too, which would otherwise be left never
+    awaited."""
+
+    def __init__(self, method: str, work: Coroutine[Any, Any, Any]) -> None:
+        self.work = work
+        self._wait = self._answer(method, work)
+
+    @staticmethod
+    async def _answer(method: str, work: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            return await work
+        except JobdError as error:
+            raise _of_method(error, method) from None
+
+    def close(self) -> None:
+        super().close()
+        self.work.close()
+
+
+# Not about the call, nor mended by changing it: jobd's own failures, and a broken configuration (whose message
+# starts `FILE:LINE:`, as at jobd's start). Told as they are.
+_NOT_REFUSALS = (OutOfResources, StoreFailed, ShuttingDown, ConfigError)
+
+
+def _of_method(error: JobdError, method: str) -> JobdError:
+    """`error`, a refusal of `method`, as a message that starts with the method, once (`events.subscribe is not
+    available over HTTP` says it already)."""
+    if (
+        type(error) is JobdError
+        or isinstance(error, _NOT_REFUSALS)
+        or error.message.startswith((f"{method}:", f"{method} "))
+    ):
+        return error
+    return type(error)(f"{method}: {error.message}", **error.details)
 
 
 # An unknown name's error lists the names that exist (`defined tasks: …`): to an admin all of them, to anyone else
@@ -466,7 +520,7 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
         except JobdError as error:
             if error.details.get("param") == "stdin" and "stdin_base64" in member.raw:
                 error.details["param"] = "stdin_base64"  # the one a SubmitRequest's `stdin` came from
-            raise _of_member(error, member.method, None if batch is None else index) from None
+            raise error if batch is None else _of_member(error, member.method, index) from None
         specs.append(spec)
         delays.append(delay)
     first_with_key: dict[str, int] = {}  # a key's first member in the batch: the job a later one would be answered
@@ -477,21 +531,20 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
                 if spec.key in first_with_key:
                     _check_key_in_batch(spec, first_with_key[spec.key], specs[first_with_key[spec.key]])
             except JobdError as error:
-                raise _of_member(error, members[index].method, None if batch is None else index) from None
+                raise error if batch is None else _of_member(error, members[index].method, index) from None
             first_with_key.setdefault(spec.key, index)
     jobs = api.engine.submit(specs, delays, after_reply=session.after_reply)
     result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
     return once_durable(api.engine, result)
 
 
-def _of_member(error: JobdError, member: str, index: int | None) -> JobdError:
-    """The refusal of a submit (`member` is `job.submit`), or of a batch's member `index` (`member` is
-    `job.submit: jobs[3]`): its message starts so, as the refusals of its params do already, whichever check made
-    it (the engine's of the task, the queue and the rights say nothing of the method), and a member's `data.index`
-    is its place in `jobs`."""
+def _of_member(error: JobdError, member: str, index: int) -> JobdError:
+    """The refusal of a batch's member `index` (`member` is `job.submit: jobs[3]`): its message starts so, as the
+    refusals of its params do already, whichever check made it (the engine's of the task, the queue and the rights
+    say nothing of it), and its `data.index` is its place in `jobs`. (A single submit's refusals start `job.submit: `
+    as every method's do: Api.call.)"""
     message = error.message if error.message.startswith(f"{member}:") else f"{member}: {error.message}"
-    details = error.details if index is None else {**error.details, "index": index}
-    return type(error)(message, **details)
+    return type(error)(message, **{**error.details, "index": index})
 
 
 def _check_queue(api: Api, spec: JobSpec) -> None:

@@ -15,16 +15,11 @@ from typing import Any, Generic, TypeVar
 R = TypeVar("R")
 
 
-class DurableReply(Coroutine[Any, Any, R], Generic[R]):
-    """`result`, once `durable()` returns: a coroutine that delegates to its one wait."""
+class Delegating(Coroutine[Any, Any, R], Generic[R]):
+    """A coroutine that is another one (`_wait`, set by the subclass), under a class of its own: one that its
+    caller can tell apart (DurableReply), or that keeps what the wait is made of (api's refusals of a method)."""
 
-    def __init__(self, result: R, durable: Callable[[], Awaitable[None]]) -> None:
-        self.result = result
-        self._wait = self._answer(durable)
-
-    async def _answer(self, durable: Callable[[], Awaitable[None]]) -> R:
-        await durable()
-        return self.result
+    _wait: Coroutine[Any, Any, R]
 
     def send(self, value: Any) -> Any:
         return self._wait.send(value)
@@ -37,3 +32,15 @@ class DurableReply(Coroutine[Any, Any, R], Generic[R]):
 
     def __await__(self) -> Generator[Any, None, R]:
         return self._wait.__await__()
+
+
+class DurableReply(Delegating[R]):
+    """`result`, once `durable()` returns: a coroutine that delegates to its one wait."""
+
+    def __init__(self, result: R, durable: Callable[[], Awaitable[None]]) -> None:
+        self.result = result
+        self._wait = self._answer(durable)
+
+    async def _answer(self, durable: Callable[[], Awaitable[None]]) -> R:
+        await durable()
+        return self.result

@@ -415,7 +415,7 @@ def test_unknown_names_are_told_only_as_far_as_a_user_may_see(jobd: Daemon, user
     codes = ["UNKNOWN_WORKFLOW", "INSUFFICIENT_RIGHTS", "INSUFFICIENT_RIGHTS", "UNKNOWN_WORKFLOW"]
     assert [answer["code"] for answer in alice] == codes, alice
     assert alice[0]["message"].endswith("; defined workflows: wf-a, wf-slow"), alice[0]
-    assert alice[3]["message"] == "no workflow 'wf-zzz'; defined workflows: wf-a, wf-slow", alice[3]
+    assert alice[3]["message"] == "workflow.get: no workflow 'wf-zzz'; defined workflows: wf-a, wf-slow", alice[3]
     for answer, name in zip(alice[1:3], ("nosuch", "nightly-secret"), strict=True):
         assert answer["message"].endswith(f"may not exec schedule {name}: the exec right is missing"), answer
     # evQueue's workflow ids: bob may read no workflow, so no id names one for him; each is refused without naming
@@ -642,7 +642,9 @@ queue = "ops"
     assert got == [{"code": answer["code"], "message": answer["message"]} for answer in refused], got
     xml_refusal = seen["evqueue"]
     assert xml_refusal.get("error-code") == "INSUFFICIENT_RIGHTS", xml_refusal
-    assert xml_refusal.get("error") == refused[2]["message"], xml_refusal
+    # The same refusal; JSON-RPC's starts with its method, as every refusal of a JSON-RPC method does.
+    assert refused[2]["message"].startswith("instance.wait: "), refused[2]
+    assert xml_refusal.get("error") == refused[2]["message"].removeprefix("instance.wait: "), xml_refusal
 
 
 HELD_EVQ_COMMAND = (

@@ -248,16 +248,20 @@ def test_a_refused_launch_names_the_parameters_and_takes_no_instance_id(wf: Daem
     missing = ctl(wf, "launch", "loopdemo")
     assert missing.code == 1, missing
     assert missing.err == (
-        "jobctl: INVALID_WORKFLOW_PARAMETERS: Invalid number of parameters passed to workflow (passed 0, expected 1);"
-        " loopdemo takes: count (missing: count)\n"
+        "jobctl: INVALID_WORKFLOW_PARAMETERS: instance.launch: Invalid number of parameters passed to workflow"
+        " (passed 0, expected 1); loopdemo takes: count (missing: count)\n"
     ), missing
     misspelt = ctl(wf, "launch", "parameters", "-p", "greeting=hi", "-p", "whom=you", "-p", "verbose=no")
     assert misspelt.code == 1, misspelt
     assert misspelt.err == (
-        "jobctl: INVALID_WORKFLOW_PARAMETERS: Unknown parameter : whom; parameters takes: greeting, who, verbose\n"
+        "jobctl: INVALID_WORKFLOW_PARAMETERS: instance.launch: Unknown parameter : whom; parameters takes: greeting,"
+        " who, verbose\n"
     ), misspelt
     extra = ctl(wf, "--json", "launch", "trivial", "-p", "x=1")
-    assert json.loads(extra.err)["error"]["message"] == "Unknown parameter : x; trivial takes no parameters", extra
+    assert (
+        json.loads(extra.err)["error"]["message"]
+        == "instance.launch: Unknown parameter : x; trivial takes no parameters"
+    ), extra
     launched = ctl(wf, "launch", "trivial")
     assert launched.code == 0, launched
     assert launched_id(launched) == 1, launched
