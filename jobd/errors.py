@@ -174,6 +174,14 @@ class OutOfResources(JobdError):
     rpc_code = -32016
 
 
+class OutputMissing(JobdError):
+    """An attempt's output file that jobd wrote is no longer there: removed under jobd (its directory deleted by
+    hand, the disk holding the state directory replaced). Not the empty output of a job that printed nothing."""
+
+    code = "OUTPUT_MISSING"
+    rpc_code = -32017
+
+
 # Errors of an open, a read or a listing that say jobd lacks a resource now, not that anything is wrong with the file.
 SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 

@@ -42,6 +42,7 @@ from jobd.errors import (
     JobdError,
     MethodNotFound,
     OutOfResources,
+    OutputMissing,
     ParseError,
     StartupError,
     StoreFailed,
@@ -997,6 +998,8 @@ def _failure(failure: JobdError) -> web.Response:
         status = 404
     elif isinstance(failure, InvalidParams):
         status = 400
+    elif isinstance(failure, OutputMissing):
+        status = 410  # the output was there, and is gone for good
     elif isinstance(failure, StoreFailed | OutOfResources):
         status = 503  # the machine's trouble (a full disk, no descriptor left); the same request may succeed later
     else:

@@ -144,6 +144,7 @@ class _LazyFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self.error: str | None = None
+        self.created = False  # made at a first byte: a file not at `path` since then was removed under jobd
         self._fd: int | None = None
 
     @property
@@ -158,6 +159,7 @@ class _LazyFile:
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
                 self._fd = os.open(self.path, flags, 0o640)
+            self.created = True
         return self._fd
 
     def open_now(self) -> OSError | None:
@@ -599,6 +601,12 @@ class Child:
                 f"cannot watch {program!r} once started, so it was stopped: {exc.strerror or exc}",
                 transient=exc.errno in _SHORT_OF_RESOURCES,
             ) from exc
+
+    def wrote(self, stream: str) -> bool:
+        """Whether the output file of `stream` ("stdout", "stderr" or "log") was created: files are made at the
+        first byte, so one that was and is not at its path now was removed."""
+        streams: dict[str, _OutputSink | _ProgressReader] = {"stdout": self._stdout, "stderr": self._stderr}
+        return streams.get(stream, self._progress).file.created
 
     def has_ended(self) -> bool:
         """Whether the leader has exited, even if the loop has not handled its exit yet (its pidfd is readable):

@@ -27,6 +27,7 @@ from jobd.errors import (
     InvalidParams,
     JobFinished,
     OutOfResources,
+    OutputMissing,
     QueueClosed,
     ShuttingDown,
     StoreFailed,
@@ -158,11 +159,12 @@ def _size_of(path: str) -> int:
         return 0
 
 
-def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
+def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int] | None:
+    """Up to `limit` bytes of the file from `offset`, and its size; None if there is no such file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:  # nothing written yet: output files are created on the first byte
-        return b"", 0
+    except FileNotFoundError:
+        return None
     try:
         size = os.fstat(fd).st_size  # jobd alone writes the file, in this thread: it holds this much as it is read
         # No more asked for than the file holds past `offset`: os.pread() allocates all it is asked for, then shrinks
@@ -172,7 +174,7 @@ def _read_at(path: str, offset: int, limit: int) -> tuple[bytes, int]:
         os.close(fd)
 
 
-def _read_output(job_id: int, stream: str, path: str, offset: int, limit: int) -> tuple[bytes, int]:
+def _read_output(job_id: int, stream: str, path: str, offset: int, limit: int) -> tuple[bytes, int] | None:
     """_read_at for job.output: a shortage of descriptors or memory is OutOfResources (it was INTERNAL_ERROR, "a
     bug in jobd", with a traceback in the log for each request while jobd had no descriptor left)."""
     try:
@@ -1177,15 +1179,14 @@ class Engine:
             raise UnknownJob(
                 f"job {job_id} has no attempt {number} (it has {job.attempts})", id=job_id, attempts=job.attempts
             )
-        path = self.output_path(job_id, number, stream)
         if ready is not None:
             await ready()
-        data, size = _read_output(job_id, stream, path, offset, limit)
+        data, size = self._read_attempt_output(job_id, number, stream, offset, limit)
         while wait and not data and self.attempt_running(job_id, number):
             await self.wait_output(job_id)
             if ready is not None:
                 await ready()
-            data, size = _read_output(job_id, stream, path, offset, limit)
+            data, size = self._read_attempt_output(job_id, number, stream, offset, limit)
         running = self.attempt_running(job_id, number)
         recorded = next((a for a in self.store.attempts(job_id) if a.number == number), None)
         if recorded is None:  # not started yet
@@ -1196,6 +1197,41 @@ class Engine:
             truncated = stream in recorded.cut_streams
         complete = not running and offset + len(data) >= size
         return OutputChunk(data=data, size=size, complete=complete, truncated=truncated, attempt=number)
+
+    def _read_attempt_output(self, job_id: int, number: int, stream: str, offset: int, limit: int) -> tuple[bytes, int]:
+        """_read_output of an attempt's stream. No file is no output (files are made at the first byte), unless
+        jobd wrote one: then it was removed under jobd, and that is said, not answered as an empty output."""
+        path = self.output_path(job_id, number, stream)
+        found = _read_output(job_id, stream, path, offset, limit)
+        if found is not None:
+            return found
+        if self._output_written(job_id, number, stream, path):
+            raise OutputMissing(
+                f"job {job_id}'s {stream} of attempt {number} is missing: jobd wrote it to {path}, which is no longer "
+                "there (removed, or the disk of jobd's state directory replaced, since)",
+                id=job_id,
+                attempt=number,
+                stream=stream,
+                path=path,
+            )
+        return b"", 0
+
+    def _output_written(self, job_id: int, number: int, stream: str, path: str) -> bool:
+        """Whether jobd made the file of an attempt's stream. The running attempt knows; an ended one recorded how
+        many bytes of stdout and stderr it kept. The log's bytes are not recorded: its file was made if the job's
+        directory, which holds the files of all its attempts, was (a stream of the job kept bytes) and is gone."""
+        running = self._running.get(job_id)
+        if running is not None and running.attempt.number == number:
+            return running.child.wrote(stream)
+        attempts = self.store.attempts(job_id)
+        recorded = next((a for a in attempts if a.number == number), None)
+        if recorded is None:
+            return False
+        if stream == "stdout":
+            return recorded.stdout_bytes > 0
+        if stream == "stderr":
+            return recorded.stderr_bytes > 0
+        return any(a.stdout_bytes or a.stderr_bytes for a in attempts) and not os.path.isdir(os.path.dirname(path))
 
     def output_path(self, job_id: int, attempt: int, stream: str) -> str:
         return f"{self.output_dir}/{job_id}/{attempt}.{stream}"

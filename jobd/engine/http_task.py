@@ -281,6 +281,7 @@ class HttpRequest:
         self._stderr_path = stderr_path
         self._on_exit = on_exit
         self._on_output = on_output
+        self._written: set[str] = set()  # the output files made (at a first byte): see wrote()
         self.error: str | None = None
         self._told = False  # on_exit was called
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -289,6 +290,10 @@ class HttpRequest:
     def has_ended(self) -> bool:
         """Whether the request has ended (its end is then being told), as proc.Child.has_ended."""
         return self._task.done()
+
+    def wrote(self, stream: str) -> bool:
+        """As proc.Child.wrote: whether this request has written to the file of `stream` (it has no `log`)."""
+        return {"stdout": self._stdout_path, "stderr": self._stderr_path}.get(stream) in self._written
 
     def let_go(self) -> None:
         """As proc.Child.let_go: a request's response is not held for want of descriptors; nothing waits."""
@@ -410,6 +415,7 @@ class HttpRequest:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "ab") as file:
                 opened = True
+                self._written.add(path)
                 file.write(data)
         except OSError as error:
             if hold and not opened and error.errno in SHORTAGE_ERRNOS:
