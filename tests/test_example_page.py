@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -102,6 +103,26 @@ def free_port() -> int:
         return port
 
 
+# WebDriver.wait_until's async script: done once an element matches the CSS selector; the document it runs in is marked.
+WAIT_SCRIPT = """
+    const [css, mark, done] = arguments;
+    window.webdriverWait = mark;
+    if (document.querySelector(css)) { done(true); return; }
+    const observer = new MutationObserver(() => {
+        if (document.querySelector(css)) { observer.disconnect(); done(true); }
+    });
+    observer.observe(document.documentElement, {subtree: true, childList: true, attributes: true});
+"""
+
+
+class WebDriverError(AssertionError):
+    """An error answer of the WebDriver server; `error` is its W3C error code ("script timeout", ...)."""
+
+    def __init__(self, message: str, error: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
 class WebDriver:
     """Just enough of the W3C WebDriver protocol, over urllib."""
 
@@ -134,7 +155,12 @@ class WebDriver:
             with urllib.request.urlopen(request, timeout=HANG_GUARD + 30) as response:
                 return json.loads(response.read())["value"]
         except urllib.error.HTTPError as error:
-            raise AssertionError(f"WebDriver {method} {path}: {error.code} {error.read().decode()}") from None
+            text = error.read().decode()
+            try:
+                code = str(json.loads(text)["value"]["error"])
+            except (ValueError, KeyError, TypeError):
+                code = ""
+            raise WebDriverError(f"WebDriver {method} {path}: {error.code} {text}", code) from None
 
     def command(self, method: str, path: str, body: Any = None) -> Any:
         return self._send(method, self.session + path, body)
@@ -159,22 +185,24 @@ class WebDriver:
 
     def wait_until(self, css: str) -> None:
         """Until an element matches `css`: a MutationObserver in the page resolves the async script (no polling);
-        the session's script timeout is the hang guard."""
-        self.command(
-            "POST",
-            "/execute/async",
-            {
-                "script": """
-                    const [css, done] = arguments;
-                    if (document.querySelector(css)) { done(true); return; }
-                    const observer = new MutationObserver(() => {
-                        if (document.querySelector(css)) { observer.disconnect(); done(true); }
-                    });
-                    observer.observe(document.documentElement, {subtree: true, childList: true, attributes: true});
-                """,
-                "args": [css],
-            },
-        )
+        the session's script timeout is the hang guard.
+
+        The script runs in the document shown when the command comes, which may not be the one waited for: a click
+        on a submit button can return before the form's navigation has begun (ChromeDriver waits only for one it
+        has seen start, and Chromium starts a form's submission in a task of its own), so the script runs in the
+        form's page. When the navigation replaces that document, ChromeDriver ends the script at once with a
+        "script timeout" error, long before the timeout. So each run marks its document; a "script timeout" whose
+        document is no longer shown is such an end, and the wait is made again in the document that replaced it
+        (each turn takes a navigation: the pages waited for do not navigate by themselves). One whose document is
+        still shown did time out."""
+        while True:
+            mark = secrets.token_hex(8)
+            try:
+                self.command("POST", "/execute/async", {"script": WAIT_SCRIPT, "args": [css, mark]})
+                return
+            except WebDriverError as failure:
+                if failure.error != "script timeout" or self.script("return window.webdriverWait") == mark:
+                    raise
 
     def quit(self) -> None:
         self._send("DELETE", self.session)
