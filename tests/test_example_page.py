@@ -274,7 +274,10 @@ def test_the_page_launches_a_workflow_and_shows_its_progress(jobd: Any, page: st
     browser.type_into("#image", "cat.png")
     browser.type_into("#pace", PACE)
     browser.click("#submit")
-    browser.wait_until('#instance[data-finished="yes"]')
+    # Or the page's error (index.php could not launch: jobd refused, or did not answer within the PHP client's
+    # 10 s): said at once, with the page's words, rather than as a script timeout two minutes later.
+    browser.wait_until('#instance[data-finished="yes"], #error')
+    assert browser.script("return document.getElementById('error')?.textContent ?? null") is None
 
     url = browser.command("GET", "/url")
     instance_id = int(re.search(r"[?&]instance=(\d+)", url).group(1))  # type: ignore[union-attr]
