@@ -2327,7 +2327,8 @@ def _visible_jobs(tasks: Sequence[str] | None, queues: Sequence[str] | None) -> 
 def _select_jobs() -> peewee.ModelSelect[Any]:
     """Every column of the job table, in order, but of the stdin only whether there is one (1 or NULL): a job read
     from here leaves its stdin in the database (InStore.STDIN), and a page of 1,000 jobs does not read 1,000 blobs."""
-    has_stdin = peewee.Case(None, ((JobRow.stdin.is_null(False), peewee.SQL("1")),))
+    # Written out, not is_null(False): peewee 3.14 (Debian 12's) renders that as `IS NOT ?` with a parameter.
+    has_stdin = peewee.Case(None, ((peewee.NodeList((JobRow.stdin, peewee.SQL("IS NOT NULL"))), peewee.SQL("1")),))
     return JobRow.select(*(has_stdin if field is JobRow.stdin else field for field in JobRow._meta.sorted_fields))
 
 

@@ -79,7 +79,8 @@ def test_output_of_an_ended_job_whose_directory_was_removed_is_refused_naming_wh
     with pytest.raises(RemoteError) as refused:
         daemon.call("job.output", {"id": job["id"], "encoding": "base64", "wait": True})
     assert refused.value.message == (
-        f"job {job['id']}'s stdout of attempt 1 is missing: jobd wrote it to {output_dir(daemon, job['id'])}/1.stdout, "
+        f"job.output: job {job['id']}'s stdout of attempt 1 is missing: jobd wrote it to "
+        f"{output_dir(daemon, job['id'])}/1.stdout, "
         "which is no longer there (removed, or the disk of jobd's state directory replaced, since)"
     )
     # jobd goes on: other jobs' output is read as before.

@@ -346,7 +346,8 @@ final class Client
      *
      * Read page by page in base64: a UTF-8 page could cut a character in two at its end and get it replaced.
      *
-     * @throws Exception\NotFoundException UNKNOWN_JOB for a job that does not exist, or an attempt it has not had
+     * @throws Exception\NotFoundException UNKNOWN_JOB for a job that does not exist, or an attempt it has not had;
+     *     OUTPUT_MISSING for a stream whose file jobd wrote and that was removed since
      */
     public function outputText(int $id, string $stream = 'stdout', ?int $attempt = null): string
     {

@@ -28,6 +28,7 @@ final class ErrorMap
         'UNKNOWN_WORKFLOW' => NotFoundException::class,
         'UNKNOWN_INSTANCE' => NotFoundException::class,
         'UNKNOWN_SCHEDULE' => NotFoundException::class,
+        'OUTPUT_MISSING' => NotFoundException::class, // job.output: a file jobd wrote was removed
         'QUEUE_CLOSED' => StateException::class,
         'JOB_FINISHED' => StateException::class,
         'INSUFFICIENT_RIGHTS' => AccessDeniedException::class,
