@@ -1111,7 +1111,7 @@ class Store:
     def running_attempt(self, job_id: int) -> Attempt | None:
         row = (
             AttemptRow.select()
-            .where((AttemptRow.job == job_id) & (AttemptRow.outcome.is_null()))
+            .where((AttemptRow.job == job_id) & _is_null(AttemptRow.outcome))
             .order_by(AttemptRow.number.desc())
             .first()
         )
@@ -1414,13 +1414,13 @@ class Store:
         # 20,000 instances); the ended ones are read newest end first from instance_ended_at (whose entries end with
         # the id), up to the page's end, and the running ones from instance_status: an instance has no end exactly
         # while it is EXECUTING (Instances saves its end with its status).
-        ended_query = query.where(InstanceRow.ended_at.is_null(False))
+        ended_query = query.where(_is_not_null(InstanceRow.ended_at))
         ended_order = (InstanceRow.ended_at.desc(), InstanceRow.id.desc())
         page = self._rows_by(
             ended_query.order_by(*ended_order).limit(where.limit).offset(where.offset), fields, "instance_ended_at"
         )
         if len(page) < where.limit:
-            running_query = query.where((InstanceRow.status == "EXECUTING") & InstanceRow.ended_at.is_null())
+            running_query = query.where((InstanceRow.status == "EXECUTING") & _is_null(InstanceRow.ended_at))
             running = self._rows_by(running_query.order_by(InstanceRow.id.desc()), fields, "instance_status")
             skip = 0
             if where.offset:  # past the ended ones that match, by as many as they fell short of the offset
@@ -2324,11 +2324,22 @@ def _visible_jobs(tasks: Sequence[str] | None, queues: Sequence[str] | None) -> 
     return f"({' OR '.join(sql for sql, _ in parts) or '0'})", [param for _, params in parts for param in params]
 
 
+def _is_null(field: peewee.Field) -> peewee.NodeList:
+    """`field IS NULL`, as SQL text: peewee 3.14 (Debian 12's python3-peewee, which the package uses) writes
+    `field.is_null()` as `IS ?` with a NULL parameter, which SQLite cannot match with a partial index's `IS NULL`
+    (an INDEXED BY query then fails "no query solution")."""
+    return peewee.NodeList((field, peewee.SQL("IS NULL")))
+
+
+def _is_not_null(field: peewee.Field) -> peewee.NodeList:
+    """`field IS NOT NULL`, as SQL text: see _is_null."""
+    return peewee.NodeList((field, peewee.SQL("IS NOT NULL")))
+
+
 def _select_jobs() -> peewee.ModelSelect[Any]:
     """Every column of the job table, in order, but of the stdin only whether there is one (1 or NULL): a job read
     from here leaves its stdin in the database (InStore.STDIN), and a page of 1,000 jobs does not read 1,000 blobs."""
-    # Written out, not is_null(False): peewee 3.14 (Debian 12's) renders that as `IS NOT ?` with a parameter.
-    has_stdin = peewee.Case(None, ((peewee.NodeList((JobRow.stdin, peewee.SQL("IS NOT NULL"))), peewee.SQL("1")),))
+    has_stdin = peewee.Case(None, ((_is_not_null(JobRow.stdin), peewee.SQL("1")),))
     return JobRow.select(*(has_stdin if field is JobRow.stdin else field for field in JobRow._meta.sorted_fields))
 
 
