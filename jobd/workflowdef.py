@@ -9,18 +9,17 @@ line, the element, the attribute and what is allowed. It only reads: instances a
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from lxml import etree
 
 from jobd import conffile
+from jobd.engine.xpath import compile_check
 from jobd.errors import ConfigError, InvalidXml, did_you_mean
 from jobd.model import ENV_NAME, EVQUEUE_BOOLEAN_RULE, Config, ParameterMode, WorkflowDef, evqueue_boolean
 from jobd.safexml import parse
@@ -195,31 +194,6 @@ def _expansion_refused(char: str, column: int) -> str:
     )
 
 
-# --- XPath syntax -------------------------------------------------------------------------------------------------
-
-
-class _XPathCheck(Protocol):
-    def __call__(self, expression: str, *, summary: bool = False) -> None: ...
-
-
-def _xpath_checker() -> _XPathCheck | None:
-    """jobd.engine.xpath.compile_check(expression, summary=…) -> None, raising ValueError with a message, if installed.
-
-    evQueue writes its functions as path steps (`evqGetParentJob()/evqGetOutput('list')/files/file`), which XPath
-    1.0 does not allow; that module rewrites such expressions before compiling them with libxml2, so only it can
-    say whether one is valid, and validating here with anything else would disagree with what runs. Without it
-    (a build of jobd without the workflow engine) expressions are checked when they are first evaluated.
-    """
-    try:
-        module = importlib.import_module("jobd.engine.xpath")
-    except ModuleNotFoundError as error:
-        if error.name != "jobd.engine.xpath":
-            raise
-        return None
-    check: _XPathCheck = module.compile_check
-    return check
-
-
 # --- checking a document --------------------------------------------------------------------------------------------
 
 
@@ -249,7 +223,6 @@ class _Checker:
         self.config = config
         self.problems: list[tuple[int | None, str]] = []
         self.parameters: list[str] = []
-        self._xpath = _xpath_checker()
 
     # -- reporting --
 
@@ -391,12 +364,14 @@ class _Checker:
             self.attribute_problem(element, name, problem)
 
     def xpath_problem(self, expression: str, *, summary: bool = False) -> str | None:
+        """Why `expression` is not a valid workflow expression, or None. jobd.engine.xpath is the only judge:
+        evQueue writes its functions as path steps (`evqGetParentJob()/evqGetOutput('list')/files/file`), which
+        XPath 1.0 does not allow, and that module rewrites them before libxml2 compiles them, so a check made with
+        anything else would disagree with what runs."""
         if not expression.strip():
             return "an XPath expression is required, not an empty string"
-        if self._xpath is None:
-            return None
         try:
-            self._xpath(expression, summary=summary)
+            compile_check(expression, summary=summary)
         except ValueError as error:
             return str(error)
         return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -653,6 +655,39 @@ def test_xpath_syntax_is_checked_everywhere(tmp_path: Path, corpus_config: Confi
         (16, "<job> attribute condition=\"count(evqGetOutput('ns')/x:r) = 0\": invalid XPath expression"),
     ]
     problems_at(path, corpus_config, expected)
+
+
+def test_a_jobd_without_its_xpath_module_fails_to_load_rather_than_check_no_xpath(tmp_path: Path) -> None:
+    """jobd.workflowdef imported jobd.engine.xpath only if it was there: without it, every workflow file loaded with
+    its XPath expressions unchecked (`condition="1 +"` accepted), to fail at each run. A jobd missing that module
+    (here a copy of the package with it moved away) now fails at once, naming it."""
+    package = Path(workflowdef.__file__).parent
+    shutil.copytree(package, tmp_path / "jobd", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "jobd" / "engine" / "xpath.py").unlink()
+    workflow = write(
+        tmp_path / "w.xml",
+        (
+            "<workflow><subjobs><job condition='1 +'><tasks><task path='/bin/true' queue='default'/></tasks></job>"
+            "</subjobs></workflow>"
+        ),
+    )
+    script = (
+        "from jobd import workflowdef; "
+        f"assert workflowdef.__file__.startswith({str(tmp_path)!r}), workflowdef.__file__; "
+        "from jobd.model import Config, QueueDef; "
+        f"workflowdef.load_workflow({str(workflow)!r}, Config(queues={{'default': QueueDef('default')}})); "
+        "print('loaded')"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ran.returncode == 1 and "loaded" not in ran.stdout, (ran.stdout, ran.stderr)
+    assert "ModuleNotFoundError: No module named 'jobd.engine.xpath'" in ran.stderr, ran.stderr
 
 
 def test_evqueues_git_file_is_read_as_the_definition_inside(tmp_path: Path, corpus_config: Config) -> None:
