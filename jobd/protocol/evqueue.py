@@ -25,6 +25,7 @@ from lxml import etree
 from jobd import safexml
 from jobd.errors import FrameTooLarge, InvalidParams, InvalidXml, JobdError, UnknownCommand
 from jobd.model import MAX_PAGE, OBJECT_NAME, OBJECT_NAME_RULE, evqueue_boolean
+from jobd.xpathdocument import selects_the_document
 from jobd.xpathlex import NODE_TYPES, XPathError, number_string, tokenize
 
 MAX_FRAME: Final = 1024 * 1024  # bytes in one request document, from its first `<` to the `>` closing its root
@@ -1020,9 +1021,11 @@ def apply_xpathfilter(response_root: etree._Element, expression: str) -> etree._
         # lxml leaves the document node out of the node-sets it returns, so `/` came back as empty as what selects
         # nothing, and `/ | x` as x. Selected, it is the first node (document order), and its copy is what it
         # holds, the whole answer (as `/*` gives it), where evQueue's own XPath failed ("Missing node ... after
-        # slash"). The document is the one node without a parent.
-        first_may_be_the_document = isinstance(result, list) and (not result or result[0] is not response_root)
-        if first_may_be_the_document and compiled(f"boolean(({expression})[not(..)])")(response_root):
+        # slash"). Only the first node is answered: a list starting with the root element needs no second question.
+        first_may_be_the_document = not (isinstance(result, list) and result and result[0] is response_root)
+        if first_may_be_the_document and selects_the_document(
+            expression, result, lambda query: compiled(query)(response_root)
+        ):
             result = [response_root]
     except _XPathFilterTooSlow:
         raise xpathfilter_refused(expression, TOO_SLOW) from None
