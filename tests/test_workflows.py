@@ -377,6 +377,18 @@ def test_an_infinite_number_in_an_expression_aborts_its_task_and_the_restart_wor
     assert two is not None and two.findtext("output") == "first\n", etree.tostring(two) if two is not None else None
 
 
+def _run_alone(make_daemon: Any, **workflow: str) -> tuple[Daemon, dict[str, Any], etree._Element]:
+    """A daemon with this one workflow (its default queue) runs an instance of it to its end: the daemon, what
+    instance.wait answered, and the instance document."""
+    daemon: Daemon = make_daemon("", start=False)
+    daemon.write_workflows(**workflow)
+    daemon.start()
+    (name,) = workflow
+    launched = daemon.call("instance.launch", {"workflow": name})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    return daemon, done, _document(daemon, launched["id"])
+
+
 # evq functions as steps after text and attribute nodes: `//evqF()` reaches the text nodes of every element
 # (descendant-or-self::node()); the others select text or attribute nodes outright.
 STEPS_OVER_TEXT_WORKFLOW = """<workflow>
@@ -406,18 +418,54 @@ def test_evq_functions_after_text_and_attribute_nodes_apply_to_elements_only(mak
     string results have no element methods, and the AttributeError ended the whole instance as a jobd bug (a
     top-level job's condition failed the launch itself, a custom attribute lost the instance's attributes and
     tags). Found by a soak test. Such nodes give nothing; the elements they are mixed with are used as usual."""
-    daemon: Daemon = make_daemon("", start=False)
-    daemon.write_workflows(steps=STEPS_OVER_TEXT_WORKFLOW)
-    daemon.start()
-    launched = daemon.call("instance.launch", {"workflow": "steps"})
-    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
-    document = _document(daemon, launched["id"])
+    daemon, done, document = _run_alone(make_daemon, steps=STEPS_OVER_TEXT_WORKFLOW)
     assert (done["status"], done["errors"]) == ("TERMINATED", 0), etree.tostring(document)
     assert done["custom_attributes"] == [["contexts", "0"], ["outputs", "1"]]
     task = document.find(".//task[@name='u']")
     assert task is not None and task.get("retval") == "0", etree.tostring(document)
     assert task.findtext("output") == "1 0\n"
     assert "please report" not in daemon.log()
+
+
+# XPath's document node, `/` (or `..` from the <workflow> root, the context of a top-level job's expressions).
+THE_DOCUMENT_WORKFLOW = """<workflow>
+  <subjobs>
+    <job name="root" condition="/">
+      <tasks><task name="r" path="/bin/echo" queue="default">
+        <input name="first"><value select="name((/ | /workflow/subjobs)[1]/*)"/></input>
+      </task></tasks>
+    </job>
+    <job name="up" condition="..">
+      <tasks><task name="u" path="/bin/cat" queue="default"><stdin><copy select="/"/></stdin></task></tasks>
+    </job>
+    <job name="each" loop="/">
+      <tasks><task name="e" path="/bin/true" queue="default"/></tasks>
+    </job>
+  </subjobs>
+</workflow>
+"""
+
+
+def test_the_document_node_is_selected_by_conditions_values_and_copies_and_refused_as_a_loop(
+    make_daemon: Any,
+) -> None:
+    """lxml leaves the document node out of the node-sets it returns: `condition="/"` (and `..` from the root) was
+    false, the job SKIPPED; `(/ | x)[1]` was x's first node; `<copy select="/">` copied nothing; a loop over `/` ran no
+    copy, its job gone without a word. As the evQueue protocol's xpathfilter answers it: a condition on it holds, a
+    copy of it is what it holds (the <workflow> root), and a loop over it is aborted, saying what to select."""
+    _, done, document = _run_alone(make_daemon, document=THE_DOCUMENT_WORKFLOW)
+    shown = etree.tostring(document)
+    root, up = document.find("subjobs/job[@name='root']"), document.find("subjobs/job[@name='up']")
+    assert root is not None and root.get("details") == "Condition evaluates to true", shown
+    assert root.findtext("tasks/task/output") == "workflow\n", shown  # the document's child, not <subjobs>'s
+    assert up is not None and up.get("details") == "Condition evaluates to true", shown
+    copied = up.findtext("tasks/task/output") or ""
+    assert copied.startswith('<stdin mode="xml"><workflow'), shown
+    assert etree.fromstring(copied)[0].find("subjobs/job[@name='each']") is not None, copied
+    each = document.find("subjobs/job[@name='each']")  # not the one in the copy
+    assert each is not None and each.get("status") == "ABORTED", shown
+    assert "loop '/' selects the document node (/)" in (each.get("error") or each.get("details") or ""), shown
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1), done
 
 
 @pytest.mark.parametrize(("lines", "aborted"), [(60_000, False), (250_000, True)], ids=["1.3 MB", "5.5 MB"])

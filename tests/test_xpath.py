@@ -424,3 +424,23 @@ def test_evaluation_errors_name_the_expression(root: etree._Element) -> None:
         evaluate_nodes("1 + 1", root, context)
     with pytest.raises(XPathError, match="must select nodes"):
         evaluate("evqGetWorkflowParameter('count')/evqGetOutput('list')", root, context)
+
+
+def test_the_document_node_is_selected_though_lxml_leaves_it_out(root: etree._Element) -> None:
+    """lxml's node-sets never hold the document node: `/` was as empty as what selects nothing (false as a
+    condition), `/ | x` was x. It is put back first, as the instance's ElementTree, with the root's string value."""
+    context = EvalContext.for_node(node(root, 8), root)
+    f2 = node(root, 6)
+    whole = "".join(root.itertext())
+    for expression in ("/", "(/)", "/.", "/self::node()", "/workflow/..", "ancestor::node()[last()]"):
+        selected = evaluate(expression, f2, context)
+        assert isinstance(selected, list) and len(selected) == 1, expression
+        assert selected[0].getroot() is root, expression
+        assert evaluate_boolean(expression, f2, context), expression
+        assert evaluate_string(expression, f2, context) == whole, expression
+    assert evaluate_boolean("..", root, context)  # from the <workflow> root, a top-level job's context
+    assert evaluate_strings("/ | //file/@name", root, context) == [whole, "f1.txt", "f2.txt", "f3.txt"]
+    ancestors = evaluate_nodes("ancestor::node()", f2, context)
+    assert ancestors[0].getroot() is root and ancestors[1] is root, ancestors
+    assert evaluate_nodes("/workflow | //file[1]", root, context) == [root, node(root, 5)]  # no document here
+    assert not evaluate_boolean("/..", root, context) and not evaluate_boolean("/workflow/nosuch/..", root, context)

@@ -685,6 +685,13 @@ class Instance:
             items = evaluate_nodes(loop, context_node, self._context_for(node))
         except (XPathError, WaitRequested) as error:
             raise _NodeAborted(str(error) or "evqWait() cannot be used in a loop") from None
+        if any(isinstance(item, etree._ElementTree) for item in items):
+            # libxml2 evaluates from an element, never from the document node: `.` and `@x` would not mean what
+            # XPath says for it, and its copy would have no evqid for evqGetContext().
+            raise _NodeAborted(
+                f"loop '{loop}' selects the document node (/), which cannot be an iteration's context: select "
+                "elements (/* is the document's <workflow> element)"
+            )
         if any(not isinstance(item, etree._Element) for item in items):
             raise _NodeAborted(f"loop '{loop}' must select elements, to give each iteration its context")
         clones: list[tuple[etree._Element, etree._Element]] = []
@@ -765,6 +772,8 @@ class Instance:
                     clone.set("mode", "xml")
                     room = MAX_DOCUMENT_DEPTH - _level(copy_element) + 1  # copies take the <copy>'s place
                     for selected in evaluate_nodes(copy_element.get("select", ""), item, context):
+                        if isinstance(selected, etree._ElementTree):  # the document: what it holds, as `/*`
+                            selected = selected.getroot()
                         nested = _depth(selected) if isinstance(selected, etree._Element) else 0
                         if nested > room:
                             raise _NodeAborted(

@@ -21,7 +21,10 @@ Names: as evQueue, an element name test selects elements by their name as writte
 (`as_xpath` makes `NAME` into `*[name() = 'NAME']`), so the elements of a task output in a default namespace are
 found as they were on evQueue.
 
-Results: comparisons are real XPath 1.0 (`@size > 10` works). Where evQueue insisted on nodes (`{xpath}` in
+Results: comparisons are real XPath 1.0 (`@size > 10` works). The document node (`/`, or `..` from the root),
+which lxml leaves out of node-sets, is put back as the instance's ElementTree (jobd.xpathdocument): `/` is true as a
+condition, its string value is the root element's, a copy of it is the root element; no loop can take it as a copy's
+context. Where evQueue insisted on nodes (`{xpath}` in
 host/user, `<value select>`, custom-attribute `select`) strings, numbers and booleans are accepted too and give
 their XPath string value.
 """
@@ -37,6 +40,7 @@ from typing import Any, Final
 
 from lxml import etree
 
+from jobd.xpathdocument import selects_the_document
 from jobd.xpathlex import NODE_TYPES, Token, number_string, tokenize
 from jobd.xpathlex import XPathError as XPathError  # raised by the tokenizer too: one error for callers
 
@@ -448,6 +452,8 @@ def string_value(value: XPathValue) -> str:
 
 
 def node_string(node: Any) -> str:
+    if isinstance(node, etree._ElementTree):  # the document node: its text is all in its root element
+        node = node.getroot()
     if isinstance(node, etree._Element):
         return "".join(str(text) for text in node.itertext())
     return str(node)
@@ -475,8 +481,16 @@ def number_value(value: XPathValue) -> float:
 
 def evaluate(expression: str, node: etree._Element, context: EvalContext) -> XPathValue:
     """Evaluate with `node` as context node; XPathError says what went wrong; WaitRequested from evqWait()."""
+    xpath = as_xpath(expression)
+    extensions = _extensions(context, node)
+
+    def evaluated(text: str) -> Any:
+        return node.xpath(text, namespaces=NAMESPACES, extensions=extensions)
+
     try:
-        result = node.xpath(as_xpath(expression), namespaces=NAMESPACES, extensions=_extensions(context, node))
+        result = evaluated(xpath)
+        if selects_the_document(xpath, result, evaluated):  # lxml left it out: `/` was false as a condition
+            result = [node.getroottree(), *result]  # the document node, first in document order
     except (WaitRequested, XPathError):
         raise
     except etree.XPathError as error:
