@@ -142,4 +142,6 @@ def test_http_answers_410_and_jobctl_log_exits_1_naming_the_missing_file(daemon:
     result = ctl(daemon, "log", str(job["id"]))
     assert result.code == 1, result
     assert result.out == ""
-    assert f"job {job['id']}'s stdout of attempt 1 is missing" in result.err and path in result.err, result
+    # the form man/jobctl.1 and docs/jobctl.md quote: the code, the method, then what is missing and where
+    said = f"jobctl: OUTPUT_MISSING: job.output: job {job['id']}'s stdout of attempt 1 is missing: jobd wrote it to "
+    assert result.err.startswith(said) and path in result.err, result
