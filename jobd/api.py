@@ -529,7 +529,7 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
             try:
                 _check_key(api, session, spec)
                 if spec.key in first_with_key:
-                    _check_key_in_batch(spec, first_with_key[spec.key], specs[first_with_key[spec.key]])
+                    _check_key_in_batch(api, session, spec, first_with_key[spec.key], specs[first_with_key[spec.key]])
             except JobdError as error:
                 raise error if batch is None else _of_member(error, members[index].method, index) from None
             first_with_key.setdefault(spec.key, index)
@@ -581,14 +581,7 @@ def _check_key(api: Api, session: Session, spec: JobSpec) -> None:
     existing = api.engine.job_with_key(spec.key)
     if existing is None:
         return
-    if not access.may_job(api.engine.config.access, session.peer, Right.READ, existing.spec.task, existing.spec.queue):
-        raise InsufficientRights(
-            f"{access.who(session.peer)} may not submit with key {spec.key!r}: another job has it, and the read right "
-            "is missing on that job",
-            missing=str(Right.READ),
-            kind="job",
-            param="key",
-        )
+    _check_may_read_keyed(api, session, spec.key, existing.spec, "another job")
     if _work_of(existing.spec) != _work_of(spec):
         raise InvalidParams(
             f"key {spec.key!r} is already that of job {existing.id} ({_work_named(existing.spec)}), and "
@@ -599,10 +592,15 @@ def _check_key(api: Api, session: Session, spec: JobSpec) -> None:
         )
 
 
-def _check_key_in_batch(spec: JobSpec, first: int, first_spec: JobSpec) -> None:
+def _check_key_in_batch(api: Api, session: Session, spec: JobSpec, first: int, first_spec: JobSpec) -> None:
     """A batch's member whose key an earlier member has is answered with that member's job, as a second submit with
-    the key is: only for the same work. Both are committed together, after every check, so _check_key found no job
-    with the key yet, and a member of other work was answered with the first one's job instead of being refused."""
+    the key is (the members count as submits in a row): only to a peer that may read that job, and only for the same
+    work. Both are committed together, after every check, so _check_key found no job with the key yet, and a member
+    of other work was answered with the first one's job instead of being refused, and one the peer may not read
+    (a right to submit without the one to read) was answered with it where a second submit is refused. The earlier
+    member is the peer's own, in this very request: the refusal names it."""
+    assert spec.key is not None
+    _check_may_read_keyed(api, session, spec.key, first_spec, f"jobs[{first}]", first=first)
     if _work_of(first_spec) != _work_of(spec):
         other = "another ad-hoc one" if _is_ad_hoc_alike(first_spec, spec) else _work_named(spec)
         raise InvalidParams(
@@ -610,6 +608,20 @@ def _check_key_in_batch(spec: JobSpec, first: int, first_spec: JobSpec) -> None:
             f"{other}: a key names one job; give this one a key of its own",
             param="key",
             first=first,
+        )
+
+
+def _check_may_read_keyed(api: Api, session: Session, key: str, holder: JobSpec, named: str, **details: Any) -> None:
+    """A submit with `key` is answered with the job that has it (`holder`, `named` so in the refusal): only if the
+    peer may read that job."""
+    if not access.may_job(api.engine.config.access, session.peer, Right.READ, holder.task, holder.queue):
+        raise InsufficientRights(
+            f"{access.who(session.peer)} may not submit with key {key!r}: {named} has it, and the read right is "
+            "missing on that job",
+            missing=str(Right.READ),
+            kind="job",
+            param="key",
+            **details,
         )
 
 

@@ -991,6 +991,46 @@ def test_a_key_answers_only_to_those_who_may_read_its_job(jobd: Daemon, users: d
     assert [job["id"] for job in jobd.call("job.list", {"task": "report"})["jobs"]] == [own["result"]["id"]]
 
 
+def test_a_key_twice_in_a_batch_answers_only_to_those_who_may_read_its_job(
+    make_daemon: Any, users: dict[str, Any]
+) -> None:
+    # Members of one batch count as submits in a row: a later member with an earlier one's key is answered with that
+    # member's job only if the peer may read it, as a second submit is. carol may submit `secret` but not read its
+    # jobs: her batch with the key twice was answered (the second member with the first's job) though a second
+    # submit with the key is refused.
+    submit_only = f"""
+[[access.grant]]
+users = ["{PREFIX}carol"]
+rights = ["exec"]
+tasks = ["secret"]
+"""
+    jobd = started(make_daemon, CONFIG + submit_only)
+    twice = {"jobs": [{"task": "secret", "key": "carol-batch"}, {"task": "secret", "key": "carol-batch"}]}
+    batch, alone, again = calls(
+        jobd,
+        users["carol"],
+        [
+            ("job.submit", twice),
+            ("job.submit", {"task": "secret", "key": "carol-alone"}),
+            ("job.submit", {"task": "secret", "key": "carol-alone"}),
+        ],
+    )
+    assert outcome(batch) == "read"
+    assert batch["message"].startswith("job.submit: jobs[1]: "), batch
+    assert "jobs[0] has it" in batch["message"], batch
+    assert outcome(alone) == "ok" and outcome(again) == "read"  # a second submit is refused alike
+    # The refused batch made no job: the one job of `secret` is the single submit's.
+    assert [job["key"] for job in jobd.call("job.list", {"task": "secret"})["jobs"]] == ["carol-alone"]
+    # alice may read `report`'s jobs: her batch with the key twice is answered with one job for both members.
+    [answered] = calls(
+        jobd,
+        users["alice"],
+        [("job.submit", {"jobs": [{"task": "report", "key": "k"}, {"task": "report", "key": "k"}]})],
+    )
+    first, second = answered["result"]["jobs"]
+    assert first["id"] == second["id"], answered
+
+
 def test_a_key_of_a_workflow_task_cannot_be_taken_in_advance(jobd: Daemon, users: dict[str, Any]) -> None:
     """A workflow task's job has the key `instance:ID:task:N:try:T`, and ids come in order: a job submitted with the
     key of a task of the next instance was taken for that task's own job, its output the task's, the task never run.
