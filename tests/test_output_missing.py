@@ -1,7 +1,7 @@
 """job.output of a job whose output files were removed under jobd (an administrator deleted STATE_DIR/output/N, the
 disk of the state directory was replaced): `OUTPUT_MISSING`, naming the job, the attempt, the stream and the file,
 over the socket, over HTTP (410) and in `jobctl log` (exit 1); not the empty string of a job that printed nothing,
-which a stream jobd never wrote still answers.
+which a stream jobd never wrote still answers. A workflow task whose output is so missing when it ends is ABORTED.
 
 A running job is held by a FIFO it reads: it goes on when the test writes a line into it.
 """
@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 from test_http_api import request
 from test_jobctl import ctl
+from test_jobs import next_matching
 
+from jobd import safexml
 from jobd.client import RemoteError
 
 pytestmark = pytest.mark.timeout(120)
@@ -145,3 +147,52 @@ def test_http_answers_410_and_jobctl_log_exits_1_naming_the_missing_file(daemon:
     # the form man/jobctl.1 and docs/jobctl.md quote: the code, the method, then what is missing and where
     said = f"jobctl: OUTPUT_MISSING: job.output: job {job['id']}'s stdout of attempt 1 is missing: jobd wrote it to "
     assert result.err.startswith(said) and path in result.err, result
+
+
+def test_a_workflow_task_whose_output_was_removed_while_it_ran_ends_in_error_naming_the_file(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """A task's end is read into its instance's document: a stream jobd wrote and an administrator removed while
+    the task ran was read as empty, and the task passed as one that printed nothing, its subjobs run on an output
+    that was not its own. It is ABORTED instead, its error naming the file, as job.output says of its job, and
+    jobd's log says so too; the subjob after it never runs. (Its retval is its exit code, 0.)"""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    workflow = f"""<workflow><subjobs>
+  <job name="one">
+    <tasks><task name="held" path="/bin/sh -c 'echo before; read go &lt; {gate}; echo after'" queue="default"/></tasks>
+    <subjobs><job name="two"><tasks><task name="next" path="/bin/echo next" queue="default"/></tasks></job></subjobs>
+  </job>
+</subjobs></workflow>"""
+    daemon = make_daemon(CONFIG, start=False)
+    daemon.write_workflows(held=workflow)
+    daemon.start()
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        launched = daemon.call("instance.launch", {"workflow": "held"})
+        running = next_matching(client, lambda event: event["job"]["state"] == "running", 60)
+    job_id = running["job"]["id"]
+    assert daemon.call("job.output", {"id": job_id, "wait": True})["data"] == "before\n"  # it has written
+    shutil.rmtree(output_dir(daemon, job_id))
+    with open(gate, "w") as go:
+        go.write("go\n")
+
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert done["status"] == "TERMINATED" and done["errors"] == 1, done
+    reply = daemon.call("instance.get", {"id": launched["id"], "format": "xml"})
+    document = safexml.parse(reply["xml"].encode())
+    held = document.find(".//task[@name='held']")
+    assert held is not None, reply["xml"]
+    assert held.get("status") == "ABORTED" and held.get("retval") == "0", reply["xml"]
+    # As job.output says of each stream: the log too, its bytes not being counted (its directory is gone).
+    missing = [
+        f"job {job_id}'s {stream} of attempt 1 is missing: jobd wrote it to {output_dir(daemon, job_id)}/1.{stream}, "
+        "which is no longer there (removed, or the disk of jobd's state directory replaced, since)"
+        for stream in ("stdout", "log")
+    ]
+    assert held.get("error") == f"Output missing ({'; '.join(missing)})", reply["xml"]
+    output = held.find("output")
+    assert output is not None and output.text is None and output.get("retval") == "0", reply["xml"]  # none is left
+    assert document.find(".//task[@name='next']").get("status") is None, reply["xml"]  # never reached
+    assert f"task {held.get('evqid')}: Output missing (job {job_id}'s stdout" in daemon.log()
+    assert [job["id"] for job in daemon.call("job.list", {})["jobs"]] == [job_id]

@@ -1181,12 +1181,12 @@ class Engine:
             )
         if ready is not None:
             await ready()
-        data, size = self._read_attempt_output(job_id, number, stream, offset, limit)
+        data, size = self.read_attempt_output(job_id, number, stream, offset, limit)
         while wait and not data and self.attempt_running(job_id, number):
             await self.wait_output(job_id)
             if ready is not None:
                 await ready()
-            data, size = self._read_attempt_output(job_id, number, stream, offset, limit)
+            data, size = self.read_attempt_output(job_id, number, stream, offset, limit)
         running = self.attempt_running(job_id, number)
         recorded = next((a for a in self.store.attempts(job_id) if a.number == number), None)
         if recorded is None:  # not started yet
@@ -1198,9 +1198,10 @@ class Engine:
         complete = not running and offset + len(data) >= size
         return OutputChunk(data=data, size=size, complete=complete, truncated=truncated, attempt=number)
 
-    def _read_attempt_output(self, job_id: int, number: int, stream: str, offset: int, limit: int) -> tuple[bytes, int]:
+    def read_attempt_output(self, job_id: int, number: int, stream: str, offset: int, limit: int) -> tuple[bytes, int]:
         """_read_output of an attempt's stream. No file is no output (files are made at the first byte), unless
-        jobd wrote one: then it was removed under jobd, and that is said, not answered as an empty output."""
+        jobd wrote one: then it was removed under jobd, and that is said (OutputMissing), not answered as an empty
+        output: to job.output, and to a workflow task's end (Instances._result)."""
         path = self.output_path(job_id, number, stream)
         found = _read_output(job_id, stream, path, offset, limit)
         if found is not None:

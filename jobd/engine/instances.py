@@ -30,6 +30,7 @@ from jobd.engine.decisions import RESOURCE_RETRY_DELAY
 from jobd.engine.workflow import (
     MAX_DOCUMENT_TEXT,
     MAX_DOCUMENT_XML,
+    OUTPUT_MISSING,
     Action,
     DequeueTask,
     Instance,
@@ -49,6 +50,7 @@ from jobd.errors import (
     JobdError,
     JobFinished,
     OutOfResources,
+    OutputMissing,
     ShuttingDown,
     StoreFailed,
     UnknownInstance,
@@ -978,6 +980,8 @@ class Instances:
         self.engine.history.hold(job.id)
         self._ends_unsaved.setdefault(instance_id, []).append(job.id)
         result = self._result(job, parsed=live.machine.parses_output(evqid))
+        if result.output_missing:
+            log.error("instance=%d task %d: %s (%s)", instance_id, evqid, OUTPUT_MISSING, result.output_missing)
         self._apply(live, live.machine.task_ended(evqid, result, self.clock()))
 
     def retries_off(self, instance_id: int) -> bool:
@@ -989,14 +993,16 @@ class Instances:
     def _result(self, job: Job, *, parsed: bool) -> TaskResult:
         """How the job of a task ended; with `parsed` (its stdout is XML to parse), also whether that stdout is
         whole, from the job's record."""
+        missing: list[str] = []
         streams: dict[str, Any] = {
             # An XML output is parsed from up to MAX_DOCUMENT_XML bytes (one more tells a larger one); the document
             # keeps at most MAX_DOCUMENT_TEXT bytes of each stream as text.
-            "stdout": self._read_stream(job, "stdout", MAX_DOCUMENT_XML),
-            "stderr": self._read_stream(job, "stderr", MAX_DOCUMENT_TEXT),
-            "log": self._read_stream(job, "log", MAX_DOCUMENT_TEXT).decode("utf-8", "replace"),
+            "stdout": self._read_stream(job, "stdout", MAX_DOCUMENT_XML, missing),
+            "stderr": self._read_stream(job, "stderr", MAX_DOCUMENT_TEXT, missing),
+            "log": self._read_stream(job, "log", MAX_DOCUMENT_TEXT, missing).decode("utf-8", "replace"),
             "started_at": job.started_at,
             "ended_at": job.finished_at,
+            "output_missing": "; ".join(missing),
         }
         streams["stdout_cut"] = self._stdout_cut(job) if parsed else None
         if self._stopped_by_jobd(job):
@@ -1028,16 +1034,18 @@ class Instances:
         # Bytes are dropped for max_output only once that much is kept: fewer kept means a write failed first.
         return OutputCut.MAX_OUTPUT if attempts[-1].stdout_bytes >= job.spec.max_output else OutputCut.UNWRITTEN
 
-    def _read_stream(self, job: Job, stream: str, most: int) -> bytes:
-        """The stream of the job's last attempt: at most `most` bytes and one more (a longer one is cut later)."""
+    def _read_stream(self, job: Job, stream: str, most: int, missing: list[str]) -> bytes:
+        """The stream of the job's last attempt: at most `most` bytes and one more (a longer one is cut later). No
+        file is no output, unless jobd wrote one (an administrator removed it while the task ran): why is added to
+        `missing`, and the task ends in error (WorkflowMachine.task_ended), not as one that printed nothing."""
         if job.attempts == 0:
             return b""
-        path = self.engine.output_path(job.id, job.attempts, stream)
         try:
-            with open(path, "rb") as file:
-                return file.read(most + 1)
-        except FileNotFoundError:  # output files are created on the first byte
+            data, _ = self.engine.read_attempt_output(job.id, job.attempts, stream, 0, most + 1)
+        except OutputMissing as error:
+            missing.append(error.message)
             return b""
+        return data
 
     # -- events ----------------------------------------------------------------------------------------------
 

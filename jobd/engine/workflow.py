@@ -79,6 +79,7 @@ COMPAT_ENV = {"EVQUEUE_ENV": "true", "EVQUEUE_IPC_QID": "0"}  # what evQueue giv
 ABORTED_BY_USER = "Aborted on user request"
 NO_RETRY_CANCELLING = "Won't retry because workflow is cancelling"
 INVALID_XML = "Invalid XML returned"
+OUTPUT_MISSING = "Output missing"  # jobd wrote the task's output, and it was removed before the task's end was read
 # The instance document is saved whole as the instance changes, so what it holds of task outputs is bounded:
 # this much of each stream as text, then TRUNCATED_MARK; an XML output (parsed, for later tasks to query) up to
 # MAX_DOCUMENT_XML bytes, a larger one is refused by name (15 MB of XML held jobd's loop ~1 s at each save).
@@ -140,6 +141,7 @@ class TaskResult:
     ended_at: float | None = None
     signal: int | None = None
     outcome: Outcome | None = None
+    output_missing: str = ""  # why a stream jobd wrote could not be read at the end (OutputMissing), if one could not
 
     @classmethod
     def exited(cls, exit_code: int, **streams: Any) -> TaskResult:
@@ -517,12 +519,19 @@ class Instance:
         output.set("exit_time", local_time(result.ended_at if result.ended_at is not None else now))
         if result.signal is not None:
             output.set("signal", str(result.signal))
-        if retval == 0 and task.get("output-method") == "XML":
+        if result.output_missing:
+            # Not taken for a task that printed nothing (later tasks would read that as its output), whatever it
+            # exited with: aborted as one whose XML is invalid, and not retried (debugresume runs it again).
+            output.set("method", "text")
+            output.text = document_text(result.stdout) or None
+            task.set("status", NodeStatus.ABORTED)
+            task.set("error", f"{OUTPUT_MISSING} ({result.output_missing})")
+        elif retval == 0 and task.get("output-method") == "XML":
             self._store_xml_output(task, output, result)
         else:
             output.set("method", "text")
             output.text = document_text(result.stdout) or None
-        if retval != 0:
+        if retval != 0 and not result.output_missing:
             if self.cancelling:
                 task.set("error", NO_RETRY_CANCELLING)
             else:
