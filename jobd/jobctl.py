@@ -1216,12 +1216,14 @@ def wait_with_progress(client: Client, job_ident: int, timeout: float | None) ->
     note = paused_queue_note(client, view.job)
     if note:
         say(note)  # once, above the bar: jobd tells of no resume, only of the job's start that follows it
-    bar = ProgressBar(sys.stderr)
+    bar = ProgressBar(sys.stderr, terminal_can_redraw())
+    # Without redrawing, each log line would print a line of its own: the lines then follow progress and state only.
     try:
         while True:
             job = view.job
+            log_note = view.last_log if bar.redraws else ""
             bar.draw(
-                render_progress_bar(job_ident, wait_label(job), job.get("progress") or 0, stderr_width(), view.last_log)
+                render_progress_bar(job_ident, wait_label(job), job.get("progress") or 0, stderr_width(), log_note)
             )
             message = client.next_event_or_reply(wait)
             if isinstance(message, Reply):
@@ -1232,22 +1234,30 @@ def wait_with_progress(client: Client, job_ident: int, timeout: float | None) ->
         bar.clear()
 
 
-class ProgressBar:
-    """One line on a terminal, redrawn in place with a carriage return."""
+def terminal_can_redraw() -> bool:
+    """Whether the terminal can take a carriage return and an erase-line (`ESC [ K`): not when $TERM is `dumb`, unset
+    or empty (Emacs' shell buffers, some CI consoles), where the escape would be printed as text."""
+    return os.environ.get("TERM", "") not in ("", "dumb")
 
-    def __init__(self, stream: TextIO) -> None:
+
+class ProgressBar:
+    """One line on a terminal, redrawn in place with a carriage return; on a terminal that cannot redraw
+    (terminal_can_redraw), a plain line is printed each time the text changes and nothing is erased."""
+
+    def __init__(self, stream: TextIO, redraws: bool) -> None:
         self.stream = stream
+        self.redraws = redraws
         self.shown = ""
 
     def draw(self, text: str) -> None:
         if text != self.shown:
             # Noted before it is written: a Ctrl-C that comes as the write ends must still find it to clear.
             self.shown = text
-            self.stream.write("\r" + text + "\x1b[K")
+            self.stream.write("\r" + text + "\x1b[K" if self.redraws else text + "\n")
             self.stream.flush()
 
     def clear(self) -> None:
-        if self.shown:
+        if self.shown and self.redraws:
             self.shown = ""
             self.stream.write("\r\x1b[K")
             self.stream.flush()
@@ -1397,7 +1407,7 @@ def wait_instance_with_progress(client: Client, instance_ident: int, timeout: fl
     wait = client.send_request("instance.wait", wait_params(instance_ident, timeout))
     context = f"instance:{instance_ident}"
     shown: Instance = client.call("instance.get", {"id": instance_ident})
-    bar = ProgressBar(sys.stderr)
+    bar = ProgressBar(sys.stderr, terminal_can_redraw())
     try:
         while True:
             bar.draw(render_instance_progress(shown, stderr_width()))

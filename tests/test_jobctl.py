@@ -8,6 +8,7 @@ view through the API.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -112,9 +113,9 @@ def read_rest(fd: int) -> bytes:
     return data
 
 
-def on_a_terminal(daemon: Any, *args: str) -> tuple[subprocess.Popen[bytes], int]:
-    """jobctl ARGS... with stderr on a pseudo-terminal, where it draws its progress bar: the process (stdout a pipe)
-    and the terminal's master side, to read and close."""
+def on_a_terminal(daemon: Any, *args: str, term: str = "xterm") -> tuple[subprocess.Popen[bytes], int]:
+    """jobctl ARGS... with stderr on a pseudo-terminal of type `term` ($TERM), where it draws its progress bar: the
+    process (stdout a pipe) and the terminal's master side, to read and close."""
     master, slave = os.openpty()
     try:
         process = subprocess.Popen(
@@ -122,7 +123,7 @@ def on_a_terminal(daemon: Any, *args: str) -> tuple[subprocess.Popen[bytes], int
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=slave,
-            env=environment(),
+            env=environment({"TERM": term}),
         )
     finally:
         os.close(slave)
@@ -420,6 +421,35 @@ def test_wait_on_a_terminal_draws_a_bar_and_exits_with_the_job_code(daemon: Any,
     assert f"\rjob {job_id} [" in text and "  40% running  half way" in text, text
     assert f"job {job_id} failed: exit code 3" in text, text
     assert out == b"" and "Traceback" not in text
+
+
+def test_wait_on_a_dumb_terminal_prints_plain_lines_as_progress_changes(daemon: Any, tmp_path: Path) -> None:
+    """TERM=dumb: a terminal that cannot erase a line gets no carriage return and no escape, but a plain line each
+    time the progress or the state changes; a log line, which changes neither, prints nothing (docs/jobctl.md)."""
+    gate = tmp_path / "progress"
+    os.mkfifo(gate)
+    script = f'read a < "{gate}"; echo %40 >&3; echo "half way" >&3; echo "three quarters" >&3; exit 3'
+    job_id = daemon.submit(command=["/bin/sh", "-c", script])["id"]
+    process, master = on_a_terminal(daemon, "wait", str(job_id), term="dumb")
+    try:
+        shown = read_until(master, b"0% running\r\n")  # the pty's line discipline turns each \n into \r\n
+        with open(gate, "w") as writer:
+            writer.write("go\n")
+        out, _ = process.communicate(timeout=DEADLINE)
+        shown += read_rest(master)
+    finally:
+        os.close(master)
+    text = shown.decode(errors="replace").replace("\r\n", "\n")
+    assert process.returncode == 3, text
+    assert "\r" not in text and "\x1b" not in text, text
+    lines = text.splitlines()
+    bar = [line for line in lines if line.startswith(f"job {job_id} [")]
+    assert f"job {job_id} [--------------------]   0% running" in bar, text
+    assert f"job {job_id} [########------------]  40% running" in bar, text
+    assert all(earlier != later for earlier, later in itertools.pairwise(bar)), text  # printed only when it changed
+    assert "half way" not in text and "three quarters" not in text, text
+    assert lines[-1] == f"job {job_id} failed: exit code 3", text
+    assert out == b""
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])

@@ -554,7 +554,7 @@ def test_a_bar_interrupted_as_it_is_drawn_is_still_cleared() -> None:
     """`jobctl wait` on a terminal, Ctrl-C as the bar's line is written: the bar is taken away, not left for the
     shell's prompt to follow (the bar was noted as shown only after its write, and clear() found nothing to clear)."""
     stream = InterruptedAtFlush()
-    bar = jobctl.ProgressBar(stream)  # type: ignore[arg-type]
+    bar = jobctl.ProgressBar(stream, redraws=True)  # type: ignore[arg-type]
     with pytest.raises(KeyboardInterrupt):
         try:
             bar.draw("job 1 [----------]   0% running")
