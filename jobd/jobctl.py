@@ -772,12 +772,6 @@ def env_assignment(text: str) -> tuple[str, str]:
     return name, value
 
 
-def socket_path(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("expected the path of jobd's socket, got an empty one")
-    return text
-
-
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type for integers from low to high: a value jobd would refuse is a usage error here (exit 2),
     said before anything is sent."""
@@ -799,12 +793,6 @@ MAX_INTEGER = 2**63 - 1  # what jobd takes for an id or a count (SQLite's intege
 positive_int = int_in(1, MAX_INTEGER)
 page_size = int_in(1, MAX_PAGE)
 priority = int_in(0, MAX_PRIORITY)
-
-
-def key_text(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("expected a non-empty key (leave --key out for none)")
-    return text
 
 
 def seconds(text: str, *, above_zero: bool = False) -> float:
@@ -957,6 +945,8 @@ def run_params(args: argparse.Namespace) -> dict[str, Any]:
         argv = argv[1:]
     if not argv:
         raise UsageError("run: a command is required: jobctl run [OPTIONS] -- CMD [ARG...]")
+    if not argv[0]:  # later words may be empty (`echo ""`), the program may not
+        raise UsageError("run: the program (the first word of CMD) is empty: jobctl run [OPTIONS] -- CMD [ARG...]")
     params = {"command": argv, **common_submit_params(args)}
     working_dir = args.cwd if args.cwd is not None else current_dir()
     if working_dir is not None:
@@ -1489,7 +1479,6 @@ def add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) 
     # a value given before it.
     parser.add_argument(
         "--socket",
-        type=socket_path,
         metavar="PATH",
         default=argparse.SUPPRESS if in_subcommand else None,
         help="jobd's API socket (default: $JOBD_SOCKET, else /run/jobd/jobd.sock)",
@@ -1511,7 +1500,7 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
         "-e", "--env", type=env_assignment, action="append", metavar="NAME=VALUE", help="environment variable (repeat)"
     )
     parser.add_argument("--context", help="a free label, filterable with ls --context")
-    parser.add_argument("--key", type=key_text, help="idempotency key: resubmitting the same key returns the first job")
+    parser.add_argument("--key", help="idempotency key: resubmitting the same key returns the first job")
     parser.add_argument("--stdin-file", metavar="PATH", help="feed this file to the job's stdin (- = jobctl's stdin)")
     parser.add_argument("--wait", action="store_true", help="then wait for the job, as `jobctl wait`")
 
@@ -1707,7 +1696,22 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     elif extra:
         command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _restore_separators(args)
+    _refuse_empty_values(args, (parser, command_parser))
     return args
+
+
+def _refuse_empty_values(args: argparse.Namespace, parsers: Iterable[argparse.ArgumentParser]) -> None:
+    """An empty word given for any option or argument that takes one (`-q ""`, `--cwd ""`, `pause ""`) is a usage
+    error (exit 2), said before anything is sent: jobd would refuse most (an INVALID_PARAMS, exit 1), and others
+    would be taken as something else (`--cwd ""` as the current directory, `--context ""` as a label of its own).
+    Checked here, once for all of them, so that an option added later is covered too. NAME=VALUE values and a
+    command's words may be empty; they are lists and tuples, not checked."""
+    for parser in parsers:
+        for action in parser._actions:  # argparse has no public list of a parser's arguments
+            if getattr(args, action.dest, None) == "":
+                name = "/".join(action.option_strings) or action.metavar or action.dest
+                hint = f" (leave {name} out for none)" if action.option_strings else ""
+                parser.error(f"argument {name}: expected a non-empty value{hint}")
 
 
 def _restore_separators(args: argparse.Namespace) -> None:

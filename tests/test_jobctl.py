@@ -357,6 +357,27 @@ def test_log_follow_of_an_attempt_not_started_yet_waits_for_it(daemon: Any) -> N
         ["run", "-e", "A B=1", "--", "true"],
         ["run", "-e", "1A=1", "--", "true"],
         ["--socket", "", "status"],
+        # An empty value, for any option or argument that takes one (DESIGN §2.5: a usage error is exit 2).
+        ["run", "-q", "", "--", "true"],
+        ["run", "--context", "", "--", "true"],
+        ["run", "--cwd", "", "--", "true"],
+        ["run", "--stdin-file", "", "--", "true"],
+        ["run", "-e", "=1", "--", "true"],
+        ["status", "--socket", ""],
+        ["submit", ""],
+        ["submit", "-q", "", "echo"],
+        ["ls", "--queue", ""],
+        ["ls", "--task", ""],
+        ["ls", "--context", ""],
+        ["pause", ""],
+        ["resume", ""],
+        ["launch", ""],
+        ["launch", "--comment", "", "demo"],
+        ["launch", "-p", "=x", "demo"],
+        ["instances", "--workflow", ""],
+        ["schedule", "enable", ""],
+        ["audit", "--user", ""],
+        ["audit", "--command", ""],
     ],
 )
 def test_values_jobd_would_refuse_are_usage_errors(daemon: Any, words: list[str]) -> None:
@@ -364,6 +385,31 @@ def test_values_jobd_would_refuse_are_usage_errors(daemon: Any, words: list[str]
     result = ctl(daemon, *words)
     assert result.code == 2, result  # said by jobctl before anything is sent, not an INVALID_PARAMS (exit 1)
     assert "error: argument" in result.err and "INVALID_PARAMS" not in result.err, result
+    assert job_count(daemon) == before
+
+
+def test_an_empty_value_is_named_with_what_to_do_instead(daemon: Any) -> None:
+    result = ctl(daemon, "run", "-q", "", "--", "true")
+    assert "error: argument -q/--queue: expected a non-empty value (leave -q/--queue out for none)" in result.err
+    result = ctl(daemon, "pause", "")
+    assert "error: argument QUEUE: expected a non-empty value" in result.err, result
+
+
+def test_empty_values_where_they_mean_something_are_kept(daemon: Any) -> None:
+    """An environment variable or a workflow parameter may be set to "", and a command's word may be "": only a
+    value that names or selects something must not be empty."""
+    result = ctl(
+        daemon, "run", "--wait", "-e", "EMPTY=", "--", "/bin/sh", "-c", 'printf "[%s][%s]" "$EMPTY" "$1"', "sh", ""
+    )
+    assert result.code == 0, result
+    assert daemon.output(submitted_id(result)) == "[][]"
+
+
+def test_an_empty_program_is_a_usage_error(daemon: Any) -> None:
+    before = job_count(daemon)
+    result = ctl(daemon, "run", "--", "", "x")
+    assert result.code == 2, result
+    assert "the program (the first word of CMD) is empty" in result.err and "INVALID_PARAMS" not in result.err
     assert job_count(daemon) == before
 
 
