@@ -850,6 +850,49 @@ def test_progress_and_log_lines_arrive_while_the_job_runs(server: Any, tmp_path:
     assert server.output(job["id"]) == "got go\n"
 
 
+def test_log_events_stop_where_max_output_cuts_the_log_and_progress_goes_on(server: Any) -> None:
+    """Past max_output the log file keeps nothing more, and subscribers hear no more log lines either: the line at
+    which the log is cut comes as what the file kept of it, with "truncated": true, and then only progress (and
+    state) events; what they heard is what the file kept (docs/protocol.md, events.subscribe)."""
+    # 12 lines of 8 bytes fit in 100; the 13th is cut after 4 bytes ("line"), the rest are dropped.
+    script = (
+        'i=10; while [ $i -lt 60 ]; do echo "line $i" >&3; i=$((i+1)); done; echo %50 >&3; echo late >&3; echo %70 >&3'
+    )
+    with server.client() as client:
+        client.call("events.subscribe", {"types": ["job.progress", "job.log", "job.state"]}, timeout=10)
+        job = client.call("job.submit", {"command": sh(script), "max_output": 100}, timeout=10)
+        events = []
+        while True:
+            event = next_matching(client, lambda e: e.get("id", e.get("job", {}).get("id")) == job["id"])
+            if event["type"] == "job.state" and event["job"]["state"] == "succeeded":
+                break
+            events.append(event)
+    logs = [event for event in events if event["type"] == "job.log"]
+    assert [event["line"] for event in logs] == [f"line {i}" for i in range(10, 22)] + ["line"], logs
+    assert [event.get("truncated") for event in logs] == [None] * 12 + [True], logs
+    assert [event["progress"] for event in events if event["type"] == "job.progress"] == [50, 70], events
+    assert server.output(job["id"], "log") == "".join(f"line {i}\n" for i in range(10, 22)) + "line"
+    assert get(server, job["id"])["tries"][0]["truncated"] is True
+
+
+def test_log_events_of_a_job_within_max_output_are_not_marked_truncated(server: Any) -> None:
+    """A log that exactly fills max_output is whole: no event says it was cut."""
+    with server.client() as client:
+        client.call("events.subscribe", {"types": ["job.log", "job.state"]}, timeout=10)
+        job = client.call("job.submit", {"command": sh("echo one >&3; echo two >&3"), "max_output": 8}, timeout=10)
+        events = []
+        while True:
+            event = next_matching(client, lambda e: e.get("id", e.get("job", {}).get("id")) == job["id"])
+            if event["type"] == "job.state" and event["job"]["state"] == "succeeded":
+                break
+            events.append(event)
+    assert [(event["line"], "truncated" in event) for event in events if event["type"] == "job.log"] == [
+        ("one", False),
+        ("two", False),
+    ]
+    assert server.output(job["id"], "log") == "one\ntwo\n"
+
+
 # -- 12. following output ----------------------------------------------------------------------------------------
 
 

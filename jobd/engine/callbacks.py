@@ -391,7 +391,7 @@ class Callbacks:
         # The try before this one wrote the same files: a stream this try leaves empty (it makes no file) would show
         # the earlier try's output as its own.
         _remove_output(base)
-        child = Child.spawn(launch, loop, on_exit=exited, on_progress=_ignore, on_log=_ignore, on_output=_nothing)
+        child = Child.spawn(launch, loop, on_exit=exited, on_progress=_ignore, on_log=_ignore_log, on_output=_nothing)
         self._children[delivery.id] = (child, ended)
         try:
             try:
@@ -458,6 +458,10 @@ def _ignore(_: object) -> None:
 
 
 def _nothing() -> None:
+    pass
+
+
+def _ignore_log(_line: str, _cut: bool) -> None:
     pass
 
 

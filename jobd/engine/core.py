@@ -81,6 +81,7 @@ class JobEvent:
     type: str  # "job.state" | "job.progress" | "job.log"
     job: Job
     line: str | None = None
+    log_cut: bool = False  # the log line at which the attempt's log reached max_output: the last one told
 
     def to_json(self) -> dict[str, Any]:
         """The event as events.subscribe and GET /events send it (docs/protocol.md)."""
@@ -89,6 +90,8 @@ class JobEvent:
             return {"type": self.type, "job": job.to_json()}
         if self.type == "job.progress":
             return {"type": self.type, "id": job.id, "progress": job.progress}
+        if self.log_cut:
+            return {"type": self.type, "id": job.id, "line": self.line, "truncated": True}
         return {"type": self.type, "id": job.id, "line": self.line}
 
 
@@ -679,7 +682,7 @@ class Engine:
                 self.loop,
                 on_exit=lambda info: self._exited(job.id, info),
                 on_progress=lambda value: self._progress(job.id, value),
-                on_log=lambda line: self._log_line(job.id, line),
+                on_log=lambda line, cut: self._log_line(job.id, line, cut),
                 on_output=lambda: self._wake_output_waiters(job.id),
             )
         except SpawnError as error:
@@ -969,10 +972,10 @@ class Engine:
             if watcher is not None:
                 watcher.job_progress(job)
 
-    def _log_line(self, job_id: int, line: str) -> None:
+    def _log_line(self, job_id: int, line: str, cut: bool) -> None:
         job = self.jobs.get(job_id)
         if job is not None:
-            self._emit("job.log", job, line)
+            self._emit("job.log", job, line, cut)
             self._wake_output_waiters(job_id)
 
     # -- queries and commands --------------------------------------------------------------------------------
@@ -1261,9 +1264,9 @@ class Engine:
         self._listeners[listener] = None
         return lambda: self._listeners.pop(listener, None)
 
-    def _emit(self, kind: str, job: Job, line: str | None = None) -> None:
+    def _emit(self, kind: str, job: Job, line: str | None = None, log_cut: bool = False) -> None:
         if self._listeners:  # on the spawn/reap path: build nothing when nobody listens
-            event = JobEvent(kind, job, line)
+            event = JobEvent(kind, job, line, log_cut)
             for listener in list(self._listeners):
                 listener(event)
 
