@@ -850,6 +850,16 @@ def test_progress_and_log_lines_arrive_while_the_job_runs(server: Any, tmp_path:
     assert server.output(job["id"]) == "got go\n"
 
 
+def events_until_it_succeeds(client: Client, job_id: int) -> list[dict[str, Any]]:
+    """The job's events, in order, up to its job.state event for `succeeded` (left out)."""
+    events = []
+    while True:
+        event = next_matching(client, lambda e: e.get("id", e.get("job", {}).get("id")) == job_id)
+        if event["type"] == "job.state" and event["job"]["state"] == "succeeded":
+            return events
+        events.append(event)
+
+
 def test_log_events_stop_where_max_output_cuts_the_log_and_progress_goes_on(server: Any) -> None:
     """Past max_output the log file keeps nothing more, and subscribers hear no more log lines either: the line at
     which the log is cut comes as what the file kept of it, with "truncated": true, and then only progress (and
@@ -861,12 +871,7 @@ def test_log_events_stop_where_max_output_cuts_the_log_and_progress_goes_on(serv
     with server.client() as client:
         client.call("events.subscribe", {"types": ["job.progress", "job.log", "job.state"]}, timeout=10)
         job = client.call("job.submit", {"command": sh(script), "max_output": 100}, timeout=10)
-        events = []
-        while True:
-            event = next_matching(client, lambda e: e.get("id", e.get("job", {}).get("id")) == job["id"])
-            if event["type"] == "job.state" and event["job"]["state"] == "succeeded":
-                break
-            events.append(event)
+        events = events_until_it_succeeds(client, job["id"])
     logs = [event for event in events if event["type"] == "job.log"]
     assert [event["line"] for event in logs] == [f"line {i}" for i in range(10, 22)] + ["line"], logs
     assert [event.get("truncated") for event in logs] == [None] * 12 + [True], logs
@@ -880,12 +885,7 @@ def test_log_events_of_a_job_within_max_output_are_not_marked_truncated(server: 
     with server.client() as client:
         client.call("events.subscribe", {"types": ["job.log", "job.state"]}, timeout=10)
         job = client.call("job.submit", {"command": sh("echo one >&3; echo two >&3"), "max_output": 8}, timeout=10)
-        events = []
-        while True:
-            event = next_matching(client, lambda e: e.get("id", e.get("job", {}).get("id")) == job["id"])
-            if event["type"] == "job.state" and event["job"]["state"] == "succeeded":
-                break
-            events.append(event)
+        events = events_until_it_succeeds(client, job["id"])
     assert [(event["line"], "truncated" in event) for event in events if event["type"] == "job.log"] == [
         ("one", False),
         ("two", False),
