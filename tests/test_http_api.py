@@ -656,7 +656,8 @@ def test_a_client_that_lets_its_bytes_of_events_pile_up_unread_is_cut_off(daemon
     # SSE_QUEUE_BYTES: the stream ends before the job's end.
     stream = Events(daemon)  # not read from while the job runs
     assert _holds_connection(daemon, stream)
-    job = daemon.submit(command=_long_log_lines(700))
+    # A max_output above the 44.8 MB: jobd tells only the log lines it keeps (docs/protocol.md, events.subscribe).
+    job = daemon.submit(command=_long_log_lines(700), max_output=64 * 1024 * 1024)
     daemon.wait(job["id"])
     # Its connection went with its events: it stayed open, with its buffers, until the client read or went.
     daemon.call("ping")  # the close follows the cut-off by one turn of jobd's loop
