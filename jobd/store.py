@@ -1165,11 +1165,16 @@ class Store:
             return  # under way or done
 
         def step() -> None:
-            if self.db.is_closed():
-                return
-            if self.count_some_jobs():
+            # However the slices end (all counted, the store closed by a stop, a failed read), the waits of
+            # jobs_counted end too: count_by_state counts whatever is left, or says why it cannot.
+            try:
+                more = not self.db.is_closed() and self.count_some_jobs()
+            except Exception:
+                counted.set_result(None)
+                raise  # to the loop's exception handler, which logs it
+            if more:
                 loop.call_soon(step)
-            elif not counted.done():
+            else:
                 counted.set_result(None)
 
         loop = asyncio.get_running_loop()

@@ -1364,3 +1364,22 @@ def test_a_statement_sqlite_cannot_build_is_jobds_bug_and_a_disk_it_cannot_write
         failed is not None
         and failed.message == "jobd could not write its database (attempt to write a readonly database)"
     )
+
+
+def test_a_wait_for_the_start_count_ends_when_the_store_closes_before_it_is_done(tmp_path: Path) -> None:
+    """daemon.status waits for the start's count of the history (jobs_counted); a stop that closes the store before
+    the count is done ended the slices without telling the waits, which then lasted until their clients gave up."""
+    path = str(tmp_path / "jobd.sqlite3")
+    store = Store(path)
+    store.open()
+    _history(store, seed=5)
+    store.close()
+
+    async def wait_across_a_close() -> None:
+        store.open()
+        waiting = asyncio.ensure_future(store.jobs_counted())  # starts the count: its first slice is a turn away
+        store.close()  # as a stop does, before that turn
+        await asyncio.wait_for(waiting, 60)  # a deadline for the failure only: it ends in the next turns
+
+    store = Store(path)
+    asyncio.run(wait_across_a_close())
