@@ -453,6 +453,7 @@ class Client:
         # left (a regular file or a terminal never reports it; a hung-up terminal sends SIGHUP of its own).
         poller.register(output_fd, 0)
         left = _remaining(deadline)
+        # no-poll-ok: one blocking poll(2) until jobd answers, the pipe's reader goes or the deadline passes
         ready = dict(poller.poll(None if left is None else left * 1000))
         if ready.get(output_fd, 0) & select.POLLERR:
             raise BrokenPipeError(errno.EPIPE, "the reader of the output has gone")
