@@ -456,8 +456,8 @@ class _ProgressReader:
             return True
         if raw.startswith(b"%") and not raw.startswith(b"%%"):
             digits = raw[1:].strip()
-            if digits.isdigit():
-                self._on_progress(max(0, min(100, int(digits))))
+            if digits.isdigit():  # ASCII digits only, for bytes
+                self._on_progress(_percent(digits))
                 return True
         if raw.startswith(b"%%"):
             raw = raw[1:]
@@ -751,6 +751,14 @@ class Child:
         reader.finish()
         reader.close()
         return True
+
+
+def _percent(digits: bytes) -> int:
+    """The progress a `%NN` line sets, clamped to 0-100. Its digits are the job's to choose, as many as a log line
+    holds (64 KiB): int() refuses more than 4,300 of them (Python's guard against quadratic conversions), and its
+    ValueError, raised while the job's pipes were drained, left the job `running` for ever and jobd unable to stop."""
+    significant = digits.lstrip(b"0")
+    return 100 if len(significant) > 3 else min(100, int(significant or b"0"))
 
 
 def _drain_what_is_buffered(reader: _OutputSink | _ProgressReader) -> None:

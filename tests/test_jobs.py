@@ -606,6 +606,20 @@ def test_log_lines_longer_than_one_read_arrive_whole(server: Any) -> None:
     assert job["progress"] == 42
 
 
+def test_a_progress_line_with_thousands_of_digits_is_100_percent(server: Any) -> None:
+    """int() refuses more than 4,300 digits: such a `%NNN…` line (the job's to write) raised in the middle of reading
+    fd 3, and the job stayed `running` for ever, its timeout and jobd's stop with it. Leading zeros are no digits."""
+    many = "%" + "7" * 5000
+    padded = "%" + "0" * 5000 + "42"
+    script = 'echo %5 >&3; echo "$1" >&3; echo between >&3; echo "$2" >&3; echo after >&3; echo "$3" >&3'
+    job = run(server, command=sh(script, padded, "%" + "0" * 5000, many), timeout=30)
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == 100
+    assert server.call("job.output", {"id": job["id"], "stream": "log"})["data"] == "between\nafter\n"
+    zeros = run(server, command=sh('echo "$1" >&3', padded), timeout=30)
+    assert zeros["progress"] == 42
+
+
 def test_utf8_output_read_in_pieces_never_splits_a_character(server: Any) -> None:
     job = run(server, command=["/usr/bin/printf", "a\\303\\251\\342\\202\\254b"])  # "aé€b": 1 + 2 + 3 + 1 bytes
     assert server.output(job["id"]) == "aé€b"
