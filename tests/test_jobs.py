@@ -241,6 +241,35 @@ def test_jobd_variables_are_in_the_environment_and_the_daemons_are_not(server: A
     assert "NOTIFY_SOCKET" not in env
 
 
+# Execs the rest of its arguments with signals ignored and blocked, as a careless starter leaves them (`jobd &` in a
+# script ignores SIGINT and SIGQUIT; a supervisor may block signals in its children): the exec keeps both.
+WITH_SIGNALS_IGNORED_AND_BLOCKED = """
+import os, signal, sys
+for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2, signal.SIGTERM):
+    signal.signal(number, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM})
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_a_job_has_no_signal_ignored_or_blocked_whatever_jobd_was_started_with(make_daemon: Any) -> None:
+    # Jobs inherited what jobd's starter ignored and blocked (an exec resets only handlers): a job with SIGTERM
+    # blocked lived through its cancel until the SIGKILL after kill_grace. systemd gives a service none of either.
+    daemon = make_daemon(CONFIG, start=False)
+    daemon.command_prefix = [sys.executable, "-c", WITH_SIGNALS_IGNORED_AND_BLOCKED]
+    daemon.start()
+    job = run(daemon, command=["/bin/grep", "^Sig", "/proc/self/status"])  # grep itself ignores and blocks none
+    status = dict(line.split(":\t") for line in daemon.output(job["id"]).splitlines())
+    assert (status["SigBlk"], status["SigIgn"]) == ("0" * 16, "0" * 16), status
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        job = client.call("job.submit", {"command": ["/bin/sleep", "100"]}, timeout=10)
+        next_matching(client, is_state(job["id"], "running"))
+        assert client.call("job.cancel", {"id": job["id"]}, timeout=10)["state"] == "cancelled"
+    [attempt] = get(daemon, job["id"])["tries"]
+    assert attempt["signal"] == signal.SIGTERM, attempt  # not the SIGKILL after kill_grace
+
+
 def test_working_dir_of_an_ad_hoc_command(server: Any, tmp_path: Path) -> None:
     workdir = tmp_path / "work dir"
     workdir.mkdir()
