@@ -270,6 +270,20 @@ def test_a_job_has_no_signal_ignored_or_blocked_whatever_jobd_was_started_with(m
     assert attempt["signal"] == signal.SIGTERM, attempt  # not the SIGKILL after kill_grace
 
 
+def test_a_job_gets_the_documented_variables_and_no_other(make_daemon: Any) -> None:
+    """docs/jobs.md lists the whole environment of a job: what else jobd was started with stays with jobd (a
+    secret of its starter's, a locale variable other than LANG and LC_ALL, systemd's NOTIFY_SOCKET)."""
+    daemon = make_daemon(CONFIG, start=False)
+    daemon.env = {"STARTERS_SECRET": "hunter2", "LC_CTYPE": "C", "OLDPWD": "/tmp"}
+    daemon.start()
+    job = run(daemon, command=["/usr/bin/env", "-0"])
+    env = dict(entry.split("=", 1) for entry in daemon.output(job["id"]).split("\0") if entry)
+    passed_on = {name for name in ("LANG", "LC_ALL", "TZ") if name in os.environ}
+    own = {"PATH", "HOME", "USER", "LOGNAME", "JOBD_JOB_ID", "JOBD_QUEUE", "JOBD_ATTEMPT"}
+    assert set(env) == own | passed_on, env
+    assert env["PATH"] == os.environ["PATH"] and env["HOME"] == "/root" and env["USER"] == env["LOGNAME"] == "root"
+
+
 def test_working_dir_of_an_ad_hoc_command(server: Any, tmp_path: Path) -> None:
     workdir = tmp_path / "work dir"
     workdir.mkdir()
