@@ -489,7 +489,9 @@ def instances_list(service: EvQueue, peer: Peer, command: xml.InstancesList) -> 
     summaries, total = service.api.instances.list_instances(where)
     rows = []
     for summary in summaries:
-        row = xml.element("workflow", {**_summary_attrs(summary), "node_name": service.node, "schedule_id": ""})
+        # No schedule_id: evQueue writes it only for an instance a schedule launched, and jobd's instances do not
+        # record the schedule that launched them (an empty one would tell a client every instance was scheduled).
+        row = xml.element("workflow", {**_summary_attrs(summary), "node_name": service.node})
         tags = etree.SubElement(row, "tags")
         tags.extend(xml.element("tag", {"label": label}) for label in summary.tags)
         rows.append(row)

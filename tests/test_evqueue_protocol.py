@@ -471,6 +471,26 @@ def test_launch_query_and_list(corpus_daemon: Any) -> None:
         ko(client.ask(b'<instance action="query" id="%s"/>' % instance_id.encode()), "UNKNOWN_INSTANCE")
 
 
+def test_a_listed_instance_no_schedule_launched_has_evqueues_attributes_and_no_schedule_id(corpus_daemon: Any) -> None:
+    # evQueue writes schedule_id only when the instance's workflow_schedule_id is not NULL, i.e. for an instance a
+    # schedule launched (reference/evqueue.md §1.7: the row of an API launch has none). jobd wrote schedule_id=""
+    # on every row, so a client testing for the attribute took every instance for a scheduled one.
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        ok(client.ask(b'<instance action="launch" name="trivial" mode="synchronous" timeout="20"/>'))
+        row = ok(client.ask(b'<instances action="list"/>'))[0]
+    assert sorted(row.attrib) == [
+        "comment",
+        "end_time",
+        "errors",
+        "host",
+        "id",
+        "name",
+        "node_name",
+        "start_time",
+        "status",
+    ], etree.tostring(row)
+
+
 def test_a_comment_xml_cannot_hold_is_kept_as_control_pictures_and_listed(corpus_daemon: Any) -> None:
     """jobd's JSON-RPC takes any string; the instance's document and evQueue's lists are XML. A control character in
     a launch's comment or host was an INTERNAL_ERROR (lxml refused the attribute)."""
