@@ -25,6 +25,7 @@ from jobd import __version__, audit, forked, safexml
 from jobd.api import UNKNOWN_NAME, Api, as_seen_by, check_instance, check_launch, once_durable, while_allowed
 from jobd.engine import access
 from jobd.engine.schedule import Calendar
+from jobd.engine.workflow import retry_levels
 from jobd.errors import (
     InsufficientRights,
     InvalidParams,
@@ -250,6 +251,7 @@ _ADMIN_ONLY_WHAT: Final[Mapping[type, str]] = {
     xml.StatusScheduler: "see the scheduler's state",
     xml.StatusConfiguration: "see the configuration",
     xml.WorkflowSchedulesList: "list workflow schedules",
+    xml.RetrySchedulesList: "list retry schedules",
     xml.ControlReload: "reload the configuration",
 }
 
@@ -725,6 +727,18 @@ def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowS
     return service.ok(children=rows)
 
 
+def retry_schedules_list(service: EvQueue, peer: Peer, command: xml.RetrySchedulesList) -> Result:
+    """The `[retry_schedule.NAME]` sections as evQueue's retry schedules, ids numbering them by name from 1 (they are
+    config sections, not database rows, as workflows and queues)."""
+    schedules = service.api.engine.config.retry_schedules
+    rows = []
+    for number, name in enumerate(sorted(schedules), start=1):
+        row = xml.element("schedule", {"id": number, "name": name})
+        row.extend(retry_levels(schedules[name]))
+        rows.append(row)
+    return service.ok(children=rows)
+
+
 def control_reload(service: EvQueue, peer: Peer, command: xml.ControlReload) -> Result:
     service.api.daemon.reload()  # every module: the configuration and workflows are one all-or-nothing set
     return service.ok()
@@ -752,5 +766,6 @@ HANDLERS: Final[Mapping[type, Handler]] = {
     xml.WorkflowsList: workflows_list,
     xml.WorkflowGet: workflow_get,
     xml.WorkflowSchedulesList: workflow_schedules_list,
+    xml.RetrySchedulesList: retry_schedules_list,
     xml.ControlReload: control_reload,
 }

@@ -526,6 +526,7 @@ def test_the_command_table_lists_what_jobd_serves() -> None:
         "workflows list",
         "workflow get",
         "workflow_schedules list",
+        "retry_schedules list",
         "control reload",
     }
 

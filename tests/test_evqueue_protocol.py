@@ -869,6 +869,19 @@ def test_instances_list_rows_come_latest_end_first_as_in_evqueue(corpus_daemon: 
         assert first.get("rows") == "2" and [row.get("id") for row in first] == [early]
 
 
+def test_retry_schedules_are_listed_as_evqueue_lists_them(corpus_daemon: Any) -> None:
+    # evQueue's `retry_schedules list` (its web UI's retry schedules page) was UNKNOWN_COMMAND, though jobd has
+    # retry schedules ([retry_schedule.NAME] in tests/workflows/corpus.toml): each is evQueue's
+    # <schedule id name><level retry_delay retry_times/>…</schedule>, ids numbering them by name.
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        listed = ok(client.ask(b'<?xml version="1.0" encoding="utf-8"?>\n<retry_schedules action="list"/>\n'))
+    assert [etree.tostring(schedule) for schedule in listed] == [
+        b'<schedule id="1" name="fast_then_slow"><level retry_delay="1" retry_times="2"/>'
+        b'<level retry_delay="5" retry_times="1"/></schedule>',
+        b'<schedule id="2" name="patient"><level retry_delay="0.5" retry_times="1"/></schedule>',
+    ]
+
+
 def test_workflow_schedules_show_their_calendar_in_evqueues_format(make_daemon: Any) -> None:
     # evQueue's clients read `schedule` as sec;min;hour;day;month;wday (its web UI parses it to show and edit it);
     # jobd sent a cron calendar as written, which they cannot read. A calendar that format cannot say (cron's OR of

@@ -974,9 +974,7 @@ class Instance:
                     f"workflow {workflow}: retry_schedule '{name}' is not a defined [retry_schedule.NAME] "
                     f"(defined: {defined})"
                 )
-            element = etree.SubElement(schedules, "schedule", name=name)
-            for level in definition.levels:
-                etree.SubElement(element, "level", retry_delay=_whole(level.delay), retry_times=str(level.times))
+            etree.SubElement(schedules, "schedule", name=name).extend(retry_levels(definition))
 
     # ----------------------------------------------------------------------------------------- waiting nodes
 
@@ -1273,6 +1271,15 @@ def _xpath_literal(value: str) -> str:
     if '"' not in value:
         return f'"{value}"'
     return "concat('" + "', \"'\", '".join(value.split("'")) + "')"
+
+
+def retry_levels(schedule: RetrySchedule) -> list[etree._Element]:
+    """A retry schedule's levels as evQueue writes them, `<level retry_delay retry_times/>` each: in the copy an
+    instance keeps of the schedules its tasks use, and in evQueue's `retry_schedules list`."""
+    return [
+        etree.Element("level", retry_delay=_whole(level.delay), retry_times=str(level.times))
+        for level in schedule.levels
+    ]
 
 
 def _whole(number: float) -> str:

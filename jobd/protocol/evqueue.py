@@ -659,6 +659,11 @@ class WorkflowSchedulesList:
     display_parameters: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class RetrySchedulesList:
+    pass
+
+
 RELOAD_MODULES: Final = (
     "all",
     "queuepool",
@@ -702,6 +707,7 @@ Command = (
     | WorkflowsList
     | WorkflowGet
     | WorkflowSchedulesList
+    | RetrySchedulesList
     | ControlReload
 )
 
@@ -820,6 +826,7 @@ _DECODERS: Final[Mapping[tuple[str, str], Callable[[Request], Command]]] = Mappi
         ("workflow_schedules", "list"): lambda request: WorkflowSchedulesList(
             display_parameters=request.boolean("display_parameters", False)
         ),
+        ("retry_schedules", "list"): lambda request: RetrySchedulesList(),
         ("control", "reload"): _control_reload,
     }
 )
