@@ -32,6 +32,7 @@ from jobd.errors import (
     JobdError,
     ShuttingDown,
     TimedOut,
+    UnknownInstance,
     UnknownWorkflow,
     memory_shortage,
 )
@@ -45,6 +46,7 @@ log = logging.getLogger("jobd.evqueue")
 MAX_GROUPED_INSTANCES: Final = 100_000  # instances read to count `instances list groupby=…` rows
 
 TERMINATED: Final = "TERMINATED"
+EXECUTING: Final = "EXECUTING"
 # The memory an xpathfilter's evaluation may take beyond the copy of jobd it runs in (a real filter takes a few KiB).
 XPATHFILTER_MEMORY: Final = 256 * 1024 * 1024
 
@@ -425,13 +427,29 @@ async def _ended(
 
 def instance_cancel(service: EvQueue, peer: Peer, command: xml.InstanceCancel) -> Result:
     service.statistics.workflow_cancel_queries += 1
-    service.api.instances.cancel(command.instance_id)
+    try:
+        service.api.instances.cancel(command.instance_id)
+    except InvalidParams as refusal:
+        raise _unless_ended(service, command.instance_id, refusal) from None
     return service.ok()
 
 
 def instance_killtask(service: EvQueue, peer: Peer, command: xml.InstanceKillTask) -> Result:
-    service.api.instances.kill_task(command.instance_id, command.pid)
+    try:
+        service.api.instances.kill_task(command.instance_id, command.pid)
+    except InvalidParams as refusal:
+        raise _unless_ended(service, command.instance_id, refusal) from None
     return service.ok()
+
+
+def _unless_ended(service: EvQueue, instance_id: int, refusal: InvalidParams) -> JobdError:
+    """What a cancel or a killtask the engine refused is answered: evQueue looks their instance up among the running
+    ones only, so one that has ended is UNKNOWN_INSTANCE to it (JSON-RPC's INVALID_PARAMS to jobd's engine); any
+    other refusal (a pid no task of a running instance runs as) as the engine said it."""
+    status = service.api.instances.summary(instance_id).status
+    if status == EXECUTING:
+        return refusal
+    return UnknownInstance(f"Unknown workflow instance {instance_id}: it has already ended ({status})", id=instance_id)
 
 
 def instance_delete(service: EvQueue, peer: Peer, command: xml.InstanceDelete) -> Result:

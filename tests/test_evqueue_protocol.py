@@ -22,6 +22,7 @@ import pytest
 from lxml import etree
 
 from jobd.api_evqueue import EvQueue
+from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
 
 pytestmark = pytest.mark.timeout(60)
@@ -622,6 +623,23 @@ def test_a_synchronous_launch_that_times_out_says_so(corpus_daemon: Any) -> None
         ok(client.ask(b'<instance action="cancel" id="%s"/>' % instance_id))
         ko(client.ask(b'<instance action="killtask" id="%s" pid="1"/>' % instance_id), "INVALID_PARAMETER")
         ko(client.ask(b'<instance action="cancel" id="9999"/>'), "UNKNOWN_INSTANCE")
+
+
+def test_a_cancel_or_killtask_of_an_ended_instance_is_unknown_instance_as_in_evqueue(corpus_daemon: Any) -> None:
+    # evQueue looks the instance of a cancel or a killtask up among its running instances only: one that has ended
+    # is UNKNOWN_INSTANCE ("Unknown workflow instance"). jobd answered INVALID_PARAMETER, which a client that tells
+    # "already over" from a real failure by the code took for a failure.
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        launched = ok(client.ask(b'<instance action="launch" name="trivial" mode="synchronous" timeout="20"/>'))
+        instance_id = launched.get("workflow-instance-id", "").encode()
+        for request in (b'<instance action="cancel" id="%s"/>', b'<instance action="killtask" id="%s" pid="1"/>'):
+            refused = ko(client.ask(request % instance_id), "UNKNOWN_INSTANCE")
+            assert "has already ended (TERMINATED)" in refused.get("error", ""), etree.tostring(refused)
+        ok(client.ask(b"<ping/>"))
+    # JSON-RPC's answer is its own, and stays INVALID_PARAMS.
+    with pytest.raises(RemoteError) as refused_over_json:
+        corpus_daemon.call("instance.cancel", {"id": int(instance_id)})
+    assert refused_over_json.value.code == "INVALID_PARAMS"
 
 
 def test_waits_still_pending_at_a_stop_are_answered_and_a_synchronous_launch_with_its_instance(
