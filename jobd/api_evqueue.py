@@ -430,7 +430,7 @@ def instance_cancel(service: EvQueue, peer: Peer, command: xml.InstanceCancel) -
     try:
         service.api.instances.cancel(command.instance_id)
     except InvalidParams as refusal:
-        raise _unless_ended(service, command.instance_id, refusal) from None
+        raise _as_evqueue_refuses(service, command.instance_id, refusal, served=EXECUTING) from None
     return service.ok()
 
 
@@ -438,23 +438,29 @@ def instance_killtask(service: EvQueue, peer: Peer, command: xml.InstanceKillTas
     try:
         service.api.instances.kill_task(command.instance_id, command.pid)
     except InvalidParams as refusal:
-        raise _unless_ended(service, command.instance_id, refusal) from None
+        raise _as_evqueue_refuses(service, command.instance_id, refusal, served=EXECUTING) from None
     return service.ok()
-
-
-def _unless_ended(service: EvQueue, instance_id: int, refusal: InvalidParams) -> JobdError:
-    """What a cancel or a killtask the engine refused is answered: evQueue looks their instance up among the running
-    ones only, so one that has ended is UNKNOWN_INSTANCE to it (JSON-RPC's INVALID_PARAMS to jobd's engine); any
-    other refusal (a pid no task of a running instance runs as) as the engine said it."""
-    status = service.api.instances.summary(instance_id).status
-    if status == EXECUTING:
-        return refusal
-    return UnknownInstance(f"Unknown workflow instance {instance_id}: it has already ended ({status})", id=instance_id)
 
 
 def instance_delete(service: EvQueue, peer: Peer, command: xml.InstanceDelete) -> Result:
-    service.api.instances.delete(command.instance_id)
+    try:
+        service.api.instances.delete(command.instance_id)
+    except InvalidParams as refusal:
+        raise _as_evqueue_refuses(service, command.instance_id, refusal, served=TERMINATED) from None
     return service.ok()
+
+
+def _as_evqueue_refuses(service: EvQueue, instance_id: int, refusal: InvalidParams, served: str) -> JobdError:
+    """What the engine's refusal of a cancel, a killtask or a delete is answered. evQueue looks the instance of a
+    cancel or a killtask up among its running instances only, and that of a delete among the ended ones only
+    (`served`), so an instance in the other state is UNKNOWN_INSTANCE to it, where jobd's engine refuses it with
+    INVALID_PARAMS (JSON-RPC's answer). Any other refusal (a pid no task of the instance runs as) is answered as
+    the engine said it."""
+    status = service.api.instances.summary(instance_id).status
+    if status == served:
+        return refusal
+    state = "it is still executing" if status == EXECUTING else f"it has already ended ({status})"
+    return UnknownInstance(f"Unknown workflow instance {instance_id}: {state}", id=instance_id)
 
 
 def instance_debugresume(service: EvQueue, peer: Peer, command: xml.InstanceDebugResume) -> Result:

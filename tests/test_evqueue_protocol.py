@@ -618,7 +618,7 @@ def test_a_synchronous_launch_that_times_out_says_so(corpus_daemon: Any) -> None
         assert running.get("count") == "1" and running[0].get("status") == "EXECUTING"
         assert running[0].get("running_tasks") == "1"
         ko(client.ask(b'<instance action="wait" id="%s" timeout="1"/>' % instance_id), "TIMED_OUT")
-        ko(client.ask(b'<instance action="delete" id="%s"/>' % instance_id), "INVALID_PARAMETER")
+        ko(client.ask(b'<instance action="delete" id="%s"/>' % instance_id), "UNKNOWN_INSTANCE")
         assert ok(client.ask(b'<instance action="query" id="%s"/>' % instance_id))[0].get("status") == "EXECUTING"
         ok(client.ask(b'<instance action="cancel" id="%s"/>' % instance_id))
         ko(client.ask(b'<instance action="killtask" id="%s" pid="1"/>' % instance_id), "INVALID_PARAMETER")
@@ -628,7 +628,8 @@ def test_a_synchronous_launch_that_times_out_says_so(corpus_daemon: Any) -> None
 def test_a_cancel_or_killtask_of_an_ended_instance_is_unknown_instance_as_in_evqueue(corpus_daemon: Any) -> None:
     # evQueue looks the instance of a cancel or a killtask up among its running instances only: one that has ended
     # is UNKNOWN_INSTANCE ("Unknown workflow instance"). jobd answered INVALID_PARAMETER, which a client that tells
-    # "already over" from a real failure by the code took for a failure.
+    # "already over" from a real failure by the code took for a failure. (A delete of a running instance, the
+    # other way round: test_a_synchronous_launch_that_times_out_says_so.)
     with EvqClient(corpus_daemon.evqueue_socket) as client:
         launched = ok(client.ask(b'<instance action="launch" name="trivial" mode="synchronous" timeout="20"/>'))
         instance_id = launched.get("workflow-instance-id", "").encode()
@@ -761,8 +762,9 @@ def test_debugresume_runs_the_failed_task_again_and_lists_filter_on_parameters_a
         ).get("workflow-instance-id", "")
         refused = ko(client.ask(b'<instance action="debugresume" id="%s"/>' % running.encode()), "INVALID_PARAMETER")
         assert "still executing" in refused.get("error", "")
-        # docs/evqueue-protocol.md: delete refuses an executing instance, as evQueue deletes only TERMINATED ones.
-        refused = ko(client.ask(b'<instance action="delete" id="%s"/>' % running.encode()), "INVALID_PARAMETER")
+        # docs/evqueue-protocol.md: delete refuses an executing instance, as evQueue, which looks it up among the
+        # TERMINATED ones only and answers UNKNOWN_INSTANCE.
+        refused = ko(client.ask(b'<instance action="delete" id="%s"/>' % running.encode()), "UNKNOWN_INSTANCE")
         assert "still executing" in refused.get("error", "")
         ok(client.ask(b'<instance action="cancel" id="%s"/>' % running.encode()))
 
