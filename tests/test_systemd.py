@@ -126,10 +126,12 @@ class Sdns(sdns_driver.Sdns):
         out = self.ns("journalctl", "-q", "-n", "0", "--show-cursor")
         return out.strip().removeprefix("-- cursor: ")
 
+    # Entries are read after a cursor with no journalctl match (FIELD=VALUE, -u, -p) and picked here: systemd 252's
+    # journalctl --after-cursor with a match skips the first matching entry when the cursor's entry does not match.
     def follow(self, cursor: str, pattern: str) -> str:
         """Read the journal after `cursor` as it is written, until a message matches `pattern`; return it."""
         follower = subprocess.Popen(
-            self.enter("journalctl", "-f", "-q", "-o", "cat", f"--after-cursor={cursor}"),
+            self.enter("journalctl", "-f", "-q", "-o", "json", f"--after-cursor={cursor}"),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -139,18 +141,28 @@ class Sdns(sdns_driver.Sdns):
         try:
             assert follower.stdout is not None
             for line in follower.stdout:
-                seen.append(line)
-                if re.search(pattern, line):
-                    return line.rstrip("\n")
-            raise AssertionError(f"no journal message matched {pattern!r}; seen:\n{''.join(seen)}")
+                entry = json.loads(line)
+                message = str(entry.get("MESSAGE"))
+                seen.append(message)
+                if re.search(pattern, message):
+                    return message
+            raise AssertionError(f"no journal message matched {pattern!r}; seen:\n" + "\n".join(seen))
         finally:
             guard.cancel()
             follower.kill()
             follower.wait()
 
-    def journal(self, cursor: str, *args: str) -> list[dict[str, Any]]:
-        out = self.ns("journalctl", "-q", "-o", "json", f"--after-cursor={cursor}", *args)
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+    def journal(self, cursor: str, unit: str | None = None, priority: int = 7) -> list[dict[str, Any]]:
+        """The entries after `cursor`: of `unit` if given (its processes' and systemd's about it, as journalctl -u),
+        at `priority` or more urgent (a lower number: 4 is warning)."""
+        out = self.ns("journalctl", "-q", "-o", "json", f"--after-cursor={cursor}")
+        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return [
+            entry
+            for entry in entries
+            if unit in (None, entry.get("_SYSTEMD_UNIT"), entry.get("UNIT"))
+            and int(entry.get("PRIORITY", 6)) <= priority
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +364,7 @@ def test_stop_with_running_jobs(sd: Sdns) -> None:
     assert sd.ns("sh", "-c", f"kill -0 {escapee} 2>/dev/null || echo gone").strip() == "gone"
     assert sd.show("Result") == "success"
     assert sd.ctl("is-active", "jobd.service", check=False).strip() == "inactive"
-    messages = [entry["MESSAGE"] for entry in sd.journal(cursor, "-u", "jobd.service")]
+    messages = [entry["MESSAGE"] for entry in sd.journal(cursor, "jobd.service")]
     assert f"job={job} stopping for shutdown" in messages
     assert "stopped" in messages
     started(sd)
@@ -378,7 +390,7 @@ def test_a_long_kill_grace_extends_the_stop_timeout(sd: Sdns) -> None:
         sd.follow(cursor, rf"job={job} running")
         sd.ctl("stop", "jobd.service")  # returns once jobd has exited: after the job's 4 s of grace
         assert sd.show("Result") == "success"
-        messages = [entry["MESSAGE"] for entry in sd.journal(cursor, "-u", "jobd.service")]
+        messages = [entry["MESSAGE"] for entry in sd.journal(cursor, "jobd.service")]
         assert "stopped" in messages
         assert not any("timed out" in message for message in messages), messages
     finally:
@@ -398,10 +410,10 @@ def test_journal_priorities(sd: Sdns) -> None:
     bad = call(sd, "job.submit", {"task": "fail"})["id"]
     call(sd, "job.wait", {"id": bad, "timeout": TIMEOUT})
     sd.follow(cursor, rf"job={bad} failed")
-    warnings = [entry["MESSAGE"] for entry in sd.journal(cursor, "-u", "jobd.service", "-p", "warning")]
+    warnings = [entry["MESSAGE"] for entry in sd.journal(cursor, "jobd.service", priority=4)]
     assert any(message.startswith(f"job={bad} failed") for message in warnings), warnings
     assert not any(message.startswith(f"job={good} ") for message in warnings), warnings
-    info = {entry["MESSAGE"]: entry["PRIORITY"] for entry in sd.journal(cursor, "-u", "jobd.service")}
+    info = {entry["MESSAGE"]: entry["PRIORITY"] for entry in sd.journal(cursor, "jobd.service")}
     assert info[f"job={good} queued in queue default"] == "6"
     assert any(message.startswith(f"job={good} succeeded") and prio == "6" for message, prio in info.items())
     assert any(message.startswith(f"job={bad} failed") and prio == "4" for message, prio in info.items())
@@ -421,7 +433,7 @@ def test_every_line_of_a_multi_line_error_has_its_priority(sd: Sdns) -> None:
         sd.ctl("reload", "jobd.service")
         sd.follow(cursor, r"broken-two\.xml")  # the message's second line
         priorities = {
-            name: {entry["PRIORITY"] for entry in sd.journal(cursor, "-u", "jobd.service") if name in entry["MESSAGE"]}
+            name: {entry["PRIORITY"] for entry in sd.journal(cursor, "jobd.service") if name in entry["MESSAGE"]}
             for name in ("broken-one.xml", "broken-two.xml")
         }
         assert priorities == {"broken-one.xml": {"3"}, "broken-two.xml": {"3"}}, priorities
