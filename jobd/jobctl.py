@@ -1773,8 +1773,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(message: str, code: int) -> int:
-    say(f"jobctl: {message}")
+    text = f"jobctl: {message}"
+    if stderr_is_journal():
+        # journald files each line of a service's stream as an entry of its own, at the priority its "<N>" prefix
+        # gives (info without one): the unit's ExecReload= runs `jobctl reload`, whose failure is an error in
+        # `journalctl -p err`, every line of it.
+        text = "\n".join(f"<3>{line}" for line in text.split("\n"))
+    say(text)
     return code
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journald stream systemd gave this process: $JOURNAL_STREAM names its device and inode
+    (sd_journal_stream_fd(3)); a variable inherited by a process whose stderr went elsewhere does not match."""
+    try:
+        device, inode = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        found = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):  # not set or not two numbers; stderr closed or not a file
+        return False
+    return (found.st_dev, found.st_ino) == (device, inode)
 
 
 def say(line: str) -> None:

@@ -1049,6 +1049,21 @@ def test_an_unreadable_stdin_file_is_a_usage_error(daemon: Any, tmp_path: Path) 
     assert "missing" in result.err
 
 
+def test_an_error_on_journalds_stream_carries_the_err_priority(tmp_path: Path) -> None:
+    """Run by systemd with stderr on the journal (the unit's ExecReload= is `jobctl reload`), jobctl's error lines
+    start with <3>, which journald reads as their priority; $JOURNAL_STREAM naming another file changes nothing."""
+    argv = jobctl_argv("--socket", "/nonexistent/jobd.sock", "status")
+    for matching in (True, False):
+        err = tmp_path / f"stderr-{matching}"
+        with err.open("wb") as stderr:
+            found = os.fstat(stderr.fileno())
+            stream = f"{found.st_dev}:{found.st_ino + (0 if matching else 1)}"
+            env = environment({"JOURNAL_STREAM": stream})
+            assert subprocess.run(argv, stderr=stderr, env=env, timeout=DEADLINE).returncode == 3
+        expected = "<3>jobctl: cannot connect" if matching else "jobctl: cannot connect"
+        assert err.read_text().startswith(expected), (matching, err.read_text())
+
+
 def test_cannot_connect_exits_3(tmp_path: Path) -> None:
     result = run_jobctl("--socket", "/nonexistent/jobd.sock", "status")
     assert result.code == 3, result

@@ -2,9 +2,9 @@
 
 The units in systemd/ are installed unchanged, with one drop-in (a short WatchdogSec=, so a hang is found in
 seconds). Inside the namespace, overlay mounts (seen by nothing outside it) put this checkout's jobd at
-/usr/bin/jobd and keep what the units create away from the host: /etc (jobd.sysusers' group, /etc/jobd) and
-/var/lib (/var/lib/jobd). So jobd runs with its real default paths: config in /etc/jobd, state in /var/lib/jobd,
-the API socket from jobd.socket at /run/jobd/jobd.sock.
+/usr/bin/jobd (and jobctl, the unit's ExecReload=, at /usr/bin/jobctl) and keep what the units create away from the
+host: /etc (jobd.sysusers' group, /etc/jobd) and /var/lib (/var/lib/jobd). So jobd runs with its real default
+paths: config in /etc/jobd, state in /var/lib/jobd, the API socket from jobd.socket at /run/jobd/jobd.sock.
 
 Waiting is done on what systemd and jobd report: `journalctl -f` read line by line until the expected line comes,
 systemctl's own blocking verbs, and jobd's job.wait. sd_down runs when the module's tests end however they end
@@ -33,6 +33,7 @@ from jobd.client import Client
 
 UNITS = REPO / "systemd"
 JOBD = REPO / ".venv" / "bin" / "jobd"
+JOBCTL = REPO / ".venv" / "bin" / "jobctl"
 WATCHDOG_SEC = 3
 TIMEOUT = 60.0  # hang guard for anything awaited; never a measurement
 
@@ -107,10 +108,14 @@ class Sdns(sdns_driver.Sdns):
         return subprocess.run(["bash", "-c", script, str(SDNS), *args], text=True, capture_output=True, **kwargs)
 
     def ns(self, *args: str, check: bool = True) -> str:
-        done = self._sdns("sd_ns", args, timeout=TIMEOUT)
+        done = self.run(*args)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}")
         return done.stdout
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`args` run inside the namespace, whatever their exit; the caller checks it."""
+        return self._sdns("sd_ns", args, timeout=TIMEOUT)
 
     def ctl(self, *args: str, check: bool = True) -> str:
         return self.ns("systemctl", *args, check=check)
@@ -128,8 +133,9 @@ class Sdns(sdns_driver.Sdns):
 
     # Entries are read after a cursor with no journalctl match (FIELD=VALUE, -u, -p) and picked here: systemd 252's
     # journalctl --after-cursor with a match skips the first matching entry when the cursor's entry does not match.
-    def follow(self, cursor: str, pattern: str) -> str:
-        """Read the journal after `cursor` as it is written, until a message matches `pattern`; return it."""
+    def follow(self, cursor: str, pattern: str, identifier: str | None = None) -> str:
+        """Read the journal after `cursor` as it is written, until a message matches `pattern` (from the program
+        `identifier` if given); return it."""
         follower = subprocess.Popen(
             self.enter("journalctl", "-f", "-q", "-o", "json", f"--after-cursor={cursor}"),
             stdout=subprocess.PIPE,
@@ -144,7 +150,7 @@ class Sdns(sdns_driver.Sdns):
                 entry = json.loads(line)
                 message = str(entry.get("MESSAGE"))
                 seen.append(message)
-                if re.search(pattern, message):
+                if identifier in (None, entry.get("SYSLOG_IDENTIFIER")) and re.search(pattern, message):
                     return message
             raise AssertionError(f"no journal message matched {pattern!r}; seen:\n" + "\n".join(seen))
         finally:
@@ -172,6 +178,7 @@ def sd() -> Iterator[Sdns]:
         work = system.work / "overlay"
         (work / "bin").mkdir(parents=True)
         (work / "bin" / "jobd").symlink_to(JOBD)
+        (work / "bin" / "jobctl").symlink_to(JOBCTL)
         for name in ("etc", "var"):
             (work / f"{name}.upper").mkdir()
             (work / f"{name}.work").mkdir()
@@ -297,6 +304,30 @@ def test_reload_applies_a_change(sd: Sdns) -> None:
     sd.follow(cursor, r"configuration reloaded from \d+ files")
     queues = {q["name"]: q for q in call(sd, "queue.list")["queues"]}
     assert queues["reloaded"]["concurrency"] == 3
+    assert call(sd, "daemon.status")["last_reload"]["ok"] is True
+
+
+def test_a_broken_configuration_fails_systemctl_reload(sd: Sdns) -> None:
+    """`systemctl reload jobd` waits for the reload and fails when it fails, naming the problem in the journal;
+    jobd runs on, unchanged, with its configuration, and the next good reload succeeds. (ExecReload= sending
+    SIGHUP reported every reload as done, broken or not.)"""
+    pid = started(sd)
+    external = sd.root / EXTERNAL_DROP_IN.lstrip("/")
+    external.write_text("[queue.broken]\nconcurrency = 0\n")  # read only at a reload that is asked for
+    try:
+        cursor = sd.cursor()
+        done = sd.run("systemctl", "reload", "jobd.service")
+        assert done.returncode != 0, done.stdout + done.stderr
+        assert "jobd.service failed" in done.stderr, done.stderr
+        # jobd's own line reaches the journal by its stream, maybe after systemctl returned: followed, not read.
+        failed = sd.follow(cursor, r"^reload failed, keeping the running configuration: .*concurrency")
+        assert failed in [entry["MESSAGE"] for entry in sd.journal(cursor, "jobd.service", priority=3)]
+        assert (sd.show("ActiveState"), int(sd.show("MainPID"))) == ("active", pid)
+        assert call(sd, "daemon.status")["last_reload"]["ok"] is False
+        assert "broken" not in [q["name"] for q in call(sd, "queue.list")["queues"]]
+    finally:
+        external.write_text("")
+    sd.ctl("reload", "jobd.service")  # fails the test (check) unless it succeeds
     assert call(sd, "daemon.status")["last_reload"]["ok"] is True
 
 
@@ -430,8 +461,10 @@ def test_every_line_of_a_multi_line_error_has_its_priority(sd: Sdns) -> None:
         cursor = sd.cursor()
         (workflows / "broken-one.xml").write_text("<workflow>")
         (workflows / "broken-two.xml").write_text("<workflow>")
-        sd.ctl("reload", "jobd.service")
-        sd.follow(cursor, r"broken-two\.xml")  # the message's second line
+        sd.ctl("reload", "jobd.service", check=False)  # fails: jobctl reload, the ExecReload=, tells it too
+        # The message's second line, from jobd and from jobctl: two streams, which journald reads in any order.
+        for teller in ("jobd", "jobctl"):
+            sd.follow(cursor, r"broken-two\.xml", teller)
         priorities = {
             name: {entry["PRIORITY"] for entry in sd.journal(cursor, "jobd.service") if name in entry["MESSAGE"]}
             for name in ("broken-one.xml", "broken-two.xml")
