@@ -173,6 +173,15 @@ class Sdns(sdns_driver.Sdns):
 
 @pytest.fixture(scope="module")
 def sd() -> Iterator[Sdns]:
+    system = booted()
+    try:
+        yield system
+    finally:
+        system.down()
+
+
+def booted() -> Sdns:
+    """A throw-away systemd with jobd's units installed and its configuration in /etc/jobd (not started)."""
     system = Sdns()
     try:
         work = system.work / "overlay"
@@ -205,9 +214,10 @@ def sd() -> Iterator[Sdns]:
         drop_in.mkdir()
         (drop_in / "test.conf").write_text(DROP_IN)
         system.install(UNITS / "jobd.service", UNITS / "jobd.socket")
-        yield system
-    finally:
+    except BaseException:
         system.down()
+        raise
+    return system
 
 
 def client(sd: Sdns) -> Client:
@@ -510,6 +520,31 @@ def test_the_oom_killer_ending_a_job_leaves_jobd_running(sd: Sdns) -> None:
     cgroup2 hierarchy of the test machines has no memory controller, so no OOM kill is seen there (systemd learns of
     them from memory.events), and a real one cannot be made to happen under sdns."""
     assert sd.show("OOMPolicy") == "continue"
+
+
+def test_a_shutdown_stops_jobd_before_remote_file_systems_and_user_lookups(tmp_path: Path) -> None:
+    """Jobs run as users looked up by name (LDAP, sssd) in their homes (NFS): at shutdown jobd and its jobs must
+    stop before remote file systems are unmounted and user lookups go, and start after them, as cron does. A
+    systemd of its own is powered off: stand-ins for an NFS mount and for sssd, each ordered before its target as
+    those are, note whether jobd was still there when they were stopped."""
+    system = booted()
+    try:
+        for target in STAND_INS:
+            (system.root / "etc" / "systemd" / "system" / STAND_INS[target]).write_text(
+                f"[Unit]\nWants={target}\nBefore={target}\n[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+                f"ExecStart=/bin/true\nExecStop=/bin/sh -c 'systemctl is-active jobd.service >{tmp_path / target}'\n"
+            )
+        system.ctl("daemon-reload")
+        system.ctl("start", *STAND_INS.values())
+        started(system)
+    finally:
+        system.down()  # powers off: every unit is stopped, in the order the units say
+    assert {target: (tmp_path / target).read_text().strip() for target in STAND_INS} == {
+        target: "inactive" for target in STAND_INS
+    }
+
+
+STAND_INS = {"remote-fs.target": "stand-in-nfs.service", "nss-user-lookup.target": "stand-in-sssd.service"}
 
 
 def stopped_afresh(sd: Sdns) -> int:
