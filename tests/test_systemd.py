@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -303,6 +304,23 @@ def test_socket_activation(sd: Sdns) -> None:
     assert sd.ns("stat", "-c", "%F", "/run/jobd/jobd.sock").strip() == "socket"
     assert sd.ns("sh", "-c", "test -e /run/jobd/evqueue.sock || echo gone").strip() == "gone"
     assert call(sd, "ping")["pong"] is True  # and activates jobd again
+
+
+def test_the_restore_procedures_stop_keeps_jobd_stopped(sd: Sdns) -> None:
+    """`systemctl stop jobd` alone leaves jobd.socket listening, and the next client starts jobd again (above). The
+    command README.Debian gives to stop jobd before restoring a backup must keep it stopped: no client may start jobd
+    on the database being replaced until `systemctl start jobd`, which starts both units again."""
+    found = re.search(r"To restore a copy: `([^`]+)`", (REPO / "debian" / "README.Debian").read_text())
+    assert found, "README.Debian no longer says how to restore a copy"
+    command = found.group(1).split()
+    assert command[:2] == ["systemctl", "stop"], command
+    started(sd)
+    sd.ns(*command)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as refused, pytest.raises(ConnectionRefusedError):
+        refused.connect(str(sd.root / "run" / "jobd" / "jobd.sock"))
+    assert sd.ctl("is-active", "jobd.service", "jobd.socket", check=False).split() == ["inactive", "inactive"]
+    started(sd)  # both active again
+    assert call(sd, "ping")["pong"] is True
 
 
 def test_reload_applies_a_change(sd: Sdns) -> None:
