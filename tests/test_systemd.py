@@ -565,6 +565,39 @@ def test_a_shutdown_stops_jobd_before_remote_file_systems_and_user_lookups(tmp_p
 STAND_INS = {"remote-fs.target": "stand-in-nfs.service", "nss-user-lookup.target": "stand-in-sssd.service"}
 
 
+def test_a_failing_start_is_retried_until_it_succeeds(sd: Sdns) -> None:
+    """A start that fails for a while (exit 1: a full disk under the database, docs/systemd.md) is retried for as
+    long as it fails, never into the start limit (5 starts in 10 s), which would fail jobd.socket too and leave
+    clients refused once the disk has room. The stand-in for the full disk: a drop-in's ExecStart= exits 1 while a
+    file is there, and runs jobd once it is gone."""
+    restarts = stopped_afresh(sd)
+    failing = sd.root / "run" / "jobd-test-failing"
+    failing.touch()
+    drop_in = sd.root / "etc" / "systemd" / "system" / "jobd.service.d" / "70-failing-start.conf"
+    drop_in.write_text(
+        f"[Service]\nExecStart=\nExecStart=/bin/sh -c 'test -e /{failing.relative_to(sd.root)} && exit 1; "
+        "exec /usr/bin/jobd'\n"
+    )
+    try:
+        sd.ctl("daemon-reload")
+        cursor = sd.cursor()
+        sd.ctl("start", "--no-block", "jobd.service")
+        # Past the start limit's 5 starts, or refused for it.
+        seen = sd.follow(cursor, rf"restart counter is at {restarts + 6}\.|Start request repeated too quickly")
+        assert "restart counter" in seen, seen
+        assert sd.ctl("is-active", "jobd.socket").strip() == "active"
+        failing.unlink()  # room again: the next try starts jobd
+        sd.follow(cursor, r"jobd \S+ ready: socket /run/jobd/jobd\.sock")
+        assert call(sd, "ping")["pong"] is True
+    finally:
+        failing.unlink(missing_ok=True)
+        drop_in.unlink()
+        sd.ctl("daemon-reload")
+    sd.ctl("stop", "jobd.service")
+    sd.ctl("reset-failed", "jobd.service")
+    started(sd)
+
+
 def stopped_afresh(sd: Sdns) -> int:
     """jobd.service stopped, its start limit's count reset (the module's earlier tests); its NRestarts."""
     started(sd)
