@@ -19,7 +19,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterable, Sequence, Set
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import sdnotify
 
@@ -761,8 +761,22 @@ class Daemon:
             self.reload()
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="jobd", description="jobd: a Linux-native job daemon")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage error (exit 2) reaches journald as an error when `journal` (a typo in a
+    drop-in's ExecStart=): argparse writes it to stderr itself, before jobd's log is set up, and journald would
+    file its lines as info, leaving `journalctl -u jobd -p err` without the reason jobd did not start."""
+
+    def __init__(self, *, journal: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.journal = journal
+
+    def error(self, message: str) -> NoReturn:
+        text = f"{self.format_usage()}{self.prog}: error: {message}"
+        self.exit(2, logline.journal_text(text, 3) if self.journal else text + "\n")
+
+
+def parse_args(argv: Sequence[str] | None, *, journal: bool = False) -> argparse.Namespace:
+    parser = ArgumentParser(journal=journal, prog="jobd", description="jobd: a Linux-native job daemon")
     parser.add_argument(
         "--config-dir",
         metavar="DIR",
@@ -790,8 +804,8 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
     watchdog = activation.watchdog_interval()
     proc.close_inherited_fds_on_exec()  # nothing jobd was started with reaches its jobs
     proc.reserve_progress_fd()  # first, before anything else can be given fd 3
-    args = parse_args(argv)
     under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    args = parse_args(argv, journal=under_systemd)
     logline.setup(args.log_level, sys.stderr.fileno(), journal=under_systemd)
     # A fatal signal prints every thread's Python stack to the log first: systemd's watchdog ends a hung jobd with
     # SIGABRT, and the stack says where its event loop was stuck.

@@ -24,7 +24,7 @@ import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, BinaryIO, TextIO
 
-from jobd import __version__
+from jobd import __version__, logline
 from jobd.client import (
     Client,
     ConnectError,
@@ -1775,10 +1775,9 @@ def main(argv: list[str] | None = None) -> int:
 def fail(message: str, code: int) -> int:
     text = f"jobctl: {message}"
     if stderr_is_journal():
-        # journald files each line of a service's stream as an entry of its own, at the priority its "<N>" prefix
-        # gives (info without one): the unit's ExecReload= runs `jobctl reload`, whose failure is an error in
-        # `journalctl -p err`, every line of it.
-        text = "\n".join(f"<3>{line}" for line in text.split("\n"))
+        # The unit's ExecReload= runs `jobctl reload`: its failure is an error in `journalctl -p err`, every line of
+        # it (without the prefix, journald files a line as info).
+        text = logline.journal_text(text, 3).removesuffix("\n")
     say(text)
     return code
 

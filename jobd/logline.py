@@ -78,10 +78,7 @@ class LineHandler(logging.Handler):
 
     def _line(self, levelno: int, levelname: str, created: float, message: str) -> str:
         if self._journal:
-            # journald takes each line of a stream as an entry of its own: every line carries the prefix, or the
-            # rest of a multi-line error (a reload's list of problems, a traceback) would be filed as info.
-            prefix = f"<{PRIORITIES.get(levelno, 6)}>"
-            return prefix + message.replace("\n", "\n" + prefix) + "\n"
+            return journal_text(message, PRIORITIES.get(levelno, 6))
         return f"{self._time_of(created)} {levelname} {message}\n"
 
     def _time_of(self, created: float) -> str:
@@ -91,6 +88,14 @@ class LineHandler(logging.Handler):
             self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self._second = second
         return f"{self._second_text},{int((created - second) * 1000):03d}"
+
+
+def journal_text(message: str, priority: int) -> str:
+    """`message` as journald files it at syslog `priority` (3: err), newline-terminated. journald takes each line of
+    a stream as an entry of its own: every line carries the prefix, or the rest of a multi-line error (a reload's
+    list of problems, a traceback, argparse's usage) would be filed as info."""
+    prefix = f"<{priority}>"
+    return prefix + message.replace("\n", "\n" + prefix) + "\n"
 
 
 class HotLog:

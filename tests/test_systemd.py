@@ -524,7 +524,17 @@ def test_a_bad_option_on_the_command_line_is_not_restarted_into_the_start_limit(
     drop_in.write_text("[Service]\nExecStart=\nExecStart=/usr/bin/jobd --log-level warn\n")
     try:
         sd.ctl("daemon-reload")
+        cursor = sd.cursor()
         assert_start_fails_for_good(sd, 2, restarts)
+        # Why, at priority err, every line of it (argparse's usage and error): `journalctl -u jobd -p err` shows it.
+        sd.follow(cursor, r"^jobd: error: argument --log-level: invalid choice: 'warn'")
+        told = {
+            entry["MESSAGE"]: entry["PRIORITY"]
+            for entry in sd.journal(cursor, "jobd.service")
+            if entry.get("SYSLOG_IDENTIFIER") == "jobd"
+        }
+        assert any(message.startswith("usage: jobd ") for message in told), told
+        assert set(told.values()) == {"3"}, told
     finally:
         drop_in.unlink()
         sd.ctl("daemon-reload")
