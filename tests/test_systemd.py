@@ -608,6 +608,33 @@ def test_a_failing_start_is_retried_until_it_succeeds(sd: Sdns) -> None:
     started(sd)
 
 
+def test_the_documented_drop_in_lets_jobs_write_a_directory_under_etc(sd: Sdns) -> None:
+    """ProtectSystem=full keeps jobs from writing /etc; docs/systemd.md's drop-in (ReadWritePaths=) opens one
+    directory to them, once jobd has restarted."""
+    found = re.search(r"\n    \[Service\]\n    ReadWritePaths=(/etc/\S+)\n", (REPO / "docs" / "systemd.md").read_text())
+    assert found, "docs/systemd.md no longer shows the ReadWritePaths= drop-in"
+    directory = "/etc/jobd-test-writable"  # in place of the example's directory
+    (sd.root / directory.lstrip("/")).mkdir()
+    drop_in = sd.root / "etc" / "systemd" / "system" / "jobd.service.d" / "70-writable.conf"
+    write = ["/bin/sh", "-c", f"echo written >{directory}/file"]
+    try:
+        started(sd)
+        refused = call(sd, "job.submit", {"command": write})["id"]
+        assert call(sd, "job.wait", {"id": refused, "timeout": TIMEOUT})["state"] == "failed"
+        assert "Read-only file system" in call(sd, "job.output", {"id": refused, "stream": "stderr"})["data"]
+        drop_in.write_text(found.group(0).replace(found.group(1), directory).replace("\n    ", "\n").lstrip("\n"))
+        sd.ctl("daemon-reload")
+        sd.ctl("restart", "jobd.service")
+        written = call(sd, "job.submit", {"command": write})["id"]
+        assert call(sd, "job.wait", {"id": written, "timeout": TIMEOUT})["state"] == "succeeded"
+        assert (sd.root / directory.lstrip("/") / "file").read_text() == "written\n"
+    finally:
+        drop_in.unlink(missing_ok=True)
+        sd.ctl("daemon-reload")
+        shutil.rmtree(sd.root / directory.lstrip("/"))
+    sd.ctl("restart", "jobd.service")
+
+
 def stopped_afresh(sd: Sdns) -> int:
     """jobd.service stopped, its start limit's count reset (the module's earlier tests); its NRestarts."""
     started(sd)
