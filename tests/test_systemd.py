@@ -352,6 +352,7 @@ def test_a_broken_configuration_fails_systemctl_reload(sd: Sdns) -> None:
         assert failed in [entry["MESSAGE"] for entry in sd.journal(cursor, "jobd.service", priority=3)]
         assert (sd.show("ActiveState"), int(sd.show("MainPID"))) == ("active", pid)
         assert call(sd, "daemon.status")["last_reload"]["ok"] is False
+        assert "queue.broken.concurrency" in status_text(sd, "; reload failed: ")  # what `systemctl status` shows
         assert "broken" not in [q["name"] for q in call(sd, "queue.list")["queues"]]
     finally:
         external.write_text("")
