@@ -1722,6 +1722,23 @@ def _restore_separators(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """jobctl with the command line `argv` (sys.argv's by default); the exit code. Ctrl-C raises KeyboardInterrupt
+    while it runs, so that what it began is tidied on the way out (a progress bar taken away); at any moment, also
+    while the command line is read or the connection closed, it ends in 130 without a traceback. The SIGINT handler
+    found (jobctl_start's, or an inherited SIG_IGN, which is kept) is put back on return."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        if before is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return run_command_line(argv)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def run_command_line(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = _parse(parser, list(sys.argv[1:] if argv is None else argv))
@@ -1758,8 +1775,6 @@ def main(argv: list[str] | None = None) -> int:
         # name, a client's value), whose control characters must not drive the terminal.
         message = "\n".join(printable(line) for line in exc.message.split("\n"))
         return fail(f"{exc.code}: {message}", EXIT_REMOTE_ERROR)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         silence_stdout()
         return EXIT_BROKEN_PIPE
@@ -1855,5 +1870,5 @@ def silence_stdout() -> None:
         pass
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m jobd.jobctl`; the `jobctl` command starts in jobd.jobctl_start
     sys.exit(main())

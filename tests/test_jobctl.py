@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from inotify_simple import INotify, flags
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -518,6 +519,67 @@ def test_wait_ended_by_a_signal_leaves_the_job_alone(daemon: Any, signum: int, c
         assert shown.endswith(b"\r\x1b[K"), shown  # the bar is taken away
     assert daemon.call("job.get", {"id": job_id})["state"] == "running"
     daemon.call("job.cancel", {"id": job_id})
+
+
+JOBCTL_COMMAND = Path(sys.executable).parent / "jobctl"  # the entry point a user runs, not `python -m`
+
+
+def jobctl_importing(module: str, socket_path: Path, sigint: Any = signal.SIG_DFL) -> subprocess.Popen[bytes]:
+    """The `jobctl` command started against `socket_path`, returned once it opens jobd/`module`'s file (its source
+    or byte code) to import it: inotify reports the open from inside the open system call, so the caller's next
+    signal comes while jobctl is still importing. `sigint`: the SIGINT disposition it inherits."""
+    package = REPO / "jobd"
+    with INotify() as inotify:
+        for directory in (package, package / "__pycache__"):
+            if directory.is_dir():
+                inotify.add_watch(directory, flags.OPEN)
+        process = subprocess.Popen(
+            [str(JOBCTL_COMMAND), "--socket", str(socket_path), "status"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment({"JOBCTL_REPLY_TIMEOUT": "0"}),  # a silent socket keeps it waiting until signalled
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+        )
+        while not any(event.name.split(".")[0] == module for event in inotify.read(timeout=DEADLINE * 1000)):
+            assert process.poll() is None, process.communicate()
+    return process
+
+
+def silent_socket(tmp_path: Path) -> socket.socket:
+    """A socket that takes connections and requests and never answers."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "silent.sock"))
+    listener.listen()
+    return listener
+
+
+@pytest.mark.parametrize("module", ["jobctl", "client"])
+def test_ctrl_c_while_jobctl_starts_exits_130_without_a_traceback(tmp_path: Path, module: str) -> None:
+    """Ctrl-C as jobctl imports its modules (the tenth of a second before a command begins) ends it as Ctrl-C does
+    later: 130, not a KeyboardInterrupt traceback from an import and a death by SIGINT. `jobctl` opens jobd/jobctl.py
+    right after jobd.jobctl_start installed its handler, jobd/client.py as jobctl imports what it needs."""
+    with silent_socket(tmp_path) as listener:
+        process = jobctl_importing(module, Path(listener.getsockname()))
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=DEADLINE)
+    assert (process.returncode, out, err) == (130, b"", b"")
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path: Path) -> None:
+    """A background command of a non-interactive shell (`jobctl wait 4 &`) starts with SIGINT ignored, so that the
+    terminal's Ctrl-C is not for it: jobctl keeps it so, also while it starts. Seen by its request coming after the
+    SIGINT; it then waits for the answer until SIGTERM ends it."""
+    with silent_socket(tmp_path) as listener:
+        process = jobctl_importing("jobctl", Path(listener.getsockname()), sigint=signal.SIG_IGN)
+        process.send_signal(signal.SIGINT)
+        listener.settimeout(DEADLINE)
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(DEADLINE)
+            assert json.loads(connection.recv(65536))["method"] == "daemon.status"
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=DEADLINE)
+    assert (process.returncode, out, err) == (-signal.SIGTERM, b"", b"")
 
 
 def test_wait_on_a_terminal_at_a_stop_says_shutting_down(daemon: Any) -> None:
