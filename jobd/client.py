@@ -35,9 +35,27 @@ _STANDARD_CODES = {
 }
 
 
+SOCKET_VARIABLE = "JOBD_SOCKET"
+
+
+class EmptySocketVariable(ValueError):
+    """$JOBD_SOCKET is set but empty."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"{SOCKET_VARIABLE} is set but empty: expected the path of jobd's API socket "
+            f"(unset it for the default, {DEFAULT_SOCKET})"
+        )
+
+
 def default_socket_path() -> str:
-    """The socket jobctl and the tests talk to unless told otherwise: $JOBD_SOCKET, else jobd's default."""
-    return os.environ.get("JOBD_SOCKET") or DEFAULT_SOCKET
+    """The socket jobctl and the tests talk to unless told otherwise: $JOBD_SOCKET, else jobd's default. Set but
+    empty is refused, as `--socket ""` is: it is how a script's `JOBD_SOCKET=$SOCK` reads with SOCK unset, and
+    taking the default for it would talk to the system's jobd instead of the one the script meant."""
+    value = os.environ.get(SOCKET_VARIABLE)
+    if value == "":
+        raise EmptySocketVariable()
+    return DEFAULT_SOCKET if value is None else value
 
 
 class ConnectError(OSError):

@@ -29,6 +29,7 @@ from jobd.client import (
     Client,
     ConnectError,
     ConnectionClosed,
+    EmptySocketVariable,
     EncodeError,
     ProtocolError,
     RemoteError,
@@ -856,10 +857,17 @@ class CheckedClient(Client):
 
 
 def reply_timeout_from_environment() -> float | None:
-    """The reply timeout: $JOBCTL_REPLY_TIMEOUT seconds if set (0: none), else REPLY_TIMEOUT."""
-    text = os.environ.get(REPLY_TIMEOUT_VARIABLE, "").strip()
-    if not text:
+    """The reply timeout: $JOBCTL_REPLY_TIMEOUT seconds if set (0: none), else REPLY_TIMEOUT. Set but empty is
+    refused, as an empty JOBD_SOCKET is: a script's `JOBCTL_REPLY_TIMEOUT=$T` with T unset."""
+    text = os.environ.get(REPLY_TIMEOUT_VARIABLE)
+    if text is None:
         return REPLY_TIMEOUT
+    text = text.strip()
+    if not text:
+        raise UsageError(
+            f"{REPLY_TIMEOUT_VARIABLE} is set but empty: expected seconds from 0 (no limit) to {MAX_SECONDS:.0f} "
+            f"(unset it for the default, {REPLY_TIMEOUT:.0f})"
+        )
     try:
         seconds = float(text)
     except ValueError:
@@ -1753,7 +1761,7 @@ def run_command_line(argv: list[str] | None) -> int:
     tolerate_unencodable_output()
     try:
         client = CheckedClient(args.socket or default_socket_path(), reply_timeout_from_environment())
-    except UsageError as exc:
+    except (UsageError, EmptySocketVariable) as exc:
         return fail(f"{exc}", EXIT_USAGE)
     handler: Handler = args.handler
     try:

@@ -396,6 +396,29 @@ def test_an_empty_value_is_named_with_what_to_do_instead(daemon: Any) -> None:
     assert "error: argument QUEUE: expected a non-empty value" in result.err, result
 
 
+def test_an_empty_environment_variable_is_refused_as_an_empty_option_is(daemon: Any) -> None:
+    """JOBD_SOCKET="" is how a script's `JOBD_SOCKET=$SOCK jobctl ...` reads with SOCK unset: taken for the default
+    socket, it talked to the system's jobd instead of the one meant. Refused like `--socket ""` (exit 2, before
+    anything is sent), as is an empty JOBCTL_REPLY_TIMEOUT; a --socket given makes JOBD_SOCKET irrelevant."""
+    result = run_jobctl("status", env={"JOBD_SOCKET": ""})
+    assert (result.code, result.out) == (2, ""), result
+    assert result.err == (
+        "jobctl: JOBD_SOCKET is set but empty: expected the path of jobd's API socket "
+        "(unset it for the default, /run/jobd/jobd.sock)\n"
+    )
+    result = run_jobctl("--socket", "", "status")
+    assert result.code == 2 and "argument --socket: expected a non-empty value" in result.err, result
+    result = ctl(daemon, "status", env={"JOBD_SOCKET": ""})
+    assert result.code == 0, result
+    for empty in ("", " "):
+        result = ctl(daemon, "status", env={"JOBCTL_REPLY_TIMEOUT": empty})
+        assert (result.code, result.out) == (2, ""), result
+        assert result.err == (
+            "jobctl: JOBCTL_REPLY_TIMEOUT is set but empty: expected seconds from 0 (no limit) to 3162240000 "
+            "(unset it for the default, 60)\n"
+        )
+
+
 def test_empty_values_where_they_mean_something_are_kept(daemon: Any) -> None:
     """An environment variable or a workflow parameter may be set to "", and a command's word may be "": only a
     value that names or selects something must not be empty."""

@@ -57,7 +57,8 @@ final class Client
     private readonly string $socketPath;
 
     /**
-     * @param string|null $socketPath jobd's API socket; null: $JOBD_SOCKET, else /run/jobd/jobd.sock
+     * @param string|null $socketPath jobd's API socket; null: $JOBD_SOCKET, else /run/jobd/jobd.sock (JOBD_SOCKET
+     *                                set but empty is an InvalidArgumentException)
      * @param float $timeout seconds an ordinary call may take (INF: no limit). The server-side waits of wait()
      *                       and waitInstance() get their own timeout on top of it.
      * @param float $connectTimeout seconds to wait for the connection to be accepted
@@ -69,7 +70,15 @@ final class Client
     ) {
         if ($socketPath === null) {
             $fromEnv = getenv('JOBD_SOCKET');
-            $socketPath = is_string($fromEnv) && $fromEnv !== '' ? $fromEnv : self::DEFAULT_SOCKET;
+            if ($fromEnv === '') {
+                // As jobctl refuses it: a script's JOBD_SOCKET=$SOCK with SOCK unset, which must not reach the
+                // system's jobd instead of the one meant.
+                throw new \InvalidArgumentException(
+                    "JOBD_SOCKET is set but empty: expected the path of jobd's API socket (unset it for the default, "
+                    . self::DEFAULT_SOCKET . ')'
+                );
+            }
+            $socketPath = is_string($fromEnv) ? $fromEnv : self::DEFAULT_SOCKET;
         }
         if ($socketPath === '' || str_contains($socketPath, "\0")) {
             throw new \InvalidArgumentException('the socket path must be a non-empty path without NUL bytes');

@@ -120,6 +120,30 @@ final class ErrorsTest extends JobdTestCase
         }
     }
 
+    public function testAnEmptyJobdSocketVariableIsRefusedNotTakenForTheDefault(): void
+    {
+        $before = getenv('JOBD_SOCKET');
+        putenv('JOBD_SOCKET=');
+        try {
+            new Client();
+            self::fail('an empty JOBD_SOCKET must be refused');
+        } catch (\InvalidArgumentException $e) {
+            self::assertSame(
+                "JOBD_SOCKET is set but empty: expected the path of jobd's API socket (unset it for the default, "
+                . '/run/jobd/jobd.sock)',
+                $e->getMessage()
+            );
+        } finally {
+            putenv(is_string($before) ? "JOBD_SOCKET=$before" : 'JOBD_SOCKET');
+        }
+        putenv('JOBD_SOCKET=' . $this->socketPath());
+        try {
+            self::assertTrue((new Client())->ping()['pong'], 'a JOBD_SOCKET that names the socket is taken');
+        } finally {
+            putenv(is_string($before) ? "JOBD_SOCKET=$before" : 'JOBD_SOCKET');
+        }
+    }
+
     public function testAPathThatIsNoSocketSaysWhatItIs(): void
     {
         // As jobctl says it: a file or a directory at the path is a wrong path, not a jobd that is not running.
