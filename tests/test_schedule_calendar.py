@@ -157,6 +157,12 @@ def test_bad_cron(text: str) -> None:
         ("0 0 * * Monday", "WDAY field 'Monday' is not valid: WDAY takes 0-7 (0 and 7 are Sunday) or sun-sat"),
         ("60 0 * * * *", "SEC field '60' is not valid: SEC takes 0-59"),
         ("0 0 * * 1,", "WDAY field '1,' is not valid"),
+        (
+            "0 0 * * 7/2",  # croniter read it as 0/2: Sunday, Tuesday, Thursday, Saturday
+            "WDAY field '7/2' is not valid: '7/2' is a step from 7, Sunday, the last value, which reaches no other "
+            "day; write 7 for Sundays, or */2 to step through the week from Sunday",
+        ),
+        ("0 0 0 * * 1,07/1", "WDAY field '1,07/1' is not valid: '07/1' is a step from 7, Sunday, the last value"),
         ("daily", "found 1; did you mean @daily?"),
         ("*-*-* 02:30:00", "systemd's OnCalendar= syntax is not read: `*-*-* 02:30:00` is cron's `30 2 * * *`"),
         ("Mon..Fri 09:00", "systemd's OnCalendar= syntax is not read"),
@@ -183,6 +189,29 @@ def test_a_bad_cron_calendar_is_refused_naming_the_field_and_what_it_takes(text:
 def test_a_range_whose_ends_are_the_same_is_that_one_value(text: str, expected: list[str]) -> None:
     """cron reads `3-3` as 3; croniter reads it as the whole cycle: `0 3-3 * * *` ran every hour, `7-7` every day."""
     assert walls(text, paris(2024, 9, 1, 0, 0, 0), 2) == expected
+
+
+def days_of_week(text: str) -> set[int]:
+    """The weekdays (0 Sunday to 6 Saturday) on which a calendar fires in one week."""
+    sunday = dt.datetime(2024, 9, 1, tzinfo=dt.UTC).timestamp()
+    calendar, moment, days = Calendar.parse(text), sunday - 1, set()
+    while (moment := calendar.next_after(moment, "UTC")) < sunday + 7 * 86400:
+        days.add(dt.datetime.fromtimestamp(moment, dt.UTC).isoweekday() % 7)
+    return days
+
+
+def test_weekdays_with_seven_are_read_as_cronie_reads_them() -> None:
+    """cronie's WDAY takes 0 to 7, both Sunday: a range or a star with a step is expanded over 0-7 (`*/2` is
+    0, 2, 4, 6; `1-7/2` is 1, 3, 5, 7), then 7 counts as 0. Every range and step of that field, against that rule
+    (ranges that wrap, `5-1`, are croniter's, which cronie refuses)."""
+    fields = {f"*/{step}": range(0, 8, step) for step in range(1, 9)}
+    for low, high, step in itertools.product(range(8), range(8), range(1, 9)):
+        if low <= high:
+            fields[f"{low}-{high}/{step}"] = range(low, high + 1, step)
+    for field, values in fields.items():
+        assert days_of_week(f"0 0 * * {field}") == {value % 7 for value in values}, field
+    assert days_of_week("0 0 * * 7") == days_of_week("0 0 * * 7-7") == {0}
+    assert days_of_week("0 0 * * 5-7") == days_of_week("0 0 * * fri-7") == {5, 6, 0}
 
 
 @pytest.mark.parametrize(

@@ -220,6 +220,7 @@ def _parse_cron(stripped: str) -> Calendar:
             raise ValueError(
                 f"{item!r}: croniter's random (R) and hashed (H) values are not supported; give the values themselves"
             )
+    _check_no_step_from_sunday_seven(fields[-1])
     names = _CRON_FIELDS[-len(fields) :]
     expression = " ".join(_without_same_ends(field) for field in fields)
     try:
@@ -247,6 +248,21 @@ def _without_same_ends(field: str) -> str:
         same = bool(dash and low) and (low.lower() == high.lower() or numbers)
         items.append(low if same else item)
     return ",".join(items)
+
+
+def _check_no_step_from_sunday_seven(weekdays: str) -> None:
+    """Refuses a step from 7 in the WDAY field (`7/2`). Elsewhere 7 is read as cronie reads it, Sunday, the field's
+    last value (`5-7` is Friday to Sunday, `1-7/2` Monday, Wednesday, Friday, Sunday); but croniter reads `7/2` as
+    `0/2`, stepping through the week from Sunday (Sunday, Tuesday, Thursday, Saturday), while from the last value a
+    step reaches no other day. cronie refuses a step after a single value; so does jobd here, saying what to write
+    (steps from 0 to 6, `1/2`, are croniter's: from that day to Saturday)."""
+    for item in weekdays.split(","):
+        start, slash, step = item.partition("/")
+        if slash and start.isdigit() and int(start) == 7:
+            raise ValueError(
+                f"WDAY field {weekdays!r} is not valid: {item!r} is a step from 7, Sunday, the last value, which "
+                f"reaches no other day; write 7 for Sundays, or */{step} to step through the week from Sunday"
+            )
 
 
 def _bad_field(fields: list[str], names: tuple[str, ...], seconds_first: bool) -> str | None:
