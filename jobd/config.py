@@ -33,7 +33,7 @@ from jobd import conffile, users, workflowdef
 from jobd.engine import callbacks as callback_defs
 from jobd.engine import submit
 from jobd.engine.http_task import HttpSpecError, check_request
-from jobd.engine.schedule import Calendar
+from jobd.engine.schedule import Calendar, ImpossibleCalendar
 from jobd.errors import ConfigError, JobdError, did_you_mean, shortage
 from jobd.model import (
     ENV_NAME,
@@ -1306,6 +1306,8 @@ def _calendar(setting: _Setting) -> str:
         raise setting.expected(f"a string: {CALENDAR_RULE}")
     try:
         Calendar.parse(setting.value)
+    except ImpossibleCalendar as error:  # well written: the syntaxes allowed are not the point
+        raise setting.invalid(f"{json.dumps(setting.value)}: {error}") from None
     except ValueError as error:
         raise setting.invalid(f"{json.dumps(setting.value)}: {error}; allowed: {CALENDAR_RULE}") from None
     return setting.value

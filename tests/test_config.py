@@ -1529,6 +1529,25 @@ def test_schedule_bad_values(tmp_path: Path, line: str, message: str) -> None:
     assert error.details["line"] >= 6  # the line of the key (the table starts on line 5)
 
 
+def test_a_calendar_that_can_never_fire_says_why(tmp_path: Path) -> None:
+    """`0 0 30 2 *` is well written: the refusal names the schedule, the fields and why (February has no 30th), not
+    the syntaxes allowed. Said by `jobd --check-config` as at a start or a reload."""
+    config = schedule_dir(tmp_path, '[schedule.february_30]\ntask = "t"\ncalendar = "0 0 30 2 *"\n')
+    said = (
+        f'{config / "jobd.toml"}:7: schedule.february_30.calendar: "0 0 30 2 *": Schedule constraints are impossible '
+        "to satisfy: none of the months of MONTH '2' has one of the days of DAY '30': February has 29 days at most"
+    )
+    assert load_error(config).message == said
+    checked = subprocess.run(
+        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(config), "--check-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert checked.returncode == 78 and checked.stderr.rstrip("\n").endswith(f"ERROR {said}"), checked
+
+
 def test_an_unknown_calendar_macro_is_told_what_is_allowed_once(tmp_path: Path) -> None:
     error = load_error(schedule_dir(tmp_path, '[schedule.s]\ntask = "t"\ncalendar = "@dayly"\n'))
     assert error.message == (

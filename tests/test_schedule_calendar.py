@@ -114,11 +114,31 @@ FORMAT = "(the format is SEC;MIN;HOUR;DAY;MONTH;WDAY)"
         (
             ";;;30;1;",  # 31 February
             "Schedule constraints are impossible to satisfy: none of the months of MONTH has one of the days of DAY "
-            "(day 0 is the 1st)",
+            "(day 0 is the 1st): February has 29 days at most",
         ),
         (";;;29;1;", "Schedule constraints are impossible to satisfy: none of the months"),  # 30 February
-        (";;;30;1,3,5,8,10;", "Schedule constraints are impossible to satisfy: none of"),  # months without a 31st
-        ("0 0 30 2 *", "Schedule constraints are impossible to satisfy"),  # cron too
+        (
+            ";;;30;1,3,5,8,10;",  # months without a 31st
+            "Schedule constraints are impossible to satisfy: none of the months of MONTH has one of the days of DAY "
+            "(day 0 is the 1st): February has 29 days at most, April has 30 days, June has 30 days, September has 30 "
+            "days, November has 30 days",
+        ),
+        # cron too, naming the fields as written
+        (
+            "0 0 30 2 *",
+            "Schedule constraints are impossible to satisfy: none of the months of MONTH '2' has one of the days of "
+            "DAY '30': February has 29 days at most",
+        ),
+        (
+            "0 0 0 31 apr,jun-sep/3 */2",  # seconds first; a WDAY starting with * is ANDed, as a star
+            "Schedule constraints are impossible to satisfy: none of the months of MONTH 'apr,jun-sep/3' has one of "
+            "the days of DAY '31': April has 30 days, June has 30 days, September has 30 days",
+        ),
+        (
+            "0 0 15W 2 */8",  # the weekday nearest the 15th, on Sundays only
+            "Schedule constraints are impossible to satisfy: no day in 100 years matches DAY '15W', MONTH '2' and "
+            "WDAY '*/8'",
+        ),
         # A space inside a cron list, range or step makes two fields of it: croniter's word shows its own rotated
         # copy of the fields (`[30 * * * * 0,]`).
         (

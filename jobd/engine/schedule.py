@@ -77,6 +77,10 @@ _CRON_VALUES = {
 _EVQUEUE_LEVELS = ((60, 0), (60, 0), (24, 0), (31, 1), (12, 1), (7, 0))
 _DAY, _MONTH, _HOUR = 3, 4, 2
 _DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February may have a 29th: leap years
+_MONTH_NAMES = (
+    *("January", "February", "March", "April", "May", "June"),
+    *("July", "August", "September", "October", "November", "December"),
+)
 # evQueue reads a value with strtol(): a sign may lead it (`+5` is 5; `-0` is 0, `-1` out of range).
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 # The blanks strtol() skips before a value (C's isspace()): jobd ignores them around values and separators.
@@ -98,6 +102,10 @@ _MAX_STEPS = 10_000
 MAX_STEP_BACK = 3 * 3600.0
 
 
+class ImpossibleCalendar(ValueError):
+    """A calendar that is well written but can never fire (`0 0 30 2 *`): what is allowed is not the point."""
+
+
 @dataclass(frozen=True, slots=True)
 class Calendar:
     """A parsed calendar: the croniter expression and the options that give it the meaning of its source text."""
@@ -113,8 +121,8 @@ class Calendar:
         """Parse any accepted syntax (see the module docstring); ValueError says what is wrong.
 
         A `;` anywhere makes it evQueue's format, so its messages apply; anything else is cron or a macro.
-        Impossible cron expressions (`0 0 30 2 *`) are refused here too, with evQueue's message, by asking for one
-        due time: a schedule that can never fire is a configuration mistake.
+        Impossible cron expressions (`0 0 30 2 *`) are refused here too, with evQueue's message and why
+        (ImpossibleCalendar), by asking for one due time: a schedule that can never fire is a configuration mistake.
         """
         stripped = text.strip()
         if not stripped:
@@ -123,7 +131,7 @@ class Calendar:
         try:
             calendar.next_after(0.0, "UTC")
         except CroniterBadDateError:
-            raise ValueError(IMPOSSIBLE) from None
+            raise ImpossibleCalendar(_why_never(calendar)) from None
         return calendar
 
     def evqueue_text(self) -> str | None:
@@ -237,6 +245,37 @@ def _parse_cron(stripped: str) -> Calendar:
     return Calendar(stripped, expression, seconds_first, day_or=day_or, wildcard=wildcard)
 
 
+def _why_never(calendar: Calendar) -> str:
+    """evQueue's message for a cron calendar that can never fire, then why, naming the fields: the days of DAY are in
+    none of the months of MONTH (when a day must match DAY; with cron's OR, a weekday of WDAY would do), else no day
+    of the years croniter searches matches the fields together (`15W` and a Sunday)."""
+    fields = calendar.text.split()
+    day_field, month_field, weekday_field = fields[-3:]
+    expanded = croniter(calendar.expression, 0.0, second_at_beginning=calendar.seconds_first).expanded
+    days: list[object] = list(expanded[2])  # ints, or "l" (`L`)
+    months: list[object] = list(expanded[3])  # ints, or "*"
+    chosen = list(range(1, 13)) if months == ["*"] else [value for value in months if isinstance(value, int)]
+    numbers = [value for value in days if isinstance(value, int)]  # not `L` (`15W` is 15: then a month has it)
+    in_a_month = any(number <= _DAYS_IN_MONTH[month - 1] for number in numbers for month in chosen)
+    if not calendar.day_or and numbers == days and not in_a_month:
+        return (
+            f"{IMPOSSIBLE}: none of the months of MONTH {month_field!r} has one of the days of DAY {day_field!r}: "
+            f"{_month_lengths(chosen)}"
+        )
+    return (
+        f"{IMPOSSIBLE}: no day in {_MAX_YEARS_BETWEEN_MATCHES} years matches DAY {day_field!r}, "
+        f"MONTH {month_field!r} and WDAY {weekday_field!r}"
+    )
+
+
+def _month_lengths(months: list[int]) -> str:
+    """How many days each of these months (1-12) has: why a day is in none of them."""
+    return ", ".join(
+        f"{_MONTH_NAMES[month - 1]} has {_DAYS_IN_MONTH[month - 1]} days{' at most' if month == 2 else ''}"
+        for month in sorted(set(months))
+    )
+
+
 def _without_same_ends(field: str) -> str:
     """The field with each range whose ends are the same value (`3-3`, `mon-mon`, `5-5/2`) written as that value,
     as cron reads it: croniter reads such a range as the whole cycle (`0 3-3 * * *` every hour)."""
@@ -343,7 +382,10 @@ def _parse_evqueue(text: str) -> Calendar:
     months = values[_MONTH] or list(range(12))
     days = values[_DAY] or [0]
     if not any(day < _DAYS_IN_MONTH[month] for day in days for month in months):
-        raise ValueError(f"{IMPOSSIBLE}: none of the months of MONTH has one of the days of DAY (day 0 is the 1st)")
+        raise ImpossibleCalendar(
+            f"{IMPOSSIBLE}: none of the months of MONTH has one of the days of DAY (day 0 is the 1st): "
+            f"{_month_lengths([month + 1 for month in months])}"
+        )
     fields = [
         ",".join(str(number + shift) for number in numbers) if numbers else "*"
         for numbers, (_, shift) in zip(values, _EVQUEUE_LEVELS, strict=True)
@@ -476,6 +518,7 @@ __all__ = [
     "NON_NUMERIC",
     "OUT_OF_RANGE",
     "Calendar",
+    "ImpossibleCalendar",
     "catch_up_due",
     "next_run",
     "set_back",
