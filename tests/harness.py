@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import re
 import select
 import signal
 import socket
@@ -29,17 +30,64 @@ from jobd.client import Client
 REPO = Path(__file__).resolve().parent.parent
 
 
-USERS_LOCK = "/run/lock/jobd-test-users.lock"
+# The accounts (users, groups) a test process makes on the machine are named after it: `jobdt<pid>-alice`.
+_ACCOUNT_NAME = re.compile(r"jobdt([0-9]+)-[a-z0-9-]+")
+SOCKET_GROUP = "jobd"  # jobd's default socket group: a name the tests cannot make their own
+_SOCKET_GROUP_LOCK = "/run/lock/jobd-test-socket-group.lock"
+_SOCKET_GROUP_MADE = "/run/lock/jobd-test-socket-group.made"  # present: a test made the group, the last one removes it
+
+
+def account_prefix() -> str:
+    """The start of the names of the accounts this test process makes: its pid, so that two suites running at once
+    on one machine (two checkouts, two xdist workers) never make or delete the same account, and so that those of a
+    run that died before removing its own are known for leftovers (remove_stale_accounts)."""
+    return f"jobdt{os.getpid()}-"
+
+
+def remove_stale_accounts() -> None:
+    """Removes the accounts left by test processes that have ended (killed before their clean-up): users first, with
+    their home, then the groups left."""
+    for database, command in (("/etc/passwd", ["userdel", "--remove"]), ("/etc/group", ["groupdel"])):
+        for line in Path(database).read_text().splitlines():
+            name = line.split(":", 1)[0]
+            made_by = _ACCOUNT_NAME.fullmatch(name)
+            if made_by and not _running(int(made_by[1])):
+                subprocess.run([*command, name], capture_output=True, timeout=60)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
-def machine_accounts() -> Iterator[None]:
-    """Held while a test module has accounts of its own on the machine (useradd, groupadd). Their names are fixed, so
-    two suites running at once on one machine (two checkouts) take turns here instead of deleting each other's users:
-    the kernel queues them on the lock, released when the holder ends, however it ends."""
-    with open(USERS_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+def socket_group() -> Iterator[None]:
+    """The group `jobd` exists while this is held: made if the machine lacks it, and shared with the suites running
+    at the same time (each holds a shared lock on one file); the last of them to end removes it, if a test made it.
+    The kernel releases a lock when its holder ends, however it ends; a group made by a run that was killed is
+    removed by the next run's end (the marker file stays)."""
+    with open(_SOCKET_GROUP_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            if subprocess.run(["getent", "group", SOCKET_GROUP], capture_output=True, timeout=60).returncode == 2:
+                made = subprocess.run(["groupadd", SOCKET_GROUP], capture_output=True, timeout=60)
+                if made.returncode == 0:  # 9: another suite made it at the same moment
+                    Path(_SOCKET_GROUP_MADE).touch()
+            yield
+        finally:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # none other holds it: the last one out
+            except BlockingIOError:
+                pass
+            else:
+                if os.path.exists(_SOCKET_GROUP_MADE):
+                    subprocess.run(["groupdel", SOCKET_GROUP], capture_output=True, timeout=60)
+                    os.unlink(_SOCKET_GROUP_MADE)
 
 
 def _find_sdns() -> Path:

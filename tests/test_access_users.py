@@ -2,8 +2,9 @@
 sockets as themselves (setpriv), in both protocols; and jobctl run as them.
 
 The users: alice (read and exec on task `report` and workflows `wf-*`), bob (no grant of his own; his supplementary
-group jobdtest-ops has read, kill and edit on queue `ops`), carol (nothing), and dave (an admin through his
-supplementary group jobdtest-admins).
+group ops has read, kill and edit on queue `ops`), carol (nothing), and dave (an admin through his supplementary
+group admins). On the machine their names start with this test process's (harness.account_prefix): two suites
+running at once have accounts of their own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import FsyncHold
-from harness import REPO, Daemon, machine_accounts
+from harness import REPO, Daemon, account_prefix, remove_stale_accounts
 from lxml import etree
 from recovery.support import fill, wait_for_log
 
@@ -33,7 +34,7 @@ from jobd import jobctl as jobctl_module
 from jobd.client import RemoteError
 from jobd.protocol.evqueue import XmlFramer
 
-PREFIX = "jobdtest-"
+PREFIX = account_prefix()
 USERS = ("alice", "bob", "carol", "dave")
 GROUPS = {"ops": ("bob",), "admins": ("dave",)}
 DEADLINE = 60
@@ -100,23 +101,71 @@ def _remove() -> None:
         subprocess.run(["groupdel", PREFIX + group], capture_output=True, timeout=DEADLINE)
 
 
-@pytest.fixture(scope="module")
-def users() -> Iterator[dict[str, pwd.struct_passwd]]:
-    """The test users and groups, created for this module and removed at its end (the suite runs as root)."""
-    if os.geteuid() != 0:
-        pytest.skip("creating users needs root")
-    with machine_accounts():
-        _remove()  # left over by an interrupted run
+@contextlib.contextmanager
+def accounts() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """The test users and groups on the machine, named after this process, removed at the end (needs root)."""
+    remove_stale_accounts()
+    try:
         for group in GROUPS:
             _run("groupadd", PREFIX + group)
         for user in USERS:
             supplementary = [PREFIX + group for group, members in GROUPS.items() if user in members]
             extra = ["-G", ",".join(supplementary)] if supplementary else []
             _run("useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", *extra, PREFIX + user)
-        try:
-            yield {user: pwd.getpwnam(PREFIX + user) for user in USERS}
-        finally:
-            _remove()
+        yield {user: pwd.getpwnam(PREFIX + user) for user in USERS}
+    finally:
+        _remove()
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """The test users and groups, created for this module and removed at its end (the suite runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating users needs root")
+    with accounts() as made:
+        yield made
+
+
+def test_a_suite_running_at_the_same_time_has_accounts_of_its_own(users: dict[str, pwd.struct_passwd]) -> None:
+    """Two checkouts' suites at once on one machine: the other one (a process of its own, as it would be) makes and
+    removes its alice, bob, carol and dave while ours exist. With fixed names it removed ours (or, under a lock,
+    waited for this whole module to end)."""
+    other = subprocess.run(
+        [sys.executable, "-c", "import test_access_users as t\nwith t.accounts() as made:\n print(*t.names(made))"],
+        cwd=REPO / "tests",
+        env={**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    theirs = other.stdout.split()
+    assert other.returncode == 0 and [name.rpartition("-")[2] for name in theirs] == list(USERS), other
+    assert not set(theirs) & set(names(users)) and not set(theirs) & _account_names()  # made, then removed
+    assert {user: pwd.getpwnam(entry.pw_name) for user, entry in users.items()} == users  # ours are still there
+
+
+def names(users: dict[str, pwd.struct_passwd]) -> list[str]:
+    return [entry.pw_name for entry in users.values()]
+
+
+def test_accounts_left_by_a_run_that_died_are_removed(users: dict[str, pwd.struct_passwd]) -> None:
+    """A run killed before its clean-up leaves its accounts: the next run removes them, as their pid says their
+    maker has ended; those of a run still going (ours) are kept."""
+    dead = subprocess.Popen(["true"])
+    dead.wait(timeout=DEADLINE)  # reaped: no process has its pid now
+    left = f"jobdt{dead.pid}-left"
+    _run("groupadd", left)
+    try:
+        remove_stale_accounts()
+        assert left not in _account_names()
+        assert {PREFIX + user for user in USERS} <= _account_names()
+    finally:
+        subprocess.run(["groupdel", left], capture_output=True, timeout=DEADLINE)
+
+
+def _account_names() -> set[str]:
+    return {entry.pw_name for entry in pwd.getpwall()} | {entry.gr_name for entry in grp.getgrall()}
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, in_user_namespace, machine_accounts
+from harness import SOCKET_GROUP, Daemon, account_prefix, in_user_namespace, remove_stale_accounts, socket_group
 from recovery.support import WAIT, one_descriptor_left, out_of_descriptors, wait_for_log
 
 from jobd import config
@@ -32,9 +32,8 @@ from jobd.client import Client
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="run-as needs root (useradd, setuid)")
 
-USER = "jobdrt1"
-EXTRA_GROUP = "jobdrtx"
-SOCKET_GROUP = "jobd"
+USER = account_prefix() + "runas"  # this test process's own: two suites at once do not share it
+EXTRA_GROUP = account_prefix() + "extra"
 REPORT = 'id -u; id -g; id -G; echo "$HOME|$USER|$LOGNAME"; pwd'
 SYSTEM_PYTHON = "/usr/bin/python3"
 COMMAND = f'command = ["/bin/sh", "-c", \'{REPORT}\']\n'  # a TOML literal string: no escapes
@@ -44,32 +43,17 @@ def _run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
 
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def test_user() -> Iterator[pwd.struct_passwd]:
-    with machine_accounts():
-        created_jobd = not _group_exists(SOCKET_GROUP)
-        if created_jobd:
-            _run("groupadd", SOCKET_GROUP)
-        for stale in (USER,):
-            subprocess.run(["userdel", "-r", stale], capture_output=True)
-        subprocess.run(["groupdel", EXTRA_GROUP], capture_output=True)
-        _run("groupadd", EXTRA_GROUP)
-        _run("useradd", "-m", "-U", "-G", f"{EXTRA_GROUP},{SOCKET_GROUP}", "-s", "/bin/sh", USER)
+    remove_stale_accounts()
+    with socket_group():
         try:
+            _run("groupadd", EXTRA_GROUP)
+            _run("useradd", "-m", "-U", "-G", f"{EXTRA_GROUP},{SOCKET_GROUP}", "-s", "/bin/sh", USER)
             yield pwd.getpwnam(USER)
         finally:
             subprocess.run(["userdel", "-r", USER], capture_output=True)
             subprocess.run(["groupdel", EXTRA_GROUP], capture_output=True)
-            if created_jobd:
-                subprocess.run(["groupdel", SOCKET_GROUP], capture_output=True)
 
 
 def _real_defaults(daemon: Daemon) -> None:
