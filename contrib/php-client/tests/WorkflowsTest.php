@@ -52,6 +52,21 @@ final class WorkflowsTest extends JobdTestCase
         self::assertSame(100, $progress->percent);
     }
 
+    public function testEmptyObjectsOfRepliesGoBackToJobdAsObjects(): void
+    {
+        // Decoded into PHP arrays, jobd's empty objects are empty arrays: an instance without parameters has
+        // 'parameters' => [] (and 'counters' => []). Given back to jobd through the client, under every name jobd
+        // reads as an object, they are {} again, as jobd requires: a relaunch and a listing filter take them.
+        $jobd = $this->client();
+        $ended = $jobd->waitInstance($jobd->launch('gated', [])['id'], 30);
+        self::assertSame([], $ended['parameters']);
+        self::assertSame([], $ended['counters']);
+        $again = $jobd->launch('gated', $ended['parameters']);
+        $listed = $jobd->listInstances(['workflow' => 'gated', 'parameters' => $ended['parameters']]);
+        self::assertContains($again['id'], array_column($listed['instances'], 'id'));
+        self::assertSame('TERMINATED', $jobd->waitInstance($again['id'], 30)['status']);
+    }
+
     public function testWaitInstanceWithTimeoutReturnsItExecuting(): void
     {
         $jobd = $this->client();
