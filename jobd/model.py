@@ -128,6 +128,8 @@ class RetryPolicy:
 
     def next_delay(self, attempt: int) -> float:
         """Delay before the try that follows attempt number `attempt` (1-based), at most MAX_RETRY_DELAY."""
+        if self.delay == 0:  # no wait, however many tries: the overflow below would make it a year's
+            return 0.0
         try:
             delay = self.delay * self.backoff ** (attempt - 1)
         except OverflowError:  # a steep back-off over many tries: beyond any date

@@ -77,3 +77,4 @@ def test_back_off_never_overflows_past_a_year() -> None:
     steep = RetryPolicy(times=1000, delay=1, backoff=1e9)
     assert steep.next_delay(1000) == MAX_RETRY_DELAY
     assert RetryPolicy(delay=2, backoff=3).next_delay(3) == 18
+    assert RetryPolicy(times=1000, delay=0, backoff=1e9).next_delay(1000) == 0  # 0 × anything, not a year

@@ -753,6 +753,15 @@ def test_retries_back_off_exponentially_then_fail(server: Any) -> None:
         assert server.output(job["id"], attempt=number) == f"attempt {number}\n"
 
 
+def test_a_retry_delay_of_0_stays_0_however_steep_the_back_off(server: Any) -> None:
+    """delay × backoff^(n − 1) is 0 for a delay of 0: no try waits, not even once backoff^(n − 1) is past what a
+    float holds (3e9^32), where a wait would otherwise be taken as beyond any date and become a year's."""
+    retry = {"times": 40, "delay": 0, "backoff": 3e9}
+    job = run(server, command=sh("exit 2"), retry=retry)
+    assert job["state"] == "failed" and job["attempts"] == 41, job
+    assert [t["outcome"] for t in job["tries"]] == ["failed"] * 41
+
+
 @pytest.mark.parametrize("queue", ["serial", "fifo"])
 def test_a_retried_job_keeps_its_place_in_the_queue(server: Any, tmp_path: Path, queue: str) -> None:
     """Ready again for its retry, a job is ordered by its priority and submission as when it was submitted: ahead of
