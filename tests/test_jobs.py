@@ -864,6 +864,22 @@ def test_cancel_a_job_ignoring_sigterm_kills_it_after_the_grace(server: Any) -> 
     assert attempt["signal"] == signal.SIGKILL and attempt["exit_code"] is None
 
 
+def test_a_cancel_during_a_timeouts_grace_ends_the_job_cancelled_without_a_retry(server: Any) -> None:
+    """The timeout stopped the attempt first, so it stays `timed_out`; the cancel ends the job there, though its
+    policy would retry a timeout, once the grace already running is over (docs/jobs.md, docs/protocol.md)."""
+    script = "trap 'echo %2 >&3' TERM; echo %1 >&3; sleep 100 & wait $!; sleep 100 & wait $!"
+    with server.client() as client:
+        client.call("events.subscribe", {"types": ["job.progress"]}, timeout=10)
+        params = {"command": sh(script), "timeout": 0.5, "retry": {"times": 3, "delay": 0}}
+        job = client.call("job.submit", params, timeout=10)
+        next_matching(client, lambda e: e["id"] == job["id"] and e["progress"] == 2)  # the timeout's SIGTERM
+        cancelled = client.call("job.cancel", {"id": job["id"]}, timeout=KILL_GRACE + 10)
+    assert cancelled["state"] == "cancelled" and cancelled["attempts"] == 1, cancelled
+    [attempt] = get(server, job["id"])["tries"]
+    assert attempt["outcome"] == "timed_out"
+    assert attempt["signal"] == signal.SIGKILL and attempt["exit_code"] is None
+
+
 def test_a_time_limit_reached_during_a_cancel_does_not_make_it_a_timeout(server: Any) -> None:
     with server.client() as client:
         client.call("events.subscribe", {"types": ["job.progress"]}, timeout=10)
