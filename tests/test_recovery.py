@@ -378,6 +378,34 @@ def test_a_retry_back_off_does_not_wait_longer_than_it_was_set_for_when_the_cloc
     assert [t["outcome"] for t in tries(daemon, retried)] == ["failed", "succeeded"]
 
 
+def test_a_retry_back_off_after_a_long_attempt_is_not_stretched_by_its_run_time_when_the_clock_went_back(
+    jobd: Callable[..., Daemon],
+) -> None:
+    """A back-off counts from the end of the attempt that failed. With the clock set back while jobd was stopped,
+    the wait was counted from that attempt's start instead, so a job whose attempt had run two hours waited two
+    hours more than its one-second back-off."""
+    daemon = jobd()
+    command = ["/bin/sh", "-c", 'test "$JOBD_ATTEMPT" -gt 1 && echo retried']
+    events = subscribe(daemon, ["job.state"])
+    retried = daemon.submit(command=command, retry={"times": 1, "delay": 3600})["id"]
+    wait_events(events, lambda e: e["job"]["id"] == retried and e["job"]["state"] == "delayed", 1)
+    events.close()
+    _recorded_a_day_ahead(daemon, retried, 1)
+    database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")  # the first attempt ran two hours
+    database.execute("UPDATE attempt SET started_at = finished_at - 7200 WHERE job_id = ?", (retried,))
+    database.execute(
+        "UPDATE job SET created_at = (SELECT started_at FROM attempt WHERE job_id = job.id), "
+        "started_at = (SELECT started_at FROM attempt WHERE job_id = job.id), "
+        "run_at = (SELECT finished_at FROM attempt WHERE job_id = job.id) + 1 WHERE id = ?",
+        (retried,),
+    )
+    database.commit()
+    database.close()
+    start(daemon)
+    job = daemon.wait(retried)
+    assert job["state"] == "succeeded" and daemon.output(retried, attempt=2) == "retried\n"
+
+
 # --- kill -9 under load -------------------------------------------------------------------------------------
 
 

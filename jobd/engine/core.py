@@ -465,6 +465,10 @@ class Engine:
             # Counted from the last time recorded for the job when the clock is behind it (set back while jobd was
             # stopped): the wait is at most the delay or back-off asked for, not that plus however far it went back.
             since = max(self.clock(), job.created_at, job.started_at or job.created_at)
+            if job.attempts and since > self.clock():
+                # A back-off counts from the end of the attempt, not its start: one that ran an hour must not add
+                # that hour to the wait. Read only when the clock is behind, as after such a restart.
+                since = max(since, self._last_attempt_end(job.id))
             wait = max(0.0, job.run_at - since)
             self._delay_timers[job.id] = self.loop.call_later(wait, self._delay_over, job.id)
         elif job.state is JobState.QUEUED:
@@ -472,6 +476,10 @@ class Engine:
             if dispatch:
                 self._dispatch(job.spec.queue)
         self._counts_changed()
+
+    def _last_attempt_end(self, job_id: int) -> float:
+        """When the job's latest attempt ended, as recorded (0 when none has an end)."""
+        return max((a.finished_at for a in self.store.attempts(job_id) if a.finished_at is not None), default=0.0)
 
     def _delay_over(self, job_id: int) -> None:
         try:
