@@ -1169,9 +1169,13 @@ class Store:
             # jobs_counted end too: count_by_state counts whatever is left, or says why it cannot.
             try:
                 more = not self.db.is_closed() and self.count_some_jobs()
-            except Exception:
+            except Exception as error:
                 counted.set_result(None)
-                raise  # to the loop's exception handler, which logs it
+                # A damaged page of the history (or a failing disk) is the administrator's to mend: one line that
+                # says what to do, as for a request, not a traceback. Anything else is jobd's bug, and has one.
+                if refused_request("counting the jobs on record", error) is None:
+                    raise  # to the loop's exception handler, which logs it
+                return
             if more:
                 loop.call_soon(step)
             else:
