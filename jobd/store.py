@@ -2219,7 +2219,7 @@ def store_failure(failure: Exception) -> StoreFailed | None:
     )
     if not environmental or _sqlite_error_name(failure).startswith("SQLITE_ERROR"):
         return None
-    if _damaged(failure):
+    if damaged(failure):
         # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.
         # A disk that fails reads shows the same (after an I/O error SQLite finds the pages it reads malformed), and a
         # backup restored then would lose what was accepted since it: the disk comes first.
@@ -2290,7 +2290,7 @@ def refused_request(what: str, failure: Exception) -> StoreFailed | None:
 def startup_failure(failure: Exception) -> tuple[str, bool]:
     """What an administrator should do about a database error that stops jobd's start, and whether it is
     permanent (starting again cannot help: the file is damaged) rather than the machine's passing trouble."""
-    if _damaged(failure):
+    if damaged(failure):
         return "the file is damaged or not jobd's: restore it from a backup, or move it away to start anew", True
     name = _sqlite_error_name(failure)
     if name.startswith("SQLITE_FULL"):
@@ -2302,7 +2302,7 @@ def startup_failure(failure: Exception) -> tuple[str, bool]:
     return "nothing was changed", False
 
 
-def _damaged(failure: Exception) -> bool:
+def damaged(failure: Exception) -> bool:
     """A database file that is damaged or not SQLite's (a plain DatabaseError says so when SQLite gave no name)."""
     name = _sqlite_error_name(failure)
     if name:

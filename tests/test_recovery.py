@@ -628,10 +628,17 @@ def _damage_the_oldest_jobs_page(database: Path) -> None:
         file.write(b"\xff")
 
 
+@pytest.mark.parametrize(
+    ("finder", "history", "line"),
+    [
+        ("the count of the history", "", "counting the jobs on record: "),
+        ("retention", "history = { keep_last = 10 }", "cannot expire finished jobs, ended instances or audit entries "),
+    ],
+)
 def test_a_damaged_page_of_finished_jobs_found_after_the_start_is_one_clear_line_and_jobd_serves_on(
-    make_daemon: Callable[..., Daemon],
+    make_daemon: Callable[..., Daemon], finder: str, history: str, line: str
 ) -> None:
-    daemon = make_daemon("[queue.default]\n")
+    daemon = make_daemon("[queue.default]\n", daemon_extra=history)
     assert daemon.stop() == 0
     database = daemon.state_dir / "jobd.sqlite3"
     with contextlib.closing(sqlite3.connect(database)) as raw:
@@ -645,13 +652,16 @@ def test_a_damaged_page_of_finished_jobs_found_after_the_start_is_one_clear_line
     _damage_the_oldest_jobs_page(database)
 
     daemon.start()
-    # daemon.status waits for the count of the jobs on record that the start began: it found the damage.
-    with pytest.raises(RemoteError) as refused:
-        daemon.call("daemon.status")
-    assert refused.value.code == "STORE_FAILED" and "reads as damaged" in refused.value.message
-    log = daemon.log()
-    assert "counting the jobs on record: jobd's database reads as damaged" in log, log
-    assert "restore it from a backup" in log and "Traceback" not in log, log
+    # The line says what was found and what to do (SQLite's own words, "database disk image is malformed", do not).
+    wait_for_log(daemon, line)
+    logged = [text for text in daemon.log().splitlines() if line in text]
+    assert logged and all("reads as damaged" in text and "restore it from a backup" in text for text in logged), logged
+    assert "Traceback" not in daemon.log(), daemon.log()
+    if finder == "the count of the history":
+        # daemon.status waits for that count: it says so too.
+        with pytest.raises(RemoteError) as refused:
+            daemon.call("daemon.status")
+        assert refused.value.code == "STORE_FAILED" and "reads as damaged" in refused.value.message
     # The rest of the history, and new work, are served as before.
     assert daemon.call("job.get", {"id": 300})["state"] == "succeeded"
     assert daemon.wait(daemon.submit(command=["/bin/true"])["id"])["state"] == "succeeded"

@@ -50,7 +50,7 @@ from jobd.model import (
     transition,
 )
 from jobd.proc import Child, ExitInfo, LaunchSpec, SpawnError, kill_orphan_group
-from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store, store_failure
+from jobd.store import STORE_RETRY_SECONDS, JobFilter, QueuePause, Store, damaged, store_failure
 from jobd.users import Account, account, job_account
 from jobd.values import evolve, value
 
@@ -569,7 +569,9 @@ class Engine:
                 self._failing_for_bugs[what] = _BugFailure(kind, f"{type(error).__name__}: {error}")
                 self._counts_changed()
             return
-        cause = str(error) or failed.message  # MemoryError says nothing of itself
+        # MemoryError says nothing of itself, and SQLite's word for a damaged file ("database disk image is
+        # malformed") not what to do: the store's refusal says both.
+        cause = failed.message if damaged(error) else (str(error) or failed.message)
         trouble = f"{what}: {cause}"
         if trouble not in self._troubles_told:  # each said once, not at every retry
             log.error("%s; trying again every %gs", trouble, STORE_RETRY_SECONDS)
