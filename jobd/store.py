@@ -723,10 +723,13 @@ class Store:
         self.db.pragma("page_size", 1024)
         for step in range(version, SCHEMA_VERSION):
             try:
-                with self.db.atomic():
+                # Not peewee's atomic(): a COMMIT that fails on the disk (an I/O error, a full disk) is rolled back by
+                # SQLite itself, and atomic()'s ROLLBACK then raised "cannot rollback - no transaction is active", an
+                # SQLITE_ERROR that hid the disk's trouble and was taken below for a damaged file.
+                with self._transaction():
                     MIGRATIONS[step](self.db)
                     self.db.pragma("user_version", step + 1)
-            except peewee.OperationalError as error:
+            except (sqlite3.OperationalError, peewee.OperationalError) as error:
                 if _sqlite_error_name(error) != "SQLITE_ERROR":  # a full disk, an I/O error: see startup_failure()
                     raise
                 # No such table or column: each step is all or nothing, so the file is as the last one left it.

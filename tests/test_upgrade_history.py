@@ -267,6 +267,24 @@ def _jobd_of(tracer: subprocess.Popen[bytes]) -> int | None:
     return int(children[0]) if children else None
 
 
+def _started_and_stopped(daemon: Daemon) -> bool:
+    """Start the daemon under its command_prefix (strace); if it got ready, stop it (SIGTERM to jobd itself: strace
+    does not pass it on) and say so; False if it exited before it was ready (daemon.process tells how)."""
+    try:
+        daemon.start()
+    except AssertionError:
+        return False
+    finally:
+        daemon._closed()  # its NOTIFY_SOCKET: the next start makes another
+    assert daemon.process is not None
+    jobd = _jobd_of(daemon.process)
+    assert jobd is not None
+    os.kill(jobd, signal.SIGTERM)
+    daemon.process.wait()
+    daemon.process = None
+    return True
+
+
 def test_an_upgrade_killed_at_any_write_leaves_a_sound_database_that_the_next_start_upgrades_whole(
     make_daemon: Callable[..., Daemon],
 ) -> None:
@@ -279,17 +297,9 @@ def test_an_upgrade_killed_at_any_write_leaves_a_sound_database_that_the_next_st
     for write in itertools.count(2, 3):
         daemon.command_prefix = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64"]
         daemon.command_prefix += ["-e", f"inject=pwrite64:signal=KILL:when={write}"]
-        try:
-            daemon.start()
-        except AssertionError:  # killed before it was ready, as it should be until a start gets far enough
+        if not _started_and_stopped(daemon):  # killed before it was ready, until a start gets far enough
             assert daemon.process is not None and daemon.process.wait() == -signal.SIGKILL, daemon.log()
-        else:  # ready before its Nth write: stopped as a service manager stops it
-            assert daemon.process is not None
-            jobd = _jobd_of(daemon.process)
-            assert jobd is not None
-            os.kill(jobd, signal.SIGTERM)
-            daemon.process.wait()
-        daemon.process = None
+            daemon.process = None
         with contextlib.closing(sqlite3.connect(database)) as raw:
             assert raw.execute("PRAGMA quick_check").fetchall() == [("ok",)]
             version = raw.execute("PRAGMA user_version").fetchone()[0]
@@ -302,4 +312,46 @@ def test_an_upgrade_killed_at_any_write_leaves_a_sound_database_that_the_next_st
     daemon.command_prefix = []
     daemon.start()
     _assert_the_history_reads_back(daemon, tables, crashed=True)
+    _finished_upgrade(daemon, database, tables)
+
+
+@pytest.mark.parametrize(
+    ("errno_name", "advice"),
+    [
+        ("ENOSPC", "database or disk is full; its file system is full: make room and start jobd again"),
+        (
+            "EIO",
+            "disk I/O error; it cannot be opened or written: check its file system, its permissions and the kernel",
+        ),
+    ],
+)
+def test_an_upgrade_the_disk_fails_is_told_as_the_disks_trouble_and_carried_on_once_it_works(
+    make_daemon: Callable[..., Daemon], errno_name: str, advice: str
+) -> None:
+    """Every write SQLite makes fails from the Nth on (strace's fault injection), for N = 2, 5, 8, ..., start after
+    start: wherever that falls in a step (a statement, its COMMIT), the start is refused as the disk's trouble, to be
+    tried again (exit 1, not 78: not "damaged", nor "move it away to start anew", which would lose the history), the
+    file is left sound at the last step committed, and a start on a working disk upgrades it whole."""
+    daemon: Daemon = make_daemon(CONFIG, start=False)
+    database, tables = _old_history(daemon, 1)
+    version = 1
+    for write in itertools.count(2, 3):
+        daemon.command_prefix = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64"]
+        daemon.command_prefix += ["-e", f"inject=pwrite64:error={errno_name}:when={write}+"]
+        if _started_and_stopped(daemon):
+            break  # every step was committed before the Nth write, and jobd served: nothing more to fail
+        assert daemon.process is not None and daemon.process.wait() == 1, daemon.log()
+        [told] = [line for line in daemon.log().splitlines() if "not starting" in line][-1:]
+        assert f"not starting: the database in {daemon.state_dir} cannot be used: {advice}" in told, told
+        assert "damaged" not in told and "Traceback" not in daemon.log(), daemon.log()
+        daemon.process = None
+        with contextlib.closing(sqlite3.connect(database)) as raw:
+            assert raw.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+            reached = raw.execute("PRAGMA user_version").fetchone()[0]
+        assert reached >= version
+        version = reached
+    assert version > 3, version  # refused after some steps were committed, not only before the first
+    daemon.command_prefix = []
+    daemon.start()
+    _assert_the_history_reads_back(daemon, tables)
     _finished_upgrade(daemon, database, tables)
