@@ -2213,6 +2213,49 @@ def test_keep_last_applies_at_a_reload_and_at_a_start(jobd: Callable[..., Daemon
     assert [job["id"] for job in all_jobs(daemon)] == ids[5:]
 
 
+def _jobs_run_one_by_one(daemon: Daemon, count: int) -> None:
+    """`count` jobs with their output, submitted in batches to a queue that runs one at a time: the last ends last."""
+    last = 0
+    for _ in range(count // 200):
+        batch = [{"command": ["/bin/echo", "x" * 100], "context": "c" * 200} for _ in range(200)]
+        last = daemon.call("job.submit", {"jobs": batch})["jobs"][-1]["id"]
+    daemon.wait(last)
+
+
+def test_expired_history_frees_pages_that_new_jobs_fill_and_a_vacuum_by_hand_gives_them_back(
+    jobd: Callable[..., Daemon],
+) -> None:
+    # docs/jobs.md, History: the database file does not shrink as jobs expire, nor grow at a steady pace of jobs.
+    daemon = jobd("[queue.default]\nconcurrency = 1\n", daemon_extra="history = { keep_last = 100 }")
+    database = daemon.state_dir / "jobd.sqlite3"
+
+    def settled_size() -> int:
+        """The file's size once every trim is done (a start applies keep_last) and the WAL is written into it."""
+        assert terminate(daemon) == 0
+        start(daemon)
+        assert terminate(daemon) == 0
+        return database.stat().st_size
+
+    # Rounds of 400 jobs: the file holds at most 500 at any moment (the 100 kept, the 400 of the round).
+    for _ in range(2):
+        _jobs_run_one_by_one(daemon, 400)
+    first = settled_size()
+    start(daemon)
+    for _ in range(2):
+        _jobs_run_one_by_one(daemon, 400)
+    later = settled_size()
+    # 800 more jobs took the pages that expired ones freed: kept apart, they would have doubled the file.
+    assert later < first * 1.25, (first, later)
+    assert len(list((daemon.state_dir / "output").iterdir())) <= 101  # the jobs' output went with them (and the mark)
+
+    with contextlib.closing(sqlite3.connect(database)) as raw:  # an administrator's VACUUM, while jobd is stopped
+        raw.execute("VACUUM")
+    assert database.stat().st_size < later / 2
+    start(daemon)
+    assert len(all_jobs(daemon)) == 100
+    assert daemon.wait(daemon.submit(command=["/bin/true"])["id"])["id"] == 1601
+
+
 def test_keeping_no_history_still_gives_a_workflow_its_tasks_output(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon("[queue.default]\n", start=False, daemon_extra="history = { keep_last = 0 }")
     daemon.write_workflows(one=ONE_TASK_SAYING)
