@@ -1537,7 +1537,8 @@ class Store:
         knew before."""
         known = self._last_id[table]
         if highest > known:
-            with self.db.atomic():
+            # Not peewee's atomic(): see _migrate (a COMMIT the disk fails was told as "cannot rollback").
+            with self._transaction():
                 self._last_id[table] = highest
                 self._keep_ids_used(table)
         return known

@@ -378,3 +378,27 @@ class Daemon:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+def _child_of(tracer: subprocess.Popen[bytes]) -> int | None:
+    """The pid of the jobd that strace (`tracer`) runs, or None once it is gone."""
+    children = Path(f"/proc/{tracer.pid}/task/{tracer.pid}/children").read_text().split()
+    return int(children[0]) if children else None
+
+
+def started_and_stopped(daemon: Daemon) -> bool:
+    """Start the daemon under its command_prefix (strace); if it got ready, stop it (SIGTERM to jobd itself: strace
+    does not pass it on) and say so; False if it exited before it was ready (daemon.process tells how)."""
+    try:
+        daemon.start()
+    except AssertionError:
+        return False
+    finally:
+        daemon._closed()  # its NOTIFY_SOCKET: the next start makes another
+    assert daemon.process is not None
+    jobd = _child_of(daemon.process)
+    assert jobd is not None
+    os.kill(jobd, signal.SIGTERM)
+    daemon.process.wait()
+    daemon.process = None
+    return True

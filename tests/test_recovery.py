@@ -12,6 +12,7 @@ import ctypes
 import datetime
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import queue as queues
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import READY_TIMEOUT, REPO, Daemon, Notifications
+from harness import READY_TIMEOUT, REPO, Daemon, Notifications, started_and_stopped
 from lxml import etree
 from recovery.support import (
     Gate,
@@ -752,6 +753,34 @@ def test_a_state_dir_that_is_a_file_is_named_at_start_up(make_daemon: Callable[.
     assert started.returncode == 78, started  # permanent: restarting cannot mend it
     assert f"the state directory {daemon.state_dir} ([daemon] state_dir) cannot be made" in started.stderr, started
     assert "exists and is not a directory" in started.stderr and "Traceback" not in started.stderr, started.stderr
+
+
+def test_a_start_after_a_crash_whose_writes_the_disk_refuses_is_told_as_a_full_disk(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    # After a crash a start writes before it serves (the job ids it may have handed out, then recovery): each write
+    # SQLite makes from the Nth on fails with ENOSPC (strace's fault injection), N = 1, 2, ... start after start,
+    # wherever it falls (a statement, its COMMIT, which SQLite then rolls back itself).
+    daemon = make_daemon("[queue.default]\n")
+    done = daemon.submit(command=["/bin/true"])["id"]
+    daemon.wait(done)
+    daemon.kill9()
+    refusals = 0
+    for write in itertools.count(1):
+        daemon.command_prefix = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64"]
+        daemon.command_prefix += ["-e", f"inject=pwrite64:error=ENOSPC:when={write}+"]
+        if started_and_stopped(daemon):
+            break
+        assert daemon.process is not None and daemon.process.wait() == 1, daemon.log()
+        daemon.process = None
+        [told] = [line for line in daemon.log().splitlines() if "not starting" in line][-1:]
+        assert "cannot be used: database or disk is full; its file system is full: make room" in told, told
+        refusals += 1
+    assert refusals > 1
+    daemon.command_prefix = []
+    daemon.start()
+    assert [job["id"] for job in all_jobs(daemon)] == [done]
+    assert daemon.submit(command=["/bin/true"])["id"] > done
 
 
 def test_a_full_disk_at_start_up_is_named_and_loses_nothing(

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon
+from harness import Daemon, started_and_stopped
 from test_store import RETRY_JSON, _database_at_schema
 
 from jobd.store import SCHEMA_VERSION
@@ -261,30 +259,6 @@ def test_a_history_left_by_every_earlier_schema_version_reads_back_whole_after_t
     _finished_upgrade(daemon, database, tables)
 
 
-def _jobd_of(tracer: subprocess.Popen[bytes]) -> int | None:
-    """The pid of the jobd that strace (`tracer`) runs, or None once it is gone."""
-    children = Path(f"/proc/{tracer.pid}/task/{tracer.pid}/children").read_text().split()
-    return int(children[0]) if children else None
-
-
-def _started_and_stopped(daemon: Daemon) -> bool:
-    """Start the daemon under its command_prefix (strace); if it got ready, stop it (SIGTERM to jobd itself: strace
-    does not pass it on) and say so; False if it exited before it was ready (daemon.process tells how)."""
-    try:
-        daemon.start()
-    except AssertionError:
-        return False
-    finally:
-        daemon._closed()  # its NOTIFY_SOCKET: the next start makes another
-    assert daemon.process is not None
-    jobd = _jobd_of(daemon.process)
-    assert jobd is not None
-    os.kill(jobd, signal.SIGTERM)
-    daemon.process.wait()
-    daemon.process = None
-    return True
-
-
 def test_an_upgrade_killed_at_any_write_leaves_a_sound_database_that_the_next_start_upgrades_whole(
     make_daemon: Callable[..., Daemon],
 ) -> None:
@@ -297,7 +271,7 @@ def test_an_upgrade_killed_at_any_write_leaves_a_sound_database_that_the_next_st
     for write in itertools.count(2, 3):
         daemon.command_prefix = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64"]
         daemon.command_prefix += ["-e", f"inject=pwrite64:signal=KILL:when={write}"]
-        if not _started_and_stopped(daemon):  # killed before it was ready, until a start gets far enough
+        if not started_and_stopped(daemon):  # killed before it was ready, until a start gets far enough
             assert daemon.process is not None and daemon.process.wait() == -signal.SIGKILL, daemon.log()
             daemon.process = None
         with contextlib.closing(sqlite3.connect(database)) as raw:
@@ -338,7 +312,7 @@ def test_an_upgrade_the_disk_fails_is_told_as_the_disks_trouble_and_carried_on_o
     for write in itertools.count(2, 3):
         daemon.command_prefix = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64"]
         daemon.command_prefix += ["-e", f"inject=pwrite64:error={errno_name}:when={write}+"]
-        if _started_and_stopped(daemon):
+        if started_and_stopped(daemon):
             break  # every step was committed before the Nth write, and jobd served: nothing more to fail
         assert daemon.process is not None and daemon.process.wait() == 1, daemon.log()
         [told] = [line for line in daemon.log().splitlines() if "not starting" in line][-1:]
