@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import faulthandler
 import fcntl
 import logging
@@ -789,6 +790,21 @@ def parse_args(argv: Sequence[str] | None, *, journal: bool = False) -> argparse
     return parser.parse_args(argv)
 
 
+# What an administrator can do about a file jobd cannot create or write at its start (the error names the file).
+_ADVICE = {
+    errno.EROFS: "its file system is mounted read-only: remount it read-write, or set [daemon] state_dir elsewhere",
+    errno.EACCES: "jobd may not write it: check its owner and mode, and those of its directory",
+    errno.EPERM: "jobd may not change it: check its owner, its mode and its attributes (lsattr: immutable)",
+    errno.ENOSPC: "its file system is full: make room and start jobd again",
+    errno.EDQUOT: "its owner's disk quota is used up: make room and start jobd again",
+}
+
+
+def _what_to_do(error: OSError) -> str:
+    advice = _ADVICE.get(error.errno or 0)
+    return f"; {advice}" if advice else ""
+
+
 def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = None) -> int:
     # Until the event loop takes them over (Daemon.run), SIGTERM, SIGINT and SIGHUP are remembered, not fatal: a
     # `kill -HUP` or a stop during start-up must neither kill jobd in the middle of its recovery nor be lost. The
@@ -866,7 +882,7 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
         log.error("not starting: %s", error)
         return EXIT_CONFIG if error.permanent else 1
     except OSError as error:  # the socket or state directory cannot be made: a message, not a traceback
-        log.error("not starting: %s", error)
+        log.error("not starting: %s%s", error, _what_to_do(error))
         return 1
     except DATABASE_ERRORS as error:  # nothing in the file is changed by a start that fails
         advice, permanent = startup_failure(error)

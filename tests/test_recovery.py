@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import errno
 import hashlib
 import http.client
 import itertools
@@ -753,6 +754,35 @@ def test_a_state_dir_that_is_a_file_is_named_at_start_up(make_daemon: Callable[.
     assert started.returncode == 78, started  # permanent: restarting cannot mend it
     assert f"the state directory {daemon.state_dir} ([daemon] state_dir) cannot be made" in started.stderr, started
     assert "exists and is not a directory" in started.stderr and "Traceback" not in started.stderr, started.stderr
+
+
+@pytest.mark.parametrize("how", ["mounted read-only", "immutable"])
+def test_a_database_jobd_may_not_write_is_named_with_what_to_do(make_daemon: Callable[..., Daemon], how: str) -> None:
+    daemon = make_daemon("[queue.default]\n")
+    done = daemon.submit(command=["/bin/true"])["id"]
+    daemon.wait(done)
+    assert daemon.stop() == 0
+    state, database = daemon.state_dir, daemon.state_dir / "jobd.sqlite3"
+    if how == "mounted read-only":
+        subprocess.run(["mount", "--bind", str(state), str(state)], check=True)
+        undo = ["umount", str(state)]
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(state)], check=True)
+        wanted = "Read-only file system: '{}'; its file system is mounted read-only: remount it read-write"
+    else:
+        subprocess.run(["chattr", "+i", str(database)], check=True)
+        undo = ["chattr", "-i", str(database)]
+        wanted = "Operation not permitted: '{}'; jobd may not change it: check its owner, its mode and its attributes"
+    try:
+        data = database.read_bytes()
+        started = daemon.start_refused()
+        assert database.read_bytes() == data
+    finally:
+        subprocess.run(undo, check=True)
+    assert started.returncode == 1, started  # mended by hand, then started again (systemd retries it)
+    assert f"not starting: [Errno {errno.EROFS if how == 'mounted read-only' else errno.EPERM}] " in started.stderr
+    assert wanted.format(database) in started.stderr and "Traceback" not in started.stderr, started.stderr
+    daemon.start()
+    assert [job["id"] for job in all_jobs(daemon)] == [done]
 
 
 def test_a_start_after_a_crash_whose_writes_the_disk_refuses_is_told_as_a_full_disk(
