@@ -785,6 +785,30 @@ def test_a_database_jobd_may_not_write_is_named_with_what_to_do(make_daemon: Cal
     assert [job["id"] for job in all_jobs(daemon)] == [done]
 
 
+@pytest.mark.parametrize("hold", ["BEGIN; SELECT count(*) FROM job", "BEGIN IMMEDIATE"])
+def test_a_database_an_sqlite3_shell_holds_at_the_start_is_named_and_used_once_it_is_let_go(
+    make_daemon: Callable[..., Daemon], hold: str
+) -> None:
+    # An administrator's sqlite3 shell left open on the database of a stopped jobd, in a read or a write: the start
+    # waits for it (busy_timeout), then says so, and exits 1 (systemd tries again); nothing is changed.
+    daemon = make_daemon("[queue.default]\n")
+    done = daemon.submit(command=["/bin/true"])["id"]
+    daemon.wait(done)
+    assert daemon.stop() == 0
+    database = daemon.state_dir / "jobd.sqlite3"
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as shell:
+        for statement in hold.split("; "):
+            shell.execute(statement).fetchall()
+        started = daemon.start_refused()
+        assert started.returncode == 1, started
+        wanted = "cannot be used: database is locked; another process holds it (an sqlite3 shell?): close that and"
+        assert wanted in started.stderr and "Traceback" not in started.stderr, started.stderr
+        assert shell.execute("SELECT id, state FROM job").fetchall() == [(done, "succeeded")]
+        shell.execute("ROLLBACK")
+    daemon.start()
+    assert [job["id"] for job in all_jobs(daemon)] == [done]
+
+
 def test_a_start_after_a_crash_whose_writes_the_disk_refuses_is_told_as_a_full_disk(
     make_daemon: Callable[..., Daemon],
 ) -> None:
