@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobd.errors import ShuttingDown, StoreFailed
-from jobd.store import SCHEMA_VERSION, Store, fsync_directory_of
+from jobd.store import DAMAGED_ADVICE, SCHEMA_VERSION, Store, damaged, fsync_directory_of
 
 log = logging.getLogger("jobd.backup")
 
@@ -106,16 +106,26 @@ class Backups:
             )
         except Stopped:
             raise ShuttingDown("jobd began to stop during the copy; nothing was written") from None
-        except (OSError, sqlite3.Error, StoreFailed) as error:
+        except (OSError, sqlite3.Error, StoreFailed, CopyDamaged) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            log.error("the copy of the database could not be written to %s: %s", self.path, reason)
-            raise StoreFailed(
-                f"the copy of the database could not be written to {self.path}: {reason}; the database itself is "
-                "unchanged"
-            ) from None
+            if isinstance(error, CopyDamaged) or damaged(error):
+                # The pages are copied as they are: a copy that reads as damaged is a damaged database's. "Could not
+                # be written" sent its reader to the backup's disk, and a backup kept from before was the remedy.
+                message = (
+                    f"the copy of the database made to {self.path} reads as damaged ({reason}), so jobd's database "
+                    f"most likely does too: {DAMAGED_ADVICE} older than this one; the copy is not kept"
+                )
+            else:
+                message = f"the copy of the database could not be written to {self.path}: {reason}"
+            log.error("%s", message)
+            raise StoreFailed(f"{message}; the database itself is unchanged") from None
         seconds = time.monotonic() - began
         log.info("the database is copied to %s (%d bytes, %.3f s)", self.path, size, seconds)
         return {"path": self.path, "bytes": size, "schema_version": SCHEMA_VERSION, "seconds": round(seconds, 3)}
+
+
+class CopyDamaged(Exception):
+    """The copy, once made, is not a sound database (SQLite's quick_check names what it found)."""
 
 
 def _check_directory(directory: str, *, tighten: bool = False) -> None:
@@ -239,4 +249,4 @@ def _make_self_contained_and_check(path: str, stopping: threading.Event) -> None
     finally:
         connection.close()
     if problems != ["ok"]:
-        raise StoreFailed(f"the copy failed SQLite's quick_check: {'; '.join(problems[:3])}")
+        raise CopyDamaged(f"it failed SQLite's quick_check: {'; '.join(problems[:3])}")

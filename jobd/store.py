@@ -2202,6 +2202,14 @@ _NO_RETRY_JSON = json.dumps(NO_RETRY.to_json())  # most jobs: worth not encoding
 STORE_RETRY_SECONDS = 2.0
 
 
+# What to do about a database that reads as damaged. A disk that fails reads shows the same (after an I/O error SQLite
+# finds the pages it reads malformed), and a backup restored then would lose what was accepted since it: the disk first.
+DAMAGED_ADVICE = (
+    "if the kernel log shows I/O errors on its disk, mend that first (the file may well be sound); otherwise restore "
+    "it from a backup"
+)
+
+
 def store_failure(failure: Exception) -> StoreFailed | None:
     """What to answer a request that failed on the database (a full disk, an I/O error), or None for any other
     failure: the machine's trouble, to be logged in one line, not a bug with a traceback to read. SQLite reports a
@@ -2225,12 +2233,7 @@ def store_failure(failure: Exception) -> StoreFailed | None:
         return None
     if damaged(failure):
         # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.
-        # A disk that fails reads shows the same (after an I/O error SQLite finds the pages it reads malformed), and a
-        # backup restored then would lose what was accepted since it: the disk comes first.
-        return StoreFailed(
-            f"jobd's database reads as damaged ({failure}): if the kernel log shows I/O errors on its disk, mend that "
-            "first (the file may well be sound); otherwise restore it from a backup"
-        )
+        return StoreFailed(f"jobd's database reads as damaged ({failure}): {DAMAGED_ADVICE}")
     return StoreFailed(f"jobd could not write its database ({failure})")
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from harness import Daemon
 from inotify_simple import INotify, flags
-from recovery.support import WAIT, Gate, gated, wait_events, wait_for_log
+from recovery.support import WAIT, Gate, finished_jobs_the_oldest_damaged, gated, wait_events, wait_for_log
 from test_jobctl import ctl
 
 from jobd.backup import STEP_PAGES, Backups, Stopped, copy_database
@@ -222,6 +222,27 @@ def test_a_copy_that_cannot_be_written_is_a_clear_error_and_jobd_runs_on(make_da
     assert not list(daemon.state_dir.glob("**/*.partial"))
     os.unlink(daemon.state_dir / "backup")
     assert ctl(daemon, "backup").code == 0
+
+
+def test_a_copy_of_a_damaged_database_is_not_kept_and_says_the_database_is_damaged(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon(QUEUES)
+    assert ctl(daemon, "backup").code == 0
+    sound = backup_path(daemon).read_bytes()
+    assert daemon.stop() == 0
+    finished_jobs_the_oldest_damaged(daemon.state_dir / "jobd.sqlite3")
+    daemon.start()
+
+    refused = ctl(daemon, "backup")
+    assert refused.code == 1, refused
+    # Not "could not be written", which sent its reader to the backup's disk: the pages copied are the database's.
+    wanted = f"the copy of the database made to {backup_path(daemon)} reads as damaged (database disk image is"
+    assert f"{wanted} malformed)" in refused.err and "so jobd's database most likely does too" in refused.err, refused
+    assert "otherwise restore it from a backup older than this one; the copy is not kept" in refused.err, refused
+    assert backup_path(daemon).read_bytes() == sound  # the copy from before stays, to be restored
+    assert not list(daemon.state_dir.glob("backup/*.partial*"))
+    assert daemon.wait(daemon.submit(command=["/bin/true"])["id"])["state"] == "succeeded"
 
 
 def _job_ids(path: Path) -> list[int]:

@@ -39,6 +39,7 @@ from recovery.support import (
     Gate,
     Pidfds,
     fill,
+    finished_jobs_the_oldest_damaged,
     gated,
     held_in_spawn,
     kill9,
@@ -610,26 +611,6 @@ def test_a_database_that_cannot_be_used_stops_the_start_with_a_message(
     assert not daemon.socket_path.exists() and not daemon.evqueue_socket.exists()
 
 
-NO_RETRY_JSON = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
-
-
-def _damage_the_oldest_jobs_page(database: Path) -> None:
-    """Make the page that holds the oldest rows of the job table unreadable (its page type byte), so that only a
-    read of those jobs finds the damage: a start, which reads the newest and the unfinished ones, does not."""
-    with contextlib.closing(sqlite3.connect(database)) as raw:
-        page_size = raw.execute("PRAGMA page_size").fetchone()[0]
-        root = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'job'").fetchone()[0]
-    with open(database, "r+b") as file:
-        file.seek((root - 1) * page_size)
-        header = file.read(12)
-        assert header[0] == 0x05, header  # an interior page: its first cell points to the oldest rows' page
-        first_cell = int.from_bytes(file.read(2))  # the cell pointer array follows the 12-byte header
-        file.seek((root - 1) * page_size + first_cell)
-        oldest = int.from_bytes(file.read(4))
-        file.seek((oldest - 1) * page_size)
-        file.write(b"\xff")
-
-
 @pytest.mark.parametrize(
     ("finder", "history", "line"),
     [
@@ -642,16 +623,7 @@ def test_a_damaged_page_of_finished_jobs_found_after_the_start_is_one_clear_line
 ) -> None:
     daemon = make_daemon("[queue.default]\n", daemon_extra=history)
     assert daemon.stop() == 0
-    database = daemon.state_dir / "jobd.sqlite3"
-    with contextlib.closing(sqlite3.connect(database)) as raw:
-        raw.executemany(  # finished jobs, enough for the table to span many pages
-            "INSERT INTO job (id, command, queue, priority, state, context, created_at, run_at, started_at, "
-            "finished_at, attempts, progress, env, kill_grace, retry, max_output) VALUES (?, '[\"/bin/true\"]', "
-            "'default', 1, 'succeeded', ?, 1e9, 1e9, 1e9, ?, 0, 0, '{}', 2, ?, 1048576)",
-            [(n, f"filler {n:0100}", time.time(), NO_RETRY_JSON) for n in range(1, 301)],
-        )
-        raw.commit()
-    _damage_the_oldest_jobs_page(database)
+    finished_jobs_the_oldest_damaged(daemon.state_dir / "jobd.sqlite3")
 
     daemon.start()
     # The line says what was found and what to do (SQLite's own words, "database disk image is malformed", do not).

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -336,3 +337,37 @@ def descriptors_limited(daemon: Daemon, more: int) -> Any:
 def soft_limit_on_open_files(pid: int) -> int:
     limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
     return int(next(line.split()[3] for line in limits if line.startswith("Max open files")))
+
+
+NO_RETRY_JSON = '{"times": 0, "delay": 1.0, "backoff": 2.0, "on_exit_codes": []}'
+
+
+def _damage_the_oldest_jobs_page(database: Path) -> None:
+    """Make the page that holds the oldest rows of the job table unreadable (its page type byte), so that only a
+    read of those jobs finds the damage: a start, which reads the newest and the unfinished ones, does not."""
+    with contextlib.closing(sqlite3.connect(database)) as raw:
+        page_size = raw.execute("PRAGMA page_size").fetchone()[0]
+        root = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'job'").fetchone()[0]
+    with open(database, "r+b") as file:
+        file.seek((root - 1) * page_size)
+        header = file.read(12)
+        assert header[0] == 0x05, header  # an interior page: its first cell points to the oldest rows' page
+        first_cell = int.from_bytes(file.read(2))  # the cell pointer array follows the 12-byte header
+        file.seek((root - 1) * page_size + first_cell)
+        oldest = int.from_bytes(file.read(4))
+        file.seek((oldest - 1) * page_size)
+        file.write(b"\xff")
+
+
+def finished_jobs_the_oldest_damaged(database: Path) -> None:
+    """Put 300 finished jobs (ids 1-300) in a stopped jobd's database, enough for the job table to span many pages,
+    then make the page of the oldest unreadable: a start does not read it, the first read of those jobs does."""
+    with contextlib.closing(sqlite3.connect(database)) as raw:
+        raw.executemany(
+            "INSERT INTO job (id, command, queue, priority, state, context, created_at, run_at, started_at, "
+            "finished_at, attempts, progress, env, kill_grace, retry, max_output) VALUES (?, '[\"/bin/true\"]', "
+            "'default', 1, 'succeeded', ?, 1e9, 1e9, 1e9, ?, 0, 0, '{}', 2, ?, 1048576)",
+            [(n, f"filler {n:0100}", time.time(), NO_RETRY_JSON) for n in range(1, 301)],
+        )
+        raw.commit()
+    _damage_the_oldest_jobs_page(database)
