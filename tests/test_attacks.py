@@ -591,6 +591,31 @@ def test_members_of_a_batch_past_its_4_mib_are_not_run(daemon: Any) -> None:
     assert [found["id"] for found in daemon.call("job.list")["jobs"]] == [job["id"]]  # neither submit was run
 
 
+def test_a_batch_of_more_members_than_allowed_is_refused_whole_in_one_short_answer(daemon: Any) -> None:
+    # A line of 524,288 members of two bytes (`1,`) was answered in 126 MB of refusals, one per member, made whole
+    # before a byte was sent: jobd's peak memory grew by 700 MB and it answered nobody else for seconds.
+    peak_before = _status_kib(daemon.pid, "VmHWM")
+    members = (jsonrpc.MAX_FRAME - 2) // 2
+    with _connect(daemon.socket_path) as sock:
+        _send_all_then_close_writing(sock, b"[" + b",".join([b"1"] * members) + b"]\n")
+        (answer,) = _json_answers(_read_to_eof(sock))
+    assert answer["id"] is None and answer["error"]["data"] == {"code": "INVALID_REQUEST", "limit": jsonrpc.MAX_BATCH}
+    assert f"at most {jsonrpc.MAX_BATCH} requests, this one {members}" in answer["error"]["message"]
+    assert _status_kib(daemon.pid, "VmHWM") - peak_before < 64 * 1024  # KiB: without the cap, 700 MB
+
+    submit = {"jsonrpc": "2.0", "id": "submit", "method": "job.submit", "params": {"task": "echo"}}
+    ping = {"jsonrpc": "2.0", "id": 0, "method": "ping"}
+    with _connect(daemon.socket_path) as sock:  # one member too many: none is run, the submit neither
+        _send_all_then_close_writing(sock, json.dumps([submit] + [ping] * jsonrpc.MAX_BATCH).encode() + b"\n")
+        (answer,) = _json_answers(_read_to_eof(sock))
+    assert answer["error"]["data"] == {"code": "INVALID_REQUEST", "limit": jsonrpc.MAX_BATCH}
+    assert daemon.call("job.list")["jobs"] == []
+    with _connect(daemon.socket_path) as sock:  # as many as allowed: each is answered
+        _send_all_then_close_writing(sock, json.dumps([ping] * jsonrpc.MAX_BATCH).encode() + b"\n")
+        (answer,) = _json_answers(_read_to_eof(sock))
+    assert [reply["result"]["pong"] for reply in answer] == [True] * jsonrpc.MAX_BATCH
+
+
 def test_answers_made_while_a_client_reads_nothing_wait_for_it_unmade(make_daemon: Any, tmp_path: Path) -> None:
     # A client that asked for a job's output as it comes (job.output with wait), many times, and read nothing: when
     # the job wrote, every waiting request read what it wrote and wrote its answer at once, past the 4 MiB that

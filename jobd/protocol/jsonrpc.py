@@ -16,6 +16,10 @@ from jobd.values import value
 
 MAX_FRAME = 1024 * 1024  # bytes in one line, newline excluded
 MAX_DEPTH = 64  # arrays and objects nested in one request; jobd's deepest use nine (docs/protocol.md)
+# Members of one batch. Each is answered, even past the 4 MiB a batch's answer may hold (server.MAX_BATCH_ANSWER):
+# a refusal of a hundred bytes or more for a member sent in two (`1,`), so a 1 MiB line of them was answered in
+# 126 MB, all made before a byte was sent (jobd's peak memory grew by 700 MB, its loop stopped for seconds).
+MAX_BATCH = 10000  # as many as one job.submit's `jobs`
 
 
 @value
@@ -204,6 +208,11 @@ def decode(line: bytes) -> Frame:
     if isinstance(data, list):
         if not data:
             raise InvalidRequest("an empty batch is not a valid request")
+        if len(data) > MAX_BATCH:  # refused whole, nothing run: its members' refusals alone could fill memory
+            raise InvalidRequest(
+                f"a batch holds at most {MAX_BATCH} requests, this one {len(data)}; send the others in further lines",
+                limit=MAX_BATCH,
+            )
         return Frame([_member(item, duplicates) for item in data], is_batch=True)
     return Frame([_member(data, duplicates)], is_batch=False)
 
