@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import pytest
 from lxml import etree
 
+from jobd import server
 from jobd.client import Client, RemoteError
 from jobd.model import ADMIN_CONNECTIONS
 from jobd.protocol import jsonrpc
@@ -541,6 +542,86 @@ def _status_kib(pid: int, field: str) -> int:
     """A memory figure of /proc/PID/status (VmRSS, VmHWM), in KiB."""
     line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(f"{field}:"))
     return int(line.split()[1])
+
+
+def _ids_made_while_a_client_pipelines(daemon: Any, pipelined: bytes, socket_path: Path, other: bytes) -> bytes:
+    """What jobd answers `other`, sent on a second connection right after `pipelined` (many requests in one write)
+    on a first one on `socket_path`, both written while jobd is stopped (SIGSTOP): it wakes to both at once, the
+    pipeline's first (the kernel reports ready sockets in the order their data came), and answers both to the end."""
+    first = _connect(socket_path)
+    second = _connect(daemon.socket_path)
+    with first, second:
+        # Answered: jobd has taken both connections. The second first: the socket jobd last read from may stay at
+        # the head of the kernel's ready list (level-triggered epoll lists it again), until jobd next waits.
+        _ping_on(second)
+        if socket_path == daemon.evqueue_socket:
+            _xml_ping_on(first)
+        else:
+            _ping_on(first)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            first.sendall(pipelined)
+            first.shutdown(socket.SHUT_WR)
+            second.sendall(other)
+            second.shutdown(socket.SHUT_WR)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        answer = _read_to_eof(second)
+        _read_to_eof(first)
+    return answer
+
+
+def _xml_ping_on(sock: socket.socket) -> None:
+    """Read the greeting, then have a `<ping/>` answered."""
+    framer = XmlFramer()
+    documents: list[bytes] = []
+    while not documents:  # the greeting may come in pieces: read until its document is whole
+        documents += framer.feed(sock.recv(4096))
+    sock.sendall(b"<ping/>")
+    while len(documents) < 2:
+        documents += framer.feed(sock.recv(4096))
+    assert b'status="OK"' in documents[1], documents
+
+
+def _ping_on(sock: socket.socket) -> None:
+    sock.sendall(b'{"jsonrpc":"2.0","id":"alive","method":"ping"}\n')
+    assert b'"pong":true' in sock.recv(4096)
+
+
+def test_a_client_pipelining_many_json_requests_lets_others_be_answered_meanwhile(make_daemon: Any) -> None:
+    # A read brings up to 256 KiB of requests; all of them were answered in one callback, nobody else meanwhile:
+    # 87,000 lines `{}` stopped jobd for 0.6 s, and a client could send such reads without end. Submits show the
+    # order: jobd numbers jobs as it takes them.
+    daemon = make_daemon(CONFIG)
+    submit = {"jsonrpc": "2.0", "method": "job.submit", "params": {"task": "echo", "delay": 86400}}
+    pipelined = b"".join(json.dumps({**submit, "id": number}).encode() + b"\n" for number in range(1000))
+    other = json.dumps({**submit, "id": "other", "params": {**submit["params"], "context": "other"}}).encode() + b"\n"
+    (answer,) = _json_answers(_ids_made_while_a_client_pipelines(daemon, pipelined, daemon.socket_path, other))
+    ids = [job["id"] for job in daemon.call("job.list", {"limit": 1000})["jobs"]]  # the newest 1000 of 1001
+    first = min(ids) - 1
+    assert len(ids) == 1000 and max(ids) == first + 1000
+    # Taken after the pipeline's first turn of requests, long before its last (without turns: after all of them,
+    # and in a read of its own, it was answered only after them).
+    assert first < answer["result"]["id"] < max(ids), (answer, first)  # not after the whole pipeline
+    assert answer["result"]["id"] <= first + 2 * server.REQUESTS_PER_TURN, (answer, first)  # in its first turns
+
+
+def test_a_client_pipelining_many_evqueue_requests_lets_others_be_answered_meanwhile(make_daemon: Any) -> None:
+    # As above, on the evQueue protocol: 65,000 documents `<x/>` in one read stopped jobd for 2 to 5 s.
+    daemon = make_daemon(CONFIG + "\n[queue.held]\nconcurrency = 1\n", start=False)
+    daemon.write_workflows(
+        held="<workflow><subjobs><job><tasks><task path='/bin/true' queue='held'/></tasks></job></subjobs></workflow>"
+    )
+    daemon.start()
+    daemon.call("queue.pause", {"name": "held"})  # the instances' tasks wait: only the launches count
+    pipelined = b'<instance action="launch" name="held"/>' * 1000
+    other = b'{"jsonrpc":"2.0","id":"other","method":"instance.launch","params":{"workflow":"held"}}\n'
+    (answer,) = _json_answers(_ids_made_while_a_client_pipelines(daemon, pipelined, daemon.evqueue_socket, other))
+    ids = [instance["id"] for instance in daemon.call("instance.list", {"limit": 1000})["instances"]]
+    first = min(ids) - 1  # the newest 1000 of 1001
+    assert len(ids) == 1000 and max(ids) == first + 1000
+    assert first < answer["result"]["id"] < max(ids), (answer, first)  # not after the whole pipeline
+    assert answer["result"]["id"] <= first + 2 * server.REQUESTS_PER_TURN, (answer, first)  # in its first turns
 
 
 @pytest.mark.parametrize("method", ["job.get", "job.output"])

@@ -19,7 +19,7 @@ from recovery.support import wait_for_log
 
 from jobd.client import Client, RemoteError, Reply
 from jobd.protocol.jsonrpc import MAX_FRAME
-from jobd.server import MAX_WAITING
+from jobd.server import MAX_WAITING, REQUESTS_PER_TURN
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -414,11 +414,17 @@ def test_a_client_that_closes_with_requests_waiting_frees_its_connection(
             requests += [
                 {"jsonrpc": "2.0", "id": n, "method": "job.wait", "params": {"id": job["id"]}} for n in range(1, waits)
             ]
-            # In one write, read by jobd before the round trip on the other connection is answered: the requests
+            # In one write, read by jobd before the round trips on the other connection are answered: the requests
             # wait (past MAX_WAITING, jobd reads no more of that connection, not even its end-of-file) before the
-            # client goes.
+            # client goes. jobd takes REQUESTS_PER_TURN of them in each turn of its loop, and answers the other
+            # connection's ping after the turn in progress when it comes: a round trip for each turn, and one more
+            # (the other connection's ping may be read in the turn that reads the first requests, and before them).
+            # A round trip on this connection first: jobd reads it from then on (it takes a few turns to set up).
+            raw.send(ping_line("set up"))
+            assert_pong(raw.reply("set up")[0], "set up")
             raw.send(b"".join(json.dumps(request).encode() + b"\n" for request in requests))
-            kept.call("ping")
+            for _ in range(-(-min(waits, MAX_WAITING) // REQUESTS_PER_TURN) + 1):
+                kept.call("ping")
             if first_shut_down:  # EOF, but the client still reads: its answers must still come, so nothing goes
                 raw.sock.shutdown(socket.SHUT_WR)
                 kept.call("ping")  # a round trip after the EOF, on another connection
