@@ -957,6 +957,11 @@ class EventFilter:
     workflows: frozenset[str] = frozenset()
     types: frozenset[str] = frozenset()
 
+    @property
+    def selected(self) -> int:
+        """How many jobs, queues, instances and workflows it names."""
+        return len(self.jobs) + len(self.queues) + len(self.instances) + len(self.workflows)
+
     def wants_job(self, rules: AccessDef, peer: Peer, kind: str, job_id: int, task: str | None, queue: str) -> bool:
         if self.types and kind not in self.types:
             return False

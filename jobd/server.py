@@ -71,6 +71,9 @@ MAX_WAITING = 256
 # Subscriptions one connection may hold: each event is offered to every one of them, so a client subscribing without
 # end would slow every job's events down. One subscription can select any set of jobs, queues and types.
 MAX_SUBSCRIPTIONS = 64
+# Job and instance ids, queue and workflow names the subscriptions of one connection select, together. A
+# subscription's line may name 150,000 ids: 64 of them took 500 MB of jobd's memory for one client.
+MAX_SELECTED = 10000  # as many jobs as one job.submit makes
 # Requests one connection has answered in one turn of the event loop; its next ones wait for the next turn, after
 # every other client's and job's callbacks that are ready. A client that pipelines (a read brings up to 256 KiB: 87,000
 # lines `{}`, or 65,000 XML documents `<x/>`) otherwise had them all answered in one callback, and nobody else was
@@ -507,6 +510,7 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
         self._waiting = 0  # their sum: requests that wait, of this connection
         self._unsubscribe: list[Any] = []
         self._next_subscription = 1
+        self._selected = 0  # ids and names its subscriptions select (MAX_SELECTED)
         self._input_ended = False  # EOF from the client: answer what is pending, then close
         self._watched_fd: int | None = None  # watched for a hang-up (Server.watch_hangup) from its first wait
         self._refusing = False  # an oversized frame ended the conversation; input is swallowed
@@ -805,6 +809,15 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
                 f"events.subscribe: this connection has {MAX_SUBSCRIPTIONS} subscriptions, the most one may have; "
                 "one subscription can select several jobs, queues, instances, workflows and types"
             )
+        selected = self._selected + selection.selected
+        if selected > MAX_SELECTED:
+            raise InvalidParams(
+                f"events.subscribe: this subscription would bring the jobs, queues, instances and workflows this "
+                f"connection's subscriptions select to {selected}; at most {MAX_SELECTED} may be selected on one "
+                "connection: select by queue or workflow instead, or subscribe on another connection",
+                limit=MAX_SELECTED,
+            )
+        self._selected = selected
         number = self._next_subscription
         self._next_subscription += 1
 

@@ -544,6 +544,30 @@ def _status_kib(pid: int, field: str) -> int:
     return int(line.split()[1])
 
 
+def test_the_ids_and_names_one_connections_subscriptions_select_are_bounded(daemon: Any) -> None:
+    # A subscription's line may name 150,000 job ids; 64 subscriptions of 120,000 each grew jobd by 500 MB.
+    peak_before = _status_kib(daemon.pid, "VmHWM")
+    many = {"jobs": list(range(1_000_000, 1_120_000))}  # a line of 960 KB
+    with Client(str(daemon.socket_path)) as client:
+        for _ in range(64):
+            with pytest.raises(RemoteError) as refused:
+                client.call("events.subscribe", many)
+            assert refused.value.code == "INVALID_PARAMS" and refused.value.data["limit"] == server.MAX_SELECTED
+        assert "at most 10000 may be selected on one connection" in refused.value.message
+    assert _status_kib(daemon.pid, "VmHWM") - peak_before < 64 * 1024  # KiB: without the bound, 500 MB
+
+    with Client(str(daemon.socket_path)) as client:  # up to the bound, in any number of subscriptions
+        client.call("events.subscribe", {"jobs": list(range(1, 5001)), "queues": ["default"]})
+        client.call("events.subscribe", {"instances": list(range(1, 4999)), "workflows": ["w"]})
+        with pytest.raises(RemoteError) as refused:
+            client.call("events.subscribe", {"jobs": [5001]})
+        assert refused.value.code == "INVALID_PARAMS", refused.value
+        client.call("events.subscribe", {"types": ["job.state"]})  # selecting nothing more: every job
+        job = client.call("job.submit", {"task": "echo"})
+        event = client.next_event(timeout=DEADLINE)  # the first subscription selects it too
+        assert event["type"] == "job.state" and event["job"]["id"] == job["id"], event
+
+
 def _ids_made_while_a_client_pipelines(daemon: Any, pipelined: bytes, socket_path: Path, other: bytes) -> bytes:
     """What jobd answers `other`, sent on a second connection right after `pipelined` (many requests in one write)
     on a first one on `socket_path`, both written while jobd is stopped (SIGSTOP): it wakes to both at once, the
