@@ -132,6 +132,7 @@ class ExitInfo:
     stdout_bytes: int
     stderr_bytes: int
     cut_streams: tuple[str, ...]  # those that lost bytes: beyond max_output, or to a failed write (a full disk)
+    internal_error: str | None = None  # a bug of jobd's ended the attempt (Child._broke): what it raised
 
 
 class _LazyFile:
@@ -350,7 +351,9 @@ class _OutputSink:
         return n
 
     def close(self) -> None:
-        os.close(self.read_fd)
+        if self.read_fd >= 0:  # once: the number may be another descriptor's by a second call (Child._broke)
+            os.close(self.read_fd)
+            self.read_fd = -1
         self.file.close()
 
 
@@ -484,7 +487,9 @@ class _ProgressReader:
         return written
 
     def close(self) -> None:
-        os.close(self.read_fd)
+        if self.read_fd >= 0:  # once: the number may be another descriptor's by a second call (Child._broke)
+            os.close(self.read_fd)
+            self.read_fd = -1
         self.file.close()
 
 
@@ -531,13 +536,15 @@ class Child:
         self._end_waited = False  # said once
         self._kill_timer: asyncio.TimerHandle | None = None
         self._resume_timers: dict[int, asyncio.TimerHandle] = {}  # by read_fd: the held streams
+        self._told = False  # on_exit was called
+        self._broken: str | None = None  # what a callback of this child raised (_contained)
         self._pidfd = os.pidfd_open(popen.pid)
         registered: list[int] = []
         try:
-            loop.add_reader(self._pidfd, self._leader_exited)
+            loop.add_reader(self._pidfd, self._contained, self._leader_exited)
             self._pipes = _pipe_watch(loop)
             for reader in (self._stdout, self._stderr, progress):
-                self._pipes.add(reader.read_fd, select.EPOLLIN, functools.partial(self._drain, reader))
+                self._pipes.add(reader.read_fd, select.EPOLLIN, functools.partial(self._contained, self._drain, reader))
                 registered.append(reader.read_fd)
         except BaseException:  # no room for an epoll entry: undone, for spawn() to stop the child it cannot watch
             for fd in registered:
@@ -654,7 +661,8 @@ class Child:
             self._pipes.remove(reader.read_fd)
 
     def _resume_later(self, reader: _OutputSink | _ProgressReader) -> None:
-        self._resume_timers[reader.read_fd] = self._loop.call_later(OUTPUT_RETRY_SECONDS, self._resume, reader)
+        timer = self._loop.call_later(OUTPUT_RETRY_SECONDS, self._contained, self._resume, reader)
+        self._resume_timers[reader.read_fd] = timer
 
     def _resume(self, reader: _OutputSink | _ProgressReader) -> None:
         del self._resume_timers[reader.read_fd]
@@ -664,32 +672,36 @@ class Child:
         if reader.eof:  # all of it was read before it was held: nothing more to watch
             return
         try:
-            self._pipes.add(reader.read_fd, select.EPOLLIN, functools.partial(self._drain, reader))
+            self._pipes.add(reader.read_fd, select.EPOLLIN, functools.partial(self._contained, self._drain, reader))
         except OSError:  # no memory for the epoll entry now: the pipe waits, as it did for its file
             self._resume_later(reader)
 
     def _leader_exited(self) -> None:
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
+        self._pidfd = -1
         if self._stopping:
             # The leader is gone but not reaped, so the group id is still ours: take the rest of the group too.
             self._signal_group(signal.SIGKILL)
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-        # Nothing ever reaps our children but this line (no SIGCHLD handler, no asyncio child watcher).
-        _, status, usage = os.wait4(self.pid, 0)
-        self._reaped = True
-        code = os.waitstatus_to_exitcode(status)
-        self._popen.returncode = code  # tell the Popen object its child is reaped
+        self._reap()
         for timer in self._resume_timers.values():
             timer.cancel()
         self._resume_timers.clear()
-        self._exit = code, usage
         self._open_streams = [self._stdout, self._stderr, self._progress]
         for reader in self._open_streams:
             if not reader.eof:
                 self._pipes.remove(reader.read_fd)
         self._end_streams()
+
+    def _reap(self) -> None:
+        # Nothing ever reaps our children but this line (no SIGCHLD handler, no asyncio child watcher).
+        _, status, usage = os.wait4(self.pid, 0)
+        self._reaped = True
+        code = os.waitstatus_to_exitcode(status)
+        self._popen.returncode = code  # tell the Popen object its child is reaped
+        self._exit = code, usage
 
     def let_go(self) -> None:
         """jobd stops: an ended job whose output waits for its file to be created (_end_streams) waits no more; what
@@ -697,7 +709,7 @@ class Child:
         self._letting_go = True
         if self._end_timer is not None:
             self._end_timer.cancel()
-            self._end_streams()
+            self._contained(self._end_streams)
 
     def _end_streams(self) -> None:
         """The leader is reaped: what each pipe holds now goes to its file, then the attempt ends. A held stream is
@@ -717,9 +729,14 @@ class Child:
                 self._end_waited = True
                 log_ended_waiting([reader.file.path for reader in self._open_streams], self.pid)
             # no-poll-ok: only while jobd cannot create an ended job's output file (OUTPUT_RETRY_SECONDS says why)
-            self._end_timer = self._loop.call_later(OUTPUT_RETRY_SECONDS, self._end_streams)
+            self._end_timer = self._loop.call_later(OUTPUT_RETRY_SECONDS, self._contained, self._end_streams)
             return
-        assert self._exit is not None
+        self._tell_exit(None)
+
+    def _tell_exit(self, internal_error: str | None) -> None:
+        """Hand the reaped leader's end to on_exit, once."""
+        assert self._exit is not None and not self._told
+        self._told = True
         code, usage = self._exit
         info = ExitInfo(
             exit_code=code if code >= 0 else None,
@@ -734,6 +751,7 @@ class Child:
                 for name, sink in (("stdout", self._stdout), ("stderr", self._stderr), ("log", self._progress))
                 if sink.dropped or sink.file.error
             ),
+            internal_error=internal_error,
         )
         self._on_exit(info)
 
@@ -751,6 +769,66 @@ class Child:
         reader.finish()
         reader.close()
         return True
+
+    # The containment of this child's callbacks. Every one the loop calls for it (its pidfd, its pipes, its timers)
+    # runs in _contained: an exception there is a bug of jobd's or an input nobody foresaw, and left to asyncio it
+    # was only logged, with whatever the callback was doing left half done (a `%NN` line of 5,000 digits stopped
+    # the draining of a pipe: the job stayed `running` for ever, its time limit never came, and jobd could not
+    # stop). Here it ends the attempt instead: the job's processes are killed, the leader reaped, its pipes closed,
+    # and the end told with the error, which the engine records as the attempt's (outcome `lost`).
+
+    def _contained(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception as error:
+            self._broke(error)
+
+    def _broke(self, error: Exception) -> None:
+        if self._broken is not None:  # a second failure while ending: the first said it all
+            log.error("pid %d: internal error again while its attempt ends", self.pid, exc_info=error)
+            return
+        self._broken = f"{type(error).__name__}: {error}"
+        log.error(
+            "pid %d: internal error watching the job; its attempt ends, its processes killed", self.pid, exc_info=error
+        )
+        for timer in (self._kill_timer, self._end_timer, *self._resume_timers.values()):
+            if timer is not None:
+                timer.cancel()
+        self._resume_timers.clear()
+        self._end_timer = None
+        self._signal_group(signal.SIGKILL)  # the leader is not reaped yet, so the group id is still the job's
+        for reader in (self._stdout, self._stderr, self._progress):
+            self._pipes.remove(reader.read_fd)
+            with contextlib.suppress(OSError):
+                reader.close()
+        if self._told:
+            return  # on_exit itself failed: the end was handed over, the engine's to finish
+        if not self._reaped and self._pidfd >= 0:
+            # Its end, once SIGKILL has done its work: the pidfd says when, as for any job.
+            self._loop.remove_reader(self._pidfd)
+            self._loop.add_reader(self._pidfd, self._contained, self._reap_broken)
+            return
+        self._end_broken()
+
+    def _reap_broken(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._end_broken()
+
+    def _end_broken(self) -> None:
+        if not self._reaped:  # the leader has exited (its pidfd was readable), SIGKILL or not
+            try:
+                self._reap()
+            except ChildProcessError:  # reaped by the very code that failed
+                self._reaped = True
+        if self._exit is None:
+            self._exit = -signal.SIGKILL, _NO_USAGE
+        assert self._broken is not None
+        self._tell_exit(self._broken)
+
+
+_NO_USAGE = resource.struct_rusage((0.0, 0.0, *(0,) * 14))  # a leader whose end jobd could not read
 
 
 def _percent(digits: bytes) -> int:

@@ -869,6 +869,9 @@ class Engine:
         queue = self.queues[job.spec.queue]
         queue.running.discard(job_id)
         outcome = outcome_of(info.exit_code, timed_out=running.timed_out, stopped=running.stopped)
+        error = running.child.error if isinstance(running.child, HttpRequest) and not running.stopped else None
+        if info.internal_error is not None:  # jobd lost the job to a bug of its own (proc.Child._contained)
+            outcome, error = Outcome.LOST, f"internal error in jobd (see its log): {info.internal_error}"
         attempt = evolve(
             running.attempt,
             outcome=outcome,
@@ -883,7 +886,7 @@ class Engine:
             truncated=bool(info.cut_streams),
             cut_streams=info.cut_streams,
             # A request jobd stopped (its time limit, a cancel, a stop) says so by its outcome, as a program does.
-            error=running.child.error if isinstance(running.child, HttpRequest) and not running.stopped else None,
+            error=error,
         )
         starts: list[_Start] = []
         try:

@@ -1,0 +1,86 @@
+"""An exception in a job's loop callbacks ends that attempt instead of leaving it `running` for ever (docs/jobs.md,
+"When jobd itself fails").
+
+asyncio only logs what escapes a loop callback: whatever the callback was doing is left half done. A `%NN` line of
+5,000 digits made int() raise while fd 3 was drained, and its job stayed `running`, its time limit never came, and
+jobd's stop waited until systemd's SIGKILL (fixed in 59f31e3). Here a bug is planted in jobd's own fd 3 parser of a
+real daemon (a sitecustomize shim, as tests/test_http_api.py plants one in the HTTP API), and the job that reaches it
+must end: its attempt `lost` with a reason naming jobd's internal error, its processes killed and reaped, its slot
+free for the next job, one ERROR in the log with the traceback, and jobd stopping cleanly at SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from pathlib import Path
+from typing import Any
+
+CONFIG = """
+[queue.serial]
+concurrency = 1
+"""
+
+# Plants a bug in jobd: the fd 3 line "a planted bug" raises what no caller expects.
+BUG_SHIM = """
+from jobd import proc
+
+_line = proc._ProgressReader._line
+
+
+def _line_with_a_bug(self, raw):
+    if raw.strip() == b"a planted bug":
+        raise RuntimeError("a bug planted by the test")
+    return _line(self, raw)
+
+
+proc._ProgressReader._line = _line_with_a_bug
+"""
+
+DEADLINE = 30.0  # for a process the kernel was told to kill; it ends well before
+
+
+def _daemon_with_the_bug(make_daemon: Any, tmp_path: Path) -> Any:
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(BUG_SHIM)
+    daemon = make_daemon(CONFIG, start=False)
+    daemon.env["PYTHONPATH"] = str(shim)
+    daemon.start()
+    return daemon
+
+
+def _ends(pid: int) -> bool:
+    """Whether process `pid` (not our child) has ended or ends within DEADLINE: its pidfd says so."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], DEADLINE)[0])
+    finally:
+        os.close(pidfd)
+
+
+def test_a_bug_in_a_jobs_callbacks_ends_its_attempt_and_frees_its_slot(make_daemon: Any, tmp_path: Path) -> None:
+    daemon = _daemon_with_the_bug(make_daemon, tmp_path)
+    pid_file = tmp_path / "grandchild.pid"
+    # A grandchild in the job's process group that would outlive the leader, then the line that meets the bug.
+    script = 'sleep 600 & echo $! > "$1"; echo "a planted bug" >&3; wait'
+    job = daemon.submit(command=["/bin/sh", "-c", script, "sh", str(pid_file)], queue="serial")
+    after = daemon.submit(command=["/bin/echo", "next"], queue="serial")  # waits for the one slot
+    ended = daemon.wait(job["id"])
+    assert ended["state"] == "failed", ended
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["outcome"] == "lost", attempt
+    assert attempt["error"] == ("internal error in jobd (see its log): RuntimeError: a bug planted by the test"), (
+        attempt
+    )
+    assert attempt["signal"] == 9, attempt  # the leader was killed, with its group
+    assert _ends(int(pid_file.read_text())), "the job's grandchild still runs"
+    assert daemon.wait(after["id"])["state"] == "succeeded"  # the slot was freed
+    assert daemon.output(after["id"]) == "next\n"
+    log = daemon.log()
+    assert log.count(" ERROR ") == 1, log
+    assert "Traceback" in log and "RuntimeError: a bug planted by the test" in log, log
+    assert daemon.stop() == 0, daemon.log()
