@@ -84,3 +84,38 @@ def test_a_bug_in_a_jobs_callbacks_ends_its_attempt_and_frees_its_slot(make_daem
     assert log.count(" ERROR ") == 1, log
     assert "Traceback" in log and "RuntimeError: a bug planted by the test" in log, log
     assert daemon.stop() == 0, daemon.log()
+
+
+# Plants a bug in jobd: a task's retry falling due raises what no caller expects.
+RETRY_BUG_SHIM = """
+from jobd.engine import workflow
+
+
+def retry_due(self, evqid, now):
+    raise RuntimeError("a bug planted by the test")
+
+
+workflow.Instance.retry_due = retry_due
+"""
+
+
+def test_a_bug_when_a_tasks_retry_falls_due_ends_its_instance(make_daemon: Any, tmp_path: Path) -> None:
+    """A workflow task's retry timer ran outside Instances._supervised: an exception there left the instance
+    EXECUTING for good, its task waiting for a retry that never came. Now it ends the instance in error, as a bug
+    in any other step of an instance does."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(RETRY_BUG_SHIM)
+    daemon = make_daemon("", start=False)
+    daemon.env["PYTHONPATH"] = str(shim)
+    daemon.write_workflows(
+        flaky='<workflow><subjobs><job><tasks><task name="flaky" path="/bin/false" queue="default" retry_times="1"'
+        ' retry_delay="1"/></tasks></job></subjobs></workflow>'
+    )
+    daemon.start()
+    launched = daemon.call("instance.launch", {"workflow": "flaky"})
+    done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
+    assert (done["status"], done["errors"]) == ("TERMINATED", 1), daemon.call("instance.get", {"id": launched["id"]})
+    log = daemon.log()
+    assert f"instance={launched['id']} ended by an error in jobd" in log, log
+    assert "RuntimeError: a bug planted by the test" in log, log

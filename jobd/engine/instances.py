@@ -542,7 +542,7 @@ class Instances:
                     continue  # armed again from the document's retry_at at the next start (stop_retries)
                 loop = asyncio.get_running_loop()
                 live.retry_timers[action.evqid] = loop.call_later(
-                    max(0.0, action.delay), self._retry_due, live.summary.id, action.evqid
+                    max(0.0, action.delay), self._supervised, live.summary.id, self._retry_due, action.evqid
                 )
             elif isinstance(action, DequeueTask):
                 job_id = live.jobs.pop(action.evqid, None)
@@ -1293,8 +1293,9 @@ class Instances:
             live.replay = None  # from now on, a job its key finds ended is told at once (_run_task)
 
     def _supervised(self, instance_id: int, step: Callable[..., None], *args: Any) -> None:
-        """One step of an instance, on a job's news. An exception there is a bug in jobd: it ends that instance in
-        error (its jobs cancelled, its waiters answered) rather than leaving it executing for good."""
+        """One step of an instance, on a job's news or a task's retry falling due. An exception there is a bug in
+        jobd: it ends that instance in error (its jobs cancelled, its waiters answered) rather than leaving it
+        executing for good."""
         if self._closed:  # the news waits for the next start (close())
             return
         try:
