@@ -16,6 +16,8 @@ import select
 from pathlib import Path
 from typing import Any
 
+from recovery.support import wait_for_log
+
 CONFIG = """
 [queue.serial]
 concurrency = 1
@@ -119,3 +121,46 @@ def test_a_bug_when_a_tasks_retry_falls_due_ends_its_instance(make_daemon: Any, 
     log = daemon.log()
     assert f"instance={launched['id']} ended by an error in jobd" in log, log
     assert "RuntimeError: a bug planted by the test" in log, log
+
+
+# Plants a bug in jobd: a schedule's job request cannot be resolved, with what no caller expects.
+SCHEDULE_BUG_SHIM = """
+from jobd.engine import scheduler
+
+
+def resolve(*args, **kwargs):
+    raise RuntimeError("a bug planted by the test")
+
+
+scheduler.resolve = resolve
+"""
+
+EVERY_SECOND = """
+[task.t]
+command = ["/bin/true"]
+
+[schedule.s]
+task = "t"
+calendar = "* * * * * *"
+on_failure = "suspend"
+"""
+
+
+def test_a_bug_in_a_schedules_firing_counts_as_a_run_that_could_not_start(make_daemon: Any, tmp_path: Path) -> None:
+    """The exception left the due time the schedule's next: the one-shot timer was armed for it again, expired at
+    once, and the firing raised again, for ever (jobd spun, a traceback a turn). Now the firing counts as a run that
+    could not start (`error`), which suspends a schedule with on_failure = "suspend"."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SCHEDULE_BUG_SHIM)
+    daemon = make_daemon(EVERY_SECOND, start=False)
+    daemon.env["PYTHONPATH"] = str(shim)
+    daemon.start()
+    wait_for_log(daemon, "schedule s suspended after a failed run")
+    [found] = [s for s in daemon.call("schedule.list")["schedules"] if s["name"] == "s"]
+    assert found["state"] == "suspended" and found["last_result"] == "error" and found["next_run"] is None, found
+    log = daemon.log()
+    assert (
+        log.count("schedule s: cannot start its task t: internal error: RuntimeError: a bug planted by the test") == 1
+    ), log
+    assert log.count("Traceback") == 1, log

@@ -526,14 +526,18 @@ class Scheduler:
                 run_id, kind = job.id, "job"
         except Exception as error:
             failure = error if isinstance(error, JobdError) else store_failure(error)  # a full disk: not a bug
-            if failure is None:
-                raise
+            # Anything else is a bug of jobd's, and counts as a run that could not start all the same. Raised, it
+            # left the due time the schedule's next: the one-shot timer was armed for it again, expired at once and
+            # raised again, for ever (jobd spun, a traceback a turn); raised at a run's end, a run waiting behind it
+            # (overlap queue_one) was lost, and a schedule with overlap skip was never due again.
+            why = failure.message if failure is not None else f"internal error: {type(error).__name__}: {error}"
             log.error(
                 "schedule %s: cannot start its %s %s: %s",
                 name,
                 definition.target_kind,
                 definition.target,
-                failure.message,
+                why,
+                exc_info=error if failure is None else None,
             )
             self._set(schedule, last_run=now, last_result=ERROR, last_run_id=None, last_run_kind=None)
             self._failed(schedule)
