@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,40 @@ def test_a_bug_in_a_schedules_firing_counts_as_a_run_that_could_not_start(make_d
         log.count("schedule s: cannot start its task t: internal error: RuntimeError: a bug planted by the test") == 1
     ), log
     assert log.count("Traceback") == 1, log
+
+
+# Plants a bug in jobd: a JSON-RPC line holding "planted" raises in the connection's reading, outside any method.
+CONNECTION_BUG_SHIM = """
+from jobd.protocol import jsonrpc
+
+_decode = jsonrpc.decode
+
+
+def decode(line):
+    if b"planted" in line:
+        raise RuntimeError("a bug planted by the test")
+    return _decode(line)
+
+
+jsonrpc.decode = decode
+"""
+
+
+def test_a_bug_in_reading_a_connection_closes_that_connection_only(make_daemon: Any, tmp_path: Path) -> None:
+    """Outside a request's method (whose exception answers INTERNAL_ERROR), asyncio contains what a protocol's
+    data_received raises: it logs it with its traceback and closes that connection. The other clients go on."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(CONNECTION_BUG_SHIM)
+    daemon = make_daemon("", start=False)
+    daemon.env["PYTHONPATH"] = str(shim)
+    daemon.start()
+    with daemon.client() as other, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as broken:
+        assert other.call("ping", timeout=DEADLINE) is not None
+        broken.settimeout(DEADLINE)
+        broken.connect(str(daemon.socket_path))
+        broken.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "planted"}\n')
+        assert broken.recv(4096) == b""  # closed, with no answer
+        assert other.call("ping", timeout=DEADLINE) is not None
+    log = daemon.log()
+    assert log.count(" ERROR ") == 1 and log.count("RuntimeError: a bug planted by the test") == 1, log
