@@ -89,6 +89,16 @@ def test_a_bug_in_a_jobs_callbacks_ends_its_attempt_and_frees_its_slot(make_daem
     assert daemon.stop() == 0, daemon.log()
 
 
+def test_an_exec_callback_a_bug_broke_is_a_failed_try(make_daemon: Any, tmp_path: Path) -> None:
+    """An exec callback runs as a Child too: one that met the bug was counted by its exit status, `delivered` when
+    its program had exited 0 before jobd read the line. Its try now fails, saying why."""
+    daemon = _daemon_with_the_bug(make_daemon, tmp_path)
+    script = 'echo "a planted bug" >&3; exit 0'
+    daemon.submit(command=["/bin/true"], callbacks={"on_finish": [{"exec": ["/bin/sh", "-c", script]}]})
+    wait_for_log(daemon, "try 1 failed (internal error in jobd (see its log): RuntimeError: a bug planted by the test)")
+    assert "delivered (try 1)" not in daemon.log()
+
+
 # Plants a bug in jobd: a task's retry falling due raises what no caller expects.
 RETRY_BUG_SHIM = """
 from jobd.engine import workflow

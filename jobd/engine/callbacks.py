@@ -403,6 +403,8 @@ class Callbacks:
         finally:
             self._children.pop(delivery.id, None)
             self._forget_output_of_expired(job.id, base)
+        if info.internal_error is not None:  # its exit status says nothing: jobd lost it (proc.Child._contained)
+            return f"internal error in jobd (see its log): {info.internal_error}"
         if info.exit_code == 0:
             return None
         return f"exit code {info.exit_code}" if info.exit_code is not None else f"signal {info.signal}"
