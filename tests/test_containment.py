@@ -212,3 +212,38 @@ def test_a_bug_in_reading_a_connection_closes_that_connection_only(make_daemon: 
         assert other.call("ping", timeout=DEADLINE) is not None
     log = daemon.log()
     assert log.count(" ERROR ") == 1 and log.count("RuntimeError: a bug planted by the test") == 1, log
+
+
+# Plants a bug in jobd: telling an attempt's end raises, after the engine has taken the job off its running ones.
+END_BUG_SHIM = """
+from jobd.engine import core
+
+
+def _settled(self, job, attempt):
+    raise RuntimeError("a bug planted by the test")
+
+
+core.Engine._settled = _settled
+"""
+
+
+def test_a_stop_does_not_wait_for_ever_for_an_end_a_bug_left_untold(make_daemon: Any, tmp_path: Path) -> None:
+    """A stop (SIGTERM) waits for the end of every job it stops. A bug while the engine recorded and told an end
+    left that wait unanswered: jobd never exited, until systemd's SIGKILL. The end now counts as told, the bug is
+    logged with its traceback, and jobd exits 0."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(END_BUG_SHIM)
+    daemon = make_daemon("", start=False)
+    daemon.env["PYTHONPATH"] = str(shim)
+    daemon.start()
+    job = daemon.submit(command=["/bin/sleep", "600"])
+    wait_for_log(daemon, f"job={job['id']} running")
+    try:
+        assert daemon.stop(timeout=DEADLINE) == 0, daemon.log()
+    finally:
+        if daemon.running():
+            daemon.kill9()
+    log = daemon.log()
+    assert log.count(f"job={job['id']}: internal error recording its end") == 1, log
+    assert "RuntimeError: a bug planted by the test" in log, log

@@ -859,7 +859,20 @@ class Engine:
         running.child.stop(self.jobs[job_id].spec.kill_grace)
 
     def _exited(self, job_id: int, info: ExitInfo) -> None:
-        self._end_attempt(job_id, info, self.clock())
+        self._record_end(job_id, info, self.clock())
+
+    def _record_end(self, job_id: int, info: ExitInfo, finished_at: float) -> None:
+        """_end_attempt, contained: a bug of jobd's while it records and tells a job's end is logged with its
+        traceback, and the end counts as told to a stop waiting for it (Engine.shutdown), which would otherwise wait
+        for ever. The job stays as far as the bug let it get (on record still `running`, most likely: the next start
+        then finds it `lost`, as after a crash)."""
+        running = self._running.get(job_id)
+        try:
+            self._end_attempt(job_id, info, finished_at)
+        except Exception:
+            log.error("job=%d: internal error recording its end", job_id, exc_info=True)
+            if running is not None and not running.ended.done():
+                running.ended.set_result(None)
 
     def _end_attempt(self, job_id: int, info: ExitInfo, finished_at: float) -> None:
         running = self._running.pop(job_id)
@@ -905,7 +918,7 @@ class Engine:
             self._running[job_id] = running  # the job keeps its slot meanwhile, and can still be cancelled
             queue.running.add(job_id)
             self._store_failed(_END, error, job_id)
-            self.loop.call_later(STORE_RETRY_SECONDS, self._end_attempt, job_id, info, finished_at)
+            self.loop.call_later(STORE_RETRY_SECONDS, self._record_end, job_id, info, finished_at)
             return
         self._write_made(_END, job_id)
         self._settled(job, attempt)
