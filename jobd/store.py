@@ -2265,7 +2265,9 @@ def _identity(path: str, *, follow_links: bool = False) -> tuple[int, int] | Non
     is none."""
     try:
         info = os.stat(path, follow_symlinks=follow_links)
-    except FileNotFoundError:
+    except OSError:  # none that jobd can reach: gone, a directory on the way now a file (ENOTDIR), a link loop, ...
+        # Raised, ENOTDIR escaped the inotify callback that looks at the database file (_FileName._changed): the
+        # file moved away was not seen as such, and writes went on into it, each answered as saved.
         return None
     return info.st_dev, info.st_ino
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from recovery.support import wait_for_log
+
+from jobd.client import RemoteError
 
 CONFIG = """
 [queue.serial]
@@ -247,3 +251,22 @@ def test_a_stop_does_not_wait_for_ever_for_an_end_a_bug_left_untold(make_daemon:
     log = daemon.log()
     assert log.count(f"job={job['id']}: internal error recording its end") == 1, log
     assert "RuntimeError: a bug planted by the test" in log, log
+
+
+def test_a_database_moved_away_from_under_a_path_no_longer_a_directory_takes_no_writes(make_daemon: Any) -> None:
+    """The look at the database file after an inotify event (jobd/store.py, _FileName) took ENOTDIR for a bug: the
+    state directory renamed and a plain file put in its place, the callback raised (asyncio logged it), the file was
+    not seen as moved away, and the next submit was answered as saved into a file no start would open again."""
+    daemon = make_daemon("")
+    state = daemon.state_dir
+    os.kill(daemon.pid, signal.SIGSTOP)  # the three changes are told to jobd's loop together, as one event
+    try:
+        os.rename(state / "jobd.sqlite3", state / "moved.sqlite3")
+        os.rename(state, state.with_name("state.old"))
+        state.write_text("")
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    with pytest.raises(RemoteError) as refused:
+        daemon.submit(command=["/bin/true"])
+    assert refused.value.code == "STORE_FAILED" and "was moved away (renamed) while jobd ran" in str(refused.value)
+    assert " ERROR Exception in callback" not in daemon.log()
