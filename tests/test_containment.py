@@ -47,12 +47,14 @@ proc._ProgressReader._line = _line_with_a_bug
 DEADLINE = 30.0  # for a process the kernel was told to kill; it ends well before
 
 
-def _daemon_with_the_bug(make_daemon: Any, tmp_path: Path) -> Any:
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(BUG_SHIM)
-    daemon = make_daemon(CONFIG, start=False)
-    daemon.env["PYTHONPATH"] = str(shim)
+def with_bug(make_daemon: Any, tmp_path: Path, shim: str, config: str = "", **workflows: str) -> Any:
+    """A started daemon on `config` (and `workflows`) whose Python runs `shim` first, as its sitecustomize."""
+    folder = tmp_path / "shim"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(shim)
+    daemon = make_daemon(config, start=False)
+    daemon.env["PYTHONPATH"] = str(folder)
+    daemon.write_workflows(**workflows)
     daemon.start()
     return daemon
 
@@ -70,7 +72,7 @@ def _ends(pid: int) -> bool:
 
 
 def test_a_bug_in_a_jobs_callbacks_ends_its_attempt_and_frees_its_slot(make_daemon: Any, tmp_path: Path) -> None:
-    daemon = _daemon_with_the_bug(make_daemon, tmp_path)
+    daemon = with_bug(make_daemon, tmp_path, BUG_SHIM, CONFIG)
     pid_file = tmp_path / "grandchild.pid"
     # A grandchild in the job's process group that would outlive the leader, then the line that meets the bug.
     script = 'sleep 600 & echo $! > "$1"; echo "a planted bug" >&3; wait'
@@ -96,7 +98,7 @@ def test_a_bug_in_a_jobs_callbacks_ends_its_attempt_and_frees_its_slot(make_daem
 def test_an_exec_callback_a_bug_broke_is_a_failed_try(make_daemon: Any, tmp_path: Path) -> None:
     """An exec callback runs as a Child too: one that met the bug was counted by its exit status, `delivered` when
     its program had exited 0 before jobd read the line. Its try now fails, saying why."""
-    daemon = _daemon_with_the_bug(make_daemon, tmp_path)
+    daemon = with_bug(make_daemon, tmp_path, BUG_SHIM, CONFIG)
     script = 'echo "a planted bug" >&3; exit 0'
     daemon.submit(command=["/bin/true"], callbacks={"on_finish": [{"exec": ["/bin/sh", "-c", script]}]})
     wait_for_log(daemon, "try 1 failed (internal error in jobd (see its log): RuntimeError: a bug planted by the test)")
@@ -120,16 +122,11 @@ def test_a_bug_when_a_tasks_retry_falls_due_ends_its_instance(make_daemon: Any, 
     """A workflow task's retry timer ran outside Instances._supervised: an exception there left the instance
     EXECUTING for good, its task waiting for a retry that never came. Now it ends the instance in error, as a bug
     in any other step of an instance does."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(RETRY_BUG_SHIM)
-    daemon = make_daemon("", start=False)
-    daemon.env["PYTHONPATH"] = str(shim)
-    daemon.write_workflows(
-        flaky='<workflow><subjobs><job><tasks><task name="flaky" path="/bin/false" queue="default" retry_times="1"'
+    flaky = (
+        '<workflow><subjobs><job><tasks><task name="flaky" path="/bin/false" queue="default" retry_times="1"'
         ' retry_delay="1"/></tasks></job></subjobs></workflow>'
     )
-    daemon.start()
+    daemon = with_bug(make_daemon, tmp_path, RETRY_BUG_SHIM, flaky=flaky)
     launched = daemon.call("instance.launch", {"workflow": "flaky"})
     done = daemon.call("instance.wait", {"id": launched["id"], "timeout": 30})
     assert (done["status"], done["errors"]) == ("TERMINATED", 1), daemon.call("instance.get", {"id": launched["id"]})
@@ -165,12 +162,7 @@ def test_a_bug_in_a_schedules_firing_counts_as_a_run_that_could_not_start(make_d
     """The exception left the due time the schedule's next: the one-shot timer was armed for it again, expired at
     once, and the firing raised again, for ever (jobd spun, a traceback a turn). Now the firing counts as a run that
     could not start (`error`), which suspends a schedule with on_failure = "suspend"."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SCHEDULE_BUG_SHIM)
-    daemon = make_daemon(EVERY_SECOND, start=False)
-    daemon.env["PYTHONPATH"] = str(shim)
-    daemon.start()
+    daemon = with_bug(make_daemon, tmp_path, SCHEDULE_BUG_SHIM, EVERY_SECOND)
     wait_for_log(daemon, "schedule s suspended after a failed run")
     [found] = [s for s in daemon.call("schedule.list")["schedules"] if s["name"] == "s"]
     assert found["state"] == "suspended" and found["last_result"] == "error" and found["next_run"] is None, found
@@ -201,12 +193,7 @@ jsonrpc.decode = decode
 def test_a_bug_in_reading_a_connection_closes_that_connection_only(make_daemon: Any, tmp_path: Path) -> None:
     """Outside a request's method (whose exception answers INTERNAL_ERROR), asyncio contains what a protocol's
     data_received raises: it logs it with its traceback and closes that connection. The other clients go on."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(CONNECTION_BUG_SHIM)
-    daemon = make_daemon("", start=False)
-    daemon.env["PYTHONPATH"] = str(shim)
-    daemon.start()
+    daemon = with_bug(make_daemon, tmp_path, CONNECTION_BUG_SHIM)
     with daemon.client() as other, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as broken:
         assert other.call("ping", timeout=DEADLINE) is not None
         broken.settimeout(DEADLINE)
@@ -235,12 +222,7 @@ def test_a_stop_does_not_wait_for_ever_for_an_end_a_bug_left_untold(make_daemon:
     """A stop (SIGTERM) waits for the end of every job it stops. A bug while the engine recorded and told an end
     left that wait unanswered: jobd never exited, until systemd's SIGKILL. The end now counts as told, the bug is
     logged with its traceback, and jobd exits 0."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(END_BUG_SHIM)
-    daemon = make_daemon("", start=False)
-    daemon.env["PYTHONPATH"] = str(shim)
-    daemon.start()
+    daemon = with_bug(make_daemon, tmp_path, END_BUG_SHIM)
     job = daemon.submit(command=["/bin/sleep", "600"])
     wait_for_log(daemon, f"job={job['id']} running")
     try:
