@@ -252,3 +252,29 @@ def test_a_database_moved_away_from_under_a_path_no_longer_a_directory_takes_no_
         daemon.submit(command=["/bin/true"])
     assert refused.value.code == "STORE_FAILED" and "was moved away (renamed) while jobd ran" in str(refused.value)
     assert " ERROR Exception in callback" not in daemon.log()
+
+
+# Plants a bug in jobd: starting a job's program raises what no caller expects.
+START_BUG_SHIM = """
+from jobd import proc
+
+
+def spawn(cls, *args, **kwargs):
+    raise RuntimeError("a bug planted by the test")
+
+
+proc.Child.spawn = classmethod(spawn)
+"""
+
+
+def test_a_bug_in_starting_a_job_is_a_failed_start(make_daemon: Any, tmp_path: Path) -> None:
+    """Only SpawnError was expected from a start: anything else left the job `running`, with no process, for good
+    (no exit could end it, nor a cancel), its slot taken. It is now a `spawn_error` attempt naming the bug."""
+    daemon = with_bug(make_daemon, tmp_path, START_BUG_SHIM, CONFIG)
+    job = daemon.submit(command=["/bin/true"], queue="serial")
+    assert daemon.wait(job["id"])["state"] == "failed"
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["outcome"] == "spawn_error", attempt
+    assert attempt["error"] == "internal error in jobd (see its log): RuntimeError: a bug planted by the test"
+    log = daemon.log()
+    assert log.count(f"job={job['id']}: internal error starting it") == 1 and log.count("Traceback") == 1, log

@@ -702,6 +702,17 @@ class Engine:
             )
             self._not_started(job, attempt, transient=error.transient)
             return
+        except Exception as error:
+            # A bug of jobd's, or a failure nobody foresaw (its stdin unreadable from the database, say): the start
+            # fails, said with the traceback. Raised, it left the job `running` on record and in memory, with no
+            # process, for good: no exit would ever end it, and neither could a cancel.
+            log.error("job=%d: internal error starting it", job.id, exc_info=True)
+            why = f"internal error in jobd (see its log): {type(error).__name__}: {error}"
+            attempt = dataclasses.replace(
+                attempt, outcome=Outcome.SPAWN_ERROR, finished_at=attempt.started_at, error=why
+            )
+            self._not_started(job, attempt, transient=False)
+            return
         attempt = evolve(attempt, pid=child.pid, pid_start=child.start_time)
         try:
             self.store.record_process(attempt)
