@@ -2051,9 +2051,16 @@ class _GroupFlusher:
         # Everything committed before this point is in the WAL file's page cache; this fsync makes it durable.
         waiters, self._next = self._next, None
         assert waiters is not None
-        self._in_flight = True
         if self._fd is None:
-            self._fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as error:
+                # The WAL removed under jobd, no descriptor left: the waiters of this flush hear why, and the next
+                # flush tries again. Raised with the flush marked under way, it left every later flush waiting for
+                # that one to end: each reply that waits for an fsync (durability = "fsync") waited for ever.
+                waiters.set_exception(error)
+                return
+        self._in_flight = True
         done = loop.run_in_executor(None, os.fsync, self._fd)
         done.add_done_callback(lambda f: self._finished(loop, waiters, f))
 

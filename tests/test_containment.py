@@ -278,3 +278,16 @@ def test_a_bug_in_starting_a_job_is_a_failed_start(make_daemon: Any, tmp_path: P
     assert attempt["error"] == "internal error in jobd (see its log): RuntimeError: a bug planted by the test"
     log = daemon.log()
     assert log.count(f"job={job['id']}: internal error starting it") == 1 and log.count("Traceback") == 1, log
+
+
+def test_a_flush_that_cannot_open_the_wal_leaves_the_next_ones_free_to_run(make_daemon: Any) -> None:
+    """durability = "fsync": the first reply opens the WAL to fsync it. That open failing (the WAL removed under
+    jobd, or no descriptor left) raised with the flush marked under way, and every later reply waited for that
+    flush to end: for ever. Each is now answered: here the WAL stays gone, so each says so."""
+    daemon = make_daemon("", daemon_extra='durability = "fsync"')
+    wal = daemon.state_dir / "jobd.sqlite3-wal"
+    wal.unlink()
+    for _ in range(2):
+        with pytest.raises(RemoteError) as failed:
+            daemon.call("job.submit", {"command": ["/bin/true"]}, timeout=DEADLINE)
+        assert f"No such file or directory: '{wal}'" in failed.value.message, failed.value
