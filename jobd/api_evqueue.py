@@ -213,20 +213,29 @@ def _on_instance(*rights: Right) -> Check:
     return check
 
 
+def _require_readable_id(peer: Peer, kind: str, wanted: int, readable: int) -> None:
+    """Ids number only the objects of `kind` the peer may read (`readable` of them): one past them names none it
+    may see, and is refused as a name it may not read is, rights before names (the unknown id is the admins')."""
+    if not peer.is_admin and not 1 <= wanted <= readable:
+        raise InsufficientRights(
+            f"{access.who(peer)} may not read {kind} id {wanted}: the read right is missing",
+            missing=str(Right.READ),
+            kind=kind,
+        )
+
+
 def _workflow_get(api: Api, peer: Peer, command: xml.WorkflowGet) -> None:
     name = command.name
     if name is None and command.workflow_id is not None:
-        # Ids number only the workflows the peer may read (_workflows): one past them names none it may see, and is
-        # refused as a name it may not read is, rights before names (UNKNOWN_WORKFLOW is the admins').
-        if not peer.is_admin and command.workflow_id > len(_workflows(api, peer)):
-            raise InsufficientRights(
-                f"{access.who(peer)} may not read workflow id {command.workflow_id}: the read right is missing",
-                missing=str(Right.READ),
-                kind="workflow",
-            )
+        _require_readable_id(peer, "workflow", command.workflow_id, len(_workflows(api, peer)))
         return
     if name is not None:
         access.require(api.engine.config.access, peer, Right.READ, ObjectKind.WORKFLOW, name)
+
+
+def _queue_get(api: Api, peer: Peer, command: xml.QueueGet) -> None:
+    queues = api.engine.config.queues
+    _require_readable_id(peer, "queue", command.queue_id, len(_readable_names(api, peer, ObjectKind.QUEUE, queues)))
 
 
 # The check of every command (evQueue's rights, reference/evqueue.md §1.6 and §6). Not listed: admins only.
@@ -246,6 +255,7 @@ RIGHTS: Final[Mapping[type, Check]] = {
     xml.QueuePoolList: _anyone,  # filtered, as statistics queue
     xml.WorkflowsList: _anyone,  # filtered: workflows the peer may read
     xml.WorkflowGet: _workflow_get,
+    xml.QueueGet: _queue_get,  # as queuepool list: the queues the peer may read
 }
 
 _ADMIN_ONLY_WHAT: Final[Mapping[type, str]] = {
@@ -253,7 +263,9 @@ _ADMIN_ONLY_WHAT: Final[Mapping[type, str]] = {
     xml.StatusScheduler: "see the scheduler's state",
     xml.StatusConfiguration: "see the configuration",
     xml.WorkflowSchedulesList: "list workflow schedules",
+    xml.WorkflowScheduleGet: "see a workflow schedule",
     xml.RetrySchedulesList: "list retry schedules",
+    xml.RetryScheduleGet: "see a retry schedule",
     xml.ControlReload: "reload the configuration",
 }
 
@@ -668,25 +680,40 @@ def statistics_queues(service: EvQueue, peer: Peer, command: xml.StatisticsQueue
     return service.ok(children=[statistics])
 
 
-def queuepool_list(service: EvQueue, peer: Peer, command: xml.QueuePoolList) -> Result:
-    # Queue ids number the configured queues by name (queues are TOML, not database rows): those the peer may read,
-    # as workflow ids (_workflows).
+def _queue_rows(service: EvQueue, peer: Peer) -> list[etree._Element]:
+    """`queuepool list`'s rows, which `queue get id=…` answers one of. Queue ids number the configured queues by
+    name (queues are TOML, not database rows): those the peer may read, as workflow ids (_workflows)."""
     queues = service.api.engine.config.queues
-    return service.ok(
-        children=[
-            xml.element(
-                "queue",
-                {
-                    "id": number,
-                    "name": name,
-                    "concurrency": queues[name].concurrency,
-                    "scheduler": _evqueue_scheduler(queues[name].scheduler),
-                    "dynamic": "no",
-                },
-            )
-            for number, name in enumerate(_readable_names(service.api, peer, ObjectKind.QUEUE, queues), start=1)
-        ]
-    )
+    return [
+        xml.element(
+            "queue",
+            {
+                "id": number,
+                "name": name,
+                "concurrency": queues[name].concurrency,
+                "scheduler": _evqueue_scheduler(queues[name].scheduler),
+                "dynamic": "no",
+            },
+        )
+        for number, name in enumerate(_readable_names(service.api, peer, ObjectKind.QUEUE, queues), start=1)
+    ]
+
+
+def _numbered(rows: list[etree._Element], wanted: int, what: str, listed_by: str) -> etree._Element:
+    """The row of `rows` whose id is `wanted` (ids number them from 1), or evQueue's UNKNOWN_OBJECT."""
+    if 1 <= wanted <= len(rows):
+        return rows[wanted - 1]
+    known = f"ids 1 to {len(rows)}" if rows else "none"
+    raise xml.UnknownObject(f"Unknown {what} id {wanted}; {listed_by} lists {known}", parameter="id")
+
+
+def queuepool_list(service: EvQueue, peer: Peer, command: xml.QueuePoolList) -> Result:
+    return service.ok(children=_queue_rows(service, peer))
+
+
+def queue_get(service: EvQueue, peer: Peer, command: xml.QueueGet) -> Result:
+    """evQueue's `<queue id name concurrency scheduler dynamic/>`, as `queuepool list` shows it."""
+    return service.ok(children=[_numbered(_queue_rows(service, peer), command.queue_id, "queue", "queuepool list")])
 
 
 def workflows_list(service: EvQueue, peer: Peer, command: xml.WorkflowsList) -> Result:
@@ -719,7 +746,8 @@ def workflow_get(service: EvQueue, peer: Peer, command: xml.WorkflowGet) -> Resu
     )
 
 
-def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowSchedulesList) -> Result:
+def _workflow_schedule_rows(service: EvQueue, peer: Peer) -> list[tuple[etree._Element, dict[str, str]]]:
+    """`workflow_schedules list`'s rows, each with the launch parameters of its schedule."""
     workflows = _workflows(service.api, peer)
     workflow_ids = {workflow.name: number for number, workflow in enumerate(workflows, start=1)}
     groups = {workflow.name: workflow.group for workflow in workflows}
@@ -743,15 +771,37 @@ def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowS
                 "workflow_group": groups.get(target["name"], ""),
             },
         )
+        rows.append((row, target["parameters"]))
+    return rows
+
+
+def _parameters(parameters: dict[str, str]) -> list[etree._Element]:
+    return [xml.element("parameter", {"name": name, "value": value}) for name, value in parameters.items()]
+
+
+def workflow_schedules_list(service: EvQueue, peer: Peer, command: xml.WorkflowSchedulesList) -> Result:
+    rows = []
+    for row, parameters in _workflow_schedule_rows(service, peer):
         if command.display_parameters:
-            row.extend(
-                xml.element("parameter", {"name": name, "value": value}) for name, value in target["parameters"].items()
-            )
+            row.extend(_parameters(parameters))
         rows.append(row)
     return service.ok(children=rows)
 
 
-def retry_schedules_list(service: EvQueue, peer: Peer, command: xml.RetrySchedulesList) -> Result:
+# What evQueue's `workflow_schedule get` answers of a `workflow_schedules list` row (evQueue's WorkflowSchedule::Get):
+# neither the id asked for nor the workflow's name and group, and the parameters always.
+_WORKFLOW_SCHEDULE_GET: Final = ("workflow_id", "schedule", "onfailure", "user", "host", "active", "comment", "node")
+
+
+def workflow_schedule_get(service: EvQueue, peer: Peer, command: xml.WorkflowScheduleGet) -> Result:
+    rows = _workflow_schedule_rows(service, peer)
+    listed = _numbered([row for row, _ in rows], command.schedule_id, "workflow schedule", "workflow_schedules list")
+    schedule = xml.element("workflow_schedule", {name: listed.get(name) for name in _WORKFLOW_SCHEDULE_GET})
+    schedule.extend(_parameters(rows[command.schedule_id - 1][1]))
+    return service.ok(children=[schedule])
+
+
+def _retry_schedule_rows(service: EvQueue) -> list[etree._Element]:
     """The `[retry_schedule.NAME]` sections as evQueue's retry schedules, ids numbering them by name from 1 (they are
     config sections, not database rows, as workflows and queues)."""
     schedules = service.api.engine.config.retry_schedules
@@ -760,7 +810,17 @@ def retry_schedules_list(service: EvQueue, peer: Peer, command: xml.RetrySchedul
         row = xml.element("schedule", {"id": number, "name": name})
         row.extend(retry_levels(schedules[name]))
         rows.append(row)
-    return service.ok(children=rows)
+    return rows
+
+
+def retry_schedules_list(service: EvQueue, peer: Peer, command: xml.RetrySchedulesList) -> Result:
+    return service.ok(children=_retry_schedule_rows(service))
+
+
+def retry_schedule_get(service: EvQueue, peer: Peer, command: xml.RetryScheduleGet) -> Result:
+    """evQueue's `<schedule id name><level …/>…</schedule>`, as `retry_schedules list` shows it."""
+    rows = _retry_schedule_rows(service)
+    return service.ok(children=[_numbered(rows, command.schedule_id, "retry schedule", "retry_schedules list")])
 
 
 def control_reload(service: EvQueue, peer: Peer, command: xml.ControlReload) -> Result:
@@ -787,9 +847,12 @@ HANDLERS: Final[Mapping[type, Handler]] = {
     xml.StatisticsGlobal: statistics_global,
     xml.StatisticsQueues: statistics_queues,
     xml.QueuePoolList: queuepool_list,
+    xml.QueueGet: queue_get,
     xml.WorkflowsList: workflows_list,
     xml.WorkflowGet: workflow_get,
     xml.WorkflowSchedulesList: workflow_schedules_list,
+    xml.WorkflowScheduleGet: workflow_schedule_get,
     xml.RetrySchedulesList: retry_schedules_list,
+    xml.RetryScheduleGet: retry_schedule_get,
     xml.ControlReload: control_reload,
 }

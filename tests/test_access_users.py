@@ -1233,6 +1233,33 @@ def test_evqueue_ids_number_only_what_a_user_may_read(jobd: Daemon, users: dict[
     assert [answer[0].get("name") for answer in (first, second, third)] == ["other", "wf-a", "wf-slow"]
 
 
+def test_evqueue_gets_by_id_have_the_rights_of_their_lists(jobd: Daemon, users: dict[str, Any]) -> None:
+    """`queue get id=…` takes the ids `queuepool list` gives the user: bob may read queue ops alone, which is his id
+    1; an id past his names nothing he may see and is refused as a queue he may not read is, not UNKNOWN_OBJECT
+    (that would tell how many queues there are). `workflow_schedule get` and `retry_schedule get` are for admins,
+    as their lists are. An admin's unknown id is UNKNOWN_OBJECT, as in evQueue."""
+    requests = (
+        '<queue action="get" id="1"/><queue action="get" id="2"/><queue action="get" id="3"/>'
+        '<workflow_schedule action="get" id="1"/><retry_schedule action="get" id="1"/>'
+    )
+    _, first, second, third, workflow_schedule, retry_schedule = xml_session(jobd, users["bob"], requests)
+    assert first.get("status") == "OK" and dict(first[0].attrib)["name"] == "ops", etree.tostring(first)
+    assert first[0].get("id") == "1", etree.tostring(first)
+    for refused, number in ((second, 2), (third, 3)):
+        assert refused.get("error-code") == "INSUFFICIENT_RIGHTS", etree.tostring(refused)
+        assert refused.get("error", "").endswith(f"may not read queue id {number}: the read right is missing")
+    for refused, what in ((workflow_schedule, "see a workflow schedule"), (retry_schedule, "see a retry schedule")):
+        assert refused.get("error-code") == "INSUFFICIENT_RIGHTS", etree.tostring(refused)
+        assert what in (refused.get("error") or ""), etree.tostring(refused)
+    _, first, *_ = xml_session(jobd, users["alice"], requests)  # alice may read no queue
+    assert first.get("error-code") == "INSUFFICIENT_RIGHTS", etree.tostring(first)
+    _, first, second, third, workflow_schedule, retry_schedule = xml_session(jobd, users["dave"], requests)
+    assert [first[0].get("name"), second[0].get("name")] == ["default", "ops"]
+    assert third.get("error-code") == "UNKNOWN_OBJECT", etree.tostring(third)
+    # jobd's config here has task schedules only, and no retry schedule: nothing for these ids to name.
+    assert workflow_schedule.get("error-code") == retry_schedule.get("error-code") == "UNKNOWN_OBJECT"
+
+
 def test_an_xpathfilter_a_user_makes_run_for_minutes_in_c_is_given_up_and_holds_nobody_up(
     jobd: Daemon, users: dict[str, Any]
 ) -> None:

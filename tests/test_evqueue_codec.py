@@ -523,10 +523,13 @@ def test_the_command_table_lists_what_jobd_serves() -> None:
         "status query",
         "statistics query",
         "queuepool list",
+        "queue get",
         "workflows list",
         "workflow get",
         "workflow_schedules list",
+        "workflow_schedule get",
         "retry_schedules list",
+        "retry_schedule get",
         "control reload",
     }
 

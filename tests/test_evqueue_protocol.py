@@ -941,3 +941,116 @@ def test_workflow_schedules_show_their_calendar_in_evqueues_format(make_daemon: 
     assert [row.get("workflow_name") for row in listed] == ["trivial"] * 4
     assert sorted(row.get("workflow_schedule_id", "") for row in scheduled) == ["1", "2", "3", "4"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row.get("scheduled_at", "")) for row in scheduled)
+
+
+# -- get by id: what evQueue's PHP classes and admin scripts ask after listing ------------------------------------
+
+
+def got_by_id(client: EvqClient, group: bytes, listed: etree._Element) -> list[etree._Element]:
+    """What `<GROUP action="get" id="…"/>` answers for each row of a list, asked by the row's id: one element each."""
+    answers = [ok(client.ask(b'<%s action="get" id="%s"/>' % (group, row.get("id", "").encode()))) for row in listed]
+    assert all(len(answer) == 1 for answer in answers), [etree.tostring(answer) for answer in answers]
+    return [answer[0] for answer in answers]
+
+
+def test_queue_get_answers_the_row_queuepool_list_shows_under_that_id(daemon: Any) -> None:
+    # `<queue action="get" id="…"/>` was UNKNOWN_COMMAND. evQueue answers <queue id name concurrency scheduler
+    # dynamic/> (QueuePool::GetQueue), the row its `queuepool list` shows; an id naming no queue is UNKNOWN_OBJECT.
+    with EvqClient(daemon.evqueue_socket) as client:
+        pool = ok(client.ask(b'<queuepool action="list"/>'))
+        assert [queue.get("name") for queue in pool] == ["default", "serial"]
+        for row, got in zip(pool, got_by_id(client, b"queue", pool), strict=True):
+            assert got.tag == "queue" and set(got.attrib) == {"id", "name", "concurrency", "scheduler", "dynamic"}
+            for name, value in row.attrib.items():
+                assert got.get(name) == value, (name, etree.tostring(got), etree.tostring(row))
+        for unknown in (b"0", b"3", b"-1"):
+            refused = ko(client.ask(b'<queue action="get" id="%s"/>' % unknown), "UNKNOWN_OBJECT")
+            assert refused.get("error") == f"Unknown queue id {int(unknown)}; queuepool list lists ids 1 to 2"
+        ko(client.ask(b'<queue action="get"/>'), "MISSING_PARAMETER")
+        ko(client.ask(b'<queue action="get" id="one"/>'), "INVALID_INTEGER")
+        ko(client.ask(b'<queue action="create" name="q"/>'), "UNKNOWN_COMMAND")  # queues are defined in files
+    assert_alive(daemon)
+
+
+def test_retry_schedule_get_answers_the_row_retry_schedules_list_shows_under_that_id(corpus_daemon: Any) -> None:
+    # evQueue's RetrySchedule::Get: the schedule's <schedule> document with its id and name, as listed.
+    with EvqClient(corpus_daemon.evqueue_socket) as client:
+        listed = ok(client.ask(b'<retry_schedules action="list"/>'))
+        assert [row.get("name") for row in listed] == ["fast_then_slow", "patient"]
+        for row, got in zip(listed, got_by_id(client, b"retry_schedule", listed), strict=True):
+            assert got.tag == "schedule", etree.tostring(got)
+            assert dict(got.attrib) == dict(row.attrib) == {"id": row.get("id"), "name": row.get("name")}
+            assert [dict(level.attrib) for level in got] == [dict(level.attrib) for level in row]
+            assert [level.tag for level in got] == ["level"] * len(row) and len(row) > 0
+        refused = ko(client.ask(b'<retry_schedule action="get" id="3"/>'), "UNKNOWN_OBJECT")
+        assert refused.get("error") == "Unknown retry schedule id 3; retry_schedules list lists ids 1 to 2"
+
+
+def test_workflow_schedule_get_answers_evqueues_attributes_of_the_listed_schedule(make_daemon: Any) -> None:
+    # evQueue's WorkflowSchedule::Get answers <workflow_schedule workflow_id schedule onfailure user host active
+    # comment node> and always its <parameter name value/> children: the list row without its id and the
+    # workflow's name and group.
+    daemon = make_daemon(
+        """
+        [schedule.loops]
+        workflow = "loopdemo"
+        calendar = "0 3 * * mon-fri"
+        on_failure = "suspend"
+        parameters = { count = "2" }
+
+        [schedule.plain]
+        workflow = "trivial"
+        calendar = "*/5 * * * *"
+        enabled = false
+        """,
+        start=False,
+    )
+    daemon.write_workflows(
+        trivial=(CORPUS / "trivial.xml").read_bytes(), loopdemo=(CORPUS / "loopdemo.xml").read_bytes()
+    )
+    daemon.start()
+    evqueues = {"workflow_id", "schedule", "onfailure", "user", "host", "active", "comment", "node"}
+    with EvqClient(daemon.evqueue_socket) as client:
+        listed = ok(client.ask(b'<workflow_schedules action="list" display_parameters="yes"/>'))
+        assert [row.get("comment") for row in listed] == ["loops", "plain"]
+        gets = got_by_id(client, b"workflow_schedule", listed)
+        refused = ko(client.ask(b'<workflow_schedule action="get" id="3"/>'), "UNKNOWN_OBJECT")
+    assert refused.get("error") == "Unknown workflow schedule id 3; workflow_schedules list lists ids 1 to 2"
+    for row, got in zip(listed, gets, strict=True):
+        assert got.tag == "workflow_schedule" and set(got.attrib) == evqueues, etree.tostring(got)
+        for name in evqueues:
+            assert got.get(name) == row.get(name), (name, etree.tostring(got), etree.tostring(row))
+        assert [dict(parameter.attrib) for parameter in got] == [dict(parameter.attrib) for parameter in row]
+    loops, plain = gets
+    assert dict(loops.attrib) == {
+        "workflow_id": "1",  # loopdemo sorts before trivial
+        "schedule": "0;0;3;;;1,2,3,4,5",
+        "onfailure": "SUSPEND",
+        "user": "",
+        "host": "",
+        "active": "1",
+        "comment": "loops",
+        "node": "any",
+    }
+    assert [etree.tostring(parameter) for parameter in loops] == [b'<parameter name="count" value="2"/>']
+    assert plain.get("active") == "0" and plain.get("workflow_id") == "2" and len(plain) == 0
+
+
+@pytest.mark.parametrize(
+    ("request_", "instead"),
+    [
+        (b'<processmanager action="tail" tid="2" type="stdout"/>', "jobctl log TID"),
+        (b'<datastore action="get" id="1"/>', "jobctl log TID"),
+        (b'<xpath action="parse" expression="count(/a"/>', "jobd --check-config"),
+        (b'<control action="retry"/>', "retry_at"),
+    ],
+)
+def test_evqueue_commands_jobd_does_not_serve_say_why_and_what_to_use(
+    daemon: Any, request_: bytes, instead: str
+) -> None:
+    with EvqClient(daemon.evqueue_socket) as client:
+        refused = ko(client.ask(request_), "UNKNOWN_COMMAND")
+        error = refused.get("error", "")
+        assert error.startswith("Unknown command or action (<") and ": not served by jobd: " in error, error
+        assert instead in error, error
+        assert ok(client.ask(b"<ping/>")).get("version")

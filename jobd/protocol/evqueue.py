@@ -68,6 +68,13 @@ class InvalidModule(InvalidParams):
     evqueue_code: ClassVar[str] = "INVALID_MODULE"
 
 
+class UnknownObject(InvalidParams):
+    """`queue get`, `workflow_schedule get` or `retry_schedule get` with an id that numbers nothing: evQueue's code
+    for an id its list of such objects does not hold."""
+
+    evqueue_code: ClassVar[str] = "UNKNOWN_OBJECT"
+
+
 # jobd's codes that evQueue spells differently. Codes evQueue shares with jobd (UNKNOWN_QUEUE, UNKNOWN_INSTANCE,
 # UNKNOWN_WORKFLOW, INVALID_WORKFLOW_PARAMETERS, TIMED_OUT, INSUFFICIENT_RIGHTS, INVALID_XML, UNKNOWN_COMMAND) and
 # jobd's own conditions evQueue has no code for (FRAME_TOO_LARGE, SHUTTING_DOWN, …) go out unchanged.
@@ -642,6 +649,11 @@ class QueuePoolList:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueGet:
+    queue_id: int  # as `queuepool list` numbers the queues
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowsList:
     full: bool = False  # include each workflow's definition
 
@@ -660,8 +672,18 @@ class WorkflowSchedulesList:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowScheduleGet:
+    schedule_id: int  # as `workflow_schedules list` numbers the schedules
+
+
+@dataclass(frozen=True, slots=True)
 class RetrySchedulesList:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduleGet:
+    schedule_id: int  # as `retry_schedules list` numbers the retry schedules
 
 
 RELOAD_MODULES: Final = (
@@ -704,10 +726,13 @@ Command = (
     | StatisticsGlobal
     | StatisticsQueues
     | QueuePoolList
+    | QueueGet
     | WorkflowsList
     | WorkflowGet
     | WorkflowSchedulesList
+    | WorkflowScheduleGet
     | RetrySchedulesList
+    | RetryScheduleGet
     | ControlReload
 )
 
@@ -821,17 +846,45 @@ _DECODERS: Final[Mapping[tuple[str, str], Callable[[Request], Command]]] = Mappi
         ("status", "query"): _status_query,
         ("statistics", "query"): _statistics_query,
         ("queuepool", "list"): lambda request: QueuePoolList(),
+        # evQueue takes any integer id; one that numbers nothing is UNKNOWN_OBJECT (the handlers), 0 as well.
+        ("queue", "get"): lambda request: QueueGet(request.integer("id")),
         ("workflows", "list"): lambda request: WorkflowsList(full=request.boolean("full", False)),
         ("workflow", "get"): _workflow_get,
         ("workflow_schedules", "list"): lambda request: WorkflowSchedulesList(
             display_parameters=request.boolean("display_parameters", False)
         ),
+        ("workflow_schedule", "get"): lambda request: WorkflowScheduleGet(request.integer("id")),
         ("retry_schedules", "list"): lambda request: RetrySchedulesList(),
+        ("retry_schedule", "get"): lambda request: RetryScheduleGet(request.integer("id")),
         ("control", "reload"): _control_reload,
     }
 )
 
 COMMANDS: Final = frozenset({"ping", "quit"} | {f"{group} {action}" for group, action in _DECODERS})
+
+# evQueue commands its clients send that jobd does not serve, each with why and what to use instead: their
+# UNKNOWN_COMMAND says so (docs/evqueue-protocol.md, "Commands jobd does not serve").
+NOT_SERVED: Final[Mapping[tuple[str, str], str]] = MappingProxyType(
+    {
+        ("processmanager", "tail"): (
+            "not served by jobd: a task's tid is the id of its job, whose output jobd keeps in files; read it with "
+            "`jobctl log TID` (--stderr, --log, --follow), JSON-RPC job.output"
+        ),
+        ("datastore", "get"): (
+            "not served by jobd: jobd has no datastore and gives no task output a datastore-id; the instance "
+            "document (`instance query`) holds each output, and `jobctl log TID` (JSON-RPC job.output) reads a "
+            "task's job's output whole"
+        ),
+        ("xpath", "parse"): (
+            "not served by jobd: workflows are files, whose XPath expressions jobd checks whole when it reads them; "
+            "check a workflow with `jobd --check-config`, or by `control reload` (CONFIG_INVALID names the error)"
+        ),
+        ("control", "retry"): (
+            "not served by jobd: no command brings a retry forward; a task waiting for one runs at its retry_at, "
+            "which `instance query` shows"
+        ),
+    }
+)
 
 
 def decode_command(request: Request) -> Command:
@@ -842,8 +895,10 @@ def decode_command(request: Request) -> Command:
         return Quit()
     decoder = _DECODERS.get((request.group, request.action))
     if decoder is None:
+        why = NOT_SERVED.get((request.group, request.action))
         raise UnknownCommand(
-            f"Unknown command or action (<{request.group}> action '{request.action}')",
+            f"Unknown command or action (<{request.group}> action '{request.action}')"
+            + ("" if why is None else f": {why}"),
             group=request.group,
             action=request.action,
         )
