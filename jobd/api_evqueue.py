@@ -266,6 +266,7 @@ _ADMIN_ONLY_WHAT: Final[Mapping[type, str]] = {
     xml.WorkflowScheduleGet: "see a workflow schedule",
     xml.RetrySchedulesList: "list retry schedules",
     xml.RetryScheduleGet: "see a retry schedule",
+    xml.ProcessManagerTail: "read the output of a task with processmanager tail",
     xml.ControlReload: "reload the configuration",
 }
 
@@ -823,6 +824,24 @@ def retry_schedule_get(service: EvQueue, peer: Peer, command: xml.RetryScheduleG
     return service.ok(children=[_numbered(rows, command.schedule_id, "retry schedule", "retry_schedules list")])
 
 
+# evQueue's processmanager.logs.tailsize default: what `processmanager tail` answers of a stream, at most.
+TAIL_BYTES: Final = 20 * 1024
+
+
+def processmanager_tail(service: EvQueue, peer: Peer, command: xml.ProcessManagerTail) -> Result:
+    """The last TAIL_BYTES of the stream of the job `tid` names (a task's tid is its job's id), of its latest
+    attempt, as text; evQueue read the files of a running task, jobd keeps a job's files once it has ended too.
+    A job that has not started has no output yet: empty, as evQueue's files were before the task wrote."""
+    engine = service.api.engine
+    attempts = engine.get(command.tid).attempts  # UNKNOWN_JOB for an id that names no job
+    if attempts == 0:
+        return service.ok(text="")
+    _, size = engine.read_attempt_output(command.tid, attempts, command.stream, 0, 0)
+    start = max(0, size - TAIL_BYTES)
+    data, _ = engine.read_attempt_output(command.tid, attempts, command.stream, start, TAIL_BYTES)
+    return service.ok(text=data.decode("utf-8", "replace"))
+
+
 def control_reload(service: EvQueue, peer: Peer, command: xml.ControlReload) -> Result:
     service.api.daemon.reload()  # every module: the configuration and workflows are one all-or-nothing set
     return service.ok()
@@ -854,5 +873,6 @@ HANDLERS: Final[Mapping[type, Handler]] = {
     xml.WorkflowScheduleGet: workflow_schedule_get,
     xml.RetrySchedulesList: retry_schedules_list,
     xml.RetryScheduleGet: retry_schedule_get,
+    xml.ProcessManagerTail: processmanager_tail,
     xml.ControlReload: control_reload,
 }

@@ -1243,6 +1243,11 @@ def test_evqueue_gets_by_id_have_the_rights_of_their_lists(jobd: Daemon, users: 
         '<workflow_schedule action="get" id="1"/><retry_schedule action="get" id="1"/>'
     )
     _, first, second, third, workflow_schedule, retry_schedule = xml_session(jobd, users["bob"], requests)
+    # A task's output, by its job's id, is for admins too, as evQueue's `processmanager tail`.
+    job = jobd.submit(task="report")
+    _, tail = xml_session(jobd, users["bob"], f'<processmanager action="tail" tid="{job["id"]}" type="stdout"/>')
+    assert tail.get("error-code") == "INSUFFICIENT_RIGHTS", etree.tostring(tail)
+    assert "may not read the output of a task with processmanager tail" in (tail.get("error") or "")
     assert first.get("status") == "OK" and dict(first[0].attrib)["name"] == "ops", etree.tostring(first)
     assert first[0].get("id") == "1", etree.tostring(first)
     for refused, number in ((second, 2), (third, 3)):

@@ -530,6 +530,7 @@ def test_the_command_table_lists_what_jobd_serves() -> None:
         "workflow_schedule get",
         "retry_schedules list",
         "retry_schedule get",
+        "processmanager tail",
         "control reload",
     }
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -1039,7 +1040,6 @@ def test_workflow_schedule_get_answers_evqueues_attributes_of_the_listed_schedul
 @pytest.mark.parametrize(
     ("request_", "instead"),
     [
-        (b'<processmanager action="tail" tid="2" type="stdout"/>', "jobctl log TID"),
         (b'<datastore action="get" id="1"/>', "jobctl log TID"),
         (b'<xpath action="parse" expression="count(/a"/>', "jobd --check-config"),
         (b'<control action="retry"/>', "retry_at"),
@@ -1054,3 +1054,31 @@ def test_evqueue_commands_jobd_does_not_serve_say_why_and_what_to_use(
         assert error.startswith("Unknown command or action (<") and ": not served by jobd: " in error, error
         assert instead in error, error
         assert ok(client.ask(b"<ping/>")).get("version")
+
+
+def test_processmanager_tail_answers_the_end_of_a_tasks_job_output(daemon: Any) -> None:
+    # evQueue's admin scripts follow a running task with `<processmanager action="tail" tid type/>`: the last 20 KiB
+    # of its stdout, stderr or log as text. A task's tid is its job's id in jobd (the instance document shows it);
+    # jobd answered UNKNOWN_COMMAND.
+    running = daemon.submit(command=["/bin/sh", "-c", "printf 'step 25\\nstep 50\\n'; exec sleep 30"])
+    written = daemon.call("job.output", {"id": running["id"], "wait": True})  # the kernel wakes it at the write
+    assert written["data"] == "step 25\nstep 50\n", written
+    program = "import sys; sys.stdout.write(''.join(f'{i:07d}\\n' for i in range(4000))); sys.stderr.write('err')"
+    ended = daemon.submit(command=[sys.executable, "-c", program])
+    daemon.call("job.wait", {"id": ended["id"]})
+    everything = "".join(f"{i:07d}\n" for i in range(4000))  # 32000 bytes: more than the 20 KiB a tail answers
+    with EvqClient(daemon.evqueue_socket) as client:
+        tail = ok(client.ask(b'<processmanager action="tail" tid="%d" type="stdout"/>' % running["id"]))
+        assert tail.text == "step 25\nstep 50\n" and len(tail) == 0, etree.tostring(tail)
+        tail = ok(client.ask(b'<processmanager action="tail" tid="%d" type="stdout"/>' % ended["id"]))
+        assert tail.text == everything[-20 * 1024 :], len(tail.text or "")
+        stderr = ok(client.ask(b'<processmanager action="tail" tid="%d" type="stderr"/>' % ended["id"]))
+        assert stderr.text == "err", etree.tostring(stderr)
+        log = ok(client.ask(b'<processmanager action="tail" tid="%d" type="log"/>' % ended["id"]))
+        assert log.text is None and log.get("status") == "OK", etree.tostring(log)  # it wrote nothing to fd 3
+        unknown = ko(client.ask(b'<processmanager action="tail" tid="999" type="stdout"/>'), "UNKNOWN_JOB")
+        assert "no job 999" in (unknown.get("error") or ""), etree.tostring(unknown)
+        bad = ko(client.ask(b'<processmanager action="tail" tid="1" type="fd3"/>'), "INVALID_PARAMETER")
+        assert "stdout, stderr, log" in (bad.get("error") or ""), etree.tostring(bad)
+        ko(client.ask(b'<processmanager action="tail" tid="1"/>'), "MISSING_PARAMETER")
+    daemon.call("job.cancel", {"id": running["id"]})

@@ -704,6 +704,14 @@ RELOAD_MODULES: Final = (
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessManagerTail:
+    """The end of a task's output: `tid` is the id of the task's job, as its instance document shows it."""
+
+    tid: int
+    stream: str  # stdout, stderr or log (evQueue's `type`)
+
+
+@dataclass(frozen=True, slots=True)
 class ControlReload:
     module: str = "all"  # one of RELOAD_MODULES; evQueue reloads that part, jobd may reload everything
     notify: bool = True  # evQueue forwards the reload to its cluster nodes; jobd has no cluster yet
@@ -733,6 +741,7 @@ Command = (
     | WorkflowScheduleGet
     | RetrySchedulesList
     | RetryScheduleGet
+    | ProcessManagerTail
     | ControlReload
 )
 
@@ -830,6 +839,8 @@ def _control_reload(request: Request) -> ControlReload:
     )
 
 
+TAIL_STREAMS: Final = ("stdout", "stderr", "log")  # evQueue's `type`, the names of jobd's output streams
+
 # (group, action) → decoder. ping and quit ignore their action, as evQueue does.
 _DECODERS: Final[Mapping[tuple[str, str], Callable[[Request], Command]]] = MappingProxyType(
     {
@@ -856,6 +867,9 @@ _DECODERS: Final[Mapping[tuple[str, str], Callable[[Request], Command]]] = Mappi
         ("workflow_schedule", "get"): lambda request: WorkflowScheduleGet(request.integer("id")),
         ("retry_schedules", "list"): lambda request: RetrySchedulesList(),
         ("retry_schedule", "get"): lambda request: RetryScheduleGet(request.integer("id")),
+        ("processmanager", "tail"): lambda request: ProcessManagerTail(
+            request.integer("tid", minimum=1), request.choice("type", TAIL_STREAMS)
+        ),
         ("control", "reload"): _control_reload,
     }
 )
@@ -866,10 +880,6 @@ COMMANDS: Final = frozenset({"ping", "quit"} | {f"{group} {action}" for group, a
 # UNKNOWN_COMMAND says so (docs/evqueue-protocol.md, "Commands jobd does not serve").
 NOT_SERVED: Final[Mapping[tuple[str, str], str]] = MappingProxyType(
     {
-        ("processmanager", "tail"): (
-            "not served by jobd: a task's tid is the id of its job, whose output jobd keeps in files; read it with "
-            "`jobctl log TID` (--stderr, --log, --follow), JSON-RPC job.output"
-        ),
         ("datastore", "get"): (
             "not served by jobd: jobd has no datastore and gives no task output a datastore-id; the instance "
             "document (`instance query`) holds each output, and `jobctl log TID` (JSON-RPC job.output) reads a "
