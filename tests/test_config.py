@@ -1529,6 +1529,12 @@ def test_schedule_bad_values(tmp_path: Path, line: str, message: str) -> None:
     assert error.details["line"] >= 6  # the line of the key (the table starts on line 5)
 
 
+def check_config(config: Path) -> subprocess.CompletedProcess[str]:
+    """A real `jobd --check-config` on this config dir."""
+    command = [sys.executable, "-m", "jobd.daemon", "--config-dir", str(config), "--check-config"]
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+
+
 def test_a_calendar_that_can_never_fire_says_why(tmp_path: Path) -> None:
     """`0 0 30 2 *` is well written: the refusal names the schedule, the fields and why (February has no 30th), not
     the syntaxes allowed. Said by `jobd --check-config` as at a start or a reload."""
@@ -1538,14 +1544,21 @@ def test_a_calendar_that_can_never_fire_says_why(tmp_path: Path) -> None:
         "to satisfy: none of the months of MONTH '2' has one of the days of DAY '30': February has 29 days at most"
     )
     assert load_error(config).message == said
-    checked = subprocess.run(
-        [sys.executable, "-m", "jobd.daemon", "--config-dir", str(config), "--check-config"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    checked = check_config(config)
     assert checked.returncode == 78 and checked.stderr.rstrip("\n").endswith(f"ERROR {said}"), checked
+
+
+def test_a_calendar_that_fires_on_its_day_or_its_nth_weekday_is_accepted(tmp_path: Path) -> None:
+    """`0 0 1 2 5#5` is every 1st of February, and the fifth Friday of February in the years it has one: cron ORs
+    a restricted DAY and WDAY. croniter kept the fifth Friday on both sides of its OR and found no 1st that is one:
+    `jobd --check-config`, a start and a reload refused it as impossible to satisfy."""
+    calendars = {"first_or_fifth_friday": "0 0 1 2 5#5", "no_31st_or_fifth_monday": "0 0 31 2 1#5"}
+    calendars |= {"leap_day": "0 0 29 2 *", "weekday_nearest_or_sunday": "0 0 15W 2 0"}
+    tables = "".join(f'[schedule.{name}]\ntask = "t"\ncalendar = "{text}"\n' for name, text in calendars.items())
+    config = schedule_dir(tmp_path, tables)
+    checked = check_config(config)
+    assert checked.returncode == 0 and checked.stdout.startswith("configuration OK:"), checked
+    assert sorted(load_dir(str(config)).schedules) == sorted(calendars)
 
 
 def test_an_unknown_calendar_macro_is_told_what_is_allowed_once(tmp_path: Path) -> None:

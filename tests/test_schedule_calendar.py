@@ -136,8 +136,13 @@ FORMAT = "(the format is SEC;MIN;HOUR;DAY;MONTH;WDAY)"
         ),
         (
             "0 0 15W 2 */8",  # the weekday nearest the 15th, on Sundays only
-            "Schedule constraints are impossible to satisfy: no day in 100 years matches DAY '15W', MONTH '2' and "
-            "WDAY '*/8'",
+            "Schedule constraints are impossible to satisfy: no day matches DAY '15W', MONTH '2' and WDAY '*/8' "
+            "(none in 400 years, after which the calendar's dates fall on the same weekdays again)",
+        ),
+        (
+            "0 0 */3 2 5#5",  # a WDAY starting with * is ANDed: the 1st, 4th... 28th of February is no fifth Friday
+            "Schedule constraints are impossible to satisfy: no day matches DAY '*/3', MONTH '2' and WDAY '5#5' (none "
+            "in 400 years",
         ),
         # A space inside a cron list, range or step makes two fields of it: croniter's word shows its own rotated
         # copy of the fields (`[30 * * * * 0,]`).
@@ -255,6 +260,42 @@ def test_names_are_not_random_values() -> None:
 def test_feb_29_is_possible() -> None:
     """The 29th of February exists in leap years: evQueue's day 28 in month 1 is accepted."""
     assert walls("0;0;0;28;1;", paris(2025, 1, 1, 0, 0, 0), 1) == ["2028-02-29T00:00:00+01:00"]
+
+
+def dates(text: str, start: dt.datetime, count: int) -> list[str]:
+    """The next `count` due dates (UTC) after `start`, with their weekday."""
+    calendar, moment, out = Calendar.parse(text), start.timestamp(), []
+    for _ in range(count):
+        moment = calendar.next_after(moment, "UTC")
+        out.append(dt.datetime.fromtimestamp(moment, dt.UTC).strftime("%Y-%m-%d %a"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Refused as never due: croniter's own OR kept `#` on both sides (the 1st AND a fifth Friday), and gave up.
+        ("0 0 1 2 5#5", ["2024-02-01 Thu", "2025-02-01 Sat", "2026-02-01 Sun", "2027-02-01 Mon"]),
+        ("0 0 1 * 5#5", ["2024-02-01 Thu", "2024-03-01 Fri", "2024-03-29 Fri", "2024-04-01 Mon"]),
+        ("0 0 30 2 5#5", ["2036-02-29 Fri", "2064-02-29 Fri", "2092-02-29 Fri", "2104-02-29 Fri"]),  # 5th Fridays
+        ("0 0 31 2 1#5", ["2044-02-29 Mon", "2072-02-29 Mon", "2112-02-29 Mon", "2140-02-29 Mon"]),  # 40 years once
+        ("0 0 31 4 5#5", ["2027-04-30 Fri", "2032-04-30 Fri", "2033-04-29 Fri", "2038-04-30 Fri"]),
+        ("0 0 1,31 2 5#1", ["2024-02-01 Thu", "2024-02-02 Fri", "2025-02-01 Sat", "2025-02-07 Fri"]),
+        ("0 0 30 2 L5", ["2024-02-23 Fri", "2025-02-28 Fri", "2026-02-27 Fri", "2027-02-26 Fri"]),  # last Friday
+        ("0 0 15W 2 0", ["2024-02-04 Sun", "2024-02-11 Sun", "2024-02-15 Thu", "2024-02-18 Sun"]),  # W and Sundays
+        # Not refused, but wrong: the days of DAY were lost (only the fifth Friday; 15W and no Monday).
+        ("0 0 L 2 5#5", ["2024-02-29 Thu", "2025-02-28 Fri", "2026-02-28 Sat", "2027-02-28 Sun"]),
+        ("0 0 10W * 1", ["2024-01-08 Mon", "2024-01-10 Wed", "2024-01-15 Mon", "2024-01-22 Mon"]),
+        ("0 0 16W 3 1", ["2024-03-04 Mon", "2024-03-11 Mon", "2024-03-15 Fri", "2024-03-18 Mon"]),
+        # A day that exists in leap years only, ANDed (a WDAY starting with *) or alone: every 4 years, or 28 to 40.
+        ("0 0 29 2 *", ["2024-02-29 Thu", "2028-02-29 Tue", "2032-02-29 Sun", "2036-02-29 Fri"]),
+        ("0 0 29 2 */7", ["2032-02-29 Sun", "2060-02-29 Sun", "2088-02-29 Sun", "2128-02-29 Sun"]),
+    ],
+)
+def test_a_day_or_weekday_calendar_with_l_w_or_nth_weekday_fires_on_either(text: str, expected: list[str]) -> None:
+    """Both restricted (neither starts with `*`), DAY and WDAY are ORed, as jobd documents (cronie's rule), also with
+    croniter's `L`, `15W`, `5#5` (fifth Friday) and `L5` (last Friday): jobd unites the two sides itself."""
+    assert dates(text, dt.datetime(2024, 1, 1, tzinfo=dt.UTC), 4) == expected
 
 
 def test_next_after_is_strictly_after() -> None:

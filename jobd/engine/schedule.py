@@ -9,7 +9,9 @@ Accepted calendar syntaxes (`Calendar.parse`):
 
 - cron, 5 fields `min hour day month wday`, with everything croniter accepts in a field (lists, ranges, steps,
   month and day names). As in Vixie cron and cronie, when day and weekday are both restricted (neither field starts
-  with `*`, as `*/2` does) a day matching EITHER counts; otherwise a day must match both.
+  with `*`, as `*/2` does) a day matching EITHER counts; otherwise a day must match both. jobd makes that union
+  itself, from two croniter expressions (`Calendar.sides`): croniter's own keeps `L5`, `#` and `W` on both of its
+  sides, so that `0 0 1 2 5#5` was the 1st of February AND a fifth Friday, and refused as never due.
 - cron with 6 fields, SECONDS FIRST (`sec min hour day month wday`), as Quartz and systemd users expect; croniter's
   own default puts seconds last, hence `second_at_beginning`.
 - `@yearly @annually @monthly @weekly @daily @midnight @hourly`, spelled out as their usual 5-field meaning.
@@ -34,11 +36,14 @@ DST, for a calendar evaluated in a zone that has it (the rules are croniter's, p
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import re
 import zoneinfo
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 
@@ -92,9 +97,13 @@ _MEANINGS = {3: ", for the 1st to the 31st", 4: ", for January to December", 5: 
 # croniter's Jenkins-style values in a cron field: R (random) and H (hashed), with an optional (range) and /step.
 _DRAWN = re.compile(r"[HhRr](\([0-9]+-[0-9]+\))?(/[0-9]+)?")
 
-# A day-and-weekday AND such as "29 February that is a Monday" can be decades away (28 years, more across a
-# century that is not a leap year); croniter gives up after this many years without a match.
+# A day-and-weekday AND such as "29 February that is a Monday" can be decades away (28 years, 40 across a century
+# that is not a leap year); croniter gives up after this many years without a match.
 _MAX_YEARS_BETWEEN_MATCHES = 100
+# The Gregorian calendar repeats its dates and weekdays every 400 years: an expression with no day in that many
+# years has none ever. Searched once, when a calendar is read (a search that finds nothing takes tens of ms).
+_GREGORIAN_CYCLE_YEARS = 400
+_Due = TypeVar("_Due", float, dt.datetime)
 # Skipping the second pass of a repeated hour never needs more steps than the seconds of an hour, with room.
 _MAX_STEPS = 10_000
 
@@ -115,6 +124,10 @@ class Calendar:
     seconds_first: bool  # 6 fields, seconds in the first one
     day_or: bool  # a day matching day OR weekday counts (cron, both restricted); False: it must match both
     wildcard: bool  # second, minute or hour field starts with `*` (Vixie cron's wildcard job): DST does not shift it
+    # The croniter expressions, each read with day AND weekday, whose due times together are the calendar's: the
+    # expression itself, or with day_or one with WDAY `*` and one with DAY `*` (a side that is never due is left
+    # out by parse: `0 0 30 2 5#5` is the fifth Friday of February, in the years it has one).
+    sides: tuple[str, ...]
 
     @classmethod
     def parse(cls, text: str) -> Calendar:
@@ -122,17 +135,17 @@ class Calendar:
 
         A `;` anywhere makes it evQueue's format, so its messages apply; anything else is cron or a macro.
         Impossible cron expressions (`0 0 30 2 *`) are refused here too, with evQueue's message and why
-        (ImpossibleCalendar), by asking for one due time: a schedule that can never fire is a configuration mistake.
+        (ImpossibleCalendar), by asking each side for one due time in 400 years: a schedule that can never fire is a
+        configuration mistake.
         """
         stripped = text.strip()
         if not stripped:
             raise ValueError(EMPTY)
         calendar = _parse_evqueue(text) if ";" in stripped else _parse_cron(stripped)
-        try:
-            calendar.next_after(0.0, "UTC")
-        except CroniterBadDateError:
-            raise ImpossibleCalendar(_why_never(calendar)) from None
-        return calendar
+        due_sides = tuple(side for side in calendar.sides if _ever_due(side, calendar.seconds_first))
+        if not due_sides:
+            raise ImpossibleCalendar(_why_never(calendar))
+        return dataclasses.replace(calendar, sides=due_sides)
 
     def evqueue_text(self) -> str | None:
         """The calendar in evQueue's `sec;min;hour;day;month;wday` (what evQueue's clients show and parse), or None
@@ -167,15 +180,11 @@ class Calendar:
         """
         zone = local_zone() if timezone is None else zoneinfo.ZoneInfo(timezone)
         start = dt.datetime.fromtimestamp(math.floor(after), zone)
-        times = croniter(
-            self.expression,
-            start,
-            day_or=self.day_or,
-            second_at_beginning=self.seconds_first,
-            max_years_between_matches=_MAX_YEARS_BETWEEN_MATCHES,
-        )
+        times = self._due_times(start, float)
         for _ in range(_MAX_STEPS):
-            due = times.get_next(float)
+            due = next(times, None)
+            if due is None:
+                break  # pragma: no cover (parse keeps only sides that are due in every 400 years)
             if due <= after:  # never go back in time, whatever a library does around a transition
                 continue
             wall = dt.datetime.fromtimestamp(due, zone)
@@ -192,14 +201,36 @@ class Calendar:
         of the new clock, as it does for `30 * * * *` (01:30, then 03:30), instead of running at the jump and again
         an hour later."""
         naive = wall.replace(tzinfo=None)  # no zone, no jumps: the calendar's own times (croniter.match errs on 29 Feb)
-        times = croniter(
-            self.expression,
-            naive - dt.timedelta(seconds=1),
-            day_or=self.day_or,
-            second_at_beginning=self.seconds_first,
-            max_years_between_matches=_MAX_YEARS_BETWEEN_MATCHES,
-        )
-        return bool(times.get_next(dt.datetime) == naive)
+        return next(self._due_times(naive - dt.timedelta(seconds=1), dt.datetime), None) == naive
+
+    def _due_times(self, start: dt.datetime, kind: type[_Due]) -> Iterator[_Due]:
+        """The calendar's times after `start`, in order, each once: those of its sides merged (cron's day OR
+        weekday). A side croniter finds no time for in its search (`_MAX_YEARS_BETWEEN_MATCHES`) is dropped."""
+        sides = [
+            croniter(
+                side,
+                start,
+                day_or=False,
+                second_at_beginning=self.seconds_first,
+                max_years_between_matches=_MAX_YEARS_BETWEEN_MATCHES,
+            )
+            for side in self.sides
+        ]
+        upcoming: dict[int, _Due] = {}
+
+        def advance(index: int) -> None:
+            try:
+                upcoming[index] = sides[index].get_next(kind)
+            except CroniterBadDateError:  # pragma: no cover (parse keeps only sides due in every 400 years)
+                upcoming.pop(index, None)
+
+        for index in range(len(sides)):
+            advance(index)
+        while upcoming:
+            due = min(upcoming.values())
+            yield due
+            for index in [index for index, value in upcoming.items() if value == due]:
+                advance(index)
 
 
 def _parse_cron(stripped: str) -> Calendar:
@@ -242,13 +273,32 @@ def _parse_cron(stripped: str) -> Calendar:
     # Vixie cron's and cronie's rule for day and weekday: a day matching either counts only when neither field
     # starts with `*`; `*/2` is a star there, so `0 0 */2 * 5` is an odd day that is a Friday, not both kinds.
     day_or = not (fields[-3].startswith("*") or fields[-1].startswith("*"))
-    return Calendar(stripped, expression, seconds_first, day_or=day_or, wildcard=wildcard)
+    sides: tuple[str, ...] = (expression,)
+    if day_or:  # the days of DAY, and the weekdays of WDAY: each side leaves the other field `*`
+        *before, day, month, weekday = expression.split(" ")
+        sides = (" ".join([*before, day, month, "*"]), " ".join([*before, "*", month, weekday]))
+    return Calendar(stripped, expression, seconds_first, day_or=day_or, wildcard=wildcard, sides=sides)
+
+
+def _ever_due(side: str, seconds_first: bool) -> bool:
+    """Whether this croniter expression (one of a calendar's `sides`) has a due time in a whole Gregorian cycle, and
+    so in every one: if not, it never has."""
+    times = croniter(
+        side, 0.0, day_or=False, second_at_beginning=seconds_first, max_years_between_matches=_GREGORIAN_CYCLE_YEARS
+    )
+    try:
+        times.get_next(float)
+    except CroniterBadDateError:
+        return False
+    return True
 
 
 def _why_never(calendar: Calendar) -> str:
     """evQueue's message for a cron calendar that can never fire, then why, naming the fields: the days of DAY are in
     none of the months of MONTH (when a day must match DAY; with cron's OR, a weekday of WDAY would do), else no day
-    of the years croniter searches matches the fields together (`15W` and a Sunday)."""
+    of a whole Gregorian cycle matches the fields together (`15W` and a Sunday). With cron's OR, a calendar is never
+    due only if neither side is; no such calendar can be written today (every month has a fifth of each weekday in
+    some years), but the message stays true should one come."""
     fields = calendar.text.split()
     day_field, month_field, weekday_field = fields[-3:]
     expanded = croniter(calendar.expression, 0.0, second_at_beginning=calendar.seconds_first).expanded
@@ -262,9 +312,14 @@ def _why_never(calendar: Calendar) -> str:
             f"{IMPOSSIBLE}: none of the months of MONTH {month_field!r} has one of the days of DAY {day_field!r}: "
             f"{_month_lengths(chosen)}"
         )
+    matches = (
+        f"MONTH {month_field!r} and either DAY {day_field!r} or WDAY {weekday_field!r}"
+        if calendar.day_or
+        else f"DAY {day_field!r}, MONTH {month_field!r} and WDAY {weekday_field!r}"
+    )
     return (
-        f"{IMPOSSIBLE}: no day in {_MAX_YEARS_BETWEEN_MATCHES} years matches DAY {day_field!r}, "
-        f"MONTH {month_field!r} and WDAY {weekday_field!r}"
+        f"{IMPOSSIBLE}: no day matches {matches} (none in {_GREGORIAN_CYCLE_YEARS} years, after which the calendar's "
+        "dates fall on the same weekdays again)"
     )
 
 
@@ -390,8 +445,9 @@ def _parse_evqueue(text: str) -> Calendar:
         ",".join(str(number + shift) for number in numbers) if numbers else "*"
         for numbers, (_, shift) in zip(values, _EVQUEUE_LEVELS, strict=True)
     ]
+    expression = " ".join(fields)
     return Calendar(
-        text.strip(), " ".join(fields), seconds_first=True, day_or=False, wildcard=not all(values[: _HOUR + 1])
+        text.strip(), expression, True, day_or=False, wildcard=not all(values[: _HOUR + 1]), sides=(expression,)
     )
 
 
