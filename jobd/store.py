@@ -2240,8 +2240,15 @@ def store_failure(failure: Exception) -> StoreFailed | None:
         return None
     if damaged(failure):
         # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.
-        return StoreFailed(f"jobd's database reads as damaged ({failure}): {DAMAGED_ADVICE}")
+        # Named as jobd opened it: the file to check, restore or move away, whatever the state directory is.
+        return StoreFailed(f"jobd's database{_opened_file()} reads as damaged ({failure}): {DAMAGED_ADVICE}")
     return StoreFailed(f"jobd could not write its database ({failure})")
+
+
+def _opened_file() -> str:
+    """The database file the models use (a jobd opens one: Store.open), after a space; "" before one is opened."""
+    database = _db.obj
+    return f" {database.database}" if database is not None else ""
 
 
 # Where jobd's database is used from: the store, peewee under it, and the copies of a backup (SQLite's own code

@@ -629,13 +629,15 @@ def test_a_damaged_page_of_finished_jobs_found_after_the_start_is_one_clear_line
     # The line says what was found and what to do (SQLite's own words, "database disk image is malformed", do not).
     wait_for_log(daemon, line)
     logged = [text for text in daemon.log().splitlines() if line in text]
-    assert logged and all("reads as damaged" in text and "restore it from a backup" in text for text in logged), logged
+    # Which file, as jobd opened it: the one to check, restore or move away.
+    damaged = f"jobd's database {daemon.state_dir / 'jobd.sqlite3'} reads as damaged ("
+    assert logged and all(damaged in text and "restore it from a backup" in text for text in logged), logged
     assert "Traceback" not in daemon.log(), daemon.log()
     if finder == "the count of the history":
         # daemon.status waits for that count: it says so too.
         with pytest.raises(RemoteError) as refused:
             daemon.call("daemon.status")
-        assert refused.value.code == "STORE_FAILED" and "reads as damaged" in refused.value.message
+        assert refused.value.code == "STORE_FAILED" and damaged in refused.value.message, refused.value.message
     # The rest of the history, and new work, are served as before.
     assert daemon.call("job.get", {"id": 300})["state"] == "succeeded"
     assert daemon.wait(daemon.submit(command=["/bin/true"])["id"])["state"] == "succeeded"
