@@ -258,18 +258,25 @@ def _number(text: str) -> int | None:
 
 def _number_jobs_past_their_output(store: Store, output: str, highest: int) -> None:
     """New jobs take ids past `highest`, the last job whose output directory is left. A database restored from a
-    copy (jobctl backup) lacks the jobs made after the copy, whose output is still there: a new job given one of
-    their ids would show that job's output to its own readers until it writes its first byte."""
+    copy (jobctl backup) lacks the jobs made after the copy, whose output is still there; so does one whose WAL was
+    lost after a crash (deleted by a cleaning tool or by hand, cut short by a power cut with durability "crash"),
+    with the jobs committed in it: a new job given one of their ids would show that job's output to its own readers
+    until it writes its first byte. The warning names both causes: looking only for a restore no one made, an
+    administrator would not look for what removed the WAL, which may remove it again."""
     known = store.reserve_ids("job", highest)
     if highest > known:
         log.warning(
-            "%s holds the output of jobs up to %d, past the last job of the database (%d): a database restored "
-            "from a copy? New jobs are numbered from %d; the output of jobs %d-%d is not any job's any more "
-            "(remove it by hand)",
+            "%s holds the output of jobs up to %d, past the last job of the database (%d): the database lacks jobs "
+            "it had, either restored from a copy or having lost its last commits after a crash (its WAL, %s-wal, "
+            "deleted or cut short). New jobs take ids past %d, so that none shows their output. If no copy was "
+            "restored, look for what removed or cut the WAL (a cleaning tool, a script, I/O errors in the kernel "
+            "log); jobs %d-%d are unknown to jobd now (their clients may submit them again) and their output is not "
+            "any job's (remove it by hand)",
             output,
             highest,
             known,
-            highest + 1,
+            store.path,
+            highest,
             known + 1,
             highest,
         )
@@ -324,8 +331,8 @@ def _remove_output_the_database_does_not_know(store: Store, output: str, jobs_to
     if removed:
         log.warning(
             "removed %d output file%s of %d job%s in %s left by attempts or callback deliveries the database has no "
-            "record of (a database restored from a copy?): they would have been shown as the output of the attempts "
-            "and deliveries to come under the same numbers",
+            "record of (a database restored from a copy, or one whose WAL was lost after a crash?): they would "
+            "have been shown as the output of the attempts and deliveries to come under the same numbers",
             removed,
             "" if removed == 1 else "s",
             jobs,

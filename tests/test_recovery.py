@@ -2214,6 +2214,31 @@ def test_ids_of_jobs_a_database_lost_with_its_last_commits_are_not_given_again(
     assert unknown.value.code == "UNKNOWN_JOB", unknown.value
 
 
+def test_the_output_of_jobs_a_lost_wal_took_away_is_told_with_both_causes_and_what_to_check(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """A WAL deleted after a crash (by a cleaning tool, by hand) takes the jobs committed in it away, and leaves
+    their output: the start's warning asked "a database restored from a copy?" only, which sent its reader looking
+    for a restore no one made rather than for what removed the WAL."""
+    daemon = make_daemon("[queue.default]\n")
+    ran = [daemon.wait(daemon.submit(command=["/bin/echo", "in the WAL"])["id"])["id"] for _ in range(2)]
+    daemon.kill9()
+    database = daemon.state_dir / "jobd.sqlite3"
+    os.unlink(f"{database}-wal")
+    daemon.start()
+    assert all_jobs(daemon) == []  # the WAL held them all
+    output = daemon.state_dir / "output"
+    assert (
+        f"WARNING {output} holds the output of jobs up to {ran[-1]}, past the last job of the database (0): the "
+        "database lacks jobs it had, either restored from a copy or having lost its last commits after a crash (its "
+        f"WAL, {database}-wal, deleted or cut short). New jobs take ids past {ran[-1]}, so that none shows their "
+        "output. If no copy was restored, look for what removed or cut the WAL (a cleaning tool, a script, I/O "
+        f"errors in the kernel log); jobs {ran[0]}-{ran[-1]} are unknown to jobd now (their clients may submit them "
+        "again) and their output is not any job's (remove it by hand)"
+    ) in daemon.log(), daemon.log()
+    assert daemon.submit(command=["/bin/true"])["id"] > ran[-1]  # past the mark of the ids handed out, too
+
+
 def test_a_clean_stop_leaves_no_gap_in_the_job_ids(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon("[queue.default]\n")
     first = daemon.submit(command=["/bin/true"], delay=3600)["id"]
