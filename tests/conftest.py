@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import debian_support
 import pytest
 from harness import Daemon
 from recovery.support import attach, stop_pumps
@@ -145,3 +146,9 @@ def full_output_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This checkout's Debian package, built once in the run for both files of its tests (debian_support.built_once)."""
+    return debian_support.built_once("checkout", tmp_path_factory, debian_support.checkout_package)

@@ -1,19 +1,5 @@
-"""The Debian package (debian/): built from this checkout, checked by lintian, installed, used and purged for real.
-
-Build: the checkout's tracked and new (not ignored) files are copied to a temporary directory, where
-debian/vendor/fetch gets the upstream sdists the package bundles (PyPI the first time, then ~/.cache/jobd/vendor)
-and `dpkg-buildpackage -us -uc -b` builds jobd_*.deb, with a PATH of the system's directories only (a pyenv or
-venv python3 first on PATH would otherwise be the interpreter pybuild builds with). The upgrade tests build two more:
-the first packaged jobd, from git history, as 0.1.0~prev (to upgrade from), and this checkout as 0.1.0+next with
-a changed /etc/jobd/jobd.toml (to upgrade to).
-
-Install: apt-get installs the .deb inside a throw-away systemd (../shared/tools/sdns.sh boots one as PID 1 of
-private namespaces), so the maintainer scripts enable, start, restart (upgrade) and stop (remove) the units under
-a real systemd, as on a server (a container image's policy-rc.d, which forbids it, is removed). Overlay mounts
-on /usr, /etc and /var inside the namespace (seen by nothing outside it) take every write of apt, dpkg and the
-maintainer scripts: the host's dpkg database, files and groups are never changed, and a test that dies halfway
-leaves nothing to clean up (sd_down runs when the bash process that booted it sees its stdin close). Installing
-uses no network (apt-get with no package sources): `make test` installs the package's Depends (DEB_PACKAGES).
+"""The Debian package (debian/): built from this checkout, checked by lintian, installed, used and purged for real,
+in a throw-away systemd (tests/debian_support.py says how). Upgrades: tests/test_debian_upgrades.py.
 """
 
 from __future__ import annotations
@@ -21,34 +7,25 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
-import socket
 import subprocess
-import sys
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sdns_driver
-from harness import REPO, SDNS
+from debian_support import (
+    CLEAN_ENV,
+    MARKS,
+    NO_SOURCES,
+    TIMEOUT,
+    Sdns,
+    booted,
+    run,
+    version_ge,
+)
+from harness import REPO
 
-from jobd.store import SCHEMA_VERSION
-
-TIMEOUT = 300.0  # hang guard for each command (the build, apt); never a measurement
-SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-# apt with no package sources: it knows only what is installed and the .deb, so it cannot download anything; a
-# missing dependency fails the install. (--no-download would do, but apt 2.6 refuses it with a local .deb.)
-NO_SOURCES = ("-o", "Dir::Etc::SourceList=/dev/null", "-o", "Dir::Etc::SourceParts=/dev/null")
-CLEAN_ENV = {"PATH": SYSTEM_PATH, "HOME": "/root", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
-
-pytestmark = [
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not SDNS.exists() or not Path("/lib/systemd/systemd").exists(),
-        reason=f"needs root, sdns.sh (not at {SDNS}; set SDNS_SH) and Debian's systemd",
-    ),
-    pytest.mark.timeout(900),  # the build and lintian are slow on a loaded machine; every command has TIMEOUT
-]
+pytestmark = MARKS
 
 # pyproject's dependency name -> the Debian package the .deb must depend on; the others are bundled.
 DEBIAN_PACKAGES = {
@@ -63,45 +40,10 @@ BUNDLED = {"inotify-simple": "inotify_simple", "croniter": "croniter"}
 GROUPS = ("jobd", "jobd-admin")
 
 
-def _run(
-    args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(args, cwd=cwd, env=env, text=True, capture_output=True, timeout=TIMEOUT)
-    assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-def _copy_checkout(dest: Path) -> None:
-    listed = _run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"])
-    for name in sorted(set(listed.stdout.split("\0")) - {""}):
-        source = REPO / name
-        if not os.path.lexists(source):  # deleted in the working tree, not yet in git
-            continue
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target, follow_symlinks=False)
-
-
-def _build(source: Path, version: str | None = None) -> Path:
-    """The package built from the tree `source` (in a directory of its own), as `version` if given: the changelog's
-    0.1.0 is replaced by it."""
-    if version is not None:
-        changelog = source / "debian" / "changelog"
-        text = changelog.read_text()
-        assert text.startswith("jobd (0.1.0) "), text.splitlines()[0]
-        changelog.write_text(text.replace("jobd (0.1.0) ", f"jobd ({version}) ", 1))
-    _run([str(source / "debian" / "vendor" / "fetch")], env={**os.environ, "PIP": f"{sys.executable} -m pip"})
-    _run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source, env=CLEAN_ENV)
-    debs = list(source.parent.glob("jobd_*_all.deb"))
-    assert len(debs) == 1, debs
-    return debs[0]
-
-
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = tmp_path_factory.mktemp("deb") / "jobd"
-    _copy_checkout(source)
-    return _build(source)
+@pytest.fixture
+def sd() -> Iterator[Sdns]:
+    with booted() as system:
+        yield system
 
 
 def _requirements() -> dict[str, str]:
@@ -111,10 +53,6 @@ def _requirements() -> dict[str, str]:
         name, _, rest = requirement.partition(">=")
         bounds[name.strip()] = rest.split(",")[0].strip()
     return bounds
-
-
-def _version_ge(a: str, b: str) -> bool:
-    return subprocess.run(["dpkg", "--compare-versions", a, "ge", b], timeout=TIMEOUT).returncode == 0
 
 
 def test_lintian_reports_no_errors_nor_warnings(deb: Path) -> None:
@@ -133,7 +71,7 @@ def test_lintian_reports_no_errors_nor_warnings(deb: Path) -> None:
 
 
 def test_contents_conffile_and_depends(deb: Path, tmp_path: Path) -> None:
-    listing = _run(["dpkg-deb", "--contents", str(deb)]).stdout
+    listing = run(["dpkg-deb", "--contents", str(deb)]).stdout
     paths = {line.split()[5].removeprefix(".") for line in listing.splitlines()}
     units = "/lib/systemd/system" if "/lib/systemd/system/jobd.service" in paths else "/usr/lib/systemd/system"
     expected = {
@@ -161,74 +99,24 @@ def test_contents_conffile_and_depends(deb: Path, tmp_path: Path) -> None:
     public = {p.split("/")[5] for p in paths if p.startswith("/usr/lib/python3/dist-packages/") and p.count("/") > 5}
     assert public == {"jobd", "jobd-0.1.0.dist-info"}
     # The config shipped is the example config, as a conffile.
-    assert _run(["dpkg-deb", "--info", str(deb), "conffiles"]).stdout.split() == ["/etc/jobd/jobd.toml"]
-    _run(["dpkg-deb", "--extract", str(deb), str(tmp_path)])
+    assert run(["dpkg-deb", "--info", str(deb), "conffiles"]).stdout.split() == ["/etc/jobd/jobd.toml"]
+    run(["dpkg-deb", "--extract", str(deb), str(tmp_path)])
     assert (tmp_path / "etc" / "jobd" / "jobd.toml").read_text() == (REPO / "examples" / "jobd.toml").read_text()
 
-    depends = [d.strip() for d in _run(["dpkg-deb", "--field", str(deb), "Depends"]).stdout.split(",")]
+    depends = [d.strip() for d in run(["dpkg-deb", "--field", str(deb), "Depends"]).stdout.split(",")]
     bounds = _requirements()
     assert set(bounds) == set(DEBIAN_PACKAGES) | set(BUNDLED), "a new dependency: map it here and in debian/control"
     for name, package in DEBIAN_PACKAGES.items():
         # Depends carries pyproject's lower bound, and Debian 12's package (installed here) meets it.
         assert f"{package} (>= {bounds[name]})" in depends, (name, depends)
-        installed = _run(["dpkg-query", "-W", "-f", "${Version}", package]).stdout
-        assert _version_ge(installed, bounds[name]), (package, installed, bounds[name])
+        installed = run(["dpkg-query", "-W", "-f", "${Version}", package]).stdout
+        assert version_ge(installed, bounds[name]), (package, installed, bounds[name])
     # Bundled modules: no dependency on a Debian package of them, and the bundled version meets pyproject's bound.
     sums = (REPO / "debian" / "vendor" / "SHA256SUMS").read_text().split()[1::2]
     for name, module in BUNDLED.items():
         assert not [d for d in depends if d.startswith(f"python3-{name}")], depends
         (sdist,) = [s for s in sums if s.startswith(f"{module}-")]
-        assert _version_ge(sdist.removeprefix(f"{module}-").removesuffix(".tar.gz"), bounds[name]), sdist
-
-
-class Sdns(sdns_driver.Sdns):
-    """One throw-away systemd; commands run in it with the clean environment of a root shell."""
-
-    def __init__(self) -> None:
-        super().__init__(TIMEOUT)
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.enter(*args), text=True, capture_output=True, timeout=TIMEOUT, env=CLEAN_ENV)
-
-    def ns(self, *args: str) -> str:
-        done = self.run(*args)
-        assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-    def exists(self, path: str) -> bool:
-        return os.path.lexists(f"{self.root}{path}")
-
-
-@pytest.fixture
-def sd() -> Iterator[Sdns]:
-    system = Sdns()
-    try:
-        overlay = system.work / "overlay"
-        for name in ("usr", "etc", "var"):
-            (overlay / f"{name}.upper").mkdir(parents=True)
-            (overlay / f"{name}.work").mkdir()
-        (overlay / "keep").mkdir()
-        # sdns put a tmpfs on /etc/systemd/system: moved aside while /etc gets its overlay, then back on top.
-        system.ns("sh", "-ec", f"""
-            for d in usr var; do
-              mount -t overlay overlay -o lowerdir=/$d,upperdir={overlay}/$d.upper,workdir={overlay}/$d.work /$d
-            done
-            mount --move /etc/systemd/system {overlay}/keep
-            mount -t overlay overlay -o lowerdir=/etc,upperdir={overlay}/etc.upper,workdir={overlay}/etc.work /etc
-            mount --move {overlay}/keep /etc/systemd/system
-            systemctl daemon-reload
-            rm -f /usr/sbin/policy-rc.d
-            rm -f /var/lib/man-db/auto-update
-        """)  # fmt: skip
-        # (A container image's policy-rc.d, exit 101, forbids maintainer scripts to start or restart services; a
-        # server has none. Removed in the overlay, the scripts act as on a server.)
-        # (man-db's trigger updates the machine's manual page index after each install, upgrade and purge: some 3 s
-        # of CPU each time, more than half of an install's, for an index no test reads. Without this flag file
-        # (debconf's man-db/auto-update = false, as in Debian's container images) the trigger runs and skips that
-        # work. The pages themselves are checked in the package: test_contents_conffile_and_depends, and lintian.)
-        yield system
-    finally:
-        system.down()
+        assert version_ge(sdist.removeprefix(f"{module}-").removesuffix(".tar.gz"), bounds[name]), sdist
 
 
 def test_install_start_run_purge(deb: Path, sd: Sdns) -> None:
@@ -432,210 +320,3 @@ def test_install_over_an_existing_group_and_user(deb: Path, sd: Sdns) -> None:
     assert sd.ns("stat", "-c", "%G %a", "/run/jobd/jobd.sock").split() == ["jobd", "660"]
     bob = ("setpriv", "--reuid", "bob", "--regid", "bob", "--init-groups", "jobctl")
     assert json.loads(sd.ns(*bob, "--json", "ls"))["jobs"] == []
-
-
-# A job that tells the test, through FIFOs, that it runs and that it got SIGTERM, and after SIGTERM waits for the
-# test's word before it goes (its kill_grace is long enough for the test to act meanwhile). Once the test removed
-# the FIFOs' directory it just goes.
-HOLD = r"""
-trap 'echo stopping >/run/jobd-test/stopping && read _ </run/jobd-test/release; exit 0' TERM
-echo running >/run/jobd-test/running
-while :; do sleep 1000 & wait $!; done
-"""
-
-
-def _stopping_the_held_job(sd: Sdns, args: list[str], meanwhile: Callable[[], None] = lambda: None) -> None:
-    """Run `args` (dpkg or apt-get), which stops jobd and so the HOLD job: once the job has SIGTERM (the old jobd
-    no longer listens), call `meanwhile`, then let the job go and wait for `args` to end."""
-    command = subprocess.Popen(
-        sd.enter(*args), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=CLEAN_ENV
-    )
-    try:
-        assert sd.ns("cat", "/run/jobd-test/stopping") == "stopping\n"
-        meanwhile()
-        sd.ns("sh", "-c", "echo go >/run/jobd-test/release")
-        assert command.wait(TIMEOUT) == 0, command.communicate()[0]
-    finally:
-        if command.poll() is None:
-            command.kill()
-            command.wait(TIMEOUT)
-
-
-def test_upgrade_and_remove_keep_jobs_configuration_and_waiting_clients(deb: Path, sd: Sdns) -> None:
-    """dpkg -i over the installed package while a job runs and another waits: jobd.service restarts (the new jobd
-    runs), the running job is stopped and runs again from the start, the queued one keeps its place, the
-    administrator's change to the conffile stays, and a client that connected while the old jobd stopped is
-    answered by the new one (jobd.socket is not restarted). Then apt-get remove stops both units and keeps all
-    that, and installing again resumes it."""
-    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
-    sd.ns("sh", "-ec", "mkdir -m 0700 /run/jobd-test && cd /run/jobd-test && mkfifo running stopping release")
-    drop_in = Path(f"{sd.root}/etc/jobd/jobd.d/50-local.toml")
-    drop_in.parent.mkdir()
-    hold = f'[task.hold]\ncommand = ["/bin/sh", "-c", {json.dumps(HOLD)}]\nuser = "root"\nkill_grace = 600\n'
-    drop_in.write_text(f'{hold}\n[task.after]\ncommand = ["/bin/true"]\n')
-    conffile = Path(f"{sd.root}/etc/jobd/jobd.toml")
-    edited = conffile.read_text().replace("concurrency = 1", "concurrency = 1  # the administrator's", 1)
-    conffile.write_text(edited)
-    sd.ns("jobctl", "reload")
-    held = json.loads(sd.ns("jobctl", "--json", "submit", "hold"))["id"]
-    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
-    queued = json.loads(sd.ns("jobctl", "--json", "submit", "after"))["id"]
-    old_pid = sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip()
-
-    with socket.socket(socket.AF_UNIX) as client:
-        client.settimeout(TIMEOUT)  # hang guard
-
-        def connect() -> None:  # into the listening socket's queue, while no jobd accepts
-            client.connect(f"{sd.root}/run/jobd/jobd.sock")
-            client.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n')
-
-        _stopping_the_held_job(sd, ["dpkg", "-i", str(deb)], connect)
-        answer = client.makefile("rb").readline()
-    assert answer and "result" in json.loads(answer), answer
-
-    assert sd.ns("systemctl", "is-active", "jobd.socket", "jobd.service").split() == ["active", "active"]
-    assert sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip() != old_pid
-    # The job the restart stopped runs again, from the start, under the new jobd; the queued one still waits.
-    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
-    job = json.loads(sd.ns("jobctl", "--json", "status", str(held)))
-    assert job["state"] == "running" and job["attempts"] == 2, job
-    assert json.loads(sd.ns("jobctl", "--json", "status", str(queued)))["state"] == "queued"
-    assert conffile.read_text() == edited
-
-    _stopping_the_held_job(sd, ["apt-get", "remove", "--yes", "jobd"])
-    assert sd.ns("dpkg-query", "-W", "-f", "${Status}", "jobd") == "deinstall ok config-files"
-    assert sd.run("systemctl", "is-active", "jobd.socket", "jobd.service").stdout.split() == ["inactive"] * 2
-    assert conffile.read_text() == edited and sd.exists("/var/lib/jobd/jobd.sqlite3")
-    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
-    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
-    assert json.loads(sd.ns("jobctl", "--json", "status", str(held)))["attempts"] == 3
-    assert json.loads(sd.ns("jobctl", "--json", "status", str(queued)))["state"] == "queued"
-    sd.ns("rm", "-r", "/run/jobd-test")  # the job goes at once when stopped (at sd_down)
-
-
-# The fleet's previous version: the first packaged jobd (debian/ came with this commit), whose database is at schema
-# version 11. Built from git history as 0.1.0~prev, a lower version than this checkout's, so that installing this
-# checkout's package over it is an upgrade, with the previous package's maintainer scripts and jobd.
-PREVIOUS = "5bb66c42e0d8a76a1d651417033721306e90fbe7"
-PREVIOUS_VERSION = "0.1.0~prev"
-PREVIOUS_SCHEMA = 11
-
-
-@pytest.fixture(scope="module")
-def previous_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = tmp_path_factory.mktemp("previous-deb") / "jobd"
-    source.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", PREVIOUS], capture_output=True, timeout=TIMEOUT, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, timeout=TIMEOUT, check=True)
-    return _build(source, PREVIOUS_VERSION)
-
-
-def _schema_version(sd: Sdns) -> int:
-    """The database's schema version (SQLite's user_version); jobd must be stopped (it holds the file exclusively)."""
-    database = "sqlite3.connect('/var/lib/jobd/jobd.sqlite3')"
-    read = f"import sqlite3; print({database}.execute('PRAGMA user_version').fetchone()[0])"
-    return int(sd.ns("python3", "-c", read))
-
-
-def test_upgrade_from_the_previous_version_migrates_the_database_and_keeps_the_jobs(
-    deb: Path, previous_deb: Path, sd: Sdns
-) -> None:
-    """dpkg -i of this checkout's package over the previous version's, with a job running, jobs queued behind it and
-    one finished: the new jobd, restarted once by the postinst, brings the database to its schema, keeps every job
-    and their output, runs the stopped job again and then the queued ones."""
-    new_version = _run(["dpkg-deb", "--field", str(deb), "Version"]).stdout.strip()
-    assert not _version_ge(PREVIOUS_VERSION, new_version), (PREVIOUS_VERSION, new_version)
-    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(previous_deb))
-    assert sd.ns("dpkg-query", "-W", "-f", "${Version}", "jobd") == PREVIOUS_VERSION
-    sd.ns("systemctl", "stop", "jobd.service")
-    assert _schema_version(sd) == PREVIOUS_SCHEMA  # made by the previous jobd
-    sd.ns("systemctl", "start", "jobd.service")
-
-    sd.ns("sh", "-ec", "mkdir -m 0700 /run/jobd-test && cd /run/jobd-test && mkfifo running stopping release")
-    drop_in = Path(f"{sd.root}/etc/jobd/jobd.d/50-local.toml")
-    drop_in.parent.mkdir()
-    hold = f'[task.hold]\ncommand = ["/bin/sh", "-c", {json.dumps(HOLD)}]\nuser = "root"\nkill_grace = 600\n'
-    drop_in.write_text(f'{hold}\n[task.after]\ncommand = ["/bin/echo", "after"]\n')
-    sd.ns("jobctl", "reload")
-    token = f"before-the-upgrade-{os.getpid()}"
-    finished = json.loads(sd.ns("jobctl", "--json", "run", "--", "/bin/echo", token))["id"]
-    sd.ns("jobctl", "wait", str(finished))
-    held = json.loads(sd.ns("jobctl", "--json", "submit", "hold"))["id"]
-    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
-    queued = [json.loads(sd.ns("jobctl", "--json", "submit", "after"))["id"] for _ in range(3)]
-    cursor = sd.ns("journalctl", "-q", "-n", "0", "--show-cursor").strip().removeprefix("-- cursor: ")
-
-    _stopping_the_held_job(sd, ["dpkg", "-i", str(deb)])
-
-    assert sd.ns("dpkg-query", "-W", "-f", "${Version}", "jobd") == new_version
-    assert sd.ns("systemctl", "is-active", "jobd.socket", "jobd.service").split() == ["active", "active"]
-    # The unit's entries are picked here, not by `-u`: systemd 252's journalctl --after-cursor with a match skips the
-    # first matching entry when the cursor's own entry does not match.
-    entries = [
-        json.loads(line) for line in sd.ns("journalctl", "-q", "-o", "json", f"--after-cursor={cursor}").splitlines()
-    ]
-    messages = [
-        str(entry.get("MESSAGE"))
-        for entry in entries
-        if "jobd.service" in (entry.get("_SYSTEMD_UNIT"), entry.get("UNIT"))
-    ]
-    assert [m for m in messages if m == "stopped" or " ready: socket " in m][-2:] == [
-        "stopped",
-        f"jobd {new_version} ready: socket /run/jobd/jobd.sock, state /var/lib/jobd",
-    ], messages
-    assert len([m for m in messages if " ready: socket " in m]) == 1, messages  # restarted once
-    assert sd.ns("getent", "group", "jobd-admin").startswith("jobd-admin:")  # the new sysusers.d entry
-    # The stopped job runs again, from the start, under the new jobd; the queued ones wait behind it; the finished
-    # one and its output are there.
-    assert sd.ns("cat", "/run/jobd-test/running") == "running\n"
-    job = json.loads(sd.ns("jobctl", "--json", "status", str(held)))
-    assert (job["state"], job["attempts"]) == ("running", 2), job
-    assert [json.loads(sd.ns("jobctl", "--json", "status", str(i)))["state"] for i in queued] == ["queued"] * 3
-    assert json.loads(sd.ns("jobctl", "--json", "status", str(finished)))["state"] == "succeeded"
-    assert sd.ns("jobctl", "log", str(finished)) == f"{token}\n"
-    sd.ns("rm", "-r", "/run/jobd-test")  # the held job now goes at once when cancelled
-    sd.ns("jobctl", "cancel", str(held))
-    for job_id in queued:
-        sd.ns("jobctl", "wait", str(job_id))
-        assert sd.ns("jobctl", "log", str(job_id)) == "after\n"
-    sd.ns("systemctl", "stop", "jobd.service")
-    assert _schema_version(sd) == SCHEMA_VERSION
-
-
-@pytest.fixture(scope="module")
-def next_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This checkout's package as a next version, 0.1.0+next, whose /etc/jobd/jobd.toml has one line more."""
-    source = tmp_path_factory.mktemp("next-deb") / "jobd"
-    _copy_checkout(source)
-    with (source / "examples" / "jobd.toml").open("a") as shipped:
-        shipped.write("# a line the next version adds\n")
-    return _build(source, "0.1.0+next")
-
-
-def test_an_upgrade_that_changes_the_edited_conffile_keeps_the_administrators_version(
-    deb: Path, next_deb: Path, sd: Sdns
-) -> None:
-    """The administrator changed /etc/jobd/jobd.toml and the next version ships a changed one: with dpkg's
-    --force-confold (what an unattended upgrade passes; dpkg would ask otherwise) the administrator's file stays in
-    force, the new one is left beside it as jobd.toml.dpkg-dist, which jobd does not read, and the restarted jobd
-    runs with the administrator's configuration."""
-    sd.ns("apt-get", *NO_SOURCES, "install", "--yes", "--no-install-recommends", str(deb))
-    conffile = Path(f"{sd.root}/etc/jobd/jobd.toml")
-    shipped = conffile.read_text()
-    edited = shipped.replace("[queue.default]\nconcurrency = 1\n", "[queue.default]\nconcurrency = 3\n", 1)
-    assert edited != shipped
-    conffile.write_text(edited)
-    sd.ns("jobctl", "reload")
-    old_pid = sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip()
-
-    sd.ns("dpkg", "--force-confold", "-i", str(next_deb))
-
-    assert sd.ns("dpkg-query", "-W", "-f", "${Version}", "jobd") == "0.1.0+next"
-    assert sd.ns("systemctl", "show", "-p", "MainPID", "--value", "jobd.service").strip() != old_pid
-    assert conffile.read_text() == edited
-    assert Path(f"{sd.root}/etc/jobd/jobd.toml.dpkg-dist").read_text() == f"{shipped}# a line the next version adds\n"
-    queues = {queue["name"]: queue for queue in json.loads(sd.ns("jobctl", "--json", "queues"))["queues"]}
-    assert queues["default"]["concurrency"] == 3, queues
-    assert sd.ns("journalctl", "-q", "-o", "cat", "-u", "jobd.service", "-p", "warning") == ""
