@@ -922,8 +922,11 @@ def test_a_retry_due_while_jobd_stops_is_kept_for_the_next_start(make_daemon: An
     """flaky failed and is to be tried again a second later; the stop waits 4 s for slow (it ignores SIGTERM). The
     retry fell due during the stop, its submit was refused, and the try was spent: flaky ended with retval -1 and
     was never tried again. Now no retry is armed once jobd stops, and the next start arms it from retry_at."""
+    # slow's first attempt outlasts the stop's wait (kill_grace); the one the next start runs (JOBD_ATTEMPT 2), which
+    # only holds the instance open, ends at once.
+    slow = "trap '' TERM; [ \"$JOBD_ATTEMPT\" != 1 ] || sleep 8"
     config = (
-        '[queue.q]\nconcurrency = 4\n[task.slow]\ncommand = ["/bin/sh", "-c", "trap \'\' TERM; sleep 8"]\n'
+        f'[queue.q]\nconcurrency = 4\n[task.slow]\ncommand = ["/bin/sh", "-c", {json.dumps(slow)}]\n'
         'queue = "q"\nkill_grace = 4\n'
     )
     daemon = _workflow_daemon(make_daemon, config, retried=RETRIED)
