@@ -280,8 +280,9 @@ def test_running_out_of_file_descriptors_delays_jobs_instead_of_failing_them(mak
             line.split()[3] for line in Path(f"/proc/{daemon.pid}/limits").read_text().splitlines()
             if line.startswith("Max open files")
         )  # fmt: skip
-        # Room for a few jobs (each holds a pidfd and three pipe ends while it runs), not for twenty.
-        limit = open_now + 12
+        # Room for a few jobs at once, not for twenty: each holds a pidfd and three pipe ends while it runs, and more
+        # while it is being started (+12 left room for one at a time: twenty rounds of RESOURCE_RETRY_DELAY).
+        limit = open_now + 40
         subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={limit}:"], check=True)  # the soft limit
         jobs = client.call("job.submit", {"jobs": [{"command": ["/bin/sleep", "0.3"]} for _ in range(20)]})["jobs"]
         states = [client.call("job.wait", {"id": job["id"], "timeout": 60}, timeout=70)["state"] for job in jobs]
