@@ -704,6 +704,10 @@ def test_a_job_lost_in_a_crash_fires_its_callbacks_once(
     )["id"]
     with open(started) as fifo:  # the job is running once it has written
         fifo.read()
+    # One request answered after that is one answered after the turn of jobd's loop that started the job, which also
+    # committed its pid: killed before, the new jobd would not know what to kill, and its `sleep 600` outlived the
+    # test (found orphaned after a clean-clone run).
+    d.call("ping")
     d.kill9()
     d.start()  # recovery fails the lost attempt's job: its callback is queued and armed, then start() re-arms
     got = receiver.next()
@@ -711,6 +715,7 @@ def test_a_job_lost_in_a_crash_fires_its_callbacks_once(
     d.stop()
     assert receiver.requests.empty(), receiver.requests.get()  # not a second delivery of the same row
     assert [(row["job_id"], row["state"], row["tries"]) for row in _rows(d)] == [(job, "delivered", 1)]
+    assert "killed process group" in d.log()  # the new jobd ended the lost attempt's `sleep 600`
 
 
 def test_a_version_10_database_gets_the_crash_window_index(tmp_path: Path) -> None:
