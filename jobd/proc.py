@@ -608,13 +608,15 @@ class Child:
         assert isinstance(progress, _ProgressReader)
         try:
             return cls(popen, _spawned_start_time(popen.pid, before, after), loop, (stdout, stderr), progress, on_exit)
-        except OSError as exc:
+        except Exception as exc:
             # The program started, but jobd has no descriptor or memory left to watch it (its pidfd, an epoll
-            # entry). Left running, nothing would ever reap it, stop it at its time limit or record its end, and its
-            # job would stay `running` for good: it is killed now, and the start counts as failed.
+            # entry), or a bug of jobd's stopped the watch being set up. Left running, nothing would ever reap it,
+            # stop it at its time limit or record its end: it is killed now, and the start counts as failed.
             _kill_unwatched(popen)
             for reader in opened:
                 reader.close()
+            if not isinstance(exc, OSError):  # a bug: Engine._spawn records it as one, with its traceback
+                raise
             program = spec.argv[0] if spec.argv else "?"
             raise SpawnError(
                 f"cannot watch {program!r} once started, so it was stopped: {exc.strerror or exc}",

@@ -291,3 +291,34 @@ def test_a_flush_that_cannot_open_the_wal_leaves_the_next_ones_free_to_run(make_
         with pytest.raises(RemoteError) as failed:
             daemon.call("job.submit", {"command": ["/bin/true"]}, timeout=DEADLINE)
         assert f"No such file or directory: '{wal}'" in failed.value.message, failed.value
+
+
+# Plants a bug in jobd: setting up the watch of a program that has just started raises what no caller expects.
+WATCH_BUG_SHIM = """
+from jobd import proc
+
+
+def pipe_watch(loop):
+    raise RuntimeError("a bug planted by the test")
+
+
+proc._pipe_watch = pipe_watch
+"""
+
+
+def test_a_bug_in_watching_a_started_program_stops_that_program(make_daemon: Any, tmp_path: Path) -> None:
+    """Only an OSError from setting up a started program's watch killed the program: anything else left it running
+    unwatched, never stopped nor reaped, while its job was recorded as a failed start. It is killed and reaped before
+    the failed start is recorded, as for a watch jobd has no descriptor for."""
+    daemon = with_bug(make_daemon, tmp_path, WATCH_BUG_SHIM, CONFIG)
+    job = daemon.submit(command=["/bin/sleep", "600"], queue="serial")
+    try:
+        assert daemon.wait(job["id"])["state"] == "failed"
+        [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+        assert attempt["outcome"] == "spawn_error", attempt
+        assert attempt["error"] == "internal error in jobd (see its log): RuntimeError: a bug planted by the test"
+        assert daemon.children() == [], "the job's program still runs, or is left unreaped"
+    finally:
+        for pid, _ in daemon.children():
+            os.kill(pid, signal.SIGKILL)
+    assert daemon.stop() == 0, daemon.log()
