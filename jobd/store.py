@@ -2242,7 +2242,8 @@ def store_failure(failure: Exception) -> StoreFailed | None:
         # Found by a read as well as by a write: "could not write" would send its reader looking at the disk space.
         # Named as jobd opened it: the file to check, restore or move away, whatever the state directory is.
         return StoreFailed(f"jobd's database{_opened_file()} reads as damaged ({failure}): {DAMAGED_ADVICE}")
-    return StoreFailed(f"jobd could not write its database ({failure})")
+    # Named as for a damaged one: the file whose disk, permissions or file system to look at.
+    return StoreFailed(f"jobd could not write its database{_opened_file()} ({failure})")
 
 
 def _opened_file() -> str:

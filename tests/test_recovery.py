@@ -894,7 +894,7 @@ def test_a_start_on_a_full_disk_that_needs_no_write_serves_and_refuses_writes_un
     assert "cannot write jobd's pid into" in daemon.log()
     assert daemon.call("job.get", {"id": held})["state"] == "queued"
     assert exhaust(daemon, small_state_disk) == filler  # a submit is refused once the WAL has no room left either
-    assert "job.submit: jobd could not write its database (database or disk is full)" in daemon.log()
+    assert f"job.submit: {_not_written(daemon)}" in daemon.log()
 
     filler.unlink()
     daemon.call("queue.resume", {"name": "held"})
@@ -1313,6 +1313,12 @@ def _refused_for_a_full_disk(daemon: Daemon, method: str, params: dict[str, Any]
     return info.value
 
 
+def _not_written(daemon: Daemon) -> str:
+    """What a write refused for a full disk says: its database named, as the daemon opened it (the file whose disk
+    to look at), and SQLite's words."""
+    return f"jobd could not write its database {daemon.state_dir / 'jobd.sqlite3'} (database or disk is full)"
+
+
 def exhaust(daemon: Daemon, small_state_disk: Path) -> Path:
     """Fill the disk, then submit into a paused queue until jobd's WAL has no room left either: from then on every
     write fails. Returns the filler file (unlink it to make room again)."""
@@ -1371,10 +1377,10 @@ def test_writes_on_a_full_database_disk_are_refused_and_change_nothing(
     _refused_for_a_full_disk(daemon, "job.submit", {"command": ["/bin/true"]})
     assert daemon.call("job.list", {"queue": "held", "limit": 1000})["jobs"] == submitted
     log = daemon.log()
-    assert "job.cancel: jobd could not write its database (database or disk is full)" in log
+    assert f"job.cancel: {_not_written(daemon)}" in log
     assert "internal error" not in log and "Traceback" not in log
     # daemon.status and STATUS= say why, though jobd itself has nothing to write (it said nothing while it refused).
-    trouble = "job.submit: jobd could not write its database (database or disk is full)"
+    trouble = f"job.submit: {_not_written(daemon)}"
     assert daemon.call("daemon.status")["store_trouble"] == trouble
     pump_of(daemon).wait_for(lambda line: line.startswith("STATUS=") and trouble in line)
 
@@ -1401,8 +1407,8 @@ def test_requests_refused_on_a_full_database_disk_are_logged_once_not_each(
             assert info.value.code == "STORE_FAILED"
     _refused_for_a_full_disk(daemon, "queue.pause", {"name": "default"})  # another request: said once too
     log = daemon.log()
-    assert log.count("job.submit: jobd could not write its database (database or disk is full)") == 1, log
-    assert log.count("queue.pause: jobd could not write its database (database or disk is full)") == 1, log
+    assert log.count(f"job.submit: {_not_written(daemon)}") == 1, log
+    assert log.count(f"queue.pause: {_not_written(daemon)}") == 1, log
     filler.unlink()
     assert daemon.wait(daemon.submit(command=["/bin/true"])["id"])["state"] == "succeeded"
 

@@ -1116,7 +1116,8 @@ def test_a_full_database_disk_does_not_stop_the_schedules(sched: Any, small_stat
     with subscribe(daemon) as events:
         next_state(events, "succeeded", "schedule:tick")
     filler = fill(small_state_disk)
-    wait_for_log(daemon, "schedule tick: cannot start its task true: jobd could not write its database")
+    not_written = f"jobd could not write its database {daemon.state_dir / 'jobd.sqlite3'} (database or disk is full)"
+    wait_for_log(daemon, f"schedule tick: cannot start its task true: {not_written}")
     assert "Traceback" not in daemon.log()
     filler.unlink()
     with subscribe(daemon) as events:  # a new subscriber hears only of what happens from now on

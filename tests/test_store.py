@@ -1359,11 +1359,16 @@ def test_a_statement_sqlite_cannot_build_is_jobds_bug_and_a_disk_it_cannot_write
     read_only = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     not_written = _refusal(read_only, "INSERT INTO job (task) VALUES ('t')")  # the machine's trouble: still so
     read_only.close()
-    failed = store_failure(not_written)
-    assert (
-        failed is not None
-        and failed.message == "jobd could not write its database (attempt to write a readonly database)"
-    )
+    # Said naming the database jobd opened: the file whose disk, permissions or file system to look at.
+    store = Store(str(tmp_path / "opened.sqlite3"))
+    store.open()
+    try:
+        failed = store_failure(not_written)
+    finally:
+        store.close()
+    assert failed is not None and failed.message == (
+        f"jobd could not write its database {tmp_path / 'opened.sqlite3'} (attempt to write a readonly database)"
+    ), failed
 
 
 def test_a_wait_for_the_start_count_ends_when_the_store_closes_before_it_is_done(tmp_path: Path) -> None:
