@@ -2028,6 +2028,17 @@ def _globs(column: str, patterns: Sequence[str], *, flat: bool) -> tuple[str, li
     return _GLOB_ANY_OF_JSON.format(column=column), [json.dumps(list(patterns))]
 
 
+class WalNotSynced(Exception):
+    """The WAL could not be made durable (durability = "fsync"): the machine's trouble, as a full disk is, answered
+    STORE_FAILED naming the file and the system's words (store_failure), not a bug's INTERNAL_ERROR."""
+
+    def __init__(self, doing: str, error: OSError) -> None:
+        # What its waiters asked for is committed already: only its surviving a power cut is not known.
+        super().__init__(
+            f"jobd could not {doing} ({error.strerror or error}): committed, but not known to survive a power cut"
+        )
+
+
 class _GroupFlusher:
     """fsync()s the WAL in a worker thread; callers that arrive during a flush share the next one."""
 
@@ -2058,7 +2069,7 @@ class _GroupFlusher:
                 # The WAL removed under jobd, no descriptor left: the waiters of this flush hear why, and the next
                 # flush tries again. Raised with the flush marked under way, it left every later flush waiting for
                 # that one to end: each reply that waits for an fsync (durability = "fsync") waited for ever.
-                waiters.set_exception(error)
+                waiters.set_exception(WalNotSynced(f"open its WAL {self._wal_path} to fsync it", error))
                 return
         self._in_flight = True
         done = loop.run_in_executor(None, os.fsync, self._fd)
@@ -2228,6 +2239,8 @@ def store_failure(failure: Exception) -> StoreFailed | None:
     disk is, or SQLite's "unable to open database file" when jobd has no descriptor left, not a bug; the same write
     may succeed once memory is freed. A MemoryError raised anywhere else (reading a job's output, building a
     reply) is not the database's: None (errors.memory_shortage names it at a request's boundary)."""
+    if isinstance(failure, WalNotSynced):
+        return StoreFailed(str(failure))
     if isinstance(failure, MemoryError):
         if not _raised_using_the_database(failure):
             return None
