@@ -47,12 +47,16 @@ proc._ProgressReader._line = _line_with_a_bug
 DEADLINE = 30.0  # for a process the kernel was told to kill; it ends well before
 
 
-def with_bug(make_daemon: Any, tmp_path: Path, shim: str, config: str = "", **workflows: str) -> Any:
-    """A started daemon on `config` (and `workflows`) whose Python runs `shim` first, as its sitecustomize."""
+def with_bug(
+    make_daemon: Any, tmp_path: Path, shim: str, config: str = "", env: dict[str, str] | None = None, **workflows: str
+) -> Any:
+    """A started daemon on `config` (and `workflows`, with `env` added to its environment) whose Python runs `shim`
+    first, as its sitecustomize."""
     folder = tmp_path / "shim"
     folder.mkdir()
     (folder / "sitecustomize.py").write_text(shim)
     daemon = make_daemon(config, start=False)
+    daemon.env.update(env or {})
     daemon.env["PYTHONPATH"] = str(folder)
     daemon.write_workflows(**workflows)
     daemon.start()
@@ -301,32 +305,47 @@ def test_a_flush_that_cannot_open_the_wal_leaves_the_next_ones_free_to_run(make_
     assert log.count(f"job.submit: {said}") == 1 and "Traceback" not in log, log
 
 
-# Plants a bug in jobd: setting up the watch of a program that has just started raises what no caller expects.
+# Plants a bug in jobd: Child.__init__, the program started, meets what no caller expects once the job has told (by
+# writing to the FIFO $JOBD_TEST_FIFO) its own pid and its grandchild's, which the bug writes down beside it.
 WATCH_BUG_SHIM = """
+import os
 from jobd import proc
 
 
-def pipe_watch(loop):
+def _pipe_watch(loop):
+    fifo = os.environ["JOBD_TEST_FIFO"]
+    with open(fifo) as told:  # the open waits for the job to open it, the read for the job to close it
+        pids = told.read()
+    with open(fifo + ".pids", "w") as noted:
+        noted.write(pids)
     raise RuntimeError("a bug planted by the test")
 
 
-proc._pipe_watch = pipe_watch
+proc._pipe_watch = _pipe_watch
 """
 
 
-def test_a_bug_in_watching_a_started_program_stops_that_program(make_daemon: Any, tmp_path: Path) -> None:
-    """Only an OSError from setting up a started program's watch killed the program: anything else left it running
-    unwatched, never stopped nor reaped, while its job was recorded as a failed start. It is killed and reaped before
-    the failed start is recorded, as for a watch jobd has no descriptor for."""
-    daemon = with_bug(make_daemon, tmp_path, WATCH_BUG_SHIM, CONFIG)
-    job = daemon.submit(command=["/bin/sleep", "600"], queue="serial")
+def test_a_bug_in_watching_a_started_job_kills_and_reaps_it(make_daemon: Any, tmp_path: Path) -> None:
+    """Child.spawn stopped a program it could not watch only for an OSError (no descriptor, no memory): any other
+    exception of Child.__init__ (the program started) left the program running, its group too, unwatched, never
+    reaped, while the engine recorded a failed start. Now its group is SIGKILLed and its leader reaped first."""
+    fifo = tmp_path / "told"
+    os.mkfifo(fifo)
+    daemon = with_bug(make_daemon, tmp_path, WATCH_BUG_SHIM, CONFIG, env={"JOBD_TEST_FIFO": str(fifo)})
+    script = 'sleep 600 & echo $$ $! > "$1"; wait'
+    job = daemon.submit(command=["/bin/sh", "-c", script, "sh", str(fifo)], queue="serial")
+    assert daemon.wait(job["id"])["state"] == "failed"
+    [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+    assert attempt["outcome"] == "spawn_error", attempt
+    assert attempt["error"] == "internal error in jobd (see its log): RuntimeError: a bug planted by the test"
+    leader, grandchild = (int(pid) for pid in Path(f"{fifo}.pids").read_text().split())
     try:
-        assert daemon.wait(job["id"])["state"] == "failed"
-        [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
-        assert attempt["outcome"] == "spawn_error", attempt
-        assert attempt["error"] == "internal error in jobd (see its log): RuntimeError: a bug planted by the test"
-        assert daemon.children() == [], "the job's program still runs, or is left unreaped"
+        # Reaped before the start was recorded as failed: no longer jobd's child, not even a zombie.
+        assert leader not in dict(daemon.children()), f"the job's process {leader} was left to run, or unreaped"
+        assert _ends(grandchild), "the job's grandchild still runs"
     finally:
-        for pid, _ in daemon.children():
-            os.kill(pid, signal.SIGKILL)
+        if leader in dict(daemon.children()):  # left running by jobd: not by the test, nor for the next one
+            os.killpg(leader, signal.SIGKILL)
+    log = daemon.log()
+    assert log.count(f"job={job['id']}: internal error starting it") == 1 and log.count("Traceback") == 1, log
     assert daemon.stop() == 0, daemon.log()
