@@ -23,7 +23,8 @@ class EpollSet:
         loop.add_reader(self._epoll.fileno(), self._ready)
 
     def add(self, fd: int, events: int, callback: Callable[[], None]) -> None:
-        """Call `callback` whenever `fd` has one of `events` (EPOLLHUP and EPOLLERR always count) until removed."""
+        """Call `callback` whenever `fd` has one of `events` (EPOLLHUP and EPOLLERR always count) until removed. An
+        exception it raises is logged with its traceback, as asyncio logs a callback's, and `fd` leaves the set."""
         self._epoll.register(fd, events)
         self._callbacks[fd] = callback
 
@@ -44,5 +45,16 @@ class EpollSet:
             # A callback may remove others, or a closed fd's number be registered anew, while the list is handled:
             # one gone is skipped, and a new one woken for nothing finds nothing to do (a pipe: EAGAIN).
             callback = self._callbacks.get(fd)
-            if callback is not None:
+            if callback is None:
+                continue
+            try:
                 callback()
+            except Exception as error:
+                # Contained to this descriptor, as asyncio contains a callback of its own: raised on, it skipped the
+                # rest of the batch, and a callback raising at every turn (its event is level-triggered) left the
+                # others after it unserved for good. Its descriptor leaves the set: kept, it would wake the loop and
+                # raise again at every turn (jobd spinning, a traceback each time).
+                if self._callbacks.get(fd) is callback:
+                    self.remove(fd)
+                said = f"Exception in callback {callback!r} (fd {fd}, in jobd's epoll set)"
+                self._loop.call_exception_handler({"message": said, "exception": error})

@@ -349,3 +349,57 @@ def test_a_bug_in_watching_a_started_job_kills_and_reaps_it(make_daemon: Any, tm
     log = daemon.log()
     assert log.count(f"job={job['id']}: internal error starting it") == 1 and log.count("Traceback") == 1, log
     assert daemon.stop() == 0, daemon.log()
+
+
+# Plants a bug in jobd: the hang-up of a client with one request waiting raises what no caller expects.
+HANGUP_BUG_SHIM = """
+from jobd import server
+
+_hung_up = server.Connection._hung_up
+
+
+def _hung_up_with_a_bug(self):
+    if self._waiting == 1:
+        raise RuntimeError("a bug planted by the test")
+    _hung_up(self)
+
+
+server.Connection._hung_up = _hung_up_with_a_bug
+"""
+
+
+def _waiting(daemon: Any, waits: int, job_id: int) -> socket.socket:
+    """A connection with `waits` job.wait requests for `job_id` waiting, watched for its hang-up once this returns: a
+    ping sent after them is answered, so they were taken (in order) before it."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(DEADLINE)
+    client.connect(str(daemon.socket_path))
+    lines = [
+        f'{{"jsonrpc": "2.0", "id": {n}, "method": "job.wait", "params": {{"id": {job_id}}}}}\n' for n in range(waits)
+    ]
+    client.sendall("".join(lines).encode() + b'{"jsonrpc": "2.0", "id": "ping", "method": "ping"}\n')
+    answer = b""
+    while b'"ping"' not in answer:
+        answer += client.recv(4096)
+    return client
+
+
+def test_a_bug_in_one_hang_up_leaves_the_others_of_its_turn_handled(make_daemon: Any, tmp_path: Path) -> None:
+    """The hang-ups of clients are one epoll set (jobd/epollset.py), whose ready descriptors the loop hands over in
+    one batch. A callback that raised ended the batch: the hang-ups after it were not handled that turn, and, the
+    one that raised being reported first again at every turn, never. Here two clients hang up at once, the first
+    one's callback meets the bug, and the second one's requests are dropped all the same."""
+    daemon = with_bug(make_daemon, tmp_path, HANGUP_BUG_SHIM)
+    job = daemon.submit(command=["/bin/sleep", "600"])
+    first, second = _waiting(daemon, 1, job["id"]), _waiting(daemon, 2, job["id"])
+    os.kill(daemon.pid, signal.SIGSTOP)  # both hang-ups are in jobd's set, in this order, before it looks
+    try:
+        first.close()
+        second.close()
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    wait_for_log(daemon, "closed its connection with 2 requests waiting: dropped")
+    assert daemon.call("job.cancel", {"id": job["id"]}) is not None
+    daemon.wait(job["id"])
+    log = daemon.log()
+    assert log.count("RuntimeError: a bug planted by the test") == 1, log  # logged once: its socket left the set
