@@ -775,7 +775,7 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
             self.transport.close()
 
     def _frame_too_large(self) -> None:
-        error = FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes")
+        error = FrameTooLarge(f"a request line is larger than {jsonrpc.MAX_FRAME} bytes", limit=jsonrpc.MAX_FRAME)
         self._send(jsonrpc.error(None, error))
         self._refusing = True
         self._buffer.clear()
