@@ -648,6 +648,68 @@ def test_a_client_pipelining_many_evqueue_requests_lets_others_be_answered_meanw
     assert answer["result"]["id"] <= first + 2 * server.REQUESTS_PER_TURN, (answer, first)  # in its first turns
 
 
+SO_SNDBUFFORCE = 32  # Linux's <asm-generic/socket.h>; Python's socket module does not name it
+
+
+@pytest.mark.parametrize("writes", ["one", "many"])
+def test_evqueue_requests_read_behind_a_waiting_one_are_cut_out_a_turn_at_a_time(make_daemon: Any, writes: str) -> None:
+    # The framer cut a whole read into documents at once: 65,000 documents `<x/>` in one read of 256 KiB held every
+    # other client up for a third of a second. Behind a request that waits, the documents cut were kept until it was
+    # answered, up to 4 MiB of them (MAX_UNSENT): a million objects, 60 MB of jobd's memory for 4 MiB sent, whether
+    # in one write or in many small ones. Now the framer cuts no more than REQUESTS_PER_TURN documents ahead of
+    # those answered, and jobd reads no more of the connection until they are.
+    daemon = make_daemon(CONFIG + "\n[queue.held]\nconcurrency = 1\n", start=False)
+    daemon.write_workflows(
+        held="<workflow><subjobs><job><tasks><task path='/bin/true' queue='held'/></tasks></job></subjobs></workflow>"
+    )
+    daemon.start()
+    daemon.call("queue.pause", {"name": "held"})  # the synchronous launch waits until the queue resumes
+    small = b"<x/>" * (server.REQUESTS_PER_TURN - 1)  # each write is less than a turn's worth
+    flood = b"<x/>" * (server.MAX_UNSENT // 4) if writes == "one" else small * 10000
+    sock, _ = _greeted(daemon.evqueue_socket)
+    with sock, _connect(daemon.socket_path) as other:
+        # The kernel takes all that is written at once (root may raise its socket's buffer past the usual maximum):
+        # what jobd reads of it is up to jobd, not to how fast the test writes.
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 256 * 1024 * 1024)  # small writes take 1 KiB each
+        peak_before = _status_kib(daemon.pid, "VmHWM")
+        sock.sendall(b'<instance action="launch" name="held" mode="synchronous"/>')
+        _ping_on(other)
+        _ping_on(other)  # the launch is read (see below), alone, and waits
+        # jobd reads at most 256 KiB of a connection in a turn of its loop, in every turn while it reads it at all
+        # (the kernel lists a socket with data as ready each time jobd asks). A round trip on another connection ends
+        # in a turn, the next one's answer in a later one: the turn of the first has read what was written before it.
+        if writes == "one":
+            sock.sendall(flood)
+            for _ in range(2 * len(flood) // (256 * 1024)):
+                _ping_on(other)
+        else:  # and read alone, each write: in one read, two would be more than a turn's worth
+            for _ in range(len(flood) // len(small)):
+                sock.sendall(small)
+                _ping_on(other)
+                _ping_on(other)
+        grown = _status_kib(daemon.pid, "VmHWM") - peak_before
+    assert grown < 16 * 1024, grown  # KiB: cut all at once, 60 MB
+    _ping_xml(daemon.evqueue_socket)
+
+
+def test_evqueue_requests_cut_out_over_many_turns_keep_their_order_and_framing_errors(daemon: Any) -> None:
+    # More requests in one write than are cut out in a turn (REQUESTS_PER_TURN): answered in order, then a framing
+    # error after them, or a request the end of file cut short, as when they all came in one turn.
+    count = 5 * server.REQUESTS_PER_TURN + 1
+    requests = b"".join(b'<ping comment="%d"/>' % number for number in range(count))
+    for tail, code in ((b"stray text", "INVALID_XML"), (b"<ping", "INVALID_XML"), (b"", None)):
+        sock, _ = _greeted(daemon.evqueue_socket)
+        with sock:
+            _send_all_then_close_writing(sock, requests + tail)
+            answers = _xml_documents(_read_to_eof(sock))
+        assert len(answers) == count + (code is not None), (tail, len(answers))
+        for answer in answers[:count]:
+            _check_xml_answer(answer, "OK")
+        if code is not None:
+            _check_xml_answer(answers[-1], code)
+    _ping_json(daemon.socket_path)
+
+
 @pytest.mark.parametrize("method", ["job.get", "job.output"])
 def test_a_batch_is_answered_up_to_4_mib_and_its_other_members_refused_unrun(make_daemon: Any, method: str) -> None:
     # A line of 1,000 job.gets of a job with a 400 KB command (70 KB sent) was answered in 400 MB, made whole at once
