@@ -46,6 +46,7 @@ from jobd.errors import (
     ParseError,
     StartupError,
     StoreFailed,
+    TimedOut,
     UnknownInstance,
     UnknownJob,
     UnknownQueue,
@@ -133,6 +134,9 @@ def _seconds(variable: str, default: float) -> float:
 
 # A connection that sends no request within this long is closed.
 FIRST_REQUEST_SECONDS = _seconds("JOBD_HTTP_FIRST_REQUEST_SECONDS", 30.0)
+# A request's body must have come whole within this long of its head: one that never comes (a Content-Length it does
+# not send) held its request, and its place against max_connections, for good.
+BODY_SECONDS = FIRST_REQUEST_SECONDS
 # A GET /events stream with nothing to send for this long gets a comment line. Proxies in front of jobd close a
 # response that stays silent (nginx's proxy_read_timeout is 60 s), and a client gone without a word (a laptop
 # suspended, a NAT mapping dropped) is found only by a write. The timer runs only while a stream is open and quiet:
@@ -501,7 +505,12 @@ class HttpApi:
             log.info("a %s %s client's token is no longer configured; answered 401", request.method, request.path)
             return _unauthorized()
         except JobdError as failure:
-            return _failure(failure)
+            answer = _failure(failure)
+            if isinstance(failure, _BODY_NOT_READ):
+                # `Connection: close`: what comes of the body after the answer is no next request. aiohttp reads and
+                # drops it for up to 10 s (its lingering close), so that the client reads the answer, not a reset.
+                answer.force_close()
+            return answer
         except Exception as failure:  # the request boundary, as the API socket's: a bug is logged and answered
             what = f"{request.method} {request.path}"
             if (store_failed := refused_request(what, failure)) is not None:
@@ -929,6 +938,17 @@ _HOST_NAME_CODECS = frozenset({"punycode", "idna"})
 
 
 _TOO_LARGE = f"the body is over {MAX_BODY // 1024 // 1024} MiB ({MAX_BODY} bytes)"
+
+
+class _BodyTooLarge(InvalidParams):
+    """A body its Content-Length declares over MAX_BODY: refused before any of it is read, as it may never come."""
+
+
+class _BodyLate(TimedOut):
+    """A body that has not come whole within BODY_SECONDS of its head: 408."""
+
+
+_BODY_NOT_READ = (_BodyTooLarge, _BodyLate)  # answered before the body's end: the connection ends with the answer
 # Content-Encoding -> zlib's wbits for it: gzip's header and trailer, or zlib's (deflate).
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -963,12 +983,20 @@ async def _json_body(request: web.Request) -> Any:
     """The request's JSON body ({} when empty), taken as the API socket takes a request (jsonrpc.parse: UTF-8,
     no deeper than jsonrpc.MAX_DEPTH, no lone surrogate escape). A body that cannot be read or is not such JSON
     is the client's mistake: INVALID_PARAMS (400), never an exception of aiohttp's, a codec's or SQLite's."""
+    declared = request.content_length
+    if declared is not None and declared > MAX_BODY:
+        raise _BodyTooLarge(f"{_TOO_LARGE}: its Content-Length is {declared}; send at most {MAX_BODY}", limit=MAX_BODY)
     try:
-        data = _decoded(await request.read(), request.headers.get("Content-Encoding", ""))
+        async with asyncio.timeout(BODY_SECONDS):
+            sent = await request.read()
+    except TimeoutError:
+        late = f"the body did not come whole within {BODY_SECONDS:g} s of the request's head; send it with the head"
+        raise _BodyLate(late) from None
     except _UNREADABLE as error:  # not HTTP aiohttp can read (a chunk length that is none)
         raise InvalidParams(f"the body cannot be read: {error}") from None
     except web.HTTPRequestEntityTooLarge:  # aiohttp's 413 was text/plain, not the JSON error docs/http.md promises
         raise InvalidParams(_TOO_LARGE) from None
+    data = _decoded(sent, request.headers.get("Content-Encoding", ""))
     charset = request.charset or "utf-8"
     if charset.lower() not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259); one labelled otherwise is read so
         try:
@@ -998,6 +1026,8 @@ def _failure(failure: JobdError) -> web.Response:
         status = 404
     elif isinstance(failure, InvalidParams):
         status = 400
+    elif isinstance(failure, _BodyLate):
+        status = 408
     elif isinstance(failure, OutputMissing):
         status = 410  # the output was there, and is gone for good
     elif isinstance(failure, StoreFailed | OutOfResources):

@@ -1114,6 +1114,54 @@ def test_bodies_jobd_cannot_take_are_400(
     assert daemon.call("job.list")["jobs"] == []  # nothing was stored
 
 
+def _answer_with_headers(connection: socket.socket) -> tuple[int, Any, http.client.HTTPResponse]:
+    """The status, JSON body and response of the answer on `connection`, read as far as its Content-Length."""
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, json.loads(response.read()), response
+
+
+@pytest.mark.parametrize("path", ["/api/job.submit", "/jobs/add"])
+def test_a_body_declared_over_a_mebibyte_is_refused_before_it_comes(daemon: Any, path: str) -> None:
+    """A Content-Length over the 1 MiB jobd takes, with no body sent: jobd waited for the body, for good (aiohttp
+    refuses a body only once more than its limit has come), the request holding its place against max_connections.
+    It is refused at once, as a body over 1 MiB that does come is."""
+    head = f"POST {path} HTTP/1.1\r\nHost: jobd\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {1 << 30}\r\n\r\n"
+    with socket.create_connection(address(daemon), timeout=TIMEOUT) as connection:
+        connection.sendall(head.encode() + b'{"command": ["true"]')  # and never the rest
+        status, body, response = _answer_with_headers(connection)
+    assert (status, body["error"]["code"], body["error"]["limit"]) == (400, "INVALID_PARAMS", 1024 * 1024), body
+    assert body["error"]["message"] == (
+        "the body is over 1 MiB (1048576 bytes): its Content-Length is 1073741824; send at most 1048576"
+    ), body
+    assert response.getheader("Connection") == "close"  # what follows on the connection is no next request
+    assert daemon.call("job.list")["jobs"] == []
+
+
+def test_a_body_that_does_not_come_is_answered_408_within_the_deadline(make_daemon: Any) -> None:
+    """A request whose body does not come whole (its Content-Length says 100 bytes, one is sent) waited for it for
+    good, holding its place against max_connections, as idle connections did before the first-request deadline.
+    The body has as long as the first request (JOBD_HTTP_FIRST_REQUEST_SECONDS, here 1 s)."""
+    daemon = make_daemon(CONFIG, start=False)
+    daemon.env["JOBD_HTTP_FIRST_REQUEST_SECONDS"] = "1"
+    daemon.start()
+    head = f"POST /api/job.submit HTTP/1.1\r\nHost: jobd\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+    head += "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection(address(daemon), timeout=TIMEOUT) as connection:
+        connection.sendall(head.encode() + b"{")
+        status, body, response = _answer_with_headers(connection)
+    assert (status, body["error"]["code"]) == (408, "TIMED_OUT"), body
+    assert (
+        body["error"]["message"]
+        == "the body did not come whole within 1 s of the request's head; send it with the head"
+    )
+    assert response.getheader("Connection") == "close"
+    assert daemon.call("job.list")["jobs"] == []
+    status, body = request(daemon, "POST", "/api/ping", {})  # a body that comes is taken as before
+    assert status == 200 and body["result"]["pong"] is True, body
+
+
 def test_a_queue_server_priority_sent_as_a_string_is_taken_as_before(daemon: Any) -> None:
     daemon.call("queue.pause", {"name": "default"})
     for sent, stored in (("800", 724), ("-5", 1529)):
