@@ -364,17 +364,24 @@ def test_a_delay_does_not_wait_longer_than_it_was_set_for_when_the_clock_went_ba
     assert job["state"] == "succeeded" and daemon.output(delayed) == "delayed\n"
 
 
+def _waiting_for_its_retry_recorded_a_day_ahead(daemon: Daemon) -> int:
+    """A job whose first attempt failed and whose second succeeds, waiting for its back-off (an hour, on record now
+    ending a second after the job's latest time), with jobd stopped and every time of the job a day ahead of the
+    clock: as if the clock went back a day while jobd was down."""
+    command = ["/bin/sh", "-c", 'test "$JOBD_ATTEMPT" -gt 1 && echo retried']
+    events = subscribe(daemon, ["job.state"])
+    retried: int = daemon.submit(command=command, retry={"times": 1, "delay": 3600})["id"]
+    wait_events(events, lambda e: e["job"]["id"] == retried and e["job"]["state"] == "delayed", 1)
+    events.close()
+    _recorded_a_day_ahead(daemon, retried, 1)
+    return retried
+
+
 def test_a_retry_back_off_does_not_wait_longer_than_it_was_set_for_when_the_clock_went_back_while_jobd_was_down(
     jobd: Callable[..., Daemon],
 ) -> None:
     daemon = jobd()
-    # The first attempt fails and its back-off is an hour long; the second succeeds.
-    command = ["/bin/sh", "-c", 'test "$JOBD_ATTEMPT" -gt 1 && echo retried']
-    events = subscribe(daemon, ["job.state"])
-    retried = daemon.submit(command=command, retry={"times": 1, "delay": 3600})["id"]
-    wait_events(events, lambda e: e["job"]["id"] == retried and e["job"]["state"] == "delayed", 1)
-    events.close()
-    _recorded_a_day_ahead(daemon, retried, 1)
+    retried = _waiting_for_its_retry_recorded_a_day_ahead(daemon)
     start(daemon)
     job = daemon.wait(retried)
     assert job["state"] == "succeeded" and daemon.output(retried, attempt=2) == "retried\n"
@@ -388,12 +395,7 @@ def test_a_retry_back_off_after_a_long_attempt_is_not_stretched_by_its_run_time_
     the wait was counted from that attempt's start instead, so a job whose attempt had run two hours waited two
     hours more than its one-second back-off."""
     daemon = jobd()
-    command = ["/bin/sh", "-c", 'test "$JOBD_ATTEMPT" -gt 1 && echo retried']
-    events = subscribe(daemon, ["job.state"])
-    retried = daemon.submit(command=command, retry={"times": 1, "delay": 3600})["id"]
-    wait_events(events, lambda e: e["job"]["id"] == retried and e["job"]["state"] == "delayed", 1)
-    events.close()
-    _recorded_a_day_ahead(daemon, retried, 1)
+    retried = _waiting_for_its_retry_recorded_a_day_ahead(daemon)
     database = sqlite3.connect(daemon.state_dir / "jobd.sqlite3")  # the first attempt ran two hours
     database.execute("UPDATE attempt SET started_at = finished_at - 7200 WHERE job_id = ?", (retried,))
     database.execute(
