@@ -465,14 +465,14 @@ class Client:
     @staticmethod
     def _wait_readable_unless_reader_gone(sock: socket.socket, output_fd: int, deadline: float | None) -> None:
         """Blocks until `sock` is readable; raises BrokenPipeError if the reader of `output_fd` goes first."""
-        poller = select.poll()
+        poller = select.poll()  # no-poll-ok: poll(2), the system call: one blocking wait on two descriptors
         poller.register(sock, select.POLLIN)
         # No events asked: poll reports POLLERR anyway, and for the writing end of a pipe that means no reader is
         # left (a regular file or a terminal never reports it; a hung-up terminal sends SIGHUP of its own).
         poller.register(output_fd, 0)
         left = _remaining(deadline)
-        # no-poll-ok: one blocking poll(2) until jobd answers, the pipe's reader goes or the deadline passes
-        ready = dict(poller.poll(None if left is None else left * 1000))
+        # One blocking poll(2) until jobd answers, the pipe's reader goes or the deadline passes: no wake-up between.
+        ready = dict(poller.poll(None if left is None else left * 1000))  # no-poll-ok: blocks, as said above
         if ready.get(output_fd, 0) & select.POLLERR:
             raise BrokenPipeError(errno.EPIPE, "the reader of the output has gone")
         if not ready:
