@@ -2,20 +2,22 @@
 
 It owns one AF_UNIX stream connection and its framing (one JSON text per line). Replies are matched to requests
 by `id`; `event` notifications that arrive while a reply is awaited are queued for `next_event()`. Everything
-blocks on the socket itself (with socket timeouts for deadlines), or in poll() on it and the caller's output when
-asked to end with that output's reader: it never wakes up to look.
+blocks on the socket itself (with socket timeouts for deadlines), or in poll() on it and the descriptors the caller
+asked it to watch too (its output's reader, signals): it never wakes up to look.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import os
 import select
+import signal
 import socket
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -160,6 +162,7 @@ class Client:
         self._abandoned: set[int] = set()
         self._blocking = True  # a new socket blocks; see _arm()
         self._output_fd: int | None = None  # see end_with_reader_of()
+        self._signal_fd: int | None = None  # see woken_by_signals()
 
     # -- connection -------------------------------------------------------------------------------------------
 
@@ -192,6 +195,11 @@ class Client:
         pipe whose reader has gone (`jobctl log -f 5 | head -1`, `| grep -q`), the wait ends with BrokenPipeError
         instead of lasting until jobd next has something to say, which for a silent job can be hours."""
         self._output_fd = output_fd
+
+    def wake_on_signals(self, signal_fd: int | None) -> None:
+        """While waiting for jobd, also watch `signal_fd`, the reading end of Python's signal wake-up pipe (see
+        woken_by_signals(), which calls this); None: no more."""
+        self._signal_fd = signal_fd
 
     def __enter__(self) -> Client:
         self.connect()
@@ -443,8 +451,8 @@ class Client:
 
     def _fill(self, deadline: float | None) -> None:
         sock = self._connected()
-        if self._output_fd is not None:
-            self._wait_readable_unless_reader_gone(sock, self._output_fd, deadline)
+        if self._output_fd is not None or self._signal_fd is not None:
+            self._wait_readable(sock, deadline)
         self._arm(sock, deadline)
         try:
             if self._chunk is None:
@@ -462,21 +470,71 @@ class Client:
             raise ConnectionClosed(self._ended)
         self._buffer += self._chunk[:received]
 
-    @staticmethod
-    def _wait_readable_unless_reader_gone(sock: socket.socket, output_fd: int, deadline: float | None) -> None:
-        """Blocks until `sock` is readable; raises BrokenPipeError if the reader of `output_fd` goes first."""
-        poller = select.poll()  # no-poll-ok: poll(2), the system call: one blocking wait on two descriptors
+    def _wait_readable(self, sock: socket.socket, deadline: float | None) -> None:
+        """Blocks until `sock` is readable. Raises BrokenPipeError if the reader of the output (end_with_reader_of)
+        goes first; a signal (wake_on_signals) ends the wait only if its handler raises, as Ctrl-C's does."""
+        poller = select.poll()  # no-poll-ok: poll(2), the system call: one blocking wait on up to three descriptors
         poller.register(sock, select.POLLIN)
-        # No events asked: poll reports POLLERR anyway, and for the writing end of a pipe that means no reader is
-        # left (a regular file or a terminal never reports it; a hung-up terminal sends SIGHUP of its own).
-        poller.register(output_fd, 0)
-        left = _remaining(deadline)
-        # One blocking poll(2) until jobd answers, the pipe's reader goes or the deadline passes: no wake-up between.
-        ready = dict(poller.poll(None if left is None else left * 1000))  # no-poll-ok: blocks, as said above
-        if ready.get(output_fd, 0) & select.POLLERR:
-            raise BrokenPipeError(errno.EPIPE, "the reader of the output has gone")
-        if not ready:
-            raise TimeoutError("timed out waiting for jobd")
+        if self._output_fd is not None:
+            # No events asked: poll reports POLLERR anyway, and for the writing end of a pipe that means no reader is
+            # left (a regular file or a terminal never reports it; a hung-up terminal sends SIGHUP of its own).
+            poller.register(self._output_fd, 0)
+        if self._signal_fd is not None:
+            poller.register(self._signal_fd, select.POLLIN)
+        while True:
+            left = _remaining(deadline)
+            # One blocking poll(2) until jobd answers, the pipe's reader goes, a signal comes or the deadline passes.
+            ready = dict(poller.poll(None if left is None else left * 1000))  # no-poll-ok: blocks, as said above
+            if self._output_fd is not None and ready.get(self._output_fd, 0) & select.POLLERR:
+                raise BrokenPipeError(errno.EPIPE, "the reader of the output has gone")
+            if not ready:
+                raise TimeoutError("timed out waiting for jobd")
+            if self._signal_fd in ready:
+                # The signal's handler has run by the time this line does (Python runs pending handlers before its
+                # next call): Ctrl-C's raised KeyboardInterrupt there. Any other lets the wait go on.
+                _drain(self._signal_fd)
+                del ready[self._signal_fd]
+            if ready:
+                return
+
+
+@contextlib.contextmanager
+def woken_by_signals(client: Client) -> Iterator[None]:
+    """Makes every signal with a Python handler (Ctrl-C's) end `client`'s waits for jobd at once, whenever it comes.
+
+    Python runs a signal's handler between two of its own instructions, and a system call the signal interrupts
+    returns EINTR to let it. But a signal that comes after the interpreter last looked and before the process blocks
+    in recv(2) interrupts nothing: the handler waits until jobd next sends something, for `jobctl wait` maybe never
+    (a Ctrl-C ignored for good, seen once in a few hundred tries). Python's wake-up descriptor closes that window:
+    the signal writes a byte into a pipe whatever the process is doing, and the client's poll(2) watches the pipe.
+    In the main thread only (the only one Python lets set it); elsewhere this does nothing."""
+    try:
+        reader, writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        yield  # no descriptors left: the command fails on its own socket soon enough; no wake-up then
+        return
+    try:
+        try:
+            before = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread
+            yield
+            return
+        client.wake_on_signals(reader)
+        try:
+            yield
+        finally:
+            client.wake_on_signals(None)
+            signal.set_wakeup_fd(before)
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def _drain(fd: int) -> None:
+    """Empties the signal wake-up pipe, so that the next poll(2) blocks until another signal comes."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
 
 
 def _remaining(deadline: float | None) -> float | None:

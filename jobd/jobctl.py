@@ -35,6 +35,7 @@ from jobd.client import (
     RemoteError,
     Reply,
     default_socket_path,
+    woken_by_signals,
 )
 from jobd.localzone import local_zone
 from jobd.model import (
@@ -1765,7 +1766,8 @@ def run_command_line(argv: list[str] | None) -> int:
         return fail(f"{exc}", EXIT_USAGE)
     handler: Handler = args.handler
     try:
-        code = handler(Session(client, args.json), args)
+        with woken_by_signals(client):  # a Ctrl-C must end a wait whenever it comes: see there
+            code = handler(Session(client, args.json), args)
         sys.stdout.flush()  # here, so that a write error is reported below rather than at the interpreter's exit
         return code
     except (UsageError, EncodeError) as exc:

@@ -114,9 +114,11 @@ def read_rest(fd: int) -> bytes:
     return data
 
 
-def on_a_terminal(daemon: Any, *args: str, term: str = "xterm") -> tuple[subprocess.Popen[bytes], int]:
+def on_a_terminal(
+    daemon: Any, *args: str, term: str = "xterm", env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     """jobctl ARGS... with stderr on a pseudo-terminal of type `term` ($TERM), where it draws its progress bar: the
-    process (stdout a pipe) and the terminal's master side, to read and close."""
+    process (stdout a pipe) and the terminal's master side, to read and close. `env`: variables added."""
     master, slave = os.openpty()
     try:
         process = subprocess.Popen(
@@ -124,7 +126,7 @@ def on_a_terminal(daemon: Any, *args: str, term: str = "xterm") -> tuple[subproc
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=slave,
-            env=environment({"TERM": term}),
+            env=environment({"TERM": term, **(env or {})}),
         )
     finally:
         os.close(slave)
@@ -540,6 +542,82 @@ def test_wait_ended_by_a_signal_leaves_the_job_alone(daemon: Any, signum: int, c
     assert b"Traceback" not in shown, shown
     if signum == signal.SIGINT:
         assert shown.endswith(b"\r\x1b[K"), shown  # the bar is taken away
+    assert daemon.call("job.get", {"id": job_id})["state"] == "running"
+    daemon.call("job.cancel", {"id": job_id})
+
+
+# jobctl's Python runs this first (its sitecustomize): the SIGINT comes when the wait for jobd is about to block in
+# the kernel, the one moment a signal interrupts no system call of jobctl's, so that only the signal's handler is left
+# to end the wait. On a terminal that moment is a matter of luck (a Ctrl-C ignored once in a few hundred tries); here
+# it is made certain. The signal is taken by a thread of the shim's: the main thread blocks it, so whatever the main
+# thread is doing is not interrupted, as it was not in that moment. The thread waits for the main thread to let go of
+# Python's lock, which it keeps (switch interval an hour) until the system call that blocks.
+SIGNAL_AS_THE_WAIT_BLOCKS_SHIM = """
+import os
+import signal
+import sys
+import threading
+
+from jobd import client
+
+sys.setswitchinterval(3600)
+_go = threading.Lock()
+_go.acquire()
+
+
+def _interrupt():
+    _go.acquire()  # once the main thread let it go; the signal can only be sent once it let go of Python's lock too
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+threading.Thread(target=_interrupt, daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # in the main thread, after the other one was started
+
+_next_event_or_reply = client.Client.next_event_or_reply
+_fill = client.Client._fill
+_state = {"waiting": False, "sent": False}
+
+
+def _next_event_or_reply_noted(self, request_id, timeout=None):
+    _state["waiting"] = True
+    try:
+        return _next_event_or_reply(self, request_id, timeout)
+    finally:
+        _state["waiting"] = False
+
+
+def _fill_as_the_wait_blocks(self, deadline):
+    if _state["waiting"] and not _state["sent"]:
+        _state["sent"] = True
+        _go.release()
+    return _fill(self, deadline)
+
+
+client.Client.next_event_or_reply = _next_event_or_reply_noted
+client.Client._fill = _fill_as_the_wait_blocks
+"""
+
+
+def test_ctrl_c_as_the_wait_blocks_ends_it(daemon: Any, tmp_path: Path) -> None:
+    """A Ctrl-C that comes after Python last looked for signals and before `jobctl wait` blocks in the kernel, so that
+    it interrupts no system call, still ends the wait (130, the bar taken away): Python's signal wake-up pipe is among
+    what the wait watches. Without it jobctl waits on until jobd next sends something: for this job, for ever."""
+    job_id = daemon.submit(command=["sleep", "infinity"])["id"]  # until the test cancels it
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SIGNAL_AS_THE_WAIT_BLOCKS_SHIM)
+    process, master = on_a_terminal(daemon, "wait", str(job_id), env={"PYTHONPATH": f"{shim}:{REPO}"})
+    try:
+        shown = read_until(master, b"0% running")
+        process.communicate(timeout=DEADLINE)
+        shown += read_rest(master)
+    finally:
+        os.close(master)
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, shown
+    assert b"Traceback" not in shown, shown
+    assert shown.endswith(b"\r\x1b[K"), shown
     assert daemon.call("job.get", {"id": job_id})["state"] == "running"
     daemon.call("job.cancel", {"id": job_id})
 
