@@ -509,14 +509,19 @@ def woken_by_signals(client: Client) -> Iterator[None]:
     the signal writes a byte into a pipe whatever the process is doing, and the client's poll(2) watches the pipe.
     In the main thread only (the only one Python lets set it); elsewhere this does nothing."""
     try:
-        reader, writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        yield  # no descriptors left: the command fails on its own socket soon enough; no wake-up then
+        pipe: tuple[int, int] | None = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # no descriptors left: the command fails on its own socket soon enough, without this
+        pipe = None
+    if pipe is None:
+        yield
         return
+    reader, writer = pipe
     try:
-        try:
-            before = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
-        except ValueError:  # not the main thread
+        before: int | None = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        before = None
+    try:
+        if before is None:
             yield
             return
         client.wake_on_signals(reader)
