@@ -459,6 +459,7 @@ class Attempt:
     cut_streams: tuple[str, ...] | None = ()
     error: str | None = None
     cancel_requested: bool = False  # a cancel was being carried out (kept in the store for crash recovery)
+    time_limit_reached: bool = False  # its time limit was stopping it (kept in the store for crash recovery)
 
     def to_json(self) -> dict[str, Any]:
         wall = None if self.finished_at is None else round(self.finished_at - self.started_at, 6)

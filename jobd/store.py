@@ -134,6 +134,9 @@ class AttemptRow(_Base):
     # 1 once a cancel is being carried out (SIGTERM sent, kill_grace running): a jobd that dies meanwhile must not
     # retry the job after its restart (since schema version 12).
     cancel_requested = peewee.IntegerField(default=0)
+    # 1 once its time limit has stopped it (SIGTERM sent, kill_grace running): a jobd that dies meanwhile ends the
+    # attempt `timed_out` after its restart, not `lost` (since schema version 25).
+    time_limit_reached = peewee.IntegerField(default=0)
 
     class Meta:
         table_name = "attempt"
@@ -444,6 +447,10 @@ def _migration_24(db: peewee.SqliteDatabase) -> None:
     db.execute_sql('CREATE INDEX "instance_started_at" ON "instance" ("started_at")')  # type: ignore[no-untyped-call]
 
 
+def _migration_25(db: peewee.SqliteDatabase) -> None:
+    db.execute_sql('ALTER TABLE "attempt" ADD COLUMN "time_limit_reached" INTEGER NOT NULL DEFAULT 0')  # type: ignore[no-untyped-call]
+
+
 # Index i holds the step from schema version i to i + 1. Append, never edit: databases in the field depend on it.
 MIGRATIONS = (
     _migration_1,
@@ -470,6 +477,7 @@ MIGRATIONS = (
     _migration_22,
     _migration_23,
     _migration_24,
+    _migration_25,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -848,6 +856,11 @@ class Store:
         """Remember that a running attempt is being cancelled, before its process is signalled."""
         self._check_file()
         self._connection.execute(_UPDATE_ATTEMPT_CANCEL, (attempt.job_id, attempt.number))
+
+    def record_time_limit_reached(self, attempt: Attempt) -> None:
+        """Remember that a running attempt's time limit is stopping it, before its process is signalled."""
+        self._check_file()
+        self._connection.execute(_UPDATE_ATTEMPT_TIME_LIMIT, (attempt.job_id, attempt.number))
 
     def record_process(self, attempt: Attempt) -> None:
         """Remember which process runs an attempt, so a restart after a crash can find and stop it."""
@@ -2132,6 +2145,7 @@ _UPDATE_ATTEMPT = _update_sql("attempt", _ATTEMPT_COLUMNS, ("job_id", "number"))
 _DELETE_ATTEMPT = 'DELETE FROM "attempt" WHERE "job_id" = ? AND "number" = ?'
 _UPDATE_ATTEMPT_PROCESS = _update_sql("attempt", ("pid", "pid_start"), ("job_id", "number"))
 _UPDATE_ATTEMPT_CANCEL = 'UPDATE "attempt" SET "cancel_requested" = 1 WHERE "job_id" = ? AND "number" = ?'
+_UPDATE_ATTEMPT_TIME_LIMIT = 'UPDATE "attempt" SET "time_limit_reached" = 1 WHERE "job_id" = ? AND "number" = ?'
 _INSERT_AUDIT = _insert_sql("audit", ("id", "at", "uid", "user", "command", "target", "result", "message"))
 
 
@@ -2575,4 +2589,5 @@ def _attempt_from_row(row: Any) -> Attempt:
         cut_streams=_cut_streams(row.truncated),
         error=row.error,
         cancel_requested=bool(row.cancel_requested),
+        time_limit_reached=bool(row.time_limit_reached),
     )

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from jobd.client import Client, RemoteError, encode_message
+from jobd.client import Client, RemoteError, Reply, encode_message
 
 CONFIG = """
 [queue.default]
@@ -897,6 +897,35 @@ def test_a_time_limit_reached_during_a_cancel_does_not_make_it_a_timeout(server:
     assert cancelled["state"] == "cancelled"
     [attempt] = get(server, job["id"])["tries"]
     assert attempt["outcome"] == "killed" and attempt["signal"] == signal.SIGKILL, attempt
+
+
+@pytest.mark.parametrize("stopped_by", ["timeout", "cancel"])
+def test_a_kill_from_outside_during_the_grace_keeps_what_stopped_the_job(server: Any, stopped_by: str) -> None:
+    """Someone else's `kill -9` ends the job while jobd waits out the kill_grace of its time limit or of a cancel:
+    the stop jobd had begun still names the outcome, whatever signal ended the process (docs/jobs.md)."""
+    script = "trap 'echo %2 >&3' TERM; echo $$ >&3; echo %1 >&3; sleep 100 & wait $!; sleep 100 & wait $!"
+    params: dict[str, Any] = {"command": sh(script), "kill_grace": 60}
+    if stopped_by == "timeout":
+        params["timeout"] = 0.5
+    else:  # a retry would show a cancel taken for a failure
+        params["retry"] = {"times": 3, "delay": 0}
+    with server.client() as client, server.client() as canceller:
+        client.call("events.subscribe", {"types": ["job.progress", "job.log"]}, timeout=10)
+        job = client.call("job.submit", params, timeout=10)
+        pid = int(next_matching(client, lambda e: e["id"] == job["id"] and e["type"] == "job.log")["line"])
+        next_matching(client, lambda e: e["id"] == job["id"] and e.get("progress") == 1)  # the trap is set
+        if stopped_by == "cancel":  # answered once the job has ended: read below
+            request = canceller.send_request("job.cancel", {"id": job["id"]})
+        next_matching(client, lambda e: e["id"] == job["id"] and e.get("progress") == 2)  # jobd's SIGTERM
+        os.kill(pid, signal.SIGKILL)
+        if stopped_by == "cancel":
+            reply = canceller.next_event_or_reply(request, timeout=20)
+            assert isinstance(reply, Reply) and reply.result["state"] == "cancelled", reply
+    ended = server.wait(job["id"])
+    expected = {"timeout": ("timed_out", "timed_out"), "cancel": ("cancelled", "killed")}[stopped_by]
+    assert (ended["state"], ended["attempts"]) == (expected[0], 1), ended
+    [attempt] = get(server, job["id"])["tries"]
+    assert (attempt["outcome"], attempt["signal"]) == (expected[1], signal.SIGKILL), attempt
 
 
 def test_cancel_a_finished_job_is_refused(server: Any) -> None:

@@ -1792,6 +1792,32 @@ def test_a_cancel_under_way_when_jobd_dies_is_carried_out_after_the_restart(
     assert [t["outcome"] for t in tries(daemon, job_id)] == ["lost"]
 
 
+def test_a_time_limit_under_way_when_jobd_dies_ends_the_job_timed_out_after_the_restart(
+    jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path
+) -> None:
+    """The time limit had fired (SIGTERM sent, kill_grace running) when jobd was killed: the restart records the
+    attempt `timed_out`, as the stop under way would have, and the job ends `timed_out` (it ended `failed`, its
+    attempt `lost`, as if nothing had stopped it)."""
+    slow_to_die = "trap 'echo got TERM >&3' TERM; echo $$ > \"$0.pid\"; echo ready >&3; while :; do sleep 1; done"
+    base = tmp_path / "slow"
+    daemon = jobd()
+    events = subscribe(daemon, ["job.log"])
+    job_id = daemon.submit(command=["/bin/sh", "-c", slow_to_die, str(base)], timeout=0.5, kill_grace=60)["id"]
+    wait_ready_lines(events, 1)
+    pidfds.watch("leader", read_pid(Path(f"{base}.pid")))
+    wait_events(events, lambda e: e["type"] == "job.log" and e["line"] == "got TERM", 1)  # the time limit's SIGTERM
+    events.close()
+    kill9(daemon)
+
+    start(daemon)
+    assert pidfds.wait_exited() == []
+    job = daemon.wait(job_id)
+    assert (job["state"], job["attempts"]) == ("timed_out", 1), job
+    [attempt] = tries(daemon, job_id)
+    assert attempt["outcome"] == "timed_out", attempt
+    assert attempt["error"] == "jobd stopped while its time limit stopped the attempt", attempt
+
+
 # --- SIGTERM ------------------------------------------------------------------------------------------------
 
 

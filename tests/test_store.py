@@ -560,6 +560,7 @@ def test_a_job_and_its_attempts_read_back_as_written(tmp_path: Path) -> None:
         store.start_attempts([(running, first)])
         store.record_process(first)
         store.record_cancel_request(first)
+        store.record_time_limit_reached(first)
         ended = dataclasses.replace(
             first, outcome=Outcome.FAILED, finished_at=4.0, exit_code=75, cpu_user=0.25, cpu_system=0.5,
             max_rss_kib=2048, stdout_bytes=10, stderr_bytes=20, truncated=True, cut_streams=("stderr", "log"),
@@ -571,7 +572,7 @@ def test_a_job_and_its_attempts_read_back_as_written(tmp_path: Path) -> None:
         assert failed.spec.stdin is InStore.STDIN  # left in the database, read back as an attempt starts
         assert store.job_stdin(queued.id) == b"\x00\xffin"
         [read] = store.attempts(queued.id)
-        assert read == dataclasses.replace(ended, cancel_requested=True)
+        assert read == dataclasses.replace(ended, cancel_requested=True, time_limit_reached=True)
         assert read.truncated is True and read.cut_streams == ("stderr", "log") and read.cancel_requested is True
         assert store.get_job(queued.id + 1) is None and store.attempts(queued.id + 1) == []
     finally:
@@ -1024,9 +1025,10 @@ def test_a_schema_23_database_with_instances_gets_the_indexes_that_count_them(tm
     store.open()
     made = _instances(store, seed=3)
     store.close()
-    raw = sqlite3.connect(path)  # as a jobd of schema 23 left it: the same tables, without the two indexes
+    raw = sqlite3.connect(path)  # as a jobd of schema 23 left it: without the two indexes and what came after them
     raw.execute('DROP INDEX "instance_errors"')
     raw.execute('DROP INDEX "instance_started_at"')
+    raw.execute('ALTER TABLE "attempt" DROP COLUMN "time_limit_reached"')  # schema 25
     raw.execute("PRAGMA user_version = 23")
     raw.commit()
     raw.close()

@@ -357,11 +357,13 @@ class Engine:
         # whole max_output probably was (job.output says so of that stream, as for attempts of an older jobd).
         kept = {stream: _size_of(self.output_path(job.id, attempt.number, stream)) for stream in STREAMS}
         cap = job.spec.max_output
+        # Its time limit had stopped it (SIGTERM sent, kill_grace running): it ends as that stop would have ended it.
+        timed_out = attempt.time_limit_reached
         attempt = dataclasses.replace(
             attempt,
-            outcome=Outcome.LOST,
+            outcome=Outcome.TIMED_OUT if timed_out else Outcome.LOST,
             finished_at=now,
-            error="jobd stopped while the attempt ran",
+            error=f"jobd stopped while {'its time limit stopped the attempt' if timed_out else 'the attempt ran'}",
             stdout_bytes=kept["stdout"],
             stderr_bytes=kept["stderr"],
             truncated=cap > 0 and any(size >= cap for size in kept.values()),
@@ -857,6 +859,10 @@ class Engine:
             return
         running.timed_out = True
         log.warning("job=%d timed out after %ss", job_id, self.jobs[job_id].spec.timeout)
+        try:  # committed before the SIGTERM: a jobd that dies during kill_grace still ends the attempt timed_out
+            self.store.record_time_limit_reached(running.attempt)
+        except Exception as error:  # the stop goes on; only a crash before the end would forget why
+            self._store_failed("cannot record the time limit of job {}", error, job_id, retried=False)
         self._stop(job_id)
 
     def _stop(self, job_id: int) -> None:
