@@ -574,6 +574,7 @@ class Child:
         parent_ends: list[int] = []  # ours; closed again if the spawn fails
         child_ends: list[int] = []  # the child's copies; always closed here once it has them
         opened: list[_OutputSink | _ProgressReader] = []
+        popen: subprocess.Popen[bytes] | None = None
         try:
             child_ends.append(_stdin_fd(spec.stdin))
             for _ in range(3):
@@ -583,8 +584,9 @@ class Child:
             out_r, err_r, log_r = parent_ends
             if spec.merge_stderr:
                 # fd 2 shares stdout's pipe; the stderr pipe is closed at once and its reader sees EOF.
+                merged = os.dup(child_ends[1])
                 os.close(child_ends[2])
-                child_ends[2] = os.dup(child_ends[1])
+                child_ends[2] = merged
             opened.append(_OutputSink(out_r, spec.stdout_path, spec.max_output, on_output))
             opened.append(_OutputSink(err_r, spec.stderr_path, spec.max_output, on_output))
             opened.append(_ProgressReader(log_r, spec.log_path, spec.max_output, on_progress, on_log))
@@ -592,10 +594,6 @@ class Child:
             popen = _popen_with_fd3(spec, *child_ends)
             after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         except (OSError, subprocess.SubprocessError) as exc:
-            for reader in opened:
-                reader.close()
-            for fd in parent_ends[len(opened) :]:
-                os.close(fd)
             if not isinstance(exc, OSError):  # _enter raised: the one SubprocessError Popen raises here
                 raise SpawnError(_cwd_refused(spec), transient=False) from exc
             transient = exc.errno in _SHORT_OF_RESOURCES
@@ -603,6 +601,13 @@ class Child:
         finally:
             for fd in child_ends:
                 os.close(fd)
+            if popen is None:
+                # Not started, whatever stopped it (a bug raises anything, not only OSError): our ends are closed
+                # too, or jobd would hold three pipes for each failed start until it ran out of descriptors.
+                for reader in opened:
+                    reader.close()
+                for fd in parent_ends[len(opened) :]:
+                    os.close(fd)
         stdout, stderr, progress = opened
         assert isinstance(stdout, _OutputSink) and isinstance(stderr, _OutputSink)
         assert isinstance(progress, _ProgressReader)
@@ -851,7 +856,12 @@ def _drain_what_is_buffered(reader: _OutputSink | _ProgressReader) -> None:
 
 def _pipe() -> tuple[int, int]:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(read_fd, False)
+    try:
+        os.set_blocking(read_fd, False)
+    except BaseException:  # not handed to the caller yet: the caller cannot close them
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     return read_fd, write_fd
 
 
@@ -860,8 +870,12 @@ def _stdin_fd(data: bytes | None) -> int:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     # An anonymous memory file: no pipe to feed (a job that never reads stdin cannot block us) and nothing on disk.
     fd = os.memfd_create("jobd-stdin", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:  # no memory for the data, say: not handed to the caller yet, so closed here
+        os.close(fd)
+        raise
     return fd
 
 
@@ -873,7 +887,6 @@ def _popen_with_fd3(spec: LaunchSpec, stdin_fd: int, out_w: int, err_w: int, log
     if program_fd is not None:
         argv[0] = f"/proc/self/fd/{program_fd}"
         pass_fds.append(program_fd)
-    os.dup2(log_w, PROGRESS_FD)  # inheritable: besides 0-2, the one descriptor a child is given
     # No close_fds sweep for a job of jobd's own user: every other descriptor of jobd is close-on-exec (see
     # close_inherited_fds_on_exec), so the exec itself closes them. The sweep would have the child list
     # /proc/self/fd and close each descriptor before its exec while jobd waits in vfork: a quarter of the CPU
@@ -881,7 +894,8 @@ def _popen_with_fd3(spec: LaunchSpec, stdin_fd: int, out_w: int, err_w: int, log
     # user keeps the sweep as a second guard, since a descriptor reaching it would cross a privilege boundary;
     # its spawn cannot use vfork anyway.
     other_user = spec.uid is not None
-    try:
+    try:  # from here on, program_fd is closed and fd 3 given back to /dev/null, however the spawn goes
+        os.dup2(log_w, PROGRESS_FD)  # inheritable: besides 0-2, the one descriptor a child is given
         return subprocess.Popen(
             argv,
             stdin=stdin_fd,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import open_descriptors
 from recovery.support import wait_for_log
 
 from jobd.client import RemoteError
@@ -44,6 +45,7 @@ def _line_with_a_bug(self, raw):
 proc._ProgressReader._line = _line_with_a_bug
 """
 
+STDIN = "a job's stdin, in a memory file of jobd's until the job has it\n"
 DEADLINE = 30.0  # for a process the kernel was told to kill; it ends well before
 
 
@@ -282,6 +284,65 @@ def test_a_bug_in_starting_a_job_is_a_failed_start(make_daemon: Any, tmp_path: P
     assert attempt["error"] == "internal error in jobd (see its log): RuntimeError: a bug planted by the test"
     log = daemon.log()
     assert log.count(f"job={job['id']}: internal error starting it") == 1 and log.count("Traceback") == 1, log
+
+
+# Plants bugs in jobd's start of a job, after its pipes are made and before the child has them: in the spawn itself
+# (every pipe and reader made) or in the making of its fd 3 reader (stdout's and stderr's made). The job's last
+# argument says where.
+PIPES_BUG_SHIM = """
+from jobd import proc
+
+_spawn = proc.Child.spawn.__func__
+_popen_with_fd3 = proc._popen_with_fd3
+_ProgressReader = proc._ProgressReader
+planted = []
+
+
+def spawn(cls, spec, *args, **kwargs):
+    planted[:] = spec.argv[-1:]
+    return _spawn(cls, spec, *args, **kwargs)
+
+
+def popen_with_fd3(spec, *fds):
+    if planted == ["bug in the spawn"]:
+        raise RuntimeError("a bug planted by the test")
+    return _popen_with_fd3(spec, *fds)
+
+
+class ProgressReader(_ProgressReader):
+    def __init__(self, *args, **kwargs):
+        if planted == ["bug in the fd 3 reader"]:
+            raise RuntimeError("a bug planted by the test")
+        super().__init__(*args, **kwargs)
+
+
+proc.Child.spawn = classmethod(spawn)
+proc._popen_with_fd3 = popen_with_fd3
+proc._ProgressReader = ProgressReader
+"""
+
+
+def _pipes(pid: int) -> list[str]:
+    """The pipes (and memory files, a job's stdin) a process holds open."""
+    return sorted(target for target in open_descriptors(pid).values() if target.startswith(("pipe:", "/memfd:")))
+
+
+@pytest.mark.parametrize("where", ["bug in the spawn", "bug in the fd 3 reader"])
+def test_a_bug_in_starting_a_job_leaves_none_of_its_pipes_open_in_jobd(
+    make_daemon: Any, tmp_path: Path, where: str
+) -> None:
+    """Only an OSError (or Popen's SubprocessError) closed the pipes made for a job whose start failed: any other
+    exception left jobd holding their read ends, three a start, until it ran out of descriptors."""
+    daemon = with_bug(make_daemon, tmp_path, PIPES_BUG_SHIM, CONFIG)
+    warm_up = daemon.submit(command=["/bin/echo", "no bug"], stdin=STDIN, queue="serial")
+    assert daemon.wait(warm_up["id"])["state"] == "succeeded"  # whatever a first start sets up for good is there
+    before = _pipes(daemon.pid)
+    for _ in range(3):
+        job = daemon.submit(command=["/bin/echo", where], stdin=STDIN, queue="serial")
+        assert daemon.wait(job["id"])["state"] == "failed"
+        [attempt] = daemon.call("job.get", {"id": job["id"]})["tries"]
+        assert attempt["error"] == "internal error in jobd (see its log): RuntimeError: a bug planted by the test"
+    assert _pipes(daemon.pid) == before
 
 
 def test_a_flush_that_cannot_open_the_wal_leaves_the_next_ones_free_to_run(make_daemon: Any) -> None:
