@@ -902,6 +902,15 @@ class Store:
     def attempts(self, job_id: int) -> list[Attempt]:
         return [_attempt_from_row(row) for row in self._attempts_of_job.rows(self._connection, (job_id,))]
 
+    def count_attempts(self, job_id: int, before: int, excluding: Sequence[Outcome] = ()) -> int:
+        """How many attempts of a job, numbered below `before`, ended with an outcome not in `excluding`. Counted by
+        SQLite over the (job, number) index, as each attempt ends: reading them all made Python build 1,000 Attempt
+        values at the last end of a job retried 1,000 times (28 ms with the loop waiting; counted, 0.25 ms)."""
+        marks = ", ".join("?" for _ in excluding)
+        sql = f'SELECT COUNT(*) FROM "attempt" WHERE "job_id" = ? AND "number" < ? AND "outcome" NOT IN ({marks})'
+        row = self._connection.execute(sql, (job_id, before, *(str(outcome) for outcome in excluding))).fetchone()
+        return int(row[0])
+
     def list_jobs(self, where: JobFilter) -> list[Job]:
         # The condition is written out rather than built with peewee on every call: building it took 0.4-0.6 ms,
         # a sixth of a job.list of 100 jobs.

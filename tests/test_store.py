@@ -579,6 +579,30 @@ def test_a_job_and_its_attempts_read_back_as_written(tmp_path: Path) -> None:
         store.close()
 
 
+def test_count_attempts_counts_the_earlier_ones_that_ended_otherwise_than_excluded(tmp_path: Path) -> None:
+    """What Engine._concluded counts as a job's tries (a shutdown's `killed`, a failed start's `spawn_error` not)."""
+    store = Store(str(tmp_path / "jobd.sqlite3"))
+    store.open()
+    try:
+        [(job, _)] = store.insert_jobs([JobSpec(command=("/bin/false",), queue="q")], [JobState.QUEUED], 1.0, [1.0])
+        outcomes = [Outcome.FAILED, Outcome.KILLED, Outcome.TIMED_OUT, Outcome.SPAWN_ERROR, Outcome.LOST, None]
+        for number, outcome in enumerate(outcomes, start=1):
+            running = transition(job, JobState.RUNNING, started_at=2.0, attempts=number)
+            attempt = Attempt(job.id, number, 2.0)
+            store.start_attempts([(running, attempt)])
+            if outcome is not None:  # the last one still runs
+                job = transition(running, JobState.QUEUED)
+                store.finish_attempt(job, dataclasses.replace(attempt, outcome=outcome, finished_at=3.0))
+        not_counted = (Outcome.KILLED, Outcome.SPAWN_ERROR)
+        assert store.count_attempts(job.id, before=6, excluding=not_counted) == 3  # failed, timed_out, lost
+        assert store.count_attempts(job.id, before=4, excluding=not_counted) == 2
+        assert store.count_attempts(job.id, before=6) == 5
+        assert store.count_attempts(job.id, before=1, excluding=not_counted) == 0
+        assert store.count_attempts(job.id + 1, before=6) == 0
+    finally:
+        store.close()
+
+
 @contextlib.contextmanager
 def _traced(connection: sqlite3.Connection) -> Iterator[list[str]]:
     """The statements `connection` runs meanwhile, as SQLite ran them (their parameters in place)."""

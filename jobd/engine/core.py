@@ -956,9 +956,8 @@ class Engine:
         now = self.clock()
         tries = attempt.number
         if attempt.outcome is not Outcome.SUCCEEDED and attempt.number > 1:
-            earlier = self.store.attempts(job.id)
             not_counted = (Outcome.KILLED, Outcome.SPAWN_ERROR)
-            tries = 1 + sum(1 for a in earlier if a.number < attempt.number and a.outcome not in not_counted)
+            tries = 1 + self.store.count_attempts(job.id, before=attempt.number, excluding=not_counted)
         watcher = self._watchers.get(job.id)
         step = after_attempt(
             job,
