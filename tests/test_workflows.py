@@ -652,6 +652,32 @@ def test_debug_resume_refuses_an_executing_instance_and_an_unknown_one(wf: Daemo
     assert wf.call("instance.wait", {"id": launched["id"], "timeout": 30})["status"] == "TERMINATED"
 
 
+# A custom attribute that selects two nodes: one pair each, under one name.
+TWO_VALUED_ATTRIBUTE_WORKFLOW = """<workflow>
+  <custom-attributes><custom-attribute name="who" select="//task/@name"/></custom-attributes>
+  <subjobs><job name="top"><tasks>
+    <task name="alpha" path="/bin/true" queue="default"/><task name="beta" path="/bin/true" queue="default"/>
+  </tasks></job></subjobs>
+</workflow>
+"""
+
+
+def test_a_custom_attribute_of_several_nodes_is_a_pair_each_and_each_value_finds_the_instance(
+    make_daemon: Any,
+) -> None:
+    """Why `custom_attributes` is a list of pairs in an instance and an object in instance.list (docs/protocol.md):
+    the data has a name once per node selected, as evQueue's rows; the filter, as evQueue's customattribute_NAME,
+    one value per name, matching any of the pairs."""
+    daemon, done, _ = _run_alone(make_daemon, two=TWO_VALUED_ATTRIBUTE_WORKFLOW)
+    assert done["custom_attributes"] == [["who", "alpha"], ["who", "beta"]], done
+
+    def ids(**where: Any) -> list[int]:
+        return [i["id"] for i in daemon.call("instance.list", where)["instances"]]
+
+    assert ids(custom_attributes={"who": "alpha"}) == ids(custom_attributes={"who": "beta"}) == [done["id"]]
+    assert ids(custom_attributes={"who": "gamma"}) == []
+
+
 def test_custom_attributes_are_stored_and_instances_filter_on_them_and_on_parameters(wf: Daemon) -> None:
     three = wf.call("instance.launch", {"workflow": "loopdemo", "parameters": {"count": "3"}})
     two = wf.call("instance.launch", {"workflow": "loopdemo", "parameters": {"count": "2"}})
