@@ -938,6 +938,8 @@ def test_a_cancel_is_saved_before_it_is_answered(make_daemon: Any, tmp_path: Pat
     assert len(jobs) == 4 and not any(job["command"][-1] == "ran" and job["state"] == "succeeded" for job in jobs)
 
 
+DAY = 86400.0
+
 RETRIED = """<workflow><subjobs><job name="j"><tasks>
   <task name="slow" task="slow"/>
   <task name="flaky" path="/bin/false" queue="q" retry_delay="1" retry_times="1"/>
@@ -969,6 +971,44 @@ def test_a_retry_due_while_jobd_stops_is_kept_for_the_next_start(make_daemon: An
     flaky = _document(daemon, instance_id).find(".//task[@name='flaky']")
     assert flaky is not None
     assert [output.get("retval") for output in flaky.findall("output")] == ["1", "1"]  # tried again: /bin/false
+
+
+FAILS_ONCE = """<workflow><subjobs><job name="j"><tasks>
+  <task name="flaky" path="/bin/sh -c 'test $JOBD_ATTEMPT -gt 1 || test -e $0 || ! touch $0' MARK" queue="q"
+    retry_delay="3600" retry_times="1"/>
+</tasks></job></subjobs></workflow>"""
+
+
+def test_a_retry_does_not_wait_longer_than_its_delay_when_the_clock_went_back_while_jobd_was_down(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """The clock set back (an NTP step after a boot with the clock ahead, a wrong clock corrected) while jobd was
+    stopped: a task waiting to be retried was due at its retry-at-unix, as far ahead of the new clock as the clock
+    went back, and the instance waited that long (a day here) on top of the retry's delay. The wait is now at most
+    the delay (as a job's back-off is), counted from the start."""
+    mark = tmp_path / "failed-once"
+    daemon = _workflow_daemon(make_daemon, "[queue.q]\n", flaky=FAILS_ONCE.replace("MARK", str(mark)))
+    with daemon.client() as client:
+        client.call("events.subscribe", {"types": ["job.state"]}, timeout=10)
+        instance_id = int(daemon.call("instance.launch", {"workflow": "flaky"})["id"])
+        next_matching(client, lambda e: e["job"]["state"] == "failed", 20)  # its first try
+    assert terminate(daemon) == 0
+    database = daemon.state_dir / "jobd.sqlite3"
+    document = _stored_document(daemon, instance_id)
+    flaky = document.find(".//task[@name='flaky']")
+    assert flaky is not None and flaky.get("retry-at-unix") is not None, etree.tostring(flaky)
+    # As the clock a day ahead would have saved it for a retry a second after the failure.
+    flaky.set("retry_delay", "1")
+    flaky.set("retry-at-unix", repr(float(flaky.get("retry-at-unix", "")) - 3600 + DAY + 1))
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("UPDATE instance SET document = ? WHERE id = ?", (etree.tostring(document), instance_id))
+        db.commit()
+    start(daemon)
+    done = daemon.call("instance.wait", {"id": instance_id, "timeout": 30}, timeout=40)
+    assert (done["status"], done["errors"]) == ("TERMINATED", 0), done
+    flaky = _document(daemon, instance_id).find(".//task[@name='flaky']")
+    assert flaky is not None
+    assert [output.get("retval") for output in flaky.findall("output")] == ["1", "0"]
 
 
 def test_a_function_used_as_a_path_step_is_refused_with_what_to_write_instead(wf: Daemon) -> None:

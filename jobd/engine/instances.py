@@ -1216,7 +1216,7 @@ class Instances:
         actions: list[Action] = []
         for task in pending:
             if task.status is NodeStatus.TERMINATED:  # waiting for a retry
-                actions.append(RetryLater(task.evqid, max(0.0, (task.retry_at or now) - now), task.retry_at or now))
+                actions.append(RetryLater(task.evqid, task.retry_wait(now), task.retry_at or now))
                 continue
             job = self._job_or_none(task.tid)
             if job is None:

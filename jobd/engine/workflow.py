@@ -36,6 +36,7 @@ document is counted again from its node statuses, so it cannot disagree with its
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -226,13 +227,24 @@ class RestoredTask:
 
     QUEUED or EXECUTING: `tid` is the job id if one was recorded; if that job is gone, call `resubmit(evqid)`
     (QUEUED, with `now`) or `task_ended(evqid, TaskResult.lost(), now)` (EXECUTING). Retrying (status TERMINATED): call
-    `retry_due(evqid, now)` at `retry_at`.
+    `retry_due(evqid, now)` at `retry_at`, but not later than `retry_delay` from now (see `retry_wait`).
     """
 
     evqid: int
     status: NodeStatus
     tid: int | None = None
     retry_at: float | None = None
+    retry_delay: float | None = None  # the delay that retry_at was set for, when the document says it
+
+    def retry_wait(self, now: float) -> float:
+        """Seconds from `now` until the retry is due: until `retry_at`, but at most the delay it was set for.
+
+        `retry_at` is on the wall clock of the moment the task ended. Set back since (while jobd was down: an NTP
+        step after a boot with the clock ahead, a wrong clock corrected), the clock is behind that end, and the
+        wait until `retry_at` is the delay plus however far the clock went back; counted from the end instead,
+        it is the delay asked for, as a job's back-off is (jobd.engine.core.Engine._admit)."""
+        wait = max(0.0, (self.retry_at or now) - now)
+        return wait if self.retry_delay is None else min(wait, self.retry_delay)
 
 
 class _NodeAborted(Exception):
@@ -347,7 +359,14 @@ class Instance:
                 if status in (NodeStatus.QUEUED, NodeStatus.EXECUTING):
                     pending.append(RestoredTask(_evqid(task), NodeStatus(status), int(tid) if tid else None))
                 elif _is_retrying(task):
-                    pending.append(RestoredTask(_evqid(task), NodeStatus.TERMINATED, retry_at=_retry_due(task)))
+                    pending.append(
+                        RestoredTask(
+                            _evqid(task),
+                            NodeStatus.TERMINATED,
+                            retry_at=_retry_due(task),
+                            retry_delay=_retry_delay(task),
+                        )
+                    )
         return instance, pending
 
     @classmethod
@@ -1214,6 +1233,16 @@ def _retry_due(task: etree._Element) -> float:
     if exact is not None:
         return float(exact)
     return time.mktime(time.strptime(task.get("retry_at", ""), LOCAL_TIME))
+
+
+def _retry_delay(task: etree._Element) -> float | None:
+    """The delay the retry of a task waiting to be retried was set for (`_retry_or_fail` leaves it in `retry_delay`,
+    a retry schedule's level's included); None when the document does not say it as a number."""
+    try:
+        delay = float(task.get("retry_delay", ""))
+    except ValueError:
+        return None
+    return delay if math.isfinite(delay) and delay >= 0 else None
 
 
 def _stdin_of(task: etree._Element) -> bytes | None:
