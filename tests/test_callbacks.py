@@ -656,6 +656,24 @@ def test_backoff_between_tries_is_recorded(make_daemon: Callable[..., Daemon], r
     assert row["delivered_at"] >= row["created_at"] + 3
 
 
+def test_a_retry_does_not_wait_longer_than_its_back_off_when_the_clock_went_back_while_jobd_was_down(
+    make_daemon: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    """The clock set back (an NTP step after a boot with the clock ahead, a wrong clock corrected) while jobd was
+    stopped: a pending delivery's next try was due at its `next_try_at`, as far ahead of the new clock as the clock
+    went back, and it waited that long (a day here) on top of its back-off. Its wait is now at most the back-off."""
+    receiver.plan["/down"] = [503, 502]
+    d = make_daemon("[queue.default]\n")
+    job = d.submit(command=["/bin/true"], callbacks={"on_success": [{"http": {"url": receiver.url("/down")}}]})["id"]
+    assert [receiver.next().headers["X-Jobd-Try"] for _ in range(2)] == ["1", "2"]
+    d.stop()  # the third try, 2 s after the second, stays pending in the table
+    day = 86400
+    assert _sql(d, f'UPDATE "callback" SET created_at = created_at + {day}, next_try_at = next_try_at + {day}') == 1
+    d.start()
+    third = receiver.next()
+    assert third.headers["X-Jobd-Try"] == "3" and third.json()["id"] == job
+
+
 def test_callbacks_lost_between_two_commits_are_queued_at_the_next_start(
     make_daemon: Callable[..., Daemon], receiver: Receiver
 ) -> None:

@@ -234,7 +234,9 @@ class Callbacks:
 
     def _arm(self, delivery: CallbackDelivery) -> None:
         loop = asyncio.get_running_loop()
-        wait = max(0.0, (delivery.next_try_at or 0.0) - self.clock())
+        # At most the back-off after its tries so far: `next_try_at` is on the wall clock of the try that failed,
+        # and a clock set back since (while jobd was down) would add however far it went back to the wait.
+        wait = min(max(0.0, (delivery.next_try_at or 0.0) - self.clock()), _back_off(delivery.tries))
         self._timers[delivery.id] = loop.call_later(wait, self._try, delivery)
 
     def _try(self, delivery: CallbackDelivery) -> None:
@@ -279,7 +281,7 @@ class Callbacks:
             delivery = _replace(delivery, state="failed", tries=tries, next_try_at=None, last_error=error)
             log.warning("%s failed for good after %d tries: %s", what, tries, error)
         else:
-            delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (tries - 1))
+            delay = _back_off(tries)
             delivery = _replace(delivery, tries=tries, next_try_at=now + delay, last_error=error)
             log.info("%s: try %d failed (%s); next in %gs", what, tries, error, delay)
         self._record(delivery, what)
@@ -465,6 +467,11 @@ def _nothing() -> None:
 
 def _ignore_log(_line: str, _cut: bool) -> None:
     pass
+
+
+def _back_off(tries: int) -> float:
+    """Seconds between a delivery's try number `tries` that failed and its next (0 before its first)."""
+    return 0.0 if tries == 0 else min(MAX_DELAY, FIRST_DELAY * 2 ** (tries - 1))
 
 
 def _failure(error: BaseException) -> str:
