@@ -401,6 +401,21 @@ def test_spring_forward_fixed_time_runs_at_the_jump() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("calendar", "next_day"),
+    [("30 30 2 * * *", "02:30:30"), ("30;30;2;;;", "02:30:30"), ("59 59 2 * * *", "02:59:59")],
+)
+def test_spring_forward_a_fixed_time_with_seconds_runs_at_the_jump_not_seconds_after_it(
+    calendar: str, next_day: str
+) -> None:
+    """croniter moves a skipped time on by whole minutes until it exists: 02:30:30 became 03:00:30, 02:59:59 became
+    03:00:59, not the jump (03:00:00) the documentation promises for a fixed time the jump skips."""
+    assert walls(calendar, paris(2024, 3, 30, 12, 0, 0), 2) == [
+        "2024-03-31T03:00:00+02:00",
+        f"2024-04-01T{next_day}+02:00",
+    ]
+
+
 def test_spring_forward_every_second_has_no_gap_or_repeat() -> None:
     start = paris(2024, 3, 31, 1, 59, 58)
     calendar = Calendar.parse(";;;;;")

@@ -19,6 +19,7 @@ import select
 import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 import zoneinfo
 from collections.abc import Iterator
@@ -915,6 +916,97 @@ def test_the_due_time_fired_is_saved_and_a_clock_behind_it_does_not_fire_it_agai
     assert epoch(listed(daemon, "at")["next_run"]) <= time.time() + 1
     assert "its next time is counted from now and may repeat one already fired" in daemon.log()
     quiesce(daemon, "at")
+
+
+# -- DST, crossed by a running daemon ----------------------------------------------------------------------------
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def compile_zone(directory: Path, offset: str, change: tuple[int, str] | None = None) -> Path:
+    """A zone file, compiled by zic as tzdata's are, at UTC offset `offset` (zic's `[-]h:mm:ss`), and with
+    `change` = (moment, offset) at that offset from that Unix second on: a DST change a few seconds ahead, for a
+    daemon to cross for real (tzdata's next one may be months away, and the clock is not the test's to set)."""
+    line = f"Zone Test/Jump {offset} - BEFORE"
+    if change is not None:
+        at = time.gmtime(change[0])
+        line += f" {at.tm_year} {_MONTHS[at.tm_mon - 1]} {at.tm_mday} {at.tm_hour}:{at.tm_min:02d}:{at.tm_sec:02d}u"
+        line += f"\n\t{change[1]} - AFTER"
+    source = directory / "jump.zi"
+    source.write_text(line + "\n")
+    subprocess.run(["zic", "-d", str(directory), str(source)], check=True, capture_output=True, timeout=60)
+    return directory / "Test" / "Jump"
+
+
+def fixed_time(wall: float) -> str:
+    """A fixed-time calendar (no field starts with `*`) due once, at this wall-clock time (a Unix second read as
+    UTC: the zone's wall time, given its offset), on this day of this year."""
+    at = time.gmtime(wall)
+    return f"{at.tm_sec} {at.tm_min} {at.tm_hour} {at.tm_mday} {at.tm_mon} *"
+
+
+@pytest.fixture
+def zoned(make_daemon: Any, tmp_path: Path) -> Iterator[Any]:
+    """A started daemon with BASE and no schedule whose local zone (its $TZ) is the file `compile_zone(tmp_path, …)`
+    writes, for now at UTC: a test writes it again with a change ahead, and its schedules, and reloads."""
+    made: list[Daemon] = []
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    daemon: Daemon = make_daemon(BASE, start=False)
+    daemon.env["TZ"] = f":{compile_zone(zones, '0')}"
+    start(daemon)
+    made.append(daemon)
+    yield SimpleNamespace(daemon=daemon, zones=zones)
+    stop_pumps(made)
+
+
+def test_a_daemon_crossing_a_spring_forward_runs_a_fixed_time_it_skips_once_at_the_jump(zoned: Any) -> None:
+    """The local clock jumps 5 s ahead (a spring-forward, 5 s long rather than an hour): a fixed time inside the
+    jump does not exist that day; the documented rule (Vixie cron's) runs it at the jump. croniter moves such a
+    time on by whole minutes, so jobd ran it 57 s after the jump here (and a daily `30 30 2 * * *` at 03:00:30)."""
+    daemon = zoned.daemon
+    jump = int(time.time()) + 5  # the margin is for the reload below, which must be over before it
+    compile_zone(zoned.zones, "0", (jump, "0:00:05"))  # local times jump+0 … jump+4 (read as UTC) never come
+    rewrite(daemon, schedule("skipped", "task:true", fixed_time(jump + 2)))
+    with subscribe(daemon) as client:
+        daemon.call("daemon.reload")
+        job = next_state(client, "succeeded", "schedule:skipped", timeout=jump - time.time() + WAIT)
+    assert epoch(job["created_at"]) >= jump, job
+    assert len(jobs_of(daemon, "skipped")) == 1
+    assert epoch(listed(daemon, "skipped")["next_run"]) > jump + 300 * 86400  # next year's
+    assert terminate(daemon) == 0
+    assert saved_row(daemon, "skipped")["last_due"] == jump  # due at the jump itself
+
+
+def test_a_daemon_crossing_a_fall_back_runs_a_fixed_time_it_repeats_once_and_a_wildcard_in_both_passes(
+    zoned: Any,
+) -> None:
+    """The local clock goes back 5 s (a fall-back, 5 s long rather than an hour): the local times of the 5 s before
+    the change come again after it. A fixed time among them runs once, in the first pass, and a calendar whose
+    seconds field is `*` runs at each of its times as they come, in both passes. A fixed time after the change,
+    whose run is awaited, shows that the second pass has gone by."""
+    daemon = zoned.daemon
+    change = int(time.time()) + 6  # the first pass of `repeated` (change - 3) must come after the reload below
+    compile_zone(zoned.zones, "0:00:05", (change, "0"))  # local times change+0 … change+4 (read as UTC) come twice
+    rewrite(
+        daemon,
+        schedule("repeated", "task:true", fixed_time(change + 2))
+        + schedule("after", "task:true", fixed_time(change + 8))
+        + schedule("tick", "task:true", "* * * * * *", overlap="allow"),
+    )
+    with subscribe(daemon) as client:
+        daemon.call("daemon.reload")
+        next_state(client, "succeeded", "schedule:after", timeout=change - time.time() + 8 + WAIT)
+    assert len(jobs_of(daemon, "repeated")) == 1
+    daemon.call("schedule.disable", {"name": "tick"})
+    ticks = [epoch(job["created_at"]) for job in jobs_of(daemon, "tick")]
+    for job in jobs_of(daemon, "tick"):
+        daemon.wait(job["id"])
+    assert terminate(daemon) == 0
+    assert saved_row(daemon, "repeated")["last_due"] == change - 3  # its first pass
+    # The 5 s before the change and the 5 s after it, which the local clock showed as the same 5 s: each ran.
+    seconds = sorted(math.floor(moment) for moment in ticks)
+    assert set(range(change - 5, change + 5)) <= set(seconds), (seconds, change)
 
 
 # -- API, jobctl, evQueue ----------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ Accepted calendar syntaxes (`Calendar.parse`):
 DST, for a calendar evaluated in a zone that has it (the rules are croniter's, plus one filter of ours):
 
 - a wall-clock time skipped by a spring-forward jump fires at the jump (02:30 on the day Paris goes from 02:00 to
-  03:00 fires at 03:00), as Vixie cron does: a daily job is not lost; but a "wildcard" calendar (see below) goes on
+  03:00 fires at 03:00, and so does 02:30:30: croniter's 03:00:30 is moved back to the jump), as Vixie cron does:
+  a daily job is not lost; but a "wildcard" calendar (see below) goes on
   at its times of the new clock (`0 */2 * * *`: 00:00, then 04:00), as `30 * * * *` does (01:30, then 03:30), not
   at the jump and again an hour later;
 - a wall-clock time repeated by a fall-back fires at both occurrences only for a wildcard calendar, so an hourly
@@ -190,8 +191,12 @@ class Calendar:
             wall = dt.datetime.fromtimestamp(due, zone)
             if not self.wildcard and wall.fold == 1:
                 continue  # second pass of a repeated hour: a fixed-time calendar already fired in the first
-            if self.wildcard and not self._names(wall):
-                continue  # croniter's stand-in at a spring-forward jump for a time that did not exist (see below)
+            if not self._names(wall):  # croniter's stand-in at a spring-forward jump for a time that did not exist
+                if self.wildcard:
+                    continue  # it goes on at its times of the new clock (see _names)
+                due = _jump_before(due, zone)
+                if due <= after:
+                    continue  # that jump has passed: the skipped time was due at it
             return due
         raise CroniterBadDateError(f"no due time found after {_MAX_STEPS} steps")  # pragma: no cover
 
@@ -231,6 +236,31 @@ class Calendar:
             yield due
             for index in [index for index, value in upcoming.items() if value == due]:
                 advance(index)
+
+
+def _jump_before(stand_in: float, zone: dt.tzinfo) -> float:
+    """The moment of the spring-forward jump that croniter's `stand_in` (a whole second) stands for.
+
+    croniter moves a wall-clock time that a jump skipped on by whole minutes until it exists, so the stand-in of
+    a time with seconds (`30 30 2 * * *`, 02:30:30 in Paris) is that many seconds after the jump (03:00:30), and
+    of any time in a gap that does not end at a whole minute of the new clock, up to a minute after it. A
+    fixed-time calendar fires at the jump itself, as its documentation says: the jump is the first second, in
+    the minute before the stand-in, whose UTC offset is the stand-in's."""
+
+    def offset(moment: int) -> dt.timedelta | None:
+        return dt.datetime.fromtimestamp(moment, zone).utcoffset()
+
+    new_offset = offset(int(stand_in))
+    before, jump = int(stand_in) - 60, int(stand_in)  # offset(before) is the old one, offset(jump) the new one
+    if offset(before) == new_offset:
+        return stand_in  # no jump in that minute: nothing to move it to
+    while jump - before > 1:
+        middle = (before + jump) // 2
+        if offset(middle) == new_offset:
+            jump = middle
+        else:
+            before = middle
+    return float(jump)
 
 
 def _parse_cron(stripped: str) -> Calendar:
