@@ -587,6 +587,10 @@ def test_a_due_time_delayed_by_jitter_past_a_restart_is_kept() -> None:
     fired = dataclasses.replace(waiting, last_due=T0 + 3600 + 40)  # fired already (the clock set back since)
     assert waited_for(DEFINITION, HOURLY, fired, T0 + 3601) is None
     assert waited_for(DEFINITION, HOURLY, ScheduleState("s"), T0) is None  # never armed
+    # The clock set back while jobd was down: every saved time is ahead of it. By an hour (at most MAX_STEP_BACK),
+    # the next time counts from the due time last fired, and is the one kept; by two days, from now: not kept.
+    assert waited_for(DEFINITION, HOURLY, waiting, T0 - 3600 + 1) == T0 + 3600 + 40
+    assert waited_for(DEFINITION, HOURLY, waiting, T0 - 2 * 86400 + 1) is None
 
 
 def test_a_recompute_keeps_the_due_time_whose_calendar_time_has_come_and_draws_the_others_again() -> None:

@@ -918,6 +918,28 @@ def test_the_due_time_fired_is_saved_and_a_clock_behind_it_does_not_fire_it_agai
     quiesce(daemon, "at")
 
 
+def test_a_clock_set_back_days_while_jobd_was_down_does_not_hold_a_schedule_until_its_old_next_time(
+    sched: Any,
+) -> None:
+    """The clock set back two days while jobd was stopped (a machine booted with its clock ahead, then corrected):
+    every time the schedule saved is two days ahead of the clock, its next time too. The start kept that next time
+    (as it keeps a due time whose jitter delay runs across a restart), so an every-minute schedule ran nothing for
+    two days, where the documentation says that a clock more than 3 hours behind the due time last fired is taken
+    as it is. A saved next time is now kept only when the calendar time it stands for has come."""
+    daemon = sched(schedule("minutely", "task:true", "* * * * *", overlap="allow"))
+    fired = daemon.call("schedule.trigger", {"name": "minutely"})["run_id"]
+    daemon.wait(fired)
+    assert terminate(daemon) == 0
+    saved = saved_row(daemon, "minutely")
+    two_days = 2 * 86400
+    ahead = math.floor(time.time() / 60) * 60 + two_days  # a whole minute: one of the calendar's times
+    set_saved(daemon, "minutely", last_due=ahead - 60, last_run=saved["last_run"] + two_days, next_run=ahead)
+    start(daemon)
+    assert epoch(listed(daemon, "minutely")["next_run"]) <= time.time() + 60
+    assert "its next time is counted from now and may repeat one already fired" in daemon.log()
+    quiesce(daemon, "minutely")
+
+
 # -- DST, crossed by a running daemon ----------------------------------------------------------------------------
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")

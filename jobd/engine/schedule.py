@@ -515,11 +515,16 @@ def next_run(
     """
     if not _active(definition, state):
         return None
-    after = now
+    return calendar.next_after(_counted_from(state, now), definition.timezone) + jitter_fraction * definition.jitter
+
+
+def _counted_from(state: ScheduleState, now: float) -> float:
+    """The moment the next due time is the calendar's first after: now, or the due time last fired when the clock
+    is behind it by at most MAX_STEP_BACK (see `next_run`)."""
     if 0 < set_back(state, now) <= MAX_STEP_BACK:
         assert state.last_due is not None
-        after = state.last_due
-    return calendar.next_after(after, definition.timezone) + jitter_fraction * definition.jitter
+        return state.last_due
+    return now
 
 
 def catch_up_due(definition: ScheduleDef, calendar: Calendar, state: ScheduleState, now: float) -> bool:
@@ -561,13 +566,21 @@ def waited_for(definition: ScheduleDef, calendar: Calendar, state: ScheduleState
     Kept rather than computed again: with jitter, a due time delayed past the restart (the calendar's time passed,
     its delay not yet) is not the calendar's next after now, which is the one after it: that run was lost, with
     `catch_up` too (nothing was missed yet). Not kept when the calendar (or its jitter) changed while jobd was down
-    and it is no longer one of its times, nor when it has fired already (the clock set back while jobd was down)."""
+    and it is no longer one of its times, nor when it has fired already, nor when the calendar's time it stands for
+    is still to come but is not the one `next_run` counts now: the clock was set back while jobd was down, and the
+    saved time is as far ahead as the clock went back (days, for a machine that started with its clock ahead and
+    was corrected), where `next_run` takes a clock more than MAX_STEP_BACK behind as it is."""
     due = state.next_run
     if due is None or due <= now or not _active(definition, state):
         return None
     if state.last_due is not None and state.last_due >= due:
         return None
-    return due if _is_due_time(calendar, definition, due) else None
+    standing_for = calendar.next_after(due - definition.jitter - 1, definition.timezone)
+    if standing_for > due:
+        return None  # not a time of this calendar, delayed by at most its jitter
+    if standing_for <= now:
+        return due  # its jitter delay runs
+    return due if standing_for == calendar.next_after(_counted_from(state, now), definition.timezone) else None
 
 
 def still_due(definition: ScheduleDef, calendar: Calendar | None, state: ScheduleState, now: float) -> float | None:
