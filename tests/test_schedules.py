@@ -987,7 +987,7 @@ def test_a_daemon_crossing_a_spring_forward_runs_a_fixed_time_it_skips_once_at_t
     jump does not exist that day; the documented rule (Vixie cron's) runs it at the jump. croniter moves such a
     time on by whole minutes, so jobd ran it 57 s after the jump here (and a daily `30 30 2 * * *` at 03:00:30)."""
     daemon = zoned.daemon
-    jump = int(time.time()) + 5  # the margin is for the reload below, which must be over before it
+    jump = int(time.time()) + 6  # the margin is for the reload below, which must be over before it
     compile_zone(zoned.zones, "0", (jump, "0:00:05"))  # local times jump+0 … jump+4 (read as UTC) never come
     rewrite(daemon, schedule("skipped", "task:true", fixed_time(jump + 2)))
     with subscribe(daemon) as client:
@@ -1008,7 +1008,7 @@ def test_a_daemon_crossing_a_fall_back_runs_a_fixed_time_it_repeats_once_and_a_w
     seconds field is `*` runs at each of its times as they come, in both passes. A fixed time after the change,
     whose run is awaited, shows that the second pass has gone by."""
     daemon = zoned.daemon
-    change = int(time.time()) + 6  # the first pass of `repeated` (change - 3) must come after the reload below
+    change = int(time.time()) + 8  # the first pass of `repeated` (change - 3) must come after the reload below
     compile_zone(zoned.zones, "0:00:05", (change, "0"))  # local times change+0 … change+4 (read as UTC) come twice
     rewrite(
         daemon,
