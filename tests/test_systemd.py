@@ -551,6 +551,16 @@ def test_the_oom_killer_ending_a_job_leaves_jobd_running(sd: Sdns) -> None:
     assert sd.show("OOMPolicy") == "continue"
 
 
+def test_jobd_starts_once_the_clock_is_set_and_synchronized_as_calendar_timers_do(sd: Sdns) -> None:
+    """Schedules fire at wall-clock times and keep_days expires history by the wall clock: started on a clock far
+    ahead (a wrong RTC, which NTP corrects a moment later), jobd expired finished jobs for good and fired schedules
+    at its times. systemd orders a timer with OnCalendar= after time-set.target and time-sync.target; jobd.service
+    had neither. Read as systemd loaded the unit (a clock not yet synchronized cannot be staged here: it is the
+    machine's)."""
+    after = sd.show("After").split()
+    assert "time-set.target" in after and "time-sync.target" in after, after
+
+
 def test_a_shutdown_stops_jobd_before_remote_file_systems_and_user_lookups(tmp_path: Path) -> None:
     """Jobs run as users looked up by name (LDAP, sssd) in their homes (NFS): at shutdown jobd and its jobs must
     stop before remote file systems are unmounted and user lookups go, and start after them, as cron does. A
