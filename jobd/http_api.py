@@ -336,6 +336,9 @@ class HttpApi:
         self._refused_lingering: set[_Refused] = set()  # refused connections reading what their clients still send
         self._served: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # connections a request came on
         self._requests: dict[asyncio.BaseTransport, asyncio.Task[Any]] = {}  # the request each connection serves now
+        # Each open connection's FIRST_REQUEST_SECONDS timer (_connection), cancelled when the connection is lost: a
+        # timer left to run held its closed connection's handler for those 30 s, thousands under a busy web page.
+        self._idle_deadlines: dict[asyncio.BaseProtocol, asyncio.TimerHandle] = {}
         self.adopted = False  # listening on a socket systemd passed (bind)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_post("/jobs/add", self.jobs_add)
@@ -365,6 +368,7 @@ class HttpApi:
         )
         await self._runner.setup()
         assert self._runner.server is not None
+        self._forget_idle_deadlines(self._runner.server)
         if not _RUNNER_OPTIONS:
             self._cancel_when_gone(self._runner.server)
         loop = asyncio.get_running_loop()
@@ -412,8 +416,20 @@ class HttpApi:
             loop.call_soon(loop.call_soon, self._counted_by_aiohttp)  # after the connection_made calls now due
         self._accepted += 1
         handler = self._runner.server()
-        loop.call_later(FIRST_REQUEST_SECONDS, self._close_if_idle, handler)
+        self._idle_deadlines[handler] = loop.call_later(FIRST_REQUEST_SECONDS, self._close_if_idle, handler)
         return handler
+
+    def _forget_idle_deadlines(self, server: web.Server) -> None:
+        """Cancel a connection's FIRST_REQUEST_SECONDS timer when aiohttp tells its server the connection is lost."""
+        lost = server.connection_lost
+
+        def connection_lost(handler: RequestHandler, failure: BaseException | None) -> None:
+            lost(handler, failure)
+            deadline = self._idle_deadlines.pop(handler, None)
+            if deadline is not None:
+                deadline.cancel()
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
     def _cancel_when_gone(self, server: web.Server) -> None:
         """Cancel the request under way on a connection when the connection is lost, as aiohttp does from 3.9 on when
@@ -437,6 +453,7 @@ class HttpApi:
         self._accepted = 0
 
     def _close_if_idle(self, handler: asyncio.BaseProtocol) -> None:
+        self._idle_deadlines.pop(handler, None)
         transport = getattr(handler, "transport", None)  # None once the connection is over
         if transport is not None and transport not in self._served:
             transport.close()
