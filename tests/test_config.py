@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import pytest
+from test_manpages import _TOKEN as MAN_TOKEN
+from test_manpages import CONFIG_REGISTRIES
+from test_manpages import _unescape as unescape_man
+from test_manpages import parse as parse_man_page
 
 from jobd import conffile, config
 from jobd.config import ConfigWatcher, find_files, load, load_dir
@@ -938,6 +945,170 @@ def test_docs_tables_list_exactly_the_keys_the_parser_takes() -> None:
     problems += [f"[access] admins: {key} is not named" for key in config.ADMINS_KEYS if f"`{key}`" not in admins_row]
     assert problems == []
     assert {registry for _, registry in DOC_TABLES} | {"ADMINS_KEYS"} == set(TABLES)
+
+
+# The literal defaults the documents give (`10`, `"crash"`, `false`, `{ keep_days = 30 }`; not the prose ones such
+# as "no limit" or "`[daemon] kill_grace`") must be what the parser gives a key left out. Each kind of table is read
+# here with only the keys it needs, and the values of the others are compared with both documents.
+_WITH_ONLY_WHAT_IS_NEEDED = f"""
+[queue.q]
+[task.t]
+command = ["/bin/true"]
+on_success = [{{ http = {{ url = "http://127.0.0.1/" }} }}]
+[task.h]
+http = {{ url = "http://127.0.0.1/" }}
+[schedule.s]
+task = "t"
+calendar = "@daily"
+[tcp.users.u]
+password_sha1 = {_HASH_40}
+[http.tokens.k]
+token_sha256 = {_HASH_64}
+[[access.grant]]
+groups = ["g"]
+rights = ["read"]
+queues = ["*"]
+[[access.grant]]
+users = ["u"]
+rights = ["read"]
+workflows = ["*"]
+"""
+
+
+def _comparable(value: object) -> object:
+    """A value of the model as TOML writes it: tuples and sets as arrays, mappings and dataclasses as tables."""
+    if isinstance(value, tuple | list | frozenset | set):
+        items = [_comparable(item) for item in value]
+        return items if isinstance(value, tuple | list) else sorted(items, key=str)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _comparable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _comparable(v) for k, v in value.items()}
+    return value
+
+
+def _code_defaults(tmp_path: Path) -> dict[str, dict[str, object]]:
+    """For each table (by the registry that checks its keys): each key's value when the file leaves it out. (The
+    suite runs as root, for whom both documents give `default_user` as nobody.)"""
+    loaded = load_dir(str(write(tmp_path / "jobd.toml", _WITH_ONLY_WHAT_IS_NEEDED).parent))
+    found = {
+        "DAEMON_KEYS": loaded.daemon,
+        "HISTORY_KEYS": loaded.daemon.history,
+        "QUEUE_KEYS": loaded.queues["q"],
+        "TASK_KEYS": loaded.tasks["t"],
+        "RETRY_KEYS": loaded.tasks["t"].retry,
+        "SCHEDULE_KEYS": loaded.schedules["s"],
+        "TCP_KEYS": loaded.tcp,
+        "TCP_USER_KEYS": loaded.tcp.users["u"],
+        "HTTP_KEYS": loaded.http,
+        "HTTP_TOKEN_KEYS": loaded.http.tokens["k"],
+    }
+    defaults = {registry: cast(dict[str, object], _comparable(value)) for registry, value in found.items()}
+    # A table whose keys left out are None is written as the keys it has: `{ keep_days = 30 }`.
+    history = defaults["DAEMON_KEYS"]["history"]
+    defaults["DAEMON_KEYS"]["history"] = {k: v for k, v in cast(dict[str, object], history).items() if v is not None}
+    # A grant needs users or groups, and something to grant rights on: two grants, each leaving out what the other
+    # gives.
+    first, second = (cast(dict[str, object], _comparable(grant)) for grant in loaded.access.grants)
+    defaults["GRANT_KEYS"] = {
+        **{key: first[key] for key in ("users", "workflows", "tasks")},
+        **{key: second[key] for key in ("groups", "queues")},
+    }
+    access = loaded.access
+    admins = {"users": sorted(access.admin_users), "groups": sorted(access.admin_groups)}
+    defaults["ACCESS_KEYS"] = {"admins": admins}
+    # An HTTP request's timeout left out is None in the request: the fetcher's DEFAULT_TIMEOUT applies when it is
+    # made. A callback's likewise.
+    http = dict(loaded.tasks["h"].http or {})
+    assert http["timeout"] is None
+    defaults["http_task.KEYS"] = {**http, "timeout": http_task.DEFAULT_TIMEOUT}
+    callback = (loaded.tasks["t"].callbacks or {})["on_success"][0]["http"]
+    defaults["Callbacks"] = {**callback, "timeout": callback.get("timeout", callbacks.HTTP_TIMEOUT)}
+    return defaults
+
+
+def _literal(text: str, bare_words: bool) -> tuple[object] | None:
+    """A default as written, parsed as TOML (`10`, `"crash"`, `0o660`, `{ keep_days = 30 }`), in a 1-tuple; with
+    `bare_words`, also a word or path as the man page sets it in `.Li`/`.Pa` (`default`, `/var/lib/jobd`)."""
+    try:
+        return (tomllib.loads(f"v = {text}")["v"],)
+    except tomllib.TOMLDecodeError:
+        return (text,) if bare_words and re.fullmatch(r"[\w./-]+", text) else None
+
+
+def _doc_defaults() -> list[tuple[str, str, str]]:
+    """(registry, key, literal) for each row of docs/config.md's key tables whose default is a literal."""
+    found: list[tuple[str, str, str]] = []
+    tables = iter(DOC_TABLES)
+    registry, column = "", None
+    for line in DOCS.read_text().splitlines():
+        if line.startswith("| key |"):
+            registry, column = next(tables)[1], [c.strip() for c in line.strip("|").split("|")].index("default")
+        elif column is not None and line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+            written = re.fullmatch(r"`([^`]+)`(?: \(.*\)| when .*)?|(\d+)", cells[column])
+            for key in re.findall(r"`([^`]+)`", cells[0]) if written else ():
+                found.append((registry, key, written[1] or written[2]))
+        elif not line.startswith("|"):
+            column = None
+    return found
+
+
+def _man_defaults() -> list[tuple[str, str, str]]:
+    """(registry, key, literal) for each key of jobd.toml(5) whose default is a literal: `Default: 10.`,
+    `Default:` followed by `.Li false .` or `.Pa /var/lib/jobd .`, or `.Li X` followed by "(the default)"."""
+    registries = {subsection: registry for registry, subsection in CONFIG_REGISTRIES.items()}
+    registries.update({"[task.NAME] http": "http_task.KEYS", "Callbacks": "Callbacks"})
+    page = parse_man_page("jobd.toml.5")
+    found: list[tuple[str, str, str]] = []
+    for subsection in page.subsections("SECTIONS"):
+        keys: list[str] = []
+        lines = page.section("SECTIONS", subsection).source
+        for before, line, after in zip(["", *lines[:-1]], lines, [*lines[1:], ""], strict=True):
+            if line.startswith(".It Cm "):
+                keys = [word for word in line[len(".It Cm ") :].split(" No ")[0].split() if word != ","]
+            elif line.startswith(".El"):
+                keys = []
+            number = re.fullmatch(r"Default: ([\d.]+?)\.?(?: \(.*\)\.)?", line)
+            macro = after if line == "Default:" else before if line.startswith("(the default)") else ""
+            words = [m[1] if m[1] is not None else m[2] for m in MAN_TOKEN.finditer(macro)]
+            if number is not None:
+                written = number[1]
+            elif words[:1] in ([".Li"], [".Pa"]) and len(words) > 1:
+                written = unescape_man(words[1])
+            else:
+                continue
+            found += [(registries[subsection], key, written) for key in keys if subsection in registries]
+    return found
+
+
+def _same(written: object, default: object) -> bool:
+    """`false` is how the documents write a key that is off (`listen`), which the model holds as None."""
+    if written is False and default is None:
+        return True
+    return isinstance(written, bool) == isinstance(default, bool) and written == default
+
+
+def test_the_documented_defaults_are_the_ones_the_parser_gives(tmp_path: Path) -> None:
+    """docs/config.md said one thing and jobd.toml(5) another, or both something the code no longer does: each
+    literal default either document writes is compared with what a key left out is read as."""
+    defaults = _code_defaults(tmp_path)
+    problems, checked = [], 0
+    for document, written, bare_words in (
+        ("docs/config.md", _doc_defaults(), False),
+        ("jobd.toml.5", _man_defaults(), True),
+    ):
+        for registry, key, text in written:
+            literal = _literal(text, bare_words)
+            if literal is None:
+                continue  # prose ("no limit"), or another key named as the default ("[daemon] kill_grace")
+            checked += 1
+            if key not in defaults.get(registry, {}):
+                problems.append(f"{document}: {key} ({registry}): default {text}, but this test reads no such key")
+            elif not _same(literal[0], defaults[registry][key]):
+                problems.append(f"{document}: {key} ({registry}): default {text}, read as {defaults[registry][key]!r}")
+    assert problems == []
+    assert checked >= 60, f"only {checked} documented defaults found: did a document's layout change?"
 
 
 def test_docs_name_every_key_a_reload_cannot_apply() -> None:
