@@ -7,16 +7,18 @@ ids the tour names follow from the commands before them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO
+from harness import REPO, Notifications
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -96,3 +98,53 @@ def test_the_tour_runs_as_written(make_daemon: Any, tmp_path: Path) -> None:
         assert done.returncode == 0, f"{command}: exit {done.returncode}\n{said}"
         expected = promised(comment)
         assert expected is None or expected in said, f"{command}: the tour says {expected!r}; it printed:\n{said}"
+
+
+def test_make_run_starts_jobd_on_the_dev_config_and_prints_the_socket_to_use(tmp_path: Path) -> None:
+    """`make run`'s own recipe, run by make: jobd in the foreground on examples/dev/ with its socket and state under
+    ./.jobd/, and the `export JOBD_SOCKET=...` line it prints names the socket that jobd listens on (the tour above
+    starts jobd as the recipe does; this checks the recipe). It runs in a copy of the Makefile and examples/dev/,
+    with this checkout's virtual environment as VENV: `-o` keeps make from installing it again."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "examples" / "dev", checkout / "examples" / "dev")
+    shutil.copy(REPO / "Makefile", checkout / "Makefile")
+    venv = Path(sys.prefix)
+    assert (venv / "bin" / "jobd").exists(), f"the suite runs outside the checkout's virtual environment: {venv}"
+    notify = Notifications(tmp_path / "notify")
+    printed = tmp_path / "printed"
+    env = {k: v for k, v in os.environ.items() if k not in ("JOBD_SOCKET", "MAKEFLAGS", "MAKELEVEL")}
+    env["NOTIFY_SOCKET"] = str(notify.path)
+    with open(printed, "wb") as out:
+        make = subprocess.Popen(
+            ["make", "-s", "-o", f"{venv}/.installed", "run", f"VENV={venv}"],
+            cwd=checkout,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+        )
+    pidfd = os.pidfd_open(make.pid)
+    try:
+        notify.wait_for("READY=1", sender=pidfd)
+        exported = re.search(r"export JOBD_SOCKET=(\S+);", printed.read_text())
+        assert exported is not None, printed.read_text()
+        assert exported[1] == str(checkout / ".jobd" / "jobd.sock")
+        status = subprocess.run(
+            [sys.executable, "-m", "jobd.jobctl", "--json", "status"],
+            env={**env, "JOBD_SOCKET": exported[1], "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+        assert status.returncode == 0, status.stderr
+        answered = json.loads(status.stdout)
+        assert answered["config_files"][0] == "examples/dev/jobd.toml"  # as the recipe names it, from the checkout
+        assert (checkout / ".jobd" / "state" / "jobd.sqlite3").exists()
+        os.kill(answered["pid"], signal.SIGTERM)  # jobd itself: the recipe's shell exec'd it, make waits for it
+        assert make.wait(DEADLINE) == 0, printed.read_text()
+    finally:
+        if make.poll() is None:  # a failed check: end make and the jobd it runs, in the group they share
+            os.killpg(make.pid, signal.SIGKILL)
+            make.wait()
+        os.close(pidfd)
+        notify.close()
