@@ -80,6 +80,7 @@ MAX_SELECTED = 10000  # as many jobs as one job.submit makes
 # answered meanwhile: each such read stopped jobd for 0.6 s (JSON) or 2 to 5 s (XML), and a client could send them
 # without end.
 REQUESTS_PER_TURN = 64
+_BLANKS = b" \t\r\n"  # what may come before a client's first request, on the API socket, whatever its protocol
 
 
 def _keepalive_interval() -> float:
@@ -646,7 +647,12 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
     # -- requests ------------------------------------------------------------------------------------------------
 
     def _choose_protocol(self, data: bytes) -> bool:
+        # Blanks before the first request choose nothing (JSON-RPC skips blank lines, XML allows whitespace before a
+        # document): the first other byte does, whichever read brings it. They are dropped meanwhile.
+        data = data.lstrip(_BLANKS)
         first = data[:1]
+        if not first:
+            return False
         if first == b"<":  # evQueue's XML: from now on the transport talks to an XmlConnection
             xml = XmlConnection(self.server, greet=False)
             self.server.leave(self)
@@ -654,7 +660,7 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
             xml.adopt(self.transport, self.peer)
             xml.data_received(data)
             return False
-        if first not in b"{[ \t\r\n":
+        if first not in b"{[":
             self._send(jsonrpc.error(None, InvalidRequest("expected a JSON-RPC 2.0 request, starting with { or [")))
             self.transport.close()
             return False

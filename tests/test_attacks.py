@@ -189,7 +189,7 @@ def _attack_api_socket(daemon: Any, data: bytes, kind: str, code: str) -> bytes:
     with _connect(daemon.socket_path) as sock:
         _send_all_then_close_writing(sock, data + (b"\n" if kind == "json" else b""))
         received = _read_to_eof(sock)
-    if data.startswith(b"<"):  # the first byte picks evQueue's protocol
+    if data.lstrip(b" \t\r\n").startswith(b"<"):  # the first byte after any blanks picks evQueue's protocol
         answers = _xml_documents(received)
         assert answers, "no answer"
         _check_xml_answer(answers[0], code)

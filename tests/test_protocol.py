@@ -1333,6 +1333,22 @@ def test_xml_first_byte_switches_to_evqueues_xml_protocol(daemon: Any) -> None:
     assert_alive(daemon)
 
 
+def test_xml_after_blanks_is_evqueues_xml_protocol_too(daemon: Any) -> None:
+    """docs/protocol.md: the first byte after any blanks picks the protocol, `<` evQueue's XML. Blanks first made
+    the connection JSON-RPC's, and `<ping/>` after them went unanswered (a JSON line waits for its newline), then was
+    a PARSE_ERROR. The blanks and the request come in two reads: the choice waits for the byte that makes it."""
+    with Raw(daemon.socket_path) as raw:
+        raw.send(b"\r\n \t")
+        with Raw(daemon.socket_path) as other:  # answered once jobd has read what came before it: the blanks
+            other.send(ping_line(1))
+            assert_pong(other.message(), 1)
+        raw.send(b'\n<status action="query" type="scheduler" />\n')
+        assert raw.line().startswith(b'<response node="'), raw.received
+        raw.send(b"  <ping/>")
+        assert raw.line().startswith(b"<response "), raw.received
+    assert_alive(daemon)
+
+
 def test_an_unknown_first_byte_is_refused_and_the_daemon_stays_up(daemon: Any) -> None:
     for data in (
         b"x",
@@ -1341,6 +1357,11 @@ def test_an_unknown_first_byte_is_refused_and_the_daemon_stays_up(daemon: Any) -
         b"\x16\x03\x01\x02\x00",
         b'"ping"\n',
         b"\xef\xbb\xbf{}\n",
+        # Blanks first choose nothing: what follows them is refused alike (it was taken for JSON-RPC, and answered
+        # PARSE_ERROR on a connection left open).
+        b"\n x\n",
+        b' \r\n\t"ping"\n',
+        b"\n\xef\xbb\xbf{}\n",
     ):
         with Raw(daemon.socket_path) as raw:
             raw.send(data)

@@ -45,7 +45,7 @@ JSON = {
     "raw-nul.PARSE_ERROR": b'{"jsonrpc":"2.0","id":1,"method":"ping\x00"}',
     "nul-escape-in-queue.INVALID_PARAMS": request("job.submit", {"command": ["/bin/true"], "queue": "default\0x"}),
     "bom.INVALID_REQUEST": b"\xef\xbb\xbf" + request("ping"),
-    "bom-after-space.PARSE_ERROR": b" \xef\xbb\xbf" + request("ping"),
+    "bom-after-space.INVALID_REQUEST": b" \xef\xbb\xbf" + request("ping"),  # blanks first choose nothing
     "utf16.INVALID_REQUEST": "\ufeff".encode("utf-16-le") + request("ping").decode().encode("utf-16-le"),
     "queue-traversal.INVALID_PARAMS": request("job.submit", {"command": ["/bin/true"], "queue": "../../etc/passwd"}),
     "queue-slash.INVALID_PARAMS": request("queue.pause", {"name": "default/x"}),
