@@ -518,6 +518,36 @@ def test_jobd_exit_statuses_are_documented(tmp_path: Path) -> None:
     )
 
 
+def test_the_files_jobd_8_and_the_socket_unit_name_are_the_defaults() -> None:
+    """jobd(8)'s FILES and the shipped jobd.socket write the default paths, mode and group of the configuration,
+    the sockets and the state (DESIGN: /etc/jobd over /run/jobd over /usr/lib/jobd, /run/jobd/jobd.sock mode 0660
+    group jobd, /var/lib/jobd): they must be the ones jobd uses when nothing is configured."""
+    defaults = config.load([]).daemon
+    *lower, highest = config.DEFAULT_SEARCH_PATH
+    page = parse("jobd.8")
+    files = page.section("FILES")
+    names, text = files.names(), " ".join(files.source)
+    wanted = [
+        f"{highest}/jobd.toml",
+        f"{highest}/{config.DROP_IN_DIR}/*.toml",
+        f"{highest}/{config.WORKFLOWS_DIR}/*.xml",
+        defaults.socket,
+        str(defaults.evqueue_socket),
+        f"{defaults.state_dir}/{daemon_module.DATABASE}",
+        f"{defaults.tasks_directory}/",
+    ]
+    problems = missing(page.name, "FILES", wanted, names)
+    problems += [f"{page.name} FILES: {directory} (lower priority)" for directory in lower if directory not in text]
+    mode, group = f"{defaults.socket_mode:04o}", defaults.socket_group
+    if f"mode {mode}, group .Li {group}" not in text:
+        problems.append(f"{page.name} FILES: {defaults.socket}, mode {mode}, group {group}")
+    unit = (MAN.parent / "systemd" / "jobd.socket").read_text()
+    for setting in (f"ListenStream={defaults.socket}", f"SocketMode={mode}", f"SocketGroup={group}"):
+        if not re.search(rf"^{re.escape(setting)}$", unit, re.M):
+            problems.append(f"systemd/jobd.socket: {setting}")
+    report(problems)
+
+
 def _env_names(text: str) -> set[str]:
     return {line.split("=", 1)[0] for line in text.splitlines() if line.startswith("JOBD_")}
 
