@@ -24,6 +24,7 @@ from test_manpages import _error_classes
 
 from jobd import http_api
 from jobd.client import Client, RemoteError
+from jobd.model import JobState, Outcome
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -475,3 +476,39 @@ def test_the_examples_values_have_the_types_and_formats_sent(make_daemon: Any) -
         not_compared = {f"{what}.{name}" for name, value in written.items() if value is not None} - compared
         problems += [f"{path}: written, but null or absent in what jobd sent" for path in sorted(not_compared)]
     assert not problems, "\n  ".join(["", *problems])
+
+
+def _listed(text: str) -> set[str]:
+    """The names a list writes: `word` in Markdown, `.Li word` (or `Li word` after `.Pf (`) in mdoc; what a
+    parenthesis says about one of them (`lost` (… its `error` says so)) is not one."""
+    text = re.sub(r"\([^()]*\)", "", text)
+    return {a or b for a, b in re.findall(r"`([a-z_]+)`|\bLi ([a-z_]+)", text)}
+
+
+def test_the_states_and_outcomes_listed_are_the_models() -> None:
+    """A job's states and an attempt's outcomes (DESIGN §2.3) are listed where a client looks (docs/protocol.md,
+    docs/jobs.md, jobd-protocol.7): each list must hold the model's values, no more, no fewer, so that a state or
+    an outcome added (a `reserved` state is planned) or renamed leaves no list behind."""
+    states, outcomes = {s.value for s in JobState}, {o.value for o in Outcome}
+    jobs_md = (ROOT / "docs" / "jobs.md").read_text()
+    lists = [  # where, what it lists, and how the list is found in the text
+        ("docs/protocol.md, state", states, r"^`state` is one of (.*?)\. ", PROTOCOL_MD),
+        ("docs/protocol.md, outcome", outcomes, r"^`outcome` is (.*?), or null while", PROTOCOL_MD),
+        ("docs/jobs.md, attempts", outcomes, r"attempt\*\* with its own outcome: (.*?)\n- ", jobs_md),
+        ("jobd-protocol.7, state", states, r"^\.Li state\nis one of\n(.*?) \.$", MAN_PAGE),
+        ("jobd-protocol.7, outcome", outcomes, r"^\.Li outcome\n\.Pf \( (.*?)\nor null while", MAN_PAGE),
+    ]
+    found = {where: (model, re.search(pattern, text, re.S | re.M)) for where, model, pattern, text in lists}
+    problems = []
+    for where, (model, match) in found.items():
+        assert match is not None, f"{where}: the list is not where it was: update this test"
+        names = _listed(match[1])
+        problems += [f"{where}: {value} is not listed" for value in sorted(model - names)]
+        problems += [f"{where}: {name} is not one" for name in sorted(names - model)]
+    # docs/jobs.md's diagram: its first line is the way a job goes, and ends in the final states.
+    diagram = re.search(r"^## States\n\n```\n(.*)$", jobs_md, re.M)
+    assert diagram is not None, "docs/jobs.md: the diagram of the states is not where it was: update this test"
+    drawn = set(re.findall(r"[a-z_]+", diagram[1]))
+    problems += [f"docs/jobs.md, States: {value} is not drawn" for value in sorted(states - drawn)]
+    problems += [f"docs/jobs.md, States: {name} is not one" for name in sorted(drawn - states)]
+    assert problems == []
