@@ -27,6 +27,7 @@ import pytest
 
 import jobd
 from jobd import api, config, jobctl, workflowdef
+from jobd import client as client_module
 from jobd import daemon as daemon_module
 from jobd.engine import callbacks, http_task, xpath
 from jobd.errors import JobdError
@@ -546,6 +547,23 @@ def test_the_files_jobd_8_and_the_socket_unit_name_are_the_defaults() -> None:
         if not re.search(rf"^{re.escape(setting)}$", unit, re.M):
             problems.append(f"systemd/jobd.socket: {setting}")
     report(problems)
+
+
+def test_the_clients_talk_to_the_socket_jobd_listens_on_by_default() -> None:
+    """jobctl (jobd.client), its usage, and the PHP client take the API socket jobd binds when nothing is configured
+    (a client left at its default must find a jobd left at its own), and jobctl's documents say so."""
+    socket_path = config.load([]).daemon.socket
+    php = (MAN.parent / "contrib" / "php-client" / "src" / "Client.php").read_text()
+    declared = re.search(r"const DEFAULT_SOCKET = '([^']*)';", php)
+    assert declared is not None, "contrib/php-client/src/Client.php declares no DEFAULT_SOCKET"
+    usage = jobctl.build_parser().format_help()
+    assert (client_module.DEFAULT_SOCKET, declared[1]) == (socket_path, socket_path)
+    assert f"else {socket_path})" in " ".join(usage.split()), usage
+    # And where a user reads it: jobctl(1)'s --socket and docs/jobctl.md's.
+    option = " ".join(parse("jobctl.1").section("OPTIONS").source)
+    assert f"if set, else .Pa {socket_path} ." in option
+    guide = (MAN.parent / "docs" / "jobctl.md").read_text()
+    assert f"Default: `$JOBD_SOCKET` if set, else `{socket_path}`." in guide
 
 
 def _env_names(text: str) -> set[str]:
