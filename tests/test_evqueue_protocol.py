@@ -1043,6 +1043,27 @@ def test_workflow_schedule_get_answers_evqueues_attributes_of_the_listed_schedul
         (b'<datastore action="get" id="1"/>', "jobctl log TID"),
         (b'<xpath action="parse" expression="count(/a"/>', "jobd --check-config"),
         (b'<control action="retry"/>', "retry_at"),
+        # evQueue's definitions are rows edited through the API; jobd's are files. An administrator moving over
+        # (or evQueue's scripts) sends these first, and learns where the definition goes now.
+        (b'<queue action="create" name="q3" concurrency="2" scheduler="fifo" dynamic="no"/>', "[queue.NAME]"),
+        (b'<queue action="edit" id="1" name="default" concurrency="4" scheduler="fifo"/>', "[queue.NAME]"),
+        (b'<queue action="delete" id="1"/>', "[queue.NAME]"),
+        (b'<workflow action="create" name="w" content="PHdvcmtmbG93Lz4="/>', "workflows/NAME.xml"),
+        (b'<workflow action="edit" name="w" content="PHdvcmtmbG93Lz4="/>', "workflows/NAME.xml"),
+        (b'<workflow action="delete" name="w"/>', "workflows/NAME.xml"),
+        (
+            b'<workflow_schedule action="create" workflow_id="1" schedule="0;0;3;;;" onfailure="SUSPEND"/>',
+            "[schedule.NAME]",
+        ),
+        (b'<workflow_schedule action="delete" id="1"/>', "[schedule.NAME]"),
+        (b'<workflow_schedule action="lock" id="1"/>', "jobctl schedule disable NAME"),
+        (b'<workflow_schedule action="unlock" id="1"/>', "jobctl schedule enable NAME"),
+        (b'<retry_schedule action="create" name="r" content="PHNjaGVkdWxlLz4="/>', "[retry_schedule.NAME]"),
+        (b'<user action="create" name="bob" password="x" profile="USER"/>', "[tcp.users.NAME]"),
+        (
+            b'<user action="grant" id="2" workflow_id="1" edit="no" read="yes" exec="yes" kill="no"/>',
+            "[[access.grant]]",
+        ),
     ],
 )
 def test_evqueue_commands_jobd_does_not_serve_say_why_and_what_to_use(

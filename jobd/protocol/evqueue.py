@@ -908,6 +908,55 @@ NOT_SERVED: Final[Mapping[tuple[str, str], str]] = MappingProxyType(
             "which `instance query` shows"
         ),
     }
+    # evQueue keeps its definitions in MySQL and edits them through the API; jobd reads them from files. A script or
+    # an administrator moving over from evQueue sends these first: say where each definition goes now.
+    | {
+        (group, action): f"not served by jobd: {where}"
+        for group, actions, where in (
+            (
+                "queue",
+                ("create", "edit", "delete"),
+                "queues are defined in jobd's configuration: a [queue.NAME] table (concurrency, scheduler) in a "
+                "drop-in such as /etc/jobd/jobd.d/queues.toml, applied by `control reload` (jobd.toml(5))",
+            ),
+            (
+                "workflow",
+                ("create", "edit", "delete"),
+                "workflows are files: save the definition (as `workflow get` shows it) as workflows/NAME.xml in "
+                "jobd's configuration directory (/etc/jobd/workflows/NAME.xml), or remove that file, then "
+                "`control reload` (jobd-workflow(5))",
+            ),
+            (
+                "workflow_schedule",
+                ("create", "edit", "delete"),
+                "schedules are defined in jobd's configuration: a [schedule.NAME] table with workflow, calendar "
+                "(evQueue's schedule string, as it is), parameters and on_failure, in a drop-in of "
+                "/etc/jobd/jobd.d/, applied by `control reload` (jobd.toml(5))",
+            ),
+            (
+                "workflow_schedule",
+                ("lock", "unlock"),
+                "schedules are named in jobd's configuration: `jobctl schedule disable NAME` locks one and "
+                "`jobctl schedule enable NAME` unlocks it (JSON-RPC schedule.disable, schedule.enable)",
+            ),
+            (
+                "retry_schedule",
+                ("create", "edit", "delete"),
+                "retry schedules are defined in jobd's configuration: a [retry_schedule.NAME] table, "
+                "levels = [{ delay = RETRY_DELAY, times = RETRY_TIMES }, ...], in a drop-in of /etc/jobd/jobd.d/, "
+                "applied by `control reload` (jobd.toml(5))",
+            ),
+            (
+                "user",
+                ("create", "edit", "delete", "change_password", "grant", "revoke", "clear_rights"),
+                "local clients are the system's users, named by the kernel; what they may do is [access] in jobd's "
+                "configuration ([access] admins, and [[access.grant]] rights read, edit, exec, kill on workflows), "
+                "and logins over TCP are [tcp.users.NAME] tables (password_sha1, groups, admin), applied by "
+                "`control reload` (jobd.toml(5))",
+            ),
+        )
+        for action in actions
+    }
 )
 
 
