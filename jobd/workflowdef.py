@@ -107,6 +107,9 @@ SCHEMA: dict[str, ElementRule] = {
 
 # evQueue 3.3's git file (Workflow::SaveToXML): <workflow group comment><workflow>definition</workflow></workflow>
 _GIT_FILE_ATTRIBUTES = ("group", "comment")
+# ... and the same wrapper as its `workflow get` answers it, which an administrator saves when moving a workflow over:
+# `id` and `lastcommit` are evQueue's database's (jobd numbers workflows itself), `name` must be the file's.
+_WORKFLOW_GET_ATTRIBUTES = ("id", "name", "lastcommit")
 
 # --- splitting a command line -------------------------------------------------------------------------------------
 
@@ -247,22 +250,31 @@ class _Checker:
             return
         self.check_element(root)
 
-    def definition_in(self, root: etree._Element) -> etree._Element:
-        """The workflow definition of a file: its root, or the <workflow> inside evQueue's git file.
+    def definition_in(self, root: etree._Element, name: str) -> etree._Element:
+        """The workflow definition of file `name`: its root, or the <workflow> inside evQueue's git file.
 
         evQueue 3.3 keeps a workflow in its git repository (`git.workflows.subdirectory/NAME.xml`) as
         `<workflow group="…" comment="…"><workflow>definition</workflow></workflow>`; a directory of such files is
-        what a user of that feature moves to jobd. A `<workflow>` root with a `<workflow>` child is read so; its group
-        and comment are kept beside the definition (WorkflowDef.group, .comment)."""
+        what a user of that feature moves to jobd. Its `workflow get` answers the same wrapper with the workflow's
+        `id` and `name` too, which is what the others save. A `<workflow>` root with a `<workflow>` child is read
+        so; its group and comment are kept beside the definition (WorkflowDef.group, .comment)."""
         if root.tag != "workflow" or not any(child.tag == "workflow" for child in self.element_children(root)):
             return root
-        for name in root.attrib:
-            if name not in _GIT_FILE_ATTRIBUTES:
+        allowed = _GIT_FILE_ATTRIBUTES + _WORKFLOW_GET_ATTRIBUTES
+        for attribute in root.attrib:
+            if attribute not in allowed:
                 self.attribute_problem(
                     root,
-                    str(name),
-                    f"unknown attribute of evQueue's git file; allowed: {_allowed(_GIT_FILE_ATTRIBUTES)}",
+                    str(attribute),
+                    f"unknown attribute of evQueue's git file or workflow get answer; allowed: {_allowed(allowed)}",
                 )
+        if root.get("name", name) != name:
+            self.attribute_problem(
+                root,
+                "name",
+                f"the workflow's name is its file's, here {_show(name)}: rename the file "
+                f"{root.get('name')}{SUFFIX}, or drop the attribute",
+            )
         self.check_text(root, ElementRule(children=(Child("workflow", 1),)))
         children = list(self.element_children(root))
         if len(children) > 1:
@@ -633,7 +645,7 @@ def parse_workflow(source: bytes, path: str, config: Config, name: str | None = 
     except InvalidXml as error:
         raise _not_well_formed(path, error.message) from None
     checker = _Checker(path, config)
-    definition = checker.definition_in(root)
+    definition = checker.definition_in(root, name)
     checker.check_document(definition)
     if checker.problems:
         raise ConfigError(

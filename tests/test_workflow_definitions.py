@@ -703,10 +703,13 @@ def test_evqueues_git_file_is_read_as_the_definition_inside(tmp_path: Path, corp
     # What the wrapper may hold is evQueue's: group, comment and the one definition, each error at its line.
     bad = write(
         tmp_path / "bad.xml",
-        f'<workflow id="7" group="g">\n{definition}\ntext\n<subjobs/>\n</workflow>',
+        f'<workflow node="web1" group="g">\n{definition}\ntext\n<subjobs/>\n</workflow>',
     )
     lines = problems(bad, corpus_config)
-    assert lines[0].startswith(f'{bad}:1: <workflow> attribute id="7": unknown attribute of evQueue\'s git file'), lines
+    assert lines[0].startswith(
+        f'{bad}:1: <workflow> attribute node="web1": unknown attribute of evQueue\'s git file or workflow get answer; '
+        "allowed: group, comment, id, name, lastcommit"
+    ), lines
     assert lines[1].startswith(f'{bad}:1: <workflow>: text "text" is not allowed here'), lines
     assert lines[2].startswith(f"{bad}:1: <workflow>: evQueue's git file holds one <workflow> definition"), lines
     assert len(lines) == 3, lines
@@ -716,6 +719,26 @@ def test_evqueues_git_file_is_read_as_the_definition_inside(tmp_path: Path, corp
     [line] = problems(broken, corpus_config)
     assert '<task> attribute queue="nosuch": not a defined queue' in line and line.startswith(f"{broken}:"), line
     assert not line.startswith(f"{broken}:1:"), line
+
+
+def test_evqueues_workflow_get_answer_saved_as_the_file_is_read_as_the_definition_inside(
+    tmp_path: Path, corpus_config: Config
+) -> None:
+    """Moving a workflow over from evQueue without its git feature, an administrator saves what evQueue's
+    `<workflow action="get">` answers inside its <response>: the git file's wrapper with the workflow's `id` and
+    `name` too (and `lastcommit` in `workflows list full`). jobd refused `id` and `name` as unknown attributes."""
+    definition = (CORPUS / "loopdemo.xml").read_text().replace('<?xml version="1.0" encoding="UTF-8"?>', "").strip()
+    answer = f'<workflow comment="c" group="g" id="12" lastcommit="" name="loops">{definition}</workflow>'
+    loaded = workflowdef.load_workflow(write(tmp_path / "loops.xml", answer), corpus_config)
+    assert (loaded.name, loaded.parameters, loaded.group, loaded.comment) == ("loops", ("count",), "g", "c")
+    assert etree.fromstring(loaded.source)[0].tag == "parameters"
+    # The file's name is the workflow's: an answer saved under another name says which to change.
+    misnamed = write(tmp_path / "nightly.xml", answer)
+    [line] = problems(misnamed, corpus_config)
+    assert line == (
+        f'{misnamed}:1: <workflow> attribute name="loops": the workflow\'s name is its file\'s, here "nightly": '
+        "rename the file loops.xml, or drop the attribute"
+    ), line
 
 
 def test_evqgetjob_is_refused_where_it_would_abort_its_node_at_every_run(tmp_path: Path, corpus_config: Config) -> None:
