@@ -13,6 +13,7 @@ import sys
 import tomllib
 import tracemalloc
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -26,6 +27,7 @@ from jobd import conffile, config
 from jobd.config import ConfigWatcher, find_files, load, load_dir
 from jobd.daemon import RESTART_ONLY_DAEMON_KEYS
 from jobd.engine import callbacks, http_task
+from jobd.engine.schedule import Calendar
 from jobd.errors import ConfigError
 from jobd.model import (
     DEFAULT_KILL_GRACE,
@@ -1128,6 +1130,33 @@ def test_the_docs_example_is_valid(tmp_path: Path) -> None:
     write(tmp_path / "jobd.toml", example[1])
     loaded = load([str(tmp_path)])
     assert loaded.tasks and len(loaded.queues) > 1
+
+
+def test_the_docs_crontab_line_and_its_translation_agree(tmp_path: Path) -> None:
+    """docs/config.md, "Coming from cron": the system crontab line and the drop-in it becomes. The drop-in loads as
+    jobd's configuration, and keeps the line's user, the directory it cd's to, its program and arguments, and its
+    times (the five fields as they are: from a Friday after the run, the next is Monday at 02:15)."""
+    section = DOCS.read_text().split("#### Coming from cron or systemd timers", 1)[1].split("\n### ", 1)[0]
+    crontab, dropin = re.findall(r"```\n(.*?)```", section, re.DOTALL)
+    [line] = [line for line in crontab.splitlines() if line and not line.startswith("MAILTO=")]
+    *fields, user, command = line.split(None, 6)
+    shell = re.fullmatch(r"cd (\S+) && (.*?) >> \S+ 2>&1", command)
+    assert shell is not None, command
+    directory, program_and_args = shell.groups()
+    write(tmp_path / "jobd.toml", dropin)
+    loaded = load([str(tmp_path)])
+    [task] = loaded.tasks.values()
+    [schedule] = loaded.schedules.values()
+    assert (schedule.target_kind, schedule.target, schedule.calendar) == ("task", task.name, " ".join(fields))
+    assert (task.user, task.working_dir) == (user, directory)
+    program, *args = program_and_args.split()
+    assert task.command == (f"{directory}/{program}", *args)
+    assert task.callbacks is not None and task.callbacks["on_failure"], "MAILTO has no counterpart"
+    calendar = Calendar.parse(schedule.calendar)
+    friday_after_the_run = datetime(2026, 12, 4, 3, 0, tzinfo=UTC).timestamp()
+    monday = calendar.next_after(friday_after_the_run, "UTC")
+    assert datetime.fromtimestamp(monday, UTC) == datetime(2026, 12, 7, 2, 15, tzinfo=UTC)
+    assert datetime.fromtimestamp(calendar.next_after(monday, "UTC"), UTC) == datetime(2026, 12, 8, 2, 15, tzinfo=UTC)
 
 
 # --- the watcher ----------------------------------------------------------------------------------------------
