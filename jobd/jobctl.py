@@ -559,7 +559,9 @@ def tree_rows(jobs: Sequence[dict[str, Any]], depth: int = 0) -> list[list[str]]
 
     rows: list[list[str]] = []
     for job in jobs:
-        note = "; ".join(str(part) for part in (job.get("error"), job.get("details")) if part)
+        # A job that ran has no status, and its details are "Condition evaluates to true": no error to show.
+        details = job.get("details") if job.get("status") else None
+        note = "; ".join(str(part) for part in (job.get("error"), details) if part)
         rows.append(
             [TREE_INDENT * depth + f"job {job.get('name') or '-'}", text(job.get("status"))] + [""] * 4 + [note]
         )

@@ -356,6 +356,7 @@ TREE = [
     {
         "name": "first",
         "status": None,
+        "details": "Condition evaluates to true",  # a job that ran: no error, the ERROR column stays empty
         "tasks": [
             {"name": "a", "status": "TERMINATED", "retval": 0, "progression": 100, "tries": 1, "job_id": None},
             {"name": "b", "status": "EXECUTING", "retval": None, "progression": 40, "tries": 2, "job_id": 12},
