@@ -192,6 +192,15 @@ def test_bad_cron(text: str) -> None:
         ("*-*-* 02:30:00", "systemd's OnCalendar= syntax is not read: `*-*-* 02:30:00` is cron's `30 2 * * *`"),
         ("Mon..Fri 09:00", "systemd's OnCalendar= syntax is not read"),
         ("@reboot", "unknown macro @reboot (schedules run at calendar times; jobd has no start-up macro)"),
+        # A line of /etc/cron.d pasted whole, or with its user: the sixth field was refused as a weekday.
+        (
+            "15 2 * * 1-5 www-data",
+            "this looks like a crontab line, not a calendar: the calendar is its five time fields, '15 2 * * 1-5'; "
+            "what follows them ('www-data'…) goes in the task: a user field (/etc/crontab, /etc/cron.d) is its "
+            "`user`, the command its `command`",
+        ),
+        ("*/5 * * * * root /usr/local/bin/sync --all", "the calendar is its five time fields, '*/5 * * * *'"),
+        ("15 2 * * 1-5 /usr/bin/report", "what follows them ('/usr/bin/report'…) goes in the task"),
     ],
 )
 def test_a_bad_cron_calendar_is_refused_naming_the_field_and_what_it_takes(text: str, message: str) -> None:
@@ -200,6 +209,11 @@ def test_a_bad_cron_calendar_is_refused_naming_the_field_and_what_it_takes(text:
     with pytest.raises(ValueError) as raised:
         Calendar.parse(text)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("text", ["0 3 * * * mon", "0 30 2 * * 1-5", "*/10 * * * * *"])
+def test_six_fields_whose_last_is_a_weekday_are_seconds_first_not_a_crontab_line(text: str) -> None:
+    assert Calendar.parse(text).seconds_first
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,7 @@ def _parse_cron(stripped: str) -> Calendar:
     else:
         expression = " ".join(stripped.split())
     fields = expression.split(" ")
+    _check_not_a_crontab_line(fields)
     _check_no_space_inside(fields)
     if len(fields) not in (5, 6):
         raise ValueError(
@@ -408,6 +409,28 @@ def _systemd_hint(text: str) -> str:
     if ":" in text or ".." in text or re.search(r"[0-9*]-[0-9*]+-[0-9*]", text):
         return "; systemd's OnCalendar= syntax is not read: `*-*-* 02:30:00` is cron's `30 2 * * *`"
     return ""
+
+
+def _check_not_a_crontab_line(fields: list[str]) -> None:
+    """A whole line of a crontab pasted as the calendar (`15 2 * * 1-5 www-data /usr/bin/report`: five time
+    fields, then the user of /etc/crontab and /etc/cron.d, or the command) would be refused for its sixth field as a
+    weekday, the seconds-first reading of 6 fields: say what the calendar is, and where the rest goes."""
+    if len(fields) < 6:
+        return
+    try:
+        croniter(" ".join(["*"] * 5 + [fields[5]]), 0.0, second_at_beginning=True)
+        return  # a weekday: 6 fields with seconds first
+    except (CroniterBadCronError, CroniterError):
+        pass
+    try:
+        croniter(" ".join(_without_same_ends(field) for field in fields[:5]), 0.0)
+    except (CroniterBadCronError, CroniterError):
+        return  # not cron's time fields either: the usual message says which field is wrong
+    raise ValueError(
+        f"this looks like a crontab line, not a calendar: the calendar is its five time fields, "
+        f"{' '.join(fields[:5])!r}; what follows them ({fields[5]!r}…) goes in the task: a user field "
+        "(/etc/crontab, /etc/cron.d) is its `user`, the command its `command`"
+    )
 
 
 def _check_no_space_inside(fields: list[str]) -> None:
