@@ -7,12 +7,15 @@ reads phpunit's JUnit log: every test method of the package must have run and pa
 
 from __future__ import annotations
 
+import contextlib
 import http.cookiejar
 import importlib
 import json
+import os
 import pkgutil
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -351,3 +354,80 @@ def test_a_subscribed_client_is_told_that_its_subscription_ended_with_jobds_rest
     assert (ended["exception"], ended["wire_code"]) == ("ConnectionException", None), ended
     assert "subscription" in ended["message"] and "subscribe again" in ended["message"]
     assert php_client.step("ping")["result"]["pong"] is True
+
+
+class SignallingTap:
+    """A Unix socket in front of jobd's that passes every byte on, both ways, for every connection, and sends
+    `signum` to `pid` (set once the client is started) as the first request naming `method` goes through: before it
+    reaches jobd, so the signal comes while the client waits for that request's reply."""
+
+    def __init__(self, path: Path, jobd_socket: Path, method: str, signum: int) -> None:
+        self.path = path
+        self.pid: int | None = None
+        self._jobd_socket = jobd_socket
+        self._method = f'"method":"{method}"'.encode()
+        self._signum = signum
+        self._signalled = threading.Event()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        self._threads: list[threading.Thread] = []
+        self._start(self._serve)
+
+    def _start(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            jobd_side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            jobd_side.connect(str(self._jobd_socket))
+            self._start(self._pass, client, jobd_side, True)
+            self._start(self._pass, jobd_side, client, False)
+
+    def _pass(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
+        with contextlib.suppress(OSError):  # either end closed: the other is told below
+            while data := source.recv(65536):
+                # jobd's client writes a request whole, in one frame: its method is in one piece of what comes
+                if requests and not self._signalled.is_set() and self._method in data:
+                    self._signalled.set()
+                    assert self.pid is not None
+                    os.kill(self.pid, self._signum)
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(30)
+
+
+def test_a_call_ended_by_the_applications_exception_leaves_the_next_call_in_step(
+    php_daemon: Any, tmp_path: Path
+) -> None:
+    # A signal handler's exception (pcntl; a worker's SIGTERM handler may throw) ended a submit after it was sent:
+    # its reply, which came later, was read as the answer to the next call, which failed ("unexpected message from
+    # jobd"). The connection is now dropped, as after a timeout; the submit may have been done, and submitting again
+    # with its key answers the job it made (README, Errors).
+    tap = SignallingTap(tmp_path / "tap.sock", php_daemon.socket_path, "job.submit", signal.SIGUSR1)
+    php = PhpClient(tap.path)
+    tap.pid = php.process.pid
+    try:
+        command = ["/bin/echo", "once"]
+        interrupted = php.step("submit", command, {"key": "upload-17"})
+        assert (interrupted["exception"], interrupted["message"]) == ("RuntimeException", "interrupted by SIGUSR1")
+        again = php.step("submit", command, {"key": "upload-17"})
+        assert "result" in again, again
+        made = php_daemon.call("job.list", {"limit": 10})["jobs"]
+        assert [job["id"] for job in made] == [again["result"]["id"]], made
+        assert php.step("ping")["result"]["pong"] is True
+    finally:
+        php.close()
+        tap.close()

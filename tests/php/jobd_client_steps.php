@@ -11,6 +11,13 @@ declare(strict_types=1);
 
 require dirname(__DIR__, 2) . '/contrib/php-client/tests/bootstrap.php';
 
+// A worker's signal handler may throw (to stop between two jobs, say), and so end a call in its middle: SIGUSR1's
+// does so here, for the tests of what the client makes of it.
+pcntl_async_signals(true);
+pcntl_signal(SIGUSR1, static function (): never {
+    throw new RuntimeException('interrupted by SIGUSR1');
+});
+
 $client = new Jobd\Client($argv[1]);
 while (($line = fgets(STDIN)) !== false) {
     $step = json_decode($line, true, 512, JSON_THROW_ON_ERROR);

@@ -152,7 +152,7 @@ final class Client
     }
 
     /** Closes a connection a call left out of step; a subscription on it ends, and events() will say why. */
-    private function drop(\Exception $cause): void
+    private function drop(\Throwable $cause): void
     {
         $lost = $this->subscribed ? $cause->getMessage() : null;
         $this->close();
@@ -607,16 +607,19 @@ final class Client
         }
         try {
             $this->write($frame . "\n");
-            return $this->awaitReply($id, $deadline);
-        } catch (TimeoutException $e) {
-            // The reply may still come and would be taken for the answer to the next request: start afresh.
-            $this->drop($e);
-            throw $e;
-        } catch (ConnectionException | ProtocolException $e) {
-            // A peer that broke the protocol cannot be trusted to be in step with the next request either.
+            $reply = $this->awaitReply($id, $deadline);
+        } catch (\Throwable $e) {
+            // The reply was not read: it may still come, and would be taken for the answer to the next request. So
+            // start afresh, whatever ended the call: a timeout, a broken connection, a peer out of step, or an
+            // exception of the application's thrown in the middle of it (a pcntl signal handler's, as a worker's
+            // SIGTERM handler may throw), which may even have cut the request short.
             $this->drop($e);
             throw $e;
         }
+        if (array_key_exists('error', $reply)) {
+            throw ErrorMap::exception($reply['error']);
+        }
+        return $reply['result'];
     }
 
     /**
@@ -756,7 +759,12 @@ final class Client
         }
     }
 
-    private function awaitReply(int $id, float $deadline): mixed
+    /**
+     * The reply to request `$id`: a message with its `error` or its `result`.
+     *
+     * @return array<mixed>
+     */
+    private function awaitReply(int $id, float $deadline): array
     {
         while (true) {
             $message = $this->readMessage($deadline);
@@ -764,15 +772,12 @@ final class Client
                 continue;
             }
             if (array_key_exists('id', $message) && $message['id'] === $id) {
-                if (array_key_exists('error', $message)) {
-                    throw ErrorMap::exception($message['error']);
-                }
-                if (!array_key_exists('result', $message)) {
+                if (!array_key_exists('error', $message) && !array_key_exists('result', $message)) {
                     throw new ProtocolException(
                         'reply has neither result nor error: ' . substr($this->lastMessage, 0, 200)
                     );
                 }
-                return $message['result'];
+                return $message;
             }
             $this->unexpected($message);
         }
