@@ -22,6 +22,7 @@ import stat
 import sys
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
+from types import FrameType, TracebackType
 from typing import Any, BinaryIO, TextIO
 
 from jobd import __version__, logline
@@ -1217,9 +1218,8 @@ def wait_with_progress(client: Client, job_ident: int, timeout: float | None) ->
     note = paused_queue_note(client, view.job)
     if note:
         say(note)  # once, above the bar: jobd tells of no resume, only of the job's start that follows it
-    bar = ProgressBar(sys.stderr, terminal_can_redraw())
     # Without redrawing, each log line would print a line of its own: the lines then follow progress and state only.
-    try:
+    with ProgressBar(sys.stderr, terminal_can_redraw()) as bar:
         while True:
             job = view.job
             log_note = view.last_log if bar.redraws else ""
@@ -1231,8 +1231,6 @@ def wait_with_progress(client: Client, job_ident: int, timeout: float | None) ->
                 ended: Job = checked_result("job.wait", message.result, client.path)
                 return ended
             view = apply_event(view, message)
-    finally:
-        bar.clear()
 
 
 def terminal_can_redraw() -> bool:
@@ -1241,14 +1239,54 @@ def terminal_can_redraw() -> bool:
     return os.environ.get("TERM", "") not in ("", "dumb")
 
 
+class Terminated(BaseException):
+    """SIGTERM came while a progress bar was shown: raised, as Ctrl-C raises KeyboardInterrupt, so that the bar is
+    taken away on the way out; main() then lets the signal end jobctl, as it ends it when no bar is shown."""
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def die_of_sigterm() -> None:
+    """Ends jobctl by SIGTERM's default action, so that whoever sent it sees it killed by the signal (143 in a shell),
+    as it would have been without the handler the progress bar needs."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class ProgressBar:
     """One line on a terminal, redrawn in place with a carriage return; on a terminal that cannot redraw
-    (terminal_can_redraw), a plain line is printed each time the text changes and nothing is erased."""
+    (terminal_can_redraw), a plain line is printed each time the text changes and nothing is erased.
+
+    Used as a context manager: the bar is taken away at its end, whatever ends it, a SIGTERM (`timeout 60 jobctl wait
+    4`, `kill`) included, which would otherwise leave it where the shell then writes its prompt. The handler that makes
+    SIGTERM an exception is installed for the bar's life only: its waits are the ones that watch Python's signal
+    wake-up pipe (client.woken_by_signals), so the signal is acted on whenever it comes; elsewhere SIGTERM keeps its
+    default action, which needs no help from the interpreter."""
 
     def __init__(self, stream: TextIO, redraws: bool) -> None:
         self.stream = stream
         self.redraws = redraws
         self.shown = ""
+        self._sigterm_taken = False
+
+    def __enter__(self) -> ProgressBar:
+        # A SIGTERM ignored from the start (nohup, a parent's choice) or handled by an embedding program: left so.
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+            self._sigterm_taken = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.clear()
+        finally:
+            if self._sigterm_taken:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                self._sigterm_taken = False
 
     def draw(self, text: str) -> None:
         if text != self.shown:
@@ -1408,8 +1446,7 @@ def wait_instance_with_progress(client: Client, instance_ident: int, timeout: fl
     wait = client.send_request("instance.wait", wait_params(instance_ident, timeout))
     context = f"instance:{instance_ident}"
     shown: Instance = client.call("instance.get", {"id": instance_ident})
-    bar = ProgressBar(sys.stderr, terminal_can_redraw())
-    try:
+    with ProgressBar(sys.stderr, terminal_can_redraw()) as bar:
         while True:
             bar.draw(render_instance_progress(shown, stderr_width()))
             message = client.next_event_or_reply(wait)
@@ -1419,8 +1456,6 @@ def wait_instance_with_progress(client: Client, instance_ident: int, timeout: fl
             job_ids = {int(task["job_id"]) for task in tree_tasks(shown.get("jobs") or []) if task.get("job_id")}
             if concerns_instance(message, context, job_ids):
                 shown = reread_instance(client, instance_ident, shown)
-    finally:
-        bar.clear()
 
 
 def reread_instance(client: Client, instance_ident: int, shown: Instance) -> Instance:
@@ -1744,6 +1779,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_command_line(argv)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Terminated:  # the progress bar is gone: now the signal's own end
+        die_of_sigterm()
+        return EXIT_SIGNAL_BASE + signal.SIGTERM  # not reached: SIGTERM's default action ends the process
     finally:
         if before is not None:
             signal.signal(signal.SIGINT, before)
