@@ -201,6 +201,12 @@ class Client:
         woken_by_signals(), which calls this); None: no more."""
         self._signal_fd = signal_fd
 
+    @property
+    def signal_fd(self) -> int | None:
+        """The signal wake-up pipe this client's waits watch (wake_on_signals), for its caller's own waits to watch
+        too (read_to_end); None when there is none."""
+        return self._signal_fd
+
     def __enter__(self) -> Client:
         self.connect()
         return self
@@ -533,6 +539,27 @@ def woken_by_signals(client: Client) -> Iterator[None]:
     finally:
         os.close(reader)
         os.close(writer)
+
+
+def read_to_end(fd: int, signal_fd: int | None) -> bytes:
+    """All `fd` gives until its end (jobctl's standard input, for --stdin-file -), waiting in poll(2) on it and on
+    `signal_fd`, the reading end of the signal wake-up pipe (Client.signal_fd), rather than in read(2): a Ctrl-C that
+    comes just before the read would block, which interrupts no system call, still ends the wait (see
+    woken_by_signals), instead of being ignored until the input next comes, from a terminal maybe never."""
+    poller = select.poll()  # no-poll-ok: poll(2), the system call: one blocking wait on two descriptors
+    poller.register(fd, select.POLLIN)
+    if signal_fd is not None:
+        poller.register(signal_fd, select.POLLIN)
+    chunks: list[bytes] = []
+    while True:
+        ready = dict(poller.poll())  # no-poll-ok: blocks until input, its end or a signal comes
+        if signal_fd is not None and signal_fd in ready:
+            _drain(signal_fd)  # its handler has run: Ctrl-C's raised KeyboardInterrupt; any other lets this go on
+        if fd in ready:  # readable, at its end, or failed: read(2) returns at once and tells which
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
 
 def _drain(fd: int) -> None:

@@ -36,6 +36,7 @@ from jobd.client import (
     RemoteError,
     Reply,
     default_socket_path,
+    read_to_end,
     woken_by_signals,
 )
 from jobd.localzone import local_zone
@@ -925,20 +926,22 @@ def stderr_width() -> int:
     return columns or 80  # a fresh pty (no TIOCSWINSZ yet) reports 0 columns
 
 
-def read_stdin_file(path: str) -> bytes:
+def read_stdin_file(path: str, signal_fd: int | None) -> bytes:
+    """The bytes of --stdin-file PATH; `-` is jobctl's standard input, read to its end in a wait that `signal_fd` (the
+    signal wake-up pipe) ends too, as the waits for jobd are (read_to_end)."""
     try:
         if path == "-":
             if sys.stdin is None:  # jobctl was started with its standard input closed
                 raise UsageError("cannot read --stdin-file -: jobctl's standard input is closed")
-            return sys.stdin.buffer.read()
+            return read_to_end(sys.stdin.fileno(), signal_fd)
         with open(path, "rb") as handle:
             return handle.read()
     except OSError as exc:
         raise UsageError(f"cannot read --stdin-file {path}: {exc.strerror}") from None
 
 
-def common_submit_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The options `run` and `submit` share, as job.submit parameters."""
+def common_submit_params(args: argparse.Namespace, signal_fd: int | None = None) -> dict[str, Any]:
+    """The options `run` and `submit` share, as job.submit parameters. `signal_fd`: see read_stdin_file."""
     params: dict[str, Any] = {}
     for name in ("queue", "priority", "delay", "timeout", "context", "key"):
         value = getattr(args, name)
@@ -947,11 +950,11 @@ def common_submit_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.env:
         params["env"] = dict(args.env)
     if args.stdin_file is not None:
-        params.update(stdin_params(read_stdin_file(args.stdin_file)))
+        params.update(stdin_params(read_stdin_file(args.stdin_file, signal_fd)))
     return params
 
 
-def run_params(args: argparse.Namespace) -> dict[str, Any]:
+def run_params(args: argparse.Namespace, signal_fd: int | None = None) -> dict[str, Any]:
     argv = list(args.argv)
     if argv[:1] == ["--"]:  # argparse.REMAINDER keeps the separator
         argv = argv[1:]
@@ -959,7 +962,7 @@ def run_params(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("run: a command is required: jobctl run [OPTIONS] -- CMD [ARG...]")
     if not argv[0]:  # later words may be empty (`echo ""`), the program may not
         raise UsageError("run: the program (the first word of CMD) is empty: jobctl run [OPTIONS] -- CMD [ARG...]")
-    params = {"command": argv, **common_submit_params(args)}
+    params = {"command": argv, **common_submit_params(args, signal_fd)}
     working_dir = args.cwd if args.cwd is not None else current_dir()
     if working_dir is not None:
         # Relative to jobctl's directory, not the daemon's.
@@ -981,10 +984,10 @@ def current_dir() -> str | None:
         return None
 
 
-def submit_params(args: argparse.Namespace) -> dict[str, Any]:
+def submit_params(args: argparse.Namespace, signal_fd: int | None = None) -> dict[str, Any]:
     if args.args and args.param:
         raise UsageError("submit: give either ARGs or -P/--param NAME=VALUE, not both")
-    params = {"task": args.task, **common_submit_params(args)}
+    params = {"task": args.task, **common_submit_params(args, signal_fd)}
     if args.args:
         params["args"] = list(args.args)
     if args.param:
@@ -996,11 +999,11 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(session: Session, args: argparse.Namespace) -> int:
-    return submit_and_report(session, run_params(args), args.wait, args.stdin_file)
+    return submit_and_report(session, run_params(args, session.client.signal_fd), args.wait, args.stdin_file)
 
 
 def cmd_submit(session: Session, args: argparse.Namespace) -> int:
-    return submit_and_report(session, submit_params(args), args.wait, args.stdin_file)
+    return submit_and_report(session, submit_params(args, session.client.signal_fd), args.wait, args.stdin_file)
 
 
 def submit_and_report(session: Session, params: dict[str, Any], wait: bool, stdin_file: str | None = None) -> int:

@@ -621,6 +621,70 @@ def test_ctrl_c_as_the_wait_blocks_ends_it(daemon: Any, tmp_path: Path) -> None:
     daemon.call("job.cancel", {"id": job_id})
 
 
+# The `jobctl` command's Python runs this first: the SIGINT comes as jobctl is about to block reading its standard
+# input for --stdin-file -, the moment it interrupts no system call, made certain as SIGNAL_AS_THE_WAIT_BLOCKS_SHIM
+# makes it for a wait for jobd (see there: the main thread keeps Python's lock until it blocks in the kernel).
+SIGNAL_AS_STDIN_IS_READ_SHIM = """
+import os
+import signal
+import sys
+import threading
+
+from jobd import jobctl
+
+sys.setswitchinterval(3600)
+_go = threading.Lock()
+_go.acquire()
+
+
+def _interrupt():
+    _go.acquire()
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+threading.Thread(target=_interrupt, daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+_read_stdin_file = jobctl.read_stdin_file
+
+
+def _read_stdin_file_as_it_blocks(*args):
+    _go.release()
+    return _read_stdin_file(*args)
+
+
+jobctl.read_stdin_file = _read_stdin_file_as_it_blocks
+"""
+
+
+def test_ctrl_c_as_stdin_is_read_ends_jobctl_before_it_submits(daemon: Any, tmp_path: Path) -> None:
+    """`jobctl run --stdin-file -` reads its standard input to the end before it submits; a Ctrl-C just before that
+    read blocks in the kernel still ends it (130, nothing submitted). Without the signal wake-up pipe among what the
+    read waits on, jobctl read on until the input ended, then submitted the job all the same: here, never."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SIGNAL_AS_STDIN_IS_READ_SHIM)
+    reader, writer = os.pipe()  # the input: nothing comes, and its end does not either while the test holds `writer`
+    try:
+        process = subprocess.Popen(
+            [str(JOBCTL_COMMAND), "--socket", str(daemon.socket_path), "run", "--stdin-file", "-", "--", "cat"],
+            stdin=reader,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment({"PYTHONPATH": f"{shim}:{REPO}"}),
+        )
+        os.close(reader)
+        try:
+            out, err = process.communicate(timeout=DEADLINE)
+        finally:
+            process.kill()
+            process.wait()
+    finally:
+        os.close(writer)
+    assert (process.returncode, out, err) == (130, b"", b"")
+    assert job_count(daemon) == 0
+
+
 JOBCTL_COMMAND = Path(sys.executable).parent / "jobctl"  # the entry point a user runs, not `python -m`
 
 
