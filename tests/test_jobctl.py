@@ -621,6 +621,45 @@ def test_ctrl_c_as_the_wait_blocks_ends_it(daemon: Any, tmp_path: Path) -> None:
     daemon.call("job.cancel", {"id": job_id})
 
 
+# jobctl's Python runs this first: a Ctrl-C comes as soon as the submit has been sent, before its answer is read.
+SIGNAL_ONCE_THE_SUBMIT_IS_SENT_SHIM = """
+import os
+import signal
+
+from jobd import client
+
+_send = client.Client._send
+
+
+def _send_then_interrupt(self, data, deadline, ids=()):
+    _send(self, data, deadline, ids)
+    if b'"method":"job.submit"' in data:
+        os.kill(os.getpid(), signal.SIGINT)  # to this thread: its handler runs before the next line of Python
+
+
+client.Client._send = _send_then_interrupt
+"""
+
+
+def test_a_submit_interrupted_once_sent_is_answered_again_by_its_key(daemon: Any, tmp_path: Path) -> None:
+    """Ctrl-C after the submit was sent and before its answer came: jobctl exits 130 without a job number, and jobd
+    has made the job all the same (it does what it has read whole). Submitting again with the same --key answers
+    that job rather than making a second one, as the man page tells (EXIT STATUS, 130)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SIGNAL_ONCE_THE_SUBMIT_IS_SENT_SHIM)
+    with daemon.client() as watcher:
+        watcher.call("events.subscribe", {"types": ["job.state"]})
+        command = ("run", "--key", "report-2026-12", "--", "/bin/true")
+        interrupted = ctl(daemon, *command, env={"PYTHONPATH": f"{shim}:{REPO}"})
+        assert (interrupted.code, interrupted.out) == (130, ""), interrupted
+        made = watcher.next_event(timeout=DEADLINE)["job"]  # its first state: jobd has read the request
+    assert made["key"] == "report-2026-12"
+    again = ctl(daemon, *command)
+    assert again.code == 0 and again.out.startswith(f"job {made['id']} "), again  # as it is now: queued, or done
+    assert job_count(daemon) == 1
+
+
 # The `jobctl` command's Python runs this first: the SIGINT comes as jobctl is about to block reading its standard
 # input for --stdin-file -, the moment it interrupts no system call, made certain as SIGNAL_AS_THE_WAIT_BLOCKS_SHIM
 # makes it for a wait for jobd (see there: the main thread keeps Python's lock until it blocks in the kernel).
