@@ -21,6 +21,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from jobd.wakeup_io import drain
+
 DEFAULT_SOCKET = "/run/jobd/jobd.sock"
 # Replies are read into one buffer per client, made once: recv(RECV_SIZE) would allocate a new object of this
 # size per read, which glibc serves with mmap, mremap and munmap (above its 128 KiB threshold): three system
@@ -204,7 +206,7 @@ class Client:
     @property
     def signal_fd(self) -> int | None:
         """The signal wake-up pipe this client's waits watch (wake_on_signals), for its caller's own waits to watch
-        too (read_to_end); None when there is none."""
+        too (jobd.wakeup_io); None when there is none."""
         return self._signal_fd
 
     def __enter__(self) -> Client:
@@ -498,7 +500,7 @@ class Client:
             if self._signal_fd in ready:
                 # The signal's handler has run by the time this line does (Python runs pending handlers before its
                 # next call): Ctrl-C's raised KeyboardInterrupt there. Any other lets the wait go on.
-                _drain(self._signal_fd)
+                drain(self._signal_fd)
                 del ready[self._signal_fd]
             if ready:
                 return
@@ -539,34 +541,6 @@ def woken_by_signals(client: Client) -> Iterator[None]:
     finally:
         os.close(reader)
         os.close(writer)
-
-
-def read_to_end(fd: int, signal_fd: int | None) -> bytes:
-    """All `fd` gives until its end (jobctl's standard input, for --stdin-file -), waiting in poll(2) on it and on
-    `signal_fd`, the reading end of the signal wake-up pipe (Client.signal_fd), rather than in read(2): a Ctrl-C that
-    comes just before the read would block, which interrupts no system call, still ends the wait (see
-    woken_by_signals), instead of being ignored until the input next comes, from a terminal maybe never."""
-    poller = select.poll()  # no-poll-ok: poll(2), the system call: one blocking wait on two descriptors
-    poller.register(fd, select.POLLIN)
-    if signal_fd is not None:
-        poller.register(signal_fd, select.POLLIN)
-    chunks: list[bytes] = []
-    while True:
-        ready = dict(poller.poll())  # no-poll-ok: blocks until input, its end or a signal comes
-        if signal_fd is not None and signal_fd in ready:
-            _drain(signal_fd)  # its handler has run: Ctrl-C's raised KeyboardInterrupt; any other lets this go on
-        if fd in ready:  # readable, at its end, or failed: read(2) returns at once and tells which
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-
-
-def _drain(fd: int) -> None:
-    """Empties the signal wake-up pipe, so that the next poll(2) blocks until another signal comes."""
-    with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 512):
-            pass
 
 
 def _remaining(deadline: float | None) -> float | None:

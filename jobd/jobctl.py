@@ -23,7 +23,7 @@ import sys
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
 from types import FrameType, TracebackType
-from typing import Any, BinaryIO, TextIO
+from typing import Any, TextIO
 
 from jobd import __version__, logline
 from jobd.client import (
@@ -36,7 +36,6 @@ from jobd.client import (
     RemoteError,
     Reply,
     default_socket_path,
-    read_to_end,
     woken_by_signals,
 )
 from jobd.localzone import local_zone
@@ -51,6 +50,7 @@ from jobd.model import (
     RetryPolicy,
 )
 from jobd.replyshape import checked_result
+from jobd.wakeup_io import read_to_end, write_all
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1  # the daemon answered with an error
@@ -928,7 +928,7 @@ def stderr_width() -> int:
 
 def read_stdin_file(path: str, signal_fd: int | None) -> bytes:
     """The bytes of --stdin-file PATH; `-` is jobctl's standard input, read to its end in a wait that `signal_fd` (the
-    signal wake-up pipe) ends too, as the waits for jobd are (read_to_end)."""
+    signal wake-up pipe) ends too, as the waits for jobd are (jobd.wakeup_io)."""
     try:
         if path == "-":
             if sys.stdin is None:  # jobctl was started with its standard input closed
@@ -1109,7 +1109,8 @@ def cmd_log(session: Session, args: argparse.Namespace) -> int:
     params |= {"encoding": "base64", "wait": args.follow}
     if args.attempt is not None:
         params["attempt"] = args.attempt
-    if copy_output(session.client, params, sys.stdout.buffer):
+    sys.stdout.flush()  # what print() may have left buffered goes first: the bytes below go to the descriptor itself
+    if copy_output(session.client, params, sys.stdout.fileno()):
         print(
             f"jobctl: job {args.id}'s {args.stream} is not whole: cut at its max_output limit, or not written for "
             "want of disk space (see jobd's log)",
@@ -1130,16 +1131,16 @@ def wait_for_attempt(client: Client, job_ident: int, number: int) -> Job:
     return job
 
 
-def copy_output(client: Client, params: dict[str, Any], out: BinaryIO) -> bool:
-    """Writes job.output chunks to `out` until caught up (or, with `wait`, until the attempt has ended).
+def copy_output(client: Client, params: dict[str, Any], out_fd: int) -> bool:
+    """Writes job.output chunks to `out_fd` until caught up (or, with `wait`, until the attempt has ended), in a wait
+    for room that the signal wake-up pipe ends too (jobd.wakeup_io): a pager that stopped reading holds no Ctrl-C.
 
     Returns whether the stream was truncated by the job's max_output.
     """
     while True:
         chunk = client.call("job.output", params)
         data = base64.b64decode(chunk["data"])
-        out.write(data)
-        out.flush()
+        write_all(out_fd, data, client.signal_fd)
         # Pin the attempt the first reply chose, so a retry starting meanwhile cannot splice two streams.
         params["attempt"] = chunk["attempt"]
         params["offset"] = chunk["next_offset"]

@@ -660,16 +660,14 @@ def test_a_submit_interrupted_once_sent_is_answered_again_by_its_key(daemon: Any
     assert job_count(daemon) == 1
 
 
-# The `jobctl` command's Python runs this first: the SIGINT comes as jobctl is about to block reading its standard
-# input for --stdin-file -, the moment it interrupts no system call, made certain as SIGNAL_AS_THE_WAIT_BLOCKS_SHIM
-# makes it for a wait for jobd (see there: the main thread keeps Python's lock until it blocks in the kernel).
-SIGNAL_AS_STDIN_IS_READ_SHIM = """
+# The start of the shims below, which make a SIGINT come as jobctl is about to block in the kernel, the moment it
+# interrupts no system call, as SIGNAL_AS_THE_WAIT_BLOCKS_SHIM does for a wait for jobd (see there: the main thread
+# blocks SIGINT and keeps Python's lock until it blocks). `_go.release()` in the main thread starts the countdown.
+SIGNAL_ONCE_LET_GO = """
 import os
 import signal
 import sys
 import threading
-
-from jobd import jobctl
 
 sys.setswitchinterval(3600)
 _go = threading.Lock()
@@ -683,6 +681,14 @@ def _interrupt():
 
 threading.Thread(target=_interrupt, daemon=True).start()
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+"""
+
+# The `jobctl` command's Python runs this first: the SIGINT comes as jobctl is about to block reading its standard
+# input for --stdin-file -.
+SIGNAL_AS_STDIN_IS_READ_SHIM = (
+    SIGNAL_ONCE_LET_GO
+    + """
+from jobd import jobctl
 
 _read_stdin_file = jobctl.read_stdin_file
 
@@ -694,34 +700,108 @@ def _read_stdin_file_as_it_blocks(*args):
 
 jobctl.read_stdin_file = _read_stdin_file_as_it_blocks
 """
+)
 
 
 def test_ctrl_c_as_stdin_is_read_ends_jobctl_before_it_submits(daemon: Any, tmp_path: Path) -> None:
     """`jobctl run --stdin-file -` reads its standard input to the end before it submits; a Ctrl-C just before that
     read blocks in the kernel still ends it (130, nothing submitted). Without the signal wake-up pipe among what the
     read waits on, jobctl read on until the input ended, then submitted the job all the same: here, never."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SIGNAL_AS_STDIN_IS_READ_SHIM)
     reader, writer = os.pipe()  # the input: nothing comes, and its end does not either while the test holds `writer`
     try:
-        process = subprocess.Popen(
-            [str(JOBCTL_COMMAND), "--socket", str(daemon.socket_path), "run", "--stdin-file", "-", "--", "cat"],
-            stdin=reader,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=environment({"PYTHONPATH": f"{shim}:{REPO}"}),
+        ended = jobctl_with_shim(
+            tmp_path, SIGNAL_AS_STDIN_IS_READ_SHIM, daemon, "run", "--stdin-file", "-", "--", "cat", stdin=reader
         )
-        os.close(reader)
-        try:
-            out, err = process.communicate(timeout=DEADLINE)
-        finally:
-            process.kill()
-            process.wait()
     finally:
         os.close(writer)
-    assert (process.returncode, out, err) == (130, b"", b"")
+    assert ended == (130, b"", b"")
     assert job_count(daemon) == 0
+
+
+def jobctl_with_shim(
+    tmp_path: Path, shim: str, daemon: Any, *args: str, stdin: int, stdout: int = subprocess.PIPE
+) -> tuple[int, bytes | None, bytes]:
+    """The `jobctl` command (jobctl_start first) with `shim` as its sitecustomize, run on `daemon` to its end: its exit
+    status, stdout (None unless a pipe of ours) and stderr. `stdin` and `stdout`, descriptors it is given, are closed
+    here once it has them."""
+    directory = tmp_path / "shim"
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(shim)
+    try:
+        process = subprocess.Popen(
+            [str(JOBCTL_COMMAND), "--socket", str(daemon.socket_path), *args],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=environment({"PYTHONPATH": f"{directory}:{REPO}"}),
+        )
+    finally:
+        for given in (stdin, stdout):
+            if given >= 0:
+                os.close(given)
+    try:
+        out, err = process.communicate(timeout=DEADLINE)
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode, out, err
+
+
+# The `jobctl` command's Python runs this first: the SIGINT comes as `jobctl log` is about to block writing what the
+# first job.output answer brought to an output nobody reads.
+SIGNAL_AS_THE_OUTPUT_IS_WRITTEN_SHIM = (
+    SIGNAL_ONCE_LET_GO
+    + """
+from jobd import client
+
+_call = client.Client.call
+
+
+def _call_then_write(self, method, params=None, timeout=None):
+    result = _call(self, method, params, timeout)
+    if method == "job.output":
+        _go.release()  # the next system call that lets go of Python's lock is the write of its data
+    return result
+
+
+client.Client.call = _call_then_write
+"""
+)
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is full: a write to it blocks until its reader reads, which here it never does."""
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    try:
+        while True:
+            os.write(writer, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(writer, True)  # the flag is the pipe's, shared with whoever is given `writer`
+    return reader, writer
+
+
+def test_ctrl_c_as_log_blocks_writing_to_a_reader_that_does_not_read_ends_it(daemon: Any, tmp_path: Path) -> None:
+    """`jobctl log 5 | less`, less not scrolled: jobctl blocks writing until less reads. A Ctrl-C just before that
+    write blocks in the kernel still ends jobctl (130), as one that comes during it does. Without the signal wake-up
+    pipe among what the write waits on, jobctl stayed until the reader read again: here, never."""
+    job_id = daemon.submit(command=["/bin/echo", "hello"])["id"]
+    daemon.wait(job_id)
+    reader, writer = full_pipe()
+    try:
+        ended = jobctl_with_shim(
+            tmp_path,
+            SIGNAL_AS_THE_OUTPUT_IS_WRITTEN_SHIM,
+            daemon,
+            "log",
+            str(job_id),
+            stdin=os.open(os.devnull, os.O_RDONLY),
+            stdout=writer,
+        )
+    finally:
+        os.close(reader)
+    assert ended == (130, None, b"")
 
 
 JOBCTL_COMMAND = Path(sys.executable).parent / "jobctl"  # the entry point a user runs, not `python -m`
