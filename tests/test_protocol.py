@@ -828,6 +828,27 @@ def test_a_request_split_byte_by_byte_is_answered(daemon: Any) -> None:
         assert replies == {8, 9}
 
 
+def test_a_submit_is_done_once_read_whole_whether_or_not_its_client_stays_for_the_answer(daemon: Any) -> None:
+    """A client killed as it wrote (here: it ends its side midway through a batch of two submits) has nothing done;
+    one that closes once its submit is sent, before the answer, has its job made, and a submit with the same key
+    then answers that job rather than making another (docs/protocol.md, framing)."""
+    submit = {"jsonrpc": "2.0", "method": "job.submit", "params": {"command": ["/bin/true"], "key": "lost-answer"}}
+    batch = json.dumps([{**submit, "id": 1}, {**submit, "id": 2}]).encode()
+    with Raw(daemon.socket_path) as raw:
+        raw.send(batch[: len(batch) // 2])
+        raw.sock.shutdown(socket.SHUT_WR)
+        refused = raw.message()  # answered: this client still reads; a dead one is not, and the rest is the same
+        assert (refused["id"], refused["error"]["data"]["code"]) == (None, "PARSE_ERROR"), refused
+    assert job_count(daemon) == 0
+    with daemon.client() as watcher:
+        watcher.call("events.subscribe", {"types": ["job.state"]})
+        with Raw(daemon.socket_path) as raw:
+            raw.send_json({**submit, "id": 1})
+        made = watcher.next_event(timeout=DEADLINE)["job"]  # made though the client is gone
+    assert daemon.submit(**submit["params"])["id"] == made["id"]
+    assert job_count(daemon) == 1
+
+
 def test_a_request_followed_by_shutdown_of_the_write_side_is_still_answered(daemon: Any) -> None:
     job = daemon.submit(command=["/bin/sh", "-c", "exit 3"])
     with Raw(daemon.socket_path) as raw:
