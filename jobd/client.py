@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from types import TracebackType
@@ -149,8 +150,10 @@ def _deadline(timeout: float | None) -> float | None:
 class Client:
     """One connection to jobd. Not thread-safe; one caller at a time (pipelining is the daemon's business)."""
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, connect_timeout: float | None = None) -> None:
         self.path = path if path is not None else default_socket_path()
+        # Seconds connect() waits for a place in the listener's queue (see there); None: as long as it takes.
+        self.connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
         # Set when the connection ended under us; I/O then fails instead of silently reconnecting.
         self._ended: str | None = None
@@ -178,7 +181,14 @@ class Client:
         self._abandoned.clear()  # their replies would have come on the old connection
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # A Unix socket's connect(2) waits while the listener's queue of connections not accepted yet is full: a
+            # jobd stuck (its disk hung, or stopped) fills it, and then every client waited for good. SO_SNDTIMEO
+            # bounds that wait (connect then fails with EAGAIN), and is taken off again: sends have their own.
+            if self.connect_timeout is not None:
+                _set_send_timeout(sock, self.connect_timeout)
             sock.connect(self.path)
+            if self.connect_timeout is not None:
+                _set_send_timeout(sock, 0)
         except OSError as exc:
             sock.close()
             raise ConnectError(self.path, exc) from exc
@@ -541,6 +551,14 @@ def woken_by_signals(client: Client) -> Iterator[None]:
     finally:
         os.close(reader)
         os.close(writer)
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_SNDTIMEO, which also bounds a Unix socket's connect(2); 0: no limit (so a limit below a microsecond is
+    one microsecond, not none)."""
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1e6) or (1 if seconds > 0 and not whole else 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, micro))
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import io
 import json
 import math
@@ -843,7 +844,7 @@ class CheckedClient(Client):
     gets `reply_timeout` seconds (None: no limit)."""
 
     def __init__(self, path: str, reply_timeout: float | None) -> None:
-        super().__init__(path)
+        super().__init__(path, connect_timeout=reply_timeout)  # a jobd that accepts no connection answers nothing
         self.reply_timeout = reply_timeout
 
     def call(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
@@ -1888,6 +1889,12 @@ def describe_connect_error(exc: ConnectError) -> str:
     looking for a problem jobd does not have, so such a path is named for what it is."""
     path = exc.path
     where = "point --socket or JOBD_SOCKET at jobd's API socket (its [daemon] socket)"
+    if exc.errno == errno.EAGAIN:  # the connect timeout (Client.connect), which is the reply timeout
+        waited = format_duration(reply_timeout_from_environment())
+        return (
+            f"cannot connect to {path}: jobd accepted no connection within {waited} (the connections waiting for it "
+            f"fill its socket's queue): is jobd stuck (see its log)? ({REPLY_TIMEOUT_VARIABLE} sets the limit)"
+        )
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         # The limit is the kernel's on the path given, not on where the socket is: a shorter way there works.
         return (

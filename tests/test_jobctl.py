@@ -1609,6 +1609,35 @@ def test_a_server_that_never_answers_is_given_up_on(tmp_path: Path) -> None:
         assert outcome.err.startswith(f"jobctl: JOBCTL_REPLY_TIMEOUT={bad!r}: expected seconds from 0"), outcome
 
 
+def test_a_stuck_jobd_whose_socket_queue_is_full_is_given_up_on(daemon: Any) -> None:
+    """A jobd that accepts no connection (stopped here; stuck on a hung disk in life) soon has its socket's queue of
+    connections full, and a connect(2) then waits for a place in it: jobctl waited for good, whatever
+    JOBCTL_REPLY_TIMEOUT said. That wait is bounded by the reply timeout too: exit 3 and a sentence."""
+    waiting: list[socket.socket] = []
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        while True:  # clients that jobd has not accepted yet, until its queue holds no more
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(str(daemon.socket_path))
+            except BlockingIOError:  # EAGAIN: the queue is full
+                client.close()
+                break
+            waiting.append(client)
+        outcome = ctl(daemon, "status", env={"JOBCTL_REPLY_TIMEOUT": "0.3"})
+    finally:
+        for client in waiting:
+            client.close()
+        os.kill(daemon.pid, signal.SIGCONT)
+    assert outcome.code == 3, outcome
+    assert outcome.err.startswith(
+        f"jobctl: cannot connect to {daemon.socket_path}: jobd accepted no connection within 0.3s (the connections "
+        "waiting for it fill its socket's queue): is jobd stuck (see its log)?"
+    ), outcome
+    assert daemon.call("ping")["pong"] is True  # those clients gone, jobd goes on
+
+
 def test_the_reply_timeout_spares_what_waits_by_design(tmp_path: Path) -> None:
     """job.wait is answered when the job ends, however long that takes: the reply timeout does not apply."""
     finished = {"id": 1, "state": "succeeded", "queue": "q", "exit_code": 0, "signal": None}
