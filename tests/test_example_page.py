@@ -6,6 +6,7 @@ jobd runs with the example's own drop-in and workflow (plus a drop-in of this te
 hash); php -S serves examples/web/public with workers; chromedriver drives Chromium through the W3C WebDriver HTTP
 protocol, spoken here with urllib. Waits are the browser's (a MutationObserver in an async script, bounded by the
 session's script timeout); every process started here is stopped, with its children, even when the test fails.
+PHP's connections to jobd are held a while by strace (slow_connections), as a loaded machine holds them at times.
 `make test` installs php-cli, chromium and chromium-driver when they are missing.
 """
 
@@ -239,12 +240,49 @@ def page(jobd: Any, tmp_path: Path) -> Iterator[str]:
         ["php", "-d", f"session.save_path={sessions}", "-S", f"127.0.0.1:{web_port}", "-t", str(EXAMPLE / "public")],
         env=env,
     )
+    slowed: list[subprocess.Popen[str]] = []
     try:
         php.wait_for(r"Development Server \(.*\) started")
+        slowed = slow_connections(php.process.pid)
         yield f"http://127.0.0.1:{web_port}/"
     finally:
+        for tracer in slowed:
+            tracer.terminate()
+            tracer.wait(10)
         php.stop()
         print(php.output())  # shown by pytest when the test failed
+
+
+# PHP's every connection to jobd waits this long first (µs): as long as a step's two quarters, and more.
+SLOW_CONNECT = 1_500_000
+
+
+def slow_connections(php: int) -> list[subprocess.Popen[str]]:
+    """strace on php -S and each of its workers, holding every connect(2) they make (to jobd) SLOW_CONNECT first:
+    the page is certain to subscribe after the first step is half done, and to read a new task's tree after the
+    step has gone on, as a loaded machine would have it at times."""
+    workers = Path(f"/proc/{php}/task/{php}/children").read_text().split()
+    tracers = []
+    for pid in [str(php), *workers]:
+        tracer = subprocess.Popen(
+            [
+                "strace",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=connect",
+                "-e",
+                f"inject=connect:delay_enter={SLOW_CONNECT}",
+                "-p",
+                pid,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        tracers.append(tracer)
+        assert tracer.stderr is not None and "attached" in tracer.stderr.readline()  # tracing from here on
+    return tracers
 
 
 @pytest.fixture
@@ -273,9 +311,17 @@ def test_the_page_launches_a_workflow_and_shows_its_progress(jobd: Any, page: st
     browser.go(page)
     browser.type_into("#image", "cat.png")
     browser.type_into("#pace", PACE)
+    # A first connection to GET /events gets live events only: a step reaching 50 % before events.php subscribed
+    # (the browser, PHP and the redirect taking more than two PACEs on a loaded machine) was never shown. The queue
+    # holds the first step until the page's first note, the snapshot events.php reads after subscribing.
+    jobd.call("queue.pause", {"name": "thumbnails"})
     browser.click("#submit")
     # Or the page's error (index.php could not launch: jobd refused, or did not answer within the PHP client's
     # 10 s): said at once, with the page's words, rather than as a script timeout two minutes later.
+    browser.wait_until("#events li, #error")
+    assert browser.script("return document.getElementById('error')?.textContent ?? null") is None
+    assert browser.script("return document.querySelector('#events li').textContent") == "snapshot: EXECUTING"
+    jobd.call("queue.resume", {"name": "thumbnails"})
     browser.wait_until('#instance[data-finished="yes"], #error')
     assert browser.script("return document.getElementById('error')?.textContent ?? null") is None
 

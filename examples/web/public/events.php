@@ -2,9 +2,12 @@
 // Server-Sent Events for one instance of this session, relayed from jobd's GET /events: the browser never sees the
 // token, and may only watch what it launched. The stream is
 //   event: snapshot        the instance as instance.get gives it (its tree of jobs and tasks); no id
+//   event: tasks           the same, again, whenever a task appears that the last tree did not have (a job's
+//                          tasks are numbered when the job starts): for its rows only, as it may be newer than
+//                          the events still to come (a snapshot that said TERMINATED ended the page there, the
+//                          last step's progress unshown)
 //   id: N / event: instance.progress | instance.state   jobd's events, ids and all, as jobd sent them
-// A snapshot comes first, and again whenever a task appears that the last one did not have (a job's tasks are
-// numbered when the job starts). The browser's EventSource reconnects by itself with Last-Event-ID, passed on to
+// A snapshot comes first. The browser's EventSource reconnects by itself with Last-Event-ID, passed on to
 // jobd, which replays what was missed. The stream ends after the instance's end (instance.state TERMINATED).
 //
 // php -S serves one request at a time unless PHP_CLI_SERVER_WORKERS is set: this request lasts as long as the
@@ -38,9 +41,9 @@ function send(string $text): void
     flush();   // the browser gets it now; if it has gone, PHP ends this script here
 }
 
-function send_snapshot(array $instance): array
+function send_snapshot(array $instance, string $event = 'snapshot'): array
 {
-    send('event: snapshot' . "\n" . 'data: ' . json_encode($instance, JSON_THROW_ON_ERROR) . "\n\n");
+    send("event: $event\n" . 'data: ' . json_encode($instance, JSON_THROW_ON_ERROR) . "\n\n");
     $known = [];
     $walk = function (array $jobs) use (&$walk, &$known): void {
         foreach ($jobs as $job) {
@@ -103,7 +106,7 @@ while (true) {
     }
     if ($type === 'instance.progress' && !isset($known[$data['task']['evqid'] ?? 0])) {
         try {
-            $known = send_snapshot($jobd->call('instance.get', ['id' => $id]));
+            $known = send_snapshot($jobd->call('instance.get', ['id' => $id]), 'tasks');
         } catch (JobdError) {
             exit;   // the browser reconnects
         }

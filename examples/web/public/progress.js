@@ -66,19 +66,29 @@
     section.dataset.finished = 'yes';
   }
 
-  source.addEventListener('snapshot', (event) => {
-    const instance = JSON.parse(event.data);
+  function drawTasks(instance) {
     steps.replaceChildren(...tasksOf(instance.jobs).map((task) => {
       const row = document.createElement('tr');
       drawTask(row, task);
       return row;
     }));
+  }
+
+  source.addEventListener('snapshot', (event) => {
+    const instance = JSON.parse(event.data);
+    drawTasks(instance);
     note('snapshot: ' + instance.status);
     if (instance.status === 'TERMINATED') {
       finish(instance);
     } else {
       setStatus(instance);
     }
+  });
+
+  // Tasks numbered since the snapshot: their rows. The tree is read after the events before it, and may be newer
+  // than those after it: the instance's status and its end come with these, in order.
+  source.addEventListener('tasks', (event) => {
+    drawTasks(JSON.parse(event.data));
   });
 
   source.addEventListener('instance.progress', (event) => {
