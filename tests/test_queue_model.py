@@ -855,6 +855,10 @@ def model_daemon(make_daemon: Callable[..., Daemon]) -> Iterator[tuple[Daemon, P
     stop_pumps([daemon])
 
 
+# Only a hang guard: every wait has a deadline of its own. A seed's STEPS operations (restarts among them) take 15-30 s
+# on a quiet machine; beside a loaded run of other tests two seeds of forty took over the suite's 120 s, each ended
+# by it in its last checks.
+@pytest.mark.timeout(120 + 6 * STEPS)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_queues_follow_the_model(model_daemon: tuple[Daemon, Pump], tmp_path: Path, seed: int) -> None:
     daemon, pump = model_daemon
