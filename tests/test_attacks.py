@@ -150,7 +150,10 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 def http_server() -> Iterator[tuple[str, list[str]]]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     _Recorder.hits = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever,  # no-poll-ok: wakes each 0.5 s to see if shutdown() was asked
+        daemon=True,
+    )
     thread.start()
     try:
         yield f"127.0.0.1:{server.server_address[1]}", _Recorder.hits

@@ -82,7 +82,10 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever,  # no-poll-ok: wakes each 0.5 s to see if shutdown() was asked
+            daemon=True,
+        )
         self.thread.start()
 
     def url(self, path: str) -> str:

@@ -121,7 +121,10 @@ def web() -> Iterator[WebServer]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=httpd.serve_forever,  # no-poll-ok: wakes each 0.5 s to see if shutdown() was asked
+        daemon=True,
+    )
     thread.start()
     try:
         yield state
