@@ -391,6 +391,9 @@ class Daemon:
         self.config = initial
         self._at_start = initial  # what only a restart changes (sockets, state directory, listeners) is as here
         self.started_at = time.time()
+        # Uptime is counted on CLOCK_BOOTTIME, not as the wall clock's difference: that one goes wrong, negative even,
+        # once the clock is set (an NTP step, `date -s`); BOOTTIME goes on through a suspend, as uptime(1)'s does.
+        self._started_boottime = time.clock_gettime(time.CLOCK_BOOTTIME)
         self.notifier = _Notifier()
         self.last_reload: dict[str, Any] = {"at": iso(self.started_at), "ok": True, "error": None}
         self.stop_requested = asyncio.Event()
@@ -646,7 +649,7 @@ class Daemon:
             "version": __version__,
             "pid": os.getpid(),
             "started_at": iso(self.started_at),
-            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "uptime_seconds": round(time.clock_gettime(time.CLOCK_BOOTTIME) - self._started_boottime, 3),
             "durability": str(self.config.daemon.durability),
             "config_files": list(self.config.files),
             "last_reload": self.last_reload,

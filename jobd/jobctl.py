@@ -427,7 +427,9 @@ def format_job_counts(counts: dict[str, int]) -> str:
 
 
 def render_daemon_status(status: dict[str, Any], now: dt.datetime) -> list[str]:
-    uptime = duration_between(status.get("started_at"), now.isoformat())
+    uptime = status.get("uptime_seconds")  # jobd's own count, which a clock set since its start leaves right
+    if not isinstance(uptime, int | float) or isinstance(uptime, bool):
+        uptime = duration_between(status.get("started_at"), now.isoformat())  # a jobd that does not say it
     fields = [
         ("jobd", f"{status.get('version')}, pid {status.get('pid')}"),
         ("up", f"{format_duration(uptime)} (since {format_timestamp(status.get('started_at'), now.tzinfo)})"),

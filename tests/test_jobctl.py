@@ -951,6 +951,46 @@ def test_status_of_the_daemon(daemon: Any) -> None:
     assert {q["name"] for q in status["queues"]} == {"default", "serial"}
 
 
+# jobd's Python runs this first (its sitecustomize): the wall clock it reads through time.time is off by the seconds
+# the file $TEST_CLOCK_OFFSET holds, when it exists; the machine's own clock is left alone.
+CLOCK_OFFSET_SHIM = """
+import os
+import time
+
+_wall = time.time
+_offset_file = os.environ["TEST_CLOCK_OFFSET"]
+
+
+def _time():
+    try:
+        with open(_offset_file) as offset:
+            return _wall() + float(offset.read())
+    except FileNotFoundError:
+        return _wall()
+
+
+time.time = _time
+"""
+
+
+def test_uptime_stays_right_when_the_clock_is_set_back(make_daemon: Any, tmp_path: Path) -> None:
+    """daemon.status's uptime counts the time since jobd started, not the wall clock's difference from its start:
+    with the clock set back a day since (an NTP step, `date -s`), it is not negative. (jobctl shows this figure:
+    test_jobctl_format's test_daemon_status_shows_jobds_uptime_not_the_clocks_difference.)"""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(CLOCK_OFFSET_SHIM)
+    offset = tmp_path / "clock-offset"
+    clocked = {"PYTHONPATH": f"{shim}:{REPO}", "TEST_CLOCK_OFFSET": str(offset)}
+    daemon = make_daemon(start=False)
+    daemon.env.update(clocked)
+    daemon.start()
+    before = daemon.call("daemon.status")["uptime_seconds"]
+    offset.write_text(str(-86400))  # the clock is set back a day
+    after = daemon.call("daemon.status")["uptime_seconds"]
+    assert before <= after < before + DEADLINE, (before, after)
+
+
 def test_status_of_a_job(daemon: Any) -> None:
     job = daemon.submit(command=["/bin/sh", "-c", "exit 4"], context="who-17")
     daemon.wait(job["id"])

@@ -562,3 +562,16 @@ def test_a_bar_interrupted_as_it_is_drawn_is_still_cleared() -> None:
         finally:
             bar.clear()
     assert stream.written == "\rjob 1 [----------]   0% running\x1b[K\r\x1b[K"
+
+
+def test_daemon_status_shows_jobds_uptime_not_the_clocks_difference() -> None:
+    """The "up" line shows jobd's uptime_seconds (counted on the boot clock): with the clock set back a day since jobd
+    started, the wall clock's difference from started_at is negative, and jobctl showed "0ms" for a jobd up an hour."""
+    now = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)  # a day before the start, as the clock now says
+    status = {"version": "1", "pid": 7, "started_at": "2026-11-30T11:00:00Z", "durability": "crash", "jobs": {}}
+    lines = render_daemon_status({**status, "uptime_seconds": 3600.5}, now)
+    assert next(line for line in lines if line.startswith("up:")).startswith("up:          1h00m (since "), lines
+    # A jobd that does not say it (older, or not jobd): the difference, as before.
+    later = dt.datetime(2026, 11, 30, 11, 0, 30, tzinfo=dt.UTC)
+    lines = render_daemon_status(status, later)
+    assert next(line for line in lines if line.startswith("up:")).startswith("up:          30.0s (since "), lines
