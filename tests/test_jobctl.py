@@ -545,19 +545,18 @@ def test_wait_ended_by_a_signal_leaves_the_job_alone(daemon: Any, signum: int, c
     daemon.call("job.cancel", {"id": job_id})
 
 
-# jobctl's Python runs this first (its sitecustomize): the SIGINT comes when the wait for jobd is about to block in
-# the kernel, the one moment a signal interrupts no system call of jobctl's, so that only the signal's handler is left
-# to end the wait. On a terminal that moment is a matter of luck (a Ctrl-C ignored once in a few hundred tries); here
-# it is made certain. The signal is taken by a thread of the shim's: the main thread blocks it, so whatever the main
-# thread is doing is not interrupted, as it was not in that moment. The thread waits for the main thread to let go of
-# Python's lock, which it keeps (switch interval an hour) until the system call that blocks.
-SIGNAL_AS_THE_WAIT_BLOCKS_SHIM = """
+# The start of the shims that make a SIGINT come as jobctl is about to block in the kernel, the one moment a signal
+# interrupts no system call of jobctl's, so that only the signal's handler is left to end what it waits for. On a
+# terminal that moment is a matter of luck (a Ctrl-C ignored once in a few hundred tries); these make it certain. The
+# signal is taken by a thread of the shim's: the main thread blocks it, so whatever the main thread is doing is not
+# interrupted, as it was not in that moment. The thread waits for the main thread to let go of `_go` and then of
+# Python's lock, which it keeps (switch interval an hour) until the system call that blocks. `_go.release()` in the
+# main thread starts the countdown.
+SIGNAL_ONCE_LET_GO = """
 import os
 import signal
 import sys
 import threading
-
-from jobd import client
 
 sys.setswitchinterval(3600)
 _go = threading.Lock()
@@ -565,12 +564,21 @@ _go.acquire()
 
 
 def _interrupt():
-    _go.acquire()  # once the main thread let it go; the signal can only be sent once it let go of Python's lock too
+    _go.acquire()
     os.kill(os.getpid(), signal.SIGINT)
 
 
 threading.Thread(target=_interrupt, daemon=True).start()
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # in the main thread, after the other one was started
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+"""
+
+
+# jobctl's Python runs this first (its sitecustomize): the SIGINT comes when the wait for jobd's answer is about to
+# block in the kernel.
+SIGNAL_AS_THE_WAIT_BLOCKS_SHIM = (
+    SIGNAL_ONCE_LET_GO
+    + """
+from jobd import client
 
 _next_event_or_reply = client.Client.next_event_or_reply
 _fill = client.Client._fill
@@ -595,6 +603,7 @@ def _fill_as_the_wait_blocks(self, deadline):
 client.Client.next_event_or_reply = _next_event_or_reply_noted
 client.Client._fill = _fill_as_the_wait_blocks
 """
+)
 
 
 def test_ctrl_c_as_the_wait_blocks_ends_it(daemon: Any, tmp_path: Path) -> None:
@@ -659,29 +668,6 @@ def test_a_submit_interrupted_once_sent_is_answered_again_by_its_key(daemon: Any
     assert again.code == 0 and again.out.startswith(f"job {made['id']} "), again  # as it is now: queued, or done
     assert job_count(daemon) == 1
 
-
-# The start of the shims below, which make a SIGINT come as jobctl is about to block in the kernel, the moment it
-# interrupts no system call, as SIGNAL_AS_THE_WAIT_BLOCKS_SHIM does for a wait for jobd (see there: the main thread
-# blocks SIGINT and keeps Python's lock until it blocks). `_go.release()` in the main thread starts the countdown.
-SIGNAL_ONCE_LET_GO = """
-import os
-import signal
-import sys
-import threading
-
-sys.setswitchinterval(3600)
-_go = threading.Lock()
-_go.acquire()
-
-
-def _interrupt():
-    _go.acquire()
-    os.kill(os.getpid(), signal.SIGINT)
-
-
-threading.Thread(target=_interrupt, daemon=True).start()
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-"""
 
 # The `jobctl` command's Python runs this first: the SIGINT comes as jobctl is about to block reading its standard
 # input for --stdin-file -.
