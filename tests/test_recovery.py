@@ -1769,7 +1769,9 @@ def test_a_cancel_not_saved_for_want_of_room_is_lost_to_a_crash_as_its_answer_sa
 def test_a_cancel_under_way_when_jobd_dies_is_carried_out_after_the_restart(
     jobd: Callable[..., Daemon], pidfds: Pidfds, tmp_path: Path
 ) -> None:
-    # The job takes SIGTERM as a note on fd 3 and goes on: jobd is killed during its kill_grace.
+    """The job takes SIGTERM as a note on fd 3 and goes on: jobd is killed during its kill_grace. The restart kills
+    it and records the attempt `killed`, as the cancel would have (it was recorded `lost`, as if nothing had stopped
+    it), and the job ends `cancelled`, not retried."""
     slow_to_die = "trap 'echo got TERM >&3' TERM; echo $$ > \"$0.pid\"; echo ready >&3; while :; do sleep 1; done"
     base = tmp_path / "slow"
     daemon = jobd()
@@ -1789,7 +1791,9 @@ def test_a_cancel_under_way_when_jobd_dies_is_carried_out_after_the_restart(
     assert pidfds.wait_exited() == []
     job = daemon.wait(job_id)
     assert (job["state"], job["attempts"]) == ("cancelled", 1), job  # not retried
-    assert [t["outcome"] for t in tries(daemon, job_id)] == ["lost"]
+    [attempt] = tries(daemon, job_id)
+    assert attempt["outcome"] == "killed", attempt
+    assert attempt["error"] == "jobd stopped while a cancel stopped the attempt", attempt
 
 
 def test_a_time_limit_under_way_when_jobd_dies_ends_the_job_timed_out_after_the_restart(

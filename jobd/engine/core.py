@@ -357,13 +357,19 @@ class Engine:
         # whole max_output probably was (job.output says so of that stream, as for attempts of an older jobd).
         kept = {stream: _size_of(self.output_path(job.id, attempt.number, stream)) for stream in STREAMS}
         cap = job.spec.max_output
-        # Its time limit had stopped it (SIGTERM sent, kill_grace running): it ends as that stop would have ended it.
-        timed_out = attempt.time_limit_reached
+        # Its time limit or a cancel had stopped it (SIGTERM sent, kill_grace running): it ends as that stop would
+        # have ended it (the time limit first, as outcome_of ranks them).
+        if attempt.time_limit_reached:
+            outcome, while_ = Outcome.TIMED_OUT, "its time limit stopped the attempt"
+        elif attempt.cancel_requested:
+            outcome, while_ = Outcome.KILLED, "a cancel stopped the attempt"
+        else:
+            outcome, while_ = Outcome.LOST, "the attempt ran"
         attempt = dataclasses.replace(
             attempt,
-            outcome=Outcome.TIMED_OUT if timed_out else Outcome.LOST,
+            outcome=outcome,
             finished_at=now,
-            error=f"jobd stopped while {'its time limit stopped the attempt' if timed_out else 'the attempt ran'}",
+            error=f"jobd stopped while {while_}",
             stdout_bytes=kept["stdout"],
             stderr_bytes=kept["stderr"],
             truncated=cap > 0 and any(size >= cap for size in kept.values()),
