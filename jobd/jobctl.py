@@ -109,11 +109,12 @@ def _time_of_day_or(value: str | None, now: dt.datetime, other_day: str) -> str:
 
 
 def format_timestamp(value: str | None, tz: dt.tzinfo | None = None) -> str:
-    """Full local time for detail views, to the second."""
+    """Full local time for detail views, to the second, with the zone's abbreviation ("CET", "CEST"): the hour a
+    fall-back to winter time repeats is told apart, and a reader elsewhere knows whose time it is."""
     moment = parse_time(value)
     if moment is None:
         return "-"
-    return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def format_duration(seconds: float | None) -> str:

@@ -352,14 +352,15 @@ def test_jobctl_audit(audited: Daemon) -> None:
     assert lines[0].split() == ["ID", "TIME", "USER", "UID", "COMMAND", "TARGET", "RESULT", "MESSAGE"]
     assert len(lines) == 4
     assert "\x1b" not in shown.out and "\\x1b[2J" in lines[1]  # a client's bytes never reach the terminal
-    assert lines[1].split()[5:7] == ["queue.resume", "queue"]
+    assert lines[1].split()[6:8] == ["queue.resume", "queue"]
     assert code in lines[1].split()
-    assert f"job {job}" in lines[2] and lines[2].split()[5] == "job.submit" and " ok" in lines[2]
-    # ID, then TIME as a date and a time
-    assert lines[3].split()[3:9] == [me()[1], str(me()[0]), "queue.pause", "queue", "default", "ok"]
+    assert f"job {job}" in lines[2] and lines[2].split()[6] == "job.submit" and " ok" in lines[2]
+    # ID, then TIME as a date, a time and the zone's abbreviation
+    assert lines[3].split()[3] == time.strftime("%Z", time.localtime())
+    assert lines[3].split()[4:10] == [me()[1], str(me()[0]), "queue.pause", "queue", "default", "ok"]
 
     only = ctl(daemon, "audit", "--command", "queue.pause")
-    assert [line.split()[5] for line in only.out.splitlines()[1:]] == ["queue.pause"]
+    assert [line.split()[6] for line in only.out.splitlines()[1:]] == ["queue.pause"]
     paged = ctl(daemon, "audit", "-n", "1")
     assert len(paged.out.splitlines()) == 2 and "--before" in paged.err
     nobody = ctl(daemon, "audit", "--user", "nosuchuser")

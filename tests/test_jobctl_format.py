@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import re
 import shlex
+import zoneinfo
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,13 @@ def test_a_time_to_come_shows_its_time_of_day_on_another_day() -> None:
     assert jobctl.format_due(None, NOW) == "-"
 
 
-def test_format_timestamp_is_local_to_the_second() -> None:
-    assert format_timestamp("2026-11-29T16:03:12.999Z", CET) == "2026-11-29 17:03:12"
+def test_format_timestamp_is_local_to_the_second_with_the_zones_name() -> None:
+    paris = zoneinfo.ZoneInfo("Europe/Paris")
+    assert format_timestamp("2026-11-29T16:03:12.999Z", paris) == "2026-11-29 17:03:12 CET"
+    assert format_timestamp("2026-07-01T16:03:12Z", paris) == "2026-07-01 18:03:12 CEST"  # its own date's offset
+    # The hour the fall-back repeats (02:00-03:00 on 2026-10-25): its two 02:30s are told apart.
+    assert format_timestamp("2026-10-25T00:30:00Z", paris) == "2026-10-25 02:30:00 CEST"
+    assert format_timestamp("2026-10-25T01:30:00Z", paris) == "2026-10-25 02:30:00 CET"
     assert format_timestamp(None) == "-"
 
 
