@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 import json
@@ -11,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import tracemalloc
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1930,6 +1930,21 @@ def test_a_config_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     assert "defaults" not in checked.stderr, checked.stderr
 
 
+# Measured in a Python of its own: tracemalloc counts the allocations of every thread of its process, and a thread
+# of the test process (pytest-xdist's receiver reading the next tests) could allocate that much meanwhile.
+_PEAK_OF_CONFIG_READS = """
+import sys, tracemalloc
+from jobd import conffile
+small, large = sys.argv[1:]
+tracemalloc.start()
+tracemalloc.reset_peak()
+small_bytes = conffile.read(small)
+_, peak = tracemalloc.get_traced_memory()
+large_bytes = conffile.read(large)
+print(repr((small_bytes, len(large_bytes), peak)))
+"""
+
+
 def test_reading_a_config_file_asks_for_its_size_not_the_16_mib_limit(tmp_path: Path) -> None:
     """os.read() allocates all it is asked for before shrinking it to what came: asked for 16 MiB at every read of
     a file, glibc came to take those buffers from the heap, and the heap fragmented (the next test)."""
@@ -1937,15 +1952,17 @@ def test_reading_a_config_file_asks_for_its_size_not_the_16_mib_limit(tmp_path: 
     small.write_bytes(b"[queue.default]\nconcurrency = 2\n")
     large = tmp_path / "large.toml"
     large.write_bytes(b"# " + b"x" * (conffile.READ_CHUNK * 3) + b"\n")  # more than one read's least
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        assert conffile.read(str(small)) == small.read_bytes()
-        _, peak = tracemalloc.get_traced_memory()
-        assert conffile.read(str(large)) == large.read_bytes()
-    finally:
-        tracemalloc.stop()
-    assert peak < conffile.READ_CHUNK * 4, f"reading {len(small.read_bytes())} bytes took {peak} bytes at its peak"
+    measured = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_CONFIG_READS, str(small), str(large)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    small_bytes, large_size, peak = ast.literal_eval(measured.stdout)
+    assert (small_bytes, large_size) == (small.read_bytes(), large.stat().st_size)
+    assert peak < conffile.READ_CHUNK * 4, f"reading {len(small_bytes)} bytes took {peak} bytes at its peak"
 
 
 def test_reading_the_same_config_file_again_and_again_takes_no_more_memory(tmp_path: Path) -> None:
