@@ -726,6 +726,7 @@ class Daemon:
         self.scheduler.reload(new)
         if self.http is not None:
             self.http.reloaded()
+        self.server.end_revoked_logins()
         self.server.reapply_socket_access([] if self.http is None else self.http.own_unix_socket())
         load_aiohttp(new)
         self.last_reload = {"at": iso(time.time()), "ok": True, "error": None}

@@ -20,7 +20,7 @@ import socket
 import stat
 import sys
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final, TypeGuard
 
 from jobd import activation, audit, users
@@ -43,7 +43,7 @@ from jobd.errors import (
     memory_shortage,
 )
 from jobd.linux import peer_credentials
-from jobd.model import ADMIN_CONNECTIONS, AccessDef, host_port
+from jobd.model import ADMIN_CONNECTIONS, AccessDef, RemoteUser, host_port
 from jobd.peer import Peer, identify_peer
 from jobd.protocol import evqueue, evqueue_auth, jsonrpc
 from jobd.store import refused_request
@@ -195,6 +195,13 @@ class Server:
                 log.error("cannot give %s its new socket_mode and socket_group: %s", path, error.strerror or error)
         log.info("socket_mode %s and socket_group applied to the sockets", oct(mode))
         self.access = access
+
+    def end_revoked_logins(self) -> None:
+        """At a reload: the TCP sessions whose login the reload removed or changed end (TcpXmlConnection)."""
+        users = self.api.engine.config.tcp.users
+        for connection in list(self.connections):
+            if isinstance(connection, TcpXmlConnection):
+                connection.end_if_revoked(users)
 
     def _socket_access(self) -> tuple[int, int | None]:
         """The sockets' mode and group: `[daemon] socket_mode` and `socket_group` (None: jobd's own group)."""
@@ -1246,7 +1253,8 @@ class TcpXmlConnection(XmlConnection):
     `<auth response user/>` checked against `[tcp.users]`, or anything else, answered "Expected 'auth' node"
     before closing. A failed login is answered "Invalid authentication" only after the source address's current
     delay (a timer; `LoginThrottle`), then the connection closes. Logins apply the `[tcp]` of the running
-    configuration, so a reload changes who may log in from the next connection on.
+    configuration, so a reload changes who may log in from the next connection on; and a session whose login a
+    reload removes or changes (its password, `admin` or `groups`) ends then (`end_if_revoked`).
     """
 
     probe_at_eof = True  # a TCP peer's close is an end of file, as a half close is, until written to
@@ -1256,6 +1264,7 @@ class TcpXmlConnection(XmlConnection):
         self._challenge = evqueue_auth.new_challenge()
         self._logged_in = False
         self._failing = False  # a failed login waits for its delay: nothing more is read
+        self._login: RemoteUser | None = None  # `[tcp.users.NAME]` as the session logged in with it
         self.address = "?"
         self._timer: asyncio.TimerHandle | None = None  # the login deadline, then a failed login's delay
 
@@ -1330,6 +1339,7 @@ class TcpXmlConnection(XmlConnection):
                 return
             self.server.join(self, peer)
             self._logged_in = True
+            self._login = user
             self.peer = peer
             log.info("evQueue login as %s from %s (%s)", user.name, self.address, "ADMIN" if user.admin else "USER")
             self._send(self.evqueue.greeting(self.peer))
@@ -1353,6 +1363,26 @@ class TcpXmlConnection(XmlConnection):
         self._backlog.clear()
         self._send(self.evqueue.error(failure))
         self._lingering_close()
+
+    def end_if_revoked(self, users: Mapping[str, RemoteUser]) -> None:
+        """At a reload: end the session if its login is no longer what it logged in with. A login removed, or given
+        a new password (as when the old one leaked), is revoked, and one no longer `admin` (or in other `groups`)
+        no longer gives what the session was let in with; kept on, the session had it all for as long as its
+        client kept the connection. The client is told (AUTH_ERROR, as the answer to its request if one waits:
+        that request is dropped) and may log in again as what the login now is."""
+        login = self._login
+        if login is None or self._refusing or users.get(login.name) == login:
+            return
+        what = "removed" if login.name not in users else "changed"
+        log.info("ending the evQueue session of the login %s from %s: a reload %s it", login.name, self.address, what)
+        if self._waiting is not None:  # its answer would follow the end of the connection
+            self._waiting.cancel()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        self._refuse_login(
+            evqueue_auth.AuthError(f"the login {login.name} was {what} by a reload of jobd's configuration")
+        )
 
     def _login_timed_out(self) -> None:
         self._timer = None

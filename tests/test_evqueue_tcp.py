@@ -470,13 +470,70 @@ def test_a_reload_changes_the_users_for_new_connections(tcp_daemon: Daemon) -> N
         text = text.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"')
         (tcp_daemon.config_dir / "jobd.toml").write_text(text)
         tcp_daemon.call("daemon.reload")
-        assert before.ask(b"<ping/>").get("status") == "OK"  # a session keeps its login
+        ended = before.document()  # the session of a login the reload changed ends (below)
+        assert ended.get("error-code") == "AUTH_ERROR" and before.closed(), etree.tostring(ended)
     assert tcp_address(tcp_daemon) == address  # listen changes at the next restart
     assert "[tcp] listen changed to 127.0.0.1:1; it takes effect at the next restart" in tcp_daemon.log()
     with TcpClient(address) as old:
         assert old.login("alice", "wonderland").get("error-code") == "AUTH_ERROR"
     with TcpClient(address) as new:
         assert new.login("alice", "new").get("profile") == "ADMIN"
+
+
+SESSIONS = (
+    '[tcp]\nlisten = "127.0.0.1:0"\n'
+    + USERS
+    + f"""
+[tcp.users.bob]
+password_sha1 = "{sha1("builder")}"
+
+[tcp.users.carol]
+password_sha1 = "{sha1("carol")}"
+groups = ["reporting"]
+
+[tcp.users.dave]
+password_sha1 = "{sha1("dave")}"
+"""
+)
+
+
+def test_a_reload_ends_the_sessions_of_the_logins_it_removes_or_changes(make_daemon: Any) -> None:
+    """A login removed from the configuration, or given a new password, or made no admin, is revoked: its sessions
+    end at the reload, a request still waiting too (answered AUTH_ERROR, not when its instance ends). They went on
+    with what the old login gave them, ADMIN included, for as long as their client kept the connection."""
+    daemon: Daemon = make_daemon(SESSIONS, start=False)
+    daemon.write_workflows(nap=SLOW_WORKFLOW)
+    daemon.env["JOBD_EVQUEUE_KEEPALIVE_INTERVAL"] = "3600"  # the wait's first answer is its end, not a <ping/>
+    daemon.start()
+    address = tcp_address(daemon)
+    passwords = {"admin": "admin", "alice": "wonderland", "bob": "builder", "carol": "carol", "dave": "dave"}
+    with contextlib.ExitStack() as held:
+        sessions = {name: held.enter_context(TcpClient(address)) for name in passwords}
+        for name, client in sessions.items():
+            assert client.login(name, passwords[name]).tag == "ready"
+        launched = sessions["admin"].ask(b'<instance action="launch" name="nap"/>')
+        instance_id = launched.get("workflow-instance-id", "")
+        assert instance_id, etree.tostring(launched)
+        sessions["admin"].send(b'<instance action="wait" id="%s"/>' % instance_id.encode())
+        assert sessions["dave"].ask(b"<ping/>").get("status") == "OK"
+        text = (daemon.config_dir / "jobd.toml").read_text()
+        text = text.replace(f'"{sha1("admin").upper()}"\nadmin = true', f'"{sha1("admin").upper()}"\nadmin = false')
+        text = text.replace(sha1("wonderland"), sha1("looking-glass"))
+        text = text.replace(f'[tcp.users.bob]\npassword_sha1 = "{sha1("builder")}"\n', "")
+        text = text.replace('groups = ["reporting"]', 'groups = ["reporting", "backup"]')
+        (daemon.config_dir / "jobd.toml").write_text(text)
+        daemon.call("daemon.reload")
+        for name, what in (("admin", "changed"), ("alice", "changed"), ("bob", "removed"), ("carol", "changed")):
+            ended = sessions[name].document()
+            assert (ended.get("status"), ended.get("error-code")) == ("KO", "AUTH_ERROR"), etree.tostring(ended)
+            assert f"the login {name} was {what} by a reload" in ended.get("error", ""), etree.tostring(ended)
+            assert sessions[name].closed()
+        assert sessions["dave"].ask(b"<ping/>").get("status") == "OK"  # unchanged: its session goes on
+        wait_for_log(daemon, "ending the evQueue session of the login bob from 127.0.0.1: a reload removed it")
+    assert daemon.call("instance.get", {"id": int(instance_id)})["status"] == "EXECUTING"  # it was only waited for
+    daemon.call("instance.cancel", {"id": int(instance_id)})
+    with TcpClient(address) as again:  # the new password logs in, as what the login now is
+        assert again.login("alice", "looking-glass").get("profile") == "USER"
 
 
 def test_a_port_in_use_stops_start_up_with_a_clear_error(make_daemon: Any) -> None:
