@@ -1017,6 +1017,7 @@ def _tcp(table: _Table, users: Mapping[str, _Table]) -> TcpDef:
     table.reject_unknown(TCP_KEYS)
     default = TcpDef()
     remote: dict[str, RemoteUser] = {}
+    password_files: dict[str, tuple[str, ...]] = {}
     for name, user in users.items():
         _check_name(user)
         user.reject_unknown(TCP_USER_KEYS)
@@ -1026,6 +1027,8 @@ def _tcp(table: _Table, users: Mapping[str, _Table]) -> TcpDef:
             groups=user.read("groups", _group_names, frozenset()),
             admin=user.read("admin", _boolean, False),
         )
+        where = str(user.settings["password_sha1"].source.path)
+        password_files[where] = (*password_files.get(where, ()), name)
     login_delay = table.read("login_delay", _number(0), default.login_delay)
     login_delay_max = table.read("login_delay_max", _number(0), default.login_delay_max)
     if login_delay > login_delay_max:
@@ -1037,7 +1040,29 @@ def _tcp(table: _Table, users: Mapping[str, _Table]) -> TcpDef:
         login_delay=login_delay,
         login_delay_max=login_delay_max,
         users=MappingProxyType(remote),
+        password_files=MappingProxyType(password_files),
     )
+
+
+def open_password_files(config: Config) -> list[str]:
+    """A warning for each file holding a `[tcp.users.NAME] password_sha1` in force that every local user may read.
+    The SHA-1 is not checked against a password: it is the key of evQueue's HMAC, so whoever reads it logs in as
+    that login, an admin's too. A file written under umask 022 is such a file, and so is the Debian package's
+    jobd.toml."""
+    warnings = []
+    for path, logins in sorted(config.tcp.password_files.items()):
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:  # gone since it was read: the next reload tells
+            continue
+        if mode & stat.S_IROTH:
+            named = " and ".join(", ".join(f"[tcp.users.{login}]" for login in logins).rsplit(", ", 1))
+            warnings.append(
+                f"{conffile.shown(path)} is readable by every local user (mode {mode:04o}) and holds the password_sha1 "
+                f"of {named}: that SHA-1 is all a client needs to log in as {'them' if len(logins) > 1 else 'it'} "
+                f"over TCP; make the file readable by root alone (chmod 600 {conffile.shown(path)})"
+            )
+    return warnings
 
 
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")

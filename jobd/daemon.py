@@ -107,6 +107,12 @@ class _Notifier:
                 )
 
 
+def _warn_of_open_password_files(loaded: Config) -> None:
+    """At the start and at each reload, until they are closed: the files every local user may read logins from."""
+    for warning in config.open_password_files(loaded):
+        log.warning("%s", warning)
+
+
 def _fit_open_files(configuration: Config) -> None:
     """Raise the soft limit on open files to what `configuration` may need (jobd.openfiles), saying so; warn when the
     hard limit stops short of it."""
@@ -439,6 +445,7 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        _warn_of_open_password_files(self.config)
         await self.server.bind()  # a socket that cannot be made stops us before recovery starts any job
         try:
             if self.http is not None:
@@ -720,6 +727,7 @@ class Daemon:
         if new.http.listen != self._at_start.http.listen:
             log.warning("[http] listen changed; it takes effect at the next restart (tokens apply at once)")
         self.config = new
+        _warn_of_open_password_files(new)
         _fit_open_files(new)
         self.engine.reload(new)
         self.instances.reload(new)
@@ -880,6 +888,8 @@ def main(argv: Sequence[str] | None = None, early_signals: list[int] | None = No
         log.error("not starting: %s", error.message)
         return 1
     if args.check_config:
+        for warning in config.open_password_files(initial):
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"configuration OK: {', '.join(initial.files) or '(no files, defaults)'}")
         return 0
 

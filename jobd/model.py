@@ -250,6 +250,8 @@ class TcpDef:
     login_delay: float = 1.0  # seconds before the first failed login of an address is answered; doubles each time
     login_delay_max: float = 30.0  # the cap of that delay
     users: Mapping[str, RemoteUser] = field(default_factory=dict)
+    # file -> the logins whose password_sha1 in force it holds: secrets (config.open_password_files)
+    password_files: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def listen_text(self) -> str | None:

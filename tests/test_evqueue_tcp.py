@@ -536,6 +536,38 @@ def test_a_reload_ends_the_sessions_of_the_logins_it_removes_or_changes(make_dae
         assert again.login("alice", "looking-glass").get("profile") == "USER"
 
 
+def test_a_password_file_every_user_may_read_is_warned_of(make_daemon: Any) -> None:
+    """password_sha1 is all a client needs to log in (it is the HMAC's key, not a check of the password): in a file
+    of mode 0644, as an editor makes it under umask 022 and as the Debian package installs jobd.toml, every local
+    user could read it and log in over TCP as that login, an admin's too. jobd says so at start and at each reload
+    until the file is closed to them; one readable by root alone is not warned of."""
+    daemon: Daemon = make_daemon("", start=False)
+    logins = daemon.config_dir / "jobd.d" / "50-logins.toml"
+    logins.parent.mkdir(exist_ok=True)
+    logins.write_text(USERS)
+    logins.chmod(0o644)
+    (daemon.config_dir / "jobd.d" / "60-listen.toml").write_text('[tcp]\nlisten = "127.0.0.1:0"\n')
+    daemon.start()
+    warning = (
+        f"{logins} is readable by every local user (mode 0644) and holds the password_sha1 of [tcp.users.admin] "
+        "and [tcp.users.alice]: that SHA-1 is all a client needs to log in as them over TCP; make the file "
+        f"readable by root alone (chmod 600 {logins})"
+    )
+    assert daemon.log().count(warning) == 1, daemon.log()
+    assert str(daemon.config_dir / "jobd.d" / "60-listen.toml") + " is readable" not in daemon.log()
+    command = [sys.executable, "-m", "jobd.daemon", "--config-dir", str(daemon.config_dir), "--check-config"]
+    checked = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert checked.returncode == 0 and checked.stderr == f"warning: {warning}\n", checked.stderr
+    daemon.call("daemon.reload")
+    assert daemon.log().count(warning) == 2  # at each reload, until the file is closed
+    logins.chmod(0o600)
+    daemon.call("daemon.reload")
+    assert daemon.log().count(warning) == 2
+    assert "is readable by every local user" not in daemon.log().split("configuration reloaded")[-1]
+    with TcpClient(tcp_address(daemon)) as client:
+        assert client.login("admin", "admin").get("profile") == "ADMIN"
+
+
 def test_a_port_in_use_stops_start_up_with_a_clear_error(make_daemon: Any) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -82,6 +82,7 @@ def test_the_example_moves_evqueues_definitions_as_written(make_daemon: Any, tas
     workflows.mkdir()
     (workflows / "nightly_report.xml").write_text(workflow)
     (daemon.config_dir / "jobd.d" / "40-from-evqueue.toml").write_text(dropin)
+    (daemon.config_dir / "jobd.d" / "40-from-evqueue.toml").chmod(0o600)  # as the example says: it holds a login
     (daemon.config_dir / "jobd.d" / "90-this-machine.toml").write_text(
         f'[daemon]\ntasks_directory = "{tasks_directory}"\n\n[tcp]\nlisten = "127.0.0.1:0"\n'
     )
