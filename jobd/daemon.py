@@ -12,6 +12,7 @@ import contextlib
 import errno
 import faulthandler
 import fcntl
+import ipaddress
 import logging
 import os
 import signal
@@ -105,6 +106,32 @@ class _Notifier:
                     text.split("\n", 1)[0],
                     error.strerror or error,
                 )
+
+
+# What whoever sees the traffic of a listener other machines reach can do (neither protocol is encrypted).
+TCP_IN_CLEAR = (
+    "whoever sees the traffic reads every request and answer, can take a session over, and can guess a login's "
+    "password offline from one login seen (SHA-1 and HMAC-SHA1 are fast); use it on a network you trust, or reach "
+    "it through a tunnel (SSH, WireGuard, stunnel) to a loopback address"
+)
+HTTP_IN_CLEAR = (
+    "whoever sees the traffic reads every bearer token sent, and can use it; put a TLS proxy in front of jobd and "
+    "have jobd listen on a loopback address or a unix socket path"
+)
+
+
+def _warn_if_reachable_from_afar(what: str, address: tuple[str, int] | str | None, consequences: str) -> None:
+    """Warn of a TCP listener bound to an address other than loopback, as it starts: it speaks in clear text."""
+    if not isinstance(address, tuple):  # off, or a unix socket path
+        return
+    try:
+        if ipaddress.ip_address(address[0]).is_loopback:
+            return
+    except ValueError:  # an address with a scope (fe80::1%eth0): a link, not loopback
+        pass
+    log.warning(
+        "%s %s takes connections from other machines, in clear text: %s", what, host_port(*address), consequences
+    )
 
 
 def _warn_of_open_password_files(loaded: Config) -> None:
@@ -507,6 +534,8 @@ class Daemon:
         log.info("jobd %s ready: socket %s, state %s", __version__, self.server.path, daemon.state_dir)
         if self.server.tcp_address is not None:
             log.info("listening for evQueue clients on TCP %s", self._tcp_listening())
+        _warn_if_reachable_from_afar("[tcp] listen", self.server.tcp_address, TCP_IN_CLEAR)
+        _warn_if_reachable_from_afar("[http] listen", self.http.tcp_address if self.http else None, HTTP_IN_CLEAR)
         self.notifier.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
         self._ready = True
         # The jobs on record by state (daemon.status, /metrics) are counted once, a slice per turn of the loop, and

@@ -144,10 +144,10 @@ BODY_SECONDS = FIRST_REQUEST_SECONDS
 KEEPALIVE_SECONDS = _seconds("JOBD_HTTP_KEEPALIVE_SECONDS", 30.0)
 
 
-def _address_of(server: asyncio.Server) -> str:
-    """`host:port` (`[host]:port` for IPv6) of a TCP listener, its port as bound (port 0 picks one)."""
+def _address_of(server: asyncio.Server) -> tuple[str, int]:
+    """(host, port) of a TCP listener, its port as bound (port 0 picks one)."""
     host, port = server.sockets[0].getsockname()[:2]
-    return host_port(host, port)
+    return str(host), int(port)
 
 
 class _Refused(asyncio.Protocol):
@@ -318,7 +318,8 @@ class HttpApi:
         self.api = api
         self.listen = listen
         self.connection_count = connection_count  # the API and evQueue sockets' clients
-        self.address: str | None = None
+        self.address: str | None = None  # `host:port` (`[host]:port` for IPv6) or the unix socket path, once bound
+        self.tcp_address: tuple[str, int] | None = None  # a TCP listener's (host, port) as bound
         self.ring: deque[_Event] = deque()  # at most EVENT_RING events, and about EVENT_RING_BYTES
         self.ring_size = 0  # the sum of its events' sizes
         self.next_id = 1
@@ -380,15 +381,16 @@ class HttpApi:
                 self.listen = activation.socket_address(passed)
                 adopted = await loop.create_server(self._connection, sock=passed, start_serving=False)
                 self._listener = adopted
-                self.address = self.listen if isinstance(self.listen, str) else _address_of(adopted)
+                if not isinstance(self.listen, str):
+                    self.tcp_address = _address_of(adopted)
             elif isinstance(self.listen, str):  # mode and group as the API socket's
                 self._listener = await bind_unix(self.listen, self._connection, *access)
-                self.address = self.listen
             else:
                 host, port = self.listen
                 tcp = await loop.create_server(self._connection, host, port, reuse_address=True, start_serving=False)
                 self._listener = tcp
-                self.address = _address_of(tcp)
+                self.tcp_address = _address_of(tcp)
+            self.address = host_port(*self.tcp_address) if self.tcp_address is not None else str(self.listen)
             await self._listener.start_serving()
         except OSError as error:
             # asyncio's bind error has errno but its own strerror, which quotes the address as a tuple

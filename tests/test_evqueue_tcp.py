@@ -457,6 +457,20 @@ def test_the_listener_binds_loopback_only(tcp_daemon: Daemon) -> None:
     host, port = tcp_address(tcp_daemon)
     assert host == "127.0.0.1" and port > 0
     assert listening_tcp_sockets(tcp_daemon.pid) == {("127.0.0.1", port)}
+    assert "takes connections from other machines" not in tcp_daemon.log()  # loopback: no warning
+
+
+def test_a_listener_other_machines_can_reach_is_warned_of_as_clear_text(make_daemon: Any) -> None:
+    """Neither evQueue's protocol nor jobd's HTTP is encrypted: bound where other machines reach it, a password can be
+    guessed offline from one login seen on the way (SHA-1 and HMAC-SHA1 are fast), and a bearer token is read as it
+    is sent. jobd says so as it starts. The daemon runs in a network namespace of its own, binding every address
+    there."""
+    daemon: Daemon = make_daemon('[tcp]\nlisten = "0.0.0.0:0"\n\n[http]\nlisten = "[::]:0"\n' + USERS, start=False)
+    daemon.command_prefix = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    daemon.start()
+    status = daemon.call("daemon.status")
+    for what, address in (("[tcp] listen", status["tcp_listen"]), ("[http] listen", status["http_listen"])):
+        assert f"{what} {address} takes connections from other machines, in clear text: " in daemon.log(), what
 
 
 def test_a_reload_changes_the_users_for_new_connections(tcp_daemon: Daemon) -> None:
