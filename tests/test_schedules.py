@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -37,7 +39,7 @@ from test_jobs import next_matching
 
 from jobd import config as jobd_config
 from jobd.client import Client, RemoteError
-from jobd.engine.scheduler import Scheduler
+from jobd.engine.scheduler import DUE_MARGIN, Scheduler
 from jobd.model import ScheduleState
 from jobd.store import Store
 
@@ -163,6 +165,31 @@ def quiesce(daemon: Daemon, *names: str) -> None:
             daemon.wait(run)
 
 
+FIRED = re.compile(r"schedule (\S+) fired: (?:job|instance)=(\d+) \(due (\S+), at (\S+)\)")
+ENDED = re.compile(r"schedule (\S+): run (?:job|instance)=(\d+) ended: \w+ \(at (\S+)\)")
+
+
+def firings(daemon: Daemon, name: str) -> list[tuple[int, float, float]]:
+    """(run id, due time, moment it fired) of each run the schedule started, in order, as jobd logged them: what
+    jobd decided, where the runs' own times also tell how fast the machine was."""
+    return [(int(m[2]), epoch(m[3]), epoch(m[4])) for m in FIRED.finditer(daemon.log()) if m[1] == name]
+
+
+def run_ends(daemon: Daemon, name: str) -> dict[int, float]:
+    """Run id -> the moment the schedule counted its run ended (with overlap skip its next time is the first after
+    it), as jobd logged it."""
+    return {int(m[2]): epoch(m[3]) for m in ENDED.finditer(daemon.log()) if m[1] == name}
+
+
+def assert_first_after(previous: float, due: float) -> None:
+    """`due` is the calendar `* * * * * *`'s first time after `previous`: a whole second, none passed over."""
+    assert due == math.floor(previous) + 1, (iso_text(previous), iso_text(due))
+
+
+def iso_text(moment: float) -> str:
+    return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat()
+
+
 def jobs_of(daemon: Daemon, name: str) -> list[dict[str, Any]]:
     jobs: list[dict[str, Any]] = daemon.call("job.list", {"context": f"schedule:{name}", "limit": 1000})["jobs"]
     return jobs
@@ -171,13 +198,13 @@ def jobs_of(daemon: Daemon, name: str) -> list[dict[str, Any]]:
 # -- firing ------------------------------------------------------------------------------------------------------
 
 
-def test_an_every_second_schedule_fires_each_second_at_the_whole_second(sched: Any) -> None:
+def test_an_every_second_schedule_is_due_at_each_whole_second_after_its_last_run(sched: Any) -> None:
+    """Each due time is a whole second, fired at or after it, and the first second after the end of the run before
+    it (overlap "skip"): one a second while its runs are short, none passed over, none fired twice. Checked on the
+    due times and moments jobd logged, not on how soon the machine started each run."""
     daemon = sched(schedule("tick", "task:true", "* * * * * *"))
     with subscribe(daemon) as client:
-        started = [epoch(next_state(client, "running", "schedule:tick")["started_at"]) for _ in range(4)]
-    seconds = [math.floor(moment) for moment in started]
-    assert seconds == list(range(seconds[0], seconds[0] + 4)), started  # one run each second, none missed
-    assert all(moment - second < 0.5 for moment, second in zip(started, seconds, strict=True)), started
+        started = [next_state(client, "running", "schedule:tick") for _ in range(4)]
     tick = listed(daemon, "tick")
     assert tick["state"] in ("waiting", "running") and tick["enabled"] and not tick["suspended"]
     assert tick["last_run"] is not None
@@ -185,6 +212,17 @@ def test_an_every_second_schedule_fires_each_second_at_the_whole_second(sched: A
     assert (tick["next_run"] is None) == (tick["state"] == "running"), tick
     assert tick["target"] == {"kind": "task", "name": "true", "parameters": {}}
     quiesce(daemon, "tick")
+    fired, ended = firings(daemon, "tick"), run_ends(daemon, "tick")
+    runs = [job["id"] for job in started]
+    first = [run for run, _, _ in fired].index(runs[0])  # a run may have started before the subscription
+    followed = fired[first : first + 4]
+    assert [run for run, _, _ in followed] == runs, fired  # each due time one run, in order
+    for (_, due, moment), job in zip(followed, started, strict=True):
+        assert due == math.floor(due) and moment >= due - DUE_MARGIN, (due, moment)  # not before its time
+        assert epoch(job["started_at"]) >= due - DUE_MARGIN, job
+    for (run, due, _), (_, next_due, _) in itertools.pairwise(followed):
+        assert next_due > due
+        assert_first_after(ended[run], next_due)
 
 
 def test_a_workflow_schedule_launches_instances_with_its_parameters_and_follows_them(sched: Any) -> None:
@@ -214,10 +252,10 @@ def test_overlap_skip_waits_for_the_run_to_end_then_the_next_second_after_its_en
         ended = next_state(client, "succeeded", "schedule:slow")
         second = next_state(client, "running", "schedule:slow")
     assert ended["id"] == first["id"] and second["id"] != first["id"]
-    end, begin = epoch(ended["finished_at"]), epoch(second["started_at"])
-    assert math.floor(begin) == math.floor(end) + 1, (end, begin)  # the first second strictly after the end
     assert len(jobs_of(daemon, "slow")) >= 2
     quiesce(daemon, "slow")
+    [due] = [due for run, due, _ in firings(daemon, "slow") if run == second["id"]]
+    assert_first_after(run_ends(daemon, "slow")[first["id"]], due)  # the first second strictly after the end
     assert listed(daemon, "slow")["last_result"] in (None, "succeeded")
 
 
@@ -819,9 +857,11 @@ def test_a_clock_change_re_arms_the_timer_and_the_schedule_fires_at_its_time(sch
         # TFD_TIMER_CANCEL_ON_SET timer all the same: without the re-arm this schedule would never fire.
         time.clock_settime(time.CLOCK_REALTIME, time.clock_gettime(time.CLOCK_REALTIME))
         job = next_state(client, "running", "schedule:at", timeout=due - time.time() + WAIT)
-    assert 0 <= epoch(job["started_at"]) - due < 0.5, (job["started_at"], due)
     assert "the system clock was set: due times recomputed, timer re-armed" in daemon.log()
     quiesce(daemon, "at")  # its run must have ended (and been reaped) before the teardown looks for zombies
+    [(run, fired_due, moment)] = firings(daemon, "at")
+    assert run == job["id"] and fired_due == due and moment >= due - DUE_MARGIN, (fired_due, moment)  # at its time
+    assert epoch(job["started_at"]) >= due - DUE_MARGIN, (job["started_at"], due)
 
 
 def saved_row(daemon: Daemon, name: str) -> dict[str, Any]:
@@ -1029,14 +1069,16 @@ def test_a_daemon_crossing_a_fall_back_runs_a_fixed_time_it_repeats_once_and_a_w
         next_state(client, "succeeded", "schedule:after", timeout=change - time.time() + 8 + WAIT)
     assert len(jobs_of(daemon, "repeated")) == 1
     daemon.call("schedule.disable", {"name": "tick"})
-    ticks = [epoch(job["created_at"]) for job in jobs_of(daemon, "tick")]
     for job in jobs_of(daemon, "tick"):
         daemon.wait(job["id"])
     assert terminate(daemon) == 0
     assert saved_row(daemon, "repeated")["last_due"] == change - 3  # its first pass
-    # The 5 s before the change and the 5 s after it, which the local clock showed as the same 5 s: each ran.
-    seconds = sorted(math.floor(moment) for moment in ticks)
-    assert set(range(change - 5, change + 5)) <= set(seconds), (seconds, change)
+    # The 5 s before the change and the 5 s after it, which the local clock showed as the same 5 s: each was due,
+    # as every second is (overlap "allow": the next due time is the first second after the moment one fired).
+    ticks = firings(daemon, "tick")
+    assert ticks[0][1] <= change - 5 and ticks[-1][1] >= change + 4, (ticks, change)
+    for (_, _, moment), (_, due, _) in itertools.pairwise(ticks):
+        assert_first_after(moment, due)
 
 
 # -- API, jobctl, evQueue ----------------------------------------------------------------------------------------

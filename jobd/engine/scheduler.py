@@ -355,7 +355,7 @@ class Scheduler:
             log.warning("schedule %s: its last run ended while jobd was down: %s", schedule.definition.name, result)
             self._failed(schedule)
 
-    def _start_pending(self, schedule: _Schedule, now: float) -> None:
+    def _start_pending(self, schedule: _Schedule, due: float, now: float) -> None:
         """The run that waited (overlap queue_one) when jobd stopped: it waits on for the run still going, or starts
         now if that one ended while jobd was down (a failure that suspends the schedule has dropped it already).
         Dropped if the schedule's overlap was changed to another rule while jobd was down."""
@@ -370,7 +370,7 @@ class Scheduler:
             return
         log.info("schedule %s: the run it had going ended while jobd was down; its queued run starts now", name)
         self._set(schedule, pending=None)
-        self._start_run(schedule, now)
+        self._start_run(schedule, due, now)
 
     def _start_up(self, schedule: _Schedule, now: float) -> None:
         definition = schedule.definition
@@ -378,7 +378,7 @@ class Scheduler:
             self._set(schedule, next_run=None, pending=None)  # disabled in the file while jobd was down
             return
         if schedule.state.pending is not None:
-            self._start_pending(schedule, now)
+            self._start_pending(schedule, schedule.state.pending, now)
         if schedule.runs and definition.overlap is Overlap.SKIP:
             self._set(schedule, next_run=None)  # computed when the run ends
             return
@@ -507,10 +507,11 @@ class Scheduler:
                 # Dropped: the run that waits already stands for it (and `queued` says that this one was not).
                 log.info("schedule %s: not started, one run already waits behind %s (overlap queue_one)", name, going)
                 return Triggered(started=False, run_id=None, queued=False)
-        run_id = self._start_run(schedule, now)
+        run_id = self._start_run(schedule, due, now)
         return Triggered(started=run_id is not None, run_id=run_id, queued=False)
 
-    def _start_run(self, schedule: _Schedule, now: float) -> int | None:
+    def _start_run(self, schedule: _Schedule, due: float, now: float) -> int | None:
+        """Start a run for the due time `due` (a trigger's is its moment), at `now`."""
         definition = schedule.definition
         name = definition.name
         try:
@@ -542,7 +543,9 @@ class Scheduler:
             self._set(schedule, last_run=now, last_result=ERROR, last_run_id=None, last_run_kind=None)
             self._failed(schedule)
             return None
-        log.info("schedule %s fired: %s=%d", name, kind, run_id)
+        # The due time and the moment, exact: they show what jobd decided (the next due time is the calendar's
+        # first after the moment, or after the run's end with overlap skip), whatever the load of the machine.
+        log.info("schedule %s fired: %s=%d (due %s, at %s)", name, kind, run_id, iso(due), iso(now))
         schedule.runs.add((kind, run_id))
         self._set(schedule, last_run=now, last_result=None, last_run_id=run_id, last_run_kind=kind)
         if kind == "instance":
@@ -574,21 +577,23 @@ class Scheduler:
         if run not in schedule.runs:
             return
         schedule.runs.remove(run)
+        now = self.clock()  # the end as the schedule counts it (overlap skip: its next time is the first after it)
         log.log(
             logging.INFO if result == SUCCEEDED else logging.WARNING,
-            "schedule %s: run %s=%d ended: %s",
+            "schedule %s: run %s=%d ended: %s (at %s)",
             name,
             *run,
             result,
+            iso(now),
         )
-        now = self.clock()
         if run == _last_run(schedule.state):
             self._set(schedule, last_result=result)
         if result != SUCCEEDED:
             self._failed(schedule)
-        if schedule.state.pending is not None and not schedule.runs:
+        due = schedule.state.pending
+        if due is not None and not schedule.runs:
             self._set(schedule, pending=None)
-            self._start_run(schedule, now)
+            self._start_run(schedule, due, now)
         if schedule.definition.overlap is Overlap.SKIP and not schedule.runs:
             self._after_firing(schedule, now)  # strictly after this end
         self._rearm()
