@@ -37,6 +37,7 @@ from jobd.engine.schedule import Calendar, ImpossibleCalendar
 from jobd.errors import ConfigError, JobdError, did_you_mean, shortage
 from jobd.model import (
     ENV_NAME,
+    MAX_RETRY_TIMES,
     MAX_SECONDS,
     AccessDef,
     Config,
@@ -1227,7 +1228,7 @@ def _retry(setting: _Setting) -> RetryPolicy:
     table.reject_unknown(RETRY_KEYS)
     default = RetryPolicy()
     return RetryPolicy(
-        times=table.read("times", _integer(0), default.times),
+        times=table.read("times", _integer(0, MAX_RETRY_TIMES), default.times),
         delay=table.read("delay", _number(0), default.delay),
         backoff=table.read("backoff", _number(1), default.backoff),
         on_exit_codes=table.read("on_exit_codes", _exit_codes, default.on_exit_codes),
@@ -1253,7 +1254,11 @@ def _levels(setting: _Setting) -> tuple[RetryLevel, ...]:
         levels.append(
             RetryLevel(
                 delay=level.require("delay", _number(0, exclusive=True), "seconds before each try, a number > 0"),
-                times=level.require("times", _integer(1), "how many tries at this level, an integer >= 1"),
+                times=level.require(
+                    "times",
+                    _integer(1, MAX_RETRY_TIMES),
+                    f"how many tries at this level, an integer from 1 to {MAX_RETRY_TIMES}",
+                ),
             )
         )
     return tuple(levels)

@@ -37,7 +37,10 @@ ADMIN_CONNECTIONS = 4
 # HTTP callback tries under way at most (jobd/engine/callbacks.py), each a connection: jobd/openfiles.py counts them.
 HTTP_CALLBACKS_AT_ONCE = 100
 MAX_PAGE = 1000  # jobs, instances or audit entries in one list reply
-MAX_RETRY_TIMES = 1000  # retries a submit may ask for
+# Retries one job may be given: by a submit, a task's `retry`, a level of a retry schedule or a workflow task's
+# retry_times. Each try is a row the job keeps and counts as it ends; a million, loaded from a file, kept the loop
+# busy for each of that job's ends (docs/BENCHMARKS.md, "A job retried many times").
+MAX_RETRY_TIMES = 1000
 DEFAULT_KILL_GRACE = 10.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 MAX_RETRY_DELAY = 366 * 86400.0  # a retry back-off never waits longer than a year

@@ -21,7 +21,15 @@ from lxml import etree
 from jobd import conffile
 from jobd.engine.xpath import compile_check
 from jobd.errors import ConfigError, InvalidXml, did_you_mean
-from jobd.model import ENV_NAME, EVQUEUE_BOOLEAN_RULE, Config, ParameterMode, WorkflowDef, evqueue_boolean
+from jobd.model import (
+    ENV_NAME,
+    EVQUEUE_BOOLEAN_RULE,
+    MAX_RETRY_TIMES,
+    Config,
+    ParameterMode,
+    WorkflowDef,
+    evqueue_boolean,
+)
 from jobd.safexml import parse
 
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -404,13 +412,16 @@ class _Checker:
                 self.attribute_problem(element, name, f"in {{{value[start + 1 : end]}}}: {problem}")
             position = end + 1
 
-    def check_positive_integer(self, element: etree._Element, name: str) -> int | None:
+    def check_positive_integer(self, element: etree._Element, name: str, high: int | None = None) -> int | None:
         value = element.get(name)
         if value is None:
             return None
-        if re.fullmatch(r"\s*\+?[0-9]+\s*", value) and int(value) > 0:
-            return int(value)
-        self.attribute_problem(element, name, "allowed: a whole number of 1 or more")
+        if re.fullmatch(r"\s*\+?[0-9]+\s*", value):
+            number = int(value)
+            if number > 0 and (high is None or number <= high):
+                return number
+        allowed = "a whole number of 1 or more" if high is None else f"a whole number from 1 to {high}"
+        self.attribute_problem(element, name, f"allowed: {allowed}")
         return None
 
     def check_defined_queue(self, element: etree._Element) -> None:
@@ -544,7 +555,7 @@ def _check_retry(checker: _Checker, element: etree._Element) -> None:
     if retval is not None and not re.fullmatch(r"\s*[+-]?[0-9]+\s*", retval):
         checker.attribute_problem(element, "retry_retval", "allowed: a whole number (the exit code to retry on)")
     delay = checker.check_positive_integer(element, "retry_delay")
-    times = checker.check_positive_integer(element, "retry_times")
+    times = checker.check_positive_integer(element, "retry_times", high=MAX_RETRY_TIMES)
     schedule = element.get("retry_schedule")
     if schedule is not None:
         if schedule not in checker.config.retry_schedules:

@@ -414,6 +414,12 @@ BAD_VALUES = {
         "task.t.retry.backoff",
         "expected a number >= 1 and up to 3162240000, got 0.5",
     ),
+    "more retries than a submit may ask": (
+        '[task.t]\ncommand = ["/bin/true"]\nretry = { times = 10000000 }\n',
+        3,
+        "task.t.retry.times",
+        "expected an integer from 0 to 1000, got 10000000",
+    ),
     "exit code out of range": (
         '[task.t]\ncommand = ["/bin/true"]\nretry = { on_exit_codes = [1, 256] }\n',
         3,
@@ -1494,6 +1500,12 @@ BAD_SCHEDULES = {
         "retry_schedule.s.levels[2]",
         "retry_schedule.s.levels[2]: expected a table, got 5",
     ),
+    "a level with more retries than a submit may ask": (
+        "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1 }, { delay = 1, times = 1001 }]\n",
+        2,
+        "retry_schedule.s.levels[2].times",
+        "expected an integer from 1 to 1000, got 1001",
+    ),
     "zero delay": (
         "[retry_schedule.s]\n\nlevels = [{ delay = 0, times = 1 }]\n",
         3,
@@ -1504,13 +1516,13 @@ BAD_SCHEDULES = {
         "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1 }, { delay = 2, times = 0 }]\n",
         2,
         "retry_schedule.s.levels[2].times",
-        "expected an integer >= 1, got 0",
+        "expected an integer from 1 to 1000, got 0",
     ),
     "fractional times": (
         "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1.5 }]\n",
         2,
         "retry_schedule.s.levels[1].times",
-        "expected an integer >= 1, got 1.5",
+        "expected an integer from 1 to 1000, got 1.5",
     ),
     "boolean delay": (
         "[retry_schedule.s]\nlevels = [{ delay = true, times = 1 }]\n",
@@ -1522,7 +1534,8 @@ BAD_SCHEDULES = {
         "[retry_schedule.s]\nlevels = [{ delay = 1 }]\n",
         2,
         "retry_schedule.s.levels[1]",
-        "retry_schedule.s.levels[1]: missing required key times (how many tries at this level, an integer >= 1)",
+        "retry_schedule.s.levels[1]: missing required key times (how many tries at this level, an integer from 1 to "
+        "1000)",
     ),
     "unknown level key": (
         "[retry_schedule.s]\nlevels = [{ delay = 1, times = 1, backoff = 2 }]\n",

@@ -436,8 +436,12 @@ INVALID: dict[str, tuple[str, list[tuple[int, list[str]]]]] = {
         [
             (5, ['<task> attribute retry_retval="x": allowed: a whole number (the exit code to retry on)']),
             (5, ['<task> attribute retry_delay="0": allowed: a whole number of 1 or more']),
-            (5, ['<task> attribute retry_times="-1": allowed: a whole number of 1 or more']),
+            (5, ['<task> attribute retry_times="-1": allowed: a whole number from 1 to 1000']),
         ],
+    ),
+    "more retries than a submit may ask": (
+        job('<task path="/bin/true" queue="default" retry_delay="1" retry_times="1001"/>'),
+        [(5, ['<task> attribute retry_times="1001": allowed: a whole number from 1 to 1000'])],
     ),
     "retry half set": (
         job('<task path="/bin/true" queue="default" retry_times="3"/>'),
