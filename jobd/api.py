@@ -533,8 +533,11 @@ def job_submit(api: Api, session: Session, p: Params) -> Any:
             except JobdError as error:
                 raise error if batch is None else _of_member(error, members[index].method, index) from None
             first_with_key.setdefault(spec.key, index)
-    jobs = api.engine.submit(specs, delays, after_reply=session.after_reply)
-    result = {"jobs": [job.to_json() for job in jobs]} if batch is not None else jobs[0].to_json()
+    submitted = api.engine.submit(specs, delays, after_reply=session.after_reply)
+    # `new` tells a submit that made its job from one whose key named a job made before (answered as it is now):
+    # a script run again learns that its work was already submitted, and which job that was.
+    jobs = [{**job.to_json(), "new": made} for job, made in submitted]
+    result = {"jobs": jobs} if batch is not None else jobs[0]
     return once_durable(api.engine, result)
 
 

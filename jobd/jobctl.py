@@ -328,6 +328,8 @@ def describe_submitted(job: Job, now: dt.datetime) -> str:
     text = f"job {job.get('id')} {job.get('state')} in {job.get('queue')}"
     if job.get("state") == JobState.DELAYED:
         text += f" until {format_time(job.get('run_at'), now)}"
+    if job.get("new") is False:  # its key named a job made before: that one, as it is now (absent from an older jobd)
+        text += f" (already submitted with key {job.get('key')!r}: not submitted again)"
     return text
 
 

@@ -35,7 +35,7 @@ with open(f"{root}/etc/jobd.toml", "w") as config:
 
 
 async def started_and_exited(engine, **spec):
-    [job] = engine.submit([JobSpec(command=("/bin/true",), queue="q", **spec)], [0])
+    [(job, _)] = engine.submit([JobSpec(command=("/bin/true",), queue="q", **spec)], [0])
     await asyncio.sleep(0)  # the start, after the submit's turn
     pid = engine._running[job.id].child.pid
     os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited; the loop, held here, has not handled it

@@ -56,8 +56,8 @@ async def main():
             all_failing.set_result(None)
 
     engine.on_counts_changed = counted
-    [bug] = engine.submit([JobSpec(command=("/bin/true",), queue="bug")], [0])
-    ids = [job.id for job in engine.submit([JobSpec(command=("/bin/true",), queue="q")] * jobs, [0] * jobs)]
+    [(bug, _)] = engine.submit([JobSpec(command=("/bin/true",), queue="bug")], [0])
+    ids = [job.id for job, _ in engine.submit([JobSpec(command=("/bin/true",), queue="q")] * jobs, [0] * jobs)]
     await asyncio.wait_for(all_failing, 30)
     print("failing:", engine.store_internal_error(naming_what=False))
     print("kept to log once:", len(engine._bugs_told))

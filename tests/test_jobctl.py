@@ -666,7 +666,14 @@ def test_a_submit_interrupted_once_sent_is_answered_again_by_its_key(daemon: Any
     assert made["key"] == "report-2026-12"
     again = ctl(daemon, *command)
     assert again.code == 0 and again.out.startswith(f"job {made['id']} "), again  # as it is now: queued, or done
+    # Told apart from a submit that made its job now, which says nothing of the kind.
+    assert again.out.endswith(" (already submitted with key 'report-2026-12': not submitted again)\n"), again
     assert job_count(daemon) == 1
+    as_json = ctl(daemon, "--json", *command)
+    assert as_json.code == 0 and json.loads(as_json.out)["new"] is False and job_count(daemon) == 1, as_json
+    fresh = ctl(daemon, "--json", "run", "--key", "report-2027-01", "--", "/bin/true")
+    assert json.loads(fresh.out)["new"] is True, fresh
+    assert "already submitted" not in ctl(daemon, "run", "--key", "report-2027-02", "--", "/bin/true").out
 
 
 # The `jobctl` command's Python runs this first: the SIGINT comes as jobctl is about to block reading its standard

@@ -1049,13 +1049,16 @@ def test_job_output_wait_returns_new_data_while_the_job_runs(server: Any, tmp_pa
 def test_a_second_submit_with_the_same_key_returns_the_first_job(server: Any) -> None:
     first = server.submit(task="echo", args=["one"], key="order-17")
     again = server.submit(task="echo", args=["two"], key="order-17")
+    assert first["new"] is True and again["new"] is False  # a script run again can tell which submit made it
     assert again["id"] == first["id"]
     assert again["command"] == ["/bin/echo", "one"] and again["key"] == "order-17"
     other = server.submit(task="echo", args=["three"], key="order-18")
-    assert other["id"] != first["id"]
+    assert other["id"] != first["id"] and other["new"] is True
     server.wait(first["id"])
     assert server.output(first["id"]) == "one\n"
-    assert server.submit(task="echo", key="order-17")["id"] == first["id"]  # also once it has finished
+    once_done = server.submit(task="echo", key="order-17")  # also once it has finished
+    assert (once_done["id"], once_done["new"], once_done["state"]) == (first["id"], False, "succeeded")
+    assert server.submit(task="echo")["new"] is True  # without a key every submit makes its job
 
 
 def test_a_key_taken_by_other_work_is_refused_not_answered_with_that_job(server: Any) -> None:
@@ -1104,6 +1107,7 @@ def test_a_key_two_members_of_one_batch_give_to_other_work_is_refused(server: An
     assert not any(job["key"] == "batch-1" for job in listed)  # the batch is refused whole
     twice = server.call("job.submit", {"jobs": [{"task": "echo", "args": ["x"], "key": "batch-2"}] * 2})["jobs"]
     assert twice[0]["id"] == twice[1]["id"]
+    assert [job["new"] for job in twice] == [True, False]  # the first member made it, the second was answered it
 
 
 # -- 14. refusals ------------------------------------------------------------------------------------------------

@@ -386,10 +386,12 @@ class Engine:
         delays: Sequence[float],
         watcher: JobWatcher | None = None,
         after_reply: AfterReply | None = None,
-    ) -> list[Job]:
-        """Commit jobs (all or none) and queue them. They survive a crash of jobd from here on; with durability
-        `fsync` the reply must also wait for `made_durable()`. `watcher` hears about the jobs this call creates
-        from the start (a job may even start before this returns, when its queue has a free slot).
+    ) -> list[tuple[Job, bool]]:
+        """Commit jobs (all or none) and queue them; each comes with whether this call made it (False: its key
+        named a job made before, by an earlier submit or an earlier member of `specs`, which is answered as it is).
+        They survive a crash of jobd from here on; with durability `fsync` the reply must also wait for
+        `made_durable()`. `watcher` hears about the jobs this call creates from the start (a job may even start
+        before this returns, when its queue has a free slot).
 
         The jobs are the engine's (`job.get`, `job.cancel` find them) as soon as they are committed. Their log
         line, event and place in the queue (or start, when the queue has room) come at once, or through
@@ -424,7 +426,7 @@ class Engine:
             self._dispatch_all(list(queues))
         elif queues:
             after_reply(functools.partial(self._dispatch_all, list(queues)))
-        return [self.jobs.get(job.id, job) for job, _ in results]
+        return [(self.jobs.get(job.id, job), created) for job, created in results]
 
     def _announce(self, job: Job) -> None:
         """Log, tell listeners about and place a job just committed (its queue is dispatched by the caller)."""

@@ -568,7 +568,7 @@ class Instances:
         try:
             spec = self._job_spec(live, action)
             watcher = _TaskWatcher(self, instance_id, action.evqid)
-            [job] = self.engine.submit([spec], [0.0], watcher)
+            [(job, _)] = self.engine.submit([spec], [0.0], watcher)
         except ShuttingDown:
             # jobd stops (an end told during the stop started this task): the task stays QUEUED without a job, and
             # the next start submits it (Instance.resubmit).

@@ -523,7 +523,7 @@ class Scheduler:
                 # refuse it here; the submit still may (a queue that is draining, a full disk...).
                 request = schedule_request(name, definition.target, definition.parameters)
                 spec = resolve(self.engine.config, request, self._peer)
-                [job] = self.engine.submit([spec], [0.0], _RunWatcher(self, name))
+                [(job, _)] = self.engine.submit([spec], [0.0], _RunWatcher(self, name))
                 run_id, kind = job.id, "job"
         except Exception as error:
             failure = error if isinstance(error, JobdError) else store_failure(error)  # a full disk: not a bug
