@@ -51,6 +51,7 @@ from jobd.model import (
     RetryPolicy,
 )
 from jobd.replyshape import checked_result
+from jobd.terminal_text import TerminalStream
 from jobd.wakeup_io import read_to_end, write_all
 
 EXIT_OK = 0
@@ -1116,7 +1117,10 @@ def cmd_log(session: Session, args: argparse.Namespace) -> int:
     if args.attempt is not None:
         params["attempt"] = args.attempt
     sys.stdout.flush()  # what print() may have left buffered goes first: the bytes below go to the descriptor itself
-    if copy_output(session.client, params, sys.stdout.fileno()):
+    out_fd = sys.stdout.fileno()
+    # On a terminal the job's escape sequences would drive the administrator's terminal: shown escaped, unless --raw.
+    shown = None if args.raw or not os.isatty(out_fd) else TerminalStream(sys.stdout.encoding or "utf-8")
+    if copy_output(session.client, params, out_fd, shown):
         print(
             f"jobctl: job {args.id}'s {args.stream} is not whole: cut at its max_output limit, or not written for "
             "want of disk space (see jobd's log)",
@@ -1137,21 +1141,24 @@ def wait_for_attempt(client: Client, job_ident: int, number: int) -> Job:
     return job
 
 
-def copy_output(client: Client, params: dict[str, Any], out_fd: int) -> bool:
+def copy_output(client: Client, params: dict[str, Any], out_fd: int, shown: TerminalStream | None) -> bool:
     """Writes job.output chunks to `out_fd` until caught up (or, with `wait`, until the attempt has ended), in a wait
     for room that the signal wake-up pipe ends too (jobd.wakeup_io): a pager that stopped reading holds no Ctrl-C.
+    `shown`: the bytes go through it (a terminal's escaping) rather than as they are.
 
     Returns whether the stream was truncated by the job's max_output.
     """
     while True:
         chunk = client.call("job.output", params)
         data = base64.b64decode(chunk["data"])
-        write_all(out_fd, data, client.signal_fd)
+        write_all(out_fd, data if shown is None else shown.feed(data), client.signal_fd)
         # Pin the attempt the first reply chose, so a retry starting meanwhile cannot splice two streams.
         params["attempt"] = chunk["attempt"]
         params["offset"] = chunk["next_offset"]
         caught_up = not data or chunk["next_offset"] >= chunk["size"]
         if chunk["complete"] or (caught_up and not params["wait"]):
+            if shown is not None:
+                write_all(out_fd, shown.end(), client.signal_fd)
             return bool(chunk.get("truncated"))
 
 
@@ -1610,6 +1617,9 @@ def build_parser() -> argparse.ArgumentParser:
     log.set_defaults(stream="stdout")
     log.add_argument("--attempt", type=positive_int, metavar="N", help="that attempt (default: the latest)")
     log.add_argument("-f", "--follow", action="store_true", help="keep printing until the attempt ends")
+    log.add_argument(
+        "--raw", action="store_true", help="on a terminal too, the bytes as they are (control characters not escaped)"
+    )
 
     wait = add_command(sub, "wait", cmd_wait, "wait for a job; exit with its code")
     wait.add_argument("id", type=positive_int, metavar="ID")

@@ -7,6 +7,7 @@ view through the API.
 
 from __future__ import annotations
 
+import base64
 import errno
 import itertools
 import json
@@ -19,11 +20,14 @@ import subprocess
 import sys
 import threading
 import time
+import tty
 from pathlib import Path
 from typing import Any
 
 import pytest
 from inotify_simple import INotify, flags
+
+from jobd.jobctl import OUTPUT_CHUNK
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1053,6 +1057,98 @@ def test_log_prints_raw_bytes_exactly(daemon: Any) -> None:
     assert result.stdout == b"\xff\xfe\x00A\x80\n"
     # --json does not change log's output.
     assert ctl(daemon, "--json", "log", str(job["id"])).stdout == b"\xff\xfe\x00A\x80\n"
+
+
+def log_on_a_terminal_started(daemon: Any, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`jobctl log ARGS...` with stdout on a pseudo-terminal in raw mode (no \\n → \\r\\n: what jobctl wrote is what
+    is read): the process (stderr a pipe) and the terminal's master side, to read and close."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        process = subprocess.Popen(
+            jobctl_argv("--socket", str(daemon.socket_path), "log", *args),
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            env=environment({"TERM": "xterm"}),
+        )
+    finally:
+        os.close(slave)
+    return process, master
+
+
+def log_on_a_terminal(daemon: Any, *args: str) -> tuple[bytes, Result]:
+    """`jobctl log ARGS...` with stdout on a terminal (log_on_a_terminal_started), run to its end: the bytes the
+    terminal got, and the result (its stdout empty)."""
+    process, master = log_on_a_terminal_started(daemon, *args)
+    try:
+        shown = read_rest(master)  # ends when jobctl, the terminal's last user, has ended
+        _, err = process.communicate(timeout=DEADLINE)
+    finally:
+        os.close(master)
+    result = Result(subprocess.CompletedProcess(process.args, process.returncode, b"", err))
+    assert "Traceback" not in result.err, result
+    return shown, result
+
+
+# A job that tries to drive the terminal of whoever reads its output: set the window's title, colour, move back
+# with a lone carriage return, a C1 CSI (U+009B), a byte that is not UTF-8, a right-to-left override.
+HOSTILE_OUTPUT = rb"title\033]0;owned\007 red\033[31mX\033[0m\r\n10%%\r20%%\n\377 \302\233 \342\200\256evil\ttab\n"
+
+
+def test_log_on_a_terminal_shows_control_characters_escaped(daemon: Any) -> None:
+    """A job's output must not drive the administrator's terminal: on a terminal `log` shows its control characters
+    escaped, keeping tabs and line ends (\\n, \\r\\n); piped, and with --raw, it writes the bytes as they are."""
+    job = daemon.submit(command=["/usr/bin/printf", HOSTILE_OUTPUT.decode()])
+    daemon.wait(job["id"])
+    written = b"title\x1b]0;owned\x07 red\x1b[31mX\x1b[0m\r\n10%\r20%\n\xff \xc2\x9b \xe2\x80\xaeevil\ttab\n"
+    assert (
+        daemon.call("job.output", {"id": job["id"], "encoding": "base64"})["data"] == base64.b64encode(written).decode()
+    )
+    shown, result = log_on_a_terminal(daemon, str(job["id"]))
+    assert result.code == 0, result
+    assert shown == rb"title\x1b]0;owned\x07 red\x1b[31mX\x1b[0m" + b"\r\n" + rb"10%\r20%" + b"\n" + (
+        rb"\xff \x9b \u202eevil" + b"\ttab\n"
+    )
+    raw, result = log_on_a_terminal(daemon, str(job["id"]), "--raw")
+    assert (result.code, raw) == (0, written), result
+    assert ctl(daemon, "log", str(job["id"])).stdout == written
+
+
+def test_log_on_a_terminal_shows_a_character_cut_between_chunks_whole(daemon: Any) -> None:
+    """jobctl reads a stream in chunks of OUTPUT_CHUNK bytes: a character the cut splits is shown once, whole, not as
+    two bytes that are not UTF-8."""
+    job = daemon.submit(command=["/bin/sh", "-c", f"head -c {OUTPUT_CHUNK - 1} /dev/zero | tr '\\0' a; printf 'é\\n'"])
+    daemon.wait(job["id"])
+    shown, result = log_on_a_terminal(daemon, str(job["id"]))
+    assert result.code == 0, result
+    assert shown == b"a" * (OUTPUT_CHUNK - 1) + "é\n".encode()
+
+
+def test_log_follow_on_a_terminal_holds_a_carriage_return_until_the_line_goes_on(daemon: Any, tmp_path: Path) -> None:
+    """Following a job on a terminal, a carriage return the job has just written may start its line end (\\r\\n, kept)
+    or be a lone one (escaped): which, only its next byte tells. Until then it is held, not guessed."""
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    gate = os.open(fifo, os.O_RDWR)
+    try:
+        script = r'printf "one\r"; read line < "$1"; printf "\n\342\202\254 10%%\r20%%\r\n"'
+        job = daemon.submit(command=["/bin/sh", "-c", script, "sh", str(fifo)])
+        follower, master = log_on_a_terminal_started(daemon, "-f", str(job["id"]))
+        try:
+            shown = read_until(master, b"one")  # shown while the job waits for the gate
+            os.write(gate, b"go\n")
+            shown += read_rest(master)
+            _, err = follower.communicate(timeout=DEADLINE)
+        finally:
+            os.close(master)
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+    finally:
+        os.close(gate)
+    assert follower.returncode == 0, err
+    assert shown == b"one\r\n" + "€ 10%".encode() + rb"\r" + b"20%\r\n"
 
 
 def test_log_of_a_stream_that_lost_bytes_ends_with_a_note(daemon: Any) -> None:
