@@ -982,7 +982,7 @@ def _listen(setting: _Setting, rule: str = LISTEN_RULE) -> tuple[str, int] | Non
         value = str(value)
     if not isinstance(value, str):
         raise setting.expected(rule)
-    if value.isdigit() and len(value) <= 5:
+    if value.isascii() and value.isdigit() and len(value) <= 5:  # isdigit() alone takes "¹²", which int() refuses
         host, port_text = "127.0.0.1", value
     else:
         found = _LISTEN.fullmatch(value)

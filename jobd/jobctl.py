@@ -916,7 +916,7 @@ def local_now() -> dt.datetime:
 
 def stdout_width() -> int | None:
     """Columns to fit tables to: the terminal's (or $COLUMNS); None when piped, so nothing is cut."""
-    if os.environ.get("COLUMNS", "").isdigit():
+    if re.fullmatch("[0-9]+", os.environ.get("COLUMNS", "")):  # not isdigit(): "²" is a digit int() refuses
         return int(os.environ["COLUMNS"])
     try:
         columns = os.get_terminal_size(sys.stdout.fileno()).columns

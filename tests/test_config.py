@@ -603,6 +603,20 @@ BAD_VALUES = {
         "tcp.users.u.groups",
         'expected an array of group names, got "ops" (a string)',
     ),
+    # str.isdigit() says "¹²" is digits, which int() then refused with a traceback (INTERNAL_ERROR on a reload);
+    # "٨٠٨٠" (Arabic-Indic digits), which int() reads, was port 8080.
+    "a port in superscript digits": (
+        '[tcp]\nlisten = "\u00b9\u00b2"\n',
+        2,
+        "tcp.listen",
+        '"\\u00b9\\u00b2" is not allowed; allowed: a port ("5000", bound on 127.0.0.1)',
+    ),
+    "a port in Arabic-Indic digits": (
+        '[http]\nlisten = "\u0668\u0660\u0668\u0660"\n',
+        2,
+        "http.listen",
+        '"\\u0668\\u0660\\u0668\\u0660" is not allowed; allowed: a port ("5000", bound on 127.0.0.1)',
+    ),
     "bad login group name": (
         f'[tcp.users.u]\npassword_sha1 = "{"0" * 40}"\ngroups = ["-ops"]\n',
         3,

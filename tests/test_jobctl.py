@@ -1151,6 +1151,13 @@ def test_log_follow_on_a_terminal_holds_a_carriage_return_until_the_line_goes_on
     assert shown == b"one\r\n" + "€ 10%".encode() + rb"\r" + b"20%\r\n"
 
 
+def test_columns_in_digits_other_than_ascii_is_not_a_width(daemon: Any) -> None:
+    """COLUMNS=² passed str.isdigit(), and int() then refused it: a traceback. Like COLUMNS=wide, it is not a width."""
+    daemon.wait(daemon.submit(command=["/bin/echo", "x" * 100])["id"])
+    result = ctl(daemon, "ls", env={"COLUMNS": "\u00b2"})  # run_jobctl: no traceback
+    assert result.code == 0 and "x" * 100 in result.out, result
+
+
 def test_log_of_a_stream_that_lost_bytes_ends_with_a_note(daemon: Any) -> None:
     job = daemon.submit(command=["/bin/sh", "-c", "echo 0123456789"], max_output=4)
     daemon.wait(job["id"])

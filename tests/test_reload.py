@@ -257,6 +257,20 @@ def test_a_broken_secret_setting_is_named_without_its_value(
     assert secret not in daemon.log()
 
 
+def test_a_port_written_in_digits_other_than_ascii_is_a_config_error(jobd: Callable[..., Daemon]) -> None:
+    """str.isdigit() says "¹²" (superscripts) is digits, and "٨٠٨٠" (Arabic-Indic); int() refused the first: the
+    reload was an INTERNAL_ERROR with a traceback in the log (and jobd did not start with it). A port is ASCII digits:
+    both are refused, named, as any bad value, and the running configuration stays."""
+    daemon = jobd(TASKS)
+    for section, port in (("tcp", "\u00b9\u00b2"), ("http", "\u0668\u0660\u0668\u0660")):
+        atomic_write(daemon.config_dir / "jobd.d" / "50-listen.toml", f'[{section}]\nlisten = "{port}"\n')
+        error = remote_error(daemon, "daemon.reload")
+        assert error.code == "CONFIG_INVALID" and error.data["key"] == f"{section}.listen", error
+        assert f"{json.dumps(port)} is not allowed; allowed: a port (" in error.message, error
+        assert daemon.wait(daemon.submit(task="echo", args=["still"])["id"])["state"] == "succeeded"
+    assert "Traceback" not in daemon.log()
+
+
 def test_a_fifo_or_an_endless_file_among_the_config_is_refused_without_blocking(jobd: Callable[..., Daemon]) -> None:
     # The daemon reads its configuration on the event loop: a FIFO would hold it in open() until a writer came,
     # /dev/zero would fill its memory. Each is refused by name and the running configuration stays.

@@ -188,6 +188,10 @@ def test_bad_cron(text: str) -> None:
             "day; write 7 for Sundays, or */2 to step through the week from Sunday",
         ),
         ("0 0 0 * * 1,07/1", "WDAY field '1,07/1' is not valid: '07/1' is a step from 7, Sunday, the last value"),
+        # Digits that are not ASCII (str.isdigit() says they are digits; int() refused "⁷", "¹": that was the message)
+        ("0 0 * * \u2077/2", "WDAY field '\u2077/2' is not valid: WDAY takes 0-7 (0 and 7 are Sunday) or sun-sat"),
+        ("0 3 \u00b9-\u00b9 * *", "DAY field '\u00b9-\u00b9' is not valid: DAY takes 1-31"),
+        ("0 \u0663 * * *", "HOUR field '\u0663' is not valid: HOUR takes 0-23"),
         ("daily", "found 1; did you mean @daily?"),
         ("*-*-* 02:30:00", "systemd's OnCalendar= syntax is not read: `*-*-* 02:30:00` is cron's `30 2 * * *`"),
         ("Mon..Fri 09:00", "systemd's OnCalendar= syntax is not read"),

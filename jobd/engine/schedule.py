@@ -362,6 +362,12 @@ def _month_lengths(months: list[int]) -> str:
     )
 
 
+def _ascii_number(text: str) -> bool:
+    """Whether `text` is a number cron writes: ASCII digits. str.isdigit() says so of "¹" and "٣" too, which int()
+    then refuses ("¹") or reads ("٣", 3) where no cron reads a number."""
+    return text.isascii() and text.isdigit()
+
+
 def _without_same_ends(field: str) -> str:
     """The field with each range whose ends are the same value (`3-3`, `mon-mon`, `5-5/2`) written as that value,
     as cron reads it: croniter reads such a range as the whole cycle (`0 3-3 * * *` every hour)."""
@@ -369,7 +375,7 @@ def _without_same_ends(field: str) -> str:
     for item in field.split(","):
         span, _, _step = item.partition("/")
         low, dash, high = span.partition("-")
-        numbers = low.isdigit() and high.isdigit() and int(low) == int(high)
+        numbers = _ascii_number(low) and _ascii_number(high) and int(low) == int(high)
         same = bool(dash and low) and (low.lower() == high.lower() or numbers)
         items.append(low if same else item)
     return ",".join(items)
@@ -383,7 +389,7 @@ def _check_no_step_from_sunday_seven(weekdays: str) -> None:
     (steps from 0 to 6, `1/2`, are croniter's: from that day to Saturday)."""
     for item in weekdays.split(","):
         start, slash, step = item.partition("/")
-        if slash and start.isdigit() and int(start) == 7:
+        if slash and _ascii_number(start) and int(start) == 7:
             raise ValueError(
                 f"WDAY field {weekdays!r} is not valid: {item!r} is a step from 7, Sunday, the last value, which "
                 f"reaches no other day; write 7 for Sundays, or */{step} to step through the week from Sunday"
