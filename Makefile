@@ -35,9 +35,10 @@ typecheck: $(STAMP)
 # Debian packages the suite drives for real: php-cli/php-xml (evQueue-style PHP client, example page), phpunit
 # (contrib/php-client), chromium + chromium-driver (example page in a headless browser), mandoc (man page lint),
 # debhelper/dh-python/lintian (building and checking the .deb), systemd (units in a throw-away systemd), strace,
-# and the Depends of the .deb (tests/test_debian_package.py installs it without network).
+# locales (the sources localedef compiles a non-UTF-8 locale from, tests/test_locales.py), and the Depends of the
+# .deb (tests/test_debian_package.py installs it without network).
 # Installed with apt-get only when one is missing, so a warm machine pays one dpkg-query.
-DEB_PACKAGES := php-cli php-xml phpunit chromium chromium-driver mandoc man-db systemd strace curl \
+DEB_PACKAGES := php-cli php-xml phpunit chromium chromium-driver mandoc man-db systemd strace curl locales \
 	debhelper dh-python pybuild-plugin-pyproject lintian dpkg-dev fakeroot bash-completion \
 	python3-peewee python3-aiohttp python3-lxml python3-sdnotify python3-dateutil tzdata
 

@@ -30,6 +30,7 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import time
 import weakref
@@ -593,6 +594,8 @@ class Child:
             before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
             popen = _popen_with_fd3(spec, *child_ends)
             after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        except UnicodeEncodeError as exc:
+            raise SpawnError(_describe_unencodable(spec), transient=False) from exc
         except (OSError, subprocess.SubprocessError) as exc:
             if not isinstance(exc, OSError):  # _enter raised: the one SubprocessError Popen raises here
                 raise SpawnError(_cwd_refused(spec), transient=False) from exc
@@ -980,6 +983,30 @@ def _describe_spawn_error(spec: LaunchSpec, exc: OSError) -> str:
         return f"cannot change to working directory {spec.cwd!r}: {exc.strerror}"
     cause = _SHORT_OF.get(exc.errno) if exc.errno is not None else None
     return f"cannot start {program!r}: {exc.strerror or exc}" + (f" ({cause})" if cause else "")
+
+
+def _describe_unencodable(spec: LaunchSpec) -> str:
+    """Why Popen could not encode the job's argv, environment or working directory. Python encodes them in the
+    locale's encoding (os.fsencode), as the job, which inherits jobd's LANG and LC_ALL, reads them: in a locale that is
+    not UTF-8 (fr_FR.ISO-8859-1), text it lacks ("日本") cannot be passed. Said of the value, not as a bug of jobd's."""
+    program = spec.argv[0] if spec.argv else "?"
+    values = [(f"argument {index}", item) for index, item in enumerate(spec.argv)]
+    values += [(f"environment variable {name}", item) for name, item in spec.env.items()]  # names are ASCII
+    values += [("working directory", spec.cwd)] if spec.cwd is not None else []
+    what, text = next(((what, text) for what, text in values if not _encodable(text)), ("a value", ""))
+    return (
+        f"cannot start {program!r}: its {what} {text!r} holds characters that the encoding of jobd's locale, "
+        f"{sys.getfilesystemencoding()} (from LC_ALL, LC_CTYPE or LANG), cannot pass to a program; "
+        "run jobd in a UTF-8 locale (such as C.UTF-8)"
+    )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def process_start_time(pid: int) -> int | None:
