@@ -29,7 +29,7 @@ from typing import Any, Final, TypeVar
 
 import inotify_simple
 
-from jobd import conffile, users, workflowdef
+from jobd import conffile, locale_text, users, workflowdef
 from jobd.engine import callbacks as callback_defs
 from jobd.engine import submit
 from jobd.engine.http_task import HttpSpecError, check_request
@@ -684,8 +684,16 @@ def _string(setting: _Setting) -> str:
 MAX_SOCKET_PATH = 107
 
 
-def _socket_path(setting: _Setting) -> str:
+def _path(setting: _Setting) -> str:
+    """A path jobd itself opens, binds or enters."""
     value = _string(setting)
+    if not locale_text.encodable(value):
+        raise setting.invalid(f"{json.dumps(value)} holds characters that {locale_text.why_not_encodable()}")
+    return value
+
+
+def _socket_path(setting: _Setting) -> str:
+    value = _path(setting)
     size = len(os.fsencode(value))
     if size > MAX_SOCKET_PATH:
         raise setting.invalid(f"the path is {size} bytes long; a Unix socket's may be at most {MAX_SOCKET_PATH}")
@@ -693,7 +701,7 @@ def _socket_path(setting: _Setting) -> str:
 
 
 def _absolute_path(setting: _Setting) -> str:
-    value = _string(setting)
+    value = _path(setting)
     if not value.startswith("/"):
         raise setting.expected("an absolute path (starting with /)")
     return value
@@ -878,8 +886,8 @@ def _daemon(table: _Table) -> DaemonDef:
     return DaemonDef(
         socket=table.read("socket", _socket_path, default.socket),
         evqueue_socket=table.read("evqueue_socket", _string_or_off, default.evqueue_socket),
-        state_dir=table.read("state_dir", _string, default.state_dir),
-        tasks_directory=table.read("tasks_directory", _string, default.tasks_directory),
+        state_dir=table.read("state_dir", _path, default.state_dir),
+        tasks_directory=table.read("tasks_directory", _path, default.tasks_directory),
         durability=table.read("durability", _choice(Durability), default.durability),
         history=table.read("history", _history, default.history),
         kill_grace=table.read("kill_grace", _number(0), default.kill_grace),

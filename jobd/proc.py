@@ -30,13 +30,12 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 
-from jobd import logline
+from jobd import locale_text, logline
 from jobd.epollset import EpollSet
 from jobd.errors import SHORTAGE_ERRNOS
 from jobd.values import value
@@ -993,20 +992,8 @@ def _describe_unencodable(spec: LaunchSpec) -> str:
     values = [(f"argument {index}", item) for index, item in enumerate(spec.argv)]
     values += [(f"environment variable {name}", item) for name, item in spec.env.items()]  # names are ASCII
     values += [("working directory", spec.cwd)] if spec.cwd is not None else []
-    what, text = next(((what, text) for what, text in values if not _encodable(text)), ("a value", ""))
-    return (
-        f"cannot start {program!r}: its {what} {text!r} holds characters that the encoding of jobd's locale, "
-        f"{sys.getfilesystemencoding()} (from LC_ALL, LC_CTYPE or LANG), cannot pass to a program; "
-        "run jobd in a UTF-8 locale (such as C.UTF-8)"
-    )
-
-
-def _encodable(text: str) -> bool:
-    try:
-        os.fsencode(text)
-    except UnicodeEncodeError:
-        return False
-    return True
+    what, text = next(((what, text) for what, text in values if not locale_text.encodable(text)), ("a value", ""))
+    return f"cannot start {program!r}: its {what} {text!r} holds characters that {locale_text.why_not_encodable()}"
 
 
 def process_start_time(pid: int) -> int | None:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import BASE_CONFIG
+
+from jobd.client import RemoteError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -19,7 +22,8 @@ LATIN_1 = "fr_FR.ISO-8859-1"
 
 
 @pytest.fixture
-def latin1_daemon(make_daemon: Any, tmp_path: Path) -> Any:
+def latin1_locale(tmp_path: Path) -> dict[str, str]:
+    """The environment that puts a process in fr_FR.ISO-8859-1, compiled into the test's directory."""
     locales = tmp_path / "locales"
     locales.mkdir()
     made = subprocess.run(
@@ -27,6 +31,11 @@ def latin1_daemon(make_daemon: Any, tmp_path: Path) -> Any:
     )
     assert made.returncode in (0, 1), made  # 1: made, with warnings about the locale's sources
     assert (locales / LATIN_1 / "LC_CTYPE").exists(), made
+    return {"LOCPATH": str(locales), "LC_ALL": LATIN_1}
+
+
+@pytest.fixture
+def latin1_daemon(make_daemon: Any, latin1_locale: dict[str, str]) -> Any:
     daemon = make_daemon(
         """
         [queue.default]
@@ -37,7 +46,7 @@ def latin1_daemon(make_daemon: Any, tmp_path: Path) -> Any:
         """,
         start=False,
     )
-    daemon.env = {"LOCPATH": str(locales), "LC_ALL": LATIN_1}
+    daemon.env = latin1_locale
     daemon.start()
     return daemon
 
@@ -63,8 +72,37 @@ def test_a_value_the_locale_cannot_encode_fails_the_job_saying_which_and_why(lat
         error = daemon.call("job.get", {"id": job["id"]})["tries"][0]["error"]
         assert error == (
             f"cannot start {params['command'][0]!r}: {named} holds characters that the encoding of jobd's locale, "
-            "iso8859-1 (from LC_ALL, LC_CTYPE or LANG), cannot pass to a program; run jobd in a UTF-8 locale "
+            "iso8859-1 (from LC_ALL, LC_CTYPE or LANG), cannot pass to the system; run jobd in a UTF-8 locale "
             "(such as C.UTF-8)"
         ), job
     assert daemon.wait(daemon.submit(command=["/bin/echo", "still here"])["id"])["state"] == "succeeded"
     assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
+
+
+def test_a_path_the_locale_cannot_encode_is_a_config_error(latin1_daemon: Any, make_daemon: Any) -> None:
+    """A path jobd uses itself (its sockets, state and tasks directories, a working directory) that the locale's
+    encoding cannot hold: jobd did not start (a traceback from the socket's length check) or failed later at each
+    use. It is refused as any bad value, naming file, line and key; a reload keeps the running configuration."""
+    daemon = latin1_daemon
+    drop_in = daemon.config_dir / "jobd.d" / "50-far.toml"
+    drop_in.write_text('[task.far]\ncommand = ["/bin/true"]\nworking_dir = "/srv/\u65e5\u672c"\n')
+    with pytest.raises(RemoteError) as refused:
+        daemon.call("daemon.reload")
+    assert refused.value.code == "CONFIG_INVALID" and refused.value.data["key"] == "task.far.working_dir"
+    assert refused.value.message == (
+        f'{drop_in}:3: task.far.working_dir: "/srv/\\u65e5\\u672c" holds characters that the encoding of jobd\'s '
+        "locale, iso8859-1 (from LC_ALL, LC_CTYPE or LANG), cannot pass to the system; run jobd in a UTF-8 locale "
+        "(such as C.UTF-8)"
+    )
+    assert daemon.wait(daemon.submit(task="accented")["id"])["state"] == "succeeded"
+
+    other = make_daemon(start=False)
+    socket = other.root / "\u00e9t\u00e9-\u65e5\u672c.sock"
+    text = BASE_CONFIG.format(socket=socket, evqueue_socket=other.evqueue_socket, state=other.state_dir)
+    (other.config_dir / "jobd.toml").write_text(text)
+    other.env = daemon.env
+    started = other.start_refused()
+    assert started.returncode == 78, started  # EX_CONFIG
+    assert "daemon.socket" in started.stderr and "holds characters that the encoding" in started.stderr, started
+    assert "Traceback" not in started.stderr, started
+    assert "Traceback" not in daemon.log()
