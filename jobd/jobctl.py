@@ -51,7 +51,7 @@ from jobd.model import (
     RetryPolicy,
 )
 from jobd.replyshape import checked_result
-from jobd.terminal_text import TerminalStream
+from jobd.terminal_text import TerminalStream, terminal_text
 from jobd.wakeup_io import read_to_end, write_all
 
 EXIT_OK = 0
@@ -1503,6 +1503,10 @@ def cmd_instance(session: Session, args: argparse.Namespace) -> int:
         session.emit_json(instance)
     elif args.xml:
         document = str(instance.get("xml") or "")
+        if sys.stdout.isatty():
+            # Its task outputs are what the tasks wrote: as `log` does, a terminal is shown their control characters
+            # escaped (those XML cannot carry are control pictures already; C1 and bidi controls it can carry).
+            document = terminal_text(document)
         sys.stdout.write(document if document.endswith("\n") else document + "\n")
     else:
         for line in render_instance(instance, local_now(), stdout_width()):

@@ -1059,14 +1059,14 @@ def test_log_prints_raw_bytes_exactly(daemon: Any) -> None:
     assert ctl(daemon, "--json", "log", str(job["id"])).stdout == b"\xff\xfe\x00A\x80\n"
 
 
-def log_on_a_terminal_started(daemon: Any, *args: str) -> tuple[subprocess.Popen[bytes], int]:
-    """`jobctl log ARGS...` with stdout on a pseudo-terminal in raw mode (no \\n → \\r\\n: what jobctl wrote is what
+def stdout_on_a_terminal(daemon: Any, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`jobctl ARGS...` with stdout on a pseudo-terminal in raw mode (no \\n → \\r\\n: what jobctl wrote is what
     is read): the process (stderr a pipe) and the terminal's master side, to read and close."""
     master, slave = os.openpty()
     tty.setraw(slave)
     try:
         process = subprocess.Popen(
-            jobctl_argv("--socket", str(daemon.socket_path), "log", *args),
+            jobctl_argv("--socket", str(daemon.socket_path), *args),
             stdin=subprocess.DEVNULL,
             stdout=slave,
             stderr=subprocess.PIPE,
@@ -1077,10 +1077,10 @@ def log_on_a_terminal_started(daemon: Any, *args: str) -> tuple[subprocess.Popen
     return process, master
 
 
-def log_on_a_terminal(daemon: Any, *args: str) -> tuple[bytes, Result]:
-    """`jobctl log ARGS...` with stdout on a terminal (log_on_a_terminal_started), run to its end: the bytes the
-    terminal got, and the result (its stdout empty)."""
-    process, master = log_on_a_terminal_started(daemon, *args)
+def shown_on_a_terminal(daemon: Any, *args: str) -> tuple[bytes, Result]:
+    """`jobctl ARGS...` with stdout on a terminal (stdout_on_a_terminal), run to its end: the bytes the terminal got,
+    and the result (its stdout empty)."""
+    process, master = stdout_on_a_terminal(daemon, *args)
     try:
         shown = read_rest(master)  # ends when jobctl, the terminal's last user, has ended
         _, err = process.communicate(timeout=DEADLINE)
@@ -1105,12 +1105,12 @@ def test_log_on_a_terminal_shows_control_characters_escaped(daemon: Any) -> None
     assert (
         daemon.call("job.output", {"id": job["id"], "encoding": "base64"})["data"] == base64.b64encode(written).decode()
     )
-    shown, result = log_on_a_terminal(daemon, str(job["id"]))
+    shown, result = shown_on_a_terminal(daemon, "log", str(job["id"]))
     assert result.code == 0, result
     assert shown == rb"title\x1b]0;owned\x07 red\x1b[31mX\x1b[0m" + b"\r\n" + rb"10%\r20%" + b"\n" + (
         rb"\xff \x9b \u202eevil" + b"\ttab\n"
     )
-    raw, result = log_on_a_terminal(daemon, str(job["id"]), "--raw")
+    raw, result = shown_on_a_terminal(daemon, "log", str(job["id"]), "--raw")
     assert (result.code, raw) == (0, written), result
     assert ctl(daemon, "log", str(job["id"])).stdout == written
 
@@ -1120,7 +1120,7 @@ def test_log_on_a_terminal_shows_a_character_cut_between_chunks_whole(daemon: An
     two bytes that are not UTF-8."""
     job = daemon.submit(command=["/bin/sh", "-c", f"head -c {OUTPUT_CHUNK - 1} /dev/zero | tr '\\0' a; printf 'é\\n'"])
     daemon.wait(job["id"])
-    shown, result = log_on_a_terminal(daemon, str(job["id"]))
+    shown, result = shown_on_a_terminal(daemon, "log", str(job["id"]))
     assert result.code == 0, result
     assert shown == b"a" * (OUTPUT_CHUNK - 1) + "é\n".encode()
 
@@ -1134,7 +1134,7 @@ def test_log_follow_on_a_terminal_holds_a_carriage_return_until_the_line_goes_on
     try:
         script = r'printf "one\r"; read line < "$1"; printf "\n\342\202\254 10%%\r20%%\r\n"'
         job = daemon.submit(command=["/bin/sh", "-c", script, "sh", str(fifo)])
-        follower, master = log_on_a_terminal_started(daemon, "-f", str(job["id"]))
+        follower, master = stdout_on_a_terminal(daemon, "log", "-f", str(job["id"]))
         try:
             shown = read_until(master, b"one")  # shown while the job waits for the gate
             os.write(gate, b"go\n")

@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 from harness import Daemon
 from lxml import etree
-from test_jobctl import Result, ctl, on_a_terminal, read_rest, read_until, stopped_once_drawn
+from test_jobctl import (
+    Result,
+    ctl,
+    on_a_terminal,
+    read_rest,
+    read_until,
+    shown_on_a_terminal,
+    stopped_once_drawn,
+)
 from test_workflows import CORPUS, _install_corpus
 
 pytestmark = pytest.mark.timeout(60)
@@ -340,6 +348,28 @@ def test_instance_json_and_xml(wf: Daemon) -> None:
     assert document.tag == "workflow" and document.find(".//task[@status='TERMINATED']") is not None
     xml_json = json.loads(ctl(wf, "instance", "--xml", "--json", str(instance_id)).out)
     assert xml_json["xml"] == wf.call("instance.get", {"id": instance_id, "format": "xml"})["xml"]
+
+
+def test_instance_xml_on_a_terminal_shows_the_control_characters_of_task_output_escaped(make_daemon: Any) -> None:
+    """A task's output is in the instance document. The control characters XML 1.0 cannot carry are control pictures
+    there (ESC is ␛), but it carries C1 controls and bidi overrides: on a terminal `instance --xml` shows them
+    escaped, as `log` does (xterm takes U+009B as CSI, the start of an escape sequence); piped, as they are."""
+    daemon = make_daemon("[queue.default]\nconcurrency = 1\n", start=False)
+    daemon.write_workflows(
+        hostile="""<workflow version="3.3"><subjobs><job name="j"><tasks>
+        <task name="say" path="/usr/bin/printf" queue="default">
+          <input name="what">red\\302\\23331m\\033[0m \\342\\200\\256evil</input>
+        </task></tasks></job></subjobs></workflow>"""
+    )
+    daemon.start()
+    instance_id = launched_id(ctl(daemon, "launch", "hostile", "--wait"))
+    piped = ctl(daemon, "instance", str(instance_id), "--xml")
+    assert piped.code == 0 and "<output" in piped.out, piped
+    assert "red\u009b31m\u241b[0m \u202eevil</output>" in piped.out, piped
+    shown, result = shown_on_a_terminal(daemon, "instance", str(instance_id), "--xml")
+    assert result.code == 0, result
+    assert "red\\x9b31m\u241b[0m \\u202eevil</output>" in shown.decode(), shown
+    assert "\u009b" not in shown.decode() and "\u202e" not in shown.decode(), shown
 
 
 def test_an_unknown_instance_exits_1(wf: Daemon) -> None:
