@@ -1,10 +1,12 @@
-"""What a job wrote, made safe to show on a terminal: `jobctl log` on a terminal passes a job's bytes through here.
+"""What a job wrote, made safe to show on a terminal: `jobctl log` (and `jobctl instance --xml`, which holds task
+outputs) on a terminal passes a job's bytes through here.
 
 A job's output is whatever its program (or whoever fed it data: a web client's upload, a remote server's answer)
 wrote. Written raw to an administrator's terminal, its escape sequences would drive that terminal: clear the screen,
 move the cursor back over lines already shown, rename the window, set the clipboard (OSC 52), answer queries as if
 typed. Here every such character is shown as an escape (`\\x1b`, `\\r`, `\\x9b`, `\\u202e`) instead, and a byte
-that is not UTF-8 as `\\xNN`; text, tabs and line ends (`\\n`, `\\r\\n`) are left as they are.
+that is not text in the terminal's encoding (UTF-8 on most systems) as `\\xNN`; text, tabs and line ends (`\\n`,
+`\\r\\n`) are left as they are.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ def terminal_text(text: str) -> str:
 class TerminalStream:
     """A stream of bytes, given in pieces as they come, shown as terminal-safe text in the terminal's `encoding`.
 
+    The bytes are read in that encoding too: a job writes text in the encoding of its locale, which it has from jobd,
+    most often the machine's, as the terminal's is. (On a UTF-8 terminal ISO-8859-1's é is shown as \\xe9.)
+
     A character whose bytes the pieces split (a chunk cut in the middle of `é`) is shown whole once its rest has come,
     and a carriage return at a piece's end waits for the next piece, which tells whether it ends a line."""
 
     def __init__(self, encoding: str) -> None:
-        # "backslashreplace" shows each byte that is not UTF-8 as \xNN, as the control characters are shown.
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+        # "backslashreplace" shows each byte that is not text as \xNN, as the control characters are shown.
+        self._decoder = codecs.getincrementaldecoder(encoding)(errors="backslashreplace")
         self._encoding = encoding
         self._carriage_return_held = False
 

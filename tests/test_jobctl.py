@@ -1059,7 +1059,9 @@ def test_log_prints_raw_bytes_exactly(daemon: Any) -> None:
     assert ctl(daemon, "--json", "log", str(job["id"])).stdout == b"\xff\xfe\x00A\x80\n"
 
 
-def stdout_on_a_terminal(daemon: Any, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+def stdout_on_a_terminal(
+    daemon: Any, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     """`jobctl ARGS...` with stdout on a pseudo-terminal in raw mode (no \\n → \\r\\n: what jobctl wrote is what
     is read): the process (stderr a pipe) and the terminal's master side, to read and close."""
     master, slave = os.openpty()
@@ -1070,17 +1072,17 @@ def stdout_on_a_terminal(daemon: Any, *args: str) -> tuple[subprocess.Popen[byte
             stdin=subprocess.DEVNULL,
             stdout=slave,
             stderr=subprocess.PIPE,
-            env=environment({"TERM": "xterm"}),
+            env=environment({"TERM": "xterm", **(env or {})}),
         )
     finally:
         os.close(slave)
     return process, master
 
 
-def shown_on_a_terminal(daemon: Any, *args: str) -> tuple[bytes, Result]:
+def shown_on_a_terminal(daemon: Any, *args: str, env: dict[str, str] | None = None) -> tuple[bytes, Result]:
     """`jobctl ARGS...` with stdout on a terminal (stdout_on_a_terminal), run to its end: the bytes the terminal got,
     and the result (its stdout empty)."""
-    process, master = stdout_on_a_terminal(daemon, *args)
+    process, master = stdout_on_a_terminal(daemon, *args, env=env)
     try:
         shown = read_rest(master)  # ends when jobctl, the terminal's last user, has ended
         _, err = process.communicate(timeout=DEADLINE)

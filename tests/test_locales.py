@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from harness import BASE_CONFIG
+from test_jobctl import shown_on_a_terminal
 
 from jobd.client import RemoteError
 
@@ -106,3 +107,14 @@ def test_a_path_the_locale_cannot_encode_is_a_config_error(latin1_daemon: Any, m
     assert "daemon.socket" in started.stderr and "holds characters that the encoding" in started.stderr, started
     assert "Traceback" not in started.stderr, started
     assert "Traceback" not in daemon.log()
+
+
+def test_log_on_a_terminal_of_another_encoding_reads_the_job_output_in_it(latin1_daemon: Any) -> None:
+    """A job in jobd's ISO-8859-1 locale writes é as one byte, which an ISO-8859-1 terminal shows as é: `jobctl log`
+    there escapes control characters but shows that text as text (it showed \\xe9, read as UTF-8)."""
+    daemon = latin1_daemon
+    job = daemon.wait(daemon.submit(command=["/usr/bin/printf", "caf\u00e9 \\033[2J\\n"])["id"])
+    assert daemon.call("job.output", {"id": job["id"], "encoding": "base64"})["data"] == "Y2Fm6SAbWzJKCg=="
+    shown, result = shown_on_a_terminal(daemon, "log", str(job["id"]), env=daemon.env)
+    assert result.code == 0, result
+    assert shown == b"caf\xe9 " + rb"\x1b[2J" + b"\n"
