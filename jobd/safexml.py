@@ -59,6 +59,9 @@ def parse(data: bytes, what: str = "document") -> etree._Element:
 
 
 def _reason(error: etree.XMLSyntaxError) -> str:
-    message = str(error.msg or error).strip()
+    # One line, as every reason jobd gives: libxml2 ends some messages with a newline, after which lxml appends
+    # ", line N, column M" (an invalid character), and quotes the document across lines in others (a comment never
+    # closed). A newline inside would start what reads as another message in the log.
+    message = " ".join(str(error.msg or error).replace("\n,", ",").split())
     line = error.lineno
     return f"line {line}: {message}" if line and f"line {line}" not in message else message

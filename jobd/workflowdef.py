@@ -214,7 +214,9 @@ def _line(element: etree._Element) -> int | None:
 
 
 def _show(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    """A value of the file, quoted, as a message quotes it: inert on a terminal (conffile.shown), as the TOML
+    configuration's values are, for the message reaches the journal, daemon.status and systemd's STATUS=."""
+    return conffile.shown(json.dumps(value, ensure_ascii=False))
 
 
 def _tag(element: etree._Element) -> str:
@@ -237,16 +239,19 @@ class _Checker:
 
     # -- reporting --
 
+    # A problem may quote the file as a checker wrote it (the part of a value in {…}, an expression's character):
+    # made inert here, for every problem, as the values and the file's name are.
+
     def element_problem(self, element: etree._Element, problem: str) -> None:
         line = _line(element)
-        self.problems.append((line, f"{conffile.shown(self.path)}:{line}: <{_tag(element)}>: {problem}"))
+        about = f"<{_tag(element)}>: {conffile.shown(problem)}"
+        self.problems.append((line, f"{conffile.shown(self.path)}:{line}: {about}"))
 
     def attribute_problem(self, element: etree._Element, name: str, problem: str) -> None:
         line = _line(element)
         value = element.get(name, "")
-        self.problems.append(
-            (line, f"{conffile.shown(self.path)}:{line}: <{_tag(element)}> attribute {name}={_show(value)}: {problem}")
-        )
+        about = f"<{_tag(element)}> attribute {name}={_show(value)}: {conffile.shown(problem)}"
+        self.problems.append((line, f"{conffile.shown(self.path)}:{line}: {about}"))
 
     # -- structure --
 
@@ -618,7 +623,9 @@ def _not_well_formed(path: str, message: str) -> ConfigError:
     number = found["first"] or found["last"]
     line = int(number) if number else None
     where = f"{conffile.shown(path)}:{line}" if line is not None else conffile.shown(path)
-    return ConfigError(f"{where}: not well-formed XML: {found['reason']}", file=path, line=line, key=None)
+    # libxml2 quotes the file in some reasons (an xmlns value, the start of a comment never closed).
+    reason = conffile.shown(found["reason"])
+    return ConfigError(f"{where}: not well-formed XML: {reason}", file=path, line=line, key=None)
 
 
 def workflow_name(path: str) -> str:

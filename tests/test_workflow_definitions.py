@@ -20,7 +20,7 @@ from harness import Daemon
 from lxml import etree
 from recovery.support import pump_of
 
-from jobd import config, workflowdef
+from jobd import conffile, config, workflowdef
 from jobd.client import RemoteError
 from jobd.errors import ConfigError
 from jobd.model import Config
@@ -601,6 +601,60 @@ def test_a_dtd_is_refused(tmp_path: Path, corpus_config: Config) -> None:
     with pytest.raises(ConfigError) as info:
         workflowdef.load_workflow(path, corpus_config)
     assert info.value.message == f"{path}: DTDs and entity declarations are not allowed"
+
+
+@pytest.mark.parametrize(
+    ("document", "line", "reason"),
+    [
+        # libxml2 ends this message with a newline, and lxml appends the position after it
+        (b"<workflow>\n<subjobs>\n\x00<job/>\n</subjobs>\n</workflow>\n", 3, "Invalid character: Char 0x0 out of "),
+        # libxml2 quotes a comment that is not ASCII on a line of its own
+        (b"<workflow>\n<!-- caf\xc3\xa9 is never closed", 2, "Comment not terminated <!-- caf\u00e9 is"),
+        # libxml2 quotes the value, control characters and all
+        (b'<workflow>\n<subjobs xmlns="a\xc2\x9b1m\xe2\x80\xaeb"/>\n</workflow>', 2, "xmlns: 'a\\x9b1m\\u202eb'"),
+    ],
+)
+def test_not_well_formed_xml_is_told_on_one_inert_line_with_its_line(
+    tmp_path: Path, corpus_config: Config, document: bytes, line: int, reason: str
+) -> None:
+    """The message reaches the journal, daemon.status and systemd's STATUS=: a newline from libxml2 started what
+    read as another message there (and the line was lost), a C1 control or a bidi override of the file acted on the
+    terminal."""
+    path = write(tmp_path / "broken.xml", document)
+    with pytest.raises(ConfigError) as info:
+        workflowdef.load_workflow(path, corpus_config)
+    message = info.value.message
+    assert info.value.details["line"] == line, message
+    assert message.startswith(f"{path}:{line}: not well-formed XML: {reason}"), message
+    assert inert(message), message
+
+
+def inert(text: str) -> bool:
+    """Whether `text` is one line that cannot act on a terminal: no control character, no bidi override."""
+    return not any(char != conffile.shown(char) for char in text)
+
+
+def test_what_a_workflow_file_says_is_quoted_inert_in_every_problem(tmp_path: Path, corpus_config: Config) -> None:
+    """A workflow's values, text and expressions are quoted as the TOML file's are (conffile.shown): C1 controls
+    (\\x9b starts an escape sequence) and bidi overrides written as escapes, not passed to the terminal."""
+    csi, rlo = "\x9b", "\u202e"
+    path = write(
+        tmp_path / "quoted.xml",
+        f'<workflow nope="{csi}2J">\n<subjobs><job><tasks>x{rlo}y\n'
+        f'<task path="/bin/true" queue="default" host="{{{rlo}}}" condition="a{csi}"/>\n'
+        "</tasks></job></subjobs>\n</workflow>\n",
+    )
+    lines = problems_at(
+        path,
+        corpus_config,
+        [
+            (1, '<workflow> attribute nope="\\x9b2J": unknown attribute; allowed: version'),
+            (2, '<tasks>: text "x\\u202ey" is not allowed here'),
+            (3, '<task> attribute condition="a\\x9b": invalid XPath expression'),
+            (3, '<task> attribute host="{\\u202e}": in {\\u202e}: '),
+        ],
+    )
+    assert all(inert(line) for line in lines), lines
 
 
 def test_an_empty_file_is_an_error_that_suggests_masking(tmp_path: Path, corpus_config: Config) -> None:
