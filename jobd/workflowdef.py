@@ -30,7 +30,7 @@ from jobd.model import (
     WorkflowDef,
     evqueue_boolean,
 )
-from jobd.safexml import parse
+from jobd.safexml import DTD_REFUSED, DtdRefused, parse
 
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 WORKFLOW_NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ -"
@@ -628,6 +628,20 @@ def _not_well_formed(path: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: not well-formed XML: {reason}", file=path, line=line, key=None)
 
 
+def _dtd_refused(path: str, source: bytes) -> ConfigError:
+    """jobd.safexml refuses `<!DOCTYPE` and `<!ENTITY` wherever they are in the bytes, before any parsing: in a
+    comment or in a script's CDATA too (a script that writes an HTML page). The line says which one it met."""
+    at = min(found for found in (source.find(b"<!DOCTYPE"), source.find(b"<!ENTITY")) if found >= 0)
+    line = source.count(b"\n", 0, at) + 1
+    return ConfigError(
+        f"{conffile.shown(path)}:{line}: {DTD_REFUSED}: jobd refuses <!DOCTYPE and <!ENTITY anywhere in a workflow "
+        "file, in comments and scripts too (write &lt;! in a script's text)",
+        file=path,
+        line=line,
+        key=None,
+    )
+
+
 def workflow_name(path: str) -> str:
     """The workflow name a file name gives (`NAME.xml` → `NAME`); ConfigError if it is not a valid name."""
     file_name = os.path.basename(path)
@@ -660,6 +674,8 @@ def parse_workflow(source: bytes, path: str, config: Config, name: str | None = 
         )
     try:
         root = parse(source, what=path)
+    except DtdRefused:
+        raise _dtd_refused(path, source) from None
     except InvalidXml as error:
         raise _not_well_formed(path, error.message) from None
     checker = _Checker(path, config)

@@ -600,7 +600,32 @@ def test_a_dtd_is_refused(tmp_path: Path, corpus_config: Config) -> None:
     )
     with pytest.raises(ConfigError) as info:
         workflowdef.load_workflow(path, corpus_config)
-    assert info.value.message == f"{path}: DTDs and entity declarations are not allowed"
+    assert info.value.message.startswith(f"{path}:1: DTDs and entity declarations are not allowed: ")
+    assert info.value.details["line"] == 1
+
+
+def test_a_doctype_in_a_scripts_cdata_is_refused_naming_its_line_and_the_way_round(
+    tmp_path: Path, corpus_config: Config
+) -> None:
+    """The bytes are searched before any parsing: a script that writes an HTML page was refused as having a DTD,
+    with no line to find it by."""
+    script = "<![CDATA[cat > /tmp/page.html <<EOF\n<!DOCTYPE html>\n<html></html>\nEOF\n]]>"
+    document = (
+        '<workflow>\n<subjobs><job><tasks>\n<task type="SCRIPT" name="page" queue="default">\n'
+        f"<script>{script}</script>\n</task>\n</tasks></job></subjobs>\n</workflow>\n"
+    )
+    path = write(tmp_path / "page.xml", document)
+    with pytest.raises(ConfigError) as info:
+        workflowdef.load_workflow(path, corpus_config)
+    assert info.value.details["line"] == 5
+    assert info.value.message == (
+        f"{path}:5: DTDs and entity declarations are not allowed: jobd refuses <!DOCTYPE and <!ENTITY anywhere in a "
+        "workflow file, in comments and scripts too (write &lt;! in a script's text)"
+    )
+    # The way round the message gives: the script's text says &lt;!DOCTYPE, and runs with <!DOCTYPE.
+    escaped = document.replace(script, "cat > /tmp/page.html &lt;&lt;EOF\n&lt;!DOCTYPE html>\nEOF\n")
+    workflow = workflowdef.load_workflow(write(tmp_path / "page.xml", escaped), corpus_config)
+    assert "\n<!DOCTYPE html>\n" in etree.fromstring(workflow.source).findtext(".//script")
 
 
 @pytest.mark.parametrize(
