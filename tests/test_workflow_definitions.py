@@ -1063,3 +1063,32 @@ def test_every_example_workflow_loads_with_the_configuration_beside_it(path: Pat
     --config-dir would read it (README's tour runs examples/dev, test_example_page examples/web)."""
     loaded = config.load_dir(str(path.parent.parent))
     assert path.stem in loaded.workflows
+
+
+def test_a_real_jobd_tells_a_workflow_files_problems_on_inert_lines_at_start_and_at_reload(
+    make_daemon: Callable[..., Daemon], jobd: Callable[..., Daemon]
+) -> None:
+    """End to end, for what the fuzzer found: a NUL in a workflow file at a start (refused with exit code 78,
+    the problem on one line with its line number), and a C1 control in a value at a reload (the running
+    configuration kept, the error written with escapes in daemon.status and systemd's STATUS=)."""
+    refused = make_daemon('[task.echo]\ncommand = ["/bin/echo"]\n', start=False)
+    nul = write(refused.config_dir / "workflows" / "nul.xml", TRIVIAL.replace("<subjobs>", "<subjobs>\0", 1).encode())
+    started = refused.start_refused()
+    assert started.returncode == 78, started
+    told = f"{nul}:{TRIVIAL.split('<subjobs>')[0].count(chr(10)) + 1}: not well-formed XML: Invalid character: "
+    said = [line for line in started.stderr.splitlines() if str(nul) in line]
+    assert len(said) == 1 and told in said[0] and ", column " in said[0], started.stderr
+    assert "Traceback" not in started.stderr, started.stderr
+
+    daemon = jobd('[task.echo]\ncommand = ["/bin/echo"]\n')
+    csi = daemon.config_dir / "workflows" / "csi.xml"
+    atomic_write(csi, one_task("/bin/echo", queue="\x9b2J"))
+    error = reload_error(daemon)
+    assert error.code == "CONFIG_INVALID" and error.data["file"] == str(csi), error
+    assert '<task> attribute queue="\\x9b2J": not a defined queue' in error.message, error.message
+    assert "\x9b" not in error.message
+    last = daemon.call("daemon.status")["last_reload"]
+    assert last["ok"] is False and "\\x9b2J" in last["error"] and "\x9b" not in last["error"], last
+    line = pump_of(daemon).wait_for(lambda line: "reload failed" in line and str(csi) in line)
+    assert "\\x9b2J" in line and "\x9b" not in line, line
+    assert daemon.wait(daemon.submit(task="echo", args=["kept"])["id"])["state"] == "succeeded"
