@@ -630,11 +630,13 @@ def _not_well_formed(path: str, message: str) -> ConfigError:
 
 def _dtd_refused(path: str, source: bytes) -> ConfigError:
     """jobd.safexml refuses `<!DOCTYPE` and `<!ENTITY` wherever they are in the bytes, before any parsing: in a
-    comment or in a script's CDATA too (a script that writes an HTML page). The line says which one it met."""
-    at = min(found for found in (source.find(b"<!DOCTYPE"), source.find(b"<!ENTITY")) if found >= 0)
-    line = source.count(b"\n", 0, at) + 1
+    comment or in a script's CDATA too (a script that writes an HTML page). The line says which one it met. A file
+    in another encoding (UTF-16) has no such bytes: its DTD is found once parsed, and no line is named."""
+    found = [at for at in (source.find(b"<!DOCTYPE"), source.find(b"<!ENTITY")) if at >= 0]
+    line = source.count(b"\n", 0, min(found)) + 1 if found else None
+    where = conffile.shown(path) if line is None else f"{conffile.shown(path)}:{line}"
     return ConfigError(
-        f"{conffile.shown(path)}:{line}: {DTD_REFUSED}: jobd refuses <!DOCTYPE and <!ENTITY anywhere in a workflow "
+        f"{where}: {DTD_REFUSED}: jobd refuses <!DOCTYPE and <!ENTITY anywhere in a workflow "
         "file, in comments and scripts too (write &lt;! in a script's text)",
         file=path,
         line=line,

@@ -604,6 +604,17 @@ def test_a_dtd_is_refused(tmp_path: Path, corpus_config: Config) -> None:
     assert info.value.details["line"] == 1
 
 
+def test_a_dtd_in_a_utf16_file_is_refused_as_a_dtd(tmp_path: Path, corpus_config: Config) -> None:
+    """A UTF-16 file's DTD has none of the bytes `<!DOCTYPE`: the parser finds it. Naming its line looked for those
+    bytes and raised ValueError (min() of nothing), a traceback where a config error belongs."""
+    path = tmp_path / "dtd16.xml"
+    path.write_bytes('<?xml version="1.0" encoding="UTF-16"?>\n<!DOCTYPE workflow>\n<workflow/>\n'.encode("utf-16"))
+    with pytest.raises(ConfigError) as info:
+        workflowdef.load_workflow(str(path), corpus_config)
+    assert info.value.message.startswith(f"{path}: DTDs and entity declarations are not allowed: "), info.value
+    assert info.value.details["line"] is None
+
+
 def test_a_doctype_in_a_scripts_cdata_is_refused_naming_its_line_and_the_way_round(
     tmp_path: Path, corpus_config: Config
 ) -> None:
