@@ -649,8 +649,10 @@ class Daemon:
         line = f"{counts['running']} running, {counts['queued']} queued, {counts['delayed']} delayed"
         if self._stopping:  # the jobs still running are being stopped; the waiting ones stay for the next start
             line = f"stopping: {line}"
+        # A paused queue says so: "0/4 running, 12 queued" alone reads as jobd failing to start them.
         busy = [
-            f"{queue.name} {len(queue.running)}/{queue.definition.concurrency} running, {queue.ready_count()} queued"
+            f"{queue.name} {'paused, ' if queue.paused else ''}"
+            f"{len(queue.running)}/{queue.definition.concurrency} running, {queue.ready_count()} queued"
             for queue in self.engine.queue_list()
             if queue.running or queue.ready_count()
         ]

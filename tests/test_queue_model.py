@@ -816,7 +816,8 @@ class Run:
         # `default` makes jobd tell them once more: a line as the model has it must come. (One read late by the
         # thread that drains the socket may tell an earlier moment: not the one waited for.)
         busy = "; ".join(
-            f"{q['name']} {q['running']}/{q['concurrency']} running, {q['queued']} queued"
+            f"{q['name']} {'paused, ' if q['paused'] else ''}"
+            f"{q['running']}/{q['concurrency']} running, {q['queued']} queued"
             for q in model
             if q["running"] or q["queued"]
         )

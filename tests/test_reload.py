@@ -570,12 +570,35 @@ def test_status_line_shows_queue_counts_as_they_change(jobd: Callable[..., Daemo
         return pump_of(daemon).wait_for(lambda line: line.startswith("STATUS=") and text in line)
 
     ids = [daemon.submit(command=["/bin/true"])["id"] for _ in range(3)]
-    assert status_with("3 queued") == "STATUS=0 running, 3 queued, 0 delayed (default 0/1 running, 3 queued)"
+    assert status_with("3 queued") == "STATUS=0 running, 3 queued, 0 delayed (default paused, 0/1 running, 3 queued)"
     delayed = daemon.submit(command=["/bin/true"], delay=3600)["id"]
-    assert status_with("1 delayed") == "STATUS=0 running, 3 queued, 1 delayed (default 0/1 running, 3 queued)"
+    assert status_with("1 delayed") == "STATUS=0 running, 3 queued, 1 delayed (default paused, 0/1 running, 3 queued)"
     for job_id in [*ids, delayed]:
         daemon.call("job.cancel", {"id": job_id})
     assert status_with("0 queued, 0 delayed") == "STATUS=0 running, 0 queued, 0 delayed"
+
+
+def test_a_forgotten_pause_is_named_where_the_operator_looks(jobd: Callable[..., Daemon]) -> None:
+    """`systemctl status jobd` and the journal tell why queued jobs do not start when their queue is paused (by
+    `jobctl pause` days ago, say): the word, not only "0/2 running, 2 queued", which reads as jobd being stuck."""
+    daemon = jobd("[queue.photo]\nconcurrency = 2\n")
+    pump = pump_of(daemon)
+    daemon.call("queue.pause", {"name": "photo"})
+    ids = [daemon.submit(command=["/bin/true"], queue="photo")["id"] for _ in range(2)]
+    status = pump.wait_for(lambda line: line.startswith("STATUS=") and "2 queued" in line)
+    assert status == "STATUS=0 running, 2 queued, 0 delayed (photo paused, 0/2 running, 2 queued)"
+    wait_for_log(
+        daemon,
+        f"job={ids[0]} queued in queue photo, which is paused: it starts once the queue is resumed "
+        "(jobctl resume photo)",
+    )
+    daemon.call("queue.resume", {"name": "photo"})
+    assert [daemon.wait(job_id)["state"] for job_id in ids] == ["succeeded", "succeeded"]
+    assert pump.wait_for(lambda line: line.startswith("STATUS=") and "paused" not in line and "0 queued" in line)
+    # A queue that is not paused says nothing of a pause when its jobs are queued.
+    other = daemon.submit(command=["/bin/true"], queue="photo")["id"]
+    wait_for_log(daemon, f"job={other} queued in queue photo\n")
+    assert daemon.wait(other)["state"] == "succeeded"
 
 
 def test_a_paused_key_changed_while_jobd_was_stopped_overrides_the_api(jobd: Callable[..., Daemon]) -> None:

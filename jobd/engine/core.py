@@ -430,7 +430,17 @@ class Engine:
 
     def _announce(self, job: Job) -> None:
         """Log, tell listeners about and place a job just committed (its queue is dispatched by the caller)."""
-        job_log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
+        queue = self.queues.get(job.spec.queue)
+        if queue is not None and queue.paused:  # why it will not start: the pause may be days old, and forgotten
+            job_log.info(
+                "job=%d %s in queue %s, which is paused: it starts once the queue is resumed (jobctl resume %s)",
+                job.id,
+                job.state,
+                job.spec.queue,
+                job.spec.queue,
+            )
+        else:
+            job_log.info("job=%d %s in queue %s", job.id, job.state, job.spec.queue)
         self._emit("job.state", job)
         self._admit(job, dispatch=False)
 
