@@ -434,6 +434,7 @@ class Daemon:
         self._ready = False  # READY=1 sent: a SIGHUP before it waits for it
         self._reload_when_ready = False
         self._reload_retry: asyncio.TimerHandle | None = None  # a reload short of descriptors, to be done again
+        self._rebinding: asyncio.Task[None] | None = None  # a reload's look for socket files removed (reload)
         self._stopping = False
         state_dir = initial.daemon.state_dir
         try:
@@ -719,6 +720,10 @@ class Daemon:
         if self._reload_retry is not None:  # this reload is the one it waited for
             self._reload_retry.cancel()
             self._reload_retry = None
+        # A socket file removed while jobd ran is made again, whatever the files say: a SIGHUP is what jobctl's
+        # "cannot connect" tells the operator to send (a restart would stop the running jobs).
+        if self._rebinding is None or self._rebinding.done():
+            self._rebinding = asyncio.get_running_loop().create_task(self.server.rebind_removed_sockets())
         try:
             return self._reload()
         except OutOfResources as error:

@@ -1930,6 +1930,14 @@ def describe_connect_error(exc: ConnectError) -> str:
         return f"cannot connect to {path}: it is {kind}, not a socket; {where}"
     if isinstance(exc.cause, PermissionError):
         return f"{exc}; is your user in jobd's group? (set --socket or JOBD_SOCKET)"
+    if mode is None and isinstance(exc.cause, FileNotFoundError):
+        # jobd may well be running, its socket file removed under it (a cleanup of /run or /tmp): a SIGHUP makes it
+        # again (or logs what to do), where a restart would stop the running jobs. Not `systemctl reload`: that
+        # runs `jobctl reload`, which needs this very socket.
+        return (
+            f"{exc}; is jobd running? (set --socket or JOBD_SOCKET; if jobd runs, its socket file was removed: "
+            "`systemctl kill --kill-whom=main -s HUP jobd` makes it again, or logs what to do)"
+        )
     return f"{exc}; is jobd running? (set --socket or JOBD_SOCKET)"
 
 

@@ -125,6 +125,9 @@ class Server:
             assert not isinstance(address, str)  # activation took only an IPv4/IPv6 socket for "tcp"
             self.tcp_listen = address
         self.tcp_address: tuple[str, int] | None = None  # where the TCP listener is bound (port 0 resolved)
+        # The unix socket files listened on, by path: (st_dev, st_ino) of each once bound, which tells at a reload
+        # whether the path still leads to it (rebind_removed_sockets).
+        self._socket_identities: dict[str, tuple[int, int]] = {}
         self._tcp_server: asyncio.AbstractServer | None = None
         self.login_throttle = evqueue_auth.LoginThrottle()
         # Clients whose hang-up is looked out for, from their first request that waits (Connection._hung_up). Made
@@ -170,6 +173,64 @@ class Server:
             self.tcp_address = self.tcp_listen
         elif self.tcp_listen is not None:
             await self._bind_tcp(*self.tcp_listen)
+        for path in (self.path, self.evqueue_path):
+            if path is not None:
+                self._socket_identities[path] = _file_identity(path)
+
+    async def rebind_removed_sockets(self) -> None:
+        """At a reload: make again a socket file of jobd's own whose path was removed while jobd ran (`rm`, a cleanup
+        of /run or /tmp, its directory deleted). jobd went on running, but no client could connect any more, and a
+        restart would stop the running jobs. A path that now holds something else is left alone, and a socket
+        systemd passed is its socket unit's to make: both are logged with what to do."""
+        listeners = (
+            ("api", self.path, lambda: Connection(self)),
+            ("evqueue", self.evqueue_path, lambda: XmlConnection(self, greet=True)),
+        )
+        for name, path, factory in listeners:
+            if path is None or path not in self._socket_identities:
+                continue
+            try:
+                identity: tuple[int, int] | None = _file_identity(path)
+            except FileNotFoundError:
+                identity = None
+            except OSError as error:
+                log.error("cannot check the socket file %s: %s", path, error.strerror or error)
+                continue
+            if identity == self._socket_identities[path]:
+                continue
+            if name in self.passed:
+                log.error(
+                    "the socket file %s, which systemd passed, is no longer there: clients cannot connect; "
+                    "restart its socket unit and jobd (systemctl restart jobd.socket jobd)",
+                    path,
+                )
+            elif identity is not None:
+                log.error(
+                    "%s is no longer jobd's socket (something else took its place): left alone; clients cannot "
+                    "reach jobd there until it is removed and jobd gets a SIGHUP",
+                    path,
+                )
+            else:
+                await self._rebind(name, path, factory)
+
+    async def _rebind(self, name: str, path: str, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        try:
+            server = await bind_unix(path, factory, *self.access)
+            await server.start_serving()
+        except (OSError, StartupError) as error:
+            reason = str(error) if isinstance(error, StartupError) else error.strerror or str(error)
+            log.error("the socket file %s was removed and cannot be made again: %s", path, reason)
+            return
+        # The old listening socket has no path any more: nobody can reach it. Its connections go on.
+        old = self._server if name == "api" else self._evqueue_server
+        if name == "api":
+            self._server = server
+        else:
+            self._evqueue_server = server
+        if old is not None:
+            old.close()
+        self._socket_identities[path] = _file_identity(path)
+        log.warning("the socket file %s had been removed while jobd ran (no client could connect): made again", path)
 
     def socket_files(self) -> list[str]:
         """The unix sockets jobd bound itself, whose mode and group are `[daemon]`'s (a socket systemd passed has
@@ -410,6 +471,12 @@ def give_socket_access(path: str, mode: int | None, gid: int | None) -> None:
 # From Python 3.13 a unix server removes its socket file when it closes. A socket systemd passed belongs to its
 # socket unit, which goes on listening on that path (and queueing clients) while jobd restarts: it must stay.
 _KEEP_SOCKET_FILE: Final[dict[str, Any]] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """What tells the file at `path` from another put there later: its device and inode numbers."""
+    status = os.lstat(path)
+    return status.st_dev, status.st_ino
 
 
 def _passed_path(sock: socket.socket | None) -> str | None:

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import pytest
 from harness import READY_TIMEOUT, REPO, Daemon, Notifications, open_descriptors
+from recovery.support import wait_for_log
 
 from jobd import activation
 from jobd.client import Client
@@ -280,6 +281,26 @@ def test_http_on_a_passed_unix_socket(activated: Any) -> None:
     assert reply.startswith(b"HTTP/1.0 200 OK"), reply  # no token: the peer credentials said root
     assert jobd.stop() == 0
     assert path.is_socket()
+
+
+def test_a_passed_socket_removed_is_left_to_its_socket_unit_with_what_to_do(activated: Any) -> None:
+    """jobd cannot make again a socket file systemd passed (systemd would pass its old, pathless socket at the next
+    start): at a reload it says the file is gone and what makes it again, and makes none of its own there."""
+    jobd = activated()
+    path = jobd.daemon.root / "api.sock"
+    listener = _unix_listener(path)
+    jobd.start(_pass([listener]), pass_fds=(listener.fileno(),), LISTEN_FDS="1", LISTEN_FDNAMES="api")
+    listener.close()
+    path.unlink()
+    assert jobd.process is not None
+    os.kill(jobd.process.pid, signal.SIGHUP)
+    wait_for_log(
+        jobd.daemon,
+        f"the socket file {path}, which systemd passed, is no longer there: clients cannot connect; restart its "
+        "socket unit and jobd (systemctl restart jobd.socket jobd)",
+    )
+    assert not path.exists()
+    assert jobd.stop() == 0
 
 
 @pytest.mark.parametrize(

@@ -316,7 +316,8 @@ def test_no_daemon_exits_3_naming_the_socket(tmp_path: Path, capsys: pytest.Capt
     assert jobctl.main(["--socket", path, "queues"]) == 3
     assert capsys.readouterr().err == (
         f"jobctl: cannot connect to {path}: [Errno 2] No such file or directory; "
-        "is jobd running? (set --socket or JOBD_SOCKET)\n"
+        "is jobd running? (set --socket or JOBD_SOCKET; if jobd runs, its socket file was removed: "
+        "`systemctl kill --kill-whom=main -s HUP jobd` makes it again, or logs what to do)\n"
     )
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, in_user_namespace
+from harness import REPO, Daemon, in_user_namespace
 from recovery.support import Gate, gated, kill9, pump_of, start, terminate, wait_for_log
 
 from jobd.client import RemoteError
@@ -383,6 +385,52 @@ def test_watches_that_cannot_be_renewed_are_reported_and_the_rest_still_reload(
     pump.wait_for("READY=1")
     assert [w["name"] for w in daemon.call("workflow.list")["workflows"]] == ["hello"]
     assert "Traceback" not in daemon.log()
+
+
+def test_a_reload_makes_again_a_socket_file_removed_while_jobd_ran(
+    jobd: Callable[..., Daemon], gates: Callable[[str], Gate]
+) -> None:
+    """The socket files removed under a running jobd (a cleanup of /run or /tmp): no client could connect, and a
+    restart would stop the running jobs. jobctl says a reload makes them again, and it does, the job untouched."""
+    daemon = jobd()
+    gate = gates("running")
+    running = daemon.submit(command=gated(gate, "/bin/echo", "went on"))["id"]
+    assert states(daemon, [running]) == ["running"]
+    earlier = daemon.client()  # a connection made before: it goes on through the rebinding
+    daemon.socket_path.unlink()
+    daemon.evqueue_socket.unlink()
+    refused = subprocess.run(
+        [sys.executable, "-m", "jobd.jobctl", "--socket", str(daemon.socket_path), "queues"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert refused.returncode == 3
+    assert refused.stderr.endswith(
+        "if jobd runs, its socket file was removed: `systemctl kill --kill-whom=main -s HUP jobd` makes it again, "
+        "or logs what to do)\n"
+    )
+
+    os.kill(daemon.pid, signal.SIGHUP)
+    for path in (daemon.socket_path, daemon.evqueue_socket):
+        wait_for_log(daemon, f"the socket file {path} had been removed while jobd ran (no client could connect): made")
+    assert daemon.call("ping") is not None
+    assert os.stat(daemon.socket_path).st_mode & 0o777 == 0o660  # as at the start
+    with socket.socket(socket.AF_UNIX) as evqueue_client:  # the greeting socket greets again
+        evqueue_client.connect(str(daemon.evqueue_socket))
+        assert evqueue_client.recv(100).startswith(b"<ready ")
+    with earlier:
+        assert earlier.call("job.get", {"id": running})["state"] == "running"
+    gate.release()
+    assert daemon.wait(running)["state"] == "succeeded" and daemon.output(running) == "went on\n"
+
+    # Something else in a socket's place is left alone, and said to be there.
+    daemon.evqueue_socket.unlink()
+    daemon.evqueue_socket.write_text("not jobd's\n")
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_for_log(daemon, f"{daemon.evqueue_socket} is no longer jobd's socket (something else took its place)")
+    assert daemon.evqueue_socket.read_text() == "not jobd's\n"
 
 
 def test_sighup_reloads(jobd: Callable[..., Daemon]) -> None:
