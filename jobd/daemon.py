@@ -531,6 +531,7 @@ class Daemon:
             loop.on_io = self._quiet_trim.io_seen
             self._quiet_trim.io_seen()
         self.engine.on_counts_changed = self._counts_changed
+        self.scheduler.on_suspensions_changed = self._counts_changed
         daemon = self.config.daemon
         log.info("jobd %s ready: socket %s, state %s", __version__, self.server.path, daemon.state_dir)
         if self.server.tcp_address is not None:
@@ -664,6 +665,9 @@ class Daemon:
         failing = self.engine.store_internal_error(naming_what=True)
         if failing is not None:  # a bug of jobd's fails writes it tries again: the log has its traceback
             line += f"; internal error (see the log): {failing['writes']} writes failing, the first: {failing['error']}"
+        suspended = self.scheduler.suspended()
+        if suspended:  # the nightly run that "did not run": said where the operator looks first
+            line += f"; schedules suspended after a failed run: {', '.join(suspended)} (jobctl schedule enable NAME)"
         if not self.last_reload["ok"]:
             # STATUS= is one line (a newline would start another assignment); the log has every problem.
             first, *more = str(self.last_reload["error"]).splitlines() or [""]

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from harness import Daemon
 from lxml import etree
-from recovery.support import Gate, fill, held_in_spawn, kill9, start, stop_pumps, terminate, wait_for_log
+from recovery.support import Gate, fill, held_in_spawn, kill9, pump_of, start, stop_pumps, terminate, wait_for_log
 from test_evqueue_protocol import EvqClient, ok
 from test_jobctl import run_jobctl
 from test_jobs import next_matching
@@ -411,6 +411,24 @@ def test_a_workflow_that_ends_with_errors_suspends_its_schedule(sched: Any) -> N
     bad = listed(daemon, "bad")
     assert bad["suspended"] and bad["last_result"] == "failed"
     assert daemon.call("instance.list", {})["total"] == 1
+
+
+def test_a_suspended_schedule_is_named_in_the_status_line_until_enabled_or_disabled(sched: Any) -> None:
+    """ "The nightly run did not run": `systemctl status jobd` names the schedule a failure suspended and how to
+    enable it again, and the journal's warning says so too, rather than leave it to `jobctl schedules`."""
+    daemon = sched(schedule("nightly", "task:fail", "* * * * * *", on_failure="suspend"))
+    pump = pump_of(daemon)
+    named = "; schedules suspended after a failed run: nightly (jobctl schedule enable NAME)"
+    assert pump.wait_for(lambda line: line.startswith("STATUS=") and "suspended" in line).endswith(named)
+    wait_for_log(
+        daemon,
+        "WARNING schedule nightly suspended after a failed run (on_failure = suspend): it fires no more until "
+        "`jobctl schedule enable nightly`",
+    )
+    daemon.call("schedule.disable", {"name": "nightly"})  # disabled: nothing would fire it, suspended or not
+    assert pump.wait_for(lambda line: line.startswith("STATUS=") and "suspended" not in line)
+    daemon.call("schedule.enable", {"name": "nightly"})  # it fires, fails and is suspended again
+    assert pump.wait_for(lambda line: line.startswith("STATUS=") and "suspended" in line).endswith(named)
 
 
 # -- restarts ----------------------------------------------------------------------------------------------------

@@ -159,6 +159,8 @@ class Scheduler:
         self._followers: set[asyncio.Task[None]] = set()
         self._stopped = False
         self._peer = scheduler_peer()
+        # Told when a schedule is suspended, enabled or disabled: systemd's status line names the suspended ones.
+        self.on_suspensions_changed: Callable[[], None] = lambda: None
 
     # -- start and stop ------------------------------------------------------------------------------------------
 
@@ -600,8 +602,21 @@ class Scheduler:
 
     def _failed(self, schedule: _Schedule) -> None:
         if schedule.definition.on_failure is OnFailure.SUSPEND and not schedule.state.suspended:
-            log.warning("schedule %s suspended after a failed run (on_failure = suspend)", schedule.definition.name)
+            name = schedule.definition.name
+            log.warning(
+                "schedule %s suspended after a failed run (on_failure = suspend): it fires no more until "
+                "`jobctl schedule enable %s`",
+                name,
+                name,
+            )
             self._set(schedule, suspended=True, next_run=None, pending=None)
+
+    def suspended(self) -> list[str]:
+        """The schedules a failed run has suspended (on_failure = suspend) and nobody has enabled again, by name;
+        a disabled one is not among them: nothing would fire it anyway."""
+        return [
+            name for name, schedule in sorted(self._schedules.items()) if schedule.enabled and schedule.state.suspended
+        ]
 
     def _set(self, schedule: _Schedule, **changes: Any) -> None:
         """Change a schedule's state and save it (only when something changed).
@@ -622,8 +637,11 @@ class Scheduler:
             )
             state = replace(state, after_run=after_run)
         if state != schedule.state:
+            suspension_changed = (state.suspended, state.enabled) != (schedule.state.suspended, schedule.state.enabled)
             schedule.state = state
             self._save(state)
+            if suspension_changed:
+                self.on_suspensions_changed()
 
     def _save(self, state: ScheduleState) -> None:
         self._write(state.name, "saved", lambda: self.store.save_schedule_state(state))
