@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recovery.support import wait_for_log
 
 from jobd.client import Client, RemoteError, Reply, encode_message
 
@@ -1308,3 +1309,21 @@ def test_a_full_disk_drops_output_but_not_the_job(make_daemon: Any, full_output_
     assert attempt["stdout_bytes"] == (full_output_disk / str(job["id"]) / "1.stdout").stat().st_size
     assert "cannot write" in daemon.log() and "No space left on device" in daemon.log()
     assert daemon.call("ping")["pong"] is True
+
+
+def test_a_cancel_and_a_stop_of_running_jobs_are_logged_as_info_not_warnings(make_daemon: Any) -> None:
+    """`journalctl -p warning` is for what went wrong: a job cancelled while it ran, or stopped (and put back) by
+    jobd's own stop, was asked for, like the cancel of a queued job, which was already info. A failure stays a
+    warning."""
+    daemon = make_daemon("[queue.two]\nconcurrency = 2\n")
+    cancelled, stopped = (daemon.submit(command=["/bin/sleep", "300"], queue="two")["id"] for _ in range(2))
+    failed = daemon.submit(command=["/bin/false"])["id"]
+    assert daemon.wait(failed)["state"] == "failed"
+    for job_id in (cancelled, stopped):
+        wait_for_log(daemon, f"job={job_id} running")
+    assert daemon.call("job.cancel", {"id": cancelled})["state"] == "cancelled"
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert f" INFO job={cancelled} cancelled (attempt 1 killed, signal 15)\n" in log, log
+    assert f" INFO job={stopped} queued (attempt 1 killed, signal 15)\n" in log, log
+    assert f" WARNING job={failed} failed (attempt 1 failed, exit code 1)\n" in log, log

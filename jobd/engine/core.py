@@ -1019,7 +1019,9 @@ class Engine:
         how = f"exit code {attempt.exit_code}" if attempt.exit_code is not None else f"signal {attempt.signal}"
         if attempt.outcome is Outcome.SPAWN_ERROR or attempt.outcome is Outcome.LOST:
             how = attempt.error or ""
-        level = logging.INFO if job.state is JobState.SUCCEEDED else logging.WARNING
+        # A warning is a job's own failure: an attempt ended by a cancel or by jobd's stop (killed) was asked for,
+        # and a restart with many jobs running would bury `journalctl -p warning` under them.
+        level = logging.INFO if attempt.outcome in (Outcome.SUCCEEDED, Outcome.KILLED) else logging.WARNING
         job_log.log(level, "job=%d %s (attempt %d %s, %s)", job.id, job.state, attempt.number, attempt.outcome, how)
 
     def _progress(self, job_id: int, value: int) -> None:
