@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -1326,4 +1327,19 @@ def test_a_cancel_and_a_stop_of_running_jobs_are_logged_as_info_not_warnings(mak
     log = daemon.log()
     assert f" INFO job={cancelled} cancelled (attempt 1 killed, signal 15)\n" in log, log
     assert f" INFO job={stopped} queued (attempt 1 killed, signal 15)\n" in log, log
-    assert f" WARNING job={failed} failed (attempt 1 failed, exit code 1)\n" in log, log
+    assert f" WARNING job={failed} failed (attempt 1 failed, exit code 1): command /bin/false\n" in log, log
+
+
+def test_a_failure_is_logged_with_its_task_and_when_it_is_tried_again(make_daemon: Any) -> None:
+    """`journalctl -p warning` in a retry loop: each line names the task that fails (or the program of an ad-hoc
+    job) and when the next try comes, without a `jobctl status` per job id."""
+    daemon = make_daemon('[task.flaky]\ncommand = ["/bin/false"]\nretry = { times = 1, delay = 3600 }\n')
+    retried = daemon.submit(task="flaky")["id"]
+    ad_hoc = daemon.submit(command=["/bin/false"])["id"]
+    assert daemon.wait(ad_hoc)["state"] == "failed"
+    head = f" WARNING job={retried} delayed (attempt 1 failed, exit code 1): task flaky, tried again in "
+    wait_for_log(daemon, head)
+    when = re.search(re.escape(head) + r"([0-9.]+)s\n", daemon.log())
+    assert when is not None and 3590 <= float(when.group(1)) <= 3600, daemon.log()
+    assert f" WARNING job={ad_hoc} failed (attempt 1 failed, exit code 1): command /bin/false\n" in daemon.log()
+    assert daemon.call("job.cancel", {"id": retried})["state"] == "cancelled"

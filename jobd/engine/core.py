@@ -1021,8 +1021,25 @@ class Engine:
             how = attempt.error or ""
         # A warning is a job's own failure: an attempt ended by a cancel or by jobd's stop (killed) was asked for,
         # and a restart with many jobs running would bury `journalctl -p warning` under them.
-        level = logging.INFO if attempt.outcome in (Outcome.SUCCEEDED, Outcome.KILLED) else logging.WARNING
-        job_log.log(level, "job=%d %s (attempt %d %s, %s)", job.id, job.state, attempt.number, attempt.outcome, how)
+        if attempt.outcome in (Outcome.SUCCEEDED, Outcome.KILLED):
+            job_log.info("job=%d %s (attempt %d %s, %s)", job.id, job.state, attempt.number, attempt.outcome, how)
+            return
+        # A warning names what fails (a task failing every run, in a retry loop, shows as such in `journalctl -p
+        # warning`, with no lookup per job id) and, when it is retried, when.
+        spec = job.spec
+        what = f"task {spec.task}" if spec.task is not None else f"command {spec.command[0] if spec.command else '-'}"
+        if job.state is JobState.DELAYED:
+            what += f", tried again in {round(max(0.0, job.run_at - self.clock()), 1):g}s"
+        job_log.log(
+            logging.WARNING,
+            "job=%d %s (attempt %d %s, %s): %s",
+            job.id,
+            job.state,
+            attempt.number,
+            attempt.outcome,
+            how,
+            what,
+        )
 
     def _progress(self, job_id: int, value: int) -> None:
         job = self.jobs.get(job_id)
