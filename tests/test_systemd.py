@@ -470,13 +470,19 @@ def test_journal_priorities(sd: Sdns) -> None:
     bad = call(sd, "job.submit", {"task": "fail"})["id"]
     call(sd, "job.wait", {"id": bad, "timeout": TIMEOUT})
     sd.follow(cursor, rf"job={bad} failed")
+    # A cancel of a running job was asked for: info, as the cancel of a queued one.
+    cancelled = call(sd, "job.submit", {"task": "sleep", "args": ["300"]})["id"]
+    sd.follow(cursor, rf"job={cancelled} running")
+    assert call(sd, "job.cancel", {"id": cancelled})["state"] == "cancelled"
+    sd.follow(cursor, rf"job={cancelled} cancelled")
     warnings = [entry["MESSAGE"] for entry in sd.journal(cursor, "jobd.service", priority=4)]
-    assert any(message.startswith(f"job={bad} failed") for message in warnings), warnings
-    assert not any(message.startswith(f"job={good} ") for message in warnings), warnings
+    assert f"job={bad} failed (attempt 1 failed, exit code 1): task fail" in warnings, warnings
+    assert not any(message.startswith((f"job={good} ", f"job={cancelled} ")) for message in warnings), warnings
     info = {entry["MESSAGE"]: entry["PRIORITY"] for entry in sd.journal(cursor, "jobd.service")}
     assert info[f"job={good} queued in queue default"] == "6"
     assert any(message.startswith(f"job={good} succeeded") and prio == "6" for message, prio in info.items())
     assert any(message.startswith(f"job={bad} failed") and prio == "4" for message, prio in info.items())
+    assert info[f"job={cancelled} cancelled (attempt 1 killed, signal 15)"] == "6"
 
 
 def test_every_line_of_a_multi_line_error_has_its_priority(sd: Sdns) -> None:
