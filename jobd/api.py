@@ -914,7 +914,13 @@ async def daemon_status(api: Api, session: Session, p: Params) -> Any:
             _visible(api, session, ObjectKind.TASK), _visible(api, session, ObjectKind.QUEUE)
         )
     queues = [queue_json(engine, queue) for queue in readable_queues(api, session.peer)]
-    status = {**api.daemon.status(), "queues": queues, "jobs": jobs}
+    # Why a schedule "did not run": those a failed run suspended, of the ones the peer may read (as schedule.list).
+    suspended = [
+        name
+        for name in api.scheduler.suspended()
+        if session.peer.is_admin or may_schedule(api, session.peer, Right.READ, api.scheduler.describe(name))
+    ]
+    status = {**api.daemon.status(), "queues": queues, "jobs": jobs, "suspended_schedules": suspended}
     if not session.peer.is_admin:
         # Which files configure jobd is the admins' business; the counts are of what the peer may read, as its lists.
         del status["config_files"]

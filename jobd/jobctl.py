@@ -447,6 +447,11 @@ def render_daemon_status(status: dict[str, Any], now: dt.datetime) -> list[str]:
     if isinstance(failing, dict):  # writes a bug of jobd's fails, tried again every 2 s: its log has the traceback
         writes, error = failing.get("writes"), failing.get("error")
         fields.append(("internal error", f"{writes} writes failing (see jobd's log), the first: {error}"))
+    suspended = status.get("suspended_schedules")
+    if suspended:  # they fire no more: the run that "did not happen"
+        fields.append(
+            ("schedules", f"suspended after a failed run: {', '.join(suspended)} (jobctl schedule enable NAME)")
+        )
     lines = render_fields(fields)
     below = [key for key, _ in fields].index("last reload") + 1
     lines[below:below] = _problems_below(status.get("last_reload"))

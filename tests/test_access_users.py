@@ -1580,3 +1580,23 @@ def test_one_user_holds_at_most_max_connections_per_user(make_daemon: Any, users
                     stack.enter_context(daemon.client()).call("ping")
                 [status] = calls(daemon, users["dave"], [("daemon.status", {})])
                 assert "result" in status, status
+
+
+def test_the_suspended_schedules_in_daemon_status_are_those_the_peer_may_read(
+    make_daemon: Any, users: dict[str, Any]
+) -> None:
+    """daemon.status's suspended_schedules, as schedule.list: alice, who may read the task `report`, is told of the
+    suspended schedule that submits it, not of the one that submits `secret`; an admin is told of both."""
+    failing = (
+        CONFIG.replace('command = ["/bin/echo", "report"]', 'command = ["/bin/false"]')
+        .replace('command = ["/bin/echo", "secret"]', 'command = ["/bin/false"]')
+        .replace('calendar = "0 0 1 1 *"', 'calendar = "* * * * * *"\non_failure = "suspend"')
+    )
+    daemon = started(make_daemon, failing)
+    for name in ("nightly-secret", "yearly-report"):
+        wait_for_log(daemon, f"schedule {name} suspended after a failed run")
+    both = ["nightly-secret", "yearly-report"]
+    assert daemon.call("daemon.status")["suspended_schedules"] == both
+    for user, told in (("alice", ["yearly-report"]), ("carol", []), ("dave", both)):
+        [status] = calls(daemon, users[user], [("daemon.status", {})])
+        assert status["result"]["suspended_schedules"] == told, (user, status)

@@ -425,8 +425,16 @@ def test_a_suspended_schedule_is_named_in_the_status_line_until_enabled_or_disab
         "WARNING schedule nightly suspended after a failed run (on_failure = suspend): it fires no more until "
         "`jobctl schedule enable nightly`",
     )
+    # `jobctl status` says it too (daemon.status's suspended_schedules).
+    assert daemon.call("daemon.status")["suspended_schedules"] == ["nightly"]
+    told = run_jobctl("--socket", str(daemon.socket_path), "status")
+    assert told.code == 0 and (
+        "schedules:   suspended after a failed run: nightly (jobctl schedule enable NAME)\n" in told.out
+    ), told
     daemon.call("schedule.disable", {"name": "nightly"})  # disabled: nothing would fire it, suspended or not
     assert pump.wait_for(lambda line: line.startswith("STATUS=") and "suspended" not in line)
+    assert daemon.call("daemon.status")["suspended_schedules"] == []
+    assert "schedules:" not in run_jobctl("--socket", str(daemon.socket_path), "status").out
     daemon.call("schedule.enable", {"name": "nightly"})  # it fires, fails and is suspended again
     assert pump.wait_for(lambda line: line.startswith("STATUS=") and "suspended" in line).endswith(named)
 
