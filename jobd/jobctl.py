@@ -1053,8 +1053,15 @@ def cmd_status(session: Session, args: argparse.Namespace) -> int:
         session.emit(status, lambda: render_daemon_status(status, local_now()))
     else:
         job = session.client.call("job.get", {"id": args.id})
-        session.emit(job, lambda: render_job_details(job, local_now()))
+        session.emit(job, lambda: render_job_details(job, local_now()) + paused_queue_lines(session.client, job))
     return EXIT_OK
+
+
+def paused_queue_lines(client: Client, job: Job) -> list[str]:
+    """Below a queued job's details: why it does not start, when its queue is paused (`state: queued` alone sends
+    the reader looking for a fault)."""
+    note = paused_queue_note(client, job)
+    return [] if note is None else ["", note]
 
 
 def render_job_details(job: Job, now: dt.datetime) -> list[str]:

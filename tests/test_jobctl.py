@@ -1302,6 +1302,19 @@ def test_wait_for_a_job_of_a_paused_queue_says_the_queue_is_paused(daemon: Any) 
     assert quiet.code == 4 and "paused" not in quiet.err, quiet
 
 
+def test_status_of_a_job_queued_in_a_paused_queue_says_the_queue_is_paused(daemon: Any) -> None:
+    """`jobctl status ID` of a job that waits in a paused queue says why it does not start; --json stays the job."""
+    daemon.call("queue.pause", {"name": "serial"})
+    job = daemon.submit(command=["/bin/true"], queue="serial")
+    shown = ctl(daemon, "status", str(job["id"]))
+    note = f"job {job['id']} is queued in serial, which is paused: it starts once it is resumed (jobctl resume serial)"
+    assert shown.code == 0 and "state:    queued\n" in shown.out and shown.out.endswith(f"\n\n{note}\n"), shown
+    assert json.loads(ctl(daemon, "--json", "status", str(job["id"])).out)["state"] == "queued"
+    daemon.call("queue.resume", {"name": "serial"})
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert "paused" not in ctl(daemon, "status", str(job["id"])).out
+
+
 def test_log_of_a_job_that_has_not_run(daemon: Any) -> None:
     job = daemon.submit(command=["/bin/true"], delay=3600)
     result = ctl(daemon, "log", str(job["id"]))
