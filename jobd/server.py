@@ -128,6 +128,7 @@ class Server:
         # The unix socket files listened on, by path: (st_dev, st_ino) of each once bound, which tells at a reload
         # whether the path still leads to it (rebind_removed_sockets).
         self._socket_identities: dict[str, tuple[int, int]] = {}
+        self._stopped_listening = False  # stop_listening() has begun: no socket is made again
         self._tcp_server: asyncio.AbstractServer | None = None
         self.login_throttle = evqueue_auth.LoginThrottle()
         # Clients whose hang-up is looked out for, from their first request that waits (Connection._hung_up). Made
@@ -214,14 +215,16 @@ class Server:
                 await self._rebind(name, path, factory)
 
     async def _rebind(self, name: str, path: str, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        if self._stopped_listening:  # a stop began since the reload: nothing is to listen any more
+            return
         try:
             server = await bind_unix(path, factory, *self.access)
-            await server.start_serving()
         except (OSError, StartupError) as error:
             reason = str(error) if isinstance(error, StartupError) else error.strerror or str(error)
             log.error("the socket file %s was removed and cannot be made again: %s", path, reason)
             return
-        # The old listening socket has no path any more: nobody can reach it. Its connections go on.
+        # Put in the old one's place before serving (which yields to the loop): a stop that comes meanwhile closes
+        # this one. The old listening socket has no path any more: nobody can reach it. Its connections go on.
         old = self._server if name == "api" else self._evqueue_server
         if name == "api":
             self._server = server
@@ -230,6 +233,7 @@ class Server:
         if old is not None:
             old.close()
         self._socket_identities[path] = _file_identity(path)
+        await server.start_serving()
         log.warning("the socket file %s had been removed while jobd ran (no client could connect): made again", path)
 
     def socket_files(self) -> list[str]:
@@ -302,6 +306,7 @@ class Server:
             await self._tcp_server.start_serving()
 
     async def stop_listening(self) -> None:
+        self._stopped_listening = True
         for server, path, name in (
             (self._server, self.path, "api"),
             (self._evqueue_server, self.evqueue_path, "evqueue"),
