@@ -51,6 +51,7 @@ from jobd.errors import (
 )
 from jobd.model import (
     MAX_PAGE,
+    MAX_PAGE_TEXT,
     MAX_PRIORITY,
     MAX_RETRY_TIMES,
     MAX_SECONDS,
@@ -699,6 +700,7 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
         context=p.text("context"),
         before_id=p.integer("before", low=1),
         limit=limit + 1,  # one more than asked: whether there is a next page
+        max_text=MAX_PAGE_TEXT,
     )
     p.done()
     where = dataclasses.replace(
@@ -706,8 +708,9 @@ def job_list(api: Api, session: Session, p: Params) -> Any:
         visible_tasks=_visible(api, session, ObjectKind.TASK),
         visible_queues=_visible(api, session, ObjectKind.QUEUE),
     )
-    jobs, more = _page(api.engine.list_jobs(where), limit)
-    return {"jobs": [job.to_json() for job in jobs], "next_before": jobs[-1].id if more else None}
+    found, cut = api.engine.page_of_jobs(where)
+    jobs, more = _page(found, limit)
+    return {"jobs": [job.to_json() for job in jobs], "next_before": jobs[-1].id if more or cut else None}
 
 
 def _page(rows: list[T], limit: int) -> tuple[list[T], bool]:

@@ -18,6 +18,7 @@ import pytest
 from recovery.support import wait_for_log
 
 from jobd.client import Client, RemoteError, Reply
+from jobd.model import MAX_PAGE_TEXT
 from jobd.protocol.jsonrpc import MAX_FRAME
 from jobd.server import MAX_WAITING, REQUESTS_PER_TURN
 
@@ -965,6 +966,27 @@ def test_job_list_pages_newest_first_and_says_when_there_is_no_older_page(daemon
     # docs/protocol.md: null and a state of [] (a form with no state ticked) do not filter.
     unfiltered = {"state": [], "queue": None, "task": None, "before": None, "limit": None}
     assert [job["id"] for job in daemon.call("job.list", {"context": "paged", **unfiltered})["jobs"]] == ids[::-1]
+
+
+def test_a_page_of_big_jobs_ends_at_its_text_limit_and_the_next_pages_hold_the_rest(daemon: Any) -> None:
+    # Each job may hold almost a request's 1 MiB (argv, context, environment...): a page of 1,000 of them was a
+    # gigabyte read from the database, built and sent at once. A page now ends before the job that would take the
+    # text of its jobs past MAX_PAGE_TEXT, and says where the next page starts.
+    context = "x" * 900_000
+    per_page = MAX_PAGE_TEXT // len(context)  # each job holds a little more than its context: no more fit
+    assert per_page * len(context) < MAX_PAGE_TEXT - 100_000  # ... and this many do
+    ids = [daemon.submit(command=["/bin/true"], delay=3600, context=context)["id"] for _ in range(2 * per_page + 1)]
+    for where in ({}, {"context": context}, {"state": "delayed"}, {"queue": "default"}):
+        pages: list[list[int]] = []
+        before = None
+        while before is not None or not pages:
+            page = daemon.call("job.list", {**where, "limit": 1000, "before": before})
+            pages.append([job["id"] for job in page["jobs"]])
+            before = page["next_before"]
+            assert before is None or before == pages[-1][-1]
+        assert [len(page) for page in pages] == [per_page, per_page, 1], where
+        assert [job_id for page in pages for job_id in page] == ids[::-1], where
+    assert len(daemon.call("job.list", {"limit": 2})["jobs"]) == 2  # the limit still ends a page first
 
 
 def test_a_state_named_twice_lists_each_job_once(daemon: Any) -> None:

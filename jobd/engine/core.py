@@ -1220,7 +1220,12 @@ class Engine:
         return self.store.attempts(job_id)
 
     def list_jobs(self, where: JobFilter) -> list[Job]:
-        return [self.jobs.get(job.id, job) for job in self.store.list_jobs(where)]  # live progress wins
+        return self.page_of_jobs(where)[0]
+
+    def page_of_jobs(self, where: JobFilter) -> tuple[list[Job], bool]:
+        """The jobs `where` selects, and whether its `max_text` cut them short (Store.page_of_jobs)."""
+        jobs, cut = self.store.page_of_jobs(where)
+        return [self.jobs.get(job.id, job) for job in jobs], cut  # live progress wins
 
     async def history_counts(
         self, visible_tasks: Sequence[str] | None = None, visible_queues: Sequence[str] | None = None
