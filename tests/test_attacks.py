@@ -720,7 +720,8 @@ def test_a_batch_is_answered_up_to_4_mib_and_its_other_members_refused_unrun(mak
     # NULs (each sent as six bytes, \u0000), in as much. A few such clients had jobd killed for want of memory.
     daemon = make_daemon(CONFIG)
     if method == "job.get":
-        big = daemon.submit(command=["/bin/true", "x" * 400_000], delay=86400)  # never runs: it is only read
+        # Four arguments of 100 KB: Linux takes none longer than 128 KiB (job.submit refuses them).
+        big = daemon.submit(command=["/bin/true", *["x" * 100_000] * 4], delay=86400)  # never runs: only read
         params: dict[str, Any] = {"id": big["id"]}
     else:
         big = daemon.submit(command=["/usr/bin/head", "-c", str(1 << 20), "/dev/zero"])
@@ -749,7 +750,7 @@ def test_a_batch_is_answered_up_to_4_mib_and_its_other_members_refused_unrun(mak
 
 
 def test_members_of_a_batch_past_its_4_mib_are_not_run(daemon: Any) -> None:
-    job = daemon.submit(command=["/bin/true", "x" * 400_000], delay=86400)  # never runs: it is only read
+    job = daemon.submit(command=["/bin/true", *["x" * 100_000] * 4], delay=86400)  # 400 KB; never runs: only read
     read = {"jsonrpc": "2.0", "id": "read", "method": "job.get", "params": {"id": job["id"]}}
     submit = {"jsonrpc": "2.0", "id": "submit", "method": "job.submit", "params": {"task": "echo"}}
     notified = {"jsonrpc": "2.0", "method": "job.submit", "params": {"task": "echo"}}  # a notification: no answer

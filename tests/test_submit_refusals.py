@@ -17,6 +17,7 @@ from test_protocol import error_of, exchange
 from test_protocol_docs import params_taken
 
 from jobd.client import RemoteError
+from jobd.engine.submit import MAX_ARG_STRLEN
 
 TIMEOUT = 30
 ADMIN_TOKEN = "remote-admin-token"
@@ -68,6 +69,7 @@ tasks = ["open", "mine", "hook"]
 
 COMMAND = ["/bin/true"]
 HTTP = {"url": "http://127.0.0.1:9/"}
+TOO_LONG = "x" * MAX_ARG_STRLEN  # one byte too many with its NUL (as `A=` and two fewer)
 
 # (params, data.code, data.param, what the message must say: the allowed values, or what to give instead)
 BY_AN_ADMIN: list[tuple[dict[str, Any], str, str, str]] = [
@@ -99,6 +101,12 @@ BY_AN_ADMIN: list[tuple[dict[str, Any], str, str, str]] = [
     ({"command": COMMAND, "env": {"A": 1}}, "INVALID_PARAMS", "env", "expected an object whose values are strings"),
     ({"command": COMMAND, "env": {"A-B": "1"}}, "INVALID_PARAMS", "env", "allowed: [A-Za-z_][A-Za-z0-9_]*"),
     ({"command": COMMAND, "env": {"JOBD_QUEUE": "x"}}, "INVALID_PARAMS", "env", "not starting with JOBD_"),
+    # a string Linux starts no program with (MAX_ARG_STRLEN): refused, where it failed as the job's turn came
+    ({"command": ["/bin/echo", TOO_LONG]}, "INVALID_PARAMS", "command", f"an argument of {MAX_ARG_STRLEN + 1} bytes"),
+    ({"task": "argv", "args": [TOO_LONG]}, "INVALID_PARAMS", "args", f"of more than {MAX_ARG_STRLEN} bytes"),
+    ({"task": "argv", "params": {"A": TOO_LONG}}, "INVALID_PARAMS", "params", "Linux starts no program with an"),
+    ({"task": "open", "params": {"A": TOO_LONG[2:]}}, "INVALID_PARAMS", "params", "an environment variable of"),
+    ({"command": COMMAND, "env": {"A": TOO_LONG[2:]}}, "INVALID_PARAMS", "env", "(NAME=value) of more than"),
     ({"task": "open", "stdin": 5}, "INVALID_PARAMS", "stdin", "expected a string without NUL"),
     ({"task": "open", "stdin_base64": "!!"}, "INVALID_PARAMS", "stdin_base64", "expected base64 text"),
     (
@@ -333,3 +341,12 @@ class TestEverySubmitRefusalNamesItsParameter:
                 wrong.append((params, error["message"]))
         assert not wrong, "\n".join(map(str, wrong))
         assert daemon.call("job.list")["jobs"] == []
+
+
+def test_the_longest_argument_and_variable_linux_takes_are_accepted_and_reach_the_job(make_daemon: Any) -> None:
+    daemon = make_daemon(CONFIG)
+    longest = "x" * (MAX_ARG_STRLEN - 1)  # with its NUL, MAX_ARG_STRLEN
+    script = 'printf "%s %s" "${#1}" "${#A}"'
+    job = daemon.submit(command=["/bin/sh", "-c", script, "sh", longest], env={"A": longest[2:]})  # A=...
+    assert daemon.wait(job["id"])["state"] == "succeeded"
+    assert daemon.output(job["id"]) == f"{MAX_ARG_STRLEN - 1} {MAX_ARG_STRLEN - 3}"

@@ -32,6 +32,9 @@ from jobd.peer import Peer
 from jobd.values import value
 
 RESERVED_ENV_PREFIX = "JOBD_"
+# Linux's execve() refuses (E2BIG) any one argument or environment string (NAME=value) longer than this, its NUL
+# included (MAX_ARG_STRLEN, 32 pages): a job holding one could never start, and failed only when its turn came.
+MAX_ARG_STRLEN = 32 * os.sysconf("SC_PAGESIZE")
 
 
 @value
@@ -103,7 +106,32 @@ def resolve(config: Config, request: SubmitRequest, peer: Peer) -> JobSpec:
         _check_unprivileged_env(request, peer)
     resolved = _resolve_task if request.task is not None else _resolve_ad_hoc
     spec = resolved(config, request, peer)  # the engine checks the queue: it knows which ones are draining
+    _check_exec_strings(request, spec)
     return _with_callbacks(config, request, peer, spec)
+
+
+def _check_exec_strings(request: SubmitRequest, spec: JobSpec) -> None:
+    """Refuse an argument or environment variable Linux would not start a program with (MAX_ARG_STRLEN), naming the
+    submit's parameter it came from (`task`: the task's configuration)."""
+    strings = [("an argument", text, _argument_origin(request, text)) for text in spec.command]
+    for name, text in spec.env.items():
+        origin = "env" if name in request.env else "params" if name in request.params else "task"
+        strings.append(("an environment variable", f"{name}={text}", origin))
+    for what, text, param in strings:
+        size = len(text.encode()) + 1
+        if size > MAX_ARG_STRLEN:
+            raise InvalidParams(
+                f"{param}: {what} of {size} bytes with its NUL ({json_repr(text)}); Linux starts no program with an "
+                f"argument or environment variable (NAME=value) of more than {MAX_ARG_STRLEN} bytes",
+                param=param,
+                limit=MAX_ARG_STRLEN,
+            )
+
+
+def _argument_origin(request: SubmitRequest, text: str) -> str:
+    if request.command is not None:
+        return "command"
+    return "args" if text in request.args else "params" if text in request.params.values() else "task"
 
 
 def _with_callbacks(config: Config, request: SubmitRequest, peer: Peer, spec: JobSpec) -> JobSpec:
