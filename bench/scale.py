@@ -403,7 +403,13 @@ def history(root: Path, total: int, queued: int) -> None:
 MEASURES: dict[str, Callable[[Path], None]] = {
     "definitions": lambda root: [definitions(root / str(n), n) for n in (200, 2000)] and None,
     "workflow": lambda root: [workflow(root / str(n), n) for n in (200, 2000)] and None,
-    "subscribers": lambda root: [subscribers(root / str(n), n, 10_000) for n in (1, 100, 1000)] and None,
+    "subscribers": lambda root: (
+        [
+            subscribers(root / f"{n}-{jobs}", n, jobs)
+            for n, jobs in ((1, 10_000), (100, 10_000), (100, 1000), (1000, 1000))
+        ]
+        and None
+    ),
     "big": lambda root: [big_objects(root / k, k, 100) for k in ("argv", "argv-many", "params", "context")] and None,
     "history": lambda root: [history(root / str(n), n, n // 5) for n in (100_000, 1_000_000)] and None,
 }
