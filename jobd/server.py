@@ -59,6 +59,9 @@ LINGER_SECONDS = 5.0  # how long a connection jobd ends (_Lingering) keeps swall
 REFUSED_LINGERING = 32
 STOP_ANSWER_SECONDS = 1.0  # at a stop, the most the last answers may take to be written (a turn of the loop or two)
 MAX_UNSENT = 4 * 1024 * 1024  # replies: stop reading the client's requests; events: cut the subscriber off
+# Event lines a connection gathers in one turn of the loop before writing them: tens of events a write(2), and a
+# burst holds no more than this of each subscriber's in jobd's memory meanwhile (16 MB for 1,000 subscribers).
+UNSENT_EVENTS_WRITTEN_AT = 16 * 1024
 # A batch's answer is made whole before a byte of it is sent: once it holds this many bytes, its members not answered
 # yet are refused (_BatchAnswer). A line of `job.get`s of a job with a long command, or of `job.output`s of 1 MiB,
 # was otherwise answered in gigabytes, made at once, with the loop stopped meanwhile: jobd was killed for want of
@@ -131,6 +134,7 @@ class Server:
         self._stopped_listening = False  # stop_listening() has begun: no socket is made again
         self._tcp_server: asyncio.AbstractServer | None = None
         self.login_throttle = evqueue_auth.LoginThrottle()
+        self._last_event: tuple[JobEvent | InstanceEvent, bytes] | None = None  # encoded_event's
         # Clients whose hang-up is looked out for, from their first request that waits (Connection._hung_up). Made
         # by start_serving(), before the first client, and not at the first wait: made then, at a time jobd had no
         # descriptor to spare, it failed in the middle of that request, and its client's connection was dropped
@@ -235,6 +239,15 @@ class Server:
         self._socket_identities[path] = _file_identity(path)
         await server.start_serving()
         log.warning("the socket file %s had been removed while jobd ran (no client could connect): made again", path)
+
+    def encoded_event(self, event: JobEvent | InstanceEvent) -> bytes:
+        """`event`'s object as JSON, encoded once for all the subscriptions it goes to (one after the other, in one
+        turn of the loop): encoded again for each, a job's whole value, 1,000 subscribers of a batch of 1,000 jobs
+        held the loop for 81 s (docs/BENCHMARKS.md, "Many subscribers"). The event is kept with its bytes, so that
+        no later event can take its identity."""
+        if self._last_event is None or self._last_event[0] is not event:
+            self._last_event = (event, jsonrpc.encode_value(event.to_json()))
+        return self._last_event[1]
 
     def socket_files(self) -> list[str]:
         """The unix sockets jobd bound itself, whose mode and group are `[daemon]`'s (a socket systemd passed has
@@ -544,9 +557,13 @@ class _Lingering:
     _linger: asyncio.TimerHandle | None
     _input_ended: bool
 
+    def _write_unsent_events(self) -> None:
+        """Write what waits to be written together (Connection's events) before the connection ends."""
+
     def _lingering_close(self) -> None:
         if self.transport.is_closing():
             return
+        self._write_unsent_events()  # before an end of file, after which nothing can be written
         if self._linger is not None:
             if self._input_ended:  # the client closed its side while we lingered: nothing is left to swallow
                 self.transport.close()
@@ -585,6 +602,11 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
         # a client that only writes cannot make jobd hold more than MAX_UNSENT bytes and one reply for it.
         self._writable = asyncio.Event()
         self._writable.set()
+        # Event lines of this turn of the loop, written together at its end (or before anything else is written, so
+        # that they keep their order with the replies): one write(2) for all those a batch of jobs makes, rather than
+        # one per event (a million for 1,000 subscribers of a batch of 1,000 jobs).
+        self._unsent_events: list[bytes] = []
+        self._unsent_events_size = 0
         self._tasks: dict[asyncio.Task[None], int] = {}  # each answering task: how many waiting requests it holds
         self._after_reply = AfterReplyWork()  # what the request being answered hands over (api.Session.after_reply)
         self._waiting = 0  # their sum: requests that wait, of this connection
@@ -870,21 +892,36 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
         self._after_reply.add(work)
 
     def _send(self, message: Any) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(jsonrpc.encode(message))
+        self._send_line(jsonrpc.encode(message))
 
     def _send_line(self, line: bytes) -> None:
+        if self._unsent_events:
+            self._write_unsent_events()
         if not self.transport.is_closing():
             self.transport.write(line)
 
-    def _send_event(self, message: Any) -> None:
+    def _send_event(self, line: bytes) -> None:
         # Events cannot wait for a slow reader (they come from the engine, not from its requests): a subscriber
         # that lets MAX_UNSENT bytes pile up is cut off rather than grow jobd's memory.
-        if self.transport.get_write_buffer_size() > MAX_UNSENT:
+        if self.transport.get_write_buffer_size() + self._unsent_events_size > MAX_UNSENT:
             log.warning("pid %d does not read its events: over %d bytes unsent; closing", self.peer.pid, MAX_UNSENT)
             self.abort()
             return
-        self._send(message)
+        if not self._unsent_events:
+            asyncio.get_running_loop().call_soon(self._write_unsent_events)
+        self._unsent_events.append(line)
+        self._unsent_events_size += len(line)
+        if self._unsent_events_size >= UNSENT_EVENTS_WRITTEN_AT:
+            self._write_unsent_events()
+
+    def _write_unsent_events(self) -> None:
+        lines = self._unsent_events
+        if not lines:  # written already, before a reply or at the size below
+            return
+        self._unsent_events = []
+        self._unsent_events_size = 0
+        if not self.transport.is_closing():
+            self.transport.write(b"".join(lines))
 
     # -- Session -------------------------------------------------------------------------------------------------
 
@@ -910,11 +947,11 @@ class Connection(_Identified, _Lingering, asyncio.Protocol):
             job = event.job
             rules = self.api.engine.config.access
             if selection.wants_job(rules, self.peer, event.type, job.id, job.spec.task, job.spec.queue):
-                self._send_event(jsonrpc.notification("event", {"subscription": number, **event.to_json()}))
+                self._send_event(jsonrpc.event_line(number, self.server.encoded_event(event)))
 
         def deliver_instance(event: InstanceEvent) -> None:
             if selection.wants_instance(self.api.engine.config.access, self.peer, event):
-                self._send_event(jsonrpc.notification("event", {"subscription": number, **event.to_json()}))
+                self._send_event(jsonrpc.event_line(number, self.server.encoded_event(event)))
 
         self._unsubscribe.append(self.api.engine.subscribe(deliver))
         self._unsubscribe.append(self.api.instances.subscribe(deliver_instance))

@@ -185,6 +185,23 @@ def test_the_json_depth_limit_is_the_real_depth(value: Any) -> None:
         assert not too_deep
 
 
+@CODEC
+@given(
+    st.integers(1, 64),
+    st.text(min_size=1, max_size=12),
+    st.dictionaries(st.text(max_size=8).filter(lambda key: key != "type"), json_values, max_size=4),
+)
+@example(1, "job.log", {"line": '\u00e9\u202e\x00 \\ "%d %s'})  # what a format string or JSON escape would spoil
+def test_an_event_encoded_once_is_the_line_each_subscription_was_sent(
+    subscription: int, kind: str, members: dict[str, Any]
+) -> None:
+    """jobd encodes an event once for all its subscriptions (Server.encoded_event) and splices each one's number in:
+    the line is the one the notification, encoded whole for that subscription, would be."""
+    event = {"type": kind, **members}
+    whole = jsonrpc.encode(jsonrpc.notification("event", {"subscription": subscription, **event}))
+    assert jsonrpc.event_line(subscription, jsonrpc.encode_value(event)) == whole
+
+
 def _decode_all(stream: bytes, cuts: list[int]) -> tuple[list[bytes], str | None]:
     """Feed `stream` to a framer split at `cuts`; the documents and the framing error, if any."""
     framer = evqueue.XmlFramer()

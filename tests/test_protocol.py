@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import _child_of
 from recovery.support import wait_for_log
 
 from jobd.client import Client, RemoteError, Reply
@@ -1165,6 +1169,42 @@ def test_subscriptions_are_numbered_per_connection_and_each_gets_its_own_events(
     assert [(event["subscription"], event["job"]["id"], event["job"]["state"]) for event in events] == [
         (number, job_id, state) for state in ("queued", "running", "succeeded") for number in (1, 2)
     ]
+
+
+def test_the_events_of_one_turn_reach_a_subscriber_in_a_few_writes_not_one_each(daemon: Any, tmp_path: Path) -> None:
+    """A batch of jobs into a paused queue makes all its `job.state` events in the turn of the loop that commits it:
+    they are written to a subscriber together, 16 KiB at a time, after the turn (jobd.server, _send_event). Each was
+    a send(2) of its own: 1,000 subscribers of a batch of 1,000 jobs were a million in one turn, every other client
+    waiting the while (docs/BENCHMARKS.md, "Scale"). Counted by strace on the subscriber's descriptor."""
+    trace = tmp_path / "sends"
+    daemon.stop()
+    daemon.command_prefix = ["strace", "-f", "-qq", "-s", "80", "-o", str(trace), "-e", "trace=sendto,sendmsg,write"]
+    daemon.start()
+    try:
+        daemon.call("queue.pause", {"name": "default"})
+        with daemon.client() as subscriber:
+            subscriber.call("events.subscribe", {"types": ["job.state"]})
+            jobs = daemon.call("job.submit", {"jobs": [{"command": ["/bin/true"]} for _ in range(200)]})["jobs"]
+            told = [subscriber.next_event(timeout=DEADLINE)["job"]["id"] for _ in jobs]
+            subscriber.call("ping")  # its answer follows the events: the trace holds every send of theirs
+    finally:
+        assert daemon.process is not None
+        jobd = _child_of(daemon.process)
+        if jobd is not None:  # strace does not pass a SIGTERM on
+            os.kill(jobd, signal.SIGTERM)
+        daemon.process.wait(30)
+        daemon._closed()
+    assert told == [job["id"] for job in jobs]
+    # strace writes the data as a C string: `\"` for each quote.
+    lines = trace.read_text().replace('\\"', '"').splitlines()
+    sends = [line for line in lines if re.search(r"\b(sendto|sendmsg|write)\(", line)]
+    [subscribed] = [index for index, line in enumerate(sends) if '"result":{"subscription":1}' in line]
+    descriptor = re.search(r"\((\d+),", sends[subscribed])
+    assert descriptor is not None, sends[subscribed]
+    to_subscriber = [line for line in sends[subscribed + 1 :] if f"({descriptor[1]}, " in line]
+    events = [line for line in to_subscriber if '"method":"event"' in line]
+    # 200 events of several hundred bytes each: a few writes of 16 KiB (6 when written); one each, 200.
+    assert 1 <= len(events) <= 20, to_subscriber
 
 
 def test_events_of_a_subscription_made_in_a_batch_come_before_the_batch_answer(daemon: Any) -> None:

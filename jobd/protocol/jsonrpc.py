@@ -297,6 +297,13 @@ def encode_value(message: Any) -> bytes:
         return _to_json(_printable_values(message)).encode()
 
 
+def event_line(subscription: int, event: bytes) -> bytes:
+    """The line of an `event` notification for `subscription`, from the event's object as `encode_value` made it,
+    once for every subscription it goes to: the bytes of
+    `encode(notification("event", {"subscription": subscription, **event_object}))`."""
+    return b'{"jsonrpc":"2.0","method":"event","params":{"subscription":%d,%s}\n' % (subscription, event[1:])
+
+
 def encode_batch(members: list[bytes]) -> bytes:
     """The line answering a batch, from its members' replies made by `encode_value`."""
     return b"[" + b",".join(members) + b"]\n"
