@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import compileall
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,13 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     if not hasattr(config, "workerinput"):
         compileall.compile_dir(REPO / "jobd", quiet=2)
+    # A suite started in the background by a shell without job control (`make test &`, a CI runner, nohup) has
+    # SIGINT ignored, and an ignored disposition is inherited through exec: every jobctl a test started then ignored
+    # the Ctrl-C the test sent it, as it must (jobctl keeps an inherited SIG_IGN, as shells expect), and the test
+    # failed after its 30 s deadline. The tests' processes start as from an interactive shell, SIGINT at its default;
+    # those that check an inherited SIG_IGN set it themselves. (In xdist's workers too: they inherit the ignoring.)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
