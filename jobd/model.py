@@ -37,7 +37,7 @@ ADMIN_CONNECTIONS = 4
 # HTTP callback tries under way at most (jobd/engine/callbacks.py), each a connection: jobd/openfiles.py counts them.
 HTTP_CALLBACKS_AT_ONCE = 100
 MAX_PAGE = 1000  # jobs, instances or audit entries in one list reply
-# What the jobs of one job.list page may hold together in argv, environment, stdin, context, key, callbacks and HTTP
+# What the jobs of one job.list page may hold together in argv, environment, context, key, callbacks and HTTP
 # request, as stored: each job may hold almost a request's 1 MiB, and a page of 1,000 of them took a gigabyte to read
 # and send, the event loop held the while. A page ends before the job that would take it past this (it holds one
 # job at least), with `next_before` set for the rest.

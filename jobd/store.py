@@ -2531,8 +2531,9 @@ def _job_state_values(job: Job) -> tuple[Any, ...]:
 
 
 def _text_size(row: Any) -> int:
-    """The characters (bytes of stdin) of the texts a job's row holds that a client chooses the length of."""
-    texts = (row.command, row.env, row.context, row.key, row.callbacks, row.http, row.stdin)
+    """The characters of the texts a job's row holds that a client chooses the length of and a list shows. Not its
+    stdin: a list reads of it only whether there is one (a 1 in the row; the bytes stay in the database)."""
+    texts = (row.command, row.env, row.context, row.key, row.callbacks, row.http)
     return sum(len(text) for text in texts if text is not None)
 
 

@@ -993,6 +993,14 @@ def test_a_page_of_big_jobs_ends_at_its_text_limit_and_the_next_pages_hold_the_r
     assert len(daemon.call("job.list", {"limit": 2})["jobs"]) == 2  # the limit still ends a page first
 
 
+def test_a_job_with_stdin_is_listed(daemon: Any) -> None:
+    """A list reads of a job's stdin only whether there is one (a 1): the page's text limit counted it with len(),
+    and every job.list that met a job with stdin (each task of a workflow) was an INTERNAL_ERROR."""
+    with_stdin = daemon.submit(command=["/bin/cat"], stdin="aGVsbG8K", delay=3600, context="stdin")["id"]
+    for where in ({}, {"context": "stdin"}, {"state": "delayed"}, {"queue": "default"}):
+        assert [job["id"] for job in daemon.call("job.list", where)["jobs"]] == [with_stdin], where
+
+
 def test_a_state_named_twice_lists_each_job_once(daemon: Any) -> None:
     # The jobs of each state named were read and merged: a state named twice gave each of its jobs twice (a page of
     # one job shown `limit` times), and a list of one state thousands of times long held the event loop a second.
