@@ -210,7 +210,8 @@ def config_dir(directory: Path, files: list[str]) -> list[str]:
 
 
 def without_files(loaded: Config) -> Config:
-    return dataclasses.replace(loaded, files=())
+    """The configuration without what names its files: the files read, and the file of each TCP password."""
+    return dataclasses.replace(loaded, files=(), tcp=dataclasses.replace(loaded.tcp, password_files={}))
 
 
 # -- values of every type -------------------------------------------------------------------------------------------
