@@ -421,8 +421,11 @@ class _Checker:
         value = element.get(name)
         if value is None:
             return None
-        if re.fullmatch(r"\s*\+?[0-9]+\s*", value):
-            number = int(value)
+        # At most 18 digits after leading zeros: int() refuses more than 4,300 with a ValueError, and no count or
+        # delay needs more than 18.
+        found = re.fullmatch(r"\s*\+?0*([0-9]{1,18})\s*", value)
+        if found:
+            number = int(found[1])
             if number > 0 and (high is None or number <= high):
                 return number
         allowed = "a whole number of 1 or more" if high is None else f"a whole number from 1 to {high}"

@@ -443,6 +443,15 @@ INVALID: dict[str, tuple[str, list[tuple[int, list[str]]]]] = {
         job('<task path="/bin/true" queue="default" retry_delay="1" retry_times="1001"/>'),
         [(5, ['<task> attribute retry_times="1001": allowed: a whole number from 1 to 1000'])],
     ),
+    # int() refuses more than 4,300 digits with a ValueError: such a file was a traceback at start, not a problem.
+    "a number of 5,000 digits": (
+        job(f'<task path="/bin/true" queue="default" retry_delay="{"9" * 5000}" retry_times="1"/>'),
+        [(5, [f'<task> attribute retry_delay="{"9" * 5000}": allowed: a whole number of 1 or more'])],
+    ),
+    "leading zeros": (
+        job(f'<task path="/bin/true" queue="default" retry_delay="{"0" * 5000}7" retry_times="0001001"/>'),
+        [(5, ['<task> attribute retry_times="0001001": allowed: a whole number from 1 to 1000'])],
+    ),
     "retry half set": (
         job('<task path="/bin/true" queue="default" retry_times="3"/>'),
         [(5, ['<task> attribute retry_times="3": needs retry_delay too (or a retry_schedule) to retry at all'])],
