@@ -947,7 +947,7 @@ class Store:
         if visible and not where.visible_tasks and not where.visible_queues:
             return  # no pattern, no job (and SQLite finds no plan for a query through an index WHERE 0)
         if visible and not where.states and where.queue is None and where.task is None and where.context is None:
-            yield from self._rows_newest_first(self._visible_ids(where, conditions, params))
+            yield from self._rows_by_id(self._visible_ids(where, conditions, params), newest_first=True)
             return
         if visible:
             condition, patterns = _visible_jobs(where.visible_tasks, where.visible_queues)
@@ -976,7 +976,7 @@ class Store:
                 limit=where.limit,
                 pair_may_match=self._pair_may_match(where),
             )
-            yield from self._rows_newest_first(ids)
+            yield from self._rows_by_id(ids, newest_first=True)
             return
         # No state or queue: the table itself, newest first, stops after `limit` matches.
         clause = f"WHERE {' AND '.join(conditions)} " if conditions else ""
@@ -1026,7 +1026,7 @@ class Store:
         last_id = 0
         unfinished = tuple(JobState(state) for state in _UNFINISHED)
         while ids := self._ids_by_state(unfinished, None, ['"id" > ?'], [last_id], newest_first=False, limit=page):
-            yield self._jobs_by_id(ids)
+            yield [_job_from_row(row) for row in self._rows_by_id(ids, newest_first=False)]
             last_id = ids[-1]
 
     def _ids_by_state(
@@ -1123,22 +1123,15 @@ class Store:
         reading every job in that state."""
         return [row[0] for row in self._connection.execute(_QUEUES_HOLDING, (str(state),))]
 
-    def _rows_newest_first(self, ids: Sequence[int]) -> Iterator[Any]:
-        """The rows of `ids`, which are in descending order (newest first), in that order, read one at a time."""
+    def _rows_by_id(self, ids: Sequence[int], *, newest_first: bool) -> Iterator[Any]:
+        """The rows of `ids`, which are sorted (descending if `newest_first`, else ascending), in that order, read
+        one at a time."""
+        order = "DESC" if newest_first else "ASC"
         for start in range(0, len(ids), _IDS_PER_QUERY):
             chunk = ids[start : start + _IDS_PER_QUERY]
             yield from self._jobs.lazy_rows(
-                self._connection, chunk, f'WHERE "id" IN ({", ".join("?" * len(chunk))}) ORDER BY "id" DESC'
+                self._connection, chunk, f'WHERE "id" IN ({", ".join("?" * len(chunk))}) ORDER BY "id" {order}'
             )
-
-    def _jobs_by_id(self, ids: Sequence[int]) -> list[Job]:
-        """The jobs of `ids`, in that order."""
-        rows: dict[int, Any] = {}
-        for start in range(0, len(ids), _IDS_PER_QUERY):
-            chunk = ids[start : start + _IDS_PER_QUERY]
-            for row in self._jobs.rows(self._connection, chunk, f'WHERE "id" IN ({", ".join("?" * len(chunk))})'):
-                rows[row.id] = row
-        return [_job_from_row(rows[job_id]) for job_id in ids]
 
     def count_unfinished(self) -> int:
         return int(JobRow.select().where(JobRow.state.in_(_UNFINISHED)).count())
